@@ -1,0 +1,298 @@
+"""The one inner loop every algorithm shares.
+
+:class:`InnerLoop` fine-tunes a functional copy of the model on a task's support set with a
+differentiable optimizer from ``higher`` (``higher.innerloop_ctx``).  Algorithms only decide what
+to do with the result (:class:`Adapted`): backpropagate the query loss through the adaptation
+(MAML, second order), map the query gradient of the adapted weights onto the initial ones
+(first order), or use the weight change itself (Reptile).
+
+Which parameters adapt
+    ``adapt="all"`` fine-tunes trunk and head; ``adapt="head"`` fine-tunes only the head on top of
+    trunk features (ANIL): the trunk runs once per task and is not copied.
+
+Per-task heads
+    ``head_init="learned"`` starts from the model's meta-learned head; ``"zero"`` and ``"proto"``
+    create a head for this task's number of ways (see :mod:`metamtl.models.heads`), so one model
+    serves 5-way and 20-way tasks.
+
+Gradients
+    With ``create_graph=True`` (MAML at training time) the unrolled optimisation stays on the
+    autograd tape and ``loss.backward()`` gives the exact second-order meta-gradient.  Otherwise
+    the inner loop runs on detached copies of the initial weights and without a higher-order graph
+    (cheap; used by first-order methods and at evaluation); :meth:`Adapted.backward_first_order`
+    then sends ``d loss / d adapted`` to the initial weights (the first-order approximation).
+
+BatchNorm
+    See :mod:`metamtl.models.norm`: batch statistics of each forward pass, never running
+    statistics; ``bn_stats="support"`` normalises query images with the support statistics.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import higher
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, InputError, unknown_name
+from ..models.backbones import TrunkHead
+from ..models.heads import HEAD_INITS, LinearHead, initial_head_params
+from ..models.norm import BN_MODES, stats_from_first
+
+#: Inner optimizers: name -> (torch optimizer class, default kwargs). All are supported by higher.
+INNER_OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
+    "sgd": (torch.optim.SGD, {}),
+    "momentum": (torch.optim.SGD, {"momentum": 0.9}),
+    "nesterov": (torch.optim.SGD, {"momentum": 0.9, "nesterov": True}),
+    "adam": (torch.optim.Adam, {}),
+    "adamw": (torch.optim.AdamW, {}),
+    "rmsprop": (torch.optim.RMSprop, {}),
+    "adagrad": (torch.optim.Adagrad, {}),
+    "adadelta": (torch.optim.Adadelta, {}),
+    "adamax": (torch.optim.Adamax, {}),
+}
+ADAPT_MODES = ("all", "head")
+
+
+def task_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for integer labels, mean squared error for float targets."""
+    if targets.dtype in (torch.long, torch.int32, torch.int64):
+        return F.cross_entropy(logits, targets)
+    return F.mse_loss(logits, targets)
+
+
+def check_positive(name: str, value: float) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number > 0, got {value!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+    return v
+
+
+class Adapted:
+    """A model adapted to one task: call it on query inputs to get logits.
+
+    Attributes:
+        params: the adapted (fast) weights.
+        initial: the weights adaptation started from, connected to the meta-parameters.
+        start: the tensors the inner loop actually started from (``initial`` itself when the
+            graph is kept, detached copies otherwise).
+        inner_losses: support loss before each inner step (floats), for logging.
+    """
+
+    def __init__(
+        self,
+        inner: "InnerLoop",
+        fmodel: nn.Module,
+        params: list[torch.Tensor],
+        initial: list[torch.Tensor],
+        start: list[torch.Tensor],
+        inner_losses: list[float],
+        support_x: torch.Tensor,
+        trunk: nn.Module | None,
+    ) -> None:
+        self.inner = inner
+        self.fmodel = fmodel
+        self.params = params
+        self.initial = initial
+        self.start = start
+        self.inner_losses = inner_losses
+        self.support_x = support_x
+        self.trunk = trunk  # set when only the head adapted
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.forward(self.fmodel, self.params, x, self.support_x, self.trunk)
+
+    def backward_first_order(self, loss: torch.Tensor) -> None:
+        """First-order meta-gradient: send ``d loss / d adapted`` to the initial weights.
+
+        Without a higher-order graph the adapted weights are leaves, so ``loss.backward()`` fills
+        their ``.grad`` (and the meta-weights' on query paths that bypass them, e.g. the trunk
+        features in head-only adaptation); those gradients are then pushed into the initial
+        weights, through whatever made them (identity for meta-learned weights, the prototype
+        computation for ``head_init="proto"``).
+        """
+        loss.backward()
+        pairs = [
+            (i, p.grad) for i, p in zip(self.initial, self.params)
+            if i.requires_grad and p.grad is not None
+        ]
+        if pairs:
+            torch.autograd.backward([i for i, _ in pairs], [g for _, g in pairs])
+
+    def delta(self) -> list[torch.Tensor]:
+        """``initial - adapted`` for every adapted weight (the Reptile meta-gradient)."""
+        return [i.detach() - p.detach() for i, p in zip(self.initial, self.params)]
+
+
+@dataclasses.dataclass
+class InnerLoop:
+    """Fine-tune a copy of the model on a support set with a differentiable optimizer.
+
+    Args:
+        steps: inner gradient steps at meta-training time.
+        lr: inner learning rate.
+        optimizer: one of :data:`INNER_OPTIMIZERS` (``sgd``, ``momentum``, ``adam``, ...).
+        optimizer_kwargs: extra keyword arguments of the torch optimizer (e.g. ``betas``).
+        first_order: never keep the higher-order graph (FOMAML / Reptile).
+        adapt: ``"all"`` parameters or only the ``"head"`` (ANIL).
+        head_init: ``"learned"``, ``"zero"`` or ``"proto"`` (see :mod:`metamtl.models.heads`).
+        eval_steps: inner steps at evaluation (default: ``steps``).
+        bn_stats: ``"transductive"`` or ``"support"`` (see :mod:`metamtl.models.norm`).
+    """
+
+    steps: int = 1
+    lr: float = 0.4
+    optimizer: str = "sgd"
+    optimizer_kwargs: dict = dataclasses.field(default_factory=dict)
+    first_order: bool = False
+    adapt: str = "all"
+    head_init: str = "learned"
+    eval_steps: int | None = None
+    bn_stats: str = "transductive"
+
+    def __post_init__(self) -> None:
+        for name in ("steps",):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"inner {name} must be an integer >= 0, got {v!r}")
+        if self.eval_steps is not None and (
+            isinstance(self.eval_steps, bool) or not isinstance(self.eval_steps, int) or self.eval_steps < 0
+        ):
+            raise ConfigError(f"inner eval_steps must be an integer >= 0, got {self.eval_steps!r}")
+        self.lr = check_positive("inner lr", self.lr)
+        if self.optimizer not in INNER_OPTIMIZERS:
+            raise unknown_name("inner optimizer", self.optimizer, INNER_OPTIMIZERS)
+        if self.adapt not in ADAPT_MODES:
+            raise unknown_name("adapt mode", self.adapt, ADAPT_MODES)
+        if self.head_init not in HEAD_INITS:
+            raise unknown_name("head initialisation", self.head_init, HEAD_INITS)
+        if self.bn_stats not in BN_MODES:
+            raise unknown_name("bn_stats mode", self.bn_stats, BN_MODES)
+        self._task_modules: dict[tuple[int, int], nn.Module] = {}
+
+    def config(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    # -- building blocks ----------------------------------------------------------------------
+    def _module(self, model: TrunkHead, ways: int) -> nn.Module:
+        """The module whose weights adapt for a ``ways``-way task (shares the model's trunk)."""
+        if self.head_init == "learned":
+            if model.head is None:
+                raise ConfigError("head_init='learned' needs a model with a head; use 'zero' or 'proto'")
+            if model.out_features != ways:
+                raise InputError(
+                    f"this model's meta-learned head has {model.out_features} outputs but the task has "
+                    f"{ways} classes; build the model for {ways} ways, or use head_init 'zero' or "
+                    f"'proto' to serve any number of ways"
+                )
+            return model.head if self.adapt == "head" else model
+        key = (id(model), ways)
+        module = self._task_modules.get(key)
+        if module is None:
+            head = LinearHead(model.num_features, ways).to(next(model.parameters()).device)
+            module = head if self.adapt == "head" else TrunkHead(model.trunk, head)
+            self._task_modules[key] = module
+        return module
+
+    def _initial_params(
+        self, model: TrunkHead, module: nn.Module, features: Callable[[], torch.Tensor],
+        support_y: torch.Tensor, ways: int,
+    ) -> list[torch.Tensor]:
+        if self.head_init == "learned":
+            return list(module.parameters())
+        trunk_params = list(model.trunk.parameters()) if self.adapt == "all" else []
+        like = next(model.parameters())
+        feats = features() if self.head_init == "proto" else None
+        head = initial_head_params(self.head_init, feats, support_y, ways, model.num_features, like)
+        return trunk_params + head
+
+    def make_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
+        """The torch optimizer whose differentiable twin runs the inner loop.
+
+        Subclasses (Meta-SGD, MAML++) override :meth:`lr_override` rather than this method.
+        """
+        cls, defaults = INNER_OPTIMIZERS[self.optimizer]
+        kwargs = {**defaults, **self.optimizer_kwargs}
+        groups = [{"params": [p]} for p in module.parameters()]
+        return cls(groups, lr=self.lr, **kwargs)
+
+    def lr_override(self, module: nn.Module, step: int) -> dict[str, list] | None:
+        """Per-parameter-group optimizer settings that ride on the autograd tape (learned LRs)."""
+        return None
+
+    def forward(
+        self, fmodel: nn.Module, params: Sequence[torch.Tensor], x: torch.Tensor,
+        support_x: torch.Tensor | None, trunk: nn.Module | None,
+    ) -> torch.Tensor:
+        """Logits of query inputs ``x`` under the adapted weights, honouring ``bn_stats``."""
+        if trunk is not None:  # head-only: weights of the trunk are the meta-weights
+            return fmodel(self.features(trunk, x, support_x), params=params)
+        if self.bn_stats == "support" and support_x is not None:
+            with stats_from_first(support_x.shape[0]):
+                return fmodel(torch.cat([support_x, x]), params=params)[support_x.shape[0]:]
+        return fmodel(x, params=params)
+
+    def features(self, trunk: nn.Module, x: torch.Tensor, support_x: torch.Tensor | None) -> torch.Tensor:
+        if self.bn_stats == "support" and support_x is not None and x is not support_x:
+            with stats_from_first(support_x.shape[0]):
+                return trunk(torch.cat([support_x, x]))[support_x.shape[0]:]
+        return trunk(x)
+
+    # -- the inner loop -------------------------------------------------------------------------
+    def adapt_task(
+        self,
+        model: TrunkHead,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        ways: int,
+        create_graph: bool,
+        steps: int | None = None,
+    ) -> Adapted:
+        """Adapt ``model`` to one task's support set.
+
+        Args:
+            create_graph: keep the unrolled optimisation differentiable (second order).
+            steps: inner steps (default ``self.steps``).
+        """
+        steps = self.steps if steps is None else steps
+        module = self._module(model, ways)
+        head_only = self.adapt == "head"
+        trunk_features: torch.Tensor | None = None
+
+        def support_features() -> torch.Tensor:
+            nonlocal trunk_features
+            if trunk_features is None:
+                trunk_features = model.trunk(support_x)
+            return trunk_features
+
+        initial = self._initial_params(model, module, support_features, support_y, ways)
+        if head_only:
+            support_features()
+            if not create_graph:
+                # First order: the support features only feed the (detached) inner loop.
+                trunk_features = trunk_features.detach()
+        inputs = trunk_features if head_only else support_x
+        start = initial if create_graph else [p.detach().requires_grad_() for p in initial]
+
+        inner_losses: list[float] = []
+        with torch.enable_grad(), higher.innerloop_ctx(
+            module,
+            self.make_optimizer(module),
+            copy_initial_weights=False,
+            track_higher_grads=create_graph,
+        ) as (fmodel, diffopt):
+            params = list(start)
+            for step in range(steps):
+                loss = task_loss(fmodel(inputs, params=params), support_y)
+                inner_losses.append(float(loss.detach()))
+                params = diffopt.step(loss, params=params, override=self.lr_override(module, step))
+        return Adapted(
+            self, fmodel, params, initial, start, inner_losses, support_x,
+            trunk=model.trunk if head_only else None,
+        )

@@ -1,0 +1,38 @@
+"""Outer loops, each a short class on the shared inner loop."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigError, unknown_name
+from .anil import ANIL
+from .base import Algorithm, accuracy
+from .maml import FOMAML, MAML
+from .reptile import Reptile
+
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (MAML, FOMAML, Reptile, ANIL)}
+
+
+def register_algorithm(cls: type[Algorithm]) -> type[Algorithm]:
+    """Class decorator adding an algorithm to :data:`ALGORITHMS` under ``cls.name``."""
+    ALGORITHMS[cls.name] = cls
+    return cls
+
+
+def build_algorithm(name: str, **kwargs: Any) -> Algorithm:
+    """Build a registered algorithm from its config (as returned by ``Algorithm.config()``)."""
+    if name not in ALGORITHMS:
+        raise unknown_name("algorithm", name, ALGORITHMS)
+    cls = ALGORITHMS[name]
+    clash = {k: v for k, v in kwargs.items() if k in cls.fixed and cls.fixed[k] != v}
+    if clash:
+        raise ConfigError(
+            f"algorithm {name!r} fixes {cls.fixed}; drop the contradictory setting(s) {clash}"
+        )
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"bad settings for algorithm {name!r}: {exc}") from None
+
+
+__all__ = ["ALGORITHMS", "Algorithm", "ANIL", "FOMAML", "MAML", "Reptile", "accuracy",
+           "build_algorithm", "register_algorithm"]

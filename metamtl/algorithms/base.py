@@ -1,0 +1,118 @@
+"""Outer loops: what an algorithm does with a task after the shared inner loop adapted to it.
+
+An :class:`Algorithm` is an ``nn.Module`` (so learnable pieces such as inner learning rates are
+saved with it) with two entry points the :class:`~metamtl.MetaLearner` uses:
+
+* :meth:`Algorithm.meta_step` accumulates the meta-gradient of a meta-batch into ``.grad`` of the
+  meta-parameters (the learner then clips and steps its meta-optimizer);
+* :meth:`Algorithm.adapt` adapts to one support set without a higher-order graph, for
+  evaluation, ``MetaLearner.adapt`` and ``predict``.
+
+Subclasses usually override one hook, :meth:`Algorithm.task_backward`.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..adaptation import Adapted, InnerLoop, task_loss
+from ..models.backbones import TrunkHead
+from ..tasks.episode import Episode, TaskBatch
+
+
+def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    return float((logits.argmax(-1) == targets).float().mean())
+
+
+class Algorithm(nn.Module):
+    """Base class: MAML-style meta-learning on the shared :class:`InnerLoop`.
+
+    Args:
+        inner: the inner loop; or pass its settings as keyword arguments
+            (``steps``, ``lr``, ``optimizer``, ``first_order``, ``adapt``, ``head_init``, ...).
+    """
+
+    name: ClassVar[str] = "base"
+    #: settings this algorithm fixes whatever the user passes (e.g. ANIL adapts only the head)
+    fixed: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, inner: InnerLoop | None = None, **inner_kwargs: Any) -> None:
+        super().__init__()
+        if inner is not None and inner_kwargs:
+            raise TypeError("pass either an InnerLoop or its settings, not both")
+        if inner is None:
+            inner = InnerLoop(**{**inner_kwargs, **self.fixed})
+        self.inner = inner
+
+    # -- configuration ---------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """Everything needed to rebuild this algorithm with :func:`build_algorithm`."""
+        return {"name": self.name, **self.inner.config()}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
+
+    # -- training -----------------------------------------------------------------------------
+    @property
+    def second_order(self) -> bool:
+        return not self.inner.first_order
+
+    def meta_step(self, model: TrunkHead, batch: TaskBatch) -> dict[str, float]:
+        """Accumulate the meta-gradient of ``batch`` (mean over tasks) into ``.grad``.
+
+        Tasks are processed one at a time and their graphs freed after each backward, so
+        memory does not grow with the meta-batch size.  Returns mean query loss/accuracy and the
+        mean support loss before each inner step (``inner_loss/step_k``).
+        """
+        totals: dict[str, float] = {}
+        n = len(batch)
+        for episode in batch:
+            for key, value in self.task_step(model, episode, 1.0 / n).items():
+                totals[key] = totals.get(key, 0.0) + value / n
+        return totals
+
+    def task_step(self, model: TrunkHead, episode: Episode, weight: float) -> dict[str, float]:
+        """Adapt to one task, backpropagate ``weight * query loss``, return its metrics."""
+        adapted = self.inner.adapt_task(
+            model, episode.support_x, episode.support_y, episode.ways, create_graph=self.second_order
+        )
+        logits = adapted(episode.query_x)
+        loss = task_loss(logits, episode.query_y)
+        self.task_backward(adapted, loss * weight)
+        return self._metrics(loss, logits, episode, adapted)
+
+    def task_backward(self, adapted: Adapted, loss: torch.Tensor) -> None:
+        """Turn one task's weighted query loss into meta-gradients."""
+        if self.second_order:
+            loss.backward()
+        else:
+            adapted.backward_first_order(loss)
+
+    @staticmethod
+    def _metrics(loss: torch.Tensor, logits: torch.Tensor, episode: Episode, adapted: Adapted | None) -> dict[str, float]:
+        out = {"loss": float(loss.detach())}
+        if episode.is_classification:
+            out["accuracy"] = accuracy(logits.detach(), episode.query_y)
+        if adapted is not None:
+            for k, v in enumerate(adapted.inner_losses):
+                out[f"inner_loss/step_{k}"] = v
+        return out
+
+    # -- evaluation --------------------------------------------------------------------------
+    def adapt(
+        self, model: TrunkHead, support_x: torch.Tensor, support_y: torch.Tensor, ways: int,
+        steps: int | None = None,
+    ) -> Adapted:
+        """Adapt to a support set for prediction (no higher-order graph)."""
+        if steps is None:
+            steps = self.inner.eval_steps if self.inner.eval_steps is not None else self.inner.steps
+        return self.inner.adapt_task(model, support_x, support_y, ways, create_graph=False, steps=steps)
+
+    def evaluate_episode(self, model: TrunkHead, episode: Episode, steps: int | None = None) -> dict[str, float]:
+        """Query loss/accuracy after adapting to the episode's support set."""
+        with torch.no_grad():
+            adapted = self.adapt(model, episode.support_x, episode.support_y, episode.ways, steps)
+            logits = adapted(episode.query_x)
+            return self._metrics(task_loss(logits, episode.query_y), logits, episode, None)

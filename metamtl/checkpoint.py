@@ -1,0 +1,103 @@
+"""Checkpoint files: atomic writes, safe loading, and config comparison.
+
+Checkpoints contain only tensors and plain Python containers, and are always read with
+``torch.load(weights_only=True)``: a file that would run code when unpickled is refused.
+Writes go to a temporary file in the same folder, are fsynced, then renamed over the target, so
+a crash or a killed process leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .errors import CheckpointError
+
+FORMAT = "metamtl-checkpoint"
+FORMAT_VERSION = 1
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to ``path`` atomically (temp file + fsync + rename)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot create checkpoint folder {path.parent}: {exc.strerror}") from exc
+    if not os.access(path.parent, os.W_OK):
+        raise CheckpointError(
+            f"checkpoint folder {path.parent} is not writable; choose another output directory"
+        )
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        try:  # make the rename itself durable
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise CheckpointError(f"could not write checkpoint {path}: {exc.strerror or exc}") from exc
+        raise
+    return path
+
+
+def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """Load a metamtl checkpoint with ``weights_only=True`` and check its format."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refusing to load {path}: it is not a plain-tensor checkpoint (it would need to run "
+            f"code to unpickle). Only load checkpoints written by metamtl. Details: {exc}"
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {exc}") from exc
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a metamtl checkpoint (no '{FORMAT}' header)")
+    if int(obj.get("format_version", -1)) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer metamtl (checkpoint format {obj.get('format_version')}, "
+            f"this version reads <= {FORMAT_VERSION}); upgrade metamtl"
+        )
+    return obj
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences between two nested configs (``key: a != b``)."""
+    fa, fb = flatten(a), flatten(b)
+    return [
+        f"{k}: {fa.get(k, '<missing>')!r} != {fb.get(k, '<missing>')!r}"
+        for k in sorted(set(fa) | set(fb))
+        if fa.get(k, "<missing>") != fb.get(k, "<missing>")
+    ]

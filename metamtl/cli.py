@@ -1,0 +1,102 @@
+"""Command line: ``metamtl fit CONFIG [key=value ...]``, ``metamtl evaluate CHECKPOINT``, ``metamtl report RUN_DIR``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import MetamtlError
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .experiment import check_output_dir, run
+
+    cfg = load_config(args.config, args.overrides)
+    check_output_dir(cfg)
+    results = run(cfg, resume=args.resume, progress=not args.no_progress)
+    print(f"[metamtl] saved learner to {results['checkpoint']}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .config import config_from_dict
+    from .experiment import build_tasks
+    from .learner import MetaLearner
+
+    learner = MetaLearner.load(args.checkpoint, device=args.device)
+    saved = learner.metadata.get("config")
+    if saved is None:
+        raise MetamtlError(f"{args.checkpoint} has no data config; evaluate it from Python with MetaLearner.evaluate")
+    if args.data_root:
+        saved["data"]["root"] = args.data_root
+    saved["data"]["val_split"] = None
+    saved["data"]["test_split"] = args.split
+    cfg = config_from_dict(saved)
+    tasks = build_tasks(cfg)["test"]
+    defaults = learner.task_defaults
+    result = learner.evaluate(
+        tasks, args.episodes,
+        ways=args.ways or defaults.get("ways"), shots=args.shots or defaults.get("shots"),
+        queries=args.queries or defaults.get("queries"), steps=args.steps, progress=not args.no_progress,
+    ) if learner.task == "classification" else learner.evaluate(tasks, args.episodes, steps=args.steps)
+    print(f"[metamtl] {args.split} split: {result}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .reporting.report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="metamtl", description="Meta-learning and multi-task learning for PyTorch.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fit", help="meta-train from a YAML config, evaluate on held-out classes, save")
+    f.add_argument("config", help="YAML config file (see configs/)")
+    f.add_argument("overrides", nargs="*", help="overrides such as train.iterations=500 data.root=/data")
+    f.add_argument("--resume", help="checkpoint with training state (e.g. runs/NAME/last.pt)")
+    f.add_argument("--no-progress", action="store_true", help="no progress bars")
+    f.set_defaults(func=_fit)
+
+    e = sub.add_parser("evaluate", help="evaluate a saved learner on held-out tasks")
+    e.add_argument("checkpoint")
+    e.add_argument("--episodes", type=int, default=600)
+    e.add_argument("--ways", type=int)
+    e.add_argument("--shots", type=int)
+    e.add_argument("--queries", type=int)
+    e.add_argument("--steps", type=int, help="inner steps at evaluation")
+    e.add_argument("--split", default="test")
+    e.add_argument("--data-root", help="dataset root (default: as saved, or $METAMTL_DATA)")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", help="also write the result to this JSON file")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=_evaluate)
+
+    r = sub.add_parser("report", help="write an HTML report of a run directory")
+    r.add_argument("run_dir")
+    r.set_defaults(func=_report)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MetamtlError as exc:
+        print(f"metamtl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("metamtl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

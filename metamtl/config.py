@@ -1,0 +1,274 @@
+"""Experiment configuration: YAML files in configs/ are data, validated here.
+
+A config has fixed sections (``data``, ``tasks``, ``model``, ``algorithm``, ``train``, ``eval``,
+``logging``).  Typed sections reject unknown keys (suggesting the closest one) and values of the
+wrong type; ``model`` and ``algorithm`` are passed to their registries, which validate them
+against the chosen model/algorithm.  Command-line overrides are ``dotted.key=value`` with the
+value parsed as YAML (``train.iterations=500``, ``data.sources=[small1]``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import ConfigError, did_you_mean
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Which dataset, where it is, and how it is split/augmented."""
+
+    name: str = "omniglot"
+    root: str | None = None
+    download: bool = False
+    cache_dir: str | None = None
+    sources: list[str] | None = None
+    image_size: int | None = None
+    split_fractions: list[float] | None = None
+    split_seed: int | None = None
+    train_rotations: list[int] | None = None
+    train_split: str = "train"
+    val_split: str | None = "val"
+    test_split: str | None = "test"
+
+
+@dataclasses.dataclass
+class TasksConfig:
+    """Episode shape and sampling seeds (train, validation and test use different seeds)."""
+
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15
+    seed: int = 0
+    val_seed: int = 1
+    test_seed: int = 2
+    num_workers: int = 0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Outer loop settings."""
+
+    iterations: int = 1000
+    meta_batch_size: int = 32
+    meta_optimizer: str = "adam"
+    meta_lr: float = 1e-3
+    grad_clip: float | None = None
+    val_every: int | None = None
+    val_episodes: int = 100
+    budget_minutes: float | None = None
+    checkpoint_every: int = 100
+    device: str = "auto"
+    max_bad_steps: int = 10
+
+
+@dataclasses.dataclass
+class EvalSetting:
+    ways: int = 5
+    shots: int = 1
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Final evaluation on the test split: one row per setting."""
+
+    episodes: int = 600
+    queries: int = 15
+    steps: int | None = None
+    settings: list[EvalSetting] = dataclasses.field(default_factory=lambda: [EvalSetting()])
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    """Experiment reporting."""
+
+    wandb: bool = False
+    project: str = "metamtl"
+    entity: str | None = None
+    mode: str | None = None
+    tags: list[str] = dataclasses.field(default_factory=list)
+    report: bool = True
+
+
+@dataclasses.dataclass
+class Config:
+    """A whole experiment."""
+
+    name: str = "experiment"
+    seed: int = 0
+    output_dir: str = "runs"
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    tasks: TasksConfig = dataclasses.field(default_factory=TasksConfig)
+    model: dict = dataclasses.field(default_factory=lambda: {"name": "conv4"})
+    algorithm: dict = dataclasses.field(default_factory=lambda: {"name": "maml"})
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# -- validation ---------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (ints accepted for floats)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+    if tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(float(value)):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: Any, where: str = "config") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of settings, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        k = unknown[0]
+        raise ConfigError(
+            f"{where}: unknown key {k!r}.{did_you_mean(k, fields)} Valid keys: {', '.join(fields)}."
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _check_config(cfg: Config) -> Config:
+    t = cfg.tasks
+    for name in ("ways", "shots"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"tasks.{name} must be >= 1, got {getattr(t, name)}")
+    if t.queries < 0 or t.num_workers < 0:
+        raise ConfigError("tasks.queries and tasks.num_workers must be >= 0")
+    tr = cfg.train
+    if tr.iterations < 0 or tr.meta_batch_size < 1 or tr.val_episodes < 1:
+        raise ConfigError("train.iterations >= 0, train.meta_batch_size >= 1 and train.val_episodes >= 1 are required")
+    for name in ("meta_lr", "grad_clip", "budget_minutes"):
+        v = getattr(tr, name)
+        if v is not None and not v > 0:
+            raise ConfigError(f"train.{name} must be > 0, got {v}")
+    if cfg.eval.episodes < 1 or cfg.eval.queries < 1:
+        raise ConfigError("eval.episodes and eval.queries must be >= 1")
+    for s in cfg.eval.settings:
+        if s.ways < 1 or s.shots < 1:
+            raise ConfigError(f"eval.settings entries need ways >= 1 and shots >= 1, got {s}")
+    if "name" not in cfg.model or "name" not in cfg.algorithm:
+        raise ConfigError("model and algorithm sections need a 'name'")
+    head_init = cfg.algorithm.get("head_init", "learned")
+    if head_init == "learned" and any(s.ways != t.ways for s in cfg.eval.settings):
+        raise ConfigError(
+            "eval.settings use a different number of ways than tasks.ways, but algorithm.head_init is "
+            "'learned' (a fixed-size head); set algorithm.head_init to 'zero' or 'proto' to evaluate other ways"
+        )
+    return cfg
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """Validate a nested mapping into a :class:`Config`."""
+    return _check_config(from_dict(Config, data, "config"))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.subkey=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides to a nested dict (in place; also returned)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from defaults with ``path=None``) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must contain a mapping of sections at the top level")
+    apply_overrides(data, list(overrides or []))
+    return config_from_dict(data)

@@ -1,0 +1,181 @@
+"""Omniglot (Lake, Salakhutdinov & Tenenbaum, 2015): 1,623 handwritten characters, 20 drawers each."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..errors import ConfigError, DataError, DataNotFoundError, unknown_name
+from .base import ClassDataset, Preprocessing, split_names
+from .cache import Decoded
+from .download import download_url
+from .folder import DirectoryTree, Tree, ZipTree, decode_classes, resolve_root, scan_class_folders
+
+_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
+BACKGROUND, EVALUATION = "images_background", "images_evaluation"
+
+
+class Omniglot(ClassDataset):
+    """Omniglot characters as classes, decoded once into ``uint8 [N, 1, S, S]``.
+
+    Args:
+        root: folder holding the data (default: ``$METAMTL_DATA``).  Sources are looked for in
+            ``root``, ``root/omniglot`` and ``root/omniglot-py`` (torchvision's layout), each as
+            the official zip (``images_background.zip``, read in place) or its extracted folder
+            (``images_background/<Alphabet>/<characterNN>/<NNNN_NN>.png``); a zip is preferred
+            when both exist.  Zips of known sources are md5-checked.
+        split: ``"train"``, ``"val"``, ``"test"`` or ``"all"``.
+        sources: names of the official archives to use (see :attr:`MD5`), default: all found.
+        image_size: side of the stored square images (Lanczos resampling; strokes bright on black).
+        rotations: angles in {0, 90, 180, 270}; each makes one copy of every character as its own
+            class, ``Alphabet/characterNN@90`` (counter-clockwise; angle 0 keeps the plain name).
+        split_fractions: ``(train, val, test)`` fractions of characters, see below.
+        split_seed: seed of the character split.
+        download: fetch missing official zips from :attr:`URLS` into ``root`` (md5-checked).
+        cache_dir: decode-cache folder (``None``: default, ``False``: memory only).
+
+    Classes are characters ``Alphabet/characterNN``.  A character present in several sources
+    (Greek and Latin are in both ``images_background_small1`` and ``..._small2``) is one class
+    with all its drawers' images.
+
+    Split: when both full official sets (``images_background`` and ``images_evaluation``) are
+    among the sources, the test split is every evaluation character, and the background
+    characters are split into train/val with ``split_names`` in proportions
+    ``split_fractions[0] : split_fractions[1]``.  Otherwise all characters are split with
+    ``split_names(characters, split_fractions, split_seed)``.  Either way the split depends only
+    on character names and the seed, and rotations are applied afterwards, so every rotated copy
+    of a character is in that character's split.
+
+    Raises:
+        DataNotFoundError: no root, or the requested sources are not found (and ``download`` is
+            off).
+        IntegrityError: a known zip's md5 differs from the published one.
+        ConfigError: unknown split, source or rotation, or bad split fractions.
+    """
+
+    #: md5 of the official archives (https://github.com/brendenlake/omniglot, folder ``python``).
+    MD5 = {
+        BACKGROUND: "68d2efa1b9178cc56df9314c21c6e718",
+        EVALUATION: "6b91aef0f799c5bb55b94e3f2daec811",
+        "images_background_small1": "e704a628b5459e08445c13499850abc4",
+        "images_background_small2": "b75a71a51d3b13f821f212756fe481fd",
+    }
+    #: Where ``download=True`` fetches each archive.
+    URLS = {name: f"{_URL}/{name}.zip" for name in MD5}
+    SPLITS = ("train", "val", "test", "all")
+    ROTATIONS = (0, 90, 180, 270)
+
+    def __init__(
+        self,
+        root: str | os.PathLike | None = None,
+        split: str = "train",
+        sources: Sequence[str] | None = None,
+        image_size: int = 28,
+        rotations: Sequence[int] = (0,),
+        split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
+        split_seed: int = 0,
+        download: bool = False,
+        cache_dir: str | os.PathLike | bool | None = None,
+    ) -> None:
+        if split not in self.SPLITS:
+            raise unknown_name("Omniglot split", split, self.SPLITS)
+        if sources is not None and not sources:
+            raise ConfigError(f"sources must name at least one Omniglot archive ({', '.join(self.MD5)}), or be None")
+        for s in sources or ():
+            if s not in self.MD5:
+                raise unknown_name("Omniglot source", s, self.MD5)
+        rotations = tuple(int(r) for r in rotations)
+        if not rotations or len(set(rotations)) != len(rotations) or not set(rotations) <= set(self.ROTATIONS):
+            raise ConfigError(f"rotations must be distinct angles among {self.ROTATIONS}, got {rotations}")
+        if len(split_fractions) != 3:
+            raise ConfigError(f"split_fractions must be (train, val, test), got {list(split_fractions)}")
+        root = resolve_root(root, "Omniglot")
+        self.split = split
+        self.rotations = rotations
+        preprocessing = Preprocessing(size=(image_size, image_size), channels=1, invert=True, resample="lanczos")
+        found = self._find_sources(root, sources, download)
+        decoded = {name: self._decode(name, path, preprocessing, cache_dir) for name, path in found.items()}
+        images, labels, class_names, files = _merge(list(decoded.values()))
+        chars = self._split_characters(decoded, split, split_fractions, split_seed)
+        full = ClassDataset(images, labels, class_names, preprocessing=preprocessing, sources=files)
+        part = full.subset(chars)
+        n = part.num_classes
+        super().__init__(
+            torch.cat([torch.rot90(part.images, r // 90, dims=(-2, -1)) for r in rotations]),
+            torch.cat([part.labels + i * n for i in range(len(rotations))]),
+            [c if r == 0 else f"{c}@{r}" for r in rotations for c in part.class_names],
+            name="omniglot",
+            preprocessing=preprocessing,
+            sources=part.sources * len(rotations),
+        )
+
+    # -- locating and decoding -------------------------------------------------------------
+    @classmethod
+    def _find_sources(cls, root: Path, sources: Sequence[str] | None, download: bool) -> dict[str, Path]:
+        """Map each source to its zip or extracted folder, downloading missing ones if asked."""
+        folders = [root, root / "omniglot", root / "omniglot-py"]
+        found: dict[str, Path] = {}
+        for name in cls.MD5:
+            candidates = [c for f in folders for c in (f / f"{name}.zip", f / name) if c.exists()]
+            if candidates:
+                found[name] = candidates[0]
+        if sources is None:
+            wanted = list(found) or [BACKGROUND, EVALUATION]
+        else:
+            wanted = list(dict.fromkeys(sources))
+        missing = [name for name in wanted if name not in found]
+        if missing and not download:
+            raise DataNotFoundError(
+                f"Omniglot source(s) {', '.join(missing)} not found: looked for <source>.zip and "
+                f"the extracted folder <source>/ in {', '.join(map(str, folders))}; pass "
+                "download=True to fetch the official archives, or point root= at the folder "
+                "holding them"
+            )
+        for name in missing:
+            found[name] = download_url(cls.URLS[name], root, f"{name}.zip", md5=cls.MD5[name])
+        return {name: found[name] for name in wanted}
+
+    @classmethod
+    def _decode(cls, name: str, path: Path, preprocessing: Preprocessing, cache_dir) -> Decoded:
+        """Decode one source (zip or folder); class names are ``Alphabet/characterNN``."""
+        tree: Tree = ZipTree(path, f"{name}/", md5=cls.MD5[name]) if path.is_file() else DirectoryTree(path)
+        with tree:
+            paths, classes = scan_class_folders(tree, (".png",))
+            odd = next((p for p, c in zip(paths, classes) if c.count("/") != 1), None)
+            if odd is not None:
+                raise DataError(
+                    f"unexpected Omniglot layout: {tree.describe(odd)}; expected "
+                    f"{name}/<Alphabet>/<characterNN>/<NNNN_NN>.png"
+                )
+            decoded = decode_classes(tree, paths, classes, preprocessing, f"omniglot-{name}", cache_dir)
+            return Decoded(decoded.images, decoded.labels, decoded.class_names,
+                           [tree.describe(s) for s in decoded.sources])
+
+    @staticmethod
+    def _split_characters(
+        decoded: dict[str, Decoded], split: str, fractions: Sequence[float], seed: int
+    ) -> list[str]:
+        everything = sorted({c for d in decoded.values() for c in d.class_names})
+        if split == "all":
+            return everything
+        if BACKGROUND in decoded and EVALUATION in decoded:
+            test = set(decoded[EVALUATION].class_names)
+            background = [c for c in everything if c not in test]
+            train_val = float(fractions[0]) + float(fractions[1])
+            if train_val <= 0:
+                raise ConfigError(f"split_fractions {list(fractions)} leave no train/val characters")
+            train, val = split_names(background, (fractions[0] / train_val, fractions[1] / train_val), seed)
+            return {"train": train, "val": val, "test": sorted(test)}[split]
+        train, val, test = split_names(everything, fractions, seed)
+        return {"train": train, "val": val, "test": test}[split]
+
+
+def _merge(parts: Sequence[Decoded]) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
+    """Concatenate decoded sources, merging classes with the same name."""
+    names = sorted({c for d in parts for c in d.class_names})
+    index = {c: i for i, c in enumerate(names)}
+    labels = [torch.tensor([index[c] for c in d.class_names], dtype=torch.long)[d.labels] for d in parts]
+    return (torch.cat([d.images for d in parts]), torch.cat(labels), names,
+            [s for d in parts for s in d.sources])

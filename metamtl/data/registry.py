@@ -1,0 +1,95 @@
+"""Datasets and task families by name, for configs and the command line.
+
+``load_dataset("omniglot", "train", root, image_size=28)`` builds a class-indexed dataset;
+``load_tasks("sinusoid", shots=5)`` builds a task source that is not made of classes.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..errors import ConfigError, unknown_name
+from .base import ClassDataset, split_names
+from .folder import ClassFolder, CSVClassDataset, resolve_root
+from .miniimagenet import MiniImageNet
+from .omniglot import Omniglot
+from .sinusoid import Sinusoid
+
+DATASETS = {"omniglot": Omniglot, "miniimagenet": MiniImageNet, "folder": ClassFolder, "csv": CSVClassDataset}
+TASK_FAMILIES = {"sinusoid": Sinusoid}
+
+
+def _split_classes(ds: ClassDataset, split: str, fractions: Sequence[float], seed: int) -> ClassDataset:
+    """``split`` of ``ds``'s classes by :func:`~metamtl.data.split_names` (``"all"``: every class)."""
+    if split == "all":
+        return ds
+    parts = dict(zip(("train", "val", "test"), split_names(ds.class_names, fractions, seed)))
+    if split not in parts:
+        raise unknown_name("split", split, [*parts, "all"])
+    return ds.subset(parts[split], name=ds.name)
+
+
+def _load_folder(split: str, root: Path, split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
+                 split_seed: int = 0, **kwargs) -> ClassDataset:
+    """``root/<split>/`` if that folder exists, else ``split`` of ``root``'s classes."""
+    if (root / split).is_dir():
+        return ClassFolder(root / split, **kwargs)
+    return _split_classes(ClassFolder(root, **kwargs), split, split_fractions, split_seed)
+
+
+def _load_csv(split: str, root: Path, csv_path: str | os.PathLike | None = None,
+              image_root: str | os.PathLike | None = None, **kwargs) -> ClassDataset:
+    """``csv_path`` (default ``root/<split>.csv``) with images under ``image_root``
+    (default ``root/images`` if it exists, else ``root``)."""
+    if image_root is None:
+        image_root = root / "images" if (root / "images").is_dir() else root
+    return CSVClassDataset(csv_path or root / f"{split}.csv", image_root, **kwargs)
+
+
+_ADAPTERS: dict[str, Callable[..., ClassDataset]] = {"folder": _load_folder, "csv": _load_csv}
+
+
+def _accepted(*functions: Callable) -> list[str]:
+    names = []
+    for fn in functions:
+        for p in inspect.signature(fn).parameters.values():
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("self", "split", "root"):
+                names.append(p.name)
+    return sorted(set(names))
+
+
+def _check_kwargs(kind: str, name: str, kwargs: dict, accepted: list[str]) -> None:
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ConfigError(
+            f"{kind} {name!r} does not accept {', '.join(map(repr, unknown))}; "
+            f"accepted options: {', '.join(accepted)}"
+        )
+
+
+def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None = None, **kwargs) -> ClassDataset:
+    """Build dataset ``name`` (a key of :data:`DATASETS`) for ``split``.
+
+    ``root`` defaults to ``$METAMTL_DATA``.  ``kwargs`` go to the dataset's constructor; for
+    ``"folder"`` and ``"csv"``, whose constructors have no split, ``split`` picks ``root/<split>/``
+    (or ``root/<split>.csv``), and a folder without split sub-folders is split by class with
+    ``split_fractions``/``split_seed`` (``split="all"``: every class).
+    """
+    if name not in DATASETS:
+        raise unknown_name("dataset", name, DATASETS)
+    adapter = _ADAPTERS.get(name)
+    accepted = _accepted(adapter, DATASETS[name]) if adapter else _accepted(DATASETS[name])
+    _check_kwargs("dataset", name, kwargs, accepted)
+    if adapter is None:
+        return DATASETS[name](root=root, split=split, **kwargs)
+    return adapter(split, resolve_root(root, f"dataset {name!r}"), **kwargs)
+
+
+def load_tasks(name: str, **kwargs) -> Sinusoid:
+    """Build task family ``name`` (a key of :data:`TASK_FAMILIES`) with constructor ``kwargs``."""
+    if name not in TASK_FAMILIES:
+        raise unknown_name("task family", name, TASK_FAMILIES)
+    _check_kwargs("task family", name, kwargs, _accepted(TASK_FAMILIES[name]))
+    return TASK_FAMILIES[name](**kwargs)

@@ -1,0 +1,102 @@
+"""The sinusoid regression task family of MAML (Finn et al., 2017)."""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import TaskError
+
+if TYPE_CHECKING:
+    from ..tasks.episode import Episode
+
+# metamtl.tasks imports metamtl.data (for Preprocessing/ClassDataset), so the tasks modules are
+# imported where they are used rather than at the top of this module.
+
+
+def _interval(name: str, value: Sequence[float]) -> tuple[float, float]:
+    lo, hi = (float(v) for v in value)
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+        raise TaskError(f"{name} must be a finite (low, high) range with low <= high, got {tuple(value)}")
+    return lo, hi
+
+
+class Sinusoid(Dataset):
+    """Regression tasks ``y = A sin(x - phase)`` with ``A``, ``phase`` and ``x`` drawn uniformly.
+
+    Args:
+        shots: support points per task.
+        queries: query points per task.
+        amplitude: range of ``A`` (MAML: 0.1 to 5).
+        phase: range of the phase (MAML: 0 to pi).
+        x_range: range of the inputs ``x`` (MAML: -5 to 5).
+        seed: episode ``i`` is a pure function of ``(seed, i)``.
+        name: task-source name used in logs and mixtures.
+
+    A task source (see :mod:`metamtl.tasks.sampler`): ``source.episode(i)`` (or ``source[i]``)
+    returns an :class:`~metamtl.tasks.Episode` with ``task="regression"``, float32 ``x``/``y`` of
+    shape ``[shots, 1]`` (support) and ``[queries, 1]`` (query), and ``classes=(A, phase)``.
+    """
+
+    ways = 1
+    task = "regression"
+
+    def __init__(
+        self,
+        shots: int = 10,
+        queries: int = 10,
+        amplitude: Sequence[float] = (0.1, 5.0),
+        phase: Sequence[float] = (0, math.pi),
+        x_range: Sequence[float] = (-5.0, 5.0),
+        seed: int = 0,
+        name: str = "sinusoid",
+    ) -> None:
+        from ..tasks.sampler import _check_positive_int
+
+        self.shots = _check_positive_int("shots", shots)
+        self.queries = _check_positive_int("queries", queries, minimum=0)
+        self.amplitude = _interval("amplitude", amplitude)
+        self.phase = _interval("phase", phase)
+        self.x_range = _interval("x_range", x_range)
+        self.seed = int(seed)
+        self.name = name
+
+    def __len__(self) -> int:
+        return 2**62  # indexed by any non-negative integer, like EpisodeSampler
+
+    def __getitem__(self, index: int) -> Episode:
+        return self.episode(index)
+
+    def __repr__(self) -> str:
+        return (f"Sinusoid(shots={self.shots}, queries={self.queries}, amplitude={self.amplitude}, "
+                f"phase={self.phase}, x_range={self.x_range}, seed={self.seed})")
+
+    def episode(self, index: int) -> Episode:
+        from ..tasks.episode import Episode
+        from ..tasks.sampler import episode_generator
+
+        index = int(index)
+        if index < 0:
+            raise TaskError(f"episode index must be >= 0, got {index}")
+        g = episode_generator(self.seed, index)
+        u = torch.rand(2, generator=g, dtype=torch.float64).tolist()
+        amplitude = self.amplitude[0] + (self.amplitude[1] - self.amplitude[0]) * u[0]
+        phase = self.phase[0] + (self.phase[1] - self.phase[0]) * u[1]
+        lo, hi = self.x_range
+        x = lo + (hi - lo) * torch.rand(self.shots + self.queries, 1, generator=g)
+        y = amplitude * torch.sin(x - phase)
+        return Episode(
+            support_x=x[: self.shots],
+            support_y=y[: self.shots],
+            query_x=x[self.shots:],
+            query_y=y[self.shots:],
+            ways=1,
+            shots=self.shots,
+            queries=self.queries,
+            dataset=self.name,
+            classes=(amplitude, phase),
+            index=index,
+            task="regression",
+        )

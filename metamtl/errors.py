@@ -1,0 +1,61 @@
+"""Error types raised by metamtl.
+
+Every error the library raises on purpose derives from :class:`MetamtlError`, so callers (and the
+CLI) can tell a user mistake, which gets a readable message, from a bug.  Each subclass also
+derives from the builtin exception a Python user would expect (``ValueError`` for bad values,
+``FileNotFoundError`` for missing data, ...), so ``except ValueError`` keeps working.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+class MetamtlError(Exception):
+    """Base class of every error raised on purpose by metamtl."""
+
+
+class ConfigError(MetamtlError, ValueError):
+    """A configuration value, key or combination of settings is invalid."""
+
+
+class DataError(MetamtlError, ValueError):
+    """A dataset is missing, malformed or cannot serve the requested tasks."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """Dataset files are not where they were looked for."""
+
+
+class IntegrityError(DataError):
+    """A file's checksum does not match the published one, or an archive is unsafe."""
+
+
+class TaskError(MetamtlError, ValueError):
+    """Task-sampling arguments cannot be satisfied by the dataset (ways, shots, queries)."""
+
+
+class InputError(MetamtlError, ValueError):
+    """Inputs given to a model or learner have the wrong shape, type or labels."""
+
+
+class CheckpointError(MetamtlError):
+    """A checkpoint cannot be written, read, or does not match the current setup."""
+
+
+class TrainingError(MetamtlError, RuntimeError):
+    """Training cannot continue (e.g. too many consecutive non-finite steps)."""
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """Return ``" Did you mean 'x'?"`` for the closest choice, or an empty string."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def unknown_name(kind: str, name: str, choices: Iterable[str]) -> ConfigError:
+    """Build the error for an unknown registry name, listing the valid ones."""
+    choices = sorted(str(c) for c in choices)
+    return ConfigError(
+        f"unknown {kind} {name!r}.{did_you_mean(name, choices)} Valid {kind}s: {', '.join(choices)}."
+    )

@@ -1,0 +1,228 @@
+"""Config -> datasets, task samplers, model, algorithm and learner; run and record an experiment.
+
+The CLI (``metamtl fit``), the benchmark scripts and the demo all go through :func:`run`, which
+uses only the public API (datasets, :class:`~metamtl.tasks.EpisodeSampler`,
+:func:`~metamtl.models.build_model`, :func:`~metamtl.algorithms.build_algorithm`,
+:class:`~metamtl.MetaLearner`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .algorithms import build_algorithm
+from .callbacks import Callback
+from .config import Config
+from .data.base import ClassDataset
+from .errors import ConfigError
+from .learner import EvalResult, MetaLearner
+from .models.backbones import build_model
+from .tasks.sampler import EpisodeSampler, TaskSource
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def data_root(cfg: Config) -> str | None:
+    return cfg.data.root or os.environ.get("METAMTL_DATA")
+
+
+def load_split(cfg: Config, split: str, rotations: list[int] | None = None) -> ClassDataset:
+    """One split of the configured dataset (only the options that were set are passed on)."""
+    from .data.registry import load_dataset
+
+    d = cfg.data
+    kwargs: dict[str, Any] = {}
+    for key in ("sources", "image_size", "split_fractions", "split_seed", "cache_dir"):
+        value = getattr(d, key)
+        if value is not None:
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+    if d.download:
+        kwargs["download"] = True
+    if rotations:
+        kwargs["rotations"] = tuple(rotations)
+    return load_dataset(d.name, split=split, root=data_root(cfg), **kwargs)
+
+
+def is_regression(cfg: Config) -> bool:
+    return cfg.data.name == "sinusoid"
+
+
+def build_tasks(cfg: Config) -> dict[str, TaskSource | None]:
+    """Train / val / test task sources for the config (classes disjoint across splits)."""
+    t = cfg.tasks
+    if is_regression(cfg):
+        from .data.sinusoid import Sinusoid
+
+        return {
+            "train": Sinusoid(shots=t.shots, queries=t.queries, seed=t.seed),
+            "val": Sinusoid(shots=t.shots, queries=t.queries, seed=t.val_seed),
+            "test": Sinusoid(shots=t.shots, queries=cfg.eval.queries, seed=t.test_seed),
+        }
+    d = cfg.data
+    out: dict[str, TaskSource | None] = {
+        "train": EpisodeSampler(load_split(cfg, d.train_split, d.train_rotations), t.ways, t.shots, t.queries, seed=t.seed)
+    }
+    out["val"] = (EpisodeSampler(load_split(cfg, d.val_split), t.ways, t.shots, t.queries, seed=t.val_seed)
+                  if d.val_split else None)
+    out["test"] = (EpisodeSampler(load_split(cfg, d.test_split), t.ways, t.shots, cfg.eval.queries, seed=t.test_seed)
+                   if d.test_split else None)
+    return out
+
+
+def build_learner(cfg: Config, train_tasks: TaskSource, callbacks: list[Callback] = ()) -> MetaLearner:
+    """Model + algorithm + learner for the config, shaped after the training data."""
+    model_cfg = dict(cfg.model)
+    alg_cfg = dict(cfg.algorithm)
+    regression = is_regression(cfg)
+    if regression:
+        model_cfg.setdefault("in_features", 1)
+        model_cfg.setdefault("out_features", 1)
+        preprocessing = None
+    else:
+        preprocessing = train_tasks.dataset.preprocessing  # type: ignore[attr-defined]
+        model_cfg.setdefault("in_channels", preprocessing.channels)
+        model_cfg.setdefault("image_size", preprocessing.size[0])
+        learned_head = alg_cfg.get("head_init", "learned") == "learned"
+        model_cfg.setdefault("out_features", cfg.tasks.ways if learned_head else None)
+    model = build_model(**model_cfg)
+    algorithm = build_algorithm(**alg_cfg)
+    tr = cfg.train
+    return MetaLearner(
+        model, algorithm, preprocessing=preprocessing, meta_optimizer=tr.meta_optimizer,
+        meta_lr=tr.meta_lr, grad_clip=tr.grad_clip, device=tr.device, callbacks=callbacks,
+        max_bad_steps=tr.max_bad_steps, task="regression" if regression else "classification",
+        task_defaults={"ways": cfg.tasks.ways, "shots": cfg.tasks.shots, "queries": cfg.eval.queries},
+        metadata={"config": cfg.to_dict()},
+    )
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return info
+
+
+def evaluate_settings(learner: MetaLearner, cfg: Config, test_tasks: TaskSource, progress: bool = True) -> list[EvalResult]:
+    """Evaluate every ``eval.settings`` entry on the test tasks."""
+    results = []
+    for s in cfg.eval.settings:
+        kwargs = {} if is_regression(cfg) else {"ways": s.ways, "shots": s.shots, "queries": cfg.eval.queries}
+        results.append(learner.evaluate(test_tasks, cfg.eval.episodes, steps=cfg.eval.steps, progress=progress, **kwargs))
+    return results
+
+
+def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
+        callbacks: list[Callback] = (), quiet: bool = False) -> dict[str, Any]:
+    """Meta-train, evaluate on held-out classes, save the learner and ``results.json``.
+
+    Returns the results dict (also written to ``<output_dir>/<name>/results.json``).
+    """
+    say = (lambda *a: None) if quiet else print
+    seed_everything(cfg.seed)
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    tasks = build_tasks(cfg)
+    data_seconds = time.perf_counter() - t0
+    train_tasks, val_tasks, test_tasks = tasks["train"], tasks["val"], tasks["test"]
+    say(f"[metamtl] train tasks: {train_tasks}")
+    if val_tasks is not None:
+        say(f"[metamtl] val tasks:   {val_tasks}")
+    if test_tasks is not None:
+        say(f"[metamtl] test tasks:  {test_tasks}")
+    cbs = list(callbacks)
+    if cfg.logging.wandb:
+        from .reporting.wandb_logger import WandbLogger  # optional: imports wandb lazily
+
+        cbs.append(WandbLogger(project=cfg.logging.project, entity=cfg.logging.entity,
+                               mode=cfg.logging.mode, tags=cfg.logging.tags, config=cfg.to_dict(),
+                               run_dir=run_dir))
+    learner = build_learner(cfg, train_tasks, cbs)
+    tr = cfg.train
+    say(f"[metamtl] {learner} | {sum(p.numel() for p in learner.model.parameters()):,} parameters")
+    t1 = time.perf_counter()
+    learner.fit(
+        train_tasks, val_tasks, iterations=tr.iterations, meta_batch_size=tr.meta_batch_size,
+        val_every=tr.val_every, val_episodes=tr.val_episodes, num_workers=cfg.tasks.num_workers,
+        checkpoint_dir=run_dir, checkpoint_every=tr.checkpoint_every, resume=resume,
+        budget_minutes=tr.budget_minutes, progress=progress,
+    )
+    train_seconds = time.perf_counter() - t1
+    final_path = learner.save(run_dir / "learner.pt")
+    results: dict[str, Any] = {
+        "name": cfg.name,
+        "config": cfg.to_dict(),
+        "iterations": learner.iteration,
+        "stopped_by": learner.fit_state.get("stopped_by", "iterations"),
+        "train_seconds": train_seconds,
+        "data_seconds": data_seconds,
+        "checkpoint": str(final_path),
+        "machine": machine_info(),
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "test": [],
+    }
+    if test_tasks is not None:
+        t2 = time.perf_counter()
+        for res in evaluate_settings(learner, cfg, test_tasks, progress):
+            say(f"[metamtl] held-out test: {res}")
+            results["test"].append(res.to_dict())
+        results["eval_seconds"] = time.perf_counter() - t2
+    (run_dir / "history.json").write_text(json.dumps(learner.history))
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    for cb in learner.callbacks:
+        finish = getattr(cb, "on_results", None)
+        if finish is not None:
+            finish(learner, results)
+    if cfg.logging.report:
+        try:
+            from .reporting.report import write_report
+
+            path = write_report(run_dir)
+            results["report"] = str(path)
+            say(f"[metamtl] report: {path}")
+        except ImportError:
+            pass
+    return results
+
+
+def check_output_dir(cfg: Config) -> None:
+    try:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create output directory {cfg.run_dir}: {exc.strerror}") from exc

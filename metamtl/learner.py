@@ -1,0 +1,618 @@
+"""MetaLearner: the surface users, the CLI, benchmarks and tests share.
+
+``fit`` meta-trains, ``evaluate`` reports mean accuracy with a 95% confidence interval,
+``adapt``/``predict`` use the learned initialisation on new tasks, ``preprocess`` turns raw images
+into model input exactly as during training, and ``save``/``load`` round-trip everything needed
+to use (or resume training) the learner standalone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .adaptation import Adapted, check_positive, task_loss
+from .algorithms import Algorithm, build_algorithm
+from .callbacks import Callback, CallbackList, History, ModelCheckpoint, ProgressBar
+from .checkpoint import FORMAT, FORMAT_VERSION, atomic_save, config_diff, safe_load
+from .data.base import Preprocessing
+from .errors import CheckpointError, ConfigError, InputError, TrainingError, unknown_name
+from .models.backbones import TrunkHead, build_model
+from .tasks.episode import Episode, TaskBatch
+from .tasks.sampler import TaskSource, task_batches
+
+META_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+}
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+    return dev
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """Mean query accuracy (and loss) over evaluation episodes, with 95% confidence intervals.
+
+    ``accuracy`` and ``ci95`` are fractions (0.973 means 97.3%); ``ci95`` is
+    ``1.96 * std / sqrt(episodes)``.  For regression tasks ``accuracy`` is ``None`` and ``loss``
+    is the mean squared error.
+    """
+
+    accuracy: float | None
+    ci95: float | None
+    loss: float
+    loss_ci95: float
+    episodes: int
+    ways: int
+    shots: int
+    queries: int
+    steps: int
+    per_episode_accuracy: list[float] = dataclasses.field(default_factory=list, repr=False)
+    per_episode_loss: list[float] = dataclasses.field(default_factory=list, repr=False)
+
+    def __str__(self) -> str:
+        setting = f"{self.ways}-way {self.shots}-shot" if self.accuracy is not None else f"{self.shots}-shot regression"
+        if self.accuracy is None:
+            return f"MSE {self.loss:.4f} ± {self.loss_ci95:.4f} ({setting}, {self.episodes} episodes)"
+        return (
+            f"accuracy {100 * self.accuracy:.2f}% ± {100 * self.ci95:.2f}% "
+            f"({setting}, {self.episodes} episodes, 95% CI)"
+        )
+
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        out = {f"{prefix}loss": self.loss, f"{prefix}loss_ci95": self.loss_ci95}
+        if self.accuracy is not None:
+            out.update({f"{prefix}accuracy": self.accuracy, f"{prefix}accuracy_ci95": self.ci95})
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.size == 0:
+        return float("nan"), float("nan")
+    std = arr.std(ddof=1) if arr.size > 1 else 0.0
+    return float(arr.mean()), float(1.96 * std / math.sqrt(arr.size))
+
+
+class AdaptedPredictor:
+    """A learner adapted to one support set. Call it on query inputs to get logits."""
+
+    def __init__(self, learner: "MetaLearner", adapted: Adapted, ways: int) -> None:
+        self.learner = learner
+        self.adapted = adapted
+        self.ways = ways
+
+    def __call__(self, query_x: Any) -> torch.Tensor:
+        x = self.learner._prepare_inputs(query_x, "query_x")
+        with torch.no_grad():
+            return self.adapted(x).detach()
+
+    def predict(self, query_x: Any) -> torch.Tensor:
+        """Predicted labels ``0..ways-1`` (classification) or values (regression)."""
+        out = self(query_x)
+        return out.argmax(-1) if self.learner.task == "classification" else out
+
+
+class MetaLearner:
+    """Meta-train a model with an algorithm, then adapt it to new tasks.
+
+    Args:
+        model: a :class:`~metamtl.models.TrunkHead` (e.g. from :func:`metamtl.models.build_model`).
+        algorithm: an :class:`~metamtl.algorithms.Algorithm` or its registered name.
+        preprocessing: how raw images become model input (taken from the training dataset by
+            the CLI); needed by :meth:`preprocess` and saved with the learner.
+        meta_optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"``; ``meta_lr`` its learning rate.
+        grad_clip: clip the meta-gradient to this global norm (``None``: no clipping).
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``...
+        callbacks: callbacks used by every :meth:`fit` call.
+        max_bad_steps: consecutive non-finite meta-gradients tolerated (each skipped with a
+            warning) before :meth:`fit` stops with :class:`~metamtl.errors.TrainingError`.
+        task: ``"classification"`` or ``"regression"``.
+        task_defaults: the ways/shots/queries it was trained for (used by ``metamtl evaluate``).
+        metadata: free-form, JSON-like information saved with the learner (e.g. data config).
+    """
+
+    def __init__(
+        self,
+        model: TrunkHead,
+        algorithm: Algorithm | str = "maml",
+        *,
+        preprocessing: Preprocessing | None = None,
+        meta_optimizer: str = "adam",
+        meta_lr: float = 1e-3,
+        meta_optimizer_kwargs: dict[str, Any] | None = None,
+        grad_clip: float | None = None,
+        device: str | torch.device | None = "auto",
+        callbacks: Iterable[Callback] = (),
+        max_bad_steps: int = 10,
+        task: str = "classification",
+        task_defaults: dict[str, int] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(model, TrunkHead):
+            raise ConfigError(
+                f"MetaLearner needs a metamtl.models.TrunkHead (trunk + head), got {type(model).__name__}; "
+                "wrap your network as TrunkHead(trunk, head) or use metamtl.models.build_model"
+            )
+        if isinstance(algorithm, str):
+            algorithm = build_algorithm(algorithm)
+        if not isinstance(algorithm, Algorithm):
+            raise ConfigError(f"algorithm must be an Algorithm or a name, got {type(algorithm).__name__}")
+        if meta_optimizer not in META_OPTIMIZERS:
+            raise unknown_name("meta optimizer", meta_optimizer, META_OPTIMIZERS)
+        if task not in ("classification", "regression"):
+            raise unknown_name("task type", task, ("classification", "regression"))
+        self.device = resolve_device(device)
+        self.model = model.to(self.device)
+        self.algorithm = algorithm.to(self.device)
+        self.preprocessing = preprocessing
+        self.meta_optimizer_name = meta_optimizer
+        self.meta_lr = check_positive("meta_lr", meta_lr)
+        self.meta_optimizer_kwargs = dict(meta_optimizer_kwargs or {})
+        self.grad_clip = None if grad_clip is None else check_positive("grad_clip", grad_clip)
+        self.callbacks = list(callbacks)
+        self.max_bad_steps = int(max_bad_steps)
+        self.task = task
+        self.task_defaults = dict(task_defaults or {})
+        self.metadata = dict(metadata or {})
+        try:
+            self.meta_optimizer = META_OPTIMIZERS[meta_optimizer](
+                self.meta_parameters(), lr=self.meta_lr, **self.meta_optimizer_kwargs
+            )
+        except TypeError as exc:
+            raise ConfigError(f"bad meta_optimizer_kwargs for {meta_optimizer!r}: {exc}") from None
+        self.iteration = 0
+        self.history: list[dict[str, float]] = []
+        self.fit_state: dict[str, Any] = {}
+        self.should_stop = False
+        self.rank, self.world_size = 0, 1
+        self._bad_steps = 0
+        self._t_start: float | None = None
+
+    # -- small helpers --------------------------------------------------------------------------
+    @property
+    def is_main_process(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds of meta-training so far (across resumed runs)."""
+        base = self.fit_state.get("elapsed", 0.0)
+        return base + (time.perf_counter() - self._t_start if self._t_start is not None else 0.0)
+
+    def meta_parameters(self) -> list[nn.Parameter]:
+        """Everything the meta-optimizer updates: model weights and learnable algorithm state."""
+        seen: set[int] = set()
+        params = []
+        for p in list(self.model.parameters()) + list(self.algorithm.parameters()):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+        return params
+
+    def config(self) -> dict[str, Any]:
+        """The settings that define this learner (compared when resuming)."""
+        return {
+            "model": dict(self.model.config),
+            "algorithm": self.algorithm.config(),
+            "learner": {
+                "meta_optimizer": self.meta_optimizer_name,
+                "meta_lr": self.meta_lr,
+                "meta_optimizer_kwargs": self.meta_optimizer_kwargs,
+                "grad_clip": self.grad_clip,
+                "max_bad_steps": self.max_bad_steps,
+                "task": self.task,
+            },
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"MetaLearner(algorithm={self.algorithm.name}, model={self.model.config.get('name', '?')}, "
+            f"device={self.device}, iteration={self.iteration})"
+        )
+
+    # -- training -----------------------------------------------------------------------------
+    def fit(
+        self,
+        train_tasks: TaskSource,
+        val_tasks: TaskSource | None = None,
+        iterations: int = 1000,
+        meta_batch_size: int = 32,
+        *,
+        val_every: int | None = None,
+        val_episodes: int = 100,
+        num_workers: int = 0,
+        callbacks: Iterable[Callback] = (),
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_every: int = 100,
+        resume: str | Path | None = None,
+        budget_minutes: float | None = None,
+        progress: bool = True,
+    ) -> list[dict[str, float]]:
+        """Meta-train for ``iterations`` meta-batches of ``meta_batch_size`` tasks.
+
+        Args:
+            train_tasks: task source for meta-training (e.g. an ``EpisodeSampler``).
+            val_tasks: task source for validation every ``val_every`` iterations
+                (``val_episodes`` fixed episodes, so validation numbers are comparable).
+            num_workers: DataLoader worker processes building episodes (0: in-process).
+            callbacks: extra callbacks for this call (see :mod:`metamtl.callbacks`).
+            checkpoint_dir: write ``last.pt`` every ``checkpoint_every`` iterations and
+                ``best.pt`` on the best validation accuracy.
+            resume: a checkpoint written with training state; training continues exactly
+                where it stopped (same episodes, optimizer and RNG state).
+            budget_minutes: stop meta-training once this much wall-clock time is spent.
+        Returns:
+            ``self.history``: one row per iteration/validation.
+        """
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+            raise ConfigError(f"iterations must be an integer >= 0, got {iterations!r}")
+        if isinstance(meta_batch_size, bool) or not isinstance(meta_batch_size, int) or meta_batch_size < 1:
+            raise ConfigError(f"meta_batch_size must be an integer >= 1, got {meta_batch_size!r}")
+        if budget_minutes is not None:
+            check_positive("budget_minutes", budget_minutes)
+        fit_settings = {"meta_batch_size": meta_batch_size, "train_tasks": repr(train_tasks)}
+        if resume is not None:
+            self._resume(resume, fit_settings)
+        else:
+            self.fit_state = {"elapsed": 0.0}
+        self.fit_state.update(iterations=iterations, settings=fit_settings)
+        val_every = val_every or max(1, iterations // 10)
+
+        cbs: list[Callback] = [History()]
+        if progress:
+            cbs.append(ProgressBar())
+        if checkpoint_dir is not None:
+            cbs.append(ModelCheckpoint(checkpoint_dir, every=checkpoint_every))
+        cbs += self.callbacks + list(callbacks)
+        self._callbacks = CallbackList(cbs)
+        if resume is not None:
+            self._callbacks.load_state_dict(self.fit_state.pop("callbacks", {}))
+
+        self.should_stop = False
+        self._t_start = time.perf_counter()
+        batches = task_batches(
+            train_tasks, meta_batch_size, start_batch=self.iteration, num_workers=num_workers,
+            rank=self.rank, world_size=self.world_size, pin_memory=self.device.type == "cuda",
+        )
+        try:
+            self._callbacks.on_fit_start(self)
+            while self.iteration < iterations and not self.should_stop:
+                batch = next(batches).to(self.device, non_blocking=True)
+                self._callbacks.on_iteration_start(self)
+                metrics = self._train_step(batch)
+                self.iteration += 1
+                self._callbacks.on_iteration_end(self, metrics)
+                if val_tasks is not None and (self.iteration % val_every == 0 or self.iteration == iterations):
+                    result = self.evaluate(val_tasks, val_episodes, progress=False)
+                    self._callbacks.on_validation_end(self, result.metrics("val/"))
+                if budget_minutes is not None and self.elapsed >= 60.0 * budget_minutes:
+                    self.fit_state["stopped_by"] = "budget"
+                    break
+            self._callbacks.on_fit_end(self)
+        except BaseException as exc:
+            self._callbacks.on_exception(self, exc)
+            raise
+        finally:
+            self.fit_state["elapsed"] = self.elapsed
+            self._t_start = None
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+        return self.history
+
+    def _train_step(self, batch: TaskBatch) -> dict[str, float]:
+        self.model.train()
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        metrics = self.algorithm.meta_step(self.model, batch)
+        self._reduce_gradients()
+        self._callbacks.on_after_backward(self)
+        params = [p for p in self.meta_parameters() if p.grad is not None]
+        grads = [p.grad for p in params]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        finite = bool(torch.isfinite(norm)) and math.isfinite(metrics.get("loss", 0.0))
+        if not finite:
+            self._bad_steps += 1
+            self.meta_optimizer.zero_grad(set_to_none=True)
+            warnings.warn(
+                f"iteration {self.iteration + 1}: non-finite loss or meta-gradient; step skipped "
+                f"({self._bad_steps}/{self.max_bad_steps} consecutive)", RuntimeWarning, stacklevel=2,
+            )
+            if self._bad_steps >= self.max_bad_steps:
+                raise TrainingError(
+                    f"{self._bad_steps} consecutive non-finite meta-gradients; stopping with the last "
+                    "good parameters. Lower the learning rates or enable grad_clip."
+                )
+            return {**metrics, "skipped": 1.0}
+        self._bad_steps = 0
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
+        self.meta_optimizer.step()
+        metrics["grad_norm"] = float(norm)
+        metrics["lr"] = float(self.meta_optimizer.param_groups[0]["lr"])
+        return metrics
+
+    def _reduce_gradients(self) -> None:
+        """Hook for distributed training: average meta-gradients across processes."""
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def evaluate(
+        self,
+        tasks: TaskSource | Sequence[Episode],
+        episodes: int = 600,
+        *,
+        ways: int | None = None,
+        shots: int | None = None,
+        queries: int | None = None,
+        steps: int | None = None,
+        start: int = 0,
+        progress: bool = True,
+    ) -> EvalResult:
+        """Mean query accuracy over ``episodes`` fixed episodes, with a 95% confidence interval.
+
+        Args:
+            tasks: a task source (episodes ``start .. start+episodes-1`` are used, so repeated
+                evaluations see the same tasks) or a list of episodes.
+            ways, shots, queries: evaluate another setting of the same source
+                (e.g. 20-way with a learner trained 5-way; needs per-task heads).
+            steps: inner steps (default: the algorithm's ``eval_steps``, else its ``steps``).
+        """
+        if isinstance(tasks, (list, tuple)):
+            eps: Iterable[Episode] = tasks
+            n = len(tasks)
+        else:
+            if any(v is not None for v in (ways, shots, queries)):
+                if not hasattr(tasks, "with_settings"):
+                    raise ConfigError(f"{type(tasks).__name__} cannot change ways/shots/queries")
+                kw = {k: v for k, v in dict(ways=ways, shots=shots, queries=queries).items() if v is not None}
+                tasks = tasks.with_settings(**kw)
+            if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+                raise ConfigError(f"episodes must be an integer >= 1, got {episodes!r}")
+            n = episodes
+            eps = (tasks.episode(start + i) for i in range(episodes))
+        if steps is None:
+            inner = self.algorithm.inner
+            steps = inner.eval_steps if inner.eval_steps is not None else inner.steps
+        from tqdm.auto import tqdm
+
+        was_training = self.model.training
+        self.model.eval()
+        accs: list[float] = []
+        losses: list[float] = []
+        first: Episode | None = None
+        try:
+            for ep in tqdm(eps, total=n, desc="evaluate", disable=not progress or not self.is_main_process,
+                           leave=False, dynamic_ncols=True):
+                first = first or ep
+                m = self.algorithm.evaluate_episode(self.model, ep.to(self.device), steps)
+                losses.append(m["loss"])
+                if "accuracy" in m:
+                    accs.append(m["accuracy"])
+        finally:
+            self.model.train(was_training)
+        if first is None:
+            raise ConfigError("no episodes to evaluate")
+        acc, ci = mean_ci95(accs) if accs else (None, None)
+        loss, loss_ci = mean_ci95(losses)
+        return EvalResult(acc, ci, loss, loss_ci, len(losses), first.ways, first.shots, first.queries,
+                          int(steps), accs, losses)
+
+    # -- using the learner --------------------------------------------------------------------
+    def preprocess(self, images: Any) -> torch.Tensor:
+        """Raw images (PIL images or arrays, one or a list) -> model input ``[N, C, H, W]``.
+
+        Applies exactly the decoding (resize, colour mode, inversion) and normalisation used for
+        the training data.
+        """
+        if self.preprocessing is None:
+            raise ConfigError(
+                "this learner has no preprocessing: pass preprocessing=dataset.preprocessing when "
+                "creating it (the CLI does), or give model-ready float tensors"
+            )
+        return self.preprocessing(images)
+
+    def _prepare_inputs(self, x: Any, what: str) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dtype == torch.uint8:
+            if self.preprocessing is None and isinstance(x, np.ndarray) and x.dtype != np.uint8:
+                x = torch.as_tensor(x, dtype=torch.float32)
+            else:
+                x = self.preprocess(x)
+        elif not x.is_floating_point():
+            raise InputError(f"{what} must be float model input, uint8 images or raw images; got {x.dtype}")
+        x = x.to(self.device, torch.float32)
+        try:
+            self.model.check_input(x)
+        except InputError as exc:
+            raise InputError(f"{what}: {exc}") from None
+        if not torch.isfinite(x).all():
+            raise InputError(f"{what} contains NaN or infinite values")
+        return x
+
+    def _prepare_labels(self, y: Any, n: int) -> tuple[torch.Tensor, int]:
+        y = torch.as_tensor(y, device=self.device)
+        if y.dim() != 1 and not (self.task == "regression" and y.dim() == 2):
+            raise InputError(f"support_y must be a 1-D tensor of labels, got shape {list(y.shape)}")
+        if y.shape[0] != n:
+            raise InputError(f"support_x has {n} examples but support_y has {y.shape[0]} labels")
+        if self.task == "regression":
+            return y.float().view(n, -1), 1
+        if y.is_floating_point():
+            if not bool((y == y.round()).all()):
+                raise InputError("support_y must hold integer class labels 0..N-1")
+            y = y.long()
+        y = y.long()
+        if n == 0 or int(y.min()) < 0:
+            raise InputError(f"support labels must be integers in 0..N-1, got {sorted(set(y.tolist()))}")
+        ways = int(y.max()) + 1
+        missing = sorted(set(range(ways)) - set(y.tolist()))
+        if missing:
+            raise InputError(
+                f"support labels must cover every class 0..{ways - 1}; class(es) {missing} have no "
+                "support example (relabel classes to 0..N-1)"
+            )
+        return y, ways
+
+    def adapt(self, support_x: Any, support_y: Any, steps: int | None = None) -> AdaptedPredictor:
+        """Adapt to a support set; returns a predictor for query inputs.
+
+        ``support_x`` may be model input (float tensor), stored ``uint8`` images, or raw images
+        (PIL / arrays), which are preprocessed; ``support_y`` holds labels ``0..N-1``.
+        """
+        x = self._prepare_inputs(support_x, "support_x")
+        y, ways = self._prepare_labels(support_y, x.shape[0])
+        self.model.eval()
+        with torch.no_grad():
+            adapted = self.algorithm.adapt(self.model, x, y, ways, steps)
+        return AdaptedPredictor(self, adapted, ways)
+
+    def predict(self, support_x: Any, support_y: Any, query_x: Any, steps: int | None = None) -> torch.Tensor:
+        """Logits for ``query_x`` after adapting to ``(support_x, support_y)``."""
+        predictor = self.adapt(support_x, support_y, steps)
+        q = self._prepare_inputs(query_x, "query_x")
+        if q.shape[1:] != predictor.adapted.support_x.shape[1:]:
+            raise InputError(
+                f"query images have shape {list(q.shape[1:])} but support images {list(predictor.adapted.support_x.shape[1:])}"
+            )
+        return predictor(q)
+
+    # -- persistence --------------------------------------------------------------------------
+    def state(self, training_state: bool = False) -> dict[str, Any]:
+        """Everything :meth:`save` writes (tensors and plain containers only)."""
+        if not self.model.config.get("name"):
+            raise CheckpointError(
+                "the model has no config (build it with metamtl.models.build_model); "
+                "it could not be rebuilt on load"
+            )
+        obj: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "metamtl_version": __version__,
+            "config": self.config(),
+            "model_state": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "algorithm_state": {k: v.detach().cpu() for k, v in self.algorithm.state_dict().items()},
+            "preprocessing": self.preprocessing.to_dict() if self.preprocessing else None,
+            "task_defaults": dict(self.task_defaults),
+            "metadata": dict(self.metadata),
+            "iteration": self.iteration,
+            "history": list(self.history),
+        }
+        if training_state:
+            obj["training"] = {
+                "meta_optimizer": self.meta_optimizer.state_dict(),
+                "fit_state": {k: v for k, v in self.fit_state.items() if k != "callbacks"},
+                "callbacks": self._callbacks.state_dict() if hasattr(self, "_callbacks") else {},
+                "elapsed": self.elapsed,
+                "bad_steps": self._bad_steps,
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    "numpy": _numpy_state(),
+                    "python": _python_state(),
+                },
+            }
+        return obj
+
+    def save(self, path: str | Path, training_state: bool = False) -> Path:
+        """Write the learner to ``path`` atomically.
+
+        With ``training_state=True`` the file also holds the meta-optimizer, RNG and callback
+        states so ``fit(resume=path)`` continues exactly.
+        """
+        return atomic_save(self.state(training_state), path)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device | None = "auto",
+             model: TrunkHead | None = None) -> "MetaLearner":
+        """Rebuild a learner saved with :meth:`save` (weights-only, safe loading)."""
+        obj = safe_load(path)
+        cfg = obj["config"]
+        try:
+            if model is None:
+                model = build_model(**cfg["model"])
+            model.load_state_dict(obj["model_state"])
+            algorithm = build_algorithm(**cfg["algorithm"])
+            algorithm.load_state_dict(obj["algorithm_state"])
+        except (ConfigError, RuntimeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path}: checkpoint does not match this metamtl version's models: {exc}") from exc
+        learner_cfg = dict(cfg["learner"])
+        prep = obj.get("preprocessing")
+        learner = cls(
+            model, algorithm, preprocessing=Preprocessing.from_dict(prep) if prep else None,
+            device=device, task_defaults=obj.get("task_defaults"), metadata=obj.get("metadata"),
+            **learner_cfg,
+        )
+        learner.iteration = int(obj.get("iteration", 0))
+        learner.history = list(obj.get("history", []))
+        learner._checkpoint = obj  # kept for resume
+        return learner
+
+    def _resume(self, path: str | Path, fit_settings: dict[str, Any]) -> None:
+        obj = safe_load(path)
+        if "training" not in obj:
+            raise CheckpointError(f"{path} holds no training state (saved without training_state=True); cannot resume")
+        diff = config_diff(obj["config"], self.config())
+        if diff:
+            raise CheckpointError(f"cannot resume from {path}: its config differs from this learner's:\n  " + "\n  ".join(diff))
+        tr = obj["training"]
+        old_settings = tr["fit_state"].get("settings", {})
+        sdiff = config_diff(old_settings, fit_settings)
+        if sdiff:
+            raise CheckpointError(f"cannot resume from {path}: fit settings differ:\n  " + "\n  ".join(sdiff))
+        self.model.load_state_dict(obj["model_state"])
+        self.algorithm.load_state_dict(obj["algorithm_state"])
+        self.meta_optimizer.load_state_dict(tr["meta_optimizer"])
+        self.iteration = int(obj["iteration"])
+        self.history = list(obj.get("history", []))
+        self._bad_steps = int(tr.get("bad_steps", 0))
+        self.fit_state = dict(tr["fit_state"])
+        self.fit_state["elapsed"] = float(tr.get("elapsed", 0.0))
+        self.fit_state["callbacks"] = tr.get("callbacks", {})
+        rng = tr["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        _set_numpy_state(rng["numpy"])
+        _set_python_state(rng["python"])
+
+
+def _numpy_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _set_numpy_state(s: dict[str, Any]) -> None:
+    np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached"]))
+
+
+def _python_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _set_python_state(s: list) -> None:
+    random.setstate((s[0], tuple(s[1]), s[2]))

@@ -1,0 +1,152 @@
+"""Trunks (feature extractors) and the trunk + head model every algorithm works on."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, InputError, unknown_name
+from .heads import LinearHead
+from .norm import EpisodicBatchNorm
+
+
+class ConvBlock(nn.Sequential):
+    """3x3 conv -> episodic BatchNorm -> ReLU -> 2x2 max-pool."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1),
+            EpisodicBatchNorm(out_channels),
+            nn.ReLU(inplace=False),
+            nn.MaxPool2d(2, ceil_mode=False),
+        )
+
+
+class Conv4(nn.Module):
+    """The 4-block CNN of the MAML paper (Finn et al. 2017) and most few-shot work.
+
+    Args:
+        in_channels: 1 for Omniglot, 3 for mini-ImageNet.
+        hidden: filters per block (64 for Omniglot, 32 for mini-ImageNet in the paper).
+        image_size: input height/width, used to compute the feature size.
+        blocks: number of conv blocks.
+    """
+
+    def __init__(self, in_channels: int = 1, hidden: int = 64, image_size: int = 28, blocks: int = 4) -> None:
+        super().__init__()
+        if blocks < 1 or hidden < 1:
+            raise ConfigError(f"Conv4 needs blocks >= 1 and hidden >= 1, got blocks={blocks}, hidden={hidden}")
+        side = int(image_size)
+        for _ in range(blocks):
+            side //= 2
+        if side < 1:
+            raise ConfigError(f"image_size {image_size} is too small for {blocks} pooling blocks")
+        chans = [in_channels] + [hidden] * blocks
+        self.blocks = nn.Sequential(*[ConvBlock(chans[i], chans[i + 1]) for i in range(blocks)])
+        self.in_channels = in_channels
+        self.image_size = int(image_size)
+        self.out_features = hidden * side * side
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x).flatten(1)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        expected = (self.in_channels, self.image_size, self.image_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise InputError(
+                f"model expects images of shape [batch, {expected[0]}, {expected[1]}, {expected[2]}], "
+                f"got {list(x.shape)}; preprocess raw images with MetaLearner.preprocess()"
+            )
+
+
+class MLP(nn.Module):
+    """A ReLU MLP trunk (the MAML sinusoid regressor uses two hidden layers of 40)."""
+
+    def __init__(self, in_features: int = 1, hidden: tuple[int, ...] | list[int] = (40, 40)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        prev = in_features
+        for h in hidden:
+            layers += [nn.Linear(prev, int(h)), nn.ReLU()]
+            prev = int(h)
+        self.net = nn.Sequential(*layers)
+        self.in_features = in_features
+        self.out_features = prev
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 2 or x.shape[1] != self.in_features:
+            raise InputError(f"model expects inputs of shape [batch, {self.in_features}], got {list(x.shape)}")
+
+
+class TrunkHead(nn.Module):
+    """A shared trunk plus a head: ``logits = head(trunk(x))``.
+
+    ``head`` may be ``None`` when heads are created per task (``head_init`` ``"zero"`` or
+    ``"proto"``); then :attr:`out_features` is ``None`` and the model serves any number of ways.
+    """
+
+    def __init__(self, trunk: nn.Module, head: nn.Module | None, config: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.head = head
+        self.config = dict(config or {})
+
+    @property
+    def num_features(self) -> int:
+        return int(self.trunk.out_features)
+
+    @property
+    def out_features(self) -> int | None:
+        return None if self.head is None else int(self.head.out_features)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            raise InputError("this model has no head of its own (per-task heads); use a MetaLearner to adapt it")
+        return self.head(self.trunk(x))
+
+    def check_input(self, x: torch.Tensor) -> None:
+        check = getattr(self.trunk, "check_input", None)
+        if check is not None:
+            check(x)
+
+
+def _conv4(in_channels: int = 1, hidden: int = 64, image_size: int = 28, blocks: int = 4,
+           out_features: int | None = 5) -> TrunkHead:
+    trunk = Conv4(in_channels, hidden, image_size, blocks)
+    head = LinearHead(trunk.out_features, out_features) if out_features else None
+    return TrunkHead(trunk, head)
+
+
+def _mlp(in_features: int = 1, hidden: tuple[int, ...] | list[int] = (40, 40), out_features: int | None = 1) -> TrunkHead:
+    trunk = MLP(in_features, hidden)
+    head = LinearHead(trunk.out_features, out_features) if out_features else None
+    return TrunkHead(trunk, head)
+
+
+MODELS = {"conv4": _conv4, "mlp": _mlp}
+
+
+def build_model(name: str = "conv4", **kwargs: Any) -> TrunkHead:
+    """Build a registered model from its config; the config is kept in ``model.config``."""
+    if name not in MODELS:
+        raise unknown_name("model", name, MODELS)
+    import inspect
+
+    accepted = set(inspect.signature(MODELS[name]).parameters)
+    unknown = set(kwargs) - accepted
+    if unknown:
+        raise ConfigError(f"model {name!r} does not take {sorted(unknown)}; it accepts {sorted(accepted)}")
+    model = MODELS[name](**kwargs)
+    model.config = {"name": name, **kwargs}
+    return model

@@ -1,0 +1,1 @@
+"""Experiment reports (HTML with plots) and experiment trackers."""

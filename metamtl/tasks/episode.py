@@ -1,0 +1,118 @@
+"""Episodes (one few-shot task: support + query) and batches of them."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from ..data.base import Preprocessing
+
+
+@dataclasses.dataclass
+class Episode:
+    """One N-way K-shot task.
+
+    ``support_x``/``query_x`` hold stored tensors (``uint8`` images for image datasets, floats for
+    regression) until :meth:`to` moves them to a device and applies ``preprocessing``.  Labels are
+    ``0..ways-1`` for classification (remapped in a random order per episode) and float targets
+    for regression.
+    """
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+    ways: int
+    shots: int
+    queries: int
+    dataset: str = ""
+    classes: tuple = ()
+    index: int = -1
+    preprocessing: Preprocessing | None = None
+    task: str = "classification"
+
+    def to(self, device: torch.device | str | None = None, non_blocking: bool = False) -> "Episode":
+        """Move to ``device`` and turn stored tensors into float model input."""
+
+        def conv(x: torch.Tensor) -> torch.Tensor:
+            x = x.to(device, non_blocking=non_blocking) if device is not None else x
+            if x.dtype == torch.uint8:
+                x = self.preprocessing.normalize(x) if self.preprocessing else x.float().div_(255)
+            return x
+
+        return dataclasses.replace(
+            self,
+            support_x=conv(self.support_x),
+            query_x=conv(self.query_x),
+            support_y=self.support_y.to(device, non_blocking=non_blocking) if device is not None else self.support_y,
+            query_y=self.query_y.to(device, non_blocking=non_blocking) if device is not None else self.query_y,
+        )
+
+    @property
+    def is_classification(self) -> bool:
+        return self.task == "classification"
+
+    def pin_memory(self) -> "Episode":
+        return dataclasses.replace(
+            self,
+            support_x=self.support_x.pin_memory(),
+            query_x=self.query_x.pin_memory(),
+            support_y=self.support_y.pin_memory(),
+            query_y=self.query_y.pin_memory(),
+        )
+
+
+class TaskBatch(Sequence[Episode]):
+    """A meta-batch: a list of episodes, possibly from different datasets and shapes."""
+
+    def __init__(self, episodes: Sequence[Episode]) -> None:
+        self.episodes = list(episodes)
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.episodes[i]
+
+    def __iter__(self) -> Iterator[Episode]:
+        return iter(self.episodes)
+
+    def __repr__(self) -> str:
+        return f"TaskBatch({len(self)} episodes, datasets={sorted({e.dataset for e in self})})"
+
+    def to(self, device: Any = None, non_blocking: bool = False) -> "TaskBatch":
+        return TaskBatch([e.to(device, non_blocking=non_blocking) for e in self.episodes])
+
+    def pin_memory(self) -> "TaskBatch":
+        return TaskBatch([e.pin_memory() for e in self.episodes])
+
+    @property
+    def indices(self) -> list[int]:
+        return [e.index for e in self.episodes]
+
+    def groups(self) -> dict[tuple, list[int]]:
+        """Positions of episodes grouped by (dataset, ways, shots, queries, input shape).
+
+        Episodes in one group can be stacked into ``[T, ...]`` tensors (see :meth:`stack`).
+        """
+        out: dict[tuple, list[int]] = {}
+        for i, e in enumerate(self.episodes):
+            key = (e.dataset, e.ways, e.shots, e.queries, tuple(e.support_x.shape[1:]))
+            out.setdefault(key, []).append(i)
+        return out
+
+    def stack(self, positions: Sequence[int] | None = None) -> tuple[torch.Tensor, ...]:
+        """Stack episodes into ``(support_x [T,S,...], support_y [T,S], query_x, query_y)``."""
+        eps = [self.episodes[i] for i in (positions if positions is not None else range(len(self)))]
+        return (
+            torch.stack([e.support_x for e in eps]),
+            torch.stack([e.support_y for e in eps]),
+            torch.stack([e.query_x for e in eps]),
+            torch.stack([e.query_y for e in eps]),
+        )
+
+    @staticmethod
+    def collate(episodes: Sequence[Episode]) -> "TaskBatch":
+        """``collate_fn`` for a torch ``DataLoader`` over a task source."""
+        return TaskBatch(episodes)

@@ -1,0 +1,335 @@
+"""Seeded, reproducible N-way K-shot task sampling.
+
+A *task source* maps an integer episode index to an :class:`~metamtl.tasks.Episode`, as a pure
+function of ``(seed, index)``: the same index gives the same episode in every run, process and
+DataLoader worker, and resuming at iteration ``i`` simply continues at index ``i * batch_size``.
+Distributed ranks take disjoint slices of each meta-batch (see :func:`task_batches`).
+
+Sources:
+
+* :class:`EpisodeSampler` - N-way K-shot episodes with Q queries per class from a
+  :class:`~metamtl.data.ClassDataset` (vectorised: one gather per episode, no per-image Python).
+* :class:`MixedTasks` - several sources mixed with weights (fixed, proportional to size, or
+  temperature-scaled); each episode comes from one source.
+* :class:`~metamtl.data.Sinusoid` - the MAML sinusoid regression family.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..data.base import ClassDataset
+from ..errors import TaskError
+from .episode import Episode, TaskBatch
+
+_MASK64 = (1 << 64) - 1
+
+
+def episode_seed(seed: int, index: int, stream: int = 0) -> int:
+    """A well-mixed 63-bit seed for episode ``index`` of a source seeded with ``seed`` (splitmix64)."""
+    z = (int(seed) * 0x9E3779B97F4A7C15 + int(index) * 0xBF58476D1CE4E5B9 + int(stream) * 0x94D049BB133111EB) & _MASK64
+    for mult in (0xBF58476D1CE4E5B9, 0x94D049BB133111EB):
+        z = ((z ^ (z >> 31)) * mult) & _MASK64
+    return (z ^ (z >> 29)) & ((1 << 63) - 1)
+
+
+def episode_generator(seed: int, index: int, stream: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(episode_seed(seed, index, stream))
+
+
+@runtime_checkable
+class TaskSource(Protocol):
+    """Anything that turns an index into an episode deterministically."""
+
+    ways: int
+    shots: int
+    queries: int
+    name: str
+
+    def episode(self, index: int) -> Episode: ...
+
+
+def _check_positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int,)) and not (
+        isinstance(value, float) and value.is_integer()
+    ):
+        raise TaskError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    value = int(value)
+    if value < minimum:
+        raise TaskError(f"{name} must be an integer >= {minimum}, got {value}")
+    return value
+
+
+class EpisodeSampler(Dataset):
+    """N-way K-shot episodes from a class-indexed dataset.
+
+    Args:
+        dataset: the classes to draw from (e.g. the train split).
+        ways: classes per episode (N).
+        shots: support examples per class (K).
+        queries: query examples per class (Q).
+        seed: episode ``i`` is a pure function of ``(seed, i)``.
+        name: name used in logs (default: the dataset's name).
+
+    ``sampler[i]`` (or ``sampler.episode(i)``) returns episode ``i``. Labels are remapped to
+    ``0..ways-1`` in a random order per episode; ``episode.classes`` holds the dataset class
+    index of each label.  Works as a map-style Dataset inside a ``DataLoader`` with workers.
+    """
+
+    def __init__(
+        self,
+        dataset: ClassDataset,
+        ways: int = 5,
+        shots: int = 1,
+        queries: int = 15,
+        seed: int = 0,
+        name: str | None = None,
+    ) -> None:
+        if not isinstance(dataset, ClassDataset):
+            raise TaskError(
+                f"EpisodeSampler needs a ClassDataset, got {type(dataset).__name__}; "
+                "build one with metamtl.data (Omniglot, MiniImageNet, ClassFolder, ...)"
+            )
+        self.dataset = dataset
+        self.ways = _check_positive_int("ways", ways)
+        self.shots = _check_positive_int("shots", shots)
+        self.queries = _check_positive_int("queries", queries, minimum=0)
+        self.seed = int(seed)
+        self.name = name or dataset.name
+        self.task = "classification"
+        if dataset.num_classes == 0:
+            raise TaskError(f"dataset {dataset.name!r} has no classes; check its root and split")
+        need = self.shots + self.queries
+        eligible = torch.nonzero(dataset.class_counts >= need).flatten()
+        if len(eligible) < dataset.num_classes:
+            small = [
+                f"{dataset.class_names[c]} ({int(dataset.class_counts[c])})"
+                for c in torch.nonzero(dataset.class_counts < need).flatten()[:5].tolist()
+            ]
+            raise TaskError(
+                f"{dataset.name!r}: shots + queries = {need} but {dataset.num_classes - len(eligible)} "
+                f"class(es) have fewer images, e.g. {', '.join(small)}; lower shots/queries or "
+                f"drop those classes (dataset.subset)"
+            )
+        if self.ways > dataset.num_classes:
+            raise TaskError(
+                f"{self.ways}-way tasks need {self.ways} classes but {dataset.name!r} has only "
+                f"{dataset.num_classes}; lower ways or use a larger split"
+            )
+        self._max_count = int(dataset.class_counts.max())
+
+    def __len__(self) -> int:
+        # Episodes are indexed by any non-negative integer; a DataLoader needs a length only
+        # when no sampler is given, so report a large but finite number.
+        return 2**62
+
+    def __getitem__(self, index: int) -> Episode:
+        return self.episode(index)
+
+    def __repr__(self) -> str:
+        return (
+            f"EpisodeSampler({self.name!r}, ways={self.ways}, shots={self.shots}, "
+            f"queries={self.queries}, seed={self.seed}, classes={self.dataset.num_classes})"
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    def episode(self, index: int) -> Episode:
+        index = int(index)
+        if index < 0:
+            raise TaskError(f"episode index must be >= 0, got {index}")
+        g = episode_generator(self.seed, index)
+        ds = self.dataset
+        classes = torch.randperm(ds.num_classes, generator=g)[: self.ways]
+        counts = ds.class_counts[classes]
+        k = self.shots + self.queries
+        # Sample k distinct rows per class without replacement, all classes at once: random keys,
+        # positions past a class's count pushed to the end, keep the k smallest.
+        width = int(counts.max())
+        keys = torch.rand(self.ways, width, generator=g)
+        keys.masked_fill_(torch.arange(width).unsqueeze(0) >= counts.unsqueeze(1), 2.0)
+        pick = keys.topk(k, dim=1, largest=False, sorted=True).indices
+        rows = ds.class_offsets[classes].unsqueeze(1) + pick  # [ways, k]
+        support_rows = rows[:, : self.shots].reshape(-1)
+        query_rows = rows[:, self.shots:].reshape(-1)
+        labels = torch.arange(self.ways)
+        return Episode(
+            support_x=ds.images[support_rows],
+            support_y=labels.repeat_interleave(self.shots),
+            query_x=ds.images[query_rows],
+            query_y=labels.repeat_interleave(self.queries),
+            ways=self.ways,
+            shots=self.shots,
+            queries=self.queries,
+            dataset=self.name,
+            classes=tuple(classes.tolist()),
+            index=index,
+            preprocessing=ds.preprocessing,
+        )
+
+    def with_settings(self, **kwargs) -> "EpisodeSampler":
+        """The same dataset with other ``ways``/``shots``/``queries``/``seed``."""
+        args = dict(ways=self.ways, shots=self.shots, queries=self.queries, seed=self.seed, name=self.name)
+        args.update(kwargs)
+        return EpisodeSampler(self.dataset, **args)
+
+
+def mixture_weights(
+    sizes: Sequence[float], weights: Sequence[float] | str | None = None, temperature: float = 1.0
+) -> list[float]:
+    """Probabilities of drawing each source.
+
+    ``weights`` is a list of non-negative numbers, ``"equal"``, or ``"size"`` (proportional to
+    ``sizes``).  ``temperature`` T rescales them as ``p_i ** (1/T)`` (T > 1 flattens towards
+    uniform, T < 1 sharpens), as in multilingual-model sampling.
+    """
+    n = len(sizes)
+    if weights is None or weights == "equal":
+        w = [1.0] * n
+    elif weights == "size":
+        w = [float(s) for s in sizes]
+    elif isinstance(weights, str):
+        raise TaskError(f"unknown mixture weights {weights!r}; use 'equal', 'size' or a list of numbers")
+    else:
+        w = [float(x) for x in weights]
+        if len(w) != n:
+            raise TaskError(f"got {len(w)} weights for {n} task sources")
+    if any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
+        raise TaskError(f"mixture weights must be finite, >= 0 and not all zero, got {w}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise TaskError(f"temperature must be > 0, got {temperature}")
+    total = sum(w)
+    p = [(x / total) ** (1.0 / temperature) for x in w]
+    total = sum(p)
+    return [x / total for x in p]
+
+
+class MixedTasks(Dataset):
+    """Mix several task sources; each episode comes from one source drawn with ``weights``.
+
+    Args:
+        sources: task sources (e.g. one :class:`EpisodeSampler` per dataset).
+        weights: list of numbers, ``"equal"`` or ``"size"`` (number of classes of each source).
+        temperature: see :func:`mixture_weights`.
+        seed: which source serves episode ``i`` is a pure function of ``(seed, i)``; the
+            episode itself is ``source.episode(i)``.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[TaskSource],
+        weights: Sequence[float] | str | None = None,
+        temperature: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        if not sources:
+            raise TaskError("MixedTasks needs at least one task source")
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            raise TaskError(f"task sources need distinct names, got {names}")
+        self.sources = list(sources)
+        sizes = [getattr(s, "num_classes", 1) for s in sources]
+        self.probs = mixture_weights(sizes, weights, temperature)
+        self._cum = torch.tensor(self.probs, dtype=torch.float64).cumsum(0)
+        self.seed = int(seed)
+        self.name = "+".join(names)
+        first = self.sources[0]
+        self.ways, self.shots, self.queries = first.ways, first.shots, first.queries
+        self.task = getattr(first, "task", "classification")
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, index: int) -> Episode:
+        return self.episode(index)
+
+    def source_of(self, index: int) -> int:
+        u = torch.rand(1, generator=episode_generator(self.seed, index, stream=1), dtype=torch.float64)
+        return min(int(torch.searchsorted(self._cum, u).item()), len(self.sources) - 1)
+
+    def episode(self, index: int) -> Episode:
+        return self.sources[self.source_of(index)].episode(index)
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{s.name}:{p:.2f}" for s, p in zip(self.sources, self.probs))
+        return f"MixedTasks({parts})"
+
+
+class MetaBatchIndexSampler(Sampler[int]):
+    """Episode indices of meta-batches ``start, start+1, ...`` for one rank of ``world_size``.
+
+    Meta-batch ``b`` is episodes ``b*B .. b*B+B-1``; rank ``r`` takes positions ``r, r+W, ...``
+    of it, so the ranks' union is exactly the single-process meta-batch.
+    """
+
+    def __init__(
+        self, batch_size: int, start_batch: int = 0, num_batches: int | None = None,
+        rank: int = 0, world_size: int = 1,
+    ) -> None:
+        self.batch_size = batch_size
+        self.start_batch = start_batch
+        self.num_batches = num_batches
+        self.rank = rank
+        self.world_size = world_size
+
+    def __iter__(self) -> Iterator[int]:
+        b = self.start_batch
+        while self.num_batches is None or b < self.start_batch + self.num_batches:
+            base = b * self.batch_size
+            yield from range(base + self.rank, base + self.batch_size, self.world_size)
+            b += 1
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("infinite sampler has no length")
+        return self.num_batches * len(range(self.rank, self.batch_size, self.world_size))
+
+
+def task_batches(
+    source: TaskSource,
+    batch_size: int,
+    start_batch: int = 0,
+    num_batches: int | None = None,
+    num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+) -> Iterator[TaskBatch]:
+    """Iterate meta-batches of ``batch_size`` episodes (this rank's share of each).
+
+    With ``num_workers > 0`` episodes are built in DataLoader worker processes; the result is
+    identical to ``num_workers=0`` because each episode depends only on its index.
+    """
+    batch_size = _check_positive_int("meta batch size", batch_size)
+    if world_size > batch_size:
+        raise TaskError(f"meta batch size {batch_size} is smaller than the number of ranks {world_size}")
+    per_rank = len(range(rank, batch_size, world_size))
+    sampler = MetaBatchIndexSampler(batch_size, start_batch, num_batches, rank, world_size)
+    if num_workers <= 0:
+        it = iter(sampler)
+        b = 0
+        while num_batches is None or b < num_batches:
+            yield TaskBatch([source.episode(next(it)) for _ in range(per_rank)])
+            b += 1
+        return
+    loader = DataLoader(
+        source,  # type: ignore[arg-type]
+        batch_size=per_rank,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=TaskBatch.collate,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=2,
+    )
+    yield from loader
+
+
+def fixed_episodes(source: TaskSource, count: int, start: int = 0) -> list[Episode]:
+    """``count`` episodes ``start .. start+count-1`` (e.g. a fixed evaluation set)."""
+    return [source.episode(start + i) for i in range(count)]

@@ -1,0 +1,116 @@
+"""Task sampler: shapes, label remapping, seeding, disjoint splits, DataLoader workers."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from metamtl.data import ClassDataset
+from metamtl.errors import TaskError
+from metamtl.tasks import EpisodeSampler, MixedTasks, fixed_episodes, mixture_weights, task_batches
+
+
+def make_dataset(classes=30, per_class=12, name="toy", size=8):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (classes * per_class, 1, size, size), dtype=torch.uint8, generator=g)
+    # encode the class in the first pixel so tests can check labels against images
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    images[:, 0, 0, 0] = labels.to(torch.uint8)
+    return ClassDataset(images, labels, [f"{name}{i}" for i in range(classes)], name=name)
+
+
+def test_episode_shapes_and_label_remapping():
+    s = EpisodeSampler(make_dataset(), ways=5, shots=2, queries=3, seed=0)
+    ep = s[4]
+    assert ep.support_x.shape == (10, 1, 8, 8) and ep.query_x.shape == (15, 1, 8, 8)
+    assert ep.support_x.dtype == torch.uint8
+    assert ep.support_y.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert ep.query_y.tolist() == sum([[k] * 3 for k in range(5)], [])
+    # label k really is dataset class ep.classes[k], for support and query
+    for x, y in ((ep.support_x, ep.support_y), (ep.query_x, ep.query_y)):
+        original = x[:, 0, 0, 0].long()
+        assert torch.equal(original, torch.tensor(ep.classes)[y])
+    # no image appears twice in one episode
+    rows = torch.cat([ep.support_x, ep.query_x]).flatten(1)
+    assert len({tuple(r.tolist()) for r in rows}) == rows.shape[0]
+
+
+def test_label_order_is_random_per_episode():
+    s = EpisodeSampler(make_dataset(), ways=5, shots=1, queries=1, seed=0)
+    orders = {tuple(s[i].classes) for i in range(20)}
+    assert len(orders) == 20
+    # the same class gets different labels in different episodes
+    assert not all(sorted(o) == list(o) for o in orders)
+
+
+def test_same_seed_same_episodes_different_seed_different():
+    ds = make_dataset()
+    a, b, c = (EpisodeSampler(ds, 5, 1, 5, seed=s) for s in (7, 7, 8))
+    for i in (0, 3, 1000):
+        assert torch.equal(a[i].query_x, b[i].query_x) and a[i].classes == b[i].classes
+    assert any(a[i].classes != c[i].classes for i in range(5))
+    assert a[0].classes != a[1].classes
+
+
+def test_episodes_identical_in_another_process():
+    ds_code = (
+        "import torch,sys; sys.path.insert(0, 'tests/core');"
+        "from test_sampler import make_dataset; from metamtl.tasks import EpisodeSampler;"
+        "s=EpisodeSampler(make_dataset(),5,1,5,seed=3); e=s[11];"
+        "print(list(e.classes), int(e.query_x.long().sum()))"
+    )
+    out = subprocess.run([sys.executable, "-c", ds_code], capture_output=True, text=True, check=True).stdout.split("\n")[0]
+    e = EpisodeSampler(make_dataset(), 5, 1, 5, seed=3)[11]
+    assert out == f"{list(e.classes)} {int(e.query_x.long().sum())}"
+
+
+def test_dataloader_workers_give_the_same_batches():
+    s = EpisodeSampler(make_dataset(), 5, 1, 2, seed=1)
+    plain = list(task_batches(s, 4, num_batches=3))
+    workers = list(task_batches(s, 4, num_batches=3, num_workers=2))
+    assert [b.indices for b in plain] == [b.indices for b in workers] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    for p, w in zip(plain, workers):
+        for ep, ew in zip(p, w):
+            assert torch.equal(ep.support_x, ew.support_x) and torch.equal(ep.query_y, ew.query_y)
+
+
+def test_ranks_split_each_meta_batch():
+    s = EpisodeSampler(make_dataset(), 5, 1, 1, seed=1)
+    full = [b.indices for b in task_batches(s, 6, start_batch=2, num_batches=2)]
+    r0 = [b.indices for b in task_batches(s, 6, start_batch=2, num_batches=2, rank=0, world_size=2)]
+    r1 = [b.indices for b in task_batches(s, 6, start_batch=2, num_batches=2, rank=1, world_size=2)]
+    for f, a, b in zip(full, r0, r1):
+        assert sorted(a + b) == f and not set(a) & set(b)
+
+
+def test_bad_arguments_raise_task_errors():
+    ds = make_dataset(classes=4, per_class=5)
+    with pytest.raises(TaskError, match="5-way tasks need 5 classes"):
+        EpisodeSampler(ds, ways=5, shots=1, queries=1)
+    with pytest.raises(TaskError, match="shots \\+ queries = 6"):
+        EpisodeSampler(ds, ways=2, shots=1, queries=5)
+    with pytest.raises(TaskError, match="ways must be an integer"):
+        EpisodeSampler(ds, ways=0)
+    with pytest.raises(TaskError, match="no classes"):
+        EpisodeSampler(ds.subset([]), ways=1, queries=1)
+
+
+def test_mixed_tasks_follow_weights_and_are_deterministic():
+    a, b = make_dataset(name="a"), make_dataset(classes=90, name="b")
+    mix = MixedTasks([EpisodeSampler(a, 5, 1, 1), EpisodeSampler(b, 5, 1, 1)], weights=[3, 1], seed=0)
+    names = [mix[i].dataset for i in range(2000)]
+    assert abs(names.count("a") / 2000 - 0.75) < 0.04
+    assert [mix[i].dataset for i in range(50)] == names[:50]
+    assert mixture_weights([30, 90], "size") == pytest.approx([0.25, 0.75])
+    flat = mixture_weights([30, 90], "size", temperature=1e6)
+    assert flat == pytest.approx([0.5, 0.5], abs=1e-4)
+    with pytest.raises(TaskError):
+        mixture_weights([1, 2], [1, -1])
+
+
+def test_fixed_episodes_are_the_first_indices():
+    s = EpisodeSampler(make_dataset(), 5, 1, 1, seed=2)
+    eps = fixed_episodes(s, 3, start=5)
+    assert [e.index for e in eps] == [5, 6, 7]

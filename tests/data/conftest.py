@@ -1,0 +1,40 @@
+"""Fixtures for the data-layer tests: a private decode cache and generated image trees."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """Decode cache for tests that build throwaway data (keeps ~/.cache/metamtl clean)."""
+    return tmp_path_factory.mktemp("decode-cache")
+
+
+def _write_image(path: Path, value, size=(6, 5), mode="RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, value).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def write_image():
+    """``write_image(path, value, size=(w, h), mode="RGB")``: save a solid-colour image."""
+    return _write_image
+
+
+@pytest.fixture
+def image_tree(tmp_path) -> Path:
+    """``cat`` (3 red 6x5 PNGs), ``dog`` (2 green 12x10 JPEGs), nested ``birds/owl`` (2 blue),
+    plus a text file and a hidden folder that must be ignored."""
+    root = tmp_path / "animals"
+    for i in range(3):
+        _write_image(root / "cat" / f"{i}.png", (200, 0, 0))
+    for i in range(2):
+        _write_image(root / "dog" / f"{i}.jpg", (0, 200, 0), size=(12, 10))
+        _write_image(root / "birds" / "owl" / f"{i}.PNG", (0, 0, 200))
+    (root / "cat" / "README.txt").write_text("not an image")
+    _write_image(root / ".hidden" / "x.png", (1, 2, 3))
+    return root

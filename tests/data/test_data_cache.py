@@ -1,0 +1,101 @@
+"""The decode cache: memo, disk files, keys, corrupt files."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from metamtl.data import ClassFolder, Omniglot, Preprocessing, cache, clear_memo
+from metamtl.data.cache import Decoded, cached_decode, default_cache_dir, resolve_cache_dir
+
+SMALL2 = "images_background_small2"
+
+
+def test_disk_cache_hit_is_faster_and_identical(omniglot_root, tmp_path):
+    clear_memo()
+    t0 = time.perf_counter()
+    cold = Omniglot(omniglot_root, split="all", sources=[SMALL2], cache_dir=tmp_path)
+    t_cold = time.perf_counter() - t0
+    files = list(tmp_path.glob("omniglot-images_background_small2-*.npz"))
+    assert len(files) == 1 and not list(tmp_path.glob(".*"))  # no temporary file left behind
+    clear_memo()
+    t0 = time.perf_counter()
+    warm = Omniglot(omniglot_root, split="all", sources=[SMALL2], cache_dir=tmp_path)
+    t_disk = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    memo = Omniglot(omniglot_root, split="all", sources=[SMALL2], cache_dir=tmp_path)
+    t_memo = time.perf_counter() - t0
+    print(f"omniglot small2: cold {t_cold:.3f}s, disk cache {t_disk:.3f}s, memo {t_memo:.3f}s")
+    assert t_disk < t_cold / 3 and t_disk < 1.0
+    for ds in (warm, memo):
+        assert ds.class_names == cold.class_names and ds.sources == cold.sources
+        assert torch.equal(ds.images, cold.images) and torch.equal(ds.labels, cold.labels)
+
+
+def test_corrupt_cache_file_is_rebuilt_with_a_warning(image_tree, tmp_path):
+    first = ClassFolder(image_tree, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("*.npz")
+    path.write_bytes(path.read_bytes()[:100])
+    clear_memo()
+    with pytest.warns(RuntimeWarning, match="unreadable decode cache"):
+        again = ClassFolder(image_tree, cache_dir=tmp_path)
+    assert torch.equal(again.images, first.images)
+    clear_memo()
+    with np.load(path, allow_pickle=False) as f:  # rewritten as a valid file
+        assert f["images"].shape == tuple(first.images.shape)
+
+
+def test_cache_file_with_another_key_is_not_trusted(tmp_path):
+    decoded = Decoded(torch.zeros(1, 1, 2, 2, dtype=torch.uint8), torch.zeros(1, dtype=torch.long), ["a"], ["x"])
+    cached_decode("t", ["one"], lambda: decoded, tmp_path)
+    (path,) = tmp_path.glob("t-*.npz")
+    os.replace(path, path.with_name("t-moved.npz"))
+    clear_memo()
+    other = Decoded(torch.ones(1, 1, 2, 2, dtype=torch.uint8), torch.zeros(1, dtype=torch.long), ["a"], ["x"])
+    # Same name, other key: ``build`` runs instead of loading the unrelated file.
+    assert cached_decode("t", ["two"], lambda: other, tmp_path) is other
+
+
+def test_folder_changes_invalidate_the_cache(image_tree, write_image, tmp_path):
+    before = ClassFolder(image_tree, cache_dir=tmp_path)
+    clear_memo()
+    time.sleep(0.01)
+    write_image(image_tree / "cat" / "0.png", (0, 0, 77))
+    after = ClassFolder(image_tree, cache_dir=tmp_path)
+    assert after.images[after.class_indices(1)][0, 2].eq(77).all()
+    assert not torch.equal(after.images, before.images)
+    assert len(list(tmp_path.glob("*.npz"))) == 2
+
+
+def test_preprocessing_is_part_of_the_key(image_tree, tmp_path):
+    a = ClassFolder(image_tree, preprocessing=Preprocessing(size=(2, 2), channels=3, mean=(0,) * 3, std=(1,) * 3),
+                    cache_dir=tmp_path)
+    b = ClassFolder(image_tree, preprocessing=Preprocessing(size=(3, 3), channels=3, mean=(0,) * 3, std=(1,) * 3),
+                    cache_dir=tmp_path)
+    assert a.images.shape[-1] == 2 and b.images.shape[-1] == 3
+
+
+def test_cache_dir_false_keeps_it_in_memory_only(image_tree, tmp_path, monkeypatch):
+    monkeypatch.setenv("METAMTL_CACHE", str(tmp_path / "env-cache"))
+    ClassFolder(image_tree, cache_dir=False)
+    assert not (tmp_path / "env-cache").exists()
+    assert default_cache_dir() == tmp_path / "env-cache" == resolve_cache_dir(None)
+    assert resolve_cache_dir(False) is None
+    ClassFolder(image_tree, name="again")
+    assert list((tmp_path / "env-cache").glob("folder-again-*.npz"))
+
+
+def test_memo_is_bounded(monkeypatch, tmp_path):
+    monkeypatch.setattr(cache, "MEMO_MAX_BYTES", 10)
+    clear_memo()
+
+    def make(v):
+        return Decoded(torch.full((1, 1, 2, 2), v, dtype=torch.uint8), torch.zeros(1, dtype=torch.long), ["a"], ["x"])
+
+    for v in range(3):
+        cached_decode("m", [v], lambda: make(v), False)
+    assert len(cache._MEMO) == 2  # 4 bytes each: the oldest was dropped
+    clear_memo()

@@ -1,0 +1,124 @@
+"""md5 checks, offline downloads (file:// URLs) and archive extraction safety."""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from metamtl.data import check_integrity, download_url, md5sum, safe_extract, verify_md5
+from metamtl.errors import DataError, IntegrityError
+
+SMALL1 = "images_background_small1.zip"
+MD5 = "e704a628b5459e08445c13499850abc4"
+
+
+def test_md5sum_and_integrity(omniglot_root, tmp_path):
+    path = omniglot_root / SMALL1
+    assert md5sum(path) == MD5
+    assert check_integrity(path, MD5) and check_integrity(path) and check_integrity(path, MD5.upper())
+    assert not check_integrity(path, "0" * 32) and not check_integrity(tmp_path / "missing.zip")
+    copy = tmp_path / "copy.bin"
+    copy.write_bytes(b"abc")
+    assert md5sum(copy) == "900150983cd24fb0d6963f7d28e17f72"
+    copy.write_bytes(b"abcd")  # the per-process memo must notice the change
+    assert md5sum(copy) == "e2fc714c4727ee9395f324cd2e7f331f"
+    with pytest.raises(IntegrityError, match="copy.bin.*expected 0{32}, got e2fc"):
+        verify_md5(copy, "0" * 32)
+
+
+def test_download_url_from_file_url(omniglot_root, tmp_path):
+    url = (omniglot_root / SMALL1).as_uri()
+    path = download_url(url, tmp_path / "dl", md5=MD5)
+    assert path == tmp_path / "dl" / SMALL1 and md5sum(path) == MD5
+    mtime = path.stat().st_mtime_ns
+    assert download_url(url, tmp_path / "dl", md5=MD5) == path and path.stat().st_mtime_ns == mtime
+    named = download_url(url, tmp_path / "dl", filename="renamed.zip")
+    assert named.read_bytes() == path.read_bytes()
+
+
+def test_download_url_with_wrong_md5_leaves_nothing(omniglot_root, tmp_path):
+    with pytest.raises(IntegrityError) as err:
+        download_url((omniglot_root / SMALL1).as_uri(), tmp_path, md5="0" * 32)
+    assert MD5 in str(err.value) and "0" * 32 in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_url_failure_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="could not download"):
+        download_url((tmp_path / "absent.zip").as_uri(), tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+# -- safe_extract --------------------------------------------------------------------------------
+
+
+def make_zip(path: Path, members: list[tuple[str, bytes]], symlinks: dict[str, str] = {}) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members:
+            zf.writestr(name, data)
+        for name, target in symlinks.items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = 0o120777 << 16
+            zf.writestr(info, target)
+    return path
+
+
+def make_tar(path: Path, files: list[str], symlinks: dict[str, str] = {}, hardlinks: dict[str, str] = {}) -> Path:
+    with tarfile.open(path, "w:gz") as tf:
+        for name in files:
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tf.addfile(info, io.BytesIO(b"ok"))
+        for kind, links in ((tarfile.SYMTYPE, symlinks), (tarfile.LNKTYPE, hardlinks)):
+            for name, target in links.items():
+                info = tarfile.TarInfo(name)
+                info.type, info.linkname = kind, target
+                tf.addfile(info)
+    return path
+
+
+def test_safe_extract_extracts_good_archives(tmp_path):
+    z = make_zip(tmp_path / "good.zip", [("top/a.txt", b"ok")], {"top/link": "a.txt"})
+    safe_extract(z, tmp_path / "z")
+    assert (tmp_path / "z" / "top" / "a.txt").read_bytes() == b"ok"
+    assert os.readlink(tmp_path / "z" / "top" / "link") == "a.txt"
+    t = make_tar(tmp_path / "good.tar.gz", ["top/a.txt"], {"top/link": "a.txt"}, {"top/hard": "top/a.txt"})
+    safe_extract(t, tmp_path / "t")
+    assert (tmp_path / "t" / "top" / "link").read_bytes() == b"ok"
+    assert (tmp_path / "t" / "top" / "hard").read_bytes() == b"ok"
+
+
+@pytest.mark.parametrize(
+    "kind, members, symlinks, hardlinks, why",
+    [
+        ("zip", ["ok.txt", "/abs/evil.txt"], {}, {}, "absolute path"),
+        ("zip", ["ok.txt", "a/../../evil.txt"], {}, {}, "'..'"),
+        ("zip", ["ok.txt"], {"a/link": "../../etc"}, {}, "outside the target"),
+        ("zip", ["ok.txt"], {"link": "/etc/passwd"}, {}, "absolute path"),
+        ("tar", ["ok.txt", "/abs/evil.txt"], {}, {}, "absolute path"),
+        ("tar", ["ok.txt", "../evil.txt"], {}, {}, "'..'"),
+        ("tar", ["ok.txt"], {"a/b/link": "../../../x"}, {}, "outside the target"),
+        ("tar", ["ok.txt"], {"link": "/etc"}, {}, "absolute path"),
+        ("tar", ["ok.txt"], {}, {"hard": "../outside"}, "outside the target"),
+    ],
+)
+def test_safe_extract_refuses_escaping_members_and_writes_nothing(kind, members, symlinks, hardlinks, why, tmp_path):
+    if kind == "zip":
+        archive = make_zip(tmp_path / "bad.zip", [(m, b"x") for m in members], symlinks)
+    else:
+        archive = make_tar(tmp_path / "bad.tar.gz", members, symlinks, hardlinks)
+    bad = next(iter([*symlinks, *hardlinks] or [members[-1]]))
+    with pytest.raises(IntegrityError, match=why) as err:
+        safe_extract(archive, tmp_path / "target")
+    assert repr(bad) in str(err.value)
+    assert not (tmp_path / "target").exists()
+
+
+def test_safe_extract_rejects_other_files(tmp_path):
+    (tmp_path / "x.bin").write_bytes(b"neither zip nor tar")
+    with pytest.raises(DataError, match="neither a zip nor a tar"):
+        safe_extract(tmp_path / "x.bin", tmp_path / "out")

@@ -1,0 +1,91 @@
+"""ClassFolder and CSVClassDataset on generated trees of tiny images."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metamtl.data import ClassFolder, CSVClassDataset, Preprocessing
+from metamtl.errors import DataError, DataNotFoundError
+
+
+def test_class_folder_reads_nested_classes(image_tree, cache_dir):
+    ds = ClassFolder(image_tree, cache_dir=cache_dir)
+    assert ds.name == "animals"
+    assert ds.class_names == ["birds/owl", "cat", "dog"]  # hidden folder and .txt ignored
+    assert ds.class_counts.tolist() == [2, 3, 2]
+    # Inferred from the first image: RGB, 5 high x 6 wide; the 12x10 JPEGs are resized to it.
+    assert ds.images.shape == (7, 3, 5, 6) and ds.images.dtype == torch.uint8
+    assert ds.preprocessing == Preprocessing(size=(5, 6), channels=3, mean=(0, 0, 0), std=(1, 1, 1))
+    assert ds.images[ds.class_indices(1)][:, 0].eq(200).all()  # cat: red
+    owl = ds.images[ds.class_indices(0)]
+    assert owl[:, 2].eq(200).all() and owl[:, :2].eq(0).all()
+    dog = ds.images[ds.class_indices(2)].float()
+    assert (dog[:, 1] - 200).abs().max() <= 3 and dog[:, 0].max() <= 3  # JPEG is lossy
+    assert ds.sources[0] == str(image_tree / "birds" / "owl" / "0.PNG")
+
+
+def test_explicit_preprocessing_and_grayscale_inference(image_tree, write_image, tmp_path, cache_dir):
+    p = Preprocessing(size=(4, 4), channels=1)
+    ds = ClassFolder(image_tree, preprocessing=p, extensions=(".png",), cache_dir=cache_dir)
+    assert ds.class_names == ["birds/owl", "cat"] and ds.images.shape == (5, 1, 4, 4)
+    for i in range(2):
+        write_image(tmp_path / "gray" / "a" / f"{i}.png", 7, size=(3, 2), mode="L")
+    gray = ClassFolder(tmp_path / "gray", name="g", cache_dir=cache_dir)
+    assert gray.name == "g" and gray.images.shape == (2, 1, 2, 3) and gray.images.eq(7).all()
+
+
+def test_bad_folders_raise_clear_errors(tmp_path, write_image):
+    with pytest.raises(DataNotFoundError, match="does not exist"):
+        ClassFolder(tmp_path / "nope")
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images"):
+        ClassFolder(tmp_path / "empty")
+    write_image(tmp_path / "loose" / "x.png", (1, 1, 1))
+    with pytest.raises(DataError, match="sub-folder"):
+        ClassFolder(tmp_path / "loose")
+
+
+def test_corrupt_or_truncated_image_error_names_the_file(image_tree, cache_dir):
+    good = (image_tree / "cat" / "1.png").read_bytes()
+    (image_tree / "cat" / "1.png").write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(DataError, match="1.png") as err:
+        ClassFolder(image_tree, cache_dir=cache_dir)
+    assert str(image_tree / "cat" / "1.png") in str(err.value)
+    (image_tree / "cat" / "1.png").write_bytes(b"garbage")
+    with pytest.raises(DataError, match=r"cat/1\.png"):
+        ClassFolder(image_tree, cache_dir=cache_dir)
+
+
+@pytest.fixture
+def csv_tree(tmp_path, write_image):
+    for name, value in [("a0.png", 10), ("a1.png", 11), ("b0.png", 20)]:
+        write_image(tmp_path / "img" / name, value, size=(3, 3), mode="L")
+    csv = tmp_path / "list.csv"
+    csv.write_text("path,cls,extra\nb0.png,b,x\na1.png,a,y\na0.png,a,z\n")
+    return csv, tmp_path / "img"
+
+
+def test_csv_dataset_reads_listed_images(csv_tree, cache_dir):
+    csv, images = csv_tree
+    ds = CSVClassDataset(csv, images, filename_column="path", label_column="cls", cache_dir=cache_dir)
+    assert ds.name == "list" and ds.class_names == ["a", "b"] and ds.class_counts.tolist() == [2, 1]
+    assert ds.images[:, 0, 0, 0].tolist() == [11, 10, 20]  # CSV order kept within a class
+    assert ds.images.shape == (3, 1, 3, 3)
+
+
+def test_csv_errors(csv_tree, tmp_path, cache_dir):
+    csv, images = csv_tree
+    with pytest.raises(DataError, match="'filename'") as err:
+        CSVClassDataset(csv, images, cache_dir=cache_dir)
+    assert "path,cls,extra" in str(err.value)
+    with pytest.raises(DataNotFoundError, match="nope.csv"):
+        CSVClassDataset(tmp_path / "nope.csv", images)
+    csv.write_text("filename,label\n")
+    with pytest.raises(DataError, match="no images"):
+        CSVClassDataset(csv, images)
+    csv.write_text("filename,label\na0.png,\n")
+    with pytest.raises(DataError, match="line 2"):
+        CSVClassDataset(csv, images)
+    csv.write_text("filename,label\na0.png,a\nghost.png,a\n")
+    with pytest.raises(DataNotFoundError, match="ghost.png"):
+        CSVClassDataset(csv, images)

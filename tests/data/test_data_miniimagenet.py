@@ -1,0 +1,106 @@
+"""mini-ImageNet on the real train/val archive (default decode cache: decoded once per machine)."""
+from __future__ import annotations
+
+import csv
+import io
+import zipfile
+
+import pytest
+import torch
+
+from metamtl.data import MiniImageNet
+from metamtl.data.miniimagenet import IMAGENET_MEAN, IMAGENET_STD
+from metamtl.errors import DataError, DataNotFoundError, IntegrityError
+
+ZIP = MiniImageNet.ZIP
+
+
+@pytest.fixture(scope="module")
+def train(miniimagenet_root) -> MiniImageNet:
+    return MiniImageNet(miniimagenet_root, split="train")
+
+
+def csv_labels(data: bytes) -> list[str]:
+    return [row["label"] for row in csv.DictReader(io.StringIO(data.decode()))]
+
+
+def test_train_has_64_classes_of_300_rgb_84x84(train, miniimagenet_root):
+    assert train.num_classes == 64
+    assert train.class_counts.tolist() == [300] * 64
+    assert train.images.shape == (64 * 300, 3, 84, 84) and train.images.dtype == torch.uint8
+    with zipfile.ZipFile(miniimagenet_root / ZIP) as zf:
+        assert train.class_names == sorted(set(csv_labels(zf.read("mini-imagenet/train.csv"))))
+    # The subset's classes are the Ravi & Larochelle train classes.
+    ravi = set(csv_labels((miniimagenet_root / "ravi_split" / "train.csv").read_bytes()))
+    assert set(train.class_names) == ravi
+    assert train.sources[0].endswith(".jpg") and ZIP in train.sources[0]
+
+
+def test_normalisation_uses_imagenet_statistics(train):
+    p = train.preprocessing
+    assert p.mean == IMAGENET_MEAN and p.std == IMAGENET_STD and p.channels == 3
+    x = train.model_input(train.images[:64])
+    assert x.dtype == torch.float32 and abs(float(x.mean())) < 0.5
+
+
+def test_val_has_16_classes_of_200(miniimagenet_root, train):
+    val = MiniImageNet(miniimagenet_root, split="val")
+    assert val.num_classes == 16 and val.class_counts.tolist() == [200] * 16
+    assert val.images.shape == (3200, 3, 84, 84)
+    assert not set(val.class_names) & set(train.class_names)
+
+
+def test_missing_test_split_is_a_clear_error(miniimagenet_root):
+    with pytest.raises(DataNotFoundError) as err:
+        MiniImageNet(miniimagenet_root, split="test")
+    msg = str(err.value)
+    assert "'test'" in msg and "not present" in msg
+    assert "test.csv" in msg and str(miniimagenet_root / "images") in msg
+
+
+def test_download_explains_there_is_no_url(tmp_path):
+    with pytest.raises(DataNotFoundError, match="no official URL"):
+        MiniImageNet(tmp_path, download=True)
+
+
+@pytest.fixture
+def small_folder(tmp_path, miniimagenet_root):
+    """A folder layout (``images/`` + ``train.csv``) with 3 images of 2 classes from the zip."""
+    with zipfile.ZipFile(miniimagenet_root / ZIP) as zf:
+        rows = list(csv.reader(io.StringIO(zf.read("mini-imagenet/train.csv").decode())))[1:]
+        picked = rows[:2] + rows[300:301]
+        (tmp_path / "images").mkdir()
+        for filename, _ in picked:
+            (tmp_path / "images" / filename).write_bytes(zf.read(f"mini-imagenet/images/{filename}"))
+    (tmp_path / "train.csv").write_text("filename,label\n" + "".join(f"{f},{c}\n" for f, c in picked))
+    return tmp_path, picked
+
+
+def test_folder_layout_matches_the_archive(small_folder, train, cache_dir):
+    root, picked = small_folder
+    ds = MiniImageNet(root, split="train", cache_dir=cache_dir)
+    assert ds.class_names == sorted({c for _, c in picked}) and ds.class_counts.tolist() == [2, 1]
+    for i, (filename, _) in enumerate(picked):
+        row = next(j for j, s in enumerate(train.sources) if s.endswith(filename))
+        assert torch.equal(ds.images[i], train.images[row])
+
+
+def test_csv_problems_name_the_column_or_file(small_folder, cache_dir):
+    root, picked = small_folder
+    (root / "train.csv").write_text("file,label\nx.jpg,a\n")
+    with pytest.raises(DataError, match="'filename'") as err:
+        MiniImageNet(root, cache_dir=cache_dir)
+    assert "train.csv" in str(err.value)
+    (root / "train.csv").write_text("filename,label\nmissing.jpg,a\n")
+    with pytest.raises(DataNotFoundError, match="missing.jpg"):
+        MiniImageNet(root, cache_dir=cache_dir)
+    (root / "images" / picked[0][0]).write_bytes(b"\xff\xd8 not a jpeg")
+    (root / "train.csv").write_text(f"filename,label\n{picked[0][0]},a\n")
+    with pytest.raises(DataError, match=picked[0][0]):
+        MiniImageNet(root, cache_dir=cache_dir)
+
+
+def test_corrupt_archive_is_rejected_by_md5(tmp_path):
+    (tmp_path / ZIP).write_bytes(b"PK not really")
+    with pytest.raises(IntegrityError, match=MiniImageNet.MD5[ZIP]):
+        MiniImageNet(tmp_path)

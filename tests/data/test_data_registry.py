@@ -1,0 +1,59 @@
+"""Datasets and task families by name."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metamtl.data import DATASETS, ClassFolder, Omniglot, Sinusoid, load_dataset, load_tasks
+from metamtl.errors import ConfigError, DataNotFoundError
+
+
+def test_registry_names():
+    assert set(DATASETS) == {"omniglot", "miniimagenet", "folder", "csv"}
+
+
+def test_load_dataset_builds_the_named_dataset(omniglot_root, data_root):
+    ds = load_dataset("omniglot", "val", root=data_root, rotations=(0, 180))
+    ref = Omniglot(omniglot_root, split="val", rotations=(0, 180))
+    assert isinstance(ds, Omniglot) and ds.class_names == ref.class_names
+    assert torch.equal(ds.images, ref.images)
+
+
+def test_unknown_names_and_options_are_config_errors(data_root):
+    with pytest.raises(ConfigError, match="Did you mean 'omniglot'") as err:
+        load_dataset("omniglott", "train", root=data_root)
+    assert "miniimagenet" in str(err.value)
+    with pytest.raises(ConfigError, match="'img_size'") as err:
+        load_dataset("omniglot", "train", root=data_root, img_size=28)
+    assert "image_size" in str(err.value) and "rotations" in str(err.value)
+    with pytest.raises(ConfigError, match="task family"):
+        load_tasks("cosine")
+    with pytest.raises(ConfigError, match="'way'"):
+        load_tasks("sinusoid", way=1)
+
+
+def test_folder_dataset_splits(image_tree, tmp_path, write_image, cache_dir, monkeypatch):
+    full = load_dataset("folder", "all", root=image_tree, cache_dir=cache_dir)
+    assert isinstance(full, ClassFolder) and full.num_classes == 3
+    parts = [load_dataset("folder", s, root=image_tree, split_fractions=(0.4, 0.3, 0.3), cache_dir=cache_dir)
+             for s in ("train", "val", "test")]
+    names = [c for p in parts for c in p.class_names]
+    assert sorted(names) == full.class_names and all(p.num_classes == 1 for p in parts)
+    write_image(tmp_path / "split" / "val" / "x" / "0.png", (5, 5, 5))
+    val = load_dataset("folder", "val", root=tmp_path / "split", cache_dir=cache_dir)
+    assert val.class_names == ["x"]
+    monkeypatch.delenv("METAMTL_DATA", raising=False)
+    with pytest.raises(DataNotFoundError, match="METAMTL_DATA"):
+        load_dataset("folder", "train")
+
+
+def test_csv_dataset_by_name(tmp_path, write_image, cache_dir):
+    write_image(tmp_path / "images" / "a.png", 3, size=(2, 2), mode="L")
+    (tmp_path / "train.csv").write_text("filename,label\na.png,k\n")
+    ds = load_dataset("csv", "train", root=tmp_path, cache_dir=cache_dir)
+    assert ds.class_names == ["k"] and ds.images.shape == (1, 1, 2, 2)
+
+
+def test_load_tasks():
+    tasks = load_tasks("sinusoid", shots=5, seed=3)
+    assert isinstance(tasks, Sinusoid) and tasks.shots == 5 and tasks.seed == 3

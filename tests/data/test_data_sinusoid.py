@@ -1,0 +1,72 @@
+"""The MAML sinusoid task family."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from metamtl.data import Sinusoid
+from metamtl.errors import TaskError
+from metamtl.tasks import TaskSource, fixed_episodes
+
+
+def test_episode_shapes_and_protocol():
+    source = Sinusoid(shots=5, queries=7)
+    assert isinstance(source, TaskSource)
+    assert (source.ways, source.task, source.name) == (1, "regression", "sinusoid")
+    ep = source.episode(3)
+    assert ep.support_x.shape == ep.support_y.shape == (5, 1)
+    assert ep.query_x.shape == ep.query_y.shape == (7, 1)
+    assert all(t.dtype == torch.float32 for t in (ep.support_x, ep.support_y, ep.query_x, ep.query_y))
+    assert (ep.task, ep.ways, ep.shots, ep.queries, ep.index, ep.dataset) == ("regression", 1, 5, 7, 3, "sinusoid")
+    assert not ep.is_classification
+    moved = ep.to("cpu")
+    assert torch.equal(moved.support_x, ep.support_x)  # floats pass through unchanged
+
+
+def test_episodes_are_a_pure_function_of_seed_and_index():
+    a, b = Sinusoid(seed=4), Sinusoid(seed=4)
+    for i in (0, 1, 1000, 2**40):
+        ea, eb = a.episode(i), b[i]
+        assert torch.equal(ea.support_x, eb.support_x) and torch.equal(ea.query_y, eb.query_y)
+        assert ea.classes == eb.classes
+    assert not torch.equal(a.episode(0).support_x, a.episode(1).support_x)
+    assert a.episode(0).classes != Sinusoid(seed=5).episode(0).classes
+    assert [e.classes for e in fixed_episodes(a, 3, start=10)] == [a.episode(i).classes for i in range(10, 13)]
+
+
+def test_targets_follow_the_formula_within_the_ranges():
+    source = Sinusoid(shots=10, queries=10)
+    amplitudes, phases = [], []
+    for i in range(300):
+        ep = source.episode(i)
+        amplitude, phase = ep.classes
+        amplitudes.append(amplitude)
+        phases.append(phase)
+        x = torch.cat([ep.support_x, ep.query_x])
+        y = torch.cat([ep.support_y, ep.query_y])
+        assert torch.allclose(y, amplitude * torch.sin(x - phase), atol=1e-5)
+        assert x.min() >= -5.0 and x.max() <= 5.0
+    assert 0.1 <= min(amplitudes) < 0.5 and 4.6 < max(amplitudes) <= 5.0
+    assert 0.0 <= min(phases) < 0.2 and 2.9 < max(phases) <= math.pi
+
+
+def test_custom_ranges_and_zero_queries():
+    ep = Sinusoid(shots=3, queries=0, amplitude=(2.0, 2.0), phase=(0.5, 0.5), x_range=(0.0, 1.0)).episode(0)
+    assert ep.classes == (2.0, 0.5) and ep.query_x.shape == (0, 1)
+    assert ep.support_x.min() >= 0.0 and ep.support_x.max() <= 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"shots": 0}, {"queries": -1}, {"shots": 2.5}, {"amplitude": (5.0, 0.1)}, {"x_range": (0, math.inf)}],
+)
+def test_invalid_arguments_raise_task_errors(kwargs):
+    with pytest.raises(TaskError):
+        Sinusoid(**kwargs)
+
+
+def test_negative_index_is_rejected():
+    with pytest.raises(TaskError, match="index"):
+        Sinusoid().episode(-1)
