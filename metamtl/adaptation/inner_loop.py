@@ -210,6 +210,9 @@ class InnerLoop:
         like = next(model.parameters())
         feats = features() if self.head_init == "proto" else None
         head = initial_head_params(self.head_init, feats, support_y, ways, model.num_features, like)
+        # Constant initialisations (zeros) must still be optimised by the inner loop: higher
+        # leaves tensors that do not require grad untouched.
+        head = [h if h.requires_grad else h.requires_grad_() for h in head]
         return trunk_params + head
 
     def make_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:

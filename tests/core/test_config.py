@@ -1,0 +1,47 @@
+"""Config files and overrides: validation with helpful messages."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from metamtl.config import apply_overrides, config_from_dict, load_config
+from metamtl.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_are_valid(path):
+    cfg = load_config(path)
+    assert cfg.name and cfg.train.iterations >= 1
+
+
+def test_unknown_key_suggests_the_closest():
+    with pytest.raises(ConfigError, match="unknown key 'iteratons'. Did you mean 'iterations'"):
+        config_from_dict({"train": {"iteratons": 5}})
+    with pytest.raises(ConfigError, match="config: unknown key 'trian'. Did you mean 'train'"):
+        config_from_dict({"trian": {}})
+
+
+def test_wrong_types_name_the_key():
+    with pytest.raises(ConfigError, match="config.train.meta_lr: expected a number, got 'fast'"):
+        config_from_dict({"train": {"meta_lr": "fast"}})
+    with pytest.raises(ConfigError, match="config.tasks.ways: expected an integer"):
+        config_from_dict({"tasks": {"ways": 2.5}})
+    with pytest.raises(ConfigError, match="finite"):
+        config_from_dict({"train": {"meta_lr": float("nan")}})
+    with pytest.raises(ConfigError, match="meta_lr must be > 0"):
+        config_from_dict({"train": {"meta_lr": -0.1}})
+
+
+def test_contradictory_settings_are_explained():
+    with pytest.raises(ConfigError, match="head_init"):
+        config_from_dict({"algorithm": {"name": "maml"}, "eval": {"settings": [{"ways": 20, "shots": 1}]}})
+
+
+def test_overrides_parse_yaml_values():
+    data = apply_overrides({"train": {"iterations": 1}}, ["train.iterations=7", "data.sources=[a, b]", "data.root=/x"])
+    assert data == {"train": {"iterations": 7}, "data": {"sources": ["a", "b"], "root": "/x"}}
+    with pytest.raises(ConfigError, match="key.subkey=value"):
+        apply_overrides({}, ["train.iterations"])

@@ -1,0 +1,188 @@
+"""MetaLearner: save/load, adapt/predict, preprocess, input errors, exact resume."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from metamtl import MetaLearner
+from metamtl.algorithms import build_algorithm
+from metamtl.data import ClassDataset, Preprocessing
+from metamtl.errors import CheckpointError, ConfigError, InputError
+from metamtl.models import build_model
+from metamtl.tasks import EpisodeSampler
+
+
+def toy_dataset(classes=40, per_class=10, size=12):
+    g = torch.Generator().manual_seed(0)
+    protos = torch.rand(classes, 1, size, size, generator=g)
+    noise = torch.rand(classes * per_class, 1, size, size, generator=g)
+    images = ((protos.repeat_interleave(per_class, 0) * 0.8 + 0.2 * noise) * 255).to(torch.uint8)
+    prep = Preprocessing(size=(size, size), channels=1, mean=(0.5,), std=(0.25,))
+    return ClassDataset(images, torch.arange(classes).repeat_interleave(per_class),
+                        [f"c{i}" for i in range(classes)], name="toy", preprocessing=prep)
+
+
+def make_learner(alg="maml", head_init="learned", **kw):
+    torch.manual_seed(0)
+    model = build_model("conv4", in_channels=1, hidden=8, image_size=12, blocks=2,
+                        out_features=5 if head_init == "learned" else None)
+    return MetaLearner(model, build_algorithm(alg, steps=2, lr=0.3, head_init=head_init),
+                       preprocessing=toy_dataset().preprocessing, device="cpu", **kw)
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    ds = toy_dataset()
+    return EpisodeSampler(ds.subset(range(30)), 5, 1, 3, seed=0), EpisodeSampler(ds.subset(range(30, 40)), 5, 1, 3, seed=1)
+
+
+def test_save_load_round_trip_gives_identical_predictions(tmp_path, tasks):
+    train, test = tasks
+    learner = make_learner(head_init="proto")
+    learner.fit(train, iterations=3, meta_batch_size=2, progress=False)
+    path = learner.save(tmp_path / "l.pt")
+    loaded = MetaLearner.load(path, device="cpu")
+    ep = test.episode(0).to("cpu")
+    a = learner.predict(ep.support_x, ep.support_y, ep.query_x)
+    b = loaded.predict(ep.support_x, ep.support_y, ep.query_x)
+    assert torch.equal(a, b)
+    assert loaded.preprocessing == learner.preprocessing
+    assert loaded.algorithm.config() == learner.algorithm.config()
+    r1 = learner.evaluate(test, 5, progress=False)
+    r2 = loaded.evaluate(test, 5, progress=False)
+    assert r1.per_episode_accuracy == r2.per_episode_accuracy
+
+
+def test_predict_accepts_raw_images_and_matches_preprocessed(tasks):
+    _, test = tasks
+    learner = make_learner(head_init="zero")
+    ep = test.episode(1)
+    pil_support = [Image.fromarray(x[0].numpy()) for x in ep.support_x]
+    arr_query = [x[0].numpy() for x in ep.query_x]
+    raw = learner.predict(pil_support, ep.support_y, arr_query)
+    ready = learner.predict(ep.support_x.float().div(255).sub(0.5).div(0.25), ep.support_y,
+                            ep.query_x.float().div(255).sub(0.5).div(0.25))
+    torch.testing.assert_close(raw, ready)
+    # uint8 stored images are preprocessed too
+    torch.testing.assert_close(learner.predict(ep.support_x, ep.support_y, ep.query_x), ready)
+    assert raw.shape == (15, 5)
+
+
+def test_one_learner_serves_5_and_20_way_tasks():
+    ds = toy_dataset()
+    learner = make_learner(head_init="proto")
+    for ways in (5, 20):
+        res = learner.evaluate(EpisodeSampler(ds, ways, 1, 2, seed=3), 3, progress=False)
+        assert res.ways == ways and 0 <= res.accuracy <= 1
+
+
+def test_adapt_predictor_predicts_labels(tasks):
+    _, test = tasks
+    learner = make_learner(head_init="proto")
+    ep = test.episode(2)
+    predictor = learner.adapt(ep.support_x, ep.support_y)
+    labels = predictor.predict(ep.query_x)
+    assert labels.shape == (15,) and labels.max() < 5
+
+
+def test_bad_inputs_get_clear_errors(tasks):
+    _, test = tasks
+    learner = make_learner()
+    ep = test.episode(0).to("cpu")
+    with pytest.raises(InputError, match="expects images of shape"):
+        learner.predict(ep.support_x[:, :, :8, :8], ep.support_y, ep.query_x)
+    with pytest.raises(InputError, match="class\\(es\\) \\[1, 2\\] have no support example"):
+        learner.adapt(ep.support_x[:2], torch.tensor([0, 3]))
+    with pytest.raises(InputError, match="labels"):
+        learner.adapt(ep.support_x[:2], torch.tensor([-1, 0]))
+    with pytest.raises(InputError, match="5 examples but support_y has 4"):
+        learner.adapt(ep.support_x, ep.support_y[:4])
+    with pytest.raises(InputError, match="meta-learned head has 5 outputs but the task has 3"):
+        learner.adapt(ep.support_x[:3], torch.tensor([0, 1, 2]))
+    with pytest.raises(InputError, match="NaN"):
+        learner.adapt(ep.support_x * float("nan"), ep.support_y)
+    with pytest.raises(InputError):
+        learner.predict(ep.support_x, ep.support_y, torch.zeros(3, 1, 20, 20))
+
+
+def test_bad_settings_raise_config_errors():
+    model = build_model("conv4", hidden=4, image_size=8, blocks=2)
+    with pytest.raises(ConfigError, match="unknown algorithm 'mamll'. Did you mean 'maml'"):
+        MetaLearner(model, "mamll")
+    with pytest.raises(ConfigError, match="meta_lr must be a finite number > 0"):
+        MetaLearner(model, "maml", meta_lr=float("nan"))
+    with pytest.raises(ConfigError, match="inner lr"):
+        build_algorithm("maml", lr=-1)
+    with pytest.raises(ConfigError, match="unknown inner optimizer 'adma'"):
+        build_algorithm("maml", optimizer="adma")
+    with pytest.raises(ConfigError, match="fixes"):
+        build_algorithm("anil", adapt="all")
+
+
+def test_resume_is_bit_exact(tmp_path, tasks):
+    train, val = tasks
+    full = make_learner(alg="maml", head_init="learned")
+    full.fit(train, val, iterations=6, meta_batch_size=2, val_every=2, val_episodes=2, progress=False)
+
+    part = make_learner(alg="maml", head_init="learned")
+    part.fit(train, val, iterations=3, meta_batch_size=2, val_every=2, val_episodes=2, progress=False,
+             checkpoint_dir=tmp_path, checkpoint_every=3)
+    resumed = make_learner(alg="maml", head_init="learned")
+    resumed.fit(train, val, iterations=6, meta_batch_size=2, val_every=2, val_episodes=2, progress=False,
+                resume=tmp_path / "last.pt")
+    assert resumed.iteration == 6
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    # same validation numbers at the same iterations (the interrupted run also validated at its end)
+    val = {r["iteration"]: r["val/accuracy"] for r in full.history if "val/accuracy" in r}
+    val_resumed = {r["iteration"]: r["val/accuracy"] for r in resumed.history if "val/accuracy" in r}
+    assert val == {k: val_resumed[k] for k in val}
+
+
+def test_resume_from_different_config_lists_the_differences(tmp_path, tasks):
+    train, _ = tasks
+    learner = make_learner()
+    learner.fit(train, iterations=1, meta_batch_size=2, progress=False, checkpoint_dir=tmp_path)
+    other = MetaLearner(build_model("conv4", in_channels=1, hidden=8, image_size=12, blocks=2, out_features=5),
+                        build_algorithm("maml", steps=3, lr=0.3), device="cpu")
+    with pytest.raises(CheckpointError, match="algorithm.steps: 2 != 3"):
+        other.fit(train, iterations=2, meta_batch_size=2, progress=False, resume=tmp_path / "last.pt")
+
+
+def test_non_finite_steps_are_skipped_then_stop(tasks):
+    from metamtl.errors import TrainingError
+
+    train, _ = tasks
+    learner = make_learner(max_bad_steps=2)
+    before = [p.detach().clone() for p in learner.model.parameters()]
+    learner.model.trunk.blocks[0][0].weight.data[0, 0, 0, 0] = float("nan")
+    before[0][0, 0, 0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        with pytest.raises(TrainingError, match="2 consecutive non-finite"):
+            learner.fit(train, iterations=5, meta_batch_size=2, progress=False)
+    for a, b in zip(before, learner.model.parameters()):
+        assert torch.equal(torch.nan_to_num(a), torch.nan_to_num(b.detach()))
+
+
+def test_unsafe_pickle_checkpoint_is_refused(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as fh:
+        pickle.dump({"format": "metamtl-checkpoint", "x": Evil()}, fh)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        MetaLearner.load(path)
+
+
+def test_preprocess_matches_dataset_pipeline():
+    prep = Preprocessing(size=(6, 6), channels=1, invert=True)
+    img = Image.fromarray((np.arange(144).reshape(12, 12) % 256).astype(np.uint8))
+    stored = prep.decode(img)
+    assert stored.shape == (1, 6, 6) and stored.dtype == torch.uint8
+    torch.testing.assert_close(prep([img]), stored.float().unsqueeze(0) / 255)
