@@ -22,6 +22,14 @@ Gradients
     (cheap; used by first-order methods and at evaluation); :meth:`Adapted.backward_first_order`
     then sends ``d loss / d adapted`` to the initial weights (the first-order approximation).
 
+Loss terms
+    :attr:`InnerLoop.loss_terms` is a list of callables ``term(ctx: LossContext) -> tensor | None``
+    added to the support loss at every inner step (``ctx.phase == "support"``) and, through
+    :meth:`Algorithm.task_step <metamtl.algorithms.Algorithm.task_step>`, to the query (meta)
+    loss (``ctx.phase == "query"``).  Knowledge distillation and regularisers attach here
+    (see :mod:`metamtl.distill`).  Terms shape meta-training only: they are skipped while the
+    model is in eval mode (evaluation, ``MetaLearner.adapt``/``predict``).
+
 BatchNorm
     See :mod:`metamtl.models.norm`: batch statistics of each forward pass, never running
     statistics; ``bn_stats="support"`` normalises query images with the support statistics.
@@ -62,6 +70,36 @@ def task_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     if targets.dtype in (torch.long, torch.int32, torch.int64):
         return F.cross_entropy(logits, targets)
     return F.mse_loss(logits, targets)
+
+
+@dataclasses.dataclass
+class LossContext:
+    """What a loss term sees: one forward pass of a model adapting to (or adapted to) a task.
+
+    Attributes:
+        phase: ``"support"`` (inner loop, every step) or ``"query"`` (the outer, meta loss).
+        logits: the model's output for ``inputs``.
+        targets: labels (or regression targets) of ``inputs``.
+        inputs: the model inputs behind ``logits`` (support or query images).
+        support_x, support_y: the task's support set (e.g. for a teacher to adapt to).
+        ways: number of classes of the task.
+        model: the meta-model (its weights are the initialisation, not the adapted ones).
+        step: inner step for ``"support"``, ``-1`` for ``"query"``.
+    """
+
+    phase: str
+    logits: torch.Tensor
+    targets: torch.Tensor
+    inputs: torch.Tensor
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    ways: int
+    model: nn.Module
+    step: int = -1
+
+
+#: ``term(ctx) -> extra loss or None``, see :attr:`InnerLoop.loss_terms`.
+LossTerm = Callable[[LossContext], "torch.Tensor | None"]
 
 
 def check_positive(name: str, value: float) -> float:
@@ -175,6 +213,8 @@ class InnerLoop:
         if self.bn_stats not in BN_MODES:
             raise unknown_name("bn_stats mode", self.bn_stats, BN_MODES)
         self._task_modules: dict[tuple[int, int], nn.Module] = {}
+        #: extra loss terms (not part of the config): see :class:`LossContext`
+        self.loss_terms: list[LossTerm] = []
 
     def config(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -247,6 +287,16 @@ class InnerLoop:
                 return trunk(torch.cat([support_x, x]))[support_x.shape[0]:]
         return trunk(x)
 
+    def add_loss_terms(self, loss: torch.Tensor, ctx: LossContext) -> torch.Tensor:
+        """``loss`` plus every :attr:`loss_terms` entry (none while the model is in eval mode)."""
+        if not self.loss_terms or not ctx.model.training:
+            return loss
+        for term in self.loss_terms:
+            extra = term(ctx)
+            if extra is not None:
+                loss = loss + extra
+        return loss
+
     # -- the inner loop -------------------------------------------------------------------------
     def adapt_task(
         self,
@@ -292,8 +342,12 @@ class InnerLoop:
         ) as (fmodel, diffopt):
             params = list(start)
             for step in range(steps):
-                loss = task_loss(fmodel(inputs, params=params), support_y)
+                logits = fmodel(inputs, params=params)
+                loss = task_loss(logits, support_y)
                 inner_losses.append(float(loss.detach()))
+                if self.loss_terms:
+                    loss = self.add_loss_terms(loss, LossContext(
+                        "support", logits, support_y, support_x, support_x, support_y, ways, model, step))
                 params = diffopt.step(loss, params=params, override=self.lr_override(module, step))
         return Adapted(
             self, fmodel, params, initial, start, inner_losses, support_x,

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..adaptation import Adapted, InnerLoop, task_loss
+from ..adaptation import Adapted, InnerLoop, LossContext, task_loss
 from ..models.backbones import TrunkHead
 from ..tasks.episode import Episode, TaskBatch
 
@@ -74,13 +74,20 @@ class Algorithm(nn.Module):
         return totals
 
     def task_step(self, model: TrunkHead, episode: Episode, weight: float) -> dict[str, float]:
-        """Adapt to one task, backpropagate ``weight * query loss``, return its metrics."""
+        """Adapt to one task, backpropagate ``weight * query loss``, return its metrics.
+
+        The query loss includes the inner loop's :attr:`~metamtl.adaptation.InnerLoop.loss_terms`
+        (phase ``"query"``); the reported ``loss`` is the plain task loss.
+        """
         adapted = self.inner.adapt_task(
             model, episode.support_x, episode.support_y, episode.ways, create_graph=self.second_order
         )
         logits = adapted(episode.query_x)
         loss = task_loss(logits, episode.query_y)
-        self.task_backward(adapted, loss * weight)
+        objective = self.inner.add_loss_terms(loss, LossContext(
+            "query", logits, episode.query_y, episode.query_x, episode.support_x, episode.support_y,
+            episode.ways, model))
+        self.task_backward(adapted, objective * weight)
         return self._metrics(loss, logits, episode, adapted)
 
     def task_backward(self, adapted: Adapted, loss: torch.Tensor) -> None:
