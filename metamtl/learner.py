@@ -167,6 +167,7 @@ class MetaLearner:
         if task not in ("classification", "regression"):
             raise unknown_name("task type", task, ("classification", "regression"))
         self.device = resolve_device(device)
+        algorithm.setup(model)  # model-dependent learnable state, before the meta-optimizer exists
         self.model = model.to(self.device)
         self.algorithm = algorithm.to(self.device)
         self.preprocessing = preprocessing
@@ -395,8 +396,7 @@ class MetaLearner:
             n = episodes
             eps = (tasks.episode(start + i) for i in range(episodes))
         if steps is None:
-            inner = self.algorithm.inner
-            steps = inner.eval_steps if inner.eval_steps is not None else inner.steps
+            steps = self.algorithm.eval_steps
         from tqdm.auto import tqdm
 
         was_training = self.model.training
@@ -555,6 +555,7 @@ class MetaLearner:
                 model = build_model(**cfg["model"])
             model.load_state_dict(obj["model_state"])
             algorithm = build_algorithm(**cfg["algorithm"])
+            algorithm.setup(model)
             algorithm.load_state_dict(obj["algorithm_state"])
         except (ConfigError, RuntimeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{path}: checkpoint does not match this metamtl version's models: {exc}") from exc

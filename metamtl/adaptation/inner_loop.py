@@ -17,7 +17,9 @@ Per-task heads
 
 Gradients
     With ``create_graph=True`` (MAML at training time) the unrolled optimisation stays on the
-    autograd tape and ``loss.backward()`` gives the exact second-order meta-gradient.  Otherwise
+    autograd tape and :meth:`Adapted.backward` gives the exact second-order meta-gradient (inner
+    gradients are partial derivatives: a ``proto`` head enters the inner loop as a leaf whose
+    meta-gradient is then pushed through the prototype computation).  Otherwise
     the inner loop runs on detached copies of the initial weights and without a higher-order graph
     (cheap; used by first-order methods and at evaluation); :meth:`Adapted.backward_first_order`
     then sends ``d loss / d adapted`` to the initial weights (the first-order approximation).
@@ -33,12 +35,30 @@ Loss terms
 BatchNorm
     See :mod:`metamtl.models.norm`: batch statistics of each forward pass, never running
     statistics; ``bn_stats="support"`` normalises query images with the support statistics.
+
+Hooks (how algorithms change the inner loop without copying it)
+    :class:`InnerHooks` has two methods, both no-ops by default; every
+    :class:`~metamtl.algorithms.Algorithm` is an ``InnerHooks`` and passes itself to
+    :meth:`InnerLoop.adapt_task`:
+
+    * :meth:`InnerHooks.lr_override` returns optimizer settings per adapted parameter for one
+      inner step, as tensors that may require grad (higher's ``override``): learned inner
+      learning rates of Meta-SGD (per element) and MAML++ (per layer and step).
+    * :meth:`InnerHooks.step_context` returns a context manager entered around every forward
+      pass with weights that have had ``k`` inner updates (MAML++ per-step BatchNorm).
+
+    ``track_updates=True`` keeps the update ``w - lr * g`` on the autograd tape even in first
+    order (``g`` treated as a constant), so learned settings still get meta-gradients and the
+    query gradient reaches the initial weights through a plain ``loss.backward()``.
+    :attr:`Adapted.trajectory` holds the weights after every inner step, for losses on
+    intermediate steps (MAML++ multi-step loss).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import higher
 import torch
@@ -112,6 +132,34 @@ def check_positive(name: str, value: float) -> float:
     return v
 
 
+class InnerHooks:
+    """What an algorithm may change in the shared inner loop; the defaults change nothing."""
+
+    def lr_override(self, names: Sequence[str], step: int) -> dict[str, list] | None:
+        """Optimizer settings for inner step ``step`` (0-based), or ``None``.
+
+        Args:
+            names: the adapted parameters in optimizer order (one param group each), named as in
+                the model (``"trunk.blocks.0.0.weight"``, ``"head.weight"``; per-task heads are
+                ``"head.weight"`` / ``"head.bias"`` whatever their number of ways).
+        Returns:
+            e.g. ``{"lr": [t_0, t_1, ...]}``, one value per name (a tensor that broadcasts
+            against the parameter); tensors that require grad receive meta-gradients.
+        """
+        return None
+
+    def step_context(self, updates: int) -> ContextManager:
+        """Entered around each forward pass whose weights have had ``updates`` inner updates."""
+        return contextlib.nullcontext()
+
+
+NO_HOOKS = InnerHooks()
+
+
+def _detach_grads(grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    return [g if g is None else g.detach() for g in grads]
+
+
 class Adapted:
     """A model adapted to one task: call it on query inputs to get logits.
 
@@ -121,6 +169,10 @@ class Adapted:
         start: the tensors the inner loop actually started from (``initial`` itself when the
             graph is kept, detached copies otherwise).
         inner_losses: support loss before each inner step (floats), for logging.
+        trajectory: the weights after ``k`` inner steps, ``trajectory[0] is start`` and
+            ``trajectory[-1] is params``.
+        on_tape: whether ``params`` are connected to ``initial`` by autograd (second order or
+            ``track_updates``); then ``loss.backward()`` is the whole meta-gradient.
     """
 
     def __init__(
@@ -133,6 +185,9 @@ class Adapted:
         inner_losses: list[float],
         support_x: torch.Tensor,
         trunk: nn.Module | None,
+        trajectory: list[list[torch.Tensor]] | None = None,
+        hooks: InnerHooks = NO_HOOKS,
+        on_tape: bool = False,
     ) -> None:
         self.inner = inner
         self.fmodel = fmodel
@@ -142,9 +197,36 @@ class Adapted:
         self.inner_losses = inner_losses
         self.support_x = support_x
         self.trunk = trunk  # set when only the head adapted
+        self.trajectory = trajectory if trajectory is not None else [start, params]
+        self.hooks = hooks
+        self.on_tape = on_tape
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner.forward(self.fmodel, self.params, x, self.support_x, self.trunk)
+    @property
+    def steps(self) -> int:
+        return len(self.trajectory) - 1
+
+    def __call__(self, x: torch.Tensor, updates: int | None = None) -> torch.Tensor:
+        """Logits of ``x`` with the adapted weights, or those after ``updates`` inner steps."""
+        updates = self.steps if updates is None else updates
+        with self.hooks.step_context(updates):
+            return self.inner.forward(self.fmodel, self.trajectory[updates], x, self.support_x, self.trunk)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the meta-gradient of ``loss`` (a function of the adapted weights).
+
+        On the tape, ``loss.backward()`` reaches the meta-weights through the unrolled inner
+        loop; initial tensors computed from the meta-weights (the ``proto`` head) are stood in for
+        by leaves in :attr:`start` (so inner gradients are partial derivatives, as at evaluation),
+        and those leaves' gradients are then pushed through the computation that made them.
+        Off the tape this is :meth:`backward_first_order`.
+        """
+        if not self.on_tape:
+            return self.backward_first_order(loss)
+        pushed = [(i, s) for i, s in zip(self.initial, self.start) if s is not i and i.requires_grad]
+        loss.backward(retain_graph=bool(pushed))
+        pairs = [(i, s.grad) for i, s in pushed if s.grad is not None]
+        if pairs:
+            torch.autograd.backward([i for i, _ in pairs], [g for _, g in pairs])
 
     def backward_first_order(self, loss: torch.Tensor) -> None:
         """First-order meta-gradient: send ``d loss / d adapted`` to the initial weights.
@@ -256,18 +338,19 @@ class InnerLoop:
         return trunk_params + head
 
     def make_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
-        """The torch optimizer whose differentiable twin runs the inner loop.
+        """The torch optimizer whose differentiable twin runs the inner loop (one group per weight).
 
-        Subclasses (Meta-SGD, MAML++) override :meth:`lr_override` rather than this method.
+        Learned settings (Meta-SGD, MAML++) come through :meth:`InnerHooks.lr_override`.
         """
         cls, defaults = INNER_OPTIMIZERS[self.optimizer]
         kwargs = {**defaults, **self.optimizer_kwargs}
         groups = [{"params": [p]} for p in module.parameters()]
         return cls(groups, lr=self.lr, **kwargs)
 
-    def lr_override(self, module: nn.Module, step: int) -> dict[str, list] | None:
-        """Per-parameter-group optimizer settings that ride on the autograd tape (learned LRs)."""
-        return None
+    def param_names(self, module: nn.Module) -> list[str]:
+        """Names of ``module``'s weights as in the model (``head.`` prefix for head-only)."""
+        prefix = "head." if self.adapt == "head" else ""
+        return [prefix + n for n, _ in module.named_parameters()]
 
     def forward(
         self, fmodel: nn.Module, params: Sequence[torch.Tensor], x: torch.Tensor,
@@ -306,12 +389,18 @@ class InnerLoop:
         ways: int,
         create_graph: bool,
         steps: int | None = None,
+        *,
+        hooks: InnerHooks = NO_HOOKS,
+        track_updates: bool = False,
     ) -> Adapted:
         """Adapt ``model`` to one task's support set.
 
         Args:
             create_graph: keep the unrolled optimisation differentiable (second order).
             steps: inner steps (default ``self.steps``).
+            hooks: the algorithm's :class:`InnerHooks` (learned settings, per-step context).
+            track_updates: without ``create_graph``, still record each update on the tape with
+                the inner gradient as a constant (first order with learned inner LRs).
         """
         steps = self.steps if steps is None else steps
         module = self._module(model, ways)
@@ -331,25 +420,35 @@ class InnerLoop:
                 # First order: the support features only feed the (detached) inner loop.
                 trunk_features = trunk_features.detach()
         inputs = trunk_features if head_only else support_x
-        start = initial if create_graph else [p.detach().requires_grad_() for p in initial]
+        on_tape = create_graph or track_updates
+        # Meta-weights start the tape themselves; anything computed from them (a proto head) is
+        # stood in for by a leaf, so inner gradients are partial derivatives (see Adapted.backward).
+        start = [p if on_tape and p.grad_fn is None else p.detach().requires_grad_() for p in initial]
+        names = self.param_names(module)
+        grad_callback = _detach_grads if on_tape and not create_graph else None
 
         inner_losses: list[float] = []
         with torch.enable_grad(), higher.innerloop_ctx(
             module,
             self.make_optimizer(module),
             copy_initial_weights=False,
-            track_higher_grads=create_graph,
+            track_higher_grads=on_tape,
         ) as (fmodel, diffopt):
             params = list(start)
+            trajectory = [params]
             for step in range(steps):
-                logits = fmodel(inputs, params=params)
+                with hooks.step_context(step):
+                    logits = fmodel(inputs, params=params)
                 loss = task_loss(logits, support_y)
                 inner_losses.append(float(loss.detach()))
                 if self.loss_terms:
                     loss = self.add_loss_terms(loss, LossContext(
                         "support", logits, support_y, support_x, support_x, support_y, ways, model, step))
-                params = diffopt.step(loss, params=params, override=self.lr_override(module, step))
+                params = diffopt.step(
+                    loss, params=params, override=hooks.lr_override(names, step), grad_callback=grad_callback
+                )
+                trajectory.append(params)
         return Adapted(
             self, fmodel, params, initial, start, inner_losses, support_x,
-            trunk=model.trunk if head_only else None,
+            trunk=model.trunk if head_only else None, trajectory=trajectory, hooks=hooks, on_tape=on_tape,
         )

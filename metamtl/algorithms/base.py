@@ -1,14 +1,22 @@
 """Outer loops: what an algorithm does with a task after the shared inner loop adapted to it.
 
 An :class:`Algorithm` is an ``nn.Module`` (so learnable pieces such as inner learning rates are
-saved with it) with two entry points the :class:`~metamtl.MetaLearner` uses:
+saved with it, meta-optimized with the model and restored on resume) and the
+:class:`~metamtl.adaptation.InnerHooks` of the shared inner loop, with the entry points the
+:class:`~metamtl.MetaLearner` uses:
+
+* :meth:`Algorithm.setup` is called once with the model before the meta-optimizer is built:
+  algorithms whose learnable state depends on the model (Meta-SGD's per-weight learning rates,
+  MAML++'s per-layer ones and per-step BatchNorm) create it there;
 
 * :meth:`Algorithm.meta_step` accumulates the meta-gradient of a meta-batch into ``.grad`` of the
   meta-parameters (the learner then clips and steps its meta-optimizer);
 * :meth:`Algorithm.adapt` adapts to one support set without a higher-order graph, for
   evaluation, ``MetaLearner.adapt`` and ``predict``.
 
-Subclasses usually override one hook, :meth:`Algorithm.task_backward`.
+Subclasses usually override a hook or two: :meth:`Algorithm.task_step` /
+:meth:`Algorithm.task_backward` (what to do with an adapted task), and the inner-loop hooks
+:meth:`~metamtl.adaptation.InnerHooks.lr_override` / ``step_context``.
 """
 from __future__ import annotations
 
@@ -17,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..adaptation import Adapted, InnerLoop, LossContext, task_loss
+from ..adaptation import Adapted, InnerHooks, InnerLoop, LossContext, task_loss
 from ..models.backbones import TrunkHead
 from ..tasks.episode import Episode, TaskBatch
 
@@ -26,7 +34,7 @@ def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return float((logits.argmax(-1) == targets).float().mean())
 
 
-class Algorithm(nn.Module):
+class Algorithm(nn.Module, InnerHooks):
     """Base class: MAML-style meta-learning on the shared :class:`InnerLoop`.
 
     Args:
@@ -37,6 +45,8 @@ class Algorithm(nn.Module):
     name: ClassVar[str] = "base"
     #: settings this algorithm fixes whatever the user passes (e.g. ANIL adapts only the head)
     fixed: ClassVar[dict[str, Any]] = {}
+    #: keep first-order inner updates on the tape (algorithms with learned inner settings)
+    track_updates: ClassVar[bool] = False
 
     def __init__(self, inner: InnerLoop | None = None, **inner_kwargs: Any) -> None:
         super().__init__()
@@ -54,10 +64,23 @@ class Algorithm(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
 
+    def setup(self, model: TrunkHead) -> None:
+        """Create model-dependent learnable state (called before the meta-optimizer is built).
+
+        Must be idempotent: it is called again by ``meta_step``/``adapt`` and on load.
+        """
+
     # -- training -----------------------------------------------------------------------------
     @property
     def second_order(self) -> bool:
         return not self.inner.first_order
+
+    def adapt_task(self, model: TrunkHead, episode: Episode) -> Adapted:
+        """The shared inner loop on one training episode, with this algorithm's hooks."""
+        return self.inner.adapt_task(
+            model, episode.support_x, episode.support_y, episode.ways, create_graph=self.second_order,
+            hooks=self, track_updates=self.track_updates,
+        )
 
     def meta_step(self, model: TrunkHead, batch: TaskBatch) -> dict[str, float]:
         """Accumulate the meta-gradient of ``batch`` (mean over tasks) into ``.grad``.
@@ -66,6 +89,7 @@ class Algorithm(nn.Module):
         memory does not grow with the meta-batch size.  Returns mean query loss/accuracy and the
         mean support loss before each inner step (``inner_loss/step_k``).
         """
+        self.setup(model)
         totals: dict[str, float] = {}
         n = len(batch)
         for episode in batch:
@@ -79,9 +103,7 @@ class Algorithm(nn.Module):
         The query loss includes the inner loop's :attr:`~metamtl.adaptation.InnerLoop.loss_terms`
         (phase ``"query"``); the reported ``loss`` is the plain task loss.
         """
-        adapted = self.inner.adapt_task(
-            model, episode.support_x, episode.support_y, episode.ways, create_graph=self.second_order
-        )
+        adapted = self.adapt_task(model, episode)
         logits = adapted(episode.query_x)
         loss = task_loss(logits, episode.query_y)
         objective = self.inner.add_loss_terms(loss, LossContext(
@@ -92,10 +114,7 @@ class Algorithm(nn.Module):
 
     def task_backward(self, adapted: Adapted, loss: torch.Tensor) -> None:
         """Turn one task's weighted query loss into meta-gradients."""
-        if self.second_order:
-            loss.backward()
-        else:
-            adapted.backward_first_order(loss)
+        adapted.backward(loss)
 
     @staticmethod
     def _metrics(loss: torch.Tensor, logits: torch.Tensor, episode: Episode, adapted: Adapted | None) -> dict[str, float]:
@@ -113,9 +132,15 @@ class Algorithm(nn.Module):
         steps: int | None = None,
     ) -> Adapted:
         """Adapt to a support set for prediction (no higher-order graph)."""
+        self.setup(model)
         if steps is None:
-            steps = self.inner.eval_steps if self.inner.eval_steps is not None else self.inner.steps
-        return self.inner.adapt_task(model, support_x, support_y, ways, create_graph=False, steps=steps)
+            steps = self.eval_steps
+        return self.inner.adapt_task(model, support_x, support_y, ways, create_graph=False, steps=steps, hooks=self)
+
+    @property
+    def eval_steps(self) -> int:
+        """Inner steps used at evaluation by default."""
+        return self.inner.eval_steps if self.inner.eval_steps is not None else self.inner.steps
 
     def evaluate_episode(self, model: TrunkHead, episode: Episode, steps: int | None = None) -> dict[str, float]:
         """Query loss/accuracy after adapting to the episode's support set."""

@@ -20,9 +20,7 @@ class Reptile(Algorithm):
     fixed = {"first_order": True}
 
     def task_step(self, model, episode: Episode, weight: float) -> dict[str, float]:
-        adapted = self.inner.adapt_task(
-            model, episode.support_x, episode.support_y, episode.ways, create_graph=False
-        )
+        adapted = self.adapt_task(model, episode)
         self.task_backward(adapted, weight)
         with torch.no_grad():
             logits = adapted(episode.query_x)

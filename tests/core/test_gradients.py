@@ -154,11 +154,14 @@ def test_per_task_heads_second_order_gradient(head_init):
     trunk = dict(model.trunk.named_parameters())
     feats = model.trunk(ep.support_x)
     if head_init == "zero":
-        w = torch.zeros(4, feats.shape[1], requires_grad=True)
-        b = torch.zeros(4, requires_grad=True)
+        w0 = torch.zeros(4, feats.shape[1])
+        b0 = torch.zeros(4)
     else:
         protos = torch.stack([feats[ep.support_y == k].mean(0) for k in range(4)])
-        w, b = 2 * protos, -(protos ** 2).sum(1)
+        w0, b0 = 2 * protos, -(protos ** 2).sum(1)
+    # The head is an independent variable of the inner loop (partial derivatives, as at test
+    # time); its dependence on the trunk (prototypes) enters the meta-gradient by the chain rule.
+    w, b = w0.detach().requires_grad_(), b0.detach().requires_grad_()
 
     def logits(p, w, b, x):
         return F.linear(functional_call(model.trunk, p, (x,)), w, b)
@@ -169,7 +172,10 @@ def test_per_task_heads_second_order_gradient(head_init):
     new = {n: trunk[n] - 0.3 * gg for n, gg in zip(names, g)}
     w2, b2 = w - 0.3 * g[-2], b - 0.3 * g[-1]
     qloss = F.cross_entropy(logits(new, w2, b2, ep.query_x), ep.query_y)
-    ref = torch.autograd.grad(qloss, [trunk[n] for n in names])
+    *ref, gw, gb = torch.autograd.grad(qloss, [trunk[n] for n in names] + [w, b])
+    if head_init == "proto":
+        via_protos = torch.autograd.grad([w0, b0], [trunk[n] for n in names], [gw, gb])
+        ref = [r + v for r, v in zip(ref, via_protos)]
     for a, r in zip(ours, ref):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6)
 
