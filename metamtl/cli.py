@@ -12,12 +12,14 @@ from .errors import MetamtlError
 
 def _fit(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .distributed import launch_env
     from .experiment import check_output_dir, run
 
     cfg = load_config(args.config, args.overrides)
     check_output_dir(cfg)
     results = run(cfg, resume=args.resume, progress=not args.no_progress)
-    print(f"[metamtl] saved learner to {results['checkpoint']}")
+    if launch_env().is_main_process:
+        print(f"[metamtl] saved learner to {results['checkpoint']}")
     return 0
 
 
@@ -59,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="metamtl", description="Meta-learning and multi-task learning for PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    f = sub.add_parser("fit", help="meta-train from a YAML config, evaluate on held-out classes, save")
+    f = sub.add_parser(
+        "fit", help="meta-train from a YAML config, evaluate on held-out classes, save",
+        epilog="Several processes/GPUs/nodes: torchrun --nproc_per_node=N -m metamtl fit CONFIG (see README).",
+    )
     f.add_argument("config", help="YAML config file (see configs/)")
     f.add_argument("overrides", nargs="*", help="overrides such as train.iterations=500 data.root=/data")
     f.add_argument("--resume", help="checkpoint with training state (e.g. runs/NAME/last.pt)")
@@ -91,7 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except MetamtlError as exc:
-        print(f"metamtl: error: {exc}", file=sys.stderr)
+        from .distributed import rank_tag
+
+        print(f"metamtl: error{rank_tag()}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("metamtl: interrupted", file=sys.stderr)

@@ -47,6 +47,10 @@ class TrainingError(MetamtlError, RuntimeError):
     """Training cannot continue (e.g. too many consecutive non-finite steps)."""
 
 
+class DistributedError(MetamtlError, RuntimeError):
+    """A multi-process (torchrun) run is misconfigured, or another rank failed or timed out."""
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return ``" Did you mean 'x'?"`` for the closest choice, or an empty string."""
     close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import distributed
 from .algorithms import build_algorithm
 from .callbacks import Callback
 from .config import Config
@@ -151,8 +152,10 @@ def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
     """Meta-train, evaluate on held-out classes, save the learner and ``results.json``.
 
     Returns the results dict (also written to ``<output_dir>/<name>/results.json``).
+    Under torchrun every rank runs this; rank 0 alone prints and writes files.
     """
-    say = (lambda *a: None) if quiet else print
+    main_process = distributed.launch_env().is_main_process
+    say = (lambda *a: None) if quiet or not main_process else print
     seed_everything(cfg.seed)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -183,12 +186,15 @@ def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
         budget_minutes=tr.budget_minutes, progress=progress,
     )
     train_seconds = time.perf_counter() - t1
-    final_path = learner.save(run_dir / "learner.pt")
+    final_path = run_dir / "learner.pt"
+    if main_process:
+        learner.save(final_path)
     results: dict[str, Any] = {
         "name": cfg.name,
         "config": cfg.to_dict(),
         "iterations": learner.iteration,
         "stopped_by": learner.fit_state.get("stopped_by", "iterations"),
+        "world_size": learner.world_size,
         "train_seconds": train_seconds,
         "data_seconds": data_seconds,
         "checkpoint": str(final_path),
@@ -203,13 +209,14 @@ def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
             say(f"[metamtl] held-out test: {res}")
             results["test"].append(res.to_dict())
         results["eval_seconds"] = time.perf_counter() - t2
-    (run_dir / "history.json").write_text(json.dumps(learner.history))
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    if main_process:
+        (run_dir / "history.json").write_text(json.dumps(learner.history))
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     for cb in learner.callbacks:
         finish = getattr(cb, "on_results", None)
         if finish is not None:
             finish(learner, results)
-    if cfg.logging.report:
+    if cfg.logging.report and main_process:
         try:
             from .reporting.report import write_report
 

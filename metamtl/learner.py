@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, distributed
 from .adaptation import Adapted, check_positive, task_loss
 from .algorithms import Algorithm, build_algorithm
 from .callbacks import Callback, CallbackList, History, ModelCheckpoint, ProgressBar
@@ -38,16 +38,16 @@ META_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU."""
+    """``"auto"`` -> CUDA when available, else CPU (under torchrun: this rank's GPU)."""
     if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.process_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ConfigError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
-    return dev
+    return distributed.process_device(dev)
 
 
 @dataclasses.dataclass
@@ -267,6 +267,9 @@ class MetaLearner:
             resume: a checkpoint written with training state; training continues exactly
                 where it stopped (same episodes, optimizer and RNG state).
             budget_minutes: stop meta-training once this much wall-clock time is spent.
+
+        Under ``torchrun`` every rank calls ``fit`` with the same arguments; ranks share each
+        meta-batch and average meta-gradients (see :mod:`metamtl.distributed`).
         Returns:
             ``self.history``: one row per iteration/validation.
         """
@@ -282,6 +285,10 @@ class MetaLearner:
         else:
             self.fit_state = {"elapsed": 0.0}
         self.fit_state.update(iterations=iterations, settings=fit_settings)
+        distributed.init_distributed(self.device)
+        self.rank, self.world_size = distributed.world()
+        if self.world_size > 1:
+            distributed.sync_start(self, fit_settings)
         val_every = val_every or max(1, iterations // 10)
 
         cbs: list[Callback] = [History()]
@@ -294,7 +301,7 @@ class MetaLearner:
         if resume is not None:
             self._callbacks.load_state_dict(self.fit_state.pop("callbacks", {}))
 
-        self.should_stop = False
+        self.should_stop = stop = False
         self._t_start = time.perf_counter()
         batches = task_batches(
             train_tasks, meta_batch_size, start_batch=self.iteration, num_workers=num_workers,
@@ -302,7 +309,7 @@ class MetaLearner:
         )
         try:
             self._callbacks.on_fit_start(self)
-            while self.iteration < iterations and not self.should_stop:
+            while self.iteration < iterations and not stop:
                 batch = next(batches).to(self.device, non_blocking=True)
                 self._callbacks.on_iteration_start(self)
                 metrics = self._train_step(batch)
@@ -311,7 +318,12 @@ class MetaLearner:
                 if val_tasks is not None and (self.iteration % val_every == 0 or self.iteration == iterations):
                     result = self.evaluate(val_tasks, val_episodes, progress=False)
                     self._callbacks.on_validation_end(self, result.metrics("val/"))
-                if budget_minutes is not None and self.elapsed >= 60.0 * budget_minutes:
+                stop = self.should_stop
+                out_of_time = budget_minutes is not None and self.elapsed >= 60.0 * budget_minutes
+                if self.world_size > 1:  # every rank stops at the same iteration
+                    stop, out_of_time = distributed.any_rank(stop, out_of_time, what=f"stop check (iteration {self.iteration})")
+                    self.should_stop = self.should_stop or stop
+                if out_of_time:
                     self.fit_state["stopped_by"] = "budget"
                     break
             self._callbacks.on_fit_end(self)
@@ -330,7 +342,7 @@ class MetaLearner:
         self.model.train()
         self.meta_optimizer.zero_grad(set_to_none=True)
         metrics = self.algorithm.meta_step(self.model, batch)
-        self._reduce_gradients()
+        metrics = self._reduce_gradients(metrics, len(batch))
         self._callbacks.on_after_backward(self)
         params = [p for p in self.meta_parameters() if p.grad is not None]
         grads = [p.grad for p in params]
@@ -357,8 +369,11 @@ class MetaLearner:
         metrics["lr"] = float(self.meta_optimizer.param_groups[0]["lr"])
         return metrics
 
-    def _reduce_gradients(self) -> None:
-        """Hook for distributed training: average meta-gradients across processes."""
+    def _reduce_gradients(self, metrics: dict[str, float], weight: float) -> dict[str, float]:
+        """Average meta-gradients and metrics across processes (``weight``: this rank's tasks)."""
+        if self.world_size == 1:
+            return metrics
+        return distributed.reduce_meta_gradients(self.meta_parameters(), metrics, weight, iteration=self.iteration)
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(
@@ -381,9 +396,12 @@ class MetaLearner:
             ways, shots, queries: evaluate another setting of the same source
                 (e.g. 20-way with a learner trained 5-way; needs per-task heads).
             steps: inner steps (default: the algorithm's ``eval_steps``, else its ``steps``).
+
+        After a ``fit`` under torchrun, call it on every rank: ranks split the episodes and
+        gather the per-episode results, so every rank gets the single-process result.
         """
         if isinstance(tasks, (list, tuple)):
-            eps: Iterable[Episode] = tasks
+            episode_at = tasks.__getitem__
             n = len(tasks)
         else:
             if any(v is not None for v in (ways, shots, queries)):
@@ -394,32 +412,30 @@ class MetaLearner:
             if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
                 raise ConfigError(f"episodes must be an integer >= 1, got {episodes!r}")
             n = episodes
-            eps = (tasks.episode(start + i) for i in range(episodes))
+            episode_at = lambda i: tasks.episode(start + i)  # noqa: E731
         if steps is None:
             steps = self.algorithm.eval_steps
         from tqdm.auto import tqdm
 
         was_training = self.model.training
         self.model.eval()
-        accs: list[float] = []
-        losses: list[float] = []
-        first: Episode | None = None
-        try:
-            for ep in tqdm(eps, total=n, desc="evaluate", disable=not progress or not self.is_main_process,
-                           leave=False, dynamic_ncols=True):
-                first = first or ep
+        rows: list[tuple[int, tuple[dict[str, float], tuple[int, int, int]]]] = []
+        try:  # this rank's share of the episodes (all of them in a single process)
+            for i in tqdm(range(self.rank, n, self.world_size), desc="evaluate", leave=False,
+                          disable=not progress or not self.is_main_process, dynamic_ncols=True):
+                ep = episode_at(i)
                 m = self.algorithm.evaluate_episode(self.model, ep.to(self.device), steps)
-                losses.append(m["loss"])
-                if "accuracy" in m:
-                    accs.append(m["accuracy"])
+                rows.append((i, (m, (ep.ways, ep.shots, ep.queries))))
         finally:
             self.model.train(was_training)
-        if first is None:
+        results = distributed.gather_ordered(rows) if self.world_size > 1 else [r for _, r in rows]
+        if not results:
             raise ConfigError("no episodes to evaluate")
+        losses = [m["loss"] for m, _ in results]
+        accs = [m["accuracy"] for m, _ in results if "accuracy" in m]
         acc, ci = mean_ci95(accs) if accs else (None, None)
         loss, loss_ci = mean_ci95(losses)
-        return EvalResult(acc, ci, loss, loss_ci, len(losses), first.ways, first.shots, first.queries,
-                          int(steps), accs, losses)
+        return EvalResult(acc, ci, loss, loss_ci, len(losses), *results[0][1], int(steps), accs, losses)
 
     # -- using the learner --------------------------------------------------------------------
     def preprocess(self, images: Any) -> torch.Tensor:

@@ -1,0 +1,119 @@
+"""Training jobs for the distributed tests, run under torchrun (or in-process as one rank).
+
+``python -m torch.distributed.run --standalone --nproc_per_node=2 dist_worker.py SPEC.json`` runs
+every job of the spec on every rank and writes ``OUT/<job>.rank<r>.pt`` (weights, history,
+per-episode validation/test accuracies).  The tests call :func:`run_job` in-process for the
+single-process reference.  Faults (``kill``, ``hang``, ``stop``, ``nan``: ``[rank, iteration]``)
+are injected at the end of (or, for ``nan``, inside) the given 1-based iteration on that rank.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metamtl import MetaLearner
+from metamtl.algorithms import build_algorithm
+from metamtl.callbacks import Callback
+from metamtl.data import ClassDataset, Preprocessing
+from metamtl.models import build_model
+from metamtl.tasks import EpisodeSampler
+
+
+def toy_dataset(classes: int = 40, per_class: int = 10, size: int = 12) -> ClassDataset:
+    g = torch.Generator().manual_seed(0)
+    protos = torch.rand(classes, 1, size, size, generator=g)
+    noise = torch.rand(classes * per_class, 1, size, size, generator=g)
+    images = ((protos.repeat_interleave(per_class, 0) * 0.8 + 0.2 * noise) * 255).to(torch.uint8)
+    prep = Preprocessing(size=(size, size), channels=1, mean=(0.5,), std=(0.25,))
+    return ClassDataset(images, torch.arange(classes).repeat_interleave(per_class),
+                        [f"c{i}" for i in range(classes)], name="toy", preprocessing=prep)
+
+
+def make_learner(job: dict[str, Any]) -> MetaLearner:
+    torch.manual_seed(job.get("seed", 0))
+    model = build_model("conv4", in_channels=1, hidden=8, image_size=12, blocks=2, out_features=5)
+    reptile = job["algorithm"] == "reptile"
+    algorithm = build_algorithm(job["algorithm"], steps=2 if reptile else 1, lr=0.3)
+    # SGD, not Adam: conv biases feeding BatchNorm have a zero true gradient, and Adam turns its
+    # float rounding noise (any summation order changes it) into full-size steps of random sign.
+    return MetaLearner(model, algorithm, preprocessing=toy_dataset().preprocessing, device="cpu",
+                       meta_optimizer="sgd", meta_lr=0.5 if reptile else 0.05)
+
+
+class Faults(Callback):
+    """Misbehave on one rank at one iteration, as the job's ``faults`` say."""
+
+    def __init__(self, faults: dict[str, list[int]]) -> None:
+        self.faults = faults
+
+    def _due(self, learner: MetaLearner, kind: str) -> bool:
+        f = self.faults.get(kind)
+        return f is not None and learner.rank == f[0] and learner.iteration == f[1]
+
+    def on_iteration_end(self, learner, metrics):
+        if self._due(learner, "kill"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self._due(learner, "hang"):
+            print(f"rank {learner.rank}: hanging at iteration {learner.iteration}", file=sys.stderr, flush=True)
+            time.sleep(600)
+        if self._due(learner, "stop"):
+            learner.should_stop = True
+
+
+def poison_gradients(learner: MetaLearner, rank: int, iteration: int) -> None:
+    """Make one rank's local meta-gradient NaN in the given (1-based) iteration."""
+    meta_step = learner.algorithm.meta_step
+
+    def poisoned(model, batch):
+        metrics = meta_step(model, batch)
+        if learner.rank == rank and learner.iteration + 1 == iteration:
+            learner.meta_parameters()[0].grad.fill_(float("nan"))
+        return metrics
+
+    learner.algorithm.meta_step = poisoned
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    ds = toy_dataset()
+    train = EpisodeSampler(ds.subset(range(30)), 5, 1, 3, seed=0)
+    val = EpisodeSampler(ds.subset(range(30, 40)), 5, 1, 3, seed=1)
+    learner = make_learner(job)
+    faults = job.get("faults", {})
+    if "nan" in faults:
+        poison_gradients(learner, *faults["nan"])
+    learner.fit(
+        train, val, iterations=job["iterations"], meta_batch_size=job["meta_batch_size"],
+        val_every=job.get("val_every"), val_episodes=job.get("val_episodes", 5),
+        checkpoint_dir=job.get("checkpoint_dir"), checkpoint_every=job.get("checkpoint_every", 100),
+        resume=job.get("resume"), callbacks=[Faults(faults)], progress=False,
+    )
+    test = learner.evaluate(val, job.get("test_episodes", 7), start=1000, progress=False)
+    return {
+        "params": {k: v.detach().clone() for k, v in learner.model.state_dict().items()},
+        "iteration": learner.iteration,
+        "world_size": learner.world_size,
+        "history": learner.history,
+        "test_accuracy": test.per_episode_accuracy,
+        "test_loss": test.per_episode_loss,
+    }
+
+
+def main(spec_path: str) -> None:
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    spec = json.loads(Path(spec_path).read_text())
+    out = Path(spec["out"])
+    for job in spec["jobs"]:
+        result = run_job(job)
+        rank = int(os.environ.get("RANK", "0"))
+        torch.save(result, out / f"{job['name']}.rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

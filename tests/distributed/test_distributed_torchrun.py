@@ -1,0 +1,208 @@
+"""Real multi-process runs: 2 gloo ranks under torchrun on CPU against one process.
+
+Each launch costs a few seconds of process start-up, so jobs share launches (one launch runs
+MAML, Reptile and the fault-agreement job in turn).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import dist_worker
+from metamtl import MetaLearner
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER = Path(dist_worker.__file__)
+
+
+def torchrun(args, tmp_path, *, nproc=2, env=None, timeout=240):
+    """``torchrun --standalone --nproc_per_node=nproc ARGS``; returns (completed process, seconds)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WANDB_MODE": "offline",
+                **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "--monitor-interval=0.5", *map(str, args)]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=tmp_path, timeout=timeout)
+    return out, time.perf_counter() - t0
+
+
+def run_worker(tmp_path, jobs, **kw):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir(exist_ok=True)
+    spec = tmp_path / f"spec-{jobs[0]['name']}.json"
+    spec.write_text(json.dumps({"out": str(out_dir), "jobs": jobs}))
+    proc, seconds = torchrun([WORKER, spec], tmp_path, **kw)
+    return proc, seconds, out_dir
+
+
+def load(out_dir, name, rank):
+    return torch.load(out_dir / f"{name}.rank{rank}.pt", weights_only=True)
+
+
+def max_param_diff(a, b):
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def single_process(job):
+    """The reference: the same job in this process (rank 0 of 1); faults move to rank 0."""
+    job = {**job, "faults": {kind: [0, it] for kind, (_, it) in job.get("faults", {}).items()}}
+    return dist_worker.run_job(job)
+
+
+# meta-batch 3 over 2 ranks: rank 0 adapts to 2 tasks, rank 1 to 1 (B not divisible by W)
+JOBS = [
+    {"name": "maml", "algorithm": "maml", "iterations": 4, "meta_batch_size": 3, "val_every": 2},
+    {"name": "reptile", "algorithm": "reptile", "iterations": 4, "meta_batch_size": 3, "val_every": 2},
+    # rank 1 alone gets a NaN meta-gradient in iteration 2 and alone asks to stop after iteration 3
+    {"name": "faults", "algorithm": "maml", "iterations": 6, "meta_batch_size": 3, "val_every": 2,
+     "faults": {"nan": [1, 2], "stop": [1, 3]}},
+]
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("equivalence")
+    proc, _, out_dir = run_worker(tmp, JOBS)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out_dir
+
+
+def assert_same_run(ranks, ref):
+    for r in ranks:
+        assert r["world_size"] == 2
+        assert r["iteration"] == ref["iteration"]
+        assert max_param_diff(r["params"], ref["params"]) < 1e-6
+        # validation and test episodes are split across ranks and gathered in order
+        assert r["test_accuracy"] == ref["test_accuracy"] and len(r["test_accuracy"]) == 7
+        assert r["test_loss"] == pytest.approx(ref["test_loss"], abs=1e-5)
+        assert [h["iteration"] for h in r["history"]] == [h["iteration"] for h in ref["history"]]
+        for row, ref_row in zip(r["history"], ref["history"]):
+            for key in ("train/loss", "train/accuracy", "train/grad_norm", "val/accuracy", "val/loss"):
+                if key in ref_row:  # metrics are averaged over ranks like the single-process mean
+                    assert row[key] == pytest.approx(ref_row[key], rel=1e-5, abs=1e-6), key
+    # both ranks hold bitwise the same weights
+    assert max_param_diff(ranks[0]["params"], ranks[1]["params"]) == 0.0
+
+
+@pytest.mark.parametrize("name", ["maml", "reptile"])
+def test_two_ranks_equal_one_process(two_rank_run, name):
+    job = next(j for j in JOBS if j["name"] == name)
+    ref = single_process(job)
+    ranks = [load(two_rank_run, name, r) for r in (0, 1)]
+    assert_same_run(ranks, ref)
+    # the run really trained: weights moved from the initialisation
+    init = dist_worker.make_learner(job).model.state_dict()
+    assert max_param_diff(ranks[0]["params"], init) > 1e-3
+
+
+def test_one_rank_nan_and_stop_request_are_obeyed_by_all_ranks(two_rank_run):
+    job = JOBS[2]
+    with pytest.warns(RuntimeWarning, match="iteration 2: non-finite"):
+        ref = single_process(job)
+    ranks = [load(two_rank_run, "faults", r) for r in (0, 1)]
+    assert ref["iteration"] == 3
+    assert_same_run(ranks, ref)
+    assert [h.get("train/skipped") for h in ranks[1]["history"] if h["iteration"] == 2][0] == 1.0
+
+
+CRASH = {"name": "crash", "algorithm": "maml", "iterations": 8, "meta_batch_size": 3, "val_every": 4,
+         "checkpoint_every": 2}
+
+
+def test_killed_rank_stops_the_run_keeps_last_checkpoint_and_resume_completes(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    job = {**CRASH, "checkpoint_dir": str(ckpt), "faults": {"kill": [1, 5]}}
+    proc, seconds, _ = run_worker(tmp_path, [job])
+    assert proc.returncode != 0
+    assert seconds < 120
+    out = proc.stdout + proc.stderr
+    assert "Root Cause" in out and "rank      : 1" in out and "SIGKILL" in out, out[-3000:]
+    # the last checkpoint before the failure (iteration 4) is intact and loadable
+    saved = MetaLearner.load(ckpt / "last.pt", device="cpu")
+    assert saved.iteration == 4
+    assert not list(ckpt.glob(".*.tmp"))
+
+    proc, _, out_dir = run_worker(tmp_path, [{**CRASH, "name": "resumed", "checkpoint_dir": str(ckpt),
+                                              "resume": str(ckpt / "last.pt")}])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ref = single_process({**CRASH, "name": "ref"})
+    for r in (0, 1):
+        res = load(out_dir, "resumed", r)
+        assert res["iteration"] == 8
+        assert max_param_diff(res["params"], ref["params"]) < 1e-6
+    assert MetaLearner.load(ckpt / "last.pt", device="cpu").iteration == 8
+
+
+def test_hung_rank_makes_the_others_fail_within_the_timeout(tmp_path):
+    job = {"name": "hang", "algorithm": "reptile", "iterations": 8, "meta_batch_size": 3, "val_every": 4,
+           "faults": {"hang": [1, 3]}}
+    proc, seconds, _ = run_worker(tmp_path, [job], env={"METAMTL_DIST_TIMEOUT": "10"})
+    assert proc.returncode != 0
+    assert seconds < 150  # the hang sleeps 600 s; the 10 s collective timeout ends the run
+    err = proc.stderr
+    assert "rank 1: hanging at iteration 3" in err
+    assert "DistributedError: rank 0/2: stop check (iteration 3) failed" in err, err[-3000:]
+    assert "Timed out" in err and "Another process probably failed" in err
+
+
+def test_cli_under_torchrun_on_omniglot_matches_one_process(tmp_path, data_root):
+    args = ["configs/omniglot_5w1s.yaml", "train.iterations=4", "train.meta_batch_size=3", "model.hidden=16",
+            "train.val_every=2", "train.val_episodes=5", "eval.episodes=9", "train.meta_optimizer=sgd",
+            "train.meta_lr=0.05", "logging.report=false"]
+    env = {"METAMTL_DATA": str(data_root)}
+    proc, _ = torchrun(["-m", "metamtl", "fit", *args, f"output_dir={tmp_path / 'two'}", "--no-progress"], REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("[metamtl] saved learner to") == 1  # rank 0 alone prints
+    assert proc.stdout.count("held-out test: accuracy") == 1
+    one = subprocess.run([sys.executable, "-m", "metamtl", "fit", *args, f"output_dir={tmp_path / 'one'}", "--no-progress"],
+                         capture_output=True, text=True, cwd=REPO, timeout=240,
+                         env={**os.environ, **env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-4000:]
+    two_dir, one_dir = tmp_path / "two" / "omniglot_5w1s", tmp_path / "one" / "omniglot_5w1s"
+    res2, res1 = (json.loads((d / "results.json").read_text()) for d in (two_dir, one_dir))
+    assert res2["world_size"] == 2 and res1["world_size"] == 1
+    assert res2["iterations"] == res1["iterations"] == 4
+    assert res2["test"][0]["per_episode_accuracy"] == res1["test"][0]["per_episode_accuracy"]
+    a = torch.load(two_dir / "learner.pt", weights_only=True)["model_state"]
+    b = torch.load(one_dir / "learner.pt", weights_only=True)["model_state"]
+    # Conv biases feeding BatchNorm do not change any output (BN subtracts the batch mean): their
+    # gradient is float rounding noise of the ~10-25 norm meta-gradient, so they are compared
+    # at that scale; every weight that matters must agree within 1e-6.
+    dead = {k for k in a if re.fullmatch(r"trunk\.blocks\.\d+\.0\.bias", k)}
+    assert len(dead) == 4
+    assert max_param_diff({k: a[k] for k in a.keys() - dead}, {k: b[k] for k in b.keys() - dead}) < 1e-6
+    assert max_param_diff({k: a[k] for k in dead}, {k: b[k] for k in dead}) < 1e-3
+    assert (two_dir / "last.pt").is_file() and (two_dir / "best.pt").is_file()
+
+
+@pytest.mark.slow
+def test_two_nodes_via_rendezvous_arguments(tmp_path):
+    """Two torchrun agents (one process each) meeting at a c10d rendezvous, as on two machines."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"out": str(out_dir), "jobs": [JOBS[0]]}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=metamtl-test",
+           str(WORKER), str(spec)]
+    nodes = [subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    logs = [p.communicate(timeout=240)[0] for p in nodes]
+    assert all(p.returncode == 0 for p in nodes), "\n".join(logs)[-4000:]
+    ranks = [load(out_dir, "maml", r) for r in (0, 1)]
+    assert_same_run(ranks, single_process(JOBS[0]))

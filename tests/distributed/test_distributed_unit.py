@@ -1,0 +1,110 @@
+"""In-process pieces of distributed training: launch environment, task shares, single-process no-op."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dist_worker
+from metamtl import distributed
+from metamtl.errors import DistributedError, MetamtlError
+from metamtl.learner import resolve_device
+from metamtl.tasks import EpisodeSampler, task_batches
+from metamtl.tasks.sampler import MetaBatchIndexSampler
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "METAMTL_DIST_TIMEOUT")
+
+
+@pytest.fixture
+def env(monkeypatch):
+    for name in LAUNCH_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+    def set_env(**values):
+        for k, v in values.items():
+            monkeypatch.setenv(k, str(v))
+
+    return set_env
+
+
+def test_plain_process_is_rank_0_of_1(env):
+    e = distributed.launch_env()
+    assert (e.rank, e.world_size, e.local_rank, e.distributed, e.is_main_process) == (0, 1, 0, False, True)
+    assert distributed.rank_tag() == ""
+    assert distributed.init_distributed("cpu") == e and not dist.is_initialized()
+
+
+def test_torchrun_variables_are_read(env):
+    env(RANK=5, WORLD_SIZE=8, LOCAL_RANK=1, LOCAL_WORLD_SIZE=4)
+    e = distributed.launch_env()
+    assert (e.rank, e.world_size, e.local_rank, e.local_world_size) == (5, 8, 1, 4)
+    assert not e.is_main_process and e.distributed
+    assert distributed.rank_tag() == " (rank 5/8)"
+    # an unindexed CUDA device means this process's GPU; CPU and explicit indices are kept
+    assert distributed.process_device(torch.device("cuda")) == torch.device("cuda", 1)
+    assert distributed.process_device(torch.device("cuda", 0)) == torch.device("cuda", 0)
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"WORLD_SIZE": 2}, "RANK is not"),
+    ({"WORLD_SIZE": 2, "RANK": 2}, "RANK=2 must be in 0..WORLD_SIZE-1"),
+    ({"WORLD_SIZE": "two", "RANK": 0}, "WORLD_SIZE='two' must be an integer"),
+    ({"WORLD_SIZE": 0, "RANK": 0}, "WORLD_SIZE=0 must be >= 1"),
+])
+def test_bad_launch_environment_is_a_clear_error(env, values, message):
+    env(**values)
+    with pytest.raises(DistributedError, match=message) as info:
+        distributed.launch_env()
+    assert isinstance(info.value, MetamtlError)
+
+
+def test_collective_timeout_setting(env):
+    assert distributed.timeout_seconds() == distributed.DEFAULT_TIMEOUT
+    assert distributed.timeout_seconds(5) == 5.0
+    env(METAMTL_DIST_TIMEOUT="12.5")
+    assert distributed.timeout_seconds() == 12.5
+    env(METAMTL_DIST_TIMEOUT="soon")
+    with pytest.raises(DistributedError, match="METAMTL_DIST_TIMEOUT='soon'"):
+        distributed.timeout_seconds()
+    with pytest.raises(DistributedError, match="> 0"):
+        distributed.timeout_seconds(0)
+
+
+def test_world_size_1_launch_trains_without_a_process_group(env):
+    env(RANK=0, WORLD_SIZE=1, LOCAL_RANK=0)
+    job = {"name": "one", "algorithm": "reptile", "iterations": 2, "meta_batch_size": 2, "val_every": 2}
+    result = dist_worker.run_job(job)
+    assert result["world_size"] == 1 and result["iteration"] == 2 and not dist.is_initialized()
+
+
+@settings(max_examples=60, deadline=None)
+@given(batch=st.integers(1, 12), world=st.integers(1, 12), start=st.integers(0, 50))
+def test_rank_shares_are_disjoint_and_their_union_is_the_meta_batch(batch, world, start):
+    if world > batch:
+        return
+    full = list(MetaBatchIndexSampler(batch, start, 2))
+    shares = [list(MetaBatchIndexSampler(batch, start, 2, rank=r, world_size=world)) for r in range(world)]
+    assert sorted(i for s in shares for i in s) == full == list(range(start * batch, (start + 2) * batch))
+    sizes = [len(s) for s in shares]
+    assert max(sizes) - min(sizes) <= 2 and min(sizes) >= 2  # every rank gets >= 1 task per batch
+
+
+def test_ranks_draw_the_same_episodes_as_one_process():
+    sampler = EpisodeSampler(dist_worker.toy_dataset(), 5, 1, 2, seed=7)
+    single = next(task_batches(sampler, 5, start_batch=3, num_batches=1))
+    parts = [next(task_batches(sampler, 5, start_batch=3, num_batches=1, rank=r, world_size=2)) for r in (0, 1)]
+    assert [len(p) for p in parts] == [3, 2]
+    by_index = {ep.index: ep for p in parts for ep in p}
+    assert sorted(by_index) == single.indices
+    for ep in single:
+        assert torch.equal(by_index[ep.index].support_x, ep.support_x)
+        assert by_index[ep.index].classes == ep.classes
+
+
+def test_more_ranks_than_tasks_is_refused():
+    sampler = EpisodeSampler(dist_worker.toy_dataset(), 5, 1, 2)
+    with pytest.raises(MetamtlError, match="meta batch size 2 is smaller than the number of ranks 3"):
+        next(task_batches(sampler, 2, rank=0, world_size=3))
