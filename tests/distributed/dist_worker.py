@@ -27,13 +27,14 @@ from metamtl.tasks import EpisodeSampler
 
 
 def toy_dataset(classes: int = 40, per_class: int = 10, size: int = 12) -> ClassDataset:
+    """Class ``c``: a fixed random binary pattern (bright pixels) plus per-image noise."""
     g = torch.Generator().manual_seed(0)
-    protos = torch.rand(classes, 1, size, size, generator=g)
-    noise = torch.rand(classes * per_class, 1, size, size, generator=g)
-    images = ((protos.repeat_interleave(per_class, 0) * 0.8 + 0.2 * noise) * 255).to(torch.uint8)
-    prep = Preprocessing(size=(size, size), channels=1, mean=(0.5,), std=(0.25,))
+    patterns = (torch.rand(classes, 1, 1, size, size, generator=g) > 0.7).to(torch.int64)
+    noise = torch.randint(0, 60, (classes, per_class, 1, size, size), generator=g)
+    images = (patterns * 180 + noise).to(torch.uint8).flatten(0, 1)
     return ClassDataset(images, torch.arange(classes).repeat_interleave(per_class),
-                        [f"c{i}" for i in range(classes)], name="toy", preprocessing=prep)
+                        [f"c{i}" for i in range(classes)], name="toy",
+                        preprocessing=Preprocessing(size=(size, size), channels=1, mean=(0.3,), std=(0.3,)))
 
 
 def make_learner(job: dict[str, Any]) -> MetaLearner:
