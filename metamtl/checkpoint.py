@@ -53,7 +53,11 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
         except OSError:
             pass
         if isinstance(exc, OSError):
-            raise CheckpointError(f"could not write checkpoint {path}: {exc.strerror or exc}") from exc
+            raise CheckpointError(
+                f"could not write checkpoint {path}: {exc.strerror or exc}. Nothing was replaced: "
+                f"{'the previous checkpoint there is intact' if path.exists() else 'no file was left behind'}; "
+                "free disk space or choose another output directory"
+            ) from exc
         raise
     return path
 
@@ -70,8 +74,10 @@ def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
             f"refusing to load {path}: it is not a plain-tensor checkpoint (it would need to run "
             f"code to unpickle). Only load checkpoints written by metamtl. Details: {exc}"
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {exc}") from exc
+    except Exception as exc:  # arbitrary bytes make the unpickler raise almost anything
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated or corrupt?): {type(exc).__name__}: {exc}"
+        ) from exc
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a metamtl checkpoint (no '{FORMAT}' header)")
     if int(obj.get("format_version", -1)) > FORMAT_VERSION:

@@ -193,27 +193,46 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
     return cls(**kwargs)
 
 
+def _at_least(where: str, value: int | None, minimum: int) -> None:
+    if value is not None and value < minimum:
+        raise ConfigError(f"{where} must be >= {minimum}, got {value}")
+
+
 def _check_config(cfg: Config) -> Config:
+    if not cfg.name or cfg.name in (".", "..") or "/" in cfg.name or "\\" in cfg.name:
+        raise ConfigError(f"name {cfg.name!r} must be a plain folder name (the run goes to output_dir/name)")
     t = cfg.tasks
-    for name in ("ways", "shots"):
-        if getattr(t, name) < 1:
-            raise ConfigError(f"tasks.{name} must be >= 1, got {getattr(t, name)}")
-    if t.queries < 0 or t.num_workers < 0:
-        raise ConfigError("tasks.queries and tasks.num_workers must be >= 0")
+    for name, minimum in (("ways", 1), ("shots", 1), ("queries", 1), ("num_workers", 0)):
+        _at_least(f"tasks.{name}", getattr(t, name), minimum)
     tr = cfg.train
-    if tr.iterations < 0 or tr.meta_batch_size < 1 or tr.val_episodes < 1:
-        raise ConfigError("train.iterations >= 0, train.meta_batch_size >= 1 and train.val_episodes >= 1 are required")
+    for name, minimum in (("iterations", 0), ("meta_batch_size", 1), ("val_episodes", 1), ("val_every", 1),
+                          ("checkpoint_every", 0), ("max_bad_steps", 1)):
+        _at_least(f"train.{name}", getattr(tr, name), minimum)
     for name in ("meta_lr", "grad_clip", "budget_minutes"):
         v = getattr(tr, name)
         if v is not None and not v > 0:
             raise ConfigError(f"train.{name} must be > 0, got {v}")
-    if cfg.eval.episodes < 1 or cfg.eval.queries < 1:
-        raise ConfigError("eval.episodes and eval.queries must be >= 1")
+    _at_least("eval.episodes", cfg.eval.episodes, 1)
+    _at_least("eval.queries", cfg.eval.queries, 1)
+    _at_least("eval.steps", cfg.eval.steps, 0)
+    _at_least("data.image_size", cfg.data.image_size, 1)
+    for where, seed in (("seed", cfg.seed), ("tasks.seed", t.seed), ("tasks.val_seed", t.val_seed),
+                        ("tasks.test_seed", t.test_seed), ("data.split_seed", cfg.data.split_seed)):
+        if seed is not None and not 0 <= seed < 2**63:
+            raise ConfigError(f"{where} must be an integer in 0..2**63-1, got {seed}")
+    d = cfg.data
+    for other in ("val_split", "test_split"):
+        if getattr(d, other) is not None and getattr(d, other) == d.train_split:
+            raise ConfigError(
+                f"data.{other} is the same split as data.train_split ({d.train_split!r}): evaluation "
+                f"classes must be held out from training; choose another split or set data.{other}: null"
+            )
     for s in cfg.eval.settings:
         if s.ways < 1 or s.shots < 1:
             raise ConfigError(f"eval.settings entries need ways >= 1 and shots >= 1, got {s}")
     if "name" not in cfg.model or "name" not in cfg.algorithm:
         raise ConfigError("model and algorithm sections need a 'name'")
+    _check_components(cfg)
     head_init = cfg.algorithm.get("head_init", "learned")
     if head_init == "learned" and any(s.ways != t.ways for s in cfg.eval.settings):
         raise ConfigError(
@@ -221,6 +240,40 @@ def _check_config(cfg: Config) -> Config:
             "'learned' (a fixed-size head); set algorithm.head_init to 'zero' or 'proto' to evaluate other ways"
         )
     return cfg
+
+
+def _check_components(cfg: Config) -> None:
+    """Validate the model, algorithm, meta-optimizer and device settings without loading data."""
+    import torch
+
+    from .algorithms import build_algorithm
+    from .data.registry import DATASETS, TASK_FAMILIES
+    from .errors import unknown_name
+    from .learner import META_OPTIMIZERS
+    from .models.backbones import check_model_config
+
+    if cfg.data.name not in {**DATASETS, **TASK_FAMILIES}:
+        raise ConfigError(f"config.data.name: {unknown_name('dataset', cfg.data.name, {**DATASETS, **TASK_FAMILIES})}")
+    model = dict(cfg.model)
+    try:
+        check_model_config(model.pop("name"), model)
+        build_algorithm(**cfg.algorithm)
+    except ConfigError as exc:
+        raise ConfigError(f"config: {exc}") from None
+    if cfg.train.meta_optimizer not in META_OPTIMIZERS:
+        raise ConfigError(f"config.train.meta_optimizer: unknown meta optimizer {cfg.train.meta_optimizer!r}."
+                          f"{did_you_mean(cfg.train.meta_optimizer, META_OPTIMIZERS)} Valid: {', '.join(META_OPTIMIZERS)}.")
+    if cfg.train.device != "auto":
+        try:
+            torch.device(cfg.train.device)
+        except (RuntimeError, TypeError, ValueError):
+            raise ConfigError(f"config.train.device: unknown device {cfg.train.device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    out = cfg.model.get("out_features")
+    if cfg.algorithm.get("head_init", "learned") == "learned" and isinstance(out, int) and out != cfg.tasks.ways:
+        raise ConfigError(
+            f"model.out_features is {out} but tasks.ways is {cfg.tasks.ways}, and algorithm.head_init is "
+            "'learned' (a fixed-size head); drop model.out_features or make them equal"
+        )
 
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:

@@ -4,6 +4,9 @@ Every error the library raises on purpose derives from :class:`MetamtlError`, so
 CLI) can tell a user mistake, which gets a readable message, from a bug.  Each subclass also
 derives from the builtin exception a Python user would expect (``ValueError`` for bad values,
 ``FileNotFoundError`` for missing data, ...), so ``except ValueError`` keeps working.
+
+The one exception is :class:`FitInterrupted`: like ``KeyboardInterrupt`` it is not an
+``Exception``, so a broad ``except Exception`` never swallows a stop request.
 """
 from __future__ import annotations
 
@@ -49,6 +52,30 @@ class TrainingError(MetamtlError, RuntimeError):
 
 class DistributedError(MetamtlError, RuntimeError):
     """A multi-process (torchrun) run is misconfigured, or another rank failed or timed out."""
+
+
+class FitInterrupted(KeyboardInterrupt):
+    """``MetaLearner.fit`` stopped on SIGINT (Ctrl-C) or SIGTERM.
+
+    On the first signal fit finishes the current iteration, saves a resumable checkpoint and
+    raises this; a second signal raises it at once (``checkpoint`` is then ``None``).
+
+    Attributes:
+        signum: the signal number; ``exit_code`` is the shell convention ``128 + signum``
+            (130 for SIGINT, 143 for SIGTERM).
+        iteration: completed meta-iterations.
+        checkpoint: path of the resumable checkpoint written, or ``None``.
+    """
+
+    def __init__(self, message: str, signum: int, iteration: int, checkpoint=None) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.iteration = iteration
+        self.checkpoint = checkpoint
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum)
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:

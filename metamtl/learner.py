@@ -7,6 +7,7 @@ to use (or resume training) the learner standalone.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import random
@@ -25,7 +26,7 @@ from .algorithms import Algorithm, build_algorithm
 from .callbacks import Callback, CallbackList, History, ModelCheckpoint, ProgressBar
 from .checkpoint import FORMAT, FORMAT_VERSION, atomic_save, config_diff, safe_load
 from .data.base import Preprocessing
-from .errors import CheckpointError, ConfigError, InputError, TrainingError, unknown_name
+from .errors import CheckpointError, ConfigError, InputError, MetamtlError, TrainingError, unknown_name
 from .models.backbones import TrunkHead, build_model
 from .tasks.episode import Episode, TaskBatch
 from .tasks.sampler import TaskSource, task_batches
@@ -176,7 +177,7 @@ class MetaLearner:
         self.meta_optimizer_kwargs = dict(meta_optimizer_kwargs or {})
         self.grad_clip = None if grad_clip is None else check_positive("grad_clip", grad_clip)
         self.callbacks = list(callbacks)
-        self.max_bad_steps = int(max_bad_steps)
+        self.max_bad_steps = _check_int("max_bad_steps", max_bad_steps, 1)
         self.task = task
         self.task_defaults = dict(task_defaults or {})
         self.metadata = dict(metadata or {})
@@ -184,7 +185,7 @@ class MetaLearner:
             self.meta_optimizer = META_OPTIMIZERS[meta_optimizer](
                 self.meta_parameters(), lr=self.meta_lr, **self.meta_optimizer_kwargs
             )
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise ConfigError(f"bad meta_optimizer_kwargs for {meta_optimizer!r}: {exc}") from None
         self.iteration = 0
         self.history: list[dict[str, float]] = []
@@ -273,10 +274,16 @@ class MetaLearner:
         Returns:
             ``self.history``: one row per iteration/validation.
         """
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-            raise ConfigError(f"iterations must be an integer >= 0, got {iterations!r}")
-        if isinstance(meta_batch_size, bool) or not isinstance(meta_batch_size, int) or meta_batch_size < 1:
-            raise ConfigError(f"meta_batch_size must be an integer >= 1, got {meta_batch_size!r}")
+        _check_int("iterations", iterations, 0)
+        _check_int("meta_batch_size", meta_batch_size, 1)
+        _check_int("val_episodes", val_episodes, 1)
+        _check_int("checkpoint_every", checkpoint_every, 0)
+        _check_int("num_workers", num_workers, 0)
+        if val_every is not None:
+            _check_int("val_every", val_every, 1)
+        _check_task_source("train_tasks", train_tasks)
+        if val_tasks is not None:
+            _check_task_source("val_tasks", val_tasks)
         if budget_minutes is not None:
             check_positive("budget_minutes", budget_minutes)
         fit_settings = {"meta_batch_size": meta_batch_size, "train_tasks": repr(train_tasks)}
@@ -310,7 +317,10 @@ class MetaLearner:
         try:
             self._callbacks.on_fit_start(self)
             while self.iteration < iterations and not stop:
-                batch = next(batches).to(self.device, non_blocking=True)
+                batch = next(batches)
+                for episode in batch:
+                    self._check_episode(episode, "fit")
+                batch = batch.to(self.device, non_blocking=True)
                 self._callbacks.on_iteration_start(self)
                 metrics = self._train_step(batch)
                 self.iteration += 1
@@ -400,10 +410,14 @@ class MetaLearner:
         After a ``fit`` under torchrun, call it on every rank: ranks split the episodes and
         gather the per-episode results, so every rank gets the single-process result.
         """
+        _check_steps(steps)
         if isinstance(tasks, (list, tuple)):
             episode_at = tasks.__getitem__
             n = len(tasks)
+            if not all(isinstance(e, Episode) for e in tasks):
+                raise ConfigError("evaluate needs a task source or a list of Episode objects")
         else:
+            _check_task_source("tasks", tasks)
             if any(v is not None for v in (ways, shots, queries)):
                 if not hasattr(tasks, "with_settings"):
                     raise ConfigError(f"{type(tasks).__name__} cannot change ways/shots/queries")
@@ -424,6 +438,7 @@ class MetaLearner:
             for i in tqdm(range(self.rank, n, self.world_size), desc="evaluate", leave=False,
                           disable=not progress or not self.is_main_process, dynamic_ncols=True):
                 ep = episode_at(i)
+                self._check_episode(ep, "evaluate")
                 m = self.algorithm.evaluate_episode(self.model, ep.to(self.device), steps)
                 rows.append((i, (m, (ep.ways, ep.shots, ep.queries))))
         finally:
@@ -463,13 +478,38 @@ class MetaLearner:
         try:
             self.model.check_input(x)
         except InputError as exc:
-            raise InputError(f"{what}: {exc}") from None
+            raise InputError(
+                f"{what}: {exc}; give raw images (PIL images or arrays, preprocessed like the training "
+                "data) or the output of MetaLearner.preprocess()"
+            ) from None
         if not torch.isfinite(x).all():
             raise InputError(f"{what} contains NaN or infinite values")
         return x
 
+    def _check_episode(self, episode: Episode, what: str) -> None:
+        """Refuse, with a clear message, an episode this learner cannot train or evaluate on."""
+        if not isinstance(episode, Episode):
+            raise InputError(f"{what}: the task source returned {type(episode).__name__}, not an Episode")
+        where = f"{what}: episode {episode.index}" + (f" of {episode.dataset!r}" if episode.dataset else "")
+        episode.validate()
+        if episode.task != self.task:
+            raise InputError(f"{where} is a {episode.task} task but this learner does {self.task}")
+        if episode.query_x.shape[0] == 0:
+            raise InputError(f"{where} has no query examples; {what} needs queries >= 1 per class "
+                             "(the query loss is what meta-training optimises and evaluation measures)")
+        try:
+            self.model.check_input(episode.support_x)
+        except InputError as exc:
+            raise InputError(
+                f"{where}: the data does not fit the model: {exc}. Build the model for this data "
+                "(e.g. conv4 in_channels/image_size) or load the data at the model's size (image_size=)"
+            ) from None
+
     def _prepare_labels(self, y: Any, n: int) -> tuple[torch.Tensor, int]:
-        y = torch.as_tensor(y, device=self.device)
+        try:
+            y = torch.as_tensor(y, device=self.device)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise InputError(f"support_y must be labels 0..N-1 (a list, array or tensor of integers), got {y!r:.80}: {exc}") from None
         if y.dim() != 1 and not (self.task == "regression" and y.dim() == 2):
             raise InputError(f"support_y must be a 1-D tensor of labels, got shape {list(y.shape)}")
         if y.shape[0] != n:
@@ -487,7 +527,8 @@ class MetaLearner:
         missing = sorted(set(range(ways)) - set(y.tolist()))
         if missing:
             raise InputError(
-                f"support labels must cover every class 0..{ways - 1}; class(es) {missing} have no "
+                f"support labels must cover every class 0..{ways - 1}; class(es) {missing[:10]}"
+                f"{' ...' if len(missing) > 10 else ''} have no "
                 "support example (relabel classes to 0..N-1)"
             )
         return y, ways
@@ -498,6 +539,7 @@ class MetaLearner:
         ``support_x`` may be model input (float tensor), stored ``uint8`` images, or raw images
         (PIL / arrays), which are preprocessed; ``support_y`` holds labels ``0..N-1``.
         """
+        _check_steps(steps)
         x = self._prepare_inputs(support_x, "support_x")
         y, ways = self._prepare_labels(support_y, x.shape[0])
         self.model.eval()
@@ -564,26 +606,35 @@ class MetaLearner:
     def load(cls, path: str | Path, device: str | torch.device | None = "auto",
              model: TrunkHead | None = None) -> "MetaLearner":
         """Rebuild a learner saved with :meth:`save` (weights-only, safe loading)."""
-        obj = safe_load(path)
+        obj = _require(safe_load(path), path, "config", "model_state", "algorithm_state")
         cfg = obj["config"]
         try:
             if model is None:
                 model = build_model(**cfg["model"])
+            elif model.config.get("name") and config_diff(cfg["model"], model.config):
+                raise CheckpointError(
+                    f"{path} holds a different model than the one given:\n  "
+                    + "\n  ".join(config_diff(cfg["model"], model.config))
+                )
             model.load_state_dict(obj["model_state"])
             algorithm = build_algorithm(**cfg["algorithm"])
             algorithm.setup(model)
             algorithm.load_state_dict(obj["algorithm_state"])
-        except (ConfigError, RuntimeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{path}: checkpoint does not match this metamtl version's models: {exc}") from exc
-        learner_cfg = dict(cfg["learner"])
-        prep = obj.get("preprocessing")
-        learner = cls(
-            model, algorithm, preprocessing=Preprocessing.from_dict(prep) if prep else None,
-            device=device, task_defaults=obj.get("task_defaults"), metadata=obj.get("metadata"),
-            **learner_cfg,
-        )
-        learner.iteration = int(obj.get("iteration", 0))
-        learner.history = list(obj.get("history", []))
+            prep = obj.get("preprocessing")
+            learner = cls(
+                model, algorithm, preprocessing=Preprocessing.from_dict(prep) if prep else None,
+                device=device, task_defaults=obj.get("task_defaults"), metadata=obj.get("metadata"),
+                **dict(cfg["learner"]),
+            )
+            learner.iteration = int(obj.get("iteration", 0))
+            learner.history = list(obj.get("history", []))
+        except CheckpointError:
+            raise
+        except (MetamtlError, RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(
+                f"{path} does not match this metamtl version's models and settings "
+                f"(written by metamtl {obj.get('metamtl_version', '?')}, this is {__version__}): {exc}"
+            ) from exc
         learner._checkpoint = obj  # kept for resume
         return learner
 
@@ -591,14 +642,41 @@ class MetaLearner:
         obj = safe_load(path)
         if "training" not in obj:
             raise CheckpointError(f"{path} holds no training state (saved without training_state=True); cannot resume")
+        _require(obj, path, "config", "model_state", "algorithm_state", "iteration")
+        if not isinstance(obj["training"], dict) or not isinstance(obj["config"], dict) or not isinstance(
+            obj["training"].get("fit_state"), dict
+        ):
+            raise CheckpointError(f"{path}: damaged checkpoint (training state or config is not a mapping)")
         diff = config_diff(obj["config"], self.config())
         if diff:
             raise CheckpointError(f"cannot resume from {path}: its config differs from this learner's:\n  " + "\n  ".join(diff))
         tr = obj["training"]
-        old_settings = tr["fit_state"].get("settings", {})
+        old_settings = tr.get("fit_state", {}).get("settings", {})
         sdiff = config_diff(old_settings, fit_settings)
         if sdiff:
             raise CheckpointError(f"cannot resume from {path}: fit settings differ:\n  " + "\n  ".join(sdiff))
+        backup = self._snapshot()
+        try:
+            self._restore(obj, tr)
+        except Exception as exc:  # whatever a damaged file makes torch/numpy raise: roll back
+            self._restore(*backup)
+            raise CheckpointError(
+                f"{path}: damaged checkpoint or one from an incompatible metamtl version "
+                f"({type(exc).__name__}: {exc}); nothing was changed"
+            ) from exc
+
+    def _snapshot(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A deep copy of the training state, in the layout :meth:`_restore` reads."""
+        obj = {"model_state": self.model.state_dict(), "algorithm_state": self.algorithm.state_dict(),
+               "iteration": self.iteration, "history": self.history}
+        tr = {"meta_optimizer": self.meta_optimizer.state_dict(),
+              "fit_state": {k: v for k, v in self.fit_state.items() if k != "callbacks"},
+              "callbacks": self.fit_state.get("callbacks", {}), "elapsed": self.fit_state.get("elapsed", 0.0),
+              "bad_steps": self._bad_steps,
+              "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": _python_state()}}
+        return copy.deepcopy(obj), copy.deepcopy(tr)
+
+    def _restore(self, obj: dict[str, Any], tr: dict[str, Any]) -> None:
         self.model.load_state_dict(obj["model_state"])
         self.algorithm.load_state_dict(obj["algorithm_state"])
         self.meta_optimizer.load_state_dict(tr["meta_optimizer"])
@@ -633,3 +711,30 @@ def _python_state() -> list:
 
 def _set_python_state(s: list) -> None:
     random.setstate((s[0], tuple(s[1]), s[2]))
+
+
+def _require(obj: dict[str, Any], path: Any, *keys: str) -> dict[str, Any]:
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise CheckpointError(f"{path} is damaged or not a learner checkpoint: it lacks {', '.join(missing)}")
+    return obj
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_steps(steps: Any) -> None:
+    if steps is not None:
+        _check_int("steps", steps, 0)
+
+
+def _check_task_source(name: str, tasks: Any) -> None:
+    if not isinstance(tasks, TaskSource):
+        hint = " (wrap it: EpisodeSampler(dataset, ways, shots, queries))" if hasattr(tasks, "class_counts") else ""
+        raise ConfigError(
+            f"{name} must be a task source with .episode(index) and ways/shots/queries, such as "
+            f"metamtl.tasks.EpisodeSampler; got {type(tasks).__name__}{hint}"
+        )

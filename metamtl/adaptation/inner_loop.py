@@ -286,8 +286,17 @@ class InnerLoop:
         ):
             raise ConfigError(f"inner eval_steps must be an integer >= 0, got {self.eval_steps!r}")
         self.lr = check_positive("inner lr", self.lr)
+        if not isinstance(self.first_order, bool):
+            raise ConfigError(f"inner first_order must be true or false, got {self.first_order!r}")
         if self.optimizer not in INNER_OPTIMIZERS:
             raise unknown_name("inner optimizer", self.optimizer, INNER_OPTIMIZERS)
+        if not isinstance(self.optimizer_kwargs, dict):
+            raise ConfigError(f"inner optimizer_kwargs must be a mapping, got {self.optimizer_kwargs!r}")
+        try:  # let torch validate the settings now rather than at the first inner step
+            cls, defaults = INNER_OPTIMIZERS[self.optimizer]
+            cls([torch.zeros(1, requires_grad=True)], lr=self.lr, **{**defaults, **self.optimizer_kwargs})
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"bad inner optimizer_kwargs {self.optimizer_kwargs} for {self.optimizer!r}: {exc}") from None
         if self.adapt not in ADAPT_MODES:
             raise unknown_name("adapt mode", self.adapt, ADAPT_MODES)
         if self.head_init not in HEAD_INITS:

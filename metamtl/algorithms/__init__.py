@@ -20,7 +20,7 @@ def register_algorithm(cls: type[Algorithm]) -> type[Algorithm]:
 
 def build_algorithm(name: str, **kwargs: Any) -> Algorithm:
     """Build a registered algorithm from its config (as returned by ``Algorithm.config()``)."""
-    if name not in ALGORITHMS:
+    if not isinstance(name, str) or name not in ALGORITHMS:
         raise unknown_name("algorithm", name, ALGORITHMS)
     cls = ALGORITHMS[name]
     clash = {k: v for k, v in kwargs.items() if k in cls.fixed and cls.fixed[k] != v}

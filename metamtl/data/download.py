@@ -150,6 +150,59 @@ def _check_member(archive: Path, name: str, link: str | None = None, hardlink: b
         raise _member_error(archive, name, f"links to {link!r}, outside the target folder")
 
 
+def _resolve(path: str, links: dict[str, str]) -> list[str] | None:
+    """Components of ``path`` (relative to the target) after following the archive's own
+    symlinks, as the file system would once they exist; ``None`` if it leaves the target."""
+    todo = [p for p in path.split("/") if p not in ("", ".")]
+    parts: list[str] = []
+    hops = 0
+    while todo:
+        comp = todo.pop(0)
+        if comp == "..":
+            if not parts:
+                return None
+            parts.pop()
+            continue
+        here = "/".join([*parts, comp])
+        if here in links:
+            hops += 1
+            target = links[here]
+            if hops > 40 or target.startswith("/"):
+                return None
+            todo = [p for p in target.split("/") if p not in ("", ".")] + todo
+            continue
+        parts.append(comp)
+    return parts
+
+
+def _check_links(archive: Path, members: list[tuple[str, str | None, bool]]) -> None:
+    """Refuse members that would land outside the target once the archive's symlinks exist.
+
+    Path strings alone are not enough: with ``a -> .`` a member ``a/b -> ..`` looks contained
+    but is created as ``b`` pointing to the target's parent.  Each member's path (and link
+    target) is therefore resolved through the archive's symlinks (:func:`_resolve`).
+    """
+    links: dict[str, str] = {}
+    for name, link, hardlink in members:
+        norm = posixpath.normpath(name.replace("\\", "/")).strip("/")
+        if link is not None and not hardlink:
+            if norm in links:
+                raise _member_error(archive, name, "is a symlink that appears twice")
+            links[norm] = link.replace("\\", "/")
+    for name, link, hardlink in members:
+        norm = posixpath.normpath(name.replace("\\", "/")).strip("/")
+        parent = _resolve(posixpath.dirname(norm), links)
+        if parent is None:
+            raise _member_error(archive, name, "lies under a symlink that points outside the target folder")
+        if link is None:
+            if _resolve(norm, links) is None:
+                raise _member_error(archive, name, "is written through a symlink that points outside the target folder")
+            continue
+        start = "" if hardlink else "/".join(parent)
+        if _resolve(posixpath.join(start, link.replace("\\", "/")), links) is None:
+            raise _member_error(archive, name, f"links to {link!r}, outside the target folder (through other links)")
+
+
 def _zip_symlink_target(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> str | None:
     """The link target of a zip member stored as a symlink (Unix mode bits), else None."""
     if stat.S_ISLNK(info.external_attr >> 16):
@@ -172,6 +225,7 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
             members = [(info, _zip_symlink_target(zf, info)) for info in zf.infolist()]
             for info, link in members:
                 _check_member(archive, info.filename, link)
+            _check_links(archive, [(info.filename, link, False) for info, link in members])
             target.mkdir(parents=True, exist_ok=True)
             for info, link in members:
                 if link is None:
@@ -188,11 +242,17 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
                 if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
                     raise _member_error(archive, m.name, "is a device or FIFO, not a file or folder")
                 _check_member(archive, m.name, m.linkname if m.issym() or m.islnk() else None, m.islnk())
+            _check_links(archive, [(m.name, m.linkname if m.issym() or m.islnk() else None, m.islnk())
+                                   for m in members])
             target.mkdir(parents=True, exist_ok=True)
             # The checks above are the guarantee; the "data" filter (Python >= 3.11.4, 3.10.12)
             # additionally drops unsafe permission bits.
             safety = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            tf.extractall(target, members=members, **safety)
+            try:
+                tf.extractall(target, members=members, **safety)
+            except tarfile.TarError as exc:  # FilterError and friends: refuse as unsafe/corrupt
+                raise IntegrityError(f"refusing to extract {archive} further: {exc}; delete {target} and "
+                                     "check the archive") from exc
         return target
     raise DataError(f"{archive} is neither a zip nor a tar archive; cannot extract it")
 

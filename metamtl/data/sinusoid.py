@@ -17,7 +17,10 @@ if TYPE_CHECKING:
 
 
 def _interval(name: str, value: Sequence[float]) -> tuple[float, float]:
-    lo, hi = (float(v) for v in value)
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise TaskError(f"{name} must be a (low, high) pair of numbers, got {value!r}") from None
     if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
         raise TaskError(f"{name} must be a finite (low, high) range with low <= high, got {tuple(value)}")
     return lo, hi
@@ -53,15 +56,15 @@ class Sinusoid(Dataset):
         seed: int = 0,
         name: str = "sinusoid",
     ) -> None:
-        from ..tasks.sampler import _check_positive_int
+        from ..tasks.sampler import _check_positive_int, _check_seed
 
         self.shots = _check_positive_int("shots", shots)
         self.queries = _check_positive_int("queries", queries, minimum=0)
         self.amplitude = _interval("amplitude", amplitude)
         self.phase = _interval("phase", phase)
         self.x_range = _interval("x_range", x_range)
-        self.seed = int(seed)
-        self.name = name
+        self.seed = _check_seed(seed)
+        self.name = str(name)
 
     def __len__(self) -> int:
         return 2**62  # indexed by any non-negative integer, like EpisodeSampler
@@ -75,11 +78,9 @@ class Sinusoid(Dataset):
 
     def episode(self, index: int) -> Episode:
         from ..tasks.episode import Episode
-        from ..tasks.sampler import episode_generator
+        from ..tasks.sampler import _check_index, episode_generator
 
-        index = int(index)
-        if index < 0:
-            raise TaskError(f"episode index must be >= 0, got {index}")
+        index = _check_index(index)
         g = episode_generator(self.seed, index)
         u = torch.rand(2, generator=g, dtype=torch.float64).tolist()
         amplitude = self.amplitude[0] + (self.amplitude[1] - self.amplitude[0]) * u[0]

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, InputError, unknown_name
+from ..errors import ConfigError, InputError, did_you_mean, unknown_name
 from .heads import LinearHead
 from .norm import EpisodicBatchNorm
 
@@ -35,8 +35,9 @@ class Conv4(nn.Module):
 
     def __init__(self, in_channels: int = 1, hidden: int = 64, image_size: int = 28, blocks: int = 4) -> None:
         super().__init__()
-        if blocks < 1 or hidden < 1:
-            raise ConfigError(f"Conv4 needs blocks >= 1 and hidden >= 1, got blocks={blocks}, hidden={hidden}")
+        for key, value in (("in_channels", in_channels), ("hidden", hidden), ("image_size", image_size), ("blocks", blocks)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"Conv4 needs {key} to be an integer >= 1, got {value!r}")
         side = int(image_size)
         for _ in range(blocks):
             side //= 2
@@ -60,7 +61,7 @@ class Conv4(nn.Module):
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise InputError(
                 f"model expects images of shape [batch, {expected[0]}, {expected[1]}, {expected[2]}], "
-                f"got {list(x.shape)}; preprocess raw images with MetaLearner.preprocess()"
+                f"got {list(x.shape)}"
             )
 
 
@@ -69,6 +70,10 @@ class MLP(nn.Module):
 
     def __init__(self, in_features: int = 1, hidden: tuple[int, ...] | list[int] = (40, 40)) -> None:
         super().__init__()
+        if isinstance(hidden, (int, str)) or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden):
+            raise ConfigError(f"MLP hidden must be a list of layer widths >= 1, got {hidden!r}")
+        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+            raise ConfigError(f"MLP in_features must be an integer >= 1, got {in_features!r}")
         layers: list[nn.Module] = []
         prev = in_features
         for h in hidden:
@@ -137,16 +142,28 @@ def _mlp(in_features: int = 1, hidden: tuple[int, ...] | list[int] = (40, 40), o
 MODELS = {"conv4": _conv4, "mlp": _mlp}
 
 
-def build_model(name: str = "conv4", **kwargs: Any) -> TrunkHead:
-    """Build a registered model from its config; the config is kept in ``model.config``."""
-    if name not in MODELS:
+def check_model_config(name: Any, kwargs: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` for an unknown model name or setting (nothing is built)."""
+    if not isinstance(name, str) or name not in MODELS:
         raise unknown_name("model", name, MODELS)
     import inspect
 
     accepted = set(inspect.signature(MODELS[name]).parameters)
     unknown = set(kwargs) - accepted
     if unknown:
-        raise ConfigError(f"model {name!r} does not take {sorted(unknown)}; it accepts {sorted(accepted)}")
-    model = MODELS[name](**kwargs)
+        hint = did_you_mean(sorted(unknown)[0], accepted)
+        raise ConfigError(f"model {name!r} does not take {sorted(unknown)}.{hint} It accepts {sorted(accepted)}.")
+
+
+def build_model(name: str = "conv4", **kwargs: Any) -> TrunkHead:
+    """Build a registered model from its config; the config is kept in ``model.config``."""
+    check_model_config(name, kwargs)
+    out = kwargs.get("out_features")
+    if out is not None and (isinstance(out, bool) or not isinstance(out, int) or out < 1):
+        raise ConfigError(f"model {name!r}: out_features must be an integer >= 1 (the number of ways) or None, got {out!r}")
+    try:
+        model = MODELS[name](**kwargs)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"bad settings for model {name!r} {kwargs}: {exc}") from None
     model.config = {"name": name, **kwargs}
     return model

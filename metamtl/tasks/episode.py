@@ -7,6 +7,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..data.base import Preprocessing
+from ..errors import InputError
 
 
 @dataclasses.dataclass
@@ -52,6 +53,44 @@ class Episode:
     @property
     def is_classification(self) -> bool:
         return self.task == "classification"
+
+    def validate(self) -> "Episode":
+        """Check the episode is consistent; raise :class:`~metamtl.errors.InputError` if not.
+
+        Inputs and labels must be tensors of matching lengths, support and query inputs must
+        have the same shape per example, and classification labels must be integers in
+        ``0..ways-1`` with every class present in the support set.  Returns ``self``.
+        """
+        where = f"episode {self.index}" + (f" of {self.dataset!r}" if self.dataset else "")
+        parts = {"support_x": self.support_x, "support_y": self.support_y,
+                 "query_x": self.query_x, "query_y": self.query_y}
+        for name, t in parts.items():
+            if not isinstance(t, torch.Tensor):
+                raise InputError(f"{where}: {name} must be a tensor, got {type(t).__name__}")
+        for kind, x, y in (("support", self.support_x, self.support_y), ("query", self.query_x, self.query_y)):
+            if x.dim() < 1 or y.dim() < 1 or x.shape[0] != y.shape[0]:
+                raise InputError(f"{where}: {kind} inputs {list(x.shape)} and labels {list(y.shape)} differ in length")
+        if self.support_x.shape[1:] != self.query_x.shape[1:]:
+            raise InputError(
+                f"{where}: support inputs have shape {list(self.support_x.shape[1:])} but query inputs "
+                f"{list(self.query_x.shape[1:])}; support and query must have the same size (decode both "
+                "with the same Preprocessing)"
+            )
+        if not self.is_classification:
+            return self
+        ways = self.ways
+        for kind, y in (("support", self.support_y), ("query", self.query_y)):
+            if y.dtype.is_floating_point or y.dtype == torch.bool or y.dim() != 1:
+                raise InputError(f"{where}: {kind} labels must be a 1-D integer tensor, got {y.dtype} {list(y.shape)}")
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= ways):
+                raise InputError(
+                    f"{where}: {kind} labels must lie in 0..{ways - 1} for a {ways}-way task, got "
+                    f"{sorted(set(y.tolist()))[:10]}; relabel classes to 0..N-1"
+                )
+        missing = sorted(set(range(ways)) - set(self.support_y.tolist()))
+        if missing:
+            raise InputError(f"{where}: class(es) {missing[:10]} of 0..{ways - 1} have no support example")
+        return self
 
     def pin_memory(self) -> "Episode":
         return dataclasses.replace(

@@ -63,6 +63,21 @@ def _check_positive_int(name: str, value, minimum: int = 1) -> int:
     return value
 
 
+def _check_seed(seed) -> int:
+    """Any integer (or integral float) is a seed."""
+    if isinstance(seed, bool) or not isinstance(seed, int) and not (isinstance(seed, float) and seed.is_integer()):
+        raise TaskError(f"seed must be an integer, got {seed!r}")
+    return int(seed)
+
+
+def _check_index(index) -> int:
+    if hasattr(index, "__index__") and not isinstance(index, bool):
+        index = index.__index__()
+        if index >= 0:
+            return index
+    raise TaskError(f"episode index must be an integer >= 0, got {index!r}")
+
+
 class EpisodeSampler(Dataset):
     """N-way K-shot episodes from a class-indexed dataset.
 
@@ -97,17 +112,18 @@ class EpisodeSampler(Dataset):
         self.ways = _check_positive_int("ways", ways)
         self.shots = _check_positive_int("shots", shots)
         self.queries = _check_positive_int("queries", queries, minimum=0)
-        self.seed = int(seed)
-        self.name = name or dataset.name
+        self.seed = _check_seed(seed)
+        self.name = str(name or dataset.name)
         self.task = "classification"
         if dataset.num_classes == 0:
             raise TaskError(f"dataset {dataset.name!r} has no classes; check its root and split")
         need = self.shots + self.queries
-        eligible = torch.nonzero(dataset.class_counts >= need).flatten()
+        limit = min(need, torch.iinfo(torch.long).max)
+        eligible = torch.nonzero(dataset.class_counts >= limit).flatten()
         if len(eligible) < dataset.num_classes:
             small = [
                 f"{dataset.class_names[c]} ({int(dataset.class_counts[c])})"
-                for c in torch.nonzero(dataset.class_counts < need).flatten()[:5].tolist()
+                for c in torch.nonzero(dataset.class_counts < limit).flatten()[:5].tolist()
             ]
             raise TaskError(
                 f"{dataset.name!r}: shots + queries = {need} but {dataset.num_classes - len(eligible)} "
@@ -140,9 +156,7 @@ class EpisodeSampler(Dataset):
         return self.dataset.num_classes
 
     def episode(self, index: int) -> Episode:
-        index = int(index)
-        if index < 0:
-            raise TaskError(f"episode index must be >= 0, got {index}")
+        index = _check_index(index)
         g = episode_generator(self.seed, index)
         ds = self.dataset
         classes = torch.randperm(ds.num_classes, generator=g)[: self.ways]
@@ -175,6 +189,9 @@ class EpisodeSampler(Dataset):
     def with_settings(self, **kwargs) -> "EpisodeSampler":
         """The same dataset with other ``ways``/``shots``/``queries``/``seed``."""
         args = dict(ways=self.ways, shots=self.shots, queries=self.queries, seed=self.seed, name=self.name)
+        unknown = sorted(set(kwargs) - set(args))
+        if unknown:
+            raise TaskError(f"with_settings accepts {', '.join(args)}; got {', '.join(unknown)}")
         args.update(kwargs)
         return EpisodeSampler(self.dataset, **args)
 
@@ -196,12 +213,17 @@ def mixture_weights(
     elif isinstance(weights, str):
         raise TaskError(f"unknown mixture weights {weights!r}; use 'equal', 'size' or a list of numbers")
     else:
-        w = [float(x) for x in weights]
+        try:
+            w = [float(x) for x in weights]
+        except (TypeError, ValueError):
+            raise TaskError(f"mixture weights must be 'equal', 'size' or a list of numbers, got {weights!r}") from None
         if len(w) != n:
             raise TaskError(f"got {len(w)} weights for {n} task sources")
     if any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
         raise TaskError(f"mixture weights must be finite, >= 0 and not all zero, got {w}")
-    if not (math.isfinite(temperature) and temperature > 0):
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+        math.isfinite(temperature) and temperature > 0
+    ):
         raise TaskError(f"temperature must be > 0, got {temperature}")
     total = sum(w)
     p = [(x / total) ** (1.0 / temperature) for x in w]
@@ -236,7 +258,7 @@ class MixedTasks(Dataset):
         sizes = [getattr(s, "num_classes", 1) for s in sources]
         self.probs = mixture_weights(sizes, weights, temperature)
         self._cum = torch.tensor(self.probs, dtype=torch.float64).cumsum(0)
-        self.seed = int(seed)
+        self.seed = _check_seed(seed)
         self.name = "+".join(names)
         first = self.sources[0]
         self.ways, self.shots, self.queries = first.ways, first.shots, first.queries
@@ -249,6 +271,7 @@ class MixedTasks(Dataset):
         return self.episode(index)
 
     def source_of(self, index: int) -> int:
+        index = _check_index(index)
         u = torch.rand(1, generator=episode_generator(self.seed, index, stream=1), dtype=torch.float64)
         return min(int(torch.searchsorted(self._cum, u).item()), len(self.sources) - 1)
 
@@ -326,8 +349,17 @@ def task_batches(
         pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=2,
+        worker_init_fn=_ignore_stop_signals,
     )
     yield from loader
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C / SIGTERM to the main process, which stops cleanly."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def fixed_episodes(source: TaskSource, count: int, start: int = 0) -> list[Episode]:

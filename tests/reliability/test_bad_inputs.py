@@ -1,0 +1,222 @@
+"""Bad input -> the library's own error, saying what was wrong and how to fix it.
+
+Each row is one bad input: a call, the expected :mod:`metamtl.errors` type and a pattern the
+message must contain.  Rows are grouped by surface (sampler, learner/models, config/CLI); data
+files and checkpoints are in ``test_untrusted_files.py``.  Related cases already covered
+elsewhere (not repeated here): ``tests/core/test_sampler.py::test_bad_arguments_raise_task_errors``,
+``tests/core/test_learner.py::test_bad_inputs_get_clear_errors``,
+``tests/core/test_learner.py::test_bad_settings_raise_config_errors``,
+``tests/core/test_config.py`` and ``tests/data/test_data_folder.py::test_corrupt_or_truncated_image_error_names_the_file``.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from metamtl import MetaLearner
+from metamtl.algorithms import build_algorithm
+from metamtl.cli import main
+from metamtl.config import apply_overrides, config_from_dict, load_config
+from metamtl.data import Sinusoid
+from metamtl.errors import ConfigError, InputError, MetamtlError, TaskError
+from metamtl.models import build_model
+from metamtl.tasks import Episode, EpisodeSampler, MixedTasks
+
+from .conftest import sinusoid_config, tiny_learner, toy_dataset
+
+pytestmark = pytest.mark.reliability("bad_input")
+
+
+def fit(learner, tasks, val=None, **kw):
+    return learner.fit(tasks, val, iterations=1, meta_batch_size=1, val_every=1, val_episodes=1, progress=False, **kw)
+
+
+def episode_with(ep: Episode, **changes) -> Episode:
+    import dataclasses
+
+    return dataclasses.replace(ep, **changes)
+
+
+SAMPLER = [
+    ("ways-more-than-classes", lambda e: EpisodeSampler(e.ds, ways=13, queries=1), TaskError, r"13-way tasks need 13 classes but 'toy' has only 12; lower ways"),
+    ("shots+queries-more-than-images", lambda e: EpisodeSampler(e.ds, 5, shots=4, queries=3), TaskError, r"shots \+ queries = 7 but 12 class\(es\) have fewer images, e.g. c0 \(6\), .*; lower shots/queries"),
+    ("zero-classes", lambda e: EpisodeSampler(e.ds.subset([]), 1, 1, 1), TaskError, r"has no classes; check its root and split"),
+    ("ways-zero", lambda e: EpisodeSampler(e.ds, ways=0, queries=1), TaskError, r"ways must be an integer >= 1, got 0"),
+    ("shots-string", lambda e: EpisodeSampler(e.ds, 5, shots="1", queries=1), TaskError, r"shots must be an integer >= 1, got '1'"),
+    ("queries-negative", lambda e: EpisodeSampler(e.ds, 5, 1, queries=-1), TaskError, r"queries must be an integer >= 0"),
+    ("shots-astronomical", lambda e: EpisodeSampler(e.ds, 5, shots=2**70), TaskError, r"shots \+ queries = \d+ but"),
+    ("seed-none", lambda e: EpisodeSampler(e.ds, 5, 1, 1, seed=None), TaskError, r"seed must be an integer, got None"),
+    ("seed-nan", lambda e: EpisodeSampler(e.ds, 5, 1, 1, seed=math.nan), TaskError, r"seed must be an integer"),
+    ("index-negative", lambda e: e.sampler.episode(-1), TaskError, r"episode index must be an integer >= 0, got -1"),
+    ("index-string", lambda e: e.sampler.episode("3"), TaskError, r"episode index must be an integer >= 0, got '3'"),
+    ("not-a-class-dataset", lambda e: EpisodeSampler(e.ds.images, 5), TaskError, r"needs a ClassDataset, got Tensor"),
+    ("with-settings-typo", lambda e: e.sampler.with_settings(wayz=3), TaskError, r"with_settings accepts ways, shots, queries, seed, name; got wayz"),
+    ("mixture-weight-negative", lambda e: MixedTasks([e.sampler], weights=[-1]), TaskError, r"finite, >= 0"),
+    ("mixture-weight-text", lambda e: MixedTasks([e.sampler], weights=["x"]), TaskError, r"list of numbers"),
+    ("mixture-temperature-zero", lambda e: MixedTasks([e.sampler], temperature=0), TaskError, r"temperature must be > 0"),
+    ("mixture-same-names", lambda e: MixedTasks([e.sampler, e.sampler]), TaskError, r"distinct names"),
+    ("sinusoid-range-reversed", lambda e: Sinusoid(amplitude=(5, 1)), TaskError, r"low <= high"),
+    ("sinusoid-range-text", lambda e: Sinusoid(phase="ab"), TaskError, r"pair of numbers"),
+]
+
+LEARNER = [
+    # data that does not fit the model, on every path that takes tasks
+    ("evaluate-wrong-image-size", lambda e: e.learner.evaluate(EpisodeSampler(toy_dataset(size=16), 5, 1, 2), 2, progress=False), InputError, r"does not fit the model: model expects images of shape \[batch, 1, 12, 12\], got \[5, 1, 16, 16\]. Build the model"),
+    ("evaluate-wrong-channels", lambda e: e.learner.evaluate(EpisodeSampler(toy_dataset(channels=3), 5, 1, 2), 2, progress=False), InputError, r"got \[5, 3, 12, 12\]"),
+    ("fit-wrong-image-size", lambda e: fit(e.learner, EpisodeSampler(toy_dataset(size=16), 5, 1, 2)), InputError, r"fit: episode 0 of 'toy': the data does not fit the model"),
+    ("fit-wrong-channels-proto-head", lambda e: fit(e.proto, EpisodeSampler(toy_dataset(channels=3), 5, 1, 2)), InputError, r"expects images of shape \[batch, 1, 12, 12\], got \[5, 3, 12, 12\]"),
+    ("fit-validation-wrong-size", lambda e: fit(e.learner, e.sampler, EpisodeSampler(toy_dataset(size=16), 5, 1, 2)), InputError, r"evaluate: episode 0 of 'toy': the data does not fit"),
+    ("fit-ways-differ-from-learned-head", lambda e: fit(e.learner, EpisodeSampler(e.ds, 3, 1, 2)), InputError, r"head has 5 outputs but the task has 3 classes; build the model for 3 ways, or use head_init 'zero' or 'proto'"),
+    ("fit-no-queries", lambda e: fit(e.learner, EpisodeSampler(e.ds, 5, 1, 0)), InputError, r"has no query examples; fit needs queries >= 1"),
+    ("evaluate-no-queries", lambda e: e.learner.evaluate(EpisodeSampler(e.ds, 5, 1, 0), 1, progress=False), InputError, r"evaluate needs queries >= 1"),
+    ("fit-dataset-instead-of-tasks", lambda e: fit(e.learner, e.ds), ConfigError, r"train_tasks must be a task source .* got ClassDataset \(wrap it: EpisodeSampler"),
+    ("evaluate-none", lambda e: e.learner.evaluate(None, 2, progress=False), ConfigError, r"tasks must be a task source"),
+    ("fit-regression-tasks-to-classifier", lambda e: fit(e.learner, Sinusoid()), InputError, r"regression task but this learner does classification"),
+    # hand-made episodes
+    ("episode-labels-out-of-range", lambda e: e.learner.evaluate([episode_with(e.episode, support_y=e.episode.support_y + 1)], progress=False), InputError, r"support labels must lie in 0..4 for a 5-way task, got \[1, 2, 3, 4, 5\]; relabel"),
+    ("episode-class-without-support", lambda e: e.learner.evaluate([episode_with(e.episode, support_y=torch.tensor([0, 1, 2, 3, 3]))], progress=False), InputError, r"class\(es\) \[4\] of 0..4 have no support example"),
+    ("episode-query-size-differs", lambda e: e.proto.evaluate([episode_with(e.episode, query_x=e.episode.query_x[..., :8, :8])], progress=False), InputError, r"support inputs have shape \[1, 12, 12\] but query inputs \[1, 8, 8\]"),
+    ("episode-float-labels", lambda e: e.learner.evaluate([episode_with(e.episode, support_y=e.episode.support_y.float())], progress=False), InputError, r"labels must be a 1-D integer tensor"),
+    ("episode-length-mismatch", lambda e: e.learner.evaluate([episode_with(e.episode, query_y=e.episode.query_y[:3])], progress=False), InputError, r"query inputs \[10, 1, 12, 12\] and labels \[3\] differ in length"),
+    ("evaluate-list-of-non-episodes", lambda e: e.learner.evaluate([1, 2], progress=False), ConfigError, r"list of Episode"),
+    # adapt / predict
+    ("predict-query-other-size", lambda e: e.proto.predict(e.episode.support_x, e.episode.support_y, torch.zeros(2, 1, 8, 8)), InputError, r"query_x: model expects images of shape \[batch, 1, 12, 12\], got \[2, 1, 8, 8\]; give raw images"),
+    ("predict-query-other-channels", lambda e: e.proto.predict(e.episode.support_x, e.episode.support_y, torch.zeros(2, 3, 12, 12)), InputError, r"query_x: model expects .* got \[2, 3, 12, 12\]"),
+    ("adapt-support-missing-batch-dim", lambda e: e.proto.adapt(e.episode.support_x[0], e.episode.support_y[:1]), InputError, r"support_x: model expects .* got \[1, 12, 12\]"),
+    ("adapt-negative-label", lambda e: e.proto.adapt(e.episode.support_x[:2], [-1, 0]), InputError, r"support labels must be integers in 0..N-1, got \[-1, 0\]"),
+    ("adapt-class-without-support", lambda e: e.proto.adapt(e.episode.support_x[:3], [0, 2, 3]), InputError, r"class\(es\) \[1\] have no support example \(relabel classes to 0..N-1\)"),
+    ("adapt-labels-text", lambda e: e.proto.adapt(e.episode.support_x, ["a"] * 5), InputError, r"support_y must be labels 0..N-1"),
+    ("adapt-labels-none", lambda e: e.proto.adapt(e.episode.support_x, None), InputError, r"support_y must be labels 0..N-1"),
+    ("adapt-labels-2d", lambda e: e.proto.adapt(e.episode.support_x, e.episode.support_y.view(5, 1)), InputError, r"1-D tensor of labels, got shape \[5, 1\]"),
+    ("adapt-labels-fractional", lambda e: e.proto.adapt(e.episode.support_x, e.episode.support_y + 0.5), InputError, r"integer class labels"),
+    ("adapt-length-mismatch", lambda e: e.proto.adapt(e.episode.support_x, e.episode.support_y[:4]), InputError, r"support_x has 5 examples but support_y has 4 labels"),
+    ("adapt-nan-input", lambda e: e.proto.adapt(e.episode.support_x * math.nan, e.episode.support_y), InputError, r"contains NaN or infinite values"),
+    ("adapt-integer-tensor", lambda e: e.proto.adapt(e.episode.support_x.long(), e.episode.support_y), InputError, r"must be float model input, uint8 images or raw images"),
+    ("adapt-steps-negative", lambda e: e.proto.adapt(e.episode.support_x, e.episode.support_y, steps=-1), ConfigError, r"steps must be an integer >= 0, got -1"),
+    ("evaluate-steps-text", lambda e: e.proto.evaluate(e.sampler, 1, steps="3", progress=False), ConfigError, r"steps must be an integer >= 0, got '3'"),
+    ("evaluate-more-ways-than-classes", lambda e: e.proto.evaluate(e.sampler, 1, ways=20, progress=False), TaskError, r"20-way tasks need 20 classes"),
+    # learner, model and algorithm settings
+    ("max-bad-steps-zero", lambda e: tiny_learner(max_bad_steps=0), ConfigError, r"max_bad_steps must be an integer >= 1"),
+    ("meta-lr-negative", lambda e: tiny_learner(meta_lr=-1e-3), ConfigError, r"meta_lr must be a finite number > 0, got -0.001"),
+    ("meta-lr-nan", lambda e: tiny_learner(meta_lr=math.nan), ConfigError, r"meta_lr must be a finite number > 0"),
+    ("meta-optimizer-typo", lambda e: tiny_learner(meta_optimizer="adma"), ConfigError, r"unknown meta optimizer 'adma'. Did you mean 'adam'"),
+    ("meta-optimizer-kwargs-invalid", lambda e: tiny_learner(meta_optimizer_kwargs={"weight_decay": -1}), ConfigError, r"bad meta_optimizer_kwargs for 'adam': Invalid weight_decay value: -1"),
+    ("grad-clip-zero", lambda e: tiny_learner(grad_clip=0), ConfigError, r"grad_clip must be a finite number > 0"),
+    ("fit-iterations-fractional", lambda e: e.learner.fit(e.sampler, iterations=2.5, progress=False), ConfigError, r"iterations must be an integer >= 0, got 2.5"),
+    ("fit-val-every-zero", lambda e: e.learner.fit(e.sampler, iterations=1, val_every=0, progress=False), ConfigError, r"val_every must be an integer >= 1"),
+    ("fit-checkpoint-every-negative", lambda e: fit(e.learner, e.sampler, checkpoint_every=-5), ConfigError, r"checkpoint_every must be an integer >= 0"),
+    ("model-hidden-text", lambda e: build_model("conv4", hidden="64"), ConfigError, r"Conv4 needs hidden to be an integer >= 1, got '64'"),
+    ("model-zero-channels", lambda e: build_model("conv4", in_channels=0), ConfigError, r"in_channels to be an integer >= 1"),
+    ("model-image-too-small", lambda e: build_model("conv4", image_size=8, blocks=4), ConfigError, r"image_size 8 is too small for 4 pooling blocks"),
+    ("model-negative-ways", lambda e: build_model("conv4", out_features=-1), ConfigError, r"out_features must be an integer >= 1 \(the number of ways\)"),
+    ("model-setting-typo", lambda e: build_model("conv4", hiden=3), ConfigError, r"does not take \['hiden'\]. Did you mean 'hidden'"),
+    ("mlp-hidden-scalar", lambda e: build_model("mlp", hidden=40), ConfigError, r"MLP hidden must be a list of layer widths"),
+    ("inner-lr-nan", lambda e: build_algorithm("maml", lr=math.nan), ConfigError, r"inner lr must be a finite number > 0"),
+    ("inner-optimizer-kwargs-typo", lambda e: build_algorithm("maml", optimizer="momentum", optimizer_kwargs={"momentun": 0.5}), ConfigError, r"bad inner optimizer_kwargs .* unexpected keyword argument 'momentun'"),
+    ("inner-optimizer-kwargs-value", lambda e: build_algorithm("maml", optimizer_kwargs={"momentum": "high"}), ConfigError, r"bad inner optimizer_kwargs"),
+    ("inner-first-order-text", lambda e: build_algorithm("maml", first_order="yes"), ConfigError, r"first_order must be true or false"),
+    ("algorithm-typo", lambda e: build_algorithm("reptil"), ConfigError, r"unknown algorithm 'reptil'. Did you mean 'reptile'"),
+    ("algorithm-contradiction", lambda e: build_algorithm("reptile", first_order=False), ConfigError, r"algorithm 'reptile' fixes \{'first_order': True\}; drop the contradictory setting"),
+    ("learner-needs-trunk-head", lambda e: MetaLearner(torch.nn.Linear(2, 2)), ConfigError, r"needs a metamtl.models.TrunkHead"),
+]
+
+
+def cfg_with(**overrides):
+    return lambda e: config_from_dict(sinusoid_config(e.tmp, **overrides))
+
+
+CONFIG = [
+    ("unknown-section", lambda e: config_from_dict({"trian": {}}), ConfigError, r"unknown key 'trian'. Did you mean 'train'"),
+    ("unknown-key", cfg_with(**{"train.chekpoint_every": 5}), ConfigError, r"unknown key 'chekpoint_every'. Did you mean 'checkpoint_every'"),
+    ("unknown-algorithm-key", cfg_with(**{"algorithm.stepz": 2}), ConfigError, r"unexpected keyword argument 'stepz'"),
+    ("unknown-model-key", cfg_with(**{"model.hiden": [3]}), ConfigError, r"Did you mean 'hidden'"),
+    ("unknown-dataset", cfg_with(**{"data.name": "omniglott"}), ConfigError, r"unknown dataset 'omniglott'. Did you mean 'omniglot'"),
+    ("unknown-meta-optimizer", cfg_with(**{"train.meta_optimizer": "sgdd"}), ConfigError, r"unknown meta optimizer 'sgdd'. Did you mean 'sgd'"),
+    ("unknown-device", cfg_with(**{"train.device": "gpu"}), ConfigError, r"unknown device 'gpu'; use 'auto', 'cpu'"),
+    ("wrong-type-int", cfg_with(**{"tasks.shots": "five"}), ConfigError, r"config.tasks.shots: expected an integer, got 'five'"),
+    ("wrong-type-bool", cfg_with(**{"logging.report": "yes"}), ConfigError, r"config.logging.report: expected true/false"),
+    ("wrong-type-list", cfg_with(**{"eval.settings": {"ways": 5}}), ConfigError, r"config.eval.settings: expected a list"),
+    ("wrong-type-section", cfg_with(train=[1, 2]), ConfigError, r"config.train: expected a mapping of settings"),
+    ("meta-lr-negative", cfg_with(**{"train.meta_lr": -0.01}), ConfigError, r"train.meta_lr must be > 0, got -0.01"),
+    ("meta-lr-nan", cfg_with(**{"train.meta_lr": math.nan}), ConfigError, r"config.train.meta_lr: expected a finite number, got nan"),
+    ("meta-lr-inf", cfg_with(**{"train.meta_lr": math.inf}), ConfigError, r"expected a finite number, got inf"),
+    ("inner-lr-negative", cfg_with(**{"algorithm.lr": -0.4}), ConfigError, r"inner lr must be a finite number > 0, got -0.4"),
+    ("inner-lr-nan", cfg_with(**{"algorithm.lr": math.nan}), ConfigError, r"inner lr must be a finite number > 0, got nan"),
+    ("grad-clip-zero", cfg_with(**{"train.grad_clip": 0}), ConfigError, r"train.grad_clip must be > 0"),
+    ("queries-zero", cfg_with(**{"tasks.queries": 0}), ConfigError, r"tasks.queries must be >= 1"),
+    ("max-bad-steps-zero", cfg_with(**{"train.max_bad_steps": 0}), ConfigError, r"train.max_bad_steps must be >= 1"),
+    ("seed-negative", cfg_with(seed=-3), ConfigError, r"seed must be an integer in 0..2\*\*63-1"),
+    ("name-escapes-output-dir", cfg_with(name="../elsewhere"), ConfigError, r"must be a plain folder name"),
+    ("contradiction-test-split-is-train", cfg_with(**{"data.test_split": "train"}), ConfigError, r"data.test_split is the same split as data.train_split \('train'\): evaluation classes must be held out"),
+    ("contradiction-eval-ways-learned-head", lambda e: config_from_dict({"eval": {"settings": [{"ways": 20, "shots": 1}]}}), ConfigError, r"set algorithm.head_init to 'zero' or 'proto'"),
+    ("contradiction-out-features-vs-ways", lambda e: config_from_dict({"model": {"name": "conv4", "out_features": 20}}), ConfigError, r"model.out_features is 20 but tasks.ways is 5"),
+    ("contradiction-anil-adapts-all", cfg_with(**{"algorithm.name": "anil", "algorithm.adapt": "all"}), ConfigError, r"algorithm 'anil' fixes \{'adapt': 'head'\}"),
+    ("override-without-value", lambda e: apply_overrides({}, ["train.iterations"]), ConfigError, r"must look like key.subkey=value"),
+    ("override-empty-key-part", lambda e: apply_overrides({}, ["train..iterations=3"]), ConfigError, r"bad key 'train..iterations'"),
+    ("override-bad-yaml", lambda e: apply_overrides({}, ["data.sources=[a, b"]), ConfigError, r"value is not valid YAML"),
+    ("override-into-a-value", lambda e: apply_overrides({"name": "x"}, ["name.first=1"]), ConfigError, r"'name' is not a section"),
+    ("config-file-missing", lambda e: load_config(e.tmp / "nope.yaml"), ConfigError, r"nope.yaml does not exist"),
+    ("config-file-not-yaml", lambda e: load_config(e.write("bad.yaml", "train: [1, 2\n")), ConfigError, r"bad.yaml is not valid YAML"),
+    ("config-file-not-mapping", lambda e: load_config(e.write("list.yaml", "- 1\n- 2\n")), ConfigError, r"must contain a mapping of sections"),
+]
+
+
+@pytest.fixture
+def case_env(env, tmp_path):
+    env.tmp = tmp_path
+
+    def write(name, text):
+        (tmp_path / name).write_text(text)
+        return tmp_path / name
+
+    env.write = write
+    return env
+
+
+@pytest.mark.parametrize("call, error, message", [pytest.param(*c[1:], id=c[0]) for c in SAMPLER + LEARNER + CONFIG])
+def test_bad_input_gets_a_clear_library_error(case_env, call, error, message):
+    with pytest.raises(MetamtlError) as info:
+        call(case_env)
+    assert isinstance(info.value, error), f"{type(info.value).__name__}: {info.value}"
+    assert info.match(message)
+
+
+def test_failed_calls_leave_the_learner_usable(env):
+    """A refused input changes nothing: the same learner then trains and predicts normally."""
+    learner = env.learner
+    before = {k: v.clone() for k, v in learner.model.state_dict().items()}
+    for bad in (EpisodeSampler(toy_dataset(size=16), 5, 1, 2), EpisodeSampler(env.ds, 5, 1, 0)):
+        with pytest.raises(InputError):
+            fit(learner, bad)
+    assert learner.iteration == 0
+    assert all(torch.equal(before[k], v) for k, v in learner.model.state_dict().items())
+    fit(learner, env.sampler)
+    assert learner.iteration == 1
+    assert learner.predict(env.episode.support_x, env.episode.support_y, env.episode.query_x).shape == (10, 5)
+
+
+# -- the command line: a message and exit code 2, never a traceback --------------------------------
+
+
+@pytest.mark.parametrize("argv, message", [
+    pytest.param(["fit", "{tmp}/missing.yaml"], "missing.yaml does not exist", id="fit-missing-config"),
+    pytest.param(["fit", "{cfg}", "train.iteratons=3"], "unknown key 'iteratons'. Did you mean 'iterations'", id="fit-override-typo"),
+    pytest.param(["fit", "{cfg}", "train.meta_lr=.nan"], "expected a finite number, got nan", id="fit-nan-lr"),
+    pytest.param(["fit", "{cfg}", "algorithm.lr=-1"], "inner lr must be a finite number > 0", id="fit-negative-inner-lr"),
+    pytest.param(["fit", "{cfg}", "data.name=folder", "data.root={tmp}/nowhere"], "does not exist", id="fit-missing-data-folder"),
+    pytest.param(["fit", "{cfg}", "--resume", "{tmp}/none.pt"], "none.pt does not exist", id="fit-missing-resume-checkpoint"),
+    pytest.param(["evaluate", "{tmp}/none.pt"], "none.pt does not exist", id="evaluate-missing-checkpoint"),
+    pytest.param(["evaluate", "{cfg}"], "not a readable checkpoint", id="evaluate-yaml-as-checkpoint"),
+])
+def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys, argv, message):
+    import yaml
+
+    cfg = tmp_path / "sine.yaml"
+    cfg.write_text(yaml.safe_dump(sinusoid_config(tmp_path / "runs")))
+    code = main([a.format(tmp=tmp_path, cfg=cfg) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("metamtl: error: ") and message in err, err
+    assert "Traceback" not in err
