@@ -1,17 +1,32 @@
 """Callbacks: behaviour added to ``MetaLearner.fit`` through named hooks (Lightning style).
 
 Hooks receive the learner; ``learner.iteration`` is the number of completed meta-iterations.
-A callback that has state to resume implements ``state_dict`` / ``load_state_dict``; it is saved
-in checkpoints under its :attr:`Callback.key`.
+One iteration calls, in order::
+
+    on_iteration_start -> (meta-step) -> on_after_backward -> on_iteration_end(train metrics)
+    -> [validation, when due -> on_validation_end(val metrics)] -> on_iteration_complete
+
+``on_fit_start`` / ``on_fit_end`` / ``on_exception`` frame the whole call.  A callback with state
+to resume implements ``state_dict`` / ``load_state_dict``; it is saved in checkpoints under its
+:attr:`Callback.key` and restored *before* ``on_fit_start`` of the resumed call.
+:class:`ModelCheckpoint` runs after all other callbacks and writes ``last.pt`` in
+``on_iteration_complete``, so a checkpoint holds every callback's state for a finished iteration
+(including its validation) and a resumed run is bit-identical to an uninterrupted one.
+
+Provided: :class:`History`, :class:`ProgressBar`, :class:`ModelCheckpoint` (last/best),
+:class:`EarlyStopping`, :class:`LRScheduler` (cosine with warm-up, step, exponential, plateau)
+and :class:`MetricsLogger` (CSV or JSON lines).
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from .checkpoint import atomic_save
+from .checkpoint import ensure_writable_dir
+from .errors import ConfigError, unknown_name
 
 if TYPE_CHECKING:
     from .learner import MetaLearner
@@ -29,6 +44,7 @@ class Callback:
     def on_after_backward(self, learner: "MetaLearner") -> None: ...
     def on_iteration_end(self, learner: "MetaLearner", metrics: dict[str, float]) -> None: ...
     def on_validation_end(self, learner: "MetaLearner", metrics: dict[str, float]) -> None: ...
+    def on_iteration_complete(self, learner: "MetaLearner") -> None: ...
     def on_fit_end(self, learner: "MetaLearner") -> None: ...
     def on_exception(self, learner: "MetaLearner", exc: BaseException) -> None: ...
 
@@ -56,6 +72,7 @@ class CallbackList(Callback):
     def on_after_backward(self, learner): self._call("on_after_backward", learner)
     def on_iteration_end(self, learner, metrics): self._call("on_iteration_end", learner, metrics)
     def on_validation_end(self, learner, metrics): self._call("on_validation_end", learner, metrics)
+    def on_iteration_complete(self, learner): self._call("on_iteration_complete", learner)
     def on_fit_end(self, learner): self._call("on_fit_end", learner)
     def on_exception(self, learner, exc): self._call("on_exception", learner, exc)
 
@@ -158,20 +175,9 @@ class ModelCheckpoint(Callback):
 
     def on_fit_start(self, learner):
         if learner.is_main_process:
-            self.dirpath.mkdir(parents=True, exist_ok=True)
-            probe = self.dirpath / ".write_test"
-            try:
-                probe.write_bytes(b"")
-                probe.unlink()
-            except OSError as exc:
-                from .errors import CheckpointError
+            ensure_writable_dir(self.dirpath)
 
-                raise CheckpointError(
-                    f"checkpoint folder {self.dirpath} is not writable ({exc.strerror}); "
-                    "choose another output directory"
-                ) from exc
-
-    def on_iteration_end(self, learner, metrics):
+    def on_iteration_complete(self, learner):
         if self.every and learner.iteration % self.every == 0 and learner.is_main_process:
             learner.save(self.last_path, training_state=True)
 
@@ -194,3 +200,245 @@ class ModelCheckpoint(Callback):
 
     def load_state_dict(self, state):
         self.best = state.get("best")
+
+
+def _improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    if best is None:
+        return True
+    return value > best + min_delta if mode == "max" else value < best - min_delta
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in ("max", "min"):
+        raise unknown_name("mode", mode, ("max", "min"))
+    return mode
+
+
+def _monitored(metrics: dict[str, float], monitor: str, who: str) -> float:
+    if monitor not in metrics:
+        raise ConfigError(
+            f"{who} monitors {monitor!r} but validation reports only {sorted(metrics)}; "
+            "set its monitor to one of those"
+        )
+    return float(metrics[monitor])
+
+
+class EarlyStopping(Callback):
+    """Stop ``fit`` when a validation metric has not improved for ``patience`` validations.
+
+    Args:
+        monitor: validation metric (``"val/accuracy"``, ``"val/loss"``, ...).
+        mode: ``"max"`` (higher is better) or ``"min"``.
+        patience: validations without improvement before stopping.
+        min_delta: smallest change that counts as an improvement.
+
+    Sets ``learner.should_stop`` and ``learner.fit_state["stopped_by"] = "early_stopping"``;
+    :class:`ModelCheckpoint` keeps the best weights in ``best.pt``.
+    """
+
+    def __init__(self, monitor: str = "val/accuracy", mode: str = "max", patience: int = 5,
+                 min_delta: float = 0.0) -> None:
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ConfigError(f"early stopping patience must be an integer >= 1, got {patience!r}")
+        if not (isinstance(min_delta, (int, float)) and math.isfinite(min_delta) and min_delta >= 0):
+            raise ConfigError(f"early stopping min_delta must be a finite number >= 0, got {min_delta!r}")
+        self.monitor, self.mode, self.patience, self.min_delta = monitor, _check_mode(mode), patience, float(min_delta)
+        self.best: float | None = None
+        self.wait = 0
+
+    def on_fit_start(self, learner):
+        if learner.fit_state.get("val_every") is None:
+            raise ConfigError("EarlyStopping needs validation: pass val_tasks to fit (data.val_split in configs)")
+
+    def on_validation_end(self, learner, metrics):
+        value = _monitored(metrics, self.monitor, "EarlyStopping")
+        if math.isfinite(value) and _improved(value, self.best, self.mode, self.min_delta):
+            self.best, self.wait = value, 0
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            learner.should_stop = True
+            learner.fit_state["stopped_by"] = "early_stopping"
+
+    def state_dict(self):
+        return {"best": self.best, "wait": self.wait}
+
+    def load_state_dict(self, state):
+        self.best, self.wait = state.get("best"), int(state.get("wait", 0))
+
+
+SCHEDULERS = ("cosine", "step", "exponential", "plateau")
+
+
+class LRScheduler(Callback):
+    """Set the meta-optimizer's learning rate every iteration (closed-form, so resumes are exact).
+
+    ``base`` is each param group's learning rate when training starts; the rate used by
+    iteration ``t`` (0-based) is:
+
+    * ``"cosine"``: linear warm-up ``base * (t + 1) / warmup`` for ``t < warmup``, then cosine
+      annealing ``min_lr + (base - min_lr) * (1 + cos(pi * p)) / 2`` with
+      ``p = (t - warmup) / (total - warmup)`` clipped to 1 (MAML++ anneals the meta-optimizer so);
+    * ``"step"``: ``base * gamma ** (t // step_size)``;
+    * ``"exponential"``: ``base * gamma ** t``;
+    * ``"plateau"``: ``base * gamma ** r`` where ``r`` counts the times ``monitor`` went
+      ``patience`` validations without improving.
+
+    Rates never go below ``min_lr``.
+
+    Args:
+        total: iterations of the cosine schedule (default: the ``iterations`` of the fit).
+    """
+
+    def __init__(self, name: str = "cosine", *, warmup: int = 0, min_lr: float = 0.0, total: int | None = None,
+                 step_size: int = 1000, gamma: float = 0.1, patience: int = 3, monitor: str = "val/accuracy",
+                 mode: str = "max") -> None:
+        if name not in SCHEDULERS:
+            raise unknown_name("scheduler", name, SCHEDULERS)
+        for key, value, low in (("warmup", warmup, 0), ("step_size", step_size, 1), ("patience", patience, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"scheduler {key} must be an integer >= {low}, got {value!r}")
+        if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 1):
+            raise ConfigError(f"scheduler total must be an integer >= 1, got {total!r}")
+        if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and 0 < gamma <= 1):
+            raise ConfigError(f"scheduler gamma must be in (0, 1], got {gamma!r}")
+        if not (isinstance(min_lr, (int, float)) and math.isfinite(min_lr) and min_lr >= 0):
+            raise ConfigError(f"scheduler min_lr must be a finite number >= 0, got {min_lr!r}")
+        self.name, self.warmup, self.min_lr, self.total = name, warmup, float(min_lr), total
+        self.step_size, self.gamma, self.patience = step_size, float(gamma), patience
+        self.monitor, self.mode = monitor, _check_mode(mode)
+        self.base: list[float] | None = None
+        self.reductions, self.best, self.wait = 0, None, 0
+
+    @property
+    def key(self) -> str:
+        return f"LRScheduler:{self.name}"
+
+    def factor_lr(self, base: float, t: int, total: int) -> float:
+        """The learning rate of iteration ``t`` for a group whose initial rate is ``base``."""
+        if self.name == "cosine":
+            if t < self.warmup:
+                lr = base * (t + 1) / self.warmup
+            else:
+                p = min(1.0, (t - self.warmup) / max(1, total - self.warmup))
+                lr = self.min_lr + (base - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * p))
+        elif self.name == "step":
+            lr = base * self.gamma ** (t // self.step_size)
+        elif self.name == "exponential":
+            lr = base * self.gamma ** t
+        else:
+            lr = base * self.gamma ** self.reductions
+        return max(lr, self.min_lr)
+
+    def _apply(self, learner) -> None:
+        total = self.total or int(learner.fit_state.get("iterations") or 1)
+        for group, base in zip(learner.meta_optimizer.param_groups, self.base):
+            group["lr"] = self.factor_lr(base, learner.iteration, total)
+
+    def on_fit_start(self, learner):
+        if self.base is None:
+            self.base = [float(g["lr"]) for g in learner.meta_optimizer.param_groups]
+        if self.name == "plateau" and learner.fit_state.get("val_every") is None:
+            raise ConfigError("the 'plateau' scheduler needs validation: pass val_tasks to fit")
+        self._apply(learner)
+
+    def on_iteration_end(self, learner, metrics):
+        self._apply(learner)
+
+    def on_validation_end(self, learner, metrics):
+        if self.name != "plateau":
+            return
+        value = _monitored(metrics, self.monitor, "the plateau scheduler")
+        if math.isfinite(value) and _improved(value, self.best, self.mode):
+            self.best, self.wait = value, 0
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.reductions, self.wait = self.reductions + 1, 0
+            self._apply(learner)
+
+    def state_dict(self):
+        return {"base": self.base, "reductions": self.reductions, "best": self.best, "wait": self.wait}
+
+    def load_state_dict(self, state):
+        self.base = state.get("base")
+        self.reductions, self.best, self.wait = int(state.get("reductions", 0)), state.get("best"), int(state.get("wait", 0))
+
+
+class MetricsLogger(Callback):
+    """Write training and validation metrics to a CSV or JSON-lines file as training goes.
+
+    ``.csv`` files are in long format (``iteration,time,metric,value``: one row per number, so
+    new metrics never change the columns); ``.jsonl`` files hold one JSON object per train or
+    validation row.  Training rows are written every ``every`` iterations, validation rows
+    always.  On resume the file is cut back to what the checkpoint had seen, then appended to.
+    """
+
+    FORMATS = ("csv", "jsonl")
+
+    def __init__(self, path: str | Path, every: int = 1) -> None:
+        self.path = Path(path)
+        fmt = self.path.suffix.lstrip(".")
+        if fmt not in self.FORMATS:
+            raise ConfigError(f"metrics file {self.path} must end in .csv or .jsonl")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ConfigError(f"MetricsLogger every must be an integer >= 1, got {every!r}")
+        self.format, self.every = fmt, every
+        self.size: int | None = None  # bytes written so far (restored on resume)
+        self._fh = None
+
+    @property
+    def key(self) -> str:
+        return f"MetricsLogger:{self.path.name}"
+
+    def on_fit_start(self, learner):
+        if not learner.is_main_process:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(self.path, "r+b" if self.size is not None and self.path.exists() else "wb")
+        except OSError as exc:
+            raise ConfigError(f"cannot write metrics file {self.path}: {exc.strerror}") from exc
+        fh.truncate(self.size or 0)
+        fh.seek(self.size or 0)
+        if not self.size and self.format == "csv":
+            fh.write(b"iteration,time,metric,value\n")
+        self._fh = fh
+        self._flush()
+
+    def _flush(self) -> None:
+        self._fh.flush()
+        self.size = self._fh.tell()
+
+    def _write(self, learner, metrics: dict[str, float]) -> None:
+        if self._fh is None:
+            return
+        it, t = learner.iteration, round(learner.elapsed, 3)
+        if self.format == "csv":
+            text = "".join(f"{it},{t},{k},{v!r}\n" for k, v in metrics.items())
+        else:
+            text = json.dumps({"iteration": it, "time": t, **metrics}) + "\n"
+        self._fh.write(text.encode())
+        self._flush()
+
+    def on_iteration_end(self, learner, metrics):
+        if learner.iteration % self.every == 0:
+            self._write(learner, {f"train/{k}": v for k, v in metrics.items()})
+
+    def on_validation_end(self, learner, metrics):
+        self._write(learner, metrics)
+
+    def on_fit_end(self, learner):
+        if self._fh is not None:
+            self._flush()
+            self._fh.close()
+            self._fh = None
+
+    def on_exception(self, learner, exc):
+        self.on_fit_end(learner)
+
+    def state_dict(self):
+        return {"size": self.size}
+
+    def load_state_dict(self, state):
+        self.size = state.get("size")

@@ -21,6 +21,21 @@ FORMAT = "metamtl-checkpoint"
 FORMAT_VERSION = 1
 
 
+def ensure_writable_dir(path: str | os.PathLike) -> Path:
+    """Create folder ``path`` if needed and check a file can be written in it (before training)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CheckpointError(
+            f"checkpoint folder {path} is not writable ({exc.strerror or exc}); choose another output directory"
+        ) from exc
+    return path
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to ``path`` atomically (temp file + fsync + rename)."""
     path = Path(path)

@@ -51,8 +51,33 @@ class TasksConfig:
 
 
 @dataclasses.dataclass
+class SchedulerConfig:
+    """Meta-learning-rate schedule (:class:`metamtl.callbacks.LRScheduler`)."""
+
+    name: str = "cosine"
+    warmup: int = 0
+    min_lr: float = 0.0
+    total: int | None = None
+    step_size: int = 1000
+    gamma: float = 0.1
+    patience: int = 3
+    monitor: str = "val/accuracy"
+    mode: str = "max"
+
+
+@dataclasses.dataclass
+class EarlyStoppingConfig:
+    """Stop when validation stops improving (:class:`metamtl.callbacks.EarlyStopping`)."""
+
+    monitor: str = "val/accuracy"
+    mode: str = "max"
+    patience: int = 5
+    min_delta: float = 0.0
+
+
+@dataclasses.dataclass
 class TrainConfig:
-    """Outer loop settings."""
+    """Outer loop settings (``scheduler`` / ``early_stopping``: callbacks, off when null)."""
 
     iterations: int = 1000
     meta_batch_size: int = 32
@@ -65,6 +90,8 @@ class TrainConfig:
     checkpoint_every: int = 100
     device: str = "auto"
     max_bad_steps: int = 10
+    scheduler: SchedulerConfig | None = None
+    early_stopping: EarlyStoppingConfig | None = None
 
 
 @dataclasses.dataclass
@@ -93,6 +120,7 @@ class LoggingConfig:
     mode: str | None = None
     tags: list[str] = dataclasses.field(default_factory=list)
     report: bool = True
+    metrics: str | None = "csv"  # metrics.csv / metrics.jsonl in the run folder (null: none)
 
 
 @dataclasses.dataclass
@@ -233,7 +261,22 @@ def _check_config(cfg: Config) -> Config:
     if "name" not in cfg.model or "name" not in cfg.algorithm:
         raise ConfigError("model and algorithm sections need a 'name'")
     _check_components(cfg)
-    head_init = cfg.algorithm.get("head_init", "learned")
+    if cfg.logging.metrics not in (None, "csv", "jsonl"):
+        raise ConfigError(f"logging.metrics must be 'csv', 'jsonl' or null, got {cfg.logging.metrics!r}")
+    if (tr.early_stopping or (tr.scheduler and tr.scheduler.name == "plateau")) and not cfg.data.val_split:
+        raise ConfigError("train.early_stopping and the 'plateau' scheduler need validation; set data.val_split")
+    from .callbacks import EarlyStopping, LRScheduler  # validate their settings now, not mid-run
+
+    for key, cls in (("scheduler", LRScheduler), ("early_stopping", EarlyStopping)):
+        section = getattr(tr, key)
+        try:
+            if section is not None:
+                cls(**dataclasses.asdict(section))
+        except ConfigError as exc:
+            raise ConfigError(f"train.{key}: {exc}") from None
+    from .algorithms import build_algorithm
+
+    head_init = build_algorithm(**cfg.algorithm).inner.head_init  # protonet / transfer: per-task heads
     if head_init == "learned" and any(s.ways != t.ways for s in cfg.eval.settings):
         raise ConfigError(
             "eval.settings use a different number of ways than tasks.ways, but algorithm.head_init is "

@@ -7,6 +7,8 @@ uses only the public API (datasets, :class:`~metamtl.tasks.EpisodeSampler`,
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 import platform
@@ -20,8 +22,8 @@ import numpy as np
 import torch
 
 from . import distributed
-from .algorithms import build_algorithm
-from .callbacks import Callback
+from .algorithms import ALGORITHMS, build_algorithm
+from .callbacks import Callback, EarlyStopping, LRScheduler, MetricsLogger
 from .config import Config
 from .data.base import ClassDataset
 from .errors import ConfigError
@@ -83,10 +85,27 @@ def build_tasks(cfg: Config) -> dict[str, TaskSource | None]:
     return out
 
 
+def build_callbacks(cfg: Config) -> list[Callback]:
+    """The callbacks a config asks for: LR schedule, early stopping, metrics file."""
+    tr = cfg.train
+    cbs: list[Callback] = []
+    if tr.scheduler is not None:
+        cbs.append(LRScheduler(**dataclasses.asdict(tr.scheduler)))
+    if tr.early_stopping is not None:
+        cbs.append(EarlyStopping(**dataclasses.asdict(tr.early_stopping)))
+    if cfg.logging.metrics:
+        cbs.append(MetricsLogger(cfg.run_dir / f"metrics.{cfg.logging.metrics}"))
+    return cbs
+
+
 def build_learner(cfg: Config, train_tasks: TaskSource, callbacks: list[Callback] = ()) -> MetaLearner:
     """Model + algorithm + learner for the config, shaped after the training data."""
     model_cfg = dict(cfg.model)
     alg_cfg = dict(cfg.algorithm)
+    cls = ALGORITHMS.get(alg_cfg["name"])
+    if cls is not None and "num_classes" in inspect.signature(cls).parameters and alg_cfg.get("num_classes") is None:
+        alg_cfg["num_classes"] = train_tasks.num_classes  # e.g. the transfer baseline's global head
+    algorithm = build_algorithm(**alg_cfg)
     regression = is_regression(cfg)
     if regression:
         model_cfg.setdefault("in_features", 1)
@@ -96,10 +115,9 @@ def build_learner(cfg: Config, train_tasks: TaskSource, callbacks: list[Callback
         preprocessing = train_tasks.dataset.preprocessing  # type: ignore[attr-defined]
         model_cfg.setdefault("in_channels", preprocessing.channels)
         model_cfg.setdefault("image_size", preprocessing.size[0])
-        learned_head = alg_cfg.get("head_init", "learned") == "learned"
+        learned_head = algorithm.inner.head_init == "learned"
         model_cfg.setdefault("out_features", cfg.tasks.ways if learned_head else None)
     model = build_model(**model_cfg)
-    algorithm = build_algorithm(**alg_cfg)
     tr = cfg.train
     return MetaLearner(
         model, algorithm, preprocessing=preprocessing, meta_optimizer=tr.meta_optimizer,
@@ -158,7 +176,7 @@ def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
     say = (lambda *a: None) if quiet or not main_process else print
     seed_everything(cfg.seed)
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_output_dir(cfg)  # fail before loading data or training, not at the first checkpoint
     t0 = time.perf_counter()
     tasks = build_tasks(cfg)
     data_seconds = time.perf_counter() - t0
@@ -183,7 +201,7 @@ def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
         train_tasks, val_tasks, iterations=tr.iterations, meta_batch_size=tr.meta_batch_size,
         val_every=tr.val_every, val_episodes=tr.val_episodes, num_workers=cfg.tasks.num_workers,
         checkpoint_dir=run_dir, checkpoint_every=tr.checkpoint_every, resume=resume,
-        budget_minutes=tr.budget_minutes, progress=progress,
+        budget_minutes=tr.budget_minutes, progress=progress, callbacks=build_callbacks(cfg),
     )
     train_seconds = time.perf_counter() - t1
     final_path = run_dir / "learner.pt"

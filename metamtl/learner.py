@@ -298,12 +298,16 @@ class MetaLearner:
             distributed.sync_start(self, fit_settings)
         val_every = val_every or max(1, iterations // 10)
 
+        self.fit_state["val_every"] = val_every if val_tasks is not None else None
+
         cbs: list[Callback] = [History()]
         if progress:
             cbs.append(ProgressBar())
         if checkpoint_dir is not None:
             cbs.append(ModelCheckpoint(checkpoint_dir, every=checkpoint_every))
         cbs += self.callbacks + list(callbacks)
+        # Checkpoints are written after every other callback has updated its state.
+        cbs.sort(key=lambda cb: isinstance(cb, ModelCheckpoint))
         self._callbacks = CallbackList(cbs)
         if resume is not None:
             self._callbacks.load_state_dict(self.fit_state.pop("callbacks", {}))
@@ -328,6 +332,7 @@ class MetaLearner:
                 if val_tasks is not None and (self.iteration % val_every == 0 or self.iteration == iterations):
                     result = self.evaluate(val_tasks, val_episodes, progress=False)
                     self._callbacks.on_validation_end(self, result.metrics("val/"))
+                self._callbacks.on_iteration_complete(self)
                 stop = self.should_stop
                 out_of_time = budget_minutes is not None and self.elapsed >= 60.0 * budget_minutes
                 if self.world_size > 1:  # every rank stops at the same iteration

@@ -1,4 +1,19 @@
-"""Outer loops, each a short class on the shared inner loop."""
+"""Outer loops, each a short class on the shared inner loop.
+
+=============  ==========================================================================
+``maml``       MAML (Finn et al. 2017); ``first_order=True`` or ``fomaml`` for first order
+``reptile``    Reptile (Nichol et al. 2018)
+``anil``       ANIL (Raghu et al. 2020): only the head adapts
+``metasgd``    Meta-SGD (Li et al. 2017): learned per-weight inner learning rates
+``mamlpp``     MAML++ (Antoniou et al. 2019): multi-step loss, per-layer per-step learned
+               rates, per-step BatchNorm, derivative-order annealing
+``protonet``   Prototypical Networks (Snell et al. 2017): metric baseline, no inner loop
+``transfer``   pre-train + fine-tune baseline (Chen et al. 2019), linear or cosine classifier
+=============  ==========================================================================
+
+Any gradient-based algorithm takes ``head_init="proto"`` for a prototype-initialised head
+(Proto-MAML), and ``optimizer`` for its inner optimizer (``sgd``, ``momentum``, ``adam``, ...).
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -7,9 +22,15 @@ from ..errors import ConfigError, unknown_name
 from .anil import ANIL
 from .base import Algorithm, accuracy
 from .maml import FOMAML, MAML
+from .mamlpp import MAMLPlusPlus, multi_step_weights
+from .metasgd import MetaSGD
+from .protonet import ProtoNet
 from .reptile import Reptile
+from .transfer import Transfer
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (MAML, FOMAML, Reptile, ANIL)}
+ALGORITHMS: dict[str, type[Algorithm]] = {
+    cls.name: cls for cls in (MAML, FOMAML, Reptile, ANIL, MetaSGD, MAMLPlusPlus, ProtoNet, Transfer)
+}
 
 
 def register_algorithm(cls: type[Algorithm]) -> type[Algorithm]:
@@ -34,5 +55,5 @@ def build_algorithm(name: str, **kwargs: Any) -> Algorithm:
         raise ConfigError(f"bad settings for algorithm {name!r}: {exc}") from None
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "ANIL", "FOMAML", "MAML", "Reptile", "accuracy",
-           "build_algorithm", "register_algorithm"]
+__all__ = ["ALGORITHMS", "Algorithm", "ANIL", "FOMAML", "MAML", "MAMLPlusPlus", "MetaSGD", "ProtoNet", "Reptile",
+           "Transfer", "accuracy", "build_algorithm", "multi_step_weights", "register_algorithm"]

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
+
 BN_MODES = ("transductive", "support")
 BN_EVAL_STATS = ("running", "batch")
 _REFERENCE_ROWS: contextvars.ContextVar[int | None] = contextvars.ContextVar("bn_reference_rows", default=None)
@@ -117,7 +119,9 @@ class StepNorms(nn.Module):
         super().__init__()
         layers = [m for m in model.modules() if isinstance(m, EpisodicBatchNorm)]
         self.sets, self.momentum, self.eval_stats, self.affine = int(sets), float(momentum), eval_stats, affine
-        self.slots = {layer.layer_id: i for i, layer in enumerate(layers)}
+        self.features = [layer.num_features for layer in layers]
+        self.slots: dict[int, int] = {}
+        self.bind(model)
         self.weight = nn.ParameterList()
         self.bias = nn.ParameterList()
         for i, layer in enumerate(layers):
@@ -127,10 +131,15 @@ class StepNorms(nn.Module):
             self.register_buffer(f"running_mean_{i}", layer.weight.new_zeros(self.sets, layer.num_features))
             self.register_buffer(f"running_var_{i}", layer.weight.new_ones(self.sets, layer.num_features))
 
-    def matches(self, model: nn.Module) -> bool:
-        """Whether this holds sets for exactly ``model``'s layers."""
-        ids = [m.layer_id for m in model.modules() if isinstance(m, EpisodicBatchNorm)]
-        return list(self.slots) == ids
+    def bind(self, model: nn.Module) -> None:
+        """Serve ``model``'s layers (e.g. the same architecture rebuilt on load), in module order."""
+        layers = [m for m in model.modules() if isinstance(m, EpisodicBatchNorm)]
+        if [layer.num_features for layer in layers] != self.features:
+            raise ConfigError(
+                f"per-step BatchNorm sets were made for layers of {self.features} channels, this model has "
+                f"{[layer.num_features for layer in layers]}; build a new algorithm for it"
+            )
+        self.slots = {layer.layer_id: i for i, layer in enumerate(layers)}
 
     @contextlib.contextmanager
     def use(self, k: int) -> Iterator[None]:

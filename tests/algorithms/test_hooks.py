@@ -8,28 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from metamtl.adaptation import InnerHooks, InnerLoop, task_loss
+from metamtl.errors import ConfigError
 from metamtl.models import EpisodicBatchNorm, StepNorms, build_model
-from metamtl.tasks import Episode
+
+from algo_utils import episode, tiny
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-def tiny(out_features=3):
-    torch.manual_seed(0)
-    return build_model("conv4", in_channels=1, hidden=4, image_size=8, blocks=2, out_features=out_features)
-
-
-def episode(ways=3, shots=2, queries=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return Episode(torch.randn(ways * shots, 1, 8, 8, generator=g), torch.arange(ways).repeat_interleave(shots),
-                   torch.randn(ways * queries, 1, 8, 8, generator=g), torch.arange(ways).repeat_interleave(queries),
-                   ways, shots, queries)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def test_trajectory_holds_every_step_and_call_uses_it():
@@ -97,7 +82,10 @@ def test_step_norms_swap_parameters_and_track_running_statistics():
     model = tiny(None)
     layers = [m for m in model.modules() if isinstance(m, EpisodicBatchNorm)]
     norms = StepNorms(model, sets=3, momentum=0.5)
-    assert norms.matches(model) and not norms.matches(tiny(None))
+    norms.bind(tiny(None))  # same architecture: fine
+    with pytest.raises(ConfigError, match="channels"):
+        norms.bind(build_model("conv4", in_channels=1, hidden=5, image_size=8, blocks=2, out_features=None))
+    norms.bind(model)
     with torch.no_grad():
         norms.weight[0][2].fill_(2.0)
         norms.bias[0][2].fill_(-1.0)

@@ -1,0 +1,160 @@
+"""MAML++ (Antoniou, Edwards & Storkey 2019, "How to train your MAML")."""
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager, Sequence
+
+import torch
+from torch import nn
+
+from ..adaptation import LossContext, check_positive, task_loss
+from ..errors import ConfigError, unknown_name
+from ..models.backbones import TrunkHead
+from ..models.norm import BN_EVAL_STATS, StepNorms
+from ..tasks.episode import Episode
+from .maml import MAML
+from .metasgd import lr_key
+
+
+def multi_step_weights(steps: int, iteration: int, anneal_iterations: int) -> list[float]:
+    """Per-step query-loss weights of the multi-step loss at meta-iteration ``iteration``.
+
+    With ``S = steps``, ``m = 0.03 / S`` and ``p = iteration / anneal_iterations``: while
+    ``p < 1`` the weight of the loss after step ``k < S`` is ``1/S - p (1/S - m)`` and the final
+    step's is ``1/S + (S - 1) p (1/S - m)``: uniform at the start, linearly shifting towards the
+    final step (the MAML++ schedule, per iteration instead of per epoch).  From
+    ``iteration >= anneal_iterations`` on, only the final step counts (weights ``0, ..., 0, 1``).
+    The weights always sum to 1.
+    """
+    if iteration >= anneal_iterations or steps <= 1:
+        return [0.0] * (steps - 1) + [1.0] if steps else []
+    p = iteration / anneal_iterations
+    m = 0.03 / steps
+    early = 1.0 / steps - p * (1.0 / steps - m)
+    return [early] * (steps - 1) + [1.0 - (steps - 1) * early]
+
+
+class MAMLPlusPlus(MAML):
+    """MAML with the MAML++ fixes, each one a switch.
+
+    * **Multi-step loss** (``multi_step_iterations``): for the first N meta-iterations the
+      meta-loss is a weighted sum of the query losses after every inner step, with weights
+      annealed towards the last step (:func:`multi_step_weights`); then the last step only.
+    * **LSLR** (``learn_lr``): a learned inner learning rate per weight tensor (layer) and per
+      step, starting at ``lr``; evaluation with more steps than training reuses the last step's.
+    * **BNWB + BNRS** (``per_step_bn``): every BatchNorm layer gets per-step weights, biases and
+      running statistics (:class:`~metamtl.models.StepNorms`), set ``k`` used by forward passes
+      whose weights have had ``k`` updates (``steps + 1`` sets; more eval steps reuse the last).
+      These weights are meta-learned, not adapted in the inner loop (the layers' own affine
+      weights are unused).  In training mode layers normalise with batch statistics and update
+      the running statistics of their set; in eval mode (evaluation, ``adapt``/``predict``)
+      they normalise with the running statistics (``bn_eval="running"``, no transduction: every
+      image is normalised independently of the others) or, with ``bn_eval="batch"``, with batch
+      statistics as in training.
+    * **Derivative-order annealing** (``first_order_iterations``): first order for the first N
+      meta-iterations (inner gradients treated as constants, but learned rates still get
+      meta-gradients), second order afterwards.
+    * **Cosine annealing of the meta-optimizer**: a callback, not an algorithm setting:
+      ``LRScheduler("cosine")`` (config: ``train.scheduler: {name: cosine}``).
+
+    The meta-iteration counter (a buffer, saved and resumed with the algorithm) drives both
+    annealings.  ``first_order=True`` keeps first order throughout.
+    """
+
+    name = "mamlpp"
+    track_updates = True
+
+    def __init__(
+        self,
+        inner=None,
+        *,
+        learn_lr: bool = True,
+        per_step_bn: bool = True,
+        bn_eval: str = "running",
+        bn_momentum: float = 0.1,
+        multi_step_iterations: int = 500,
+        first_order_iterations: int = 500,
+        **inner_kwargs,
+    ) -> None:
+        if inner is None:  # the paper's defaults: 5 steps, inner lr 0.1
+            inner_kwargs = {"steps": 5, "lr": 0.1, **inner_kwargs}
+        super().__init__(inner, **inner_kwargs)
+        for key, value in (("multi_step_iterations", multi_step_iterations),
+                           ("first_order_iterations", first_order_iterations)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"mamlpp {key} must be an integer >= 0, got {value!r}")
+        if bn_eval not in BN_EVAL_STATS:
+            raise unknown_name("bn_eval statistics", bn_eval, BN_EVAL_STATS)
+        check_positive("mamlpp bn_momentum", bn_momentum)
+        if per_step_bn and self.inner.adapt != "all":
+            raise ConfigError("mamlpp per_step_bn needs adapt='all' (the trunk must run inside the inner loop)")
+        if self.inner.steps < 1:
+            raise ConfigError("mamlpp needs steps >= 1")
+        self.learn_lr, self.per_step_bn, self.bn_eval = bool(learn_lr), bool(per_step_bn), bn_eval
+        self.bn_momentum = float(bn_momentum)
+        self.multi_step_iterations, self.first_order_iterations = multi_step_iterations, first_order_iterations
+        self.lrs = nn.ParameterDict()
+        self.norms: StepNorms | None = None
+        self.register_buffer("iterations_done", torch.zeros((), dtype=torch.long))
+
+    def config(self):
+        return {
+            **super().config(), "learn_lr": self.learn_lr, "per_step_bn": self.per_step_bn, "bn_eval": self.bn_eval,
+            "bn_momentum": self.bn_momentum, "multi_step_iterations": self.multi_step_iterations,
+            "first_order_iterations": self.first_order_iterations,
+        }
+
+    # -- learnable state --------------------------------------------------------------------
+    def setup(self, model: TrunkHead) -> None:
+        if self.per_step_bn:
+            if self.norms is None:
+                self.norms = StepNorms(model, self.inner.steps + 1, self.bn_momentum, self.bn_eval)
+            else:
+                self.norms.bind(model)
+        if self.learn_lr and not len(self.lrs):
+            like = next(model.parameters())
+            names = [f"trunk.{n}" for n, _ in model.trunk.named_parameters()] if self.inner.adapt == "all" else []
+            names += ([f"head.{n}" for n, _ in model.head.named_parameters()]
+                      if self.inner.head_init == "learned" and model.head is not None else ["head.weight", "head.bias"])
+            for n in names:
+                self.lrs[lr_key(n)] = nn.Parameter(torch.full((self.inner.steps,), self.inner.lr, dtype=like.dtype,
+                                                              device=like.device))
+
+    def lr_override(self, names: Sequence[str], step: int) -> dict[str, list] | None:
+        if not self.learn_lr:
+            return None
+        k = min(step, self.inner.steps - 1)
+        return {"lr": [self.lrs[lr_key(n)][k] for n in names]}
+
+    def step_context(self, updates: int) -> ContextManager:
+        return self.norms.use(updates) if self.norms is not None else contextlib.nullcontext()
+
+    # -- annealing ----------------------------------------------------------------------------
+    @property
+    def second_order(self) -> bool:
+        return not self.inner.first_order and int(self.iterations_done) >= self.first_order_iterations
+
+    def step_weights(self) -> list[float]:
+        """Weights of the query loss after each inner step at the current meta-iteration."""
+        return multi_step_weights(self.inner.steps, int(self.iterations_done), self.multi_step_iterations)
+
+    def meta_step(self, model, batch):
+        metrics = super().meta_step(model, batch)
+        self.iterations_done += 1
+        return metrics
+
+    def task_step(self, model: TrunkHead, episode: Episode, weight: float) -> dict[str, float]:
+        adapted = self.adapt_task(model, episode)
+        weights = self.step_weights()
+        objective = 0.0
+        for k, w in enumerate(weights, start=1):
+            if w > 0:
+                logits = adapted(episode.query_x, updates=k)
+                objective = objective + w * task_loss(logits, episode.query_y)
+        loss = task_loss(logits, episode.query_y)  # the last step's (weights[-1] > 0 always)
+        objective = self.inner.add_loss_terms(objective, LossContext(
+            "query", logits, episode.query_y, episode.query_x, episode.support_x, episode.support_y,
+            episode.ways, model))
+        self.task_backward(adapted, objective * weight)
+        return self._metrics(loss, logits, episode, adapted)
+

@@ -1,0 +1,78 @@
+"""Meta-SGD (Li et al. 2017): MAML that also meta-learns a learning rate for every weight."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..models.backbones import TrunkHead
+from .maml import MAML
+
+
+def lr_key(name: str) -> str:
+    """Module-safe key of a weight name (``trunk.blocks.0.0.weight`` -> ``trunk-blocks-0-0-weight``)."""
+    return name.replace(".", "-")
+
+
+def per_task_head_shapes(model: TrunkHead) -> dict[str, tuple[int, ...]]:
+    """Learning-rate shapes for per-task heads, whose number of outputs changes with the ways.
+
+    One rate per input feature shared by every output class (``[1, D]`` for the weight), and
+    one rate shared by every bias (``[1]``): they broadcast against a head of any width.
+    """
+    return {"head.weight": (1, model.num_features), "head.bias": (1,)}
+
+
+class MetaSGD(MAML):
+    """Learnable per-element inner learning rates, meta-trained with the initialisation.
+
+    The inner update is ``w <- w - lr_w * g`` (elementwise: ``lr_w`` has the shape of ``w``);
+    with another inner ``optimizer`` the rates replace its ``lr``.  Rates start at ``lr`` and are
+    ``nn.Parameter`` s of the algorithm: saved with it, meta-optimized by the learner (they are
+    in ``MetaLearner.meta_parameters()``) and restored on resume.  They may become negative
+    (Meta-SGD learns update directions as well as sizes).
+
+    Per-task heads (``head_init`` ``"zero"``/``"proto"``) change shape with the number of ways,
+    so their rates are shared across output classes (see :func:`per_task_head_shapes`); one
+    learner keeps serving 5-way and 20-way tasks.  With ``first_order=True`` the update is kept
+    on the tape with constant inner gradients, so the rates still get meta-gradients.
+    """
+
+    name = "metasgd"
+    track_updates = True
+
+    def __init__(self, inner=None, **inner_kwargs) -> None:
+        super().__init__(inner, **inner_kwargs)
+        self.lrs = nn.ParameterDict()
+
+    def lr_shapes(self, model: TrunkHead) -> dict[str, tuple[int, ...]]:
+        """Shape of the learning rate of every weight the inner loop adapts."""
+        adapt_head_only = self.inner.adapt == "head"
+        shapes = {} if adapt_head_only else {f"trunk.{n}": tuple(p.shape) for n, p in model.trunk.named_parameters()}
+        if self.inner.head_init == "learned":
+            if model.head is None:
+                raise ConfigError("head_init='learned' needs a model with a head; use 'zero' or 'proto'")
+            shapes.update({f"head.{n}": tuple(p.shape) for n, p in model.head.named_parameters()})
+        else:
+            shapes.update(per_task_head_shapes(model))
+        return shapes
+
+    def setup(self, model: TrunkHead) -> None:
+        shapes = self.lr_shapes(model)
+        if len(self.lrs):
+            have = {k: tuple(v.shape) for k, v in self.lrs.items()}
+            want = {lr_key(n): s for n, s in shapes.items()}
+            if have != want:
+                raise ConfigError(
+                    f"{self.name}: this algorithm's learned learning rates were made for another model "
+                    f"(differences: {sorted(set(have.items()) ^ set(want.items()))[:4]}); build a new algorithm"
+                )
+            return
+        like = next(model.parameters())
+        for n, shape in shapes.items():
+            self.lrs[lr_key(n)] = nn.Parameter(torch.full(shape, self.inner.lr, dtype=like.dtype, device=like.device))
+
+    def lr_override(self, names: Sequence[str], step: int) -> dict[str, list]:
+        return {"lr": [self.lrs[lr_key(n)] for n in names]}

@@ -1,0 +1,69 @@
+"""Prototypical Networks (Snell et al. 2017): the metric-learning baseline, no inner loop."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..adaptation import InnerLoop, check_positive, task_loss
+from ..models.backbones import TrunkHead
+from ..models.heads import class_means
+from ..tasks.episode import Episode
+from .base import Algorithm
+
+
+class Prototypes:
+    """A ProtoNet "adapted" to a support set: logits are ``-||f(x) - c_k||^2 / temperature``.
+
+    Has the interface of :class:`~metamtl.adaptation.Adapted` that learners use (call it on
+    query inputs; ``support_x``; no inner losses).
+    """
+
+    inner_losses: list[float] = []
+
+    def __init__(self, algorithm: "ProtoNet", trunk: torch.nn.Module, support_x: torch.Tensor,
+                 support_y: torch.Tensor, ways: int) -> None:
+        self.algorithm, self.trunk, self.support_x = algorithm, trunk, support_x
+        self.prototypes = class_means(trunk(support_x), support_y, ways)  # [ways, D]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.algorithm.inner.features(self.trunk, x, self.support_x)
+        return -torch.cdist(feats, self.prototypes).pow(2) / self.algorithm.temperature
+
+
+class ProtoNet(Algorithm):
+    """Classify queries by squared Euclidean distance to the class means of support features.
+
+    Meta-training minimises the query cross-entropy of these logits through the trunk; there is
+    no inner loop, so ``steps``/``lr`` do not apply.  The model needs no head of its own
+    (``out_features: null``); one trained trunk serves tasks with any number of ways.
+
+    Args:
+        temperature: logits are divided by it (1 in the paper).
+        bn_stats: ``"transductive"`` or ``"support"`` (see :mod:`metamtl.models.norm`): whether
+            query images are normalised with their own batch statistics or the support set's.
+
+    The prototype-initialised MAML head ("Proto-MAML") is ``head_init="proto"`` of any
+    gradient-based algorithm (e.g. ``build_algorithm("maml", head_init="proto")``): its initial
+    logits are these logits up to a per-query constant, then fine-tuned by the inner loop.
+    """
+
+    name = "protonet"
+
+    def __init__(self, temperature: float = 1.0, bn_stats: str = "transductive") -> None:
+        super().__init__(InnerLoop(steps=0, adapt="head", head_init="proto", bn_stats=bn_stats))
+        self.temperature = check_positive("protonet temperature", temperature)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "temperature": self.temperature, "bn_stats": self.inner.bn_stats}
+
+    def adapt(self, model: TrunkHead, support_x: torch.Tensor, support_y: torch.Tensor, ways: int,
+              steps: int | None = None) -> Prototypes:
+        return Prototypes(self, model.trunk, support_x, support_y, ways)
+
+    def task_step(self, model: TrunkHead, episode: Episode, weight: float) -> dict[str, float]:
+        adapted = self.adapt(model, episode.support_x, episode.support_y, episode.ways)
+        logits = adapted(episode.query_x)
+        loss = task_loss(logits, episode.query_y)
+        (loss * weight).backward()
+        return self._metrics(loss, logits, episode, None)

@@ -1,0 +1,114 @@
+"""The transfer-learning baseline (Chen et al. 2019, "A closer look at few-shot classification")."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adaptation import Adapted, check_positive
+from ..errors import ConfigError, InputError, unknown_name
+from ..models.backbones import TrunkHead
+from ..tasks.episode import Episode
+from .base import Algorithm, accuracy
+
+CLASSIFIERS = ("linear", "cosine")
+
+
+class ScaledNormalize(nn.Module):
+    """``scale * f(x) / ||f(x)||``: the feature map of a cosine classifier."""
+
+    def __init__(self, trunk: nn.Module, scale: float) -> None:
+        super().__init__()
+        self.trunk, self.scale, self.out_features = trunk, scale, trunk.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(self.trunk(x), dim=-1)
+
+
+class Transfer(Algorithm):
+    """Pre-train trunk + one head on all training classes, fine-tune a fresh head per task.
+
+    Training is plain supervised learning inside the episodic pipeline: every episode's images
+    (support and query) are a mini-batch labelled with their dataset class ids
+    (``episode.classes``), classified by a global head over ``num_classes`` classes.  The
+    meta-learning code paths are not used; gradients reach trunk and global head directly.
+
+    To adapt to a task, a new head (``head_init`` ``"zero"`` or ``"proto"``) is fine-tuned on
+    the support features with the shared inner loop (``adapt="head"``; ``steps`` steps of
+    ``optimizer`` at ``lr``); the trunk stays frozen.
+
+    Args:
+        num_classes: training classes (the CLI fills it from the training split).
+        classifier: ``"linear"`` (Baseline) or ``"cosine"`` (Baseline++: scaled cosine
+            similarity to class weight vectors in pre-training; the per-task head is then
+            fine-tuned on ``scale``-scaled L2-normalised features).
+        scale: cosine-classifier scale (temperature inverse).
+    """
+
+    name = "transfer"
+    fixed = {"adapt": "head", "first_order": True}
+
+    def __init__(self, inner=None, *, num_classes: int | None = None, classifier: str = "linear",
+                 scale: float = 10.0, **inner_kwargs: Any) -> None:
+        if inner is None:
+            inner_kwargs = {"steps": 100, "optimizer": "adam", "lr": 0.01, "head_init": "zero", **inner_kwargs}
+        super().__init__(inner, **inner_kwargs)
+        if self.inner.head_init == "learned":
+            raise ConfigError("transfer fine-tunes a fresh head per task: use head_init 'zero' or 'proto'")
+        if classifier not in CLASSIFIERS:
+            raise unknown_name("classifier", classifier, CLASSIFIERS)
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 2):
+            raise ConfigError(f"transfer num_classes must be an integer >= 2, got {num_classes!r}")
+        self.num_classes, self.classifier = num_classes, classifier
+        self.scale = check_positive("transfer scale", scale)
+        self.head: nn.Linear | None = None
+        self._features: tuple[int, TrunkHead] | None = None
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "num_classes": self.num_classes, "classifier": self.classifier, "scale": self.scale}
+
+    def setup(self, model: TrunkHead) -> None:
+        if self.head is not None:
+            if self.head.in_features != model.num_features:
+                raise ConfigError(f"transfer head expects {self.head.in_features} features, model has {model.num_features}")
+            return
+        if self.num_classes is None:
+            raise ConfigError("transfer needs num_classes (the number of training classes)")
+        like = next(model.parameters())
+        self.head = nn.Linear(model.num_features, self.num_classes, bias=self.classifier == "linear").to(like)
+
+    def feature_model(self, model: TrunkHead) -> TrunkHead:
+        """The model whose trunk gives the features fine-tuned on (normalised for ``cosine``)."""
+        if self.classifier == "linear":
+            return model
+        if self._features is None or self._features[0] != id(model):
+            self._features = (id(model), TrunkHead(ScaledNormalize(model.trunk, self.scale), None))
+        return self._features[1]
+
+    def global_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        if self.classifier == "linear":
+            return self.head(feats)
+        return self.scale * F.normalize(feats, dim=-1) @ F.normalize(self.head.weight, dim=-1).T
+
+    def task_step(self, model: TrunkHead, episode: Episode, weight: float) -> dict[str, float]:
+        if not episode.is_classification or not episode.classes:
+            raise InputError("transfer pre-training needs classification episodes with dataset class ids")
+        classes = torch.as_tensor(episode.classes, device=episode.support_y.device)
+        if int(classes.max()) >= self.num_classes:
+            raise InputError(
+                f"episode has dataset class id {int(classes.max())} but transfer num_classes is "
+                f"{self.num_classes}; set it to the number of training classes"
+            )
+        x = torch.cat([episode.support_x, episode.query_x])
+        y = classes[torch.cat([episode.support_y, episode.query_y])]
+        logits = self.global_logits(model.trunk(x))
+        loss = F.cross_entropy(logits, y)
+        (loss * weight).backward()
+        return {"loss": float(loss.detach()), "accuracy": accuracy(logits.detach(), y)}
+
+    def adapt(self, model: TrunkHead, support_x: torch.Tensor, support_y: torch.Tensor, ways: int,
+              steps: int | None = None) -> Adapted:
+        return super().adapt(self.feature_model(model), support_x, support_y, ways, steps)

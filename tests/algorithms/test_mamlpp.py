@@ -1,0 +1,126 @@
+"""MAML++: multi-step loss weights, per-layer per-step learning rates, per-step BatchNorm, annealing."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from metamtl import MetaLearner
+from metamtl.algorithms import build_algorithm, multi_step_weights
+from metamtl.errors import ConfigError
+from metamtl.tasks import TaskBatch
+
+from algo_utils import episode, tiny
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_multi_step_weights_sum_to_one_and_anneal_as_documented(steps):
+    horizon = 100
+    rows = [multi_step_weights(steps, t, horizon) for t in range(0, 130, 5)]
+    for w in rows:
+        assert len(w) == steps and sum(w) == pytest.approx(1.0, abs=1e-12) and min(w) >= 0
+    assert rows[0] == pytest.approx([1.0 / steps] * steps)  # uniform at the start
+    if steps > 1:
+        early = [w[0] for w in rows if w[-1] < 1]
+        assert all(a > b for a, b in zip(early, early[1:]))  # non-final weights shrink linearly
+        # halfway: 1/S - 0.5 (1/S - 0.03/S) for every non-final step
+        half = multi_step_weights(steps, horizon // 2, horizon)
+        assert half[:-1] == pytest.approx([1 / steps - 0.5 * (1 / steps - 0.03 / steps)] * (steps - 1))
+        # just before the horizon the non-final weights approach 0.03 / S
+        assert multi_step_weights(steps, horizon - 1, horizon)[0] == pytest.approx(0.03 / steps, abs=0.01 / steps)
+    for t in (horizon, horizon + 1, 10 * horizon):  # then the final step only
+        assert multi_step_weights(steps, t, horizon) == [0.0] * (steps - 1) + [1.0]
+
+
+def test_lslr_and_multi_step_meta_gradient_match_autograd(float64):
+    """Per-layer per-step rates, loss after each step weighted, second order, vs torch.func."""
+    model, ep = tiny(), episode(seed=3)
+    alg = build_algorithm("mamlpp", steps=2, lr=0.1, per_step_bn=False, multi_step_iterations=10,
+                          first_order_iterations=0)
+    alg.setup(model)
+    with torch.no_grad():
+        for p in alg.lrs.values():
+            p.uniform_(0.05, 0.3)
+    params = dict(model.named_parameters())
+    lrs = {n: alg.lrs[n.replace(".", "-")].detach().clone().requires_grad_() for n in params}
+    weights = multi_step_weights(2, 0, 10)
+    cur, objective = dict(params), 0.0
+    for k in range(2):
+        loss = F.cross_entropy(functional_call(model, cur, (ep.support_x,)), ep.support_y)
+        grads = torch.autograd.grad(loss, list(cur.values()), create_graph=True)
+        cur = {n: cur[n] - lrs[n][k] * g for n, g in zip(cur, grads)}
+        objective = objective + weights[k] * F.cross_entropy(functional_call(model, cur, (ep.query_x,)), ep.query_y)
+    ref = torch.autograd.grad(objective, list(params.values()) + list(lrs.values()))
+    model.zero_grad()
+    alg.meta_step(model, TaskBatch([ep]))
+    ours = [p.grad for p in model.parameters()] + [alg.lrs[n.replace(".", "-")].grad for n in params]
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    assert int(alg.iterations_done) == 1
+    assert all(float(g[1].abs()) > 0 and float(g[0].abs()) > 0 for g in ours[len(params):])
+
+
+def test_derivative_order_annealing_switches_after_n_iterations():
+    model, ep = tiny(), episode()
+    alg = build_algorithm("mamlpp", steps=2, lr=0.1, first_order_iterations=2, per_step_bn=False)
+    orders = []
+    for _ in range(4):
+        orders.append(alg.second_order)
+        model.zero_grad()
+        alg.meta_step(model, TaskBatch([ep]))
+        assert all(p.grad.abs().sum() > 0 for p in alg.lrs.values())  # rates learn in first order too
+    assert orders == [False, False, True, True]
+    assert build_algorithm("mamlpp", first_order=True, first_order_iterations=0).second_order is False
+
+
+def test_per_step_batchnorm_is_learned_tracks_statistics_and_predicts_without_transduction():
+    model = tiny(None)
+    learner = MetaLearner(model, build_algorithm("mamlpp", steps=2, lr=0.1, head_init="zero"), device="cpu")
+    alg = learner.algorithm
+    norms = alg.norms
+    assert norms.sets == 3 and len(norms.weight) == 2
+    ep = episode(ways=3, seed=1)
+    model.train()
+    model.zero_grad()
+    alg.meta_step(model, TaskBatch([ep]))
+    assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in norms.weight)
+    own_affine = [p for n, p in model.named_parameters() if re.search(r"blocks\.\d+\.1\.", n)]
+    assert len(own_affine) == 4 and all(p.grad is None for p in own_affine)  # the layers' own are unused
+    for k in range(3):  # every set saw batches: support at steps 0, 1 and queries after 1, 2 updates
+        assert norms.running_mean_0[k].abs().sum() > 0
+    # eval mode: running statistics, so a query's logits do not depend on the other queries
+    full = learner.predict(ep.support_x, ep.support_y, ep.query_x)
+    single = learner.predict(ep.support_x, ep.support_y, ep.query_x[:1])
+    torch.testing.assert_close(full[:1], single)
+    before = norms.running_mean_0.clone()
+    learner.evaluate([ep], progress=False)
+    assert torch.equal(before, norms.running_mean_0)  # evaluation leaves the statistics alone
+    alg.norms.eval_stats = "batch"
+    assert not torch.allclose(learner.predict(ep.support_x, ep.support_y, ep.query_x)[:1],
+                              learner.predict(ep.support_x, ep.support_y, ep.query_x[:1]))
+
+
+def test_eval_with_more_steps_than_training_reuses_the_last_rates_and_norms():
+    model = tiny(None)
+    learner = MetaLearner(model, build_algorithm("mamlpp", steps=2, lr=0.1, head_init="proto", eval_steps=5),
+                          device="cpu")
+    ep = episode(ways=3, seed=2)
+    res = learner.evaluate([ep], progress=False)
+    assert res.steps == 5 and 0 <= res.accuracy <= 1
+    assert learner.algorithm.lr_override(["head.weight"], 4)["lr"][0] is not None
+
+
+def test_bad_settings():
+    with pytest.raises(ConfigError, match="adapt='all'"):
+        build_algorithm("mamlpp", adapt="head")
+    with pytest.raises(ConfigError, match="unknown bn_eval"):
+        build_algorithm("mamlpp", bn_eval="runing")
+    with pytest.raises(ConfigError, match="multi_step_iterations"):
+        build_algorithm("mamlpp", multi_step_iterations=-1)
+    with pytest.raises(ConfigError, match="inner lr"):
+        build_algorithm("mamlpp", lr=float("nan"))
+    with pytest.raises(ConfigError, match="bad settings"):
+        build_algorithm("mamlpp", multistep=3)

@@ -1,0 +1,195 @@
+"""Callbacks (LR schedules, early stopping, metrics files), bit-exact resume, bad training input."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from metamtl import MetaLearner
+from metamtl.algorithms import build_algorithm
+from metamtl.callbacks import Callback, EarlyStopping, LRScheduler, MetricsLogger, ModelCheckpoint
+from metamtl.config import config_from_dict
+from metamtl.errors import CheckpointError, ConfigError
+from metamtl.models import build_model
+
+from algo_utils import toy_dataset
+
+
+def make_learner(alg="maml", head_init="zero", callbacks=(), **alg_kw):
+    torch.manual_seed(0)
+    model = build_model("conv4", in_channels=1, hidden=8, image_size=12, blocks=2,
+                        out_features=5 if head_init == "learned" else None)
+    alg_kw = {"steps": 2, "lr": 0.3, "head_init": head_init, **alg_kw}
+    return MetaLearner(model, build_algorithm(alg, **alg_kw), preprocessing=toy_dataset().preprocessing,
+                       device="cpu", meta_lr=1e-2, callbacks=callbacks)
+
+
+class Recorder(Callback):
+    def __init__(self):
+        self.calls = []
+
+    def on_iteration_end(self, learner, metrics):
+        self.calls.append(("end", learner.iteration))
+
+    def on_validation_end(self, learner, metrics):
+        self.calls.append(("val", learner.iteration))
+
+    def on_iteration_complete(self, learner):
+        self.calls.append(("complete", learner.iteration))
+
+
+def test_hook_order_and_cosine_schedule_with_warmup(toy_tasks):
+    train, val = toy_tasks
+    rec = Recorder()
+    sched = LRScheduler("cosine", warmup=2, min_lr=1e-3)
+    learner = make_learner(callbacks=[rec, sched])
+    learner.fit(train, val, iterations=6, meta_batch_size=2, val_every=3, val_episodes=2, progress=False)
+    assert rec.calls[:4] == [("end", 1), ("complete", 1), ("end", 2), ("complete", 2)]
+    assert rec.calls[4:7] == [("end", 3), ("val", 3), ("complete", 3)]
+    lrs = [row["train/lr"] for row in learner.history if "train/lr" in row]
+    expected = [1e-2 * 1 / 2, 1e-2 * 2 / 2] + [
+        1e-3 + (1e-2 - 1e-3) * 0.5 * (1 + math.cos(math.pi * (t - 2) / 4)) for t in range(2, 6)]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert learner.meta_optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # after the last step
+
+
+@pytest.mark.parametrize("name,kw,factors", [
+    ("step", {"step_size": 2, "gamma": 0.5}, [1, 1, 0.5, 0.5, 0.25]),
+    ("exponential", {"gamma": 0.5}, [1, 0.5, 0.25, 0.125, 0.0625]),
+])
+def test_step_and_exponential_schedules(toy_tasks, name, kw, factors):
+    learner = make_learner(alg="fomaml", callbacks=[LRScheduler(name, **kw)])
+    learner.fit(toy_tasks[0], iterations=5, meta_batch_size=1, progress=False)
+    assert [r["train/lr"] for r in learner.history] == pytest.approx([1e-2 * f for f in factors])
+
+
+class FakeValidation(Callback):
+    """Replaces the validation metrics by a fixed sequence (runs before the tested callbacks)."""
+
+    def __init__(self, values):
+        self.values = list(values)
+
+    def on_validation_end(self, learner, metrics):
+        metrics["val/accuracy"] = self.values.pop(0)
+
+
+def test_early_stopping_and_plateau_schedule_follow_validation(toy_tasks):
+    train, val = toy_tasks
+    stop = EarlyStopping(patience=3, min_delta=0.01)
+    plateau = LRScheduler("plateau", patience=2, gamma=0.5)
+    learner = make_learner(alg="fomaml", callbacks=[FakeValidation([0.5, 0.6, 0.605, 0.6, 0.59, 0.9]), stop, plateau])
+    learner.fit(train, val, iterations=20, meta_batch_size=1, val_every=1, val_episodes=1, progress=False)
+    # best 0.6 at validation 2; 0.605 is within min_delta; three without improvement -> stop at 5
+    assert learner.iteration == 5 and learner.fit_state["stopped_by"] == "early_stopping"
+    assert stop.state_dict() == {"best": 0.6, "wait": 3}
+    # the plateau scheduler (no min_delta) saw 0.605 as its best, then 2 worse -> one halving
+    assert plateau.reductions == 1 and learner.meta_optimizer.param_groups[0]["lr"] == pytest.approx(5e-3)
+    with pytest.raises(ConfigError, match="needs validation"):
+        make_learner(alg="fomaml").fit(train, iterations=1, meta_batch_size=1, progress=False,
+                                       callbacks=[EarlyStopping()])
+    with pytest.raises(ConfigError, match="monitors 'val/acc'"):
+        make_learner(alg="fomaml").fit(train, val, iterations=1, meta_batch_size=1, val_episodes=1,
+                                       progress=False, callbacks=[EarlyStopping(monitor="val/acc")])
+
+
+class Crash(Callback):
+    def __init__(self, at):
+        self.at = at
+
+    def on_iteration_start(self, learner):
+        if learner.iteration == self.at:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("alg,kw", [
+    ("mamlpp", {"steps": 2, "multi_step_iterations": 6, "first_order_iterations": 5}),
+    ("metasgd", {"head_init": "proto"}),
+])
+def test_resume_is_bit_exact_with_learned_rates_scheduler_and_callbacks(tmp_path, toy_tasks, alg, kw):
+    """Killed after iteration 5 (last checkpoint at 4, before MAML++'s annealings switch), resumed
+    to 8: parameters, learned rates, BatchNorm statistics, LR, history and metrics file all equal
+    those of an uninterrupted run."""
+    train, val = toy_tasks
+
+    def fit(tag, extra_callbacks=(), **extra):
+        learner = make_learner(alg, **kw)
+        cbs = [LRScheduler("cosine", warmup=1), EarlyStopping(patience=50),
+               MetricsLogger(tmp_path / tag / "metrics.jsonl"), *extra_callbacks]
+        learner.fit(train, val, iterations=8, meta_batch_size=2, val_every=2, val_episodes=2, progress=False,
+                    callbacks=cbs, **extra)
+        return learner
+
+    full = fit("full")
+    with pytest.raises(KeyboardInterrupt):
+        fit("part", [Crash(at=5)], checkpoint_dir=tmp_path / "ck", checkpoint_every=2)
+    last = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
+    assert last["iteration"] == 4
+    assert {"LRScheduler:cosine", "EarlyStopping", "MetricsLogger:metrics.jsonl"} <= set(last["training"]["callbacks"])
+    resumed = fit("part", resume=tmp_path / "ck" / "last.pt")
+    assert resumed.iteration == 8
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    for (name, a), b in zip(full.algorithm.state_dict().items(), resumed.algorithm.state_dict().values()):
+        assert torch.equal(a, b), name  # learned rates, per-step BatchNorm, iteration counter
+    assert full.meta_optimizer.param_groups[0]["lr"] == resumed.meta_optimizer.param_groups[0]["lr"]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]  # noqa: E731
+    assert strip(full.history) == strip(resumed.history)
+    read = lambda tag: strip(json.loads(line) for line in (tmp_path / tag / "metrics.jsonl").read_text().splitlines())  # noqa: E731
+    assert read("full") == read("part")  # the rows of iteration 5 written before the crash were cut
+
+
+def test_metrics_logger_writes_long_csv(tmp_path, toy_tasks):
+    train, val = toy_tasks
+    learner = make_learner(alg="fomaml")
+    learner.fit(train, val, iterations=2, meta_batch_size=1, val_every=2, val_episodes=1, progress=False,
+                callbacks=[MetricsLogger(tmp_path / "m.csv")])
+    lines = (tmp_path / "m.csv").read_text().splitlines()
+    assert lines[0] == "iteration,time,metric,value"
+    metrics = {(int(line.split(",")[0]), line.split(",")[2]) for line in lines[1:]}
+    assert {(1, "train/loss"), (2, "train/accuracy"), (2, "val/accuracy"), (2, "train/lr")} <= metrics
+    with pytest.raises(ConfigError, match=".csv or .jsonl"):
+        MetricsLogger(tmp_path / "m.txt")
+
+
+def test_unwritable_checkpoint_folder_fails_before_training(tmp_path, toy_tasks):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    learner = make_learner(alg="fomaml")
+    before = [p.detach().clone() for p in learner.model.parameters()]
+    with pytest.raises(CheckpointError, match="not writable"):
+        learner.fit(toy_tasks[0], iterations=3, meta_batch_size=1, progress=False, checkpoint_dir=blocker / "ck")
+    assert learner.iteration == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, learner.model.parameters()))
+
+
+def test_checkpoint_write_failure_keeps_the_previous_checkpoint(tmp_path, toy_tasks, monkeypatch):
+    learner = make_learner(alg="fomaml")
+    learner.fit(toy_tasks[0], iterations=2, meta_batch_size=1, progress=False, checkpoint_dir=tmp_path)
+    good = (tmp_path / "last.pt").read_bytes()
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(CheckpointError, match="No space left"):
+        learner.save(tmp_path / "last.pt", training_state=True)
+    assert (tmp_path / "last.pt").read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_config_sections_for_callbacks_are_validated():
+    cfg = config_from_dict({"train": {"scheduler": {"name": "cosine", "warmup": 10},
+                                      "early_stopping": {"patience": 3}}, "logging": {"metrics": "jsonl"}})
+    assert cfg.train.scheduler.warmup == 10 and cfg.train.early_stopping.monitor == "val/accuracy"
+    with pytest.raises(ConfigError, match="train.scheduler: unknown scheduler 'cosin'. Did you mean 'cosine'"):
+        config_from_dict({"train": {"scheduler": {"name": "cosin"}}})
+    with pytest.raises(ConfigError, match="train.early_stopping: early stopping patience"):
+        config_from_dict({"train": {"early_stopping": {"patience": 0}}})
+    with pytest.raises(ConfigError, match="need validation"):
+        config_from_dict({"data": {"val_split": None}, "train": {"early_stopping": {}}})
+    with pytest.raises(ConfigError, match="logging.metrics"):
+        config_from_dict({"logging": {"metrics": "xml"}})
+    with pytest.raises(ConfigError, match="Valid algorithms: anil, fomaml, maml, mamlpp, metasgd, protonet, reptile, transfer"):
+        config_from_dict({"algorithm": {"name": "maml+"}})
+    with pytest.raises(ConfigError, match="inner lr must be a finite number > 0"):
+        config_from_dict({"algorithm": {"name": "metasgd", "lr": -1}})
+    with pytest.raises(ConfigError, match="unknown inner optimizer 'adamm'. Did you mean 'adam'"):
+        config_from_dict({"algorithm": {"name": "mamlpp", "optimizer": "adamm"}})
