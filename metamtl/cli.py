@@ -32,21 +32,28 @@ def _evaluate(args: argparse.Namespace) -> int:
     saved = learner.metadata.get("config")
     if saved is None:
         raise MetamtlError(f"{args.checkpoint} has no data config; evaluate it from Python with MetaLearner.evaluate")
-    if args.data_root:
-        saved["data"]["root"] = args.data_root
-    saved["data"]["val_split"] = None
-    saved["data"]["test_split"] = args.split
+    for data in [saved["data"], *saved.get("datasets", [])]:  # several for multi-dataset learners
+        if args.data_root:
+            data["root"] = args.data_root
+        data["val_split"] = None
+        if args.split or data is saved["data"]:
+            data["test_split"] = args.split or "test"
     cfg = config_from_dict(saved)
+    splits = {d.label or d.name: d.test_split for d in cfg.datasets}
     tasks = build_tasks(cfg)["test"]
     defaults = learner.task_defaults
-    result = learner.evaluate(
-        tasks, args.episodes,
-        ways=args.ways or defaults.get("ways"), shots=args.shots or defaults.get("shots"),
-        queries=args.queries or defaults.get("queries"), steps=args.steps, progress=not args.no_progress,
-    ) if learner.task == "classification" else learner.evaluate(tasks, args.episodes, steps=args.steps)
-    print(f"[metamtl] {args.split} split: {result}")
+    out = {}
+    for label, source in (tasks.items() if isinstance(tasks, dict) else [(None, tasks)]):
+        result = learner.evaluate(
+            source, args.episodes,
+            ways=args.ways or defaults.get("ways"), shots=args.shots or defaults.get("shots"),
+            queries=args.queries or defaults.get("queries"), steps=args.steps, progress=not args.no_progress,
+        ) if learner.task == "classification" else learner.evaluate(source, args.episodes, steps=args.steps)
+        where = f"{label} " if label else ""
+        print(f"[metamtl] {where}{splits.get(label, args.split or 'test')} split: {result}")
+        out[label] = result.to_dict()
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
+        Path(args.json).write_text(json.dumps(out if len(out) > 1 else out[next(iter(out))], indent=2))
     return 0
 
 
@@ -78,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--shots", type=int)
     e.add_argument("--queries", type=int)
     e.add_argument("--steps", type=int, help="inner steps at evaluation")
-    e.add_argument("--split", default="test")
+    e.add_argument("--split", help="split to evaluate (default: 'test'; each dataset's configured test split "
+                   "for multi-dataset learners)")
     e.add_argument("--data-root", help="dataset root (default: as saved, or $METAMTL_DATA)")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", help="also write the result to this JSON file")

@@ -1,7 +1,9 @@
 """Experiment configuration: YAML files in configs/ are data, validated here.
 
 A config has fixed sections (``data``, ``tasks``, ``model``, ``algorithm``, ``train``, ``eval``,
-``logging``).  Typed sections reject unknown keys (suggesting the closest one) and values of the
+``logging``).  Multi-dataset runs list their datasets under ``datasets`` (each entry has the keys
+of ``data`` plus a ``label``) instead of ``data``; ``tasks.mixture``/``tasks.temperature`` say how
+often each one serves an episode.  Typed sections reject unknown keys (suggesting the closest one) and values of the
 wrong type; ``model`` and ``algorithm`` are passed to their registries, which validate them
 against the chosen model/algorithm.  Command-line overrides are ``dotted.key=value`` with the
 value parsed as YAML (``train.iterations=500``, ``data.sources=[small1]``).
@@ -21,9 +23,13 @@ from .errors import ConfigError, did_you_mean
 
 @dataclasses.dataclass
 class DataConfig:
-    """Which dataset, where it is, and how it is split/augmented."""
+    """Which dataset, where it is, and how it is split/augmented.
+
+    ``label`` names the dataset in logs, results and multi-dataset sampling (default: ``name``).
+    """
 
     name: str = "omniglot"
+    label: str | None = None
     root: str | None = None
     download: bool = False
     cache_dir: str | None = None
@@ -48,6 +54,8 @@ class TasksConfig:
     val_seed: int = 1
     test_seed: int = 2
     num_workers: int = 0
+    mixture: str | list[float] = "equal"
+    temperature: float = 1.0
 
 
 @dataclasses.dataclass
@@ -131,6 +139,7 @@ class Config:
     seed: int = 0
     output_dir: str = "runs"
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    datasets: list[DataConfig] = dataclasses.field(default_factory=list)
     tasks: TasksConfig = dataclasses.field(default_factory=TasksConfig)
     model: dict = dataclasses.field(default_factory=lambda: {"name": "conv4"})
     algorithm: dict = dataclasses.field(default_factory=lambda: {"name": "maml"})
@@ -232,6 +241,16 @@ def _check_config(cfg: Config) -> Config:
     t = cfg.tasks
     for name, minimum in (("ways", 1), ("shots", 1), ("queries", 1), ("num_workers", 0)):
         _at_least(f"tasks.{name}", getattr(t, name), minimum)
+    if not t.temperature > 0:
+        raise ConfigError(f"tasks.temperature must be > 0, got {t.temperature}")
+    if isinstance(t.mixture, str) and t.mixture not in ("equal", "size"):
+        raise ConfigError(f"tasks.mixture must be 'equal', 'size' or a list of weights, got {t.mixture!r}")
+    if cfg.datasets:
+        labels = [d.label or d.name for d in cfg.datasets]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"datasets need distinct labels (set 'label' on repeated names), got {labels}")
+        if isinstance(t.mixture, list) and len(t.mixture) != len(labels):
+            raise ConfigError(f"tasks.mixture has {len(t.mixture)} weights for {len(labels)} datasets")
     tr = cfg.train
     for name, minimum in (("iterations", 0), ("meta_batch_size", 1), ("val_episodes", 1), ("val_every", 1),
                           ("checkpoint_every", 0), ("max_bad_steps", 1)):
@@ -276,13 +295,26 @@ def _check_config(cfg: Config) -> Config:
             raise ConfigError(f"train.{key}: {exc}") from None
     from .algorithms import build_algorithm
 
-    head_init = build_algorithm(**cfg.algorithm).inner.head_init  # protonet / transfer: per-task heads
+    head_init = build_algorithm(**_algorithm_settings(cfg)).inner.head_init  # protonet / transfer: per-task heads
     if head_init == "learned" and any(s.ways != t.ways for s in cfg.eval.settings):
         raise ConfigError(
             "eval.settings use a different number of ways than tasks.ways, but algorithm.head_init is "
             "'learned' (a fixed-size head); set algorithm.head_init to 'zero' or 'proto' to evaluate other ways"
         )
     return cfg
+
+
+def _algorithm_settings(cfg: Config) -> dict[str, Any]:
+    """``cfg.algorithm``, plus the dataset labels for algorithms that take them (as the experiment does)."""
+    import inspect
+
+    from .algorithms import ALGORITHMS
+
+    settings = dict(cfg.algorithm)
+    cls = ALGORITHMS.get(settings.get("name"))
+    if cfg.datasets and cls is not None and "datasets" in inspect.signature(cls).parameters:
+        settings.setdefault("datasets", [d.label or d.name for d in cfg.datasets])
+    return settings
 
 
 def _check_components(cfg: Config) -> None:
@@ -295,12 +327,13 @@ def _check_components(cfg: Config) -> None:
     from .learner import META_OPTIMIZERS
     from .models.backbones import check_model_config
 
-    if cfg.data.name not in {**DATASETS, **TASK_FAMILIES}:
-        raise ConfigError(f"config.data.name: {unknown_name('dataset', cfg.data.name, {**DATASETS, **TASK_FAMILIES})}")
+    for where, d in [("data", cfg.data)] + [(f"datasets[{i}]", d) for i, d in enumerate(cfg.datasets)]:
+        if d.name not in {**DATASETS, **TASK_FAMILIES}:
+            raise ConfigError(f"config.{where}.name: {unknown_name('dataset', d.name, {**DATASETS, **TASK_FAMILIES})}")
     model = dict(cfg.model)
     try:
         check_model_config(model.pop("name"), model)
-        build_algorithm(**cfg.algorithm)
+        build_algorithm(**_algorithm_settings(cfg))
     except ConfigError as exc:
         raise ConfigError(f"config: {exc}") from None
     if cfg.train.meta_optimizer not in META_OPTIMIZERS:

@@ -24,12 +24,12 @@ import torch
 from . import distributed
 from .algorithms import ALGORITHMS, build_algorithm
 from .callbacks import Callback, EarlyStopping, LRScheduler, MetricsLogger
-from .config import Config
+from .config import Config, DataConfig
 from .data.base import ClassDataset
 from .errors import ConfigError
 from .learner import EvalResult, MetaLearner
-from .models.backbones import build_model
-from .tasks.sampler import EpisodeSampler, TaskSource
+from .models.backbones import MODELS, build_model
+from .tasks.sampler import EpisodeSampler, MixedTasks, TaskSource
 
 
 def seed_everything(seed: int) -> None:
@@ -38,15 +38,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def data_root(cfg: Config) -> str | None:
-    return cfg.data.root or os.environ.get("METAMTL_DATA")
+def data_root(cfg: Config, data: DataConfig | None = None) -> str | None:
+    return (data or cfg.data).root or os.environ.get("METAMTL_DATA")
 
 
-def load_split(cfg: Config, split: str, rotations: list[int] | None = None) -> ClassDataset:
-    """One split of the configured dataset (only the options that were set are passed on)."""
+def load_split(cfg: Config, split: str, rotations: list[int] | None = None,
+               data: DataConfig | None = None) -> ClassDataset:
+    """One split of the configured dataset (``data``: one of ``cfg.datasets``; default ``cfg.data``).
+
+    Only the options that were set are passed on.
+    """
     from .data.registry import load_dataset
 
-    d = cfg.data
+    d = data or cfg.data
     kwargs: dict[str, Any] = {}
     for key in ("sources", "image_size", "split_fractions", "split_seed", "cache_dir"):
         value = getattr(d, key)
@@ -56,16 +60,24 @@ def load_split(cfg: Config, split: str, rotations: list[int] | None = None) -> C
         kwargs["download"] = True
     if rotations:
         kwargs["rotations"] = tuple(rotations)
-    return load_dataset(d.name, split=split, root=data_root(cfg), **kwargs)
+    return load_dataset(d.name, split=split, root=data_root(cfg, d), **kwargs)
 
 
 def is_regression(cfg: Config) -> bool:
     return cfg.data.name == "sinusoid"
 
 
-def build_tasks(cfg: Config) -> dict[str, TaskSource | None]:
-    """Train / val / test task sources for the config (classes disjoint across splits)."""
+def build_tasks(cfg: Config) -> dict[str, Any]:
+    """Train / val / test task sources for the config (classes disjoint across splits).
+
+    With several ``datasets``: train (and val, over the datasets that have a val split) are
+    :class:`~metamtl.tasks.MixedTasks` drawing each episode from one dataset with
+    ``tasks.mixture``/``tasks.temperature``; test is a dict ``{label: source}`` so every dataset
+    is evaluated on its own held-out classes.
+    """
     t = cfg.tasks
+    if cfg.datasets:
+        return _build_mixed_tasks(cfg)
     if is_regression(cfg):
         from .data.sinusoid import Sinusoid
 
@@ -98,6 +110,31 @@ def build_callbacks(cfg: Config) -> list[Callback]:
     return cbs
 
 
+def _build_mixed_tasks(cfg: Config) -> dict[str, Any]:
+    t = cfg.tasks
+    train, val, test = [], [], {}
+    for d in cfg.datasets:
+        label = d.label or d.name
+        train.append(EpisodeSampler(load_split(cfg, d.train_split, d.train_rotations, d), t.ways, t.shots,
+                                    t.queries, seed=t.seed, name=label))
+        if d.val_split:
+            val.append(EpisodeSampler(load_split(cfg, d.val_split, data=d), t.ways, t.shots, t.queries,
+                                      seed=t.val_seed, name=label))
+        if d.test_split:
+            test[label] = EpisodeSampler(load_split(cfg, d.test_split, data=d), t.ways, t.shots,
+                                         cfg.eval.queries, seed=t.test_seed, name=label)
+    weights = t.mixture
+    mixed = MixedTasks(train, weights, t.temperature, seed=t.seed)
+    val_weights = weights if not isinstance(weights, list) else [
+        w for w, d in zip(weights, cfg.datasets) if d.val_split]
+    return {"train": mixed, "val": MixedTasks(val, val_weights, t.temperature, seed=t.val_seed) if val else None,
+            "test": test or None}
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
 def build_learner(cfg: Config, train_tasks: TaskSource, callbacks: list[Callback] = ()) -> MetaLearner:
     """Model + algorithm + learner for the config, shaped after the training data."""
     model_cfg = dict(cfg.model)
@@ -105,11 +142,29 @@ def build_learner(cfg: Config, train_tasks: TaskSource, callbacks: list[Callback
     cls = ALGORITHMS.get(alg_cfg["name"])
     if cls is not None and "num_classes" in inspect.signature(cls).parameters and alg_cfg.get("num_classes") is None:
         alg_cfg["num_classes"] = train_tasks.num_classes  # e.g. the transfer baseline's global head
+    if isinstance(train_tasks, MixedTasks) and cls is not None and _accepts(cls, "datasets"):
+        alg_cfg.setdefault("datasets", [s.name for s in train_tasks.sources])  # e.g. multitask's strategy
     algorithm = build_algorithm(**alg_cfg)
     regression = is_regression(cfg)
+    metadata: dict[str, Any] = {"config": cfg.to_dict()}
     if regression:
         model_cfg.setdefault("in_features", 1)
         model_cfg.setdefault("out_features", 1)
+        preprocessing = None
+    elif isinstance(train_tasks, MixedTasks):
+        # Several datasets: models taking ``inputs`` get each dataset's input shape (algorithms
+        # taking ``datasets`` got the labels above); raw-image preprocessing is per dataset.
+        preps = {s.name: s.dataset.preprocessing for s in train_tasks.sources}  # type: ignore[attr-defined]
+        metadata["preprocessing"] = {k: p.to_dict() for k, p in preps.items()}
+        shapes = {k: [p.channels, *p.size] for k, p in preps.items()}
+        if model_cfg.get("name") in MODELS and _accepts(MODELS[model_cfg["name"]], "inputs"):
+            model_cfg.setdefault("inputs", shapes)
+        elif len({tuple(v) for v in shapes.values()}) == 1:  # one input shape: any model
+            first = next(iter(preps.values()))
+            model_cfg.setdefault("in_channels", first.channels)
+            model_cfg.setdefault("image_size", first.size[0])
+        learned_head = algorithm.inner.head_init == "learned"
+        model_cfg.setdefault("out_features", cfg.tasks.ways if learned_head else None)
         preprocessing = None
     else:
         preprocessing = train_tasks.dataset.preprocessing  # type: ignore[attr-defined]
@@ -124,7 +179,7 @@ def build_learner(cfg: Config, train_tasks: TaskSource, callbacks: list[Callback
         meta_lr=tr.meta_lr, grad_clip=tr.grad_clip, device=tr.device, callbacks=callbacks,
         max_bad_steps=tr.max_bad_steps, task="regression" if regression else "classification",
         task_defaults={"ways": cfg.tasks.ways, "shots": cfg.tasks.shots, "queries": cfg.eval.queries},
-        metadata={"config": cfg.to_dict()},
+        metadata=metadata,
     )
 
 
@@ -163,6 +218,28 @@ def evaluate_settings(learner: MetaLearner, cfg: Config, test_tasks: TaskSource,
         kwargs = {} if is_regression(cfg) else {"ways": s.ways, "shots": s.shots, "queries": cfg.eval.queries}
         results.append(learner.evaluate(test_tasks, cfg.eval.episodes, steps=cfg.eval.steps, progress=progress, **kwargs))
     return results
+
+
+def evaluate_per_dataset(learner: MetaLearner, cfg: Config, test_tasks: dict[str, TaskSource],
+                         progress: bool = True, say: Any = print) -> list[dict[str, Any]]:
+    """``eval.settings`` on each dataset's held-out classes; rows carry a ``dataset`` key.
+
+    A setting with more ways than a dataset has held-out classes is recorded as skipped.
+    """
+    rows = []
+    for label, source in test_tasks.items():
+        for s in cfg.eval.settings:
+            available = getattr(source, "num_classes", s.ways)
+            if s.ways > available:
+                say(f"[metamtl] {label}: skipping {s.ways}-way evaluation ({available} held-out classes)")
+                rows.append({"dataset": label, "ways": s.ways, "shots": s.shots,
+                             "skipped": f"only {available} held-out classes"})
+                continue
+            res = learner.evaluate(source, cfg.eval.episodes, ways=s.ways, shots=s.shots,
+                                   queries=cfg.eval.queries, steps=cfg.eval.steps, progress=progress)
+            say(f"[metamtl] held-out test ({label}): {res}")
+            rows.append({"dataset": label, **res.to_dict()})
+    return rows
 
 
 def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
@@ -221,7 +298,11 @@ def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "test": [],
     }
-    if test_tasks is not None:
+    if isinstance(test_tasks, dict):
+        t2 = time.perf_counter()
+        results["test"] = evaluate_per_dataset(learner, cfg, test_tasks, progress, say)
+        results["eval_seconds"] = time.perf_counter() - t2
+    elif test_tasks is not None:
         t2 = time.perf_counter()
         for res in evaluate_settings(learner, cfg, test_tasks, progress):
             say(f"[metamtl] held-out test: {res}")

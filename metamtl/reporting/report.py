@@ -72,11 +72,14 @@ def write_report(run_dir: str | Path) -> Path:
         images.append(("Learning curves", curve.name))
     rows = []
     for r in results.get("test", []):
-        if r.get("accuracy") is None:
-            rows.append(f"<tr><td>{r['shots']}-shot regression</td><td>MSE {r['loss']:.4f} ± {r['loss_ci95']:.4f}</td><td>{r['episodes']}</td></tr>")
+        where = f"{html.escape(str(r['dataset']))}: " if r.get("dataset") else ""  # multi-dataset runs
+        if "skipped" in r:
+            rows.append(f"<tr><td>{where}{r['ways']}-way {r['shots']}-shot</td><td>skipped: {html.escape(r['skipped'])}</td><td>0</td></tr>")
+        elif r.get("accuracy") is None:
+            rows.append(f"<tr><td>{where}{r['shots']}-shot regression</td><td>MSE {r['loss']:.4f} ± {r['loss_ci95']:.4f}</td><td>{r['episodes']}</td></tr>")
         else:
             rows.append(
-                f"<tr><td>{r['ways']}-way {r['shots']}-shot</td><td><b>{100 * r['accuracy']:.2f}%</b> ± "
+                f"<tr><td>{where}{r['ways']}-way {r['shots']}-shot</td><td><b>{100 * r['accuracy']:.2f}%</b> ± "
                 f"{100 * r['ci95']:.2f}%</td><td>{r['episodes']}</td></tr>"
             )
     cfg = results.get("config", {})

@@ -1,0 +1,432 @@
+"""Multi-task strategies: turn several tasks' losses and gradients into one update.
+
+A strategy is a small ``nn.Module`` (learnable weights are its parameters and running statistics
+its buffers, so they are saved and resumed with whatever owns it) built for a fixed list of task
+names.  Its one job is :meth:`Strategy.combine`::
+
+    direction, weights = strategy.combine(losses [k], grads [k, P], tasks)
+
+``losses`` are the (detached) losses of the ``k`` tasks present in this step, ``grads`` their
+gradients with respect to the *shared* parameters, flattened, and ``tasks`` their indices in
+``strategy.tasks``.  ``direction`` is scaled like a mean over tasks (``equal`` gives the plain
+average); ``weights`` scale the gradients of task-specific parameters (heads, stems), which get
+``weights[i] * g_i / k``.  Learnable strategies add the gradient of their own objective to their
+parameters' ``.grad``, for the optimizer that steps the model to apply.
+
+Strategies (``build_strategy(name, tasks, **settings)``):
+
+* ``equal`` - every task weighted 1.
+* ``uncertainty`` - homoscedastic uncertainty weighting (Kendall, Gal & Cipolla 2018): minimise
+  ``sum_i exp(-s_i) L_i + s_i`` over learnable log-variances ``s_i``; at the optimum
+  ``exp(s_i) = L_i`` so task ``i`` is weighted ``1 / L_i``.
+* ``gradnorm`` - GradNorm (Chen et al. 2018): learnable weights ``w_i`` (renormalised to sum to
+  the number of tasks) move so that the weighted gradient norms ``G_i = w_i ||g_i||`` approach
+  ``mean(G) * r_i ** alpha`` with ``r_i`` the task's relative inverse training rate
+  ``(L_i / L_i(0)) / mean_j (L_j / L_j(0))``.  The norms are over all shared parameters (the
+  per-task gradients are available anyway) rather than the last shared layer of the paper.
+* ``dwa`` - Dynamic Weight Average (Liu, Johns & Davison 2019): ``w_i = K softmax(r_i / T)``
+  with ``r_i`` the ratio of the task's mean loss over the last two periods of ``period`` steps
+  (the paper's period is an epoch; meta-learning has none, so it is a number of steps).
+* ``pcgrad`` - gradient surgery (Yu et al. 2020): each task's gradient loses its component along
+  any other task's gradient it conflicts with (negative dot product), in random order.
+* ``cagrad`` - conflict-averse gradient descent (Liu et al. 2021): the direction within
+  ``c ||g0||`` of the mean gradient ``g0`` that maximises the worst task's improvement.
+
+Two uses share :func:`apply_strategy`: the ``multitask`` meta-learning algorithm (one
+meta-gradient per dataset, :mod:`metamtl.multitask.algorithm`) and ordinary multi-task training,
+through :meth:`Strategy.backward`::
+
+    strategy = build_strategy("pcgrad", ["depth", "segmentation"])
+    optimizer.zero_grad()
+    strategy.backward([loss_depth, loss_seg], model.parameters())
+    optimizer.step()
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, InputError, unknown_name
+
+
+def _add_grad(p: torch.Tensor, g: torch.Tensor) -> None:
+    p.grad = g.detach().clone() if p.grad is None else p.grad + g.detach()
+
+
+class Strategy(nn.Module):
+    """Base class: equal weighting.  Subclasses override :meth:`weights` or :meth:`combine`.
+
+    Args:
+        tasks: task names (for meta-learning: the dataset labels), fixed at construction.
+    """
+
+    name: ClassVar[str] = "equal"
+
+    def __init__(self, tasks: Sequence[str]) -> None:
+        super().__init__()
+        tasks = [str(t) for t in tasks]
+        if not tasks:
+            raise ConfigError(f"strategy {self.name!r} needs the list of task (dataset) names")
+        if len(set(tasks)) != len(tasks):
+            raise ConfigError(f"strategy task names must be distinct, got {tasks}")
+        self.tasks = tasks
+        self.last_metrics: dict[str, float] = {}
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    def settings(self) -> dict[str, Any]:
+        """Hyper-parameters (everything :func:`build_strategy` needs besides ``tasks``)."""
+        return {}
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, **self.settings()}
+
+    def extra_repr(self) -> str:
+        return ", ".join([f"tasks={self.tasks}"] + [f"{k}={v!r}" for k, v in self.settings().items()])
+
+    def index(self, names: Iterable[str]) -> list[int]:
+        """Indices of task ``names`` (error naming the known tasks for an unknown one)."""
+        out = []
+        for n in names:
+            if n not in self.tasks:
+                raise InputError(
+                    f"task {n!r} is not one of this {self.name} strategy's tasks {self.tasks}; "
+                    "build the strategy (or the multitask algorithm's 'datasets') with every task name"
+                )
+            out.append(self.tasks.index(n))
+        return out
+
+    # -- the combination -------------------------------------------------------------------------
+    def weights(self, losses: torch.Tensor, tasks: list[int]) -> torch.Tensor:
+        """Loss weights of the present tasks (``[k]``)."""
+        return torch.ones(len(tasks), dtype=losses.dtype, device=losses.device)
+
+    def combine(self, losses: torch.Tensor, grads: torch.Tensor, tasks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(direction [P], weights [k])`` for the present tasks (see the module docstring)."""
+        w = self.weights(losses, tasks).to(grads)
+        return (w.unsqueeze(1) * grads).sum(0) / len(tasks), w
+
+    def _accumulate(self, param: nn.Parameter, tasks: list[int], values: torch.Tensor) -> None:
+        g = torch.zeros_like(param)
+        g[torch.as_tensor(tasks, device=g.device)] = values.to(g)
+        _add_grad(param, g)
+
+    # -- ordinary multi-task training ------------------------------------------------------------
+    def backward(self, losses: Sequence[torch.Tensor] | dict[str, torch.Tensor],
+                 params: Iterable[torch.Tensor]) -> dict[str, float]:
+        """Combine the gradients of several task losses into ``.grad`` of ``params``.
+
+        ``losses``: one scalar per task, in the order of :attr:`tasks`, or a dict by task name (a
+        subset of the tasks is allowed).  Gradients are accumulated into ``.grad`` like
+        ``loss.backward()``; the strategy's own parameters get theirs too, so pass them to the
+        same optimizer.  Returns metrics (weights, gradient cosine, ...).
+        """
+        if isinstance(losses, dict):
+            names, values = list(losses), list(losses.values())
+        else:
+            values = list(losses)
+            if len(values) != self.num_tasks:
+                raise InputError(f"got {len(values)} losses for {self.num_tasks} tasks {self.tasks}; "
+                                 "pass one per task or a dict by task name")
+            names = list(self.tasks)
+        params = [p for p in params if p.requires_grad]
+        if any(v.dim() != 0 for v in values):
+            raise InputError("each task loss must be a scalar tensor")
+        grads = [torch.autograd.grad(v, params, retain_graph=True, allow_unused=True) for v in values]
+        loss_values = torch.stack([v.detach() for v in values])
+        return apply_strategy(self, loss_values, [list(g) for g in grads], params, names)
+
+
+def apply_strategy(strategy: Strategy, losses: torch.Tensor, grads: list[list[torch.Tensor | None]],
+                   params: Sequence[torch.Tensor], names: Sequence[str]) -> dict[str, float]:
+    """Combine per-task gradients ``grads[i][j]`` (task ``i``, parameter ``j``; ``None``: unused).
+
+    Parameters used by two or more tasks (all used parameters when there is one task) are
+    *shared*: their flattened gradients go through :meth:`Strategy.combine`.  The others are
+    task-specific and get ``weights[i] * g_i / k``.  Results are added to ``.grad``.
+    """
+    k = len(grads)
+    tasks = strategy.index(names)
+    used = [sum(g[j] is not None for g in grads) for j in range(len(params))]
+    shared = [j for j, n in enumerate(used) if n >= 2 or (k == 1 and n == 1)]
+    like = losses.new_zeros(())
+    if shared:
+        matrix = torch.stack([
+            torch.cat([(g[j] if g[j] is not None else torch.zeros_like(params[j])).reshape(-1) for j in shared])
+            for g in grads
+        ])
+    else:
+        matrix = like.new_zeros(k, 0)
+    losses = losses.to(matrix)
+    direction, weights = strategy.combine(losses, matrix, tasks)
+    offset = 0
+    for j in shared:
+        n = params[j].numel()
+        _add_grad(params[j], direction[offset:offset + n].view_as(params[j]))
+        offset += n
+    shared_set = set(shared)
+    for j, p in enumerate(params):
+        if j in shared_set:
+            continue
+        for i, g in enumerate(grads):
+            if g[j] is not None:
+                _add_grad(p, g[j] * (weights[i] / k))
+    metrics = {f"mtl/weight/{n}": float(w) for n, w in zip(names, weights)}
+    if k >= 2 and matrix.shape[1]:
+        unit = matrix / matrix.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        cos = unit @ unit.T
+        metrics["mtl/grad_cosine"] = float(cos[~torch.eye(k, dtype=torch.bool, device=cos.device)].mean())
+    metrics.update(strategy.last_metrics)
+    return metrics
+
+
+class Equal(Strategy):
+    """Every task weighted 1 (the direction is the mean of the task gradients)."""
+
+    name = "equal"
+
+
+class Uncertainty(Strategy):
+    """Homoscedastic uncertainty weighting (Kendall et al. 2018), learnable log-variances ``s``.
+
+    The combined objective is ``(1/k) sum_i exp(-s_i) L_i + s_i``: the model gets weights
+    ``exp(-s_i)`` and ``s_i`` gets ``(1 - exp(-s_i) L_i) / k`` (zero at ``exp(s_i) = L_i``).
+    """
+
+    name = "uncertainty"
+
+    def __init__(self, tasks: Sequence[str], init: float = 0.0) -> None:
+        super().__init__(tasks)
+        self.init = float(init)
+        self.log_var = nn.Parameter(torch.full((self.num_tasks,), self.init))
+
+    def settings(self) -> dict[str, Any]:
+        return {"init": self.init}
+
+    def weights(self, losses: torch.Tensor, tasks: list[int]) -> torch.Tensor:
+        s = self.log_var.detach()[tasks].to(losses)
+        w = torch.exp(-s)
+        self._accumulate(self.log_var, tasks, (1.0 - w * losses) / len(tasks))
+        self.last_metrics = {f"mtl/sigma2/{self.tasks[t]}": float(torch.exp(v)) for t, v in zip(tasks, s)}
+        return w
+
+
+class GradNorm(Strategy):
+    """GradNorm (Chen et al. 2018): learnable weights balancing the tasks' gradient norms.
+
+    Args:
+        alpha: strength of the pull towards equal training rates (the paper uses 0.12 - 3).
+    """
+
+    name = "gradnorm"
+
+    def __init__(self, tasks: Sequence[str], alpha: float = 1.5) -> None:
+        super().__init__(tasks)
+        if not (math.isfinite(alpha) and alpha >= 0):
+            raise ConfigError(f"gradnorm alpha must be >= 0, got {alpha}")
+        self.alpha = float(alpha)
+        self.weight = nn.Parameter(torch.ones(self.num_tasks))
+        self.register_buffer("initial_loss", torch.full((self.num_tasks,), float("nan")))
+
+    def settings(self) -> dict[str, Any]:
+        return {"alpha": self.alpha}
+
+    def combine(self, losses, grads, tasks):
+        with torch.no_grad():  # the paper renormalises after every update: sum(w) = number of tasks
+            self.weight.clamp_(min=1e-3).mul_(self.num_tasks / self.weight.sum())
+            idx = torch.as_tensor(tasks, device=self.initial_loss.device)
+            first = torch.isnan(self.initial_loss[idx])
+            self.initial_loss[idx] = torch.where(first, losses.to(self.initial_loss), self.initial_loss[idx])
+        w = self.weight.detach()[tasks].to(grads)
+        norms = grads.norm(dim=1)
+        g = w * norms
+        rate = losses / self.initial_loss[idx].to(losses).clamp_min(1e-12)
+        target = g.mean() * (rate / rate.mean().clamp_min(1e-12)) ** self.alpha
+        # d/dw_i of sum_i |w_i ||g_i|| - target_i| with the targets held constant
+        self._accumulate(self.weight, tasks, torch.sign(g - target) * norms)
+        self.last_metrics = {f"mtl/grad_norm/{self.tasks[t]}": float(v) for t, v in zip(tasks, g)}
+        return (w.unsqueeze(1) * grads).sum(0) / len(tasks), w
+
+
+class DWA(Strategy):
+    """Dynamic Weight Average (Liu et al. 2019): weights from the tasks' recent loss ratios.
+
+    Args:
+        temperature: softmax temperature ``T`` (2 in the paper).
+        period: steps whose losses are averaged into one "epoch" of the paper.
+    """
+
+    name = "dwa"
+
+    def __init__(self, tasks: Sequence[str], temperature: float = 2.0, period: int = 20) -> None:
+        super().__init__(tasks)
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ConfigError(f"dwa temperature must be > 0, got {temperature}")
+        if isinstance(period, bool) or int(period) != period or period < 1:
+            raise ConfigError(f"dwa period must be an integer >= 1, got {period}")
+        self.temperature, self.period = float(temperature), int(period)
+        k = self.num_tasks
+        self.register_buffer("loss_sum", torch.zeros(k, dtype=torch.float64))
+        self.register_buffer("loss_count", torch.zeros(k, dtype=torch.float64))
+        self.register_buffer("history", torch.full((2, k), float("nan"), dtype=torch.float64))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def settings(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "period": self.period}
+
+    def current_weights(self) -> torch.Tensor:
+        """Weights of every task for the next step (1 until two periods have been seen)."""
+        ratio = self.history[1] / self.history[0]
+        if not bool(torch.isfinite(ratio).all()):
+            return torch.ones(self.num_tasks, dtype=torch.float64, device=ratio.device)
+        return self.num_tasks * torch.softmax(ratio / self.temperature, 0)
+
+    def weights(self, losses, tasks):
+        w = self.current_weights()[tasks].to(losses)
+        with torch.no_grad():
+            idx = torch.as_tensor(tasks, device=self.loss_sum.device)
+            self.loss_sum[idx] += losses.to(self.loss_sum)
+            self.loss_count[idx] += 1
+            self.steps += 1
+            if int(self.steps) % self.period == 0:
+                seen = self.loss_count > 0
+                mean = torch.where(seen, self.loss_sum / self.loss_count.clamp_min(1), self.history[1])
+                self.history.copy_(torch.stack([self.history[1], mean]))
+                self.loss_sum.zero_()
+                self.loss_count.zero_()
+        return w
+
+
+class PCGrad(Strategy):
+    """Projecting conflicting gradients (Yu et al. 2020).
+
+    For each task ``i`` and every other task ``j`` in random order: if ``g_i . g_j < 0``, remove
+    from ``g_i`` its component along ``g_j`` (the original ``g_j``).  The direction is the mean of
+    the projected gradients.  The order uses torch's global RNG, which checkpoints save.
+    """
+
+    name = "pcgrad"
+
+    def combine(self, losses, grads, tasks):
+        k = len(tasks)
+        out = grads.clone()
+        sq = (grads * grads).sum(1)
+        conflicts = 0
+        for i in range(k):
+            for j in torch.randperm(k).tolist():
+                if j == i:
+                    continue
+                dot = out[i] @ grads[j]
+                if dot < 0 and sq[j] > 0:
+                    out[i] -= (dot / sq[j]) * grads[j]
+                    conflicts += 1
+        self.last_metrics = {"mtl/conflicts": float(conflicts)}
+        return out.mean(0), torch.ones(k, dtype=grads.dtype, device=grads.device)
+
+
+class CAGrad(Strategy):
+    """Conflict-averse gradient descent (Liu et al. 2021).
+
+    Finds ``w`` on the simplex minimising ``g_w . g0 + c ||g0|| ||g_w||`` (``g_w = sum_i w_i g_i``,
+    ``g0`` the mean gradient) and returns ``d = g0 + c ||g0|| g_w / ||g_w||`` (divided by
+    ``1 + c^2`` with ``rescale=1`` as in the paper's code, ``1 + c`` with 2, unscaled with 0).  ``d``
+    maximises ``min_i g_i . d`` over the ball ``||d - g0|| <= c ||g0||``.
+
+    Args:
+        c: radius of the ball, relative to ``||g0||`` (0: plain average).
+        rescale: 0, 1 or 2, see above.
+        iterations: steps of the simplex solver (a ``k``-dimensional convex problem).
+    """
+
+    name = "cagrad"
+
+    def __init__(self, tasks: Sequence[str], c: float = 0.4, rescale: int = 1, iterations: int = 100) -> None:
+        super().__init__(tasks)
+        if not (math.isfinite(c) and c >= 0):
+            raise ConfigError(f"cagrad c must be >= 0, got {c}")
+        if rescale not in (0, 1, 2):
+            raise ConfigError(f"cagrad rescale must be 0, 1 or 2, got {rescale}")
+        self.c, self.rescale, self.iterations = float(c), int(rescale), int(iterations)
+
+    def settings(self) -> dict[str, Any]:
+        return {"c": self.c, "rescale": self.rescale, "iterations": self.iterations}
+
+    def simplex_weights(self, gram: torch.Tensor) -> torch.Tensor:
+        """``argmin_w w.G.1/k + c ||g0|| sqrt(w.G.w)`` over the simplex (``G`` the Gram matrix)."""
+        k = gram.shape[0]
+        gram = gram.detach().double()
+        radius = self.c * float(gram.mean().clamp_min(0).sqrt())
+        mean_dir = gram.mean(1)
+        if k == 2:  # one variable: golden-section search on w = (t, 1 - t)
+            (a, b), (_, d) = gram.tolist()
+            m0, m1 = mean_dir.tolist()
+
+            def f(t: float) -> float:
+                u = 1.0 - t
+                return t * m0 + u * m1 + radius * math.sqrt(max(t * t * a + 2 * t * u * b + u * u * d, 0.0) + 1e-12)
+
+            lo, hi, phi = 0.0, 1.0, (math.sqrt(5) - 1) / 2
+            for _ in range(self.iterations):
+                x1, x2 = hi - phi * (hi - lo), lo + phi * (hi - lo)
+                lo, hi = (lo, x2) if f(x1) <= f(x2) else (x1, hi)
+            t = (lo + hi) / 2
+            return torch.tensor([t, 1.0 - t], dtype=torch.float64)
+        z = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([z], lr=1.0, max_iter=self.iterations, line_search_fn="strong_wolfe",
+                                tolerance_grad=1e-12, tolerance_change=1e-14)
+
+        def objective() -> torch.Tensor:
+            opt.zero_grad()
+            w = torch.softmax(z, 0)
+            f = w @ mean_dir + radius * torch.sqrt(w @ gram @ w + 1e-12)
+            f.backward()
+            return f
+
+        with torch.enable_grad():
+            opt.step(objective)
+        return torch.softmax(z.detach(), 0)
+
+    def combine(self, losses, grads, tasks):
+        k = len(tasks)
+        ones = torch.ones(k, dtype=grads.dtype, device=grads.device)
+        g0 = grads.mean(0)
+        if k == 1 or self.c == 0 or grads.shape[1] == 0:
+            return g0, ones
+        gram = grads.double() @ grads.double().T
+        w = self.simplex_weights(gram).to(grads)
+        gw = w @ grads
+        radius = self.c * g0.norm()
+        d = g0 + radius * gw / gw.norm().clamp_min(1e-12)
+        self.last_metrics = {f"mtl/cagrad_w/{self.tasks[t]}": float(v) for t, v in zip(tasks, w)}
+        scale = {0: 1.0, 1: 1.0 + self.c ** 2, 2: 1.0 + self.c}[self.rescale]
+        return d / scale, ones
+
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (Equal, Uncertainty, GradNorm, DWA, PCGrad, CAGrad)
+}
+
+
+def build_strategy(spec: str | dict[str, Any] | Strategy, tasks: Sequence[str]) -> Strategy:
+    """A strategy from its name or config dict (``{"name": "dwa", "temperature": 2}``)."""
+    if isinstance(spec, Strategy):
+        if list(spec.tasks) != [str(t) for t in tasks]:
+            raise ConfigError(f"strategy was built for tasks {spec.tasks}, expected {list(tasks)}")
+        return spec
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ConfigError(f"a multi-task strategy is a name or a mapping with a 'name', got {spec!r}")
+    settings = dict(spec)
+    name = settings.pop("name")
+    if name not in STRATEGIES:
+        raise unknown_name("multi-task strategy", name, STRATEGIES)
+    try:
+        return STRATEGIES[name](list(tasks), **settings)
+    except TypeError as exc:
+        raise ConfigError(f"bad settings for multi-task strategy {name!r}: {exc}") from None

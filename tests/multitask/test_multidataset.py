@@ -1,0 +1,236 @@
+"""Multi-dataset sampling, stems/heads/soft sharing, the multitask algorithm and its resume."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metamtl import MetaLearner
+from metamtl.algorithms import build_algorithm
+from metamtl.data import ClassDataset, Preprocessing
+from metamtl.errors import ConfigError, InputError, TaskError
+from metamtl.models import build_model
+from metamtl.multitask import MultiTask, dataset_scope, make_stem
+from metamtl.tasks import EpisodeSampler, MixedTasks, TaskBatch
+
+SHAPES = {"grey": [1, 12, 12], "rgb": [3, 24, 24]}
+
+
+def toy(name, channels, size, classes=12, per_class=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.rand(classes, channels, size, size, generator=g)
+    noise = torch.rand(classes * per_class, channels, size, size, generator=g)
+    images = ((protos.repeat_interleave(per_class, 0) * 0.8 + 0.2 * noise) * 255).to(torch.uint8)
+    prep = Preprocessing(size=(size, size), channels=channels, mean=(0.5,) * channels, std=(0.25,) * channels)
+    return ClassDataset(images, torch.arange(classes).repeat_interleave(per_class),
+                        [f"c{i}" for i in range(classes)], name=name, preprocessing=prep)
+
+
+def mixed(weights="equal", temperature=1.0, seed=0):
+    return MixedTasks([EpisodeSampler(toy("grey", 1, 12), 3, 1, 2, seed=seed),
+                       EpisodeSampler(toy("rgb", 3, 24, classes=30, seed=1), 3, 1, 2, seed=seed)],
+                      weights, temperature, seed=seed)
+
+
+def small_model(**kw):
+    torch.manual_seed(0)
+    args = dict(inputs=SHAPES, width=4, size=6, hidden=4, blocks=2, out_features=None)
+    args.update(kw)
+    return build_model("multidataset", **args)
+
+
+# -- sampling ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("weights,temperature,expected", [
+    ("equal", 1.0, [0.5, 0.5]),
+    ([3, 1], 1.0, [0.75, 0.25]),
+    ("size", 1.0, [12 / 42, 30 / 42]),            # by number of classes
+    ([3, 1], 2.0, [3 ** 0.5 / (3 ** 0.5 + 1), 1 / (3 ** 0.5 + 1)]),  # p ** (1/T), renormalised
+])
+def test_mixture_frequencies_follow_the_weights(weights, temperature, expected):
+    src = mixed(weights, temperature)
+    assert src.probs == pytest.approx(expected)
+    counts = torch.bincount(torch.tensor([src.source_of(i) for i in range(4000)]), minlength=2)
+    assert (counts / 4000).tolist() == pytest.approx(expected, abs=0.03)
+
+
+def test_each_episode_comes_from_one_dataset_deterministically():
+    a, b = mixed(), mixed()
+    for i in range(20):
+        e1, e2 = a.episode(i), b.episode(i)
+        assert e1.dataset == e2.dataset and torch.equal(e1.support_x, e2.support_x)
+        shape = SHAPES[e1.dataset]
+        assert list(e1.support_x.shape[1:]) == shape and list(e1.query_x.shape[1:]) == shape
+    batch = TaskBatch([a.episode(i) for i in range(12)])
+    assert {k[0] for k in batch.groups()} == {"grey", "rgb"}
+
+
+# -- models -------------------------------------------------------------------------------------
+def test_stems_map_every_dataset_to_the_trunk_input():
+    omni = make_stem("conv", (1, 28, 28), 64, 14)
+    mini = make_stem("conv", (3, 84, 84), 64, 14)
+    assert omni(torch.randn(2, 1, 28, 28)).shape == (2, 64, 14, 14)
+    assert mini(torch.randn(2, 3, 84, 84)).shape == (2, 64, 14, 14)
+    assert make_stem("conv", (3, 32, 32), 8, 5)(torch.randn(2, 3, 32, 32)).shape == (2, 8, 5, 5)
+    resize = make_stem("resize", (1, 28, 28), 3, 84)
+    x = torch.rand(2, 1, 28, 28)
+    out = resize(x)
+    assert out.shape == (2, 3, 84, 84) and torch.equal(out[:, 0], out[:, 2])
+    with pytest.raises(ConfigError, match="smaller than size"):
+        make_stem("conv", (1, 12, 12), 8, 14)
+    with pytest.raises(ConfigError, match="unknown stem"):
+        make_stem("patch", (1, 12, 12), 8, 6)
+
+
+def test_model_routes_by_shape_or_scope_and_explains_ambiguity():
+    m = small_model(out_features=3, heads="per_dataset")
+    g, c = torch.randn(4, 1, 12, 12), torch.randn(4, 3, 24, 24)
+    assert m(g).shape == (4, 3) and m(c).shape == (4, 3)
+    with dataset_scope("grey"):  # the head of 'grey' on features of the grey stem
+        expected = m.head.heads["grey"](m.trunk(g))
+    torch.testing.assert_close(m(g), expected)
+    with pytest.raises(InputError, match="match none"):
+        m(torch.randn(2, 3, 12, 12))
+    with pytest.raises(InputError, match="dataset_scope"):
+        m.head(m.trunk.stems["grey"](g).mean())  # features alone carry no dataset
+    twins = small_model(inputs={"a": [1, 12, 12], "b": [1, 12, 12]})
+    with pytest.raises(InputError, match="fit several datasets"):
+        twins.trunk(g)
+    with dataset_scope("b"):
+        assert twins.trunk(g).shape == (4, twins.num_features)
+
+
+def test_soft_sharing_trunks_start_equal_and_penalty_matches_manual():
+    m = small_model(sharing="soft", soft_weight=0.1)
+    ta, tb = m.trunk.trunks["grey"], m.trunk.trunks["rgb"]
+    assert all(torch.equal(p, q) for p, q in zip(ta.parameters(), tb.parameters()))
+    assert float(m.penalty().detach()) == 0.0
+    with torch.no_grad():
+        for p in tb.parameters():
+            p.add_(0.5)
+    manual = sum(((p - q) ** 2).sum() / 2 for p, q in zip(ta.parameters(), tb.parameters()))
+    torch.testing.assert_close(m.penalty(), 0.1 * manual)
+    assert small_model().penalty() is None
+
+
+# -- the multitask algorithm ---------------------------------------------------------------------
+def base_cfg():
+    return {"name": "maml", "head_init": "zero", "steps": 1, "lr": 0.3}
+
+
+def balanced_batch(src, n_per=2):
+    eps, i = {"grey": [], "rgb": []}, 0
+    while min(len(v) for v in eps.values()) < n_per:
+        e = src.episode(i)
+        if len(eps[e.dataset]) < n_per:
+            eps[e.dataset].append(e)
+        i += 1
+    return TaskBatch(eps["grey"] + eps["rgb"]).to("cpu")
+
+
+def grads_of(model):
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+
+def test_equal_strategy_on_balanced_groups_equals_the_plain_meta_gradient():
+    batch = balanced_batch(mixed())
+    m1, m2 = small_model(), small_model()
+    plain = build_algorithm(**base_cfg()).meta_step(m1, batch)
+    mt = build_algorithm("multitask", base=base_cfg(), strategy="equal", datasets=["grey", "rgb"])
+    metrics = mt.meta_step(m2, batch)
+    for a, b in zip(grads_of(m1), grads_of(m2)):
+        torch.testing.assert_close(a, b)
+    assert metrics["loss"] == pytest.approx(plain["loss"])
+    assert {"grey/loss", "rgb/accuracy", "mtl/weight/grey", "mtl/grad_cosine"} <= set(metrics)
+
+
+def test_pcgrad_on_per_dataset_meta_gradients_matches_manual_surgery():
+    batch = balanced_batch(mixed())
+    base = build_algorithm(**base_cfg())
+    ref = small_model()
+    per = {}
+    for name in ("grey", "rgb"):
+        ref.zero_grad(set_to_none=True)
+        base.meta_step(ref, TaskBatch([e for e in batch if e.dataset == name]))
+        per[name] = grads_of(ref)
+    shared = [i for i, (n, _) in enumerate(ref.named_parameters()) if not n.startswith("trunk.stems")]
+    flat = {k: torch.cat([v[i].flatten() for i in shared]) for k, v in per.items()}
+    g1, g2 = flat["grey"], flat["rgb"]
+    p1 = g1 - min(0.0, float(g1 @ g2)) / float(g2 @ g2) * g2
+    p2 = g2 - min(0.0, float(g1 @ g2)) / float(g1 @ g1) * g1
+    expected_shared = (p1 + p2) / 2
+    m = small_model()
+    alg = MultiTask(base_cfg(), "pcgrad", ["grey", "rgb"])
+    alg.meta_step(m, batch)
+    got = grads_of(m)
+    torch.testing.assert_close(torch.cat([got[i].flatten() for i in shared]), expected_shared)
+    for i, (n, _) in enumerate(m.named_parameters()):  # stems are dataset-specific: g_k / 2
+        if n.startswith("trunk.stems.grey"):
+            torch.testing.assert_close(got[i], per["grey"][i] / 2)
+
+
+def test_unknown_dataset_and_bad_base_are_clear_errors():
+    alg = MultiTask(base_cfg(), "equal", ["grey"])
+    with pytest.raises(InputError, match="'rgb' is not one of"):
+        alg.meta_step(small_model(), balanced_batch(mixed(), 1))
+    with pytest.raises(ConfigError, match="datasets"):
+        MultiTask(base_cfg(), "equal")
+    with pytest.raises(ConfigError, match="unknown algorithm"):
+        MultiTask({"name": "mamal"}, "equal", ["a"])
+
+
+def make_learner(strategy="uncertainty"):
+    alg = build_algorithm("multitask", base=base_cfg(), strategy=strategy, datasets=["grey", "rgb"])
+    return MetaLearner(small_model(), alg, device="cpu", meta_lr=0.05)
+
+
+def test_learnable_weights_are_meta_parameters_saved_and_resumed_exactly(tmp_path):
+    src = mixed()
+    full = make_learner()
+    full.fit(src, iterations=6, meta_batch_size=4, progress=False)
+    assert not torch.equal(full.algorithm.strategy.log_var, torch.zeros(2))
+    part = make_learner()
+    part.fit(src, iterations=3, meta_batch_size=4, progress=False, checkpoint_dir=tmp_path, checkpoint_every=3)
+    resumed = make_learner()
+    resumed.fit(src, iterations=6, meta_batch_size=4, progress=False, resume=tmp_path / "last.pt")
+    torch.testing.assert_close(resumed.algorithm.strategy.log_var, full.algorithm.strategy.log_var)
+    for a, b in zip(resumed.model.parameters(), full.model.parameters()):
+        torch.testing.assert_close(a, b)
+    path = full.save(tmp_path / "final.pt")
+    loaded = MetaLearner.load(path, device="cpu")
+    assert loaded.algorithm.config() == full.algorithm.config()
+    torch.testing.assert_close(loaded.algorithm.strategy.log_var, full.algorithm.strategy.log_var)
+    ep = src.episode(100).to("cpu")
+    assert loaded.evaluate([ep], progress=False).accuracy == full.evaluate([ep], progress=False).accuracy
+
+
+@pytest.mark.parametrize("strategy", ["gradnorm", "dwa", "cagrad"])
+def test_every_strategy_trains_through_the_learner(strategy):
+    learner = make_learner({"name": strategy, "period": 2} if strategy == "dwa" else strategy)
+    history = learner.fit(mixed(), iterations=4, meta_batch_size=4, progress=False)
+    assert all(torch.isfinite(p).all() for p in learner.model.parameters())
+    assert any("train/mtl/weight/grey" in row for row in history)
+
+
+def test_soft_sharing_penalty_reaches_the_meta_gradient():
+    batch = balanced_batch(mixed())
+    m = small_model(sharing="soft", soft_weight=1.0)
+    with torch.no_grad():
+        for p in m.trunk.trunks["rgb"].parameters():
+            p.add_(0.1)
+    alg = MultiTask(base_cfg(), "equal", ["grey", "rgb"])
+    metrics = alg.meta_step(m, batch)
+    assert metrics["penalty"] > 0
+    with_penalty = grads_of(m)
+    m.zero_grad(set_to_none=True)
+    m.soft_weight = 0.0
+    alg.meta_step(m, batch)
+    without = grads_of(m)
+    names = [n for n, _ in m.named_parameters()]
+    for n, a, b, (_, p) in zip(names, with_penalty, without, m.named_parameters()):
+        if n.startswith("trunk.trunks.rgb"):
+            mean = (p + dict(m.named_parameters())[n.replace("rgb", "grey")]) / 2
+            torch.testing.assert_close(a - b, 2 * (p - mean).detach())
+
+
+def test_mixture_with_unknown_source_gives_task_error():
+    with pytest.raises(TaskError, match="distinct names"):
+        MixedTasks([EpisodeSampler(toy("a", 1, 12), 3, 1, 2), EpisodeSampler(toy("a", 1, 12), 3, 1, 2)])

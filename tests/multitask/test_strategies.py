@@ -1,0 +1,175 @@
+"""Multi-task strategies against closed forms and independent computations."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from metamtl.errors import ConfigError, InputError
+from metamtl.multitask import CAGrad, GradNorm, PCGrad, Uncertainty, apply_strategy, build_strategy
+
+
+def test_pcgrad_removes_exactly_the_conflicting_component():
+    g1, g2 = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])
+    s = PCGrad(["a", "b"])
+    d, w = s.combine(torch.ones(2), torch.stack([g1, g2]), [0, 1])
+    # g1 - (g1.g2/|g2|^2) g2 = (0.5, 0.5);  g2 - (g2.g1/|g1|^2) g1 = (0, 1)
+    torch.testing.assert_close(d, (torch.tensor([0.5, 0.5]) + torch.tensor([0.0, 1.0])) / 2)
+    torch.testing.assert_close(w, torch.ones(2))
+    assert s.last_metrics["mtl/conflicts"] == 2
+
+
+def test_pcgrad_leaves_agreeing_gradients_alone_and_projections_are_orthogonal():
+    s = PCGrad(["a", "b", "c"])
+    g = torch.tensor([[1.0, 0.0, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 2.0]])  # no conflicts
+    d, _ = s.combine(torch.ones(3), g, [0, 1, 2])
+    torch.testing.assert_close(d, g.mean(0))
+    torch.manual_seed(0)
+    g = torch.randn(2, 50)
+    g[1] = -g[0] + 0.1 * torch.randn(50)  # strongly conflicting pair
+    d, _ = s.combine(torch.ones(2), g, [0, 2])
+    p0 = g[0] - (g[0] @ g[1]) / (g[1] @ g[1]) * g[1]
+    p1 = g[1] - (g[1] @ g[0]) / (g[0] @ g[0]) * g[0]
+    torch.testing.assert_close(d, (p0 + p1) / 2)
+    assert abs(float(p0 @ g[1])) < 1e-4 and abs(float(p1 @ g[0])) < 1e-4
+
+
+def test_uncertainty_weights_reach_their_closed_form():
+    # Minimising sum_i exp(-s_i) L_i + s_i gives exp(s_i) = L_i, i.e. weights 1 / L_i.
+    losses = torch.tensor([0.25, 2.0, 5.0])
+    s = Uncertainty(["a", "b", "c"])
+    opt = torch.optim.Adam(s.parameters(), lr=0.05)
+    grads = torch.eye(3)
+    for _ in range(1500):
+        opt.zero_grad()
+        s.combine(losses, grads, [0, 1, 2])
+        opt.step()
+    torch.testing.assert_close(s.log_var.detach().exp(), losses, rtol=1e-3, atol=1e-4)
+    _, w = s.combine(losses, grads, [0, 1, 2])
+    torch.testing.assert_close(w, 1 / losses, rtol=1e-3, atol=1e-4)
+
+
+def test_uncertainty_gradient_matches_autograd_of_its_objective():
+    s = Uncertainty(["a", "b"], init=0.3)
+    losses = torch.tensor([0.7, 1.9])
+    s.combine(losses, torch.eye(2), [0, 1])
+    lv = torch.full((2,), 0.3, requires_grad=True)
+    ((torch.exp(-lv) * losses + lv).sum() / 2).backward()
+    torch.testing.assert_close(s.log_var.grad, lv.grad)
+
+
+def test_gradnorm_drives_gradient_norm_ratios_to_their_targets():
+    alpha = 1.0
+    s = GradNorm(["a", "b", "c"], alpha=alpha)
+    grads = torch.diag(torch.tensor([1.0, 4.0, 10.0]))  # gradient norms 1, 4, 10
+    s.combine(torch.ones(3), grads, [0, 1, 2])  # records L(0) = 1
+    losses = torch.tensor([0.4, 0.8, 1.2])  # task c trains slowest -> should get the largest G
+    opt = torch.optim.SGD(s.parameters(), lr=0.002)
+    for _ in range(3000):
+        opt.zero_grad()
+        s.combine(losses, grads, [0, 1, 2])
+        opt.step()
+    with torch.no_grad():
+        s.weight.mul_(3 / s.weight.sum())
+    g = s.weight.detach() * torch.tensor([1.0, 4.0, 10.0])
+    rate = losses / losses.mean()
+    torch.testing.assert_close(g / g.mean(), rate ** alpha, rtol=0.03, atol=0.03)
+    assert abs(float(s.weight.sum()) - 3) < 1e-5
+
+
+def test_dwa_weights_follow_loss_ratios_per_period():
+    s = build_strategy({"name": "dwa", "temperature": 2.0, "period": 2}, ["a", "b"])
+    g = torch.eye(2)
+    for losses in ([1.0, 1.0], [1.0, 1.0], [0.5, 1.0], [0.5, 1.0]):  # two periods
+        _, w = s.combine(torch.tensor(losses), g, [0, 1])
+        torch.testing.assert_close(w, torch.ones(2))
+    _, w = s.combine(torch.tensor([0.5, 1.0]), g, [0, 1])
+    r = torch.tensor([0.5, 1.0])
+    torch.testing.assert_close(w, 2 * torch.softmax(r / 2.0, 0))
+
+
+def test_cagrad_maximises_the_worst_improvement_within_its_ball():
+    torch.manual_seed(1)
+    g = torch.randn(3, 8)
+    g[1] = -0.8 * g[0] + 0.3 * torch.randn(8)
+    c = 0.5
+    s = CAGrad(["a", "b", "c"], c=c, rescale=0)
+    d, _ = s.combine(torch.ones(3), g, [0, 1, 2])
+    g0 = g.mean(0)
+    radius = c * g0.norm()
+    assert float((d - g0).norm()) == pytest.approx(float(radius), rel=1e-4)
+    worst = float((g @ d).min())
+    # no direction in the ball does better than d on the worst task (dual optimality)
+    u = torch.randn(20000, 8)
+    cand = g0 + radius * u / u.norm(dim=1, keepdim=True)
+    assert worst >= float((cand @ g.T).min(1).values.max()) - 1e-4
+    assert worst > float((g @ g0).min())  # better than the plain average on the worst task
+
+
+def test_apply_strategy_weights_shared_and_task_specific_parameters():
+    trunk = nn.Linear(3, 2)
+    heads = nn.ModuleList([nn.Linear(2, 1), nn.Linear(2, 1)])
+    x = torch.randn(5, 3)
+    losses = [heads[i](trunk(x)).pow(2).mean() * (i + 1) for i in range(2)]
+    params = list(trunk.parameters()) + list(heads.parameters())
+    s = Uncertainty(["a", "b"], init=math.log(2.0))  # weights 1/2
+    s.backward(losses, params)
+    ref = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    torch.autograd.backward([(0.5 * losses[0] + 0.5 * losses[1]) / 2])
+    for r, p in zip(ref, params):
+        torch.testing.assert_close(r, p.grad)
+
+
+def test_ordinary_multitask_training_with_two_heads_learns_both_tasks():
+    """Strategies work outside meta-learning: a shared trunk with two regression heads."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 4)
+    ya, yb = x[:, :1] * 2.0, 10.0 * (x[:, 1:2] - x[:, 2:3])  # very different loss scales
+    for name in ("equal", "uncertainty", "gradnorm", "dwa", "pcgrad", "cagrad"):
+        torch.manual_seed(0)
+        trunk = nn.Sequential(nn.Linear(4, 32), nn.ReLU())
+        heads = nn.ModuleDict({"a": nn.Linear(32, 1), "b": nn.Linear(32, 1)})
+        strategy = build_strategy(name, ["a", "b"])
+        opt = torch.optim.Adam([*trunk.parameters(), *heads.parameters(), *strategy.parameters()], lr=0.01)
+        params = [*trunk.parameters(), *heads.parameters()]
+        for _ in range(300):
+            h = trunk(x)
+            losses = {"a": (heads["a"](h) - ya).pow(2).mean(), "b": (heads["b"](h) - yb).pow(2).mean()}
+            opt.zero_grad()
+            metrics = strategy.backward(losses, params)
+            opt.step()
+        assert losses["a"] < 0.1 * ya.var() and losses["b"] < 0.1 * yb.var(), (name, losses)
+        assert "mtl/weight/a" in metrics
+
+
+def test_bad_inputs_give_clear_errors():
+    with pytest.raises(ConfigError, match="unknown multi-task strategy 'pcgard'.*pcgrad"):
+        build_strategy("pcgard", ["a"])
+    with pytest.raises(ConfigError, match="bad settings"):
+        build_strategy({"name": "gradnorm", "beta": 1}, ["a"])
+    with pytest.raises(ConfigError, match="distinct"):
+        build_strategy("equal", ["a", "a"])
+    s = build_strategy("equal", ["a", "b"])
+    with pytest.raises(InputError, match="not one of"):
+        apply_strategy(s, torch.ones(1), [[torch.ones(1)]], [torch.ones(1, requires_grad=True)], ["c"])
+    with pytest.raises(InputError, match="one per task"):
+        s.backward([torch.ones((), requires_grad=True)], [torch.ones(1, requires_grad=True)])
+
+
+def test_cagrad_two_task_solver_matches_the_general_solver():
+    torch.manual_seed(3)
+    g = torch.randn(2, 6)
+    g[1] = -0.5 * g[0] + 0.5 * torch.randn(6)
+    s = CAGrad(["a", "b"], c=0.6)
+    gram = (g @ g.T).double()
+    w2 = s.simplex_weights(gram)
+    # brute force on a fine grid of the simplex
+    t = torch.linspace(0, 1, 20001, dtype=torch.float64)
+    W = torch.stack([t, 1 - t], 1)
+    radius = 0.6 * gram.mean().sqrt()
+    f = W @ gram.mean(1) + radius * torch.sqrt((W @ gram * W).sum(1))
+    torch.testing.assert_close(w2, W[f.argmin()], atol=1e-3, rtol=0)
