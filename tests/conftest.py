@@ -38,3 +38,12 @@ def omniglot_root(data_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def miniimagenet_root(data_root: Path) -> Path:
     return data_root / "mini-imagenet"
+
+
+@pytest.fixture
+def single_thread():
+    """Run a test of tiny models on one thread (faster, and no spin-waiting against other processes)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

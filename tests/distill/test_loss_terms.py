@@ -1,12 +1,15 @@
 """The inner loop's loss-term hook: support terms change the inner steps, query terms the meta-loss."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from metamtl.algorithms import build_algorithm
 from metamtl.models import build_model
 from metamtl.tasks import Episode, TaskBatch
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def episode(seed=0, ways=3, shots=2, queries=2, size=8):

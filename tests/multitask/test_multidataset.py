@@ -12,6 +12,8 @@ from metamtl.models import build_model
 from metamtl.multitask import MultiTask, dataset_scope, make_stem
 from metamtl.tasks import EpisodeSampler, MixedTasks, TaskBatch
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 SHAPES = {"grey": [1, 12, 12], "rgb": [3, 24, 24]}
 
 

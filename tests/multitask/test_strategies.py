@@ -10,6 +10,8 @@ from torch import nn
 from metamtl.errors import ConfigError, InputError
 from metamtl.multitask import CAGrad, GradNorm, PCGrad, Uncertainty, apply_strategy, build_strategy
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def test_pcgrad_removes_exactly_the_conflicting_component():
     g1, g2 = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])
