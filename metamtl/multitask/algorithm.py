@@ -73,6 +73,17 @@ class MultiTask(Algorithm):
     def second_order(self) -> bool:
         return self.base.second_order
 
+    @property
+    def eval_steps(self) -> int:
+        return self.base.eval_steps
+
+    def setup(self, model: TrunkHead) -> None:
+        self.base.setup(model)
+
+    def adapt_task(self, model: TrunkHead, episode: Episode):
+        with self._scope(episode):
+            return self.base.adapt_task(model, episode)
+
     # -- training -----------------------------------------------------------------------------
     def meta_step(self, model: TrunkHead, batch: TaskBatch) -> dict[str, float]:
         groups: dict[str, list[int]] = {}
@@ -80,6 +91,7 @@ class MultiTask(Algorithm):
             groups.setdefault(ep.dataset, []).append(i)
         names = list(groups)
         self.strategy.index(names)  # clear error for an unknown dataset
+        self.setup(model)
         params = self._shared_params(model)
         before = [p.grad for p in params]
         grads, losses = [], []
