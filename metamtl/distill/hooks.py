@@ -1,0 +1,291 @@
+"""Knowledge-distillation loss terms and the callback that attaches them to a learner.
+
+Terms are :data:`~metamtl.adaptation.LossTerm` objects for the shared inner loop's
+``loss_terms``; each says in which ``phases`` it acts: ``"support"`` (every inner step, so the
+adaptation itself is distilled), ``"query"`` (the outer, meta loss) or both.
+
+* :class:`SoftTargets` - Hinton et al. (2015): ``weight * T^2 * KL(softmax(t/T) || softmax(s/T))``
+  between the teacher's logits ``t`` and the student's ``s`` on the same inputs.
+* :class:`FeatureDistillation` - ``weight * MSE(adapter(student layer), teacher layer)`` (FitNets,
+  Romero et al. 2015) with a learned adapter: a 1x1 convolution for feature maps of the same
+  height/width, a linear map for flat features, or any module you pass.
+
+:class:`Distillation` is the :class:`~metamtl.callbacks.Callback` that attaches terms for a
+``fit`` call, detaches them afterwards (the saved student holds no teacher), trains the adapters
+with its own optimizer and saves their state in training checkpoints::
+
+    teacher = MetaLearner.load("runs/teacher/learner.pt")
+    kd = Distillation(SoftTargets(teacher, temperature=4.0, phases=("support", "query")),
+                      FeatureDistillation(teacher, "trunk.blocks.3", "trunk.blocks.3"))
+    student.fit(train_tasks, iterations=2000, callbacks=[kd])
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adaptation import LossContext
+from ..callbacks import Callback
+from ..errors import ConfigError, InputError
+from .taps import FeatureTap
+from .teachers import Teacher, as_teacher
+
+if TYPE_CHECKING:
+    from ..learner import MetaLearner
+
+PHASES = ("support", "query")
+
+
+def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+    """``T^2 * KL(softmax(t/T) || softmax(s/T))`` averaged over rows (Hinton et al. 2015).
+
+    The ``T^2`` factor keeps the gradient's scale independent of ``T``: it is
+    ``T * (softmax(s/T) - softmax(t/T)) / N`` with respect to the student logits.
+    """
+    t = temperature
+    log_p_student = F.log_softmax(student_logits / t, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.detach() / t, dim=-1)
+    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * (t * t)
+
+
+def _check_phases(phases: Sequence[str] | str) -> tuple[str, ...]:
+    phases = (phases,) if isinstance(phases, str) else tuple(phases)
+    bad = [p for p in phases if p not in PHASES]
+    if bad or not phases:
+        raise ConfigError(f"distillation phases must be a non-empty subset of {PHASES}, got {phases}")
+    return phases
+
+
+class DistillationTerm(nn.Module):
+    """Base of distillation loss terms (an ``nn.Module`` so learned adapters are its parameters)."""
+
+    def __init__(self, teacher: Any, weight: float, phases: Sequence[str] | str) -> None:
+        super().__init__()
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ConfigError(f"distillation weight must be >= 0, got {weight}")
+        self.teacher: Teacher = as_teacher(teacher)
+        self.weight = float(weight)
+        self.phases = _check_phases(phases)
+        self.last_value: float | None = None
+
+    def bind(self, student: nn.Module) -> None:
+        """Prepare for training ``student`` (taps on named layers)."""
+
+    def release(self) -> None:
+        self.teacher.release()
+
+    def forward(self, ctx: LossContext) -> torch.Tensor | None:
+        if ctx.phase not in self.phases or self.weight == 0:
+            return None
+        value = self.loss(ctx)
+        self.last_value = float(value.detach())
+        return self.weight * value
+
+    def loss(self, ctx: LossContext) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SoftTargets(DistillationTerm):
+    """Soft-target distillation of the teacher's logits into the student's.
+
+    Args:
+        teacher: an ``nn.Module``, a :class:`~metamtl.MetaLearner` (adapted to each episode, see
+            :mod:`metamtl.distill.teachers`) or a saved learner's path.
+        temperature: softmax temperature ``T``.
+        weight: multiplies ``T^2 * KL``; the task's own cross-entropy keeps weight 1.
+        phases: ``"support"``, ``"query"`` or both.
+    """
+
+    def __init__(self, teacher: Any, temperature: float = 4.0, weight: float = 1.0,
+                 phases: Sequence[str] | str = ("query",)) -> None:
+        super().__init__(teacher, weight, phases)
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ConfigError(f"distillation temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def loss(self, ctx: LossContext) -> torch.Tensor:
+        return soft_target_loss(ctx.logits, self.teacher.logits(ctx), self.temperature)
+
+
+class FeatureDistillation(DistillationTerm):
+    """Match a student layer's output, through a learned adapter, to a teacher layer's output.
+
+    Args:
+        teacher: as for :class:`SoftTargets`.
+        student_layer, teacher_layer: layer names (``model.named_modules()``), e.g.
+            ``"trunk.blocks.3"``.
+        adapter: maps student features to the teacher's shape; default: built on first use
+            (1x1 convolution, or linear for flat features), initialised from ``seed``.
+        weight, phases: as for :class:`SoftTargets`.
+    """
+
+    def __init__(self, teacher: Any, student_layer: str, teacher_layer: str, weight: float = 1.0,
+                 phases: Sequence[str] | str = ("query",), adapter: nn.Module | None = None,
+                 seed: int = 0) -> None:
+        super().__init__(teacher, weight, phases)
+        self.seed = int(seed)
+        self.student_layer, self.teacher_layer = student_layer, teacher_layer
+        self.adapter = adapter
+        self._tap: FeatureTap | None = None
+        self._pending: dict[str, torch.Tensor] | None = None
+
+    def bind(self, student: nn.Module) -> None:
+        self.release()
+        self._tap = FeatureTap(student, self.student_layer, "student")
+        self.teacher.tap(self.teacher_layer)
+
+    def release(self) -> None:
+        super().release()
+        if self._tap is not None:
+            self._tap.remove()
+            self._tap = None
+
+    def _build_adapter(self, s: torch.Tensor, t: torch.Tensor) -> nn.Module:
+        # Built on first use, from its own seed: neither depends on nor disturbs the global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            if s.dim() == 4 and t.dim() == 4 and s.shape[2:] == t.shape[2:]:
+                adapter: nn.Module = nn.Conv2d(s.shape[1], t.shape[1], 1)
+            elif s.dim() == 2 and t.dim() == 2:
+                adapter = nn.Linear(s.shape[1], t.shape[1])
+            else:
+                adapter = None
+        if adapter is None:
+            raise InputError(
+                f"cannot map student layer {self.student_layer!r} features {list(s.shape[1:])} to teacher layer "
+                f"{self.teacher_layer!r} features {list(t.shape[1:])}: the default adapter maps channels of "
+                "feature maps with the same height and width (1x1 conv) or flat features (linear); choose "
+                "layers of matching resolution or pass an adapter module"
+            )
+        return adapter.to(s.device)
+
+    def loss(self, ctx: LossContext) -> torch.Tensor:
+        if self._tap is None:
+            raise ConfigError("FeatureDistillation is not bound to a student; attach it with the Distillation callback")
+        t = self.teacher.outputs(ctx)[self.teacher_layer]
+        s = self._tap.take(ctx.inputs.shape[0])
+        if self.adapter is None:
+            self.adapter = self._build_adapter(s, t)
+            if self._pending is not None:
+                self.adapter.load_state_dict(self._pending)
+                self._pending = None
+        mapped = self.adapter(s)
+        if mapped.shape != t.shape:
+            raise InputError(
+                f"the adapter maps student layer {self.student_layer!r} features {list(s.shape[1:])} to "
+                f"{list(mapped.shape[1:])}, but teacher layer {self.teacher_layer!r} gives {list(t.shape[1:])}"
+            )
+        return F.mse_loss(mapped, t)
+
+    def adapter_state(self) -> dict[str, torch.Tensor] | None:
+        if self.adapter is None:
+            return self._pending
+        return {k: v.detach().cpu() for k, v in self.adapter.state_dict().items()}
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor] | None) -> None:
+        if state is None:
+            return
+        if self.adapter is None:
+            self._pending = state  # loaded when the adapter is built (first use)
+        else:
+            self.adapter.load_state_dict(state)
+
+
+class Distillation(Callback):
+    """Attach distillation terms to a learner's inner loop for the duration of ``fit``.
+
+    Args:
+        terms: :class:`SoftTargets` / :class:`FeatureDistillation` (or any loss term).
+        lr: learning rate of the adapters' Adam optimizer (default: the learner's ``meta_lr``).
+    """
+
+    def __init__(self, *terms: Any, lr: float | None = None) -> None:
+        if not terms:
+            raise ConfigError("Distillation needs at least one loss term (e.g. SoftTargets(teacher))")
+        self.terms = list(terms)
+        self.lr = lr
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._pending_opt: dict[str, Any] | None = None
+        self._attached: list[Any] = []
+
+    def _parameters(self) -> list[nn.Parameter]:
+        """Learned parameters of the terms (adapters; the teacher is not a sub-module)."""
+        return [p for t in self.terms if isinstance(t, nn.Module) for p in t.parameters() if p.requires_grad]
+
+    def on_fit_start(self, learner: "MetaLearner") -> None:
+        for term in self.terms:
+            teacher = getattr(term, "teacher", None)
+            if teacher is not None:
+                _check_compatible(teacher, learner)
+                teacher.to(learner.device)
+            if isinstance(term, DistillationTerm):
+                term.bind(learner.model)
+            if isinstance(term, nn.Module):
+                term.to(learner.device)
+        learner.algorithm.inner.loss_terms.extend(self.terms)
+        self._attached = list(self.terms)
+        self._lr = self.lr if self.lr is not None else learner.meta_lr
+
+    def on_iteration_start(self, learner: "MetaLearner") -> None:
+        for p in self._parameters():
+            p.grad = None
+
+    def on_after_backward(self, learner: "MetaLearner") -> None:
+        # Step here, not at iteration end: checkpoints written at iteration end must see it.
+        params = [p for p in self._parameters() if p.grad is not None]
+        if not params:
+            return
+        if self.optimizer is None:
+            self.optimizer = torch.optim.Adam(self._parameters(), lr=self._lr)
+            if self._pending_opt is not None:
+                self.optimizer.load_state_dict(self._pending_opt)
+                self._pending_opt = None
+        self.optimizer.step()
+
+    def on_fit_end(self, learner: "MetaLearner") -> None:
+        terms = learner.algorithm.inner.loss_terms
+        for term in self._attached:
+            if term in terms:
+                terms.remove(term)
+            if isinstance(term, DistillationTerm):
+                term.release()
+        self._attached = []
+
+    def on_exception(self, learner: "MetaLearner", exc: BaseException) -> None:
+        self.on_fit_end(learner)
+
+    def state_dict(self) -> dict[str, Any]:
+        adapters = {str(i): t.adapter_state() for i, t in enumerate(self.terms)
+                    if isinstance(t, FeatureDistillation) and t.adapter_state() is not None}
+        if not adapters:
+            return {}
+        opt = self.optimizer.state_dict() if self.optimizer is not None else self._pending_opt
+        return {"adapters": adapters, "optimizer": opt}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for i, s in state.get("adapters", {}).items():
+            self.terms[int(i)].load_adapter_state(s)
+        self._pending_opt = state.get("optimizer")
+
+
+def _check_compatible(teacher: Teacher, learner: "MetaLearner") -> None:
+    prep = getattr(teacher, "preprocessing", None)
+    if prep is not None and learner.preprocessing is not None and prep != learner.preprocessing:
+        raise ConfigError(
+            f"the teacher was trained on inputs preprocessed as {prep} but the student uses "
+            f"{learner.preprocessing}; distil between learners that see the same inputs"
+        )
+
+
+def distillation(teacher: Any, temperature: float = 4.0, weight: float = 1.0,
+                 phases: Sequence[str] | str = ("query",), features: Iterable[tuple[str, str]] = (),
+                 feature_weight: float = 1.0, lr: float | None = None) -> Distillation:
+    """A :class:`Distillation` callback: soft targets plus optional ``(student, teacher)`` layer pairs."""
+    teacher = as_teacher(teacher)
+    terms: list[Any] = [SoftTargets(teacher, temperature, weight, phases)] if weight > 0 else []
+    terms += [FeatureDistillation(teacher, s, t, feature_weight, phases) for s, t in features]
+    return Distillation(*terms, lr=lr)

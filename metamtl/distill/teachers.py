@@ -1,0 +1,178 @@
+"""Teachers: soft targets and features for the inputs a student is learning on.
+
+What are "teacher logits" for an episode whose labels ``0..N-1`` are assigned in a random order?
+A teacher trained on other classes has no output that means "label 2 of this episode".  The
+natural choice, used by :class:`LearnerTeacher`, is the teacher *adapted to the same episode*:
+a saved :class:`~metamtl.MetaLearner` (MAML/ANIL with any head, or a prototype classifier)
+adapts to the episode's support set, so its logits are in the episode's label order.  Its
+adaptation runs once per episode (cached) and its outputs carry no gradient.
+
+A plain ``nn.Module`` (:class:`ModuleTeacher`) is used as is: its outputs must already be
+logits over the episode's ``N`` labels (e.g. a classifier for a fixed label set); anything else
+is an error.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..adaptation import LossContext
+from ..errors import ConfigError, InputError
+from ..models.backbones import TrunkHead
+from .taps import FeatureTap
+
+
+class Teacher:
+    """Base class: :meth:`outputs` gives logits (and tapped features) for a loss context."""
+
+    def __init__(self) -> None:
+        self._taps: dict[str, FeatureTap] = {}
+        self._cache: tuple[Any, dict[str, Any]] | None = None
+
+    # -- subclasses ---------------------------------------------------------------------------
+    @property
+    def module(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _forward(self, ctx: LossContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- shared -------------------------------------------------------------------------------
+    def to(self, device: torch.device | str) -> "Teacher":
+        self.module.to(device)
+        return self
+
+    def tap(self, layer: str) -> None:
+        """Record layer ``layer`` of the teacher (for feature distillation)."""
+        if layer not in self._taps:
+            self._taps[layer] = FeatureTap(self.module, layer, "teacher")
+
+    def release(self) -> None:
+        for t in self._taps.values():
+            t.remove()
+        self._taps.clear()
+        self._cache = None
+
+    def outputs(self, ctx: LossContext) -> dict[str, Any]:
+        """``{"logits": [N, C], layer: features...}`` for ``ctx.inputs`` (cached per input tensor)."""
+        key = (id(ctx.inputs), ctx.inputs.data_ptr(), tuple(ctx.inputs.shape), id(ctx.support_x))
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                logits = self._forward(ctx)
+                out = {"logits": None if logits is None else logits.detach()}
+                for layer, t in self._taps.items():
+                    out[layer] = t.take(ctx.inputs.shape[0]).detach()
+        finally:
+            self.module.train(was_training)
+        self._cache = (key, out)
+        return out
+
+    def logits(self, ctx: LossContext) -> torch.Tensor:
+        """Teacher logits for ``ctx.inputs``; error unless they are over the task's ``ways`` labels."""
+        logits = self.outputs(ctx)["logits"]
+        if logits is None:
+            raise InputError("this teacher has no head of its own: it can give features, not soft targets; "
+                             "use a MetaLearner teacher (adapted per episode) or a module with a head")
+        if logits.shape != ctx.logits.shape:
+            raise InputError(
+                f"the teacher gives logits of shape {list(logits.shape)} but the student's are "
+                f"{list(ctx.logits.shape)} ({ctx.ways}-way task): a teacher must score exactly the task's "
+                f"{ctx.ways} labels in the episode's order; use a MetaLearner teacher, which adapts to each "
+                "episode's support set, or a module with that many outputs"
+            )
+        return logits
+
+
+class ModuleTeacher(Teacher):
+    """Any ``nn.Module`` mapping inputs to logits over the task's labels (used in eval mode).
+
+    A :class:`~metamtl.models.TrunkHead` without a head serves feature distillation only.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise ConfigError(f"a teacher module must be an nn.Module, got {type(module).__name__}")
+        self._module = module
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module
+
+    def _forward(self, ctx: LossContext) -> torch.Tensor | None:
+        m = self._module
+        if isinstance(m, TrunkHead) and m.head is None:  # features only
+            m.trunk(ctx.inputs)
+            return None
+        return m(ctx.inputs)
+
+
+class LearnerTeacher(Teacher):
+    """A meta-learner that adapts to each episode's support set before giving soft targets.
+
+    Args:
+        learner: a :class:`~metamtl.MetaLearner` or the path of one saved with ``save``.
+        steps: inner steps of the teacher's adaptation (default: its ``eval_steps``).
+    """
+
+    def __init__(self, learner: Any, steps: int | None = None) -> None:
+        super().__init__()
+        from ..learner import MetaLearner
+
+        if isinstance(learner, (str, Path)):
+            learner = MetaLearner.load(learner, device="cpu")
+        if not isinstance(learner, MetaLearner):
+            raise ConfigError(f"LearnerTeacher needs a MetaLearner or a saved learner's path, got {type(learner).__name__}")
+        self.learner = learner
+        self.steps = steps
+        self._adapted: tuple[Any, Any] | None = None
+
+    @property
+    def module(self) -> nn.Module:
+        return self.learner.model
+
+    @property
+    def preprocessing(self):
+        return self.learner.preprocessing
+
+    def to(self, device: torch.device | str) -> "LearnerTeacher":
+        self.learner.model.to(device)
+        self.learner.algorithm.to(device)
+        self.learner.device = torch.device(device)
+        return self
+
+    def _forward(self, ctx: LossContext) -> torch.Tensor:
+        key = (id(ctx.support_x), ctx.support_x.data_ptr(), tuple(ctx.support_x.shape), ctx.ways)
+        if self._adapted is None or self._adapted[0] != key:
+            adapted = self.learner.algorithm.adapt(self.learner.model, ctx.support_x, ctx.support_y, ctx.ways,
+                                                   self.steps)
+            self._adapted = (key, adapted)
+        return self._adapted[1](ctx.inputs)
+
+    def release(self) -> None:
+        super().release()
+        self._adapted = None
+
+
+def as_teacher(teacher: Any, steps: int | None = None) -> Teacher:
+    """A :class:`Teacher` from a Teacher, a MetaLearner (or its saved path), or an ``nn.Module``."""
+    from ..learner import MetaLearner
+
+    if isinstance(teacher, Teacher):
+        return teacher
+    if isinstance(teacher, (MetaLearner, str, Path)):
+        return LearnerTeacher(teacher, steps)
+    if isinstance(teacher, nn.Module):
+        return ModuleTeacher(teacher)
+    raise ConfigError(f"cannot use a {type(teacher).__name__} as a teacher: pass an nn.Module, a MetaLearner "
+                      "or the path of a saved learner")
+
+
+__all__: Sequence[str] = ["Teacher", "ModuleTeacher", "LearnerTeacher", "as_teacher"]

@@ -1,0 +1,177 @@
+"""Knowledge distillation: loss and gradients against closed forms, teachers, taps, the callback."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metamtl import MetaLearner
+from metamtl.algorithms import build_algorithm
+from metamtl.data import ClassDataset, Preprocessing
+from metamtl.distill import (
+    Distillation, FeatureDistillation, FeatureTap, LearnerTeacher, SoftTargets, distillation, soft_target_loss,
+)
+from metamtl.errors import ConfigError, InputError
+from metamtl.models import build_model
+from metamtl.tasks import EpisodeSampler, TaskBatch
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+PREP = Preprocessing(size=(12, 12), channels=1, mean=(0.5,), std=(0.25,))
+
+
+def toy(classes=30, per_class=6):
+    g = torch.Generator().manual_seed(0)
+    protos = torch.rand(classes, 1, 12, 12, generator=g)
+    noise = torch.rand(classes * per_class, 1, 12, 12, generator=g)
+    images = ((protos.repeat_interleave(per_class, 0) * 0.8 + 0.2 * noise) * 255).to(torch.uint8)
+    return ClassDataset(images, torch.arange(classes).repeat_interleave(per_class),
+                        [f"c{i}" for i in range(classes)], name="toy", preprocessing=PREP)
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return EpisodeSampler(toy(), 3, 1, 2, seed=0)
+
+
+def conv(hidden, out=None, seed=0):
+    torch.manual_seed(seed)
+    return build_model("conv4", in_channels=1, hidden=hidden, image_size=12, blocks=2, out_features=out)
+
+
+def learner(hidden=4, alg="anil", seed=0, **kw):
+    algorithm = build_algorithm(alg, head_init="proto", steps=2, lr=0.3, **kw)
+    return MetaLearner(conv(hidden, seed=seed), algorithm, preprocessing=PREP, device="cpu", meta_lr=0.01)
+
+
+def test_soft_target_loss_and_gradient_match_the_closed_form():
+    torch.manual_seed(0)
+    s = torch.randn(6, 5, requires_grad=True)
+    t = torch.randn(6, 5)
+    T = 3.0
+    loss = soft_target_loss(s, t, T)
+    p_t, p_s = torch.softmax(t / T, 1), torch.softmax(s / T, 1)
+    manual = T * T * (p_t * (p_t.log() - p_s.log())).sum(1).mean()
+    torch.testing.assert_close(loss, manual)
+    loss.backward()
+    torch.testing.assert_close(s.grad, T * (p_s - p_t).detach() / 6)
+
+
+def test_query_soft_targets_add_exactly_their_gradient_to_the_meta_gradient(tasks):
+    ep = tasks.episode(0).to("cpu")
+    teacher = conv(6, out=3, seed=5)  # a module scoring the task's 3 labels
+    m1, m2 = conv(4, out=3), conv(4, out=3)
+    alg = build_algorithm("maml", steps=1, lr=0.3)
+    alg.inner.loss_terms.append(SoftTargets(teacher, temperature=2.0, weight=0.5))
+    alg.meta_step(m1, TaskBatch([ep]))
+    ref = build_algorithm("maml", steps=1, lr=0.3)
+    adapted = ref.inner.adapt_task(m2, ep.support_x, ep.support_y, 3, create_graph=True)
+    logits = adapted(ep.query_x)
+    with torch.no_grad():
+        teacher.eval()
+        t = teacher(ep.query_x)
+    s, tt = logits / 2.0, t / 2.0
+    kd = 4.0 * (torch.softmax(tt, 1) * (torch.log_softmax(tt, 1) - torch.log_softmax(s, 1))).sum(1).mean()
+    (F.cross_entropy(logits, ep.query_y) + 0.5 * kd).backward()
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_learner_teacher_gives_logits_in_the_episode_label_order(tasks):
+    teacher_learner = learner(hidden=8, seed=3)
+    teacher = LearnerTeacher(teacher_learner)
+    calls = []
+    original = teacher_learner.algorithm.adapt
+    teacher_learner.algorithm.adapt = lambda *a, **k: calls.append(1) or original(*a, **k)
+    ep = tasks.episode(7).to("cpu")
+    student = learner()
+    student.fit(tasks, iterations=1, meta_batch_size=1, progress=False,
+                callbacks=[Distillation(SoftTargets(teacher, phases=("support", "query")))])
+    assert len(calls) == 1  # adapted once for the episode, reused by support steps and query
+    teacher_learner.algorithm.adapt = original
+    expected = teacher_learner.predict(ep.support_x, ep.support_y, ep.query_x)
+    ctx = type("Ctx", (), dict(inputs=ep.query_x, support_x=ep.support_x, support_y=ep.support_y, ways=3,
+                               logits=expected))()
+    torch.testing.assert_close(teacher.logits(ctx), expected)
+    assert expected.argmax(1).eq(ep.query_y).float().mean() >= 0.5  # meaningful in this label order
+
+
+def test_teacher_with_another_number_of_classes_is_a_clear_error(tasks):
+    student = learner()
+    kd = Distillation(SoftTargets(conv(4, out=5), phases="query"))
+    with pytest.raises(InputError, match=r"teacher gives logits of shape \[6, 5\].*3-way task"):
+        student.fit(tasks, iterations=1, meta_batch_size=1, progress=False, callbacks=[kd])
+    assert student.algorithm.inner.loss_terms == []  # detached even after the error
+
+
+def test_feature_distillation_gradient_matches_manual_computation(tasks):
+    ep = tasks.episode(1).to("cpu")
+    teacher = conv(8, seed=4)
+    m_with, m_without = conv(4), conv(4)
+    term = FeatureDistillation(teacher, "trunk.blocks.1", "trunk.blocks.1", weight=2.0)
+    term.bind(m_with)
+    alg = build_algorithm("anil", head_init="proto", steps=1, lr=0.3)
+    alg.inner.loss_terms.append(term)
+    alg.meta_step(m_with, TaskBatch([ep]))
+    build_algorithm("anil", head_init="proto", steps=1, lr=0.3).meta_step(m_without, TaskBatch([ep]))
+    assert isinstance(term.adapter, torch.nn.Conv2d) and term.adapter.weight.grad is not None
+    ref = conv(4)
+    with torch.no_grad():
+        t = teacher.trunk.blocks[:2](ep.query_x)
+    (2.0 * F.mse_loss(term.adapter(ref.trunk.blocks[:2](ep.query_x)), t)).backward()
+    for a, b, r in zip(m_with.parameters(), m_without.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad - b.grad, r.grad if r.grad is not None else torch.zeros_like(a),
+                                   atol=1e-6, rtol=1e-4)
+    term.release()
+
+
+def test_taps_see_the_functional_copies_of_the_inner_loop(tasks):
+    ep = tasks.episode(2).to("cpu")
+    model = conv(4, out=3)
+    seen = []
+    with FeatureTap(model, "trunk.blocks.0") as tap:
+        alg = build_algorithm("maml", steps=2, lr=0.5)
+        alg.inner.loss_terms.append(lambda ctx: seen.append(tap.take(ctx.inputs.shape[0]).detach().clone()))
+        alg.meta_step(model, TaskBatch([ep]))
+    assert [s.shape for s in seen] == [(3, 4, 6, 6)] * 2 + [(6, 4, 6, 6)]
+    assert not torch.allclose(seen[0], seen[1])  # step 1 ran the adapted (fast) weights
+    torch.testing.assert_close(seen[0], model.trunk.blocks[0](ep.support_x))
+
+
+def test_unmappable_feature_shapes_and_unknown_layers_are_clear_errors(tasks):
+    student = learner()
+    kd = Distillation(FeatureDistillation(conv(8), "trunk.blocks.0", "trunk.blocks.1"))
+    with pytest.raises(InputError, match=r"cannot map student layer 'trunk.blocks.0' features \[4, 6, 6\].*\[8, 3, 3\]"):
+        student.fit(tasks, iterations=1, meta_batch_size=1, progress=False, callbacks=[kd])
+    with pytest.raises(InputError, match="student has no layer 'trunk.block.0'.*trunk.blocks.0"):
+        student.fit(tasks, iterations=1, meta_batch_size=1, progress=False,
+                    callbacks=[Distillation(FeatureDistillation(conv(8), "trunk.block.0", "trunk.blocks.0"))])
+    with pytest.raises(ConfigError, match="phases"):
+        SoftTargets(conv(8), phases=("inner",))
+    other = MetaLearner(conv(8), "maml", preprocessing=Preprocessing(size=(12, 12)), device="cpu")
+    with pytest.raises(ConfigError, match="same inputs"):
+        student.fit(tasks, iterations=1, meta_batch_size=1, progress=False, callbacks=[distillation(other)])
+
+
+def test_callback_detaches_trains_adapters_and_resumes_exactly(tasks, tmp_path):
+    teacher = learner(hidden=8, seed=3)
+
+    def kd():
+        return distillation(teacher, temperature=2.0, phases=("support", "query"),
+                            features=[("trunk.blocks.1", "trunk.blocks.1")])
+
+    full, cb_full = learner(), kd()
+    full.fit(tasks, iterations=4, meta_batch_size=2, progress=False, callbacks=[cb_full])
+    assert full.algorithm.inner.loss_terms == []
+    adapter = cb_full.terms[1].adapter
+    assert adapter.weight.shape == (8, 4, 1, 1)
+    part = learner()
+    part.fit(tasks, iterations=2, meta_batch_size=2, progress=False, callbacks=[kd()],
+             checkpoint_dir=tmp_path, checkpoint_every=2)
+    resumed, cb_resumed = learner(), kd()
+    resumed.fit(tasks, iterations=4, meta_batch_size=2, progress=False, callbacks=[cb_resumed],
+                resume=tmp_path / "last.pt")
+    for a, b in zip(resumed.model.parameters(), full.model.parameters()):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(cb_resumed.terms[1].adapter.weight, adapter.weight)
+    loaded = MetaLearner.load(full.save(tmp_path / "student.pt"), device="cpu")  # no teacher inside
+    assert loaded.algorithm.inner.loss_terms == []
