@@ -146,6 +146,8 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    #: knowledge distillation during meta-training (see metamtl.distill.from_config); empty: none
+    distill: dict = dataclasses.field(default_factory=dict)
 
     @property
     def run_dir(self) -> Path:

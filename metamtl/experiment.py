@@ -264,6 +264,10 @@ def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
     if test_tasks is not None:
         say(f"[metamtl] test tasks:  {test_tasks}")
     cbs = list(callbacks)
+    if cfg.distill:
+        from .distill import from_config
+
+        cbs.append(from_config(cfg.distill))
     if cfg.logging.wandb:
         from .reporting.wandb_logger import WandbLogger  # optional: imports wandb lazily
 

@@ -8,12 +8,13 @@
 * :mod:`~metamtl.distill.taps` - forward taps on named layers that also see ``higher``'s functional copies.
 """
 from .hooks import (
-    PHASES, Distillation, DistillationTerm, FeatureDistillation, SoftTargets, distillation, soft_target_loss,
+    PHASES, Distillation, DistillationTerm, FeatureDistillation, SoftTargets, distillation, from_config,
+    soft_target_loss,
 )
 from .taps import FeatureTap, named_layer
 from .teachers import LearnerTeacher, ModuleTeacher, Teacher, as_teacher
 
 __all__ = [
     "PHASES", "Distillation", "DistillationTerm", "FeatureDistillation", "SoftTargets", "distillation",
-    "soft_target_loss", "FeatureTap", "named_layer", "LearnerTeacher", "ModuleTeacher", "Teacher", "as_teacher",
+    "from_config", "soft_target_loss", "FeatureTap", "named_layer", "LearnerTeacher", "ModuleTeacher", "Teacher", "as_teacher",
 ]

@@ -289,3 +289,29 @@ def distillation(teacher: Any, temperature: float = 4.0, weight: float = 1.0,
     terms: list[Any] = [SoftTargets(teacher, temperature, weight, phases)] if weight > 0 else []
     terms += [FeatureDistillation(teacher, s, t, feature_weight, phases) for s, t in features]
     return Distillation(*terms, lr=lr)
+
+
+def from_config(cfg: dict[str, Any]) -> Distillation:
+    """The ``distill`` section of an experiment config -> a :class:`Distillation` callback.
+
+    Keys: ``teacher`` (path of a saved learner, required), ``temperature`` (4), ``weight`` (1),
+    ``phases`` (``[query]``), ``features`` (``[[student_layer, teacher_layer], ...]``),
+    ``feature_weight`` (1), ``lr`` (the learner's meta_lr), ``teacher_steps`` (its eval steps).
+    """
+    known = {"teacher", "temperature", "weight", "phases", "features", "feature_weight", "lr", "teacher_steps"}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ConfigError(f"distill: unknown key(s) {unknown}; valid keys: {sorted(known)}")
+    if not cfg.get("teacher"):
+        raise ConfigError("distill.teacher must be the path of a saved learner (e.g. runs/teacher/learner.pt)")
+    from .teachers import LearnerTeacher
+
+    features = []
+    for pair in cfg.get("features") or []:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ConfigError(f"distill.features entries are [student_layer, teacher_layer], got {pair!r}")
+        features.append((str(pair[0]), str(pair[1])))
+    teacher = LearnerTeacher(cfg["teacher"], cfg.get("teacher_steps"))
+    return distillation(teacher, float(cfg.get("temperature", 4.0)), float(cfg.get("weight", 1.0)),
+                        cfg.get("phases", ("query",)), features, float(cfg.get("feature_weight", 1.0)),
+                        cfg.get("lr"))

@@ -175,3 +175,20 @@ def test_callback_detaches_trains_adapters_and_resumes_exactly(tasks, tmp_path):
     torch.testing.assert_close(cb_resumed.terms[1].adapter.weight, adapter.weight)
     loaded = MetaLearner.load(full.save(tmp_path / "student.pt"), device="cpu")  # no teacher inside
     assert loaded.algorithm.inner.loss_terms == []
+
+
+def test_config_section_builds_the_callback(tmp_path):
+    from metamtl.config import config_from_dict
+    from metamtl.distill import from_config
+
+    path = learner(hidden=8).save(tmp_path / "teacher.pt")
+    kd = from_config({"teacher": str(path), "temperature": 2, "phases": ["support", "query"],
+                      "features": [["trunk.blocks.1", "trunk.blocks.1"]]})
+    soft, feat = kd.terms
+    assert soft.temperature == 2.0 and soft.phases == ("support", "query")
+    assert isinstance(soft.teacher, LearnerTeacher) and feat.teacher is soft.teacher
+    with pytest.raises(ConfigError, match="unknown key.*temprature"):
+        from_config({"teacher": str(path), "temprature": 2})
+    with pytest.raises(ConfigError, match="saved learner"):
+        from_config({"weight": 1})
+    assert config_from_dict({"distill": {"teacher": str(path)}}).distill == {"teacher": str(path)}
