@@ -6,12 +6,14 @@ episode's random label order).  Students train for the same number of meta-itera
 without distillation, one after the other in one process, so their time ratio is side by side::
 
     flock -x /tmp/metamtl-cpu.lock python benchmarks/distill.py teacher
-    flock -x /tmp/metamtl-cpu.lock python benchmarks/distill.py students --iterations 1000
+    flock -x /tmp/metamtl-cpu.lock python benchmarks/distill.py students --budget 5
     python benchmarks/distill.py table
 
-Student variants: ``none`` (baseline), ``kd-query`` (soft targets on the query/outer loss),
-``kd-both`` (soft targets on the support/inner and query losses), ``kd-feat`` (query soft targets
-plus feature distillation of trunk block 3 through a learned 1x1-conv adapter).
+Student variants: ``none`` (baseline, trained for ``--budget`` minutes), then with the baseline's
+number of meta-iterations: ``kd-query`` (soft targets on the query/outer loss), ``kd-both`` (soft
+targets on the support/inner and query losses), ``kd-feat`` (query soft targets plus feature
+distillation of trunk block 3 through a learned 1x1-conv adapter); ``kd-query-time``: ``kd-query``
+with the baseline's time budget instead.
 """
 from __future__ import annotations
 
@@ -48,12 +50,21 @@ def students(args: argparse.Namespace) -> None:
     teacher_path = Path(args.out) / "kd_teacher" / "learner.pt"
     if not teacher_path.is_file():
         raise SystemExit(f"{teacher_path} not found: run `benchmarks/distill.py teacher` first")
+    base_iterations = None
     for name in args.variants:
-        distill = dict(VARIANTS[name], teacher=str(teacher_path)) if VARIANTS[name] else {}
-        cfg = load_config(STUDENT, [f"name=kd_student_{name}", f"output_dir={args.out}",
-                                    f"train.iterations={args.iterations}", f"eval.episodes={args.episodes}",
-                                    f"distill={json.dumps(distill)}"])
-        run(cfg, progress=not args.no_progress)
+        kd = VARIANTS[name.removesuffix("-time")]
+        distill = dict(kd, teacher=str(teacher_path)) if kd else {}
+        if name == "none" or name.endswith("-time"):  # the time budget
+            length = ["train.iterations=1000000", f"train.budget_minutes={args.budget}"]
+        else:  # as many meta-iterations as the baseline
+            if base_iterations is None:
+                raise SystemExit("run the 'none' variant first: the others take its number of iterations")
+            length = [f"train.iterations={base_iterations}", "train.budget_minutes=null"]
+        cfg = load_config(STUDENT, [f"name=kd_student_{name}", f"output_dir={args.out}", *length,
+                                    f"eval.episodes={args.episodes}", f"distill={json.dumps(distill)}"])
+        results = run(cfg, progress=not args.no_progress)
+        if name == "none":
+            base_iterations = results["iterations"]
 
 
 def table(args: argparse.Namespace) -> None:
@@ -63,7 +74,7 @@ def table(args: argparse.Namespace) -> None:
     if t_path.is_file():
         rows.append(("teacher (conv4-128)", json.loads(t_path.read_text())))
     base = None
-    for name in VARIANTS:
+    for name in [*VARIANTS, *(f"{v}-time" for v in VARIANTS if v != "none")]:
         path = out / f"kd_student_{name}" / "results.json"
         if path.is_file():
             r = json.loads(path.read_text())
@@ -89,8 +100,11 @@ def main() -> None:
     t.add_argument("--budget", type=float, default=8.0, help="training minutes")
     t.set_defaults(func=teacher)
     s = sub.add_parser("students", help="conv4-32 students with and without distillation")
-    s.add_argument("--iterations", type=int, default=1000)
-    s.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    s.add_argument("--budget", type=float, default=5.0,
+                   help="training minutes of the baseline (and of '-time' variants); the others run "
+                        "as many meta-iterations as the baseline")
+    s.add_argument("--variants", nargs="+", choices=[*VARIANTS, *(f"{v}-time" for v in VARIANTS if v != "none")],
+                   default=[*VARIANTS, "kd-query-time"])
     s.set_defaults(func=students)
     sub.add_parser("table", help="markdown table of the finished runs").set_defaults(func=table)
     args = p.parse_args()
