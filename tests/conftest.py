@@ -10,7 +10,27 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def _test_threads() -> int:
+    """Threads per test process: 2 on an idle 2-core machine, 1 when it is already busy.
+
+    On an oversubscribed machine, multi-threaded torch ops spin-wait against other processes and
+    run many times slower; one thread is then much faster. ``METAMTL_TEST_THREADS`` overrides.
+    """
+    if os.environ.get("METAMTL_TEST_THREADS"):
+        return max(1, int(os.environ["METAMTL_TEST_THREADS"]))
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0] > cores
+    except OSError:
+        busy = False
+    return 1 if busy else max(1, min(2, cores))
+
+
+THREADS = _test_threads()
+torch.set_num_threads(THREADS)
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))  # subprocesses (CLI, torchrun) inherit it
 
 
 def _data_root() -> Path | None:
