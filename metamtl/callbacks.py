@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from .checkpoint import ensure_writable_dir
-from .errors import ConfigError, unknown_name
+from .errors import CheckpointError, ConfigError, TrainingError, unknown_name
 
 if TYPE_CHECKING:
     from .learner import MetaLearner
@@ -194,6 +194,17 @@ class ModelCheckpoint(Callback):
     def on_fit_end(self, learner):
         if learner.is_main_process:
             learner.save(self.last_path, training_state=True)
+
+    def on_exception(self, learner, exc):
+        """After too many non-finite steps, keep the last good parameters in ``last.pt``."""
+        if isinstance(exc, TrainingError) and learner.is_main_process:
+            try:
+                learner.save(self.last_path, training_state=True)
+                note = f"the last good parameters are saved in {self.last_path}"
+            except CheckpointError as err:
+                note = f"the last good parameters could not be saved: {err}"
+            if hasattr(exc, "add_note"):  # Python >= 3.11
+                exc.add_note(note)
 
     def state_dict(self):
         return {"best": self.best}

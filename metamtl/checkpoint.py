@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
+import re
+import secrets
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -36,21 +37,48 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+class _TrackedFile:
+    """Write-only file wrapper that remembers the ``OSError`` a write raised.
+
+    ``torch.save`` reports a failed write (disk full, file too large) as a vague
+    ``RuntimeError("... unexpected pos ...")``; this keeps the real cause for the message.
+    """
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to ``path`` atomically (temp file + fsync + rename)."""
+    """``torch.save`` to ``path`` atomically (temp file + fsync + rename).
+
+    Raises :class:`CheckpointError` when the folder cannot be created or written (read-only,
+    disk full, file size limit); then no file was replaced and no temporary file is left.
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # O_EXCL: never reuse a file; mode 0o666 so the umask applies as for any other file
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     except OSError as exc:
-        raise CheckpointError(f"cannot create checkpoint folder {path.parent}: {exc.strerror}") from exc
-    if not os.access(path.parent, os.W_OK):
-        raise CheckpointError(
-            f"checkpoint folder {path.parent} is not writable; choose another output directory"
-        )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}; choose another "
+                              "output directory or fix its permissions") from exc
+    tracked = None
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            tracked = _TrackedFile(fh)
+            torch.save(obj, tracked)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -67,9 +95,10 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(exc, OSError):
+        cause = exc if isinstance(exc, OSError) else tracked.error if tracked is not None else None
+        if cause is not None and isinstance(exc, (OSError, RuntimeError)):
             raise CheckpointError(
-                f"could not write checkpoint {path}: {exc.strerror or exc}. Nothing was replaced: "
+                f"could not write checkpoint {path}: {cause.strerror or cause}. Nothing was replaced: "
                 f"{'the previous checkpoint there is intact' if path.exists() else 'no file was left behind'}; "
                 "free disk space or choose another output directory"
             ) from exc
@@ -85,9 +114,11 @@ def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        found = re.search(r"WeightsUnpickler error: (.*?)(?:\n\n|$)", str(exc), re.S)
+        detail = found.group(1).strip() if found else str(exc).strip().splitlines()[0]
         raise CheckpointError(
-            f"refusing to load {path}: it is not a plain-tensor checkpoint (it would need to run "
-            f"code to unpickle). Only load checkpoints written by metamtl. Details: {exc}"
+            f"refusing to load {path}: it is not a plain-tensor checkpoint, so it is corrupt or "
+            f"unpickling it would run code; only load checkpoints written by metamtl ({detail})"
         ) from exc
     except Exception as exc:  # arbitrary bytes make the unpickler raise almost anything
         raise CheckpointError(

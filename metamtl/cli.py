@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .errors import MetamtlError
+from .errors import FitInterrupted, MetamtlError
 
 
 def _fit(args: argparse.Namespace) -> int:
@@ -107,7 +107,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .distributed import rank_tag
 
         print(f"metamtl: error{rank_tag()}: {exc}", file=sys.stderr)
+        for note in getattr(exc, "__notes__", ()):
+            print(f"metamtl: {note}", file=sys.stderr)
         return 2
+    except FitInterrupted as exc:  # SIGINT/SIGTERM during fit: a resumable checkpoint was saved
+        print(f"metamtl: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("metamtl: interrupted", file=sys.stderr)
         return 130

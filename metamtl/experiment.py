@@ -333,14 +333,13 @@ def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
 
 def check_output_dir(cfg: Config) -> None:
     """Create the run folder and make sure files can be written there, before any work starts."""
-    import tempfile
+    from .checkpoint import ensure_writable_dir
+    from .errors import CheckpointError
 
     try:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=cfg.run_dir):
-            pass
-    except OSError as exc:
+        ensure_writable_dir(cfg.run_dir)
+    except CheckpointError as exc:
         raise ConfigError(
-            f"cannot write to the output directory {cfg.run_dir} ({exc.strerror or exc}); choose another "
-            "with output_dir=... or fix its permissions"
+            f"cannot write to the output directory {cfg.run_dir} ({exc.__cause__.strerror or exc.__cause__}); "
+            "choose another with output_dir=... or fix its permissions"
         ) from exc

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import math
 import random
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -26,10 +27,15 @@ from .algorithms import Algorithm, build_algorithm
 from .callbacks import Callback, CallbackList, History, ModelCheckpoint, ProgressBar
 from .checkpoint import FORMAT, FORMAT_VERSION, atomic_save, config_diff, safe_load
 from .data.base import Preprocessing
-from .errors import CheckpointError, ConfigError, InputError, MetamtlError, TrainingError, unknown_name
+from .errors import (CheckpointError, ConfigError, FitInterrupted, InputError, MetamtlError, TrainingError,
+                     unknown_name)
+from .interrupt import StopOnSignal, signal_name
 from .models.backbones import TrunkHead, build_model
 from .tasks.episode import Episode, TaskBatch
 from .tasks.sampler import TaskSource, task_batches
+
+#: Where ``fit`` saves a resumable checkpoint on SIGINT/SIGTERM when it has no ``checkpoint_dir``.
+INTERRUPT_CHECKPOINT = Path("metamtl-interrupted.pt")
 
 META_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
@@ -269,6 +275,14 @@ class MetaLearner:
                 where it stopped (same episodes, optimizer and RNG state).
             budget_minutes: stop meta-training once this much wall-clock time is spent.
 
+        Faults (see docs/reliability.md): on SIGINT (Ctrl-C) or SIGTERM, fit finishes the
+        iteration in progress, saves a resumable checkpoint (``checkpoint_dir/last.pt``, else
+        :data:`INTERRUPT_CHECKPOINT` in the current folder) and raises
+        :class:`~metamtl.errors.FitInterrupted`; a second signal aborts at once.  A step whose loss
+        or meta-gradient is not finite is skipped with a warning; ``max_bad_steps`` consecutive
+        ones raise :class:`~metamtl.errors.TrainingError`, keeping the last good parameters (also
+        saved to ``last.pt`` with a ``checkpoint_dir``).
+
         Under ``torchrun`` every rank calls ``fit`` with the same arguments; ranks share each
         meta-batch and average meta-gradients (see :mod:`metamtl.distributed`).
         Returns:
@@ -289,6 +303,7 @@ class MetaLearner:
         fit_settings = {"meta_batch_size": meta_batch_size, "train_tasks": repr(train_tasks)}
         if resume is not None:
             self._resume(resume, fit_settings)
+            self.fit_state.pop("stopped_by", None)
         else:
             self.fit_state = {"elapsed": 0.0}
         self.fit_state.update(iterations=iterations, settings=fit_settings)
@@ -318,6 +333,7 @@ class MetaLearner:
             train_tasks, meta_batch_size, start_batch=self.iteration, num_workers=num_workers,
             rank=self.rank, world_size=self.world_size, pin_memory=self.device.type == "cuda",
         )
+        signals = StopOnSignal(lambda: self.iteration).install()  # Ctrl-C / SIGTERM: stop cleanly
         try:
             self._callbacks.on_fit_start(self)
             while self.iteration < iterations and not stop:
@@ -335,23 +351,50 @@ class MetaLearner:
                 self._callbacks.on_iteration_complete(self)
                 stop = self.should_stop
                 out_of_time = budget_minutes is not None and self.elapsed >= 60.0 * budget_minutes
+                interrupted = signals.requested
                 if self.world_size > 1:  # every rank stops at the same iteration
-                    stop, out_of_time = distributed.any_rank(stop, out_of_time, what=f"stop check (iteration {self.iteration})")
+                    stop, out_of_time, interrupted = distributed.any_rank(
+                        stop, out_of_time, interrupted, what=f"stop check (iteration {self.iteration})")
                     self.should_stop = self.should_stop or stop
+                if interrupted:
+                    raise self._interrupted(signals.signum or signal.SIGTERM)
                 if out_of_time:
                     self.fit_state["stopped_by"] = "budget"
                     break
+            if signals.requested:
+                raise self._interrupted(signals.signum)
             self._callbacks.on_fit_end(self)
         except BaseException as exc:
             self._callbacks.on_exception(self, exc)
             raise
         finally:
+            signals.restore()
             self.fit_state["elapsed"] = self.elapsed
             self._t_start = None
             close = getattr(batches, "close", None)
             if close is not None:
                 close()
         return self.history
+
+    def _interrupted(self, signum: int) -> FitInterrupted:
+        """After a stop signal: save a resumable checkpoint, return the exception fit raises.
+
+        The checkpoint is ``last.pt`` of the fit's :class:`ModelCheckpoint` (``checkpoint_dir``)
+        or, without one, :data:`INTERRUPT_CHECKPOINT` in the current folder.
+        """
+        name = signal_name(signum)
+        self.fit_state["stopped_by"] = name
+        path, note = None, ""
+        if self.is_main_process:
+            target = next((cb.last_path for cb in self._callbacks if isinstance(cb, ModelCheckpoint)), None)
+            try:
+                path = self.save(target or INTERRUPT_CHECKPOINT, training_state=True)
+                note = (f"; resumable checkpoint: {path} (continue with fit(..., resume='{path}') or "
+                        f"`metamtl fit CONFIG --resume {path}`)")
+            except CheckpointError as exc:
+                note = f"; the checkpoint could not be written: {exc}"
+        return FitInterrupted(f"{name} received: meta-training stopped after iteration {self.iteration}{note}",
+                              signum, self.iteration, path)
 
     def _train_step(self, batch: TaskBatch) -> dict[str, float]:
         self.model.train()
