@@ -26,7 +26,8 @@ from .algorithms import ALGORITHMS, build_algorithm
 from .callbacks import Callback, EarlyStopping, LRScheduler, MetricsLogger
 from .config import Config, DataConfig
 from .data.base import ClassDataset
-from .errors import ConfigError
+from .checkpoint import ensure_writable_dir
+from .errors import CheckpointError, ConfigError
 from .learner import EvalResult, MetaLearner
 from .models.backbones import MODELS, build_model
 from .tasks.sampler import EpisodeSampler, MixedTasks, TaskSource
@@ -333,9 +334,6 @@ def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
 
 def check_output_dir(cfg: Config) -> None:
     """Create the run folder and make sure files can be written there, before any work starts."""
-    from .checkpoint import ensure_writable_dir
-    from .errors import CheckpointError
-
     try:
         ensure_writable_dir(cfg.run_dir)
     except CheckpointError as exc:
