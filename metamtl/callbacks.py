@@ -299,13 +299,19 @@ class LRScheduler(Callback):
 
     Args:
         total: iterations of the cosine schedule (default: the ``iterations`` of the fit).
+        over: ``"iterations"``, or ``"budget"`` to anneal the cosine over the fit's
+            ``budget_minutes`` of wall-clock time (``p = elapsed / budget``; for time-budgeted
+            comparisons, where the number of iterations is not known in advance; not
+            reproducible bit for bit, since it depends on the clock).
     """
 
     def __init__(self, name: str = "cosine", *, warmup: int = 0, min_lr: float = 0.0, total: int | None = None,
                  step_size: int = 1000, gamma: float = 0.1, patience: int = 3, monitor: str = "val/accuracy",
-                 mode: str = "max") -> None:
+                 mode: str = "max", over: str = "iterations") -> None:
         if name not in SCHEDULERS:
             raise unknown_name("scheduler", name, SCHEDULERS)
+        if over not in ("iterations", "budget"):
+            raise unknown_name("scheduler horizon ('over')", over, ("iterations", "budget"))
         for key, value, low in (("warmup", warmup, 0), ("step_size", step_size, 1), ("patience", patience, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"scheduler {key} must be an integer >= {low}, got {value!r}")
@@ -317,7 +323,7 @@ class LRScheduler(Callback):
             raise ConfigError(f"scheduler min_lr must be a finite number >= 0, got {min_lr!r}")
         self.name, self.warmup, self.min_lr, self.total = name, warmup, float(min_lr), total
         self.step_size, self.gamma, self.patience = step_size, float(gamma), patience
-        self.monitor, self.mode = monitor, _check_mode(mode)
+        self.monitor, self.mode, self.over = monitor, _check_mode(mode), over
         self.base: list[float] | None = None
         self.reductions, self.best, self.wait = 0, None, 0
 
@@ -325,14 +331,17 @@ class LRScheduler(Callback):
     def key(self) -> str:
         return f"LRScheduler:{self.name}"
 
-    def factor_lr(self, base: float, t: int, total: int) -> float:
-        """The learning rate of iteration ``t`` for a group whose initial rate is ``base``."""
+    def factor_lr(self, base: float, t: int, total: int, progress: float | None = None) -> float:
+        """The learning rate of iteration ``t`` for a group whose initial rate is ``base``.
+
+        ``progress`` (0..1) replaces the cosine's iteration-based progress when given.
+        """
         if self.name == "cosine":
             if t < self.warmup:
                 lr = base * (t + 1) / self.warmup
             else:
-                p = min(1.0, (t - self.warmup) / max(1, total - self.warmup))
-                lr = self.min_lr + (base - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * p))
+                p = progress if progress is not None else (t - self.warmup) / max(1, total - self.warmup)
+                lr = self.min_lr + (base - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, p)))
         elif self.name == "step":
             lr = base * self.gamma ** (t // self.step_size)
         elif self.name == "exponential":
@@ -343,12 +352,15 @@ class LRScheduler(Callback):
 
     def _apply(self, learner) -> None:
         total = self.total or int(learner.fit_state.get("iterations") or 1)
+        progress = learner.elapsed / (60.0 * learner.fit_state["budget_minutes"]) if self.over == "budget" else None
         for group, base in zip(learner.meta_optimizer.param_groups, self.base):
-            group["lr"] = self.factor_lr(base, learner.iteration, total)
+            group["lr"] = self.factor_lr(base, learner.iteration, total, progress)
 
     def on_fit_start(self, learner):
         if self.base is None:
             self.base = [float(g["lr"]) for g in learner.meta_optimizer.param_groups]
+        if self.over == "budget" and not learner.fit_state.get("budget_minutes"):
+            raise ConfigError("a scheduler with over='budget' needs a time budget (fit budget_minutes)")
         if self.name == "plateau" and learner.fit_state.get("val_every") is None:
             raise ConfigError("the 'plateau' scheduler needs validation: pass val_tasks to fit")
         self._apply(learner)

@@ -6,7 +6,8 @@ of ``data`` plus a ``label``) instead of ``data``; ``tasks.mixture``/``tasks.tem
 often each one serves an episode.  Typed sections reject unknown keys (suggesting the closest one) and values of the
 wrong type; ``model`` and ``algorithm`` are passed to their registries, which validate them
 against the chosen model/algorithm.  Command-line overrides are ``dotted.key=value`` with the
-value parsed as YAML (``train.iterations=500``, ``data.sources=[small1]``).
+value parsed as YAML (``train.iterations=500``, ``data.sources=[small1]``).  A file can build on
+another with ``extends: base.yaml`` (see :func:`load_config`).
 """
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ class SchedulerConfig:
     patience: int = 3
     monitor: str = "val/accuracy"
     mode: str = "max"
+    over: str = "iterations"  # or "budget": cosine over train.budget_minutes
 
 
 @dataclasses.dataclass
@@ -284,6 +286,8 @@ def _check_config(cfg: Config) -> Config:
     _check_components(cfg)
     if cfg.logging.metrics not in (None, "csv", "jsonl"):
         raise ConfigError(f"logging.metrics must be 'csv', 'jsonl' or null, got {cfg.logging.metrics!r}")
+    if tr.scheduler and tr.scheduler.over == "budget" and not tr.budget_minutes:
+        raise ConfigError("train.scheduler.over: 'budget' needs train.budget_minutes")
     if (tr.early_stopping or (tr.scheduler and tr.scheduler.name == "plateau")) and not cfg.data.val_split:
         raise ConfigError("train.early_stopping and the 'plateau' scheduler need validation; set data.val_split")
     from .callbacks import EarlyStopping, LRScheduler  # validate their settings now, not mid-run
@@ -388,18 +392,47 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``: sections merge key by key, other values (lists too) are replaced.
+
+    A section naming another registry entry (``algorithm: {name: protonet}`` over
+    ``{name: maml, ...}``) replaces the base's section instead of merging into it.
+    """
+    out = dict(base)
+    for k, v in top.items():
+        old = out.get(k)
+        same = isinstance(v, Mapping) and isinstance(old, dict) and v.get("name", old.get("name")) == old.get("name")
+        out[k] = _merge(old, v) if same else v
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file as a dict, with ``extends: other.yaml`` (relative to the file) merged in."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in _seen:
+        raise ConfigError(f"config files extend each other in a cycle: {' -> '.join(map(str, _seen + (path,)))}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must contain a mapping of sections at the top level")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends must be the path of another config file, got {parent!r}")
+    return _merge(read_yaml(path.parent / parent, _seen + (path.resolve(),)), data)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or start from defaults with ``path=None``) and apply overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must contain a mapping of sections at the top level")
+    """Read a YAML config (or start from defaults with ``path=None``) and apply overrides.
+
+    A file may start from another with ``extends: base.yaml`` (path relative to the file): its
+    sections are merged over the base's key by key.
+    """
+    data: dict[str, Any] = read_yaml(path) if path is not None else {}
     apply_overrides(data, list(overrides or []))
     return config_from_dict(data)

@@ -314,6 +314,7 @@ class MetaLearner:
         val_every = val_every or max(1, iterations // 10)
 
         self.fit_state["val_every"] = val_every if val_tasks is not None else None
+        self.fit_state["budget_minutes"] = budget_minutes
 
         cbs: list[Callback] = [History()]
         if progress:

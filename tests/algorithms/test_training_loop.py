@@ -193,3 +193,42 @@ def test_config_sections_for_callbacks_are_validated():
         config_from_dict({"algorithm": {"name": "metasgd", "lr": -1}})
     with pytest.raises(ConfigError, match="unknown inner optimizer 'adamm'. Did you mean 'adam'"):
         config_from_dict({"algorithm": {"name": "mamlpp", "optimizer": "adamm"}})
+
+
+def test_config_files_extend_a_base_and_the_comparison_configs_are_valid(tmp_path):
+    from pathlib import Path
+
+    from metamtl.config import load_config
+
+    compare = Path(__file__).resolve().parents[2] / "configs" / "compare"
+    methods = sorted(p.stem for p in compare.glob("*.yaml") if p.stem != "base")
+    assert methods == ["anil", "fomaml", "maml", "mamlpp", "metasgd", "protonet", "reptile", "transfer"]
+    for m in methods:
+        cfg = load_config(compare / f"{m}.yaml")
+        assert cfg.name == m and cfg.algorithm["name"] == m and cfg.train.budget_minutes == 10
+        assert [(s.ways, s.shots) for s in cfg.eval.settings] == [(5, 1), (20, 1)]
+        assert cfg.data.sources == ["images_background_small1", "images_background_small2"]
+    (tmp_path / "base.yaml").write_text("train: {iterations: 7, meta_lr: 0.01}\nalgorithm: {name: maml, steps: 4}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\ntrain: {iterations: 9}\nalgorithm: {name: protonet}\n")
+    cfg = load_config(tmp_path / "child.yaml", ["train.meta_lr=0.5"])
+    assert cfg.train.iterations == 9 and cfg.train.meta_lr == 0.5  # merged key by key, overrides last
+    assert cfg.algorithm == {"name": "protonet"}  # another algorithm replaces the section
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "missing.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_cosine_over_the_time_budget(toy_tasks, monkeypatch):
+    learner = make_learner(alg="fomaml", callbacks=[LRScheduler("cosine", over="budget")])
+    clock = iter(range(1000))
+    monkeypatch.setattr(MetaLearner, "elapsed", property(lambda self: 15.0 * next(clock)))  # 15 s per call
+    learner.fit(toy_tasks[0], iterations=100, meta_batch_size=1, progress=False, budget_minutes=1.0)
+    lrs = [r["train/lr"] for r in learner.history]
+    assert learner.fit_state["stopped_by"] == "budget" and len(lrs) < 10
+    assert lrs[0] == pytest.approx(1e-2) and all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 1e-2
+    with pytest.raises(ConfigError, match="needs a time budget"):
+        make_learner(alg="fomaml").fit(toy_tasks[0], iterations=1, meta_batch_size=1, progress=False,
+                                       callbacks=[LRScheduler(over="budget")])
