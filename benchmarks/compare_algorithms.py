@@ -7,17 +7,24 @@ episodes of held-out characters for every ``eval.settings`` entry (5-way and 20-
 It writes ``<out>/results.json``, a Markdown table (``<out>/table.md``, also printed) and a plot of
 accuracy with 95% confidence intervals per method (``<out>/accuracy.png``).
 
-Usage (the numbers in benchmarks/RESULTS.md; run alone on the machine, one method at a time)::
+Time-budgeted training must not share the CPU: with ``--lock FILE`` each method's training runs
+under an exclusive ``flock`` on FILE and its evaluation (whose result does not depend on speed)
+under a shared one.  ``--phase train`` / ``--phase eval`` run one half only.
 
-    python benchmarks/compare_algorithms.py --out benchmarks/results/compare
+Usage (the numbers in benchmarks/RESULTS.md)::
+
+    python benchmarks/compare_algorithms.py --lock /tmp/metamtl-cpu.lock
     python benchmarks/compare_algorithms.py --methods protonet maml --set train.budget_minutes=1
-    python benchmarks/compare_algorithms.py --out benchmarks/results/compare --table-only
+    python benchmarks/compare_algorithms.py --table-only
 
 ``--table-only`` rebuilds table and plot from the ``results.json`` files of earlier runs.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import fcntl
 import json
 import sys
 import time
@@ -28,22 +35,52 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from metamtl import MetaLearner  # noqa: E402
 from metamtl.config import load_config  # noqa: E402
-from metamtl.experiment import run  # noqa: E402
+from metamtl.experiment import build_tasks, evaluate_settings, run  # noqa: E402
 
 METHODS = ["maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp", "protonet", "transfer"]
 LABELS = {"maml": "MAML", "fomaml": "FOMAML", "reptile": "Reptile", "anil": "ANIL", "metasgd": "Meta-SGD",
           "mamlpp": "MAML++", "protonet": "ProtoNet", "transfer": "Transfer (Baseline++)"}
 
 
-def run_method(method: str, config_dir: Path, out: Path, overrides: list[str]) -> dict:
-    cfg = load_config(config_dir / f"{method}.yaml", [f"output_dir={out / 'runs'}", *overrides])
-    print(f"== {method}: {cfg.algorithm} | train {cfg.tasks.ways}-way {cfg.tasks.shots}-shot, "
+@contextlib.contextmanager
+def cpu_lock(path: Path | None, exclusive: bool):
+    """``flock`` on ``path`` (exclusive for timed training, shared for evaluation); no-op without one."""
+    if path is None:
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def train_method(cfg, lock: Path | None) -> None:
+    """Meta-train within the budget and save ``learner.pt`` (no test evaluation)."""
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, test_split=None))
+    print(f"== {cfg.name}: {cfg.algorithm} | train {cfg.tasks.ways}-way {cfg.tasks.shots}-shot, "
           f"{cfg.train.budget_minutes} min budget", flush=True)
-    t0 = time.perf_counter()
-    results = run(cfg, progress=sys.stderr.isatty())
-    results["wall_seconds"] = time.perf_counter() - t0
-    (out / "runs" / cfg.name / "results.json").write_text(json.dumps(results, indent=2))
+    with cpu_lock(lock, exclusive=True):
+        res = run(cfg, progress=sys.stderr.isatty())
+    print(f"   {res['iterations']} meta-iterations in {res['train_seconds']:.0f} s", flush=True)
+
+
+def evaluate_method(cfg, lock: Path | None) -> dict:
+    """Evaluate the saved learner on every ``eval.settings`` entry; update its ``results.json``."""
+    run_dir = cfg.run_dir
+    results = json.loads((run_dir / "results.json").read_text())
+    learner = MetaLearner.load(run_dir / "learner.pt", device=cfg.train.device)
+    test_tasks = build_tasks(cfg)["test"]
+    with cpu_lock(lock, exclusive=False):
+        t0 = time.perf_counter()
+        results["test"] = [r.to_dict() for r in evaluate_settings(learner, cfg, test_tasks, sys.stderr.isatty())]
+        results["eval_seconds"] = time.perf_counter() - t0
+    for r in results["test"]:
+        print(f"   {cfg.name} {r['ways']}-way {r['shots']}-shot: {100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f}%")
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
 
@@ -101,8 +138,8 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xlim(max(0, min(accs) - 10), 100)
         ax.set_xlabel("test accuracy (%), 95% CI")
         ax.set_title(f"Omniglot {s}, held-out characters")
-        for i, a in enumerate(accs):
-            ax.text(a + 0.3, i, f"{a:.1f}", va="center", fontsize=8)
+        for i, (a, c) in enumerate(zip(accs, cis)):
+            ax.text(a + c + 0.3, i, f"{a:.1f}", va="center", fontsize=8)
     fig.suptitle("Same 10-minute CPU training budget per method (600 test episodes each)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -116,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "compare")
     p.add_argument("--set", nargs="*", default=[], dest="overrides", help="config overrides, e.g. train.budget_minutes=1")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--phase", choices=("all", "train", "eval"), default="all")
+    p.add_argument("--lock", type=Path, help="flock file: exclusive while training, shared while evaluating")
     p.add_argument("--table-only", action="store_true", help="only rebuild table and plot from earlier runs")
     args = p.parse_args(argv)
     if args.threads:
@@ -123,7 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
         for method in args.methods:
-            run_method(method, args.configs, args.out, args.overrides)
+            cfg = load_config(args.configs / f"{method}.yaml", [f"output_dir={args.out / 'runs'}", *args.overrides])
+            if args.phase in ("all", "train"):
+                train_method(cfg, args.lock)
+            if args.phase in ("all", "eval"):
+                evaluate_method(cfg, args.lock)
     rows = []
     for method in args.methods:
         path = args.out / "runs" / method / "results.json"
