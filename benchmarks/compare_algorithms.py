@@ -7,9 +7,9 @@ episodes of held-out characters for every ``eval.settings`` entry (5-way and 20-
 It writes ``<out>/results.json``, a Markdown table (``<out>/table.md``, also printed) and a plot of
 accuracy with 95% confidence intervals per method (``<out>/accuracy.png``).
 
-Time-budgeted training must not share the CPU: with ``--lock FILE`` each method's training runs
-under an exclusive ``flock`` on FILE and its evaluation (whose result does not depend on speed)
-under a shared one.  ``--phase train`` / ``--phase eval`` run one half only.
+Time-budgeted training must not share the CPU: with ``--lock FILE`` the script re-runs itself for
+each method, training under ``flock -x FILE`` and evaluating (whose result does not depend on
+speed) under ``flock -s FILE``.  ``--phase train`` / ``--phase eval`` run one half only.
 
 Usage (the numbers in benchmarks/RESULTS.md)::
 
@@ -22,10 +22,9 @@ Usage (the numbers in benchmarks/RESULTS.md)::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import fcntl
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,40 +43,24 @@ LABELS = {"maml": "MAML", "fomaml": "FOMAML", "reptile": "Reptile", "anil": "ANI
           "mamlpp": "MAML++", "protonet": "ProtoNet", "transfer": "Transfer (Baseline++)"}
 
 
-@contextlib.contextmanager
-def cpu_lock(path: Path | None, exclusive: bool):
-    """``flock`` on ``path`` (exclusive for timed training, shared for evaluation); no-op without one."""
-    if path is None:
-        yield
-        return
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def train_method(cfg, lock: Path | None) -> None:
+def train_method(cfg) -> None:
     """Meta-train within the budget and save ``learner.pt`` (no test evaluation)."""
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, test_split=None))
     print(f"== {cfg.name}: {cfg.algorithm} | train {cfg.tasks.ways}-way {cfg.tasks.shots}-shot, "
           f"{cfg.train.budget_minutes} min budget", flush=True)
-    with cpu_lock(lock, exclusive=True):
-        res = run(cfg, progress=sys.stderr.isatty())
+    res = run(cfg, progress=sys.stderr.isatty())
     print(f"   {res['iterations']} meta-iterations in {res['train_seconds']:.0f} s", flush=True)
 
 
-def evaluate_method(cfg, lock: Path | None) -> dict:
+def evaluate_method(cfg) -> dict:
     """Evaluate the saved learner on every ``eval.settings`` entry; update its ``results.json``."""
     run_dir = cfg.run_dir
     results = json.loads((run_dir / "results.json").read_text())
     learner = MetaLearner.load(run_dir / "learner.pt", device=cfg.train.device)
     test_tasks = build_tasks(cfg)["test"]
-    with cpu_lock(lock, exclusive=False):
-        t0 = time.perf_counter()
-        results["test"] = [r.to_dict() for r in evaluate_settings(learner, cfg, test_tasks, sys.stderr.isatty())]
-        results["eval_seconds"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    results["test"] = [r.to_dict() for r in evaluate_settings(learner, cfg, test_tasks, sys.stderr.isatty())]
+    results["eval_seconds"] = time.perf_counter() - t0
     for r in results["test"]:
         print(f"   {cfg.name} {r['ways']}-way {r['shots']}-shot: {100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f}%")
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -146,6 +129,17 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _without(args: list[str], *options: str) -> list[str]:
+    """``args`` minus the given options and their values."""
+    out, skip = [], False
+    for a in args:
+        if a.startswith("--"):
+            skip = a in options
+        if not skip:
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=METHODS, help=f"subset of {METHODS}")
@@ -154,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", nargs="*", default=[], dest="overrides", help="config overrides, e.g. train.budget_minutes=1")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--phase", choices=("all", "train", "eval"), default="all")
-    p.add_argument("--lock", type=Path, help="flock file: exclusive while training, shared while evaluating")
+    p.add_argument("--lock", type=Path, help="flock file: train under flock -x, evaluate under flock -s")
+    p.add_argument("--no-table", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--table-only", action="store_true", help="only rebuild table and plot from earlier runs")
     args = p.parse_args(argv)
     if args.threads:
@@ -163,10 +158,19 @@ def main(argv: list[str] | None = None) -> int:
     if not args.table_only:
         for method in args.methods:
             cfg = load_config(args.configs / f"{method}.yaml", [f"output_dir={args.out / 'runs'}", *args.overrides])
-            if args.phase in ("all", "train"):
-                train_method(cfg, args.lock)
-            if args.phase in ("all", "eval"):
-                evaluate_method(cfg, args.lock)
+            for phase, flag, work in (("train", "-x", train_method), ("eval", "-s", evaluate_method)):
+                if args.phase not in ("all", phase):
+                    continue
+                if args.lock is None:
+                    work(cfg)
+                    continue
+                again = [a for a in (argv if argv is not None else sys.argv[1:])]
+                cmd = ["flock", flag, str(args.lock), sys.executable, __file__, *_without(again, "--lock", "--methods"),
+                       "--methods", method, "--phase", phase, "--no-table"]
+                if subprocess.run(cmd).returncode:
+                    return 1
+    if args.no_table:
+        return 0
     rows = []
     for method in args.methods:
         path = args.out / "runs" / method / "results.json"
