@@ -232,3 +232,23 @@ def test_cosine_over_the_time_budget(toy_tasks, monkeypatch):
     with pytest.raises(ConfigError, match="needs a time budget"):
         make_learner(alg="fomaml").fit(toy_tasks[0], iterations=1, meta_batch_size=1, progress=False,
                                        callbacks=[LRScheduler(over="budget")])
+
+
+@pytest.mark.parametrize("name,settings", [
+    ("metasgd", {"head_init": "proto"}), ("mamlpp", {"steps": 2, "head_init": "proto"}),
+    ("protonet", {}), ("transfer", {"num_classes": 30, "classifier": "cosine", "steps": 5}),
+])
+def test_every_new_algorithm_saves_and_loads_to_identical_predictions(tmp_path, toy_tasks, name, settings):
+    train, val = toy_tasks
+    torch.manual_seed(0)
+    model = build_model("conv4", in_channels=1, hidden=8, image_size=12, blocks=2, out_features=None)
+    learner = MetaLearner(model, build_algorithm(name, **settings), preprocessing=train.dataset.preprocessing,
+                          device="cpu")
+    learner.fit(train, iterations=2, meta_batch_size=2, progress=False)
+    loaded = MetaLearner.load(learner.save(tmp_path / "l.pt"), device="cpu")
+    assert loaded.algorithm.config() == learner.algorithm.config()
+    for (k, a), b in zip(learner.algorithm.state_dict().items(), loaded.algorithm.state_dict().values()):
+        assert torch.equal(a, b), k
+    ep = val.episode(0)
+    assert torch.equal(learner.predict(ep.support_x, ep.support_y, ep.query_x),
+                       loaded.predict(ep.support_x, ep.support_y, ep.query_x))
