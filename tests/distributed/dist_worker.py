@@ -42,10 +42,10 @@ def make_learner(job: dict[str, Any]) -> MetaLearner:
     model = build_model("conv4", in_channels=1, hidden=8, image_size=12, blocks=2, out_features=5)
     reptile = job["algorithm"] == "reptile"
     algorithm = build_algorithm(job["algorithm"], steps=2 if reptile else 1, lr=0.3)
-    # SGD, not Adam: conv biases feeding BatchNorm have a zero true gradient, and Adam turns its
-    # float rounding noise (any summation order changes it) into full-size steps of random sign.
+    optimizer = job.get("meta_optimizer", "sgd")
+    lr = 0.01 if optimizer == "adam" else 0.5 if reptile else 0.05
     return MetaLearner(model, algorithm, preprocessing=toy_dataset().preprocessing, device="cpu",
-                       meta_optimizer="sgd", meta_lr=0.5 if reptile else 0.05)
+                       meta_optimizer=optimizer, meta_lr=lr)
 
 
 class Faults(Callback):
