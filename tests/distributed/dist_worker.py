@@ -22,6 +22,7 @@ from metamtl import MetaLearner
 from metamtl.algorithms import build_algorithm
 from metamtl.callbacks import Callback
 from metamtl.data import ClassDataset, Preprocessing
+from metamtl.errors import DistributedError
 from metamtl.models import build_model
 from metamtl.tasks import EpisodeSampler
 
@@ -83,18 +84,24 @@ def poison_gradients(learner: MetaLearner, rank: int, iteration: int) -> None:
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     ds = toy_dataset()
-    train = EpisodeSampler(ds.subset(range(30)), 5, 1, 3, seed=0)
+    rank = int(os.environ.get("RANK", "0"))
+    train = EpisodeSampler(ds.subset(range(30)), 5, 1, 3, seed=rank if job.get("seed_per_rank") else 0)
     val = EpisodeSampler(ds.subset(range(30, 40)), 5, 1, 3, seed=1)
     learner = make_learner(job)
     faults = job.get("faults", {})
     if "nan" in faults:
         poison_gradients(learner, *faults["nan"])
-    learner.fit(
-        train, val, iterations=job["iterations"], meta_batch_size=job["meta_batch_size"],
-        val_every=job.get("val_every"), val_episodes=job.get("val_episodes", 5),
-        checkpoint_dir=job.get("checkpoint_dir"), checkpoint_every=job.get("checkpoint_every", 100),
-        resume=job.get("resume"), callbacks=[Faults(faults)], progress=False,
-    )
+    try:
+        learner.fit(
+            train, val, iterations=job["iterations"], meta_batch_size=job["meta_batch_size"],
+            val_every=job.get("val_every"), val_episodes=job.get("val_episodes", 5),
+            checkpoint_dir=job.get("checkpoint_dir"), checkpoint_every=job.get("checkpoint_every", 100),
+            resume=job.get("resume"), callbacks=[Faults(faults)], progress=False,
+        )
+    except DistributedError as exc:
+        if not job.get("expect_error"):
+            raise
+        return {"error": str(exc), "iteration": learner.iteration}
     test = learner.evaluate(val, job.get("test_episodes", 7), start=1000, progress=False)
     return {
         "params": {k: v.detach().clone() for k, v in learner.model.state_dict().items()},

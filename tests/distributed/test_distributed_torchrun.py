@@ -76,6 +76,9 @@ JOBS = [
     # rank 1 alone gets a NaN meta-gradient in iteration 2 and alone asks to stop after iteration 3
     {"name": "faults", "algorithm": "maml", "iterations": 6, "meta_batch_size": 3, "val_every": 2,
      "faults": {"nan": [1, 2], "stop": [1, 3]}},
+    # each rank samples training tasks with another seed: refused at the start, on every rank
+    {"name": "mismatch", "algorithm": "reptile", "iterations": 2, "meta_batch_size": 2, "seed_per_rank": True,
+     "expect_error": True},
 ]
 
 
@@ -116,13 +119,21 @@ def test_two_ranks_equal_one_process(two_rank_run, name):
 
 
 def test_one_rank_nan_and_stop_request_are_obeyed_by_all_ranks(two_rank_run):
-    job = JOBS[-1]
+    job = next(j for j in JOBS if j["name"] == "faults")
     with pytest.warns(RuntimeWarning, match="iteration 2: non-finite"):
         ref = single_process(job)
     ranks = [load(two_rank_run, "faults", r) for r in (0, 1)]
     assert ref["iteration"] == 3
     assert_same_run(ranks, ref)
     assert [h.get("train/skipped") for h in ranks[1]["history"] if h["iteration"] == 2][0] == 1.0
+
+
+def test_ranks_with_different_settings_are_refused_on_every_rank(two_rank_run):
+    for r in (0, 1):
+        res = load(two_rank_run, "mismatch", r)
+        assert res["iteration"] == 0
+        assert "rank 1 does not run the same fit as rank 0" in res["error"]
+        assert "seed=0" in res["error"] and "seed=1" in res["error"]
 
 
 CRASH = {"name": "crash", "algorithm": "maml", "iterations": 8, "meta_batch_size": 3, "val_every": 4,
