@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
 TEACHER = REPO / "configs/distill/omniglot_teacher.yaml"
 STUDENT = REPO / "configs/distill/omniglot_student.yaml"
 BASE_KD = {"temperature": 4.0, "weight": 1.0}

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
 CONFIG = REPO / "configs/multi/omniglot_miniimagenet.yaml"
 STRATEGIES = ("equal", "uncertainty", "gradnorm", "dwa", "pcgrad", "cagrad")
 
