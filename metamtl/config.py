@@ -317,7 +317,8 @@ def _algorithm_settings(cfg: Config) -> dict[str, Any]:
     from .algorithms import ALGORITHMS
 
     settings = dict(cfg.algorithm)
-    cls = ALGORITHMS.get(settings.get("name"))
+    name = settings.get("name")
+    cls = ALGORITHMS.get(name) if isinstance(name, str) else None
     if cfg.datasets and cls is not None and "datasets" in inspect.signature(cls).parameters:
         settings.setdefault("datasets", [d.label or d.name for d in cfg.datasets])
     return settings

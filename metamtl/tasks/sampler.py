@@ -226,7 +226,10 @@ def mixture_weights(
     ):
         raise TaskError(f"temperature must be > 0, got {temperature}")
     total = sum(w)
-    p = [(x / total) ** (1.0 / temperature) for x in w]
+    # p_i ** (1/T), normalised, computed in log space: no underflow to all-zero for tiny T
+    logs = [math.log(x / total) / temperature if x > 0 else -math.inf for x in w]
+    top = max(logs)
+    p = [math.exp(v - top) for v in logs]
     total = sum(p)
     return [x / total for x in p]
 
@@ -329,6 +332,14 @@ def task_batches(
     identical to ``num_workers=0`` because each episode depends only on its index.
     """
     batch_size = _check_positive_int("meta batch size", batch_size)
+    start_batch = _check_positive_int("start_batch", start_batch, minimum=0)
+    if num_batches is not None:
+        num_batches = _check_positive_int("num_batches", num_batches, minimum=0)
+    num_workers = _check_positive_int("num_workers", num_workers, minimum=0)
+    world_size = _check_positive_int("world_size", world_size)
+    rank = _check_positive_int("rank", rank, minimum=0)
+    if rank >= world_size:
+        raise TaskError(f"rank {rank} must be below world_size {world_size}")
     if world_size > batch_size:
         raise TaskError(f"meta batch size {batch_size} is smaller than the number of ranks {world_size}")
     per_rank = len(range(rank, batch_size, world_size))

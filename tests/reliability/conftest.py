@@ -6,8 +6,10 @@ by category from those marks.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
+from collections import Counter, defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -81,3 +83,19 @@ def cli_env() -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+#: fuzz outcomes: target -> Counter(worked=..., library_error=...)
+TALLY: defaultdict[str, Counter] = defaultdict(Counter)
+
+
+@pytest.fixture(scope="session")
+def tally() -> defaultdict[str, Counter]:
+    return TALLY
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """With ``METAMTL_RELIABILITY_COUNTS=<file>``, write the fuzz tally there (JSON)."""
+    out = os.environ.get("METAMTL_RELIABILITY_COUNTS")
+    if out and TALLY:
+        Path(out).write_text(json.dumps({k: dict(v) for k, v in sorted(TALLY.items())}, indent=2))
