@@ -37,6 +37,9 @@ from .tasks.sampler import TaskSource, task_batches
 #: Where ``fit`` saves a resumable checkpoint on SIGINT/SIGTERM when it has no ``checkpoint_dir``.
 INTERRUPT_CHECKPOINT = Path("metamtl-interrupted.pt")
 
+#: episodes handed to ``Algorithm.evaluate_episodes`` at once by :meth:`MetaLearner.evaluate`
+EVAL_CHUNK = 50
+
 META_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
@@ -483,14 +486,20 @@ class MetaLearner:
         was_training = self.model.training
         self.model.eval()
         rows: list[tuple[int, tuple[dict[str, float], tuple[int, int, int]]]] = []
-        try:  # this rank's share of the episodes (all of them in a single process)
-            for i in tqdm(range(self.rank, n, self.world_size), desc="evaluate", leave=False,
-                          disable=not progress or not self.is_main_process, dynamic_ncols=True):
-                ep = episode_at(i)
-                self._check_episode(ep, "evaluate")
-                m = self.algorithm.evaluate_episode(self.model, ep.to(self.device), steps)
-                rows.append((i, (m, (ep.ways, ep.shots, ep.queries))))
+        mine = list(range(self.rank, n, self.world_size))  # this rank's share (all in one process)
+        bar = tqdm(total=len(mine), desc="evaluate", leave=False,
+                   disable=not progress or not self.is_main_process, dynamic_ncols=True)
+        try:  # a chunk of episodes at a time: the algorithm may adapt them together (fast path)
+            for lo in range(0, len(mine), EVAL_CHUNK):
+                part = mine[lo:lo + EVAL_CHUNK]
+                eps = [episode_at(i) for i in part]
+                for ep in eps:
+                    self._check_episode(ep, "evaluate")
+                metrics = self.algorithm.evaluate_episodes(self.model, [e.to(self.device) for e in eps], steps)
+                rows += [(i, (m, (e.ways, e.shots, e.queries))) for i, e, m in zip(part, eps, metrics)]
+                bar.update(len(part))
         finally:
+            bar.close()
             self.model.train(was_training)
         results = distributed.gather_ordered(rows) if self.world_size > 1 else [r for _, r in rows]
         if not results:

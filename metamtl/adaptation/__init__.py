@@ -1,10 +1,12 @@
 """The shared inner loop (adaptation of a model copy to one task)."""
+from .functional import FunctionalInnerLoop, TaskBatchAdapted, batched_task_loss, select_engine
 from .inner_loop import (
-    ADAPT_MODES, INNER_OPTIMIZERS, NO_HOOKS, Adapted, InnerHooks, InnerLoop, LossContext, LossTerm,
+    ADAPT_MODES, BACKENDS, INNER_OPTIMIZERS, NO_HOOKS, Adapted, InnerHooks, InnerLoop, LossContext, LossTerm,
     check_positive, task_loss,
 )
 
 __all__ = [
-    "ADAPT_MODES", "INNER_OPTIMIZERS", "NO_HOOKS", "Adapted", "InnerHooks", "InnerLoop", "LossContext",
+    "ADAPT_MODES", "BACKENDS", "FunctionalInnerLoop", "TaskBatchAdapted", "batched_task_loss", "select_engine",
+    "INNER_OPTIMIZERS", "NO_HOOKS", "Adapted", "InnerHooks", "InnerLoop", "LossContext",
     "LossTerm", "check_positive", "task_loss",
 ]

@@ -83,6 +83,8 @@ INNER_OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] 
     "adamax": (torch.optim.Adamax, {}),
 }
 ADAPT_MODES = ("all", "head")
+#: see ``InnerLoop.backend`` and :mod:`metamtl.adaptation.functional`
+BACKENDS = ("auto", "higher", "func")
 
 
 def task_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -264,6 +266,10 @@ class InnerLoop:
         head_init: ``"learned"``, ``"zero"`` or ``"proto"`` (see :mod:`metamtl.models.heads`).
         eval_steps: inner steps at evaluation (default: ``steps``).
         bn_stats: ``"transductive"`` or ``"support"`` (see :mod:`metamtl.models.norm`).
+        backend: ``"auto"`` runs the exact task-batched fast path
+            (:mod:`metamtl.adaptation.functional`) where it applies and this loop elsewhere;
+            ``"higher"`` always runs this loop (the reference); ``"func"`` always the fast path.
+        task_chunk: tasks adapted per call on the fast path (``0``: one on CPU, all elsewhere).
     """
 
     steps: int = 1
@@ -275,6 +281,8 @@ class InnerLoop:
     head_init: str = "learned"
     eval_steps: int | None = None
     bn_stats: str = "transductive"
+    backend: str = "auto"
+    task_chunk: int = 0
 
     def __post_init__(self) -> None:
         for name in ("steps",):
@@ -303,6 +311,10 @@ class InnerLoop:
             raise unknown_name("head initialisation", self.head_init, HEAD_INITS)
         if self.bn_stats not in BN_MODES:
             raise unknown_name("bn_stats mode", self.bn_stats, BN_MODES)
+        if self.backend not in BACKENDS:
+            raise unknown_name("inner-loop backend", self.backend, BACKENDS)
+        if isinstance(self.task_chunk, bool) or not isinstance(self.task_chunk, int) or self.task_chunk < 0:
+            raise ConfigError(f"task_chunk must be an integer >= 0 (0: automatic), got {self.task_chunk!r}")
         self._task_modules: dict[tuple[int, int], nn.Module] = {}
         #: extra loss terms (not part of the config): see :class:`LossContext`
         self.loss_terms: list[LossTerm] = []

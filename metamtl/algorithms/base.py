@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..adaptation import Adapted, InnerHooks, InnerLoop, LossContext, task_loss
+from ..adaptation import Adapted, FunctionalInnerLoop, InnerHooks, InnerLoop, LossContext, select_engine, task_loss
 from ..models.backbones import TrunkHead
 from ..tasks.episode import Episode, TaskBatch
 
@@ -90,12 +90,33 @@ class Algorithm(nn.Module, InnerHooks):
         mean support loss before each inner step (``inner_loss/step_k``).
         """
         self.setup(model)
+        engine = self.fast_path(model)
+        if engine is not None:
+            return engine.meta_step(model, batch, self.second_order)
         totals: dict[str, float] = {}
         n = len(batch)
         for episode in batch:
             for key, value in self.task_step(model, episode, 1.0 / n).items():
                 totals[key] = totals.get(key, 0.0) + value / n
         return totals
+
+    #: overriding any of these opts out of the task-batched fast path (it re-implements them)
+    _FAST_PATH_METHODS: ClassVar[tuple[str, ...]] = (
+        "adapt_task", "task_step", "task_backward", "evaluate_episode", "adapt", "lr_override", "step_context",
+    )
+
+    def fast_path(self, model: TrunkHead) -> FunctionalInnerLoop | None:
+        """The exact task-batched engine for this algorithm and model, or ``None`` (reference loop).
+
+        See :mod:`metamtl.adaptation.functional` and the inner loop's ``backend`` setting.
+        """
+        blockers = [
+            f"{type(self).__name__} overrides {name}" for name in self._FAST_PATH_METHODS
+            if getattr(type(self), name) is not getattr(Algorithm, name)
+        ]
+        if self.track_updates:
+            blockers.append(f"{type(self).__name__} keeps first-order updates on the tape (track_updates)")
+        return select_engine(self.inner, model, blockers)
 
     def task_step(self, model: TrunkHead, episode: Episode, weight: float) -> dict[str, float]:
         """Adapt to one task, backpropagate ``weight * query loss``, return its metrics.
@@ -148,3 +169,11 @@ class Algorithm(nn.Module, InnerHooks):
             adapted = self.adapt(model, episode.support_x, episode.support_y, episode.ways, steps)
             logits = adapted(episode.query_x)
             return self._metrics(task_loss(logits, episode.query_y), logits, episode, None)
+
+    def evaluate_episodes(self, model: TrunkHead, episodes: list[Episode], steps: int | None = None) -> list[dict[str, float]]:
+        """:meth:`evaluate_episode` for each episode (task-batched on the fast path)."""
+        engine = self.fast_path(model)
+        if engine is None:
+            return [self.evaluate_episode(model, e, steps) for e in episodes]
+        self.setup(model)
+        return engine.evaluate(model, episodes, self.eval_steps if steps is None else steps)
