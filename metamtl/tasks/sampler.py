@@ -136,6 +136,13 @@ class EpisodeSampler(Dataset):
                 f"{dataset.num_classes}; lower ways or use a larger split"
             )
         self._max_count = int(dataset.class_counts.max())
+        # Per-episode constants, computed once (episodes get clones): with equal class sizes no
+        # padding mask is needed; the random draws are the same either way.
+        self._equal_counts = bool((dataset.class_counts == self._max_count).all())
+        self._positions = torch.arange(self._max_count).unsqueeze(0)
+        labels = torch.arange(self.ways)
+        self._support_y = labels.repeat_interleave(self.shots)
+        self._query_y = labels.repeat_interleave(self.queries)
 
     def __len__(self) -> int:
         # Episodes are indexed by any non-negative integer; a DataLoader needs a length only
@@ -160,23 +167,23 @@ class EpisodeSampler(Dataset):
         g = episode_generator(self.seed, index)
         ds = self.dataset
         classes = torch.randperm(ds.num_classes, generator=g)[: self.ways]
-        counts = ds.class_counts[classes]
         k = self.shots + self.queries
         # Sample k distinct rows per class without replacement, all classes at once: random keys,
         # positions past a class's count pushed to the end, keep the k smallest.
-        width = int(counts.max())
-        keys = torch.rand(self.ways, width, generator=g)
-        keys.masked_fill_(torch.arange(width).unsqueeze(0) >= counts.unsqueeze(1), 2.0)
+        if self._equal_counts:
+            keys = torch.rand(self.ways, self._max_count, generator=g)
+        else:
+            counts = ds.class_counts[classes]
+            width = int(counts.max())
+            keys = torch.rand(self.ways, width, generator=g)
+            keys.masked_fill_(self._positions[:, :width] >= counts.unsqueeze(1), 2.0)
         pick = keys.topk(k, dim=1, largest=False, sorted=True).indices
         rows = ds.class_offsets[classes].unsqueeze(1) + pick  # [ways, k]
-        support_rows = rows[:, : self.shots].reshape(-1)
-        query_rows = rows[:, self.shots:].reshape(-1)
-        labels = torch.arange(self.ways)
         return Episode(
-            support_x=ds.images[support_rows],
-            support_y=labels.repeat_interleave(self.shots),
-            query_x=ds.images[query_rows],
-            query_y=labels.repeat_interleave(self.queries),
+            support_x=ds.images[rows[:, : self.shots].reshape(-1)],
+            support_y=self._support_y.clone(),
+            query_x=ds.images[rows[:, self.shots:].reshape(-1)],
+            query_y=self._query_y.clone(),
             ways=self.ways,
             shots=self.shots,
             queries=self.queries,

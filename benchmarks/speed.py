@@ -1,0 +1,484 @@
+"""Side-by-side speed benchmark: metamtl's inner loop against a plain higher loop, learn2learn and
+the hardware floor, on conv4 (64 filters) with 28x28 Omniglot images, 5-way 1-shot, 15 queries.
+
+    flock -x /tmp/metamtl-cpu.lock python benchmarks/speed.py --write
+
+Every measurement runs in a fresh subprocess, one after the other in this one run: a warm-up
+iteration (excluded), then ``--iters`` timed iterations, reporting the median.  Memory is the
+peak resident set size of that subprocess (``getrusage`` max RSS) above what it held once data
+and model were loaded, i.e. what one iteration needs on top of the model and data (on CUDA:
+``torch.cuda.max_memory_allocated``).  Images are real Omniglot characters (small1+small2
+background sets) when $METAMTL_DATA has them, random images of the same shape otherwise; the
+output says which.
+
+The references are written as a user of each library would write them, on the textbook conv4
+(conv -> BatchNorm -> ReLU -> max-pool, batch statistics) with the same initial weights:
+
+* ``higher``: ``higher.innerloop_ctx`` per task, SGD inner optimizer, query loss ``backward()``;
+* ``learn2learn``: ``l2l.algorithms.MAML(model, lr).clone()`` / ``.adapt(loss)`` per task;
+* ``floor``: plain forward + backward of the same images (32 tasks x 80 images) in chunks of 80:
+  what one pass over the images costs without any meta-learning.
+
+Meta-iterations include zeroing gradients and one Adam meta-step, for every row alike.
+``--write`` records the table in benchmarks/RESULTS.md (section "Speed"), with the command,
+date, machine and commit.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+WAYS, SHOTS, QUERIES, SIZE, FILTERS, LR = 5, 1, 15, 28, 64, 0.4
+L2L_INSTALL = (
+    "learn2learn is not installed: its rows are skipped. learn2learn 0.2.0 does not build from PyPI on "
+    "Python 3.11; to include it: pip download learn2learn==0.2.0 --no-deps --no-binary :all: && tar xzf "
+    "learn2learn-0.2.0.tar.gz && cd learn2learn-0.2.0 && rm learn2learn/data/*.c && pip install 'cython>=3' "
+    "&& sed -i \"s/^use_cython = .*/use_cython = True/\" setup.py && pip install --no-build-isolation --no-deps ."
+)
+
+
+# -- shared setup (children) ------------------------------------------------------------------------
+def load_images() -> tuple[object, str]:
+    """The Omniglot training split (small1+small2, 28x28) or ``None`` and why."""
+    from metamtl.data.registry import load_dataset
+
+    root = os.environ.get("METAMTL_DATA") or str(REPO.parent / "shared" / "data")
+    try:
+        ds = load_dataset("omniglot", split="train", root=root, image_size=SIZE,
+                          sources=("images_background_small1", "images_background_small2"))
+        return ds, f"Omniglot small1+small2 train split ({ds.num_classes} characters)"
+    except Exception as exc:  # noqa: BLE001 - any failure: fall back to synthetic images
+        return None, f"synthetic uniform images (Omniglot not loaded: {type(exc).__name__})"
+
+
+def episodes(count: int, queries: int = QUERIES, device: str = "cpu"):
+    """``count`` float episodes on ``device`` (the same ones in every child)."""
+    from metamtl.tasks import Episode, EpisodeSampler, TaskBatch
+
+    ds, _ = load_images()
+    if ds is not None:
+        sampler = EpisodeSampler(ds, WAYS, SHOTS, queries, seed=0)
+        return TaskBatch([sampler.episode(i) for i in range(count)]).to(device)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(WAYS)
+    return TaskBatch([
+        Episode(torch.rand(WAYS * SHOTS, 1, SIZE, SIZE, generator=g), labels.repeat_interleave(SHOTS),
+                torch.rand(WAYS * queries, 1, SIZE, SIZE, generator=g), labels.repeat_interleave(queries),
+                WAYS, SHOTS, queries) for _ in range(count)
+    ]).to(device)
+
+
+def metamtl_model(device: str, head: bool = True):
+    from metamtl.models import build_model
+
+    torch.manual_seed(0)
+    return build_model("conv4", hidden=FILTERS, image_size=SIZE, out_features=WAYS if head else None).to(device)
+
+
+def textbook_conv4(device: str) -> nn.Module:
+    """conv -> BatchNorm -> ReLU -> max-pool x4 + linear, with metamtl's initial weights."""
+    ref = metamtl_model(device)
+    layers: list[nn.Module] = []
+    for block in ref.trunk.blocks:
+        conv, norm = block[0], block[1]
+        layers += [nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1),
+                   nn.BatchNorm2d(norm.num_features, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(2)]
+        layers[-4].load_state_dict(conv.state_dict())
+        layers[-3].load_state_dict(norm.state_dict())
+    head = nn.Linear(ref.num_features, WAYS)
+    head.load_state_dict(ref.head.state_dict())
+    return nn.Sequential(*layers, nn.Flatten(), head).to(device)
+
+
+def import_learn2learn():
+    """learn2learn's MAML and data pipeline, without its package __init__ (which needs gym etc.)."""
+    spec = importlib.util.find_spec("learn2learn")
+    if spec is None:
+        return None
+    for name in ("learn2learn", "learn2learn.algorithms", "learn2learn.data"):
+        if name not in sys.modules:
+            found = spec if name == "learn2learn" else importlib.util.find_spec(name)
+            module = types.ModuleType(name)
+            module.__path__ = list(found.submodule_search_locations)
+            sys.modules[name] = module
+    pkg, data = sys.modules["learn2learn"], sys.modules["learn2learn.data"]
+    pkg.data, pkg.algorithms = data, sys.modules["learn2learn.algorithms"]
+    data.MetaDataset = importlib.import_module("learn2learn.data.meta_dataset").MetaDataset
+    data.TaskDataset = importlib.import_module("learn2learn.data.task_dataset").TaskDataset
+    data.transforms = importlib.import_module("learn2learn.data.transforms")
+    maml = importlib.import_module("learn2learn.algorithms.maml").MAML
+    return types.SimpleNamespace(MAML=maml, MetaDataset=data.MetaDataset, TaskDataset=data.TaskDataset,
+                                 transforms=data.transforms)
+
+
+# -- what one iteration of each row does ------------------------------------------------------------
+def metamtl_step(algorithm: str, tasks: int, steps: int, device: str, queries: int = QUERIES, **settings):
+    from metamtl.algorithms import build_algorithm
+
+    per_task_head = settings.get("head_init", "learned") != "learned"
+    model = metamtl_model(device, head=not per_task_head)
+    alg = build_algorithm(algorithm, steps=steps, lr=settings.pop("lr", LR), **settings)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batch = episodes(tasks, queries, device)
+    path = "fast path" if alg.fast_path(model) is not None else "higher"
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        alg.meta_step(model, batch)
+        opt.step()
+
+    return step, {"path": path}
+
+
+def plain_higher_step(tasks: int, steps: int, device: str):
+    import higher
+
+    model = textbook_conv4(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batch = episodes(tasks, device=device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        inner_opt = torch.optim.SGD(model.parameters(), lr=LR)
+        for ep in batch:
+            with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
+                for _ in range(steps):
+                    diffopt.step(F.cross_entropy(fmodel(ep.support_x), ep.support_y))
+                (F.cross_entropy(fmodel(ep.query_x), ep.query_y) / len(batch)).backward()
+        opt.step()
+
+    return step, {}
+
+
+def learn2learn_step(tasks: int, steps: int, device: str):
+    l2l = import_learn2learn()
+    if l2l is None:
+        return None, {"skipped": L2L_INSTALL}
+    model = textbook_conv4(device)
+    maml = l2l.MAML(model, lr=LR, first_order=False)
+    opt = torch.optim.Adam(maml.parameters(), lr=1e-3)
+    batch = episodes(tasks, device=device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        for ep in batch:
+            learner = maml.clone()
+            for _ in range(steps):
+                learner.adapt(F.cross_entropy(learner(ep.support_x), ep.support_y))
+            (F.cross_entropy(learner(ep.query_x), ep.query_y) / len(batch)).backward()
+        opt.step()
+
+    return step, {}
+
+
+def floor_step(tasks: int, device: str, model_kind: str = "textbook", memory_format: str = "nchw",
+               compiled: bool = False):
+    """Forward + backward of the meta-batch's images (``tasks`` x 80) in chunks of 80."""
+    model = textbook_conv4(device) if model_kind == "textbook" else metamtl_model(device)
+    if memory_format == "channels_last":  # after the first conv: 1-channel inputs are ambiguous
+        first = model[0]
+        model[0] = nn.Sequential(first, _ChannelsLast())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batch = episodes(tasks, device=device)
+    images = torch.cat([torch.cat([e.support_x, e.query_x]) for e in batch])
+    labels = torch.cat([torch.cat([e.support_y, e.query_y]) for e in batch])
+    forward = torch.compile(model) if compiled else model
+    extra = {}
+    if compiled:
+        t0 = time.perf_counter()
+        F.cross_entropy(forward(images[:80]), labels[:80]).backward()
+        extra["compile_s"] = round(time.perf_counter() - t0, 1)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        for x, y in zip(images.split(80), labels.split(80)):
+            F.cross_entropy(forward(x), y).backward()
+        opt.step()
+
+    return step, extra
+
+
+class _ChannelsLast(nn.Module):
+    def forward(self, x):
+        return x.contiguous(memory_format=torch.channels_last)
+
+
+def sampler_rate(count: int = 2000):
+    """metamtl EpisodeSampler: episodes per second (uint8 episodes, no conversion)."""
+    from metamtl.tasks import EpisodeSampler
+
+    ds, _ = load_images()
+    if ds is None:
+        return None, {"skipped": "needs the Omniglot images"}
+    sampler = EpisodeSampler(ds, WAYS, SHOTS, QUERIES, seed=0)
+    offset = [0]
+
+    def step():
+        for i in range(count):
+            sampler.episode(offset[0] + i)
+        offset[0] += count
+
+    return step, {"episodes": count}
+
+
+def batch_prep(tasks: int, device: str):
+    """Build one meta-batch of ``tasks`` episodes and move/convert it (what ``fit`` does per step)."""
+    from metamtl.tasks import EpisodeSampler, TaskBatch
+
+    ds, _ = load_images()
+    if ds is None:
+        return None, {"skipped": "needs the Omniglot images"}
+    sampler = EpisodeSampler(ds, WAYS, SHOTS, QUERIES, seed=0)
+    offset = [0]
+
+    def step():
+        TaskBatch([sampler.episode(offset[0] + i) for i in range(tasks)]).to(device)
+        offset[0] += tasks
+
+    return step, {}
+
+
+def l2l_taskdataset_rate(count: int = 200):
+    """learn2learn TaskDataset (NWays, KShots, LoadData, RemapLabels) on the same uint8 images."""
+    l2l = import_learn2learn()
+    if l2l is None:
+        return None, {"skipped": L2L_INSTALL}
+    ds, _ = load_images()
+    if ds is None:
+        return None, {"skipped": "needs the Omniglot images"}
+    data = torch.utils.data.TensorDataset(ds.images, ds.labels)
+    labels_to_indices = {}
+    for i, y in enumerate(ds.labels.tolist()):
+        labels_to_indices.setdefault(y, []).append(i)
+    meta = l2l.MetaDataset(data, labels_to_indices=labels_to_indices)
+    t = l2l.transforms
+    taskset = l2l.TaskDataset(meta, task_transforms=[
+        t.NWays(meta, WAYS), t.KShots(meta, SHOTS + QUERIES), t.LoadData(meta), t.RemapLabels(meta)])
+
+    def step():
+        for _ in range(count):
+            taskset.sample()
+
+    return step, {"episodes": count}
+
+
+def evaluate_rows(algorithm: str, backend: str, count: int, device: str):
+    """``MetaLearner.evaluate`` of ``count`` episodes (the demo's ANIL/proto/3-step setting)."""
+    from metamtl import MetaLearner
+    from metamtl.algorithms import build_algorithm
+
+    model = metamtl_model(device, head=False)
+    alg = build_algorithm(algorithm, steps=3, lr=0.1, head_init="proto", backend=backend)
+    learner = MetaLearner(model, alg, device=device)
+    eps = list(episodes(count, device=device))
+
+    def step():
+        learner.evaluate(eps, progress=False)
+
+    return step, {}
+
+
+#: name -> (description, factory(device) -> (step | None, extra))
+ROWS = {
+    "floor": ("floor: textbook conv4 forward+backward, 32x80 images in chunks of 80",
+              lambda d: floor_step(32, d)),
+    "floor_metamtl": ("floor with metamtl's Conv4 (max-pool before ReLU)", lambda d: floor_step(32, d, "metamtl")),
+    "floor_channels_last": ("floor, textbook conv4, channels_last feature maps",
+                            lambda d: floor_step(32, d, memory_format="channels_last")),
+    "floor_compiled": ("floor, textbook conv4 under torch.compile (compile time excluded)",
+                       lambda d: floor_step(32, d, compiled=True)),
+    "maml_32x1": ("metamtl MAML 2nd order, 32 tasks x 1 step (backend auto)", lambda d: metamtl_step("maml", 32, 1, d)),
+    "maml_32x1_higher": ("metamtl MAML, backend higher (reference)",
+                         lambda d: metamtl_step("maml", 32, 1, d, backend="higher")),
+    "maml_32x1_vmap": ("metamtl MAML, backend func, torch.func.vmap over chunks of 8 tasks",
+                       lambda d: metamtl_step("maml", 32, 1, d, backend="func", task_chunk=8)),
+    "higher_32x1": ("plain higher loop, 32 tasks x 1 step", lambda d: plain_higher_step(32, 1, d)),
+    "l2l_32x1": ("learn2learn MAML, 32 tasks x 1 step", lambda d: learn2learn_step(32, 1, d)),
+    "maml_16x5": ("metamtl MAML 2nd order, 16 tasks x 5 steps", lambda d: metamtl_step("maml", 16, 5, d)),
+    "maml_16x5_higher": ("metamtl MAML 16x5, backend higher",
+                         lambda d: metamtl_step("maml", 16, 5, d, backend="higher")),
+    "higher_16x5": ("plain higher loop, 16 tasks x 5 steps", lambda d: plain_higher_step(16, 5, d)),
+    "l2l_16x5": ("learn2learn MAML, 16 tasks x 5 steps", lambda d: learn2learn_step(16, 5, d)),
+    "fomaml_32x1": ("metamtl FOMAML, 32 tasks x 1 step", lambda d: metamtl_step("fomaml", 32, 1, d)),
+    "fomaml_32x1_higher": ("metamtl FOMAML, backend higher",
+                           lambda d: metamtl_step("fomaml", 32, 1, d, backend="higher")),
+    "anil_32x1": ("metamtl ANIL (head-only), 32 tasks x 1 step", lambda d: metamtl_step("anil", 32, 1, d)),
+    "anil_32x1_higher": ("metamtl ANIL, backend higher",
+                         lambda d: metamtl_step("anil", 32, 1, d, backend="higher")),
+    "anil_demo": ("metamtl ANIL as in `make demo`: 16 tasks, proto head, 3 steps, 5 queries",
+                  lambda d: metamtl_step("anil", 16, 3, d, queries=5, head_init="proto", lr=0.1)),
+    "anil_demo_higher": ("the same, backend higher",
+                         lambda d: metamtl_step("anil", 16, 3, d, queries=5, head_init="proto", lr=0.1,
+                                                backend="higher")),
+    "eval_100": ("MetaLearner.evaluate, 100 episodes (ANIL proto, 3 steps)",
+                 lambda d: evaluate_rows("anil", "auto", 100, d)),
+    "eval_100_higher": ("the same, backend higher", lambda d: evaluate_rows("anil", "higher", 100, d)),
+    "batch_prep": ("sample + convert one 32-task meta-batch", lambda d: batch_prep(32, d)),
+    "sampler": ("metamtl EpisodeSampler, 2000 episodes", lambda d: sampler_rate()),
+    "l2l_taskdataset": ("learn2learn TaskDataset, 200 episodes", lambda d: l2l_taskdataset_rate()),
+}
+
+#: (label, numerator row, denominator row, target or None): ratios of seconds per iteration
+RATIOS = [
+    ("MAML 32x1 / plain higher", "maml_32x1", "higher_32x1", 0.8),
+    ("MAML 32x1 / learn2learn", "maml_32x1", "l2l_32x1", 0.8),
+    ("MAML 16x5 / plain higher", "maml_16x5", "higher_16x5", 0.8),
+    ("MAML 16x5 / learn2learn", "maml_16x5", "l2l_16x5", 0.8),
+    ("MAML 32x1 / floor", "maml_32x1", "floor", None),
+    ("MAML 32x1 fast path / metamtl higher backend", "maml_32x1", "maml_32x1_higher", None),
+    ("MAML 32x1 vmap(8 tasks) / fast path", "maml_32x1_vmap", "maml_32x1", None),
+    ("plain higher 32x1 / floor", "higher_32x1", "floor", None),
+    ("FOMAML 32x1 / floor", "fomaml_32x1", "floor", None),
+    ("FOMAML fast path / higher backend", "fomaml_32x1", "fomaml_32x1_higher", None),
+    ("ANIL 32x1 / floor", "anil_32x1", "floor", 1.3),
+    ("ANIL 32x1 fast path / higher backend", "anil_32x1", "anil_32x1_higher", None),
+    ("demo ANIL fast path / higher backend", "anil_demo", "anil_demo_higher", None),
+    ("evaluate fast path / higher backend", "eval_100", "eval_100_higher", None),
+    ("floor: metamtl Conv4 / textbook", "floor_metamtl", "floor", None),
+    ("floor: channels_last / NCHW", "floor_channels_last", "floor", None),
+    ("floor: torch.compile / eager", "floor_compiled", "floor", None),
+    ("meta-batch sampling / MAML 32x1 step", "batch_prep", "maml_32x1", 0.05),
+]
+
+
+# -- running -------------------------------------------------------------------------------------
+def child(name: str, iters: int, device: str, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    factory = ROWS[name][1]
+    step, extra = factory(device)
+    if step is None:
+        return {"name": name, **extra}
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base_cuda = torch.cuda.memory_allocated()
+    step()  # warm-up (excluded)
+    sync()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
+    if device.startswith("cuda"):
+        peak = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
+    return {"name": name, "seconds": statistics.median(times), "all": times, "peak_mb": peak, **extra}
+
+
+def run_child(name: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", name, "--iters", str(args.iters), "--device", args.device,
+           "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"name": name, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(lines[-1])
+
+
+def rate(result: dict) -> str:
+    n = result.get("episodes")
+    return f"{n / result['seconds']:,.0f} episodes/s" if n and "seconds" in result else ""
+
+
+def table(results: dict[str, dict]) -> list[str]:
+    lines = ["| row | what | s/iter (median) | peak MB | notes |", "|---|---|---|---|---|"]
+    for name, res in results.items():
+        desc = ROWS[name][0]
+        if "seconds" not in res:
+            lines.append(f"| {name} | {desc} | - | - | {res.get('skipped') or res.get('error')} |")
+            continue
+        notes = ", ".join(x for x in (rate(res), res.get("path", ""),
+                                      f"compile {res['compile_s']} s" if "compile_s" in res else "") if x)
+        lines.append(f"| {name} | {desc} | {res['seconds']:.3f} | {res['peak_mb']:.0f} | {notes} |")
+    lines += ["", "| ratio | value | target |", "|---|---|---|"]
+    for label, num, den, target in RATIOS:
+        a, b = results.get(num, {}), results.get(den, {})
+        if "seconds" in a and "seconds" in b:
+            value = a["seconds"] / b["seconds"]
+            verdict = "" if target is None else (f"<= {target}: " + ("met" if value <= target else "MISSED"))
+            lines.append(f"| {label} | {value:.2f}x | {verdict} |")
+    s, l2l = results.get("sampler", {}), results.get("l2l_taskdataset", {})
+    if "seconds" in s and "seconds" in l2l:
+        value = (s["episodes"] / s["seconds"]) / (l2l["episodes"] / l2l["seconds"])
+        lines.append(f"| sampler episodes/s / learn2learn TaskDataset | {value:.0f}x | >= 10: "
+                     f"{'met' if value >= 10 else 'MISSED'} |")
+    return lines
+
+
+def write_results(lines: list[str], header: list[str]) -> None:
+    path = REPO / "benchmarks" / "RESULTS.md"
+    text = path.read_text()
+    start_marker, end_marker = "<!-- speed:start -->", "<!-- speed:end -->"
+    block = "\n".join([start_marker, *header, "", *lines, end_marker])
+    if start_marker in text:
+        before, rest = text.split(start_marker, 1)
+        after = rest.split(end_marker, 1)[1]
+        text = before + block + after
+    else:
+        text = text.rstrip() + "\n\n## Speed (`benchmarks/speed.py`)\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", help="comma-separated rows (default: all)")
+    parser.add_argument("--iters", type=int, default=3, help="timed iterations per row (after one warm-up)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--write", action="store_true", help="record the table in benchmarks/RESULTS.md")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.iters, args.device, args.threads)))
+        return
+    names = args.only.split(",") if args.only else list(ROWS)
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    if import_learn2learn() is None:
+        print(L2L_INSTALL, file=sys.stderr)
+    _, data = load_images()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=REPO).stdout.strip()
+    header = [
+        f"Command: `{' '.join(['python', 'benchmarks/speed.py', *sys.argv[1:]])}` (under `flock -x`), "
+        f"date {time.strftime('%Y-%m-%d')}, commit {commit}, machine {platform.machine()} "
+        f"{os.cpu_count()} cores, {args.threads} torch threads, torch {torch.__version__}, "
+        f"Python {platform.python_version()}, device {args.device}.",
+        f"Images: {data}. {args.iters} timed iterations per row after one warm-up, median; "
+        "peak MB = max RSS of the row's own process above its RSS after loading data and model.",
+    ]
+    print("\n".join(header), flush=True)
+    results = {}
+    for name in names:
+        results[name] = res = run_child(name, args)
+        shown = f"{res['seconds']:.3f} s" if "seconds" in res else (res.get("skipped") or res.get("error"))
+        print(f"  {name:22s} {shown}", flush=True)
+    lines = table(results)
+    print("\n".join(lines))
+    if args.write:
+        write_results(lines, header)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Time to accuracy: held-out accuracy against meta-training wall-clock, one curve per backend.
+
+    flock -x /tmp/metamtl-cpu.lock python benchmarks/time_to_accuracy.py train --minutes 5
+    flock -s /tmp/metamtl-cpu.lock python benchmarks/time_to_accuracy.py evaluate --write
+
+``train`` meta-trains the config (default: the demo, configs/omniglot_5w1s.yaml) once per
+backend for ``--minutes`` of training time, snapshotting the weights every ``--every`` seconds of
+training (the snapshot copies are not counted); it must own the CPU, the clock is the result.
+``evaluate`` then measures every snapshot on the held-out test characters (600 episodes, 15
+queries, as the demo reports; evaluation time is not training time), plots accuracy against
+training minutes (benchmarks/time_to_accuracy.png) and prints when each curve first reaches the
+target (95%); ``--write`` records it in benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from metamtl.callbacks import Callback  # noqa: E402
+from metamtl.config import load_config  # noqa: E402
+from metamtl.experiment import build_learner, build_tasks, seed_everything  # noqa: E402
+
+OUT = REPO / "runs" / "time_to_accuracy"
+
+
+class Snapshots(Callback):
+    """Copy the weights every ``every`` seconds of training; the copying time is not counted."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self.overhead = 0.0
+        self.rows: list[dict] = []
+
+    def on_iteration_end(self, learner, metrics) -> None:
+        trained = learner.elapsed - self.overhead
+        if trained >= self.every * (len(self.rows) + 1):
+            t0 = time.perf_counter()
+            state = {k: v.detach().clone() for k, v in learner.model.state_dict().items()}
+            self.rows.append({"seconds": trained, "iteration": learner.iteration, "state": state})
+            self.overhead += time.perf_counter() - t0
+
+
+def train(args) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    for backend in args.backends.split(","):
+        cfg = load_config(args.config, [f"algorithm.backend={backend}", "train.val_every=1000000"])
+        seed_everything(cfg.seed)
+        tasks = build_tasks(cfg)
+        snaps = Snapshots(args.every)
+        learner = build_learner(cfg, tasks["train"], callbacks=[snaps])
+        learner.fit(tasks["train"], None, iterations=10**7, meta_batch_size=cfg.train.meta_batch_size,
+                    budget_minutes=args.minutes, progress=True)
+        torch.save({"backend": backend, "config": str(args.config), "threads": torch.get_num_threads(),
+                    "snapshots": snaps.rows},
+                   OUT / f"{backend}.pt")
+        print(f"{backend}: {learner.iteration} iterations, {len(snaps.rows)} snapshots", flush=True)
+
+
+def evaluate(args) -> None:
+    curves = {}
+    for path in sorted(OUT.glob("*.pt")):
+        run = torch.load(path, weights_only=False)
+        cfg = load_config(run["config"], [f"algorithm.backend={run['backend']}"])
+        tasks = build_tasks(cfg)
+        learner = build_learner(cfg, tasks["train"])
+        points = []
+        for snap in run["snapshots"]:
+            learner.model.load_state_dict(snap["state"])
+            res = learner.evaluate(tasks["test"], cfg.eval.episodes, progress=False)
+            points.append({"minutes": snap["seconds"] / 60, "iteration": snap["iteration"],
+                           "accuracy": res.accuracy, "ci95": res.ci95})
+            print(f"{run['backend']:7s} {snap['seconds'] / 60:5.2f} min  it {snap['iteration']:5d}  "
+                  f"{100 * res.accuracy:.2f}% ± {100 * res.ci95:.2f}%", flush=True)
+        curves[run["backend"]] = points
+    (OUT / "curves.json").write_text(json.dumps(curves, indent=1))
+    reached = {b: next((p for p in pts if p["accuracy"] >= args.target), None) for b, pts in curves.items()}
+    plot(curves, args.target, REPO / "benchmarks" / "time_to_accuracy.png")
+    lines = []
+    for backend, point in reached.items():
+        last = curves[backend][-1]
+        when = (f"{point['minutes']:.2f} min (iteration {point['iteration']}, {100 * point['accuracy']:.2f}% "
+                f"± {100 * point['ci95']:.2f}%)" if point else "not reached")
+        lines.append(f"| {backend} | {when} | {100 * last['accuracy']:.2f}% ± {100 * last['ci95']:.2f}% after "
+                     f"{last['minutes']:.2f} min ({last['iteration']} iterations) |")
+    print("\n".join(lines))
+    if args.write:
+        write_results(lines, args)
+
+
+def plot(curves: dict, target: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for backend, pts in curves.items():
+        ax.errorbar([p["minutes"] for p in pts], [100 * p["accuracy"] for p in pts],
+                    yerr=[100 * p["ci95"] for p in pts], marker="o", ms=3, capsize=2,
+                    label="fast path (auto)" if backend == "auto" else f"backend {backend}")
+    ax.axhline(100 * target, color="grey", ls="--", lw=1, label=f"{100 * target:.0f}% target")
+    ax.set_xlabel("meta-training wall-clock (minutes, 2 CPU cores)")
+    ax.set_ylabel("held-out 5-way 1-shot accuracy (%)")
+    ax.set_title("Omniglot small1+small2, ANIL (demo config)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def write_results(lines: list[str], args) -> None:
+    path = REPO / "benchmarks" / "RESULTS.md"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=REPO).stdout.strip()
+    header = [
+        f"Commands: `flock -x /tmp/metamtl-cpu.lock python benchmarks/time_to_accuracy.py train` then "
+        f"`python benchmarks/time_to_accuracy.py evaluate --write`; date {time.strftime('%Y-%m-%d')}, commit "
+        f"{commit}, {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}. Config "
+        f"{Path(args.config).relative_to(REPO) if Path(args.config).is_absolute() else args.config}; "
+        "held-out test characters, 600 episodes, 15 queries; evaluation time excluded. "
+        "Curve: benchmarks/time_to_accuracy.png.",
+        "",
+        f"| backend | first snapshot >= {100 * args.target:.0f}% | last snapshot |",
+        "|---|---|---|",
+    ]
+    block = "\n".join(["<!-- tta:start -->", *header, *lines, "<!-- tta:end -->"])
+    text = path.read_text()
+    if "<!-- tta:start -->" in text:
+        before, rest = text.split("<!-- tta:start -->", 1)
+        text = before + block + rest.split("<!-- tta:end -->", 1)[1]
+    else:
+        text = text.rstrip() + "\n\n### Time to accuracy (`benchmarks/time_to_accuracy.py`)\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--config", default=str(REPO / "configs" / "omniglot_5w1s.yaml"))
+    t.add_argument("--minutes", type=float, default=5.0)
+    t.add_argument("--every", type=float, default=20.0, help="seconds of training between snapshots")
+    t.add_argument("--backends", default="auto,higher")
+    e = sub.add_parser("evaluate")
+    e.add_argument("--target", type=float, default=0.95)
+    e.add_argument("--write", action="store_true")
+    args = parser.parse_args()
+    train(args) if args.cmd == "train" else evaluate(args)
+
+
+if __name__ == "__main__":
+    main()
