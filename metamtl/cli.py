@@ -1,4 +1,5 @@
-"""Command line: ``metamtl fit CONFIG [key=value ...]``, ``metamtl evaluate CHECKPOINT``, ``metamtl report RUN_DIR``."""
+"""Command line: ``metamtl fit CONFIG [key=value ...]``, ``metamtl evaluate CHECKPOINT``,
+``metamtl report RUN_DIR [RUN_DIR ...]``."""
 from __future__ import annotations
 
 import argparse
@@ -58,9 +59,15 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .reporting.report import write_report
+    from .reporting.report import write_comparison, write_report
 
-    print(write_report(args.run_dir))
+    kwargs = dict(steps_episodes=args.steps_episodes, steps=args.steps, device=args.device,
+                  embed=args.embed, progress=not args.no_progress)
+    for run_dir in args.run_dirs:
+        print(f"[metamtl] report: {write_report(run_dir, **kwargs)}")
+    if len(args.run_dirs) > 1 or args.out:
+        out = Path(args.out or Path(args.run_dirs[0]).resolve().parent / "comparison.html")
+        print(f"[metamtl] comparison: {write_comparison(args.run_dirs, out, embed=args.embed)}")
     return 0
 
 
@@ -93,8 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_evaluate)
 
-    r = sub.add_parser("report", help="write an HTML report of a run directory")
-    r.add_argument("run_dir")
+    r = sub.add_parser("report", help="write HTML reports of run directories (and a comparison of several)")
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders written by `metamtl fit`")
+    r.add_argument("--out", help="comparison page to write (default with several runs: "
+                                 "<parent of the first run>/comparison.html)")
+    r.add_argument("--steps-episodes", type=int, help="test episodes per point of the accuracy-vs-inner-steps "
+                                                      "plot (default: the run config's, 100; 0 disables it)")
+    r.add_argument("--steps", type=int, nargs="+", help="inner-step counts of that plot (default 0..2x eval steps)")
+    r.add_argument("--device", help="device for that evaluation (default: the run's)")
+    r.add_argument("--embed", action="store_true", help="inline the PNGs into the HTML")
+    r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=_report)
     return p
 

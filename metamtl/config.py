@@ -131,6 +131,8 @@ class LoggingConfig:
     tags: list[str] = dataclasses.field(default_factory=list)
     report: bool = True
     metrics: str | None = "csv"  # metrics.csv / metrics.jsonl in the run folder (null: none)
+    report_steps_episodes: int = 100     # test episodes per point of the accuracy-vs-inner-steps plot (0: off)
+    report_steps: list[int] | None = None  # inner-step counts of that plot (default 0 .. 2 x eval steps)
 
 
 @dataclasses.dataclass
@@ -281,6 +283,9 @@ def _check_config(cfg: Config) -> Config:
     for s in cfg.eval.settings:
         if s.ways < 1 or s.shots < 1:
             raise ConfigError(f"eval.settings entries need ways >= 1 and shots >= 1, got {s}")
+    lg = cfg.logging
+    if lg.report_steps_episodes < 0 or any(s < 0 for s in lg.report_steps or ()):
+        raise ConfigError("logging.report_steps_episodes and logging.report_steps entries must be >= 0")
     if "name" not in cfg.model or "name" not in cfg.algorithm:
         raise ConfigError("model and algorithm sections need a 'name'")
     _check_components(cfg)

@@ -1,104 +1,319 @@
-"""A self-contained HTML report of a run directory (results.json + history.json + PNG plots)."""
+"""Self-contained HTML reports of run directories (``results.json`` + ``history.json`` -> HTML + PNGs).
+
+* :func:`write_report` - one run: held-out accuracy table (with published references for the
+  standard protocols), accuracy bars with 95% CI, learning curves, inner-loop losses during
+  meta-training, and test accuracy against the number of inner steps.
+* :func:`write_comparison` - several runs (methods) side by side: accuracy bars with 95% CI per
+  setting, validation curves and inner-step curves overlaid, a summary table.
+
+The HTML needs no network: plots are PNG files next to it (or inlined with ``embed=True``).
+"""
 from __future__ import annotations
 
+import base64
 import html
 import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping, Sequence
 
 from ..errors import ConfigError
+from . import plots
+from .published import published
+
+CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1060px;margin:2em auto;
+padding:0 1.2em;color:#1d1d1f;line-height:1.45}h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.2em;
+margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom:.2em}.meta{color:#555}table{border-collapse:collapse;
+margin:.6em 0}td,th{border:1px solid #d0d0d0;padding:5px 11px;text-align:left;vertical-align:top}
+th{background:#f3f3f5}td.num{text-align:right;font-variant-numeric:tabular-nums}.big{font-size:1.15em;
+font-weight:600}figure{margin:1em 0}figcaption{color:#555;font-size:.92em;max-width:900px}img{max-width:100%;
+border:1px solid #eee}pre{background:#f6f6f8;padding:1em;overflow:auto;font-size:.85em}.note{background:#fff8e1;
+border-left:4px solid #f0b400;padding:.5em .9em}details{margin:.6em 0}code{background:#f3f3f5;padding:0 .25em}.nowrap,td.big{white-space:nowrap}"""
 
 
-def _load(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, float]]]:
+def load_run(run_dir: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``(results, history)`` of a run directory written by :func:`metamtl.experiment.run`."""
+    run_dir = Path(run_dir)
     results_path = run_dir / "results.json"
     if not results_path.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no results.json); run `metamtl fit` first")
-    results = json.loads(results_path.read_text())
-    hist_path = run_dir / "history.json"
-    history = json.loads(hist_path.read_text()) if hist_path.is_file() else []
+        raise ConfigError(f"{run_dir} is not a run directory (no results.json); run `metamtl fit CONFIG` first")
+    try:
+        results = json.loads(results_path.read_text())
+        hist_path = run_dir / "history.json"
+        history = json.loads(hist_path.read_text()) if hist_path.is_file() else []
+    except ValueError as exc:
+        raise ConfigError(f"{run_dir}: results.json or history.json is not valid JSON ({exc})") from None
     return results, history
 
 
-def plot_learning_curves(history: list[dict[str, float]], path: Path) -> Path | None:
-    """Train (smoothed) and validation accuracy/loss against meta-iterations."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [r for r in history if "train/loss" in r]
-    val = [r for r in history if "val/loss" in r]
-    if not train and not val:
-        return None
-    has_acc = any("train/accuracy" in r for r in train)
-    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(11 if has_acc else 6, 4), squeeze=False)
-    metrics = [("loss", axes[0][0])] + ([("accuracy", axes[0][1])] if has_acc else [])
-    for name, ax in metrics:
-        if train:
-            xs = [r["iteration"] for r in train]
-            ys = [r.get(f"train/{name}", float("nan")) for r in train]
-            ax.plot(xs, ys, alpha=0.25, color="C0")
-            ax.plot(xs, _ema(ys), color="C0", label="train (EMA)")
-        if val:
-            xs = [r["iteration"] for r in val]
-            ys = [r.get(f"val/{name}", float("nan")) for r in val]
-            ci = [r.get(f"val/{name}_ci95", 0.0) for r in val]
-            ax.errorbar(xs, ys, yerr=ci, color="C1", marker="o", capsize=3, label="validation (95% CI)")
-        ax.set_xlabel("meta-iteration")
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+# -- small pieces ---------------------------------------------------------------------------------
+def _e(value: Any) -> str:
+    return html.escape(str(value))
 
 
-def _ema(values: list[float], alpha: float = 0.1) -> list[float]:
-    out, acc = [], None
-    for v in values:
-        acc = v if acc is None else (1 - alpha) * acc + alpha * v
-        out.append(acc)
+def _setting(r: Mapping[str, Any]) -> str:
+    if r.get("accuracy") is None:
+        return f"{r['shots']}-shot regression"
+    return f"{r['ways']}-way {r['shots']}-shot"
+
+
+def _value(r: Mapping[str, Any]) -> str:
+    if r.get("accuracy") is None:
+        return f"MSE {r['loss']:.4f} ± {r['loss_ci95']:.4f}"
+    return f"{100 * r['accuracy']:.2f}% ± {100 * r['ci95']:.2f}%"
+
+
+def _img(path: Path, alt: str, embed: bool, base: Path) -> str:
+    if embed:
+        src = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    else:
+        src = os.path.relpath(path, base)
+    return f'<img src="{_e(src)}" alt="{_e(alt)}">'
+
+
+def _figure(path: Path | None, alt: str, caption: str, embed: bool, base: Path) -> str:
+    if path is None:
+        return ""
+    return f"<figure>{_img(path, alt, embed, base)}<figcaption>{caption}</figcaption></figure>"
+
+
+def protocol(cfg: Mapping[str, Any]) -> tuple[str, bool]:
+    """(Human description of the data protocol, whether published numbers apply to it)."""
+    data = cfg.get("data", {})
+    name = data.get("name")
+    if name == "omniglot":
+        sources = data.get("sources") or []
+        full = "images_evaluation" in sources and "images_background" in sources
+        if full:
+            return "Omniglot, official protocol: background alphabets for training, evaluation alphabets for testing", True
+        return (f"Omniglot from {', '.join(sources) or 'the archives found'}: characters split "
+                f"{data.get('split_fractions') or [0.6, 0.2, 0.2]} into train/val/test (held-out characters; "
+                "not the official evaluation alphabets)", False)
+    if name == "miniimagenet":
+        test = data.get("test_split")
+        if test == "test":
+            return "mini-ImageNet, Ravi & Larochelle split: train classes for training, test classes for testing", True
+        return (f"mini-ImageNet, Ravi & Larochelle split, held-out evaluation on the {test or data.get('val_split')!r} "
+                "classes (test images not available)", False)
+    return str(name), False
+
+
+def reference_bars(dataset: str, settings: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    bars = []
+    for r in settings:
+        if r.get("accuracy") is None:
+            continue
+        for p in published(dataset, r["ways"], r["shots"]):
+            bars.append({"group": _setting(r), "label": f"{p.method} (published)", "value": p.accuracy,
+                         "ci95": p.ci95, "reference": True})
+    return bars
+
+
+def _run_label(results: Mapping[str, Any]) -> str:
+    alg = results.get("config", {}).get("algorithm", {})
+    return f"{results.get('name', '?')} ({alg.get('name', '?')})"
+
+
+# -- one run --------------------------------------------------------------------------------------
+def write_report(
+    run_dir: str | os.PathLike,
+    *,
+    steps_episodes: int | None = None,
+    steps: Sequence[int] | None = None,
+    device: str | None = None,
+    embed: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write ``<run_dir>/report.html`` and its PNGs; returns the HTML path.
+
+    Args:
+        steps_episodes: test episodes per point of the accuracy-vs-inner-steps plot (0: no plot;
+            default: the run config's ``logging.report_steps_episodes``, else 100).
+        steps: inner-step counts for that plot (default: ``logging.report_steps``, else
+            ``0 .. 2 x eval steps``).
+        device: where to evaluate the saved learner for that plot (default: the run's device).
+        embed: inline the PNGs into the HTML (one file to send around).
+    """
+    run_dir = Path(run_dir)
+    results, history = load_run(run_dir)
+    cfg = results.get("config", {})
+    log_cfg = cfg.get("logging", {})
+    if steps_episodes is None:
+        steps_episodes = int(log_cfg.get("report_steps_episodes", 100))
+    steps = steps if steps is not None else log_cfg.get("report_steps")
+    device = device or cfg.get("train", {}).get("device", "auto")
+    test = results.get("test", [])
+    desc, comparable = protocol(cfg)
+    dataset = cfg.get("data", {}).get("name", "")
+
+    # -- accuracy vs inner steps (evaluates the saved learner; cached) --
+    steps_note, steps_data = "", None
+    if steps_episodes > 0:
+        try:
+            from .steps import steps_curve
+
+            steps_data = steps_curve(run_dir, results, steps_episodes, steps, device=device, progress=progress)
+        except Exception as exc:  # the report must still be written (e.g. data moved away)
+            steps_note = f"Not computed: {type(exc).__name__}: {exc}"
+    else:
+        steps_note = "Not computed (disabled)."
+
+    figures = []
+    bars = [{"group": _setting(r), "label": _run_label(results), "value": 100 * r["accuracy"],
+             "ci95": 100 * r["ci95"], "reference": False} for r in test if r.get("accuracy") is not None]
+    bars += reference_bars(dataset, test)
+    caption = ("Held-out accuracy of this run (mean over test episodes, whiskers: 95% CI)"
+               + (" next to published numbers (grey, hatched)" if len(bars) > len(test) else "") + ".")
+    if bars and not comparable and len(bars) > len(test):
+        caption += (" <b>The published numbers are on the official test classes; this run's held-out "
+                    "classes differ, so the comparison is indicative only.</b>")
+    figures.append(("Accuracy with 95% CI", _figure(
+        plots.plot_comparison(bars, run_dir / "accuracy.png"), "accuracy bars", caption, embed, run_dir)))
+    figures.append(("Learning curves", _figure(
+        plots.plot_learning_curves(history, run_dir / "learning_curves.png"), "learning curves",
+        "Query loss and accuracy after adaptation on meta-training tasks (faint: per iteration; solid: "
+        "moving average) and on fixed validation episodes (95% CI).", embed, run_dir)))
+    figures.append(("Inner loop during meta-training", _figure(
+        plots.plot_inner_losses(history, run_dir / "inner_loss.png"), "inner losses",
+        "Support-set loss before each inner step (lighter = later step) and the query loss after "
+        "adaptation, averaged over the tasks of each meta-batch (moving average).", embed, run_dir)))
+    steps_html = ""
+    if steps_data is not None:
+        scale = 1.0 if steps_data["curves"] and steps_data["curves"][0]["metric"] == "loss" else 100.0
+        curves = [{"label": c["setting"], "x": steps_data["steps"], "y": [scale * m for m in c["mean"]],
+                   "ci95": [scale * e for e in c["ci95"]]} for c in steps_data["curves"]]
+        metric = "MSE" if scale == 1.0 else "accuracy (%)"
+        png = plots.plot_curves(curves, run_dir / "steps_curve.png", "inner steps at test time",
+                                f"{steps_data['split']} {metric}",
+                                vline=(steps_data["trained_steps"], f"steps in meta-training ({steps_data['trained_steps']})"),
+                                integer_x=True)
+        steps_html = _figure(png, "accuracy vs inner steps",
+                             f"The saved learner adapted with 0..{max(steps_data['steps'])} inner steps on "
+                             f"{steps_data['episodes']} fixed {_e(steps_data['split'])} episodes per point "
+                             "(95% CI). Step 0 is the meta-learned initialisation without any adaptation.",
+                             embed, run_dir)
+        rows = "".join(
+            f"<tr><td>{_e(c['setting'])}</td>" + "".join(
+                f"<td class=num>{scale * m:.2f} ± {scale * e:.2f}</td>" for m, e in zip(c["mean"], c["ci95"]))
+            + "</tr>" for c in steps_data["curves"])
+        steps_html += ("<table><tr><th>setting \\ steps</th>" + "".join(f"<th>{s}</th>" for s in steps_data["steps"])
+                       + f"</tr>{rows}</table>")
+    else:
+        steps_html = f'<p class="note">{_e(steps_note)}</p>'
+    figures.append(("Accuracy vs number of inner steps at test time", steps_html))
+
+    rows = []
+    for r in test:
+        refs = "; ".join(f"{p.method} {p.accuracy:.2f}%" + (f" ± {p.ci95:.2f}%" if p.ci95 else "")
+                         for p in published(dataset, r.get("ways"), r.get("shots"))) if r.get("accuracy") is not None else ""
+        rows.append(f"<tr><td>{_e(_setting(r))}</td><td class='num big'>{_value(r)}</td>"
+                    f"<td class=num>{r['episodes']}</td><td class=num>{r['queries']}</td>"
+                    f"<td class=num>{r['steps']}</td><td>{_e(refs) or '&ndash;'}</td></tr>")
+    t, tr, alg, model = cfg.get("tasks", {}), cfg.get("train", {}), cfg.get("algorithm", {}), cfg.get("model", {})
+    files = [f for f in ("results.json", "history.json", "learner.pt", "best.pt", "last.pt") if (run_dir / f).is_file()]
+    wandb_dir = run_dir / "wandb"
+    wandb_html = ""
+    if wandb_dir.is_dir():
+        offline = sorted(p.name for p in wandb_dir.glob("offline-run-*"))
+        if offline:
+            wandb_html = (f"<p>W&amp;B offline run(s): <code>{_e(', '.join(offline))}</code> in "
+                          f"<code>{_e(wandb_dir)}</code>; upload with <code>wandb sync {_e(wandb_dir)}/{_e(offline[-1])}</code>.</p>")
+    body = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<title>metamtl report: {_e(results.get('name', ''))}</title><style>{CSS}</style></head><body>
+<h1>metamtl report: {_e(results.get('name', ''))}</h1>
+<p class="meta"><b>{_e(alg.get('name'))}</b> on <b>{_e(model.get('name'))}</b>
+({_e(', '.join(f'{k}={v}' for k, v in model.items() if k != 'name'))}),
+meta-trained on {t.get('ways')}-way {t.get('shots')}-shot tasks ({t.get('queries')} queries per class,
+{tr.get('meta_batch_size')} tasks per meta-batch) for <b>{results.get('iterations')}</b> meta-iterations in
+{results.get('train_seconds', 0):.0f} s (stopped by {_e(results.get('stopped_by'))}).<br>
+Data: {_e(desc)}.<br>
+Commit <code>{_e(results.get('commit'))}</code>, {_e(results.get('date'))},
+{_e(results.get('machine', {}).get('cpu') or results.get('machine', {}).get('platform', ''))}.</p>
+<h2>Held-out test results</h2>
+<table><tr><th>setting</th><th>accuracy (95% CI)</th><th>episodes</th><th>queries / class</th><th>inner steps</th>
+<th>published (official test classes)</th></tr>{''.join(rows) or '<tr><td colspan=6>no test evaluation in this run</td></tr>'}</table>
+{''.join(f'<h2>{_e(title)}</h2>{fig}' for title, fig in figures if fig)}
+<h2>Files</h2><p>{' · '.join(f'<a href="{_e(f)}">{_e(f)}</a>' for f in files)}</p>{wandb_html}
+<details><summary>Configuration</summary><pre>{_e(json.dumps(cfg, indent=2))}</pre></details>
+<details><summary>Machine</summary><pre>{_e(json.dumps(results.get('machine', {}), indent=2))}</pre></details>
+</body></html>"""
+    out = run_dir / "report.html"
+    out.write_text(body)
     return out
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Write ``report.html`` (and its PNGs) into ``run_dir``; returns the HTML path."""
-    run_dir = Path(run_dir)
-    results, history = _load(run_dir)
-    images = []
-    curve = plot_learning_curves(history, run_dir / "learning_curves.png")
-    if curve is not None:
-        images.append(("Learning curves", curve.name))
+# -- several runs ---------------------------------------------------------------------------------
+def write_comparison(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, embed: bool = False) -> Path:
+    """Compare runs (e.g. one per method) on one page: ``out`` is the HTML file to write.
+
+    Uses each run's ``results.json``/``history.json`` and, when present, its cached
+    ``steps_curve.json`` (written by :func:`write_report`).
+    """
+    if not run_dirs:
+        raise ConfigError("write_comparison needs at least one run directory")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for d in run_dirs:
+        results, history = load_run(d)
+        cache = Path(d) / "steps_curve.json"
+        steps = json.loads(cache.read_text()) if cache.is_file() else None
+        runs.append((Path(d), results, history, steps))
+    stem = out.with_suffix("")
+    bars = []
+    for _, results, _, _ in runs:
+        bars += [{"group": _setting(r), "label": _run_label(results), "value": 100 * r["accuracy"],
+                  "ci95": 100 * r["ci95"], "reference": False}
+                 for r in results.get("test", []) if r.get("accuracy") is not None]
+    caption = "Mean accuracy over test episodes per setting; whiskers are 95% confidence intervals."
+    datasets = {r[1].get("config", {}).get("data", {}).get("name") for r in runs}
+    if len(datasets) == 1:
+        seen = {(r["ways"], r["shots"]): r for _, res, _, _ in runs for r in res.get("test", []) if r.get("accuracy") is not None}
+        refs = reference_bars(next(iter(datasets)), seen.values())
+        if refs:
+            bars += refs
+            caption += " Grey hatched bars: published numbers on the official test classes."
+            if not all(protocol(res.get("config", {}))[1] for _, res, _, _ in runs):
+                caption += (" <b>Some runs here are evaluated on other held-out classes, so comparing them "
+                            "with the published numbers is indicative only.</b>")
+    figs = [("Held-out accuracy (95% CI)", plots.plot_comparison(bars, Path(f"{stem}_accuracy.png")), caption)]
+    val_curves = []
+    for _, results, history, _ in runs:
+        val = [r for r in history if "val/accuracy" in r]
+        if val:
+            val_curves.append({"label": _run_label(results), "x": [r["iteration"] for r in val],
+                               "y": [100 * r["val/accuracy"] for r in val],
+                               "ci95": [100 * r.get("val/accuracy_ci95", 0.0) for r in val]})
+    figs.append(("Validation accuracy during meta-training",
+                 plots.plot_curves(val_curves, Path(f"{stem}_val.png"), "meta-iteration", "validation accuracy (%)"),
+                 "Accuracy on the fixed validation episodes (95% CI) against meta-iterations."))
+    step_curves = []
+    for _, results, _, steps in runs:
+        for c in (steps or {}).get("curves", []):
+            if c["metric"] == "accuracy":
+                step_curves.append({"label": f"{_run_label(results)}, {c['setting']}", "x": steps["steps"],
+                                    "y": [100 * m for m in c["mean"]], "ci95": [100 * e for e in c["ci95"]]})
+    figs.append(("Accuracy vs number of inner steps at test time",
+                 plots.plot_curves(step_curves, Path(f"{stem}_steps.png"), "inner steps at test time",
+                                   "accuracy (%)", integer_x=True),
+                 "Each run's saved learner adapted with k inner steps (from its report's cached evaluation)."))
     rows = []
-    for r in results.get("test", []):
-        where = f"{html.escape(str(r['dataset']))}: " if r.get("dataset") else ""  # multi-dataset runs
-        if "skipped" in r:
-            rows.append(f"<tr><td>{where}{r['ways']}-way {r['shots']}-shot</td><td>skipped: {html.escape(r['skipped'])}</td><td>0</td></tr>")
-        elif r.get("accuracy") is None:
-            rows.append(f"<tr><td>{where}{r['shots']}-shot regression</td><td>MSE {r['loss']:.4f} ± {r['loss_ci95']:.4f}</td><td>{r['episodes']}</td></tr>")
-        else:
-            rows.append(
-                f"<tr><td>{where}{r['ways']}-way {r['shots']}-shot</td><td><b>{100 * r['accuracy']:.2f}%</b> ± "
-                f"{100 * r['ci95']:.2f}%</td><td>{r['episodes']}</td></tr>"
-            )
-    cfg = results.get("config", {})
-    machine = results.get("machine", {})
-    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>metamtl report: {html.escape(results.get('name', ''))}</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:left}}
-pre{{background:#f6f6f6;padding:1em;overflow:auto}}img{{max-width:100%}}</style></head><body>
-<h1>metamtl report: {html.escape(results.get('name', ''))}</h1>
-<p>Algorithm <b>{html.escape(str(cfg.get('algorithm', {}).get('name')))}</b>, model
-<b>{html.escape(str(cfg.get('model', {}).get('name')))}</b>, dataset <b>{html.escape(str(cfg.get('data', {}).get('name')))}</b>;
-{results.get('iterations')} meta-iterations in {results.get('train_seconds', 0):.0f} s
-(stopped by {html.escape(str(results.get('stopped_by')))}). Commit {html.escape(str(results.get('commit')))}, {html.escape(str(results.get('date')))}.</p>
-<h2>Held-out test accuracy</h2>
-<table><tr><th>setting</th><th>accuracy (95% CI)</th><th>episodes</th></tr>{''.join(rows)}</table>
-{''.join(f'<h2>{html.escape(t)}</h2><img src="{html.escape(src)}" alt="{html.escape(t)}">' for t, src in images)}
-<h2>Machine</h2><pre>{html.escape(json.dumps(machine, indent=2))}</pre>
-<h2>Configuration</h2><pre>{html.escape(json.dumps(cfg, indent=2))}</pre>
+    for d, results, _, _ in runs:
+        cfg = results.get("config", {})
+        link = os.path.relpath(d / "report.html", out.parent)
+        tests = "<br>".join(f"{_e(_setting(r))}: <b class=nowrap>{_value(r)}</b>" for r in results.get("test", []))
+        rows.append(f"<tr><td><a href='{_e(link)}'>{_e(results.get('name'))}</a></td>"
+                    f"<td>{_e(cfg.get('algorithm', {}).get('name'))}</td><td>{_e(protocol(cfg)[0])}</td>"
+                    f"<td class=num>{results.get('iterations')}</td><td class=num>{results.get('train_seconds', 0):.0f}</td>"
+                    f"<td>{tests or '&ndash;'}</td><td><code>{_e(results.get('commit'))}</code></td></tr>")
+    body = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<title>metamtl comparison ({len(runs)} runs)</title><style>{CSS}</style></head><body>
+<h1>metamtl comparison: {len(runs)} runs</h1>
+<table><tr><th>run</th><th>algorithm</th><th>data</th><th>iterations</th><th>training time (s)</th>
+<th>held-out accuracy (95% CI)</th><th>commit</th></tr>{''.join(rows)}</table>
+{''.join(f'<h2>{_e(t)}</h2>' + _figure(p, t, c, embed, out.parent) for t, p, c in figs if p is not None)}
 </body></html>"""
-    out = run_dir / "report.html"
     out.write_text(body)
     return out

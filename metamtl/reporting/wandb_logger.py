@@ -1,0 +1,279 @@
+"""Weights & Biases logging as a callback.
+
+``wandb`` is imported lazily, inside the callback, so it is only needed when logging is on.
+Logging never stops training: if W&B fails at any point (not installed, no network, bad key,
+disk full, ...) the logger warns once, switches itself off for the rest of the run, and the
+local history, checkpoints and HTML report carry on as if it had never been there.
+
+What is logged (at ``step = learner.iteration``):
+
+* ``wandb.init`` config: the full resolved experiment config, the learner's model/algorithm/
+  optimizer settings and system info (platform, Python, torch, CPU/GPU, commit);
+* every iteration: ``train/loss``, ``train/accuracy``, ``train/inner_loss/step_k`` (support loss
+  before inner step k), ``train/grad_norm``, the meta-optimizer learning rate(s) ``lr/meta`` and
+  every algorithm parameter whose name contains ``lr`` (learned inner learning rates of
+  Meta-SGD / MAML++ style algorithms): ``lr/<name>`` for scalars, ``/mean``, ``/min``, ``/max``
+  for tensors;
+* every validation: ``val/loss``, ``val/accuracy`` and their 95% confidence intervals;
+* after the test evaluation (:meth:`WandbLogger.on_results`, called by
+  :func:`metamtl.experiment.run`): a table ``test/episodes`` with one row per test episode,
+  summary metrics ``test/<N>w<K>s/accuracy`` and ``.../accuracy_ci95``, and the final
+  checkpoint as a ``model`` artifact.
+
+Mode: ``mode=None`` uses ``$WANDB_MODE`` if set, else ``"online"`` when an API key is configured
+(``$WANDB_API_KEY`` or a ``.netrc`` entry for the W&B host) and ``"offline"`` otherwise; offline
+runs are written under ``<run_dir>/wandb/`` and can be uploaded later with ``wandb sync``.
+"""
+from __future__ import annotations
+
+import atexit
+import math
+import netrc
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+
+from ..callbacks import Callback
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..learner import MetaLearner
+
+MODES = ("online", "offline", "disabled")
+
+
+def has_api_key() -> bool:
+    """Whether W&B credentials are configured ($WANDB_API_KEY or a .netrc entry for the host)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = re.sub(r"^https?://", "", os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).split("/")[0]
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_mode(mode: str | None = None) -> str:
+    """``mode`` if given, else ``$WANDB_MODE``, else online with an API key and offline without."""
+    mode = mode or os.environ.get("WANDB_MODE") or ("online" if has_api_key() else "offline")
+    if mode == "dryrun":  # wandb's old name for offline
+        mode = "offline"
+    if mode not in MODES:
+        raise ConfigError(f"unknown W&B mode {mode!r}; use one of {', '.join(MODES)} (or leave it unset)")
+    return mode
+
+
+def learned_rates(module: Any) -> dict[str, float]:
+    """Scalars describing every parameter whose name contains ``lr`` (learned learning rates)."""
+    out: dict[str, float] = {}
+    named = getattr(module, "named_parameters", None)
+    for name, p in (named() if named else ()):
+        if "lr" not in name.lower():
+            continue
+        v = p.detach().float()
+        if v.numel() == 1:
+            out[f"lr/{name}"] = float(v)
+        elif v.numel() > 1:
+            out.update({f"lr/{name}/mean": float(v.mean()), f"lr/{name}/min": float(v.min()),
+                        f"lr/{name}/max": float(v.max())})
+    return out
+
+
+def _finite(row: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in row.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+def _setting(r: Mapping[str, Any]) -> str:
+    return f"{r['ways']}w{r['shots']}s" if r.get("accuracy") is not None else f"{r['shots']}shot"
+
+
+class WandbLogger(Callback):
+    """Log a :meth:`~metamtl.MetaLearner.fit` run to Weights & Biases.
+
+    Args:
+        project, entity, tags, name: passed to ``wandb.init`` (``name`` defaults to the config's).
+        mode: ``"online"``, ``"offline"``, ``"disabled"`` or ``None`` (see the module docstring).
+        config: the experiment config to record (``metamtl.experiment.run`` passes the resolved one).
+        run_dir: folder for W&B's files (``<run_dir>/wandb/``); default: W&B's own (``./wandb``).
+        log_every: log training metrics every this many iterations.
+        log_model: upload the final checkpoint as a ``model`` artifact in :meth:`on_results`.
+        settings: extra ``wandb.Settings`` fields (e.g. ``{"console": "off"}``); ``init_timeout``
+            defaults to 30 s, so an unreachable server delays training by at most that much.
+
+    With :func:`metamtl.experiment.run` everything is automatic.  With ``MetaLearner.fit`` directly,
+    call :meth:`log_results` and :meth:`finish` after your evaluation (or just :meth:`finish`);
+    an unfinished run is finished when the interpreter exits.
+    """
+
+    def __init__(
+        self,
+        project: str = "metamtl",
+        entity: str | None = None,
+        mode: str | None = None,
+        tags: Iterable[str] = (),
+        config: Mapping[str, Any] | None = None,
+        run_dir: str | os.PathLike | None = None,
+        name: str | None = None,
+        log_every: int = 1,
+        log_model: bool = True,
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.mode = resolve_mode(mode)
+        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+            raise ConfigError(f"log_every must be an integer >= 1, got {log_every!r}")
+        self.project = project
+        self.entity = entity
+        self.tags = list(tags or [])
+        self.config = dict(config or {})
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.name = name or self.config.get("name")
+        self.log_every = log_every
+        self.log_model = log_model
+        self.settings = {"init_timeout": 30.0, **dict(settings or {})}
+        self.run: Any = None
+        self.failed = False
+        self._resume_id: str | None = None
+        self._atexit = False
+
+    # -- failure handling -------------------------------------------------------------------
+    def _safe(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run one W&B call; on any failure warn once and switch W&B off for this run."""
+        if self.failed:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except (Exception, SystemExit) as exc:  # W&B must never stop training
+            self.failed = True
+            hint = " (install it with `pip install wandb`)" if isinstance(exc, ImportError) else ""
+            warnings.warn(
+                f"W&B {what} failed ({type(exc).__name__}: {exc}){hint}; W&B logging is off for the rest "
+                "of this run. Training, checkpoints, history.json and the HTML report are unaffected.",
+                RuntimeWarning, stacklevel=3,
+            )
+            run, self.run = self.run, None
+            if run is not None:
+                try:
+                    run.finish(exit_code=1)
+                except (Exception, SystemExit):
+                    pass
+            return None
+
+    @property
+    def active(self) -> bool:
+        return self.run is not None and not self.failed
+
+    # -- hooks --------------------------------------------------------------------------------
+    def on_fit_start(self, learner: "MetaLearner") -> None:
+        if self.run is None and not self.failed and learner.is_main_process:
+            self._safe("init", self._init, learner)
+
+    def _init(self, learner: "MetaLearner") -> None:
+        import wandb
+
+        from ..experiment import git_commit, machine_info
+
+        config = dict(self.config or learner.metadata.get("config") or {})
+        config["learner"] = learner.config()
+        config["system"] = {**machine_info(), "commit": git_commit()}
+        kwargs: dict[str, Any] = {}
+        if self._resume_id and self.mode == "online":
+            kwargs.update(id=self._resume_id, resume="allow")
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=self.project, entity=self.entity, mode=self.mode, tags=self.tags, name=self.name,
+            config=config, dir=str(self.run_dir) if self.run_dir is not None else None,
+            job_type="meta-train", settings=wandb.Settings(reinit="create_new", **self.settings), **kwargs,
+        )
+        if not self._atexit:
+            atexit.register(self.finish)
+            self._atexit = True
+
+    def on_iteration_end(self, learner: "MetaLearner", metrics: dict[str, float]) -> None:
+        if not self.active or learner.iteration % self.log_every:
+            return
+        row = {f"train/{k}": v for k, v in metrics.items()}
+        groups = learner.meta_optimizer.param_groups
+        for i, g in enumerate(groups):
+            row["lr/meta" if len(groups) == 1 else f"lr/meta/group_{i}"] = g["lr"]
+        row.update(learned_rates(learner.algorithm))
+        self._safe("log", self.run.log, _finite(row), step=learner.iteration)
+
+    def on_validation_end(self, learner: "MetaLearner", metrics: dict[str, float]) -> None:
+        if self.active:
+            self._safe("log", self.run.log, _finite(metrics),
+                       step=learner.iteration)
+
+    def on_fit_end(self, learner: "MetaLearner") -> None:
+        if self.active:
+            summary = {"fit/iterations": learner.iteration, "fit/seconds": learner.elapsed,
+                       "fit/stopped_by": learner.fit_state.get("stopped_by", "iterations")}
+            self._safe("summary", self.run.summary.update, summary)
+
+    def on_exception(self, learner: "MetaLearner", exc: BaseException) -> None:
+        self.finish(exit_code=1)
+
+    def on_results(self, learner: "MetaLearner", results: Mapping[str, Any]) -> None:
+        """Called by :func:`metamtl.experiment.run` after the test evaluation: log and finish."""
+        self.log_results(results.get("test", []), checkpoint=results.get("checkpoint"))
+        self.finish()
+
+    # -- results ------------------------------------------------------------------------------
+    def log_results(self, test: Iterable[Any], checkpoint: str | os.PathLike | None = None) -> None:
+        """Per-episode table, summary metrics with CI and (optionally) the checkpoint artifact.
+
+        ``test``: :class:`~metamtl.learner.EvalResult` objects or their ``to_dict()``.
+        """
+        if not self.active:
+            return
+        rows = [r.to_dict() if hasattr(r, "to_dict") else dict(r) for r in test]
+        self._safe("table", self._log_table, rows)
+        summary: dict[str, Any] = {}
+        for r in rows:
+            key = f"test/{_setting(r)}"
+            if r.get("accuracy") is not None:
+                summary.update({f"{key}/accuracy": r["accuracy"], f"{key}/accuracy_ci95": r["ci95"]})
+            summary.update({f"{key}/loss": r["loss"], f"{key}/loss_ci95": r["loss_ci95"],
+                            f"{key}/episodes": r["episodes"], f"{key}/steps": r["steps"]})
+        if summary:
+            self._safe("summary", self.run.summary.update, summary)
+        if checkpoint is not None and self.log_model and Path(checkpoint).is_file():
+            self._safe("artifact", self._log_artifact, Path(checkpoint), summary)
+
+    def _log_table(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        import wandb
+
+        table = wandb.Table(columns=["setting", "episode", "accuracy", "loss"])
+        for r in rows:
+            accs = r.get("per_episode_accuracy") or [None] * len(r.get("per_episode_loss", []))
+            for i, (acc, loss) in enumerate(zip(accs, r.get("per_episode_loss", []))):
+                table.add_data(_setting(r), i, acc, loss)
+        self.run.log({"test/episodes": table})
+
+    def _log_artifact(self, path: Path, metadata: dict[str, Any]) -> None:
+        import wandb
+
+        name = re.sub(r"[^A-Za-z0-9_.-]", "-", f"{self.name or self.run.name or 'metamtl'}-model")
+        artifact = wandb.Artifact(name, type="model", metadata=metadata)
+        artifact.add_file(str(path))
+        self.run.log_artifact(artifact, aliases=["latest", "final"])
+
+    def finish(self, exit_code: int = 0) -> None:
+        """Finish the W&B run (idempotent; failures only warn)."""
+        if self.run is not None and not self.failed:
+            run = self.run
+            self._safe("finish", run.finish, exit_code=exit_code)
+        self.run = None
+
+    # -- resume -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run.id} if self.active and getattr(self.run, "id", None) else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume_id = state.get("run_id")

@@ -1,0 +1,110 @@
+"""HTML reports: files exist, images referenced exist, numbers match results.json, the
+accuracy-vs-inner-steps evaluation is right, and several runs compare on one page."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from metamtl.cli import main
+from metamtl.errors import ConfigError
+from metamtl.reporting.report import write_comparison, write_report
+from metamtl.reporting.steps import default_steps
+
+
+def _images(html: str) -> list[str]:
+    return re.findall(r'<img src="([^"]+)"', html)
+
+
+def _check_images(html_path: Path) -> list[str]:
+    srcs = _images(html_path.read_text())
+    for src in srcs:
+        png = html_path.parent / src
+        assert png.is_file(), src
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return srcs
+
+
+def test_run_report_has_plots_and_final_accuracy(tiny_run):
+    run_dir, results = tiny_run
+    report = Path(results["report"])
+    assert report == run_dir / "report.html" and report.is_file()
+    text = report.read_text()
+    srcs = _check_images(report)
+    assert {"accuracy.png", "learning_curves.png", "inner_loss.png", "steps_curve.png"} <= set(srcs)
+    for r in results["test"]:
+        assert f"{100 * r['accuracy']:.2f}% ± {100 * r['ci95']:.2f}%" in text
+    assert "not the official evaluation alphabets" in text  # says which Omniglot protocol
+    assert "MAML 98.70%" in text  # published reference next to the 5-way 1-shot row
+    assert "http://" not in text and "https://" not in text  # self-contained: nothing fetched
+
+
+def test_accuracy_vs_inner_steps_is_evaluated_correctly(tiny_run):
+    run_dir, results = tiny_run
+    curve = json.loads((run_dir / "steps_curve.json").read_text())
+    assert curve["steps"] == [0, 1, 2] and curve["episodes"] == 6 and curve["split"] == "test"
+    one_shot, two_shot = curve["curves"]
+    assert one_shot["setting"] == "5-way 1-shot" and two_shot["setting"] == "5-way 2-shot"
+    # zero head, no adaptation: all logits equal, argmax is class 0 -> exactly 1/5 (balanced queries)
+    assert one_shot["mean"][0] == pytest.approx(0.2) and two_shot["mean"][0] == pytest.approx(0.2)
+    assert one_shot["ci95"][0] == pytest.approx(0.0)
+    # the point at the evaluation step count is the final test evaluation's first episodes
+    for c, r in zip(curve["curves"], results["test"]):
+        assert r["steps"] == 2
+        assert c["mean"][2] == pytest.approx(sum(r["per_episode_accuracy"][:6]) / 6)
+    assert curve["trained_steps"] == 2
+    assert default_steps(3) == [0, 1, 2, 3, 4, 5, 6] and default_steps(1) == [0, 1, 2, 3]
+    assert default_steps(10)[-1] == 20 and len(default_steps(10)) <= 12
+
+
+def test_report_cli_compares_runs(tiny_run, tmp_path, capsys):
+    run_dir, results = tiny_run
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other, ignore=shutil.ignore_patterns("wandb", "*.png", "report.html"))
+    res = json.loads((other / "results.json").read_text())
+    res["name"] = "other"
+    res["config"]["algorithm"]["name"] = "fomaml"
+    (other / "results.json").write_text(json.dumps(res))
+    out = tmp_path / "cmp" / "comparison.html"
+    assert main(["report", str(run_dir), str(other), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert f"report: {run_dir / 'report.html'}" in printed and f"comparison: {out}" in printed
+    text = out.read_text()
+    srcs = _check_images(out)
+    assert len(srcs) == 3  # accuracy bars with CI, validation curves, inner-step curves
+    assert ">tiny</a>" in text and ">other</a>" in text and "<td>fomaml</td>" in text
+    assert f"{100 * results['test'][1]['accuracy']:.2f}%" in text
+    assert (other / "report.html").is_file()
+
+
+def test_report_without_data_still_written(tiny_run, tmp_path, monkeypatch):
+    run_dir, _ = tiny_run
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved, ignore=shutil.ignore_patterns("wandb", "steps_curve.json"))
+    res = json.loads((moved / "results.json").read_text())
+    res["config"]["data"]["root"] = str(tmp_path / "nowhere")
+    (moved / "results.json").write_text(json.dumps(res))
+    path = write_report(moved, progress=False)
+    text = path.read_text()
+    assert "Not computed: DataNotFoundError" in text and "steps_curve.png" not in text
+    _check_images(path)
+
+
+def test_embedded_report_is_one_file(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("wandb"))
+    text = write_report(copy, embed=True, progress=False).read_text()
+    srcs = _images(text)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+
+
+def test_report_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="not a run directory"):
+        write_report(tmp_path)
+    with pytest.raises(ConfigError, match="at least one run"):
+        write_comparison([], tmp_path / "x.html")
+    assert main(["report", str(tmp_path)]) == 2

@@ -1,0 +1,180 @@
+"""W&B logging: what an offline run recorded (read back from its .wandb file), and failures that
+must never stop training."""
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from metamtl import MetaLearner
+from metamtl.algorithms import MAML
+from metamtl.errors import ConfigError
+from metamtl.models import build_model
+from metamtl.reporting.wandb_logger import WandbLogger, learned_rates, resolve_mode
+from metamtl.reporting.wandb_offline import find_run_file, read_offline_run
+
+wandb = pytest.importorskip("wandb")
+
+
+def test_offline_run_holds_config_metrics_table_summary_and_model(tiny_run):
+    run_dir, results = tiny_run
+    run = read_offline_run(run_dir)  # decodes run_dir/wandb/offline-run-*/run-*.wandb
+    assert run.exit_code == 0 and run.project == "metamtl"
+    # full resolved config + learner settings + system info
+    assert run.config["algorithm"]["name"] == "maml" and run.config["train"]["iterations"] == 6
+    assert run.config["learner"]["algorithm"]["steps"] == 2
+    assert run.config["system"]["torch"] == torch.__version__ and "commit" in run.config["system"]
+
+    train = {step: row for row in run.history if "train/loss" in row for step in [row["_step"]]}
+    assert sorted(train) == [1, 2, 3, 4, 5, 6]  # one row per meta-iteration, step = iteration
+    hist = json.loads((run_dir / "history.json").read_text())
+    local = {r["iteration"]: r for r in hist if "train/loss" in r}
+    for step, row in train.items():
+        assert row["train/loss"] == pytest.approx(local[step]["train/loss"])
+        assert row["train/inner_loss/step_0"] == pytest.approx(local[step]["train/inner_loss/step_0"])
+        assert row["train/inner_loss/step_1"] == pytest.approx(local[step]["train/inner_loss/step_1"])
+        assert row["lr/meta"] == pytest.approx(1e-3)
+    val = dict(run.metric("val/accuracy"))
+    assert sorted(val) == [3, 6]
+    assert val[6] == pytest.approx([r for r in hist if "val/accuracy" in r][-1]["val/accuracy"])
+    assert all("val/accuracy_ci95" in r for r in run.history if "val/accuracy" in r)
+
+    for r in results["test"]:
+        key = f"test/{r['ways']}w{r['shots']}s"
+        assert run.summary[f"{key}/accuracy"] == pytest.approx(r["accuracy"])
+        assert run.summary[f"{key}/accuracy_ci95"] == pytest.approx(r["ci95"])
+    assert run.summary["fit/iterations"] == 6
+
+    # per-episode test accuracies as a W&B Table, written in the offline run's files
+    table_file = next(run.run_dir.glob("files/media/table/test/episodes_*.table.json"))
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == ["setting", "episode", "accuracy", "loss"]
+    expected = [["5w1s", i, a] for i, a in enumerate(results["test"][0]["per_episode_accuracy"])]
+    assert [row[:3] for row in table["data"][:12]] == [[s, i, pytest.approx(a)] for s, i, a in expected]
+    assert len(table["data"]) == 24
+
+    model = [a for a in run.artifacts if a["type"] == "model"]
+    assert len(model) == 1 and model[0]["files"] == ["learner.pt"] and "final" in model[0]["aliases"]
+    assert model[0]["metadata"]["test/5w1s/accuracy"] == pytest.approx(results["test"][0]["accuracy"])
+    assert run.environment.get("cpuCount") or run.environment.get("cpu_count") or run.environment
+
+
+class LearnedRateMAML(MAML):
+    """MAML with learnable tensors named like learned inner learning rates (logging test only)."""
+
+    name = "learned_rate_test"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.inner_lr = nn.Parameter(torch.tensor(0.4))
+        self.layer_lrs = nn.Parameter(torch.tensor([0.1, 0.2, 0.3]))
+        self.other = nn.Parameter(torch.tensor(1.0))
+
+
+def test_learned_rates_are_logged_generically(tmp_path, synthetic_tasks):
+    assert learned_rates(LearnedRateMAML()) == {
+        "lr/inner_lr": pytest.approx(0.4), "lr/layer_lrs/mean": pytest.approx(0.2),
+        "lr/layer_lrs/min": pytest.approx(0.1), "lr/layer_lrs/max": pytest.approx(0.3)}
+    logger = WandbLogger(mode="offline", run_dir=tmp_path, name="rates", config={"name": "rates"})
+    model = build_model("conv4", in_channels=1, hidden=4, image_size=16, blocks=2, out_features=None)
+    learner = MetaLearner(model, LearnedRateMAML(steps=1, head_init="zero"), device="cpu", callbacks=[logger])
+    learner.fit(synthetic_tasks, iterations=3, meta_batch_size=2, progress=False)
+    result = learner.evaluate(synthetic_tasks, 4, progress=False)
+    logger.log_results([result])
+    logger.finish()
+    run = read_offline_run(tmp_path)
+    assert [v for _, v in run.metric("lr/inner_lr")] == [pytest.approx(0.4)] * 3
+    assert len(run.metric("lr/layer_lrs/max")) == 3 and not run.metric("lr/other")
+    assert run.summary["test/5w1s/accuracy"] == pytest.approx(result.accuracy)
+    assert run.config["learner"]["algorithm"]["name"] == "learned_rate_test"
+
+
+def _fit_with(logger, tasks, tmp_path, iterations=4):
+    model = build_model("conv4", in_channels=1, hidden=4, image_size=16, blocks=2, out_features=None)
+    learner = MetaLearner(model, MAML(steps=1, head_init="zero"), device="cpu", callbacks=[logger])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        learner.fit(tasks, iterations=iterations, meta_batch_size=2, checkpoint_dir=tmp_path / "ckpt",
+                    progress=False)
+        logger.log_results([learner.evaluate(tasks, 3, progress=False)], checkpoint=tmp_path / "ckpt" / "last.pt")
+        logger.finish()
+    wb = [w for w in caught if "W&B" in str(w.message)]
+    return learner, wb
+
+
+def test_init_failure_warns_once_and_training_continues(tmp_path, synthetic_tasks, monkeypatch):
+    def broken_init(*args, **kwargs):
+        raise wandb.errors.CommError("network is unreachable")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    learner, warned = _fit_with(WandbLogger(mode="online", run_dir=tmp_path), synthetic_tasks, tmp_path)
+    assert learner.iteration == 4 and len([r for r in learner.history if "train/loss" in r]) == 4
+    assert len(warned) == 1 and "init failed" in str(warned[0].message)
+    assert (tmp_path / "ckpt" / "last.pt").is_file()
+
+
+def test_unreachable_server_with_bad_key_does_not_stop_training(tmp_path, synthetic_tasks, monkeypatch):
+    """A real online init against a closed port with a made-up key (no mock)."""
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    logger = WandbLogger(mode="online", run_dir=tmp_path, settings={"init_timeout": 2})
+    learner, warned = _fit_with(logger, synthetic_tasks, tmp_path, iterations=2)
+    assert learner.iteration == 2 and len(warned) == 1 and not logger.active
+
+
+def test_unwritable_wandb_dir_does_not_stop_training(tmp_path, synthetic_tasks):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where W&B wants a folder")
+    learner, warned = _fit_with(WandbLogger(mode="offline", run_dir=blocker), synthetic_tasks, tmp_path)
+    assert learner.iteration == 4 and len(warned) == 1
+
+
+def test_failure_mid_run_warns_once_and_training_continues(tmp_path, synthetic_tasks, monkeypatch):
+    real_log = wandb.sdk.wandb_run.Run.log
+    calls = {"n": 0}
+
+    def flaky_log(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] >= 3:
+            raise OSError(28, "No space left on device")
+        return real_log(self, *args, **kwargs)
+
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", flaky_log)
+    logger = WandbLogger(mode="offline", run_dir=tmp_path / "wb")
+    learner, warned = _fit_with(logger, synthetic_tasks, tmp_path, iterations=6)
+    assert learner.iteration == 6 and len(learner.history) >= 6
+    assert len(warned) == 1 and "log failed" in str(warned[0].message) and "No space left" in str(warned[0].message)
+    assert calls["n"] == 3  # switched off after the failure: no more W&B calls
+    run = read_offline_run(tmp_path / "wb")
+    assert sorted(s for s, _ in run.metric("train/loss")) == [1, 2]
+
+
+def test_missing_wandb_package_does_not_stop_training(tmp_path, synthetic_tasks, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    learner, warned = _fit_with(WandbLogger(mode="offline", run_dir=tmp_path), synthetic_tasks, tmp_path)
+    assert learner.iteration == 4 and len(warned) == 1 and "pip install wandb" in str(warned[0].message)
+
+
+def test_mode_defaults_to_offline_without_api_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    assert resolve_mode(None) == "offline"
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password " + "1" * 40 + "\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert resolve_mode(None) == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_mode(None) == "disabled" and resolve_mode("offline") == "offline"
+    with pytest.raises(ConfigError, match="unknown W&B mode 'onlin'"):
+        WandbLogger(mode="onlin")
+
+
+def test_find_run_file_errors_clearly(tmp_path):
+    from metamtl.errors import DataNotFoundError
+
+    with pytest.raises(DataNotFoundError, match="no W&B run file"):
+        find_run_file(tmp_path)
