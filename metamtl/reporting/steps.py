@@ -3,8 +3,9 @@
 The saved learner (``learner.pt``) is evaluated on the run's held-out tasks (test split, else
 validation) with 0, 1, 2, ... inner steps on a modest number of fixed episodes.  Results are
 cached in ``<run_dir>/steps_curve.json`` (keyed by the learner file, episodes and step grid) so
-rebuilding a report is instant; the point at the step count of the final test evaluation reuses
-that evaluation's first episodes (same episodes, same model).
+rebuilding a report is instant.  Each episode is adapted once with the largest step count and
+scored after every step (see :func:`episode_curve`); the episodes are the first ones of the final
+test evaluation, so the point at its step count matches it.
 """
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import torch
+
+from ..adaptation import task_loss
+from ..algorithms import Algorithm, accuracy
 from ..learner import mean_ci95
 
 
@@ -41,6 +46,34 @@ def _held_out_tasks(cfg: Any):
     if split is None:
         raise ValueError("the config has neither a test nor a validation split")
     return EpisodeSampler(load_split(cfg, split), t.ways, t.shots, cfg.eval.queries, seed=seed), split
+
+
+def episode_curve(learner: Any, episode: Any, steps: Sequence[int]) -> list[float]:
+    """Query accuracy (loss for regression) of one episode after each number of inner steps.
+
+    One adaptation with ``max(steps)`` steps; the query is then scored with the weights after
+    each step count (``Adapted(x, updates=k)``), exactly as ``evaluate_episode`` would score an
+    adaptation of ``k`` steps.  Algorithms that override ``evaluate_episode`` are evaluated once
+    per step count instead.
+    """
+    alg, model = learner.algorithm, learner.model
+    ep = episode.to(learner.device)
+    key = "loss" if learner.task == "regression" else "accuracy"
+    was_training = model.training
+    model.eval()
+    try:
+        if type(alg).evaluate_episode is not Algorithm.evaluate_episode:
+            return [alg.evaluate_episode(model, ep, s)[key] for s in steps]
+        with torch.no_grad():
+            adapted = alg.adapt(model, ep.support_x, ep.support_y, ep.ways, max(steps))
+            out = []
+            for s in steps:
+                logits = adapted(ep.query_x, updates=s)
+                out.append(float(task_loss(logits, ep.query_y)) if key == "loss"
+                           else accuracy(logits, ep.query_y))
+            return out
+    finally:
+        model.train(was_training)
 
 
 def steps_curve(
@@ -81,32 +114,22 @@ def steps_curve(
 
     learner = MetaLearner.load(learner_path, device=device)
     tasks, split = _held_out_tasks(cfg)
-    settings = [(r.get("ways"), r.get("shots"), r) for r in results.get("test", [])] or \
-        [(cfg.tasks.ways, cfg.tasks.shots, None)]
+    settings = [(r.get("ways"), r.get("shots")) for r in results.get("test", [])] or [(cfg.tasks.ways, cfg.tasks.shots)]
     regression = learner.task == "regression"
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(settings) * len(steps), desc="accuracy vs inner steps", leave=False,
-               disable=not progress, dynamic_ncols=True)
     curves = []
-    for ways, shots, final in settings:
-        means, cis = [], []
-        for s in steps:
-            per_episode = None
-            if final is not None and final.get("steps") == s:
-                per_episode = (final.get("per_episode_loss") if regression else final.get("per_episode_accuracy")) or []
-                per_episode = per_episode[:episodes] if len(per_episode) >= episodes else None
-            if per_episode is None:
-                kw = {} if regression else {"ways": ways, "shots": shots, "queries": cfg.eval.queries}
-                r = learner.evaluate(tasks, episodes, steps=s, progress=False, **kw)
-                per_episode = r.per_episode_loss if regression else r.per_episode_accuracy
-            m, ci = mean_ci95(per_episode)
-            means.append(m)
-            cis.append(ci)
-            bar.update(1)
+    for ways, shots in settings:
+        source = tasks if regression else tasks.with_settings(ways=ways, shots=shots, queries=cfg.eval.queries)
+        per_step: list[list[float]] = [[] for _ in steps]
+        for i in tqdm(range(episodes), desc=f"accuracy vs inner steps ({ways}-way {shots}-shot)", leave=False,
+                      disable=not progress, dynamic_ncols=True):
+            for k, value in enumerate(episode_curve(learner, source.episode(i), steps)):
+                per_step[k].append(value)
+        stats = [mean_ci95(v) for v in per_step]
         curves.append({"setting": f"{shots}-shot regression" if regression else f"{ways}-way {shots}-shot",
-                       "metric": "loss" if regression else "accuracy", "mean": means, "ci95": cis})
-    bar.close()
+                       "metric": "loss" if regression else "accuracy",
+                       "mean": [m for m, _ in stats], "ci95": [c for _, c in stats]})
     out = {"key": key, "split": split, "episodes": episodes, "steps": steps, "trained_steps": trained,
            "eval_steps": eval_steps, "curves": curves}
     cache.write_text(json.dumps(out, indent=1))
