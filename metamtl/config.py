@@ -118,6 +118,7 @@ class EvalConfig:
     queries: int = 15
     steps: int | None = None
     settings: list[EvalSetting] = dataclasses.field(default_factory=lambda: [EvalSetting()])
+    checkpoint: str = "last"  # "last": final weights; "best": best validation accuracy (best.pt)
 
 
 @dataclasses.dataclass
@@ -280,6 +281,8 @@ def _check_config(cfg: Config) -> Config:
                 f"data.{other} is the same split as data.train_split ({d.train_split!r}): evaluation "
                 f"classes must be held out from training; choose another split or set data.{other}: null"
             )
+    if cfg.eval.checkpoint not in ("last", "best"):
+        raise ConfigError(f"eval.checkpoint must be 'last' or 'best' (best validation accuracy), got {cfg.eval.checkpoint!r}")
     for s in cfg.eval.settings:
         if s.ways < 1 or s.shots < 1:
             raise ConfigError(f"eval.settings entries need ways >= 1 and shots >= 1, got {s}")

@@ -243,6 +243,27 @@ def evaluate_per_dataset(learner: MetaLearner, cfg: Config, test_tasks: dict[str
     return rows
 
 
+def restore_best(learner: MetaLearner, run_dir: Path) -> int | None:
+    """Load ``run_dir/best.pt``'s weights (best validation accuracy) into ``learner``.
+
+    Returns the iteration they come from, or ``None`` when there is no ``best.pt`` from this
+    training run (no validation happened; a ``best.pt`` whose history is not a prefix of the
+    learner's comes from an older run and is ignored).
+    """
+    from .checkpoint import safe_load
+
+    best = run_dir / "best.pt"
+    if not best.is_file():
+        return None
+    obj = safe_load(best)
+    history = obj.get("history", [])
+    if int(obj.get("iteration", 0)) > learner.iteration or learner.history[:len(history)] != history:
+        return None
+    learner.model.load_state_dict(obj["model_state"])
+    learner.algorithm.load_state_dict(obj["algorithm_state"])
+    return int(obj.get("iteration", learner.iteration))
+
+
 def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
         callbacks: list[Callback] = (), quiet: bool = False) -> dict[str, Any]:
     """Meta-train, evaluate on held-out classes, save the learner and ``results.json``.
@@ -286,6 +307,9 @@ def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
         budget_minutes=tr.budget_minutes, progress=progress, callbacks=build_callbacks(cfg),
     )
     train_seconds = time.perf_counter() - t1
+    selected = restore_best(learner, run_dir) if cfg.eval.checkpoint == "best" else None
+    if selected is not None:
+        say(f"[metamtl] evaluating best.pt (best validation accuracy, iteration {selected})")
     final_path = run_dir / "learner.pt"
     if main_process:
         learner.save(final_path)
@@ -294,6 +318,7 @@ def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
         "config": cfg.to_dict(),
         "iterations": learner.iteration,
         "stopped_by": learner.fit_state.get("stopped_by", "iterations"),
+        "selected_iteration": selected if selected is not None else learner.iteration,
         "world_size": learner.world_size,
         "train_seconds": train_seconds,
         "data_seconds": data_seconds,

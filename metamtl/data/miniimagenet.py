@@ -61,6 +61,15 @@ class MiniImageNet(CSVClassDataset):
                        "filename", "label", "miniimagenet", cache_dir)
 
     @classmethod
+    def has_split(cls, root: str | os.PathLike | None, split: str) -> bool:
+        """Whether ``split``'s CSV (and images) are present under ``root`` (nothing is decoded)."""
+        try:
+            cls._find(resolve_root(root, "mini-ImageNet"), split, False).close()
+        except DataNotFoundError:
+            return False
+        return True
+
+    @classmethod
     def _find(cls, root: Path, split: str, download: bool) -> Tree:
         """The first folder or archive under ``root`` that has ``<split>.csv``."""
         looked = []

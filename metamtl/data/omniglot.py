@@ -112,15 +112,30 @@ class Omniglot(ClassDataset):
         )
 
     # -- locating and decoding -------------------------------------------------------------
+    @staticmethod
+    def _folders(root: Path) -> list[Path]:
+        return [root, root / "omniglot", root / "omniglot-py"]
+
+    @classmethod
+    def available_sources(cls, root: str | os.PathLike | None = None) -> dict[str, Path]:
+        """The official archives present under ``root`` (zip or extracted folder), by name.
+
+        ``{"images_background", "images_evaluation"} <= available_sources(root).keys()`` means the
+        full official protocol (background for training, evaluation for testing) can run.
+        """
+        root = resolve_root(root, "Omniglot")
+        found: dict[str, Path] = {}
+        for name in cls.MD5:
+            candidates = [c for f in cls._folders(root) for c in (f / f"{name}.zip", f / name) if c.exists()]
+            if candidates:
+                found[name] = candidates[0]
+        return found
+
     @classmethod
     def _find_sources(cls, root: Path, sources: Sequence[str] | None, download: bool) -> dict[str, Path]:
         """Map each source to its zip or extracted folder, downloading missing ones if asked."""
-        folders = [root, root / "omniglot", root / "omniglot-py"]
-        found: dict[str, Path] = {}
-        for name in cls.MD5:
-            candidates = [c for f in folders for c in (f / f"{name}.zip", f / name) if c.exists()]
-            if candidates:
-                found[name] = candidates[0]
+        folders = cls._folders(root)
+        found = cls.available_sources(root)
         if sources is None:
             wanted = list(found) or [BACKGROUND, EVALUATION]
         else:

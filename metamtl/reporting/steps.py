@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..adaptation import task_loss
+from ..adaptation import InnerHooks, task_loss
 from ..algorithms import Algorithm, accuracy
 from ..learner import mean_ci95
 
@@ -66,9 +66,16 @@ def episode_curve(learner: Any, episode: Any, steps: Sequence[int]) -> list[floa
             return [alg.evaluate_episode(model, ep, s)[key] for s in steps]
         with torch.no_grad():
             adapted = alg.adapt(model, ep.support_x, ep.support_y, ep.ways, max(steps))
+            if adapted.trunk is not None and type(adapted.hooks).step_context is InnerHooks.step_context:
+                # head-only adaptation and no per-step context: the query features do not depend
+                # on the step, so run the trunk once (same numbers as adapted(x, updates=s))
+                feats = adapted.inner.features(adapted.trunk, ep.query_x, adapted.support_x)
+                logits_after = lambda s: adapted.fmodel(feats, params=adapted.trajectory[s])  # noqa: E731
+            else:
+                logits_after = lambda s: adapted(ep.query_x, updates=s)  # noqa: E731
             out = []
             for s in steps:
-                logits = adapted(ep.query_x, updates=s)
+                logits = logits_after(s)
                 out.append(float(task_loss(logits, ep.query_y)) if key == "loss"
                            else accuracy(logits, ep.query_y))
             return out

@@ -108,3 +108,21 @@ def test_report_errors_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="at least one run"):
         write_comparison([], tmp_path / "x.html")
     assert main(["report", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("algorithm,kwargs", [("anil", {"head_init": "proto", "lr": 0.5}),
+                                              ("maml", {"head_init": "zero", "lr": 0.5})])
+def test_episode_curve_matches_evaluating_each_step_count(synthetic_tasks, algorithm, kwargs):
+    """One adaptation scored after every step == a separate evaluation per step count."""
+    from metamtl import MetaLearner
+    from metamtl.algorithms import build_algorithm
+    from metamtl.models import build_model
+    from metamtl.reporting.steps import episode_curve
+
+    model = build_model("conv4", in_channels=1, hidden=4, image_size=16, blocks=2, out_features=None)
+    learner = MetaLearner(model, build_algorithm(algorithm, steps=1, **kwargs), device="cpu")
+    steps = [0, 1, 3]
+    for i in range(3):
+        ep = synthetic_tasks.episode(i)
+        expected = [learner.algorithm.evaluate_episode(learner.model, ep.to("cpu"), s)["accuracy"] for s in steps]
+        assert episode_curve(learner, ep, steps) == pytest.approx(expected)

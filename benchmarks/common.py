@@ -1,0 +1,143 @@
+"""Shared pieces of the benchmark scripts: command line, data root, running one config through
+the public API (:func:`metamtl.experiment.run`), and recording result rows in RESULTS.md.
+
+Rows are inserted just above a marker line ``<!-- rows:KEY -->`` that ends each results table of
+benchmarks/RESULTS.md, so the file stays plain readable markdown; a missing table is created at
+the end of the file.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as `python benchmarks/x.py` from a checkout
+    sys.path.insert(0, str(REPO))
+
+from metamtl.config import Config, load_config  # noqa: E402
+from metamtl.reporting.published import published  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
+HEADER = ("| date | commit | machine | data | setting | method, training | held-out accuracy (95% CI) "
+          "| published MAML / MAML++ | command |\n|---|---|---|---|---|---|---|---|---|\n")
+
+
+def parser(description: str, settings: Sequence[str]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--settings", nargs="+", default=list(settings), choices=list(settings),
+                   help="benchmark settings to run (N-way K-shot)")
+    p.add_argument("--budget-minutes", type=float,
+                   help="stop meta-training of each run after this many minutes (default: the config's; "
+                        "0: no budget, run all iterations)")
+    p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'...")
+    p.add_argument("--data-root", help="folder with the datasets (default: $METAMTL_DATA, else ../shared/data)")
+    p.add_argument("--episodes", type=int, default=600, help="test episodes per setting")
+    p.add_argument("--output-dir", default="runs/benchmarks", help="where run folders are written")
+    p.add_argument("--no-record", action="store_true", help="do not add rows to benchmarks/RESULTS.md")
+    p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (offline without an API key)")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.meta_lr=0.001 algorithm.name=maml")
+    return p
+
+
+def data_root(arg: str | None) -> Path:
+    for cand in (arg, os.environ.get("METAMTL_DATA"), REPO.parent / "shared" / "data"):
+        if cand and Path(cand).is_dir():
+            return Path(cand).resolve()
+    sys.exit("benchmark: no data folder: pass --data-root or set METAMTL_DATA")
+
+
+def banner(*lines: str) -> None:
+    width = max(len(line) for line in lines) + 4
+    print("\n" + "#" * width)
+    for line in lines:
+        print(f"# {line.ljust(width - 4)} #")
+    print("#" * width + "\n", flush=True)
+
+
+def build_config(path: Path, args: argparse.Namespace, overrides: Sequence[str]) -> Config:
+    """The benchmark config with the script's options applied (user overrides last)."""
+    extra = [f"train.device={args.device}", f"eval.episodes={args.episodes}", f"output_dir={args.output_dir}"]
+    if args.budget_minutes is not None:
+        extra.append(f"train.budget_minutes={args.budget_minutes if args.budget_minutes > 0 else 'null'}")
+    if args.wandb:
+        extra.append("logging.wandb=true")
+    return load_config(path, [*overrides, *extra, *args.overrides])
+
+
+def run_config(cfg: Config) -> dict[str, Any]:
+    from metamtl.experiment import check_output_dir, run
+
+    check_output_dir(cfg)
+    return run(cfg)
+
+
+@functools.lru_cache(maxsize=None)
+def commit() -> str:
+    """Short commit of the checkout, with ``+dirty`` when tracked files (other than RESULTS.md,
+    which the scripts edit) differ from it.  Cached: call it at start-up."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":!benchmarks/RESULTS.md"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha or "unknown") + ("+dirty" if dirty else "")
+
+
+def machine(results: dict[str, Any]) -> str:
+    m = results.get("machine", {})
+    if m.get("cuda") and results.get("config", {}).get("train", {}).get("device") != "cpu":
+        return f"GPU {m['cuda']}"
+    return f"CPU-{m.get('cpu_count', '?')}c"
+
+
+def command() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
+
+
+def published_cell(dataset: str, ways: int, shots: int) -> str:
+    refs = {p.method: f"{p.accuracy:.2f}" for p in published(dataset, ways, shots)}
+    return f"{refs.get('MAML', '–')} / {refs.get('MAML++', '–')}"
+
+
+def training_cell(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    alg, t, tr = cfg["algorithm"], cfg["tasks"], cfg["train"]
+    head = f", {alg['head_init']} head" if alg.get("head_init", "learned") != "learned" else ""
+    steps = alg.get("steps", 1)
+    evaluated = "" if results.get("selected_iteration", results["iterations"]) == results["iterations"] else \
+        f", best val at it. {results['selected_iteration']}"
+    return (f"{alg['name']}{head}, {cfg['model'].get('name')}-{cfg['model'].get('hidden', '')}, {steps} inner steps; "
+            f"trained {t['ways']}w{t['shots']}s x{tr['meta_batch_size']} tasks, {results['iterations']} it. in "
+            f"{results['train_seconds'] / 60:.1f} min ({results['stopped_by']}){evaluated}")
+
+
+def result_rows(results: dict[str, Any], data_desc: str, dataset: str) -> list[str]:
+    date = time.strftime("%Y-%m-%d")
+    rows = []
+    for r in results["test"]:
+        acc = f"**{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f}** ({r['episodes']} ep.)"
+        rows.append(f"| {date} | {commit()} | {machine(results)} | {data_desc} | {r['ways']}-way {r['shots']}-shot "
+                    f"| {training_cell(results)} | {acc} | {published_cell(dataset, r['ways'], r['shots'])} "
+                    f"| `{command()}` |")
+    return rows
+
+
+def record(key: str, title: str, rows: Sequence[str], path: Path = RESULTS) -> None:
+    """Insert ``rows`` at the end of the table marked ``<!-- rows:key -->`` (created if missing)."""
+    marker = f"<!-- rows:{key} -->"
+    text = path.read_text() if path.is_file() else "# metamtl results\n"
+    if marker not in text:
+        text = text.rstrip("\n") + f"\n\n### {title}\n\n{HEADER}{marker}\n"
+    head, tail = text.split(marker, 1)
+    path.write_text(head + "".join(r + "\n" for r in rows) + marker + tail)
+    print(f"[benchmark] recorded {len(rows)} row(s) in {path}")

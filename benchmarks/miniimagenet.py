@@ -1,0 +1,64 @@
+"""mini-ImageNet few-shot benchmark: 5-way 1-shot and 5-shot.
+
+Protocol (Ravi & Larochelle 2017 split; Finn et al. 2017): conv4 with 32 filters on 84x84 RGB
+images, 15 queries per class, 600 test episodes with a 95% confidence interval.  Meta-trains on
+the 64 train classes, selects the best-validation weights on the 16 val classes and reports the
+20 test classes.
+
+When test.csv and its images are absent (the train+val archive in ../shared/data has none), the
+script reports on the VAL classes instead, says so loudly, and evaluates the final weights with no
+selection on val (so the val classes are used for nothing but this report and learning curves).
+
+Configs: configs/benchmarks/miniimagenet_5w<K>s.yaml (also usable with ``metamtl fit``).  By default
+each setting trains its own learner; ``--one-learner`` trains once (with the first setting's
+config; the method's per-task prototype heads serve any number of shots) and evaluates every
+setting with that learner, which halves the cost on CPU; RESULTS.md rows say which.
+
+    python benchmarks/miniimagenet.py --one-learner --budget-minutes 60        # CPU
+    python benchmarks/miniimagenet.py --device cuda --budget-minutes 0 train.iterations=30000
+"""
+from __future__ import annotations
+
+from common import REPO, banner, build_config, commit, data_root, parser, record, result_rows, run_config
+
+from metamtl.data import MiniImageNet
+
+SETTINGS = ("5w1s", "5w5s")
+
+
+def main() -> None:
+    p = parser(__doc__.split("\n\n")[0], SETTINGS)
+    p.add_argument("--one-learner", action="store_true",
+                   help="train one learner (first setting's config) and evaluate it at every setting")
+    args = p.parse_args()
+    root = data_root(args.data_root)
+    commit()  # before RESULTS.md is touched
+    overrides = [f"data.root={root}"]
+    if MiniImageNet.has_split(root, "test"):
+        desc = "mini-ImageNet test classes (20)"
+        banner("mini-ImageNet: train on 64 train classes, select on 16 val classes, report 20 TEST classes")
+    else:
+        desc = "mini-ImageNet **VAL** classes (16; no test images), 300 train img/class"
+        overrides += ["data.test_split=val", "eval.checkpoint=last"]
+        banner("mini-ImageNet: NO TEST SPLIT FOUND (test.csv and its images are not in the data folder).",
+               "Reporting accuracy on the 16 VALIDATION classes instead (600 episodes, other seeds than",
+               "the validation curves), with no model selection on them: the final weights are evaluated.",
+               "These numbers are NOT test-set numbers and are not directly comparable to published ones.")
+    groups = [args.settings] if args.one_learner else [[s] for s in args.settings]
+    for group in groups:
+        evals = "[" + ",".join(f"{{ways: {s.split('w')[0]}, shots: {s.split('w')[1].rstrip('s')}}}" for s in group) + "]"
+        name = f"miniimagenet_{'_'.join(group)}" + ("_shared" if len(group) > 1 else "")
+        cfg = build_config(REPO / "configs" / "benchmarks" / f"miniimagenet_{group[0]}.yaml", args,
+                           [*overrides, f"eval.settings={evals}", f"name={name}"])
+        print(f"[benchmark] mini-ImageNet: training on {cfg.tasks.ways}-way {cfg.tasks.shots}-shot tasks, "
+              f"evaluating {', '.join(group)}; budget {cfg.train.budget_minutes} min; device {cfg.train.device}")
+        results = run_config(cfg)
+        rows = result_rows(results, desc, "miniimagenet")
+        for row in rows:
+            print(row)
+        if not args.no_record:
+            record("miniimagenet", "mini-ImageNet", rows)
+
+
+if __name__ == "__main__":
+    main()
