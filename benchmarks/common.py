@@ -30,16 +30,16 @@ HEADER = ("| date | commit | machine | data | setting | method, training | held-
 
 
 def parser(description: str, settings: Sequence[str]) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--settings", nargs="+", default=list(settings), choices=list(settings),
-                   help="benchmark settings to run (N-way K-shot)")
+                   help="benchmark settings to run (N-way K-shot; default: all)")
     p.add_argument("--budget-minutes", type=float,
                    help="stop meta-training of each run after this many minutes (default: the config's; "
                         "0: no budget, run all iterations)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'...")
     p.add_argument("--data-root", help="folder with the datasets (default: $METAMTL_DATA, else ../shared/data)")
-    p.add_argument("--episodes", type=int, default=600, help="test episodes per setting")
-    p.add_argument("--output-dir", default="runs/benchmarks", help="where run folders are written")
+    p.add_argument("--episodes", type=int, default=600, help="test episodes per setting (default 600)")
+    p.add_argument("--output-dir", default="runs/benchmarks", help="where run folders are written (default runs/benchmarks)")
     p.add_argument("--no-record", action="store_true", help="do not add rows to benchmarks/RESULTS.md")
     p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (offline without an API key)")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.meta_lr=0.001 algorithm.name=maml")
