@@ -12,8 +12,8 @@ What is logged (at ``step = learner.iteration``):
 * every iteration: ``train/loss``, ``train/accuracy``, ``train/inner_loss/step_k`` (support loss
   before inner step k), ``train/grad_norm``, the meta-optimizer learning rate(s) ``lr/meta`` and
   every algorithm parameter whose name contains ``lr`` (learned inner learning rates of
-  Meta-SGD / MAML++ style algorithms): ``lr/<name>`` for scalars, ``/mean``, ``/min``, ``/max``
-  for tensors;
+  Meta-SGD / MAML++ style algorithms): ``lr/<name>`` for scalars, ``lr/<name>/<i>`` for small
+  tensors (MAML++: one per inner step), ``/mean``, ``/min``, ``/max`` for large ones (Meta-SGD);
 * every validation: ``val/loss``, ``val/accuracy`` and their 95% confidence intervals;
 * after the test evaluation (:meth:`WandbLogger.on_results`, called by
   :func:`metamtl.experiment.run`): a table ``test/episodes`` with one row per test episode,
@@ -66,17 +66,21 @@ def resolve_mode(mode: str | None = None) -> str:
     return mode
 
 
-def learned_rates(module: Any) -> dict[str, float]:
-    """Scalars describing every parameter whose name contains ``lr`` (learned learning rates)."""
+def learned_rates(module: Any, small: int = 16) -> dict[str, float]:
+    """Scalars describing every parameter whose name contains ``lr`` (learned learning rates):
+    the value itself, each element of tensors up to ``small`` elements (``lr/<name>/<i>``), or the
+    mean/min/max of larger ones."""
     out: dict[str, float] = {}
     named = getattr(module, "named_parameters", None)
     for name, p in (named() if named else ()):
         if "lr" not in name.lower():
             continue
-        v = p.detach().float()
+        v = p.detach().float().flatten()
         if v.numel() == 1:
             out[f"lr/{name}"] = float(v)
-        elif v.numel() > 1:
+        elif v.numel() <= small:  # e.g. MAML++: one rate per inner step
+            out.update({f"lr/{name}/{i}": float(x) for i, x in enumerate(v.tolist())})
+        elif v.numel() > small:  # e.g. Meta-SGD: one rate per weight
             out.update({f"lr/{name}/mean": float(v.mean()), f"lr/{name}/min": float(v.min()),
                         f"lr/{name}/max": float(v.max())})
     return out

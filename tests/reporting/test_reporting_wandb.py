@@ -77,8 +77,9 @@ class LearnedRateMAML(MAML):
 
 def test_learned_rates_are_logged_generically(tmp_path, synthetic_tasks):
     assert learned_rates(LearnedRateMAML()) == {
-        "lr/inner_lr": pytest.approx(0.4), "lr/layer_lrs/mean": pytest.approx(0.2),
-        "lr/layer_lrs/min": pytest.approx(0.1), "lr/layer_lrs/max": pytest.approx(0.3)}
+        "lr/inner_lr": pytest.approx(0.4), "lr/layer_lrs/0": pytest.approx(0.1),
+        "lr/layer_lrs/1": pytest.approx(0.2), "lr/layer_lrs/2": pytest.approx(0.3)}
+    assert learned_rates(LearnedRateMAML(), small=2)["lr/layer_lrs/max"] == pytest.approx(0.3)
     logger = WandbLogger(mode="offline", run_dir=tmp_path, name="rates", config={"name": "rates"})
     model = build_model("conv4", in_channels=1, hidden=4, image_size=16, blocks=2, out_features=None)
     learner = MetaLearner(model, LearnedRateMAML(steps=1, head_init="zero"), device="cpu", callbacks=[logger])
@@ -88,7 +89,7 @@ def test_learned_rates_are_logged_generically(tmp_path, synthetic_tasks):
     logger.finish()
     run = read_offline_run(tmp_path)
     assert [v for _, v in run.metric("lr/inner_lr")] == [pytest.approx(0.4)] * 3
-    assert len(run.metric("lr/layer_lrs/max")) == 3 and not run.metric("lr/other")
+    assert len(run.metric("lr/layer_lrs/2")) == 3 and not run.metric("lr/other")
     assert run.summary["test/5w1s/accuracy"] == pytest.approx(result.accuracy)
     assert run.config["learner"]["algorithm"]["name"] == "learned_rate_test"
 
@@ -178,3 +179,20 @@ def test_find_run_file_errors_clearly(tmp_path):
 
     with pytest.raises(DataNotFoundError, match="no W&B run file"):
         find_run_file(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["metasgd", "mamlpp"])
+def test_learned_inner_rates_of_real_algorithms_reach_wandb(tmp_path, synthetic_tasks, name):
+    from metamtl.algorithms import build_algorithm
+
+    logger = WandbLogger(mode="offline", run_dir=tmp_path, name=name)
+    model = build_model("conv4", in_channels=1, hidden=4, image_size=16, blocks=2, out_features=None)
+    learner = MetaLearner(model, build_algorithm(name, steps=2, head_init="zero"), device="cpu",
+                          meta_lr=0.05, callbacks=[logger])
+    learner.fit(synthetic_tasks, iterations=3, meta_batch_size=2, progress=False)
+    logger.finish()
+    run = read_offline_run(tmp_path)
+    keys = sorted({k for row in run.history for k in row if k.startswith("lr/lrs.")})
+    assert keys, f"no learned learning rates logged for {name}"
+    first, last = run.history[0], run.history[-1]
+    assert any(first[k] != last[k] for k in keys if k in first and k in last)  # they are learned
