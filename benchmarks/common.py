@@ -125,6 +125,8 @@ def result_rows(results: dict[str, Any], data_desc: str, dataset: str) -> list[s
     date = time.strftime("%Y-%m-%d")
     rows = []
     for r in results["test"]:
+        if "skipped" in r:
+            continue
         acc = f"**{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f}** ({r['episodes']} ep.)"
         rows.append(f"| {date} | {commit()} | {machine(results)} | {data_desc} | {r['ways']}-way {r['shots']}-shot "
                     f"| {training_cell(results)} | {acc} | {published_cell(dataset, r['ways'], r['shots'])} "

@@ -52,12 +52,17 @@ def _e(value: Any) -> str:
 
 
 def _setting(r: Mapping[str, Any]) -> str:
-    if r.get("accuracy") is None:
-        return f"{r['shots']}-shot regression"
-    return f"{r['ways']}-way {r['shots']}-shot"
+    """``5-way 1-shot`` (prefixed ``dataset:`` in multi-dataset runs)."""
+    if r.get("accuracy") is None and "skipped" not in r:
+        setting = f"{r['shots']}-shot regression"
+    else:
+        setting = f"{r['ways']}-way {r['shots']}-shot"
+    return f"{r['dataset']}: {setting}" if r.get("dataset") else setting
 
 
 def _value(r: Mapping[str, Any]) -> str:
+    if "skipped" in r:
+        return f"skipped: {r['skipped']}"
     if r.get("accuracy") is None:
         return f"MSE {r['loss']:.4f} ± {r['loss_ci95']:.4f}"
     return f"{100 * r['accuracy']:.2f}% ± {100 * r['ci95']:.2f}%"
@@ -79,6 +84,9 @@ def _figure(path: Path | None, alt: str, caption: str, embed: bool, base: Path) 
 
 def protocol(cfg: Mapping[str, Any]) -> tuple[str, bool]:
     """(Human description of the data protocol, whether published numbers apply to it)."""
+    if cfg.get("datasets"):
+        parts = [f"{d.get('label') or d.get('name')}: {protocol({'data': d})[0]}" for d in cfg["datasets"]]
+        return "several datasets (" + "; ".join(parts) + ")", False
     data = cfg.get("data", {})
     name = data.get("name")
     if name == "omniglot":
@@ -103,7 +111,7 @@ def reference_bars(dataset: str, settings: Iterable[Mapping[str, Any]]) -> list[
     for r in settings:
         if r.get("accuracy") is None:
             continue
-        for p in published(dataset, r["ways"], r["shots"]):
+        for p in published(r.get("dataset") or dataset, r["ways"], r["shots"]):
             bars.append({"group": _setting(r), "label": f"{p.method} (published)", "value": p.accuracy,
                          "ci95": p.ci95, "reference": True})
     return bars
@@ -205,10 +213,11 @@ def write_report(
     rows = []
     for r in test:
         refs = "; ".join(f"{p.method} {p.accuracy:.2f}%" + (f" ± {p.ci95:.2f}%" if p.ci95 else "")
-                         for p in published(dataset, r.get("ways"), r.get("shots"))) if r.get("accuracy") is not None else ""
-        rows.append(f"<tr><td>{_e(_setting(r))}</td><td class='num big'>{_value(r)}</td>"
-                    f"<td class=num>{r['episodes']}</td><td class=num>{r['queries']}</td>"
-                    f"<td class=num>{r['steps']}</td><td>{_e(refs) or '&ndash;'}</td></tr>")
+                         for p in published(r.get("dataset") or dataset, r.get("ways"), r.get("shots"))
+                         ) if r.get("accuracy") is not None else ""
+        rows.append(f"<tr><td>{_e(_setting(r))}</td><td class='num big'>{_e(_value(r))}</td>"
+                    + "".join(f"<td class=num>{r.get(k, '–')}</td>" for k in ("episodes", "queries", "steps"))
+                    + f"<td>{_e(refs) or '&ndash;'}</td></tr>")
     t, tr, alg, model = cfg.get("tasks", {}), cfg.get("train", {}), cfg.get("algorithm", {}), cfg.get("model", {})
     files = [f for f in ("results.json", "history.json", "learner.pt", "best.pt", "last.pt") if (run_dir / f).is_file()]
     wandb_dir = run_dir / "wandb"

@@ -34,18 +34,25 @@ def _cache_key(learner_path: Path, episodes: int, steps: Sequence[int]) -> dict[
             "episodes": episodes, "steps": list(steps)}
 
 
-def _held_out_tasks(cfg: Any):
-    """(task source, split name) of the run's held-out classes, built without the train split."""
+def _held_out_sources(cfg: Any) -> tuple[dict[str | None, Any], str]:
+    """Task sources of the run's held-out classes by dataset label (``None`` for one dataset) and
+    the split's name; the training split is not loaded."""
     from ..experiment import build_tasks, is_regression, load_split
     from ..tasks.sampler import EpisodeSampler
 
     if is_regression(cfg):
-        return build_tasks(cfg)["test"], "test"
-    d, t = cfg.data, cfg.tasks
-    split, seed = (d.test_split, t.test_seed) if d.test_split else (d.val_split, t.val_seed)
-    if split is None:
-        raise ValueError("the config has neither a test nor a validation split")
-    return EpisodeSampler(load_split(cfg, split), t.ways, t.shots, cfg.eval.queries, seed=seed), split
+        return {None: build_tasks(cfg)["test"]}, "test"
+    t = cfg.tasks
+    sources: dict[str | None, Any] = {}
+    split = "test"
+    for d in cfg.datasets or [cfg.data]:
+        split, seed = (d.test_split, t.test_seed) if d.test_split else (d.val_split, t.val_seed)
+        if split is None:
+            raise ValueError(f"dataset {d.name!r} has neither a test nor a validation split")
+        label = (d.label or d.name) if cfg.datasets else None
+        sources[label] = EpisodeSampler(load_split(cfg, split, data=d), t.ways, t.shots, cfg.eval.queries,
+                                        seed=seed, name=label)
+    return sources, split
 
 
 def episode_curve(learner: Any, episode: Any, steps: Sequence[int]) -> list[float]:
@@ -120,22 +127,26 @@ def steps_curve(
             pass
 
     learner = MetaLearner.load(learner_path, device=device)
-    tasks, split = _held_out_tasks(cfg)
-    settings = [(r.get("ways"), r.get("shots")) for r in results.get("test", [])] or [(cfg.tasks.ways, cfg.tasks.shots)]
+    sources, split = _held_out_sources(cfg)
+    rows = [r for r in results.get("test", []) if "skipped" not in r] or \
+        [{"ways": cfg.tasks.ways, "shots": cfg.tasks.shots}]
     regression = learner.task == "regression"
     from tqdm.auto import tqdm
 
     curves = []
-    for ways, shots in settings:
+    for r in rows:
+        ways, shots, label = r.get("ways"), r.get("shots"), r.get("dataset")
+        tasks = sources[label] if label in sources else next(iter(sources.values()))
         source = tasks if regression else tasks.with_settings(ways=ways, shots=shots, queries=cfg.eval.queries)
+        setting = f"{shots}-shot regression" if regression else f"{ways}-way {shots}-shot"
+        setting = f"{label}: {setting}" if label else setting
         per_step: list[list[float]] = [[] for _ in steps]
-        for i in tqdm(range(episodes), desc=f"accuracy vs inner steps ({ways}-way {shots}-shot)", leave=False,
+        for i in tqdm(range(episodes), desc=f"accuracy vs inner steps ({setting})", leave=False,
                       disable=not progress, dynamic_ncols=True):
             for k, value in enumerate(episode_curve(learner, source.episode(i), steps)):
                 per_step[k].append(value)
         stats = [mean_ci95(v) for v in per_step]
-        curves.append({"setting": f"{shots}-shot regression" if regression else f"{ways}-way {shots}-shot",
-                       "metric": "loss" if regression else "accuracy",
+        curves.append({"setting": setting, "metric": "loss" if regression else "accuracy",
                        "mean": [m for m, _ in stats], "ci95": [c for _, c in stats]})
     out = {"key": key, "split": split, "episodes": episodes, "steps": steps, "trained_steps": trained,
            "eval_steps": eval_steps, "curves": curves}

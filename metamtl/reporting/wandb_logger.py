@@ -92,7 +92,9 @@ def _finite(row: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _setting(r: Mapping[str, Any]) -> str:
-    return f"{r['ways']}w{r['shots']}s" if r.get("accuracy") is not None else f"{r['shots']}shot"
+    """``5w1s`` (``<dataset>/5w1s`` in multi-dataset runs; ``5shot`` for regression)."""
+    setting = f"{r['ways']}w{r['shots']}s" if r.get("accuracy") is not None else f"{r['shots']}shot"
+    return f"{r['dataset']}/{setting}" if r.get("dataset") else setting
 
 
 class WandbLogger(Callback):
@@ -151,19 +153,20 @@ class WandbLogger(Callback):
         try:
             return fn(*args, **kwargs)
         except (Exception, SystemExit) as exc:  # W&B must never stop training
-            self.failed = True
-            hint = " (install it with `pip install wandb`)" if isinstance(exc, ImportError) else ""
-            warnings.warn(
-                f"W&B {what} failed ({type(exc).__name__}: {exc}){hint}; W&B logging is off for the rest "
-                "of this run. Training, checkpoints, history.json and the HTML report are unaffected.",
-                RuntimeWarning, stacklevel=3,
-            )
-            run, self.run = self.run, None
-            if run is not None:
-                try:
-                    run.finish(exit_code=1)
-                except (Exception, SystemExit):
-                    pass
+            if not self.failed:  # nested calls: warn about the first failure only
+                self.failed = True
+                hint = " (install it with `pip install wandb`)" if isinstance(exc, ImportError) else ""
+                warnings.warn(
+                    f"W&B {what} failed ({type(exc).__name__}: {exc}){hint}; W&B logging is off for the rest "
+                    "of this run. Training, checkpoints, history.json and the HTML report are unaffected.",
+                    RuntimeWarning, stacklevel=3,
+                )
+                run, self.run = self.run, None
+                if run is not None:
+                    try:
+                        run.finish(exit_code=1)
+                    except (Exception, SystemExit):
+                        pass
             return None
 
     @property
@@ -232,9 +235,12 @@ class WandbLogger(Callback):
 
         ``test``: :class:`~metamtl.learner.EvalResult` objects or their ``to_dict()``.
         """
-        if not self.active:
-            return
+        if self.active:
+            self._safe("results", self._log_results, test, checkpoint)
+
+    def _log_results(self, test: Iterable[Any], checkpoint: str | os.PathLike | None) -> None:
         rows = [r.to_dict() if hasattr(r, "to_dict") else dict(r) for r in test]
+        rows = [r for r in rows if "skipped" not in r]  # settings a dataset could not serve
         self._safe("table", self._log_table, rows)
         summary: dict[str, Any] = {}
         for r in rows:
@@ -243,9 +249,9 @@ class WandbLogger(Callback):
                 summary.update({f"{key}/accuracy": r["accuracy"], f"{key}/accuracy_ci95": r["ci95"]})
             summary.update({f"{key}/loss": r["loss"], f"{key}/loss_ci95": r["loss_ci95"],
                             f"{key}/episodes": r["episodes"], f"{key}/steps": r["steps"]})
-        if summary:
+        if summary and self.active:
             self._safe("summary", self.run.summary.update, summary)
-        if checkpoint is not None and self.log_model and Path(checkpoint).is_file():
+        if checkpoint is not None and self.log_model and self.active and Path(checkpoint).is_file():
             self._safe("artifact", self._log_artifact, Path(checkpoint), summary)
 
     def _log_table(self, rows: list[dict[str, Any]]) -> None:

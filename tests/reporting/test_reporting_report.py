@@ -126,3 +126,31 @@ def test_episode_curve_matches_evaluating_each_step_count(synthetic_tasks, algor
         ep = synthetic_tasks.episode(i)
         expected = [learner.algorithm.evaluate_episode(learner.model, ep.to("cpu"), s)["accuracy"] for s in steps]
         assert episode_curve(learner, ep, steps) == pytest.approx(expected)
+
+
+def test_report_and_wandb_handle_multi_dataset_and_skipped_rows(tiny_run, tmp_path):
+    """Rows of multi-dataset runs carry a dataset label; settings a dataset cannot serve are skipped."""
+    from metamtl.reporting import WandbLogger, read_offline_run
+
+    run_dir, results = tiny_run
+    copy = tmp_path / "multi"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("wandb", "steps_curve.json"))
+    res = json.loads((copy / "results.json").read_text())
+    res["test"] = [{"dataset": "omniglot", **r} for r in res["test"]]
+    res["test"].append({"dataset": "omniglot", "ways": 50, "shots": 1, "skipped": "only 27 held-out classes"})
+    (copy / "results.json").write_text(json.dumps(res))
+    text = write_report(copy, steps_episodes=3, progress=False).read_text()
+    assert "omniglot: 5-way 2-shot" in text and "skipped: only 27 held-out classes" in text
+    _check_images(copy / "report.html")
+    curve = json.loads((copy / "steps_curve.json").read_text())
+    assert [c["setting"] for c in curve["curves"]] == ["omniglot: 5-way 1-shot", "omniglot: 5-way 2-shot"]
+
+    logger = WandbLogger(mode="offline", run_dir=tmp_path / "wb", name="multi")
+    from metamtl import MetaLearner
+
+    learner = MetaLearner.load(copy / "learner.pt", device="cpu")
+    logger.on_fit_start(learner)
+    logger.on_results(learner, res)
+    run = read_offline_run(tmp_path / "wb")
+    assert run.summary["test/omniglot/5w2s/accuracy"] == pytest.approx(res["test"][1]["accuracy"])
+    assert not any(k.startswith("test/omniglot/50w") for k in run.summary)
