@@ -71,11 +71,24 @@ def build_config(path: Path, args: argparse.Namespace, overrides: Sequence[str])
     return load_config(path, [*overrides, *extra, *args.overrides])
 
 
-def run_config(cfg: Config) -> dict[str, Any]:
+def run_and_record(config: Path, args: argparse.Namespace, overrides: Sequence[str], data_desc: str,
+                   dataset: str, title: str) -> dict[str, Any]:
+    """Run one benchmark config through :func:`metamtl.experiment.run`; print and record its rows."""
     from metamtl.experiment import check_output_dir, run
 
+    cfg = build_config(config, args, overrides)
+    settings = ", ".join(f"{s.ways}w{s.shots}s" for s in cfg.eval.settings)
+    print(f"[benchmark] {cfg.name}: training on {cfg.tasks.ways}-way {cfg.tasks.shots}-shot tasks, evaluating "
+          f"{settings}; data: {data_desc}; budget {cfg.train.budget_minutes} min; device {cfg.train.device}",
+          flush=True)
     check_output_dir(cfg)
-    return run(cfg)
+    results = run(cfg)
+    rows = result_rows(results, data_desc, dataset)
+    for row in rows:
+        print(row)
+    if not args.no_record:
+        record(dataset, title, rows)
+    return results
 
 
 @functools.lru_cache(maxsize=None)

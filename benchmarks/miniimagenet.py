@@ -19,7 +19,7 @@ setting with that learner, which halves the cost on CPU; RESULTS.md rows say whi
 """
 from __future__ import annotations
 
-from common import REPO, banner, build_config, commit, data_root, parser, record, result_rows, run_config
+from common import REPO, banner, commit, data_root, parser, run_and_record
 
 from metamtl.data import MiniImageNet
 
@@ -46,18 +46,10 @@ def main() -> None:
                "These numbers are NOT test-set numbers and are not directly comparable to published ones.")
     groups = [args.settings] if args.one_learner else [[s] for s in args.settings]
     for group in groups:
-        evals = "[" + ",".join(f"{{ways: {s.split('w')[0]}, shots: {s.split('w')[1].rstrip('s')}}}" for s in group) + "]"
+        evals = "[" + ",".join(f"{{ways: {g.split('w')[0]}, shots: {g.split('w')[1].rstrip('s')}}}" for g in group) + "]"
         name = f"miniimagenet_{'_'.join(group)}" + ("_shared" if len(group) > 1 else "")
-        cfg = build_config(REPO / "configs" / "benchmarks" / f"miniimagenet_{group[0]}.yaml", args,
-                           [*overrides, f"eval.settings={evals}", f"name={name}"])
-        print(f"[benchmark] mini-ImageNet: training on {cfg.tasks.ways}-way {cfg.tasks.shots}-shot tasks, "
-              f"evaluating {', '.join(group)}; budget {cfg.train.budget_minutes} min; device {cfg.train.device}")
-        results = run_config(cfg)
-        rows = result_rows(results, desc, "miniimagenet")
-        for row in rows:
-            print(row)
-        if not args.no_record:
-            record("miniimagenet", "mini-ImageNet", rows)
+        run_and_record(REPO / "configs" / "benchmarks" / f"miniimagenet_{group[0]}.yaml", args,
+                       [*overrides, f"eval.settings={evals}", f"name={name}"], desc, "miniimagenet", "mini-ImageNet")
 
 
 if __name__ == "__main__":

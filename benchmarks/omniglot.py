@@ -19,7 +19,7 @@ per setting to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
-from common import REPO, banner, build_config, commit, data_root, parser, record, result_rows, run_config
+from common import REPO, banner, commit, data_root, parser, run_and_record
 
 from metamtl.data import Omniglot
 
@@ -44,14 +44,8 @@ def main() -> None:
                "Not comparable to published numbers, which use the 659 evaluation characters.")
     overrides = [f"data.root={root}", f"data.sources=[{','.join(sources)}]"]
     for setting in args.settings:
-        cfg = build_config(REPO / "configs" / "benchmarks" / f"omniglot_{setting}.yaml", args, overrides)
-        print(f"[benchmark] omniglot {setting}: {desc}; budget {cfg.train.budget_minutes} min; device {cfg.train.device}")
-        results = run_config(cfg)
-        rows = result_rows(results, desc, "omniglot")
-        for row in rows:
-            print(row)
-        if not args.no_record:
-            record("omniglot", "Omniglot", rows)
+        run_and_record(REPO / "configs" / "benchmarks" / f"omniglot_{setting}.yaml", args, overrides, desc,
+                       "omniglot", "Omniglot")
 
 
 if __name__ == "__main__":
