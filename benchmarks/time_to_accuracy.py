@@ -155,6 +155,8 @@ def main() -> None:
     t.add_argument("--backends", default="auto,higher")
     e = sub.add_parser("evaluate")
     e.add_argument("--target", type=float, default=0.95)
+    e.add_argument("--config", default=str(REPO / "configs" / "omniglot_5w1s.yaml"),
+                   help="the config the snapshots were trained with (named in the RESULTS.md record)")
     e.add_argument("--write", action="store_true")
     args = parser.parse_args()
     train(args) if args.cmd == "train" else evaluate(args)
