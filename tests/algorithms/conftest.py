@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from metamtl.tasks import EpisodeSampler
 
@@ -10,21 +9,10 @@ from algo_utils import toy_dataset
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster, and far faster when the CPU is shared."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread(single_thread):
+    """These models are tiny: every test here runs on one thread (root conftest's single_thread);
+    ``float64`` also comes from the root conftest."""
     yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture
-def float64():
-    """Double precision, so references and metamtl agree to tight tolerances."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
 
 
 @pytest.fixture(scope="module")
