@@ -180,7 +180,7 @@ def build_learner(cfg: Config, train_tasks: TaskSource, callbacks: list[Callback
         meta_lr=tr.meta_lr, grad_clip=tr.grad_clip, device=tr.device, callbacks=callbacks,
         max_bad_steps=tr.max_bad_steps, task="regression" if regression else "classification",
         task_defaults={"ways": cfg.tasks.ways, "shots": cfg.tasks.shots, "queries": cfg.eval.queries},
-        metadata=metadata,
+        metadata=metadata, precision=tr.precision, channels_last=tr.channels_last,
     )
 
 

@@ -9,6 +9,8 @@ test evaluation, so the point at its step count matches it.
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 from pathlib import Path
@@ -64,14 +66,17 @@ def episode_curve(learner: Any, episode: Any, steps: Sequence[int]) -> list[floa
     per step count instead.
     """
     alg, model = learner.algorithm, learner.model
-    ep = episode.to(learner.device)
+    to_device = getattr(learner, "_to_device", None)
+    ep = to_device(episode) if to_device is not None else episode.to(learner.device)
+    autocast = getattr(learner, "autocast", contextlib.nullcontext)
     key = "loss" if learner.task == "regression" else "accuracy"
     was_training = model.training
     model.eval()
     try:
         if type(alg).evaluate_episode is not Algorithm.evaluate_episode:
-            return [alg.evaluate_episode(model, ep, s)[key] for s in steps]
-        with torch.no_grad():
+            with autocast():
+                return [alg.evaluate_episode(model, ep, s)[key] for s in steps]
+        with torch.no_grad(), autocast():
             adapted = alg.adapt(model, ep.support_x, ep.support_y, ep.ways, max(steps))
             if adapted.trunk is not None and type(adapted.hooks).step_context is InnerHooks.step_context:
                 # head-only adaptation and no per-step context: the query features do not depend

@@ -33,13 +33,19 @@ class Episode:
     preprocessing: Preprocessing | None = None
     task: str = "classification"
 
-    def to(self, device: torch.device | str | None = None, non_blocking: bool = False) -> "Episode":
-        """Move to ``device`` and turn stored tensors into float model input."""
+    def to(self, device: torch.device | str | None = None, non_blocking: bool = False,
+           memory_format: torch.memory_format | None = None) -> "Episode":
+        """Move to ``device`` and turn stored tensors into float model input.
+
+        ``memory_format`` (e.g. ``torch.channels_last``) applies to 4-D image batches.
+        """
 
         def conv(x: torch.Tensor) -> torch.Tensor:
             x = x.to(device, non_blocking=non_blocking) if device is not None else x
             if x.dtype == torch.uint8:
                 x = self.preprocessing.normalize(x) if self.preprocessing else x.float().div_(255)
+            if memory_format is not None and x.dim() == 4:
+                x = x.contiguous(memory_format=memory_format)
             return x
 
         return dataclasses.replace(
@@ -120,8 +126,10 @@ class TaskBatch(Sequence[Episode]):
     def __repr__(self) -> str:
         return f"TaskBatch({len(self)} episodes, datasets={sorted({e.dataset for e in self})})"
 
-    def to(self, device: Any = None, non_blocking: bool = False) -> "TaskBatch":
-        return TaskBatch([e.to(device, non_blocking=non_blocking) for e in self.episodes])
+    def to(self, device: Any = None, non_blocking: bool = False,
+           memory_format: torch.memory_format | None = None) -> "TaskBatch":
+        return TaskBatch([e.to(device, non_blocking=non_blocking, memory_format=memory_format)
+                          for e in self.episodes])
 
     def pin_memory(self) -> "TaskBatch":
         return TaskBatch([e.pin_memory() for e in self.episodes])

@@ -1,0 +1,138 @@
+"""``MetaLearner(channels_last=..., precision=...)``: NHWC layout and bfloat16 autocast.
+
+channels_last changes only the memory layout, so a training step must give the NCHW step's
+meta-gradients (up to float32 summation order); bf16 must keep weights, gradients and outputs
+float32 while computing in bfloat16, with gradients close to (not equal to) the float32 ones.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metamtl import MetaLearner
+from metamtl.config import load_config
+from metamtl.errors import ConfigError
+from metamtl.models import build_model
+from metamtl.tasks import Episode, TaskBatch
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def model(head=True):
+    torch.manual_seed(0)
+    return build_model("conv4", in_channels=3, hidden=8, image_size=16, blocks=2,
+                       out_features=4 if head else None)
+
+
+def batch(tasks=3, ways=4, shots=2, queries=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(ways)
+    return TaskBatch([
+        Episode(torch.rand(ways * shots, 3, 16, 16, generator=g), labels.repeat_interleave(shots),
+                torch.rand(ways * queries, 3, 16, 16, generator=g), labels.repeat_interleave(queries),
+                ways, shots, queries)
+        for _ in range(tasks)
+    ])
+
+
+def step_grads(learner, b):
+    learner.meta_optimizer.zero_grad(set_to_none=True)
+    with learner.autocast():
+        metrics = learner.algorithm.meta_step(learner.model, learner._to_device(b))
+    return [p.grad.detach().clone() for p in learner.meta_parameters()], metrics
+
+
+ALGOS = [
+    ("maml", {"steps": 2, "lr": 0.1, "backend": "higher"}),
+    ("maml", {"steps": 2, "lr": 0.1, "backend": "func"}),
+    ("anil", {"steps": 2, "lr": 0.1, "head_init": "proto"}),
+    ("protonet", {}),
+]
+
+
+@pytest.mark.parametrize("name,settings", ALGOS, ids=[f"{n}-{s.get('backend', '')}" for n, s in ALGOS])
+def test_channels_last_gives_the_nchw_meta_gradients(name, settings, float64):
+    """Compared in float64: in float32 the two layouts sum in different orders (~1e-5 apart)."""
+    from metamtl.algorithms import build_algorithm
+
+    head = name not in ("protonet", "anil")
+    ref = MetaLearner(model(head), build_algorithm(name, **settings), device="cpu")
+    nhwc = MetaLearner(model(head), build_algorithm(name, **settings), device="cpu", channels_last=True)
+    convs = [p for p in nhwc.model.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert not all(p.is_contiguous() for p in convs)  # really NHWC, not a no-op
+    moved = nhwc._to_device(batch())
+    assert moved[0].query_x.is_contiguous(memory_format=torch.channels_last)
+    rg, rm = step_grads(ref, batch())
+    og, om = step_grads(nhwc, batch())
+    for a, b in zip(rg, og):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    assert om["loss"] == pytest.approx(rm["loss"], rel=1e-10)
+
+
+def test_bf16_trains_in_float32_weights_close_to_fp32():
+    ref = MetaLearner(model(False), "protonet", device="cpu")
+    bf = MetaLearner(model(False), "protonet", device="cpu", precision="bf16")
+    rg, rm = step_grads(ref, batch())
+    og, om = step_grads(bf, batch())
+    assert all(g.dtype == torch.float32 for g in og)
+    flat_r, flat_o = torch.cat([g.flatten() for g in rg]), torch.cat([g.flatten() for g in og])
+    cos = torch.nn.functional.cosine_similarity(flat_r, flat_o, dim=0)
+    assert cos > 0.98, f"bf16 meta-gradient direction differs from fp32 (cosine {cos:.4f})"
+    assert flat_r.ne(flat_o).any()  # bf16 really computed in lower precision
+    assert om["loss"] == pytest.approx(rm["loss"], rel=0.02)
+
+    history = bf.fit(iter_tasks(), iterations=3, meta_batch_size=2, progress=False)
+    assert all(p.dtype == torch.float32 for p in bf.model.parameters())
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in history if "loss" in r)
+    ep = batch(tasks=1, seed=5)[0]
+    logits = bf.predict(ep.support_x, ep.support_y, ep.query_x)
+    assert logits.dtype == torch.float32 and logits.shape == (ep.query_x.shape[0], ep.ways)
+
+
+class iter_tasks:
+    """A tiny task source: a fresh random episode per index."""
+
+    ways, shots, queries, name = 4, 2, 3, "random"
+
+    def episode(self, index):
+        return batch(tasks=1, seed=100 + index)[0]
+
+
+def test_layout_and_precision_survive_save_and_load(tmp_path):
+    learner = MetaLearner(model(False), "protonet", device="cpu", channels_last=True, precision="bf16")
+    path = learner.save(tmp_path / "l.pt")
+    back = MetaLearner.load(path, device="cpu")
+    assert back.channels_last and back.precision == "bf16"
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in back.model.parameters() if p.dim() == 4)
+    for a, b in zip(learner.model.parameters(), back.model.parameters()):
+        assert torch.equal(a, b)
+    plain = MetaLearner(model(False), "protonet", device="cpu")  # the weights load into NCHW too
+    plain.model.load_state_dict(back.model.state_dict())
+    ep = batch(tasks=1, seed=3)[0]
+    torch.testing.assert_close(plain.predict(ep.support_x, ep.support_y, ep.query_x),
+                               MetaLearner(back.model, "protonet", device="cpu").predict(
+                                   ep.support_x, ep.support_y, ep.query_x), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_settings_are_refused_with_the_choices():
+    with pytest.raises(ConfigError, match="precision.*fp16.*bf16"):
+        MetaLearner(model(False), "protonet", device="cpu", precision="fp16")
+    with pytest.raises(ConfigError, match="channels_last must be true or false"):
+        MetaLearner(model(False), "protonet", device="cpu", channels_last="yes")
+
+
+def test_config_keys_reach_the_learner(tmp_path):
+    from metamtl.experiment import build_learner, build_tasks
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {name: sinusoid}\nmodel: {name: mlp}\nalgorithm: {name: maml}\n"
+                   "train: {precision: bf16, channels_last: true}\n")
+    config = load_config(cfg)
+    assert config.train.precision == "bf16" and config.train.channels_last is True
+    with pytest.raises(ConfigError):
+        load_config(cfg, ["train.channels_last=maybe"])
+    with pytest.raises(ConfigError, match="precision"):
+        build_learner(load_config(cfg, ["train.precision=half"]), build_tasks(config)["train"])
+    learner = build_learner(config, build_tasks(config)["train"])
+    assert learner.precision == "bf16" and learner.channels_last
