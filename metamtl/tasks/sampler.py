@@ -16,6 +16,7 @@ Sources:
 from __future__ import annotations
 
 import math
+import threading
 from typing import Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -143,6 +144,23 @@ class EpisodeSampler(Dataset):
         labels = torch.arange(self.ways)
         self._support_y = labels.repeat_interleave(self.shots)
         self._query_y = labels.repeat_interleave(self.queries)
+        self._local = threading.local()  # one reusable Generator per thread (re-seeded per episode)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_local", None)  # DataLoader workers get a fresh one
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def _generator(self, index: int) -> torch.Generator:
+        """``episode_generator(seed, index)``, without allocating a Generator per episode."""
+        g = getattr(self._local, "g", None)
+        if g is None:
+            g = self._local.g = torch.Generator()
+        return g.manual_seed(episode_seed(self.seed, index))
 
     def __len__(self) -> int:
         # Episodes are indexed by any non-negative integer; a DataLoader needs a length only
@@ -164,7 +182,7 @@ class EpisodeSampler(Dataset):
 
     def episode(self, index: int) -> Episode:
         index = _check_index(index)
-        g = episode_generator(self.seed, index)
+        g = self._generator(index)
         ds = self.dataset
         classes = torch.randperm(ds.num_classes, generator=g)[: self.ways]
         k = self.shots + self.queries
@@ -177,12 +195,12 @@ class EpisodeSampler(Dataset):
             width = int(counts.max())
             keys = torch.rand(self.ways, width, generator=g)
             keys.masked_fill_(self._positions[:, :width] >= counts.unsqueeze(1), 2.0)
-        pick = keys.topk(k, dim=1, largest=False, sorted=True).indices
-        rows = ds.class_offsets[classes].unsqueeze(1) + pick  # [ways, k]
-        return Episode(
-            support_x=ds.images[rows[:, : self.shots].reshape(-1)],
+        rows = keys.topk(k, dim=1, largest=False, sorted=True).indices  # [ways, k] positions
+        rows.add_(ds.class_offsets[classes].unsqueeze(1))  # -> dataset rows
+        return Episode(  # index_select: the cheapest gather for a 1-D index
+            support_x=ds.images.index_select(0, rows[:, : self.shots].flatten()),
             support_y=self._support_y.clone(),
-            query_x=ds.images[rows[:, self.shots:].reshape(-1)],
+            query_x=ds.images.index_select(0, rows[:, self.shots:].flatten()),
             query_y=self._query_y.clone(),
             ways=self.ways,
             shots=self.shots,

@@ -114,3 +114,36 @@ def test_fixed_episodes_are_the_first_indices():
     s = EpisodeSampler(make_dataset(), 5, 1, 1, seed=2)
     eps = fixed_episodes(s, 3, start=5)
     assert [e.index for e in eps] == [5, 6, 7]
+
+
+def test_threads_sharing_a_sampler_get_the_sequential_episodes():
+    """The sampler reuses one Generator per thread: concurrent threads must not share draws."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sampler = EpisodeSampler(make_dataset(), ways=5, shots=2, queries=3, seed=4)
+    indices = list(range(200))
+    expected = [sampler.episode(i) for i in indices]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(sampler.episode, indices))
+    for a, b in zip(expected, got):
+        assert a.classes == b.classes
+        assert torch.equal(a.support_x, b.support_x) and torch.equal(a.query_x, b.query_x)
+
+
+def test_episode_rows_follow_the_documented_draws():
+    """Episode i = randperm of classes, then the k smallest random keys per class, from
+    episode_generator(seed, i): recomputed here independently of the sampler's code."""
+    from metamtl.tasks.sampler import episode_generator
+
+    ds = make_dataset(classes=12, per_class=9)
+    sampler = EpisodeSampler(ds, ways=4, shots=1, queries=2, seed=11)
+    for i in (0, 5, 1234):
+        g = episode_generator(11, i)
+        classes = torch.randperm(12, generator=g)[:4]
+        keys = torch.rand(4, 9, generator=g)
+        pos = keys.argsort(dim=1)[:, :3]
+        rows = [int(ds.class_offsets[c]) + pos[j] for j, c in enumerate(classes.tolist())]
+        ep = sampler.episode(i)
+        assert ep.classes == tuple(classes.tolist())
+        assert torch.equal(ep.support_x, ds.images[torch.stack([r[0] for r in rows])])
+        assert torch.equal(ep.query_x, ds.images[torch.cat([r[1:] for r in rows])])
