@@ -4,7 +4,9 @@
     flock -s /tmp/metamtl-cpu.lock python benchmarks/time_to_accuracy.py evaluate --write
 
 ``train`` meta-trains the config (default: the demo, configs/omniglot_5w1s.yaml) once per
-backend for ``--minutes`` of training time, snapshotting the weights every ``--every`` seconds of
+backend (``--backends``) or per named variant (``--variant LABEL="key=value key=value"``, e.g.
+``--variant nhwc+bf16="train.channels_last=true train.precision=bf16"``) for ``--minutes`` of
+training time, snapshotting the weights every ``--every`` seconds of
 training (the snapshot copies are not counted); it must own the CPU, the clock is the result.
 ``evaluate`` then measures every snapshot on the held-out test characters (600 episodes, 15
 queries, as the demo reports; evaluation time is not training time), plots accuracy against
@@ -32,6 +34,7 @@ from metamtl.config import load_config  # noqa: E402
 from metamtl.experiment import build_learner, build_tasks, seed_everything  # noqa: E402
 
 OUT = REPO / "runs" / "time_to_accuracy"
+LABELS = {"auto": "fast path (auto)", "higher": "backend higher"}
 
 
 class Snapshots(Callback):
@@ -51,27 +54,41 @@ class Snapshots(Callback):
             self.overhead += time.perf_counter() - t0
 
 
+def variants(args) -> dict[str, list[str]]:
+    """Label -> config overrides of every curve to train."""
+    if not args.variant:
+        return {b: [f"algorithm.backend={b}"] for b in args.backends.split(",")}
+    out = {}
+    for spec in args.variant:
+        label, sep, overrides = spec.partition("=")
+        if not sep or not label:
+            raise SystemExit(f"--variant needs LABEL=\"key=value ...\", got {spec!r}")
+        out[label] = overrides.split()
+    return out
+
+
 def train(args) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    for backend in args.backends.split(","):
-        cfg = load_config(args.config, [f"algorithm.backend={backend}", "train.val_every=1000000"])
+    for backend, overrides in variants(args).items():
+        cfg = load_config(args.config, [*overrides, "train.val_every=1000000"])
         seed_everything(cfg.seed)
         tasks = build_tasks(cfg)
         snaps = Snapshots(args.every)
         learner = build_learner(cfg, tasks["train"], callbacks=[snaps])
         learner.fit(tasks["train"], None, iterations=10**7, meta_batch_size=cfg.train.meta_batch_size,
                     budget_minutes=args.minutes, progress=True)
-        torch.save({"backend": backend, "config": str(args.config), "threads": torch.get_num_threads(),
-                    "snapshots": snaps.rows},
+        torch.save({"backend": backend, "overrides": overrides, "config": str(args.config),
+                    "threads": torch.get_num_threads(), "snapshots": snaps.rows},
                    OUT / f"{backend}.pt")
         print(f"{backend}: {learner.iteration} iterations, {len(snaps.rows)} snapshots", flush=True)
 
 
 def evaluate(args) -> None:
-    curves = {}
+    curves, runs = {}, {}
     for path in sorted(OUT.glob("*.pt")):
         run = torch.load(path, weights_only=False)
-        cfg = load_config(run["config"], [f"algorithm.backend={run['backend']}"])
+        runs[run["backend"]] = run.get("overrides", [f"algorithm.backend={run['backend']}"])
+        cfg = load_config(run["config"], run.get("overrides", [f"algorithm.backend={run['backend']}"]))
         tasks = build_tasks(cfg)
         learner = build_learner(cfg, tasks["train"])
         points = []
@@ -91,7 +108,8 @@ def evaluate(args) -> None:
         last = curves[backend][-1]
         when = (f"{point['minutes']:.2f} min (iteration {point['iteration']}, {100 * point['accuracy']:.2f}% "
                 f"± {100 * point['ci95']:.2f}%)" if point else "not reached")
-        lines.append(f"| {backend} | {when} | {100 * last['accuracy']:.2f}% ± {100 * last['ci95']:.2f}% after "
+        settings = " ".join(f"`{o}`" for o in runs[backend])
+        lines.append(f"| {backend} | {settings} | {when} | {100 * last['accuracy']:.2f}% ± {100 * last['ci95']:.2f}% after "
                      f"{last['minutes']:.2f} min ({last['iteration']} iterations) |")
     print("\n".join(lines))
     if args.write:
@@ -108,7 +126,7 @@ def plot(curves: dict, target: float, path: Path) -> None:
     for backend, pts in curves.items():
         ax.errorbar([p["minutes"] for p in pts], [100 * p["accuracy"] for p in pts],
                     yerr=[100 * p["ci95"] for p in pts], marker="o", ms=3, capsize=2,
-                    label="fast path (auto)" if backend == "auto" else f"backend {backend}")
+                    label=LABELS.get(backend, backend))
     ax.axhline(100 * target, color="grey", ls="--", lw=1, label=f"{100 * target:.0f}% target")
     ax.set_xlabel("meta-training wall-clock (minutes, 2 CPU cores)")
     ax.set_ylabel("held-out 5-way 1-shot accuracy (%)")
@@ -132,8 +150,8 @@ def write_results(lines: list[str], args) -> None:
         "held-out test characters, 600 episodes, 15 queries; evaluation time excluded. "
         "Curve: benchmarks/time_to_accuracy.png.",
         "",
-        f"| backend | first snapshot >= {100 * args.target:.0f}% | last snapshot |",
-        "|---|---|---|",
+        f"| run | settings | first snapshot >= {100 * args.target:.0f}% | last snapshot |",
+        "|---|---|---|---|",
     ]
     block = "\n".join(["<!-- tta:start -->", *header, *lines, "<!-- tta:end -->"])
     text = path.read_text()
@@ -153,6 +171,8 @@ def main() -> None:
     t.add_argument("--minutes", type=float, default=5.0)
     t.add_argument("--every", type=float, default=20.0, help="seconds of training between snapshots")
     t.add_argument("--backends", default="auto,higher")
+    t.add_argument("--variant", action="append", metavar='LABEL="key=value ..."',
+                   help="a curve with these config overrides (repeatable; replaces --backends)")
     e = sub.add_parser("evaluate")
     e.add_argument("--target", type=float, default=0.95)
     e.add_argument("--config", default=str(REPO / "configs" / "omniglot_5w1s.yaml"),
