@@ -130,14 +130,22 @@ def import_learn2learn():
 
 
 # -- what one iteration of each row does ------------------------------------------------------------
-def metamtl_step(algorithm: str, tasks: int, steps: int, device: str, queries: int = QUERIES, **settings):
+def nhwc(model: nn.Module, batch, on: bool):
+    """``model`` and ``batch`` in channels_last layout (as MetaLearner(channels_last=True) has them)."""
+    if not on:
+        return model, batch
+    return model.to(memory_format=torch.channels_last), batch.to(memory_format=torch.channels_last)
+
+
+def metamtl_step(algorithm: str, tasks: int, steps: int, device: str, queries: int = QUERIES,
+                 channels_last: bool = False, **settings):
     from metamtl.algorithms import build_algorithm
 
     per_task_head = settings.get("head_init", "learned") != "learned"
     model = metamtl_model(device, head=not per_task_head)
     alg = build_algorithm(algorithm, steps=steps, lr=settings.pop("lr", LR), **settings)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    batch = episodes(tasks, queries, device)
+    model, batch = nhwc(model, episodes(tasks, queries, device), channels_last)
     path = "fast path" if alg.fast_path(model) is not None else "higher"
 
     def step():
@@ -148,12 +156,11 @@ def metamtl_step(algorithm: str, tasks: int, steps: int, device: str, queries: i
     return step, {"path": path}
 
 
-def plain_higher_step(tasks: int, steps: int, device: str):
+def plain_higher_step(tasks: int, steps: int, device: str, channels_last: bool = False):
     import higher
 
-    model = textbook_conv4(device)
+    model, batch = nhwc(textbook_conv4(device), episodes(tasks, device=device), channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    batch = episodes(tasks, device=device)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -168,14 +175,13 @@ def plain_higher_step(tasks: int, steps: int, device: str):
     return step, {}
 
 
-def learn2learn_step(tasks: int, steps: int, device: str):
+def learn2learn_step(tasks: int, steps: int, device: str, channels_last: bool = False):
     l2l = import_learn2learn()
     if l2l is None:
         return None, {"skipped": L2L_INSTALL}
-    model = textbook_conv4(device)
+    model, batch = nhwc(textbook_conv4(device), episodes(tasks, device=device), channels_last)
     maml = l2l.MAML(model, lr=LR, first_order=False)
     opt = torch.optim.Adam(maml.parameters(), lr=1e-3)
-    batch = episodes(tasks, device=device)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -196,9 +202,11 @@ def floor_step(tasks: int, device: str, model_kind: str = "textbook", memory_for
     if memory_format == "channels_last":  # after the first conv: 1-channel inputs are ambiguous
         first = model[0]
         model[0] = nn.Sequential(first, _ChannelsLast())
+    model, batch = nhwc(model, episodes(tasks, device=device), memory_format == "nhwc")
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    batch = episodes(tasks, device=device)
     images = torch.cat([torch.cat([e.support_x, e.query_x]) for e in batch])
+    if memory_format == "nhwc":
+        images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.cat([torch.cat([e.support_y, e.query_y]) for e in batch])
     forward = torch.compile(model) if compiled else model
     extra = {}
@@ -303,6 +311,10 @@ ROWS = {
     "floor_metamtl": ("floor with metamtl's Conv4 (max-pool before ReLU)", lambda d: floor_step(32, d, "metamtl")),
     "floor_channels_last": ("floor, textbook conv4, channels_last feature maps",
                             lambda d: floor_step(32, d, memory_format="channels_last")),
+    "floor_nhwc": ("floor, textbook conv4, channels_last weights and images",
+                   lambda d: floor_step(32, d, memory_format="nhwc")),
+    "floor_metamtl_nhwc": ("floor, metamtl Conv4, channels_last weights and images",
+                           lambda d: floor_step(32, d, "metamtl", memory_format="nhwc")),
     "floor_compiled": ("floor, textbook conv4 under torch.compile (compile time excluded)",
                        lambda d: floor_step(32, d, compiled=True)),
     "maml_32x1": ("metamtl MAML 2nd order, 32 tasks x 1 step (backend auto)", lambda d: metamtl_step("maml", 32, 1, d)),
@@ -310,17 +322,29 @@ ROWS = {
                          lambda d: metamtl_step("maml", 32, 1, d, backend="higher")),
     "maml_32x1_vmap": ("metamtl MAML, backend func, torch.func.vmap over chunks of 8 tasks",
                        lambda d: metamtl_step("maml", 32, 1, d, backend="func", task_chunk=8)),
+    "maml_32x1_nhwc": ("metamtl MAML 32x1, channels_last (MetaLearner channels_last=True)",
+                       lambda d: metamtl_step("maml", 32, 1, d, channels_last=True)),
     "higher_32x1": ("plain higher loop, 32 tasks x 1 step", lambda d: plain_higher_step(32, 1, d)),
+    "higher_32x1_nhwc": ("plain higher loop, channels_last model and images",
+                         lambda d: plain_higher_step(32, 1, d, channels_last=True)),
     "l2l_32x1": ("learn2learn MAML, 32 tasks x 1 step", lambda d: learn2learn_step(32, 1, d)),
+    "l2l_32x1_nhwc": ("learn2learn MAML, channels_last model and images",
+                      lambda d: learn2learn_step(32, 1, d, channels_last=True)),
     "maml_16x5": ("metamtl MAML 2nd order, 16 tasks x 5 steps", lambda d: metamtl_step("maml", 16, 5, d)),
+    "maml_16x5_nhwc": ("metamtl MAML 16x5, channels_last",
+                       lambda d: metamtl_step("maml", 16, 5, d, channels_last=True)),
     "maml_16x5_higher": ("metamtl MAML 16x5, backend higher",
                          lambda d: metamtl_step("maml", 16, 5, d, backend="higher")),
     "higher_16x5": ("plain higher loop, 16 tasks x 5 steps", lambda d: plain_higher_step(16, 5, d)),
     "l2l_16x5": ("learn2learn MAML, 16 tasks x 5 steps", lambda d: learn2learn_step(16, 5, d)),
     "fomaml_32x1": ("metamtl FOMAML, 32 tasks x 1 step", lambda d: metamtl_step("fomaml", 32, 1, d)),
+    "fomaml_32x1_nhwc": ("metamtl FOMAML 32x1, channels_last",
+                         lambda d: metamtl_step("fomaml", 32, 1, d, channels_last=True)),
     "fomaml_32x1_higher": ("metamtl FOMAML, backend higher",
                            lambda d: metamtl_step("fomaml", 32, 1, d, backend="higher")),
     "anil_32x1": ("metamtl ANIL (head-only), 32 tasks x 1 step", lambda d: metamtl_step("anil", 32, 1, d)),
+    "anil_32x1_nhwc": ("metamtl ANIL 32x1, channels_last",
+                       lambda d: metamtl_step("anil", 32, 1, d, channels_last=True)),
     "anil_32x1_higher": ("metamtl ANIL, backend higher",
                          lambda d: metamtl_step("anil", 32, 1, d, backend="higher")),
     "anil_demo": ("metamtl ANIL as in `make demo`: 16 tasks, proto head, 3 steps, 5 queries",
@@ -342,6 +366,13 @@ RATIOS = [
     ("MAML 32x1 / learn2learn", "maml_32x1", "l2l_32x1", 0.8),
     ("MAML 16x5 / plain higher", "maml_16x5", "higher_16x5", 0.8),
     ("MAML 16x5 / learn2learn", "maml_16x5", "l2l_16x5", 0.8),
+    ("MAML 32x1 channels_last / plain higher", "maml_32x1_nhwc", "higher_32x1", 0.8),
+    ("MAML 32x1 channels_last / learn2learn", "maml_32x1_nhwc", "l2l_32x1", 0.8),
+    ("MAML 16x5 channels_last / plain higher", "maml_16x5_nhwc", "higher_16x5", 0.8),
+    ("MAML 16x5 channels_last / learn2learn", "maml_16x5_nhwc", "l2l_16x5", 0.8),
+    ("MAML 32x1 channels_last / plain higher, channels_last too", "maml_32x1_nhwc", "higher_32x1_nhwc", None),
+    ("MAML 32x1 channels_last / learn2learn, channels_last too", "maml_32x1_nhwc", "l2l_32x1_nhwc", None),
+    ("MAML 32x1 channels_last / floor channels_last (metamtl Conv4)", "maml_32x1_nhwc", "floor_metamtl_nhwc", None),
     ("MAML 32x1 / floor", "maml_32x1", "floor", None),
     ("MAML 32x1 fast path / metamtl higher backend", "maml_32x1", "maml_32x1_higher", None),
     ("MAML 32x1 vmap(8 tasks) / fast path", "maml_32x1_vmap", "maml_32x1", None),
@@ -349,11 +380,15 @@ RATIOS = [
     ("FOMAML 32x1 / floor", "fomaml_32x1", "floor", None),
     ("FOMAML fast path / higher backend", "fomaml_32x1", "fomaml_32x1_higher", None),
     ("ANIL 32x1 / floor", "anil_32x1", "floor", 1.3),
+    ("ANIL 32x1 channels_last / floor channels_last (textbook)", "anil_32x1_nhwc", "floor_nhwc", 1.3),
+    ("FOMAML 32x1 channels_last / FOMAML NCHW", "fomaml_32x1_nhwc", "fomaml_32x1", None),
     ("ANIL 32x1 fast path / higher backend", "anil_32x1", "anil_32x1_higher", None),
     ("demo ANIL fast path / higher backend", "anil_demo", "anil_demo_higher", None),
     ("evaluate fast path / higher backend", "eval_100", "eval_100_higher", None),
     ("floor: metamtl Conv4 / textbook", "floor_metamtl", "floor", None),
-    ("floor: channels_last / NCHW", "floor_channels_last", "floor", None),
+    ("floor: channels_last feature maps / NCHW", "floor_channels_last", "floor", None),
+    ("floor: channels_last weights+images / NCHW", "floor_nhwc", "floor", None),
+    ("floor, metamtl Conv4: channels_last / NCHW", "floor_metamtl_nhwc", "floor_metamtl", None),
     ("floor: torch.compile / eager", "floor_compiled", "floor", None),
     ("meta-batch sampling / MAML 32x1 step", "batch_prep", "maml_32x1", 0.05),
 ]

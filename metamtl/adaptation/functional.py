@@ -13,6 +13,10 @@ agree to 1e-5), without a patched module and a differentiable optimizer per task
   BatchNorm still normalises each task with its own statistics (vmap's batch-norm rule keeps
   per-task statistics, support and query forwards stay separate exactly as in the reference).
 
+Layout: with a channels_last model (``MetaLearner(channels_last=True)``) every task's adapted conv
+weights stay channels_last after each SGD step (an ``add`` would return them NCHW, and every later
+feature map with them), so the whole inner and outer loop runs on the fast NHWC kernels.
+
 Chunk size: ``InnerLoop.task_chunk``; ``0`` (auto) is one task per call on CPU and the whole
 meta-batch elsewhere.  On a 2-core CPU, batching tasks into one call is slower (grouped
 convolutions and feature maps that no longer fit in cache, see benchmarks/RESULTS.md), so the CPU
@@ -129,6 +133,16 @@ class TaskBatchAdapted(Adapted):
         return map_tasks(one, params, x, self.support_x)
 
 
+def _nhwc_per_task(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[T, O, I, kh, kw]`` with every ``x[t]`` in channels-last layout (same values)."""
+    y = x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    if y.stride(2) != 1:  # one input channel: the stride of a size-1 dim is free, say NHWC
+        stride = list(y.stride())
+        stride[2] = 1
+        y = y.as_strided(y.shape, stride)
+    return y
+
+
 def map_tasks(fn: Callable[..., torch.Tensor], params: Sequence[torch.Tensor], *xs: torch.Tensor) -> torch.Tensor:
     """``stack([fn([p[t] for p in params], *[x[t] for x in xs]) for t])``, vmapped over ``t``."""
     if xs[0].shape[0] == 1:  # one task: a plain call (no vmap overhead)
@@ -183,6 +197,10 @@ class FunctionalInnerLoop:
             for p, m in zip(initial, meta)
         ]
         inputs = features if head_only else support_x
+        # A channels_last model (MetaLearner(channels_last=True)) keeps its adapted conv weights
+        # channels_last too: an SGD step's result would otherwise come out NCHW and turn every
+        # later feature map (and the slow NCHW max-pool kernel) back to NCHW.
+        nhwc = [p.dim() == 5 and p.shape[-1] * p.shape[-2] > 1 and p.stride(2) == 1 for p in start]
         inner_losses: list[torch.Tensor] = []
         params = start
         trajectory = [params]
@@ -192,6 +210,7 @@ class FunctionalInnerLoop:
                 inner_losses.append(losses.detach())
                 grads = torch.autograd.grad(losses.sum(), params, create_graph=create_graph, allow_unused=True)
                 params = [p if g is None else p.add(g, alpha=-inner.lr) for p, g in zip(params, grads)]
+                params = [_nhwc_per_task(p) if cl else p for p, cl in zip(params, nhwc)]
                 if not create_graph:
                     params = [p.detach().requires_grad_() for p in params]
                 trajectory.append(params)
