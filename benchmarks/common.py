@@ -106,6 +106,16 @@ def commit() -> str:
     return (sha or "unknown") + ("+dirty" if dirty else "")
 
 
+def provenance() -> str:
+    """``date D, commit C, machine M N cores, torch T, Python P``: where a figure was measured."""
+    import platform
+
+    import torch
+
+    return (f"date {time.strftime('%Y-%m-%d')}, commit {commit()}, machine {platform.machine()} "
+            f"{os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}")
+
+
 def machine(results: dict[str, Any]) -> str:
     m = results.get("machine", {})
     if m.get("cuda") and results.get("config", {}).get("train", {}).get("device") != "cpu":

@@ -30,7 +30,6 @@ import importlib
 import importlib.util
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -41,6 +40,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from common import provenance  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -493,13 +495,9 @@ def main() -> None:
     if import_learn2learn() is None:
         print(L2L_INSTALL, file=sys.stderr)
     _, data = load_images()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=REPO).stdout.strip()
     header = [
         f"Command: `{' '.join(['python', 'benchmarks/speed.py', *sys.argv[1:]])}` (under `flock -x`), "
-        f"date {time.strftime('%Y-%m-%d')}, commit {commit}, machine {platform.machine()} "
-        f"{os.cpu_count()} cores, {args.threads} torch threads, torch {torch.__version__}, "
-        f"Python {platform.python_version()}, device {args.device}.",
+        f"{provenance()}, {args.threads} torch threads, device {args.device}.",
         f"Images: {data}. {args.iters} timed iterations per row after one warm-up, median; "
         "peak MB = max RSS of the row's own process above its RSS after loading data and model.",
     ]

@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 
+from common import provenance  # noqa: E402
 from metamtl.callbacks import Callback  # noqa: E402
 from metamtl.config import load_config  # noqa: E402
 from metamtl.experiment import build_learner, build_tasks, seed_everything  # noqa: E402
@@ -140,12 +139,9 @@ def plot(curves: dict, target: float, path: Path) -> None:
 
 def write_results(lines: list[str], args) -> None:
     path = REPO / "benchmarks" / "RESULTS.md"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=REPO).stdout.strip()
     header = [
         f"Commands: `flock -x /tmp/metamtl-cpu.lock python benchmarks/time_to_accuracy.py train` then "
-        f"`python benchmarks/time_to_accuracy.py evaluate --write`; date {time.strftime('%Y-%m-%d')}, commit "
-        f"{commit}, {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}. Config "
+        f"`python benchmarks/time_to_accuracy.py evaluate --write`; {provenance()}. Config "
         f"{Path(args.config).relative_to(REPO) if Path(args.config).is_absolute() else args.config}; "
         "held-out test characters, 600 episodes, 15 queries; evaluation time excluded. "
         "Curve: benchmarks/time_to_accuracy.png.",
