@@ -5,7 +5,8 @@
 
 ``train`` meta-trains the config (default: the demo, configs/omniglot_5w1s.yaml) once per
 backend (``--backends``) or per named variant (``--variant LABEL="key=value key=value"``, e.g.
-``--variant nhwc+bf16="train.channels_last=true train.precision=bf16"``) for ``--minutes`` of
+``--variant nhwc+bf16="train.channels_last=true train.precision=bf16"``; quote values with spaces
+as in a shell: ``--variant proto="'algorithm={name: protonet}'"``) for ``--minutes`` of
 training time, snapshotting the weights every ``--every`` seconds of
 training (the snapshot copies are not counted); it must own the CPU, the clock is the result.
 ``evaluate`` then measures every snapshot on the held-out test characters (600 episodes, 15
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -62,7 +64,7 @@ def variants(args) -> dict[str, list[str]]:
         label, sep, overrides = spec.partition("=")
         if not sep or not label:
             raise SystemExit(f"--variant needs LABEL=\"key=value ...\", got {spec!r}")
-        out[label] = overrides.split()
+        out[label] = shlex.split(overrides)
     return out
 
 
@@ -129,7 +131,7 @@ def plot(curves: dict, target: float, path: Path) -> None:
     ax.axhline(100 * target, color="grey", ls="--", lw=1, label=f"{100 * target:.0f}% target")
     ax.set_xlabel("meta-training wall-clock (minutes, 2 CPU cores)")
     ax.set_ylabel("held-out 5-way 1-shot accuracy (%)")
-    ax.set_title("Omniglot small1+small2, ANIL (demo config)")
+    ax.set_title("Omniglot small1+small2, 5-way 1-shot (demo config and variants)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
