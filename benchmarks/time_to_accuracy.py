@@ -11,13 +11,14 @@ training time, snapshotting the weights every ``--every`` seconds of
 training (the snapshot copies are not counted); it must own the CPU, the clock is the result.
 ``evaluate`` then measures every snapshot on the held-out test characters (600 episodes, 15
 queries, as the demo reports; evaluation time is not training time), plots accuracy against
-training minutes (benchmarks/time_to_accuracy.png) and prints when each curve first reaches the
+training minutes (benchmarks/figures/time_to_accuracy.png) and prints when each curve first reaches the
 target (95%); ``--write`` records it in benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -29,7 +30,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 
-from common import provenance  # noqa: E402
+from common import data_root, provenance  # noqa: E402
 from metamtl.callbacks import Callback  # noqa: E402
 from metamtl.config import load_config  # noqa: E402
 from metamtl.experiment import build_learner, build_tasks, seed_everything  # noqa: E402
@@ -103,7 +104,7 @@ def evaluate(args) -> None:
         curves[run["backend"]] = points
     (OUT / "curves.json").write_text(json.dumps(curves, indent=1))
     reached = {b: next((p for p in pts if p["accuracy"] >= args.target), None) for b, pts in curves.items()}
-    plot(curves, args.target, REPO / "benchmarks" / "time_to_accuracy.png")
+    plot(curves, args.target, REPO / "benchmarks" / "figures" / "time_to_accuracy.png")
     lines = []
     for backend, point in reached.items():
         last = curves[backend][-1]
@@ -146,7 +147,7 @@ def write_results(lines: list[str], args) -> None:
         f"`python benchmarks/time_to_accuracy.py evaluate --write`; {provenance()}. Config "
         f"{Path(args.config).relative_to(REPO) if Path(args.config).is_absolute() else args.config}; "
         "held-out test characters, 600 episodes, 15 queries; evaluation time excluded. "
-        "Curve: benchmarks/time_to_accuracy.png.",
+        "Curve: [benchmarks/figures/time_to_accuracy.png](figures/time_to_accuracy.png).",
         "",
         f"| run | settings | first snapshot >= {100 * args.target:.0f}% | last snapshot |",
         "|---|---|---|---|",
@@ -177,6 +178,7 @@ def main() -> None:
                    help="the config the snapshots were trained with (named in the RESULTS.md record)")
     e.add_argument("--write", action="store_true")
     args = parser.parse_args()
+    os.environ["METAMTL_DATA"] = str(data_root(None))  # $METAMTL_DATA, else ../shared/data
     train(args) if args.cmd == "train" else evaluate(args)
 
 
