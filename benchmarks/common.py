@@ -93,13 +93,13 @@ def run_and_record(config: Path, args: argparse.Namespace, overrides: Sequence[s
 
 @functools.lru_cache(maxsize=None)
 def commit() -> str:
-    """Short commit of the checkout, with ``+dirty`` when tracked files (other than RESULTS.md,
-    which the scripts edit) differ from it.  Cached: call it at start-up."""
+    """Short commit of the checkout, with ``+dirty`` when tracked files (other than RESULTS.md and
+    benchmarks/figures/, which the scripts write) differ from it.  Cached: call it at start-up."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                              text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":!benchmarks/RESULTS.md"], cwd=REPO,
+                                ":!benchmarks/RESULTS.md", ":!benchmarks/figures"], cwd=REPO,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
