@@ -276,6 +276,7 @@ def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
     seed_everything(cfg.seed)
     run_dir = cfg.run_dir
     check_output_dir(cfg)  # fail before loading data or training, not at the first checkpoint
+    commit, started = git_commit(), time.strftime("%Y-%m-%d %H:%M:%S")  # the code that trains
     t0 = time.perf_counter()
     tasks = build_tasks(cfg)
     data_seconds = time.perf_counter() - t0
@@ -324,8 +325,8 @@ def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
         "data_seconds": data_seconds,
         "checkpoint": str(final_path),
         "machine": machine_info(),
-        "commit": git_commit(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "commit": commit,
+        "date": started,
         "test": [],
     }
     if isinstance(test_tasks, dict):
