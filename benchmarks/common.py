@@ -139,9 +139,9 @@ def training_cell(results: dict[str, Any]) -> str:
     steps = alg.get("steps", 1)
     evaluated = "" if results.get("selected_iteration", results["iterations"]) == results["iterations"] else \
         f", best val at it. {results['selected_iteration']}"
-    fast = ", ".join(x for x in (tr.get("precision", "fp32") if tr.get("precision", "fp32") != "fp32" else "",
-                                 "channels_last" if tr.get("channels_last") else "") if x)
-    fast = f" ({fast})" if fast else ""
+    flags = [tr["precision"]] if tr.get("precision", "fp32") != "fp32" else []
+    flags += ["channels_last"] if tr.get("channels_last") else []
+    fast = f" ({', '.join(flags)})" if flags else ""
     return (f"{alg['name']}{head}, {cfg['model'].get('name')}-{cfg['model'].get('hidden', '')}{fast}, {steps} inner steps; "
             f"trained {t['ways']}w{t['shots']}s x{tr['meta_batch_size']} tasks, {results['iterations']} it. in "
             f"{results['train_seconds'] / 60:.1f} min ({results['stopped_by']}){evaluated}")

@@ -146,8 +146,8 @@ def metamtl_step(algorithm: str, tasks: int, steps: int, device: str, queries: i
     per_task_head = settings.get("head_init", "learned") != "learned"
     model = metamtl_model(device, head=not per_task_head)
     alg = build_algorithm(algorithm, steps=steps, lr=settings.pop("lr", LR), **settings)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model, batch = nhwc(model, episodes(tasks, queries, device), channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     path = "fast path" if alg.fast_path(model) is not None else "higher"
 
     def step():

@@ -89,8 +89,8 @@ def evaluate(args) -> None:
     curves, runs = {}, {}
     for path in sorted(OUT.glob("*.pt")):
         run = torch.load(path, weights_only=False)
-        runs[run["backend"]] = run.get("overrides", [f"algorithm.backend={run['backend']}"])
-        cfg = load_config(run["config"], run.get("overrides", [f"algorithm.backend={run['backend']}"]))
+        overrides = runs[run["backend"]] = run.get("overrides", [f"algorithm.backend={run['backend']}"])
+        cfg = load_config(run["config"], overrides)
         tasks = build_tasks(cfg)
         learner = build_learner(cfg, tasks["train"])
         points = []

@@ -239,10 +239,14 @@ class MetaLearner:
         """The autocast context of :attr:`precision` (a no-op for ``"fp32"``)."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
+    @property
+    def memory_format(self) -> torch.memory_format | None:
+        """The layout of image batches given to the model (``None``: leave as they are)."""
+        return torch.channels_last if self.channels_last else None
+
     def _to_device(self, episode: Episode | TaskBatch, non_blocking: bool = False) -> Any:
         """An episode or batch as model input on this learner's device, in its memory layout."""
-        fmt = torch.channels_last if self.channels_last else None
-        return episode.to(self.device, non_blocking=non_blocking, memory_format=fmt)
+        return episode.to(self.device, non_blocking=non_blocking, memory_format=self.memory_format)
 
     def meta_parameters(self) -> list[nn.Parameter]:
         """Everything the meta-optimizer updates: model weights and learnable algorithm state."""
@@ -566,8 +570,8 @@ class MetaLearner:
         elif not x.is_floating_point():
             raise InputError(f"{what} must be float model input, uint8 images or raw images; got {x.dtype}")
         x = x.to(self.device, torch.float32)
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        if self.memory_format is not None and x.dim() == 4:
+            x = x.contiguous(memory_format=self.memory_format)
         try:
             self.model.check_input(x)
         except InputError as exc:

@@ -9,8 +9,6 @@ test evaluation, so the point at its step count matches it.
 """
 from __future__ import annotations
 
-import contextlib
-
 import json
 import os
 from pathlib import Path
@@ -66,9 +64,8 @@ def episode_curve(learner: Any, episode: Any, steps: Sequence[int]) -> list[floa
     per step count instead.
     """
     alg, model = learner.algorithm, learner.model
-    to_device = getattr(learner, "_to_device", None)
-    ep = to_device(episode) if to_device is not None else episode.to(learner.device)
-    autocast = getattr(learner, "autocast", contextlib.nullcontext)
+    ep = learner._to_device(episode)
+    autocast = learner.autocast
     key = "loss" if learner.task == "regression" else "accuracy"
     was_training = model.training
     model.eval()
