@@ -23,6 +23,16 @@ from .errors import ConfigError, did_you_mean
 
 
 @dataclasses.dataclass
+class AugmentConfig:
+    """Training-image augmentation (:class:`metamtl.data.augment.RandomCropFlip`): a random
+    shift of up to ``padding`` pixels (mirror padding) and, with ``flip``, a random left-right
+    mirror per image.  ``train_augment: {}`` gives the defaults for 84x84 natural images."""
+
+    padding: int = 8
+    flip: bool = True
+
+
+@dataclasses.dataclass
 class DataConfig:
     """Which dataset, where it is, and how it is split/augmented.
 
@@ -39,6 +49,7 @@ class DataConfig:
     split_fractions: list[float] | None = None
     split_seed: int | None = None
     train_rotations: list[int] | None = None
+    train_augment: AugmentConfig | None = None  # crop/flip of training episodes (null: none)
     train_split: str = "train"
     val_split: str | None = "val"
     test_split: str | None = "test"
@@ -276,6 +287,15 @@ def _check_config(cfg: Config) -> Config:
                         ("tasks.test_seed", t.test_seed), ("data.split_seed", cfg.data.split_seed)):
         if seed is not None and not 0 <= seed < 2**63:
             raise ConfigError(f"{where} must be an integer in 0..2**63-1, got {seed}")
+    from .data.augment import build_augment
+
+    for i, data in enumerate(cfg.datasets or [cfg.data]):
+        if data.train_augment is not None:
+            where = f"datasets[{i}]" if cfg.datasets else "data"
+            try:
+                build_augment(dataclasses.asdict(data.train_augment))
+            except ConfigError as exc:
+                raise ConfigError(f"{where}.train_augment: {exc}") from None
     d = cfg.data
     for other in ("val_split", "test_split"):
         if getattr(d, other) is not None and getattr(d, other) == d.train_split:

@@ -64,6 +64,11 @@ def load_split(cfg: Config, split: str, rotations: list[int] | None = None,
     return load_dataset(d.name, split=split, root=data_root(cfg, d), **kwargs)
 
 
+def train_augment(data: DataConfig) -> dict | None:
+    """The training augmentation a dataset entry asks for (``EpisodeSampler(augment=...)``)."""
+    return dataclasses.asdict(data.train_augment) if data.train_augment is not None else None
+
+
 def is_regression(cfg: Config) -> bool:
     return cfg.data.name == "sinusoid"
 
@@ -82,6 +87,9 @@ def build_tasks(cfg: Config) -> dict[str, Any]:
     if is_regression(cfg):
         from .data.sinusoid import Sinusoid
 
+        if cfg.data.train_augment is not None:
+            raise ConfigError("data.train_augment crops and flips images; the sinusoid tasks have none (set it to null)")
+
         return {
             "train": Sinusoid(shots=t.shots, queries=t.queries, seed=t.seed),
             "val": Sinusoid(shots=t.shots, queries=t.queries, seed=t.val_seed),
@@ -89,7 +97,8 @@ def build_tasks(cfg: Config) -> dict[str, Any]:
         }
     d = cfg.data
     out: dict[str, TaskSource | None] = {
-        "train": EpisodeSampler(load_split(cfg, d.train_split, d.train_rotations), t.ways, t.shots, t.queries, seed=t.seed)
+        "train": EpisodeSampler(load_split(cfg, d.train_split, d.train_rotations), t.ways, t.shots, t.queries,
+                                seed=t.seed, augment=train_augment(d))
     }
     out["val"] = (EpisodeSampler(load_split(cfg, d.val_split), t.ways, t.shots, t.queries, seed=t.val_seed)
                   if d.val_split else None)
@@ -117,7 +126,7 @@ def _build_mixed_tasks(cfg: Config) -> dict[str, Any]:
     for d in cfg.datasets:
         label = d.label or d.name
         train.append(EpisodeSampler(load_split(cfg, d.train_split, d.train_rotations, d), t.ways, t.shots,
-                                    t.queries, seed=t.seed, name=label))
+                                    t.queries, seed=t.seed, name=label, augment=train_augment(d)))
         if d.val_split:
             val.append(EpisodeSampler(load_split(cfg, d.val_split, data=d), t.ways, t.shots, t.queries,
                                       seed=t.val_seed, name=label))

@@ -22,6 +22,7 @@ from typing import Iterator, Protocol, Sequence, runtime_checkable
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..data.augment import build_augment
 from ..data.base import ClassDataset
 from ..errors import TaskError
 from .episode import Episode, TaskBatch
@@ -89,6 +90,10 @@ class EpisodeSampler(Dataset):
         queries: query examples per class (Q).
         seed: episode ``i`` is a pure function of ``(seed, i)``.
         name: name used in logs (default: the dataset's name).
+        augment: optional training augmentation applied to every support and query image
+            (e.g. :class:`~metamtl.data.augment.RandomCropFlip`), drawn from a separate seeded
+            stream: the classes and images of episode ``i`` are the same with or without it,
+            and the augmented episode is still a pure function of ``(seed, i)``.
 
     ``sampler[i]`` (or ``sampler.episode(i)``) returns episode ``i``. Labels are remapped to
     ``0..ways-1`` in a random order per episode; ``episode.classes`` holds the dataset class
@@ -103,6 +108,7 @@ class EpisodeSampler(Dataset):
         queries: int = 15,
         seed: int = 0,
         name: str | None = None,
+        augment=None,
     ) -> None:
         if not isinstance(dataset, ClassDataset):
             raise TaskError(
@@ -116,6 +122,9 @@ class EpisodeSampler(Dataset):
         self.seed = _check_seed(seed)
         self.name = str(name or dataset.name)
         self.task = "classification"
+        self.augment = build_augment(augment)
+        if self.augment is not None and dataset.images.dim() != 4:
+            raise TaskError(f"augment needs an image dataset; {dataset.name!r} stores shape {list(dataset.images.shape[1:])}")
         if dataset.num_classes == 0:
             raise TaskError(f"dataset {dataset.name!r} has no classes; check its root and split")
         need = self.shots + self.queries
@@ -155,12 +164,15 @@ class EpisodeSampler(Dataset):
         self.__dict__.update(state)
         self._local = threading.local()
 
-    def _generator(self, index: int) -> torch.Generator:
-        """``episode_generator(seed, index)``, without allocating a Generator per episode."""
-        g = getattr(self._local, "g", None)
+    def _generator(self, index: int, stream: int = 0) -> torch.Generator:
+        """``episode_generator(seed, index, stream)``, without allocating a Generator per episode."""
+        gens = getattr(self._local, "gens", None)
+        if gens is None:
+            gens = self._local.gens = {}
+        g = gens.get(stream)
         if g is None:
-            g = self._local.g = torch.Generator()
-        return g.manual_seed(episode_seed(self.seed, index))
+            g = gens[stream] = torch.Generator()
+        return g.manual_seed(episode_seed(self.seed, index, stream))
 
     def __len__(self) -> int:
         # Episodes are indexed by any non-negative integer; a DataLoader needs a length only
@@ -171,9 +183,10 @@ class EpisodeSampler(Dataset):
         return self.episode(index)
 
     def __repr__(self) -> str:
+        aug = f", augment={self.augment!r}" if self.augment is not None else ""
         return (
             f"EpisodeSampler({self.name!r}, ways={self.ways}, shots={self.shots}, "
-            f"queries={self.queries}, seed={self.seed}, classes={self.dataset.num_classes})"
+            f"queries={self.queries}, seed={self.seed}, classes={self.dataset.num_classes}{aug})"
         )
 
     @property
@@ -197,10 +210,16 @@ class EpisodeSampler(Dataset):
             keys.masked_fill_(self._positions[:, :width] >= counts.unsqueeze(1), 2.0)
         rows = keys.topk(k, dim=1, largest=False, sorted=True).indices  # [ways, k] positions
         rows.add_(ds.class_offsets[classes].unsqueeze(1))  # -> dataset rows
-        return Episode(  # index_select: the cheapest gather for a 1-D index
-            support_x=ds.images.index_select(0, rows[:, : self.shots].flatten()),
+        # index_select: the cheapest gather for a 1-D index
+        support_x = ds.images.index_select(0, rows[:, : self.shots].flatten())
+        query_x = ds.images.index_select(0, rows[:, self.shots:].flatten())
+        if self.augment is not None:
+            ga = self._generator(index, stream=2)
+            support_x, query_x = self.augment(support_x, ga), self.augment(query_x, ga)
+        return Episode(
+            support_x=support_x,
             support_y=self._support_y.clone(),
-            query_x=ds.images.index_select(0, rows[:, self.shots:].flatten()),
+            query_x=query_x,
             query_y=self._query_y.clone(),
             ways=self.ways,
             shots=self.shots,
@@ -213,7 +232,8 @@ class EpisodeSampler(Dataset):
 
     def with_settings(self, **kwargs) -> "EpisodeSampler":
         """The same dataset with other ``ways``/``shots``/``queries``/``seed``."""
-        args = dict(ways=self.ways, shots=self.shots, queries=self.queries, seed=self.seed, name=self.name)
+        args = dict(ways=self.ways, shots=self.shots, queries=self.queries, seed=self.seed, name=self.name,
+                    augment=self.augment)
         unknown = sorted(set(kwargs) - set(args))
         if unknown:
             raise TaskError(f"with_settings accepts {', '.join(args)}; got {', '.join(unknown)}")

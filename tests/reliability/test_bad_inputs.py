@@ -52,7 +52,7 @@ SAMPLER = [
     ("index-negative", lambda e: e.sampler.episode(-1), TaskError, r"episode index must be an integer >= 0, got -1"),
     ("index-string", lambda e: e.sampler.episode("3"), TaskError, r"episode index must be an integer >= 0, got '3'"),
     ("not-a-class-dataset", lambda e: EpisodeSampler(e.ds.images, 5), TaskError, r"needs a ClassDataset, got Tensor"),
-    ("with-settings-typo", lambda e: e.sampler.with_settings(wayz=3), TaskError, r"with_settings accepts ways, shots, queries, seed, name; got wayz"),
+    ("with-settings-typo", lambda e: e.sampler.with_settings(wayz=3), TaskError, r"with_settings accepts ways, shots, queries, seed, name, augment; got wayz"),
     ("mixture-weight-negative", lambda e: MixedTasks([e.sampler], weights=[-1]), TaskError, r"finite, >= 0"),
     ("mixture-weight-text", lambda e: MixedTasks([e.sampler], weights=["x"]), TaskError, r"list of numbers"),
     ("mixture-temperature-zero", lambda e: MixedTasks([e.sampler], temperature=0), TaskError, r"temperature must be > 0"),
