@@ -23,6 +23,7 @@ from torch import nn
 
 from . import __version__, distributed
 from .adaptation import Adapted, check_positive, task_loss
+from .allocator import tune_cpu_allocator
 from .algorithms import Algorithm, build_algorithm
 from .callbacks import Callback, CallbackList, History, ModelCheckpoint, ProgressBar
 from .checkpoint import FORMAT, FORMAT_VERSION, atomic_save, config_diff, safe_load
@@ -192,6 +193,8 @@ class MetaLearner:
         if not isinstance(channels_last, bool):
             raise ConfigError(f"channels_last must be true or false, got {channels_last!r}")
         self.device = resolve_device(device)
+        if self.device.type == "cpu":
+            tune_cpu_allocator()  # heap reuse instead of mmap/munmap per step (see metamtl.allocator)
         if precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("precision 'bf16' needs a GPU with bfloat16 support; use precision 'fp32'")
         self.precision, self.channels_last = precision, channels_last

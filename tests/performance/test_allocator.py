@@ -1,0 +1,59 @@
+"""CPU allocator tuning: freed tensor memory is reused instead of being handed back to the OS."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+CHURN = """
+import resource, torch
+import metamtl
+from metamtl.allocator import tune_cpu_allocator
+torch.set_num_threads(1)
+if {learner}:
+    from metamtl.models import build_model
+    metamtl.MetaLearner(build_model("conv4", in_channels=1, hidden=4, image_size=16, blocks=2, out_features=2), "maml", device="cpu")
+else:
+    tune_cpu_allocator()
+def churn(rounds=20):
+    for _ in range(rounds):  # the allocation pattern of a training step: several MiB-sized tensors
+        xs = [torch.ones(1024 * 1024) for _ in range(3)]
+        del xs
+churn()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+churn()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def page_faults(tune: bool, learner: bool = False) -> int:
+    env = {**os.environ, "METAMTL_TUNE_MALLOC": "1" if tune else "0"}
+    out = subprocess.run([sys.executable, "-c", CHURN.format(learner=learner)], env=env,
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_tuned_allocator_reuses_memory_instead_of_faulting_in_new_pages():
+    from metamtl.allocator import _libc
+
+    if _libc() is None:
+        pytest.skip("not glibc")
+    untuned = page_faults(False)
+    assert untuned > 10_000  # glibc trims the heap and faults 3 x 4 MiB in again every round
+    assert page_faults(True) < untuned / 20
+    # a CPU MetaLearner tunes it by itself
+    assert page_faults(True, learner=True) < untuned / 20
+
+
+def test_opt_out_and_idempotence(monkeypatch):
+    from metamtl import allocator
+
+    monkeypatch.setitem(allocator._state, "tuned", None)
+    monkeypatch.setenv("METAMTL_TUNE_MALLOC", "0")
+    assert allocator.tune_cpu_allocator() is False
+    assert allocator.tune_cpu_allocator() is False  # remembered
+    monkeypatch.setenv("METAMTL_TUNE_MALLOC", "1")
+    assert allocator.tune_cpu_allocator(force=True) is (allocator._libc() is not None)
