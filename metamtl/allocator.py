@@ -4,9 +4,9 @@ PyTorch's CPU tensors come from ``malloc``.  glibc serves blocks above ``M_MMAP_
 (128 KiB at start-up) with a fresh ``mmap`` and gives them back with ``munmap`` when freed, and
 trims the heap above ``M_TRIM_THRESHOLD``; a training step that allocates and frees tens of
 megabytes of activations then spends much of its time in the kernel, zeroing new pages (a
-84x84 conv4 step on 2 cores: more system than user time).  glibc raises both thresholds on its
-own once a large mmapped block is freed, which is why a run suddenly speeds up after its first
-validation pass; :func:`tune_cpu_allocator` sets them up front instead.
+84x84 conv4 step on 2 cores: 39% of its CPU time in the kernel).  glibc raises both thresholds
+on its own only once a large mmapped block is freed; :func:`tune_cpu_allocator` sets them up
+front (1.33x on that step, benchmarks/allocator.py).
 
 :class:`~metamtl.MetaLearner` calls it once per process when it runs on the CPU.  Set
 ``METAMTL_TUNE_MALLOC=0`` to leave the allocator alone (e.g. with jemalloc/tcmalloc preloaded, or
