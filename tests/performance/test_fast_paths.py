@@ -136,8 +136,10 @@ def test_training_with_the_fast_path_follows_the_reference():
                               meta_lr=0.01, device="cpu")
         learner.fit(_Cycle([episode(s) for s in range(6)]), iterations=3, meta_batch_size=2, progress=False)
         weights.append([p.detach().clone() for p in model.parameters()])
+    # float32 weights: an absolute tolerance below float32 resolution (~1e-7 near 1) would fail on
+    # weights that are ~0 after a few steps (seen with torch 2.14: 1.2e-9 apart on a 1e-9 bias).
     for a, b in zip(*weights):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
 
 
 class _Cycle:
