@@ -1,8 +1,32 @@
-"""metamtl: meta-learning and multi-task learning for PyTorch."""
-__version__ = "0.1.0"
+"""metamtl: meta-learning and multi-task learning for PyTorch.
 
-from .errors import MetamtlError  # noqa: E402
-from .learner import EvalResult, MetaLearner  # noqa: E402
-from . import multitask  # noqa: E402,F401  (registers the "multidataset" model and "multitask" algorithm)
+The public names below are imported on first use (PEP 562), so ``import metamtl.data`` loads the
+data layer only, not the learner and everything under it.
+"""
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from .version import __version__
+
+#: public name -> module that defines it
+_EXPORTS = {"MetaLearner": "metamtl.learner", "EvalResult": "metamtl.learner", "MetamtlError": "metamtl.errors"}
 
 __all__ = ["MetaLearner", "EvalResult", "MetamtlError", "__version__"]
+
+if TYPE_CHECKING:
+    from .errors import MetamtlError
+    from .learner import EvalResult, MetaLearner
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'metamtl' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

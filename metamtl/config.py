@@ -359,10 +359,11 @@ def _check_components(cfg: Config) -> None:
     import torch
 
     from .algorithms import build_algorithm
-    from .data.registry import DATASETS, TASK_FAMILIES
+    from .data.registry import DATASETS
+    from .tasks.families import TASK_FAMILIES
     from .errors import unknown_name
     from .learner import META_OPTIMIZERS
-    from .models.backbones import check_model_config
+    from .models.registry import check_model_config
 
     for where, d in [("data", cfg.data)] + [(f"datasets[{i}]", d) for i, d in enumerate(cfg.datasets)]:
         if d.name not in {**DATASETS, **TASK_FAMILIES}:

@@ -29,7 +29,7 @@ from .data.base import ClassDataset
 from .checkpoint import ensure_writable_dir
 from .errors import CheckpointError, ConfigError
 from .learner import EvalResult, MetaLearner
-from .models.backbones import MODELS, build_model
+from .models.registry import MODELS, build_model
 from .tasks.sampler import EpisodeSampler, MixedTasks, TaskSource
 
 
@@ -85,7 +85,7 @@ def build_tasks(cfg: Config) -> dict[str, Any]:
     if cfg.datasets:
         return _build_mixed_tasks(cfg)
     if is_regression(cfg):
-        from .data.sinusoid import Sinusoid
+        from .tasks.sinusoid import Sinusoid
 
         if cfg.data.train_augment is not None:
             raise ConfigError("data.train_augment crops and flips images; the sinusoid tasks have none (set it to null)")

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__, distributed
+from . import distributed
+from .version import __version__
 from .adaptation import Adapted, check_positive, task_loss
 from .allocator import tune_cpu_allocator
 from .algorithms import Algorithm, build_algorithm
@@ -31,7 +32,8 @@ from .data.base import Preprocessing
 from .errors import (CheckpointError, ConfigError, FitInterrupted, InputError, MetamtlError, TrainingError,
                      unknown_name)
 from .interrupt import StopOnSignal, signal_name
-from .models.backbones import TrunkHead, build_model
+from .models.backbones import TrunkHead
+from .models.registry import build_model
 from .tasks.episode import Episode, TaskBatch
 from .tasks.sampler import TaskSource, task_batches
 

@@ -9,6 +9,8 @@
                rates, per-step BatchNorm, derivative-order annealing
 ``protonet``   Prototypical Networks (Snell et al. 2017): metric baseline, no inner loop
 ``transfer``   pre-train + fine-tune baseline (Chen et al. 2019), linear or cosine classifier
+``multitask``  any of these on several datasets: per-dataset meta-gradients combined by a
+               multi-task strategy (:mod:`metamtl.multitask`)
 =============  ==========================================================================
 
 Any gradient-based algorithm takes ``head_init="proto"`` for a prototype-initialised head
@@ -16,44 +18,22 @@ Any gradient-based algorithm takes ``head_init="proto"`` for a prototype-initial
 """
 from __future__ import annotations
 
-from typing import Any
-
-from ..errors import ConfigError, unknown_name
 from .anil import ANIL
 from .base import Algorithm, accuracy
 from .maml import FOMAML, MAML
 from .mamlpp import MAMLPlusPlus, multi_step_weights
 from .metasgd import MetaSGD
+from .multitask import MultiTask
 from .protonet import ProtoNet
+from .registry import ALGORITHMS, build_algorithm, register_algorithm
 from .reptile import Reptile
 from .transfer import Transfer
 
-ALGORITHMS: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (MAML, FOMAML, Reptile, ANIL, MetaSGD, MAMLPlusPlus, ProtoNet, Transfer)
-}
+# The built-in algorithms, registered here explicitly: any import of metamtl.algorithms (or of one
+# of its modules) runs this first, so the registry holds them whatever was imported before.
+for _cls in (MAML, FOMAML, Reptile, ANIL, MetaSGD, MAMLPlusPlus, ProtoNet, Transfer, MultiTask):
+    register_algorithm(_cls)
+del _cls
 
-
-def register_algorithm(cls: type[Algorithm]) -> type[Algorithm]:
-    """Class decorator adding an algorithm to :data:`ALGORITHMS` under ``cls.name``."""
-    ALGORITHMS[cls.name] = cls
-    return cls
-
-
-def build_algorithm(name: str, **kwargs: Any) -> Algorithm:
-    """Build a registered algorithm from its config (as returned by ``Algorithm.config()``)."""
-    if not isinstance(name, str) or name not in ALGORITHMS:
-        raise unknown_name("algorithm", name, ALGORITHMS)
-    cls = ALGORITHMS[name]
-    clash = {k: v for k, v in kwargs.items() if k in cls.fixed and cls.fixed[k] != v}
-    if clash:
-        raise ConfigError(
-            f"algorithm {name!r} fixes {cls.fixed}; drop the contradictory setting(s) {clash}"
-        )
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"bad settings for algorithm {name!r}: {exc}") from None
-
-
-__all__ = ["ALGORITHMS", "Algorithm", "ANIL", "FOMAML", "MAML", "MAMLPlusPlus", "MetaSGD", "ProtoNet", "Reptile",
-           "Transfer", "accuracy", "build_algorithm", "multi_step_weights", "register_algorithm"]
+__all__ = ["ALGORITHMS", "Algorithm", "ANIL", "FOMAML", "MAML", "MAMLPlusPlus", "MetaSGD", "MultiTask", "ProtoNet",
+           "Reptile", "Transfer", "accuracy", "build_algorithm", "multi_step_weights", "register_algorithm"]

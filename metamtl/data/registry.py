@@ -1,7 +1,7 @@
-"""Datasets and task families by name, for configs and the command line.
+"""Datasets by name, for configs and the command line.
 
-``load_dataset("omniglot", "train", root, image_size=28)`` builds a class-indexed dataset;
-``load_tasks("sinusoid", shots=5)`` builds a task source that is not made of classes.
+``load_dataset("omniglot", "train", root, image_size=28)`` builds a class-indexed dataset.  Task
+families that are not made of classes (the sinusoid) are in :mod:`metamtl.tasks.families`.
 """
 from __future__ import annotations
 
@@ -15,10 +15,8 @@ from .base import ClassDataset, split_names
 from .folder import ClassFolder, CSVClassDataset, resolve_root
 from .miniimagenet import MiniImageNet
 from .omniglot import Omniglot
-from .sinusoid import Sinusoid
 
 DATASETS = {"omniglot": Omniglot, "miniimagenet": MiniImageNet, "folder": ClassFolder, "csv": CSVClassDataset}
-TASK_FAMILIES = {"sinusoid": Sinusoid}
 
 
 def _split_classes(ds: ClassDataset, split: str, fractions: Sequence[float], seed: int) -> ClassDataset:
@@ -51,7 +49,8 @@ def _load_csv(split: str, root: Path, csv_path: str | os.PathLike | None = None,
 _ADAPTERS: dict[str, Callable[..., ClassDataset]] = {"folder": _load_folder, "csv": _load_csv}
 
 
-def _accepted(*functions: Callable) -> list[str]:
+def accepted_options(*functions: Callable) -> list[str]:
+    """The keyword options ``functions`` (constructors) take, besides ``self``, ``split`` and ``root``."""
     names = []
     for fn in functions:
         for p in inspect.signature(fn).parameters.values():
@@ -60,7 +59,8 @@ def _accepted(*functions: Callable) -> list[str]:
     return sorted(set(names))
 
 
-def _check_kwargs(kind: str, name: str, kwargs: dict, accepted: list[str]) -> None:
+def check_options(kind: str, name: str, kwargs: dict, accepted: list[str]) -> None:
+    """:class:`ConfigError` naming every key of ``kwargs`` not in ``accepted`` (and the accepted ones)."""
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ConfigError(
@@ -80,16 +80,8 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
     if name not in DATASETS:
         raise unknown_name("dataset", name, DATASETS)
     adapter = _ADAPTERS.get(name)
-    accepted = _accepted(adapter, DATASETS[name]) if adapter else _accepted(DATASETS[name])
-    _check_kwargs("dataset", name, kwargs, accepted)
+    accepted = accepted_options(adapter, DATASETS[name]) if adapter else accepted_options(DATASETS[name])
+    check_options("dataset", name, kwargs, accepted)
     if adapter is None:
         return DATASETS[name](root=root, split=split, **kwargs)
     return adapter(split, resolve_root(root, f"dataset {name!r}"), **kwargs)
-
-
-def load_tasks(name: str, **kwargs) -> Sinusoid:
-    """Build task family ``name`` (a key of :data:`TASK_FAMILIES`) with constructor ``kwargs``."""
-    if name not in TASK_FAMILIES:
-        raise unknown_name("task family", name, TASK_FAMILIES)
-    _check_kwargs("task family", name, kwargs, _accepted(TASK_FAMILIES[name]))
-    return TASK_FAMILIES[name](**kwargs)

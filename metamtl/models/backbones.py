@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, InputError, did_you_mean, unknown_name
+from ..errors import ConfigError, InputError
 from .heads import LinearHead
 from .norm import EpisodicBatchNorm
 
@@ -135,44 +135,14 @@ class TrunkHead(nn.Module):
             check(x)
 
 
-def _conv4(in_channels: int = 1, hidden: int = 64, image_size: int = 28, blocks: int = 4,
+def conv4_model(in_channels: int = 1, hidden: int = 64, image_size: int = 28, blocks: int = 4,
            out_features: int | None = 5) -> TrunkHead:
     trunk = Conv4(in_channels, hidden, image_size, blocks)
     head = LinearHead(trunk.out_features, out_features) if out_features else None
     return TrunkHead(trunk, head)
 
 
-def _mlp(in_features: int = 1, hidden: tuple[int, ...] | list[int] = (40, 40), out_features: int | None = 1) -> TrunkHead:
+def mlp_model(in_features: int = 1, hidden: tuple[int, ...] | list[int] = (40, 40), out_features: int | None = 1) -> TrunkHead:
     trunk = MLP(in_features, hidden)
     head = LinearHead(trunk.out_features, out_features) if out_features else None
     return TrunkHead(trunk, head)
-
-
-MODELS = {"conv4": _conv4, "mlp": _mlp}
-
-
-def check_model_config(name: Any, kwargs: dict[str, Any]) -> None:
-    """Raise :class:`ConfigError` for an unknown model name or setting (nothing is built)."""
-    if not isinstance(name, str) or name not in MODELS:
-        raise unknown_name("model", name, MODELS)
-    import inspect
-
-    accepted = set(inspect.signature(MODELS[name]).parameters)
-    unknown = set(kwargs) - accepted
-    if unknown:
-        hint = did_you_mean(sorted(unknown)[0], accepted)
-        raise ConfigError(f"model {name!r} does not take {sorted(unknown)}.{hint} It accepts {sorted(accepted)}.")
-
-
-def build_model(name: str = "conv4", **kwargs: Any) -> TrunkHead:
-    """Build a registered model from its config; the config is kept in ``model.config``."""
-    check_model_config(name, kwargs)
-    out = kwargs.get("out_features")
-    if out is not None and (isinstance(out, bool) or not isinstance(out, int) or out < 1):
-        raise ConfigError(f"model {name!r}: out_features must be an integer >= 1 (the number of ways) or None, got {out!r}")
-    try:
-        model = MODELS[name](**kwargs)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise ConfigError(f"bad settings for model {name!r} {kwargs}: {exc}") from None
-    model.config = {"name": name, **kwargs}
-    return model

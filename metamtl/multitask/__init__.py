@@ -1,15 +1,12 @@
-"""Multi-dataset meta-training and multi-task tools.
+"""Multi-task strategies: loss weighting and gradient surgery for several losses.
 
-* :mod:`~metamtl.multitask.strategies` - loss weighting (equal, uncertainty, GradNorm, DWA) and
-  gradient surgery (PCGrad, CAGrad) as small strategy objects, for meta-learning and for ordinary
-  multi-task training (:meth:`Strategy.backward`).
-* :mod:`~metamtl.multitask.algorithm` - the ``multitask`` algorithm: one meta-gradient per
-  dataset of the meta-batch, combined by a strategy.
-* :mod:`~metamtl.multitask.models` - the ``multidataset`` model: per-dataset stems into a shared
-  (or softly shared) trunk, shared or per-dataset heads.
+:mod:`~metamtl.multitask.strategies` - equal, uncertainty (Kendall et al. 2018), GradNorm,
+DWA, PCGrad and CAGrad as small strategy objects, for ordinary multi-task training
+(:meth:`Strategy.backward`) and for meta-learning on several datasets: the ``multitask``
+algorithm (:class:`metamtl.algorithms.MultiTask`) combines per-dataset meta-gradients with one, on
+the ``multidataset`` model (:class:`metamtl.models.MultiDatasetModel`, re-exported here).
 """
-from .algorithm import MultiTask
-from .models import (
+from ..models.multidataset import (
     DatasetHeads, MultiDatasetModel, MultiDatasetTrunk, Resize, current_dataset, dataset_scope, make_stem,
     multidataset_model,
 )
@@ -18,7 +15,7 @@ from .strategies import (
 )
 
 __all__ = [
-    "MultiTask", "DatasetHeads", "MultiDatasetModel", "MultiDatasetTrunk", "Resize", "current_dataset",
+    "DatasetHeads", "MultiDatasetModel", "MultiDatasetTrunk", "Resize", "current_dataset",
     "dataset_scope", "make_stem", "multidataset_model", "DWA", "STRATEGIES", "CAGrad", "Equal", "GradNorm",
     "PCGrad", "Strategy", "Uncertainty", "apply_strategy", "build_strategy",
 ]

@@ -33,7 +33,7 @@ Strategies (``build_strategy(name, tasks, **settings)``):
   ``c ||g0||`` of the mean gradient ``g0`` that maximises the worst task's improvement.
 
 Two uses share :func:`apply_strategy`: the ``multitask`` meta-learning algorithm (one
-meta-gradient per dataset, :mod:`metamtl.multitask.algorithm`) and ordinary multi-task training,
+meta-gradient per dataset, :mod:`metamtl.algorithms.multitask`) and ordinary multi-task training,
 through :meth:`Strategy.backward`::
 
     strategy = build_strategy("pcgrad", ["depth", "segmentation"])

@@ -1,5 +1,6 @@
-"""Episodes and task sampling (datasets -> tasks)."""
+"""Episodes and task sampling (datasets -> tasks), and task families such as the sinusoid."""
 from .episode import Episode, TaskBatch
+from .families import TASK_FAMILIES, load_tasks
 from .sampler import (
     EpisodeSampler,
     MetaBatchIndexSampler,
@@ -10,9 +11,14 @@ from .sampler import (
     fixed_episodes,
     mixture_weights,
     task_batches,
+    check_index,
+    check_positive_int,
+    check_seed,
 )
+from .sinusoid import Sinusoid
 
 __all__ = [
     "Episode", "TaskBatch", "EpisodeSampler", "MixedTasks", "TaskSource", "MetaBatchIndexSampler",
     "episode_generator", "episode_seed", "fixed_episodes", "mixture_weights", "task_batches",
+    "check_index", "check_positive_int", "check_seed", "Sinusoid", "TASK_FAMILIES", "load_tasks",
 ]

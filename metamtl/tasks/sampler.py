@@ -11,7 +11,7 @@ Sources:
   :class:`~metamtl.data.ClassDataset` (vectorised: one gather per episode, no per-image Python).
 * :class:`MixedTasks` - several sources mixed with weights (fixed, proportional to size, or
   temperature-scaled); each episode comes from one source.
-* :class:`~metamtl.data.Sinusoid` - the MAML sinusoid regression family.
+* :class:`~metamtl.tasks.Sinusoid` - the MAML sinusoid regression family (:mod:`metamtl.tasks.sinusoid`).
 """
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ class TaskSource(Protocol):
     def episode(self, index: int) -> Episode: ...
 
 
-def _check_positive_int(name: str, value, minimum: int = 1) -> int:
+def check_positive_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int if it is an integer (or integral float) >= ``minimum``, else :class:`TaskError`."""
     if isinstance(value, bool) or not isinstance(value, (int,)) and not (
         isinstance(value, float) and value.is_integer()
     ):
@@ -65,14 +66,15 @@ def _check_positive_int(name: str, value, minimum: int = 1) -> int:
     return value
 
 
-def _check_seed(seed) -> int:
+def check_seed(seed) -> int:
     """Any integer (or integral float) is a seed."""
     if isinstance(seed, bool) or not isinstance(seed, int) and not (isinstance(seed, float) and seed.is_integer()):
         raise TaskError(f"seed must be an integer, got {seed!r}")
     return int(seed)
 
 
-def _check_index(index) -> int:
+def check_index(index) -> int:
+    """An episode index: any integer >= 0 (anything with ``__index__``), else :class:`TaskError`."""
     if hasattr(index, "__index__") and not isinstance(index, bool):
         index = index.__index__()
         if index >= 0:
@@ -116,10 +118,10 @@ class EpisodeSampler(Dataset):
                 "build one with metamtl.data (Omniglot, MiniImageNet, ClassFolder, ...)"
             )
         self.dataset = dataset
-        self.ways = _check_positive_int("ways", ways)
-        self.shots = _check_positive_int("shots", shots)
-        self.queries = _check_positive_int("queries", queries, minimum=0)
-        self.seed = _check_seed(seed)
+        self.ways = check_positive_int("ways", ways)
+        self.shots = check_positive_int("shots", shots)
+        self.queries = check_positive_int("queries", queries, minimum=0)
+        self.seed = check_seed(seed)
         self.name = str(name or dataset.name)
         self.task = "classification"
         self.augment = build_augment(augment)
@@ -194,7 +196,7 @@ class EpisodeSampler(Dataset):
         return self.dataset.num_classes
 
     def episode(self, index: int) -> Episode:
-        index = _check_index(index)
+        index = check_index(index)
         g = self._generator(index)
         ds = self.dataset
         classes = torch.randperm(ds.num_classes, generator=g)[: self.ways]
@@ -306,7 +308,7 @@ class MixedTasks(Dataset):
         sizes = [getattr(s, "num_classes", 1) for s in sources]
         self.probs = mixture_weights(sizes, weights, temperature)
         self._cum = torch.tensor(self.probs, dtype=torch.float64).cumsum(0)
-        self.seed = _check_seed(seed)
+        self.seed = check_seed(seed)
         self.name = "+".join(names)
         first = self.sources[0]
         self.ways, self.shots, self.queries = first.ways, first.shots, first.queries
@@ -319,7 +321,7 @@ class MixedTasks(Dataset):
         return self.episode(index)
 
     def source_of(self, index: int) -> int:
-        index = _check_index(index)
+        index = check_index(index)
         u = torch.rand(1, generator=episode_generator(self.seed, index, stream=1), dtype=torch.float64)
         return min(int(torch.searchsorted(self._cum, u).item()), len(self.sources) - 1)
 
@@ -376,13 +378,13 @@ def task_batches(
     With ``num_workers > 0`` episodes are built in DataLoader worker processes; the result is
     identical to ``num_workers=0`` because each episode depends only on its index.
     """
-    batch_size = _check_positive_int("meta batch size", batch_size)
-    start_batch = _check_positive_int("start_batch", start_batch, minimum=0)
+    batch_size = check_positive_int("meta batch size", batch_size)
+    start_batch = check_positive_int("start_batch", start_batch, minimum=0)
     if num_batches is not None:
-        num_batches = _check_positive_int("num_batches", num_batches, minimum=0)
-    num_workers = _check_positive_int("num_workers", num_workers, minimum=0)
-    world_size = _check_positive_int("world_size", world_size)
-    rank = _check_positive_int("rank", rank, minimum=0)
+        num_batches = check_positive_int("num_batches", num_batches, minimum=0)
+    num_workers = check_positive_int("num_workers", num_workers, minimum=0)
+    world_size = check_positive_int("world_size", world_size)
+    rank = check_positive_int("rank", rank, minimum=0)
     if rank >= world_size:
         raise TaskError(f"rank {rank} must be below world_size {world_size}")
     if world_size > batch_size:

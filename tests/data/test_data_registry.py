@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metamtl.data import DATASETS, ClassFolder, Omniglot, Sinusoid, load_dataset, load_tasks
+from metamtl.data import DATASETS, ClassFolder, Omniglot, load_dataset
+from metamtl.tasks import Sinusoid, load_tasks
 from metamtl.errors import ConfigError, DataNotFoundError
 
 

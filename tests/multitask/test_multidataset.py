@@ -9,7 +9,8 @@ from metamtl.algorithms import build_algorithm
 from metamtl.data import ClassDataset, Preprocessing
 from metamtl.errors import ConfigError, InputError, TaskError
 from metamtl.models import build_model
-from metamtl.multitask import MultiTask, dataset_scope, make_stem
+from metamtl.algorithms import MultiTask
+from metamtl.models import dataset_scope, make_stem
 from metamtl.tasks import EpisodeSampler, MixedTasks, TaskBatch
 
 pytestmark = pytest.mark.usefixtures("single_thread")

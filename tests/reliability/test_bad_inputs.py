@@ -19,7 +19,7 @@ from metamtl import MetaLearner
 from metamtl.algorithms import build_algorithm
 from metamtl.cli import main
 from metamtl.config import apply_overrides, config_from_dict, load_config
-from metamtl.data import Sinusoid
+from metamtl.tasks import Sinusoid
 from metamtl.errors import ConfigError, InputError, MetamtlError, TaskError
 from metamtl.models import build_model
 from metamtl.tasks import Episode, EpisodeSampler, MixedTasks

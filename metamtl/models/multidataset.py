@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, InputError, unknown_name
-from ..models.backbones import MODELS, Conv4, TrunkHead
-from ..models.heads import LinearHead
-from ..models.norm import EpisodicBatchNorm
+from .backbones import Conv4, TrunkHead
+from .heads import LinearHead
+from .norm import EpisodicBatchNorm
 
 _DATASET: contextvars.ContextVar[str | None] = contextvars.ContextVar("metamtl_dataset", default=None)
 STEMS = ("conv", "resize")
@@ -128,7 +128,7 @@ class DatasetRouted(nn.Module):
         if x is None:
             raise InputError(
                 f"this model has one branch per dataset ({list(self.inputs)}) and cannot tell which one to "
-                "use; run it under metamtl.multitask.dataset_scope(name) (the multitask algorithm does)"
+                "use; run it under metamtl.models.dataset_scope(name) (the multitask algorithm does)"
             )
         matches = [n for n, s in self.inputs.items() if tuple(x.shape[1:]) == s]
         if len(matches) == 1:
@@ -140,7 +140,7 @@ class DatasetRouted(nn.Module):
             )
         raise InputError(
             f"inputs of shape {list(x.shape[1:])} fit several datasets {matches}; say which with "
-            "metamtl.multitask.dataset_scope(name)"
+            "metamtl.models.dataset_scope(name)"
         )
 
 
@@ -262,6 +262,3 @@ def multidataset_model(
         head = (LinearHead(trunk.out_features, out_features) if heads == "shared"
                 else DatasetHeads(shapes, trunk.out_features, out_features))
     return MultiDatasetModel(trunk, head, soft_weight if sharing == "soft" else 0.0)
-
-
-MODELS["multidataset"] = multidataset_model

@@ -6,9 +6,8 @@ import math
 import pytest
 import torch
 
-from metamtl.data import Sinusoid
 from metamtl.errors import TaskError
-from metamtl.tasks import TaskSource, fixed_episodes
+from metamtl.tasks import Sinusoid, TaskSource, fixed_episodes
 
 
 def test_episode_shapes_and_protocol():

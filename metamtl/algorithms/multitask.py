@@ -8,8 +8,8 @@ DWA, PCGrad, CAGrad) combine them into ``.grad``.  The strategy is a sub-module,
 weights (uncertainty log-variances, GradNorm weights) are meta-parameters: the learner's
 meta-optimizer steps them and checkpoints save and resume them.
 
-With a :class:`~metamtl.multitask.MultiDatasetModel`, each dataset's episodes run inside
-:func:`~metamtl.multitask.dataset_scope`, and its soft-sharing penalty is added to the gradient.
+With a :class:`~metamtl.models.MultiDatasetModel`, each dataset's episodes run inside
+:func:`~metamtl.models.dataset_scope`, and its soft-sharing penalty is added to the gradient.
 
 Under distributed training each process combines the gradients of its own share of the
 meta-batch; the learner then averages the combined gradients across processes.
@@ -21,15 +21,15 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..algorithms import Algorithm, build_algorithm, register_algorithm
 from ..errors import ConfigError
 from ..models.backbones import TrunkHead
+from ..models.multidataset import dataset_scope
+from ..multitask.strategies import Strategy, apply_strategy, build_strategy
 from ..tasks.episode import Episode, TaskBatch
-from .models import dataset_scope
-from .strategies import Strategy, apply_strategy, build_strategy
+from .base import Algorithm
+from .registry import build_algorithm
 
 
-@register_algorithm
 class MultiTask(Algorithm):
     """Per-dataset meta-gradients combined by a multi-task strategy.
 

@@ -2,18 +2,14 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 from torch.utils.data import Dataset
 
 from ..errors import TaskError
-
-if TYPE_CHECKING:
-    from ..tasks.episode import Episode
-
-# metamtl.tasks imports metamtl.data (for Preprocessing/ClassDataset), so the tasks modules are
-# imported where they are used rather than at the top of this module.
+from .episode import Episode
+from .sampler import check_index, check_positive_int, check_seed, episode_generator
 
 
 def _interval(name: str, value: Sequence[float]) -> tuple[float, float]:
@@ -56,14 +52,12 @@ class Sinusoid(Dataset):
         seed: int = 0,
         name: str = "sinusoid",
     ) -> None:
-        from ..tasks.sampler import _check_positive_int, _check_seed
-
-        self.shots = _check_positive_int("shots", shots)
-        self.queries = _check_positive_int("queries", queries, minimum=0)
+        self.shots = check_positive_int("shots", shots)
+        self.queries = check_positive_int("queries", queries, minimum=0)
         self.amplitude = _interval("amplitude", amplitude)
         self.phase = _interval("phase", phase)
         self.x_range = _interval("x_range", x_range)
-        self.seed = _check_seed(seed)
+        self.seed = check_seed(seed)
         self.name = str(name)
 
     def __len__(self) -> int:
@@ -77,10 +71,7 @@ class Sinusoid(Dataset):
                 f"phase={self.phase}, x_range={self.x_range}, seed={self.seed})")
 
     def episode(self, index: int) -> Episode:
-        from ..tasks.episode import Episode
-        from ..tasks.sampler import _check_index, episode_generator
-
-        index = _check_index(index)
+        index = check_index(index)
         g = episode_generator(self.seed, index)
         u = torch.rand(2, generator=g, dtype=torch.float64).tolist()
         amplitude = self.amplitude[0] + (self.amplitude[1] - self.amplitude[0]) * u[0]

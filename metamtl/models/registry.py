@@ -1,0 +1,41 @@
+"""Models by name, for configs and saved learners: ``build_model("conv4", hidden=32)``.
+
+Every built-in model is registered here, so the registry is the same whatever was imported first.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from ..errors import ConfigError, did_you_mean, unknown_name
+from .backbones import TrunkHead, conv4_model, mlp_model
+from .multidataset import multidataset_model
+
+MODELS: dict[str, Callable[..., TrunkHead]] = {
+    "conv4": conv4_model, "mlp": mlp_model, "multidataset": multidataset_model,
+}
+
+
+def check_model_config(name: Any, kwargs: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` for an unknown model name or setting (nothing is built)."""
+    if not isinstance(name, str) or name not in MODELS:
+        raise unknown_name("model", name, MODELS)
+    accepted = set(inspect.signature(MODELS[name]).parameters)
+    unknown = set(kwargs) - accepted
+    if unknown:
+        hint = did_you_mean(sorted(unknown)[0], accepted)
+        raise ConfigError(f"model {name!r} does not take {sorted(unknown)}.{hint} It accepts {sorted(accepted)}.")
+
+
+def build_model(name: str = "conv4", **kwargs: Any) -> TrunkHead:
+    """Build a registered model from its config; the config is kept in ``model.config``."""
+    check_model_config(name, kwargs)
+    out = kwargs.get("out_features")
+    if out is not None and (isinstance(out, bool) or not isinstance(out, int) or out < 1):
+        raise ConfigError(f"model {name!r}: out_features must be an integer >= 1 (the number of ways) or None, got {out!r}")
+    try:
+        model = MODELS[name](**kwargs)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"bad settings for model {name!r} {kwargs}: {exc}") from None
+    model.config = {"name": name, **kwargs}
+    return model
