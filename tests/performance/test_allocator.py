@@ -9,7 +9,7 @@ import pytest
 
 CHURN = """
 import resource, torch
-import metamtl
+import metamtl, metamtl.learner  # a training process: `import metamtl` alone loads nothing (lazy)
 from metamtl.allocator import tune_cpu_allocator
 torch.set_num_threads(1)
 if {learner}:
