@@ -40,6 +40,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         if args.split or data is saved["data"]:
             data["test_split"] = args.split or "test"
     cfg = config_from_dict(saved)
+    support_augment = None
+    if args.support_augment is not None:
+        import yaml
+
+        try:
+            support_augment = yaml.safe_load(args.support_augment)
+        except yaml.YAMLError as exc:
+            raise MetamtlError(f"--support-augment is not valid YAML: {exc}") from None
     splits = {d.label or d.name: d.test_split for d in cfg.datasets}
     tasks = build_tasks(cfg)["test"]
     defaults = learner.task_defaults
@@ -49,6 +57,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             source, args.episodes,
             ways=args.ways or defaults.get("ways"), shots=args.shots or defaults.get("shots"),
             queries=args.queries or defaults.get("queries"), steps=args.steps, progress=not args.no_progress,
+            support_augment=support_augment,
         ) if learner.task == "classification" else learner.evaluate(source, args.episodes, steps=args.steps)
         where = f"{label} " if label else ""
         print(f"[metamtl] {where}{splits.get(label, args.split or 'test')} split: {result}")
@@ -95,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", help="split to evaluate (default: 'test'; each dataset's configured test split "
                    "for multi-dataset learners)")
     e.add_argument("--data-root", help="dataset root (default: as saved, or $METAMTL_DATA)")
+    e.add_argument("--support-augment", metavar="YAML",
+                   help="test-time support augmentation, e.g. '{copies: 5, augment: {name: affine}}' "
+                        "('false': none; default: as saved with the learner)")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", help="also write the result to this JSON file")
     e.add_argument("--no-progress", action="store_true")

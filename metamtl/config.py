@@ -23,16 +23,6 @@ from .errors import ConfigError, did_you_mean
 
 
 @dataclasses.dataclass
-class AugmentConfig:
-    """Training-image augmentation (:class:`metamtl.data.augment.RandomCropFlip`): a random
-    shift of up to ``padding`` pixels (mirror padding) and, with ``flip``, a random left-right
-    mirror per image.  ``train_augment: {}`` gives the defaults for 84x84 natural images."""
-
-    padding: int = 8
-    flip: bool = True
-
-
-@dataclasses.dataclass
 class DataConfig:
     """Which dataset, where it is, and how it is split/augmented.
 
@@ -49,7 +39,11 @@ class DataConfig:
     split_fractions: list[float] | None = None
     split_seed: int | None = None
     train_rotations: list[int] | None = None
-    train_augment: AugmentConfig | None = None  # crop/flip of training episodes (null: none)
+    #: augmentation of training episodes (:func:`metamtl.data.augment.build_augment`; null: none):
+    #: ``{padding: 8, flip: true}`` (crop/flip, natural images; ``{}``: those defaults),
+    #: ``{name: affine, rotation: 10, shear: 0.3, scale: [0.8, 1.2], shift: 2, p: 0.5}``
+    #: (characters), or a list of such mappings applied in order
+    train_augment: dict | list | None = None
     train_split: str = "train"
     val_split: str | None = "val"
     test_split: str | None = "test"
@@ -132,6 +126,9 @@ class EvalConfig:
     steps: int | None = None
     settings: list[EvalSetting] = dataclasses.field(default_factory=lambda: [EvalSetting()])
     checkpoint: str = "last"  # "last": final weights; "best": best validation accuracy (best.pt)
+    #: test-time support augmentation (MetaLearner support_augment), e.g.
+    #: ``{copies: 5, augment: {name: affine}}``; saved with the learner (null: none)
+    support_augment: dict | None = None
 
 
 @dataclasses.dataclass
@@ -293,7 +290,7 @@ def _check_config(cfg: Config) -> Config:
         if data.train_augment is not None:
             where = f"datasets[{i}]" if cfg.datasets else "data"
             try:
-                build_augment(dataclasses.asdict(data.train_augment))
+                build_augment(data.train_augment)
             except ConfigError as exc:
                 raise ConfigError(f"{where}.train_augment: {exc}") from None
     d = cfg.data
@@ -305,6 +302,13 @@ def _check_config(cfg: Config) -> Config:
             )
     if cfg.eval.checkpoint not in ("last", "best"):
         raise ConfigError(f"eval.checkpoint must be 'last' or 'best' (best validation accuracy), got {cfg.eval.checkpoint!r}")
+    if cfg.eval.support_augment is not None:
+        from .learner import _support_augment
+
+        try:
+            _support_augment(cfg.eval.support_augment)
+        except ConfigError as exc:
+            raise ConfigError(f"eval.support_augment: {exc}") from None
     for s in cfg.eval.settings:
         if s.ways < 1 or s.shots < 1:
             raise ConfigError(f"eval.settings entries need ways >= 1 and shots >= 1, got {s}")

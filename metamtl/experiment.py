@@ -64,9 +64,9 @@ def load_split(cfg: Config, split: str, rotations: list[int] | None = None,
     return load_dataset(d.name, split=split, root=data_root(cfg, d), **kwargs)
 
 
-def train_augment(data: DataConfig) -> dict | None:
+def train_augment(data: DataConfig) -> dict | list | None:
     """The training augmentation a dataset entry asks for (``EpisodeSampler(augment=...)``)."""
-    return dataclasses.asdict(data.train_augment) if data.train_augment is not None else None
+    return data.train_augment
 
 
 def is_regression(cfg: Config) -> bool:
@@ -88,7 +88,7 @@ def build_tasks(cfg: Config) -> dict[str, Any]:
         from .tasks.sinusoid import Sinusoid
 
         if cfg.data.train_augment is not None:
-            raise ConfigError("data.train_augment crops and flips images; the sinusoid tasks have none (set it to null)")
+            raise ConfigError("data.train_augment transforms images; the sinusoid tasks have none (set it to null)")
 
         return {
             "train": Sinusoid(shots=t.shots, queries=t.queries, seed=t.seed),
@@ -190,6 +190,7 @@ def build_learner(cfg: Config, train_tasks: TaskSource, callbacks: list[Callback
         max_bad_steps=tr.max_bad_steps, task="regression" if regression else "classification",
         task_defaults={"ways": cfg.tasks.ways, "shots": cfg.tasks.shots, "queries": cfg.eval.queries},
         metadata=metadata, precision=tr.precision, channels_last=tr.channels_last,
+        support_augment=cfg.eval.support_augment,
     )
 
 

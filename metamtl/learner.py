@@ -28,6 +28,7 @@ from .allocator import tune_cpu_allocator
 from .algorithms import Algorithm, build_algorithm
 from .callbacks import Callback, CallbackList, History, ModelCheckpoint, ProgressBar
 from .checkpoint import FORMAT, FORMAT_VERSION, atomic_save, config_diff, safe_load
+from .data.augment import SupportAugment
 from .data.base import Preprocessing
 from .errors import (CheckpointError, ConfigError, FitInterrupted, InputError, MetamtlError, TrainingError,
                      unknown_name)
@@ -35,7 +36,7 @@ from .interrupt import StopOnSignal, signal_name
 from .models.backbones import TrunkHead
 from .models.registry import build_model
 from .tasks.episode import Episode, TaskBatch
-from .tasks.sampler import TaskSource, task_batches
+from .tasks.sampler import TaskSource, episode_generator, task_batches
 
 #: Where ``fit`` saves a resumable checkpoint on SIGINT/SIGTERM when it has no ``checkpoint_dir``.
 INTERRUPT_CHECKPOINT = Path("metamtl-interrupted.pt")
@@ -156,6 +157,11 @@ class MetaLearner:
         channels_last: keep 4-D weights and image batches in channels-last memory layout
             (NHWC), which oneDNN (CPU) and cuDNN run faster for most conv nets (1.7x for conv4
             forward+backward on a 2-core CPU, see benchmarks/RESULTS.md). Same mathematics.
+        support_augment: test-time support augmentation for :meth:`evaluate`, :meth:`adapt` and
+            :meth:`predict` (a :class:`~metamtl.data.augment.SupportAugment` or its settings,
+            e.g. ``{"copies": 5, "augment": {"name": "affine"}}``): every support set gets
+            augmented copies of its images, with their labels, before adaptation.  Saved with
+            the learner; not part of what must match to resume training.
     """
 
     def __init__(
@@ -176,6 +182,7 @@ class MetaLearner:
         metadata: dict[str, Any] | None = None,
         precision: str = "fp32",
         channels_last: bool = False,
+        support_augment: Any = None,
     ) -> None:
         if not isinstance(model, TrunkHead):
             raise ConfigError(
@@ -215,6 +222,7 @@ class MetaLearner:
         self.task = task
         self.task_defaults = dict(task_defaults or {})
         self.metadata = dict(metadata or {})
+        self.support_augment = _support_augment(support_augment)
         try:
             self.meta_optimizer = META_OPTIMIZERS[meta_optimizer](
                 self.meta_parameters(), lr=self.meta_lr, **self.meta_optimizer_kwargs
@@ -490,6 +498,7 @@ class MetaLearner:
         steps: int | None = None,
         start: int = 0,
         progress: bool = True,
+        support_augment: Any = None,
     ) -> EvalResult:
         """Mean query accuracy over ``episodes`` fixed episodes, with a 95% confidence interval.
 
@@ -499,6 +508,9 @@ class MetaLearner:
             ways, shots, queries: evaluate another setting of the same source
                 (e.g. 20-way with a learner trained 5-way; needs per-task heads).
             steps: inner steps (default: the algorithm's ``eval_steps``, else its ``steps``).
+            support_augment: test-time support augmentation for this call (default: the
+                learner's :attr:`support_augment`; ``False``: none).  Episode ``i``'s copies are
+                drawn from a generator seeded by the augmentation's seed and ``i``.
 
         After a ``fit`` under torchrun, call it on every rank: ranks split the episodes and
         gather the per-episode results, so every rank gets the single-process result.
@@ -522,6 +534,7 @@ class MetaLearner:
             episode_at = lambda i: tasks.episode(start + i)  # noqa: E731
         if steps is None:
             steps = self.algorithm.eval_steps
+        tta = self.support_augment if support_augment is None else _support_augment(support_augment)
         from tqdm.auto import tqdm
 
         was_training = self.model.training
@@ -537,7 +550,8 @@ class MetaLearner:
                 for ep in eps:
                     self._check_episode(ep, "evaluate")
                 with self.autocast():
-                    metrics = self.algorithm.evaluate_episodes(self.model, [self._to_device(e) for e in eps], steps)
+                    inputs = [self._with_support_copies(self._to_device(e), tta) for e in eps]
+                    metrics = self.algorithm.evaluate_episodes(self.model, inputs, steps)
                 rows += [(i, (m, (e.ways, e.shots, e.queries))) for i, e, m in zip(part, eps, metrics)]
                 bar.update(len(part))
         finally:
@@ -551,6 +565,14 @@ class MetaLearner:
         acc, ci = mean_ci95(accs) if accs else (None, None)
         loss, loss_ci = mean_ci95(losses)
         return EvalResult(acc, ci, loss, loss_ci, len(losses), *results[0][1], int(steps), accs, losses)
+
+    def _with_support_copies(self, episode: Episode, tta: Any) -> Episode:
+        """``episode`` (model input) with :class:`SupportAugment` copies in its support set."""
+        if tta is None:
+            return episode
+        g = episode_generator(tta.seed, max(episode.index, 0), stream=3)
+        x, y = tta.expand(episode.support_x, episode.support_y, g)
+        return dataclasses.replace(episode, support_x=x, support_y=y, shots=episode.shots * tta.copies)
 
     # -- using the learner --------------------------------------------------------------------
     def preprocess(self, images: Any) -> torch.Tensor:
@@ -635,23 +657,29 @@ class MetaLearner:
             )
         return y, ways
 
-    def adapt(self, support_x: Any, support_y: Any, steps: int | None = None) -> AdaptedPredictor:
+    def adapt(self, support_x: Any, support_y: Any, steps: int | None = None,
+              support_augment: Any = None) -> AdaptedPredictor:
         """Adapt to a support set; returns a predictor for query inputs.
 
         ``support_x`` may be model input (float tensor), stored ``uint8`` images, or raw images
         (PIL / arrays), which are preprocessed; ``support_y`` holds labels ``0..N-1``.
+        ``support_augment``: as in :meth:`evaluate` (copies drawn from the augmentation's seed).
         """
         _check_steps(steps)
         x = self._prepare_inputs(support_x, "support_x")
         y, ways = self._prepare_labels(support_y, x.shape[0])
+        tta = self.support_augment if support_augment is None else _support_augment(support_augment)
+        if tta is not None:
+            x, y = tta.expand(x, y, episode_generator(tta.seed, 0, stream=3))
         self.model.eval()
         with torch.no_grad(), self.autocast():
             adapted = self.algorithm.adapt(self.model, x, y, ways, steps)
         return AdaptedPredictor(self, adapted, ways)
 
-    def predict(self, support_x: Any, support_y: Any, query_x: Any, steps: int | None = None) -> torch.Tensor:
+    def predict(self, support_x: Any, support_y: Any, query_x: Any, steps: int | None = None,
+                support_augment: Any = None) -> torch.Tensor:
         """Logits for ``query_x`` after adapting to ``(support_x, support_y)``."""
-        predictor = self.adapt(support_x, support_y, steps)
+        predictor = self.adapt(support_x, support_y, steps, support_augment=support_augment)
         q = self._prepare_inputs(query_x, "query_x")
         if q.shape[1:] != predictor.adapted.support_x.shape[1:]:
             raise InputError(
@@ -679,6 +707,7 @@ class MetaLearner:
             "metadata": dict(self.metadata),
             "iteration": self.iteration,
             "history": list(self.history),
+            "evaluation": {"support_augment": self.support_augment.config() if self.support_augment else None},
         }
         if training_state:
             obj["training"] = {
@@ -730,6 +759,7 @@ class MetaLearner:
             )
             learner.iteration = int(obj.get("iteration", 0))
             learner.history = list(obj.get("history", []))
+            learner.support_augment = _support_augment((obj.get("evaluation") or {}).get("support_augment"))
         except CheckpointError:
             raise
         except (MetamtlError, RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -826,6 +856,21 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def _support_augment(spec: Any) -> SupportAugment | None:
+    """A :class:`SupportAugment` from itself, its settings mapping, or ``None``/``False`` (none)."""
+    if spec is None or spec is False:
+        return None
+    if isinstance(spec, SupportAugment):
+        return spec
+    if not isinstance(spec, dict):
+        raise ConfigError(f"support_augment must be a mapping such as {{copies: 5, augment: {{name: affine}}}}, "
+                          f"a SupportAugment or null; got {spec!r}")
+    unknown = sorted(set(spec) - {"augment", "copies", "seed"})
+    if unknown:
+        raise ConfigError(f"unknown support_augment key {unknown[0]!r}; valid keys: augment, copies, seed")
+    return SupportAugment(**spec)
 
 
 def _check_steps(steps: Any) -> None:

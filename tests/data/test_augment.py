@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from metamtl.config import config_from_dict
 from metamtl.data import ClassDataset
-from metamtl.data.augment import RandomCropFlip, build_augment
+from metamtl.data.augment import Compose, RandomAffine, RandomCropFlip, SupportAugment, build_augment
 from metamtl.errors import ConfigError, TaskError
 from metamtl.experiment import build_tasks
 from metamtl.tasks import EpisodeSampler
@@ -62,7 +62,7 @@ def test_bad_augment_settings_are_refused():
         RandomCropFlip(9)(images())
     with pytest.raises(ConfigError, match=r"\[N, C, H, W\]"):
         RandomCropFlip(1)(torch.zeros(4, 5, dtype=torch.uint8))
-    with pytest.raises(ConfigError, match="unknown augment option"):
+    with pytest.raises(ConfigError, match="unknown key 'rotate' for augmentation 'crop_flip'"):
         build_augment({"padding": 2, "rotate": 90})
     assert build_augment(True) == RandomCropFlip(8, True) and build_augment(None) is None
 
@@ -124,3 +124,132 @@ def test_config_augments_train_episodes_only(tmp_path):
     with pytest.raises(ConfigError, match="sinusoid tasks have none"):
         build_tasks(config_from_dict({"data": {"name": "sinusoid", "train_augment": {}},
                                       "algorithm": {"name": "maml"}, "model": {"name": "mlp"}}))
+
+
+# -- random affine ---------------------------------------------------------------------------------
+def affine_reference(x, mats):
+    """Per-pixel bilinear resampling, zeros outside: output pixel p' takes source A^-1 (p' - t)."""
+    n, c, h, w = x.shape
+    out = torch.zeros(n, c, h, w, dtype=torch.float64)
+    xf = x.double()
+    for k in range(n):
+        inv = torch.linalg.inv(mats[k, :, :2])
+        t = mats[k, :, 2]
+        for i in range(h):
+            for j in range(w):
+                p = torch.tensor([j + 0.5 - w / 2, i + 0.5 - h / 2], dtype=torch.float64)
+                sx, sy = (inv @ (p - t)).tolist()
+                sx, sy = sx + w / 2 - 0.5, sy + h / 2 - 0.5  # source pixel coordinates
+                x0, y0 = int(torch.floor(torch.tensor(sx))), int(torch.floor(torch.tensor(sy)))
+                for yy, wy in ((y0, 1 - (sy - y0)), (y0 + 1, sy - y0)):
+                    for xx, wx in ((x0, 1 - (sx - x0)), (x0 + 1, sx - x0)):
+                        if 0 <= yy < h and 0 <= xx < w:
+                            out[k, :, i, j] += wy * wx * xf[k, :, yy, xx]
+    return out
+
+
+def test_affine_matches_a_per_pixel_reference():
+    x = images(n=8, c=2, h=9, w=7).float()
+    aug = RandomAffine(rotation=30, shear=0.3, scale=(0.7, 1.3), shift=2, p=0.7)
+    mats = aug.matrices(8, torch.Generator().manual_seed(4))
+    out = aug(x, torch.Generator().manual_seed(4))
+    assert out.shape == x.shape and out.dtype == torch.float32
+    assert torch.allclose(out.double(), affine_reference(x, mats), atol=1e-3)
+    # uint8 in, uint8 out: the same images rounded
+    out8 = aug(x.to(torch.uint8), torch.Generator().manual_seed(4))
+    assert out8.dtype == torch.uint8
+    assert (out8.double() - affine_reference(x, mats)).abs().max() <= 0.5 + 1e-3
+
+
+def test_affine_parts_follow_their_ranges_and_probability():
+    aug = RandomAffine()  # rotation 10 deg, shear 0.3, scale 0.8-1.2, shift 2 px, p = 0.5
+    m = aug.matrices(4000, torch.Generator().manual_seed(0))
+    a, t = m[:, :, :2], m[:, :, 2]
+    shifted = (t != 0).any(1)
+    assert 0.45 < shifted.double().mean() < 0.55 and t.abs().max() <= 2.0
+    det = torch.linalg.det(a)  # rotation and shear keep areas: det = zoom^2
+    zoom = det.sqrt()
+    assert zoom.min() >= 0.8 - 1e-9 and zoom.max() <= 1.2 + 1e-9
+    assert 0.45 < ((zoom - 1).abs() > 1e-9).double().mean() < 0.55
+    untouched = ((a == torch.eye(2, dtype=a.dtype)).flatten(1).all(1) & ~shifted).double().mean()
+    assert 0.04 < untouched < 0.09  # 1/16 of the images get no part at all
+
+
+def test_affine_shift_moves_content_by_the_drawn_offset():
+    x = torch.zeros(64, 1, 21, 21)
+    x[:, :, 10, 10] = 1.0
+    aug = RandomAffine(rotation=0, shear=0, scale=(1, 1), shift=3, p=1.0)
+    m = aug.matrices(64, torch.Generator().manual_seed(2))
+    out = aug(x, torch.Generator().manual_seed(2))
+    ii, jj = torch.meshgrid(torch.arange(21.0), torch.arange(21.0), indexing="ij")
+    mass = out[:, 0].sum((1, 2))
+    cx = (out[:, 0] * jj).sum((1, 2)) / mass - 10
+    cy = (out[:, 0] * ii).sum((1, 2)) / mass - 10
+    assert torch.allclose(torch.stack([cx, cy], 1).double(), m[:, :, 2], atol=1e-4)
+    assert torch.allclose(mass, torch.ones(64), atol=1e-4)  # bilinear splitting keeps the mass
+
+
+def test_affine_identity_settings_and_untouched_images():
+    x = images(n=16, c=1, h=28, w=28)
+    assert torch.equal(RandomAffine(p=0.0)(x), x)
+    assert torch.equal(RandomAffine(rotation=0, shear=0, scale=(1, 1), shift=0, p=1.0)(x), x)
+    g = torch.Generator().manual_seed(1)
+    aug = RandomAffine(p=0.2)
+    m = aug.matrices(16, torch.Generator().manual_seed(1))
+    out = aug(x, g)
+    idle = ((m[:, :, :2] == torch.eye(2, dtype=m.dtype)).flatten(1).all(1) & (m[:, :, 2] == 0).all(1))
+    assert idle.any() and (~idle).any()
+    assert torch.equal(out[idle], x[idle]) and not torch.equal(out[~idle], x[~idle])
+
+
+def test_affine_in_the_sampler_and_configs():
+    ds = class_dataset(size=16)
+    plain = EpisodeSampler(ds, 5, 1, 2, seed=3)
+    aug = EpisodeSampler(ds, 5, 1, 2, seed=3, augment={"name": "affine", "rotation": 10})
+    from metamtl.tasks.sampler import episode_seed
+
+    for i in range(3):
+        p, a = plain[i], aug[i]
+        assert p.classes == a.classes and torch.equal(a.query_x, aug[i].query_x)
+        g = torch.Generator().manual_seed(episode_seed(3, i, stream=2))
+        t = RandomAffine(rotation=10)
+        assert torch.equal(a.support_x, t(p.support_x, g)) and torch.equal(a.query_x, t(p.query_x, g))
+    both = build_augment([{"padding": 1, "flip": False}, {"name": "affine", "shift": 1}])
+    assert isinstance(both, Compose) and build_augment(both.config()) == both
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    x = images(4, 1, 12, 12)
+    assert torch.equal(both(x, g1), RandomAffine(shift=1)(RandomCropFlip(1, False)(x, g2), g2))
+    assert build_augment(RandomAffine().config()) == RandomAffine()
+    cfg = config_from_dict({"data": {"train_augment": {"name": "affine", "rotation": 5}}})
+    assert build_augment(cfg.data.train_augment) == RandomAffine(rotation=5)
+    with pytest.raises(ConfigError, match="unknown key 'rotate' for augmentation 'affine'. Did you mean 'rotation'"):
+        config_from_dict({"data": {"train_augment": {"name": "affine", "rotate": 5}}})
+    with pytest.raises(ConfigError, match="unknown augmentation 'afine'. Did you mean 'affine'"):
+        build_augment({"name": "afine"})
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"rotation": -1}, "rotation"), ({"shear": "a"}, "shear"), ({"scale": (1.2, 0.8)}, "low <= high"),
+    ({"scale": 1.1}, "scale must be"), ({"shift": -2}, "shift"), ({"p": 1.5}, r"p \(probability"),
+    ({"fill": "black"}, "fill must be one of"),
+])
+def test_bad_affine_settings_are_refused(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        RandomAffine(**kwargs)
+
+
+def test_support_augment_adds_labelled_copies():
+    x = images(6, 1, 12, 12).float()
+    y = torch.arange(3).repeat(2)
+    tta = SupportAugment({"name": "affine", "p": 1.0}, copies=4)
+    ex, ey = tta.expand(x, y, torch.Generator().manual_seed(0))
+    assert ex.shape == (24, 1, 12, 12) and torch.equal(ey, y.repeat(4))
+    assert torch.equal(ex[:6], x) and not torch.equal(ex[6:12], x)
+    again, _ = tta.expand(x, y, torch.Generator().manual_seed(0))
+    assert torch.equal(ex, again)
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    assert tta.expand(nhwc, y)[0].is_contiguous(memory_format=torch.channels_last)
+    assert SupportAugment(copies=1).expand(x, y)[0] is x
+    assert SupportAugment().augment == RandomAffine()
+    with pytest.raises(ConfigError, match="copies must be an integer >= 1"):
+        SupportAugment(copies=0)
