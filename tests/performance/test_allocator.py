@@ -29,7 +29,12 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def page_faults(tune: bool, learner: bool = False) -> int:
-    env = {**os.environ, "METAMTL_TUNE_MALLOC": "1" if tune else "0"}
+    # glibc's start-up thresholds, pinned: left alone, glibc raises them by itself after the first
+    # large free and, depending on what the heap held before (imports), may stop trimming after a
+    # few rounds, so the untuned baseline could fault 0 pages on one machine and 60k on another.
+    # Pinned, every untuned round maps and faults its 12 MiB; metamtl's mallopt overrides the pin.
+    env = {**os.environ, "METAMTL_TUNE_MALLOC": "1" if tune else "0",
+           "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
     out = subprocess.run([sys.executable, "-c", CHURN.format(learner=learner)], env=env,
                          capture_output=True, text=True, check=True)
     return int(out.stdout.split()[-1])
