@@ -1,4 +1,5 @@
 # metamtl: `make demo` (install + meta-train on real Omniglot) and `make test` (install + tests).
+# `make learn2learn`: the optional learn2learn 0.2.0, built from its sdist (see tools/build_learn2learn.sh).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -11,7 +12,7 @@ endif
 export WANDB_MODE ?= offline
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all learn2learn bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +30,13 @@ demo: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-all: install
+# the whole suite, slow tests and the learn2learn tests included (builds learn2learn first if needed)
+test-all: install learn2learn
 	$(BIN)/python -m pytest -m "" $(PYTEST_ARGS)
+
+# learn2learn 0.2.0 from its source distribution with a current Cython (pip install fails on 3.11)
+learn2learn: install
+	bash tools/build_learn2learn.sh $(BIN)/python
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache
