@@ -42,6 +42,10 @@ class InputError(MetamtlError, ValueError):
     """Inputs given to a model or learner have the wrong shape, type or labels."""
 
 
+class MissingDependencyError(MetamtlError, ImportError):
+    """An optional package that a feature needs is not installed (the message says how to get it)."""
+
+
 class CheckpointError(MetamtlError):
     """A checkpoint cannot be written, read, or does not match the current setup."""
 
