@@ -35,8 +35,9 @@ test-all: install learn2learn
 	$(BIN)/python -m pytest -m "" $(PYTEST_ARGS)
 
 # learn2learn 0.2.0 from its source distribution with a current Cython (pip install fails on 3.11)
+# (REBUILD=1: build and install anew even if learn2learn is importable)
 learn2learn: install
-	bash tools/build_learn2learn.sh $(BIN)/python
+	REBUILD=$(REBUILD) bash tools/build_learn2learn.sh $(BIN)/python
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache

@@ -66,16 +66,17 @@ def import_learn2learn():
 def _seeded_global_rngs(seed: int) -> Iterator[None]:
     """Python's, NumPy's and torch's (CPU) global generators seeded with ``seed``, restored on exit."""
     with _RNG_LOCK:
-        py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        cpu = torch.default_generator  # torch.manual_seed would also (lazily) seed CUDA: ~10x slower
+        py_state, np_state, torch_state = random.getstate(), np.random.get_state(), cpu.get_state()
         random.seed(seed)
         np.random.seed(seed & 0xFFFFFFFF)
-        torch.manual_seed(seed)
+        cpu.manual_seed(seed)
         try:
             yield
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
-            torch.set_rng_state(torch_state)
+            cpu.set_state(torch_state)
 
 
 class Learn2LearnTasks:
