@@ -152,17 +152,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--iterations", type=int, default=300, help="meta-iterations of each run (default 300)")
     p.add_argument("--data-root", default=os.environ.get("METAMTL_DATA") or str(REPO.parent / "shared" / "data"))
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of each run (default 1: on a shared 2-core machine 2 threads spin-wait)")
     p.add_argument("--write", action="store_true", help="add the rows to benchmarks/RESULTS.md")
     p.add_argument("--child", choices=list(RUNS), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+        torch.set_num_threads(args.threads)
         print("RESULT " + json.dumps(RUNS[args.child](args.data_root, args.iterations)), flush=True)
         return
     rows = {}
     for name in RUNS:  # each in a fresh process (metamtl tunes the process's allocator)
         out = subprocess.run([sys.executable, __file__, "--child", name, "--iterations", str(args.iterations),
-                              "--data-root", args.data_root], capture_output=True, text=True)
+                              "--threads", str(args.threads), "--data-root", args.data_root],
+                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
         result = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
         if out.returncode or not result:
             sys.exit(f"{name} run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
@@ -171,19 +174,19 @@ def main() -> None:
         print(f"{name:12s} {100 * r['accuracy']:.2f}% ± {100 * r['ci95']:.2f}%  "
               f"train {r['train_seconds']:.1f} s ({args.iterations} iterations)", flush=True)
     if args.write:
-        write(rows, args.iterations)
+        write(rows, args.iterations, args.threads)
 
 
-def write(rows: dict, iterations: int) -> None:
+def write(rows: dict, iterations: int, threads: int) -> None:
     results = REPO / "benchmarks" / "RESULTS.md"
     text = results.read_text()
     marker = "<!-- rows:learn2learn_side_by_side -->"
     command = "flock /tmp/metamtl-bench.lock nice -n 0 .venv/bin/python benchmarks/learn2learn_side_by_side.py " \
-              f"--iterations {iterations} --write"
+              f"--iterations {iterations} --threads {threads} --write"
     new = "".join(
         f"| {name} | {iterations} | {100 * r['accuracy']:.2f}% ± {100 * r['ci95']:.2f}% | {r['train_seconds']:.0f} s "
         f"| {r['train_seconds'] / iterations:.3f} s |\n" for name, r in rows.items())
-    block = f"{provenance()}; `{command}`\n\n| library | meta-iterations | 5-way 1-shot test accuracy (600 episodes, 95% CI) " \
+    block = f"{provenance()}, {threads} torch thread(s) per run; `{command}`\n\n| library | meta-iterations | 5-way 1-shot test accuracy (600 episodes, 95% CI) " \
             f"| meta-training time | per iteration |\n|---|---|---|---|---|\n{new}{marker}\n"
     if marker not in text:
         sys.exit(f"benchmarks/RESULTS.md has no {marker} line: add the section first")
