@@ -50,10 +50,8 @@ from torch import nn  # noqa: E402
 
 WAYS, SHOTS, QUERIES, SIZE, FILTERS, LR = 5, 1, 15, 28, 64, 0.4
 L2L_INSTALL = (
-    "learn2learn is not installed: its rows are skipped. learn2learn 0.2.0 does not build from PyPI on "
-    "Python 3.11; to include it: pip download learn2learn==0.2.0 --no-deps --no-binary :all: && tar xzf "
-    "learn2learn-0.2.0.tar.gz && cd learn2learn-0.2.0 && rm learn2learn/data/*.c && pip install 'cython>=3' "
-    "&& sed -i \"s/^use_cython = .*/use_cython = True/\" setup.py && pip install --no-build-isolation --no-deps ."
+    "learn2learn is not installed: its rows are skipped. `pip install learn2learn` (0.2.0) fails on Python 3.11; "
+    "`make learn2learn` builds it from its sdist with a current Cython (tools/build_learn2learn.sh)."
 )
 
 

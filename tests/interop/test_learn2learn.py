@@ -234,3 +234,22 @@ def test_maml_meta_gradient_matches_learn2learn(l2l, omniglot, float64, name, fi
         assert capture.grads[n].dtype == torch.float64
         torch.testing.assert_close(capture.grads[n], ref[n], rtol=0, atol=1e-5, msg=n)
     assert max(g.abs().max() for g in ref.values()) > 1e-3  # a real gradient, not zeros
+
+
+def test_learn2learn_network_as_trunk_head(l2l, omniglot):
+    """The README's rewrite: learn2learn's OmniglotFC wrapped as TrunkHead(features, classifier)."""
+    from metamtl.models import TrunkHead
+
+    images = omniglot.images.float() / 255
+    train = from_learn2learn(taskset(l2l, images, omniglot.labels), shots=1)
+    val = from_learn2learn(taskset(l2l, images, omniglot.labels, num_tasks=5), shots=1)
+    torch.manual_seed(0)
+    net = l2l.vision.models.OmniglotFC(28 ** 2, 5)
+    before = copy.deepcopy(net.state_dict())
+    learner = MetaLearner(TrunkHead(net.features, net.classifier), build_algorithm("maml", steps=1, lr=0.5),
+                          meta_lr=0.003, device="cpu")
+    learner.fit(train, val, iterations=2, meta_batch_size=4, val_every=2, val_episodes=5, progress=False)
+    assert any(not torch.equal(before[k], v) for k, v in net.state_dict().items())  # trained in place
+    result = learner.evaluate(val, episodes=5, progress=False)
+    assert result.episodes == 5 and 0.0 <= result.accuracy <= 1.0
+    assert torch.isfinite(torch.tensor([r.get("val/loss", 0.0) for r in learner.history])).all()
