@@ -38,6 +38,7 @@ class DataConfig:
     image_size: int | None = None
     split_fractions: list[float] | None = None
     split_seed: int | None = None
+    split_by: str | None = None  # Omniglot: "character" (default) or "alphabet" (held-out alphabets)
     train_rotations: list[int] | None = None
     #: augmentation of training episodes (:func:`metamtl.data.augment.build_augment`; null: none):
     #: ``{padding: 8, flip: true}`` (crop/flip, natural images; ``{}``: those defaults),
@@ -62,6 +63,9 @@ class TasksConfig:
     num_workers: int = 0
     mixture: str | list[float] = "equal"
     temperature: float = 1.0
+    #: training and validation episodes within one superclass (EpisodeSampler hierarchy): a class
+    #: name path depth (1: Omniglot alphabets) or a mapping {class name: superclass}; null: none
+    hierarchy: int | dict | None = None
 
 
 @dataclasses.dataclass
@@ -113,8 +117,12 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class EvalSetting:
+    """One evaluated setting; ``hierarchy`` draws its episodes within one superclass
+    (e.g. ``{ways: 20, shots: 1, hierarchy: 1}``: Omniglot within-alphabet 20-way)."""
+
     ways: int = 5
     shots: int = 1
+    hierarchy: int | dict | None = None
 
 
 @dataclasses.dataclass
@@ -262,6 +270,8 @@ def _check_config(cfg: Config) -> Config:
         raise ConfigError(f"tasks.temperature must be > 0, got {t.temperature}")
     if isinstance(t.mixture, str) and t.mixture not in ("equal", "size"):
         raise ConfigError(f"tasks.mixture must be 'equal', 'size' or a list of weights, got {t.mixture!r}")
+    if cfg.datasets and t.hierarchy is not None:
+        raise ConfigError("tasks.hierarchy applies to a single dataset (data:); multi-dataset configs cannot use it")
     if cfg.datasets:
         labels = [d.label or d.name for d in cfg.datasets]
         if len(set(labels)) != len(labels):

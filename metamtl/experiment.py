@@ -53,7 +53,7 @@ def load_split(cfg: Config, split: str, rotations: list[int] | None = None,
 
     d = data or cfg.data
     kwargs: dict[str, Any] = {}
-    for key in ("sources", "image_size", "split_fractions", "split_seed", "cache_dir"):
+    for key in ("sources", "image_size", "split_fractions", "split_seed", "split_by", "cache_dir"):
         value = getattr(d, key)
         if value is not None:
             kwargs[key] = tuple(value) if isinstance(value, list) else value
@@ -98,9 +98,11 @@ def build_tasks(cfg: Config) -> dict[str, Any]:
     d = cfg.data
     out: dict[str, TaskSource | None] = {
         "train": EpisodeSampler(load_split(cfg, d.train_split, d.train_rotations), t.ways, t.shots, t.queries,
+                                hierarchy=t.hierarchy,
                                 seed=t.seed, augment=train_augment(d))
     }
-    out["val"] = (EpisodeSampler(load_split(cfg, d.val_split), t.ways, t.shots, t.queries, seed=t.val_seed)
+    out["val"] = (EpisodeSampler(load_split(cfg, d.val_split), t.ways, t.shots, t.queries, seed=t.val_seed,
+                                 hierarchy=t.hierarchy)
                   if d.val_split else None)
     out["test"] = (EpisodeSampler(load_split(cfg, d.test_split), t.ways, t.shots, cfg.eval.queries, seed=t.test_seed)
                    if d.test_split else None)
@@ -222,13 +224,18 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def setting_tasks(test_tasks: TaskSource, setting: Any, cfg: Config) -> TaskSource:
+    """The test tasks of one ``eval.settings`` entry (its ways, shots and hierarchy)."""
+    if not hasattr(test_tasks, "with_settings") or is_regression(cfg):
+        return test_tasks
+    return test_tasks.with_settings(ways=setting.ways, shots=setting.shots, queries=cfg.eval.queries,
+                                    hierarchy=setting.hierarchy)
+
+
 def evaluate_settings(learner: MetaLearner, cfg: Config, test_tasks: TaskSource, progress: bool = True) -> list[EvalResult]:
     """Evaluate every ``eval.settings`` entry on the test tasks."""
-    results = []
-    for s in cfg.eval.settings:
-        kwargs = {} if is_regression(cfg) else {"ways": s.ways, "shots": s.shots, "queries": cfg.eval.queries}
-        results.append(learner.evaluate(test_tasks, cfg.eval.episodes, steps=cfg.eval.steps, progress=progress, **kwargs))
-    return results
+    return [learner.evaluate(setting_tasks(test_tasks, s, cfg), cfg.eval.episodes, steps=cfg.eval.steps,
+                             progress=progress) for s in cfg.eval.settings]
 
 
 def evaluate_per_dataset(learner: MetaLearner, cfg: Config, test_tasks: dict[str, TaskSource],
@@ -246,8 +253,8 @@ def evaluate_per_dataset(learner: MetaLearner, cfg: Config, test_tasks: dict[str
                 rows.append({"dataset": label, "ways": s.ways, "shots": s.shots,
                              "skipped": f"only {available} held-out classes"})
                 continue
-            res = learner.evaluate(source, cfg.eval.episodes, ways=s.ways, shots=s.shots,
-                                   queries=cfg.eval.queries, steps=cfg.eval.steps, progress=progress)
+            res = learner.evaluate(setting_tasks(source, s, cfg), cfg.eval.episodes, steps=cfg.eval.steps,
+                                   progress=progress)
             say(f"[metamtl] held-out test ({label}): {res}")
             rows.append({"dataset": label, **res.to_dict()})
     return rows

@@ -72,7 +72,8 @@ class EvalResult:
 
     ``accuracy`` and ``ci95`` are fractions (0.973 means 97.3%); ``ci95`` is
     ``1.96 * std / sqrt(episodes)``.  For regression tasks ``accuracy`` is ``None`` and ``loss``
-    is the mean squared error.
+    is the mean squared error.  ``hierarchy`` is the task source's superclass setting (episodes
+    within one superclass, see :class:`~metamtl.tasks.EpisodeSampler`), ``None`` for random classes.
     """
 
     accuracy: float | None
@@ -86,9 +87,12 @@ class EvalResult:
     steps: int
     per_episode_accuracy: list[float] = dataclasses.field(default_factory=list, repr=False)
     per_episode_loss: list[float] = dataclasses.field(default_factory=list, repr=False)
+    hierarchy: Any = None
 
     def __str__(self) -> str:
         setting = f"{self.ways}-way {self.shots}-shot" if self.accuracy is not None else f"{self.shots}-shot regression"
+        if self.hierarchy is not None:
+            setting += " within one superclass"
         if self.accuracy is None:
             return f"MSE {self.loss:.4f} ± {self.loss_ci95:.4f} ({setting}, {self.episodes} episodes)"
         return (
@@ -564,7 +568,8 @@ class MetaLearner:
         accs = [m["accuracy"] for m, _ in results if "accuracy" in m]
         acc, ci = mean_ci95(accs) if accs else (None, None)
         loss, loss_ci = mean_ci95(losses)
-        return EvalResult(acc, ci, loss, loss_ci, len(losses), *results[0][1], int(steps), accs, losses)
+        return EvalResult(acc, ci, loss, loss_ci, len(losses), *results[0][1], int(steps), accs, losses,
+                          hierarchy=_hierarchy_of(tasks))
 
     def _with_support_copies(self, episode: Episode, tta: Any) -> Episode:
         """``episode`` (model input) with :class:`SupportAugment` copies in its support set."""
@@ -856,6 +861,12 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def _hierarchy_of(tasks: Any) -> Any:
+    """A source's superclass setting for results (a mapping is summarised by its size)."""
+    h = getattr(tasks, "hierarchy", None)
+    return f"mapping of {len(h)} classes" if isinstance(h, dict) else h
 
 
 def _support_augment(spec: Any) -> SupportAugment | None:

@@ -33,6 +33,11 @@ class Omniglot(ClassDataset):
             class, ``Alphabet/characterNN@90`` (counter-clockwise; angle 0 keeps the plain name).
         split_fractions: ``(train, val, test)`` fractions of characters, see below.
         split_seed: seed of the character split.
+        split_by: ``"character"`` (default: every split has characters of every alphabet) or
+            ``"alphabet"`` (whole alphabets are held out, as in the official background /
+            evaluation protocol: the names cut by ``split_fractions`` are alphabets, so test
+            alphabets keep all their characters and within-alphabet 20-way episodes can be
+            drawn from them).
         download: fetch missing official zips from :attr:`URLS` into ``root`` (md5-checked).
         cache_dir: decode-cache folder (``None``: default, ``False``: memory only).
 
@@ -66,6 +71,7 @@ class Omniglot(ClassDataset):
     URLS = {name: f"{_URL}/{name}.zip" for name in MD5}
     SPLITS = ("train", "val", "test", "all")
     ROTATIONS = (0, 90, 180, 270)
+    SPLIT_BY = ("character", "alphabet")
 
     def __init__(
         self,
@@ -76,6 +82,7 @@ class Omniglot(ClassDataset):
         rotations: Sequence[int] = (0,),
         split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
         split_seed: int = 0,
+        split_by: str = "character",
         download: bool = False,
         cache_dir: str | os.PathLike | bool | None = None,
     ) -> None:
@@ -89,6 +96,8 @@ class Omniglot(ClassDataset):
         rotations = tuple(int(r) for r in rotations)
         if not rotations or len(set(rotations)) != len(rotations) or not set(rotations) <= set(self.ROTATIONS):
             raise ConfigError(f"rotations must be distinct angles among {self.ROTATIONS}, got {rotations}")
+        if split_by not in self.SPLIT_BY:
+            raise unknown_name("Omniglot split_by", split_by, self.SPLIT_BY)
         if len(split_fractions) != 3:
             raise ConfigError(f"split_fractions must be (train, val, test), got {list(split_fractions)}")
         root = resolve_root(root, "Omniglot")
@@ -98,7 +107,7 @@ class Omniglot(ClassDataset):
         found = self._find_sources(root, sources, download)
         decoded = {name: self._decode(name, path, preprocessing, cache_dir) for name, path in found.items()}
         images, labels, class_names, files = _merge(list(decoded.values()))
-        chars = self._split_characters(decoded, split, split_fractions, split_seed)
+        chars = self._split_characters(decoded, split, split_fractions, split_seed, split_by)
         full = ClassDataset(images, labels, class_names, preprocessing=preprocessing, sources=files)
         part = full.subset(chars)
         n = part.num_classes
@@ -170,20 +179,27 @@ class Omniglot(ClassDataset):
 
     @staticmethod
     def _split_characters(
-        decoded: dict[str, Decoded], split: str, fractions: Sequence[float], seed: int
+        decoded: dict[str, Decoded], split: str, fractions: Sequence[float], seed: int,
+        split_by: str = "character",
     ) -> list[str]:
         everything = sorted({c for d in decoded.values() for c in d.class_names})
         if split == "all":
             return everything
+        unit = (lambda c: c.split("/")[0]) if split_by == "alphabet" else (lambda c: c)
+
+        def cut(chars: list[str], fracs: Sequence[float]) -> tuple[list[str], ...]:
+            groups = split_names(sorted({unit(c) for c in chars}), fracs, seed)
+            return tuple(sorted(c for c in chars if unit(c) in set(g)) for g in groups)
+
         if BACKGROUND in decoded and EVALUATION in decoded:
             test = set(decoded[EVALUATION].class_names)
             background = [c for c in everything if c not in test]
             train_val = float(fractions[0]) + float(fractions[1])
             if train_val <= 0:
                 raise ConfigError(f"split_fractions {list(fractions)} leave no train/val characters")
-            train, val = split_names(background, (fractions[0] / train_val, fractions[1] / train_val), seed)
+            train, val = cut(background, (fractions[0] / train_val, fractions[1] / train_val))
             return {"train": train, "val": val, "test": sorted(test)}[split]
-        train, val, test = split_names(everything, fractions, seed)
+        train, val, test = cut(everything, fractions)
         return {"train": train, "val": val, "test": test}[split]
 
 

@@ -11,6 +11,7 @@ from .sampler import (
     episode_seed,
     fixed_episodes,
     mixture_weights,
+    superclass_names,
     task_batches,
     check_index,
     check_positive_int,
@@ -20,7 +21,7 @@ from .sinusoid import Sinusoid
 
 __all__ = [
     "Episode", "TaskBatch", "EpisodeSampler", "MixedTasks", "TaskSource", "MetaBatchIndexSampler",
-    "episode_generator", "episode_seed", "fixed_episodes", "mixture_weights", "task_batches",
+    "episode_generator", "episode_seed", "fixed_episodes", "mixture_weights", "superclass_names", "task_batches",
     "check_index", "check_positive_int", "check_seed", "Sinusoid", "TASK_FAMILIES", "load_tasks",
     "from_learn2learn", "Learn2LearnTasks", "Learn2LearnTasksets",
 ]

@@ -96,6 +96,13 @@ class EpisodeSampler(Dataset):
             (e.g. :class:`~metamtl.data.augment.RandomCropFlip`), drawn from a separate seeded
             stream: the classes and images of episode ``i`` are the same with or without it,
             and the augmented episode is still a pure function of ``(seed, i)``.
+        hierarchy: draw every episode's classes from one superclass (hierarchical sampling,
+            e.g. Lake et al.'s within-alphabet Omniglot episodes): ``None`` (classes drawn from
+            the whole dataset), an integer depth ``d`` (a class's superclass is the first ``d``
+            ``/``-separated parts of its name: depth 1 maps ``Greek/character03@90`` to
+            ``Greek``) or a mapping ``{class name: superclass}`` covering every class.  An
+            episode first draws a superclass uniformly among those with at least ``ways``
+            classes (:attr:`superclasses`), then ``ways`` classes of it.
 
     ``sampler[i]`` (or ``sampler.episode(i)``) returns episode ``i``. Labels are remapped to
     ``0..ways-1`` in a random order per episode; ``episode.classes`` holds the dataset class
@@ -111,6 +118,7 @@ class EpisodeSampler(Dataset):
         seed: int = 0,
         name: str | None = None,
         augment=None,
+        hierarchy: int | dict | None = None,
     ) -> None:
         if not isinstance(dataset, ClassDataset):
             raise TaskError(
@@ -156,6 +164,10 @@ class EpisodeSampler(Dataset):
         self._support_y = labels.repeat_interleave(self.shots)
         self._query_y = labels.repeat_interleave(self.queries)
         self._local = threading.local()  # one reusable Generator per thread (re-seeded per episode)
+        self.hierarchy = hierarchy
+        #: superclass name -> dataset class indices, for the superclasses episodes are drawn from
+        self.superclasses = _superclasses(dataset, hierarchy, self.ways) if hierarchy is not None else None
+        self._groups = list(self.superclasses.values()) if self.superclasses is not None else None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -186,6 +198,10 @@ class EpisodeSampler(Dataset):
 
     def __repr__(self) -> str:
         aug = f", augment={self.augment!r}" if self.augment is not None else ""
+        if isinstance(self.hierarchy, dict):
+            aug += f", hierarchy=<mapping of {len(self.hierarchy)} classes>, superclasses={len(self._groups)}"
+        elif self.hierarchy is not None:
+            aug += f", hierarchy={self.hierarchy!r}, superclasses={len(self._groups)}"
         return (
             f"EpisodeSampler({self.name!r}, ways={self.ways}, shots={self.shots}, "
             f"queries={self.queries}, seed={self.seed}, classes={self.dataset.num_classes}{aug})"
@@ -199,7 +215,11 @@ class EpisodeSampler(Dataset):
         index = check_index(index)
         g = self._generator(index)
         ds = self.dataset
-        classes = torch.randperm(ds.num_classes, generator=g)[: self.ways]
+        if self._groups is None:
+            classes = torch.randperm(ds.num_classes, generator=g)[: self.ways]
+        else:  # one superclass, then ways of its classes
+            group = self._groups[int(torch.randint(len(self._groups), (1,), generator=g))]
+            classes = group[torch.randperm(len(group), generator=g)[: self.ways]]
         k = self.shots + self.queries
         # Sample k distinct rows per class without replacement, all classes at once: random keys,
         # positions past a class's count pushed to the end, keep the k smallest.
@@ -235,12 +255,53 @@ class EpisodeSampler(Dataset):
     def with_settings(self, **kwargs) -> "EpisodeSampler":
         """The same dataset with other ``ways``/``shots``/``queries``/``seed``."""
         args = dict(ways=self.ways, shots=self.shots, queries=self.queries, seed=self.seed, name=self.name,
-                    augment=self.augment)
+                    augment=self.augment, hierarchy=self.hierarchy)
         unknown = sorted(set(kwargs) - set(args))
         if unknown:
             raise TaskError(f"with_settings accepts {', '.join(args)}; got {', '.join(unknown)}")
         args.update(kwargs)
         return EpisodeSampler(self.dataset, **args)
+
+
+def superclass_names(class_names: Sequence[str], hierarchy: int | dict) -> list[str]:
+    """The superclass of every class name under ``hierarchy`` (a path depth or a mapping)."""
+    if isinstance(hierarchy, dict):
+        missing = [n for n in class_names if n not in hierarchy]
+        if missing:
+            raise TaskError(
+                f"the hierarchy mapping gives no superclass for {len(missing)} class(es), e.g. "
+                f"{', '.join(map(repr, missing[:5]))}; map every class name to its superclass"
+            )
+        return [str(hierarchy[n]) for n in class_names]
+    if isinstance(hierarchy, bool) or not isinstance(hierarchy, int) or hierarchy < 1:
+        raise TaskError(
+            f"hierarchy must be a path depth >= 1 (superclass = the first parts of 'a/b/c' class names), "
+            f"a mapping {{class name: superclass}} or null; got {hierarchy!r}"
+        )
+    shallow = [n for n in class_names if n.count("/") < hierarchy]
+    if shallow:
+        raise TaskError(
+            f"hierarchy depth {hierarchy} needs class names with more than {hierarchy} '/'-separated "
+            f"parts, but e.g. {shallow[0]!r} has {shallow[0].count('/') + 1}; use a smaller depth or a mapping"
+        )
+    return ["/".join(n.split("/")[:hierarchy]) for n in class_names]
+
+
+def _superclasses(dataset: ClassDataset, hierarchy: int | dict, ways: int) -> dict[str, torch.Tensor]:
+    """Superclass -> its class indices, keeping those with at least ``ways`` classes."""
+    groups: dict[str, list[int]] = {}
+    for c, sup in enumerate(superclass_names(dataset.class_names, hierarchy)):
+        groups.setdefault(sup, []).append(c)
+    eligible = {k: torch.tensor(v) for k, v in sorted(groups.items()) if len(v) >= ways}
+    if not eligible:
+        largest = sorted(groups.items(), key=lambda kv: -len(kv[1]))[:5]
+        raise TaskError(
+            f"{ways}-way episodes within one superclass need a superclass with >= {ways} classes, but "
+            f"{dataset.name!r} has at most {len(largest[0][1])} "
+            f"({', '.join(f'{k}: {len(v)}' for k, v in largest)}); lower ways or use a split with more "
+            "classes per superclass"
+        )
+    return eligible
 
 
 def mixture_weights(
