@@ -37,26 +37,29 @@ class Conv4(nn.Module):
 
     Args:
         in_channels: 1 for Omniglot, 3 for mini-ImageNet.
-        hidden: filters per block (64 for Omniglot, 32 for mini-ImageNet in the paper).
+        hidden: filters per block (64 for Omniglot, 32 for mini-ImageNet in the paper), or a
+            list of ``blocks`` widths, one per block (e.g. ``[64, 96, 128, 256]``).
         image_size: input height/width, used to compute the feature size.
         blocks: number of conv blocks.
     """
 
-    def __init__(self, in_channels: int = 1, hidden: int = 64, image_size: int = 28, blocks: int = 4) -> None:
+    def __init__(self, in_channels: int = 1, hidden: int | list[int] = 64, image_size: int = 28,
+                 blocks: int = 4) -> None:
         super().__init__()
-        for key, value in (("in_channels", in_channels), ("hidden", hidden), ("image_size", image_size), ("blocks", blocks)):
+        for key, value in (("in_channels", in_channels), ("image_size", image_size), ("blocks", blocks)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"Conv4 needs {key} to be an integer >= 1, got {value!r}")
+        widths = block_widths("Conv4 hidden", hidden, blocks)
         side = int(image_size)
         for _ in range(blocks):
             side //= 2
         if side < 1:
             raise ConfigError(f"image_size {image_size} is too small for {blocks} pooling blocks")
-        chans = [in_channels] + [hidden] * blocks
+        chans = [in_channels] + widths
         self.blocks = nn.Sequential(*[ConvBlock(chans[i], chans[i + 1]) for i in range(blocks)])
         self.in_channels = in_channels
         self.image_size = int(image_size)
-        self.out_features = hidden * side * side
+        self.out_features = widths[-1] * side * side
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
@@ -66,12 +69,26 @@ class Conv4(nn.Module):
         return self.blocks(x).flatten(1)
 
     def check_input(self, x: torch.Tensor) -> None:
-        expected = (self.in_channels, self.image_size, self.image_size)
-        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise InputError(
-                f"model expects images of shape [batch, {expected[0]}, {expected[1]}, {expected[2]}], "
-                f"got {list(x.shape)}"
-            )
+        check_image_input(x, self.in_channels, self.image_size)
+
+
+def check_image_input(x: torch.Tensor, channels: int, size: int) -> None:
+    """:class:`InputError` unless ``x`` is a batch of ``channels x size x size`` images."""
+    expected = (channels, size, size)
+    if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+        raise InputError(
+            f"model expects images of shape [batch, {expected[0]}, {expected[1]}, {expected[2]}], "
+            f"got {list(x.shape)}"
+        )
+
+
+def block_widths(what: str, value: Any, blocks: int) -> list[int]:
+    """One width per block from an integer (all blocks) or a list of ``blocks`` integers."""
+    widths = [value] * blocks if isinstance(value, int) and not isinstance(value, bool) else value
+    if (not isinstance(widths, (list, tuple)) or len(widths) != blocks
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths)):
+        raise ConfigError(f"{what} must be an integer >= 1 or a list of {blocks} of them (one per block), got {value!r}")
+    return [int(w) for w in widths]
 
 
 class MLP(nn.Module):
@@ -135,7 +152,7 @@ class TrunkHead(nn.Module):
             check(x)
 
 
-def conv4_model(in_channels: int = 1, hidden: int = 64, image_size: int = 28, blocks: int = 4,
+def conv4_model(in_channels: int = 1, hidden: int | list[int] = 64, image_size: int = 28, blocks: int = 4,
            out_features: int | None = 5) -> TrunkHead:
     trunk = Conv4(in_channels, hidden, image_size, blocks)
     head = LinearHead(trunk.out_features, out_features) if out_features else None

@@ -10,9 +10,10 @@ from typing import Any, Callable
 from ..errors import ConfigError, did_you_mean, unknown_name
 from .backbones import TrunkHead, conv4_model, mlp_model
 from .multidataset import multidataset_model
+from .resnet import resnet12_model
 
 MODELS: dict[str, Callable[..., TrunkHead]] = {
-    "conv4": conv4_model, "mlp": mlp_model, "multidataset": multidataset_model,
+    "conv4": conv4_model, "resnet12": resnet12_model, "mlp": mlp_model, "multidataset": multidataset_model,
 }
 
 

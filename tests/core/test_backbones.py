@@ -1,0 +1,89 @@
+"""Backbones through build_model: ResNet-12 shapes, parameters, gradients, a short CPU run; conv4 widths."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metamtl import MetaLearner
+from metamtl.algorithms import build_algorithm
+from metamtl.data import ClassDataset, Preprocessing
+from metamtl.errors import ConfigError, InputError
+from metamtl.models import EpisodicBatchNorm, ResNet12, build_model
+from metamtl.tasks import EpisodeSampler
+
+SMALL = [8, 12, 16, 24]
+
+
+def test_resnet12_standard_shapes_and_parameter_count():
+    model = build_model("resnet12", out_features=None)  # 64-160-320-640, 84x84 RGB
+    assert isinstance(model.trunk, ResNet12) and model.num_features == 640
+    assert sum(p.numel() for p in model.parameters()) == 12_424_320  # the usual "12.4 M" ResNet-12
+    with torch.no_grad():
+        assert model.trunk(torch.randn(2, 3, 84, 84)).shape == (2, 640)
+    assert sum(isinstance(m, EpisodicBatchNorm) for m in model.modules()) == 16  # 3 per block + shortcut
+
+
+@pytest.mark.parametrize("kwargs,shape", [
+    ({"in_channels": 1, "image_size": 28, "widths": SMALL}, (5, 24)),
+    ({"in_channels": 3, "image_size": 32, "widths": SMALL, "pool": "flatten"}, (5, 24 * 2 * 2)),
+])
+def test_resnet12_small_images_and_gradients(kwargs, shape):
+    model = build_model("resnet12", out_features=4, **kwargs)
+    x = torch.randn(5, kwargs["in_channels"], kwargs["image_size"], kwargs["image_size"])
+    feats = model.trunk(x)
+    assert feats.shape == shape and model.num_features == shape[1]
+    model(x).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    with pytest.raises(InputError, match=r"expects images of shape \[batch, "):
+        model.check_input(torch.randn(2, 3, 84, 84))
+
+
+def test_resnet12_residual_block_matches_a_hand_written_forward():
+    torch.manual_seed(0)
+    block = ResNet12(1, SMALL, 16).blocks[0]
+    x = torch.randn(4, 1, 16, 16)
+    bn = lambda t: torch.nn.functional.batch_norm(t, None, None, training=True)  # noqa: E731
+    lr = lambda t: torch.nn.functional.leaky_relu(t, 0.1)  # noqa: E731
+    c = block.convs
+    out = bn(c[2](lr(bn(c[1](lr(bn(c[0](x))))))))
+    expected = torch.nn.functional.max_pool2d(lr(out + bn(block.shortcut[0](x))), 2)
+    torch.testing.assert_close(block(x), expected)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"widths": [8, 8, 8]}, "list of 4"), ({"image_size": 12}, "image_size >= 16"), ({"pool": "max"}, "pool must be"),
+])
+def test_resnet12_bad_settings(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        build_model("resnet12", **kwargs)
+
+
+def toy(classes=12, per_class=8, size=16):
+    g = torch.Generator().manual_seed(0)
+    protos = torch.rand(classes, 1, size, size, generator=g)
+    x = ((protos.repeat_interleave(per_class, 0) * 0.8 + 0.2 * torch.rand(classes * per_class, 1, size, size,
+                                                                             generator=g)) * 255).to(torch.uint8)
+    return ClassDataset(x, torch.arange(classes).repeat_interleave(per_class), [f"c{i}" for i in range(classes)],
+                        preprocessing=Preprocessing(size=(size, size), channels=1))
+
+
+@pytest.mark.parametrize("algorithm", [{"name": "protonet"}, {"name": "anil", "head_init": "proto", "steps": 1, "lr": 0.1}])
+def test_short_cpu_run_with_resnet12(algorithm, single_thread):
+    torch.manual_seed(0)
+    ds = toy()
+    learner = MetaLearner(build_model("resnet12", in_channels=1, image_size=16, widths=SMALL, out_features=None),
+                          build_algorithm(**algorithm), device="cpu", meta_lr=0.003)
+    tasks = EpisodeSampler(ds, 4, 1, 3, seed=0)
+    before = learner.evaluate(tasks, 20, progress=False).accuracy
+    learner.fit(tasks, iterations=30, meta_batch_size=2, progress=False)
+    after = learner.evaluate(tasks, 20, progress=False)
+    assert after.accuracy > max(before, 0.5)  # 4-way: chance is 0.25
+
+
+def test_conv4_accepts_one_width_per_block():
+    model = build_model("conv4", in_channels=1, hidden=[8, 16, 32, 48], image_size=28, out_features=None)
+    assert [b[0].out_channels for b in model.trunk.blocks] == [8, 16, 32, 48] and model.num_features == 48
+    assert model.trunk(torch.randn(3, 1, 28, 28)).shape == (3, 48)
+    assert build_model("conv4", hidden=32, out_features=None).num_features == 32  # one width, as before
+    with pytest.raises(ConfigError, match="list of 4 of them"):
+        build_model("conv4", hidden=[8, 16])
