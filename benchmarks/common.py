@@ -83,11 +83,14 @@ def run_and_record(config: Path, args: argparse.Namespace, overrides: Sequence[s
           flush=True)
     check_output_dir(cfg)
     results = run(cfg)
-    rows = result_rows(results, data_desc, dataset)
-    for row in rows:
-        print(row)
-    if not args.no_record:
-        record(dataset, title, rows)
+    for transductive in (False, True):  # transductive heads get their own table, never mixed
+        rows = result_rows(results, data_desc, dataset, transductive)
+        for row in rows:
+            print(row)
+        if rows and not args.no_record:
+            record(f"{dataset}-transductive" if transductive else dataset,
+                   f"{title}, TRANSDUCTIVE heads (not comparable with the inductive rows)" if transductive else title,
+                   rows)
     return results
 
 
@@ -147,14 +150,24 @@ def training_cell(results: dict[str, Any]) -> str:
             f"{results['train_seconds'] / 60:.1f} min ({results['stopped_by']}){evaluated}")
 
 
-def result_rows(results: dict[str, Any], data_desc: str, dataset: str) -> list[str]:
+def setting_cell(r: dict[str, Any]) -> str:
+    """``5-way 1-shot``, plus ``within-superclass`` episodes and the head that classified them."""
+    text = f"{r['ways']}-way {r['shots']}-shot"
+    if r.get("hierarchy") is not None:
+        text += f" within-superclass (depth {r['hierarchy']})" if isinstance(r["hierarchy"], int) else " within-superclass"
+    head = r.get("head", "algorithm")
+    return text + f", head: {head}" + (" (transductive)" if r.get("transductive") else "")
+
+
+def result_rows(results: dict[str, Any], data_desc: str, dataset: str, transductive: bool = False) -> list[str]:
+    """Markdown rows of a run's inductive (or, with ``transductive``, transductive) results."""
     date = time.strftime("%Y-%m-%d")
     rows = []
     for r in results["test"]:
-        if "skipped" in r:
+        if "skipped" in r or bool(r.get("transductive")) != transductive:
             continue
         acc = f"**{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f}** ({r['episodes']} ep.)"
-        rows.append(f"| {date} | {commit()} | {machine(results)} | {data_desc} | {r['ways']}-way {r['shots']}-shot "
+        rows.append(f"| {date} | {commit()} | {machine(results)} | {data_desc} | {setting_cell(r)} "
                     f"| {training_cell(results)} | {acc} | {published_cell(dataset, r['ways'], r['shots'])} "
                     f"| `{command()}` |")
     return rows

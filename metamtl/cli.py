@@ -27,6 +27,7 @@ def _fit(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from .config import config_from_dict
     from .experiment import build_tasks
+    from .heads import build_head
     from .learner import MetaLearner
 
     learner = MetaLearner.load(args.checkpoint, device=args.device)
@@ -40,16 +41,15 @@ def _evaluate(args: argparse.Namespace) -> int:
         if args.split or data is saved["data"]:
             data["test_split"] = args.split or "test"
     cfg = config_from_dict(saved)
-    support_augment = None
-    if args.support_augment is not None:
-        import yaml
-
-        try:
-            support_augment = yaml.safe_load(args.support_augment)
-        except yaml.YAMLError as exc:
-            raise MetamtlError(f"--support-augment is not valid YAML: {exc}") from None
+    support_augment = _yaml_option("--support-augment", args.support_augment)
+    head = _yaml_option("--head", args.head)  # None: the learner's own default head
     splits = {d.label or d.name: d.test_split for d in cfg.datasets}
-    tasks = build_tasks(cfg)["test"]
+    built = build_tasks(cfg)
+    tasks = built["test"]
+    used = learner.head if head is None else build_head(head)
+    if used is not None and used.center and not learner.feature_means:
+        learner.compute_feature_mean(built["train"])
+        print(f"[metamtl] head {used.name!r} centres features: mean feature of the training split computed")
     defaults = learner.task_defaults
     out = {}
     for label, source in (tasks.items() if isinstance(tasks, dict) else [(None, tasks)]):
@@ -57,7 +57,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             source, args.episodes,
             ways=args.ways or defaults.get("ways"), shots=args.shots or defaults.get("shots"),
             queries=args.queries or defaults.get("queries"), steps=args.steps, progress=not args.no_progress,
-            support_augment=support_augment,
+            support_augment=support_augment, head=head,
         ) if learner.task == "classification" else learner.evaluate(source, args.episodes, steps=args.steps)
         where = f"{label} " if label else ""
         print(f"[metamtl] {where}{splits.get(label, args.split or 'test')} split: {result}")
@@ -65,6 +65,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(out if len(out) > 1 else out[next(iter(out))], indent=2))
     return 0
+
+
+def _yaml_option(flag: str, text: str | None):
+    """The value of a YAML-valued command-line option (``None`` when not given)."""
+    if text is None:
+        return None
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise MetamtlError(f"{flag} is not valid YAML: {exc}") from None
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -107,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--support-augment", metavar="YAML",
                    help="test-time support augmentation, e.g. '{copies: 5, augment: {name: affine}}' "
                         "('false': none; default: as saved with the learner)")
+    e.add_argument("--head", metavar="YAML",
+                   help="what classifies the queries: algorithm, simpleshot, logreg, or transductive bdcspn, "
+                        "laplacianshot, softkmeans, sinkhorn; a name or '{name: logreg, C: 10}' "
+                        "(default: as saved with the learner)")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", help="also write the result to this JSON file")
     e.add_argument("--no-progress", action="store_true")

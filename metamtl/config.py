@@ -137,6 +137,11 @@ class EvalConfig:
     #: test-time support augmentation (MetaLearner support_augment), e.g.
     #: ``{copies: 5, augment: {name: affine}}``; saved with the learner (null: none)
     support_augment: dict | None = None
+    #: what classifies the queries, one results row per head and setting (metamtl.heads):
+    #: "algorithm" (its own adaptation), "simpleshot", "logreg", or transductive "bdcspn",
+    #: "laplacianshot", "softkmeans", "sinkhorn" (names or {name: ..., settings}); the first is
+    #: the saved learner's default for evaluate/predict
+    heads: list[str | dict] = dataclasses.field(default_factory=lambda: ["algorithm"])
 
 
 @dataclasses.dataclass
@@ -312,13 +317,7 @@ def _check_config(cfg: Config) -> Config:
             )
     if cfg.eval.checkpoint not in ("last", "best"):
         raise ConfigError(f"eval.checkpoint must be 'last' or 'best' (best validation accuracy), got {cfg.eval.checkpoint!r}")
-    if cfg.eval.support_augment is not None:
-        from .learner import _support_augment
-
-        try:
-            _support_augment(cfg.eval.support_augment)
-        except ConfigError as exc:
-            raise ConfigError(f"eval.support_augment: {exc}") from None
+    _check_eval(cfg.eval)
     for s in cfg.eval.settings:
         if s.ways < 1 or s.shots < 1:
             raise ConfigError(f"eval.settings entries need ways >= 1 and shots >= 1, got {s}")
@@ -352,6 +351,25 @@ def _check_config(cfg: Config) -> Config:
             "'learned' (a fixed-size head); set algorithm.head_init to 'zero' or 'proto' to evaluate other ways"
         )
     return cfg
+
+
+def _check_eval(ev: EvalConfig) -> None:
+    """Test-time support augmentation and heads of the ``eval`` section."""
+    from .heads import build_head
+    from .learner import _support_augment
+
+    if ev.support_augment is not None:
+        try:
+            _support_augment(ev.support_augment)
+        except ConfigError as exc:
+            raise ConfigError(f"eval.support_augment: {exc}") from None
+    if not ev.heads:
+        raise ConfigError("eval.heads must list at least one head (e.g. [algorithm])")
+    for i, spec in enumerate(ev.heads):
+        try:
+            build_head(spec)
+        except ConfigError as exc:
+            raise ConfigError(f"eval.heads[{i}]: {exc}") from None
 
 
 def _algorithm_settings(cfg: Config) -> dict[str, Any]:

@@ -192,7 +192,7 @@ def build_learner(cfg: Config, train_tasks: TaskSource, callbacks: list[Callback
         max_bad_steps=tr.max_bad_steps, task="regression" if regression else "classification",
         task_defaults={"ways": cfg.tasks.ways, "shots": cfg.tasks.shots, "queries": cfg.eval.queries},
         metadata=metadata, precision=tr.precision, channels_last=tr.channels_last,
-        support_augment=cfg.eval.support_augment,
+        support_augment=cfg.eval.support_augment, head=cfg.eval.heads[0],
     )
 
 
@@ -233,9 +233,19 @@ def setting_tasks(test_tasks: TaskSource, setting: Any, cfg: Config) -> TaskSour
 
 
 def evaluate_settings(learner: MetaLearner, cfg: Config, test_tasks: TaskSource, progress: bool = True) -> list[EvalResult]:
-    """Evaluate every ``eval.settings`` entry on the test tasks."""
+    """Evaluate every ``eval.settings`` entry with every ``eval.heads`` entry on the test tasks."""
     return [learner.evaluate(setting_tasks(test_tasks, s, cfg), cfg.eval.episodes, steps=cfg.eval.steps,
-                             progress=progress) for s in cfg.eval.settings]
+                             progress=progress, head=h) for s in cfg.eval.settings for h in cfg.eval.heads]
+
+
+def prepare_heads(learner: MetaLearner, cfg: Config, train_tasks: TaskSource, say: Any = print) -> None:
+    """Compute the training split's mean feature when an ``eval.heads`` entry centres features."""
+    from .heads import build_head
+
+    heads = [build_head(h) for h in cfg.eval.heads]
+    if not is_regression(cfg) and any(h is not None and h.center for h in heads):
+        learner.compute_feature_mean(train_tasks)
+        say(f"[metamtl] feature mean of the training split for centring heads: {sorted(learner.feature_means)}")
 
 
 def evaluate_per_dataset(learner: MetaLearner, cfg: Config, test_tasks: dict[str, TaskSource],
@@ -253,10 +263,11 @@ def evaluate_per_dataset(learner: MetaLearner, cfg: Config, test_tasks: dict[str
                 rows.append({"dataset": label, "ways": s.ways, "shots": s.shots,
                              "skipped": f"only {available} held-out classes"})
                 continue
-            res = learner.evaluate(setting_tasks(source, s, cfg), cfg.eval.episodes, steps=cfg.eval.steps,
-                                   progress=progress)
-            say(f"[metamtl] held-out test ({label}): {res}")
-            rows.append({"dataset": label, **res.to_dict()})
+            for h in cfg.eval.heads:
+                res = learner.evaluate(setting_tasks(source, s, cfg), cfg.eval.episodes, steps=cfg.eval.steps,
+                                       progress=progress, head=h)
+                say(f"[metamtl] held-out test ({label}): {res}")
+                rows.append({"dataset": label, **res.to_dict()})
     return rows
 
 
@@ -328,6 +339,7 @@ def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
     selected = restore_best(learner, run_dir) if cfg.eval.checkpoint == "best" else None
     if selected is not None:
         say(f"[metamtl] evaluating best.pt (best validation accuracy, iteration {selected})")
+    prepare_heads(learner, cfg, train_tasks, say)
     final_path = run_dir / "learner.pt"
     if main_process:
         learner.save(final_path)

@@ -29,6 +29,7 @@ from .algorithms import Algorithm, build_algorithm
 from .callbacks import Callback, CallbackList, History, ModelCheckpoint, ProgressBar
 from .checkpoint import FORMAT, FORMAT_VERSION, atomic_save, config_diff, safe_load
 from .data.augment import SupportAugment
+from .heads import ALGORITHM, FeatureHead, build_head, episode_metrics, head_name, query_features
 from .data.base import Preprocessing
 from .errors import (CheckpointError, ConfigError, FitInterrupted, InputError, MetamtlError, TrainingError,
                      unknown_name)
@@ -74,6 +75,9 @@ class EvalResult:
     ``1.96 * std / sqrt(episodes)``.  For regression tasks ``accuracy`` is ``None`` and ``loss``
     is the mean squared error.  ``hierarchy`` is the task source's superclass setting (episodes
     within one superclass, see :class:`~metamtl.tasks.EpisodeSampler`), ``None`` for random classes.
+    ``head`` names what classified the queries (``"algorithm"``: the algorithm's own adaptation,
+    else a :mod:`metamtl.heads` feature head); ``transductive`` is true when the head used the
+    whole query set of each task: such results must not be compared with inductive ones.
     """
 
     accuracy: float | None
@@ -88,11 +92,15 @@ class EvalResult:
     per_episode_accuracy: list[float] = dataclasses.field(default_factory=list, repr=False)
     per_episode_loss: list[float] = dataclasses.field(default_factory=list, repr=False)
     hierarchy: Any = None
+    head: str = ALGORITHM
+    transductive: bool = False
 
     def __str__(self) -> str:
         setting = f"{self.ways}-way {self.shots}-shot" if self.accuracy is not None else f"{self.shots}-shot regression"
         if self.hierarchy is not None:
             setting += " within one superclass"
+        if self.head != ALGORITHM:
+            setting += f", head {self.head}" + (" (TRANSDUCTIVE)" if self.transductive else "")
         if self.accuracy is None:
             return f"MSE {self.loss:.4f} ± {self.loss_ci95:.4f} ({setting}, {self.episodes} episodes)"
         return (
@@ -121,10 +129,17 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
 class AdaptedPredictor:
     """A learner adapted to one support set. Call it on query inputs to get logits."""
 
+    #: whether a prediction depends on the other queries passed in the same call
+    transductive = False
+
     def __init__(self, learner: "MetaLearner", adapted: Adapted, ways: int) -> None:
         self.learner = learner
         self.adapted = adapted
         self.ways = ways
+
+    @property
+    def support_x(self) -> torch.Tensor:
+        return self.adapted.support_x
 
     def __call__(self, query_x: Any) -> torch.Tensor:
         x = self.learner._prepare_inputs(query_x, "query_x")
@@ -135,6 +150,32 @@ class AdaptedPredictor:
         """Predicted labels ``0..ways-1`` (classification) or values (regression)."""
         out = self(query_x)
         return out.argmax(-1) if self.learner.task == "classification" else out
+
+
+class HeadPredictor(AdaptedPredictor):
+    """A :mod:`metamtl.heads` feature head on one support set's trunk features.
+
+    With a transductive head (:attr:`transductive`), the queries given in one call are classified
+    together.
+    """
+
+    def __init__(self, learner: "MetaLearner", head: FeatureHead, support_x: torch.Tensor,
+                 support_y: torch.Tensor, ways: int) -> None:
+        super().__init__(learner, None, ways)  # type: ignore[arg-type]
+        self.head, self._support_x, self.support_y = head, support_x, support_y
+        self.transductive = head.transductive
+        with torch.no_grad(), learner.autocast():
+            self.features = learner.model.trunk(support_x)
+
+    @property
+    def support_x(self) -> torch.Tensor:
+        return self._support_x
+
+    def __call__(self, query_x: Any) -> torch.Tensor:
+        x = self.learner._prepare_inputs(query_x, "query_x")
+        with torch.no_grad(), self.learner.autocast():
+            query = query_features(self.learner.model.trunk, x, self._support_x, self.learner.bn_stats)
+        return self.head(self.features, self.support_y, query, self.ways, self.learner.feature_mean()).detach()
 
 
 class MetaLearner:
@@ -166,6 +207,11 @@ class MetaLearner:
             e.g. ``{"copies": 5, "augment": {"name": "affine"}}``): every support set gets
             augmented copies of its images, with their labels, before adaptation.  Saved with
             the learner; not part of what must match to resume training.
+        head: the default way :meth:`evaluate`, :meth:`adapt` and :meth:`predict` classify
+            queries: ``None``/``"algorithm"`` (the algorithm's own adaptation) or a
+            :mod:`metamtl.heads` feature head (name, ``{"name": ..., **settings}`` or object),
+            e.g. ``"simpleshot"``.  Heads that centre features use :attr:`feature_means`
+            (:meth:`compute_feature_mean`).  Saved with the learner, as are the means.
     """
 
     def __init__(
@@ -187,6 +233,7 @@ class MetaLearner:
         precision: str = "fp32",
         channels_last: bool = False,
         support_augment: Any = None,
+        head: Any = None,
     ) -> None:
         if not isinstance(model, TrunkHead):
             raise ConfigError(
@@ -227,6 +274,9 @@ class MetaLearner:
         self.task_defaults = dict(task_defaults or {})
         self.metadata = dict(metadata or {})
         self.support_augment = _support_augment(support_augment)
+        self.head = build_head(head)
+        #: mean trunk feature of each training dataset (by name), for heads that centre features
+        self.feature_means: dict[str, torch.Tensor] = {}
         try:
             self.meta_optimizer = META_OPTIMIZERS[meta_optimizer](
                 self.meta_parameters(), lr=self.meta_lr, **self.meta_optimizer_kwargs
@@ -402,7 +452,7 @@ class MetaLearner:
                 self.iteration += 1
                 self._callbacks.on_iteration_end(self, metrics)
                 if val_tasks is not None and (self.iteration % val_every == 0 or self.iteration == iterations):
-                    result = self.evaluate(val_tasks, val_episodes, progress=False)
+                    result = self.evaluate(val_tasks, val_episodes, progress=False, head=ALGORITHM)
                     self._callbacks.on_validation_end(self, result.metrics("val/"))
                 self._callbacks.on_iteration_complete(self)
                 stop = self.should_stop
@@ -503,6 +553,7 @@ class MetaLearner:
         start: int = 0,
         progress: bool = True,
         support_augment: Any = None,
+        head: Any = None,
     ) -> EvalResult:
         """Mean query accuracy over ``episodes`` fixed episodes, with a 95% confidence interval.
 
@@ -515,6 +566,8 @@ class MetaLearner:
             support_augment: test-time support augmentation for this call (default: the
                 learner's :attr:`support_augment`; ``False``: none).  Episode ``i``'s copies are
                 drawn from a generator seeded by the augmentation's seed and ``i``.
+            head: what classifies the queries (default: the learner's :attr:`head`;
+                ``"algorithm"``: the algorithm's adaptation; or a :mod:`metamtl.heads` head).
 
         After a ``fit`` under torchrun, call it on every rank: ranks split the episodes and
         gather the per-episode results, so every rank gets the single-process result.
@@ -539,6 +592,7 @@ class MetaLearner:
         if steps is None:
             steps = self.algorithm.eval_steps
         tta = self.support_augment if support_augment is None else _support_augment(support_augment)
+        head = self.head if head is None else build_head(head)
         from tqdm.auto import tqdm
 
         was_training = self.model.training
@@ -551,11 +605,7 @@ class MetaLearner:
             for lo in range(0, len(mine), EVAL_CHUNK):
                 part = mine[lo:lo + EVAL_CHUNK]
                 eps = [episode_at(i) for i in part]
-                for ep in eps:
-                    self._check_episode(ep, "evaluate")
-                with self.autocast():
-                    inputs = [self._with_support_copies(self._to_device(e), tta) for e in eps]
-                    metrics = self.algorithm.evaluate_episodes(self.model, inputs, steps)
+                metrics = self._evaluate_chunk(eps, steps, tta, head)
                 rows += [(i, (m, (e.ways, e.shots, e.queries))) for i, e, m in zip(part, eps, metrics)]
                 bar.update(len(part))
         finally:
@@ -569,7 +619,69 @@ class MetaLearner:
         acc, ci = mean_ci95(accs) if accs else (None, None)
         loss, loss_ci = mean_ci95(losses)
         return EvalResult(acc, ci, loss, loss_ci, len(losses), *results[0][1], int(steps), accs, losses,
-                          hierarchy=_hierarchy_of(tasks))
+                          hierarchy=_hierarchy_of(tasks), head=head_name(head),
+                          transductive=bool(head is not None and head.transductive))
+
+    def _evaluate_chunk(self, episodes: list[Episode], steps: int, tta: Any, head: FeatureHead | None) -> list[dict]:
+        """Per-episode query metrics: the algorithm adapts (several at once on its fast path), or a
+        feature head classifies trunk features."""
+        for ep in episodes:
+            self._check_episode(ep, "evaluate")
+        with self.autocast():
+            inputs = [self._with_support_copies(self._to_device(e), tta) for e in episodes]
+            if head is None:
+                return self.algorithm.evaluate_episodes(self.model, inputs, steps)
+            return episode_metrics(head, self.model.trunk, inputs, self.bn_stats, lambda e: self.feature_mean(e.dataset))
+
+    @property
+    def bn_stats(self) -> str:
+        """Whose BatchNorm statistics query features use (the algorithm's ``bn_stats``)."""
+        return self.algorithm.config().get("bn_stats", "transductive")
+
+    def feature_mean(self, dataset: str | None = None) -> torch.Tensor | None:
+        """The training split's mean trunk feature for ``dataset`` (the only one if there is one)."""
+        if dataset in self.feature_means:
+            return self.feature_means[dataset].to(self.device)
+        if len(self.feature_means) == 1:
+            return next(iter(self.feature_means.values())).to(self.device)
+        return None
+
+    def compute_feature_mean(self, source: Any, max_images: int = 10_000, batch_size: int = 256) -> dict[str, torch.Tensor]:
+        """Mean trunk feature of the training images, for heads that centre features (SimpleShot).
+
+        ``source``: the training tasks (an ``EpisodeSampler``, a ``MixedTasks`` of them: one mean
+        per dataset) or a ``ClassDataset``.  At most ``max_images`` images (a seeded random
+        subset) are forwarded in batches of ``batch_size``.  Stored in :attr:`feature_means`
+        (saved with the learner) and returned.
+        """
+        _check_int("max_images", max_images, 1)
+        _check_int("batch_size", batch_size, 1)
+        sources = getattr(source, "sources", [source])
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for src in sources:
+                data = getattr(src, "dataset", src)
+                if not hasattr(data, "images") or not hasattr(data, "preprocessing"):
+                    raise ConfigError(f"compute_feature_mean needs training tasks or a ClassDataset, got {type(src).__name__}")
+                self.feature_means[getattr(src, "name", data.name)] = self._mean_feature(data, max_images, batch_size)
+        finally:
+            self.model.train(was_training)
+        return dict(self.feature_means)
+
+    def _mean_feature(self, data: Any, max_images: int, batch_size: int) -> torch.Tensor:
+        rows = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:max_images]
+        total = None
+        for lo in range(0, len(rows), batch_size):
+            x = data.images.index_select(0, rows[lo:lo + batch_size])
+            x = data.preprocessing.normalize(x) if data.preprocessing is not None else x.float()
+            x = x.to(self.device)
+            if self.memory_format is not None and x.dim() == 4:
+                x = x.contiguous(memory_format=self.memory_format)
+            with torch.no_grad(), self.autocast():
+                part = self.model.trunk(x).float().sum(0)
+            total = part if total is None else total + part
+        return (total / len(rows)).cpu()
 
     def _with_support_copies(self, episode: Episode, tta: Any) -> Episode:
         """``episode`` (model input) with :class:`SupportAugment` copies in its support set."""
@@ -663,12 +775,13 @@ class MetaLearner:
         return y, ways
 
     def adapt(self, support_x: Any, support_y: Any, steps: int | None = None,
-              support_augment: Any = None) -> AdaptedPredictor:
+              support_augment: Any = None, head: Any = None) -> AdaptedPredictor:
         """Adapt to a support set; returns a predictor for query inputs.
 
         ``support_x`` may be model input (float tensor), stored ``uint8`` images, or raw images
         (PIL / arrays), which are preprocessed; ``support_y`` holds labels ``0..N-1``.
-        ``support_augment``: as in :meth:`evaluate` (copies drawn from the augmentation's seed).
+        ``support_augment`` and ``head``: as in :meth:`evaluate` (support copies drawn from the
+        augmentation's seed; a feature head gives a :class:`HeadPredictor`).
         """
         _check_steps(steps)
         x = self._prepare_inputs(support_x, "support_x")
@@ -676,19 +789,26 @@ class MetaLearner:
         tta = self.support_augment if support_augment is None else _support_augment(support_augment)
         if tta is not None:
             x, y = tta.expand(x, y, episode_generator(tta.seed, 0, stream=3))
+        head = self.head if head is None else build_head(head)
+        if head is not None:
+            if self.task != "classification":
+                raise ConfigError(f"feature head {head.name!r} classifies; this learner does {self.task}")
+            self.model.eval()
+            return HeadPredictor(self, head, x, y, ways)
         self.model.eval()
         with torch.no_grad(), self.autocast():
             adapted = self.algorithm.adapt(self.model, x, y, ways, steps)
         return AdaptedPredictor(self, adapted, ways)
 
     def predict(self, support_x: Any, support_y: Any, query_x: Any, steps: int | None = None,
-                support_augment: Any = None) -> torch.Tensor:
-        """Logits for ``query_x`` after adapting to ``(support_x, support_y)``."""
-        predictor = self.adapt(support_x, support_y, steps, support_augment=support_augment)
+                support_augment: Any = None, head: Any = None) -> torch.Tensor:
+        """Logits for ``query_x`` after adapting to ``(support_x, support_y)`` (with a transductive
+        head, the queries are classified together)."""
+        predictor = self.adapt(support_x, support_y, steps, support_augment=support_augment, head=head)
         q = self._prepare_inputs(query_x, "query_x")
-        if q.shape[1:] != predictor.adapted.support_x.shape[1:]:
+        if q.shape[1:] != predictor.support_x.shape[1:]:
             raise InputError(
-                f"query images have shape {list(q.shape[1:])} but support images {list(predictor.adapted.support_x.shape[1:])}"
+                f"query images have shape {list(q.shape[1:])} but support images {list(predictor.support_x.shape[1:])}"
             )
         return predictor(q)
 
@@ -712,7 +832,11 @@ class MetaLearner:
             "metadata": dict(self.metadata),
             "iteration": self.iteration,
             "history": list(self.history),
-            "evaluation": {"support_augment": self.support_augment.config() if self.support_augment else None},
+            "evaluation": {
+                "support_augment": self.support_augment.config() if self.support_augment else None,
+                "head": self.head.config() if self.head is not None else None,
+                "feature_means": {k: v.detach().cpu() for k, v in self.feature_means.items()},
+            },
         }
         if training_state:
             obj["training"] = {
@@ -764,7 +888,10 @@ class MetaLearner:
             )
             learner.iteration = int(obj.get("iteration", 0))
             learner.history = list(obj.get("history", []))
-            learner.support_augment = _support_augment((obj.get("evaluation") or {}).get("support_augment"))
+            evaluation = obj.get("evaluation") or {}
+            learner.support_augment = _support_augment(evaluation.get("support_augment"))
+            learner.head = build_head(evaluation.get("head"))
+            learner.feature_means = dict(evaluation.get("feature_means") or {})
         except CheckpointError:
             raise
         except (MetamtlError, RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:

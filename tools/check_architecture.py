@@ -35,6 +35,7 @@ MODULE_LAYERS = {
     "metamtl.tasks": "tasks",
     "metamtl.models": "models",
     "metamtl.multitask": "models",
+    "metamtl.heads": "models",
     "metamtl.adaptation": "adaptation",
     "metamtl.algorithms": "algorithms",
     "metamtl.learner": "learner",

@@ -1,0 +1,75 @@
+"""Feature-space heads: classify a task's queries from frozen trunk features.
+
+A :class:`FeatureHead` replaces the algorithm's own adaptation at evaluation and prediction time
+(:meth:`MetaLearner.evaluate(..., head=...) <metamtl.MetaLearner.evaluate>`, ``adapt``,
+``predict``; config ``eval.heads``).  The trunk computes support and query features (query
+BatchNorm statistics as the algorithm's ``bn_stats`` says), with no gradient, and the head turns
+them into logits over the task's ``ways`` classes.
+
+Inductive heads (each query is classified on its own; the default kind):
+
+=================  ===========================================================================
+``simpleshot``     nearest class mean of centred + L2-normalised features (SimpleShot, Wang et
+                   al. 2019); the centring mean is the training split's mean feature
+``logreg``         multinomial logistic regression fitted on the (augmented) support features
+                   (RFS evaluation, Tian et al. 2020)
+=================  ===========================================================================
+
+Transductive heads (they use the whole query set of a task; ``transductive = True``, and
+results say so: never compare them with inductive rows):
+
+=================  ===========================================================================
+``bdcspn``         BD-CSPN prototype rectification (Liu et al. 2020)
+``laplacianshot``  LaplacianShot (Ziko et al. 2020): rectified prototypes + Laplacian-regularised
+                   soft assignments over a kNN graph of the queries
+``softkmeans``     soft k-means refinement of the prototypes with the queries (Ren et al. 2018);
+                   ``balanced: true`` (or ``sinkhorn``) makes assignments class-balanced with
+                   Sinkhorn iterations (as PT-MAP, Hu et al. 2020)
+=================  ===========================================================================
+
+``build_head(spec)`` takes a name, a mapping ``{name: ..., **settings}`` or a head; ``"algorithm"``
+(or ``None``) means the algorithm's own adaptation.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigError, did_you_mean
+from .base import ALGORITHM, FeatureHead, episode_metrics, query_features, transform
+from .inductive import LogisticRegression, NearestCentroid
+from .transductive import BDCSPN, LaplacianShot, Sinkhorn, SoftKMeans
+
+HEADS: dict[str, type[FeatureHead]] = {
+    cls.name: cls for cls in (NearestCentroid, LogisticRegression, BDCSPN, LaplacianShot, SoftKMeans, Sinkhorn)
+}
+
+
+def build_head(spec: Any) -> FeatureHead | None:
+    """A head from a name, ``{name: ..., **settings}`` or a :class:`FeatureHead`; ``None`` and
+    ``"algorithm"`` mean the algorithm's own adaptation (returned as ``None``)."""
+    if spec is None or spec == ALGORITHM:
+        return None
+    if isinstance(spec, FeatureHead):
+        return spec
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ConfigError(f"a head is a name ({', '.join([ALGORITHM, *HEADS])}) or a mapping with a 'name'; got {spec!r}")
+    settings = dict(spec)
+    name = settings.pop("name")
+    if name == ALGORITHM:
+        if settings:
+            raise ConfigError(f"the 'algorithm' head takes no settings, got {sorted(settings)}")
+        return None
+    if name not in HEADS:
+        raise ConfigError(f"unknown head {name!r}.{did_you_mean(name, [ALGORITHM, *HEADS])} "
+                          f"Valid heads: {', '.join([ALGORITHM, *HEADS])}.")
+    return HEADS[name].from_settings(settings)
+
+
+def head_name(head: FeatureHead | None) -> str:
+    return ALGORITHM if head is None else head.name
+
+
+__all__ = ["ALGORITHM", "BDCSPN", "FeatureHead", "HEADS", "LaplacianShot", "LogisticRegression", "NearestCentroid",
+           "Sinkhorn", "SoftKMeans", "build_head", "episode_metrics", "head_name", "query_features", "transform"]

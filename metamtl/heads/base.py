@@ -1,0 +1,111 @@
+"""The head interface, the feature transform heads share, and evaluation of heads on episodes."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, InputError, did_you_mean
+from ..tasks.episode import Episode
+from ..models.norm import stats_from_first
+
+#: the name of "no feature head": the algorithm's own adaptation
+ALGORITHM = "algorithm"
+
+
+def transform(features: torch.Tensor, mean: torch.Tensor | None, normalize: bool) -> torch.Tensor:
+    """``features - mean`` (when a mean is given), then L2-normalised rows (when ``normalize``)."""
+    out = features.float()
+    if mean is not None:
+        out = out - mean.to(out)
+    return F.normalize(out, dim=-1) if normalize else out
+
+
+def query_features(trunk: nn.Module, query_x: torch.Tensor, support_x: torch.Tensor, bn_stats: str) -> torch.Tensor:
+    """Trunk features of the queries; ``bn_stats="support"``: BatchNorm statistics of the support set
+    (each query independent of the others), else of the query batch (see :mod:`metamtl.models.norm`)."""
+    if bn_stats == "support":
+        with stats_from_first(support_x.shape[0]):
+            return trunk(torch.cat([support_x, query_x]))[support_x.shape[0]:]
+    return trunk(query_x)
+
+
+def _check(name: str, value: Any, kind: type, minimum: float | None = None) -> None:
+    ok = isinstance(value, kind) and not isinstance(value, bool) if kind is not bool else isinstance(value, bool)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok or (minimum is not None and not value >= minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise ConfigError(f"head setting {name} must be {'true or false' if kind is bool else kind.__name__ + bound}, "
+                          f"got {value!r}")
+
+
+@dataclasses.dataclass
+class FeatureHead:
+    """Base class: settings are dataclass fields; subclasses implement :meth:`classify`.
+
+    Args:
+        center: subtract the training split's mean feature first (needs the learner's
+            ``feature_means``, see :meth:`MetaLearner.compute_feature_mean
+            <metamtl.MetaLearner.compute_feature_mean>`).
+        normalize: L2-normalise features (after centring).
+    """
+
+    name: ClassVar[str] = ""
+    transductive: ClassVar[bool] = False
+    #: field -> (type, minimum) checked on construction
+    checks: ClassVar[dict[str, tuple[type, float | None]]] = {}
+
+    center: bool = False
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        for field, (kind, minimum) in {"center": (bool, None), "normalize": (bool, None), **self.checks}.items():
+            _check(field, getattr(self, field), kind, minimum)
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> "FeatureHead":
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(settings) - set(fields))
+        if unknown:
+            raise ConfigError(f"head {cls.name!r} has no setting {unknown[0]!r}.{did_you_mean(unknown[0], fields)} "
+                              f"Its settings: {', '.join(fields)}.")
+        return cls(**settings)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, **dataclasses.asdict(self)}
+
+    def __call__(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, ways: int,
+                 mean: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[queries, ways]`` from support features ``[S, D]`` (labels ``0..ways-1``) and
+        query features ``[Q, D]``; ``mean``: the training split's mean feature."""
+        if self.center and mean is None:
+            raise InputError(
+                f"head {self.name!r} centres features with the training split's mean feature, and this learner "
+                "has none: call learner.compute_feature_mean(train_tasks) first (metamtl fit does), or set the "
+                "head's center: false"
+            )
+        used = mean if self.center else None
+        with torch.autocast(support.device.type, enabled=False):  # small float32 problems
+            return self.classify(transform(support, used, self.normalize), support_y,
+                                 transform(query, used, self.normalize), ways)
+
+    def classify(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, ways: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def episode_metrics(head: FeatureHead, trunk: nn.Module, episodes: Sequence[Episode], bn_stats: str,
+                    mean_for: Callable[[Episode], torch.Tensor | None]) -> list[dict[str, float]]:
+    """Query loss and accuracy of ``head`` on each episode (features under ``no_grad``)."""
+    out = []
+    for ep in episodes:
+        with torch.no_grad():
+            support = trunk(ep.support_x)
+            query = query_features(trunk, ep.query_x, ep.support_x, bn_stats)
+        logits = head(support, ep.support_y, query, ep.ways, mean_for(ep)).detach()
+        out.append({"loss": float(F.cross_entropy(logits, ep.query_y)),
+                    "accuracy": float((logits.argmax(-1) == ep.query_y).float().mean())})
+    return out

@@ -1,0 +1,209 @@
+"""Feature-space heads: each one against a reference computed another way, flags, means, configs."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metamtl import MetaLearner
+from metamtl.algorithms import build_algorithm
+from metamtl.config import config_from_dict
+from metamtl.data import ClassDataset, Preprocessing
+from metamtl.errors import ConfigError, InputError
+from metamtl.heads import HEADS, LaplacianShot, LogisticRegression, NearestCentroid, SoftKMeans, build_head
+from metamtl.heads.transductive import rectified_prototypes, sinkhorn
+from metamtl.models import build_model
+from metamtl.tasks import EpisodeSampler
+
+
+def toy(classes=20, per_class=10, size=12):
+    g = torch.Generator().manual_seed(0)
+    protos = torch.rand(classes, 1, size, size, generator=g)
+    x = ((protos.repeat_interleave(per_class, 0) * 0.6 + 0.4 * torch.rand(classes * per_class, 1, size, size,
+                                                                             generator=g)) * 255).to(torch.uint8)
+    return ClassDataset(x, torch.arange(classes).repeat_interleave(per_class), [f"c{i}" for i in range(classes)],
+                        name="toy", preprocessing=Preprocessing(size=(size, size), channels=1))
+
+
+def learner(bn_stats="transductive", **kw):
+    torch.manual_seed(0)
+    model = build_model("conv4", in_channels=1, hidden=8, image_size=12, blocks=2, out_features=None)
+    return MetaLearner(model, build_algorithm("protonet", bn_stats=bn_stats), preprocessing=toy().preprocessing,
+                       device="cpu", **kw)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    ds = toy()
+    return EpisodeSampler(ds.subset(range(10)), 5, 1, 3, seed=0), EpisodeSampler(ds.subset(range(10, 20)), 5, 2, 4, seed=1)
+
+
+def features(n=10, d=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g)
+
+
+def test_simpleshot_is_nearest_mean_of_centred_normalised_features():
+    s, q, mean = features(10), features(15, seed=1), features(1, seed=2)[0]
+    y = torch.arange(5).repeat(2)
+    logits = NearestCentroid()(s, y, q, 5, mean)
+    ts, tq = F.normalize(s - mean, dim=1), F.normalize(q - mean, dim=1)
+    protos = torch.stack([ts[y == k].mean(0) for k in range(5)])
+    expected = -((tq[:, None, :] - protos[None]) ** 2).sum(-1)
+    torch.testing.assert_close(logits, expected)
+    with pytest.raises(InputError, match="compute_feature_mean"):
+        NearestCentroid()(s, y, q, 5, None)
+
+
+def test_simpleshot_without_transforms_is_exactly_protonet(splits):
+    _, test = splits
+    lr = learner()
+    plain = build_head({"name": "simpleshot", "center": False, "normalize": False})
+    a = lr.evaluate(test, 6, progress=False)
+    b = lr.evaluate(test, 6, progress=False, head=plain)
+    assert a.per_episode_accuracy == b.per_episode_accuracy
+    torch.testing.assert_close(torch.tensor(a.per_episode_loss), torch.tensor(b.per_episode_loss))
+    assert (a.head, b.head, b.transductive) == ("algorithm", "simpleshot", False)
+
+
+def test_logreg_reaches_the_regularised_optimum():
+    s, y = features(20, 8), torch.arange(4).repeat(5)
+    head = LogisticRegression(C=2.0, steps=200)
+    weight, bias = head.fit(F.normalize(s, dim=1), y, 4)
+    w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+    loss = 2.0 * F.cross_entropy(F.normalize(s, dim=1) @ w.T + b, y, reduction="sum") + 0.5 * w.pow(2).sum()
+    gw, gb = torch.autograd.grad(loss, [w, b])
+    assert gw.abs().max() < 1e-3 and gb.abs().max() < 1e-3  # stationary point of a convex objective
+    clustered = F.one_hot(y, 8).float() * 3 + 0.3 * s  # four clusters: fitted and classified right
+    assert (head(clustered, y, clustered, 4).argmax(1) == y).all()
+
+
+def test_bdcspn_prototypes_follow_the_paper():
+    s, q = features(6, 4), features(9, 4, seed=3)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    protos, shifted = rectified_prototypes(s, y, q, 3, epsilon=10.0, shift=True)
+    torch.testing.assert_close(shifted.mean(0), s.mean(0))
+    basic = torch.stack([s[y == k].mean(0) for k in range(3)])
+    pseudo = torch.stack([F.cosine_similarity(x[None], basic).argmax() for x in shifted])
+    for k in range(3):
+        members = torch.cat([s[y == k], shifted[pseudo == k]])
+        w = torch.exp(10 * F.cosine_similarity(members, basic[k][None]))
+        torch.testing.assert_close(protos[k], (w[:, None] * members).sum(0) / w.sum())
+
+
+def test_laplacianshot_without_the_graph_is_nearest_prototype_and_the_graph_corrects_an_outlier():
+    s = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    y = torch.tensor([0, 1])
+    # class-0 queries along a chain toward class 1; the chain's end is nearer class 1's prototype
+    q = torch.tensor([[0.0, 1.0], [0.2, 0.8], [0.35, 0.65], [0.45, 0.55], [0.58, 0.42], [1.0, 0.0], [0.95, 0.05]])
+    plain = dict(center=False, normalize=False, rectify=False, knn=2)
+    alone = LaplacianShot(lam=0.0, **plain)(s, y, q, 2)
+    torch.testing.assert_close(alone, -torch.cdist(q, s).pow(2))
+    assert alone.argmax(1).tolist() == [0, 0, 0, 0, 1, 1, 1]
+    smooth = LaplacianShot(lam=1.0, **plain)(s, y, q, 2)  # its two nearest queries are class 0
+    assert smooth.argmax(1).tolist() == [0, 0, 0, 0, 0, 1, 1]
+
+
+def test_sinkhorn_balances_assignments_where_soft_kmeans_does_not():
+    logits = torch.tensor([[3.0, 0.0], [2.0, 0.0], [2.5, 0.5], [1.0, 0.0]])
+    plan = sinkhorn(logits, 200)
+    torch.testing.assert_close(plan.sum(1), torch.ones(4))
+    torch.testing.assert_close(plan.sum(0), torch.full((2,), 2.0))
+    s, y = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1])
+    q = torch.tensor([[1.0, 0.0], [0.9, 0.45], [0.8, 0.6], [0.75, 0.66]])  # all nearer class 0
+    free = SoftKMeans(iterations=0, scale=10.0)(s, y, q, 2).argmax(1)
+    balanced = build_head({"name": "sinkhorn", "iterations": 0, "scale": 10.0})(s, y, q, 2).argmax(1)
+    assert free.tolist() == [0, 0, 0, 0] and sorted(balanced.tolist()) == [0, 0, 1, 1]
+    assert balanced.tolist() == [0, 0, 1, 1]  # the two queries least like class 0 go to class 1
+
+
+@pytest.fixture(scope="module")
+def trained(splits):
+    train, _ = splits
+    lr = learner()
+    lr.fit(train, iterations=5, meta_batch_size=2, progress=False)
+    lr.compute_feature_mean(train)
+    return lr
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_every_head_beats_chance_through_the_learner_and_says_what_it_is(name, splits, trained):
+    res = trained.evaluate(splits[1], 10, progress=False, head=name)
+    assert res.accuracy > 0.4 and res.head == name  # 5-way: chance 0.2
+    assert res.transductive == HEADS[name].transductive == (name in ("bdcspn", "laplacianshot", "softkmeans", "sinkhorn"))
+
+
+def test_inductive_heads_classify_each_query_alone(splits):
+    _, test = splits
+    lr = learner(bn_stats="support")  # query features independent of the other queries
+    lr.compute_feature_mean(test)
+    ep = test.episode(0).to("cpu")
+    for name in ("simpleshot", "logreg"):
+        together = lr.predict(ep.support_x, ep.support_y, ep.query_x, head=name)
+        alone = torch.cat([lr.predict(ep.support_x, ep.support_y, ep.query_x[i:i + 1], head=name)
+                           for i in range(len(ep.query_x))])
+        torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
+    predictor = lr.adapt(ep.support_x, ep.support_y, head="bdcspn")
+    assert predictor.transductive and predictor(ep.query_x).shape == (20, 5)
+
+
+def test_feature_mean_is_the_training_mean_and_is_saved_with_the_head(tmp_path, splits):
+    train, _ = splits
+    lr = learner(head="simpleshot")
+    means = lr.compute_feature_mean(train, max_images=10_000)
+    x = train.dataset.preprocessing.normalize(train.dataset.images)
+    with torch.no_grad():
+        torch.testing.assert_close(means["toy"], lr.model.trunk(x).mean(0), atol=1e-5, rtol=1e-4)
+    loaded = MetaLearner.load(lr.save(tmp_path / "l.pt"), device="cpu")
+    assert loaded.head == NearestCentroid() and torch.equal(loaded.feature_means["toy"], means["toy"])
+    assert "head" not in loaded.config()["learner"]
+    ep = train.episode(0).to("cpu")
+    torch.testing.assert_close(loaded.predict(ep.support_x, ep.support_y, ep.query_x),
+                               lr.predict(ep.support_x, ep.support_y, ep.query_x))
+
+
+def test_head_settings_are_checked():
+    assert build_head("algorithm") is None and build_head(None) is None
+    assert build_head({"name": "logreg", "C": 10}) == LogisticRegression(C=10.0)
+    with pytest.raises(ConfigError, match="unknown head 'simpleshoot'. Did you mean 'simpleshot'"):
+        build_head("simpleshoot")
+    with pytest.raises(ConfigError, match="head 'laplacianshot' has no setting 'lambda'"):
+        build_head({"name": "laplacianshot", "lambda": 1})
+    with pytest.raises(ConfigError, match="head setting knn must be int >= 1"):
+        build_head({"name": "laplacianshot", "knn": 0})
+    with pytest.raises(ConfigError, match="eval.heads\\[1\\]: unknown head 'knn'"):
+        config_from_dict({"algorithm": {"name": "protonet"}, "eval": {"heads": ["algorithm", "knn"]}})
+    cfg = config_from_dict({"algorithm": {"name": "protonet"}, "eval": {"heads": ["simpleshot", {"name": "bdcspn"}]}})
+    assert cfg.eval.heads == ["simpleshot", {"name": "bdcspn"}]
+
+
+def test_a_run_reports_one_row_per_setting_and_head_and_saves_the_mean(tmp_path):
+    from PIL import Image
+
+    from metamtl.experiment import run
+
+    g = torch.Generator().manual_seed(0)
+    for split, classes in (("train", 6), ("val", 5), ("test", 5)):
+        for c in range(classes):
+            d = tmp_path / "data" / split / f"{split}{c}"
+            d.mkdir(parents=True)
+            base = torch.rand(12, 12, generator=g)
+            for i in range(4):
+                pixels = ((0.7 * base + 0.3 * torch.rand(12, 12, generator=g)) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(d / f"{i}.png")
+    cfg = config_from_dict({
+        "name": "heads", "output_dir": str(tmp_path / "runs"),
+        "data": {"name": "folder", "root": str(tmp_path / "data"), "cache_dir": str(tmp_path / "cache")},
+        "tasks": {"ways": 3, "shots": 1, "queries": 2},
+        "model": {"name": "conv4", "hidden": 4, "blocks": 2}, "algorithm": {"name": "protonet"},
+        "train": {"iterations": 2, "meta_batch_size": 2, "device": "cpu"},
+        "eval": {"episodes": 3, "queries": 2, "heads": ["simpleshot", "algorithm", "laplacianshot"],
+                 "settings": [{"ways": 3, "shots": 1}, {"ways": 5, "shots": 1}]},
+        "logging": {"report": False, "metrics": None},
+    })
+    results = run(cfg, progress=False, quiet=True)
+    rows = [(r["ways"], r["head"], r["transductive"]) for r in results["test"]]
+    assert rows == [(3, "simpleshot", False), (3, "algorithm", False), (3, "laplacianshot", True),
+                    (5, "simpleshot", False), (5, "algorithm", False), (5, "laplacianshot", True)]
+    saved = MetaLearner.load(results["checkpoint"], device="cpu")
+    assert saved.head == NearestCentroid() and len(saved.feature_means) == 1  # the training split's mean
