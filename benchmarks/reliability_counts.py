@@ -42,6 +42,8 @@ CATEGORIES = {
     "untrusted_file": "untrusted files (pickles, damaged/foreign checkpoints, archives, images)",
     "fault": "faults injected (SIGKILL mid-write, SIGINT/SIGTERM, non-finite steps, disk full, read-only)",
     "fuzz": "property-based fuzz tests (hypothesis)",
+    "data_fidelity": "data decoded faithfully (bit depth, alpha, modes, sizes, formats, walks, duplicates, encodings)",
+    "run_folder": "run folders (no silent overwrite, one writer at a time, fit called again)",
 }
 SECTION = "## Reliability (issue 9)"
 

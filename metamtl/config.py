@@ -20,6 +20,7 @@ from typing import Any, Mapping
 import yaml
 
 from .errors import ConfigError, did_you_mean
+from .textfile import decode_text
 
 
 @dataclasses.dataclass
@@ -478,7 +479,7 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in _seen:
         raise ConfigError(f"config files extend each other in a cycle: {' -> '.join(map(str, _seen + (path,)))}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(decode_text(path.read_bytes(), f"config file {path}", ConfigError)) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):

@@ -33,6 +33,7 @@ class Preprocessing:
         mean, std: per-channel normalisation applied to ``x / 255`` when making model input.
         invert: store ``255 - pixel`` (Omniglot: strokes bright on a dark background).
         resample: PIL resampling filter name used when resizing.
+        background: grey level 0..255 that transparent pixels (alpha) are composited over.
     """
 
     size: tuple[int, int] = (28, 28)
@@ -41,6 +42,7 @@ class Preprocessing:
     std: tuple[float, ...] = (1.0,)
     invert: bool = False
     resample: str = "lanczos"
+    background: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size", tuple(int(s) for s in self.size))
@@ -57,6 +59,9 @@ class Preprocessing:
             )
         if any(s <= 0 for s in self.std):
             raise DataError(f"Preprocessing.std must be positive, got {self.std}")
+        if isinstance(self.background, bool) or not isinstance(self.background, (int, np.integer)) \
+                or not 0 <= self.background <= 255:
+            raise DataError(f"Preprocessing.background must be a grey level 0..255, got {self.background!r}")
         if self.resample not in _RESAMPLE:
             raise DataError(
                 f"unknown resample filter {self.resample!r}; choose one of {sorted(_RESAMPLE)}"
@@ -64,35 +69,38 @@ class Preprocessing:
 
     # -- raw -> stored -------------------------------------------------------------------
     def decode(self, image: Any) -> torch.Tensor:
-        """Turn one PIL image or array (H x W, H x W x C, or C x H x W) into ``uint8 [C, H, W]``."""
+        """Turn one PIL image or array (H x W, H x W x C, or C x H x W) into ``uint8 [C, H, W]``.
+
+        Pixel values are read by type, never clipped: ``uint8`` as is; other unsigned integer
+        types (16-bit images) scaled by their range (65535 -> 255); PIL's 32-bit ``I`` mode as
+        16-bit data; ``bool`` as 0/255; floats in 0..1 scaled by 255, floats in 0..255 as they
+        are.  NaN/inf, negative or out-of-range floats and signed integer arrays are refused
+        (:class:`~metamtl.errors.InputError`).  Alpha (RGBA, LA, palette or colour-key
+        transparency) is composited over :attr:`background`.
+        """
         from PIL import Image
 
         if isinstance(image, torch.Tensor):
             image = image.detach().cpu().numpy()
         if isinstance(image, np.ndarray):
-            arr = image
-            if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
-                arr = np.moveaxis(arr, 0, -1)  # C,H,W -> H,W,C
-            if arr.ndim == 3 and arr.shape[-1] == 1:
-                arr = arr[..., 0]
-            if arr.ndim not in (2, 3):
-                raise InputError(
-                    f"expected an image array of shape HxW, HxWxC or CxHxW, got {tuple(image.shape)}"
-                )
-            if arr.dtype == np.bool_:
-                arr = arr.astype(np.uint8) * 255
-            elif arr.dtype != np.uint8:
-                a = arr.astype(np.float64)
-                if np.nanmax(a) <= 1.0:
-                    a = a * 255.0
-                arr = np.clip(np.nan_to_num(a), 0, 255).astype(np.uint8)
-            image = Image.fromarray(arr)
+            return self._finish(pixels_to_uint8(_one_image_array(image)))
         if not isinstance(image, Image.Image):
             raise InputError(
                 f"cannot preprocess an object of type {type(image).__name__}; "
                 "pass PIL images, numpy arrays or tensors"
             )
-        image = image.convert("L" if self.channels == 1 else "RGB")
+        return self._finish(pil_pixels(image))
+
+    def _finish(self, arr: np.ndarray) -> torch.Tensor:
+        """``uint8`` pixels ``H x W`` or ``H x W x {1,2,3,4}`` -> stored ``uint8 [C, H, W]``."""
+        from PIL import Image
+
+        arr = _composite(arr, self.background)
+        image = Image.fromarray(arr)
+        if self.channels == 1 and image.mode != "L":
+            image = image.convert("L")
+        elif self.channels == 3 and image.mode != "RGB":
+            image = image.convert("RGB")
         h, w = self.size
         if image.size != (w, h):
             image = image.resize((w, h), resample=_RESAMPLE[self.resample])
@@ -123,17 +131,27 @@ class Preprocessing:
         return out
 
     def __call__(self, images: Any) -> torch.Tensor:
-        """Raw images (one or a list) -> float model input ``[N, C, H, W]``."""
-        if isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4:
-            if tuple(images.shape[1:]) != (self.channels, *self.size):
-                images = list(images)
-            else:
+        """Raw images -> float model input ``[N, C, H, W]``.
+
+        ``images``: one PIL image or 2-D array (one image), a list of images, or a batch array or
+        tensor read by its number of dimensions alone: ``(N, H, W)`` is N grey images;
+        ``(N, C, H, W)`` and ``(N, H, W, C)`` (C in 1, 3, 4) are told apart by which axis holds
+        1, 3 or 4 values (both or neither: refused as ambiguous).  A 3-D array is never read as
+        one colour image: pass that as ``[image]`` or with a batch axis.  A batch's pixel values
+        are scaled by one rule for the whole batch (see :meth:`decode`).
+        """
+        if isinstance(images, torch.Tensor):
+            if images.dtype == torch.uint8 and tuple(images.shape[1:]) == self.input_shape and images.ndim == 4:
                 return self.normalize(images)
-        if not isinstance(images, (list, tuple)):
-            if isinstance(images, (np.ndarray, torch.Tensor)) and np.ndim(images) == 4:
-                images = list(images)
-            else:
+            images = images.detach().cpu().numpy()
+        if isinstance(images, np.ndarray):
+            if images.ndim == 2:
                 images = [images]
+            else:
+                batch = pixels_to_uint8(batch_array(images))
+                return self.normalize(self.decode_many(batch))
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
         return self.normalize(self.decode_many(images))
 
     @property
@@ -156,6 +174,147 @@ class Preprocessing:
         return hashlib.sha1(repr(sorted(self.to_dict().items())).encode()).hexdigest()[:12]
 
 
+# -- raw pixels -> uint8 ------------------------------------------------------------------------
+#: PIL modes whose pixels are grey levels (with alpha for LA/La/PA-less grey); everything else is colour
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+#: colour spaces PIL converts to RGB on the way in
+_TO_RGB = frozenset({"CMYK", "YCbCr", "LAB", "HSV", "RGBX"})
+
+
+def pixels_to_uint8(arr: np.ndarray, what: str = "image") -> np.ndarray:
+    """Pixel values of any numeric type -> ``uint8``, by one rule for the whole array.
+
+    ``uint8`` as is; ``bool`` -> 0/255; other unsigned integers scaled by their type's range
+    (``uint16``: 65535 -> 255, so 16-bit images are not clipped at 255); floats: all values in
+    0..1 -> scaled by 255, else values in 0..255 kept.  Refused with
+    :class:`~metamtl.errors.InputError`: NaN/inf, floats outside 0..255 (normalised model input
+    belongs in a float tensor), and signed integers (ambiguous: ``np.array`` of Python ints is
+    int64 whatever the pixels' range).
+    """
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.size == 0:
+        raise InputError(f"{what} has no pixels (shape {list(arr.shape)})")
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if np.issubdtype(arr.dtype, np.unsignedinteger):
+        scale = 255.0 / float(np.iinfo(arr.dtype).max)
+        return np.rint(arr.astype(np.float64) * scale).astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.signedinteger):
+        raise InputError(
+            f"{what} holds signed integers ({arr.dtype}), whose pixel range is ambiguous; convert it: "
+            "arr.astype(np.uint8) for 0..255 values, np.uint16 for 16-bit images, or float in 0..1"
+        )
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise InputError(f"{what} has dtype {arr.dtype}; pass uint8/uint16/bool/float pixel values")
+    a = arr.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise InputError(f"{what} contains NaN or infinite values")
+    lo, hi = float(a.min()), float(a.max())
+    if lo < 0.0 or hi > 255.0:
+        raise InputError(
+            f"{what} holds float values in [{lo:.4g}, {hi:.4g}], outside the pixel ranges 0..1 and 0..255; "
+            "raw images are 0..1 or 0..255 (model-ready, normalised input goes in as a float torch tensor)"
+        )
+    if hi <= 1.0:
+        a = a * 255.0
+    return np.rint(a).astype(np.uint8)
+
+
+def pil_pixels(image: Any) -> np.ndarray:
+    """A PIL image's pixels as ``uint8`` ``H x W`` (grey), ``H x W x 2`` (grey + alpha),
+    ``H x W x 3`` (RGB) or ``H x W x 4`` (RGBA), whatever its mode or bit depth."""
+    mode = image.mode
+    transparent = "transparency" in image.info
+    if mode in ("P", "PA"):
+        image = image.convert("RGBA")
+    elif mode in ("1", "L") and transparent:
+        image = image.convert("LA")
+    elif mode == "1":
+        image = image.convert("L")
+    elif mode == "RGB" and transparent:
+        image = image.convert("RGBA")
+    elif mode in ("RGBa", "La"):
+        image = image.convert("RGBA" if mode == "RGBa" else "LA")
+    elif mode in _TO_RGB:
+        image = image.convert("RGB")
+    elif mode == "I":  # 32-bit integer mode: PIL's container for 16-bit data
+        arr = np.asarray(image)
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 65535):
+            raise InputError(
+                f"32-bit integer image (PIL mode I) holds values {int(arr.min())}..{int(arr.max())}, outside "
+                "the 16-bit range 0..65535 it is read as; convert it to 8 or 16 bits"
+            )
+        return pixels_to_uint8(arr.astype(np.uint16))
+    arr = np.asarray(image)
+    return pixels_to_uint8(arr, f"{mode} image")
+
+
+def _composite(arr: np.ndarray, background: int) -> np.ndarray:
+    """Drop an alpha channel (last axis of 2 or 4) by compositing over a grey ``background``."""
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        return arr[..., 0]
+    if arr.ndim != 3 or arr.shape[-1] not in (2, 4):
+        return arr
+    alpha = arr[..., -1:].astype(np.float32) / 255.0
+    colour = arr[..., :-1].astype(np.float32)
+    out = colour * alpha + float(background) * (1.0 - alpha)
+    out = np.rint(out).astype(np.uint8)
+    return out[..., 0] if out.shape[-1] == 1 else out
+
+
+_CHANNELS = (1, 3, 4)
+
+
+def _one_image_array(arr: np.ndarray) -> np.ndarray:
+    """One image as an array: ``H x W``, ``H x W x C`` or ``C x H x W`` (C in 1, 3, 4) -> ``H x W [x C]``."""
+    if arr.ndim == 3 and arr.shape[0] in _CHANNELS and arr.shape[-1] not in _CHANNELS:
+        arr = np.moveaxis(arr, 0, -1)  # C,H,W -> H,W,C
+    if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in _CHANNELS):
+        return arr
+    raise InputError(
+        f"expected one image as an array of shape HxW, HxWxC or CxHxW (C = 1, 3 or 4), got {list(arr.shape)}"
+    )
+
+
+def batch_array(arr: np.ndarray) -> np.ndarray:
+    """A batch of images as an array -> ``N x H x W`` or ``N x H x W x C``, read by dimensions alone.
+
+    ``(N, H, W)``: N grey images.  ``(N, C, H, W)`` / ``(N, H, W, C)``: the axis holding 1, 3 or 4
+    values is the channel axis; an array where both or neither of axes 1 and 3 could be it is
+    refused as ambiguous.
+    """
+    if arr.ndim == 3:
+        return arr
+    if arr.ndim == 4:
+        first, last = arr.shape[1] in _CHANNELS, arr.shape[3] in _CHANNELS
+        if first and not last:
+            return np.moveaxis(arr, 1, -1)
+        if last and not first:
+            return arr
+        raise InputError(
+            f"cannot tell the channel axis of an image batch of shape {list(arr.shape)}: "
+            f"{'both axis 1 and axis 3' if first else 'neither axis 1 nor axis 3'} could hold "
+            "1, 3 or 4 channels; pass (N, C, H, W) or (N, H, W, C) with C = 1, 3 or 4, or a list of images"
+        )
+    raise InputError(
+        f"an image batch must be an array of shape (N, H, W), (N, C, H, W) or (N, H, W, C), got "
+        f"{list(arr.shape)}; pass one image as a 2-D array or a list [image]"
+    )
+
+
+def is_grey(image: Any) -> bool:
+    """Whether an (unloaded) PIL image holds grey levels only, judged from its mode and palette."""
+    if image.mode in GREY_MODES:
+        return True
+    if image.mode in ("P", "PA") and image.palette is not None:
+        rawmode, data = image.palette.getdata()
+        step = len(rawmode) if rawmode in ("RGB", "RGBA", "BGR", "RGBX") else 0
+        if step:
+            return all(data[i] == data[i + 1] == data[i + 2] for i in range(0, len(data) - 2, step))
+    return False
+
+
 class ClassDataset:
     """Images of several classes, stored as one uint8 tensor sorted by class.
 
@@ -166,6 +325,10 @@ class ClassDataset:
         name: dataset name, used in logs and multi-dataset sampling.
         preprocessing: how raw images were decoded and how to make model input.
         sources: file names of every image (optional, used in error messages).
+        deduplicate: drop every image identical (same pixels) to an earlier one of the same class,
+            with one warning naming them, so an episode can never hold the same image in its
+            support and query sets (duplicate CSV rows, a file listed twice, byte-identical
+            copies).  Subsets of a checked dataset skip the check.
     """
 
     def __init__(
@@ -176,6 +339,8 @@ class ClassDataset:
         name: str = "dataset",
         preprocessing: Preprocessing | None = None,
         sources: Sequence[str] | None = None,
+        *,
+        deduplicate: bool = True,
     ) -> None:
         labels = torch.as_tensor(labels, dtype=torch.long)
         if images.ndim < 2 or images.shape[0] != labels.shape[0]:
@@ -187,6 +352,13 @@ class ClassDataset:
             raise DataError(f"{name}: class names must be unique")
         if labels.numel() and (labels.min() < 0 or labels.max() >= len(class_names)):
             raise DataError(f"{name}: labels must lie in 0..{len(class_names) - 1}")
+        if sources is not None and len(sources) != labels.shape[0]:
+            raise DataError(f"{name}: {len(sources)} sources for {labels.shape[0]} images")
+        if deduplicate:
+            keep = _unique_within_class(images, labels, class_names, sources, name)
+            if keep is not None:
+                images, labels = images[keep], labels[keep]
+                sources = [sources[i] for i in keep.tolist()] if sources is not None else None
         order = torch.argsort(labels, stable=True)
         self.images = images[order].contiguous()
         self.labels = labels[order].contiguous()
@@ -239,6 +411,7 @@ class ClassDataset:
             name=name or self.name,
             preprocessing=self.preprocessing,
             sources=[self.sources[i] for i in rows_t.tolist()] if self.sources else None,
+            deduplicate=False,  # rows of a checked dataset
         )
 
     def model_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -246,6 +419,43 @@ class ClassDataset:
         if self.preprocessing is None:
             return x.float()
         return self.preprocessing.normalize(x)
+
+
+def _unique_within_class(images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str],
+                         sources: Sequence[str] | None, name: str) -> torch.Tensor | None:
+    """Indices of the images to keep (first of each identical group per class), or ``None`` if all.
+
+    Warns once, naming a few duplicates, when any are dropped.
+    """
+    import warnings
+
+    if images.shape[0] < 2:
+        return None
+    flat = images.reshape(images.shape[0], -1).contiguous()
+    raw = flat.numpy() if flat.device.type == "cpu" else flat.cpu().numpy()
+    first: dict[tuple[int, bytes], int] = {}
+    dropped: list[tuple[int, int]] = []
+    for i, (label, row) in enumerate(zip(labels.tolist(), raw)):
+        key = (label, hashlib.blake2b(row.tobytes(), digest_size=16).digest())
+        j = first.setdefault(key, i)
+        if j != i and np.array_equal(raw[j], row):
+            dropped.append((i, j))
+    if not dropped:
+        return None
+    def what(i: int) -> str:
+        return sources[i] if sources is not None else f"image {i}"
+    examples = "; ".join(f"{class_names[int(labels[i])]}: {what(i)} = {what(j)}" for i, j in dropped[:3])
+    warnings.warn(
+        f"{name}: dropped {len(dropped)} duplicate image(s), identical to another image of the same class "
+        f"(one image could otherwise be both support and query of an episode), e.g. {examples}"
+        f"{' ...' if len(dropped) > 3 else ''}", DuplicateImagesWarning, stacklevel=3,
+    )
+    gone = {i for i, _ in dropped}
+    return torch.tensor([i for i in range(images.shape[0]) if i not in gone], dtype=torch.long)
+
+
+class DuplicateImagesWarning(UserWarning):
+    """A dataset held identical images within a class; the copies were dropped."""
 
 
 def stable_order(names: Iterable[str], seed: int = 0) -> list[str]:

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 #: Bump when decoding changes in a way that invalidates existing cache files.
-CACHE_FORMAT = 1
+#: 2: alpha composited, 16-bit images scaled, inferred preprocessing stored with the images.
+CACHE_FORMAT = 2
 #: Upper bound on the bytes of decoded images kept by the in-process memo.
 MEMO_MAX_BYTES = 2 << 30
 
@@ -50,12 +51,15 @@ class Decoded:
         class_names: unique class names.
         sources: path of each image relative to the source's root (location independent, so a
             cache entry stays valid when the data moves).
+        preprocessing: ``Preprocessing.to_dict()`` the images were decoded with, when it was
+            inferred from the images themselves (``None`` when the caller fixed it).
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     class_names: list[str]
     sources: list[str]
+    preprocessing: dict | None = None
 
     @property
     def nbytes(self) -> int:
@@ -103,6 +107,7 @@ def _load(path: Path, key: str) -> Decoded:
             torch.from_numpy(f["labels"]).long(),
             [str(c) for c in f["class_names"]],
             [str(s) for s in f["sources"]],
+            json.loads(str(f["preprocessing"])) if "preprocessing" in f.files else None,
         )
     n = decoded.images.shape[0]
     if (decoded.images.dtype != torch.uint8 or decoded.images.ndim != 4
@@ -124,6 +129,7 @@ def _save(path: Path, key: str, decoded: Decoded) -> None:
                 labels=decoded.labels.numpy(),
                 class_names=np.array(decoded.class_names, dtype=str),
                 sources=np.array(decoded.sources, dtype=str),
+                **({"preprocessing": np.array(json.dumps(decoded.preprocessing))} if decoded.preprocessing else {}),
             )
             f.flush()
             os.fsync(f.fileno())

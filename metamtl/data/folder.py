@@ -11,26 +11,63 @@ The building blocks here are shared by every image dataset in metamtl:
 """
 from __future__ import annotations
 
+import collections
 import csv
 import hashlib
 import io
 import os
 import posixpath
+import stat
+import warnings
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from ..errors import DataError, DataNotFoundError, IntegrityError
-from .base import ClassDataset, Preprocessing
+from ..errors import DataError, DataNotFoundError, InputError, IntegrityError
+from ..textfile import decode_text
+from .base import ClassDataset, Preprocessing, is_grey
 from .cache import Decoded, cached_decode
 from .download import md5sum, verify_md5
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 _CHUNK = 256  # images per thread-pool task
+
+
+def image_extensions() -> tuple[str, ...]:
+    """File name endings of every image format PIL can open here (``.png``, ``.tif``, ``.ppm``, ...).
+
+    Formats PIL only identifies but cannot decode (stubs needing an external handler) are left out.
+    """
+    from PIL import Image, ImageFile
+
+    Image.init()
+    readable = {fmt for fmt, (factory, _) in Image.OPEN.items()
+                if not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))}
+    readable -= {"MPEG", "PDF"}  # identified only: no pixel decoder
+    from PIL import EpsImagePlugin
+
+    if not EpsImagePlugin.has_ghostscript():
+        readable.discard("EPS")  # PIL renders PostScript through Ghostscript only
+    return tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in readable))
+
+
+class SkippedFilesWarning(UserWarning):
+    """Files under a dataset folder were not read (not images, or links leaving the folder)."""
+
+
+def report_skipped(name: str, skipped: Sequence[tuple[str, str]]) -> None:
+    """One warning line summarising the files a dataset did not read, grouped by reason."""
+    if not skipped:
+        return
+    groups: dict[str, list[str]] = collections.defaultdict(list)
+    for rel, reason in skipped:
+        groups[reason].append(rel)
+    parts = [f"{len(rels)} {reason} ({', '.join(rels[:3])}{', ...' if len(rels) > 3 else ''})"
+             for reason, rels in groups.items()]
+    warnings.warn(f"{name}: skipped {len(skipped)} file(s): {'; '.join(parts)}", SkippedFilesWarning, stacklevel=3)
 
 
 def resolve_root(root: str | os.PathLike | None, what: str) -> Path:
@@ -49,12 +86,22 @@ def _hidden(rel: str) -> bool:
 
 
 class DirectoryTree:
-    """Files under the folder ``root``, addressed by posix paths relative to it."""
+    """Files under the folder ``root``, addressed by posix paths relative to it.
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    The walk is cycle-safe and stays inside ``root``: every directory is entered at most once
+    (a symlink to a directory already seen, e.g. a loop, is skipped), and symlinks whose target
+    lies outside ``root`` are skipped unless ``follow_outside_links=True``.  Paths read later
+    (e.g. listed in a CSV file) obey the same rule.  What was skipped and why is in
+    :attr:`skipped` after :meth:`files`.
+    """
+
+    def __init__(self, root: str | os.PathLike, follow_outside_links: bool = False) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataNotFoundError(f"folder {self.root} does not exist")
+        self.real_root = self.root.resolve()
+        self.follow_outside_links = follow_outside_links
+        self.skipped: list[tuple[str, str]] = []
 
     def __enter__(self) -> "DirectoryTree":
         return self
@@ -65,24 +112,69 @@ class DirectoryTree:
     def close(self) -> None:
         """Nothing to release (present for symmetry with :class:`ZipTree`)."""
 
+    def _inside(self, real: str) -> bool:
+        return real == str(self.real_root) or real.startswith(str(self.real_root) + os.sep)
+
     def files(self) -> list[str]:
         """Sorted relative paths of all files, hidden files and folders excluded."""
-        out = []
-        for folder, dirs, names in os.walk(self.root, followlinks=True):
-            dirs[:] = [d for d in dirs if not _hidden(d)]
-            rel = Path(folder).relative_to(self.root).as_posix()
-            out.extend(n if rel == "." else f"{rel}/{n}" for n in names if not _hidden(n))
+        out: list[str] = []
+        self.skipped = []
+        seen = {(st.st_dev, st.st_ino) for st in [os.stat(self.real_root)]}
+        stack = [(str(self.real_root), "")]
+        while stack:
+            folder, rel = stack.pop()
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError as exc:
+                self.skipped.append((rel or ".", f"unreadable folder(s) ({exc.strerror})"))
+                continue
+            for entry in entries:
+                if _hidden(entry.name):
+                    continue
+                child = f"{rel}/{entry.name}" if rel else entry.name
+                try:
+                    if entry.is_symlink():
+                        real = os.path.realpath(entry.path)
+                        if not self._inside(real) and not self.follow_outside_links:
+                            self.skipped.append((child, "link(s) leading outside the folder"))
+                            continue
+                    st = os.stat(entry.path)  # follows links
+                except OSError:
+                    self.skipped.append((child, "broken link(s) or unreadable file(s)"))
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    if (st.st_dev, st.st_ino) in seen:
+                        self.skipped.append((child, "link(s) to a folder already read (a cycle or a copy)"))
+                        continue
+                    seen.add((st.st_dev, st.st_ino))
+                    stack.append((entry.path, child))
+                elif stat.S_ISREG(st.st_mode):
+                    out.append(child)
         return sorted(out)
 
+    def path(self, rel: str) -> Path:
+        """``root/rel``, refused (:class:`DataError`) if it leads outside ``root``."""
+        path = self.root / rel
+        if not self.follow_outside_links and not self._inside(os.path.realpath(path)):
+            raise DataError(
+                f"{path} leads outside the dataset folder {self.root} (via '..', an absolute path or a "
+                "symlink); keep the images inside it or pass follow_outside_links=True"
+            )
+        return path
+
     def exists(self, rel: str) -> bool:
-        return (self.root / rel).is_file()
+        return self.path(rel).is_file()
+
+    def identity(self, rel: str) -> str:
+        """The real file ``rel`` names (two paths naming one file share it)."""
+        return os.path.realpath(self.root / rel)
 
     def describe(self, rel: str) -> str:
         return str(self.root / rel)
 
     def read(self, rel: str) -> bytes:
         try:
-            return (self.root / rel).read_bytes()
+            return self.path(rel).read_bytes()
         except FileNotFoundError as exc:
             raise DataNotFoundError(f"image file {self.describe(rel)} is missing") from exc
 
@@ -119,6 +211,7 @@ class ZipTree:
             for info in self._zip.infolist()
             if info.filename.startswith(prefix) and not info.is_dir()
         }
+        self.skipped: list[tuple[str, str]] = []  # members are never links: nothing to skip
 
     def __enter__(self) -> "ZipTree":
         return self
@@ -133,14 +226,17 @@ class ZipTree:
         return sorted(n for n in self._names if not _hidden(n))
 
     def exists(self, rel: str) -> bool:
-        return rel in self._names
+        return posixpath.normpath(rel) in self._names
+
+    def identity(self, rel: str) -> str:
+        return posixpath.normpath(rel)
 
     def describe(self, rel: str) -> str:
         return f"{self.path}:{self.prefix}{rel}"
 
     def read(self, rel: str) -> bytes:
         try:
-            return self._zip.read(self.prefix + rel)
+            return self._zip.read(self.prefix + posixpath.normpath(rel))
         except KeyError as exc:
             raise DataNotFoundError(f"image file {self.describe(rel)} is missing") from exc
         except (zipfile.BadZipFile, zlib.error, OSError) as exc:
@@ -154,50 +250,94 @@ class ZipTree:
 Tree = DirectoryTree | ZipTree
 
 
-def _open_image(tree: Tree, rel: str):
+def _open_image(tree: Tree, rel: str, size: tuple[int, int] | None = None, load: bool = True):
+    """``rel`` as a PIL image; with ``size`` (height, width), a large JPEG is decoded at a reduced
+    scale that is still at least ``size`` (memory and time bounded by the target, not the file)."""
     from PIL import Image
 
     data = tree.read(rel)
     try:
         im = Image.open(io.BytesIO(data))
-        im.load()
+        if size is not None and im.format == "JPEG":
+            im.draft(None, (size[1], size[0]))
+        if load:
+            im.load()
         return im
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise DataError(
+            f"image {tree.describe(rel)} is too large to decode safely ({exc}); shrink it, or raise "
+            "PIL.Image.MAX_IMAGE_PIXELS if you trust the file"
+        ) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(
             f"cannot decode image {tree.describe(rel)} ({exc}); the file is corrupt or truncated: "
             "replace or delete it"
         ) from exc
 
 
-def infer_preprocessing(tree: Tree, rel: str) -> Preprocessing:
-    """Preprocessing keeping the size and channel count (1 for grayscale modes, else 3) of ``rel``."""
-    im = _open_image(tree, rel)
-    channels = 1 if im.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
-    return Preprocessing(size=(im.height, im.width), channels=channels,
-                         mean=(0.0,) * channels, std=(1.0,) * channels)
-
-
-def decode_images(tree: Tree, paths: Sequence[str], preprocessing: Preprocessing, desc: str = "") -> torch.Tensor:
-    """Decode ``paths`` from ``tree`` into ``uint8 [N, C, H, W]`` with a thread pool."""
+def _pool_map(fn: Callable[[range], int], n: int, desc: str) -> None:
+    """Run ``fn`` over chunks of ``range(n)`` in a thread pool, with a progress bar."""
     from tqdm.auto import tqdm
 
-    out = torch.empty((len(paths), *preprocessing.input_shape), dtype=torch.uint8)
-
-    def work(rows: range) -> int:
-        for i in rows:
-            out[i] = preprocessing.decode(_open_image(tree, paths[i]))
-        return len(rows)
-
     workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    chunks = [range(s, min(s + _CHUNK, len(paths))) for s in range(0, len(paths), _CHUNK)]
-    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(paths), desc=f"decoding {desc}",
-                                                    unit="img", disable=None, leave=False) as bar:
+    chunks = [range(s, min(s + _CHUNK, n)) for s in range(0, n, _CHUNK)]
+    with ThreadPoolExecutor(workers) as pool, tqdm(total=n, desc=desc, unit="img", disable=None, leave=False) as bar:
         try:
-            for done in pool.map(work, chunks):
+            for done in pool.map(fn, chunks):
                 bar.update(done)
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+
+
+def infer_preprocessing(tree: Tree, paths: Sequence[str], name: str = "",
+                        image_size: int | Sequence[int] | None = None) -> Preprocessing:
+    """Preprocessing decided from every image's header, never from one file.
+
+    Channels: 1 when every image is grey (grey modes, 16-bit grey, grey palettes), else 3 (grey
+    images are then stored as grey RGB).  Size: ``image_size`` when given, else the most common
+    ``height x width`` (ties: the larger), so one odd-sized image never sets the size of the
+    others; images of other sizes are resized to it (one warning line says how many).  No
+    normalisation.  Only headers are read (no pixels are decoded).
+    """
+    heads: list[tuple[bool, tuple[int, int]]] = [(True, (0, 0))] * len(paths)
+
+    def work(rows: range) -> int:
+        for i in rows:
+            im = _open_image(tree, paths[i], load=False)
+            heads[i] = (is_grey(im), (im.height, im.width))
+        return len(rows)
+
+    _pool_map(work, len(paths), f"reading headers {name}")
+    channels = 1 if all(grey for grey, _ in heads) else 3
+    sizes = collections.Counter(size for _, size in heads)
+    if image_size is not None:
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    else:
+        size = max(sizes, key=lambda hw: (sizes[hw], hw[0] * hw[1]))
+        if len(sizes) > 1:
+            others = len(paths) - sizes[size]
+            warnings.warn(
+                f"{name}: images have {len(sizes)} different sizes; all are stored at {size[0]}x{size[1]} "
+                f"(height x width, the most common: {sizes[size]} of {len(paths)} images), {others} resized; "
+                "pass image_size= (config: data.image_size) or preprocessing= to choose", stacklevel=3,
+            )
+    return Preprocessing(size=size, channels=channels, mean=(0.0,) * channels, std=(1.0,) * channels)
+
+
+def decode_images(tree: Tree, paths: Sequence[str], preprocessing: Preprocessing, desc: str = "") -> torch.Tensor:
+    """Decode ``paths`` from ``tree`` into ``uint8 [N, C, H, W]`` with a thread pool."""
+    out = torch.empty((len(paths), *preprocessing.input_shape), dtype=torch.uint8)
+
+    def work(rows: range) -> int:
+        for i in rows:
+            try:
+                out[i] = preprocessing.decode(_open_image(tree, paths[i], preprocessing.size))
+            except InputError as exc:  # pixel values it cannot read faithfully
+                raise DataError(f"cannot read image {tree.describe(paths[i])}: {exc}") from exc
+        return len(rows)
+
+    _pool_map(work, len(paths), f"decoding {desc}")
     return out
 
 
@@ -205,36 +345,64 @@ def decode_classes(
     tree: Tree,
     paths: Sequence[str],
     labels: Sequence[str],
-    preprocessing: Preprocessing,
+    preprocessing: Preprocessing | None,
     name: str,
     cache_dir: str | os.PathLike | bool | None = None,
+    image_size: int | Sequence[int] | None = None,
 ) -> Decoded:
     """Decode images ``paths`` of classes ``labels`` (names) through the decode cache.
 
     Classes are numbered in sorted name order; the cache key covers the tree's content
-    fingerprint, the ``(path, label)`` list and the preprocessing.
+    fingerprint, the ``(path, label)`` list and the preprocessing.  ``preprocessing=None``:
+    inferred from all the images (:func:`infer_preprocessing`, ``image_size`` fixing the size)
+    on a cache miss, and stored with them (``Decoded.preprocessing``).  A file listed under two
+    classes is refused (:class:`DataError`).
     """
     if not paths:
         raise DataError(f"{name}: no images to decode in {tree.describe('')}")
+    _refuse_files_in_two_classes(tree, paths, labels, name)
     class_names = sorted(set(labels))
 
     def build() -> Decoded:
+        prep = preprocessing or infer_preprocessing(tree, paths, name, image_size)
         index = {c: i for i, c in enumerate(class_names)}
         return Decoded(
-            decode_images(tree, paths, preprocessing, desc=name),
+            decode_images(tree, paths, prep, desc=name),
             torch.tensor([index[c] for c in labels], dtype=torch.long),
             class_names,
             list(paths),
+            None if preprocessing is not None else prep.to_dict(),
         )
 
     listing = hashlib.sha1("\n".join(f"{p}\t{c}" for p, c in zip(paths, labels)).encode()).hexdigest()
-    return cached_decode(name, [tree.fingerprint(paths), listing, preprocessing.key()], build, cache_dir)
+    how = preprocessing.key() if preprocessing is not None else ["inferred", image_size]
+    return cached_decode(name, [tree.fingerprint(paths), listing, how], build, cache_dir)
 
 
-def scan_class_folders(tree: Tree, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> tuple[list[str], list[str]]:
-    """``(paths, classes)`` of the images in ``tree``: each image's class is its folder's path."""
-    exts = tuple(e.lower() for e in extensions)
-    paths = [p for p in tree.files() if p.lower().endswith(exts)]
+def _refuse_files_in_two_classes(tree: Tree, paths: Sequence[str], labels: Sequence[str], name: str) -> None:
+    owner: dict[str, tuple[str, str]] = {}
+    for path, label in zip(paths, labels):
+        real = tree.identity(path)
+        first = owner.setdefault(real, (path, label))
+        if first[1] != label:
+            raise DataError(
+                f"{name}: {tree.describe(path)} is listed under class {label!r} but the same file "
+                f"({tree.describe(first[0])}) is also under class {first[1]!r}; an image belongs to one class: "
+                "remove one of the entries"
+            )
+
+
+def scan_class_folders(tree: Tree, extensions: Sequence[str] | None = None, name: str = "") -> tuple[list[str], list[str]]:
+    """``(paths, classes)`` of the images in ``tree``: each image's class is its folder's path.
+
+    ``extensions``: file name endings counted as images (default: every format PIL can open,
+    :func:`image_extensions`).  Other files, and what the walk skipped (links leaving the folder,
+    cycles), are reported in one warning line.
+    """
+    exts = tuple(e.lower() for e in (extensions if extensions is not None else image_extensions()))
+    files = tree.files()
+    paths = [p for p in files if p.lower().endswith(exts)]
+    skipped = list(tree.skipped) + [(p, "not image file(s)") for p in files if not p.lower().endswith(exts)]
     if not paths:
         raise DataError(
             f"no images with extensions {', '.join(exts)} under {tree.describe('')}; expected one "
@@ -246,10 +414,13 @@ def scan_class_folders(tree: Tree, extensions: Sequence[str] = IMAGE_EXTENSIONS)
             f"{tree.describe(loose[0])} (and {len(loose) - 1} more) lie directly in the dataset "
             "folder; put every image in a sub-folder named after its class"
         )
+    report_skipped(name or tree.describe(""), skipped)
     return paths, [posixpath.dirname(p) for p in paths]
 
 
-def _init_decoded(ds: ClassDataset, decoded: Decoded, tree: Tree, name: str, preprocessing: Preprocessing) -> None:
+def _init_decoded(ds: ClassDataset, decoded: Decoded, tree: Tree, name: str, preprocessing: Preprocessing | None) -> None:
+    if preprocessing is None:
+        preprocessing = Preprocessing.from_dict(decoded.preprocessing)
     ClassDataset.__init__(ds, decoded.images, decoded.labels, decoded.class_names, name=name,
                           preprocessing=preprocessing, sources=[tree.describe(s) for s in decoded.sources])
 
@@ -259,17 +430,25 @@ class ClassFolder(ClassDataset):
 
     Folders may be nested: every folder that directly holds images is one class, named by its
     path relative to ``root`` with ``/`` separators (``cat``, or ``Greek/character01`` for an
-    extracted Omniglot archive).  Hidden files and folders are skipped; other files are ignored
-    unless their extension is in ``extensions``.
+    extracted Omniglot archive).  Hidden files and folders are skipped; other files, links
+    leading outside ``root`` and links to folders already read (cycles) are skipped and reported
+    in one warning line.  Every image format PIL can open is read.
 
     Args:
         root: the dataset folder.
-        preprocessing: how files become stored tensors.  Default: keep the first image's size
-            and channel count (1 for grayscale modes, else 3), no normalisation; images of other
-            sizes are resized to it.
+        preprocessing: how files become stored tensors.  Default: decided from all the images
+            (:func:`infer_preprocessing`): 1 channel if every image is grey, else 3; the most
+            common size (or ``image_size``); 16-bit images scaled to 8 bits, transparency
+            composited over black; no normalisation.
         name: dataset name (default: the folder's name).
-        extensions: file name endings (case-insensitive) that count as images.
+        extensions: file name endings (case-insensitive) that count as images (default: all
+            formats PIL reads).
         cache_dir: decode-cache folder (``None``: default, ``False``: memory only).
+        image_size: store images at this size (an int for square, or ``(height, width)``)
+            instead of the most common one; ignored with ``preprocessing``.
+        follow_outside_links: follow symlinks whose target lies outside ``root``.
+
+    Identical images within a class are kept once (with a warning; see :class:`ClassDataset`).
 
     Raises:
         DataNotFoundError: ``root`` does not exist.
@@ -282,20 +461,25 @@ class ClassFolder(ClassDataset):
         root: str | os.PathLike,
         preprocessing: Preprocessing | None = None,
         name: str | None = None,
-        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        extensions: Sequence[str] | None = None,
         cache_dir: str | os.PathLike | bool | None = None,
+        image_size: int | Sequence[int] | None = None,
+        follow_outside_links: bool = False,
     ) -> None:
-        with DirectoryTree(root) as tree:
+        with DirectoryTree(root, follow_outside_links=follow_outside_links) as tree:
             name = name or tree.root.resolve().name
-            paths, labels = scan_class_folders(tree, extensions)
-            preprocessing = preprocessing or infer_preprocessing(tree, paths[0])
-            decoded = decode_classes(tree, paths, labels, preprocessing, f"folder-{name}", cache_dir)
+            paths, labels = scan_class_folders(tree, extensions, f"folder-{name}")
+            decoded = decode_classes(tree, paths, labels, preprocessing, f"folder-{name}", cache_dir, image_size)
             _init_decoded(self, decoded, tree, name, preprocessing)
 
 
 def read_class_csv(data: bytes, where: str, filename_column: str, label_column: str) -> tuple[list[str], list[str]]:
-    """Parse ``(filenames, labels)`` from CSV bytes with a header row; ``where`` names the file."""
-    reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig")))
+    """Parse ``(filenames, labels)`` from CSV bytes with a header row; ``where`` names the file.
+
+    Rows repeating an earlier ``(filename, label)`` row are dropped with a warning; a file
+    listed under two labels is refused.
+    """
+    reader = csv.DictReader(io.StringIO(decode_text(data, where, DataError)))
     header = [h.strip() for h in reader.fieldnames or []]
     reader.fieldnames = header
     for column in (filename_column, label_column):
@@ -305,34 +489,59 @@ def read_class_csv(data: bytes, where: str, filename_column: str, label_column: 
                 "pass filename_column=/label_column= to name the right columns"
             )
     filenames, labels = [], []
+    rows: dict[str, tuple[int, str]] = {}
+    repeated: list[int] = []
     for line, row in enumerate(reader, start=2):
         filename, label = (row.get(filename_column) or "").strip(), (row.get(label_column) or "").strip()
         if not filename or not label:
             raise DataError(f"{where}, line {line}: empty {filename_column!r} or {label_column!r}")
+        key = posixpath.normpath(filename)
+        first = rows.setdefault(key, (line, label))
+        if first[0] != line:
+            if first[1] != label:
+                raise DataError(
+                    f"{where}, line {line}: {filename} is labelled {label!r} but line {first[0]} labels it "
+                    f"{first[1]!r}; an image belongs to one class: remove one of the rows"
+                )
+            repeated.append(line)
+            continue
         filenames.append(filename)
         labels.append(label)
     if not filenames:
         raise DataError(f"{where} lists no images")
+    if repeated:
+        warnings.warn(
+            f"{where}: dropped {len(repeated)} row(s) repeating an earlier row (lines "
+            f"{', '.join(map(str, repeated[:5]))}{', ...' if len(repeated) > 5 else ''}); a repeated image could be "
+            "both support and query of an episode", DuplicateRowsWarning, stacklevel=3,
+        )
     return filenames, labels
+
+
+class DuplicateRowsWarning(UserWarning):
+    """A CSV file listed the same image more than once; the repeats were dropped."""
 
 
 class CSVClassDataset(ClassDataset):
     """Images listed in a CSV file of ``filename,label`` rows (with a header), e.g. mini-ImageNet.
 
     Args:
-        csv_path: the CSV file.
-        image_root: folder the file names are relative to.
+        csv_path: the CSV file (UTF-8; UTF-16/32 with a byte-order mark are read too).
+        image_root: folder the file names are relative to; names leading outside it (``..``,
+            absolute paths, links) are refused unless ``follow_outside_links=True``.
         preprocessing: how files become stored tensors (default: as :class:`ClassFolder`).
         filename_column, label_column: header names of the two columns used.
         name: dataset name (default: the CSV file's stem).
         cache_dir: decode-cache folder (``None``: default, ``False``: memory only).
+        image_size: as for :class:`ClassFolder`.
 
     Classes are numbered in sorted label order; images keep their CSV order within a class.
+    Repeated rows are dropped with a warning, identical images within a class are kept once.
 
     Raises:
         DataNotFoundError: the CSV or a listed image does not exist.
-        DataError: a column is missing, a row is empty, or an image cannot be decoded (the
-            message names the file).
+        DataError: the CSV is not UTF-8, a column is missing, a row is empty, a file is listed
+            under two labels, or an image cannot be decoded (the message names the file).
     """
 
     def __init__(
@@ -344,13 +553,15 @@ class CSVClassDataset(ClassDataset):
         label_column: str = "label",
         name: str | None = None,
         cache_dir: str | os.PathLike | bool | None = None,
+        image_size: int | Sequence[int] | None = None,
+        follow_outside_links: bool = False,
     ) -> None:
         csv_path = Path(csv_path)
         if not csv_path.is_file():
             raise DataNotFoundError(f"CSV file {csv_path} does not exist")
-        with DirectoryTree(image_root) as tree:
+        with DirectoryTree(image_root, follow_outside_links=follow_outside_links) as tree:
             self._load(tree, csv_path.read_bytes(), str(csv_path), "", preprocessing,
-                       filename_column, label_column, name or csv_path.stem, cache_dir)
+                       filename_column, label_column, name or csv_path.stem, cache_dir, image_size)
 
     def _load(
         self,
@@ -363,6 +574,7 @@ class CSVClassDataset(ClassDataset):
         label_column: str,
         name: str,
         cache_dir: str | os.PathLike | bool | None,
+        image_size: int | Sequence[int] | None = None,
     ) -> None:
         """Decode the images listed in ``csv_data`` from ``image_dir`` of ``tree`` into ``self``."""
         filenames, labels = read_class_csv(csv_data, csv_where, filename_column, label_column)
@@ -373,6 +585,5 @@ class CSVClassDataset(ClassDataset):
                 f"{len(missing)} image(s) listed in {csv_where} are missing, e.g. "
                 f"{tree.describe(missing[0])}"
             )
-        preprocessing = preprocessing or infer_preprocessing(tree, paths[0])
-        decoded = decode_classes(tree, paths, labels, preprocessing, f"csv-{name}", cache_dir)
+        decoded = decode_classes(tree, paths, labels, preprocessing, f"csv-{name}", cache_dir, image_size)
         _init_decoded(self, decoded, tree, name, preprocessing)

@@ -43,7 +43,8 @@ class Omniglot(ClassDataset):
 
     Classes are characters ``Alphabet/characterNN``.  A character present in several sources
     (Greek and Latin are in both ``images_background_small1`` and ``..._small2``) is one class
-    with all its drawers' images.
+    with all its drawers' images; an image several sources hold identically (the two small sets
+    share Greek and Latin byte for byte) is kept once.
 
     Split: when both full official sets (``images_background`` and ``images_evaluation``) are
     among the sources, the test split is every evaluation character, and the background
@@ -118,6 +119,7 @@ class Omniglot(ClassDataset):
             name="omniglot",
             preprocessing=preprocessing,
             sources=part.sources * len(rotations),
+            deduplicate=False,  # rotated copies of a checked subset stay distinct within each class
         )
 
     # -- locating and decoding -------------------------------------------------------------
@@ -204,9 +206,26 @@ class Omniglot(ClassDataset):
 
 
 def _merge(parts: Sequence[Decoded]) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
-    """Concatenate decoded sources, merging classes with the same name."""
+    """Concatenate decoded sources, merging classes with the same name.
+
+    An image that several archives hold under the same ``Alphabet/characterNN/file.png`` with the
+    same pixels is kept once: the two small background sets share Greek and Latin byte for byte,
+    and the full background set contains both small sets.
+    """
     names = sorted({c for d in parts for c in d.class_names})
     index = {c: i for i, c in enumerate(names)}
-    labels = [torch.tensor([index[c] for c in d.class_names], dtype=torch.long)[d.labels] for d in parts]
-    return (torch.cat([d.images for d in parts]), torch.cat(labels), names,
-            [s for d in parts for s in d.sources])
+    images, labels, sources = [], [], []
+    seen: dict[tuple[int, str], torch.Tensor] = {}
+    for d in parts:
+        keep = []
+        merged = torch.tensor([index[c] for c in d.class_names], dtype=torch.long)[d.labels]
+        for i, (label, source) in enumerate(zip(merged.tolist(), d.sources)):
+            image = d.images[i]
+            first = seen.setdefault((label, source.rsplit("/", 1)[-1]), image)
+            if first is image or not torch.equal(first, image):
+                keep.append(i)
+        rows = torch.tensor(keep, dtype=torch.long)
+        images.append(d.images[rows])
+        labels.append(merged[rows])
+        sources += [d.sources[i] for i in keep]
+    return torch.cat(images), torch.cat(labels), names, sources

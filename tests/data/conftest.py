@@ -28,13 +28,14 @@ def write_image():
 @pytest.fixture
 def image_tree(tmp_path) -> Path:
     """``cat`` (3 red 6x5 PNGs), ``dog`` (2 green 12x10 JPEGs), nested ``birds/owl`` (2 blue),
-    plus a text file and a hidden folder that must be ignored."""
+    plus a text file and a hidden folder that must be ignored.  Images of a class differ in their
+    green (cat), blue (dog) or green (owl) level ``10 * i``: no two are identical."""
     root = tmp_path / "animals"
     for i in range(3):
-        _write_image(root / "cat" / f"{i}.png", (200, 0, 0))
+        _write_image(root / "cat" / f"{i}.png", (200, 10 * i, 0))
     for i in range(2):
-        _write_image(root / "dog" / f"{i}.jpg", (0, 200, 0), size=(12, 10))
-        _write_image(root / "birds" / "owl" / f"{i}.PNG", (0, 0, 200))
+        _write_image(root / "dog" / f"{i}.jpg", (0, 200, 10 * i), size=(12, 10))
+        _write_image(root / "birds" / "owl" / f"{i}.PNG", (0, 10 * i, 200))
     (root / "cat" / "README.txt").write_text("not an image")
     _write_image(root / ".hidden" / "x.png", (1, 2, 3))
     return root

@@ -13,12 +13,12 @@ def test_class_folder_reads_nested_classes(image_tree, cache_dir):
     assert ds.name == "animals"
     assert ds.class_names == ["birds/owl", "cat", "dog"]  # hidden folder and .txt ignored
     assert ds.class_counts.tolist() == [2, 3, 2]
-    # Inferred from the first image: RGB, 5 high x 6 wide; the 12x10 JPEGs are resized to it.
+    # Inferred from all images: RGB, 5 high x 6 wide (5 of 7); the 12x10 JPEGs are resized to it.
     assert ds.images.shape == (7, 3, 5, 6) and ds.images.dtype == torch.uint8
     assert ds.preprocessing == Preprocessing(size=(5, 6), channels=3, mean=(0, 0, 0), std=(1, 1, 1))
     assert ds.images[ds.class_indices(1)][:, 0].eq(200).all()  # cat: red
     owl = ds.images[ds.class_indices(0)]
-    assert owl[:, 2].eq(200).all() and owl[:, :2].eq(0).all()
+    assert owl[:, 2].eq(200).all() and owl[:, 0].eq(0).all() and owl[:, 1].unique().tolist() == [0, 10]
     dog = ds.images[ds.class_indices(2)].float()
     assert (dog[:, 1] - 200).abs().max() <= 3 and dog[:, 0].max() <= 3  # JPEG is lossy
     assert ds.sources[0] == str(image_tree / "birds" / "owl" / "0.PNG")
@@ -29,9 +29,10 @@ def test_explicit_preprocessing_and_grayscale_inference(image_tree, write_image,
     ds = ClassFolder(image_tree, preprocessing=p, extensions=(".png",), cache_dir=cache_dir)
     assert ds.class_names == ["birds/owl", "cat"] and ds.images.shape == (5, 1, 4, 4)
     for i in range(2):
-        write_image(tmp_path / "gray" / "a" / f"{i}.png", 7, size=(3, 2), mode="L")
+        write_image(tmp_path / "gray" / "a" / f"{i}.png", 7 + i, size=(3, 2), mode="L")
     gray = ClassFolder(tmp_path / "gray", name="g", cache_dir=cache_dir)
-    assert gray.name == "g" and gray.images.shape == (2, 1, 2, 3) and gray.images.eq(7).all()
+    assert gray.name == "g" and gray.images.shape == (2, 1, 2, 3)
+    assert gray.images[0].eq(7).all() and gray.images[1].eq(8).all()
 
 
 def test_bad_folders_raise_clear_errors(tmp_path, write_image):

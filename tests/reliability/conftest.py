@@ -1,7 +1,7 @@
 """Fixtures for the reliability suite: tiny datasets, learners and configs that run in milliseconds.
 
 Every test module here carries ``pytest.mark.reliability(<category>)`` (``bad_input``,
-``untrusted_file``, ``fault`` or ``fuzz``); ``benchmarks/reliability_counts.py`` counts the cases
+``untrusted_file``, ``fault``, ``fuzz``, ``data_fidelity`` or ``run_folder``); ``benchmarks/reliability_counts.py`` counts the cases
 by category from those marks.
 """
 from __future__ import annotations
