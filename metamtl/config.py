@@ -19,8 +19,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import ConfigError, did_you_mean
-from .textfile import decode_text
+from .errors import ConfigError, decode_text, did_you_mean
 
 
 @dataclasses.dataclass

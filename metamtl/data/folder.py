@@ -27,8 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..errors import DataError, DataNotFoundError, InputError, IntegrityError
-from ..textfile import decode_text
+from ..errors import DataError, DataNotFoundError, InputError, IntegrityError, decode_text
 from .base import ClassDataset, Preprocessing, is_grey
 from .cache import Decoded, cached_decode
 from .download import md5sum, verify_md5
