@@ -14,11 +14,13 @@ SMALL = ["images_background_small1", "images_background_small2"]
 
 
 def grouped_dataset(sizes=(6, 3, 8, 5), per_class=4):
-    """Superclass g{i} with sizes[i] classes named 'g{i}/c{j}'; the class index is in pixel 0."""
+    """Superclass g{i} with sizes[i] classes named 'g{i}/c{j}'; the class index is in pixel 0, the
+    image's index within its class in pixel 1 (a class's images differ: identical ones are dropped)."""
     names = [f"g{i}/c{j}" for i, n in enumerate(sizes) for j in range(n)]
     labels = torch.arange(len(names)).repeat_interleave(per_class)
     images = torch.zeros(len(labels), 1, 4, 4, dtype=torch.uint8)
     images[:, 0, 0, 0] = labels.to(torch.uint8)
+    images[:, 0, 0, 1] = torch.arange(per_class, dtype=torch.uint8).repeat(len(names))
     return ClassDataset(images, labels, names, name="grouped")
 
 
