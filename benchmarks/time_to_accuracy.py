@@ -47,12 +47,12 @@ class Snapshots(Callback):
         self.overhead = 0.0
         self.rows: list[dict] = []
 
-    def on_iteration_end(self, learner, metrics) -> None:
-        trained = learner.elapsed - self.overhead
+    def on_iteration_end(self, state, metrics) -> None:
+        trained = state.elapsed - self.overhead
         if trained >= self.every * (len(self.rows) + 1):
             t0 = time.perf_counter()
-            state = {k: v.detach().clone() for k, v in learner.model.state_dict().items()}
-            self.rows.append({"seconds": trained, "iteration": learner.iteration, "state": state})
+            weights = {k: v.detach().clone() for k, v in state.learner.model.state_dict().items()}
+            self.rows.append({"seconds": trained, "iteration": state.iteration, "state": weights})
             self.overhead += time.perf_counter() - t0
 
 

@@ -11,13 +11,14 @@ from typing import TYPE_CHECKING, Any
 from .version import __version__
 
 #: public name -> module that defines it
-_EXPORTS = {"MetaLearner": "metamtl.learner", "EvalResult": "metamtl.learner", "MetamtlError": "metamtl.errors"}
+_EXPORTS = {"MetaLearner": "metamtl.learner", "EvalResult": "metamtl.evaluation", "MetamtlError": "metamtl.errors"}
 
 __all__ = ["MetaLearner", "EvalResult", "MetamtlError", "__version__"]
 
 if TYPE_CHECKING:
     from .errors import MetamtlError
-    from .learner import EvalResult, MetaLearner
+    from .evaluation import EvalResult
+    from .learner import MetaLearner
 
 
 def __getattr__(name: str) -> Any:

@@ -1,16 +1,22 @@
 """Callbacks: behaviour added to ``MetaLearner.fit`` through named hooks (Lightning style).
 
-Hooks receive the learner; ``learner.iteration`` is the number of completed meta-iterations.
-One iteration calls, in order::
+Every hook receives the fit's :class:`FitState`, a typed object that says where training is
+(``state.iteration``, ``state.elapsed``, ``state.iterations``, ``state.val_every``...), gives
+the learner (``state.learner``: model, algorithm, meta-optimizer, ``save``) and takes requests
+(``state.should_stop``, ``state.stopped_by``, ``state.resume_checkpoint``).  One iteration calls,
+in order::
 
     on_iteration_start -> (meta-step) -> on_after_backward -> on_iteration_end(train metrics)
     -> [validation, when due -> on_validation_end(val metrics)] -> on_iteration_complete
 
-``on_fit_start`` / ``on_fit_end`` / ``on_exception`` frame the whole call.  A callback with state
-to resume implements ``state_dict`` / ``load_state_dict``; it is saved in checkpoints under its
-:attr:`Callback.key` and restored *before* ``on_fit_start`` of the resumed call.
-:class:`ModelCheckpoint` runs after all other callbacks and writes ``last.pt`` in
-``on_iteration_complete``, so a checkpoint holds every callback's state for a finished iteration
+``on_fit_start`` / ``on_fit_end`` / ``on_exception`` frame the whole call, and
+``on_results(state, results)`` is called by :func:`metamtl.experiment.run` once the run's
+held-out results are written (reports and loggers hook in there).  A callback with state to
+resume implements ``state_dict`` / ``load_state_dict``; it is saved in checkpoints under its
+:attr:`Callback.key` and restored *before* ``on_fit_start`` of the resumed call.  Callbacks run
+in the order given, except that a higher :attr:`Callback.order` runs later:
+:class:`ModelCheckpoint` (``order = 100``) writes ``last.pt`` in ``on_iteration_complete`` after
+every other callback, so a checkpoint holds every callback's state for a finished iteration
 (including its validation) and a resumed run is bit-identical to an uninterrupted one.
 
 Provided: :class:`History`, :class:`ProgressBar`, :class:`ModelCheckpoint` (last/best),
@@ -19,11 +25,11 @@ and :class:`MetricsLogger` (CSV or JSON lines).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .checkpoint import ensure_writable_dir
 from .errors import CheckpointError, ConfigError, TrainingError, unknown_name
@@ -32,21 +38,77 @@ if TYPE_CHECKING:
     from .learner import MetaLearner
 
 
+@dataclasses.dataclass(eq=False)
+class FitState:
+    """What every callback hook receives: one object per :meth:`MetaLearner.fit` call.
+
+    Read:
+        learner: the :class:`~metamtl.MetaLearner` being trained (model, algorithm,
+            meta-optimizer, ``history``, ``save``).
+        iterations: the iteration ``fit`` trains up to; ``meta_batch_size``: tasks per iteration.
+        val_every: iterations between validations (``None``: no validation in this fit).
+        budget_minutes: the fit's time budget (``None``: none).
+        rank, world_size: this process among those training together (0 and 1 without torchrun).
+        iteration, elapsed, is_main_process: completed meta-iterations, seconds of meta-training
+            (across resumes), whether this is rank 0 (which alone prints and writes files).
+        callbacks: the fit's callbacks, in call order.
+
+    Write:
+        should_stop: set to ``True`` to stop after the current iteration (every rank stops at the
+            same one).
+        stopped_by: why ``fit`` stopped (``"iterations"``, ``"early_stopping"``, ``"budget"``,
+            ``"SIGINT"``, ...); set it with ``should_stop``.
+        resume_checkpoint: where a resumable checkpoint of this fit goes (set by
+            :class:`ModelCheckpoint`); ``fit`` saves there when it is interrupted by a signal.
+    """
+
+    learner: "MetaLearner"
+    iterations: int
+    meta_batch_size: int
+    val_every: int | None = None
+    budget_minutes: float | None = None
+    rank: int = 0
+    world_size: int = 1
+    callbacks: "CallbackList" = dataclasses.field(default_factory=lambda: CallbackList())
+    should_stop: bool = False
+    stopped_by: str | None = None
+    resume_checkpoint: Path | None = None
+
+    @property
+    def iteration(self) -> int:
+        return self.learner.iteration
+
+    @property
+    def elapsed(self) -> float:
+        return self.learner.elapsed
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.rank == 0
+
+
 class Callback:
-    """Base class; override the hooks you need."""
+    """Base class; override the hooks you need (each receives the fit's :class:`FitState`)."""
+
+    #: callbacks with a higher order run later in every hook (stable among equals)
+    order = 0
 
     @property
     def key(self) -> str:
         return type(self).__name__
 
-    def on_fit_start(self, learner: "MetaLearner") -> None: ...
-    def on_iteration_start(self, learner: "MetaLearner") -> None: ...
-    def on_after_backward(self, learner: "MetaLearner") -> None: ...
-    def on_iteration_end(self, learner: "MetaLearner", metrics: dict[str, float]) -> None: ...
-    def on_validation_end(self, learner: "MetaLearner", metrics: dict[str, float]) -> None: ...
-    def on_iteration_complete(self, learner: "MetaLearner") -> None: ...
-    def on_fit_end(self, learner: "MetaLearner") -> None: ...
-    def on_exception(self, learner: "MetaLearner", exc: BaseException) -> None: ...
+    def on_fit_start(self, state: FitState) -> None: ...
+    def on_iteration_start(self, state: FitState) -> None: ...
+    def on_after_backward(self, state: FitState) -> None: ...
+    def on_iteration_end(self, state: FitState, metrics: dict[str, float]) -> None: ...
+    def on_validation_end(self, state: FitState, metrics: dict[str, float]) -> None: ...
+    def on_iteration_complete(self, state: FitState) -> None: ...
+    def on_fit_end(self, state: FitState) -> None: ...
+    def on_exception(self, state: FitState, exc: BaseException) -> None: ...
+
+    def on_results(self, state: FitState, results: dict[str, Any]) -> None:
+        """After :func:`metamtl.experiment.run` wrote the run's results (``results.json``,
+        held-out accuracy, the accuracy-vs-inner-steps curve); may add entries to ``results``."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -55,10 +117,10 @@ class Callback:
 
 
 class CallbackList(Callback):
-    """Calls each hook on every callback in order."""
+    """Calls each hook on every callback, in :attr:`Callback.order` (stable)."""
 
     def __init__(self, callbacks: Iterable[Callback] = ()) -> None:
-        self.callbacks = list(callbacks)
+        self.callbacks = sorted(callbacks, key=lambda cb: cb.order)
 
     def __iter__(self):
         return iter(self.callbacks)
@@ -67,22 +129,35 @@ class CallbackList(Callback):
         for cb in self.callbacks:
             getattr(cb, hook)(*args)
 
-    def on_fit_start(self, learner): self._call("on_fit_start", learner)
-    def on_iteration_start(self, learner): self._call("on_iteration_start", learner)
-    def on_after_backward(self, learner): self._call("on_after_backward", learner)
-    def on_iteration_end(self, learner, metrics): self._call("on_iteration_end", learner, metrics)
-    def on_validation_end(self, learner, metrics): self._call("on_validation_end", learner, metrics)
-    def on_iteration_complete(self, learner): self._call("on_iteration_complete", learner)
-    def on_fit_end(self, learner): self._call("on_fit_end", learner)
-    def on_exception(self, learner, exc): self._call("on_exception", learner, exc)
+    def on_fit_start(self, state): self._call("on_fit_start", state)
+    def on_iteration_start(self, state): self._call("on_iteration_start", state)
+    def on_after_backward(self, state): self._call("on_after_backward", state)
+    def on_iteration_end(self, state, metrics): self._call("on_iteration_end", state, metrics)
+    def on_validation_end(self, state, metrics): self._call("on_validation_end", state, metrics)
+    def on_iteration_complete(self, state): self._call("on_iteration_complete", state)
+    def on_fit_end(self, state): self._call("on_fit_end", state)
+    def on_exception(self, state, exc): self._call("on_exception", state, exc)
+    def on_results(self, state, results): self._call("on_results", state, results)
 
     def state_dict(self) -> dict[str, Any]:
         return {cb.key: cb.state_dict() for cb in self.callbacks if cb.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for cb in self.callbacks:
             if cb.key in state:
                 cb.load_state_dict(state[cb.key])
+
+
+def standard_callbacks(progress: bool = True, checkpoint_dir: str | Path | None = None,
+                       checkpoint_every: int = 100) -> list[Callback]:
+    """What every ``fit`` call uses: :class:`History`, a :class:`ProgressBar` (``progress``) and,
+    with a ``checkpoint_dir``, a :class:`ModelCheckpoint` writing there every ``checkpoint_every``."""
+    cbs: list[Callback] = [History()]
+    if progress:
+        cbs.append(ProgressBar())
+    if checkpoint_dir is not None:
+        cbs.append(ModelCheckpoint(checkpoint_dir, every=checkpoint_every))
+    return cbs
 
 
 class ProgressBar(Callback):
@@ -94,15 +169,13 @@ class ProgressBar(Callback):
         self.avg: dict[str, float] = {}
         self.val: dict[str, float] = {}
 
-    def on_fit_start(self, learner):
+    def on_fit_start(self, state):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(
-            total=learner.fit_state["iterations"], initial=learner.iteration, desc="meta-train",
-            dynamic_ncols=True, disable=not learner.is_main_process,
-        )
+        self.bar = tqdm(total=state.iterations, initial=state.iteration, desc="meta-train",
+                        dynamic_ncols=True, disable=not state.is_main_process)
 
-    def on_iteration_end(self, learner, metrics):
+    def on_iteration_end(self, state, metrics):
         for k in ("loss", "accuracy"):
             if k in metrics and math.isfinite(metrics[k]):
                 old = self.avg.get(k)
@@ -111,7 +184,7 @@ class ProgressBar(Callback):
             self.bar.update(1)
             self.bar.set_postfix(self._postfix(), refresh=False)
 
-    def on_validation_end(self, learner, metrics):
+    def on_validation_end(self, state, metrics):
         self.val = {k: v for k, v in metrics.items() if k in ("val/accuracy", "val/loss")}
         if self.bar is not None:
             self.bar.set_postfix(self._postfix())
@@ -121,13 +194,13 @@ class ProgressBar(Callback):
         out.update({k: f"{v:.3f}" for k, v in self.val.items()})
         return out
 
-    def on_fit_end(self, learner):
+    def on_fit_end(self, state):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
 
-    def on_exception(self, learner, exc):
-        self.on_fit_end(learner)
+    def on_exception(self, state, exc):
+        self.on_fit_end(state)
 
 
 class History(Callback):
@@ -136,16 +209,13 @@ class History(Callback):
     def __init__(self, every: int = 1) -> None:
         self.every = max(1, int(every))
 
-    def on_fit_start(self, learner):
-        self._t0 = time.perf_counter() - learner.fit_state.get("elapsed", 0.0)
+    def on_iteration_end(self, state, metrics):
+        if state.iteration % self.every == 0 or state.iteration == state.iterations:
+            state.learner.history.append({"iteration": state.iteration, "time": state.elapsed,
+                                          **{f"train/{k}": v for k, v in metrics.items()}})
 
-    def on_iteration_end(self, learner, metrics):
-        if learner.iteration % self.every == 0 or learner.iteration == learner.fit_state["iterations"]:
-            learner.history.append({"iteration": learner.iteration, "time": learner.elapsed,
-                                    **{f"train/{k}": v for k, v in metrics.items()}})
-
-    def on_validation_end(self, learner, metrics):
-        learner.history.append({"iteration": learner.iteration, "time": learner.elapsed, **metrics})
+    def on_validation_end(self, state, metrics):
+        state.learner.history.append({"iteration": state.iteration, "time": state.elapsed, **metrics})
 
 
 class ModelCheckpoint(Callback):
@@ -157,6 +227,8 @@ class ModelCheckpoint(Callback):
         monitor: validation metric deciding ``best.pt`` (``None`` disables it).
         mode: ``"max"`` or ``"min"``.
     """
+
+    order = 100  # after every other callback: its checkpoints hold their states for the iteration
 
     def __init__(self, dirpath: str | Path, every: int = 100, monitor: str | None = "val/accuracy", mode: str = "max") -> None:
         self.dirpath = Path(dirpath)
@@ -173,33 +245,34 @@ class ModelCheckpoint(Callback):
     def best_path(self) -> Path:
         return self.dirpath / "best.pt"
 
-    def on_fit_start(self, learner):
-        if learner.is_main_process:
+    def on_fit_start(self, state):
+        state.resume_checkpoint = self.last_path
+        if state.is_main_process:
             ensure_writable_dir(self.dirpath)
 
-    def on_iteration_complete(self, learner):
-        if self.every and learner.iteration % self.every == 0 and learner.is_main_process:
-            learner.save(self.last_path, training_state=True)
+    def on_iteration_complete(self, state):
+        if self.every and state.iteration % self.every == 0 and state.is_main_process:
+            state.learner.save(self.last_path, training_state=True)
 
-    def on_validation_end(self, learner, metrics):
+    def on_validation_end(self, state, metrics):
         value = metrics.get(self.monitor) if self.monitor else None
         if value is None or not math.isfinite(value):
             return
         better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
         if better:
             self.best = float(value)
-            if learner.is_main_process:
-                learner.save(self.best_path, training_state=False)
+            if state.is_main_process:
+                state.learner.save(self.best_path, training_state=False)
 
-    def on_fit_end(self, learner):
-        if learner.is_main_process:
-            learner.save(self.last_path, training_state=True)
+    def on_fit_end(self, state):
+        if state.is_main_process:
+            state.learner.save(self.last_path, training_state=True)
 
-    def on_exception(self, learner, exc):
+    def on_exception(self, state, exc):
         """After too many non-finite steps, keep the last good parameters in ``last.pt``."""
-        if isinstance(exc, TrainingError) and learner.is_main_process:
+        if isinstance(exc, TrainingError) and state.is_main_process:
             try:
-                learner.save(self.last_path, training_state=True)
+                state.learner.save(self.last_path, training_state=True)
                 note = f"the last good parameters are saved in {self.last_path}"
             except CheckpointError as err:
                 note = f"the last good parameters could not be saved: {err}"
@@ -243,7 +316,7 @@ class EarlyStopping(Callback):
         patience: validations without improvement before stopping.
         min_delta: smallest change that counts as an improvement.
 
-    Sets ``learner.should_stop`` and ``learner.fit_state["stopped_by"] = "early_stopping"``;
+    Sets ``state.should_stop`` and ``state.stopped_by = "early_stopping"``;
     :class:`ModelCheckpoint` keeps the best weights in ``best.pt``.
     """
 
@@ -257,19 +330,19 @@ class EarlyStopping(Callback):
         self.best: float | None = None
         self.wait = 0
 
-    def on_fit_start(self, learner):
-        if learner.fit_state.get("val_every") is None:
+    def on_fit_start(self, state):
+        if state.val_every is None:
             raise ConfigError("EarlyStopping needs validation: pass val_tasks to fit (data.val_split in configs)")
 
-    def on_validation_end(self, learner, metrics):
+    def on_validation_end(self, state, metrics):
         value = _monitored(metrics, self.monitor, "EarlyStopping")
         if math.isfinite(value) and _improved(value, self.best, self.mode, self.min_delta):
             self.best, self.wait = value, 0
             return
         self.wait += 1
         if self.wait >= self.patience:
-            learner.should_stop = True
-            learner.fit_state["stopped_by"] = "early_stopping"
+            state.should_stop = True
+            state.stopped_by = "early_stopping"
 
     def state_dict(self):
         return {"best": self.best, "wait": self.wait}
@@ -350,25 +423,25 @@ class LRScheduler(Callback):
             lr = base * self.gamma ** self.reductions
         return max(lr, self.min_lr)
 
-    def _apply(self, learner) -> None:
-        total = self.total or int(learner.fit_state.get("iterations") or 1)
-        progress = learner.elapsed / (60.0 * learner.fit_state["budget_minutes"]) if self.over == "budget" else None
-        for group, base in zip(learner.meta_optimizer.param_groups, self.base):
-            group["lr"] = self.factor_lr(base, learner.iteration, total, progress)
+    def _apply(self, state: FitState) -> None:
+        total = self.total or state.iterations or 1
+        progress = state.elapsed / (60.0 * state.budget_minutes) if self.over == "budget" else None
+        for group, base in zip(state.learner.meta_optimizer.param_groups, self.base):
+            group["lr"] = self.factor_lr(base, state.iteration, total, progress)
 
-    def on_fit_start(self, learner):
+    def on_fit_start(self, state):
         if self.base is None:
-            self.base = [float(g["lr"]) for g in learner.meta_optimizer.param_groups]
-        if self.over == "budget" and not learner.fit_state.get("budget_minutes"):
+            self.base = [float(g["lr"]) for g in state.learner.meta_optimizer.param_groups]
+        if self.over == "budget" and not state.budget_minutes:
             raise ConfigError("a scheduler with over='budget' needs a time budget (fit budget_minutes)")
-        if self.name == "plateau" and learner.fit_state.get("val_every") is None:
+        if self.name == "plateau" and state.val_every is None:
             raise ConfigError("the 'plateau' scheduler needs validation: pass val_tasks to fit")
-        self._apply(learner)
+        self._apply(state)
 
-    def on_iteration_end(self, learner, metrics):
-        self._apply(learner)
+    def on_iteration_end(self, state, metrics):
+        self._apply(state)
 
-    def on_validation_end(self, learner, metrics):
+    def on_validation_end(self, state, metrics):
         if self.name != "plateau":
             return
         value = _monitored(metrics, self.monitor, "the plateau scheduler")
@@ -378,7 +451,7 @@ class LRScheduler(Callback):
         self.wait += 1
         if self.wait >= self.patience:
             self.reductions, self.wait = self.reductions + 1, 0
-            self._apply(learner)
+            self._apply(state)
 
     def state_dict(self):
         return {"base": self.base, "reductions": self.reductions, "best": self.best, "wait": self.wait}
@@ -414,8 +487,8 @@ class MetricsLogger(Callback):
     def key(self) -> str:
         return f"MetricsLogger:{self.path.name}"
 
-    def on_fit_start(self, learner):
-        if not learner.is_main_process:
+    def on_fit_start(self, state):
+        if not state.is_main_process:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -433,10 +506,10 @@ class MetricsLogger(Callback):
         self._fh.flush()
         self.size = self._fh.tell()
 
-    def _write(self, learner, metrics: dict[str, float]) -> None:
+    def _write(self, state: FitState, metrics: dict[str, float]) -> None:
         if self._fh is None:
             return
-        it, t = learner.iteration, round(learner.elapsed, 3)
+        it, t = state.iteration, round(state.elapsed, 3)
         if self.format == "csv":
             text = "".join(f"{it},{t},{k},{v!r}\n" for k, v in metrics.items())
         else:
@@ -444,21 +517,21 @@ class MetricsLogger(Callback):
         self._fh.write(text.encode())
         self._flush()
 
-    def on_iteration_end(self, learner, metrics):
-        if learner.iteration % self.every == 0:
-            self._write(learner, {f"train/{k}": v for k, v in metrics.items()})
+    def on_iteration_end(self, state, metrics):
+        if state.iteration % self.every == 0:
+            self._write(state, {f"train/{k}": v for k, v in metrics.items()})
 
-    def on_validation_end(self, learner, metrics):
-        self._write(learner, metrics)
+    def on_validation_end(self, state, metrics):
+        self._write(state, metrics)
 
-    def on_fit_end(self, learner):
+    def on_fit_end(self, state):
         if self._fh is not None:
             self._flush()
             self._fh.close()
             self._fh = None
 
-    def on_exception(self, learner, exc):
-        self.on_fit_end(learner)
+    def on_exception(self, state, exc):
+        self.on_fit_end(state)
 
     def state_dict(self):
         return {"size": self.size}

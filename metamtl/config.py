@@ -356,11 +356,11 @@ def _check_config(cfg: Config) -> Config:
 def _check_eval(ev: EvalConfig) -> None:
     """Test-time support augmentation and heads of the ``eval`` section."""
     from .heads import build_head
-    from .learner import _support_augment
+    from .inputs import as_support_augment
 
     if ev.support_augment is not None:
         try:
-            _support_augment(ev.support_augment)
+            as_support_augment(ev.support_augment)
         except ConfigError as exc:
             raise ConfigError(f"eval.support_augment: {exc}") from None
     if not ev.heads:
@@ -394,7 +394,7 @@ def _check_components(cfg: Config) -> None:
     from .data.registry import DATASETS
     from .tasks.families import TASK_FAMILIES
     from .errors import unknown_name
-    from .learner import META_OPTIMIZERS
+    from .fit_loop import META_OPTIMIZERS
     from .models.registry import check_model_config
 
     for where, d in [("data", cfg.data)] + [(f"datasets[{i}]", d) for i, d in enumerate(cfg.datasets)]:

@@ -24,7 +24,8 @@ rank; gloo on CPU) and trains so that the result equals a one-process run with t
 * **Validation / evaluation** split episodes across ranks and gather the per-episode results in
   order (:func:`gather_ordered`): the same numbers as one process, ``W`` times faster.
 * **Rank 0 alone** shows progress bars, logs and writes checkpoints.  Resuming: every rank loads
-  the same checkpoint; :func:`sync_start` checks the ranks agree and broadcasts rank 0's weights.
+  the same checkpoint; :meth:`TorchDistributed.sync_start` checks the ranks agree (a fingerprint
+  of config, fit settings and iteration) and broadcasts rank 0's weights.
 * **Failures.** A rank that dies makes torchrun stop the others at once; a rank that hangs makes
   the others fail after ``METAMTL_DIST_TIMEOUT`` seconds (default 600) with a
   :class:`~metamtl.errors.DistributedError`.  Checkpoints are written atomically, so the last one
@@ -38,16 +39,13 @@ import datetime
 import math
 import os
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
 from .checkpoint import config_diff
 from .errors import DistributedError
-
-if TYPE_CHECKING:
-    from .learner import MetaLearner
 
 #: Seconds a collective may wait for the other ranks before failing (``METAMTL_DIST_TIMEOUT``).
 DEFAULT_TIMEOUT = 600.0
@@ -246,30 +244,6 @@ def gather_ordered(rows: Sequence[tuple[int, Any]], what: str = "evaluation gath
     return [value for _, value in sorted(merged, key=lambda r: r[0])]
 
 
-def sync_start(learner: "MetaLearner", fit_settings: dict[str, Any]) -> None:
-    """Check every rank runs the same fit, then give all ranks rank 0's weights.
-
-    Called by ``fit`` after a resume, so ranks that loaded the same checkpoint (or built the
-    same seeded model) start bitwise identical; a rank with another config, fit setting or
-    iteration fails loudly instead of training on silently different terms.
-    """
-    rank, size = world()
-    mine = {"config": learner.config(), "fit": fit_settings, "iteration": learner.iteration,
-            "meta_parameters": [list(p.shape) for p in learner.meta_parameters()]}
-    prints = all_gather_objects(mine, "start-of-fit check")
-    for r, other in enumerate(prints):
-        diff = config_diff(prints[0], other)
-        if diff:
-            raise DistributedError(
-                f"rank {r} does not run the same fit as rank 0 (every rank needs the same config, "
-                "data, seeds and --resume checkpoint):\n  " + "\n  ".join(diff)
-            )
-    with collective("start-of-fit weight broadcast"):
-        for module in (learner.model, learner.algorithm):
-            for tensor in module.state_dict().values():
-                dist.broadcast(tensor, src=0)
-
-
 def reduce_meta_gradients(
     params: Sequence[torch.Tensor], metrics: dict[str, float], weight: float, *, iteration: int = 0
 ) -> dict[str, float]:
@@ -317,3 +291,75 @@ def reduce_meta_gradients(
             sums[key] = sums.get(key, 0.0) + info["weight"] * value
             weights[key] = weights.get(key, 0.0) + info["weight"]
     return {key: sums[key] / weights[key] for key in sums}
+
+
+class ProcessStrategy:
+    """How this process takes part in a fit or an evaluation; this base class: alone.
+
+    The learner hands it only tensors, metrics and fingerprints (plain data describing what a
+    process is about to run), never itself.  :class:`TorchDistributed` is the torchrun version.
+    """
+
+    rank = 0
+    world_size = 1
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, n: int) -> list[int]:
+        """This process's share of ``n`` items (episodes): positions ``rank, rank + W, ...``."""
+        return list(range(self.rank, n, self.world_size))
+
+    def sync_start(self, fingerprint: dict[str, Any], tensors: Sequence[torch.Tensor]) -> None:
+        """Check every process starts the same fit, then give all of them process 0's ``tensors``."""
+
+    def reduce_gradients(self, params: Sequence[torch.Tensor], metrics: dict[str, float], weight: float,
+                         iteration: int = 0) -> dict[str, float]:
+        """Average ``.grad`` of ``params`` and ``metrics`` over processes (``weight``: this one's tasks)."""
+        return metrics
+
+    def any_rank(self, *flags: bool, what: str = "stop-flag all-reduce") -> tuple[bool, ...]:
+        """Each flag OR-ed over all processes, so every process takes the same decision."""
+        return tuple(bool(f) for f in flags)
+
+    def gather_ordered(self, rows: Sequence[tuple[int, Any]], what: str = "evaluation gather") -> list[Any]:
+        """``(index, value)`` rows of every process; the values sorted by index."""
+        return [value for _, value in sorted(rows, key=lambda r: r[0])]
+
+
+class TorchDistributed(ProcessStrategy):
+    """One of ``world_size`` processes of a ``torch.distributed`` process group (see the module docstring)."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+
+    def sync_start(self, fingerprint: dict[str, Any], tensors: Sequence[torch.Tensor]) -> None:
+        prints = all_gather_objects(fingerprint, "start-of-fit check")
+        for r, other in enumerate(prints):
+            diff = config_diff(prints[0], other)
+            if diff:
+                raise DistributedError(
+                    f"rank {r} does not run the same fit as rank 0 (every rank needs the same config, "
+                    "data, seeds and --resume checkpoint):\n  " + "\n  ".join(diff)
+                )
+        with collective("start-of-fit weight broadcast"):
+            for tensor in tensors:
+                dist.broadcast(tensor, src=0)
+
+    def reduce_gradients(self, params, metrics, weight, iteration=0):
+        return reduce_meta_gradients(params, metrics, weight, iteration=iteration)
+
+    def any_rank(self, *flags, what="stop-flag all-reduce"):
+        return any_rank(*flags, what=what)
+
+    def gather_ordered(self, rows, what="evaluation gather"):
+        return gather_ordered(rows, what)
+
+
+def process_strategy(device: str | torch.device = "cpu") -> ProcessStrategy:
+    """Start the process group when launched by torchrun (:func:`init_distributed`) and return
+    this process's strategy: :class:`TorchDistributed`, or :class:`ProcessStrategy` alone."""
+    init_distributed(device)
+    rank, size = world()
+    return TorchDistributed(rank, size) if size > 1 else ProcessStrategy()

@@ -23,7 +23,7 @@ import torch
 
 from . import distributed
 from .algorithms import ALGORITHMS, build_algorithm
-from .callbacks import Callback, EarlyStopping, LRScheduler, MetricsLogger
+from .callbacks import Callback, CallbackList, EarlyStopping, LRScheduler, MetricsLogger
 from .config import Config, DataConfig
 from .data.base import ClassDataset
 from .checkpoint import ensure_writable_dir
@@ -347,7 +347,7 @@ def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
         "name": cfg.name,
         "config": cfg.to_dict(),
         "iterations": learner.iteration,
-        "stopped_by": learner.fit_state.get("stopped_by", "iterations"),
+        "stopped_by": learner.fit_state.stopped_by or "iterations",
         "selected_iteration": selected if selected is not None else learner.iteration,
         "world_size": learner.world_size,
         "train_seconds": train_seconds,
@@ -371,10 +371,7 @@ def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
     if main_process:
         (run_dir / "history.json").write_text(json.dumps(learner.history))
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    for cb in learner.callbacks:
-        finish = getattr(cb, "on_results", None)
-        if finish is not None:
-            finish(learner, results)
+    CallbackList(learner.callbacks).on_results(learner.fit_state, results)
     if cfg.logging.report and main_process:
         try:
             from .reporting.report import write_report

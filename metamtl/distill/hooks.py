@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adaptation import LossContext
-from ..callbacks import Callback
+from ..callbacks import Callback, FitState
 from ..errors import ConfigError, InputError
 from .taps import FeatureTap
 from .teachers import Teacher, as_teacher
@@ -216,7 +216,8 @@ class Distillation(Callback):
         """Learned parameters of the terms (adapters; the teacher is not a sub-module)."""
         return [p for t in self.terms if isinstance(t, nn.Module) for p in t.parameters() if p.requires_grad]
 
-    def on_fit_start(self, learner: "MetaLearner") -> None:
+    def on_fit_start(self, state: FitState) -> None:
+        learner = state.learner
         for term in self.terms:
             teacher = getattr(term, "teacher", None)
             if teacher is not None:
@@ -230,11 +231,11 @@ class Distillation(Callback):
         self._attached = list(self.terms)
         self._lr = self.lr if self.lr is not None else learner.meta_lr
 
-    def on_iteration_start(self, learner: "MetaLearner") -> None:
+    def on_iteration_start(self, state: FitState) -> None:
         for p in self._parameters():
             p.grad = None
 
-    def on_after_backward(self, learner: "MetaLearner") -> None:
+    def on_after_backward(self, state: FitState) -> None:
         # Step here, not at iteration end: checkpoints written at iteration end must see it.
         params = [p for p in self._parameters() if p.grad is not None]
         if not params:
@@ -246,8 +247,8 @@ class Distillation(Callback):
                 self._pending_opt = None
         self.optimizer.step()
 
-    def on_fit_end(self, learner: "MetaLearner") -> None:
-        terms = learner.algorithm.inner.loss_terms
+    def on_fit_end(self, state: FitState) -> None:
+        terms = state.learner.algorithm.inner.loss_terms
         for term in self._attached:
             if term in terms:
                 terms.remove(term)
@@ -255,8 +256,8 @@ class Distillation(Callback):
                 term.release()
         self._attached = []
 
-    def on_exception(self, learner: "MetaLearner", exc: BaseException) -> None:
-        self.on_fit_end(learner)
+    def on_exception(self, state: FitState, exc: BaseException) -> None:
+        self.on_fit_end(state)
 
     def state_dict(self) -> dict[str, Any]:
         adapters = {str(i): t.adapter_state() for i, t in enumerate(self.terms)

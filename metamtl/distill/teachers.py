@@ -13,6 +13,8 @@ is an error.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -145,7 +147,7 @@ class LearnerTeacher(Teacher):
     def to(self, device: torch.device | str) -> "LearnerTeacher":
         self.learner.model.to(device)
         self.learner.algorithm.to(device)
-        self.learner.device = torch.device(device)
+        self.learner.placement = dataclasses.replace(self.learner.placement, device=torch.device(device))
         return self
 
     def _forward(self, ctx: LossContext) -> torch.Tensor:

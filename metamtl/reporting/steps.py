@@ -64,7 +64,7 @@ def episode_curve(learner: Any, episode: Any, steps: Sequence[int]) -> list[floa
     per step count instead.
     """
     alg, model = learner.algorithm, learner.model
-    ep = learner._to_device(episode)
+    ep = learner.placement.batch(episode)
     autocast = learner.autocast
     key = "loss" if learner.task == "regression" else "accuracy"
     was_training = model.training

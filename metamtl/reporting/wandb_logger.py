@@ -5,7 +5,7 @@ Logging never stops training: if W&B fails at any point (not installed, no netwo
 disk full, ...) the logger warns once, switches itself off for the rest of the run, and the
 local history, checkpoints and HTML report carry on as if it had never been there.
 
-What is logged (at ``step = learner.iteration``):
+What is logged (at ``step = state.iteration``):
 
 * ``wandb.init`` config: the full resolved experiment config, the learner's model/algorithm/
   optimizer settings and system info (platform, Python, torch, CPU/GPU, commit);
@@ -35,7 +35,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-from ..callbacks import Callback
+from ..callbacks import Callback, FitState
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
@@ -174,9 +174,9 @@ class WandbLogger(Callback):
         return self.run is not None and not self.failed
 
     # -- hooks --------------------------------------------------------------------------------
-    def on_fit_start(self, learner: "MetaLearner") -> None:
-        if self.run is None and not self.failed and learner.is_main_process:
-            self._safe("init", self._init, learner)
+    def on_fit_start(self, state: FitState) -> None:
+        if self.run is None and not self.failed and state.is_main_process:
+            self._safe("init", self._init, state.learner)
 
     def _init(self, learner: "MetaLearner") -> None:
         import wandb
@@ -200,9 +200,10 @@ class WandbLogger(Callback):
             atexit.register(self.finish)
             self._atexit = True
 
-    def on_iteration_end(self, learner: "MetaLearner", metrics: dict[str, float]) -> None:
-        if not self.active or learner.iteration % self.log_every:
+    def on_iteration_end(self, state: FitState, metrics: dict[str, float]) -> None:
+        if not self.active or state.iteration % self.log_every:
             return
+        learner = state.learner
         row = {f"train/{k}": v for k, v in metrics.items()}
         groups = learner.meta_optimizer.param_groups
         for i, g in enumerate(groups):
@@ -210,21 +211,20 @@ class WandbLogger(Callback):
         row.update(learned_rates(learner.algorithm))
         self._safe("log", self.run.log, _finite(row), step=learner.iteration)
 
-    def on_validation_end(self, learner: "MetaLearner", metrics: dict[str, float]) -> None:
+    def on_validation_end(self, state: FitState, metrics: dict[str, float]) -> None:
         if self.active:
-            self._safe("log", self.run.log, _finite(metrics),
-                       step=learner.iteration)
+            self._safe("log", self.run.log, _finite(metrics), step=state.iteration)
 
-    def on_fit_end(self, learner: "MetaLearner") -> None:
+    def on_fit_end(self, state: FitState) -> None:
         if self.active:
-            summary = {"fit/iterations": learner.iteration, "fit/seconds": learner.elapsed,
-                       "fit/stopped_by": learner.fit_state.get("stopped_by", "iterations")}
+            summary = {"fit/iterations": state.iteration, "fit/seconds": state.elapsed,
+                       "fit/stopped_by": state.stopped_by or "iterations"}
             self._safe("summary", self.run.summary.update, summary)
 
-    def on_exception(self, learner: "MetaLearner", exc: BaseException) -> None:
+    def on_exception(self, state: FitState, exc: BaseException) -> None:
         self.finish(exit_code=1)
 
-    def on_results(self, learner: "MetaLearner", results: Mapping[str, Any]) -> None:
+    def on_results(self, state: FitState, results: Mapping[str, Any]) -> None:
         """Called by :func:`metamtl.experiment.run` after the test evaluation: log and finish."""
         self.log_results(results.get("test", []), checkpoint=results.get("checkpoint"))
         self.finish()
@@ -233,7 +233,7 @@ class WandbLogger(Callback):
     def log_results(self, test: Iterable[Any], checkpoint: str | os.PathLike | None = None) -> None:
         """Per-episode table, summary metrics with CI and (optionally) the checkpoint artifact.
 
-        ``test``: :class:`~metamtl.learner.EvalResult` objects or their ``to_dict()``.
+        ``test``: :class:`~metamtl.EvalResult` objects or their ``to_dict()``.
         """
         if self.active:
             self._safe("results", self._log_results, test, checkpoint)

@@ -30,14 +30,14 @@ class Recorder(Callback):
     def __init__(self):
         self.calls = []
 
-    def on_iteration_end(self, learner, metrics):
-        self.calls.append(("end", learner.iteration))
+    def on_iteration_end(self, state, metrics):
+        self.calls.append(("end", state.iteration))
 
-    def on_validation_end(self, learner, metrics):
-        self.calls.append(("val", learner.iteration))
+    def on_validation_end(self, state, metrics):
+        self.calls.append(("val", state.iteration))
 
-    def on_iteration_complete(self, learner):
-        self.calls.append(("complete", learner.iteration))
+    def on_iteration_complete(self, state):
+        self.calls.append(("complete", state.iteration))
 
 
 def test_hook_order_and_cosine_schedule_with_warmup(toy_tasks):
@@ -71,7 +71,7 @@ class FakeValidation(Callback):
     def __init__(self, values):
         self.values = list(values)
 
-    def on_validation_end(self, learner, metrics):
+    def on_validation_end(self, state, metrics):
         metrics["val/accuracy"] = self.values.pop(0)
 
 
@@ -82,7 +82,7 @@ def test_early_stopping_and_plateau_schedule_follow_validation(toy_tasks):
     learner = make_learner(alg="fomaml", callbacks=[FakeValidation([0.5, 0.6, 0.605, 0.6, 0.59, 0.9]), stop, plateau])
     learner.fit(train, val, iterations=20, meta_batch_size=1, val_every=1, val_episodes=1, progress=False)
     # best 0.6 at validation 2; 0.605 is within min_delta; three without improvement -> stop at 5
-    assert learner.iteration == 5 and learner.fit_state["stopped_by"] == "early_stopping"
+    assert learner.iteration == 5 and learner.fit_state.stopped_by == "early_stopping"
     assert stop.state_dict() == {"best": 0.6, "wait": 3}
     # the plateau scheduler (no min_delta) saw 0.605 as its best, then 2 worse -> one halving
     assert plateau.reductions == 1 and learner.meta_optimizer.param_groups[0]["lr"] == pytest.approx(5e-3)
@@ -98,8 +98,8 @@ class Crash(Callback):
     def __init__(self, at):
         self.at = at
 
-    def on_iteration_start(self, learner):
-        if learner.iteration == self.at:
+    def on_iteration_start(self, state):
+        if state.iteration == self.at:
             raise KeyboardInterrupt
 
 
@@ -227,7 +227,7 @@ def test_cosine_over_the_time_budget(toy_tasks, monkeypatch):
     monkeypatch.setattr(MetaLearner, "elapsed", property(lambda self: 15.0 * next(clock)))  # 15 s per call
     learner.fit(toy_tasks[0], iterations=100, meta_batch_size=1, progress=False, budget_minutes=1.0)
     lrs = [r["train/lr"] for r in learner.history]
-    assert learner.fit_state["stopped_by"] == "budget" and len(lrs) < 10
+    assert learner.fit_state.stopped_by == "budget" and len(lrs) < 10
     assert lrs[0] == pytest.approx(1e-2) and all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 1e-2
     with pytest.raises(ConfigError, match="needs a time budget"):
         make_learner(alg="fomaml").fit(toy_tasks[0], iterations=1, meta_batch_size=1, progress=False,

@@ -20,7 +20,7 @@ import torch
 
 from metamtl import MetaLearner
 from metamtl.algorithms import build_algorithm
-from metamtl.callbacks import Callback
+from metamtl.callbacks import Callback, FitState
 from metamtl.data import ClassDataset, Preprocessing
 from metamtl.errors import DistributedError
 from metamtl.models import build_model
@@ -55,18 +55,18 @@ class Faults(Callback):
     def __init__(self, faults: dict[str, list[int]]) -> None:
         self.faults = faults
 
-    def _due(self, learner: MetaLearner, kind: str) -> bool:
+    def _due(self, state: FitState, kind: str) -> bool:
         f = self.faults.get(kind)
-        return f is not None and learner.rank == f[0] and learner.iteration == f[1]
+        return f is not None and state.rank == f[0] and state.iteration == f[1]
 
-    def on_iteration_end(self, learner, metrics):
-        if self._due(learner, "kill"):
+    def on_iteration_end(self, state, metrics):
+        if self._due(state, "kill"):
             os.kill(os.getpid(), signal.SIGKILL)
-        if self._due(learner, "hang"):
-            print(f"rank {learner.rank}: hanging at iteration {learner.iteration}", file=sys.stderr, flush=True)
+        if self._due(state, "hang"):
+            print(f"rank {state.rank}: hanging at iteration {state.iteration}", file=sys.stderr, flush=True)
             time.sleep(600)
-        if self._due(learner, "stop"):
-            learner.should_stop = True
+        if self._due(state, "stop"):
+            state.should_stop = True
 
 
 def poison_gradients(learner: MetaLearner, rank: int, iteration: int) -> None:

@@ -204,8 +204,8 @@ def test_get_tasksets_triple_trains_and_evaluates(l2l, data_root):
 
 
 class GradCapture(Callback):
-    def on_after_backward(self, learner):
-        self.grads = {n: p.grad.detach().clone() for n, p in learner.model.named_parameters()}
+    def on_after_backward(self, state):
+        self.grads = {n: p.grad.detach().clone() for n, p in state.learner.model.named_parameters()}
 
 
 @pytest.mark.parametrize("name,first_order", [("maml", False), ("fomaml", True)])

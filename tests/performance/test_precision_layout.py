@@ -38,7 +38,7 @@ def batch(tasks=3, ways=4, shots=2, queries=3, seed=0):
 def step_grads(learner, b):
     learner.meta_optimizer.zero_grad(set_to_none=True)
     with learner.autocast():
-        metrics = learner.algorithm.meta_step(learner.model, learner._to_device(b))
+        metrics = learner.algorithm.meta_step(learner.model, learner.placement.batch(b))
     return [p.grad.detach().clone() for p in learner.meta_parameters()], metrics
 
 
@@ -61,7 +61,7 @@ def test_channels_last_gives_the_nchw_meta_gradients(name, settings, float64):
     convs = [p for p in nhwc.model.parameters() if p.dim() == 4]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
     assert not all(p.is_contiguous() for p in convs)  # really NHWC, not a no-op
-    moved = nhwc._to_device(batch())
+    moved = nhwc.placement.batch(batch())
     assert moved[0].query_x.is_contiguous(memory_format=torch.channels_last)
     rg, rm = step_grads(ref, batch())
     og, om = step_grads(nhwc, batch())
@@ -153,7 +153,7 @@ def test_fast_path_keeps_adapted_conv_weights_channels_last(in_channels):
     eps = TaskBatch([Episode(torch.rand(8, in_channels, 16, 16, generator=g), torch.arange(4).repeat(2),
                              torch.rand(8, in_channels, 16, 16, generator=g), torch.arange(4).repeat(2), 4, 2, 2)
                      for _ in range(2)])
-    sx, sy, qx, qy = learner._to_device(eps).stack()
+    sx, sy, qx, qy = learner.placement.batch(eps).stack()
     engine = select_engine(learner.algorithm.inner, learner.model)
     adapted = engine.adapt(learner.model, sx, sy, 4, create_graph=True)
     for params in adapted.trajectory:

@@ -187,8 +187,8 @@ class SendSignal(Callback):
     def __init__(self, at: int, *signums: int) -> None:
         self.at, self.signums = at, signums
 
-    def on_iteration_end(self, learner, metrics):
-        if learner.iteration == self.at:
+    def on_iteration_end(self, state, metrics):
+        if state.iteration == self.at:
             for signum in self.signums:
                 os.kill(os.getpid(), signum)
 
@@ -214,7 +214,7 @@ def test_sigterm_in_python_saves_last_pt_and_resume_is_exact(tmp_path, tasks):
     resumed.fit(tasks, iterations=6, meta_batch_size=2, progress=False, resume=exc.checkpoint)
     for a, b in zip(reference.model.parameters(), resumed.model.parameters()):
         assert torch.equal(a, b)
-    assert "stopped_by" not in resumed.fit_state
+    assert resumed.fit_state.stopped_by == "iterations"  # not the interrupted fit's SIGTERM
 
 
 def test_without_checkpoint_dir_the_interrupt_checkpoint_goes_to_the_working_folder(tmp_path, tasks, monkeypatch):
@@ -289,9 +289,9 @@ class PoisonGradients(Callback):
     def __init__(self, bad: set[int]) -> None:
         self.bad = bad
 
-    def on_after_backward(self, learner):
-        if learner.iteration + 1 in self.bad:
-            next(iter(learner.model.parameters())).grad.fill_(float("nan"))
+    def on_after_backward(self, state):
+        if state.iteration + 1 in self.bad:
+            next(iter(state.learner.model.parameters())).grad.fill_(float("nan"))
 
 
 def test_isolated_non_finite_steps_are_skipped_and_training_goes_on(tasks):

@@ -148,9 +148,11 @@ def test_report_and_wandb_handle_multi_dataset_and_skipped_rows(tiny_run, tmp_pa
     logger = WandbLogger(mode="offline", run_dir=tmp_path / "wb", name="multi")
     from metamtl import MetaLearner
 
-    learner = MetaLearner.load(copy / "learner.pt", device="cpu")
-    logger.on_fit_start(learner)
-    logger.on_results(learner, res)
+    from metamtl.callbacks import FitState
+
+    state = FitState(MetaLearner.load(copy / "learner.pt", device="cpu"), iterations=0, meta_batch_size=1)
+    logger.on_fit_start(state)
+    logger.on_results(state, res)
     run = read_offline_run(tmp_path / "wb")
     assert run.summary["test/omniglot/5w2s/accuracy"] == pytest.approx(res["test"][1]["accuracy"])
     assert not any(k.startswith("test/omniglot/50w") for k in run.summary)

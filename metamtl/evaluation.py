@@ -1,0 +1,191 @@
+"""Evaluation: mean query accuracy (and loss) over fixed episodes, with 95% confidence intervals.
+
+:func:`evaluate_episodes` is the loop behind :meth:`MetaLearner.evaluate
+<metamtl.MetaLearner.evaluate>`: it scores a chunk of episodes at a time (so an algorithm may
+adapt them together), splits the episodes across processes and gathers the per-episode results
+in order, so every process gets the single-process numbers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .distributed import ProcessStrategy
+from .errors import ConfigError
+from .heads import ALGORITHM
+from .inputs import check_task_source, with_support_copies
+from .placement import Placement
+from .tasks.episode import Episode
+from .tasks.sampler import TaskSource
+
+#: episodes handed to ``Algorithm.evaluate_episodes`` at once
+EVAL_CHUNK = 50
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """Mean query accuracy (and loss) over evaluation episodes, with 95% confidence intervals.
+
+    ``accuracy`` and ``ci95`` are fractions (0.973 means 97.3%); ``ci95`` is
+    ``1.96 * std / sqrt(episodes)``.  For regression tasks ``accuracy`` is ``None`` and ``loss``
+    is the mean squared error.  ``hierarchy`` is the task source's superclass setting (episodes
+    within one superclass, see :class:`~metamtl.tasks.EpisodeSampler`), ``None`` for random classes.
+    ``head`` names what classified the queries (``"algorithm"``: the algorithm's own adaptation,
+    else a :mod:`metamtl.heads` feature head); ``transductive`` is true when the head used the
+    whole query set of each task: such results must not be compared with inductive ones.
+    """
+
+    accuracy: float | None
+    ci95: float | None
+    loss: float
+    loss_ci95: float
+    episodes: int
+    ways: int
+    shots: int
+    queries: int
+    steps: int
+    per_episode_accuracy: list[float] = dataclasses.field(default_factory=list, repr=False)
+    per_episode_loss: list[float] = dataclasses.field(default_factory=list, repr=False)
+    hierarchy: Any = None
+    head: str = ALGORITHM
+    transductive: bool = False
+
+    def __str__(self) -> str:
+        setting = f"{self.ways}-way {self.shots}-shot" if self.accuracy is not None else f"{self.shots}-shot regression"
+        if self.hierarchy is not None:
+            setting += " within one superclass"
+        if self.head != ALGORITHM:
+            setting += f", head {self.head}" + (" (TRANSDUCTIVE)" if self.transductive else "")
+        if self.accuracy is None:
+            return f"MSE {self.loss:.4f} ± {self.loss_ci95:.4f} ({setting}, {self.episodes} episodes)"
+        return (
+            f"accuracy {100 * self.accuracy:.2f}% ± {100 * self.ci95:.2f}% "
+            f"({setting}, {self.episodes} episodes, 95% CI)"
+        )
+
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        out = {f"{prefix}loss": self.loss, f"{prefix}loss_ci95": self.loss_ci95}
+        if self.accuracy is not None:
+            out.update({f"{prefix}accuracy": self.accuracy, f"{prefix}accuracy_ci95": self.ci95})
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and 95% confidence half-width ``1.96 * std / sqrt(n)`` (``nan`` for no values)."""
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.size == 0:
+        return float("nan"), float("nan")
+    std = arr.std(ddof=1) if arr.size > 1 else 0.0
+    return float(arr.mean()), float(1.96 * std / math.sqrt(arr.size))
+
+
+def episode_reader(tasks: TaskSource | Sequence[Episode], episodes: int = 600, *, ways: int | None = None,
+                   shots: int | None = None, queries: int | None = None,
+                   start: int = 0) -> tuple[Callable[[int], Episode], int]:
+    """``(episode_at, n)``: the ``n`` episodes to evaluate, ``episode_at(i)`` for ``i < n``.
+
+    ``tasks`` is a list of episodes, or a task source whose episodes ``start .. start+episodes-1``
+    are used (in another ways/shots/queries setting when given).
+    """
+    if isinstance(tasks, (list, tuple)):
+        if not all(isinstance(e, Episode) for e in tasks):
+            raise ConfigError("evaluate needs a task source or a list of Episode objects")
+        return tasks.__getitem__, len(tasks)
+    check_task_source("tasks", tasks)
+    if any(v is not None for v in (ways, shots, queries)):
+        if not hasattr(tasks, "with_settings"):
+            raise ConfigError(f"{type(tasks).__name__} cannot change ways/shots/queries")
+        kw = {k: v for k, v in dict(ways=ways, shots=shots, queries=queries).items() if v is not None}
+        tasks = tasks.with_settings(**kw)
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise ConfigError(f"episodes must be an integer >= 1, got {episodes!r}")
+    return (lambda i: tasks.episode(start + i)), episodes
+
+
+def evaluate_episodes(score: Callable[[list[Episode]], list[dict[str, float]]], model: nn.Module,
+                      episode_at: Callable[[int], Episode], n: int, steps: int, *, placement: Placement,
+                      strategy: ProcessStrategy, check: Callable[[Episode], None], progress: bool = True,
+                      support_augment: Any = None, **fields: Any) -> EvalResult:
+    """Score episodes ``0..n-1`` (this process's share, then gathered) with ``score``, which gets a
+    chunk of episodes as model input (the algorithm may adapt them together) and returns their
+    query metrics.
+
+    ``support_augment``: a :class:`~metamtl.data.augment.SupportAugment` adding augmented copies
+    to every support set (episode ``i``'s drawn from its seed and ``i``), or ``None``;
+    ``fields``: recorded in the result (``hierarchy``, ``head``, ``transductive``).
+    """
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    rows: list[tuple[int, tuple[dict[str, float], tuple[int, int, int]]]] = []
+    mine = strategy.shard(n)
+    bar = tqdm(total=len(mine), desc="evaluate", leave=False,
+               disable=not progress or not strategy.is_main_process, dynamic_ncols=True)
+    try:  # a chunk of episodes at a time: the algorithm may adapt them together (fast path)
+        for lo in range(0, len(mine), EVAL_CHUNK):
+            part = mine[lo:lo + EVAL_CHUNK]
+            eps = [episode_at(i) for i in part]
+            for ep in eps:
+                check(ep)
+            with placement.autocast():
+                metrics = score([with_support_copies(placement.batch(e), support_augment) for e in eps])
+            rows += [(i, (m, (e.ways, e.shots, e.queries))) for i, e, m in zip(part, eps, metrics)]
+            bar.update(len(part))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return summarize(strategy.gather_ordered(rows), steps, **fields)
+
+
+def hierarchy_of(tasks: Any) -> Any:
+    """A source's superclass setting for results (a mapping is summarised by its size)."""
+    h = getattr(tasks, "hierarchy", None)
+    return f"mapping of {len(h)} classes" if isinstance(h, dict) else h
+
+
+def summarize(results: list[tuple[dict[str, float], tuple[int, int, int]]], steps: int,
+              **fields: Any) -> EvalResult:
+    """One :class:`EvalResult` from per-episode ``(metrics, (ways, shots, queries))`` rows."""
+    if not results:
+        raise ConfigError("no episodes to evaluate")
+    losses = [m["loss"] for m, _ in results]
+    accs = [m["accuracy"] for m, _ in results if "accuracy" in m]
+    acc, ci = mean_ci95(accs) if accs else (None, None)
+    loss, loss_ci = mean_ci95(losses)
+    return EvalResult(acc, ci, loss, loss_ci, len(losses), *results[0][1], int(steps), accs, losses, **fields)
+
+
+def mean_feature(trunk: nn.Module, data: Any, placement: Placement, max_images: int = 10_000,
+                 batch_size: int = 256) -> torch.Tensor:
+    """Mean trunk feature over at most ``max_images`` (a seeded random subset) of a dataset's images."""
+    rows = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:max_images]
+    total = None
+    for lo in range(0, len(rows), batch_size):
+        x = data.images.index_select(0, rows[lo:lo + batch_size])
+        x = data.preprocessing.normalize(x) if data.preprocessing is not None else x.float()
+        with torch.no_grad(), placement.autocast():
+            part = trunk(placement.model_input(x)).float().sum(0)
+        total = part if total is None else total + part
+    return (total / len(rows)).cpu()
+
+
+def feature_means(trunk: nn.Module, source: Any, placement: Placement, max_images: int = 10_000,
+                  batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Mean trunk feature of each training dataset (by name) of ``source``: an ``EpisodeSampler``,
+    a ``MixedTasks`` of them (one mean per dataset) or a ``ClassDataset``."""
+    out = {}
+    for src in getattr(source, "sources", [source]):
+        data = getattr(src, "dataset", src)
+        if not hasattr(data, "images") or not hasattr(data, "preprocessing"):
+            raise ConfigError(f"compute_feature_mean needs training tasks or a ClassDataset, got {type(src).__name__}")
+        out[getattr(src, "name", data.name)] = mean_feature(trunk, data, placement, max_images, batch_size)
+    return out

@@ -1,0 +1,206 @@
+"""The fit loop behind :meth:`MetaLearner.fit <metamtl.MetaLearner.fit>` (a Lightning-style trainer).
+
+:class:`FitLoop` owns the iteration: it draws meta-batches, runs one guarded meta-step
+(:class:`MetaStep`), validates when due, dispatches the callbacks' hooks with the run's
+:class:`~metamtl.callbacks.FitState`, and decides when to stop (iterations done, a callback's
+request, the time budget, SIGINT/SIGTERM) the same way on every process.
+
+:class:`MetaStep` is one meta-optimizer step: the algorithm's meta-gradient, averaged across
+processes, skipped with a warning when it is not finite (an error after ``max_bad_steps`` in a
+row), clipped to ``grad_clip`` and applied.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import torch
+
+from .callbacks import CallbackList, FitState
+from .heads import ALGORITHM
+from .errors import CheckpointError, ConfigError, FitInterrupted, TrainingError, unknown_name
+from .interrupt import StopOnSignal, signal_name
+from .tasks.episode import TaskBatch
+from .tasks.sampler import TaskSource, task_batches
+
+if TYPE_CHECKING:
+    from .learner import MetaLearner
+
+#: Where ``fit`` saves a resumable checkpoint on SIGINT/SIGTERM when no callback names one.
+INTERRUPT_CHECKPOINT = Path("metamtl-interrupted.pt")
+
+META_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+}
+
+
+def build_meta_optimizer(name: str, params: list[torch.nn.Parameter], lr: float,
+                         kwargs: dict[str, Any] | None = None) -> torch.optim.Optimizer:
+    """The meta-optimizer ``name`` (a key of :data:`META_OPTIMIZERS`) over ``params``."""
+    if name not in META_OPTIMIZERS:
+        raise unknown_name("meta optimizer", name, META_OPTIMIZERS)
+    try:
+        return META_OPTIMIZERS[name](params, lr=lr, **dict(kwargs or {}))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"bad meta_optimizer_kwargs for {name!r}: {exc}") from None
+
+
+class MetaStep:
+    """One meta-optimizer step with non-finite skipping and global-norm clipping.
+
+    Args:
+        learner: whose model, algorithm, meta-optimizer, placement and run state are used.
+        max_bad_steps: consecutive non-finite meta-gradients tolerated before :class:`TrainingError`.
+        grad_clip: clip the meta-gradient to this global norm (``None``: no clipping).
+        after_backward: called once ``.grad`` holds the (averaged) meta-gradient.
+    """
+
+    def __init__(self, learner: "MetaLearner", after_backward: Callable[[], None] = lambda: None) -> None:
+        self.learner = learner
+        self.after_backward = after_backward
+
+    def __call__(self, batch: TaskBatch) -> dict[str, float]:
+        ln = self.learner
+        ln.model.train()
+        ln.meta_optimizer.zero_grad(set_to_none=True)
+        with ln.placement.autocast():
+            metrics = ln.algorithm.meta_step(ln.model, batch)
+        metrics = ln.strategy.reduce_gradients(ln.meta_parameters(), metrics, len(batch), iteration=ln.iteration)
+        self.after_backward()
+        params = [p for p in ln.meta_parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        if not (bool(torch.isfinite(norm)) and math.isfinite(metrics.get("loss", 0.0))):
+            return self._skip(metrics)
+        ln.run.bad_steps = 0
+        if ln.grad_clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, ln.grad_clip, norm)
+        ln.meta_optimizer.step()
+        metrics["grad_norm"] = float(norm)
+        metrics["lr"] = float(ln.meta_optimizer.param_groups[0]["lr"])
+        return metrics
+
+    def _skip(self, metrics: dict[str, float]) -> dict[str, float]:
+        ln = self.learner
+        ln.run.bad_steps += 1
+        ln.meta_optimizer.zero_grad(set_to_none=True)
+        warnings.warn(
+            f"iteration {ln.iteration + 1}: non-finite loss or meta-gradient; step skipped "
+            f"({ln.run.bad_steps}/{ln.max_bad_steps} consecutive)", RuntimeWarning, stacklevel=3,
+        )
+        if ln.run.bad_steps >= ln.max_bad_steps:
+            raise TrainingError(
+                f"{ln.run.bad_steps} consecutive non-finite meta-gradients; stopping with the last "
+                "good parameters. Lower the learning rates or enable grad_clip."
+            )
+        return {**metrics, "skipped": 1.0}
+
+
+class FitLoop:
+    """Iterate meta-batches until done; see the module docstring.
+
+    Args:
+        learner: the learner being trained.
+        state: this fit's :class:`~metamtl.callbacks.FitState` (handed to every hook).
+        callbacks: the hooks, in call order.
+        train_tasks, val_tasks: task sources; ``val_episodes`` fixed episodes are evaluated every
+            ``state.val_every`` iterations (and after the last one).
+        num_workers: DataLoader workers building episodes.
+    """
+
+    def __init__(self, learner: "MetaLearner", state: FitState, callbacks: CallbackList, train_tasks: TaskSource,
+                 val_tasks: TaskSource | None = None, val_episodes: int = 100, num_workers: int = 0) -> None:
+        self.learner, self.state, self.callbacks = learner, state, callbacks
+        self.train_tasks, self.val_tasks, self.val_episodes = train_tasks, val_tasks, val_episodes
+        self.num_workers = num_workers
+        self.step = MetaStep(learner, after_backward=lambda: callbacks.on_after_backward(state))
+
+    def run(self) -> None:
+        """Train from ``learner.iteration`` to ``state.iterations`` (or an earlier stop)."""
+        ln, state, cbs = self.learner, self.state, self.callbacks
+        batches = self._batches()
+        signals = StopOnSignal(lambda: ln.iteration).install()  # Ctrl-C / SIGTERM: stop cleanly
+        ln.run.start_clock()
+        try:
+            cbs.on_fit_start(state)
+            while ln.iteration < state.iterations and not self._stop_after_iteration(next(batches), signals):
+                pass
+            if signals.requested:
+                raise self.interrupted(signals.signum)
+            state.stopped_by = state.stopped_by or "iterations"
+            cbs.on_fit_end(state)
+        except BaseException as exc:
+            cbs.on_exception(state, exc)
+            raise
+        finally:
+            signals.restore()
+            ln.run.stop_clock()
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+
+    def _batches(self) -> Iterator[TaskBatch]:
+        ln = self.learner
+        return task_batches(
+            self.train_tasks, self.state.meta_batch_size, start_batch=ln.iteration, num_workers=self.num_workers,
+            rank=ln.strategy.rank, world_size=ln.strategy.world_size, pin_memory=ln.placement.device.type == "cuda",
+        )
+
+    def _stop_after_iteration(self, batch: TaskBatch, signals: StopOnSignal) -> bool:
+        """One iteration (meta-step, validation when due, hooks); whether fit stops after it."""
+        ln, state, cbs = self.learner, self.state, self.callbacks
+        for episode in batch:
+            ln.check_episode(episode, "fit")
+        batch = ln.placement.batch(batch, non_blocking=True)
+        cbs.on_iteration_start(state)
+        metrics = self.step(batch)
+        ln.run.iteration += 1
+        cbs.on_iteration_end(state, metrics)
+        if self._validation_due():
+            result = ln.evaluate(self.val_tasks, self.val_episodes, progress=False, head=ALGORITHM)
+            cbs.on_validation_end(state, result.metrics("val/"))
+        cbs.on_iteration_complete(state)
+        return self._stop_vote(signals)
+
+    def _validation_due(self) -> bool:
+        it, every = self.learner.iteration, self.state.val_every
+        return self.val_tasks is not None and every is not None and (it % every == 0 or it == self.state.iterations)
+
+    def _stop_vote(self, signals: StopOnSignal) -> bool:
+        """Stop requests of every process OR-ed, so all stop after the same iteration."""
+        state = self.state
+        budget = state.budget_minutes
+        out_of_time = budget is not None and self.learner.elapsed >= 60.0 * budget
+        stop, out_of_time, interrupted = self.learner.strategy.any_rank(
+            state.should_stop, out_of_time, signals.requested, what=f"stop check (iteration {self.learner.iteration})")
+        state.should_stop = stop
+        if interrupted:
+            raise self.interrupted(signals.signum or signal.SIGTERM)
+        if out_of_time:
+            state.stopped_by = "budget"
+        return stop or out_of_time
+
+    def interrupted(self, signum: int) -> FitInterrupted:
+        """After a stop signal: save a resumable checkpoint, return the exception fit raises.
+
+        The checkpoint goes to ``state.resume_checkpoint`` (set by a checkpoint callback such as
+        :class:`~metamtl.callbacks.ModelCheckpoint`) or, without one, :data:`INTERRUPT_CHECKPOINT`.
+        """
+        ln, state = self.learner, self.state
+        name = signal_name(signum)
+        state.stopped_by = name
+        path, note = None, ""
+        if ln.is_main_process:
+            try:
+                path = ln.save(state.resume_checkpoint or INTERRUPT_CHECKPOINT, training_state=True)
+                note = (f"; resumable checkpoint: {path} (continue with fit(..., resume='{path}') or "
+                        f"`metamtl fit CONFIG --resume {path}`)")
+            except CheckpointError as exc:
+                note = f"; the checkpoint could not be written: {exc}"
+        return FitInterrupted(f"{name} received: meta-training stopped after iteration {ln.iteration}{note}",
+                              signum, ln.iteration, path)
+

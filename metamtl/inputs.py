@@ -1,0 +1,166 @@
+"""What a learner accepts: inputs and labels for ``adapt``/``predict``, episodes, argument checks.
+
+Every function here raises a :mod:`metamtl.errors` error naming what was wrong and how to fix
+it, before any parameter changes, so a learner stays usable after bad input.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data.augment import SupportAugment
+from .data.base import Preprocessing
+from .errors import ConfigError, InputError
+from .models.backbones import TrunkHead
+from .placement import Placement
+from .tasks.episode import Episode
+from .tasks.sampler import TaskSource, episode_generator
+
+TASK_TYPES = ("classification", "regression")
+
+
+def preprocess(images: Any, preprocessing: Preprocessing | None) -> torch.Tensor:
+    """Raw images (PIL images or arrays, one or a list) -> model input ``[N, C, H, W]``."""
+    if preprocessing is None:
+        raise ConfigError(
+            "this learner has no preprocessing: pass preprocessing=dataset.preprocessing when "
+            "creating it (the CLI does), or give model-ready float tensors"
+        )
+    return preprocessing(images)
+
+
+def model_input(x: Any, what: str, *, model: TrunkHead, placement: Placement,
+                preprocessing: Preprocessing | None) -> torch.Tensor:
+    """``x`` as model input on the learner's device.
+
+    ``x`` may be model input (a float tensor), stored ``uint8`` images, or raw images (PIL images
+    or arrays), which are preprocessed; float arrays are taken as model input when there is no
+    preprocessing (e.g. regression).
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype == torch.uint8:
+        if preprocessing is None and isinstance(x, np.ndarray) and x.dtype != np.uint8:
+            x = torch.as_tensor(x, dtype=torch.float32)
+        else:
+            x = preprocess(x, preprocessing)
+    elif not x.is_floating_point():
+        raise InputError(f"{what} must be float model input, uint8 images or raw images; got {x.dtype}")
+    x = placement.model_input(x)
+    try:
+        model.check_input(x)
+    except InputError as exc:
+        raise InputError(
+            f"{what}: {exc}; give raw images (PIL images or arrays, preprocessed like the training "
+            "data) or the output of MetaLearner.preprocess()"
+        ) from None
+    if not torch.isfinite(x).all():
+        raise InputError(f"{what} contains NaN or infinite values")
+    return x
+
+
+def support_labels(y: Any, n: int, task: str, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Support labels as a tensor on ``device`` and the number of ways (1 for regression).
+
+    Classification labels must be the integers ``0..N-1``, every class with a support example;
+    regression targets are ``[n]`` or ``[n, d]`` floats.
+    """
+    try:
+        y = torch.as_tensor(y, device=device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InputError(f"support_y must be labels 0..N-1 (a list, array or tensor of integers), got {y!r:.80}: {exc}") from None
+    if y.dim() != 1 and not (task == "regression" and y.dim() == 2):
+        raise InputError(f"support_y must be a 1-D tensor of labels, got shape {list(y.shape)}")
+    if y.shape[0] != n:
+        raise InputError(f"support_x has {n} examples but support_y has {y.shape[0]} labels")
+    if task == "regression":
+        return y.float().view(n, -1), 1
+    if y.is_floating_point() and not bool((y == y.round()).all()):
+        raise InputError("support_y must hold integer class labels 0..N-1")
+    y = y.long()
+    if n == 0 or int(y.min()) < 0:
+        raise InputError(f"support labels must be integers in 0..N-1, got {sorted(set(y.tolist()))}")
+    ways = int(y.max()) + 1
+    missing = sorted(set(range(ways)) - set(y.tolist()))
+    if missing:
+        raise InputError(
+            f"support labels must cover every class 0..{ways - 1}; class(es) {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''} have no "
+            "support example (relabel classes to 0..N-1)"
+        )
+    return y, ways
+
+
+def check_episode(episode: Any, what: str, *, task: str, model: TrunkHead) -> None:
+    """Refuse, with a clear message, an episode a learner for ``task`` on ``model`` cannot use."""
+    if not isinstance(episode, Episode):
+        raise InputError(f"{what}: the task source returned {type(episode).__name__}, not an Episode")
+    where = f"{what}: episode {episode.index}" + (f" of {episode.dataset!r}" if episode.dataset else "")
+    episode.validate()
+    if episode.task != task:
+        raise InputError(f"{where} is a {episode.task} task but this learner does {task}")
+    if episode.query_x.shape[0] == 0:
+        raise InputError(f"{where} has no query examples; {what} needs queries >= 1 per class "
+                         "(the query loss is what meta-training optimises and evaluation measures)")
+    try:
+        model.check_input(episode.support_x)
+    except InputError as exc:
+        raise InputError(
+            f"{where}: the data does not fit the model: {exc}. Build the model for this data "
+            "(e.g. conv4 in_channels/image_size) or load the data at the model's size (image_size=)"
+        ) from None
+
+
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """``value`` if it is an integer >= ``minimum``, else :class:`ConfigError`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_steps(steps: Any) -> None:
+    """Inner steps: ``None`` (the algorithm's default) or an integer >= 0."""
+    if steps is not None:
+        check_int("steps", steps, 0)
+
+
+def check_task_source(name: str, tasks: Any) -> None:
+    """:class:`ConfigError` unless ``tasks`` is a task source (``.episode(index)``, ways/shots/queries)."""
+    if not isinstance(tasks, TaskSource):
+        hint = " (wrap it: EpisodeSampler(dataset, ways, shots, queries))" if hasattr(tasks, "class_counts") else ""
+        raise ConfigError(
+            f"{name} must be a task source with .episode(index) and ways/shots/queries, such as "
+            f"metamtl.tasks.EpisodeSampler; got {type(tasks).__name__}{hint}"
+        )
+
+
+def as_support_augment(spec: Any) -> SupportAugment | None:
+    """A :class:`SupportAugment` from itself, its settings mapping, or ``None``/``False`` (none)."""
+    if spec is None or spec is False:
+        return None
+    if isinstance(spec, SupportAugment):
+        return spec
+    if not isinstance(spec, dict):
+        raise ConfigError(f"support_augment must be a mapping such as {{copies: 5, augment: {{name: affine}}}}, "
+                          f"a SupportAugment or null; got {spec!r}")
+    unknown = sorted(set(spec) - {"augment", "copies", "seed"})
+    if unknown:
+        raise ConfigError(f"unknown support_augment key {unknown[0]!r}; valid keys: augment, copies, seed")
+    return SupportAugment(**spec)
+
+
+def support_copies(x: torch.Tensor, y: torch.Tensor, tta: SupportAugment | None,
+                   index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The support set with ``tta``'s augmented copies (drawn from its seed and ``index``)."""
+    if tta is None:
+        return x, y
+    return tta.expand(x, y, episode_generator(tta.seed, max(index, 0), stream=3))
+
+
+def with_support_copies(episode: Episode, tta: SupportAugment | None) -> Episode:
+    """``episode`` (model input) with :class:`SupportAugment` copies in its support set."""
+    if tta is None:
+        return episode
+    x, y = support_copies(episode.support_x, episode.support_y, tta, episode.index)
+    return dataclasses.replace(episode, support_x=x, support_y=y, shots=episode.shots * tta.copies)

@@ -1,0 +1,64 @@
+"""What :meth:`MetaLearner.adapt <metamtl.MetaLearner.adapt>` returns: a learner adapted to one
+support set, called on query inputs to get logits (:class:`AdaptedPredictor`), or a feature head
+on that support set's trunk features (:class:`HeadPredictor`)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .adaptation import Adapted
+from .heads import FeatureHead, query_features
+
+if TYPE_CHECKING:
+    from .learner import MetaLearner
+
+
+class AdaptedPredictor:
+    """A learner adapted to one support set. Call it on query inputs to get logits."""
+
+    #: whether a prediction depends on the other queries passed in the same call
+    transductive = False
+
+    def __init__(self, learner: "MetaLearner", adapted: Adapted, ways: int) -> None:
+        self.learner, self.adapted, self.ways = learner, adapted, ways
+
+    @property
+    def support_x(self) -> torch.Tensor:
+        return self.adapted.support_x
+
+    def __call__(self, query_x: Any) -> torch.Tensor:
+        x = self.learner.model_input(query_x, "query_x")
+        with torch.no_grad(), self.learner.autocast():
+            return self.adapted(x).detach().float()
+
+    def predict(self, query_x: Any) -> torch.Tensor:
+        """Predicted labels ``0..ways-1`` (classification) or values (regression)."""
+        out = self(query_x)
+        return out.argmax(-1) if self.learner.task == "classification" else out
+
+
+class HeadPredictor(AdaptedPredictor):
+    """A :mod:`metamtl.heads` feature head on one support set's trunk features.
+
+    With a transductive head (:attr:`transductive`), the queries given in one call are classified
+    together.
+    """
+
+    def __init__(self, learner: "MetaLearner", head: FeatureHead, support_x: torch.Tensor,
+                 support_y: torch.Tensor, ways: int) -> None:
+        super().__init__(learner, None, ways)  # type: ignore[arg-type]
+        self.head, self._support_x, self.support_y = head, support_x, support_y
+        self.transductive = head.transductive
+        with torch.no_grad(), learner.autocast():
+            self.features = learner.model.trunk(support_x)
+
+    @property
+    def support_x(self) -> torch.Tensor:
+        return self._support_x
+
+    def __call__(self, query_x: Any) -> torch.Tensor:
+        x = self.learner.model_input(query_x, "query_x")
+        with torch.no_grad(), self.learner.autocast():
+            query = query_features(self.learner.model.trunk, x, self._support_x, self.learner.bn_stats)
+        return self.head(self.features, self.support_y, query, self.ways, self.learner.feature_mean()).detach()

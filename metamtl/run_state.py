@@ -1,0 +1,237 @@
+"""The run state of a learner: what a checkpoint holds besides the weights, and resuming from one.
+
+:class:`RunState` is what meta-training has done so far (completed iterations, history, seconds
+spent, consecutive non-finite steps, the fit settings and the callbacks' states).  A checkpoint
+saved with ``training_state=True`` adds the meta-optimizer and the four random number generators
+(torch, CUDA, numpy, Python) to it (:func:`training_state_of`); :func:`resume` restores all of them
+after checking the checkpoint belongs to the same learner and fit, and rolls everything back if
+the file turns out to be damaged.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .algorithms import build_algorithm
+from .checkpoint import FORMAT, FORMAT_VERSION, config_diff, safe_load
+from .data.base import Preprocessing
+from .errors import CheckpointError, MetamtlError
+from .heads import build_head
+from .inputs import as_support_augment
+from .models.backbones import TrunkHead
+from .models.registry import build_model
+from .version import __version__
+
+if TYPE_CHECKING:
+    from .learner import MetaLearner
+
+
+@dataclasses.dataclass
+class RunState:
+    """Meta-training progress, saved in checkpoints and restored on resume.
+
+    Attributes:
+        iteration: completed meta-iterations.
+        history: one row per logged iteration/validation (see :class:`~metamtl.callbacks.History`).
+        seconds: meta-training time of earlier fit calls (and of the run a resume continues).
+        bad_steps: consecutive non-finite meta-gradients so far.
+        settings: the fit settings a resume must repeat (meta-batch size, training tasks).
+        callbacks: callback states read from a checkpoint, handed to the callbacks at fit start.
+    """
+
+    iteration: int = 0
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+    bad_steps: int = 0
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    callbacks: dict[str, Any] = dataclasses.field(default_factory=dict)
+    _clock: float | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds of meta-training so far, across fit calls and resumed runs."""
+        return self.seconds + (time.perf_counter() - self._clock if self._clock is not None else 0.0)
+
+    def start_clock(self) -> None:
+        self._clock = time.perf_counter()
+
+    def stop_clock(self) -> None:
+        self.seconds, self._clock = self.elapsed, None
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch, CUDA, numpy and Python random states (tensors and plain containers only)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": [version, list(internal), gauss],
+    }
+
+
+def set_rng_state(rng: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    s = rng["numpy"]
+    np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached"]))
+    p = rng["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+def training_state_of(run: RunState, optimizer: torch.optim.Optimizer, callbacks: dict[str, Any]) -> dict[str, Any]:
+    """The ``training`` entry of a resumable checkpoint (its layout is the checkpoint format)."""
+    return {
+        "meta_optimizer": optimizer.state_dict(),
+        "fit_state": {"settings": dict(run.settings)},
+        "callbacks": callbacks,
+        "elapsed": run.elapsed,
+        "bad_steps": run.bad_steps,
+        "rng": rng_state(),
+    }
+
+
+def _restore(obj: dict[str, Any], modules: tuple[nn.Module, nn.Module], optimizer: torch.optim.Optimizer,
+             run: RunState) -> None:
+    """Load a checkpoint's weights, optimizer, progress and RNG states (the checkpoint layout)."""
+    tr = obj["training"]
+    model, algorithm = modules
+    model.load_state_dict(obj["model_state"])
+    algorithm.load_state_dict(obj["algorithm_state"])
+    optimizer.load_state_dict(tr["meta_optimizer"])
+    run.iteration = int(obj["iteration"])
+    run.history = list(obj.get("history", []))
+    run.bad_steps = int(tr.get("bad_steps", 0))
+    run.settings = dict(tr["fit_state"].get("settings", {}))
+    run.seconds = float(tr.get("elapsed", 0.0))
+    run.callbacks = dict(tr.get("callbacks", {}))
+    set_rng_state(tr["rng"])
+
+
+def _snapshot(modules: tuple[nn.Module, nn.Module], optimizer: torch.optim.Optimizer, run: RunState) -> dict[str, Any]:
+    """A deep copy of everything :func:`_restore` changes, in the checkpoint layout."""
+    model, algorithm = modules
+    obj = {"model_state": model.state_dict(), "algorithm_state": algorithm.state_dict(), "iteration": run.iteration,
+           "history": run.history,
+           "training": {**training_state_of(run, optimizer, run.callbacks), "elapsed": run.seconds}}
+    return copy.deepcopy(obj)
+
+
+def check_resumable(obj: dict[str, Any], path: str | Path, config: dict[str, Any], settings: dict[str, Any]) -> None:
+    """:class:`CheckpointError` unless ``obj`` holds a training state of this learner config and fit."""
+    if "training" not in obj:
+        raise CheckpointError(f"{path} holds no training state (saved without training_state=True); cannot resume")
+    require(obj, path, "config", "model_state", "algorithm_state", "iteration")
+    if not isinstance(obj["training"], dict) or not isinstance(obj["config"], dict) or not isinstance(
+        obj["training"].get("fit_state"), dict
+    ):
+        raise CheckpointError(f"{path}: damaged checkpoint (training state or config is not a mapping)")
+    diff = config_diff(obj["config"], config)
+    if diff:
+        raise CheckpointError(f"cannot resume from {path}: its config differs from this learner's:\n  " + "\n  ".join(diff))
+    sdiff = config_diff(obj["training"]["fit_state"].get("settings", {}), settings)
+    if sdiff:
+        raise CheckpointError(f"cannot resume from {path}: fit settings differ:\n  " + "\n  ".join(sdiff))
+
+
+def resume(path: str | Path, *, config: dict[str, Any], settings: dict[str, Any], modules: tuple[nn.Module, nn.Module],
+           optimizer: torch.optim.Optimizer, run: RunState) -> None:
+    """Continue from checkpoint ``path``: weights, optimizer, ``run`` and RNG states as saved.
+
+    ``config`` (the learner's) and ``settings`` (the fit's) must equal the saved ones.  If
+    restoring fails half-way (a damaged file), everything is rolled back and
+    :class:`CheckpointError` says nothing was changed.
+    """
+    obj = safe_load(path)
+    check_resumable(obj, path, config, settings)
+    backup = _snapshot(modules, optimizer, run)
+    try:
+        _restore(obj, modules, optimizer, run)
+    except Exception as exc:  # whatever a damaged file makes torch/numpy raise: roll back
+        _restore(backup, modules, optimizer, run)
+        raise CheckpointError(
+            f"{path}: damaged checkpoint or one from an incompatible metamtl version "
+            f"({type(exc).__name__}: {exc}); nothing was changed"
+        ) from exc
+
+
+def require(obj: dict[str, Any], path: Any, *keys: str) -> dict[str, Any]:
+    """``obj`` if it has every key, else :class:`CheckpointError` naming the missing ones."""
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise CheckpointError(f"{path} is damaged or not a learner checkpoint: it lacks {', '.join(missing)}")
+    return obj
+
+
+
+def learner_state(learner: "MetaLearner", training_state: bool = False) -> dict[str, Any]:
+    """What :meth:`MetaLearner.save <metamtl.MetaLearner.save>` writes: the checkpoint format."""
+    if not learner.model.config.get("name"):
+        raise CheckpointError("the model has no config (build it with metamtl.models.build_model); "
+                              "it could not be rebuilt on load")
+    obj: dict[str, Any] = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "metamtl_version": __version__,
+        "config": learner.config(),
+        "model_state": {k: v.detach().cpu() for k, v in learner.model.state_dict().items()},
+        "algorithm_state": {k: v.detach().cpu() for k, v in learner.algorithm.state_dict().items()},
+        "preprocessing": learner.preprocessing.to_dict() if learner.preprocessing else None,
+        "task_defaults": dict(learner.task_defaults), "metadata": dict(learner.metadata),
+        "iteration": learner.iteration, "history": list(learner.history),
+        "evaluation": {
+            "support_augment": learner.support_augment.config() if learner.support_augment else None,
+            "head": learner.head.config() if learner.head is not None else None,
+            "feature_means": {k: v.detach().cpu() for k, v in learner.feature_means.items()},
+        },
+    }
+    if training_state:
+        fit = learner.fit_state
+        callbacks = fit.callbacks.state_dict() if fit is not None else {}
+        obj["training"] = training_state_of(learner.run, learner.meta_optimizer, callbacks)
+    return obj
+
+
+def learner_from_state(cls: type["MetaLearner"], obj: dict[str, Any], path: Any, *, device: Any = "auto",
+                       model: TrunkHead | None = None) -> "MetaLearner":
+    """Rebuild a learner of class ``cls`` from a checkpoint ``obj`` read from ``path``."""
+    require(obj, path, "config", "model_state", "algorithm_state")
+    cfg = obj["config"]
+    try:
+        if model is None:
+            model = build_model(**cfg["model"])
+        elif model.config.get("name") and config_diff(cfg["model"], model.config):
+            raise CheckpointError(f"{path} holds a different model than the one given:\n  "
+                                  + "\n  ".join(config_diff(cfg["model"], model.config)))
+        model.load_state_dict(obj["model_state"])
+        algorithm = build_algorithm(**cfg["algorithm"])
+        algorithm.setup(model)
+        algorithm.load_state_dict(obj["algorithm_state"])
+        prep = obj.get("preprocessing")
+        learner = cls(model, algorithm, preprocessing=Preprocessing.from_dict(prep) if prep else None,
+                      device=device, task_defaults=obj.get("task_defaults"), metadata=obj.get("metadata"),
+                      **dict(cfg["learner"]))
+        learner.run.iteration = int(obj.get("iteration", 0))
+        learner.run.history = list(obj.get("history", []))
+        evaluation = obj.get("evaluation") or {}
+        learner.support_augment = as_support_augment(evaluation.get("support_augment"))
+        learner.head = build_head(evaluation.get("head"))
+        learner.feature_means = dict(evaluation.get("feature_means") or {})
+    except CheckpointError:
+        raise
+    except (MetamtlError, RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(
+            f"{path} does not match this metamtl version's models and settings "
+            f"(written by metamtl {obj.get('metamtl_version', '?')}, this is {__version__}): {exc}"
+        ) from exc
+    return learner

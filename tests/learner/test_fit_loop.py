@@ -1,0 +1,114 @@
+"""The fit loop (iteration, validation cadence, budget, stops, signals, hooks) and the guarded meta-step."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metamtl.callbacks import Callback, CallbackList, FitState
+from metamtl.distributed import ProcessStrategy
+from metamtl.errors import FitInterrupted, TrainingError
+from metamtl.fit_loop import FitLoop, MetaStep
+from metamtl.tasks import TaskBatch
+
+from .conftest import sine_learner
+
+
+class Log(Callback):
+    def __init__(self, stop_at=None):
+        self.calls, self.stop_at = [], stop_at
+
+    def on_fit_start(self, state):
+        self.calls.append(("start", state.iteration))
+
+    def on_iteration_end(self, state, metrics):
+        self.calls.append(("end", state.iteration))
+        if state.iteration == self.stop_at:
+            state.should_stop, state.stopped_by = True, "log"
+
+    def on_validation_end(self, state, metrics):
+        self.calls.append(("val", state.iteration, sorted(metrics)))
+
+    def on_fit_end(self, state):
+        self.calls.append(("fit_end", state.iteration, state.stopped_by))
+
+
+def run_loop(learner, tasks, iterations, *, val_every=None, val=None, budget=None, callbacks=()):
+    cbs = CallbackList(callbacks)
+    state = FitState(learner, iterations, 2, val_every=val_every, budget_minutes=budget, callbacks=cbs)
+    learner.fit_state = state
+    FitLoop(learner, state, cbs, tasks, val, val_episodes=2).run()
+    return state
+
+
+def test_validation_runs_every_val_every_iterations_and_after_the_last(sine):
+    learner, log = sine_learner(), Log()
+    state = run_loop(learner, sine, 7, val_every=3, val=sine, callbacks=[log])
+    vals = [c[1] for c in log.calls if c[0] == "val"]
+    assert vals == [3, 6, 7] and learner.iteration == 7 and state.stopped_by == "iterations"
+    assert log.calls[0] == ("start", 0) and log.calls[-1] == ("fit_end", 7, "iterations")
+    assert log.calls[-2][2] == ["val/loss", "val/loss_ci95"]  # regression: no accuracy
+
+
+def test_a_callback_stop_request_ends_fit_after_that_iteration(sine):
+    learner, log = sine_learner(), Log(stop_at=2)
+    state = run_loop(learner, sine, 10, callbacks=[log])
+    assert learner.iteration == 2 and state.stopped_by == "log" and state.should_stop
+
+
+def test_another_process_voting_stop_stops_this_one(sine):
+    class Voter(ProcessStrategy):  # a second process asks to stop at iteration 3
+        def any_rank(self, *flags, what=""):
+            return (flags[0] or learner.iteration == 3, *flags[1:])
+
+    learner = sine_learner()
+    learner.strategy = Voter()
+    state = run_loop(learner, sine, 10)
+    assert learner.iteration == 3 and state.should_stop
+
+
+def test_the_time_budget_stops_fit(sine, monkeypatch):
+    learner = sine_learner()
+    monkeypatch.setattr(type(learner), "elapsed", property(lambda self: 30.0 * self.iteration))
+    state = run_loop(learner, sine, 100, budget=1.0)  # 30 s per iteration, one minute
+    assert learner.iteration == 2 and state.stopped_by == "budget"
+
+
+def test_a_signal_saves_a_resumable_checkpoint_where_the_state_says(sine, tmp_path):
+    import os
+    import signal
+
+    class Kill(Callback):
+        def on_fit_start(self, state):
+            state.resume_checkpoint = tmp_path / "here.pt"
+
+        def on_iteration_end(self, state, metrics):
+            if state.iteration == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    learner = sine_learner()
+    with pytest.raises(FitInterrupted) as info:
+        run_loop(learner, sine, 5, callbacks=[Kill()])
+    assert info.value.checkpoint == tmp_path / "here.pt" and info.value.iteration == 2
+    assert learner.fit_state.stopped_by == "SIGTERM" and (tmp_path / "here.pt").is_file()
+
+
+def test_meta_step_applies_clipped_gradients_and_skips_non_finite_ones(sine):
+    learner = sine_learner(grad_clip=1e-3, max_bad_steps=2)
+    batch = learner.placement.batch(TaskBatch([sine.episode(i) for i in range(2)]))
+    before = [p.detach().clone() for p in learner.meta_parameters()]
+    metrics = MetaStep(learner)(batch)
+    assert metrics["grad_norm"] > 1e-3 and "skipped" not in metrics
+    # Adam's first step moves each weight by ~lr whatever the norm; clipping shows in the optimizer state
+    grads = [learner.meta_optimizer.state[p]["exp_avg"] / 0.1 for p in learner.meta_parameters()]
+    assert float(torch.nn.utils.get_total_norm(grads)) == pytest.approx(1e-3, rel=1e-4)
+    assert any(not torch.equal(a, b) for a, b in zip(before, learner.meta_parameters()))
+
+    def poison():
+        next(iter(learner.model.parameters())).grad.fill_(float("nan"))
+
+    after = [p.detach().clone() for p in learner.meta_parameters()]
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        assert MetaStep(learner, after_backward=poison)(batch)["skipped"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(after, learner.meta_parameters()))
+    with pytest.warns(RuntimeWarning), pytest.raises(TrainingError, match="2 consecutive non-finite"):
+        MetaStep(learner, after_backward=poison)(batch)

@@ -1,0 +1,61 @@
+"""Input coercion for adapt/predict, episode checks and placement (device, precision, layout)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from metamtl.errors import ConfigError, InputError
+from metamtl.inputs import check_int, model_input, support_labels
+from metamtl.models import build_model
+from metamtl.placement import Placement
+
+from .conftest import sine_learner
+
+
+def test_support_labels_checks_classes_and_counts_ways():
+    y, ways = support_labels([0, 1, 1, 2], 4, "classification", torch.device("cpu"))
+    assert ways == 3 and y.dtype == torch.long and y.tolist() == [0, 1, 1, 2]
+    assert support_labels(np.array([0.0, 1.0]), 2, "classification", torch.device("cpu"))[1] == 2
+    for bad, match in [([0, 2], r"class\(es\) \[1\] have no support"), ([0.5, 1], "integer class labels"),
+                       ([0, 1], "has 3 examples but support_y has 2"), ([[0, 1]], "1-D tensor")]:
+        with pytest.raises(InputError, match=match):
+            support_labels(bad, 3 if "3 examples" in match else len(bad), "classification", torch.device("cpu"))
+    y, ways = support_labels([0.5, -1.0], 2, "regression", torch.device("cpu"))
+    assert ways == 1 and y.shape == (2, 1) and y.dtype == torch.float32
+
+
+def test_model_input_takes_floats_uint8_images_and_arrays(tmp_path):
+    from metamtl.data import Preprocessing
+
+    model = build_model("conv4", in_channels=1, hidden=4, image_size=8, blocks=1, out_features=None)
+    prep = Preprocessing(size=(8, 8), channels=1, mean=(0.5,), std=(0.25,))
+    place = Placement.create("cpu", channels_last=True)
+    x = model_input(torch.zeros(2, 1, 8, 8), "x", model=model, placement=place, preprocessing=prep)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    raw = model_input(torch.full((2, 1, 8, 8), 255, dtype=torch.uint8), "x", model=model, placement=place,
+                      preprocessing=prep)
+    assert raw.dtype == torch.float32 and torch.allclose(raw, torch.full_like(raw, 2.0))  # (1 - 0.5) / 0.25
+    with pytest.raises(InputError, match="x contains NaN"):
+        model_input(torch.full((1, 1, 8, 8), float("nan")), "x", model=model, placement=place, preprocessing=prep)
+    with pytest.raises(InputError, match="query_x must be float model input"):
+        model_input(torch.zeros(1, 1, 8, 8, dtype=torch.long), "query_x", model=model, placement=place,
+                    preprocessing=prep)
+    with pytest.raises(ConfigError, match="no preprocessing"):
+        model_input(torch.zeros(1, 1, 8, 8, dtype=torch.uint8), "x", model=model, placement=place, preprocessing=None)
+    learner = sine_learner()  # regression, no preprocessing: float arrays are model input
+    assert learner.model_input(np.zeros((3, 1)), "x").shape == (3, 1)
+
+
+def test_placement_settings_are_checked_and_autocast_follows_precision():
+    with pytest.raises(ConfigError, match="unknown precision 'fp8'"):
+        Placement.create("cpu", precision="fp8")
+    with pytest.raises(ConfigError, match="channels_last must be true or false"):
+        Placement.create("cpu", channels_last="yes")
+    with Placement.create("cpu", precision="bf16").autocast():
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
+    with Placement.create("cpu").autocast():
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
+    assert check_int("n", np.int64(3), 1) == 3
+    with pytest.raises(ConfigError, match="n must be an integer >= 1, got True"):
+        check_int("n", True, 1)

@@ -1,0 +1,69 @@
+"""The run state: what a checkpoint holds, the four RNG states, resume and its roll-back."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from metamtl import MetaLearner
+from metamtl.errors import CheckpointError
+from metamtl.run_state import RunState, learner_state, resume, rng_state, set_rng_state
+
+from .conftest import sine_learner
+
+
+def draws():
+    return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+
+def test_rng_state_round_trips_torch_numpy_and_python():
+    saved = rng_state()
+    first = draws()
+    set_rng_state(saved)
+    assert draws() == first
+
+
+def test_elapsed_counts_across_clock_starts(monkeypatch):
+    now = iter([10.0, 12.5, 20.0, 21.0])
+    monkeypatch.setattr("metamtl.run_state.time.perf_counter", lambda: next(now))
+    run = RunState(seconds=100.0)
+    run.start_clock()          # 10.0
+    run.stop_clock()           # 12.5
+    assert run.elapsed == 102.5
+    run.start_clock()          # 20.0
+    assert run.elapsed == 103.5  # 21.0
+
+
+def test_saved_state_holds_weights_progress_optimizer_and_rngs(sine, tmp_path):
+    learner = sine_learner()
+    learner.fit(sine, iterations=3, meta_batch_size=2, progress=False)
+    obj = learner_state(learner, training_state=True)
+    assert obj["iteration"] == 3 and len(obj["history"]) == 3 and obj["config"] == learner.config()
+    tr = obj["training"]
+    assert set(tr) == {"meta_optimizer", "fit_state", "callbacks", "elapsed", "bad_steps", "rng"}
+    assert set(tr["rng"]) == {"torch", "cuda", "numpy", "python"}
+    assert tr["fit_state"] == {"settings": {"meta_batch_size": 2, "train_tasks": repr(sine)}}
+    assert "training" not in learner_state(learner)
+    back = MetaLearner.load(learner.save(tmp_path / "l.pt"), device="cpu")
+    assert back.iteration == 3 and back.history == learner.history
+
+
+def test_resume_restores_everything_and_refuses_another_fit(sine, tmp_path):
+    learner = sine_learner()
+    learner.fit(sine, iterations=2, meta_batch_size=2, progress=False)
+    path = learner.save(tmp_path / "last.pt", training_state=True)
+    torch.manual_seed(123)
+    expected = draws()
+    other = sine_learner()
+    set_rng_state(rng_state())
+    parts = dict(config=other.config(), modules=(other.model, other.algorithm), optimizer=other.meta_optimizer,
+                 run=other.run)
+    with pytest.raises(CheckpointError, match="fit settings differ"):
+        resume(path, settings={"meta_batch_size": 4, "train_tasks": repr(sine)}, **parts)
+    assert other.iteration == 0
+    resume(path, settings={"meta_batch_size": 2, "train_tasks": repr(sine)}, **parts)
+    assert other.iteration == 2 and other.history == learner.history and other.run.seconds > 0
+    assert all(torch.equal(a, b) for a, b in zip(learner.model.parameters(), other.model.parameters()))
+    assert draws() != expected  # the RNGs are the checkpoint's, not the ones seeded above
