@@ -82,7 +82,7 @@ def run_and_record(config: Path, args: argparse.Namespace, overrides: Sequence[s
           f"{settings}; data: {data_desc}; budget {cfg.train.budget_minutes} min; device {cfg.train.device}",
           flush=True)
     check_output_dir(cfg)
-    results = run(cfg)
+    results = run(cfg, overwrite=True)  # a benchmark rerun replaces its own run folder
     for transductive in (False, True):  # transductive heads get their own table, never mixed
         rows = result_rows(results, data_desc, dataset, transductive)
         for row in rows:

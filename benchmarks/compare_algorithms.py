@@ -48,7 +48,7 @@ def train_method(cfg) -> None:
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, test_split=None))
     print(f"== {cfg.name}: {cfg.algorithm} | train {cfg.tasks.ways}-way {cfg.tasks.shots}-shot, "
           f"{cfg.train.budget_minutes} min budget", flush=True)
-    res = run(cfg, progress=sys.stderr.isatty())
+    res = run(cfg, progress=sys.stderr.isatty(), overwrite=True)  # reruns replace their run folders
     print(f"   {res['iterations']} meta-iterations in {res['train_seconds']:.0f} s", flush=True)
 
 

@@ -42,7 +42,7 @@ def teacher(args: argparse.Namespace) -> None:
 
     cfg = load_config(TEACHER, [f"output_dir={args.out}", f"train.budget_minutes={args.budget}",
                                 f"eval.episodes={args.episodes}"])
-    run(cfg, progress=not args.no_progress)
+    run(cfg, progress=not args.no_progress, overwrite=True)  # reruns replace their run folders
 
 
 def students(args: argparse.Namespace) -> None:
@@ -64,7 +64,7 @@ def students(args: argparse.Namespace) -> None:
             length = [f"train.iterations={base_iterations}", "train.budget_minutes=null"]
         cfg = load_config(STUDENT, [f"name=kd_student_{name}", f"output_dir={args.out}", *length,
                                     f"eval.episodes={args.episodes}", f"distill={json.dumps(distill)}"])
-        results = run(cfg, progress=not args.no_progress)
+        results = run(cfg, progress=not args.no_progress, overwrite=True)
         if name == "none":
             base_iterations = results["iterations"]
 

@@ -33,7 +33,7 @@ def run_one(args: argparse.Namespace) -> None:
                  f"algorithm.strategy.name={args.strategy}", f"train.budget_minutes={args.budget}",
                  f"eval.episodes={args.episodes}", *args.overrides]
     cfg = load_config(CONFIG, overrides)
-    results = run(cfg, progress=not args.no_progress)
+    results = run(cfg, progress=not args.no_progress, overwrite=True)  # reruns replace their run folder
     for row in results["test"]:
         print(row["dataset"], row.get("accuracy"), row.get("ci95"))
 

@@ -31,7 +31,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from .checkpoint import ensure_writable_dir
+from .checkpoint import RunFolderLock, ensure_writable_dir, safe_load
 from .errors import CheckpointError, ConfigError, TrainingError, unknown_name
 
 if TYPE_CHECKING:
@@ -236,6 +236,7 @@ class ModelCheckpoint(Callback):
         self.monitor = monitor
         self.mode = mode
         self.best: float | None = None
+        self._lock = RunFolderLock(self.dirpath)
 
     @property
     def last_path(self) -> Path:
@@ -246,9 +247,30 @@ class ModelCheckpoint(Callback):
         return self.dirpath / "best.pt"
 
     def on_fit_start(self, state):
+        """Lock the folder for this process and refuse to overwrite another run's ``last.pt``.
+
+        ``last.pt`` belongs to this run when its history is a prefix of the learner's (the same
+        learner fitting again, or resumed from it); any other is refused with a
+        :class:`CheckpointError` (resume it, delete it, or pick another folder).
+        """
         state.resume_checkpoint = self.last_path
-        if state.is_main_process:
-            ensure_writable_dir(self.dirpath)
+        if not state.is_main_process:
+            return
+        ensure_writable_dir(self.dirpath)
+        self._lock.acquire()
+        if self.last_path.is_file():
+            try:
+                theirs = safe_load(self.last_path)
+            except CheckpointError:
+                return  # unreadable: nothing a new checkpoint could lose
+            history = theirs.get("history", [])
+            if not isinstance(history, list) or state.learner.history[:len(history)] != history:
+                self._lock.release()
+                raise CheckpointError(
+                    f"{self.last_path} holds another training run (iteration {theirs.get('iteration', '?')}) that "
+                    f"this fit would overwrite; continue it with fit(..., resume='{self.last_path}') (CLI: --resume), "
+                    "delete it, or give another checkpoint_dir"
+                )
 
     def on_iteration_complete(self, state):
         if self.every and state.iteration % self.every == 0 and state.is_main_process:
@@ -266,11 +288,14 @@ class ModelCheckpoint(Callback):
 
     def on_fit_end(self, state):
         if state.is_main_process:
-            state.learner.save(self.last_path, training_state=True)
+            try:
+                state.learner.save(self.last_path, training_state=True)
+            finally:
+                self._lock.release()
 
     def on_exception(self, state, exc):
         """After too many non-finite steps, keep the last good parameters in ``last.pt``."""
-        if isinstance(exc, TrainingError) and state.is_main_process:
+        if isinstance(exc, TrainingError) and state.is_main_process and self._lock.held:
             try:
                 state.learner.save(self.last_path, training_state=True)
                 note = f"the last good parameters are saved in {self.last_path}"
@@ -278,6 +303,7 @@ class ModelCheckpoint(Callback):
                 note = f"the last good parameters could not be saved: {err}"
             if hasattr(exc, "add_note"):  # Python >= 3.11
                 exc.add_note(note)
+        self._lock.release()
 
     def state_dict(self):
         return {"best": self.best}

@@ -7,16 +7,25 @@ a crash or a killed process leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
 import secrets
+import socket
+import threading
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
 from .errors import CheckpointError
+
+try:
+    import fcntl
+except ImportError:  # Windows: run folders are not locked
+    fcntl = None
 
 FORMAT = "metamtl-checkpoint"
 FORMAT_VERSION = 1
@@ -153,3 +162,99 @@ def config_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
         for k in sorted(set(fa) | set(fb))
         if fa.get(k, "<missing>") != fb.get(k, "<missing>")
     ]
+
+
+# -- run folders: one writer at a time, no silent overwrite -------------------------------------
+
+#: files a run folder holds that a new run would overwrite (``metamtl fit``, ``experiment.run``)
+RUN_FILES = ("last.pt", "best.pt", "learner.pt", "results.json", "history.json", "metrics.csv", "metrics.jsonl")
+#: files derived from those (rebuilt by a run; removed with them on overwrite so none is stale)
+DERIVED_FILES = ("report.html", "steps_curve.json")
+#: the lock file inside a run folder
+LOCK_FILE = ".metamtl.lock"
+
+_held: dict[str, list[int]] = {}  # real folder path -> [fd, depth]
+_held_guard = threading.Lock()
+
+
+class RunFolderLock:
+    """The right to write a run folder, held by one process at a time.
+
+    An advisory ``flock`` on ``<folder>/.metamtl.lock``.  The kernel drops it when the holding
+    process ends, however it ends, so a crashed or killed run never leaves the folder locked;
+    the file itself stays (empty of meaning once unlocked) and records the last holder's pid,
+    host and start time for the message a second process gets.  Re-entrant within a process
+    (``metamtl fit`` holds it for the whole run, the checkpoint callback again inside ``fit``).
+    Without ``fcntl`` (Windows) it does nothing.
+
+    Raises:
+        CheckpointError: another process holds the folder.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self._key = os.path.realpath(self.folder)
+        self.held = False
+
+    def acquire(self) -> "RunFolderLock":
+        if self.held:
+            return self
+        with _held_guard:
+            entry = _held.get(self._key)
+            if entry is not None:
+                entry[1] += 1
+            elif fcntl is not None:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as exc:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                    os.close(fd)
+                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        raise CheckpointError(f"cannot lock run folder {self.folder}: {exc}") from exc
+                    raise CheckpointError(
+                        f"run folder {self.folder} is being written by another process ({holder}); two runs "
+                        "writing one folder would overwrite each other's checkpoints. Wait for it to finish or "
+                        "stop it, or write elsewhere (name=... or output_dir=...). A crashed run holds nothing: "
+                        "its lock went with its process"
+                    ) from None
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                              f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+                _held[self._key] = [fd, 1]
+        self.held = True
+        return self
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        with _held_guard:
+            entry = _held.get(self._key)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _held[self._key]
+                os.close(entry[0])  # drops the flock
+
+    def __enter__(self) -> "RunFolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def ensure_writable_file(path: str | os.PathLike, what: str = "output file") -> Path:
+    """Check (before any work) that ``path`` can be written: not a folder, its folder writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{what} {path} is a folder; give a file name")
+    try:
+        ensure_writable_dir(path.parent if str(path.parent) else Path("."))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{what} {path} cannot be written: {exc}") from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise CheckpointError(f"{what} {path} exists and is not writable; choose another path or fix its permissions")
+    return path

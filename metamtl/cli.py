@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .errors import FitInterrupted, MetamtlError
+from .errors import ConfigError, FitInterrupted, MetamtlError
 
 
 def _fit(args: argparse.Namespace) -> int:
@@ -18,18 +18,37 @@ def _fit(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     check_output_dir(cfg)
-    results = run(cfg, resume=args.resume, progress=not args.no_progress)
+    results = run(cfg, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     if launch_env().is_main_process:
         print(f"[metamtl] saved learner to {results['checkpoint']}")
     return 0
 
 
+def check_counts(args: argparse.Namespace, minimums: dict[str, int]) -> None:
+    """Refuse a numeric option below its minimum before any work (never fall back to a default)."""
+    for name, minimum in minimums.items():
+        values = getattr(args, name)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and value < minimum:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} must be an integer >= {minimum}, got {value}")
+
+
 def _evaluate(args: argparse.Namespace) -> int:
+    from .checkpoint import ensure_writable_file
     from .config import config_from_dict
     from .experiment import build_tasks
     from .heads import build_head
     from .learner import MetaLearner
 
+    # --steps 0 is a real setting (no adaptation: the meta-learned initialisation itself)
+    check_counts(args, {"episodes": 1, "ways": 1, "shots": 1, "queries": 1, "steps": 0})
+    if args.json:
+        ensure_writable_file(args.json, "--json file")
+    support_augment = _yaml_option("--support-augment", args.support_augment)
+    head = _yaml_option("--head", args.head)  # None: the learner's own default head
+    if head is not None:
+        build_head(head)  # a bad --head fails here, before the checkpoint and data are loaded
     learner = MetaLearner.load(args.checkpoint, device=args.device)
     saved = learner.metadata.get("config")
     if saved is None:
@@ -41,8 +60,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         if args.split or data is saved["data"]:
             data["test_split"] = args.split or "test"
     cfg = config_from_dict(saved)
-    support_augment = _yaml_option("--support-augment", args.support_augment)
-    head = _yaml_option("--head", args.head)  # None: the learner's own default head
     splits = {d.label or d.name: d.test_split for d in cfg.datasets}
     built = build_tasks(cfg)
     tasks = built["test"]
@@ -55,8 +72,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     for label, source in (tasks.items() if isinstance(tasks, dict) else [(None, tasks)]):
         result = learner.evaluate(
             source, args.episodes,
-            ways=args.ways or defaults.get("ways"), shots=args.shots or defaults.get("shots"),
-            queries=args.queries or defaults.get("queries"), steps=args.steps, progress=not args.no_progress,
+            ways=_given(args.ways, defaults.get("ways")), shots=_given(args.shots, defaults.get("shots")),
+            queries=_given(args.queries, defaults.get("queries")), steps=args.steps, progress=not args.no_progress,
             support_augment=support_augment, head=head,
         ) if learner.task == "classification" else learner.evaluate(source, args.episodes, steps=args.steps)
         where = f"{label} " if label else ""
@@ -76,12 +93,21 @@ def _yaml_option(flag: str, text: str | None):
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise MetamtlError(f"{flag} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{flag} is not valid YAML: {exc}") from None
+
+
+def _given(value: int | None, default: int | None) -> int | None:
+    """The option's value when given (validated before), else the learner's default."""
+    return default if value is None else value
 
 
 def _report(args: argparse.Namespace) -> int:
+    from .checkpoint import ensure_writable_file
     from .reporting.report import write_comparison, write_report
 
+    check_counts(args, {"steps_episodes": 0, "steps": 0})
+    if args.out:
+        ensure_writable_file(args.out, "--out file")
     kwargs = dict(steps_episodes=args.steps_episodes, steps=args.steps, device=args.device,
                   embed=args.embed, progress=not args.no_progress)
     for run_dir in args.run_dirs:
@@ -103,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("config", help="YAML config file (see configs/)")
     f.add_argument("overrides", nargs="*", help="overrides such as train.iterations=500 data.root=/data")
     f.add_argument("--resume", help="checkpoint with training state (e.g. runs/NAME/last.pt)")
+    f.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in the run folder (its checkpoints, metrics and results are deleted)")
     f.add_argument("--no-progress", action="store_true", help="no progress bars")
     f.set_defaults(func=_fit)
 

@@ -26,8 +26,8 @@ from .algorithms import ALGORITHMS, build_algorithm
 from .callbacks import Callback, CallbackList, EarlyStopping, LRScheduler, MetricsLogger
 from .config import Config, DataConfig
 from .data.base import ClassDataset
-from .checkpoint import ensure_writable_dir
-from .errors import CheckpointError, ConfigError
+from .checkpoint import DERIVED_FILES, RUN_FILES, RunFolderLock, ensure_writable_dir
+from .errors import CheckpointError, ConfigError, TaskError
 from .learner import EvalResult, MetaLearner
 from .models.registry import MODELS, build_model
 from .tasks.sampler import EpisodeSampler, MixedTasks, TaskSource
@@ -293,22 +293,37 @@ def restore_best(learner: MetaLearner, run_dir: Path) -> int | None:
 
 
 def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
-        callbacks: list[Callback] = (), quiet: bool = False) -> dict[str, Any]:
+        callbacks: list[Callback] = (), quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Meta-train, evaluate on held-out classes, save the learner and ``results.json``.
 
     Returns the results dict (also written to ``<output_dir>/<name>/results.json``).
     Under torchrun every rank runs this; rank 0 alone prints and writes files.
+
+    The run folder is claimed first (:func:`claim_run_dir`): a folder holding another run is
+    refused unless ``resume`` continues it or ``overwrite=True`` replaces it, and one process
+    at a time writes it.  Every ``eval.settings`` entry is checked against the test split
+    before training (:func:`check_eval_settings`).
     """
     main_process = distributed.launch_env().is_main_process
+    check_output_dir(cfg)  # fail before loading data or training, not at the first checkpoint
+    lock = claim_run_dir(cfg, resume, overwrite)
+    try:
+        return _run(cfg, resume, progress, callbacks, quiet, main_process)
+    finally:
+        lock.release()
+
+
+def _run(cfg: Config, resume: str | Path | None, progress: bool, callbacks: list[Callback], quiet: bool,
+         main_process: bool) -> dict[str, Any]:
     say = (lambda *a: None) if quiet or not main_process else print
     seed_everything(cfg.seed)
     run_dir = cfg.run_dir
-    check_output_dir(cfg)  # fail before loading data or training, not at the first checkpoint
     commit, started = git_commit(), time.strftime("%Y-%m-%d %H:%M:%S")  # the code that trains
     t0 = time.perf_counter()
     tasks = build_tasks(cfg)
     data_seconds = time.perf_counter() - t0
     train_tasks, val_tasks, test_tasks = tasks["train"], tasks["val"], tasks["test"]
+    check_eval_settings(cfg, test_tasks)
     say(f"[metamtl] train tasks: {train_tasks}")
     if val_tasks is not None:
         say(f"[metamtl] val tasks:   {val_tasks}")
@@ -393,3 +408,64 @@ def check_output_dir(cfg: Config) -> None:
             f"cannot write to the output directory {cfg.run_dir} ({exc.__cause__.strerror or exc.__cause__}); "
             "choose another with output_dir=... or fix its permissions"
         ) from exc
+
+
+def claim_run_dir(cfg: Config, resume: str | Path | None = None, overwrite: bool = False) -> RunFolderLock:
+    """Take the run folder for this process and make sure no earlier run in it is lost.
+
+    Returns the held :class:`~metamtl.checkpoint.RunFolderLock` (rank 0 only; other ranks get an
+    unheld one).  A folder that already holds checkpoints, metrics or results is refused with a
+    :class:`ConfigError` naming ``--resume`` and ``--overwrite``, unless ``resume`` is a
+    checkpoint inside it (the run continues) or ``overwrite`` is set (its run files are deleted
+    first).  A folder another process is writing is refused with a :class:`CheckpointError`.
+    """
+    run_dir = cfg.run_dir
+    main_process = distributed.launch_env().is_main_process
+    lock = RunFolderLock(run_dir)
+    if main_process:
+        lock.acquire()
+    try:
+        existing = [f for f in RUN_FILES if (run_dir / f).exists()]
+        continuing = resume is not None and Path(resume).resolve().parent == run_dir.resolve()
+        if existing and not continuing:
+            if not overwrite:
+                hint = (f"continue it with --resume {run_dir / 'last.pt'} (Python: run(cfg, resume=...)), "
+                        if "last.pt" in existing else "")
+                raise ConfigError(
+                    f"{run_dir} already holds a run ({', '.join(existing)}); it is not overwritten silently: "
+                    f"{hint}replace it with --overwrite (Python: overwrite=True), or start a new run with "
+                    "name=... or output_dir=..."
+                )
+            if main_process:
+                for name in existing + [f for f in DERIVED_FILES if (run_dir / f).exists()]:
+                    (run_dir / name).unlink()
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def check_eval_settings(cfg: Config, test_tasks: Any) -> None:
+    """Refuse, before training, an ``eval.settings`` entry the test split cannot serve.
+
+    Each setting (with ``eval.queries``) must be drawable from the test classes: enough classes
+    for its ways, enough images per class for shots + queries.  With several datasets a setting
+    with more ways than a dataset's held-out classes is skipped for that dataset (and recorded
+    as skipped), as :func:`evaluate_per_dataset` does; shots/queries must still fit.
+    """
+    if test_tasks is None or is_regression(cfg):
+        return
+    several = isinstance(test_tasks, dict)
+    for label, source in (test_tasks.items() if several else [(None, test_tasks)]):
+        where = f"dataset {label!r}'s test split" if several else f"the test split ({cfg.data.test_split!r})"
+        for i, s in enumerate(cfg.eval.settings):
+            if several and s.ways > getattr(source, "num_classes", s.ways):
+                continue
+            try:
+                source.with_settings(ways=s.ways, shots=s.shots, queries=cfg.eval.queries)
+            except TaskError as exc:
+                raise TaskError(
+                    f"eval.settings[{i}] ({s.ways}-way {s.shots}-shot, eval.queries {cfg.eval.queries}) cannot be "
+                    f"evaluated on {where}: {exc}. Change eval.settings / eval.queries (or the split) before "
+                    "training: nothing was trained"
+                ) from None

@@ -209,14 +209,75 @@ def test_failed_calls_leave_the_learner_usable(env):
     pytest.param(["fit", "{cfg}", "--resume", "{tmp}/none.pt"], "none.pt does not exist", id="fit-missing-resume-checkpoint"),
     pytest.param(["evaluate", "{tmp}/none.pt"], "none.pt does not exist", id="evaluate-missing-checkpoint"),
     pytest.param(["evaluate", "{cfg}"], "not a readable checkpoint", id="evaluate-yaml-as-checkpoint"),
+    # numeric options: checked before the checkpoint is even opened (none.pt does not exist), never
+    # replaced by the learner's defaults
+    pytest.param(["evaluate", "{tmp}/none.pt", "--ways", "0"], "--ways must be an integer >= 1, got 0", id="evaluate-ways-zero"),
+    pytest.param(["evaluate", "{tmp}/none.pt", "--ways", "-5"], "--ways must be an integer >= 1, got -5", id="evaluate-ways-negative"),
+    pytest.param(["evaluate", "{tmp}/none.pt", "--shots", "0"], "--shots must be an integer >= 1, got 0", id="evaluate-shots-zero"),
+    pytest.param(["evaluate", "{tmp}/none.pt", "--queries", "0"], "--queries must be an integer >= 1, got 0", id="evaluate-queries-zero"),
+    pytest.param(["evaluate", "{tmp}/none.pt", "--queries", "-1"], "--queries must be an integer >= 1, got -1", id="evaluate-queries-negative"),
+    pytest.param(["evaluate", "{tmp}/none.pt", "--episodes", "0"], "--episodes must be an integer >= 1, got 0", id="evaluate-episodes-zero"),
+    pytest.param(["evaluate", "{tmp}/none.pt", "--episodes", "-600"], "--episodes must be an integer >= 1, got -600", id="evaluate-episodes-negative"),
+    pytest.param(["evaluate", "{tmp}/none.pt", "--steps", "-1"], "--steps must be an integer >= 0, got -1", id="evaluate-steps-negative"),
+    # output paths: checked before any work
+    pytest.param(["evaluate", "{tmp}/none.pt", "--json", "{tmp}"], "--json file {tmp} is a folder", id="evaluate-json-is-a-folder"),
+    pytest.param(["evaluate", "{tmp}/none.pt", "--json", "{tmp}/cfg.yaml/out.json"], "--json file {tmp}/cfg.yaml/out.json cannot be written", id="evaluate-json-under-a-file"),
+    pytest.param(["report", "{tmp}/none", "--out", "{tmp}"], "--out file {tmp} is a folder", id="report-out-is-a-folder"),
+    pytest.param(["report", "{tmp}/none", "--steps-episodes", "-1"], "--steps-episodes must be an integer >= 0, got -1", id="report-steps-episodes-negative"),
+    pytest.param(["report", "{tmp}/none", "--steps", "0", "-2"], "--steps must be an integer >= 0, got -2", id="report-steps-negative"),
 ])
 def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys, argv, message):
     import yaml
 
     cfg = tmp_path / "sine.yaml"
     cfg.write_text(yaml.safe_dump(sinusoid_config(tmp_path / "runs")))
+    (tmp_path / "cfg.yaml").write_text("a file, not a folder")
     code = main([a.format(tmp=tmp_path, cfg=cfg) for a in argv])
     err = capsys.readouterr().err
     assert code == 2, err
-    assert err.startswith("metamtl: error: ") and message in err, err
+    assert err.startswith("metamtl: error: ") and message.format(tmp=tmp_path) in err, err
     assert "Traceback" not in err
+
+
+# -- eval.settings the test split cannot serve: refused before training ------------------------------
+
+
+@pytest.fixture
+def folder_config(tmp_path):
+    """A `metamtl fit` config on a 10-class folder of 4 distinct 8x8 images each (test split: 2 classes)."""
+    import numpy as np
+    from PIL import Image
+
+    for c in range(10):
+        for i in range(4):
+            (tmp_path / "data" / f"c{c}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((8, 8), 20 * c + i, np.uint8)).save(tmp_path / "data" / f"c{c}" / f"{i}.png")
+    cfg = sinusoid_config(tmp_path / "runs", **{
+        "data": {"name": "folder", "root": str(tmp_path / "data"), "cache_dir": str(tmp_path / "cache")},
+        "tasks": {"ways": 2, "shots": 1, "queries": 1},
+        "model": {"name": "conv4", "hidden": 4, "blocks": 2},
+        "algorithm": {"name": "protonet"},
+        "eval": {"episodes": 2, "queries": 1, "settings": [{"ways": 2, "shots": 1}]},
+    })
+    return tmp_path, cfg
+
+
+@pytest.mark.parametrize("settings, queries, message", [
+    pytest.param([{"ways": 2, "shots": 1}, {"ways": 5, "shots": 1}], 1,
+                 r"eval.settings\[1\] \(5-way 1-shot, eval.queries 1\) cannot be evaluated on the test split \('test'\): 5-way tasks need 5 classes but", id="more-ways-than-test-classes"),
+    pytest.param([{"ways": 2, "shots": 3}], 2,
+                 r"eval.settings\[0\] \(2-way 3-shot, eval.queries 2\) .* shots \+ queries = 5 but", id="shots-plus-queries-more-than-images"),
+])
+def test_eval_settings_the_test_split_cannot_serve_are_refused_before_training(folder_config, capsys, settings, queries, message):
+    import re
+
+    import yaml
+
+    tmp_path, cfg = folder_config
+    cfg["eval"].update(settings=settings, queries=queries)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["fit", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert "nothing was trained" in err and not (tmp_path / "runs" / "sine" / "last.pt").exists()

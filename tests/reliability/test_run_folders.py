@@ -1,0 +1,152 @@
+"""Run folders never lose a run: no silent overwrite, one writer at a time, a crashed writer
+never leaves a folder locked.  Through ``metamtl fit`` (real processes where it matters),
+``metamtl.experiment.run`` and ``MetaLearner.fit(checkpoint_dir=...)``.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from metamtl.checkpoint import RunFolderLock, safe_load
+from metamtl.cli import main
+from metamtl.config import config_from_dict
+from metamtl.errors import CheckpointError, ConfigError
+from metamtl.experiment import run
+from metamtl.tasks import EpisodeSampler
+
+from .conftest import PYTHON, cli_env, sinusoid_config, tiny_learner, toy_dataset
+
+pytestmark = pytest.mark.reliability("run_folder")
+
+
+def write_config(tmp_path: Path, **overrides) -> Path:
+    path = tmp_path / "sine.yaml"
+    path.write_text(yaml.safe_dump(sinusoid_config(tmp_path / "runs", **overrides)))
+    return path
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != ".metamtl.lock"}
+
+
+@pytest.fixture
+def finished(tmp_path, capsys):
+    """A finished `metamtl fit` run (checkpoints, metrics, results) and its config."""
+    cfg = write_config(tmp_path, **{"logging.metrics": "csv"})
+    assert main(["fit", str(cfg), "--no-progress"]) == 0
+    capsys.readouterr()
+    run_dir = tmp_path / "runs" / "sine"
+    assert {"last.pt", "learner.pt", "metrics.csv", "results.json"} <= set(snapshot(run_dir))
+    return cfg, run_dir
+
+
+def test_fit_into_a_folder_holding_a_run_refuses_and_names_resume_and_overwrite(finished, capsys):
+    cfg, run_dir = finished
+    before = snapshot(run_dir)
+    assert main(["fit", str(cfg), "train.iterations=40", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run_dir} already holds a run (last.pt, learner.pt, results.json, history.json, metrics.csv)" in err
+    assert f"--resume {run_dir / 'last.pt'}" in err and "--overwrite" in err and "Traceback" not in err
+    assert snapshot(run_dir) == before  # not a byte changed
+
+
+def test_overwrite_replaces_the_run_and_resume_continues_it(finished, capsys):
+    cfg, run_dir = finished
+    assert main(["fit", str(cfg), "train.iterations=40", "--no-progress", "--resume", str(run_dir / "last.pt")]) == 0
+    assert safe_load(run_dir / "last.pt")["iteration"] == 40
+    assert main(["fit", str(cfg), "train.iterations=10", "--no-progress", "--overwrite"]) == 0
+    assert safe_load(run_dir / "last.pt")["iteration"] == 10
+    assert len((run_dir / "metrics.csv").read_text().splitlines()) > 1
+
+
+def test_experiment_run_refuses_a_used_folder_too(tmp_path):
+    cfg = config_from_dict(sinusoid_config(tmp_path, **{"train.iterations": 5}))
+    run(cfg, progress=False, quiet=True)
+    with pytest.raises(ConfigError, match=r"already holds a run .* overwrite=True"):
+        run(cfg, progress=False, quiet=True)
+    assert run(cfg, progress=False, quiet=True, overwrite=True)["iterations"] == 5
+
+
+def test_resuming_from_another_folder_into_a_used_one_is_refused(finished, tmp_path, capsys):
+    cfg, run_dir = finished
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "last.pt").write_bytes((run_dir / "last.pt").read_bytes())
+    before = snapshot(run_dir)
+    assert main(["fit", str(cfg), "--no-progress", "--resume", str(other / "last.pt")]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert snapshot(run_dir) == before
+
+
+HOLDER = """
+import sys, time
+from metamtl.checkpoint import RunFolderLock
+RunFolderLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_stale_lock(tmp_path, capsys):
+    cfg = write_config(tmp_path)
+    run_dir = tmp_path / "runs" / "sine"
+    holder = subprocess.Popen([PYTHON, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(["fit", str(cfg), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"run folder {run_dir} is being written by another process (pid {holder.pid} on " in err
+        assert not (run_dir / "last.pt").exists()
+        with pytest.raises(CheckpointError, match="being written by another process"):
+            tiny_learner().fit(EpisodeSampler(toy_dataset(), 5, 1, 2), iterations=1, meta_batch_size=1,
+                               checkpoint_dir=run_dir, progress=False)
+    finally:
+        holder.send_signal(signal.SIGKILL)  # a crash: no cleanup code runs
+        holder.wait(30)
+    assert (run_dir / ".metamtl.lock").exists()  # the file stays, the lock went with the process
+    assert main(["fit", str(cfg), "--no-progress"]) == 0
+    assert safe_load(run_dir / "last.pt")["iteration"] == 30
+
+
+def test_two_real_fits_into_one_folder_the_second_refuses(tmp_path):
+    """Two `metamtl fit` processes started together: exactly one trains, the other exits 2."""
+    cfg = write_config(tmp_path, **{"train.iterations": 400})
+    procs = [subprocess.Popen([PYTHON, "-m", "metamtl", "fit", str(cfg), "--no-progress"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=cli_env()) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], [o[1][-2000:] for o in outs]
+    loser = outs[[p.returncode for p in procs].index(2)][1]
+    assert "is being written by another process" in loser or "already holds a run" in loser
+    assert safe_load(tmp_path / "runs" / "sine" / "last.pt")["iteration"] == 400
+
+
+def test_the_lock_is_reentrant_in_one_process_and_released_after_fit(tmp_path):
+    ds = toy_dataset()
+    tasks = EpisodeSampler(ds, 5, 1, 2)
+    with RunFolderLock(tmp_path):
+        learner = tiny_learner()
+        learner.fit(tasks, iterations=2, meta_batch_size=1, checkpoint_dir=tmp_path, progress=False)
+    other = subprocess.run([PYTHON, "-c", HOLDER.replace("time.sleep(600)", ""), str(tmp_path)],
+                           capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert other.stdout.strip() == "locked", other.stderr  # nothing held once fit and the block ended
+
+
+def test_fit_refuses_to_overwrite_another_learners_checkpoint(tmp_path):
+    tasks = EpisodeSampler(toy_dataset(), 5, 1, 2)
+    first = tiny_learner()
+    first.fit(tasks, iterations=3, meta_batch_size=1, checkpoint_dir=tmp_path, progress=False)
+    before = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(CheckpointError, match=r"last\.pt holds another training run \(iteration 3\).*resume="):
+        tiny_learner().fit(tasks, iterations=2, meta_batch_size=1, checkpoint_dir=tmp_path, progress=False)
+    assert (tmp_path / "last.pt").read_bytes() == before
+    resumed = tiny_learner()
+    resumed.fit(tasks, iterations=5, meta_batch_size=1, checkpoint_dir=tmp_path, resume=tmp_path / "last.pt",
+                progress=False)
+    assert safe_load(tmp_path / "last.pt")["iteration"] == 5
