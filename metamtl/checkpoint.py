@@ -180,12 +180,13 @@ _held_guard = threading.Lock()
 class RunFolderLock:
     """The right to write a run folder, held by one process at a time.
 
-    An advisory ``flock`` on ``<folder>/.metamtl.lock``.  The kernel drops it when the holding
-    process ends, however it ends, so a crashed or killed run never leaves the folder locked;
-    the file itself stays (empty of meaning once unlocked) and records the last holder's pid,
-    host and start time for the message a second process gets.  Re-entrant within a process
-    (``metamtl fit`` holds it for the whole run, the checkpoint callback again inside ``fit``).
-    Without ``fcntl`` (Windows) it does nothing.
+    An advisory ``flock`` on ``<folder>/.metamtl.lock``, a file holding the holder's pid, host and
+    start time for the message a second process gets.  The kernel drops the lock when the
+    holding process ends, however it ends, so a crashed or killed run never leaves the folder
+    locked (its file stays, unlocked, until the next run takes it).  A clean release deletes the
+    file; a process that locked a file just deleted notices (other inode) and tries again.
+    Re-entrant within a process (``metamtl fit`` holds it for the whole run, the checkpoint
+    callback again inside ``fit``).  Without ``fcntl`` (Windows) it does nothing.
 
     Raises:
         CheckpointError: another process holds the folder.
@@ -205,26 +206,39 @@ class RunFolderLock:
                 entry[1] += 1
             elif fcntl is not None:
                 self.folder.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError as exc:
-                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-                    os.close(fd)
-                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                        raise CheckpointError(f"cannot lock run folder {self.folder}: {exc}") from exc
-                    raise CheckpointError(
-                        f"run folder {self.folder} is being written by another process ({holder}); two runs "
-                        "writing one folder would overwrite each other's checkpoints. Wait for it to finish or "
-                        "stop it, or write elsewhere (name=... or output_dir=...). A crashed run holds nothing: "
-                        "its lock went with its process"
-                    ) from None
+                fd = self._lock_file()
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
                               f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
                 _held[self._key] = [fd, 1]
         self.held = True
         return self
+
+    def _lock_file(self) -> int:
+        """An open, exclusively locked descriptor of the folder's lock file (which still exists)."""
+        path = self.folder / LOCK_FILE
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise CheckpointError(f"cannot lock run folder {self.folder}: {exc}") from exc
+                raise CheckpointError(
+                    f"run folder {self.folder} is being written by another process ({holder}); two runs "
+                    "writing one folder would overwrite each other's checkpoints. Wait for it to finish or "
+                    "stop it, or write elsewhere (name=... or output_dir=...). A crashed run holds nothing: "
+                    "its lock went with its process"
+                ) from None
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+            os.close(fd)  # its holder deleted it while releasing: lock the new one
 
     def release(self) -> None:
         if not self.held:
@@ -237,6 +251,10 @@ class RunFolderLock:
             entry[1] -= 1
             if entry[1] == 0:
                 del _held[self._key]
+                try:
+                    os.unlink(self.folder / LOCK_FILE)  # still locked: nobody holds it meanwhile
+                except OSError:
+                    pass
                 os.close(entry[0])  # drops the flock
 
     def __enter__(self) -> "RunFolderLock":

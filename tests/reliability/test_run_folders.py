@@ -112,6 +112,7 @@ def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_stale_lock(tmp_pa
     assert (run_dir / ".metamtl.lock").exists()  # the file stays, the lock went with the process
     assert main(["fit", str(cfg), "--no-progress"]) == 0
     assert safe_load(run_dir / "last.pt")["iteration"] == 30
+    assert not (run_dir / ".metamtl.lock").exists()  # a clean run removes its lock file
 
 
 def test_two_real_fits_into_one_folder_the_second_refuses(tmp_path):
