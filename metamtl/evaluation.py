@@ -17,7 +17,7 @@ from torch import nn
 
 from .distributed import ProcessStrategy
 from .errors import ConfigError
-from .heads import ALGORITHM
+from .heads import ALGORITHM, FeatureHead, episode_metrics
 from .inputs import check_task_source, with_support_copies
 from .placement import Placement
 from .tasks.episode import Episode
@@ -178,14 +178,28 @@ def mean_feature(trunk: nn.Module, data: Any, placement: Placement, max_images: 
     return (total / len(rows)).cpu()
 
 
-def feature_means(trunk: nn.Module, source: Any, placement: Placement, max_images: int = 10_000,
+def feature_means(model: nn.Module, source: Any, placement: Placement, max_images: int = 10_000,
                   batch_size: int = 256) -> dict[str, torch.Tensor]:
     """Mean trunk feature of each training dataset (by name) of ``source``: an ``EpisodeSampler``,
-    a ``MixedTasks`` of them (one mean per dataset) or a ``ClassDataset``."""
+    a ``MixedTasks`` of them (one mean per dataset) or a ``ClassDataset``; the model in eval mode."""
     out = {}
-    for src in getattr(source, "sources", [source]):
-        data = getattr(src, "dataset", src)
-        if not hasattr(data, "images") or not hasattr(data, "preprocessing"):
-            raise ConfigError(f"compute_feature_mean needs training tasks or a ClassDataset, got {type(src).__name__}")
-        out[getattr(src, "name", data.name)] = mean_feature(trunk, data, placement, max_images, batch_size)
+    was_training = model.training
+    model.eval()
+    try:
+        for src in getattr(source, "sources", [source]):
+            data = getattr(src, "dataset", src)
+            if not hasattr(data, "images") or not hasattr(data, "preprocessing"):
+                raise ConfigError(f"compute_feature_mean needs training tasks or a ClassDataset, got {type(src).__name__}")
+            out[getattr(src, "name", data.name)] = mean_feature(model.trunk, data, placement, max_images, batch_size)
+    finally:
+        model.train(was_training)
     return out
+
+
+def scorer(algorithm: Any, model: nn.Module, steps: int, head: FeatureHead | None, bn_stats: str,
+           mean_for: Callable[[Episode], torch.Tensor | None]) -> Callable[[list[Episode]], list[dict[str, float]]]:
+    """Query metrics of a chunk of episodes: the algorithm adapts them with ``steps`` inner steps
+    (several at once on its fast path), or a feature ``head`` classifies their trunk features."""
+    if head is None:
+        return lambda eps: algorithm.evaluate_episodes(model, eps, steps)
+    return lambda eps: episode_metrics(head, model.trunk, eps, bn_stats, mean_for)

@@ -19,9 +19,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
+from . import distributed, run_state
+from .adaptation import check_positive
 from .callbacks import CallbackList, FitState
 from .heads import ALGORITHM
 from .errors import CheckpointError, ConfigError, FitInterrupted, TrainingError, unknown_name
+from .inputs import check_int, check_task_source
 from .interrupt import StopOnSignal, signal_name
 from .tasks.episode import TaskBatch
 from .tasks.sampler import TaskSource, task_batches
@@ -48,6 +51,35 @@ def build_meta_optimizer(name: str, params: list[torch.nn.Parameter], lr: float,
         return META_OPTIMIZERS[name](params, lr=lr, **dict(kwargs or {}))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad meta_optimizer_kwargs for {name!r}: {exc}") from None
+
+
+def check_fit_arguments(train_tasks: Any, val_tasks: Any, budget_minutes: float | None,
+                        **counts: tuple[Any, int]) -> None:
+    """:class:`ConfigError` for a bad argument of ``fit``: ``counts`` maps names to ``(value, minimum)``."""
+    for name, (value, low) in counts.items():
+        check_int(name, value, low)
+    check_task_source("train_tasks", train_tasks)
+    if val_tasks is not None:
+        check_task_source("val_tasks", val_tasks)
+    if budget_minutes is not None:
+        check_positive("budget_minutes", budget_minutes)
+
+
+def start_run(learner: "MetaLearner", settings: dict[str, Any], resume: str | Path | None = None) -> None:
+    """Before the first iteration of a fit: continue from the checkpoint ``resume`` (or start the
+    run's clock from zero), then join the process group and check every process starts the same
+    fit (config, ``settings``, iteration) with process 0's weights."""
+    if resume is not None:
+        run_state.resume(resume, config=learner.config(), settings=settings, optimizer=learner.meta_optimizer,
+                         modules=(learner.model, learner.algorithm), run=learner.run)
+    else:
+        learner.run.seconds, learner.run.callbacks = 0.0, {}
+    learner.run.settings = settings
+    learner.strategy = distributed.process_strategy(learner.device)
+    fingerprint = {"config": learner.config(), "fit": settings, "iteration": learner.iteration,
+                   "meta_parameters": [list(p.shape) for p in learner.meta_parameters()]}
+    learner.strategy.sync_start(fingerprint, [*learner.model.state_dict().values(),
+                                              *learner.algorithm.state_dict().values()])
 
 
 class MetaStep:

@@ -25,18 +25,21 @@ from .callbacks import Callback, CallbackList, FitState, standard_callbacks
 from .checkpoint import atomic_save, safe_load
 from .data.base import Preprocessing
 from .errors import ConfigError, InputError, unknown_name
-from .heads import ALGORITHM, FeatureHead, build_head, episode_metrics, head_name
-from .evaluation import EvalResult, episode_reader, evaluate_episodes, feature_means, hierarchy_of, mean_ci95
-from .fit_loop import INTERRUPT_CHECKPOINT, META_OPTIMIZERS, FitLoop, build_meta_optimizer
-from .inputs import TASK_TYPES, check_int, check_steps, check_task_source
+from .evaluation import (EvalResult, episode_reader, evaluate_episodes, feature_means, hierarchy_of, mean_ci95,
+                         scorer)
+from .fit_loop import (INTERRUPT_CHECKPOINT, META_OPTIMIZERS, FitLoop, build_meta_optimizer, check_fit_arguments,
+                       start_run)
+from .heads import head_name
+from .inference import InferenceSettings
+from .inputs import TASK_TYPES, check_int, check_steps
 from .models.backbones import TrunkHead
 from .placement import PRECISIONS, Placement, resolve_device
 from .predictors import AdaptedPredictor, HeadPredictor
 from .tasks.episode import Episode
 from .tasks.sampler import TaskSource
 
-__all__ = ["MetaLearner", "AdaptedPredictor", "HeadPredictor", "EvalResult", "mean_ci95", "resolve_device", "META_OPTIMIZERS",
-           "PRECISIONS", "INTERRUPT_CHECKPOINT"]
+__all__ = ["MetaLearner", "AdaptedPredictor", "HeadPredictor", "EvalResult", "mean_ci95", "resolve_device",
+           "META_OPTIMIZERS", "PRECISIONS", "INTERRUPT_CHECKPOINT"]
 
 
 class MetaLearner:
@@ -99,10 +102,7 @@ class MetaLearner:
         self.callbacks = list(callbacks)
         self.max_bad_steps = check_int("max_bad_steps", max_bad_steps, 1)
         self.task_defaults, self.metadata = dict(task_defaults or {}), dict(metadata or {})
-        self.support_augment = inputs.as_support_augment(support_augment)
-        self.head = build_head(head)
-        #: mean trunk feature of each training dataset (by name), for heads that centre features
-        self.feature_means: dict[str, torch.Tensor] = {}
+        self.inference = InferenceSettings.create(support_augment, head)
         self.meta_optimizer = build_meta_optimizer(meta_optimizer, self.meta_parameters(), self.meta_lr,
                                                    self.meta_optimizer_kwargs)
         self.run = run_state.RunState()
@@ -119,19 +119,13 @@ class MetaLearner:
     world_size = property(lambda self: self.strategy.world_size, doc="Processes training together.")
     is_main_process = property(lambda self: self.strategy.is_main_process, doc="Rank 0: prints and saves.")
 
-    @property
-    def iteration(self) -> int:
-        """Completed meta-iterations."""
-        return self.run.iteration
-
-    @iteration.setter
-    def iteration(self, value: int) -> None:
-        self.run.iteration = int(value)
-
-    @property
-    def history(self) -> list[dict[str, float]]:
-        """One row per logged iteration / validation (saved with the learner)."""
-        return self.run.history
+    iteration = property(lambda self: self.run.iteration, doc="Completed meta-iterations.")
+    history = property(lambda self: self.run.history, doc="One row per logged iteration / validation (saved).")
+    support_augment = property(lambda self: self.inference.support_augment, doc="Default support augmentation.")
+    head = property(lambda self: self.inference.head, doc="Default feature head (None: the algorithm's own).")
+    feature_means = property(lambda self: self.inference.feature_means, doc="Training features' means by dataset.")
+    bn_stats = property(lambda self: self.algorithm.config().get("bn_stats", "transductive"),
+                        doc="Whose BatchNorm statistics query features use (the algorithm's ``bn_stats``).")
 
     def autocast(self) -> torch.autocast:
         """The autocast context of :attr:`precision` (a no-op for ``"fp32"``)."""
@@ -184,26 +178,11 @@ class MetaLearner:
         Returns:
             ``self.history``: one row per iteration/validation.
         """
-        for name, value, low in (("iterations", iterations, 0), ("meta_batch_size", meta_batch_size, 1),
-                                 ("val_episodes", val_episodes, 1), ("checkpoint_every", checkpoint_every, 0),
-                                 ("num_workers", num_workers, 0), ("val_every", 1 if val_every is None else val_every, 1)):
-            check_int(name, value, low)
-        check_task_source("train_tasks", train_tasks)
-        if val_tasks is not None:
-            check_task_source("val_tasks", val_tasks)
-        if budget_minutes is not None:
-            check_positive("budget_minutes", budget_minutes)
-        settings = {"meta_batch_size": meta_batch_size, "train_tasks": repr(train_tasks)}
-        if resume is not None:
-            run_state.resume(resume, config=self.config(), settings=settings, modules=(self.model, self.algorithm),
-                             optimizer=self.meta_optimizer, run=self.run)
-        else:
-            self.run.seconds, self.run.callbacks = 0.0, {}
-        self.run.settings = settings
-        self.strategy = distributed.process_strategy(self.device)
-        tensors = [*self.model.state_dict().values(), *self.algorithm.state_dict().values()]
-        self.strategy.sync_start({"config": self.config(), "fit": settings, "iteration": self.iteration,
-                                  "meta_parameters": [list(p.shape) for p in self.meta_parameters()]}, tensors)
+        check_fit_arguments(train_tasks, val_tasks, budget_minutes, iterations=(iterations, 0),
+                            meta_batch_size=(meta_batch_size, 1), val_episodes=(val_episodes, 1),
+                            checkpoint_every=(checkpoint_every, 0), num_workers=(num_workers, 0),
+                            val_every=(1 if val_every is None else val_every, 1))
+        start_run(self, {"meta_batch_size": meta_batch_size, "train_tasks": repr(train_tasks)}, resume)
         cbs = standard_callbacks(progress, checkpoint_dir, checkpoint_every) + self.callbacks + list(callbacks)
         state = self.fit_state = FitState(
             self, iterations, meta_batch_size, val_every=(val_every or max(1, iterations // 10)) if val_tasks else None,
@@ -237,54 +216,25 @@ class MetaLearner:
         check_steps(steps)
         episode_at, n = episode_reader(tasks, episodes, ways=ways, shots=shots, queries=queries, start=start)
         steps = self.algorithm.eval_steps if steps is None else steps
-        head = self.head if head is None else build_head(head)
+        head = self.inference.classifier(head)
+        score = scorer(self.algorithm, self.model, steps, head, self.bn_stats, lambda e: self.feature_mean(e.dataset))
         return evaluate_episodes(
-            self._scorer(steps, head), self.model, episode_at, n, steps, placement=self.placement,
-            strategy=self.strategy, progress=progress, check=lambda ep: self.check_episode(ep, "evaluate"),
-            support_augment=self._tta(support_augment), hierarchy=hierarchy_of(tasks), head=head_name(head),
-            transductive=bool(head is not None and head.transductive))
-
-    def _scorer(self, steps: int, head: FeatureHead | None) -> Any:
-        """Query metrics of a chunk of episodes: the algorithm adapts them (several at once on its
-        fast path), or a feature head classifies their trunk features."""
-        if head is None:
-            return lambda eps: self.algorithm.evaluate_episodes(self.model, eps, steps)
-        return lambda eps: episode_metrics(head, self.model.trunk, eps, self.bn_stats,
-                                           lambda e: self.feature_mean(e.dataset))
-
-    @property
-    def bn_stats(self) -> str:
-        """Whose BatchNorm statistics query features use (the algorithm's ``bn_stats``)."""
-        return self.algorithm.config().get("bn_stats", "transductive")
+            score, self.model, episode_at, n, steps, placement=self.placement, strategy=self.strategy,
+            progress=progress, check=lambda ep: self.check_episode(ep, "evaluate"),
+            support_augment=self.inference.augment(support_augment), hierarchy=hierarchy_of(tasks),
+            head=head_name(head), transductive=bool(head is not None and head.transductive))
 
     def feature_mean(self, dataset: str | None = None) -> torch.Tensor | None:
         """The training split's mean trunk feature for ``dataset`` (the only one if there is one)."""
-        if dataset in self.feature_means:
-            return self.feature_means[dataset].to(self.device)
-        if len(self.feature_means) == 1:
-            return next(iter(self.feature_means.values())).to(self.device)
-        return None
+        return self.inference.feature_mean(dataset, self.device)
 
     def compute_feature_mean(self, source: Any, max_images: int = 10_000, batch_size: int = 256) -> dict[str, torch.Tensor]:
-        """Mean trunk feature of the training images, for heads that centre features (SimpleShot).
-
-        ``source``: the training tasks (an ``EpisodeSampler``, a ``MixedTasks`` of them: one mean
-        per dataset) or a ``ClassDataset``; at most ``max_images`` images (a seeded random subset)
-        in batches of ``batch_size``.  Stored in :attr:`feature_means` (saved) and returned.
-        """
+        """Mean trunk feature of the training images (:attr:`feature_means`, saved), for heads that
+        centre features (SimpleShot): see :func:`metamtl.evaluation.feature_means`."""
         check_int("max_images", max_images, 1)
         check_int("batch_size", batch_size, 1)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            self.feature_means.update(feature_means(self.model.trunk, source, self.placement, max_images, batch_size))
-        finally:
-            self.model.train(was_training)
+        self.feature_means.update(feature_means(self.model, source, self.placement, max_images, batch_size))
         return dict(self.feature_means)
-
-    def _tta(self, spec: Any) -> Any:
-        """The support augmentation of a call: ``spec``, or the learner's when ``None``."""
-        return self.support_augment if spec is None else inputs.as_support_augment(spec)
 
     # -- using the learner --------------------------------------------------------------------
     def preprocess(self, images: Any) -> torch.Tensor:
@@ -313,8 +263,8 @@ class MetaLearner:
         check_steps(steps)
         x = self.model_input(support_x, "support_x")
         y, ways = inputs.support_labels(support_y, x.shape[0], self.task, self.device)
-        x, y = inputs.support_copies(x, y, self._tta(support_augment))
-        head = self.head if head is None else build_head(head)
+        x, y = inputs.support_copies(x, y, self.inference.augment(support_augment))
+        head = self.inference.classifier(head)
         self.model.eval()
         if head is not None:
             if self.task != "classification":

@@ -24,8 +24,7 @@ from .algorithms import build_algorithm
 from .checkpoint import FORMAT, FORMAT_VERSION, config_diff, safe_load
 from .data.base import Preprocessing
 from .errors import CheckpointError, MetamtlError
-from .heads import build_head
-from .inputs import as_support_augment
+from .inference import InferenceSettings
 from .models.backbones import TrunkHead
 from .models.registry import build_model
 from .version import __version__
@@ -189,11 +188,7 @@ def learner_state(learner: "MetaLearner", training_state: bool = False) -> dict[
         "preprocessing": learner.preprocessing.to_dict() if learner.preprocessing else None,
         "task_defaults": dict(learner.task_defaults), "metadata": dict(learner.metadata),
         "iteration": learner.iteration, "history": list(learner.history),
-        "evaluation": {
-            "support_augment": learner.support_augment.config() if learner.support_augment else None,
-            "head": learner.head.config() if learner.head is not None else None,
-            "feature_means": {k: v.detach().cpu() for k, v in learner.feature_means.items()},
-        },
+        "evaluation": learner.inference.state(),
     }
     if training_state:
         fit = learner.fit_state
@@ -223,10 +218,7 @@ def learner_from_state(cls: type["MetaLearner"], obj: dict[str, Any], path: Any,
                       **dict(cfg["learner"]))
         learner.run.iteration = int(obj.get("iteration", 0))
         learner.run.history = list(obj.get("history", []))
-        evaluation = obj.get("evaluation") or {}
-        learner.support_augment = as_support_augment(evaluation.get("support_augment"))
-        learner.head = build_head(evaluation.get("head"))
-        learner.feature_means = dict(evaluation.get("feature_means") or {})
+        learner.inference = InferenceSettings.from_state(obj.get("evaluation"))
     except CheckpointError:
         raise
     except (MetamtlError, RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -41,6 +41,7 @@ MODULE_LAYERS = {
     "metamtl.heads": "algorithms",
     "metamtl.learner": "learner",
     "metamtl.predictors": "learner",
+    "metamtl.inference": "learner",
     "metamtl.placement": "learner",
     "metamtl.inputs": "learner",
     "metamtl.evaluation": "learner",

@@ -59,3 +59,19 @@ def test_placement_settings_are_checked_and_autocast_follows_precision():
     assert check_int("n", np.int64(3), 1) == 3
     with pytest.raises(ConfigError, match="n must be an integer >= 1, got True"):
         check_int("n", True, 1)
+
+
+def test_inference_settings_override_per_call_and_round_trip_through_a_checkpoint_entry():
+    from metamtl.heads import NearestCentroid
+    from metamtl.inference import InferenceSettings
+
+    inf = InferenceSettings.create({"copies": 3}, "simpleshot", {"toy": torch.ones(4)})
+    assert inf.augment().copies == 3 and inf.augment(False) is None and inf.augment({"copies": 2}).copies == 2
+    assert inf.classifier() == NearestCentroid() and inf.classifier("algorithm") is None
+    assert torch.equal(inf.feature_mean("other"), torch.ones(4))  # the only mean serves any dataset
+    back = InferenceSettings.from_state(inf.state())
+    assert back.head == inf.head and back.support_augment.config() == inf.support_augment.config()
+    assert torch.equal(back.feature_means["toy"], torch.ones(4))
+    assert InferenceSettings.from_state(None) == InferenceSettings()
+    with pytest.raises(ConfigError, match="unknown support_augment key 'copy'"):
+        InferenceSettings.create({"copy": 3})

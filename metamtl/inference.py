@@ -1,0 +1,62 @@
+"""How a learner treats new tasks by default: its inference settings, saved with it.
+
+:class:`InferenceSettings` holds what :meth:`~metamtl.MetaLearner.evaluate`,
+:meth:`~metamtl.MetaLearner.adapt` and :meth:`~metamtl.MetaLearner.predict` use unless a call
+says otherwise: test-time support augmentation (augmented copies of every support image), the
+feature head that classifies queries (``None``: the algorithm's own adaptation; see
+:mod:`metamtl.heads`) and the training features' means that centring heads use.  In a
+checkpoint it is the ``evaluation`` entry.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from .data.augment import SupportAugment
+from .heads import FeatureHead, build_head
+from .inputs import as_support_augment
+
+
+@dataclasses.dataclass
+class InferenceSettings:
+    """The defaults of ``evaluate``/``adapt``/``predict`` (see the module docstring)."""
+
+    support_augment: SupportAugment | None = None
+    head: FeatureHead | None = None
+    #: mean trunk feature of each training dataset (by name), for heads that centre features
+    feature_means: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def create(cls, support_augment: Any = None, head: Any = None,
+               feature_means: dict[str, torch.Tensor] | None = None) -> "InferenceSettings":
+        """From specs: a :class:`SupportAugment` or its settings, a head or its name/settings."""
+        return cls(as_support_augment(support_augment), build_head(head), dict(feature_means or {}))
+
+    def augment(self, spec: Any = None) -> SupportAugment | None:
+        """The support augmentation of a call: ``spec`` (``False``: none), or the default when ``None``."""
+        return self.support_augment if spec is None else as_support_augment(spec)
+
+    def classifier(self, spec: Any = None) -> FeatureHead | None:
+        """The head of a call: ``spec`` (``"algorithm"``: the algorithm's adaptation), or the default."""
+        return self.head if spec is None else build_head(spec)
+
+    def feature_mean(self, dataset: str | None = None, device: Any = "cpu") -> torch.Tensor | None:
+        """The training split's mean trunk feature for ``dataset`` (the only one if there is one)."""
+        if dataset in self.feature_means:
+            return self.feature_means[dataset].to(device)
+        if len(self.feature_means) == 1:
+            return next(iter(self.feature_means.values())).to(device)
+        return None
+
+    def state(self) -> dict[str, Any]:
+        """The checkpoint's ``evaluation`` entry (plain containers and tensors)."""
+        return {"support_augment": self.support_augment.config() if self.support_augment else None,
+                "head": self.head.config() if self.head is not None else None,
+                "feature_means": {k: v.detach().cpu() for k, v in self.feature_means.items()}}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None) -> "InferenceSettings":
+        state = state or {}
+        return cls.create(state.get("support_augment"), state.get("head"), state.get("feature_means"))
