@@ -143,7 +143,7 @@ def training_cell(results: dict[str, Any]) -> str:
     evaluated = "" if results.get("selected_iteration", results["iterations"]) == results["iterations"] else \
         f", best val at it. {results['selected_iteration']}"
     flags = [tr["precision"]] if tr.get("precision", "fp32") != "fp32" else []
-    flags += ["channels_last"] if tr.get("channels_last") else []
+    flags += ["channels_last"] if results.get("layout", "channels_last" if tr.get("channels_last") else "") == "channels_last" else []
     fast = f" ({', '.join(flags)})" if flags else ""
     return (f"{alg['name']}{head}, {cfg['model'].get('name')}-{cfg['model'].get('hidden', '')}{fast}, {steps} inner steps; "
             f"trained {t['ways']}w{t['shots']}s x{tr['meta_batch_size']} tasks, {results['iterations']} it. in "

@@ -19,7 +19,10 @@ The references are written as a user of each library would write them, on the te
 * ``floor``: plain forward + backward of the same images (32 tasks x 80 images) in chunks of 80:
   what one pass over the images costs without any meta-learning.
 
-Meta-iterations include zeroing gradients and one Adam meta-step, for every row alike.
+metamtl rows run a ``MetaLearner``'s model and layout (by default channels_last for conv models on
+CPU, chosen automatically) and pass the meta-iteration on, as ``fit`` does; ``*_higher`` rows are the
+same settings with ``backend: higher`` (the oracle engine).  Meta-iterations include zeroing
+gradients and one Adam meta-step, for every row alike.
 ``--write`` records the table in benchmarks/RESULTS.md (section "Speed"), with the command,
 date, machine and commit.
 """
@@ -138,22 +141,28 @@ def nhwc(model: nn.Module, batch, on: bool):
 
 
 def metamtl_step(algorithm: str, tasks: int, steps: int, device: str, queries: int = QUERIES,
-                 channels_last: bool = False, **settings):
+                 channels_last: bool | None = None, start_iteration: int = 0, **settings):
+    """One meta-iteration of metamtl as ``MetaLearner.fit`` runs it: the learner's layout (by default
+    chosen automatically: channels_last for conv models on CPU), its meta-iteration passed on."""
+    from metamtl import MetaLearner
     from metamtl.algorithms import build_algorithm
 
     per_task_head = settings.get("head_init", "learned") != "learned"
-    model = metamtl_model(device, head=not per_task_head)
     alg = build_algorithm(algorithm, steps=steps, lr=settings.pop("lr", LR), **settings)
-    model, batch = nhwc(model, episodes(tasks, queries, device), channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    path = "fast path" if alg.fast_path(model) is not None else "higher"
+    learner = MetaLearner(metamtl_model(device, head=not per_task_head), alg, device=device,
+                          channels_last=channels_last)
+    model, batch = learner.model, episodes(tasks, queries, device).to(memory_format=learner.memory_format)
+    opt = torch.optim.Adam(learner.meta_parameters(), lr=1e-3)
+    iteration = [start_iteration]
 
     def step():
         opt.zero_grad(set_to_none=True)
-        alg.meta_step(model, batch)
+        alg.meta_step(model, batch, iteration[0])
         opt.step()
+        iteration[0] += 1
 
-    return step, {"path": path}
+    layout = "channels_last" if learner.channels_last else "NCHW"
+    return step, {"path": f"{alg.inner.backend}, {layout}"}
 
 
 def plain_higher_step(tasks: int, steps: int, device: str, channels_last: bool = False):
@@ -296,7 +305,7 @@ def evaluate_rows(algorithm: str, backend: str, count: int, device: str):
     model = metamtl_model(device, head=False)
     alg = build_algorithm(algorithm, steps=3, lr=0.1, head_init="proto", backend=backend)
     learner = MetaLearner(model, alg, device=device)
-    eps = list(episodes(count, device=device))
+    eps = list(episodes(count, device=device).to(memory_format=learner.memory_format))
 
     def step():
         learner.evaluate(eps, progress=False)
@@ -317,13 +326,13 @@ ROWS = {
                            lambda d: floor_step(32, d, "metamtl", memory_format="nhwc")),
     "floor_compiled": ("floor, textbook conv4 under torch.compile (compile time excluded)",
                        lambda d: floor_step(32, d, compiled=True)),
-    "maml_32x1": ("metamtl MAML 2nd order, 32 tasks x 1 step (backend auto)", lambda d: metamtl_step("maml", 32, 1, d)),
-    "maml_32x1_higher": ("metamtl MAML, backend higher (reference)",
+    "maml_32x1": ("metamtl MAML 2nd order, 32 tasks x 1 step (defaults: core engine, automatic layout)", lambda d: metamtl_step("maml", 32, 1, d)),
+    "maml_32x1_higher": ("metamtl MAML, backend higher (the oracle engine)",
                          lambda d: metamtl_step("maml", 32, 1, d, backend="higher")),
-    "maml_32x1_vmap": ("metamtl MAML, backend func, torch.func.vmap over chunks of 8 tasks",
-                       lambda d: metamtl_step("maml", 32, 1, d, backend="func", task_chunk=8)),
-    "maml_32x1_nhwc": ("metamtl MAML 32x1, channels_last (MetaLearner channels_last=True)",
-                       lambda d: metamtl_step("maml", 32, 1, d, channels_last=True)),
+    "maml_32x1_vmap": ("metamtl MAML, core with torch.func.vmap over chunks of 8 tasks",
+                       lambda d: metamtl_step("maml", 32, 1, d, task_chunk=8)),
+    "maml_32x1_nchw": ("metamtl MAML 32x1, NCHW forced (MetaLearner channels_last=False)",
+                       lambda d: metamtl_step("maml", 32, 1, d, channels_last=False)),
     "higher_32x1": ("plain higher loop, 32 tasks x 1 step", lambda d: plain_higher_step(32, 1, d)),
     "higher_32x1_nhwc": ("plain higher loop, channels_last model and images",
                          lambda d: plain_higher_step(32, 1, d, channels_last=True)),
@@ -331,20 +340,20 @@ ROWS = {
     "l2l_32x1_nhwc": ("learn2learn MAML, channels_last model and images",
                       lambda d: learn2learn_step(32, 1, d, channels_last=True)),
     "maml_16x5": ("metamtl MAML 2nd order, 16 tasks x 5 steps", lambda d: metamtl_step("maml", 16, 5, d)),
-    "maml_16x5_nhwc": ("metamtl MAML 16x5, channels_last",
-                       lambda d: metamtl_step("maml", 16, 5, d, channels_last=True)),
+    "maml_16x5_nchw": ("metamtl MAML 16x5, NCHW forced",
+                       lambda d: metamtl_step("maml", 16, 5, d, channels_last=False)),
     "maml_16x5_higher": ("metamtl MAML 16x5, backend higher",
                          lambda d: metamtl_step("maml", 16, 5, d, backend="higher")),
     "higher_16x5": ("plain higher loop, 16 tasks x 5 steps", lambda d: plain_higher_step(16, 5, d)),
     "l2l_16x5": ("learn2learn MAML, 16 tasks x 5 steps", lambda d: learn2learn_step(16, 5, d)),
     "fomaml_32x1": ("metamtl FOMAML, 32 tasks x 1 step", lambda d: metamtl_step("fomaml", 32, 1, d)),
-    "fomaml_32x1_nhwc": ("metamtl FOMAML 32x1, channels_last",
-                         lambda d: metamtl_step("fomaml", 32, 1, d, channels_last=True)),
+    "fomaml_32x1_nchw": ("metamtl FOMAML 32x1, NCHW forced",
+                         lambda d: metamtl_step("fomaml", 32, 1, d, channels_last=False)),
     "fomaml_32x1_higher": ("metamtl FOMAML, backend higher",
                            lambda d: metamtl_step("fomaml", 32, 1, d, backend="higher")),
     "anil_32x1": ("metamtl ANIL (head-only), 32 tasks x 1 step", lambda d: metamtl_step("anil", 32, 1, d)),
-    "anil_32x1_nhwc": ("metamtl ANIL 32x1, channels_last",
-                       lambda d: metamtl_step("anil", 32, 1, d, channels_last=True)),
+    "anil_32x1_nchw": ("metamtl ANIL 32x1, NCHW forced",
+                       lambda d: metamtl_step("anil", 32, 1, d, channels_last=False)),
     "anil_32x1_higher": ("metamtl ANIL, backend higher",
                          lambda d: metamtl_step("anil", 32, 1, d, backend="higher")),
     "anil_demo": ("metamtl ANIL as in `make demo`: 16 tasks, proto head, 3 steps, 5 queries",
@@ -352,8 +361,26 @@ ROWS = {
     "anil_demo_higher": ("the same, backend higher",
                          lambda d: metamtl_step("anil", 16, 3, d, queries=5, head_init="proto", lr=0.1,
                                                 backend="higher")),
+    "metasgd_32x1": ("metamtl Meta-SGD, 32 tasks x 1 step (learned per-weight rates)",
+                     lambda d: metamtl_step("metasgd", 32, 1, d)),
+    "metasgd_32x1_higher": ("the same, backend higher", lambda d: metamtl_step("metasgd", 32, 1, d, backend="higher")),
+    "mamlpp_16x5": ("metamtl MAML++ defaults (per-step BN, learned rates, multi-step loss), 16 tasks x 5 steps, "
+                    "from meta-iteration 0 (first order)", lambda d: metamtl_step("mamlpp", 16, 5, d, lr=0.1)),
+    "mamlpp_16x5_higher": ("the same, backend higher",
+                           lambda d: metamtl_step("mamlpp", 16, 5, d, lr=0.1, backend="higher")),
+    "mamlpp_16x5_so": ("metamtl MAML++ 16x5 from meta-iteration 500 (second order, final-step loss)",
+                       lambda d: metamtl_step("mamlpp", 16, 5, d, lr=0.1, start_iteration=500)),
+    "mamlpp_16x5_so_higher": ("the same, backend higher",
+                              lambda d: metamtl_step("mamlpp", 16, 5, d, lr=0.1, start_iteration=500,
+                                                     backend="higher")),
+    "reptile_16x5": ("metamtl Reptile, 16 tasks x 5 steps", lambda d: metamtl_step("reptile", 16, 5, d)),
+    "reptile_16x5_higher": ("the same, backend higher", lambda d: metamtl_step("reptile", 16, 5, d, backend="higher")),
+    "maml_adam_16x5": ("metamtl MAML 2nd order with an Adam inner loop (lr 0.001), 16 tasks x 5 steps",
+                       lambda d: metamtl_step("maml", 16, 5, d, optimizer="adam", lr=0.001)),
+    "maml_adam_16x5_higher": ("the same, backend higher",
+                              lambda d: metamtl_step("maml", 16, 5, d, optimizer="adam", lr=0.001, backend="higher")),
     "eval_100": ("MetaLearner.evaluate, 100 episodes (ANIL proto, 3 steps)",
-                 lambda d: evaluate_rows("anil", "auto", 100, d)),
+                 lambda d: evaluate_rows("anil", "core", 100, d)),
     "eval_100_higher": ("the same, backend higher", lambda d: evaluate_rows("anil", "higher", 100, d)),
     "batch_prep": ("sample + convert one 32-task meta-batch", lambda d: batch_prep(32, d)),
     "sampler": ("metamtl EpisodeSampler, 2000 episodes", lambda d: sampler_rate()),
@@ -362,29 +389,30 @@ ROWS = {
 
 #: (label, numerator row, denominator row, target or None): ratios of seconds per iteration
 RATIOS = [
-    ("MAML 32x1 / plain higher", "maml_32x1", "higher_32x1", 0.8),
+    ("MAML 32x1 / plain higher", "maml_32x1", "higher_32x1", 0.65),
     ("MAML 32x1 / learn2learn", "maml_32x1", "l2l_32x1", 0.8),
     ("MAML 16x5 / plain higher", "maml_16x5", "higher_16x5", 0.8),
     ("MAML 16x5 / learn2learn", "maml_16x5", "l2l_16x5", 0.8),
-    ("MAML 32x1 channels_last / plain higher", "maml_32x1_nhwc", "higher_32x1", 0.8),
-    ("MAML 32x1 channels_last / learn2learn", "maml_32x1_nhwc", "l2l_32x1", 0.8),
-    ("MAML 16x5 channels_last / plain higher", "maml_16x5_nhwc", "higher_16x5", 0.8),
-    ("MAML 16x5 channels_last / learn2learn", "maml_16x5_nhwc", "l2l_16x5", 0.8),
-    ("MAML 32x1 channels_last / plain higher, channels_last too", "maml_32x1_nhwc", "higher_32x1_nhwc", None),
-    ("MAML 32x1 channels_last / learn2learn, channels_last too", "maml_32x1_nhwc", "l2l_32x1_nhwc", None),
-    ("MAML 32x1 channels_last / floor channels_last (metamtl Conv4)", "maml_32x1_nhwc", "floor_metamtl_nhwc", None),
-    ("MAML 32x1 / floor", "maml_32x1", "floor", None),
-    ("MAML 32x1 fast path / metamtl higher backend", "maml_32x1", "maml_32x1_higher", None),
-    ("MAML 32x1 vmap(8 tasks) / fast path", "maml_32x1_vmap", "maml_32x1", None),
+    ("Meta-SGD 32x1: core / higher engine", "metasgd_32x1", "metasgd_32x1_higher", 0.7),
+    ("MAML++ 16x5: core / higher engine", "mamlpp_16x5", "mamlpp_16x5_higher", 0.7),
+    ("MAML++ 16x5 second order: core / higher engine", "mamlpp_16x5_so", "mamlpp_16x5_so_higher", None),
+    ("Reptile 16x5: core / higher engine", "reptile_16x5", "reptile_16x5_higher", 0.7),
+    ("MAML Adam-inner 16x5: core / higher engine", "maml_adam_16x5", "maml_adam_16x5_higher", 0.7),
+    ("MAML 32x1: core / higher engine", "maml_32x1", "maml_32x1_higher", None),
+    ("MAML 32x1: channels_last (default) / NCHW forced", "maml_32x1", "maml_32x1_nchw", None),
+    ("MAML 16x5: channels_last (default) / NCHW forced", "maml_16x5", "maml_16x5_nchw", None),
+    ("FOMAML 32x1: channels_last (default) / NCHW forced", "fomaml_32x1", "fomaml_32x1_nchw", None),
+    ("ANIL 32x1: channels_last (default) / NCHW forced", "anil_32x1", "anil_32x1_nchw", None),
+    ("MAML 32x1 / plain higher, channels_last too", "maml_32x1", "higher_32x1_nhwc", None),
+    ("MAML 32x1 / learn2learn, channels_last too", "maml_32x1", "l2l_32x1_nhwc", None),
+    ("MAML 32x1 / floor channels_last (metamtl Conv4)", "maml_32x1", "floor_metamtl_nhwc", None),
+    ("MAML 32x1 vmap(8 tasks) / one task per call", "maml_32x1_vmap", "maml_32x1", None),
     ("plain higher 32x1 / floor", "higher_32x1", "floor", None),
-    ("FOMAML 32x1 / floor", "fomaml_32x1", "floor", None),
-    ("FOMAML fast path / higher backend", "fomaml_32x1", "fomaml_32x1_higher", None),
-    ("ANIL 32x1 / floor", "anil_32x1", "floor", 1.3),
-    ("ANIL 32x1 channels_last / floor channels_last (textbook)", "anil_32x1_nhwc", "floor_nhwc", 1.3),
-    ("FOMAML 32x1 channels_last / FOMAML NCHW", "fomaml_32x1_nhwc", "fomaml_32x1", None),
-    ("ANIL 32x1 fast path / higher backend", "anil_32x1", "anil_32x1_higher", None),
-    ("demo ANIL fast path / higher backend", "anil_demo", "anil_demo_higher", None),
-    ("evaluate fast path / higher backend", "eval_100", "eval_100_higher", None),
+    ("FOMAML 32x1: core / higher engine", "fomaml_32x1", "fomaml_32x1_higher", None),
+    ("ANIL 32x1 / floor channels_last (textbook)", "anil_32x1", "floor_nhwc", 1.3),
+    ("ANIL 32x1: core / higher engine", "anil_32x1", "anil_32x1_higher", None),
+    ("demo ANIL: core / higher engine", "anil_demo", "anil_demo_higher", None),
+    ("evaluate: core / higher engine", "eval_100", "eval_100_higher", None),
     ("floor: metamtl Conv4 / textbook", "floor_metamtl", "floor", None),
     ("floor: channels_last feature maps / NCHW", "floor_channels_last", "floor", None),
     ("floor: channels_last weights+images / NCHW", "floor_nhwc", "floor", None),

@@ -36,7 +36,7 @@ from metamtl.config import load_config  # noqa: E402
 from metamtl.experiment import build_learner, build_tasks, seed_everything  # noqa: E402
 
 OUT = REPO / "runs" / "time_to_accuracy"
-LABELS = {"auto": "fast path (auto)", "higher": "backend higher"}
+LABELS = {"core": "core (default)", "higher": "backend higher"}
 
 
 class Snapshots(Callback):
@@ -169,7 +169,7 @@ def main() -> None:
     t.add_argument("--config", default=str(REPO / "configs" / "omniglot_5w1s.yaml"))
     t.add_argument("--minutes", type=float, default=5.0)
     t.add_argument("--every", type=float, default=20.0, help="seconds of training between snapshots")
-    t.add_argument("--backends", default="auto,higher")
+    t.add_argument("--backends", default="core,higher")
     t.add_argument("--variant", action="append", metavar='LABEL="key=value ..."',
                    help="a curve with these config overrides (repeatable; replaces --backends)")
     e = sub.add_parser("evaluate")

@@ -369,6 +369,7 @@ def _run(cfg: Config, resume: str | Path | None, progress: bool, callbacks: list
         "data_seconds": data_seconds,
         "checkpoint": str(final_path),
         "machine": machine_info(),
+        "layout": "channels_last" if learner.channels_last else "nchw",  # as chosen (train.channels_last: null)
         "commit": commit,
         "date": started,
         "test": [],

@@ -101,7 +101,7 @@ class MetaStep:
         ln.model.train()
         ln.meta_optimizer.zero_grad(set_to_none=True)
         with ln.placement.autocast():
-            metrics = ln.algorithm.meta_step(ln.model, batch)
+            metrics = ln.algorithm.meta_step(ln.model, batch, ln.iteration)
         metrics = ln.strategy.reduce_gradients(ln.meta_parameters(), metrics, len(batch), iteration=ln.iteration)
         self.after_backward()
         params = [p for p in ln.meta_parameters() if p.grad is not None]

@@ -61,7 +61,9 @@ class MetaLearner:
         metadata: free-form, JSON-like information saved with the learner (e.g. data config).
         precision: ``"fp32"`` or ``"bf16"`` (bfloat16 autocast for forward and backward passes;
             weights, optimizer state and gradients stay float32; see :mod:`metamtl.placement`).
-        channels_last: 4-D weights and image batches in NHWC layout (faster convolutions, same maths).
+        channels_last: 4-D weights and image batches in NHWC layout (same maths, different speed);
+            ``None`` (default) chooses it where it is faster: for conv models on the CPU
+            (:func:`~metamtl.placement.auto_channels_last`); ``True``/``False`` force a layout.
         support_augment: test-time support augmentation for :meth:`evaluate`, :meth:`adapt` and
             :meth:`predict` (a :class:`~metamtl.data.augment.SupportAugment` or its settings,
             e.g. ``{"copies": 5, "augment": {"name": "affine"}}``): every support set gets
@@ -79,7 +81,7 @@ class MetaLearner:
                  meta_optimizer_kwargs: dict[str, Any] | None = None, grad_clip: float | None = None,
                  device: str | torch.device | None = "auto", callbacks: Iterable[Callback] = (),
                  max_bad_steps: int = 10, task: str = "classification", task_defaults: dict[str, int] | None = None,
-                 metadata: dict[str, Any] | None = None, precision: str = "fp32", channels_last: bool = False,
+                 metadata: dict[str, Any] | None = None, precision: str = "fp32", channels_last: bool | None = None,
                  support_augment: Any = None, head: Any = None) -> None:
         if not isinstance(model, TrunkHead):
             raise ConfigError(
@@ -91,7 +93,7 @@ class MetaLearner:
             raise ConfigError(f"algorithm must be an Algorithm or a name, got {type(algorithm).__name__}")
         if task not in TASK_TYPES:
             raise unknown_name("task type", task, TASK_TYPES)
-        self.placement = Placement.create(device, precision, channels_last)
+        self.placement = Placement.create(device, precision, channels_last, model)
         algorithm.setup(model)  # model-dependent learnable state, before the meta-optimizer exists
         self.model = self.placement.module(model)
         self.algorithm = algorithm.to(self.device)

@@ -34,6 +34,14 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return distributed.process_device(dev)
 
 
+def auto_channels_last(model: nn.Module | None, device: torch.device) -> bool:
+    """The layout ``channels_last=None`` chooses: channels_last for models with 2-D convolutions on
+    the CPU, where it is faster (oneDNN's NHWC convolutions; PyTorch's NCHW max-pool and BatchNorm
+    kernels are slow: the ``*_nchw`` rows of benchmarks/speed.py), NCHW otherwise (MLPs; GPUs,
+    where cuDNN picks its own layouts)."""
+    return device.type == "cpu" and model is not None and any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
 @dataclasses.dataclass(frozen=True)
 class Placement:
     """A resolved device, a precision (``"fp32"`` or ``"bf16"``) and the image memory layout."""
@@ -44,17 +52,21 @@ class Placement:
 
     @classmethod
     def create(cls, device: str | torch.device | None = "auto", precision: str = "fp32",
-               channels_last: bool = False) -> "Placement":
-        """Check the settings, resolve ``device`` and tune the CPU allocator when on the CPU."""
+               channels_last: bool | None = None, model: nn.Module | None = None) -> "Placement":
+        """Check the settings, resolve ``device`` and tune the CPU allocator when on the CPU.
+
+        ``channels_last=None`` chooses the layout for ``model`` (:func:`auto_channels_last`)."""
         if precision not in PRECISIONS:
             raise unknown_name("precision", precision, PRECISIONS)
-        if not isinstance(channels_last, bool):
-            raise ConfigError(f"channels_last must be true or false, got {channels_last!r}")
+        if channels_last is not None and not isinstance(channels_last, bool):
+            raise ConfigError(f"channels_last must be true, false or null (automatic), got {channels_last!r}")
         dev = resolve_device(device)
         if dev.type == "cpu":
             tune_cpu_allocator()  # heap reuse instead of mmap/munmap per step (see metamtl.allocator)
         if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("precision 'bf16' needs a GPU with bfloat16 support; use precision 'fp32'")
+        if channels_last is None:
+            channels_last = auto_channels_last(model, dev)
         return cls(dev, precision, channels_last)
 
     @property

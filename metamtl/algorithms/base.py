@@ -1,31 +1,35 @@
-"""Outer loops: what an algorithm does with a task after the shared inner loop adapted to it.
+"""Outer loops: an algorithm is a few declarations on the one inner-loop core.
 
-An :class:`Algorithm` is an ``nn.Module`` (so learnable pieces such as inner learning rates are
-saved with it, meta-optimized with the model and restored on resume) and the
-:class:`~metamtl.adaptation.InnerHooks` of the shared inner loop, with the entry points the
-:class:`~metamtl.MetaLearner` uses:
+An :class:`Algorithm` is an ``nn.Module`` (learnable pieces such as inner learning rates are saved
+with it, meta-optimized with the model and restored on resume) that declares:
 
-* :meth:`Algorithm.setup` is called once with the model before the meta-optimizer is built:
-  algorithms whose learnable state depends on the model (Meta-SGD's per-weight learning rates,
-  MAML++'s per-layer ones and per-step BatchNorm) create it there;
+* :meth:`~Algorithm.inner_objective` - what the inner loop minimises (default: the support task
+  loss plus any loss terms);
+* :meth:`~Algorithm.outer_objective` - what the meta-gradient is the gradient of (default: the
+  query task loss after the last inner step, plus query loss terms);
+* :meth:`~Algorithm.meta_gradient` - the rule that turns it into ``.grad`` of the
+  meta-parameters (:class:`~metamtl.adaptation.SecondOrder`, :class:`~metamtl.adaptation.FirstOrder`,
+  :class:`~metamtl.adaptation.Difference`, or your own), chosen per meta-iteration;
+* optionally :meth:`~Algorithm.inner_lrs` (learned inner rates, per weight and step) and
+  :meth:`~Algorithm.step_tensors` (per-step BatchNorm sets: tensors handed to the forward pass
+  of the weights after ``k`` updates).
 
-* :meth:`Algorithm.meta_step` accumulates the meta-gradient of a meta-batch into ``.grad`` of the
-  meta-parameters (the learner then clips and steps its meta-optimizer);
-* :meth:`Algorithm.adapt` adapts to one support set without a higher-order graph, for
-  evaluation, ``MetaLearner.adapt`` and ``predict``.
-
-Subclasses usually override a hook or two: :meth:`Algorithm.task_step` /
-:meth:`Algorithm.task_backward` (what to do with an adapted task), and the inner-loop hooks
-:meth:`~metamtl.adaptation.InnerHooks.lr_override` / ``step_context``.
+Everything else - building the inner problem of a chunk of tasks, running it on the core (or the
+``higher`` engine), metrics, evaluation - is :meth:`Algorithm.meta_step`, :meth:`Algorithm.adapt`
+and :meth:`Algorithm.evaluate_episodes`, shared by all.  :meth:`Algorithm.setup` creates
+model-dependent learnable state before the meta-optimizer is built.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
 
-from ..adaptation import Adapted, FunctionalInnerLoop, InnerHooks, InnerLoop, LossContext, select_engine, task_loss
+from ..adaptation import (
+    Adapted, FirstOrder, InnerLoop, InnerProblem, InnerView, MetaGradient, SecondOrder, add_loss_terms,
+    batched_task_loss, build_problem, default_objective,
+)
 from ..models.backbones import TrunkHead
 from ..tasks.episode import Episode, TaskBatch
 
@@ -34,19 +38,17 @@ def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return float((logits.argmax(-1) == targets).float().mean())
 
 
-class Algorithm(nn.Module, InnerHooks):
-    """Base class: MAML-style meta-learning on the shared :class:`InnerLoop`.
+class Algorithm(nn.Module):
+    """Base class: MAML (second order, or first order with ``first_order=True``) on the core.
 
     Args:
-        inner: the inner loop; or pass its settings as keyword arguments
+        inner: the inner-loop settings; or pass them as keyword arguments
             (``steps``, ``lr``, ``optimizer``, ``first_order``, ``adapt``, ``head_init``, ...).
     """
 
     name: ClassVar[str] = "base"
     #: settings this algorithm fixes whatever the user passes (e.g. ANIL adapts only the head)
     fixed: ClassVar[dict[str, Any]] = {}
-    #: keep first-order inner updates on the tape (algorithms with learned inner settings)
-    track_updates: ClassVar[bool] = False
 
     def __init__(self, inner: InnerLoop | None = None, **inner_kwargs: Any) -> None:
         super().__init__()
@@ -70,110 +72,121 @@ class Algorithm(nn.Module, InnerHooks):
         Must be idempotent: it is called again by ``meta_step``/``adapt`` and on load.
         """
 
-    # -- training -----------------------------------------------------------------------------
-    @property
-    def second_order(self) -> bool:
-        return not self.inner.first_order
-
-    def adapt_task(self, model: TrunkHead, episode: Episode) -> Adapted:
-        """The shared inner loop on one training episode, with this algorithm's hooks."""
-        return self.inner.adapt_task(
-            model, episode.support_x, episode.support_y, episode.ways, create_graph=self.second_order,
-            hooks=self, track_updates=self.track_updates,
-        )
-
-    def meta_step(self, model: TrunkHead, batch: TaskBatch) -> dict[str, float]:
-        """Accumulate the meta-gradient of ``batch`` (mean over tasks) into ``.grad``.
-
-        Tasks are processed one at a time and their graphs freed after each backward, so
-        memory does not grow with the meta-batch size.  Returns mean query loss/accuracy and the
-        mean support loss before each inner step (``inner_loss/step_k``).
-        """
-        self.setup(model)
-        engine = self.fast_path(model)
-        if engine is not None:
-            return engine.meta_step(model, batch, self.second_order)
-        totals: dict[str, float] = {}
-        n = len(batch)
-        for episode in batch:
-            for key, value in self.task_step(model, episode, 1.0 / n).items():
-                totals[key] = totals.get(key, 0.0) + value / n
-        return totals
-
-    #: overriding any of these opts out of the task-batched fast path (it re-implements them)
-    _FAST_PATH_METHODS: ClassVar[tuple[str, ...]] = (
-        "adapt_task", "task_step", "task_backward", "evaluate_episode", "adapt", "lr_override", "step_context",
-    )
-
-    def fast_path(self, model: TrunkHead) -> FunctionalInnerLoop | None:
-        """The exact task-batched engine for this algorithm and model, or ``None`` (reference loop).
-
-        See :mod:`metamtl.adaptation.functional` and the inner loop's ``backend`` setting.
-        """
-        blockers = [
-            f"{type(self).__name__} overrides {name}" for name in self._FAST_PATH_METHODS
-            if getattr(type(self), name) is not getattr(Algorithm, name)
-        ]
-        if self.track_updates:
-            blockers.append(f"{type(self).__name__} keeps first-order updates on the tape (track_updates)")
-        return select_engine(self.inner, model, blockers)
-
-    def task_step(self, model: TrunkHead, episode: Episode, weight: float) -> dict[str, float]:
-        """Adapt to one task, backpropagate ``weight * query loss``, return its metrics.
-
-        The query loss includes the inner loop's :attr:`~metamtl.adaptation.InnerLoop.loss_terms`
-        (phase ``"query"``); the reported ``loss`` is the plain task loss.
-        """
-        adapted = self.adapt_task(model, episode)
-        logits = adapted(episode.query_x)
-        loss = task_loss(logits, episode.query_y)
-        objective = self.inner.add_loss_terms(loss, LossContext(
-            "query", logits, episode.query_y, episode.query_x, episode.support_x, episode.support_y,
-            episode.ways, model))
-        self.task_backward(adapted, objective * weight)
-        return self._metrics(loss, logits, episode, adapted)
-
-    def task_backward(self, adapted: Adapted, loss: torch.Tensor) -> None:
-        """Turn one task's weighted query loss into meta-gradients."""
-        adapted.backward(loss)
-
-    @staticmethod
-    def _metrics(loss: torch.Tensor, logits: torch.Tensor, episode: Episode, adapted: Adapted | None) -> dict[str, float]:
-        out = {"loss": float(loss.detach())}
-        if episode.is_classification:
-            out["accuracy"] = accuracy(logits.detach(), episode.query_y)
-        if adapted is not None:
-            for k, v in enumerate(adapted.inner_losses):
-                out[f"inner_loss/step_{k}"] = v
-        return out
-
-    # -- evaluation --------------------------------------------------------------------------
-    def adapt(
-        self, model: TrunkHead, support_x: torch.Tensor, support_y: torch.Tensor, ways: int,
-        steps: int | None = None,
-    ) -> Adapted:
-        """Adapt to a support set for prediction (no higher-order graph)."""
-        self.setup(model)
-        if steps is None:
-            steps = self.eval_steps
-        return self.inner.adapt_task(model, support_x, support_y, ways, create_graph=False, steps=steps, hooks=self)
-
     @property
     def eval_steps(self) -> int:
         """Inner steps used at evaluation by default."""
-        return self.inner.eval_steps if self.inner.eval_steps is not None else self.inner.steps
+        return self.inner.evaluation_steps
+
+    # -- declarations ------------------------------------------------------------------------
+    def meta_gradient(self, iteration: int) -> MetaGradient:
+        """The meta-gradient rule at meta-iteration ``iteration``."""
+        return FirstOrder() if self.inner.first_order else SecondOrder()
+
+    def inner_lrs(self, names: Sequence[str], step: int) -> list | None:
+        """Inner learning rate of each adapted weight (model names) at step ``step``; ``None``: ``lr``."""
+        return None
+
+    def step_tensors(self, step: int, training: bool) -> dict[str, torch.Tensor]:
+        """Tensors handed to the forward pass of the weights after ``step`` updates (by model name)."""
+        return {}
+
+    def inner_objective(self, view: InnerView) -> torch.Tensor:
+        """The inner objective ``[T]`` of one inner step."""
+        return default_objective(view)
+
+    def outer_objective(self, adapted: Adapted, query_x: torch.Tensor, query_y: torch.Tensor,
+                        iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(objective [T], final logits)``: the query task loss after the last step plus query loss terms."""
+        p = adapted.problem
+        logits, feats = adapted.forward(query_x, taps=p.taps)
+        loss = batched_task_loss(logits, query_y)
+        return add_loss_terms(p, "query", loss, logits, query_y, query_x, adapted.params, feats), logits
+
+    def chunk_limit(self, training: bool) -> int | None:
+        """At most this many tasks adapted at once (``None``: the engine decides)."""
+        return None
+
+    # -- the machinery every algorithm shares -------------------------------------------------
+    def problem(self, model: TrunkHead, support_x: torch.Tensor, support_y: torch.Tensor, ways: int,
+                steps: int | None = None) -> InnerProblem:
+        """The inner problem of ``T`` tasks' support sets ``[T, S, ...]`` with this algorithm's declarations."""
+        return build_problem(self.inner, model, support_x, support_y, ways, steps=steps, lrs=self.inner_lrs,
+                             tensors=self.step_tensors, objective=self.inner_objective)
+
+    def chunks(self, batch: TaskBatch, training: bool) -> list[list[int]]:
+        """Positions of ``batch``'s episodes grouped by shape, in chunks adapted together."""
+        from ..adaptation import ENGINES
+
+        engine = ENGINES[self.inner.backend]
+        limit = self.chunk_limit(training)
+        if training and self.inner.loss_terms:
+            limit = 1  # loss terms see one task at a time
+        out = []
+        for positions in batch.groups().values():
+            size = engine.chunk_size(self.inner, batch[positions[0]].support_x.device, len(positions))
+            size = min(size, limit) if limit else size
+            out += [positions[i:i + size] for i in range(0, len(positions), size)]
+        return out
+
+    def meta_step(self, model: TrunkHead, batch: TaskBatch, iteration: int = 0) -> dict[str, float]:
+        """Accumulate the meta-gradient of ``batch`` (mean over tasks) into ``.grad``.
+
+        ``iteration`` is the meta-iteration (0-based) the learner is at: schedules (MAML++'s
+        annealing) follow it.  Chunks of tasks are processed one after the other and their graphs
+        freed after each backward.  Returns mean query loss/accuracy and the mean support loss
+        before each inner step (``inner_loss/step_k``).
+        """
+        self.setup(model)
+        rule = self.meta_gradient(iteration)
+        n = len(batch)
+        totals: dict[str, float] = {}
+
+        def add(key: str, values: torch.Tensor) -> None:
+            totals[key] = totals.get(key, 0.0) + float(values.sum()) / n
+
+        for positions in self.chunks(batch, training=True):
+            sx, sy, qx, qy = batch.stack(positions)
+            first = batch[positions[0]]
+            problem = self.problem(model, sx, sy, first.ways)
+            adapted, _, logits = rule.backward(
+                problem, lambda a: self.outer_objective(a, qx, qy, iteration), 1.0 / n)
+            add("loss", batched_task_loss(logits, qy))
+            if first.is_classification:
+                add("accuracy", (logits.argmax(-1) == qy).float().mean(1))
+            for k, v in enumerate(adapted.inner_losses):
+                add(f"inner_loss/step_{k}", v)
+        return totals
+
+    # -- evaluation --------------------------------------------------------------------------
+    def adapt(self, model: TrunkHead, support_x: torch.Tensor, support_y: torch.Tensor, ways: int,
+              steps: int | None = None) -> Adapted:
+        """Adapt to one support set for prediction (no meta-gradient); call the result on query inputs."""
+        self.setup(model)
+        problem = self.problem(model, support_x.unsqueeze(0), support_y.unsqueeze(0), ways,
+                               self.eval_steps if steps is None else steps)
+        adapted = problem.unroll(problem.leaves(), tape=False, create_graph=False)
+        adapted.single = True
+        return adapted
+
+    def evaluate_episodes(self, model: TrunkHead, episodes: Sequence[Episode],
+                          steps: int | None = None) -> list[dict[str, float]]:
+        """Query loss (and accuracy) of each episode after adapting to its support set."""
+        self.setup(model)
+        steps = self.eval_steps if steps is None else steps
+        batch = TaskBatch(list(episodes))
+        out: list[dict[str, float]] = [{} for _ in episodes]
+        with torch.no_grad():
+            for positions in self.chunks(batch, training=model.training):
+                sx, sy, qx, qy = batch.stack(positions)
+                first = batch[positions[0]]
+                problem = self.problem(model, sx, sy, first.ways, steps)
+                logits = problem.unroll(problem.leaves(), tape=False, create_graph=False)(qx)
+                losses = batched_task_loss(logits, qy).tolist()
+                accs = (logits.argmax(-1) == qy).float().mean(1).tolist() if first.is_classification else None
+                for j, p in enumerate(positions):
+                    out[p] = {"loss": losses[j]} if accs is None else {"loss": losses[j], "accuracy": accs[j]}
+        return out
 
     def evaluate_episode(self, model: TrunkHead, episode: Episode, steps: int | None = None) -> dict[str, float]:
-        """Query loss/accuracy after adapting to the episode's support set."""
-        with torch.no_grad():
-            adapted = self.adapt(model, episode.support_x, episode.support_y, episode.ways, steps)
-            logits = adapted(episode.query_x)
-            return self._metrics(task_loss(logits, episode.query_y), logits, episode, None)
-
-    def evaluate_episodes(self, model: TrunkHead, episodes: list[Episode], steps: int | None = None) -> list[dict[str, float]]:
-        """:meth:`evaluate_episode` for each episode (task-batched on the fast path)."""
-        engine = self.fast_path(model)
-        if engine is None:
-            return [self.evaluate_episode(model, e, steps) for e in episodes]
-        self.setup(model)
-        return engine.evaluate(model, episodes, self.eval_steps if steps is None else steps)
+        """:meth:`evaluate_episodes` of one episode."""
+        return self.evaluate_episodes(model, [episode], steps)[0]

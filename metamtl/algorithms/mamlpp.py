@@ -1,17 +1,15 @@
 """MAML++ (Antoniou, Edwards & Storkey 2019, "How to train your MAML")."""
 from __future__ import annotations
 
-import contextlib
-from typing import ContextManager, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from ..adaptation import LossContext, check_positive, task_loss
+from ..adaptation import FirstOrder, MetaGradient, SecondOrder, add_loss_terms, batched_task_loss, check_positive
 from ..errors import ConfigError, unknown_name
 from ..models.backbones import TrunkHead
 from ..models.norm import BN_EVAL_STATS, StepNorms
-from ..tasks.episode import Episode
 from .maml import MAML
 from .metasgd import lr_key
 
@@ -57,12 +55,11 @@ class MAMLPlusPlus(MAML):
     * **Cosine annealing of the meta-optimizer**: a callback, not an algorithm setting:
       ``LRScheduler("cosine")`` (config: ``train.scheduler: {name: cosine}``).
 
-    The meta-iteration counter (a buffer, saved and resumed with the algorithm) drives both
-    annealings.  ``first_order=True`` keeps first order throughout.
+    Both annealings follow the meta-iteration the learner passes to ``meta_step`` (under
+    ``multitask`` too).  ``first_order=True`` keeps first order throughout.
     """
 
     name = "mamlpp"
-    track_updates = True
 
     def __init__(
         self,
@@ -95,7 +92,6 @@ class MAMLPlusPlus(MAML):
         self.multi_step_iterations, self.first_order_iterations = multi_step_iterations, first_order_iterations
         self.lrs = nn.ParameterDict()
         self.norms: StepNorms | None = None
-        self.register_buffer("iterations_done", torch.zeros((), dtype=torch.long))
 
     def config(self):
         return {
@@ -120,41 +116,37 @@ class MAMLPlusPlus(MAML):
                 self.lrs[lr_key(n)] = nn.Parameter(torch.full((self.inner.steps,), self.inner.lr, dtype=like.dtype,
                                                               device=like.device))
 
-    def lr_override(self, names: Sequence[str], step: int) -> dict[str, list] | None:
+    # -- declarations -------------------------------------------------------------------------
+    def inner_lrs(self, names: Sequence[str], step: int) -> list | None:
         if not self.learn_lr:
             return None
         k = min(step, self.inner.steps - 1)
-        return {"lr": [self.lrs[lr_key(n)][k] for n in names]}
+        return [self.lrs[lr_key(n)][k] for n in names]
 
-    def step_context(self, updates: int) -> ContextManager:
-        return self.norms.use(updates) if self.norms is not None else contextlib.nullcontext()
+    def step_tensors(self, step: int, training: bool) -> dict[str, torch.Tensor]:
+        return self.norms.tensors(step, training) if self.norms is not None else {}
 
-    # -- annealing ----------------------------------------------------------------------------
-    @property
-    def second_order(self) -> bool:
-        return not self.inner.first_order and int(self.iterations_done) >= self.first_order_iterations
+    def chunk_limit(self, training: bool) -> int | None:
+        # per-step running statistics are folded in task after task, as in the paper
+        return 1 if training and self.norms is not None else None
 
-    def step_weights(self) -> list[float]:
-        """Weights of the query loss after each inner step at the current meta-iteration."""
-        return multi_step_weights(self.inner.steps, int(self.iterations_done), self.multi_step_iterations)
+    def meta_gradient(self, iteration: int) -> MetaGradient:
+        """First order for the first ``first_order_iterations`` meta-iterations, then second order."""
+        if self.inner.first_order or iteration < self.first_order_iterations:
+            return FirstOrder()
+        return SecondOrder()
 
-    def meta_step(self, model, batch):
-        metrics = super().meta_step(model, batch)
-        self.iterations_done += 1
-        return metrics
+    def step_weights(self, iteration: int) -> list[float]:
+        """Weights of the query loss after each inner step at meta-iteration ``iteration``."""
+        return multi_step_weights(self.inner.steps, iteration, self.multi_step_iterations)
 
-    def task_step(self, model: TrunkHead, episode: Episode, weight: float) -> dict[str, float]:
-        adapted = self.adapt_task(model, episode)
-        weights = self.step_weights()
+    def outer_objective(self, adapted, query_x, query_y, iteration):
+        """The multi-step loss: query losses after every step, weighted (:func:`multi_step_weights`)."""
+        p = adapted.problem
         objective = 0.0
-        for k, w in enumerate(weights, start=1):
+        for k, w in enumerate(self.step_weights(iteration), start=1):
             if w > 0:
-                logits = adapted(episode.query_x, updates=k)
-                objective = objective + w * task_loss(logits, episode.query_y)
-        loss = task_loss(logits, episode.query_y)  # the last step's (weights[-1] > 0 always)
-        objective = self.inner.add_loss_terms(objective, LossContext(
-            "query", logits, episode.query_y, episode.query_x, episode.support_x, episode.support_y,
-            episode.ways, model))
-        self.task_backward(adapted, objective * weight)
-        return self._metrics(loss, logits, episode, adapted)
-
+                logits, feats = adapted.forward(query_x, updates=k, taps=p.taps if k == p.steps else ())
+                objective = objective + w * batched_task_loss(logits, query_y)
+        # the last step's logits (weights[-1] > 0 always) carry the query loss terms
+        return add_loss_terms(p, "query", objective, logits, query_y, query_x, adapted.params, feats), logits

@@ -41,7 +41,6 @@ class MetaSGD(MAML):
     """
 
     name = "metasgd"
-    track_updates = True
 
     def __init__(self, inner=None, **inner_kwargs) -> None:
         super().__init__(inner, **inner_kwargs)
@@ -74,5 +73,5 @@ class MetaSGD(MAML):
         for n, shape in shapes.items():
             self.lrs[lr_key(n)] = nn.Parameter(torch.full(shape, self.inner.lr, dtype=like.dtype, device=like.device))
 
-    def lr_override(self, names: Sequence[str], step: int) -> dict[str, list]:
-        return {"lr": [self.lrs[lr_key(n)] for n in names]}
+    def inner_lrs(self, names: Sequence[str], step: int) -> list:
+        return [self.lrs[lr_key(n)] for n in names]

@@ -70,22 +70,14 @@ class MultiTask(Algorithm):
         return f"datasets={self.strategy.tasks}"
 
     @property
-    def second_order(self) -> bool:
-        return self.base.second_order
-
-    @property
     def eval_steps(self) -> int:
         return self.base.eval_steps
 
     def setup(self, model: TrunkHead) -> None:
         self.base.setup(model)
 
-    def adapt_task(self, model: TrunkHead, episode: Episode):
-        with self._scope(episode):
-            return self.base.adapt_task(model, episode)
-
     # -- training -----------------------------------------------------------------------------
-    def meta_step(self, model: TrunkHead, batch: TaskBatch) -> dict[str, float]:
+    def meta_step(self, model: TrunkHead, batch: TaskBatch, iteration: int = 0) -> dict[str, float]:
         groups: dict[str, list[int]] = {}
         for i, ep in enumerate(batch):
             groups.setdefault(ep.dataset, []).append(i)
@@ -101,7 +93,7 @@ class MultiTask(Algorithm):
             for p in params:
                 p.grad = None
             with dataset_scope(name):
-                metrics = self.base.meta_step(model, TaskBatch([batch[i] for i in groups[name]]))
+                metrics = self.base.meta_step(model, TaskBatch([batch[i] for i in groups[name]]), iteration)
             grads.append([p.grad for p in params])
             losses.append(metrics["loss"])
             share = len(groups[name]) / n
@@ -135,14 +127,19 @@ class MultiTask(Algorithm):
         """The episode's dataset scope (none for datasets not trained on: routed by shape)."""
         return dataset_scope(episode.dataset if episode.dataset in self.strategy.tasks else None)
 
-    def task_step(self, model: TrunkHead, episode: Episode, weight: float) -> dict[str, float]:
-        with self._scope(episode):
-            return self.base.task_step(model, episode, weight)
-
     # -- evaluation --------------------------------------------------------------------------
     def adapt(self, model, support_x, support_y, ways, steps=None):
         return self.base.adapt(model, support_x, support_y, ways, steps)
 
-    def evaluate_episode(self, model: TrunkHead, episode: Episode, steps: int | None = None) -> dict[str, float]:
-        with self._scope(episode):
-            return self.base.evaluate_episode(model, episode, steps)
+    def evaluate_episodes(self, model: TrunkHead, episodes: Sequence[Episode], steps: int | None = None) -> list[dict[str, float]]:
+        """The base algorithm's evaluation, each dataset's episodes in that dataset's scope."""
+        out: list[dict[str, float]] = [{} for _ in episodes]
+        groups: dict[str, list[int]] = {}
+        for i, ep in enumerate(episodes):
+            groups.setdefault(ep.dataset, []).append(i)
+        for name, positions in groups.items():
+            with self._scope(episodes[positions[0]]):
+                results = self.base.evaluate_episodes(model, [episodes[i] for i in positions], steps)
+            for i, r in zip(positions, results):
+                out[i] = r
+        return out

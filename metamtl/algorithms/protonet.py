@@ -8,26 +8,26 @@ import torch
 from ..adaptation import InnerLoop, check_positive, task_loss
 from ..models.backbones import TrunkHead
 from ..models.heads import class_means
-from ..tasks.episode import Episode
-from .base import Algorithm
+from ..tasks.episode import Episode, TaskBatch
+from .base import Algorithm, accuracy
 
 
 class Prototypes:
     """A ProtoNet "adapted" to a support set: logits are ``-||f(x) - c_k||^2 / temperature``.
 
-    Has the interface of :class:`~metamtl.adaptation.Adapted` that learners use (call it on
-    query inputs; ``support_x``; no inner losses).
+    Call it on query inputs (``updates`` is accepted and ignored: there is no inner loop).
     """
 
-    inner_losses: list[float] = []
+    inner_losses: list = []
 
-    def __init__(self, algorithm: "ProtoNet", trunk: torch.nn.Module, support_x: torch.Tensor,
+    def __init__(self, algorithm: "ProtoNet", model: TrunkHead, support_x: torch.Tensor,
                  support_y: torch.Tensor, ways: int) -> None:
-        self.algorithm, self.trunk, self.support_x = algorithm, trunk, support_x
-        self.prototypes = class_means(trunk(support_x), support_y, ways)  # [ways, D]
+        self.problem = algorithm.problem(model, support_x.unsqueeze(0), support_y.unsqueeze(0), ways, 0)
+        self.algorithm, self.support_x = algorithm, support_x
+        self.prototypes = class_means(self.problem.inputs[0], support_y, ways)  # [ways, D]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.algorithm.inner.features(self.trunk, x, self.support_x)
+    def __call__(self, x: torch.Tensor, updates: int | None = None) -> torch.Tensor:
+        feats = self.problem.features(x.unsqueeze(0))[0][0]
         return -torch.cdist(feats, self.prototypes).pow(2) / self.algorithm.temperature
 
 
@@ -59,11 +59,22 @@ class ProtoNet(Algorithm):
 
     def adapt(self, model: TrunkHead, support_x: torch.Tensor, support_y: torch.Tensor, ways: int,
               steps: int | None = None) -> Prototypes:
-        return Prototypes(self, model.trunk, support_x, support_y, ways)
+        return Prototypes(self, model, support_x, support_y, ways)
 
-    def task_step(self, model: TrunkHead, episode: Episode, weight: float) -> dict[str, float]:
-        adapted = self.adapt(model, episode.support_x, episode.support_y, episode.ways)
-        logits = adapted(episode.query_x)
-        loss = task_loss(logits, episode.query_y)
-        (loss * weight).backward()
-        return self._metrics(loss, logits, episode, None)
+    def _episode(self, model: TrunkHead, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.adapt(model, episode.support_x, episode.support_y, episode.ways)(episode.query_x)
+        return logits, task_loss(logits, episode.query_y)
+
+    def meta_step(self, model: TrunkHead, batch: TaskBatch, iteration: int = 0) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for episode in batch:
+            logits, loss = self._episode(model, episode)
+            (loss / len(batch)).backward()
+            for k, v in (("loss", float(loss.detach())), ("accuracy", accuracy(logits.detach(), episode.query_y))):
+                totals[k] = totals.get(k, 0.0) + v / len(batch)
+        return totals
+
+    def evaluate_episodes(self, model, episodes, steps=None):
+        with torch.no_grad():
+            return [{"loss": float(loss), "accuracy": accuracy(logits, e.query_y)}
+                    for e in episodes for logits, loss in [self._episode(model, e)]]

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adaptation import Adapted, check_positive
+from ..adaptation import check_positive
 from ..errors import ConfigError, InputError, unknown_name
 from ..models.backbones import TrunkHead
-from ..tasks.episode import Episode
+from ..tasks.episode import TaskBatch
 from .base import Algorithm, accuracy
 
 CLASSIFIERS = ("linear", "cosine")
@@ -93,22 +93,28 @@ class Transfer(Algorithm):
             return self.head(feats)
         return self.scale * F.normalize(feats, dim=-1) @ F.normalize(self.head.weight, dim=-1).T
 
-    def task_step(self, model: TrunkHead, episode: Episode, weight: float) -> dict[str, float]:
-        if not episode.is_classification or not episode.classes:
-            raise InputError("transfer pre-training needs classification episodes with dataset class ids")
-        classes = torch.as_tensor(episode.classes, device=episode.support_y.device)
-        if int(classes.max()) >= self.num_classes:
-            raise InputError(
-                f"episode has dataset class id {int(classes.max())} but transfer num_classes is "
-                f"{self.num_classes}; set it to the number of training classes"
-            )
-        x = torch.cat([episode.support_x, episode.query_x])
-        y = classes[torch.cat([episode.support_y, episode.query_y])]
-        logits = self.global_logits(model.trunk(x))
-        loss = F.cross_entropy(logits, y)
-        (loss * weight).backward()
-        return {"loss": float(loss.detach()), "accuracy": accuracy(logits.detach(), y)}
+    def meta_step(self, model: TrunkHead, batch: TaskBatch, iteration: int = 0) -> dict[str, float]:
+        """Supervised pre-training: every episode's images classified over all training classes."""
+        self.setup(model)
+        totals: dict[str, float] = {}
+        for episode in batch:
+            if not episode.is_classification or not episode.classes:
+                raise InputError("transfer pre-training needs classification episodes with dataset class ids")
+            classes = torch.as_tensor(episode.classes, device=episode.support_y.device)
+            if int(classes.max()) >= self.num_classes:
+                raise InputError(
+                    f"episode has dataset class id {int(classes.max())} but transfer num_classes is "
+                    f"{self.num_classes}; set it to the number of training classes"
+                )
+            x = torch.cat([episode.support_x, episode.query_x])
+            y = classes[torch.cat([episode.support_y, episode.query_y])]
+            logits = self.global_logits(model.trunk(x))
+            loss = F.cross_entropy(logits, y)
+            (loss / len(batch)).backward()
+            for k, v in (("loss", float(loss.detach())), ("accuracy", accuracy(logits.detach(), y))):
+                totals[k] = totals.get(k, 0.0) + v / len(batch)
+        return totals
 
-    def adapt(self, model: TrunkHead, support_x: torch.Tensor, support_y: torch.Tensor, ways: int,
-              steps: int | None = None) -> Adapted:
-        return super().adapt(self.feature_model(model), support_x, support_y, ways, steps)
+    def problem(self, model: TrunkHead, support_x, support_y, ways, steps=None):
+        """Fine-tuning a fresh head on the (normalised, for ``cosine``) features of the frozen trunk."""
+        return super().problem(self.feature_model(model), support_x, support_y, ways, steps)

@@ -31,7 +31,7 @@ from torch import nn
 from ..adaptation import LossContext
 from ..callbacks import Callback, FitState
 from ..errors import ConfigError, InputError
-from .taps import FeatureTap
+from .taps import named_layer, take_rows
 from .teachers import Teacher, as_teacher
 
 if TYPE_CHECKING:
@@ -130,19 +130,23 @@ class FeatureDistillation(DistillationTerm):
         self.seed = int(seed)
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
         self.adapter = adapter
-        self._tap: FeatureTap | None = None
         self._pending: dict[str, torch.Tensor] | None = None
+        self._bound = False
+
+    @property
+    def taps(self) -> tuple[str, ...]:
+        """The student layer whose output the inner loop hands over (``LossContext.features``)."""
+        return (self.student_layer,)
 
     def bind(self, student: nn.Module) -> None:
         self.release()
-        self._tap = FeatureTap(student, self.student_layer, "student")
+        named_layer(student, self.student_layer, "student")
         self.teacher.tap(self.teacher_layer)
+        self._bound = True
 
     def release(self) -> None:
         super().release()
-        if self._tap is not None:
-            self._tap.remove()
-            self._tap = None
+        self._bound = False
 
     def _build_adapter(self, s: torch.Tensor, t: torch.Tensor) -> nn.Module:
         # Built on first use, from its own seed: neither depends on nor disturbs the global RNG.
@@ -164,10 +168,10 @@ class FeatureDistillation(DistillationTerm):
         return adapter.to(s.device)
 
     def loss(self, ctx: LossContext) -> torch.Tensor:
-        if self._tap is None:
+        if not self._bound:
             raise ConfigError("FeatureDistillation is not bound to a student; attach it with the Distillation callback")
         t = self.teacher.outputs(ctx)[self.teacher_layer]
-        s = self._tap.take(ctx.inputs.shape[0])
+        s = take_rows(ctx.features.get(self.student_layer), self.student_layer, ctx.inputs.shape[0])
         if self.adapter is None:
             self.adapter = self._build_adapter(s, t)
             if self._pending is not None:

@@ -1,33 +1,18 @@
-"""Feature taps: the latest output of a named layer, also inside ``higher``'s functional copies.
+"""Feature taps: the latest output of a named layer (a forward hook on that layer only).
 
-``higher`` rebuilds a model for every task (``monkeypatch``), and the copies carry none of the
-original modules' forward hooks but do carry their plain attributes.  A :class:`FeatureTap`
-therefore tags the layer with an attribute and one process-wide forward hook (registered while
-any tap exists) records the output of every tagged module, original or functional copy.
+The inner loop hands loss terms the outputs of the layers they list in ``taps`` explicitly
+(``LossContext.features``); :class:`FeatureTap` is for everything else (e.g. a plain teacher
+module run as is).  The core runs the real modules through ``torch.func.functional_call``, so a
+tap on a layer of the meta-model also sees the inner loop's forward passes with adapted weights.
 """
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import InputError
-
-_ATTR = "_metamtl_taps"
-_TAPS: dict[int, "FeatureTap"] = {}
-_HOOK: Any = None
-_IDS = itertools.count()
-
-
-def _record(module: nn.Module, inputs: Any, output: Any) -> None:
-    keys = module.__dict__.get(_ATTR)
-    if keys:
-        for key in keys:
-            tap = _TAPS.get(key)
-            if tap is not None:
-                tap.output = output
 
 
 def named_layer(model: nn.Module, name: str, what: str = "model") -> nn.Module:
@@ -39,6 +24,15 @@ def named_layer(model: nn.Module, name: str, what: str = "model") -> nn.Module:
         raise InputError(f"{what} has no layer {name!r}; its layers are: {', '.join(names[:40])}") from None
 
 
+def take_rows(out: Any, name: str, rows: int) -> torch.Tensor:
+    """The last ``rows`` rows of a layer output (forward passes may prepend the support set)."""
+    if not isinstance(out, torch.Tensor):
+        raise InputError(f"layer {name!r} produced no tensor output in the last forward pass")
+    if out.shape[0] < rows:
+        raise InputError(f"layer {name!r} last saw {out.shape[0]} rows, expected at least {rows}")
+    return out[out.shape[0] - rows:]
+
+
 class FeatureTap:
     """Records the output of ``model``'s layer ``name`` on every forward pass.
 
@@ -46,27 +40,16 @@ class FeatureTap:
     """
 
     def __init__(self, model: nn.Module, name: str, what: str = "model") -> None:
-        global _HOOK
         self.name = name
         self.module = named_layer(model, name, what)
-        self.key = next(_IDS)
         self.output: torch.Tensor | None = None
-        _TAPS[self.key] = self
-        setattr(self.module, _ATTR, tuple(getattr(self.module, _ATTR, ())) + (self.key,))
-        if _HOOK is None:
-            _HOOK = nn.modules.module.register_module_forward_hook(_record)
+        self._handle = self.module.register_forward_hook(self._record)
+
+    def _record(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        self.output = output
 
     def remove(self) -> None:
-        global _HOOK
-        _TAPS.pop(self.key, None)
-        keys = tuple(k for k in getattr(self.module, _ATTR, ()) if k != self.key)
-        if keys:
-            setattr(self.module, _ATTR, keys)
-        elif _ATTR in self.module.__dict__:
-            delattr(self.module, _ATTR)
-        if not _TAPS and _HOOK is not None:
-            _HOOK.remove()
-            _HOOK = None
+        self._handle.remove()
 
     def __enter__(self) -> "FeatureTap":
         return self
@@ -76,9 +59,4 @@ class FeatureTap:
 
     def take(self, rows: int) -> torch.Tensor:
         """The latest output's last ``rows`` rows (forward passes may prepend the support set)."""
-        out = self.output
-        if not isinstance(out, torch.Tensor):
-            raise InputError(f"layer {self.name!r} produced no tensor output in the last forward pass")
-        if out.shape[0] < rows:
-            raise InputError(f"layer {self.name!r} last saw {out.shape[0]} rows, expected at least {rows}")
-        return out[out.shape[0] - rows:]
+        return take_rows(self.output, self.name, rows)

@@ -21,17 +21,17 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..adaptation import LossContext
+from ..adaptation import LossContext, tap_outputs
 from ..errors import ConfigError, InputError
 from ..models.backbones import TrunkHead
-from .taps import FeatureTap
+from .taps import named_layer, take_rows
 
 
 class Teacher:
     """Base class: :meth:`outputs` gives logits (and tapped features) for a loss context."""
 
     def __init__(self) -> None:
-        self._taps: dict[str, FeatureTap] = {}
+        self._taps: list[str] = []
         self._cache: tuple[Any, dict[str, Any]] | None = None
 
     # -- subclasses ---------------------------------------------------------------------------
@@ -39,7 +39,8 @@ class Teacher:
     def module(self) -> nn.Module:
         raise NotImplementedError
 
-    def _forward(self, ctx: LossContext) -> torch.Tensor:
+    def _forward(self, ctx: LossContext, layers: list[str]) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """``(logits or None, {layer: output})`` of the teacher on ``ctx.inputs``."""
         raise NotImplementedError
 
     # -- shared -------------------------------------------------------------------------------
@@ -49,12 +50,11 @@ class Teacher:
 
     def tap(self, layer: str) -> None:
         """Record layer ``layer`` of the teacher (for feature distillation)."""
+        named_layer(self.module, layer, "teacher")
         if layer not in self._taps:
-            self._taps[layer] = FeatureTap(self.module, layer, "teacher")
+            self._taps.append(layer)
 
     def release(self) -> None:
-        for t in self._taps.values():
-            t.remove()
         self._taps.clear()
         self._cache = None
 
@@ -67,10 +67,10 @@ class Teacher:
         self.module.eval()
         try:
             with torch.no_grad():
-                logits = self._forward(ctx)
+                logits, feats = self._forward(ctx, self._taps)
                 out = {"logits": None if logits is None else logits.detach()}
-                for layer, t in self._taps.items():
-                    out[layer] = t.take(ctx.inputs.shape[0]).detach()
+                for layer in self._taps:
+                    out[layer] = take_rows(feats.get(layer), layer, ctx.inputs.shape[0]).detach()
         finally:
             self.module.train(was_training)
         self._cache = (key, out)
@@ -108,12 +108,13 @@ class ModuleTeacher(Teacher):
     def module(self) -> nn.Module:
         return self._module
 
-    def _forward(self, ctx: LossContext) -> torch.Tensor | None:
+    def _forward(self, ctx: LossContext, layers: list[str]) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         m = self._module
-        if isinstance(m, TrunkHead) and m.head is None:  # features only
-            m.trunk(ctx.inputs)
-            return None
-        return m(ctx.inputs)
+        with tap_outputs(m, layers) as feats:
+            if isinstance(m, TrunkHead) and m.head is None:  # features only
+                m.trunk(ctx.inputs)
+                return None, feats
+            return m(ctx.inputs), feats
 
 
 class LearnerTeacher(Teacher):
@@ -150,13 +151,13 @@ class LearnerTeacher(Teacher):
         self.learner.placement = dataclasses.replace(self.learner.placement, device=torch.device(device))
         return self
 
-    def _forward(self, ctx: LossContext) -> torch.Tensor:
+    def _forward(self, ctx: LossContext, layers: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         key = (id(ctx.support_x), ctx.support_x.data_ptr(), tuple(ctx.support_x.shape), ctx.ways)
         if self._adapted is None or self._adapted[0] != key:
             adapted = self.learner.algorithm.adapt(self.learner.model, ctx.support_x, ctx.support_y, ctx.ways,
                                                    self.steps)
             self._adapted = (key, adapted)
-        return self._adapted[1](ctx.inputs)
+        return self._adapted[1].forward(ctx.inputs, taps=layers)
 
     def release(self) -> None:
         super().release()

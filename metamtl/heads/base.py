@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import ConfigError, InputError, did_you_mean
 from ..tasks.episode import Episode
-from ..models.norm import stats_from_first
+from ..models.norm import support_rows
 
 #: the name of "no feature head": the algorithm's own adaptation
 ALGORITHM = "algorithm"
@@ -28,8 +28,8 @@ def query_features(trunk: nn.Module, query_x: torch.Tensor, support_x: torch.Ten
     """Trunk features of the queries; ``bn_stats="support"``: BatchNorm statistics of the support set
     (each query independent of the others), else of the query batch (see :mod:`metamtl.models.norm`)."""
     if bn_stats == "support":
-        with stats_from_first(support_x.shape[0]):
-            return trunk(torch.cat([support_x, query_x]))[support_x.shape[0]:]
+        rows = support_x.shape[0]
+        return torch.func.functional_call(trunk, support_rows(trunk, rows), (torch.cat([support_x, query_x]),))[rows:]
     return trunk(query_x)
 
 

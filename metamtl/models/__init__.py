@@ -5,7 +5,7 @@ from .multidataset import (
     DatasetHeads, MultiDatasetModel, MultiDatasetTrunk, Resize, current_dataset, dataset_scope, make_stem,
     multidataset_model,
 )
-from .norm import BN_EVAL_STATS, BN_MODES, EpisodicBatchNorm, StepNorms, stats_from_first
+from .norm import BN_EVAL_STATS, BN_MODES, EpisodicBatchNorm, StepNorms, norm_layers, support_rows
 from .registry import MODELS, build_model, check_model_config
 from .resnet import ResNet12, resnet12_model
 
@@ -13,5 +13,6 @@ __all__ = [
     "MLP", "MODELS", "Conv4", "ConvBlock", "TrunkHead", "build_model", "check_model_config", "conv4_model",
     "mlp_model", "HEAD_INITS", "LinearHead", "class_means", "initial_head_params", "DatasetHeads",
     "MultiDatasetModel", "MultiDatasetTrunk", "Resize", "current_dataset", "dataset_scope", "make_stem",
-    "multidataset_model", "ResNet12", "resnet12_model", "BN_EVAL_STATS", "BN_MODES", "EpisodicBatchNorm", "StepNorms", "stats_from_first",
+    "multidataset_model", "ResNet12", "resnet12_model", "BN_EVAL_STATS", "BN_MODES", "EpisodicBatchNorm", "StepNorms",
+    "norm_layers", "support_rows",
 ]

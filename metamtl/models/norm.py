@@ -1,37 +1,29 @@
-"""Batch normalisation for episodic learning.
+"""Batch normalisation for episodic learning, with every choice made by explicit tensors.
 
 Meta-learning models normalise with the statistics of the batch they are given and keep no
 running statistics (as in the MAML paper): every task is normalised with its own statistics, at
-training and at test time.  Two modes decide which images make up "the batch" for query images:
+training and at test time.
 
-* ``"transductive"`` (default, the MAML protocol): query images are forwarded as one batch and
-  normalised with the query batch's own statistics.
-* ``"support"``: query images are normalised with the *support set's* statistics, so each query
-  prediction is independent of the other query images (a single image can be predicted).  The
-  learner forwards ``cat([support, query])`` inside :func:`stats_from_first` and the layers
-  compute mean/variance over the first ``n_support`` rows only.
+What an :class:`EpisodicBatchNorm` layer does in a forward pass depends only on the tensors it
+holds for that pass, which the inner loop hands it explicitly (``torch.func.functional_call``
+swaps them in by name, e.g. ``{"trunk.blocks.0.1.running_mean": ...}``); no global or context
+state is read:
 
-Per-step parameters and running statistics (MAML++ "BNWB" and "BNRS")
-    :class:`StepNorms` holds, for every :class:`EpisodicBatchNorm` layer of a model, ``sets``
-    copies of the affine weight/bias and of the running mean/variance.  Inside
-    ``with norms.use(k):`` each layer uses set ``min(k, sets - 1)`` instead of its own affine
-    parameters, and
+* ``weight``, ``bias``: the affine parameters (MAML++ passes the set of inner step ``k``);
+* ``running_mean``, ``running_var`` (``None`` by default): a set of running statistics.  In
+  training mode the layer normalises with batch statistics and folds them into this set
+  (momentum :attr:`~torch.nn.BatchNorm2d.momentum`, unbiased variance, as ``nn.BatchNorm2d``);
+  in eval mode it normalises with the set (every image independently of the others);
+* ``support_rows`` (``None`` by default): a 0-d integer tensor ``n``; batch statistics are then
+  computed over the first ``n`` rows only.  This is ``bn_stats="support"``: the inner loop
+  forwards ``cat([support, query])`` so that query images are normalised with the support set's
+  statistics and each query prediction is independent of the other queries.
 
-    * in training mode (``layer.training``) normalises with batch statistics as above and
-      folds them into set ``k``'s running statistics (momentum update, unbiased variance, as
-      ``nn.BatchNorm2d``);
-    * in eval mode normalises with set ``k``'s running statistics when ``norms.eval_stats`` is
-      ``"running"`` (every image independently: no transduction), or with batch statistics as
-      in training when it is ``"batch"``.
-
-    Outside such a block, or for layers of another model, nothing changes.
+:class:`StepNorms` (MAML++ "BNWB" + "BNRS") holds ``sets`` copies of the affine parameters and
+running statistics of every such layer of a model and gives, for an explicit step index ``k``,
+the tensors to hand in (:meth:`StepNorms.tensors`).
 """
 from __future__ import annotations
-
-import contextlib
-import contextvars
-import itertools
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -41,27 +33,13 @@ from ..errors import ConfigError
 
 BN_MODES = ("transductive", "support")
 BN_EVAL_STATS = ("running", "batch")
-_REFERENCE_ROWS: contextvars.ContextVar[int | None] = contextvars.ContextVar("bn_reference_rows", default=None)
-_STEP_NORMS: contextvars.ContextVar[tuple["StepNorms", int] | None] = contextvars.ContextVar("bn_step", default=None)
-_LAYER_IDS = itertools.count()
-
-
-@contextlib.contextmanager
-def stats_from_first(rows: int | None) -> Iterator[None]:
-    """Inside this block, :class:`EpisodicBatchNorm` layers use statistics of the first ``rows`` rows."""
-    token = _REFERENCE_ROWS.set(rows)
-    try:
-        yield
-    finally:
-        _REFERENCE_ROWS.reset(token)
 
 
 def _normalise(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, rows: int | None,
     running: tuple[torch.Tensor, torch.Tensor] | None = None, momentum: float = 0.0,
 ) -> torch.Tensor:
-    """Batch-statistics normalisation (over the reference rows, if set); updates ``running``."""
-    rows = _REFERENCE_ROWS.get()
+    """Batch-statistics normalisation (over the first ``rows`` rows, if given); updates ``running``."""
     if rows is None or rows >= x.shape[0]:
         mean, var = running if running is not None else (None, None)
         return F.batch_norm(x, mean, var, weight, bias, True, momentum, eps)
@@ -82,23 +60,29 @@ def _normalise(
 
 
 class EpisodicBatchNorm(nn.BatchNorm2d):
-    """BatchNorm without running statistics whose statistics can come from a reference subset.
-
-    Per-step parameters and statistics can be swapped in with :meth:`StepNorms.use`.
-    """
+    """BatchNorm with batch statistics, steered by the tensors it is handed (module docstring)."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True) -> None:
         super().__init__(num_features, eps=eps, affine=affine, track_running_stats=False)
-        self.layer_id = next(_LAYER_IDS)  # stable across higher's functional copies and deepcopy
+        self.register_buffer("support_rows", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        step = _STEP_NORMS.get()
-        if step is not None:
-            norms, k = step
-            slot = norms.slots.get(getattr(self, "layer_id", None))
-            if slot is not None:
-                return norms.normalise(slot, k, x, self.training, self.eps, self.weight, self.bias)
-        return _normalise(x, self.weight, self.bias, self.eps)
+        running = None if self.running_mean is None else (self.running_mean, self.running_var)
+        if running is not None and not self.training:
+            return F.batch_norm(x, running[0], running[1], self.weight, self.bias, False, 0.0, self.eps)
+        rows = None if self.support_rows is None else int(self.support_rows)
+        return _normalise(x, self.weight, self.bias, self.eps, rows, running, self.momentum or 0.0)
+
+
+def norm_layers(model: nn.Module) -> dict[str, EpisodicBatchNorm]:
+    """``{name: layer}`` of ``model``'s :class:`EpisodicBatchNorm` layers, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, EpisodicBatchNorm)}
+
+
+def support_rows(model: nn.Module, rows: int, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors that make ``model``'s norm layers use the statistics of the first ``rows`` rows."""
+    value = torch.tensor(int(rows))
+    return {f"{prefix}{n}.support_rows": value for n in norm_layers(model)}
 
 
 class StepNorms(nn.Module):
@@ -117,10 +101,10 @@ class StepNorms(nn.Module):
     def __init__(self, model: nn.Module, sets: int, momentum: float = 0.1, eval_stats: str = "running",
                  affine: bool = True) -> None:
         super().__init__()
-        layers = [m for m in model.modules() if isinstance(m, EpisodicBatchNorm)]
+        layers = list(norm_layers(model).values())
         self.sets, self.momentum, self.eval_stats, self.affine = int(sets), float(momentum), eval_stats, affine
         self.features = [layer.num_features for layer in layers]
-        self.slots: dict[int, int] = {}
+        self.names: list[str] = []
         self.bind(model)
         self.weight = nn.ParameterList()
         self.bias = nn.ParameterList()
@@ -132,32 +116,34 @@ class StepNorms(nn.Module):
             self.register_buffer(f"running_var_{i}", layer.weight.new_ones(self.sets, layer.num_features))
 
     def bind(self, model: nn.Module) -> None:
-        """Serve ``model``'s layers (e.g. the same architecture rebuilt on load), in module order."""
-        layers = [m for m in model.modules() if isinstance(m, EpisodicBatchNorm)]
-        if [layer.num_features for layer in layers] != self.features:
+        """Serve ``model``'s layers (e.g. the same architecture rebuilt on load), in module order.
+
+        Sets each layer's ``momentum`` (used when running statistics are handed to it).
+        """
+        layers = norm_layers(model)
+        if [layer.num_features for layer in layers.values()] != self.features:
             raise ConfigError(
                 f"per-step BatchNorm sets were made for layers of {self.features} channels, this model has "
-                f"{[layer.num_features for layer in layers]}; build a new algorithm for it"
+                f"{[layer.num_features for layer in layers.values()]}; build a new algorithm for it"
             )
-        self.slots = {layer.layer_id: i for i, layer in enumerate(layers)}
+        self.names = list(layers)
+        for layer in layers.values():
+            layer.momentum = self.momentum
 
-    @contextlib.contextmanager
-    def use(self, k: int) -> Iterator[None]:
-        """Inside this block the model's layers use set ``min(k, sets - 1)``."""
-        token = _STEP_NORMS.set((self, min(int(k), self.sets - 1)))
-        try:
-            yield
-        finally:
-            _STEP_NORMS.reset(token)
+    def tensors(self, k: int, training: bool, prefix: str = "") -> dict[str, torch.Tensor]:
+        """What layer ``name`` is handed for a forward pass with weights after ``k`` updates.
 
-    def normalise(self, slot: int, k: int, x: torch.Tensor, training: bool, eps: float,
-                  weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-        """Layer ``slot`` with set ``k`` (``weight``/``bias``: the layer's own, used if not affine)."""
-        if self.affine:
-            weight, bias = self.weight[slot][k], self.bias[slot][k]
-        mean, var = getattr(self, f"running_mean_{slot}")[k], getattr(self, f"running_var_{slot}")[k]
-        if training:
-            return _normalise(x, weight, bias, eps, (mean, var), self.momentum)
-        if self.eval_stats == "running":
-            return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
-        return _normalise(x, weight, bias, eps)
+        Set ``min(k, sets - 1)``: affine parameters (if ``affine``) and, in training mode or with
+        ``eval_stats="running"``, the running statistics (updated in place in training mode).
+        Keys are ``prefix + layer name + "." + tensor``.
+        """
+        k = min(int(k), self.sets - 1)
+        out: dict[str, torch.Tensor] = {}
+        for i, name in enumerate(self.names):
+            key = f"{prefix}{name}."
+            if self.affine:
+                out[key + "weight"], out[key + "bias"] = self.weight[i][k], self.bias[i][k]
+            if training or self.eval_stats == "running":
+                out[key + "running_mean"] = getattr(self, f"running_mean_{i}")[k]
+                out[key + "running_var"] = getattr(self, f"running_var_{i}")[k]
+        return out

@@ -16,8 +16,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..adaptation import InnerHooks, task_loss
-from ..algorithms import Algorithm, accuracy
+from ..adaptation import task_loss
+from ..algorithms import accuracy
 from ..learner import mean_ci95
 
 
@@ -60,31 +60,19 @@ def episode_curve(learner: Any, episode: Any, steps: Sequence[int]) -> list[floa
 
     One adaptation with ``max(steps)`` steps; the query is then scored with the weights after
     each step count (``Adapted(x, updates=k)``), exactly as ``evaluate_episode`` would score an
-    adaptation of ``k`` steps.  Algorithms that override ``evaluate_episode`` are evaluated once
-    per step count instead.
+    adaptation of ``k`` steps.
     """
     alg, model = learner.algorithm, learner.model
     ep = learner.placement.batch(episode)
-    autocast = learner.autocast
     key = "loss" if learner.task == "regression" else "accuracy"
     was_training = model.training
     model.eval()
     try:
-        if type(alg).evaluate_episode is not Algorithm.evaluate_episode:
-            with autocast():
-                return [alg.evaluate_episode(model, ep, s)[key] for s in steps]
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), learner.autocast():
             adapted = alg.adapt(model, ep.support_x, ep.support_y, ep.ways, max(steps))
-            if adapted.trunk is not None and type(adapted.hooks).step_context is InnerHooks.step_context:
-                # head-only adaptation and no per-step context: the query features do not depend
-                # on the step, so run the trunk once (same numbers as adapted(x, updates=s))
-                feats = adapted.inner.features(adapted.trunk, ep.query_x, adapted.support_x)
-                logits_after = lambda s: adapted.fmodel(feats, params=adapted.trajectory[s])  # noqa: E731
-            else:
-                logits_after = lambda s: adapted(ep.query_x, updates=s)  # noqa: E731
             out = []
-            for s in steps:
-                logits = logits_after(s)
+            for s in steps:  # (head-only adaptation runs the trunk on the queries once)
+                logits = adapted(ep.query_x, updates=s)
                 out.append(float(task_loss(logits, ep.query_y)) if key == "loss"
                            else accuracy(logits, ep.query_y))
             return out

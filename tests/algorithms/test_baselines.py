@@ -93,7 +93,7 @@ def test_transfer_pretrains_on_global_classes_and_fine_tunes_a_new_head(toy_task
     ep = train.episode(0).to("cpu")
     alg.zero_grad()
     learner.model.zero_grad()
-    metrics = alg.task_step(learner.model, ep, 1.0)
+    metrics = alg.meta_step(learner.model, TaskBatch([ep]))
     y = torch.tensor(ep.classes)[torch.cat([ep.support_y, ep.query_y])]
     logits = alg.global_logits(learner.model.trunk(torch.cat([ep.support_x, ep.query_x])))
     assert metrics["loss"] == pytest.approx(float(F.cross_entropy(logits, y).detach()), rel=1e-5)

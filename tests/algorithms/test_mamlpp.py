@@ -55,11 +55,10 @@ def test_lslr_and_multi_step_meta_gradient_match_autograd(float64):
         objective = objective + weights[k] * F.cross_entropy(functional_call(model, cur, (ep.query_x,)), ep.query_y)
     ref = torch.autograd.grad(objective, list(params.values()) + list(lrs.values()))
     model.zero_grad()
-    alg.meta_step(model, TaskBatch([ep]))
+    alg.meta_step(model, TaskBatch([ep]), 0)
     ours = [p.grad for p in model.parameters()] + [alg.lrs[n.replace(".", "-")].grad for n in params]
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
-    assert int(alg.iterations_done) == 1
     assert all(float(g[1].abs()) > 0 and float(g[0].abs()) > 0 for g in ours[len(params):])
 
 
@@ -67,13 +66,44 @@ def test_derivative_order_annealing_switches_after_n_iterations():
     model, ep = tiny(), episode()
     alg = build_algorithm("mamlpp", steps=2, lr=0.1, first_order_iterations=2, per_step_bn=False)
     orders = []
-    for _ in range(4):
-        orders.append(alg.second_order)
+    for it in range(4):
+        orders.append(alg.meta_gradient(it).name)
         model.zero_grad()
-        alg.meta_step(model, TaskBatch([ep]))
+        alg.meta_step(model, TaskBatch([ep]), it)
         assert all(p.grad.abs().sum() > 0 for p in alg.lrs.values())  # rates learn in first order too
-    assert orders == [False, False, True, True]
-    assert build_algorithm("mamlpp", first_order=True, first_order_iterations=0).second_order is False
+    assert orders == ["first_order", "first_order", "second_order", "second_order"]
+    assert build_algorithm("mamlpp", first_order=True, first_order_iterations=0).meta_gradient(9).name == "first_order"
+
+
+def test_annealing_under_multitask_follows_the_meta_iteration(monkeypatch):
+    """The multitask algorithm runs its base's meta-step once per dataset of a meta-batch: MAML++'s
+    annealing must still follow the learner's meta-iteration count (it advanced G = 2 datasets
+    per batch times too fast when MAML++ counted its own meta-steps)."""
+    from metamtl.algorithms import mamlpp
+    from metamtl.tasks import Episode
+
+    class Mixed:  # two datasets, two episodes of each per meta-batch of 4
+        ways, shots, queries, name = 3, 2, 2, "mixed"
+
+        def episode(self, index):
+            ep = episode(seed=index)
+            return Episode(ep.support_x, ep.support_y, ep.query_x, ep.query_y, 3, 2, 2, dataset="ab"[index % 2])
+
+    seen = []
+
+    def spy(steps, iteration, anneal_iterations):
+        seen.append(iteration)
+        return multi_step_weights(steps, iteration, anneal_iterations)
+
+    monkeypatch.setattr(mamlpp, "multi_step_weights", spy)
+    settings = dict(steps=2, lr=0.1, per_step_bn=False, multi_step_iterations=6, first_order_iterations=3)
+    learner = MetaLearner(tiny(), build_algorithm("multitask", base={"name": "mamlpp", **settings},
+                                                  datasets=["a", "b"]), device="cpu", meta_lr=1e-3)
+    learner.fit(Mixed(), iterations=4, meta_batch_size=4, progress=False)
+    assert sorted(set(seen)) == [0, 1, 2, 3]  # the schedule saw meta-iterations 0..3, not 0..7
+    assert seen == sorted(seen) and seen.count(3) == seen.count(0) > 0
+    base = learner.algorithm.base
+    assert [base.meta_gradient(t).name for t in range(5)] == ["first_order"] * 3 + ["second_order"] * 2
 
 
 def test_per_step_batchnorm_is_learned_tracks_statistics_and_predicts_without_transduction():
@@ -85,7 +115,7 @@ def test_per_step_batchnorm_is_learned_tracks_statistics_and_predicts_without_tr
     ep = episode(ways=3, seed=1)
     model.train()
     model.zero_grad()
-    alg.meta_step(model, TaskBatch([ep]))
+    alg.meta_step(model, TaskBatch([ep]), 0)
     assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in norms.weight)
     own_affine = [p for n, p in model.named_parameters() if re.search(r"blocks\.\d+\.1\.", n)]
     assert len(own_affine) == 4 and all(p.grad is None for p in own_affine)  # the layers' own are unused
@@ -110,7 +140,7 @@ def test_eval_with_more_steps_than_training_reuses_the_last_rates_and_norms():
     ep = episode(ways=3, seed=2)
     res = learner.evaluate([ep], progress=False)
     assert res.steps == 5 and 0 <= res.accuracy <= 1
-    assert learner.algorithm.lr_override(["head.weight"], 4)["lr"][0] is not None
+    assert learner.algorithm.inner_lrs(["head.weight"], 4)[0] is not None
 
 
 def test_bad_settings():

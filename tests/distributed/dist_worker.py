@@ -73,8 +73,8 @@ def poison_gradients(learner: MetaLearner, rank: int, iteration: int) -> None:
     """Make one rank's local meta-gradient NaN in the given (1-based) iteration."""
     meta_step = learner.algorithm.meta_step
 
-    def poisoned(model, batch):
-        metrics = meta_step(model, batch)
+    def poisoned(model, batch, it=0):
+        metrics = meta_step(model, batch, it)
         if learner.rank == rank and learner.iteration + 1 == iteration:
             learner.meta_parameters()[0].grad.fill_(float("nan"))
         return metrics

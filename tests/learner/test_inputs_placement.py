@@ -50,7 +50,7 @@ def test_model_input_takes_floats_uint8_images_and_arrays(tmp_path):
 def test_placement_settings_are_checked_and_autocast_follows_precision():
     with pytest.raises(ConfigError, match="unknown precision 'fp8'"):
         Placement.create("cpu", precision="fp8")
-    with pytest.raises(ConfigError, match="channels_last must be true or false"):
+    with pytest.raises(ConfigError, match="channels_last must be true, false or null"):
         Placement.create("cpu", channels_last="yes")
     with Placement.create("cpu", precision="bf16").autocast():
         assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16

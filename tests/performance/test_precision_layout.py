@@ -118,7 +118,7 @@ def test_layout_and_precision_survive_save_and_load(tmp_path):
 def test_bad_settings_are_refused_with_the_choices():
     with pytest.raises(ConfigError, match="precision.*fp16.*bf16"):
         MetaLearner(model(False), "protonet", device="cpu", precision="fp16")
-    with pytest.raises(ConfigError, match="channels_last must be true or false"):
+    with pytest.raises(ConfigError, match="channels_last must be true, false or null"):
         MetaLearner(model(False), "protonet", device="cpu", channels_last="yes")
 
 
@@ -139,24 +139,35 @@ def test_config_keys_reach_the_learner(tmp_path):
 
 
 @pytest.mark.parametrize("in_channels", [1, 3])
-def test_fast_path_keeps_adapted_conv_weights_channels_last(in_channels):
+def test_core_keeps_adapted_conv_weights_channels_last(in_channels):
     """An SGD step would return NCHW weights (and NCHW feature maps, whose max-pool is ~8x slower
-    on CPU); the fast path keeps every task's adapted conv weights NHWC, one input channel too."""
-    from metamtl.adaptation.functional import select_engine
+    on CPU); the core keeps every task's adapted conv weights NHWC, one input channel too."""
     from metamtl.algorithms import build_algorithm
 
     torch.manual_seed(0)
     net = build_model("conv4", in_channels=in_channels, hidden=8, image_size=16, blocks=2, out_features=4)
-    learner = MetaLearner(net, build_algorithm("maml", steps=2, lr=0.1, backend="func"), device="cpu",
+    learner = MetaLearner(net, build_algorithm("maml", steps=2, lr=0.1), device="cpu",
                           channels_last=True)
     g = torch.Generator().manual_seed(0)
     eps = TaskBatch([Episode(torch.rand(8, in_channels, 16, 16, generator=g), torch.arange(4).repeat(2),
                              torch.rand(8, in_channels, 16, 16, generator=g), torch.arange(4).repeat(2), 4, 2, 2)
                      for _ in range(2)])
     sx, sy, qx, qy = learner.placement.batch(eps).stack()
-    engine = select_engine(learner.algorithm.inner, learner.model)
-    adapted = engine.adapt(learner.model, sx, sy, 4, create_graph=True)
+    problem = learner.algorithm.problem(learner.model, sx, sy, 4)
+    adapted = problem.unroll(problem.leaves(), tape=True, create_graph=True)
     for params in adapted.trajectory:
         for p in params:
             if p.dim() == 5:
                 assert all(p[t].stride(1) == 1 for t in range(p.shape[0])), p.stride()
+
+
+def test_channels_last_is_chosen_automatically_for_conv_models_on_cpu_and_can_be_forced():
+    from metamtl.algorithms import build_algorithm
+
+    conv = MetaLearner(model(True), "maml", device="cpu")
+    assert conv.channels_last and conv.config()["learner"]["channels_last"] is True
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in conv.model.parameters() if p.dim() == 4)
+    assert not MetaLearner(model(True), "maml", device="cpu", channels_last=False).channels_last
+    mlp = MetaLearner(build_model("mlp", in_features=1, hidden=[8], out_features=1),
+                      build_algorithm("maml", steps=1, lr=0.01), device="cpu", task="regression")
+    assert not mlp.channels_last

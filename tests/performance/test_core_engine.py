@@ -1,10 +1,8 @@
-"""The task-batched functional fast path against the reference inner loop on ``higher``.
+"""The core engine against the ``higher`` engine beyond single meta-steps: mixed shapes, regression,
+evaluation, a few training iterations, float32 at the benchmarked size.
 
-Every case runs the same algorithm twice, once with ``backend="higher"`` (the reference) and once
-with ``backend="func"``, and compares meta-gradients (within 1e-5), metrics and evaluation
-results; the chunk sizes cover one task per call (plain ``functional_call``) and several tasks
-per call (``vmap``).  tests/core/test_gradients.py checks the default (``auto``) path against
-independent ``torch.func`` references as well.
+tests/core/test_core_oracle.py compares every built-in algorithm; tests/core/test_gradients.py
+checks the core against independent ``torch.func`` references.
 """
 from __future__ import annotations
 
@@ -13,8 +11,7 @@ import torch
 from torch import nn
 
 from metamtl import MetaLearner
-from metamtl.adaptation import LossContext
-from metamtl.algorithms import MAML, build_algorithm
+from metamtl.algorithms import build_algorithm
 from metamtl.errors import ConfigError
 from metamtl.models import EpisodicBatchNorm, build_model
 from metamtl.tasks import Episode, TaskBatch
@@ -57,39 +54,12 @@ def assert_same(ref, ours):
         assert om[k] == pytest.approx(rm[k], rel=1e-5, abs=1e-7), k
 
 
-CASES = [
-    ("maml", dict(steps=1, lr=0.4)),
-    ("maml", dict(steps=3, lr=0.2)),
-    ("fomaml", dict(steps=2, lr=0.3)),
-    ("anil", dict(steps=2, lr=0.5)),
-    ("anil", dict(steps=3, lr=0.1, head_init="proto")),
-    ("fomaml", dict(steps=2, lr=0.3, adapt="head", head_init="zero")),
-    ("maml", dict(steps=1, lr=0.3, head_init="proto")),
-    ("maml", dict(steps=2, lr=0.3, head_init="zero")),
-    ("maml", dict(steps=2, lr=0.3, bn_stats="support")),
-    ("anil", dict(steps=2, lr=0.3, bn_stats="support", head_init="proto")),
-    ("fomaml", dict(steps=0, lr=0.3)),
-]
-
-
-@pytest.mark.parametrize("chunk", [1, 3])
-@pytest.mark.parametrize("name,settings", CASES, ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in s.items())}" for n, s in CASES])
-def test_meta_gradients_and_metrics_equal_the_higher_reference(name, settings, chunk):
-    per_task_head = settings.get("head_init", "learned") != "learned"
-    batch = TaskBatch([episode(s) for s in range(3)])
-    make = lambda: conv(None if per_task_head else 3)  # noqa: E731
-    ref = meta_step(make, name, "higher", batch, **settings)
-    ours = meta_step(make, name, "func", batch, chunk, **settings)
-    assert ref[2].fast_path(ref[3]) is None and ours[2].fast_path(ours[3]) is not None
-    assert_same(ref[:2], ours[:2])
-
-
 def test_mixed_shapes_in_one_meta_batch():
     """Episodes of different ways/shots adapt in separate groups; the gradient is still the mean."""
     batch = TaskBatch([episode(0, ways=3), episode(1, ways=5, shots=1), episode(2, ways=3), episode(3, ways=5, shots=1)])
     for name in ("maml", "anil"):
         ref = meta_step(lambda: conv(None), name, "higher", batch, steps=2, lr=0.3, head_init="proto")
-        ours = meta_step(lambda: conv(None), name, "func", batch, 2, steps=2, lr=0.3, head_init="proto")
+        ours = meta_step(lambda: conv(None), name, "core", batch, 2, steps=2, lr=0.3, head_init="proto")
         assert_same(ref[:2], ours[:2])
 
 
@@ -108,7 +78,7 @@ def test_regression_on_an_mlp():
 
     for name in ("maml", "anil"):
         ref = meta_step(make, name, "higher", batch, steps=2, lr=0.01)
-        ours = meta_step(make, name, "func", batch, 2, steps=2, lr=0.01)
+        ours = meta_step(make, name, "core", batch, 2, steps=2, lr=0.01)
         assert "accuracy" not in ours[1]
         assert_same(ref[:2], ours[:2])
 
@@ -117,7 +87,7 @@ def test_regression_on_an_mlp():
                                            ("anil", dict(steps=3, lr=0.2, head_init="proto"))])
 def test_learner_evaluation_per_episode_equals_the_reference(name, settings):
     results = []
-    for backend, chunk in (("higher", 0), ("func", 1), ("func", 4)):
+    for backend, chunk in (("higher", 0), ("core", 1), ("core", 4)):
         model = conv(None if "head_init" in settings else 3)
         learner = MetaLearner(model, build_algorithm(name, backend=backend, task_chunk=chunk, **settings), device="cpu")
         results.append(learner.evaluate([episode(s) for s in range(7)], progress=False))
@@ -127,10 +97,10 @@ def test_learner_evaluation_per_episode_equals_the_reference(name, settings):
         torch.testing.assert_close(torch.tensor(res.per_episode_loss), torch.tensor(ref.per_episode_loss))
 
 
-def test_training_with_the_fast_path_follows_the_reference():
-    """A few meta-iterations end at the same weights (the learner uses the fast path by default)."""
+def test_training_on_the_core_follows_the_higher_engine():
+    """A few meta-iterations end at the same weights (the learner uses the core by default)."""
     weights = []
-    for backend in ("higher", "auto"):
+    for backend in ("higher", "core"):
         model = conv(None)
         learner = MetaLearner(model, build_algorithm("anil", backend=backend, steps=2, lr=0.2, head_init="proto"),
                               meta_lr=0.01, device="cpu")
@@ -152,61 +122,14 @@ class _Cycle:
         return self.eps[index % len(self.eps)]
 
 
-# -- where the fast path does not apply -----------------------------------------------------------
-class LearnedLR(MAML):
-    """A Meta-SGD-like algorithm: overriding an inner-loop hook must route to the reference."""
-
-    name = "learned_lr_test"
-
-    def lr_override(self, names, step):
-        return {"lr": [torch.tensor(0.1) for _ in names]}
-
-
-def test_hook_overrides_fall_back_to_the_reference_and_func_refuses_them():
-    model = conv()
-    assert LearnedLR(steps=1).fast_path(model) is None
-    with pytest.raises(ConfigError, match="overrides lr_override"):
-        LearnedLR(steps=1, backend="func").fast_path(model)
-    assert build_algorithm("reptile").fast_path(model) is None  # Reptile's own task_step
-    with pytest.raises(ConfigError, match="overrides task_step"):
-        build_algorithm("reptile", backend="func").fast_path(model)
-
-
-@pytest.mark.parametrize("settings,reason", [
-    (dict(optimizer="adam"), "inner optimizer 'adam'"),
-    (dict(optimizer="sgd", optimizer_kwargs={"momentum": 0.9}), "momentum"),
-])
-def test_inner_optimizers_other_than_plain_sgd_fall_back(settings, reason):
-    model = conv()
-    assert build_algorithm("maml", **settings).fast_path(model) is None
-    with pytest.raises(ConfigError, match=reason):
-        build_algorithm("maml", backend="func", **settings).fast_path(model)
-    # explicit SGD defaults are still plain SGD
-    assert build_algorithm("maml", optimizer_kwargs={"momentum": 0, "weight_decay": 0.0}).fast_path(model) is not None
-
-
-def test_loss_terms_fall_back_and_still_train():
-    model = conv()
-    alg = build_algorithm("maml", steps=1, lr=0.3)
-    seen = []
-
-    def term(ctx: LossContext):
-        seen.append(ctx.phase)
-        return 0.0 * ctx.logits.sum()
-
-    alg.inner.loss_terms.append(term)
-    assert alg.fast_path(model) is None
-    alg.meta_step(model, TaskBatch([episode(0)]))
-    assert seen == ["support", "query"]
-
-
 def test_backend_settings_are_validated():
     with pytest.raises(ConfigError, match="backend"):
         build_algorithm("maml", backend="jax")
     with pytest.raises(ConfigError, match="task_chunk"):
         build_algorithm("maml", task_chunk=-1)
-    assert build_algorithm("maml", backend="func", task_chunk=8).config()["backend"] == "func"
-    assert build_algorithm("maml", backend="higher").fast_path(conv()) is None
+    assert build_algorithm("maml", backend="core", task_chunk=8).config()["backend"] == "core"
+    for old in ("auto", "func"):  # earlier names of the core
+        assert build_algorithm("maml", backend=old).inner.backend == "core"
 
 
 # -- the model's exact block reordering -----------------------------------------------------------
@@ -246,7 +169,7 @@ def test_real_size_float32_gradients_match():
     for name, settings in (("maml", dict(steps=1, lr=0.4)), ("anil", dict(steps=2, lr=0.1, head_init="proto"))):
         ref, _, _, model = meta_step(make if name == "maml" else lambda: _no_head(make()), name, "higher",
                                      TaskBatch(eps), **settings)
-        ours, _, _, _ = meta_step(make if name == "maml" else lambda: _no_head(make()), name, "func",
+        ours, _, _, _ = meta_step(make if name == "maml" else lambda: _no_head(make()), name, "core",
                                   TaskBatch(eps), **settings)
         scale = max(float(r.abs().max()) for r in ref if r is not None)
         for a, b in zip(ref, ours):

@@ -1,0 +1,269 @@
+"""Functional, differentiable inner optimizers (the TorchOpt style: explicit state, no mutation).
+
+An :class:`InnerOptimizer` is a pair of pure functions::
+
+    state = opt.init(params)                                  # list of tensors
+    params, state = opt.update(params, grads, state, lrs, k)  # inner step k = 0, 1, ...
+
+``params``/``grads`` are lists of tensors (any leading dimensions: the core adapts a chunk of
+tasks at once, ``[T, ...]``), ``state`` is a flat list of tensors (momentum buffers, moment
+estimates; flat so a memory mode can save or recompute it like the weights), ``lrs`` holds one
+learning rate per tensor: a float or a tensor that broadcasts against it and may require grad
+(Meta-SGD's per-element rates, MAML++'s per-layer-per-step rates are just tensors passed in).
+Nothing is updated in place, so every output is a differentiable function of every input: with
+``create_graph=True`` gradients the unrolled loop is second order; with detached gradients the
+update itself still stays on the tape (first order with learned rates).  The step index ``k`` is
+explicit (Adam's bias correction uses ``k + 1``).
+
+Each optimizer computes the update of the ``torch.optim`` class of the same name with the same
+settings (tests step both side by side), and of ``higher``'s differentiable version of it: Adam and
+AdamW add ``eps`` to ``sqrt(v)`` before the bias correction, as higher does (torch.optim adds it
+after; the two agree up to the size of ``eps``).  Settings are validated by building the torch class.
+A gradient of ``None`` (a weight the loss does not use) leaves the weight and its state unchanged.
+Square roots of second-moment estimates are taken with a zero gradient where the estimate is
+exactly zero (``higher`` masks the same places), so second-order gradients never see ``inf * 0``.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+from ..errors import ConfigError, unknown_name
+
+Tensors = Sequence[torch.Tensor]
+
+
+def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """``sqrt(x)`` for ``x >= 0`` whose gradient is 0 (not ``inf``) where ``x == 0``."""
+    positive = x > 0
+    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+
+
+class InnerOptimizer:
+    """Base class: subclasses write ``slots`` (state tensors per weight) and ``rule``.
+
+    Args:
+        settings: the hyper-parameters of the ``torch.optim`` class (``lr`` excluded: learning
+            rates are passed to :meth:`update`).
+    """
+
+    name: ClassVar[str] = "base"
+    torch_class: ClassVar[type[torch.optim.Optimizer]]
+    #: state tensors kept per weight (each starts as zeros of the weight's shape, or ``fill``)
+    slots: ClassVar[tuple[str, ...]] = ()
+    #: settings the rule ignores (implementation choices of torch.optim, not mathematics)
+    IGNORED: ClassVar[tuple[str, ...]] = ("foreach", "fused", "capturable", "differentiable", "lr")
+
+    def __init__(self, **settings: Any) -> None:
+        self.settings = settings
+
+    def __getattr__(self, key: str) -> Any:
+        settings = self.__dict__.get("settings", {})
+        if key in settings:
+            return settings[key]
+        raise AttributeError(key)
+
+    def fill(self, slot: str) -> float:
+        return 0.0
+
+    def init(self, params: Tensors) -> list[torch.Tensor]:
+        """Zero (or initial) state for ``params``: ``len(slots)`` tensors per weight, weight-major."""
+        return [torch.full_like(p, self.fill(s), memory_format=torch.preserve_format)
+                for p in params for s in self.slots]
+
+    def update(self, params: Tensors, grads: Sequence[torch.Tensor | None], state: Tensors,
+               lrs: Sequence[Any], step: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """One step from ``params`` with ``grads``: ``(new params, new state)``."""
+        n = len(self.slots)
+        new_params, new_state = [], []
+        for i, (p, g, lr) in enumerate(zip(params, grads, lrs)):
+            slots = list(state[i * n:(i + 1) * n])
+            if g is not None:
+                if self.settings.get("maximize"):
+                    g = -g
+                p, slots = self.rule(p, g, slots, lr, step)
+            new_params.append(p)
+            new_state += slots
+        return new_params, new_state
+
+    def rule(self, p: torch.Tensor, g: torch.Tensor, slots: list[torch.Tensor], lr: Any,
+             step: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        raise NotImplementedError
+
+
+class SGD(InnerOptimizer):
+    """``torch.optim.SGD``: weight decay, momentum (first buffer = gradient), dampening, Nesterov."""
+
+    name = "sgd"
+    torch_class = torch.optim.SGD
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.slots = ("momentum_buffer",) if settings.get("momentum", 0) else ()
+
+    def rule(self, p, g, slots, lr, step):
+        if self.weight_decay:
+            g = g + self.weight_decay * p
+        if self.momentum:
+            buf = g if step == 0 else slots[0] * self.momentum + (1 - self.dampening) * g
+            slots = [buf]
+            g = g + self.momentum * buf if self.nesterov else buf
+        return p - lr * g, slots
+
+
+class Adam(InnerOptimizer):
+    """``torch.optim.Adam`` / ``AdamW`` (decoupled weight decay), with ``amsgrad``."""
+
+    name = "adam"
+    torch_class = torch.optim.Adam
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.slots = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if settings.get("amsgrad") else ())
+
+    def rule(self, p, g, slots, lr, step):
+        beta1, beta2 = self.betas
+        if self.weight_decay:
+            if self.decoupled_weight_decay:
+                p = p * (1 - lr * self.weight_decay)
+            else:
+                g = g + self.weight_decay * p
+        m = slots[0] * beta1 + (1 - beta1) * g
+        v = slots[1] * beta2 + (1 - beta2) * g * g
+        out = [m, v]
+        if self.amsgrad:
+            v = torch.maximum(slots[2], v) if step else v
+            out.append(v)
+        t = step + 1
+        # eps is added before the bias correction, as in higher's differentiable Adam (and torch.optim
+        # before 1.6); torch.optim now adds it after: the same update up to the size of eps.
+        step_size = lr * (1 - beta2 ** t) ** 0.5 / (1 - beta1 ** t)
+        return p - step_size * (m / (safe_sqrt(v) + self.eps)), out
+
+
+class AdamW(Adam):
+    name = "adamw"
+    torch_class = torch.optim.AdamW
+
+
+class RMSprop(InnerOptimizer):
+    """``torch.optim.RMSprop`` (centered and momentum variants)."""
+
+    name = "rmsprop"
+    torch_class = torch.optim.RMSprop
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.slots = (("square_avg",) + (("momentum_buffer",) if settings.get("momentum") else ())
+                      + (("grad_avg",) if settings.get("centered") else ()))
+
+    def rule(self, p, g, slots, lr, step):
+        if self.weight_decay:
+            g = g + self.weight_decay * p
+        a = self.alpha
+        sq = slots[0] * a + (1 - a) * g * g
+        out = [sq]
+        if self.centered:
+            ga = slots[-1] * a + (1 - a) * g
+            avg = safe_sqrt(sq - ga * ga) + self.eps
+        else:
+            avg = safe_sqrt(sq) + self.eps
+        if self.momentum:
+            buf = slots[1] * self.momentum + g / avg
+            out.append(buf)
+            p = p - lr * buf
+        else:
+            p = p - lr * (g / avg)
+        if self.centered:
+            out.append(ga)
+        return p, out
+
+
+class Adagrad(InnerOptimizer):
+    """``torch.optim.Adagrad`` (``lr_decay``, ``initial_accumulator_value``)."""
+
+    name = "adagrad"
+    torch_class = torch.optim.Adagrad
+    slots = ("sum",)
+
+    def fill(self, slot: str) -> float:
+        return float(self.initial_accumulator_value)
+
+    def rule(self, p, g, slots, lr, step):
+        if self.weight_decay:
+            g = g + self.weight_decay * p
+        clr = lr / (1 + step * self.lr_decay)
+        total = slots[0] + g * g
+        return p - clr * (g / (safe_sqrt(total) + self.eps)), [total]
+
+
+class Adadelta(InnerOptimizer):
+    """``torch.optim.Adadelta``."""
+
+    name = "adadelta"
+    torch_class = torch.optim.Adadelta
+    slots = ("square_avg", "acc_delta")
+
+    def rule(self, p, g, slots, lr, step):
+        if self.weight_decay:
+            g = g + self.weight_decay * p
+        rho, eps = self.rho, self.eps
+        sq = slots[0] * rho + (1 - rho) * g * g
+        delta = (slots[1] + eps).sqrt() / (sq + eps).sqrt() * g
+        acc = slots[1] * rho + (1 - rho) * delta * delta
+        return p - lr * delta, [sq, acc]
+
+
+class Adamax(InnerOptimizer):
+    """``torch.optim.Adamax``."""
+
+    name = "adamax"
+    torch_class = torch.optim.Adamax
+    slots = ("exp_avg", "exp_inf")
+
+    def rule(self, p, g, slots, lr, step):
+        beta1, beta2 = self.betas
+        if self.weight_decay:
+            g = g + self.weight_decay * p
+        m = slots[0] * beta1 + (1 - beta1) * g
+        u = torch.maximum(slots[1] * beta2, g.abs() + self.eps)
+        return p - (lr / (1 - beta1 ** (step + 1))) * (m / u), [m, u]
+
+
+#: name -> (optimizer class, settings that differ from the torch class's defaults)
+INNER_OPTIMIZERS: dict[str, tuple[type[InnerOptimizer], dict[str, Any]]] = {
+    "sgd": (SGD, {}),
+    "momentum": (SGD, {"momentum": 0.9}),
+    "nesterov": (SGD, {"momentum": 0.9, "nesterov": True}),
+    "adam": (Adam, {}),
+    "adamw": (AdamW, {}),
+    "rmsprop": (RMSprop, {}),
+    "adagrad": (Adagrad, {}),
+    "adadelta": (Adadelta, {}),
+    "adamax": (Adamax, {}),
+}
+
+
+def torch_settings(name: str, lr: float, kwargs: dict[str, Any]) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """The ``torch.optim`` class of inner optimizer ``name`` and its full settings (validated)."""
+    if name not in INNER_OPTIMIZERS:
+        raise unknown_name("inner optimizer", name, INNER_OPTIMIZERS)
+    cls, defaults = INNER_OPTIMIZERS[name]
+    try:
+        probe = cls.torch_class([torch.zeros(1, requires_grad=True)], lr=lr, **{**defaults, **kwargs})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"bad inner optimizer_kwargs {kwargs} for {name!r}: {exc}") from None
+    return cls.torch_class, dict(probe.defaults)
+
+
+def build_optimizer(name: str, lr: float, kwargs: dict[str, Any]) -> InnerOptimizer:
+    """The functional optimizer ``name`` with ``kwargs`` (validated by the torch class)."""
+    cls = INNER_OPTIMIZERS[name][0] if name in INNER_OPTIMIZERS else None
+    _, settings = torch_settings(name, lr, kwargs)
+    settings = {k: v for k, v in settings.items() if k not in InnerOptimizer.IGNORED}
+    return cls(**settings)  # type: ignore[misc]
+
+
+__all__ = ["INNER_OPTIMIZERS", "InnerOptimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Adamax",
+           "build_optimizer", "safe_sqrt", "torch_settings"]

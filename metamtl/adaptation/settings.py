@@ -1,0 +1,184 @@
+"""Inner-loop settings, the task loss and the loss-term interface."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, unknown_name
+from ..models.heads import HEAD_INITS
+from ..models.norm import BN_MODES
+from .optim import INNER_OPTIMIZERS, torch_settings
+
+ADAPT_MODES = ("all", "head")
+#: ``core``: the functional engine (torch.func, task chunks); ``higher``: the ``higher`` engine.
+#: ``auto`` and ``func`` (earlier names) mean ``core``.
+BACKENDS = ("core", "higher", "auto", "func")
+
+
+def task_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for integer labels, mean squared error for float targets."""
+    if targets.dtype in (torch.long, torch.int32, torch.int64):
+        return F.cross_entropy(logits, targets)
+    return F.mse_loss(logits, targets)
+
+
+def batched_task_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-task :func:`task_loss` of ``[T, B, ...]`` logits: shape ``[T]``."""
+    if targets.dtype in (torch.long, torch.int32, torch.int64):
+        t, b = targets.shape[:2]
+        return F.cross_entropy(logits.reshape(t * b, -1), targets.reshape(-1), reduction="none").view(t, b).mean(1)
+    return F.mse_loss(logits, targets, reduction="none").flatten(1).mean(1)
+
+
+def check_positive(name: str, value: float) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number > 0, got {value!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+    return v
+
+
+@dataclasses.dataclass
+class LossContext:
+    """What a loss term sees: one task's forward pass during (or after) adaptation.
+
+    Attributes:
+        phase: ``"support"`` (inner loop, every step) or ``"query"`` (the outer, meta loss).
+        logits: the model's output for ``inputs``.
+        targets: labels (or regression targets) of ``inputs``.
+        inputs: the model inputs behind ``logits`` (support or query images).
+        support_x, support_y: the task's support set (e.g. for a teacher to adapt to).
+        ways: number of classes of the task.
+        model: the meta-model (its weights are the initialisation, not the adapted ones).
+        step: inner step for ``"support"``, ``-1`` for ``"query"``.
+        params: the adapted weights of this forward pass (``names`` order).
+        names: their names in the model (``"trunk.blocks.0.0.weight"``, ``"head.weight"``).
+        features: outputs of the layers loss terms asked for (a term's ``taps``), by layer name.
+    """
+
+    phase: str
+    logits: torch.Tensor
+    targets: torch.Tensor
+    inputs: torch.Tensor
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    ways: int
+    model: nn.Module
+    step: int = -1
+    params: Sequence[torch.Tensor] = ()
+    names: Sequence[str] = ()
+    features: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+
+#: ``term(ctx) -> extra loss or None``; a term may list layer names in a ``taps`` attribute to get
+#: their outputs in ``ctx.features``.  See :attr:`InnerLoop.loss_terms`.
+LossTerm = Callable[[LossContext], "torch.Tensor | None"]
+
+
+def term_taps(terms: Sequence[Any]) -> tuple[str, ...]:
+    """Layer names the loss terms want outputs of (their ``taps`` attributes), in order, once."""
+    out: list[str] = []
+    for term in terms:
+        for name in getattr(term, "taps", ()):
+            if name not in out:
+                out.append(name)
+    return tuple(out)
+
+
+@dataclasses.dataclass
+class InnerLoop:
+    """How a model adapts to a task: the settings of the inner loop.
+
+    Args:
+        steps: inner gradient steps at meta-training time.
+        lr: inner learning rate.
+        optimizer: one of :data:`~metamtl.adaptation.INNER_OPTIMIZERS` (``sgd``, ``momentum``,
+            ``nesterov``, ``adam``, ``adamw``, ...); with ``backend="higher"`` also any
+            ``torch.optim.Optimizer`` class that ``higher`` has a differentiable version of.
+        optimizer_kwargs: extra settings of the torch optimizer (e.g. ``betas``).
+        first_order: never keep the higher-order graph (FOMAML / Reptile).
+        adapt: ``"all"`` parameters or only the ``"head"`` (ANIL).
+        head_init: ``"learned"``, ``"zero"`` or ``"proto"`` (see :mod:`metamtl.models.heads`).
+        eval_steps: inner steps at evaluation (default: ``steps``).
+        bn_stats: ``"transductive"`` or ``"support"`` (see :mod:`metamtl.models.norm`).
+        backend: ``"core"`` (default; ``"auto"``/``"func"`` are old names for it) or ``"higher"``.
+        task_chunk: tasks adapted per ``vmap`` call by the core (``0``: one on CPU, all elsewhere).
+    """
+
+    steps: int = 1
+    lr: float = 0.4
+    optimizer: Any = "sgd"
+    optimizer_kwargs: dict = dataclasses.field(default_factory=dict)
+    first_order: bool = False
+    adapt: str = "all"
+    head_init: str = "learned"
+    eval_steps: int | None = None
+    bn_stats: str = "transductive"
+    backend: str = "core"
+    task_chunk: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps",):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"inner {name} must be an integer >= 0, got {v!r}")
+        if self.eval_steps is not None and (
+            isinstance(self.eval_steps, bool) or not isinstance(self.eval_steps, int) or self.eval_steps < 0
+        ):
+            raise ConfigError(f"inner eval_steps must be an integer >= 0, got {self.eval_steps!r}")
+        self.lr = check_positive("inner lr", self.lr)
+        if not isinstance(self.first_order, bool):
+            raise ConfigError(f"inner first_order must be true or false, got {self.first_order!r}")
+        if not isinstance(self.optimizer_kwargs, dict):
+            raise ConfigError(f"inner optimizer_kwargs must be a mapping, got {self.optimizer_kwargs!r}")
+        if self.backend not in BACKENDS:
+            raise unknown_name("inner-loop backend", self.backend, BACKENDS[:2])
+        if self.backend in ("auto", "func"):
+            self.backend = "core"
+        if isinstance(self.optimizer, type) and issubclass(self.optimizer, torch.optim.Optimizer):
+            if self.backend != "higher":
+                raise ConfigError(
+                    f"a torch optimizer class ({self.optimizer.__name__}) runs on backend 'higher' only; the core "
+                    f"takes one of {sorted(INNER_OPTIMIZERS)} by name"
+                )
+            try:
+                self.optimizer([torch.zeros(1, requires_grad=True)], lr=self.lr, **self.optimizer_kwargs)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"bad inner optimizer_kwargs {self.optimizer_kwargs} for "
+                                  f"{self.optimizer.__name__}: {exc}") from None
+        else:
+            torch_settings(self.optimizer, self.lr, self.optimizer_kwargs)  # validates name and settings
+        if self.adapt not in ADAPT_MODES:
+            raise unknown_name("adapt mode", self.adapt, ADAPT_MODES)
+        if self.head_init not in HEAD_INITS:
+            raise unknown_name("head initialisation", self.head_init, HEAD_INITS)
+        if self.bn_stats not in BN_MODES:
+            raise unknown_name("bn_stats mode", self.bn_stats, BN_MODES)
+        if isinstance(self.task_chunk, bool) or not isinstance(self.task_chunk, int) or self.task_chunk < 0:
+            raise ConfigError(f"task_chunk must be an integer >= 0 (0: automatic), got {self.task_chunk!r}")
+        #: extra loss terms (not part of the config): see :class:`LossContext`
+        self.loss_terms: list[LossTerm] = []
+
+    def config(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @property
+    def evaluation_steps(self) -> int:
+        return self.steps if self.eval_steps is None else self.eval_steps
+
+    def add_loss_terms(self, loss: torch.Tensor, ctx: LossContext) -> torch.Tensor:
+        """``loss`` plus every :attr:`loss_terms` entry (none while the model is in eval mode)."""
+        if not self.loss_terms or not ctx.model.training:
+            return loss
+        for term in self.loss_terms:
+            extra = term(ctx)
+            if extra is not None:
+                loss = loss + extra
+        return loss

@@ -1,0 +1,72 @@
+"""The functional inner optimizers step exactly like their torch.optim classes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metamtl.adaptation import INNER_OPTIMIZERS, build_optimizer
+from metamtl.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+CASES = [(n, {}) for n in INNER_OPTIMIZERS] + [
+    ("sgd", {"weight_decay": 0.1, "momentum": 0.5, "dampening": 0.2}),
+    ("sgd", {"maximize": True, "momentum": 0.9, "nesterov": True}),
+    ("adam", {"amsgrad": True, "weight_decay": 0.1}),
+    ("adamw", {"amsgrad": True, "weight_decay": 0.05}),
+    ("rmsprop", {"centered": True, "momentum": 0.3, "weight_decay": 0.1}),
+    ("adagrad", {"lr_decay": 0.1, "initial_accumulator_value": 0.2}),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", CASES, ids=[f"{n}-{k}" for n, k in CASES])
+def test_updates_equal_torch_optim(name, kwargs):
+    if name in ("adam", "adamw"):
+        # higher (and the core) add eps before Adam's bias correction, torch.optim after it: with
+        # eps = 0 the two formulas are the same function
+        kwargs = {**kwargs, "eps": 0.0}
+    opt = build_optimizer(name, 0.1, kwargs)
+    g = torch.Generator().manual_seed(0)
+    p0 = torch.randn(3, 4, generator=g)
+    ref = p0.clone().requires_grad_()
+    cls, defaults = INNER_OPTIMIZERS[name]
+    torch_opt = cls.torch_class([ref], lr=0.1, **{**defaults, **kwargs})
+    params, state = [p0.clone()], opt.init([p0])
+    lr = torch.tensor(0.1)  # a tensor rate works like the float
+    for k in range(4):
+        grad = torch.randn(3, 4, generator=g)
+        ref.grad = grad.clone()
+        torch_opt.step()
+        params, state = opt.update(params, [grad], state, [lr], k)
+        torch.testing.assert_close(params[0], ref.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_updates_are_differentiable_in_weights_rates_and_gradients():
+    opt = build_optimizer("adam", 0.1, {})
+    p = torch.randn(5, requires_grad=True)
+    lr = torch.full((5,), 0.1, requires_grad=True)
+    grad = (p * p).sum()
+    (g,) = torch.autograd.grad(grad, [p], create_graph=True)
+    new, _ = opt.update([p], [g], opt.init([p]), [lr], 0)
+    d_p, d_lr = torch.autograd.grad(new[0].sum(), [p, lr])
+    assert torch.isfinite(d_p).all() and d_lr.abs().sum() > 0
+
+
+def test_zero_second_moment_has_a_finite_second_order_gradient():
+    opt = build_optimizer("adam", 0.1, {})
+    p = torch.zeros(3, requires_grad=True)
+    (g,) = torch.autograd.grad((p[:2] * 2).sum() + 0 * p.sum(), [p], create_graph=True)  # g[2] == 0
+    new, _ = opt.update([p], [g], opt.init([p]), [0.1], 0)
+    (d,) = torch.autograd.grad(new[0].sum(), [p])
+    assert torch.isfinite(d).all()
+
+
+def test_unused_weights_and_bad_settings():
+    opt = build_optimizer("momentum", 0.1, {})
+    p = torch.ones(2)
+    new, state = opt.update([p], [None], opt.init([p]), [0.1], 0)
+    assert new[0] is p
+    with pytest.raises(ConfigError, match="unknown inner optimizer"):
+        build_optimizer("adamm", 0.1, {})
+    with pytest.raises(ConfigError, match="bad inner optimizer_kwargs"):
+        build_optimizer("adam", 0.1, {"betas": 3})
