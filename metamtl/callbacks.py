@@ -296,6 +296,12 @@ class ModelCheckpoint(Callback):
     def on_exception(self, state, exc):
         """After too many non-finite steps, keep the last good parameters in ``last.pt``."""
         if isinstance(exc, TrainingError) and state.is_main_process and self._lock.held:
+            from .numerics import nonfinite_tensors
+
+            if nonfinite_tensors([("", state.learner.model), ("", state.learner.algorithm)]):
+                exc.add_note(f"{self.last_path} keeps the last finite weights it was written with")
+                self._lock.release()
+                return
             try:
                 state.learner.save(self.last_path, training_state=True)
                 note = f"the last good parameters are saved in {self.last_path}"

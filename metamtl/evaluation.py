@@ -19,6 +19,7 @@ from .distributed import ProcessStrategy
 from .errors import ConfigError
 from .heads import ALGORITHM, FeatureHead, episode_metrics
 from .inputs import check_task_source, with_support_copies
+from .numerics import check_finite_episodes
 from .placement import Placement
 from .tasks.episode import Episode
 from .tasks.sampler import TaskSource
@@ -158,6 +159,7 @@ def summarize(results: list[tuple[dict[str, float], tuple[int, int, int]]], step
     if not results:
         raise ConfigError("no episodes to evaluate")
     losses = [m["loss"] for m, _ in results]
+    check_finite_episodes(losses, steps)  # never an accuracy computed from NaN logits
     accs = [m["accuracy"] for m, _ in results if "accuracy" in m]
     acc, ci = mean_ci95(accs) if accs else (None, None)
     loss, loss_ci = mean_ci95(losses)

@@ -26,6 +26,7 @@ from .heads import ALGORITHM
 from .errors import CheckpointError, ConfigError, FitInterrupted, TrainingError, unknown_name
 from .inputs import check_int, check_task_source
 from .interrupt import StopOnSignal, signal_name
+from .numerics import check_finite_weights
 from .tasks.episode import TaskBatch
 from .tasks.sampler import TaskSource, task_batches
 
@@ -85,6 +86,10 @@ def start_run(learner: "MetaLearner", settings: dict[str, Any], resume: str | Pa
 class MetaStep:
     """One meta-optimizer step with non-finite skipping and global-norm clipping.
 
+    A step whose loss, meta-gradient or updated running statistics (BatchNorm buffers, changed by
+    the forward passes) are not finite is skipped and leaves every weight and buffer as it was; an
+    update that makes weights non-finite raises :class:`TrainingError` naming the iteration.
+
     Args:
         learner: whose model, algorithm, meta-optimizer, placement and run state are used.
         max_bad_steps: consecutive non-finite meta-gradients tolerated before :class:`TrainingError`.
@@ -100,24 +105,43 @@ class MetaStep:
         ln = self.learner
         ln.model.train()
         ln.meta_optimizer.zero_grad(set_to_none=True)
+        buffers = self._buffers()  # forward passes update them (BatchNorm running statistics)
         with ln.placement.autocast():
             metrics = ln.algorithm.meta_step(ln.model, batch, ln.iteration)
         metrics = ln.strategy.reduce_gradients(ln.meta_parameters(), metrics, len(batch), iteration=ln.iteration)
         self.after_backward()
         params = [p for p in ln.meta_parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
-        if not (bool(torch.isfinite(norm)) and math.isfinite(metrics.get("loss", 0.0))):
-            return self._skip(metrics)
+        if not (bool(torch.isfinite(norm)) and math.isfinite(metrics.get("loss", 0.0)) and _finite(b for b, _ in buffers)):
+            return self._skip(metrics, buffers)
         ln.run.bad_steps = 0
         if ln.grad_clip is not None:
             torch.nn.utils.clip_grads_with_norm_(params, ln.grad_clip, norm)
         ln.meta_optimizer.step()
+        self._check_weights()
         metrics["grad_norm"] = float(norm)
         metrics["lr"] = float(ln.meta_optimizer.param_groups[0]["lr"])
         return metrics
 
-    def _skip(self, metrics: dict[str, float]) -> dict[str, float]:
+    def _buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(buffer, copy)`` of every floating-point buffer of the model and the algorithm."""
         ln = self.learner
+        return [(b, b.detach().clone()) for m in (ln.model, ln.algorithm) for b in m.buffers() if b.is_floating_point()]
+
+    def _check_weights(self) -> None:
+        """After the update: weights made non-finite by a finite meta-gradient (an overflowing
+        step) stop training here, naming the iteration, instead of evaluating to chance later."""
+        ln = self.learner
+        if not _finite(ln.meta_parameters()):
+            check_finite_weights(
+                [("model.", ln.model), ("algorithm.", ln.algorithm)], f"iteration {ln.iteration + 1}",
+                "the meta-optimizer step made them so (a finite but huge update overflowed). Lower meta_lr or "
+                "set grad_clip; the last checkpoint written before this step holds finite weights")
+
+    def _skip(self, metrics: dict[str, float], buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        ln = self.learner
+        for buffer, before in buffers:  # a skipped step changes nothing, running statistics included
+            buffer.copy_(before)
         ln.run.bad_steps += 1
         ln.meta_optimizer.zero_grad(set_to_none=True)
         warnings.warn(
@@ -130,6 +154,15 @@ class MetaStep:
                 "good parameters. Lower the learning rates or enable grad_clip."
             )
         return {**metrics, "skipped": 1.0}
+
+
+def _finite(tensors: Any) -> bool:
+    """Whether every value of ``tensors`` is finite: one fused norm, and per tensor only when the
+    norm is not finite (it also overflows for huge finite values)."""
+    tensors = list(tensors)
+    if not tensors or bool(torch.isfinite(torch.nn.utils.get_total_norm(tensors))):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 class FitLoop:

@@ -33,6 +33,7 @@ from .heads import head_name
 from .inference import InferenceSettings
 from .inputs import TASK_TYPES, check_int, check_steps
 from .models.backbones import TrunkHead
+from .numerics import check_finite_weights
 from .placement import PRECISIONS, Placement, resolve_device
 from .predictors import AdaptedPredictor, HeadPredictor
 from .tasks.episode import Episode
@@ -156,7 +157,13 @@ class MetaLearner:
             num_workers: int = 0, callbacks: Iterable[Callback] = (), checkpoint_dir: str | Path | None = None,
             checkpoint_every: int = 100, resume: str | Path | None = None, budget_minutes: float | None = None,
             progress: bool = True) -> list[dict[str, float]]:
-        """Meta-train for ``iterations`` meta-batches of ``meta_batch_size`` tasks.
+        """Meta-train for ``iterations`` more meta-batches of ``meta_batch_size`` tasks.
+
+        Called again, ``fit`` trains ``iterations`` more (continuing the task stream, the
+        meta-optimizer and the history where the last call stopped): ``fit(t, iterations=100)``
+        twice trains 200 iterations, like one ``fit(t, iterations=200)``.  With ``resume``,
+        ``iterations`` is the total of the run the checkpoint belongs to (what the interrupted
+        call was asked for), so a resumed run ends where the uninterrupted one would.
 
         Args:
             train_tasks: task source for meta-training (e.g. an ``EpisodeSampler``).
@@ -186,8 +193,9 @@ class MetaLearner:
                             val_every=(1 if val_every is None else val_every, 1))
         start_run(self, {"meta_batch_size": meta_batch_size, "train_tasks": repr(train_tasks)}, resume)
         cbs = standard_callbacks(progress, checkpoint_dir, checkpoint_every) + self.callbacks + list(callbacks)
+        target = iterations if resume is not None else self.iteration + iterations
         state = self.fit_state = FitState(
-            self, iterations, meta_batch_size, val_every=(val_every or max(1, iterations // 10)) if val_tasks else None,
+            self, target, meta_batch_size, val_every=(val_every or max(1, iterations // 10)) if val_tasks else None,
             budget_minutes=budget_minutes, rank=self.rank, world_size=self.world_size, callbacks=CallbackList(cbs))
         state.callbacks.load_state_dict(self.run.callbacks)
         self.run.callbacks = {}
@@ -217,6 +225,7 @@ class MetaLearner:
         """
         check_steps(steps)
         episode_at, n = episode_reader(tasks, episodes, ways=ways, shots=shots, queries=queries, start=start)
+        self.check_finite("evaluate")
         steps = self.algorithm.eval_steps if steps is None else steps
         head = self.inference.classifier(head)
         score = scorer(self.algorithm, self.model, steps, head, self.bn_stats, lambda e: self.feature_mean(e.dataset))
@@ -249,6 +258,14 @@ class MetaLearner:
         return inputs.model_input(x, what, model=self.model, placement=self.placement,
                                   preprocessing=self.preprocessing)
 
+    def check_finite(self, what: str) -> None:
+        """:class:`~metamtl.errors.TrainingError` if a weight (parameter or buffer) is NaN or inf."""
+        check_finite_weights(
+            [("model.", self.model), ("algorithm.", self.algorithm)], what,
+            f"they were already so before {what} started: training (this learner is at iteration {self.iteration}) "
+            "or the checkpoint it was loaded from produced them. Retrain with a lower meta_lr or with grad_clip, "
+            "or load an earlier checkpoint")
+
     def check_episode(self, episode: Episode, what: str) -> None:
         """Refuse, with a clear message, an episode this learner cannot train or evaluate on."""
         inputs.check_episode(episode, what, task=self.task, model=self.model)
@@ -263,6 +280,7 @@ class MetaLearner:
         augmentation's seed; a feature head gives a :class:`~metamtl.predictors.HeadPredictor`).
         """
         check_steps(steps)
+        self.check_finite("adapt")
         x = self.model_input(support_x, "support_x")
         y, ways = inputs.support_labels(support_y, x.shape[0], self.task, self.device)
         x, y = inputs.support_copies(x, y, self.inference.augment(support_augment))

@@ -47,6 +47,7 @@ MODULE_LAYERS = {
     "metamtl.evaluation": "learner",
     "metamtl.fit_loop": "learner",
     "metamtl.run_state": "learner",
+    "metamtl.numerics": "learner",
     "metamtl.callbacks": "learner",
     "metamtl.checkpoint": "learner",
     "metamtl.distributed": "learner",

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from metamtl.checkpoint import RunFolderLock, safe_load
@@ -151,3 +152,21 @@ def test_fit_refuses_to_overwrite_another_learners_checkpoint(tmp_path):
     resumed.fit(tasks, iterations=5, meta_batch_size=1, checkpoint_dir=tmp_path, resume=tmp_path / "last.pt",
                 progress=False)
     assert safe_load(tmp_path / "last.pt")["iteration"] == 5
+
+
+def test_fit_called_again_trains_the_requested_iterations_more(tmp_path):
+    """`fit(iterations=3)` then `fit(iterations=2)` is `fit(iterations=5)`: same episodes, optimizer
+    state and weights, bit for bit; it never silently does nothing."""
+    tasks = EpisodeSampler(toy_dataset(), 5, 1, 2)
+    once = tiny_learner()
+    once.fit(tasks, iterations=5, meta_batch_size=2, progress=False)
+    twice = tiny_learner()
+    twice.fit(tasks, iterations=3, meta_batch_size=2, progress=False, checkpoint_dir=tmp_path)
+    assert twice.iteration == 3
+    twice.fit(tasks, iterations=2, meta_batch_size=2, progress=False, checkpoint_dir=tmp_path)  # its own last.pt
+    assert twice.iteration == 5 and safe_load(tmp_path / "last.pt")["iteration"] == 5
+    assert [r["iteration"] for r in twice.history] == [r["iteration"] for r in once.history] == [1, 2, 3, 4, 5]
+    for a, b in zip(once.model.parameters(), twice.model.parameters()):
+        assert torch.equal(a, b)
+    twice.fit(tasks, iterations=0, progress=False)
+    assert twice.iteration == 5

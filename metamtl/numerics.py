@@ -1,0 +1,53 @@
+"""Non-finite numbers never become a result: which weights are NaN/inf, and which step made them so.
+
+A model whose weights hold NaN or infinity computes NaN logits, and ``argmax`` of NaN logits is
+class 0: such a model used to evaluate to exactly ``1/ways`` accuracy ("50.00% ± 0.00%" for 2
+ways) as if it were merely bad.  The learner checks its weights (parameters and buffers such as
+BatchNorm running statistics) where they can go wrong and raises
+:class:`~metamtl.errors.TrainingError` naming the tensors and the step: after each meta-optimizer
+step (:class:`~metamtl.fit_loop.MetaStep`), before evaluating, adapting or predicting, and per
+evaluation episode (finite weights whose adaptation diverged).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .errors import TrainingError
+
+
+def nonfinite_tensors(modules: Iterable[tuple[str, nn.Module]]) -> list[str]:
+    """``"prefix.name (k of n values)"`` for every parameter or buffer holding NaN or infinity."""
+    bad = []
+    for prefix, module in modules:
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            if t.is_floating_point() or t.is_complex():
+                k = int((~torch.isfinite(t.detach())).sum())
+                if k:
+                    bad.append(f"{prefix}{name} ({k} of {t.numel()} values)")
+    return bad
+
+
+def check_finite_weights(modules: Iterable[tuple[str, nn.Module]], what: str, cause: str) -> None:
+    """Raise :class:`TrainingError` if any weight is not finite: ``what`` failed, ``cause`` says
+    which step produced them and what to do."""
+    bad = nonfinite_tensors(modules)
+    if bad:
+        raise TrainingError(
+            f"{what}: the model's weights are not finite ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}; "
+            f"{len(bad)} tensor(s) hold NaN or inf), so no result from them would mean anything; {cause}"
+        )
+
+
+def check_finite_episodes(losses: list[float], steps: int) -> None:
+    """Raise :class:`TrainingError` at the first evaluation episode whose query loss is not finite
+    (the weights were checked finite before: the adaptation or the forward pass diverged)."""
+    for i, loss in enumerate(losses):
+        if not torch.isfinite(torch.tensor(loss)):
+            raise TrainingError(
+                f"evaluate: episode {i}: the query loss is {loss} after adapting with {steps} inner step(s) "
+                "from finite weights: the adaptation diverged (lower the inner learning rate algorithm.lr, "
+                "or the number of steps), so no accuracy is reported"
+            )
