@@ -141,7 +141,7 @@ def nhwc(model: nn.Module, batch, on: bool):
 
 
 def metamtl_step(algorithm: str, tasks: int, steps: int, device: str, queries: int = QUERIES,
-                 channels_last: bool | None = None, start_iteration: int = 0, **settings):
+                 channels_last: bool | None = None, start_iteration: int = 0, precision: str = "fp32", **settings):
     """One meta-iteration of metamtl as ``MetaLearner.fit`` runs it: the learner's layout (by default
     chosen automatically: channels_last for conv models on CPU), its meta-iteration passed on."""
     from metamtl import MetaLearner
@@ -150,14 +150,15 @@ def metamtl_step(algorithm: str, tasks: int, steps: int, device: str, queries: i
     per_task_head = settings.get("head_init", "learned") != "learned"
     alg = build_algorithm(algorithm, steps=steps, lr=settings.pop("lr", LR), **settings)
     learner = MetaLearner(metamtl_model(device, head=not per_task_head), alg, device=device,
-                          channels_last=channels_last)
+                          channels_last=channels_last, precision=precision)
     model, batch = learner.model, episodes(tasks, queries, device).to(memory_format=learner.memory_format)
     opt = torch.optim.Adam(learner.meta_parameters(), lr=1e-3)
     iteration = [start_iteration]
 
     def step():
         opt.zero_grad(set_to_none=True)
-        alg.meta_step(model, batch, iteration[0])
+        with learner.autocast():
+            alg.meta_step(model, batch, iteration[0])
         opt.step()
         iteration[0] += 1
 

@@ -35,9 +35,16 @@ Tensors = Sequence[torch.Tensor]
 
 
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
-    """``sqrt(x)`` for ``x >= 0`` whose gradient is 0 (not ``inf``) where ``x == 0``."""
-    positive = x > 0
-    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+    """``sqrt(x)`` for ``x >= 0`` whose gradient is 0 (not ``inf``) where ``x == 0``.
+
+    ``x`` is clamped to the smallest normal number first (a value change below 1e-19 in float32,
+    and none where ``x`` is larger), and the clamp passes no gradient where it is active."""
+    return x.clamp_min(torch.finfo(x.dtype).tiny).sqrt()
+
+
+def _step(p: torch.Tensor, lr: Any, direction: torch.Tensor) -> torch.Tensor:
+    """``p - lr * direction`` (one fused op for a float rate)."""
+    return p.sub(direction, alpha=lr) if isinstance(lr, float) else p - lr * direction
 
 
 class InnerOptimizer:
@@ -109,7 +116,7 @@ class SGD(InnerOptimizer):
             buf = g if step == 0 else slots[0] * self.momentum + (1 - self.dampening) * g
             slots = [buf]
             g = g + self.momentum * buf if self.nesterov else buf
-        return p - lr * g, slots
+        return _step(p, lr, g), slots
 
 
 class Adam(InnerOptimizer):
@@ -129,8 +136,8 @@ class Adam(InnerOptimizer):
                 p = p * (1 - lr * self.weight_decay)
             else:
                 g = g + self.weight_decay * p
-        m = slots[0] * beta1 + (1 - beta1) * g
-        v = slots[1] * beta2 + (1 - beta2) * g * g
+        m = torch.lerp(slots[0], g, 1 - beta1)  # beta1 m + (1 - beta1) g
+        v = torch.lerp(slots[1], g * g, 1 - beta2)
         out = [m, v]
         if self.amsgrad:
             v = torch.maximum(slots[2], v) if step else v
@@ -139,7 +146,7 @@ class Adam(InnerOptimizer):
         # eps is added before the bias correction, as in higher's differentiable Adam (and torch.optim
         # before 1.6); torch.optim now adds it after: the same update up to the size of eps.
         step_size = lr * (1 - beta2 ** t) ** 0.5 / (1 - beta1 ** t)
-        return p - step_size * (m / (safe_sqrt(v) + self.eps)), out
+        return _step(p, step_size, m / (safe_sqrt(v) + self.eps)), out
 
 
 class AdamW(Adam):
@@ -172,9 +179,9 @@ class RMSprop(InnerOptimizer):
         if self.momentum:
             buf = slots[1] * self.momentum + g / avg
             out.append(buf)
-            p = p - lr * buf
+            p = _step(p, lr, buf)
         else:
-            p = p - lr * (g / avg)
+            p = _step(p, lr, g / avg)
         if self.centered:
             out.append(ga)
         return p, out
@@ -195,7 +202,7 @@ class Adagrad(InnerOptimizer):
             g = g + self.weight_decay * p
         clr = lr / (1 + step * self.lr_decay)
         total = slots[0] + g * g
-        return p - clr * (g / (safe_sqrt(total) + self.eps)), [total]
+        return _step(p, clr, g / (safe_sqrt(total) + self.eps)), [total]
 
 
 class Adadelta(InnerOptimizer):
@@ -212,7 +219,7 @@ class Adadelta(InnerOptimizer):
         sq = slots[0] * rho + (1 - rho) * g * g
         delta = (slots[1] + eps).sqrt() / (sq + eps).sqrt() * g
         acc = slots[1] * rho + (1 - rho) * delta * delta
-        return p - lr * delta, [sq, acc]
+        return _step(p, lr, delta), [sq, acc]
 
 
 class Adamax(InnerOptimizer):
@@ -228,7 +235,7 @@ class Adamax(InnerOptimizer):
             g = g + self.weight_decay * p
         m = slots[0] * beta1 + (1 - beta1) * g
         u = torch.maximum(slots[1] * beta2, g.abs() + self.eps)
-        return p - (lr / (1 - beta1 ** (step + 1))) * (m / u), [m, u]
+        return _step(p, lr / (1 - beta1 ** (step + 1)), m / u), [m, u]
 
 
 #: name -> (optimizer class, settings that differ from the torch class's defaults)
