@@ -176,6 +176,13 @@ class Config:
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     #: knowledge distillation during meta-training (see metamtl.distill.from_config); empty: none
     distill: dict = dataclasses.field(default_factory=dict)
+    #: a saved learner whose trunk weights initialise the model before training (null: none)
+    init_from: str | None = None
+    #: several trainings in a row, each from the previous one's trunk (e.g. Meta-Baseline:
+    #: classifier pre-training, then episodic meta-training); each entry has a ``name`` and the
+    #: sections it changes (algorithm, tasks, train, data, model, distill), merged over this
+    #: config's; see :func:`stage_configs`.  Empty: one training.
+    stages: list[dict] = dataclasses.field(default_factory=list)
 
     @property
     def run_dir(self) -> Path:
@@ -327,6 +334,8 @@ def _check_config(cfg: Config) -> Config:
     if "name" not in cfg.model or "name" not in cfg.algorithm:
         raise ConfigError("model and algorithm sections need a 'name'")
     _check_components(cfg)
+    if cfg.stages:
+        stage_configs(cfg)  # every stage is a valid config
     if cfg.logging.metrics not in (None, "csv", "jsonl"):
         raise ConfigError(f"logging.metrics must be 'csv', 'jsonl' or null, got {cfg.logging.metrics!r}")
     if tr.scheduler and tr.scheduler.over == "budget" and not tr.budget_minutes:
@@ -370,6 +379,39 @@ def _check_eval(ev: EvalConfig) -> None:
             build_head(spec)
         except ConfigError as exc:
             raise ConfigError(f"eval.heads[{i}]: {exc}") from None
+
+
+#: what a stage may change (merged over the config's sections, key by key)
+STAGE_KEYS = ("algorithm", "tasks", "train", "data", "model", "distill")
+
+
+def stage_configs(cfg: Config) -> list[tuple[str, Config]]:
+    """``(name, config)`` of every entry of ``cfg.stages``: the config's sections with the stage's
+    merged over them (an ``algorithm`` naming another algorithm replaces the section), validated.
+
+    The stages' name, seed and output folder are the config's; :func:`metamtl.experiment.run`
+    trains them in order, each from the previous stage's trunk.
+    """
+    base = cfg.to_dict()
+    base["stages"] = []
+    out, names = [], set()
+    for i, stage in enumerate(cfg.stages):
+        stage = dict(stage)
+        name = stage.pop("name", None)
+        if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+            raise ConfigError(f"stages[{i}] needs a 'name' (a plain folder name), got {name!r}")
+        if name in names:
+            raise ConfigError(f"stages[{i}]: stage name {name!r} is used twice")
+        names.add(name)
+        unknown = sorted(set(stage) - set(STAGE_KEYS))
+        if unknown:
+            raise ConfigError(f"stages[{i}] ({name}): unknown key {unknown[0]!r}.{did_you_mean(unknown[0], STAGE_KEYS)} "
+                              f"A stage may set: name, {', '.join(STAGE_KEYS)}.")
+        try:
+            out.append((name, config_from_dict(_merge(base, stage))))
+        except ConfigError as exc:
+            raise ConfigError(f"stages[{i}] ({name}): {exc}") from None
+    return out
 
 
 def _algorithm_settings(cfg: Config) -> dict[str, Any]:

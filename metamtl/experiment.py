@@ -101,12 +101,18 @@ def build_tasks(cfg: Config) -> dict[str, Any]:
                                 hierarchy=t.hierarchy,
                                 seed=t.seed, augment=train_augment(d))
     }
-    out["val"] = (EpisodeSampler(load_split(cfg, d.val_split), t.ways, t.shots, t.queries, seed=t.val_seed,
-                                 hierarchy=t.hierarchy)
-                  if d.val_split else None)
+    out["val"] = _val_tasks(load_split(cfg, d.val_split), cfg) if d.val_split else None
     out["test"] = (EpisodeSampler(load_split(cfg, d.test_split), t.ways, t.shots, cfg.eval.queries, seed=t.test_seed)
                    if d.test_split else None)
     return out
+
+
+def _val_tasks(dataset: ClassDataset, cfg: Config) -> EpisodeSampler:
+    """Validation episodes: the training episodes' shape, with at most the split's classes (e.g.
+    64-class pre-training batches validate as 16-way episodes on 16 validation classes)."""
+    t = cfg.tasks
+    return EpisodeSampler(dataset, min(t.ways, dataset.num_classes), t.shots, t.queries, seed=t.val_seed,
+                          hierarchy=t.hierarchy)
 
 
 def build_callbacks(cfg: Config) -> list[Callback]:
@@ -297,13 +303,16 @@ def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
     """Meta-train, evaluate on held-out classes, save the learner and ``results.json``.
 
     Returns the results dict (also written to ``<output_dir>/<name>/results.json``).
-    Under torchrun every rank runs this; rank 0 alone prints and writes files.
+    Under torchrun every rank runs this; rank 0 alone prints and writes files.  A config with
+    ``stages`` runs :func:`run_stages`; ``init_from`` starts from a saved learner's trunk.
 
     The run folder is claimed first (:func:`claim_run_dir`): a folder holding another run is
     refused unless ``resume`` continues it or ``overwrite=True`` replaces it, and one process
     at a time writes it.  Every ``eval.settings`` entry is checked against the test split
     before training (:func:`check_eval_settings`).
     """
+    if cfg.stages:
+        return run_stages(cfg, resume, progress, callbacks, quiet, overwrite)
     main_process = distributed.launch_env().is_main_process
     check_output_dir(cfg)  # fail before loading data or training, not at the first checkpoint
     lock = claim_run_dir(cfg, resume, overwrite)
@@ -343,6 +352,9 @@ def _run(cfg: Config, resume: str | Path | None, progress: bool, callbacks: list
     learner = build_learner(cfg, train_tasks, cbs)
     tr = cfg.train
     say(f"[metamtl] {learner} | {sum(p.numel() for p in learner.model.parameters()):,} parameters")
+    if cfg.init_from:
+        learner.init_from(cfg.init_from)
+        say(f"[metamtl] trunk initialised from {cfg.init_from}")
     t1 = time.perf_counter()
     learner.fit(
         train_tasks, val_tasks, iterations=tr.iterations, meta_batch_size=tr.meta_batch_size,
@@ -354,7 +366,8 @@ def _run(cfg: Config, resume: str | Path | None, progress: bool, callbacks: list
     selected = restore_best(learner, run_dir) if cfg.eval.checkpoint == "best" else None
     if selected is not None:
         say(f"[metamtl] evaluating best.pt (best validation accuracy, iteration {selected})")
-    prepare_heads(learner, cfg, train_tasks, say)
+    if test_tasks is not None:
+        prepare_heads(learner, cfg, train_tasks, say)
     final_path = run_dir / "learner.pt"
     if main_process:
         learner.save(final_path)
@@ -389,14 +402,59 @@ def _run(cfg: Config, resume: str | Path | None, progress: bool, callbacks: list
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     CallbackList(learner.callbacks).on_results(learner.fit_state, results)
     if cfg.logging.report and main_process:
-        try:
-            from .reporting.report import write_report
+        _write_report(run_dir, results, say)
+    return results
 
-            path = write_report(run_dir)
-            results["report"] = str(path)
-            say(f"[metamtl] report: {path}")
-        except ImportError:
-            pass
+
+def _write_report(run_dir: Path, results: dict[str, Any], say: Any) -> None:
+    try:
+        from .reporting.report import write_report
+
+        path = write_report(run_dir)
+        results["report"] = str(path)
+        say(f"[metamtl] report: {path}")
+    except ImportError:
+        pass
+
+
+def run_stages(cfg: Config, resume: str | Path | None = None, progress: bool = True,
+               callbacks: list[Callback] = (), quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Train ``cfg.stages`` in order, each from the previous stage's trunk; one result and report.
+
+    Stage ``k`` < last trains in ``<run_dir>/stages/<name>/`` without test evaluation; the last
+    stage trains in ``<run_dir>`` and is evaluated on the held-out classes.  ``history.json``
+    holds every stage's rows (``stage`` key, iterations counted across stages) and
+    ``results.json`` a ``stages`` list (iterations, time, stop reason of each), so the run's
+    report covers the whole schedule.  ``cfg.init_from`` initialises the first stage.
+    """
+    if resume is not None:
+        raise ConfigError("a staged run cannot be resumed as a whole; rerun it, or run the remaining stages as a "
+                          "config with init_from: <previous stage's learner.pt>")
+    from .config import stage_configs
+
+    stages = stage_configs(cfg)
+    init, done, history = cfg.init_from, [], []
+    for i, (name, scfg) in enumerate(stages):
+        last = i == len(stages) - 1
+        scfg.init_from, scfg.logging.report = init, False
+        if not last:
+            scfg.output_dir, scfg.name, scfg.data.test_split = str(cfg.run_dir / "stages"), name, None
+        results = run(scfg, progress=progress, callbacks=callbacks, quiet=quiet, overwrite=overwrite)
+        rows = json.loads((scfg.run_dir / "history.json").read_text()) if (scfg.run_dir / "history.json").is_file() else []
+        offset = sum(d["iterations"] for d in done)
+        history += [{**r, "stage": name, "iteration": r.get("iteration", 0) + offset} for r in rows]
+        done.append({"stage": name, **{k: results[k] for k in ("iterations", "train_seconds", "stopped_by",
+                                                                "selected_iteration", "checkpoint")},
+                     "algorithm": scfg.algorithm.get("name")})
+        init = results["checkpoint"]
+    results["selected_iteration"] += sum(d["iterations"] for d in done[:-1])  # counted across stages
+    results.update(stages=done, iterations=sum(d["iterations"] for d in done),
+                   train_seconds=sum(d["train_seconds"] for d in done), config=cfg.to_dict())
+    if distributed.launch_env().is_main_process:
+        (cfg.run_dir / "history.json").write_text(json.dumps(history))
+        (cfg.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        if cfg.logging.report:
+            _write_report(cfg.run_dir, results, (lambda *a: None) if quiet else print)
     return results
 
 

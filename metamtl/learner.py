@@ -305,6 +305,26 @@ class MetaLearner:
                              f"{list(predictor.support_x.shape[1:])}")
         return predictor(q)
 
+    def init_from(self, source: Any) -> None:
+        """Copy the trunk weights of another learner (a :class:`MetaLearner` or the path of a saved
+        one) into this model: e.g. meta-train from a classifier-pre-trained trunk (Meta-Baseline).
+
+        Only ``trunk.*`` weights are taken (heads, algorithm state and optimizer start fresh); the
+        trunks must have the same architecture (:class:`~metamtl.errors.CheckpointError` otherwise).
+        """
+        if isinstance(source, MetaLearner):
+            state, where = source.model.state_dict(), "the given learner"
+        else:
+            state, where = _require(safe_load(source), source, "model_state")["model_state"], str(source)
+        trunk = {k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")}
+        try:
+            self.model.trunk.load_state_dict(trunk)
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"the trunk of {where} does not fit this model ({self.model.config}): {exc}; build the same "
+                "trunk (model name, widths, channels, image size) for every stage"
+            ) from None
+
     # -- persistence --------------------------------------------------------------------------
     def state(self, training_state: bool = False) -> dict[str, Any]:
         """Everything :meth:`save` writes (tensors and plain containers only; see :mod:`metamtl.run_state`)."""
