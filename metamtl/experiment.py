@@ -101,18 +101,16 @@ def build_tasks(cfg: Config) -> dict[str, Any]:
                                 hierarchy=t.hierarchy,
                                 seed=t.seed, augment=train_augment(d))
     }
-    out["val"] = _val_tasks(load_split(cfg, d.val_split), cfg) if d.val_split else None
-    out["test"] = (EpisodeSampler(load_split(cfg, d.test_split), t.ways, t.shots, cfg.eval.queries, seed=t.test_seed)
-                   if d.test_split else None)
+    out["val"] = _held_out(load_split(cfg, d.val_split), cfg, t.val_seed, t.queries, t.hierarchy) if d.val_split else None
+    out["test"] = _held_out(load_split(cfg, d.test_split), cfg, t.test_seed, cfg.eval.queries) if d.test_split else None
     return out
 
 
-def _val_tasks(dataset: ClassDataset, cfg: Config) -> EpisodeSampler:
-    """Validation episodes: the training episodes' shape, with at most the split's classes (e.g.
-    64-class pre-training batches validate as 16-way episodes on 16 validation classes)."""
+def _held_out(dataset: ClassDataset, cfg: Config, seed: int, queries: int, hierarchy: Any = None) -> EpisodeSampler:
+    """Validation (or test) episodes: the training episodes' ways and shots, with at most the split's
+    classes (64-class pre-training batches validate as 16-way episodes on 16 validation classes)."""
     t = cfg.tasks
-    return EpisodeSampler(dataset, min(t.ways, dataset.num_classes), t.shots, t.queries, seed=t.val_seed,
-                          hierarchy=t.hierarchy)
+    return EpisodeSampler(dataset, min(t.ways, dataset.num_classes), t.shots, queries, seed=seed, hierarchy=hierarchy)
 
 
 def build_callbacks(cfg: Config) -> list[Callback]:

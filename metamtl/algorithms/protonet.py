@@ -4,16 +4,29 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ..adaptation import InnerLoop, check_positive, task_loss
+from ..errors import ConfigError, unknown_name
 from ..models.backbones import TrunkHead
 from ..models.heads import class_means
 from ..tasks.episode import Episode, TaskBatch
 from .base import Algorithm, accuracy
 
+DISTANCES = ("euclidean", "cosine")
+
+
+def prototype_logits(feats: torch.Tensor, prototypes: torch.Tensor, distance: str, scale: torch.Tensor | float) -> torch.Tensor:
+    """``-||f - c_k||^2 * scale`` (euclidean) or ``scale * cos(f, c_k)`` (cosine)."""
+    if distance == "cosine":
+        return scale * F.normalize(feats, dim=-1) @ F.normalize(prototypes, dim=-1).T
+    return -torch.cdist(feats, prototypes).pow(2) * scale
+
 
 class Prototypes:
-    """A ProtoNet "adapted" to a support set: logits are ``-||f(x) - c_k||^2 / temperature``.
+    """A ProtoNet "adapted" to a support set: logits are ``-||f(x) - c_k||^2 / temperature``
+    (or ``scale * cos(f(x), c_k)`` with ``distance="cosine"``).
 
     Call it on query inputs (``updates`` is accepted and ignored: there is no inner loop).
     """
@@ -28,7 +41,8 @@ class Prototypes:
 
     def __call__(self, x: torch.Tensor, updates: int | None = None) -> torch.Tensor:
         feats = self.problem.features(x.unsqueeze(0))[0][0]
-        return -torch.cdist(feats, self.prototypes).pow(2) / self.algorithm.temperature
+        alg = self.algorithm
+        return prototype_logits(feats, self.prototypes, alg.distance, alg.logit_scale)
 
 
 class ProtoNet(Algorithm):
@@ -39,9 +53,15 @@ class ProtoNet(Algorithm):
     (``out_features: null``); one trained trunk serves tasks with any number of ways.
 
     Args:
-        temperature: logits are divided by it (1 in the paper).
+        temperature: logits are divided by it (1 in the paper; euclidean distance).
         bn_stats: ``"transductive"`` or ``"support"`` (see :mod:`metamtl.models.norm`): whether
             query images are normalised with their own batch statistics or the support set's.
+        distance: ``"euclidean"`` (the paper) or ``"cosine"``: logits ``scale * cos(f(x), c_k)``,
+            the meta-stage of Meta-Baseline (Chen et al. 2021), usually trained from a
+            classifier-pre-trained trunk (config ``stages``).
+        scale: the cosine logits' scale (inverse temperature; 10 in Meta-Baseline).
+        learn_scale: meta-learn ``scale`` with the trunk (Meta-Baseline does); it is saved with
+            the algorithm.
 
     The prototype-initialised MAML head ("Proto-MAML") is ``head_init="proto"`` of any
     gradient-based algorithm (e.g. ``build_algorithm("maml", head_init="proto")``): its initial
@@ -50,12 +70,33 @@ class ProtoNet(Algorithm):
 
     name = "protonet"
 
-    def __init__(self, temperature: float = 1.0, bn_stats: str = "transductive") -> None:
+    def __init__(self, temperature: float = 1.0, bn_stats: str = "transductive", distance: str = "euclidean",
+                 scale: float = 10.0, learn_scale: bool = False) -> None:
         super().__init__(InnerLoop(steps=0, adapt="head", head_init="proto", bn_stats=bn_stats))
         self.temperature = check_positive("protonet temperature", temperature)
+        if distance not in DISTANCES:
+            raise unknown_name("protonet distance", distance, DISTANCES)
+        if not isinstance(learn_scale, bool):
+            raise ConfigError(f"protonet learn_scale must be true or false, got {learn_scale!r}")
+        self.distance, self.learn_scale = distance, learn_scale
+        self.initial_scale = check_positive("protonet scale", scale)
+        if distance == "cosine":  # state only where it is used (euclidean checkpoints stay as they were)
+            value = torch.tensor(self.initial_scale)
+            if learn_scale:
+                self.scale = nn.Parameter(value)
+            else:
+                self.register_buffer("scale", value)
+
+    @property
+    def logit_scale(self) -> torch.Tensor | float:
+        """What distances or cosines are multiplied by (``1 / temperature`` for euclidean)."""
+        return self.scale if self.distance == "cosine" else 1.0 / self.temperature
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "temperature": self.temperature, "bn_stats": self.inner.bn_stats}
+        out = {"name": self.name, "temperature": self.temperature, "bn_stats": self.inner.bn_stats}
+        if self.distance != "euclidean":  # configs of euclidean ProtoNets stay as they were
+            out.update(distance=self.distance, scale=self.initial_scale, learn_scale=self.learn_scale)
+        return out
 
     def adapt(self, model: TrunkHead, support_x: torch.Tensor, support_y: torch.Tensor, ways: int,
               steps: int | None = None) -> Prototypes:

@@ -97,3 +97,31 @@ def test_stages_run_in_order_from_the_previous_trunk_with_one_history(tmp_path):
 def test_bad_stages_are_refused(stages, match):
     with pytest.raises(ConfigError, match=match):
         config_from_dict({"algorithm": {"name": "protonet"}, "stages": stages})
+
+
+def test_cosine_protonet_logits_and_learned_scale(tmp_path):
+    from metamtl.algorithms import build_algorithm
+    from metamtl.tasks import EpisodeSampler
+
+    torch.manual_seed(0)
+    model = build_model("conv4", in_channels=1, hidden=4, image_size=12, blocks=2, out_features=None)
+    alg = build_algorithm("protonet", distance="cosine", scale=5.0, learn_scale=True)
+    learner = MetaLearner(model, alg, device="cpu")
+    assert any(p is alg.scale for p in learner.meta_parameters())
+    x, y = torch.randn(6, 1, 12, 12), torch.arange(3).repeat(2)
+    q = torch.randn(4, 1, 12, 12)
+    with torch.no_grad():
+        protos = torch.stack([model.trunk(x)[y == k].mean(0) for k in range(3)])
+        expected = 5.0 * torch.nn.functional.cosine_similarity(model.trunk(q)[:, None], protos[None], dim=-1)
+        torch.testing.assert_close(alg.adapt(model, x, y, 3)(q), expected)
+    from metamtl.data import ClassDataset
+
+    ds = ClassDataset((torch.rand(60, 1, 12, 12) * 255).to(torch.uint8), torch.arange(10).repeat_interleave(6),
+                      [f"c{i}" for i in range(10)])
+    learner.fit(EpisodeSampler(ds, 3, 1, 2), iterations=3, meta_batch_size=2, progress=False)
+    assert float(alg.scale) != 5.0  # meta-learned
+    loaded = MetaLearner.load(learner.save(tmp_path / "c.pt"), device="cpu")
+    assert float(loaded.algorithm.scale) == float(alg.scale) and loaded.algorithm.config()["scale"] == 5.0
+    assert "scale" not in build_algorithm("protonet").state_dict()  # euclidean checkpoints unchanged
+    with pytest.raises(ConfigError, match="unknown protonet distance 'cos'"):
+        build_algorithm("protonet", distance="cos")
