@@ -5,12 +5,21 @@ configs/multi/omniglot_miniimagenet.yaml (ANIL, proto heads, per-dataset conv st
 trunk); the per-dataset meta-gradients are combined by each strategy.  Held-out evaluation per
 dataset: Omniglot test characters, mini-ImageNet *val* classes (the test images are absent).
 
-Run one strategy per process under the exclusive CPU lock, so other work can run in between::
+Run one strategy per process under the benchmark lock, so other work can run in between; a
+second seed (``--seed 1``: other training episodes and initial weights) for equal weighting and the
+best strategies tells a real difference from seed noise::
 
     for s in equal uncertainty gradnorm dwa pcgrad cagrad; do
-        flock -x /tmp/metamtl-cpu.lock python benchmarks/multidataset.py run --strategy $s --budget 7
+        flock /tmp/metamtl-bench.lock python benchmarks/multidataset.py run --strategy $s --budget 10 --no-progress
+    done
+    for s in equal BEST BEST2; do
+        flock /tmp/metamtl-bench.lock python benchmarks/multidataset.py run --strategy $s --budget 10 --seed 1 --no-progress
     done
     python benchmarks/multidataset.py table          # markdown rows + benchmarks/figures/multidataset.png
+
+``table`` prints one row per run, then each strategy's mean over seeds against equal weighting:
+a difference is called real only when it exceeds both the 95% CIs of the two evaluations combined
+and the seed-to-seed spread of equal weighting.
 """
 from __future__ import annotations
 
@@ -29,7 +38,8 @@ def run_one(args: argparse.Namespace) -> None:
     from metamtl.config import load_config
     from metamtl.experiment import run
 
-    overrides = [f"name=multi_{args.strategy}", f"output_dir={args.out}",
+    overrides = [f"name={run_name(args.strategy, args.seed)}", f"output_dir={args.out}", f"seed={args.seed}",
+                 f"tasks.seed={args.seed}",
                  f"algorithm.strategy.name={args.strategy}", f"train.budget_minutes={args.budget}",
                  f"eval.episodes={args.episodes}", *args.overrides]
     cfg = load_config(CONFIG, overrides)
@@ -38,15 +48,29 @@ def run_one(args: argparse.Namespace) -> None:
         print(row["dataset"], row.get("accuracy"), row.get("ci95"))
 
 
-def load(out: Path) -> dict[str, dict]:
+def run_name(strategy: str, seed: int) -> str:
+    return f"multi_{strategy}" + (f"_seed{seed}" if seed else "")
+
+
+def load(out: Path) -> dict[tuple[str, int], dict]:
+    """Finished runs by ``(strategy, seed)``."""
     runs = {}
     for s in STRATEGIES:
-        path = out / f"multi_{s}" / "results.json"
-        if path.is_file():
-            r = json.loads(path.read_text())
-            r["history"] = json.loads((path.parent / "history.json").read_text())
-            runs[s] = r
+        for seed in range(10):
+            path = out / run_name(s, seed) / "results.json"
+            if path.is_file():
+                r = json.loads(path.read_text())
+                r["history"] = json.loads((path.parent / "history.json").read_text())
+                runs[(s, seed)] = r
     return runs
+
+
+def scores(r: dict, datasets: list[str]) -> tuple[float, float]:
+    """Mean accuracy over the datasets and its 95% CI (the per-dataset CIs combined)."""
+    rows = {row["dataset"]: row for row in r["test"] if "accuracy" in row}
+    mean = sum(rows[d]["accuracy"] for d in datasets) / len(datasets)
+    ci = sum(rows[d]["ci95"] ** 2 for d in datasets) ** 0.5 / len(datasets)
+    return mean, ci
 
 
 def table(args: argparse.Namespace) -> None:
@@ -54,15 +78,38 @@ def table(args: argparse.Namespace) -> None:
     if not runs:
         raise SystemExit(f"no results under {args.out}; run `benchmarks/multidataset.py run` first")
     datasets = [row["dataset"] for row in next(iter(runs.values()))["test"] if "accuracy" in row]
-    head = "| strategy | meta-iterations (train s) | " + " | ".join(f"{d} 5-way 1-shot" for d in datasets) + " | mean |"
+    head = "| strategy | seed | meta-iterations (train s) | " + " | ".join(f"{d} 5-way 1-shot" for d in datasets) + " | mean |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
-    for s, r in runs.items():
+    for (s, seed), r in runs.items():
         accs = {row["dataset"]: row for row in r["test"] if "accuracy" in row}
         cells = [f"{100 * accs[d]['accuracy']:.2f} ± {100 * accs[d]['ci95']:.2f}" for d in datasets]
-        mean = sum(accs[d]["accuracy"] for d in datasets) / len(datasets)
-        print(f"| {s} | {r['iterations']} ({r['train_seconds']:.0f}) | " + " | ".join(cells) + f" | {100 * mean:.2f} |")
-    plot(runs, datasets, REPO / "benchmarks/figures/multidataset.png")
+        mean, ci = scores(r, datasets)
+        print(f"| {s} | {seed} | {r['iterations']} ({r['train_seconds']:.0f}) | " + " | ".join(cells)
+              + f" | {100 * mean:.2f} ± {100 * ci:.2f} |")
+    verdicts(runs, datasets)
+    plot({s: r for (s, seed), r in runs.items() if seed == 0}, datasets, REPO / "benchmarks/figures/multidataset.png")
+
+
+def verdicts(runs: dict[tuple[str, int], dict], datasets: list[str]) -> None:
+    """Each strategy's seed-mean against equal weighting: real difference or within noise."""
+    by = {}
+    for (s, _), r in runs.items():
+        by.setdefault(s, []).append(scores(r, datasets))
+    if "equal" not in by:
+        return
+    eq = [m for m, _ in by["equal"]]
+    spread = max(eq) - min(eq)
+    eq_mean, eq_ci = sum(eq) / len(eq), max(c for _, c in by["equal"])
+    print(f"\nequal weighting: mean {100 * eq_mean:.2f} over {len(eq)} seed(s), seed-to-seed spread {100 * spread:.2f}")
+    for s, vals in by.items():
+        if s == "equal":
+            continue
+        mean = sum(m for m, _ in vals) / len(vals)
+        noise = max((eq_ci ** 2 + max(c for _, c in vals) ** 2) ** 0.5, spread)
+        verdict = "real" if abs(mean - eq_mean) > noise else "within noise"
+        print(f"{s}: {100 * mean:.2f} over {len(vals)} seed(s), {100 * (mean - eq_mean):+.2f} vs equal; "
+              f"noise bound {100 * noise:.2f} -> {verdict}")
 
 
 def plot(runs: dict[str, dict], datasets: list[str], path: Path) -> None:
@@ -110,6 +157,8 @@ def main() -> None:
     r.add_argument("--strategy", choices=STRATEGIES, required=True)
     r.add_argument("--budget", type=float, default=7.0, help="training minutes")
     r.add_argument("--episodes", type=int, default=600)
+    r.add_argument("--seed", type=int, default=0, help="seed of the initial weights and training episodes "
+                   "(evaluation episodes stay the same); runs other than 0 are named multi_<strategy>_seed<N>")
     r.add_argument("--out", default="runs/multi")
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("overrides", nargs="*", help="extra config overrides (key=value)")
