@@ -50,7 +50,9 @@ class LossContext:
     """What a loss term sees: one task's forward pass during (or after) adaptation.
 
     Attributes:
-        phase: ``"support"`` (inner loop, every step) or ``"query"`` (the outer, meta loss).
+        phase: ``"support"`` (inner loop, every step), ``"query"`` (the outer, meta loss) or
+            ``"classes"`` (supervised pre-training over all training classes, the ``transfer``
+            algorithm: ``logits``/``targets`` are over the dataset's classes, ``ways`` their number).
         logits: the model's output for ``inputs``.
         targets: labels (or regression targets) of ``inputs``.
         inputs: the model inputs behind ``logits`` (support or query images).
@@ -165,6 +167,9 @@ class InnerLoop:
             raise ConfigError(f"task_chunk must be an integer >= 0 (0: automatic), got {self.task_chunk!r}")
         #: extra loss terms (not part of the config): see :class:`LossContext`
         self.loss_terms: list[LossTerm] = []
+        #: weight of the task's own loss while loss terms are attached (e.g. 0.5 CE + 0.5 KL in
+        #: born-again distillation; set by the Distillation callback, not part of the config)
+        self.task_weight = 1.0
 
     def config(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -174,9 +179,12 @@ class InnerLoop:
         return self.steps if self.eval_steps is None else self.eval_steps
 
     def add_loss_terms(self, loss: torch.Tensor, ctx: LossContext) -> torch.Tensor:
-        """``loss`` plus every :attr:`loss_terms` entry (none while the model is in eval mode)."""
+        """``task_weight * loss`` plus every :attr:`loss_terms` entry (just ``loss`` while the model
+        is in eval mode or no term is attached)."""
         if not self.loss_terms or not ctx.model.training:
             return loss
+        if self.task_weight != 1.0:
+            loss = loss * self.task_weight
         for term in self.loss_terms:
             extra = term(ctx)
             if extra is not None:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adaptation import check_positive
+from ..adaptation import LossContext, check_positive
 from ..errors import ConfigError, InputError, unknown_name
 from ..models.backbones import TrunkHead
 from ..tasks.episode import TaskBatch
@@ -94,7 +94,10 @@ class Transfer(Algorithm):
         return self.scale * F.normalize(feats, dim=-1) @ F.normalize(self.head.weight, dim=-1).T
 
     def meta_step(self, model: TrunkHead, batch: TaskBatch, iteration: int = 0) -> dict[str, float]:
-        """Supervised pre-training: every episode's images classified over all training classes."""
+        """Supervised pre-training: every episode's images classified over all training classes.
+
+        Loss terms (distillation) see the phase ``"classes"``: logits over all training classes.
+        """
         self.setup(model)
         totals: dict[str, float] = {}
         for episode in batch:
@@ -110,7 +113,9 @@ class Transfer(Algorithm):
             y = classes[torch.cat([episode.support_y, episode.query_y])]
             logits = self.global_logits(model.trunk(x))
             loss = F.cross_entropy(logits, y)
-            (loss / len(batch)).backward()
+            objective = self.inner.add_loss_terms(loss, LossContext(
+                "classes", logits, y, x, episode.support_x, episode.support_y, self.num_classes, model))
+            (objective / len(batch)).backward()
             for k, v in (("loss", float(loss.detach())), ("accuracy", accuracy(logits.detach(), y))):
                 totals[k] = totals.get(k, 0.0) + v / len(batch)
         return totals

@@ -37,7 +37,7 @@ from .teachers import Teacher, as_teacher
 if TYPE_CHECKING:
     from ..learner import MetaLearner
 
-PHASES = ("support", "query")
+PHASES = ("support", "query", "classes")
 
 
 def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
@@ -205,13 +205,21 @@ class Distillation(Callback):
     Args:
         terms: :class:`SoftTargets` / :class:`FeatureDistillation` (or any loss term).
         lr: learning rate of the adapters' Adam optimizer (default: the learner's ``meta_lr``).
+        ce_weight: weight of the task's own loss while the terms are attached (born-again
+            distillation, RFS: ``0.5 * CE + 0.5 * KL`` is ``ce_weight=0.5`` with a
+            ``SoftTargets(weight=0.5)``); restored after ``fit``.
     """
 
-    def __init__(self, *terms: Any, lr: float | None = None) -> None:
+    def __init__(self, *terms: Any, lr: float | None = None, ce_weight: float = 1.0) -> None:
         if not terms:
             raise ConfigError("Distillation needs at least one loss term (e.g. SoftTargets(teacher))")
+        if isinstance(ce_weight, bool) or not isinstance(ce_weight, (int, float)) or not (
+                math.isfinite(ce_weight) and ce_weight >= 0):
+            raise ConfigError(f"distillation ce_weight must be a number >= 0, got {ce_weight!r}")
         self.terms = list(terms)
         self.lr = lr
+        self.ce_weight = float(ce_weight)
+        self._task_weight: float | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._pending_opt: dict[str, Any] | None = None
         self._attached: list[Any] = []
@@ -233,6 +241,7 @@ class Distillation(Callback):
                 term.to(learner.device)
         learner.algorithm.inner.loss_terms.extend(self.terms)
         self._attached = list(self.terms)
+        self._task_weight, learner.algorithm.inner.task_weight = learner.algorithm.inner.task_weight, self.ce_weight
         self._lr = self.lr if self.lr is not None else learner.meta_lr
 
     def on_iteration_start(self, state: FitState) -> None:
@@ -252,6 +261,8 @@ class Distillation(Callback):
         self.optimizer.step()
 
     def on_fit_end(self, state: FitState) -> None:
+        if self._task_weight is not None:
+            state.learner.algorithm.inner.task_weight, self._task_weight = self._task_weight, None
         terms = state.learner.algorithm.inner.loss_terms
         for term in self._attached:
             if term in terms:
@@ -288,22 +299,30 @@ def _check_compatible(teacher: Teacher, learner: "MetaLearner") -> None:
 
 def distillation(teacher: Any, temperature: float = 4.0, weight: float = 1.0,
                  phases: Sequence[str] | str = ("query",), features: Iterable[tuple[str, str]] = (),
-                 feature_weight: float = 1.0, lr: float | None = None) -> Distillation:
-    """A :class:`Distillation` callback: soft targets plus optional ``(student, teacher)`` layer pairs."""
+                 feature_weight: float = 1.0, lr: float | None = None, ce_weight: float = 1.0) -> Distillation:
+    """A :class:`Distillation` callback: soft targets plus optional ``(student, teacher)`` layer pairs.
+
+    Born-again distillation (RFS, Tian et al. 2020) of a ``transfer`` student over all training
+    classes: ``distillation(teacher, 4.0, 0.5, phases=["classes"], ce_weight=0.5)``.
+    """
     teacher = as_teacher(teacher)
     terms: list[Any] = [SoftTargets(teacher, temperature, weight, phases)] if weight > 0 else []
     terms += [FeatureDistillation(teacher, s, t, feature_weight, phases) for s, t in features]
-    return Distillation(*terms, lr=lr)
+    return Distillation(*terms, lr=lr, ce_weight=ce_weight)
 
 
 def from_config(cfg: dict[str, Any]) -> Distillation:
     """The ``distill`` section of an experiment config -> a :class:`Distillation` callback.
 
     Keys: ``teacher`` (path of a saved learner, required), ``temperature`` (4), ``weight`` (1),
-    ``phases`` (``[query]``), ``features`` (``[[student_layer, teacher_layer], ...]``),
-    ``feature_weight`` (1), ``lr`` (the learner's meta_lr), ``teacher_steps`` (its eval steps).
+    ``phases`` (``[query]``; ``[classes]``: the supervised loss over all training classes of the
+    ``transfer`` algorithm, i.e. born-again distillation), ``ce_weight`` (1: weight of the task's
+    own loss), ``features`` (``[[student_layer, teacher_layer], ...]``), ``feature_weight`` (1),
+    ``lr`` (the learner's meta_lr), ``teacher_steps`` (its eval steps).  RFS born-again:
+    ``{teacher: PATH, temperature: 4, weight: 0.5, ce_weight: 0.5, phases: [classes]}``.
     """
-    known = {"teacher", "temperature", "weight", "phases", "features", "feature_weight", "lr", "teacher_steps"}
+    known = {"teacher", "temperature", "weight", "phases", "features", "feature_weight", "lr", "teacher_steps",
+             "ce_weight"}
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise ConfigError(f"distill: unknown key(s) {unknown}; valid keys: {sorted(known)}")
@@ -319,4 +338,4 @@ def from_config(cfg: dict[str, Any]) -> Distillation:
     teacher = LearnerTeacher(cfg["teacher"], cfg.get("teacher_steps"))
     return distillation(teacher, float(cfg.get("temperature", 4.0)), float(cfg.get("weight", 1.0)),
                         cfg.get("phases", ("query",)), features, float(cfg.get("feature_weight", 1.0)),
-                        cfg.get("lr"))
+                        cfg.get("lr"), cfg.get("ce_weight", 1.0))

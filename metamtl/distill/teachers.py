@@ -77,11 +77,19 @@ class Teacher:
         return out
 
     def logits(self, ctx: LossContext) -> torch.Tensor:
-        """Teacher logits for ``ctx.inputs``; error unless they are over the task's ``ways`` labels."""
+        """Teacher logits for ``ctx.inputs``; error unless they are over the task's ``ways`` labels
+        (phase ``"classes"``: over the student's training classes)."""
         logits = self.outputs(ctx)["logits"]
         if logits is None:
             raise InputError("this teacher has no head of its own: it can give features, not soft targets; "
                              "use a MetaLearner teacher (adapted per episode) or a module with a head")
+        if getattr(ctx, "phase", None) == "classes" and logits.shape != ctx.logits.shape:
+            raise InputError(
+                f"the teacher gives logits of shape {list(logits.shape)} but the student classifies "
+                f"{ctx.ways} training classes ({list(ctx.logits.shape)}): distillation over all training "
+                "classes needs a teacher trained on the same classes (a transfer learner, or a module with "
+                f"{ctx.ways} outputs)"
+            )
         if logits.shape != ctx.logits.shape:
             raise InputError(
                 f"the teacher gives logits of shape {list(logits.shape)} but the student's are "
@@ -152,12 +160,26 @@ class LearnerTeacher(Teacher):
         return self
 
     def _forward(self, ctx: LossContext, layers: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if getattr(ctx, "phase", None) == "classes":
+            return self.class_logits(ctx.inputs, layers)
         key = (id(ctx.support_x), ctx.support_x.data_ptr(), tuple(ctx.support_x.shape), ctx.ways)
         if self._adapted is None or self._adapted[0] != key:
             adapted = self.learner.algorithm.adapt(self.learner.model, ctx.support_x, ctx.support_y, ctx.ways,
                                                    self.steps)
             self._adapted = (key, adapted)
         return self._adapted[1].forward(ctx.inputs, taps=layers)
+
+    def class_logits(self, x: torch.Tensor, layers: list[str] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits over all the teacher's training classes (its ``transfer`` classifier), and the
+        outputs of ``layers``."""
+        algorithm = self.learner.algorithm
+        if not hasattr(algorithm, "global_logits"):
+            raise InputError(
+                f"distillation over all training classes (phase 'classes') needs a teacher with a classifier "
+                f"over them: a learner trained with the transfer algorithm, not {algorithm.name!r}"
+            )
+        with tap_outputs(self.learner.model, list(layers)) as feats:
+            return algorithm.global_logits(self.learner.model.trunk(x)), feats
 
     def release(self) -> None:
         super().release()

@@ -1,0 +1,82 @@
+"""Born-again distillation over all training classes: 0.5 CE + 0.5 KL on the transfer classifier."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metamtl import MetaLearner
+from metamtl.algorithms import build_algorithm
+from metamtl.config import config_from_dict
+from metamtl.data import ClassDataset, Preprocessing
+from metamtl.distill import distillation, from_config
+from metamtl.errors import ConfigError, InputError
+from metamtl.models import build_model
+from metamtl.tasks import EpisodeSampler
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+PREP = Preprocessing(size=(12, 12), channels=1, mean=(0.5,), std=(0.25,))
+
+
+def toy(classes=10, per_class=6):
+    g = torch.Generator().manual_seed(0)
+    protos = torch.rand(classes, 1, 12, 12, generator=g)
+    images = ((protos.repeat_interleave(per_class, 0) * 0.8 + 0.2 * torch.rand(classes * per_class, 1, 12, 12,
+                                                                                generator=g)) * 255).to(torch.uint8)
+    return ClassDataset(images, torch.arange(classes).repeat_interleave(per_class), [f"c{i}" for i in range(classes)],
+                        name="toy", preprocessing=PREP)
+
+
+def transfer(hidden=4, seed=0, classes=10, **kw):
+    torch.manual_seed(seed)
+    model = build_model("conv4", in_channels=1, hidden=hidden, image_size=12, blocks=2, out_features=None)
+    alg = build_algorithm("transfer", num_classes=classes, classifier="cosine", scale=10.0, steps=0, head_init="proto")
+    return MetaLearner(model, alg, preprocessing=PREP, device="cpu", **kw)
+
+
+def test_one_step_follows_half_cross_entropy_plus_half_kl_over_all_classes():
+    tasks = EpisodeSampler(toy(), 6, 1, 1, seed=0)
+    teacher = transfer(hidden=6, seed=1)
+    teacher.fit(tasks, iterations=2, meta_batch_size=1, progress=False)
+    student = transfer(seed=2, meta_optimizer="sgd", meta_lr=0.5)
+    before = [p.detach().clone() for p in student.meta_parameters()]
+    # the same step by hand: RFS's 0.5 * CE + 0.5 * T^2 KL(teacher || student), T = 4
+    ep = tasks.episode(0).to("cpu")
+    x = torch.cat([ep.support_x, ep.query_x])
+    y = torch.tensor(ep.classes)[torch.cat([ep.support_y, ep.query_y])]
+    with torch.no_grad():
+        t_logits = teacher.algorithm.global_logits(teacher.model.trunk(x))
+    s_logits = student.algorithm.global_logits(student.model.trunk(x))
+    kl = F.kl_div(F.log_softmax(s_logits / 4, 1), F.log_softmax(t_logits / 4, 1), reduction="batchmean", log_target=True)
+    loss = 0.5 * F.cross_entropy(s_logits, y) + 0.5 * 16 * kl
+    grads = torch.autograd.grad(loss, student.meta_parameters())
+    kd = distillation(teacher, temperature=4.0, weight=0.5, phases=["classes"], ce_weight=0.5)
+    student.fit(tasks, iterations=1, meta_batch_size=1, progress=False, callbacks=[kd])
+    for p, p0, g in zip(student.meta_parameters(), before, grads):
+        torch.testing.assert_close(p.detach(), p0 - 0.5 * g, atol=1e-5, rtol=1e-4)
+    assert student.algorithm.inner.task_weight == 1.0 and not student.algorithm.inner.loss_terms  # detached
+
+
+def test_classes_phase_needs_a_teacher_over_the_same_classes():
+    tasks = EpisodeSampler(toy(), 6, 1, 1, seed=0)
+    anil_teacher = MetaLearner(build_model("conv4", in_channels=1, hidden=4, image_size=12, blocks=2, out_features=None),
+                               build_algorithm("anil", head_init="proto"), preprocessing=PREP, device="cpu")
+    with pytest.raises(InputError, match="needs a teacher with a classifier over them"):
+        transfer().fit(tasks, iterations=1, meta_batch_size=1, progress=False,
+                       callbacks=[distillation(anil_teacher, phases=["classes"])])
+    other = transfer(classes=12)
+    with pytest.raises(InputError, match="classifies 10 training classes"):
+        transfer().fit(tasks, iterations=1, meta_batch_size=1, progress=False,
+                       callbacks=[distillation(other, phases=["classes"])])
+
+
+def test_born_again_config(tmp_path):
+    teacher = transfer()
+    path = teacher.save(tmp_path / "gen0.pt")
+    kd = from_config({"teacher": str(path), "temperature": 4, "weight": 0.5, "ce_weight": 0.5, "phases": ["classes"]})
+    assert kd.ce_weight == 0.5 and kd.terms[0].phases == ("classes",) and kd.terms[0].weight == 0.5
+    with pytest.raises(ConfigError, match="ce_weight must be a number >= 0"):
+        from_config({"teacher": str(path), "ce_weight": -1})
+    cfg = config_from_dict({"algorithm": {"name": "transfer"},
+                            "distill": {"teacher": str(path), "phases": ["classes"], "ce_weight": 0.5}})
+    assert cfg.distill["ce_weight"] == 0.5
