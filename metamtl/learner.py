@@ -24,7 +24,7 @@ from .algorithms import Algorithm, build_algorithm
 from .callbacks import Callback, CallbackList, FitState, standard_callbacks
 from .checkpoint import atomic_save, safe_load
 from .data.base import Preprocessing
-from .errors import ConfigError, InputError, unknown_name
+from .errors import CheckpointError, ConfigError, InputError, unknown_name
 from .evaluation import (EvalResult, episode_reader, evaluate_episodes, feature_means, hierarchy_of, mean_ci95,
                          scorer)
 from .fit_loop import (INTERRUPT_CHECKPOINT, META_OPTIMIZERS, FitLoop, build_meta_optimizer, check_fit_arguments,
@@ -315,7 +315,7 @@ class MetaLearner:
         if isinstance(source, MetaLearner):
             state, where = source.model.state_dict(), "the given learner"
         else:
-            state, where = _require(safe_load(source), source, "model_state")["model_state"], str(source)
+            state, where = run_state.require(safe_load(source), source, "model_state")["model_state"], str(source)
         trunk = {k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")}
         try:
             self.model.trunk.load_state_dict(trunk)
