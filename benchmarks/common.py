@@ -61,6 +61,41 @@ def banner(*lines: str) -> None:
     print("#" * width + "\n", flush=True)
 
 
+def setting_eval(setting: str) -> str:
+    """``"20w1s"`` -> ``{ways: 20, shots: 1}``; a ``_alphabet`` suffix adds ``hierarchy: 1``
+    (episodes within one alphabet)."""
+    base, _, kind = setting.partition("_")
+    ways, shots = base.split("w")
+    extra = ", hierarchy: 1" if kind == "alphabet" else ""
+    return f"{{ways: {ways}, shots: {shots.rstrip('s')}{extra}}}"
+
+
+def run_settings(args: argparse.Namespace, prefix: str, overrides: Sequence[str], data_desc: str,
+                 dataset: str, title: str) -> None:
+    """One run per setting (config ``configs/benchmarks/<prefix>_<setting>.yaml``), or with
+    ``args.one_learner`` one run per config family: settings whose configs train the same way
+    (the same file, or files extending the first one) share the first setting's learner."""
+    groups: list[list[str]] = []
+    for s in args.settings:
+        same = [g for g in groups if args.one_learner and shares_training(prefix, g[0], s)]
+        (same[0].append(s) if same else groups.append([s]))
+    for group in groups:
+        evals = "[" + ",".join(setting_eval(g) for g in group) + "]"
+        name = f"{prefix}_{'_'.join(group)}" + ("_shared" if len(group) > 1 else "")
+        run_and_record(REPO / "configs" / "benchmarks" / f"{prefix}_{group[0]}.yaml", args,
+                       [*overrides, f"eval.settings={evals}", f"name={name}"], data_desc, dataset, title)
+
+
+def shares_training(prefix: str, first: str, other: str) -> bool:
+    """Whether ``<prefix>_<other>.yaml`` trains like ``<prefix>_<first>.yaml`` (it only ``extends``
+    it, changing nothing but ``name`` and ``eval``)."""
+    import yaml
+
+    path = REPO / "configs" / "benchmarks" / f"{prefix}_{other}.yaml"
+    data = yaml.safe_load(path.read_text()) or {}
+    return data.get("extends") == f"{prefix}_{first}.yaml" and set(data) <= {"extends", "name", "eval"}
+
+
 def build_config(path: Path, args: argparse.Namespace, overrides: Sequence[str]) -> Config:
     """The benchmark config with the script's options applied (user overrides last)."""
     extra = [f"train.device={args.device}", f"eval.episodes={args.episodes}", f"output_dir={args.output_dir}"]

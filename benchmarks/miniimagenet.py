@@ -19,7 +19,7 @@ setting with that learner, which halves the cost on CPU; RESULTS.md rows say whi
 """
 from __future__ import annotations
 
-from common import REPO, banner, commit, data_root, parser, run_and_record
+from common import banner, commit, data_root, parser, run_settings
 
 from metamtl.data import MiniImageNet
 
@@ -44,12 +44,7 @@ def main() -> None:
                "Reporting accuracy on the 16 VALIDATION classes instead (600 episodes, other seeds than",
                "the validation curves), with no model selection on them: the final weights are evaluated.",
                "These numbers are NOT test-set numbers and are not directly comparable to published ones.")
-    groups = [args.settings] if args.one_learner else [[s] for s in args.settings]
-    for group in groups:
-        evals = "[" + ",".join(f"{{ways: {g.split('w')[0]}, shots: {g.split('w')[1].rstrip('s')}}}" for g in group) + "]"
-        name = f"miniimagenet_{'_'.join(group)}" + ("_shared" if len(group) > 1 else "")
-        run_and_record(REPO / "configs" / "benchmarks" / f"miniimagenet_{group[0]}.yaml", args,
-                       [*overrides, f"eval.settings={evals}", f"name={name}"], desc, "miniimagenet", "mini-ImageNet")
+    run_settings(args, "miniimagenet", overrides, desc, "miniimagenet", "mini-ImageNet")
 
 
 if __name__ == "__main__":

@@ -19,17 +19,20 @@ per setting to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
-from common import REPO, banner, commit, data_root, parser, run_and_record
+from common import banner, commit, data_root, parser, run_settings
 
 from metamtl.data import Omniglot
 
-SETTINGS = ("5w1s", "5w5s", "20w1s", "20w5s")
+SETTINGS = ("5w1s", "5w5s", "20w1s", "20w5s", "20w1s_alphabet")
 FULL = ["images_background", "images_evaluation"]
 SMALL = ["images_background_small1", "images_background_small2"]
 
 
 def main() -> None:
-    args = parser(__doc__.split("\n\n")[0], SETTINGS).parse_args()
+    p = parser(__doc__.split("\n\n")[0], SETTINGS)
+    p.add_argument("--one-learner", action="store_true",
+                   help="settings whose configs train alike (one extends the other) share one learner")
+    args = p.parse_args()
     root = data_root(args.data_root)
     commit()  # before RESULTS.md is touched
     full = set(FULL) <= set(Omniglot.available_sources(root))
@@ -43,9 +46,7 @@ def main() -> None:
                "(242 characters split 60/20/20 by character: test characters unseen in training).",
                "Not comparable to published numbers, which use the 659 evaluation characters.")
     overrides = [f"data.root={root}", f"data.sources=[{','.join(sources)}]"]
-    for setting in args.settings:
-        run_and_record(REPO / "configs" / "benchmarks" / f"omniglot_{setting}.yaml", args, overrides, desc,
-                       "omniglot", "Omniglot")
+    run_settings(args, "omniglot", overrides, desc, "omniglot", "Omniglot")
 
 
 if __name__ == "__main__":
