@@ -96,9 +96,10 @@ def metamtl_model(device: str, head: bool = True):
     return build_model("conv4", hidden=FILTERS, image_size=SIZE, out_features=WAYS if head else None).to(device)
 
 
-def textbook_conv4(device: str) -> nn.Module:
-    """conv -> BatchNorm -> ReLU -> max-pool x4 + linear, with metamtl's initial weights."""
-    ref = metamtl_model(device)
+def textbook_conv4(device: str, ref: nn.Module | None = None) -> nn.Module:
+    """conv -> BatchNorm -> ReLU -> max-pool x4 + linear, with the initial weights of ``ref``, a
+    metamtl conv4 with a head (default: this benchmark's Omniglot model)."""
+    ref = metamtl_model(device) if ref is None else ref
     layers: list[nn.Module] = []
     for block in ref.trunk.blocks:
         conv, norm = block[0], block[1]
@@ -106,7 +107,7 @@ def textbook_conv4(device: str) -> nn.Module:
                    nn.BatchNorm2d(norm.num_features, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(2)]
         layers[-4].load_state_dict(conv.state_dict())
         layers[-3].load_state_dict(norm.state_dict())
-    head = nn.Linear(ref.num_features, WAYS)
+    head = nn.Linear(ref.num_features, ref.head.out_features)
     head.load_state_dict(ref.head.state_dict())
     return nn.Sequential(*layers, nn.Flatten(), head).to(device)
 
@@ -166,15 +167,16 @@ def metamtl_step(algorithm: str, tasks: int, steps: int, device: str, queries: i
     return step, {"path": f"{alg.inner.backend}, {layout}"}
 
 
-def plain_higher_step(tasks: int, steps: int, device: str, channels_last: bool = False):
+def higher_iteration(model: nn.Module, batch, steps: int, lr: float = LR):
+    """One meta-iteration as a user of higher writes it: ``innerloop_ctx`` per task, SGD inner
+    loop, query loss ``backward()``, an Adam meta-step."""
     import higher
 
-    model, batch = nhwc(textbook_conv4(device), episodes(tasks, device=device), channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        inner_opt = torch.optim.SGD(model.parameters(), lr=LR)
+        inner_opt = torch.optim.SGD(model.parameters(), lr=lr)
         for ep in batch:
             with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
                 for _ in range(steps):
@@ -182,15 +184,16 @@ def plain_higher_step(tasks: int, steps: int, device: str, channels_last: bool =
                 (F.cross_entropy(fmodel(ep.query_x), ep.query_y) / len(batch)).backward()
         opt.step()
 
-    return step, {}
+    return step
 
 
-def learn2learn_step(tasks: int, steps: int, device: str, channels_last: bool = False):
+def learn2learn_iteration(model: nn.Module, batch, steps: int, lr: float = LR):
+    """One meta-iteration with learn2learn's ``MAML(model, lr).clone()/.adapt()`` per task (``None``
+    when learn2learn is not importable)."""
     l2l = import_learn2learn()
     if l2l is None:
-        return None, {"skipped": L2L_INSTALL}
-    model, batch = nhwc(textbook_conv4(device), episodes(tasks, device=device), channels_last)
-    maml = l2l.MAML(model, lr=LR, first_order=False)
+        return None
+    maml = l2l.MAML(model, lr=lr, first_order=False)
     opt = torch.optim.Adam(maml.parameters(), lr=1e-3)
 
     def step():
@@ -202,7 +205,18 @@ def learn2learn_step(tasks: int, steps: int, device: str, channels_last: bool = 
             (F.cross_entropy(learner(ep.query_x), ep.query_y) / len(batch)).backward()
         opt.step()
 
-    return step, {}
+    return step
+
+
+def plain_higher_step(tasks: int, steps: int, device: str, channels_last: bool = False):
+    model, batch = nhwc(textbook_conv4(device), episodes(tasks, device=device), channels_last)
+    return higher_iteration(model, batch, steps), {}
+
+
+def learn2learn_step(tasks: int, steps: int, device: str, channels_last: bool = False):
+    model, batch = nhwc(textbook_conv4(device), episodes(tasks, device=device), channels_last)
+    step = learn2learn_iteration(model, batch, steps)
+    return (step, {}) if step is not None else (None, {"skipped": L2L_INSTALL})
 
 
 def floor_step(tasks: int, device: str, model_kind: str = "textbook", memory_format: str = "nchw",

@@ -11,12 +11,18 @@
 """
 from __future__ import annotations
 
+import dataclasses
+import gc
 import re
 import resource
 import sys
+import weakref
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
+
+from .errors import ConfigError
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -100,3 +106,105 @@ class PeakMemory:
     @property
     def added_mb(self) -> float:
         return max(0.0, self.peak_mb - self.start_mb)
+
+
+# -- planning: which meta-gradient mode and task chunk fit a memory budget -----------------------
+def graph_mb(fn: Callable[[], Any], exclude: Sequence[torch.Tensor] = ()) -> tuple[float, Any]:
+    """``(MiB, fn())``: the tensors the autograd graph built by ``fn`` still holds once it has
+    returned (distinct storages, other than those of ``exclude``: inputs alive anyway)."""
+    saved: list[weakref.ref] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(weakref.ref(t))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    gc.collect()
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    alive: dict[int, int] = {}
+    for ref in saved:
+        t = ref()
+        if t is not None and t.untyped_storage().data_ptr() not in skip:
+            alive[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(alive.values()) / 2**20, out
+
+
+@dataclasses.dataclass(frozen=True)
+class Footprint:
+    """What one task's second-order meta-gradient keeps alive, in MiB (measured by a probe).
+
+    Attributes:
+        step_mb: the graph of one second-order inner step (forward + differentiable gradient).
+        query_mb: the graph of the outer objective's forward pass (the query set).
+        state_mb: the adapted weights and inner-optimizer state (what ``checkpoint`` keeps per step).
+    """
+
+    step_mb: float
+    query_mb: float
+    state_mb: float
+
+
+#: The transient memory of a backward pass (activation gradients, double-backward buffers) and
+#: allocator slack, as a multiple of one step's and the query's graphs (``S + Q``).  Measured with
+#: benchmarks/memory.py (mini-ImageNet conv4-32, peak RSS with the tuned CPU allocator): the peaks
+#: of full (2 and 5 steps), checkpoint (5-25 steps) and implicit exceed the retained graphs by
+#: 0.8-1.3 (S + Q); 1.4 leaves a margin.
+TRANSIENT = 1.4
+PLAN_MODES = ("full", "checkpoint", "implicit")
+
+
+def estimate_mb(mode: str, footprint: Footprint, steps: int, chunk: int) -> float:
+    """Estimated peak (MiB above what is in use before the meta-step) of ``mode`` with ``chunk``
+    tasks adapted at once and ``steps`` inner steps, from one task's :class:`Footprint`
+    (``S`` step graph, ``Q`` query graph, ``W`` inner-loop state):
+
+    * ``full`` keeps every step's graph and the query graph: ``steps S + Q``;
+    * ``checkpoint`` one recomputed step, the query graph and the state of every step:
+      ``S + Q + steps W``;
+    * ``implicit`` one Hessian-vector-product graph and the query graph: ``S + Q``;
+
+    plus :data:`TRANSIENT` ``(S + Q)`` for the backward pass, times ``chunk``.
+    """
+    s, q, w = footprint.step_mb, footprint.query_mb, footprint.state_mb
+    retained = {"full": steps * s + q, "checkpoint": s + q + steps * w, "implicit": s + q}[mode]
+    return chunk * (retained + TRANSIENT * (s + q))
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """The planner's choice: a meta-gradient mode and how many tasks adapt at once."""
+
+    mode: str
+    chunk: int
+    estimate_mb: float
+    budget_mb: float
+    reason: str
+
+    def describe(self) -> str:
+        return (f"memory plan: {self.mode}, {self.chunk} task(s) at a time, ~{self.estimate_mb:.0f} MB "
+                f"estimated within max_memory_mb={self.budget_mb:g} ({self.reason})")
+
+
+def plan_memory(footprint: Footprint, steps: int, tasks: int, budget_mb: float, preferred_chunk: int,
+                modes: Sequence[str] = PLAN_MODES) -> MemoryPlan:
+    """The first of ``modes`` (cheapest in time first: full, checkpoint, implicit) that fits
+    ``budget_mb`` with the largest task chunk from ``preferred_chunk`` down to 1.
+
+    Raises :class:`~metamtl.errors.ConfigError` when nothing fits, with the smallest estimate.
+    """
+    preferred_chunk = max(1, min(preferred_chunk, tasks))
+    chunks = sorted({max(1, preferred_chunk >> i) for i in range(preferred_chunk.bit_length())}, reverse=True)
+    misses: list[str] = []
+    for mode in modes:
+        for chunk in chunks:
+            est = estimate_mb(mode, footprint, steps, chunk)
+            if est <= budget_mb:
+                why = "; ".join(misses) if misses else "the fastest mode fits"
+                return MemoryPlan(mode, chunk, est, budget_mb, why)
+        misses.append(f"{mode} needs ~{estimate_mb(mode, footprint, steps, 1):.0f} MB even one task at a time")
+    smallest = min(estimate_mb(m, footprint, steps, 1) for m in modes)
+    raise ConfigError(
+        f"no memory mode fits max_memory_mb={budget_mb:g} with {steps} inner steps: {'; '.join(misses)}. "
+        f"Raise max_memory_mb to at least {smallest:.0f}, or use fewer inner steps or smaller tasks"
+    )

@@ -60,21 +60,25 @@ Meta-gradient rule contract (for new rules such as checkpointed or implicit diff
     Algorithms choose a rule per meta-iteration in ``Algorithm.meta_gradient(iteration)``.
 """
 from .gradients import checkpointed_unroll, conjugate_gradient, implicit_solution
-from .metagrad import RULES, Difference, FirstOrder, MetaGradient, Outer, SecondOrder
+from .metagrad import (
+    RULES, Checkpointed, Difference, FirstOrder, Implicit, MetaGradient, Outer, SecondOrder, proximal_term,
+    second_order_rule,
+)
 from .optim import INNER_OPTIMIZERS, InnerOptimizer, build_optimizer
 from .problem import (
     ENGINES, Adapted, CoreEngine, Engine, HigherEngine, InnerProblem, InnerView, add_loss_terms, build_problem,
     default_objective, map_tasks, tap_outputs, task_module,
 )
 from .settings import (
-    ADAPT_MODES, BACKENDS, InnerLoop, LossContext, LossTerm, batched_task_loss, check_positive, task_loss, term_taps,
+    ADAPT_MODES, BACKENDS, MEMORY_MODES, InnerLoop, LossContext, LossTerm, batched_task_loss, check_positive, task_loss, term_taps,
 )
 
 __all__ = [
-    "checkpointed_unroll", "conjugate_gradient", "implicit_solution", "RULES", "Difference", "FirstOrder",
-    "MetaGradient", "Outer", "SecondOrder", "INNER_OPTIMIZERS",
+    "checkpointed_unroll", "conjugate_gradient", "implicit_solution", "RULES", "Checkpointed", "Implicit",
+    "proximal_term", "second_order_rule", "Difference", "FirstOrder", "MetaGradient", "Outer", "SecondOrder",
+    "INNER_OPTIMIZERS",
     "InnerOptimizer", "build_optimizer", "ENGINES", "Adapted", "CoreEngine", "Engine", "HigherEngine",
     "InnerProblem", "InnerView", "add_loss_terms", "build_problem", "default_objective", "map_tasks", "tap_outputs",
-    "task_module", "ADAPT_MODES", "BACKENDS", "InnerLoop", "LossContext", "LossTerm", "batched_task_loss",
+    "task_module", "ADAPT_MODES", "BACKENDS", "MEMORY_MODES", "InnerLoop", "LossContext", "LossTerm", "batched_task_loss",
     "check_positive", "task_loss", "term_taps",
 ]

@@ -11,7 +11,8 @@ from typing import Callable, ClassVar
 
 import torch
 
-from .problem import Adapted, InnerProblem
+from .gradients import checkpointed_unroll, implicit_solution
+from .problem import Adapted, InnerProblem, InnerView
 
 #: ``outer(adapted) -> (objective [T], logits [T, Q, ...])``: the outer objective of each task and
 #: the final query logits (for metrics).
@@ -67,4 +68,87 @@ class Difference(MetaGradient):
         return adapted, objective, logits
 
 
-RULES: dict[str, type[MetaGradient]] = {cls.name: cls for cls in (SecondOrder, FirstOrder, Difference)}
+class Checkpointed(MetaGradient):
+    """Second order with the memory of one inner step (``memory: checkpoint``): the same
+    meta-gradient as :class:`SecondOrder`, each step recomputed from its saved weights during the
+    backward pass (:func:`~metamtl.adaptation.checkpointed_unroll`).  Learned inner rates and
+    per-step BatchNorm sets (closed over by the step) get their meta-gradients as well."""
+
+    name = "checkpoint"
+
+    def backward(self, problem, outer, weight):
+        start = problem.leaves()
+        n = len(start)
+        inner_losses: list[torch.Tensor] = []
+
+        def step(state, k, context, create_graph):
+            new, loss = problem._step(state, k, context, create_graph, tape=True)
+            if not create_graph:  # the forward pass (the backward recomputes without logging)
+                inner_losses.append(loss)
+            return new
+
+        states = checkpointed_unroll(step, start + problem.init_state(start), problem.steps, problem.context(start))
+        adapted = Adapted(problem, [s[:n] for s in states], inner_losses)
+        objective, logits = outer(adapted)
+        (objective.sum() * weight).backward(retain_graph=problem.push_needs_graph)
+        problem.push([s.grad for s in start])
+        return adapted, objective.detach(), logits.detach()
+
+
+def proximal_term(view: InnerView, lam: float) -> torch.Tensor:
+    """iMAML's ``lam/2 ||w - w_0||^2`` per task ``[T]``: ``w`` the weights, ``w_0`` where the loop started."""
+    if len(view.anchor) != len(view.params):
+        raise RuntimeError("the proximal term needs the start weights: call InnerProblem.step with context "
+                           "InnerProblem.context(start)")
+    return lam / 2 * sum((p - a).pow(2).flatten(1).sum(1) for p, a in zip(view.params, view.anchor))
+
+
+class Implicit(MetaGradient):
+    """iMAML (Rajeswaran et al. 2019, ``memory: implicit``): the inner loop minimises the inner
+    objective, which then includes :func:`proximal_term`, without any graph; the meta-gradient is
+    ``(I + H/lam)^{-1} g`` from ``cg_steps`` conjugate-gradient iterations on Hessian-vector
+    products at the adapted weights (:func:`~metamtl.adaptation.implicit_solution`, per task).
+    Memory does not depend on the number of inner steps.  Needs an outer objective of the final
+    weights only (``adapted.trajectory`` holds just the start and the solution)."""
+
+    name = "implicit"
+
+    def __init__(self, cg_steps: int = 5) -> None:
+        self.cg_steps = cg_steps
+
+    def backward(self, problem, outer, weight):
+        start = problem.leaves()
+        n, steps = len(start), problem.steps
+        inner_losses: list[torch.Tensor] = []
+
+        def solve(anchor, context):
+            state = [a.detach().requires_grad_() for a in anchor]
+            state += problem.init_state(state)
+            for k in range(steps):
+                state, loss = problem._step(state, k, [context[0], *anchor], create_graph=False, tape=False)
+                inner_losses.append(loss)
+            return state[:n]
+
+        def objective(params, anchor, context):
+            return problem.objective_at(params, steps, [context[0], *anchor])[0].sum()
+
+        solution = implicit_solution(solve, objective, start, [problem.inputs], self.cg_steps, batched=True)
+        adapted = Adapted(problem, [start, solution], inner_losses)
+        objective_value, logits = outer(adapted)
+        (objective_value.sum() * weight).backward(retain_graph=problem.push_needs_graph)
+        problem.push([s.grad for s in start])
+        return adapted, objective_value.detach(), logits.detach()
+
+
+RULES: dict[str, type[MetaGradient]] = {
+    cls.name: cls for cls in (SecondOrder, FirstOrder, Difference, Checkpointed, Implicit)
+}
+
+
+def second_order_rule(memory: str, cg_steps: int = 5) -> MetaGradient:
+    """The second-order rule of a memory mode: ``full``, ``checkpoint`` or ``implicit``."""
+    if memory == "checkpoint":
+        return Checkpointed()
+    if memory == "implicit":
+        return Implicit(cg_steps)
+    return SecondOrder()

@@ -104,7 +104,8 @@ class InnerView:
     """One inner step as the inner objective sees it (every tensor has a leading task dimension).
 
     ``loss`` is the task loss ``[T]`` of ``logits`` on the support set; ``params`` the weights
-    being adapted (after ``step`` updates); ``features`` the outputs of tapped layers.
+    being adapted (after ``step`` updates); ``features`` the outputs of tapped layers; ``anchor``
+    the weights the inner loop started from (the centre of a proximal term, as in iMAML).
     """
 
     problem: "InnerProblem"
@@ -113,6 +114,7 @@ class InnerView:
     logits: torch.Tensor
     loss: torch.Tensor
     features: dict[str, torch.Tensor]
+    anchor: Tensors = dataclasses.field(default_factory=list)
 
 
 def add_loss_terms(problem: "InnerProblem", phase: str, loss: torch.Tensor, logits: torch.Tensor,
@@ -238,19 +240,31 @@ class InnerProblem:
     def step(self, state: Tensors, k: int, context: Sequence[torch.Tensor], create_graph: bool,
              tape: bool = True) -> Tensors:
         """Inner step ``k``: a pure function of ``state`` (weights, then optimizer state) and
-        ``context`` (``[inputs]``: what the forward passes read).  ``create_graph``: second-order
-        gradients; ``tape=False``: detach the result (no meta-gradient through it)."""
+        ``context`` (``[inputs, *start]``: what the forward passes read and the weights the loop
+        started from).  ``create_graph``: second-order gradients; ``tape=False``: detach the
+        result (no meta-gradient through it)."""
         return self._step(state, k, context, create_graph, tape)[0]
+
+    def context(self, start: Tensors, tape: bool = True) -> Tensors:
+        """``[inputs, *start]``: what :meth:`step` reads besides the state (detached when ``tape`` is off)."""
+        return [self.inputs, *start] if tape else [self.inputs.detach(), *[s.detach() for s in start]]
+
+    def objective_at(self, params: Tensors, k: int, context: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inner objective [T], task loss [T])`` of the weights ``params`` (after ``k`` updates)."""
+        return self._objective(self.engine.bind(self, list(params)), k, context)
+
+    def _objective(self, params: Tensors, k: int, context: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, feats = self.engine.forward(self, params, self.tensors(k), context[0], self.module_taps)
+        feats = {**self.input_features, **feats}
+        loss = batched_task_loss(logits, self.support_y)
+        return self.objective(InnerView(self, k, params, logits, loss, feats, list(context[1:]))), loss
 
     def _step(self, state: Tensors, k: int, context: Sequence[torch.Tensor], create_graph: bool,
               tape: bool) -> tuple[Tensors, torch.Tensor]:
         n = len(self.names)
         with torch.enable_grad():
             params = self.engine.bind(self, list(state[:n]))
-            logits, feats = self.engine.forward(self, params, self.tensors(k), context[0], self.module_taps)
-            feats = {**self.input_features, **feats}
-            loss = batched_task_loss(logits, self.support_y)
-            objective = self.objective(InnerView(self, k, params, logits, loss, feats))
+            objective, loss = self._objective(params, k, context)
             new_params, new_opt = self.engine.update(self, params, list(state[n:]), objective.sum(), k,
                                                      create_graph, tape)
         return new_params + new_opt, loss.detach()
@@ -260,7 +274,7 @@ class InnerProblem:
         steps = self.steps if steps is None else steps
         n = len(self.names)
         state = list(start) + self.init_state(start)
-        context = [self.inputs if create_graph else self.inputs.detach()]
+        context = self.context(start, tape=create_graph)
         trajectory, inner_losses = [list(start)], []
         for k in range(steps):
             state, loss = self._step(state, k, context, create_graph, tape)

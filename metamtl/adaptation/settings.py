@@ -15,6 +15,10 @@ from ..models.norm import BN_MODES
 from .optim import INNER_OPTIMIZERS, torch_settings
 
 ADAPT_MODES = ("all", "head")
+#: how a second-order meta-gradient is computed (see :mod:`metamtl.adaptation.metagrad`):
+#: ``full`` keeps the unrolled graph, ``checkpoint`` recomputes each step in the backward pass,
+#: ``implicit`` is iMAML, ``auto`` lets the planner of :mod:`metamtl.memory` choose.
+MEMORY_MODES = ("full", "checkpoint", "implicit", "auto")
 #: ``core``: the functional engine (torch.func, task chunks); ``higher``: the ``higher`` engine.
 #: ``auto`` and ``func`` (earlier names) mean ``core``.
 BACKENDS = ("core", "higher", "auto", "func")
@@ -112,6 +116,18 @@ class InnerLoop:
         bn_stats: ``"transductive"`` or ``"support"`` (see :mod:`metamtl.models.norm`).
         backend: ``"core"`` (default; ``"auto"``/``"func"`` are old names for it) or ``"higher"``.
         task_chunk: tasks adapted per ``vmap`` call by the core (``0``: one on CPU, all elsewhere).
+        memory: how the second-order meta-gradient is computed: ``"full"`` (the unrolled graph of
+            every inner step is kept: memory grows with ``steps``), ``"checkpoint"`` (only each
+            step's weights are kept and the step is recomputed in the backward pass: the same
+            meta-gradient, memory of one step), ``"implicit"`` (iMAML: the inner objective gets the
+            proximal term ``lam/2 ||w - w_0||^2`` and the meta-gradient comes from the implicit
+            function theorem, conjugate gradient on Hessian-vector products: memory independent of
+            ``steps``), ``"auto"`` (a planner picks the mode and task chunk that fit
+            ``max_memory_mb``).  First-order rules ignore it.
+        max_memory_mb: the memory a meta-iteration may add on top of what is in use before it
+            (model, optimizer, data), in MiB; read by ``memory="auto"``.
+        lam: iMAML's proximal strength ``lambda`` (``memory="implicit"``).
+        cg_steps: conjugate-gradient iterations of the implicit meta-gradient.
     """
 
     steps: int = 1
@@ -125,6 +141,10 @@ class InnerLoop:
     bn_stats: str = "transductive"
     backend: str = "core"
     task_chunk: int = 0
+    memory: str = "full"
+    max_memory_mb: float | None = None
+    lam: float = 1.0
+    cg_steps: int = 5
 
     def __post_init__(self) -> None:
         for name in ("steps",):
@@ -165,6 +185,22 @@ class InnerLoop:
             raise unknown_name("bn_stats mode", self.bn_stats, BN_MODES)
         if isinstance(self.task_chunk, bool) or not isinstance(self.task_chunk, int) or self.task_chunk < 0:
             raise ConfigError(f"task_chunk must be an integer >= 0 (0: automatic), got {self.task_chunk!r}")
+        if self.memory not in MEMORY_MODES:
+            raise unknown_name("memory mode", self.memory, MEMORY_MODES)
+        if self.max_memory_mb is not None:
+            self.max_memory_mb = check_positive("max_memory_mb", self.max_memory_mb)
+        if self.memory == "auto" and self.max_memory_mb is None:
+            raise ConfigError("memory 'auto' plans against a budget: set max_memory_mb (MiB a meta-iteration may "
+                              "add on top of model, optimizer and data), or choose memory full/checkpoint/implicit")
+        self.lam = check_positive("lam (iMAML proximal strength)", self.lam)
+        if isinstance(self.cg_steps, bool) or not isinstance(self.cg_steps, int) or self.cg_steps < 1:
+            raise ConfigError(f"cg_steps must be an integer >= 1, got {self.cg_steps!r}")
+        if self.memory != "full" and self.backend == "higher" and not self.first_order:
+            raise ConfigError(
+                f"memory {self.memory!r} recomputes or re-solves inner steps, which needs the core engine: the "
+                "higher engine keeps optimizer state inside higher's differentiable optimizer. Use backend 'core' "
+                "or memory 'full'"
+            )
         #: extra loss terms (not part of the config): see :class:`LossContext`
         self.loss_terms: list[LossTerm] = []
         #: weight of the task's own loss while loss terms are attached (e.g. 0.5 CE + 0.5 KL in

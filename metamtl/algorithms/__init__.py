@@ -2,6 +2,7 @@
 
 =============  ==========================================================================
 ``maml``       MAML (Finn et al. 2017); ``first_order=True`` or ``fomaml`` for first order
+``imaml``      iMAML (Rajeswaran et al. 2019): proximal inner objective, implicit meta-gradient
 ``reptile``    Reptile (Nichol et al. 2018)
 ``anil``       ANIL (Raghu et al. 2020): only the head adapts
 ``metasgd``    Meta-SGD (Li et al. 2017): learned per-weight inner learning rates
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 from .anil import ANIL
 from .base import Algorithm, accuracy
+from .imaml import IMAML
 from .maml import FOMAML, MAML
 from .mamlpp import MAMLPlusPlus, multi_step_weights
 from .metasgd import MetaSGD
@@ -31,9 +33,9 @@ from .transfer import Transfer
 
 # The built-in algorithms, registered here explicitly: any import of metamtl.algorithms (or of one
 # of its modules) runs this first, so the registry holds them whatever was imported before.
-for _cls in (MAML, FOMAML, Reptile, ANIL, MetaSGD, MAMLPlusPlus, ProtoNet, Transfer, MultiTask):
+for _cls in (MAML, FOMAML, IMAML, Reptile, ANIL, MetaSGD, MAMLPlusPlus, ProtoNet, Transfer, MultiTask):
     register_algorithm(_cls)
 del _cls
 
-__all__ = ["ALGORITHMS", "Algorithm", "ANIL", "FOMAML", "MAML", "MAMLPlusPlus", "MetaSGD", "MultiTask", "ProtoNet",
+__all__ = ["ALGORITHMS", "Algorithm", "ANIL", "FOMAML", "IMAML", "MAML", "MAMLPlusPlus", "MetaSGD", "MultiTask", "ProtoNet",
            "Reptile", "Transfer", "accuracy", "build_algorithm", "multi_step_weights", "register_algorithm"]

@@ -21,15 +21,19 @@ model-dependent learnable state before the meta-optimizer is built.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
 
 from ..adaptation import (
-    Adapted, FirstOrder, InnerLoop, InnerProblem, InnerView, MetaGradient, SecondOrder, add_loss_terms,
-    batched_task_loss, build_problem, default_objective,
+    Adapted, FirstOrder, InnerLoop, InnerProblem, InnerView, MetaGradient, add_loss_terms, batched_task_loss,
+    build_problem, default_objective, proximal_term, second_order_rule,
 )
+from ..errors import ConfigError
+from ..memory import PLAN_MODES, Footprint, MemoryPlan, graph_mb, plan_memory
 from ..models.backbones import TrunkHead
 from ..tasks.episode import Episode, TaskBatch
 
@@ -49,6 +53,9 @@ class Algorithm(nn.Module):
     name: ClassVar[str] = "base"
     #: settings this algorithm fixes whatever the user passes (e.g. ANIL adapts only the head)
     fixed: ClassVar[dict[str, Any]] = {}
+    #: ``memory: implicit`` (iMAML) applies: no learned inner settings, an outer objective of the
+    #: final weights only (the implicit gradient knows nothing of the path to the solution)
+    supports_implicit: ClassVar[bool] = True
 
     def __init__(self, inner: InnerLoop | None = None, **inner_kwargs: Any) -> None:
         super().__init__()
@@ -57,6 +64,15 @@ class Algorithm(nn.Module):
         if inner is None:
             inner = InnerLoop(**{**inner_kwargs, **self.fixed})
         self.inner = inner
+        if inner.memory == "implicit" and not inner.first_order and not self.supports_implicit:
+            raise ConfigError(
+                f"algorithm {self.name!r} cannot use memory 'implicit' (iMAML): its meta-gradient depends on the "
+                "inner-loop path (learned inner rates, per-step BatchNorm or losses after intermediate steps); "
+                "use memory 'checkpoint' for the same meta-gradient with the memory of one inner step"
+            )
+        #: the planner's latest choice under ``memory: auto`` (see :meth:`plan_memory`)
+        self.memory_plan: MemoryPlan | None = None
+        self._plans: dict[tuple, MemoryPlan] = {}
 
     # -- configuration ---------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -77,10 +93,22 @@ class Algorithm(nn.Module):
         """Inner steps used at evaluation by default."""
         return self.inner.evaluation_steps
 
+    @property
+    def memory_mode(self) -> str:
+        """``full``, ``checkpoint`` or ``implicit``: the ``memory`` setting or, under ``auto``, the
+        planner's latest choice (``full`` before the first plan)."""
+        if self.inner.memory == "auto":
+            return self.memory_plan.mode if self.memory_plan is not None else "full"
+        return self.inner.memory
+
+    def second_order(self) -> MetaGradient:
+        """The second-order rule of :attr:`memory_mode` (full unroll, checkpointed or implicit)."""
+        return second_order_rule(self.memory_mode, self.inner.cg_steps)
+
     # -- declarations ------------------------------------------------------------------------
     def meta_gradient(self, iteration: int) -> MetaGradient:
         """The meta-gradient rule at meta-iteration ``iteration``."""
-        return FirstOrder() if self.inner.first_order else SecondOrder()
+        return FirstOrder() if self.inner.first_order else self.second_order()
 
     def inner_lrs(self, names: Sequence[str], step: int) -> list | None:
         """Inner learning rate of each adapted weight (model names) at step ``step``; ``None``: ``lr``."""
@@ -91,8 +119,12 @@ class Algorithm(nn.Module):
         return {}
 
     def inner_objective(self, view: InnerView) -> torch.Tensor:
-        """The inner objective ``[T]`` of one inner step."""
-        return default_objective(view)
+        """The inner objective ``[T]`` of one inner step: the support loss plus loss terms, and
+        iMAML's proximal term ``lam/2 ||w - w_0||^2`` under ``memory: implicit``."""
+        objective = default_objective(view)
+        if self.memory_mode == "implicit" and not self.inner.first_order:
+            objective = objective + proximal_term(view, self.inner.lam)
+        return objective
 
     def outer_objective(self, adapted: Adapted, query_x: torch.Tensor, query_y: torch.Tensor,
                         iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,6 +151,8 @@ class Algorithm(nn.Module):
 
         engine = ENGINES[self.inner.backend]
         limit = self.chunk_limit(training)
+        if training and self.inner.memory == "auto" and self.memory_plan is not None:
+            limit = min(limit or self.memory_plan.chunk, self.memory_plan.chunk)
         if training and self.inner.loss_terms:
             limit = 1  # loss terms see one task at a time
         out = []
@@ -137,6 +171,8 @@ class Algorithm(nn.Module):
         before each inner step (``inner_loss/step_k``).
         """
         self.setup(model)
+        if self.inner.memory == "auto" and not self.inner.first_order:
+            self.plan_memory(model, batch, iteration)
         rule = self.meta_gradient(iteration)
         n = len(batch)
         totals: dict[str, float] = {}
@@ -156,6 +192,63 @@ class Algorithm(nn.Module):
             for k, v in enumerate(adapted.inner_losses):
                 add(f"inner_loss/step_{k}", v)
         return totals
+
+    # -- memory planning (memory: auto) -------------------------------------------------------
+    def plan_memory(self, model: TrunkHead, batch: TaskBatch, iteration: int = 0) -> MemoryPlan:
+        """Choose the meta-gradient mode and task chunk that fit ``max_memory_mb`` for ``batch``.
+
+        Measures what one task's inner step and outer objective keep alive (a probe on the first
+        episode, :meth:`memory_footprint`), then :func:`~metamtl.memory.plan_memory`; plans are
+        cached per episode shape and logged (logger ``metamtl.memory``) when made.
+        """
+        from ..adaptation import ENGINES
+
+        first = batch[0]
+        key = (tuple(first.support_x.shape), tuple(first.query_x.shape), len(batch), self.inner.steps,
+               self.inner.max_memory_mb, first.support_x.device.type)
+        plan = self._plans.get(key)
+        if plan is None:
+            footprint = self.memory_footprint(model, batch, iteration)
+            preferred = ENGINES[self.inner.backend].chunk_size(self.inner, first.support_x.device, len(batch))
+            modes = PLAN_MODES if self.supports_implicit else tuple(m for m in PLAN_MODES if m != "implicit")
+            plan = plan_memory(footprint, self.inner.steps, len(batch), self.inner.max_memory_mb, preferred, modes)
+            self._plans[key] = plan
+            if plan.mode == "implicit":
+                plan = dataclasses.replace(plan, reason=plan.reason + f"; implicit is iMAML: the inner objective gains "
+                                           f"the proximal term lam/2 ||w - w_0||^2 with lam={self.inner.lam:g}")
+                self._plans[key] = plan
+            logging.getLogger("metamtl.memory").info("%s: %s", self.name, plan.describe())
+        self.memory_plan = plan
+        return plan
+
+    def memory_footprint(self, model: TrunkHead, batch: TaskBatch, iteration: int = 0) -> Footprint:
+        """What one task of ``batch`` keeps alive: one second-order inner step's graph, the outer
+        objective's graph and the inner-loop state (MiB; see :class:`~metamtl.memory.Footprint`).
+
+        Activations grow linearly with the number of images, so the probe runs on 2 and then 4
+        support and query images of the first episode and extrapolates to the episode's sizes:
+        it costs a fraction of a meta-step's memory (a full-size probe would leave the allocator
+        holding as much again as the step it measures).
+        """
+        sx, sy, qx, qy = batch.stack([0])
+        ways = batch[0].ways
+
+        def probe(ns: int, nq: int) -> tuple[float, float, float]:
+            s_x, s_y, q_x, q_y = sx[:, :ns], sy[:, :ns], qx[:, :nq], qy[:, :nq]
+            problem = self.problem(model, s_x, s_y, ways)
+            start = problem.leaves()
+            state = start + problem.init_state(start)
+            keep = [s_x, s_y, q_x, q_y, *model.parameters(), *self.parameters(), *state, problem.inputs]
+            step_mb, new = graph_mb(lambda: problem.step(state, 0, problem.context(start), create_graph=True), keep)
+            adapted = Adapted(problem, [start, new[:len(start)]], [])
+            query_mb, _ = graph_mb(lambda: self.outer_objective(adapted, q_x, q_y, iteration), keep + new)
+            return step_mb, query_mb, sum(t.numel() * t.element_size() for t in state) / 2**20
+
+        ns, nq = sx.shape[1], qx.shape[1]
+        if min(ns, nq) <= 4:
+            return Footprint(*probe(ns, nq))
+        (s2, q2, w), (s4, q4, _) = probe(2, 2), probe(4, 4)
+        return Footprint(s2 + (s4 - s2) * (ns - 2) / 2, q2 + (q4 - q2) * (nq - 2) / 2, w)
 
     # -- evaluation --------------------------------------------------------------------------
     def adapt(self, model: TrunkHead, support_x: torch.Tensor, support_y: torch.Tensor, ways: int,

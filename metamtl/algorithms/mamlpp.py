@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..adaptation import FirstOrder, MetaGradient, SecondOrder, add_loss_terms, batched_task_loss, check_positive
+from ..adaptation import FirstOrder, MetaGradient, add_loss_terms, batched_task_loss, check_positive
 from ..errors import ConfigError, unknown_name
 from ..models.backbones import TrunkHead
 from ..models.norm import BN_EVAL_STATS, StepNorms
@@ -60,6 +60,7 @@ class MAMLPlusPlus(MAML):
     """
 
     name = "mamlpp"
+    supports_implicit = False  # learned per-step rates and BatchNorm, losses after every step
 
     def __init__(
         self,
@@ -134,7 +135,7 @@ class MAMLPlusPlus(MAML):
         """First order for the first ``first_order_iterations`` meta-iterations, then second order."""
         if self.inner.first_order or iteration < self.first_order_iterations:
             return FirstOrder()
-        return SecondOrder()
+        return self.second_order()
 
     def step_weights(self, iteration: int) -> list[float]:
         """Weights of the query loss after each inner step at meta-iteration ``iteration``."""

@@ -41,6 +41,7 @@ class MetaSGD(MAML):
     """
 
     name = "metasgd"
+    supports_implicit = False  # learned inner rates shape the path, not the proximal solution
 
     def __init__(self, inner=None, **inner_kwargs) -> None:
         super().__init__(inner, **inner_kwargs)

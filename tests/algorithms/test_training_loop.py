@@ -187,7 +187,7 @@ def test_config_sections_for_callbacks_are_validated():
         config_from_dict({"data": {"val_split": None}, "train": {"early_stopping": {}}})
     with pytest.raises(ConfigError, match="logging.metrics"):
         config_from_dict({"logging": {"metrics": "xml"}})
-    with pytest.raises(ConfigError, match="Valid algorithms: anil, fomaml, maml, mamlpp, metasgd, (multitask, )?protonet, reptile, transfer"):
+    with pytest.raises(ConfigError, match="Valid algorithms: anil, fomaml, imaml, maml, mamlpp, metasgd, (multitask, )?protonet, reptile, transfer"):
         config_from_dict({"algorithm": {"name": "maml+"}})
     with pytest.raises(ConfigError, match="inner lr must be a finite number > 0"):
         config_from_dict({"algorithm": {"name": "metasgd", "lr": -1}})

@@ -1,0 +1,234 @@
+"""``algorithm.memory``: checkpoint equals full, implicit equals iMAML's formula, the planner, errors.
+
+* ``checkpoint`` gives the meta-gradients of ``full`` (1e-6, float64) for every second-order
+  algorithm: MAML with learned / proto / zero heads, ANIL, Meta-SGD's learned rates, MAML++ with
+  per-step BatchNorm and the multi-step loss, Adam and momentum inner optimizers, multi-task, and
+  distillation loss terms, one task per call and three per ``vmap`` call;
+* ``implicit`` (``imaml``) equals ``(I + H/lam)^{-1} g`` computed with the explicit Hessian of a
+  reference proximal inner loop written with ``torch.func`` (no metamtl code);
+* the planner picks full / checkpoint / implicit and the task chunk against the budget, and says
+  why; bad settings are clear errors.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from metamtl.algorithms import build_algorithm
+from metamtl.distill import FeatureDistillation, SoftTargets
+from metamtl.errors import ConfigError
+from metamtl.memory import Footprint, estimate_mb, plan_memory
+from metamtl.models import build_model
+from metamtl.tasks import Episode, TaskBatch
+
+pytestmark = pytest.mark.usefixtures("float64", "single_thread")
+
+
+def conv4(out_features):
+    torch.manual_seed(0)
+    return build_model("conv4", in_channels=1, hidden=4, image_size=8, blocks=2, out_features=out_features)
+
+
+def episode(seed, ways=3, shots=2, queries=2, dataset=""):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(ways * (shots + queries), 1, 8, 8, generator=g)
+    labels = torch.arange(ways)
+    return Episode(images[: ways * shots], labels.repeat_interleave(shots), images[ways * shots:],
+                   labels.repeat_interleave(queries), ways, shots, queries, dataset=dataset)
+
+
+def meta_gradients(name, memory, batch, iteration=0, chunk=0, terms=None, **settings):
+    per_task_head = settings.get("head_init", "learned") != "learned"
+    model = conv4(None if per_task_head else 3)
+    if name == "multitask":
+        alg = build_algorithm("multitask", base={**settings.pop("base"), "memory": memory, "task_chunk": chunk},
+                              **settings)
+    else:
+        alg = build_algorithm(name, memory=memory, task_chunk=chunk, **settings)
+    alg.setup(model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # learned rates away from their common start
+        for n, p in alg.named_parameters():
+            if "lrs" in n:
+                p.copy_(0.05 + 0.3 * torch.rand(p.shape, generator=g))
+    extra = []
+    for term in (terms() if terms else []):
+        term.bind(model)
+        alg.inner.loss_terms.append(term)
+        extra += [(f"term.{n}", p) for n, p in term.named_parameters()]
+    model.train()
+    model.zero_grad()
+    metrics = alg.meta_step(model, batch, iteration)
+    params = list(model.named_parameters()) + list(alg.named_parameters()) + extra
+    return {n: p.grad.clone() for n, p in params if p.grad is not None}, metrics
+
+
+def distillation():
+    torch.manual_seed(5)
+    teacher = build_model("conv4", in_channels=1, hidden=5, image_size=8, blocks=2, out_features=3)
+    return [SoftTargets(teacher, temperature=2.0, weight=0.5, phases=("support", "query")),
+            FeatureDistillation(teacher, "trunk.blocks.1", "trunk.blocks.1", weight=0.3, phases=("support", "query"))]
+
+
+CASES = [
+    ("maml", dict(steps=3, lr=0.3)),
+    ("maml", dict(steps=2, lr=0.3, head_init="proto")),
+    ("maml", dict(steps=2, lr=0.2, head_init="zero", bn_stats="support")),
+    ("maml", dict(steps=3, lr=0.05, optimizer="adam")),
+    ("maml", dict(steps=3, lr=0.1, optimizer="nesterov")),
+    ("anil", dict(steps=3, lr=0.5)),
+    ("anil", dict(steps=2, lr=0.3, head_init="proto")),
+    ("metasgd", dict(steps=2, lr=0.2)),
+    ("mamlpp", dict(steps=3, lr=0.1, first_order_iterations=1, multi_step_iterations=10, iteration=4)),
+    ("mamlpp", dict(steps=2, lr=0.1, head_init="zero", bn_eval="batch", iteration=2, first_order_iterations=0)),
+    ("multitask", dict(strategy="pcgrad", datasets=["a", "b"], base=dict(name="maml", steps=2, lr=0.3))),
+    ("maml", dict(steps=2, lr=0.3, terms=distillation)),
+]
+
+
+@pytest.mark.parametrize("name,settings", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
+def test_checkpoint_gives_the_full_meta_gradient(name, settings):
+    settings = dict(settings)
+    iteration = settings.pop("iteration", 0)
+    datasets = "ab" if name == "multitask" else ""
+    batch = TaskBatch([episode(s, dataset=datasets[s % 2] if datasets else "") for s in range(4 if datasets else 3)])
+    base = settings.get("base")
+    full, full_metrics = meta_gradients(name, "full", batch, iteration,
+                                        **{**settings, **({"base": dict(base)} if base else {})})
+    assert full and max(float(g.abs().max()) for g in full.values()) > 1e-4
+    chunks = [1] if name == "multitask" or "terms" in settings else [1, 3]
+    for chunk in chunks:
+        torch.manual_seed(3)  # PCGrad's random order
+        ours, metrics = meta_gradients(name, "checkpoint", batch, iteration, chunk,
+                                       **{**settings, **({"base": dict(base)} if base else {})})
+        assert sorted(ours) == sorted(full)
+        for n in full:
+            torch.testing.assert_close(ours[n], full[n], rtol=1e-6, atol=1e-9, msg=n)
+        assert metrics == pytest.approx(full_metrics, rel=1e-6)
+
+
+def test_implicit_meta_gradient_is_imamls_formula_against_an_explicit_hessian():
+    """iMAML on a small regression MLP: metamtl's meta-gradient equals ``(I + H/lam)^{-1} g``
+    with the explicit Hessian ``H`` of the support loss at the adapted weights of a reference
+    proximal inner loop (torch.func + autograd only), one task after the other."""
+    lam, lr, steps = 2.0, 0.05, 30
+    torch.manual_seed(0)
+    model = build_model("mlp", hidden=[6], out_features=1)
+    names = [n for n, _ in model.named_parameters()]
+    numel = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(0)
+    episodes = []
+    for _ in range(2):
+        x = torch.rand(16, 1, generator=g) * 6 - 3
+        y = 2 * torch.sin(x + torch.rand(1, generator=g))
+        episodes.append(Episode(x[:8], y[:8], x[8:], y[8:], ways=1, shots=8, queries=8, task="regression"))
+    alg = build_algorithm("imaml", steps=steps, lr=lr, lam=lam, cg_steps=numel)  # CG exact in numel steps
+    model.zero_grad()
+    alg.meta_step(model, TaskBatch(episodes))
+    ours = torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    theta = torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    def unflat(v):
+        out, i = {}, 0
+        for n, p in model.named_parameters():
+            out[n] = v[i:i + p.numel()].view(p.shape)
+            i += p.numel()
+        return out
+
+    def loss(v, x, y):
+        return F.mse_loss(functional_call(model, unflat(v), (x,)), y)
+
+    reference = torch.zeros(numel)
+    for ep in episodes:
+        w = theta.clone()
+        for _ in range(steps):  # gradient descent on the proximal objective
+            w = w.requires_grad_()
+            (grad,) = torch.autograd.grad(loss(w, ep.support_x, ep.support_y) + lam / 2 * (w - theta).pow(2).sum(), w)
+            w = (w - lr * grad).detach()
+        hessian = torch.autograd.functional.hessian(lambda v: loss(v, ep.support_x, ep.support_y), w)
+        query_grad = torch.autograd.functional.jacobian(lambda v: loss(v, ep.query_x, ep.query_y), w)
+        reference += torch.linalg.solve(torch.eye(numel) + hessian / lam, query_grad) / len(episodes)
+    assert len(names) == 4 and float(reference.abs().max()) > 1e-3
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-9)
+
+
+def test_imaml_is_maml_with_implicit_memory_and_adapts_with_the_proximal_objective():
+    batch = TaskBatch([episode(s) for s in range(2)])
+    a, _ = meta_gradients("imaml", "implicit", batch, steps=3, lr=0.3, lam=0.5)
+    b, _ = meta_gradients("maml", "implicit", batch, steps=3, lr=0.3, lam=0.5)
+    c, _ = meta_gradients("maml", "full", batch, steps=3, lr=0.3)
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=0, atol=0)
+    assert any(not torch.allclose(a[n], c[n], atol=1e-4) for n in a)  # a different meta-objective
+    alg = build_algorithm("imaml", steps=3, lr=0.3, lam=0.5)
+    assert build_algorithm(**alg.config()).config() == alg.config()
+    model, ep = conv4(3), episode(5)
+    adapted = alg.adapt(model, ep.support_x, ep.support_y, 3)
+    plain = build_algorithm("maml", steps=3, lr=0.3).adapt(model, ep.support_x, ep.support_y, 3)
+    start = [p.detach() for p in model.parameters()]
+    dist = [sum(float((p[0].detach() - s).pow(2).sum()) for p, s in zip(a.params, start)) for a in (adapted, plain)]
+    assert dist[0] < dist[1]  # the proximal term keeps the adapted weights nearer the start
+
+
+def test_planner_picks_the_fastest_mode_that_fits_and_says_why():
+    fp = Footprint(step_mb=100.0, query_mb=200.0, state_mb=1.0)
+    steps, tasks = 25, 4
+    full1 = estimate_mb("full", fp, steps, 1)
+    assert estimate_mb("full", fp, steps, 4) == pytest.approx(4 * full1)
+    assert estimate_mb("checkpoint", fp, 50, 1) < estimate_mb("checkpoint", fp, 50, 2) < full1
+    assert estimate_mb("implicit", fp, 5, 1) == estimate_mb("implicit", fp, 50, 1)
+
+    plan = plan_memory(fp, steps, tasks, budget_mb=4 * full1 + 1, preferred_chunk=4)
+    assert (plan.mode, plan.chunk) == ("full", 4) and "fastest" in plan.reason
+    plan = plan_memory(fp, steps, tasks, budget_mb=2 * full1 + 1, preferred_chunk=4)
+    assert (plan.mode, plan.chunk) == ("full", 2)
+    plan = plan_memory(fp, steps, tasks, budget_mb=full1 - 1, preferred_chunk=4)
+    assert plan.mode == "checkpoint" and "full needs" in plan.reason and plan.estimate_mb <= full1 - 1
+    tight = estimate_mb("implicit", fp, steps, 1) + 1
+    assert tight < estimate_mb("checkpoint", fp, steps, 1)
+    plan = plan_memory(fp, steps, tasks, tight, 1)
+    assert plan.mode == "implicit" and plan.estimate_mb <= tight and "checkpoint needs" in plan.reason
+    with pytest.raises(ConfigError, match="no memory mode fits"):  # an algorithm without implicit
+        plan_memory(fp, steps, tasks, tight, 1, modes=("full", "checkpoint"))
+    with pytest.raises(ConfigError, match="no memory mode fits max_memory_mb=10.*Raise max_memory_mb to at least"):
+        plan_memory(fp, steps, tasks, 10, 1)
+
+
+def test_auto_measures_plans_logs_and_trains(caplog):
+    batch = TaskBatch([episode(s) for s in range(3)])
+    model = conv4(3)
+    probe = build_algorithm("maml", steps=4, lr=0.3)
+    fp = probe.memory_footprint(model, batch)
+    assert fp.step_mb > 0 and fp.query_mb > 0 and fp.state_mb > 0
+    need_full = estimate_mb("full", fp, 4, 1)
+    alg = build_algorithm("maml", steps=4, lr=0.3, memory="auto", max_memory_mb=need_full * 0.99)
+    with caplog.at_level(logging.INFO, logger="metamtl.memory"):
+        alg.meta_step(model, batch)
+    assert alg.memory_plan.mode == "checkpoint" and alg.memory_mode == "checkpoint"
+    assert "memory plan: checkpoint" in caplog.text and "full needs" in caplog.text
+    grads_auto = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    build_algorithm("maml", steps=4, lr=0.3).meta_step(model, batch)
+    for a, b in zip(grads_auto, model.parameters()):
+        torch.testing.assert_close(a, b.grad, rtol=1e-6, atol=1e-9)  # checkpoint: the same meta-gradient
+
+
+@pytest.mark.parametrize("settings,match", [
+    (dict(name="maml", memory="lazy"), "unknown memory mode 'lazy'"),
+    (dict(name="maml", memory="auto"), "set max_memory_mb"),
+    (dict(name="maml", memory="auto", max_memory_mb=-5), "max_memory_mb must be"),
+    (dict(name="maml", memory="checkpoint", backend="higher"), "needs the core engine"),
+    (dict(name="metasgd", memory="implicit"), "cannot use memory 'implicit'"),
+    (dict(name="mamlpp", memory="implicit"), "use memory 'checkpoint'"),
+    (dict(name="imaml", lam=0), "lam"),
+    (dict(name="imaml", cg_steps=0), "cg_steps must be an integer >= 1"),
+    (dict(name="imaml", memory="full"), "fixes"),
+])
+def test_bad_memory_settings_are_clear_errors(settings, match):
+    with pytest.raises(ConfigError, match=match):
+        build_algorithm(**settings)
