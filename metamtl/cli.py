@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -170,8 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_library_messages() -> None:
+    """Print the library's informational messages (e.g. the memory planner's choice) as ``[metamtl] ...``."""
+    logger = logging.getLogger("metamtl")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[metamtl] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_library_messages()
     try:
         return args.func(args)
     except MetamtlError as exc:

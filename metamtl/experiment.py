@@ -228,6 +228,14 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def memory_summary(learner: MetaLearner) -> dict[str, Any]:
+    """How the run's peak memory was measured, and the memory planner's choice (``memory: auto``)."""
+    plan = getattr(learner.algorithm, "memory_plan", None)
+    return {"measure": "cuda_max_allocated" if learner.device.type == "cuda" else "rss",
+            "mode": getattr(learner.algorithm, "memory_mode", None),
+            "plan": plan.describe() if plan is not None else None}
+
+
 def setting_tasks(test_tasks: TaskSource, setting: Any, cfg: Config) -> TaskSource:
     """The test tasks of one ``eval.settings`` entry (its ways, shots and hierarchy)."""
     if not hasattr(test_tasks, "with_settings") or is_regression(cfg):
@@ -378,6 +386,8 @@ def _run(cfg: Config, resume: str | Path | None, progress: bool, callbacks: list
         "world_size": learner.world_size,
         "train_seconds": train_seconds,
         "data_seconds": data_seconds,
+        "peak_memory_mb": learner.run.peak_memory_mb,  # highest per-iteration peak (RSS / CUDA max allocated)
+        "memory": memory_summary(learner),
         "checkpoint": str(final_path),
         "machine": machine_info(),
         "layout": "channels_last" if learner.channels_last else "nchw",  # as chosen (train.channels_last: null)

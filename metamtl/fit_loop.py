@@ -26,6 +26,7 @@ from .heads import ALGORITHM
 from .errors import CheckpointError, ConfigError, FitInterrupted, TrainingError, unknown_name
 from .inputs import check_int, check_task_source
 from .interrupt import StopOnSignal, signal_name
+from .memory import PeakMemory
 from .numerics import check_finite_weights
 from .tasks.episode import TaskBatch
 from .tasks.sampler import TaskSource, task_batches
@@ -100,8 +101,18 @@ class MetaStep:
     def __init__(self, learner: "MetaLearner", after_backward: Callable[[], None] = lambda: None) -> None:
         self.learner = learner
         self.after_backward = after_backward
+        self.memory = PeakMemory(learner.device)
+        learner.run.peak_memory_mb = 0.0
 
     def __call__(self, batch: TaskBatch) -> dict[str, float]:
+        self.memory.start()
+        metrics = self._step(batch)
+        # the iteration's peak: process resident set on CPU, max allocated tensor memory on CUDA
+        metrics["memory_mb"] = peak = self.memory.peak_mb
+        self.learner.run.peak_memory_mb = max(self.learner.run.peak_memory_mb, peak)
+        return metrics
+
+    def _step(self, batch: TaskBatch) -> dict[str, float]:
         ln = self.learner
         ln.model.train()
         ln.meta_optimizer.zero_grad(set_to_none=True)

@@ -44,6 +44,8 @@ class RunState:
         bad_steps: consecutive non-finite meta-gradients so far.
         settings: the fit settings a resume must repeat (meta-batch size, training tasks).
         callbacks: callback states read from a checkpoint, handed to the callbacks at fit start.
+        peak_memory_mb: the highest per-iteration peak memory of the latest fit in this process
+            (resident set on CPU, CUDA max allocated on a GPU; not saved: it belongs to the process).
     """
 
     iteration: int = 0
@@ -52,6 +54,7 @@ class RunState:
     bad_steps: int = 0
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
     callbacks: dict[str, Any] = dataclasses.field(default_factory=dict)
+    peak_memory_mb: float = 0.0
     _clock: float | None = dataclasses.field(default=None, repr=False)
 
     @property

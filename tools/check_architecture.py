@@ -31,6 +31,7 @@ MODULE_LAYERS = {
     "metamtl.errors": "foundation",
     "metamtl.version": "foundation",
     "metamtl.environment": "foundation",
+    "metamtl.memory": "foundation",
     "metamtl.data": "data",
     "metamtl.tasks": "tasks",
     "metamtl.models": "models",

@@ -70,7 +70,8 @@ from .problem import (
     default_objective, map_tasks, tap_outputs, task_module,
 )
 from .settings import (
-    ADAPT_MODES, BACKENDS, MEMORY_MODES, InnerLoop, LossContext, LossTerm, batched_task_loss, check_positive, task_loss, term_taps,
+    ADAPT_MODES, BACKENDS, MEMORY_MODES, InnerLoop, LossContext, LossTerm, batched_task_loss, check_positive,
+    task_loss, term_taps,
 )
 
 __all__ = [
@@ -79,6 +80,7 @@ __all__ = [
     "INNER_OPTIMIZERS",
     "InnerOptimizer", "build_optimizer", "ENGINES", "Adapted", "CoreEngine", "Engine", "HigherEngine",
     "InnerProblem", "InnerView", "add_loss_terms", "build_problem", "default_objective", "map_tasks", "tap_outputs",
-    "task_module", "ADAPT_MODES", "BACKENDS", "MEMORY_MODES", "InnerLoop", "LossContext", "LossTerm", "batched_task_loss",
+    "task_module", "ADAPT_MODES", "BACKENDS", "MEMORY_MODES", "InnerLoop", "LossContext", "LossTerm",
+    "batched_task_loss",
     "check_positive", "task_loss", "term_taps",
 ]

@@ -123,6 +123,18 @@ def _run_label(results: Mapping[str, Any]) -> str:
 
 
 # -- one run --------------------------------------------------------------------------------------
+def _memory_line(results: dict) -> str:
+    """``; peak memory N MB (how), mode`` for the report's header (empty for runs without it)."""
+    peak = results.get("peak_memory_mb")
+    if not peak:
+        return ""
+    mem = results.get("memory") or {}
+    how = "CUDA max allocated" if mem.get("measure") == "cuda_max_allocated" else "process resident set"
+    mode = f", meta-gradient memory mode {_e(mem['mode'])}" if mem.get("mode") else ""
+    plan = f" ({_e(mem['plan'])})" if mem.get("plan") else ""
+    return f"; peak memory <b>{peak:.0f} MB</b> ({how}){mode}{plan}"
+
+
 def write_report(
     run_dir: str | os.PathLike,
     *,
@@ -235,7 +247,7 @@ def write_report(
 ({_e(', '.join(f'{k}={v}' for k, v in model.items() if k != 'name'))}),
 meta-trained on {t.get('ways')}-way {t.get('shots')}-shot tasks ({t.get('queries')} queries per class,
 {tr.get('meta_batch_size')} tasks per meta-batch) for <b>{results.get('iterations')}</b> meta-iterations in
-{results.get('train_seconds', 0):.0f} s (stopped by {_e(results.get('stopped_by'))}).<br>
+{results.get('train_seconds', 0):.0f} s (stopped by {_e(results.get('stopped_by'))}){_memory_line(results)}.<br>
 Data: {_e(desc)}.<br>
 Commit <code>{_e(results.get('commit'))}</code>, {_e(results.get('date'))},
 {_e(results.get('machine', {}).get('cpu') or results.get('machine', {}).get('platform', ''))}.</p>

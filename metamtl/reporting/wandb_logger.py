@@ -218,7 +218,8 @@ class WandbLogger(Callback):
     def on_fit_end(self, state: FitState) -> None:
         if self.active:
             summary = {"fit/iterations": state.iteration, "fit/seconds": state.elapsed,
-                       "fit/stopped_by": state.stopped_by or "iterations"}
+                       "fit/stopped_by": state.stopped_by or "iterations",
+                       "fit/peak_memory_mb": state.learner.run.peak_memory_mb}
             self._safe("summary", self.run.summary.update, summary)
 
     def on_exception(self, state: FitState, exc: BaseException) -> None:

@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=1300)
     parser.add_argument("--memory", default=None, help="algorithm.memory (default: the algorithm's default)")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--max-memory-mb", type=float, default=None, help="algorithm.max_memory_mb (memory auto)")
     parser.add_argument("--leak", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -67,6 +68,8 @@ def main() -> None:
     settings = {"steps": args.steps, "lr": 0.01}
     if args.memory:
         settings["memory"] = args.memory
+    if args.max_memory_mb is not None:
+        settings["max_memory_mb"] = args.max_memory_mb
     algorithm = LeakyMAML(**settings) if args.leak else build_algorithm("maml", **settings)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)

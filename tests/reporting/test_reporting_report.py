@@ -39,6 +39,13 @@ def test_run_report_has_plots_and_final_accuracy(tiny_run):
         assert f"{100 * r['accuracy']:.2f}% ± {100 * r['ci95']:.2f}%" in text
     assert "not the official evaluation alphabets" in text  # says which Omniglot protocol
     assert "MAML 98.70%" in text  # published reference next to the 5-way 1-shot row
+    # peak memory of the run: the highest per-iteration peak, as measured, in results and report
+    hist = json.loads((run_dir / "history.json").read_text())
+    per_iteration = [r["train/memory_mb"] for r in hist if "train/memory_mb" in r]
+    assert len(per_iteration) == results["iterations"] and min(per_iteration) > 50  # RSS of a torch process
+    assert results["peak_memory_mb"] == pytest.approx(max(per_iteration))
+    assert results["memory"] == {"measure": "rss", "mode": "full", "plan": None}
+    assert f"peak memory <b>{results['peak_memory_mb']:.0f} MB</b> (process resident set)" in text
     assert "http://" not in text and "https://" not in text  # self-contained: nothing fetched
 
 

@@ -48,6 +48,8 @@ def test_offline_run_holds_config_metrics_table_summary_and_model(tiny_run):
         assert run.summary[f"{key}/accuracy"] == pytest.approx(r["accuracy"])
         assert run.summary[f"{key}/accuracy_ci95"] == pytest.approx(r["ci95"])
     assert run.summary["fit/iterations"] == 6
+    assert run.summary["fit/peak_memory_mb"] == pytest.approx(results["peak_memory_mb"])
+    assert all(row["train/memory_mb"] == pytest.approx(local[step]["train/memory_mb"]) for step, row in train.items())
 
     # per-episode test accuracies as a W&B Table, written in the offline run's files
     table_file = next(run.run_dir.glob("files/media/table/test/episodes_*.table.json"))
