@@ -29,7 +29,7 @@ def _run(code: str) -> str:
 ])
 def test_registries_hold_every_builtin_whatever_is_imported_first(first):
     algorithms, models, families = json.loads(_run(PROBE.format(first=first)))
-    assert algorithms == ["anil", "fomaml", "maml", "mamlpp", "metasgd", "multitask", "protonet", "reptile",
+    assert algorithms == ["anil", "fomaml", "imaml", "maml", "mamlpp", "metasgd", "multitask", "protonet", "reptile",
                           "transfer"]
     assert models == ["conv4", "mlp", "multidataset", "resnet12"]
     assert families == ["sinusoid"]
