@@ -217,3 +217,17 @@ def record(key: str, title: str, rows: Sequence[str], path: Path = RESULTS) -> N
     head, tail = text.split(marker, 1)
     path.write_text(head + "".join(r + "\n" for r in rows) + marker + tail)
     print(f"[benchmark] recorded {len(rows)} row(s) in {path}")
+
+
+def write_section(key: str, title: str, lines: Sequence[str], path: Path = RESULTS) -> None:
+    """Replace the block between ``<!-- key:start -->`` and ``<!-- key:end -->`` in RESULTS.md with
+    ``lines`` (the block, under a ``## title`` heading, is appended when missing)."""
+    text = path.read_text()
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    block = "\n".join([start, *lines, end])
+    if start in text:
+        before, rest = text.split(start, 1)
+        text = before + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + f"\n\n## {title}\n\n" + block + "\n"
+    path.write_text(text)

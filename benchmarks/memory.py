@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import provenance  # noqa: E402
+from common import provenance, write_section  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -61,15 +61,9 @@ LONG_S = 30.0
 
 # -- one point (child process) --------------------------------------------------------------------
 def tasks(device: str):
-    from metamtl.tasks import Episode, TaskBatch
+    from speed import synthetic_episodes
 
-    g = torch.Generator().manual_seed(0)
-    labels = torch.arange(WAYS)
-    return TaskBatch([
-        Episode(torch.rand(WAYS * SHOTS, 3, SIZE, SIZE, generator=g), labels.repeat_interleave(SHOTS),
-                torch.rand(WAYS * QUERIES, 3, SIZE, SIZE, generator=g), labels.repeat_interleave(QUERIES),
-                WAYS, SHOTS, QUERIES) for _ in range(TASKS)
-    ]).to(device)
+    return synthetic_episodes(TASKS, WAYS, SHOTS, QUERIES, 3, SIZE, device)
 
 
 def model(device: str):
@@ -235,19 +229,6 @@ def plot(results: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_results(lines: list[str], header: list[str]) -> None:
-    path = REPO / "benchmarks" / "RESULTS.md"
-    text = path.read_text()
-    start, end = "<!-- memory:start -->", "<!-- memory:end -->"
-    block = "\n".join([start, *header, "", *lines, end])
-    if start in text:
-        before, rest = text.split(start, 1)
-        text = before + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n## Memory against inner steps (`benchmarks/memory.py`, issue 16)\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
@@ -298,7 +279,8 @@ def main() -> None:
     if args.write:
         figure = REPO / "benchmarks" / "figures" / "memory.png"
         plot(results, figure, header[1][:160])
-        write_results(lines + ["", f"Plot: [benchmarks/figures/memory.png](figures/memory.png)."], header)
+        write_section("memory", "Memory against inner steps (`benchmarks/memory.py`, issue 16)",
+                      [*header, "", *lines, "", "Plot: [benchmarks/figures/memory.png](figures/memory.png)."])
         print(f"wrote {figure} and benchmarks/RESULTS.md")
 
 

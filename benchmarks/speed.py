@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import provenance  # noqa: E402
+from common import provenance, write_section  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -74,18 +74,26 @@ def load_images() -> tuple[object, str]:
 
 def episodes(count: int, queries: int = QUERIES, device: str = "cpu"):
     """``count`` float episodes on ``device`` (the same ones in every child)."""
-    from metamtl.tasks import Episode, EpisodeSampler, TaskBatch
+    from metamtl.tasks import EpisodeSampler, TaskBatch
 
     ds, _ = load_images()
     if ds is not None:
         sampler = EpisodeSampler(ds, WAYS, SHOTS, queries, seed=0)
         return TaskBatch([sampler.episode(i) for i in range(count)]).to(device)
+    return synthetic_episodes(count, WAYS, SHOTS, queries, 1, SIZE, device)
+
+
+def synthetic_episodes(count: int, ways: int, shots: int, queries: int, channels: int, size: int,
+                       device: str = "cpu"):
+    """``count`` episodes of uniform-noise images (seeded: the same in every child)."""
+    from metamtl.tasks import Episode, TaskBatch
+
     g = torch.Generator().manual_seed(0)
-    labels = torch.arange(WAYS)
+    labels = torch.arange(ways)
     return TaskBatch([
-        Episode(torch.rand(WAYS * SHOTS, 1, SIZE, SIZE, generator=g), labels.repeat_interleave(SHOTS),
-                torch.rand(WAYS * queries, 1, SIZE, SIZE, generator=g), labels.repeat_interleave(queries),
-                WAYS, SHOTS, queries) for _ in range(count)
+        Episode(torch.rand(ways * shots, channels, size, size, generator=g), labels.repeat_interleave(shots),
+                torch.rand(ways * queries, channels, size, size, generator=g), labels.repeat_interleave(queries),
+                ways, shots, queries) for _ in range(count)
     ]).to(device)
 
 
@@ -504,17 +512,7 @@ def table(results: dict[str, dict]) -> list[str]:
 
 
 def write_results(lines: list[str], header: list[str]) -> None:
-    path = REPO / "benchmarks" / "RESULTS.md"
-    text = path.read_text()
-    start_marker, end_marker = "<!-- speed:start -->", "<!-- speed:end -->"
-    block = "\n".join([start_marker, *header, "", *lines, end_marker])
-    if start_marker in text:
-        before, rest = text.split(start_marker, 1)
-        after = rest.split(end_marker, 1)[1]
-        text = before + block + after
-    else:
-        text = text.rstrip() + "\n\n## Speed (`benchmarks/speed.py`)\n\n" + block + "\n"
-    path.write_text(text)
+    write_section("speed", "Speed (`benchmarks/speed.py`)", [*header, "", *lines])
 
 
 def main() -> None:

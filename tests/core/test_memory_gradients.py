@@ -12,15 +12,13 @@
 """
 from __future__ import annotations
 
-import gc
-import weakref
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
 from metamtl.adaptation import checkpointed_unroll, conjugate_gradient, implicit_solution
+from metamtl.memory import graph_mb
 from metamtl.models import build_model
 
 
@@ -263,24 +261,8 @@ def test_implicit_context_gradient_equals_unrolled_converged_solve():
 
 
 def retained_bytes(fn, exclude=()):
-    """Bytes of distinct storages the autograd graph still holds once ``fn`` has returned
-    (other than those of ``exclude``: inputs that stay alive anyway)."""
-    saved = []
-
-    def pack(t):
-        saved.append(weakref.ref(t))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    gc.collect()
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    alive = {}
-    for ref in saved:
-        t = ref()
-        if t is not None and t.untyped_storage().data_ptr() not in skip:
-            alive[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(alive.values()), out
+    mb, out = graph_mb(fn, exclude)
+    return mb * 2**20, out
 
 
 def test_retained_memory_does_not_grow_with_steps():
