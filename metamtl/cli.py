@@ -104,15 +104,15 @@ def _given(value: int | None, default: int | None) -> int | None:
 
 def _report(args: argparse.Namespace) -> int:
     from .checkpoint import ensure_writable_file
+    from .experiment import refresh_steps_curve
     from .reporting.report import write_comparison, write_report
 
     check_counts(args, {"steps_episodes": 0, "steps": 0})
     if args.out:
         ensure_writable_file(args.out, "--out file")
-    kwargs = dict(steps_episodes=args.steps_episodes, steps=args.steps, device=args.device,
-                  embed=args.embed, progress=not args.no_progress)
-    for run_dir in args.run_dirs:
-        print(f"[metamtl] report: {write_report(run_dir, **kwargs)}")
+    for run_dir in args.run_dirs:  # the curve a run did not write (or with other steps) first
+        refresh_steps_curve(run_dir, args.steps_episodes, args.steps, args.device, progress=not args.no_progress)
+        print(f"[metamtl] report: {write_report(run_dir, embed=args.embed)}")
     if len(args.run_dirs) > 1 or args.out:
         out = Path(args.out or Path(args.run_dirs[0]).resolve().parent / "comparison.html")
         print(f"[metamtl] comparison: {write_comparison(args.run_dirs, out, embed=args.embed)}")

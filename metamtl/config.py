@@ -275,53 +275,9 @@ def _at_least(where: str, value: int | None, minimum: int) -> None:
 def _check_config(cfg: Config) -> Config:
     if not cfg.name or cfg.name in (".", "..") or "/" in cfg.name or "\\" in cfg.name:
         raise ConfigError(f"name {cfg.name!r} must be a plain folder name (the run goes to output_dir/name)")
-    t = cfg.tasks
-    for name, minimum in (("ways", 1), ("shots", 1), ("queries", 1), ("num_workers", 0)):
-        _at_least(f"tasks.{name}", getattr(t, name), minimum)
-    if not t.temperature > 0:
-        raise ConfigError(f"tasks.temperature must be > 0, got {t.temperature}")
-    if isinstance(t.mixture, str) and t.mixture not in ("equal", "size"):
-        raise ConfigError(f"tasks.mixture must be 'equal', 'size' or a list of weights, got {t.mixture!r}")
-    if cfg.datasets and t.hierarchy is not None:
-        raise ConfigError("tasks.hierarchy applies to a single dataset (data:); multi-dataset configs cannot use it")
-    if cfg.datasets:
-        labels = [d.label or d.name for d in cfg.datasets]
-        if len(set(labels)) != len(labels):
-            raise ConfigError(f"datasets need distinct labels (set 'label' on repeated names), got {labels}")
-        if isinstance(t.mixture, list) and len(t.mixture) != len(labels):
-            raise ConfigError(f"tasks.mixture has {len(t.mixture)} weights for {len(labels)} datasets")
-    tr = cfg.train
-    for name, minimum in (("iterations", 0), ("meta_batch_size", 1), ("val_episodes", 1), ("val_every", 1),
-                          ("checkpoint_every", 0), ("max_bad_steps", 1)):
-        _at_least(f"train.{name}", getattr(tr, name), minimum)
-    for name in ("meta_lr", "grad_clip", "budget_minutes"):
-        v = getattr(tr, name)
-        if v is not None and not v > 0:
-            raise ConfigError(f"train.{name} must be > 0, got {v}")
-    _at_least("eval.episodes", cfg.eval.episodes, 1)
-    _at_least("eval.queries", cfg.eval.queries, 1)
-    _at_least("eval.steps", cfg.eval.steps, 0)
-    _at_least("data.image_size", cfg.data.image_size, 1)
-    for where, seed in (("seed", cfg.seed), ("tasks.seed", t.seed), ("tasks.val_seed", t.val_seed),
-                        ("tasks.test_seed", t.test_seed), ("data.split_seed", cfg.data.split_seed)):
-        if seed is not None and not 0 <= seed < 2**63:
-            raise ConfigError(f"{where} must be an integer in 0..2**63-1, got {seed}")
-    from .data.augment import build_augment
-
-    for i, data in enumerate(cfg.datasets or [cfg.data]):
-        if data.train_augment is not None:
-            where = f"datasets[{i}]" if cfg.datasets else "data"
-            try:
-                build_augment(data.train_augment)
-            except ConfigError as exc:
-                raise ConfigError(f"{where}.train_augment: {exc}") from None
-    d = cfg.data
-    for other in ("val_split", "test_split"):
-        if getattr(d, other) is not None and getattr(d, other) == d.train_split:
-            raise ConfigError(
-                f"data.{other} is the same split as data.train_split ({d.train_split!r}): evaluation "
-                f"classes must be held out from training; choose another split or set data.{other}: null"
-            )
+    _check_tasks(cfg)
+    _check_numbers(cfg)
+    _check_data(cfg)
     if cfg.eval.checkpoint not in ("last", "best"):
         raise ConfigError(f"eval.checkpoint must be 'last' or 'best' (best validation accuracy), got {cfg.eval.checkpoint!r}")
     _check_eval(cfg.eval)
@@ -338,11 +294,84 @@ def _check_config(cfg: Config) -> Config:
         stage_configs(cfg)  # every stage is a valid config
     if cfg.logging.metrics not in (None, "csv", "jsonl"):
         raise ConfigError(f"logging.metrics must be 'csv', 'jsonl' or null, got {cfg.logging.metrics!r}")
+    _check_train_callbacks(cfg)
+    from .algorithms import build_algorithm
+
+    head_init = build_algorithm(**_algorithm_settings(cfg)).inner.head_init  # protonet / transfer: per-task heads
+    if head_init == "learned" and any(s.ways != cfg.tasks.ways for s in cfg.eval.settings):
+        raise ConfigError(
+            "eval.settings use a different number of ways than tasks.ways, but algorithm.head_init is "
+            "'learned' (a fixed-size head); set algorithm.head_init to 'zero' or 'proto' to evaluate other ways"
+        )
+    return cfg
+
+
+def _check_tasks(cfg: Config) -> None:
+    t = cfg.tasks
+    for name, minimum in (("ways", 1), ("shots", 1), ("queries", 1), ("num_workers", 0)):
+        _at_least(f"tasks.{name}", getattr(t, name), minimum)
+    if not t.temperature > 0:
+        raise ConfigError(f"tasks.temperature must be > 0, got {t.temperature}")
+    if isinstance(t.mixture, str) and t.mixture not in ("equal", "size"):
+        raise ConfigError(f"tasks.mixture must be 'equal', 'size' or a list of weights, got {t.mixture!r}")
+    if cfg.datasets and t.hierarchy is not None:
+        raise ConfigError("tasks.hierarchy applies to a single dataset (data:); multi-dataset configs cannot use it")
+    if cfg.datasets:
+        labels = [d.label or d.name for d in cfg.datasets]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"datasets need distinct labels (set 'label' on repeated names), got {labels}")
+        if isinstance(t.mixture, list) and len(t.mixture) != len(labels):
+            raise ConfigError(f"tasks.mixture has {len(t.mixture)} weights for {len(labels)} datasets")
+
+
+def _check_numbers(cfg: Config) -> None:
+    """Counts, rates and seeds of the train, eval and data sections."""
+    tr, t = cfg.train, cfg.tasks
+    for name, minimum in (("iterations", 0), ("meta_batch_size", 1), ("val_episodes", 1), ("val_every", 1),
+                          ("checkpoint_every", 0), ("max_bad_steps", 1)):
+        _at_least(f"train.{name}", getattr(tr, name), minimum)
+    for name in ("meta_lr", "grad_clip", "budget_minutes"):
+        v = getattr(tr, name)
+        if v is not None and not v > 0:
+            raise ConfigError(f"train.{name} must be > 0, got {v}")
+    _at_least("eval.episodes", cfg.eval.episodes, 1)
+    _at_least("eval.queries", cfg.eval.queries, 1)
+    _at_least("eval.steps", cfg.eval.steps, 0)
+    _at_least("data.image_size", cfg.data.image_size, 1)
+    for where, seed in (("seed", cfg.seed), ("tasks.seed", t.seed), ("tasks.val_seed", t.val_seed),
+                        ("tasks.test_seed", t.test_seed), ("data.split_seed", cfg.data.split_seed)):
+        if seed is not None and not 0 <= seed < 2**63:
+            raise ConfigError(f"{where} must be an integer in 0..2**63-1, got {seed}")
+
+
+def _check_data(cfg: Config) -> None:
+    """Training augmentation of every dataset entry; held-out splits differ from the training one."""
+    from .data.augment import build_augment
+
+    for i, data in enumerate(cfg.datasets or [cfg.data]):
+        if data.train_augment is not None:
+            where = f"datasets[{i}]" if cfg.datasets else "data"
+            try:
+                build_augment(data.train_augment)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}.train_augment: {exc}") from None
+    d = cfg.data
+    for other in ("val_split", "test_split"):
+        if getattr(d, other) is not None and getattr(d, other) == d.train_split:
+            raise ConfigError(
+                f"data.{other} is the same split as data.train_split ({d.train_split!r}): evaluation "
+                f"classes must be held out from training; choose another split or set data.{other}: null"
+            )
+
+
+def _check_train_callbacks(cfg: Config) -> None:
+    """The scheduler and early-stopping sections, validated now rather than mid-run."""
+    tr = cfg.train
     if tr.scheduler and tr.scheduler.over == "budget" and not tr.budget_minutes:
         raise ConfigError("train.scheduler.over: 'budget' needs train.budget_minutes")
     if (tr.early_stopping or (tr.scheduler and tr.scheduler.name == "plateau")) and not cfg.data.val_split:
         raise ConfigError("train.early_stopping and the 'plateau' scheduler need validation; set data.val_split")
-    from .callbacks import EarlyStopping, LRScheduler  # validate their settings now, not mid-run
+    from .callbacks import EarlyStopping, LRScheduler
 
     for key, cls in (("scheduler", LRScheduler), ("early_stopping", EarlyStopping)):
         section = getattr(tr, key)
@@ -351,15 +380,6 @@ def _check_config(cfg: Config) -> Config:
                 cls(**dataclasses.asdict(section))
         except ConfigError as exc:
             raise ConfigError(f"train.{key}: {exc}") from None
-    from .algorithms import build_algorithm
-
-    head_init = build_algorithm(**_algorithm_settings(cfg)).inner.head_init  # protonet / transfer: per-task heads
-    if head_init == "learned" and any(s.ways != t.ways for s in cfg.eval.settings):
-        raise ConfigError(
-            "eval.settings use a different number of ways than tasks.ways, but algorithm.head_init is "
-            "'learned' (a fixed-size head); set algorithm.head_init to 'zero' or 'proto' to evaluate other ways"
-        )
-    return cfg
 
 
 def _check_eval(ev: EvalConfig) -> None:

@@ -11,9 +11,7 @@ import dataclasses
 import inspect
 import json
 import os
-import platform
 import random
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -21,11 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import distributed
+from . import distributed, steps_curve
 from .algorithms import ALGORITHMS, build_algorithm
 from .callbacks import Callback, CallbackList, EarlyStopping, LRScheduler, MetricsLogger
 from .config import Config, DataConfig
 from .data.base import ClassDataset
+from .environment import git_commit, machine_info
 from .checkpoint import DERIVED_FILES, RUN_FILES, RunFolderLock, ensure_writable_dir
 from .errors import CheckpointError, ConfigError, TaskError
 from .learner import EvalResult, MetaLearner
@@ -200,34 +199,6 @@ def build_learner(cfg: Config, train_tasks: TaskSource, callbacks: list[Callback
     )
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def machine_info() -> dict[str, Any]:
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return info
-
-
 def memory_summary(learner: MetaLearner) -> dict[str, Any]:
     """How the run's peak memory was measured, and the memory planner's choice (``memory: auto``)."""
     plan = getattr(learner.algorithm, "memory_plan", None)
@@ -333,17 +304,47 @@ def _run(cfg: Config, resume: str | Path | None, progress: bool, callbacks: list
     say = (lambda *a: None) if quiet or not main_process else print
     seed_everything(cfg.seed)
     run_dir = cfg.run_dir
-    commit, started = git_commit(), time.strftime("%Y-%m-%d %H:%M:%S")  # the code that trains
+    record = {"commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # the code that trains
     t0 = time.perf_counter()
     tasks = build_tasks(cfg)
-    data_seconds = time.perf_counter() - t0
-    train_tasks, val_tasks, test_tasks = tasks["train"], tasks["val"], tasks["test"]
-    check_eval_settings(cfg, test_tasks)
-    say(f"[metamtl] train tasks: {train_tasks}")
-    if val_tasks is not None:
-        say(f"[metamtl] val tasks:   {val_tasks}")
-    if test_tasks is not None:
-        say(f"[metamtl] test tasks:  {test_tasks}")
+    record["data_seconds"] = time.perf_counter() - t0
+    check_eval_settings(cfg, tasks["test"])
+    for split in ("train", "val", "test"):
+        if tasks[split] is not None:
+            say(f"[metamtl] {split} tasks:{' ' * (6 - len(split))}{tasks[split]}")
+    cbs = run_callbacks(cfg, callbacks)
+    learner = build_learner(cfg, tasks["train"])
+    say(f"[metamtl] {learner} | {sum(p.numel() for p in learner.model.parameters()):,} parameters")
+    if cfg.init_from:
+        learner.init_from(cfg.init_from)
+        say(f"[metamtl] trunk initialised from {cfg.init_from}")
+    record["train_seconds"] = _train(learner, cfg, tasks, resume, progress, cbs)
+    selected = restore_best(learner, run_dir) if cfg.eval.checkpoint == "best" else None
+    if selected is not None:
+        say(f"[metamtl] evaluating best.pt (best validation accuracy, iteration {selected})")
+    if tasks["test"] is not None:
+        prepare_heads(learner, cfg, tasks["train"], say)
+    if main_process:
+        learner.save(run_dir / "learner.pt")
+    results = _results(cfg, learner, selected, record)
+    if tasks["test"] is not None:
+        t2 = time.perf_counter()
+        results["test"] = evaluate_held_out(learner, cfg, tasks["test"], progress, say)
+        results["eval_seconds"] = time.perf_counter() - t2
+    if main_process:
+        (run_dir / "history.json").write_text(json.dumps(learner.history))
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    if cfg.logging.report:
+        write_run_steps_curve(learner, cfg, results, progress, main_process)
+    CallbackList(cbs).on_results(learner.fit_state, results)
+    if "report" in results:
+        say(f"[metamtl] report: {results['report']}")
+    return results
+
+
+def run_callbacks(cfg: Config, callbacks: list[Callback] = ()) -> list[Callback]:
+    """A run's callbacks, in call order: the caller's, distillation, W&B, the config's (schedule,
+    early stopping, metrics file) and the HTML report (written in ``on_results``)."""
     cbs = list(callbacks)
     if cfg.distill:
         from .distill import from_config
@@ -352,66 +353,125 @@ def _run(cfg: Config, resume: str | Path | None, progress: bool, callbacks: list
     if cfg.logging.wandb:
         from .reporting.wandb_logger import WandbLogger  # optional: imports wandb lazily
 
-        cbs.append(WandbLogger(project=cfg.logging.project, entity=cfg.logging.entity,
-                               mode=cfg.logging.mode, tags=cfg.logging.tags, config=cfg.to_dict(),
-                               run_dir=run_dir))
-    learner = build_learner(cfg, train_tasks, cbs)
-    tr = cfg.train
-    say(f"[metamtl] {learner} | {sum(p.numel() for p in learner.model.parameters()):,} parameters")
-    if cfg.init_from:
-        learner.init_from(cfg.init_from)
-        say(f"[metamtl] trunk initialised from {cfg.init_from}")
-    t1 = time.perf_counter()
+        cbs.append(WandbLogger(project=cfg.logging.project, entity=cfg.logging.entity, mode=cfg.logging.mode,
+                               tags=cfg.logging.tags, config=cfg.to_dict(), run_dir=cfg.run_dir))
+    cbs += build_callbacks(cfg)
+    if cfg.logging.report:
+        from .reporting.report import HTMLReport
+
+        cbs.append(HTMLReport(cfg.run_dir))
+    return cbs
+
+
+def _train(learner: MetaLearner, cfg: Config, tasks: dict[str, Any], resume: str | Path | None, progress: bool,
+           callbacks: list[Callback]) -> float:
+    """``learner.fit`` with the config's training settings; returns the seconds it took."""
+    tr, t1 = cfg.train, time.perf_counter()
     learner.fit(
-        train_tasks, val_tasks, iterations=tr.iterations, meta_batch_size=tr.meta_batch_size,
+        tasks["train"], tasks["val"], iterations=tr.iterations, meta_batch_size=tr.meta_batch_size,
         val_every=tr.val_every, val_episodes=tr.val_episodes, num_workers=cfg.tasks.num_workers,
-        checkpoint_dir=run_dir, checkpoint_every=tr.checkpoint_every, resume=resume,
-        budget_minutes=tr.budget_minutes, progress=progress, callbacks=build_callbacks(cfg),
+        checkpoint_dir=cfg.run_dir, checkpoint_every=tr.checkpoint_every, resume=resume,
+        budget_minutes=tr.budget_minutes, progress=progress, callbacks=callbacks,
     )
-    train_seconds = time.perf_counter() - t1
-    selected = restore_best(learner, run_dir) if cfg.eval.checkpoint == "best" else None
-    if selected is not None:
-        say(f"[metamtl] evaluating best.pt (best validation accuracy, iteration {selected})")
-    if test_tasks is not None:
-        prepare_heads(learner, cfg, train_tasks, say)
-    final_path = run_dir / "learner.pt"
-    if main_process:
-        learner.save(final_path)
-    results: dict[str, Any] = {
-        "name": cfg.name,
-        "config": cfg.to_dict(),
-        "iterations": learner.iteration,
+    return time.perf_counter() - t1
+
+
+def _results(cfg: Config, learner: MetaLearner, selected: int | None, record: dict[str, Any]) -> dict[str, Any]:
+    """The ``results.json`` of a trained run (its ``test`` rows are filled in afterwards)."""
+    return {
+        "name": cfg.name, "config": cfg.to_dict(), "iterations": learner.iteration,
         "stopped_by": learner.fit_state.stopped_by or "iterations",
         "selected_iteration": selected if selected is not None else learner.iteration,
-        "world_size": learner.world_size,
-        "train_seconds": train_seconds,
-        "data_seconds": data_seconds,
+        "world_size": learner.world_size, "train_seconds": record["train_seconds"],
+        "data_seconds": record["data_seconds"], "checkpoint": str(cfg.run_dir / "learner.pt"),
         "peak_memory_mb": learner.run.peak_memory_mb,  # highest per-iteration peak (RSS / CUDA max allocated)
         "memory": memory_summary(learner),
-        "checkpoint": str(final_path),
-        "machine": machine_info(),
+        "machine": machine_info(), "commit": record["commit"], "date": record["date"], "test": [],
         "layout": "channels_last" if learner.channels_last else "nchw",  # as chosen (train.channels_last: null)
-        "commit": commit,
-        "date": started,
-        "test": [],
     }
+
+
+def evaluate_held_out(learner: MetaLearner, cfg: Config, test_tasks: Any, progress: bool = True,
+                      say: Any = print) -> list[dict[str, Any]]:
+    """The ``test`` rows of a run: every ``eval.settings`` entry (per dataset with several)."""
     if isinstance(test_tasks, dict):
-        t2 = time.perf_counter()
-        results["test"] = evaluate_per_dataset(learner, cfg, test_tasks, progress, say)
-        results["eval_seconds"] = time.perf_counter() - t2
-    elif test_tasks is not None:
-        t2 = time.perf_counter()
-        for res in evaluate_settings(learner, cfg, test_tasks, progress):
-            say(f"[metamtl] held-out test: {res}")
-            results["test"].append(res.to_dict())
-        results["eval_seconds"] = time.perf_counter() - t2
-    if main_process:
-        (run_dir / "history.json").write_text(json.dumps(learner.history))
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    CallbackList(learner.callbacks).on_results(learner.fit_state, results)
-    if cfg.logging.report and main_process:
-        _write_report(run_dir, results, say)
-    return results
+        return evaluate_per_dataset(learner, cfg, test_tasks, progress, say)
+    rows = []
+    for res in evaluate_settings(learner, cfg, test_tasks, progress):
+        say(f"[metamtl] held-out test: {res}")
+        rows.append(res.to_dict())
+    return rows
+
+
+def held_out_sources(cfg: Config) -> tuple[dict[str | None, Any], str]:
+    """Task sources of a run's held-out classes by dataset label (``None`` for one dataset) and
+    the split's name: the test split, else the validation split (the training split is not loaded)."""
+    if is_regression(cfg):
+        return {None: build_tasks(cfg)["test"]}, "test"
+    t = cfg.tasks
+    sources: dict[str | None, Any] = {}
+    split = "test"
+    for d in cfg.datasets or [cfg.data]:
+        split, seed = (d.test_split, t.test_seed) if d.test_split else (d.val_split, t.val_seed)
+        if split is None:
+            raise ConfigError(f"dataset {d.name!r} has neither a test nor a validation split")
+        label = (d.label or d.name) if cfg.datasets else None
+        sources[label] = EpisodeSampler(load_split(cfg, split, data=d), t.ways, t.shots, cfg.eval.queries,
+                                        seed=seed, name=label)
+    return sources, split
+
+
+def write_run_steps_curve(learner: MetaLearner, cfg: Config, results: dict[str, Any], progress: bool = True,
+                          write: bool = True, episodes: int | None = None, steps: list[int] | None = None) -> None:
+    """Accuracy against inner steps of the trained learner (``<run_dir>/steps_curve.json``, read
+    by the report): ``episodes`` test episodes per point (default ``logging.report_steps_episodes``;
+    0: none), ``steps`` (default ``logging.report_steps``, else 0..2x the evaluation steps).
+
+    Under torchrun every rank calls it (the evaluations are shared); rank 0 ``write``s.  A failure
+    (e.g. data moved away) is recorded in the file, for the report to show, and not raised.
+    """
+    episodes = cfg.logging.report_steps_episodes if episodes is None else episodes
+    if not episodes:
+        return
+    try:
+        sources, split = held_out_sources(cfg)
+        settings = steps_curve.curve_settings(results.get("test", []), cfg.tasks.ways, cfg.tasks.shots)
+        steps_curve.write_steps_curve(cfg.run_dir, learner, sources, split, settings, episodes=episodes,
+                                      steps=steps or cfg.logging.report_steps, queries=cfg.eval.queries,
+                                      progress=progress, write=write)
+    except Exception as exc:  # the run and its report go on without the curve
+        if write:
+            steps_curve.write_failure(cfg.run_dir, exc)
+
+
+def _curve_is_current(run_dir: Path, episodes: int, steps: list[int] | None) -> bool:
+    """Whether ``steps_curve.json`` holds the curve of the current ``learner.pt`` for these settings."""
+    saved = steps_curve.read_steps_curve(run_dir)
+    if saved is None or "error" in saved or not (run_dir / "learner.pt").is_file():
+        return False
+    wanted = sorted({int(s) for s in steps}) if steps else saved.get("steps")
+    return saved.get("key") == steps_curve.cache_key(run_dir / "learner.pt", episodes, wanted or [])
+
+
+def refresh_steps_curve(run_dir: str | Path, episodes: int | None = None, steps: list[int] | None = None,
+                        device: str | None = None, progress: bool = True) -> None:
+    """Compute a finished run's curve from its saved ``learner.pt`` and ``results.json``, unless
+    ``steps_curve.json`` already holds it for these episodes and steps (``metamtl report``)."""
+    from .config import config_from_dict
+    from .reporting.report import load_run
+
+    run_dir = Path(run_dir)
+    results, _ = load_run(run_dir)
+    cfg = config_from_dict({**results["config"], "output_dir": str(run_dir.parent), "name": run_dir.name})
+    episodes = cfg.logging.report_steps_episodes if episodes is None else episodes
+    if not episodes or _curve_is_current(run_dir, episodes, steps):
+        return
+    try:
+        learner = MetaLearner.load(run_dir / "learner.pt", device=device or cfg.train.device)
+    except Exception as exc:  # noqa: BLE001 - recorded for the report
+        steps_curve.write_failure(run_dir, exc)
+        return
+    write_run_steps_curve(learner, cfg, results, progress, episodes=episodes, steps=steps)
 
 
 def _write_report(run_dir: Path, results: dict[str, Any], say: Any) -> None:
@@ -444,7 +504,7 @@ def run_stages(cfg: Config, resume: str | Path | None = None, progress: bool = T
     init, done, history = cfg.init_from, [], []
     for i, (name, scfg) in enumerate(stages):
         last = i == len(stages) - 1
-        scfg.init_from, scfg.logging.report = init, False
+        scfg.init_from, scfg.logging.report = init, cfg.logging.report and last  # the last one draws the curve
         if not last:
             scfg.output_dir, scfg.name, scfg.data.test_split = str(cfg.run_dir / "stages"), name, None
         results = run(scfg, progress=progress, callbacks=callbacks, quiet=quiet, overwrite=overwrite)
@@ -461,8 +521,8 @@ def run_stages(cfg: Config, resume: str | Path | None = None, progress: bool = T
     if distributed.launch_env().is_main_process:
         (cfg.run_dir / "history.json").write_text(json.dumps(history))
         (cfg.run_dir / "results.json").write_text(json.dumps(results, indent=2))
-        if cfg.logging.report:
-            _write_report(cfg.run_dir, results, (lambda *a: None) if quiet else print)
+        if cfg.logging.report:  # over the last stage's page: every stage's history, the same path
+            _write_report(cfg.run_dir, results, lambda *a: None)
     return results
 
 

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 #: Layers from the bottom of the data flow to the top, and what each may import (itself and below).
 LAYERS = ("foundation", "data", "tasks", "models", "adaptation", "algorithms", "learner", "surfaces")
 
-#: Module (or package) -> layer; the longest matching prefix wins.
+#: Module (or package) -> layer; the longest matching prefix wins (``"metamtl"`` itself: only
+#: the package's ``__init__``).
 MODULE_LAYERS = {
     "metamtl.errors": "foundation",
     "metamtl.version": "foundation",
@@ -81,26 +82,35 @@ class Import:
     runtime: bool  # False under ``if TYPE_CHECKING:``
 
     def where(self) -> str:
-        return f"{self.path.relative_to(ROOT.parent)}:{self.line} `{self.text}` ({self.scope})"
+        return f"{_rel(self.path)}:{self.line} `{self.text}` ({self.scope})"
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+def _rel(path: Path) -> str:
+    """``metamtl/x/y.py``: the path from the folder holding the package."""
+    parts = path.parts
+    return "/".join(parts[parts.index(PACKAGE):]) if PACKAGE in parts else str(path)
+
+
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
 
 
-def modules() -> dict[str, Path]:
-    return {module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+def modules(root: Path = ROOT) -> dict[str, Path]:
+    """Every module of the package at ``root``, by dotted name."""
+    return {module_name(p, root): p for p in sorted(root.rglob("*.py"))}
 
 
 def layer_of(module: str) -> str | None:
-    for cut in range(module.count(".") + 1, 0, -1):
+    """The layer of ``module``: its longest listed prefix (the bare package name counts only for
+    the package's own ``__init__``, so a new top-level module must be given a layer)."""
+    for cut in range(module.count(".") + 1, 1, -1):
         prefix = ".".join(module.split(".")[:cut])
         if prefix in MODULE_LAYERS:
             return MODULE_LAYERS[prefix]
-    return None
+    return MODULE_LAYERS.get(module) if module == PACKAGE else None
 
 
 def _is_type_checking(test: ast.expr) -> bool:
@@ -170,10 +180,10 @@ class _Collector(ast.NodeVisitor):
             self.generic_visit(node)
 
 
-def imports() -> list[Import]:
+def imports(root: Path = ROOT) -> list[Import]:
     """Every import of a ``metamtl`` module in ``metamtl/``, function-local ones included."""
     found: list[Import] = []
-    mods = modules()
+    mods = modules(root)
     for name, path in mods.items():
         text = path.read_text()
         collector = _Collector(name, path, set(mods), text.splitlines())
@@ -182,13 +192,13 @@ def imports() -> list[Import]:
     return found
 
 
-def layer_violations(found: list[Import] | None = None) -> list[str]:
+def layer_violations(root: Path = ROOT) -> list[str]:
     """One message per import of a higher layer, and per module no layer is declared for."""
     problems = []
-    for mod in modules():
+    for mod in modules(root):
         if layer_of(mod) is None:
             problems.append(f"{mod} has no layer: add it to MODULE_LAYERS in tools/check_architecture.py")
-    for imp in found if found is not None else imports():
+    for imp in imports(root):
         src, dst = layer_of(imp.source), layer_of(imp.target)
         if src is None or dst is None or LAYERS.index(dst) <= LAYERS.index(src):
             continue
@@ -201,8 +211,7 @@ def layer_violations(found: list[Import] | None = None) -> list[str]:
     return problems
 
 
-def _edges(found: list[Import]) -> dict[str, dict[str, Import]]:
-    known = set(modules())
+def _edges(found: list[Import], known: set[str]) -> dict[str, dict[str, Import]]:
     graph: dict[str, dict[str, Import]] = {}
     for imp in found:
         if not imp.runtime:
@@ -216,9 +225,9 @@ def _edges(found: list[Import]) -> dict[str, dict[str, Import]]:
     return graph
 
 
-def import_cycles(found: list[Import] | None = None) -> list[str]:
+def import_cycles(root: Path = ROOT) -> list[str]:
     """One message per import cycle (each listed once, with the import behind every step)."""
-    graph = _edges(found if found is not None else imports())
+    graph = _edges(imports(root), set(modules(root)))
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -267,10 +276,10 @@ def _describe_cycle(graph: dict[str, dict[str, Import]], comp: list[str]) -> str
             "the lower module (or a new one both can import).")
 
 
-def long_functions(limit: int = MAX_FUNCTION_LINES) -> list[str]:
+def long_functions(root: Path = ROOT, limit: int = MAX_FUNCTION_LINES) -> list[str]:
     """Functions longer than ``limit`` lines without a ``# long function: <reason>`` comment."""
     problems = []
-    for path in modules().values():
+    for path in modules(root).values():
         lines = path.read_text().splitlines()
         for node in ast.walk(ast.parse("\n".join(lines), str(path))):
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -280,7 +289,7 @@ def long_functions(limit: int = MAX_FUNCTION_LINES) -> list[str]:
             marked = any(LONG_OK in lines[i - 1] for i in (first - 1, node.lineno) if i >= 1)
             if length > limit and not marked:
                 problems.append(
-                    f"{path.relative_to(ROOT.parent)}:{node.lineno} function {node.name} has {length} lines "
+                    f"{_rel(path)}:{node.lineno} function {node.name} has {length} lines "
                     f"(limit {limit}): split it, or say why it must stay long in a '{LONG_OK} <reason>' "
                     "comment on its def line"
                 )
@@ -288,11 +297,10 @@ def long_functions(limit: int = MAX_FUNCTION_LINES) -> list[str]:
 
 
 def main() -> int:
-    found = imports()
-    problems = layer_violations(found) + import_cycles(found) + long_functions()
+    problems = layer_violations() + import_cycles() + long_functions()
     for p in problems:
         print(p, end="\n\n")
-    print(f"{len(problems)} problem(s) in {len(modules())} modules, {len(found)} imports")
+    print(f"{len(problems)} problem(s) in {len(modules())} modules, {len(imports())} imports")
     return 1 if problems else 0
 
 

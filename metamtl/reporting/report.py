@@ -1,10 +1,12 @@
-"""Self-contained HTML reports of run directories (``results.json`` + ``history.json`` -> HTML + PNGs).
+"""Self-contained HTML reports of run directories (``results.json`` + ``history.json`` +
+``steps_curve.json`` -> HTML + PNGs).  Reports only read what a run wrote; they evaluate nothing.
 
 * :func:`write_report` - one run: held-out accuracy table (with published references for the
   standard protocols), accuracy bars with 95% CI, learning curves, inner-loop losses during
   meta-training, and test accuracy against the number of inner steps.
 * :func:`write_comparison` - several runs (methods) side by side: accuracy bars with 95% CI per
   setting, validation curves and inner-step curves overlaid, a summary table.
+* :class:`HTMLReport` - the callback that writes a run's report when its results are in.
 
 The HTML needs no network: plots are PNG files next to it (or inlined with ``embed=True``).
 """
@@ -17,7 +19,9 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from ..callbacks import Callback, FitState
 from ..errors import ConfigError
+from ..steps_curve import read_steps_curve
 from . import plots
 from .published import published
 
@@ -135,111 +139,104 @@ def _memory_line(results: dict) -> str:
     return f"; peak memory <b>{peak:.0f} MB</b> ({how}){mode}{plan}"
 
 
-def write_report(
-    run_dir: str | os.PathLike,
-    *,
-    steps_episodes: int | None = None,
-    steps: Sequence[int] | None = None,
-    device: str | None = None,
-    embed: bool = False,
-    progress: bool = True,
-) -> Path:
-    """Write ``<run_dir>/report.html`` and its PNGs; returns the HTML path.
+def write_report(run_dir: str | os.PathLike, *, embed: bool = False) -> Path:
+    """Write ``<run_dir>/report.html`` and its PNGs from what the run wrote; returns the HTML path.
 
-    Args:
-        steps_episodes: test episodes per point of the accuracy-vs-inner-steps plot (0: no plot;
-            default: the run config's ``logging.report_steps_episodes``, else 100).
-        steps: inner-step counts for that plot (default: ``logging.report_steps``, else
-            ``0 .. 2 x eval steps``).
-        device: where to evaluate the saved learner for that plot (default: the run's device).
-        embed: inline the PNGs into the HTML (one file to send around).
+    Reads ``results.json``, ``history.json`` and ``steps_curve.json`` (the accuracy-vs-inner-steps
+    curve the run computed, see :mod:`metamtl.steps_curve`; ``metamtl report`` computes it for runs
+    without one) and evaluates nothing.  ``embed``: inline the PNGs (one file to send around).
     """
     run_dir = Path(run_dir)
     results, history = load_run(run_dir)
     cfg = results.get("config", {})
-    log_cfg = cfg.get("logging", {})
-    if steps_episodes is None:
-        steps_episodes = int(log_cfg.get("report_steps_episodes", 100))
-    steps = steps if steps is not None else log_cfg.get("report_steps")
-    device = device or cfg.get("train", {}).get("device", "auto")
-    test = results.get("test", [])
-    desc, comparable = protocol(cfg)
-    dataset = cfg.get("data", {}).get("name", "")
+    figures = [("Accuracy with 95% CI", _accuracy_figure(run_dir, results, embed)),
+               ("Learning curves", _figure(
+                   plots.plot_learning_curves(history, run_dir / "learning_curves.png"), "learning curves",
+                   "Query loss and accuracy after adaptation on meta-training tasks (faint: per iteration; solid: "
+                   "moving average) and on fixed validation episodes (95% CI).", embed, run_dir)),
+               ("Inner loop during meta-training", _figure(
+                   plots.plot_inner_losses(history, run_dir / "inner_loss.png"), "inner losses",
+                   "Support-set loss before each inner step (lighter = later step) and the query loss after "
+                   "adaptation, averaged over the tasks of each meta-batch (moving average).", embed, run_dir)),
+               ("Accuracy vs number of inner steps at test time", _steps_section(run_dir, cfg, embed))]
+    out = run_dir / "report.html"
+    out.write_text(_report_page(run_dir, results, figures))
+    return out
 
-    # -- accuracy vs inner steps (evaluates the saved learner; cached) --
-    steps_note, steps_data = "", None
-    if steps_episodes > 0:
-        try:
-            from .steps import steps_curve
 
-            steps_data = steps_curve(run_dir, results, steps_episodes, steps, device=device, progress=progress)
-        except Exception as exc:  # the report must still be written (e.g. data moved away)
-            steps_note = f"Not computed: {type(exc).__name__}: {exc}"
-    else:
-        steps_note = "Not computed (disabled)."
-
-    figures = []
+def _accuracy_figure(run_dir: Path, results: Mapping[str, Any], embed: bool) -> str:
+    """Held-out accuracy bars with 95% CI, next to published numbers where they apply."""
+    test, cfg = results.get("test", []), results.get("config", {})
+    comparable = protocol(cfg)[1]
     bars = [{"group": _setting(r), "label": _run_label(results), "value": 100 * r["accuracy"],
              "ci95": 100 * r["ci95"], "reference": False} for r in test if r.get("accuracy") is not None]
-    bars += reference_bars(dataset, test)
+    bars += reference_bars(cfg.get("data", {}).get("name", ""), test)
     caption = ("Held-out accuracy of this run (mean over test episodes, whiskers: 95% CI)"
                + (" next to published numbers (grey, hatched)" if len(bars) > len(test) else "") + ".")
     if bars and not comparable and len(bars) > len(test):
         caption += (" <b>The published numbers are on the official test classes; this run's held-out "
                     "classes differ, so the comparison is indicative only.</b>")
-    figures.append(("Accuracy with 95% CI", _figure(
-        plots.plot_comparison(bars, run_dir / "accuracy.png"), "accuracy bars", caption, embed, run_dir)))
-    figures.append(("Learning curves", _figure(
-        plots.plot_learning_curves(history, run_dir / "learning_curves.png"), "learning curves",
-        "Query loss and accuracy after adaptation on meta-training tasks (faint: per iteration; solid: "
-        "moving average) and on fixed validation episodes (95% CI).", embed, run_dir)))
-    figures.append(("Inner loop during meta-training", _figure(
-        plots.plot_inner_losses(history, run_dir / "inner_loss.png"), "inner losses",
-        "Support-set loss before each inner step (lighter = later step) and the query loss after "
-        "adaptation, averaged over the tasks of each meta-batch (moving average).", embed, run_dir)))
-    steps_html = ""
-    if steps_data is not None:
-        scale = 1.0 if steps_data["curves"] and steps_data["curves"][0]["metric"] == "loss" else 100.0
-        curves = [{"label": c["setting"], "x": steps_data["steps"], "y": [scale * m for m in c["mean"]],
-                   "ci95": [scale * e for e in c["ci95"]]} for c in steps_data["curves"]]
-        metric = "MSE" if scale == 1.0 else "accuracy (%)"
-        png = plots.plot_curves(curves, run_dir / "steps_curve.png", "inner steps at test time",
-                                f"{steps_data['split']} {metric}",
-                                vline=(steps_data["trained_steps"], f"steps in meta-training ({steps_data['trained_steps']})"),
-                                integer_x=True)
-        steps_html = _figure(png, "accuracy vs inner steps",
-                             f"The saved learner adapted with 0..{max(steps_data['steps'])} inner steps on "
-                             f"{steps_data['episodes']} fixed {_e(steps_data['split'])} episodes per point "
-                             "(95% CI). Step 0 is the meta-learned initialisation without any adaptation.",
-                             embed, run_dir)
-        rows = "".join(
-            f"<tr><td>{_e(c['setting'])}</td>" + "".join(
-                f"<td class=num>{scale * m:.2f} ± {scale * e:.2f}</td>" for m, e in zip(c["mean"], c["ci95"]))
-            + "</tr>" for c in steps_data["curves"])
-        steps_html += ("<table><tr><th>setting \\ steps</th>" + "".join(f"<th>{s}</th>" for s in steps_data["steps"])
-                       + f"</tr>{rows}</table>")
-    else:
-        steps_html = f'<p class="note">{_e(steps_note)}</p>'
-    figures.append(("Accuracy vs number of inner steps at test time", steps_html))
+    return _figure(plots.plot_comparison(bars, run_dir / "accuracy.png"), "accuracy bars", caption, embed, run_dir)
 
+
+def _steps_section(run_dir: Path, cfg: Mapping[str, Any], embed: bool) -> str:
+    """The accuracy-vs-inner-steps plot and table from ``steps_curve.json`` (or why there is none)."""
+    data = read_steps_curve(run_dir)
+    if data is None or "error" in data:
+        disabled = int(cfg.get("logging", {}).get("report_steps_episodes", 100)) == 0
+        note = ("Not computed (disabled)." if disabled and data is None else
+                f"Not computed: {data['error']}" if data is not None else
+                "Not computed: this run wrote no steps_curve.json (`metamtl report RUN_DIR` computes it).")
+        return f'<p class="note">{_e(note)}</p>'
+    scale = 1.0 if data["curves"] and data["curves"][0]["metric"] == "loss" else 100.0
+    curves = [{"label": c["setting"], "x": data["steps"], "y": [scale * m for m in c["mean"]],
+               "ci95": [scale * e for e in c["ci95"]]} for c in data["curves"]]
+    metric = "MSE" if scale == 1.0 else "accuracy (%)"
+    png = plots.plot_curves(curves, run_dir / "steps_curve.png", "inner steps at test time",
+                            f"{data['split']} {metric}",
+                            vline=(data["trained_steps"], f"steps in meta-training ({data['trained_steps']})"),
+                            integer_x=True)
+    html_ = _figure(png, "accuracy vs inner steps",
+                    f"The saved learner adapted with 0..{max(data['steps'])} inner steps on "
+                    f"{data['episodes']} fixed {_e(data['split'])} episodes per point "
+                    "(95% CI). Step 0 is the meta-learned initialisation without any adaptation.", embed, run_dir)
+    rows = "".join(
+        f"<tr><td>{_e(c['setting'])}</td>" + "".join(
+            f"<td class=num>{scale * m:.2f} ± {scale * e:.2f}</td>" for m, e in zip(c["mean"], c["ci95"]))
+        + "</tr>" for c in data["curves"])
+    return html_ + ("<table><tr><th>setting \\ steps</th>" + "".join(f"<th>{s}</th>" for s in data["steps"])
+                    + f"</tr>{rows}</table>")
+
+
+def _test_rows(results: Mapping[str, Any]) -> str:
+    """One table row per held-out result, with the published references of its setting."""
+    dataset = results.get("config", {}).get("data", {}).get("name", "")
     rows = []
-    for r in test:
+    for r in results.get("test", []):
         refs = "; ".join(f"{p.method} {p.accuracy:.2f}%" + (f" ± {p.ci95:.2f}%" if p.ci95 else "")
                          for p in published(r.get("dataset") or dataset, r.get("ways"), r.get("shots"))
                          ) if r.get("accuracy") is not None else ""
         rows.append(f"<tr><td>{_e(_setting(r))}</td><td class='num big'>{_e(_value(r))}</td>"
                     + "".join(f"<td class=num>{r.get(k, '–')}</td>" for k in ("episodes", "queries", "steps"))
                     + f"<td>{_e(refs) or '&ndash;'}</td></tr>")
+    return "".join(rows) or "<tr><td colspan=6>no test evaluation in this run</td></tr>"
+
+
+def _wandb_note(run_dir: Path) -> str:
+    wandb_dir = run_dir / "wandb"
+    offline = sorted(p.name for p in wandb_dir.glob("offline-run-*")) if wandb_dir.is_dir() else []
+    if not offline:
+        return ""
+    return (f"<p>W&amp;B offline run(s): <code>{_e(', '.join(offline))}</code> in "
+            f"<code>{_e(wandb_dir)}</code>; upload with <code>wandb sync {_e(wandb_dir)}/{_e(offline[-1])}</code>.</p>")
+
+
+def _report_page(run_dir: Path, results: Mapping[str, Any], figures: list[tuple[str, str]]) -> str:
+    cfg = results.get("config", {})
     t, tr, alg, model = cfg.get("tasks", {}), cfg.get("train", {}), cfg.get("algorithm", {}), cfg.get("model", {})
     files = [f for f in ("results.json", "history.json", "learner.pt", "best.pt", "last.pt") if (run_dir / f).is_file()]
-    wandb_dir = run_dir / "wandb"
-    wandb_html = ""
-    if wandb_dir.is_dir():
-        offline = sorted(p.name for p in wandb_dir.glob("offline-run-*"))
-        if offline:
-            wandb_html = (f"<p>W&amp;B offline run(s): <code>{_e(', '.join(offline))}</code> in "
-                          f"<code>{_e(wandb_dir)}</code>; upload with <code>wandb sync {_e(wandb_dir)}/{_e(offline[-1])}</code>.</p>")
-    body = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
+    machine = results.get("machine", {})
+    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width,initial-scale=1">
 <title>metamtl report: {_e(results.get('name', ''))}</title><style>{CSS}</style></head><body>
 <h1>metamtl report: {_e(results.get('name', ''))}</h1>
@@ -248,28 +245,43 @@ def write_report(
 meta-trained on {t.get('ways')}-way {t.get('shots')}-shot tasks ({t.get('queries')} queries per class,
 {tr.get('meta_batch_size')} tasks per meta-batch) for <b>{results.get('iterations')}</b> meta-iterations in
 {results.get('train_seconds', 0):.0f} s (stopped by {_e(results.get('stopped_by'))}){_memory_line(results)}.<br>
-Data: {_e(desc)}.<br>
+Data: {_e(protocol(cfg)[0])}.<br>
 Commit <code>{_e(results.get('commit'))}</code>, {_e(results.get('date'))},
-{_e(results.get('machine', {}).get('cpu') or results.get('machine', {}).get('platform', ''))}.</p>
+{_e(machine.get('cpu') or machine.get('platform', ''))}.</p>
 <h2>Held-out test results</h2>
 <table><tr><th>setting</th><th>accuracy (95% CI)</th><th>episodes</th><th>queries / class</th><th>inner steps</th>
-<th>published (official test classes)</th></tr>{''.join(rows) or '<tr><td colspan=6>no test evaluation in this run</td></tr>'}</table>
+<th>published (official test classes)</th></tr>{_test_rows(results)}</table>
 {''.join(f'<h2>{_e(title)}</h2>{fig}' for title, fig in figures if fig)}
-<h2>Files</h2><p>{' · '.join(f'<a href="{_e(f)}">{_e(f)}</a>' for f in files)}</p>{wandb_html}
+<h2>Files</h2><p>{' · '.join(f'<a href="{_e(f)}">{_e(f)}</a>' for f in files)}</p>{_wandb_note(run_dir)}
 <details><summary>Configuration</summary><pre>{_e(json.dumps(cfg, indent=2))}</pre></details>
-<details><summary>Machine</summary><pre>{_e(json.dumps(results.get('machine', {}), indent=2))}</pre></details>
+<details><summary>Machine</summary><pre>{_e(json.dumps(machine, indent=2))}</pre></details>
 </body></html>"""
-    out = run_dir / "report.html"
-    out.write_text(body)
-    return out
+
+
+class HTMLReport(Callback):
+    """Write the run's ``report.html`` once its results are written (``on_results``, rank 0).
+
+    Added by :func:`metamtl.experiment.run` when ``logging.report`` is on; sets
+    ``results["report"]`` to the page's path.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, embed: bool = False) -> None:
+        self.run_dir, self.embed = Path(run_dir), embed
+
+    def on_results(self, state: FitState, results: dict[str, Any]) -> None:
+        if not state.is_main_process:
+            return
+        try:
+            results["report"] = str(write_report(self.run_dir, embed=self.embed))
+        except ImportError:  # plotting unavailable: the run's files are all there
+            pass
 
 
 # -- several runs ---------------------------------------------------------------------------------
 def write_comparison(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, embed: bool = False) -> Path:
     """Compare runs (e.g. one per method) on one page: ``out`` is the HTML file to write.
 
-    Uses each run's ``results.json``/``history.json`` and, when present, its cached
-    ``steps_curve.json`` (written by :func:`write_report`).
+    Uses each run's ``results.json``/``history.json`` and, when present, its ``steps_curve.json``.
     """
     if not run_dirs:
         raise ConfigError("write_comparison needs at least one run directory")
@@ -278,10 +290,18 @@ def write_comparison(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLi
     runs = []
     for d in run_dirs:
         results, history = load_run(d)
-        cache = Path(d) / "steps_curve.json"
-        steps = json.loads(cache.read_text()) if cache.is_file() else None
-        runs.append((Path(d), results, history, steps))
+        steps = read_steps_curve(d)
+        runs.append((Path(d), results, history, steps if steps is not None and "error" not in steps else None))
     stem = out.with_suffix("")
+    figs = [_comparison_bars(runs, Path(f"{stem}_accuracy.png")),
+            ("Validation accuracy during meta-training", _validation_curves(runs, Path(f"{stem}_val.png")),
+             "Accuracy on the fixed validation episodes (95% CI) against meta-iterations."),
+            ("Accuracy vs number of inner steps at test time", _step_curves(runs, Path(f"{stem}_steps.png")),
+             "Each run's saved learner adapted with k inner steps (from its run's steps_curve.json).")]
+    return _comparison_page(out, runs, figs, embed)
+
+
+def _comparison_bars(runs: list[tuple], path: Path) -> tuple[str, Path | None, str]:
     bars = []
     for _, results, _, _ in runs:
         bars += [{"group": _setting(r), "label": _run_label(results), "value": 100 * r["accuracy"],
@@ -298,27 +318,31 @@ def write_comparison(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLi
             if not all(protocol(res.get("config", {}))[1] for _, res, _, _ in runs):
                 caption += (" <b>Some runs here are evaluated on other held-out classes, so comparing them "
                             "with the published numbers is indicative only.</b>")
-    figs = [("Held-out accuracy (95% CI)", plots.plot_comparison(bars, Path(f"{stem}_accuracy.png")), caption)]
-    val_curves = []
+    return "Held-out accuracy (95% CI)", plots.plot_comparison(bars, path), caption
+
+
+def _validation_curves(runs: list[tuple], path: Path) -> Path | None:
+    curves = []
     for _, results, history, _ in runs:
         val = [r for r in history if "val/accuracy" in r]
         if val:
-            val_curves.append({"label": _run_label(results), "x": [r["iteration"] for r in val],
-                               "y": [100 * r["val/accuracy"] for r in val],
-                               "ci95": [100 * r.get("val/accuracy_ci95", 0.0) for r in val]})
-    figs.append(("Validation accuracy during meta-training",
-                 plots.plot_curves(val_curves, Path(f"{stem}_val.png"), "meta-iteration", "validation accuracy (%)"),
-                 "Accuracy on the fixed validation episodes (95% CI) against meta-iterations."))
-    step_curves = []
+            curves.append({"label": _run_label(results), "x": [r["iteration"] for r in val],
+                           "y": [100 * r["val/accuracy"] for r in val],
+                           "ci95": [100 * r.get("val/accuracy_ci95", 0.0) for r in val]})
+    return plots.plot_curves(curves, path, "meta-iteration", "validation accuracy (%)")
+
+
+def _step_curves(runs: list[tuple], path: Path) -> Path | None:
+    curves = []
     for _, results, _, steps in runs:
         for c in (steps or {}).get("curves", []):
             if c["metric"] == "accuracy":
-                step_curves.append({"label": f"{_run_label(results)}, {c['setting']}", "x": steps["steps"],
-                                    "y": [100 * m for m in c["mean"]], "ci95": [100 * e for e in c["ci95"]]})
-    figs.append(("Accuracy vs number of inner steps at test time",
-                 plots.plot_curves(step_curves, Path(f"{stem}_steps.png"), "inner steps at test time",
-                                   "accuracy (%)", integer_x=True),
-                 "Each run's saved learner adapted with k inner steps (from its report's cached evaluation)."))
+                curves.append({"label": f"{_run_label(results)}, {c['setting']}", "x": steps["steps"],
+                               "y": [100 * m for m in c["mean"]], "ci95": [100 * e for e in c["ci95"]]})
+    return plots.plot_curves(curves, path, "inner steps at test time", "accuracy (%)", integer_x=True)
+
+
+def _comparison_page(out: Path, runs: list[tuple], figs: list[tuple], embed: bool) -> Path:
     rows = []
     for d, results, _, _ in runs:
         cfg = results.get("config", {})

@@ -181,7 +181,7 @@ class WandbLogger(Callback):
     def _init(self, learner: "MetaLearner") -> None:
         import wandb
 
-        from ..experiment import git_commit, machine_info
+        from ..environment import git_commit, machine_info
 
         config = dict(self.config or learner.metadata.get("config") or {})
         config["learner"] = learner.config()

@@ -12,7 +12,7 @@ import pytest
 from metamtl.cli import main
 from metamtl.errors import ConfigError
 from metamtl.reporting.report import write_comparison, write_report
-from metamtl.reporting.steps import default_steps
+from metamtl.steps_curve import accuracy_vs_steps, default_steps
 
 
 def _images(html: str) -> list[str]:
@@ -94,7 +94,10 @@ def test_report_without_data_still_written(tiny_run, tmp_path, monkeypatch):
     res = json.loads((moved / "results.json").read_text())
     res["config"]["data"]["root"] = str(tmp_path / "nowhere")
     (moved / "results.json").write_text(json.dumps(res))
-    path = write_report(moved, progress=False)
+    text = write_report(moved).read_text()  # reads only: the run's curve was not copied
+    assert "Not computed: this run wrote no steps_curve.json" in text and "steps_curve.png" not in text
+    assert main(["report", str(moved), "--no-progress"]) == 0  # computing it needs the data, gone
+    path = moved / "report.html"
     text = path.read_text()
     assert "Not computed: DataNotFoundError" in text and "steps_curve.png" not in text
     _check_images(path)
@@ -104,7 +107,7 @@ def test_embedded_report_is_one_file(tiny_run, tmp_path):
     run_dir, _ = tiny_run
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("wandb"))
-    text = write_report(copy, embed=True, progress=False).read_text()
+    text = write_report(copy, embed=True).read_text()
     srcs = _images(text)
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
 
@@ -119,20 +122,22 @@ def test_report_errors_are_clear(tmp_path):
 
 @pytest.mark.parametrize("algorithm,kwargs", [("anil", {"head_init": "proto", "lr": 0.5}),
                                               ("maml", {"head_init": "zero", "lr": 0.5})])
-def test_episode_curve_matches_evaluating_each_step_count(synthetic_tasks, algorithm, kwargs):
-    """One adaptation scored after every step == a separate evaluation per step count."""
+def test_steps_curve_equals_scoring_each_episode_after_each_step_count(synthetic_tasks, algorithm, kwargs):
+    """The curve (public evaluate, batched) == the algorithm's per-episode evaluation, step by step."""
     from metamtl import MetaLearner
     from metamtl.algorithms import build_algorithm
     from metamtl.models import build_model
-    from metamtl.reporting.steps import episode_curve
 
     model = build_model("conv4", in_channels=1, hidden=4, image_size=16, blocks=2, out_features=None)
     learner = MetaLearner(model, build_algorithm(algorithm, steps=1, **kwargs), device="cpu")
     steps = [0, 1, 3]
-    for i in range(3):
-        ep = synthetic_tasks.episode(i)
-        expected = [learner.algorithm.evaluate_episode(learner.model, ep.to("cpu"), s)["accuracy"] for s in steps]
-        assert episode_curve(learner, ep, steps) == pytest.approx(expected)
+    (curve,) = accuracy_vs_steps(learner, {None: synthetic_tasks}, [{"ways": 5, "shots": 1}], 3, steps,
+                                 queries=2, progress=False)
+    eps = [synthetic_tasks.episode(i).to("cpu") for i in range(3)]
+    for k, s in enumerate(steps):
+        expected = [learner.algorithm.evaluate_episode(learner.model, ep, s)["accuracy"] for ep in eps]
+        assert curve["mean"][k] == pytest.approx(sum(expected) / 3)
+    assert curve["setting"] == "5-way 1-shot" and curve["metric"] == "accuracy"
 
 
 def test_report_and_wandb_handle_multi_dataset_and_skipped_rows(tiny_run, tmp_path):
@@ -146,7 +151,10 @@ def test_report_and_wandb_handle_multi_dataset_and_skipped_rows(tiny_run, tmp_pa
     res["test"] = [{"dataset": "omniglot", **r} for r in res["test"]]
     res["test"].append({"dataset": "omniglot", "ways": 50, "shots": 1, "skipped": "only 27 held-out classes"})
     (copy / "results.json").write_text(json.dumps(res))
-    text = write_report(copy, steps_episodes=3, progress=False).read_text()
+    from metamtl.experiment import refresh_steps_curve
+
+    refresh_steps_curve(copy, episodes=3, progress=False)
+    text = write_report(copy).read_text()
     assert "omniglot: 5-way 2-shot" in text and "skipped: only 27 held-out classes" in text
     _check_images(copy / "report.html")
     curve = json.loads((copy / "steps_curve.json").read_text())

@@ -1,0 +1,113 @@
+"""Accuracy against the number of inner steps at test time: computed by the run, read by reports.
+
+:func:`accuracy_vs_steps` evaluates a learner through its public
+:meth:`~metamtl.MetaLearner.evaluate` on held-out tasks with 0, 1, 2, ... inner steps on a few
+fixed episodes: the first ones of the final test evaluation, so the point at its step count
+equals that evaluation on those episodes.  :func:`write_steps_curve` saves it as
+``<run_dir>/steps_curve.json`` (keyed by the learner file, episodes and step grid), which
+:func:`metamtl.reporting.write_report` and ``write_comparison`` read.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+STEPS_FILE = "steps_curve.json"
+
+
+def default_steps(eval_steps: int) -> list[int]:
+    """0 .. max(2 * eval_steps, eval_steps + 2), thinned to about 9 points for long inner loops."""
+    top = max(2 * eval_steps, eval_steps + 2)
+    stride = max(1, top // 8)
+    return sorted({0, 1, 2, eval_steps, top, *range(0, top + 1, stride)})
+
+
+def cache_key(learner_path: Path, episodes: int, steps: Sequence[int]) -> dict[str, Any]:
+    """What a saved curve was computed from: the learner file (name, size, mtime), episodes, steps."""
+    st = learner_path.stat()
+    return {"learner": learner_path.name, "size": st.st_size, "mtime": st.st_mtime_ns,
+            "episodes": episodes, "steps": list(steps)}
+
+
+def curve_settings(test_rows: Sequence[Mapping[str, Any]], ways: int, shots: int) -> list[dict[str, Any]]:
+    """The settings to draw curves for: the run's evaluated ones (each dataset, ways and shots
+    once; skipped ones and feature-head rows left out), else the training setting."""
+    seen: dict[tuple, dict[str, Any]] = {}
+    for r in test_rows:
+        if "skipped" not in r and r.get("head", "algorithm") == "algorithm":
+            seen.setdefault((r.get("dataset"), r.get("ways"), r.get("shots")), dict(r))
+    return list(seen.values()) or [{"ways": ways, "shots": shots}]
+
+
+def _setting(row: Mapping[str, Any], label: str | None, regression: bool) -> str:
+    setting = f"{row.get('shots')}-shot regression" if regression else f"{row['ways']}-way {row['shots']}-shot"
+    return f"{label}: {setting}" if label else setting
+
+
+def accuracy_vs_steps(learner: Any, sources: Mapping[str | None, Any], settings: Sequence[Mapping[str, Any]],
+                      episodes: int, steps: Sequence[int], queries: int | None = None,
+                      progress: bool = True) -> list[dict[str, Any]]:
+    """One curve per setting: ``{"setting", "metric", "mean", "ci95"}`` over ``steps``.
+
+    ``sources``: held-out task sources by dataset label (``None`` for a single dataset);
+    ``settings``: rows with ``ways``/``shots`` (and ``dataset``), e.g. the run's test results.
+    Classification curves are accuracies, regression curves mean squared errors; the queries are
+    always classified by the algorithm's own adaptation (feature heads have no inner steps).
+    """
+    from tqdm.auto import tqdm
+
+    regression = learner.task == "regression"
+    curves = []
+    bar = tqdm(total=len(settings) * len(steps), desc="accuracy vs inner steps", leave=False,
+               disable=not progress or not learner.is_main_process, dynamic_ncols=True)
+    with bar:
+        for row in settings:
+            label = row.get("dataset")
+            source = sources[label] if label in sources else next(iter(sources.values()))
+            kwargs = {} if regression else {"ways": row["ways"], "shots": row["shots"], "queries": queries,
+                                            "head": "algorithm"}
+            results = []
+            for s in steps:
+                results.append(learner.evaluate(source, episodes, steps=int(s), progress=False, **kwargs))
+                bar.update(1)
+            curves.append({"setting": _setting(row, label, regression), "metric": "loss" if regression else "accuracy",
+                           "mean": [r.loss if regression else r.accuracy for r in results],
+                           "ci95": [r.loss_ci95 if regression else r.ci95 for r in results]})
+    return curves
+
+
+def write_steps_curve(run_dir: str | os.PathLike, learner: Any, sources: Mapping[str | None, Any], split: str,
+                      settings: Sequence[Mapping[str, Any]], *, episodes: int = 100, steps: Sequence[int] | None = None,
+                      queries: int | None = None, progress: bool = True, write: bool = True) -> dict[str, Any]:
+    """Compute the curves of the learner saved as ``run_dir/learner.pt`` and save ``steps_curve.json``.
+
+    Returns ``{"key", "split", "episodes", "steps", "trained_steps", "eval_steps", "curves"}``.
+    Under torchrun every rank calls it (the evaluations are shared); ``write`` on rank 0 only.
+    """
+    run_dir = Path(run_dir)
+    eval_steps = learner.algorithm.eval_steps
+    steps = sorted({int(s) for s in steps}) if steps else default_steps(eval_steps)
+    curves = accuracy_vs_steps(learner, sources, settings, episodes, steps, queries, progress)
+    out = {"key": cache_key(run_dir / "learner.pt", episodes, steps), "split": split, "episodes": episodes,
+           "steps": steps, "trained_steps": learner.algorithm.inner.steps, "eval_steps": eval_steps, "curves": curves}
+    if write:
+        (run_dir / STEPS_FILE).write_text(json.dumps(out, indent=1))
+    return out
+
+
+def write_failure(run_dir: str | os.PathLike, exc: BaseException) -> None:
+    """Record why the curve could not be computed (the report shows it instead of the plot)."""
+    (Path(run_dir) / STEPS_FILE).write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+
+
+def read_steps_curve(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The saved curve (or ``{"error": ...}``), ``None`` if the run has none."""
+    path = Path(run_dir) / STEPS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return {"error": f"{path.name} is not readable ({exc})"}
