@@ -435,17 +435,11 @@ def stage_configs(cfg: Config) -> list[tuple[str, Config]]:
 
 
 def _algorithm_settings(cfg: Config) -> dict[str, Any]:
-    """``cfg.algorithm``, plus the dataset labels for algorithms that take them (as the experiment does)."""
-    import inspect
+    """``cfg.algorithm``, plus the dataset labels for algorithms that declare they take them
+    (:attr:`Algorithm.from_data <metamtl.algorithms.Algorithm.from_data>`, as the experiment does)."""
+    from .algorithms import with_data_settings
 
-    from .algorithms import ALGORITHMS
-
-    settings = dict(cfg.algorithm)
-    name = settings.get("name")
-    cls = ALGORITHMS.get(name) if isinstance(name, str) else None
-    if cfg.datasets and cls is not None and "datasets" in inspect.signature(cls).parameters:
-        settings.setdefault("datasets", [d.label or d.name for d in cfg.datasets])
-    return settings
+    return with_data_settings(cfg.algorithm, {"datasets": lambda: [d.label or d.name for d in cfg.datasets] or None})
 
 
 def _check_components(cfg: Config) -> None:

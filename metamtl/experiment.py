@@ -8,7 +8,6 @@ uses only the public API (datasets, :class:`~metamtl.tasks.EpisodeSampler`,
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import os
 import random
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 from . import distributed, steps_curve
-from .algorithms import ALGORITHMS, build_algorithm
+from .algorithms import build_algorithm, with_data_settings
 from .callbacks import Callback, CallbackList, EarlyStopping, LRScheduler, MetricsLogger
 from .config import Config, DataConfig
 from .data.base import ClassDataset
@@ -28,7 +27,7 @@ from .environment import git_commit, machine_info
 from .checkpoint import DERIVED_FILES, RUN_FILES, RunFolderLock, ensure_writable_dir
 from .errors import CheckpointError, ConfigError, TaskError
 from .learner import EvalResult, MetaLearner
-from .models.registry import MODELS, build_model
+from .models.registry import MODEL_FROM_DATA, build_model
 from .tasks.sampler import EpisodeSampler, MixedTasks, TaskSource
 
 
@@ -146,19 +145,13 @@ def _build_mixed_tasks(cfg: Config) -> dict[str, Any]:
             "test": test or None}
 
 
-def _accepts(fn: Any, name: str) -> bool:
-    return name in inspect.signature(fn).parameters
-
-
 def build_learner(cfg: Config, train_tasks: TaskSource, callbacks: list[Callback] = ()) -> MetaLearner:
     """Model + algorithm + learner for the config, shaped after the training data."""
     model_cfg = dict(cfg.model)
-    alg_cfg = dict(cfg.algorithm)
-    cls = ALGORITHMS.get(alg_cfg["name"])
-    if cls is not None and "num_classes" in inspect.signature(cls).parameters and alg_cfg.get("num_classes") is None:
-        alg_cfg["num_classes"] = train_tasks.num_classes  # e.g. the transfer baseline's global head
-    if isinstance(train_tasks, MixedTasks) and cls is not None and _accepts(cls, "datasets"):
-        alg_cfg.setdefault("datasets", [s.name for s in train_tasks.sources])  # e.g. multitask's strategy
+    mixed = isinstance(train_tasks, MixedTasks)
+    alg_cfg = with_data_settings(cfg.algorithm, {  # what the algorithm declares it takes (Algorithm.from_data)
+        "num_classes": lambda: train_tasks.num_classes,
+        "datasets": lambda: [s.name for s in train_tasks.sources] if mixed else None})  # type: ignore[attr-defined]
     algorithm = build_algorithm(**alg_cfg)
     regression = is_regression(cfg)
     metadata: dict[str, Any] = {"config": cfg.to_dict()}
@@ -167,12 +160,12 @@ def build_learner(cfg: Config, train_tasks: TaskSource, callbacks: list[Callback
         model_cfg.setdefault("out_features", 1)
         preprocessing = None
     elif isinstance(train_tasks, MixedTasks):
-        # Several datasets: models taking ``inputs`` get each dataset's input shape (algorithms
-        # taking ``datasets`` got the labels above); raw-image preprocessing is per dataset.
+        # Several datasets: models declaring ``inputs`` (MODEL_FROM_DATA) get each dataset's input
+        # shape (algorithms declaring ``datasets`` got the labels above); preprocessing is per dataset.
         preps = {s.name: s.dataset.preprocessing for s in train_tasks.sources}  # type: ignore[attr-defined]
         metadata["preprocessing"] = {k: p.to_dict() for k, p in preps.items()}
         shapes = {k: [p.channels, *p.size] for k, p in preps.items()}
-        if model_cfg.get("name") in MODELS and _accepts(MODELS[model_cfg["name"]], "inputs"):
+        if "inputs" in MODEL_FROM_DATA.get(model_cfg.get("name"), ()):
             model_cfg.setdefault("inputs", shapes)
         elif len({tuple(v) for v in shapes.values()}) == 1:  # one input shape: any model
             first = next(iter(preps.values()))

@@ -37,10 +37,9 @@ MODULE_LAYERS = {
     "metamtl.tasks": "tasks",
     "metamtl.models": "models",
     "metamtl.multitask": "models",
-    "metamtl.heads": "models",
+    "metamtl.heads": "models",  # feature heads classify trunk features: models and tasks, no adaptation
     "metamtl.adaptation": "adaptation",
     "metamtl.algorithms": "algorithms",
-    "metamtl.heads": "algorithms",
     "metamtl.learner": "learner",
     "metamtl.predictors": "learner",
     "metamtl.inference": "learner",

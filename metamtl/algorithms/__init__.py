@@ -20,14 +20,14 @@ Any gradient-based algorithm takes ``head_init="proto"`` for a prototype-initial
 from __future__ import annotations
 
 from .anil import ANIL
-from .base import Algorithm, accuracy
+from .base import DATA_SETTINGS, Algorithm, accuracy
 from .imaml import IMAML
 from .maml import FOMAML, MAML
 from .mamlpp import MAMLPlusPlus, multi_step_weights
 from .metasgd import MetaSGD
 from .multitask import MultiTask
 from .protonet import ProtoNet
-from .registry import ALGORITHMS, build_algorithm, register_algorithm
+from .registry import ALGORITHMS, build_algorithm, register_algorithm, with_data_settings
 from .reptile import Reptile
 from .transfer import Transfer
 
@@ -37,5 +37,6 @@ for _cls in (MAML, FOMAML, IMAML, Reptile, ANIL, MetaSGD, MAMLPlusPlus, ProtoNet
     register_algorithm(_cls)
 del _cls
 
-__all__ = ["ALGORITHMS", "Algorithm", "ANIL", "FOMAML", "IMAML", "MAML", "MAMLPlusPlus", "MetaSGD", "MultiTask", "ProtoNet",
-           "Reptile", "Transfer", "accuracy", "build_algorithm", "multi_step_weights", "register_algorithm"]
+__all__ = ["ALGORITHMS", "DATA_SETTINGS", "Algorithm", "ANIL", "FOMAML", "IMAML", "MAML", "MAMLPlusPlus", "MetaSGD", "MultiTask", "ProtoNet",
+           "Reptile", "Transfer", "accuracy", "build_algorithm", "multi_step_weights", "register_algorithm",
+           "with_data_settings"]

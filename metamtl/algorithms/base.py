@@ -38,6 +38,13 @@ from ..models.backbones import TrunkHead
 from ..tasks.episode import Episode, TaskBatch
 
 
+#: What an algorithm can take from the training data (:attr:`Algorithm.from_data`), and what it is.
+DATA_SETTINGS: dict[str, str] = {
+    "num_classes": "the number of training classes",
+    "datasets": "the labels of the training datasets (runs on several datasets)",
+}
+
+
 def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return float((logits.argmax(-1) == targets).float().mean())
 
@@ -56,6 +63,10 @@ class Algorithm(nn.Module):
     #: ``memory: implicit`` (iMAML) applies: no learned inner settings, an outer objective of the
     #: final weights only (the implicit gradient knows nothing of the path to the solution)
     supports_implicit: ClassVar[bool] = True
+    #: constructor settings this algorithm takes from the training data when its config leaves
+    #: them out or ``None`` (names of :data:`DATA_SETTINGS`): e.g. ``("num_classes",)`` for the
+    #: transfer baseline's global head.  Declared here, never guessed from the signature.
+    from_data: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, inner: InnerLoop | None = None, **inner_kwargs: Any) -> None:
         super().__init__()

@@ -38,11 +38,12 @@ class MultiTask(Algorithm):
             its config dict such as ``{"name": "anil", "head_init": "proto", "steps": 3}``).
         strategy: a :class:`~metamtl.multitask.Strategy`, its name or config dict
             (``{"name": "gradnorm", "alpha": 1.5}``).
-        datasets: the dataset labels (``episode.dataset``) of the task distribution; the CLI fills
-            them in from the config.
+        datasets: the dataset labels (``episode.dataset``) of the task distribution (declared in
+            :attr:`from_data`: runs fill them in from the config's datasets).
     """
 
     name = "multitask"
+    from_data = ("datasets",)
 
     def __init__(self, base: Algorithm | str | dict[str, Any] = "maml",
                  strategy: Strategy | str | dict[str, Any] = "equal",

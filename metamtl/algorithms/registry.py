@@ -2,16 +2,20 @@
 :mod:`metamtl.algorithms`, which Python runs before any of its modules)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from ..errors import ConfigError, unknown_name
-from .base import Algorithm
+from .base import DATA_SETTINGS, Algorithm
 
 ALGORITHMS: dict[str, type[Algorithm]] = {}
 
 
 def register_algorithm(cls: type[Algorithm]) -> type[Algorithm]:
     """Class decorator adding an algorithm to :data:`ALGORITHMS` under ``cls.name``."""
+    unknown = [key for key in cls.from_data if key not in DATA_SETTINGS]
+    if unknown:
+        raise ConfigError(f"algorithm {cls.name!r} declares from_data {unknown} that the data cannot give; "
+                          f"an algorithm can take {', '.join(DATA_SETTINGS)} from the data")
     ALGORITHMS[cls.name] = cls
     return cls
 
@@ -30,3 +34,18 @@ def build_algorithm(name: str, **kwargs: Any) -> Algorithm:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"bad settings for algorithm {name!r}: {exc}") from None
+
+
+def with_data_settings(settings: Mapping[str, Any], data: Mapping[str, Callable[[], Any]]) -> dict[str, Any]:
+    """An algorithm config plus the settings its algorithm declares it takes from the data
+    (:attr:`~metamtl.algorithms.Algorithm.from_data`) where the config leaves them out or ``None``.
+
+    ``data`` maps names of :data:`~metamtl.algorithms.base.DATA_SETTINGS` to functions giving
+    their value for this run (``None``: this data has none); only the declared ones are called.
+    """
+    out = dict(settings)
+    cls = ALGORITHMS.get(out.get("name")) if isinstance(out.get("name"), str) else None
+    for key in cls.from_data if cls is not None else ():
+        if out.get(key) is None and key in data and (value := data[key]()) is not None:
+            out[key] = value
+    return out

@@ -40,7 +40,7 @@ class Transfer(Algorithm):
     ``optimizer`` at ``lr``); the trunk stays frozen.
 
     Args:
-        num_classes: training classes (the CLI fills it from the training split).
+        num_classes: training classes (declared in :attr:`from_data`: runs fill it from the training split).
         classifier: ``"linear"`` (Baseline) or ``"cosine"`` (Baseline++: scaled cosine
             similarity to class weight vectors in pre-training; the per-task head is then
             fine-tuned on ``scale``-scaled L2-normalised features).
@@ -49,6 +49,7 @@ class Transfer(Algorithm):
 
     name = "transfer"
     fixed = {"adapt": "head", "first_order": True}
+    from_data = ("num_classes",)
 
     def __init__(self, inner=None, *, num_classes: int | None = None, classifier: str = "linear",
                  scale: float = 10.0, **inner_kwargs: Any) -> None:

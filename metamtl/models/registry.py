@@ -16,6 +16,11 @@ MODELS: dict[str, Callable[..., TrunkHead]] = {
     "conv4": conv4_model, "resnet12": resnet12_model, "mlp": mlp_model, "multidataset": multidataset_model,
 }
 
+#: Settings a model takes from the training data when its config leaves them out, by model name:
+#: ``inputs`` (``{dataset: [channels, height, width]}`` of the training datasets).  Declared, not
+#: guessed from the signature (as algorithms declare theirs in ``Algorithm.from_data``).
+MODEL_FROM_DATA: dict[str, tuple[str, ...]] = {"multidataset": ("inputs",)}
+
 
 def check_model_config(name: Any, kwargs: dict[str, Any]) -> None:
     """Raise :class:`ConfigError` for an unknown model name or setting (nothing is built)."""

@@ -3,6 +3,7 @@ import cycles, short functions.  A failure message names the import (file, line,
 and the rule it breaks."""
 from __future__ import annotations
 
+import ast
 import importlib.util
 import sys
 import textwrap
@@ -34,6 +35,16 @@ def test_no_import_cycle_between_modules():
 def test_no_function_is_longer_than_the_limit_without_saying_why():
     problems = arch.long_functions()
     assert not problems, _report(problems)
+
+
+def test_every_module_layer_is_declared_once_for_a_module_that_exists():
+    tree = ast.parse((REPO / "tools" / "check_architecture.py").read_text())
+    table = next(node.value for node in tree.body if isinstance(node, ast.Assign)
+                 and getattr(node.targets[0], "id", None) == "MODULE_LAYERS")
+    keys = [key.value for key in table.keys]  # a dict literal keeps only the last of repeated keys
+    assert len(keys) == len(set(keys)), sorted(k for k in keys if keys.count(k) > 1)
+    assert set(keys) <= set(arch.modules()), sorted(set(keys) - set(arch.modules()))
+    assert arch.layer_of("metamtl.heads.base") == "models"  # feature heads import models and tasks only
 
 
 def test_every_import_is_seen_function_local_and_type_only_ones_too():
