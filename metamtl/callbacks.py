@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .checkpoint import RunFolderLock, ensure_writable_dir, safe_load
 from .errors import CheckpointError, ConfigError, TrainingError, unknown_name
+from .progress_bars import progress_bar
 
 if TYPE_CHECKING:
     from .learner import MetaLearner
@@ -170,10 +171,8 @@ class ProgressBar(Callback):
         self.val: dict[str, float] = {}
 
     def on_fit_start(self, state):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=state.iterations, initial=state.iteration, desc="meta-train",
-                        dynamic_ncols=True, disable=not state.is_main_process)
+        self.bar = progress_bar(state.is_main_process, total=state.iterations, initial=state.iteration,
+                                desc="meta-train", dynamic_ncols=True)
 
     def on_iteration_end(self, state, metrics):
         for k in ("loss", "accuracy"):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import ConfigError, FitInterrupted, MetamtlError
+from .progress_bars import silenced
 
 
 def _fit(args: argparse.Namespace) -> int:
@@ -185,7 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _show_library_messages()
     try:
-        return args.func(args)
+        with silenced(getattr(args, "no_progress", False)):  # every bar, the data layer's too
+            return args.func(args)
     except MetamtlError as exc:
         from .distributed import rank_tag
 

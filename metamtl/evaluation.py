@@ -18,9 +18,10 @@ from torch import nn
 from .distributed import ProcessStrategy
 from .errors import ConfigError
 from .heads import ALGORITHM, FeatureHead, episode_metrics
-from .inputs import check_task_source, with_support_copies
+from .inputs import check_int, check_task_source, with_support_copies
 from .numerics import check_finite_episodes
 from .placement import Placement
+from .progress_bars import progress_bar
 from .tasks.episode import Episode
 from .tasks.sampler import TaskSource
 
@@ -123,14 +124,12 @@ def evaluate_episodes(score: Callable[[list[Episode]], list[dict[str, float]]], 
     to every support set (episode ``i``'s drawn from its seed and ``i``), or ``None``;
     ``fields``: recorded in the result (``hierarchy``, ``head``, ``transductive``).
     """
-    from tqdm.auto import tqdm
-
     was_training = model.training
     model.eval()
     rows: list[tuple[int, tuple[dict[str, float], tuple[int, int, int]]]] = []
     mine = strategy.shard(n)
-    bar = tqdm(total=len(mine), desc="evaluate", leave=False,
-               disable=not progress or not strategy.is_main_process, dynamic_ncols=True)
+    bar = progress_bar(progress and strategy.is_main_process, total=len(mine), desc="evaluate", leave=False,
+                       dynamic_ncols=True)
     try:  # a chunk of episodes at a time: the algorithm may adapt them together (fast path)
         for lo in range(0, len(mine), EVAL_CHUNK):
             part = mine[lo:lo + EVAL_CHUNK]
@@ -184,6 +183,8 @@ def feature_means(model: nn.Module, source: Any, placement: Placement, max_image
                   batch_size: int = 256) -> dict[str, torch.Tensor]:
     """Mean trunk feature of each training dataset (by name) of ``source``: an ``EpisodeSampler``,
     a ``MixedTasks`` of them (one mean per dataset) or a ``ClassDataset``; the model in eval mode."""
+    check_int("max_images", max_images, 1)
+    check_int("batch_size", batch_size, 1)
     out = {}
     was_training = model.training
     model.eval()

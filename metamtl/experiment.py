@@ -28,6 +28,7 @@ from .checkpoint import DERIVED_FILES, RUN_FILES, RunFolderLock, ensure_writable
 from .errors import CheckpointError, ConfigError, TaskError
 from .learner import EvalResult, MetaLearner
 from .models.registry import MODEL_FROM_DATA, build_model
+from .progress_bars import silenced
 from .tasks.sampler import EpisodeSampler, MixedTasks, TaskSource
 
 
@@ -287,7 +288,8 @@ def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
     check_output_dir(cfg)  # fail before loading data or training, not at the first checkpoint
     lock = claim_run_dir(cfg, resume, overwrite)
     try:
-        return _run(cfg, resume, progress, callbacks, quiet, main_process)
+        with silenced(not progress):  # every bar of the run, the data layer's decoding too
+            return _run(cfg, resume, progress, callbacks, quiet, main_process)
     finally:
         lock.release()
 

@@ -21,7 +21,7 @@ import torch
 
 from . import distributed, run_state
 from .adaptation import check_positive
-from .callbacks import CallbackList, FitState
+from .callbacks import FitState
 from .heads import ALGORITHM
 from .errors import CheckpointError, ConfigError, FitInterrupted, TrainingError, unknown_name
 from .inputs import check_int, check_task_source
@@ -181,19 +181,22 @@ class FitLoop:
 
     Args:
         learner: the learner being trained.
-        state: this fit's :class:`~metamtl.callbacks.FitState` (handed to every hook).
-        callbacks: the hooks, in call order.
+        state: this fit's :class:`~metamtl.callbacks.FitState` (handed to every hook); its
+            ``callbacks`` are the hooks, in call order, and get back the states a resumed
+            checkpoint saved for them.
         train_tasks, val_tasks: task sources; ``val_episodes`` fixed episodes are evaluated every
             ``state.val_every`` iterations (and after the last one).
         num_workers: DataLoader workers building episodes.
     """
 
-    def __init__(self, learner: "MetaLearner", state: FitState, callbacks: CallbackList, train_tasks: TaskSource,
+    def __init__(self, learner: "MetaLearner", state: FitState, train_tasks: TaskSource,
                  val_tasks: TaskSource | None = None, val_episodes: int = 100, num_workers: int = 0) -> None:
-        self.learner, self.state, self.callbacks = learner, state, callbacks
+        self.learner, self.state, self.callbacks = learner, state, state.callbacks
+        state.callbacks.load_state_dict(learner.run.callbacks)  # what a resumed checkpoint saved for them
+        learner.run.callbacks = {}
         self.train_tasks, self.val_tasks, self.val_episodes = train_tasks, val_tasks, val_episodes
         self.num_workers = num_workers
-        self.step = MetaStep(learner, after_backward=lambda: callbacks.on_after_backward(state))
+        self.step = MetaStep(learner, after_backward=lambda: state.callbacks.on_after_backward(state))
 
     def run(self) -> None:
         """Train from ``learner.iteration`` to ``state.iterations`` (or an earlier stop)."""

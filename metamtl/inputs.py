@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .algorithms import Algorithm, build_algorithm
 from .data.augment import SupportAugment
 from .data.base import Preprocessing
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, unknown_name
 from .models.backbones import TrunkHead
 from .placement import Placement
 from .tasks.episode import Episode
@@ -110,6 +111,22 @@ def check_episode(episode: Any, what: str, *, task: str, model: TrunkHead) -> No
             f"{where}: the data does not fit the model: {exc}. Build the model for this data "
             "(e.g. conv4 in_channels/image_size) or load the data at the model's size (image_size=)"
         ) from None
+
+
+def check_learner_parts(model: Any, algorithm: Any, task: str) -> Algorithm:
+    """The algorithm of a new learner (built if given by name), after checking the model is a
+    :class:`TrunkHead` and ``task`` one of :data:`TASK_TYPES`."""
+    if not isinstance(model, TrunkHead):
+        raise ConfigError(
+            f"MetaLearner needs a metamtl.models.TrunkHead (trunk + head), got {type(model).__name__}; "
+            "wrap your network as TrunkHead(trunk, head) or use metamtl.models.build_model"
+        )
+    algorithm = build_algorithm(algorithm) if isinstance(algorithm, str) else algorithm
+    if not isinstance(algorithm, Algorithm):
+        raise ConfigError(f"algorithm must be an Algorithm or a name, got {type(algorithm).__name__}")
+    if task not in TASK_TYPES:
+        raise unknown_name("task type", task, TASK_TYPES)
+    return algorithm
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:

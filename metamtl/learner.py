@@ -7,8 +7,9 @@ to use (or resume training) the learner standalone.
 
 It is a facade over parts that each do one thing: :mod:`~metamtl.placement` (device, precision,
 layout), :mod:`~metamtl.fit_loop` (the training loop), :mod:`~metamtl.run_state` (what a
-checkpoint holds, resume), :mod:`~metamtl.inputs` (what ``adapt``/``predict`` accept),
-:mod:`~metamtl.evaluation` and :mod:`~metamtl.distributed` (several processes).
+checkpoint holds, resume, trunk initialisation), :mod:`~metamtl.inputs` (what the learner accepts),
+:mod:`~metamtl.predictors` (``adapt``/``predict``), :mod:`~metamtl.evaluation` and
+:mod:`~metamtl.distributed` (several processes).
 """
 from __future__ import annotations
 
@@ -18,22 +19,21 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from . import distributed, inputs, run_state
+from . import distributed, inputs, predictors, run_state
 from .adaptation import check_positive
-from .algorithms import Algorithm, build_algorithm
+from .algorithms import Algorithm
 from .callbacks import Callback, CallbackList, FitState, standard_callbacks
 from .checkpoint import atomic_save, safe_load
 from .data.base import Preprocessing
-from .errors import CheckpointError, ConfigError, InputError, unknown_name
 from .evaluation import (EvalResult, episode_reader, evaluate_episodes, feature_means, hierarchy_of, mean_ci95,
                          scorer)
 from .fit_loop import (INTERRUPT_CHECKPOINT, META_OPTIMIZERS, FitLoop, build_meta_optimizer, check_fit_arguments,
                        start_run)
 from .heads import head_name
 from .inference import InferenceSettings
-from .inputs import TASK_TYPES, check_int, check_steps
+from .inputs import check_int, check_steps
 from .models.backbones import TrunkHead
-from .numerics import check_finite_weights
+from .numerics import check_weights_before
 from .placement import PRECISIONS, Placement, resolve_device
 from .predictors import AdaptedPredictor, HeadPredictor
 from .tasks.episode import Episode
@@ -84,16 +84,7 @@ class MetaLearner:
                  max_bad_steps: int = 10, task: str = "classification", task_defaults: dict[str, int] | None = None,
                  metadata: dict[str, Any] | None = None, precision: str = "fp32", channels_last: bool | None = None,
                  support_augment: Any = None, head: Any = None) -> None:
-        if not isinstance(model, TrunkHead):
-            raise ConfigError(
-                f"MetaLearner needs a metamtl.models.TrunkHead (trunk + head), got {type(model).__name__}; "
-                "wrap your network as TrunkHead(trunk, head) or use metamtl.models.build_model"
-            )
-        algorithm = build_algorithm(algorithm) if isinstance(algorithm, str) else algorithm
-        if not isinstance(algorithm, Algorithm):
-            raise ConfigError(f"algorithm must be an Algorithm or a name, got {type(algorithm).__name__}")
-        if task not in TASK_TYPES:
-            raise unknown_name("task type", task, TASK_TYPES)
+        algorithm = inputs.check_learner_parts(model, algorithm, task)
         self.placement = Placement.create(device, precision, channels_last, model)
         algorithm.setup(model)  # model-dependent learnable state, before the meta-optimizer exists
         self.model = self.placement.module(model)
@@ -193,13 +184,11 @@ class MetaLearner:
                             val_every=(1 if val_every is None else val_every, 1))
         start_run(self, {"meta_batch_size": meta_batch_size, "train_tasks": repr(train_tasks)}, resume)
         cbs = standard_callbacks(progress, checkpoint_dir, checkpoint_every) + self.callbacks + list(callbacks)
-        target = iterations if resume is not None else self.iteration + iterations
-        state = self.fit_state = FitState(
-            self, target, meta_batch_size, val_every=(val_every or max(1, iterations // 10)) if val_tasks else None,
-            budget_minutes=budget_minutes, rank=self.rank, world_size=self.world_size, callbacks=CallbackList(cbs))
-        state.callbacks.load_state_dict(self.run.callbacks)
-        self.run.callbacks = {}
-        FitLoop(self, state, state.callbacks, train_tasks, val_tasks, val_episodes, num_workers).run()
+        self.fit_state = FitState(
+            self, iterations if resume is not None else self.iteration + iterations, meta_batch_size,
+            val_every=(val_every or max(1, iterations // 10)) if val_tasks else None, budget_minutes=budget_minutes,
+            rank=self.rank, world_size=self.world_size, callbacks=CallbackList(cbs))
+        FitLoop(self, self.fit_state, train_tasks, val_tasks, val_episodes, num_workers).run()
         return self.history
 
     # -- evaluation ---------------------------------------------------------------------------
@@ -242,8 +231,6 @@ class MetaLearner:
     def compute_feature_mean(self, source: Any, max_images: int = 10_000, batch_size: int = 256) -> dict[str, torch.Tensor]:
         """Mean trunk feature of the training images (:attr:`feature_means`, saved), for heads that
         centre features (SimpleShot): see :func:`metamtl.evaluation.feature_means`."""
-        check_int("max_images", max_images, 1)
-        check_int("batch_size", batch_size, 1)
         self.feature_means.update(feature_means(self.model, source, self.placement, max_images, batch_size))
         return dict(self.feature_means)
 
@@ -260,11 +247,7 @@ class MetaLearner:
 
     def check_finite(self, what: str) -> None:
         """:class:`~metamtl.errors.TrainingError` if a weight (parameter or buffer) is NaN or inf."""
-        check_finite_weights(
-            [("model.", self.model), ("algorithm.", self.algorithm)], what,
-            f"they were already so before {what} started: training (this learner is at iteration {self.iteration}) "
-            "or the checkpoint it was loaded from produced them. Retrain with a lower meta_lr or with grad_clip, "
-            "or load an earlier checkpoint")
+        check_weights_before([("model.", self.model), ("algorithm.", self.algorithm)], what, self.iteration)
 
     def check_episode(self, episode: Episode, what: str) -> None:
         """Refuse, with a clear message, an episode this learner cannot train or evaluate on."""
@@ -279,31 +262,13 @@ class MetaLearner:
         ``support_augment`` and ``head``: as in :meth:`evaluate` (support copies drawn from the
         augmentation's seed; a feature head gives a :class:`~metamtl.predictors.HeadPredictor`).
         """
-        check_steps(steps)
-        self.check_finite("adapt")
-        x = self.model_input(support_x, "support_x")
-        y, ways = inputs.support_labels(support_y, x.shape[0], self.task, self.device)
-        x, y = inputs.support_copies(x, y, self.inference.augment(support_augment))
-        head = self.inference.classifier(head)
-        self.model.eval()
-        if head is not None:
-            if self.task != "classification":
-                raise ConfigError(f"feature head {head.name!r} classifies; this learner does {self.task}")
-            return HeadPredictor(self, head, x, y, ways)
-        with torch.no_grad(), self.autocast():
-            adapted = self.algorithm.adapt(self.model, x, y, ways, steps)
-        return AdaptedPredictor(self, adapted, ways)
+        return predictors.adapt(self, support_x, support_y, steps, support_augment, head)
 
     def predict(self, support_x: Any, support_y: Any, query_x: Any, steps: int | None = None,
                 support_augment: Any = None, head: Any = None) -> torch.Tensor:
         """Logits for ``query_x`` after adapting to ``(support_x, support_y)`` (with a transductive
         head, the queries are classified together)."""
-        predictor = self.adapt(support_x, support_y, steps, support_augment=support_augment, head=head)
-        q = self.model_input(query_x, "query_x")
-        if q.shape[1:] != predictor.support_x.shape[1:]:
-            raise InputError(f"query images have shape {list(q.shape[1:])} but support images "
-                             f"{list(predictor.support_x.shape[1:])}")
-        return predictor(q)
+        return predictors.predict(self, support_x, support_y, query_x, steps, support_augment, head)
 
     def init_from(self, source: Any) -> None:
         """Copy the trunk weights of another learner (a :class:`MetaLearner` or the path of a saved
@@ -312,18 +277,7 @@ class MetaLearner:
         Only ``trunk.*`` weights are taken (heads, algorithm state and optimizer start fresh); the
         trunks must have the same architecture (:class:`~metamtl.errors.CheckpointError` otherwise).
         """
-        if isinstance(source, MetaLearner):
-            state, where = source.model.state_dict(), "the given learner"
-        else:
-            state, where = run_state.require(safe_load(source), source, "model_state")["model_state"], str(source)
-        trunk = {k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")}
-        try:
-            self.model.trunk.load_state_dict(trunk)
-        except RuntimeError as exc:
-            raise CheckpointError(
-                f"the trunk of {where} does not fit this model ({self.model.config}): {exc}; build the same "
-                "trunk (model name, widths, channels, image size) for every stage"
-            ) from None
+        run_state.load_trunk(self.model, source.model.state_dict() if isinstance(source, MetaLearner) else source)
 
     # -- persistence --------------------------------------------------------------------------
     def state(self, training_state: bool = False) -> dict[str, Any]:

@@ -41,6 +41,16 @@ def check_finite_weights(modules: Iterable[tuple[str, nn.Module]], what: str, ca
         )
 
 
+def check_weights_before(modules: Iterable[tuple[str, nn.Module]], what: str, iteration: int) -> None:
+    """:func:`check_finite_weights` of a learner at ``iteration`` before ``what`` (evaluate, adapt)
+    starts: non-finite weights came from training or from the checkpoint it was loaded from."""
+    check_finite_weights(
+        modules, what,
+        f"they were already so before {what} started: training (this learner is at iteration {iteration}) "
+        "or the checkpoint it was loaded from produced them. Retrain with a lower meta_lr or with grad_clip, "
+        "or load an earlier checkpoint")
+
+
 def check_finite_episodes(losses: list[float], steps: int) -> None:
     """Raise :class:`TrainingError` at the first evaluation episode whose query loss is not finite
     (the weights were checked finite before: the adaptation or the forward pass diverged)."""

@@ -1,13 +1,16 @@
-"""What :meth:`MetaLearner.adapt <metamtl.MetaLearner.adapt>` returns: a learner adapted to one
-support set, called on query inputs to get logits (:class:`AdaptedPredictor`), or a feature head
-on that support set's trunk features (:class:`HeadPredictor`)."""
+"""Behind :meth:`MetaLearner.adapt <metamtl.MetaLearner.adapt>` and ``predict`` (:func:`adapt`,
+:func:`predict`), and what ``adapt`` returns: a learner adapted to one support set, called on query
+inputs to get logits (:class:`AdaptedPredictor`), or a feature head on that support set's trunk
+features (:class:`HeadPredictor`)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import inputs
 from .adaptation import Adapted
+from .errors import ConfigError, InputError
 from .heads import FeatureHead, query_features
 
 if TYPE_CHECKING:
@@ -62,3 +65,35 @@ class HeadPredictor(AdaptedPredictor):
         with torch.no_grad(), self.learner.autocast():
             query = query_features(self.learner.model.trunk, x, self._support_x, self.learner.bn_stats)
         return self.head(self.features, self.support_y, query, self.ways, self.learner.feature_mean()).detach()
+
+
+def adapt(learner: "MetaLearner", support_x: Any, support_y: Any, steps: int | None = None,
+          support_augment: Any = None, head: Any = None) -> AdaptedPredictor:
+    """``learner`` adapted to a support set (see :meth:`MetaLearner.adapt <metamtl.MetaLearner.adapt>`):
+    inputs checked and coerced, support copies added, then the algorithm's adaptation or ``head``."""
+    inputs.check_steps(steps)
+    learner.check_finite("adapt")
+    x = learner.model_input(support_x, "support_x")
+    y, ways = inputs.support_labels(support_y, x.shape[0], learner.task, learner.device)
+    x, y = inputs.support_copies(x, y, learner.inference.augment(support_augment))
+    head = learner.inference.classifier(head)
+    learner.model.eval()
+    if head is not None:
+        if learner.task != "classification":
+            raise ConfigError(f"feature head {head.name!r} classifies; this learner does {learner.task}")
+        return HeadPredictor(learner, head, x, y, ways)
+    with torch.no_grad(), learner.autocast():
+        adapted = learner.algorithm.adapt(learner.model, x, y, ways, steps)
+    return AdaptedPredictor(learner, adapted, ways)
+
+
+def predict(learner: "MetaLearner", support_x: Any, support_y: Any, query_x: Any, steps: int | None = None,
+            support_augment: Any = None, head: Any = None) -> torch.Tensor:
+    """Logits for ``query_x`` of ``learner`` adapted to ``(support_x, support_y)`` (see
+    :meth:`MetaLearner.predict <metamtl.MetaLearner.predict>`)."""
+    predictor = learner.adapt(support_x, support_y, steps, support_augment=support_augment, head=head)
+    q = learner.model_input(query_x, "query_x")
+    if q.shape[1:] != predictor.support_x.shape[1:]:
+        raise InputError(f"query images have shape {list(q.shape[1:])} but support images "
+                         f"{list(predictor.support_x.shape[1:])}")
+    return predictor(q)

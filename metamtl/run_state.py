@@ -14,7 +14,7 @@ import dataclasses
 import random
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import torch
@@ -176,6 +176,23 @@ def require(obj: dict[str, Any], path: Any, *keys: str) -> dict[str, Any]:
         raise CheckpointError(f"{path} is damaged or not a learner checkpoint: it lacks {', '.join(missing)}")
     return obj
 
+
+
+def load_trunk(model: TrunkHead, source: Mapping[str, torch.Tensor] | str | Path) -> None:
+    """Copy the ``trunk.*`` weights of a model's state dict, or of the learner saved at a path, into
+    ``model``'s trunk (:class:`CheckpointError` if the trunks differ)."""
+    if isinstance(source, Mapping):
+        state, where = source, "the given learner"
+    else:
+        state, where = require(safe_load(source), source, "model_state")["model_state"], str(source)
+    trunk = {k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")}
+    try:
+        model.trunk.load_state_dict(trunk)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"the trunk of {where} does not fit this model ({model.config}): {exc}; build the same "
+            "trunk (model name, widths, channels, image size) for every stage"
+        ) from None
 
 
 def learner_state(learner: "MetaLearner", training_state: bool = False) -> dict[str, Any]:

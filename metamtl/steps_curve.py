@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .progress_bars import progress_bar
+
 STEPS_FILE = "steps_curve.json"
 
 
@@ -56,12 +58,10 @@ def accuracy_vs_steps(learner: Any, sources: Mapping[str | None, Any], settings:
     Classification curves are accuracies, regression curves mean squared errors; the queries are
     always classified by the algorithm's own adaptation (feature heads have no inner steps).
     """
-    from tqdm.auto import tqdm
-
     regression = learner.task == "regression"
     curves = []
-    bar = tqdm(total=len(settings) * len(steps), desc="accuracy vs inner steps", leave=False,
-               disable=not progress or not learner.is_main_process, dynamic_ncols=True)
+    bar = progress_bar(progress and learner.is_main_process, total=len(settings) * len(steps),
+                       desc="accuracy vs inner steps", leave=False, dynamic_ncols=True)
     with bar:
         for row in settings:
             label = row.get("dataset")

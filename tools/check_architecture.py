@@ -33,6 +33,7 @@ MODULE_LAYERS = {
     "metamtl.version": "foundation",
     "metamtl.environment": "foundation",
     "metamtl.memory": "foundation",
+    "metamtl.progress_bars": "foundation",
     "metamtl.data": "data",
     "metamtl.tasks": "tasks",
     "metamtl.models": "models",

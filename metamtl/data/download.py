@@ -21,6 +21,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import DataError, DataNotFoundError, IntegrityError
+from ..progress_bars import progress_bar
 
 _CHUNK = 1 << 20
 _MD5_MEMO: dict[tuple, str] = {}
@@ -79,8 +80,6 @@ def download_url(
     name.  Raises :class:`IntegrityError` on an md5 mismatch and :class:`DataError` when the URL
     cannot be fetched.
     """
-    from tqdm.auto import tqdm
-
     root = Path(root).expanduser()
     filename = filename or posixpath.basename(urllib.parse.urlparse(url).path)
     if not filename:
@@ -96,8 +95,8 @@ def download_url(
             try:
                 with urllib.request.urlopen(url, timeout=60) as response:
                     size = response.headers.get("Content-Length")
-                    with tqdm(total=int(size) if size else None, unit="B", unit_scale=True,
-                              desc=filename, disable=None, leave=False) as bar:
+                    with progress_bar(None, total=int(size) if size else None, unit="B", unit_scale=True,
+                                      desc=filename, leave=False) as bar:
                         for chunk in iter(lambda: response.read(_CHUNK), b""):
                             out.write(chunk)
                             h.update(chunk)

@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import DataError, DataNotFoundError, InputError, IntegrityError, decode_text
+from ..progress_bars import progress_bar
 from .base import ClassDataset, Preprocessing, is_grey
 from .cache import Decoded, cached_decode
 from .download import md5sum, verify_md5
@@ -276,11 +277,9 @@ def _open_image(tree: Tree, rel: str, size: tuple[int, int] | None = None, load:
 
 def _pool_map(fn: Callable[[range], int], n: int, desc: str) -> None:
     """Run ``fn`` over chunks of ``range(n)`` in a thread pool, with a progress bar."""
-    from tqdm.auto import tqdm
-
     workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     chunks = [range(s, min(s + _CHUNK, n)) for s in range(0, n, _CHUNK)]
-    with ThreadPoolExecutor(workers) as pool, tqdm(total=n, desc=desc, unit="img", disable=None, leave=False) as bar:
+    with ThreadPoolExecutor(workers) as pool, progress_bar(None, total=n, desc=desc, unit="img", leave=False) as bar:
         try:
             for done in pool.map(fn, chunks):
                 bar.update(done)

@@ -47,6 +47,11 @@ def test_every_module_layer_is_declared_once_for_a_module_that_exists():
     assert arch.layer_of("metamtl.heads.base") == "models"  # feature heads import models and tasks only
 
 
+def test_the_learner_facade_module_stays_small():
+    lines = len((REPO / "metamtl" / "learner.py").read_text().splitlines())
+    assert lines <= 300, f"metamtl/learner.py has {lines} lines: move the work into the part that owns it"
+
+
 def test_every_import_is_seen_function_local_and_type_only_ones_too():
     found = {(i.source, i.target, i.runtime, i.scope.split(",")[0]) for i in arch.imports()}
     assert ("metamtl.learner", "metamtl.callbacks", True, "module level") in found

@@ -36,7 +36,7 @@ def run_loop(learner, tasks, iterations, *, val_every=None, val=None, budget=Non
     cbs = CallbackList(callbacks)
     state = FitState(learner, iterations, 2, val_every=val_every, budget_minutes=budget, callbacks=cbs)
     learner.fit_state = state
-    FitLoop(learner, state, cbs, tasks, val, val_episodes=2).run()
+    FitLoop(learner, state, tasks, val, val_episodes=2).run()
     return state
 
 

@@ -1,9 +1,15 @@
-"""``--no-progress`` silences every progress bar of a run, the accuracy-vs-inner-steps curve's too."""
+"""``--no-progress`` silences every progress bar of a run: the accuracy-vs-inner-steps curve's, and
+the data layer's image decoding (drawn only on a terminal) too."""
 from __future__ import annotations
 
+import io
 import json
+import sys
+from pathlib import Path
 
+import torch
 import yaml
+from PIL import Image
 
 from metamtl.cli import main
 
@@ -34,3 +40,44 @@ def test_no_progress_silences_every_bar_and_the_run_still_writes_its_curve(tmp_p
     assert main(["fit", str(path), "--overwrite"]) == 0
     err = capfd.readouterr().err
     assert all(bar in err for bar in BARS), err
+
+
+class Terminal(io.StringIO):
+    """stderr as a terminal: tqdm draws the bars it draws only there (image decoding, downloads)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def folder_config(tmp_path, cache: str) -> Path:
+    g = torch.Generator().manual_seed(0)
+    for split, classes in (("train", 4), ("test", 3)):
+        for c in range(classes):
+            folder = tmp_path / "data" / split / f"{split}{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(3):
+                pixels = (torch.rand(12, 12, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    path = tmp_path / f"folder-{cache}.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "folder", "seed": 0, "output_dir": str(tmp_path / "runs"),
+        "data": {"name": "folder", "root": str(tmp_path / "data"), "cache_dir": str(tmp_path / cache),
+                 "val_split": None},
+        "tasks": {"ways": 3, "shots": 1, "queries": 1},
+        "model": {"name": "conv4", "hidden": 4, "blocks": 2},
+        "algorithm": {"name": "protonet"},
+        "train": {"iterations": 2, "meta_batch_size": 1, "device": "cpu"},
+        "eval": {"episodes": 2, "queries": 1, "settings": [{"ways": 3, "shots": 1}]},
+        "logging": {"wandb": False, "report": False, "metrics": None},
+    }))
+    return path
+
+
+def test_no_progress_on_a_terminal_silences_the_data_layers_decoding_bar_too(tmp_path, monkeypatch):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(["fit", str(folder_config(tmp_path, "cache-a")), "--no-progress"]) == 0
+    assert "%|" not in terminal.getvalue(), terminal.getvalue()  # no tqdm bar at all
+    # the same run on a fresh decode cache, with bars: the decoding bar is drawn, so the check can fail
+    assert main(["fit", str(folder_config(tmp_path, "cache-b")), "--overwrite"]) == 0
+    assert "img" in terminal.getvalue() and "meta-train" in terminal.getvalue(), terminal.getvalue()
