@@ -47,8 +47,22 @@ def _percent(metric: str) -> bool:
     return "accuracy" in metric
 
 
+def _by_stage(rows: Sequence[Mapping[str, Any]]) -> list[tuple[Any, list[Mapping[str, Any]]]]:
+    """Consecutive rows of the same ``stage`` (one group without stages)."""
+    groups: list[tuple[Any, list[Mapping[str, Any]]]] = []
+    for r in rows:
+        if not groups or groups[-1][0] != r.get("stage"):
+            groups.append((r.get("stage"), []))
+        groups[-1][1].append(r)
+    return groups
+
+
 def plot_learning_curves(history: Sequence[Mapping[str, float]], path: Path) -> Path | None:
-    """Train (raw and smoothed) and validation (with 95% CI) loss and accuracy per meta-iteration."""
+    """Train (raw and smoothed) and validation (with 95% CI) loss and accuracy per meta-iteration.
+
+    A staged run's rows (``stage`` key) are drawn stage by stage (smoothed separately: the losses of
+    a classifier over all classes and of N-way episodes differ), with a dashed line where each
+    stage starts."""
     train = [r for r in history if "train/loss" in r]
     val = [r for r in history if "val/loss" in r]
     if not train and not val:
@@ -59,11 +73,14 @@ def plot_learning_curves(history: Sequence[Mapping[str, float]], path: Path) -> 
     fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 3.8), squeeze=False)
     for name, ax in zip(names, axes[0]):
         scale = 100.0 if _percent(name) else 1.0
-        if train:
-            xs = [r["iteration"] for r in train]
-            ys = [scale * r.get(f"train/{name}", float("nan")) for r in train]
+        for k, (stage, rows) in enumerate(_by_stage(train)):
+            xs = [r["iteration"] for r in rows]
+            ys = [scale * r.get(f"train/{name}", float("nan")) for r in rows]
             ax.plot(xs, ys, alpha=0.2, color="C0", lw=0.8)
-            ax.plot(xs, ema(ys), color="C0", label="train tasks (EMA)")
+            ax.plot(xs, ema(ys), color="C0", label="train tasks (EMA)" if k == 0 else None)
+            if stage is not None:
+                ax.axvline(xs[0], color="grey", ls="--", lw=0.8)
+                ax.annotate(str(stage), (xs[0], 1.0), xycoords=("data", "axes fraction"), va="top", fontsize=8)
         if val:
             xs = [r["iteration"] for r in val]
             ys = [scale * r.get(f"val/{name}", float("nan")) for r in val]

@@ -61,7 +61,19 @@ def _setting(r: Mapping[str, Any]) -> str:
         setting = f"{r['shots']}-shot regression"
     else:
         setting = f"{r['ways']}-way {r['shots']}-shot"
+        if r.get("hierarchy") is not None:
+            setting += " within one superclass"
+        if r.get("head", "algorithm") != "algorithm":
+            setting += f", head {r['head']}" + (" (TRANSDUCTIVE)" if r.get("transductive") else "")
     return f"{r['dataset']}: {setting}" if r.get("dataset") else setting
+
+
+def _stages(results: Mapping[str, Any]) -> str:
+    """One line per stage of a staged run (``stages`` config), empty otherwise."""
+    stages = results.get("stages") or []
+    return "".join(f"<br>Stage {i + 1}, <b>{_e(s.get('stage'))}</b>: {_e(s.get('algorithm'))}, "
+                   f"{s.get('iterations')} meta-iterations in {s.get('train_seconds', 0):.0f} s "
+                   f"(stopped by {_e(s.get('stopped_by'))})" for i, s in enumerate(stages))
 
 
 def _value(r: Mapping[str, Any]) -> str:
@@ -244,7 +256,7 @@ def _report_page(run_dir: Path, results: Mapping[str, Any], figures: list[tuple[
 ({_e(', '.join(f'{k}={v}' for k, v in model.items() if k != 'name'))}),
 meta-trained on {t.get('ways')}-way {t.get('shots')}-shot tasks ({t.get('queries')} queries per class,
 {tr.get('meta_batch_size')} tasks per meta-batch) for <b>{results.get('iterations')}</b> meta-iterations in
-{results.get('train_seconds', 0):.0f} s (stopped by {_e(results.get('stopped_by'))}){_memory_line(results)}.<br>
+{results.get('train_seconds', 0):.0f} s (stopped by {_e(results.get('stopped_by'))}){_memory_line(results)}.{_stages(results)}<br>
 Data: {_e(protocol(cfg)[0])}.<br>
 Commit <code>{_e(results.get('commit'))}</code>, {_e(results.get('date'))},
 {_e(machine.get('cpu') or machine.get('platform', ''))}.</p>

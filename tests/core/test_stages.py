@@ -80,7 +80,11 @@ def test_stages_run_in_order_from_the_previous_trunk_with_one_history(tmp_path):
     # a zero-iteration last stage evaluates exactly the pre-trained trunk
     zero = staged(tmp_path / "z")
     zero["stages"][1] = {"name": "meta", "train": {"iterations": 0}}
+    zero["logging"] = {"report": True, "report_steps_episodes": 0, "metrics": None}
     results = run(config_from_dict(zero), progress=False, quiet=True)
+    report = (tmp_path / "z" / "runs" / "staged" / "report.html").read_text()
+    assert "Stage 1, <b>pretrain</b>: transfer, 4 meta-iterations" in report and "Stage 2, <b>meta</b>" in report
+    assert (tmp_path / "z" / "runs" / "staged" / "learning_curves.png").is_file()
     final = MetaLearner.load(results["checkpoint"], device="cpu")
     first = MetaLearner.load(tmp_path / "z" / "runs" / "staged" / "stages" / "pretrain" / "learner.pt", device="cpu")
     for pa, pb in zip(first.model.trunk.parameters(), final.model.trunk.parameters()):
