@@ -27,7 +27,7 @@ from common import REPO, command, data_root, provenance
 
 CONFIGS = {
     "mini-ImageNet transfer (84x84, 128 img/it.)": ("configs/benchmarks/miniimagenet_5w1s.yaml", ["data.test_split=val"]),
-    "Omniglot demo ANIL (28x28, 16 tasks/it.)": ("configs/omniglot_5w1s.yaml", []),
+    "Omniglot demo config (28x28)": ("configs/omniglot_5w1s.yaml", []),
 }
 COMMON = ["train.budget_minutes=null", "train.scheduler=null", "data.val_split=null", "eval.episodes=5",
           "eval.checkpoint=last", "logging.report=false", "logging.report_steps_episodes=0", "logging.metrics=null"]

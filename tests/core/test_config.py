@@ -5,16 +5,20 @@ from pathlib import Path
 
 import pytest
 
-from metamtl.config import apply_overrides, config_from_dict, load_config
+from metamtl.config import apply_overrides, config_from_dict, load_config, stage_configs
 from metamtl.errors import ConfigError
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+# every shipped config, the benchmark ones included (base.yaml files only serve as `extends` bases)
+CONFIGS = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if p.name != "base.yaml")
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(CONFIG_DIR)) for p in CONFIGS])
 def test_shipped_configs_are_valid(path):
     cfg = load_config(path)
     assert cfg.name and cfg.train.iterations >= 1
+    for _, stage in stage_configs(cfg) if cfg.stages else ():  # every stage is a valid config too
+        assert stage.train.iterations >= 1
 
 
 def test_unknown_key_suggests_the_closest():

@@ -183,6 +183,13 @@ def test_cli_under_torchrun_on_omniglot_matches_one_process(tmp_path, data_root)
             # ~1e-7 all-reduce rounding differences: at 0.05 they grew to 0.02 in the losses after 4
             # steps on the de-duplicated Omniglot episodes, a property of the run, not of torchrun
             "train.meta_lr=0.01", "logging.report=false",
+            # the demo anneals its learning rate over its time budget (a clock, never equal in two
+            # runs); its 60-way ProtoNet episodes and affine augmentation each move the weights by
+            # 1e-5 between the two runs here (same per-episode accuracies; SGD amplifies rounding),
+            # so the exact comparison keeps the 5-way ANIL setting without augmentation it was
+            # calibrated on
+            "train.scheduler=null", "tasks.ways=5", "data.train_augment=null",
+            "algorithm={name: anil, head_init: proto, steps: 3, lr: 0.1, eval_steps: 3}",
             # NCHW: the per-episode accuracies are compared exactly, and oneDNN's NHWC kernels sum
             # in an order that moves borderline queries with 1e-7 differences in the weights
             "train.channels_last=false"]
