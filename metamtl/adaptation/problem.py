@@ -32,7 +32,8 @@ Tensors = list[torch.Tensor]
 def map_tasks(fn: Callable[..., torch.Tensor], params: Sequence[torch.Tensor], *xs: torch.Tensor) -> torch.Tensor:
     """``stack([fn([p[t] for p in params], *[x[t] for x in xs]) for t])``, vmapped over tasks ``t``."""
     if xs[0].shape[0] == 1:  # one task: a plain call (no vmap overhead; hooks see real tensors)
-        return fn([p[0] for p in params], *[x[0] for x in xs]).unsqueeze(0)
+        # squeeze, not [0]: its backward is a view, where select's allocates and fills a copy
+        return fn([p.squeeze(0) for p in params], *[x.squeeze(0) for x in xs]).unsqueeze(0)
     return vmap(fn)(list(params), *xs)
 
 
