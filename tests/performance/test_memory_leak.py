@@ -4,12 +4,13 @@ Each run is a fresh process (tests/performance/leak_worker.py): 300 warm-up meta
 1,000 measured ones; *growth* is the median RSS of the last 100 minus the median of the first 100.
 
 Tolerance, from measured noise (2-core CPU, torch 2.14, glibc allocator tuned as by a CPU
-MetaLearner): without a leak the growth was 0.082-0.090 MB in 7 runs (5 task seeds): a slow,
-deterministic creep of ~85 bytes per iteration, plus a few pages of allocator jitter (0.004-0.06 MB
-within any 100-iteration window after warm-up).  The tolerance,
-0.4 MB over 1,000 iterations (~4.5x the largest growth seen, 400 bytes per iteration), catches a
-leak of 1 kB per iteration (measured growth 0.80 MB) and the deliberately leaking variant below
-(one small loss graph per iteration: ~14.5 MB).
+MetaLearner): without a leak the growth was 0.027-0.031 MB in 3 runs on the inner-loop core
+(0.082-0.090 MB in 7 runs, 5 task seeds, on the earlier torch.func fast path): a slow,
+deterministic creep of under 100 bytes per iteration, plus a few pages of allocator jitter (at most
+0.06 MB within any 100-iteration window after warm-up).  The tolerance, 0.4 MB over 1,000
+iterations (400 bytes per iteration, over 4x the largest growth seen), catches a leak of 1 kB per
+iteration (measured growth 0.80 MB) and the deliberately leaking variant below (one small loss
+graph per iteration: 14.4 MB).
 """
 from __future__ import annotations
 
