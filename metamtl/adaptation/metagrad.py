@@ -35,7 +35,14 @@ class MetaGradient:
     def backward(self, problem: InnerProblem, outer: Outer, weight: float) -> tuple[Adapted, torch.Tensor, torch.Tensor]:
         """Accumulate the meta-gradient; returns ``(adapted, objective [T], logits)``."""
         start = problem.leaves()
-        adapted = problem.unroll(start, tape=True, create_graph=self.create_graph)
+        return self.descend(problem, start, problem.unroll(start, tape=True, create_graph=self.create_graph),
+                            outer, weight)
+
+    @staticmethod
+    def descend(problem: InnerProblem, start: list[torch.Tensor], adapted: Adapted, outer: Outer,
+                weight: float) -> tuple[Adapted, torch.Tensor, torch.Tensor]:
+        """Backpropagate ``weight * outer(adapted).sum()`` (``adapted`` on the tape from the leaves
+        ``start``) and push the start leaves' gradients into the meta-parameters."""
         objective, logits = outer(adapted)
         (objective.sum() * weight).backward(retain_graph=problem.push_needs_graph)
         problem.push([s.grad for s in start])
@@ -88,11 +95,7 @@ class Checkpointed(MetaGradient):
             return new
 
         states = checkpointed_unroll(step, start + problem.init_state(start), problem.steps, problem.context(start))
-        adapted = Adapted(problem, [s[:n] for s in states], inner_losses)
-        objective, logits = outer(adapted)
-        (objective.sum() * weight).backward(retain_graph=problem.push_needs_graph)
-        problem.push([s.grad for s in start])
-        return adapted, objective.detach(), logits.detach()
+        return self.descend(problem, start, Adapted(problem, [s[:n] for s in states], inner_losses), outer, weight)
 
 
 def proximal_term(view: InnerView, lam: float) -> torch.Tensor:
@@ -133,11 +136,7 @@ class Implicit(MetaGradient):
             return problem.objective_at(params, steps, [context[0], *anchor])[0].sum()
 
         solution = implicit_solution(solve, objective, start, [problem.inputs], self.cg_steps, batched=True)
-        adapted = Adapted(problem, [start, solution], inner_losses)
-        objective_value, logits = outer(adapted)
-        (objective_value.sum() * weight).backward(retain_graph=problem.push_needs_graph)
-        problem.push([s.grad for s in start])
-        return adapted, objective_value.detach(), logits.detach()
+        return self.descend(problem, start, Adapted(problem, [start, solution], inner_losses), outer, weight)
 
 
 RULES: dict[str, type[MetaGradient]] = {

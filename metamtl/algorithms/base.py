@@ -223,11 +223,10 @@ class Algorithm(nn.Module):
             preferred = ENGINES[self.inner.backend].chunk_size(self.inner, first.support_x.device, len(batch))
             modes = PLAN_MODES if self.supports_implicit else tuple(m for m in PLAN_MODES if m != "implicit")
             plan = plan_memory(footprint, self.inner.steps, len(batch), self.inner.max_memory_mb, preferred, modes)
-            self._plans[key] = plan
             if plan.mode == "implicit":
                 plan = dataclasses.replace(plan, reason=plan.reason + f"; implicit is iMAML: the inner objective gains "
                                            f"the proximal term lam/2 ||w - w_0||^2 with lam={self.inner.lam:g}")
-                self._plans[key] = plan
+            self._plans[key] = plan
             logging.getLogger("metamtl.memory").info("%s: %s", self.name, plan.describe())
         self.memory_plan = plan
         return plan
@@ -239,7 +238,8 @@ class Algorithm(nn.Module):
         Activations grow linearly with the number of images, so the probe runs on 2 and then 4
         support and query images of the first episode and extrapolates to the episode's sizes:
         it costs a fraction of a meta-step's memory (a full-size probe would leave the allocator
-        holding as much again as the step it measures).
+        holding as much again as the step it measures).  The outer objective is measured after
+        one step: one that reads every step (MAML++'s multi-step loss) keeps more than this.
         """
         sx, sy, qx, qy = batch.stack([0])
         ways = batch[0].ways
