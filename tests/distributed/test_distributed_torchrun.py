@@ -94,10 +94,12 @@ def assert_same_run(ranks, ref, adam=False):
     for r in ranks:
         assert r["world_size"] == 2
         assert r["iteration"] == ref["iteration"]
-        assert max_param_diff(r["params"], ref["params"], dead=False if adam else None) < 1e-6
+        # float32: two ranks average the gradient with an all-reduce, one process sums it in another
+        # order; after a few meta-steps the rounding reaches ~1e-6 in weights, ~1e-5 in losses
+        assert max_param_diff(r["params"], ref["params"], dead=False if adam else None) < 5e-6
         # validation and test episodes are split across ranks and gathered in order
         assert r["test_accuracy"] == ref["test_accuracy"] and len(r["test_accuracy"]) == 7
-        assert r["test_loss"] == pytest.approx(ref["test_loss"], abs=1e-5)
+        assert r["test_loss"] == pytest.approx(ref["test_loss"], abs=5e-5)
         assert [h["iteration"] for h in r["history"]] == [h["iteration"] for h in ref["history"]]
         for row, ref_row in zip(r["history"], ref["history"]):
             for key in ("train/loss", "train/accuracy", "train/grad_norm", "val/accuracy", "val/loss"):
@@ -160,7 +162,7 @@ def test_killed_rank_stops_the_run_keeps_last_checkpoint_and_resume_completes(tm
     for r in (0, 1):
         res = load(out_dir, "resumed", r)
         assert res["iteration"] == 8
-        assert max_param_diff(res["params"], ref["params"]) < 1e-6
+        assert max_param_diff(res["params"], ref["params"]) < 5e-6  # float32 all-reduce rounding (measured 1.19e-6)
     assert MetaLearner.load(ckpt / "last.pt", device="cpu").iteration == 8
 
 
