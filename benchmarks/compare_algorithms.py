@@ -39,7 +39,8 @@ from metamtl.config import load_config  # noqa: E402
 from metamtl.experiment import build_tasks, evaluate_settings, run  # noqa: E402
 
 METHODS = ["maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp", "protonet", "transfer"]
-LABELS = {"maml": "MAML", "fomaml": "FOMAML", "reptile": "Reptile", "anil": "ANIL", "metasgd": "Meta-SGD",
+LABELS = {"maml": "MAML", "imaml": "iMAML", "fomaml": "FOMAML", "reptile": "Reptile", "anil": "ANIL",
+          "metasgd": "Meta-SGD",
           "mamlpp": "MAML++", "protonet": "ProtoNet", "transfer": "Transfer (Baseline++)"}
 
 

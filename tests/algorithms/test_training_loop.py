@@ -203,7 +203,7 @@ def test_config_files_extend_a_base_and_the_comparison_configs_are_valid(tmp_pat
 
     compare = Path(__file__).resolve().parents[2] / "configs" / "compare"
     methods = sorted(p.stem for p in compare.glob("*.yaml") if p.stem != "base")
-    assert methods == ["anil", "fomaml", "maml", "mamlpp", "metasgd", "protonet", "reptile", "transfer"]
+    assert methods == ["anil", "fomaml", "imaml", "maml", "mamlpp", "metasgd", "protonet", "reptile", "transfer"]
     for m in methods:
         cfg = load_config(compare / f"{m}.yaml")
         assert cfg.name == m and cfg.algorithm["name"] == m and cfg.train.budget_minutes == 10
