@@ -356,11 +356,12 @@ def _check_data(cfg: Config) -> None:
             except ConfigError as exc:
                 raise ConfigError(f"{where}.train_augment: {exc}") from None
     d = cfg.data
+    trained = set(str(d.train_split).split("+"))
     for other in ("val_split", "test_split"):
-        if getattr(d, other) is not None and getattr(d, other) == d.train_split:
+        if getattr(d, other) is not None and set(str(getattr(d, other)).split("+")) & trained:
             raise ConfigError(
-                f"data.{other} is the same split as data.train_split ({d.train_split!r}): evaluation "
-                f"classes must be held out from training; choose another split or set data.{other}: null"
+                f"data.{other} ({getattr(d, other)!r}) shares classes with data.train_split ({d.train_split!r}): "
+                f"evaluation classes must be held out from training; choose another split or set data.{other}: null"
             )
 
 

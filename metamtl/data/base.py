@@ -458,6 +458,35 @@ class DuplicateImagesWarning(UserWarning):
     """A dataset held identical images within a class; the copies were dropped."""
 
 
+def join_classes(parts: Sequence[ClassDataset], name: str | None = None) -> ClassDataset:
+    """One dataset with the classes of every part (e.g. the train and validation splits).
+
+    The parts must hold disjoint class names and share their preprocessing (the same dataset's
+    splits do); images are not checked again for duplicates.
+    """
+    if not parts:
+        raise DataError("join_classes needs at least one dataset")
+    names = [c for p in parts for c in p.class_names]
+    if len(set(names)) != len(names):
+        shared = sorted({c for c in names if names.count(c) > 1})
+        raise DataError(f"cannot join datasets that share classes ({', '.join(shared[:5])}...): "
+                        "splits of one dataset are disjoint; join distinct splits")
+    first = parts[0].preprocessing
+    for p in parts[1:]:
+        if (p.preprocessing is None) != (first is None) or (first is not None and p.preprocessing.key() != first.key()):
+            raise DataError(f"cannot join {parts[0].name!r} and {p.name!r}: their preprocessing differs "
+                            f"({first} vs {p.preprocessing}); load them with the same options")
+    offsets = np.cumsum([0] + [p.num_classes for p in parts[:-1]])
+    sources = None
+    if all(p.sources is not None for p in parts):
+        sources = [s for p in parts for s in p.sources]
+    return ClassDataset(
+        torch.cat([p.images for p in parts]),
+        torch.cat([p.labels + int(o) for p, o in zip(parts, offsets)]),
+        names, name=name or parts[0].name, preprocessing=first, sources=sources, deduplicate=False,
+    )
+
+
 def stable_order(names: Iterable[str], seed: int = 0) -> list[str]:
     """Order names by a hash of ``(seed, name)``: the same on every machine and library version."""
     return sorted(names, key=lambda n: hashlib.sha1(f"{seed}:{n}".encode()).hexdigest())

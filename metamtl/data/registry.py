@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import ConfigError, unknown_name
-from .base import ClassDataset, split_names
+from .base import ClassDataset, join_classes, split_names
 from .folder import ClassFolder, CSVClassDataset, resolve_root
 from .miniimagenet import MiniImageNet
 from .omniglot import Omniglot
@@ -76,7 +76,16 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
     ``"folder"`` and ``"csv"``, whose constructors have no split, ``split`` picks ``root/<split>/``
     (or ``root/<split>.csv``), and a folder without split sub-folders is split by class with
     ``split_fractions``/``split_seed`` (``split="all"``: every class).
+
+    ``split="train+val"`` (any splits joined by ``+``) loads each split and joins their classes
+    (:func:`~metamtl.data.base.join_classes`): the usual last step after choosing settings on
+    validation classes is to retrain on train and validation classes together.
     """
+    parts = split.split("+") if isinstance(split, str) else [split]
+    if len(parts) > 1:
+        if any(not p.strip() for p in parts) or len(set(parts)) != len(parts):
+            raise ConfigError(f"split {split!r}: join distinct split names with '+', e.g. 'train+val'")
+        return join_classes([load_dataset(name, p.strip(), root, **kwargs) for p in parts], name=name)
     if name not in DATASETS:
         raise unknown_name("dataset", name, DATASETS)
     adapter = _ADAPTERS.get(name)

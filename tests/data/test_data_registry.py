@@ -58,3 +58,35 @@ def test_csv_dataset_by_name(tmp_path, write_image, cache_dir):
 def test_load_tasks():
     tasks = load_tasks("sinusoid", shots=5, seed=3)
     assert isinstance(tasks, Sinusoid) and tasks.shots == 5 and tasks.seed == 3
+
+
+def test_joined_splits_hold_every_class_of_their_parts(image_tree, cache_dir):
+    opts = dict(root=image_tree, split_fractions=(0.4, 0.3, 0.3), cache_dir=cache_dir)
+    train, val = (load_dataset("folder", s, **opts) for s in ("train", "val"))
+    both = load_dataset("folder", "train+val", **opts)
+    assert both.class_names == train.class_names + val.class_names
+    assert len(both) == len(train) + len(val)
+    for part in (train, val):
+        for c, name in enumerate(part.class_names):
+            joined = both.class_indices(both.class_names.index(name))
+            assert torch.equal(both.images[joined], part.images[part.class_indices(c)])
+    test = load_dataset("folder", "test", **opts)
+    assert not set(test.class_names) & set(both.class_names)
+    with pytest.raises(ConfigError, match="join distinct split names"):
+        load_dataset("folder", "train+train", **opts)
+    with pytest.raises(ConfigError, match="join distinct split names"):
+        load_dataset("folder", "train+", **opts)
+
+
+def test_join_classes_refuses_shared_classes_and_mixed_preprocessing(image_tree, cache_dir):
+    from metamtl.data import join_classes
+    from metamtl.data.base import Preprocessing
+    from metamtl.errors import DataError
+
+    full = load_dataset("folder", "all", root=image_tree, cache_dir=cache_dir)
+    with pytest.raises(DataError, match="share classes"):
+        join_classes([full, full.subset([0])])
+    other = full.subset([1])
+    other.preprocessing = Preprocessing(size=(3, 3), channels=3, mean=(0.5,) * 3, std=(1.0,) * 3)
+    with pytest.raises(DataError, match="preprocessing differs"):
+        join_classes([full.subset([0]), other])
