@@ -198,7 +198,9 @@ class _Implicit(torch.autograd.Function):
     def backward(ctx, *grads: torch.Tensor | None):  # type: ignore[override]
         n = ctx.n
         saved = ctx.saved_tensors
-        phi, anchor, context = _leaves(saved[:n]), _leaves(saved[n:2 * n]), _leaves(saved[2 * n:])
+        wanted = ctx.needs_input_grad[5:]  # which of anchor, context the caller needs a gradient for
+        phi = _leaves(saved[:n])
+        anchor, context = _wanted_leaves(saved[n:2 * n], wanted[:n]), _wanted_leaves(saved[2 * n:], wanted[n:])
         g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(phi, grads)]
         with torch.enable_grad():
             objective = ctx.objective(phi, anchor, context)
@@ -214,12 +216,45 @@ class _Implicit(torch.autograd.Function):
                 return [torch.zeros_like(x) if h is None else h for x, h in zip(v, hv)]
 
             u = conjugate_gradient(matvec, g, ctx.cg_steps, batched=ctx.batched)
-            for t in phi + anchor + context:
+            # -(dF/d(anchor, context))^T u, into exactly the tensors that need it: the wanted anchor
+            # and context leaves and the leaves the objective closes over.  Restricting the backward
+            # to them skips the rest of the double-backward graph (for iMAML's full-model objective
+            # the anchor's gradient is lam u, one step away from the output; without ``inputs`` the
+            # pass would walk the whole Hessian graph into phi and the support images).
+            targets = [t for t in anchor + context if t.requires_grad]
+            for t in targets:
                 t.grad = None
-            if live:
-                # -(dF/d(anchor, context))^T u; backward so closed-over leaves accumulate too
-                torch.autograd.backward(outputs, [-u[i] for i in live])
+            targets += _closed_over_leaves(outputs, phi + anchor + context)  # (their .grad accumulates)
+            if live and targets:
+                torch.autograd.backward(outputs, [-u[i] for i in live], inputs=targets)
         return (None, None, None, None, None, *[t.grad for t in anchor], *[t.grad for t in context])
+
+
+def _wanted_leaves(tensors: Sequence[torch.Tensor], wanted: Sequence[bool]) -> list[torch.Tensor]:
+    """Detached copies of ``tensors``; those the caller needs a gradient for (floating) require grad."""
+    return [t.detach().requires_grad_(bool(w) and (t.is_floating_point() or t.is_complex()))
+            for t, w in zip(tensors, wanted)]
+
+
+def _closed_over_leaves(outputs: Sequence[torch.Tensor], own: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Leaf tensors requiring grad that ``outputs``' graph reaches, other than ``own``: what a
+    function closes over (an ``nn.Parameter`` such as a loss term's weight)."""
+    own_ids = {id(t) for t in own}
+    found: dict[int, torch.Tensor] = {}
+    seen: set = set()
+    stack = [o.grad_fn for o in outputs if o.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # AccumulateGrad: the node of a leaf
+        if leaf is not None:
+            if id(leaf) not in own_ids:
+                found[id(leaf)] = leaf
+            continue
+        stack.extend(f for f, _ in node.next_functions if f is not None)
+    return list(found.values())
 
 
 def implicit_solution(

@@ -221,17 +221,19 @@ def test_implicit_equals_explicit_hessian_solve_nonlinear():
 
 
 def test_implicit_context_gradient_equals_unrolled_converged_solve():
-    """The gradient reaching the context (trunk features, via a trunk weight) equals the unrolled
-    derivative through a converged inner solve, as the implicit function theorem says."""
+    """The gradient reaching the context (trunk features, via a trunk weight) and a leaf the
+    objective closes over (a logit scale) equals the unrolled derivative through a converged inner
+    solve, as the implicit function theorem says."""
     torch.manual_seed(1)
     trunk = torch.nn.Linear(3, 4)
     x, y = torch.randn(9, 3), torch.arange(3).repeat(3)
     qx, qy = torch.randn(9, 3), torch.arange(3).repeat(3)
     head0 = torch.randn(3, 4, requires_grad=True)
+    scale = torch.tensor(1.3, requires_grad=True)  # closed over by the objective
     lam, lr, steps = 1.0, 0.3, 400
 
     def objective(phi, anchor, context):
-        return F.cross_entropy(context[0] @ phi[0].T, y) + lam / 2 * ((phi[0] - anchor[0]) ** 2).sum()
+        return F.cross_entropy(scale * context[0] @ phi[0].T, y) + lam / 2 * ((phi[0] - anchor[0]) ** 2).sum()
 
     def solve(anchor, context):
         w = anchor[0].clone().requires_grad_()
@@ -246,18 +248,18 @@ def test_implicit_context_gradient_equals_unrolled_converged_solve():
     feats = torch.tanh(trunk(x))
     (phi,) = implicit_solution(solve, objective, [head0], [feats], cg_steps=12)
     outer(phi).backward()
-    ours = [trunk.weight.grad.clone(), head0.grad.clone()]
+    ours = [trunk.weight.grad.clone(), head0.grad.clone(), scale.grad.clone()]
 
     trunk.zero_grad()
-    head0.grad = None
+    head0.grad = scale.grad = None
     feats = torch.tanh(trunk(x))
     w = head0
     for _ in range(steps):  # unrolled with the full graph
         (g,) = torch.autograd.grad(objective([w], [head0], [feats]), [w], create_graph=True)
         w = w - lr * g
     outer(w).backward()
-    assert float(trunk.weight.grad.abs().max()) > 1e-4
-    assert_close(ours, [trunk.weight.grad, head0.grad], 1e-7)
+    assert float(trunk.weight.grad.abs().max()) > 1e-4 and abs(float(scale.grad)) > 1e-4
+    assert_close(ours, [trunk.weight.grad, head0.grad, scale.grad], 1e-7)
 
 
 def retained_bytes(fn, exclude=()):
