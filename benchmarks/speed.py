@@ -19,8 +19,9 @@ The references are written as a user of each library would write them, on the te
 * ``floor``: plain forward + backward of the same images (32 tasks x 80 images) in chunks of 80:
   what one pass over the images costs without any meta-learning.
 
-metamtl rows run a ``MetaLearner``'s model and layout (by default channels_last for conv models on
-CPU, chosen automatically) and pass the meta-iteration on, as ``fit`` does; ``*_higher`` rows are the
+metamtl rows run a ``MetaLearner``'s model and layout (by default automatic: timed in both layouts
+on the row's meta-batch before the warm-up, as ``fit`` does (``metamtl.fit_loop.choose_layout``); the notes give the probe's channels_last /
+NCHW CPU-time ratio) and pass the meta-iteration on, as ``fit`` does; ``*_higher`` rows are the
 same settings with ``backend: higher`` (the oracle engine).  Meta-iterations include zeroing
 gradients and one Adam meta-step, for every row alike.
 ``--write`` records the table in benchmarks/RESULTS.md (section "Speed"), with the command,
@@ -152,15 +153,19 @@ def nhwc(model: nn.Module, batch, on: bool):
 def metamtl_step(algorithm: str, tasks: int, steps: int, device: str, queries: int = QUERIES,
                  channels_last: bool | None = None, start_iteration: int = 0, precision: str = "fp32", **settings):
     """One meta-iteration of metamtl as ``MetaLearner.fit`` runs it: the learner's layout (by default
-    chosen automatically: channels_last for conv models on CPU), its meta-iteration passed on."""
+    automatic: timed in both layouts on this meta-batch by ``choose_layout`` before the
+    warm-up, as ``fit`` does before its first meta-step), its meta-iteration passed on."""
     from metamtl import MetaLearner
     from metamtl.algorithms import build_algorithm
+    from metamtl.fit_loop import choose_layout
 
     per_task_head = settings.get("head_init", "learned") != "learned"
     alg = build_algorithm(algorithm, steps=steps, lr=settings.pop("lr", LR), **settings)
     learner = MetaLearner(metamtl_model(device, head=not per_task_head), alg, device=device,
                           channels_last=channels_last, precision=precision)
-    model, batch = learner.model, episodes(tasks, queries, device).to(memory_format=learner.memory_format)
+    learner.run.iteration = start_iteration  # the meta-gradient rule the layout is chosen for
+    batch = choose_layout(learner, episodes(tasks, queries, device).to(memory_format=learner.memory_format))
+    model = learner.model
     opt = torch.optim.Adam(learner.meta_parameters(), lr=1e-3)
     iteration = [start_iteration]
 
@@ -172,6 +177,9 @@ def metamtl_step(algorithm: str, tasks: int, steps: int, device: str, queries: i
         iteration[0] += 1
 
     layout = "channels_last" if learner.channels_last else "NCHW"
+    probe = learner.layout_probe.last
+    if learner.placement.automatic and probe is not None and probe.seconds:
+        layout += f" (probe {probe.seconds[True] / probe.seconds[False]:.2f}x)"
     return step, {"path": f"{alg.inner.backend}, {layout}"}
 
 
@@ -422,10 +430,10 @@ RATIOS = [
     ("Reptile 16x5: core / higher engine", "reptile_16x5", "reptile_16x5_higher", 0.7),
     ("MAML Adam-inner 16x5: core / higher engine", "maml_adam_16x5", "maml_adam_16x5_higher", 0.7),
     ("MAML 32x1: core / higher engine", "maml_32x1", "maml_32x1_higher", None),
-    ("MAML 32x1: channels_last (default) / NCHW forced", "maml_32x1", "maml_32x1_nchw", None),
-    ("MAML 16x5: channels_last (default) / NCHW forced", "maml_16x5", "maml_16x5_nchw", None),
-    ("FOMAML 32x1: channels_last (default) / NCHW forced", "fomaml_32x1", "fomaml_32x1_nchw", None),
-    ("ANIL 32x1: channels_last (default) / NCHW forced", "anil_32x1", "anil_32x1_nchw", None),
+    ("MAML 32x1: automatic layout (default) / NCHW forced", "maml_32x1", "maml_32x1_nchw", None),
+    ("MAML 16x5: automatic layout (default) / NCHW forced", "maml_16x5", "maml_16x5_nchw", None),
+    ("FOMAML 32x1: automatic layout (default) / NCHW forced", "fomaml_32x1", "fomaml_32x1_nchw", None),
+    ("ANIL 32x1: automatic layout (default) / NCHW forced", "anil_32x1", "anil_32x1_nchw", None),
     ("MAML 32x1 / plain higher, channels_last too", "maml_32x1", "higher_32x1_nhwc", None),
     ("MAML 32x1 / learn2learn, channels_last too", "maml_32x1", "l2l_32x1_nhwc", None),
     ("MAML 32x1 / floor channels_last (metamtl Conv4)", "maml_32x1", "floor_metamtl_nhwc", None),

@@ -109,7 +109,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     device: str = "auto"
     precision: str = "fp32"  # or "bf16": bfloat16 autocast (MetaLearner precision)
-    channels_last: bool | None = None  # NHWC weights and images; null: automatic (MetaLearner channels_last)
+    channels_last: bool | None = None  # NHWC weights and images; null: timed on CPU (MetaLearner channels_last)
     max_bad_steps: int = 10
     scheduler: SchedulerConfig | None = None
     early_stopping: EarlyStoppingConfig | None = None

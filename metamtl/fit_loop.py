@@ -11,6 +11,7 @@ row), clipped to ``grad_clip`` and applied.
 """
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import warnings
@@ -28,6 +29,7 @@ from .inputs import check_int, check_task_source
 from .interrupt import StopOnSignal, signal_name
 from .memory import PeakMemory
 from .numerics import check_finite_weights
+from .placement import set_layout
 from .tasks.episode import TaskBatch
 from .tasks.sampler import TaskSource, task_batches
 
@@ -84,6 +86,76 @@ def start_run(learner: "MetaLearner", settings: dict[str, Any], resume: str | Pa
                                               *learner.algorithm.state_dict().values()])
 
 
+def use_layout(learner: "MetaLearner", channels_last: bool) -> None:
+    """Compute in this memory layout from now on (weights and meta-optimizer state converted in
+    place); the learner's setting (forced or automatic) is unchanged."""
+    set_layout([learner.model, learner.algorithm], learner.meta_optimizer, channels_last)
+    learner.placement = learner.placement.with_layout(channels_last)
+
+
+def layout_workload(learner: "MetaLearner", batch: TaskBatch) -> str:
+    """What the layout of ``batch``'s meta-step depends on: the shapes of its episodes and the
+    meta-gradient rule of this iteration (MAML++ turns second order at ``msl_until``)."""
+    rule = learner.algorithm.meta_gradient(learner.iteration).name
+    return repr((rule, sorted(map(repr, batch.groups()))))
+
+
+def choose_layout(learner: "MetaLearner", batch: TaskBatch, iterations_left: int | None = None) -> TaskBatch:
+    """``batch`` in the memory layout to run its meta-step in, the learner switched to it (what
+    ``fit`` does before each meta-step).
+
+    A forced layout is kept.  Under an automatic layout (``channels_last=None``, conv model on the
+    CPU) the first meta-batch of each workload (:func:`layout_workload`) runs a few meta-steps on
+    ``probe.tasks`` of its tasks in both layouts (:class:`~metamtl.placement.LayoutProbe`); the
+    faster layout is kept for that workload (``learner.run.layouts``, saved in checkpoints) and
+    logged (logger ``metamtl.placement``).  The probe steps leave no trace: gradients, buffers
+    (BatchNorm statistics) and random number generators are restored afterwards.  Under torchrun
+    every process takes channels_last if any process measured it faster.  With fewer than
+    ``probe.min_iterations`` ``iterations_left`` (``None``: unknown) an unseen workload is not
+    probed: the current layout is kept and nothing recorded.
+    """
+    key = layout_workload(learner, batch) if learner.placement.automatic else None
+    layouts, probe = learner.run.layouts, learner.layout_probe
+    if key is None or (key not in layouts and iterations_left is not None and iterations_left < probe.min_iterations):
+        return batch
+    if key not in layouts:
+        first = next(iter(batch.groups().values()))
+        sample = TaskBatch([batch[i] for i in first[:probe.tasks]])
+        choice = probe.choose(_probe_step(learner, sample), learner.placement.channels_last)
+        channels_last = learner.strategy.any_rank(choice.channels_last, what="layout choice")[0]
+        layouts[key] = channels_last
+        logging.getLogger("metamtl.placement").info("layout for %s: %s", key, choice.describe())
+    if layouts[key] != learner.placement.channels_last:
+        use_layout(learner, layouts[key])
+    return learner.placement.batch(batch)
+
+
+def _probe_step(learner: "MetaLearner", sample: TaskBatch) -> Callable[[bool], None]:
+    """``run(channels_last)``: a meta-step on ``sample`` in that layout that leaves no trace."""
+
+    def run(channels_last: bool) -> None:
+        if channels_last != learner.placement.channels_last:
+            use_layout(learner, channels_last)
+        params = learner.meta_parameters()
+        grads = [p.grad for p in params]
+        buffers = [(b, b.detach().clone()) for m in (learner.model, learner.algorithm) for b in m.buffers()]
+        rng = run_state.rng_state()
+        try:
+            for p in params:
+                p.grad = None
+            with learner.placement.autocast():
+                learner.algorithm.meta_step(learner.model, learner.placement.batch(sample), learner.iteration)
+        finally:
+            for p, g in zip(params, grads):
+                p.grad = g
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            run_state.set_rng_state(rng)
+
+    return run
+
+
 class MetaStep:
     """One meta-optimizer step with non-finite skipping and global-norm clipping.
 
@@ -105,6 +177,8 @@ class MetaStep:
         learner.run.peak_memory_mb = 0.0
 
     def __call__(self, batch: TaskBatch) -> dict[str, float]:
+        state = self.learner.fit_state
+        batch = choose_layout(self.learner, batch, None if state is None else state.iterations - self.learner.iteration)
         self.memory.start()
         metrics = self._step(batch)
         # the iteration's peak: process resident set on CPU, max allocated tensor memory on CUDA

@@ -34,7 +34,7 @@ from .inference import InferenceSettings
 from .inputs import check_int, check_steps
 from .models.backbones import TrunkHead
 from .numerics import check_weights_before
-from .placement import PRECISIONS, Placement, resolve_device
+from .placement import PRECISIONS, LayoutProbe, Placement, resolve_device
 from .predictors import AdaptedPredictor, HeadPredictor
 from .tasks.episode import Episode
 from .tasks.sampler import TaskSource
@@ -63,8 +63,9 @@ class MetaLearner:
         precision: ``"fp32"`` or ``"bf16"`` (bfloat16 autocast for forward and backward passes;
             weights, optimizer state and gradients stay float32; see :mod:`metamtl.placement`).
         channels_last: 4-D weights and image batches in NHWC layout (same maths, different speed);
-            ``None`` (default) chooses it where it is faster: for conv models on the CPU
-            (:func:`~metamtl.placement.auto_channels_last`); ``True``/``False`` force a layout.
+            ``None`` (default): for conv models on the CPU, timed in both layouts on the first
+            meta-batch of each workload (:func:`~metamtl.fit_loop.choose_layout`); NCHW for other models and on GPUs.
+            ``True``/``False`` force one (bit-identical runs: the layouts sum in different orders).
         support_augment: test-time support augmentation for :meth:`evaluate`, :meth:`adapt` and
             :meth:`predict` (a :class:`~metamtl.data.augment.SupportAugment` or its settings,
             e.g. ``{"copies": 5, "augment": {"name": "affine"}}``): every support set gets
@@ -102,11 +103,13 @@ class MetaLearner:
         self.run = run_state.RunState()
         self.strategy = distributed.ProcessStrategy()  # fit switches to the process group under torchrun
         self.fit_state: FitState | None = None  # the last (or running) fit's state
+        #: how an automatic layout is timed (:func:`~metamtl.fit_loop.choose_layout`)
+        self.layout_probe = LayoutProbe()
 
     # -- small helpers --------------------------------------------------------------------------
     device = property(lambda self: self.placement.device, doc="The device weights and inputs live on.")
     precision = property(lambda self: self.placement.precision, doc='``"fp32"`` or ``"bf16"``.')
-    channels_last = property(lambda self: self.placement.channels_last, doc="NHWC memory layout.")
+    channels_last = property(lambda self: self.placement.channels_last, doc="NHWC memory layout (now).")
     memory_format = property(lambda self: self.placement.memory_format, doc="Layout of image batches.")
     elapsed = property(lambda self: self.run.elapsed, doc="Seconds of meta-training so far (across resumes).")
     rank = property(lambda self: self.strategy.rank, doc="This process's rank (0 without torchrun).")
@@ -135,7 +138,7 @@ class MetaLearner:
         learner = {"meta_optimizer": self.meta_optimizer_name, "meta_lr": self.meta_lr,
                    "meta_optimizer_kwargs": self.meta_optimizer_kwargs, "grad_clip": self.grad_clip,
                    "max_bad_steps": self.max_bad_steps, "task": self.task, "precision": self.precision,
-                   "channels_last": self.channels_last}
+                   "channels_last": self.placement.layout_setting}
         return {"model": dict(self.model.config), "algorithm": self.algorithm.config(), "learner": learner}
 
     def __repr__(self) -> str:

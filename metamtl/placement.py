@@ -4,11 +4,23 @@
 ``autocast()`` for forward/backward passes, ``batch()`` to move episodes, ``model_input()`` to
 move raw inputs, and ``module()`` to place a model.  On the CPU it also tunes the allocator once
 per process (:mod:`metamtl.allocator`).
+
+The memory layout of a conv model on the CPU is chosen by measurement when the user leaves it
+open (``channels_last=None``): neither layout is faster everywhere.  oneDNN's NHWC convolutions
+and PyTorch's NHWC max-pool and BatchNorm forward kernels make forward-heavy work faster (FOMAML,
+ANIL, one-step MAML: 0.66-0.82x the NCHW CPU time on conv4/Omniglot), but BatchNorm's double
+backward sums NHWC tensors one dimension at a time into NCHW results, several times slower, so
+second-order inner loops with many steps or large supports are slower in NHWC (MAML 5 steps:
+1.03x, 5 steps on 25-image supports: 1.12x).  Where the crossover lies depends on the machine and
+the PyTorch build, so :class:`LayoutProbe` times a meta-step in both layouts on the first
+meta-batch of each workload, as ``torch.backends.cudnn.benchmark`` times convolution algorithms.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import math
+import time
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -35,11 +47,100 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def auto_channels_last(model: nn.Module | None, device: torch.device) -> bool:
-    """The layout ``channels_last=None`` chooses: channels_last for models with 2-D convolutions on
-    the CPU, where it is faster (oneDNN's NHWC convolutions; PyTorch's NCHW max-pool and BatchNorm
-    kernels are slow: the ``*_nchw`` rows of benchmarks/speed.py), NCHW otherwise (MLPs; GPUs,
-    where cuDNN picks its own layouts)."""
+    """Whether ``channels_last=None`` leaves the layout to :class:`LayoutProbe`: for models with
+    2-D convolutions on the CPU (starting in channels_last, the faster layout for forward passes
+    and first-order training); NCHW otherwise (MLPs; GPUs, where cuDNN picks its own layouts)."""
     return device.type == "cpu" and model is not None and any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def memory_format_of(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def set_layout(modules: Iterable[nn.Module], optimizer: torch.optim.Optimizer | None, channels_last: bool) -> None:
+    """Put the 4-D weights of ``modules`` (and the optimizer's state tensors of the same shape) in
+    a layout, in place: parameters keep their identity, so optimizers keep working."""
+    fmt = memory_format_of(channels_last)
+    for module in modules:
+        module.to(memory_format=fmt)
+    if optimizer is not None:
+        for p, state in optimizer.state.items():
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor) and v.dim() == 4 and v.shape == p.shape:
+                    state[k] = v.contiguous(memory_format=fmt)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutChoice:
+    """The layout :class:`LayoutProbe` chose for a workload, and why."""
+
+    channels_last: bool
+    #: CPU seconds of one probe step in each layout (``{}``: not timed)
+    seconds: dict[bool, float] = dataclasses.field(default_factory=dict)
+    reason: str = ""
+
+    def describe(self) -> str:
+        name = "channels_last" if self.channels_last else "NCHW"
+        if not self.seconds:
+            return f"{name} ({self.reason})"
+        return (f"{name}: a meta-step on the probe tasks took {self.seconds[True] * 1e3:.0f} ms of CPU time in "
+                f"channels_last, {self.seconds[False] * 1e3:.0f} ms in NCHW "
+                f"(channels_last / NCHW {self.seconds[True] / self.seconds[False]:.2f}x)")
+
+
+class LayoutProbe:
+    """Chooses the faster memory layout of a workload by timing it, once per workload.
+
+    :meth:`choose` runs ``run(channels_last)`` (one meta-step on a few tasks of the real
+    meta-batch, in that layout) once per layout as a warm-up (oneDNN builds its kernels for the
+    shapes), then ``repeats`` timed times per layout, alternating, and keeps the layout with the
+    lower best time (``initial`` on a tie).  When the first timed step (in ``initial``) is shorter
+    than ``min_seconds`` the layout cannot matter much: ``initial`` is kept without running the
+    other (so small models, e.g. in tests, always compute in the same layout).  Fits of fewer than
+    ``min_iterations`` iterations are not probed at all: the probe's six meta-steps on ``tasks``
+    tasks would not pay for themselves.
+
+    Args:
+        timer: the clock (default ``time.process_time``: CPU time of this process, which other
+            processes on a shared machine disturb far less than wall time); tests inject one.
+        min_seconds: the shortest step (after a warm-up) worth timing the other layout for.
+        min_iterations: the shortest fit (iterations left) worth probing for.
+        repeats: timed steps per layout.
+        tasks: tasks of the meta-batch a probe step runs.
+    """
+
+    def __init__(self, timer: Callable[[], float] = time.process_time, min_seconds: float = 0.1,
+                 repeats: int = 2, tasks: int = 2, min_iterations: int = 50) -> None:
+        self.timer, self.min_seconds, self.repeats, self.tasks = timer, min_seconds, repeats, tasks
+        self.min_iterations = min_iterations
+        #: the latest choice (for reports; the learner keeps the layouts themselves)
+        self.last: LayoutChoice | None = None
+
+    def _time(self, run: Callable[[bool], None], channels_last: bool) -> float:
+        start = self.timer()
+        run(channels_last)
+        return self.timer() - start
+
+    def choose(self, run: Callable[[bool], None], initial: bool) -> LayoutChoice:
+        self._time(run, initial)  # warm-up: oneDNN builds its kernels for the shapes, caches fill
+        first = self._time(run, initial)
+        if first < self.min_seconds:
+            self.last = LayoutChoice(initial, reason=f"a probe step takes {first * 1e3:.0f} ms: too short to matter")
+            return self.last
+        self._time(run, not initial)  # warm-up
+        best = {initial: first, not initial: self._time(run, not initial)}
+        for _ in range(self.repeats - 1):
+            for layout in (initial, not initial):
+                best[layout] = min(best[layout], self._time(run, layout))
+        self.last = LayoutChoice((not initial) if best[not initial] < best[initial] else initial, best)
+        return self.last
+        self._time(run, not initial)
+        best = {True: math.inf, False: math.inf}
+        for r in range(self.repeats):
+            for layout in (initial, not initial) if r % 2 else (not initial, initial):
+                best[layout] = min(best[layout], self._time(run, layout))
+        self.last = LayoutChoice((not initial) if best[not initial] < best[initial] else initial, best)
+        return self.last
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +150,16 @@ class Placement:
     device: torch.device
     precision: str = "fp32"
     channels_last: bool = False
+    #: the layout is left to :class:`LayoutProbe` (``channels_last=None`` for a conv model on the CPU)
+    automatic: bool = False
 
     @classmethod
     def create(cls, device: str | torch.device | None = "auto", precision: str = "fp32",
                channels_last: bool | None = None, model: nn.Module | None = None) -> "Placement":
         """Check the settings, resolve ``device`` and tune the CPU allocator when on the CPU.
 
-        ``channels_last=None`` chooses the layout for ``model`` (:func:`auto_channels_last`)."""
+        ``channels_last=None`` leaves the layout of a conv model on the CPU to measurement
+        (:attr:`automatic`, starting in channels_last; :func:`auto_channels_last`), else NCHW."""
         if precision not in PRECISIONS:
             raise unknown_name("precision", precision, PRECISIONS)
         if channels_last is not None and not isinstance(channels_last, bool):
@@ -65,14 +169,24 @@ class Placement:
             tune_cpu_allocator()  # heap reuse instead of mmap/munmap per step (see metamtl.allocator)
         if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("precision 'bf16' needs a GPU with bfloat16 support; use precision 'fp32'")
-        if channels_last is None:
-            channels_last = auto_channels_last(model, dev)
-        return cls(dev, precision, channels_last)
+        automatic = channels_last is None and auto_channels_last(model, dev)
+        return cls(dev, precision, automatic if channels_last is None else channels_last, automatic)
+
+    @property
+    def layout_setting(self) -> bool | None:
+        """What the user chose: ``True``/``False`` (forced) or ``None`` (automatic)."""
+        return None if self.automatic else self.channels_last
+
+    def with_layout(self, channels_last: bool) -> "Placement":
+        """This placement in another memory layout (the setting stays as it was)."""
+        return dataclasses.replace(self, channels_last=channels_last)
 
     @property
     def memory_format(self) -> torch.memory_format | None:
         """The layout of image batches given to the model (``None``: leave as they are)."""
-        return torch.channels_last if self.channels_last else None
+        if self.channels_last:
+            return torch.channels_last
+        return torch.contiguous_format if self.automatic else None  # (undo an earlier channels_last)
 
     def autocast(self) -> torch.autocast:
         """The autocast context of :attr:`precision` (a no-op for ``"fp32"``)."""

@@ -44,6 +44,9 @@ class RunState:
         bad_steps: consecutive non-finite meta-gradients so far.
         settings: the fit settings a resume must repeat (meta-batch size, training tasks).
         callbacks: callback states read from a checkpoint, handed to the callbacks at fit start.
+        layouts: the memory layout chosen for each workload under an automatic layout
+            (``{workload: channels_last}``, see :class:`~metamtl.placement.LayoutProbe`): kept
+            so a resumed run computes in the layouts the interrupted one used.
         peak_memory_mb: the highest per-iteration peak memory of the latest fit in this process
             (resident set on CPU, CUDA max allocated on a GPU; not saved: it belongs to the process).
     """
@@ -54,6 +57,7 @@ class RunState:
     bad_steps: int = 0
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
     callbacks: dict[str, Any] = dataclasses.field(default_factory=dict)
+    layouts: dict[str, bool] = dataclasses.field(default_factory=dict)
     peak_memory_mb: float = 0.0
     _clock: float | None = dataclasses.field(default=None, repr=False)
 
@@ -101,6 +105,7 @@ def training_state_of(run: RunState, optimizer: torch.optim.Optimizer, callbacks
         "callbacks": callbacks,
         "elapsed": run.elapsed,
         "bad_steps": run.bad_steps,
+        "layouts": dict(run.layouts),
         "rng": rng_state(),
     }
 
@@ -119,6 +124,7 @@ def _restore(obj: dict[str, Any], modules: tuple[nn.Module, nn.Module], optimize
     run.settings = dict(tr["fit_state"].get("settings", {}))
     run.seconds = float(tr.get("elapsed", 0.0))
     run.callbacks = dict(tr.get("callbacks", {}))
+    run.layouts = {str(k): bool(v) for k, v in dict(tr.get("layouts", {})).items()}
     set_rng_state(tr["rng"])
 
 

@@ -42,7 +42,7 @@ def test_saved_state_holds_weights_progress_optimizer_and_rngs(sine, tmp_path):
     obj = learner_state(learner, training_state=True)
     assert obj["iteration"] == 3 and len(obj["history"]) == 3 and obj["config"] == learner.config()
     tr = obj["training"]
-    assert set(tr) == {"meta_optimizer", "fit_state", "callbacks", "elapsed", "bad_steps", "rng"}
+    assert set(tr) == {"meta_optimizer", "fit_state", "callbacks", "elapsed", "bad_steps", "layouts", "rng"}
     assert set(tr["rng"]) == {"torch", "cuda", "numpy", "python"}
     assert tr["fit_state"] == {"settings": {"meta_batch_size": 2, "train_tasks": repr(sine)}}
     assert "training" not in learner_state(learner)

@@ -12,6 +12,7 @@ import torch
 from metamtl import MetaLearner
 from metamtl.config import load_config
 from metamtl.errors import ConfigError
+from metamtl.fit_loop import choose_layout
 from metamtl.models import build_model
 from metamtl.tasks import Episode, TaskBatch
 
@@ -161,13 +162,123 @@ def test_core_keeps_adapted_conv_weights_channels_last(in_channels):
                 assert all(p[t].stride(1) == 1 for t in range(p.shape[0])), p.stride()
 
 
-def test_channels_last_is_chosen_automatically_for_conv_models_on_cpu_and_can_be_forced():
+def test_an_automatic_layout_starts_channels_last_for_conv_models_on_cpu_and_can_be_forced():
     from metamtl.algorithms import build_algorithm
 
     conv = MetaLearner(model(True), "maml", device="cpu")
-    assert conv.channels_last and conv.config()["learner"]["channels_last"] is True
+    assert conv.channels_last and conv.placement.automatic
+    assert conv.config()["learner"]["channels_last"] is None  # the setting, not the layout of the moment
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in conv.model.parameters() if p.dim() == 4)
-    assert not MetaLearner(model(True), "maml", device="cpu", channels_last=False).channels_last
+    forced = MetaLearner(model(True), "maml", device="cpu", channels_last=False)
+    assert not forced.channels_last and not forced.placement.automatic
+    assert forced.config()["learner"]["channels_last"] is False
     mlp = MetaLearner(build_model("mlp", in_features=1, hidden=[8], out_features=1),
                       build_algorithm("maml", steps=1, lr=0.01), device="cpu", task="regression")
-    assert not mlp.channels_last
+    assert not mlp.channels_last and not mlp.placement.automatic
+
+
+# -- the layout probe ------------------------------------------------------------------------------
+def timed_learner(costs, channels_last=None, **settings):
+    """A learner whose meta-steps advance a fake clock by ``costs[channels_last]`` seconds (the
+    layout the step runs in), read by its layout probe: the probe's decision is deterministic."""
+    from metamtl.algorithms import build_algorithm
+    from metamtl.placement import LayoutProbe
+
+    learner = MetaLearner(model(True), build_algorithm("maml", steps=2, lr=0.1, **settings), device="cpu",
+                          channels_last=channels_last)
+    clock, calls = [0.0], []
+    real = learner.algorithm.meta_step
+
+    def meta_step(m, b, iteration=0):
+        layout = b[0].query_x.is_contiguous(memory_format=torch.channels_last) and not b[0].query_x.is_contiguous()
+        assert layout == learner.channels_last  # the batch is in the model's layout
+        calls.append(layout)
+        clock[0] += costs[layout]
+        return real(m, b, iteration)
+
+    learner.algorithm.meta_step = meta_step
+    learner.layout_probe = LayoutProbe(timer=lambda: clock[0], min_seconds=0.5, min_iterations=0)
+    return learner, calls
+
+
+@pytest.mark.parametrize("faster", [True, False], ids=["nhwc-faster", "nchw-faster"])
+def test_the_probe_keeps_the_layout_its_timer_finds_faster(faster):
+    learner, calls = timed_learner({faster: 1.0, not faster: 2.0})
+    b = choose_layout(learner, learner.placement.batch(batch(tasks=3)))
+    assert learner.channels_last is faster
+    assert sorted(set(calls)) == [False, True] and len(calls) == 6  # per layout a warm-up and 2 timed steps
+    convs = [p for p in learner.model.parameters() if p.dim() == 4]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) != p.is_contiguous() or not faster
+               for p in convs)
+    assert all(p.is_contiguous() for p in convs) is (not faster)
+    assert b[2].support_x.is_contiguous() is (not faster)  # the whole batch re-placed, not only probed tasks
+    assert list(learner.run.layouts.values()) == [faster]
+    # cached per workload: the same shapes again are not timed again
+    calls.clear()
+    choose_layout(learner, learner.placement.batch(batch(tasks=3, seed=1)))
+    assert calls == [] and learner.channels_last is faster
+    # another workload (more shots) is probed on its own
+    choose_layout(learner, learner.placement.batch(batch(tasks=3, shots=3)))
+    assert len(calls) == 6 and len(learner.run.layouts) == 2
+
+
+def test_a_step_too_short_to_matter_keeps_the_initial_layout_untimed():
+    learner, calls = timed_learner({True: 0.2, False: 0.01})  # below min_seconds=0.5
+    choose_layout(learner, learner.placement.batch(batch()))
+    assert calls == [True, True] and learner.channels_last  # warm-up and one timed step
+
+
+@pytest.mark.parametrize("forced", [True, False])
+def test_a_forced_layout_is_never_probed(forced):
+    learner, calls = timed_learner({forced: 9.0, not forced: 1.0}, channels_last=forced)
+    history = learner.fit(iter_tasks(), iterations=2, meta_batch_size=2, progress=False)
+    assert learner.channels_last is forced and learner.run.layouts == {}
+    assert calls == [forced, forced] and len(history) == 2  # the two real meta-steps only
+
+
+def test_probing_leaves_no_trace_and_training_in_either_layout_is_the_same_maths(float64):
+    """Grads, BatchNorm statistics and the RNG are as before the probe; the next meta-step in the
+    chosen layout gives the meta-gradients of a learner forced to the other one."""
+    learner, calls = timed_learner({True: 2.0, False: 1.0})
+    learner.model.trunk.register_buffer("passes", torch.zeros(()))  # a buffer forward passes change
+    learner.model.trunk.register_forward_hook(lambda m, i, o: m.passes.add_(1) and None)
+    for p in learner.meta_parameters():
+        p.grad = torch.full_like(p, 0.5)
+    grads = [p.grad.clone() for p in learner.meta_parameters()]
+    buffers = [b.clone() for b in learner.model.buffers()]
+    rng = torch.get_rng_state()
+    b = choose_layout(learner, learner.placement.batch(batch()))
+    assert not learner.channels_last and len(calls) == 6
+    assert all(torch.equal(p.grad, g) for p, g in zip(learner.meta_parameters(), grads))
+    assert buffers and all(torch.equal(x, y) for x, y in zip(learner.model.buffers(), buffers))
+    assert torch.equal(torch.get_rng_state(), rng)
+    from metamtl.algorithms import build_algorithm
+
+    nhwc = MetaLearner(model(True), build_algorithm("maml", steps=2, lr=0.1), device="cpu", channels_last=True)
+    og, om = step_grads(nhwc, batch())
+    learner.meta_optimizer.zero_grad(set_to_none=True)
+    metrics = learner.algorithm.meta_step(learner.model, b)
+    for a, g in zip(og, [p.grad for p in learner.meta_parameters()]):
+        torch.testing.assert_close(g, a, rtol=1e-9, atol=1e-12)
+    assert metrics["loss"] == pytest.approx(om["loss"], rel=1e-10)
+
+
+def test_a_short_fit_is_not_probed():
+    learner, calls = timed_learner({True: 2.0, False: 1.0})
+    learner.layout_probe.min_iterations = 3
+    learner.fit(iter_tasks(), iterations=2, meta_batch_size=2, progress=False)
+    assert calls == [True, True] and learner.run.layouts == {}  # the two meta-steps, in the initial layout
+
+
+def test_the_chosen_layout_is_saved_and_a_resumed_run_keeps_it(tmp_path):
+    tasks = iter_tasks()
+    learner, calls = timed_learner({True: 2.0, False: 1.0})
+    learner.fit(tasks, iterations=2, meta_batch_size=2, progress=False)
+    assert not learner.channels_last and len(calls) == 6 + 2  # one probe, then two meta-steps
+    path = learner.save(tmp_path / "last.pt", training_state=True)
+    resumed, calls = timed_learner({True: 1.0, False: 2.0})  # this machine would choose otherwise
+    resumed.fit(tasks, iterations=3, meta_batch_size=2, progress=False, resume=path)
+    assert resumed.run.layouts == learner.run.layouts and not resumed.channels_last
+    assert calls == [False]  # no probe: the interrupted run's layout
+    back = MetaLearner.load(path, device="cpu")
+    assert back.placement.automatic  # an automatic layout stays automatic
