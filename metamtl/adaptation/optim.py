@@ -47,6 +47,16 @@ def _step(p: torch.Tensor, lr: Any, direction: torch.Tensor) -> torch.Tensor:
     return p.sub(direction, alpha=lr) if isinstance(lr, float) else p - lr * direction
 
 
+def _steps(params: list[torch.Tensor], lrs: list[Any], directions: list[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`_step` of every weight, the same values in one or two ``torch._foreach_*`` calls
+    where the rates allow (one float rate for all, or a tensor rate per weight)."""
+    if all(isinstance(lr, float) for lr in lrs) and len(set(lrs)) == 1:
+        return list(torch._foreach_add(params, directions, alpha=-lrs[0]))
+    if all(isinstance(lr, torch.Tensor) for lr in lrs):
+        return list(torch._foreach_sub(params, torch._foreach_mul(directions, lrs)))
+    return [_step(p, lr, d) for p, lr, d in zip(params, lrs, directions)]
+
+
 class InnerOptimizer:
     """Base class: subclasses write ``slots`` (state tensors per weight) and ``rule``.
 
@@ -82,6 +92,10 @@ class InnerOptimizer:
     def update(self, params: Tensors, grads: Sequence[torch.Tensor | None], state: Tensors,
                lrs: Sequence[Any], step: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """One step from ``params`` with ``grads``: ``(new params, new state)``."""
+        if params and all(g is not None for g in grads) and not self.settings.get("maximize") and self.fused():
+            # every weight at once: the same values in a few torch._foreach_* calls instead of
+            # several ops per weight (inner steps are many small ops, each also in the backward)
+            return self.rule_all(list(params), list(grads), list(state), list(lrs), step)
         n = len(self.slots)
         new_params, new_state = [], []
         for i, (p, g, lr) in enumerate(zip(params, grads, lrs)):
@@ -96,6 +110,15 @@ class InnerOptimizer:
 
     def rule(self, p: torch.Tensor, g: torch.Tensor, slots: list[torch.Tensor], lr: Any,
              step: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        raise NotImplementedError
+
+    def fused(self) -> bool:
+        """Whether :meth:`rule_all` applies with these settings (default: there is none)."""
+        return False
+
+    def rule_all(self, params: list[torch.Tensor], grads: list[torch.Tensor], state: list[torch.Tensor],
+                 lrs: list[Any], step: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """:meth:`rule` of every weight at once (with ``torch._foreach_*`` ops), where :meth:`fused`."""
         raise NotImplementedError
 
 
@@ -117,6 +140,12 @@ class SGD(InnerOptimizer):
             slots = [buf]
             g = g + self.momentum * buf if self.nesterov else buf
         return _step(p, lr, g), slots
+
+    def fused(self):
+        return not self.weight_decay and not self.momentum
+
+    def rule_all(self, params, grads, state, lrs, step):
+        return _steps(params, lrs, grads), []
 
 
 class Adam(InnerOptimizer):
@@ -147,6 +176,19 @@ class Adam(InnerOptimizer):
         # before 1.6); torch.optim now adds it after: the same update up to the size of eps.
         step_size = lr * (1 - beta2 ** t) ** 0.5 / (1 - beta1 ** t)
         return _step(p, step_size, m / (safe_sqrt(v) + self.eps)), out
+
+    def fused(self):
+        return not self.weight_decay and not self.amsgrad
+
+    def rule_all(self, params, grads, state, lrs, step):
+        beta1, beta2 = self.betas
+        m = torch._foreach_lerp(state[0::2], grads, 1 - beta1)
+        v = torch._foreach_lerp(state[1::2], torch._foreach_mul(grads, grads), 1 - beta2)
+        root = torch._foreach_sqrt(torch._foreach_clamp_min(v, torch.finfo(v[0].dtype).tiny))  # safe_sqrt
+        t = step + 1
+        sizes = [lr * (1 - beta2 ** t) ** 0.5 / (1 - beta1 ** t) for lr in lrs]
+        directions = torch._foreach_div(m, torch._foreach_add(root, self.eps))
+        return _steps(params, sizes, list(directions)), [s for pair in zip(m, v) for s in pair]
 
 
 class AdamW(Adam):

@@ -70,3 +70,38 @@ def test_unused_weights_and_bad_settings():
         build_optimizer("adamm", 0.1, {})
     with pytest.raises(ConfigError, match="bad inner optimizer_kwargs"):
         build_optimizer("adam", 0.1, {"betas": 3})
+
+
+@pytest.mark.parametrize("name,rates", [("sgd", "float"), ("sgd", "tensor"), ("adam", "float"), ("adam", "tensor")])
+def test_the_fused_update_of_all_weights_equals_the_per_weight_rule_to_second_order(name, rates, monkeypatch):
+    """SGD and Adam update every weight at once with torch._foreach_* ops; the values and the
+    second-order gradients (with respect to weights, gradients and learned rates) are the rule's."""
+    from metamtl.adaptation.optim import InnerOptimizer, build_optimizer
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(2, 3, 4), (2, 5), (2,)]
+
+    def run(fused: bool):
+        opt = build_optimizer(name, 0.1, {})
+        if not fused:
+            monkeypatch.setattr(type(opt), "fused", InnerOptimizer.fused)
+        torch.manual_seed(0)
+        params = [torch.randn(s, dtype=torch.float64, generator=g.manual_seed(i), requires_grad=True)
+                  for i, s in enumerate(shapes)]
+        lrs = ([0.1] * 3 if rates == "float" else
+               [torch.full(s[1:], 0.1 + 0.01 * i, dtype=torch.float64, requires_grad=True) for i, s in enumerate(shapes)])
+        state = opt.init(params)
+        cur = params
+        for k in range(2):
+            grads = [torch.sin(q) * q for q in cur]  # differentiable, like create_graph=True gradients
+            cur, state = opt.update(cur, grads, state, lrs, k)
+        loss = sum((c ** 2).sum() for c in cur) + sum(s.sum() for s in state)
+        leaves = params + [lr for lr in lrs if isinstance(lr, torch.Tensor)]
+        first = torch.autograd.grad(loss, leaves, create_graph=True)
+        second = torch.autograd.grad(sum(f.sum() for f in first), leaves)
+        monkeypatch.undo()
+        return [c.detach() for c in cur], first, second
+
+    for a, b in zip(run(True), run(False)):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
