@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                        "--methods", method, "--phase", phase, "--no-table"]
                 if subprocess.run(cmd).returncode:
                     return 1
-    if args.no_table:
+    if args.no_table or args.phase == "train":  # nothing evaluated yet: no table to make
         return 0
     rows = []
     for method in args.methods:
