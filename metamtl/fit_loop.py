@@ -130,6 +130,20 @@ def choose_layout(learner: "MetaLearner", batch: TaskBatch, iterations_left: int
     return learner.placement.batch(batch)
 
 
+def buffer_snapshot(learner: "MetaLearner", floating_only: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(buffer, copy)`` of every buffer of the model and the algorithm (BatchNorm statistics,
+    which forward passes update), for :func:`restore_buffers`."""
+    return [(b, b.detach().clone()) for m in (learner.model, learner.algorithm) for b in m.buffers()
+            if b.is_floating_point() or not floating_only]
+
+
+def restore_buffers(snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Put back the values a :func:`buffer_snapshot` saved."""
+    with torch.no_grad():
+        for buffer, saved in snapshot:
+            buffer.copy_(saved)
+
+
 def _probe_step(learner: "MetaLearner", sample: TaskBatch) -> Callable[[bool], None]:
     """``run(channels_last)``: a meta-step on ``sample`` in that layout that leaves no trace."""
 
@@ -138,7 +152,7 @@ def _probe_step(learner: "MetaLearner", sample: TaskBatch) -> Callable[[bool], N
             use_layout(learner, channels_last)
         params = learner.meta_parameters()
         grads = [p.grad for p in params]
-        buffers = [(b, b.detach().clone()) for m in (learner.model, learner.algorithm) for b in m.buffers()]
+        buffers = buffer_snapshot(learner)
         rng = run_state.rng_state()
         try:
             for p in params:
@@ -148,9 +162,7 @@ def _probe_step(learner: "MetaLearner", sample: TaskBatch) -> Callable[[bool], N
         finally:
             for p, g in zip(params, grads):
                 p.grad = g
-            with torch.no_grad():
-                for b, saved in buffers:
-                    b.copy_(saved)
+            restore_buffers(buffers)
             run_state.set_rng_state(rng)
 
     return run
@@ -190,7 +202,7 @@ class MetaStep:
         ln = self.learner
         ln.model.train()
         ln.meta_optimizer.zero_grad(set_to_none=True)
-        buffers = self._buffers()  # forward passes update them (BatchNorm running statistics)
+        buffers = buffer_snapshot(ln, floating_only=True)  # forward passes update them (BatchNorm statistics)
         with ln.placement.autocast():
             metrics = ln.algorithm.meta_step(ln.model, batch, ln.iteration)
         metrics = ln.strategy.reduce_gradients(ln.meta_parameters(), metrics, len(batch), iteration=ln.iteration)
@@ -208,11 +220,6 @@ class MetaStep:
         metrics["lr"] = float(ln.meta_optimizer.param_groups[0]["lr"])
         return metrics
 
-    def _buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``(buffer, copy)`` of every floating-point buffer of the model and the algorithm."""
-        ln = self.learner
-        return [(b, b.detach().clone()) for m in (ln.model, ln.algorithm) for b in m.buffers() if b.is_floating_point()]
-
     def _check_weights(self) -> None:
         """After the update: weights made non-finite by a finite meta-gradient (an overflowing
         step) stop training here, naming the iteration, instead of evaluating to chance later."""
@@ -225,8 +232,7 @@ class MetaStep:
 
     def _skip(self, metrics: dict[str, float], buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
         ln = self.learner
-        for buffer, before in buffers:  # a skipped step changes nothing, running statistics included
-            buffer.copy_(before)
+        restore_buffers(buffers)  # a skipped step changes nothing, running statistics included
         ln.run.bad_steps += 1
         ln.meta_optimizer.zero_grad(set_to_none=True)
         warnings.warn(
