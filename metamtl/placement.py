@@ -18,7 +18,6 @@ meta-batch of each workload, as ``torch.backends.cudnn.benchmark`` times convolu
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any, Callable, Iterable
 
@@ -131,13 +130,6 @@ class LayoutProbe:
         best = {initial: first, not initial: self._time(run, not initial)}
         for _ in range(self.repeats - 1):
             for layout in (initial, not initial):
-                best[layout] = min(best[layout], self._time(run, layout))
-        self.last = LayoutChoice((not initial) if best[not initial] < best[initial] else initial, best)
-        return self.last
-        self._time(run, not initial)
-        best = {True: math.inf, False: math.inf}
-        for r in range(self.repeats):
-            for layout in (initial, not initial) if r % 2 else (not initial, initial):
                 best[layout] = min(best[layout], self._time(run, layout))
         self.last = LayoutChoice((not initial) if best[not initial] < best[initial] else initial, best)
         return self.last
