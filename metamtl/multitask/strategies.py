@@ -273,16 +273,24 @@ class DWA(Strategy):
         k = self.num_tasks
         self.register_buffer("loss_sum", torch.zeros(k, dtype=torch.float64))
         self.register_buffer("loss_count", torch.zeros(k, dtype=torch.float64))
-        self.register_buffer("history", torch.full((2, k), float("nan"), dtype=torch.float64))
+        # mean losses of the last two periods; 0 = not seen yet (a NaN marker would make the
+        # meta-step's finiteness check on buffers skip every step)
+        self.register_buffer("history", torch.zeros((2, k), dtype=torch.float64))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     def settings(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "period": self.period}
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "history"  # checkpoints written before 0 replaced NaN as "not seen"
+        if key in state_dict:
+            state_dict[key] = torch.nan_to_num(state_dict[key], nan=0.0)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def current_weights(self) -> torch.Tensor:
         """Weights of every task for the next step (1 until two periods have been seen)."""
         ratio = self.history[1] / self.history[0]
-        if not bool(torch.isfinite(ratio).all()):
+        if not bool((torch.isfinite(ratio) & (self.history > 0).all(0)).all()):
             return torch.ones(self.num_tasks, dtype=torch.float64, device=ratio.device)
         return self.num_tasks * torch.softmax(ratio / self.temperature, 0)
 

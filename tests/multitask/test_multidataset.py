@@ -208,9 +208,13 @@ def test_learnable_weights_are_meta_parameters_saved_and_resumed_exactly(tmp_pat
 @pytest.mark.parametrize("strategy", ["gradnorm", "dwa", "cagrad"])
 def test_every_strategy_trains_through_the_learner(strategy):
     learner = make_learner({"name": strategy, "period": 2} if strategy == "dwa" else strategy)
+    before = [p.detach().clone() for p in learner.model.parameters()]
     history = learner.fit(mixed(), iterations=4, meta_batch_size=4, progress=False)
     assert all(torch.isfinite(p).all() for p in learner.model.parameters())
     assert any("train/mtl/weight/grey" in row for row in history)
+    # every step taken: none skipped as non-finite (DWA's "not seen yet" marker once was NaN)
+    assert not any(row.get("train/skipped") for row in history), history
+    assert any(not torch.equal(a, b) for a, b in zip(before, learner.model.parameters()))
 
 
 def test_soft_sharing_penalty_reaches_the_meta_gradient():
