@@ -17,9 +17,9 @@ if {learner}:
     metamtl.MetaLearner(build_model("conv4", in_channels=1, hidden=4, image_size=16, blocks=2, out_features=2), "maml", device="cpu")
 else:
     tune_cpu_allocator()
-def churn(rounds=20):
-    for _ in range(rounds):  # the allocation pattern of a training step: several MiB-sized tensors
-        xs = [torch.ones(1024 * 1024) for _ in range(3)]
+def churn(rounds={rounds}):
+    for _ in range(rounds):  # the allocation pattern of a training step: several large tensors
+        xs = [torch.ones({mib} * 262144) for _ in range(3)]
         del xs
 churn()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -28,14 +28,14 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def page_faults(tune: bool, learner: bool = False) -> int:
+def page_faults(tune: bool, learner: bool = False, mib: int = 4, rounds: int = 20) -> int:
     # glibc's start-up thresholds, pinned: left alone, glibc raises them by itself after the first
     # large free and, depending on what the heap held before (imports), may stop trimming after a
     # few rounds, so the untuned baseline could fault 0 pages on one machine and 60k on another.
     # Pinned, every untuned round maps and faults its 12 MiB; metamtl's mallopt overrides the pin.
     env = {**os.environ, "METAMTL_TUNE_MALLOC": "1" if tune else "0",
            "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-    out = subprocess.run([sys.executable, "-c", CHURN.format(learner=learner)], env=env,
+    out = subprocess.run([sys.executable, "-c", CHURN.format(learner=learner, mib=mib, rounds=rounds)], env=env,
                          capture_output=True, text=True, check=True)
     return int(out.stdout.split()[-1])
 
@@ -62,3 +62,16 @@ def test_opt_out_and_idempotence(monkeypatch):
     assert allocator.tune_cpu_allocator() is False  # remembered
     monkeypatch.setenv("METAMTL_TUNE_MALLOC", "1")
     assert allocator.tune_cpu_allocator(force=True) is (allocator._libc() is not None)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_blocks_above_the_largest_mmap_threshold_are_reused_too():
+    """Tensors over 32 MiB (glibc's cap on the mmap threshold), such as one 84x84 feature map of a
+    128-image batch, are mapped and unmapped at every allocation unless malloc's mmap is off."""
+    from metamtl.allocator import _libc
+
+    if _libc() is None:
+        pytest.skip("not glibc")
+    untuned = page_faults(False, mib=40, rounds=4)
+    assert untuned > 4 * 3 * 10_000  # every 40 MiB tensor faults its ~10,240 pages in again
+    assert page_faults(True, mib=40, rounds=4) < untuned / 20
