@@ -154,6 +154,11 @@ TRANSIENT = 1.4
 PLAN_MODES = ("full", "checkpoint", "implicit")
 
 
+def _mb(x: float) -> str:
+    """MiB for messages: whole numbers, or two significant digits below 10 (tiny models)."""
+    return f"{x:.0f}" if x >= 10 else f"{x:.2g}"
+
+
 def estimate_mb(mode: str, footprint: Footprint, steps: int, chunk: int) -> float:
     """Estimated peak (MiB above what is in use before the meta-step) of ``mode`` with ``chunk``
     tasks adapted at once and ``steps`` inner steps, from one task's :class:`Footprint`
@@ -182,7 +187,7 @@ class MemoryPlan:
     reason: str
 
     def describe(self) -> str:
-        return (f"memory plan: {self.mode}, {self.chunk} task(s) at a time, ~{self.estimate_mb:.0f} MB "
+        return (f"memory plan: {self.mode}, {self.chunk} task(s) at a time, ~{_mb(self.estimate_mb)} MB "
                 f"estimated within max_memory_mb={self.budget_mb:g} ({self.reason})")
 
 
@@ -202,9 +207,9 @@ def plan_memory(footprint: Footprint, steps: int, tasks: int, budget_mb: float, 
             if est <= budget_mb:
                 why = "; ".join(misses) if misses else "the fastest mode fits"
                 return MemoryPlan(mode, chunk, est, budget_mb, why)
-        misses.append(f"{mode} needs ~{estimate_mb(mode, footprint, steps, 1):.0f} MB even one task at a time")
+        misses.append(f"{mode} needs ~{_mb(estimate_mb(mode, footprint, steps, 1))} MB even one task at a time")
     smallest = min(estimate_mb(m, footprint, steps, 1) for m in modes)
     raise ConfigError(
         f"no memory mode fits max_memory_mb={budget_mb:g} with {steps} inner steps: {'; '.join(misses)}. "
-        f"Raise max_memory_mb to at least {smallest:.0f}, or use fewer inner steps or smaller tasks"
+        f"Raise max_memory_mb to at least {_mb(smallest)}, or use fewer inner steps or smaller tasks"
     )

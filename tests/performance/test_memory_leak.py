@@ -52,7 +52,9 @@ def test_leak_check_catches_a_leaking_variant():
 @pytest.mark.slow
 @pytest.mark.parametrize("memory", ["checkpoint", "implicit", "auto"])
 def test_rss_flat_with_memory_bounded_modes(memory):
-    budget = ["--max-memory-mb", "0.03"] if memory == "auto" else []  # the planner then picks implicit
+    # the planner then picks implicit (estimates for this tiny model, one task: full ~0.08 MB,
+    # checkpoint ~0.068, implicit ~0.035; 0.03 stopped fitting implicit when its graph grew a little)
+    budget = ["--max-memory-mb", "0.05"] if memory == "auto" else []
     grew, rss = growth("--memory", memory, "--steps", "5", *budget)
     assert grew <= TOLERANCE_MB, f"{memory}: RSS grew {grew:.3f} MB: {rss[0]:.1f} -> {rss[-1]:.1f} MB"
 
