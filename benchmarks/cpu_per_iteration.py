@@ -21,7 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from allocator import COMMON  # the same training-only overrides as the allocator table
+from common import REPO, data_root
+
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 
@@ -34,6 +36,7 @@ def main() -> None:
     p.add_argument("start", type=int, help="first iteration measured (after warm-up)")
     p.add_argument("end", type=int, help="last iteration measured")
     p.add_argument("--config", default=str(REPO / "configs/benchmarks/miniimagenet_5w1s.yaml"))
+    p.add_argument("--data-root", help="dataset root (default: $METAMTL_DATA, else ../shared/data)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     if not 0 < args.start < args.end:
@@ -47,9 +50,8 @@ def main() -> None:
                 marks[state.iteration] = (r.ru_utime, r.ru_stime, r.ru_minflt, time.perf_counter())
 
     with tempfile.TemporaryDirectory() as out:
-        overrides = ["train.budget_minutes=null", "train.scheduler=null", "data.val_split=null", "eval.episodes=5",
-                     "eval.checkpoint=last", "logging.report=false", "logging.report_steps_episodes=0",
-                     "logging.metrics=null", f"train.iterations={args.end + 1}", f"output_dir={out}", "name=cpu"]
+        overrides = [*COMMON, f"data.root={data_root(args.data_root)}", f"train.iterations={args.end + 1}",
+                     f"output_dir={out}", "name=cpu"]
         if "miniimagenet" in Path(args.config).name:
             overrides.append("data.test_split=val")  # the test images are absent here
         run(load_config(args.config, overrides + args.overrides), progress=False, callbacks=[Probe()], quiet=True)

@@ -289,10 +289,9 @@ class DWA(Strategy):
 
     def current_weights(self) -> torch.Tensor:
         """Weights of every task for the next step (1 until two periods have been seen)."""
-        ratio = self.history[1] / self.history[0]
-        if not bool((torch.isfinite(ratio) & (self.history > 0).all(0)).all()):
-            return torch.ones(self.num_tasks, dtype=torch.float64, device=ratio.device)
-        return self.num_tasks * torch.softmax(ratio / self.temperature, 0)
+        if not bool((self.history > 0).all()):  # a period not seen yet (or a zero mean loss)
+            return torch.ones(self.num_tasks, dtype=torch.float64, device=self.history.device)
+        return self.num_tasks * torch.softmax(self.history[1] / self.history[0] / self.temperature, 0)
 
     def weights(self, losses, tasks):
         w = self.current_weights()[tasks].to(losses)
