@@ -177,7 +177,8 @@ def training_cell(results: dict[str, Any]) -> str:
     steps = alg.get("steps", 1)
     evaluated = "" if results.get("selected_iteration", results["iterations"]) == results["iterations"] else \
         f", best val at it. {results['selected_iteration']}"
-    flags = [tr["precision"]] if tr.get("precision", "fp32") != "fp32" else []
+    precision = results.get("precision", tr.get("precision", "fp32"))  # as chosen (train.precision: auto)
+    flags = [precision] if precision != "fp32" else []
     flags += ["channels_last"] if results.get("layout", "channels_last" if tr.get("channels_last") else "") == "channels_last" else []
     fast = f" ({', '.join(flags)})" if flags else ""
     return (f"{alg['name']}{head}, {cfg['model'].get('name')}-{cfg['model'].get('hidden', '')}{fast}, {steps} inner steps; "

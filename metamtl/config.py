@@ -108,7 +108,7 @@ class TrainConfig:
     budget_minutes: float | None = None
     checkpoint_every: int = 100
     device: str = "auto"
-    precision: str = "fp32"  # or "bf16": bfloat16 autocast (MetaLearner precision)
+    precision: str = "fp32"  # "bf16": bfloat16 autocast; "auto": bf16 where native (MetaLearner precision)
     channels_last: bool | None = None  # NHWC weights and images; null: timed on CPU (MetaLearner channels_last)
     max_bad_steps: int = 10
     scheduler: SchedulerConfig | None = None

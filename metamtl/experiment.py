@@ -383,6 +383,7 @@ def _results(cfg: Config, learner: MetaLearner, selected: int | None, record: di
         "memory": memory_summary(learner),
         "machine": machine_info(), "commit": record["commit"], "date": record["date"], "test": [],
         "layout": "channels_last" if learner.channels_last else "nchw",  # as chosen (train.channels_last: null)
+        "precision": learner.precision,  # as chosen (train.precision: auto)
     }
 
 

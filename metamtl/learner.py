@@ -60,8 +60,8 @@ class MetaLearner:
         task: ``"classification"`` or ``"regression"``.
         task_defaults: the ways/shots/queries it was trained for (used by ``metamtl evaluate``).
         metadata: free-form, JSON-like information saved with the learner (e.g. data config).
-        precision: ``"fp32"`` or ``"bf16"`` (bfloat16 autocast for forward and backward passes;
-            weights, optimizer state and gradients stay float32; see :mod:`metamtl.placement`).
+        precision: ``"fp32"``, ``"bf16"`` (autocast; weights, optimizer state, gradients stay float32)
+            or ``"auto"`` (bf16 where the device has it natively: :func:`~metamtl.placement.native_bf16`).
         channels_last: 4-D weights and image batches in NHWC layout (same maths, different speed);
             ``None`` (default): for conv models on the CPU, timed in both layouts on the first
             meta-batch of each workload (:func:`~metamtl.fit_loop.choose_layout`); NCHW for other models and on GPUs.
@@ -108,7 +108,7 @@ class MetaLearner:
 
     # -- small helpers --------------------------------------------------------------------------
     device = property(lambda self: self.placement.device, doc="The device weights and inputs live on.")
-    precision = property(lambda self: self.placement.precision, doc='``"fp32"`` or ``"bf16"``.')
+    precision = property(lambda self: self.placement.precision, doc='``"fp32"`` or ``"bf16"`` (as chosen).')
     channels_last = property(lambda self: self.placement.channels_last, doc="NHWC memory layout (now).")
     memory_format = property(lambda self: self.placement.memory_format, doc="Layout of image batches.")
     elapsed = property(lambda self: self.run.elapsed, doc="Seconds of meta-training so far (across resumes).")
@@ -137,7 +137,7 @@ class MetaLearner:
         """The settings that define this learner (compared when resuming)."""
         learner = {"meta_optimizer": self.meta_optimizer_name, "meta_lr": self.meta_lr,
                    "meta_optimizer_kwargs": self.meta_optimizer_kwargs, "grad_clip": self.grad_clip,
-                   "max_bad_steps": self.max_bad_steps, "task": self.task, "precision": self.precision,
+                   "max_bad_steps": self.max_bad_steps, "task": self.task, "precision": self.placement.precision_setting,
                    "channels_last": self.placement.layout_setting}
         return {"model": dict(self.model.config), "algorithm": self.algorithm.config(), "learner": learner}
 

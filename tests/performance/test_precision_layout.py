@@ -282,3 +282,34 @@ def test_the_chosen_layout_is_saved_and_a_resumed_run_keeps_it(tmp_path):
     assert calls == [False]  # no probe: the interrupted run's layout
     back = MetaLearner.load(path, device="cpu")
     assert back.placement.automatic  # an automatic layout stays automatic
+
+
+def test_precision_auto_follows_native_bf16(tmp_path, monkeypatch):
+    """``precision="auto"``: bf16 where the CPU has AVX512-BF16 or AMX, fp32 where bf16 would be
+    emulated; the setting (not the choice) is saved, so a checkpoint chooses again where it is loaded."""
+    from metamtl import placement as pl
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    assert pl.cpu_flags(str(cpuinfo)) >= {"avx2", "avx512_bf16"}
+    assert pl.cpu_flags(str(tmp_path / "missing")) == set()
+    cpu = torch.device("cpu")
+    assert pl.native_bf16(cpu, {"avx2", "avx512_bf16"}) == torch.backends.mkldnn.is_available()
+    assert pl.native_bf16(cpu, {"avx2", "amx_bf16"}) == torch.backends.mkldnn.is_available()
+    assert not pl.native_bf16(cpu, {"avx2", "avx512f"})
+
+    monkeypatch.setattr(pl, "cpu_flags", lambda: {"avx2"})
+    learner = MetaLearner(model(False), "protonet", device="cpu", precision="auto")
+    assert learner.precision == "fp32" and learner.config()["learner"]["precision"] == "auto"
+    with learner.autocast():
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
+    path = learner.save(tmp_path / "l.pt")
+
+    monkeypatch.setattr(pl, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    back = MetaLearner.load(path, device="cpu")
+    assert back.precision == "bf16" and back.config()["learner"]["precision"] == "auto"
+    with back.autocast():
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="precision.*fp16.*auto"):
+        MetaLearner(model(False), "protonet", device="cpu", precision="fp16")
