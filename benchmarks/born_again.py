@@ -105,7 +105,14 @@ def table(args: argparse.Namespace) -> None:
         s1, t1 = r["test"][0], twin["test"][0]
         gain, ci = s1["accuracy"] - t1["accuracy"], (s1["ci95"] ** 2 + t1["ci95"] ** 2) ** 0.5
         gains.setdefault(role, []).append(gain)
-        print(f"{role} seed {seed}: 5-way 1-shot gain over its twin {100 * gain:+.2f} ± {100 * ci:.2f}")
+        paired = ""
+        a, b = s1.get("per_episode_accuracy"), t1.get("per_episode_accuracy")
+        if a and b and len(a) == len(b) > 1:  # the same episodes for both: the paired CI is the fair one
+            d = [x - y for x, y in zip(a, b)]
+            mean = sum(d) / len(d)
+            sd = (sum((x - mean) ** 2 for x in d) / (len(d) - 1)) ** 0.5
+            paired = f" (paired over the same {len(d)} episodes: ± {100 * 1.96 * sd / len(d) ** 0.5:.2f})"
+        print(f"{role} seed {seed}: 5-way 1-shot gain over its twin {100 * gain:+.2f} ± {100 * ci:.2f}{paired}")
     for role, g in gains.items():
         print(f"{role}: mean gain over {len(g)} seed(s) {100 * sum(g) / len(g):+.2f} points (target >= +1.0)")
 
