@@ -96,7 +96,7 @@ def train_row(device: str, smoke: bool, root: Path, output_dir: str) -> dict[str
     r = results["test"][0]
     return {"iterations": results["iterations"], "train_minutes": results["train_seconds"] / 60,
             "accuracy": r["accuracy"], "ci95": r["ci95"], "episodes": r["episodes"],
-            "wall_minutes": (time.perf_counter() - t0) / 60, "precision": cfg.train.precision}
+            "wall_minutes": (time.perf_counter() - t0) / 60, "precision": results.get("precision", cfg.train.precision)}
 
 
 def write(path: Path, lines: list[str]) -> None:

@@ -309,7 +309,8 @@ def _run(cfg: Config, resume: str | Path | None, progress: bool, callbacks: list
             say(f"[metamtl] {split} tasks:{' ' * (6 - len(split))}{tasks[split]}")
     cbs = run_callbacks(cfg, callbacks)
     learner = build_learner(cfg, tasks["train"])
-    say(f"[metamtl] {learner} | {sum(p.numel() for p in learner.model.parameters()):,} parameters")
+    chosen = f" | precision auto: {learner.precision}" if learner.placement.auto_precision else ""
+    say(f"[metamtl] {learner} | {sum(p.numel() for p in learner.model.parameters()):,} parameters{chosen}")
     if cfg.init_from:
         learner.init_from(cfg.init_from)
         say(f"[metamtl] trunk initialised from {cfg.init_from}")

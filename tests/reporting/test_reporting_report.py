@@ -45,6 +45,7 @@ def test_run_report_has_plots_and_final_accuracy(tiny_run):
     assert len(per_iteration) == results["iterations"] and min(per_iteration) > 50  # RSS of a torch process
     assert results["peak_memory_mb"] == pytest.approx(max(per_iteration))
     assert results["memory"] == {"measure": "rss", "mode": "full", "plan": None}
+    assert results["precision"] == "fp32"  # as computed (a `precision: auto` run records its choice)
     assert f"peak memory <b>{results['peak_memory_mb']:.0f} MB</b> (process resident set)" in text
     assert "http://" not in text and "https://" not in text  # self-contained: nothing fetched
 
