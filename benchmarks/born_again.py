@@ -108,10 +108,9 @@ def table(args: argparse.Namespace) -> None:
         paired = ""
         a, b = s1.get("per_episode_accuracy"), t1.get("per_episode_accuracy")
         if a and b and len(a) == len(b) > 1:  # the same episodes for both: the paired CI is the fair one
-            d = [x - y for x, y in zip(a, b)]
-            mean = sum(d) / len(d)
-            sd = (sum((x - mean) ** 2 for x in d) / (len(d) - 1)) ** 0.5
-            paired = f" (paired over the same {len(d)} episodes: ± {100 * 1.96 * sd / len(d) ** 0.5:.2f})"
+            from metamtl.evaluation import mean_ci95
+
+            paired = f" (paired over the same {len(a)} episodes: ± {100 * mean_ci95([x - y for x, y in zip(a, b)])[1]:.2f})"
         print(f"{role} seed {seed}: 5-way 1-shot gain over its twin {100 * gain:+.2f} ± {100 * ci:.2f}{paired}")
     for role, g in gains.items():
         print(f"{role}: mean gain over {len(g)} seed(s) {100 * sum(g) / len(g):+.2f} points (target >= +1.0)")

@@ -30,11 +30,21 @@ def machine_info() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+    model = cpuinfo_field("model name")
+    if model is not None:
+        info["cpu"] = model
+    return info
+
+
+def cpuinfo_field(*names: str, cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The value of the first line of ``cpuinfo`` whose key is one of ``names`` (the first CPU's),
+    or ``None`` (no such line, or no such file: not Linux)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
+        with open(cpuinfo) as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if sep and key.strip() in names:
+                    return value.strip()
     except OSError:
         pass
-    return info
+    return None

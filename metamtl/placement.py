@@ -28,6 +28,7 @@ from torch import nn
 
 from . import distributed
 from .allocator import tune_cpu_allocator
+from .environment import cpuinfo_field
 from .errors import ConfigError, unknown_name
 
 log = logging.getLogger(__name__)
@@ -42,14 +43,7 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
     """The feature flags of the first CPU in ``cpuinfo`` (empty where there is no such file)."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set((cpuinfo_field("flags", "Features", cpuinfo=cpuinfo) or "").split())
 
 
 def native_bf16(device: torch.device, flags: set[str] | None = None) -> bool:
