@@ -494,6 +494,28 @@ def rate(result: dict) -> str:
     return f"{n / result['seconds']:,.0f} episodes/s" if n and "seconds" in result else ""
 
 
+def combine(runs: list[dict]) -> dict:
+    """One row's result over ``--rounds`` fresh processes: seconds = the median of the rounds'
+    medians, ``rounds`` = each round's median (for paired ratios), peak MB = the largest."""
+    failed = [r for r in runs if "seconds" not in r]
+    if len(runs) == 1 or failed:  # a failed or skipped round: say so rather than use fewer rounds
+        return failed[0] if failed else runs[0]
+    paths = [r.get("path", "") for r in runs]
+    return {**runs[0], "seconds": statistics.median(r["seconds"] for r in runs), "rounds": [r["seconds"] for r in runs],
+            "peak_mb": max(r["peak_mb"] for r in runs),
+            "path": paths[0] if len(set(paths)) == 1 else " / ".join(paths)}
+
+
+def ratio(a: dict, b: dict) -> tuple[float, str]:
+    """``a / b`` seconds: the median of the per-round ratios when both rows ran in the same rounds
+    (each round's processes ran minutes apart, not hours), with their range; else the plain ratio."""
+    ra, rb = a.get("rounds"), b.get("rounds")
+    if ra and rb and len(ra) == len(rb):
+        per_round = sorted(x / y for x, y in zip(ra, rb))
+        return statistics.median(per_round), f" ({per_round[0]:.2f}-{per_round[-1]:.2f})"
+    return a["seconds"] / b["seconds"], ""
+
+
 def table(results: dict[str, dict]) -> list[str]:
     lines = ["| row | what | s/iter (median) | peak MB | notes |", "|---|---|---|---|---|"]
     for name, res in results.items():
@@ -501,16 +523,17 @@ def table(results: dict[str, dict]) -> list[str]:
         if "seconds" not in res:
             lines.append(f"| {name} | {desc} | - | - | {res.get('skipped') or res.get('error')} |")
             continue
+        rounds = "rounds " + " / ".join(f"{x:.3f}" for x in res["rounds"]) if res.get("rounds") else ""
         notes = ", ".join(x for x in (rate(res), res.get("path", ""),
-                                      f"compile {res['compile_s']} s" if "compile_s" in res else "") if x)
+                                      f"compile {res['compile_s']} s" if "compile_s" in res else "", rounds) if x)
         lines.append(f"| {name} | {desc} | {res['seconds']:.3f} | {res['peak_mb']:.0f} | {notes} |")
     lines += ["", "| ratio | value | target |", "|---|---|---|"]
     for label, num, den, target in RATIOS:
         a, b = results.get(num, {}), results.get(den, {})
         if "seconds" in a and "seconds" in b:
-            value = a["seconds"] / b["seconds"]
+            value, spread = ratio(a, b)
             verdict = "" if target is None else (f"<= {target}: " + ("met" if value <= target else "MISSED"))
-            lines.append(f"| {label} | {value:.2f}x | {verdict} |")
+            lines.append(f"| {label} | {value:.2f}x{spread} | {verdict} |")
     s, l2l = results.get("sampler", {}), results.get("l2l_taskdataset", {})
     if "seconds" in s and "seconds" in l2l:
         value = (s["episodes"] / s["seconds"]) / (l2l["episodes"] / l2l["seconds"])
@@ -519,8 +542,11 @@ def table(results: dict[str, dict]) -> list[str]:
     return lines
 
 
-def write_results(lines: list[str], header: list[str]) -> None:
-    write_section("speed", "Speed (`benchmarks/speed.py`)", [*header, "", *lines])
+def write_results(lines: list[str], header: list[str], selected: bool = False) -> None:
+    if selected:
+        write_section("speed-selected", "Speed: selected rows (`benchmarks/speed.py --only`)", [*header, "", *lines])
+    else:
+        write_section("speed", "Speed (`benchmarks/speed.py`)", [*header, "", *lines])
 
 
 def main() -> None:
@@ -529,12 +555,19 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=3, help="timed iterations per row (after one warm-up)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--write", action="store_true", help="record the table in benchmarks/RESULTS.md")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the rows this many times, round-robin (a fresh process each): s/iter is the "
+                             "median over rounds and each ratio the median of its per-round ratios, with their range")
+    parser.add_argument("--write", action="store_true",
+                        help="record the table in benchmarks/RESULTS.md (section 'Speed'; with --only, its own "
+                             "section 'Speed: selected rows', leaving the full table)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.iters, args.device, args.threads)))
         return
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     names = args.only.split(",") if args.only else list(ROWS)
     unknown = [n for n in names if n not in ROWS]
     if unknown:
@@ -546,18 +579,23 @@ def main() -> None:
         f"Command: `{' '.join(['python', 'benchmarks/speed.py', *sys.argv[1:]])}` (under `flock -x`), "
         f"{provenance()}, {args.threads} torch threads, device {args.device}.",
         f"Images: {data}. {args.iters} timed iterations per row after one warm-up, median; "
-        "peak MB = max RSS of the row's own process above its RSS after loading data and model.",
+        "peak MB = max RSS of the row's own process above its RSS after loading data and model."
+        + (f" Rows run in {args.rounds} rounds, round-robin, a fresh process per row and round: s/iter is the "
+           "median of the rounds' medians (each round's in the notes), a ratio is the median of its "
+           "per-round ratios (range in brackets), so both rows of a ratio are timed minutes apart in each "
+           "round." if args.rounds > 1 else ""),
     ]
     print("\n".join(header), flush=True)
-    results = {}
-    for name in names:
-        results[name] = res = run_child(name, args)
-        shown = f"{res['seconds']:.3f} s" if "seconds" in res else (res.get("skipped") or res.get("error"))
-        print(f"  {name:22s} {shown}", flush=True)
-    lines = table(results)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for r in range(args.rounds):
+        for name in names:
+            runs[name].append(res := run_child(name, args))
+            shown = f"{res['seconds']:.3f} s" if "seconds" in res else (res.get("skipped") or res.get("error"))
+            print(f"  {'' if args.rounds == 1 else f'round {r + 1}: '}{name:22s} {shown}", flush=True)
+    lines = table({name: combine(done) for name, done in runs.items()})
     print("\n".join(lines))
     if args.write:
-        write_results(lines, header)
+        write_results(lines, header, selected=bool(args.only))
 
 
 if __name__ == "__main__":
