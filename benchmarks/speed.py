@@ -543,10 +543,10 @@ def table(results: dict[str, dict]) -> list[str]:
 
 
 def write_results(lines: list[str], header: list[str], selected: bool = False) -> None:
-    if selected:
-        write_section("speed-selected", "Speed: selected rows (`benchmarks/speed.py --only`)", [*header, "", *lines])
-    else:
-        write_section("speed", "Speed (`benchmarks/speed.py`)", [*header, "", *lines])
+    """The table into RESULTS.md: section "Speed", or for an ``--only`` subset its own section."""
+    key, title = ("speed-selected", "Speed: selected rows (`benchmarks/speed.py --only`)") if selected else \
+        ("speed", "Speed (`benchmarks/speed.py`)")
+    write_section(key, title, [*header, "", *lines])
 
 
 def main() -> None:
