@@ -20,13 +20,27 @@ step: 0 page faults per iteration, 1.19x less CPU time; see benchmarks/RESULTS.m
 :class:`~metamtl.MetaLearner` calls it once per process when it runs on the CPU.  Set
 ``METAMTL_TUNE_MALLOC=0`` to leave the allocator alone (e.g. with jemalloc/tcmalloc preloaded, or
 to measure the difference).  On systems without glibc it does nothing.
+
+Heap reuse trades memory for time, and memory-bounded meta-steps (``memory: checkpoint``,
+``implicit`` or ``auto``) want the opposite trade: while an inner loop runs, the heap fragments
+(most likely small long-lived blocks, each step's kept weights, are cut from the large freed
+activation blocks, so the next step's activations no longer fit in the holes) and grows by
+about one step's activations per inner step.  Measured (2026-12-04, benchmarks/memory.py's setting, one 50-step
+checkpointed meta-step, glibc's ``mallinfo2`` sampled every 3 ms): the blocks in use peaked at
+405 MB above the start while the heap, and with it the resident set, grew by 2.6 GB.
+:func:`mapped_large_blocks` makes such a step serve every block of ``MAPPED_BLOCK`` bytes or more
+that free heap memory cannot hold from a fresh mapping, unmapped when freed, instead of growing
+the heap: peak 474 MB above the start, for 1.45x the step's time (page faults; with a 1 MiB
+threshold 422 MB and 1.7x, with 8 MiB 659 MB and 1.17x).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import sys
+from typing import Iterator
 
 #: glibc ``mallopt`` parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -38,6 +52,12 @@ M_MMAP_MAX = -4
 MMAP_THRESHOLD = 32 * 1024 * 1024
 #: Free memory at the top of the heap is returned to the OS only beyond this.
 TRIM_THRESHOLD = 256 * 1024 * 1024
+
+#: Inside :func:`mapped_large_blocks`: blocks of this size or more that free heap memory cannot
+#: hold are mapped afresh (and returned to the OS when freed) instead of growing the heap.
+MAPPED_BLOCK = 4 * 1024 * 1024
+#: glibc's default ``M_MMAP_MAX`` (how many blocks may be mapped at once)
+DEFAULT_MMAP_MAX = 65536
 
 _state: dict[str, bool | None] = {"tuned": None}
 
@@ -76,3 +96,30 @@ def tune_cpu_allocator(force: bool = False) -> bool:
             ok = False
     _state["tuned"] = ok
     return ok
+
+
+@contextlib.contextmanager
+def mapped_large_blocks(threshold: int = MAPPED_BLOCK) -> Iterator[bool]:
+    """Within the block, ``malloc`` serves blocks of ``threshold`` bytes or more that free heap
+    memory cannot hold from fresh mappings, unmapped when freed, instead of growing the heap
+    (glibc); then the tuned settings come back.  Yields True if it did so.
+
+    For memory-bounded meta-steps: the resident set then follows the bytes the step holds instead
+    of the heap's fragmented high-water mark, at the cost of page faults on large blocks.  Does
+    nothing (yields False) unless :func:`tune_cpu_allocator` tuned this process, so an allocator
+    left alone (``METAMTL_TUNE_MALLOC=0``, jemalloc, no glibc) stays as it is.  Blocks mapped
+    inside and freed after the block are still unmapped; blocks from the heap stay in the heap.
+    """
+    libc = _libc() if _state["tuned"] else None
+    ok = False
+    if libc is not None:
+        try:
+            ok = bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold))) and bool(libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX))
+        except (AttributeError, OSError):
+            ok = False
+    try:
+        yield ok
+    finally:
+        if libc is not None:
+            libc.mallopt(M_MMAP_MAX, 0)
+            libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)

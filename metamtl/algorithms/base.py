@@ -33,6 +33,7 @@ from ..adaptation import (
     build_problem, default_objective, proximal_term, second_order_rule,
 )
 from ..errors import ConfigError
+from ..allocator import mapped_large_blocks
 from ..memory import PLAN_MODES, Footprint, MemoryPlan, graph_mb, plan_memory
 from ..models.backbones import TrunkHead
 from ..tasks.episode import Episode, TaskBatch
@@ -182,8 +183,14 @@ class Algorithm(nn.Module):
         before each inner step (``inner_loss/step_k``).
         """
         self.setup(model)
-        if self.inner.memory == "auto" and not self.inner.first_order:
-            self.plan_memory(model, batch, iteration)
+        if self.inner.memory == "full" or self.inner.first_order:
+            return self._meta_step(model, batch, iteration)
+        with mapped_large_blocks():  # memory-bounded: resident set = what the step holds (metamtl.allocator)
+            if self.inner.memory == "auto":
+                self.plan_memory(model, batch, iteration)
+            return self._meta_step(model, batch, iteration)
+
+    def _meta_step(self, model: TrunkHead, batch: TaskBatch, iteration: int) -> dict[str, float]:
         rule = self.meta_gradient(iteration)
         n = len(batch)
         totals: dict[str, float] = {}
