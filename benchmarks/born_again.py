@@ -17,6 +17,7 @@ minutes; run them under the benchmark lock)::
     done
     $B teacher --seed 0 --minutes 30 --hidden 64 --name wide   # a wider teacher (conv4-64) ...
     $B student --seed 0 --teacher wide                         # ... into conv4-32, the twin's iterations
+    $B twin --seed 0 --iterations 4371                         # a stated iteration count instead of the teacher's
     python benchmarks/born_again.py table
 
 ``table`` prints, per seed, teacher / twin / student accuracy (5-way 1-shot and 5-shot, 600
@@ -69,7 +70,10 @@ def teacher(args: argparse.Namespace) -> None:
 
 
 def twin_or_student(args: argparse.Namespace, kd: bool) -> None:
-    gen0 = results(run_dir(args, "teacher", 1000 + args.seed))
+    if args.iterations:  # stated: e.g. a run whose generation-0 teacher is not on this machine
+        gen0 = {"iterations": args.iterations}
+    else:
+        gen0 = results(run_dir(args, "teacher", 1000 + args.seed))
     if args.equal_time:  # the twin's training time, whatever number of iterations that is
         minutes = results(run_dir(args, "twin", args.seed))["train_seconds"] / 60
         length = [f"train.budget_minutes={minutes:.3f}", "train.iterations=100000000"]
@@ -131,6 +135,8 @@ def main() -> None:
                            ("student", "born-again student: the teacher's iterations, 0.5 CE + 0.5 KL")):
         s = sub.add_parser(name, help=helptext)
         s.add_argument("--equal-time", action="store_true", help="train for the twin's time instead of its iterations")
+        s.add_argument("--iterations", type=int,
+                       help="train this many iterations instead of the generation-0 teacher's (twin and student alike)")
         if name == "student":
             s.add_argument("--teacher", default="teacher", help="teacher run name prefix ('teacher' or e.g. 'wide')")
     for s in sub.choices.values():
