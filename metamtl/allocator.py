@@ -21,17 +21,18 @@ step: 0 page faults per iteration, 1.19x less CPU time; see benchmarks/RESULTS.m
 ``METAMTL_TUNE_MALLOC=0`` to leave the allocator alone (e.g. with jemalloc/tcmalloc preloaded, or
 to measure the difference).  On systems without glibc it does nothing.
 
-Heap reuse trades memory for time, and memory-bounded meta-steps (``memory: checkpoint``,
-``implicit`` or ``auto``) want the opposite trade: while an inner loop runs, the heap fragments
-(most likely small long-lived blocks, each step's kept weights, are cut from the large freed
-activation blocks, so the next step's activations no longer fit in the holes) and grows by
-about one step's activations per inner step.  Measured (2026-12-04, benchmarks/memory.py's setting, one 50-step
-checkpointed meta-step, glibc's ``mallinfo2`` sampled every 3 ms): the blocks in use peaked at
-405 MB above the start while the heap, and with it the resident set, grew by 2.6 GB.
-:func:`mapped_large_blocks` makes such a step serve every block of ``MAPPED_BLOCK`` bytes or more
-that free heap memory cannot hold from a fresh mapping, unmapped when freed, instead of growing
-the heap: peak 474 MB above the start, for 1.45x the step's time (page faults; with a 1 MiB
-threshold 422 MB and 1.7x, with 8 MiB 659 MB and 1.17x).
+A reused heap holds on to memory its blocks no longer need, and memory-bounded meta-steps
+(``memory: checkpoint`` or ``auto``) care: when a long-lived block is cut from a large freed one
+(say, each inner step's kept weights from the previous step's activations), the next block of
+that large size no longer fits in the hole and the heap grows instead.  Measured (2026-12-04,
+benchmarks/memory.py's setting, one 50-step checkpointed meta-step, glibc's ``mallinfo2``
+sampled every 3 ms): the blocks in use peaked 405 MB above the start while the heap, and with it
+the resident set, grew by 2.6 GB.  Two remedies, neither giving up heap reuse (mapping large
+blocks afresh instead kept the resident set at the bytes in use but cost 1.9-2.9x the step's
+time in page faults): the checkpointed unroll stores every step's weights in memory taken before
+its loop (:mod:`metamtl.adaptation.gradients`: peak 740 MB above the start, faster too), and
+under ``memory: auto`` :func:`trim_above` hands free heap memory back whenever the resident set
+would pass ``max_memory_mb``.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import threading
 from typing import Iterator
 
 #: glibc ``mallopt`` parameters (malloc.h)
@@ -52,12 +54,6 @@ M_MMAP_MAX = -4
 MMAP_THRESHOLD = 32 * 1024 * 1024
 #: Free memory at the top of the heap is returned to the OS only beyond this.
 TRIM_THRESHOLD = 256 * 1024 * 1024
-
-#: Inside :func:`mapped_large_blocks`: blocks of this size or more that free heap memory cannot
-#: hold are mapped afresh (and returned to the OS when freed) instead of growing the heap.
-MAPPED_BLOCK = 4 * 1024 * 1024
-#: glibc's default ``M_MMAP_MAX`` (how many blocks may be mapped at once)
-DEFAULT_MMAP_MAX = 65536
 
 _state: dict[str, bool | None] = {"tuned": None}
 
@@ -98,28 +94,50 @@ def tune_cpu_allocator(force: bool = False) -> bool:
     return ok
 
 
-@contextlib.contextmanager
-def mapped_large_blocks(threshold: int = MAPPED_BLOCK) -> Iterator[bool]:
-    """Within the block, ``malloc`` serves blocks of ``threshold`` bytes or more that free heap
-    memory cannot hold from fresh mappings, unmapped when freed, instead of growing the heap
-    (glibc); then the tuned settings come back.  Yields True if it did so.
+class _Guard:
+    """What :func:`trim_above` did: ``trims`` (calls of ``malloc_trim``) and ``active``."""
 
-    For memory-bounded meta-steps: the resident set then follows the bytes the step holds instead
-    of the heap's fragmented high-water mark, at the cost of page faults on large blocks.  Does
-    nothing (yields False) unless :func:`tune_cpu_allocator` tuned this process, so an allocator
-    left alone (``METAMTL_TUNE_MALLOC=0``, jemalloc, no glibc) stays as it is.  Blocks mapped
-    inside and freed after the block are still unmapped; blocks from the heap stay in the heap.
+    def __init__(self, active: bool) -> None:
+        self.active = active
+        self.trims = 0
+
+
+def _statm_rss_mb() -> float:
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * _PAGE / 2**20
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+@contextlib.contextmanager
+def trim_above(limit_mb: float, interval: float = 0.002) -> Iterator[_Guard]:
+    """Within the block, whenever the resident set passes ``limit_mb`` MiB, give the allocator's
+    free memory back to the OS (glibc ``malloc_trim``: free pages inside the heap too), so that
+    free-but-kept memory never pushes a run over a memory budget; yields a :class:`_Guard`.
+
+    A background thread reads the resident set every ``interval`` seconds; below the limit it
+    costs nothing else, above it each trim costs a walk over the free blocks and the page faults
+    of reusing trimmed pages later.  Memory the code actually holds is not touched: if that alone
+    passes the limit, the limit is passed.  Does nothing (``active`` False) off glibc/Linux.
     """
-    libc = _libc() if _state["tuned"] else None
-    ok = False
-    if libc is not None:
-        try:
-            ok = bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold))) and bool(libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX))
-        except (AttributeError, OSError):
-            ok = False
+    libc = _libc()
+    if libc is None or not os.path.exists("/proc/self/statm"):
+        yield _Guard(False)
+        return
+    guard = _Guard(True)
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(interval):
+            if _statm_rss_mb() > limit_mb:
+                libc.malloc_trim(0)
+                guard.trims += 1
+
+    thread = threading.Thread(target=watch, name="metamtl-trim-guard", daemon=True)
+    thread.start()
     try:
-        yield ok
+        yield guard
     finally:
-        if libc is not None:
-            libc.mallopt(M_MMAP_MAX, 0)
-            libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        stop.set()
+        thread.join()

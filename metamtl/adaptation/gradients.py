@@ -78,11 +78,16 @@ class _Checkpointed(torch.autograd.Function):
         state = [t.detach() for t in tensors[:n_state]]
         context = [t.detach() for t in tensors[n_state:]]
         saved = [state]
+        # every step's state goes into storage taken before the loop: kept tensors allocated
+        # between the steps' freed activations would fragment the heap (metamtl.allocator)
+        store = [torch.empty((steps, *t.shape), dtype=t.dtype, device=t.device) for t in state]
         with torch.enable_grad():
             for k in range(steps):
-                state = [t.detach() for t in step(_leaves(state), k, context, False)]
-                if len(state) != n_state:
-                    raise RuntimeError(f"inner step returned {len(state)} tensors for a state of {n_state}")
+                new = step(_leaves(state), k, context, False)
+                if len(new) != n_state:
+                    raise RuntimeError(f"inner step returned {len(new)} tensors for a state of {n_state}")
+                state = [buf[k].copy_(t.detach()) for buf, t in zip(store, new)]
+                del new
                 saved.append(state)
         ctx.step, ctx.steps, ctx.n_state = step, steps, n_state
         # inputs of every step (state 0 .. K-1) and the context: all the backward needs

@@ -21,6 +21,7 @@ model-dependent learnable state before the meta-optimizer is built.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from typing import Any, ClassVar, Sequence
@@ -33,8 +34,8 @@ from ..adaptation import (
     build_problem, default_objective, proximal_term, second_order_rule,
 )
 from ..errors import ConfigError
-from ..allocator import mapped_large_blocks
-from ..memory import PLAN_MODES, Footprint, MemoryPlan, graph_mb, plan_memory
+from ..allocator import trim_above
+from ..memory import PLAN_MODES, Footprint, MemoryPlan, graph_mb, plan_memory, rss_mb
 from ..models.backbones import TrunkHead
 from ..tasks.episode import Episode, TaskBatch
 
@@ -183,11 +184,12 @@ class Algorithm(nn.Module):
         before each inner step (``inner_loss/step_k``).
         """
         self.setup(model)
-        if self.inner.memory == "full" or self.inner.first_order:
+        if self.inner.memory != "auto" or self.inner.first_order:
             return self._meta_step(model, batch, iteration)
-        with mapped_large_blocks():  # memory-bounded: resident set = what the step holds (metamtl.allocator)
-            if self.inner.memory == "auto":
-                self.plan_memory(model, batch, iteration)
+        with contextlib.ExitStack() as stack:
+            if batch[0].support_x.device.type == "cpu":  # free heap memory must not break the budget
+                stack.enter_context(trim_above(rss_mb() + self.inner.max_memory_mb))
+            self.plan_memory(model, batch, iteration)
             return self._meta_step(model, batch, iteration)
 
     def _meta_step(self, model: TrunkHead, batch: TaskBatch, iteration: int) -> dict[str, float]:

@@ -267,6 +267,21 @@ def retained_bytes(fn, exclude=()):
     return mb * 2**20, out
 
 
+def test_checkpointed_steps_keep_their_weights_in_storage_taken_before_the_loop():
+    """Each weight's copies for steps 1..K live in one block allocated before the inner loop, not
+    in a block per step allocated between the steps' freed activations: those fragment the CPU
+    heap (a 50-step mini-ImageNet meta-step grew it by 2.6 GB for 405 MB in use; metamtl.allocator)."""
+    model = tiny_conv()
+    names = [n for n, _ in model.named_parameters()]
+    sx, sy = data(6, 0)
+    trajectory = checkpointed_unroll(sgd_step(model, names, sx, sy, lr=0.3), list(model.parameters()), 5)
+    for i, p in enumerate(model.parameters()):
+        storages = {s[i].untyped_storage().data_ptr() for s in trajectory[1:]}
+        assert len(storages) == 1
+        assert trajectory[1][i].untyped_storage().nbytes() == 5 * p.numel() * p.element_size()
+        assert all(not torch.equal(trajectory[k][i], trajectory[k + 1][i]) for k in range(5)) or p.dim() == 0
+
+
 def test_retained_memory_does_not_grow_with_steps():
     model = tiny_conv()
     names = [n for n, _ in model.named_parameters()]

@@ -77,57 +77,56 @@ def test_blocks_above_the_largest_mmap_threshold_are_reused_too():
     assert page_faults(True, mib=40, rounds=4) < untuned / 20
 
 
-RELEASE = """
-import re, torch
-from metamtl.allocator import mapped_large_blocks, tune_cpu_allocator
+
+FRAGMENTED = """
+import re, time, torch
+from metamtl.allocator import trim_above, tune_cpu_allocator
 tune_cpu_allocator()
+torch.set_num_threads(1)
 def rss():
     return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
-def released(mib):  # MiB the process gives back when a freshly written block of `mib` MiB is freed
-    x = torch.ones(mib * 262144)
-    held = rss()
-    del x
-    return held - rss()
-with mapped_large_blocks() as on:
-    out = [released(64), released(6), released(1)]
-out += [released(64), released(6)]
-print(on, *out)
+kept, big = [], []
+for _ in range(40):  # large blocks with a small long-lived one after each: freed, they stay in the heap
+    big.append(torch.ones(2 * 262144))
+    kept.append(torch.ones(16))
+del big
+high = rss()
+time.sleep(0.2)
+untouched = rss()  # nothing gives the free blocks back by itself
+with trim_above(high - 40) as guard:
+    time.sleep(0.2)
+    low = rss()
+print(guard.active, guard.trims, high, untouched, low)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
-def test_memory_bounded_steps_give_freed_large_blocks_back():
-    """Inside ``mapped_large_blocks`` (memory-bounded meta-steps) a freed block of 4 MiB or more
-    leaves the resident set at once instead of growing the heap, so RSS follows the memory held
-    (glibc still serves such a block from free heap memory when it has some); the tuned settings
-    come back on exit: the heap keeps freed blocks for reuse."""
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc_trim")
+def test_trim_above_gives_free_heap_memory_back_past_the_limit():
+    """``memory: auto``'s guard: 80 MB of freed blocks kept by the tuned heap (held in place by
+    small live blocks) leave the resident set once it passes the limit."""
     from metamtl.allocator import _libc
 
     if _libc() is None:
         pytest.skip("not glibc")
     env = {**os.environ, "METAMTL_TUNE_MALLOC": "1"}
-    out = subprocess.run([sys.executable, "-c", RELEASE], env=env, capture_output=True, text=True, check=True)
-    on, *mib = out.stdout.split()
-    in64, in6, in1, after64, after6 = map(float, mib)
-    assert on == "True"
-    assert in64 > 56 and in6 > 5  # mapped: given back
-    assert in1 < 1  # small blocks still come from the heap
-    assert after64 < 8 and after6 < 2  # tuned settings restored
+    out = subprocess.run([sys.executable, "-c", FRAGMENTED], env=env, capture_output=True, text=True, check=True)
+    active, trims, high, untouched, low = out.stdout.split()
+    high, untouched, low = float(high), float(untouched), float(low)
+    assert active == "True" and int(trims) >= 1
+    assert untouched > high - 5  # the heap kept the freed 80 MB
+    assert low < high - 60  # the guard gave them back
 
 
-def test_mapped_large_blocks_leaves_an_untuned_allocator_alone(monkeypatch):
+def test_trim_above_is_inactive_without_glibc(monkeypatch):
     from metamtl import allocator
 
-    monkeypatch.setitem(allocator._state, "tuned", False)
-    calls = []
-    monkeypatch.setattr(allocator, "_libc", lambda: calls.append(1))
-    with allocator.mapped_large_blocks() as on:
-        assert on is False
-    assert calls == []
+    monkeypatch.setattr(allocator, "_libc", lambda: None)
+    with allocator.trim_above(1.0) as guard:
+        assert guard.active is False and guard.trims == 0
 
 
-@pytest.mark.parametrize("memory, bounded", [("full", False), ("checkpoint", True), ("implicit", True), ("auto", True)])
-def test_memory_bounded_meta_steps_map_large_blocks(monkeypatch, memory, bounded):
+@pytest.mark.parametrize("memory", ["full", "checkpoint", "implicit", "auto"])
+def test_only_memory_auto_guards_its_budget(monkeypatch, memory):
     import contextlib
 
     import torch
@@ -137,20 +136,21 @@ def test_memory_bounded_meta_steps_map_large_blocks(monkeypatch, memory, bounded
     from metamtl.models import build_model
     from metamtl.tasks import Episode, TaskBatch
 
-    entered = []
+    limits = []
 
     @contextlib.contextmanager
-    def record():
-        entered.append(True)
-        yield True
+    def record(limit_mb):
+        limits.append(limit_mb)
+        yield None
 
-    monkeypatch.setattr(base, "mapped_large_blocks", record)
+    monkeypatch.setattr(base, "trim_above", record)
+    monkeypatch.setattr(base, "rss_mb", lambda: 1000.0)
     torch.manual_seed(0)
     net = build_model("conv4", in_channels=1, hidden=4, image_size=8, blocks=2, out_features=2)
-    settings = {"max_memory_mb": 10_000} if memory == "auto" else {}
+    settings = {"max_memory_mb": 500} if memory == "auto" else {}
     alg = build_algorithm("imaml" if memory == "implicit" else "maml", steps=2, lr=0.1, memory=memory, **settings)
     ep = Episode(torch.randn(4, 1, 8, 8), torch.tensor([0, 0, 1, 1]), torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 0, 1]),
                  ways=2, shots=2, queries=2)
     alg.meta_step(net, TaskBatch([ep, ep]))
-    assert entered == ([True] if bounded else [])
+    assert limits == ([1500.0] if memory == "auto" else [])
     assert all(p.grad is not None for p in net.parameters())
