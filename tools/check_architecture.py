@@ -34,6 +34,7 @@ MODULE_LAYERS = {
     "metamtl.environment": "foundation",
     "metamtl.memory": "foundation",
     "metamtl.progress_bars": "foundation",
+    "metamtl.allocator": "foundation",  # glibc malloc settings and the budget guard (stdlib only)
     "metamtl.data": "data",
     "metamtl.tasks": "tasks",
     "metamtl.models": "models",
@@ -54,7 +55,6 @@ MODULE_LAYERS = {
     "metamtl.checkpoint": "learner",
     "metamtl.distributed": "learner",
     "metamtl.interrupt": "learner",
-    "metamtl.allocator": "learner",
     "metamtl.distill": "learner",
     "metamtl.steps_curve": "surfaces",
     "metamtl.config": "surfaces",
