@@ -102,14 +102,6 @@ class _Guard:
         self.trims = 0
 
 
-def _statm_rss_mb() -> float:
-    with open("/proc/self/statm", "rb") as f:
-        return int(f.read().split()[1]) * _PAGE / 2**20
-
-
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
 @contextlib.contextmanager
 def trim_above(limit_mb: float, interval: float = 0.002) -> Iterator[_Guard]:
     """Within the block, whenever the resident set passes ``limit_mb`` MiB, give the allocator's
@@ -121,8 +113,10 @@ def trim_above(limit_mb: float, interval: float = 0.002) -> Iterator[_Guard]:
     of reusing trimmed pages later.  Memory the code actually holds is not touched: if that alone
     passes the limit, the limit is passed.  Does nothing (``active`` False) off glibc/Linux.
     """
+    from .memory import rss_mb
+
     libc = _libc()
-    if libc is None or not os.path.exists("/proc/self/statm"):
+    if libc is None or not os.path.exists("/proc/self/status"):
         yield _Guard(False)
         return
     guard = _Guard(True)
@@ -130,7 +124,7 @@ def trim_above(limit_mb: float, interval: float = 0.002) -> Iterator[_Guard]:
 
     def watch() -> None:
         while not stop.wait(interval):
-            if _statm_rss_mb() > limit_mb:
+            if rss_mb() > limit_mb:
                 libc.malloc_trim(0)
                 guard.trims += 1
 

@@ -186,9 +186,8 @@ class Algorithm(nn.Module):
         self.setup(model)
         if self.inner.memory != "auto" or self.inner.first_order:
             return self._meta_step(model, batch, iteration)
-        with contextlib.ExitStack() as stack:
-            if batch[0].support_x.device.type == "cpu":  # free heap memory must not break the budget
-                stack.enter_context(trim_above(rss_mb() + self.inner.max_memory_mb))
+        cpu = batch[0].support_x.device.type == "cpu"  # free heap memory must not break the budget
+        with trim_above(rss_mb() + self.inner.max_memory_mb) if cpu else contextlib.nullcontext():
             self.plan_memory(model, batch, iteration)
             return self._meta_step(model, batch, iteration)
 

@@ -77,7 +77,6 @@ def test_blocks_above_the_largest_mmap_threshold_are_reused_too():
     assert page_faults(True, mib=40, rounds=4) < untuned / 20
 
 
-
 FRAGMENTED = """
 import re, time, torch
 from metamtl.allocator import trim_above, tune_cpu_allocator
