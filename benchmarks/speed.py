@@ -180,7 +180,9 @@ def metamtl_step(algorithm: str, tasks: int, steps: int, device: str, queries: i
     probe = learner.layout_probe.last
     if learner.placement.automatic and probe is not None and probe.seconds:
         layout += f" (probe {probe.seconds[True] / probe.seconds[False]:.2f}x)"
-    return step, {"path": f"{alg.inner.backend}, {layout}"}
+    workers = alg.task_workers(model, batch, len(alg.chunks(batch, training=True)))
+    threads = f", {workers} task threads" if workers > 1 else ""
+    return step, {"path": f"{alg.inner.backend}, {layout}{threads}"}
 
 
 def higher_iteration(model: nn.Module, batch, steps: int, lr: float = LR):
@@ -364,6 +366,8 @@ ROWS = {
                        lambda d: metamtl_step("maml", 32, 1, d, task_chunk=8)),
     "maml_32x1_nchw": ("metamtl MAML 32x1, NCHW forced (MetaLearner channels_last=False)",
                        lambda d: metamtl_step("maml", 32, 1, d, channels_last=False)),
+    "maml_32x1_serial": ("metamtl MAML 32x1, one task after another (task_threads=1: all threads on each op)",
+                         lambda d: metamtl_step("maml", 32, 1, d, task_threads=1)),
     "higher_32x1": ("plain higher loop, 32 tasks x 1 step", lambda d: plain_higher_step(32, 1, d)),
     "higher_32x1_nhwc": ("plain higher loop, channels_last model and images",
                          lambda d: plain_higher_step(32, 1, d, channels_last=True)),
@@ -373,6 +377,8 @@ ROWS = {
     "maml_16x5": ("metamtl MAML 2nd order, 16 tasks x 5 steps", lambda d: metamtl_step("maml", 16, 5, d)),
     "maml_16x5_nchw": ("metamtl MAML 16x5, NCHW forced",
                        lambda d: metamtl_step("maml", 16, 5, d, channels_last=False)),
+    "maml_16x5_serial": ("metamtl MAML 16x5, one task after another (task_threads=1)",
+                         lambda d: metamtl_step("maml", 16, 5, d, task_threads=1)),
     "maml_16x5_higher": ("metamtl MAML 16x5, backend higher",
                          lambda d: metamtl_step("maml", 16, 5, d, backend="higher")),
     "higher_16x5": ("plain higher loop, 16 tasks x 5 steps", lambda d: plain_higher_step(16, 5, d)),
@@ -430,6 +436,8 @@ RATIOS = [
     ("Reptile 16x5: core / higher engine", "reptile_16x5", "reptile_16x5_higher", 0.7),
     ("MAML Adam-inner 16x5: core / higher engine", "maml_adam_16x5", "maml_adam_16x5_higher", 0.7),
     ("MAML 32x1: core / higher engine", "maml_32x1", "maml_32x1_higher", None),
+    ("MAML 32x1: task threads (default) / one task after another", "maml_32x1", "maml_32x1_serial", None),
+    ("MAML 16x5: task threads (default) / one task after another", "maml_16x5", "maml_16x5_serial", None),
     ("MAML 32x1: automatic layout (default) / NCHW forced", "maml_32x1", "maml_32x1_nchw", None),
     ("MAML 16x5: automatic layout (default) / NCHW forced", "maml_16x5", "maml_16x5_nchw", None),
     ("FOMAML 32x1: automatic layout (default) / NCHW forced", "fomaml_32x1", "fomaml_32x1_nchw", None),

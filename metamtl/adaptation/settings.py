@@ -116,6 +116,12 @@ class InnerLoop:
         bn_stats: ``"transductive"`` or ``"support"`` (see :mod:`metamtl.models.norm`).
         backend: ``"core"`` (default; ``"auto"``/``"func"`` are old names for it) or ``"higher"``.
         task_chunk: tasks adapted per ``vmap`` call by the core (``0``: one on CPU, all elsewhere).
+        task_threads: CPU threads that meta-train chunks of tasks side by side, each with one
+            intra-op thread (:mod:`metamtl.adaptation.threads`; the same meta-gradient, added in
+            chunk order, so seeded runs repeat).  ``0`` (default): torch's thread count where it is
+            safe (core engine on a CPU, a model whose training forward pass writes no shared
+            state, no loss terms, ``memory: full``); ``1``: one chunk after another with all
+            threads on each operation (the smallest memory: one chunk's graph at a time).
         memory: how the second-order meta-gradient is computed: ``"full"`` (the unrolled graph of
             every inner step is kept: memory grows with ``steps``), ``"checkpoint"`` (only each
             step's weights are kept and the step is recomputed in the backward pass: the same
@@ -141,20 +147,17 @@ class InnerLoop:
     bn_stats: str = "transductive"
     backend: str = "core"
     task_chunk: int = 0
+    task_threads: int = 0
     memory: str = "full"
     max_memory_mb: float | None = None
     lam: float = 1.0
     cg_steps: int = 5
 
     def __post_init__(self) -> None:
-        for name in ("steps",):
+        for name in ("steps", "eval_steps"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            if (v is not None or name == "steps") and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 raise ConfigError(f"inner {name} must be an integer >= 0, got {v!r}")
-        if self.eval_steps is not None and (
-            isinstance(self.eval_steps, bool) or not isinstance(self.eval_steps, int) or self.eval_steps < 0
-        ):
-            raise ConfigError(f"inner eval_steps must be an integer >= 0, got {self.eval_steps!r}")
         self.lr = check_positive("inner lr", self.lr)
         if not isinstance(self.first_order, bool):
             raise ConfigError(f"inner first_order must be true or false, got {self.first_order!r}")
@@ -183,8 +186,10 @@ class InnerLoop:
             raise unknown_name("head initialisation", self.head_init, HEAD_INITS)
         if self.bn_stats not in BN_MODES:
             raise unknown_name("bn_stats mode", self.bn_stats, BN_MODES)
-        if isinstance(self.task_chunk, bool) or not isinstance(self.task_chunk, int) or self.task_chunk < 0:
-            raise ConfigError(f"task_chunk must be an integer >= 0 (0: automatic), got {self.task_chunk!r}")
+        for name, hint in (("task_chunk", "0: automatic"), ("task_threads", "0: automatic, 1: one chunk at a time")):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"{name} must be an integer >= 0 ({hint}), got {v!r}")
         if self.memory not in MEMORY_MODES:
             raise unknown_name("memory mode", self.memory, MEMORY_MODES)
         if self.max_memory_mb is not None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -33,11 +33,14 @@ from ..adaptation import (
     Adapted, FirstOrder, InnerLoop, InnerProblem, InnerView, MetaGradient, add_loss_terms, batched_task_loss,
     build_problem, default_objective, proximal_term, second_order_rule,
 )
+from ..adaptation.threads import in_worker, map_chunks, threadable
 from ..errors import ConfigError
 from ..allocator import trim_above
 from ..memory import PLAN_MODES, Footprint, MemoryPlan, graph_mb, plan_memory, rss_mb
 from ..models.backbones import TrunkHead
 from ..tasks.episode import Episode, TaskBatch
+
+log = logging.getLogger(__name__)
 
 
 #: What an algorithm can take from the training data (:attr:`Algorithm.from_data`), and what it is.
@@ -86,6 +89,7 @@ class Algorithm(nn.Module):
         #: the planner's latest choice under ``memory: auto`` (see :meth:`plan_memory`)
         self.memory_plan: MemoryPlan | None = None
         self._plans: dict[tuple, MemoryPlan] = {}
+        self._thread_warnings: set[str] = set()
 
     # -- configuration ---------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -194,23 +198,62 @@ class Algorithm(nn.Module):
     def _meta_step(self, model: TrunkHead, batch: TaskBatch, iteration: int) -> dict[str, float]:
         rule = self.meta_gradient(iteration)
         n = len(batch)
-        totals: dict[str, float] = {}
+        chunks = self.chunks(batch, training=True)
 
-        def add(key: str, values: torch.Tensor) -> None:
-            totals[key] = totals.get(key, 0.0) + float(values.sum()) / n
-
-        for positions in self.chunks(batch, training=True):
+        def one(m: TrunkHead, positions: list[int]) -> dict[str, torch.Tensor]:
             sx, sy, qx, qy = batch.stack(positions)
             first = batch[positions[0]]
-            problem = self.problem(model, sx, sy, first.ways)
+            problem = self.problem(m, sx, sy, first.ways)
             adapted, _, logits = rule.backward(
                 problem, lambda a: self.outer_objective(a, qx, qy, iteration), 1.0 / n)
-            add("loss", batched_task_loss(logits, qy))
+            out = {"loss": batched_task_loss(logits, qy)}
             if first.is_classification:
-                add("accuracy", (logits.argmax(-1) == qy).float().mean(1))
-            for k, v in enumerate(adapted.inner_losses):
-                add(f"inner_loss/step_{k}", v)
+                out["accuracy"] = (logits.argmax(-1) == qy).float().mean(1)
+            out.update({f"inner_loss/step_{k}": v for k, v in enumerate(adapted.inner_losses)})
+            return out
+
+        workers = self.task_workers(model, batch, len(chunks))
+        if workers > 1:
+            params = [*model.parameters(), *self.parameters()]
+            results: Iterable[dict[str, torch.Tensor]] = map_chunks(one, chunks, model, params, workers)
+        else:
+            results = (one(model, positions) for positions in chunks)
+        totals: dict[str, float] = {}
+        for values in results:  # in chunk order whichever thread ran them
+            for key, v in values.items():
+                totals[key] = totals.get(key, 0.0) + float(v.sum()) / n
         return totals
+
+    def sequential_tasks(self, training: bool) -> str | None:
+        """Why this algorithm's chunks of tasks must be meta-trained one after the other (``None``:
+        they may run side by side on CPU threads, :mod:`metamtl.adaptation.threads`)."""
+        return None
+
+    def task_workers(self, model: TrunkHead, batch: TaskBatch, chunks: int, training: bool = True) -> int:
+        """Threads that adapt ``batch``'s ``chunks`` chunks side by side (``task_threads``; 1: serial),
+        for meta-training (``training``) or evaluation."""
+        setting = self.inner.task_threads
+        if setting == 1 or chunks < 2 or in_worker():
+            return 1
+        reason = self._serial_reason(model, batch, training)
+        if reason is not None:
+            if setting > 1 and reason not in self._thread_warnings:
+                self._thread_warnings.add(reason)
+                log.warning("task_threads=%d: adapting one chunk of tasks at a time because %s", setting, reason)
+            return 1
+        return min(chunks, setting or torch.get_num_threads())
+
+    def _serial_reason(self, model: TrunkHead, batch: TaskBatch, training: bool) -> str | None:
+        device = batch[0].support_x.device.type
+        if device != "cpu":
+            return f"it runs on the {device}"
+        if self.inner.backend != "core":
+            return "backend higher keeps state in its patched modules"
+        if training and self.inner.memory != "full":
+            return f"memory {self.inner.memory!r} keeps one chunk's graph at a time"
+        if training and self.inner.loss_terms:
+            return "loss terms see one task at a time"
+        return self.sequential_tasks(training) or threadable(model)
 
     # -- memory planning (memory: auto) -------------------------------------------------------
     def plan_memory(self, model: TrunkHead, batch: TaskBatch, iteration: int = 0) -> MemoryPlan:
@@ -287,14 +330,22 @@ class Algorithm(nn.Module):
         steps = self.eval_steps if steps is None else steps
         batch = TaskBatch(list(episodes))
         out: list[dict[str, float]] = [{} for _ in episodes]
+
+        def one(m: TrunkHead, positions: list[int]) -> tuple[list[int], list[float], list[float] | None]:
+            sx, sy, qx, qy = batch.stack(positions)
+            first = batch[positions[0]]
+            problem = self.problem(m, sx, sy, first.ways, steps)
+            logits = problem.unroll(problem.leaves(), tape=False, create_graph=False)(qx)
+            losses = batched_task_loss(logits, qy).tolist()
+            accs = (logits.argmax(-1) == qy).float().mean(1).tolist() if first.is_classification else None
+            return positions, losses, accs
+
+        chunks = self.chunks(batch, training=model.training)
+        workers = self.task_workers(model, batch, len(chunks), training=model.training)
         with torch.no_grad():
-            for positions in self.chunks(batch, training=model.training):
-                sx, sy, qx, qy = batch.stack(positions)
-                first = batch[positions[0]]
-                problem = self.problem(model, sx, sy, first.ways, steps)
-                logits = problem.unroll(problem.leaves(), tape=False, create_graph=False)(qx)
-                losses = batched_task_loss(logits, qy).tolist()
-                accs = (logits.argmax(-1) == qy).float().mean(1).tolist() if first.is_classification else None
+            results = (map_chunks(one, chunks, model, [], workers) if workers > 1
+                       else (one(model, positions) for positions in chunks))
+            for positions, losses, accs in results:
                 for j, p in enumerate(positions):
                     out[p] = {"loss": losses[j]} if accs is None else {"loss": losses[j], "accuracy": accs[j]}
         return out

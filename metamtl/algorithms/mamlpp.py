@@ -131,6 +131,11 @@ class MAMLPlusPlus(MAML):
         # per-step running statistics are folded in task after task, as in the paper
         return 1 if training and self.norms is not None else None
 
+    def sequential_tasks(self, training: bool) -> str | None:
+        if training and self.norms is not None:
+            return "its per-step running statistics are folded in task after task"
+        return None
+
     def meta_gradient(self, iteration: int) -> MetaGradient:
         """First order for the first ``first_order_iterations`` meta-iterations, then second order."""
         if self.inner.first_order or iteration < self.first_order_iterations:

@@ -169,8 +169,10 @@ def test_real_size_float32_gradients_match():
     for name, settings in (("maml", dict(steps=1, lr=0.4)), ("anil", dict(steps=2, lr=0.1, head_init="proto"))):
         ref, _, _, model = meta_step(make if name == "maml" else lambda: _no_head(make()), name, "higher",
                                      TaskBatch(eps), **settings)
+        # task_threads=1: the engines on the same intra-op threads (float32 sums over 1 and 2 threads
+        # differ by ~2e-5 relative here, in higher as in the core; tests/core/test_task_threads.py)
         ours, _, _, _ = meta_step(make if name == "maml" else lambda: _no_head(make()), name, "core",
-                                  TaskBatch(eps), **settings)
+                                  TaskBatch(eps), task_threads=1, **settings)
         scale = max(float(r.abs().max()) for r in ref if r is not None)
         for a, b in zip(ref, ours):
             if a is not None:
