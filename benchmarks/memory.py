@@ -78,7 +78,9 @@ def metamtl_point(memory: str, steps: int, device: str, budget: float | None = N
 
     settings = {"max_memory_mb": budget} if budget is not None else {}
     net, batch = model(device), tasks(device)
-    alg = build_algorithm("maml", steps=steps, lr=LR, memory=memory, **settings)
+    # task_threads=1: one task's graph at a time, as the plain higher and learn2learn loops hold (task
+    # threads, the CPU default for memory 'full', hold two: README "Task threads")
+    alg = build_algorithm("maml", steps=steps, lr=LR, memory=memory, task_threads=1, **settings)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     info: dict = {}
 

@@ -69,13 +69,23 @@ def miniimagenet_root(data_root: Path) -> Path:
     return data_root / "mini-imagenet"
 
 
+def _with_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def single_thread():
     """Run a test of tiny models on one thread (faster, and no spin-waiting against other processes)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from _with_threads(1)
+
+
+@pytest.fixture
+def two_threads():
+    """Two torch threads (task threads then run two chunks of tasks side by side)."""
+    yield from _with_threads(2)
 
 
 @pytest.fixture

@@ -21,14 +21,6 @@ from metamtl.models import build_model, current_dataset, dataset_scope
 from metamtl.tasks import Episode, TaskBatch
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def batch(tasks=6, ways=3, shots=1, queries=2, size=12, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(ways)
