@@ -126,7 +126,7 @@ def add_loss_terms(problem: "InnerProblem", phase: str, loss: torch.Tensor, logi
     if not settings.loss_terms or not problem.training:
         return loss
     out = []
-    for t in range(loss.shape[0]):  # loss terms see one task at a time (Algorithm.chunks: one task per chunk)
+    for t in range(loss.shape[0]):  # loss terms see one task at a time (Algorithm.sequential_tasks: one task per chunk)
         sx, sy = problem.task(t)
         ctx = LossContext(phase, logits[t], targets[t], sx if inputs is problem.support_x else inputs[t], sx, sy,
                           problem.ways, problem.model, step, [p[t] for p in params], problem.model_names,

@@ -144,11 +144,15 @@ def map_chunks(fn: Callable[[nn.Module, T], R], chunks: Sequence[T], model: nn.M
             return torch.zeros_like(grad)
         return keep
 
+    clones: dict[int, nn.Module] = {}  # this call's model copy per worker thread, synced once
+
     def run(index: int) -> R:
         _local.capture = captures[index]
         try:
-            with _pool_lock:
-                clone = _clone_for_worker(model)
+            clone = clones.get(threading.get_ident())
+            if clone is None:
+                with _pool_lock:
+                    clone = clones[threading.get_ident()] = _clone_for_worker(model)
             with torch.set_grad_enabled(grad_mode), _autocast(autocast):
                 return fn(clone, chunks[index])
         finally:

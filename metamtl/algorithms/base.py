@@ -151,8 +151,12 @@ class Algorithm(nn.Module):
         loss = batched_task_loss(logits, query_y)
         return add_loss_terms(p, "query", loss, logits, query_y, query_x, adapted.params, feats), logits
 
-    def chunk_limit(self, training: bool) -> int | None:
-        """At most this many tasks adapted at once (``None``: the engine decides)."""
+    def sequential_tasks(self, training: bool) -> str | None:
+        """Why tasks must be adapted one at a time, one after the other (``None``: chunks of tasks,
+        side by side on CPU threads where :meth:`task_workers` allows).  A reason makes every chunk
+        one task and keeps the chunks on the calling thread."""
+        if training and self.inner.loss_terms:
+            return "loss terms see one task at a time"
         return None
 
     # -- the machinery every algorithm shares -------------------------------------------------
@@ -167,11 +171,9 @@ class Algorithm(nn.Module):
         from ..adaptation import ENGINES
 
         engine = ENGINES[self.inner.backend]
-        limit = self.chunk_limit(training)
+        limit = 1 if self.sequential_tasks(training) else None
         if training and self.inner.memory == "auto" and self.memory_plan is not None:
             limit = min(limit or self.memory_plan.chunk, self.memory_plan.chunk)
-        if training and self.inner.loss_terms:
-            limit = 1  # loss terms see one task at a time
         out = []
         for positions in batch.groups().values():
             size = engine.chunk_size(self.inner, batch[positions[0]].support_x.device, len(positions))
@@ -224,11 +226,6 @@ class Algorithm(nn.Module):
                 totals[key] = totals.get(key, 0.0) + float(v.sum()) / n
         return totals
 
-    def sequential_tasks(self, training: bool) -> str | None:
-        """Why this algorithm's chunks of tasks must be meta-trained one after the other (``None``:
-        they may run side by side on CPU threads, :mod:`metamtl.adaptation.threads`)."""
-        return None
-
     def task_workers(self, model: TrunkHead, batch: TaskBatch, chunks: int, training: bool = True) -> int:
         """Threads that adapt ``batch``'s ``chunks`` chunks side by side (``task_threads``; 1: serial),
         for meta-training (``training``) or evaluation."""
@@ -251,8 +248,6 @@ class Algorithm(nn.Module):
             return "backend higher keeps state in its patched modules"
         if training and self.inner.memory != "full":
             return f"memory {self.inner.memory!r} keeps one chunk's graph at a time"
-        if training and self.inner.loss_terms:
-            return "loss terms see one task at a time"
         return self.sequential_tasks(training) or threadable(model)
 
     # -- memory planning (memory: auto) -------------------------------------------------------

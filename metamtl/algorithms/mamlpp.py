@@ -127,14 +127,10 @@ class MAMLPlusPlus(MAML):
     def step_tensors(self, step: int, training: bool) -> dict[str, torch.Tensor]:
         return self.norms.tensors(step, training) if self.norms is not None else {}
 
-    def chunk_limit(self, training: bool) -> int | None:
-        # per-step running statistics are folded in task after task, as in the paper
-        return 1 if training and self.norms is not None else None
-
     def sequential_tasks(self, training: bool) -> str | None:
-        if training and self.norms is not None:
+        if training and self.norms is not None:  # as in the paper
             return "its per-step running statistics are folded in task after task"
-        return None
+        return super().sequential_tasks(training)
 
     def meta_gradient(self, iteration: int) -> MetaGradient:
         """First order for the first ``first_order_iterations`` meta-iterations, then second order."""
