@@ -18,6 +18,7 @@ minutes; run them under the benchmark lock)::
     $B teacher --seed 0 --minutes 30 --hidden 64 --name wide   # a wider teacher (conv4-64) ...
     $B student --seed 0 --teacher wide                         # ... into conv4-32, the twin's iterations
     $B twin --seed 0 --iterations 4371                         # a stated iteration count instead of the teacher's
+    $B student --seed 1 --teacher wide --teacher-seed 0 --iterations 4371   # another student seed, the same teacher
     python benchmarks/born_again.py table
 
 ``table`` prints, per seed, teacher / twin / student accuracy (5-way 1-shot and 5-shot, 600
@@ -83,7 +84,11 @@ def twin_or_student(args: argparse.Namespace, kd: bool) -> None:
     extra = list(length)
     role = "twin"
     if kd:
-        source = run_dir(args, args.teacher, 1000 + args.seed) / "learner.pt"
+        teacher_seed = args.seed if args.teacher_seed is None else args.teacher_seed
+        source = run_dir(args, args.teacher, 1000 + teacher_seed) / "learner.pt"
+        if not source.is_file():
+            raise SystemExit(f"{source} not found: train that teacher first (`teacher --seed {teacher_seed}`) "
+                             "or name another with --teacher / --teacher-seed")
         extra.append("distill=" + json.dumps({**KD, "teacher": str(source)}))
         role = f"student-{args.teacher}" + ("-time" if args.equal_time else "")
     train(args, role, args.seed, extra)
@@ -139,6 +144,9 @@ def main() -> None:
                        help="train this many iterations instead of the generation-0 teacher's (twin and student alike)")
         if name == "student":
             s.add_argument("--teacher", default="teacher", help="teacher run name prefix ('teacher' or e.g. 'wide')")
+            s.add_argument("--teacher-seed", type=int,
+                           help="the teacher run's --seed (default: the student's own): one wide teacher for "
+                                "students of several seeds")
     for s in sub.choices.values():
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("overrides", nargs="*", help="extra config overrides (key=value)")
