@@ -71,14 +71,14 @@ def teacher(args: argparse.Namespace) -> None:
 
 
 def twin_or_student(args: argparse.Namespace, kd: bool) -> None:
-    if args.iterations:  # stated: e.g. a run whose generation-0 teacher is not on this machine
-        gen0 = {"iterations": args.iterations}
-    else:
-        gen0 = results(run_dir(args, "teacher", 1000 + args.seed))
     if args.equal_time:  # the twin's training time, whatever number of iterations that is
         minutes = results(run_dir(args, "twin", args.seed))["train_seconds"] / 60
         length = [f"train.budget_minutes={minutes:.3f}", "train.iterations=100000000"]
     else:  # the teacher's number of iterations (the cosine schedule spans them)
+        if args.iterations:  # stated: e.g. a run whose generation-0 teacher is not on this machine
+            gen0 = {"iterations": args.iterations}
+        else:
+            gen0 = results(run_dir(args, "teacher", 1000 + args.seed))
         length = [f"train.iterations={gen0['iterations']}", "train.budget_minutes=null",
                   "train.scheduler={name: cosine, over: iterations}"]
     extra = list(length)
