@@ -103,3 +103,18 @@ def test_born_again_table_pairs_student_and_twin_over_the_same_episodes(tmp_path
     assert "student-teacher seed 0: 5-way 1-shot gain over its twin +5.00 ± 14.14" in out
     assert "paired over the same 6 episodes: ± 4.38" in out
     assert "mean gain over 1 seed(s) +5.00 points" in out
+
+
+def test_born_again_student_names_a_missing_teacher(tmp_path):
+    """``student --teacher wide --teacher-seed 0`` without that teacher's run: a clear exit that
+    names the missing file and how to make it, before any training starts."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "born_again.py"
+    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "student", "--seed", "1",
+                           "--teacher", "wide", "--teacher-seed", "0", "--iterations", "5"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "wide_seed1000" in proc.stderr and "teacher --seed 0" in proc.stderr
