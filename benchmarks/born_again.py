@@ -87,8 +87,9 @@ def twin_or_student(args: argparse.Namespace, kd: bool) -> None:
         teacher_seed = args.seed if args.teacher_seed is None else args.teacher_seed
         source = run_dir(args, args.teacher, 1000 + teacher_seed) / "learner.pt"
         if not source.is_file():
-            raise SystemExit(f"{source} not found: train that teacher first (`teacher --seed {teacher_seed}`) "
-                             "or name another with --teacher / --teacher-seed")
+            name = "" if args.teacher == "teacher" else f" --name {args.teacher}"
+            raise SystemExit(f"{source} not found: train that teacher first (`teacher --seed {teacher_seed}{name}`, "
+                             "with --hidden for a wider one) or name another with --teacher / --teacher-seed")
         extra.append("distill=" + json.dumps({**KD, "teacher": str(source)}))
         role = f"student-{args.teacher}" + ("-time" if args.equal_time else "")
     train(args, role, args.seed, extra)

@@ -117,4 +117,4 @@ def test_born_again_student_names_a_missing_teacher(tmp_path):
                            "--teacher", "wide", "--teacher-seed", "0", "--iterations", "5"],
                           capture_output=True, text=True)
     assert proc.returncode != 0
-    assert "wide_seed1000" in proc.stderr and "teacher --seed 0" in proc.stderr
+    assert "wide_seed1000" in proc.stderr and "teacher --seed 0 --name wide" in proc.stderr
