@@ -1,9 +1,11 @@
 """Trunks (feature extractors) and the trunk + head model every algorithm works on."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, InputError
@@ -41,10 +43,12 @@ class Conv4(nn.Module):
             list of ``blocks`` widths, one per block (e.g. ``[64, 96, 128, 256]``).
         image_size: input height/width, used to compute the feature size.
         blocks: number of conv blocks.
+        feature_norm: if set, the features are L2-normalised and multiplied by it (see
+            :func:`scaled_unit`); ``None`` (default) leaves them as they are.
     """
 
     def __init__(self, in_channels: int = 1, hidden: int | list[int] = 64, image_size: int = 28,
-                 blocks: int = 4) -> None:
+                 blocks: int = 4, feature_norm: float | None = None) -> None:
         super().__init__()
         for key, value in (("in_channels", in_channels), ("image_size", image_size), ("blocks", blocks)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -60,16 +64,40 @@ class Conv4(nn.Module):
         self.in_channels = in_channels
         self.image_size = int(image_size)
         self.out_features = widths[-1] * side * side
+        self.feature_norm = check_feature_norm(feature_norm)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(x).flatten(1)
+        return scaled_unit(self.blocks(x).flatten(1), self.feature_norm)
 
     def check_input(self, x: torch.Tensor) -> None:
         check_image_input(x, self.in_channels, self.image_size)
+
+
+def check_feature_norm(value: Any) -> float | None:
+    """A trunk's ``feature_norm`` setting: ``None`` or a finite number > 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"feature_norm must be a number > 0 (the length of the normalised features) "
+                          f"or null for raw features, got {value!r}")
+    return float(value)
+
+
+def scaled_unit(features: torch.Tensor, norm: float | None) -> torch.Tensor:
+    """``norm * f / ||f||`` per row (cosine features of length ``norm``), or ``f`` when ``norm`` is None.
+
+    Why: a linear or prototype head on raw features is as sharp as the features are long, so the
+    inner learning rate that suits one trunk diverges on another (the 64-way cosine-classifier
+    pre-trained conv4-64 of RESULTS.md gives mini-ImageNet features of length 5-25, mean 12: a
+    prototype head over them is a cosine classifier of scale ~300). On features of length ``s`` the prototype head's
+    logits are ``2 s^2 cos(f, c) - s^2``: a cosine classifier with scale ``2 s^2`` (``s = 2.24``:
+    scale 10, as Meta-Baseline), and an SGD step of the head at rate ``lr`` moves a logit by at most
+    about ``lr * s^2``, whatever the trunk."""
+    return features if norm is None else norm * F.normalize(features, dim=-1)
 
 
 def check_image_input(x: torch.Tensor, channels: int, size: int) -> None:
@@ -153,8 +181,8 @@ class TrunkHead(nn.Module):
 
 
 def conv4_model(in_channels: int = 1, hidden: int | list[int] = 64, image_size: int = 28, blocks: int = 4,
-           out_features: int | None = 5) -> TrunkHead:
-    trunk = Conv4(in_channels, hidden, image_size, blocks)
+           out_features: int | None = 5, feature_norm: float | None = None) -> TrunkHead:
+    trunk = Conv4(in_channels, hidden, image_size, blocks, feature_norm)
     head = LinearHead(trunk.out_features, out_features) if out_features else None
     return TrunkHead(trunk, head)
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .backbones import TrunkHead, block_widths, check_image_input
+from .backbones import TrunkHead, block_widths, check_feature_norm, check_image_input, scaled_unit
 from .heads import LinearHead
 from .norm import EpisodicBatchNorm
 
@@ -56,10 +56,12 @@ class ResNet12(nn.Module):
         image_size: input height/width (at least 16: four 2x2 poolings).
         pool: ``"avg"`` (global average pooling, ``widths[-1]`` features) or ``"flatten"``.
         slope: LeakyReLU negative slope.
+        feature_norm: if set, features are L2-normalised and multiplied by it (as :class:`Conv4`'s).
     """
 
     def __init__(self, in_channels: int = 3, widths: list[int] | tuple[int, ...] = (64, 160, 320, 640),
-                 image_size: int = 84, pool: str = "avg", slope: float = 0.1) -> None:
+                 image_size: int = 84, pool: str = "avg", slope: float = 0.1,
+                 feature_norm: float | None = None) -> None:
         super().__init__()
         for key, value in (("in_channels", in_channels), ("image_size", image_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -74,22 +76,24 @@ class ResNet12(nn.Module):
         self.in_channels, self.image_size, self.pool = in_channels, int(image_size), pool
         side = int(image_size) // 16
         self.out_features = widths[-1] if pool == "avg" else widths[-1] * side * side
+        self.feature_norm = check_feature_norm(feature_norm)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, a=slope, mode="fan_out", nonlinearity="leaky_relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.blocks(x)
-        return out.mean((2, 3)) if self.pool == "avg" else out.flatten(1)
+        return scaled_unit(out.mean((2, 3)) if self.pool == "avg" else out.flatten(1), self.feature_norm)
 
     def check_input(self, x: torch.Tensor) -> None:
         check_image_input(x, self.in_channels, self.image_size)
 
 
 def resnet12_model(in_channels: int = 3, widths: list[int] | tuple[int, ...] = (64, 160, 320, 640),
-                   image_size: int = 84, pool: str = "avg", out_features: int | None = 5) -> TrunkHead:
+                   image_size: int = 84, pool: str = "avg", out_features: int | None = 5,
+                   feature_norm: float | None = None) -> TrunkHead:
     """``build_model("resnet12", ...)``: a ResNet-12 trunk plus an optional meta-learned head."""
-    trunk = ResNet12(in_channels, widths, image_size, pool)
+    trunk = ResNet12(in_channels, widths, image_size, pool, feature_norm=feature_norm)
     head = LinearHead(trunk.out_features, out_features) if out_features else None
     return TrunkHead(trunk, head)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from metamtl import MetaLearner
 from metamtl.algorithms import build_algorithm
@@ -87,3 +88,40 @@ def test_conv4_accepts_one_width_per_block():
     assert build_model("conv4", hidden=32, out_features=None).num_features == 32  # one width, as before
     with pytest.raises(ConfigError, match="list of 4 of them"):
         build_model("conv4", hidden=[8, 16])
+
+
+@pytest.mark.parametrize("name,kwargs,shape", [
+    ("conv4", dict(in_channels=1, hidden=8, image_size=28), (5, 1, 28, 28)),
+    ("resnet12", dict(in_channels=1, widths=SMALL, image_size=16), (5, 1, 16, 16)),
+])
+def test_feature_norm_gives_scaled_unit_features_of_the_same_trunk(name, kwargs, shape):
+    torch.manual_seed(0)
+    raw = build_model(name, out_features=None, **kwargs)
+    scaled = build_model(name, out_features=None, feature_norm=2.5, **kwargs)
+    scaled.load_state_dict(raw.state_dict())  # the same weights, the same keys (init_from still maps)
+    x = torch.randn(*shape)
+    f, g = raw.features(x), scaled.features(x)
+    torch.testing.assert_close(g.norm(dim=1), torch.full((shape[0],), 2.5))
+    torch.testing.assert_close(g, 2.5 * f / f.norm(dim=1, keepdim=True))
+    g.sum().backward()  # gradients reach the trunk through the normalisation
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in scaled.parameters())
+    assert build_model(name, out_features=None, **kwargs).trunk.feature_norm is None  # default: raw features
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), float("inf"), True, "2"])
+def test_feature_norm_bad_values(value):
+    with pytest.raises(ConfigError, match="feature_norm must be a number > 0"):
+        build_model("conv4", feature_norm=value)
+
+
+def test_feature_norm_prototype_head_is_a_cosine_classifier_of_scale_2_s_squared():
+    """The docstring's claim: on features of length ``s`` the prototype-initialised head's softmax is
+    that of a cosine classifier ``2 s^2 cos(f, c_k)`` (1-shot: prototypes are unit-length support features)."""
+    from metamtl.models.backbones import scaled_unit
+    from metamtl.models.heads import initial_head_params
+    g = torch.Generator().manual_seed(0)
+    s = 5 ** 0.5
+    support, query = scaled_unit(torch.rand(5, 64, generator=g), s), scaled_unit(torch.rand(9, 64, generator=g), s)
+    w, b = initial_head_params("proto", support, torch.arange(5), 5, 64, support)
+    cosine = 2 * s * s * F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).T
+    torch.testing.assert_close(F.softmax(query @ w.T + b, -1), F.softmax(cosine, -1))

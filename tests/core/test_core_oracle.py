@@ -187,3 +187,20 @@ def test_higher_engine_takes_any_torch_optimizer_class_higher_knows():
     from metamtl.errors import ConfigError
     with pytest.raises(ConfigError, match="backend 'higher'"):
         build_algorithm("maml", optimizer=torch.optim.Rprop)
+
+
+def conv4_unit_features(out_features):
+    torch.manual_seed(0)
+    return build_model("conv4", in_channels=1, hidden=4, image_size=8, blocks=2, out_features=out_features,
+                       feature_norm=2.0)
+
+
+@pytest.mark.parametrize("name,settings", [("anil", dict(steps=2, lr=0.3, head_init="proto")),
+                                           ("maml", dict(steps=2, lr=0.3, head_init="proto"))])
+def test_normalised_features_equal_the_higher_engine(name, settings, monkeypatch):
+    """``model.feature_norm`` (cosine features, the mini-ImageNet ANIL recipe) in both engines."""
+    monkeypatch.setitem(MODELS, "conv4", conv4_unit_features)
+    batch = TaskBatch([episode(s) for s in range(3)])
+    ref = run("conv4", name, "higher", batch, **settings)
+    for chunk in (1, 3):
+        assert_same(ref, run("conv4", name, "core", batch, 0, chunk, **settings))
