@@ -9,7 +9,7 @@ from torch import nn
 
 from ..adaptation import LossContext, check_positive
 from ..errors import ConfigError, InputError, unknown_name
-from ..models.backbones import TrunkHead
+from ..models.backbones import TrunkHead, scaled_unit
 from ..tasks.episode import TaskBatch
 from .base import Algorithm, accuracy
 
@@ -17,14 +17,15 @@ CLASSIFIERS = ("linear", "cosine")
 
 
 class ScaledNormalize(nn.Module):
-    """``scale * f(x) / ||f(x)||``: the feature map of a cosine classifier."""
+    """``scale * f(x) / ||f(x)||`` (:func:`~metamtl.models.backbones.scaled_unit`): the feature map
+    of a cosine classifier."""
 
     def __init__(self, trunk: nn.Module, scale: float) -> None:
         super().__init__()
         self.trunk, self.scale, self.out_features = trunk, scale, trunk.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * F.normalize(self.trunk(x), dim=-1)
+        return scaled_unit(self.trunk(x), self.scale)
 
 
 class Transfer(Algorithm):

@@ -93,10 +93,10 @@ def scaled_unit(features: torch.Tensor, norm: float | None) -> torch.Tensor:
     Why: a linear or prototype head on raw features is as sharp as the features are long, so the
     inner learning rate that suits one trunk diverges on another (the 64-way cosine-classifier
     pre-trained conv4-64 of RESULTS.md gives mini-ImageNet features of length 5-25, mean 12: a
-    prototype head over them is a cosine classifier of scale ~300). On features of length ``s`` the prototype head's
-    logits are ``2 s^2 cos(f, c) - s^2``: a cosine classifier with scale ``2 s^2`` (``s = 2.24``:
-    scale 10, as Meta-Baseline), and an SGD step of the head at rate ``lr`` moves a logit by at most
-    about ``lr * s^2``, whatever the trunk."""
+    prototype head over them is a cosine classifier of scale ~300). On features of length ``s``
+    the prototype head's logits are ``2 s^2 cos(f, c) - s^2``: a cosine classifier with scale
+    ``2 s^2`` (``s = 2.24``: scale 10, as Meta-Baseline), and an SGD step of the head at rate
+    ``lr`` moves a logit by at most about ``lr * s^2``, whatever the trunk."""
     return features if norm is None else norm * F.normalize(features, dim=-1)
 
 
