@@ -14,19 +14,20 @@ from .norm import EpisodicBatchNorm
 
 
 class ConvBlock(nn.Sequential):
-    """3x3 conv -> episodic BatchNorm -> ReLU -> 2x2 max-pool.
+    """3x3 conv -> episodic BatchNorm -> ReLU -> 2x2 max-pool (``pool=False``: no pooling).
 
     Computed as conv -> BatchNorm -> max-pool -> ReLU: ReLU is monotone, so it commutes with
     max-pooling exactly (same outputs and gradients, ties included) and then touches a quarter of
-    the values.
+    the values.  Without pooling the fourth module is an identity, so parameter names are the same
+    either way.
     """
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, pool: bool = True) -> None:
         super().__init__(
             nn.Conv2d(in_channels, out_channels, 3, padding=1),
             EpisodicBatchNorm(out_channels),
             nn.ReLU(inplace=False),
-            nn.MaxPool2d(2, ceil_mode=False),
+            nn.MaxPool2d(2, ceil_mode=False) if pool else nn.Identity(),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
@@ -43,24 +44,28 @@ class Conv4(nn.Module):
             list of ``blocks`` widths, one per block (e.g. ``[64, 96, 128, 256]``).
         image_size: input height/width, used to compute the feature size.
         blocks: number of conv blocks.
+        pool: whether each block ends in 2x2 max-pooling: ``True`` (default, every block), or a
+            list of ``blocks`` booleans, e.g. ``[true, true, true, false]`` keeps the last block's
+            3x3 map on 28x28 Omniglot (576 features for 64 filters instead of 64).
         feature_norm: if set, the features are L2-normalised and multiplied by it (see
             :func:`scaled_unit`); ``None`` (default) leaves them as they are.
     """
 
     def __init__(self, in_channels: int = 1, hidden: int | list[int] = 64, image_size: int = 28,
-                 blocks: int = 4, feature_norm: float | None = None) -> None:
+                 blocks: int = 4, feature_norm: float | None = None, pool: bool | list[bool] = True) -> None:
         super().__init__()
         for key, value in (("in_channels", in_channels), ("image_size", image_size), ("blocks", blocks)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"Conv4 needs {key} to be an integer >= 1, got {value!r}")
         widths = block_widths("Conv4 hidden", hidden, blocks)
+        pools = block_pools(pool, blocks)
         side = int(image_size)
-        for _ in range(blocks):
-            side //= 2
+        for pooled in pools:
+            side = side // 2 if pooled else side
         if side < 1:
-            raise ConfigError(f"image_size {image_size} is too small for {blocks} pooling blocks")
+            raise ConfigError(f"image_size {image_size} is too small for {sum(pools)} pooling blocks")
         chans = [in_channels] + widths
-        self.blocks = nn.Sequential(*[ConvBlock(chans[i], chans[i + 1]) for i in range(blocks)])
+        self.blocks = nn.Sequential(*[ConvBlock(chans[i], chans[i + 1], pools[i]) for i in range(blocks)])
         self.in_channels = in_channels
         self.image_size = int(image_size)
         self.out_features = widths[-1] * side * side
@@ -117,6 +122,17 @@ def block_widths(what: str, value: Any, blocks: int) -> list[int]:
             or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths)):
         raise ConfigError(f"{what} must be an integer >= 1 or a list of {blocks} of them (one per block), got {value!r}")
     return [int(w) for w in widths]
+
+
+def block_pools(value: Any, blocks: int) -> list[bool]:
+    """One pooling flag per block from a boolean (all blocks) or a list of ``blocks`` booleans."""
+    pools = [value] * blocks if isinstance(value, bool) else value
+    if not isinstance(pools, (list, tuple)) or len(pools) != blocks or not all(isinstance(p, bool) for p in pools):
+        raise ConfigError(
+            f"Conv4 pool must be true / false or a list of {blocks} of them (whether each block ends in "
+            f"2x2 max-pooling, e.g. [true, true, true, false]), got {value!r}"
+        )
+    return list(pools)
 
 
 class MLP(nn.Module):
@@ -181,8 +197,9 @@ class TrunkHead(nn.Module):
 
 
 def conv4_model(in_channels: int = 1, hidden: int | list[int] = 64, image_size: int = 28, blocks: int = 4,
-           out_features: int | None = 5, feature_norm: float | None = None) -> TrunkHead:
-    trunk = Conv4(in_channels, hidden, image_size, blocks, feature_norm)
+           out_features: int | None = 5, feature_norm: float | None = None,
+           pool: bool | list[bool] = True) -> TrunkHead:
+    trunk = Conv4(in_channels, hidden, image_size, blocks, feature_norm, pool)
     head = LinearHead(trunk.out_features, out_features) if out_features else None
     return TrunkHead(trunk, head)
 

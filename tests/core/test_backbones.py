@@ -90,6 +90,47 @@ def test_conv4_accepts_one_width_per_block():
         build_model("conv4", hidden=[8, 16])
 
 
+def test_conv4_without_the_last_pooling_keeps_the_last_map():
+    """``pool=[True, True, True, False]``: the same weights and the same forward up to the last block,
+    whose map is flattened instead of max-pooled (28x28 -> 3x3: 9x the features)."""
+    torch.manual_seed(0)
+    pooled = build_model("conv4", hidden=8, out_features=None)
+    unpooled = build_model("conv4", hidden=8, out_features=None, pool=[True, True, True, False])
+    unpooled.load_state_dict(pooled.state_dict())  # same parameter and buffer names
+    assert unpooled.num_features == 8 * 3 * 3 and pooled.num_features == 8
+    x = torch.randn(4, 1, 28, 28)
+    last_map = unpooled.trunk.blocks(x)
+    assert last_map.shape == (4, 8, 3, 3)
+    torch.testing.assert_close(unpooled.features(x), last_map.flatten(1))
+    torch.testing.assert_close(pooled.features(x), F.max_pool2d(last_map, 2).flatten(1))  # pooling is all that differs
+    with_head = build_model("conv4", hidden=8, out_features=5, pool=[True, True, False, False])
+    assert with_head(x).shape == (4, 5) and with_head.num_features == 8 * 7 * 7
+    assert build_model("conv4", hidden=8, out_features=None, pool=False, image_size=10).num_features == 8 * 10 * 10
+
+
+@pytest.mark.parametrize("value", [None, "no", [True, True], [1, 1, 1, 1], 0])
+def test_conv4_pool_bad_values(value):
+    with pytest.raises(ConfigError, match="pool must be true / false or a list of 4"):
+        build_model("conv4", pool=value)
+
+
+def test_conv4_pool_short_run_learns_saves_and_loads(tmp_path, single_thread):
+    """The unpooled trunk through MetaLearner: ProtoNet learns on toy classes, and save / load keep it."""
+    torch.manual_seed(0)
+    tasks = EpisodeSampler(toy(), 4, 1, 3, seed=0)
+    model = build_model("conv4", in_channels=1, hidden=8, image_size=16, out_features=None,
+                        pool=[True, True, True, False])
+    learner = MetaLearner(model, build_algorithm("protonet"), device="cpu", meta_lr=0.003)
+    before = learner.evaluate(tasks, 20, progress=False).accuracy
+    learner.fit(tasks, iterations=30, meta_batch_size=2, progress=False)
+    assert learner.evaluate(tasks, 20, progress=False).accuracy > max(before, 0.5)  # 4-way: chance 0.25
+    learner.save(tmp_path / "learner.pt")
+    again = MetaLearner.load(tmp_path / "learner.pt")
+    assert again.model.num_features == 8 * 2 * 2
+    x = torch.randn(3, 1, 16, 16)
+    torch.testing.assert_close(again.model.features(x), learner.model.features(x))
+
+
 @pytest.mark.parametrize("name,kwargs,shape", [
     ("conv4", dict(in_channels=1, hidden=8, image_size=28), (5, 1, 28, 28)),
     ("resnet12", dict(in_channels=1, widths=SMALL, image_size=16), (5, 1, 16, 16)),
