@@ -95,6 +95,13 @@ def twin_or_student(args: argparse.Namespace, kd: bool) -> None:
     train(args, role, args.seed, extra)
 
 
+def algorithm_rows(result: dict) -> list[dict]:
+    """The test rows of the algorithm's own head (a teacher trained elsewhere may carry feature-head
+    and transductive rows too: ``eval.heads``), 1-shot first."""
+    rows = [t for t in result["test"] if t.get("head", "algorithm") == "algorithm"]
+    return sorted(rows, key=lambda t: (t["ways"], t["shots"]))
+
+
 def table(args: argparse.Namespace) -> None:
     out = Path(args.out)
     names = sorted(p.name for p in out.glob("*_seed*") if (p / "results.json").is_file())
@@ -102,7 +109,7 @@ def table(args: argparse.Namespace) -> None:
     print("| run | seed | iterations | train min | 5-way 1-shot | 5-way 5-shot |")
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
-        acc = {t["shots"]: t for t in r["test"]}
+        acc = {t["shots"]: t for t in algorithm_rows(r)}
         cells = [f"{100 * acc[k]['accuracy']:.2f} ± {100 * acc[k]['ci95']:.2f}" for k in (1, 5)]
         role, seed = name.rsplit("_seed", 1)
         print(f"| {role} | {seed} | {r['iterations']} | {r['train_seconds'] / 60:.1f} | " + " | ".join(cells) + " |")
@@ -112,7 +119,7 @@ def table(args: argparse.Namespace) -> None:
         twin = rows.get(f"twin_seed{seed}")
         if not role.startswith("student") or twin is None:
             continue
-        s1, t1 = r["test"][0], twin["test"][0]
+        s1, t1 = algorithm_rows(r)[0], algorithm_rows(twin)[0]
         gain, ci = s1["accuracy"] - t1["accuracy"], (s1["ci95"] ** 2 + t1["ci95"] ** 2) ** 0.5
         gains.setdefault(role, []).append(gain)
         paired = ""

@@ -118,3 +118,22 @@ def test_born_again_student_names_a_missing_teacher(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode != 0
     assert "wide_seed1000" in proc.stderr and "teacher --seed 0 --name wide" in proc.stderr
+
+
+def test_born_again_table_reads_the_algorithm_head_of_a_teacher_with_several_heads(tmp_path):
+    """A teacher trained elsewhere (e.g. the 60-minute benchmark run) carries feature-head and
+    transductive rows after the algorithm's own: the table shows the algorithm head's accuracy."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "wide60_seed1000").mkdir()
+    test = [{"ways": 5, "shots": s, "head": h, "accuracy": acc + s / 100, "ci95": 0.01}
+            for s in (1, 5) for h, acc in (("algorithm", 0.49), ("simpleshot", 0.30), ("bdcspn", 0.70))]
+    (tmp_path / "wide60_seed1000" / "results.json").write_text(
+        json.dumps({"iterations": 8258, "train_seconds": 3600, "test": test}))
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "born_again.py"
+    out = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "table"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "| wide60 | 1000 | 8258 | 60.0 | 50.00 ± 1.00 | 54.00 ± 1.00 |" in out
