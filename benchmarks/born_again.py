@@ -19,6 +19,9 @@ minutes; run them under the benchmark lock)::
     $B student --seed 0 --teacher wide                         # ... into conv4-32, the twin's iterations
     $B twin --seed 0 --iterations 4371                         # a stated iteration count instead of the teacher's
     $B student --seed 1 --teacher wide --teacher-seed 0 --iterations 4371   # another student seed, the same teacher
+    # a teacher trained elsewhere with the same recipe (e.g. the 60-minute conv4-64 benchmark run):
+    mkdir -p OUT/wide60_seed1000 && cp RUN/learner.pt RUN/results.json OUT/wide60_seed1000/
+    $B student --seed 0 --teacher wide60 --teacher-seed 0 --iterations 4371
     python benchmarks/born_again.py table
 
 ``table`` prints, per seed, teacher / twin / student accuracy (5-way 1-shot and 5-shot, 600
