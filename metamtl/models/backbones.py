@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -59,9 +59,7 @@ class Conv4(nn.Module):
                 raise ConfigError(f"Conv4 needs {key} to be an integer >= 1, got {value!r}")
         widths = block_widths("Conv4 hidden", hidden, blocks)
         pools = block_pools(pool, blocks)
-        side = int(image_size)
-        for pooled in pools:
-            side = side // 2 if pooled else side
+        side = int(image_size) // 2 ** sum(pools)  # each 2x2 max-pool floors the side's half
         if side < 1:
             raise ConfigError(f"image_size {image_size} is too small for {sum(pools)} pooling blocks")
         chans = [in_channels] + widths
@@ -115,24 +113,27 @@ def check_image_input(x: torch.Tensor, channels: int, size: int) -> None:
         )
 
 
+def per_block(value: Any, blocks: int, valid: Callable[[Any], bool], message: str) -> list:
+    """One setting per block from a single value (every block) or a list of ``blocks`` values, each
+    ``valid``; otherwise :class:`ConfigError` with ``message`` and the value given."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value] * blocks
+    if len(items) != blocks or not all(valid(v) for v in items):
+        raise ConfigError(f"{message}, got {value!r}")
+    return items
+
+
 def block_widths(what: str, value: Any, blocks: int) -> list[int]:
     """One width per block from an integer (all blocks) or a list of ``blocks`` integers."""
-    widths = [value] * blocks if isinstance(value, int) and not isinstance(value, bool) else value
-    if (not isinstance(widths, (list, tuple)) or len(widths) != blocks
-            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths)):
-        raise ConfigError(f"{what} must be an integer >= 1 or a list of {blocks} of them (one per block), got {value!r}")
+    widths = per_block(value, blocks, lambda w: isinstance(w, int) and not isinstance(w, bool) and w >= 1,
+                       f"{what} must be an integer >= 1 or a list of {blocks} of them (one per block)")
     return [int(w) for w in widths]
 
 
 def block_pools(value: Any, blocks: int) -> list[bool]:
     """One pooling flag per block from a boolean (all blocks) or a list of ``blocks`` booleans."""
-    pools = [value] * blocks if isinstance(value, bool) else value
-    if not isinstance(pools, (list, tuple)) or len(pools) != blocks or not all(isinstance(p, bool) for p in pools):
-        raise ConfigError(
-            f"Conv4 pool must be true / false or a list of {blocks} of them (whether each block ends in "
-            f"2x2 max-pooling, e.g. [true, true, true, false]), got {value!r}"
-        )
-    return list(pools)
+    return per_block(value, blocks, lambda p: isinstance(p, bool),
+                     f"Conv4 pool must be true / false or a list of {blocks} of them (whether each block "
+                     "ends in 2x2 max-pooling, e.g. [true, true, true, false])")
 
 
 class MLP(nn.Module):
