@@ -57,8 +57,10 @@ def train(args: argparse.Namespace, role: str, seed: int, extra: list[str]) -> N
     from metamtl.config import load_config
     from metamtl.experiment import run
 
+    # conv4-32 students and twins whatever the benchmark config's trunk (teachers may widen it: --hidden)
     overrides = [f"name={role}_seed{seed}", f"output_dir={args.out}", f"seed={seed}", f"tasks.seed={seed}",
-                 "data.test_split=val", "eval.checkpoint=last", f"eval.episodes={args.episodes}",
+                 "model.hidden=32", "data.test_split=val", "eval.checkpoint=last",
+                 f"eval.episodes={args.episodes}",
                  f"eval.settings={SETTINGS}", *extra, *args.overrides]
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
@@ -145,7 +147,7 @@ def main() -> None:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("teacher", help="train a teacher: generation 0 (or --hidden wider)")
     t.add_argument("--minutes", type=float, default=20.0)
-    t.add_argument("--hidden", type=int, help="conv4 width of the teacher (default: the config's, 32)")
+    t.add_argument("--hidden", type=int, help="conv4 width of the teacher (default 32, as the students)")
     t.add_argument("--name", default="teacher", help="run name prefix (e.g. 'wide')")
     for name, helptext in (("twin", "the no-distillation twin: the teacher's iterations"),
                            ("student", "born-again student: the teacher's iterations, 0.5 CE + 0.5 KL")):

@@ -1,7 +1,8 @@
 """mini-ImageNet few-shot benchmark: 5-way 1-shot and 5-shot.
 
-Protocol (Ravi & Larochelle 2017 split; Finn et al. 2017): conv4 with 32 filters on 84x84 RGB
-images, 15 queries per class, 600 test episodes with a 95% confidence interval.  Meta-trains on
+Protocol (Ravi & Larochelle 2017 split; Finn et al. 2017): 84x84 RGB images, 15 queries per
+class, 600 test episodes with a 95% confidence interval; the configs' trunk is conv4 with widths
+32-64-128-256 (MAML's conv4 with 32 filters: add ``model.hidden=32``).  Meta-trains on
 the 64 train classes, selects the best-validation weights on the 16 val classes and reports the
 20 test classes.
 
