@@ -1,7 +1,8 @@
 """Distillation that pays: born-again generations and a wider teacher, on mini-ImageNet val classes.
 
 RFS protocol (Tian et al. 2020): a student is trained like its teacher (the ``transfer`` pre-training
-of configs/benchmarks/miniimagenet_5w1s.yaml: a 64-way cosine classifier) with the loss
+of configs/benchmarks/miniimagenet_5w1s.yaml: a 64-way cosine classifier, here on conv4-32 as in
+every row recorded, whatever trunk the config names) with the loss
 ``0.5 * CE + 0.5 * T^2 KL(teacher || student)`` over all 64 training classes' logits, T = 4
 (``distill: {phases: [classes], weight: 0.5, ce_weight: 0.5, temperature: 4}``).  Its *twin* is
 the same training (same seed: same initial weights and batches, same iterations) without the
