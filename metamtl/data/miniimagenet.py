@@ -64,10 +64,17 @@ class MiniImageNet(CSVClassDataset):
     def has_split(cls, root: str | os.PathLike | None, split: str) -> bool:
         """Whether ``split``'s CSV (and images) are present under ``root`` (nothing is decoded)."""
         try:
-            cls._find(resolve_root(root, "mini-ImageNet"), split, False).close()
+            cls.source(root, split).close()
         except DataNotFoundError:
             return False
         return True
+
+    @classmethod
+    def source(cls, root: str | os.PathLike | None, split: str) -> Tree:
+        """The folder or archive under ``root`` (else ``$METAMTL_DATA``) that holds ``split``: a tree
+        whose ``read("<split>.csv")`` and ``read("images/<filename>")`` give the raw bytes (close it,
+        or use it in a ``with`` block).  :class:`DataNotFoundError` when it is not there."""
+        return cls._find(resolve_root(root, "mini-ImageNet"), split, False)
 
     @classmethod
     def _find(cls, root: Path, split: str, download: bool) -> Tree:

@@ -1,0 +1,77 @@
+"""A probe split made of mini-ImageNet TRAINING classes only, to choose settings without the val classes.
+
+Here the val classes are the only held-out classes (the archive has no test images), so a setting
+chosen on them is no longer judged on unseen classes.  This script writes a data root whose
+``train`` split is most of the 64 training classes and whose ``val`` split is the rest (the
+training classes sorted by WordNet id, every ``--every``-th held out: positions ``every - 1``,
+``2 * every - 1``, ...), so candidates can be compared on classes no final row is measured on::
+
+    python benchmarks/train_class_probe.py /tmp/miniprobe          # 48 training + 16 probe classes
+    metamtl fit configs/benchmarks/miniimagenet_5w1s.yaml data.root=/tmp/miniprobe \\
+        algorithm.num_classes=48 data.test_split=val eval.checkpoint=last model.hidden=H
+
+It reads the train split from ``--data-root`` (else ``$METAMTL_DATA``: a folder with ``images/`` and
+``train.csv`` or the train+val archive) and writes ``OUT/mini-imagenet/{images/, train.csv,
+val.csv}`` (the training images only; nothing of the val classes is copied).  RESULTS.md, "Reading
+the mini-ImageNet rows", used it to choose the benchmark trunk.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+
+def split_rows(rows: list[tuple[str, str]], every: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[str]]:
+    """(train rows, probe rows, probe classes): every ``every``-th class in sorted order is a probe class."""
+    labels = sorted({label for _, label in rows})
+    if every < 2 or every > len(labels):
+        raise SystemExit(f"--every must be between 2 and the number of training classes ({len(labels)}), got {every}")
+    probe = [label for i, label in enumerate(labels) if i % every == every - 1]
+    held = set(probe)
+    return [r for r in rows if r[1] not in held], [r for r in rows if r[1] in held], probe
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["filename", "label"])
+        writer.writerows(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from metamtl.data import MiniImageNet
+    from metamtl.errors import DataNotFoundError
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", help="the new data root (OUT/mini-imagenet/ is created; it must not exist yet)")
+    p.add_argument("--data-root", default=None, help="where mini-ImageNet is (default: $METAMTL_DATA)")
+    p.add_argument("--every", type=int, default=4, help="hold out every N-th training class (default 4: 16 of 64)")
+    args = p.parse_args(argv)
+    target = Path(args.out) / "mini-imagenet"
+    if target.exists():
+        raise SystemExit(f"{target} already exists: remove it or choose another output folder")
+    try:
+        tree = MiniImageNet.source(args.data_root, "train")
+    except DataNotFoundError as exc:
+        raise SystemExit(str(exc)) from None
+    with tree:
+        reader = csv.DictReader(io.StringIO(tree.read("train.csv").decode()))
+        rows = [(row["filename"], row["label"]) for row in reader]
+        train, probe, probe_classes = split_rows(rows, args.every)
+        (target / "images").mkdir(parents=True)
+        for filename, _ in rows:
+            (target / "images" / filename).write_bytes(tree.read(f"images/{filename}"))
+    write_csv(target / "train.csv", train)
+    write_csv(target / "val.csv", probe)
+    print(f"{target}: train {len(train)} images of {len({r[1] for r in train})} classes, "
+          f"val (probe) {len(probe)} images of {len(probe_classes)} training classes: {', '.join(probe_classes)}")
+
+
+if __name__ == "__main__":
+    main()
