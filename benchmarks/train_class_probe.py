@@ -12,14 +12,16 @@ training classes sorted by WordNet id, every ``--every``-th held out: positions 
 
 It reads the train split from ``--data-root`` (else ``$METAMTL_DATA``: a folder with ``images/`` and
 ``train.csv`` or the train+val archive) and writes ``OUT/mini-imagenet/{images/, train.csv,
-val.csv}`` (the training images only; nothing of the val classes is copied).  RESULTS.md, "Reading
-the mini-ImageNet rows", used it to choose the benchmark trunk.
+val.csv}`` (the training images only; nothing of the val classes is copied), built in a temporary
+folder beside it and renamed at the end, so an interrupted run leaves no half-written root.  The
+benchmark trunk was chosen on this split (RESULTS.md, "Reading the mini-ImageNet rows").
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import io
+import shutil
 import sys
 from pathlib import Path
 
@@ -60,15 +62,21 @@ def main(argv: list[str] | None = None) -> None:
         tree = MiniImageNet.source(args.data_root, "train")
     except DataNotFoundError as exc:
         raise SystemExit(str(exc)) from None
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # what an interrupted run left
     with tree:
         reader = csv.DictReader(io.StringIO(tree.read("train.csv").decode()))
         rows = [(row["filename"], row["label"]) for row in reader]
+        bad = [f for f, _ in rows if not f or Path(f).name != f or f in (".", "..")]
+        if bad:
+            raise SystemExit(f"train.csv names files outside images/ (e.g. {bad[0]!r}): fix the csv")
         train, probe, probe_classes = split_rows(rows, args.every)
-        (target / "images").mkdir(parents=True)
+        (partial / "images").mkdir(parents=True)
         for filename, _ in rows:
-            (target / "images" / filename).write_bytes(tree.read(f"images/{filename}"))
-    write_csv(target / "train.csv", train)
-    write_csv(target / "val.csv", probe)
+            (partial / "images" / filename).write_bytes(tree.read(f"images/{filename}"))
+    write_csv(partial / "train.csv", train)
+    write_csv(partial / "val.csv", probe)
+    partial.rename(target)
     print(f"{target}: train {len(train)} images of {len({r[1] for r in train})} classes, "
           f"val (probe) {len(probe)} images of {len(probe_classes)} training classes: {', '.join(probe_classes)}")
 

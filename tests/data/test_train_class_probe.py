@@ -58,3 +58,11 @@ def test_bad_settings_are_clear_errors(eight_classes, tmp_path):
     assert again.returncode != 0 and "already exists" in again.stderr
     missing = run(tmp_path / "c", "--data-root", tmp_path / "nowhere")
     assert missing.returncode != 0 and "not found" in missing.stderr
+
+
+def test_a_csv_naming_files_outside_images_is_refused(eight_classes, tmp_path):
+    root, picked = eight_classes
+    (root / "train.csv").write_text("filename,label\n../escape.jpg,n0\n" + "".join(f"{f},{c}\n" for f, c in picked))
+    proc = run(tmp_path / "d", "--data-root", root)
+    assert proc.returncode != 0 and "outside images/" in proc.stderr and "'../escape.jpg'" in proc.stderr
+    assert not (tmp_path / "d" / "mini-imagenet").exists()
