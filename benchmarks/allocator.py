@@ -26,7 +26,8 @@ from pathlib import Path
 from common import REPO, command, data_root, provenance
 
 CONFIGS = {
-    "mini-ImageNet transfer (84x84, 128 img/it.)": ("configs/benchmarks/miniimagenet_5w1s.yaml", ["data.test_split=val", "model.hidden=32"]),
+    "mini-ImageNet transfer (84x84, 128 img/it.)": ("configs/benchmarks/miniimagenet_5w1s.yaml",
+                                                    ["data.test_split=val", "model.hidden=32"]),
     "Omniglot demo config (28x28)": ("configs/omniglot_5w1s.yaml", []),
 }
 COMMON = ["train.budget_minutes=null", "train.scheduler=null", "data.val_split=null", "eval.episodes=5",

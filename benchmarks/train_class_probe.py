@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import shutil
 import sys
 from pathlib import Path
@@ -29,7 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 
-def split_rows(rows: list[tuple[str, str]], every: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[str]]:
+Rows = list[tuple[str, str]]  # (filename, label)
+
+
+def split_rows(rows: Rows, every: int) -> tuple[Rows, Rows, list[str]]:
     """(train rows, probe rows, probe classes): every ``every``-th class in sorted order is a probe class."""
     labels = sorted({label for _, label in rows})
     if every < 2 or every > len(labels):
@@ -39,7 +41,7 @@ def split_rows(rows: list[tuple[str, str]], every: int) -> tuple[list[tuple[str,
     return [r for r in rows if r[1] not in held], [r for r in rows if r[1] in held], probe
 
 
-def write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
+def write_csv(path: Path, rows: Rows) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["filename", "label"])
@@ -48,7 +50,8 @@ def write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from metamtl.data import MiniImageNet
-    from metamtl.errors import DataNotFoundError
+    from metamtl.data.folder import read_class_csv
+    from metamtl.errors import DataError
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="the new data root (OUT/mini-imagenet/ is created; it must not exist yet)")
@@ -58,27 +61,27 @@ def main(argv: list[str] | None = None) -> None:
     target = Path(args.out) / "mini-imagenet"
     if target.exists():
         raise SystemExit(f"{target} already exists: remove it or choose another output folder")
-    try:
-        tree = MiniImageNet.source(args.data_root, "train")
-    except DataNotFoundError as exc:
-        raise SystemExit(str(exc)) from None
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)  # what an interrupted run left
-    with tree:
-        reader = csv.DictReader(io.StringIO(tree.read("train.csv").decode()))
-        rows = [(row["filename"], row["label"]) for row in reader]
-        bad = [f for f, _ in rows if not f or Path(f).name != f or f in (".", "..")]
-        if bad:
-            raise SystemExit(f"train.csv names files outside images/ (e.g. {bad[0]!r}): fix the csv")
-        train, probe, probe_classes = split_rows(rows, args.every)
-        (partial / "images").mkdir(parents=True)
-        for filename, _ in rows:
-            (partial / "images" / filename).write_bytes(tree.read(f"images/{filename}"))
+    try:
+        with MiniImageNet.source(args.data_root, "train") as tree:
+            # the library's csv reader: the same checks (columns, empty cells, repeated rows) as loading
+            rows = list(zip(*read_class_csv(tree.read("train.csv"), tree.describe("train.csv"), "filename", "label")))
+            bad = [f for f, _ in rows if Path(f).name != f or f in (".", "..")]
+            if bad:
+                raise SystemExit(f"train.csv names files outside images/ (e.g. {bad[0]!r}): fix the csv")
+            train, probe, probe_classes = split_rows(rows, args.every)
+            (partial / "images").mkdir(parents=True)
+            for filename, _ in rows:
+                (partial / "images" / filename).write_bytes(tree.read(f"images/{filename}"))
+    except DataError as exc:  # no data there (DataNotFoundError), or a bad csv
+        raise SystemExit(str(exc)) from None
     write_csv(partial / "train.csv", train)
     write_csv(partial / "val.csv", probe)
     partial.rename(target)
-    print(f"{target}: train {len(train)} images of {len({r[1] for r in train})} classes, "
-          f"val (probe) {len(probe)} images of {len(probe_classes)} training classes: {', '.join(probe_classes)}")
+    kept = len({label for _, label in train})
+    print(f"{target}: train {len(train)} images of {kept} classes, val (probe) {len(probe)} images of "
+          f"{len(probe_classes)} training classes: {', '.join(probe_classes)}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """Fixtures for the data-layer tests: a private decode cache and generated image trees."""
 from __future__ import annotations
 
+import csv
+import io
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,25 @@ def _write_image(path: Path, value, size=(6, 5), mode="RGB") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new(mode, size, value).save(path)
     return path
+
+
+def _mini_folder(archive: Path, root: Path, rows: list[int]) -> list[list[str]]:
+    """A mini-ImageNet folder layout at ``root`` (``images/`` + ``train.csv``) with the archive's
+    train rows at the indices ``rows``; returns those ``[filename, label]`` rows."""
+    with zipfile.ZipFile(archive) as zf:
+        every = list(csv.reader(io.StringIO(zf.read("mini-imagenet/train.csv").decode())))[1:]
+        picked = [every[i] for i in rows]
+        (root / "images").mkdir(parents=True)
+        for filename, _ in picked:
+            (root / "images" / filename).write_bytes(zf.read(f"mini-imagenet/images/{filename}"))
+    (root / "train.csv").write_text("filename,label\n" + "".join(f"{f},{c}\n" for f, c in picked))
+    return picked
+
+
+@pytest.fixture(scope="session")
+def mini_folder():
+    """``mini_folder(archive, root, rows)``: a mini-ImageNet folder layout from the archive's train rows."""
+    return _mini_folder
 
 
 @pytest.fixture(scope="session")

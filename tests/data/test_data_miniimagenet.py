@@ -64,16 +64,10 @@ def test_download_explains_there_is_no_url(tmp_path):
 
 
 @pytest.fixture
-def small_folder(tmp_path, miniimagenet_root):
+def small_folder(tmp_path, miniimagenet_root, mini_folder):
     """A folder layout (``images/`` + ``train.csv``) with 3 images of 2 classes from the zip."""
-    with zipfile.ZipFile(miniimagenet_root / ZIP) as zf:
-        rows = list(csv.reader(io.StringIO(zf.read("mini-imagenet/train.csv").decode())))[1:]
-        picked = rows[:2] + rows[300:301]
-        (tmp_path / "images").mkdir()
-        for filename, _ in picked:
-            (tmp_path / "images" / filename).write_bytes(zf.read(f"mini-imagenet/images/{filename}"))
-    (tmp_path / "train.csv").write_text("filename,label\n" + "".join(f"{f},{c}\n" for f, c in picked))
-    return tmp_path, picked
+    root = tmp_path / "folder"
+    return root, mini_folder(miniimagenet_root / ZIP, root, [0, 1, 300])
 
 
 def test_folder_layout_matches_the_archive(small_folder, train, cache_dir):

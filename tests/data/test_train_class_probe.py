@@ -1,11 +1,8 @@
 """benchmarks/train_class_probe.py: a probe split made of training classes only."""
 from __future__ import annotations
 
-import csv
-import io
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -16,17 +13,11 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "train_class_probe
 
 
 @pytest.fixture
-def eight_classes(tmp_path, miniimagenet_root):
+def eight_classes(tmp_path, miniimagenet_root, mini_folder):
     """A folder layout with 2 images of each of the first 8 training classes (from the archive)."""
-    with zipfile.ZipFile(miniimagenet_root / MiniImageNet.ZIP) as zf:
-        rows = list(csv.reader(io.StringIO(zf.read("mini-imagenet/train.csv").decode())))[1:]
-        picked = [row for k in range(8) for row in rows[300 * k:300 * k + 2]]
-        root = tmp_path / "src"
-        (root / "images").mkdir(parents=True)
-        for filename, _ in picked:
-            (root / "images" / filename).write_bytes(zf.read(f"mini-imagenet/images/{filename}"))
-    (root / "train.csv").write_text("filename,label\n" + "".join(f"{f},{c}\n" for f, c in picked))
-    return root, picked
+    root = tmp_path / "src"
+    rows = [300 * k + i for k in range(8) for i in (0, 1)]
+    return root, mini_folder(miniimagenet_root / MiniImageNet.ZIP, root, rows)
 
 
 def run(*args):
