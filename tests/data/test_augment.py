@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from metamtl.config import config_from_dict
 from metamtl.data import ClassDataset
-from metamtl.data.augment import Compose, RandomAffine, RandomCropFlip, SupportAugment, build_augment
+from metamtl.data.augment import ColorJitter, Compose, RandomAffine, RandomCropFlip, SupportAugment, build_augment
 from metamtl.errors import ConfigError, TaskError
 from metamtl.experiment import build_tasks
 from metamtl.tasks import EpisodeSampler
@@ -253,3 +253,61 @@ def test_support_augment_adds_labelled_copies():
     assert SupportAugment().augment == RandomAffine()
     with pytest.raises(ConfigError, match="copies must be an integer >= 1"):
         SupportAugment(copies=0)
+
+
+def jitter_reference(x, factors):
+    """torchvision's adjust_brightness / contrast / saturation, one image at a time (float [0, 1])."""
+    TF = pytest.importorskip("torchvision.transforms.functional")
+    out = []
+    for img, (b, c, s) in zip(x, factors.tolist()):
+        img = TF.adjust_contrast(TF.adjust_brightness(img, b), c)
+        out.append(TF.adjust_saturation(img, s) if img.shape[0] == 3 else img)
+    return torch.stack(out)
+
+
+def test_color_jitter_matches_torchvision_per_image():
+    x8 = images(n=8, c=3, h=9, w=7)
+    aug = ColorJitter(brightness=0.4, contrast=0.5, saturation=0.6, p=0.75)
+    f = aug.factors(8, torch.Generator().manual_seed(3))
+    ref = jitter_reference(x8.float() / 255, f)
+    out = aug(x8.float() / 255, torch.Generator().manual_seed(3))
+    assert out.dtype == torch.float32 and torch.allclose(out, ref, atol=1e-5)
+    out8 = aug(x8, torch.Generator().manual_seed(3))  # uint8 in, uint8 out: the same, rounded once
+    assert out8.dtype == torch.uint8 and (out8.double() - 255 * ref.double()).abs().max() <= 0.5 + 1e-3
+    left = (f == 1).all(1)  # images drawn with p's complement come back untouched
+    assert left.any() and (~left).any() and torch.equal(out8[left], x8[left])
+    grey = images(n=5, c=1)  # one channel: brightness and contrast only
+    g = ColorJitter()(grey.float() / 255, torch.Generator().manual_seed(1))
+    assert torch.allclose(g, jitter_reference(grey.float() / 255, ColorJitter().factors(5, torch.Generator().manual_seed(1))),
+                          atol=1e-5)
+
+
+def test_color_jitter_ranges_identity_and_configs():
+    f = ColorJitter(brightness=0.2, contrast=0.0, saturation=0.4).factors(4000, torch.Generator().manual_seed(0))
+    assert f[:, 0].min() >= 0.8 and f[:, 0].max() <= 1.2 and torch.equal(f[:, 1], torch.ones(4000, dtype=f.dtype))
+    assert f[:, 2].min() >= 0.6 and f[:, 2].max() <= 1.4 and f[:, 2].std() > 0.2
+    x = images(n=6)
+    assert torch.equal(ColorJitter(p=0)(x), x) and torch.equal(ColorJitter(0, 0, 0)(x), x)
+    both = build_augment([{"padding": 8, "flip": True}, {"name": "color_jitter"}])
+    assert isinstance(both, Compose) and both.augments[1] == ColorJitter() and build_augment(both.config()) == both
+    cfg = config_from_dict({"data": {"train_augment": [{"padding": 2}, {"name": "color_jitter", "saturation": 0.1}]}})
+    assert build_augment(cfg.data.train_augment).augments[1] == ColorJitter(saturation=0.1)
+    from metamtl.tasks.sampler import episode_seed
+
+    ds = class_dataset(size=16)
+    plain, jit = EpisodeSampler(ds, 5, 1, 2, seed=3), EpisodeSampler(ds, 5, 1, 2, seed=3, augment={"name": "color_jitter"})
+    p, a = plain[1], jit[1]
+    g = torch.Generator().manual_seed(episode_seed(3, 1, stream=2))
+    assert p.classes == a.classes and not torch.equal(a.support_x, p.support_x)
+    assert torch.equal(a.support_x, ColorJitter()(p.support_x, g)) and torch.equal(a.query_x, ColorJitter()(p.query_x, g))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"brightness": 1.5}, r"brightness must be a number in \[0, 1\]"), ({"contrast": -0.1}, "contrast"),
+    ({"saturation": "lots"}, "saturation"), ({"p": 2}, r"p \(probability"),
+])
+def test_bad_color_jitter_settings_are_refused(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        ColorJitter(**kwargs)
+    with pytest.raises(ConfigError, match="grey .* or RGB"):
+        ColorJitter()(images(n=2, c=2))
