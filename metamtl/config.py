@@ -102,6 +102,7 @@ class TrainConfig:
     meta_batch_size: int = 32
     meta_optimizer: str = "adam"
     meta_lr: float = 1e-3
+    meta_optimizer_kwargs: dict | None = None  # other settings of the torch optimizer, e.g. {weight_decay: 0.05}
     grad_clip: float | None = None
     val_every: int | None = None
     val_episodes: int = 100
@@ -451,7 +452,7 @@ def _check_components(cfg: Config) -> None:
     from .data.registry import DATASETS
     from .tasks.families import TASK_FAMILIES
     from .errors import unknown_name
-    from .fit_loop import META_OPTIMIZERS
+    from .fit_loop import META_OPTIMIZERS, build_meta_optimizer
     from .models.registry import check_model_config
 
     for where, d in [("data", cfg.data)] + [(f"datasets[{i}]", d) for i, d in enumerate(cfg.datasets)]:
@@ -466,6 +467,19 @@ def _check_components(cfg: Config) -> None:
     if cfg.train.meta_optimizer not in META_OPTIMIZERS:
         raise ConfigError(f"config.train.meta_optimizer: unknown meta optimizer {cfg.train.meta_optimizer!r}."
                           f"{did_you_mean(cfg.train.meta_optimizer, META_OPTIMIZERS)} Valid: {', '.join(META_OPTIMIZERS)}.")
+    kwargs = cfg.train.meta_optimizer_kwargs
+    if kwargs is not None:
+        if not isinstance(kwargs, Mapping):
+            raise ConfigError(f"config.train.meta_optimizer_kwargs must be a mapping of settings of the "
+                              f"{cfg.train.meta_optimizer} optimizer (e.g. {{weight_decay: 0.05}}), got {kwargs!r}")
+        if "lr" in kwargs:
+            raise ConfigError("config.train.meta_optimizer_kwargs: set the learning rate with train.meta_lr, not lr")
+        try:
+            build_meta_optimizer(cfg.train.meta_optimizer, [torch.nn.Parameter(torch.zeros(1))], cfg.train.meta_lr, dict(kwargs))
+        except ConfigError as exc:
+            why = str(exc).split(": ", 1)[-1]
+            raise ConfigError(f"config.train.meta_optimizer_kwargs {dict(kwargs)} do not fit the "
+                              f"{cfg.train.meta_optimizer!r} meta optimizer: {why}") from None
     if cfg.train.device != "auto":
         try:
             torch.device(cfg.train.device)

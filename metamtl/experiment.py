@@ -185,7 +185,7 @@ def build_learner(cfg: Config, train_tasks: TaskSource, callbacks: list[Callback
     tr = cfg.train
     return MetaLearner(
         model, algorithm, preprocessing=preprocessing, meta_optimizer=tr.meta_optimizer,
-        meta_lr=tr.meta_lr, grad_clip=tr.grad_clip, device=tr.device, callbacks=callbacks,
+        meta_lr=tr.meta_lr, meta_optimizer_kwargs=tr.meta_optimizer_kwargs, grad_clip=tr.grad_clip, device=tr.device, callbacks=callbacks,
         max_bad_steps=tr.max_bad_steps, task="regression" if regression else "classification",
         task_defaults={"ways": cfg.tasks.ways, "shots": cfg.tasks.shots, "queries": cfg.eval.queries},
         metadata=metadata, precision=tr.precision, channels_last=tr.channels_last,

@@ -137,6 +137,15 @@ def test_config_keys_reach_the_learner(tmp_path):
         build_learner(load_config(cfg, ["train.precision=half"]), build_tasks(config)["train"])
     learner = build_learner(config, build_tasks(config)["train"])
     assert learner.precision == "bf16" and learner.channels_last
+    # the meta optimizer's other settings (weight decay) come from train.meta_optimizer_kwargs
+    wd = load_config(cfg, ["train.meta_optimizer=adamw", "train.meta_optimizer_kwargs={weight_decay: 0.05}"])
+    opt = build_learner(wd, build_tasks(wd)["train"]).meta_optimizer
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["weight_decay"] == 0.05
+    assert learner.meta_optimizer.param_groups[0]["weight_decay"] == 0  # Adam's default
+    for bad, match in [("{weight_decay: -1}", "Invalid weight_decay value"), ("{wd: 1}", "unexpected keyword argument 'wd'"),
+                       ("{lr: 0.1}", "train.meta_lr"), ("0.05", "mapping")]:
+        with pytest.raises(ConfigError, match=match):
+            load_config(cfg, [f"train.meta_optimizer_kwargs={bad}"])
 
 
 @pytest.mark.parametrize("in_channels", [1, 3])
