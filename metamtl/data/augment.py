@@ -271,7 +271,9 @@ class ColorJitter:
             raise ConfigError(f"color_jitter needs grey (1-channel) or RGB (3-channel) images, got {c} channels")
         if n == 0 or self.is_identity:
             return images.clone()
-        f = self.factors(n, generator).to(device=images.device, dtype=torch.float32).view(n, 3, 1, 1, 1).unbind(1)
+        factors = self.factors(n, generator)
+        keep = (factors == 1).all(1).to(images.device).view(n, 1, 1, 1)
+        f = factors.to(device=images.device, dtype=torch.float32).view(n, 3, 1, 1, 1).unbind(1)
         top = 1.0 if images.is_floating_point() else 255.0
         x = images.to(torch.float32, copy=True)
         weights = torch.tensor([0.2989, 0.587, 0.114], device=images.device)
@@ -285,9 +287,8 @@ class ColorJitter:
         if c == 3:
             g = grey(x)
             x.sub_(g).mul_(f[2]).add_(g).clamp_(0, top)
-        if images.is_floating_point():
-            return x.to(images.dtype)
-        return x.round_().to(images.dtype)
+        out = x.to(images.dtype) if images.is_floating_point() else x.round_().to(images.dtype)
+        return torch.where(keep, images, out)  # images drawn to stay as they are: bit for bit
 
 
 class Compose:

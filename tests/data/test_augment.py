@@ -276,6 +276,7 @@ def test_color_jitter_matches_torchvision_per_image():
     assert out8.dtype == torch.uint8 and (out8.double() - 255 * ref.double()).abs().max() <= 0.5 + 1e-3
     left = (f == 1).all(1)  # images drawn with p's complement come back untouched
     assert left.any() and (~left).any() and torch.equal(out8[left], x8[left])
+    assert torch.equal(out[left], x8[left].float() / 255)  # float images too, bit for bit
     grey = images(n=5, c=1)  # one channel: brightness and contrast only
     g = ColorJitter()(grey.float() / 255, torch.Generator().manual_seed(1))
     assert torch.allclose(g, jitter_reference(grey.float() / 255, ColorJitter().factors(5, torch.Generator().manual_seed(1))),
