@@ -104,14 +104,28 @@ def _check_batch(images: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(images.shape)  # type: ignore[return-value]
 
 
-def _number(name: str, value: Any, lo: float, hi: float = math.inf) -> float:
+def _number(name: str, value: Any, lo: float, hi: float = math.inf, what: str = "affine") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (lo <= float(value) <= hi):
         bound = f"in [{lo}, {hi}]" if math.isfinite(hi) else f">= {lo}"
-        raise ConfigError(f"affine {name} must be a number {bound}, got {value!r}")
+        raise ConfigError(f"{what} {name} must be a number {bound}, got {value!r}")
     return float(value)
 
 
-class RandomAffine:
+class _Configured:
+    """``repr`` and equality of an augmentation from its :meth:`config` mapping."""
+
+    def config(self) -> dict:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self.config() == other.config()
+
+
+class RandomAffine(_Configured):
     """Random affine transform of each image (rotation, shear, scale, shift), one ``grid_sample``.
 
     Each of the four parts is applied to an image with probability ``p``, independently:
@@ -155,13 +169,6 @@ class RandomAffine:
     def config(self) -> dict:
         return {"name": "affine", "rotation": self.rotation, "shear": self.shear, "scale": list(self.scale),
                 "shift": self.shift, "p": self.p, "fill": self.fill}
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
-        return f"RandomAffine({args})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, RandomAffine) and self.config() == other.config()
 
     @property
     def is_identity(self) -> bool:
@@ -212,7 +219,7 @@ def _factor(name: str, value: Any) -> float:
     return float(value)
 
 
-class ColorJitter:
+class ColorJitter(_Configured):
     """Random brightness, contrast and saturation of each image, in one pass over the batch.
 
     Each part draws its factor per image uniformly in ``[1 - x, 1 + x]`` and is applied, in this
@@ -239,20 +246,11 @@ class ColorJitter:
         self.brightness = _factor("brightness", brightness)
         self.contrast = _factor("contrast", contrast)
         self.saturation = _factor("saturation", saturation)
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 <= float(p) <= 1.0):
-            raise ConfigError(f"color_jitter p (probability of jittering an image) must be a number in [0, 1], got {p!r}")
-        self.p = float(p)
+        self.p = _number("p (probability of jittering an image)", p, 0.0, 1.0, what="color_jitter")
 
     def config(self) -> dict:
         return {"name": "color_jitter", "brightness": self.brightness, "contrast": self.contrast,
                 "saturation": self.saturation, "p": self.p}
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
-        return f"ColorJitter({args})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ColorJitter) and self.config() == other.config()
 
     @property
     def is_identity(self) -> bool:
