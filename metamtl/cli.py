@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from .errors import ConfigError, FitInterrupted, MetamtlError
 from .progress_bars import silenced
@@ -51,10 +51,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     head = _yaml_option("--head", args.head)  # None: the learner's own default head
     if head is not None:
         build_head(head)  # a bad --head fails here, before the checkpoint and data are loaded
-    learner = MetaLearner.load(args.checkpoint, device=args.device)
+    members = [MetaLearner.load(path, device=args.device) for path in args.checkpoints]
+    learner, first = members[0], args.checkpoints[0]
     saved = learner.metadata.get("config")
     if saved is None:
-        raise MetamtlError(f"{args.checkpoint} has no data config; evaluate it from Python with MetaLearner.evaluate")
+        raise MetamtlError(f"{first} has no data config; evaluate it from Python with MetaLearner.evaluate")
+    check_same_data(members, args.checkpoints)
     for data in [saved["data"], *saved.get("datasets", [])]:  # several for multi-dataset learners
         if args.data_root:
             data["root"] = args.data_root
@@ -65,11 +67,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     splits = {d.label or d.name: d.test_split for d in cfg.datasets}
     built = build_tasks(cfg)
     tasks = built["test"]
-    used = learner.head if head is None else build_head(head)
-    if used is not None and used.center and not learner.feature_means:
-        learner.compute_feature_mean(built["train"])
-        print(f"[metamtl] head {used.name!r} centres features: mean feature of the training split computed")
+    for member in members:
+        used = member.head if head is None else build_head(head)
+        if used is not None and used.center and not member.feature_means:
+            member.compute_feature_mean(built["train"])
+            print(f"[metamtl] head {used.name!r} centres features: mean feature of the training split computed")
     defaults = learner.task_defaults
+    if len(members) > 1:
+        from .ensemble import Ensemble
+
+        learner = Ensemble(members)
+        print(f"[metamtl] {learner}: class probabilities averaged")
     out = {}
     for label, source in (tasks.items() if isinstance(tasks, dict) else [(None, tasks)]):
         result = learner.evaluate(
@@ -84,6 +92,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(out if len(out) > 1 else out[next(iter(out))], indent=2))
     return 0
+
+
+def check_same_data(members: Sequence[Any], paths: Sequence[str]) -> None:
+    """Refuse an ensemble whose members were trained on other data than the first (the episodes
+    come from the first member's config, so another dataset or image size would be a wrong answer)."""
+    keys = ("name", "sources", "image_size", "split_seed", "split_fractions", "split_by")
+
+    def data_of(member: Any) -> list[dict]:
+        cfg = member.metadata.get("config") or {}
+        return [{k: d.get(k) for k in keys} for d in [cfg.get("data", {}), *cfg.get("datasets", [])]]
+
+    reference = data_of(members[0])
+    for member, path in zip(members[1:], paths[1:]):
+        if data_of(member) != reference:
+            raise ConfigError(f"{path} was trained on other data than {paths[0]} ({data_of(member)} vs "
+                              f"{reference}); an ensemble's members must share dataset, sources, image size and split")
 
 
 def _yaml_option(flag: str, text: str | None):
@@ -136,8 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-progress", action="store_true", help="no progress bars")
     f.set_defaults(func=_fit)
 
-    e = sub.add_parser("evaluate", help="evaluate a saved learner on held-out tasks")
-    e.add_argument("checkpoint")
+    e = sub.add_parser("evaluate", help="evaluate a saved learner (or an ensemble of several) on held-out tasks")
+    e.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                   help="a saved learner; several: an ensemble averaging their class probabilities, "
+                        "evaluated on the first one's data and splits")
     e.add_argument("--episodes", type=int, default=600)
     e.add_argument("--ways", type=int)
     e.add_argument("--shots", type=int)

@@ -226,6 +226,9 @@ def learner_state(learner: "MetaLearner", training_state: bool = False) -> dict[
 def learner_from_state(cls: type["MetaLearner"], obj: dict[str, Any], path: Any, *, device: Any = "auto",
                        model: TrunkHead | None = None) -> "MetaLearner":
     """Rebuild a learner of class ``cls`` from a checkpoint ``obj`` read from ``path``."""
+    if "ensemble" in obj:
+        raise CheckpointError(f"{path} holds an ensemble of {len(obj['ensemble'])} learners: load it with "
+                              "metamtl.ensemble.Ensemble.load")
     require(obj, path, "config", "model_state", "algorithm_state")
     cfg = obj["config"]
     try:

@@ -48,6 +48,7 @@ MODULE_LAYERS = {
     "metamtl.placement": "learner",
     "metamtl.inputs": "learner",
     "metamtl.evaluation": "learner",
+    "metamtl.ensemble": "learner",
     "metamtl.fit_loop": "learner",
     "metamtl.run_state": "learner",
     "metamtl.numerics": "learner",

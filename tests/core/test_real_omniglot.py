@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from metamtl import MetaLearner
@@ -42,7 +43,19 @@ def test_cli_fit_then_evaluate_end_to_end(tmp_path, data_root):
     )
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert "test split: accuracy" in ev.stdout and "20-way 1-shot, 10 episodes" in ev.stdout
-    assert json.loads((tmp_path / "ev.json").read_text())["ways"] == 20
+    single = json.loads((tmp_path / "ev.json").read_text())
+    assert single["ways"] == 20
+
+    # two checkpoints: an ensemble; of one learner twice, it must answer exactly as the learner
+    ens = subprocess.run(
+        [sys.executable, "-m", "metamtl", "evaluate", str(run_dir / "learner.pt"), str(run_dir / "learner.pt"),
+         "--episodes", "10", "--ways", "20", "--shots", "1", "--no-progress", "--json", str(tmp_path / "ens.json")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert ens.returncode == 0, ens.stderr[-3000:]
+    assert "Ensemble(2 members" in ens.stdout and "20-way 1-shot, 10 episodes" in ens.stdout
+    both = json.loads((tmp_path / "ens.json").read_text())
+    assert both["per_episode_accuracy"] == pytest.approx(single["per_episode_accuracy"])
 
 
 def test_cli_reports_bad_config_without_traceback(tmp_path):

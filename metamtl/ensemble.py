@@ -1,0 +1,197 @@
+"""Ensembles: several trained learners answer together by averaging their class probabilities.
+
+Learners trained independently (other seeds, settings or algorithms) err on different queries, so
+the mean of their predicted probabilities is right more often than any one of them: on Omniglot
+two 5-minute ProtoNets gave +0.3-0.5 points 5-way and +1.0-1.4 points 20-way 1-shot over either
+(benchmarks/RESULTS.md).  With a fixed CPU budget an ensemble is a trade: each member gets a share
+of it (e.g. one core each, side by side), so it pays where one model has stopped improving with
+more iterations.
+
+:class:`Ensemble` has the surfaces of a :class:`~metamtl.MetaLearner` that use a trained model:
+``predict``, ``adapt``, ``evaluate``, ``save`` and ``load``; ``metamtl evaluate A.pt B.pt ...``
+evaluates one from the command line.  Every member adapts to the support set its own way (its
+algorithm, inner steps, head, preprocessing and device, as saved with it); an ensemble of
+inductive members is inductive.  For regression learners the members' predictions are averaged.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import FORMAT, FORMAT_VERSION, atomic_save, safe_load
+from .errors import CheckpointError, ConfigError, InputError
+from .evaluation import EvalResult, episode_reader, hierarchy_of, summarize
+from .inputs import check_steps, with_support_copies
+from .learner import MetaLearner
+from .progress_bars import progress_bar
+from .tasks.episode import Episode
+from .tasks.sampler import TaskSource
+from .version import __version__
+
+
+class Ensemble:
+    """Several trained learners whose predictions are averaged.
+
+    Args:
+        members: :class:`~metamtl.MetaLearner` objects or paths of saved ones (at least one; all
+            classification learners or all regression learners).
+        device: where members loaded from paths live (``"auto"``: a GPU when there is one).
+
+    Example::
+
+        ens = Ensemble(["runs/seed0/learner.pt", "runs/seed1/learner.pt"])
+        print(ens.evaluate(EpisodeSampler(test, 5, 1, 15, seed=2), episodes=600))
+        log_probs = ens.predict(support_images, support_labels, query_images)
+    """
+
+    def __init__(self, members: Sequence[MetaLearner | str | Path], device: Any = "auto") -> None:
+        if isinstance(members, (str, Path, MetaLearner)) or not isinstance(members, Sequence):
+            raise ConfigError("Ensemble takes a list of learners or checkpoint paths, e.g. "
+                              "Ensemble(['a/learner.pt', 'b/learner.pt'])")
+        if not members:
+            raise ConfigError("an ensemble needs at least one learner")
+        loaded = []
+        for m in members:
+            if isinstance(m, MetaLearner):
+                loaded.append(m)
+            elif isinstance(m, (str, Path)):
+                loaded.append(MetaLearner.load(m, device=device))
+            else:
+                raise ConfigError(f"ensemble members are MetaLearner objects or checkpoint paths, got {type(m).__name__}")
+        tasks = {m.task for m in loaded}
+        if len(tasks) > 1:
+            raise ConfigError(f"ensemble members must all solve one kind of task, got {sorted(tasks)}")
+        self.members: list[MetaLearner] = loaded
+
+    @property
+    def task(self) -> str:
+        """``"classification"`` or ``"regression"``, as every member."""
+        return self.members[0].task
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __repr__(self) -> str:
+        return f"Ensemble({len(self)} members: " + ", ".join(
+            f"{m.algorithm.name}/{m.model.config.get('name', '?')}" for m in self.members) + ")"
+
+    # -- using the ensemble ------------------------------------------------------------------
+    def combine(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The ensemble's output from its members' outputs for the same queries: for classification
+        the log of the mean of the members' softmax probabilities (so ``argmax`` is the predicted
+        class and ``exp`` gives probabilities), for regression the mean prediction."""
+        outs = [o.detach().float().cpu() for o in outputs]
+        shapes = {tuple(o.shape) for o in outs}
+        if len(shapes) > 1:
+            raise InputError(f"ensemble members gave outputs of different shapes {sorted(shapes)} for the same "
+                             "queries (members trained for other numbers of classes?)")
+        stacked = torch.stack(outs)
+        if self.task != "classification":
+            return stacked.mean(0)
+        return torch.logsumexp(stacked.log_softmax(-1), 0) - math.log(len(outs))
+
+    def predict(self, support_x: Any, support_y: Any, query_x: Any, steps: int | None = None,
+                support_augment: Any = None, head: Any = None) -> torch.Tensor:
+        """Log mean class probabilities (classification) or mean predictions (regression) for
+        ``query_x``, every member adapted to ``(support_x, support_y)`` as in
+        :meth:`MetaLearner.predict <metamtl.MetaLearner.predict>` (``steps``, ``support_augment``
+        and ``head`` apply to every member; ``None``: each member's own default). On the CPU."""
+        return self.combine([m.predict(support_x, support_y, query_x, steps, support_augment, head)
+                             for m in self.members])
+
+    def adapt(self, support_x: Any, support_y: Any, steps: int | None = None, support_augment: Any = None,
+              head: Any = None) -> "AdaptedEnsemble":
+        """Every member adapted to a support set; the result maps query inputs to the ensemble's
+        output (see :meth:`predict`), so one support set serves many query batches."""
+        return AdaptedEnsemble(self, [m.adapt(support_x, support_y, steps, support_augment, head)
+                                      for m in self.members])
+
+    def evaluate(self, tasks: TaskSource | Sequence[Episode], episodes: int = 600, *, ways: int | None = None,
+                 shots: int | None = None, queries: int | None = None, steps: int | None = None, start: int = 0,
+                 progress: bool = True, support_augment: Any = None, head: Any = None) -> EvalResult:
+        """Mean query accuracy of the ensemble over ``episodes`` fixed episodes, with a 95% CI:
+        the same episodes, arguments and result as :meth:`MetaLearner.evaluate
+        <metamtl.MetaLearner.evaluate>` (the loss is the ensemble's negative log-likelihood, or
+        its mean squared error for regression).  Episode ``i``'s test-time support copies are the
+        ones a member alone would draw for it.  ``result.steps``: ``steps`` or the first member's
+        default.  One process (not split across torchrun ranks)."""
+        check_steps(steps)
+        episode_at, n = episode_reader(tasks, episodes, ways=ways, shots=shots, queries=queries, start=start)
+        heads = [m.inference.classifier(head) for m in self.members]
+        if len({h is not None and h.transductive for h in heads}) > 1:
+            raise ConfigError("ensemble members mix inductive and transductive heads; evaluate them with one "
+                              "kind (e.g. head='algorithm')")
+        for m in self.members:
+            m.check_finite("evaluate")
+        rows = []
+        bar = progress_bar(progress, total=n, desc="evaluate ensemble", leave=False, dynamic_ncols=True)
+        try:
+            for i in range(n):
+                episode = episode_at(i)
+                outputs = []
+                for m, h in zip(self.members, heads):
+                    m.check_episode(episode, "evaluate")
+                    ep = with_support_copies(m.placement.batch(episode), m.inference.augment(support_augment))
+                    outputs.append(m.predict(ep.support_x, ep.support_y, ep.query_x, steps, support_augment=False,
+                                             head=h if h is not None else "algorithm"))
+                rows.append((self.metrics(self.combine(outputs), episode.query_y),
+                             (episode.ways, episode.shots, episode.queries)))
+                bar.update(1)
+        finally:
+            bar.close()
+        first = self.members[0]
+        used = steps if steps is not None else first.algorithm.eval_steps
+        names = {h.name if h is not None else "algorithm" for h in heads}
+        return summarize(rows, used, hierarchy=hierarchy_of(tasks),
+                         head=names.pop() if len(names) == 1 else "+".join(sorted(names)),
+                         transductive=bool(heads[0] is not None and heads[0].transductive))
+
+    def metrics(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+        """Query loss (and accuracy) of the ensemble's combined output."""
+        target = target.cpu()
+        if self.task != "classification":
+            return {"loss": float(F.mse_loss(output, target.float().view_as(output)))}
+        target = target.long()
+        return {"loss": float(F.nll_loss(output, target)),
+                "accuracy": float((output.argmax(-1) == target).float().mean())}
+
+    # -- persistence --------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write every member (weights and settings, no training state) to one file, atomically."""
+        return atomic_save({"format": FORMAT, "format_version": FORMAT_VERSION, "metamtl_version": __version__,
+                            "ensemble": [m.state() for m in self.members]}, path)
+
+    @classmethod
+    def load(cls, path: str | Path, device: Any = "auto") -> "Ensemble":
+        """Rebuild an ensemble written by :meth:`save`."""
+        from . import run_state
+
+        obj = safe_load(path)
+        members = obj.get("ensemble")
+        if members is None:
+            raise CheckpointError(f"{path} holds one learner, not an ensemble: load it with MetaLearner.load, "
+                                  "or build Ensemble([...paths...])")
+        if not isinstance(members, list) or not members:
+            raise CheckpointError(f"{path}: the ensemble entry holds no learners (corrupt file?)")
+        return cls([run_state.learner_from_state(MetaLearner, m, f"{path} (member {i})", device=device)
+                    for i, m in enumerate(members)])
+
+
+class AdaptedEnsemble:
+    """Every member of an :class:`Ensemble` adapted to one support set (see :meth:`Ensemble.adapt`)."""
+
+    def __init__(self, ensemble: Ensemble, predictors: list[Any]) -> None:
+        self.ensemble, self.predictors = ensemble, predictors
+
+    def __call__(self, query_x: Any) -> torch.Tensor:
+        """The ensemble's output for ``query_x`` (log mean probabilities, or mean predictions)."""
+        return self.ensemble.combine([p(query_x) for p in self.predictors])
+
+    def predict(self, query_x: Any) -> torch.Tensor:
+        """Predicted labels ``0..ways-1`` (classification) or values (regression)."""
+        out = self(query_x)
+        return out.argmax(-1) if self.ensemble.task == "classification" else out

@@ -1,0 +1,112 @@
+"""Ensembles: averaged probabilities against a hand computation, one member = the learner itself,
+save/load, and the errors a user gets for a wrong ensemble."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from metamtl import MetaLearner
+from metamtl.algorithms import build_algorithm
+from metamtl.data import ClassDataset, Preprocessing
+from metamtl.ensemble import Ensemble
+from metamtl.errors import CheckpointError, ConfigError
+from metamtl.models import build_model
+from metamtl.tasks import EpisodeSampler, Sinusoid
+
+SIZE = 12
+
+
+def images(classes=10, per_class=8):
+    g = torch.Generator().manual_seed(1)
+    base = torch.rand(classes, 1, SIZE, SIZE, generator=g).repeat_interleave(per_class, 0)
+    x = ((0.7 * base + 0.3 * torch.rand(classes * per_class, 1, SIZE, SIZE, generator=g)) * 255).to(torch.uint8)
+    return ClassDataset(x, torch.arange(classes).repeat_interleave(per_class), [f"k{i}" for i in range(classes)],
+                        name="tiny", preprocessing=Preprocessing(size=(SIZE, SIZE), channels=1))
+
+
+def member(seed, algorithm="protonet", head=None, **kw):
+    torch.manual_seed(seed)
+    model = build_model("conv4", in_channels=1, hidden=8, image_size=SIZE, blocks=2,
+                        out_features=None if algorithm in ("protonet", "anil") else 5)
+    return MetaLearner(model, build_algorithm(algorithm, **kw), preprocessing=images().preprocessing, device="cpu",
+                       head=head)
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return EpisodeSampler(images(), 5, 2, 3, seed=4)
+
+
+def test_one_member_is_the_learner_itself(tasks):
+    for lr in (member(0), member(1, "maml", steps=2, lr=0.1)):
+        alone = lr.evaluate(tasks, 12, progress=False)
+        ens = Ensemble([lr]).evaluate(tasks, 12, progress=False)
+        assert ens.per_episode_accuracy == pytest.approx(alone.per_episode_accuracy)
+        assert ens.loss == pytest.approx(alone.loss, rel=1e-4)
+        assert (ens.ways, ens.shots, ens.queries, ens.steps) == (alone.ways, alone.shots, alone.queries, alone.steps)
+
+
+def test_output_is_the_log_of_the_mean_probability(tasks):
+    members = [member(0), member(1), member(2, "maml", steps=1, lr=0.2)]
+    ens = Ensemble(members)
+    accs = []
+    for i in range(6):
+        ep = tasks.episode(i)
+        probs = torch.stack([m.predict(ep.support_x, ep.support_y, ep.query_x).softmax(-1) for m in members])
+        out = ens.predict(ep.support_x, ep.support_y, ep.query_x)
+        torch.testing.assert_close(out, probs.mean(0).log(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ens.adapt(ep.support_x, ep.support_y)(ep.query_x), out)
+        accs.append((probs.mean(0).argmax(-1) == ep.query_y).float().mean().item())
+    result = ens.evaluate(tasks, 6, progress=False)
+    assert result.per_episode_accuracy == pytest.approx(accs)
+    assert result.accuracy == pytest.approx(sum(accs) / 6) and result.head == "algorithm" and not result.transductive
+
+
+def test_regression_members_are_averaged():
+    source = Sinusoid(shots=5, queries=5, seed=0)
+    members = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        members.append(MetaLearner(build_model("mlp", in_features=1, out_features=1, hidden=(8, 8)),
+                                   build_algorithm("maml", steps=1, lr=0.01), device="cpu", task="regression"))
+    ep = source.episode(0)
+    out = Ensemble(members).predict(ep.support_x, ep.support_y, ep.query_x)
+    torch.testing.assert_close(out, torch.stack([m.predict(ep.support_x, ep.support_y, ep.query_x)
+                                                 for m in members]).mean(0))
+    result = Ensemble(members).evaluate(source, 3, progress=False)
+    assert result.accuracy is None and math.isfinite(result.loss)
+
+
+def test_save_and_load_round_trip(tmp_path, tasks):
+    ens = Ensemble([member(0), member(1, "maml", steps=1, lr=0.1)])
+    path = ens.save(tmp_path / "ens.pt")
+    back = Ensemble.load(path)
+    ep = tasks.episode(0)
+    torch.testing.assert_close(back.predict(ep.support_x, ep.support_y, ep.query_x),
+                               ens.predict(ep.support_x, ep.support_y, ep.query_x))
+    with pytest.raises(CheckpointError, match="Ensemble.load"):
+        MetaLearner.load(path)
+    member(0).save(tmp_path / "one.pt")
+    with pytest.raises(CheckpointError, match="one learner, not an ensemble"):
+        Ensemble.load(tmp_path / "one.pt")
+    two = Ensemble([tmp_path / "one.pt", str(tmp_path / "one.pt")])  # paths are loaded
+    assert len(two) == 2
+
+
+def test_bad_ensembles_are_refused(tmp_path, tasks):
+    with pytest.raises(ConfigError, match="at least one"):
+        Ensemble([])
+    with pytest.raises(ConfigError, match="list of learners"):
+        Ensemble("runs/a/learner.pt")
+    with pytest.raises(ConfigError, match="MetaLearner objects or checkpoint paths"):
+        Ensemble([member(0), 3])
+    torch.manual_seed(0)
+    reg = MetaLearner(build_model("mlp", in_features=1, out_features=1, hidden=(4,)), "maml", device="cpu", task="regression")
+    with pytest.raises(ConfigError, match="one kind of task"):
+        Ensemble([member(0), reg])
+    mixed = Ensemble([member(0), member(1, head="bdcspn")])
+    with pytest.raises(ConfigError, match="inductive and transductive"):
+        mixed.evaluate(tasks, 2, progress=False)
+    assert mixed.evaluate(tasks, 2, progress=False, head="algorithm").head == "algorithm"
