@@ -69,13 +69,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     if used is not None and used.center and not learner.feature_means:
         learner.compute_feature_mean(built["train"])
         print(f"[metamtl] head {used.name!r} centres features: mean feature of the training split computed")
-    defaults = learner.task_defaults
+    first = cfg.eval.settings[0]  # without --ways/--shots: the setting the run evaluated first
+    hierarchy = first.hierarchy if args.ways is None and args.shots is None else None
     out = {}
     for label, source in (tasks.items() if isinstance(tasks, dict) else [(None, tasks)]):
+        if hierarchy is not None and hasattr(source, "with_settings"):
+            source = source.with_settings(hierarchy=hierarchy)
         result = learner.evaluate(
             source, args.episodes,
-            ways=_given(args.ways, defaults.get("ways")), shots=_given(args.shots, defaults.get("shots")),
-            queries=_given(args.queries, defaults.get("queries")), steps=args.steps, progress=not args.no_progress,
+            ways=_given(args.ways, first.ways), shots=_given(args.shots, first.shots),
+            queries=_given(args.queries, cfg.eval.queries), steps=args.steps, progress=not args.no_progress,
             support_augment=support_augment, head=head,
         ) if learner.task == "classification" else learner.evaluate(source, args.episodes, steps=args.steps)
         where = f"{label} " if label else ""
@@ -138,10 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="evaluate a saved learner on held-out tasks")
     e.add_argument("checkpoint")
-    e.add_argument("--episodes", type=int, default=600)
-    e.add_argument("--ways", type=int)
-    e.add_argument("--shots", type=int)
-    e.add_argument("--queries", type=int)
+    e.add_argument("--episodes", type=int, default=600, help="test episodes (default: 600)")
+    e.add_argument("--ways", type=int, help="classes per episode (default: the first of the run config's "
+                   "eval.settings; with neither --ways nor --shots, that setting's hierarchy too)")
+    e.add_argument("--shots", type=int, help="support images per class (default: as --ways)")
+    e.add_argument("--queries", type=int, help="query images per class (default: the run config's eval.queries)")
     e.add_argument("--steps", type=int, help="inner steps at evaluation")
     e.add_argument("--split", help="split to evaluate (default: 'test'; each dataset's configured test split "
                    "for multi-dataset learners)")

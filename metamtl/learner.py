@@ -58,7 +58,8 @@ class MetaLearner:
         max_bad_steps: consecutive non-finite meta-gradients tolerated (each skipped with a
             warning) before :meth:`fit` stops with :class:`~metamtl.errors.TrainingError`.
         task: ``"classification"`` or ``"regression"``.
-        task_defaults: the ways/shots/queries it was trained for (used by ``metamtl evaluate``).
+        task_defaults: the ways/shots/queries it was trained with (saved with it; ``metamtl evaluate``
+            defaults to the first ``eval.settings`` entry of the saved config instead).
         metadata: free-form, JSON-like information saved with the learner (e.g. data config).
         precision: ``"fp32"``, ``"bf16"`` (autocast; weights, optimizer state, gradients stay float32)
             or ``"auto"`` (bf16 where the device has it natively: :func:`~metamtl.placement.native_bf16`).

@@ -44,6 +44,14 @@ def test_cli_fit_then_evaluate_end_to_end(tmp_path, data_root):
     assert "test split: accuracy" in ev.stdout and "20-way 1-shot, 10 episodes" in ev.stdout
     assert json.loads((tmp_path / "ev.json").read_text())["ways"] == 20
 
+    # no --ways/--shots: the setting the run evaluated (5-way 1-shot), not its 60-way training episodes
+    ev = subprocess.run(
+        [sys.executable, "-m", "metamtl", "evaluate", str(run_dir / "learner.pt"), "--episodes", "5", "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert "(5-way 1-shot, 5 episodes" in ev.stdout
+
 
 def test_cli_reports_bad_config_without_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
