@@ -186,8 +186,20 @@ def _show_library_messages() -> None:
         logger.setLevel(logging.INFO)
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, with ``fit``'s ``key=value`` overrides also accepted after its options
+    (``metamtl fit CONFIG --resume RUN/last.pt train.iterations=2000``)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "fit" and not any(e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     _show_library_messages()
     try:
         with silenced(getattr(args, "no_progress", False)):  # every bar, the data layer's too
