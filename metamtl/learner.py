@@ -51,7 +51,8 @@ class MetaLearner:
         algorithm: an :class:`~metamtl.algorithms.Algorithm` or its registered name.
         preprocessing: how raw images become model input (taken from the training dataset by
             the CLI); needed by :meth:`preprocess` and saved with the learner.
-        meta_optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"``; ``meta_lr`` its learning rate.
+        meta_optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"``; ``meta_lr`` its learning rate;
+            ``meta_optimizer_kwargs`` its other settings (e.g. ``{"weight_decay": 0.05}``).
         grad_clip: clip the meta-gradient to this global norm (``None``: no clipping).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``...
         callbacks: callbacks used by every :meth:`fit` call.
