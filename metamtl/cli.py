@@ -70,15 +70,15 @@ def _evaluate(args: argparse.Namespace) -> int:
         learner.compute_feature_mean(built["train"])
         print(f"[metamtl] head {used.name!r} centres features: mean feature of the training split computed")
     first = cfg.eval.settings[0]  # without --ways/--shots: the setting the run evaluated first
+    setting = {"ways": _given(args.ways, first.ways), "shots": _given(args.shots, first.shots),
+               "queries": _given(args.queries, cfg.eval.queries)}
     hierarchy = first.hierarchy if args.ways is None and args.shots is None else None
     out = {}
     for label, source in (tasks.items() if isinstance(tasks, dict) else [(None, tasks)]):
-        if hierarchy is not None and hasattr(source, "with_settings"):
-            source = source.with_settings(hierarchy=hierarchy)
+        if hierarchy is not None and hasattr(source, "with_settings"):  # episodes within one superclass
+            source = source.with_settings(**setting, hierarchy=hierarchy)
         result = learner.evaluate(
-            source, args.episodes,
-            ways=_given(args.ways, first.ways), shots=_given(args.shots, first.shots),
-            queries=_given(args.queries, cfg.eval.queries), steps=args.steps, progress=not args.no_progress,
+            source, args.episodes, **setting, steps=args.steps, progress=not args.no_progress,
             support_augment=support_augment, head=head,
         ) if learner.task == "classification" else learner.evaluate(source, args.episodes, steps=args.steps)
         where = f"{label} " if label else ""
