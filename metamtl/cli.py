@@ -52,10 +52,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     if head is not None:
         build_head(head)  # a bad --head fails here, before the checkpoint and data are loaded
     members = [MetaLearner.load(path, device=args.device) for path in args.checkpoints]
-    learner, first = members[0], args.checkpoints[0]
+    learner = members[0]
     saved = learner.metadata.get("config")
     if saved is None:
-        raise MetamtlError(f"{first} has no data config; evaluate it from Python with MetaLearner.evaluate")
+        raise MetamtlError(f"{args.checkpoints[0]} has no data config; evaluate it from Python with MetaLearner.evaluate")
     check_same_data(members, args.checkpoints)
     for data in [saved["data"], *saved.get("datasets", [])]:  # several for multi-dataset learners
         if args.data_root:
@@ -72,18 +72,21 @@ def _evaluate(args: argparse.Namespace) -> int:
         if used is not None and used.center and not member.feature_means:
             member.compute_feature_mean(built["train"])
             print(f"[metamtl] head {used.name!r} centres features: mean feature of the training split computed")
-    defaults = learner.task_defaults
     if len(members) > 1:
         from .ensemble import Ensemble
 
         learner = Ensemble(members)
         print(f"[metamtl] {learner}: class probabilities averaged")
+    first = cfg.eval.settings[0]  # without --ways/--shots: the setting the run evaluated first
+    setting = {"ways": _given(args.ways, first.ways), "shots": _given(args.shots, first.shots),
+               "queries": _given(args.queries, cfg.eval.queries)}
+    hierarchy = first.hierarchy if args.ways is None and args.shots is None else None
     out = {}
     for label, source in (tasks.items() if isinstance(tasks, dict) else [(None, tasks)]):
+        if hierarchy is not None and hasattr(source, "with_settings"):  # episodes within one superclass
+            source = source.with_settings(**setting, hierarchy=hierarchy)
         result = learner.evaluate(
-            source, args.episodes,
-            ways=_given(args.ways, defaults.get("ways")), shots=_given(args.shots, defaults.get("shots")),
-            queries=_given(args.queries, defaults.get("queries")), steps=args.steps, progress=not args.no_progress,
+            source, args.episodes, **setting, steps=args.steps, progress=not args.no_progress,
             support_augment=support_augment, head=head,
         ) if learner.task == "classification" else learner.evaluate(source, args.episodes, steps=args.steps)
         where = f"{label} " if label else ""
@@ -163,11 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluate a saved learner (or an ensemble of several) on held-out tasks")
     e.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
                    help="a saved learner; several: an ensemble averaging their class probabilities, "
-                        "evaluated on the first one's data and splits")
-    e.add_argument("--episodes", type=int, default=600)
-    e.add_argument("--ways", type=int)
-    e.add_argument("--shots", type=int)
-    e.add_argument("--queries", type=int)
+                        "evaluated on the first one's data, splits and settings")
+    e.add_argument("--episodes", type=int, default=600, help="test episodes (default: 600)")
+    e.add_argument("--ways", type=int, help="classes per episode (default: the first of the run config's "
+                   "eval.settings; with neither --ways nor --shots, that setting's hierarchy too)")
+    e.add_argument("--shots", type=int, help="support images per class (default: as --ways)")
+    e.add_argument("--queries", type=int, help="query images per class (default: the run config's eval.queries)")
     e.add_argument("--steps", type=int, help="inner steps at evaluation")
     e.add_argument("--split", help="split to evaluate (default: 'test'; each dataset's configured test split "
                    "for multi-dataset learners)")
@@ -208,8 +212,20 @@ def _show_library_messages() -> None:
         logger.setLevel(logging.INFO)
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, with ``fit``'s ``key=value`` overrides also accepted after its options
+    (``metamtl fit CONFIG --resume RUN/last.pt train.iterations=2000``)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "fit" and not any(e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     _show_library_messages()
     try:
         with silenced(getattr(args, "no_progress", False)):  # every bar, the data layer's too

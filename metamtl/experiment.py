@@ -101,8 +101,24 @@ def build_tasks(cfg: Config) -> dict[str, Any]:
                                 seed=t.seed, augment=train_augment(d))
     }
     out["val"] = _held_out(load_split(cfg, d.val_split), cfg, t.val_seed, t.queries, t.hierarchy) if d.val_split else None
-    out["test"] = _held_out(load_split(cfg, d.test_split), cfg, t.test_seed, cfg.eval.queries) if d.test_split else None
+    out["test"] = build_test_tasks(cfg)
     return out
+
+
+def build_test_tasks(cfg: Config) -> Any:
+    """The held-out test tasks of :func:`build_tasks` (``None`` without a test split) alone, without
+    loading the training data: what a staged run checks before its first stage trains."""
+    if is_regression(cfg):
+        from .tasks.sinusoid import Sinusoid
+
+        return Sinusoid(shots=cfg.tasks.shots, queries=cfg.eval.queries, seed=cfg.tasks.test_seed)
+    t = cfg.tasks
+    if cfg.datasets:
+        return {d.label or d.name: EpisodeSampler(load_split(cfg, d.test_split, data=d), t.ways, t.shots,
+                                                  cfg.eval.queries, seed=t.test_seed, name=d.label or d.name)
+                for d in cfg.datasets if d.test_split} or None
+    d = cfg.data
+    return _held_out(load_split(cfg, d.test_split), cfg, t.test_seed, cfg.eval.queries) if d.test_split else None
 
 
 def _held_out(dataset: ClassDataset, cfg: Config, seed: int, queries: int, hierarchy: Any = None) -> EpisodeSampler:
@@ -498,6 +514,7 @@ def run_stages(cfg: Config, resume: str | Path | None = None, progress: bool = T
     from .config import stage_configs
 
     stages = stage_configs(cfg)
+    check_eval_settings(stages[-1][1], build_test_tasks(stages[-1][1]))  # the last stage's test split, before any stage trains
     init, done, history = cfg.init_from, [], []
     for i, (name, scfg) in enumerate(stages):
         last = i == len(stages) - 1

@@ -176,9 +176,9 @@ class MetaStep:
     update that makes weights non-finite raises :class:`TrainingError` naming the iteration.
 
     Args:
-        learner: whose model, algorithm, meta-optimizer, placement and run state are used.
-        max_bad_steps: consecutive non-finite meta-gradients tolerated before :class:`TrainingError`.
-        grad_clip: clip the meta-gradient to this global norm (``None``: no clipping).
+        learner: whose model, algorithm, meta-optimizer, placement and run state are used, and
+            whose ``max_bad_steps`` (consecutive non-finite meta-gradients tolerated before
+            :class:`TrainingError`) and ``grad_clip`` (global-norm clipping; ``None``: none) apply.
         after_backward: called once ``.grad`` holds the (averaged) meta-gradient.
     """
 

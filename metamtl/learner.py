@@ -51,14 +51,14 @@ class MetaLearner:
         algorithm: an :class:`~metamtl.algorithms.Algorithm` or its registered name.
         preprocessing: how raw images become model input (taken from the training dataset by
             the CLI); needed by :meth:`preprocess` and saved with the learner.
-        meta_optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"``; ``meta_lr`` its learning rate.
+        meta_optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"``; ``meta_lr``, ``meta_optimizer_kwargs``: its settings.
         grad_clip: clip the meta-gradient to this global norm (``None``: no clipping).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``...
         callbacks: callbacks used by every :meth:`fit` call.
         max_bad_steps: consecutive non-finite meta-gradients tolerated (each skipped with a
             warning) before :meth:`fit` stops with :class:`~metamtl.errors.TrainingError`.
         task: ``"classification"`` or ``"regression"``.
-        task_defaults: the ways/shots/queries it was trained for (used by ``metamtl evaluate``).
+        task_defaults: the ways/shots/queries it was trained with (saved; not evaluate's defaults).
         metadata: free-form, JSON-like information saved with the learner (e.g. data config).
         precision: ``"fp32"``, ``"bf16"`` (autocast; weights, optimizer state, gradients stay float32)
             or ``"auto"`` (bf16 where the device has it natively: :func:`~metamtl.placement.native_bf16`).

@@ -1,7 +1,7 @@
 """Prototypical Networks (Snell et al. 2017): the metric-learning baseline, no inner loop."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,10 +39,15 @@ class Prototypes:
         self.algorithm, self.support_x = algorithm, support_x
         self.prototypes = class_means(self.problem.inputs[0], support_y, ways)  # [ways, D]
 
-    def __call__(self, x: torch.Tensor, updates: int | None = None) -> torch.Tensor:
-        feats = self.problem.features(x.unsqueeze(0))[0][0]
+    def forward(self, x: torch.Tensor, updates: int | None = None, taps: Sequence[str] = ()) -> tuple[torch.Tensor, dict]:
+        """``(logits, tapped features)`` of ``x``, as :meth:`metamtl.adaptation.Adapted.forward` (so a
+        ProtoNet learner can be a distillation teacher); ``taps`` name trunk layers (``trunk.blocks.2``)."""
+        feats, tapped = self.problem.features(x.unsqueeze(0), taps)
         alg = self.algorithm
-        return prototype_logits(feats, self.prototypes, alg.distance, alg.logit_scale)
+        return prototype_logits(feats[0], self.prototypes, alg.distance, alg.logit_scale), tapped
+
+    def __call__(self, x: torch.Tensor, updates: int | None = None) -> torch.Tensor:
+        return self.forward(x, updates)[0]
 
 
 class ProtoNet(Algorithm):

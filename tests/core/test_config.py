@@ -49,3 +49,16 @@ def test_overrides_parse_yaml_values():
     assert data == {"train": {"iterations": 7}, "data": {"sources": ["a", "b"], "root": "/x"}}
     with pytest.raises(ConfigError, match="key.subkey=value"):
         apply_overrides({}, ["train.iterations"])
+
+
+def test_fit_overrides_may_follow_the_options():
+    """``metamtl fit CONFIG --resume RUN/last.pt train.iterations=2000`` keeps the overrides (argparse
+    alone refused overrides after an option as unrecognized arguments)."""
+    from metamtl.cli import parse_args
+
+    args = parse_args(["fit", "c.yaml", "a.b=1", "--overwrite", "c=2", "--resume", "r/last.pt", "d=[1, 2]"])
+    assert args.overrides == ["a.b=1", "c=2", "d=[1, 2]"] and args.overwrite and args.resume == "r/last.pt"
+    assert parse_args(["fit", "c.yaml"]).overrides == []
+    for argv in (["fit", "c.yaml", "--bogus"], ["evaluate", "x.pt", "--bogus"]):
+        with pytest.raises(SystemExit):
+            parse_args(argv)

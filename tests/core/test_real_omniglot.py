@@ -57,6 +57,14 @@ def test_cli_fit_then_evaluate_end_to_end(tmp_path, data_root):
     both = json.loads((tmp_path / "ens.json").read_text())
     assert both["per_episode_accuracy"] == pytest.approx(single["per_episode_accuracy"])
 
+    # no --ways/--shots: the setting the run evaluated (5-way 1-shot), not its 60-way training episodes
+    ev = subprocess.run(
+        [sys.executable, "-m", "metamtl", "evaluate", str(run_dir / "learner.pt"), "--episodes", "5", "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert "(5-way 1-shot, 5 episodes" in ev.stdout
+
 
 def test_cli_reports_bad_config_without_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
@@ -78,3 +86,26 @@ def test_short_real_training_is_well_above_chance(data_root):
     learner.fit(EpisodeSampler(train, 5, 1, 5, seed=0), iterations=40, meta_batch_size=8, progress=False)
     result = learner.evaluate(EpisodeSampler(test, 5, 1, 5, seed=1), 100, progress=False)
     assert result.accuracy - result.ci95 > 0.6, result  # chance is 0.2
+
+
+def test_cli_evaluate_defaults_to_the_first_eval_setting_with_its_hierarchy(tmp_path, data_root, monkeypatch):
+    """Without --ways/--shots, `metamtl evaluate` evaluates the run's first eval.settings entry: for the
+    held-out-alphabets config, 20-way 1-shot episodes within one alphabet (its 60-way training episodes
+    cannot even be drawn from the 82 test characters within one alphabet)."""
+    from metamtl.cli import main
+    from metamtl.config import load_config
+    from metamtl.experiment import build_learner, build_tasks
+
+    monkeypatch.setenv("METAMTL_DATA", str(data_root))
+    cfg = load_config(REPO / "configs" / "benchmarks" / "omniglot_20w1s_alphabet.yaml",
+                      ["model.hidden=4", f"output_dir={tmp_path}"])
+    learner = build_learner(cfg, build_tasks(cfg)["train"])
+    learner.save(tmp_path / "learner.pt")
+    out = tmp_path / "ev.json"
+    assert main(["evaluate", str(tmp_path / "learner.pt"), "--episodes", "2", "--no-progress", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert (result["ways"], result["shots"], result["queries"], result["hierarchy"]) == (20, 1, 15, 1)
+    assert main(["evaluate", str(tmp_path / "learner.pt"), "--episodes", "2", "--ways", "5", "--no-progress",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert (result["ways"], result["shots"], result["hierarchy"]) == (5, 1, None)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from metamtl import MetaLearner
 from metamtl.config import config_from_dict, stage_configs
-from metamtl.errors import CheckpointError, ConfigError
+from metamtl.errors import CheckpointError, ConfigError, MetamtlError
 from metamtl.experiment import run
 from metamtl.models import build_model
 
@@ -129,3 +129,17 @@ def test_cosine_protonet_logits_and_learned_scale(tmp_path):
     assert "scale" not in build_algorithm("protonet").state_dict()  # euclidean checkpoints unchanged
     with pytest.raises(ConfigError, match="unknown protonet distance 'cos'"):
         build_algorithm("protonet", distance="cos")
+
+
+@pytest.mark.parametrize("change, error", [
+    ({"eval": {"episodes": 3, "queries": 2, "settings": [{"ways": 9, "shots": 1}]}}, "eval.settings"),
+    ({"data": {"test_split": "missing"}}, "missing"),
+])
+def test_last_stage_test_split_is_checked_before_the_first_stage_trains(tmp_path, change, error):
+    """A test split the last stage cannot evaluate on fails at once, not after the earlier stages trained."""
+    cfg_dict = staged(tmp_path)
+    cfg_dict.update({k: {**cfg_dict[k], **v} for k, v in change.items()})
+    cfg = config_from_dict(cfg_dict)
+    with pytest.raises(MetamtlError, match=error):
+        run(cfg, progress=False, quiet=True)
+    assert not (tmp_path / "runs" / "staged" / "stages" / "pretrain" / "learner.pt").exists()

@@ -1,6 +1,8 @@
 """Knowledge distillation: loss and gradients against closed forms, teachers, taps, the callback."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -95,6 +97,24 @@ def test_learner_teacher_gives_logits_in_the_episode_label_order(tasks):
                                logits=expected))()
     torch.testing.assert_close(teacher.logits(ctx), expected)
     assert expected.argmax(1).eq(ep.query_y).float().mean() >= 0.5  # meaningful in this label order
+
+
+def test_protonet_learner_teaches_soft_targets_and_features(tasks):
+    """A ProtoNet learner (the demo's method) is a teacher like any other: its prototype logits
+    in the episode's label order, and its trunk's tapped features (README's distillation example)."""
+    torch.manual_seed(3)
+    teacher_learner = MetaLearner(conv(8, seed=3), build_algorithm("protonet"), preprocessing=PREP, device="cpu")
+    teacher = LearnerTeacher(teacher_learner)
+    ep = tasks.episode(7).to("cpu")
+    expected = teacher_learner.predict(ep.support_x, ep.support_y, ep.query_x)
+    ctx = type("Ctx", (), dict(inputs=ep.query_x, support_x=ep.support_x, support_y=ep.support_y, ways=3,
+                               logits=expected))()
+    torch.testing.assert_close(teacher.logits(ctx), expected)
+    student = learner()
+    kd = Distillation(SoftTargets(teacher, temperature=4.0, phases=("support", "query")),
+                      FeatureDistillation(teacher, "trunk.blocks.1", "trunk.blocks.1"))
+    student.fit(tasks, iterations=2, meta_batch_size=2, progress=False, callbacks=[kd])
+    assert student.fit_state.iteration == 2 and math.isfinite(student.history[-1]["train/loss"])
 
 
 def test_teacher_with_another_number_of_classes_is_a_clear_error(tasks):
