@@ -1,11 +1,11 @@
 """Ensembles: several trained learners answer together by averaging their class probabilities.
 
 Learners trained independently (other seeds, settings or algorithms) err on different queries, so
-the mean of their predicted probabilities is right more often than any one of them: on Omniglot
-two 5-minute ProtoNets gave +0.3-0.5 points 5-way and +1.0-1.4 points 20-way 1-shot over either
-(benchmarks/RESULTS.md).  With a fixed CPU budget an ensemble is a trade: each member gets a share
-of it (e.g. one core each, side by side), so it pays where one model has stopped improving with
-more iterations.
+the mean of their predicted probabilities is right more often than any one of them.  With a fixed
+CPU budget an ensemble is a trade: each member gets a share of it (e.g. one core each, side by
+side), so it pays where one model has stopped improving with more iterations: on Omniglot two
+two-stage learners trained with one thread each reached +0.13 / +0.85 points (5-way / 20-way
+1-shot) over one learner trained on both threads for the same 10 minutes (benchmarks/RESULTS.md).
 
 :class:`Ensemble` has the surfaces of a :class:`~metamtl.MetaLearner` that use a trained model:
 ``predict``, ``adapt``, ``evaluate``, ``save`` and ``load``; ``metamtl evaluate A.pt B.pt ...``
