@@ -100,15 +100,22 @@ def build_tasks(cfg: Config) -> dict[str, Any]:
                                 hierarchy=t.hierarchy,
                                 seed=t.seed, augment=train_augment(d))
     }
-    out["val"] = _held_out(load_split(cfg, d.val_split), cfg, t.val_seed, t.queries, t.hierarchy) if d.val_split else None
-    out["test"] = _held_out(load_split(cfg, d.test_split), cfg, t.test_seed, cfg.eval.queries) if d.test_split else None
+    out["val"] = _held_out(load_split(cfg, d.val_split), cfg, t.val_seed, t.queries, t.hierarchy, "val_split") if d.val_split else None
+    out["test"] = _held_out(load_split(cfg, d.test_split), cfg, t.test_seed, cfg.eval.queries, key="test_split") if d.test_split else None
     return out
 
 
-def _held_out(dataset: ClassDataset, cfg: Config, seed: int, queries: int, hierarchy: Any = None) -> EpisodeSampler:
-    """Validation (or test) episodes: the training episodes' ways and shots, with at most the split's
-    classes (64-class pre-training batches validate as 16-way episodes on 16 validation classes)."""
+def _held_out(dataset: ClassDataset, cfg: Config, seed: int, queries: int, hierarchy: Any = None,
+              key: str = "val_split") -> EpisodeSampler:
+    """Validation (or test, ``key``) episodes: the training episodes' ways and shots, with at most the
+    split's classes (64-class pre-training batches validate as 16-way episodes on 16 validation classes)."""
     t = cfg.tasks
+    if dataset.num_classes == 1:  # a 1-way episode scores 100% whatever the model
+        raise TaskError(
+            f"data.{key} ({getattr(cfg.data, key)!r}) of {dataset.name!r} holds a single class "
+            f"({dataset.class_names[0]}): too few for held-out episodes, which need 2 or more ways; give the "
+            f"split more classes (more class folders, or data.split_fractions) or set data.{key}: null"
+        )
     return EpisodeSampler(dataset, min(t.ways, dataset.num_classes), t.shots, queries, seed=seed, hierarchy=hierarchy)
 
 
