@@ -208,8 +208,20 @@ def _show_library_messages() -> None:
         logger.setLevel(logging.INFO)
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, with ``fit``'s ``key=value`` overrides accepted after options too
+    (``metamtl fit CONFIG --overwrite train.iterations=5``), in the order given."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "command", None) == "fit" and not any(e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     _show_library_messages()
     try:
         with silenced(getattr(args, "no_progress", False)):  # every bar, the data layer's too

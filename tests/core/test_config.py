@@ -49,3 +49,21 @@ def test_overrides_parse_yaml_values():
     assert data == {"train": {"iterations": 7}, "data": {"sources": ["a", "b"], "root": "/x"}}
     with pytest.raises(ConfigError, match="key.subkey=value"):
         apply_overrides({}, ["train.iterations"])
+
+
+def test_cli_overrides_may_follow_options(tmp_path, capsys):
+    """``metamtl fit CONFIG --overwrite key=value``: overrides after an option are overrides, in order,
+    not an argparse "unrecognized arguments" error; unknown options still are."""
+    from metamtl.cli import main, parse_args
+
+    args = parse_args(["fit", "c.yaml", "a.b=1", "--overwrite", "--resume", "r.pt", "c.d=2", "a.b=3"])
+    assert args.overrides == ["a.b=1", "c.d=2", "a.b=3"] and args.overwrite and args.resume == "r.pt"
+    assert parse_args(["fit", "--no-progress", "c.yaml", "x=1"]).overrides == ["x=1"]
+    with pytest.raises(SystemExit):
+        parse_args(["fit", "c.yaml", "--bogus", "x=1"])
+    assert "unrecognized arguments: --bogus x=1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["evaluate", "learner.pt", "x=1"])
+    (tmp_path / "c.yaml").write_text("name: x\n")
+    assert main(["fit", str(tmp_path / "c.yaml"), "--no-progress", "tasks.ways=five"]) == 2
+    assert "config.tasks.ways: expected an integer, got 'five'" in capsys.readouterr().err
