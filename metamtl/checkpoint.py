@@ -77,6 +77,9 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     disk full, file size limit); then no file was replaced and no temporary file is left.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"cannot write checkpoint {path}: it is a folder; give a file path such as "
+                              f"{path / 'learner.pt'}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # O_EXCL: never reuse a file; mode 0o666 so the umask applies as for any other file

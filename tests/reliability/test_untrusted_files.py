@@ -124,6 +124,21 @@ def test_damaged_or_foreign_checkpoints_are_refused_with_the_reason(good, damage
         MetaLearner.load(path)
 
 
+def test_a_bad_device_or_a_folder_path_is_blamed_on_the_argument_not_the_checkpoint(good, tmp_path, capsys):
+    path, _ = good
+    from metamtl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="^unknown device 'gpu'; use 'auto', 'cpu', 'cuda' or 'cuda:N'$"):
+        MetaLearner.load(path, device="gpu")  # was: "does not match this metamtl version's models"
+    assert main(["evaluate", str(path), "--device", "gpu", "--no-progress"]) == 2
+    assert "error: unknown device 'gpu'" in capsys.readouterr().err
+    learner = MetaLearner.load(path)
+    with pytest.raises(CheckpointError, match=f"cannot write checkpoint {tmp_path}: it is a folder; give a file path "
+                                              f"such as {tmp_path / 'learner.pt'}"):
+        learner.save(tmp_path)  # was: "Is a directory ... the previous checkpoint there is intact; free disk space"
+    assert path.exists() and MetaLearner.load(path).iteration == learner.iteration
+
+
 def test_loading_into_another_model_lists_the_differences(good):
     path, _ = good
     from metamtl.models import build_model
