@@ -58,6 +58,8 @@ def load_split(cfg: Config, split: str, rotations: list[int] | None = None,
             kwargs[key] = tuple(value) if isinstance(value, list) else value
     if d.download:
         kwargs["download"] = True
+    if d.follow_outside_links:
+        kwargs["follow_outside_links"] = True
     if rotations:
         kwargs["rotations"] = tuple(rotations)
     return load_dataset(d.name, split=split, root=data_root(cfg, d), **kwargs)

@@ -261,6 +261,37 @@ def test_links_leading_outside_the_root_are_not_followed_unless_asked(tmp_path):
     assert followed.class_names == ["a", "b"] and len(followed) == 4
 
 
+def test_a_folder_whose_classes_are_all_links_out_says_so_and_the_config_can_follow_them(tmp_path, capsys):
+    """Class folders symlinked from elsewhere (a common way to assemble a dataset): the error named
+    only the 57 image extensions, as if the folder were empty, and configs could not follow links."""
+    from metamtl.cli import main
+    from metamtl.data import load_dataset
+
+    outside = tmp_path / "store"
+    for c in range(10):
+        for i in range(3):
+            save(outside / f"c{c}" / f"{i}.png", ramp(offset=10 * c + i))
+    root = tmp_path / "data"
+    root.mkdir()
+    for c in range(10):
+        os.symlink(outside / f"c{c}", root / f"c{c}")
+    with pytest.raises(DataError, match=r"^no images \(files in any format PIL reads\) under .*data; expected one sub-folder of "
+                                        r"images per class; skipped 10 file\(s\): 10 link\(s\) leading outside the folder "
+                                        r"\(c0, c1, c2, \.\.\.\); to read them pass follow_outside_links=True "
+                                        r"\(config: data.follow_outside_links: true\)$"):
+        load(root)
+    assert load_dataset("folder", "all", root, follow_outside_links=True, cache_dir=False).num_classes == 10
+    config = tmp_path / "c.yaml"
+    config.write_text(f"name: links\noutput_dir: {tmp_path / 'runs'}\ndata: {{name: folder, root: {root}, cache_dir: {tmp_path / 'cache'},"
+                      " val_split: null}\ntasks: {ways: 2, shots: 1, queries: 1}\nmodel: {name: conv4, hidden: 4, blocks: 2}\n"
+                      "algorithm: {name: protonet}\ntrain: {iterations: 1, meta_batch_size: 1, device: cpu}\n"
+                      "eval: {episodes: 2, queries: 1, settings: [{ways: 2, shots: 1}]}\nlogging: {report: false}\n")
+    assert main(["fit", str(config), "--no-progress"]) == 2
+    assert "to read them pass follow_outside_links=True" in capsys.readouterr().err
+    assert main(["fit", str(config), "--no-progress", "data.follow_outside_links=true"]) == 0
+    assert (tmp_path / "runs" / "links" / "learner.pt").is_file()
+
+
 def test_csv_names_leading_outside_the_image_root_are_refused(tmp_path):
     save(tmp_path / "secret.png", ramp(offset=1))
     save(tmp_path / "images" / "0.png", ramp(offset=2))
