@@ -53,7 +53,8 @@ def test_overrides_parse_yaml_values():
 
 def test_cli_overrides_may_follow_options(tmp_path, capsys):
     """``metamtl fit CONFIG --overwrite key=value``: overrides after an option are overrides, in order,
-    not an argparse "unrecognized arguments" error; unknown options still are."""
+    not an argparse "unrecognized arguments" error (so are evaluate's checkpoints and report's run
+    folders); unknown options still are."""
     from metamtl.cli import main, parse_args
 
     args = parse_args(["fit", "c.yaml", "a.b=1", "--overwrite", "--resume", "r.pt", "c.d=2", "a.b=3"])
@@ -62,8 +63,10 @@ def test_cli_overrides_may_follow_options(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["fit", "c.yaml", "--bogus", "x=1"])
     assert "unrecognized arguments: --bogus x=1" in capsys.readouterr().err
+    assert parse_args(["evaluate", "a.pt", "--ways", "5", "b.pt"]).checkpoints == ["a.pt", "b.pt"]
+    assert parse_args(["report", "r1", "--embed", "r2"]).run_dirs == ["r1", "r2"]
     with pytest.raises(SystemExit):
-        parse_args(["evaluate", "learner.pt", "x=1"])
+        parse_args(["evaluate", "learner.pt", "--ways", "5", "--bogus"])
     (tmp_path / "c.yaml").write_text("name: x\n")
     assert main(["fit", str(tmp_path / "c.yaml"), "--no-progress", "tasks.ways=five"]) == 2
     assert "config.tasks.ways: expected an integer, got 'five'" in capsys.readouterr().err
