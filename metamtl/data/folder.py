@@ -528,6 +528,14 @@ def read_class_csv(data: bytes, where: str, filename_column: str, label_column: 
     return filenames, labels
 
 
+def _posix_separators(tree: Tree, path: str) -> str:
+    """``path`` with Windows separators (``train\\cat\\1.jpg``, from a CSV written on Windows) read as
+    ``/`` when no file has the name as written (``\\`` is an ordinary character in POSIX file names)."""
+    if "\\" not in path or tree.exists(path):
+        return path
+    return path.replace("\\", "/")
+
+
 class DuplicateRowsWarning(UserWarning):
     """A CSV file listed the same image more than once; the repeats were dropped."""
 
@@ -588,7 +596,7 @@ class CSVClassDataset(ClassDataset):
     ) -> None:
         """Decode the images listed in ``csv_data`` from ``image_dir`` of ``tree`` into ``self``."""
         filenames, labels = read_class_csv(csv_data, csv_where, filename_column, label_column)
-        paths = [posixpath.join(image_dir, f) for f in filenames]
+        paths = [_posix_separators(tree, posixpath.join(image_dir, f)) for f in filenames]
         missing = [p for p in paths if not tree.exists(p)]
         if missing:
             raise DataNotFoundError(

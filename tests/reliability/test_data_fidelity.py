@@ -292,6 +292,24 @@ def test_a_folder_whose_classes_are_all_links_out_says_so_and_the_config_can_fol
     assert (tmp_path / "runs" / "links" / "learner.pt").is_file()
 
 
+def test_a_csv_written_on_windows_with_backslashes_is_read(tmp_path):
+    """``train\\cat\\0.png`` rows (CRLF lines too) name the files under train/cat/; a backslash that
+    is part of an existing file's name is kept; ``..\\`` is still refused."""
+    for c in ("cat", "dog"):
+        for i in range(2):
+            save(tmp_path / "img" / "train" / c / f"{i}.png", ramp(offset=10 * (c == "dog") + i))
+    save(tmp_path / "img" / "odd\\name.png", ramp(offset=30))
+    save(tmp_path / "secret.png", ramp(offset=40))
+    rows = [f"train\\{c}\\{i}.png,{c}" for c in ("cat", "dog") for i in range(2)] + ["odd\\name.png,odd"]
+    (tmp_path / "l.csv").write_bytes(("filename,label\r\n" + "\r\n".join(rows) + "\r\n").encode())
+    ds = CSVClassDataset(tmp_path / "l.csv", tmp_path / "img", cache_dir=False)
+    assert ds.class_counts.tolist() == [2, 2, 1]
+    assert ds.sources[0].endswith("img/train/cat/0.png") and ds.sources[-1].endswith("img/odd\\name.png")
+    (tmp_path / "up.csv").write_text("filename,label\n..\\secret.png,a\n")
+    with pytest.raises(DataError, match=r"secret\.png leads outside the dataset folder"):
+        CSVClassDataset(tmp_path / "up.csv", tmp_path / "img", cache_dir=False)
+
+
 def test_csv_names_leading_outside_the_image_root_are_refused(tmp_path):
     save(tmp_path / "secret.png", ramp(offset=1))
     save(tmp_path / "images" / "0.png", ramp(offset=2))
