@@ -108,6 +108,9 @@ class DirectoryTree:
 
     def __init__(self, root: str | os.PathLike, follow_outside_links: bool = False) -> None:
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise DataNotFoundError(f"{self.root} is a file, not a folder: give the folder that holds the images "
+                                    "(one sub-folder per class for a folder dataset)")
         if not self.root.is_dir():
             raise DataNotFoundError(f"folder {self.root} does not exist")
         self.real_root = self.root.resolve()
@@ -267,6 +270,8 @@ def _open_image(tree: Tree, rel: str, size: tuple[int, int] | None = None, load:
     from PIL import Image
 
     data = tree.read(rel)
+    if not data:
+        raise DataError(f"image {tree.describe(rel)} is an empty file (0 bytes): replace or delete it")
     try:
         im = Image.open(io.BytesIO(data))
         if size is not None and im.format == "JPEG":
