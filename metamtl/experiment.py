@@ -291,6 +291,9 @@ def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
     at a time writes it.  Every ``eval.settings`` entry is checked against the test split
     before training (:func:`check_eval_settings`).
     """
+    if resume is not None and not Path(resume).is_file():  # before the run folder is judged or data loaded
+        raise CheckpointError(f"cannot resume: checkpoint {resume} does not exist (a run folder's resumable "
+                              f"checkpoint is {cfg.run_dir / 'last.pt'})")
     if cfg.stages:
         return run_stages(cfg, resume, progress, callbacks, quiet, overwrite)
     main_process = distributed.launch_env().is_main_process
