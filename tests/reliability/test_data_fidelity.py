@@ -332,6 +332,24 @@ def assert_no_leak(ds, shots: int, queries: int, episodes: int = 40) -> None:
         assert not (s[:, None, :] == q[None, :, :]).all(-1).any(), f"episode {i}: a support image is also a query"
 
 
+def test_a_split_folder_missing_beside_others_is_refused_not_drawn_from_them(tmp_path):
+    """root/train/ and root/test/ without root/val/: 'val' used to split root's classes, i.e. draw
+    validation classes from train/ and test/ (training images validated on, test classes selected on)."""
+    from metamtl.data import load_dataset
+    from metamtl.errors import DataNotFoundError
+
+    for split, classes in (("train", range(6)), ("test", range(6, 10))):
+        for c in classes:
+            for i in range(2):
+                save(tmp_path / split / f"c{c}" / f"{i}.png", ramp(offset=10 * c + i))
+    assert load_dataset("folder", "train", tmp_path, cache_dir=False).num_classes == 6
+    with pytest.raises(DataNotFoundError, match=r"has split folders \(train, test\) but no 'val' folder; splitting its "
+                                                r"classes instead would draw 'val' classes from train/, test/ .*: add .*val, "
+                                                r"or leave this split out \(config: data.val_split / data.test_split: null\)"):
+        load_dataset("folder", "val", tmp_path, cache_dir=False)
+    assert load_dataset("folder", "all", tmp_path, cache_dir=False).num_classes == 10
+
+
 def test_duplicate_csv_rows_are_dropped_with_a_warning(tmp_path):
     for i in range(3):
         save(tmp_path / "img" / f"a{i}.png", ramp(offset=i))
