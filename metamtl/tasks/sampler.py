@@ -104,7 +104,7 @@ def _check_fits(dataset: ClassDataset, ways: int, shots: int, queries: int) -> N
         raise TaskError(
             f"{dataset.name!r}: shots + queries = {need} but {dataset.num_classes - len(eligible)} "
             f"class(es) have fewer images, e.g. {', '.join(small)}; lower shots/queries or "
-            f"drop those classes (dataset.subset)"
+            f"drop those classes (move their folders or CSV rows out of the dataset; in Python: dataset.subset)"
         )
     if ways > dataset.num_classes:
         raise TaskError(

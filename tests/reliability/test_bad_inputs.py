@@ -41,7 +41,7 @@ def episode_with(ep: Episode, **changes) -> Episode:
 
 SAMPLER = [
     ("ways-more-than-classes", lambda e: EpisodeSampler(e.ds, ways=13, queries=1), TaskError, r"13-way tasks need 13 classes but 'toy' has only 12; lower ways"),
-    ("shots+queries-more-than-images", lambda e: EpisodeSampler(e.ds, 5, shots=4, queries=3), TaskError, r"shots \+ queries = 7 but 12 class\(es\) have fewer images, e.g. c0 \(6\), .*; lower shots/queries"),
+    ("shots+queries-more-than-images", lambda e: EpisodeSampler(e.ds, 5, shots=4, queries=3), TaskError, r"shots \+ queries = 7 but 12 class\(es\) have fewer images, e.g. c0 \(6\), .*; lower shots/queries or drop those classes \(move their folders or CSV rows out of the dataset; in Python: dataset.subset\)"),
     ("zero-classes", lambda e: EpisodeSampler(e.ds.subset([]), 1, 1, 1), TaskError, r"has no classes; check its root and split"),
     ("ways-zero", lambda e: EpisodeSampler(e.ds, ways=0, queries=1), TaskError, r"ways must be an integer >= 1, got 0"),
     ("ways-one", lambda e: EpisodeSampler(e.ds, ways=1, queries=1), TaskError, r"ways must be >= 2, got 1: a 1-way episode of 'toy' has a single class, so every query is trivially right"),
