@@ -15,6 +15,8 @@ import secrets
 import socket
 import threading
 import time
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -75,6 +77,9 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     disk full, file size limit); then no file was replaced and no temporary file is left.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"cannot write checkpoint {path}: it is a folder; give a file path such as "
+                              f"{path / 'learner.pt'}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # O_EXCL: never reuse a file; mode 0o666 so the umask applies as for any other file
@@ -115,11 +120,39 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
+def _check_crcs(path: Path) -> None:
+    """Refuse a zip checkpoint whose stored bytes no longer match their CRC-32 (bit rot, a bad copy).
+
+    ``torch.load`` does not check them, so a flipped byte in a weight tensor loads silently as a
+    different number.  Members written without a CRC (``torch.serialization.set_crc32_options(False)``
+    stores 0) are not checked.
+    """
+    if not zipfile.is_zipfile(path):
+        return  # not a zip (legacy or foreign format): torch.load says what it is
+    name = ""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if info.CRC == 0 or info.is_dir():
+                    continue
+                name = info.filename
+                with zf.open(info) as member:
+                    while member.read(1 << 24):
+                        pass
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
+        raise CheckpointError(
+            f"{path} is corrupt{f' (member {name})' if name else ''}: {exc}; its bytes changed after it was "
+            "written (a damaged disk or an incomplete copy), so its weights cannot be trusted: copy it again "
+            "or use another checkpoint"
+        ) from exc
+
+
 def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """Load a metamtl checkpoint with ``weights_only=True`` and check its format."""
+    """Load a metamtl checkpoint with ``weights_only=True`` and check its bytes and format."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    _check_crcs(path)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

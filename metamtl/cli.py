@@ -212,13 +212,19 @@ def _show_library_messages() -> None:
         logger.setLevel(logging.INFO)
 
 
+#: each command's list of positional words, which may also follow its options
+_TRAILING = {"fit": "overrides", "evaluate": "checkpoints", "report": "run_dirs"}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The command line, with ``fit``'s ``key=value`` overrides also accepted after its options
-    (``metamtl fit CONFIG --resume RUN/last.pt train.iterations=2000``)."""
+    """The command line, with a command's list of positional words accepted after its options too
+    (``metamtl fit CONFIG --overwrite train.iterations=5``, ``metamtl evaluate A.pt --ways 5 B.pt``),
+    in the order given."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command == "fit" and not any(e.startswith("-") for e in extra):
-        args.overrides = list(args.overrides) + extra
+    where = _TRAILING.get(getattr(args, "command", None))
+    if extra and where and not any(e.startswith("-") for e in extra):
+        setattr(args, where, [*getattr(args, where), *extra])
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args

@@ -45,6 +45,8 @@ class DataConfig:
     #: ``{name: affine, rotation: 10, shear: 0.3, scale: [0.8, 1.2], shift: 2, p: 0.5}``
     #: (characters), or a list of such mappings applied in order
     train_augment: dict | list | None = None
+    #: folder / csv datasets: follow symlinks whose target lies outside the dataset folder
+    follow_outside_links: bool = False
     train_split: str = "train"
     val_split: str | None = "val"
     test_split: str | None = "test"

@@ -58,6 +58,8 @@ def load_split(cfg: Config, split: str, rotations: list[int] | None = None,
             kwargs[key] = tuple(value) if isinstance(value, list) else value
     if d.download:
         kwargs["download"] = True
+    if d.follow_outside_links:
+        kwargs["follow_outside_links"] = True
     if rotations:
         kwargs["rotations"] = tuple(rotations)
     return load_dataset(d.name, split=split, root=data_root(cfg, d), **kwargs)
@@ -100,7 +102,8 @@ def build_tasks(cfg: Config) -> dict[str, Any]:
                                 hierarchy=t.hierarchy,
                                 seed=t.seed, augment=train_augment(d))
     }
-    out["val"] = _held_out(load_split(cfg, d.val_split), cfg, t.val_seed, t.queries, t.hierarchy) if d.val_split else None
+    out["val"] = (_held_out(load_split(cfg, d.val_split), cfg, t.val_seed, t.queries, t.hierarchy, "val_split")
+                  if d.val_split else None)
     out["test"] = build_test_tasks(cfg)
     return out
 
@@ -118,13 +121,22 @@ def build_test_tasks(cfg: Config) -> Any:
                                                   cfg.eval.queries, seed=t.test_seed, name=d.label or d.name)
                 for d in cfg.datasets if d.test_split} or None
     d = cfg.data
-    return _held_out(load_split(cfg, d.test_split), cfg, t.test_seed, cfg.eval.queries) if d.test_split else None
+    if not d.test_split:
+        return None
+    return _held_out(load_split(cfg, d.test_split), cfg, t.test_seed, cfg.eval.queries, key="test_split")
 
 
-def _held_out(dataset: ClassDataset, cfg: Config, seed: int, queries: int, hierarchy: Any = None) -> EpisodeSampler:
-    """Validation (or test) episodes: the training episodes' ways and shots, with at most the split's
-    classes (64-class pre-training batches validate as 16-way episodes on 16 validation classes)."""
+def _held_out(dataset: ClassDataset, cfg: Config, seed: int, queries: int, hierarchy: Any = None,
+              key: str = "val_split") -> EpisodeSampler:
+    """Validation (or test, ``key``) episodes: the training episodes' ways and shots, with at most the
+    split's classes (64-class pre-training batches validate as 16-way episodes on 16 validation classes)."""
     t = cfg.tasks
+    if dataset.num_classes == 1:  # a 1-way episode scores 100% whatever the model
+        raise TaskError(
+            f"data.{key} ({getattr(cfg.data, key)!r}) of {dataset.name!r} holds a single class "
+            f"({dataset.class_names[0]}): too few for held-out episodes, which need 2 or more ways; give the "
+            f"split more classes (more class folders, or data.split_fractions) or set data.{key}: null"
+        )
     return EpisodeSampler(dataset, min(t.ways, dataset.num_classes), t.shots, queries, seed=seed, hierarchy=hierarchy)
 
 
@@ -298,6 +310,9 @@ def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
     at a time writes it.  Every ``eval.settings`` entry is checked against the test split
     before training (:func:`check_eval_settings`).
     """
+    if resume is not None and not Path(resume).is_file():  # before the run folder is judged or data loaded
+        raise CheckpointError(f"cannot resume: checkpoint {resume} does not exist (a run folder's resumable "
+                              f"checkpoint is {cfg.run_dir / 'last.pt'})")
     if cfg.stages:
         return run_stages(cfg, resume, progress, callbacks, quiet, overwrite)
     main_process = distributed.launch_env().is_main_process

@@ -27,6 +27,7 @@ from .errors import CheckpointError, MetamtlError
 from .inference import InferenceSettings
 from .models.backbones import TrunkHead
 from .models.registry import build_model
+from .placement import resolve_device
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -231,6 +232,7 @@ def learner_from_state(cls: type["MetaLearner"], obj: dict[str, Any], path: Any,
                               "metamtl.ensemble.Ensemble.load")
     require(obj, path, "config", "model_state", "algorithm_state")
     cfg = obj["config"]
+    resolve_device(device)  # a bad device is the caller's mistake, not the checkpoint's: say so first
     try:
         if model is None:
             model = build_model(**cfg["model"])

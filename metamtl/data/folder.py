@@ -58,16 +58,27 @@ class SkippedFilesWarning(UserWarning):
     """Files under a dataset folder were not read (not images, or links leaving the folder)."""
 
 
-def report_skipped(name: str, skipped: Sequence[tuple[str, str]]) -> None:
-    """One warning line summarising the files a dataset did not read, grouped by reason."""
-    if not skipped:
-        return
+#: the reason :class:`DirectoryTree` gives for a link it did not follow out of the dataset folder
+OUTSIDE_LINKS = "link(s) leading outside the folder"
+
+
+def skipped_summary(skipped: Sequence[tuple[str, str]]) -> str:
+    """``skipped N file(s): ...``, grouped by reason with a few names each (and how to follow links out)."""
     groups: dict[str, list[str]] = collections.defaultdict(list)
     for rel, reason in skipped:
         groups[reason].append(rel)
     parts = [f"{len(rels)} {reason} ({', '.join(rels[:3])}{', ...' if len(rels) > 3 else ''})"
              for reason, rels in groups.items()]
-    warnings.warn(f"{name}: skipped {len(skipped)} file(s): {'; '.join(parts)}", SkippedFilesWarning, stacklevel=3)
+    hint = ("; to read them pass follow_outside_links=True (config: data.follow_outside_links: true)"
+            if OUTSIDE_LINKS in groups else "")
+    return f"skipped {len(skipped)} file(s): {'; '.join(parts)}{hint}"
+
+
+def report_skipped(name: str, skipped: Sequence[tuple[str, str]]) -> None:
+    """One warning line summarising the files a dataset did not read, grouped by reason."""
+    if not skipped:
+        return
+    warnings.warn(f"{name}: {skipped_summary(skipped)}", SkippedFilesWarning, stacklevel=3)
 
 
 def resolve_root(root: str | os.PathLike | None, what: str) -> Path:
@@ -97,6 +108,9 @@ class DirectoryTree:
 
     def __init__(self, root: str | os.PathLike, follow_outside_links: bool = False) -> None:
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise DataNotFoundError(f"{self.root} is a file, not a folder: give the folder that holds the images "
+                                    "(one sub-folder per class for a folder dataset)")
         if not self.root.is_dir():
             raise DataNotFoundError(f"folder {self.root} does not exist")
         self.real_root = self.root.resolve()
@@ -136,7 +150,7 @@ class DirectoryTree:
                     if entry.is_symlink():
                         real = os.path.realpath(entry.path)
                         if not self._inside(real) and not self.follow_outside_links:
-                            self.skipped.append((child, "link(s) leading outside the folder"))
+                            self.skipped.append((child, OUTSIDE_LINKS))
                             continue
                     st = os.stat(entry.path)  # follows links
                 except OSError:
@@ -158,7 +172,7 @@ class DirectoryTree:
         if not self.follow_outside_links and not self._inside(os.path.realpath(path)):
             raise DataError(
                 f"{path} leads outside the dataset folder {self.root} (via '..', an absolute path or a "
-                "symlink); keep the images inside it or pass follow_outside_links=True"
+                "symlink); keep the images inside it or pass follow_outside_links=True (config: data.follow_outside_links: true)"
             )
         return path
 
@@ -256,6 +270,8 @@ def _open_image(tree: Tree, rel: str, size: tuple[int, int] | None = None, load:
     from PIL import Image
 
     data = tree.read(rel)
+    if not data:
+        raise DataError(f"image {tree.describe(rel)} is an empty file (0 bytes): replace or delete it")
     try:
         im = Image.open(io.BytesIO(data))
         if size is not None and im.format == "JPEG":
@@ -402,9 +418,10 @@ def scan_class_folders(tree: Tree, extensions: Sequence[str] | None = None, name
     paths = [p for p in files if p.lower().endswith(exts)]
     skipped = list(tree.skipped) + [(p, "not image file(s)") for p in files if not p.lower().endswith(exts)]
     if not paths:
+        which = "images (files in any format PIL reads)" if extensions is None else f"images with extensions {', '.join(exts)}"
         raise DataError(
-            f"no images with extensions {', '.join(exts)} under {tree.describe('')}; expected one "
-            "sub-folder of images per class"
+            f"no {which} under {tree.describe('')}; expected one sub-folder of images per class"
+            + (f"; {skipped_summary(skipped)}" if skipped else "")
         )
     loose = [p for p in paths if "/" not in p]
     if loose:
@@ -516,6 +533,14 @@ def read_class_csv(data: bytes, where: str, filename_column: str, label_column: 
     return filenames, labels
 
 
+def _posix_separators(tree: Tree, path: str) -> str:
+    """``path`` with Windows separators (``train\\cat\\1.jpg``, from a CSV written on Windows) read as
+    ``/`` when no file has the name as written (``\\`` is an ordinary character in POSIX file names)."""
+    if "\\" not in path or tree.exists(path):
+        return path
+    return path.replace("\\", "/")
+
+
 class DuplicateRowsWarning(UserWarning):
     """A CSV file listed the same image more than once; the repeats were dropped."""
 
@@ -576,7 +601,7 @@ class CSVClassDataset(ClassDataset):
     ) -> None:
         """Decode the images listed in ``csv_data`` from ``image_dir`` of ``tree`` into ``self``."""
         filenames, labels = read_class_csv(csv_data, csv_where, filename_column, label_column)
-        paths = [posixpath.join(image_dir, f) for f in filenames]
+        paths = [_posix_separators(tree, posixpath.join(image_dir, f)) for f in filenames]
         missing = [p for p in paths if not tree.exists(p)]
         if missing:
             raise DataNotFoundError(

@@ -10,11 +10,14 @@ import os
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..errors import ConfigError, unknown_name
+from ..errors import ConfigError, DataNotFoundError, unknown_name
 from .base import ClassDataset, join_classes, split_names
 from .folder import ClassFolder, CSVClassDataset, resolve_root
 from .miniimagenet import MiniImageNet
 from .omniglot import Omniglot
+
+#: split folder names of a folder dataset already split on disk (``root/train/<class>/...``)
+SPLIT_FOLDERS = ("train", "val", "test")
 
 DATASETS = {"omniglot": Omniglot, "miniimagenet": MiniImageNet, "folder": ClassFolder, "csv": CSVClassDataset}
 
@@ -31,9 +34,17 @@ def _split_classes(ds: ClassDataset, split: str, fractions: Sequence[float], see
 
 def _load_folder(split: str, root: Path, split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
                  split_seed: int = 0, **kwargs) -> ClassDataset:
-    """``root/<split>/`` if that folder exists, else ``split`` of ``root``'s classes."""
+    """``root/<split>/`` if that folder exists, else ``split`` of ``root``'s classes (a root with other
+    split folders but not this one is refused: its classes would be drawn from those splits)."""
     if (root / split).is_dir():
         return ClassFolder(root / split, **kwargs)
+    present = [s for s in SPLIT_FOLDERS if (root / s).is_dir()]
+    if present and split != "all":
+        raise DataNotFoundError(
+            f"{root} has split folders ({', '.join(present)}) but no {split!r} folder; splitting its classes "
+            f"instead would draw {split!r} classes from {', '.join(f'{s}/' for s in present)} (the same images in two "
+            f"splits): add {root / split}, or leave this split out (config: data.val_split / data.test_split: null)"
+        )
     return _split_classes(ClassFolder(root, **kwargs), split, split_fractions, split_seed)
 
 

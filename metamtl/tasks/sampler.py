@@ -82,6 +82,37 @@ def check_index(index) -> int:
     raise TaskError(f"episode index must be an integer >= 0, got {index!r}")
 
 
+def _check_fits(dataset: ClassDataset, ways: int, shots: int, queries: int) -> None:
+    """:class:`TaskError` unless ``dataset`` can serve ``ways``-way episodes of ``shots + queries``
+    images per class (and ``ways`` >= 2: a 1-way episode measures nothing)."""
+    if dataset.num_classes == 0:
+        raise TaskError(f"dataset {dataset.name!r} has no classes; check its root and split")
+    if ways < 2:
+        raise TaskError(
+            f"ways must be >= 2, got {ways}: a 1-way episode of {dataset.name!r} has a single class, so "
+            "every query is trivially right (loss 0, accuracy 100%) and nothing is learned or measured; "
+            "use 2 or more ways (a split needs at least 2 classes)"
+        )
+    need = shots + queries
+    limit = min(need, torch.iinfo(torch.long).max)
+    eligible = torch.nonzero(dataset.class_counts >= limit).flatten()
+    if len(eligible) < dataset.num_classes:
+        small = [
+            f"{dataset.class_names[c]} ({int(dataset.class_counts[c])})"
+            for c in torch.nonzero(dataset.class_counts < limit).flatten()[:5].tolist()
+        ]
+        raise TaskError(
+            f"{dataset.name!r}: shots + queries = {need} but {dataset.num_classes - len(eligible)} "
+            f"class(es) have fewer images, e.g. {', '.join(small)}; lower shots/queries or "
+            f"drop those classes (move their folders or CSV rows out of the dataset; in Python: dataset.subset)"
+        )
+    if ways > dataset.num_classes:
+        raise TaskError(
+            f"{ways}-way tasks need {ways} classes but {dataset.name!r} has only "
+            f"{dataset.num_classes}; lower ways or use a larger split"
+        )
+
+
 class EpisodeSampler(Dataset):
     """N-way K-shot episodes from a class-indexed dataset.
 
@@ -135,26 +166,7 @@ class EpisodeSampler(Dataset):
         self.augment = build_augment(augment)
         if self.augment is not None and dataset.images.dim() != 4:
             raise TaskError(f"augment needs an image dataset; {dataset.name!r} stores shape {list(dataset.images.shape[1:])}")
-        if dataset.num_classes == 0:
-            raise TaskError(f"dataset {dataset.name!r} has no classes; check its root and split")
-        need = self.shots + self.queries
-        limit = min(need, torch.iinfo(torch.long).max)
-        eligible = torch.nonzero(dataset.class_counts >= limit).flatten()
-        if len(eligible) < dataset.num_classes:
-            small = [
-                f"{dataset.class_names[c]} ({int(dataset.class_counts[c])})"
-                for c in torch.nonzero(dataset.class_counts < limit).flatten()[:5].tolist()
-            ]
-            raise TaskError(
-                f"{dataset.name!r}: shots + queries = {need} but {dataset.num_classes - len(eligible)} "
-                f"class(es) have fewer images, e.g. {', '.join(small)}; lower shots/queries or "
-                f"drop those classes (dataset.subset)"
-            )
-        if self.ways > dataset.num_classes:
-            raise TaskError(
-                f"{self.ways}-way tasks need {self.ways} classes but {dataset.name!r} has only "
-                f"{dataset.num_classes}; lower ways or use a larger split"
-            )
+        _check_fits(dataset, self.ways, self.shots, self.queries)
         self._max_count = int(dataset.class_counts.max())
         # Per-episode constants, computed once (episodes get clones): with equal class sizes no
         # padding mask is needed; the random draws are the same either way.

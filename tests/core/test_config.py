@@ -51,14 +51,22 @@ def test_overrides_parse_yaml_values():
         apply_overrides({}, ["train.iterations"])
 
 
-def test_fit_overrides_may_follow_the_options():
-    """``metamtl fit CONFIG --resume RUN/last.pt train.iterations=2000`` keeps the overrides (argparse
-    alone refused overrides after an option as unrecognized arguments)."""
-    from metamtl.cli import parse_args
+def test_cli_overrides_may_follow_options(tmp_path, capsys):
+    """``metamtl fit CONFIG --overwrite key=value``: overrides after an option are overrides, in order,
+    not an argparse "unrecognized arguments" error (so are evaluate's checkpoints and report's run
+    folders); unknown options still are."""
+    from metamtl.cli import main, parse_args
 
-    args = parse_args(["fit", "c.yaml", "a.b=1", "--overwrite", "c=2", "--resume", "r/last.pt", "d=[1, 2]"])
-    assert args.overrides == ["a.b=1", "c=2", "d=[1, 2]"] and args.overwrite and args.resume == "r/last.pt"
-    assert parse_args(["fit", "c.yaml"]).overrides == []
-    for argv in (["fit", "c.yaml", "--bogus"], ["evaluate", "x.pt", "--bogus"]):
-        with pytest.raises(SystemExit):
-            parse_args(argv)
+    args = parse_args(["fit", "c.yaml", "a.b=1", "--overwrite", "--resume", "r.pt", "c.d=2", "a.b=3"])
+    assert args.overrides == ["a.b=1", "c.d=2", "a.b=3"] and args.overwrite and args.resume == "r.pt"
+    assert parse_args(["fit", "--no-progress", "c.yaml", "x=1"]).overrides == ["x=1"]
+    with pytest.raises(SystemExit):
+        parse_args(["fit", "c.yaml", "--bogus", "x=1"])
+    assert "unrecognized arguments: --bogus x=1" in capsys.readouterr().err
+    assert parse_args(["evaluate", "a.pt", "--ways", "5", "b.pt"]).checkpoints == ["a.pt", "b.pt"]
+    assert parse_args(["report", "r1", "--embed", "r2"]).run_dirs == ["r1", "r2"]
+    with pytest.raises(SystemExit):
+        parse_args(["evaluate", "learner.pt", "--ways", "5", "--bogus"])
+    (tmp_path / "c.yaml").write_text("name: x\n")
+    assert main(["fit", str(tmp_path / "c.yaml"), "--no-progress", "tasks.ways=five"]) == 2
+    assert "config.tasks.ways: expected an integer, got 'five'" in capsys.readouterr().err

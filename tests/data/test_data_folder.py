@@ -55,6 +55,15 @@ def test_corrupt_or_truncated_image_error_names_the_file(image_tree, cache_dir):
     (image_tree / "cat" / "1.png").write_bytes(b"garbage")
     with pytest.raises(DataError, match=r"cat/1\.png"):
         ClassFolder(image_tree, cache_dir=cache_dir)
+    (image_tree / "cat" / "1.png").write_bytes(b"")  # was: "cannot identify image file <_io.BytesIO object at 0x...>"
+    with pytest.raises(DataError, match=r"^image .*cat/1\.png is an empty file \(0 bytes\): replace or delete it$"):
+        ClassFolder(image_tree, cache_dir=cache_dir)
+
+
+def test_a_root_that_is_a_file_is_not_called_missing(image_tree, tmp_path):
+    (tmp_path / "images.zip").write_bytes(b"PK")
+    with pytest.raises(DataNotFoundError, match=r"images.zip is a file, not a folder: give the folder that holds the images"):
+        ClassFolder(tmp_path / "images.zip")  # was: "folder .../images.zip does not exist"
 
 
 @pytest.fixture

@@ -41,9 +41,10 @@ def episode_with(ep: Episode, **changes) -> Episode:
 
 SAMPLER = [
     ("ways-more-than-classes", lambda e: EpisodeSampler(e.ds, ways=13, queries=1), TaskError, r"13-way tasks need 13 classes but 'toy' has only 12; lower ways"),
-    ("shots+queries-more-than-images", lambda e: EpisodeSampler(e.ds, 5, shots=4, queries=3), TaskError, r"shots \+ queries = 7 but 12 class\(es\) have fewer images, e.g. c0 \(6\), .*; lower shots/queries"),
+    ("shots+queries-more-than-images", lambda e: EpisodeSampler(e.ds, 5, shots=4, queries=3), TaskError, r"shots \+ queries = 7 but 12 class\(es\) have fewer images, e.g. c0 \(6\), .*; lower shots/queries or drop those classes \(move their folders or CSV rows out of the dataset; in Python: dataset.subset\)"),
     ("zero-classes", lambda e: EpisodeSampler(e.ds.subset([]), 1, 1, 1), TaskError, r"has no classes; check its root and split"),
     ("ways-zero", lambda e: EpisodeSampler(e.ds, ways=0, queries=1), TaskError, r"ways must be an integer >= 1, got 0"),
+    ("ways-one", lambda e: EpisodeSampler(e.ds, ways=1, queries=1), TaskError, r"ways must be >= 2, got 1: a 1-way episode of 'toy' has a single class, so every query is trivially right"),
     ("shots-string", lambda e: EpisodeSampler(e.ds, 5, shots="1", queries=1), TaskError, r"shots must be an integer >= 1, got '1'"),
     ("queries-negative", lambda e: EpisodeSampler(e.ds, 5, 1, queries=-1), TaskError, r"queries must be an integer >= 0"),
     ("shots-astronomical", lambda e: EpisodeSampler(e.ds, 5, shots=2**70), TaskError, r"shots \+ queries = \d+ but"),
@@ -97,6 +98,7 @@ LEARNER = [
     ("adapt-steps-negative", lambda e: e.proto.adapt(e.episode.support_x, e.episode.support_y, steps=-1), ConfigError, r"steps must be an integer >= 0, got -1"),
     ("evaluate-steps-text", lambda e: e.proto.evaluate(e.sampler, 1, steps="3", progress=False), ConfigError, r"steps must be an integer >= 0, got '3'"),
     ("evaluate-more-ways-than-classes", lambda e: e.proto.evaluate(e.sampler, 1, ways=20, progress=False), TaskError, r"20-way tasks need 20 classes"),
+    ("evaluate-one-way", lambda e: e.proto.evaluate(e.sampler, 1, ways=1, progress=False), TaskError, r"ways must be >= 2, got 1"),
     # learner, model and algorithm settings
     ("max-bad-steps-zero", lambda e: tiny_learner(max_bad_steps=0), ConfigError, r"max_bad_steps must be an integer >= 1"),
     ("meta-lr-negative", lambda e: tiny_learner(meta_lr=-1e-3), ConfigError, r"meta_lr must be a finite number > 0, got -0.001"),
@@ -282,3 +284,17 @@ def test_eval_settings_the_test_split_cannot_serve_are_refused_before_training(f
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert "nothing was trained" in err and not (tmp_path / "runs" / "sine" / "last.pt").exists()
+
+
+def test_a_held_out_split_of_one_class_is_refused_naming_the_split(tmp_path):
+    """A 1-way validation split would score 100% whatever the model (and pick best.pt by it)."""
+    from metamtl.experiment import _held_out
+
+    cfg = config_from_dict(sinusoid_config(tmp_path, **{"data.name": "folder", "data.val_split": "val", "tasks.ways": 5, "tasks.shots": 1,
+                                                    "algorithm.head_init": "zero", "eval.settings": [{"ways": 2, "shots": 1}]}))
+    with pytest.raises(TaskError, match=r"data.val_split \('val'\) of 'toy' holds a single class \(c3\): too few for held-out "
+                                        r"episodes, which need 2 or more ways; .* or set data.val_split: null"):
+        _held_out(toy_dataset().subset([3]), cfg, 1, 2)
+    with pytest.raises(TaskError, match=r"data.test_split \('test'\) .* set data.test_split: null"):
+        _held_out(toy_dataset().subset([3]), cfg, 2, 2, key="test_split")
+    assert _held_out(toy_dataset().subset([3, 4]), cfg, 1, 2).ways == 2  # at most the split's classes

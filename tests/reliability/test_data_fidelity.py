@@ -261,6 +261,55 @@ def test_links_leading_outside_the_root_are_not_followed_unless_asked(tmp_path):
     assert followed.class_names == ["a", "b"] and len(followed) == 4
 
 
+def test_a_folder_whose_classes_are_all_links_out_says_so_and_the_config_can_follow_them(tmp_path, capsys):
+    """Class folders symlinked from elsewhere (a common way to assemble a dataset): the error named
+    only the 57 image extensions, as if the folder were empty, and configs could not follow links."""
+    from metamtl.cli import main
+    from metamtl.data import load_dataset
+
+    outside = tmp_path / "store"
+    for c in range(10):
+        for i in range(3):
+            save(outside / f"c{c}" / f"{i}.png", ramp(offset=10 * c + i))
+    root = tmp_path / "data"
+    root.mkdir()
+    for c in range(10):
+        os.symlink(outside / f"c{c}", root / f"c{c}")
+    with pytest.raises(DataError, match=r"^no images \(files in any format PIL reads\) under .*data; expected one sub-folder of "
+                                        r"images per class; skipped 10 file\(s\): 10 link\(s\) leading outside the folder "
+                                        r"\(c0, c1, c2, \.\.\.\); to read them pass follow_outside_links=True "
+                                        r"\(config: data.follow_outside_links: true\)$"):
+        load(root)
+    assert load_dataset("folder", "all", root, follow_outside_links=True, cache_dir=False).num_classes == 10
+    config = tmp_path / "c.yaml"
+    config.write_text(f"name: links\noutput_dir: {tmp_path / 'runs'}\ndata: {{name: folder, root: {root}, cache_dir: {tmp_path / 'cache'},"
+                      " val_split: null}\ntasks: {ways: 2, shots: 1, queries: 1}\nmodel: {name: conv4, hidden: 4, blocks: 2}\n"
+                      "algorithm: {name: protonet}\ntrain: {iterations: 1, meta_batch_size: 1, device: cpu}\n"
+                      "eval: {episodes: 2, queries: 1, settings: [{ways: 2, shots: 1}]}\nlogging: {report: false}\n")
+    assert main(["fit", str(config), "--no-progress"]) == 2
+    assert "to read them pass follow_outside_links=True" in capsys.readouterr().err
+    assert main(["fit", str(config), "--no-progress", "data.follow_outside_links=true"]) == 0
+    assert (tmp_path / "runs" / "links" / "learner.pt").is_file()
+
+
+def test_a_csv_written_on_windows_with_backslashes_is_read(tmp_path):
+    """``train\\cat\\0.png`` rows (CRLF lines too) name the files under train/cat/; a backslash that
+    is part of an existing file's name is kept; ``..\\`` is still refused."""
+    for c in ("cat", "dog"):
+        for i in range(2):
+            save(tmp_path / "img" / "train" / c / f"{i}.png", ramp(offset=10 * (c == "dog") + i))
+    save(tmp_path / "img" / "odd\\name.png", ramp(offset=30))
+    save(tmp_path / "secret.png", ramp(offset=40))
+    rows = [f"train\\{c}\\{i}.png,{c}" for c in ("cat", "dog") for i in range(2)] + ["odd\\name.png,odd"]
+    (tmp_path / "l.csv").write_bytes(("filename,label\r\n" + "\r\n".join(rows) + "\r\n").encode())
+    ds = CSVClassDataset(tmp_path / "l.csv", tmp_path / "img", cache_dir=False)
+    assert ds.class_counts.tolist() == [2, 2, 1]
+    assert ds.sources[0].endswith("img/train/cat/0.png") and ds.sources[-1].endswith("img/odd\\name.png")
+    (tmp_path / "up.csv").write_text("filename,label\n..\\secret.png,a\n")
+    with pytest.raises(DataError, match=r"secret\.png leads outside the dataset folder"):
+        CSVClassDataset(tmp_path / "up.csv", tmp_path / "img", cache_dir=False)
+
+
 def test_csv_names_leading_outside_the_image_root_are_refused(tmp_path):
     save(tmp_path / "secret.png", ramp(offset=1))
     save(tmp_path / "images" / "0.png", ramp(offset=2))
@@ -281,6 +330,24 @@ def assert_no_leak(ds, shots: int, queries: int, episodes: int = 40) -> None:
         s = ep.support_x.flatten(1)
         q = ep.query_x.flatten(1)
         assert not (s[:, None, :] == q[None, :, :]).all(-1).any(), f"episode {i}: a support image is also a query"
+
+
+def test_a_split_folder_missing_beside_others_is_refused_not_drawn_from_them(tmp_path):
+    """root/train/ and root/test/ without root/val/: 'val' used to split root's classes, i.e. draw
+    validation classes from train/ and test/ (training images validated on, test classes selected on)."""
+    from metamtl.data import load_dataset
+    from metamtl.errors import DataNotFoundError
+
+    for split, classes in (("train", range(6)), ("test", range(6, 10))):
+        for c in classes:
+            for i in range(2):
+                save(tmp_path / split / f"c{c}" / f"{i}.png", ramp(offset=10 * c + i))
+    assert load_dataset("folder", "train", tmp_path, cache_dir=False).num_classes == 6
+    with pytest.raises(DataNotFoundError, match=r"has split folders \(train, test\) but no 'val' folder; splitting its "
+                                                r"classes instead would draw 'val' classes from train/, test/ .*: add .*val, "
+                                                r"or leave this split out \(config: data.val_split / data.test_split: null\)"):
+        load_dataset("folder", "val", tmp_path, cache_dir=False)
+    assert load_dataset("folder", "all", tmp_path, cache_dir=False).num_classes == 10
 
 
 def test_duplicate_csv_rows_are_dropped_with_a_warning(tmp_path):

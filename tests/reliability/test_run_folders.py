@@ -57,6 +57,16 @@ def test_fit_into_a_folder_holding_a_run_refuses_and_names_resume_and_overwrite(
     assert snapshot(run_dir) == before  # not a byte changed
 
 
+def test_resuming_from_a_checkpoint_that_does_not_exist_says_so(finished, capsys):
+    cfg, run_dir = finished
+    before = snapshot(run_dir)
+    assert main(["fit", str(cfg), "--no-progress", "--resume", str(run_dir.parent / "last.pt")]) == 2
+    err = capsys.readouterr().err  # was: "already holds a run ...: continue it with --resume" (it was given)
+    assert f"cannot resume: checkpoint {run_dir.parent / 'last.pt'} does not exist (a run folder's resumable " \
+           f"checkpoint is {run_dir / 'last.pt'})" in err
+    assert snapshot(run_dir) == before
+
+
 def test_overwrite_replaces_the_run_and_resume_continues_it(finished, capsys):
     cfg, run_dir = finished
     assert main(["fit", str(cfg), "train.iterations=40", "--no-progress", "--resume", str(run_dir / "last.pt")]) == 0

@@ -91,8 +91,21 @@ def rewrite(path: Path, change) -> Path:
     return out
 
 
+def flip_a_weight_byte(path: Path) -> None:
+    """Flip one byte inside the largest tensor of a torch zip checkpoint (bit rot): the file still
+    unpickles, into a different weight, unless the CRC-32 torch stored is checked."""
+    with zipfile.ZipFile(path) as zf:
+        info = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    start = info.header_offset + 30 + int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little") \
+        + int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")
+    data[start + info.file_size // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize("damage, message", [
     pytest.param(lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "not a readable checkpoint \\(truncated or corrupt\\?\\)", id="truncated"),
+    pytest.param(flip_a_weight_byte, "good.pt is corrupt \\(member .*/data/\\d+\\): Bad CRC-32 .*; its bytes changed after it was written .* copy it again or use another checkpoint", id="bit-flip-in-a-weight"),
     pytest.param(lambda p: p.write_bytes(b""), "not a readable checkpoint", id="empty"),
     pytest.param(lambda p: p.write_bytes(bytes(range(256)) * 40), "refusing to load .*: it is not a plain-tensor checkpoint, so it is corrupt or unpickling it would run code", id="random-bytes"),
     pytest.param(lambda p: p.write_text("model: conv4\n"), "(not a readable checkpoint|refusing to load)", id="yaml-text"),
@@ -109,6 +122,21 @@ def test_damaged_or_foreign_checkpoints_are_refused_with_the_reason(good, damage
     damage(path)
     with pytest.raises(CheckpointError, match=message):
         MetaLearner.load(path)
+
+
+def test_a_bad_device_or_a_folder_path_is_blamed_on_the_argument_not_the_checkpoint(good, tmp_path, capsys):
+    path, _ = good
+    from metamtl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="^unknown device 'gpu'; use 'auto', 'cpu', 'cuda' or 'cuda:N'$"):
+        MetaLearner.load(path, device="gpu")  # was: "does not match this metamtl version's models"
+    assert main(["evaluate", str(path), "--device", "gpu", "--no-progress"]) == 2
+    assert "error: unknown device 'gpu'" in capsys.readouterr().err
+    learner = MetaLearner.load(path)
+    with pytest.raises(CheckpointError, match=f"cannot write checkpoint {tmp_path}: it is a folder; give a file path "
+                                              f"such as {tmp_path / 'learner.pt'}"):
+        learner.save(tmp_path)  # was: "Is a directory ... the previous checkpoint there is intact; free disk space"
+    assert path.exists() and MetaLearner.load(path).iteration == learner.iteration
 
 
 def test_loading_into_another_model_lists_the_differences(good):
