@@ -200,7 +200,7 @@ def config_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
 # -- run folders: one writer at a time, no silent overwrite -------------------------------------
 
 #: files a run folder holds that a new run would overwrite (``metamtl fit``, ``experiment.run``)
-RUN_FILES = ("last.pt", "best.pt", "learner.pt", "results.json", "history.json", "metrics.csv", "metrics.jsonl")
+RUN_FILES = ("last.pt", "best.pt", "learner.pt", "ensemble.pt", "results.json", "history.json", "metrics.csv", "metrics.jsonl")
 #: files derived from those (rebuilt by a run; removed with them on overwrite so none is stale)
 DERIVED_FILES = ("report.html", "steps_curve.json")
 #: the lock file inside a run folder

@@ -40,8 +40,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import ensure_writable_file
     from .config import config_from_dict
     from .experiment import build_tasks
+    from .ensemble import load_members
     from .heads import build_head
-    from .learner import MetaLearner
 
     # --steps 0 is a real setting (no adaptation: the meta-learned initialisation itself)
     check_counts(args, {"episodes": 1, "ways": 1, "shots": 1, "queries": 1, "steps": 0})
@@ -51,12 +51,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     head = _yaml_option("--head", args.head)  # None: the learner's own default head
     if head is not None:
         build_head(head)  # a bad --head fails here, before the checkpoint and data are loaded
-    members = [MetaLearner.load(path, device=args.device) for path in args.checkpoints]
+    members, labels = load_members(args.checkpoints, device=args.device)  # ensemble files: their members
     learner = members[0]
     saved = learner.metadata.get("config")
     if saved is None:
-        raise MetamtlError(f"{args.checkpoints[0]} has no data config; evaluate it from Python with MetaLearner.evaluate")
-    check_same_data(members, args.checkpoints)
+        raise MetamtlError(f"{labels[0]} has no data config; evaluate it from Python with MetaLearner.evaluate")
+    check_same_data(members, labels)
     for data in [saved["data"], *saved.get("datasets", [])]:  # several for multi-dataset learners
         if args.data_root:
             data["root"] = args.data_root

@@ -163,6 +163,18 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass
+class EnsembleConfig:
+    """Train several learners of this config side by side and answer with their averaged class
+    probabilities (:class:`metamtl.ensemble.Ensemble`); see :mod:`metamtl.ensemble_fit`."""
+
+    members: int = 1  # 1: one learner, no ensemble
+    #: torch threads of each member's process (null: this process's CPU cores split evenly)
+    threads: int | None = None
+    #: member i's ``seed`` (null: the config's seed + i); its ``tasks.seed`` moves by as much
+    seeds: list[int] | None = None
+
+
+@dataclasses.dataclass
 class Config:
     """A whole experiment."""
 
@@ -186,6 +198,9 @@ class Config:
     #: sections it changes (algorithm, tasks, train, data, model, distill), merged over this
     #: config's; see :func:`stage_configs`.  Empty: one training.
     stages: list[dict] = dataclasses.field(default_factory=list)
+    #: several learners of this config trained side by side, their probabilities averaged
+    #: (``members: 1``, the default: one learner)
+    ensemble: EnsembleConfig = dataclasses.field(default_factory=EnsembleConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -295,6 +310,7 @@ def _check_config(cfg: Config) -> Config:
     _check_components(cfg)
     if cfg.stages:
         stage_configs(cfg)  # every stage is a valid config
+    _check_ensemble(cfg.ensemble)
     if cfg.logging.metrics not in (None, "csv", "jsonl"):
         raise ConfigError(f"logging.metrics must be 'csv', 'jsonl' or null, got {cfg.logging.metrics!r}")
     _check_train_callbacks(cfg)
@@ -307,6 +323,17 @@ def _check_config(cfg: Config) -> Config:
             "'learned' (a fixed-size head); set algorithm.head_init to 'zero' or 'proto' to evaluate other ways"
         )
     return cfg
+
+
+def _check_ensemble(ens: EnsembleConfig) -> None:
+    _at_least("ensemble.members", ens.members, 1)
+    _at_least("ensemble.threads", ens.threads, 1)
+    if ens.seeds is not None:
+        if len(ens.seeds) != ens.members:
+            raise ConfigError(f"ensemble.seeds has {len(ens.seeds)} entries for {ens.members} members "
+                              "(one seed per member, or null for seed, seed + 1, ...)")
+        if len(set(ens.seeds)) != len(ens.seeds):
+            raise ConfigError(f"ensemble.seeds must differ (equal seeds train the same member twice), got {ens.seeds}")
 
 
 def _check_tasks(cfg: Config) -> None:

@@ -168,17 +168,35 @@ class Ensemble:
     @classmethod
     def load(cls, path: str | Path, device: Any = "auto") -> "Ensemble":
         """Rebuild an ensemble written by :meth:`save`."""
-        from . import run_state
-
         obj = safe_load(path)
-        members = obj.get("ensemble")
-        if members is None:
+        if "ensemble" not in obj:
             raise CheckpointError(f"{path} holds one learner, not an ensemble: load it with MetaLearner.load, "
                                   "or build Ensemble([...paths...])")
-        if not isinstance(members, list) or not members:
-            raise CheckpointError(f"{path}: the ensemble entry holds no learners (corrupt file?)")
-        return cls([run_state.learner_from_state(MetaLearner, m, f"{path} (member {i})", device=device)
-                    for i, m in enumerate(members)])
+        return cls(_learners_in(obj, path, device)[0])
+
+
+def load_members(paths: Sequence[str | Path], device: Any = "auto") -> tuple[list[MetaLearner], list[str]]:
+    """The learners saved in ``paths`` (learner files, and ensemble files expanded into their
+    members) and a label for each (``path`` or ``path[i]``): what ``metamtl evaluate`` combines."""
+    learners, labels = [], []
+    for path in paths:
+        found, names = _learners_in(safe_load(path), path, device)
+        learners += found
+        labels += names
+    return learners, labels
+
+
+def _learners_in(obj: dict[str, Any], path: str | Path, device: Any) -> tuple[list[MetaLearner], list[str]]:
+    """The learner of a learner file, or every member of an ensemble file, with their labels."""
+    from . import run_state
+
+    states = obj.get("ensemble")
+    if states is None:
+        return [run_state.learner_from_state(MetaLearner, obj, path, device=device)], [str(path)]
+    if not isinstance(states, list) or not states:
+        raise CheckpointError(f"{path}: the ensemble entry holds no learners (corrupt file?)")
+    return ([run_state.learner_from_state(MetaLearner, m, f"{path} (member {i})", device=device)
+             for i, m in enumerate(states)], [f"{path}[{i}]" for i in range(len(states))])
 
 
 class AdaptedEnsemble:

@@ -303,7 +303,9 @@ def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
 
     Returns the results dict (also written to ``<output_dir>/<name>/results.json``).
     Under torchrun every rank runs this; rank 0 alone prints and writes files.  A config with
-    ``stages`` runs :func:`run_stages`; ``init_from`` starts from a saved learner's trunk.
+    ``stages`` runs :func:`run_stages`; ``init_from`` starts from a saved learner's trunk; one with
+    ``ensemble.members > 1`` trains that many members side by side and evaluates their ensemble
+    (:func:`run_ensemble`).
 
     The run folder is claimed first (:func:`claim_run_dir`): a folder holding another run is
     refused unless ``resume`` continues it or ``overwrite=True`` replaces it, and one process
@@ -313,6 +315,11 @@ def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
     if resume is not None and not Path(resume).is_file():  # before the run folder is judged or data loaded
         raise CheckpointError(f"cannot resume: checkpoint {resume} does not exist (a run folder's resumable "
                               f"checkpoint is {cfg.run_dir / 'last.pt'})")
+    if cfg.ensemble.members > 1:  # one process per member, then their ensemble (metamtl.ensemble_fit)
+        if callbacks:
+            raise ConfigError("callbacks cannot reach an ensemble's member processes; train the members as separate "
+                              "runs (seed=...) and combine them with metamtl.ensemble.Ensemble")
+        return run_ensemble(cfg, resume, progress, quiet, overwrite)
     if cfg.stages:
         return run_stages(cfg, resume, progress, callbacks, quiet, overwrite)
     main_process = distributed.launch_env().is_main_process
@@ -625,3 +632,71 @@ def check_eval_settings(cfg: Config, test_tasks: Any) -> None:
                     f"evaluated on {where}: {exc}. Change eval.settings / eval.queries (or the split) before "
                     "training: nothing was trained"
                 ) from None
+
+
+# -- ensembles from one config (ensemble.members > 1) ------------------------------------------
+def run_ensemble(cfg: Config, resume: str | Path | None = None, progress: bool = True, quiet: bool = False,
+                 overwrite: bool = False) -> dict[str, Any]:
+    """Train ``cfg.ensemble.members`` members side by side, then evaluate their ensemble on the
+    held-out classes (every ``eval.settings`` entry with every ``eval.heads`` entry).
+
+    Returns the results dict (also ``<run_dir>/results.json``); ``results["checkpoint"]`` is the
+    ensemble file.  A member that fails stops the others and raises with the end of its log.
+    """
+    from .config import stage_configs
+    from .ensemble_fit import member_configs, train_members
+
+    if resume is not None:
+        raise ConfigError("an ensemble run is not resumed as a whole: resume each unfinished member with "
+                          f"metamtl fit {cfg.run_dir / 'members' / 'memberI.yaml'} --resume "
+                          f"{cfg.run_dir / 'members' / 'memberI' / 'last.pt'}, then evaluate the members' "
+                          "learner.pt files together with metamtl evaluate A.pt B.pt ...")
+    if distributed.launch_env().world_size > 1:
+        raise ConfigError("ensemble.members > 1 starts one process per member itself; run it without torchrun "
+                          "(or train members under torchrun one by one and evaluate them with metamtl evaluate)")
+    say = (lambda *a: None) if quiet else print
+    check_output_dir(cfg)
+    lock = claim_run_dir(cfg, None, overwrite)
+    try:
+        last = stage_configs(cfg)[-1][1] if cfg.stages else cfg
+        test_tasks = build_test_tasks(last)
+        check_eval_settings(last, test_tasks)  # before any member trains
+        members = member_configs(cfg)
+        record = {"commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        t0 = time.perf_counter()
+        train_members(cfg, members, progress, overwrite, say)
+        record["train_seconds"] = time.perf_counter() - t0
+        return _evaluate_ensemble(cfg, last, members, test_tasks, record, progress, say)
+    finally:
+        lock.release()
+
+
+def _evaluate_ensemble(cfg: Config, last: Config, members: list[tuple[str, Config]], test_tasks: Any,
+                       record: dict[str, Any], progress: bool, say: Any) -> dict[str, Any]:
+    """Build the ensemble from the members' learners, save it, evaluate it, write results and report."""
+    from .ensemble import Ensemble
+    from .ensemble_fit import member_threads
+
+    rows = [json.loads((m.run_dir / "results.json").read_text()) for _, m in members]
+    ensemble = Ensemble([r["checkpoint"] for r in rows])
+    path = ensemble.save(cfg.run_dir / "ensemble.pt")
+    say(f"[metamtl] {ensemble}: class probabilities averaged; saved to {path}")
+    results = {
+        "name": cfg.name, "config": cfg.to_dict(), "checkpoint": str(path),
+        "iterations": sum(r["iterations"] for r in rows), "train_seconds": record["train_seconds"],
+        "stopped_by": "+".join(sorted({str(r.get("stopped_by")) for r in rows})),
+        "machine": machine_info(), "commit": record["commit"], "date": record["date"], "test": [],
+        "ensemble": {"threads": member_threads(cfg), "members": [
+            {"name": name, "seed": m.seed, "tasks_seed": m.tasks.seed, "run_dir": str(m.run_dir),
+             **{k: r.get(k) for k in ("iterations", "train_seconds", "stopped_by", "selected_iteration",
+                                       "stages", "test")}}
+            for (name, m), r in zip(members, rows)]},
+    }
+    if test_tasks is not None:
+        t = time.perf_counter()
+        results["test"] = evaluate_held_out(ensemble, last, test_tasks, progress, say)
+        results["eval_seconds"] = time.perf_counter() - t
+    (cfg.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    if cfg.logging.report:
+        _write_report(cfg.run_dir, results, say)
+    return results

@@ -60,6 +60,7 @@ MODULE_LAYERS = {
     "metamtl.steps_curve": "surfaces",
     "metamtl.config": "surfaces",
     "metamtl.experiment": "surfaces",
+    "metamtl.ensemble_fit": "surfaces",
     "metamtl.reporting": "surfaces",
     "metamtl.cli": "surfaces",
     "metamtl.__main__": "surfaces",

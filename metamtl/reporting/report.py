@@ -76,6 +76,20 @@ def _stages(results: Mapping[str, Any]) -> str:
                    f"(stopped by {_e(s.get('stopped_by'))})" for i, s in enumerate(stages))
 
 
+def _members(results: Mapping[str, Any]) -> str:
+    """One line per member of an ensemble run (``ensemble.members`` config), empty otherwise."""
+    ens = results.get("ensemble") or {}
+    if not ens.get("members"):
+        return ""
+    lines = [f"<br>Ensemble of <b>{len(ens['members'])}</b> members trained side by side, {ens.get('threads')} "
+             "torch thread(s) each; the held-out rows average their class probabilities."]
+    for m in ens["members"]:
+        alone = ", ".join(f"{_setting(r)} {_value(r)}" for r in m.get("test") or [])
+        lines.append(f"<br>Member <b>{_e(m.get('name'))}</b> (seed {m.get('seed')}): {m.get('iterations')} "
+                     f"meta-iterations in {m.get('train_seconds', 0):.0f} s" + (f"; alone: {_e(alone)}" if alone else ""))
+    return "".join(lines)
+
+
 def _value(r: Mapping[str, Any]) -> str:
     if "skipped" in r:
         return f"skipped: {r['skipped']}"
@@ -246,7 +260,7 @@ def _wandb_note(run_dir: Path) -> str:
 def _report_page(run_dir: Path, results: Mapping[str, Any], figures: list[tuple[str, str]]) -> str:
     cfg = results.get("config", {})
     t, tr, alg, model = cfg.get("tasks", {}), cfg.get("train", {}), cfg.get("algorithm", {}), cfg.get("model", {})
-    files = [f for f in ("results.json", "history.json", "learner.pt", "best.pt", "last.pt") if (run_dir / f).is_file()]
+    files = [f for f in ("results.json", "history.json", "learner.pt", "ensemble.pt", "best.pt", "last.pt") if (run_dir / f).is_file()]
     machine = results.get("machine", {})
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width,initial-scale=1">
@@ -256,7 +270,7 @@ def _report_page(run_dir: Path, results: Mapping[str, Any], figures: list[tuple[
 ({_e(', '.join(f'{k}={v}' for k, v in model.items() if k != 'name'))}),
 meta-trained on {t.get('ways')}-way {t.get('shots')}-shot tasks ({t.get('queries')} queries per class,
 {tr.get('meta_batch_size')} tasks per meta-batch) for <b>{results.get('iterations')}</b> meta-iterations in
-{results.get('train_seconds', 0):.0f} s (stopped by {_e(results.get('stopped_by'))}){_memory_line(results)}.{_stages(results)}<br>
+{results.get('train_seconds', 0):.0f} s (stopped by {_e(results.get('stopped_by'))}){_memory_line(results)}.{_stages(results)}{_members(results)}<br>
 Data: {_e(protocol(cfg)[0])}.<br>
 Commit <code>{_e(results.get('commit'))}</code>, {_e(results.get('date'))},
 {_e(machine.get('cpu') or machine.get('platform', ''))}.</p>

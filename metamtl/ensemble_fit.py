@@ -1,0 +1,146 @@
+"""Train an ensemble from one config: ``ensemble: {members: 2}`` in a ``metamtl fit`` config.
+
+The members are the config's learner with other seeds, each trained in its own process with a
+share of the CPU (``ensemble.threads`` torch threads; by default this process's cores split
+evenly), all at the same time, so the run takes the wall time of one training.  On 2 cores this
+trade paid on Omniglot and mini-ImageNet (benchmarks/RESULTS.md, "Ensembles at equal CPU"): one
+torch thread per process uses a core better on small batches than two threads in one process,
+and averaging two models' probabilities gained more than the halved iterations lost.
+
+Layout of the run folder ``<output_dir>/<name>/``::
+
+    ensemble.pt          every member (metamtl.ensemble.Ensemble.load, metamtl evaluate)
+    results.json         the ensemble's held-out rows ("test"), each member's ("members")
+    report.html          the report, with one line per member
+    members/memberI.yaml the config member I trained with (a plain metamtl fit config)
+    members/memberI.log  its output
+    members/memberI/     its run folder (learner.pt, results.json, its own report, ...)
+
+A member is an ordinary run: resume or rerun one with ``metamtl fit members/memberI.yaml``, and
+evaluate any set of members with ``metamtl evaluate A.pt B.pt``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Config, config_from_dict
+from .errors import FitInterrupted, MetamtlError
+from .progress_bars import progress_bar
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def member_threads(cfg: Config) -> int:
+    """Torch threads of each member: ``ensemble.threads``, else the cores split evenly (at least 1)."""
+    return cfg.ensemble.threads or max(1, available_cores() // cfg.ensemble.members)
+
+
+def member_configs(cfg: Config) -> list[tuple[str, Config]]:
+    """``(name, config)`` of every member: the config with its own seed (and ``tasks.seed`` moved
+    by as much), written to ``<run_dir>/members/<name>/``, without an ensemble of its own."""
+    seeds = cfg.ensemble.seeds or [cfg.seed + i for i in range(cfg.ensemble.members)]
+    out = []
+    for i, seed in enumerate(seeds):
+        data = cfg.to_dict()
+        data.update(name=f"member{i}", output_dir=str(cfg.run_dir / "members"), seed=seed,
+                    ensemble={"members": 1})
+        data["tasks"]["seed"] = cfg.tasks.seed + seed - cfg.seed
+        out.append((f"member{i}", config_from_dict(data)))
+    return out
+
+
+def train_members(cfg: Config, members: list[tuple[str, Config]], progress: bool, overwrite: bool,
+                  say: Any = print) -> None:
+    """Run ``metamtl fit`` on every member's config at once, one process each, and wait for all."""
+    import yaml
+
+    folder = cfg.run_dir / "members"
+    folder.mkdir(parents=True, exist_ok=True)
+    threads = member_threads(cfg)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    say(f"[metamtl] ensemble: training {len(members)} members side by side, {threads} torch thread(s) each; "
+        f"their output: {folder}/member*.log")
+    procs = []
+    try:
+        for name, mcfg in members:
+            path = folder / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(json.loads(json.dumps(mcfg.to_dict())), sort_keys=False))
+            cmd = [sys.executable, "-m", "metamtl", "fit", str(path), "--no-progress"] + (["--overwrite"] if overwrite else [])
+            with open(folder / f"{name}.log", "wb") as log:
+                procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
+        _wait(procs, folder, progress)
+    except KeyboardInterrupt:
+        _stop(procs, wait=120)  # the members save resumable checkpoints on the signal
+        raise FitInterrupted(f"ensemble interrupted; each member saved a resumable checkpoint: metamtl fit "
+                             f"{folder}/memberI.yaml --resume {folder}/memberI/last.pt", 2, 0) from None
+    except BaseException:
+        _stop(procs, wait=10)
+        raise
+
+
+def _wait(procs: list[tuple[str, subprocess.Popen]], folder: Path, progress: bool) -> None:
+    """Wait for every member; the first that fails stops the others and raises with its log's end."""
+    bar = progress_bar(progress, total=len(procs), desc="ensemble members trained", dynamic_ncols=True)
+    done: set[str] = set()
+    try:
+        while len(done) < len(procs):
+            time.sleep(1.0)
+            for name, proc in procs:
+                if name in done or proc.poll() is None:
+                    continue
+                if proc.returncode != 0:
+                    tail = (folder / f"{name}.log").read_bytes()[-3000:].decode(errors="replace")
+                    raise MetamtlError(f"ensemble member {name} failed (exit code {proc.returncode}); the other "
+                                       f"members were stopped. The end of {folder / (name + '.log')}:\n{tail}")
+                done.add(name)
+                bar.update(1)
+            bar.set_postfix({name: _iteration(folder / name) for name, _ in procs}, refresh=True)
+    finally:
+        bar.close()
+
+
+def _iteration(run_dir: Path) -> str:
+    """The last meta-iteration a member's metrics file shows (its current stage's), for the bar."""
+    files = [p for p in run_dir.rglob("metrics.*") if p.suffix in (".csv", ".jsonl")] if run_dir.is_dir() else []
+    if not files:
+        return "-"
+    path = max(files, key=lambda p: p.stat().st_mtime)
+    with open(path, "rb") as fh:
+        fh.seek(max(0, path.stat().st_size - 400))
+        lines = fh.read().decode(errors="replace").strip().splitlines()
+    line = lines[-1] if lines else ""
+    if path.suffix == ".jsonl":
+        try:
+            return str(json.loads(line).get("iteration", "-"))
+        except ValueError:
+            return "-"
+    head = line.split(",", 1)[0]
+    return head if head.isdigit() else "-"
+
+
+def _stop(procs: list[tuple[str, subprocess.Popen]], wait: float) -> None:
+    """Interrupt the members still running (they checkpoint and exit), killing them after ``wait`` s."""
+    import signal
+
+    for _, proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + wait
+    for _, proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

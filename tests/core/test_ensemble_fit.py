@@ -1,0 +1,121 @@
+"""`ensemble: {members: N}` in a config: N members trained side by side (one process each), then
+their ensemble evaluated, saved and reported; `metamtl evaluate` reads the ensemble file."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_stages import folder_data, staged
+
+from metamtl import MetaLearner
+from metamtl.cli import main
+from metamtl.config import config_from_dict, load_config
+from metamtl.ensemble import Ensemble
+from metamtl.ensemble_fit import member_configs
+from metamtl.errors import ConfigError, MetamtlError
+from metamtl.experiment import build_test_tasks, run, setting_tasks
+
+
+def plain(tmp_path, **extra):
+    return {
+        "name": "ens", "output_dir": str(tmp_path / "runs"),
+        "data": {"name": "folder", "root": str(folder_data(tmp_path / "data")), "cache_dir": str(tmp_path / "cache")},
+        "tasks": {"ways": 3, "shots": 1, "queries": 2},
+        "model": {"name": "conv4", "hidden": 4, "blocks": 2},
+        "algorithm": {"name": "protonet"},
+        "train": {"iterations": 4, "meta_batch_size": 2, "device": "cpu", "val_every": 2, "val_episodes": 2},
+        "eval": {"episodes": 6, "queries": 2, "settings": [{"ways": 3, "shots": 1}]},
+        "logging": {"report": True, "metrics": "csv", "report_steps_episodes": 0},
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def ensemble_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ensfit")
+    cfg = config_from_dict(plain(tmp, ensemble={"members": 2}))
+    return cfg, run(cfg, progress=False, quiet=True)
+
+
+def test_members_train_with_their_own_seeds_and_the_rows_are_their_averaged_probabilities(ensemble_run):
+    cfg, results = ensemble_run
+    members = results["ensemble"]["members"]
+    assert [(m["name"], m["seed"], m["tasks_seed"]) for m in members] == [("member0", 0, 0), ("member1", 1, 1)]
+    assert results["ensemble"]["threads"] >= 1 and results["iterations"] == 8
+    learners = [MetaLearner.load(cfg.run_dir / "members" / f"member{i}" / "learner.pt", device="cpu") for i in (0, 1)]
+    p0, p1 = (next(iter(m.model.parameters())) for m in learners)
+    assert not torch.equal(p0, p1)  # other seeds: other members
+    saved = Ensemble.load(results["checkpoint"], device="cpu")
+    assert len(saved) == 2 and torch.equal(next(iter(saved.members[1].model.parameters())), p1)
+    # the held-out row is the members' ensemble on the test episodes, computed here another way
+    tasks = setting_tasks(build_test_tasks(cfg), cfg.eval.settings[0], cfg)
+    by_hand = Ensemble(learners).evaluate(tasks, cfg.eval.episodes, progress=False).to_dict()
+    assert results["test"][0]["per_episode_loss"] == pytest.approx(by_hand["per_episode_loss"], abs=1e-6)
+    assert all(len(m["test"]) == 1 for m in members)  # each member alone, for comparison
+    page = (cfg.run_dir / "report.html").read_text()
+    assert "Ensemble of <b>2</b> members" in page and "Member <b>member1</b> (seed 1)" in page
+    assert json.loads((cfg.run_dir / "results.json").read_text())["checkpoint"] == results["checkpoint"]
+
+
+def test_each_member_is_an_ordinary_config_file(ensemble_run):
+    cfg, _ = ensemble_run
+    member = load_config(cfg.run_dir / "members" / "member1.yaml")
+    assert (member.seed, member.tasks.seed, member.ensemble.members) == (1, 1, 1)
+    assert member.run_dir == cfg.run_dir / "members" / "member1"
+    assert (cfg.run_dir / "members" / "member1.log").read_text().count("held-out test") == 1
+
+
+def test_metamtl_evaluate_reads_an_ensemble_file(ensemble_run, tmp_path, capsys):
+    cfg, results = ensemble_run
+    out = tmp_path / "e.json"
+    assert main(["evaluate", results["checkpoint"], "--episodes", "6", "--queries", "2", "--no-progress",
+                 "--json", str(out)]) == 0
+    assert "Ensemble(2 members" in capsys.readouterr().out
+    assert json.loads(out.read_text())["per_episode_loss"] == pytest.approx(results["test"][0]["per_episode_loss"],
+                                                                           abs=1e-6)
+    # an ensemble file and a learner file together: three members
+    assert main(["evaluate", results["checkpoint"], str(cfg.run_dir / "members" / "member0" / "learner.pt"),
+                 "--episodes", "2", "--no-progress"]) == 0
+    assert "Ensemble(3 members" in capsys.readouterr().out
+
+
+def test_a_staged_config_trains_every_stage_in_every_member(tmp_path):
+    cfg = config_from_dict(staged(tmp_path, ensemble={"members": 2, "threads": 1}))
+    results = run(cfg, progress=False, quiet=True)
+    assert [[s["stage"] for s in m["stages"]] for m in results["ensemble"]["members"]] == [["pretrain", "meta"]] * 2
+    assert results["ensemble"]["threads"] == 1 and len(results["test"]) == 1
+
+
+def test_member_seeds_and_task_seeds(tmp_path):
+    cfg = config_from_dict(plain(tmp_path, seed=3, tasks={"ways": 3, "seed": 10}, ensemble={"members": 2, "seeds": [5, 9]}))
+    assert [(n, c.seed, c.tasks.seed) for n, c in member_configs(cfg)] == [("member0", 5, 12), ("member1", 9, 16)]
+
+
+@pytest.mark.parametrize("ensemble, message", [
+    ({"members": 0}, "ensemble.members must be >= 1"),
+    ({"members": 2, "threads": 0}, "ensemble.threads must be >= 1"),
+    ({"members": 2, "seeds": [1]}, "ensemble.seeds has 1 entries for 2 members"),
+    ({"members": 2, "seeds": [1, 1]}, "ensemble.seeds must differ"),
+    ({"member": 2}, "Did you mean 'members'"),
+])
+def test_bad_ensemble_settings_are_refused(tmp_path, ensemble, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(plain(tmp_path, ensemble=ensemble))
+
+
+def test_resume_and_callbacks_are_refused_with_the_way_to_do_it(tmp_path):
+    cfg = config_from_dict(plain(tmp_path, ensemble={"members": 2}))
+    last = tmp_path / "last.pt"
+    last.write_bytes(b"x")
+    with pytest.raises(ConfigError, match="resume each unfinished member"):
+        run(cfg, resume=last, progress=False, quiet=True)
+    with pytest.raises(ConfigError, match="callbacks cannot reach"):
+        run(cfg, progress=False, quiet=True, callbacks=[object()])
+
+
+def test_a_failing_member_stops_the_run_and_shows_its_log(tmp_path):
+    data = plain(tmp_path, ensemble={"members": 2})
+    data["data"]["train_split"] = "no_such_split"  # the members fail loading it; the test split is fine
+    with pytest.raises(MetamtlError, match=r"ensemble member member\d failed(.|\n)*no_such_split"):
+        run(config_from_dict(data), progress=False, quiet=True)
