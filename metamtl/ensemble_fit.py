@@ -10,19 +10,22 @@ and averaging two models' probabilities gained more than the halved iterations l
 Layout of the run folder ``<output_dir>/<name>/``::
 
     ensemble.pt          every member (metamtl.ensemble.Ensemble.load, metamtl evaluate)
-    results.json         the ensemble's held-out rows ("test"), each member's ("members")
+    results.json         the ensemble's held-out rows ("test"), each member's ("ensemble.members")
     report.html          the report, with one line per member
     members/memberI.yaml the config member I trained with (a plain metamtl fit config)
     members/memberI.log  its output
     members/memberI/     its run folder (learner.pt, results.json, its own report, ...)
 
 A member is an ordinary run: resume or rerun one with ``metamtl fit members/memberI.yaml``, and
-evaluate any set of members with ``metamtl evaluate A.pt B.pt``.
+evaluate any set of members with ``metamtl evaluate A.pt B.pt``.  This module starts and watches
+the member processes; :func:`metamtl.experiment.run_ensemble` (what ``metamtl.experiment.run``
+calls for such a config) evaluates, saves and reports their ensemble.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -31,6 +34,7 @@ from typing import Any
 
 from .config import Config, config_from_dict
 from .errors import FitInterrupted, MetamtlError
+from .interrupt import StopOnSignal, signal_name
 from .progress_bars import progress_bar
 
 
@@ -56,6 +60,7 @@ def member_configs(cfg: Config) -> list[tuple[str, Config]]:
         data = cfg.to_dict()
         data.update(name=f"member{i}", output_dir=str(cfg.run_dir / "members"), seed=seed,
                     ensemble={"members": 1})
+        data["logging"]["tags"] = [*cfg.logging.tags, f"ensemble:{cfg.name}"]  # W&B: the members of one run
         data["tasks"]["seed"] = cfg.tasks.seed + seed - cfg.seed
         out.append((f"member{i}", config_from_dict(data)))
     return out
@@ -63,7 +68,12 @@ def member_configs(cfg: Config) -> list[tuple[str, Config]]:
 
 def train_members(cfg: Config, members: list[tuple[str, Config]], progress: bool, overwrite: bool,
                   say: Any = print) -> None:
-    """Run ``metamtl fit`` on every member's config at once, one process each, and wait for all."""
+    """Run ``metamtl fit`` on every member's config at once, one process each, and wait for all.
+
+    The members run in their own process groups, so a Ctrl-C reaches them once, through this
+    process: SIGINT / SIGTERM is passed on to every member (as SIGTERM), each saves a resumable ``last.pt``
+    as a single ``metamtl fit`` would, and :class:`~metamtl.errors.FitInterrupted` says how to
+    resume them; a second signal stops them at once."""
     import yaml
 
     folder = cfg.run_dir / "members"
@@ -72,30 +82,40 @@ def train_members(cfg: Config, members: list[tuple[str, Config]], progress: bool
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     say(f"[metamtl] ensemble: training {len(members)} members side by side, {threads} torch thread(s) each; "
         f"their output: {folder}/member*.log")
-    procs = []
-    try:
-        for name, mcfg in members:
-            path = folder / f"{name}.yaml"
-            path.write_text(yaml.safe_dump(json.loads(json.dumps(mcfg.to_dict())), sort_keys=False))
-            cmd = [sys.executable, "-m", "metamtl", "fit", str(path), "--no-progress"] + (["--overwrite"] if overwrite else [])
-            with open(folder / f"{name}.log", "wb") as log:
-                procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
-        _wait(procs, folder, progress)
-    except KeyboardInterrupt:
-        _stop(procs, wait=120)  # the members save resumable checkpoints on the signal
-        raise FitInterrupted(f"ensemble interrupted; each member saved a resumable checkpoint: metamtl fit "
-                             f"{folder}/memberI.yaml --resume {folder}/memberI/last.pt", 2, 0) from None
-    except BaseException:
-        _stop(procs, wait=10)
-        raise
+    procs: list[tuple[str, subprocess.Popen]] = []
+    with StopOnSignal() as stop:
+        try:
+            for name, mcfg in members:
+                path = folder / f"{name}.yaml"
+                path.write_text(yaml.safe_dump(json.loads(json.dumps(mcfg.to_dict())), sort_keys=False))
+                cmd = [sys.executable, "-m", "metamtl", "fit", str(path), "--no-progress"] + (["--overwrite"] if overwrite else [])
+                with open(folder / f"{name}.log", "wb") as log:
+                    procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                         start_new_session=True)))
+            _wait(procs, folder, progress, stop)
+        except MetamtlError:  # a member failed: the others stop as on SIGTERM, saving last.pt
+            _stop(procs, signal.SIGTERM, wait=600)
+            raise
+        except BaseException:  # a second signal, or an error here: at once
+            _stop(procs, signal.SIGKILL, wait=0)
+            raise
+    if stop.requested:
+        raise FitInterrupted(f"{signal_name(stop.signum)}: the ensemble's members stopped and saved resumable "
+                             f"checkpoints; resume one with metamtl fit {folder}/memberI.yaml --resume "
+                             f"{folder}/memberI/last.pt, then metamtl evaluate their learner.pt files together",
+                             stop.signum, 0)
 
 
-def _wait(procs: list[tuple[str, subprocess.Popen]], folder: Path, progress: bool) -> None:
-    """Wait for every member; the first that fails stops the others and raises with its log's end."""
+def _wait(procs: list[tuple[str, subprocess.Popen]], folder: Path, progress: bool, stop: StopOnSignal) -> None:
+    """Wait for every member; the first that fails stops the others and raises with its log's end.
+    On a stop request every member gets SIGTERM and time to checkpoint."""
     bar = progress_bar(progress, total=len(procs), desc="ensemble members trained", dynamic_ncols=True)
     done: set[str] = set()
     try:
         while len(done) < len(procs):
+            if stop.requested:  # SIGTERM to the members (a background job may ignore SIGINT)
+                _stop(procs, signal.SIGTERM, wait=600)
+                return
             time.sleep(1.0)
             for name, proc in procs:
                 if name in done or proc.poll() is None:
@@ -103,7 +123,7 @@ def _wait(procs: list[tuple[str, subprocess.Popen]], folder: Path, progress: boo
                 if proc.returncode != 0:
                     tail = (folder / f"{name}.log").read_bytes()[-3000:].decode(errors="replace")
                     raise MetamtlError(f"ensemble member {name} failed (exit code {proc.returncode}); the other "
-                                       f"members were stopped. The end of {folder / (name + '.log')}:\n{tail}")
+                                       f"members are stopped (saving a resumable last.pt). The end of {folder / (name + '.log')}:\n{tail}")
                 done.add(name)
                 bar.update(1)
             bar.set_postfix({name: _iteration(folder / name) for name, _ in procs}, refresh=True)
@@ -130,13 +150,12 @@ def _iteration(run_dir: Path) -> str:
     return head if head.isdigit() else "-"
 
 
-def _stop(procs: list[tuple[str, subprocess.Popen]], wait: float) -> None:
-    """Interrupt the members still running (they checkpoint and exit), killing them after ``wait`` s."""
-    import signal
-
+def _stop(procs: list[tuple[str, subprocess.Popen]], signum: int, wait: float) -> None:
+    """Send ``signum`` to the members still running and wait up to ``wait`` seconds for them to
+    exit (a member checkpoints on SIGINT / SIGTERM), then kill what is left."""
     for _, proc in procs:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signum)
     deadline = time.monotonic() + wait
     for _, proc in procs:
         try:

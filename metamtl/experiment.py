@@ -696,6 +696,11 @@ def _evaluate_ensemble(cfg: Config, last: Config, members: list[tuple[str, Confi
         t = time.perf_counter()
         results["test"] = evaluate_held_out(ensemble, last, test_tasks, progress, say)
         results["eval_seconds"] = time.perf_counter() - t
+    if cfg.logging.wandb:  # the members logged their own trainings; this run logs the ensemble's rows
+        from .reporting.wandb_logger import WandbLogger
+
+        WandbLogger(project=cfg.logging.project, entity=cfg.logging.entity, mode=cfg.logging.mode,
+                    tags=[*cfg.logging.tags, "ensemble"], config=cfg.to_dict(), run_dir=cfg.run_dir).log_evaluation(results)
     (cfg.run_dir / "results.json").write_text(json.dumps(results, indent=2))
     if cfg.logging.report:
         _write_report(cfg.run_dir, results, say)

@@ -92,8 +92,14 @@ def _finite(row: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _setting(r: Mapping[str, Any]) -> str:
-    """``5w1s`` (``<dataset>/5w1s`` in multi-dataset runs; ``5shot`` for regression)."""
+    """``5w1s`` (``<dataset>/5w1s`` in multi-dataset runs; ``5shot`` for regression), with
+    ``-within`` for episodes drawn within one superclass and ``/<head>`` for a head other than the
+    algorithm's own (``5w1s/simpleshot``), so the rows of one run never share a key."""
     setting = f"{r['ways']}w{r['shots']}s" if r.get("accuracy") is not None else f"{r['shots']}shot"
+    if r.get("hierarchy") is not None:
+        setting += "-within"
+    if r.get("head") not in (None, "algorithm"):
+        setting += f"/{r['head']}"
     return f"{r['dataset']}/{setting}" if r.get("dataset") else setting
 
 
@@ -178,13 +184,14 @@ class WandbLogger(Callback):
         if self.run is None and not self.failed and state.is_main_process:
             self._safe("init", self._init, state.learner)
 
-    def _init(self, learner: "MetaLearner") -> None:
+    def _init(self, learner: "MetaLearner | None", job_type: str = "meta-train") -> None:
         import wandb
 
         from ..environment import git_commit, machine_info
 
-        config = dict(self.config or learner.metadata.get("config") or {})
-        config["learner"] = learner.config()
+        config = dict(self.config or (learner.metadata.get("config") if learner is not None else None) or {})
+        if learner is not None:
+            config["learner"] = learner.config()
         config["system"] = {**machine_info(), "commit": git_commit()}
         kwargs: dict[str, Any] = {}
         if self._resume_id and self.mode == "online":
@@ -194,7 +201,7 @@ class WandbLogger(Callback):
         self.run = wandb.init(
             project=self.project, entity=self.entity, mode=self.mode, tags=self.tags, name=self.name,
             config=config, dir=str(self.run_dir) if self.run_dir is not None else None,
-            job_type="meta-train", settings=wandb.Settings(reinit="create_new", **self.settings), **kwargs,
+            job_type=job_type, settings=wandb.Settings(reinit="create_new", **self.settings), **kwargs,
         )
         if not self._atexit:
             atexit.register(self.finish)
@@ -228,6 +235,21 @@ class WandbLogger(Callback):
     def on_results(self, state: FitState, results: Mapping[str, Any]) -> None:
         """Called by :func:`metamtl.experiment.run` after the test evaluation: log and finish."""
         self.log_results(results.get("test", []), checkpoint=results.get("checkpoint"))
+        self.finish()
+
+    def log_evaluation(self, results: Mapping[str, Any]) -> None:
+        """Log a run that evaluated without training in this process (an ensemble of members
+        trained in their own processes, ``ensemble:`` configs): a W&B run of job type
+        ``evaluate`` with the held-out rows, each member's own accuracy in the summary
+        (``members/<name>/test/<setting>/accuracy``) and the checkpoint; then finish it."""
+        if self.run is None and not self.failed:
+            self._safe("init", self._init, None, "evaluate")
+        self.log_results(results.get("test", []), checkpoint=results.get("checkpoint"))
+        summary = {f"members/{m.get('name')}/test/{_setting(r)}/accuracy": r["accuracy"]
+                   for m in (results.get("ensemble") or {}).get("members", [])
+                   for r in m.get("test") or [] if r.get("accuracy") is not None}
+        if summary and self.active:
+            self._safe("summary", self.run.summary.update, summary)
         self.finish()
 
     # -- results ------------------------------------------------------------------------------

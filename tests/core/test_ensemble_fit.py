@@ -3,12 +3,19 @@ their ensemble evaluated, saved and reported; `metamtl evaluate` reads the ensem
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import yaml
 import torch
-from test_stages import folder_data, staged
+from test_stages import staged
 
 from metamtl import MetaLearner
+from metamtl.checkpoint import safe_load
 from metamtl.cli import main
 from metamtl.config import config_from_dict, load_config
 from metamtl.ensemble import Ensemble
@@ -18,17 +25,12 @@ from metamtl.experiment import build_test_tasks, run, setting_tasks
 
 
 def plain(tmp_path, **extra):
-    return {
-        "name": "ens", "output_dir": str(tmp_path / "runs"),
-        "data": {"name": "folder", "root": str(folder_data(tmp_path / "data")), "cache_dir": str(tmp_path / "cache")},
-        "tasks": {"ways": 3, "shots": 1, "queries": 2},
-        "model": {"name": "conv4", "hidden": 4, "blocks": 2},
-        "algorithm": {"name": "protonet"},
-        "train": {"iterations": 4, "meta_batch_size": 2, "device": "cpu", "val_every": 2, "val_episodes": 2},
-        "eval": {"episodes": 6, "queries": 2, "settings": [{"ways": 3, "shots": 1}]},
-        "logging": {"report": True, "metrics": "csv", "report_steps_episodes": 0},
-        **extra,
-    }
+    """test_stages' tiny config without stages, with two heads and an offline W&B run."""
+    cfg = staged(tmp_path, **{"name": "ens", "stages": [], **extra})
+    cfg["train"]["iterations"] = 4
+    cfg["eval"].update(episodes=6, heads=["algorithm", "simpleshot"])
+    cfg["logging"].update(report=True, metrics="csv", report_steps_episodes=0, wandb=True, mode="offline")
+    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +54,26 @@ def test_members_train_with_their_own_seeds_and_the_rows_are_their_averaged_prob
     tasks = setting_tasks(build_test_tasks(cfg), cfg.eval.settings[0], cfg)
     by_hand = Ensemble(learners).evaluate(tasks, cfg.eval.episodes, progress=False).to_dict()
     assert results["test"][0]["per_episode_loss"] == pytest.approx(by_hand["per_episode_loss"], abs=1e-6)
-    assert all(len(m["test"]) == 1 for m in members)  # each member alone, for comparison
+    assert all(len(m["test"]) == 2 for m in members)  # each member alone, for comparison
     page = (cfg.run_dir / "report.html").read_text()
     assert "Ensemble of <b>2</b> members" in page and "Member <b>member1</b> (seed 1)" in page
     assert json.loads((cfg.run_dir / "results.json").read_text())["checkpoint"] == results["checkpoint"]
+
+
+def test_wandb_records_the_ensemble_rows_and_each_member_its_own_run(ensemble_run):
+    pytest.importorskip("wandb")
+    from metamtl.reporting.wandb_offline import read_offline_run
+
+    cfg, results = ensemble_run
+    rows = {r["head"]: r for r in results["test"]}
+    run = read_offline_run(cfg.run_dir)  # the ensemble's run: its rows, one key per head
+    assert run.exit_code == 0 and run.config["ensemble"]["members"] == 2
+    assert run.summary["test/3w1s/accuracy"] == pytest.approx(rows["algorithm"]["accuracy"])
+    assert run.summary["test/3w1s/simpleshot/accuracy"] == pytest.approx(rows["simpleshot"]["accuracy"])
+    alone = results["ensemble"]["members"][1]["test"][0]
+    assert run.summary["members/member1/test/3w1s/accuracy"] == pytest.approx(alone["accuracy"])
+    member = read_offline_run(cfg.run_dir / "members" / "member0")  # each member logged its training
+    assert member.metric("train/loss") and member.config["logging"]["tags"] == ["ensemble:ens"]
 
 
 def test_each_member_is_an_ordinary_config_file(ensemble_run):
@@ -63,7 +81,7 @@ def test_each_member_is_an_ordinary_config_file(ensemble_run):
     member = load_config(cfg.run_dir / "members" / "member1.yaml")
     assert (member.seed, member.tasks.seed, member.ensemble.members) == (1, 1, 1)
     assert member.run_dir == cfg.run_dir / "members" / "member1"
-    assert (cfg.run_dir / "members" / "member1.log").read_text().count("held-out test") == 1
+    assert (cfg.run_dir / "members" / "member1.log").read_text().count("held-out test") == 2  # one per head
 
 
 def test_metamtl_evaluate_reads_an_ensemble_file(ensemble_run, tmp_path, capsys):
@@ -119,3 +137,28 @@ def test_a_failing_member_stops_the_run_and_shows_its_log(tmp_path):
     data["data"]["train_split"] = "no_such_split"  # the members fail loading it; the test split is fine
     with pytest.raises(MetamtlError, match=r"ensemble member member\d failed(.|\n)*no_such_split"):
         run(config_from_dict(data), progress=False, quiet=True)
+
+
+def test_ctrl_c_stops_every_member_with_a_resumable_checkpoint(tmp_path):
+    data = plain(tmp_path, ensemble={"members": 2})
+    data["train"].update(iterations=100_000, checkpoint_every=100_000)  # runs until interrupted
+    data["logging"].update(wandb=False, report=False)
+    path = tmp_path / "ens.yaml"
+    path.write_text(yaml.safe_dump(data))
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-m", "metamtl", "fit", str(path), "--no-progress"], cwd=repo,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    members = tmp_path / "runs" / "ens" / "members"
+    deadline = time.monotonic() + 120
+    while not all((members / f"member{i}" / "metrics.csv").is_file() and
+                  (members / f"member{i}" / "metrics.csv").stat().st_size > 200 for i in (0, 1)):
+        assert time.monotonic() < deadline and proc.poll() is None, "the members did not start training"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends (to the ensemble's process only)
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 128 + signal.SIGINT, out
+    assert f"metamtl fit {members}/memberI.yaml --resume {members}/memberI/last.pt" in out
+    for i in (0, 1):  # each member finished its iteration and saved where it stood
+        state = safe_load(members / f"member{i}" / "last.pt")
+        assert 0 < state["iteration"] < 100_000
+        assert "SIGTERM received" in (members / f"member{i}.log").read_text()
