@@ -497,6 +497,8 @@ def refresh_steps_curve(run_dir: str | Path, episodes: int | None = None, steps:
 
     run_dir = Path(run_dir)
     results, _ = load_run(run_dir)
+    if "ensemble" in results:  # an ensemble run has no learner.pt; each member's report has its curve
+        return
     cfg = config_from_dict({**results["config"], "output_dir": str(run_dir.parent), "name": run_dir.name})
     episodes = cfg.logging.report_steps_episodes if episodes is None else episodes
     if not episodes or _curve_is_current(run_dir, episodes, steps):

@@ -208,6 +208,10 @@ def _accuracy_figure(run_dir: Path, results: Mapping[str, Any], embed: bool) -> 
 def _steps_section(run_dir: Path, cfg: Mapping[str, Any], embed: bool) -> str:
     """The accuracy-vs-inner-steps plot and table from ``steps_curve.json`` (or why there is none)."""
     data = read_steps_curve(run_dir)
+    members = int((cfg.get("ensemble") or {}).get("members", 1))
+    if data is None and members > 1:
+        links = ", ".join(f'<a href="members/member{i}/report.html">member{i}</a>' for i in range(members))
+        return f'<p class="note">An ensemble: each member\'s report has its own curve ({links}).</p>'
     if data is None or "error" in data:
         disabled = int(cfg.get("logging", {}).get("report_steps_episodes", 100)) == 0
         note = ("Not computed (disabled)." if disabled and data is None else

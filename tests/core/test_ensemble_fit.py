@@ -57,6 +57,7 @@ def test_members_train_with_their_own_seeds_and_the_rows_are_their_averaged_prob
     assert all(len(m["test"]) == 2 for m in members)  # each member alone, for comparison
     page = (cfg.run_dir / "report.html").read_text()
     assert "Ensemble of <b>2</b> members" in page and "Member <b>member1</b> (seed 1)" in page
+    assert 'href="members/member1/report.html"' in page  # the members' accuracy-vs-steps curves
     assert json.loads((cfg.run_dir / "results.json").read_text())["checkpoint"] == results["checkpoint"]
 
 
@@ -74,6 +75,14 @@ def test_wandb_records_the_ensemble_rows_and_each_member_its_own_run(ensemble_ru
     assert run.summary["members/member1/test/3w1s/accuracy"] == pytest.approx(alone["accuracy"])
     member = read_offline_run(cfg.run_dir / "members" / "member0")  # each member logged its training
     assert member.metric("train/loss") and member.config["logging"]["tags"] == ["ensemble:ens"]
+
+
+def test_metamtl_report_rebuilds_an_ensemble_runs_page(ensemble_run):
+    cfg, _ = ensemble_run
+    (cfg.run_dir / "report.html").unlink()
+    assert main(["report", str(cfg.run_dir), "--no-progress"]) == 0
+    assert "Ensemble of <b>2</b> members" in (cfg.run_dir / "report.html").read_text()
+    assert not (cfg.run_dir / "steps_curve.json").exists()  # no learner.pt to compute one from
 
 
 def test_each_member_is_an_ordinary_config_file(ensemble_run):
