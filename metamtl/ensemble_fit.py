@@ -71,8 +71,8 @@ def train_members(cfg: Config, members: list[tuple[str, Config]], progress: bool
     """Run ``metamtl fit`` on every member's config at once, one process each, and wait for all.
 
     The members run in their own process groups, so a Ctrl-C reaches them once, through this
-    process: SIGINT / SIGTERM is passed on to every member (as SIGTERM), each saves a resumable ``last.pt``
-    as a single ``metamtl fit`` would, and :class:`~metamtl.errors.FitInterrupted` says how to
+    process: SIGINT / SIGTERM is passed on to every member (as SIGTERM), and each saves a
+    resumable ``last.pt`` as a single ``metamtl fit`` would, and :class:`~metamtl.errors.FitInterrupted` says how to
     resume them; a second signal stops them at once."""
     import yaml
 
@@ -100,8 +100,8 @@ def train_members(cfg: Config, members: list[tuple[str, Config]], progress: bool
             _stop(procs, signal.SIGKILL, wait=0)
             raise
     if stop.requested:
-        raise FitInterrupted(f"{signal_name(stop.signum)}: the ensemble's members stopped and saved resumable "
-                             f"checkpoints; resume one with metamtl fit {folder}/memberI.yaml --resume "
+        raise FitInterrupted(f"{signal_name(stop.signum)}: the ensemble's members stopped, each that had started "
+                             f"training saving a resumable checkpoint; resume one with metamtl fit {folder}/memberI.yaml --resume "
                              f"{folder}/memberI/last.pt, then metamtl evaluate their learner.pt files together",
                              stop.signum, 0)
 
