@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 import torch
+import yaml
 from test_stages import staged
 
 from metamtl import MetaLearner
@@ -50,7 +50,9 @@ def test_members_train_with_their_own_seeds_and_the_rows_are_their_averaged_prob
     assert not torch.equal(p0, p1)  # other seeds: other members
     saved = Ensemble.load(results["checkpoint"], device="cpu")
     assert len(saved) == 2 and torch.equal(next(iter(saved.members[1].model.parameters())), p1)
-    # the held-out row is the members' ensemble on the test episodes, computed here another way
+    # the held-out row is the ensemble of the members' saved learners on the test episodes (not one
+    # member's row); Ensemble's own averaging is checked against hand-averaged probabilities in
+    # tests/evaluation/test_ensemble.py
     tasks = setting_tasks(build_test_tasks(cfg), cfg.eval.settings[0], cfg)
     by_hand = Ensemble(learners).evaluate(tasks, cfg.eval.episodes, progress=False).to_dict()
     assert results["test"][0]["per_episode_loss"] == pytest.approx(by_hand["per_episode_loss"], abs=1e-6)
