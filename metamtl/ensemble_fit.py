@@ -80,7 +80,10 @@ def train_members(cfg: Config, members: list[tuple[str, Config]], progress: bool
     folder.mkdir(parents=True, exist_ok=True)
     threads = member_threads(cfg)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    say(f"[metamtl] ensemble: training {len(members)} members side by side, {threads} torch thread(s) each; "
+    cores = available_cores()
+    shared = (f" (more threads than the {cores} cores this process may use: the members share them, each "
+              "training slower)") if threads * len(members) > cores else ""
+    say(f"[metamtl] ensemble: training {len(members)} members side by side, {threads} torch thread(s) each{shared}; "
         f"their output: {folder}/member*.log")
     procs: list[tuple[str, subprocess.Popen]] = []
     with StopOnSignal() as stop:
