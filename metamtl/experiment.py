@@ -385,16 +385,21 @@ def run_callbacks(cfg: Config, callbacks: list[Callback] = ()) -> list[Callback]
 
         cbs.append(from_config(cfg.distill))
     if cfg.logging.wandb:
-        from .reporting.wandb_logger import WandbLogger  # optional: imports wandb lazily
-
-        cbs.append(WandbLogger(project=cfg.logging.project, entity=cfg.logging.entity, mode=cfg.logging.mode,
-                               tags=cfg.logging.tags, config=cfg.to_dict(), run_dir=cfg.run_dir))
+        cbs.append(wandb_logger(cfg))
     cbs += build_callbacks(cfg)
     if cfg.logging.report:
         from .reporting.report import HTMLReport
 
         cbs.append(HTMLReport(cfg.run_dir))
     return cbs
+
+
+def wandb_logger(cfg: Config, tags: list[str] = ()) -> Callback:
+    """The run's :class:`~metamtl.reporting.WandbLogger` as ``cfg.logging`` sets it (``tags`` added)."""
+    from .reporting.wandb_logger import WandbLogger  # optional: imports wandb lazily
+
+    return WandbLogger(project=cfg.logging.project, entity=cfg.logging.entity, mode=cfg.logging.mode,
+                       tags=[*cfg.logging.tags, *tags], config=cfg.to_dict(), run_dir=cfg.run_dir)
 
 
 def _train(learner: MetaLearner, cfg: Config, tasks: dict[str, Any], resume: str | Path | None, progress: bool,
@@ -699,10 +704,7 @@ def _evaluate_ensemble(cfg: Config, last: Config, members: list[tuple[str, Confi
         results["test"] = evaluate_held_out(ensemble, last, test_tasks, progress, say)
         results["eval_seconds"] = time.perf_counter() - t
     if cfg.logging.wandb:  # the members logged their own trainings; this run logs the ensemble's rows
-        from .reporting.wandb_logger import WandbLogger
-
-        WandbLogger(project=cfg.logging.project, entity=cfg.logging.entity, mode=cfg.logging.mode,
-                    tags=[*cfg.logging.tags, "ensemble"], config=cfg.to_dict(), run_dir=cfg.run_dir).log_evaluation(results)
+        wandb_logger(cfg, tags=["ensemble"]).log_evaluation(results)
     (cfg.run_dir / "results.json").write_text(json.dumps(results, indent=2))
     if cfg.logging.report:
         _write_report(cfg.run_dir, results, say)
