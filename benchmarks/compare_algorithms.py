@@ -77,6 +77,7 @@ def row(method: str, res: dict) -> dict:
         "train_seconds": res["train_seconds"],
         "algorithm": res["config"]["algorithm"],
         "train_ways": res["config"]["tasks"]["ways"],
+        "augment": res["config"].get("data", {}).get("train_augment"),
         "results": {f"{w}-way {s}-shot": (t["accuracy"], t["ci95"], t["episodes"], t["steps"])
                     for (w, s), t in sorted(tests.items())},
         "commit": res.get("commit"),
@@ -99,8 +100,9 @@ def table(rows: list[dict]) -> str:
             text = f"{100 * acc:.2f} ± {100 * ci:.2f}"
             cells.append(f"**{text}**" if acc == best[s] else text)
         alg = {k: v for k, v in r["algorithm"].items() if k != "name"}
+        augment = f", augmentation `{json.dumps(r['augment'])}`" if r.get("augment") else ""
         lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {r['iterations']} | "
-                     f"{r['train_seconds'] / 60:.1f} | train {r['train_ways']}-way; `{json.dumps(alg)}` |")
+                     f"{r['train_seconds'] / 60:.1f} | train {r['train_ways']}-way{augment}; `{json.dumps(alg)}` |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,34 @@
+"""benchmarks/compare_algorithms.py: the table names what differs between methods' training."""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def compare():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        yield importlib.import_module("compare_algorithms")
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+def _result(augment):
+    data = {"sources": ["a"]} if augment is None else {"sources": ["a"], "train_augment": augment}
+    return {"iterations": 10, "train_seconds": 60.0,
+            "config": {"algorithm": {"name": "transfer", "steps": 100}, "tasks": {"ways": 20}, "data": data},
+            "test": [{"ways": 5, "shots": 1, "accuracy": 0.9, "ci95": 0.01, "episodes": 600, "steps": 100}]}
+
+
+def test_table_row_names_training_augmentation_only_where_a_method_has_one(compare):
+    plain = compare.table([compare.row("transfer", _result(None))]).splitlines()[-1]
+    augmented = compare.table([compare.row("transfer", _result({"name": "affine"}))]).splitlines()[-1]
+    assert "augmentation" not in plain and "train 20-way; " in plain
+    assert 'train 20-way, augmentation `{"name": "affine"}`; `{"steps": 100}`' in augmented
+    assert "**90.00 ± 1.00**" in augmented
