@@ -95,3 +95,20 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """``benchmark_script("speed")``: a script of benchmarks/ imported as a module (its functions
+    tested without running it)."""
+    import importlib
+    import sys
+
+    def load(name: str):
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        try:
+            return importlib.import_module(name)
+        finally:
+            sys.path.remove(str(REPO / "benchmarks"))
+
+    return load

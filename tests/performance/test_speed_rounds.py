@@ -1,22 +1,12 @@
 """benchmarks/speed.py --rounds: rows repeated round-robin, ratios paired per round."""
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def speed():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        yield importlib.import_module("speed")
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+def speed(benchmark_script):
+    return benchmark_script("speed")
 
 
 def test_rounds_give_median_seconds_and_paired_ratio_with_range(speed):

@@ -1,22 +1,12 @@
 """benchmarks/compare_algorithms.py: the table names what differs between methods' training."""
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def compare():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        yield importlib.import_module("compare_algorithms")
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+def compare(benchmark_script):
+    return benchmark_script("compare_algorithms")
 
 
 def _result(augment):
