@@ -117,8 +117,8 @@ def build_test_tasks(cfg: Config) -> Any:
         return Sinusoid(shots=cfg.tasks.shots, queries=cfg.eval.queries, seed=cfg.tasks.test_seed)
     t = cfg.tasks
     if cfg.datasets:
-        return {d.label or d.name: EpisodeSampler(load_split(cfg, d.test_split, data=d), t.ways, t.shots,
-                                                  cfg.eval.queries, seed=t.test_seed, name=d.label or d.name)
+        return {d.label or d.name: _held_out(load_split(cfg, d.test_split, data=d), cfg, t.test_seed, cfg.eval.queries,
+                                             key="test_split", data=d, name=d.label or d.name)
                 for d in cfg.datasets if d.test_split} or None
     d = cfg.data
     if not d.test_split:
@@ -127,17 +127,27 @@ def build_test_tasks(cfg: Config) -> Any:
 
 
 def _held_out(dataset: ClassDataset, cfg: Config, seed: int, queries: int, hierarchy: Any = None,
-              key: str = "val_split") -> EpisodeSampler:
-    """Validation (or test, ``key``) episodes: the training episodes' ways and shots, with at most the
-    split's classes (64-class pre-training batches validate as 16-way episodes on 16 validation classes)."""
-    t = cfg.tasks
+              key: str = "val_split", data: DataConfig | None = None, name: str | None = None) -> EpisodeSampler:
+    """Validation (or test, ``key``) episodes of one dataset (``data``, default ``cfg.data``): the
+    training episodes' ways and shots, with at most the split's classes (64-class pre-training batches
+    validate as 16-way episodes on 16 validation classes; 60-way Omniglot training tests on 48 classes)."""
+    t, data = cfg.tasks, data or cfg.data
     if dataset.num_classes == 1:  # a 1-way episode scores 100% whatever the model
         raise TaskError(
-            f"data.{key} ({getattr(cfg.data, key)!r}) of {dataset.name!r} holds a single class "
+            f"data.{key} ({getattr(data, key)!r}) of {dataset.name!r} holds a single class "
             f"({dataset.class_names[0]}): too few for held-out episodes, which need 2 or more ways; give the "
             f"split more classes (more class folders, or data.split_fractions) or set data.{key}: null"
         )
-    return EpisodeSampler(dataset, min(t.ways, dataset.num_classes), t.shots, queries, seed=seed, hierarchy=hierarchy)
+    try:
+        return EpisodeSampler(dataset, min(t.ways, dataset.num_classes), t.shots, queries, seed=seed,
+                              hierarchy=hierarchy, name=name)
+    except TaskError as exc:  # name the settings that decide it (eval.queries is 15 unless set)
+        queries_key = "eval.queries" if key == "test_split" else "tasks.queries"
+        smallest = int(dataset.class_counts.min())
+        fits = (f"; with {smallest} images in its smallest class, {queries_key}: {smallest - t.shots} or less fits"
+                if smallest > t.shots else "")
+        raise TaskError(f"data.{key} ({getattr(data, key)!r}) cannot give held-out episodes: {exc}. They take "
+                        f"tasks.shots ({t.shots}) + {queries_key} ({queries}) images per class{fits}") from None
 
 
 def build_callbacks(cfg: Config) -> list[Callback]:
@@ -161,11 +171,10 @@ def _build_mixed_tasks(cfg: Config) -> dict[str, Any]:
         train.append(EpisodeSampler(load_split(cfg, d.train_split, d.train_rotations, d), t.ways, t.shots,
                                     t.queries, seed=t.seed, name=label, augment=train_augment(d)))
         if d.val_split:
-            val.append(EpisodeSampler(load_split(cfg, d.val_split, data=d), t.ways, t.shots, t.queries,
-                                      seed=t.val_seed, name=label))
+            val.append(_held_out(load_split(cfg, d.val_split, data=d), cfg, t.val_seed, t.queries, data=d, name=label))
         if d.test_split:
-            test[label] = EpisodeSampler(load_split(cfg, d.test_split, data=d), t.ways, t.shots,
-                                         cfg.eval.queries, seed=t.test_seed, name=label)
+            test[label] = _held_out(load_split(cfg, d.test_split, data=d), cfg, t.test_seed, cfg.eval.queries,
+                                    key="test_split", data=d, name=label)
     weights = t.mixture
     mixed = MixedTasks(train, weights, t.temperature, seed=t.seed)
     val_weights = weights if not isinstance(weights, list) else [
@@ -456,8 +465,8 @@ def held_out_sources(cfg: Config) -> tuple[dict[str | None, Any], str]:
         if split is None:
             raise ConfigError(f"dataset {d.name!r} has neither a test nor a validation split")
         label = (d.label or d.name) if cfg.datasets else None
-        sources[label] = EpisodeSampler(load_split(cfg, split, data=d), t.ways, t.shots, cfg.eval.queries,
-                                        seed=seed, name=label)
+        sources[label] = _held_out(load_split(cfg, split, data=d), cfg, seed, cfg.eval.queries,
+                                   key="test_split" if d.test_split else "val_split", data=d, name=label)
     return sources, split
 
 

@@ -241,3 +241,27 @@ def test_soft_sharing_penalty_reaches_the_meta_gradient():
 def test_mixture_with_unknown_source_gives_task_error():
     with pytest.raises(TaskError, match="distinct names"):
         MixedTasks([EpisodeSampler(toy("a", 1, 12), 3, 1, 2), EpisodeSampler(toy("a", 1, 12), 3, 1, 2)])
+
+
+def test_held_out_episodes_of_each_dataset_take_at_most_its_classes(data_root):
+    """Training ways above a dataset's held-out classes: its validation and test episodes use all
+    of them (as with one dataset), instead of refusing the run before it starts."""
+    from metamtl.config import config_from_dict
+    from metamtl.experiment import build_tasks, held_out_sources
+
+    small = {"name": "omniglot", "root": str(data_root), "sources": ["images_background_small1"], "image_size": 28}
+    cfg = config_from_dict({
+        "datasets": [{**small, "label": "a", "val_split": "val", "test_split": "test"},
+                     {**small, "label": "b", "sources": ["images_background_small2"], "val_split": "val",
+                      "test_split": "test"}],
+        "tasks": {"ways": 40, "shots": 1, "queries": 1},
+        "model": {"name": "multidataset", "hidden": 4, "out_features": None},
+        "algorithm": {"name": "multitask", "base": {"name": "anil", "head_init": "proto"}},
+        "eval": {"queries": 2, "settings": [{"ways": 5, "shots": 1}]},
+    })
+    tasks = build_tasks(cfg)
+    for label, test in tasks["test"].items():
+        assert test.ways == test.dataset.num_classes < 40 and test.queries == 2 and test.name == label
+    assert all(v.ways == min(40, v.dataset.num_classes) and v.queries == 1 for v in tasks["val"].sources)
+    sources, split = held_out_sources(cfg)
+    assert split == "test" and {k: s.ways for k, s in sources.items()} == {k: s.ways for k, s in tasks["test"].items()}

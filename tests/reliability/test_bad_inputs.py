@@ -286,6 +286,23 @@ def test_eval_settings_the_test_split_cannot_serve_are_refused_before_training(f
     assert "nothing was trained" in err and not (tmp_path / "runs" / "sine" / "last.pt").exists()
 
 
+def test_eval_queries_too_many_for_the_test_images_names_the_setting_and_what_fits(folder_config, capsys):
+    """The default eval.queries (15) on a folder of 4 images per class: the error says which setting
+    decides it and the largest value that fits, not just "shots + queries = 16"."""
+    import yaml
+
+    tmp_path, cfg = folder_config
+    del cfg["eval"]["queries"]  # the default, 15
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["fit", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "data.test_split ('test') cannot give held-out episodes" in err, err
+    assert "tasks.shots (1) + eval.queries (15) images per class" in err
+    assert "4 images in its smallest class, eval.queries: 3 or less fits" in err
+    assert not (tmp_path / "runs" / "sine" / "last.pt").exists()
+
+
 def test_a_held_out_split_of_one_class_is_refused_naming_the_split(tmp_path):
     """A 1-way validation split would score 100% whatever the model (and pick best.pt by it)."""
     from metamtl.experiment import _held_out

@@ -172,3 +172,20 @@ def test_report_and_wandb_handle_multi_dataset_and_skipped_rows(tiny_run, tmp_pa
     run = read_offline_run(tmp_path / "wb")
     assert run.summary["test/omniglot/5w2s/accuracy"] == pytest.approx(res["test"][1]["accuracy"])
     assert not any(k.startswith("test/omniglot/50w") for k in run.summary)
+
+
+def test_steps_curve_when_training_ways_exceed_held_out_classes(tiny_run, tmp_path):
+    """A run trained on more ways than the test split has classes (the demo: 60-way episodes, 48
+    test characters) still gets its accuracy-vs-steps curve for the evaluated settings."""
+    from metamtl.experiment import refresh_steps_curve
+
+    run_dir, _ = tiny_run
+    copy = tmp_path / "wide"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("wandb", "steps_curve.json"))
+    res = json.loads((copy / "results.json").read_text())
+    res["config"]["tasks"]["ways"] = 500  # more than Omniglot small1's held-out characters
+    (copy / "results.json").write_text(json.dumps(res))
+    refresh_steps_curve(copy, episodes=3, progress=False)
+    curve = json.loads((copy / "steps_curve.json").read_text())
+    assert "error" not in curve
+    assert [c["setting"] for c in curve["curves"]] == ["5-way 1-shot", "5-way 2-shot"]
