@@ -354,8 +354,8 @@ def _run(cfg: Config, resume: str | Path | None, progress: bool, callbacks: list
     for split in ("train", "val", "test"):
         if tasks[split] is not None:
             say(f"[metamtl] {split} tasks:{' ' * (6 - len(split))}{tasks[split]}")
-    cbs = run_callbacks(cfg, callbacks)
-    learner = build_learner(cfg, tasks["train"])
+    learner = build_learner(cfg, tasks["train"])  # first: its initial weights depend on the seed alone,
+    cbs = run_callbacks(cfg, callbacks)  # not on what building the callbacks (e.g. loading a teacher) draws
     chosen = f" | precision auto: {learner.precision}" if learner.placement.auto_precision else ""
     say(f"[metamtl] {learner} | {sum(p.numel() for p in learner.model.parameters()):,} parameters{chosen}")
     if cfg.init_from:

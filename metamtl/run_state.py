@@ -234,22 +234,8 @@ def learner_from_state(cls: type["MetaLearner"], obj: dict[str, Any], path: Any,
     cfg = obj["config"]
     resolve_device(device)  # a bad device is the caller's mistake, not the checkpoint's: say so first
     try:
-        if model is None:
-            model = build_model(**cfg["model"])
-        elif model.config.get("name") and config_diff(cfg["model"], model.config):
-            raise CheckpointError(f"{path} holds a different model than the one given:\n  "
-                                  + "\n  ".join(config_diff(cfg["model"], model.config)))
-        model.load_state_dict(obj["model_state"])
-        algorithm = build_algorithm(**cfg["algorithm"])
-        algorithm.setup(model)
-        algorithm.load_state_dict(obj["algorithm_state"])
-        prep = obj.get("preprocessing")
-        learner = cls(model, algorithm, preprocessing=Preprocessing.from_dict(prep) if prep else None,
-                      device=device, task_defaults=obj.get("task_defaults"), metadata=obj.get("metadata"),
-                      **dict(cfg["learner"]))
-        learner.run.iteration = int(obj.get("iteration", 0))
-        learner.run.history = list(obj.get("history", []))
-        learner.inference = InferenceSettings.from_state(obj.get("evaluation"))
+        with torch.random.fork_rng(devices=[]):  # every initial value drawn here is overwritten: loading must
+            return _rebuild(cls, obj, path, cfg, device, model)  # not move the global RNG (a student built next)
     except CheckpointError:
         raise
     except (MetamtlError, RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -257,4 +243,25 @@ def learner_from_state(cls: type["MetaLearner"], obj: dict[str, Any], path: Any,
             f"{path} does not match this metamtl version's models and settings "
             f"(written by metamtl {obj.get('metamtl_version', '?')}, this is {__version__}): {exc}"
         ) from exc
+
+
+def _rebuild(cls: type["MetaLearner"], obj: dict[str, Any], path: Any, cfg: dict[str, Any], device: Any,
+             model: TrunkHead | None) -> "MetaLearner":
+    """The learner of a checkpoint (errors are translated by :func:`learner_from_state`)."""
+    if model is None:
+        model = build_model(**cfg["model"])
+    elif model.config.get("name") and config_diff(cfg["model"], model.config):
+        raise CheckpointError(f"{path} holds a different model than the one given:\n  "
+                              + "\n  ".join(config_diff(cfg["model"], model.config)))
+    model.load_state_dict(obj["model_state"])
+    algorithm = build_algorithm(**cfg["algorithm"])
+    algorithm.setup(model)
+    algorithm.load_state_dict(obj["algorithm_state"])
+    prep = obj.get("preprocessing")
+    learner = cls(model, algorithm, preprocessing=Preprocessing.from_dict(prep) if prep else None,
+                  device=device, task_defaults=obj.get("task_defaults"), metadata=obj.get("metadata"),
+                  **dict(cfg["learner"]))
+    learner.run.iteration = int(obj.get("iteration", 0))
+    learner.run.history = list(obj.get("history", []))
+    learner.inference = InferenceSettings.from_state(obj.get("evaluation"))
     return learner

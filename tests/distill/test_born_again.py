@@ -137,3 +137,40 @@ def test_born_again_table_reads_the_algorithm_head_of_a_teacher_with_several_hea
     out = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "table"], capture_output=True, text=True,
                          check=True).stdout
     assert "| wide60 | 1000 | 8258 | 60.0 | 50.00 ± 1.00 | 54.00 ± 1.00 |" in out
+
+
+def test_loading_a_teacher_leaves_the_global_rng_alone(tmp_path):
+    """A student built after its teacher is loaded draws the same initial weights as its twin."""
+    path = transfer(seed=3).save(tmp_path / "gen0.pt")
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    MetaLearner.load(path, device="cpu")
+    from_config({"teacher": str(path), "phases": ["classes"]})
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_config_student_and_its_twin_start_from_the_same_weights(tmp_path, data_root):
+    """`distill:` in a config changes the loss only: same seed, same initial weights (born_again.py's pairs)."""
+    from metamtl.callbacks import Callback
+    from metamtl.experiment import run
+
+    class FirstWeights(Callback):
+        def on_fit_start(self, state):
+            self.weights = {k: v.clone() for k, v in state.learner.model.state_dict().items()}
+
+    base = {"data": {"name": "omniglot", "root": str(data_root), "sources": ["images_background_small1"],
+                     "image_size": 28, "val_split": None, "test_split": None},
+            "tasks": {"ways": 5, "shots": 1, "queries": 2}, "model": {"name": "conv4", "hidden": 4},
+            "algorithm": {"name": "maml", "steps": 1, "lr": 0.4}, "output_dir": str(tmp_path),
+            "train": {"iterations": 1, "meta_batch_size": 1, "device": "cpu", "scheduler": None},
+            "logging": {"report": False, "metrics": None}}
+    firsts = {}
+    for name, extra in (("teacher", {}), ("twin", {}), ("student", {"distill": {"teacher": str(tmp_path / "teacher" / "learner.pt"),
+                                                                                "phases": ["query"]}})):
+        firsts[name] = FirstWeights()
+        run(config_from_dict({**base, "name": name, "seed": 7 if name == "teacher" else 0, **extra}),
+            callbacks=[firsts[name]], progress=False, quiet=True)
+    twin, student = firsts["twin"].weights, firsts["student"].weights
+    assert all(torch.equal(twin[k], student[k]) for k in twin)
+    assert not all(torch.equal(twin[k], firsts["teacher"].weights[k]) for k in twin)
