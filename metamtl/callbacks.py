@@ -388,7 +388,8 @@ SCHEDULERS = ("cosine", "step", "exponential", "plateau")
 class LRScheduler(Callback):
     """Set the meta-optimizer's learning rate every iteration (closed-form, so resumes are exact).
 
-    ``base`` is each param group's learning rate when training starts; the rate used by
+    ``base`` is each param group's learning rate before any schedule changed it (its
+    ``initial_lr``, set by the first scheduler of the optimizer); the rate used by
     iteration ``t`` (0-based) is:
 
     * ``"cosine"``: linear warm-up ``base * (t + 1) / warmup`` for ``t < warmup``, then cosine
@@ -461,8 +462,9 @@ class LRScheduler(Callback):
             group["lr"] = self.factor_lr(base, state.iteration, total, progress)
 
     def on_fit_start(self, state):
-        if self.base is None:
-            self.base = [float(g["lr"]) for g in state.learner.meta_optimizer.param_groups]
+        if self.base is None:  # each group's rate before any schedule touched it (torch's ``initial_lr``), so a
+            # new scheduler on a continued fit (fit(3) then fit(2)) anneals from meta_lr, not from the rate reached
+            self.base = [float(g.setdefault("initial_lr", g["lr"])) for g in state.learner.meta_optimizer.param_groups]
         if self.over == "budget" and not state.budget_minutes:
             raise ConfigError("a scheduler with over='budget' needs a time budget (fit budget_minutes)")
         if self.name == "plateau" and state.val_every is None:

@@ -65,6 +65,20 @@ def test_step_and_exponential_schedules(toy_tasks, name, kw, factors):
     assert [r["train/lr"] for r in learner.history] == pytest.approx([1e-2 * f for f in factors])
 
 
+def test_a_continued_fit_with_a_new_schedule_anneals_from_meta_lr(toy_tasks):
+    """fit(3) then fit(2), each with a fresh cosine over 5 iterations, follows fit(5)'s rates: the
+    second scheduler starts from the optimizer's initial rate, not from the annealed one."""
+    lrs = {}
+    for parts in ((5,), (3, 2)):
+        learner = make_learner(alg="fomaml")
+        for n in parts:
+            learner.fit(toy_tasks[0], iterations=n, meta_batch_size=1, progress=False,
+                        callbacks=[LRScheduler("cosine", total=5)])
+        lrs[parts] = [r["train/lr"] for r in learner.history]
+    assert lrs[(3, 2)] == pytest.approx(lrs[(5,)], rel=1e-12)
+    assert lrs[(5,)][3] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 3 / 5)))
+
+
 class FakeValidation(Callback):
     """Replaces the validation metrics by a fixed sequence (runs before the tested callbacks)."""
 
