@@ -589,6 +589,16 @@ def check_output_dir(cfg: Config) -> None:
         ) from exc
 
 
+def _empty_metrics(path: Path) -> bool:
+    """A metrics file without a single row (only the CSV header): left by a run that stopped before
+    its first iteration was logged (a bad setting found when training starts)."""
+    if path.suffix not in (".csv", ".jsonl"):
+        return False
+    with open(path, "rb") as fh:
+        lines = fh.read(4096).splitlines()
+    return len(lines) <= (1 if path.suffix == ".csv" else 0)
+
+
 def claim_run_dir(cfg: Config, resume: str | Path | None = None, overwrite: bool = False) -> RunFolderLock:
     """Take the run folder for this process and make sure no earlier run in it is lost.
 
@@ -604,7 +614,10 @@ def claim_run_dir(cfg: Config, resume: str | Path | None = None, overwrite: bool
     if main_process:
         lock.acquire()
     try:
-        existing = [f for f in RUN_FILES if (run_dir / f).exists()]
+        existing = [f for f in RUN_FILES if (run_dir / f).exists() and not _empty_metrics(run_dir / f)]
+        if main_process and not existing:  # a run that failed before its first iteration holds nothing to keep
+            for f in RUN_FILES:
+                (run_dir / f).unlink(missing_ok=True)
         continuing = resume is not None and Path(resume).resolve().parent == run_dir.resolve()
         if existing and not continuing:
             if not overwrite:

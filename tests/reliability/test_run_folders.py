@@ -57,6 +57,18 @@ def test_fit_into_a_folder_holding_a_run_refuses_and_names_resume_and_overwrite(
     assert snapshot(run_dir) == before  # not a byte changed
 
 
+def test_a_run_that_failed_before_its_first_iteration_does_not_block_the_next(tmp_path, capsys):
+    """A failure found when training starts leaves only a metrics header: not a run to protect."""
+    cfg = write_config(tmp_path, **{"logging.metrics": "csv", "model.in_features": 2})  # sine inputs have 1
+    assert main(["fit", str(cfg), "--no-progress"]) == 2
+    run_dir = tmp_path / "runs" / "sine"
+    assert (run_dir / "metrics.csv").read_text() == "iteration,time,metric,value\n"
+    capsys.readouterr()
+    cfg = write_config(tmp_path, **{"logging.metrics": "csv"})
+    assert main(["fit", str(cfg), "--no-progress"]) == 0, capsys.readouterr().err
+    assert len((run_dir / "metrics.csv").read_text().splitlines()) > 1
+
+
 def test_resuming_from_a_checkpoint_that_does_not_exist_says_so(finished, capsys):
     cfg, run_dir = finished
     before = snapshot(run_dir)
