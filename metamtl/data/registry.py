@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -37,6 +38,7 @@ def _load_folder(split: str, root: Path, split_fractions: Sequence[float] = (0.6
     """``root/<split>/`` if that folder exists, else ``split`` of ``root``'s classes (a root with other
     split folders but not this one is refused: its classes would be drawn from those splits)."""
     if (root / split).is_dir():
+        kwargs = _stored_like_train(split, kwargs, (root / "train").is_dir(), lambda kw: ClassFolder(root / "train", **kw))
         return ClassFolder(root / split, **kwargs)
     present = [s for s in SPLIT_FOLDERS if (root / s).is_dir()]
     if present and split != "all":
@@ -54,7 +56,22 @@ def _load_csv(split: str, root: Path, csv_path: str | os.PathLike | None = None,
     (default ``root/images`` if it exists, else ``root``)."""
     if image_root is None:
         image_root = root / "images" if (root / "images").is_dir() else root
+    if csv_path is None:
+        kwargs = _stored_like_train(split, kwargs, (root / "train.csv").is_file(),
+                                    lambda kw: CSVClassDataset(root / "train.csv", image_root, **kw))
     return CSVClassDataset(csv_path or root / f"{split}.csv", image_root, **kwargs)
+
+
+def _stored_like_train(split: str, kwargs: dict, has_train: bool, load_train: Callable[[dict], ClassDataset]) -> dict:
+    """The options of a held-out split stored on its own (``root/val/``, ``val.csv``): unless
+    ``preprocessing`` is given, its images are stored as the training split's are (channels and size
+    decided from the *training* images), so a model trained on one split reads the others: grey 24x24
+    test images beside RGB 32x32 training images become RGB 32x32, as ``predict`` reads them."""
+    if split == "train" or not has_train or kwargs.get("preprocessing") is not None:
+        return kwargs
+    with warnings.catch_warnings():  # the training split's own warnings were shown when it was loaded
+        warnings.simplefilter("ignore")
+        return {**kwargs, "preprocessing": load_train(kwargs).preprocessing}
 
 
 _ADAPTERS: dict[str, Callable[..., ClassDataset]] = {"folder": _load_folder, "csv": _load_csv}

@@ -350,6 +350,37 @@ def test_a_split_folder_missing_beside_others_is_refused_not_drawn_from_them(tmp
     assert load_dataset("folder", "all", tmp_path, cache_dir=False).num_classes == 10
 
 
+@pytest.mark.parametrize("layout", ["folders", "csv"])
+def test_held_out_splits_on_disk_are_stored_like_the_training_split(tmp_path, layout):
+    """root/train RGB 8x8 beside root/val and root/test grey 6x6 (or train.csv / val.csv / test.csv):
+    every split is stored at the training split's channels and size, so a model trained on one reads
+    the others (they used to be decided per split: training worked, validation then failed)."""
+    from metamtl.data import load_dataset
+
+    rows = {}
+    for split, classes, grey in (("train", range(4), False), ("val", range(4, 7), True), ("test", range(7, 10), True)):
+        for c in classes:
+            for i in range(2):
+                img = ramp(6, 6, offset=10 * c + i) if grey else np.stack([ramp(offset=10 * c + i + k) for k in range(3)], -1)
+                name = f"{split}/c{c}/{i}.png"
+                save(tmp_path / "images" / name, img)
+                rows.setdefault(split, []).append(f"{name},c{c}")
+    root = tmp_path / "images"
+    if layout == "csv":
+        root = tmp_path
+        for split, lines in rows.items():
+            (tmp_path / f"{split}.csv").write_text("filename,label\n" + "\n".join(lines) + "\n")
+    name = "folder" if layout == "folders" else "csv"
+    splits = {s: load_dataset(name, s, root, cache_dir=False) for s in ("train", "val", "test", "train+val")}
+    for split, ds in splits.items():
+        assert ds.preprocessing.channels == 3 and tuple(ds.preprocessing.size) == (8, 8), split
+        assert ds.images.shape[1:] == (3, 8, 8), split
+    grey = splits["val"].images[0]
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[0], grey[2])  # grey images replicated, not coloured
+    explicit = Preprocessing(size=(6, 6), channels=1, mean=(0.0,), std=(1.0,))
+    assert load_dataset(name, "val", root, cache_dir=False, preprocessing=explicit).images.shape[1:] == (1, 6, 6)
+
+
 def test_duplicate_csv_rows_are_dropped_with_a_warning(tmp_path):
     for i in range(3):
         save(tmp_path / "img" / f"a{i}.png", ramp(offset=i))
