@@ -183,6 +183,18 @@ def _build_mixed_tasks(cfg: Config) -> dict[str, Any]:
             "test": test or None}
 
 
+def square_side(preprocessing: Any, dataset: str, model_cfg: dict[str, Any]) -> int:
+    """The ``image_size`` of a model built for ``dataset``'s stored images, refusing (before
+    training) images that are not square: the image models (conv4, resnet12) take square inputs."""
+    h, w = preprocessing.size
+    if h != w and "image_size" not in model_cfg:
+        raise ConfigError(
+            f"{dataset!r}: its images are stored at {h}x{w} (height x width, the most common size among them), "
+            f"but metamtl's image models take square images; set data.image_size: N to store every image at NxN "
+            f"(e.g. data.image_size: {max(h, w)}; in Python ClassFolder(..., image_size=N)) and train again")
+    return h
+
+
 def build_learner(cfg: Config, train_tasks: TaskSource, callbacks: list[Callback] = ()) -> MetaLearner:
     """Model + algorithm + learner for the config, shaped after the training data."""
     model_cfg = dict(cfg.model)
@@ -208,14 +220,14 @@ def build_learner(cfg: Config, train_tasks: TaskSource, callbacks: list[Callback
         elif len({tuple(v) for v in shapes.values()}) == 1:  # one input shape: any model
             first = next(iter(preps.values()))
             model_cfg.setdefault("in_channels", first.channels)
-            model_cfg.setdefault("image_size", first.size[0])
+            model_cfg.setdefault("image_size", square_side(first, next(iter(preps)), model_cfg))
         learned_head = algorithm.inner.head_init == "learned"
         model_cfg.setdefault("out_features", cfg.tasks.ways if learned_head else None)
         preprocessing = None
     else:
         preprocessing = train_tasks.dataset.preprocessing  # type: ignore[attr-defined]
         model_cfg.setdefault("in_channels", preprocessing.channels)
-        model_cfg.setdefault("image_size", preprocessing.size[0])
+        model_cfg.setdefault("image_size", square_side(preprocessing, train_tasks.dataset.name, model_cfg))  # type: ignore[attr-defined]
         learned_head = algorithm.inner.head_init == "learned"
         model_cfg.setdefault("out_features", cfg.tasks.ways if learned_head else None)
     model = build_model(**model_cfg)

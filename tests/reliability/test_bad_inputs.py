@@ -303,6 +303,28 @@ def test_eval_queries_too_many_for_the_test_images_names_the_setting_and_what_fi
     assert not (tmp_path / "runs" / "sine" / "last.pt").exists()
 
 
+def test_images_that_are_not_square_are_refused_before_training_naming_the_fix(folder_config, capsys):
+    """The models take square images: a folder of 8x6 images is refused before training with the setting
+    that fixes it (it used to train nothing and fail on the first episode's shape)."""
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    tmp_path, cfg = folder_config
+    for c in range(10):
+        for i in range(4):
+            Image.fromarray(np.full((8, 6), 20 * c + i, np.uint8)).save(tmp_path / "data" / f"c{c}" / f"{i}.png")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["fit", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "its images are stored at 8x6 (height x width" in err and "set data.image_size: N" in err, err
+    assert not (tmp_path / "runs" / "sine" / "last.pt").exists()
+    cfg["data"]["image_size"] = 8
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["fit", str(path), "--no-progress"]) == 0, capsys.readouterr().err
+
+
 def test_a_held_out_split_of_one_class_is_refused_naming_the_split(tmp_path):
     """A 1-way validation split would score 100% whatever the model (and pick best.pt by it)."""
     from metamtl.experiment import _held_out
