@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from .checkpoint import FORMAT, FORMAT_VERSION, atomic_save, safe_load
 from .errors import CheckpointError, ConfigError, InputError
 from .evaluation import EvalResult, episode_reader, hierarchy_of, summarize
+from .heads import head_name
 from .inputs import check_steps, with_support_copies
 from .learner import MetaLearner
 from .progress_bars import progress_bar
@@ -145,7 +146,7 @@ class Ensemble:
             bar.close()
         first = self.members[0]
         used = steps if steps is not None else first.algorithm.eval_steps
-        names = {h.name if h is not None else "algorithm" for h in heads}
+        names = {head_name(h) for h in heads}
         return summarize(rows, used, hierarchy=hierarchy_of(tasks),
                          head=names.pop() if len(names) == 1 else "+".join(sorted(names)),
                          transductive=bool(heads[0] is not None and heads[0].transductive))

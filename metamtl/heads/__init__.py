@@ -68,7 +68,9 @@ def build_head(spec: Any) -> FeatureHead | None:
 
 
 def head_name(head: FeatureHead | None) -> str:
-    return ALGORITHM if head is None else head.name
+    """What a result row calls ``head``: ``"algorithm"``, a head's name, or its name with the settings
+    that differ from the defaults (:attr:`FeatureHead.label`)."""
+    return ALGORITHM if head is None else head.label
 
 
 __all__ = ["ALGORITHM", "BDCSPN", "FeatureHead", "HEADS", "LaplacianShot", "LogisticRegression", "NearestCentroid",

@@ -78,6 +78,14 @@ class FeatureHead:
     def config(self) -> dict[str, Any]:
         return {"name": self.name, **dataclasses.asdict(self)}
 
+    @property
+    def label(self) -> str:
+        """The name, with the settings that differ from the defaults (``logreg(C=0.01)``): what result
+        rows, reports and W&B keys call this head, so two settings of one head stay apart."""
+        changed = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                   if f.default is not dataclasses.MISSING and getattr(self, f.name) != f.default]
+        return f"{self.name}({', '.join(changed)})" if changed else self.name
+
     def __call__(self, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, ways: int,
                  mean: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[queries, ways]`` from support features ``[S, D]`` (labels ``0..ways-1``) and

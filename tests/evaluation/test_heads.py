@@ -63,7 +63,7 @@ def test_simpleshot_without_transforms_is_exactly_protonet(splits):
     b = lr.evaluate(test, 6, progress=False, head=plain)
     assert a.per_episode_accuracy == b.per_episode_accuracy
     torch.testing.assert_close(torch.tensor(a.per_episode_loss), torch.tensor(b.per_episode_loss))
-    assert (a.head, b.head, b.transductive) == ("algorithm", "simpleshot", False)
+    assert (a.head, b.head, b.transductive) == ("algorithm", "simpleshot(center=False, normalize=False)", False)
 
 
 def test_logreg_reaches_the_regularised_optimum():
@@ -131,6 +131,20 @@ def test_every_head_beats_chance_through_the_learner_and_says_what_it_is(name, s
     res = trained.evaluate(splits[1], 10, progress=False, head=name)
     assert res.accuracy > 0.4 and res.head == name  # 5-way: chance 0.2
     assert res.transductive == HEADS[name].transductive == (name in ("bdcspn", "laplacianshot", "softkmeans", "sinkhorn"))
+
+
+def test_two_settings_of_one_head_are_told_apart_in_rows_and_wandb_keys(splits, trained):
+    """eval.heads [logreg C=0.01, logreg C=100] used to give two rows both called "logreg" (and one W&B
+    key): a head's label carries the settings that differ from its defaults."""
+    from metamtl.heads import build_head, head_name
+    from metamtl.reporting.wandb_logger import _setting
+
+    assert head_name(build_head("logreg")) == "logreg" and head_name(None) == "algorithm"
+    assert head_name(build_head({"name": "simpleshot", "center": False})) == "simpleshot(center=False)"
+    rows = [trained.evaluate(splits[1], 4, progress=False, head={"name": "logreg", "C": c}) for c in (0.01, 100.0)]
+    assert [r.head for r in rows] == ["logreg(C=0.01)", "logreg(C=100.0)"]
+    w, k = rows[0].ways, rows[0].shots
+    assert [_setting(r.to_dict()) for r in rows] == [f"{w}w{k}s/logreg(C=0.01)", f"{w}w{k}s/logreg(C=100.0)"]  # W&B
 
 
 def test_inductive_heads_classify_each_query_alone(splits):
