@@ -57,6 +57,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if saved is None:
         raise MetamtlError(f"{labels[0]} has no data config; evaluate it from Python with MetaLearner.evaluate")
     check_same_data(members, labels)
+    _check_held_out_split(args.split, saved, args.data_root)
     for data in [saved["data"], *saved.get("datasets", [])]:  # several for multi-dataset learners
         if args.data_root:
             data["root"] = args.data_root
@@ -95,6 +96,21 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(out if len(out) > 1 else out[next(iter(out))], indent=2))
     return 0
+
+
+def _check_held_out_split(split: str | None, saved: dict, data_root: str | None) -> None:
+    """``--split`` must name classes the learner was not trained on: its training split (or ``all``
+    of the data it was trained on) would score training classes as if they were held out."""
+    if split is None:
+        return
+    trained = {str(d.get("train_split") or "train") for d in [saved["data"], *saved.get("datasets", [])]}
+    asked = set(split.split("+"))
+    overlap = sorted(asked & {s for t in trained for s in t.split("+")})
+    if overlap or ("all" in asked and not data_root):
+        raise ConfigError(
+            f"--split {split!r} holds classes this learner was trained on (its training split: "
+            f"{' / '.join(sorted(trained))}); evaluate scores held-out classes: use --split test or --split val"
+            + ("" if data_root else ", or --data-root with another dataset (then --split all scores all its classes)"))
 
 
 def check_same_data(members: Sequence[Any], paths: Sequence[str]) -> None:

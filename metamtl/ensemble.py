@@ -145,7 +145,7 @@ class Ensemble:
         finally:
             bar.close()
         first = self.members[0]
-        used = steps if steps is not None else first.algorithm.eval_steps
+        used = 0 if all(h is not None for h in heads) else steps if steps is not None else first.algorithm.eval_steps
         names = {head_name(h) for h in heads}
         return summarize(rows, used, hierarchy=hierarchy_of(tasks),
                          head=names.pop() if len(names) == 1 else "+".join(sorted(names)),

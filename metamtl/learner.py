@@ -221,8 +221,8 @@ class MetaLearner:
         steps = self.algorithm.eval_steps if steps is None else steps
         head = self.inference.classifier(head)
         score = scorer(self.algorithm, self.model, steps, head, self.bn_stats, lambda e: self.feature_mean(e.dataset))
-        return evaluate_episodes(
-            score, self.model, episode_at, n, steps, placement=self.placement, strategy=self.strategy,
+        return evaluate_episodes(  # a feature head takes no inner steps: its rows say 0
+            score, self.model, episode_at, n, steps if head is None else 0, placement=self.placement, strategy=self.strategy,
             progress=progress, check=lambda ep: self.check_episode(ep, "evaluate"),
             support_augment=self.inference.augment(support_augment), hierarchy=hierarchy_of(tasks),
             head=head_name(head), transductive=bool(head is not None and head.transductive))

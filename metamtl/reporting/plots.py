@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -151,7 +152,7 @@ def plot_comparison(bars: Sequence[Mapping[str, Any]], path: Path, title: str = 
     labels = list(dict.fromkeys(b["label"] for b in bars))
     per_group = {g: [b for b in bars if b["group"] == g] for g in groups}
     width = 0.8 / max(len(v) for v in per_group.values())
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 0.9 * len(bars)), 4.2))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 0.9 * len(bars), 1.6 * len(groups)), 4.6))
     colors, runs = {}, 0
     for label in labels:  # runs get colours in order; published references are grey and hatched
         if any(b["reference"] for b in bars if b["label"] == label):
@@ -173,12 +174,14 @@ def plot_comparison(bars: Sequence[Mapping[str, Any]], path: Path, title: str = 
                         xytext=(0, 1), textcoords="offset points")
             lows.append(b["value"] - e)
     ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels(groups)
+    ax.set_xticklabels([textwrap.fill(g, 22) for g in groups], fontsize=8)  # long settings wrap, never overlap
     ax.set_ylabel("accuracy (%), 95% CI")
     lo = max(0.0, math.floor((min(lows) - 5) / 5) * 5) if lows else 0.0
     ax.set_ylim(lo, 101 if lo > 0 else 100)
     ax.grid(axis="y", alpha=0.3)
     if title:
         ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(3, len(labels)), frameon=False)
+    lines = max(textwrap.fill(g, 22).count("\n") + 1 for g in groups)  # the legend goes below the wrapped labels
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.06 - 0.055 * lines), ncol=min(3, len(labels)),
+              frameon=False)
     return _save(fig, path)

@@ -153,6 +153,12 @@ def _run_label(results: Mapping[str, Any]) -> str:
 
 
 # -- one run --------------------------------------------------------------------------------------
+def _in_total(results: dict[str, Any]) -> str:
+    """An ensemble's iterations are its members' sum: say so (each member's count follows)."""
+    members = results.get("ensemble", {}).get("members", [])
+    return f" in total over its {len(members)} members" if members else ""
+
+
 def _memory_line(results: dict) -> str:
     """``; peak memory N MB (how), mode`` for the report's header (empty for runs without it)."""
     peak = results.get("peak_memory_mb")
@@ -273,7 +279,7 @@ def _report_page(run_dir: Path, results: Mapping[str, Any], figures: list[tuple[
 <p class="meta"><b>{_e(alg.get('name'))}</b> on <b>{_e(model.get('name'))}</b>
 ({_e(', '.join(f'{k}={v}' for k, v in model.items() if k != 'name'))}),
 meta-trained on {t.get('ways')}-way {t.get('shots')}-shot tasks ({t.get('queries')} queries per class,
-{tr.get('meta_batch_size')} tasks per meta-batch) for <b>{results.get('iterations')}</b> meta-iterations in
+{tr.get('meta_batch_size')} tasks per meta-batch) for <b>{results.get('iterations')}</b> meta-iterations{_in_total(results)} in
 {results.get('train_seconds', 0):.0f} s (stopped by {_e(results.get('stopped_by'))}){_memory_line(results)}.{_stages(results)}{_members(results)}<br>
 Data: {_e(protocol(cfg)[0])}.<br>
 Commit <code>{_e(results.get('commit'))}</code>, {_e(results.get('date'))},

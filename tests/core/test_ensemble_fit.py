@@ -59,6 +59,7 @@ def test_members_train_with_their_own_seeds_and_the_rows_are_their_averaged_prob
     assert all(len(m["test"]) == 2 for m in members)  # each member alone, for comparison
     page = (cfg.run_dir / "report.html").read_text()
     assert "Ensemble of <b>2</b> members" in page and "Member <b>member1</b> (seed 1)" in page
+    assert "<b>8</b> meta-iterations in total over its 2 members" in page  # 4 each, not 8 each
     assert 'href="members/member1/report.html"' in page  # the members' accuracy-vs-steps curves
     assert json.loads((cfg.run_dir / "results.json").read_text())["checkpoint"] == results["checkpoint"]
 

@@ -65,6 +65,12 @@ def test_cli_fit_then_evaluate_end_to_end(tmp_path, data_root):
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert "(5-way 1-shot, 5 episodes" in ev.stdout
 
+    # the training classes are not held out: --split train / all are refused naming the split
+    for split in ("train", "all", "train+val"):
+        ev = subprocess.run([sys.executable, "-m", "metamtl", "evaluate", str(run_dir / "learner.pt"), "--split", split,
+                             "--episodes", "5", "--no-progress"], capture_output=True, text=True, env=env, timeout=600)
+        assert ev.returncode == 2 and f"--split {split!r} holds classes this learner was trained on" in ev.stderr, ev.stderr
+
 
 def test_cli_reports_bad_config_without_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
