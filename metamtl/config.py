@@ -541,19 +541,39 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=value`` overrides to a nested dict (in place; also returned)."""
+    """Apply ``a.b=value`` overrides to a nested dict (in place; also returned).  Inside a list
+    (``stages``, ``datasets``) a part is an index or an entry's ``name`` / ``label``:
+    ``stages.1.train.iterations=5`` or ``stages.anil.train.iterations=5``."""
     for text in overrides:
         path, value = parse_override(text)
-        node = data
+        node: Any = data
         for part in path[:-1]:
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            if not isinstance(nxt, dict):
+            if isinstance(node, list):
+                nxt = node[_list_index(node, part, text)]
+            else:
+                nxt = node.get(part)
+                if nxt is None:
+                    nxt = node[part] = {}
+            if not isinstance(nxt, (dict, list)):
                 raise ConfigError(f"override {text!r}: {part!r} is not a section")
             node = nxt
-        node[path[-1]] = value
+        if isinstance(node, list):
+            node[_list_index(node, path[-1], text)] = value
+        else:
+            node[path[-1]] = value
     return data
+
+
+def _list_index(items: list, part: str, text: str) -> int:
+    """The position ``part`` names in a config list: an index, or an entry's ``name`` / ``label``."""
+    if part.isdigit() and int(part) < len(items):
+        return int(part)
+    named = [i for i, x in enumerate(items) if isinstance(x, dict) and part in (x.get("name"), x.get("label"))]
+    if len(named) == 1 and isinstance(items[named[0]], dict):
+        return named[0]
+    names = [str(x.get("label") or x.get("name")) for x in items if isinstance(x, dict) and (x.get("name") or x.get("label"))]
+    raise ConfigError(f"override {text!r}: {part!r} is neither an index (0..{len(items) - 1}) nor the name of one "
+                      f"entry of the list" + (f" ({', '.join(names)})" if names else ""))
 
 
 def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:

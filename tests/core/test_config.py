@@ -51,6 +51,26 @@ def test_overrides_parse_yaml_values():
         apply_overrides({}, ["train.iterations"])
 
 
+def test_overrides_reach_list_entries_by_index_or_name():
+    """stages (and datasets) are lists: ``stages.anil.train.iterations=3`` or ``stages.1...`` sets one stage."""
+    data = {"stages": [{"name": "protonet", "train": {"iterations": 10}}, {"name": "anil"}],
+            "datasets": [{"name": "omniglot", "label": "o"}], "data": {"train_rotations": [0, 90]}}
+    apply_overrides(data, ["stages.1.train.iterations=5", "stages.protonet.train.iterations=3",
+                           "datasets.o.image_size=32", "data.train_rotations.1=180"])
+    assert data["stages"] == [{"name": "protonet", "train": {"iterations": 3}}, {"name": "anil", "train": {"iterations": 5}}]
+    assert data["datasets"][0]["image_size"] == 32 and data["data"]["train_rotations"] == [0, 180]
+    with pytest.raises(ConfigError, match=r"'foo' is neither an index \(0..1\) nor the name of one entry of the list "
+                                          r"\(protonet, anil\)"):
+        apply_overrides(data, ["stages.foo.train.iterations=1"])
+    with pytest.raises(ConfigError, match="'0' is not a section"):
+        apply_overrides(data, ["data.train_rotations.0.x=1"])
+    cfg = load_config(CONFIG_DIR / "benchmarks" / "omniglot_5w1s_anil.yaml",
+                      ["stages.anil.train.budget_minutes=null", "stages.anil.train.iterations=3",
+                       "stages.anil.train.scheduler.over=iterations"])
+    (_, first), (_, second) = stage_configs(cfg)
+    assert second.train.iterations == 3 and second.train.budget_minutes is None and first.train.budget_minutes == 7.5
+
+
 def test_cli_overrides_may_follow_options(tmp_path, capsys):
     """``metamtl fit CONFIG --overwrite key=value``: overrides after an option are overrides, in order,
     not an argparse "unrecognized arguments" error (so are evaluate's checkpoints and report's run
