@@ -569,7 +569,7 @@ def _list_index(items: list, part: str, text: str) -> int:
     if part.isdigit() and int(part) < len(items):
         return int(part)
     named = [i for i, x in enumerate(items) if isinstance(x, dict) and part in (x.get("name"), x.get("label"))]
-    if len(named) == 1 and isinstance(items[named[0]], dict):
+    if len(named) == 1:
         return named[0]
     names = [str(x.get("label") or x.get("name")) for x in items if isinstance(x, dict) and (x.get("name") or x.get("label"))]
     raise ConfigError(f"override {text!r}: {part!r} is neither an index (0..{len(items) - 1}) nor the name of one "
