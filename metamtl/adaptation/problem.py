@@ -323,10 +323,13 @@ class Adapted:
         p = self.problem
         feats: dict = {}
         if p.head_only:  # the trunk does not adapt: its features of x are computed once
-            key = (x.data_ptr(), tuple(x.shape), x._version, tuple(taps))
-            if self._features is None or self._features[0] != key:
-                self._features = (key, *p.features(x, taps))
-            x_in, feats = self._features[1], self._features[2]
+            # keyed on the tensor itself (kept alive here), not its address: a freed batch's memory
+            # may hold the next batch, which must not get the old features
+            key = (x._version, tuple(taps))
+            cached = self._features
+            if cached is None or cached[0] is not x or cached[1] != key:
+                self._features = cached = (x, key, *p.features(x, taps))
+            x_in, feats = cached[2], cached[3]
         else:
             x_in = x
         logits, more = p.forward(self.trajectory[k], k, x_in, () if p.head_only else taps)

@@ -75,3 +75,19 @@ def test_inference_settings_override_per_call_and_round_trip_through_a_checkpoin
     assert InferenceSettings.from_state(None) == InferenceSettings()
     with pytest.raises(ConfigError, match="unknown support_augment key 'copy'"):
         InferenceSettings.create({"copy": 3})
+
+
+@pytest.mark.parametrize("name, kw", [("anil", {"steps": 1, "lr": 0.1, "head_init": "proto"}),
+                                      ("maml", {"steps": 1, "lr": 0.1, "head_init": "proto", "adapt": "head"})])
+def test_an_adapted_predictor_answers_each_new_batch_not_a_cached_one(name, kw):
+    """Head-only predictors cache trunk features per input; a freed batch's memory reused by the next
+    batch used to return the old batch's logits."""
+    from metamtl import MetaLearner
+    from metamtl.algorithms import build_algorithm
+
+    torch.manual_seed(0)
+    learner = MetaLearner(build_model("conv4", hidden=4, out_features=None), build_algorithm(name, **kw), device="cpu")
+    sx, sy = torch.randn(5, 1, 28, 28), torch.arange(5)
+    predictor = learner.adapt(sx, sy)
+    for q in [torch.randn(4, 1, 28, 28) for _ in range(6)]:
+        torch.testing.assert_close(predictor(q * 1.0), learner.adapt(sx, sy)(q.clone()), atol=1e-5, rtol=0)
