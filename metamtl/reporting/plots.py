@@ -174,14 +174,15 @@ def plot_comparison(bars: Sequence[Mapping[str, Any]], path: Path, title: str = 
                         xytext=(0, 1), textcoords="offset points")
             lows.append(b["value"] - e)
     ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([textwrap.fill(g, 22) for g in groups], fontsize=8)  # long settings wrap, never overlap
+    wrapped = [textwrap.fill(g, 22) for g in groups]  # long settings wrap, never overlap
+    ax.set_xticklabels(wrapped, fontsize=8)
     ax.set_ylabel("accuracy (%), 95% CI")
     lo = max(0.0, math.floor((min(lows) - 5) / 5) * 5) if lows else 0.0
     ax.set_ylim(lo, 101 if lo > 0 else 100)
     ax.grid(axis="y", alpha=0.3)
     if title:
         ax.set_title(title)
-    lines = max(textwrap.fill(g, 22).count("\n") + 1 for g in groups)  # the legend goes below the wrapped labels
+    lines = max(w.count("\n") + 1 for w in wrapped)  # the legend goes below the wrapped labels
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.06 - 0.055 * lines), ncol=min(3, len(labels)),
               frameon=False)
     return _save(fig, path)
