@@ -61,11 +61,28 @@ def model_input(x: Any, what: str, *, model: TrunkHead, placement: Placement,
     return x
 
 
-def support_labels(y: Any, n: int, task: str, device: torch.device) -> tuple[torch.Tensor, int]:
+def check_regression_targets(y: torch.Tensor, what: str, model: TrunkHead | None) -> None:
+    """:class:`InputError` unless ``y`` are finite regression targets the model's outputs match:
+    ``[n]`` or ``[n, d]`` with ``d`` the model's outputs (1 with a per-task head)."""
+    if not y.is_floating_point():
+        raise InputError(f"{what} must be float regression targets, got {y.dtype}")
+    if not bool(torch.isfinite(y).all()):
+        raise InputError(f"{what} contains NaN or infinite targets; drop or fill those examples first")
+    width = 1 if y.dim() == 1 else int(y.shape[1])
+    outputs = 1 if model is None or model.out_features is None else model.out_features
+    if y.dim() > 2 or width != outputs:
+        raise InputError(
+            f"{what} has shape {list(y.shape)} but the model predicts {outputs} value(s) per example: "
+            f"give targets of shape [n] or [n, {outputs}], or build the model with out_features={width}"
+        )
+
+
+def support_labels(y: Any, n: int, task: str, device: torch.device,
+                   model: TrunkHead | None = None) -> tuple[torch.Tensor, int]:
     """Support labels as a tensor on ``device`` and the number of ways (1 for regression).
 
     Classification labels must be the integers ``0..N-1``, every class with a support example;
-    regression targets are ``[n]`` or ``[n, d]`` floats.
+    regression targets are finite ``[n]`` or ``[n, d]`` floats, ``d`` the outputs of ``model``.
     """
     try:
         y = torch.as_tensor(y, device=device)
@@ -76,6 +93,8 @@ def support_labels(y: Any, n: int, task: str, device: torch.device) -> tuple[tor
     if y.shape[0] != n:
         raise InputError(f"support_x has {n} examples but support_y has {y.shape[0]} labels")
     if task == "regression":
+        y = y.float() if not y.is_floating_point() else y
+        check_regression_targets(y, "support_y", model)
         return y.float().view(n, -1), 1
     if y.is_floating_point() and not bool((y == y.round()).all()):
         raise InputError("support_y must hold integer class labels 0..N-1")
@@ -101,6 +120,9 @@ def check_episode(episode: Any, what: str, *, task: str, model: TrunkHead) -> No
     episode.validate()
     if episode.task != task:
         raise InputError(f"{where} is a {episode.task} task but this learner does {task}")
+    if task == "regression":
+        for kind in ("support_y", "query_y"):
+            check_regression_targets(getattr(episode, kind), f"{where}: {kind}", model)
     if episode.query_x.shape[0] == 0:
         raise InputError(f"{where} has no query examples; {what} needs queries >= 1 per class "
                          "(the query loss is what meta-training optimises and evaluation measures)")
@@ -126,6 +148,14 @@ def check_learner_parts(model: Any, algorithm: Any, task: str) -> Algorithm:
         raise ConfigError(f"algorithm must be an Algorithm or a name, got {type(algorithm).__name__}")
     if task not in TASK_TYPES:
         raise unknown_name("task type", task, TASK_TYPES)
+    if task == "regression" and algorithm.inner.head_init == "proto":
+        raise ConfigError(
+            f"algorithm {algorithm.name!r} builds its head from class prototypes (head_init='proto'), which "
+            "needs class labels; for regression use a gradient-based algorithm with head_init 'learned' "
+            "(e.g. 'maml') or 'zero'"
+        )
+    if model.head is None or algorithm.inner.head_init != "learned":
+        model.num_features  # a per-task head is built on the trunk's features: their number must be known
     return algorithm
 
 

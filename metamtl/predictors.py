@@ -74,7 +74,7 @@ def adapt(learner: "MetaLearner", support_x: Any, support_y: Any, steps: int | N
     inputs.check_steps(steps)
     learner.check_finite("adapt")
     x = learner.model_input(support_x, "support_x")
-    y, ways = inputs.support_labels(support_y, x.shape[0], learner.task, learner.device)
+    y, ways = inputs.support_labels(support_y, x.shape[0], learner.task, learner.device, learner.model)
     x, y = inputs.support_copies(x, y, learner.inference.augment(support_augment))
     head = learner.inference.classifier(head)
     learner.model.eval()

@@ -202,11 +202,19 @@ def load_trunk(model: TrunkHead, source: Mapping[str, torch.Tensor] | str | Path
         ) from None
 
 
+def check_saveable(model: TrunkHead) -> None:
+    """:class:`CheckpointError` unless ``model`` can be written to a checkpoint (it has a config name)."""
+    if not model.config.get("name"):
+        raise CheckpointError(
+            "the model has no config name, so a checkpoint could not say what to rebuild: build it with "
+            "metamtl.models.build_model, or name your own network, TrunkHead(trunk, head, config={'name': "
+            "'mynet'}), and load its checkpoints with MetaLearner.load(path, model=<the same network>)"
+        )
+
+
 def learner_state(learner: "MetaLearner", training_state: bool = False) -> dict[str, Any]:
     """What :meth:`MetaLearner.save <metamtl.MetaLearner.save>` writes: the checkpoint format."""
-    if not learner.model.config.get("name"):
-        raise CheckpointError("the model has no config (build it with metamtl.models.build_model); "
-                              "it could not be rebuilt on load")
+    check_saveable(learner.model)
     obj: dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "metamtl_version": __version__,
         "config": learner.config(),

@@ -177,7 +177,18 @@ class TrunkHead(nn.Module):
 
     @property
     def num_features(self) -> int:
-        return int(self.trunk.out_features)
+        """Features per example the trunk gives: its ``out_features`` or, failing that, the head's
+        ``in_features``; :class:`ConfigError` when neither says."""
+        n = getattr(self.trunk, "out_features", None)
+        if n is None and self.head is not None:
+            n = getattr(self.head, "in_features", None)
+        if n is None:
+            raise ConfigError(
+                f"the trunk {type(self.trunk).__name__} does not say how many features it gives, and per-task "
+                "heads are built on them: set trunk.out_features = <features per example> (e.g. in its "
+                "__init__), or give the model a head with in_features"
+            )
+        return int(n)
 
     @property
     def out_features(self) -> int | None:

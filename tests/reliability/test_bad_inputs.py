@@ -20,7 +20,7 @@ from metamtl.algorithms import build_algorithm
 from metamtl.cli import main
 from metamtl.config import apply_overrides, config_from_dict, load_config
 from metamtl.tasks import Sinusoid
-from metamtl.errors import ConfigError, InputError, MetamtlError, TaskError
+from metamtl.errors import CheckpointError, ConfigError, InputError, MetamtlError, TaskError
 from metamtl.models import build_model
 from metamtl.tasks import Episode, EpisodeSampler, MixedTasks
 
@@ -37,6 +37,32 @@ def episode_with(ep: Episode, **changes) -> Episode:
     import dataclasses
 
     return dataclasses.replace(ep, **changes)
+
+
+def regressor(algorithm="maml", out_features=1, **inner):
+    model = build_model("mlp", hidden=[8], out_features=out_features)
+    inner = inner if algorithm == "protonet" else {"steps": 1, "lr": 0.01} | inner
+    return MetaLearner(model, build_algorithm(algorithm, **inner), task="regression", device="cpu")
+
+
+def sine_episode():
+    return Sinusoid(shots=5, queries=5).episode(0)
+
+
+class _Unsized(torch.nn.Module):
+    """A user's trunk that does not say how many features it gives (no ``out_features``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x).mean((2, 3))
+
+
+def custom_learner(head, **inner):
+    from metamtl.models import TrunkHead
+    return MetaLearner(TrunkHead(_Unsized(), head), build_algorithm("maml", **({"steps": 1, "lr": 0.1} | inner)), device="cpu")
 
 
 SAMPLER = [
@@ -121,6 +147,15 @@ LEARNER = [
     ("inner-first-order-text", lambda e: build_algorithm("maml", first_order="yes"), ConfigError, r"first_order must be true or false"),
     ("algorithm-typo", lambda e: build_algorithm("reptil"), ConfigError, r"unknown algorithm 'reptil'. Did you mean 'reptile'"),
     ("algorithm-contradiction", lambda e: build_algorithm("reptile", first_order=False), ConfigError, r"algorithm 'reptile' fixes \{'first_order': True\}; drop the contradictory setting"),
+    # regression and user-built models
+    ("regression-proto-head", lambda e: regressor(head_init="proto", out_features=None), ConfigError, r"builds its head from class prototypes \(head_init='proto'\), which needs class labels; for regression"),
+    ("regression-protonet", lambda e: regressor("protonet", out_features=None), ConfigError, r"algorithm 'protonet' builds its head from class prototypes"),
+    ("regression-nan-target", lambda e: regressor().predict(sine_episode().support_x, sine_episode().support_y * math.nan, sine_episode().query_x), InputError, r"support_y contains NaN or infinite targets"),
+    ("regression-targets-wider-than-model", lambda e: regressor().predict(sine_episode().support_x, sine_episode().support_y.expand(-1, 3), sine_episode().query_x), InputError, r"support_y has shape \[5, 3\] but the model predicts 1 value\(s\) per example: give targets of shape \[n\] or \[n, 1\], or build the model with out_features=3"),
+    ("regression-episode-nan-query", lambda e: regressor().evaluate([episode_with(sine_episode(), query_y=sine_episode().query_y * math.inf)], progress=False), InputError, r"episode 0 of 'sinusoid': query_y contains NaN or infinite targets"),
+    ("regression-fit-targets-narrower-than-model", lambda e: fit(regressor(out_features=2), Sinusoid()), InputError, r"fit: episode 0 of 'sinusoid': support_y has shape \[\d+, 1\] but the model predicts 2 value\(s\)"),
+    ("custom-trunk-without-out-features", lambda e: custom_learner(None, head_init="zero"), ConfigError, r"the trunk _Unsized does not say how many features it gives, and per-task heads are built on them: set trunk.out_features"),
+    ("custom-model-checkpoints-without-name", lambda e: fit(custom_learner(torch.nn.Linear(4, 5)), e.sampler, checkpoint_dir=e.tmp), CheckpointError, r"the model has no config name, .* TrunkHead\(trunk, head, config=\{'name': 'mynet'\}\)"),
     ("learner-needs-trunk-head", lambda e: MetaLearner(torch.nn.Linear(2, 2)), ConfigError, r"needs a metamtl.models.TrunkHead"),
 ]
 
@@ -337,3 +372,13 @@ def test_a_held_out_split_of_one_class_is_refused_naming_the_split(tmp_path):
     with pytest.raises(TaskError, match=r"data.test_split \('test'\) .* set data.test_split: null"):
         _held_out(toy_dataset().subset([3]), cfg, 2, 2, key="test_split")
     assert _held_out(toy_dataset().subset([3, 4]), cfg, 1, 2).ways == 2  # at most the split's classes
+
+
+def test_a_user_trunk_without_out_features_takes_its_feature_count_from_the_head(env):
+    """Per-task heads need the trunk's feature count; a head's in_features answers when the trunk
+    does not say, so a user's network with a linear head trains with a fresh per-task head."""
+    learner = custom_learner(torch.nn.Linear(4, 5))
+    assert learner.model.num_features == 4
+    transfer = MetaLearner(learner.model, build_algorithm("transfer", num_classes=5, steps=1), device="cpu")
+    episode = env.episode
+    assert transfer.predict(episode.support_x, episode.support_y, episode.query_x).shape == (10, 5)
