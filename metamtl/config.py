@@ -367,7 +367,8 @@ def _check_numbers(cfg: Config) -> None:
     _at_least("eval.episodes", cfg.eval.episodes, 1)
     _at_least("eval.queries", cfg.eval.queries, 1)
     _at_least("eval.steps", cfg.eval.steps, 0)
-    _at_least("data.image_size", cfg.data.image_size, 1)
+    for where, data in _data_entries(cfg):
+        _at_least(f"{where}.image_size", data.image_size, 1)
     for where, seed in (("seed", cfg.seed), ("tasks.seed", t.seed), ("tasks.val_seed", t.val_seed),
                         ("tasks.test_seed", t.test_seed), ("data.split_seed", cfg.data.split_seed)):
         if seed is not None and not 0 <= seed < 2**63:
@@ -378,21 +379,27 @@ def _check_data(cfg: Config) -> None:
     """Training augmentation of every dataset entry; held-out splits differ from the training one."""
     from .data.augment import build_augment
 
-    for i, data in enumerate(cfg.datasets or [cfg.data]):
+    for where, data in _data_entries(cfg):
         if data.train_augment is not None:
-            where = f"datasets[{i}]" if cfg.datasets else "data"
             try:
                 build_augment(data.train_augment)
             except ConfigError as exc:
                 raise ConfigError(f"{where}.train_augment: {exc}") from None
-    d = cfg.data
-    trained = set(str(d.train_split).split("+"))
-    for other in ("val_split", "test_split"):
-        if getattr(d, other) is not None and set(str(getattr(d, other)).split("+")) & trained:
-            raise ConfigError(
-                f"data.{other} ({getattr(d, other)!r}) shares classes with data.train_split ({d.train_split!r}): "
-                f"evaluation classes must be held out from training; choose another split or set data.{other}: null"
-            )
+        trained = set(str(data.train_split).split("+"))
+        for other in ("val_split", "test_split"):
+            held_out = getattr(data, other)
+            if held_out is not None and set(str(held_out).split("+")) & trained:
+                raise ConfigError(
+                    f"{where}.{other} ({held_out!r}) shares classes with {where}.train_split ({data.train_split!r}): "
+                    f"evaluation classes must be held out from training; choose another split or set {where}.{other}: null"
+                )
+
+
+def _data_entries(cfg: Config) -> list[tuple[str, DataConfig]]:
+    """``(where, section)`` for every dataset a config trains on: ``datasets[i]`` entries, else ``data``."""
+    if cfg.datasets:
+        return [(f"datasets[{i}]", d) for i, d in enumerate(cfg.datasets)]
+    return [("data", cfg.data)]
 
 
 def _check_train_callbacks(cfg: Config) -> None:
