@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
@@ -34,6 +35,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 from .checkpoint import RunFolderLock, ensure_writable_dir, safe_load
 from .errors import CheckpointError, ConfigError, TrainingError, unknown_name
 from .progress_bars import progress_bar
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .learner import MetaLearner
@@ -523,6 +526,13 @@ class MetricsLogger(Callback):
     def on_fit_start(self, state):
         if not state.is_main_process:
             return
+        if self.size and not (self.path.is_file() and self.path.stat().st_size >= self.size):
+            # resumed from a checkpoint of another folder (or the file was lost): a fresh file, not one
+            # padded with zero bytes up to where the checkpoint's file had got
+            log.warning("metrics file %s does not hold the %d bytes the checkpoint had written: starting it "
+                        "afresh (the rows before iteration %d are in the checkpoint's own run folder)",
+                        self.path, self.size, state.iteration)
+            self.size = 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fh = open(self.path, "r+b" if self.size is not None and self.path.exists() else "wb")

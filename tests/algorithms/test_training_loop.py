@@ -168,6 +168,23 @@ def test_metrics_logger_writes_long_csv(tmp_path, toy_tasks):
         MetricsLogger(tmp_path / "m.txt")
 
 
+def test_resuming_into_another_folder_starts_a_clean_metrics_file(tmp_path, toy_tasks):
+    """A checkpoint copied to (or resumed into) another folder: that folder's metrics file starts
+    afresh with its header, not padded with zero bytes up to where the first run's file had got."""
+    train, _ = toy_tasks
+    first = make_learner(alg="fomaml")
+    first.fit(train, iterations=2, meta_batch_size=1, checkpoint_dir=tmp_path / "a", checkpoint_every=1,
+              callbacks=[MetricsLogger(tmp_path / "a" / "m.csv")], progress=False)
+    resumed = make_learner(alg="fomaml")
+    resumed.fit(train, iterations=4, meta_batch_size=1, checkpoint_dir=tmp_path / "b", resume=tmp_path / "a" / "last.pt",
+                callbacks=[MetricsLogger(tmp_path / "b" / "m.csv")], progress=False)
+    data = (tmp_path / "b" / "m.csv").read_bytes()
+    assert b"\0" not in data
+    lines = data.decode().splitlines()
+    assert lines[0] == "iteration,time,metric,value"
+    assert {int(line.split(",")[0]) for line in lines[1:]} == {3, 4}
+
+
 def test_unwritable_checkpoint_folder_fails_before_training(tmp_path, toy_tasks):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
