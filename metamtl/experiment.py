@@ -425,15 +425,16 @@ def wandb_logger(cfg: Config, tags: list[str] = ()) -> Callback:
 
 def _train(learner: MetaLearner, cfg: Config, tasks: dict[str, Any], resume: str | Path | None, progress: bool,
            callbacks: list[Callback]) -> float:
-    """``learner.fit`` with the config's training settings; returns the seconds it took."""
-    tr, t1 = cfg.train, time.perf_counter()
+    """``learner.fit`` with the config's training settings; returns the seconds of meta-training of
+    the whole run (a resumed run's include those before the interruption)."""
+    tr = cfg.train
     learner.fit(
         tasks["train"], tasks["val"], iterations=tr.iterations, meta_batch_size=tr.meta_batch_size,
         val_every=tr.val_every, val_episodes=tr.val_episodes, num_workers=cfg.tasks.num_workers,
         checkpoint_dir=cfg.run_dir, checkpoint_every=tr.checkpoint_every, resume=resume,
         budget_minutes=tr.budget_minutes, progress=progress, callbacks=callbacks,
     )
-    return time.perf_counter() - t1
+    return learner.elapsed
 
 
 def _results(cfg: Config, learner: MetaLearner, selected: int | None, record: dict[str, Any]) -> dict[str, Any]:

@@ -152,6 +152,10 @@ def test_sigint_saves_a_checkpoint_and_resuming_matches_an_uninterrupted_run(tmp
         assert torch.equal(a["model_state"][key], value), key
     losses = lambda obj: [r["train/loss"] for r in obj["history"] if "train/loss" in r]  # noqa: E731
     assert losses(a) == losses(b) and len(losses(a)) == total
+    # the resumed run's training time is the whole run's, the interrupted part included
+    before = next(r["time"] for r in a["history"] if r.get("iteration") == stopped)
+    seconds = json.loads((tmp_path / "a" / "sine" / "results.json").read_text())["train_seconds"]
+    assert seconds >= a["history"][-1]["time"] > before > 0
 
 
 def test_sigterm_to_the_process_group_with_workers_then_disk_full_then_resume(tmp_path):
