@@ -667,10 +667,11 @@ def check_eval_settings(cfg: Config, test_tasks: Any) -> None:
             if several and s.ways > getattr(source, "num_classes", s.ways):
                 continue
             try:
-                source.with_settings(ways=s.ways, shots=s.shots, queries=cfg.eval.queries)
+                setting_tasks(source, s, cfg)  # the very source evaluation draws from, hierarchy included
             except TaskError as exc:
+                within = "" if s.hierarchy is None else f" within one superclass (hierarchy {s.hierarchy!r})"
                 raise TaskError(
-                    f"eval.settings[{i}] ({s.ways}-way {s.shots}-shot, eval.queries {cfg.eval.queries}) cannot be "
+                    f"eval.settings[{i}] ({s.ways}-way {s.shots}-shot{within}, eval.queries {cfg.eval.queries}) cannot be "
                     f"evaluated on {where}: {exc}. Change eval.settings / eval.queries (or the split) before "
                     "training: nothing was trained"
                 ) from None

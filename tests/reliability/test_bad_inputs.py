@@ -308,6 +308,9 @@ def folder_config(tmp_path):
                  r"eval.settings\[1\] \(5-way 1-shot, eval.queries 1\) cannot be evaluated on the test split \('test'\): 5-way tasks need 5 classes but", id="more-ways-than-test-classes"),
     pytest.param([{"ways": 2, "shots": 3}], 2,
                  r"eval.settings\[0\] \(2-way 3-shot, eval.queries 2\) .* shots \+ queries = 5 but", id="shots-plus-queries-more-than-images"),
+    pytest.param([{"ways": 2, "shots": 1, "hierarchy": {f"c{c}": f"s{c}" for c in range(10)}}], 1,
+                 r"eval.settings\[0\] \(2-way 1-shot within one superclass \(hierarchy .*\), eval.queries 1\) cannot be evaluated on the test split \('test'\): 2-way episodes within one superclass need a superclass with >= 2 classes",
+                 id="hierarchy-superclasses-smaller-than-ways"),
 ])
 def test_eval_settings_the_test_split_cannot_serve_are_refused_before_training(folder_config, capsys, settings, queries, message):
     import re
