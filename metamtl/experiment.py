@@ -144,10 +144,15 @@ def _held_out(dataset: ClassDataset, cfg: Config, seed: int, queries: int, hiera
     except TaskError as exc:  # name the settings that decide it (eval.queries is 15 unless set)
         queries_key = "eval.queries" if key == "test_split" else "tasks.queries"
         smallest = int(dataset.class_counts.min())
-        fits = (f"; with {smallest} images in its smallest class, {queries_key}: {smallest - t.shots} or less fits"
-                if smallest > t.shots else "")
-        raise TaskError(f"data.{key} ({getattr(data, key)!r}) cannot give held-out episodes: {exc}. They take "
-                        f"tasks.shots ({t.shots}) + {queries_key} ({queries}) images per class{fits}") from None
+        if smallest >= t.shots + queries and hierarchy is not None:  # images suffice: the superclasses are too small
+            hint = (f"They are drawn within one superclass (tasks.hierarchy {hierarchy!r}) with "
+                    f"min(tasks.ways, the split's classes) = {min(t.ways, dataset.num_classes)} ways; lower "
+                    "tasks.ways, or set tasks.hierarchy: null")
+        else:
+            fits = (f"; with {smallest} images in its smallest class, {queries_key}: {smallest - t.shots} or less fits"
+                    if smallest > t.shots else "")
+            hint = f"They take tasks.shots ({t.shots}) + {queries_key} ({queries}) images per class{fits}"
+        raise TaskError(f"data.{key} ({getattr(data, key)!r}) cannot give held-out episodes: {exc}. {hint}") from None
 
 
 def build_callbacks(cfg: Config) -> list[Callback]:

@@ -388,3 +388,19 @@ def test_a_user_trunk_without_out_features_takes_its_feature_count_from_the_head
     transfer = MetaLearner(learner.model, build_algorithm("transfer", num_classes=5, steps=1), device="cpu")
     episode = env.episode
     assert transfer.predict(episode.support_x, episode.support_y, episode.query_x).shape == (10, 5)
+
+
+@pytest.mark.parametrize("queries, message, not_in", [
+    (2, r"lower tasks.ways, or set tasks.hierarchy: null", "tasks.queries"),  # images suffice: superclasses too small
+    (6, r"tasks.shots \(1\) \+ tasks.queries \(6\) images per class; with 6 images in its smallest class, tasks.queries: 5 or less fits", None),
+])
+def test_held_out_episodes_within_superclasses_name_the_setting_that_does_not_fit(queries, message, not_in):
+    """Validation episodes within one superclass (tasks.hierarchy) of too few classes name tasks.ways
+    and tasks.hierarchy, not the images-per-class advice, which is only given when images are short."""
+    from metamtl.experiment import _held_out
+
+    cfg = config_from_dict({"tasks": {"ways": 3, "shots": 1, "queries": queries}, "algorithm": {"name": "protonet"}})
+    pairs = {f"c{i}": f"s{i // 2}" for i in range(12)}  # superclasses of 2 classes: 3-way episodes cannot be drawn
+    with pytest.raises(TaskError, match=message) as info:
+        _held_out(toy_dataset(), cfg, 0, queries, hierarchy=pairs)
+    assert not_in is None or not_in not in str(info.value)
