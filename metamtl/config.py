@@ -311,6 +311,11 @@ def _check_config(cfg: Config) -> Config:
     if cfg.stages:
         stage_configs(cfg)  # every stage is a valid config
     _check_ensemble(cfg.ensemble)
+    from .reporting.wandb_logger import MODES as WANDB_MODES
+
+    if cfg.logging.mode is not None and cfg.logging.mode not in (*WANDB_MODES, "dryrun"):
+        raise ConfigError(f"logging.mode must be one of {', '.join(WANDB_MODES)} or null (online with a W&B API "
+                          f"key, offline without), got {cfg.logging.mode!r}")
     if cfg.logging.metrics not in (None, "csv", "jsonl"):
         raise ConfigError(f"logging.metrics must be 'csv', 'jsonl' or null, got {cfg.logging.metrics!r}")
     _check_train_callbacks(cfg)

@@ -57,7 +57,18 @@ def has_api_key() -> bool:
 
 
 def resolve_mode(mode: str | None = None) -> str:
-    """``mode`` if given, else ``$WANDB_MODE``, else online with an API key and offline without."""
+    """``mode`` if given, else ``$WANDB_MODE``, else online with an API key and offline without.
+
+    A ``mode`` argument W&B does not know is a :class:`ConfigError`; an unknown ``$WANDB_MODE``
+    (the environment, not this run's settings) warns and turns W&B off: it must not stop training.
+    """
+    if mode is None and os.environ.get("WANDB_MODE"):
+        env = os.environ["WANDB_MODE"]
+        if (env if env != "dryrun" else "offline") not in MODES:
+            warnings.warn(f"WANDB_MODE={env!r} is not a W&B mode ({', '.join(MODES)}): W&B logging is off for this "
+                          "run. Training, checkpoints, history.json and the HTML report are unaffected.",
+                          RuntimeWarning, stacklevel=3)
+            return "disabled"
     mode = mode or os.environ.get("WANDB_MODE") or ("online" if has_api_key() else "offline")
     if mode == "dryrun":  # wandb's old name for offline
         mode = "offline"

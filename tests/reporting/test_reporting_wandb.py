@@ -176,6 +176,23 @@ def test_mode_defaults_to_offline_without_api_key(tmp_path, monkeypatch):
         WandbLogger(mode="onlin")
 
 
+def test_an_unknown_wandb_mode_in_the_environment_turns_wandb_off_and_training_goes_on(tmp_path, monkeypatch, synthetic_tasks):
+    """A typo in $WANDB_MODE is the machine's setting, not the run's: warn, log nothing, train."""
+    monkeypatch.setenv("WANDB_MODE", "ofline")
+    with pytest.warns(RuntimeWarning, match="WANDB_MODE='ofline' is not a W&B mode .* W&B logging is off"):
+        logger = WandbLogger(run_dir=tmp_path)
+    assert logger.mode == "disabled"
+    learner, _ = _fit_with(logger, synthetic_tasks, tmp_path)
+    assert learner.iteration == 4
+
+
+def test_an_unknown_logging_mode_in_a_config_is_refused_when_it_loads():
+    from metamtl.config import config_from_dict
+
+    with pytest.raises(ConfigError, match="logging.mode must be one of online, offline, disabled or null .* got 'ofline'"):
+        config_from_dict({"logging": {"mode": "ofline"}})
+
+
 def test_find_run_file_errors_clearly(tmp_path):
     from metamtl.errors import DataNotFoundError
 
