@@ -101,6 +101,7 @@ class Ensemble:
         ``query_x``, every member adapted to ``(support_x, support_y)`` as in
         :meth:`MetaLearner.predict <metamtl.MetaLearner.predict>` (``steps``, ``support_augment``
         and ``head`` apply to every member; ``None``: each member's own default). On the CPU."""
+        self.heads(head)  # one kind of head for all members
         return self.combine([m.predict(support_x, support_y, query_x, steps, support_augment, head)
                              for m in self.members])
 
@@ -108,8 +109,18 @@ class Ensemble:
               head: Any = None) -> "AdaptedEnsemble":
         """Every member adapted to a support set; the result maps query inputs to the ensemble's
         output (see :meth:`predict`), so one support set serves many query batches."""
+        self.heads(head)  # one kind of head for all members
         return AdaptedEnsemble(self, [m.adapt(support_x, support_y, steps, support_augment, head)
                                       for m in self.members])
+
+    def heads(self, head: Any = None) -> list[Any]:
+        """Each member's classifier for ``head`` (``None``: its algorithm's adaptation);
+        :class:`ConfigError` when they mix inductive and transductive heads."""
+        heads = [m.inference.classifier(head) for m in self.members]
+        if len({h is not None and h.transductive for h in heads}) > 1:
+            raise ConfigError("ensemble members mix inductive and transductive heads; use one kind for all of them "
+                              "(e.g. head='algorithm', or one head name passed as head=)")
+        return heads
 
     def evaluate(self, tasks: TaskSource | Sequence[Episode], episodes: int = 600, *, ways: int | None = None,
                  shots: int | None = None, queries: int | None = None, steps: int | None = None, start: int = 0,
@@ -122,10 +133,7 @@ class Ensemble:
         default.  One process (not split across torchrun ranks)."""
         check_steps(steps)
         episode_at, n = episode_reader(tasks, episodes, ways=ways, shots=shots, queries=queries, start=start)
-        heads = [m.inference.classifier(head) for m in self.members]
-        if len({h is not None and h.transductive for h in heads}) > 1:
-            raise ConfigError("ensemble members mix inductive and transductive heads; evaluate them with one "
-                              "kind (e.g. head='algorithm')")
+        heads = self.heads(head)
         for m in self.members:
             m.check_finite("evaluate")
         rows = []
@@ -205,6 +213,8 @@ class AdaptedEnsemble:
 
     def __init__(self, ensemble: Ensemble, predictors: list[Any]) -> None:
         self.ensemble, self.predictors = ensemble, predictors
+        #: the members classify queries together (one kind of head for all members, checked)
+        self.transductive = any(getattr(p, "transductive", False) for p in predictors)
 
     def __call__(self, query_x: Any) -> torch.Tensor:
         """The ensemble's output for ``query_x`` (log mean probabilities, or mean predictions)."""

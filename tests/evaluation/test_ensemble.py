@@ -110,3 +110,10 @@ def test_bad_ensembles_are_refused(tmp_path, tasks):
     with pytest.raises(ConfigError, match="inductive and transductive"):
         mixed.evaluate(tasks, 2, progress=False)
     assert mixed.evaluate(tasks, 2, progress=False, head="algorithm").head == "algorithm"
+    episode = tasks.episode(0)
+    with pytest.raises(ConfigError, match="inductive and transductive"):  # every entry point, not evaluate alone
+        mixed.predict(episode.support_x, episode.support_y, episode.query_x)
+    with pytest.raises(ConfigError, match="inductive and transductive"):
+        mixed.adapt(episode.support_x, episode.support_y)
+    assert not mixed.adapt(episode.support_x, episode.support_y, head="algorithm").transductive
+    assert Ensemble([member(0, head="bdcspn"), member(1, head="bdcspn")]).adapt(episode.support_x, episode.support_y).transductive
