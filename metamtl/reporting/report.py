@@ -136,12 +136,18 @@ def protocol(cfg: Mapping[str, Any]) -> tuple[str, bool]:
     return str(name), False
 
 
+def references(r: Mapping[str, Any], dataset: str) -> list[Any]:
+    """The published results a held-out row can be read against: only inductive rows of random
+    classes (published few-shot numbers are neither transductive nor drawn within superclasses)."""
+    if r.get("accuracy") is None or r.get("transductive") or r.get("hierarchy") is not None:
+        return []
+    return published(r.get("dataset") or dataset, r.get("ways"), r.get("shots"))
+
+
 def reference_bars(dataset: str, settings: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     bars = []
     for r in settings:
-        if r.get("accuracy") is None:
-            continue
-        for p in published(r.get("dataset") or dataset, r["ways"], r["shots"]):
+        for p in references(r, dataset):
             bars.append({"group": _setting(r), "label": f"{p.method} (published)", "value": p.accuracy,
                          "ci95": p.ci95, "reference": True})
     return bars
@@ -250,8 +256,7 @@ def _test_rows(results: Mapping[str, Any]) -> str:
     rows = []
     for r in results.get("test", []):
         refs = "; ".join(f"{p.method} {p.accuracy:.2f}%" + (f" ± {p.ci95:.2f}%" if p.ci95 else "")
-                         for p in published(r.get("dataset") or dataset, r.get("ways"), r.get("shots"))
-                         ) if r.get("accuracy") is not None else ""
+                         for p in references(r, dataset))
         rows.append(f"<tr><td>{_e(_setting(r))}</td><td class='num big'>{_e(_value(r))}</td>"
                     + "".join(f"<td class=num>{r.get(k, '–')}</td>" for k in ("episodes", "queries", "steps"))
                     + f"<td>{_e(refs) or '&ndash;'}</td></tr>")
@@ -346,7 +351,8 @@ def _comparison_bars(runs: list[tuple], path: Path) -> tuple[str, Path | None, s
     caption = "Mean accuracy over test episodes per setting; whiskers are 95% confidence intervals."
     datasets = {r[1].get("config", {}).get("data", {}).get("name") for r in runs}
     if len(datasets) == 1:
-        seen = {(r["ways"], r["shots"]): r for _, res, _, _ in runs for r in res.get("test", []) if r.get("accuracy") is not None}
+        # one set of references per bar group (setting, dataset, head, superclass draw), not per (ways, shots)
+        seen = {_setting(r): r for _, res, _, _ in runs for r in res.get("test", []) if r.get("accuracy") is not None}
         refs = reference_bars(next(iter(datasets)), seen.values())
         if refs:
             bars += refs

@@ -189,3 +189,34 @@ def test_steps_curve_when_training_ways_exceed_held_out_classes(tiny_run, tmp_pa
     curve = json.loads((copy / "steps_curve.json").read_text())
     assert "error" not in curve
     assert [c["setting"] for c in curve["curves"]] == ["5-way 1-shot", "5-way 2-shot"]
+
+
+def test_published_references_go_only_with_inductive_random_class_rows(tmp_path, monkeypatch):
+    """Published few-shot numbers are inductive and drawn from random classes: a run's report and a
+    comparison page put them beside such rows only, never beside a transductive head's row or a
+    within-superclass row, and the comparison keeps them on every such row, not on the last one."""
+    from metamtl.reporting import report
+
+    def row(acc, **kw):
+        return {"accuracy": acc, "ci95": 0.01, "loss": 0.1, "loss_ci95": 0.01, "episodes": 600, "ways": 5, "shots": 1,
+                "queries": 15, "steps": 0, "hierarchy": None, "head": "algorithm", "transductive": False, **kw}
+
+    results = {"name": "r", "iterations": 10, "train_seconds": 1.0, "stopped_by": "iterations",
+               "config": {"data": {"name": "omniglot"}, "algorithm": {"name": "protonet"}, "model": {"name": "conv4"},
+                          "tasks": {}, "train": {}},
+               "test": [row(0.97), row(0.98, head="simpleshot"), row(0.99, head="bdcspn", transductive=True),
+                        row(0.80, hierarchy=1)]}
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps(results))
+    (run / "history.json").write_text("[]")
+    table = write_report(run).read_text().split("<h2>Held-out test results</h2>")[1].split("</table>")[0]
+    cells = {re.sub(r"<[^>]+>", "", tr.split("</td>")[0]): tr for tr in re.findall(r"<tr><td>(.*?)</tr>", table)}
+    assert "(published)" not in table and "MAML" in cells["5-way 1-shot"] and "MAML" in cells["5-way 1-shot, head simpleshot"]
+    assert "MAML" not in cells["5-way 1-shot, head bdcspn (TRANSDUCTIVE)"] and "MAML" not in cells["5-way 1-shot within one superclass"]
+
+    captured = []
+    monkeypatch.setattr(report.plots, "plot_comparison", lambda bars, path: captured.append(bars))
+    write_comparison([run], tmp_path / "cmp.html")
+    groups = {b["group"] for b in captured[0] if b["reference"]}
+    assert groups == {"5-way 1-shot", "5-way 1-shot, head simpleshot"}
