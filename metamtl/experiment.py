@@ -472,12 +472,13 @@ def evaluate_held_out(learner: MetaLearner, cfg: Config, test_tasks: Any, progre
 
 def held_out_sources(cfg: Config) -> tuple[dict[str | None, Any], str]:
     """Task sources of a run's held-out classes by dataset label (``None`` for one dataset) and
-    the split's name: the test split, else the validation split (the training split is not loaded)."""
+    the split's name: the test split, else the validation split (the training split is not loaded).
+    Datasets held out on different splits give ``held-out (label: split, ...)``."""
     if is_regression(cfg):
         return {None: build_tasks(cfg)["test"]}, "test"
     t = cfg.tasks
     sources: dict[str | None, Any] = {}
-    split = "test"
+    splits: dict[str | None, str] = {}
     for d in cfg.datasets or [cfg.data]:
         split, seed = (d.test_split, t.test_seed) if d.test_split else (d.val_split, t.val_seed)
         if split is None:
@@ -485,7 +486,10 @@ def held_out_sources(cfg: Config) -> tuple[dict[str | None, Any], str]:
         label = (d.label or d.name) if cfg.datasets else None
         sources[label] = _held_out(load_split(cfg, split, data=d), cfg, seed, cfg.eval.queries,
                                    key="test_split" if d.test_split else "val_split", data=d, name=label)
-    return sources, split
+        splits[label] = str(split)
+    if len(set(splits.values())) == 1:
+        return sources, next(iter(splits.values()))
+    return sources, "held-out (" + ", ".join(f"{label}: {split}" for label, split in splits.items()) + ")"
 
 
 def write_run_steps_curve(learner: MetaLearner, cfg: Config, results: dict[str, Any], progress: bool = True,

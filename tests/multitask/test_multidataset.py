@@ -265,3 +265,8 @@ def test_held_out_episodes_of_each_dataset_take_at_most_its_classes(data_root):
     assert all(v.ways == min(40, v.dataset.num_classes) and v.queries == 1 for v in tasks["val"].sources)
     sources, split = held_out_sources(cfg)
     assert split == "test" and {k: s.ways for k, s in sources.items()} == {k: s.ways for k, s in tasks["test"].items()}
+    # datasets held out on different splits: each is named with its own, not the last one's
+    cfg.datasets[1].test_split = None
+    sources, split = held_out_sources(cfg)
+    assert split == "held-out (a: test, b: val)"
+    assert sources["b"].dataset.num_classes == tasks["val"].sources[1].dataset.num_classes
