@@ -150,6 +150,10 @@ def _check_crcs(path: Path) -> None:
 def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     """Load a metamtl checkpoint with ``weights_only=True`` and check its bytes and format."""
     path = Path(path)
+    if path.is_dir():
+        inside = [f.name for f in (path / "learner.pt", path / "ensemble.pt", path / "last.pt", path / "best.pt") if f.is_file()]
+        hint = f": give one of its checkpoints, e.g. {path / inside[0]}" if inside else " with no checkpoint in it"
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     _check_crcs(path)

@@ -250,6 +250,7 @@ def test_failed_calls_leave_the_learner_usable(env):
     pytest.param(["fit", "{cfg}", "--resume", "{tmp}/none.pt"], "none.pt does not exist", id="fit-missing-resume-checkpoint"),
     pytest.param(["evaluate", "{tmp}/none.pt"], "none.pt does not exist", id="evaluate-missing-checkpoint"),
     pytest.param(["evaluate", "{cfg}"], "not a readable checkpoint", id="evaluate-yaml-as-checkpoint"),
+    pytest.param(["evaluate", "{tmp}"], "{tmp} is a folder, not a checkpoint file with no checkpoint in it", id="evaluate-a-folder"),
     # numeric options: checked before the checkpoint is even opened (none.pt does not exist), never
     # replaced by the learner's defaults
     pytest.param(["evaluate", "{tmp}/none.pt", "--ways", "0"], "--ways must be an integer >= 1, got 0", id="evaluate-ways-zero"),
@@ -404,3 +405,16 @@ def test_held_out_episodes_within_superclasses_name_the_setting_that_does_not_fi
     with pytest.raises(TaskError, match=message) as info:
         _held_out(toy_dataset(), cfg, 0, queries, hierarchy=pairs)
     assert not_in is None or not_in not in str(info.value)
+
+
+def test_a_run_folder_given_as_a_checkpoint_names_the_checkpoint_inside():
+    import tempfile
+    from pathlib import Path
+
+    from metamtl.checkpoint import safe_load
+    from metamtl.errors import CheckpointError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "learner.pt").write_bytes(b"")
+        with pytest.raises(CheckpointError, match=rf"{tmp} is a folder, not a checkpoint file: give one of its checkpoints, e.g. {tmp}/learner.pt"):
+            safe_load(tmp)
