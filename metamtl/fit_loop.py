@@ -69,12 +69,14 @@ def check_fit_arguments(train_tasks: Any, val_tasks: Any, budget_minutes: float 
         check_positive("budget_minutes", budget_minutes)
 
 
-def start_run(learner: "MetaLearner", settings: dict[str, Any], resume: str | Path | None = None) -> None:
+def start_run(learner: "MetaLearner", settings: dict[str, Any], resume: str | Path | None = None,
+              iterations: int | None = None) -> None:
     """Before the first iteration of a fit: continue from the checkpoint ``resume`` (or start the
     run's clock from zero), then join the process group and check every process starts the same
     fit (config, ``settings``, iteration) with process 0's weights."""
     if resume is not None:
         run_state.resume(resume, config=learner.config(), settings=settings, optimizer=learner.meta_optimizer,
+                         iterations=iterations,
                          modules=(learner.model, learner.algorithm), run=learner.run)
     else:
         learner.run.seconds, learner.run.callbacks = 0.0, {}

@@ -187,7 +187,7 @@ class MetaLearner:
                             val_every=(1 if val_every is None else val_every, 1))
         if checkpoint_dir is not None:  # refuse before training, not at the first checkpoint
             run_state.check_saveable(self.model)
-        start_run(self, {"meta_batch_size": meta_batch_size, "train_tasks": repr(train_tasks)}, resume)
+        start_run(self, {"meta_batch_size": meta_batch_size, "train_tasks": repr(train_tasks)}, resume, iterations)
         cbs = standard_callbacks(progress, checkpoint_dir, checkpoint_every) + self.callbacks + list(callbacks)
         self.fit_state = FitState(
             self, iterations if resume is not None else self.iteration + iterations, meta_batch_size,

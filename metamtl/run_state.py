@@ -23,7 +23,7 @@ from torch import nn
 from .algorithms import build_algorithm
 from .checkpoint import FORMAT, FORMAT_VERSION, config_diff, safe_load
 from .data.base import Preprocessing
-from .errors import CheckpointError, MetamtlError
+from .errors import CheckpointError, ConfigError, MetamtlError
 from .inference import InferenceSettings
 from .models.backbones import TrunkHead
 from .models.registry import build_model
@@ -156,15 +156,22 @@ def check_resumable(obj: dict[str, Any], path: str | Path, config: dict[str, Any
 
 
 def resume(path: str | Path, *, config: dict[str, Any], settings: dict[str, Any], modules: tuple[nn.Module, nn.Module],
-           optimizer: torch.optim.Optimizer, run: RunState) -> None:
+           optimizer: torch.optim.Optimizer, run: RunState, iterations: int | None = None) -> None:
     """Continue from checkpoint ``path``: weights, optimizer, ``run`` and RNG states as saved.
 
-    ``config`` (the learner's) and ``settings`` (the fit's) must equal the saved ones.  If
+    ``config`` (the learner's) and ``settings`` (the fit's) must equal the saved ones, and the run's
+    total ``iterations`` (when given) must not be below the checkpoint's iteration.  If
     restoring fails half-way (a damaged file), everything is rolled back and
     :class:`CheckpointError` says nothing was changed.
     """
     obj = safe_load(path)
     check_resumable(obj, path, config, settings)
+    done = int(obj.get("iteration", 0))
+    if iterations is not None and iterations < done:
+        raise ConfigError(
+            f"{path} is at iteration {done}, past iterations={iterations}: on resume, iterations is the total of "
+            f"the run the checkpoint belongs to, so give {done} or more (train.iterations in a config); nothing was changed"
+        )
     backup = _snapshot(modules, optimizer, run)
     try:
         _restore(obj, modules, optimizer, run)

@@ -26,7 +26,7 @@ from metamtl import MetaLearner
 from metamtl.callbacks import Callback
 from metamtl.checkpoint import atomic_save, safe_load
 from metamtl.config import config_from_dict
-from metamtl.errors import CheckpointError, FitInterrupted, TrainingError
+from metamtl.errors import CheckpointError, ConfigError, FitInterrupted, TrainingError
 from metamtl.experiment import run
 from metamtl.tasks import EpisodeSampler
 
@@ -215,6 +215,10 @@ def test_sigterm_in_python_saves_last_pt_and_resume_is_exact(tmp_path, tasks):
     assert exc.exit_code == 143 and exc.iteration == 3 and exc.checkpoint == tmp_path / "last.pt"
     assert not isinstance(exc, Exception)  # `except Exception` cannot swallow a stop request
     resumed = tiny_learner()
+    before = [p.detach().clone() for p in resumed.model.parameters()]
+    with pytest.raises(ConfigError, match=r"last.pt is at iteration 3, past iterations=2: on resume, iterations is the total"):
+        resumed.fit(tasks, iterations=2, meta_batch_size=2, progress=False, resume=exc.checkpoint)  # would train nothing
+    assert resumed.iteration == 0 and all(torch.equal(a, b) for a, b in zip(before, resumed.model.parameters()))
     resumed.fit(tasks, iterations=6, meta_batch_size=2, progress=False, resume=exc.checkpoint)
     for a, b in zip(reference.model.parameters(), resumed.model.parameters()):
         assert torch.equal(a, b)
