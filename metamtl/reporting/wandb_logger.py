@@ -10,7 +10,8 @@ What is logged (at ``step = state.iteration``):
 * ``wandb.init`` config: the full resolved experiment config, the learner's model/algorithm/
   optimizer settings and system info (platform, Python, torch, CPU/GPU, commit);
 * every iteration: ``train/loss``, ``train/accuracy``, ``train/inner_loss/step_k`` (support loss
-  before inner step k), ``train/grad_norm``, the meta-optimizer learning rate(s) ``lr/meta`` and
+  before inner step k), ``train/grad_norm``, the meta-optimizer learning rate ``train/lr`` (``lr/meta/group_i`` for
+  each of several parameter groups) and
   every algorithm parameter whose name contains ``lr`` (learned inner learning rates of
   Meta-SGD / MAML++ style algorithms): ``lr/<name>`` for scalars, ``lr/<name>/<i>`` for small
   tensors (MAML++: one per inner step), ``/mean``, ``/min``, ``/max`` for large ones (Meta-SGD);
@@ -224,8 +225,8 @@ class WandbLogger(Callback):
         learner = state.learner
         row = {f"train/{k}": v for k, v in metrics.items()}
         groups = learner.meta_optimizer.param_groups
-        for i, g in enumerate(groups):
-            row["lr/meta" if len(groups) == 1 else f"lr/meta/group_{i}"] = g["lr"]
+        if len(groups) > 1:  # one group's rate is train/lr already (the fit loop's metrics)
+            row.update({f"lr/meta/group_{i}": g["lr"] for i, g in enumerate(groups)})
         row.update(learned_rates(learner.algorithm))
         self._safe("log", self.run.log, _finite(row), step=learner.iteration)
 

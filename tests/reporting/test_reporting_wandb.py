@@ -37,7 +37,7 @@ def test_offline_run_holds_config_metrics_table_summary_and_model(tiny_run):
         assert row["train/loss"] == pytest.approx(local[step]["train/loss"])
         assert row["train/inner_loss/step_0"] == pytest.approx(local[step]["train/inner_loss/step_0"])
         assert row["train/inner_loss/step_1"] == pytest.approx(local[step]["train/inner_loss/step_1"])
-        assert row["lr/meta"] == pytest.approx(1e-3)
+        assert row["train/lr"] == pytest.approx(1e-3) and "lr/meta" not in row  # logged once, not under two keys
     val = dict(run.metric("val/accuracy"))
     assert sorted(val) == [3, 6]
     assert val[6] == pytest.approx([r for r in hist if "val/accuracy" in r][-1]["val/accuracy"])
