@@ -156,12 +156,18 @@ def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         raise CheckpointError(f"{path} is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch's zip format, or a legacy pickle
+        what = f"it starts with {head!r}" if head else "it is empty"
+        raise CheckpointError(f"{path} is not a readable checkpoint: {what}, not a torch checkpoint's bytes; give "
+                              "the learner.pt, last.pt or best.pt a run wrote")
     _check_crcs(path)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"WeightsUnpickler error: (.*?)(?:\n\n|$)", str(exc), re.S)
-        detail = found.group(1).strip() if found else str(exc).strip().splitlines()[0]
+        detail = (found.group(1).strip() if found else "") or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(
             f"refusing to load {path}: it is not a plain-tensor checkpoint, so it is corrupt or "
             f"unpickling it would run code; only load checkpoints written by metamtl ({detail})"

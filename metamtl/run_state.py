@@ -166,8 +166,8 @@ def resume(path: str | Path, *, config: dict[str, Any], settings: dict[str, Any]
     """
     obj = safe_load(path)
     check_resumable(obj, path, config, settings)
-    done = int(obj.get("iteration", 0))
-    if iterations is not None and iterations < done:
+    done = obj.get("iteration", 0)  # not an integer: a damaged file, refused while restoring below
+    if iterations is not None and isinstance(done, int) and iterations < done:
         raise ConfigError(
             f"{path} is at iteration {done}, past iterations={iterations}: on resume, iterations is the total of "
             f"the run the checkpoint belongs to, so give {done} or more (train.iterations in a config); nothing was changed"

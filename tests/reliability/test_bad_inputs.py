@@ -250,6 +250,7 @@ def test_failed_calls_leave_the_learner_usable(env):
     pytest.param(["fit", "{cfg}", "--resume", "{tmp}/none.pt"], "none.pt does not exist", id="fit-missing-resume-checkpoint"),
     pytest.param(["evaluate", "{tmp}/none.pt"], "none.pt does not exist", id="evaluate-missing-checkpoint"),
     pytest.param(["evaluate", "{cfg}"], "not a readable checkpoint", id="evaluate-yaml-as-checkpoint"),
+    pytest.param(["evaluate", "{tmp}/cfg.yaml"], "cfg.yaml is not a readable checkpoint: it starts with b'a fi', not a torch checkpoint's bytes", id="evaluate-text-file-as-checkpoint"),
     pytest.param(["evaluate", "{tmp}"], "{tmp} is a folder, not a checkpoint file with no checkpoint in it", id="evaluate-a-folder"),
     # numeric options: checked before the checkpoint is even opened (none.pt does not exist), never
     # replaced by the learner's defaults
