@@ -419,3 +419,24 @@ def test_a_run_folder_given_as_a_checkpoint_names_the_checkpoint_inside():
         (Path(tmp) / "learner.pt").write_bytes(b"")
         with pytest.raises(CheckpointError, match=rf"{tmp} is a folder, not a checkpoint file: give one of its checkpoints, e.g. {tmp}/learner.pt"):
             safe_load(tmp)
+
+
+def test_best_checkpoint_asked_for_but_absent_from_a_resumed_run_folder_is_said(folder_config, capsys):
+    """A run resumed from another folder's checkpoint has no best.pt of its own: with
+    eval.checkpoint: best it says it evaluates the last weights instead of doing so silently."""
+    import yaml
+
+    tmp_path, cfg = folder_config
+    cfg["train"].update(iterations=4, val_every=2, val_episodes=2, checkpoint_every=2)
+    cfg["eval"]["checkpoint"] = "best"
+    first = tmp_path / "a.yaml"
+    first.write_text(yaml.safe_dump(cfg))
+    assert main(["fit", str(first), "--no-progress"]) == 0
+    assert "holds no best.pt" not in capsys.readouterr().out
+    cfg.update(name="elsewhere")
+    cfg["train"]["iterations"] = 6
+    second = tmp_path / "b.yaml"
+    second.write_text(yaml.safe_dump(cfg))
+    assert main(["fit", str(second), "--no-progress", "--resume", str(tmp_path / "runs" / "sine" / "last.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "warning: eval.checkpoint is 'best' but" in out and "evaluating the last weights (iteration 6)" in out
