@@ -93,9 +93,9 @@ def support_labels(y: Any, n: int, task: str, device: torch.device,
     if y.shape[0] != n:
         raise InputError(f"support_x has {n} examples but support_y has {y.shape[0]} labels")
     if task == "regression":
-        y = y.float() if not y.is_floating_point() else y
+        y = y.float()
         check_regression_targets(y, "support_y", model)
-        return y.float().view(n, -1), 1
+        return y.view(n, -1), 1
     if y.is_floating_point() and not bool((y == y.round()).all()):
         raise InputError("support_y must hold integer class labels 0..N-1")
     y = y.long()
