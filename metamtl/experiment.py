@@ -648,8 +648,10 @@ def claim_run_dir(cfg: Config, resume: str | Path | None = None, overwrite: bool
             if not overwrite:
                 hint = (f"continue it with --resume {run_dir / 'last.pt'} (Python: run(cfg, resume=...)), "
                         if "last.pt" in existing else "")
+                elsewhere = ("" if resume is None else
+                             f"the checkpoint to resume ({resume}) is not in this run's folder, and ")
                 raise ConfigError(
-                    f"{run_dir} already holds a run ({', '.join(existing)}); it is not overwritten silently: "
+                    f"{elsewhere}{run_dir} already holds a run ({', '.join(existing)}); it is not overwritten silently: "
                     f"{hint}replace it with --overwrite (Python: overwrite=True), or start a new run with "
                     "name=... or output_dir=..."
                 )

@@ -103,7 +103,8 @@ def test_resuming_from_another_folder_into_a_used_one_is_refused(finished, tmp_p
     (other / "last.pt").write_bytes((run_dir / "last.pt").read_bytes())
     before = snapshot(run_dir)
     assert main(["fit", str(cfg), "--no-progress", "--resume", str(other / "last.pt")]) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    assert f"the checkpoint to resume ({other / 'last.pt'}) is not in this run's folder, and {run_dir} already holds a run" \
+        in capsys.readouterr().err
     assert snapshot(run_dir) == before
 
 
