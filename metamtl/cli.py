@@ -120,7 +120,8 @@ def check_same_data(members: Sequence[Any], paths: Sequence[str]) -> None:
 
     def data_of(member: Any) -> list[dict]:
         cfg = member.metadata.get("config") or {}
-        return [{k: d.get(k) for k in keys} for d in [cfg.get("data", {}), *cfg.get("datasets", [])]]
+        entries = cfg.get("datasets") or [cfg.get("data", {})]  # a multi-dataset run's data: is unused
+        return [{k: d.get(k) for k in keys} for d in entries]
 
     reference = data_of(members[0])
     for member, path in zip(members[1:], paths[1:]):

@@ -117,3 +117,20 @@ def test_bad_ensembles_are_refused(tmp_path, tasks):
         mixed.adapt(episode.support_x, episode.support_y)
     assert not mixed.adapt(episode.support_x, episode.support_y, head="algorithm").transductive
     assert Ensemble([member(0, head="bdcspn"), member(1, head="bdcspn")]).adapt(episode.support_x, episode.support_y).transductive
+
+
+def test_members_trained_on_other_data_are_refused_naming_only_the_data_they_used():
+    from types import SimpleNamespace
+
+    from metamtl.cli import check_same_data
+
+    def trained_on(*datasets):
+        cfg = {"data": {"name": "omniglot"}, "datasets": [{"name": n, "image_size": 28} for n in datasets]}
+        return SimpleNamespace(metadata={"config": cfg})
+
+    check_same_data([trained_on("omniglot", "miniimagenet")] * 2, ["a.pt", "b.pt"])
+    with pytest.raises(ConfigError) as info:
+        check_same_data([trained_on("omniglot", "miniimagenet"), trained_on("omniglot")], ["a.pt", "b.pt"])
+    message = str(info.value)
+    assert message.startswith("b.pt was trained on other data than a.pt ([{'name': 'omniglot'")
+    assert message.count("'name'") == 3  # the datasets entries only, not the unused default data: section
