@@ -9,7 +9,7 @@ import torch
 
 from metamtl import MetaLearner
 from metamtl.algorithms import build_algorithm
-from metamtl.callbacks import Callback, EarlyStopping, LRScheduler, MetricsLogger, ModelCheckpoint
+from metamtl.callbacks import Callback, EarlyStopping, LRScheduler, MetricsLogger
 from metamtl.config import config_from_dict
 from metamtl.errors import CheckpointError, ConfigError
 from metamtl.models import build_model

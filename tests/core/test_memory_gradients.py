@@ -86,7 +86,6 @@ def test_checkpointed_context_learned_rate_momentum_and_every_step_loss():
     """Head-only adaptation on trunk features passed as context, a learned (closed-over) inner
     rate per tensor, heavy-ball momentum in the state, and a loss on every intermediate step."""
     model = tiny_conv()
-    head_names = ["weight", "bias"]
     rates = torch.nn.Parameter(torch.tensor([0.5, 0.2]))
     sx, sy = data(6, 0)
     qx, qy = data(9, 1)

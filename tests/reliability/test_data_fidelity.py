@@ -22,7 +22,7 @@ from PIL import Image
 from metamtl.config import load_config
 from metamtl.data import ClassFolder, CSVClassDataset, Preprocessing
 from metamtl.data.base import DuplicateImagesWarning
-from metamtl.data.folder import DuplicateRowsWarning, SkippedFilesWarning, image_extensions
+from metamtl.data.folder import DuplicateRowsWarning, image_extensions
 from metamtl.errors import ConfigError, DataError
 from metamtl.tasks import EpisodeSampler
 

@@ -8,9 +8,7 @@ The outcome of every example is tallied for ``benchmarks/reliability_counts.py``
 """
 from __future__ import annotations
 
-import math
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +16,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from metamtl import MetaLearner
-from metamtl.checkpoint import safe_load
 from metamtl.config import Config, apply_overrides, config_from_dict
 from metamtl.data import ClassDataset
 from metamtl.errors import MetamtlError

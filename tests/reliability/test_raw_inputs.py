@@ -15,7 +15,7 @@ from PIL import Image
 from metamtl.data import Preprocessing
 from metamtl.errors import InputError
 
-from .conftest import tiny_learner, toy_dataset
+from .conftest import tiny_learner
 
 pytestmark = pytest.mark.reliability("bad_input")
 

@@ -4,10 +4,8 @@ never leaves a folder locked.  Through ``metamtl fit`` (real processes where it 
 """
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
