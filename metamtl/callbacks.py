@@ -32,7 +32,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from .checkpoint import RunFolderLock, ensure_writable_dir, safe_load
+from .checkpoint import RunFolderLock, check_saveable, ensure_writable_dir, safe_load
 from .errors import CheckpointError, ConfigError, TrainingError, unknown_name
 from .progress_bars import progress_bar
 
@@ -258,6 +258,7 @@ class ModelCheckpoint(Callback):
         state.resume_checkpoint = self.last_path
         if not state.is_main_process:
             return
+        check_saveable(state.learner.model)  # refuse before training, not at the first checkpoint
         ensure_writable_dir(self.dirpath)
         self._lock.acquire()
         if self.last_path.is_file():

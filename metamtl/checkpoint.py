@@ -147,6 +147,17 @@ def _check_crcs(path: Path) -> None:
         ) from exc
 
 
+def check_saveable(model: Any) -> None:
+    """:class:`CheckpointError` unless ``model`` (a ``TrunkHead``) can be written to a checkpoint:
+    it has a config name, which says what to rebuild on load."""
+    if not model.config.get("name"):
+        raise CheckpointError(
+            "the model has no config name, so a checkpoint could not say what to rebuild: build it with "
+            "metamtl.models.build_model, or name your own network, TrunkHead(trunk, head, config={'name': "
+            "'mynet'}), and load its checkpoints with MetaLearner.load(path, model=<the same network>)"
+        )
+
+
 def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     """Load a metamtl checkpoint with ``weights_only=True`` and check its bytes and format."""
     path = Path(path)

@@ -185,8 +185,6 @@ class MetaLearner:
                             meta_batch_size=(meta_batch_size, 1), val_episodes=(val_episodes, 1),
                             checkpoint_every=(checkpoint_every, 0), num_workers=(num_workers, 0),
                             val_every=(1 if val_every is None else val_every, 1))
-        if checkpoint_dir is not None:  # refuse before training, not at the first checkpoint
-            run_state.check_saveable(self.model)
         start_run(self, {"meta_batch_size": meta_batch_size, "train_tasks": repr(train_tasks)}, resume, iterations)
         cbs = standard_callbacks(progress, checkpoint_dir, checkpoint_every) + self.callbacks + list(callbacks)
         self.fit_state = FitState(

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .algorithms import build_algorithm
-from .checkpoint import FORMAT, FORMAT_VERSION, config_diff, safe_load
+from .checkpoint import FORMAT, FORMAT_VERSION, check_saveable, config_diff, safe_load
 from .data.base import Preprocessing
 from .errors import CheckpointError, ConfigError, MetamtlError
 from .inference import InferenceSettings
@@ -207,16 +207,6 @@ def load_trunk(model: TrunkHead, source: Mapping[str, torch.Tensor] | str | Path
             f"the trunk of {where} does not fit this model ({model.config}): {exc}; build the same "
             "trunk (model name, widths, channels, image size) for every stage"
         ) from None
-
-
-def check_saveable(model: TrunkHead) -> None:
-    """:class:`CheckpointError` unless ``model`` can be written to a checkpoint (it has a config name)."""
-    if not model.config.get("name"):
-        raise CheckpointError(
-            "the model has no config name, so a checkpoint could not say what to rebuild: build it with "
-            "metamtl.models.build_model, or name your own network, TrunkHead(trunk, head, config={'name': "
-            "'mynet'}), and load its checkpoints with MetaLearner.load(path, model=<the same network>)"
-        )
 
 
 def learner_state(learner: "MetaLearner", training_state: bool = False) -> dict[str, Any]:
