@@ -235,7 +235,7 @@ def _steps_section(run_dir: Path, cfg: Mapping[str, Any], embed: bool) -> str:
                "ci95": [scale * e for e in c["ci95"]]} for c in data["curves"]]
     metric = "MSE" if scale == 1.0 else "accuracy (%)"
     png = plots.plot_curves(curves, run_dir / "steps_curve.png", "inner steps at test time",
-                            f"{data['split'].split(' (')[0]} {metric}",  # 'held-out (a: test, b: val)' -> 'held-out
+                            f"{data['split'].split(' (')[0]} {metric}",  # 'held-out (a: test, b: val)' -> 'held-out'
                             vline=(data["trained_steps"], f"steps in meta-training ({data['trained_steps']})"),
                             integer_x=True)
     html_ = _figure(png, "accuracy vs inner steps",
