@@ -393,7 +393,8 @@ def _check_data(cfg: Config) -> None:
         trained = set(str(data.train_split).split("+"))
         for other in ("val_split", "test_split"):
             held_out = getattr(data, other)
-            if held_out is not None and set(str(held_out).split("+")) & trained:
+            held = set(str(held_out).split("+"))
+            if held_out is not None and (held & trained or "all" in held | trained):  # 'all' holds every split
                 raise ConfigError(
                     f"{where}.{other} ({held_out!r}) shares classes with {where}.train_split ({data.train_split!r}): "
                     f"evaluation classes must be held out from training; choose another split or set {where}.{other}: null"

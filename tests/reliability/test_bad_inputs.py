@@ -188,6 +188,8 @@ CONFIG = [
     ("name-escapes-output-dir", cfg_with(name="../elsewhere"), ConfigError, r"must be a plain folder name"),
     ("contradiction-test-split-is-train", cfg_with(**{"data.test_split": "train"}), ConfigError, r"data.test_split \('train'\) shares classes with data.train_split \('train'\): evaluation classes must be held out"),
     ("contradiction-val-split-in-train-val", cfg_with(**{"data.train_split": "train+val", "data.val_split": "val"}), ConfigError, r"data.val_split \('val'\) shares classes with data.train_split \('train\+val'\)"),
+    ("contradiction-train-split-all", cfg_with(**{"data.train_split": "all"}), ConfigError, r"data.test_split \('test'\) shares classes with data.train_split \('all'\)"),
+    ("contradiction-val-split-all", cfg_with(**{"data.val_split": "all"}), ConfigError, r"data.val_split \('all'\) shares classes with data.train_split \('train'\)"),
     ("contradiction-multidataset-test-split-is-train", lambda e: config_from_dict({"datasets": [{"name": "omniglot"}, {"name": "omniglot", "label": "b", "test_split": "train"}]}), ConfigError, r"datasets\[1\].test_split \('train'\) shares classes with datasets\[1\].train_split \('train'\)"),
     ("contradiction-multidataset-val-split-in-train-val", lambda e: config_from_dict({"datasets": [{"name": "omniglot", "train_split": "train+val", "val_split": "val", "test_split": "test"}, {"name": "omniglot", "label": "b"}]}), ConfigError, r"datasets\[0\].val_split \('val'\) shares classes"),
     ("multidataset-image-size-zero", lambda e: config_from_dict({"datasets": [{"name": "omniglot"}, {"name": "omniglot", "label": "b", "image_size": 0}]}), ConfigError, r"datasets\[1\].image_size must be >= 1, got 0"),
