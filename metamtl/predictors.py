@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from . import inputs
 from .adaptation import Adapted
@@ -17,14 +18,28 @@ if TYPE_CHECKING:
     from .learner import MetaLearner
 
 
-class AdaptedPredictor:
-    """A learner adapted to one support set. Call it on query inputs to get logits."""
+def batch_statistics(learner: "MetaLearner") -> bool:
+    """Whether query features depend on the other queries of one call: ``bn_stats="transductive"``
+    with a BatchNorm layer that normalises with batch statistics at test time (MAML++'s per-step
+    sets with ``bn_eval="running"`` normalise every image on its own)."""
+    cfg = learner.algorithm.config()
+    if learner.bn_stats != "transductive" or (cfg.get("per_step_bn") and cfg.get("bn_eval") == "running"):
+        return False
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+               for m in learner.model.modules())
 
-    #: whether a prediction depends on the other queries passed in the same call
-    transductive = False
+
+class AdaptedPredictor:
+    """A learner adapted to one support set. Call it on query inputs to get logits.
+
+    :attr:`transductive`: whether a prediction depends on the other queries passed in the same
+    call: a transductive head, or query BatchNorm statistics of the queries themselves
+    (``bn_stats="transductive"``; pass ``bn_stats="support"`` to predict images one at a time).
+    """
 
     def __init__(self, learner: "MetaLearner", adapted: Adapted, ways: int) -> None:
         self.learner, self.adapted, self.ways = learner, adapted, ways
+        self.transductive = batch_statistics(learner)
 
     @property
     def support_x(self) -> torch.Tensor:
@@ -52,7 +67,7 @@ class HeadPredictor(AdaptedPredictor):
                  support_y: torch.Tensor, ways: int) -> None:
         super().__init__(learner, None, ways)  # type: ignore[arg-type]
         self.head, self._support_x, self.support_y = head, support_x, support_y
-        self.transductive = head.transductive
+        self.transductive = head.transductive or self.transductive
         with torch.no_grad(), learner.autocast():
             self.features = learner.model.trunk(support_x)
 

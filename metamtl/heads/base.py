@@ -96,6 +96,14 @@ class FeatureHead:
                 "has none: call learner.compute_feature_mean(train_tasks) first (metamtl fit does), or set the "
                 "head's center: false"
             )
+        if self.transductive:
+            needed = ways if getattr(self, "balanced", False) else 2
+            if query.shape[0] < needed:
+                why = (f"balances its assignments over the {ways} classes" if needed == ways
+                       else "classifies the queries of one call together")
+                raise InputError(
+                    f"transductive head {self.name!r} {why}: it needs at least {needed} queries, got "
+                    f"{query.shape[0]}; pass the queries together, or use an inductive head (e.g. simpleshot)")
         used = mean if self.center else None
         with torch.autocast(support.device.type, enabled=False):  # small float32 problems
             return self.classify(transform(support, used, self.normalize), support_y,

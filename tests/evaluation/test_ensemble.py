@@ -115,7 +115,9 @@ def test_bad_ensembles_are_refused(tmp_path, tasks):
         mixed.predict(episode.support_x, episode.support_y, episode.query_x)
     with pytest.raises(ConfigError, match="inductive and transductive"):
         mixed.adapt(episode.support_x, episode.support_y)
-    assert not mixed.adapt(episode.support_x, episode.support_y, head="algorithm").transductive
+    inductive = Ensemble([member(0, bn_stats="support"), member(1, head="bdcspn", bn_stats="support")])
+    assert not inductive.adapt(episode.support_x, episode.support_y, head="algorithm").transductive
+    assert mixed.adapt(episode.support_x, episode.support_y, head="algorithm").transductive  # query BatchNorm statistics
     assert Ensemble([member(0, head="bdcspn"), member(1, head="bdcspn")]).adapt(episode.support_x, episode.support_y).transductive
 
 

@@ -161,6 +161,32 @@ def test_inductive_heads_classify_each_query_alone(splits):
     assert predictor.transductive and predictor(ep.query_x).shape == (20, 5)
 
 
+def test_transductive_heads_refuse_fewer_queries_than_they_classify_together(splits):
+    _, test = splits
+    lr = learner(bn_stats="support")
+    ep = test.episode(0).to("cpu")  # 5-way
+    for name in ("bdcspn", "laplacianshot", "softkmeans"):  # one query: every query "alone" got one answer
+        with pytest.raises(InputError, match=f"transductive head '{name}' classifies the queries of one call "
+                                             "together: it needs at least 2 queries, got 1"):
+            lr.predict(ep.support_x, ep.support_y, ep.query_x[:1], head={"name": name, "center": False})
+        assert lr.predict(ep.support_x, ep.support_y, ep.query_x[:2], head={"name": name, "center": False}).shape == (2, 5)
+    with pytest.raises(InputError, match="'sinkhorn' balances its assignments over the 5 classes: it needs at least 5"):
+        lr.predict(ep.support_x, ep.support_y, ep.query_x[:4], head={"name": "sinkhorn", "center": False})
+    assert lr.predict(ep.support_x, ep.support_y, ep.query_x[:5], head={"name": "sinkhorn", "center": False}).shape == (5, 5)
+
+
+def test_predictors_say_transductive_when_query_batchnorm_statistics_use_the_other_queries(splits):
+    _, test = splits
+    ep = test.episode(0).to("cpu")
+    for bn_stats in ("transductive", "support"):
+        lr = learner(bn_stats=bn_stats)
+        for head in (None, {"name": "simpleshot", "center": False}):
+            predictor = lr.adapt(ep.support_x, ep.support_y, head=head)
+            together, alone = predictor(ep.query_x)[:1], predictor(ep.query_x[:1])
+            depends = not torch.allclose(together, alone, atol=1e-4, rtol=1e-4)
+            assert predictor.transductive == depends == (bn_stats == "transductive"), (bn_stats, head)
+
+
 def test_feature_mean_is_the_training_mean_and_is_saved_with_the_head(tmp_path, splits):
     train, _ = splits
     lr = learner(head="simpleshot")
