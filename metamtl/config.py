@@ -298,7 +298,7 @@ def _check_config(cfg: Config) -> Config:
     _check_data(cfg)
     if cfg.eval.checkpoint not in ("last", "best"):
         raise ConfigError(f"eval.checkpoint must be 'last' or 'best' (best validation accuracy), got {cfg.eval.checkpoint!r}")
-    _check_eval(cfg.eval)
+    _check_eval(cfg.eval, is_regression(cfg))
     for s in cfg.eval.settings:
         if s.ways < 1 or s.shots < 1:
             raise ConfigError(f"eval.settings entries need ways >= 1 and shots >= 1, got {s}")
@@ -426,7 +426,11 @@ def _check_train_callbacks(cfg: Config) -> None:
             raise ConfigError(f"train.{key}: {exc}") from None
 
 
-def _check_eval(ev: EvalConfig) -> None:
+def is_regression(cfg: Config) -> bool:
+    return cfg.data.name == "sinusoid"
+
+
+def _check_eval(ev: EvalConfig, regression: bool = False) -> None:
     """Test-time support augmentation and heads of the ``eval`` section."""
     from .heads import build_head
     from .inputs import as_support_augment
@@ -440,9 +444,12 @@ def _check_eval(ev: EvalConfig) -> None:
         raise ConfigError("eval.heads must list at least one head (e.g. [algorithm])")
     for i, spec in enumerate(ev.heads):
         try:
-            build_head(spec)
+            head = build_head(spec)
         except ConfigError as exc:
             raise ConfigError(f"eval.heads[{i}]: {exc}") from None
+        if regression and head is not None:
+            raise ConfigError(f"eval.heads[{i}]: feature head {head.name!r} classifies; a regression run "
+                              "(data.name: sinusoid) is evaluated by its algorithm: eval.heads: [algorithm]")
 
 
 #: what a stage may change (merged over the config's sections, key by key)

@@ -21,7 +21,7 @@ import torch
 from . import distributed, steps_curve
 from .algorithms import build_algorithm, with_data_settings
 from .callbacks import Callback, CallbackList, EarlyStopping, LRScheduler, MetricsLogger
-from .config import Config, DataConfig
+from .config import Config, DataConfig, is_regression
 from .data.base import ClassDataset
 from .environment import git_commit, machine_info
 from .checkpoint import DERIVED_FILES, RUN_FILES, RunFolderLock, ensure_writable_dir
@@ -68,10 +68,6 @@ def load_split(cfg: Config, split: str, rotations: list[int] | None = None,
 def train_augment(data: DataConfig) -> dict | list | None:
     """The training augmentation a dataset entry asks for (``EpisodeSampler(augment=...)``)."""
     return data.train_augment
-
-
-def is_regression(cfg: Config) -> bool:
-    return cfg.data.name == "sinusoid"
 
 
 def build_tasks(cfg: Config) -> dict[str, Any]:

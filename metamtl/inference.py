@@ -15,8 +15,17 @@ from typing import Any
 import torch
 
 from .data.augment import SupportAugment
+from .errors import ConfigError
 from .heads import FeatureHead, build_head
 from .inputs import as_support_augment
+
+
+def classifying_head(head: FeatureHead | None, task: str) -> FeatureHead | None:
+    """``head``, refused with a :class:`ConfigError` when the learner does not classify."""
+    if head is not None and task != "classification":
+        raise ConfigError(f"feature head {head.name!r} classifies; this learner does {task}: "
+                          "use the algorithm's adaptation (head None or 'algorithm')")
+    return head
 
 
 @dataclasses.dataclass
@@ -30,17 +39,18 @@ class InferenceSettings:
 
     @classmethod
     def create(cls, support_augment: Any = None, head: Any = None,
-               feature_means: dict[str, torch.Tensor] | None = None) -> "InferenceSettings":
+               feature_means: dict[str, torch.Tensor] | None = None, task: str = "classification") -> "InferenceSettings":
         """From specs: a :class:`SupportAugment` or its settings, a head or its name/settings."""
-        return cls(as_support_augment(support_augment), build_head(head), dict(feature_means or {}))
+        return cls(as_support_augment(support_augment), classifying_head(build_head(head), task), dict(feature_means or {}))
 
     def augment(self, spec: Any = None) -> SupportAugment | None:
         """The support augmentation of a call: ``spec`` (``False``: none), or the default when ``None``."""
         return self.support_augment if spec is None else as_support_augment(spec)
 
-    def classifier(self, spec: Any = None) -> FeatureHead | None:
-        """The head of a call: ``spec`` (``"algorithm"``: the algorithm's adaptation), or the default."""
-        return self.head if spec is None else build_head(spec)
+    def classifier(self, spec: Any = None, task: str = "classification") -> FeatureHead | None:
+        """The head of a call: ``spec`` (``"algorithm"``: the algorithm's adaptation), or the default;
+        a feature head only for a learner that does ``classification``."""
+        return self.head if spec is None else classifying_head(build_head(spec), task)
 
     def feature_mean(self, dataset: str | None = None, device: Any = "cpu") -> torch.Tensor | None:
         """The training split's mean trunk feature for ``dataset`` (the only one if there is one)."""

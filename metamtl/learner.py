@@ -97,7 +97,7 @@ class MetaLearner:
         self.callbacks = list(callbacks)
         self.max_bad_steps = check_int("max_bad_steps", max_bad_steps, 1)
         self.task_defaults, self.metadata = dict(task_defaults or {}), dict(metadata or {})
-        self.inference = InferenceSettings.create(support_augment, head)
+        self.inference = InferenceSettings.create(support_augment, head, task=task)
         self.meta_optimizer = build_meta_optimizer(meta_optimizer, self.meta_parameters(), self.meta_lr,
                                                    self.meta_optimizer_kwargs)
         self.run = run_state.RunState()
@@ -219,7 +219,7 @@ class MetaLearner:
         episode_at, n = episode_reader(tasks, episodes, ways=ways, shots=shots, queries=queries, start=start)
         self.check_finite("evaluate")
         steps = self.algorithm.eval_steps if steps is None else steps
-        head = self.inference.classifier(head)
+        head = self.inference.classifier(head, self.task)
         score = scorer(self.algorithm, self.model, steps, head, self.bn_stats, lambda e: self.feature_mean(e.dataset))
         return evaluate_episodes(  # a feature head takes no inner steps: its rows say 0
             score, self.model, episode_at, n, steps if head is None else 0, placement=self.placement, strategy=self.strategy,

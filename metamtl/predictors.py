@@ -11,7 +11,7 @@ from torch import nn
 
 from . import inputs
 from .adaptation import Adapted
-from .errors import ConfigError, InputError
+from .errors import InputError
 from .heads import FeatureHead, query_features
 
 if TYPE_CHECKING:
@@ -91,11 +91,9 @@ def adapt(learner: "MetaLearner", support_x: Any, support_y: Any, steps: int | N
     x = learner.model_input(support_x, "support_x")
     y, ways = inputs.support_labels(support_y, x.shape[0], learner.task, learner.device, learner.model)
     x, y = inputs.support_copies(x, y, learner.inference.augment(support_augment))
-    head = learner.inference.classifier(head)
+    head = learner.inference.classifier(head, learner.task)
     learner.model.eval()
     if head is not None:
-        if learner.task != "classification":
-            raise ConfigError(f"feature head {head.name!r} classifies; this learner does {learner.task}")
         return HeadPredictor(learner, head, x, y, ways)
     with torch.no_grad(), learner.autocast():
         adapted = learner.algorithm.adapt(learner.model, x, y, ways, steps)

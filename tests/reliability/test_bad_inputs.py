@@ -150,6 +150,8 @@ LEARNER = [
     # regression and user-built models
     ("regression-proto-head", lambda e: regressor(head_init="proto", out_features=None), ConfigError, r"builds its head from class prototypes \(head_init='proto'\), which needs class labels; for regression"),
     ("regression-protonet", lambda e: regressor("protonet", out_features=None), ConfigError, r"algorithm 'protonet' builds its head from class prototypes"),
+    ("regression-feature-head-default", lambda e: MetaLearner(build_model("mlp", in_features=1, out_features=1, hidden=(4,)), "maml", task="regression", head="logreg"), ConfigError, r"feature head 'logreg' classifies; this learner does regression"),
+    ("regression-feature-head-evaluate", lambda e: regressor().evaluate([sine_episode()], progress=False, head="simpleshot"), ConfigError, r"feature head 'simpleshot' classifies; this learner does regression"),
     ("regression-nan-target", lambda e: regressor().predict(sine_episode().support_x, sine_episode().support_y * math.nan, sine_episode().query_x), InputError, r"support_y contains NaN or infinite targets"),
     ("regression-targets-wider-than-model", lambda e: regressor().predict(sine_episode().support_x, sine_episode().support_y.expand(-1, 3), sine_episode().query_x), InputError, r"support_y has shape \[5, 3\] but the model predicts 1 value\(s\) per example: give targets of shape \[n\] or \[n, 1\], or build the model with out_features=3"),
     ("regression-episode-nan-query", lambda e: regressor().evaluate([episode_with(sine_episode(), query_y=sine_episode().query_y * math.inf)], progress=False), InputError, r"episode 0 of 'sinusoid': query_y contains NaN or infinite targets"),
@@ -190,6 +192,7 @@ CONFIG = [
     ("contradiction-val-split-in-train-val", cfg_with(**{"data.train_split": "train+val", "data.val_split": "val"}), ConfigError, r"data.val_split \('val'\) shares classes with data.train_split \('train\+val'\)"),
     ("contradiction-train-split-all", cfg_with(**{"data.train_split": "all"}), ConfigError, r"data.test_split \('test'\) shares classes with data.train_split \('all'\)"),
     ("contradiction-val-split-all", cfg_with(**{"data.val_split": "all"}), ConfigError, r"data.val_split \('all'\) shares classes with data.train_split \('train'\)"),
+    ("regression-eval-feature-head", cfg_with(**{"eval.heads": ["algorithm", "softkmeans"]}), ConfigError, r"eval.heads\[1\]: feature head 'softkmeans' classifies; a regression run"),
     ("contradiction-multidataset-test-split-is-train", lambda e: config_from_dict({"datasets": [{"name": "omniglot"}, {"name": "omniglot", "label": "b", "test_split": "train"}]}), ConfigError, r"datasets\[1\].test_split \('train'\) shares classes with datasets\[1\].train_split \('train'\)"),
     ("contradiction-multidataset-val-split-in-train-val", lambda e: config_from_dict({"datasets": [{"name": "omniglot", "train_split": "train+val", "val_split": "val", "test_split": "test"}, {"name": "omniglot", "label": "b"}]}), ConfigError, r"datasets\[0\].val_split \('val'\) shares classes"),
     ("multidataset-image-size-zero", lambda e: config_from_dict({"datasets": [{"name": "omniglot"}, {"name": "omniglot", "label": "b", "image_size": 0}]}), ConfigError, r"datasets\[1\].image_size must be >= 1, got 0"),
