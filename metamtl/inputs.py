@@ -197,17 +197,29 @@ def as_support_augment(spec: Any) -> SupportAugment | None:
     return SupportAugment(**spec)
 
 
-def support_copies(x: torch.Tensor, y: torch.Tensor, tta: SupportAugment | None,
-                   index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The support set with ``tta``'s augmented copies (drawn from its seed and ``index``)."""
+def support_copies(x: torch.Tensor, y: torch.Tensor, tta: SupportAugment | None, index: int = 0,
+                   preprocessing: Preprocessing | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The support set with ``tta``'s augmented copies (drawn from its seed and ``index``).
+
+    ``x`` is model input; with the ``preprocessing`` that normalised it, the copies are made from
+    pixels in ``[0, 1]`` (as training augments stored images: colour jitter clamps to that range,
+    affine ``fill: zeros`` is black) and normalised again."""
     if tta is None:
         return x, y
-    return tta.expand(x, y, episode_generator(tta.seed, max(index, 0), stream=3))
+    generator = episode_generator(tta.seed, max(index, 0), stream=3)
+    if preprocessing is None or x.dim() != 4 or x.shape[1] != len(preprocessing.mean):
+        return tta.expand(x, y, generator)
+    mean, std = (torch.tensor(v, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+                 for v in (preprocessing.mean, preprocessing.std))
+    out, y = tta.expand(x * std + mean, y, generator)
+    out = out.sub_(mean).div_(std)
+    out[: x.shape[0]] = x  # the originals bit for bit
+    return out, y
 
 
 def with_support_copies(episode: Episode, tta: SupportAugment | None) -> Episode:
     """``episode`` (model input) with :class:`SupportAugment` copies in its support set."""
     if tta is None:
         return episode
-    x, y = support_copies(episode.support_x, episode.support_y, tta, episode.index)
+    x, y = support_copies(episode.support_x, episode.support_y, tta, episode.index, episode.preprocessing)
     return dataclasses.replace(episode, support_x=x, support_y=y, shots=episode.shots * tta.copies)

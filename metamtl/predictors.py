@@ -90,7 +90,7 @@ def adapt(learner: "MetaLearner", support_x: Any, support_y: Any, steps: int | N
     learner.check_finite("adapt")
     x = learner.model_input(support_x, "support_x")
     y, ways = inputs.support_labels(support_y, x.shape[0], learner.task, learner.device, learner.model)
-    x, y = inputs.support_copies(x, y, learner.inference.augment(support_augment))
+    x, y = inputs.support_copies(x, y, learner.inference.augment(support_augment), preprocessing=learner.preprocessing)
     head = learner.inference.classifier(head, learner.task)
     learner.model.eval()
     if head is not None:

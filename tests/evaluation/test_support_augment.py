@@ -73,3 +73,19 @@ def test_support_augment_is_saved_and_set_from_the_config(tmp_path):
         config_from_dict({"eval": {"support_augment": {"copy": 3}}})
     with pytest.raises(ConfigError, match="copies must be an integer >= 1"):
         protonet(support_augment={"copies": 0})
+
+
+def test_support_copies_of_normalised_input_are_augmented_as_pixels_and_normalised_again():
+    from metamtl.inputs import support_copies
+
+    pre = Preprocessing(size=(8, 8), channels=3, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x, y = pre.normalize(images), torch.arange(4)
+    tta = SupportAugment({"name": "color_jitter", "brightness": 0.01, "contrast": 0.0, "saturation": 0.0}, copies=2)
+    out, out_y = support_copies(x, y, tta, 3, pre)
+    assert torch.equal(out[:4], x) and torch.equal(out_y, y.repeat(2))
+    # the same jitter applied to the stored pixels, then normalised: what training would see
+    pixels = tta.augment(images.float() / 255, episode_generator(tta.seed, 3, stream=3))
+    mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
+    torch.testing.assert_close(out[4:], (pixels - mean) / std, atol=1e-5, rtol=1e-5)
+    assert (out[4:] - x).abs().max() < 0.1  # a 1% brightness change stays small (was clamped to [0, 1])
