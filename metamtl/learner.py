@@ -280,7 +280,7 @@ class MetaLearner:
         Only ``trunk.*`` weights are taken (heads, algorithm state and optimizer start fresh); the
         trunks must have the same architecture (:class:`~metamtl.errors.CheckpointError` otherwise).
         """
-        run_state.load_trunk(self.model, source.model.state_dict() if isinstance(source, MetaLearner) else source)
+        run_state.load_trunk(self.model, source.model.state_dict() if isinstance(source, MetaLearner) else source, self.algorithm)
 
     # -- persistence --------------------------------------------------------------------------
     def state(self, training_state: bool = False) -> dict[str, Any]:

@@ -192,9 +192,10 @@ def require(obj: dict[str, Any], path: Any, *keys: str) -> dict[str, Any]:
 
 
 
-def load_trunk(model: TrunkHead, source: Mapping[str, torch.Tensor] | str | Path) -> None:
+def load_trunk(model: TrunkHead, source: Mapping[str, torch.Tensor] | str | Path, algorithm: Any = None) -> None:
     """Copy the ``trunk.*`` weights of a model's state dict, or of the learner saved at a path, into
-    ``model``'s trunk (:class:`CheckpointError` if the trunks differ)."""
+    ``model``'s trunk (:class:`CheckpointError` if the trunks differ); ``algorithm`` is told
+    (:meth:`~metamtl.algorithms.Algorithm.trunk_loaded`)."""
     if isinstance(source, Mapping):
         state, where = source, "the given learner"
     else:
@@ -207,6 +208,8 @@ def load_trunk(model: TrunkHead, source: Mapping[str, torch.Tensor] | str | Path
             f"the trunk of {where} does not fit this model ({model.config}): {exc}; build the same "
             "trunk (model name, widths, channels, image size) for every stage"
         ) from None
+    if algorithm is not None:
+        algorithm.trunk_loaded(model)
 
 
 def learner_state(learner: "MetaLearner", training_state: bool = False) -> dict[str, Any]:

@@ -105,6 +105,10 @@ class Algorithm(nn.Module):
         Must be idempotent: it is called again by ``meta_step``/``adapt`` and on load.
         """
 
+    def trunk_loaded(self, model: TrunkHead) -> None:
+        """``model``'s trunk weights were just replaced (:meth:`MetaLearner.init_from
+        <metamtl.MetaLearner.init_from>`): refresh state that :meth:`setup` copied from them."""
+
     @property
     def eval_steps(self) -> int:
         """Inner steps used at evaluation by default."""

@@ -117,6 +117,10 @@ class MAMLPlusPlus(MAML):
                 self.lrs[lr_key(n)] = nn.Parameter(torch.full((self.inner.steps,), self.inner.lr, dtype=like.dtype,
                                                               device=like.device))
 
+    def trunk_loaded(self, model: TrunkHead) -> None:
+        if self.norms is not None:  # the per-step sets started as copies of the layers' (random) affine weights
+            self.norms.copy_affine(model)
+
     # -- declarations -------------------------------------------------------------------------
     def inner_lrs(self, names: Sequence[str], step: int) -> list | None:
         if not self.learn_lr:

@@ -115,6 +115,14 @@ class StepNorms(nn.Module):
             self.register_buffer(f"running_mean_{i}", layer.weight.new_zeros(self.sets, layer.num_features))
             self.register_buffer(f"running_var_{i}", layer.weight.new_ones(self.sets, layer.num_features))
 
+    @torch.no_grad()
+    def copy_affine(self, model: nn.Module) -> None:
+        """Every set's affine parameters set to ``model``'s layers' own (e.g. after loading a trunk)."""
+        if self.affine:
+            for i, layer in enumerate(norm_layers(model).values()):
+                self.weight[i].copy_(layer.weight.detach().expand_as(self.weight[i]))
+                self.bias[i].copy_(layer.bias.detach().expand_as(self.bias[i]))
+
     def bind(self, model: nn.Module) -> None:
         """Serve ``model``'s layers (e.g. the same architecture rebuilt on load), in module order.
 

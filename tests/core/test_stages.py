@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from metamtl import MetaLearner
+from metamtl.algorithms import build_algorithm
 from metamtl.config import config_from_dict, stage_configs
 from metamtl.errors import CheckpointError, ConfigError, MetamtlError
 from metamtl.experiment import run
@@ -59,6 +60,24 @@ def test_init_from_copies_the_trunk_only(tmp_path):
     other = MetaLearner(build_model("conv4", in_channels=1, hidden=8, image_size=12, blocks=2), "maml", device="cpu")
     with pytest.raises(CheckpointError, match="does not fit this model"):
         other.init_from(a)
+
+
+def test_init_from_gives_mamlpp_per_step_batchnorm_the_loaded_affine_weights(tmp_path):
+    torch.manual_seed(0)
+    a = MetaLearner(build_model("conv4", in_channels=1, hidden=4, image_size=12, blocks=2, out_features=None),
+                    "protonet", device="cpu")
+    with torch.no_grad():  # as pre-training would: BatchNorm weights and biases away from 1 / 0
+        for name, p in a.model.trunk.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p))
+    b = MetaLearner(build_model("conv4", in_channels=1, hidden=4, image_size=12, blocks=2, out_features=None),
+                    build_algorithm("mamlpp", steps=2, lr=0.1, head_init="proto"), device="cpu")
+    b.init_from(a)
+    norms, layers = b.algorithm.norms, [m for m in a.model.trunk.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(layers) == len(norms.weight) == 2
+    for i, layer in enumerate(layers):  # every step's set: the loaded weights (the ones MAML++ uses)
+        assert torch.equal(norms.weight[i], layer.weight.detach().expand(3, -1))
+        assert torch.equal(norms.bias[i], layer.bias.detach().expand(3, -1))
 
 
 def test_stages_run_in_order_from_the_previous_trunk_with_one_history(tmp_path):
