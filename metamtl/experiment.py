@@ -573,13 +573,13 @@ def run_stages(cfg: Config, resume: str | Path | None = None, progress: bool = T
     from .config import stage_configs
 
     stages = stage_configs(cfg)
-    check_eval_settings(stages[-1][1], build_test_tasks(stages[-1][1]))  # the last stage's test split, before any stage trains
+    for name, scfg in stages[:-1]:
+        scfg.output_dir, scfg.name, scfg.data.test_split = str(cfg.run_dir / "stages"), name, None
+    check_stages(stages, overwrite)
     init, done, history = cfg.init_from, [], []
     for i, (name, scfg) in enumerate(stages):
         last = i == len(stages) - 1
         scfg.init_from, scfg.logging.report = init, cfg.logging.report and last  # the last one draws the curve
-        if not last:
-            scfg.output_dir, scfg.name, scfg.data.test_split = str(cfg.run_dir / "stages"), name, None
         results = run(scfg, progress=progress, callbacks=callbacks, quiet=quiet, overwrite=overwrite)
         rows = json.loads((scfg.run_dir / "history.json").read_text()) if (scfg.run_dir / "history.json").is_file() else []
         offset = sum(d["iterations"] for d in done)
@@ -597,6 +597,32 @@ def run_stages(cfg: Config, resume: str | Path | None = None, progress: bool = T
         if cfg.logging.report:  # over the last stage's page: every stage's history, the same path
             _write_report(cfg.run_dir, results, lambda *a: None)
     return results
+
+
+def check_stages(stages: list[tuple[str, Config]], overwrite: bool) -> None:
+    """What would stop a staged run after its first stages trained, found before any stage trains:
+    a run folder holding another run, a model that cannot take the previous stage's trunk, eval
+    settings the last stage's test split cannot serve."""
+    for name, scfg in stages:
+        held = held_run_files(scfg.run_dir)
+        if held and not overwrite:
+            raise ConfigError(
+                f"stage {name!r}: {scfg.run_dir} already holds a run ({', '.join(held)}); it is not overwritten "
+                "silently, and a staged run cannot be resumed: replace it with --overwrite (Python: overwrite=True), "
+                "start a new run with name=... or output_dir=..., or run the remaining stages as a config with "
+                "init_from: <a finished stage's learner.pt>")
+    from .run_state import load_trunk
+
+    previous = None
+    for name, scfg in stages:  # every run reseeds before it builds its learner: nothing here changes it
+        model = build_learner(scfg, build_tasks(scfg)["train"]).model
+        if previous is not None:
+            try:
+                load_trunk(model, previous.state_dict())
+            except CheckpointError as exc:
+                raise ConfigError(f"stage {name!r} cannot start from the previous stage's trunk: {exc}") from None
+        previous = model
+    check_eval_settings(stages[-1][1], build_test_tasks(stages[-1][1]))
 
 
 def check_output_dir(cfg: Config) -> None:
@@ -620,6 +646,11 @@ def _empty_metrics(path: Path) -> bool:
     return len(lines) <= (1 if path.suffix == ".csv" else 0)
 
 
+def held_run_files(run_dir: Path) -> list[str]:
+    """The run files in ``run_dir`` that a new run would lose (metrics without a row do not count)."""
+    return [f for f in RUN_FILES if (run_dir / f).exists() and not _empty_metrics(run_dir / f)]
+
+
 def claim_run_dir(cfg: Config, resume: str | Path | None = None, overwrite: bool = False) -> RunFolderLock:
     """Take the run folder for this process and make sure no earlier run in it is lost.
 
@@ -635,7 +666,7 @@ def claim_run_dir(cfg: Config, resume: str | Path | None = None, overwrite: bool
     if main_process:
         lock.acquire()
     try:
-        existing = [f for f in RUN_FILES if (run_dir / f).exists() and not _empty_metrics(run_dir / f)]
+        existing = held_run_files(run_dir)
         if main_process and not existing:  # a run that failed before its first iteration holds nothing to keep
             for f in RUN_FILES:
                 (run_dir / f).unlink(missing_ok=True)

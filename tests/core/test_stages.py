@@ -162,3 +162,28 @@ def test_last_stage_test_split_is_checked_before_the_first_stage_trains(tmp_path
     with pytest.raises(MetamtlError, match=error):
         run(cfg, progress=False, quiet=True)
     assert not (tmp_path / "runs" / "staged" / "stages" / "pretrain" / "learner.pt").exists()
+
+
+def test_a_stage_model_that_cannot_take_the_previous_trunk_is_refused_before_any_stage_trains(tmp_path):
+    cfg_dict = staged(tmp_path)
+    cfg_dict["stages"][1]["model"] = {"hidden": 8}  # stage 1 trains a hidden-4 trunk
+    with pytest.raises(ConfigError, match="stage 'meta' cannot start from the previous stage's trunk: .*does not fit"):
+        run(config_from_dict(cfg_dict), progress=False, quiet=True)
+    assert not (tmp_path / "runs" / "staged" / "stages" / "pretrain" / "learner.pt").exists()
+
+
+def test_a_staged_run_into_a_used_folder_is_refused_before_any_stage_trains(tmp_path):
+    cfg_dict = staged(tmp_path)
+    cfg = config_from_dict(cfg_dict)
+    run(cfg, progress=False, quiet=True)
+    first = tmp_path / "runs" / "staged" / "stages" / "pretrain" / "learner.pt"
+    mtime = first.stat().st_mtime_ns
+    again = json.loads(json.dumps(cfg_dict))
+    again["stages"][0]["name"] = "pre"  # a renamed first stage: its own folder is new, the last stage's is not
+    with pytest.raises(ConfigError, match=r"stage 'meta': .*already holds a run .*cannot be resumed.*init_from") as err:
+        run(config_from_dict(again), progress=False, quiet=True)
+    assert "--resume" not in str(err.value)
+    assert not (tmp_path / "runs" / "staged" / "stages" / "pre").exists() and first.stat().st_mtime_ns == mtime
+    with pytest.raises(ConfigError, match=r"stage 'pretrain': .*already holds a run"):
+        run(cfg, progress=False, quiet=True)
+    assert run(cfg, progress=False, quiet=True, overwrite=True)["iterations"] == 7
