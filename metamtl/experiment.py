@@ -7,6 +7,7 @@ uses only the public API (datasets, :class:`~metamtl.tasks.EpisodeSampler`,
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -577,8 +578,11 @@ def run_stages(cfg: Config, resume: str | Path | None = None, progress: bool = T
         scfg.output_dir, scfg.name, scfg.data.test_split = str(cfg.run_dir / "stages"), name, None
     check_stages(stages, overwrite)
     init, done, history = cfg.init_from, [], []
+    given = [copy.deepcopy(c.state_dict()) for c in callbacks]  # every stage starts from the callbacks as given
     for i, (name, scfg) in enumerate(stages):
         last = i == len(stages) - 1
+        for callback, state in zip(callbacks, given):  # (early stopping's best, a scheduler's base rates)
+            callback.load_state_dict(copy.deepcopy(state))
         scfg.init_from, scfg.logging.report = init, cfg.logging.report and last  # the last one draws the curve
         results = run(scfg, progress=progress, callbacks=callbacks, quiet=quiet, overwrite=overwrite)
         rows = json.loads((scfg.run_dir / "history.json").read_text()) if (scfg.run_dir / "history.json").is_file() else []

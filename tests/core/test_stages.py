@@ -187,3 +187,23 @@ def test_a_staged_run_into_a_used_folder_is_refused_before_any_stage_trains(tmp_
     with pytest.raises(ConfigError, match=r"stage 'pretrain': .*already holds a run"):
         run(cfg, progress=False, quiet=True)
     assert run(cfg, progress=False, quiet=True, overwrite=True)["iterations"] == 7
+
+
+def test_callbacks_given_to_a_staged_run_start_every_stage_as_given(tmp_path):
+    from metamtl.callbacks import Callback, EarlyStopping
+
+    stopper = EarlyStopping(monitor="val/accuracy", mode="max", patience=50)
+
+    class Seen(Callback):
+        def __init__(self):
+            self.at_start = []
+
+        def on_fit_start(self, state):
+            self.at_start.append((stopper.best, stopper.wait))
+
+    seen = Seen()
+    cfg_dict = staged(tmp_path)
+    cfg_dict["stages"][0]["train"]["val_every"] = 1  # stage 1 validates: the stopper holds a best value after it
+    run(config_from_dict(cfg_dict), progress=False, quiet=True, callbacks=[seen, stopper])
+    assert seen.at_start == [(None, 0), (None, 0)]  # stage 2 does not inherit stage 1's best (another task)
+    assert stopper.best is not None
