@@ -105,9 +105,10 @@ def _check_batch(images: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def _number(name: str, value: Any, lo: float, hi: float = math.inf, what: str = "affine") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (lo <= float(value) <= hi):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not lo <= float(value) <= hi:
         bound = f"in [{lo}, {hi}]" if math.isfinite(hi) else f">= {lo}"
-        raise ConfigError(f"{what} {name} must be a number {bound}, got {value!r}")
+        raise ConfigError(f"{what} {name} must be a finite number {bound}, got {value!r}")
     return float(value)
 
 

@@ -232,6 +232,8 @@ def test_affine_in_the_sampler_and_configs():
     ({"rotation": -1}, "rotation"), ({"shear": "a"}, "shear"), ({"scale": (1.2, 0.8)}, "low <= high"),
     ({"scale": 1.1}, "scale must be"), ({"shift": -2}, "shift"), ({"p": 1.5}, r"p \(probability"),
     ({"fill": "black"}, "fill must be one of"),
+    ({"scale": (0.8, float("inf"))}, r"scale must be a finite number >= 0.001, got inf"),
+    ({"shift": float("nan")}, r"shift \(pixels\) must be a finite number"), ({"shear": float("inf")}, "shear must be a finite"),
 ])
 def test_bad_affine_settings_are_refused(kwargs, match):
     with pytest.raises(ConfigError, match=match):
