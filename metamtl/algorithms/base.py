@@ -281,17 +281,26 @@ class Algorithm(nn.Module):
         """What one task of ``batch`` keeps alive: one second-order inner step's graph, the outer
         objective's graph and the inner-loop state (MiB; see :class:`~metamtl.memory.Footprint`).
 
-        Activations grow linearly with the number of images, so the probe runs on 2 and then 4
-        support and query images of the first episode and extrapolates to the episode's sizes:
-        it costs a fraction of a meta-step's memory (a full-size probe would leave the allocator
-        holding as much again as the step it measures).  The outer objective is measured after
-        one step: one that reads every step (MAML++'s multi-step loss) keeps more than this.
+        Activations grow linearly with the number of images, so the probe runs on one and then two
+        images of every class (regression: 2 and 4 images) of the first episode's support and query
+        sets and extrapolates to the episode's sizes: it costs a fraction of a meta-step's memory (a
+        full-size probe would leave the allocator holding as much again as the step it measures),
+        and every class keeps a support image (prototype heads need them all).  The outer objective
+        is measured after one step: one that reads every step (MAML++'s multi-step loss) keeps more.
         """
         sx, sy, qx, qy = batch.stack([0])
-        ways = batch[0].ways
+        ways, classification = batch[0].ways, batch[0].is_classification
 
-        def probe(ns: int, nq: int) -> tuple[float, float, float]:
-            s_x, s_y, q_x, q_y = sx[:, :ns], sy[:, :ns], qx[:, :nq], qy[:, :nq]
+        def first(y: torch.Tensor, per: int) -> torch.Tensor:
+            """Positions of the first ``per`` images of each class (regression: of ``2 per`` images)."""
+            if not classification:
+                return torch.arange(min(2 * per, y.shape[0]), device=y.device)
+            rank = torch.tril(y[:, None] == y[None, :], -1).sum(1)  # earlier images of the same class
+            return torch.nonzero(rank < per).flatten()
+
+        def probe(per: int) -> tuple[float, float, float, int, int]:
+            s, q = first(sy[0], per), first(qy[0], per)
+            s_x, s_y, q_x, q_y = sx[:, s], sy[:, s], qx[:, q], qy[:, q]
             problem = self.problem(model, s_x, s_y, ways)
             start = problem.leaves()
             state = start + problem.init_state(start)
@@ -299,13 +308,13 @@ class Algorithm(nn.Module):
             step_mb, new = graph_mb(lambda: problem.step(state, 0, problem.context(start), create_graph=True), keep)
             adapted = Adapted(problem, [start, new[:len(start)]], [])
             query_mb, _ = graph_mb(lambda: self.outer_objective(adapted, q_x, q_y, iteration), keep + new)
-            return step_mb, query_mb, sum(t.numel() * t.element_size() for t in state) / 2**20
+            return step_mb, query_mb, sum(t.numel() * t.element_size() for t in state) / 2**20, len(s), len(q)
 
-        ns, nq = sx.shape[1], qx.shape[1]
-        if min(ns, nq) <= 4:
-            return Footprint(*probe(ns, nq))
-        (s2, q2, w), (s4, q4, _) = probe(2, 2), probe(4, 4)
-        return Footprint(s2 + (s4 - s2) * (ns - 2) / 2, q2 + (q4 - q2) * (nq - 2) / 2, w)
+        def extrapolate(mb1: float, mb2: float, n1: int, n2: int, n: int) -> float:
+            return mb2 if n2 == n1 else mb1 + (mb2 - mb1) * (n - n1) / (n2 - n1)
+
+        (s1, q1, w, ns1, nq1), (s2, q2, _, ns2, nq2) = probe(1), probe(2)
+        return Footprint(extrapolate(s1, s2, ns1, ns2, sx.shape[1]), extrapolate(q1, q2, nq1, nq2, qx.shape[1]), w)
 
     # -- evaluation --------------------------------------------------------------------------
     def adapt(self, model: TrunkHead, support_x: torch.Tensor, support_y: torch.Tensor, ways: int,

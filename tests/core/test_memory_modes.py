@@ -305,3 +305,14 @@ def test_auto_measures_plans_logs_and_trains(caplog):
 def test_bad_memory_settings_are_clear_errors(settings, match):
     with pytest.raises(ConfigError, match=match):
         build_algorithm(**settings)
+
+
+@pytest.mark.parametrize("name", ["maml", "anil"])
+def test_auto_plans_prototype_heads_in_one_shot_episodes(name):
+    # the probe runs on a part of the episode: it must keep a support image of every class
+    batch = TaskBatch([episode(s, ways=5, shots=1, queries=5) for s in range(2)])
+    auto, _ = meta_gradients(name, "auto", batch, steps=2, lr=0.3, head_init="proto", max_memory_mb=10_000)
+    full, _ = meta_gradients(name, "full", batch, steps=2, lr=0.3, head_init="proto")
+    assert auto.keys() == full.keys()
+    for n in full:
+        torch.testing.assert_close(auto[n], full[n], rtol=1e-6, atol=1e-9)
