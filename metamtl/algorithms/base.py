@@ -286,7 +286,7 @@ class Algorithm(nn.Module):
         sets and extrapolates to the episode's sizes: it costs a fraction of a meta-step's memory (a
         full-size probe would leave the allocator holding as much again as the step it measures),
         and every class keeps a support image (prototype heads need them all).  The outer objective
-        is measured after one step: one that reads every step (MAML++'s multi-step loss) keeps more.
+        sees the one-step weights after every step (MAML++'s multi-step loss reads them all).
         """
         sx, sy, qx, qy = batch.stack([0])
         ways, classification = batch[0].ways, batch[0].is_classification
@@ -306,7 +306,7 @@ class Algorithm(nn.Module):
             state = start + problem.init_state(start)
             keep = [s_x, s_y, q_x, q_y, *model.parameters(), *self.parameters(), *state, problem.inputs]
             step_mb, new = graph_mb(lambda: problem.step(state, 0, problem.context(start), create_graph=True), keep)
-            adapted = Adapted(problem, [start, new[:len(start)]], [])
+            adapted = Adapted(problem, [start] + [new[:len(start)]] * problem.steps, [])
             query_mb, _ = graph_mb(lambda: self.outer_objective(adapted, q_x, q_y, iteration), keep + new)
             return step_mb, query_mb, sum(t.numel() * t.element_size() for t in state) / 2**20, len(s), len(q)
 

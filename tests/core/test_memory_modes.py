@@ -316,3 +316,12 @@ def test_auto_plans_prototype_heads_in_one_shot_episodes(name):
     assert auto.keys() == full.keys()
     for n in full:
         torch.testing.assert_close(auto[n], full[n], rtol=1e-6, atol=1e-9)
+
+
+def test_auto_plans_mamlpp_whose_outer_objective_reads_every_step():
+    batch = TaskBatch([episode(s) for s in range(2)])
+    settings = dict(steps=3, lr=0.1, first_order_iterations=0, multi_step_iterations=10, iteration=2)
+    auto, _ = meta_gradients("mamlpp", "auto", batch, max_memory_mb=10_000, **settings)
+    full, _ = meta_gradients("mamlpp", "full", batch, **settings)
+    for n in full:
+        torch.testing.assert_close(auto[n], full[n], rtol=1e-6, atol=1e-9)
