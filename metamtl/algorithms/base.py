@@ -31,7 +31,7 @@ from torch import nn
 
 from ..adaptation import (
     Adapted, FirstOrder, InnerLoop, InnerProblem, InnerView, MetaGradient, add_loss_terms, batched_task_loss,
-    build_problem, default_objective, proximal_term, second_order_rule,
+    build_problem, default_objective, kept_buffers, proximal_term, second_order_rule,
 )
 from ..adaptation.threads import in_worker, map_chunks, threadable
 from ..errors import ConfigError
@@ -286,7 +286,8 @@ class Algorithm(nn.Module):
         sets and extrapolates to the episode's sizes: it costs a fraction of a meta-step's memory (a
         full-size probe would leave the allocator holding as much again as the step it measures),
         and every class keeps a support image (prototype heads need them all).  The outer objective
-        sees the one-step weights after every step (MAML++'s multi-step loss reads them all).
+        sees the one-step weights after every step (MAML++'s multi-step loss reads them all).  The
+        probe leaves running statistics (every buffer of the model and the algorithm) as they were.
         """
         sx, sy, qx, qy = batch.stack([0])
         ways, classification = batch[0].ways, batch[0].is_classification
@@ -313,7 +314,8 @@ class Algorithm(nn.Module):
         def extrapolate(mb1: float, mb2: float, n1: int, n2: int, n: int) -> float:
             return mb2 if n2 == n1 else mb1 + (mb2 - mb1) * (n - n1) / (n2 - n1)
 
-        (s1, q1, w, ns1, nq1), (s2, q2, _, ns2, nq2) = probe(1), probe(2)
+        with kept_buffers(model, self):
+            (s1, q1, w, ns1, nq1), (s2, q2, _, ns2, nq2) = probe(1), probe(2)
         return Footprint(extrapolate(s1, s2, ns1, ns2, sx.shape[1]), extrapolate(q1, q2, nq1, nq2, qx.shape[1]), w)
 
     # -- evaluation --------------------------------------------------------------------------

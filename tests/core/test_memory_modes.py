@@ -22,7 +22,7 @@ from metamtl.algorithms import build_algorithm
 from metamtl.distill import FeatureDistillation, SoftTargets
 from metamtl.errors import ConfigError
 from metamtl.memory import Footprint, estimate_mb, plan_memory
-from metamtl.models import build_model
+from metamtl.models import TrunkHead, build_model
 from metamtl.tasks import Episode, TaskBatch
 
 pytestmark = pytest.mark.usefixtures("float64", "single_thread")
@@ -325,3 +325,42 @@ def test_auto_plans_mamlpp_whose_outer_objective_reads_every_step():
     full, _ = meta_gradients("mamlpp", "full", batch, **settings)
     for n in full:
         torch.testing.assert_close(auto[n], full[n], rtol=1e-6, atol=1e-9)
+
+
+class UserTrunk(torch.nn.Module):
+    """A user's own trunk with a plain ``nn.BatchNorm2d`` (running statistics in the model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 3, 3, padding=1)
+        self.norm = torch.nn.BatchNorm2d(3)
+        self.fc = torch.nn.Linear(3 * 4 * 4, 6)
+        self.out_features = 6
+
+    def forward(self, x):
+        return self.fc(F.avg_pool2d(torch.tanh(self.norm(self.conv(x))), 2).flatten(1))
+
+
+def running_statistics(name, memory, batch, **settings):
+    torch.manual_seed(0)
+    model = TrunkHead(UserTrunk(), torch.nn.Linear(6, 3)) if name == "user" else conv4(3)
+    alg = build_algorithm("maml" if name == "user" else name, memory=memory, **settings)
+    model.train()
+    alg.meta_step(model, batch, 1)
+    return {n: b.clone() for n, b in [*model.named_buffers(), *alg.named_buffers()]}
+
+
+@pytest.mark.parametrize("name,settings", [
+    ("mamlpp", dict(steps=2, lr=0.1, first_order_iterations=0)),
+    ("user", dict(steps=2, lr=0.1)),
+], ids=["mamlpp-per-step-bn", "user-batchnorm2d"])
+def test_checkpoint_and_the_planner_leave_running_statistics_as_full_does(name, settings):
+    batch = TaskBatch([episode(s) for s in range(2)])
+    full = running_statistics(name, "full", batch, **settings)
+    assert full and any(b.abs().sum() > 0 for n, b in full.items() if "mean" in n)
+    for memory in ("checkpoint", "auto"):
+        other = running_statistics(name, memory, batch, max_memory_mb=10_000 if memory == "auto" else None,
+                                   **settings)
+        assert other.keys() == full.keys()
+        for n in full:
+            torch.testing.assert_close(other[n], full[n], rtol=1e-12, atol=1e-12, msg=f"{memory}: {n}")
