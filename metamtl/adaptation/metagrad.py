@@ -25,7 +25,8 @@ Outer = Callable[[Adapted], "tuple[torch.Tensor, torch.Tensor]"]
 def kept_buffers(*sources: nn.Module | Iterable[torch.Tensor]) -> Iterator[None]:
     """Restore, on exit, the buffers of modules and the given tensors that need no gradient
     (BatchNorm running statistics and counters): forward passes that are not part of the
-    training trajectory (a memory probe, a checkpointed step's recomputation) leave them as they were."""
+    training trajectory (a memory probe, a checkpointed step's recomputation) leave them as they
+    were."""
     tensors = [t for src in sources for t in (src.buffers() if isinstance(src, nn.Module) else src)
                if not t.requires_grad]
     saved = [t.clone() for t in tensors]

@@ -88,6 +88,8 @@ class Algorithm(nn.Module):
             )
         #: the planner's latest choice under ``memory: auto`` (see :meth:`plan_memory`)
         self.memory_plan: MemoryPlan | None = None
+        if inner.memory == "auto":  # its mode, chunk and estimate (KiB), saved with the state: loaded, it adapts alike
+            self.register_buffer("memory_planned", torch.tensor([-1, 0, 0]))
         self._plans: dict[tuple, MemoryPlan] = {}
         self._thread_warnings: set[str] = set()
 
@@ -274,8 +276,22 @@ class Algorithm(nn.Module):
                                            f"the proximal term lam/2 ||w - w_0||^2 with lam={self.inner.lam:g}")
             self._plans[key] = plan
             logging.getLogger("metamtl.memory").info("%s: %s", self.name, plan.describe())
+        if plan is not self.memory_plan:
+            planned = [PLAN_MODES.index(plan.mode), plan.chunk, round(plan.estimate_mb * 1024)]
+            self.memory_planned.copy_(torch.tensor(planned))
         self.memory_plan = plan
         return plan
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        key = prefix + "memory_planned"
+        if not hasattr(self, "memory_planned"):  # saved under auto, loaded with another memory setting
+            state_dict.pop(key, None)
+            return super()._load_from_state_dict(state_dict, prefix, *args)
+        state_dict.setdefault(key, self.memory_planned.new_tensor([-1, 0, 0]))  # saved before plans were saved
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        mode, chunk, estimate = self.memory_planned.tolist()
+        self.memory_plan = None if mode < 0 else MemoryPlan(
+            PLAN_MODES[mode], chunk, estimate / 1024, self.inner.max_memory_mb, "the plan saved with the learner")
 
     def memory_footprint(self, model: TrunkHead, batch: TaskBatch, iteration: int = 0) -> Footprint:
         """What one task of ``batch`` keeps alive: one second-order inner step's graph, the outer
