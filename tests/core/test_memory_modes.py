@@ -22,6 +22,7 @@ from metamtl import MetaLearner
 from metamtl.algorithms import build_algorithm
 from metamtl.distill import FeatureDistillation, SoftTargets
 from metamtl.errors import ConfigError
+from metamtl.experiment import memory_summary
 from metamtl.memory import Footprint, estimate_mb, plan_memory
 from metamtl.models import TrunkHead, build_model
 from metamtl.tasks import Episode, TaskBatch
@@ -387,3 +388,19 @@ def test_a_saved_auto_learner_adapts_with_the_planned_mode(tmp_path):
     older = build_algorithm(**alg.config())  # a state saved before plans were saved: no plan yet
     older.load_state_dict({k: v for k, v in alg.state_dict().items() if k != "memory_planned"})
     assert older.memory_plan is None and older.memory_mode == "full"
+
+
+def test_results_report_the_memory_mode_actually_used():
+    batch = TaskBatch([episode(0, dataset="a"), episode(1, dataset="b")])
+    alg = build_algorithm("multitask", base=dict(name="maml", steps=2, lr=0.3, memory="auto", max_memory_mb=10_000),
+                          datasets=["a", "b"])
+    model = conv4(3)
+    alg.meta_step(model, batch)
+    plan = alg.base.memory_plan
+    assert alg.memory_plan is plan and alg.memory_mode == plan.mode == "full"
+    summary = memory_summary(MetaLearner(model, alg, device="cpu", channels_last=False))
+    assert (summary["mode"], summary["plan"]) == (plan.mode, plan.describe())
+    for name in ("reptile", "fomaml"):  # first order: no second-order meta-gradient, memory does not apply
+        learner = MetaLearner(conv4(3), build_algorithm(name, steps=2, lr=0.3, memory="implicit"), device="cpu",
+                              channels_last=False)
+        assert memory_summary(learner)["mode"] is None
