@@ -245,10 +245,14 @@ def build_learner(cfg: Config, train_tasks: TaskSource, callbacks: list[Callback
 
 
 def memory_summary(learner: MetaLearner) -> dict[str, Any]:
-    """How the run's peak memory was measured, and the memory planner's choice (``memory: auto``)."""
-    plan = getattr(learner.algorithm, "memory_plan", None)
+    """How the run's peak memory was measured, the memory mode of the second-order meta-gradient
+    (``None`` for first-order algorithms, Reptile and FOMAML: they ignore ``memory``) and the
+    memory planner's choice (``memory: auto``)."""
+    alg = learner.algorithm
+    second_order = not alg.inner.first_order
+    plan = getattr(alg, "memory_plan", None) if second_order else None
     return {"measure": "cuda_max_allocated" if learner.device.type == "cuda" else "rss",
-            "mode": getattr(learner.algorithm, "memory_mode", None),
+            "mode": getattr(alg, "memory_mode", None) if second_order else None,
             "plan": plan.describe() if plan is not None else None}
 
 

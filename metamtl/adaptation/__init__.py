@@ -61,8 +61,8 @@ Meta-gradient rule contract (for new rules such as checkpointed or implicit diff
 """
 from .gradients import checkpointed_unroll, conjugate_gradient, implicit_solution
 from .metagrad import (
-    RULES, Checkpointed, Difference, FirstOrder, Implicit, MetaGradient, Outer, SecondOrder, proximal_term,
-    second_order_rule,
+    RULES, Checkpointed, Difference, FirstOrder, Implicit, MetaGradient, Outer, SecondOrder, kept_buffers,
+    proximal_term, second_order_rule,
 )
 from .optim import INNER_OPTIMIZERS, InnerOptimizer, build_optimizer
 from .problem import (
@@ -77,7 +77,7 @@ from .settings import (
 __all__ = [
     "checkpointed_unroll", "conjugate_gradient", "implicit_solution", "RULES", "Checkpointed", "Implicit",
     "proximal_term", "second_order_rule", "Difference", "FirstOrder", "MetaGradient", "Outer", "SecondOrder",
-    "INNER_OPTIMIZERS",
+    "INNER_OPTIMIZERS", "kept_buffers",
     "InnerOptimizer", "build_optimizer", "ENGINES", "Adapted", "CoreEngine", "Engine", "HigherEngine",
     "InnerProblem", "InnerView", "add_loss_terms", "build_problem", "default_objective", "map_tasks", "tap_outputs",
     "task_module", "ADAPT_MODES", "BACKENDS", "MEMORY_MODES", "InnerLoop", "LossContext", "LossTerm",

@@ -7,9 +7,11 @@ contract in the :mod:`metamtl.adaptation` docstring.
 """
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+import contextlib
+from typing import Callable, ClassVar, Iterable, Iterator
 
 import torch
+from torch import nn
 
 from .gradients import checkpointed_unroll, implicit_solution
 from .problem import Adapted, InnerProblem, InnerView
@@ -17,6 +19,24 @@ from .problem import Adapted, InnerProblem, InnerView
 #: ``outer(adapted) -> (objective [T], logits [T, Q, ...])``: the outer objective of each task and
 #: the final query logits (for metrics).
 Outer = Callable[[Adapted], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+@contextlib.contextmanager
+def kept_buffers(*sources: nn.Module | Iterable[torch.Tensor]) -> Iterator[None]:
+    """Restore, on exit, the buffers of modules and the given tensors that need no gradient
+    (BatchNorm running statistics and counters): forward passes that are not part of the
+    training trajectory (a memory probe, a checkpointed step's recomputation) leave them as they
+    were."""
+    tensors = [t for src in sources for t in (src.buffers() if isinstance(src, nn.Module) else src)
+               if not t.requires_grad]
+    saved = [t.clone() for t in tensors]
+    try:
+        yield
+    finally:
+        for t, v in zip(tensors, saved):
+            # through .data: a batch-norm graph saves its running statistics (unread in training
+            # mode), and a version bump would fail the recomputed step's backward
+            t.data.copy_(v)
 
 
 class MetaGradient:
@@ -89,9 +109,11 @@ class Checkpointed(MetaGradient):
         inner_losses: list[torch.Tensor] = []
 
         def step(state, k, context, create_graph):
+            if create_graph:  # the backward's recomputation: no logging, running statistics left alone
+                with kept_buffers(problem.model, problem.tensors(k).values()):
+                    return problem._step(state, k, context, create_graph, tape=True)[0]
             new, loss = problem._step(state, k, context, create_graph, tape=True)
-            if not create_graph:  # the forward pass (the backward recomputes without logging)
-                inner_losses.append(loss)
+            inner_losses.append(loss)
             return new
 
         states = checkpointed_unroll(step, start + problem.init_state(start), problem.steps, problem.context(start))

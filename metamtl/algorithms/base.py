@@ -31,7 +31,7 @@ from torch import nn
 
 from ..adaptation import (
     Adapted, FirstOrder, InnerLoop, InnerProblem, InnerView, MetaGradient, add_loss_terms, batched_task_loss,
-    build_problem, default_objective, proximal_term, second_order_rule,
+    build_problem, default_objective, kept_buffers, proximal_term, second_order_rule,
 )
 from ..adaptation.threads import in_worker, map_chunks, threadable
 from ..errors import ConfigError
@@ -88,6 +88,8 @@ class Algorithm(nn.Module):
             )
         #: the planner's latest choice under ``memory: auto`` (see :meth:`plan_memory`)
         self.memory_plan: MemoryPlan | None = None
+        if inner.memory == "auto":  # its mode, chunk and estimate (KiB), saved with the state: loaded, it adapts alike
+            self.register_buffer("memory_planned", torch.tensor([-1, 0, 0]))
         self._plans: dict[tuple, MemoryPlan] = {}
         self._thread_warnings: set[str] = set()
 
@@ -278,38 +280,63 @@ class Algorithm(nn.Module):
                                            f"the proximal term lam/2 ||w - w_0||^2 with lam={self.inner.lam:g}")
             self._plans[key] = plan
             logging.getLogger("metamtl.memory").info("%s: %s", self.name, plan.describe())
+        if plan is not self.memory_plan:
+            planned = [PLAN_MODES.index(plan.mode), plan.chunk, round(plan.estimate_mb * 1024)]
+            self.memory_planned.copy_(torch.tensor(planned))
         self.memory_plan = plan
         return plan
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        key = prefix + "memory_planned"
+        if not hasattr(self, "memory_planned"):  # saved under auto, loaded with another memory setting
+            state_dict.pop(key, None)
+            return super()._load_from_state_dict(state_dict, prefix, *args)
+        state_dict.setdefault(key, self.memory_planned.new_tensor([-1, 0, 0]))  # saved before plans were saved
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        mode, chunk, estimate = self.memory_planned.tolist()
+        self.memory_plan = None if mode < 0 else MemoryPlan(
+            PLAN_MODES[mode], chunk, estimate / 1024, self.inner.max_memory_mb, "the plan saved with the learner")
 
     def memory_footprint(self, model: TrunkHead, batch: TaskBatch, iteration: int = 0) -> Footprint:
         """What one task of ``batch`` keeps alive: one second-order inner step's graph, the outer
         objective's graph and the inner-loop state (MiB; see :class:`~metamtl.memory.Footprint`).
 
-        Activations grow linearly with the number of images, so the probe runs on 2 and then 4
-        support and query images of the first episode and extrapolates to the episode's sizes:
-        it costs a fraction of a meta-step's memory (a full-size probe would leave the allocator
-        holding as much again as the step it measures).  The outer objective is measured after
-        one step: one that reads every step (MAML++'s multi-step loss) keeps more than this.
+        Activations grow linearly with the number of images, so the probe runs on one and then two
+        images of every class (regression: 2 and 4 images) of the first episode's support and query
+        sets and extrapolates to the episode's sizes: it costs a fraction of a meta-step's memory (a
+        full-size probe would leave the allocator holding as much again as the step it measures),
+        and every class keeps a support image (prototype heads need them all).  The outer objective
+        sees the one-step weights after every step (MAML++'s multi-step loss reads them all).  The
+        probe leaves running statistics (every buffer of the model and the algorithm) as they were.
         """
         sx, sy, qx, qy = batch.stack([0])
-        ways = batch[0].ways
+        ways, classification = batch[0].ways, batch[0].is_classification
 
-        def probe(ns: int, nq: int) -> tuple[float, float, float]:
-            s_x, s_y, q_x, q_y = sx[:, :ns], sy[:, :ns], qx[:, :nq], qy[:, :nq]
+        def first(y: torch.Tensor, per: int) -> torch.Tensor:
+            """Positions of the first ``per`` images of each class (regression: of ``2 per`` images)."""
+            if not classification:
+                return torch.arange(min(2 * per, y.shape[0]), device=y.device)
+            rank = torch.tril(y[:, None] == y[None, :], -1).sum(1)  # earlier images of the same class
+            return torch.nonzero(rank < per).flatten()
+
+        def probe(per: int) -> tuple[float, float, float, int, int]:
+            s, q = first(sy[0], per), first(qy[0], per)
+            s_x, s_y, q_x, q_y = sx[:, s], sy[:, s], qx[:, q], qy[:, q]
             problem = self.problem(model, s_x, s_y, ways)
             start = problem.leaves()
             state = start + problem.init_state(start)
             keep = [s_x, s_y, q_x, q_y, *model.parameters(), *self.parameters(), *state, problem.inputs]
             step_mb, new = graph_mb(lambda: problem.step(state, 0, problem.context(start), create_graph=True), keep)
-            adapted = Adapted(problem, [start, new[:len(start)]], [])
+            adapted = Adapted(problem, [start] + [new[:len(start)]] * problem.steps, [])
             query_mb, _ = graph_mb(lambda: self.outer_objective(adapted, q_x, q_y, iteration), keep + new)
-            return step_mb, query_mb, sum(t.numel() * t.element_size() for t in state) / 2**20
+            return step_mb, query_mb, sum(t.numel() * t.element_size() for t in state) / 2**20, len(s), len(q)
 
-        ns, nq = sx.shape[1], qx.shape[1]
-        if min(ns, nq) <= 4:
-            return Footprint(*probe(ns, nq))
-        (s2, q2, w), (s4, q4, _) = probe(2, 2), probe(4, 4)
-        return Footprint(s2 + (s4 - s2) * (ns - 2) / 2, q2 + (q4 - q2) * (nq - 2) / 2, w)
+        def extrapolate(mb1: float, mb2: float, n1: int, n2: int, n: int) -> float:
+            return mb2 if n2 == n1 else mb1 + (mb2 - mb1) * (n - n1) / (n2 - n1)
+
+        with kept_buffers(model, self):
+            (s1, q1, w, ns1, nq1), (s2, q2, _, ns2, nq2) = probe(1), probe(2)
+        return Footprint(extrapolate(s1, s2, ns1, ns2, sx.shape[1]), extrapolate(q1, q2, nq1, nq2, qx.shape[1]), w)
 
     # -- evaluation --------------------------------------------------------------------------
     def adapt(self, model: TrunkHead, support_x: torch.Tensor, support_y: torch.Tensor, ways: int,

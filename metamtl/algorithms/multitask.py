@@ -74,6 +74,9 @@ class MultiTask(Algorithm):
     def eval_steps(self) -> int:
         return self.base.eval_steps
 
+    memory_mode = property(lambda self: self.base.memory_mode, doc="The base algorithm's memory mode.")
+    memory_plan = property(lambda self: self.base.memory_plan, doc="The base algorithm's memory plan (``auto``).")
+
     def setup(self, model: TrunkHead) -> None:
         self.base.setup(model)
 

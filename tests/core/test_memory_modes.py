@@ -18,11 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from metamtl import MetaLearner
 from metamtl.algorithms import build_algorithm
 from metamtl.distill import FeatureDistillation, SoftTargets
 from metamtl.errors import ConfigError
+from metamtl.experiment import memory_summary
 from metamtl.memory import Footprint, estimate_mb, plan_memory
-from metamtl.models import build_model
+from metamtl.models import TrunkHead, build_model
 from metamtl.tasks import Episode, TaskBatch
 
 pytestmark = pytest.mark.usefixtures("float64", "single_thread")
@@ -305,3 +307,100 @@ def test_auto_measures_plans_logs_and_trains(caplog):
 def test_bad_memory_settings_are_clear_errors(settings, match):
     with pytest.raises(ConfigError, match=match):
         build_algorithm(**settings)
+
+
+@pytest.mark.parametrize("name", ["maml", "anil"])
+def test_auto_plans_prototype_heads_in_one_shot_episodes(name):
+    # the probe runs on a part of the episode: it must keep a support image of every class
+    batch = TaskBatch([episode(s, ways=5, shots=1, queries=5) for s in range(2)])
+    auto, _ = meta_gradients(name, "auto", batch, steps=2, lr=0.3, head_init="proto", max_memory_mb=10_000)
+    full, _ = meta_gradients(name, "full", batch, steps=2, lr=0.3, head_init="proto")
+    assert auto.keys() == full.keys()
+    for n in full:
+        torch.testing.assert_close(auto[n], full[n], rtol=1e-6, atol=1e-9)
+
+
+def test_auto_plans_mamlpp_whose_outer_objective_reads_every_step():
+    batch = TaskBatch([episode(s) for s in range(2)])
+    settings = dict(steps=3, lr=0.1, first_order_iterations=0, multi_step_iterations=10, iteration=2)
+    auto, _ = meta_gradients("mamlpp", "auto", batch, max_memory_mb=10_000, **settings)
+    full, _ = meta_gradients("mamlpp", "full", batch, **settings)
+    for n in full:
+        torch.testing.assert_close(auto[n], full[n], rtol=1e-6, atol=1e-9)
+
+
+class UserTrunk(torch.nn.Module):
+    """A user's own trunk with a plain ``nn.BatchNorm2d`` (running statistics in the model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 3, 3, padding=1)
+        self.norm = torch.nn.BatchNorm2d(3)
+        self.fc = torch.nn.Linear(3 * 4 * 4, 6)
+        self.out_features = 6
+
+    def forward(self, x):
+        return self.fc(F.avg_pool2d(torch.tanh(self.norm(self.conv(x))), 2).flatten(1))
+
+
+def running_statistics(name, memory, batch, **settings):
+    torch.manual_seed(0)
+    model = TrunkHead(UserTrunk(), torch.nn.Linear(6, 3)) if name == "user" else conv4(3)
+    alg = build_algorithm("maml" if name == "user" else name, memory=memory, **settings)
+    model.train()
+    alg.meta_step(model, batch, 1)
+    return {n: b.clone() for n, b in [*model.named_buffers(), *alg.named_buffers()]}
+
+
+@pytest.mark.parametrize("name,settings", [
+    ("mamlpp", dict(steps=2, lr=0.1, first_order_iterations=0)),
+    ("user", dict(steps=2, lr=0.1)),
+], ids=["mamlpp-per-step-bn", "user-batchnorm2d"])
+def test_checkpoint_and_the_planner_leave_running_statistics_as_full_does(name, settings):
+    batch = TaskBatch([episode(s) for s in range(2)])
+    full = running_statistics(name, "full", batch, **settings)
+    assert full and any(b.abs().sum() > 0 for n, b in full.items() if "mean" in n)
+    for memory in ("checkpoint", "auto"):
+        other = running_statistics(name, memory, batch, max_memory_mb=10_000 if memory == "auto" else None,
+                                   **settings)
+        assert full.keys() <= other.keys()  # auto also saves its plan
+        for n in full:
+            torch.testing.assert_close(other[n], full[n], rtol=1e-12, atol=1e-12, msg=f"{memory}: {n}")
+
+
+def test_a_saved_auto_learner_adapts_with_the_planned_mode(tmp_path):
+    batch = TaskBatch([episode(s) for s in range(2)])
+    model = conv4(3)
+    fp = build_algorithm("maml", steps=10, lr=0.3).memory_footprint(model, batch)
+    budget = estimate_mb("implicit", fp, 10, 1) * 1.05  # below checkpoint's: the planner picks implicit (iMAML)
+    assert budget < estimate_mb("checkpoint", fp, 10, 1)
+    alg = build_algorithm("maml", steps=10, lr=0.3, lam=5.0, memory="auto", max_memory_mb=budget)
+    alg.meta_step(model, batch)
+    assert alg.memory_mode == "implicit"
+    learner = MetaLearner(model, alg, device="cpu", channels_last=False)
+    learner.model.eval()
+    episodes = [episode(s) for s in range(5, 8)]
+    before = learner.algorithm.evaluate_episodes(learner.model, episodes)
+    loaded = MetaLearner.load(learner.save(tmp_path / "learner.pt"), device="cpu")
+    loaded.model.eval()
+    assert loaded.algorithm.memory_mode == "implicit"
+    assert loaded.algorithm.evaluate_episodes(loaded.model, episodes) == before
+    older = build_algorithm(**alg.config())  # a state saved before plans were saved: no plan yet
+    older.load_state_dict({k: v for k, v in alg.state_dict().items() if k != "memory_planned"})
+    assert older.memory_plan is None and older.memory_mode == "full"
+
+
+def test_results_report_the_memory_mode_actually_used():
+    batch = TaskBatch([episode(0, dataset="a"), episode(1, dataset="b")])
+    alg = build_algorithm("multitask", base=dict(name="maml", steps=2, lr=0.3, memory="auto", max_memory_mb=10_000),
+                          datasets=["a", "b"])
+    model = conv4(3)
+    alg.meta_step(model, batch)
+    plan = alg.base.memory_plan
+    assert alg.memory_plan is plan and alg.memory_mode == plan.mode == "full"
+    summary = memory_summary(MetaLearner(model, alg, device="cpu", channels_last=False))
+    assert (summary["mode"], summary["plan"]) == (plan.mode, plan.describe())
+    for name in ("reptile", "fomaml"):  # first order: no second-order meta-gradient, memory does not apply
+        learner = MetaLearner(conv4(3), build_algorithm(name, steps=2, lr=0.3, memory="implicit"), device="cpu",
+                              channels_last=False)
+        assert memory_summary(learner)["mode"] is None
