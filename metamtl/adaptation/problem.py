@@ -424,6 +424,12 @@ if torch.optim.AdamW not in higher.optim._opt_mapping:
     higher.register_optim(torch.optim.AdamW, _AdamW)
 
 
+def higher_optimizers() -> tuple[type, ...]:
+    """The ``torch.optim`` classes ``higher`` has a differentiable version of (``higher.register_optim``
+    adds more)."""
+    return tuple(higher.optim._opt_mapping)
+
+
 class HigherEngine(Engine):
     """``higher.monkeypatch`` + a ``higher`` differentiable optimizer, one task at a time.
 

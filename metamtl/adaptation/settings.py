@@ -22,6 +22,17 @@ MEMORY_MODES = ("full", "checkpoint", "implicit", "auto")
 #: ``core``: the functional engine (torch.func, task chunks); ``higher``: the ``higher`` engine.
 #: ``auto`` and ``func`` (earlier names) mean ``core``.
 BACKENDS = ("core", "higher", "auto", "func")
+#: prefix of a ``torch.optim`` class's name in a config (``"torch.optim.Rprop"``)
+TORCH_OPTIM = "torch.optim."
+
+
+def torch_optimizer_class(name: str) -> type:
+    """The ``torch.optim`` class a config names (``"torch.optim.Rprop"``)."""
+    cls = getattr(torch.optim, name[len(TORCH_OPTIM):], None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ConfigError(f"inner optimizer {name!r} is not a torch.optim optimizer class: name one as "
+                          "'torch.optim.<Class>' (backend 'higher'), or a core optimizer such as 'sgd' or 'adam'")
+    return cls
 
 
 def task_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -167,6 +178,8 @@ class InnerLoop:
             raise unknown_name("inner-loop backend", self.backend, BACKENDS[:2])
         if self.backend in ("auto", "func"):
             self.backend = "core"
+        if isinstance(self.optimizer, str) and self.optimizer.startswith(TORCH_OPTIM):
+            self.optimizer = torch_optimizer_class(self.optimizer)  # a checkpoint's name for the class
         if isinstance(self.optimizer, type) and issubclass(self.optimizer, torch.optim.Optimizer):
             if self.backend != "higher":
                 raise ConfigError(
@@ -213,7 +226,13 @@ class InnerLoop:
         self.task_weight = 1.0
 
     def config(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The settings; a ``torch.optim`` class as its name (``"torch.optim.Rprop"``), which a
+        checkpoint can hold (any other class stays a class: checkpoints refuse it)."""
+        cfg = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        opt = self.optimizer
+        if isinstance(opt, type) and getattr(torch.optim, opt.__name__, None) is opt:
+            cfg["optimizer"] = TORCH_OPTIM + opt.__name__
+        return cfg
 
     @property
     def evaluation_steps(self) -> int:
