@@ -159,6 +159,8 @@ LEARNER = [
     ("regression-fit-targets-narrower-than-model", lambda e: fit(regressor(out_features=2), Sinusoid()), InputError, r"fit: episode 0 of 'sinusoid': support_y has shape \[\d+, 1\] but the model predicts 2 value\(s\)"),
     ("custom-trunk-without-out-features", lambda e: custom_learner(None, head_init="zero"), ConfigError, r"the trunk _Unsized does not say how many features it gives, and per-task heads are built on them: set trunk.out_features"),
     ("custom-model-checkpoints-without-name", lambda e: fit(custom_learner(torch.nn.Linear(4, 5)), e.sampler, checkpoint_dir=e.tmp), CheckpointError, r"the model has no config name, .* TrunkHead\(trunk, head, config=\{'name': 'mynet'\}\)"),
+    ("model-weights-bf16", lambda e: MetaLearner(build_model("conv4", hidden=4, image_size=12, blocks=2).bfloat16(), device="cpu"), ConfigError, r"the model's weights are bfloat16: .* call model.float\(\) .* set precision 'bf16'"),
+    ("model-weights-half", lambda e: MetaLearner(build_model("conv4", hidden=4, image_size=12, blocks=2).half(), device="cpu"), ConfigError, r"the model's weights are float16"),
     ("learner-needs-trunk-head", lambda e: MetaLearner(torch.nn.Linear(2, 2)), ConfigError, r"needs a metamtl.models.TrunkHead"),
 ]
 
