@@ -147,14 +147,33 @@ def _check_crcs(path: Path) -> None:
         ) from exc
 
 
-def check_saveable(model: Any) -> None:
+def check_saveable(model: Any, config: Any = None) -> None:
     """:class:`CheckpointError` unless ``model`` (a ``TrunkHead``) can be written to a checkpoint:
-    it has a config name, which says what to rebuild on load."""
+    it has a config name, which says what to rebuild on load, and the learner ``config`` holds no
+    class or function (the weights-only loader could never read it back)."""
+    _check_plain(config, "config")
     if not model.config.get("name"):
         raise CheckpointError(
             "the model has no config name, so a checkpoint could not say what to rebuild: build it with "
             "metamtl.models.build_model, or name your own network, TrunkHead(trunk, head, config={'name': "
             "'mynet'}), and load its checkpoints with MetaLearner.load(path, model=<the same network>)"
+        )
+
+
+def _check_plain(value: Any, where: str) -> None:
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _check_plain(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif isinstance(value, type) or callable(value):
+        name = f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', value)}"
+        raise CheckpointError(
+            f"{where} is {name}, which a checkpoint cannot name (its weights-only loader reads back plain "
+            "values only): a torch.optim class is saved by name, a class of your own (e.g. registered "
+            "with higher.register_optim) is not - use a torch.optim class or a core optimizer by name "
+            "('sgd', 'adam', ...) to save or checkpoint this learner"
         )
 
 

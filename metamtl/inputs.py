@@ -6,6 +6,7 @@ it, before any parameter changes, so a learner stays usable after bad input.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,9 @@ from .tasks.episode import Episode
 from .tasks.sampler import TaskSource, episode_generator
 
 TASK_TYPES = ("classification", "regression")
+#: models with a user's trunk whose output is not checked yet (:func:`check_trunk_features`), and
+#: whether per-task heads or prototypes are built on it (then features must be ``[batch, features]``)
+_UNCHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def preprocess(images: Any, preprocessing: Preprocessing | None) -> torch.Tensor:
@@ -58,6 +62,7 @@ def model_input(x: Any, what: str, *, model: TrunkHead, placement: Placement,
         ) from None
     if not torch.isfinite(x).all():
         raise InputError(f"{what} contains NaN or infinite values")
+    check_trunk_features(model, x)
     return x
 
 
@@ -112,6 +117,46 @@ def support_labels(y: Any, n: int, task: str, device: torch.device,
     return y, ways
 
 
+def check_trunk_features(model: TrunkHead, x: torch.Tensor) -> None:
+    """Once per learner, run a user's trunk (not one of metamtl's) on one example of model input
+    ``x`` and refuse features that are not ``[batch, out_features]`` (:class:`ConfigError`):
+    per-task heads, prototypes and Meta-SGD's rates are sized by ``out_features``, so a wrong
+    number would fail deep inside, or train on the wrong shape silently."""
+    if model not in _UNCHECKED:
+        return
+    trunk = model.trunk
+    modes = [(m, m.training) for m in trunk.modules()]
+    trunk.eval()  # one example: no batch statistics, no running-statistics update
+    try:
+        with torch.no_grad():
+            out = trunk(x[:1])
+    finally:
+        for m, training in modes:
+            m.training = training
+    name = type(trunk).__name__
+    shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        if not _UNCHECKED[model]:
+            del _UNCHECKED[model]  # the model's own head takes the trunk's output, whatever its shape
+            return
+        raise ConfigError(
+            f"the trunk {name} gives features of shape {shape} for one example; per-task heads and prototypes "
+            "need one flat feature vector per example, [batch, features]: flatten them in the trunk (e.g. end "
+            "it with nn.Flatten()) and set trunk.out_features to the number of features"
+        )
+    declared = getattr(trunk, "out_features", None)
+    said = "trunk.out_features" if declared is not None else "the head's in_features"
+    if declared is None and model.head is not None:
+        declared = getattr(model.head, "in_features", None)
+    if declared is not None and int(declared) != out.shape[1]:
+        raise ConfigError(
+            f"{said} is {declared} but the trunk {name} gives {out.shape[1]} features per example (shape "
+            f"{shape} for one example): set trunk.out_features = {out.shape[1]}"
+            + ("" if said.startswith("trunk") else f" and build the head with in_features={out.shape[1]}")
+        )
+    del _UNCHECKED[model]
+
+
 def check_episode(episode: Any, what: str, *, task: str, model: TrunkHead) -> None:
     """Refuse, with a clear message, an episode a learner for ``task`` on ``model`` cannot use."""
     if not isinstance(episode, Episode):
@@ -133,6 +178,11 @@ def check_episode(episode: Any, what: str, *, task: str, model: TrunkHead) -> No
             f"{where}: the data does not fit the model: {exc}. Build the model for this data "
             "(e.g. conv4 in_channels/image_size) or load the data at the model's size (image_size=)"
         ) from None
+    if model in _UNCHECKED:
+        weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+        ready = episode.to(weight.device if weight is not None else None,
+                           dtype=weight.dtype if weight is not None else None)
+        check_trunk_features(model, ready.support_x)
 
 
 def check_learner_parts(model: Any, algorithm: Any, task: str) -> Algorithm:
@@ -154,8 +204,11 @@ def check_learner_parts(model: Any, algorithm: Any, task: str) -> Algorithm:
             "needs class labels; for regression use a gradient-based algorithm with head_init 'learned' "
             "(e.g. 'maml') or 'zero'"
         )
-    if model.head is None or algorithm.inner.head_init != "learned":
+    per_task_heads = model.head is None or algorithm.inner.head_init != "learned"
+    if per_task_heads:
         model.num_features  # a per-task head is built on the trunk's features: their number must be known
+    if not type(model.trunk).__module__.startswith("metamtl."):
+        _UNCHECKED[model] = per_task_heads  # a user's trunk: check its features on the first input
     return algorithm
 
 

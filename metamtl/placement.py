@@ -178,6 +178,9 @@ class Placement:
     automatic: bool = False
     #: the precision was chosen by :func:`native_bf16` (setting ``"auto"``)
     auto_precision: bool = False
+    #: the model's floating dtype, which inputs are cast to (float32 unless the model was built
+    #: in another, e.g. ``model.double()``)
+    dtype: torch.dtype = torch.float32
 
     @classmethod
     def create(cls, device: str | torch.device | None = "auto", precision: str = "fp32",
@@ -202,7 +205,15 @@ class Placement:
             log.info("precision auto: %s (%s)", precision, "the device computes bfloat16 natively" if precision == "bf16"
                      else "no native bfloat16 on this device: bf16 would be emulated")
         automatic = channels_last is None and auto_channels_last(model, dev)
-        return cls(dev, precision, automatic if channels_last is None else channels_last, automatic, auto_precision)
+        floats = [p.dtype for p in model.parameters() if p.is_floating_point()] if model is not None else []
+        dtype = floats[0] if floats else torch.float32
+        if dtype not in (torch.float32, torch.float64):
+            raise ConfigError(
+                f"the model's weights are {str(dtype).replace('torch.', '')}: metamtl trains float32 (or float64) "
+                "weights; call model.float() before building the learner, and set precision 'bf16' "
+                "(MetaLearner(precision='bf16'), config: train.precision) to compute in bfloat16 with float32 weights"
+            )
+        return cls(dev, precision, automatic if channels_last is None else channels_last, automatic, auto_precision, dtype)
 
     @property
     def precision_setting(self) -> str:
@@ -239,11 +250,11 @@ class Placement:
 
     def batch(self, episodes: Any, non_blocking: bool = False) -> Any:
         """An :class:`~metamtl.tasks.Episode` or :class:`~metamtl.tasks.TaskBatch` as model input here."""
-        return episodes.to(self.device, non_blocking=non_blocking, memory_format=self.memory_format)
+        return episodes.to(self.device, non_blocking=non_blocking, memory_format=self.memory_format, dtype=self.dtype)
 
     def model_input(self, x: torch.Tensor) -> torch.Tensor:
         """A float input tensor on this device, in the memory layout when it is an image batch."""
-        x = x.to(self.device, torch.float32)
+        x = x.to(self.device, self.dtype)
         if self.memory_format is not None and x.dim() == 4:
             x = x.contiguous(memory_format=self.memory_format)
         return x

@@ -214,10 +214,11 @@ def load_trunk(model: TrunkHead, source: Mapping[str, torch.Tensor] | str | Path
 
 def learner_state(learner: "MetaLearner", training_state: bool = False) -> dict[str, Any]:
     """What :meth:`MetaLearner.save <metamtl.MetaLearner.save>` writes: the checkpoint format."""
-    check_saveable(learner.model)
+    config = learner.config()
+    check_saveable(learner.model, config)
     obj: dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "metamtl_version": __version__,
-        "config": learner.config(),
+        "config": config,
         "model_state": {k: v.detach().cpu() for k, v in learner.model.state_dict().items()},
         "algorithm_state": {k: v.detach().cpu() for k, v in learner.algorithm.state_dict().items()},
         "preprocessing": learner.preprocessing.to_dict() if learner.preprocessing else None,

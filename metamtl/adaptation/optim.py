@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Sequence
 
+import higher
 import torch
 
 from ..errors import ConfigError, unknown_name
@@ -315,4 +316,27 @@ def build_optimizer(name: str, lr: float, kwargs: dict[str, Any]) -> InnerOptimi
 
 
 __all__ = ["INNER_OPTIMIZERS", "InnerOptimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Adamax",
-           "build_optimizer", "safe_sqrt", "torch_settings"]
+           "build_optimizer", "higher_optimizers", "safe_sqrt", "torch_settings"]
+
+
+class _AdamW(higher.optim.DifferentiableAdam):
+    """``higher`` has no AdamW: Adam with decoupled weight decay, written like higher's Adam."""
+
+    def _update(self, grouped_grads, **kwargs):
+        for group in self.param_groups:
+            wd, group["weight_decay"] = group["weight_decay"], 0
+            group["params"] = [p * (1 - group["lr"] * wd) if wd else p for p in group["params"]]
+            group["_wd"] = wd
+        super()._update(grouped_grads, **kwargs)
+        for group in self.param_groups:
+            group["weight_decay"] = group.pop("_wd")
+
+
+if torch.optim.AdamW not in higher.optim._opt_mapping:
+    higher.register_optim(torch.optim.AdamW, _AdamW)
+
+
+def higher_optimizers() -> tuple[type, ...]:
+    """The ``torch.optim`` classes ``higher`` has a differentiable version of (``higher.register_optim``
+    adds more)."""
+    return tuple(higher.optim._opt_mapping)

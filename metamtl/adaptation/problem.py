@@ -407,23 +407,6 @@ class CoreEngine(Engine):
         return new, state
 
 
-class _AdamW(higher.optim.DifferentiableAdam):
-    """``higher`` has no AdamW: Adam with decoupled weight decay, written like higher's Adam."""
-
-    def _update(self, grouped_grads, **kwargs):
-        for group in self.param_groups:
-            wd, group["weight_decay"] = group["weight_decay"], 0
-            group["params"] = [p * (1 - group["lr"] * wd) if wd else p for p in group["params"]]
-            group["_wd"] = wd
-        super()._update(grouped_grads, **kwargs)
-        for group in self.param_groups:
-            group["weight_decay"] = group.pop("_wd")
-
-
-if torch.optim.AdamW not in higher.optim._opt_mapping:
-    higher.register_optim(torch.optim.AdamW, _AdamW)
-
-
 class HigherEngine(Engine):
     """``higher.monkeypatch`` + a ``higher`` differentiable optimizer, one task at a time.
 

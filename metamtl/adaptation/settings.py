@@ -12,7 +12,7 @@ from torch import nn
 from ..errors import ConfigError, unknown_name
 from ..models.heads import HEAD_INITS
 from ..models.norm import BN_MODES
-from .optim import INNER_OPTIMIZERS, torch_settings
+from .optim import INNER_OPTIMIZERS, higher_optimizers, torch_settings
 
 ADAPT_MODES = ("all", "head")
 #: how a second-order meta-gradient is computed (see :mod:`metamtl.adaptation.metagrad`):
@@ -22,6 +22,44 @@ MEMORY_MODES = ("full", "checkpoint", "implicit", "auto")
 #: ``core``: the functional engine (torch.func, task chunks); ``higher``: the ``higher`` engine.
 #: ``auto`` and ``func`` (earlier names) mean ``core``.
 BACKENDS = ("core", "higher", "auto", "func")
+#: prefix of a ``torch.optim`` class's name in a config (``"torch.optim.Rprop"``)
+TORCH_OPTIM = "torch.optim."
+
+
+def torch_optimizer_class(name: str) -> type:
+    """The ``torch.optim`` class a config names (``"torch.optim.Rprop"``)."""
+    cls = getattr(torch.optim, name[len(TORCH_OPTIM):], None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ConfigError(f"inner optimizer {name!r} is not a torch.optim optimizer class: name one as "
+                          "'torch.optim.<Class>' (backend 'higher'), or a core optimizer such as 'sgd' or 'adam'")
+    return cls
+
+
+def check_inner_optimizer(optimizer: Any, backend: str, lr: float, kwargs: dict) -> Any:
+    """``optimizer`` (a core optimizer's name, or a ``torch.optim`` class or its name for backend
+    ``higher``), checked with its settings: :class:`ConfigError` naming what would work."""
+    if isinstance(optimizer, str) and optimizer.startswith(TORCH_OPTIM):
+        optimizer = torch_optimizer_class(optimizer)  # a checkpoint's name for the class
+    if not (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)):
+        torch_settings(optimizer, lr, kwargs)  # validates name and settings
+        return optimizer
+    if backend != "higher":
+        raise ConfigError(
+            f"a torch optimizer class ({optimizer.__name__}) runs on backend 'higher' only; the core "
+            f"takes one of {sorted(INNER_OPTIMIZERS)} by name"
+        )
+    known = higher_optimizers()
+    if optimizer not in known:
+        raise ConfigError(
+            f"higher has no differentiable version of {optimizer.__name__}: backend 'higher' takes one of "
+            f"{sorted(c.__name__ for c in known)} (higher.register_optim adds your own), or use a core "
+            f"optimizer by name, one of {sorted(INNER_OPTIMIZERS)}"
+        )
+    try:
+        optimizer([torch.zeros(1, requires_grad=True)], lr=lr, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"bad inner optimizer_kwargs {kwargs} for {optimizer.__name__}: {exc}") from None
+    return optimizer
 
 
 def task_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -167,19 +205,7 @@ class InnerLoop:
             raise unknown_name("inner-loop backend", self.backend, BACKENDS[:2])
         if self.backend in ("auto", "func"):
             self.backend = "core"
-        if isinstance(self.optimizer, type) and issubclass(self.optimizer, torch.optim.Optimizer):
-            if self.backend != "higher":
-                raise ConfigError(
-                    f"a torch optimizer class ({self.optimizer.__name__}) runs on backend 'higher' only; the core "
-                    f"takes one of {sorted(INNER_OPTIMIZERS)} by name"
-                )
-            try:
-                self.optimizer([torch.zeros(1, requires_grad=True)], lr=self.lr, **self.optimizer_kwargs)
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"bad inner optimizer_kwargs {self.optimizer_kwargs} for "
-                                  f"{self.optimizer.__name__}: {exc}") from None
-        else:
-            torch_settings(self.optimizer, self.lr, self.optimizer_kwargs)  # validates name and settings
+        self.optimizer = check_inner_optimizer(self.optimizer, self.backend, self.lr, self.optimizer_kwargs)
         if self.adapt not in ADAPT_MODES:
             raise unknown_name("adapt mode", self.adapt, ADAPT_MODES)
         if self.head_init not in HEAD_INITS:
@@ -213,7 +239,13 @@ class InnerLoop:
         self.task_weight = 1.0
 
     def config(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The settings; a ``torch.optim`` class as its name (``"torch.optim.Rprop"``), which a
+        checkpoint can hold (any other class stays a class: checkpoints refuse it)."""
+        cfg = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        opt = self.optimizer
+        if isinstance(opt, type) and getattr(torch.optim, opt.__name__, None) is opt:
+            cfg["optimizer"] = TORCH_OPTIM + opt.__name__
+        return cfg
 
     @property
     def evaluation_steps(self) -> int:

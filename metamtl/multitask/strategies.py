@@ -137,7 +137,10 @@ class Strategy(nn.Module):
         params = [p for p in params if p.requires_grad]
         if any(v.dim() != 0 for v in values):
             raise InputError("each task loss must be a scalar tensor")
-        grads = [torch.autograd.grad(v, params, retain_graph=True, allow_unused=True) for v in values]
+        # a loss without a graph (a constant, e.g. a task with no labelled example in the batch) depends
+        # on no parameter: like a parameter a task does not use, it contributes no gradient
+        grads = [torch.autograd.grad(v, params, retain_graph=True, allow_unused=True) if v.requires_grad
+                 else (None,) * len(params) for v in values]
         loss_values = torch.stack([v.detach() for v in values])
         return apply_strategy(self, loss_values, [list(g) for g in grads], params, names)
 

@@ -34,16 +34,21 @@ class Episode:
     task: str = "classification"
 
     def to(self, device: torch.device | str | None = None, non_blocking: bool = False,
-           memory_format: torch.memory_format | None = None) -> "Episode":
+           memory_format: torch.memory_format | None = None, dtype: torch.dtype | None = None) -> "Episode":
         """Move to ``device`` and turn stored tensors into float model input.
 
-        ``memory_format`` (e.g. ``torch.channels_last``) applies to 4-D image batches.
+        ``memory_format`` (e.g. ``torch.channels_last``) applies to 4-D image batches; ``dtype``
+        (the model's floating dtype, e.g. ``torch.float64``) to float inputs and regression targets.
         """
+
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            return t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != dtype else t
 
         def conv(x: torch.Tensor) -> torch.Tensor:
             x = x.to(device, non_blocking=non_blocking) if device is not None else x
             if x.dtype == torch.uint8:
                 x = self.preprocessing.normalize(x) if self.preprocessing else x.float().div_(255)
+            x = cast(x)
             if memory_format is not None and x.dim() == 4:
                 x = x.contiguous(memory_format=memory_format)
             return x
@@ -52,8 +57,8 @@ class Episode:
             self,
             support_x=conv(self.support_x),
             query_x=conv(self.query_x),
-            support_y=self.support_y.to(device, non_blocking=non_blocking) if device is not None else self.support_y,
-            query_y=self.query_y.to(device, non_blocking=non_blocking) if device is not None else self.query_y,
+            support_y=cast(self.support_y.to(device, non_blocking=non_blocking) if device is not None else self.support_y),
+            query_y=cast(self.query_y.to(device, non_blocking=non_blocking) if device is not None else self.query_y),
         )
 
     @property
@@ -127,8 +132,8 @@ class TaskBatch(Sequence[Episode]):
         return f"TaskBatch({len(self)} episodes, datasets={sorted({e.dataset for e in self})})"
 
     def to(self, device: Any = None, non_blocking: bool = False,
-           memory_format: torch.memory_format | None = None) -> "TaskBatch":
-        return TaskBatch([e.to(device, non_blocking=non_blocking, memory_format=memory_format)
+           memory_format: torch.memory_format | None = None, dtype: torch.dtype | None = None) -> "TaskBatch":
+        return TaskBatch([e.to(device, non_blocking=non_blocking, memory_format=memory_format, dtype=dtype)
                           for e in self.episodes])
 
     def pin_memory(self) -> "TaskBatch":

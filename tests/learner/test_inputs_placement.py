@@ -91,3 +91,26 @@ def test_an_adapted_predictor_answers_each_new_batch_not_a_cached_one(name, kw):
     predictor = learner.adapt(sx, sy)
     for q in [torch.randn(4, 1, 28, 28) for _ in range(6)]:
         torch.testing.assert_close(predictor(q * 1.0), learner.adapt(sx, sy)(q.clone()), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("algorithm, kw", [("maml", {"steps": 1, "lr": 0.1}), ("protonet", {})])
+def test_a_float64_model_fits_evaluates_and_predicts_uint8_images_and_float32_inputs(algorithm, kw):
+    """Inputs are cast to the model's dtype, wherever they enter (episodes, predict)."""
+    from metamtl import MetaLearner
+    from metamtl.algorithms import build_algorithm
+    from metamtl.data.base import ClassDataset
+    from metamtl.tasks import EpisodeSampler
+
+    g = torch.Generator().manual_seed(0)
+    ds = ClassDataset(torch.randint(0, 256, (36, 1, 8, 8), generator=g, dtype=torch.uint8),
+                      torch.arange(6).repeat_interleave(6), [f"c{i}" for i in range(6)], name="tiny")
+    tasks = EpisodeSampler(ds, ways=3, shots=1, queries=2, seed=0)
+    model = build_model("conv4", in_channels=1, hidden=4, image_size=8, blocks=2,
+                        out_features=None if algorithm == "protonet" else 3).double()
+    learner = MetaLearner(model, build_algorithm(algorithm, **kw), device="cpu", channels_last=False)
+    learner.fit(tasks, iterations=1, meta_batch_size=1, progress=False)
+    assert learner.evaluate(tasks, episodes=1, progress=False).accuracy >= 0
+    ep = tasks.episode(0)
+    probs = learner.predict(ep.support_x.float() / 255, ep.support_y, ep.query_x.float() / 255)
+    assert probs.shape[0] == len(ep.query_y) and torch.isfinite(probs).all()
+    assert all(p.dtype == torch.float64 for p in learner.model.parameters())

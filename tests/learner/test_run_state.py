@@ -67,3 +67,45 @@ def test_resume_restores_everything_and_refuses_another_fit(sine, tmp_path):
     assert other.iteration == 2 and other.history == learner.history and other.run.seconds > 0
     assert all(torch.equal(a, b) for a, b in zip(learner.model.parameters(), other.model.parameters()))
     assert draws() != expected  # the RNGs are the checkpoint's, not the ones seeded above
+
+
+def higher_learner(optimizer) -> MetaLearner:
+    """A learner on backend 'higher' with a torch.optim class as inner optimizer (README: Rprop)."""
+    from metamtl.algorithms import build_algorithm
+    from metamtl.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mlp", in_features=1, hidden=[8], out_features=1)
+    alg = build_algorithm("maml", steps=1, lr=0.01, backend="higher", optimizer=optimizer)
+    return MetaLearner(model, alg, task="regression", device="cpu", meta_lr=1e-2)
+
+
+@pytest.mark.filterwarnings("ignore:Differentiable Rprop")
+def test_a_torch_optim_inner_optimizer_class_saves_loads_and_resumes(sine, tmp_path):
+    learner = higher_learner(torch.optim.Rprop)
+    learner.fit(sine, iterations=2, meta_batch_size=2, progress=False, checkpoint_dir=tmp_path / "run",
+                checkpoint_every=1)
+    back = MetaLearner.load(learner.save(tmp_path / "l.pt"), device="cpu")
+    assert back.algorithm.inner.optimizer is torch.optim.Rprop and back.config() == learner.config()
+    ep = sine.episode(7)
+    torch.testing.assert_close(back.predict(ep.support_x, ep.support_y, ep.query_x),
+                               learner.predict(ep.support_x, ep.support_y, ep.query_x), rtol=0, atol=0)
+    other = higher_learner(torch.optim.Rprop)
+    other.fit(sine, iterations=3, meta_batch_size=2, progress=False, resume=tmp_path / "run" / "last.pt")
+    assert other.iteration == 3 and other.history[:2] == learner.history
+
+
+def test_an_inner_optimizer_class_a_checkpoint_cannot_name_is_refused_before_training(sine, tmp_path, monkeypatch):
+    import higher
+
+    class MySGD(torch.optim.SGD):
+        pass
+
+    monkeypatch.setitem(higher.optim._opt_mapping, MySGD, higher.optim.DifferentiableSGD)
+    learner = higher_learner(MySGD)
+    with pytest.raises(CheckpointError, match=r"optimizer'\] is .*MySGD, which a checkpoint cannot name"):
+        learner.fit(sine, iterations=1, meta_batch_size=2, progress=False, checkpoint_dir=tmp_path / "run")
+    assert learner.iteration == 0 and not (tmp_path / "run" / "last.pt").exists()
+    with pytest.raises(CheckpointError, match="use a torch.optim class"):
+        learner.save(tmp_path / "l.pt")
+    assert not (tmp_path / "l.pt").exists()

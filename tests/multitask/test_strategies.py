@@ -184,3 +184,24 @@ def test_dwa_loads_state_saved_with_the_old_nan_marker():
     s.load_state_dict(old)
     assert torch.isfinite(s.history).all()  # the meta-step's buffer check would skip every step
     torch.testing.assert_close(s.current_weights(), torch.ones(2, dtype=torch.float64))  # one period seen
+
+
+@pytest.mark.parametrize("name", sorted(__import__("metamtl.multitask.strategies", fromlist=["STRATEGIES"]).STRATEGIES))
+def test_a_constant_task_loss_contributes_no_gradient(name):
+    """A task loss without a graph (e.g. a task with no labelled example in this batch) is a task
+    that uses no parameter: the other task's gradient trains the model, as if it were alone."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    strategy = build_strategy(name, ["depth", "segmentation"])
+    metrics = strategy.backward({"depth": model(x).pow(2).mean(), "segmentation": torch.zeros(())},
+                                model.parameters())
+    assert {"mtl/weight/depth", "mtl/weight/segmentation"} <= set(metrics)
+    alone = nn.Linear(3, 2)
+    alone.load_state_dict(model.state_dict())
+    alone.zero_grad()
+    alone(x).pow(2).mean().backward()
+    scale = metrics["mtl/weight/depth"] / 2  # weight / number of tasks, as for a task's own parameters
+    for p, q in zip(model.parameters(), alone.parameters()):
+        torch.testing.assert_close(p.grad, q.grad * scale)
+        assert p.grad.abs().sum() > 0

@@ -65,6 +65,14 @@ def custom_learner(head, **inner):
     return MetaLearner(TrunkHead(_Unsized(), head), build_algorithm("maml", **({"steps": 1, "lr": 0.1} | inner)), device="cpu")
 
 
+def trunk_learner(algorithm, out_features, flatten=True, head=None, **inner):
+    """A user's trunk declaring ``out_features`` (it really gives 4 x 12 x 12 = 576 features)."""
+    from metamtl.models import TrunkHead
+    trunk = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), *([torch.nn.Flatten()] if flatten else []))
+    trunk.out_features = out_features
+    return MetaLearner(TrunkHead(trunk, head), build_algorithm(algorithm, **inner), device="cpu")
+
+
 SAMPLER = [
     ("ways-more-than-classes", lambda e: EpisodeSampler(e.ds, ways=13, queries=1), TaskError, r"13-way tasks need 13 classes but 'toy' has only 12; lower ways"),
     ("shots+queries-more-than-images", lambda e: EpisodeSampler(e.ds, 5, shots=4, queries=3), TaskError, r"shots \+ queries = 7 but 12 class\(es\) have fewer images, e.g. c0 \(6\), .*; lower shots/queries or drop those classes \(move their folders or CSV rows out of the dataset; in Python: dataset.subset\)"),
@@ -144,6 +152,9 @@ LEARNER = [
     ("inner-lr-nan", lambda e: build_algorithm("maml", lr=math.nan), ConfigError, r"inner lr must be a finite number > 0"),
     ("inner-optimizer-kwargs-typo", lambda e: build_algorithm("maml", optimizer="momentum", optimizer_kwargs={"momentun": 0.5}), ConfigError, r"bad inner optimizer_kwargs .* unexpected keyword argument 'momentun'"),
     ("inner-optimizer-kwargs-value", lambda e: build_algorithm("maml", optimizer_kwargs={"momentum": "high"}), ConfigError, r"bad inner optimizer_kwargs"),
+    ("inner-optimizer-class-higher-lacks", lambda e: build_algorithm("maml", backend="higher", optimizer=torch.optim.NAdam), ConfigError, r"higher has no differentiable version of NAdam: backend 'higher' takes one of \[.*'Rprop', 'SGD'\]"),
+    ("inner-optimizer-class-lbfgs", lambda e: build_algorithm("maml", backend="higher", optimizer=torch.optim.LBFGS), ConfigError, r"higher has no differentiable version of LBFGS"),
+    ("inner-optimizer-torch-name-unknown", lambda e: build_algorithm("maml", backend="higher", optimizer="torch.optim.Rpropp"), ConfigError, r"inner optimizer 'torch.optim.Rpropp' is not a torch.optim optimizer class"),
     ("inner-first-order-text", lambda e: build_algorithm("maml", first_order="yes"), ConfigError, r"first_order must be true or false"),
     ("algorithm-typo", lambda e: build_algorithm("reptil"), ConfigError, r"unknown algorithm 'reptil'. Did you mean 'reptile'"),
     ("algorithm-contradiction", lambda e: build_algorithm("reptile", first_order=False), ConfigError, r"algorithm 'reptile' fixes \{'first_order': True\}; drop the contradictory setting"),
@@ -157,7 +168,14 @@ LEARNER = [
     ("regression-episode-nan-query", lambda e: regressor().evaluate([episode_with(sine_episode(), query_y=sine_episode().query_y * math.inf)], progress=False), InputError, r"episode 0 of 'sinusoid': query_y contains NaN or infinite targets"),
     ("regression-fit-targets-narrower-than-model", lambda e: fit(regressor(out_features=2), Sinusoid()), InputError, r"fit: episode 0 of 'sinusoid': support_y has shape \[\d+, 1\] but the model predicts 2 value\(s\)"),
     ("custom-trunk-without-out-features", lambda e: custom_learner(None, head_init="zero"), ConfigError, r"the trunk _Unsized does not say how many features it gives, and per-task heads are built on them: set trunk.out_features"),
+    ("custom-trunk-wrong-out-features-anil", lambda e: fit(trunk_learner("anil", 10, head_init="zero"), e.sampler), ConfigError, r"trunk.out_features is 10 but the trunk Sequential gives 576 features per example \(shape \[1, 576\] for one example\): set trunk.out_features = 576"),
+    ("custom-trunk-wrong-out-features-metasgd", lambda e: fit(trunk_learner("metasgd", 10, head_init="zero"), e.sampler), ConfigError, r"trunk.out_features is 10 but .* gives 576 features"),
+    ("custom-trunk-wrong-out-features-protonet", lambda e: fit(trunk_learner("protonet", 10), e.sampler), ConfigError, r"trunk.out_features is 10 but .* gives 576 features"),
+    ("custom-trunk-wrong-out-features-predict", lambda e: trunk_learner("protonet", 10).predict(e.episode.support_x, e.episode.support_y, e.episode.query_x), ConfigError, r"trunk.out_features is 10 but .* gives 576 features"),
+    ("custom-trunk-unflattened-features", lambda e: trunk_learner("protonet", 576, flatten=False).evaluate(e.sampler, 1, progress=False), ConfigError, r"the trunk Sequential gives features of shape \[1, 4, 12, 12\] for one example; .* need one flat feature vector per example, \[batch, features\]: flatten them in the trunk"),
     ("custom-model-checkpoints-without-name", lambda e: fit(custom_learner(torch.nn.Linear(4, 5)), e.sampler, checkpoint_dir=e.tmp), CheckpointError, r"the model has no config name, .* TrunkHead\(trunk, head, config=\{'name': 'mynet'\}\)"),
+    ("model-weights-bf16", lambda e: MetaLearner(build_model("conv4", hidden=4, image_size=12, blocks=2).bfloat16(), device="cpu"), ConfigError, r"the model's weights are bfloat16: .* call model.float\(\) .* set precision 'bf16'"),
+    ("model-weights-half", lambda e: MetaLearner(build_model("conv4", hidden=4, image_size=12, blocks=2).half(), device="cpu"), ConfigError, r"the model's weights are float16"),
     ("learner-needs-trunk-head", lambda e: MetaLearner(torch.nn.Linear(2, 2)), ConfigError, r"needs a metamtl.models.TrunkHead"),
 ]
 
@@ -395,6 +413,15 @@ def test_a_user_trunk_without_out_features_takes_its_feature_count_from_the_head
     transfer = MetaLearner(learner.model, build_algorithm("transfer", num_classes=5, steps=1), device="cpu")
     episode = env.episode
     assert transfer.predict(episode.support_x, episode.support_y, episode.query_x).shape == (10, 5)
+
+
+def test_a_user_trunk_with_unflattened_features_and_its_own_flattening_head_still_trains(env):
+    """Only per-task heads and prototypes need flat features: a model's own head takes whatever its trunk gives."""
+    head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(576, 5))
+    head.out_features = 5
+    learner = trunk_learner("maml", None, flatten=False, head=head, steps=1, lr=0.1)
+    fit(learner, env.sampler)
+    assert learner.predict(env.episode.support_x, env.episode.support_y, env.episode.query_x).shape == (10, 5)
 
 
 @pytest.mark.parametrize("queries, message, not_in", [
