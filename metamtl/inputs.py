@@ -262,10 +262,8 @@ def support_copies(x: torch.Tensor, y: torch.Tensor, tta: SupportAugment | None,
     generator = episode_generator(tta.seed, max(index, 0), stream=3)
     if preprocessing is None or x.dim() != 4 or x.shape[1] != len(preprocessing.mean):
         return tta.expand(x, y, generator)
-    mean, std = (torch.tensor(v, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-                 for v in (preprocessing.mean, preprocessing.std))
-    out, y = tta.expand(x * std + mean, y, generator)
-    out = out.sub_(mean).div_(std)
+    out, y = tta.expand(preprocessing.to_pixels(x), y, generator)
+    out = preprocessing.from_pixels(out)
     out[: x.shape[0]] = x  # the originals bit for bit
     return out, y
 

@@ -122,13 +122,24 @@ class Preprocessing:
         """``uint8 [..., C, H, W]`` -> float model input (``(x/255 - mean) / std``)."""
         if x.dtype != torch.uint8:
             return x.float()
-        out = x.float().div_(255.0)
-        shape = (-1, 1, 1)
-        mean = torch.tensor(self.mean, device=x.device).view(shape)
-        std = torch.tensor(self.std, device=x.device).view(shape)
-        if any(self.mean) or any(s != 1.0 for s in self.std):
-            out = out.sub_(mean).div_(std)
-        return out
+        return self.from_pixels(x.float().div_(255.0))
+
+    def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-channel ``mean`` and ``std`` shaped for ``x [..., C, H, W]`` (``None``: identity)."""
+        if not any(self.mean) and all(s == 1.0 for s in self.std):
+            return None
+        return tuple(torch.tensor(v, device=x.device, dtype=x.dtype).view(-1, 1, 1)  # type: ignore[return-value]
+                     for v in (self.mean, self.std))
+
+    def from_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Float pixels in ``[0, 1]`` -> model input ``(x - mean) / std`` (in place)."""
+        stats = self._stats(x)
+        return x if stats is None else x.sub_(stats[0]).div_(stats[1])
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Model input -> float pixels in ``[0, 1]`` (a new tensor): the inverse of :meth:`from_pixels`."""
+        stats = self._stats(x)
+        return x.clone() if stats is None else x * stats[1] + stats[0]
 
     def __call__(self, images: Any) -> torch.Tensor:
         """Raw images -> float model input ``[N, C, H, W]``.
