@@ -23,10 +23,12 @@ from . import distributed, steps_curve
 from .algorithms import build_algorithm, with_data_settings
 from .callbacks import Callback, CallbackList, EarlyStopping, LRScheduler, MetricsLogger
 from .config import Config, DataConfig, is_regression
+from .data.augment import check_fits
 from .data.base import ClassDataset
 from .environment import git_commit, machine_info
 from .checkpoint import DERIVED_FILES, RUN_FILES, RunFolderLock, ensure_writable_dir
 from .errors import CheckpointError, ConfigError, TaskError
+from .inputs import as_support_augment
 from .learner import EvalResult, MetaLearner
 from .models.registry import MODEL_FROM_DATA, build_model
 from .progress_bars import silenced
@@ -710,8 +712,14 @@ def check_eval_settings(cfg: Config, test_tasks: Any) -> None:
     if test_tasks is None or is_regression(cfg):
         return
     several = isinstance(test_tasks, dict)
+    tta = as_support_augment(cfg.eval.support_augment)
     for label, source in (test_tasks.items() if several else [(None, test_tasks)]):
         where = f"dataset {label!r}'s test split" if several else f"the test split ({cfg.data.test_split!r})"
+        if tta is not None and isinstance(getattr(source, "dataset", None), ClassDataset):
+            try:  # the support copies fit the test images
+                check_fits(tta.augment, source.dataset.images, source.dataset.name)
+            except ConfigError as exc:
+                raise ConfigError(f"eval.support_augment: {exc}") from None
         for i, s in enumerate(cfg.eval.settings):
             if several and s.ways > getattr(source, "num_classes", s.ways):
                 continue

@@ -94,6 +94,17 @@ def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
 
 
 
+def check_fits(augment: Any, images: torch.Tensor, name: str) -> None:
+    """Apply ``augment`` to the first of ``images`` (dataset ``name``'s): a setting that does not fit
+    these images (crop padding as large as the image) fails when it is set up, not mid-run."""
+    if augment is None or not len(images):
+        return
+    try:
+        augment(images[:1], torch.Generator().manual_seed(0))
+    except ConfigError as exc:
+        raise ConfigError(f"augment of {name!r} (images {list(images.shape[1:])}): {exc}") from None
+
+
 def _check_batch(images: torch.Tensor) -> tuple[int, int, int, int]:
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         shape = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__

@@ -22,7 +22,7 @@ from typing import Iterator, Protocol, Sequence, runtime_checkable
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..data.augment import build_augment
+from ..data.augment import build_augment, check_fits
 from ..data.base import ClassDataset
 from ..errors import TaskError
 from .episode import Episode, TaskBatch
@@ -166,6 +166,7 @@ class EpisodeSampler(Dataset):
         self.augment = build_augment(augment)
         if self.augment is not None and dataset.images.dim() != 4:
             raise TaskError(f"augment needs an image dataset; {dataset.name!r} stores shape {list(dataset.images.shape[1:])}")
+        check_fits(self.augment, dataset.images, dataset.name)
         _check_fits(dataset, self.ways, self.shots, self.queries)
         self._max_count = int(dataset.class_counts.max())
         # Per-episode constants, computed once (episodes get clones): with equal class sizes no

@@ -98,6 +98,14 @@ def test_augment_needs_images():
         EpisodeSampler(feats, 2, 1, 1, augment=True)
 
 
+def test_augment_too_large_for_the_images_is_refused_when_the_sampler_is_built():
+    # before: accepted here, raised at the first training episode (after data set-up and model build)
+    ds = ClassDataset(images(n=20, h=9, w=7), torch.arange(4).repeat_interleave(5), list("abcd"), name="tiny")
+    with pytest.raises(ConfigError, match=r"augment of 'tiny' \(images \[3, 9, 7\]\).*padding 8 must be smaller"):
+        EpisodeSampler(ds, 2, 1, 1, augment={"padding": 8})
+    assert EpisodeSampler(ds, 2, 1, 1, augment={"padding": 6}).augment.padding == 6
+
+
 def test_config_augments_train_episodes_only(tmp_path):
     from PIL import Image
 

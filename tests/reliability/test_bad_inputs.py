@@ -352,6 +352,28 @@ def test_eval_settings_the_test_split_cannot_serve_are_refused_before_training(f
     assert "nothing was trained" in err and not (tmp_path / "runs" / "sine" / "last.pt").exists()
 
 
+@pytest.mark.parametrize("section, key, message", [
+    ("data", "train_augment", r"augment of '.*' \(images \[1, 8, 8\]\): augment padding 8 must be smaller than the image size 8x8"),
+    ("eval", "support_augment", r"eval.support_augment: augment of '.*' \(images \[1, 8, 8\]\): augment padding 8 must be smaller"),
+])
+def test_augmentation_too_large_for_the_images_is_refused_before_training(folder_config, capsys, section, key, message):
+    """Crop padding as large as the 8x8 images: before, the training augment failed at the first
+    episode and test-time support copies only at evaluation, after the whole training run."""
+    import re
+
+    import yaml
+
+    tmp_path, cfg = folder_config
+    crop = {"name": "crop_flip", "padding": 8}
+    cfg[section][key] = crop if key == "train_augment" else {"copies": 2, "augment": crop}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["fit", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert not (tmp_path / "runs" / "sine" / "last.pt").exists()
+
+
 def test_eval_queries_too_many_for_the_test_images_names_the_setting_and_what_fits(folder_config, capsys):
     """The default eval.queries (15) on a folder of 4 images per class: the error says which setting
     decides it and the largest value that fits, not just "shots + queries = 16"."""
