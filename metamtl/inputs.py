@@ -16,7 +16,7 @@ from .algorithms import Algorithm, build_algorithm
 from .data.augment import SupportAugment
 from .data.base import Preprocessing
 from .errors import ConfigError, InputError, unknown_name
-from .models.backbones import TrunkHead
+from .models.backbones import TrunkHead, uncompiled
 from .placement import Placement
 from .tasks.episode import Episode
 from .tasks.sampler import TaskSource, episode_generator
@@ -185,9 +185,10 @@ def check_episode(episode: Any, what: str, *, task: str, model: TrunkHead) -> No
         check_trunk_features(model, ready.support_x)
 
 
-def check_learner_parts(model: Any, algorithm: Any, task: str) -> Algorithm:
-    """The algorithm of a new learner (built if given by name), after checking the model is a
-    :class:`TrunkHead` and ``task`` one of :data:`TASK_TYPES`."""
+def check_learner_parts(model: Any, algorithm: Any, task: str) -> tuple[TrunkHead, Algorithm]:
+    """The model (a :class:`TrunkHead`, without a ``torch.compile`` wrapper) and the algorithm
+    (built if given by name) of a new learner, after checking ``task`` is one of :data:`TASK_TYPES`."""
+    model = uncompiled(model, "model")
     if not isinstance(model, TrunkHead):
         raise ConfigError(
             f"MetaLearner needs a metamtl.models.TrunkHead (trunk + head), got {type(model).__name__}; "
@@ -209,7 +210,7 @@ def check_learner_parts(model: Any, algorithm: Any, task: str) -> Algorithm:
         model.num_features  # a per-task head is built on the trunk's features: their number must be known
     if not type(model.trunk).__module__.startswith("metamtl."):
         _UNCHECKED[model] = per_task_heads  # a user's trunk: check its features on the first input
-    return algorithm
+    return model, algorithm
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:

@@ -85,7 +85,7 @@ class MetaLearner:
                  max_bad_steps: int = 10, task: str = "classification", task_defaults: dict[str, int] | None = None,
                  metadata: dict[str, Any] | None = None, precision: str = "fp32", channels_last: bool | None = None,
                  support_augment: Any = None, head: Any = None) -> None:
-        algorithm = inputs.check_learner_parts(model, algorithm, task)
+        model, algorithm = inputs.check_learner_parts(model, algorithm, task)
         self.placement = Placement.create(device, precision, channels_last, model)
         algorithm.setup(model)  # model-dependent learnable state, before the meta-optimizer exists
         self.model = self.placement.module(model)

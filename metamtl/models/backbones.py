@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -162,6 +163,24 @@ class MLP(nn.Module):
             raise InputError(f"model expects inputs of shape [batch, {self.in_features}], got {list(x.shape)}")
 
 
+def uncompiled(module: Any, role: str) -> Any:
+    """``module`` without the wrapper ``torch.compile`` puts around it (with a warning).
+
+    metamtl runs the model with per-task weights through ``torch.func`` and differentiates the
+    meta-gradient through the inner loop (second order): compiled graphs refuse the second
+    (``create_graph``) backward pass, and the wrapper would put ``_orig_mod.`` into every checkpoint
+    key, so a learner saved from it would not load into the uncompiled model.
+    """
+    original = getattr(module, "_orig_mod", None)
+    if isinstance(module, nn.Module) and isinstance(original, nn.Module):
+        warnings.warn(f"the {role} was wrapped by torch.compile: metamtl runs the module itself (compiled graphs "
+                      "cannot be differentiated twice, as second-order meta-gradients need, and would change the "
+                      "checkpoint's parameter names); pass the module without torch.compile to silence this",
+                      stacklevel=3)
+        return original
+    return module
+
+
 class TrunkHead(nn.Module):
     """A shared trunk plus a head: ``logits = head(trunk(x))``.
 
@@ -171,8 +190,8 @@ class TrunkHead(nn.Module):
 
     def __init__(self, trunk: nn.Module, head: nn.Module | None, config: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self.trunk = trunk
-        self.head = head
+        self.trunk = uncompiled(trunk, "trunk")
+        self.head = uncompiled(head, "head")
         self.config = dict(config or {})
 
     @property

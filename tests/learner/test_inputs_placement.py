@@ -114,3 +114,36 @@ def test_a_float64_model_fits_evaluates_and_predicts_uint8_images_and_float32_in
     probs = learner.predict(ep.support_x.float() / 255, ep.support_y, ep.query_x.float() / 255)
     assert probs.shape[0] == len(ep.query_y) and torch.isfinite(probs).all()
     assert all(p.dtype == torch.float64 for p in learner.model.parameters())
+
+
+def test_torch_compiled_trunks_and_models_run_uncompiled_with_a_warning_and_save_portable_checkpoints(tmp_path):
+    """Before: a compiled trunk failed second-order MAML with torch's raw "donated buffers ...
+    create_graph" error, and a learner saved from one (``_orig_mod.`` keys) did not load into the
+    uncompiled model ("does not match this metamtl version")."""
+    from metamtl import MetaLearner
+    from metamtl.data import ClassDataset
+    from metamtl.models import TrunkHead
+    from metamtl.tasks import EpisodeSampler
+
+    def model():
+        torch.manual_seed(0)
+        return build_model("conv4", in_channels=1, hidden=4, image_size=8, blocks=2, out_features=3)
+
+    g = torch.Generator().manual_seed(0)
+    ds = ClassDataset(torch.randint(0, 256, (24, 1, 8, 8), dtype=torch.uint8, generator=g),
+                      torch.arange(6).repeat_interleave(4), [f"c{i}" for i in range(6)], name="tiny")
+    tasks = EpisodeSampler(ds, 3, 1, 2, seed=0)
+    plain = model()
+    with pytest.warns(UserWarning, match="the trunk was wrapped by torch.compile"):
+        wrapped = TrunkHead(torch.compile(plain.trunk), plain.head, config=plain.config)
+    assert wrapped.trunk is plain.trunk and not any("_orig_mod" in k for k in wrapped.state_dict())
+    learner = MetaLearner(wrapped, "maml", device="cpu", preprocessing=ds.preprocessing)  # second order
+    learner.fit(tasks, iterations=1, meta_batch_size=2, progress=False)
+    learner.save(tmp_path / "l.pt")
+    loaded = MetaLearner.load(tmp_path / "l.pt", device="cpu", model=model())
+    ep = tasks.episode(7)
+    assert torch.allclose(loaded.predict(ep.support_x, ep.support_y, ep.query_x),
+                          learner.predict(ep.support_x, ep.support_y, ep.query_x))
+    whole = model()
+    with pytest.warns(UserWarning, match="the model was wrapped by torch.compile"):
+        assert MetaLearner(torch.compile(whole), "protonet", device="cpu").model is whole
