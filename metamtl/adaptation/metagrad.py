@@ -25,8 +25,8 @@ Outer = Callable[[Adapted], "tuple[torch.Tensor, torch.Tensor]"]
 def kept_buffers(*sources: nn.Module | Iterable[torch.Tensor]) -> Iterator[None]:
     """Restore, on exit, the buffers of modules and the given tensors that need no gradient
     (BatchNorm running statistics and counters): forward passes that are not part of the
-    training trajectory (a memory probe, a checkpointed step's recomputation) leave them as they
-    were."""
+    training trajectory (a memory probe, a checkpointed step's recomputation, the implicit
+    gradient's support pass) leave them as they were."""
     tensors = [t for src in sources for t in (src.buffers() if isinstance(src, nn.Module) else src)
                if not t.requires_grad]
     saved = [t.clone() for t in tensors]
@@ -154,8 +154,9 @@ class Implicit(MetaGradient):
                 inner_losses.append(loss)
             return state[:n]
 
-        def objective(params, anchor, context):
-            return problem.objective_at(params, steps, [context[0], *anchor])[0].sum()
+        def objective(params, anchor, context):  # the backward's support pass: running statistics left alone
+            with kept_buffers(problem.model, problem.tensors(steps).values()):
+                return problem.objective_at(params, steps, [context[0], *anchor])[0].sum()
 
         solution = implicit_solution(solve, objective, start, [problem.inputs], self.cg_steps, batched=True)
         return self.descend(problem, start, Adapted(problem, [start, solution], inner_losses), outer, weight)

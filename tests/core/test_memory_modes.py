@@ -404,3 +404,15 @@ def test_results_report_the_memory_mode_actually_used():
         learner = MetaLearner(conv4(3), build_algorithm(name, steps=2, lr=0.3, memory="implicit"), device="cpu",
                               channels_last=False)
         assert memory_summary(learner)["mode"] is None
+
+
+def test_implicit_gradient_support_pass_leaves_running_statistics_alone():
+    """iMAML's backward evaluates the support objective once more at the solution (for the
+    Hessian-vector products); before, that pass folded one extra batch per task chunk into a plain
+    nn.BatchNorm2d's running statistics: 10 batches counted against the trajectory's 8."""
+    batch = TaskBatch([episode(s) for s in range(2)])
+    settings = dict(steps=3, lr=0.1)
+    full = running_statistics("user", "full", batch, **settings)
+    implicit = running_statistics("user", "implicit", batch, **settings)
+    n = "trunk.norm.num_batches_tracked"
+    assert int(full[n]) == 8 and int(implicit[n]) == int(full[n])  # per task: 3 support steps + the query pass
