@@ -271,8 +271,9 @@ class _ChannelsLast(nn.Module):
         return x.contiguous(memory_format=torch.channels_last)
 
 
-def sampler_rate(count: int = 2000):
-    """metamtl EpisodeSampler: episodes per second (uint8 episodes, no conversion)."""
+def fresh_episodes(per_step: int, use):
+    """A step that draws the next ``per_step`` Omniglot training episodes (new ones every call)
+    and hands them to ``use``."""
     from metamtl.tasks import EpisodeSampler
 
     ds, _ = load_images()
@@ -282,28 +283,23 @@ def sampler_rate(count: int = 2000):
     offset = [0]
 
     def step():
-        for i in range(count):
-            sampler.episode(offset[0] + i)
-        offset[0] += count
+        use([sampler.episode(offset[0] + i) for i in range(per_step)])
+        offset[0] += per_step
 
-    return step, {"episodes": count}
+    return step, {}
+
+
+def sampler_rate(count: int = 2000):
+    """metamtl EpisodeSampler: episodes per second (uint8 episodes, no conversion)."""
+    step, info = fresh_episodes(count, lambda eps: None)
+    return step, info if step is None else {"episodes": count}
 
 
 def batch_prep(tasks: int, device: str):
     """Build one meta-batch of ``tasks`` episodes and move/convert it (what ``fit`` does per step)."""
-    from metamtl.tasks import EpisodeSampler, TaskBatch
+    from metamtl.tasks import TaskBatch
 
-    ds, _ = load_images()
-    if ds is None:
-        return None, {"skipped": "needs the Omniglot images"}
-    sampler = EpisodeSampler(ds, WAYS, SHOTS, QUERIES, seed=0)
-    offset = [0]
-
-    def step():
-        TaskBatch([sampler.episode(offset[0] + i) for i in range(tasks)]).to(device)
-        offset[0] += tasks
-
-    return step, {}
+    return fresh_episodes(tasks, lambda eps: TaskBatch(eps).to(device))
 
 
 def l2l_taskdataset_rate(count: int = 200):
