@@ -8,9 +8,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import posixpath
+import shutil
 import stat
 import tarfile
 import tempfile
@@ -18,6 +20,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 
 from ..errors import DataError, DataNotFoundError, IntegrityError
@@ -209,12 +212,46 @@ def _zip_symlink_target(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> str | Non
     return None
 
 
+@contextlib.contextmanager
+def _staged(archive: Path, target: Path, corrupt: tuple[type[BaseException], ...]):
+    """Yield an empty staging folder next to ``target``; on success merge it into ``target``.
+
+    Whatever fails inside (``corrupt`` errors become :class:`IntegrityError`), the staging folder
+    is removed and ``target`` is left as it was: no partially extracted archive is ever visible.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.extract-", dir=target.parent))
+    try:
+        try:
+            yield stage
+        except corrupt as exc:  # damaged member data, FilterError and friends
+            raise IntegrityError(f"refusing to extract {archive}: {exc}; nothing was extracted - "
+                                 "check or download the archive again") from exc
+        target.mkdir(exist_ok=True)
+        _merge_into(stage, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _merge_into(src: Path, dest: Path) -> None:
+    """Move everything under ``src`` into ``dest``, merging folders that already exist there."""
+    for entry in src.iterdir():
+        to = dest / entry.name
+        if entry.is_dir() and not entry.is_symlink() and to.is_dir() and not to.is_symlink():
+            _merge_into(entry, to)
+        else:
+            os.replace(entry, to)
+
+
 def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
     """Extract a zip or tar (optionally compressed) archive into ``target`` and return it.
 
     Every member is checked before anything is written: a member with an absolute path, a ``..``
     path component, a symlink or hard link pointing outside ``target``, or (tar) a device or FIFO
-    raises :class:`IntegrityError` naming the member, and ``target`` is left untouched.
+    raises :class:`IntegrityError` naming the member, and ``target`` is left untouched. The archive
+    is extracted into a staging folder next to ``target`` and merged into it only once complete, so
+    a damaged member (bad CRC, truncated data) also raises :class:`IntegrityError` and leaves
+    ``target`` as it was.
     """
     archive, target = Path(archive), Path(target)
     if not archive.is_file():
@@ -225,14 +262,14 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
             for info, link in members:
                 _check_member(archive, info.filename, link)
             _check_links(archive, [(info.filename, link, False) for info, link in members])
-            target.mkdir(parents=True, exist_ok=True)
-            for info, link in members:
-                if link is None:
-                    zf.extract(info, target)
-                else:
-                    dest = target / info.filename
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    os.symlink(link, dest)
+            with _staged(archive, target, (zipfile.BadZipFile, zlib.error)) as stage:
+                for info, link in members:
+                    if link is None:
+                        zf.extract(info, stage)
+                    else:
+                        dest = stage / info.filename
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        os.symlink(link, dest)
         return target
     if tarfile.is_tarfile(archive):
         with tarfile.open(archive) as tf:
@@ -243,15 +280,11 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
                 _check_member(archive, m.name, m.linkname if m.issym() or m.islnk() else None, m.islnk())
             _check_links(archive, [(m.name, m.linkname if m.issym() or m.islnk() else None, m.islnk())
                                    for m in members])
-            target.mkdir(parents=True, exist_ok=True)
             # The checks above are the guarantee; the "data" filter (Python >= 3.11.4, 3.10.12)
             # additionally drops unsafe permission bits.
             safety = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            try:
-                tf.extractall(target, members=members, **safety)
-            except tarfile.TarError as exc:  # FilterError and friends: refuse as unsafe/corrupt
-                raise IntegrityError(f"refusing to extract {archive} further: {exc}; delete {target} and "
-                                     "check the archive") from exc
+            with _staged(archive, target, (tarfile.TarError, zlib.error, EOFError)) as stage:
+                tf.extractall(stage, members=members, **safety)
         return target
     raise DataError(f"{archive} is neither a zip nor a tar archive; cannot extract it")
 

@@ -122,3 +122,18 @@ def test_safe_extract_rejects_other_files(tmp_path):
     (tmp_path / "x.bin").write_bytes(b"neither zip nor tar")
     with pytest.raises(DataError, match="neither a zip nor a tar"):
         safe_extract(tmp_path / "x.bin", tmp_path / "out")
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_safe_extract_damaged_zip_member_is_an_integrity_error_and_writes_nothing(existing, tmp_path):
+    archive = make_zip(tmp_path / "bad.zip", [("a/one.txt", b"hello world " * 10), ("a/two.txt", b"second " * 10)])
+    data = archive.read_bytes()
+    archive.write_bytes(data.replace(b"second", b"Second", 1))  # member 2's data no longer matches its CRC
+    target = tmp_path / "out"
+    if existing:
+        (target / "a").mkdir(parents=True)
+        (target / "a" / "kept.txt").write_bytes(b"kept")
+    with pytest.raises(IntegrityError, match="bad.zip"):
+        safe_extract(archive, target)
+    left = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == [Path("bad.zip")] + ([Path("out/a/kept.txt")] if existing else [])
