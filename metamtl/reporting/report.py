@@ -47,6 +47,12 @@ def load_run(run_dir: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str,
         history = json.loads(hist_path.read_text()) if hist_path.is_file() else []
     except ValueError as exc:
         raise ConfigError(f"{run_dir}: results.json or history.json is not valid JSON ({exc})") from None
+    if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
+        raise ConfigError(f"{results_path} is not a metamtl run's results (expected an object with a 'config' "
+                          "object); pass the folder of a run written by `metamtl fit`")
+    if not isinstance(history, list):
+        raise ConfigError(f"{hist_path} is not a metamtl run's history (expected a list of rows); delete it or "
+                          "pass the folder of a run written by `metamtl fit`")
     return results, history
 
 

@@ -121,6 +121,15 @@ def test_report_errors_are_clear(tmp_path):
     assert main(["report", str(tmp_path)]) == 2
 
 
+@pytest.mark.parametrize("content", ["{}", "[]", '{"name": "x"}', '{"config": 3}'])
+def test_report_of_results_json_that_is_not_a_runs_is_a_clear_error(content, tmp_path, capsys):
+    (tmp_path / "results.json").write_text(content)
+    with pytest.raises(ConfigError, match="results.json is not a metamtl run's results"):
+        write_report(tmp_path)
+    assert main(["report", str(tmp_path), "--no-progress"]) == 2
+    assert "results.json" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("algorithm,kwargs", [("anil", {"head_init": "proto", "lr": 0.5}),
                                               ("maml", {"head_init": "zero", "lr": 0.5})])
 def test_steps_curve_equals_scoring_each_episode_after_each_step_count(synthetic_tasks, algorithm, kwargs):
