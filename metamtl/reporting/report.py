@@ -339,6 +339,7 @@ def write_comparison(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLi
         results, history = load_run(d)
         steps = read_steps_curve(d)
         runs.append((Path(d), results, history, steps if steps is not None and "error" not in steps else None))
+    runs = [(*run, label) for run, label in zip(runs, _unique_labels(runs))]
     stem = out.with_suffix("")
     figs = [_comparison_bars(runs, Path(f"{stem}_accuracy.png")),
             ("Validation accuracy during meta-training", _validation_curves(runs, Path(f"{stem}_val.png")),
@@ -348,22 +349,35 @@ def write_comparison(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLi
     return _comparison_page(out, runs, figs, embed)
 
 
+def _unique_labels(runs: list[tuple]) -> list[str]:
+    """Each run's :func:`_run_label`, followed where another run has the same label (one config run
+    in two output folders) by the shortest end of its folder's path that tells them apart."""
+    labels = [_run_label(results) for _, results, *_ in runs]
+    parts = [d.resolve().parts for d, *_ in runs]
+    unique = []
+    for label, mine in zip(labels, parts):
+        twins = [p for p, other in zip(parts, labels) if other == label and p is not mine]
+        n = next((n for n in range(1, len(mine)) if all(p[-n:] != mine[-n:] for p in twins)), len(mine))
+        unique.append(f"{label}, {Path(*mine[-n:])}" if twins else label)
+    return unique
+
+
 def _comparison_bars(runs: list[tuple], path: Path) -> tuple[str, Path | None, str]:
     bars = []
-    for _, results, _, _ in runs:
-        bars += [{"group": _setting(r), "label": _run_label(results), "value": 100 * r["accuracy"],
+    for _, results, _, _, label in runs:
+        bars += [{"group": _setting(r), "label": label, "value": 100 * r["accuracy"],
                   "ci95": 100 * r["ci95"], "reference": False}
                  for r in results.get("test", []) if r.get("accuracy") is not None]
     caption = "Mean accuracy over test episodes per setting; whiskers are 95% confidence intervals."
     datasets = {r[1].get("config", {}).get("data", {}).get("name") for r in runs}
     if len(datasets) == 1:
         # one set of references per bar group (setting, dataset, head, superclass draw), not per (ways, shots)
-        seen = {_setting(r): r for _, res, _, _ in runs for r in res.get("test", []) if r.get("accuracy") is not None}
+        seen = {_setting(r): r for _, res, *_ in runs for r in res.get("test", []) if r.get("accuracy") is not None}
         refs = reference_bars(next(iter(datasets)), seen.values())
         if refs:
             bars += refs
             caption += " Grey hatched bars: published numbers on the official test classes."
-            if not all(protocol(res.get("config", {}))[1] for _, res, _, _ in runs):
+            if not all(protocol(res.get("config", {}))[1] for _, res, *_ in runs):
                 caption += (" <b>Some runs here are evaluated on other held-out classes, so comparing them "
                             "with the published numbers is indicative only.</b>")
     return "Held-out accuracy (95% CI)", plots.plot_comparison(bars, path), caption
@@ -371,10 +385,10 @@ def _comparison_bars(runs: list[tuple], path: Path) -> tuple[str, Path | None, s
 
 def _validation_curves(runs: list[tuple], path: Path) -> Path | None:
     curves = []
-    for _, results, history, _ in runs:
+    for _, _, history, _, label in runs:
         val = [r for r in history if "val/accuracy" in r]
         if val:
-            curves.append({"label": _run_label(results), "x": [r["iteration"] for r in val],
+            curves.append({"label": label, "x": [r["iteration"] for r in val],
                            "y": [100 * r["val/accuracy"] for r in val],
                            "ci95": [100 * r.get("val/accuracy_ci95", 0.0) for r in val]})
     return plots.plot_curves(curves, path, "meta-iteration", "validation accuracy (%)")
@@ -382,17 +396,17 @@ def _validation_curves(runs: list[tuple], path: Path) -> Path | None:
 
 def _step_curves(runs: list[tuple], path: Path) -> Path | None:
     curves = []
-    for _, results, _, steps in runs:
+    for _, _, _, steps, label in runs:
         for c in (steps or {}).get("curves", []):
             if c["metric"] == "accuracy":
-                curves.append({"label": f"{_run_label(results)}, {c['setting']}", "x": steps["steps"],
+                curves.append({"label": f"{label}, {c['setting']}", "x": steps["steps"],
                                "y": [100 * m for m in c["mean"]], "ci95": [100 * e for e in c["ci95"]]})
     return plots.plot_curves(curves, path, "inner steps at test time", "accuracy (%)", integer_x=True)
 
 
 def _comparison_page(out: Path, runs: list[tuple], figs: list[tuple], embed: bool) -> Path:
     rows = []
-    for d, results, _, _ in runs:
+    for d, results, *_ in runs:
         cfg = results.get("config", {})
         link = os.path.relpath(d / "report.html", out.parent)
         tests = "<br>".join(f"{_e(_setting(r))}: <b class=nowrap>{_value(r)}</b>" for r in results.get("test", []))

@@ -88,6 +88,30 @@ def test_report_cli_compares_runs(tiny_run, tmp_path, capsys):
     assert (other / "report.html").is_file()
 
 
+def test_comparison_tells_apart_runs_with_the_same_name_and_algorithm(tiny_run, tmp_path, monkeypatch):
+    """Two runs of one config in other output folders: each gets its own bar, curve and legend entry,
+    labelled with the end of its path that differs; a run whose label is unique keeps it plain."""
+    from metamtl.reporting import report
+
+    run_dir, _ = tiny_run
+    dirs = [tmp_path / "lrA" / "tiny", tmp_path / "lrB" / "tiny", tmp_path / "other"]
+    for d in dirs:
+        shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("wandb", "*.png", "report.html"))
+    res = json.loads((dirs[2] / "results.json").read_text())
+    (dirs[2] / "results.json").write_text(json.dumps({**res, "name": "other"}))
+    seen = {}
+    for name in ("plot_comparison", "plot_curves"):
+        def record(items, path, *args, _name=name, _plot=getattr(report.plots, name), **kw):
+            seen.setdefault(_name, []).append({i["label"] for i in items if not i.get("reference")})
+            return _plot(items, path, *args, **kw)
+        monkeypatch.setattr(report.plots, name, record)
+    write_comparison(dirs, tmp_path / "cmp.html")
+    labels = {"tiny (maml), lrA/tiny", "tiny (maml), lrB/tiny", "other (maml)"}
+    assert seen["plot_comparison"] == [labels]
+    val, steps = seen["plot_curves"]
+    assert val == labels and {label.rsplit(", 5-way", 1)[0] for label in steps} == labels
+
+
 def test_report_without_data_still_written(tiny_run, tmp_path, monkeypatch):
     run_dir, _ = tiny_run
     moved = tmp_path / "moved"
