@@ -31,6 +31,7 @@ from .errors import CheckpointError, ConfigError, TaskError
 from .inputs import as_support_augment
 from .learner import EvalResult, MetaLearner
 from .models.registry import MODEL_FROM_DATA, build_model
+from .placement import resolve_device
 from .progress_bars import silenced
 from .tasks.sampler import EpisodeSampler, MixedTasks, TaskSource
 
@@ -533,10 +534,16 @@ def _curve_is_current(run_dir: Path, episodes: int, steps: list[int] | None) -> 
 def refresh_steps_curve(run_dir: str | Path, episodes: int | None = None, steps: list[int] | None = None,
                         device: str | None = None, progress: bool = True) -> None:
     """Compute a finished run's curve from its saved ``learner.pt`` and ``results.json``, unless
-    ``steps_curve.json`` already holds it for these episodes and steps (``metamtl report``)."""
+    ``steps_curve.json`` already holds it for these episodes and steps (``metamtl report``).
+
+    A failure of the run's own (its learner, its data) is recorded in ``steps_curve.json`` for the
+    report; an unusable ``device`` is the caller's: :class:`ConfigError` before anything is written.
+    """
     from .config import config_from_dict
     from .reporting.report import load_run
 
+    if device is not None:
+        resolve_device(device)
     run_dir = Path(run_dir)
     results, _ = load_run(run_dir)
     if "ensemble" in results:  # an ensemble run has no learner.pt; each member's report has its curve

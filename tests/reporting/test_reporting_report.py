@@ -128,6 +128,21 @@ def test_report_without_data_still_written(tiny_run, tmp_path, monkeypatch):
     _check_images(path)
 
 
+def test_report_with_a_bad_device_is_a_user_error_that_keeps_the_runs_curve(tiny_run, tmp_path, capsys):
+    """``--device`` is the user's argument, not the run's failure: exit 2 naming it, before the
+    run's valid steps_curve.json (or anything else) is rewritten."""
+    import torch
+
+    run_dir, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("wandb"))
+    before = {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()}
+    for device in ["bogus"] + ([] if torch.cuda.is_available() else ["cuda"]):
+        assert main(["report", str(copy), "--steps-episodes", "3", "--device", device, "--no-progress"]) == 2
+        assert repr(device) in capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == before
+
+
 def test_embedded_report_is_one_file(tiny_run, tmp_path):
     run_dir, _ = tiny_run
     copy = tmp_path / "copy"
