@@ -96,21 +96,21 @@ class Ensemble:
         return torch.logsumexp(stacked.log_softmax(-1), 0) - math.log(len(outs))
 
     def predict(self, support_x: Any, support_y: Any, query_x: Any, steps: int | None = None,
-                support_augment: Any = None, head: Any = None) -> torch.Tensor:
+                support_augment: Any = None, head: Any = None, dataset: str | None = None) -> torch.Tensor:
         """Log mean class probabilities (classification) or mean predictions (regression) for
         ``query_x``, every member adapted to ``(support_x, support_y)`` as in
-        :meth:`MetaLearner.predict <metamtl.MetaLearner.predict>` (``steps``, ``support_augment``
-        and ``head`` apply to every member; ``None``: each member's own default). On the CPU."""
+        :meth:`MetaLearner.predict <metamtl.MetaLearner.predict>` (``steps``, ``support_augment``,
+        ``head`` and ``dataset`` apply to every member; ``None``: each member's own default). On the CPU."""
         self.heads(head)  # one kind of head for all members
-        return self.combine([m.predict(support_x, support_y, query_x, steps, support_augment, head)
+        return self.combine([m.predict(support_x, support_y, query_x, steps, support_augment, head, dataset)
                              for m in self.members])
 
     def adapt(self, support_x: Any, support_y: Any, steps: int | None = None, support_augment: Any = None,
-              head: Any = None) -> "AdaptedEnsemble":
+              head: Any = None, dataset: str | None = None) -> "AdaptedEnsemble":
         """Every member adapted to a support set; the result maps query inputs to the ensemble's
         output (see :meth:`predict`), so one support set serves many query batches."""
         self.heads(head)  # one kind of head for all members
-        return AdaptedEnsemble(self, [m.adapt(support_x, support_y, steps, support_augment, head)
+        return AdaptedEnsemble(self, [m.adapt(support_x, support_y, steps, support_augment, head, dataset)
                                       for m in self.members])
 
     def heads(self, head: Any = None) -> list[Any]:
@@ -146,7 +146,7 @@ class Ensemble:
                     m.check_episode(episode, "evaluate")
                     ep = with_support_copies(m.placement.batch(episode), m.inference.augment(support_augment))
                     outputs.append(m.predict(ep.support_x, ep.support_y, ep.query_x, steps, support_augment=False,
-                                             head=h if h is not None else "algorithm"))
+                                             head=h if h is not None else "algorithm", dataset=episode.dataset))
                 rows.append((self.metrics(self.combine(outputs), episode.query_y),
                              (episode.ways, episode.shots, episode.queries)))
                 bar.update(1)

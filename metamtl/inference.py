@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .data.augment import SupportAugment
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 from .heads import FeatureHead, build_head
 from .inputs import as_support_augment
 
@@ -59,6 +59,21 @@ class InferenceSettings:
         if len(self.feature_means) == 1:
             return next(iter(self.feature_means.values())).to(device)
         return None
+
+    def centring_mean(self, head: FeatureHead | None, dataset: str | None = None,
+                      device: Any = "cpu") -> torch.Tensor | None:
+        """The mean ``head`` centres features with (``None`` for a head that does not centre):
+        :meth:`feature_mean`; :class:`InputError` when there are several and none is ``dataset``'s."""
+        if head is None or not head.center:
+            return None
+        mean = self.feature_mean(dataset, device)
+        if mean is None and self.feature_means:
+            raise InputError(
+                f"head {head.name!r} centres features with the training split's mean feature; this learner has "
+                f"{f'none for {dataset!r}, only ' if dataset is not None else ''}one per dataset "
+                f"{sorted(self.feature_means)}: pass dataset=NAME, one of them, to adapt/predict (evaluate uses "
+                "each episode's dataset)")
+        return mean
 
     def state(self) -> dict[str, Any]:
         """The checkpoint's ``evaluation`` entry (plain containers and tensors)."""

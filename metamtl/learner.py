@@ -220,7 +220,7 @@ class MetaLearner:
         self.check_finite("evaluate")
         steps = self.algorithm.eval_steps if steps is None else steps
         head = self.inference.classifier(head, self.task)
-        score = scorer(self.algorithm, self.model, steps, head, self.bn_stats, lambda e: self.feature_mean(e.dataset))
+        score = scorer(self.algorithm, self.model, steps, head, self.bn_stats, lambda e: self.inference.centring_mean(head, e.dataset))
         return evaluate_episodes(  # a feature head takes no inner steps: its rows say 0
             score, self.model, episode_at, n, steps if head is None else 0, placement=self.placement, strategy=self.strategy,
             progress=progress, check=lambda ep: self.check_episode(ep, "evaluate"),
@@ -257,21 +257,21 @@ class MetaLearner:
         inputs.check_episode(episode, what, task=self.task, model=self.model)
 
     def adapt(self, support_x: Any, support_y: Any, steps: int | None = None,
-              support_augment: Any = None, head: Any = None) -> AdaptedPredictor:
+              support_augment: Any = None, head: Any = None, dataset: str | None = None) -> AdaptedPredictor:
         """Adapt to a support set; returns a predictor for query inputs.
 
         ``support_x`` may be model input (float tensor), stored ``uint8`` images, or raw images
         (PIL / arrays), which are preprocessed; ``support_y`` holds labels ``0..N-1``.
-        ``support_augment`` and ``head``: as in :meth:`evaluate` (support copies drawn from the
-        augmentation's seed; a feature head gives a :class:`~metamtl.predictors.HeadPredictor`).
+        ``support_augment``, ``head``: as in :meth:`evaluate` (copies from the augmentation's seed; a feature
+        head gives a :class:`~metamtl.predictors.HeadPredictor`, centred with ``dataset``'s :attr:`feature_means`).
         """
-        return predictors.adapt(self, support_x, support_y, steps, support_augment, head)
+        return predictors.adapt(self, support_x, support_y, steps, support_augment, head, dataset)
 
     def predict(self, support_x: Any, support_y: Any, query_x: Any, steps: int | None = None,
-                support_augment: Any = None, head: Any = None) -> torch.Tensor:
-        """Logits for ``query_x`` after adapting to ``(support_x, support_y)`` (with a transductive
-        head, the queries are classified together)."""
-        return predictors.predict(self, support_x, support_y, query_x, steps, support_augment, head)
+                support_augment: Any = None, head: Any = None, dataset: str | None = None) -> torch.Tensor:
+        """Logits for ``query_x`` after adapting to ``(support_x, support_y)`` (arguments as in
+        :meth:`adapt`; with a transductive head, the queries are classified together)."""
+        return predictors.predict(self, support_x, support_y, query_x, steps, support_augment, head, dataset)
 
     def init_from(self, source: Any) -> None:
         """Copy the trunk weights of another learner (a :class:`MetaLearner` or the path of a saved

@@ -64,9 +64,10 @@ class HeadPredictor(AdaptedPredictor):
     """
 
     def __init__(self, learner: "MetaLearner", head: FeatureHead, support_x: torch.Tensor,
-                 support_y: torch.Tensor, ways: int) -> None:
+                 support_y: torch.Tensor, ways: int, dataset: str | None = None) -> None:
         super().__init__(learner, None, ways)  # type: ignore[arg-type]
         self.head, self._support_x, self.support_y = head, support_x, support_y
+        self.mean = learner.inference.centring_mean(head, dataset, learner.device)  # the dataset's, to centre
         self.transductive = head.transductive or self.transductive
         with torch.no_grad(), learner.autocast():
             self.features = learner.model.trunk(support_x)
@@ -79,11 +80,11 @@ class HeadPredictor(AdaptedPredictor):
         x = self.learner.model_input(query_x, "query_x")
         with torch.no_grad(), self.learner.autocast():
             query = query_features(self.learner.model.trunk, x, self._support_x, self.learner.bn_stats)
-        return self.head(self.features, self.support_y, query, self.ways, self.learner.feature_mean()).detach()
+        return self.head(self.features, self.support_y, query, self.ways, self.mean).detach()
 
 
 def adapt(learner: "MetaLearner", support_x: Any, support_y: Any, steps: int | None = None,
-          support_augment: Any = None, head: Any = None) -> AdaptedPredictor:
+          support_augment: Any = None, head: Any = None, dataset: str | None = None) -> AdaptedPredictor:
     """``learner`` adapted to a support set (see :meth:`MetaLearner.adapt <metamtl.MetaLearner.adapt>`):
     inputs checked and coerced, support copies added, then the algorithm's adaptation or ``head``."""
     inputs.check_steps(steps)
@@ -94,17 +95,17 @@ def adapt(learner: "MetaLearner", support_x: Any, support_y: Any, steps: int | N
     head = learner.inference.classifier(head, learner.task)
     learner.model.eval()
     if head is not None:
-        return HeadPredictor(learner, head, x, y, ways)
+        return HeadPredictor(learner, head, x, y, ways, dataset)
     with torch.no_grad(), learner.autocast():
         adapted = learner.algorithm.adapt(learner.model, x, y, ways, steps)
     return AdaptedPredictor(learner, adapted, ways)
 
 
 def predict(learner: "MetaLearner", support_x: Any, support_y: Any, query_x: Any, steps: int | None = None,
-            support_augment: Any = None, head: Any = None) -> torch.Tensor:
+            support_augment: Any = None, head: Any = None, dataset: str | None = None) -> torch.Tensor:
     """Logits for ``query_x`` of ``learner`` adapted to ``(support_x, support_y)`` (see
     :meth:`MetaLearner.predict <metamtl.MetaLearner.predict>`)."""
-    predictor = learner.adapt(support_x, support_y, steps, support_augment=support_augment, head=head)
+    predictor = learner.adapt(support_x, support_y, steps, support_augment=support_augment, head=head, dataset=dataset)
     q = learner.model_input(query_x, "query_x")
     if q.shape[1:] != predictor.support_x.shape[1:]:
         raise InputError(f"query images have shape {list(q.shape[1:])} but support images "

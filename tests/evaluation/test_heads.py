@@ -187,6 +187,31 @@ def test_predictors_say_transductive_when_query_batchnorm_statistics_use_the_oth
             assert predictor.transductive == depends == (bn_stats == "transductive"), (bn_stats, head)
 
 
+def test_a_learner_with_several_feature_means_centres_each_dataset_with_its_own(splits):
+    """A multi-dataset learner holds one training mean per dataset: evaluate takes the episode's,
+    adapt/predict take ``dataset=`` (without it: an error saying so), and so does an ensemble."""
+    from metamtl.ensemble import Ensemble
+
+    train, test = splits
+    lr, alone = learner(), learner()
+    lr.compute_feature_mean(train)
+    alone.compute_feature_mean(train)
+    lr.feature_means["other"] = lr.feature_means["toy"] + 5.0
+    ep = test.episode(0).to("cpu")
+    args = (ep.support_x, ep.support_y, ep.query_x)
+    with pytest.raises(InputError, match=r"one per dataset \['other', 'toy'\].*dataset="):
+        lr.predict(*args, head="simpleshot")
+    with pytest.raises(InputError, match=r"none for 'nowhere'.*\['other', 'toy'\]"):
+        lr.adapt(ep.support_x, ep.support_y, head="simpleshot", dataset="nowhere")
+    logits = lr.predict(*args, head="simpleshot", dataset="toy")
+    torch.testing.assert_close(logits, alone.predict(*args, head="simpleshot"))
+    assert not torch.allclose(logits, lr.predict(*args, head="simpleshot", dataset="other"))
+    assert torch.equal(lr.predict(*args, head="logreg"), alone.predict(*args, head="logreg"))  # no centring
+    torch.testing.assert_close(Ensemble([lr]).predict(*args, head="simpleshot", dataset="toy"), logits.log_softmax(-1))
+    single = lr.evaluate(test, 4, progress=False, head="simpleshot")
+    assert Ensemble([lr]).evaluate(test, 4, progress=False, head="simpleshot").accuracy == single.accuracy
+
+
 def test_feature_mean_is_the_training_mean_and_is_saved_with_the_head(tmp_path, splits):
     train, _ = splits
     lr = learner(head="simpleshot")
