@@ -57,7 +57,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if saved is None:
         raise MetamtlError(f"{labels[0]} has no data config; evaluate it from Python with MetaLearner.evaluate")
     check_same_data(members, labels)
-    _check_held_out_split(args.split, saved, args.data_root)
+    _check_held_out_split(args.split, {label: m.metadata["config"] for m, label in zip(members, labels)}, args.data_root)
     for data in [saved["data"], *saved.get("datasets", [])]:  # several for multi-dataset learners
         if args.data_root:
             data["root"] = args.data_root
@@ -98,19 +98,24 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_held_out_split(split: str | None, saved: dict, data_root: str | None) -> None:
-    """``--split`` must name classes the learner was not trained on: its training split (or ``all``
-    of the data it was trained on) would score training classes as if they were held out."""
+def _check_held_out_split(split: str | None, configs: dict[str, dict], data_root: str | None) -> None:
+    """``--split`` must name classes no member (``configs``: each one's saved config, by label) was
+    trained on: its training split (or ``all`` of the data it was trained on) would score training
+    classes as if they were held out."""
     if split is None:
         return
-    trained = {str(d.get("train_split") or "train") for d in [saved["data"], *saved.get("datasets", [])]}
+    trained = {label: {str(d.get("train_split") or "train") for d in [saved["data"], *saved.get("datasets", [])]}
+               for label, saved in configs.items()}
+    used = {s for splits in trained.values() for t in splits for s in t.split("+")}
     asked = set(split.split("+"))
-    overlap = sorted(asked & {s for t in trained for s in t.split("+")})
-    if overlap or ("all" in asked and not data_root):
-        raise ConfigError(
-            f"--split {split!r} holds classes this learner was trained on (its training split: "
-            f"{' / '.join(sorted(trained))}); evaluate scores held-out classes: use --split test or --split val"
-            + ("" if data_root else ", or --data-root with another dataset (then --split all scores all its classes)"))
+    for label, splits in trained.items():
+        if asked & {s for t in splits for s in t.split("+")} or ("all" in asked and not data_root):
+            hints = [f"--split {s}" for s in ("test", "val") if s not in used]  # held out by every member
+            if not data_root or not hints:
+                hints.append("--data-root with another dataset (then --split all scores all its classes)")
+            raise ConfigError(
+                f"--split {split!r} holds classes {label} was trained on (its training split: "
+                f"{' / '.join(sorted(splits))}); evaluate scores held-out classes: use {' or '.join(hints)}")
 
 
 def check_same_data(members: Sequence[Any], paths: Sequence[str]) -> None:

@@ -1,0 +1,61 @@
+"""`metamtl evaluate` of learners trained on tiny folder datasets: the held-out split of every
+ensemble member, the data an ensemble's members must share, `--split all` on another dataset,
+only the evaluated split loaded, and a regression learner's options."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from test_stages import folder_data
+
+from metamtl.cli import main
+from metamtl.config import config_from_dict
+from metamtl.experiment import run
+
+
+def tiny(tmp, name, root, **data):
+    return {
+        "name": name, "output_dir": str(tmp / "runs"),
+        "data": {"name": "folder", "root": str(root), "cache_dir": str(tmp / "cache"), **data},
+        "tasks": {"ways": 3, "shots": 1, "queries": 2},
+        "model": {"name": "conv4", "hidden": 4, "blocks": 2},
+        "algorithm": {"name": "protonet"},
+        "train": {"iterations": 2, "meta_batch_size": 1, "device": "cpu", "val_every": 2, "val_episodes": 2},
+        "eval": {"episodes": 2, "queries": 2, "settings": [{"ways": 3, "shots": 1}]},
+        "logging": {"report": False, "metrics": None},
+    }
+
+
+@pytest.fixture(scope="module")
+def learners(tmp_path_factory):
+    """``train``: trained on the training classes; ``trainval``: on train+val; ``other``: on another
+    folder dataset; ``sine``: a regression learner."""
+    tmp = tmp_path_factory.mktemp("clieval")
+    data, other = folder_data(tmp / "data"), folder_data(tmp / "other")
+    configs = {
+        "train": tiny(tmp, "train", data),
+        "trainval": tiny(tmp, "trainval", data, train_split="train+val", val_split=None),
+        "other": tiny(tmp, "other", other),
+        "sine": {**tiny(tmp, "sine", data), "data": {"name": "sinusoid", "val_split": None},
+                 "tasks": {"ways": 1, "shots": 5, "queries": 5}, "model": {"name": "mlp", "hidden": [8]},
+                 "algorithm": {"name": "maml", "steps": 1, "lr": 0.01}, "eval": {"episodes": 2, "queries": 5,
+                                                                                 "settings": [{"ways": 1, "shots": 5}]}},
+    }
+    paths = {name: run(config_from_dict(cfg), progress=False, quiet=True)["checkpoint"] for name, cfg in configs.items()}
+    return paths, tmp
+
+
+def evaluate(capsys, *args):
+    code = main(["evaluate", *map(str, args), "--episodes", "2", "--no-progress"])
+    return code, capsys.readouterr()
+
+
+def test_every_ensemble_members_training_split_is_checked(learners, capsys):
+    paths, _ = learners
+    for order in ([paths["train"], paths["trainval"]], [paths["trainval"], paths["train"]]):
+        code, out = evaluate(capsys, *order, "--split", "val")
+        assert code == 2, out.out
+        assert f"--split 'val' holds classes {paths['trainval']} was trained on (its training split: train+val)" \
+            in out.err
+        assert "use --split test or --data-root with another dataset" in out.err  # only the held-out splits
+    assert evaluate(capsys, paths["train"], paths["trainval"], "--split", "test")[0] == 0
