@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -121,18 +122,30 @@ def _check_held_out_split(split: str | None, configs: dict[str, dict], data_root
 def check_same_data(members: Sequence[Any], paths: Sequence[str]) -> None:
     """Refuse an ensemble whose members were trained on other data than the first (the episodes
     come from the first member's config, so another dataset or image size would be a wrong answer)."""
-    keys = ("name", "sources", "image_size", "split_seed", "split_fractions", "split_by")
-
     def data_of(member: Any) -> list[dict]:
         cfg = member.metadata.get("config") or {}
         entries = cfg.get("datasets") or [cfg.get("data", {})]  # a multi-dataset run's data: is unused
-        return [{k: d.get(k) for k in keys} for d in entries]
+        return [data_identity(d) for d in entries]
 
     reference = data_of(members[0])
     for member, path in zip(members[1:], paths[1:]):
         if data_of(member) != reference:
             raise ConfigError(f"{path} was trained on other data than {paths[0]} ({data_of(member)} vs "
-                              f"{reference}); an ensemble's members must share dataset, sources, image size and split")
+                              f"{reference}); an ensemble's members must share dataset, sources, image size and split "
+                              "(and the folder of a folder or csv dataset)")
+
+
+def data_identity(data: dict) -> dict:
+    """What identifies the data of a saved ``data`` config: dataset, sources, image size and split,
+    and the resolved root of the user's own (folder, csv) datasets; a built-in dataset's root only
+    says where its files are (another machine's copy is the same data)."""
+    from .data.registry import USER_DATASETS
+
+    out = {k: data.get(k) for k in ("name", "sources", "image_size", "split_seed", "split_fractions", "split_by")}
+    if data.get("name") in USER_DATASETS:
+        root = data.get("root") or os.environ.get("METAMTL_DATA")
+        out["root"] = str(Path(root).expanduser().resolve()) if root else None
+    return out
 
 
 def _yaml_option(flag: str, text: str | None):

@@ -59,3 +59,10 @@ def test_every_ensemble_members_training_split_is_checked(learners, capsys):
             in out.err
         assert "use --split test or --data-root with another dataset" in out.err  # only the held-out splits
     assert evaluate(capsys, paths["train"], paths["trainval"], "--split", "test")[0] == 0
+
+
+def test_members_trained_on_another_folder_dataset_are_refused(learners, capsys):
+    paths, tmp = learners
+    code, out = evaluate(capsys, paths["train"], paths["other"])
+    assert code == 2 and f"{paths['other']} was trained on other data than {paths['train']}" in out.err
+    assert f"'root': '{tmp / 'other'}'" in out.err
