@@ -58,14 +58,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     if saved is None:
         raise MetamtlError(f"{labels[0]} has no data config; evaluate it from Python with MetaLearner.evaluate")
     check_same_data(members, labels)
-    _check_held_out_split(args.split, {label: m.metadata["config"] for m, label in zip(members, labels)}, args.data_root)
+    _check_held_out_split(args.split, {lb: m.metadata["config"] for m, lb in zip(members, labels)}, args.data_root)
     for data in [saved["data"], *saved.get("datasets", [])]:  # several for multi-dataset learners
         if args.data_root:
             data["root"] = args.data_root
         data["val_split"] = None
-        if args.split or data is saved["data"]:
-            data["test_split"] = args.split or "test"
     cfg = config_from_dict(saved)
+    for d in [cfg.data, *cfg.datasets]:  # set after validation: --split was checked against every member
+        if args.split or d is cfg.data:  # above ('all' of another --data-root holds no training class)
+            d.test_split = args.split or "test"
     splits = {d.label or d.name: d.test_split for d in cfg.datasets}
     built = build_tasks(cfg)
     tasks = built["test"]
@@ -110,13 +111,21 @@ def _check_held_out_split(split: str | None, configs: dict[str, dict], data_root
     used = {s for splits in trained.values() for t in splits for s in t.split("+")}
     asked = set(split.split("+"))
     for label, splits in trained.items():
-        if asked & {s for t in splits for s in t.split("+")} or ("all" in asked and not data_root):
+        overlap = asked & {s for t in splits for s in t.split("+")}
+        if overlap or ("all" in asked and not other_data(configs[label], data_root)):
             hints = [f"--split {s}" for s in ("test", "val") if s not in used]  # held out by every member
-            if not data_root or not hints:
+            if not data_root or "all" in asked or not hints:
                 hints.append("--data-root with another dataset (then --split all scores all its classes)")
             raise ConfigError(
                 f"--split {split!r} holds classes {label} was trained on (its training split: "
                 f"{' / '.join(sorted(splits))}); evaluate scores held-out classes: use {' or '.join(hints)}")
+
+
+def other_data(saved: dict, data_root: str | None) -> bool:
+    """Whether ``data_root`` holds other data than every dataset of the saved config (only a
+    folder or csv dataset's root is its data: a built-in dataset elsewhere is the same data)."""
+    return bool(data_root) and all(data_identity({**d, "root": data_root}) != data_identity(d)
+                                   for d in saved.get("datasets") or [saved["data"]])
 
 
 def check_same_data(members: Sequence[Any], paths: Sequence[str]) -> None:
@@ -209,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--queries", type=int, help="query images per class (default: the run config's eval.queries)")
     e.add_argument("--steps", type=int, help="inner steps at evaluation")
     e.add_argument("--split", help="split to evaluate (default: 'test'; each dataset's configured test split "
-                   "for multi-dataset learners)")
+                   "for multi-dataset learners; 'all': every class of another folder/csv dataset, --data-root)")
     e.add_argument("--data-root", help="dataset root (default: as saved, or $METAMTL_DATA)")
     e.add_argument("--support-augment", metavar="YAML",
                    help="test-time support augmentation, e.g. '{copies: 5, augment: {name: affine}}' "

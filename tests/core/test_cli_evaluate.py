@@ -66,3 +66,13 @@ def test_members_trained_on_another_folder_dataset_are_refused(learners, capsys)
     code, out = evaluate(capsys, paths["train"], paths["other"])
     assert code == 2 and f"{paths['other']} was trained on other data than {paths['train']}" in out.err
     assert f"'root': '{tmp / 'other'}'" in out.err
+
+
+def test_split_all_scores_every_class_of_another_dataset_only(learners, capsys):
+    paths, tmp = learners
+    code, out = evaluate(capsys, paths["train"], "--split", "all", "--data-root", tmp / "other")
+    assert code == 0, out.err
+    assert "all split: accuracy" in out.out
+    for root in ([], ["--data-root", tmp / "data"]):  # the data it was trained on: its training classes too
+        code, out = evaluate(capsys, paths["train"], "--split", "all", *root)
+        assert code == 2 and "--split 'all' holds classes" in out.err and "--data-root with another dataset" in out.err
