@@ -40,7 +40,7 @@ def check_counts(args: argparse.Namespace, minimums: dict[str, int]) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import ensure_writable_file
     from .config import config_from_dict
-    from .experiment import build_tasks
+    from .experiment import build_tasks, build_test_tasks
     from .ensemble import load_members
     from .heads import build_head
 
@@ -68,12 +68,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         if args.split or d is cfg.data:  # above ('all' of another --data-root holds no training class)
             d.test_split = args.split or "test"
     splits = {d.label or d.name: d.test_split for d in cfg.datasets}
-    built = build_tasks(cfg)
-    tasks = built["test"]
+    tasks = build_test_tasks(cfg)  # the training split only for a centring head's mean feature
+    train = None
     for member in members:
         used = member.head if head is None else build_head(head)
         if used is not None and used.center and not member.feature_means:
-            member.compute_feature_mean(built["train"])
+            train = build_tasks(cfg)["train"] if train is None else train
+            member.compute_feature_mean(train)
             print(f"[metamtl] head {used.name!r} centres features: mean feature of the training split computed")
     if len(members) > 1:
         from .ensemble import Ensemble

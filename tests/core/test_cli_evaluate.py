@@ -76,3 +76,10 @@ def test_split_all_scores_every_class_of_another_dataset_only(learners, capsys):
     for root in ([], ["--data-root", tmp / "data"]):  # the data it was trained on: its training classes too
         code, out = evaluate(capsys, paths["train"], "--split", "all", *root)
         assert code == 2 and "--split 'all' holds classes" in out.err and "--data-root with another dataset" in out.err
+
+
+def test_only_the_evaluated_split_is_loaded(learners, capsys, tmp_path):
+    paths, tmp = learners
+    shutil.copytree(tmp / "other" / "test", tmp_path / "test")  # a root holding the test split alone
+    code, out = evaluate(capsys, paths["train"], "--data-root", tmp_path)
+    assert code == 0 and "test split: accuracy" in out.out, out.err
