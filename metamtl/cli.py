@@ -40,7 +40,7 @@ def check_counts(args: argparse.Namespace, minimums: dict[str, int]) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import ensure_writable_file
     from .config import config_from_dict
-    from .experiment import build_tasks, build_test_tasks
+    from .experiment import build_test_tasks
     from .ensemble import load_members
     from .heads import build_head
 
@@ -58,6 +58,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if saved is None:
         raise MetamtlError(f"{labels[0]} has no data config; evaluate it from Python with MetaLearner.evaluate")
     check_same_data(members, labels)
+    _check_task_options(args, learner, labels[0])
     _check_held_out_split(args.split, {lb: m.metadata["config"] for m, lb in zip(members, labels)}, args.data_root)
     for data in [saved["data"], *saved.get("datasets", [])]:  # several for multi-dataset learners
         if args.data_root:
@@ -69,13 +70,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             d.test_split = args.split or "test"
     splits = {d.label or d.name: d.test_split for d in cfg.datasets}
     tasks = build_test_tasks(cfg)  # the training split only for a centring head's mean feature
-    train = None
-    for member in members:
-        used = member.head if head is None else build_head(head)
-        if used is not None and used.center and not member.feature_means:
-            train = build_tasks(cfg)["train"] if train is None else train
-            member.compute_feature_mean(train)
-            print(f"[metamtl] head {used.name!r} centres features: mean feature of the training split computed")
+    _center_features(members, head, cfg)
     if len(members) > 1:
         from .ensemble import Ensemble
 
@@ -89,16 +84,38 @@ def _evaluate(args: argparse.Namespace) -> int:
     for label, source in (tasks.items() if isinstance(tasks, dict) else [(None, tasks)]):
         if hierarchy is not None and hasattr(source, "with_settings"):  # episodes within one superclass
             source = source.with_settings(**setting, hierarchy=hierarchy)
-        result = learner.evaluate(
-            source, args.episodes, **setting, steps=args.steps, progress=not args.no_progress,
-            support_augment=support_augment, head=head,
-        ) if learner.task == "classification" else learner.evaluate(source, args.episodes, steps=args.steps)
+        options = dict(setting, support_augment=support_augment, head=head) if learner.task == "classification" else {}
+        result = learner.evaluate(source, args.episodes, steps=args.steps, progress=not args.no_progress, **options)
         where = f"{label} " if label else ""
         print(f"[metamtl] {where}{splits.get(label, args.split or 'test')} split: {result}")
         out[label] = result.to_dict()
     if args.json:
         Path(args.json).write_text(json.dumps(out if len(out) > 1 else out[next(iter(out))], indent=2))
     return 0
+
+
+def _check_task_options(args: argparse.Namespace, learner: Any, label: str) -> None:
+    """Refuse the classification options for a regression learner (never a silent fallback to the saved settings)."""
+    given = [f"--{k.replace('_', '-')}" for k in ("ways", "shots", "queries", "support_augment")
+             if getattr(args, k) is not None]
+    if given and learner.task != "classification":
+        raise ConfigError(f"{', '.join(given)}: {label} does {learner.task}; its episodes keep the saved config's "
+                          "tasks.shots and eval.queries and hold no images to augment: evaluate without "
+                          f"{', '.join(given)}")
+
+
+def _center_features(members: Sequence[Any], head: Any, cfg: Any) -> None:
+    """The training split's mean feature for each member whose head (``head``, else its own) centres
+    features and whose checkpoint holds none; a feature head is refused for a regression learner."""
+    from .experiment import build_tasks
+
+    train = None
+    for member in members:
+        used = member.inference.classifier(head, member.task)
+        if used is not None and used.center and not member.feature_means:
+            train = build_tasks(cfg)["train"] if train is None else train  # loaded only here
+            member.compute_feature_mean(train)
+            print(f"[metamtl] head {used.name!r} centres features: mean feature of the training split computed")
 
 
 def _check_held_out_split(split: str | None, configs: dict[str, dict], data_root: str | None) -> None:

@@ -83,3 +83,16 @@ def test_only_the_evaluated_split_is_loaded(learners, capsys, tmp_path):
     shutil.copytree(tmp / "other" / "test", tmp_path / "test")  # a root holding the test split alone
     code, out = evaluate(capsys, paths["train"], "--data-root", tmp_path)
     assert code == 0 and "test split: accuracy" in out.out, out.err
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--shots", "10"], "--shots: "), (["--queries", "7", "--ways", "2"], "--ways, --queries: "),
+    (["--support-augment", "{copies: 3}"], "--support-augment: "),
+    (["--head", "simpleshot"], "feature head 'simpleshot' classifies; this learner does regression"),
+])
+def test_a_regression_learner_refuses_classification_options(learners, capsys, option, message):
+    paths, _ = learners
+    code, out = evaluate(capsys, paths["sine"], *option)
+    assert code == 2 and message in out.err, out
+    if "--head" not in option:
+        assert f"{paths['sine']} does regression" in out.err
