@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -39,7 +40,7 @@ def check_counts(args: argparse.Namespace, minimums: dict[str, int]) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import ensure_writable_file
     from .config import config_from_dict
-    from .experiment import build_tasks
+    from .experiment import build_test_tasks
     from .ensemble import load_members
     from .heads import build_head
 
@@ -57,22 +58,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     if saved is None:
         raise MetamtlError(f"{labels[0]} has no data config; evaluate it from Python with MetaLearner.evaluate")
     check_same_data(members, labels)
-    _check_held_out_split(args.split, saved, args.data_root)
+    _check_task_options(args, learner, labels[0])
+    _check_held_out_split(args.split, {lb: m.metadata["config"] for m, lb in zip(members, labels)}, args.data_root)
     for data in [saved["data"], *saved.get("datasets", [])]:  # several for multi-dataset learners
         if args.data_root:
             data["root"] = args.data_root
         data["val_split"] = None
-        if args.split or data is saved["data"]:
-            data["test_split"] = args.split or "test"
     cfg = config_from_dict(saved)
+    for d in [cfg.data, *cfg.datasets]:  # set after validation: --split was checked against every member
+        if args.split or d is cfg.data:  # above ('all' of another --data-root holds no training class)
+            d.test_split = args.split or "test"
     splits = {d.label or d.name: d.test_split for d in cfg.datasets}
-    built = build_tasks(cfg)
-    tasks = built["test"]
-    for member in members:
-        used = member.head if head is None else build_head(head)
-        if used is not None and used.center and not member.feature_means:
-            member.compute_feature_mean(built["train"])
-            print(f"[metamtl] head {used.name!r} centres features: mean feature of the training split computed")
+    tasks = build_test_tasks(cfg)  # the training split only for a centring head's mean feature
+    _center_features(members, head, cfg)
     if len(members) > 1:
         from .ensemble import Ensemble
 
@@ -86,10 +84,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     for label, source in (tasks.items() if isinstance(tasks, dict) else [(None, tasks)]):
         if hierarchy is not None and hasattr(source, "with_settings"):  # episodes within one superclass
             source = source.with_settings(**setting, hierarchy=hierarchy)
-        result = learner.evaluate(
-            source, args.episodes, **setting, steps=args.steps, progress=not args.no_progress,
-            support_augment=support_augment, head=head,
-        ) if learner.task == "classification" else learner.evaluate(source, args.episodes, steps=args.steps)
+        options = dict(setting, support_augment=support_augment, head=head) if learner.task == "classification" else {}
+        result = learner.evaluate(source, args.episodes, steps=args.steps, progress=not args.no_progress, **options)
         where = f"{label} " if label else ""
         print(f"[metamtl] {where}{splits.get(label, args.split or 'test')} split: {result}")
         out[label] = result.to_dict()
@@ -98,36 +94,85 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_held_out_split(split: str | None, saved: dict, data_root: str | None) -> None:
-    """``--split`` must name classes the learner was not trained on: its training split (or ``all``
-    of the data it was trained on) would score training classes as if they were held out."""
+def _check_task_options(args: argparse.Namespace, learner: Any, label: str) -> None:
+    """Refuse the classification options for a regression learner (never a silent fallback to the saved settings)."""
+    given = [f"--{k.replace('_', '-')}" for k in ("ways", "shots", "queries", "support_augment")
+             if getattr(args, k) is not None]
+    if given and learner.task != "classification":
+        raise ConfigError(f"{', '.join(given)}: {label} does {learner.task}; its episodes keep the saved config's "
+                          "tasks.shots and eval.queries and hold no images to augment: evaluate without "
+                          f"{', '.join(given)}")
+
+
+def _center_features(members: Sequence[Any], head: Any, cfg: Any) -> None:
+    """The training split's mean feature for each member whose head (``head``, else its own) centres
+    features and whose checkpoint holds none; a feature head is refused for a regression learner."""
+    from .experiment import build_tasks
+
+    train = None
+    for member in members:
+        used = member.inference.classifier(head, member.task)
+        if used is not None and used.center and not member.feature_means:
+            train = build_tasks(cfg)["train"] if train is None else train  # loaded only here
+            member.compute_feature_mean(train)
+            print(f"[metamtl] head {used.name!r} centres features: mean feature of the training split computed")
+
+
+def _check_held_out_split(split: str | None, configs: dict[str, dict], data_root: str | None) -> None:
+    """``--split`` must name classes no member (``configs``: each one's saved config, by label) was
+    trained on: its training split (or ``all`` of the data it was trained on) would score training
+    classes as if they were held out."""
     if split is None:
         return
-    trained = {str(d.get("train_split") or "train") for d in [saved["data"], *saved.get("datasets", [])]}
+    trained = {label: {str(d.get("train_split") or "train") for d in [saved["data"], *saved.get("datasets", [])]}
+               for label, saved in configs.items()}
+    used = {s for splits in trained.values() for t in splits for s in t.split("+")}
     asked = set(split.split("+"))
-    overlap = sorted(asked & {s for t in trained for s in t.split("+")})
-    if overlap or ("all" in asked and not data_root):
-        raise ConfigError(
-            f"--split {split!r} holds classes this learner was trained on (its training split: "
-            f"{' / '.join(sorted(trained))}); evaluate scores held-out classes: use --split test or --split val"
-            + ("" if data_root else ", or --data-root with another dataset (then --split all scores all its classes)"))
+    for label, splits in trained.items():
+        overlap = asked & {s for t in splits for s in t.split("+")}
+        if overlap or ("all" in asked and not other_data(configs[label], data_root)):
+            hints = [f"--split {s}" for s in ("test", "val") if s not in used]  # held out by every member
+            if not data_root or "all" in asked or not hints:
+                hints.append("--data-root with another dataset (then --split all scores all its classes)")
+            raise ConfigError(
+                f"--split {split!r} holds classes {label} was trained on (its training split: "
+                f"{' / '.join(sorted(splits))}); evaluate scores held-out classes: use {' or '.join(hints)}")
+
+
+def other_data(saved: dict, data_root: str | None) -> bool:
+    """Whether ``data_root`` holds other data than every dataset of the saved config (only a
+    folder or csv dataset's root is its data: a built-in dataset elsewhere is the same data)."""
+    return bool(data_root) and all(data_identity({**d, "root": data_root}) != data_identity(d)
+                                   for d in saved.get("datasets") or [saved["data"]])
 
 
 def check_same_data(members: Sequence[Any], paths: Sequence[str]) -> None:
     """Refuse an ensemble whose members were trained on other data than the first (the episodes
     come from the first member's config, so another dataset or image size would be a wrong answer)."""
-    keys = ("name", "sources", "image_size", "split_seed", "split_fractions", "split_by")
-
     def data_of(member: Any) -> list[dict]:
         cfg = member.metadata.get("config") or {}
         entries = cfg.get("datasets") or [cfg.get("data", {})]  # a multi-dataset run's data: is unused
-        return [{k: d.get(k) for k in keys} for d in entries]
+        return [data_identity(d) for d in entries]
 
     reference = data_of(members[0])
     for member, path in zip(members[1:], paths[1:]):
         if data_of(member) != reference:
             raise ConfigError(f"{path} was trained on other data than {paths[0]} ({data_of(member)} vs "
-                              f"{reference}); an ensemble's members must share dataset, sources, image size and split")
+                              f"{reference}); an ensemble's members must share dataset, sources, image size and split "
+                              "(and the folder of a folder or csv dataset)")
+
+
+def data_identity(data: dict) -> dict:
+    """What identifies the data of a saved ``data`` config: dataset, sources, image size and split,
+    and the resolved root of the user's own (folder, csv) datasets; a built-in dataset's root only
+    says where its files are (another machine's copy is the same data)."""
+    from .data.registry import USER_DATASETS
+
+    out = {k: data.get(k) for k in ("name", "sources", "image_size", "split_seed", "split_fractions", "split_by")}
+    if data.get("name") in USER_DATASETS:
+        root = data.get("root") or os.environ.get("METAMTL_DATA")
+        out["root"] = str(Path(root).expanduser().resolve()) if root else None
+    return out
 
 
 def _yaml_option(flag: str, text: str | None):
@@ -191,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--queries", type=int, help="query images per class (default: the run config's eval.queries)")
     e.add_argument("--steps", type=int, help="inner steps at evaluation")
     e.add_argument("--split", help="split to evaluate (default: 'test'; each dataset's configured test split "
-                   "for multi-dataset learners)")
+                   "for multi-dataset learners; 'all': every class of another folder/csv dataset, --data-root)")
     e.add_argument("--data-root", help="dataset root (default: as saved, or $METAMTL_DATA)")
     e.add_argument("--support-augment", metavar="YAML",
                    help="test-time support augmentation, e.g. '{copies: 5, augment: {name: affine}}' "

@@ -75,6 +75,9 @@ def _stored_like_train(split: str, kwargs: dict, has_train: bool, load_train: Ca
 
 
 _ADAPTERS: dict[str, Callable[..., ClassDataset]] = {"folder": _load_folder, "csv": _load_csv}
+#: datasets read from the user's own files: their root is the data (a built-in dataset's root only
+#: says where its files are stored)
+USER_DATASETS = tuple(_ADAPTERS)
 
 
 def accepted_options(*functions: Callable) -> list[str]:

@@ -69,7 +69,7 @@ def test_cli_fit_then_evaluate_end_to_end(tmp_path, data_root):
     for split in ("train", "all", "train+val"):
         ev = subprocess.run([sys.executable, "-m", "metamtl", "evaluate", str(run_dir / "learner.pt"), "--split", split,
                              "--episodes", "5", "--no-progress"], capture_output=True, text=True, env=env, timeout=600)
-        assert ev.returncode == 2 and f"--split {split!r} holds classes this learner was trained on" in ev.stderr, ev.stderr
+        assert ev.returncode == 2 and f"--split {split!r} holds classes {run_dir / 'learner.pt'} was trained on" in ev.stderr, ev.stderr
 
 
 def test_cli_reports_bad_config_without_traceback(tmp_path):

@@ -1,0 +1,98 @@
+"""`metamtl evaluate` of learners trained on tiny folder datasets: the held-out split of every
+ensemble member, the data an ensemble's members must share, `--split all` on another dataset,
+only the evaluated split loaded, and a regression learner's options."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from test_stages import folder_data
+
+from metamtl.cli import main
+from metamtl.config import config_from_dict
+from metamtl.experiment import run
+
+
+def tiny(tmp, name, root, **data):
+    return {
+        "name": name, "output_dir": str(tmp / "runs"),
+        "data": {"name": "folder", "root": str(root), "cache_dir": str(tmp / "cache"), **data},
+        "tasks": {"ways": 3, "shots": 1, "queries": 2},
+        "model": {"name": "conv4", "hidden": 4, "blocks": 2},
+        "algorithm": {"name": "protonet"},
+        "train": {"iterations": 2, "meta_batch_size": 1, "device": "cpu", "val_every": 2, "val_episodes": 2},
+        "eval": {"episodes": 2, "queries": 2, "settings": [{"ways": 3, "shots": 1}]},
+        "logging": {"report": False, "metrics": None},
+    }
+
+
+@pytest.fixture(scope="module")
+def learners(tmp_path_factory):
+    """``train``: trained on the training classes; ``trainval``: on train+val; ``other``: on another
+    folder dataset; ``sine``: a regression learner."""
+    tmp = tmp_path_factory.mktemp("clieval")
+    data, other = folder_data(tmp / "data"), folder_data(tmp / "other")
+    configs = {
+        "train": tiny(tmp, "train", data),
+        "trainval": tiny(tmp, "trainval", data, train_split="train+val", val_split=None),
+        "other": tiny(tmp, "other", other),
+        "sine": {**tiny(tmp, "sine", data), "data": {"name": "sinusoid", "val_split": None},
+                 "tasks": {"ways": 1, "shots": 5, "queries": 5}, "model": {"name": "mlp", "hidden": [8]},
+                 "algorithm": {"name": "maml", "steps": 1, "lr": 0.01}, "eval": {"episodes": 2, "queries": 5,
+                                                                                 "settings": [{"ways": 1, "shots": 5}]}},
+    }
+    paths = {name: run(config_from_dict(cfg), progress=False, quiet=True)["checkpoint"] for name, cfg in configs.items()}
+    return paths, tmp
+
+
+def evaluate(capsys, *args):
+    code = main(["evaluate", *map(str, args), "--episodes", "2", "--no-progress"])
+    return code, capsys.readouterr()
+
+
+def test_every_ensemble_members_training_split_is_checked(learners, capsys):
+    paths, _ = learners
+    for order in ([paths["train"], paths["trainval"]], [paths["trainval"], paths["train"]]):
+        code, out = evaluate(capsys, *order, "--split", "val")
+        assert code == 2, out.out
+        assert f"--split 'val' holds classes {paths['trainval']} was trained on (its training split: train+val)" \
+            in out.err
+        assert "use --split test or --data-root with another dataset" in out.err  # only the held-out splits
+    assert evaluate(capsys, paths["train"], paths["trainval"], "--split", "test")[0] == 0
+
+
+def test_members_trained_on_another_folder_dataset_are_refused(learners, capsys):
+    paths, tmp = learners
+    code, out = evaluate(capsys, paths["train"], paths["other"])
+    assert code == 2 and f"{paths['other']} was trained on other data than {paths['train']}" in out.err
+    assert f"'root': '{tmp / 'other'}'" in out.err
+
+
+def test_split_all_scores_every_class_of_another_dataset_only(learners, capsys):
+    paths, tmp = learners
+    code, out = evaluate(capsys, paths["train"], "--split", "all", "--data-root", tmp / "other")
+    assert code == 0, out.err
+    assert "all split: accuracy" in out.out
+    for root in ([], ["--data-root", tmp / "data"]):  # the data it was trained on: its training classes too
+        code, out = evaluate(capsys, paths["train"], "--split", "all", *root)
+        assert code == 2 and "--split 'all' holds classes" in out.err and "--data-root with another dataset" in out.err
+
+
+def test_only_the_evaluated_split_is_loaded(learners, capsys, tmp_path):
+    paths, tmp = learners
+    shutil.copytree(tmp / "other" / "test", tmp_path / "test")  # a root holding the test split alone
+    code, out = evaluate(capsys, paths["train"], "--data-root", tmp_path)
+    assert code == 0 and "test split: accuracy" in out.out, out.err
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--shots", "10"], "--shots: "), (["--queries", "7", "--ways", "2"], "--ways, --queries: "),
+    (["--support-augment", "{copies: 3}"], "--support-augment: "),
+    (["--head", "simpleshot"], "feature head 'simpleshot' classifies; this learner does regression"),
+])
+def test_a_regression_learner_refuses_classification_options(learners, capsys, option, message):
+    paths, _ = learners
+    code, out = evaluate(capsys, paths["sine"], *option)
+    assert code == 2 and message in out.err, out
+    if "--head" not in option:
+        assert f"{paths['sine']} does regression" in out.err
