@@ -69,7 +69,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         if args.split or d is cfg.data:  # above ('all' of another --data-root holds no training class)
             d.test_split = args.split or "test"
     splits = {d.label or d.name: d.test_split for d in cfg.datasets}
-    tasks = build_test_tasks(cfg)  # the training split only for a centring head's mean feature
+    # the evaluated split alone, its images stored as the checkpoint's model reads them (the training
+    # split only for a centring head's mean feature)
+    tasks = build_test_tasks(cfg, _saved_preprocessing(learner))
     _center_features(members, head, cfg)
     if len(members) > 1:
         from .ensemble import Ensemble
@@ -92,6 +94,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(out if len(out) > 1 else out[next(iter(out))], indent=2))
     return 0
+
+
+def _saved_preprocessing(learner: Any) -> dict[str | None, Any]:
+    """A learner's preprocessing by dataset label (``None``: a one-dataset learner's), as saved."""
+    from .data import Preprocessing
+
+    per_dataset = learner.metadata.get("preprocessing") or {}
+    return {None: learner.preprocessing, **{k: Preprocessing.from_dict(v) for k, v in per_dataset.items()}}
 
 
 def _check_task_options(args: argparse.Namespace, learner: Any, label: str) -> None:

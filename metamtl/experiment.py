@@ -47,12 +47,14 @@ def data_root(cfg: Config, data: DataConfig | None = None) -> str | None:
 
 
 def load_split(cfg: Config, split: str, rotations: list[int] | None = None,
-               data: DataConfig | None = None) -> ClassDataset:
+               data: DataConfig | None = None, preprocessing: Any = None) -> ClassDataset:
     """One split of the configured dataset (``data``: one of ``cfg.datasets``; default ``cfg.data``).
 
-    Only the options that were set are passed on.
+    Only the options that were set are passed on.  ``preprocessing`` (a trained model's, for a folder
+    or csv dataset): store the images as that model reads them, instead of as the training split's
+    images are stored (which reads the whole training split).
     """
-    from .data.registry import load_dataset
+    from .data.registry import USER_DATASETS, load_dataset
 
     d = data or cfg.data
     kwargs: dict[str, Any] = {}
@@ -66,6 +68,8 @@ def load_split(cfg: Config, split: str, rotations: list[int] | None = None,
         kwargs["follow_outside_links"] = True
     if rotations:
         kwargs["rotations"] = tuple(rotations)
+    if preprocessing is not None and d.name in USER_DATASETS:
+        kwargs["preprocessing"] = preprocessing
     return load_dataset(d.name, split=split, root=data_root(cfg, d), **kwargs)
 
 
@@ -108,22 +112,28 @@ def build_tasks(cfg: Config) -> dict[str, Any]:
     return out
 
 
-def build_test_tasks(cfg: Config) -> Any:
+def build_test_tasks(cfg: Config, preprocessing: dict[str | None, Any] | None = None) -> Any:
     """The held-out test tasks of :func:`build_tasks` (``None`` without a test split) alone, without
-    loading the training data: what a staged run checks before its first stage trains."""
+    loading the training data: what a staged run checks before its first stage trains.
+
+    ``preprocessing``: a trained learner's, by dataset label (``None`` for a one-dataset config), for
+    :func:`load_split`; ``metamtl evaluate`` passes the checkpoint's, so a damaged training split
+    does not block evaluating an intact test split."""
+    preps = preprocessing or {}
     if is_regression(cfg):
         from .tasks.sinusoid import Sinusoid
 
         return Sinusoid(shots=cfg.tasks.shots, queries=cfg.eval.queries, seed=cfg.tasks.test_seed)
     t = cfg.tasks
     if cfg.datasets:
-        return {d.label or d.name: _held_out(load_split(cfg, d.test_split, data=d), cfg, t.test_seed, cfg.eval.queries,
-                                             key="test_split", data=d, name=d.label or d.name)
-                for d in cfg.datasets if d.test_split} or None
+        return {label: _held_out(load_split(cfg, d.test_split, data=d, preprocessing=preps.get(label)), cfg,
+                                 t.test_seed, cfg.eval.queries, key="test_split", data=d, name=label)
+                for d in cfg.datasets if d.test_split for label in [d.label or d.name]} or None
     d = cfg.data
     if not d.test_split:
         return None
-    return _held_out(load_split(cfg, d.test_split), cfg, t.test_seed, cfg.eval.queries, key="test_split")
+    return _held_out(load_split(cfg, d.test_split, preprocessing=preps.get(None)), cfg, t.test_seed, cfg.eval.queries,
+                     key="test_split")
 
 
 def _held_out(dataset: ClassDataset, cfg: Config, seed: int, queries: int, hierarchy: Any = None,

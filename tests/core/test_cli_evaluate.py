@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from PIL import Image
 from test_stages import folder_data
 
 from metamtl.cli import main
@@ -96,3 +97,20 @@ def test_a_regression_learner_refuses_classification_options(learners, capsys, o
     assert code == 2 and message in out.err, out
     if "--head" not in option:
         assert f"{paths['sine']} does regression" in out.err
+
+
+def test_the_evaluated_split_is_stored_as_the_checkpoint_reads_it(learners, capsys, tmp_path):
+    """The test split's images are stored with the checkpoint's preprocessing: a damaged training
+    image does not block evaluating an intact test split, and a test split of RGB images of another
+    size is read as the grey 12x12 images the model was trained on."""
+    paths, tmp = learners
+    shutil.copytree(tmp / "other", tmp_path / "damaged")
+    next((tmp_path / "damaged" / "train").rglob("*.png")).write_bytes(b"not an image")
+    code, out = evaluate(capsys, paths["train"], "--data-root", tmp_path / "damaged")
+    assert code == 0 and "test split: accuracy" in out.out, out.err
+    for png in (tmp / "other" / "test").rglob("*.png"):
+        target = tmp_path / "rgb" / "test" / png.relative_to(tmp / "other" / "test")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(png).convert("RGB").resize((20, 20)).save(target)
+    code, out = evaluate(capsys, paths["train"], "--data-root", tmp_path / "rgb")
+    assert code == 0 and "test split: accuracy" in out.out, out.err
