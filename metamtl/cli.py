@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import ConfigError, FitInterrupted, MetamtlError
+from .errors import ConfigError, FitInterrupted, MetamtlError, TaskError
 from .progress_bars import silenced
 
 
@@ -82,11 +82,23 @@ def _evaluate(args: argparse.Namespace) -> int:
     setting = {"ways": _given(args.ways, first.ways), "shots": _given(args.shots, first.shots),
                "queries": _given(args.queries, cfg.eval.queries)}
     hierarchy = first.hierarchy if args.ways is None and args.shots is None else None
-    out = {}
+    out: dict[str | None, Any] = {}
+    sources = []  # every dataset's episodes are drawn (or skipped) before the first is evaluated
     for label, source in (tasks.items() if isinstance(tasks, dict) else [(None, tasks)]):
-        if hierarchy is not None and hasattr(source, "with_settings"):  # episodes within one superclass
-            source = source.with_settings(**setting, hierarchy=hierarchy)
-        options = dict(setting, support_augment=support_augment, head=head) if learner.task == "classification" else {}
+        if learner.task == "classification" and hasattr(source, "with_settings"):
+            if label is not None and setting["ways"] > source.num_classes:  # as `fit` does with several datasets
+                print(f"[metamtl] {label}: skipping {setting['ways']}-way evaluation ({source.num_classes} held-out classes)")
+                out[label] = {"dataset": label, "ways": setting["ways"], "shots": setting["shots"],
+                              "skipped": f"only {source.num_classes} held-out classes"}
+                continue
+            source = source.with_settings(**setting, hierarchy=hierarchy)  # a TaskError here: nothing evaluated yet
+        sources.append((label, source))
+    if not sources:
+        skipped = ", ".join(f"{k}: {v['skipped']}" for k, v in out.items())
+        raise TaskError(f"--ways {setting['ways']}: no dataset has that many held-out classes ({skipped}); "
+                        "ask for fewer ways")
+    for label, source in sources:
+        options = dict(support_augment=support_augment, head=head) if learner.task == "classification" else {}
         result = learner.evaluate(source, args.episodes, steps=args.steps, progress=not args.no_progress, **options)
         where = f"{label} " if label else ""
         print(f"[metamtl] {where}{splits.get(label, args.split or 'test')} split: {result}")

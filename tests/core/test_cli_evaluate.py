@@ -3,6 +3,7 @@ ensemble member, the data an ensemble's members must share, `--split all` on ano
 only the evaluated split loaded, and a regression learner's options."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -114,3 +115,27 @@ def test_the_evaluated_split_is_stored_as_the_checkpoint_reads_it(learners, caps
         Image.open(png).convert("RGB").resize((20, 20)).save(target)
     code, out = evaluate(capsys, paths["train"], "--data-root", tmp_path / "rgb")
     assert code == 0 and "test split: accuracy" in out.out, out.err
+
+
+def test_a_multi_dataset_learner_is_checked_on_every_dataset_before_any_is_evaluated(tmp_path, capsys):
+    """`--ways` more than one dataset's held-out classes skips that dataset (as `fit` does) and
+    scores the others, its JSON saying so; shots that no dataset can serve fail before any
+    evaluation (the first dataset's result used to be printed, then lost with exit 2)."""
+    big = folder_data(tmp_path / "big", sizes=(("train", 8), ("test", 6)))
+    small = folder_data(tmp_path / "small", sizes=(("train", 8), ("test", 3)))
+    cfg = tiny(tmp_path, "multi", big)
+    cfg.pop("data")
+    cfg["datasets"] = [{"name": "folder", "root": str(root), "label": label, "val_split": None,
+                        "cache_dir": str(tmp_path / "cache")} for label, root in (("big", big), ("small", small))]
+    cfg["algorithm"] = {"name": "multitask", "base": {"name": "protonet"}}
+    cfg["train"]["val_every"] = None
+    path = run(config_from_dict(cfg), progress=False, quiet=True)["checkpoint"]
+    code, out = evaluate(capsys, path, "--ways", "5", "--json", tmp_path / "ev.json")
+    assert code == 0, out.err
+    assert "small: skipping 5-way evaluation (3 held-out classes)" in out.out and "big test split: accuracy" in out.out
+    saved = json.loads((tmp_path / "ev.json").read_text())
+    assert saved["small"]["skipped"] == "only 3 held-out classes" and saved["big"]["ways"] == 5
+    code, out = evaluate(capsys, path, "--ways", "2", "--shots", "4")  # 4 images per class: none left for queries
+    assert code == 2 and "accuracy" not in out.out, out.out
+    code, out = evaluate(capsys, path, "--ways", "7")
+    assert code == 2 and "no dataset has that many held-out classes" in out.err, out.err
