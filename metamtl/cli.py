@@ -82,21 +82,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     setting = {"ways": _given(args.ways, first.ways), "shots": _given(args.shots, first.shots),
                "queries": _given(args.queries, cfg.eval.queries)}
     hierarchy = first.hierarchy if args.ways is None and args.shots is None else None
-    out: dict[str | None, Any] = {}
-    sources = []  # every dataset's episodes are drawn (or skipped) before the first is evaluated
-    for label, source in (tasks.items() if isinstance(tasks, dict) else [(None, tasks)]):
-        if learner.task == "classification" and hasattr(source, "with_settings"):
-            if label is not None and setting["ways"] > source.num_classes:  # as `fit` does with several datasets
-                print(f"[metamtl] {label}: skipping {setting['ways']}-way evaluation ({source.num_classes} held-out classes)")
-                out[label] = {"dataset": label, "ways": setting["ways"], "shots": setting["shots"],
-                              "skipped": f"only {source.num_classes} held-out classes"}
-                continue
-            source = source.with_settings(**setting, hierarchy=hierarchy)  # a TaskError here: nothing evaluated yet
-        sources.append((label, source))
-    if not sources:
-        skipped = ", ".join(f"{k}: {v['skipped']}" for k, v in out.items())
-        raise TaskError(f"--ways {setting['ways']}: no dataset has that many held-out classes ({skipped}); "
-                        "ask for fewer ways")
+    sources, out = _episode_sources(tasks, setting, hierarchy, learner.task)
     for label, source in sources:
         options = dict(support_augment=support_augment, head=head) if learner.task == "classification" else {}
         result = learner.evaluate(source, args.episodes, steps=args.steps, progress=not args.no_progress, **options)
@@ -106,6 +92,26 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(out if len(out) > 1 else out[next(iter(out))], indent=2))
     return 0
+
+
+def _episode_sources(tasks: Any, setting: dict[str, int], hierarchy: Any, task: str) -> tuple[list, dict]:
+    """``(label, source)`` of each dataset's episodes in ``setting``, all drawn before any is scored
+    (a TaskError: nothing evaluated yet), and the skipped datasets' rows by label: ``--ways`` above a
+    dataset's held-out classes skips it, as ``fit`` does with several datasets."""
+    sources, skipped = [], {}
+    for label, source in (tasks.items() if isinstance(tasks, dict) else [(None, tasks)]):
+        if task == "classification" and hasattr(source, "with_settings"):
+            if label is not None and setting["ways"] > source.num_classes:
+                print(f"[metamtl] {label}: skipping {setting['ways']}-way evaluation ({source.num_classes} held-out classes)")
+                skipped[label] = {"dataset": label, "ways": setting["ways"], "shots": setting["shots"],
+                                  "skipped": f"only {source.num_classes} held-out classes"}
+                continue
+            source = source.with_settings(**setting, hierarchy=hierarchy)
+        sources.append((label, source))
+    if not sources:
+        why = ", ".join(f"{k}: {v['skipped']}" for k, v in skipped.items())
+        raise TaskError(f"--ways {setting['ways']}: no dataset has that many held-out classes ({why}); ask for fewer ways")
+    return sources, skipped
 
 
 def _saved_preprocessing(learner: Any) -> dict[str | None, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import difflib
+import re
 from typing import Iterable
 
 
@@ -87,6 +88,22 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return ``" Did you mean 'x'?"`` for the closest choice, or an empty string."""
     close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
     return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def unknown_settings(kind: str, given: Iterable[str], accepted: Iterable[str]) -> ConfigError | None:
+    """The error for settings of ``kind`` (e.g. ``"model 'conv4'"``) not in ``accepted``, with the
+    closest accepted name and the list; ``None`` when every one is accepted."""
+    accepted = sorted(set(map(str, accepted)))
+    unknown = sorted(set(map(str, given)) - set(accepted))
+    if not unknown:
+        return None
+    return ConfigError(f"{kind} does not take {unknown}.{did_you_mean(unknown[0], accepted)} It accepts {accepted}.")
+
+
+def unexpected_keyword(exc: TypeError) -> str | None:
+    """The name in a ``TypeError`` "got an unexpected keyword argument 'x'", else ``None``."""
+    match = re.search(r"unexpected keyword argument '([^']+)'", str(exc))
+    return match.group(1) if match else None
 
 
 def unknown_name(kind: str, name: str, choices: Iterable[str]) -> ConfigError:

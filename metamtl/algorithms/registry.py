@@ -2,9 +2,11 @@
 :mod:`metamtl.algorithms`, which Python runs before any of its modules)."""
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Mapping
 
-from ..errors import ConfigError, unknown_name
+from ..adaptation.settings import InnerLoop
+from ..errors import ConfigError, unexpected_keyword, unknown_name, unknown_settings
 from .base import DATA_SETTINGS, Algorithm
 
 ALGORITHMS: dict[str, type[Algorithm]] = {}
@@ -33,7 +35,27 @@ def build_algorithm(name: str, **kwargs: Any) -> Algorithm:
     try:
         return cls(**kwargs)
     except TypeError as exc:
+        if unexpected_keyword(exc) in kwargs:  # a misspelt or foreign setting: name the accepted ones
+            raise unknown_settings(f"algorithm {name!r}", kwargs, accepted_settings(cls)) or exc from None
         raise ConfigError(f"bad settings for algorithm {name!r}: {exc}") from None
+
+
+def accepted_settings(cls: type[Algorithm]) -> list[str]:
+    """The settings ``cls(**settings)`` takes: its constructor's named arguments and, where it passes
+    ``**kwargs`` on, its base classes' (:class:`~metamtl.adaptation.InnerLoop`'s for ``Algorithm``'s)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self", "inner"}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+        if klass is Algorithm:  # its **inner_kwargs are the InnerLoop's settings
+            names |= set(inspect.signature(InnerLoop).parameters)
+            break
+    return sorted(names)
 
 
 def with_data_settings(settings: Mapping[str, Any], data: Mapping[str, Callable[[], Any]]) -> dict[str, Any]:

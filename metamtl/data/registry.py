@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..errors import ConfigError, DataNotFoundError, unknown_name
+from ..errors import ConfigError, DataNotFoundError, unknown_name, unknown_settings
 from .base import ClassDataset, join_classes, split_names
 from .folder import ClassFolder, CSVClassDataset, resolve_root
 from .miniimagenet import MiniImageNet
@@ -92,12 +92,9 @@ def accepted_options(*functions: Callable) -> list[str]:
 
 def check_options(kind: str, name: str, kwargs: dict, accepted: list[str]) -> None:
     """:class:`ConfigError` naming every key of ``kwargs`` not in ``accepted`` (and the accepted ones)."""
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise ConfigError(
-            f"{kind} {name!r} does not accept {', '.join(map(repr, unknown))}; "
-            f"accepted options: {', '.join(accepted)}"
-        )
+    error = unknown_settings(f"{kind} {name!r}", kwargs, accepted)
+    if error is not None:
+        raise error
 
 
 def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None = None, **kwargs) -> ClassDataset:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
-from ..errors import ConfigError, did_you_mean, unknown_name
+from ..errors import ConfigError, unknown_name, unknown_settings
 from .backbones import TrunkHead, conv4_model, mlp_model
 from .multidataset import multidataset_model
 from .resnet import resnet12_model
@@ -26,11 +26,9 @@ def check_model_config(name: Any, kwargs: dict[str, Any]) -> None:
     """Raise :class:`ConfigError` for an unknown model name or setting (nothing is built)."""
     if not isinstance(name, str) or name not in MODELS:
         raise unknown_name("model", name, MODELS)
-    accepted = set(inspect.signature(MODELS[name]).parameters)
-    unknown = set(kwargs) - accepted
-    if unknown:
-        hint = did_you_mean(sorted(unknown)[0], accepted)
-        raise ConfigError(f"model {name!r} does not take {sorted(unknown)}.{hint} It accepts {sorted(accepted)}.")
+    error = unknown_settings(f"model {name!r}", kwargs, inspect.signature(MODELS[name]).parameters)
+    if error is not None:
+        raise error
 
 
 def build_model(name: str = "conv4", **kwargs: Any) -> TrunkHead:

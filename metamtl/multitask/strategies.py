@@ -43,13 +43,14 @@ through :meth:`Strategy.backward`::
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, ClassVar, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError, InputError, unknown_name
+from ..errors import ConfigError, InputError, unknown_name, unknown_settings
 
 
 def _add_grad(p: torch.Tensor, g: torch.Tensor) -> None:
@@ -436,6 +437,10 @@ def build_strategy(spec: str | dict[str, Any] | Strategy, tasks: Sequence[str]) 
     name = settings.pop("name")
     if name not in STRATEGIES:
         raise unknown_name("multi-task strategy", name, STRATEGIES)
+    error = unknown_settings(f"multi-task strategy {name!r}", settings,
+                             set(inspect.signature(STRATEGIES[name]).parameters) - {"tasks"})
+    if error is not None:
+        raise error
     try:
         return STRATEGIES[name](list(tasks), **settings)
     except TypeError as exc:

@@ -63,7 +63,7 @@ def test_baselines_learn_on_real_omniglot_well_above_chance(omniglot, name, clas
 
 def test_protonet_config_round_trip_and_errors():
     assert build_algorithm("protonet").config() == {"name": "protonet", "temperature": 1.0, "bn_stats": "transductive"}
-    with pytest.raises(ConfigError, match="bad settings for algorithm 'protonet'"):
+    with pytest.raises(ConfigError, match="algorithm 'protonet' does not take \\['steps'\\]"):
         build_algorithm("protonet", steps=3)
     with pytest.raises(ConfigError, match="temperature"):
         build_algorithm("protonet", temperature=0)

@@ -157,6 +157,10 @@ LEARNER = [
     ("inner-optimizer-torch-name-unknown", lambda e: build_algorithm("maml", backend="higher", optimizer="torch.optim.Rpropp"), ConfigError, r"inner optimizer 'torch.optim.Rpropp' is not a torch.optim optimizer class"),
     ("inner-first-order-text", lambda e: build_algorithm("maml", first_order="yes"), ConfigError, r"first_order must be true or false"),
     ("algorithm-typo", lambda e: build_algorithm("reptil"), ConfigError, r"unknown algorithm 'reptil'. Did you mean 'reptile'"),
+    ("algorithm-setting-typo", lambda e: build_algorithm("maml", stepz=3), ConfigError, r"algorithm 'maml' does not take \['stepz'\]. Did you mean 'steps'\? It accepts \[.*'task_threads'\]"),
+    ("algorithm-setting-typo-own-argument", lambda e: build_algorithm("mamlpp", learn_lrr=False), ConfigError, r"algorithm 'mamlpp' does not take \['learn_lrr'\]. Did you mean 'learn_lr'"),
+    ("algorithm-setting-of-another", lambda e: build_algorithm("protonet", steps=3), ConfigError, r"algorithm 'protonet' does not take \['steps'\]. It accepts \['bn_stats', 'distance', 'learn_scale', 'scale', 'temperature'\]"),
+    ("strategy-setting-typo", lambda e: build_algorithm("multitask", datasets=["a", "b"], strategy={"name": "dwa", "temprature": 2}), ConfigError, r"multi-task strategy 'dwa' does not take \['temprature'\]. Did you mean 'temperature'"),
     ("algorithm-contradiction", lambda e: build_algorithm("reptile", first_order=False), ConfigError, r"algorithm 'reptile' fixes \{'first_order': True\}; drop the contradictory setting"),
     # regression and user-built models
     ("regression-proto-head", lambda e: regressor(head_init="proto", out_features=None), ConfigError, r"builds its head from class prototypes \(head_init='proto'\), which needs class labels; for regression"),
@@ -187,7 +191,7 @@ def cfg_with(**overrides):
 CONFIG = [
     ("unknown-section", lambda e: config_from_dict({"trian": {}}), ConfigError, r"unknown key 'trian'. Did you mean 'train'"),
     ("unknown-key", cfg_with(**{"train.chekpoint_every": 5}), ConfigError, r"unknown key 'chekpoint_every'. Did you mean 'checkpoint_every'"),
-    ("unknown-algorithm-key", cfg_with(**{"algorithm.stepz": 2}), ConfigError, r"unexpected keyword argument 'stepz'"),
+    ("unknown-algorithm-key", cfg_with(**{"algorithm.stepz": 2}), ConfigError, r"algorithm 'maml' does not take \['stepz'\]. Did you mean 'steps'"),
     ("unknown-model-key", cfg_with(**{"model.hiden": [3]}), ConfigError, r"Did you mean 'hidden'"),
     ("unknown-dataset", cfg_with(**{"data.name": "omniglott"}), ConfigError, r"unknown dataset 'omniglott'. Did you mean 'omniglot'"),
     ("unknown-meta-optimizer", cfg_with(**{"train.meta_optimizer": "sgdd"}), ConfigError, r"unknown meta optimizer 'sgdd'. Did you mean 'sgd'"),
