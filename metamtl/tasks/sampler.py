@@ -285,6 +285,13 @@ def superclass_names(class_names: Sequence[str], hierarchy: int | dict) -> list[
                 f"the hierarchy mapping gives no superclass for {len(missing)} class(es), e.g. "
                 f"{', '.join(map(repr, missing[:5]))}; map every class name to its superclass"
             )
+        bad = [n for n in class_names if isinstance(hierarchy[n], bool) or not isinstance(hierarchy[n], (str, int))]
+        if bad:
+            raise TaskError(
+                f"the hierarchy mapping's superclasses must be names (strings or integers), but "
+                f"{bad[0]!r} maps to {hierarchy[bad[0]]!r}"
+                f"{f' ({len(bad)} classes like it)' if len(bad) > 1 else ''}; map every class name to its superclass's name"
+            )
         return [str(hierarchy[n]) for n in class_names]
     if isinstance(hierarchy, bool) or not isinstance(hierarchy, int) or hierarchy < 1:
         raise TaskError(

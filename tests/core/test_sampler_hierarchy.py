@@ -1,6 +1,8 @@
 """Hierarchical task sampling: every episode's classes share one superclass (path depth or mapping)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -61,6 +63,10 @@ def test_superclass_names_and_errors():
         EpisodeSampler(ds, 2, 1, 1, hierarchy={"g0/c0": "x"})
     with pytest.raises(TaskError, match="hierarchy must be a path depth >= 1"):
         EpisodeSampler(ds, 2, 1, 1, hierarchy="alphabet")
+    for value in (None, ["g0"], 1.5, True):  # one superclass called 'None' would sample as if flat
+        with pytest.raises(TaskError, match=f"superclasses must be names .* maps to {re.escape(repr(value))} \\(22 classes"):
+            EpisodeSampler(ds, 2, 1, 1, hierarchy={n: value for n in ds.class_names})
+    assert superclass_names(["a", "b"], {"a": 3, "b": "x"}) == ["3", "x"]  # integer names are names
 
 
 def test_omniglot_alphabet_split_holds_out_whole_alphabets(omniglot_root):
