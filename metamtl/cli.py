@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Several processes/GPUs/nodes: torchrun --nproc_per_node=N -m metamtl fit CONFIG (see README).",
     )
     f.add_argument("config", help="YAML config file (see configs/)")
-    f.add_argument("overrides", nargs="*", help="overrides such as train.iterations=500 data.root=/data")
+    f.add_argument("overrides", nargs="*", default=[], help="overrides such as train.iterations=500 data.root=/data")
     f.add_argument("--resume", help="checkpoint with training state (e.g. runs/NAME/last.pt)")
     f.add_argument("--overwrite", action="store_true",
                    help="replace the run already in the run folder (its checkpoints, metrics and results are deleted)")

@@ -78,6 +78,8 @@ def start_run(learner: "MetaLearner", settings: dict[str, Any], resume: str | Pa
         run_state.resume(resume, config=learner.config(), settings=settings, optimizer=learner.meta_optimizer,
                          iterations=iterations,
                          modules=(learner.model, learner.algorithm), run=learner.run)
+        logging.getLogger("metamtl.fit").info("resumed from %s: iteration %d, %.0f s trained before", resume,
+                                              learner.iteration, learner.run.seconds)
     else:
         learner.run.seconds, learner.run.callbacks = 0.0, {}
     learner.run.settings = settings

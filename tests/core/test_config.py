@@ -87,6 +87,10 @@ def test_cli_overrides_may_follow_options(tmp_path, capsys):
     assert parse_args(["report", "r1", "--embed", "r2"]).run_dirs == ["r1", "r2"]
     with pytest.raises(SystemExit):
         parse_args(["evaluate", "learner.pt", "--ways", "5", "--bogus"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # overrides are optional: only the config is missing
+        parse_args(["fit"])
+    assert capsys.readouterr().err.endswith("the following arguments are required: config\n")
     (tmp_path / "c.yaml").write_text("name: x\n")
     assert main(["fit", str(tmp_path / "c.yaml"), "--no-progress", "tasks.ways=five"]) == 2
     assert "config.tasks.ways: expected an integer, got 'five'" in capsys.readouterr().err

@@ -4,6 +4,7 @@ never leaves a folder locked.  Through ``metamtl fit`` (real processes where it 
 """
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 from pathlib import Path
@@ -77,9 +78,12 @@ def test_resuming_from_a_checkpoint_that_does_not_exist_says_so(finished, capsys
     assert snapshot(run_dir) == before
 
 
-def test_overwrite_replaces_the_run_and_resume_continues_it(finished, capsys):
+def test_overwrite_replaces_the_run_and_resume_continues_it(finished, capsys, caplog):
     cfg, run_dir = finished
-    assert main(["fit", str(cfg), "train.iterations=40", "--no-progress", "--resume", str(run_dir / "last.pt")]) == 0
+    done = safe_load(run_dir / "last.pt")["iteration"]
+    with caplog.at_level(logging.INFO, logger="metamtl"):  # said once loaded (the learner line before says 0)
+        assert main(["fit", str(cfg), "train.iterations=40", "--no-progress", "--resume", str(run_dir / "last.pt")]) == 0
+    assert f"resumed from {run_dir / 'last.pt'}: iteration {done}, " in caplog.text and 0 < done < 40
     assert safe_load(run_dir / "last.pt")["iteration"] == 40
     assert main(["fit", str(cfg), "train.iterations=10", "--no-progress", "--overwrite"]) == 0
     assert safe_load(run_dir / "last.pt")["iteration"] == 10
