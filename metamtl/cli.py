@@ -81,7 +81,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     first = cfg.eval.settings[0]  # without --ways/--shots: the setting the run evaluated first
     setting = {"ways": _given(args.ways, first.ways), "shots": _given(args.shots, first.shots),
                "queries": _given(args.queries, cfg.eval.queries)}
-    hierarchy = first.hierarchy if args.ways is None and args.shots is None else None
+    if args.hierarchy is not None:  # given: its value ('null': classes drawn from the whole split)
+        hierarchy = _yaml_option("--hierarchy", args.hierarchy)
+    else:
+        hierarchy = first.hierarchy if args.ways is None and args.shots is None else None
     sources, out = _episode_sources(tasks, setting, hierarchy, learner.task)
     for label, source in sources:
         options = dict(support_augment=support_augment, head=head) if learner.task == "classification" else {}
@@ -124,7 +127,7 @@ def _saved_preprocessing(learner: Any) -> dict[str | None, Any]:
 
 def _check_task_options(args: argparse.Namespace, learner: Any, label: str) -> None:
     """Refuse the classification options for a regression learner (never a silent fallback to the saved settings)."""
-    given = [f"--{k.replace('_', '-')}" for k in ("ways", "shots", "queries", "support_augment")
+    given = [f"--{k.replace('_', '-')}" for k in ("ways", "shots", "queries", "support_augment", "hierarchy")
              if getattr(args, k) is not None]
     if given and learner.task != "classification":
         raise ConfigError(f"{', '.join(given)}: {label} does {learner.task}; its episodes keep the saved config's "
@@ -273,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what classifies the queries: algorithm, simpleshot, logreg, or transductive bdcspn, "
                         "laplacianshot, softkmeans, sinkhorn; a name or '{name: logreg, C: 10}' "
                         "(default: as saved with the learner)")
+    e.add_argument("--hierarchy", metavar="YAML",
+                   help="draw each episode's classes within one superclass: a class-name path depth (1: an "
+                        "Omniglot alphabet) or 'null' for none (default: the saved first setting's, unless "
+                        "--ways or --shots is given)")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", help="also write the result to this JSON file")
     e.add_argument("--no-progress", action="store_true")

@@ -89,7 +89,7 @@ def test_only_the_evaluated_split_is_loaded(learners, capsys, tmp_path):
 
 @pytest.mark.parametrize("option, message", [
     (["--shots", "10"], "--shots: "), (["--queries", "7", "--ways", "2"], "--ways, --queries: "),
-    (["--support-augment", "{copies: 3}"], "--support-augment: "),
+    (["--support-augment", "{copies: 3}"], "--support-augment: "), (["--hierarchy", "1"], "--hierarchy: "),
     (["--head", "simpleshot"], "feature head 'simpleshot' classifies; this learner does regression"),
 ])
 def test_a_regression_learner_refuses_classification_options(learners, capsys, option, message):
@@ -98,6 +98,14 @@ def test_a_regression_learner_refuses_classification_options(learners, capsys, o
     assert code == 2 and message in out.err, out
     if "--head" not in option:
         assert f"{paths['sine']} does regression" in out.err
+
+
+def test_hierarchy_option_reaches_the_episodes(learners, capsys):
+    paths, _ = learners
+    code, out = evaluate(capsys, paths["train"], "--hierarchy", "1")  # flat class names: no superclass
+    assert code == 2 and "hierarchy depth 1 needs class names with more than 1 '/'-separated parts" in out.err, out.err
+    code, out = evaluate(capsys, paths["train"], "--hierarchy", "null")
+    assert code == 0 and "test split: accuracy" in out.out, out.err
 
 
 def test_the_evaluated_split_is_stored_as_the_checkpoint_reads_it(learners, capsys, tmp_path):

@@ -57,6 +57,17 @@ def test_cli_fit_then_evaluate_end_to_end(tmp_path, data_root):
     both = json.loads((tmp_path / "ens.json").read_text())
     assert both["per_episode_accuracy"] == pytest.approx(single["per_episode_accuracy"])
 
+    # --hierarchy 1: every episode's characters from one alphabet (the within-alphabet protocol; the
+    # small sets' test alphabets have at most 12 characters)
+    ev = subprocess.run(
+        [sys.executable, "-m", "metamtl", "evaluate", str(run_dir / "learner.pt"), "--episodes", "5", "--ways", "10",
+         "--hierarchy", "1", "--no-progress", "--json", str(tmp_path / "alpha.json")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    within = json.loads((tmp_path / "alpha.json").read_text())
+    assert within["hierarchy"] == 1 and within["ways"] == 10
+
     # no --ways/--shots: the setting the run evaluated (5-way 1-shot), not its 60-way training episodes
     ev = subprocess.run(
         [sys.executable, "-m", "metamtl", "evaluate", str(run_dir / "learner.pt"), "--episodes", "5", "--no-progress"],
