@@ -97,6 +97,9 @@ def support_labels(y: Any, n: int, task: str, device: torch.device,
         raise InputError(f"support_y must be a 1-D tensor of labels, got shape {list(y.shape)}")
     if y.shape[0] != n:
         raise InputError(f"support_x has {n} examples but support_y has {y.shape[0]} labels")
+    if n == 0:
+        raise InputError("the support set is empty: adapt/predict need at least one labelled example"
+                         + (" of each of >= 2 classes" if task == "classification" else ""))
     if task == "regression":
         y = y.float()
         check_regression_targets(y, "support_y", model)
@@ -104,7 +107,7 @@ def support_labels(y: Any, n: int, task: str, device: torch.device,
     if y.is_floating_point() and not bool((y == y.round()).all()):
         raise InputError("support_y must hold integer class labels 0..N-1")
     y = y.long()
-    if n == 0 or int(y.min()) < 0:
+    if int(y.min()) < 0:
         raise InputError(f"support labels must be integers in 0..N-1, got {sorted(set(y.tolist()))}")
     ways = int(y.max()) + 1
     missing = sorted(set(range(ways)) - set(y.tolist()))

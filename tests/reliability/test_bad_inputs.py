@@ -121,6 +121,8 @@ LEARNER = [
     ("predict-query-other-channels", lambda e: e.proto.predict(e.episode.support_x, e.episode.support_y, torch.zeros(2, 3, 12, 12)), InputError, r"query_x: model expects .* got \[2, 3, 12, 12\]"),
     ("adapt-support-missing-batch-dim", lambda e: e.proto.adapt(e.episode.support_x[0], e.episode.support_y[:1]), InputError, r"support_x: model expects .* got \[1, 12, 12\]"),
     ("adapt-negative-label", lambda e: e.proto.adapt(e.episode.support_x[:2], [-1, 0]), InputError, r"support labels must be integers in 0..N-1, got \[-1, 0\]"),
+    ("adapt-empty-support", lambda e: e.proto.adapt(e.episode.support_x[:0], []), InputError, r"the support set is empty: adapt/predict need at least one labelled example of each of >= 2 classes"),
+    ("predict-empty-support", lambda e: e.proto.predict(e.episode.support_x[:0], torch.zeros(0, dtype=torch.long), e.episode.query_x), InputError, r"the support set is empty"),
     ("adapt-class-without-support", lambda e: e.proto.adapt(e.episode.support_x[:3], [0, 2, 3]), InputError, r"class\(es\) \[1\] have no support example \(relabel classes to 0..N-1\)"),
     ("adapt-labels-text", lambda e: e.proto.adapt(e.episode.support_x, ["a"] * 5), InputError, r"support_y must be labels 0..N-1"),
     ("adapt-labels-none", lambda e: e.proto.adapt(e.episode.support_x, None), InputError, r"support_y must be labels 0..N-1"),
