@@ -86,7 +86,7 @@ def support_labels(y: Any, n: int, task: str, device: torch.device,
                    model: TrunkHead | None = None) -> tuple[torch.Tensor, int]:
     """Support labels as a tensor on ``device`` and the number of ways (1 for regression).
 
-    Classification labels must be the integers ``0..N-1``, every class with a support example;
+    Classification labels must be the integers ``0..N-1``, N >= 2, every class with a support example;
     regression targets are finite ``[n]`` or ``[n, d]`` floats, ``d`` the outputs of ``model``.
     """
     try:
@@ -117,6 +117,9 @@ def support_labels(y: Any, n: int, task: str, device: torch.device,
             f"{' ...' if len(missing) > 10 else ''} have no "
             "support example (relabel classes to 0..N-1)"
         )
+    if ways < 2:  # one class: every query would win (fit and evaluate refuse 1-way tasks too)
+        raise InputError(f"the support set has {ways} class (labels 0..{ways - 1}); adapt/predict need at least "
+                         "2 classes to choose between: give support examples of >= 2 classes, labelled 0..N-1")
     return y, ways
 
 

@@ -123,6 +123,8 @@ LEARNER = [
     ("adapt-negative-label", lambda e: e.proto.adapt(e.episode.support_x[:2], [-1, 0]), InputError, r"support labels must be integers in 0..N-1, got \[-1, 0\]"),
     ("adapt-empty-support", lambda e: e.proto.adapt(e.episode.support_x[:0], []), InputError, r"the support set is empty: adapt/predict need at least one labelled example of each of >= 2 classes"),
     ("predict-empty-support", lambda e: e.proto.predict(e.episode.support_x[:0], torch.zeros(0, dtype=torch.long), e.episode.query_x), InputError, r"the support set is empty"),
+    ("adapt-one-way", lambda e: e.proto.adapt(e.episode.support_x[:1], [0]), InputError, r"support set has 1 class \(labels 0..0\); adapt/predict need at least 2 classes"),
+    ("predict-one-way", lambda e: e.learner.predict(e.episode.support_x[:1], [0], e.episode.query_x), InputError, r"need at least 2 classes"),
     ("adapt-class-without-support", lambda e: e.proto.adapt(e.episode.support_x[:3], [0, 2, 3]), InputError, r"class\(es\) \[1\] have no support example \(relabel classes to 0..N-1\)"),
     ("adapt-labels-text", lambda e: e.proto.adapt(e.episode.support_x, ["a"] * 5), InputError, r"support_y must be labels 0..N-1"),
     ("adapt-labels-none", lambda e: e.proto.adapt(e.episode.support_x, None), InputError, r"support_y must be labels 0..N-1"),
