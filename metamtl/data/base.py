@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import warnings
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -150,10 +151,26 @@ class Preprocessing:
         1, 3 or 4 values (both or neither: refused as ambiguous).  A 3-D array is never read as
         one colour image: pass that as ``[image]`` or with a batch axis.  A batch's pixel values
         are scaled by one rule for the whole batch (see :meth:`decode`).
+
+        A ``uint8`` tensor of the stored shape, ``[N, C, H, W]`` (a dataset's stored images, e.g. an
+        Episode's ``support_x``), is only normalised; so is a grey dataset's ``[N, H, W]`` at the stored
+        size (the same pixels with the channel squeezed), so an inverting dataset's (Omniglot's) stored
+        images are never inverted a second time.  Other tensors are decoded like raw images, with a
+        warning when that inverts a tensor of the stored size (e.g. ``[N, H, W, 1]``).
         """
         if isinstance(images, torch.Tensor):
+            if images.dtype == torch.uint8 and images.ndim == 3 and self.channels == 1 \
+                    and tuple(images.shape[1:]) == self.size:
+                images = images.unsqueeze(1)  # stored grey pixels with the channel squeezed
             if images.dtype == torch.uint8 and tuple(images.shape[1:]) == self.input_shape and images.ndim == 4:
                 return self.normalize(images)
+            if images.dtype == torch.uint8 and self.invert and images.ndim == 4 \
+                    and self.size in (tuple(images.shape[2:]), tuple(images.shape[1:3])):
+                warnings.warn(
+                    f"a uint8 tensor of shape {list(images.shape)} is decoded as raw images and inverted "
+                    f"(invert=True), like image files on disk; stored images are taken as they are only as "
+                    f"[N, {self.channels}, {self.size[0]}, {self.size[1]}] (or [N, H, W] when grey): reshape "
+                    "them to that, or pass float model input", UserWarning, stacklevel=2)
             images = images.detach().cpu().numpy()
         if isinstance(images, np.ndarray):
             if images.ndim == 2:
@@ -438,8 +455,6 @@ def _unique_within_class(images: torch.Tensor, labels: torch.Tensor, class_names
 
     Warns once, naming a few duplicates, when any are dropped.
     """
-    import warnings
-
     if images.shape[0] < 2:
         return None
     flat = images.reshape(images.shape[0], -1).contiguous()

@@ -70,6 +70,21 @@ def test_predict_accepts_raw_images_and_matches_preprocessed(tasks):
     assert raw.shape == (15, 5)
 
 
+def test_stored_uint8_tensors_with_the_channel_squeezed_are_read_as_stored_not_inverted(tasks):
+    """An inverting dataset's (Omniglot's) stored pixels give the same predictions as [N,1,H,W]
+    and as [N,H,W]; only raw images (PIL, numpy) are decoded and inverted like files on disk."""
+    _, test = tasks
+    learner = make_learner(head_init="proto")
+    learner.preprocessing = prep = Preprocessing(size=(12, 12), channels=1, mean=(0.5,), std=(0.25,), invert=True)
+    ep = test.episode(1)
+    torch.testing.assert_close(prep(ep.support_x[:, 0]), prep(ep.support_x))
+    torch.testing.assert_close(learner.predict(ep.support_x[:, 0], ep.support_y, ep.query_x[:, 0]),
+                               learner.predict(ep.support_x, ep.support_y, ep.query_x))
+    torch.testing.assert_close(prep(ep.support_x[:, 0].numpy()), prep(255 - ep.support_x))  # raw: inverted
+    with pytest.warns(UserWarning, match=r"decoded as raw images and inverted"):
+        prep(ep.support_x.permute(0, 2, 3, 1))  # [N,H,W,1]: not the stored layout
+
+
 def test_one_learner_serves_5_and_20_way_tasks():
     ds = toy_dataset()
     learner = make_learner(head_init="proto")
