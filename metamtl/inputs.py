@@ -27,8 +27,39 @@ TASK_TYPES = ("classification", "regression")
 _UNCHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def preprocess(images: Any, preprocessing: Preprocessing | None) -> torch.Tensor:
-    """Raw images (PIL images or arrays, one or a list) -> model input ``[N, C, H, W]``."""
+class Unchosen(dict):
+    """Several datasets' preprocessing, by label, none of them chosen (``asked``: the ``dataset=``
+    given, which is none of them, or ``None``): :func:`preprocess` refuses images with it."""
+
+    def __init__(self, saved: dict[str, Preprocessing], asked: str | None) -> None:
+        super().__init__(saved)
+        self.asked = asked
+
+
+def preprocessing_for(preprocessing: Preprocessing | None, metadata: dict[str, Any],
+                      dataset: str | None = None) -> Preprocessing | Unchosen | None:
+    """How a learner decodes raw images of ``dataset``: its own preprocessing; for a learner trained
+    on several datasets (``metamtl fit`` saves each one's, by label, in ``metadata["preprocessing"]``)
+    ``dataset``'s, else all of them (:class:`Unchosen`: refused by :func:`preprocess` only if images
+    need decoding, so float model input of any dataset still works)."""
+    saved = metadata.get("preprocessing") if preprocessing is None else None
+    if not isinstance(saved, dict) or not saved:
+        return preprocessing
+    if dataset in saved:
+        return Preprocessing.from_dict(saved[dataset])
+    return Unchosen({str(k): Preprocessing.from_dict(v) for k, v in saved.items()}, dataset)
+
+
+def preprocess(images: Any, preprocessing: Preprocessing | Unchosen | None) -> torch.Tensor:
+    """Raw images (PIL images or arrays, one or a list) -> model input ``[N, C, H, W]``
+    (``preprocessing``: from :func:`preprocessing_for`)."""
+    if isinstance(preprocessing, Unchosen):
+        asked = f" none for dataset {preprocessing.asked!r}," if preprocessing.asked is not None else ""
+        raise InputError(
+            f"this learner was trained on several datasets, {sorted(preprocessing)}, each with its own "
+            f"preprocessing,{asked} so images cannot be decoded: pass dataset=NAME (one of them) to "
+            "adapt/predict/preprocess, or give model-ready float tensors"
+        )
     if preprocessing is None:
         raise ConfigError(
             "this learner has no preprocessing: pass preprocessing=dataset.preprocessing when "
@@ -38,7 +69,7 @@ def preprocess(images: Any, preprocessing: Preprocessing | None) -> torch.Tensor
 
 
 def model_input(x: Any, what: str, *, model: TrunkHead, placement: Placement,
-                preprocessing: Preprocessing | None) -> torch.Tensor:
+                preprocessing: Preprocessing | Unchosen | None) -> torch.Tensor:
     """``x`` as model input on the learner's device.
 
     ``x`` may be model input (a float tensor), stored ``uint8`` images, or raw images (PIL images
@@ -258,7 +289,7 @@ def as_support_augment(spec: Any) -> SupportAugment | None:
 
 
 def support_copies(x: torch.Tensor, y: torch.Tensor, tta: SupportAugment | None, index: int = 0,
-                   preprocessing: Preprocessing | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   preprocessing: Preprocessing | Unchosen | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The support set with ``tta``'s augmented copies (drawn from its seed and ``index``).
 
     ``x`` is model input; with the ``preprocessing`` that normalised it, the copies are made from
@@ -267,7 +298,7 @@ def support_copies(x: torch.Tensor, y: torch.Tensor, tta: SupportAugment | None,
     if tta is None:
         return x, y
     generator = episode_generator(tta.seed, max(index, 0), stream=3)
-    if preprocessing is None or x.dim() != 4 or x.shape[1] != len(preprocessing.mean):
+    if not isinstance(preprocessing, Preprocessing) or x.dim() != 4 or x.shape[1] != len(preprocessing.mean):
         return tta.expand(x, y, generator)
     out, y = tta.expand(preprocessing.to_pixels(x), y, generator)
     out = preprocessing.from_pixels(out)

@@ -238,15 +238,15 @@ class MetaLearner:
         return dict(self.feature_means)
 
     # -- using the learner --------------------------------------------------------------------
-    def preprocess(self, images: Any) -> torch.Tensor:
-        """Raw images (PIL images or arrays, one or a list) -> model input ``[N, C, H, W]``, with
-        exactly the decoding (resize, colour mode, inversion) and normalisation of the training data."""
-        return inputs.preprocess(images, self.preprocessing)
+    def preprocess(self, images: Any, dataset: str | None = None) -> torch.Tensor:
+        """Raw images (PIL images or arrays, one or a list) -> model input ``[N, C, H, W]``, decoded (resize, colour
+        mode, inversion) and normalised as the training data (``dataset``'s, when trained on several)."""
+        return inputs.preprocess(images, inputs.preprocessing_for(self.preprocessing, self.metadata, dataset))
 
-    def model_input(self, x: Any, what: str = "input") -> torch.Tensor:
-        """Model input on this learner's device from tensors, ``uint8`` images or raw images."""
+    def model_input(self, x: Any, what: str = "input", dataset: str | None = None) -> torch.Tensor:
+        """Model input on this learner's device from tensors, ``uint8`` images or raw images (of ``dataset``)."""
         return inputs.model_input(x, what, model=self.model, placement=self.placement,
-                                  preprocessing=self.preprocessing)
+                                  preprocessing=inputs.preprocessing_for(self.preprocessing, self.metadata, dataset))
 
     def check_finite(self, what: str) -> None:
         """:class:`~metamtl.errors.TrainingError` if a weight (parameter or buffer) is NaN or inf."""
@@ -260,8 +260,8 @@ class MetaLearner:
               support_augment: Any = None, head: Any = None, dataset: str | None = None) -> AdaptedPredictor:
         """Adapt to a support set; returns a predictor for query inputs.
 
-        ``support_x`` may be model input (float tensor), stored ``uint8`` images, or raw images
-        (PIL / arrays), which are preprocessed; ``support_y`` holds labels ``0..N-1``.
+        ``support_x``: model input (float tensor), stored ``uint8`` images or raw images (PIL / arrays), which are
+        preprocessed (as ``dataset``'s, for a learner trained on several); ``support_y``: labels ``0..N-1``, N >= 2.
         ``support_augment``, ``head``: as in :meth:`evaluate` (copies from the augmentation's seed; a feature
         head gives a :class:`~metamtl.predictors.HeadPredictor`, centred with ``dataset``'s :attr:`feature_means`).
         """

@@ -37,8 +37,9 @@ class AdaptedPredictor:
     (``bn_stats="transductive"``; pass ``bn_stats="support"`` to predict images one at a time).
     """
 
-    def __init__(self, learner: "MetaLearner", adapted: Adapted, ways: int) -> None:
+    def __init__(self, learner: "MetaLearner", adapted: Adapted, ways: int, dataset: str | None = None) -> None:
         self.learner, self.adapted, self.ways = learner, adapted, ways
+        self.dataset = dataset  # whose preprocessing raw query images get (a learner trained on several)
         self.transductive = batch_statistics(learner)
 
     @property
@@ -46,7 +47,7 @@ class AdaptedPredictor:
         return self.adapted.support_x
 
     def __call__(self, query_x: Any) -> torch.Tensor:
-        x = self.learner.model_input(query_x, "query_x")
+        x = self.learner.model_input(query_x, "query_x", self.dataset)
         with torch.no_grad(), self.learner.autocast():
             return self.adapted(x).detach().float()
 
@@ -65,7 +66,7 @@ class HeadPredictor(AdaptedPredictor):
 
     def __init__(self, learner: "MetaLearner", head: FeatureHead, support_x: torch.Tensor,
                  support_y: torch.Tensor, ways: int, dataset: str | None = None) -> None:
-        super().__init__(learner, None, ways)  # type: ignore[arg-type]
+        super().__init__(learner, None, ways, dataset)  # type: ignore[arg-type]
         self.head, self._support_x, self.support_y = head, support_x, support_y
         self.mean = learner.inference.centring_mean(head, dataset, learner.device)  # the dataset's, to centre
         self.transductive = head.transductive or self.transductive
@@ -77,7 +78,7 @@ class HeadPredictor(AdaptedPredictor):
         return self._support_x
 
     def __call__(self, query_x: Any) -> torch.Tensor:
-        x = self.learner.model_input(query_x, "query_x")
+        x = self.learner.model_input(query_x, "query_x", self.dataset)
         with torch.no_grad(), self.learner.autocast():
             query = query_features(self.learner.model.trunk, x, self._support_x, self.learner.bn_stats)
         return self.head(self.features, self.support_y, query, self.ways, self.mean).detach()
@@ -86,19 +87,21 @@ class HeadPredictor(AdaptedPredictor):
 def adapt(learner: "MetaLearner", support_x: Any, support_y: Any, steps: int | None = None,
           support_augment: Any = None, head: Any = None, dataset: str | None = None) -> AdaptedPredictor:
     """``learner`` adapted to a support set (see :meth:`MetaLearner.adapt <metamtl.MetaLearner.adapt>`):
-    inputs checked and coerced, support copies added, then the algorithm's adaptation or ``head``."""
+    inputs checked and coerced (raw images preprocessed as ``dataset``'s when the learner was trained on
+    several datasets), support copies added, then the algorithm's adaptation or ``head``."""
     inputs.check_steps(steps)
     learner.check_finite("adapt")
-    x = learner.model_input(support_x, "support_x")
+    preprocessing = inputs.preprocessing_for(learner.preprocessing, learner.metadata, dataset)
+    x = learner.model_input(support_x, "support_x", dataset)
     y, ways = inputs.support_labels(support_y, x.shape[0], learner.task, learner.device, learner.model)
-    x, y = inputs.support_copies(x, y, learner.inference.augment(support_augment), preprocessing=learner.preprocessing)
+    x, y = inputs.support_copies(x, y, learner.inference.augment(support_augment), preprocessing=preprocessing)
     head = learner.inference.classifier(head, learner.task)
     learner.model.eval()
     if head is not None:
         return HeadPredictor(learner, head, x, y, ways, dataset)
     with torch.no_grad(), learner.autocast():
         adapted = learner.algorithm.adapt(learner.model, x, y, ways, steps)
-    return AdaptedPredictor(learner, adapted, ways)
+    return AdaptedPredictor(learner, adapted, ways, dataset)
 
 
 def predict(learner: "MetaLearner", support_x: Any, support_y: Any, query_x: Any, steps: int | None = None,
@@ -106,7 +109,7 @@ def predict(learner: "MetaLearner", support_x: Any, support_y: Any, query_x: Any
     """Logits for ``query_x`` of ``learner`` adapted to ``(support_x, support_y)`` (see
     :meth:`MetaLearner.predict <metamtl.MetaLearner.predict>`)."""
     predictor = learner.adapt(support_x, support_y, steps, support_augment=support_augment, head=head, dataset=dataset)
-    q = learner.model_input(query_x, "query_x")
+    q = learner.model_input(query_x, "query_x", dataset)
     if q.shape[1:] != predictor.support_x.shape[1:]:
         raise InputError(f"query images have shape {list(q.shape[1:])} but support images "
                          f"{list(predictor.support_x.shape[1:])}")

@@ -85,6 +85,32 @@ def test_stored_uint8_tensors_with_the_channel_squeezed_are_read_as_stored_not_i
         prep(ep.support_x.permute(0, 2, 3, 1))  # [N,H,W,1]: not the stored layout
 
 
+def test_a_multi_dataset_learner_predicts_raw_images_with_the_named_datasets_preprocessing(tasks):
+    """`metamtl fit` on several datasets saves each one's preprocessing in metadata (none of its
+    own): dataset="name" picks it for uint8 tensors and raw images; without it, a clear error."""
+    from metamtl.ensemble import Ensemble
+    _, test = tasks
+    a = Preprocessing(size=(12, 12), channels=1, mean=(0.5,), std=(0.25,), invert=True)
+    b = Preprocessing(size=(12, 12), channels=1, mean=(0.2,), std=(0.5,))
+    learner = make_learner(head_init="proto")
+    learner.preprocessing, learner.metadata["preprocessing"] = None, {"a": a.to_dict(), "b": b.to_dict()}
+    ep = test.episode(1)
+    for name, prep in (("a", a), ("b", b)):
+        ready = learner.predict(prep(ep.support_x), ep.support_y, prep(ep.query_x))
+        torch.testing.assert_close(learner.predict(ep.support_x, ep.support_y, ep.query_x, dataset=name), ready)
+        raw_query = [x[0].numpy() for x in (255 - ep.query_x if prep.invert else ep.query_x)]  # files on disk
+        torch.testing.assert_close(learner.adapt(ep.support_x, ep.support_y, dataset=name)(raw_query), ready)
+        torch.testing.assert_close(Ensemble([learner]).predict(ep.support_x, ep.support_y, ep.query_x, dataset=name),
+                                   ready.log_softmax(-1))
+        torch.testing.assert_close(learner.preprocess(ep.support_x, dataset=name), prep(ep.support_x))
+    with pytest.raises(InputError, match=r"trained on several datasets, \['a', 'b'\].*pass dataset="):
+        learner.predict(ep.support_x, ep.support_y, ep.query_x)
+    with pytest.raises(InputError, match=r"\['a', 'b'\], each with its own preprocessing, none for dataset 'c'"):
+        learner.predict(ep.support_x, ep.support_y, ep.query_x, dataset="c")
+    ready = learner.predict(a(ep.support_x), ep.support_y, a(ep.query_x), dataset="c")  # model input: any dataset
+    assert ready.shape == (15, 5)
+
+
 def test_one_learner_serves_5_and_20_way_tasks():
     ds = toy_dataset()
     learner = make_learner(head_init="proto")
