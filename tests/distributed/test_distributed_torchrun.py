@@ -85,6 +85,13 @@ JOBS = [
     # 5 tasks: rank 0 adapts to 3, rank 1 to 2; GradNorm's learnable weights and initial losses must agree
     {"name": "mt_gradnorm", "algorithm": "multitask", "strategy": "gradnorm", "iterations": 2, "meta_batch_size": 5,
      "val_every": 2},
+    {"name": "mt_uncertainty", "algorithm": "multitask", "strategy": "uncertainty", "iterations": 2,
+     "meta_batch_size": 4, "val_every": 2},
+    # DWA with a period of 1 step: its loss history sets weights other than 1 from iteration 3
+    {"name": "mt_dwa", "algorithm": "multitask", "strategy": {"name": "dwa", "period": 1}, "iterations": 3,
+     "meta_batch_size": 4, "val_every": 3},
+    {"name": "mt_cagrad", "algorithm": "multitask", "strategy": "cagrad", "iterations": 2, "meta_batch_size": 4,
+     "val_every": 2},
     # each rank samples training tasks with another seed: refused at the start, on every rank
     {"name": "mismatch", "algorithm": "reptile", "iterations": 2, "meta_batch_size": 2, "seed_per_rank": True,
      "expect_error": True},
@@ -129,7 +136,7 @@ def test_two_ranks_equal_one_process(two_rank_run, name):
     assert max_param_diff(ranks[0]["params"], init) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["mt_equal", "mt_pcgrad", "mt_gradnorm"])
+@pytest.mark.parametrize("name", ["mt_equal", "mt_pcgrad", "mt_gradnorm", "mt_uncertainty", "mt_dwa", "mt_cagrad"])
 def test_multitask_two_ranks_equal_one_process(two_rank_run, name):
     """The strategy runs on the whole meta-batch's per-dataset meta-gradients and losses on every
     rank (a rank's own share gave 1e-3 weight differences, even with ``equal``: a dataset's mean
