@@ -18,6 +18,11 @@ rank; gloo on CPU) and trains so that the result equals a one-process run with t
   divisible by ``W``.  An explicit all-reduce rather than ``DistributedDataParallel``: the inner
   loop runs on ``higher``'s functional copies of the model, so there is no single forward whose
   backward DDP could hook, and a meta-step may backpropagate several times.
+  An algorithm whose meta-gradient is no mean over tasks (``multitask``: a strategy combines
+  per-dataset meta-gradients) exchanges what it needs itself through
+  :meth:`ProcessStrategy.all_gather` and :meth:`ProcessStrategy.all_reduce_sum` in its
+  ``global_meta_step`` and leaves the same whole-meta-batch gradient on every rank, which is
+  then not averaged again.
 * **Agreement.** Every rank then sees bitwise the same gradients and metrics, so non-finite-step
   decisions agree; stop requests (early stopping, time budget, signals) are OR-ed across ranks
   every iteration by :func:`any_rank`, so all ranks stop at the same iteration.
@@ -244,6 +249,21 @@ def gather_ordered(rows: Sequence[tuple[int, Any]], what: str = "evaluation gath
     return [value for _, value in sorted(merged, key=lambda r: r[0])]
 
 
+def all_reduce_sum(tensors: Sequence[torch.Tensor], what: str) -> None:
+    """Replace each tensor by its sum over ranks, in place (one flat all-reduce per device and dtype)."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    with collective(what):
+        for group in groups.values():
+            flat = torch.cat([t.reshape(-1) for t in group])
+            dist.all_reduce(flat)
+            offset = 0
+            for t in group:
+                t.copy_(flat[offset: offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+
 def reduce_meta_gradients(
     params: Sequence[torch.Tensor], metrics: dict[str, float], weight: float, *, iteration: int = 0
 ) -> dict[str, float]:
@@ -273,17 +293,7 @@ def reduce_meta_gradients(
         else:
             p.grad.mul_(share)
         grads.append(p.grad)
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for g in grads:
-        groups.setdefault((g.device, g.dtype), []).append(g)
-    with collective(f"meta-gradient all-reduce (iteration {iteration + 1})"):
-        for group in groups.values():
-            flat = torch.cat([g.reshape(-1) for g in group])
-            dist.all_reduce(flat)
-            offset = 0
-            for g in group:
-                g.copy_(flat[offset: offset + g.numel()].view_as(g))
-                offset += g.numel()
+    all_reduce_sum(grads, f"meta-gradient all-reduce (iteration {iteration + 1})")
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
     for info in infos:
@@ -323,6 +333,14 @@ class ProcessStrategy:
         """Each flag OR-ed over all processes, so every process takes the same decision."""
         return tuple(bool(f) for f in flags)
 
+    def all_gather(self, obj: Any, what: str) -> list[Any]:
+        """Every process's ``obj`` (plain data), in rank order."""
+        return [obj]
+
+    def all_reduce_sum(self, tensors: Sequence[torch.Tensor], what: str) -> None:
+        """Replace each of ``tensors`` by its sum over processes, in place (every process gets the
+        same values, bitwise)."""
+
     def gather_ordered(self, rows: Sequence[tuple[int, Any]], what: str = "evaluation gather") -> list[Any]:
         """``(index, value)`` rows of every process; the values sorted by index."""
         return [value for _, value in sorted(rows, key=lambda r: r[0])]
@@ -352,6 +370,12 @@ class TorchDistributed(ProcessStrategy):
 
     def any_rank(self, *flags, what="stop-flag all-reduce"):
         return any_rank(*flags, what=what)
+
+    def all_gather(self, obj, what):
+        return all_gather_objects(obj, what)
+
+    def all_reduce_sum(self, tensors, what):
+        all_reduce_sum(tensors, what)
 
     def gather_ordered(self, rows, what="evaluation gather"):
         return gather_ordered(rows, what)

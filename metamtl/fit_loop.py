@@ -208,8 +208,15 @@ class MetaStep:
         ln.meta_optimizer.zero_grad(set_to_none=True)
         buffers = buffer_snapshot(ln, floating_only=True)  # forward passes update them (BatchNorm statistics)
         with ln.placement.autocast():
-            metrics = ln.algorithm.meta_step(ln.model, batch, ln.iteration)
-        metrics = ln.strategy.reduce_gradients(ln.meta_parameters(), metrics, len(batch), iteration=ln.iteration)
+            # under torchrun, an algorithm whose meta-gradient is no mean over tasks (multitask)
+            # exchanges what it needs itself and leaves the whole meta-batch's gradient on every rank
+            metrics = (ln.algorithm.global_meta_step(ln.model, batch, ln.iteration, ln.strategy)
+                       if ln.strategy.world_size > 1 else None)
+            averaged = metrics is None
+            if averaged:
+                metrics = ln.algorithm.meta_step(ln.model, batch, ln.iteration)
+        if averaged:
+            metrics = ln.strategy.reduce_gradients(ln.meta_parameters(), metrics, len(batch), iteration=ln.iteration)
         self.after_backward()
         params = [p for p in ln.meta_parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())

@@ -203,6 +203,23 @@ class Algorithm(nn.Module):
             self.plan_memory(model, batch, iteration)
             return self._meta_step(model, batch, iteration)
 
+    def global_meta_step(self, model: TrunkHead, batch: TaskBatch, iteration: int,
+                         processes: Any) -> dict[str, float] | None:
+        """The meta-step of one of several processes (torchrun), for an algorithm whose
+        meta-gradient is not a mean over tasks; ``None`` (this default): it is one.
+
+        ``batch`` is this process's share of the meta-batch (positions ``rank, rank + W, ...``).
+        Returning metrics means ``.grad`` now holds the meta-gradient of the *whole* meta-batch,
+        bitwise the same on every process, and the metrics are the whole meta-batch's: the
+        learner does not average them again.  With ``None`` the learner runs :meth:`meta_step`
+        and averages its per-process mean gradients weighted by task counts, which is exact for
+        every mean over tasks.  ``processes`` (the learner's
+        :class:`~metamtl.distributed.ProcessStrategy`) offers ``rank``, ``world_size``,
+        ``all_gather(obj, what)`` and ``all_reduce_sum(tensors, what)``; every process must make
+        the same calls.
+        """
+        return None
+
     def _meta_step(self, model: TrunkHead, batch: TaskBatch, iteration: int) -> dict[str, float]:
         rule = self.meta_gradient(iteration)
         n = len(batch)

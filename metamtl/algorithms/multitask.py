@@ -11,8 +11,15 @@ meta-optimizer steps them and checkpoints save and resume them.
 With a :class:`~metamtl.models.MultiDatasetModel`, each dataset's episodes run inside
 :func:`~metamtl.models.dataset_scope`, and its soft-sharing penalty is added to the gradient.
 
-Under distributed training each process combines the gradients of its own share of the
-meta-batch; the learner then averages the combined gradients across processes.
+Under distributed training (torchrun) each process runs the base algorithm on its own share of
+the meta-batch, then the processes all-reduce every dataset's summed meta-gradient, summed
+metrics and task count (:meth:`MultiTask.global_meta_step`), so each holds the whole meta-batch's
+per-dataset meta-gradients and losses, in the order one process sees them.  Every process then
+runs the strategy on the same inputs and gets the same combined gradient (and the same updates
+of the strategy's state: DWA's loss history, GradNorm's initial losses); the learner does not
+average it again.  The result is the one-process result, up to float rounding.  (PCGrad's random
+order uses torch's global generator, which agrees across processes as long as the base algorithm
+draws nothing from it per task.)
 """
 from __future__ import annotations
 
@@ -82,33 +89,44 @@ class MultiTask(Algorithm):
 
     # -- training -----------------------------------------------------------------------------
     def meta_step(self, model: TrunkHead, batch: TaskBatch, iteration: int = 0) -> dict[str, float]:
+        return self._combined_step(model, batch, iteration, None)
+
+    def global_meta_step(self, model: TrunkHead, batch: TaskBatch, iteration: int,
+                         processes: Any) -> dict[str, float]:
+        """Every process gets the whole meta-batch's per-dataset meta-gradients and losses
+        (:meth:`_exchange`) before the strategy combines them, so all run it on the same inputs."""
+        return self._combined_step(model, batch, iteration, processes)
+
+    def _combined_step(self, model: TrunkHead, batch: TaskBatch, iteration: int,
+                       processes: Any) -> dict[str, float]:
         groups: dict[str, list[int]] = {}
         for i, ep in enumerate(batch):
             groups.setdefault(ep.dataset, []).append(i)
-        names = list(groups)
-        self.strategy.index(names)  # clear error for an unknown dataset
+        self.strategy.index(list(groups))  # clear error for an unknown dataset
         self.setup(model)
         params = self._shared_params(model)
         before = [p.grad for p in params]
-        grads, losses = [], []
-        totals: dict[str, float] = {}
-        n = len(batch)
-        for name in names:
+        parts: list[_Part] = []
+        for name, positions in groups.items():
             for p in params:
                 p.grad = None
             with dataset_scope(name):
-                metrics = self.base.meta_step(model, TaskBatch([batch[i] for i in groups[name]]), iteration)
-            grads.append([p.grad for p in params])
-            losses.append(metrics["loss"])
-            share = len(groups[name]) / n
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + v * share
-                if k in ("loss", "accuracy"):
-                    totals[f"{name}/{k}"] = v
+                metrics = self.base.meta_step(model, TaskBatch([batch[i] for i in positions]), iteration)
+            parts.append(_Part(name, positions, [p.grad for p in params], metrics))
         for p, g in zip(params, before):
             p.grad = g
-        loss_values = torch.tensor(losses, dtype=torch.float32)
-        totals.update(apply_strategy(self.strategy, loss_values, grads, params, names))
+        if processes is not None:
+            parts = self._exchange(parts, params, processes, iteration)
+        totals: dict[str, float] = {}
+        n = sum(part.count for part in parts)
+        for part in parts:
+            for k, v in part.metrics.items():
+                totals[k] = totals.get(k, 0.0) + v * (part.count / n)
+                if k in ("loss", "accuracy"):
+                    totals[f"{part.name}/{k}"] = v
+        loss_values = torch.tensor([part.metrics["loss"] for part in parts], dtype=torch.float32)
+        totals.update(apply_strategy(self.strategy, loss_values, [part.grads for part in parts], params,
+                                     [part.name for part in parts]))
         penalty = getattr(model, "penalty", None)
         if callable(penalty):
             value = penalty()
@@ -116,6 +134,49 @@ class MultiTask(Algorithm):
                 value.backward()
                 totals["penalty"] = float(value.detach())
         return totals
+
+    def _exchange(self, parts: list["_Part"], params: Sequence[torch.Tensor], processes: Any,
+                  iteration: int) -> list["_Part"]:
+        """The whole meta-batch's datasets, each with its mean meta-gradient and metrics over all
+        processes' tasks, identical on every process.
+
+        Each process contributes per dataset its task count, the sums (mean times count) of its
+        gradients and metrics, zero for a dataset it has no task of; datasets come in the order of
+        their first task in the meta-batch (the order one process sees), local position ``i``
+        being global position ``rank + i * world_size``; a dataset with no task anywhere is left
+        out, as in one process.
+        """
+        rank, size = processes.rank, processes.world_size
+        mine = {part.name: {"count": part.count, "first": rank + part.positions[0] * size,
+                            "has_grad": [g is not None for g in part.grads],
+                            "sums": {k: v * part.count for k, v in part.metrics.items()}} for part in parts}
+        infos = processes.all_gather(mine, f"multitask dataset exchange (iteration {iteration + 1})")
+        names = sorted({name for info in infos for name in info},
+                       key=lambda name: min(info[name]["first"] for info in infos if name in info))
+        local = {part.name: part for part in parts}
+        out, tensors = [], []
+        for name in names:
+            present = [info[name] for info in infos if name in info]
+            count = sum(i["count"] for i in present)
+            sums: dict[str, float] = {}
+            for i in present:
+                for k, v in i["sums"].items():
+                    sums[k] = sums.get(k, 0.0) + v
+            grads: list[torch.Tensor | None] = []
+            for j, p in enumerate(params):
+                if not any(i["has_grad"][j] for i in present):
+                    grads.append(None)
+                    continue
+                g = local[name].grads[j] if name in local else None
+                grads.append(torch.zeros_like(p) if g is None else g * local[name].count)
+                tensors.append(grads[-1])
+            out.append(_Part(name, [], grads, {k: v / count for k, v in sums.items()}, count))
+        processes.all_reduce_sum(tensors, f"multitask meta-gradient all-reduce (iteration {iteration + 1})")
+        for part in out:
+            for g in part.grads:
+                if g is not None:
+                    g.div_(part.count)
+        return out
 
     def _shared_params(self, model: TrunkHead) -> list[nn.Parameter]:
         """Model and base-algorithm parameters (the strategy's own are handled by the strategy)."""
@@ -147,3 +208,13 @@ class MultiTask(Algorithm):
             for i, r in zip(positions, results):
                 out[i] = r
         return out
+
+
+class _Part:
+    """One dataset's share of a meta-step: its tasks' positions, meta-gradient (mean over them,
+    per shared parameter; ``None``: unused) and metrics (means)."""
+
+    def __init__(self, name: str, positions: list[int], grads: list[torch.Tensor | None],
+                 metrics: dict[str, float], count: int | None = None) -> None:
+        self.name, self.positions, self.grads, self.metrics = name, positions, grads, metrics
+        self.count = len(positions) if count is None else count

@@ -24,7 +24,7 @@ from metamtl.callbacks import Callback, FitState
 from metamtl.data import ClassDataset, Preprocessing
 from metamtl.errors import DistributedError
 from metamtl.models import build_model
-from metamtl.tasks import EpisodeSampler
+from metamtl.tasks import EpisodeSampler, MixedTasks
 
 
 def toy_dataset(classes: int = 40, per_class: int = 10, size: int = 12) -> ClassDataset:
@@ -38,7 +38,34 @@ def toy_dataset(classes: int = 40, per_class: int = 10, size: int = 12) -> Class
                         preprocessing=Preprocessing(size=(size, size), channels=1, mean=(0.3,), std=(0.3,)))
 
 
+def toy_source(seed: int = 0) -> MixedTasks:
+    """Two datasets of other image shapes (grey 12x12 and rgb 12x12), mixed 1:1, 3-way 1-shot."""
+    sources = []
+    for name, channels in (("grey", 1), ("rgb", 3)):
+        g = torch.Generator().manual_seed(channels)
+        protos = torch.rand(12, channels, 12, 12, generator=g)
+        noise = torch.rand(12 * 6, channels, 12, 12, generator=g)
+        images = ((protos.repeat_interleave(6, 0) * 0.8 + 0.2 * noise) * 255).to(torch.uint8)
+        prep = Preprocessing(size=(12, 12), channels=channels, mean=(0.5,) * channels, std=(0.25,) * channels)
+        ds = ClassDataset(images, torch.arange(12).repeat_interleave(6), [f"c{i}" for i in range(12)],
+                          name=name, preprocessing=prep)
+        sources.append(EpisodeSampler(ds, 3, 1, 2, seed=seed))
+    return MixedTasks(sources, "equal", seed=seed)
+
+
+def make_multitask_learner(job: dict[str, Any]) -> MetaLearner:
+    """The multitask algorithm (MAML per dataset, ``job["strategy"]``) on dataset stems and a conv trunk."""
+    torch.manual_seed(job.get("seed", 0))
+    model = build_model("multidataset", inputs={"grey": [1, 12, 12], "rgb": [3, 12, 12]}, width=4, size=6,
+                        hidden=4, blocks=2, out_features=None)
+    algorithm = build_algorithm("multitask", base={"name": "maml", "head_init": "zero", "steps": 1, "lr": 0.3},
+                                strategy=job["strategy"], datasets=["grey", "rgb"])
+    return MetaLearner(model, algorithm, device="cpu", meta_optimizer="sgd", meta_lr=0.05)
+
+
 def make_learner(job: dict[str, Any]) -> MetaLearner:
+    if job["algorithm"] == "multitask":
+        return make_multitask_learner(job)
     torch.manual_seed(job.get("seed", 0))
     model = build_model("conv4", in_channels=1, hidden=8, image_size=12, blocks=2, out_features=5)
     reptile = job["algorithm"] == "reptile"
@@ -87,6 +114,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     rank = int(os.environ.get("RANK", "0"))
     train = EpisodeSampler(ds.subset(range(30)), 5, 1, 3, seed=rank if job.get("seed_per_rank") else 0)
     val = EpisodeSampler(ds.subset(range(30, 40)), 5, 1, 3, seed=1)
+    if job["algorithm"] == "multitask":
+        train, val = toy_source(0), toy_source(1)
     learner = make_learner(job)
     faults = job.get("faults", {})
     if "nan" in faults:
@@ -105,6 +134,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     test = learner.evaluate(val, job.get("test_episodes", 7), start=1000, progress=False)
     return {
         "params": {k: v.detach().clone() for k, v in learner.model.state_dict().items()},
+        "algorithm_state": {k: v.detach().clone() for k, v in learner.algorithm.state_dict().items()},
         "iteration": learner.iteration,
         "world_size": learner.world_size,
         "history": learner.history,

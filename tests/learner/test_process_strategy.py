@@ -19,6 +19,9 @@ def test_one_process_keeps_everything_and_shares_nothing():
     p = torch.nn.Parameter(torch.ones(2))
     p.grad = torch.full((2,), 3.0)
     assert s.reduce_gradients([p], {"loss": 1.0}, 4) == {"loss": 1.0} and p.grad.tolist() == [3.0, 3.0]
+    t = torch.ones(2)
+    s.all_reduce_sum([t], "test")
+    assert s.all_gather({"a": 1}, "test") == [{"a": 1}] and t.tolist() == [1.0, 1.0]
 
 
 def test_ranks_take_interleaved_shares():
