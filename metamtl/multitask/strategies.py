@@ -235,16 +235,24 @@ class GradNorm(Strategy):
             raise ConfigError(f"gradnorm alpha must be >= 0, got {alpha}")
         self.alpha = float(alpha)
         self.weight = nn.Parameter(torch.ones(self.num_tasks))
-        self.register_buffer("initial_loss", torch.full((self.num_tasks,), float("nan")))
+        # each task's first loss; 0 = not seen yet (a NaN marker, as DWA once had, makes the meta-step's
+        # finiteness check on buffers skip every step whose meta-batch lacks a task)
+        self.register_buffer("initial_loss", torch.zeros(self.num_tasks))
 
     def settings(self) -> dict[str, Any]:
         return {"alpha": self.alpha}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "initial_loss"  # checkpoints written before 0 replaced NaN as "not seen"
+        if key in state_dict:
+            state_dict[key] = torch.nan_to_num(state_dict[key], nan=0.0)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def combine(self, losses, grads, tasks):
         with torch.no_grad():  # the paper renormalises after every update: sum(w) = number of tasks
             self.weight.clamp_(min=1e-3).mul_(self.num_tasks / self.weight.sum())
             idx = torch.as_tensor(tasks, device=self.initial_loss.device)
-            first = torch.isnan(self.initial_loss[idx])
+            first = self.initial_loss[idx] <= 0
             self.initial_loss[idx] = torch.where(first, losses.to(self.initial_loss), self.initial_loss[idx])
         w = self.weight.detach()[tasks].to(grads)
         norms = grads.norm(dim=1)

@@ -270,3 +270,21 @@ def test_held_out_episodes_of_each_dataset_take_at_most_its_classes(data_root):
     sources, split = held_out_sources(cfg)
     assert split == "held-out (a: test, b: val)"
     assert sources["b"].dataset.num_classes == tasks["val"].sources[1].dataset.num_classes
+
+
+@pytest.mark.parametrize("strategy", ["gradnorm", "dwa", "uncertainty"])
+def test_a_meta_batch_without_every_dataset_trains(strategy):
+    """One task per meta-batch (one dataset each step): no step is skipped. GradNorm marked a task's
+    unseen first loss with NaN, so the buffers' finiteness check skipped every such step (and
+    restored the NaN): the weights never moved."""
+    learner = make_learner(strategy)
+    before = [p.detach().clone() for p in learner.model.parameters()]
+    history = learner.fit(mixed(), iterations=6, meta_batch_size=1, progress=False)
+    assert not any(r.get("train/skipped") for r in history)
+    assert any(not torch.equal(a, b) for a, b in zip(before, learner.model.parameters()))
+    if strategy == "gradnorm":
+        assert bool((learner.algorithm.strategy.initial_loss > 0).all())  # both datasets seen by now
+        state = learner.algorithm.strategy.state_dict()
+        state["initial_loss"] = torch.tensor([float("nan"), 1.0])  # a checkpoint written before the fix
+        learner.algorithm.strategy.load_state_dict(state)
+        assert learner.algorithm.strategy.initial_loss.tolist() == [0.0, 1.0]
