@@ -40,6 +40,9 @@ def check_inner_optimizer(optimizer: Any, backend: str, lr: float, kwargs: dict)
     ``higher``), checked with its settings: :class:`ConfigError` naming what would work."""
     if isinstance(optimizer, str) and optimizer.startswith(TORCH_OPTIM):
         optimizer = torch_optimizer_class(optimizer)  # a checkpoint's name for the class
+    if backend == "higher" and kwargs.get("maximize"):
+        raise ConfigError("inner optimizer_kwargs maximize: higher's differentiable optimizers ignore it (they "
+                          "would descend the support loss anyway); use the default backend 'core', which ascends it")
     if not (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)):
         torch_settings(optimizer, lr, kwargs)  # validates name and settings
         return optimizer

@@ -157,6 +157,7 @@ LEARNER = [
     ("inner-optimizer-kwargs-typo", lambda e: build_algorithm("maml", optimizer="momentum", optimizer_kwargs={"momentun": 0.5}), ConfigError, r"bad inner optimizer_kwargs .* unexpected keyword argument 'momentun'"),
     ("inner-optimizer-kwargs-value", lambda e: build_algorithm("maml", optimizer_kwargs={"momentum": "high"}), ConfigError, r"bad inner optimizer_kwargs"),
     ("inner-optimizer-class-higher-lacks", lambda e: build_algorithm("maml", backend="higher", optimizer=torch.optim.NAdam), ConfigError, r"higher has no differentiable version of NAdam: backend 'higher' takes one of \[.*'Rprop', 'SGD'\]"),
+    ("inner-optimizer-maximize-higher", lambda e: build_algorithm("maml", backend="higher", optimizer_kwargs={"maximize": True}), ConfigError, r"maximize: higher's differentiable optimizers ignore it"),
     ("inner-optimizer-class-lbfgs", lambda e: build_algorithm("maml", backend="higher", optimizer=torch.optim.LBFGS), ConfigError, r"higher has no differentiable version of LBFGS"),
     ("inner-optimizer-torch-name-unknown", lambda e: build_algorithm("maml", backend="higher", optimizer="torch.optim.Rpropp"), ConfigError, r"inner optimizer 'torch.optim.Rpropp' is not a torch.optim optimizer class"),
     ("inner-first-order-text", lambda e: build_algorithm("maml", first_order="yes"), ConfigError, r"first_order must be true or false"),
