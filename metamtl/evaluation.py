@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from contextlib import closing, contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -124,13 +125,11 @@ def evaluate_episodes(score: Callable[[list[Episode]], list[dict[str, float]]], 
     to every support set (episode ``i``'s drawn from its seed and ``i``), or ``None``;
     ``fields``: recorded in the result (``hierarchy``, ``head``, ``transductive``).
     """
-    was_training = model.training
-    model.eval()
     rows: list[tuple[int, tuple[dict[str, float], tuple[int, int, int]]]] = []
     mine = strategy.shard(n)
     bar = progress_bar(progress and strategy.is_main_process, total=len(mine), desc="evaluate", leave=False,
                        dynamic_ncols=True)
-    try:  # a chunk of episodes at a time: the algorithm may adapt them together (fast path)
+    with eval_mode(model), closing(bar):  # a chunk of episodes at a time: the algorithm may adapt them together
         for lo in range(0, len(mine), EVAL_CHUNK):
             part = mine[lo:lo + EVAL_CHUNK]
             eps = [episode_at(i) for i in part]
@@ -140,9 +139,6 @@ def evaluate_episodes(score: Callable[[list[Episode]], list[dict[str, float]]], 
                 metrics = score([with_support_copies(placement.batch(e), support_augment) for e in eps])
             rows += [(i, (m, (e.ways, e.shots, e.queries))) for i, e, m in zip(part, eps, metrics)]
             bar.update(len(part))
-    finally:
-        bar.close()
-        model.train(was_training)
     return summarize(strategy.gather_ordered(rows), steps, **fields)
 
 
@@ -186,17 +182,24 @@ def feature_means(model: nn.Module, source: Any, placement: Placement, max_image
     check_int("max_images", max_images, 1)
     check_int("batch_size", batch_size, 1)
     out = {}
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for src in getattr(source, "sources", [source]):
             data = getattr(src, "dataset", src)
             if not hasattr(data, "images") or not hasattr(data, "preprocessing"):
                 raise ConfigError(f"compute_feature_mean needs training tasks or a ClassDataset, got {type(src).__name__}")
             out[getattr(src, "name", data.name)] = mean_feature(model.trunk, data, placement, max_images, batch_size)
+    return out
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside the block, its own mode (train or eval) restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
     finally:
         model.train(was_training)
-    return out
 
 
 def scorer(algorithm: Any, model: nn.Module, steps: int, head: FeatureHead | None, bn_stats: str,

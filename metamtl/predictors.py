@@ -12,6 +12,7 @@ from torch import nn
 from . import inputs
 from .adaptation import Adapted
 from .errors import InputError
+from .evaluation import eval_mode
 from .heads import FeatureHead, query_features
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ class AdaptedPredictor:
 
     def __call__(self, query_x: Any) -> torch.Tensor:
         x = self.learner.model_input(query_x, "query_x", self.dataset)
-        with torch.no_grad(), self.learner.autocast():
+        with torch.no_grad(), self.learner.autocast(), eval_mode(self.learner.model):
             return self.adapted(x).detach().float()
 
     def predict(self, query_x: Any) -> torch.Tensor:
@@ -79,7 +80,7 @@ class HeadPredictor(AdaptedPredictor):
 
     def __call__(self, query_x: Any) -> torch.Tensor:
         x = self.learner.model_input(query_x, "query_x", self.dataset)
-        with torch.no_grad(), self.learner.autocast():
+        with torch.no_grad(), self.learner.autocast(), eval_mode(self.learner.model):
             query = query_features(self.learner.model.trunk, x, self._support_x, self.learner.bn_stats)
         return self.head(self.features, self.support_y, query, self.ways, self.mean).detach()
 
@@ -96,12 +97,12 @@ def adapt(learner: "MetaLearner", support_x: Any, support_y: Any, steps: int | N
     y, ways = inputs.support_labels(support_y, x.shape[0], learner.task, learner.device, learner.model)
     x, y = inputs.support_copies(x, y, learner.inference.augment(support_augment), preprocessing=preprocessing)
     head = learner.inference.classifier(head, learner.task)
-    learner.model.eval()
-    if head is not None:
-        return HeadPredictor(learner, head, x, y, ways, dataset)
-    with torch.no_grad(), learner.autocast():
-        adapted = learner.algorithm.adapt(learner.model, x, y, ways, steps)
-    return AdaptedPredictor(learner, adapted, ways, dataset)
+    with eval_mode(learner.model):  # the learner's own mode (e.g. training) is left as it was
+        if head is not None:
+            return HeadPredictor(learner, head, x, y, ways, dataset)
+        with torch.no_grad(), learner.autocast():
+            adapted = learner.algorithm.adapt(learner.model, x, y, ways, steps)
+        return AdaptedPredictor(learner, adapted, ways, dataset)
 
 
 def predict(learner: "MetaLearner", support_x: Any, support_y: Any, query_x: Any, steps: int | None = None,

@@ -128,6 +128,26 @@ def test_adapt_predictor_predicts_labels(tasks):
     assert labels.shape == (15,) and labels.max() < 5
 
 
+@pytest.mark.parametrize("head", [None, "simpleshot"])
+def test_adapt_and_predict_run_in_eval_mode_and_leave_the_learners_mode_as_it_was(tasks, head):
+    """Support and query passes run in eval mode, also a predictor called later while the learner is
+    training; the learner's mode is left as it was (adapt used to leave it in eval mode)."""
+    train, test = tasks
+    learner = make_learner(head_init="proto")
+    if head:
+        learner.compute_feature_mean(train)
+    ep = test.episode(0)
+    seen = []
+    learner.model.trunk.register_forward_hook(lambda m, i, o: seen.append(m.training))
+    learner.model.train()
+    logits = learner.predict(ep.support_x, ep.support_y, ep.query_x, head=head)
+    assert learner.model.training and seen and not any(seen)
+    predictor = learner.adapt(ep.support_x, ep.support_y, head=head)
+    assert learner.model.training
+    seen.clear()
+    assert torch.equal(predictor(ep.query_x), logits) and learner.model.training and not any(seen)
+
+
 def test_bad_inputs_get_clear_errors(tasks):
     _, test = tasks
     learner = make_learner()
