@@ -119,10 +119,10 @@ def _episode_sources(tasks: Any, setting: dict[str, int], hierarchy: Any, task: 
 
 def _saved_preprocessing(learner: Any) -> dict[str | None, Any]:
     """A learner's preprocessing by dataset label (``None``: a one-dataset learner's), as saved."""
-    from .data import Preprocessing
+    from .inputs import Unchosen, preprocessing_for
 
-    per_dataset = learner.metadata.get("preprocessing") or {}
-    return {None: learner.preprocessing, **{k: Preprocessing.from_dict(v) for k, v in per_dataset.items()}}
+    chosen = preprocessing_for(learner.preprocessing, learner.metadata)  # all of them, several datasets
+    return dict(chosen) if isinstance(chosen, Unchosen) else {None: chosen}
 
 
 def _check_task_options(args: argparse.Namespace, learner: Any, label: str) -> None:
