@@ -153,5 +153,5 @@ def test_bad_settings():
         build_algorithm("mamlpp", multi_step_iterations=-1)
     with pytest.raises(ConfigError, match="inner lr"):
         build_algorithm("mamlpp", lr=float("nan"))
-    with pytest.raises(ConfigError, match="bad settings"):
+    with pytest.raises(ConfigError, match=r"algorithm .mamlpp. does not take \[.multistep.\]. Did you mean .multi_step_iterations."):
         build_algorithm("mamlpp", multistep=3)
