@@ -16,7 +16,10 @@ trunk features...).
     (``create_graph=True`` inside the step), takes the vector-Jacobian product with the
     cotangent of step ``k``'s output, and frees that graph before step ``k - 1``.  Peak memory:
     one step's second-order graph plus ``K`` weight copies, instead of ``K`` second-order
-    graphs; time: one extra support forward + first-order backward per step.
+    graphs; time: one extra support forward + first-order backward per step.  Each step's
+    random-number state (CPU, and CUDA for CUDA tensors) is saved in the forward and replayed,
+    on a fork of the generators, in the recomputation: a dropout layer draws the same masks, and
+    the caller's generators end where they would without the recomputation.
     (``torch.utils.checkpoint`` is not used: its reentrant variant does not support
     ``torch.autograd.grad`` inside the checkpointed function and the non-reentrant one does not
     free the recomputed double-backward graphs step by step; the recomputation is written out
@@ -70,6 +73,22 @@ def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return a if b is None else a + b
 
 
+def _cuda_devices(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """The CUDA devices ``tensors`` live on (whose generators a step may draw from)."""
+    return sorted({t.device.index for t in tensors if t.is_cuda})
+
+
+def _rng_state(devices: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The CPU generator's state and that of each CUDA device in ``devices``."""
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def _set_rng_state(devices: Sequence[int], state: tuple[torch.Tensor, list[torch.Tensor]]) -> None:
+    torch.set_rng_state(state[0])
+    for d, s in zip(devices, state[1]):
+        torch.cuda.set_rng_state(s, d)
+
+
 class _Checkpointed(torch.autograd.Function):
     """See :func:`checkpointed_unroll`.  Inputs: ``*state0, *context``; outputs: states 1..K."""
 
@@ -81,8 +100,13 @@ class _Checkpointed(torch.autograd.Function):
         # every step's state goes into storage taken before the loop: kept tensors allocated
         # between the steps' freed activations would fragment the heap (metamtl.allocator)
         store = [torch.empty((steps, *t.shape), dtype=t.dtype, device=t.device) for t in state]
+        # the random-number state each step starts from (dropout masks, noise): the backward's
+        # recomputation replays it, as torch.utils.checkpoint's preserve_rng_state does
+        devices = _cuda_devices(tensors)
+        rng_states = []
         with torch.enable_grad():
             for k in range(steps):
+                rng_states.append(_rng_state(devices))
                 new = step(_leaves(state), k, context, False)
                 if len(new) != n_state:
                     raise RuntimeError(f"inner step returned {len(new)} tensors for a state of {n_state}")
@@ -90,6 +114,7 @@ class _Checkpointed(torch.autograd.Function):
                 del new
                 saved.append(state)
         ctx.step, ctx.steps, ctx.n_state = step, steps, n_state
+        ctx.devices, ctx.rng_states = devices, rng_states
         # inputs of every step (state 0 .. K-1) and the context: all the backward needs
         ctx.save_for_backward(*[t for s in saved[:-1] for t in s], *context)
         ctx.set_materialize_grads(False)
@@ -111,7 +136,10 @@ class _Checkpointed(torch.autograd.Function):
             if all(c is None for c in cotangent):
                 continue
             state = _leaves(states[k])
-            with torch.enable_grad():
+            # step k's own random numbers, on a fork: the caller's generator stream is left where
+            # it was (as if nothing were recomputed)
+            with torch.random.fork_rng(devices=ctx.devices), torch.enable_grad():
+                _set_rng_state(ctx.devices, ctx.rng_states[k])
                 out = ctx.step(state, k, context, True)
                 pairs = [(o, c) for o, c in zip(out, cotangent) if c is not None and o.requires_grad]
                 for t in state + context:

@@ -496,7 +496,9 @@ def build_problem(
     training = model.trunk.training  # (a wrapper model, e.g. Transfer's cosine features, keeps its own flag)
     fixed_of = (lambda k: tensors(k, training)) if tensors is not None else (lambda k: {})
     fixed_names = set(fixed_of(0))
-    own = [n for n, _ in module.named_parameters() if n not in fixed_names]
+    # a frozen weight (``requires_grad=False``) takes part in the forward pass as it is: neither
+    # adapted nor meta-learned (the per-task head template is frozen but always supplied: ``head``)
+    own = [n for n, p in module.named_parameters() if n not in fixed_names and p.requires_grad]
     per_task_head = settings.head_init != "learned"
     head = (["weight", "bias"] if head_only else ["head.weight", "head.bias"]) if per_task_head else []
     names = [n for n in own if n not in head] + head

@@ -24,11 +24,21 @@ generator, parametrized modules) and, as the algorithm decides
 (:meth:`~metamtl.algorithms.base.Algorithm.task_workers`), devices other than the CPU, the
 ``higher`` engine, loss terms, MAML++'s per-step running statistics and the memory modes that
 promise one chunk's graph at a time.  Peak memory is then that of ``workers`` chunks at once.
+
+Random numbers drawn from the global generator by code no module type reveals (``F.dropout``
+in a ``forward``, ``torch.randn`` noise, stochastic depth) would be drawn in thread-dependent
+order.  :func:`map_chunks` therefore compares the generator's state before and after the
+threaded run: when it moved, the run is discarded (no gradient reaches ``.grad``, the generator
+is put back), the model is remembered as drawing (:func:`threadable` then says so, for its
+training or evaluation mode) and :class:`DrewRandomNumbers` tells the caller to run the chunks
+serially, as the serial loop would have from the same generator state.  Models that draw
+nothing pay one state comparison per call.
 """
 from __future__ import annotations
 
 import collections
 import contextvars
+import logging
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -45,6 +55,14 @@ _pools: dict[int, ThreadPoolExecutor] = {}
 _pool_lock = threading.Lock()
 #: per model: one shared clone per worker thread (built once, reused every meta-step)
 _clones: "weakref.WeakKeyDictionary[nn.Module, dict[int, nn.Module]]" = weakref.WeakKeyDictionary()
+#: per model: the modes (``model.training``) whose forward pass was seen drawing global random numbers
+_draws: "weakref.WeakKeyDictionary[nn.Module, set[bool]]" = weakref.WeakKeyDictionary()
+log = logging.getLogger(__name__)
+
+
+class DrewRandomNumbers(RuntimeError):
+    """A threaded :func:`map_chunks` drew from the global generator; its work was discarded and
+    the generator restored: run the chunks serially."""
 
 
 def in_worker() -> bool:
@@ -84,6 +102,8 @@ def _sync(original: nn.Module, copied: nn.Module, memo: dict[int, nn.Module]) ->
 
 def threadable(model: nn.Module) -> str | None:
     """``None`` when ``model``'s training forward pass may run in several threads at once, else why not."""
+    if model.training in _draws.get(model, ()):
+        return "its forward pass draws from the global random-number generator (seen in a threaded run)"
     for name, m in model.named_modules():
         where = f"layer {name!r}" if name else "the model"
         if getattr(m, "parametrizations", None):
@@ -119,6 +139,17 @@ def _clone_for_worker(model: nn.Module) -> nn.Module:
     return entry[1]
 
 
+def _hook(i: int) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    """The tensor hook of meta-parameter ``i``: in a worker, keep its gradient for the worker's chunk."""
+    def keep(grad: torch.Tensor) -> torch.Tensor | None:
+        capture = getattr(_local, "capture", None)
+        if capture is None:  # a backward pass of the calling thread: accumulate as usual
+            return None
+        capture[i] = grad if i not in capture else capture[i] + grad
+        return torch.zeros_like(grad)
+    return keep
+
+
 def map_chunks(fn: Callable[[nn.Module, T], R], chunks: Sequence[T], model: nn.Module,
                meta_parameters: Iterable[torch.Tensor], workers: int) -> list[R]:
     """``[fn(model_copy, chunk) for chunk in chunks]`` on ``workers`` threads, each with one intra-op thread.
@@ -129,20 +160,14 @@ def map_chunks(fn: Callable[[nn.Module, T], R], chunks: Sequence[T], model: nn.M
     Grad mode and autocast are thread-local in torch, and a new thread starts with fresh context
     variables: the caller's are entered in each worker.  With no ``meta_parameters`` nothing is
     captured (evaluation).
+
+    Raises :class:`DrewRandomNumbers` when the chunks drew from the global generator (see the
+    module docstring): nothing was then added to ``.grad`` and the generator is as before.
     """
     params = [p for p in meta_parameters if p.requires_grad]
     captures: list[dict[int, torch.Tensor]] = [{} for _ in chunks]
     autocast = [(dev, torch.get_autocast_dtype(dev)) for dev in ("cpu", "cuda") if torch.is_autocast_enabled(dev)]
     grad_mode = torch.is_grad_enabled()
-
-    def hook(i: int) -> Callable[[torch.Tensor], torch.Tensor | None]:
-        def keep(grad: torch.Tensor) -> torch.Tensor | None:
-            capture = getattr(_local, "capture", None)
-            if capture is None:  # a backward pass of the calling thread: accumulate as usual
-                return None
-            capture[i] = grad if i not in capture else capture[i] + grad
-            return torch.zeros_like(grad)
-        return keep
 
     clones: dict[int, nn.Module] = {}  # this call's model copy per worker thread, synced once
 
@@ -160,8 +185,10 @@ def map_chunks(fn: Callable[[nn.Module, T], R], chunks: Sequence[T], model: nn.M
 
     context = contextvars.copy_context()  # the caller's context variables (e.g. dataset_scope)
 
+    rng = torch.get_rng_state()
+    no_grad = [p for p in params if p.grad is None]
     threads = torch.get_num_threads()
-    handles = [p.register_hook(hook(i)) for i, p in enumerate(params)]
+    handles = [p.register_hook(_hook(i)) for i, p in enumerate(params)]
     torch.set_num_threads(1)  # each worker computes on its own core
     futures = []
     try:
@@ -176,8 +203,25 @@ def map_chunks(fn: Callable[[nn.Module, T], R], chunks: Sequence[T], model: nn.M
         torch.set_num_threads(threads)
         for h in handles:
             h.remove()
+    _check_draws(model, rng, no_grad)
     _accumulate(params, captures)
     return results
+
+
+def _check_draws(model: nn.Module, rng: torch.Tensor, no_grad: Sequence[torch.Tensor]) -> None:
+    """Raise :class:`DrewRandomNumbers` (the generator put back to ``rng``, the hooks' zero
+    gradients of ``no_grad`` removed, ``model`` remembered) when the generator moved since ``rng``."""
+    if torch.equal(torch.get_rng_state(), rng):
+        return
+    torch.set_rng_state(rng)
+    for p in no_grad:
+        p.grad = None
+    modes = _draws.setdefault(model, set())
+    if not modes:
+        log.info("%s draws from the global random-number generator in its forward pass: its tasks "
+                 "are adapted one chunk at a time, not on threads (seeded runs repeat)", type(model).__name__)
+    modes.add(model.training)
+    raise DrewRandomNumbers("the chunks drew from the global random-number generator")
 
 
 def _accumulate(params: Sequence[torch.Tensor], captures: Sequence[dict[int, torch.Tensor]]) -> None:

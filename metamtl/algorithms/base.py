@@ -33,7 +33,7 @@ from ..adaptation import (
     Adapted, FirstOrder, InnerLoop, InnerProblem, InnerView, MetaGradient, add_loss_terms, batched_task_loss,
     build_problem, default_objective, kept_buffers, proximal_term, second_order_rule,
 )
-from ..adaptation.threads import in_worker, map_chunks, threadable
+from ..adaptation.threads import DrewRandomNumbers, in_worker, map_chunks, threadable
 from ..errors import ConfigError
 from ..allocator import trim_above
 from ..memory import PLAN_MODES, Footprint, MemoryPlan, graph_mb, plan_memory, rss_mb
@@ -238,10 +238,14 @@ class Algorithm(nn.Module):
             return out
 
         workers = self.task_workers(model, batch, len(chunks))
+        results: Iterable[dict[str, torch.Tensor]] = []
         if workers > 1:
             params = [*model.parameters(), *self.parameters()]
-            results: Iterable[dict[str, torch.Tensor]] = map_chunks(one, chunks, model, params, workers)
-        else:
+            try:
+                results = map_chunks(one, chunks, model, params, workers)
+            except DrewRandomNumbers:  # (discarded, the generator restored): the serial loop
+                workers = 1
+        if workers <= 1:
             results = (one(model, positions) for positions in chunks)
         totals: dict[str, float] = {}
         for values in results:  # in chunk order whichever thread ran them
@@ -386,8 +390,14 @@ class Algorithm(nn.Module):
         chunks = self.chunks(batch, training=model.training)
         workers = self.task_workers(model, batch, len(chunks), training=model.training)
         with torch.no_grad():
-            results = (map_chunks(one, chunks, model, [], workers) if workers > 1
-                       else (one(model, positions) for positions in chunks))
+            results = []
+            if workers > 1:
+                try:
+                    results = map_chunks(one, chunks, model, [], workers)
+                except DrewRandomNumbers:  # (discarded, the generator restored): the serial loop
+                    workers = 1
+            if workers <= 1:
+                results = (one(model, positions) for positions in chunks)
             for positions, losses, accs in results:
                 for j, p in enumerate(positions):
                     out[p] = {"loss": losses[j]} if accs is None else {"loss": losses[j], "accuracy": accs[j]}

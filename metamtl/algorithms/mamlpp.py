@@ -110,8 +110,10 @@ class MAMLPlusPlus(MAML):
                 self.norms.bind(model)
         if self.learn_lr and not len(self.lrs):
             like = next(model.parameters())
-            names = [f"trunk.{n}" for n, _ in model.trunk.named_parameters()] if self.inner.adapt == "all" else []
-            names += ([f"head.{n}" for n, _ in model.head.named_parameters()]
+            # (a frozen weight, requires_grad=False, does not adapt: no learned rate)
+            names = ([f"trunk.{n}" for n, p in model.trunk.named_parameters() if p.requires_grad]
+                     if self.inner.adapt == "all" else [])
+            names += ([f"head.{n}" for n, p in model.head.named_parameters() if p.requires_grad]
                       if self.inner.head_init == "learned" and model.head is not None else ["head.weight", "head.bias"])
             for n in names:
                 self.lrs[lr_key(n)] = nn.Parameter(torch.full((self.inner.steps,), self.inner.lr, dtype=like.dtype,

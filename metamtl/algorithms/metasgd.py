@@ -48,13 +48,15 @@ class MetaSGD(MAML):
         self.lrs = nn.ParameterDict()
 
     def lr_shapes(self, model: TrunkHead) -> dict[str, tuple[int, ...]]:
-        """Shape of the learning rate of every weight the inner loop adapts."""
+        """Shape of the learning rate of every weight the inner loop adapts (frozen weights,
+        ``requires_grad=False``, do not adapt and get none)."""
         adapt_head_only = self.inner.adapt == "head"
-        shapes = {} if adapt_head_only else {f"trunk.{n}": tuple(p.shape) for n, p in model.trunk.named_parameters()}
+        shapes = {} if adapt_head_only else {f"trunk.{n}": tuple(p.shape) for n, p in model.trunk.named_parameters()
+                                                 if p.requires_grad}
         if self.inner.head_init == "learned":
             if model.head is None:
                 raise ConfigError("head_init='learned' needs a model with a head; use 'zero' or 'proto'")
-            shapes.update({f"head.{n}": tuple(p.shape) for n, p in model.head.named_parameters()})
+            shapes.update({f"head.{n}": tuple(p.shape) for n, p in model.head.named_parameters() if p.requires_grad})
         else:
             shapes.update(per_task_head_shapes(model))
         return shapes

@@ -416,3 +416,55 @@ def test_implicit_gradient_support_pass_leaves_running_statistics_alone():
     implicit = running_statistics("user", "implicit", batch, **settings)
     n = "trunk.norm.num_batches_tracked"
     assert int(full[n]) == 8 and int(implicit[n]) == int(full[n])  # per task: 3 support steps + the query pass
+
+
+class DropoutTrunk(torch.nn.Module):
+    """A trunk drawing dropout masks from the global generator: an ``nn.Dropout`` layer, or
+    ``F.dropout`` and additive ``torch.randn`` noise in ``forward`` (no random module at all)."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.functional = functional
+        self.l1 = torch.nn.Linear(64, 8)
+        self.l2 = torch.nn.Linear(8, 6)
+        self.drop = torch.nn.Identity() if functional else torch.nn.Dropout(0.3)
+        self.out_features = 6
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x.flatten(1)))
+        if self.functional:
+            h = F.dropout(h, 0.3, self.training) + 0.1 * torch.randn_like(h) * self.training
+        else:
+            h = self.drop(h)
+        return F.relu(self.l2(h))
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["nn-dropout", "functional-dropout"])
+@pytest.mark.parametrize("name,settings", [
+    ("maml", dict(steps=2, lr=0.2)),
+    ("maml", dict(steps=3, lr=0.2)),
+    ("maml", dict(steps=3, lr=0.05, optimizer="adam")),
+    ("metasgd", dict(steps=2, lr=0.2)),
+], ids=["maml-2", "maml-3", "maml-adam-3", "metasgd-2"])
+def test_checkpoint_replays_each_steps_random_numbers(name, settings, functional):
+    """The recomputed step draws the dropout masks its forward drew (full's meta-gradient, learned
+    rates included), and the global generator ends where full's does."""
+    batch = TaskBatch([episode(s) for s in range(2)])
+
+    def run(memory):
+        torch.manual_seed(0)
+        model = TrunkHead(DropoutTrunk(functional), torch.nn.Linear(6, 3))
+        alg = build_algorithm(name, memory=memory, **settings)
+        alg.setup(model)
+        model.train()
+        torch.manual_seed(3)
+        alg.meta_step(model, batch, 0)
+        params = [*model.named_parameters(), *alg.named_parameters()]
+        return {n: p.grad.clone() for n, p in params if p.grad is not None}, torch.get_rng_state()
+
+    full, full_rng = run("full")
+    ours, rng = run("checkpoint")
+    assert sorted(ours) == sorted(full)
+    for n in full:
+        torch.testing.assert_close(ours[n], full[n], rtol=1e-6, atol=1e-9, msg=n)
+    assert torch.equal(rng, full_rng)

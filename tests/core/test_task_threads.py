@@ -205,3 +205,68 @@ def test_threaded_evaluation_equals_serial(two_threads):
 def test_bad_task_threads_is_a_clear_error(bad):
     with pytest.raises(ConfigError, match="task_threads must be an integer >= 0"):
         build_algorithm("maml", task_threads=bad)
+
+
+class FunctionalNoiseTrunk(nn.Module):
+    """No random module: ``F.dropout`` and ``torch.randn_like`` noise in ``forward`` draw from the global generator."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(144, 8)
+        self.l2 = nn.Linear(8, 6)
+        self.out_features = 6
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x.flatten(1)))
+        h = torch.nn.functional.dropout(h, 0.3, self.training)
+        if self.training:
+            h = h + 0.1 * torch.randn_like(h)
+        return torch.relu(self.l2(h))
+
+
+def test_functional_randomness_is_detected_and_trains_serially_repeating_bitwise(two_threads, caplog):
+    from metamtl.models import TrunkHead
+
+    b = batch(tasks=8)
+
+    def run(task_threads, steps=2):
+        torch.manual_seed(0)
+        model = TrunkHead(FunctionalNoiseTrunk(), nn.Linear(6, 3)).to(torch.float64)
+        alg = build_algorithm("maml", steps=3, lr=0.2, task_threads=task_threads)
+        alg.setup(model)
+        model.train()
+        assert threadable(model) is None  # no module type reveals the draws
+        torch.manual_seed(3)
+        out = [meta_gradient(model, alg, b) for _ in range(steps)]
+        return out, torch.get_rng_state(), alg.task_workers(model, b, 8)
+
+    serial, serial_rng, _ = run(1)
+    with caplog.at_level(logging.INFO, logger="metamtl.adaptation.threads"):
+        runs = [run(0) for _ in range(3)]
+    for threaded, rng, workers in runs:
+        for (m1, g1), (m2, g2) in zip(serial, threaded):
+            assert all(torch.equal(x, y) for x, y in zip(g1, g2))
+            assert m1 == m2
+        assert torch.equal(rng, serial_rng)
+        assert workers == 1  # remembered: later meta-steps go straight to the serial loop
+    assert "global random-number generator" in caplog.text
+
+
+def test_models_that_draw_nothing_keep_their_threads(two_threads, monkeypatch):
+    import metamtl.algorithms.base as base
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        out = map_chunks(*args, **kwargs)
+        calls.append(len(out))
+        return out
+
+    monkeypatch.setattr(base, "map_chunks", counted)
+    model, alg = learner("maml", 0)
+    model.train()
+    b = batch()
+    for _ in range(2):
+        meta_gradient(model, alg, b)
+    assert calls == [6, 6]  # both meta-steps ran threaded, none fell back
+    assert alg.task_workers(model, b, 6) == 2 and threadable(model) is None
