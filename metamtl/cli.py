@@ -101,13 +101,14 @@ def _episode_sources(tasks: Any, setting: dict[str, int], hierarchy: Any, task: 
     """``(label, source)`` of each dataset's episodes in ``setting``, all drawn before any is scored
     (a TaskError: nothing evaluated yet), and the skipped datasets' rows by label: ``--ways`` above a
     dataset's held-out classes skips it, as ``fit`` does with several datasets."""
+    from .experiment import skipped_setting
+
     sources, skipped = [], {}
     for label, source in (tasks.items() if isinstance(tasks, dict) else [(None, tasks)]):
         if task == "classification" and hasattr(source, "with_settings"):
-            if label is not None and setting["ways"] > source.num_classes:
-                print(f"[metamtl] {label}: skipping {setting['ways']}-way evaluation ({source.num_classes} held-out classes)")
-                skipped[label] = {"dataset": label, "ways": setting["ways"], "shots": setting["shots"],
-                                  "skipped": f"only {source.num_classes} held-out classes"}
+            row = skipped_setting(label, source, setting["ways"], setting["shots"]) if label is not None else None
+            if row is not None:
+                skipped[label] = row
                 continue
             source = source.with_settings(**setting, hierarchy=hierarchy)
         sources.append((label, source))

@@ -302,11 +302,9 @@ def evaluate_per_dataset(learner: MetaLearner, cfg: Config, test_tasks: dict[str
     rows = []
     for label, source in test_tasks.items():
         for s in cfg.eval.settings:
-            available = getattr(source, "num_classes", s.ways)
-            if s.ways > available:
-                say(f"[metamtl] {label}: skipping {s.ways}-way evaluation ({available} held-out classes)")
-                rows.append({"dataset": label, "ways": s.ways, "shots": s.shots,
-                             "skipped": f"only {available} held-out classes"})
+            skipped = skipped_setting(label, source, s.ways, s.shots, say)
+            if skipped is not None:
+                rows.append(skipped)
                 continue
             for h in cfg.eval.heads:
                 res = learner.evaluate(setting_tasks(source, s, cfg), cfg.eval.episodes, steps=cfg.eval.steps,
@@ -314,6 +312,16 @@ def evaluate_per_dataset(learner: MetaLearner, cfg: Config, test_tasks: dict[str
                 say(f"[metamtl] held-out test ({label}): {res}")
                 rows.append({"dataset": label, **res.to_dict()})
     return rows
+
+
+def skipped_setting(label: str, source: Any, ways: int, shots: int, say: Any = print) -> dict[str, Any] | None:
+    """The result row of a ``ways``-way setting skipped on dataset ``label``, whose held-out classes
+    are fewer (said with ``say``), or ``None`` when the dataset can serve it."""
+    available = getattr(source, "num_classes", ways)
+    if ways <= available:
+        return None
+    say(f"[metamtl] {label}: skipping {ways}-way evaluation ({available} held-out classes)")
+    return {"dataset": label, "ways": ways, "shots": shots, "skipped": f"only {available} held-out classes"}
 
 
 def restore_best(learner: MetaLearner, run_dir: Path) -> int | None:
