@@ -68,6 +68,14 @@ def preprocess(images: Any, preprocessing: Preprocessing | Unchosen | None) -> t
     return preprocessing(images)
 
 
+def refuse_meta(x: Any, what: str) -> None:
+    """:class:`InputError` for a tensor on torch's ``meta`` device (shapes without values), which
+    torch would only refuse to copy with a bare NotImplementedError further down."""
+    if isinstance(x, torch.Tensor) and x.is_meta:
+        raise InputError(f"{what} is a tensor on torch's 'meta' device: it has a shape but no values; "
+                         "give a tensor with data (e.g. created on 'cpu' or the learner's device)")
+
+
 def model_input(x: Any, what: str, *, model: TrunkHead, placement: Placement,
                 preprocessing: Preprocessing | Unchosen | None) -> torch.Tensor:
     """``x`` as model input on the learner's device.
@@ -76,6 +84,7 @@ def model_input(x: Any, what: str, *, model: TrunkHead, placement: Placement,
     or arrays), which are preprocessed; float arrays are taken as model input when there is no
     preprocessing (e.g. regression).
     """
+    refuse_meta(x, what)
     if not isinstance(x, torch.Tensor) or x.dtype == torch.uint8:
         if preprocessing is None and isinstance(x, np.ndarray) and x.dtype != np.uint8:
             x = torch.as_tensor(x, dtype=torch.float32)
@@ -120,6 +129,7 @@ def support_labels(y: Any, n: int, task: str, device: torch.device,
     Classification labels must be the integers ``0..N-1``, N >= 2, every class with a support example;
     regression targets are finite ``[n]`` or ``[n, d]`` floats, ``d`` the outputs of ``model``.
     """
+    refuse_meta(y, "support_y")
     try:
         y = torch.as_tensor(y, device=device)
     except (TypeError, ValueError, RuntimeError) as exc:

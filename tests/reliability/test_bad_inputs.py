@@ -132,6 +132,8 @@ LEARNER = [
     ("adapt-labels-fractional", lambda e: e.proto.adapt(e.episode.support_x, e.episode.support_y + 0.5), InputError, r"integer class labels"),
     ("adapt-length-mismatch", lambda e: e.proto.adapt(e.episode.support_x, e.episode.support_y[:4]), InputError, r"support_x has 5 examples but support_y has 4 labels"),
     ("adapt-nan-input", lambda e: e.proto.adapt(e.episode.support_x * math.nan, e.episode.support_y), InputError, r"contains NaN or infinite values"),
+    ("predict-meta-query", lambda e: e.learner.predict(e.episode.support_x, e.episode.support_y, e.episode.query_x.to("meta")), InputError, r"query_x is a tensor on torch's 'meta' device: it has a shape but no values"),
+    ("adapt-meta-labels", lambda e: e.proto.adapt(e.episode.support_x, e.episode.support_y.to("meta")), InputError, r"support_y is a tensor on torch's 'meta' device"),
     ("adapt-integer-tensor", lambda e: e.proto.adapt(e.episode.support_x.long(), e.episode.support_y), InputError, r"must be float model input, uint8 images or raw images"),
     ("adapt-steps-negative", lambda e: e.proto.adapt(e.episode.support_x, e.episode.support_y, steps=-1), ConfigError, r"steps must be an integer >= 0, got -1"),
     ("evaluate-steps-text", lambda e: e.proto.evaluate(e.sampler, 1, steps="3", progress=False), ConfigError, r"steps must be an integer >= 0, got '3'"),
