@@ -93,7 +93,8 @@ def adapt(learner: "MetaLearner", support_x: Any, support_y: Any, steps: int | N
     inputs.check_steps(steps)
     learner.check_finite("adapt")
     preprocessing = inputs.preprocessing_for(learner.preprocessing, learner.metadata, dataset)
-    x = learner.model_input(support_x, "support_x", dataset)
+    x = inputs.model_input(support_x, "support_x", model=learner.model, placement=learner.placement,
+                           preprocessing=preprocessing)
     y, ways = inputs.support_labels(support_y, x.shape[0], learner.task, learner.device, learner.model)
     x, y = inputs.support_copies(x, y, learner.inference.augment(support_augment), preprocessing=preprocessing)
     head = learner.inference.classifier(head, learner.task)
