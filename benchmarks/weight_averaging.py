@@ -56,8 +56,10 @@ class WeightAverages(Callback):
         t = state.iteration
         for d, avg in self.ema.items():
             torch._foreach_lerp_(list(avg.values()), [current[k] for k in avg], 1 - min(d, (1 + t) / (10 + t)))
-        done = (state.elapsed / (60 * state.budget_minutes) if state.budget_minutes
-                else t / max(1, state.iterations))
+        # the fit ends at its iteration count or its time budget, whichever comes first
+        done = t / max(1, state.iterations)
+        if state.budget_minutes:
+            done = max(done, state.elapsed / (60 * state.budget_minutes))
         for tail in self.tails:
             if done < 1 - tail:
                 continue

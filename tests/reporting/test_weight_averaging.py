@@ -40,3 +40,15 @@ def test_ema_and_uniform_tail_averages_match_their_definitions(averaging):
         # the last 30% of 10 iterations: those completed at t / 10 >= 0.7, i.e. t = 7..10
         torch.testing.assert_close(cb.uniform[0.3][k], torch.stack([s[k] for s in snapshots[6:]]).mean(0))
     assert cb.counts[0.3] == 4 and set(cb.candidates()) == {"ema 0.9", "uniform, last 30%"}
+
+
+def test_tail_averages_follow_the_iteration_count_when_it_ends_the_fit_before_the_budget(averaging):
+    model = build_model("conv4", hidden=4, out_features=None)
+    learner = MetaLearner(model, build_algorithm("protonet"), device="cpu", channels_last=False)
+    state = FitState(learner, iterations=10, meta_batch_size=1, budget_minutes=60.0)
+    cb = averaging.WeightAverages([0.9], [0.3])
+    cb.on_fit_start(state)
+    for t in range(1, 11):  # 10 iterations in far less than the hour: the iterations end the fit
+        learner.run.iteration = t
+        cb.on_iteration_complete(state)
+    assert cb.counts.get(0.3) == 4 and "uniform, last 30%" in cb.candidates()
