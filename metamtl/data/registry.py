@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..errors import ConfigError, DataNotFoundError, unknown_name, unknown_settings
+from ..errors import ConfigError, DataError, DataNotFoundError, unknown_name, unknown_settings
 from .base import ClassDataset, join_classes, split_names
 from .folder import ClassFolder, CSVClassDataset, resolve_root
 from .miniimagenet import MiniImageNet
@@ -120,5 +120,18 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
     accepted = accepted_options(adapter, DATASETS[name]) if adapter else accepted_options(DATASETS[name])
     check_options("dataset", name, kwargs, accepted)
     if adapter is None:
-        return DATASETS[name](root=root, split=split, **kwargs)
-    return adapter(split, resolve_root(root, f"dataset {name!r}"), **kwargs)
+        return _refuse_empty(DATASETS[name](root=root, split=split, **kwargs), name, split, kwargs)
+    return _refuse_empty(adapter(split, resolve_root(root, f"dataset {name!r}"), **kwargs), name, split, kwargs)
+
+
+def _refuse_empty(ds: ClassDataset, name: str, split: str, kwargs: dict) -> ClassDataset:
+    """``ds``, or a :class:`DataError` when split fractions left split ``split`` without classes (e.g.
+    3 classes cut 0.6/0.2/0.2 give train 2, val 0, test 1): no episode could be drawn from it."""
+    if ds.num_classes > 0:
+        return ds
+    fractions = list(kwargs.get("split_fractions", (0.6, 0.2, 0.2)))
+    raise DataError(
+        f"split {split!r} of dataset {name!r} holds no classes: split_fractions {fractions} (train, val, test) "
+        f"of its classes give it none; give the split classes (more class folders or characters, or a larger "
+        "fraction in data.split_fractions) or leave it out (config: data.val_split / data.test_split: null)"
+    )

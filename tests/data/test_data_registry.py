@@ -90,3 +90,13 @@ def test_join_classes_refuses_shared_classes_and_mixed_preprocessing(image_tree,
     other.preprocessing = Preprocessing(size=(3, 3), channels=3, mean=(0.5,) * 3, std=(1.0,) * 3)
     with pytest.raises(DataError, match="preprocessing differs"):
         join_classes([full.subset([0]), other])
+
+
+def test_a_split_left_without_classes_is_refused_naming_it(image_tree, cache_dir):
+    """3 classes cut 0.6/0.2/0.2 leave val without classes: refused when loaded, not a bare error later."""
+    from metamtl.errors import DataError
+
+    with pytest.raises(DataError, match=r"split 'val' of dataset 'folder' holds no classes") as err:
+        load_dataset("folder", "val", root=image_tree, cache_dir=cache_dir)
+    assert "data.split_fractions" in str(err.value) and "data.val_split" in str(err.value)
+    assert load_dataset("folder", "train", root=image_tree, cache_dir=cache_dir).num_classes == 2
