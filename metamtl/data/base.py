@@ -515,7 +515,7 @@ def join_classes(parts: Sequence[ClassDataset], name: str | None = None) -> Clas
 
 def stable_order(names: Iterable[str], seed: int = 0) -> list[str]:
     """Order names by a hash of ``(seed, name)``: the same on every machine and library version."""
-    return sorted(names, key=lambda n: hashlib.sha1(f"{seed}:{n}".encode()).hexdigest())
+    return sorted(names, key=lambda n: hashlib.sha1(f"{seed}:{n}".encode("utf-8", "surrogateescape")).hexdigest())
 
 
 def split_names(

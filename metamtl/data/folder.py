@@ -92,6 +92,18 @@ def resolve_root(root: str | os.PathLike | None, what: str) -> Path:
     return Path(root).expanduser()
 
 
+def fs_bytes(name: str) -> bytes:
+    """``name`` (a path as Python reads it) as the bytes it names on disk: a name that is not valid UTF-8
+    (``caf\\xe9`` written on a Latin-1 system) holds surrogates that a plain ``.encode()`` refuses."""
+    return name.encode("utf-8", "surrogateescape")
+
+
+def printable(name: str) -> str:
+    """``name`` with the bytes of a file name that are not UTF-8 written ``\\xe9`` (printable, and
+    storable as text), e.g. to name a class after a folder."""
+    return fs_bytes(name).decode("utf-8", "backslashreplace")
+
+
 def _hidden(rel: str) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in rel.split("/"))
 
@@ -200,7 +212,7 @@ class DirectoryTree:
                 st = os.stat(self.root / rel)
             except FileNotFoundError as exc:
                 raise DataNotFoundError(f"image file {self.describe(rel)} is missing") from exc
-            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(fs_bytes(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n"))
         return h.hexdigest()
 
 
@@ -388,7 +400,7 @@ def decode_classes(
             None if preprocessing is not None else prep.to_dict(),
         )
 
-    listing = hashlib.sha1("\n".join(f"{p}\t{c}" for p, c in zip(paths, labels)).encode()).hexdigest()
+    listing = hashlib.sha1(fs_bytes("\n".join(f"{p}\t{c}" for p, c in zip(paths, labels)))).hexdigest()
     how = preprocessing.key() if preprocessing is not None else ["inferred", image_size]
     return cached_decode(name, [tree.fingerprint(paths), listing, how], build, cache_dir)
 
@@ -430,7 +442,7 @@ def scan_class_folders(tree: Tree, extensions: Sequence[str] | None = None, name
             "folder; put every image in a sub-folder named after its class"
         )
     report_skipped(name or tree.describe(""), skipped)
-    return paths, [posixpath.dirname(p) for p in paths]
+    return paths, [printable(posixpath.dirname(p)) for p in paths]
 
 
 def _init_decoded(ds: ClassDataset, decoded: Decoded, tree: Tree, name: str, preprocessing: Preprocessing | None) -> None:
@@ -482,7 +494,7 @@ class ClassFolder(ClassDataset):
         follow_outside_links: bool = False,
     ) -> None:
         with DirectoryTree(root, follow_outside_links=follow_outside_links) as tree:
-            name = name or tree.root.resolve().name
+            name = name or printable(tree.root.resolve().name)
             paths, labels = scan_class_folders(tree, extensions, f"folder-{name}")
             decoded = decode_classes(tree, paths, labels, preprocessing, f"folder-{name}", cache_dir, image_size)
             _init_decoded(self, decoded, tree, name, preprocessing)
