@@ -29,7 +29,7 @@ import torch
 
 from ..errors import DataError, DataNotFoundError, InputError, IntegrityError, decode_text
 from ..progress_bars import progress_bar
-from .base import ClassDataset, Preprocessing, is_grey
+from .base import ClassDataset, Preprocessing, draft_jpeg, is_grey
 from .cache import Decoded, cached_decode
 from .download import md5sum, verify_md5
 
@@ -286,8 +286,8 @@ def _open_image(tree: Tree, rel: str, size: tuple[int, int] | None = None, load:
         raise DataError(f"image {tree.describe(rel)} is an empty file (0 bytes): replace or delete it")
     try:
         im = Image.open(io.BytesIO(data))
-        if size is not None and im.format == "JPEG":
-            im.draft(None, (size[1], size[0]))
+        if size is not None:
+            draft_jpeg(im, size)
         if load:
             im.load()
         return im

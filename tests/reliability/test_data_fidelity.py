@@ -192,6 +192,25 @@ def test_a_huge_jpeg_is_decoded_at_a_reduced_scale_without_blowing_up_memory(tmp
     assert grown_mb < 50, f"peak memory grew by {grown_mb} MB decoding one large JPEG"
 
 
+def test_a_jpeg_gives_the_same_tensor_in_training_and_predict(tmp_path):
+    """A 64x64 JPEG stored at 16x16 is decoded at a reduced scale; the same file opened with PIL and
+    given to the preprocessing (what predict does) is decoded the same way, the caller's image untouched."""
+    import io
+
+    rng = np.random.default_rng(0)
+    for c in "ab":
+        for i in range(2):
+            (tmp_path / c).mkdir(exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.jpg", quality=95)
+    ds = ClassFolder(tmp_path, image_size=16, cache_dir=False)
+    for j, source in enumerate(ds.sources):
+        with Image.open(source) as im:
+            assert torch.equal(ds.preprocessing.decode(im), ds.images[j])
+            assert im.size == (64, 64)  # left as the caller opened it
+        with Image.open(io.BytesIO(Path(source).read_bytes())) as im:
+            assert torch.equal(ds.preprocessing(im)[0].mul(255).round().to(torch.uint8), ds.images[j])
+
+
 # -- formats: every format PIL can open is read; skipped files reported in one line ------------
 
 FORMATS = [("bmp", "RGB"), ("gif", "P"), ("jpg", "RGB"), ("png", "RGB"), ("ppm", "RGB"), ("pgm", "L"),
