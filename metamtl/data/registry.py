@@ -51,15 +51,18 @@ def _load_folder(split: str, root: Path, split_fractions: Sequence[float] = (0.6
 
 
 def _load_csv(split: str, root: Path, csv_path: str | os.PathLike | None = None,
-              image_root: str | os.PathLike | None = None, **kwargs) -> ClassDataset:
-    """``csv_path`` (default ``root/<split>.csv``) with images under ``image_root``
-    (default ``root/images`` if it exists, else ``root``)."""
+              image_root: str | os.PathLike | None = None, split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
+              split_seed: int = 0, **kwargs) -> ClassDataset:
+    """``root/<split>.csv`` with images under ``image_root`` (default ``root/images`` if it exists, else
+    ``root``); or, given one ``csv_path`` for every split, ``split`` of its classes (as a folder without
+    split folders is split: ``split_fractions``/``split_seed``; ``"all"``: every class)."""
     if image_root is None:
         image_root = root / "images" if (root / "images").is_dir() else root
-    if csv_path is None:
-        kwargs = _stored_like_train(split, kwargs, (root / "train.csv").is_file(),
-                                    lambda kw: CSVClassDataset(root / "train.csv", image_root, **kw))
-    return CSVClassDataset(csv_path or root / f"{split}.csv", image_root, **kwargs)
+    if csv_path is not None:
+        return _split_classes(CSVClassDataset(csv_path, image_root, **kwargs), split, split_fractions, split_seed)
+    kwargs = _stored_like_train(split, kwargs, (root / "train.csv").is_file(),
+                                lambda kw: CSVClassDataset(root / "train.csv", image_root, **kw))
+    return CSVClassDataset(root / f"{split}.csv", image_root, **kwargs)
 
 
 def _stored_like_train(split: str, kwargs: dict, has_train: bool, load_train: Callable[[dict], ClassDataset]) -> dict:
@@ -102,8 +105,8 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
 
     ``root`` defaults to ``$METAMTL_DATA``.  ``kwargs`` go to the dataset's constructor; for
     ``"folder"`` and ``"csv"``, whose constructors have no split, ``split`` picks ``root/<split>/``
-    (or ``root/<split>.csv``), and a folder without split sub-folders is split by class with
-    ``split_fractions``/``split_seed`` (``split="all"``: every class).
+    (or ``root/<split>.csv``), and a folder without split sub-folders, or the one CSV file given as
+    ``csv_path=``, is split by class with ``split_fractions``/``split_seed`` (``split="all"``: every class).
 
     ``split="train+val"`` (any splits joined by ``+``) loads each split and joins their classes
     (:func:`~metamtl.data.base.join_classes`): the usual last step after choosing settings on

@@ -100,3 +100,14 @@ def test_a_split_left_without_classes_is_refused_naming_it(image_tree, cache_dir
         load_dataset("folder", "val", root=image_tree, cache_dir=cache_dir)
     assert "data.split_fractions" in str(err.value) and "data.val_split" in str(err.value)
     assert load_dataset("folder", "train", root=image_tree, cache_dir=cache_dir).num_classes == 2
+
+
+def test_one_csv_path_is_split_by_class_like_a_folder(image_tree, tmp_path, cache_dir):
+    """load_dataset("csv", split, csv_path=one file) gives each split its own classes (was: every class in each)."""
+    rows = [f"{p.relative_to(image_tree).as_posix()},{p.parent.name}" for p in sorted(image_tree.rglob("*.*"))
+            if p.suffix.lower() in (".png", ".jpg") and not p.parent.name.startswith(".")]
+    (tmp_path / "all.csv").write_text("filename,label\n" + "\n".join(rows) + "\n")
+    kw = dict(csv_path=tmp_path / "all.csv", image_root=image_tree, cache_dir=cache_dir, split_fractions=(0.4, 0.3, 0.3))
+    parts = [load_dataset("csv", s, tmp_path, **kw).class_names for s in ("train", "val", "test")]
+    assert sorted(c for p in parts for c in p) == ["cat", "dog", "owl"] and all(len(p) == 1 for p in parts)
+    assert load_dataset("csv", "all", tmp_path, **kw).class_names == ["cat", "dog", "owl"]
