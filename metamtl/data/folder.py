@@ -192,8 +192,13 @@ class DirectoryTree:
         return self.path(rel).is_file()
 
     def identity(self, rel: str) -> str:
-        """The real file ``rel`` names (two paths naming one file share it)."""
-        return os.path.realpath(self.root / rel)
+        """The file ``rel`` names, by device and inode: two paths naming one file share it, whether
+        through a symlink or a hard link (the real path when it cannot be read)."""
+        try:
+            st = os.stat(self.root / rel)
+        except OSError:
+            return os.path.realpath(self.root / rel)
+        return f"{st.st_dev}:{st.st_ino}"
 
     def describe(self, rel: str) -> str:
         return str(self.root / rel)

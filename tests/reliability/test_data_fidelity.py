@@ -427,6 +427,14 @@ def test_a_file_linked_into_two_class_folders_is_refused(tmp_path):
         load(tmp_path)
 
 
+def test_a_file_hard_linked_into_two_class_folders_is_refused(tmp_path):
+    save(tmp_path / "a" / "0.png", ramp(offset=1))
+    save(tmp_path / "b" / "1.png", ramp(offset=2))
+    os.link(tmp_path / "a" / "0.png", tmp_path / "b" / "0.png")
+    with pytest.raises(DataError, match=r"b/0\.png is listed under class 'b' but the same file .*a/0\.png.* class 'a'"):
+        load(tmp_path)
+
+
 @pytest.mark.parametrize("how", ["byte-identical copy", "symlink in the class", "same pixels, other format"])
 def test_duplicate_images_within_a_class_are_dropped_with_a_warning(tmp_path, how):
     for i in range(3):
