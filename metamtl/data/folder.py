@@ -142,41 +142,62 @@ class DirectoryTree:
         return real == str(self.real_root) or real.startswith(str(self.real_root) + os.sep)
 
     def files(self) -> list[str]:
-        """Sorted relative paths of all files, hidden files and folders excluded."""
+        """Sorted relative paths of all files, hidden files and folders excluded.
+
+        Real folders are walked first, symlinks to folders after them: a link to a folder that is
+        also there for real is the one skipped as a copy (the class keeps the folder's own name),
+        whatever the names' sort order.
+        """
         out: list[str] = []
         self.skipped = []
         seen = {(st.st_dev, st.st_ino) for st in [os.stat(self.real_root)]}
-        stack = [(str(self.real_root), "")]
-        while stack:
-            folder, rel = stack.pop()
-            try:
-                entries = sorted(os.scandir(folder), key=lambda e: e.name)
-            except OSError as exc:
-                self.skipped.append((rel or ".", f"unreadable folder(s) ({exc.strerror})"))
+        pending = [(str(self.real_root), "")]
+        links: list[tuple[str, str, tuple[int, int]]] = []  # symlinked folders: (path, rel, (dev, inode))
+        while pending or links:
+            if pending:
+                self._scan(*pending.pop(), seen, pending, links, out)
                 continue
-            for entry in entries:
-                if _hidden(entry.name):
-                    continue
-                child = f"{rel}/{entry.name}" if rel else entry.name
-                try:
-                    if entry.is_symlink():
-                        real = os.path.realpath(entry.path)
-                        if not self._inside(real) and not self.follow_outside_links:
-                            self.skipped.append((child, OUTSIDE_LINKS))
-                            continue
-                    st = os.stat(entry.path)  # follows links
-                except OSError:
-                    self.skipped.append((child, "broken link(s) or unreadable file(s)"))
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    if (st.st_dev, st.st_ino) in seen:
-                        self.skipped.append((child, "link(s) to a folder already read (a cycle or a copy)"))
-                        continue
-                    seen.add((st.st_dev, st.st_ino))
-                    stack.append((entry.path, child))
-                elif stat.S_ISREG(st.st_mode):
-                    out.append(child)
+            links.sort(key=lambda link: link[1], reverse=True)
+            path, rel, key = links.pop()
+            if key in seen:
+                self.skipped.append((rel, "link(s) to a folder already read (a cycle or a copy)"))
+            else:
+                seen.add(key)
+                pending.append((path, rel))
         return sorted(out)
+
+    def _scan(self, folder: str, rel: str, seen: set, pending: list, links: list, out: list[str]) -> None:
+        """One folder of :meth:`files`: its files into ``out``, its real sub-folders onto ``pending``,
+        its symlinked ones onto ``links``."""
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            self.skipped.append((rel or ".", f"unreadable folder(s) ({exc.strerror})"))
+            return
+        for entry in entries:
+            if _hidden(entry.name):
+                continue
+            child = f"{rel}/{entry.name}" if rel else entry.name
+            try:
+                link = entry.is_symlink()
+                if link and not self._inside(os.path.realpath(entry.path)) and not self.follow_outside_links:
+                    self.skipped.append((child, OUTSIDE_LINKS))
+                    continue
+                st = os.stat(entry.path)  # follows links
+            except OSError:
+                self.skipped.append((child, "broken link(s) or unreadable file(s)"))
+                continue
+            key = (st.st_dev, st.st_ino)
+            if stat.S_ISDIR(st.st_mode) and link:
+                links.append((entry.path, child, key))
+            elif stat.S_ISDIR(st.st_mode):
+                if key in seen:  # a bind mount of a folder already read
+                    self.skipped.append((child, "link(s) to a folder already read (a cycle or a copy)"))
+                    continue
+                seen.add(key)
+                pending.append((entry.path, child))
+            elif stat.S_ISREG(st.st_mode):
+                out.append(child)
 
     def path(self, rel: str) -> Path:
         """``root/rel``, refused (:class:`DataError`) if it leads outside ``root``."""

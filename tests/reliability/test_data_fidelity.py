@@ -412,6 +412,18 @@ def test_duplicate_csv_rows_are_dropped_with_a_warning(tmp_path):
     assert_no_leak(ds, shots=1, queries=2)
 
 
+@pytest.mark.parametrize("link", ["a_link", "zz_link"])
+def test_a_link_to_a_class_folder_is_the_copy_skipped_not_the_folder(tmp_path, link):
+    """root/z_real + root/<link> -> z_real: the class is z_real and the link is reported, whatever sorts first."""
+    for c, folder in enumerate(["z_real", "b"]):
+        for i in range(2):
+            save(tmp_path / folder / f"{i}.png", ramp(offset=10 * c + i))
+    os.symlink("z_real", tmp_path / link)
+    ds, messages = load(tmp_path)
+    assert ds.class_names == ["b", "z_real"]
+    assert any("already read" in m and link in m and "z_real," not in m for m in messages), messages
+
+
 def test_a_file_listed_under_two_labels_is_refused(tmp_path):
     save(tmp_path / "img" / "x.png", ramp())
     (tmp_path / "l.csv").write_text("filename,label\nx.png,cat\nx.png,dog\n")
