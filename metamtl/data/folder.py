@@ -532,22 +532,10 @@ def read_class_csv(data: bytes, where: str, filename_column: str, label_column: 
     Rows repeating an earlier ``(filename, label)`` row are dropped with a warning; a file
     listed under two labels is refused.
     """
-    reader = csv.DictReader(io.StringIO(decode_text(data, where, DataError)))
-    header = [h.strip() for h in reader.fieldnames or []]
-    reader.fieldnames = header
-    for column in (filename_column, label_column):
-        if column not in header:
-            raise DataError(
-                f"{where} has no column {column!r} (its header is {','.join(header) or 'empty'}); "
-                "pass filename_column=/label_column= to name the right columns"
-            )
     filenames, labels = [], []
     rows: dict[str, tuple[int, str]] = {}
     repeated: list[int] = []
-    for line, row in enumerate(reader, start=2):
-        filename, label = (row.get(filename_column) or "").strip(), (row.get(label_column) or "").strip()
-        if not filename or not label:
-            raise DataError(f"{where}, line {line}: empty {filename_column!r} or {label_column!r}")
+    for line, filename, label in _csv_rows(decode_text(data, where, DataError), where, filename_column, label_column):
         key = posixpath.normpath(filename)
         first = rows.setdefault(key, (line, label))
         if first[0] != line:
@@ -569,6 +557,33 @@ def read_class_csv(data: bytes, where: str, filename_column: str, label_column: 
             "both support and query of an episode", DuplicateRowsWarning, stacklevel=3,
         )
     return filenames, labels
+
+
+def _csv_rows(text: str, where: str, filename_column: str, label_column: str):
+    """``(line, filename, label)`` of each record after the header row, ``line`` the file line the record
+    starts on (blank lines and quoted fields spanning lines counted); a column missing, or named twice in
+    the header, is refused (:class:`DataError`)."""
+    reader = csv.reader(io.StringIO(text))
+    header = [h.strip() for h in next(reader, [])]
+    for column in (filename_column, label_column):
+        if column not in header:
+            raise DataError(
+                f"{where} has no column {column!r} (its header is {','.join(header) or 'empty'}); "
+                "pass filename_column=/label_column= to name the right columns"
+            )
+        if header.count(column) > 1:
+            raise DataError(f"{where} names column {column!r} {header.count(column)} times in its header "
+                            f"({','.join(header)}); rename or remove the extra ones so it is clear which one is read")
+    at = (header.index(filename_column), header.index(label_column))
+    start = reader.line_num + 1
+    for row in reader:
+        line, start = start, reader.line_num + 1
+        if not row:  # a blank line
+            continue
+        filename, label = ((row[i] if i < len(row) else "").strip() for i in at)
+        if not filename or not label:
+            raise DataError(f"{where}, line {line}: empty {filename_column!r} or {label_column!r}")
+        yield line, filename, label
 
 
 def _posix_separators(tree: Tree, path: str) -> str:
