@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import inspect
 import os
+import posixpath
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import ConfigError, DataError, DataNotFoundError, unknown_name, unknown_settings
 from .base import ClassDataset, join_classes, split_names
-from .folder import ClassFolder, CSVClassDataset, resolve_root
+from .folder import ClassFolder, CSVClassDataset, DirectoryTree, image_extensions, printable, resolve_root
 from .miniimagenet import MiniImageNet
 from .omniglot import Omniglot
 
@@ -39,7 +40,9 @@ def _load_folder(split: str, root: Path, split_fractions: Sequence[float] = (0.6
     split folders but not this one is refused: its classes would be drawn from those splits)."""
     if (root / split).is_dir():
         kwargs = _stored_like_train(split, kwargs, (root / "train").is_dir(), lambda kw: ClassFolder(root / "train", **kw))
-        return ClassFolder(root / split, **kwargs)
+        ds = ClassFolder(root / split, **kwargs)
+        _refuse_shared_classes(root, split, ds.class_names, kwargs)
+        return ds
     present = [s for s in SPLIT_FOLDERS if (root / s).is_dir()]
     if present and split != "all":
         raise DataNotFoundError(
@@ -48,6 +51,24 @@ def _load_folder(split: str, root: Path, split_fractions: Sequence[float] = (0.6
             f"splits): add {root / split}, or leave this split out (config: data.val_split / data.test_split: null)"
         )
     return _split_classes(ClassFolder(root, **kwargs), split, split_fractions, split_seed)
+
+
+def _refuse_shared_classes(root: Path, split: str, classes: Sequence[str], kwargs: dict) -> None:
+    """:class:`DataError` naming the classes of ``root/<split>/`` that another split folder also holds
+    (held-out classes must be new to the model); only file names are read, no image is decoded."""
+    exts = tuple(e.lower() for e in (kwargs.get("extensions") or image_extensions()))
+    for other in SPLIT_FOLDERS:
+        if other == split or not (root / other).is_dir():
+            continue
+        tree = DirectoryTree(root / other, follow_outside_links=bool(kwargs.get("follow_outside_links")))
+        theirs = {printable(posixpath.dirname(p)) for p in tree.files() if p.lower().endswith(exts)}
+        shared = sorted(set(classes) & theirs)
+        if shared:
+            raise DataError(
+                f"{root}: {len(shared)} class(es) are in both {split}/ and {other}/ ({', '.join(shared[:5])}"
+                f"{', ...' if len(shared) > 5 else ''}); the splits' classes must be disjoint, or held-out "
+                "episodes test classes the model was trained on: move or rename those class folders"
+            )
 
 
 def _load_csv(split: str, root: Path, csv_path: str | os.PathLike | None = None,

@@ -111,3 +111,16 @@ def test_one_csv_path_is_split_by_class_like_a_folder(image_tree, tmp_path, cach
     parts = [load_dataset("csv", s, tmp_path, **kw).class_names for s in ("train", "val", "test")]
     assert sorted(c for p in parts for c in p) == ["cat", "dog", "owl"] and all(len(p) == 1 for p in parts)
     assert load_dataset("csv", "all", tmp_path, **kw).class_names == ["cat", "dog", "owl"]
+
+
+def test_a_class_in_two_split_folders_is_refused_naming_it(tmp_path, write_image, cache_dir):
+    """root/train/t0 and root/test/t0: held-out classes must be disjoint, refused naming the class and splits."""
+    from metamtl.errors import DataError
+
+    for split, classes in (("train", ["t0", "t1"]), ("test", ["t0", "x1"])):
+        for c in classes:
+            for i in range(2):
+                write_image(tmp_path / split / c / f"{i}.png", (10 * i, len(c), 7 if split == "test" else 3))
+    for split, other in (("train", "test"), ("test", "train")):
+        with pytest.raises(DataError, match=rf"1 class\(es\) are in both {split}/ and {other}/ \(t0\)"):
+            load_dataset("folder", split, root=tmp_path, cache_dir=cache_dir)
