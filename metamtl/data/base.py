@@ -72,6 +72,11 @@ class Preprocessing:
     def decode(self, image: Any) -> torch.Tensor:
         """Turn one PIL image or array (H x W, H x W x C, or C x H x W) into ``uint8 [C, H, W]``.
 
+        A JPEG opened but not yet loaded (``Image.open(path)``) is decoded as a dataset's files are,
+        at a reduced scale still at least :attr:`size` (:func:`draft_jpeg`), so the same file gives the
+        same tensor in training and in ``predict``; one opened from a path is re-opened for that (left
+        as it is), one opened from bytes is drafted in place.
+
         Pixel values are read by type, never clipped: ``uint8`` as is; other unsigned integer
         types (16-bit images) scaled by their range (65535 -> 255); PIL's 32-bit ``I`` mode as
         16-bit data; ``bool`` as 0/255; floats in 0..1 scaled by 255, floats in 0..255 as they
@@ -90,7 +95,10 @@ class Preprocessing:
                 f"cannot preprocess an object of type {type(image).__name__}; "
                 "pass PIL images, numpy arrays or tensors"
             )
-        return self._finish(pil_pixels(image))
+        if image.format == "JPEG" and image.tile and getattr(image, "filename", ""):
+            with Image.open(image.filename) as fresh:  # draft a copy: the caller's image is left as it is
+                return self._finish(pil_pixels(draft_jpeg(fresh, self.size)))
+        return self._finish(pil_pixels(draft_jpeg(image, self.size)))
 
     def _finish(self, arr: np.ndarray) -> torch.Tensor:
         """``uint8`` pixels ``H x W`` or ``H x W x {1,2,3,4}`` -> stored ``uint8 [C, H, W]``."""
@@ -247,6 +255,16 @@ def pixels_to_uint8(arr: np.ndarray, what: str = "image") -> np.ndarray:
     if hi <= 1.0:
         a = a * 255.0
     return np.rint(a).astype(np.uint8)
+
+
+def draft_jpeg(image: Any, size: Sequence[int]) -> Any:
+    """``image``, set to decode at the smallest JPEG scale (1/2, 1/4, 1/8) still at least ``size``
+    (height, width): the one way a JPEG is decoded, for a dataset's files and the PIL images given to
+    ``preprocess``/``predict`` alike (memory and time bounded by the target, not the file).  No effect
+    on other formats or on an image already loaded (PIL drafts only before decoding)."""
+    if getattr(image, "format", None) == "JPEG" and getattr(image, "tile", None):
+        image.draft(None, (int(size[1]), int(size[0])))
+    return image
 
 
 def pil_pixels(image: Any) -> np.ndarray:
@@ -515,7 +533,7 @@ def join_classes(parts: Sequence[ClassDataset], name: str | None = None) -> Clas
 
 def stable_order(names: Iterable[str], seed: int = 0) -> list[str]:
     """Order names by a hash of ``(seed, name)``: the same on every machine and library version."""
-    return sorted(names, key=lambda n: hashlib.sha1(f"{seed}:{n}".encode()).hexdigest())
+    return sorted(names, key=lambda n: hashlib.sha1(f"{seed}:{n}".encode("utf-8", "surrogateescape")).hexdigest())
 
 
 def split_names(

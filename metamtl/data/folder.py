@@ -29,7 +29,7 @@ import torch
 
 from ..errors import DataError, DataNotFoundError, InputError, IntegrityError, decode_text
 from ..progress_bars import progress_bar
-from .base import ClassDataset, Preprocessing, is_grey
+from .base import ClassDataset, Preprocessing, draft_jpeg, is_grey
 from .cache import Decoded, cached_decode
 from .download import md5sum, verify_md5
 
@@ -92,6 +92,18 @@ def resolve_root(root: str | os.PathLike | None, what: str) -> Path:
     return Path(root).expanduser()
 
 
+def fs_bytes(name: str) -> bytes:
+    """``name`` (a path as Python reads it) as the bytes it names on disk: a name that is not valid UTF-8
+    (``caf\\xe9`` written on a Latin-1 system) holds surrogates that a plain ``.encode()`` refuses."""
+    return name.encode("utf-8", "surrogateescape")
+
+
+def printable(name: str) -> str:
+    """``name`` with the bytes of a file name that are not UTF-8 written ``\\xe9`` (printable, and
+    storable as text), e.g. to name a class after a folder."""
+    return fs_bytes(name).decode("utf-8", "backslashreplace")
+
+
 def _hidden(rel: str) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in rel.split("/"))
 
@@ -130,41 +142,62 @@ class DirectoryTree:
         return real == str(self.real_root) or real.startswith(str(self.real_root) + os.sep)
 
     def files(self) -> list[str]:
-        """Sorted relative paths of all files, hidden files and folders excluded."""
+        """Sorted relative paths of all files, hidden files and folders excluded.
+
+        Real folders are walked first, symlinks to folders after them: a link to a folder that is
+        also there for real is the one skipped as a copy (the class keeps the folder's own name),
+        whatever the names' sort order.
+        """
         out: list[str] = []
         self.skipped = []
         seen = {(st.st_dev, st.st_ino) for st in [os.stat(self.real_root)]}
-        stack = [(str(self.real_root), "")]
-        while stack:
-            folder, rel = stack.pop()
-            try:
-                entries = sorted(os.scandir(folder), key=lambda e: e.name)
-            except OSError as exc:
-                self.skipped.append((rel or ".", f"unreadable folder(s) ({exc.strerror})"))
+        pending = [(str(self.real_root), "")]
+        links: list[tuple[str, str, tuple[int, int]]] = []  # symlinked folders: (path, rel, (dev, inode))
+        while pending or links:
+            if pending:
+                self._scan(*pending.pop(), seen, pending, links, out)
                 continue
-            for entry in entries:
-                if _hidden(entry.name):
-                    continue
-                child = f"{rel}/{entry.name}" if rel else entry.name
-                try:
-                    if entry.is_symlink():
-                        real = os.path.realpath(entry.path)
-                        if not self._inside(real) and not self.follow_outside_links:
-                            self.skipped.append((child, OUTSIDE_LINKS))
-                            continue
-                    st = os.stat(entry.path)  # follows links
-                except OSError:
-                    self.skipped.append((child, "broken link(s) or unreadable file(s)"))
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    if (st.st_dev, st.st_ino) in seen:
-                        self.skipped.append((child, "link(s) to a folder already read (a cycle or a copy)"))
-                        continue
-                    seen.add((st.st_dev, st.st_ino))
-                    stack.append((entry.path, child))
-                elif stat.S_ISREG(st.st_mode):
-                    out.append(child)
+            links.sort(key=lambda link: link[1], reverse=True)
+            path, rel, key = links.pop()
+            if key in seen:
+                self.skipped.append((rel, "link(s) to a folder already read (a cycle or a copy)"))
+            else:
+                seen.add(key)
+                pending.append((path, rel))
         return sorted(out)
+
+    def _scan(self, folder: str, rel: str, seen: set, pending: list, links: list, out: list[str]) -> None:
+        """One folder of :meth:`files`: its files into ``out``, its real sub-folders onto ``pending``,
+        its symlinked ones onto ``links``."""
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            self.skipped.append((rel or ".", f"unreadable folder(s) ({exc.strerror})"))
+            return
+        for entry in entries:
+            if _hidden(entry.name):
+                continue
+            child = f"{rel}/{entry.name}" if rel else entry.name
+            try:
+                link = entry.is_symlink()
+                if link and not self._inside(os.path.realpath(entry.path)) and not self.follow_outside_links:
+                    self.skipped.append((child, OUTSIDE_LINKS))
+                    continue
+                st = os.stat(entry.path)  # follows links
+            except OSError:
+                self.skipped.append((child, "broken link(s) or unreadable file(s)"))
+                continue
+            key = (st.st_dev, st.st_ino)
+            if stat.S_ISDIR(st.st_mode) and link:
+                links.append((entry.path, child, key))
+            elif stat.S_ISDIR(st.st_mode):
+                if key in seen:  # a bind mount of a folder already read
+                    self.skipped.append((child, "link(s) to a folder already read (a cycle or a copy)"))
+                    continue
+                seen.add(key)
+                pending.append((entry.path, child))
+            elif stat.S_ISREG(st.st_mode):
+                out.append(child)
 
     def path(self, rel: str) -> Path:
         """``root/rel``, refused (:class:`DataError`) if it leads outside ``root``."""
@@ -180,8 +213,13 @@ class DirectoryTree:
         return self.path(rel).is_file()
 
     def identity(self, rel: str) -> str:
-        """The real file ``rel`` names (two paths naming one file share it)."""
-        return os.path.realpath(self.root / rel)
+        """The file ``rel`` names, by device and inode: two paths naming one file share it, whether
+        through a symlink or a hard link (the real path when it cannot be read)."""
+        try:
+            st = os.stat(self.root / rel)
+        except OSError:
+            return os.path.realpath(self.root / rel)
+        return f"{st.st_dev}:{st.st_ino}"
 
     def describe(self, rel: str) -> str:
         return str(self.root / rel)
@@ -200,7 +238,7 @@ class DirectoryTree:
                 st = os.stat(self.root / rel)
             except FileNotFoundError as exc:
                 raise DataNotFoundError(f"image file {self.describe(rel)} is missing") from exc
-            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(fs_bytes(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n"))
         return h.hexdigest()
 
 
@@ -274,8 +312,8 @@ def _open_image(tree: Tree, rel: str, size: tuple[int, int] | None = None, load:
         raise DataError(f"image {tree.describe(rel)} is an empty file (0 bytes): replace or delete it")
     try:
         im = Image.open(io.BytesIO(data))
-        if size is not None and im.format == "JPEG":
-            im.draft(None, (size[1], size[0]))
+        if size is not None:
+            draft_jpeg(im, size)
         if load:
             im.load()
         return im
@@ -388,7 +426,7 @@ def decode_classes(
             None if preprocessing is not None else prep.to_dict(),
         )
 
-    listing = hashlib.sha1("\n".join(f"{p}\t{c}" for p, c in zip(paths, labels)).encode()).hexdigest()
+    listing = hashlib.sha1(fs_bytes("\n".join(f"{p}\t{c}" for p, c in zip(paths, labels)))).hexdigest()
     how = preprocessing.key() if preprocessing is not None else ["inferred", image_size]
     return cached_decode(name, [tree.fingerprint(paths), listing, how], build, cache_dir)
 
@@ -430,7 +468,7 @@ def scan_class_folders(tree: Tree, extensions: Sequence[str] | None = None, name
             "folder; put every image in a sub-folder named after its class"
         )
     report_skipped(name or tree.describe(""), skipped)
-    return paths, [posixpath.dirname(p) for p in paths]
+    return paths, [printable(posixpath.dirname(p)) for p in paths]
 
 
 def _init_decoded(ds: ClassDataset, decoded: Decoded, tree: Tree, name: str, preprocessing: Preprocessing | None) -> None:
@@ -482,7 +520,7 @@ class ClassFolder(ClassDataset):
         follow_outside_links: bool = False,
     ) -> None:
         with DirectoryTree(root, follow_outside_links=follow_outside_links) as tree:
-            name = name or tree.root.resolve().name
+            name = name or printable(tree.root.resolve().name)
             paths, labels = scan_class_folders(tree, extensions, f"folder-{name}")
             decoded = decode_classes(tree, paths, labels, preprocessing, f"folder-{name}", cache_dir, image_size)
             _init_decoded(self, decoded, tree, name, preprocessing)
@@ -494,22 +532,10 @@ def read_class_csv(data: bytes, where: str, filename_column: str, label_column: 
     Rows repeating an earlier ``(filename, label)`` row are dropped with a warning; a file
     listed under two labels is refused.
     """
-    reader = csv.DictReader(io.StringIO(decode_text(data, where, DataError)))
-    header = [h.strip() for h in reader.fieldnames or []]
-    reader.fieldnames = header
-    for column in (filename_column, label_column):
-        if column not in header:
-            raise DataError(
-                f"{where} has no column {column!r} (its header is {','.join(header) or 'empty'}); "
-                "pass filename_column=/label_column= to name the right columns"
-            )
     filenames, labels = [], []
     rows: dict[str, tuple[int, str]] = {}
     repeated: list[int] = []
-    for line, row in enumerate(reader, start=2):
-        filename, label = (row.get(filename_column) or "").strip(), (row.get(label_column) or "").strip()
-        if not filename or not label:
-            raise DataError(f"{where}, line {line}: empty {filename_column!r} or {label_column!r}")
+    for line, filename, label in _csv_rows(decode_text(data, where, DataError), where, filename_column, label_column):
         key = posixpath.normpath(filename)
         first = rows.setdefault(key, (line, label))
         if first[0] != line:
@@ -531,6 +557,33 @@ def read_class_csv(data: bytes, where: str, filename_column: str, label_column: 
             "both support and query of an episode", DuplicateRowsWarning, stacklevel=3,
         )
     return filenames, labels
+
+
+def _csv_rows(text: str, where: str, filename_column: str, label_column: str):
+    """``(line, filename, label)`` of each record after the header row, ``line`` the file line the record
+    starts on (blank lines and quoted fields spanning lines counted); a column missing, or named twice in
+    the header, is refused (:class:`DataError`)."""
+    reader = csv.reader(io.StringIO(text))
+    header = [h.strip() for h in next(reader, [])]
+    for column in (filename_column, label_column):
+        if column not in header:
+            raise DataError(
+                f"{where} has no column {column!r} (its header is {','.join(header) or 'empty'}); "
+                "pass filename_column=/label_column= to name the right columns"
+            )
+        if header.count(column) > 1:
+            raise DataError(f"{where} names column {column!r} {header.count(column)} times in its header "
+                            f"({','.join(header)}); rename or remove the extra ones so it is clear which one is read")
+    at = (header.index(filename_column), header.index(label_column))
+    start = reader.line_num + 1
+    for row in reader:
+        line, start = start, reader.line_num + 1
+        if not row:  # a blank line
+            continue
+        filename, label = ((row[i] if i < len(row) else "").strip() for i in at)
+        if not filename or not label:
+            raise DataError(f"{where}, line {line}: empty {filename_column!r} or {label_column!r}")
+        yield line, filename, label
 
 
 def _posix_separators(tree: Tree, path: str) -> str:

@@ -1,6 +1,7 @@
 """Omniglot (Lake, Salakhutdinov & Tenenbaum, 2015): 1,623 handwritten characters, 20 drawers each."""
 from __future__ import annotations
 
+import numbers
 import os
 from pathlib import Path
 from typing import Sequence
@@ -94,7 +95,7 @@ class Omniglot(ClassDataset):
         for s in sources or ():
             if s not in self.MD5:
                 raise unknown_name("Omniglot source", s, self.MD5)
-        rotations = tuple(int(r) for r in rotations)
+        rotations = _angles(rotations, self.ROTATIONS)
         if not rotations or len(set(rotations)) != len(rotations) or not set(rotations) <= set(self.ROTATIONS):
             raise ConfigError(f"rotations must be distinct angles among {self.ROTATIONS}, got {rotations}")
         if split_by not in self.SPLIT_BY:
@@ -203,6 +204,17 @@ class Omniglot(ClassDataset):
             return {"train": train, "val": val, "test": sorted(test)}[split]
         train, val, test = cut(everything, fractions)
         return {"train": train, "val": val, "test": test}[split]
+
+
+def _angles(rotations: Sequence, allowed: Sequence[int]) -> tuple[int, ...]:
+    """``rotations`` as ints, a value that is not a whole number of degrees (``90.5``, ``True``, ``"90"``)
+    refused (:class:`ConfigError`) rather than truncated to a neighbouring angle."""
+    out = []
+    for r in rotations:
+        if isinstance(r, bool) or not isinstance(r, numbers.Real) or not float(r).is_integer():
+            raise ConfigError(f"rotations must be whole multiples of 90 degrees among {tuple(allowed)}, got {r!r}")
+        out.append(int(r))
+    return tuple(out)
 
 
 def _merge(parts: Sequence[Decoded]) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:

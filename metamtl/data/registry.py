@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import inspect
 import os
+import posixpath
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..errors import ConfigError, DataNotFoundError, unknown_name, unknown_settings
+from ..errors import ConfigError, DataError, DataNotFoundError, unknown_name, unknown_settings
 from .base import ClassDataset, join_classes, split_names
-from .folder import ClassFolder, CSVClassDataset, resolve_root
+from .folder import ClassFolder, CSVClassDataset, DirectoryTree, image_extensions, printable, resolve_root
 from .miniimagenet import MiniImageNet
 from .omniglot import Omniglot
 
@@ -39,7 +40,9 @@ def _load_folder(split: str, root: Path, split_fractions: Sequence[float] = (0.6
     split folders but not this one is refused: its classes would be drawn from those splits)."""
     if (root / split).is_dir():
         kwargs = _stored_like_train(split, kwargs, (root / "train").is_dir(), lambda kw: ClassFolder(root / "train", **kw))
-        return ClassFolder(root / split, **kwargs)
+        ds = ClassFolder(root / split, **kwargs)
+        _refuse_shared_classes(root, split, ds.class_names, kwargs)
+        return ds
     present = [s for s in SPLIT_FOLDERS if (root / s).is_dir()]
     if present and split != "all":
         raise DataNotFoundError(
@@ -50,16 +53,37 @@ def _load_folder(split: str, root: Path, split_fractions: Sequence[float] = (0.6
     return _split_classes(ClassFolder(root, **kwargs), split, split_fractions, split_seed)
 
 
+def _refuse_shared_classes(root: Path, split: str, classes: Sequence[str], kwargs: dict) -> None:
+    """:class:`DataError` naming the classes of ``root/<split>/`` that another split folder also holds
+    (held-out classes must be new to the model); only file names are read, no image is decoded."""
+    exts = tuple(e.lower() for e in (kwargs.get("extensions") or image_extensions()))
+    for other in SPLIT_FOLDERS:
+        if other == split or not (root / other).is_dir():
+            continue
+        tree = DirectoryTree(root / other, follow_outside_links=bool(kwargs.get("follow_outside_links")))
+        theirs = {printable(posixpath.dirname(p)) for p in tree.files() if p.lower().endswith(exts)}
+        shared = sorted(set(classes) & theirs)
+        if shared:
+            raise DataError(
+                f"{root}: {len(shared)} class(es) are in both {split}/ and {other}/ ({', '.join(shared[:5])}"
+                f"{', ...' if len(shared) > 5 else ''}); the splits' classes must be disjoint, or held-out "
+                "episodes test classes the model was trained on: move or rename those class folders"
+            )
+
+
 def _load_csv(split: str, root: Path, csv_path: str | os.PathLike | None = None,
-              image_root: str | os.PathLike | None = None, **kwargs) -> ClassDataset:
-    """``csv_path`` (default ``root/<split>.csv``) with images under ``image_root``
-    (default ``root/images`` if it exists, else ``root``)."""
+              image_root: str | os.PathLike | None = None, split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
+              split_seed: int = 0, **kwargs) -> ClassDataset:
+    """``root/<split>.csv`` with images under ``image_root`` (default ``root/images`` if it exists, else
+    ``root``); or, given one ``csv_path`` for every split, ``split`` of its classes (as a folder without
+    split folders is split: ``split_fractions``/``split_seed``; ``"all"``: every class)."""
     if image_root is None:
         image_root = root / "images" if (root / "images").is_dir() else root
-    if csv_path is None:
-        kwargs = _stored_like_train(split, kwargs, (root / "train.csv").is_file(),
-                                    lambda kw: CSVClassDataset(root / "train.csv", image_root, **kw))
-    return CSVClassDataset(csv_path or root / f"{split}.csv", image_root, **kwargs)
+    if csv_path is not None:
+        return _split_classes(CSVClassDataset(csv_path, image_root, **kwargs), split, split_fractions, split_seed)
+    kwargs = _stored_like_train(split, kwargs, (root / "train.csv").is_file(),
+                                lambda kw: CSVClassDataset(root / "train.csv", image_root, **kw))
+    return CSVClassDataset(root / f"{split}.csv", image_root, **kwargs)
 
 
 def _stored_like_train(split: str, kwargs: dict, has_train: bool, load_train: Callable[[dict], ClassDataset]) -> dict:
@@ -102,8 +126,8 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
 
     ``root`` defaults to ``$METAMTL_DATA``.  ``kwargs`` go to the dataset's constructor; for
     ``"folder"`` and ``"csv"``, whose constructors have no split, ``split`` picks ``root/<split>/``
-    (or ``root/<split>.csv``), and a folder without split sub-folders is split by class with
-    ``split_fractions``/``split_seed`` (``split="all"``: every class).
+    (or ``root/<split>.csv``), and a folder without split sub-folders, or the one CSV file given as
+    ``csv_path=``, is split by class with ``split_fractions``/``split_seed`` (``split="all"``: every class).
 
     ``split="train+val"`` (any splits joined by ``+``) loads each split and joins their classes
     (:func:`~metamtl.data.base.join_classes`): the usual last step after choosing settings on
@@ -120,5 +144,18 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
     accepted = accepted_options(adapter, DATASETS[name]) if adapter else accepted_options(DATASETS[name])
     check_options("dataset", name, kwargs, accepted)
     if adapter is None:
-        return DATASETS[name](root=root, split=split, **kwargs)
-    return adapter(split, resolve_root(root, f"dataset {name!r}"), **kwargs)
+        return _refuse_empty(DATASETS[name](root=root, split=split, **kwargs), name, split, kwargs)
+    return _refuse_empty(adapter(split, resolve_root(root, f"dataset {name!r}"), **kwargs), name, split, kwargs)
+
+
+def _refuse_empty(ds: ClassDataset, name: str, split: str, kwargs: dict) -> ClassDataset:
+    """``ds``, or a :class:`DataError` when split fractions left split ``split`` without classes (e.g.
+    3 classes cut 0.6/0.2/0.2 give train 2, val 0, test 1): no episode could be drawn from it."""
+    if ds.num_classes > 0:
+        return ds
+    fractions = list(kwargs.get("split_fractions", (0.6, 0.2, 0.2)))
+    raise DataError(
+        f"split {split!r} of dataset {name!r} holds no classes: split_fractions {fractions} (train, val, test) "
+        f"of its classes give it none; give the split classes (more class folders or characters, or a larger "
+        "fraction in data.split_fractions) or leave it out (config: data.val_split / data.test_split: null)"
+    )

@@ -99,3 +99,32 @@ def test_csv_errors(csv_tree, tmp_path, cache_dir):
     csv.write_text("filename,label\na0.png,a\nghost.png,a\n")
     with pytest.raises(DataNotFoundError, match="ghost.png"):
         CSVClassDataset(csv, images)
+
+
+def test_csv_errors_cite_file_lines_and_refuse_a_repeated_column(csv_tree):
+    """Line numbers count blank lines and quoted fields spanning lines; two 'label' columns are refused."""
+    csv, images = csv_tree
+    csv.write_text("filename,label\n\na0.png,a\n\n\nb0.png,\n")
+    with pytest.raises(DataError, match="line 6: empty"):
+        CSVClassDataset(csv, images, cache_dir=False)
+    csv.write_text('filename,label\na0.png,"two\nlines"\nb0.png,\n')
+    with pytest.raises(DataError, match="line 4: empty"):
+        CSVClassDataset(csv, images, cache_dir=False)
+    csv.write_text("filename,label,label\na0.png,a,z\n")
+    with pytest.raises(DataError, match="names column 'label' 2 times"):
+        CSVClassDataset(csv, images, cache_dir=False)
+
+
+def test_file_and_folder_names_that_are_not_utf8_are_read(tmp_path, write_image, cache_dir):
+    """A folder b'caf\\xe9' and a file b'ok/\\xff.png' (Latin-1 names): read, the class named printably."""
+    import os
+
+    root = os.fsencode(tmp_path / "latin")
+    for i, (folder, file) in enumerate([(b"caf\xe9", b"0.png"), (b"caf\xe9", b"1.png"), (b"ok", b"\xff.png"),
+                                        (b"ok", b"2.png")]):
+        write_image(tmp_path / os.fsdecode(root + b"/" + folder + b"/" + file), (10 * i, 0, 0))
+    for cache in (cache_dir, cache_dir):  # written, then read back from the decode cache
+        ds = ClassFolder(os.fsdecode(root), cache_dir=cache)
+        assert ds.class_names == ["caf\\xe9", "ok"] and ds.class_counts.tolist() == [2, 2]
+        print(ds.class_names, repr(ds))  # printable: no surrogates left
+        "".join(ds.class_names).encode("utf-8")

@@ -153,6 +153,8 @@ def test_download_fetches_missing_archive_with_md5_check(omniglot_root, tmp_path
         ({"sources": []}, "at least one"),
         ({"rotations": (45,)}, "rotations"),
         ({"rotations": ()}, "rotations"),
+        ({"rotations": (90.5,)}, r"whole multiples of 90 .*got 90\.5"),
+        ({"rotations": (0, True)}, "whole multiples of 90"),
         ({"split_fractions": (0.5, 0.5)}, "split_fractions"),
     ],
 )

@@ -90,3 +90,37 @@ def test_join_classes_refuses_shared_classes_and_mixed_preprocessing(image_tree,
     other.preprocessing = Preprocessing(size=(3, 3), channels=3, mean=(0.5,) * 3, std=(1.0,) * 3)
     with pytest.raises(DataError, match="preprocessing differs"):
         join_classes([full.subset([0]), other])
+
+
+def test_a_split_left_without_classes_is_refused_naming_it(image_tree, cache_dir):
+    """3 classes cut 0.6/0.2/0.2 leave val without classes: refused when loaded, not a bare error later."""
+    from metamtl.errors import DataError
+
+    with pytest.raises(DataError, match=r"split 'val' of dataset 'folder' holds no classes") as err:
+        load_dataset("folder", "val", root=image_tree, cache_dir=cache_dir)
+    assert "data.split_fractions" in str(err.value) and "data.val_split" in str(err.value)
+    assert load_dataset("folder", "train", root=image_tree, cache_dir=cache_dir).num_classes == 2
+
+
+def test_one_csv_path_is_split_by_class_like_a_folder(image_tree, tmp_path, cache_dir):
+    """load_dataset("csv", split, csv_path=one file) gives each split its own classes (was: every class in each)."""
+    rows = [f"{p.relative_to(image_tree).as_posix()},{p.parent.name}" for p in sorted(image_tree.rglob("*.*"))
+            if p.suffix.lower() in (".png", ".jpg") and not p.parent.name.startswith(".")]
+    (tmp_path / "all.csv").write_text("filename,label\n" + "\n".join(rows) + "\n")
+    kw = dict(csv_path=tmp_path / "all.csv", image_root=image_tree, cache_dir=cache_dir, split_fractions=(0.4, 0.3, 0.3))
+    parts = [load_dataset("csv", s, tmp_path, **kw).class_names for s in ("train", "val", "test")]
+    assert sorted(c for p in parts for c in p) == ["cat", "dog", "owl"] and all(len(p) == 1 for p in parts)
+    assert load_dataset("csv", "all", tmp_path, **kw).class_names == ["cat", "dog", "owl"]
+
+
+def test_a_class_in_two_split_folders_is_refused_naming_it(tmp_path, write_image, cache_dir):
+    """root/train/t0 and root/test/t0: held-out classes must be disjoint, refused naming the class and splits."""
+    from metamtl.errors import DataError
+
+    for split, classes in (("train", ["t0", "t1"]), ("test", ["t0", "x1"])):
+        for c in classes:
+            for i in range(2):
+                write_image(tmp_path / split / c / f"{i}.png", (10 * i, len(c), 7 if split == "test" else 3))
+    for split, other in (("train", "test"), ("test", "train")):
+        with pytest.raises(DataError, match=rf"1 class\(es\) are in both {split}/ and {other}/ \(t0\)"):
+            load_dataset("folder", split, root=tmp_path, cache_dir=cache_dir)

@@ -192,6 +192,25 @@ def test_a_huge_jpeg_is_decoded_at_a_reduced_scale_without_blowing_up_memory(tmp
     assert grown_mb < 50, f"peak memory grew by {grown_mb} MB decoding one large JPEG"
 
 
+def test_a_jpeg_gives_the_same_tensor_in_training_and_predict(tmp_path):
+    """A 64x64 JPEG stored at 16x16 is decoded at a reduced scale; the same file opened with PIL and
+    given to the preprocessing (what predict does) is decoded the same way, the caller's image untouched."""
+    import io
+
+    rng = np.random.default_rng(0)
+    for c in "ab":
+        for i in range(2):
+            (tmp_path / c).mkdir(exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.jpg", quality=95)
+    ds = ClassFolder(tmp_path, image_size=16, cache_dir=False)
+    for j, source in enumerate(ds.sources):
+        with Image.open(source) as im:
+            assert torch.equal(ds.preprocessing.decode(im), ds.images[j])
+            assert im.size == (64, 64)  # left as the caller opened it
+        with Image.open(io.BytesIO(Path(source).read_bytes())) as im:
+            assert torch.equal(ds.preprocessing(im)[0].mul(255).round().to(torch.uint8), ds.images[j])
+
+
 # -- formats: every format PIL can open is read; skipped files reported in one line ------------
 
 FORMATS = [("bmp", "RGB"), ("gif", "P"), ("jpg", "RGB"), ("png", "RGB"), ("ppm", "RGB"), ("pgm", "L"),
@@ -393,6 +412,18 @@ def test_duplicate_csv_rows_are_dropped_with_a_warning(tmp_path):
     assert_no_leak(ds, shots=1, queries=2)
 
 
+@pytest.mark.parametrize("link", ["a_link", "zz_link"])
+def test_a_link_to_a_class_folder_is_the_copy_skipped_not_the_folder(tmp_path, link):
+    """root/z_real + root/<link> -> z_real: the class is z_real and the link is reported, whatever sorts first."""
+    for c, folder in enumerate(["z_real", "b"]):
+        for i in range(2):
+            save(tmp_path / folder / f"{i}.png", ramp(offset=10 * c + i))
+    os.symlink("z_real", tmp_path / link)
+    ds, messages = load(tmp_path)
+    assert ds.class_names == ["b", "z_real"]
+    assert any("already read" in m and link in m and "z_real," not in m for m in messages), messages
+
+
 def test_a_file_listed_under_two_labels_is_refused(tmp_path):
     save(tmp_path / "img" / "x.png", ramp())
     (tmp_path / "l.csv").write_text("filename,label\nx.png,cat\nx.png,dog\n")
@@ -404,6 +435,14 @@ def test_a_file_linked_into_two_class_folders_is_refused(tmp_path):
     save(tmp_path / "a" / "0.png", ramp(offset=1))
     save(tmp_path / "b" / "1.png", ramp(offset=2))
     os.symlink(tmp_path / "a" / "0.png", tmp_path / "b" / "0.png")
+    with pytest.raises(DataError, match=r"b/0\.png is listed under class 'b' but the same file .*a/0\.png.* class 'a'"):
+        load(tmp_path)
+
+
+def test_a_file_hard_linked_into_two_class_folders_is_refused(tmp_path):
+    save(tmp_path / "a" / "0.png", ramp(offset=1))
+    save(tmp_path / "b" / "1.png", ramp(offset=2))
+    os.link(tmp_path / "a" / "0.png", tmp_path / "b" / "0.png")
     with pytest.raises(DataError, match=r"b/0\.png is listed under class 'b' but the same file .*a/0\.png.* class 'a'"):
         load(tmp_path)
 
