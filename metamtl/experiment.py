@@ -579,14 +579,13 @@ def refresh_steps_curve(run_dir: str | Path, episodes: int | None = None, steps:
 
 
 def _write_report(run_dir: Path, results: dict[str, Any], say: Any) -> None:
-    try:
-        from .reporting.report import write_report
+    """The run's report, if it can be written (a failure is a warning: the results are saved)."""
+    from .reporting.report import write_report_safely
 
-        path = write_report(run_dir)
+    path = write_report_safely(run_dir)
+    if path is not None:
         results["report"] = str(path)
         say(f"[metamtl] report: {path}")
-    except ImportError:
-        pass
 
 
 def run_stages(cfg: Config, resume: str | Path | None = None, progress: bool = True,
