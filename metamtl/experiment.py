@@ -524,7 +524,8 @@ def write_run_steps_curve(learner: MetaLearner, cfg: Config, results: dict[str, 
     0: none), ``steps`` (default ``logging.report_steps``, else 0..2x the evaluation steps).
 
     Under torchrun every rank calls it (the evaluations are shared); rank 0 ``write``s.  A failure
-    (e.g. data moved away) is recorded in the file, for the report to show, and not raised.
+    (e.g. data moved away) is recorded in the file, for the report to show, and not raised; a valid
+    curve already there is kept, with the failure beside it (:func:`steps_curve.write_failure`).
     """
     episodes = cfg.logging.report_steps_episodes if episodes is None else episodes
     if not episodes:
@@ -555,7 +556,7 @@ def refresh_steps_curve(run_dir: str | Path, episodes: int | None = None, steps:
     ``steps_curve.json`` already holds it for these episodes and steps (``metamtl report``).
 
     A failure of the run's own (its learner, its data) is recorded in ``steps_curve.json`` for the
-    report; an unusable ``device`` is the caller's: :class:`ConfigError` before anything is written.
+    report, never in place of a valid curve there (kept, the failure beside it); an unusable ``device`` is the caller's: :class:`ConfigError` before anything is written.
     """
     from .config import config_from_dict
     from .reporting.report import load_run

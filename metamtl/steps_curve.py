@@ -99,8 +99,20 @@ def write_steps_curve(run_dir: str | os.PathLike, learner: Any, sources: Mapping
 
 
 def write_failure(run_dir: str | os.PathLike, exc: BaseException) -> None:
-    """Record why the curve could not be computed (the report shows it instead of the plot)."""
-    (Path(run_dir) / STEPS_FILE).write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+    """Record why the curve could not be computed (the report shows it instead of the plot).
+
+    A valid curve already saved (e.g. the run's own, when ``metamtl report --steps ...`` cannot
+    reach the data) is never replaced: it is kept with the failure under ``refresh_error``, and
+    a warning says so; the report shows that curve and why it could not be recomputed."""
+    path = Path(run_dir) / STEPS_FILE
+    error = f"{type(exc).__name__}: {exc}"
+    saved, _ = _load(path)
+    if saved is None or "error" in saved:
+        path.write_text(json.dumps({"error": error}))
+        return
+    warnings.warn(f"{path}: the curve could not be computed again ({error}); the one saved before is kept",
+                  RuntimeWarning, stacklevel=2)
+    path.write_text(json.dumps({**saved, "refresh_error": error}, indent=1))
 
 
 def _is_number(value: Any) -> bool:
@@ -129,6 +141,16 @@ def shape_problem(data: Any) -> str | None:
     return None
 
 
+def _load(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``(the saved curve or error record, None)``, or ``(None, what is wrong with the file)``."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return None, f"is not readable ({exc})"
+    problem = shape_problem(data)
+    return (data, None) if problem is None else (None, f"is malformed: {problem}")
+
+
 def read_steps_curve(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The saved curve (or ``{"error": ...}``), ``None`` if the run has none.
 
@@ -137,15 +159,9 @@ def read_steps_curve(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     path = Path(run_dir) / STEPS_FILE
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        what = f"is not readable ({exc})"
-    else:
-        problem = shape_problem(data)
-        if problem is None:
-            return data
-        what = f"is malformed: {problem}"
+    data, what = _load(path)
+    if data is not None:
+        return data
     warnings.warn(f"{path} {what}; the report goes on without its curve (`metamtl report RUN_DIR` recomputes it)",
                   RuntimeWarning, stacklevel=2)
     return {"error": f"{path.name} {what}"}

@@ -273,6 +273,9 @@ def _steps_section(run_dir: Path, cfg: Mapping[str, Any], embed: bool) -> str:
         f"<tr><td>{_e(c['setting'])}</td>" + "".join(
             f"<td class=num>{scale * m:.2f} ± {scale * e:.2f}</td>" for m, e in zip(c["mean"], c["ci95"]))
         + "</tr>" for c in data["curves"])
+    if data.get("refresh_error"):
+        note = f"This is the curve saved before; computing it again (other steps or episodes) failed: {data['refresh_error']}"
+        html_ = f'<p class="note">{_e(note)}</p>' + html_
     return html_ + ("<table><tr><th>setting \\ steps</th>" + "".join(f"<th>{s}</th>" for s in data["steps"])
                     + f"</tr>{rows}</table>")
 

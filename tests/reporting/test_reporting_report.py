@@ -351,3 +351,26 @@ def test_a_report_that_fails_never_fails_the_run(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match="metamtl report RUN_DIR"):
         _write_report(run, results, print)
     assert "report" not in results and not (run / "report.html").exists()
+
+
+def test_a_failed_recomputation_keeps_the_runs_valid_curve(tiny_run, tmp_path, capsys):
+    """`metamtl report --steps ...` without the data: the run's own steps_curve.json stays (the
+    failure beside it, shown on the page), never replaced by an error record."""
+    from metamtl.steps_curve import write_failure
+
+    run_dir, _ = tiny_run
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved, ignore=shutil.ignore_patterns("wandb"))
+    res = json.loads((moved / "results.json").read_text())
+    res["config"]["data"]["root"] = str(tmp_path / "nowhere")
+    (moved / "results.json").write_text(json.dumps(res))
+    before = json.loads((moved / "steps_curve.json").read_text())
+    with pytest.warns(RuntimeWarning, match="the one saved before is kept"):
+        assert main(["report", str(moved), "--steps", "0", "1", "5", "--no-progress"]) == 0
+    after = json.loads((moved / "steps_curve.json").read_text())
+    assert after.pop("refresh_error").startswith("DataNotFoundError") and after == before
+    text = (moved / "report.html").read_text()
+    assert "steps_curve.png" in text and "computing it again (other steps or episodes) failed: DataNotFoundError" in text
+    (moved / "steps_curve.json").write_text("{}")  # a malformed file is no curve to keep
+    write_failure(moved, OSError("gone"))
+    assert json.loads((moved / "steps_curve.json").read_text()) == {"error": "OSError: gone"}
