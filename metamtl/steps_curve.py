@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .checkpoint import atomic_write_json
 from .progress_bars import progress_bar
 
 STEPS_FILE = "steps_curve.json"
@@ -94,7 +95,7 @@ def write_steps_curve(run_dir: str | os.PathLike, learner: Any, sources: Mapping
     out = {"key": cache_key(run_dir / "learner.pt", episodes, steps), "split": split, "episodes": episodes,
            "steps": steps, "trained_steps": learner.algorithm.inner.steps, "eval_steps": eval_steps, "curves": curves}
     if write:
-        (run_dir / STEPS_FILE).write_text(json.dumps(out, indent=1))
+        atomic_write_json(run_dir / STEPS_FILE, out, indent=1)
     return out
 
 
@@ -108,11 +109,11 @@ def write_failure(run_dir: str | os.PathLike, exc: BaseException) -> None:
     error = f"{type(exc).__name__}: {exc}"
     saved, _ = _load(path)
     if saved is None or "error" in saved:
-        path.write_text(json.dumps({"error": error}))
+        atomic_write_json(path, {"error": error})
         return
     warnings.warn(f"{path}: the curve could not be computed again ({error}); the one saved before is kept",
                   RuntimeWarning, stacklevel=2)
-    path.write_text(json.dumps({**saved, "refresh_error": error}, indent=1))
+    atomic_write_json(path, {**saved, "refresh_error": error}, indent=1)
 
 
 def _is_number(value: Any) -> bool:

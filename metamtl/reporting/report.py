@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..callbacks import Callback, FitState
+from ..checkpoint import atomic_write_text
 from ..errors import ConfigError
 from ..steps_curve import read_steps_curve
 from . import plots
@@ -206,7 +207,7 @@ def write_report(run_dir: str | os.PathLike, *, embed: bool = False) -> Path:
                 ("Accuracy vs number of inner steps at test time", lambda: _steps_section(run_dir, cfg, embed))]
     figures = [(title, _drawn(title, run_dir, build, _not_drawn)) for title, build in builders]
     out = run_dir / "report.html"
-    out.write_text(_report_page(run_dir, results, figures))
+    atomic_write_text(out, _report_page(run_dir, results, figures))
     return out
 
 
@@ -462,5 +463,5 @@ def _comparison_page(out: Path, runs: list[tuple], figs: list[tuple], embed: boo
 <th>held-out accuracy (95% CI)</th><th>commit</th></tr>{''.join(rows)}</table>
 {''.join(f'<h2>{_e(t)}</h2>' + _figure(p, t, c, embed, out.parent) for t, p, c in figs if p is not None)}
 </body></html>"""
-    out.write_text(body)
+    atomic_write_text(out, body)
     return out
