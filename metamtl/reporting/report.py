@@ -450,7 +450,7 @@ def _comparison_page(out: Path, runs: list[tuple], figs: list[tuple], embed: boo
     for d, results, *_ in runs:
         cfg = results.get("config", {})
         link = os.path.relpath(d / "report.html", out.parent)
-        tests = "<br>".join(f"{_e(_setting(r))}: <b class=nowrap>{_value(r)}</b>" for r in results.get("test", []))
+        tests = "<br>".join(f"{_e(_setting(r))}: <b class=nowrap>{_e(_value(r))}</b>" for r in results.get("test", []))
         rows.append(f"<tr><td><a href='{_e(link)}'>{_e(results.get('name'))}</a></td>"
                     f"<td>{_e(cfg.get('algorithm', {}).get('name'))}</td><td>{_e(protocol(cfg)[0])}</td>"
                     f"<td class=num>{results.get('iterations')}</td><td class=num>{results.get('train_seconds') or 0:.0f}</td>"

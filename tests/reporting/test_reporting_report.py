@@ -374,3 +374,14 @@ def test_a_failed_recomputation_keeps_the_runs_valid_curve(tiny_run, tmp_path, c
     (moved / "steps_curve.json").write_text("{}")  # a malformed file is no curve to keep
     write_failure(moved, OSError("gone"))
     assert json.loads((moved / "steps_curve.json").read_text()) == {"error": "OSError: gone"}
+
+
+def test_comparison_page_escapes_the_skipped_reason(tmp_path, monkeypatch):
+    from metamtl.reporting import report
+
+    monkeypatch.setattr(report.plots, "plot_comparison", lambda *a, **k: None)
+    reason = "only 3 < 50 held-out classes & <b>no</b> episodes"
+    run = _small_run(tmp_path / "r", [_row(0.6, 0.1), {"ways": 50, "shots": 1, "skipped": reason}], history=[])
+    text = write_comparison([run], tmp_path / "cmp.html").read_text()
+    assert "skipped: only 3 &lt; 50 held-out classes &amp; &lt;b&gt;no&lt;/b&gt; episodes" in text
+    assert reason not in text and "<b>no</b>" not in text
