@@ -8,6 +8,7 @@ a crash or a killed process leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pickle
 import re
@@ -18,7 +19,7 @@ import time
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import IO, Any, Callable, Mapping
 
 import torch
 
@@ -70,8 +71,55 @@ class _TrackedFile:
         self.fh.flush()
 
 
+def atomic_write(path: str | os.PathLike, fill: Callable[[IO], Any], *, text: bool = False) -> Path:
+    """Write file ``path`` atomically: ``fill(fh)`` writes a new temporary file in the same folder
+    (``text``: opened as UTF-8 text, else binary), which is fsynced and renamed over ``path``.
+
+    The one temp-file-then-rename writer of metamtl's files (checkpoints, results, histories,
+    curves, reports): whatever fails midway (``fill`` raising after partial output, a full disk,
+    a killed process) leaves the previous file intact and no temporary file behind; the error is
+    raised as it came.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # O_EXCL: never reuse a file; mode 0o666 so the umask applies as for any other file
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with (os.fdopen(fd, "w", encoding="utf-8") if text else os.fdopen(fd, "wb")) as fh:
+            fill(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, content: str) -> Path:
+    """``Path.write_text`` made atomic (:func:`atomic_write`)."""
+    return atomic_write(path, lambda fh: fh.write(content), text=True)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> Path:
+    """``json.dump(obj, file, **dump_kwargs)`` to ``path`` atomically (:func:`atomic_write`)."""
+    return atomic_write(path, lambda fh: json.dump(obj, fh, **dump_kwargs), text=True)
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to ``path`` atomically (temp file + fsync + rename).
+    """``torch.save`` to ``path`` atomically (:func:`atomic_write`: temp file + fsync + rename).
 
     Raises :class:`CheckpointError` when the folder cannot be created or written (read-only,
     disk full, file size limit); then no file was replaced and no temporary file is left.
@@ -80,36 +128,19 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     if path.is_dir():
         raise CheckpointError(f"cannot write checkpoint {path}: it is a folder; give a file path such as "
                               f"{path / 'learner.pt'}")
+    tracked: list[_TrackedFile] = []  # empty while the temporary file is not open yet
+
+    def fill(fh: Any) -> None:
+        tracked.append(_TrackedFile(fh))
+        torch.save(obj, tracked[0])
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # O_EXCL: never reuse a file; mode 0o666 so the umask applies as for any other file
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    except OSError as exc:
-        raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}; choose another "
-                              "output directory or fix its permissions") from exc
-    tracked = None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            tracked = _TrackedFile(fh)
-            torch.save(obj, tracked)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        try:  # make the rename itself durable
-            dfd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
+        return atomic_write(path, fill)
     except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        cause = exc if isinstance(exc, OSError) else tracked.error if tracked is not None else None
+        if not tracked and isinstance(exc, OSError):
+            raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}; choose another "
+                                  "output directory or fix its permissions") from exc
+        cause = exc if isinstance(exc, OSError) else tracked[0].error if tracked else None
         if cause is not None and isinstance(exc, (OSError, RuntimeError)):
             raise CheckpointError(
                 f"could not write checkpoint {path}: {cause.strerror or cause}. Nothing was replaced: "
@@ -117,7 +148,6 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
                 "free disk space or choose another output directory"
             ) from exc
         raise
-    return path
 
 
 def _check_crcs(path: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -93,7 +92,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"[metamtl] {where}{splits.get(label, args.split or 'test')} split: {result}")
         out[label] = result.to_dict()
     if args.json:
-        Path(args.json).write_text(json.dumps(out if len(out) > 1 else out[next(iter(out))], indent=2))
+        from .checkpoint import atomic_write_json
+
+        atomic_write_json(args.json, out if len(out) > 1 else out[next(iter(out))], indent=2)
     return 0
 
 

@@ -26,7 +26,7 @@ from .config import Config, DataConfig, is_regression
 from .data.augment import check_fits
 from .data.base import ClassDataset
 from .environment import git_commit, machine_info
-from .checkpoint import DERIVED_FILES, RUN_FILES, RunFolderLock, ensure_writable_dir
+from .checkpoint import DERIVED_FILES, RUN_FILES, RunFolderLock, atomic_write_json, ensure_writable_dir
 from .errors import CheckpointError, ConfigError, TaskError
 from .inputs import as_support_augment
 from .learner import EvalResult, MetaLearner
@@ -417,8 +417,8 @@ def _run(cfg: Config, resume: str | Path | None, progress: bool, callbacks: list
         results["test"] = evaluate_held_out(learner, cfg, tasks["test"], progress, say)
         results["eval_seconds"] = time.perf_counter() - t2
     if main_process:
-        (run_dir / "history.json").write_text(json.dumps(learner.history))
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        atomic_write_json(run_dir / "history.json", learner.history)
+        atomic_write_json(run_dir / "results.json", results, indent=2)
     if cfg.logging.report:
         write_run_steps_curve(learner, cfg, results, progress, main_process)
     CallbackList(cbs).on_results(learner.fit_state, results)
@@ -524,7 +524,8 @@ def write_run_steps_curve(learner: MetaLearner, cfg: Config, results: dict[str, 
     0: none), ``steps`` (default ``logging.report_steps``, else 0..2x the evaluation steps).
 
     Under torchrun every rank calls it (the evaluations are shared); rank 0 ``write``s.  A failure
-    (e.g. data moved away) is recorded in the file, for the report to show, and not raised.
+    (e.g. data moved away) is recorded in the file, for the report to show, and not raised; a valid
+    curve already there is kept, with the failure beside it (:func:`steps_curve.write_failure`).
     """
     episodes = cfg.logging.report_steps_episodes if episodes is None else episodes
     if not episodes:
@@ -555,7 +556,7 @@ def refresh_steps_curve(run_dir: str | Path, episodes: int | None = None, steps:
     ``steps_curve.json`` already holds it for these episodes and steps (``metamtl report``).
 
     A failure of the run's own (its learner, its data) is recorded in ``steps_curve.json`` for the
-    report; an unusable ``device`` is the caller's: :class:`ConfigError` before anything is written.
+    report, never in place of a valid curve there (kept, the failure beside it); an unusable ``device`` is the caller's: :class:`ConfigError` before anything is written.
     """
     from .config import config_from_dict
     from .reporting.report import load_run
@@ -579,14 +580,13 @@ def refresh_steps_curve(run_dir: str | Path, episodes: int | None = None, steps:
 
 
 def _write_report(run_dir: Path, results: dict[str, Any], say: Any) -> None:
-    try:
-        from .reporting.report import write_report
+    """The run's report, if it can be written (a failure is a warning: the results are saved)."""
+    from .reporting.report import write_report_safely
 
-        path = write_report(run_dir)
+    path = write_report_safely(run_dir)
+    if path is not None:
         results["report"] = str(path)
         say(f"[metamtl] report: {path}")
-    except ImportError:
-        pass
 
 
 def run_stages(cfg: Config, resume: str | Path | None = None, progress: bool = True,
@@ -627,8 +627,8 @@ def run_stages(cfg: Config, resume: str | Path | None = None, progress: bool = T
     results.update(stages=done, iterations=sum(d["iterations"] for d in done),
                    train_seconds=sum(d["train_seconds"] for d in done), config=cfg.to_dict())
     if distributed.launch_env().is_main_process:
-        (cfg.run_dir / "history.json").write_text(json.dumps(history))
-        (cfg.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        atomic_write_json(cfg.run_dir / "history.json", history)
+        atomic_write_json(cfg.run_dir / "results.json", results, indent=2)
         if cfg.logging.report:  # over the last stage's page: every stage's history, the same path
             _write_report(cfg.run_dir, results, lambda *a: None)
     return results
@@ -823,7 +823,7 @@ def _evaluate_ensemble(cfg: Config, last: Config, members: list[tuple[str, Confi
         results["eval_seconds"] = time.perf_counter() - t
     if cfg.logging.wandb:  # the members logged their own trainings; this run logs the ensemble's rows
         wandb_logger(cfg, tags=["ensemble"]).log_evaluation(results)
-    (cfg.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_json(cfg.run_dir / "results.json", results, indent=2)
     if cfg.logging.report:
         _write_report(cfg.run_dir, results, say)
     return results

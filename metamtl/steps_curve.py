@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .checkpoint import atomic_write_json
 from .progress_bars import progress_bar
 
 STEPS_FILE = "steps_curve.json"
@@ -93,21 +95,74 @@ def write_steps_curve(run_dir: str | os.PathLike, learner: Any, sources: Mapping
     out = {"key": cache_key(run_dir / "learner.pt", episodes, steps), "split": split, "episodes": episodes,
            "steps": steps, "trained_steps": learner.algorithm.inner.steps, "eval_steps": eval_steps, "curves": curves}
     if write:
-        (run_dir / STEPS_FILE).write_text(json.dumps(out, indent=1))
+        atomic_write_json(run_dir / STEPS_FILE, out, indent=1)
     return out
 
 
 def write_failure(run_dir: str | os.PathLike, exc: BaseException) -> None:
-    """Record why the curve could not be computed (the report shows it instead of the plot)."""
-    (Path(run_dir) / STEPS_FILE).write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+    """Record why the curve could not be computed (the report shows it instead of the plot).
+
+    A valid curve already saved (e.g. the run's own, when ``metamtl report --steps ...`` cannot
+    reach the data) is never replaced: it is kept with the failure under ``refresh_error``, and
+    a warning says so; the report shows that curve and why it could not be recomputed."""
+    path = Path(run_dir) / STEPS_FILE
+    error = f"{type(exc).__name__}: {exc}"
+    saved, _ = _load(path)
+    if saved is None or "error" in saved:
+        atomic_write_json(path, {"error": error})
+        return
+    warnings.warn(f"{path}: the curve could not be computed again ({error}); the one saved before is kept",
+                  RuntimeWarning, stacklevel=2)
+    atomic_write_json(path, {**saved, "refresh_error": error}, indent=1)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def shape_problem(data: Any) -> str | None:
+    """What makes ``data`` not a steps curve as :func:`write_steps_curve` writes it (or an error
+    record ``{"error": "..."}``); ``None`` when it is one.  NaN values are allowed (drawn as missing)."""
+    if not isinstance(data, dict):
+        return f"expected a JSON object, found {type(data).__name__}"
+    if "error" in data:
+        return None if isinstance(data["error"], str) else "its 'error' is not a text"
+    steps = data.get("steps")
+    if not isinstance(steps, list) or not steps or not all(_is_number(s) for s in steps):
+        return "'steps' is missing or not a non-empty list of numbers"
+    for key, kind in (("split", str), ("episodes", int), ("trained_steps", int), ("curves", list)):
+        if not isinstance(data.get(key), kind):
+            return f"{key!r} is missing or not a {kind.__name__}"
+    for i, c in enumerate(data["curves"]):
+        if not isinstance(c, dict) or not isinstance(c.get("setting"), str) or c.get("metric") not in ("accuracy", "loss"):
+            return f"curve {i} is not an object with a 'setting' text and a 'metric' (accuracy or loss)"
+        for key in ("mean", "ci95"):
+            if not isinstance(c.get(key), list) or len(c[key]) != len(steps) or not all(map(_is_number, c[key])):
+                return f"curve {i}'s {key!r} is not a list of {len(steps)} numbers (one per step count)"
+    return None
+
+
+def _load(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``(the saved curve or error record, None)``, or ``(None, what is wrong with the file)``."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return None, f"is not readable ({exc})"
+    problem = shape_problem(data)
+    return (data, None) if problem is None else (None, f"is malformed: {problem}")
 
 
 def read_steps_curve(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The saved curve (or ``{"error": ...}``), ``None`` if the run has none."""
+    """The saved curve (or ``{"error": ...}``), ``None`` if the run has none.
+
+    A file that cannot be read, is not JSON or not shaped like a curve gives a warning naming it and
+    what is wrong, and ``{"error": ...}`` saying so (a report shows that instead of the plot)."""
     path = Path(run_dir) / STEPS_FILE
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        return {"error": f"{path.name} is not readable ({exc})"}
+    data, what = _load(path)
+    if data is not None:
+        return data
+    warnings.warn(f"{path} {what}; the report goes on without its curve (`metamtl report RUN_DIR` recomputes it)",
+                  RuntimeWarning, stacklevel=2)
+    return {"error": f"{path.name} {what}"}

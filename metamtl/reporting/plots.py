@@ -37,6 +37,16 @@ def ema(values: Sequence[float], alpha: float | None = None) -> list[float]:
     return out
 
 
+def finite(value: Any, default: float = float("nan")) -> float:
+    """``value`` as a float when it is a finite number, else ``default`` (NaN, inf, None, text:
+    drawn as missing, never a crash or an axis stretched to infinity)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return default
+    return value if math.isfinite(value) else default
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
@@ -76,7 +86,7 @@ def plot_learning_curves(history: Sequence[Mapping[str, float]], path: Path) -> 
         scale = 100.0 if _percent(name) else 1.0
         for k, (stage, rows) in enumerate(_by_stage(train)):
             xs = [r["iteration"] for r in rows]
-            ys = [scale * r.get(f"train/{name}", float("nan")) for r in rows]
+            ys = [scale * finite(r.get(f"train/{name}")) for r in rows]
             ax.plot(xs, ys, alpha=0.2, color="C0", lw=0.8)
             ax.plot(xs, ema(ys), color="C0", label="train tasks (EMA)" if k == 0 else None)
             if stage is not None:
@@ -84,8 +94,8 @@ def plot_learning_curves(history: Sequence[Mapping[str, float]], path: Path) -> 
                 ax.annotate(str(stage), (xs[0], 1.0), xycoords=("data", "axes fraction"), va="top", fontsize=8)
         if val:
             xs = [r["iteration"] for r in val]
-            ys = [scale * r.get(f"val/{name}", float("nan")) for r in val]
-            ci = [scale * r.get(f"val/{name}_ci95", 0.0) for r in val]
+            ys = [scale * finite(r.get(f"val/{name}")) for r in val]
+            ci = [scale * finite(r.get(f"val/{name}_ci95"), 0.0) for r in val]
             ax.errorbar(xs, ys, yerr=ci, color="C1", marker="o", ms=4, capsize=3, label="validation (95% CI)")
         ax.set_xlabel("meta-iteration")
         ax.set_ylabel(f"query {name}" + (" (%)" if scale != 1 else ""))
@@ -106,9 +116,9 @@ def plot_inner_losses(history: Sequence[Mapping[str, float]], path: Path) -> Pat
     xs = [r["iteration"] for r in train]
     cmap = plt.get_cmap("viridis")
     for i, key in enumerate(keys):
-        ys = [r.get(key, float("nan")) for r in train]
+        ys = [finite(r.get(key)) for r in train]
         ax.plot(xs, ema(ys), color=cmap(i / max(1, len(keys))), label=f"support, before step {key.rsplit('_', 1)[1]}")
-    ax.plot(xs, ema([r["train/loss"] for r in train]), color="C3", ls="--", label="query, after adaptation")
+    ax.plot(xs, ema([finite(r["train/loss"]) for r in train]), color="C3", ls="--", label="query, after adaptation")
     ax.set_xlabel("meta-iteration")
     ax.set_ylabel("loss (EMA)")
     ax.grid(alpha=0.3)
@@ -126,7 +136,8 @@ def plot_curves(curves: Sequence[Mapping[str, Any]], path: Path, xlabel: str, yl
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for i, c in enumerate(curves):
-        ax.errorbar(c["x"], c["y"], yerr=c.get("ci95"), marker="o", ms=4, capsize=3, color=f"C{i}",
+        ci = [finite(e, 0.0) for e in c["ci95"]] if c.get("ci95") is not None else None
+        ax.errorbar(c["x"], [finite(y) for y in c["y"]], yerr=ci, marker="o", ms=4, capsize=3, color=f"C{i}",
                     label=c["label"])
     if vline is not None:
         ax.axvline(vline[0], color="C3", ls="--", lw=1.2, alpha=0.7, zorder=0, label=vline[1])
@@ -144,6 +155,7 @@ def plot_comparison(bars: Sequence[Mapping[str, Any]], path: Path, title: str = 
 
     Each bar: ``{"group"`` (x-axis group, e.g. ``"5-way 1-shot"``), ``"label"`` (legend entry),
     ``"value"`` (%), ``"ci95"`` (% or ``None``), ``"reference"`` (bool: published number)``}``.
+    A value that is not a finite number is drawn as a missing bar ("n/a"), a CI that is not as no whisker.
     """
     if not bars:
         return None
@@ -164,15 +176,18 @@ def plot_comparison(bars: Sequence[Mapping[str, Any]], path: Path, title: str = 
         present = per_group[group]
         for j, b in enumerate(present):
             x = g + width * (j - (len(present) - 1) / 2)
-            e = b["ci95"] or 0.0
+            value, e = finite(b["value"]), finite(b["ci95"], 0.0)
+            if math.isnan(value):  # missing: a mark at the foot of the axis, no bar
+                ax.annotate("n/a", (x, 0.0), xycoords=("data", "axes fraction"), ha="center", va="bottom", fontsize=7)
+                continue
             ref = bool(b["reference"])
-            ax.bar([x], [b["value"]], width * 0.92, yerr=[e], capsize=4, color=colors[b["label"]],
+            ax.bar([x], [value], width * 0.92, yerr=[e], capsize=4, color=colors[b["label"]],
                    hatch="//" if ref else None, edgecolor="0.4" if ref else None,
                    label=None if b["label"] in drawn else b["label"])
             drawn.add(b["label"])
-            ax.annotate(f"{b['value']:.1f}", (x, b["value"] + e), ha="center", va="bottom", fontsize=7,
+            ax.annotate(f"{value:.1f}", (x, value + e), ha="center", va="bottom", fontsize=7,
                         xytext=(0, 1), textcoords="offset points")
-            lows.append(b["value"] - e)
+            lows.append(value - e)
     ax.set_xticks(range(len(groups)))
     wrapped = [textwrap.fill(g, 22) for g in groups]  # long settings wrap, never overlap
     ax.set_xticklabels(wrapped, fontsize=8)
@@ -183,6 +198,7 @@ def plot_comparison(bars: Sequence[Mapping[str, Any]], path: Path, title: str = 
     if title:
         ax.set_title(title)
     lines = max(w.count("\n") + 1 for w in wrapped)  # the legend goes below the wrapped labels
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.06 - 0.055 * lines), ncol=min(3, len(labels)),
-              frameon=False)
+    if drawn:
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.06 - 0.055 * lines),
+                  ncol=min(3, len(labels)), frameon=False)
     return _save(fig, path)

@@ -16,10 +16,12 @@ import base64
 import html
 import json
 import os
+import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..callbacks import Callback, FitState
+from ..checkpoint import atomic_write_text
 from ..errors import ConfigError
 from ..steps_curve import read_steps_curve
 from . import plots
@@ -193,19 +195,39 @@ def write_report(run_dir: str | os.PathLike, *, embed: bool = False) -> Path:
     run_dir = Path(run_dir)
     results, history = load_run(run_dir)
     cfg = results.get("config", {})
-    figures = [("Accuracy with 95% CI", _accuracy_figure(run_dir, results, embed)),
-               ("Learning curves", _figure(
-                   plots.plot_learning_curves(history, run_dir / "learning_curves.png"), "learning curves",
-                   "Query loss and accuracy after adaptation on meta-training tasks (faint: per iteration; solid: "
-                   "moving average) and on fixed validation episodes (95% CI).", embed, run_dir)),
-               ("Inner loop during meta-training", _figure(
-                   plots.plot_inner_losses(history, run_dir / "inner_loss.png"), "inner losses",
-                   "Support-set loss before each inner step (lighter = later step) and the query loss after "
-                   "adaptation, averaged over the tasks of each meta-batch (moving average).", embed, run_dir)),
-               ("Accuracy vs number of inner steps at test time", _steps_section(run_dir, cfg, embed))]
+    builders = [("Accuracy with 95% CI", lambda: _accuracy_figure(run_dir, results, embed)),
+                ("Learning curves", lambda: _figure(
+                    plots.plot_learning_curves(history, run_dir / "learning_curves.png"), "learning curves",
+                    "Query loss and accuracy after adaptation on meta-training tasks (faint: per iteration; solid: "
+                    "moving average) and on fixed validation episodes (95% CI).", embed, run_dir)),
+                ("Inner loop during meta-training", lambda: _figure(
+                    plots.plot_inner_losses(history, run_dir / "inner_loss.png"), "inner losses",
+                    "Support-set loss before each inner step (lighter = later step) and the query loss after "
+                    "adaptation, averaged over the tasks of each meta-batch (moving average).", embed, run_dir)),
+                ("Accuracy vs number of inner steps at test time", lambda: _steps_section(run_dir, cfg, embed))]
+    figures = [(title, _drawn(title, run_dir, build, _not_drawn)) for title, build in builders]
     out = run_dir / "report.html"
-    out.write_text(_report_page(run_dir, results, figures))
+    atomic_write_text(out, _report_page(run_dir, results, figures))
     return out
+
+
+def _drawn(title: str, where: Path, build: Callable[[], Any], failed: Any = None) -> Any:
+    """``build()``, or ``failed`` (called with the reason when callable) with a warning naming the
+    figure when drawing it fails: one bad figure (a value matplotlib refuses, a damaged file) never
+    costs the page.  A missing matplotlib (``ImportError``) is the caller's to handle."""
+    try:
+        return build()
+    except ImportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of one figure: the page goes on without it
+        reason = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"{where}: the figure {title!r} was skipped: it could not be drawn ({reason})",
+                      RuntimeWarning, stacklevel=3)
+        return failed(reason) if callable(failed) else failed
+
+
+def _not_drawn(reason: str) -> str:
+    return f'<p class="note">{_e(f"Not drawn: {reason}")}</p>'
 
 
 def _accuracy_figure(run_dir: Path, results: Mapping[str, Any], embed: bool) -> str:
@@ -252,6 +274,9 @@ def _steps_section(run_dir: Path, cfg: Mapping[str, Any], embed: bool) -> str:
         f"<tr><td>{_e(c['setting'])}</td>" + "".join(
             f"<td class=num>{scale * m:.2f} ± {scale * e:.2f}</td>" for m, e in zip(c["mean"], c["ci95"]))
         + "</tr>" for c in data["curves"])
+    if data.get("refresh_error"):
+        note = f"This is the curve saved before; computing it again (other steps or episodes) failed: {data['refresh_error']}"
+        html_ = f'<p class="note">{_e(note)}</p>' + html_
     return html_ + ("<table><tr><th>setting \\ steps</th>" + "".join(f"<th>{s}</th>" for s in data["steps"])
                     + f"</tr>{rows}</table>")
 
@@ -291,7 +316,7 @@ def _report_page(run_dir: Path, results: Mapping[str, Any], figures: list[tuple[
 ({_e(', '.join(f'{k}={v}' for k, v in model.items() if k != 'name'))}),
 meta-trained on {t.get('ways')}-way {t.get('shots')}-shot tasks ({t.get('queries')} queries per class,
 {tr.get('meta_batch_size')} tasks per meta-batch) for <b>{results.get('iterations')}</b> meta-iterations{_in_total(results)} in
-{results.get('train_seconds', 0):.0f} s (stopped by {_e(results.get('stopped_by'))}){_memory_line(results)}.{_stages(results)}{_members(results)}<br>
+{results.get('train_seconds') or 0:.0f} s (stopped by {_e(results.get('stopped_by'))}){_memory_line(results)}.{_stages(results)}{_members(results)}<br>
 Data: {_e(protocol(cfg)[0])}.<br>
 Commit <code>{_e(results.get('commit'))}</code>, {_e(results.get('date'))},
 {_e(machine.get('cpu') or machine.get('platform', ''))}.</p>
@@ -318,10 +343,23 @@ class HTMLReport(Callback):
     def on_results(self, state: FitState, results: dict[str, Any]) -> None:
         if not state.is_main_process:
             return
-        try:
-            results["report"] = str(write_report(self.run_dir, embed=self.embed))
-        except ImportError:  # plotting unavailable: the run's files are all there
-            pass
+        path = write_report_safely(self.run_dir, embed=self.embed)
+        if path is not None:
+            results["report"] = str(path)
+
+
+def write_report_safely(run_dir: str | os.PathLike, *, embed: bool = False) -> Path | None:
+    """:func:`write_report` at the end of a run: a report that cannot be written is a warning,
+    never an error, since the run's results (``results.json``, ``learner.pt``) are already saved.
+    ``None`` when no page was written (also without matplotlib)."""
+    try:
+        return write_report(run_dir, embed=embed)
+    except ImportError:  # plotting unavailable: the run's files are all there
+        return None
+    except Exception as exc:  # noqa: BLE001 - the results are saved; only the page is lost
+        warnings.warn(f"{run_dir}: report.html could not be written ({type(exc).__name__}: {exc}); the run's "
+                      "results are saved: rebuild the page with `metamtl report RUN_DIR`", RuntimeWarning, stacklevel=2)
+        return None
 
 
 # -- several runs ---------------------------------------------------------------------------------
@@ -341,10 +379,13 @@ def write_comparison(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLi
         runs.append((Path(d), results, history, steps if steps is not None and "error" not in steps else None))
     runs = [(*run, label) for run, label in zip(runs, _unique_labels(runs))]
     stem = out.with_suffix("")
-    figs = [_comparison_bars(runs, Path(f"{stem}_accuracy.png")),
-            ("Validation accuracy during meta-training", _validation_curves(runs, Path(f"{stem}_val.png")),
+    title = "Held-out accuracy (95% CI)"
+    figs = [_drawn(title, out, lambda: _comparison_bars(runs, Path(f"{stem}_accuracy.png")), (title, None, "")),
+            ("Validation accuracy during meta-training",
+             _drawn("Validation accuracy", out, lambda: _validation_curves(runs, Path(f"{stem}_val.png"))),
              "Accuracy on the fixed validation episodes (95% CI) against meta-iterations."),
-            ("Accuracy vs number of inner steps at test time", _step_curves(runs, Path(f"{stem}_steps.png")),
+            ("Accuracy vs number of inner steps at test time",
+             _drawn("Accuracy vs inner steps", out, lambda: _step_curves(runs, Path(f"{stem}_steps.png"))),
              "Each run's saved learner adapted with k inner steps (from its run's steps_curve.json).")]
     return _comparison_page(out, runs, figs, embed)
 
@@ -409,10 +450,10 @@ def _comparison_page(out: Path, runs: list[tuple], figs: list[tuple], embed: boo
     for d, results, *_ in runs:
         cfg = results.get("config", {})
         link = os.path.relpath(d / "report.html", out.parent)
-        tests = "<br>".join(f"{_e(_setting(r))}: <b class=nowrap>{_value(r)}</b>" for r in results.get("test", []))
+        tests = "<br>".join(f"{_e(_setting(r))}: <b class=nowrap>{_e(_value(r))}</b>" for r in results.get("test", []))
         rows.append(f"<tr><td><a href='{_e(link)}'>{_e(results.get('name'))}</a></td>"
                     f"<td>{_e(cfg.get('algorithm', {}).get('name'))}</td><td>{_e(protocol(cfg)[0])}</td>"
-                    f"<td class=num>{results.get('iterations')}</td><td class=num>{results.get('train_seconds', 0):.0f}</td>"
+                    f"<td class=num>{results.get('iterations')}</td><td class=num>{results.get('train_seconds') or 0:.0f}</td>"
                     f"<td>{tests or '&ndash;'}</td><td><code>{_e(results.get('commit'))}</code></td></tr>")
     body = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width,initial-scale=1">
@@ -422,5 +463,5 @@ def _comparison_page(out: Path, runs: list[tuple], figs: list[tuple], embed: boo
 <th>held-out accuracy (95% CI)</th><th>commit</th></tr>{''.join(rows)}</table>
 {''.join(f'<h2>{_e(t)}</h2>' + _figure(p, t, c, embed, out.parent) for t, p, c in figs if p is not None)}
 </body></html>"""
-    out.write_text(body)
+    atomic_write_text(out, body)
     return out

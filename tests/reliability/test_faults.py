@@ -393,3 +393,61 @@ def test_checkpoint_folder_that_turns_read_only_mid_run(tmp_path, tasks, monkeyp
     assert safe_load(tmp_path / "last.pt")["iteration"] == 2
     learner.fit(tasks, iterations=3, meta_batch_size=1, progress=False, resume=tmp_path / "last.pt")
     assert learner.iteration == 3
+
+
+def _small_run_dir(path: Path) -> Path:
+    path.mkdir()
+    config = {"data": {"name": "omniglot"}, "algorithm": {"name": "maml"}, "model": {"name": "conv4"},
+              "tasks": {}, "train": {}}
+    (path / "results.json").write_text(json.dumps({"name": "r", "config": config, "test": []}))
+    (path / "history.json").write_text("[]")
+    return path
+
+
+def test_results_curves_and_reports_are_written_atomically(tmp_path, monkeypatch):
+    """A write that fails midway (here: the file size limit, as a full disk would) leaves the
+    previous report.html, comparison page and steps_curve.json intact, and no temporary file: every
+    one goes through checkpoint.atomic_write (temp file, fsync, rename), as results.json and
+    history.json do (atomic_write_json, below)."""
+    import resource
+
+    from metamtl.reporting.report import write_comparison, write_report
+    from metamtl.steps_curve import write_failure
+
+    run = _small_run_dir(tmp_path / "r")
+    other = tmp_path / "other"
+    writes = {run / "report.html": lambda: write_report(run),
+              other / "cmp.html": lambda: write_comparison([run], other / "cmp.html"),
+              run / "steps_curve.json": lambda: write_failure(run, ValueError("x" * 20000))}
+    monkeypatch.setattr("metamtl.reporting.plots.plot_comparison", lambda *a, **k: None)  # no PNGs: text only
+    other.mkdir()
+    for path in writes:
+        path.write_text('{"error": "the previous file"}')
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, hard))
+    try:
+        for write in writes.values():
+            with pytest.raises(OSError, match="File too large"):
+                write()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing replaced, no temp file left
+
+
+def test_a_serializer_failing_after_partial_output_leaves_the_previous_file(tmp_path, monkeypatch):
+    from metamtl.checkpoint import atomic_write_json
+
+    path = tmp_path / "history.json"
+    path.write_text("[1, 2]")
+
+    def partial_dump(obj, fh, **kw):
+        fh.write('[{"iteration": 1, "train/lo')
+        raise TypeError("Object of type Tensor is not JSON serializable")
+
+    monkeypatch.setattr(json, "dump", partial_dump)
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        atomic_write_json(path, [{"iteration": 1}])
+    assert path.read_text() == "[1, 2]" and [p.name for p in tmp_path.iterdir()] == ["history.json"]

@@ -268,3 +268,120 @@ def test_published_references_go_only_with_inductive_random_class_rows(tmp_path,
     write_comparison([run], tmp_path / "cmp.html")
     groups = {b["group"] for b in captured[0] if b["reference"]}
     assert groups == {"5-way 1-shot", "5-way 1-shot, head simpleshot"}
+
+
+def _small_run(path: Path, test: list[dict], history: list[dict] | None = None) -> Path:
+    """A run folder as experiment.run writes it, without training: results.json and history.json."""
+    path.mkdir(parents=True)
+    results = {"name": path.name, "iterations": 2, "train_seconds": 1.0, "stopped_by": "iterations",
+               "config": {"data": {"name": "omniglot"}, "algorithm": {"name": "maml"}, "model": {"name": "conv4"},
+                          "tasks": {"ways": 5, "shots": 1}, "train": {}}, "test": test}
+    (path / "results.json").write_text(json.dumps(results))
+    rows = [{"iteration": i, "train/loss": 1.0 / i, "train/accuracy": 0.5, "train/inner_loss/step_0": 1.2}
+            for i in (1, 2)]
+    (path / "history.json").write_text(json.dumps(rows if history is None else history))
+    return path
+
+
+def _row(acc: float, ci: float, shots: int = 1) -> dict:
+    return {"accuracy": acc, "ci95": ci, "loss": 0.5, "loss_ci95": 0.1, "episodes": 4, "ways": 5, "shots": shots,
+            "queries": 2, "steps": 1, "hierarchy": None, "head": "algorithm", "transductive": False}
+
+
+def test_non_finite_accuracies_are_drawn_as_missing(tmp_path, recwarn):
+    """A NaN accuracy or CI (a diverged evaluation) is a missing bar / whisker, not a crashed report."""
+    nan = float("nan")
+    run = _small_run(tmp_path / "r", [_row(nan, nan), _row(0.6, nan, shots=2), _row(0.7, float("inf"), shots=3)],
+                     history=[{"iteration": 1, "train/loss": float("inf"), "val/loss": nan, "val/accuracy": nan,
+                               "val/accuracy_ci95": nan}, {"iteration": 2, "train/loss": 1.0}])
+    _check_images(write_report(run))
+    assert (run / "accuracy.png").is_file() and (run / "learning_curves.png").is_file()
+    assert not [w for w in recwarn if "skipped" in str(w.message)]
+    _check_images(write_comparison([run], tmp_path / "cmp.html"))
+    assert (tmp_path / "cmp_accuracy.png").is_file()
+
+
+def test_a_figure_that_cannot_be_drawn_is_skipped_with_a_warning(tmp_path, monkeypatch):
+    from metamtl.reporting import report
+
+    run = _small_run(tmp_path / "r", [_row(0.6, 0.1)])
+
+    def broken(*args, **kwargs):
+        raise ValueError("cannot draw this")
+
+    monkeypatch.setattr(report.plots, "plot_learning_curves", broken)
+    with pytest.warns(RuntimeWarning, match="'Learning curves' was skipped.*ValueError: cannot draw this"):
+        text = write_report(run).read_text()
+    assert "Not drawn: ValueError: cannot draw this" in text and "inner_loss.png" in text
+    assert "60.00% ± 10.00%" in text
+    monkeypatch.setattr(report.plots, "plot_comparison", broken)
+    with pytest.warns(RuntimeWarning, match="'Held-out accuracy \\(95% CI\\)' was skipped"):
+        assert "60.00%" in write_comparison([run], tmp_path / "cmp.html").read_text()
+
+
+@pytest.mark.parametrize("content,problem", [
+    ("{}", "'steps' is missing"), ("[]", "expected a JSON object, found list"),
+    ('{"steps": [0], "curves": []}', "'split' is missing"), ("{not json", "is not readable"),
+    ('{"steps": [0, 1], "split": "test", "episodes": 2, "trained_steps": 1, "curves": '
+     '[{"setting": "5-way 1-shot", "metric": "accuracy", "mean": [0.5], "ci95": [0.1, 0.1]}]}',
+     "curve 0's 'mean' is not a list of 2 numbers")])
+def test_malformed_steps_curve_is_reported_and_the_report_written(content, problem, tmp_path):
+    run = _small_run(tmp_path / "r", [_row(0.6, 0.1)])
+    (run / "steps_curve.json").write_text(content)
+    with pytest.warns(RuntimeWarning, match=f"{re.escape(str(run / 'steps_curve.json'))} .*{re.escape(problem)}"):
+        text = write_report(run).read_text()
+    assert "Not computed: steps_curve.json " in text and problem.replace("'", "&#x27;") in text
+    assert "steps_curve.png" not in text and "accuracy.png" in text
+    with pytest.warns(RuntimeWarning, match=re.escape(problem)):
+        write_comparison([run], tmp_path / "cmp.html")
+
+
+def test_a_report_that_fails_never_fails_the_run(tmp_path, monkeypatch):
+    """The report is written after results.json: its failure is a warning, the results stand."""
+    from types import SimpleNamespace
+
+    from metamtl.experiment import _write_report
+    from metamtl.reporting import report
+
+    run = _small_run(tmp_path / "r", [_row(0.6, 0.1)])
+    monkeypatch.setattr(report, "_report_page", lambda *a: 1 / 0)
+    results = {"test": []}
+    with pytest.warns(RuntimeWarning, match="report.html could not be written \\(ZeroDivisionError"):
+        report.HTMLReport(run).on_results(SimpleNamespace(is_main_process=True), results)
+    with pytest.warns(RuntimeWarning, match="metamtl report RUN_DIR"):
+        _write_report(run, results, print)
+    assert "report" not in results and not (run / "report.html").exists()
+
+
+def test_a_failed_recomputation_keeps_the_runs_valid_curve(tiny_run, tmp_path, capsys):
+    """`metamtl report --steps ...` without the data: the run's own steps_curve.json stays (the
+    failure beside it, shown on the page), never replaced by an error record."""
+    from metamtl.steps_curve import write_failure
+
+    run_dir, _ = tiny_run
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved, ignore=shutil.ignore_patterns("wandb"))
+    res = json.loads((moved / "results.json").read_text())
+    res["config"]["data"]["root"] = str(tmp_path / "nowhere")
+    (moved / "results.json").write_text(json.dumps(res))
+    before = json.loads((moved / "steps_curve.json").read_text())
+    with pytest.warns(RuntimeWarning, match="the one saved before is kept"):
+        assert main(["report", str(moved), "--steps", "0", "1", "5", "--no-progress"]) == 0
+    after = json.loads((moved / "steps_curve.json").read_text())
+    assert after.pop("refresh_error").startswith("DataNotFoundError") and after == before
+    text = (moved / "report.html").read_text()
+    assert "steps_curve.png" in text and "computing it again (other steps or episodes) failed: DataNotFoundError" in text
+    (moved / "steps_curve.json").write_text("{}")  # a malformed file is no curve to keep
+    write_failure(moved, OSError("gone"))
+    assert json.loads((moved / "steps_curve.json").read_text()) == {"error": "OSError: gone"}
+
+
+def test_comparison_page_escapes_the_skipped_reason(tmp_path, monkeypatch):
+    from metamtl.reporting import report
+
+    monkeypatch.setattr(report.plots, "plot_comparison", lambda *a, **k: None)
+    reason = "only 3 < 50 held-out classes & <b>no</b> episodes"
+    run = _small_run(tmp_path / "r", [_row(0.6, 0.1), {"ways": 50, "shots": 1, "skipped": reason}], history=[])
+    text = write_comparison([run], tmp_path / "cmp.html").read_text()
+    assert "skipped: only 3 &lt; 50 held-out classes &amp; &lt;b&gt;no&lt;/b&gt; episodes" in text
+    assert reason not in text and "<b>no</b>" not in text
