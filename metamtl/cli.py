@@ -92,7 +92,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"[metamtl] {where}{splits.get(label, args.split or 'test')} split: {result}")
         out[label] = result.to_dict()
     if args.json:
-        from .checkpoint import atomic_write_json
+        from .files import atomic_write_json
 
         atomic_write_json(args.json, out if len(out) > 1 else out[next(iter(out))], indent=2)
     return 0

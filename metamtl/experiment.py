@@ -26,7 +26,8 @@ from .config import Config, DataConfig, is_regression
 from .data.augment import check_fits
 from .data.base import ClassDataset
 from .environment import git_commit, machine_info
-from .checkpoint import DERIVED_FILES, RUN_FILES, RunFolderLock, atomic_write_json, ensure_writable_dir
+from .checkpoint import DERIVED_FILES, RUN_FILES, RunFolderLock, ensure_writable_dir
+from .files import atomic_write_json
 from .errors import CheckpointError, ConfigError, TaskError
 from .inputs import as_support_augment
 from .learner import EvalResult, MetaLearner

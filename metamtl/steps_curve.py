@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .checkpoint import atomic_write_json
+from .files import atomic_write_json
 from .progress_bars import progress_bar
 
 STEPS_FILE = "steps_curve.json"

@@ -33,6 +33,7 @@ MODULE_LAYERS = {
     "metamtl.version": "foundation",
     "metamtl.environment": "foundation",
     "metamtl.memory": "foundation",
+    "metamtl.files": "foundation",  # atomic file writes (stdlib only)
     "metamtl.progress_bars": "foundation",
     "metamtl.allocator": "foundation",  # glibc malloc settings and the budget guard (stdlib only)
     "metamtl.data": "data",

@@ -13,7 +13,7 @@ looks a decoded source up, in order, in
 The cache key is a hash of what determines the result: the source's content fingerprint (an
 archive's md5, or a folder listing's relative paths, sizes and mtimes), the exact list of files
 and labels, ``Preprocessing.key()`` and :data:`CACHE_FORMAT`.  Files are written atomically
-(temporary file, fsync, ``os.replace``) and loaded with ``allow_pickle=False``; an unreadable or
+(:func:`metamtl.files.atomic_write`: temporary file, fsync, rename) and loaded with ``allow_pickle=False``; an unreadable or
 inconsistent cache file is ignored with a warning and rebuilt.
 """
 from __future__ import annotations
@@ -24,13 +24,14 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
+
+from ..files import atomic_write
 
 #: Bump when decoding changes in a way that invalidates existing cache files.
 #: 2: alpha composited, 16-bit images scaled, inferred preprocessing stored with the images.
@@ -118,26 +119,15 @@ def _load(path: Path, key: str) -> Decoded:
 
 
 def _save(path: Path, key: str, decoded: Decoded) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f,
-                key=np.array(key),
-                images=decoded.images.numpy(),
-                labels=decoded.labels.numpy(),
-                class_names=np.array(decoded.class_names, dtype=str),
-                sources=np.array(decoded.sources, dtype=str),
-                **({"preprocessing": np.array(json.dumps(decoded.preprocessing))} if decoded.preprocessing else {}),
-            )
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a shared $METAMTL_CACHE needs readable files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda f: np.savez(
+        f,
+        key=np.array(key),
+        images=decoded.images.numpy(),
+        labels=decoded.labels.numpy(),
+        class_names=np.array(decoded.class_names, dtype=str),
+        sources=np.array(decoded.sources, dtype=str),
+        **({"preprocessing": np.array(json.dumps(decoded.preprocessing))} if decoded.preprocessing else {}),
+    ))
 
 
 def cached_decode(

@@ -24,6 +24,7 @@ import zlib
 from pathlib import Path
 
 from ..errors import DataError, DataNotFoundError, IntegrityError
+from ..files import atomic_write
 from ..progress_bars import progress_bar
 
 _CHUNK = 1 << 20
@@ -90,37 +91,29 @@ def download_url(
     final = root / filename
     if check_integrity(final, md5):
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".part", dir=root)
-    try:
+    def fill(out) -> None:  # streams the download; the md5 is checked before the file gets its name
         h = hashlib.md5()
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=60) as response:
-                    size = response.headers.get("Content-Length")
-                    with progress_bar(None, total=int(size) if size else None, unit="B", unit_scale=True,
-                                      desc=filename, leave=False) as bar:
-                        for chunk in iter(lambda: response.read(_CHUNK), b""):
-                            out.write(chunk)
-                            h.update(chunk)
-                            bar.update(len(chunk))
-            except (urllib.error.URLError, OSError, ValueError) as exc:
-                raise DataError(
-                    f"could not download {url}: {exc}. Check the connection, or download the "
-                    f"file by hand and save it as {final}"
-                ) from exc
-            out.flush()
-            os.fsync(out.fileno())
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                size = response.headers.get("Content-Length")
+                with progress_bar(None, total=int(size) if size else None, unit="B", unit_scale=True,
+                                  desc=filename, leave=False) as bar:
+                    for chunk in iter(lambda: response.read(_CHUNK), b""):
+                        out.write(chunk)
+                        h.update(chunk)
+                        bar.update(len(chunk))
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise DataError(
+                f"could not download {url}: {exc}. Check the connection, or download the "
+                f"file by hand and save it as {final}"
+            ) from exc
         if md5 is not None and h.hexdigest() != md5.lower():
             raise IntegrityError(
                 f"downloaded {url} but its md5 is {h.hexdigest()}, expected {md5.lower()}; "
                 f"nothing was saved to {final} (retry, or fetch it by hand)"
             )
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    atomic_write(final, fill)
     return final
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..callbacks import Callback, FitState
-from ..checkpoint import atomic_write_text
+from ..files import atomic_write_text
 from ..errors import ConfigError
 from ..steps_curve import read_steps_curve
 from . import plots

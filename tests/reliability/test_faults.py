@@ -438,7 +438,7 @@ def test_results_curves_and_reports_are_written_atomically(tmp_path, monkeypatch
 
 
 def test_a_serializer_failing_after_partial_output_leaves_the_previous_file(tmp_path, monkeypatch):
-    from metamtl.checkpoint import atomic_write_json
+    from metamtl.files import atomic_write_json
 
     path = tmp_path / "history.json"
     path.write_text("[1, 2]")

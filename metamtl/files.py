@@ -1,0 +1,56 @@
+"""Atomic file writes: the one temp-file-then-rename writer of every file metamtl saves (checkpoints,
+decode caches, downloads, results, histories, curves, reports), so a crash, a full disk or a killed
+process never leaves a truncated file under the final name."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import IO, Any, Callable
+
+
+def atomic_write(path: str | os.PathLike, fill: Callable[[IO], Any], *, text: bool = False) -> Path:
+    """Write file ``path`` atomically: ``fill(fh)`` writes a new temporary file in the same folder
+    (``text``: opened as UTF-8 text, else binary), which is fsynced and renamed over ``path``.
+
+    Whatever fails midway (``fill`` raising after partial output, a full disk,
+    a killed process) leaves the previous file intact and no temporary file behind; the error is
+    raised as it came.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # O_EXCL: never reuse a file; mode 0o666 so the umask applies as for any other file
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with (os.fdopen(fd, "w", encoding="utf-8") if text else os.fdopen(fd, "wb")) as fh:
+            fill(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, content: str) -> Path:
+    """``Path.write_text`` made atomic (:func:`atomic_write`)."""
+    return atomic_write(path, lambda fh: fh.write(content), text=True)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> Path:
+    """``json.dump(obj, file, **dump_kwargs)`` to ``path`` atomically (:func:`atomic_write`)."""
+    return atomic_write(path, lambda fh: json.dump(obj, fh, **dump_kwargs), text=True)
