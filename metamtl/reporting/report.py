@@ -168,9 +168,16 @@ def _run_label(results: Mapping[str, Any]) -> str:
 
 # -- one run --------------------------------------------------------------------------------------
 def _in_total(results: dict[str, Any]) -> str:
-    """An ensemble's iterations are its members' sum: say so (each member's count follows)."""
+    """An ensemble's iterations are its members' sum, a staged run's its stages': say so (each
+    member's or stage's count follows; the header's algorithm and tasks are the last stage's)."""
     members = results.get("ensemble", {}).get("members", [])
-    return f" in total over its {len(members)} members" if members else ""
+    if members:
+        return f" in total over its {len(members)} members"
+    stages = results.get("stages") or []
+    if len(stages) > 1:
+        return (f" in total over its {len(stages)} stages (algorithm and tasks above: the last stage's;"
+                " each stage below)")
+    return ""
 
 
 def _memory_line(results: dict) -> str:

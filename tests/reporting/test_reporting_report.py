@@ -385,3 +385,19 @@ def test_comparison_page_escapes_the_skipped_reason(tmp_path, monkeypatch):
     text = write_comparison([run], tmp_path / "cmp.html").read_text()
     assert "skipped: only 3 &lt; 50 held-out classes &amp; &lt;b&gt;no&lt;/b&gt; episodes" in text
     assert reason not in text and "<b>no</b>" not in text
+
+
+def test_a_staged_runs_header_says_its_iterations_are_over_every_stage(tmp_path):
+    """The header names the last stage's algorithm and tasks; the iteration count is every stage's:
+    it must say so, not read as the last stage's own count."""
+    run = _small_run(tmp_path / "r", [_row(0.9, 0.01)])
+    results = json.loads((run / "results.json").read_text())
+    results["iterations"] = 12
+    results["stages"] = [{"stage": "pre", "algorithm": "protonet", "iterations": 9, "train_seconds": 1.0,
+                          "stopped_by": "iterations"},
+                         {"stage": "meta", "algorithm": "maml", "iterations": 3, "train_seconds": 1.0,
+                          "stopped_by": "iterations"}]
+    (run / "results.json").write_text(json.dumps(results))
+    header = write_report(run).read_text().split('<p class="meta">')[1].split("</p>")[0]
+    assert "<b>12</b> meta-iterations in total over its 2 stages" in header
+    assert "Stage 1, <b>pre</b>: protonet, 9 meta-iterations" in header
