@@ -214,3 +214,22 @@ def test_config_section_builds_the_callback(tmp_path):
     with pytest.raises(ConfigError, match="saved learner"):
         from_config({"weight": 1})
     assert config_from_dict({"distill": {"teacher": str(path)}}).distill == {"teacher": str(path)}
+
+
+def test_protonet_student_applies_query_distillation(tasks):
+    """A ProtoNet student's query loss gets the loss terms (was: silently ignored, identical to no
+    distillation): soft targets change its training, and a feature pair the adapter cannot map fails."""
+    def student():
+        torch.manual_seed(0)
+        return MetaLearner(conv(4), build_algorithm("protonet"), preprocessing=PREP, device="cpu", meta_lr=0.01)
+
+    teacher = LearnerTeacher(learner(hidden=8, seed=3))
+    plain, taught = student(), student()
+    plain.fit(tasks, iterations=1, meta_batch_size=2, progress=False)
+    kd = Distillation(SoftTargets(teacher, weight=100.0), FeatureDistillation(teacher, "trunk.blocks.1", "trunk.blocks.1"))
+    taught.fit(tasks, iterations=1, meta_batch_size=2, progress=False, callbacks=[kd])
+    assert kd.terms[0].last_value is not None and kd.terms[1].last_value is not None
+    assert any(not torch.equal(a, b) for a, b in zip(plain.model.parameters(), taught.model.parameters()))
+    bad = Distillation(FeatureDistillation(teacher, "trunk.blocks.0", "trunk.blocks.1"))
+    with pytest.raises(InputError, match="cannot map student layer"):
+        student().fit(tasks, iterations=1, meta_batch_size=1, progress=False, callbacks=[bad])
