@@ -230,6 +230,7 @@ class Distillation(Callback):
 
     def on_fit_start(self, state: FitState) -> None:
         learner = state.learner
+        check_phases_apply(self.terms, learner.algorithm)
         for term in self.terms:
             teacher = getattr(term, "teacher", None)
             if teacher is not None:
@@ -286,6 +287,21 @@ class Distillation(Callback):
         for i, s in state.get("adapters", {}).items():
             self.terms[int(i)].load_adapter_state(s)
         self._pending_opt = state.get("optimizer")
+
+
+def check_phases_apply(terms: Sequence[Any], algorithm: Any) -> None:
+    """Refuse a term whose phases the algorithm's training never calls (it would be silently ignored)."""
+    applied = tuple(getattr(algorithm, "loss_term_phases", PHASES))
+    for term in terms:
+        phases = getattr(term, "phases", None)
+        if phases is None or set(phases) & set(applied):
+            continue
+        why = (" (the 'classes' phase, the supervised loss over all training classes, exists only for the "
+               "'transfer' algorithm)" if "classes" in phases else "")
+        raise ConfigError(
+            f"distillation phases {list(phases)} never apply to algorithm {getattr(algorithm, 'name', algorithm)!r}"
+            f"{why}: its training applies loss terms in phase(s) {list(applied)}; set distill.phases to one of them"
+        )
 
 
 def _check_compatible(teacher: Teacher, learner: "MetaLearner") -> None:
