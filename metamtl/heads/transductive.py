@@ -7,6 +7,7 @@ carry the flag.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import torch
@@ -35,9 +36,14 @@ def rectified_prototypes(support: torch.Tensor, support_y: torch.Tensor, query: 
     pseudo = _cosine(query, basic).argmax(1)
     points = torch.cat([support, query])
     labels = torch.cat([support_y, pseudo])
-    weights = torch.exp(epsilon * _cosine(points, basic).gather(1, labels.unsqueeze(1)).squeeze(1))
-    total = torch.zeros(ways, device=points.device).index_add(0, labels, weights)
-    protos = torch.zeros(ways, points.shape[1], device=points.device).index_add(0, labels, weights.unsqueeze(1) * points)
+    # normalised within each class in log space (minus the class's largest exponent): exp(epsilon * cos)
+    # itself overflows float32 from epsilon ~89 on
+    scores = epsilon * _cosine(points, basic).gather(1, labels.unsqueeze(1)).squeeze(1)
+    top = torch.full((ways,), -math.inf, dtype=scores.dtype, device=scores.device)
+    top = top.scatter_reduce(0, labels, scores, reduce="amax")
+    weights = torch.exp(scores - top[labels])
+    total = points.new_zeros(ways).index_add(0, labels, weights)
+    protos = points.new_zeros(ways, points.shape[1]).index_add(0, labels, weights.unsqueeze(1) * points)
     return protos / total.unsqueeze(1), query
 
 
