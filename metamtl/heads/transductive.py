@@ -116,15 +116,21 @@ class LaplacianShot(FeatureHead):
         return scores
 
 
+def log_sinkhorn(logits: torch.Tensor, iterations: int) -> torch.Tensor:
+    """The log of :func:`sinkhorn`'s plan, computed in log space (logsumexp normalisations): any
+    scale of logits works, e.g. squared distances of unnormalised features in the thousands."""
+    log_plan = logits - torch.logsumexp(logits, 1, keepdim=True)
+    log_target = math.log(logits.shape[0] / logits.shape[1])
+    for _ in range(iterations):
+        log_plan = log_plan + (log_target - torch.logsumexp(log_plan, 0, keepdim=True))
+        log_plan = log_plan - torch.logsumexp(log_plan, 1, keepdim=True)
+    return log_plan
+
+
 def sinkhorn(logits: torch.Tensor, iterations: int) -> torch.Tensor:
     """Soft assignments ``exp(logits)`` scaled so every row sums to 1 and every column to
     ``rows / columns`` (class-balanced), by alternate normalisation (Sinkhorn-Knopp)."""
-    plan = F.softmax(logits.flatten(), 0).view_as(logits)
-    target = logits.shape[0] / logits.shape[1]
-    for _ in range(iterations):
-        plan = plan * (target / plan.sum(0, keepdim=True).clamp_min(1e-30))
-        plan = plan / plan.sum(1, keepdim=True).clamp_min(1e-30)
-    return plan
+    return log_sinkhorn(logits, iterations).exp()
 
 
 @dataclasses.dataclass
@@ -157,7 +163,7 @@ class SoftKMeans(FeatureHead):
             z = self.assign(-self.scale * torch.cdist(query, protos).pow(2))
             protos = (onehot.T @ support + z.T @ query) / (onehot.sum(0) + z.sum(0)).unsqueeze(1)
         logits = -self.scale * torch.cdist(query, protos).pow(2)
-        return self.assign(logits).clamp_min(1e-30).log() if self.balanced else logits
+        return log_sinkhorn(logits, self.sinkhorn_iterations) if self.balanced else logits
 
 
 @dataclasses.dataclass

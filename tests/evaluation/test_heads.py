@@ -286,3 +286,19 @@ def test_bdcspn_weights_stay_finite_and_exact_for_a_large_epsilon(epsilon):
     torch.testing.assert_close(protos, ref.float())
     for spec in ({"name": "bdcspn", "epsilon": epsilon}, {"name": "laplacianshot", "center": False, "epsilon": epsilon}):
         assert torch.isfinite(build_head(spec)(s, y, q, 3)).all()
+
+
+def test_balanced_assignments_work_for_unnormalised_features():
+    """Sinkhorn on logits of unnormalised features (squared distances in the thousands) underflowed
+    whole rows to 1e-30 (every logit log(1e-30): chance); the iterations now run in log space."""
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(5, 64, generator=g) * 10
+    s = centers + torch.randn(5, 64, generator=g)
+    qy = torch.arange(5).repeat(3)
+    q = centers[qy] + torch.randn(15, 64, generator=g)
+    for spec in ({"name": "sinkhorn", "normalize": False}, {"name": "softkmeans", "balanced": True, "normalize": False}):
+        out = build_head(spec)(s, torch.arange(5), q, 5)
+        assert torch.isfinite(out).all() and out.argmax(1).tolist() == qy.tolist()
+        torch.testing.assert_close(out.exp().sum(0), torch.full((5,), 3.0))  # balanced: 3 queries per class
+    plan = sinkhorn(torch.tensor([[-5000.0, -9000.0], [-7000.0, -6000.0]]), 50)
+    torch.testing.assert_close(plan, torch.eye(2), atol=1e-6, rtol=0)
