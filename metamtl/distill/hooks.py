@@ -117,7 +117,7 @@ class FeatureDistillation(DistillationTerm):
     Args:
         teacher: as for :class:`SoftTargets`.
         student_layer, teacher_layer: layer names (``model.named_modules()``), e.g.
-            ``"trunk.blocks.3"``.
+            ``"trunk.blocks.3"``, or ``"trunk"`` for the trunk's flat output (the features).
         adapter: maps student features to the teacher's shape; default: built on first use
             (1x1 convolution, or linear for flat features), initialised from ``seed``.
         weight, phases: as for :class:`SoftTargets`.

@@ -233,3 +233,17 @@ def test_protonet_student_applies_query_distillation(tasks):
     bad = Distillation(FeatureDistillation(teacher, "trunk.blocks.0", "trunk.blocks.1"))
     with pytest.raises(InputError, match="cannot map student layer"):
         student().fit(tasks, iterations=1, meta_batch_size=1, progress=False, callbacks=[bad])
+
+
+@pytest.mark.parametrize("alg", ["anil", "maml", "protonet"])
+def test_feature_distillation_taps_the_trunk_itself(tasks, alg):
+    """The layer ``trunk`` (the trunk's flat output) can be tapped on both sides (was: dropped by
+    the ``trunk.`` prefix filter, "produced no tensor output")."""
+    teacher = LearnerTeacher(learner(hidden=8, seed=3))
+    algorithm = build_algorithm("protonet") if alg == "protonet" else build_algorithm(alg, head_init="proto", steps=1)
+    student = MetaLearner(conv(4), algorithm, preprocessing=PREP, device="cpu", meta_lr=0.01)
+    kd = Distillation(FeatureDistillation(teacher, "trunk", "trunk", phases=algorithm.loss_term_phases))
+    student.fit(tasks, iterations=1, meta_batch_size=1, progress=False, callbacks=[kd])
+    feat = kd.terms[0]
+    assert feat.last_value is not None and math.isfinite(feat.last_value)
+    assert isinstance(feat.adapter, torch.nn.Linear) and feat.adapter.in_features == student.model.num_features
