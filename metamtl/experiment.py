@@ -388,6 +388,10 @@ def _run(cfg: Config, resume: str | Path | None, progress: bool, callbacks: list
     seed_everything(cfg.seed)
     run_dir = cfg.run_dir
     record = {"commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # the code that trains
+    if cfg.distill:  # before any data loads
+        from .distill.hooks import check_teacher_file
+
+        check_teacher_file(cfg.distill)
     t0 = time.perf_counter()
     tasks = build_tasks(cfg)
     record["data_seconds"] = time.perf_counter() - t0

@@ -247,3 +247,29 @@ def test_feature_distillation_taps_the_trunk_itself(tasks, alg):
     feat = kd.terms[0]
     assert feat.last_value is not None and math.isfinite(feat.last_value)
     assert isinstance(feat.adapter, torch.nn.Linear) and feat.adapter.in_features == student.model.num_features
+
+
+def test_config_values_are_checked_naming_the_key(tmp_path, tasks):
+    """Bad distill values are ConfigErrors naming the key when the config is read (were: teacher_steps
+    -3 accepted, weight 'abc' a raw ValueError after data loading); a missing teacher names
+    distill.teacher; a teacher whose fixed head cannot serve the task says it is the teacher's."""
+    from metamtl.config import config_from_dict
+    from metamtl.distill import from_config
+
+    path = str(learner(hidden=8).save(tmp_path / "teacher.pt"))
+    for key, value, match in (("teacher_steps", -3, "distill.teacher_steps must be an integer >= 0"),
+                              ("weight", "abc", "distill.weight must be a number >= 0, got 'abc'"),
+                              ("temperature", "abc", "distill.temperature must be a number > 0"),
+                              ("temperature", 0, "distill.temperature must be a number > 0"),
+                              ("ce_weight", -1, "distill.ce_weight must be a number >= 0")):
+        with pytest.raises(ConfigError, match=match):
+            config_from_dict({"distill": {"teacher": path, key: value}})
+        with pytest.raises(ConfigError, match=match):
+            from_config({"teacher": path, key: value})
+    with pytest.raises(ConfigError, match=r"distill.teacher: .*nope.pt does not exist"):
+        from_config({"teacher": str(tmp_path / "nope.pt")})
+    torch.manual_seed(0)
+    fixed = MetaLearner(conv(4, out=5), build_algorithm("maml", steps=1, lr=0.1), preprocessing=PREP, device="cpu")
+    kd = Distillation(SoftTargets(fixed))
+    with pytest.raises(InputError, match=r"TEACHER \(not the student\).*the teacher's meta-learned head has 5 outputs"):
+        learner().fit(tasks, iterations=1, meta_batch_size=1, progress=False, callbacks=[kd])
