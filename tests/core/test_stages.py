@@ -246,3 +246,17 @@ def test_an_interrupted_staged_run_resumes_with_the_printed_command(tmp_path, st
         assert torch.equal(pa, pb)
     with pytest.raises(ConfigError, match="resumes from its own folder"):
         run(cfg, resume=full["checkpoint"], progress=False, quiet=True)
+
+
+def test_init_from_an_ensemble_file_says_it_holds_an_ensemble(tmp_path):
+    """init_from=.../ensemble.pt said "damaged or not a learner checkpoint: it lacks model_state"."""
+    from metamtl.ensemble import Ensemble
+
+    def one(seed):
+        torch.manual_seed(seed)
+        return MetaLearner(build_model("conv4", in_channels=1, hidden=4, image_size=12, blocks=2, out_features=None),
+                           "protonet", device="cpu")
+
+    path = Ensemble([one(0), one(1)], device="cpu").save(tmp_path / "ensemble.pt")
+    with pytest.raises(CheckpointError, match=r"ensemble.pt holds an ensemble of 2 learners: .*one learner's"):
+        one(2).init_from(path)
