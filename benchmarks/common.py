@@ -170,18 +170,30 @@ def published_cell(dataset: str, ways: int, shots: int) -> str:
     return f"{refs.get('MAML', '–')} / {refs.get('MAML++', '–')}"
 
 
+def inner_steps(alg: dict[str, Any]) -> int:
+    """The inner steps an algorithm config takes (0: none, e.g. ProtoNet: it has no inner loop)."""
+    from metamtl.algorithms import build_algorithm
+
+    base = alg.get("base", alg) if alg.get("name") == "multitask" else alg  # multitask: its base's inner loop
+    try:
+        return build_algorithm(**base).inner.steps
+    except Exception:  # a config this version cannot build: what it says, else the default
+        return int(base.get("steps", 1))
+
+
 def training_cell(results: dict[str, Any]) -> str:
     cfg = results["config"]
     alg, t, tr = cfg["algorithm"], cfg["tasks"], cfg["train"]
     head = f", {alg['head_init']} head" if alg.get("head_init", "learned") != "learned" else ""
-    steps = alg.get("steps", 1)
+    steps = inner_steps(alg)
     evaluated = "" if results.get("selected_iteration", results["iterations"]) == results["iterations"] else \
         f", best val at it. {results['selected_iteration']}"
     precision = results.get("precision", tr.get("precision", "fp32"))  # as chosen (train.precision: auto)
     flags = [precision] if precision != "fp32" else []
     flags += ["channels_last"] if results.get("layout", "channels_last" if tr.get("channels_last") else "") == "channels_last" else []
     fast = f" ({', '.join(flags)})" if flags else ""
-    return (f"{alg['name']}{head}, {cfg['model'].get('name')}-{cfg['model'].get('hidden', '')}{fast}, {steps} inner steps; "
+    inner = f", {steps} inner steps" if steps else ""  # none without an inner loop (ProtoNet)
+    return (f"{alg['name']}{head}, {cfg['model'].get('name')}-{cfg['model'].get('hidden', '')}{fast}{inner}; "
             f"trained {t['ways']}w{t['shots']}s x{tr['meta_batch_size']} tasks, {results['iterations']} it. in "
             f"{results['train_seconds'] / 60:.1f} min ({results['stopped_by']}){evaluated}")
 

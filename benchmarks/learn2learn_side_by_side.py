@@ -25,6 +25,7 @@ meta-training wall time. ``--write`` adds the rows to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import random
@@ -161,6 +162,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         print("RESULT " + json.dumps(RUNS[args.child](args.data_root, args.iterations)), flush=True)
         return
+    try:  # before any child runs: its raw ModuleNotFoundError would be the only message
+        importlib.import_module("learn2learn")
+    except ImportError:
+        from speed import L2L_BUILD
+
+        sys.exit(f"learn2learn is not installed: this side-by-side runs its example. {L2L_BUILD}")
     rows = {}
     for name in RUNS:  # each in a fresh process (metamtl tunes the process's allocator)
         out = subprocess.run([sys.executable, __file__, "--child", name, "--iterations", str(args.iterations),

@@ -53,10 +53,10 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 WAYS, SHOTS, QUERIES, SIZE, FILTERS, LR = 5, 1, 15, 28, 64, 0.4
-L2L_INSTALL = (
-    "learn2learn is not installed: its rows are skipped. `pip install learn2learn` (0.2.0) fails on Python 3.11; "
-    "`make learn2learn` builds it from its sdist with a current Cython (tools/build_learn2learn.sh)."
-)
+#: how to get learn2learn (also the hint of benchmarks/learn2learn_side_by_side.py, which needs it)
+L2L_BUILD = ("`pip install learn2learn` (0.2.0) fails on Python 3.11; `make learn2learn` builds it from its sdist "
+             "with a current Cython (tools/build_learn2learn.sh).")
+L2L_INSTALL = "learn2learn is not installed: its rows are skipped. " + L2L_BUILD
 
 
 # -- shared setup (children) ------------------------------------------------------------------------

@@ -75,7 +75,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if len(members) > 1:
         from .ensemble import Ensemble
 
-        learner = Ensemble(members)
+        learner = Ensemble(members, labels=labels)
         print(f"[metamtl] {learner}: class probabilities averaged")
     first = cfg.eval.settings[0]  # without --ways/--shots: the setting the run evaluated first
     setting = {"ways": _given(args.ways, first.ways), "shots": _given(args.shots, first.shots),

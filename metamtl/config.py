@@ -308,6 +308,10 @@ def _check_config(cfg: Config) -> Config:
     if "name" not in cfg.model or "name" not in cfg.algorithm:
         raise ConfigError("model and algorithm sections need a 'name'")
     _check_components(cfg)
+    if cfg.distill:
+        from .distill.hooks import check_config as check_distill
+
+        check_distill(cfg.distill)
     if cfg.stages:
         stage_configs(cfg)  # every stage is a valid config
     _check_ensemble(cfg.ensemble)

@@ -15,15 +15,16 @@ inductive members is inductive.  For regression learners the members' prediction
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .checkpoint import FORMAT, FORMAT_VERSION, atomic_save, safe_load
-from .errors import CheckpointError, ConfigError, InputError
+from .errors import CheckpointError, ConfigError, InputError, TaskError
 from .evaluation import EvalResult, episode_reader, hierarchy_of, summarize
 from .heads import head_name
 from .inputs import check_steps, with_support_copies
@@ -49,7 +50,8 @@ class Ensemble:
         log_probs = ens.predict(support_images, support_labels, query_images)
     """
 
-    def __init__(self, members: Sequence[MetaLearner | str | Path], device: Any = "auto") -> None:
+    def __init__(self, members: Sequence[MetaLearner | str | Path], device: Any = "auto",
+                 labels: Sequence[str] | None = None) -> None:
         if isinstance(members, (str, Path, MetaLearner)) or not isinstance(members, Sequence):
             raise ConfigError("Ensemble takes a list of learners or checkpoint paths, e.g. "
                               "Ensemble(['a/learner.pt', 'b/learner.pt'])")
@@ -67,6 +69,11 @@ class Ensemble:
         if len(tasks) > 1:
             raise ConfigError(f"ensemble members must all solve one kind of task, got {sorted(tasks)}")
         self.members: list[MetaLearner] = loaded
+        #: how errors name each member: ``labels``, else its path, else ``member i``
+        self.labels = list(labels) if labels is not None else [
+            str(m) if isinstance(m, (str, Path)) else f"member {i}" for i, m in enumerate(members)]
+        if len(self.labels) != len(loaded):
+            raise ConfigError(f"an ensemble of {len(loaded)} members needs as many labels, got {len(self.labels)}")
 
     @property
     def task(self) -> str:
@@ -142,11 +149,12 @@ class Ensemble:
             for i in range(n):
                 episode = episode_at(i)
                 outputs = []
-                for m, h in zip(self.members, heads):
-                    m.check_episode(episode, "evaluate")
-                    ep = with_support_copies(m.placement.batch(episode), m.inference.augment(support_augment))
-                    outputs.append(m.predict(ep.support_x, ep.support_y, ep.query_x, steps, support_augment=False,
-                                             head=h if h is not None else "algorithm", dataset=episode.dataset))
+                for m, h, label in zip(self.members, heads, self.labels):
+                    with naming_member(label):
+                        m.check_episode(episode, "evaluate")
+                        ep = with_support_copies(m.placement.batch(episode), m.inference.augment(support_augment))
+                        outputs.append(m.predict(ep.support_x, ep.support_y, ep.query_x, steps, support_augment=False,
+                                                 head=h if h is not None else "algorithm", dataset=episode.dataset))
                 rows.append((self.metrics(self.combine(outputs), episode.query_y),
                              (episode.ways, episode.shots, episode.queries)))
                 bar.update(1)
@@ -182,6 +190,16 @@ class Ensemble:
             raise CheckpointError(f"{path} holds one learner, not an ensemble: load it with MetaLearner.load, "
                                   "or build Ensemble([...paths...])")
         return cls(_learners_in(obj, path, device)[0])
+
+
+@contextlib.contextmanager
+def naming_member(label: str) -> Iterator[None]:
+    """An input, task or config error raised in the block names the ensemble member ``label``
+    (e.g. which member's fixed-size head cannot serve the episode's ways)."""
+    try:
+        yield
+    except (InputError, TaskError, ConfigError) as exc:
+        raise type(exc)(f"ensemble member {label}: {exc}") from exc
 
 
 def load_members(paths: Sequence[str | Path], device: Any = "auto") -> tuple[list[MetaLearner], list[str]]:

@@ -354,14 +354,16 @@ def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
     Under torchrun every rank runs this; rank 0 alone prints and writes files.  A config with
     ``stages`` runs :func:`run_stages`; ``init_from`` starts from a saved learner's trunk; one with
     ``ensemble.members > 1`` trains that many members side by side and evaluates their ensemble
-    (:func:`run_ensemble`).
+    (:func:`run_ensemble`).  A staged run resumes stage by stage from ``<run_dir>/last.pt`` (which
+    need not exist: the interrupted stage's ``last.pt`` is used) or a stage's ``last.pt``.
 
     The run folder is claimed first (:func:`claim_run_dir`): a folder holding another run is
     refused unless ``resume`` continues it or ``overwrite=True`` replaces it, and one process
     at a time writes it.  Every ``eval.settings`` entry is checked against the test split
     before training (:func:`check_eval_settings`).
     """
-    if resume is not None and not Path(resume).is_file():  # before the run folder is judged or data loaded
+    # before the run folder is judged or data loaded (a staged run's resume: run_stages judges it)
+    if resume is not None and not Path(resume).is_file() and not (cfg.stages and cfg.ensemble.members <= 1):
         raise CheckpointError(f"cannot resume: checkpoint {resume} does not exist (a run folder's resumable "
                               f"checkpoint is {cfg.run_dir / 'last.pt'})")
     if cfg.ensemble.members > 1:  # one process per member, then their ensemble (metamtl.ensemble_fit)
@@ -387,6 +389,10 @@ def _run(cfg: Config, resume: str | Path | None, progress: bool, callbacks: list
     seed_everything(cfg.seed)
     run_dir = cfg.run_dir
     record = {"commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # the code that trains
+    if cfg.distill:  # before any data loads
+        from .distill.hooks import check_teacher_file
+
+        check_teacher_file(cfg.distill)
     t0 = time.perf_counter()
     tasks = build_tasks(cfg)
     record["data_seconds"] = time.perf_counter() - t0
@@ -599,16 +605,18 @@ def run_stages(cfg: Config, resume: str | Path | None = None, progress: bool = T
     holds every stage's rows (``stage`` key, iterations counted across stages) and
     ``results.json`` a ``stages`` list (iterations, time, stop reason of each), so the run's
     report covers the whole schedule.  ``cfg.init_from`` initialises the first stage.
+
+    ``resume`` (``<run_dir>/last.pt``, or the ``last.pt`` of one of its stages) continues an
+    interrupted run stage by stage (:func:`stage_plan`): finished stages are skipped, the
+    interrupted one resumes from its ``last.pt``, the others train.
     """
-    if resume is not None:
-        raise ConfigError("a staged run cannot be resumed as a whole; rerun it, or run the remaining stages as a "
-                          "config with init_from: <previous stage's learner.pt>")
     from .config import stage_configs
 
     stages = stage_configs(cfg)
     for name, scfg in stages[:-1]:
         scfg.output_dir, scfg.name, scfg.data.test_split = str(cfg.run_dir / "stages"), name, None
-    check_stages(stages, overwrite)
+    plan = stage_plan(cfg, stages, resume)
+    check_stages(stages, overwrite or resume is not None)
     init, done, history = cfg.init_from, [], []
     given = [copy.deepcopy(c.state_dict()) for c in callbacks]  # every stage starts from the callbacks as given
     for i, (name, scfg) in enumerate(stages):
@@ -616,7 +624,13 @@ def run_stages(cfg: Config, resume: str | Path | None = None, progress: bool = T
         for callback, state in zip(callbacks, given):  # (early stopping's best, a scheduler's base rates)
             callback.load_state_dict(copy.deepcopy(state))
         scfg.init_from, scfg.logging.report = init, cfg.logging.report and last  # the last one draws the curve
-        results = run(scfg, progress=progress, callbacks=callbacks, quiet=quiet, overwrite=overwrite)
+        if plan[i] == "done":
+            results = json.loads((scfg.run_dir / "results.json").read_text())
+            if not quiet and distributed.launch_env().is_main_process:
+                print(f"[metamtl] stage {name!r} finished before: skipped ({scfg.run_dir / 'learner.pt'})")
+        else:
+            results = run(scfg, resume=plan[i], progress=progress, callbacks=callbacks, quiet=quiet,
+                          overwrite=overwrite)
         rows = json.loads((scfg.run_dir / "history.json").read_text()) if (scfg.run_dir / "history.json").is_file() else []
         offset = sum(d["iterations"] for d in done)
         history += [{**r, "stage": name, "iteration": r.get("iteration", 0) + offset} for r in rows]
@@ -635,6 +649,33 @@ def run_stages(cfg: Config, resume: str | Path | None = None, progress: bool = T
     return results
 
 
+def stage_plan(cfg: Config, stages: list[tuple[str, Config]], resume: str | Path | None) -> list[Any]:
+    """What each stage of a staged run does: ``None`` (train), ``"done"`` (finished before: it holds
+    ``learner.pt`` and ``results.json``) or the ``last.pt`` to resume it from.  Without ``resume``
+    every stage trains; with it (``<run_dir>/last.pt`` or a stage's ``last.pt``) the stages before
+    the first unfinished one are done, that one resumes from its ``last.pt`` if it has one, and the
+    last stage (in ``<run_dir>`` itself) never counts as done (resuming a finished one re-evaluates)."""
+    if resume is None:
+        return [None] * len(stages)
+    folders = [scfg.run_dir.resolve() for _, scfg in stages]
+    if Path(resume).resolve().parent not in folders or Path(resume).name != "last.pt":
+        raise ConfigError(f"a staged run resumes from its own folder: --resume {cfg.run_dir / 'last.pt'} (finished "
+                          f"stages are skipped, the interrupted one continues from its last.pt), not {resume}")
+    plan: list[Any] = []
+    for i, (_, scfg) in enumerate(stages):
+        finished = all((scfg.run_dir / f).is_file() for f in ("learner.pt", "results.json"))
+        if finished and i < len(stages) - 1 and all(p == "done" for p in plan):
+            plan.append("done")
+        elif all(p == "done" for p in plan) and (scfg.run_dir / "last.pt").is_file():
+            plan.append(str(scfg.run_dir / "last.pt"))
+        else:
+            plan.append(None)
+    if all(p is None for p in plan):
+        raise CheckpointError(f"cannot resume: no stage of {cfg.run_dir} saved a checkpoint (a stage's resumable "
+                              f"checkpoint is its last.pt, under {cfg.run_dir / 'stages'}); rerun the config")
+    return plan
+
+
 def check_stages(stages: list[tuple[str, Config]], overwrite: bool) -> None:
     """What would stop a staged run after its first stages trained, found before any stage trains:
     a run folder holding another run, a model that cannot take the previous stage's trunk, eval
@@ -644,9 +685,9 @@ def check_stages(stages: list[tuple[str, Config]], overwrite: bool) -> None:
         if held and not overwrite:
             raise ConfigError(
                 f"stage {name!r}: {scfg.run_dir} already holds a run ({', '.join(held)}); it is not overwritten "
-                "silently, and a staged run cannot be resumed: replace it with --overwrite (Python: overwrite=True), "
-                "start a new run with name=... or output_dir=..., or run the remaining stages as a config with "
-                "init_from: <a finished stage's learner.pt>")
+                f"silently: continue an interrupted run with --resume {stages[-1][1].run_dir / 'last.pt'} (finished "
+                "stages are skipped; Python: run(cfg, resume=...)), replace it with --overwrite (Python: "
+                "overwrite=True), or start a new run with name=... or output_dir=...")
     from .run_state import load_trunk
 
     previous = None

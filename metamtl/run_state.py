@@ -183,6 +183,12 @@ def resume(path: str | Path, *, config: dict[str, Any], settings: dict[str, Any]
         ) from exc
 
 
+def refuse_ensemble(obj: dict[str, Any], path: Any, hint: str) -> None:
+    """:class:`CheckpointError` if ``obj`` (read from ``path``) is an ensemble file, not one learner's."""
+    if isinstance(obj, dict) and "ensemble" in obj:
+        raise CheckpointError(f"{path} holds an ensemble of {len(obj['ensemble'])} learners: {hint}")
+
+
 def require(obj: dict[str, Any], path: Any, *keys: str) -> dict[str, Any]:
     """``obj`` if it has every key, else :class:`CheckpointError` naming the missing ones."""
     missing = [k for k in keys if k not in obj]
@@ -199,7 +205,10 @@ def load_trunk(model: TrunkHead, source: Mapping[str, torch.Tensor] | str | Path
     if isinstance(source, Mapping):
         state, where = source, "the given learner"
     else:
-        state, where = require(safe_load(source), source, "model_state")["model_state"], str(source)
+        obj = safe_load(source)
+        refuse_ensemble(obj, source, "a trunk is taken from one learner's checkpoint (e.g. one member's learner.pt, "
+                                     "runs/<name>/members/member0/learner.pt)")
+        state, where = require(obj, source, "model_state")["model_state"], str(source)
     trunk = {k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")}
     try:
         model.trunk.load_state_dict(trunk)
@@ -236,9 +245,7 @@ def learner_state(learner: "MetaLearner", training_state: bool = False) -> dict[
 def learner_from_state(cls: type["MetaLearner"], obj: dict[str, Any], path: Any, *, device: Any = "auto",
                        model: TrunkHead | None = None) -> "MetaLearner":
     """Rebuild a learner of class ``cls`` from a checkpoint ``obj`` read from ``path``."""
-    if "ensemble" in obj:
-        raise CheckpointError(f"{path} holds an ensemble of {len(obj['ensemble'])} learners: load it with "
-                              "metamtl.ensemble.Ensemble.load")
+    refuse_ensemble(obj, path, "load it with metamtl.ensemble.Ensemble.load")
     require(obj, path, "config", "model_state", "algorithm_state")
     cfg = obj["config"]
     resolve_device(device)  # a bad device is the caller's mistake, not the checkpoint's: say so first

@@ -198,10 +198,11 @@ class InnerProblem:
         def one(_: Tensors, xi: torch.Tensor) -> torch.Tensor:
             return functional_call(trunk, fixed, (xi,)) if fixed else trunk(xi)
 
-        trunk_taps = [n[len("trunk."):] for n in taps if n.startswith("trunk.")]
-        with tap_outputs(trunk, trunk_taps) as feats:
+        # "trunk" itself (its flat output) is the trunk module's own name "" under it
+        trunk_taps = {n: n[len("trunk."):] for n in taps if n == "trunk" or n.startswith("trunk.")}
+        with tap_outputs(trunk, list(trunk_taps.values())) as out_feats:
             out = map_tasks(one, [], x)
-        feats = {"trunk." + k: v for k, v in feats.items()}
+        feats = {n: out_feats[k] for n, k in trunk_taps.items() if k in out_feats}
         return (out[:, sx.shape[1]:] if fixed else out), feats
 
     def forward(self, params: Tensors, k: int, x: torch.Tensor, taps: Sequence[str] = ()) -> tuple[torch.Tensor, dict]:

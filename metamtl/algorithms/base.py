@@ -72,6 +72,9 @@ class Algorithm(nn.Module):
     #: them out or ``None`` (names of :data:`DATA_SETTINGS`): e.g. ``("num_classes",)`` for the
     #: transfer baseline's global head.  Declared here, never guessed from the signature.
     from_data: ClassVar[tuple[str, ...]] = ()
+    #: the phases (``LossContext.phase``) in which this algorithm's training applies loss terms:
+    #: a distillation term acting in none of them would be ignored, so the Distillation refuses it
+    loss_term_phases: ClassVar[tuple[str, ...]] = ("support", "query")
 
     def __init__(self, inner: InnerLoop | None = None, **inner_kwargs: Any) -> None:
         super().__init__()

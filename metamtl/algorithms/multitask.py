@@ -82,6 +82,7 @@ class MultiTask(Algorithm):
         return self.base.eval_steps
 
     memory_mode = property(lambda self: self.base.memory_mode, doc="The base algorithm's memory mode.")
+    loss_term_phases = property(lambda self: self.base.loss_term_phases, doc="The base algorithm's loss-term phases.")
     memory_plan = property(lambda self: self.base.memory_plan, doc="The base algorithm's memory plan (``auto``).")
 
     def setup(self, model: TrunkHead) -> None:

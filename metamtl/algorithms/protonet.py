@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adaptation import InnerLoop, check_positive, task_loss
+from ..adaptation import InnerLoop, add_loss_terms, check_positive, task_loss
 from ..errors import ConfigError, unknown_name
 from ..models.backbones import TrunkHead
 from ..models.heads import class_means
@@ -74,6 +74,7 @@ class ProtoNet(Algorithm):
     """
 
     name = "protonet"
+    loss_term_phases = ("query",)  # no inner loop: no support phase
 
     def __init__(self, temperature: float = 1.0, bn_stats: str = "transductive", distance: str = "euclidean",
                  scale: float = 10.0, learn_scale: bool = False) -> None:
@@ -107,15 +108,22 @@ class ProtoNet(Algorithm):
               steps: int | None = None) -> Prototypes:
         return Prototypes(self, model, support_x, support_y, ways)
 
-    def _episode(self, model: TrunkHead, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.adapt(model, episode.support_x, episode.support_y, episode.ways)(episode.query_x)
-        return logits, task_loss(logits, episode.query_y)
+    def _episode(self, model: TrunkHead, episode: Episode) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(logits, query loss, objective)``: the objective adds the loss terms (phase ``"query"``,
+        e.g. distillation; only while training) to the query loss."""
+        protos = self.adapt(model, episode.support_x, episode.support_y, episode.ways)
+        p = protos.problem
+        logits, feats = protos.forward(episode.query_x, taps=p.taps)
+        loss = task_loss(logits, episode.query_y)
+        objective = add_loss_terms(p, "query", loss.unsqueeze(0), logits.unsqueeze(0), episode.query_y.unsqueeze(0),
+                                   episode.query_x.unsqueeze(0), p.initial, feats)[0]
+        return logits, loss, objective
 
     def meta_step(self, model: TrunkHead, batch: TaskBatch, iteration: int = 0) -> dict[str, float]:
         totals: dict[str, float] = {}
         for episode in batch:
-            logits, loss = self._episode(model, episode)
-            (loss / len(batch)).backward()
+            logits, loss, objective = self._episode(model, episode)
+            (objective / len(batch)).backward()
             for k, v in (("loss", float(loss.detach())), ("accuracy", accuracy(logits.detach(), episode.query_y))):
                 totals[k] = totals.get(k, 0.0) + v / len(batch)
         return totals
@@ -123,4 +131,4 @@ class ProtoNet(Algorithm):
     def evaluate_episodes(self, model, episodes, steps=None):
         with torch.no_grad():
             return [{"loss": float(loss), "accuracy": accuracy(logits, e.query_y)}
-                    for e in episodes for logits, loss in [self._episode(model, e)]]
+                    for e in episodes for logits, loss, _ in [self._episode(model, e)]]

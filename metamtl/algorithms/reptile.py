@@ -16,6 +16,7 @@ class Reptile(Algorithm):
 
     name = "reptile"
     fixed = {"first_order": True}
+    loss_term_phases = ("support",)  # the query loss is for the metrics only (no gradient flows from it)
 
     def meta_gradient(self, iteration: int) -> MetaGradient:
         return Difference()

@@ -51,6 +51,7 @@ class Transfer(Algorithm):
     name = "transfer"
     fixed = {"adapt": "head", "first_order": True}
     from_data = ("num_classes",)
+    loss_term_phases = ("classes",)  # training is supervised over all classes (support/query: evaluation only)
 
     def __init__(self, inner=None, *, num_classes: int | None = None, classifier: str = "linear",
                  scale: float = 10.0, **inner_kwargs: Any) -> None:

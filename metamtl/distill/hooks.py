@@ -22,6 +22,7 @@ with its own optimizer and saves their state in training checkpoints::
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
@@ -117,7 +118,7 @@ class FeatureDistillation(DistillationTerm):
     Args:
         teacher: as for :class:`SoftTargets`.
         student_layer, teacher_layer: layer names (``model.named_modules()``), e.g.
-            ``"trunk.blocks.3"``.
+            ``"trunk.blocks.3"``, or ``"trunk"`` for the trunk's flat output (the features).
         adapter: maps student features to the teacher's shape; default: built on first use
             (1x1 convolution, or linear for flat features), initialised from ``seed``.
         weight, phases: as for :class:`SoftTargets`.
@@ -230,6 +231,7 @@ class Distillation(Callback):
 
     def on_fit_start(self, state: FitState) -> None:
         learner = state.learner
+        check_phases_apply(self.terms, learner.algorithm)
         for term in self.terms:
             teacher = getattr(term, "teacher", None)
             if teacher is not None:
@@ -288,6 +290,21 @@ class Distillation(Callback):
         self._pending_opt = state.get("optimizer")
 
 
+def check_phases_apply(terms: Sequence[Any], algorithm: Any) -> None:
+    """Refuse a term whose phases the algorithm's training never calls (it would be silently ignored)."""
+    applied = tuple(getattr(algorithm, "loss_term_phases", PHASES))
+    for term in terms:
+        phases = getattr(term, "phases", None)
+        if phases is None or set(phases) & set(applied):
+            continue
+        why = (" (the 'classes' phase, the supervised loss over all training classes, exists only for the "
+               "'transfer' algorithm)" if "classes" in phases else "")
+        raise ConfigError(
+            f"distillation phases {list(phases)} never apply to algorithm {getattr(algorithm, 'name', algorithm)!r}"
+            f"{why}: its training applies loss terms in phase(s) {list(applied)}; set distill.phases to one of them"
+        )
+
+
 def _check_compatible(teacher: Teacher, learner: "MetaLearner") -> None:
     prep = getattr(teacher, "preprocessing", None)
     if prep is not None and learner.preprocessing is not None and prep != learner.preprocessing:
@@ -311,6 +328,51 @@ def distillation(teacher: Any, temperature: float = 4.0, weight: float = 1.0,
     return Distillation(*terms, lr=lr, ce_weight=ce_weight)
 
 
+def _number(cfg: dict[str, Any], key: str, default: float | None, minimum: float, strict: bool = False) -> float | None:
+    value = cfg.get(key, default)
+    if value is None and default is None:
+        return None
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and (
+        value > minimum if strict else value >= minimum)
+    if not ok:
+        raise ConfigError(f"distill.{key} must be a number {'>' if strict else '>='} {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def check_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The ``distill`` section's keys and values checked (a :class:`ConfigError` naming the key),
+    without loading the teacher: config files are checked when read, before any data loads.
+    Returns the values with their defaults."""
+    known = {"teacher", "temperature", "weight", "phases", "features", "feature_weight", "lr", "teacher_steps",
+             "ce_weight"}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ConfigError(f"distill: unknown key(s) {unknown}; valid keys: {sorted(known)}")
+    if not cfg.get("teacher") or not isinstance(cfg["teacher"], str):
+        raise ConfigError("distill.teacher must be the path of a saved learner (e.g. runs/teacher/learner.pt)")
+    features = []
+    for pair in cfg.get("features") or []:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ConfigError(f"distill.features entries are [student_layer, teacher_layer], got {pair!r}")
+        features.append((str(pair[0]), str(pair[1])))
+    steps = cfg.get("teacher_steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        raise ConfigError(f"distill.teacher_steps must be an integer >= 0 (null: the teacher's eval steps), got {steps!r}")
+    return {"teacher": cfg["teacher"], "temperature": _number(cfg, "temperature", 4.0, 0, strict=True),
+            "weight": _number(cfg, "weight", 1.0, 0), "phases": _check_phases(cfg.get("phases", ("query",))),
+            "features": features, "feature_weight": _number(cfg, "feature_weight", 1.0, 0),
+            "lr": _number(cfg, "lr", None, 0, strict=True), "teacher_steps": steps,
+            "ce_weight": _number(cfg, "ce_weight", 1.0, 0)}
+
+
+def check_teacher_file(cfg: dict[str, Any]) -> None:
+    """A ``distill.teacher`` path that is no file: a :class:`ConfigError` naming the key."""
+    path = Path(cfg["teacher"])
+    if not path.is_file():
+        raise ConfigError(f"distill.teacher: {path} does not exist (it must be the path of a saved learner, e.g. "
+                          "runs/teacher/learner.pt; train the teacher first)")
+
+
 def from_config(cfg: dict[str, Any]) -> Distillation:
     """The ``distill`` section of an experiment config -> a :class:`Distillation` callback.
 
@@ -321,21 +383,10 @@ def from_config(cfg: dict[str, Any]) -> Distillation:
     ``lr`` (the learner's meta_lr), ``teacher_steps`` (its eval steps).  RFS born-again:
     ``{teacher: PATH, temperature: 4, weight: 0.5, ce_weight: 0.5, phases: [classes]}``.
     """
-    known = {"teacher", "temperature", "weight", "phases", "features", "feature_weight", "lr", "teacher_steps",
-             "ce_weight"}
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise ConfigError(f"distill: unknown key(s) {unknown}; valid keys: {sorted(known)}")
-    if not cfg.get("teacher"):
-        raise ConfigError("distill.teacher must be the path of a saved learner (e.g. runs/teacher/learner.pt)")
+    c = check_config(cfg)
+    check_teacher_file(c)
     from .teachers import LearnerTeacher
 
-    features = []
-    for pair in cfg.get("features") or []:
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise ConfigError(f"distill.features entries are [student_layer, teacher_layer], got {pair!r}")
-        features.append((str(pair[0]), str(pair[1])))
-    teacher = LearnerTeacher(cfg["teacher"], cfg.get("teacher_steps"))
-    return distillation(teacher, float(cfg.get("temperature", 4.0)), float(cfg.get("weight", 1.0)),
-                        cfg.get("phases", ("query",)), features, float(cfg.get("feature_weight", 1.0)),
-                        cfg.get("lr"), cfg.get("ce_weight", 1.0))
+    teacher = LearnerTeacher(c["teacher"], c["teacher_steps"])
+    return distillation(teacher, c["temperature"], c["weight"], c["phases"], c["features"], c["feature_weight"],
+                        c["lr"], c["ce_weight"])

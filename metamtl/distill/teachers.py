@@ -164,8 +164,12 @@ class LearnerTeacher(Teacher):
             return self.class_logits(ctx.inputs, layers)
         key = (id(ctx.support_x), ctx.support_x.data_ptr(), tuple(ctx.support_x.shape), ctx.ways)
         if self._adapted is None or self._adapted[0] != key:
-            adapted = self.learner.algorithm.adapt(self.learner.model, ctx.support_x, ctx.support_y, ctx.ways,
-                                                   self.steps)
+            try:
+                adapted = self.learner.algorithm.adapt(self.learner.model, ctx.support_x, ctx.support_y, ctx.ways,
+                                                       self.steps)
+            except InputError as exc:
+                raise InputError(f"the distillation TEACHER (not the student) cannot adapt to this {ctx.ways}-way "
+                                 f"task: {str(exc).replace('this model', 'the teacher')}") from None
             self._adapted = (key, adapted)
         return self._adapted[1].forward(ctx.inputs, taps=layers)
 

@@ -7,6 +7,7 @@ carry the flag.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import torch
@@ -35,9 +36,14 @@ def rectified_prototypes(support: torch.Tensor, support_y: torch.Tensor, query: 
     pseudo = _cosine(query, basic).argmax(1)
     points = torch.cat([support, query])
     labels = torch.cat([support_y, pseudo])
-    weights = torch.exp(epsilon * _cosine(points, basic).gather(1, labels.unsqueeze(1)).squeeze(1))
-    total = torch.zeros(ways, device=points.device).index_add(0, labels, weights)
-    protos = torch.zeros(ways, points.shape[1], device=points.device).index_add(0, labels, weights.unsqueeze(1) * points)
+    # normalised within each class in log space (minus the class's largest exponent): exp(epsilon * cos)
+    # itself overflows float32 from epsilon ~89 on
+    scores = epsilon * _cosine(points, basic).gather(1, labels.unsqueeze(1)).squeeze(1)
+    top = torch.full((ways,), -math.inf, dtype=scores.dtype, device=scores.device)
+    top = top.scatter_reduce(0, labels, scores, reduce="amax")
+    weights = torch.exp(scores - top[labels])
+    total = points.new_zeros(ways).index_add(0, labels, weights)
+    protos = points.new_zeros(ways, points.shape[1]).index_add(0, labels, weights.unsqueeze(1) * points)
     return protos / total.unsqueeze(1), query
 
 
@@ -110,15 +116,21 @@ class LaplacianShot(FeatureHead):
         return scores
 
 
+def log_sinkhorn(logits: torch.Tensor, iterations: int) -> torch.Tensor:
+    """The log of :func:`sinkhorn`'s plan, computed in log space (logsumexp normalisations): any
+    scale of logits works, e.g. squared distances of unnormalised features in the thousands."""
+    log_plan = logits - torch.logsumexp(logits, 1, keepdim=True)
+    log_target = math.log(logits.shape[0] / logits.shape[1])
+    for _ in range(iterations):
+        log_plan = log_plan + (log_target - torch.logsumexp(log_plan, 0, keepdim=True))
+        log_plan = log_plan - torch.logsumexp(log_plan, 1, keepdim=True)
+    return log_plan
+
+
 def sinkhorn(logits: torch.Tensor, iterations: int) -> torch.Tensor:
     """Soft assignments ``exp(logits)`` scaled so every row sums to 1 and every column to
     ``rows / columns`` (class-balanced), by alternate normalisation (Sinkhorn-Knopp)."""
-    plan = F.softmax(logits.flatten(), 0).view_as(logits)
-    target = logits.shape[0] / logits.shape[1]
-    for _ in range(iterations):
-        plan = plan * (target / plan.sum(0, keepdim=True).clamp_min(1e-30))
-        plan = plan / plan.sum(1, keepdim=True).clamp_min(1e-30)
-    return plan
+    return log_sinkhorn(logits, iterations).exp()
 
 
 @dataclasses.dataclass
@@ -151,7 +163,7 @@ class SoftKMeans(FeatureHead):
             z = self.assign(-self.scale * torch.cdist(query, protos).pow(2))
             protos = (onehot.T @ support + z.T @ query) / (onehot.sum(0) + z.sum(0)).unsqueeze(1)
         logits = -self.scale * torch.cdist(query, protos).pow(2)
-        return self.assign(logits).clamp_min(1e-30).log() if self.balanced else logits
+        return log_sinkhorn(logits, self.sinkhorn_iterations) if self.balanced else logits
 
 
 @dataclasses.dataclass

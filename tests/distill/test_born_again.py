@@ -174,3 +174,22 @@ def test_config_student_and_its_twin_start_from_the_same_weights(tmp_path, data_
     twin, student = firsts["twin"].weights, firsts["student"].weights
     assert all(torch.equal(twin[k], student[k]) for k in twin)
     assert not all(torch.equal(twin[k], firsts["teacher"].weights[k]) for k in twin)
+
+
+def test_phases_the_algorithm_never_applies_are_refused():
+    """``phases: [classes]`` on a non-transfer student (and any phase its training never calls)
+    was silently no distillation at all: now a ConfigError naming the phases that do apply."""
+    tasks = EpisodeSampler(toy(), 3, 1, 1, seed=0)
+    anil = MetaLearner(build_model("conv4", in_channels=1, hidden=4, image_size=12, blocks=2, out_features=None),
+                       build_algorithm("anil", head_init="proto"), preprocessing=PREP, device="cpu")
+    with pytest.raises(ConfigError, match="'classes' phase.*only for the 'transfer' algorithm"):
+        anil.fit(tasks, iterations=1, meta_batch_size=1, progress=False,
+                 callbacks=[distillation(transfer(), phases=["classes"])])
+    assert anil.algorithm.inner.loss_terms == [] and anil.fit_state.iteration == 0
+    proto = MetaLearner(build_model("conv4", in_channels=1, hidden=4, image_size=12, blocks=2, out_features=None),
+                        build_algorithm("protonet"), preprocessing=PREP, device="cpu")
+    with pytest.raises(ConfigError, match=r"never apply to algorithm 'protonet'.*\['query'\]"):
+        proto.fit(tasks, iterations=1, meta_batch_size=1, progress=False,
+                  callbacks=[distillation(anil, phases=["support"])])
+    with pytest.raises(ConfigError, match=r"never apply to algorithm 'transfer'.*\['classes'\]"):
+        transfer().fit(tasks, iterations=1, meta_batch_size=1, progress=False, callbacks=[distillation(anil)])

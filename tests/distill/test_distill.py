@@ -214,3 +214,62 @@ def test_config_section_builds_the_callback(tmp_path):
     with pytest.raises(ConfigError, match="saved learner"):
         from_config({"weight": 1})
     assert config_from_dict({"distill": {"teacher": str(path)}}).distill == {"teacher": str(path)}
+
+
+def test_protonet_student_applies_query_distillation(tasks):
+    """A ProtoNet student's query loss gets the loss terms (was: silently ignored, identical to no
+    distillation): soft targets change its training, and a feature pair the adapter cannot map fails."""
+    def student():
+        torch.manual_seed(0)
+        return MetaLearner(conv(4), build_algorithm("protonet"), preprocessing=PREP, device="cpu", meta_lr=0.01)
+
+    teacher = LearnerTeacher(learner(hidden=8, seed=3))
+    plain, taught = student(), student()
+    plain.fit(tasks, iterations=1, meta_batch_size=2, progress=False)
+    kd = Distillation(SoftTargets(teacher, weight=100.0), FeatureDistillation(teacher, "trunk.blocks.1", "trunk.blocks.1"))
+    taught.fit(tasks, iterations=1, meta_batch_size=2, progress=False, callbacks=[kd])
+    assert kd.terms[0].last_value is not None and kd.terms[1].last_value is not None
+    assert any(not torch.equal(a, b) for a, b in zip(plain.model.parameters(), taught.model.parameters()))
+    bad = Distillation(FeatureDistillation(teacher, "trunk.blocks.0", "trunk.blocks.1"))
+    with pytest.raises(InputError, match="cannot map student layer"):
+        student().fit(tasks, iterations=1, meta_batch_size=1, progress=False, callbacks=[bad])
+
+
+@pytest.mark.parametrize("alg", ["anil", "maml", "protonet"])
+def test_feature_distillation_taps_the_trunk_itself(tasks, alg):
+    """The layer ``trunk`` (the trunk's flat output) can be tapped on both sides (was: dropped by
+    the ``trunk.`` prefix filter, "produced no tensor output")."""
+    teacher = LearnerTeacher(learner(hidden=8, seed=3))
+    algorithm = build_algorithm("protonet") if alg == "protonet" else build_algorithm(alg, head_init="proto", steps=1)
+    student = MetaLearner(conv(4), algorithm, preprocessing=PREP, device="cpu", meta_lr=0.01)
+    kd = Distillation(FeatureDistillation(teacher, "trunk", "trunk", phases=algorithm.loss_term_phases))
+    student.fit(tasks, iterations=1, meta_batch_size=1, progress=False, callbacks=[kd])
+    feat = kd.terms[0]
+    assert feat.last_value is not None and math.isfinite(feat.last_value)
+    assert isinstance(feat.adapter, torch.nn.Linear) and feat.adapter.in_features == student.model.num_features
+
+
+def test_config_values_are_checked_naming_the_key(tmp_path, tasks):
+    """Bad distill values are ConfigErrors naming the key when the config is read (were: teacher_steps
+    -3 accepted, weight 'abc' a raw ValueError after data loading); a missing teacher names
+    distill.teacher; a teacher whose fixed head cannot serve the task says it is the teacher's."""
+    from metamtl.config import config_from_dict
+    from metamtl.distill import from_config
+
+    path = str(learner(hidden=8).save(tmp_path / "teacher.pt"))
+    for key, value, match in (("teacher_steps", -3, "distill.teacher_steps must be an integer >= 0"),
+                              ("weight", "abc", "distill.weight must be a number >= 0, got 'abc'"),
+                              ("temperature", "abc", "distill.temperature must be a number > 0"),
+                              ("temperature", 0, "distill.temperature must be a number > 0"),
+                              ("ce_weight", -1, "distill.ce_weight must be a number >= 0")):
+        with pytest.raises(ConfigError, match=match):
+            config_from_dict({"distill": {"teacher": path, key: value}})
+        with pytest.raises(ConfigError, match=match):
+            from_config({"teacher": path, key: value})
+    with pytest.raises(ConfigError, match=r"distill.teacher: .*nope.pt does not exist"):
+        from_config({"teacher": str(tmp_path / "nope.pt")})
+    torch.manual_seed(0)
+    fixed = MetaLearner(conv(4, out=5), build_algorithm("maml", steps=1, lr=0.1), preprocessing=PREP, device="cpu")
+    kd = Distillation(SoftTargets(fixed))
+    with pytest.raises(InputError, match=r"TEACHER \(not the student\).*the teacher's meta-learned head has 5 outputs"):
+        learner().fit(tasks, iterations=1, meta_batch_size=1, progress=False, callbacks=[kd])

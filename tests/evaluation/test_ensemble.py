@@ -136,3 +136,17 @@ def test_members_trained_on_other_data_are_refused_naming_only_the_data_they_use
     message = str(info.value)
     assert message.startswith("b.pt was trained on other data than a.pt ([{'name': 'omniglot'")
     assert message.count("'name'") == 3  # the datasets entries only, not the unused default data: section
+
+
+def test_a_member_that_cannot_serve_the_episode_is_named(tasks, tmp_path):
+    """``metamtl evaluate A.pt maml5.pt --ways 8``: the fixed-head error did not say which member."""
+    from metamtl.errors import InputError
+
+    fixed = member(1, "maml", steps=1, lr=0.1)  # a 5-way head
+    with pytest.raises(InputError, match=r"ensemble member member 1: .*head has 5 outputs but the task has 8"):
+        Ensemble([member(0), fixed]).evaluate(tasks, 1, ways=8, progress=False)
+    path = fixed.save(tmp_path / "maml5.pt")
+    with pytest.raises(InputError, match=r"ensemble member .*maml5.pt: .*head has 5 outputs"):
+        Ensemble([member(0), path], device="cpu").evaluate(tasks, 1, ways=8, progress=False)
+    with pytest.raises(InputError, match=r"ensemble member B.pt: "):
+        Ensemble([member(0), fixed], labels=["A.pt", "B.pt"]).evaluate(tasks, 1, ways=8, progress=False)

@@ -272,3 +272,33 @@ def test_a_run_reports_one_row_per_setting_and_head_and_saves_the_mean(tmp_path)
                     (5, "simpleshot", False), (5, "algorithm", False), (5, "laplacianshot", True)]
     saved = MetaLearner.load(results["checkpoint"], device="cpu")
     assert saved.head == NearestCentroid() and len(saved.feature_means) == 1  # the training split's mean
+
+
+@pytest.mark.parametrize("epsilon", [88.0, 89.0, 500.0])
+def test_bdcspn_weights_stay_finite_and_exact_for_a_large_epsilon(epsilon):
+    """exp(epsilon * cos) overflowed float32 from epsilon ~89 (NaN prototypes, blamed on the inner
+    learning rate): the weights are normalised within each class in log space."""
+    s, q = features(6, 4), features(9, 4, seed=3)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    protos, shifted = rectified_prototypes(s, y, q, 3, epsilon=epsilon, shift=True)
+    ref, _ = rectified_prototypes(s.double(), y, q.double(), 3, epsilon=epsilon, shift=True)
+    assert torch.isfinite(protos).all()
+    torch.testing.assert_close(protos, ref.float())
+    for spec in ({"name": "bdcspn", "epsilon": epsilon}, {"name": "laplacianshot", "center": False, "epsilon": epsilon}):
+        assert torch.isfinite(build_head(spec)(s, y, q, 3)).all()
+
+
+def test_balanced_assignments_work_for_unnormalised_features():
+    """Sinkhorn on logits of unnormalised features (squared distances in the thousands) underflowed
+    whole rows to 1e-30 (every logit log(1e-30): chance); the iterations now run in log space."""
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(5, 64, generator=g) * 10
+    s = centers + torch.randn(5, 64, generator=g)
+    qy = torch.arange(5).repeat(3)
+    q = centers[qy] + torch.randn(15, 64, generator=g)
+    for spec in ({"name": "sinkhorn", "normalize": False}, {"name": "softkmeans", "balanced": True, "normalize": False}):
+        out = build_head(spec)(s, torch.arange(5), q, 5)
+        assert torch.isfinite(out).all() and out.argmax(1).tolist() == qy.tolist()
+        torch.testing.assert_close(out.exp().sum(0), torch.full((5,), 3.0))  # balanced: 3 queries per class
+    plan = sinkhorn(torch.tensor([[-5000.0, -9000.0], [-7000.0, -6000.0]]), 50)
+    torch.testing.assert_close(plan, torch.eye(2), atol=1e-6, rtol=0)

@@ -41,6 +41,20 @@ def test_missing_learn2learn_says_how_to_install(monkeypatch):
     assert "tools/build_learn2learn.sh" in str(err.value) and "Python 3.11" in str(err.value)
 
 
+def test_side_by_side_benchmark_without_learn2learn_says_how_to_install(tmp_path):
+    """benchmarks/learn2learn_side_by_side.py showed its child's raw ModuleNotFoundError."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "learn2learn_side_by_side.py"
+    code = ("import runpy, sys; sys.modules['learn2learn'] = None; "  # as if not installed
+            f"sys.argv = [{str(script)!r}, '--iterations', '1', '--data-root', {str(tmp_path)!r}]; "
+            f"runpy.run_path({str(script)!r}, run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "learn2learn is not installed" in out.stderr and "make learn2learn" in out.stderr
+    assert "ModuleNotFoundError" not in out.stderr and "run failed" not in out.stderr
+
+
 # -- with learn2learn --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def l2l():

@@ -22,3 +22,18 @@ def test_table_row_names_training_augmentation_only_where_a_method_has_one(compa
     assert "augmentation" not in plain and "train 20-way; " in plain
     assert 'train 20-way, augmentation `{"name": "affine"}`; `{"steps": 100}`' in augmented
     assert "**90.00 ± 1.00**" in augmented
+
+
+def test_training_cell_names_inner_steps_only_for_algorithms_with_an_inner_loop(benchmark_script):
+    """benchmarks/common.py printed "protonet ... 1 inner steps" (ProtoNet has no inner loop)."""
+    common = benchmark_script("common")
+
+    def cell(alg):
+        return common.training_cell({
+            "iterations": 10, "train_seconds": 60.0, "stopped_by": "iterations", "precision": "fp32", "layout": "nchw",
+            "config": {"algorithm": alg, "model": {"name": "conv4", "hidden": 32}, "train": {"meta_batch_size": 4},
+                       "tasks": {"ways": 5, "shots": 1}}})
+
+    assert "inner steps" not in cell({"name": "protonet"})
+    assert cell({"name": "protonet"}).startswith("protonet, conv4-32; trained 5w1s")
+    assert ", 5 inner steps;" in cell({"name": "anil", "steps": 5}) and ", 1 inner steps;" in cell({"name": "maml"})
