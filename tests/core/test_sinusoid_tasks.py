@@ -69,3 +69,31 @@ def test_invalid_arguments_raise_task_errors(kwargs):
 def test_negative_index_is_rejected():
     with pytest.raises(TaskError, match="index"):
         Sinusoid().episode(-1)
+
+
+def sine_config(**eval_section):
+    from metamtl.config import config_from_dict
+
+    return config_from_dict({
+        "name": "sine", "data": {"name": "sinusoid", "val_split": None},
+        "tasks": {"ways": 1, "shots": 5, "queries": 5}, "model": {"name": "mlp", "hidden": [8]},
+        "algorithm": {"name": "maml", "steps": 1, "lr": 0.01}, "train": {"device": "cpu"},
+        "eval": {"episodes": 2, "queries": 4, **eval_section}})
+
+
+def test_every_eval_setting_of_a_regression_run_is_evaluated_with_its_shots():
+    from metamtl.experiment import build_learner, build_tasks, evaluate_held_out
+
+    cfg = sine_config(settings=[{"ways": 1, "shots": 5}, {"ways": 1, "shots": 20}])
+    tasks = build_tasks(cfg)
+    learner = build_learner(cfg, tasks["train"])
+    rows = evaluate_held_out(learner, cfg, tasks["test"], progress=False, say=lambda *_: None)
+    assert [(r["shots"], r["queries"]) for r in rows] == [(5, 4), (20, 4)]
+    assert rows[0]["loss"] != rows[1]["loss"]
+
+
+def test_with_settings_keeps_the_family_and_refuses_other_ways():
+    source = Sinusoid(shots=5, queries=3, amplitude=(1.0, 2.0), seed=4).with_settings(shots=8)
+    assert (source.shots, source.queries, source.amplitude, source.seed) == (8, 3, (1.0, 2.0), 4)
+    with pytest.raises(TaskError, match="ways 1"):
+        source.with_settings(ways=5)
