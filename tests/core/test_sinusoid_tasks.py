@@ -97,3 +97,17 @@ def test_with_settings_keeps_the_family_and_refuses_other_ways():
     assert (source.shots, source.queries, source.amplitude, source.seed) == (8, 3, (1.0, 2.0), 4)
     with pytest.raises(TaskError, match="ways 1"):
         source.with_settings(ways=5)
+
+
+def test_a_regression_run_is_evaluated_with_its_training_shots_by_default():
+    assert [(s.ways, s.shots) for s in sine_config().eval.settings] == [(1, 5)]
+
+
+@pytest.mark.parametrize("setting, got", [({"ways": 5, "shots": 5}, "got 5 ways"),
+                                          ({"ways": 1, "shots": 5, "hierarchy": 1}, "hierarchy 1")])
+def test_a_regression_setting_needs_one_way_and_no_hierarchy(setting, got):
+    from metamtl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"eval.settings\[1\]: regression tasks .* have ways 1") as info:
+        sine_config(settings=[{"ways": 1, "shots": 5}, setting])
+    assert got in str(info.value) and "head_init" not in str(info.value)
