@@ -111,3 +111,22 @@ def test_a_regression_setting_needs_one_way_and_no_hierarchy(setting, got):
     with pytest.raises(ConfigError, match=r"eval.settings\[1\]: regression tasks .* have ways 1") as info:
         sine_config(settings=[{"ways": 1, "shots": 5}, setting])
     assert got in str(info.value) and "head_init" not in str(info.value)
+
+
+def test_input_errors_of_a_regression_learner_do_not_mention_images():
+    from metamtl import MetaLearner
+    from metamtl.algorithms import build_algorithm
+    from metamtl.errors import InputError
+    from metamtl.models import build_model
+
+    learner = MetaLearner(build_model("mlp", hidden=[8], in_features=1, out_features=1),
+                          build_algorithm("maml", steps=1, lr=0.01), task="regression", device="cpu")
+    ep = Sinusoid(shots=5, queries=3).episode(0)
+    for support_x, query_x, match in [(ep.support_x.repeat(1, 2), ep.query_x, r"support_x: model expects inputs of shape"),
+                                      (ep.support_x, ep.query_x.repeat(1, 2), r"query_x: model expects inputs of shape"),
+                                      (ep.support_x.long(), ep.query_x, r"support_x must be float regression inputs"),
+                                      (ep.support_x, [[0.5]], r"query_x must be float regression inputs")]:
+        with pytest.raises(InputError, match=match) as info:
+            learner.predict(support_x, ep.support_y, query_x)
+        assert "image" not in str(info.value)
+    assert learner.predict(ep.support_x.numpy(), ep.support_y, ep.query_x.numpy().astype("float64")).shape == (3, 1)
