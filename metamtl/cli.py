@@ -112,6 +112,8 @@ def _episode_sources(tasks: Any, setting: dict[str, int], hierarchy: Any, task: 
                 skipped[label] = row
                 continue
             source = source.with_settings(**setting, hierarchy=hierarchy)
+        elif hasattr(source, "with_settings"):  # regression: the saved first setting's shots, eval.queries
+            source = source.with_settings(shots=setting["shots"], queries=setting["queries"])
         sources.append((label, source))
     if not sources:
         why = ", ".join(f"{k}: {v['skipped']}" for k, v in skipped.items())

@@ -299,9 +299,14 @@ def _check_config(cfg: Config) -> Config:
     if cfg.eval.checkpoint not in ("last", "best"):
         raise ConfigError(f"eval.checkpoint must be 'last' or 'best' (best validation accuracy), got {cfg.eval.checkpoint!r}")
     _check_eval(cfg.eval, is_regression(cfg))
-    for s in cfg.eval.settings:
+    for i, s in enumerate(cfg.eval.settings):
         if s.ways < 1 or s.shots < 1:
             raise ConfigError(f"eval.settings entries need ways >= 1 and shots >= 1, got {s}")
+        if is_regression(cfg) and (s.ways != 1 or s.hierarchy is not None):
+            got = f"{s.ways} ways" + (f", hierarchy {s.hierarchy!r}" if s.hierarchy is not None else "")
+            raise ConfigError(f"eval.settings[{i}]: regression tasks (data.name: sinusoid) have ways 1 and no "
+                              f"classes for a hierarchy, got {got}; give {{ways: 1, shots: N}} (without "
+                              "eval.settings a regression run is evaluated with tasks.shots)")
     lg = cfg.logging
     if lg.report_steps_episodes < 0 or any(s < 0 for s in lg.report_steps or ()):
         raise ConfigError("logging.report_steps_episodes and logging.report_steps entries must be >= 0")
@@ -326,7 +331,7 @@ def _check_config(cfg: Config) -> Config:
     from .algorithms import build_algorithm
 
     head_init = build_algorithm(**_algorithm_settings(cfg)).inner.head_init  # protonet / transfer: per-task heads
-    if head_init == "learned" and any(s.ways != cfg.tasks.ways for s in cfg.eval.settings):
+    if head_init == "learned" and not is_regression(cfg) and any(s.ways != cfg.tasks.ways for s in cfg.eval.settings):
         raise ConfigError(
             "eval.settings use a different number of ways than tasks.ways, but algorithm.head_init is "
             "'learned' (a fixed-size head); set algorithm.head_init to 'zero' or 'proto' to evaluate other ways"
@@ -548,7 +553,10 @@ def _check_components(cfg: Config) -> None:
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:
     """Validate a nested mapping into a :class:`Config`."""
-    return _check_config(from_dict(Config, data, "config"))
+    cfg = from_dict(Config, data, "config")
+    if is_regression(cfg) and "settings" not in (data.get("eval") or {}):  # not 5-way 1-shot: the training shots
+        cfg.eval.settings = [EvalSetting(ways=1, shots=cfg.tasks.shots)]
+    return _check_config(cfg)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -271,9 +271,12 @@ def memory_summary(learner: MetaLearner) -> dict[str, Any]:
 
 
 def setting_tasks(test_tasks: TaskSource, setting: Any, cfg: Config) -> TaskSource:
-    """The test tasks of one ``eval.settings`` entry (its ways, shots and hierarchy)."""
-    if not hasattr(test_tasks, "with_settings") or is_regression(cfg):
+    """The test tasks of one ``eval.settings`` entry (its ways, shots and hierarchy; a regression
+    run's: its shots, with ``eval.queries``)."""
+    if not hasattr(test_tasks, "with_settings"):
         return test_tasks
+    if is_regression(cfg):
+        return test_tasks.with_settings(shots=setting.shots, queries=cfg.eval.queries)
     return test_tasks.with_settings(ways=setting.ways, shots=setting.shots, queries=cfg.eval.queries,
                                     hierarchy=setting.hierarchy)
 

@@ -76,16 +76,29 @@ def refuse_meta(x: Any, what: str) -> None:
                          "give a tensor with data (e.g. created on 'cpu' or the learner's device)")
 
 
+def _regression_input(x: Any, what: str) -> torch.Tensor:
+    """A regression learner's input: a float tensor, or an array taken as float32 (no images)."""
+    if isinstance(x, np.ndarray) and x.dtype.kind in "biuf":
+        return torch.as_tensor(x, dtype=torch.float32)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, (torch.Tensor, np.ndarray)) else type(x).__name__
+        raise InputError(f"{what} must be float regression inputs (a float tensor or numeric array of shape "
+                         f"[n, in_features]), got {got}")
+    return x
+
+
 def model_input(x: Any, what: str, *, model: TrunkHead, placement: Placement,
-                preprocessing: Preprocessing | Unchosen | None) -> torch.Tensor:
+                preprocessing: Preprocessing | Unchosen | None, task: str = "classification") -> torch.Tensor:
     """``x`` as model input on the learner's device.
 
     ``x`` may be model input (a float tensor), stored ``uint8`` images, or raw images (PIL images
     or arrays), which are preprocessed; float arrays are taken as model input when there is no
-    preprocessing (e.g. regression).
+    preprocessing.  For ``task="regression"`` only float tensors and numeric arrays are input.
     """
     refuse_meta(x, what)
-    if not isinstance(x, torch.Tensor) or x.dtype == torch.uint8:
+    if task == "regression":
+        x = _regression_input(x, what)
+    elif not isinstance(x, torch.Tensor) or x.dtype == torch.uint8:
         if preprocessing is None and isinstance(x, np.ndarray) and x.dtype != np.uint8:
             x = torch.as_tensor(x, dtype=torch.float32)
         else:
@@ -96,6 +109,9 @@ def model_input(x: Any, what: str, *, model: TrunkHead, placement: Placement,
     try:
         model.check_input(x)
     except InputError as exc:
+        if task == "regression":
+            raise InputError(f"{what}: {exc}; give the regression inputs shaped like the training tasks' "
+                             "(one row per example)") from None
         raise InputError(
             f"{what}: {exc}; give raw images (PIL images or arrays, preprocessed like the training "
             "data) or the output of MetaLearner.preprocess()"

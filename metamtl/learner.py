@@ -245,7 +245,7 @@ class MetaLearner:
 
     def model_input(self, x: Any, what: str = "input", dataset: str | None = None) -> torch.Tensor:
         """Model input on this learner's device from tensors, ``uint8`` images or raw images (of ``dataset``)."""
-        return inputs.model_input(x, what, model=self.model, placement=self.placement,
+        return inputs.model_input(x, what, model=self.model, placement=self.placement, task=self.task,
                                   preprocessing=inputs.preprocessing_for(self.preprocessing, self.metadata, dataset))
 
     def check_finite(self, what: str) -> None:

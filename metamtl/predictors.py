@@ -94,7 +94,7 @@ def adapt(learner: "MetaLearner", support_x: Any, support_y: Any, steps: int | N
     learner.check_finite("adapt")
     preprocessing = inputs.preprocessing_for(learner.preprocessing, learner.metadata, dataset)
     x = inputs.model_input(support_x, "support_x", model=learner.model, placement=learner.placement,
-                           preprocessing=preprocessing)
+                           preprocessing=preprocessing, task=learner.task)
     y, ways = inputs.support_labels(support_y, x.shape[0], learner.task, learner.device, learner.model)
     x, y = inputs.support_copies(x, y, learner.inference.augment(support_augment), preprocessing=preprocessing)
     head = learner.inference.classifier(head, learner.task)

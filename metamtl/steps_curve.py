@@ -70,6 +70,8 @@ def accuracy_vs_steps(learner: Any, sources: Mapping[str | None, Any], settings:
             source = sources[label] if label in sources else next(iter(sources.values()))
             kwargs = {} if regression else {"ways": row["ways"], "shots": row["shots"], "queries": queries,
                                             "head": "algorithm"}
+            if regression and row.get("shots") and hasattr(source, "with_settings"):  # the row's shots
+                source = source.with_settings(shots=row["shots"], **({"queries": queries} if queries else {}))
             results = []
             for s in steps:
                 results.append(learner.evaluate(source, episodes, steps=int(s), progress=False, **kwargs))

@@ -76,6 +76,13 @@ def _setting(r: Mapping[str, Any]) -> str:
     return f"{r['dataset']}: {setting}" if r.get("dataset") else setting
 
 
+def _regression(results: Mapping[str, Any]) -> bool:
+    """Whether a run reports mean squared errors (sinusoid regression) rather than accuracies."""
+    rows = [r for r in results.get("test", []) if "skipped" not in r]
+    name = (results.get("config") or {}).get("data", {}).get("name")
+    return name == "sinusoid" or (bool(rows) and all(r.get("accuracy") is None for r in rows))
+
+
 def _stages(results: Mapping[str, Any]) -> str:
     """One line per stage of a staged run (``stages`` config), empty otherwise."""
     stages = results.get("stages") or []
@@ -211,7 +218,8 @@ def write_report(run_dir: str | os.PathLike, *, embed: bool = False) -> Path:
                     plots.plot_inner_losses(history, run_dir / "inner_loss.png"), "inner losses",
                     "Support-set loss before each inner step (lighter = later step) and the query loss after "
                     "adaptation, averaged over the tasks of each meta-batch (moving average).", embed, run_dir)),
-                ("Accuracy vs number of inner steps at test time", lambda: _steps_section(run_dir, cfg, embed))]
+                (f"{'MSE' if _regression(results) else 'Accuracy'} vs number of inner steps at test time",
+                 lambda: _steps_section(run_dir, cfg, embed))]
     figures = [(title, _drawn(title, run_dir, build, _not_drawn)) for title, build in builders]
     out = run_dir / "report.html"
     atomic_write_text(out, _report_page(run_dir, results, figures))
@@ -273,7 +281,7 @@ def _steps_section(run_dir: Path, cfg: Mapping[str, Any], embed: bool) -> str:
                             f"{data['split'].split(' (')[0]} {metric}",  # 'held-out (a: test, b: val)' -> 'held-out'
                             vline=(data["trained_steps"], f"steps in meta-training ({data['trained_steps']})"),
                             integer_x=True)
-    html_ = _figure(png, "accuracy vs inner steps",
+    html_ = _figure(png, f"{'MSE' if scale == 1.0 else 'accuracy'} vs inner steps",
                     f"The saved learner adapted with 0..{max(data['steps'])} inner steps on "
                     f"{data['episodes']} fixed {_e(data['split'])} episodes per point "
                     "(95% CI). Step 0 is the meta-learned initialisation without any adaptation.", embed, run_dir)
@@ -328,13 +336,20 @@ Data: {_e(protocol(cfg)[0])}.<br>
 Commit <code>{_e(results.get('commit'))}</code>, {_e(results.get('date'))},
 {_e(machine.get('cpu') or machine.get('platform', ''))}.</p>
 <h2>Held-out test results</h2>
-<table><tr><th>setting</th><th>accuracy (95% CI)</th><th>episodes</th><th>queries / class</th><th>inner steps</th>
+<table><tr><th>setting</th><th>{_metric_columns(results)}</th><th>inner steps</th>
 <th>published (official test classes)</th></tr>{_test_rows(results)}</table>
 {''.join(f'<h2>{_e(title)}</h2>{fig}' for title, fig in figures if fig)}
 <h2>Files</h2><p>{' · '.join(f'<a href="{_e(f)}">{_e(f)}</a>' for f in files)}</p>{_wandb_note(run_dir)}
 <details><summary>Configuration</summary><pre>{_e(json.dumps(cfg, indent=2))}</pre></details>
 <details><summary>Machine</summary><pre>{_e(json.dumps(machine, indent=2))}</pre></details>
 </body></html>"""
+
+
+def _metric_columns(results: Mapping[str, Any]) -> str:
+    """The held-out table's metric, episodes and queries headers: MSE for regression runs."""
+    if _regression(results):
+        return "MSE (95% CI)</th><th>episodes</th><th>queries"
+    return "accuracy (95% CI)</th><th>episodes</th><th>queries / class"
 
 
 class HTMLReport(Callback):

@@ -70,6 +70,21 @@ class Sinusoid(Dataset):
         return (f"Sinusoid(shots={self.shots}, queries={self.queries}, amplitude={self.amplitude}, "
                 f"phase={self.phase}, x_range={self.x_range}, seed={self.seed})")
 
+    def with_settings(self, **kwargs) -> "Sinusoid":
+        """The same task family with other ``shots``/``queries``/``seed``/``name`` (``ways`` is 1:
+        other values, and a ``hierarchy``, are a :class:`TaskError`)."""
+        if kwargs.pop("ways", 1) != 1:
+            raise TaskError("sinusoid regression tasks have ways 1 (one function per task)")
+        if kwargs.pop("hierarchy", None) is not None:
+            raise TaskError("sinusoid regression tasks have no classes to draw within a hierarchy")
+        args = dict(shots=self.shots, queries=self.queries, amplitude=self.amplitude, phase=self.phase,
+                    x_range=self.x_range, seed=self.seed, name=self.name)
+        unknown = sorted(set(kwargs) - {"shots", "queries", "seed", "name"})
+        if unknown:
+            raise TaskError(f"with_settings accepts ways, shots, queries, seed, name, hierarchy; got {', '.join(unknown)}")
+        args.update(kwargs)
+        return Sinusoid(**args)
+
     def episode(self, index: int) -> Episode:
         index = check_index(index)
         g = episode_generator(self.seed, index)

@@ -69,3 +69,64 @@ def test_invalid_arguments_raise_task_errors(kwargs):
 def test_negative_index_is_rejected():
     with pytest.raises(TaskError, match="index"):
         Sinusoid().episode(-1)
+
+
+def sine_config(**eval_section):
+    from metamtl.config import config_from_dict
+
+    return config_from_dict({
+        "name": "sine", "data": {"name": "sinusoid", "val_split": None},
+        "tasks": {"ways": 1, "shots": 5, "queries": 5}, "model": {"name": "mlp", "hidden": [8]},
+        "algorithm": {"name": "maml", "steps": 1, "lr": 0.01}, "train": {"device": "cpu"},
+        "eval": {"episodes": 2, "queries": 4, **eval_section}})
+
+
+def test_every_eval_setting_of_a_regression_run_is_evaluated_with_its_shots():
+    from metamtl.experiment import build_learner, build_tasks, evaluate_held_out
+
+    cfg = sine_config(settings=[{"ways": 1, "shots": 5}, {"ways": 1, "shots": 20}])
+    tasks = build_tasks(cfg)
+    learner = build_learner(cfg, tasks["train"])
+    rows = evaluate_held_out(learner, cfg, tasks["test"], progress=False, say=lambda *_: None)
+    assert [(r["shots"], r["queries"]) for r in rows] == [(5, 4), (20, 4)]
+    assert rows[0]["loss"] != rows[1]["loss"]
+
+
+def test_with_settings_keeps_the_family_and_refuses_other_ways():
+    source = Sinusoid(shots=5, queries=3, amplitude=(1.0, 2.0), seed=4).with_settings(shots=8)
+    assert (source.shots, source.queries, source.amplitude, source.seed) == (8, 3, (1.0, 2.0), 4)
+    with pytest.raises(TaskError, match="ways 1"):
+        source.with_settings(ways=5)
+
+
+def test_a_regression_run_is_evaluated_with_its_training_shots_by_default():
+    assert [(s.ways, s.shots) for s in sine_config().eval.settings] == [(1, 5)]
+
+
+@pytest.mark.parametrize("setting, got", [({"ways": 5, "shots": 5}, "got 5 ways"),
+                                          ({"ways": 1, "shots": 5, "hierarchy": 1}, "hierarchy 1")])
+def test_a_regression_setting_needs_one_way_and_no_hierarchy(setting, got):
+    from metamtl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"eval.settings\[1\]: regression tasks .* have ways 1") as info:
+        sine_config(settings=[{"ways": 1, "shots": 5}, setting])
+    assert got in str(info.value) and "head_init" not in str(info.value)
+
+
+def test_input_errors_of_a_regression_learner_do_not_mention_images():
+    from metamtl import MetaLearner
+    from metamtl.algorithms import build_algorithm
+    from metamtl.errors import InputError
+    from metamtl.models import build_model
+
+    learner = MetaLearner(build_model("mlp", hidden=[8], in_features=1, out_features=1),
+                          build_algorithm("maml", steps=1, lr=0.01), task="regression", device="cpu")
+    ep = Sinusoid(shots=5, queries=3).episode(0)
+    for support_x, query_x, match in [(ep.support_x.repeat(1, 2), ep.query_x, r"support_x: model expects inputs of shape"),
+                                      (ep.support_x, ep.query_x.repeat(1, 2), r"query_x: model expects inputs of shape"),
+                                      (ep.support_x.long(), ep.query_x, r"support_x must be float regression inputs"),
+                                      (ep.support_x, [[0.5]], r"query_x must be float regression inputs")]:
+        with pytest.raises(InputError, match=match) as info:
+            learner.predict(support_x, ep.support_y, query_x)
+        assert "image" not in str(info.value)
+    assert learner.predict(ep.support_x.numpy(), ep.support_y, ep.query_x.numpy().astype("float64")).shape == (3, 1)

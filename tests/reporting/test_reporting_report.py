@@ -401,3 +401,22 @@ def test_a_staged_runs_header_says_its_iterations_are_over_every_stage(tmp_path)
     header = write_report(run).read_text().split('<p class="meta">')[1].split("</p>")[0]
     assert "<b>12</b> meta-iterations in total over its 2 stages" in header
     assert "Stage 1, <b>pre</b>: protonet, 9 meta-iterations" in header
+
+
+def test_a_regression_runs_report_names_its_metric_mse(tmp_path):
+    """A sinusoid run reports mean squared errors: its table column and steps-curve section say
+    MSE, never accuracy."""
+    row = {"accuracy": None, "ci95": None, "loss": 3.67, "loss_ci95": 2.73, "episodes": 10, "ways": 1, "shots": 5,
+           "queries": 5, "steps": 1, "hierarchy": None, "head": "algorithm", "transductive": False}
+    run = _small_run(tmp_path / "r", [row])
+    results = json.loads((run / "results.json").read_text())
+    results["config"]["data"] = {"name": "sinusoid"}
+    (run / "results.json").write_text(json.dumps(results))
+    (run / "steps_curve.json").write_text(json.dumps(
+        {"steps": [0, 1], "split": "test", "episodes": 2, "trained_steps": 1,
+         "curves": [{"setting": "5-shot regression", "metric": "loss", "mean": [4.0, 3.0], "ci95": [0.5, 0.5]}]}))
+    text = write_report(run).read_text()
+    table = text.split("<h2>Held-out test results</h2>")[1].split("</table>")[0]
+    assert "<th>MSE (95% CI)</th>" in table and "accuracy" not in table.lower()
+    assert "<h2>MSE vs number of inner steps at test time</h2>" in text
+    assert "Accuracy vs number of inner steps" not in text and 'alt="MSE vs inner steps"' in text
