@@ -96,6 +96,9 @@ class Callback:
 
     #: callbacks with a higher order run later in every hook (stable among equals)
     order = 0
+    #: whether the state of this callback carries into the learner's next (not resumed) ``fit``
+    #: call, which continues the same run (:class:`ModelCheckpoint`'s best value)
+    continues_run = False
 
     @property
     def key(self) -> str:
@@ -118,6 +121,11 @@ class Callback:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def continued_state(self) -> dict[str, Any]:
+        """What the learner's next ``fit`` call hands to :meth:`load_state_dict` (only with
+        :attr:`continues_run`; default: :meth:`state_dict`)."""
+        return self.state_dict()
 
 
 class CallbackList(Callback):
@@ -150,6 +158,10 @@ class CallbackList(Callback):
         for cb in self.callbacks:
             if cb.key in state:
                 cb.load_state_dict(state[cb.key])
+
+    def continued_state(self) -> dict[str, Any]:
+        """The states the learner's next ``fit`` call starts from (:attr:`Callback.continues_run`)."""
+        return {cb.key: cb.continued_state() for cb in self.callbacks if cb.continues_run and cb.continued_state()}
 
 
 def standard_callbacks(progress: bool = True, checkpoint_dir: str | Path | None = None,
@@ -231,6 +243,7 @@ class ModelCheckpoint(Callback):
     """
 
     order = 100  # after every other callback: its checkpoints hold their states for the iteration
+    continues_run = True  # a second fit into the same folder keeps best.pt the best of the whole run
 
     def __init__(self, dirpath: str | Path, every: int = 100, monitor: str | None = "val/accuracy", mode: str = "max") -> None:
         self.dirpath = Path(dirpath)
@@ -317,8 +330,15 @@ class ModelCheckpoint(Callback):
     def state_dict(self):
         return {"best": self.best}
 
+    def continued_state(self):
+        return {"best": self.best, "dirpath": str(self.dirpath.resolve()), "monitor": self.monitor, "mode": self.mode}
+
     def load_state_dict(self, state):
-        self.best = state.get("best")
+        """The best value so far; from the learner's previous fit call only when it was watched in
+        this folder with this monitor and mode (another folder's ``best.pt`` is not this one's)."""
+        same = all(state.get(k, mine) == mine for k, mine in (
+            ("dirpath", str(self.dirpath.resolve())), ("monitor", self.monitor), ("mode", self.mode)))
+        self.best = state.get("best") if same else None
 
 
 def _improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:

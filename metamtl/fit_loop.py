@@ -71,8 +71,8 @@ def check_fit_arguments(train_tasks: Any, val_tasks: Any, budget_minutes: float 
 
 def start_run(learner: "MetaLearner", settings: dict[str, Any], resume: str | Path | None = None,
               iterations: int | None = None) -> None:
-    """Before the first iteration of a fit: continue from the checkpoint ``resume`` (or start the
-    run's clock from zero), then join the process group and check every process starts the same
+    """Before the first iteration of a fit: continue from the checkpoint ``resume`` (or continue
+    the learner's own run: its callback states kept by the previous fit call), then join the process group and check every process starts the same
     fit (config, ``settings``, iteration) with process 0's weights."""
     if resume is not None:
         run_state.resume(resume, config=learner.config(), settings=settings, optimizer=learner.meta_optimizer,
@@ -81,7 +81,7 @@ def start_run(learner: "MetaLearner", settings: dict[str, Any], resume: str | Pa
         logging.getLogger("metamtl.fit").info("resumed from %s: iteration %d, %.0f s trained before", resume,
                                               learner.iteration, learner.run.seconds)
     else:
-        learner.run.seconds, learner.run.callbacks = 0.0, {}
+        learner.run.seconds = 0.0
     learner.run.settings = settings
     learner.strategy = distributed.process_strategy(learner.device)
     fingerprint = {"config": learner.config(), "fit": settings, "iteration": learner.iteration,
@@ -283,7 +283,7 @@ class FitLoop:
     def __init__(self, learner: "MetaLearner", state: FitState, train_tasks: TaskSource,
                  val_tasks: TaskSource | None = None, val_episodes: int = 100, num_workers: int = 0) -> None:
         self.learner, self.state, self.callbacks = learner, state, state.callbacks
-        state.callbacks.load_state_dict(learner.run.callbacks)  # what a resumed checkpoint saved for them
+        state.callbacks.load_state_dict(learner.run.callbacks)  # what a resumed checkpoint (or the previous fit) saved
         learner.run.callbacks = {}
         self.train_tasks, self.val_tasks, self.val_episodes = train_tasks, val_tasks, val_episodes
         self.num_workers = num_workers
@@ -307,6 +307,7 @@ class FitLoop:
             cbs.on_exception(state, exc)
             raise
         finally:
+            ln.run.callbacks = cbs.continued_state()  # what the learner's next fit call continues from
             signals.restore()
             ln.run.stop_clock()
             close = getattr(batches, "close", None)
