@@ -127,6 +127,11 @@ class Callback:
         :attr:`continues_run`; default: :meth:`state_dict`)."""
         return self.state_dict()
 
+    def run_settings(self) -> dict[str, Any]:
+        """Settings of this callback that change the training trajectory, saved with the fit's
+        settings: resuming with others is refused, listing the keys that differ."""
+        return {}
+
 
 class CallbackList(Callback):
     """Calls each hook on every callback, in :attr:`Callback.order` (stable)."""
@@ -399,6 +404,10 @@ class EarlyStopping(Callback):
             state.should_stop = True
             state.stopped_by = "early_stopping"
 
+    def run_settings(self):
+        return {"early_stopping": {"monitor": self.monitor, "mode": self.mode, "patience": self.patience,
+                                   "min_delta": self.min_delta}}
+
     def state_dict(self):
         return {"best": self.best, "wait": self.wait}
 
@@ -509,6 +518,10 @@ class LRScheduler(Callback):
         if self.wait >= self.patience:
             self.reductions, self.wait = self.reductions + 1, 0
             self._apply(state)
+
+    def run_settings(self):
+        keys = ("name", "warmup", "min_lr", "total", "step_size", "gamma", "patience", "monitor", "mode", "over")
+        return {"scheduler": {k: getattr(self, k) for k in keys}}
 
     def state_dict(self):
         return {"base": self.base, "reductions": self.reductions, "best": self.best, "wait": self.wait}

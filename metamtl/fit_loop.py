@@ -69,6 +69,19 @@ def check_fit_arguments(train_tasks: Any, val_tasks: Any, budget_minutes: float 
         check_positive("budget_minutes", budget_minutes)
 
 
+def fit_settings(train_tasks: Any, meta_batch_size: int, val_every: int | None, val_episodes: int,
+                 callbacks: list[Any]) -> dict[str, Any]:
+    """What a resume of this fit must repeat to continue it exactly: the training tasks, the
+    meta-batch size, the validation cadence and episodes as given, and what the callbacks change
+    of the trajectory (:meth:`~metamtl.callbacks.Callback.run_settings`: the learning-rate schedule,
+    early stopping).  Iterations and the time budget may differ (to extend a run)."""
+    settings = {"meta_batch_size": meta_batch_size, "train_tasks": repr(train_tasks), "val_every": val_every,
+                "val_episodes": val_episodes}
+    for cb in callbacks:
+        settings.update(cb.run_settings())
+    return settings
+
+
 def start_run(learner: "MetaLearner", settings: dict[str, Any], resume: str | Path | None = None,
               iterations: int | None = None) -> None:
     """Before the first iteration of a fit: continue from the checkpoint ``resume`` (or continue

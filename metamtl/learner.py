@@ -28,7 +28,7 @@ from .data.base import Preprocessing
 from .evaluation import (EvalResult, episode_reader, evaluate_episodes, feature_means, hierarchy_of, mean_ci95,
                          scorer)
 from .fit_loop import (INTERRUPT_CHECKPOINT, META_OPTIMIZERS, FitLoop, build_meta_optimizer, check_fit_arguments,
-                       start_run)
+                       fit_settings, start_run)
 from .heads import head_name
 from .inference import InferenceSettings
 from .inputs import check_int, check_steps
@@ -185,8 +185,8 @@ class MetaLearner:
                             meta_batch_size=(meta_batch_size, 1), val_episodes=(val_episodes, 1),
                             checkpoint_every=(checkpoint_every, 0), num_workers=(num_workers, 0),
                             val_every=(1 if val_every is None else val_every, 1))
-        start_run(self, {"meta_batch_size": meta_batch_size, "train_tasks": repr(train_tasks)}, resume, iterations)
         cbs = standard_callbacks(progress, checkpoint_dir, checkpoint_every) + self.callbacks + list(callbacks)
+        start_run(self, fit_settings(train_tasks, meta_batch_size, val_every, val_episodes, cbs), resume, iterations)
         self.fit_state = FitState(
             self, iterations if resume is not None else self.iteration + iterations, meta_batch_size,
             val_every=(val_every or max(1, iterations // 10)) if val_tasks else None, budget_minutes=budget_minutes,
