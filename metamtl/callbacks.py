@@ -170,14 +170,16 @@ class CallbackList(Callback):
 
 
 def standard_callbacks(progress: bool = True, checkpoint_dir: str | Path | None = None,
-                       checkpoint_every: int = 100) -> list[Callback]:
+                       checkpoint_every: int = 100, task: str = "classification") -> list[Callback]:
     """What every ``fit`` call uses: :class:`History`, a :class:`ProgressBar` (``progress``) and,
-    with a ``checkpoint_dir``, a :class:`ModelCheckpoint` writing there every ``checkpoint_every``."""
+    with a ``checkpoint_dir``, a :class:`ModelCheckpoint` writing there every ``checkpoint_every``
+    (``best.pt`` by the :func:`default_monitor` of the learner's ``task``)."""
     cbs: list[Callback] = [History()]
     if progress:
         cbs.append(ProgressBar())
     if checkpoint_dir is not None:
-        cbs.append(ModelCheckpoint(checkpoint_dir, every=checkpoint_every))
+        monitor, mode = default_monitor(task)
+        cbs.append(ModelCheckpoint(checkpoint_dir, every=checkpoint_every, monitor=monitor, mode=mode))
     return cbs
 
 
@@ -243,14 +245,16 @@ class ModelCheckpoint(Callback):
     Args:
         dirpath: folder for the checkpoints.
         every: iterations between ``last.pt`` writes (0: only at the end).
-        monitor: validation metric deciding ``best.pt`` (``None`` disables it).
+        monitor: validation metric deciding ``best.pt`` (``None`` disables it); ``fit`` watches
+            :func:`default_monitor` of the learner's task (regression: ``val/loss``, ``"min"``).
         mode: ``"max"`` or ``"min"``.
     """
 
     order = 100  # after every other callback: its checkpoints hold their states for the iteration
     continues_run = True  # a second fit into the same folder keeps best.pt the best of the whole run
 
-    def __init__(self, dirpath: str | Path, every: int = 100, monitor: str | None = "val/accuracy", mode: str = "max") -> None:
+    def __init__(self, dirpath: str | Path, every: int = 100, monitor: str | None = "val/accuracy",
+                 mode: str = "max") -> None:
         self.dirpath = Path(dirpath)
         self.every = int(every)
         self.monitor = monitor
@@ -358,6 +362,38 @@ def _check_mode(mode: str) -> str:
     return mode
 
 
+#: the metrics validation reports, by the learner's task (``val/`` + these)
+VALIDATION_METRICS = {"classification": ("val/accuracy", "val/accuracy_ci95", "val/loss", "val/loss_ci95"),
+                      "regression": ("val/loss", "val/loss_ci95")}
+
+
+def default_monitor(task: str) -> tuple[str, str]:
+    """``(monitor, mode)`` watched when none is given: validation accuracy (higher is better) for
+    classification, validation loss (lower is better) for regression, which reports no accuracy."""
+    return ("val/loss", "min") if task == "regression" else ("val/accuracy", "max")
+
+
+def resolve_monitor(monitor: str | None, mode: str | None, task: str, who: str) -> tuple[str, str]:
+    """``(monitor, mode)`` for a learner of ``task``: the defaults of :func:`default_monitor` for
+    ``None`` (a given monitor's mode: ``"min"`` for a loss, else ``"max"``); :class:`ConfigError`
+    naming the metrics validation reports when ``monitor`` is none of them."""
+    if monitor is None:
+        monitor, default_mode = default_monitor(task)
+    else:
+        default_mode = "min" if monitor.endswith("loss") else "max"
+    reported = VALIDATION_METRICS.get(task, VALIDATION_METRICS["classification"])
+    if monitor not in reported:
+        raise ConfigError(f"{who} monitors {monitor!r}, which validation of a {task} learner never reports; "
+                          f"it reports {', '.join(reported)}")
+    return monitor, _check_mode(mode or default_mode)
+
+
+def _fallback_monitor(monitor: str | None, mode: str | None) -> tuple[str, str]:
+    """``(monitor, mode)`` before a fit resolved them for its learner (a classifier's defaults)."""
+    monitor = monitor or "val/accuracy"
+    return monitor, mode or ("min" if monitor.endswith("loss") else "max")
+
+
 def _monitored(metrics: dict[str, float], monitor: str, who: str) -> float:
     if monitor not in metrics:
         raise ConfigError(
@@ -371,8 +407,9 @@ class EarlyStopping(Callback):
     """Stop ``fit`` when a validation metric has not improved for ``patience`` validations.
 
     Args:
-        monitor: validation metric (``"val/accuracy"``, ``"val/loss"``, ...).
-        mode: ``"max"`` (higher is better) or ``"min"``.
+        monitor: validation metric (``"val/accuracy"``, ``"val/loss"``, ...; default: the
+            learner's :func:`default_monitor`, ``val/loss`` for regression).
+        mode: ``"max"`` (higher is better) or ``"min"`` (default: ``"min"`` for a loss).
         patience: validations without improvement before stopping.
         min_delta: smallest change that counts as an improvement.
 
@@ -380,23 +417,26 @@ class EarlyStopping(Callback):
     :class:`ModelCheckpoint` keeps the best weights in ``best.pt``.
     """
 
-    def __init__(self, monitor: str = "val/accuracy", mode: str = "max", patience: int = 5,
+    def __init__(self, monitor: str | None = None, mode: str | None = None, patience: int = 5,
                  min_delta: float = 0.0) -> None:
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ConfigError(f"early stopping patience must be an integer >= 1, got {patience!r}")
         if not (isinstance(min_delta, (int, float)) and math.isfinite(min_delta) and min_delta >= 0):
             raise ConfigError(f"early stopping min_delta must be a finite number >= 0, got {min_delta!r}")
-        self.monitor, self.mode, self.patience, self.min_delta = monitor, _check_mode(mode), patience, float(min_delta)
+        self.monitor, self.mode, self.patience, self.min_delta = monitor, mode and _check_mode(mode), patience, float(min_delta)
+        self.watched = _fallback_monitor(monitor, mode)  # (monitor, mode), resolved for the learner at fit start
         self.best: float | None = None
         self.wait = 0
 
     def on_fit_start(self, state):
         if state.val_every is None:
             raise ConfigError("EarlyStopping needs validation: pass val_tasks to fit (data.val_split in configs)")
+        self.watched = resolve_monitor(self.monitor, self.mode, state.learner.task, "EarlyStopping")
 
     def on_validation_end(self, state, metrics):
-        value = _monitored(metrics, self.monitor, "EarlyStopping")
-        if math.isfinite(value) and _improved(value, self.best, self.mode, self.min_delta):
+        monitor, mode = self.watched
+        value = _monitored(metrics, monitor, "EarlyStopping")
+        if math.isfinite(value) and _improved(value, self.best, mode, self.min_delta):
             self.best, self.wait = value, 0
             return
         self.wait += 1
@@ -444,8 +484,8 @@ class LRScheduler(Callback):
     """
 
     def __init__(self, name: str = "cosine", *, warmup: int = 0, min_lr: float = 0.0, total: int | None = None,
-                 step_size: int = 1000, gamma: float = 0.1, patience: int = 3, monitor: str = "val/accuracy",
-                 mode: str = "max", over: str = "iterations") -> None:
+                 step_size: int = 1000, gamma: float = 0.1, patience: int = 3, monitor: str | None = None,
+                 mode: str | None = None, over: str = "iterations") -> None:
         if name not in SCHEDULERS:
             raise unknown_name("scheduler", name, SCHEDULERS)
         if over not in ("iterations", "budget"):
@@ -461,7 +501,8 @@ class LRScheduler(Callback):
             raise ConfigError(f"scheduler min_lr must be a finite number >= 0, got {min_lr!r}")
         self.name, self.warmup, self.min_lr, self.total = name, warmup, float(min_lr), total
         self.step_size, self.gamma, self.patience = step_size, float(gamma), patience
-        self.monitor, self.mode, self.over = monitor, _check_mode(mode), over
+        self.monitor, self.mode, self.over = monitor, mode and _check_mode(mode), over
+        self.watched = _fallback_monitor(monitor, mode)  # (monitor, mode), resolved for the learner at fit start
         self.base: list[float] | None = None
         self.reductions, self.best, self.wait = 0, None, 0
 
@@ -502,6 +543,8 @@ class LRScheduler(Callback):
             raise ConfigError("a scheduler with over='budget' needs a time budget (fit budget_minutes)")
         if self.name == "plateau" and state.val_every is None:
             raise ConfigError("the 'plateau' scheduler needs validation: pass val_tasks to fit")
+        if self.name == "plateau":
+            self.watched = resolve_monitor(self.monitor, self.mode, state.learner.task, "the plateau scheduler")
         self._apply(state)
 
     def on_iteration_end(self, state, metrics):
@@ -510,8 +553,9 @@ class LRScheduler(Callback):
     def on_validation_end(self, state, metrics):
         if self.name != "plateau":
             return
-        value = _monitored(metrics, self.monitor, "the plateau scheduler")
-        if math.isfinite(value) and _improved(value, self.best, self.mode):
+        monitor, mode = self.watched
+        value = _monitored(metrics, monitor, "the plateau scheduler")
+        if math.isfinite(value) and _improved(value, self.best, mode):
             self.best, self.wait = value, 0
             return
         self.wait += 1

@@ -185,7 +185,7 @@ class MetaLearner:
                             meta_batch_size=(meta_batch_size, 1), val_episodes=(val_episodes, 1),
                             checkpoint_every=(checkpoint_every, 0), num_workers=(num_workers, 0),
                             val_every=(1 if val_every is None else val_every, 1))
-        cbs = standard_callbacks(progress, checkpoint_dir, checkpoint_every) + self.callbacks + list(callbacks)
+        cbs = standard_callbacks(progress, checkpoint_dir, checkpoint_every, self.task) + self.callbacks + list(callbacks)
         start_run(self, fit_settings(train_tasks, meta_batch_size, val_every, val_episodes, cbs), resume, iterations)
         self.fit_state = FitState(
             self, iterations if resume is not None else self.iteration + iterations, meta_batch_size,

@@ -112,3 +112,25 @@ def test_meta_step_applies_clipped_gradients_and_skips_non_finite_ones(sine):
     assert all(torch.equal(a, b) for a, b in zip(after, learner.meta_parameters()))
     with pytest.warns(RuntimeWarning), pytest.raises(TrainingError, match="2 consecutive non-finite"):
         MetaStep(learner, after_backward=poison)(batch)
+
+
+def test_regression_runs_watch_the_validation_loss_and_an_unreported_metric_fails_before_training(sine, tmp_path):
+    """Regression validation reports no accuracy: early stopping, the plateau scheduler and best.pt
+    watch val/loss (lower is better) by default, and a metric validation never reports is a
+    ConfigError before the first iteration, naming the ones it does."""
+    from metamtl.callbacks import EarlyStopping, LRScheduler
+    from metamtl.checkpoint import safe_load
+    from metamtl.errors import ConfigError
+
+    learner = sine_learner()
+    stop, plateau = EarlyStopping(patience=50), LRScheduler("plateau", patience=50)
+    learner.fit(sine, sine, iterations=4, meta_batch_size=2, val_every=2, val_episodes=2, callbacks=[stop, plateau],
+                checkpoint_dir=tmp_path, progress=False)
+    assert stop.watched == plateau.watched == ("val/loss", "min") and stop.best is not None
+    assert safe_load(tmp_path / "best.pt")["iteration"] in (2, 4)
+    for bad in (EarlyStopping("val/accuracy"), EarlyStopping("val/acc"), LRScheduler("plateau", monitor="val/acc")):
+        other = sine_learner()
+        with pytest.raises(ConfigError, match=r"monitors 'val/acc.*never reports; it reports val/loss, val/loss_ci95"):
+            other.fit(sine, sine, iterations=4, meta_batch_size=2, val_every=2, val_episodes=2, callbacks=[bad],
+                      progress=False)
+        assert other.iteration == 0

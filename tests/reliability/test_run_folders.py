@@ -51,7 +51,7 @@ def test_fit_into_a_folder_holding_a_run_refuses_and_names_resume_and_overwrite(
     before = snapshot(run_dir)
     assert main(["fit", str(cfg), "train.iterations=40", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert f"{run_dir} already holds a run (last.pt, learner.pt, results.json, history.json, metrics.csv)" in err
+    assert f"{run_dir} already holds a run (last.pt, best.pt, learner.pt, results.json, history.json, metrics.csv)" in err
     assert f"--resume {run_dir / 'last.pt'}" in err and "--overwrite" in err and "Traceback" not in err
     assert snapshot(run_dir) == before  # not a byte changed
 
