@@ -46,11 +46,18 @@ META_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 
 
+NOTHING_TO_META_LEARN = (
+    "nothing to meta-learn: every weight of the model and the algorithm has requires_grad=False. Unfreeze the "
+    "weights to train (e.g. model.head.requires_grad_(True)) before building the MetaLearner and calling fit")
+
+
 def build_meta_optimizer(name: str, params: list[torch.nn.Parameter], lr: float,
                          kwargs: dict[str, Any] | None = None) -> torch.optim.Optimizer:
     """The meta-optimizer ``name`` (a key of :data:`META_OPTIMIZERS`) over ``params``."""
     if name not in META_OPTIMIZERS:
         raise unknown_name("meta optimizer", name, META_OPTIMIZERS)
+    if not params:
+        raise ConfigError(NOTHING_TO_META_LEARN)
     try:
         return META_OPTIMIZERS[name](params, lr=lr, **dict(kwargs or {}))
     except (TypeError, ValueError) as exc:
@@ -87,6 +94,8 @@ def start_run(learner: "MetaLearner", settings: dict[str, Any], resume: str | Pa
     """Before the first iteration of a fit: continue from the checkpoint ``resume`` (or continue
     the learner's own run: its callback states kept by the previous fit call), then join the process group and check every process starts the same
     fit (config, ``settings``, iteration) with process 0's weights."""
+    if not learner.meta_parameters():  # frozen after the learner was built
+        raise ConfigError(NOTHING_TO_META_LEARN)
     if resume is not None:
         run_state.resume(resume, config=learner.config(), settings=settings, optimizer=learner.meta_optimizer,
                          iterations=iterations,
