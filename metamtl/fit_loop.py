@@ -319,7 +319,10 @@ class FitLoop:
         ln.run.start_clock()
         try:
             cbs.on_fit_start(state)
-            while ln.iteration < state.iterations and not self._stop_after_iteration(next(batches), signals):
+            spent = self._budget_spent_at_start()  # e.g. a run stopped by its budget, resumed with the same one
+            if spent:
+                state.stopped_by = "budget"
+            while not spent and ln.iteration < state.iterations and not self._stop_after_iteration(next(batches), signals):
                 pass
             if signals.requested:
                 raise self.interrupted(signals.signum)
@@ -363,13 +366,21 @@ class FitLoop:
         it, every = self.learner.iteration, self.state.val_every
         return self.val_tasks is not None and every is not None and (it % every == 0 or it == self.state.iterations)
 
+    def _out_of_time(self) -> bool:
+        budget = self.state.budget_minutes
+        return budget is not None and self.learner.elapsed >= 60.0 * budget
+
+    def _budget_spent_at_start(self) -> bool:
+        """Whether the time budget is spent before the first iteration (every process agreeing)."""
+        if self.state.budget_minutes is None:
+            return False
+        return self.learner.strategy.any_rank(self._out_of_time(), what="budget check (fit start)")[0]
+
     def _stop_vote(self, signals: StopOnSignal) -> bool:
         """Stop requests of every process OR-ed, so all stop after the same iteration."""
         state = self.state
-        budget = state.budget_minutes
-        out_of_time = budget is not None and self.learner.elapsed >= 60.0 * budget
         stop, out_of_time, interrupted = self.learner.strategy.any_rank(
-            state.should_stop, out_of_time, signals.requested, what=f"stop check (iteration {self.learner.iteration})")
+            state.should_stop, self._out_of_time(), signals.requested, what=f"stop check (iteration {self.learner.iteration})")
         state.should_stop = stop
         if interrupted:
             raise self.interrupted(signals.signum or signal.SIGTERM)

@@ -73,6 +73,14 @@ def test_the_time_budget_stops_fit(sine, monkeypatch):
     assert learner.iteration == 2 and state.stopped_by == "budget"
 
 
+def test_a_budget_spent_before_the_first_iteration_trains_none(sine, monkeypatch):
+    """A run stopped by its budget and resumed with the same budget trains no further iteration."""
+    learner = sine_learner()
+    monkeypatch.setattr(type(learner), "elapsed", property(lambda self: 60.0 + self.iteration))
+    state = run_loop(learner, sine, 100, budget=1.0)
+    assert learner.iteration == 0 and state.stopped_by == "budget"
+
+
 def test_a_signal_saves_a_resumable_checkpoint_where_the_state_says(sine, tmp_path):
     import os
     import signal
