@@ -51,7 +51,9 @@ class FitState:
             meta-optimizer, ``history``, ``save``).
         iterations: the iteration ``fit`` trains up to; ``meta_batch_size``: tasks per iteration.
         val_every: iterations between validations (``None``: no validation in this fit).
-        budget_minutes: the fit's time budget (``None``: none).
+        budget_minutes: the fit's time budget (``None``: none), in minutes more than the
+            ``start_seconds`` of meta-training done by earlier fit calls of the learner (0 when
+            resuming: then, like ``iterations``, it is the total of the run).
         rank, world_size: this process among those training together (0 and 1 without torchrun).
         iteration, elapsed, is_main_process: completed meta-iterations, seconds of meta-training
             (across resumes), whether this is rank 0 (which alone prints and writes files).
@@ -71,6 +73,7 @@ class FitState:
     meta_batch_size: int
     val_every: int | None = None
     budget_minutes: float | None = None
+    start_seconds: float = 0.0
     rank: int = 0
     world_size: int = 1
     callbacks: "CallbackList" = dataclasses.field(default_factory=lambda: CallbackList())
@@ -89,6 +92,11 @@ class FitState:
     @property
     def is_main_process(self) -> bool:
         return self.rank == 0
+
+    @property
+    def budget_end(self) -> float | None:
+        """The seconds of meta-training (:attr:`elapsed`) at which the budget is spent (``None``: no budget)."""
+        return None if self.budget_minutes is None else self.start_seconds + 60.0 * self.budget_minutes
 
 
 class Callback:
@@ -478,7 +486,8 @@ class LRScheduler(Callback):
     Args:
         total: iterations of the cosine schedule (default: the ``iterations`` of the fit).
         over: ``"iterations"``, or ``"budget"`` to anneal the cosine over the fit's
-            ``budget_minutes`` of wall-clock time (``p = elapsed / budget``; for time-budgeted
+            ``budget_minutes`` of wall-clock time (``p = elapsed / budget``, a continued fit's
+            budget added to the time of the earlier calls, as ``total`` adds iterations; for time-budgeted
             comparisons, where the number of iterations is not known in advance; not
             reproducible bit for bit, since it depends on the clock).
     """
@@ -531,7 +540,7 @@ class LRScheduler(Callback):
 
     def _apply(self, state: FitState) -> None:
         total = self.total or state.iterations or 1
-        progress = state.elapsed / (60.0 * state.budget_minutes) if self.over == "budget" else None
+        progress = state.elapsed / state.budget_end if self.over == "budget" else None
         for group, base in zip(state.learner.meta_optimizer.param_groups, self.base):
             group["lr"] = self.factor_lr(base, state.iteration, total, progress)
 

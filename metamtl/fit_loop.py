@@ -92,7 +92,7 @@ def fit_settings(train_tasks: Any, meta_batch_size: int, val_every: int | None, 
 def start_run(learner: "MetaLearner", settings: dict[str, Any], resume: str | Path | None = None,
               iterations: int | None = None) -> None:
     """Before the first iteration of a fit: continue from the checkpoint ``resume`` (or continue
-    the learner's own run: its callback states kept by the previous fit call), then join the process group and check every process starts the same
+    the learner's own run: its seconds and the callback states kept by the previous fit call), then join the process group and check every process starts the same
     fit (config, ``settings``, iteration) with process 0's weights."""
     if not learner.meta_parameters():  # frozen after the learner was built
         raise ConfigError(NOTHING_TO_META_LEARN)
@@ -102,8 +102,6 @@ def start_run(learner: "MetaLearner", settings: dict[str, Any], resume: str | Pa
                          modules=(learner.model, learner.algorithm), run=learner.run)
         logging.getLogger("metamtl.fit").info("resumed from %s: iteration %d, %.0f s trained before", resume,
                                               learner.iteration, learner.run.seconds)
-    else:
-        learner.run.seconds = 0.0
     learner.run.settings = settings
     learner.strategy = distributed.process_strategy(learner.device)
     fingerprint = {"config": learner.config(), "fit": settings, "iteration": learner.iteration,
@@ -367,8 +365,8 @@ class FitLoop:
         return self.val_tasks is not None and every is not None and (it % every == 0 or it == self.state.iterations)
 
     def _out_of_time(self) -> bool:
-        budget = self.state.budget_minutes
-        return budget is not None and self.learner.elapsed >= 60.0 * budget
+        end = self.state.budget_end
+        return end is not None and self.learner.elapsed >= end
 
     def _budget_spent_at_start(self) -> bool:
         """Whether the time budget is spent before the first iteration (every process agreeing)."""

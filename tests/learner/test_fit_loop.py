@@ -142,3 +142,23 @@ def test_regression_runs_watch_the_validation_loss_and_an_unreported_metric_fail
             other.fit(sine, sine, iterations=4, meta_batch_size=2, val_every=2, val_episodes=2, callbacks=[bad],
                       progress=False)
         assert other.iteration == 0
+
+
+def test_a_second_fit_continues_the_run_clock_and_its_budget_adds_to_it(sine, tmp_path):
+    """fit called again continues the run: elapsed (history time, checkpoints) counts the earlier
+    calls, its budget is that much more time, and a budget-annealed cosine continues instead of
+    restarting at meta_lr; a resume's budget is the run's total."""
+    from metamtl.callbacks import LRScheduler
+    from metamtl.checkpoint import safe_load
+
+    learner = sine_learner(callbacks=[LRScheduler("cosine", over="budget")])
+    learner.fit(sine, iterations=10**6, meta_batch_size=2, budget_minutes=0.002, progress=False)
+    first, seconds = learner.iteration, learner.elapsed
+    assert seconds >= 0.12
+    learner.fit(sine, iterations=10**6, meta_batch_size=2, budget_minutes=0.002, progress=False)
+    times = [r["time"] for r in learner.history]
+    assert times == sorted(times) and learner.elapsed >= seconds + 0.12 and learner.iteration > first
+    assert learner.fit_state.start_seconds == seconds and learner.fit_state.stopped_by == "budget"
+    assert learner.history[first]["train/lr"] <= 0.51 * learner.meta_lr  # annealing goes on (was back at meta_lr)
+    path = learner.save(tmp_path / "last.pt", training_state=True)
+    assert safe_load(path)["training"]["elapsed"] == pytest.approx(learner.elapsed, abs=0.05)
