@@ -296,7 +296,8 @@ class FitLoop:
             ``callbacks`` are the hooks, in call order, and get back the states a resumed
             checkpoint saved for them.
         train_tasks, val_tasks: task sources; ``val_episodes`` fixed episodes are evaluated every
-            ``state.val_every`` iterations (and after the last one).
+            ``state.val_every`` iterations and after the last one, whatever ended training (the
+            iterations, the time budget, a callback's stop request; not a signal).
         num_workers: DataLoader workers building episodes.
     """
 
@@ -307,6 +308,7 @@ class FitLoop:
         learner.run.callbacks = {}
         self.train_tasks, self.val_tasks, self.val_episodes = train_tasks, val_tasks, val_episodes
         self.num_workers = num_workers
+        self.validated_at: int | None = None  # the iteration of the latest validation
         self.step = MetaStep(learner, after_backward=lambda: state.callbacks.on_after_backward(state))
 
     def run(self) -> None:
@@ -320,10 +322,13 @@ class FitLoop:
             spent = self._budget_spent_at_start()  # e.g. a run stopped by its budget, resumed with the same one
             if spent:
                 state.stopped_by = "budget"
+            first = ln.iteration
             while not spent and ln.iteration < state.iterations and not self._stop_after_iteration(next(batches), signals):
                 pass
             if signals.requested:
                 raise self.interrupted(signals.signum)
+            if self.val_tasks is not None and state.val_every is not None and first < ln.iteration != self.validated_at:
+                self._validate()  # after the last iteration, whatever stopped the run (the budget, a callback)
             state.stopped_by = state.stopped_by or "iterations"
             cbs.on_fit_end(state)
         except BaseException as exc:
@@ -355,10 +360,15 @@ class FitLoop:
         ln.run.iteration += 1
         cbs.on_iteration_end(state, metrics)
         if self._validation_due():
-            result = ln.evaluate(self.val_tasks, self.val_episodes, progress=False, head=ALGORITHM)
-            cbs.on_validation_end(state, result.metrics("val/"))
+            self._validate()
         cbs.on_iteration_complete(state)
         return self._stop_vote(signals)
+
+    def _validate(self) -> None:
+        ln = self.learner
+        result = ln.evaluate(self.val_tasks, self.val_episodes, progress=False, head=ALGORITHM)
+        self.validated_at = ln.iteration
+        self.callbacks.on_validation_end(self.state, result.metrics("val/"))
 
     def _validation_due(self) -> bool:
         it, every = self.learner.iteration, self.state.val_every

@@ -73,6 +73,20 @@ def test_the_time_budget_stops_fit(sine, monkeypatch):
     assert learner.iteration == 2 and state.stopped_by == "budget"
 
 
+def test_validation_also_runs_after_the_last_iteration_when_the_budget_or_a_callback_stops(sine, monkeypatch):
+    log = Log(stop_at=2)
+    run_loop(sine_learner(), sine, 10, val_every=4, val=sine, callbacks=[log])
+    assert [c[1] for c in log.calls if c[0] == "val"] == [2]
+    learner, log = sine_learner(), Log()
+    monkeypatch.setattr(type(learner), "elapsed", property(lambda self: 30.0 * self.iteration))
+    state = run_loop(learner, sine, 100, val_every=4, val=sine, budget=2.5, callbacks=[log])
+    assert learner.iteration == 5 and state.stopped_by == "budget"
+    assert [c[1] for c in log.calls if c[0] == "val"] == [4, 5] and log.calls[-1][0] == "fit_end"
+    log.calls.clear()
+    state = run_loop(learner, sine, 100, val_every=4, val=sine, budget=2.5, callbacks=[log])  # spent: no iteration
+    assert learner.iteration == 5 and [c[0] for c in log.calls] == ["start", "fit_end"]
+
+
 def test_a_budget_spent_before_the_first_iteration_trains_none(sine, monkeypatch):
     """A run stopped by its budget and resumed with the same budget trains no further iteration."""
     learner = sine_learner()
