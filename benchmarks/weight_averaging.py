@@ -59,7 +59,7 @@ class WeightAverages(Callback):
         # the fit ends at its iteration count or its time budget, whichever comes first
         done = t / max(1, state.iterations)
         if state.budget_minutes:
-            done = max(done, state.elapsed / (60 * state.budget_minutes))
+            done = max(done, state.elapsed / state.budget_end)
         for tail in self.tails:
             if done < 1 - tail:
                 continue

@@ -51,7 +51,9 @@ class FitState:
             meta-optimizer, ``history``, ``save``).
         iterations: the iteration ``fit`` trains up to; ``meta_batch_size``: tasks per iteration.
         val_every: iterations between validations (``None``: no validation in this fit).
-        budget_minutes: the fit's time budget (``None``: none).
+        budget_minutes: the fit's time budget (``None``: none), in minutes more than the
+            ``start_seconds`` of meta-training done by earlier fit calls of the learner (0 when
+            resuming: then, like ``iterations``, it is the total of the run).
         rank, world_size: this process among those training together (0 and 1 without torchrun).
         iteration, elapsed, is_main_process: completed meta-iterations, seconds of meta-training
             (across resumes), whether this is rank 0 (which alone prints and writes files).
@@ -71,6 +73,7 @@ class FitState:
     meta_batch_size: int
     val_every: int | None = None
     budget_minutes: float | None = None
+    start_seconds: float = 0.0
     rank: int = 0
     world_size: int = 1
     callbacks: "CallbackList" = dataclasses.field(default_factory=lambda: CallbackList())
@@ -90,12 +93,20 @@ class FitState:
     def is_main_process(self) -> bool:
         return self.rank == 0
 
+    @property
+    def budget_end(self) -> float | None:
+        """The seconds of meta-training (:attr:`elapsed`) at which the budget is spent (``None``: no budget)."""
+        return None if self.budget_minutes is None else self.start_seconds + 60.0 * self.budget_minutes
+
 
 class Callback:
     """Base class; override the hooks you need (each receives the fit's :class:`FitState`)."""
 
     #: callbacks with a higher order run later in every hook (stable among equals)
     order = 0
+    #: whether the state of this callback carries into the learner's next (not resumed) ``fit``
+    #: call, which continues the same run (:class:`ModelCheckpoint`'s best value)
+    continues_run = False
 
     @property
     def key(self) -> str:
@@ -118,6 +129,16 @@ class Callback:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def continued_state(self) -> dict[str, Any]:
+        """What the learner's next ``fit`` call hands to :meth:`load_state_dict` (only with
+        :attr:`continues_run`; default: :meth:`state_dict`)."""
+        return self.state_dict()
+
+    def run_settings(self) -> dict[str, Any]:
+        """Settings of this callback that change the training trajectory, saved with the fit's
+        settings: resuming with others is refused, listing the keys that differ."""
+        return {}
 
 
 class CallbackList(Callback):
@@ -151,16 +172,22 @@ class CallbackList(Callback):
             if cb.key in state:
                 cb.load_state_dict(state[cb.key])
 
+    def continued_state(self) -> dict[str, Any]:
+        """The states the learner's next ``fit`` call starts from (:attr:`Callback.continues_run`)."""
+        return {cb.key: cb.continued_state() for cb in self.callbacks if cb.continues_run and cb.continued_state()}
+
 
 def standard_callbacks(progress: bool = True, checkpoint_dir: str | Path | None = None,
-                       checkpoint_every: int = 100) -> list[Callback]:
+                       checkpoint_every: int = 100, task: str = "classification") -> list[Callback]:
     """What every ``fit`` call uses: :class:`History`, a :class:`ProgressBar` (``progress``) and,
-    with a ``checkpoint_dir``, a :class:`ModelCheckpoint` writing there every ``checkpoint_every``."""
+    with a ``checkpoint_dir``, a :class:`ModelCheckpoint` writing there every ``checkpoint_every``
+    (``best.pt`` by the :func:`default_monitor` of the learner's ``task``)."""
     cbs: list[Callback] = [History()]
     if progress:
         cbs.append(ProgressBar())
     if checkpoint_dir is not None:
-        cbs.append(ModelCheckpoint(checkpoint_dir, every=checkpoint_every))
+        monitor, mode = default_monitor(task)
+        cbs.append(ModelCheckpoint(checkpoint_dir, every=checkpoint_every, monitor=monitor, mode=mode))
     return cbs
 
 
@@ -226,13 +253,16 @@ class ModelCheckpoint(Callback):
     Args:
         dirpath: folder for the checkpoints.
         every: iterations between ``last.pt`` writes (0: only at the end).
-        monitor: validation metric deciding ``best.pt`` (``None`` disables it).
+        monitor: validation metric deciding ``best.pt`` (``None`` disables it); ``fit`` watches
+            :func:`default_monitor` of the learner's task (regression: ``val/loss``, ``"min"``).
         mode: ``"max"`` or ``"min"``.
     """
 
     order = 100  # after every other callback: its checkpoints hold their states for the iteration
+    continues_run = True  # a second fit into the same folder keeps best.pt the best of the whole run
 
-    def __init__(self, dirpath: str | Path, every: int = 100, monitor: str | None = "val/accuracy", mode: str = "max") -> None:
+    def __init__(self, dirpath: str | Path, every: int = 100, monitor: str | None = "val/accuracy",
+                 mode: str = "max") -> None:
         self.dirpath = Path(dirpath)
         self.every = int(every)
         self.monitor = monitor
@@ -317,8 +347,15 @@ class ModelCheckpoint(Callback):
     def state_dict(self):
         return {"best": self.best}
 
+    def continued_state(self):
+        return {"best": self.best, "dirpath": str(self.dirpath.resolve()), "monitor": self.monitor, "mode": self.mode}
+
     def load_state_dict(self, state):
-        self.best = state.get("best")
+        """The best value so far; from the learner's previous fit call only when it was watched in
+        this folder with this monitor and mode (another folder's ``best.pt`` is not this one's)."""
+        same = all(state.get(k, mine) == mine for k, mine in (
+            ("dirpath", str(self.dirpath.resolve())), ("monitor", self.monitor), ("mode", self.mode)))
+        self.best = state.get("best") if same else None
 
 
 def _improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
@@ -331,6 +368,38 @@ def _check_mode(mode: str) -> str:
     if mode not in ("max", "min"):
         raise unknown_name("mode", mode, ("max", "min"))
     return mode
+
+
+#: the metrics validation reports, by the learner's task (``val/`` + these)
+VALIDATION_METRICS = {"classification": ("val/accuracy", "val/accuracy_ci95", "val/loss", "val/loss_ci95"),
+                      "regression": ("val/loss", "val/loss_ci95")}
+
+
+def default_monitor(task: str) -> tuple[str, str]:
+    """``(monitor, mode)`` watched when none is given: validation accuracy (higher is better) for
+    classification, validation loss (lower is better) for regression, which reports no accuracy."""
+    return ("val/loss", "min") if task == "regression" else ("val/accuracy", "max")
+
+
+def resolve_monitor(monitor: str | None, mode: str | None, task: str, who: str) -> tuple[str, str]:
+    """``(monitor, mode)`` for a learner of ``task``: the defaults of :func:`default_monitor` for
+    ``None`` (a given monitor's mode: ``"min"`` for a loss, else ``"max"``); :class:`ConfigError`
+    naming the metrics validation reports when ``monitor`` is none of them."""
+    if monitor is None:
+        monitor, default_mode = default_monitor(task)
+    else:
+        default_mode = "min" if monitor.endswith("loss") else "max"
+    reported = VALIDATION_METRICS.get(task, VALIDATION_METRICS["classification"])
+    if monitor not in reported:
+        raise ConfigError(f"{who} monitors {monitor!r}, which validation of a {task} learner never reports; "
+                          f"it reports {', '.join(reported)}")
+    return monitor, _check_mode(mode or default_mode)
+
+
+def _fallback_monitor(monitor: str | None, mode: str | None) -> tuple[str, str]:
+    """``(monitor, mode)`` before a fit resolved them for its learner (a classifier's defaults)."""
+    monitor = monitor or "val/accuracy"
+    return monitor, mode or ("min" if monitor.endswith("loss") else "max")
 
 
 def _monitored(metrics: dict[str, float], monitor: str, who: str) -> float:
@@ -346,8 +415,9 @@ class EarlyStopping(Callback):
     """Stop ``fit`` when a validation metric has not improved for ``patience`` validations.
 
     Args:
-        monitor: validation metric (``"val/accuracy"``, ``"val/loss"``, ...).
-        mode: ``"max"`` (higher is better) or ``"min"``.
+        monitor: validation metric (``"val/accuracy"``, ``"val/loss"``, ...; default: the
+            learner's :func:`default_monitor`, ``val/loss`` for regression).
+        mode: ``"max"`` (higher is better) or ``"min"`` (default: ``"min"`` for a loss).
         patience: validations without improvement before stopping.
         min_delta: smallest change that counts as an improvement.
 
@@ -355,29 +425,36 @@ class EarlyStopping(Callback):
     :class:`ModelCheckpoint` keeps the best weights in ``best.pt``.
     """
 
-    def __init__(self, monitor: str = "val/accuracy", mode: str = "max", patience: int = 5,
+    def __init__(self, monitor: str | None = None, mode: str | None = None, patience: int = 5,
                  min_delta: float = 0.0) -> None:
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ConfigError(f"early stopping patience must be an integer >= 1, got {patience!r}")
         if not (isinstance(min_delta, (int, float)) and math.isfinite(min_delta) and min_delta >= 0):
             raise ConfigError(f"early stopping min_delta must be a finite number >= 0, got {min_delta!r}")
-        self.monitor, self.mode, self.patience, self.min_delta = monitor, _check_mode(mode), patience, float(min_delta)
+        self.monitor, self.mode, self.patience, self.min_delta = monitor, mode and _check_mode(mode), patience, float(min_delta)
+        self.watched = _fallback_monitor(monitor, mode)  # (monitor, mode), resolved for the learner at fit start
         self.best: float | None = None
         self.wait = 0
 
     def on_fit_start(self, state):
         if state.val_every is None:
             raise ConfigError("EarlyStopping needs validation: pass val_tasks to fit (data.val_split in configs)")
+        self.watched = resolve_monitor(self.monitor, self.mode, state.learner.task, "EarlyStopping")
 
     def on_validation_end(self, state, metrics):
-        value = _monitored(metrics, self.monitor, "EarlyStopping")
-        if math.isfinite(value) and _improved(value, self.best, self.mode, self.min_delta):
+        monitor, mode = self.watched
+        value = _monitored(metrics, monitor, "EarlyStopping")
+        if math.isfinite(value) and _improved(value, self.best, mode, self.min_delta):
             self.best, self.wait = value, 0
             return
         self.wait += 1
         if self.wait >= self.patience:
             state.should_stop = True
             state.stopped_by = "early_stopping"
+
+    def run_settings(self):
+        return {"early_stopping": {"monitor": self.monitor, "mode": self.mode, "patience": self.patience,
+                                   "min_delta": self.min_delta}}
 
     def state_dict(self):
         return {"best": self.best, "wait": self.wait}
@@ -409,14 +486,15 @@ class LRScheduler(Callback):
     Args:
         total: iterations of the cosine schedule (default: the ``iterations`` of the fit).
         over: ``"iterations"``, or ``"budget"`` to anneal the cosine over the fit's
-            ``budget_minutes`` of wall-clock time (``p = elapsed / budget``; for time-budgeted
+            ``budget_minutes`` of wall-clock time (``p = elapsed / budget``, a continued fit's
+            budget added to the time of the earlier calls, as ``total`` adds iterations; for time-budgeted
             comparisons, where the number of iterations is not known in advance; not
             reproducible bit for bit, since it depends on the clock).
     """
 
     def __init__(self, name: str = "cosine", *, warmup: int = 0, min_lr: float = 0.0, total: int | None = None,
-                 step_size: int = 1000, gamma: float = 0.1, patience: int = 3, monitor: str = "val/accuracy",
-                 mode: str = "max", over: str = "iterations") -> None:
+                 step_size: int = 1000, gamma: float = 0.1, patience: int = 3, monitor: str | None = None,
+                 mode: str | None = None, over: str = "iterations") -> None:
         if name not in SCHEDULERS:
             raise unknown_name("scheduler", name, SCHEDULERS)
         if over not in ("iterations", "budget"):
@@ -432,7 +510,8 @@ class LRScheduler(Callback):
             raise ConfigError(f"scheduler min_lr must be a finite number >= 0, got {min_lr!r}")
         self.name, self.warmup, self.min_lr, self.total = name, warmup, float(min_lr), total
         self.step_size, self.gamma, self.patience = step_size, float(gamma), patience
-        self.monitor, self.mode, self.over = monitor, _check_mode(mode), over
+        self.monitor, self.mode, self.over = monitor, mode and _check_mode(mode), over
+        self.watched = _fallback_monitor(monitor, mode)  # (monitor, mode), resolved for the learner at fit start
         self.base: list[float] | None = None
         self.reductions, self.best, self.wait = 0, None, 0
 
@@ -461,7 +540,7 @@ class LRScheduler(Callback):
 
     def _apply(self, state: FitState) -> None:
         total = self.total or state.iterations or 1
-        progress = state.elapsed / (60.0 * state.budget_minutes) if self.over == "budget" else None
+        progress = state.elapsed / state.budget_end if self.over == "budget" else None
         for group, base in zip(state.learner.meta_optimizer.param_groups, self.base):
             group["lr"] = self.factor_lr(base, state.iteration, total, progress)
 
@@ -473,6 +552,8 @@ class LRScheduler(Callback):
             raise ConfigError("a scheduler with over='budget' needs a time budget (fit budget_minutes)")
         if self.name == "plateau" and state.val_every is None:
             raise ConfigError("the 'plateau' scheduler needs validation: pass val_tasks to fit")
+        if self.name == "plateau":
+            self.watched = resolve_monitor(self.monitor, self.mode, state.learner.task, "the plateau scheduler")
         self._apply(state)
 
     def on_iteration_end(self, state, metrics):
@@ -481,14 +562,19 @@ class LRScheduler(Callback):
     def on_validation_end(self, state, metrics):
         if self.name != "plateau":
             return
-        value = _monitored(metrics, self.monitor, "the plateau scheduler")
-        if math.isfinite(value) and _improved(value, self.best, self.mode):
+        monitor, mode = self.watched
+        value = _monitored(metrics, monitor, "the plateau scheduler")
+        if math.isfinite(value) and _improved(value, self.best, mode):
             self.best, self.wait = value, 0
             return
         self.wait += 1
         if self.wait >= self.patience:
             self.reductions, self.wait = self.reductions + 1, 0
             self._apply(state)
+
+    def run_settings(self):
+        keys = ("name", "warmup", "min_lr", "total", "step_size", "gamma", "patience", "monitor", "mode", "over")
+        return {"scheduler": {k: getattr(self, k) for k in keys}}
 
     def state_dict(self):
         return {"base": self.base, "reductions": self.reductions, "best": self.best, "wait": self.wait}

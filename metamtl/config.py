@@ -81,8 +81,8 @@ class SchedulerConfig:
     step_size: int = 1000
     gamma: float = 0.1
     patience: int = 3
-    monitor: str = "val/accuracy"
-    mode: str = "max"
+    monitor: str | None = None  # val/accuracy (max) for classification, val/loss (min) for regression
+    mode: str | None = None  # default: min for a loss, else max
     over: str = "iterations"  # or "budget": cosine over train.budget_minutes
 
 
@@ -90,8 +90,8 @@ class SchedulerConfig:
 class EarlyStoppingConfig:
     """Stop when validation stops improving (:class:`metamtl.callbacks.EarlyStopping`)."""
 
-    monitor: str = "val/accuracy"
-    mode: str = "max"
+    monitor: str | None = None  # val/accuracy (max) for classification, val/loss (min) for regression
+    mode: str | None = None  # default: min for a loss, else max
     patience: int = 5
     min_delta: float = 0.0
 
@@ -424,13 +424,17 @@ def _check_train_callbacks(cfg: Config) -> None:
         raise ConfigError("train.scheduler.over: 'budget' needs train.budget_minutes")
     if (tr.early_stopping or (tr.scheduler and tr.scheduler.name == "plateau")) and not cfg.data.val_split:
         raise ConfigError("train.early_stopping and the 'plateau' scheduler need validation; set data.val_split")
-    from .callbacks import EarlyStopping, LRScheduler
+    from .callbacks import EarlyStopping, LRScheduler, resolve_monitor
 
+    task = "regression" if is_regression(cfg) else "classification"
     for key, cls in (("scheduler", LRScheduler), ("early_stopping", EarlyStopping)):
         section = getattr(tr, key)
         try:
             if section is not None:
                 cls(**dataclasses.asdict(section))
+                if key == "early_stopping" or section.name == "plateau":  # by a metric validation reports
+                    who = "early stopping" if key == "early_stopping" else "the plateau scheduler"
+                    resolve_monitor(section.monitor, section.mode, task, who)
         except ConfigError as exc:
             raise ConfigError(f"train.{key}: {exc}") from None
 

@@ -414,7 +414,7 @@ def _run(cfg: Config, resume: str | Path | None, progress: bool, callbacks: list
     selected = restore_best(learner, run_dir) if cfg.eval.checkpoint == "best" else None
     if selected is not None:
         say(f"[metamtl] evaluating best.pt (best validation accuracy, iteration {selected})")
-    elif cfg.eval.checkpoint == "best" and any("val/accuracy" in r for r in learner.history):
+    elif cfg.eval.checkpoint == "best" and any("val/loss" in r for r in learner.history):
         say(f"[metamtl] warning: eval.checkpoint is 'best' but {run_dir} holds no best.pt of this run (resumed from "
             f"another folder's checkpoint?): evaluating the last weights (iteration {learner.iteration})")
     if tasks["test"] is not None:

@@ -46,11 +46,18 @@ META_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 
 
+NOTHING_TO_META_LEARN = (
+    "nothing to meta-learn: every weight of the model and the algorithm has requires_grad=False. Unfreeze the "
+    "weights to train (e.g. model.head.requires_grad_(True)) before building the MetaLearner and calling fit")
+
+
 def build_meta_optimizer(name: str, params: list[torch.nn.Parameter], lr: float,
                          kwargs: dict[str, Any] | None = None) -> torch.optim.Optimizer:
     """The meta-optimizer ``name`` (a key of :data:`META_OPTIMIZERS`) over ``params``."""
     if name not in META_OPTIMIZERS:
         raise unknown_name("meta optimizer", name, META_OPTIMIZERS)
+    if not params:
+        raise ConfigError(NOTHING_TO_META_LEARN)
     try:
         return META_OPTIMIZERS[name](params, lr=lr, **dict(kwargs or {}))
     except (TypeError, ValueError) as exc:
@@ -69,19 +76,32 @@ def check_fit_arguments(train_tasks: Any, val_tasks: Any, budget_minutes: float 
         check_positive("budget_minutes", budget_minutes)
 
 
+def fit_settings(train_tasks: Any, meta_batch_size: int, val_every: int | None, val_episodes: int,
+                 callbacks: list[Any]) -> dict[str, Any]:
+    """What a resume of this fit must repeat to continue it exactly: the training tasks, the
+    meta-batch size, the validation cadence and episodes as given, and what the callbacks change
+    of the trajectory (:meth:`~metamtl.callbacks.Callback.run_settings`: the learning-rate schedule,
+    early stopping).  Iterations and the time budget may differ (to extend a run)."""
+    settings = {"meta_batch_size": meta_batch_size, "train_tasks": repr(train_tasks), "val_every": val_every,
+                "val_episodes": val_episodes}
+    for cb in callbacks:
+        settings.update(cb.run_settings())
+    return settings
+
+
 def start_run(learner: "MetaLearner", settings: dict[str, Any], resume: str | Path | None = None,
               iterations: int | None = None) -> None:
-    """Before the first iteration of a fit: continue from the checkpoint ``resume`` (or start the
-    run's clock from zero), then join the process group and check every process starts the same
+    """Before the first iteration of a fit: continue from the checkpoint ``resume`` (or continue
+    the learner's own run: its seconds and the callback states kept by the previous fit call), then join the process group and check every process starts the same
     fit (config, ``settings``, iteration) with process 0's weights."""
+    if not learner.meta_parameters():  # frozen after the learner was built
+        raise ConfigError(NOTHING_TO_META_LEARN)
     if resume is not None:
         run_state.resume(resume, config=learner.config(), settings=settings, optimizer=learner.meta_optimizer,
                          iterations=iterations,
                          modules=(learner.model, learner.algorithm), run=learner.run)
         logging.getLogger("metamtl.fit").info("resumed from %s: iteration %d, %.0f s trained before", resume,
                                               learner.iteration, learner.run.seconds)
-    else:
-        learner.run.seconds, learner.run.callbacks = 0.0, {}
     learner.run.settings = settings
     learner.strategy = distributed.process_strategy(learner.device)
     fingerprint = {"config": learner.config(), "fit": settings, "iteration": learner.iteration,
@@ -276,17 +296,19 @@ class FitLoop:
             ``callbacks`` are the hooks, in call order, and get back the states a resumed
             checkpoint saved for them.
         train_tasks, val_tasks: task sources; ``val_episodes`` fixed episodes are evaluated every
-            ``state.val_every`` iterations (and after the last one).
+            ``state.val_every`` iterations and after the last one, whatever ended training (the
+            iterations, the time budget, a callback's stop request; not a signal).
         num_workers: DataLoader workers building episodes.
     """
 
     def __init__(self, learner: "MetaLearner", state: FitState, train_tasks: TaskSource,
                  val_tasks: TaskSource | None = None, val_episodes: int = 100, num_workers: int = 0) -> None:
         self.learner, self.state, self.callbacks = learner, state, state.callbacks
-        state.callbacks.load_state_dict(learner.run.callbacks)  # what a resumed checkpoint saved for them
+        state.callbacks.load_state_dict(learner.run.callbacks)  # what a resumed checkpoint (or the previous fit) saved
         learner.run.callbacks = {}
         self.train_tasks, self.val_tasks, self.val_episodes = train_tasks, val_tasks, val_episodes
         self.num_workers = num_workers
+        self.validated_at: int | None = None  # the iteration of the latest validation
         self.step = MetaStep(learner, after_backward=lambda: state.callbacks.on_after_backward(state))
 
     def run(self) -> None:
@@ -297,16 +319,23 @@ class FitLoop:
         ln.run.start_clock()
         try:
             cbs.on_fit_start(state)
-            while ln.iteration < state.iterations and not self._stop_after_iteration(next(batches), signals):
+            spent = self._budget_spent_at_start()  # e.g. a run stopped by its budget, resumed with the same one
+            if spent:
+                state.stopped_by = "budget"
+            first = ln.iteration
+            while not spent and ln.iteration < state.iterations and not self._stop_after_iteration(next(batches), signals):
                 pass
             if signals.requested:
                 raise self.interrupted(signals.signum)
+            if self.val_tasks is not None and state.val_every is not None and first < ln.iteration != self.validated_at:
+                self._validate()  # after the last iteration, whatever stopped the run (the budget, a callback)
             state.stopped_by = state.stopped_by or "iterations"
             cbs.on_fit_end(state)
         except BaseException as exc:
             cbs.on_exception(state, exc)
             raise
         finally:
+            ln.run.callbacks = cbs.continued_state()  # what the learner's next fit call continues from
             signals.restore()
             ln.run.stop_clock()
             close = getattr(batches, "close", None)
@@ -331,22 +360,35 @@ class FitLoop:
         ln.run.iteration += 1
         cbs.on_iteration_end(state, metrics)
         if self._validation_due():
-            result = ln.evaluate(self.val_tasks, self.val_episodes, progress=False, head=ALGORITHM)
-            cbs.on_validation_end(state, result.metrics("val/"))
+            self._validate()
         cbs.on_iteration_complete(state)
         return self._stop_vote(signals)
+
+    def _validate(self) -> None:
+        ln = self.learner
+        result = ln.evaluate(self.val_tasks, self.val_episodes, progress=False, head=ALGORITHM)
+        self.validated_at = ln.iteration
+        self.callbacks.on_validation_end(self.state, result.metrics("val/"))
 
     def _validation_due(self) -> bool:
         it, every = self.learner.iteration, self.state.val_every
         return self.val_tasks is not None and every is not None and (it % every == 0 or it == self.state.iterations)
 
+    def _out_of_time(self) -> bool:
+        end = self.state.budget_end
+        return end is not None and self.learner.elapsed >= end
+
+    def _budget_spent_at_start(self) -> bool:
+        """Whether the time budget is spent before the first iteration (every process agreeing)."""
+        if self.state.budget_minutes is None:
+            return False
+        return self.learner.strategy.any_rank(self._out_of_time(), what="budget check (fit start)")[0]
+
     def _stop_vote(self, signals: StopOnSignal) -> bool:
         """Stop requests of every process OR-ed, so all stop after the same iteration."""
         state = self.state
-        budget = state.budget_minutes
-        out_of_time = budget is not None and self.learner.elapsed >= 60.0 * budget
         stop, out_of_time, interrupted = self.learner.strategy.any_rank(
-            state.should_stop, out_of_time, signals.requested, what=f"stop check (iteration {self.learner.iteration})")
+            state.should_stop, self._out_of_time(), signals.requested, what=f"stop check (iteration {self.learner.iteration})")
         state.should_stop = stop
         if interrupted:
             raise self.interrupted(signals.signum or signal.SIGTERM)

@@ -28,7 +28,7 @@ from .data.base import Preprocessing
 from .evaluation import (EvalResult, episode_reader, evaluate_episodes, feature_means, hierarchy_of, mean_ci95,
                          scorer)
 from .fit_loop import (INTERRUPT_CHECKPOINT, META_OPTIMIZERS, FitLoop, build_meta_optimizer, check_fit_arguments,
-                       start_run)
+                       fit_settings, start_run)
 from .heads import head_name
 from .inference import InferenceSettings
 from .inputs import check_int, check_steps
@@ -111,7 +111,7 @@ class MetaLearner:
     precision = property(lambda self: self.placement.precision, doc='``"fp32"`` or ``"bf16"`` (as chosen).')
     channels_last = property(lambda self: self.placement.channels_last, doc="NHWC memory layout (now).")
     memory_format = property(lambda self: self.placement.memory_format, doc="Layout of image batches.")
-    elapsed = property(lambda self: self.run.elapsed, doc="Seconds of meta-training so far (across resumes).")
+    elapsed = property(lambda self: self.run.elapsed, doc="Seconds of meta-training (all fit calls, resumes).")
     rank = property(lambda self: self.strategy.rank, doc="This process's rank (0 without torchrun).")
     world_size = property(lambda self: self.strategy.world_size, doc="Processes training together.")
     is_main_process = property(lambda self: self.strategy.is_main_process, doc="Rank 0: prints and saves.")
@@ -165,11 +165,10 @@ class MetaLearner:
                 tenth of ``iterations``) on ``val_episodes`` fixed episodes.
             num_workers: DataLoader worker processes building episodes (0: in-process).
             callbacks: extra callbacks for this call (see :mod:`metamtl.callbacks`).
-            checkpoint_dir: write ``last.pt`` every ``checkpoint_every`` iterations and
-                ``best.pt`` on the best validation accuracy.
+            checkpoint_dir: write ``last.pt`` every ``checkpoint_every`` iterations, ``best.pt`` on the best validation.
             resume: a checkpoint written with training state; training continues exactly
                 where it stopped (same episodes, optimizer and RNG state).
-            budget_minutes: stop meta-training once this much wall-clock time is spent.
+            budget_minutes: stop once this much more wall-clock time is spent (``resume``: in all).
 
         Faults: on SIGINT (Ctrl-C) or SIGTERM, fit finishes the iteration in progress, saves a
         resumable checkpoint (``checkpoint_dir/last.pt``, else ``metamtl-interrupted.pt`` in the
@@ -185,12 +184,13 @@ class MetaLearner:
                             meta_batch_size=(meta_batch_size, 1), val_episodes=(val_episodes, 1),
                             checkpoint_every=(checkpoint_every, 0), num_workers=(num_workers, 0),
                             val_every=(1 if val_every is None else val_every, 1))
-        start_run(self, {"meta_batch_size": meta_batch_size, "train_tasks": repr(train_tasks)}, resume, iterations)
-        cbs = standard_callbacks(progress, checkpoint_dir, checkpoint_every) + self.callbacks + list(callbacks)
+        cbs = standard_callbacks(progress, checkpoint_dir, checkpoint_every, self.task) + self.callbacks + list(callbacks)
+        start_run(self, fit_settings(train_tasks, meta_batch_size, val_every, val_episodes, cbs), resume, iterations)
         self.fit_state = FitState(
             self, iterations if resume is not None else self.iteration + iterations, meta_batch_size,
             val_every=(val_every or max(1, iterations // 10)) if val_tasks else None, budget_minutes=budget_minutes,
-            rank=self.rank, world_size=self.world_size, callbacks=CallbackList(cbs))
+            start_seconds=0.0 if resume is not None else self.run.seconds, rank=self.rank, world_size=self.world_size,
+            callbacks=CallbackList(cbs))
         FitLoop(self, self.fit_state, train_tasks, val_tasks, val_episodes, num_workers).run()
         return self.history
 

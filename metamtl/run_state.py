@@ -150,7 +150,10 @@ def check_resumable(obj: dict[str, Any], path: str | Path, config: dict[str, Any
     diff = config_diff(obj["config"], config)
     if diff:
         raise CheckpointError(f"cannot resume from {path}: its config differs from this learner's:\n  " + "\n  ".join(diff))
-    sdiff = config_diff(obj["training"]["fit_state"].get("settings", {}), settings)
+    saved = obj["training"]["fit_state"].get("settings", {})
+    if isinstance(saved, dict) and "val_every" not in saved:  # written before validation, schedule and early
+        settings = {k: v for k, v in settings.items() if k in saved}  # stopping were saved: what it has
+    sdiff = config_diff(saved, settings)
     if sdiff:
         raise CheckpointError(f"cannot resume from {path}: fit settings differ:\n  " + "\n  ".join(sdiff))
 

@@ -504,6 +504,12 @@ def build_problem(
     head = (["weight", "bias"] if head_only else ["head.weight", "head.bias"]) if per_task_head else []
     names = [n for n in own if n not in head] + head
     model_names = [("head." + n) if head_only else n for n in names]
+    if not names and (settings.steps if steps is None else steps) > 0:
+        raise ConfigError(
+            f"nothing to adapt: every weight the inner loop adapts ({'the head' if head_only else 'the model'}) has "
+            "requires_grad=False, so its steps would change nothing. Unfreeze them (e.g. "
+            "model.head.requires_grad_(True)), or classify without adapting (steps=0, or a feature head such as "
+            "head='proto')")
 
     problem = InnerProblem(
         settings=settings, engine=engine, model=model, module=module, names=names, model_names=model_names,

@@ -210,7 +210,18 @@ def test_checkpoint_write_failure_keeps_the_previous_checkpoint(tmp_path, toy_ta
 def test_config_sections_for_callbacks_are_validated():
     cfg = config_from_dict({"train": {"scheduler": {"name": "cosine", "warmup": 10},
                                       "early_stopping": {"patience": 3}}, "logging": {"metrics": "jsonl"}})
-    assert cfg.train.scheduler.warmup == 10 and cfg.train.early_stopping.monitor == "val/accuracy"
+    assert cfg.train.scheduler.warmup == 10 and cfg.train.early_stopping.monitor is None  # the task's default
+    with pytest.raises(ConfigError, match="train.early_stopping: early stopping monitors 'val/acc', which validation "
+                                          "of a classification learner never reports; it reports val/accuracy, "):
+        config_from_dict({"train": {"early_stopping": {"patience": 2, "monitor": "val/acc"}}})
+    sine = {"data": {"name": "sinusoid"}, "tasks": {"ways": 1}, "model": {"name": "mlp", "hidden": [8]},
+            "eval": {"settings": [{"ways": 1, "shots": 5}]}}
+    for section in ({"early_stopping": {"monitor": "val/accuracy"}},
+                    {"scheduler": {"name": "plateau", "monitor": "val/accuracy"}}):
+        with pytest.raises(ConfigError, match="'val/accuracy', which validation of a regression learner never "
+                                              "reports; it reports val/loss, val/loss_ci95"):
+            config_from_dict({**sine, "train": section})
+    config_from_dict({**sine, "train": {"early_stopping": {}, "scheduler": {"name": "plateau"}}})  # val/loss
     with pytest.raises(ConfigError, match="train.scheduler: unknown scheduler 'cosin'. Did you mean 'cosine'"):
         config_from_dict({"train": {"scheduler": {"name": "cosin"}}})
     with pytest.raises(ConfigError, match="train.early_stopping: early stopping patience"):
@@ -255,8 +266,7 @@ def test_config_files_extend_a_base_and_the_comparison_configs_are_valid(tmp_pat
 
 def test_cosine_over_the_time_budget(toy_tasks, monkeypatch):
     learner = make_learner(alg="fomaml", callbacks=[LRScheduler("cosine", over="budget")])
-    clock = iter(range(1000))
-    monkeypatch.setattr(MetaLearner, "elapsed", property(lambda self: 15.0 * next(clock)))  # 15 s per call
+    monkeypatch.setattr(MetaLearner, "elapsed", property(lambda self: 15.0 * self.iteration))  # 15 s per iteration
     learner.fit(toy_tasks[0], iterations=100, meta_batch_size=1, progress=False, budget_minutes=1.0)
     lrs = [r["train/lr"] for r in learner.history]
     assert learner.fit_state.stopped_by == "budget" and len(lrs) < 10

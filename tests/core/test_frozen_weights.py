@@ -116,3 +116,32 @@ def test_learned_inner_rates_leave_out_frozen_weights(name, settings, backend):
     for n, p in model.named_parameters():
         if n in FROZEN:
             assert torch.equal(p, frozen[n]) and p.grad is None
+
+
+def tasks():
+    from metamtl.data import ClassDataset
+    from metamtl.tasks import EpisodeSampler
+
+    images = torch.randint(0, 256, (12, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return EpisodeSampler(ClassDataset(images, torch.arange(3).repeat_interleave(4), ["a", "b", "c"]), 3, 2, 2)
+
+
+def test_no_weights_to_adapt_or_meta_learn_is_said_not_a_raw_torch_error():
+    """ANIL with a frozen head has nothing to adapt; a model frozen before or after the learner is
+    built has nothing to meta-learn: metamtl errors naming requires_grad and the fix."""
+    from metamtl.errors import ConfigError
+
+    e = episode(0)
+    anil = MetaLearner(frozen_model(), build_algorithm("anil", steps=1, lr=0.1), device="cpu")
+    anil.model.head.requires_grad_(False)
+    with pytest.raises(ConfigError, match=r"nothing to adapt: .*\(the head\) has requires_grad=False.*steps=0"):
+        anil.predict(e.support_x, e.support_y, e.query_x)
+    assert anil.evaluate([e], episodes=1, steps=0, progress=False).accuracy is not None  # no steps: nothing to adapt
+    model = frozen_model().requires_grad_(False)
+    with pytest.raises(ConfigError, match="nothing to meta-learn: every weight .* requires_grad=False"):
+        MetaLearner(model, build_algorithm("maml", steps=1, lr=0.1), device="cpu")
+    learner = MetaLearner(frozen_model(), build_algorithm("protonet"), device="cpu")
+    learner.model.requires_grad_(False)
+    with pytest.raises(ConfigError, match="nothing to meta-learn"):
+        learner.fit(tasks(), iterations=1, meta_batch_size=1, progress=False)
+    assert learner.iteration == 0

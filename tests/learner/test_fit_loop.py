@@ -73,6 +73,28 @@ def test_the_time_budget_stops_fit(sine, monkeypatch):
     assert learner.iteration == 2 and state.stopped_by == "budget"
 
 
+def test_validation_also_runs_after_the_last_iteration_when_the_budget_or_a_callback_stops(sine, monkeypatch):
+    log = Log(stop_at=2)
+    run_loop(sine_learner(), sine, 10, val_every=4, val=sine, callbacks=[log])
+    assert [c[1] for c in log.calls if c[0] == "val"] == [2]
+    learner, log = sine_learner(), Log()
+    monkeypatch.setattr(type(learner), "elapsed", property(lambda self: 30.0 * self.iteration))
+    state = run_loop(learner, sine, 100, val_every=4, val=sine, budget=2.5, callbacks=[log])
+    assert learner.iteration == 5 and state.stopped_by == "budget"
+    assert [c[1] for c in log.calls if c[0] == "val"] == [4, 5] and log.calls[-1][0] == "fit_end"
+    log.calls.clear()
+    state = run_loop(learner, sine, 100, val_every=4, val=sine, budget=2.5, callbacks=[log])  # spent: no iteration
+    assert learner.iteration == 5 and [c[0] for c in log.calls] == ["start", "fit_end"]
+
+
+def test_a_budget_spent_before_the_first_iteration_trains_none(sine, monkeypatch):
+    """A run stopped by its budget and resumed with the same budget trains no further iteration."""
+    learner = sine_learner()
+    monkeypatch.setattr(type(learner), "elapsed", property(lambda self: 60.0 + self.iteration))
+    state = run_loop(learner, sine, 100, budget=1.0)
+    assert learner.iteration == 0 and state.stopped_by == "budget"
+
+
 def test_a_signal_saves_a_resumable_checkpoint_where_the_state_says(sine, tmp_path):
     import os
     import signal
@@ -112,3 +134,45 @@ def test_meta_step_applies_clipped_gradients_and_skips_non_finite_ones(sine):
     assert all(torch.equal(a, b) for a, b in zip(after, learner.meta_parameters()))
     with pytest.warns(RuntimeWarning), pytest.raises(TrainingError, match="2 consecutive non-finite"):
         MetaStep(learner, after_backward=poison)(batch)
+
+
+def test_regression_runs_watch_the_validation_loss_and_an_unreported_metric_fails_before_training(sine, tmp_path):
+    """Regression validation reports no accuracy: early stopping, the plateau scheduler and best.pt
+    watch val/loss (lower is better) by default, and a metric validation never reports is a
+    ConfigError before the first iteration, naming the ones it does."""
+    from metamtl.callbacks import EarlyStopping, LRScheduler
+    from metamtl.checkpoint import safe_load
+    from metamtl.errors import ConfigError
+
+    learner = sine_learner()
+    stop, plateau = EarlyStopping(patience=50), LRScheduler("plateau", patience=50)
+    learner.fit(sine, sine, iterations=4, meta_batch_size=2, val_every=2, val_episodes=2, callbacks=[stop, plateau],
+                checkpoint_dir=tmp_path, progress=False)
+    assert stop.watched == plateau.watched == ("val/loss", "min") and stop.best is not None
+    assert safe_load(tmp_path / "best.pt")["iteration"] in (2, 4)
+    for bad in (EarlyStopping("val/accuracy"), EarlyStopping("val/acc"), LRScheduler("plateau", monitor="val/acc")):
+        other = sine_learner()
+        with pytest.raises(ConfigError, match=r"monitors 'val/acc.*never reports; it reports val/loss, val/loss_ci95"):
+            other.fit(sine, sine, iterations=4, meta_batch_size=2, val_every=2, val_episodes=2, callbacks=[bad],
+                      progress=False)
+        assert other.iteration == 0
+
+
+def test_a_second_fit_continues_the_run_clock_and_its_budget_adds_to_it(sine, tmp_path):
+    """fit called again continues the run: elapsed (history time, checkpoints) counts the earlier
+    calls, its budget is that much more time, and a budget-annealed cosine continues instead of
+    restarting at meta_lr; a resume's budget is the run's total."""
+    from metamtl.callbacks import LRScheduler
+    from metamtl.checkpoint import safe_load
+
+    learner = sine_learner(callbacks=[LRScheduler("cosine", over="budget")])
+    learner.fit(sine, iterations=10**6, meta_batch_size=2, budget_minutes=0.002, progress=False)
+    first, seconds = learner.iteration, learner.elapsed
+    assert seconds >= 0.12
+    learner.fit(sine, iterations=10**6, meta_batch_size=2, budget_minutes=0.002, progress=False)
+    times = [r["time"] for r in learner.history]
+    assert times == sorted(times) and learner.elapsed >= seconds + 0.12 and learner.iteration > first
+    assert learner.fit_state.start_seconds == seconds and learner.fit_state.stopped_by == "budget"
+    assert learner.history[first]["train/lr"] <= 0.51 * learner.meta_lr  # annealing goes on (was back at meta_lr)
+    path = learner.save(tmp_path / "last.pt", training_state=True)
+    assert safe_load(path)["training"]["elapsed"] == pytest.approx(learner.elapsed, abs=0.05)

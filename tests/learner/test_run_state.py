@@ -44,7 +44,8 @@ def test_saved_state_holds_weights_progress_optimizer_and_rngs(sine, tmp_path):
     tr = obj["training"]
     assert set(tr) == {"meta_optimizer", "fit_state", "callbacks", "elapsed", "bad_steps", "layouts", "rng"}
     assert set(tr["rng"]) == {"torch", "cuda", "numpy", "python"}
-    assert tr["fit_state"] == {"settings": {"meta_batch_size": 2, "train_tasks": repr(sine)}}
+    assert tr["fit_state"] == {"settings": {"meta_batch_size": 2, "train_tasks": repr(sine), "val_every": None,
+                                            "val_episodes": 100}}
     assert "training" not in learner_state(learner)
     back = MetaLearner.load(learner.save(tmp_path / "l.pt"), device="cpu")
     assert back.iteration == 3 and back.history == learner.history
@@ -61,12 +62,38 @@ def test_resume_restores_everything_and_refuses_another_fit(sine, tmp_path):
     parts = dict(config=other.config(), modules=(other.model, other.algorithm), optimizer=other.meta_optimizer,
                  run=other.run)
     with pytest.raises(CheckpointError, match="fit settings differ"):
-        resume(path, settings={"meta_batch_size": 4, "train_tasks": repr(sine)}, **parts)
+        resume(path, settings={**learner.run.settings, "meta_batch_size": 4}, **parts)
     assert other.iteration == 0
-    resume(path, settings={"meta_batch_size": 2, "train_tasks": repr(sine)}, **parts)
+    resume(path, settings=learner.run.settings, **parts)
     assert other.iteration == 2 and other.history == learner.history and other.run.seconds > 0
     assert all(torch.equal(a, b) for a, b in zip(learner.model.parameters(), other.model.parameters()))
     assert draws() != expected  # the RNGs are the checkpoint's, not the ones seeded above
+
+
+def test_resume_refuses_another_schedule_early_stopping_or_validation_and_lists_the_keys(sine, tmp_path):
+    """--resume continues a run exactly: a changed schedule, early stopping or validation cadence
+    would not, so it is refused naming what differs; more iterations (extending the run) are fine."""
+    from metamtl.callbacks import EarlyStopping, LRScheduler
+
+    def callbacks(gamma=0.5, patience=3):
+        return [LRScheduler("exponential", gamma=gamma), EarlyStopping("val/loss", "min", patience=patience)]
+
+    learner = sine_learner()
+    learner.fit(sine, sine, iterations=2, meta_batch_size=2, val_every=1, val_episodes=2, callbacks=callbacks(),
+                checkpoint_dir=tmp_path, progress=False)
+    fit = dict(meta_batch_size=2, val_episodes=2, resume=tmp_path / "last.pt", progress=False)
+    for changed, names in ((dict(callbacks=[]), ["scheduler.name: 'exponential' != '<missing>'", "early_stopping."]),
+                           (dict(callbacks=callbacks(gamma=0.1)), ["scheduler.gamma: 0.5 != 0.1"]),
+                           (dict(callbacks=callbacks(patience=2)), ["early_stopping.patience: 3 != 2"]),
+                           (dict(callbacks=callbacks(), val_every=2), ["val_every: 1 != 2"])):
+        other = sine_learner()
+        with pytest.raises(CheckpointError, match="fit settings differ") as info:
+            other.fit(sine, sine, iterations=4, **{"val_every": 1, **changed}, **fit)
+        assert all(name in str(info.value) for name in names), str(info.value)
+        assert other.iteration == 0
+    other = sine_learner()
+    other.fit(sine, sine, iterations=4, val_every=1, callbacks=callbacks(), **fit)
+    assert other.iteration == 4
 
 
 def higher_learner(optimizer) -> MetaLearner:

@@ -51,7 +51,7 @@ def test_fit_into_a_folder_holding_a_run_refuses_and_names_resume_and_overwrite(
     before = snapshot(run_dir)
     assert main(["fit", str(cfg), "train.iterations=40", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert f"{run_dir} already holds a run (last.pt, learner.pt, results.json, history.json, metrics.csv)" in err
+    assert f"{run_dir} already holds a run (last.pt, best.pt, learner.pt, results.json, history.json, metrics.csv)" in err
     assert f"--resume {run_dir / 'last.pt'}" in err and "--overwrite" in err and "Traceback" not in err
     assert snapshot(run_dir) == before  # not a byte changed
 
@@ -195,3 +195,26 @@ def test_fit_called_again_trains_the_requested_iterations_more(tmp_path):
         assert torch.equal(a, b)
     twice.fit(tasks, iterations=0, progress=False)
     assert twice.iteration == 5
+
+
+def test_a_second_fit_into_the_folder_keeps_best_pt_the_best_of_the_whole_run(tmp_path):
+    """fit called again continues the same run: best.pt is replaced only by better weights than
+    any validation of the earlier calls, not by the second call's first (worse) validation."""
+    tasks = EpisodeSampler(toy_dataset(), 5, 1, 2)
+    learner, scores = tiny_learner(), iter([0.8, 0.4, 0.3])
+
+    class Scored:  # validation accuracies 0.8 (first call), then 0.4 (second call) and 0.3 (another folder)
+        def __init__(self):
+            self.accuracy = next(scores)
+
+        def metrics(self, prefix):
+            return {f"{prefix}accuracy": self.accuracy}
+
+    learner.evaluate = lambda *args, **kwargs: Scored()
+    fit = dict(meta_batch_size=1, val_every=2, val_episodes=2, progress=False)
+    learner.fit(tasks, tasks, iterations=2, checkpoint_dir=tmp_path, **fit)
+    learner.fit(tasks, tasks, iterations=2, checkpoint_dir=tmp_path, **fit)
+    assert [r["val/accuracy"] for r in learner.history if "val/accuracy" in r] == [0.8, 0.4]
+    assert safe_load(tmp_path / "best.pt")["iteration"] == 2
+    learner.fit(tasks, tasks, iterations=2, checkpoint_dir=tmp_path / "other", **fit)
+    assert safe_load(tmp_path / "other" / "best.pt")["iteration"] == 6  # another folder's best.pt is not this one's
