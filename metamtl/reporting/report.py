@@ -467,6 +467,14 @@ def _step_curves(runs: list[tuple], path: Path) -> Path | None:
     return plots.plot_curves(curves, path, "inner steps at test time", "accuracy (%)", integer_x=True)
 
 
+def _held_out_header(runs: list[tuple]) -> str:
+    """The comparison table's result column: accuracy, MSE (regression runs) or both kinds."""
+    kinds = {_regression(results) for _, results, *_ in runs}
+    if kinds == {True}:
+        return "held-out MSE (95% CI)"
+    return "held-out result (95% CI)" if kinds == {True, False} else "held-out accuracy (95% CI)"
+
+
 def _comparison_page(out: Path, runs: list[tuple], figs: list[tuple], embed: bool) -> Path:
     rows = []
     for d, results, *_ in runs:
@@ -482,7 +490,7 @@ def _comparison_page(out: Path, runs: list[tuple], figs: list[tuple], embed: boo
 <title>metamtl comparison ({len(runs)} runs)</title><style>{CSS}</style></head><body>
 <h1>metamtl comparison: {len(runs)} runs</h1>
 <table><tr><th>run</th><th>algorithm</th><th>data</th><th>iterations</th><th>training time (s)</th>
-<th>held-out accuracy (95% CI)</th><th>commit</th></tr>{''.join(rows)}</table>
+<th>{_held_out_header(runs)}</th><th>commit</th></tr>{''.join(rows)}</table>
 {''.join(f'<h2>{_e(t)}</h2>' + _figure(p, t, c, embed, out.parent) for t, p, c in figs if p is not None)}
 </body></html>"""
     atomic_write_text(out, body)

@@ -420,3 +420,20 @@ def test_a_regression_runs_report_names_its_metric_mse(tmp_path):
     assert "<th>MSE (95% CI)</th>" in table and "accuracy" not in table.lower()
     assert "<h2>MSE vs number of inner steps at test time</h2>" in text
     assert "Accuracy vs number of inner steps" not in text and 'alt="MSE vs inner steps"' in text
+
+
+def test_a_comparison_of_regression_runs_heads_its_column_mse(tmp_path):
+    """The comparison table's result column says MSE for regression runs ("result" when mixed)."""
+    row = {"accuracy": None, "ci95": None, "loss": 3.67, "loss_ci95": 2.73, "episodes": 10, "ways": 1, "shots": 5,
+           "queries": 5, "steps": 1, "hierarchy": None, "head": "algorithm", "transductive": False}
+    runs = []
+    for name in ("a", "b"):
+        run = _small_run(tmp_path / name, [row])
+        results = json.loads((run / "results.json").read_text())
+        results["config"]["data"] = {"name": "sinusoid"}
+        (run / "results.json").write_text(json.dumps(results))
+        runs.append(run)
+    table = write_comparison(runs, tmp_path / "cmp.html").read_text().split("</table>")[0]
+    assert "<th>held-out MSE (95% CI)</th>" in table and "accuracy" not in table.lower()
+    mixed = write_comparison([runs[0], _small_run(tmp_path / "c", [_row(0.9, 0.01)])], tmp_path / "mix.html")
+    assert "<th>held-out result (95% CI)</th>" in mixed.read_text()
