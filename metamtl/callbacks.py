@@ -385,10 +385,7 @@ def resolve_monitor(monitor: str | None, mode: str | None, task: str, who: str) 
     """``(monitor, mode)`` for a learner of ``task``: the defaults of :func:`default_monitor` for
     ``None`` (a given monitor's mode: ``"min"`` for a loss, else ``"max"``); :class:`ConfigError`
     naming the metrics validation reports when ``monitor`` is none of them."""
-    if monitor is None:
-        monitor, default_mode = default_monitor(task)
-    else:
-        default_mode = "min" if monitor.endswith("loss") else "max"
+    monitor, default_mode = default_monitor(task) if monitor is None else _fallback_monitor(monitor, None)
     reported = VALIDATION_METRICS.get(task, VALIDATION_METRICS["classification"])
     if monitor not in reported:
         raise ConfigError(f"{who} monitors {monitor!r}, which validation of a {task} learner never reports; "
