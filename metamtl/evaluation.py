@@ -35,7 +35,7 @@ class EvalResult:
     """Mean query accuracy (and loss) over evaluation episodes, with 95% confidence intervals.
 
     ``accuracy`` and ``ci95`` are fractions (0.973 means 97.3%); ``ci95`` is
-    ``1.96 * std / sqrt(episodes)``.  For regression tasks ``accuracy`` is ``None`` and ``loss``
+    ``1.96 * std / sqrt(episodes)`` (``nan`` for a single episode).  For regression tasks ``accuracy`` is ``None`` and ``loss``
     is the mean squared error.  ``hierarchy`` is the task source's superclass setting (episodes
     within one superclass, see :class:`~metamtl.tasks.EpisodeSampler`), ``None`` for random classes.
     ``head`` names what classified the queries (``"algorithm"``: the algorithm's own adaptation,
@@ -65,9 +65,9 @@ class EvalResult:
         if self.head != ALGORITHM:
             setting += f", head {self.head}" + (" (TRANSDUCTIVE)" if self.transductive else "")
         if self.accuracy is None:
-            return f"MSE {self.loss:.4f} ± {self.loss_ci95:.4f} ({setting}, {self.episodes} episodes)"
+            return f"MSE {self.loss:.4f}{plus_minus(self.loss_ci95, digits=4)} ({setting}, {self.episodes} episodes)"
         return (
-            f"accuracy {100 * self.accuracy:.2f}% ± {100 * self.ci95:.2f}% "
+            f"accuracy {100 * self.accuracy:.2f}%{plus_minus(self.ci95, 100, unit='%')} "
             f"({setting}, {self.episodes} episodes, 95% CI)"
         )
 
@@ -82,12 +82,23 @@ class EvalResult:
 
 
 def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and 95% confidence half-width ``1.96 * std / sqrt(n)`` (``nan`` for no values)."""
+    """Mean and 95% confidence half-width ``1.96 * std / sqrt(n)``.
+
+    The mean is ``nan`` for no values; the half-width is ``nan`` for fewer than two (one episode
+    says nothing about the spread: a CI of 0 would claim certainty)."""
     arr = np.asarray(values, dtype=np.float64)
     if arr.size == 0:
         return float("nan"), float("nan")
-    std = arr.std(ddof=1) if arr.size > 1 else 0.0
-    return float(arr.mean()), float(1.96 * std / math.sqrt(arr.size))
+    if arr.size == 1:
+        return float(arr[0]), float("nan")
+    return float(arr.mean()), float(1.96 * arr.std(ddof=1) / math.sqrt(arr.size))
+
+
+def plus_minus(ci: float | None, scale: float = 1.0, digits: int = 2, unit: str = "") -> str:
+    """``" ± 0.29%"``-style text for a CI half-width; ``" ± n/a"`` when it is undefined (one episode)."""
+    if ci is None or not math.isfinite(ci):
+        return " ± n/a"
+    return f" ± {scale * ci:.{digits}f}{unit}"
 
 
 def episode_reader(tasks: TaskSource | Sequence[Episode], episodes: int = 600, *, ways: int | None = None,

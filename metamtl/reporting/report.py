@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from ..callbacks import Callback, FitState
 from ..files import atomic_write_text
 from ..errors import ConfigError
+from ..evaluation import plus_minus
 from ..steps_curve import read_steps_curve
 from . import plots
 from .published import published
@@ -109,8 +110,8 @@ def _value(r: Mapping[str, Any]) -> str:
     if "skipped" in r:
         return f"skipped: {r['skipped']}"
     if r.get("accuracy") is None:
-        return f"MSE {r['loss']:.4f} ± {r['loss_ci95']:.4f}"
-    return f"{100 * r['accuracy']:.2f}% ± {100 * r['ci95']:.2f}%"
+        return f"MSE {r['loss']:.4f}{plus_minus(r['loss_ci95'], digits=4)}"
+    return f"{100 * r['accuracy']:.2f}%{plus_minus(r['ci95'], 100, unit='%')}"
 
 
 def _img(path: Path, alt: str, embed: bool, base: Path) -> str:
@@ -287,7 +288,7 @@ def _steps_section(run_dir: Path, cfg: Mapping[str, Any], embed: bool) -> str:
                     "(95% CI). Step 0 is the meta-learned initialisation without any adaptation.", embed, run_dir)
     rows = "".join(
         f"<tr><td>{_e(c['setting'])}</td>" + "".join(
-            f"<td class=num>{scale * m:.2f} ± {scale * e:.2f}</td>" for m, e in zip(c["mean"], c["ci95"]))
+            f"<td class=num>{scale * m:.2f}{plus_minus(e, scale)}</td>" for m, e in zip(c["mean"], c["ci95"]))
         + "</tr>" for c in data["curves"])
     if data.get("refresh_error"):
         note = f"This is the curve saved before; computing it again (other steps or episodes) failed: {data['refresh_error']}"

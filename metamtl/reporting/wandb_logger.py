@@ -260,6 +260,7 @@ class WandbLogger(Callback):
         summary = {f"members/{m.get('name')}/test/{_setting(r)}/accuracy": r["accuracy"]
                    for m in (results.get("ensemble") or {}).get("members", [])
                    for r in m.get("test") or [] if r.get("accuracy") is not None}
+        summary = _finite(summary)  # a one-episode setting has no CI (nan): left out, not logged as 0
         if summary and self.active:
             self._safe("summary", self.run.summary.update, summary)
         self.finish()
@@ -284,6 +285,7 @@ class WandbLogger(Callback):
                 summary.update({f"{key}/accuracy": r["accuracy"], f"{key}/accuracy_ci95": r["ci95"]})
             summary.update({f"{key}/loss": r["loss"], f"{key}/loss_ci95": r["loss_ci95"],
                             f"{key}/episodes": r["episodes"], f"{key}/steps": r["steps"]})
+        summary = _finite(summary)  # a one-episode setting has no CI (nan): left out, not logged as 0
         if summary and self.active:
             self._safe("summary", self.run.summary.update, summary)
         if checkpoint is not None and self.log_model and self.active and Path(checkpoint).is_file():

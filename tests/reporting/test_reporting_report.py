@@ -437,3 +437,26 @@ def test_a_comparison_of_regression_runs_heads_its_column_mse(tmp_path):
     assert "<th>held-out MSE (95% CI)</th>" in table and "accuracy" not in table.lower()
     mixed = write_comparison([runs[0], _small_run(tmp_path / "c", [_row(0.9, 0.01)])], tmp_path / "mix.html")
     assert "<th>held-out result (95% CI)</th>" in mixed.read_text()
+
+
+def test_one_episode_has_no_confidence_interval_rather_than_a_zero_one(synthetic_tasks):
+    """One episode says nothing about the spread: its CI is undefined (nan, shown "± n/a", left out of
+    W&B's summary), not 0 (which claimed a certain result)."""
+    import math
+
+    from metamtl import MetaLearner
+    from metamtl.algorithms import build_algorithm
+    from metamtl.evaluation import mean_ci95
+    from metamtl.models import build_model
+    from metamtl.reporting.report import _value
+    from metamtl.reporting.wandb_logger import _finite
+
+    assert mean_ci95([0.4])[0] == 0.4 and math.isnan(mean_ci95([0.4])[1])
+    assert mean_ci95([0.4, 0.6]) == pytest.approx((0.5, 1.96 * 0.1414213562 / 2 ** 0.5))
+    model = build_model("conv4", in_channels=1, hidden=4, image_size=16, blocks=1, out_features=None)
+    result = MetaLearner(model, build_algorithm("protonet"), device="cpu").evaluate(
+        synthetic_tasks, episodes=1, progress=False)
+    assert math.isnan(result.ci95) and math.isnan(result.loss_ci95)
+    assert "± n/a" in str(result) and "nan" not in str(result)
+    assert _value(result.to_dict()).endswith("% ± n/a")
+    assert "test/x/accuracy_ci95" not in _finite({"test/x/accuracy_ci95": result.ci95})
