@@ -32,7 +32,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from .checkpoint import RunFolderLock, check_saveable, ensure_writable_dir, safe_load
+from .checkpoint import RunFolderLock, check_saveable, ensure_writable_dir, history_continues, safe_load
 from .errors import CheckpointError, ConfigError, TrainingError, unknown_name
 from .progress_bars import progress_bar
 
@@ -296,8 +296,7 @@ class ModelCheckpoint(Callback):
                 theirs = safe_load(self.last_path)
             except CheckpointError:
                 return  # unreadable: nothing a new checkpoint could lose
-            history = theirs.get("history", [])
-            if not isinstance(history, list) or state.learner.history[:len(history)] != history:
+            if not history_continues(state.learner.history, theirs.get("history", [])):
                 self._lock.release()
                 raise CheckpointError(
                     f"{self.last_path} holds another training run (iteration {theirs.get('iteration', '?')}) that "

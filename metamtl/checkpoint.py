@@ -8,6 +8,7 @@ a crash or a killed process leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import pickle
 import re
@@ -196,6 +197,25 @@ def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
             f"this version reads <= {FORMAT_VERSION}); upgrade metamtl"
         )
     return obj
+
+
+def _same(a: Any, b: Any) -> bool:
+    """``a == b``, also for NaN floats (a one-episode validation's CI, a skipped step's loss) and
+    containers of them: a history read back from a checkpoint holds new NaN objects."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+def history_continues(history: Any, saved: Any) -> bool:
+    """Whether ``saved`` (a checkpoint's history) is a prefix of ``history`` (a learner's), so the
+    checkpoint belongs to the learner's run; rows are compared NaN-aware (see :func:`_same`)."""
+    return (isinstance(saved, list) and isinstance(history, list) and len(saved) <= len(history)
+            and all(_same(mine, theirs) for mine, theirs in zip(history, saved)))
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -335,14 +335,13 @@ def restore_best(learner: MetaLearner, run_dir: Path) -> int | None:
     training run (no validation happened; a ``best.pt`` whose history is not a prefix of the
     learner's comes from an older run and is ignored).
     """
-    from .checkpoint import safe_load
+    from .checkpoint import history_continues, safe_load
 
     best = run_dir / "best.pt"
     if not best.is_file():
         return None
     obj = safe_load(best)
-    history = obj.get("history", [])
-    if int(obj.get("iteration", 0)) > learner.iteration or learner.history[:len(history)] != history:
+    if int(obj.get("iteration", 0)) > learner.iteration or not history_continues(learner.history, obj.get("history", [])):
         return None
     learner.model.load_state_dict(obj["model_state"])
     learner.algorithm.load_state_dict(obj["algorithm_state"])
