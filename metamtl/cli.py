@@ -36,6 +36,18 @@ def check_counts(args: argparse.Namespace, minimums: dict[str, int]) -> None:
                 raise ConfigError(f"{flag} must be an integer >= {minimum}, got {value}")
 
 
+def _evaluation_config(saved: dict[str, Any], data_root: str | None) -> dict[str, Any]:
+    """A checkpoint's training config as evaluation reads it: its data under ``data_root``
+    (``--data-root``) without a validation split, and without the training-only callbacks
+    (``train.early_stopping``, ``train.scheduler``: a plateau schedule or early stopping needs the
+    validation split), which never block evaluation."""
+    for data in [saved["data"], *saved.get("datasets", [])]:  # several for multi-dataset learners
+        if data_root:
+            data["root"] = data_root
+        data["val_split"] = None
+    return {**saved, "train": {**(saved.get("train") or {}), "early_stopping": None, "scheduler": None}}
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import ensure_writable_file
     from .config import config_from_dict
@@ -59,11 +71,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     check_same_data(members, labels)
     _check_task_options(args, learner, labels[0])
     _check_held_out_split(args.split, {lb: m.metadata["config"] for m, lb in zip(members, labels)}, args.data_root)
-    for data in [saved["data"], *saved.get("datasets", [])]:  # several for multi-dataset learners
-        if args.data_root:
-            data["root"] = args.data_root
-        data["val_split"] = None
-    cfg = config_from_dict(saved)
+    cfg = config_from_dict(_evaluation_config(saved, args.data_root))
     for d in [cfg.data, *cfg.datasets]:  # set after validation: --split was checked against every member
         if args.split or d is cfg.data:  # above ('all' of another --data-root holds no training class)
             d.test_split = args.split or "test"

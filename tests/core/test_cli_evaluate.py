@@ -31,13 +31,16 @@ def tiny(tmp, name, root, **data):
 @pytest.fixture(scope="module")
 def learners(tmp_path_factory):
     """``train``: trained on the training classes; ``trainval``: on train+val; ``other``: on another
-    folder dataset; ``sine``: a regression learner."""
+    folder dataset; ``stopped``: with early stopping and a plateau scheduler; ``sine``: a regression learner."""
     tmp = tmp_path_factory.mktemp("clieval")
     data, other = folder_data(tmp / "data"), folder_data(tmp / "other")
     configs = {
         "train": tiny(tmp, "train", data),
         "trainval": tiny(tmp, "trainval", data, train_split="train+val", val_split=None),
         "other": tiny(tmp, "other", other),
+        "stopped": {**tiny(tmp, "stopped", data), "train": {  # training-only callbacks that need validation
+            **tiny(tmp, "stopped", data)["train"], "early_stopping": {"patience": 3},
+            "scheduler": {"name": "plateau", "patience": 1}}},
         "sine": {**tiny(tmp, "sine", data), "data": {"name": "sinusoid", "val_split": None},
                  "tasks": {"ways": 1, "shots": 5, "queries": 5}, "model": {"name": "mlp", "hidden": [8]},
                  "algorithm": {"name": "maml", "steps": 1, "lr": 0.01}, "eval": {"episodes": 2, "queries": 5,
@@ -61,6 +64,15 @@ def test_every_ensemble_members_training_split_is_checked(learners, capsys):
             in out.err
         assert "use --split test or --data-root with another dataset" in out.err  # only the held-out splits
     assert evaluate(capsys, paths["train"], paths["trainval"], "--split", "test")[0] == 0
+
+
+def test_a_run_trained_with_early_stopping_and_a_plateau_scheduler_is_evaluated(learners, capsys):
+    """Training-only settings that need the validation split never block evaluation (which drops it)."""
+    paths, _ = learners
+    for args in ([paths["stopped"]], [paths["stopped"], paths["train"]]):  # alone and in an ensemble
+        code, out = evaluate(capsys, *args)
+        assert code == 0, out.err
+        assert "accuracy" in out.out
 
 
 def test_members_trained_on_another_folder_dataset_are_refused(learners, capsys):
