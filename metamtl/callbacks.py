@@ -108,8 +108,22 @@ class Callback:
     #: call, which continues the same run (:class:`ModelCheckpoint`'s best value)
     continues_run = False
 
+    #: keys this callback's state had in checkpoints of earlier metamtl versions (read on resume
+    #: when its :attr:`key` is absent)
+    former_keys: tuple[str, ...] = ()
+
     @property
     def key(self) -> str:
+        """The name of this callback's state in checkpoints (:meth:`default_key` unless set), which
+        must differ between a fit's callbacks with state; set it to tell two apart
+        (``stopper.key = "EarlyStopping:slow"``)."""
+        return self.__dict__.get("_key") or self.default_key()
+
+    @key.setter
+    def key(self, value: str) -> None:
+        self._key = str(value)
+
+    def default_key(self) -> str:
         return type(self).__name__
 
     def on_fit_start(self, state: FitState) -> None: ...
@@ -146,6 +160,7 @@ class CallbackList(Callback):
 
     def __init__(self, callbacks: Iterable[Callback] = ()) -> None:
         self.callbacks = sorted(callbacks, key=lambda cb: cb.order)
+        check_distinct_keys(self.callbacks)
 
     def __iter__(self):
         return iter(self.callbacks)
@@ -169,12 +184,33 @@ class CallbackList(Callback):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for cb in self.callbacks:
-            if cb.key in state:
-                cb.load_state_dict(state[cb.key])
+            key = next((k for k in (cb.key, *cb.former_keys) if k in state), None)
+            if key is not None:
+                cb.load_state_dict(state[key])
 
     def continued_state(self) -> dict[str, Any]:
         """The states the learner's next ``fit`` call starts from (:attr:`Callback.continues_run`)."""
         return {cb.key: cb.continued_state() for cb in self.callbacks if cb.continues_run and cb.continued_state()}
+
+
+def _has_state(cb: Callback) -> bool:
+    return any(getattr(type(cb), name) is not getattr(Callback, name) for name in ("state_dict", "continued_state"))
+
+
+def check_distinct_keys(callbacks: Iterable[Callback]) -> None:
+    """:class:`ConfigError` naming the callbacks with state that share a :attr:`Callback.key`:
+    checkpoints would keep one state for both, and a resume would hand it to each."""
+    seen: dict[str, list[Callback]] = {}
+    for cb in callbacks:
+        if _has_state(cb):
+            seen.setdefault(cb.key, []).append(cb)
+    clashes = {key: cbs for key, cbs in seen.items() if len(cbs) > 1}
+    if clashes:
+        key, cbs = next(iter(clashes.items()))
+        raise ConfigError(
+            f"{len(cbs)} callbacks ({', '.join(type(cb).__name__ for cb in cbs)}) share the checkpoint key {key!r}, "
+            "so their states would overwrite each other in checkpoints; give each a distinct key "
+            f"(e.g. callback.key = '{key}#2') or pass one of them only")
 
 
 def standard_callbacks(progress: bool = True, checkpoint_dir: str | Path | None = None,
@@ -432,6 +468,11 @@ class EarlyStopping(Callback):
         self.best: float | None = None
         self.wait = 0
 
+    former_keys = ("EarlyStopping",)
+
+    def default_key(self) -> str:
+        return f"EarlyStopping:{self.monitor or 'default'}:{self.mode or 'default'}"
+
     def on_fit_start(self, state):
         if state.val_every is None:
             raise ConfigError("EarlyStopping needs validation: pass val_tasks to fit (data.val_split in configs)")
@@ -511,8 +552,7 @@ class LRScheduler(Callback):
         self.base: list[float] | None = None
         self.reductions, self.best, self.wait = 0, None, 0
 
-    @property
-    def key(self) -> str:
+    def default_key(self) -> str:
         return f"LRScheduler:{self.name}"
 
     def factor_lr(self, base: float, t: int, total: int, progress: float | None = None) -> float:
@@ -602,9 +642,12 @@ class MetricsLogger(Callback):
         self.size: int | None = None  # bytes written so far (restored on resume)
         self._fh = None
 
+    def default_key(self) -> str:
+        return f"MetricsLogger:{self.path.resolve()}"  # the whole path: two folders' metrics.csv are two files
+
     @property
-    def key(self) -> str:
-        return f"MetricsLogger:{self.path.name}"
+    def former_keys(self) -> tuple[str, ...]:
+        return (f"MetricsLogger:{self.path.name}",)
 
     def on_fit_start(self, state):
         if not state.is_main_process:

@@ -184,13 +184,13 @@ class MetaLearner:
                             meta_batch_size=(meta_batch_size, 1), val_episodes=(val_episodes, 1),
                             checkpoint_every=(checkpoint_every, 0), num_workers=(num_workers, 0),
                             val_every=(1 if val_every is None else val_every, 1))
-        cbs = standard_callbacks(progress, checkpoint_dir, checkpoint_every, self.task) + self.callbacks + list(callbacks)
+        cbs = CallbackList(standard_callbacks(progress, checkpoint_dir, checkpoint_every, self.task) + self.callbacks + list(callbacks))
         start_run(self, fit_settings(train_tasks, meta_batch_size, val_every, val_episodes, cbs), resume, iterations)
         self.fit_state = FitState(
             self, iterations if resume is not None else self.iteration + iterations, meta_batch_size,
             val_every=(val_every or max(1, iterations // 10)) if val_tasks else None, budget_minutes=budget_minutes,
             start_seconds=0.0 if resume is not None else self.run.seconds, rank=self.rank, world_size=self.world_size,
-            callbacks=CallbackList(cbs))
+            callbacks=cbs)
         FitLoop(self, self.fit_state, train_tasks, val_tasks, val_episodes, num_workers).run()
         return self.history
 

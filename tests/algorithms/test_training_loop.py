@@ -140,7 +140,8 @@ def test_resume_is_bit_exact_with_learned_rates_scheduler_and_callbacks(tmp_path
         fit("part", [Crash(at=5)], checkpoint_dir=tmp_path / "ck", checkpoint_every=2)
     last = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
     assert last["iteration"] == 4
-    assert {"LRScheduler:cosine", "EarlyStopping", "MetricsLogger:metrics.jsonl"} <= set(last["training"]["callbacks"])
+    assert {"LRScheduler:cosine", "EarlyStopping:default:default",
+            "MetricsLogger:" + str((tmp_path / 'part' / 'metrics.jsonl').resolve())} <= set(last["training"]["callbacks"])
     resumed = fit("part", resume=tmp_path / "ck" / "last.pt")
     assert resumed.iteration == 8
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):

@@ -176,3 +176,30 @@ def test_a_second_fit_continues_the_run_clock_and_its_budget_adds_to_it(sine, tm
     assert learner.history[first]["train/lr"] <= 0.51 * learner.meta_lr  # annealing goes on (was back at meta_lr)
     path = learner.save(tmp_path / "last.pt", training_state=True)
     assert safe_load(path)["training"]["elapsed"] == pytest.approx(learner.elapsed, abs=0.05)
+
+
+def test_callbacks_of_one_kind_keep_their_own_state_in_checkpoints(sine, tmp_path):
+    """Two early stoppings (other monitors) and two metrics files of one name in two folders each
+    keep their own state through a resume; callbacks with state sharing a key are refused."""
+    from metamtl.callbacks import EarlyStopping, MetricsLogger
+    from metamtl.errors import ConfigError
+
+    def callbacks():
+        return [EarlyStopping("val/loss", patience=50), EarlyStopping("val/loss_ci95", patience=50),
+                MetricsLogger(tmp_path / "x" / "m.csv"), MetricsLogger(tmp_path / "y" / "m.csv", every=2)]
+
+    fit = dict(iterations=4, meta_batch_size=2, val_every=2, val_episodes=3, progress=False)
+    first = callbacks()
+    sine_learner().fit(sine, sine, callbacks=first, checkpoint_dir=tmp_path / "ck", **fit)
+    files = {p: p.read_bytes() for p in (tmp_path / "x" / "m.csv", tmp_path / "y" / "m.csv")}
+    again = callbacks()
+    sine_learner().fit(sine, sine, callbacks=again, resume=tmp_path / "ck" / "last.pt", progress=False,
+                       **{k: v for k, v in fit.items() if k != "progress"})
+    assert [cb.best for cb in again[:2]] == [cb.best for cb in first[:2]] and first[0].best != first[1].best
+    assert {p: p.read_bytes() for p in files} == files  # neither file cut to the other's size
+    twins = [EarlyStopping(patience=3), EarlyStopping(patience=5)]
+    with pytest.raises(ConfigError, match=r"2 callbacks \(EarlyStopping, EarlyStopping\) share the checkpoint key "
+                                          r"'EarlyStopping:default:default'.*distinct key"):
+        sine_learner().fit(sine, sine, callbacks=twins, **fit)
+    twins[1].key = "EarlyStopping:patient"
+    sine_learner().fit(sine, sine, callbacks=twins, **fit)
