@@ -297,7 +297,10 @@ class FitLoop:
             checkpoint saved for them.
         train_tasks, val_tasks: task sources; ``val_episodes`` fixed episodes are evaluated every
             ``state.val_every`` iterations and after the last one, whatever ended training (the
-            iterations, the time budget, a callback's stop request; not a signal).
+            iterations, the time budget, a callback's stop request; not a signal).  A stop signal
+            received anywhere in :meth:`run` ends it in :class:`~metamtl.errors.FitInterrupted`
+            once the resumable checkpoint is saved (after ``on_fit_end`` when it came in the final
+            validation or ``on_fit_end`` itself).
         num_workers: DataLoader workers building episodes.
     """
 
@@ -331,6 +334,7 @@ class FitLoop:
                 self._validate()  # after the last iteration, whatever stopped the run (the budget, a callback)
             state.stopped_by = state.stopped_by or "iterations"
             cbs.on_fit_end(state)
+            late = signals.signum  # during the final validation or on_fit_end: fit still ends interrupted
         except BaseException as exc:
             cbs.on_exception(state, exc)
             raise
@@ -341,6 +345,8 @@ class FitLoop:
             close = getattr(batches, "close", None)
             if close is not None:
                 close()
+        if late is not None:  # on_fit_end closed the callbacks (and wrote last.pt): save, then stop
+            raise self.interrupted(late)
 
     def _batches(self) -> Iterator[TaskBatch]:
         ln = self.learner

@@ -203,3 +203,32 @@ def test_callbacks_of_one_kind_keep_their_own_state_in_checkpoints(sine, tmp_pat
         sine_learner().fit(sine, sine, callbacks=twins, **fit)
     twins[1].key = "EarlyStopping:patient"
     sine_learner().fit(sine, sine, callbacks=twins, **fit)
+
+
+@pytest.mark.parametrize("hook", ["on_validation_end", "on_fit_end"])
+def test_a_signal_after_the_last_iteration_still_ends_fit_interrupted(sine, tmp_path, hook):
+    """SIGTERM in the final validation (after a callback's stop) or in on_fit_end: fit saves
+    last.pt, then raises FitInterrupted (exit code 143) instead of returning normally."""
+    import os
+    import signal
+
+    from metamtl.checkpoint import safe_load
+
+    class Term(Callback):
+        def on_iteration_end(self, state, metrics):
+            if state.iteration == 3:
+                state.should_stop, state.stopped_by = True, "mine"
+
+    def term(self, state, *args):
+        if state.iteration == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    setattr(Term, hook, term)
+    previous = signal.getsignal(signal.SIGTERM)
+    learner = sine_learner()
+    with pytest.raises(FitInterrupted) as info:
+        learner.fit(sine, sine, iterations=4, meta_batch_size=2, val_every=2, val_episodes=2, callbacks=[Term()],
+                    checkpoint_dir=tmp_path, progress=False)
+    assert info.value.exit_code == 143 and info.value.iteration == 3 and info.value.checkpoint == tmp_path / "last.pt"
+    assert safe_load(tmp_path / "last.pt")["iteration"] == 3 and learner.fit_state.stopped_by == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is previous
