@@ -15,7 +15,7 @@ import torch
 from .algorithms import Algorithm, build_algorithm
 from .data.augment import SupportAugment
 from .data.base import Preprocessing
-from .errors import ConfigError, InputError, unknown_name
+from .errors import ConfigError, InputError, TaskError, unknown_name
 from .models.backbones import TrunkHead, uncompiled
 from .placement import Placement
 from .tasks.episode import Episode
@@ -228,6 +228,10 @@ def check_episode(episode: Any, what: str, *, task: str, model: TrunkHead) -> No
     episode.validate()
     if episode.task != task:
         raise InputError(f"{where} is a {episode.task} task but this learner does {task}")
+    if task == "classification" and episode.ways < 2:  # whatever the task source (EpisodeSampler refuses earlier)
+        raise TaskError(
+            f"{where} is {episode.ways}-way: with a single class every query is trivially right (loss 0, "
+            f"accuracy 100%), so {what} would learn or measure nothing; give the task source 2 or more classes per task")
     if task == "regression":
         for kind in ("support_y", "query_y"):
             check_regression_targets(getattr(episode, kind), f"{where}: {kind}", model)

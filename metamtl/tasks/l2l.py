@@ -202,6 +202,10 @@ class Learn2LearnTasks:
             if bool((n != n[0]).any()):
                 raise TaskError(f"{where}: {kind} examples per class differ ({n.tolist()[:10]}); give each class the same number")
         ways = len(classes)
+        if ways < 2:
+            raise TaskError(
+                f"{where}: the task holds {ways} class ({classes.tolist()}): a 1-way episode scores 100% and trains "
+                "nothing; draw at least 2 classes per task (learn2learn's NWays(dataset, n) with n >= 2)")
         renumber = not torch.equal(classes, torch.arange(ways, device=classes.device))
         if renumber:
             sy, qy = torch.searchsorted(classes, sy), torch.searchsorted(classes, qy)

@@ -55,6 +55,36 @@ def test_side_by_side_benchmark_without_learn2learn_says_how_to_install(tmp_path
     assert "ModuleNotFoundError" not in out.stderr and "run failed" not in out.stderr
 
 
+def test_one_way_tasks_are_refused_from_learn2learn_and_any_task_source():
+    """A 1-way task scores 100% and trains nothing (loss 0): a learn2learn taskset drawing one class
+    is a TaskError naming NWays; a custom task source's 1-way episodes fail fit and evaluate."""
+    from metamtl.tasks import Episode
+
+    class OneWay:  # learn2learn's taskset interface: task i -> [images, labels]
+        num_tasks = -1
+
+        def __getitem__(self, i):
+            return [torch.rand(4, 1, 8, 8), torch.tensor([7, 7, 7, 7])]
+
+    learner = MetaLearner(build_model("conv4", hidden=4, blocks=2, out_features=None, image_size=8),
+                          build_algorithm("protonet"), device="cpu")
+    with pytest.raises(TaskError, match=r"1 class \(\[7\]\).*NWays\(dataset, n\) with n >= 2"):
+        learner.fit(Learn2LearnTasks(OneWay(), shots=1), iterations=1, meta_batch_size=1, progress=False)
+
+    class Custom:  # any other task source
+        ways, shots, queries, name = 1, 1, 2, "custom"
+
+        def episode(self, index):
+            return Episode(torch.rand(1, 1, 8, 8), torch.zeros(1, dtype=torch.long), torch.rand(2, 1, 8, 8),
+                           torch.zeros(2, dtype=torch.long), ways=1, shots=1, queries=2, index=index)
+
+    for run in (lambda: learner.fit(Custom(), iterations=1, meta_batch_size=1, progress=False),
+                lambda: learner.evaluate(Custom(), episodes=2, progress=False)):
+        with pytest.raises(TaskError, match="episode 0 is 1-way: .*accuracy 100%.*2 or more classes per task"):
+            run()
+    assert learner.iteration == 0
+
+
 # -- with learn2learn --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def l2l():
