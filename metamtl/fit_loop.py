@@ -319,9 +319,9 @@ class FitLoop:
         ln, state, cbs = self.learner, self.state, self.callbacks
         batches = self._batches()
         signals = StopOnSignal(lambda: ln.iteration).install()  # Ctrl-C / SIGTERM: stop cleanly
-        ln.run.start_clock()
         try:
             cbs.on_fit_start(state)
+            ln.run.start_clock()  # after the callbacks' set-up (W&B start-up, reading last.pt): not meta-training
             spent = self._budget_spent_at_start()  # e.g. a run stopped by its budget, resumed with the same one
             if spent:
                 state.stopped_by = "budget"

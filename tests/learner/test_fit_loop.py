@@ -232,3 +232,22 @@ def test_a_signal_after_the_last_iteration_still_ends_fit_interrupted(sine, tmp_
     assert info.value.exit_code == 143 and info.value.iteration == 3 and info.value.checkpoint == tmp_path / "last.pt"
     assert safe_load(tmp_path / "last.pt")["iteration"] == 3 and learner.fit_state.stopped_by == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_callback_set_up_in_on_fit_start_is_not_meta_training_time(sine):
+    """A slow on_fit_start (W&B start-up, reading last.pt) neither counts in elapsed (train
+    seconds, history times) nor eats the time budget."""
+    import time
+
+    class SlowStart(Callback):
+        def on_fit_start(self, state):
+            time.sleep(0.5)
+
+        def on_iteration_start(self, state):
+            if state.iteration == 0:
+                self.first = state.elapsed
+
+    slow, learner = SlowStart(), sine_learner()
+    state = run_loop(learner, sine, 10**6, budget=0.5 / 60, callbacks=[slow])
+    assert learner.iteration > 1 and state.stopped_by == "budget"  # the set-up spent no budget
+    assert slow.first < 0.2
