@@ -46,14 +46,15 @@ MODES = ("online", "offline", "disabled")
 
 
 def has_api_key() -> bool:
-    """Whether W&B credentials are configured ($WANDB_API_KEY or a .netrc entry for the host)."""
+    """Whether W&B credentials are configured ($WANDB_API_KEY or a .netrc entry for the host); a
+    .netrc that cannot be read or parsed (missing, not UTF-8, malformed) holds none: never raises."""
     if os.environ.get("WANDB_API_KEY"):
         return True
     host = re.sub(r"^https?://", "", os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).split("/")[0]
     path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
     try:
         return netrc.netrc(path).authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
+    except Exception:  # noqa: BLE001 - OSError, NetrcParseError, UnicodeDecodeError...: W&B must not stop a run
         return False
 
 

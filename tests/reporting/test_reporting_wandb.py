@@ -14,7 +14,7 @@ from metamtl import MetaLearner
 from metamtl.algorithms import MAML
 from metamtl.errors import ConfigError
 from metamtl.models import build_model
-from metamtl.reporting.wandb_logger import WandbLogger, learned_rates, resolve_mode
+from metamtl.reporting.wandb_logger import WandbLogger, has_api_key, learned_rates, resolve_mode
 from metamtl.reporting.wandb_offline import find_run_file, read_offline_run
 
 wandb = pytest.importorskip("wandb")
@@ -174,6 +174,16 @@ def test_mode_defaults_to_offline_without_api_key(tmp_path, monkeypatch):
     assert resolve_mode(None) == "disabled" and resolve_mode("offline") == "offline"
     with pytest.raises(ConfigError, match="unknown W&B mode 'onlin'"):
         WandbLogger(mode="onlin")
+
+
+def test_a_netrc_that_cannot_be_decoded_means_no_api_key(tmp_path, monkeypatch):
+    """A ~/.netrc holding bytes that are not UTF-8 made WandbLogger() raise before training."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    (tmp_path / "netrc").write_bytes(b"machine api.wandb.ai login user password \xff\xfe\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert has_api_key() is False
+    assert WandbLogger(run_dir=tmp_path).mode == "offline"
 
 
 def test_an_unknown_wandb_mode_in_the_environment_turns_wandb_off_and_training_goes_on(tmp_path, monkeypatch, synthetic_tasks):
