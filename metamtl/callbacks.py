@@ -193,6 +193,30 @@ class CallbackList(Callback):
         return {cb.key: cb.continued_state() for cb in self.callbacks if cb.continues_run and cb.continued_state()}
 
 
+def check_callbacks(callbacks: Any, what: str = "callbacks") -> list[Callback]:
+    """``callbacks`` (one :class:`Callback`, an iterable of them, or ``None``) as a list;
+    :class:`ConfigError` saying how to fix anything else (a class instead of an instance, a function)."""
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, Callback):
+        return [callbacks]
+    if isinstance(callbacks, (str, bytes, Mapping, type)) or not isinstance(callbacks, Iterable):
+        return [_checked_callback(callbacks, what)]  # raises: a list is what was meant
+    return [_checked_callback(cb, what) for cb in callbacks]
+
+
+def _checked_callback(cb: Any, what: str) -> Callback:
+    if isinstance(cb, Callback):
+        return cb
+    if isinstance(cb, type) and issubclass(cb, Callback):
+        raise ConfigError(f"{what} must hold Callback instances; got the class {cb.__name__}: instantiate it, "
+                          f"{cb.__name__}(...)")
+    kind = f"the class {cb.__name__}" if isinstance(cb, type) else f"{type(cb).__name__} {cb!r:.60}"
+    raise ConfigError(f"{what} must hold Callback instances (of subclasses of metamtl.callbacks.Callback, which "
+                      f"override the hooks they need); got {kind}: make it a Callback subclass and pass an instance, "
+                      "e.g. callbacks=[EarlyStopping()]")
+
+
 def _has_state(cb: Callback) -> bool:
     return any(getattr(type(cb), name) is not getattr(Callback, name) for name in ("state_dict", "continued_state"))
 

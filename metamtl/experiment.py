@@ -21,7 +21,7 @@ import torch
 
 from . import distributed, steps_curve
 from .algorithms import build_algorithm, with_data_settings
-from .callbacks import Callback, CallbackList, EarlyStopping, LRScheduler, MetricsLogger
+from .callbacks import Callback, CallbackList, EarlyStopping, LRScheduler, MetricsLogger, check_callbacks
 from .config import Config, DataConfig, is_regression
 from .data.augment import check_fits
 from .data.base import ClassDataset
@@ -364,6 +364,7 @@ def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
     at a time writes it.  Every ``eval.settings`` entry is checked against the test split
     before training (:func:`check_eval_settings`).
     """
+    callbacks = check_callbacks(callbacks, "run(callbacks=...)")  # one Callback or a list of them
     # before the run folder is judged or data loaded (a staged run's resume: run_stages judges it)
     if resume is not None and not Path(resume).is_file() and not (cfg.stages and cfg.ensemble.members <= 1):
         raise CheckpointError(f"cannot resume: checkpoint {resume} does not exist (a run folder's resumable "

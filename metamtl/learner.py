@@ -22,7 +22,7 @@ from torch import nn
 from . import distributed, inputs, predictors, run_state
 from .adaptation import check_positive
 from .algorithms import Algorithm
-from .callbacks import Callback, CallbackList, FitState, standard_callbacks
+from .callbacks import Callback, CallbackList, FitState, check_callbacks, standard_callbacks
 from .checkpoint import atomic_save, safe_load
 from .data.base import Preprocessing
 from .evaluation import (EvalResult, episode_reader, evaluate_episodes, feature_means, hierarchy_of, mean_ci95,
@@ -94,7 +94,7 @@ class MetaLearner:
         self.meta_optimizer_name, self.meta_lr = meta_optimizer, check_positive("meta_lr", meta_lr)
         self.meta_optimizer_kwargs = dict(meta_optimizer_kwargs or {})
         self.grad_clip = None if grad_clip is None else check_positive("grad_clip", grad_clip)
-        self.callbacks = list(callbacks)
+        self.callbacks = check_callbacks(callbacks, "MetaLearner(callbacks=...)")
         self.max_bad_steps = check_int("max_bad_steps", max_bad_steps, 1)
         self.task_defaults, self.metadata = dict(task_defaults or {}), dict(metadata or {})
         self.inference = InferenceSettings.create(support_augment, head, task=task)
@@ -184,7 +184,7 @@ class MetaLearner:
                             meta_batch_size=(meta_batch_size, 1), val_episodes=(val_episodes, 1),
                             checkpoint_every=(checkpoint_every, 0), num_workers=(num_workers, 0),
                             val_every=(1 if val_every is None else val_every, 1))
-        cbs = CallbackList(standard_callbacks(progress, checkpoint_dir, checkpoint_every, self.task) + self.callbacks + list(callbacks))
+        cbs = CallbackList(standard_callbacks(progress, checkpoint_dir, checkpoint_every, self.task) + self.callbacks + check_callbacks(callbacks))
         start_run(self, fit_settings(train_tasks, meta_batch_size, val_every, val_episodes, cbs), resume, iterations)
         self.fit_state = FitState(
             self, iterations if resume is not None else self.iteration + iterations, meta_batch_size,

@@ -251,3 +251,32 @@ def test_callback_set_up_in_on_fit_start_is_not_meta_training_time(sine):
     state = run_loop(learner, sine, 10**6, budget=0.5 / 60, callbacks=[slow])
     assert learner.iteration > 1 and state.stopped_by == "budget"  # the set-up spent no budget
     assert slow.first < 0.2
+
+
+def test_callbacks_argument_takes_one_callback_and_refuses_classes_and_other_objects(sine):
+    """A single callback is taken as a list of one; a class, a function, None or a duck-typed object
+    in the list is a ConfigError saying what to pass (not a bare TypeError/AttributeError)."""
+    from metamtl.callbacks import EarlyStopping
+    from metamtl.errors import ConfigError
+
+    log = Log()
+    learner = sine_learner()
+    learner.fit(sine, iterations=2, meta_batch_size=2, callbacks=log, progress=False)
+    assert log.calls[-1] == ("fit_end", 2, "iterations")
+
+    class Mine:
+        def on_fit_start(self, state): ...
+
+    for bad, message in ((EarlyStopping, r"got the class EarlyStopping: instantiate it, EarlyStopping\(...\)"),
+                         ([EarlyStopping], "got the class EarlyStopping: instantiate it"),
+                         ([print], "got builtin_function_or_method .*make it a Callback subclass"),
+                         ([None], "got NoneType None"), ([Mine()], "got Mine .*Callback subclass")):
+        with pytest.raises(ConfigError, match=message):
+            learner.fit(sine, iterations=1, meta_batch_size=2, callbacks=bad, progress=False)
+        with pytest.raises(ConfigError, match=r"MetaLearner\(callbacks=...\) must hold Callback instances"):
+            sine_learner(callbacks=bad)
+    assert learner.iteration == 2
+    assert sine_learner(callbacks=log).callbacks == [log]
+    from metamtl.experiment import run
+    with pytest.raises(ConfigError, match=r"run\(callbacks=...\) must hold Callback instances; got the class"):
+        run(None, callbacks=EarlyStopping)  # refused before the config is read
