@@ -650,10 +650,13 @@ class MetricsLogger(Callback):
     ``.csv`` files are in long format (``iteration,time,metric,value``: one row per number, so
     new metrics never change the columns); ``.jsonl`` files hold one JSON object per train or
     validation row.  Training rows are written every ``every`` iterations, validation rows
-    always.  On resume the file is cut back to what the checkpoint had seen, then appended to.
+    always.  On resume the file is cut back to what the checkpoint had seen, then appended to; the
+    learner's next ``fit`` call (which continues its run) appends to the same file, even through a
+    new ``MetricsLogger`` of that path.  A learner's first ``fit`` starts the file afresh.
     """
 
     FORMATS = ("csv", "jsonl")
+    continues_run = True  # the learner's next fit call appends to the file instead of truncating it
 
     def __init__(self, path: str | Path, every: int = 1) -> None:
         self.path = Path(path)

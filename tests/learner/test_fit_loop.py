@@ -280,3 +280,16 @@ def test_callbacks_argument_takes_one_callback_and_refuses_classes_and_other_obj
     from metamtl.experiment import run
     with pytest.raises(ConfigError, match=r"run\(callbacks=...\) must hold Callback instances; got the class"):
         run(None, callbacks=EarlyStopping)  # refused before the config is read
+
+
+def test_a_continued_fit_appends_to_the_metrics_file_and_a_new_learner_starts_it_afresh(sine, tmp_path):
+    from metamtl.callbacks import MetricsLogger
+
+    path = tmp_path / "m.csv"
+    iterations = lambda: sorted({int(line.split(",")[0]) for line in path.read_text().splitlines()[1:]})  # noqa: E731
+    learner = sine_learner()
+    learner.fit(sine, iterations=3, meta_batch_size=2, callbacks=[MetricsLogger(path)], progress=False)
+    learner.fit(sine, iterations=2, meta_batch_size=2, callbacks=[MetricsLogger(path)], progress=False)
+    assert iterations() == [1, 2, 3, 4, 5] and path.read_text().count("iteration,time") == 1
+    sine_learner().fit(sine, iterations=2, meta_batch_size=2, callbacks=[MetricsLogger(path)], progress=False)
+    assert iterations() == [1, 2]
