@@ -126,6 +126,11 @@ class Callback:
     def default_key(self) -> str:
         return type(self).__name__
 
+    def saved_key(self, state: Mapping[str, Any]) -> str | None:
+        """Which entry of a checkpoint's callback ``state`` is this callback's (``None``: none):
+        its :attr:`key`, else one of its :attr:`former_keys`."""
+        return next((k for k in (self.key, *self.former_keys) if k in state), None)
+
     def on_fit_start(self, state: FitState) -> None: ...
     def on_iteration_start(self, state: FitState) -> None: ...
     def on_after_backward(self, state: FitState) -> None: ...
@@ -184,7 +189,7 @@ class CallbackList(Callback):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for cb in self.callbacks:
-            key = next((k for k in (cb.key, *cb.former_keys) if k in state), None)
+            key = cb.saved_key(state)
             if key is not None:
                 cb.load_state_dict(state[key])
 
@@ -672,9 +677,13 @@ class MetricsLogger(Callback):
     def default_key(self) -> str:
         return f"MetricsLogger:{self.path.resolve()}"  # the whole path: two folders' metrics.csv are two files
 
-    @property
-    def former_keys(self) -> tuple[str, ...]:
-        return (f"MetricsLogger:{self.path.name}",)
+    def saved_key(self, state: Mapping[str, Any]) -> str | None:
+        """Its whole path's entry; else the one metrics file of the same name (a run folder moved
+        or copied elsewhere since, or a checkpoint of a metamtl that keyed files by name)."""
+        if self.key in state:
+            return self.key
+        same = [k for k in state if k.startswith("MetricsLogger:") and Path(k.partition(":")[2]).name == self.path.name]
+        return same[0] if len(same) == 1 else None
 
     def on_fit_start(self, state):
         if not state.is_main_process:

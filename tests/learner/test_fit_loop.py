@@ -293,3 +293,21 @@ def test_a_continued_fit_appends_to_the_metrics_file_and_a_new_learner_starts_it
     assert iterations() == [1, 2, 3, 4, 5] and path.read_text().count("iteration,time") == 1
     sine_learner().fit(sine, iterations=2, meta_batch_size=2, callbacks=[MetricsLogger(path)], progress=False)
     assert iterations() == [1, 2]
+
+
+def test_a_moved_run_folder_resumes_its_metrics_file_instead_of_starting_it_afresh(sine, tmp_path):
+    """Metrics files are keyed by their whole path; a run folder moved (or copied) elsewhere and
+    resumed there still finds its file's state by name, so the rows before the checkpoint stay."""
+    import shutil
+
+    from metamtl.callbacks import MetricsLogger
+
+    fit = dict(iterations=4, meta_batch_size=2, checkpoint_every=2, progress=False)
+    sine_learner().fit(sine, callbacks=[MetricsLogger(tmp_path / "a" / "m.csv")], checkpoint_dir=tmp_path / "a", **fit)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    rows = (tmp_path / "b" / "m.csv").read_text().splitlines()
+    sine_learner().fit(sine, callbacks=[MetricsLogger(tmp_path / "b" / "m.csv")], checkpoint_dir=tmp_path / "b",
+                       resume=tmp_path / "b" / "last.pt", **{**fit, "iterations": 6})
+    after = (tmp_path / "b" / "m.csv").read_text().splitlines()
+    assert after[:len(rows)] == rows and after.count("iteration,time,metric,value") == 1
+    assert {int(line.split(",")[0]) for line in after[1:]} == set(range(1, 7))
