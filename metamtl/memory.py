@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import re
 import resource
 import sys
@@ -159,6 +160,15 @@ def _mb(x: float) -> str:
     return f"{x:.0f}" if x >= 10 else f"{x:.2g}"
 
 
+def _mb_up(x: float) -> str:
+    """:func:`_mb`'s rounding, but up: a budget of at least ``x`` MiB (advice that must fit)."""
+    digits = 0 if x >= 10 else max(0, 1 - math.floor(math.log10(x))) if x > 0 else 0
+    up = math.ceil(x * 10**digits) / 10**digits
+    while up < x:  # the float product rounded down
+        up += 10**-digits
+    return f"{up:.0f}" if digits == 0 else f"{up:g}"
+
+
 def estimate_mb(mode: str, footprint: Footprint, steps: int, chunk: int) -> float:
     """Estimated peak (MiB above what is in use before the meta-step) of ``mode`` with ``chunk``
     tasks adapted at once and ``steps`` inner steps, from one task's :class:`Footprint`
@@ -211,5 +221,5 @@ def plan_memory(footprint: Footprint, steps: int, tasks: int, budget_mb: float, 
     smallest = min(estimate_mb(m, footprint, steps, 1) for m in modes)
     raise ConfigError(
         f"no memory mode fits max_memory_mb={budget_mb:g} with {steps} inner steps: {'; '.join(misses)}. "
-        f"Raise max_memory_mb to at least {_mb(smallest)}, or use fewer inner steps or smaller tasks"
+        f"Raise max_memory_mb to at least {_mb_up(smallest)}, or use fewer inner steps or smaller tasks"
     )

@@ -274,6 +274,15 @@ def test_planner_picks_the_fastest_mode_that_fits_and_says_why():
         plan_memory(fp, steps, tasks, 10, 1)
 
 
+@pytest.mark.parametrize("step_mb", [0.4, 0.11, 25.6, 0.003])
+def test_the_advised_max_memory_mb_fits(step_mb):
+    fp = Footprint(step_mb=step_mb, query_mb=step_mb / 2, state_mb=step_mb)  # the smallest: implicit 2.4 * 1.5 S
+    with pytest.raises(ConfigError, match="Raise max_memory_mb to at least") as err:
+        plan_memory(fp, 5, 1, 1e-6, 1)
+    advised = float(str(err.value).split("at least ")[1].split(",")[0])
+    assert plan_memory(fp, 5, 1, advised, 1).mode == "implicit"  # rounded up, not to the nearest
+
+
 def test_auto_measures_plans_logs_and_trains(caplog):
     batch = TaskBatch([episode(s) for s in range(3)])
     model = conv4(3)
