@@ -175,13 +175,15 @@ class Algorithm(nn.Module):
         return build_problem(self.inner, model, support_x, support_y, ways, steps=steps, lrs=self.inner_lrs,
                              tensors=self.step_tensors, objective=self.inner_objective)
 
-    def chunks(self, batch: TaskBatch, training: bool) -> list[list[int]]:
-        """Positions of ``batch``'s episodes grouped by shape, in chunks adapted together."""
+    def chunks(self, batch: TaskBatch, training: bool, rule: MetaGradient | None = None) -> list[list[int]]:
+        """Positions of ``batch``'s episodes grouped by shape, in chunks adapted together (at most
+        the memory plan's chunk while meta-training with a second-order ``rule`` under ``memory: auto``)."""
         from ..adaptation import ENGINES
 
         engine = ENGINES[self.inner.backend]
         limit = 1 if self.sequential_tasks(training) else None
-        if training and self.inner.memory == "auto" and self.memory_plan is not None:
+        planned = rule is not None and rule.second_order and self.inner.memory == "auto"
+        if training and planned and self.memory_plan is not None:
             limit = min(limit or self.memory_plan.chunk, self.memory_plan.chunk)
         out = []
         for positions in batch.groups().values():
@@ -199,7 +201,7 @@ class Algorithm(nn.Module):
         before each inner step (``inner_loss/step_k``).
         """
         self.setup(model)
-        if self.inner.memory != "auto" or self.inner.first_order:
+        if self.inner.memory != "auto" or not self.meta_gradient(iteration).second_order:  # memory: not used
             return self._meta_step(model, batch, iteration)
         cpu = batch[0].support_x.device.type == "cpu"  # free heap memory must not break the budget
         with trim_above(rss_mb() + self.inner.max_memory_mb) if cpu else contextlib.nullcontext():
@@ -226,7 +228,7 @@ class Algorithm(nn.Module):
     def _meta_step(self, model: TrunkHead, batch: TaskBatch, iteration: int) -> dict[str, float]:
         rule = self.meta_gradient(iteration)
         n = len(batch)
-        chunks = self.chunks(batch, training=True)
+        chunks = self.chunks(batch, training=True, rule=rule)
 
         def one(m: TrunkHead, positions: list[int]) -> dict[str, torch.Tensor]:
             sx, sy, qx, qy = batch.stack(positions)

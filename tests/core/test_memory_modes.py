@@ -341,6 +341,18 @@ def test_auto_plans_mamlpp_whose_outer_objective_reads_every_step():
         torch.testing.assert_close(auto[n], full[n], rtol=1e-6, atol=1e-9)
 
 
+def test_auto_plans_only_second_order_iterations():
+    # MAML++'s first-order iterations ignore memory: no probe, no plan, no 'nothing fits' error
+    batch = TaskBatch([episode(s) for s in range(2)])
+    alg = build_algorithm("mamlpp", steps=3, lr=0.1, first_order_iterations=2, memory="auto", max_memory_mb=1e-4)
+    model = conv4(3)
+    model.train()
+    assert alg.meta_step(model, batch, 0)["loss"] > 0
+    assert alg.memory_plan is None
+    with pytest.raises(ConfigError, match="no memory mode fits"):  # the second-order ones are planned
+        alg.meta_step(model, batch, 2)
+
+
 class UserTrunk(torch.nn.Module):
     """A user's own trunk with a plain ``nn.BatchNorm2d`` (running statistics in the model)."""
 
