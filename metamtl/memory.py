@@ -139,11 +139,15 @@ class Footprint:
         step_mb: the graph of one second-order inner step (forward + differentiable gradient).
         query_mb: the graph of the outer objective's forward pass (the query set).
         state_mb: the adapted weights and inner-optimizer state (what ``checkpoint`` keeps per step).
+        context_mb: the graph of building the inner problem, alive until the backward in every
+            mode: the support set's trunk pass (head-only adaptation: ANIL, ``adapt: head``) and
+            the prototype head (``head_init: proto``).
     """
 
     step_mb: float
     query_mb: float
     state_mb: float
+    context_mb: float = 0.0
 
 
 #: The transient memory of a backward pass (activation gradients, double-backward buffers) and
@@ -172,18 +176,20 @@ def _mb_up(x: float) -> str:
 def estimate_mb(mode: str, footprint: Footprint, steps: int, chunk: int) -> float:
     """Estimated peak (MiB above what is in use before the meta-step) of ``mode`` with ``chunk``
     tasks adapted at once and ``steps`` inner steps, from one task's :class:`Footprint`
-    (``S`` step graph, ``Q`` query graph, ``W`` inner-loop state):
+    (``S`` step graph, ``Q`` query graph, ``W`` inner-loop state, ``C`` the problem's graph):
 
     * ``full`` keeps every step's graph and the query graph: ``steps S + Q``;
     * ``checkpoint`` one recomputed step, the query graph and the state of every step:
       ``S + Q + steps W``;
     * ``implicit`` one Hessian-vector-product graph and the query graph: ``S + Q``;
 
-    plus :data:`TRANSIENT` ``(S + Q)`` for the backward pass, times ``chunk``.
+    each plus ``C`` (the support trunk pass of head-only adaptation, prototype heads: alive until
+    the backward in every mode), plus :data:`TRANSIENT` ``(S + Q + C)`` for the backward pass,
+    times ``chunk``.
     """
-    s, q, w = footprint.step_mb, footprint.query_mb, footprint.state_mb
+    s, q, w, c = footprint.step_mb, footprint.query_mb, footprint.state_mb, footprint.context_mb
     retained = {"full": steps * s + q, "checkpoint": s + q + steps * w, "implicit": s + q}[mode]
-    return chunk * (retained + TRANSIENT * (s + q))
+    return chunk * (retained + c + TRANSIENT * (s + q + c))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -325,7 +325,9 @@ class Algorithm(nn.Module):
 
     def memory_footprint(self, model: TrunkHead, batch: TaskBatch, iteration: int = 0) -> Footprint:
         """What one task of ``batch`` keeps alive: one second-order inner step's graph, the outer
-        objective's graph and the inner-loop state (MiB; see :class:`~metamtl.memory.Footprint`).
+        objective's graph, the inner-loop state and the graph of building the inner problem (the
+        support set's trunk pass of head-only adaptation, prototype heads) (MiB; see
+        :class:`~metamtl.memory.Footprint`).
 
         Activations grow linearly with the number of images, so the probe runs on one and then two
         images of every class (regression: 2 and 4 images) of the first episode's support and query
@@ -345,24 +347,29 @@ class Algorithm(nn.Module):
             rank = torch.tril(y[:, None] == y[None, :], -1).sum(1)  # earlier images of the same class
             return torch.nonzero(rank < per).flatten()
 
-        def probe(per: int) -> tuple[float, float, float, int, int]:
+        def probe(per: int) -> tuple[float, float, float, float, int, int]:
             s, q = first(sy[0], per), first(qy[0], per)
             s_x, s_y, q_x, q_y = sx[:, s], sy[:, s], qx[:, q], qy[:, q]
-            problem = self.problem(model, s_x, s_y, ways)
+            keep = [s_x, s_y, q_x, q_y, *model.parameters(), *self.parameters()]
+            # the support trunk pass (head-only adaptation) and proto heads: alive until the backward
+            context_mb, problem = graph_mb(lambda: self.problem(model, s_x, s_y, ways), keep)
             start = problem.leaves()
             state = start + problem.init_state(start)
-            keep = [s_x, s_y, q_x, q_y, *model.parameters(), *self.parameters(), *state, problem.inputs]
+            keep += [*state, problem.inputs]
             step_mb, new = graph_mb(lambda: problem.step(state, 0, problem.context(start), create_graph=True), keep)
             adapted = Adapted(problem, [start] + [new[:len(start)]] * problem.steps, [])
             query_mb, _ = graph_mb(lambda: self.outer_objective(adapted, q_x, q_y, iteration), keep + new)
-            return step_mb, query_mb, sum(t.numel() * t.element_size() for t in state) / 2**20, len(s), len(q)
+            state_mb = sum(t.numel() * t.element_size() for t in state) / 2**20
+            return step_mb, query_mb, state_mb, context_mb, len(s), len(q)
 
         def extrapolate(mb1: float, mb2: float, n1: int, n2: int, n: int) -> float:
             return mb2 if n2 == n1 else mb1 + (mb2 - mb1) * (n - n1) / (n2 - n1)
 
         with kept_buffers(model, self):
-            (s1, q1, w, ns1, nq1), (s2, q2, _, ns2, nq2) = probe(1), probe(2)
-        return Footprint(extrapolate(s1, s2, ns1, ns2, sx.shape[1]), extrapolate(q1, q2, nq1, nq2, qx.shape[1]), w)
+            (s1, q1, w, c1, ns1, nq1), (s2, q2, _, c2, ns2, nq2) = probe(1), probe(2)
+        n_s, n_q = sx.shape[1], qx.shape[1]
+        return Footprint(extrapolate(s1, s2, ns1, ns2, n_s), extrapolate(q1, q2, nq1, nq2, n_q), w,
+                         extrapolate(c1, c2, ns1, ns2, n_s))
 
     # -- evaluation --------------------------------------------------------------------------
     def adapt(self, model: TrunkHead, support_x: torch.Tensor, support_y: torch.Tensor, ways: int,

@@ -23,7 +23,7 @@ from metamtl.algorithms import build_algorithm
 from metamtl.distill import FeatureDistillation, SoftTargets
 from metamtl.errors import ConfigError
 from metamtl.experiment import memory_summary
-from metamtl.memory import Footprint, estimate_mb, plan_memory
+from metamtl.memory import Footprint, estimate_mb, graph_mb, plan_memory
 from metamtl.models import TrunkHead, build_model
 from metamtl.tasks import Episode, TaskBatch
 
@@ -330,6 +330,28 @@ def test_auto_plans_prototype_heads_in_one_shot_episodes(name):
     assert auto.keys() == full.keys()
     for n in full:
         torch.testing.assert_close(auto[n], full[n], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name,head,shots", [("anil", "learned", 8), ("maml", "proto", 2), ("anil", "proto", 4)])
+def test_the_footprint_counts_the_support_trunk_pass_and_proto_heads(name, head, shots):
+    # head-only adaptation runs the trunk on the support set once, a proto head is built from the
+    # support features: that graph lives until the backward in every mode
+    batch = TaskBatch([episode(0, ways=3, shots=shots, queries=1)])
+    model = conv4(3 if head == "learned" else None)
+    model.train()
+    alg = build_algorithm(name, steps=3, lr=0.3, head_init=head)
+    alg.setup(model)
+    fp = alg.memory_footprint(model, batch)
+    sx, sy, qx, qy = batch.stack([0])
+
+    def meta_objective():
+        problem = alg.problem(model, sx, sy, 3)
+        return alg.outer_objective(problem.unroll(problem.leaves(), tape=True, create_graph=True), qx, qy, 0)
+
+    kept, _ = graph_mb(meta_objective, [sx, sy, qx, qy, *model.parameters(), *alg.parameters()])
+    assert fp.context_mb > 0
+    assert 3 * fp.step_mb + fp.query_mb + fp.context_mb == pytest.approx(kept, rel=0.1)
+    assert estimate_mb("implicit", fp, 3, 1) > fp.context_mb * (1 + 1.4)  # in every mode
 
 
 def test_auto_plans_mamlpp_whose_outer_objective_reads_every_step():
