@@ -157,6 +157,8 @@ class Footprint:
 #: 0.8-1.3 (S + Q); 1.4 leaves a margin.
 TRANSIENT = 1.4
 PLAN_MODES = ("full", "checkpoint", "implicit")
+#: :func:`plan_memory`'s reason when the first mode it may take fits
+FASTEST = "the fastest mode fits"
 
 
 def _mb(x: float) -> str:
@@ -221,7 +223,7 @@ def plan_memory(footprint: Footprint, steps: int, tasks: int, budget_mb: float, 
         for chunk in chunks:
             est = estimate_mb(mode, footprint, steps, chunk)
             if est <= budget_mb:
-                why = "; ".join(misses) if misses else "the fastest mode fits"
+                why = "; ".join(misses) if misses else FASTEST
                 return MemoryPlan(mode, chunk, est, budget_mb, why)
         misses.append(f"{mode} needs ~{_mb(estimate_mb(mode, footprint, steps, 1))} MB even one task at a time")
     smallest = min(estimate_mb(m, footprint, steps, 1) for m in modes)

@@ -302,6 +302,54 @@ def test_auto_measures_plans_logs_and_trains(caplog):
         torch.testing.assert_close(a, b.grad, rtol=1e-6, atol=1e-9)  # checkpoint: the same meta-gradient
 
 
+def probed(model, episodes, **settings):
+    """A planner that has probed every shape of ``episodes`` and their footprints by support size
+    (probes are slow: the tests below hand them to the learners they check)."""
+    alg = build_algorithm("maml", memory="auto", max_memory_mb=1e9, **settings)
+    alg.plan_memory(model, TaskBatch(episodes))
+    return alg._footprints, {shape[1][0]: fp for shape, fp in alg._footprints.items()}
+
+
+def test_auto_plans_every_episode_shape_of_a_mixed_batch_whatever_the_order():
+    small, big = episode(0, ways=2, shots=1, queries=1), episode(1, ways=2, shots=8, queries=8)
+    model = conv4(None)
+    model.train()
+    cache, fp = probed(model, [small, big], steps=6, lr=0.1, head_init="zero")  # big probed at position 1
+    budget = (estimate_mb("full", fp[16], 6, 1) + estimate_mb("checkpoint", fp[16], 6, 1)) / 2
+    assert estimate_mb("full", fp[2], 6, 1) < budget  # small alone: full; big: checkpoint
+    for order in ([small, big], [big, small]):
+        alg = build_algorithm("maml", steps=6, lr=0.1, head_init="zero", memory="auto", max_memory_mb=budget)
+        alg._footprints.update(cache)
+        plan = alg.plan_memory(model, TaskBatch(order))
+        assert plan.mode == "checkpoint" and plan.estimate_mb <= budget and "full needs" in plan.reason
+        assert alg.plan_memory(model, TaskBatch([small, small])).mode == "checkpoint"  # one mode per learner
+        assert alg.chunks(TaskBatch([small, big, small]), True, alg.meta_gradient(0)) == [[0], [2], [1]]
+
+
+def test_auto_keeps_one_meta_objective_once_a_shape_needs_implicit(caplog):
+    small = [episode(10 + s, ways=3, shots=1, queries=1, dataset="small") for s in range(2)]
+    big = [episode(s, ways=3, shots=6, queries=6, dataset="big") for s in range(2)]
+    model = conv4(None)
+    model.train()
+    settings = dict(name="maml", steps=5, lr=0.1, head_init="zero", optimizer="adam")
+    cache, fp = probed(model, small[:1] + big[:1], **{k: v for k, v in settings.items() if k != "name"})
+    ck, im = (estimate_mb(m, fp[18], 5, 1) for m in ("checkpoint", "implicit"))
+    assert estimate_mb("full", fp[3], 5, 2) < (ck + im) / 2 < ck  # big needs implicit, small fits full
+    alg = build_algorithm("multitask", base={**settings, "memory": "auto", "max_memory_mb": (ck + im) / 2},
+                          datasets=["small", "big"])
+    alg.base._footprints.update(cache)
+    with caplog.at_level(logging.INFO, logger="metamtl.memory"):
+        alg.meta_step(model, TaskBatch(small), 0)
+        assert alg.memory_mode == "full"
+        alg.meta_step(model, TaskBatch(small + big), 1)
+    assert "memory mode full -> implicit for every episode shape" in caplog.text
+    for batch in (small + big, small):  # small is now trained, reported, saved and adapted with iMAML too
+        alg.meta_step(model, TaskBatch(batch), 2)
+        assert alg.memory_mode == alg.base.memory_mode == "implicit"
+        assert memory_summary(MetaLearner(model, alg, device="cpu", channels_last=False))["mode"] == "implicit"
+    assert alg.base.memory_planned.tolist()[0] == 2  # implicit, saved with the learner
+
+
 @pytest.mark.parametrize("settings,match", [
     (dict(name="maml", memory="lazy"), "unknown memory mode 'lazy'"),
     (dict(name="maml", memory="auto"), "set max_memory_mb"),
