@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import re
 import resource
 import sys
@@ -138,11 +139,15 @@ class Footprint:
         step_mb: the graph of one second-order inner step (forward + differentiable gradient).
         query_mb: the graph of the outer objective's forward pass (the query set).
         state_mb: the adapted weights and inner-optimizer state (what ``checkpoint`` keeps per step).
+        context_mb: the graph of building the inner problem, alive until the backward in every
+            mode: the support set's trunk pass (head-only adaptation: ANIL, ``adapt: head``) and
+            the prototype head (``head_init: proto``).
     """
 
     step_mb: float
     query_mb: float
     state_mb: float
+    context_mb: float = 0.0
 
 
 #: The transient memory of a backward pass (activation gradients, double-backward buffers) and
@@ -152,6 +157,8 @@ class Footprint:
 #: 0.8-1.3 (S + Q); 1.4 leaves a margin.
 TRANSIENT = 1.4
 PLAN_MODES = ("full", "checkpoint", "implicit")
+#: :func:`plan_memory`'s reason when the first mode it may take fits
+FASTEST = "the fastest mode fits"
 
 
 def _mb(x: float) -> str:
@@ -159,21 +166,32 @@ def _mb(x: float) -> str:
     return f"{x:.0f}" if x >= 10 else f"{x:.2g}"
 
 
+def _mb_up(x: float) -> str:
+    """:func:`_mb`'s rounding, but up: a budget of at least ``x`` MiB (advice that must fit)."""
+    digits = 0 if x >= 10 else max(0, 1 - math.floor(math.log10(x))) if x > 0 else 0
+    up = math.ceil(x * 10**digits) / 10**digits
+    while up < x:  # the float product rounded down
+        up += 10**-digits
+    return f"{up:.0f}" if digits == 0 else f"{up:g}"
+
+
 def estimate_mb(mode: str, footprint: Footprint, steps: int, chunk: int) -> float:
     """Estimated peak (MiB above what is in use before the meta-step) of ``mode`` with ``chunk``
     tasks adapted at once and ``steps`` inner steps, from one task's :class:`Footprint`
-    (``S`` step graph, ``Q`` query graph, ``W`` inner-loop state):
+    (``S`` step graph, ``Q`` query graph, ``W`` inner-loop state, ``C`` the problem's graph):
 
     * ``full`` keeps every step's graph and the query graph: ``steps S + Q``;
     * ``checkpoint`` one recomputed step, the query graph and the state of every step:
       ``S + Q + steps W``;
     * ``implicit`` one Hessian-vector-product graph and the query graph: ``S + Q``;
 
-    plus :data:`TRANSIENT` ``(S + Q)`` for the backward pass, times ``chunk``.
+    each plus ``C`` (the support trunk pass of head-only adaptation, prototype heads: alive until
+    the backward in every mode), plus :data:`TRANSIENT` ``(S + Q + C)`` for the backward pass,
+    times ``chunk``.
     """
-    s, q, w = footprint.step_mb, footprint.query_mb, footprint.state_mb
+    s, q, w, c = footprint.step_mb, footprint.query_mb, footprint.state_mb, footprint.context_mb
     retained = {"full": steps * s + q, "checkpoint": s + q + steps * w, "implicit": s + q}[mode]
-    return chunk * (retained + TRANSIENT * (s + q))
+    return chunk * (retained + c + TRANSIENT * (s + q + c))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,11 +223,11 @@ def plan_memory(footprint: Footprint, steps: int, tasks: int, budget_mb: float, 
         for chunk in chunks:
             est = estimate_mb(mode, footprint, steps, chunk)
             if est <= budget_mb:
-                why = "; ".join(misses) if misses else "the fastest mode fits"
+                why = "; ".join(misses) if misses else FASTEST
                 return MemoryPlan(mode, chunk, est, budget_mb, why)
         misses.append(f"{mode} needs ~{_mb(estimate_mb(mode, footprint, steps, 1))} MB even one task at a time")
     smallest = min(estimate_mb(m, footprint, steps, 1) for m in modes)
     raise ConfigError(
         f"no memory mode fits max_memory_mb={budget_mb:g} with {steps} inner steps: {'; '.join(misses)}. "
-        f"Raise max_memory_mb to at least {_mb(smallest)}, or use fewer inner steps or smaller tasks"
+        f"Raise max_memory_mb to at least {_mb_up(smallest)}, or use fewer inner steps or smaller tasks"
     )

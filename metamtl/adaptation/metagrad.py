@@ -51,6 +51,9 @@ class MetaGradient:
 
     name: ClassVar[str] = "unrolled"
     create_graph: ClassVar[bool] = True
+    #: whether the rule differentiates through the inner loop (what ``memory`` and its planner are
+    #: about); first-order rules (FOMAML, Reptile's difference) keep no second-order graph
+    second_order: ClassVar[bool] = True
 
     def backward(self, problem: InnerProblem, outer: Outer, weight: float) -> tuple[Adapted, torch.Tensor, torch.Tensor]:
         """Accumulate the meta-gradient; returns ``(adapted, objective [T], logits)``."""
@@ -77,6 +80,7 @@ class SecondOrder(MetaGradient):
 class FirstOrder(MetaGradient):
     name = "first_order"
     create_graph = False
+    second_order = False
 
 
 class Difference(MetaGradient):
@@ -85,6 +89,7 @@ class Difference(MetaGradient):
 
     name = "difference"
     create_graph = False
+    second_order = False
 
     def backward(self, problem, outer, weight):
         start = problem.leaves()

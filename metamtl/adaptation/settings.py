@@ -81,6 +81,10 @@ def batched_task_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
 
 def check_positive(name: str, value: float) -> float:
+    """``value`` as a finite float > 0; a :class:`~metamtl.errors.ConfigError` otherwise (``True``
+    included: a YAML ``yes`` is no number, though ``float(True)`` is 1.0)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a number > 0, got {value!r} (a boolean: write the number itself)")
     try:
         v = float(value)
     except (TypeError, ValueError):

@@ -36,7 +36,7 @@ from ..adaptation import (
 from ..adaptation.threads import DrewRandomNumbers, in_worker, map_chunks, threadable
 from ..errors import ConfigError
 from ..allocator import trim_above
-from ..memory import PLAN_MODES, Footprint, MemoryPlan, graph_mb, plan_memory, rss_mb
+from ..memory import FASTEST, PLAN_MODES, Footprint, MemoryPlan, graph_mb, plan_memory, rss_mb
 from ..models.backbones import TrunkHead
 from ..tasks.episode import Episode, TaskBatch
 
@@ -93,7 +93,8 @@ class Algorithm(nn.Module):
         self.memory_plan: MemoryPlan | None = None
         if inner.memory == "auto":  # its mode, chunk and estimate (KiB), saved with the state: loaded, it adapts alike
             self.register_buffer("memory_planned", torch.tensor([-1, 0, 0]))
-        self._plans: dict[tuple, MemoryPlan] = {}
+        self._plans: dict[tuple, MemoryPlan] = {}  # by episode shape and task count, in the mode last planned
+        self._footprints: dict[tuple, Footprint] = {}  # by episode shape (see _shape)
         self._thread_warnings: set[str] = set()
 
     # -- configuration ---------------------------------------------------------------------
@@ -175,18 +176,21 @@ class Algorithm(nn.Module):
         return build_problem(self.inner, model, support_x, support_y, ways, steps=steps, lrs=self.inner_lrs,
                              tensors=self.step_tensors, objective=self.inner_objective)
 
-    def chunks(self, batch: TaskBatch, training: bool) -> list[list[int]]:
-        """Positions of ``batch``'s episodes grouped by shape, in chunks adapted together."""
+    def chunks(self, batch: TaskBatch, training: bool, rule: MetaGradient | None = None) -> list[list[int]]:
+        """Positions of ``batch``'s episodes grouped by shape, in chunks adapted together (at most
+        the memory plan's chunk while meta-training with a second-order ``rule`` under ``memory: auto``)."""
         from ..adaptation import ENGINES
 
         engine = ENGINES[self.inner.backend]
         limit = 1 if self.sequential_tasks(training) else None
-        if training and self.inner.memory == "auto" and self.memory_plan is not None:
-            limit = min(limit or self.memory_plan.chunk, self.memory_plan.chunk)
+        plan = self.memory_plan if rule is not None and rule.second_order and self.inner.memory == "auto" else None
         out = []
         for positions in batch.groups().values():
             size = engine.chunk_size(self.inner, batch[positions[0]].support_x.device, len(positions))
             size = min(size, limit) if limit else size
+            if training and plan is not None:  # the chunk planned for this shape
+                own = self._plans.get((self._shape(batch, positions), len(positions)))
+                size = min(size, own.chunk if own is not None and own.mode == plan.mode else plan.chunk)
             out += [positions[i:i + size] for i in range(0, len(positions), size)]
         return out
 
@@ -199,7 +203,7 @@ class Algorithm(nn.Module):
         before each inner step (``inner_loss/step_k``).
         """
         self.setup(model)
-        if self.inner.memory != "auto" or self.inner.first_order:
+        if self.inner.memory != "auto" or not self.meta_gradient(iteration).second_order:  # memory: not used
             return self._meta_step(model, batch, iteration)
         cpu = batch[0].support_x.device.type == "cpu"  # free heap memory must not break the budget
         with trim_above(rss_mb() + self.inner.max_memory_mb) if cpu else contextlib.nullcontext():
@@ -226,7 +230,7 @@ class Algorithm(nn.Module):
     def _meta_step(self, model: TrunkHead, batch: TaskBatch, iteration: int) -> dict[str, float]:
         rule = self.meta_gradient(iteration)
         n = len(batch)
-        chunks = self.chunks(batch, training=True)
+        chunks = self.chunks(batch, training=True, rule=rule)
 
         def one(m: TrunkHead, positions: list[int]) -> dict[str, torch.Tensor]:
             sx, sy, qx, qy = batch.stack(positions)
@@ -282,33 +286,79 @@ class Algorithm(nn.Module):
 
     # -- memory planning (memory: auto) -------------------------------------------------------
     def plan_memory(self, model: TrunkHead, batch: TaskBatch, iteration: int = 0) -> MemoryPlan:
-        """Choose the meta-gradient mode and task chunk that fit ``max_memory_mb`` for ``batch``.
+        """Choose the meta-gradient mode and the task chunks that fit ``max_memory_mb`` for ``batch``.
 
-        Measures what one task's inner step and outer objective keep alive (a probe on the first
-        episode, :meth:`memory_footprint`), then :func:`~metamtl.memory.plan_memory`; plans are
-        cached per episode shape and logged (logger ``metamtl.memory``) when made.
+        Every episode shape of ``batch`` is probed once (:meth:`memory_footprint`, cached per shape)
+        and planned with :func:`~metamtl.memory.plan_memory`, with its own task chunk.  The learner
+        keeps one mode for every shape, whatever their order: the most frugal one any shape needed
+        (full, then checkpoint, then implicit), never going back, so one learner never mixes
+        meta-objectives (implicit is iMAML's: once chosen it is trained, saved and adapted with for
+        every shape).  New shapes and mode changes are logged (logger ``metamtl.memory``).  Returns
+        the batch's plan: the mode, the smallest chunk and the largest estimate of its shapes.
         """
-        from ..adaptation import ENGINES
-
-        first = batch[0]
-        key = (tuple(first.support_x.shape), tuple(first.query_x.shape), len(batch), self.inner.steps,
-               self.inner.max_memory_mb, first.support_x.device.type)
-        plan = self._plans.get(key)
-        if plan is None:
-            footprint = self.memory_footprint(model, batch, iteration)
-            preferred = ENGINES[self.inner.backend].chunk_size(self.inner, first.support_x.device, len(batch))
-            modes = PLAN_MODES if self.supports_implicit else tuple(m for m in PLAN_MODES if m != "implicit")
-            plan = plan_memory(footprint, self.inner.steps, len(batch), self.inner.max_memory_mb, preferred, modes)
-            if plan.mode == "implicit":
-                plan = dataclasses.replace(plan, reason=plan.reason + f"; implicit is iMAML: the inner objective gains "
-                                           f"the proximal term lam/2 ||w - w_0||^2 with lam={self.inner.lam:g}")
-            self._plans[key] = plan
-            logging.getLogger("metamtl.memory").info("%s: %s", self.name, plan.describe())
-        if plan is not self.memory_plan:
+        groups = list(batch.groups().values())
+        fresh = set()
+        for positions in groups:
+            shape = self._shape(batch, positions)
+            if shape not in self._footprints:
+                self._footprints[shape] = self.memory_footprint(model, batch, iteration, positions[0])
+                fresh.add(shape)
+        before = self.memory_plan.mode if self.memory_plan is not None else None
+        plans = self._plan_shapes(batch, groups)
+        say = logging.getLogger("metamtl.memory")
+        for (shape, _), p in plans:
+            if shape in fresh:
+                say.info("%s: episodes of %s support, %s query: %s", self.name, "x".join(map(str, shape[1])),
+                         "x".join(map(str, shape[2])), p.describe())
+        worst = max((p for _, p in plans), key=lambda p: p.estimate_mb)
+        plan = dataclasses.replace(worst, chunk=min(p.chunk for _, p in plans))
+        if len({key for key, _ in plans}) > 1:
+            plan = dataclasses.replace(plan, reason=plan.reason + f"; the largest of {len(plans)} episode shapes")
+        if before is not None and plan.mode != before:
+            (say.warning if plan.mode == "implicit" else say.info)(
+                "%s: memory mode %s -> %s for every episode shape (one meta-objective per learner): a new "
+                "episode shape needs it%s", self.name, before, plan.mode,
+                "; the meta-objective is now iMAML's (proximal inner loop)" if plan.mode == "implicit" else "")
+        if plan != self.memory_plan:
             planned = [PLAN_MODES.index(plan.mode), plan.chunk, round(plan.estimate_mb * 1024)]
             self.memory_planned.copy_(torch.tensor(planned))
         self.memory_plan = plan
         return plan
+
+    def _shape(self, batch: TaskBatch, positions: Sequence[int]) -> tuple:
+        """What a memory footprint depends on: the dataset, support and query shapes, steps, device."""
+        first = batch[positions[0]]
+        return (first.dataset, tuple(first.support_x.shape), tuple(first.query_x.shape), self.inner.steps,
+                first.support_x.device.type)
+
+    def _plan_shapes(self, batch: TaskBatch, groups: list[list[int]]) -> list[tuple[tuple, MemoryPlan]]:
+        """A plan for each group of ``batch`` (by shape and task count), all in one mode: the
+        learner's current one, or the first more frugal one where a group fits nothing else."""
+        from ..adaptation import ENGINES
+
+        modes = PLAN_MODES if self.supports_implicit else tuple(m for m in PLAN_MODES if m != "implicit")
+        mode = self.memory_plan.mode if self.memory_plan is not None else modes[0]
+        plans: list[tuple[tuple, MemoryPlan]] = []
+        while len(plans) < len(groups):
+            positions = groups[len(plans)]
+            key = (self._shape(batch, positions), len(positions))
+            plan = self._plans.get(key)
+            if plan is None or plan.mode != mode or plan.budget_mb != self.inner.max_memory_mb:
+                device = batch[positions[0]].support_x.device
+                preferred = ENGINES[self.inner.backend].chunk_size(self.inner, device, len(positions))
+                plan = plan_memory(self._footprints[key[0]], self.inner.steps, len(positions),
+                                   self.inner.max_memory_mb, preferred, modes[modes.index(mode):])
+                if plan.mode == mode != modes[0] and plan.reason == FASTEST:
+                    plan = dataclasses.replace(plan, reason=f"{mode}: this learner's mode for every episode shape")
+                if plan.mode == "implicit":
+                    plan = dataclasses.replace(plan, reason=plan.reason + "; implicit is iMAML: the inner objective "
+                                               f"gains the proximal term lam/2 ||w - w_0||^2 with lam={self.inner.lam:g}")
+            if plan.mode != mode:  # a more frugal mode for every shape: plan them all again (this one kept)
+                mode, plans, self._plans[key] = plan.mode, [], plan
+                continue
+            plans.append((key, plan))
+        self._plans.update(plans)
+        return plans
 
     def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
         key = prefix + "memory_planned"
@@ -321,20 +371,22 @@ class Algorithm(nn.Module):
         self.memory_plan = None if mode < 0 else MemoryPlan(
             PLAN_MODES[mode], chunk, estimate / 1024, self.inner.max_memory_mb, "the plan saved with the learner")
 
-    def memory_footprint(self, model: TrunkHead, batch: TaskBatch, iteration: int = 0) -> Footprint:
+    def memory_footprint(self, model: TrunkHead, batch: TaskBatch, iteration: int = 0, position: int = 0) -> Footprint:
         """What one task of ``batch`` keeps alive: one second-order inner step's graph, the outer
-        objective's graph and the inner-loop state (MiB; see :class:`~metamtl.memory.Footprint`).
+        objective's graph, the inner-loop state and the graph of building the inner problem (the
+        support set's trunk pass of head-only adaptation, prototype heads) (MiB; see
+        :class:`~metamtl.memory.Footprint`).
 
         Activations grow linearly with the number of images, so the probe runs on one and then two
-        images of every class (regression: 2 and 4 images) of the first episode's support and query
+        images of every class (regression: 2 and 4 images) of episode ``position``'s support and query
         sets and extrapolates to the episode's sizes: it costs a fraction of a meta-step's memory (a
         full-size probe would leave the allocator holding as much again as the step it measures),
         and every class keeps a support image (prototype heads need them all).  The outer objective
         sees the one-step weights after every step (MAML++'s multi-step loss reads them all).  The
         probe leaves running statistics (every buffer of the model and the algorithm) as they were.
         """
-        sx, sy, qx, qy = batch.stack([0])
-        ways, classification = batch[0].ways, batch[0].is_classification
+        sx, sy, qx, qy = batch.stack([position])
+        ways, classification = batch[position].ways, batch[position].is_classification
 
         def first(y: torch.Tensor, per: int) -> torch.Tensor:
             """Positions of the first ``per`` images of each class (regression: of ``2 per`` images)."""
@@ -343,24 +395,29 @@ class Algorithm(nn.Module):
             rank = torch.tril(y[:, None] == y[None, :], -1).sum(1)  # earlier images of the same class
             return torch.nonzero(rank < per).flatten()
 
-        def probe(per: int) -> tuple[float, float, float, int, int]:
+        def probe(per: int) -> tuple[float, float, float, float, int, int]:
             s, q = first(sy[0], per), first(qy[0], per)
             s_x, s_y, q_x, q_y = sx[:, s], sy[:, s], qx[:, q], qy[:, q]
-            problem = self.problem(model, s_x, s_y, ways)
+            keep = [s_x, s_y, q_x, q_y, *model.parameters(), *self.parameters()]
+            # the support trunk pass (head-only adaptation) and proto heads: alive until the backward
+            context_mb, problem = graph_mb(lambda: self.problem(model, s_x, s_y, ways), keep)
             start = problem.leaves()
             state = start + problem.init_state(start)
-            keep = [s_x, s_y, q_x, q_y, *model.parameters(), *self.parameters(), *state, problem.inputs]
+            keep += [*state, problem.inputs]
             step_mb, new = graph_mb(lambda: problem.step(state, 0, problem.context(start), create_graph=True), keep)
             adapted = Adapted(problem, [start] + [new[:len(start)]] * problem.steps, [])
             query_mb, _ = graph_mb(lambda: self.outer_objective(adapted, q_x, q_y, iteration), keep + new)
-            return step_mb, query_mb, sum(t.numel() * t.element_size() for t in state) / 2**20, len(s), len(q)
+            state_mb = sum(t.numel() * t.element_size() for t in state) / 2**20
+            return step_mb, query_mb, state_mb, context_mb, len(s), len(q)
 
         def extrapolate(mb1: float, mb2: float, n1: int, n2: int, n: int) -> float:
             return mb2 if n2 == n1 else mb1 + (mb2 - mb1) * (n - n1) / (n2 - n1)
 
         with kept_buffers(model, self):
-            (s1, q1, w, ns1, nq1), (s2, q2, _, ns2, nq2) = probe(1), probe(2)
-        return Footprint(extrapolate(s1, s2, ns1, ns2, sx.shape[1]), extrapolate(q1, q2, nq1, nq2, qx.shape[1]), w)
+            (s1, q1, w, c1, ns1, nq1), (s2, q2, _, c2, ns2, nq2) = probe(1), probe(2)
+        n_s, n_q = sx.shape[1], qx.shape[1]
+        return Footprint(extrapolate(s1, s2, ns1, ns2, n_s), extrapolate(q1, q2, nq1, nq2, n_q), w,
+                         extrapolate(c1, c2, ns1, ns2, n_s))
 
     # -- evaluation --------------------------------------------------------------------------
     def adapt(self, model: TrunkHead, support_x: torch.Tensor, support_y: torch.Tensor, ways: int,

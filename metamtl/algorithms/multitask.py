@@ -105,6 +105,10 @@ class MultiTask(Algorithm):
             groups.setdefault(ep.dataset, []).append(i)
         self.strategy.index(list(groups))  # clear error for an unknown dataset
         self.setup(model)
+        if self.inner.memory == "auto" and self.base.meta_gradient(iteration).second_order:
+            for name, positions in groups.items():  # every dataset's shapes first: one mode for all of them
+                with dataset_scope(name):
+                    self.base.plan_memory(model, TaskBatch([batch[i] for i in positions]), iteration)
         params = self._shared_params(model)
         before = [p.grad for p in params]
         parts: list[_Part] = []

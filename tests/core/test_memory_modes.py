@@ -23,7 +23,7 @@ from metamtl.algorithms import build_algorithm
 from metamtl.distill import FeatureDistillation, SoftTargets
 from metamtl.errors import ConfigError
 from metamtl.experiment import memory_summary
-from metamtl.memory import Footprint, estimate_mb, plan_memory
+from metamtl.memory import Footprint, estimate_mb, graph_mb, plan_memory
 from metamtl.models import TrunkHead, build_model
 from metamtl.tasks import Episode, TaskBatch
 
@@ -274,6 +274,15 @@ def test_planner_picks_the_fastest_mode_that_fits_and_says_why():
         plan_memory(fp, steps, tasks, 10, 1)
 
 
+@pytest.mark.parametrize("step_mb", [0.4, 0.11, 25.6, 0.003])
+def test_the_advised_max_memory_mb_fits(step_mb):
+    fp = Footprint(step_mb=step_mb, query_mb=step_mb / 2, state_mb=step_mb)  # the smallest: implicit 2.4 * 1.5 S
+    with pytest.raises(ConfigError, match="Raise max_memory_mb to at least") as err:
+        plan_memory(fp, 5, 1, 1e-6, 1)
+    advised = float(str(err.value).split("at least ")[1].split(",")[0])
+    assert plan_memory(fp, 5, 1, advised, 1).mode == "implicit"  # rounded up, not to the nearest
+
+
 def test_auto_measures_plans_logs_and_trains(caplog):
     batch = TaskBatch([episode(s) for s in range(3)])
     model = conv4(3)
@@ -293,10 +302,61 @@ def test_auto_measures_plans_logs_and_trains(caplog):
         torch.testing.assert_close(a, b.grad, rtol=1e-6, atol=1e-9)  # checkpoint: the same meta-gradient
 
 
+def probed(model, episodes, **settings):
+    """A planner that has probed every shape of ``episodes`` and their footprints by support size
+    (probes are slow: the tests below hand them to the learners they check)."""
+    alg = build_algorithm("maml", memory="auto", max_memory_mb=1e9, **settings)
+    alg.plan_memory(model, TaskBatch(episodes))
+    return alg._footprints, {shape[1][0]: fp for shape, fp in alg._footprints.items()}
+
+
+def test_auto_plans_every_episode_shape_of_a_mixed_batch_whatever_the_order():
+    small, big = episode(0, ways=2, shots=1, queries=1), episode(1, ways=2, shots=8, queries=8)
+    model = conv4(None)
+    model.train()
+    cache, fp = probed(model, [small, big], steps=6, lr=0.1, head_init="zero")  # big probed at position 1
+    budget = (estimate_mb("full", fp[16], 6, 1) + estimate_mb("checkpoint", fp[16], 6, 1)) / 2
+    assert estimate_mb("full", fp[2], 6, 1) < budget  # small alone: full; big: checkpoint
+    for order in ([small, big], [big, small]):
+        alg = build_algorithm("maml", steps=6, lr=0.1, head_init="zero", memory="auto", max_memory_mb=budget)
+        alg._footprints.update(cache)
+        plan = alg.plan_memory(model, TaskBatch(order))
+        assert plan.mode == "checkpoint" and plan.estimate_mb <= budget and "full needs" in plan.reason
+        assert alg.plan_memory(model, TaskBatch([small, small])).mode == "checkpoint"  # one mode per learner
+        assert alg.chunks(TaskBatch([small, big, small]), True, alg.meta_gradient(0)) == [[0], [2], [1]]
+
+
+def test_auto_keeps_one_meta_objective_once_a_shape_needs_implicit(caplog):
+    small = [episode(10 + s, ways=3, shots=1, queries=1, dataset="small") for s in range(2)]
+    big = [episode(s, ways=3, shots=6, queries=6, dataset="big") for s in range(2)]
+    model = conv4(None)
+    model.train()
+    settings = dict(name="maml", steps=5, lr=0.1, head_init="zero", optimizer="adam")
+    cache, fp = probed(model, small[:1] + big[:1], **{k: v for k, v in settings.items() if k != "name"})
+    ck, im = (estimate_mb(m, fp[18], 5, 1) for m in ("checkpoint", "implicit"))
+    assert estimate_mb("full", fp[3], 5, 2) < (ck + im) / 2 < ck  # big needs implicit, small fits full
+    alg = build_algorithm("multitask", base={**settings, "memory": "auto", "max_memory_mb": (ck + im) / 2},
+                          datasets=["small", "big"])
+    alg.base._footprints.update(cache)
+    with caplog.at_level(logging.INFO, logger="metamtl.memory"):
+        alg.meta_step(model, TaskBatch(small), 0)
+        assert alg.memory_mode == "full"
+        alg.meta_step(model, TaskBatch(small + big), 1)
+    assert "memory mode full -> implicit for every episode shape" in caplog.text
+    for batch in (small + big, small):  # small is now trained, reported, saved and adapted with iMAML too
+        alg.meta_step(model, TaskBatch(batch), 2)
+        assert alg.memory_mode == alg.base.memory_mode == "implicit"
+        assert memory_summary(MetaLearner(model, alg, device="cpu", channels_last=False))["mode"] == "implicit"
+    assert alg.base.memory_planned.tolist()[0] == 2  # implicit, saved with the learner
+
+
 @pytest.mark.parametrize("settings,match", [
     (dict(name="maml", memory="lazy"), "unknown memory mode 'lazy'"),
     (dict(name="maml", memory="auto"), "set max_memory_mb"),
     (dict(name="maml", memory="auto", max_memory_mb=-5), "max_memory_mb must be"),
+    (dict(name="maml", memory="auto", max_memory_mb=True), "max_memory_mb must be a number > 0, got True"),
+    (dict(name="imaml", lam=True), "lam .* must be a number > 0, got True"),
+    (dict(name="maml", lr=False), "inner lr must be a number > 0, got False"),
     (dict(name="maml", memory="checkpoint", backend="higher"), "needs the core engine"),
     (dict(name="metasgd", memory="implicit"), "cannot use memory 'implicit'"),
     (dict(name="mamlpp", memory="implicit"), "use memory 'checkpoint'"),
@@ -320,6 +380,28 @@ def test_auto_plans_prototype_heads_in_one_shot_episodes(name):
         torch.testing.assert_close(auto[n], full[n], rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("name,head,shots", [("anil", "learned", 8), ("maml", "proto", 2), ("anil", "proto", 4)])
+def test_the_footprint_counts_the_support_trunk_pass_and_proto_heads(name, head, shots):
+    # head-only adaptation runs the trunk on the support set once, a proto head is built from the
+    # support features: that graph lives until the backward in every mode
+    batch = TaskBatch([episode(0, ways=3, shots=shots, queries=1)])
+    model = conv4(3 if head == "learned" else None)
+    model.train()
+    alg = build_algorithm(name, steps=3, lr=0.3, head_init=head)
+    alg.setup(model)
+    fp = alg.memory_footprint(model, batch)
+    sx, sy, qx, qy = batch.stack([0])
+
+    def meta_objective():
+        problem = alg.problem(model, sx, sy, 3)
+        return alg.outer_objective(problem.unroll(problem.leaves(), tape=True, create_graph=True), qx, qy, 0)
+
+    kept, _ = graph_mb(meta_objective, [sx, sy, qx, qy, *model.parameters(), *alg.parameters()])
+    assert fp.context_mb > 0
+    assert 3 * fp.step_mb + fp.query_mb + fp.context_mb == pytest.approx(kept, rel=0.1)
+    assert estimate_mb("implicit", fp, 3, 1) > fp.context_mb * (1 + 1.4)  # in every mode
+
+
 def test_auto_plans_mamlpp_whose_outer_objective_reads_every_step():
     batch = TaskBatch([episode(s) for s in range(2)])
     settings = dict(steps=3, lr=0.1, first_order_iterations=0, multi_step_iterations=10, iteration=2)
@@ -327,6 +409,18 @@ def test_auto_plans_mamlpp_whose_outer_objective_reads_every_step():
     full, _ = meta_gradients("mamlpp", "full", batch, **settings)
     for n in full:
         torch.testing.assert_close(auto[n], full[n], rtol=1e-6, atol=1e-9)
+
+
+def test_auto_plans_only_second_order_iterations():
+    # MAML++'s first-order iterations ignore memory: no probe, no plan, no 'nothing fits' error
+    batch = TaskBatch([episode(s) for s in range(2)])
+    alg = build_algorithm("mamlpp", steps=3, lr=0.1, first_order_iterations=2, memory="auto", max_memory_mb=1e-4)
+    model = conv4(3)
+    model.train()
+    assert alg.meta_step(model, batch, 0)["loss"] > 0
+    assert alg.memory_plan is None
+    with pytest.raises(ConfigError, match="no memory mode fits"):  # the second-order ones are planned
+        alg.meta_step(model, batch, 2)
 
 
 class UserTrunk(torch.nn.Module):
