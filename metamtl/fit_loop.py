@@ -119,9 +119,16 @@ def use_layout(learner: "MetaLearner", channels_last: bool) -> None:
 
 def layout_workload(learner: "MetaLearner", batch: TaskBatch) -> str:
     """What the layout of ``batch``'s meta-step depends on: the shapes of its episodes and the
-    meta-gradient rule of this iteration (MAML++ turns second order at ``msl_until``)."""
+    meta-gradient rule of this iteration (MAML++ turns second order at ``msl_until``).
+
+    Under torchrun the shapes are those of the whole meta-batch (every process's share, gathered),
+    so all processes get the same key and probe, or skip the probe, in the same iteration."""
     rule = learner.algorithm.meta_gradient(learner.iteration).name
-    return repr((rule, sorted(map(repr, batch.groups()))))
+    shapes = sorted(map(repr, batch.groups()))
+    if learner.strategy.world_size > 1:
+        shares = learner.strategy.all_gather(shapes, f"layout workload exchange (iteration {learner.iteration + 1})")
+        shapes = sorted({shape for share in shares for shape in share})
+    return repr((rule, shapes))
 
 
 def choose_layout(learner: "MetaLearner", batch: TaskBatch, iterations_left: int | None = None) -> TaskBatch:
