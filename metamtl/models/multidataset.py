@@ -56,6 +56,19 @@ def current_dataset() -> str | None:
     return _DATASET.get()
 
 
+def routed_dataset(model: nn.Module, dataset: str | None = None, x: torch.Tensor | None = None) -> str | None:
+    """The dataset whose branches inputs ``x`` of ``dataset`` (``None``: not known) take in ``model``
+    (a multi-dataset model or trunk), to open a :func:`dataset_scope` with: ``dataset`` if it is one
+    of the model's datasets, else the open scope's, else the one ``x``'s shape fits (an
+    :class:`InputError` if several do); ``None`` for other models."""
+    routed = model if isinstance(model, DatasetRouted) else getattr(model, "trunk", None)
+    if not isinstance(routed, DatasetRouted):
+        return None
+    if dataset is not None and dataset in routed.inputs:
+        return dataset
+    return routed.route(x) if x is not None else current_dataset()
+
+
 def _check_inputs(inputs: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, int, int]]:
     if not isinstance(inputs, Mapping) or not inputs:
         raise ConfigError("a multi-dataset model needs 'inputs': {dataset: [channels, height, width]}")

@@ -288,3 +288,20 @@ def test_a_meta_batch_without_every_dataset_trains(strategy):
         state["initial_loss"] = torch.tensor([float("nan"), 1.0])  # a checkpoint written before the fix
         learner.algorithm.strategy.load_state_dict(state)
         assert learner.algorithm.strategy.initial_loss.tolist() == [0.0, 1.0]
+
+
+def test_a_head_only_base_with_per_dataset_heads_adapts_and_predicts_outside_a_scope():
+    """ANIL calls the per-dataset head on features, which carry no dataset: adapt and predict open
+    the scope the support images' shape routes to, as evaluate does, and queries run in it."""
+    torch.manual_seed(0)
+    alg = build_algorithm("multitask", base={"name": "anil", "steps": 1, "lr": 0.3}, datasets=["grey", "rgb"])
+    learner = MetaLearner(small_model(heads="per_dataset", out_features=3), alg, device="cpu")
+    src = mixed()
+    for name in ("grey", "rgb"):
+        ep = next(e for e in map(src.episode, range(20)) if e.dataset == name)
+        sx, qx = ep.support_x.float() / 255, ep.query_x.float() / 255
+        out = learner.predict(sx, ep.support_y, qx)
+        with dataset_scope(name):
+            expected = alg.base.adapt(learner.model, sx, ep.support_y, 3)(qx)
+        assert out.shape == (6, 3) and torch.allclose(out, expected)
+        assert torch.allclose(alg.adapt(learner.model, sx, ep.support_y, 3)(qx), expected)
