@@ -42,7 +42,7 @@ class AdaptedPredictor:
     def __init__(self, learner: "MetaLearner", adapted: Adapted, ways: int, dataset: str | None = None) -> None:
         self.learner, self.adapted, self.ways = learner, adapted, ways
         self.dataset = dataset  # whose preprocessing raw query images get (a learner trained on several)
-        self.route = routed_dataset(learner.model, None)  # whose branches of a multi-dataset model queries take
+        self.route = routed_dataset(learner.model, dataset)  # whose branches of a multi-dataset model queries take
         self.transductive = batch_statistics(learner)
 
     @property
@@ -102,7 +102,7 @@ def adapt(learner: "MetaLearner", support_x: Any, support_y: Any, steps: int | N
     x, y = inputs.support_copies(x, y, learner.inference.augment(support_augment), preprocessing=preprocessing)
     head = learner.inference.classifier(head, learner.task)
     # a multi-dataset model runs ``dataset``'s branches (else those the support images' shape fits)
-    route = routed_dataset(learner.model, None, x)
+    route = routed_dataset(learner.model, dataset, x)
     with eval_mode(learner.model), dataset_scope(route):  # the learner's own mode (e.g. training) is left as it was
         if head is not None:
             return HeadPredictor(learner, head, x, y, ways, dataset)

@@ -305,3 +305,27 @@ def test_a_head_only_base_with_per_dataset_heads_adapts_and_predicts_outside_a_s
             expected = alg.base.adapt(learner.model, sx, ep.support_y, 3)(qx)
         assert out.shape == (6, 3) and torch.allclose(out, expected)
         assert torch.allclose(alg.adapt(learner.model, sx, ep.support_y, 3)(qx), expected)
+
+
+def test_datasets_of_one_shape_are_routed_by_name_in_predict_feature_heads_and_feature_means():
+    """Two 1x12x12 datasets with their own stems: shape cannot pick one, so ``predict(dataset=)``,
+    a feature head's episodes (``ep.dataset``) and each source's feature mean use the name."""
+    twins = {"a": [1, 12, 12], "b": [1, 12, 12]}
+    src = MixedTasks([EpisodeSampler(toy(n, 1, 12, seed=i), 3, 1, 2) for i, n in enumerate(twins)], "equal")
+    alg = build_algorithm("multitask", base=base_cfg(), datasets=list(twins))
+    learner = MetaLearner(small_model(inputs=twins, out_features=3), alg, device="cpu")
+    ep = next(e for e in map(src.episode, range(20)) if e.dataset == "b")
+    sx, qx = ep.support_x.float() / 255, ep.query_x.float() / 255
+    with dataset_scope("b"):
+        expected = alg.base.adapt(learner.model, sx, ep.support_y, 3)(qx)
+    assert torch.allclose(learner.predict(sx, ep.support_y, qx, dataset="b"), expected)
+    with pytest.raises(InputError, match="fit several datasets"):
+        learner.predict(sx, ep.support_y, qx)
+    eps = [src.episode(i) for i in range(4)]
+    assert {e.dataset for e in eps} == {"a", "b"}
+    assert learner.evaluate(eps, head={"name": "simpleshot", "center": False}, progress=False).episodes == 4
+    means = learner.compute_feature_mean(src)
+    for s in src.sources:
+        with dataset_scope(s.name):
+            images = s.dataset.preprocessing.normalize(s.dataset.images)
+            assert torch.allclose(means[s.name], learner.model.eval().trunk(images).mean(0), atol=1e-5)
