@@ -65,6 +65,9 @@ class Strategy(nn.Module):
     """
 
     name: ClassVar[str] = "equal"
+    #: which of the tasks of the current :meth:`combine` call have a loss with a graph (``None``:
+    #: all; set by :func:`apply_strategy`); the others are absent from the strategy's own state
+    present: list[bool] | None = None
 
     def __init__(self, tasks: Sequence[str]) -> None:
         super().__init__()
@@ -112,7 +115,15 @@ class Strategy(nn.Module):
         w = self.weights(losses, tasks).to(grads)
         return (w.unsqueeze(1) * grads).sum(0) / len(tasks), w
 
+    def _live(self, k: int) -> list[int]:
+        """Positions, among the ``k`` tasks of this :meth:`combine`, of the tasks whose loss has a
+        graph: a constant loss (a task with no labels in the batch) leaves the strategy's learnable
+        weights and loss statistics as they were, like a task missing from the step."""
+        return [i for i in range(k) if self.present is None or self.present[i]]
+
     def _accumulate(self, param: nn.Parameter, tasks: list[int], values: torch.Tensor) -> None:
+        if not tasks:
+            return
         g = torch.zeros_like(param)
         g[torch.as_tensor(tasks, device=g.device)] = values.to(g)
         _add_grad(param, g)
@@ -143,12 +154,17 @@ class Strategy(nn.Module):
         grads = [torch.autograd.grad(v, params, retain_graph=True, allow_unused=True) if v.requires_grad
                  else (None,) * len(params) for v in values]
         loss_values = torch.stack([v.detach() for v in values])
-        return apply_strategy(self, loss_values, [list(g) for g in grads], params, names)
+        return apply_strategy(self, loss_values, [list(g) for g in grads], params, names,
+                              present=[bool(v.requires_grad) for v in values])
 
 
 def apply_strategy(strategy: Strategy, losses: torch.Tensor, grads: list[list[torch.Tensor | None]],
-                   params: Sequence[torch.Tensor], names: Sequence[str]) -> dict[str, float]:
+                   params: Sequence[torch.Tensor], names: Sequence[str],
+                   present: Sequence[bool] | None = None) -> dict[str, float]:
     """Combine per-task gradients ``grads[i][j]`` (task ``i``, parameter ``j``; ``None``: unused).
+
+    ``present[i]``: whether task ``i``'s loss has a graph (``None``: all do); an absent task
+    still counts in the ``k`` of the scaling, but the strategy's state ignores it.
 
     Parameters used by two or more tasks (all used parameters when there is one task) are
     *shared*: their flattened gradients go through :meth:`Strategy.combine`.  The others are
@@ -167,7 +183,11 @@ def apply_strategy(strategy: Strategy, losses: torch.Tensor, grads: list[list[to
     else:
         matrix = like.new_zeros(k, 0)
     losses = losses.to(matrix)
-    direction, weights = strategy.combine(losses, matrix, tasks)
+    strategy.present = None if present is None else [bool(p) for p in present]
+    try:
+        direction, weights = strategy.combine(losses, matrix, tasks)
+    finally:
+        strategy.present = None
     offset = 0
     for j in shared:
         n = params[j].numel()
@@ -215,7 +235,8 @@ class Uncertainty(Strategy):
     def weights(self, losses: torch.Tensor, tasks: list[int]) -> torch.Tensor:
         s = self.log_var.detach()[tasks].to(losses)
         w = torch.exp(-s)
-        self._accumulate(self.log_var, tasks, (1.0 - w * losses) / len(tasks))
+        live = self._live(len(tasks))
+        self._accumulate(self.log_var, [tasks[i] for i in live], ((1.0 - w * losses) / len(tasks))[live])
         self.last_metrics = {f"mtl/sigma2/{self.tasks[t]}": float(torch.exp(v)) for t, v in zip(tasks, s)}
         return w
 
@@ -251,16 +272,20 @@ class GradNorm(Strategy):
     def combine(self, losses, grads, tasks):
         with torch.no_grad():  # the paper renormalises after every update: sum(w) = number of tasks
             self.weight.clamp_(min=1e-3).mul_(self.num_tasks / self.weight.sum())
-            idx = torch.as_tensor(tasks, device=self.initial_loss.device)
-            first = self.initial_loss[idx] <= 0
-            self.initial_loss[idx] = torch.where(first, losses.to(self.initial_loss), self.initial_loss[idx])
         w = self.weight.detach()[tasks].to(grads)
         norms = grads.norm(dim=1)
         g = w * norms
-        rate = losses / self.initial_loss[idx].to(losses).clamp_min(1e-12)
-        target = g.mean() * (rate / rate.mean().clamp_min(1e-12)) ** self.alpha
-        # d/dw_i of sum_i |w_i ||g_i|| - target_i| with the targets held constant
-        self._accumulate(self.weight, tasks, torch.sign(g - target) * norms)
+        live = self._live(len(tasks))  # tasks whose loss has a graph: the others' weights stay
+        if live:
+            on = [tasks[i] for i in live]
+            with torch.no_grad():
+                idx = torch.as_tensor(on, device=self.initial_loss.device)
+                first = self.initial_loss[idx] <= 0
+                self.initial_loss[idx] = torch.where(first, losses[live].to(self.initial_loss), self.initial_loss[idx])
+            rate = losses[live] / self.initial_loss[idx].to(losses).clamp_min(1e-12)
+            target = g[live].mean() * (rate / rate.mean().clamp_min(1e-12)) ** self.alpha
+            # d/dw_i of sum_i |w_i ||g_i|| - target_i| with the targets held constant
+            self._accumulate(self.weight, on, torch.sign(g[live] - target) * norms[live])
         self.last_metrics = {f"mtl/grad_norm/{self.tasks[t]}": float(v) for t, v in zip(tasks, g)}
         return (w.unsqueeze(1) * grads).sum(0) / len(tasks), w
 
@@ -307,10 +332,12 @@ class DWA(Strategy):
 
     def weights(self, losses, tasks):
         w = self.current_weights()[tasks].to(losses)
+        live = self._live(len(tasks))  # a constant loss is no loss of that period
         with torch.no_grad():
-            idx = torch.as_tensor(tasks, device=self.loss_sum.device)
-            self.loss_sum[idx] += losses.to(self.loss_sum)
-            self.loss_count[idx] += 1
+            if live:
+                idx = torch.as_tensor([tasks[i] for i in live], device=self.loss_sum.device)
+                self.loss_sum[idx] += losses[live].to(self.loss_sum)
+                self.loss_count[idx] += 1
             self.steps += 1
             if int(self.steps) % self.period == 0:
                 seen = self.loss_count > 0

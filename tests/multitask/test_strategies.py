@@ -205,3 +205,26 @@ def test_a_constant_task_loss_contributes_no_gradient(name):
     for p, q in zip(model.parameters(), alone.parameters()):
         torch.testing.assert_close(p.grad, q.grad * scale)
         assert p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["uncertainty", "gradnorm", "dwa"])
+def test_a_constant_task_loss_leaves_the_strategy_state_of_that_task_alone(name):
+    """A graph-less loss is an absent task: uncertainty's log-variance gets no gradient (it grew
+    without bound on loss 0), GradNorm's weight stays, DWA's period mean is over real losses only."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    strategy = build_strategy({"name": name, "period": 3} if name == "dwa" else name, ["a", "b"])
+    first_b = model(x).sum().pow(2)
+    strategy.backward({"a": model(x).pow(2).mean(), "b": first_b}, model.parameters())
+    strategy.zero_grad()
+    for _ in range(2):
+        strategy.backward({"a": model(x).pow(2).mean(), "b": torch.zeros(())}, model.parameters())
+    for p in strategy.parameters():
+        assert p.grad is not None and p.grad[1] == 0
+    if name == "uncertainty":
+        assert strategy.log_var.grad[0] != 0
+    if name == "gradnorm":
+        assert float(strategy.initial_loss[1]) == pytest.approx(float(first_b))
+    if name == "dwa":
+        assert float(strategy.history[1, 1]) == pytest.approx(float(first_b))  # not a third of it
