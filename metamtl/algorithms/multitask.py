@@ -88,6 +88,12 @@ class MultiTask(Algorithm):
     def setup(self, model: TrunkHead) -> None:
         self.base.setup(model)
 
+    def trunk_loaded(self, model: TrunkHead) -> None:
+        self.base.trunk_loaded(model)  # e.g. MAML++'s per-step BatchNorm copies of the loaded trunk
+
+    def meta_gradient(self, iteration: int):
+        return self.base.meta_gradient(iteration)  # e.g. MAML++'s first-order, then second-order schedule
+
     # -- training -----------------------------------------------------------------------------
     def meta_step(self, model: TrunkHead, batch: TaskBatch, iteration: int = 0) -> dict[str, float]:
         return self._combined_step(model, batch, iteration, None)

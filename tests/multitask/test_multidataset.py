@@ -329,3 +329,22 @@ def test_datasets_of_one_shape_are_routed_by_name_in_predict_feature_heads_and_f
         with dataset_scope(s.name):
             images = s.dataset.preprocessing.normalize(s.dataset.images)
             assert torch.allclose(means[s.name], learner.model.eval().trunk(images).mean(0), atol=1e-5)
+
+
+def test_multitask_forwards_trunk_loaded_and_the_meta_gradient_rule_to_its_base():
+    """init_from refreshes MAML++'s per-step BatchNorm copies from the loaded trunk under multitask
+    too, and the layout probe sees the base's meta-gradient schedule."""
+    base = {"name": "mamlpp", "steps": 2, "lr": 0.3, "head_init": "zero", "per_step_bn": True,
+            "first_order_iterations": 5}
+    source = MetaLearner(small_model(), build_algorithm(**base), device="cpu")
+    with torch.no_grad():
+        for m in source.model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+                m.weight.fill_(3.0)
+    alg = build_algorithm("multitask", base=base, datasets=["grey", "rgb"])
+    learner = MetaLearner(small_model(), alg, device="cpu")
+    learner.init_from(source)
+    copies = [v for k, v in alg.base.state_dict().items() if k.startswith("norms.weight")]
+    assert copies and all(torch.all(v == 3.0) for v in copies)
+    for it in (0, 10):
+        assert alg.meta_gradient(it).name == alg.base.meta_gradient(it).name
