@@ -45,12 +45,29 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from typing import Any, ClassVar, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, InputError, unknown_name, unknown_settings
+
+
+def _setting(strategy: str, name: str, value: Any, low: float | None = None, integer: bool = False,
+             above: bool = False) -> Any:
+    """``value`` of setting ``name`` checked: a finite number (an integer with ``integer``), ``>= low``
+    (``> low`` with ``above``; ``None``: any), else a :class:`ConfigError` saying what it must be."""
+    number = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
+    ok = math.isfinite(number) and (not integer or number == int(number))
+    if ok and low is not None:
+        ok = number > low if above else number >= low
+    if not ok:
+        what = ("an integer" if integer else "a finite number") + (
+            "" if low is None else f" {'>' if above else '>='} {low:g}")
+        raise ConfigError(f"{strategy} {name} must be {what}, got {value!r}; set algorithm.strategy.{name} "
+                          "(or the strategy's settings) to one")
+    return int(number) if integer else number
 
 
 def _add_grad(p: torch.Tensor, g: torch.Tensor) -> None:
@@ -226,7 +243,7 @@ class Uncertainty(Strategy):
 
     def __init__(self, tasks: Sequence[str], init: float = 0.0) -> None:
         super().__init__(tasks)
-        self.init = float(init)
+        self.init = _setting("uncertainty", "init", init)
         self.log_var = nn.Parameter(torch.full((self.num_tasks,), self.init))
 
     def settings(self) -> dict[str, Any]:
@@ -252,9 +269,7 @@ class GradNorm(Strategy):
 
     def __init__(self, tasks: Sequence[str], alpha: float = 1.5) -> None:
         super().__init__(tasks)
-        if not (math.isfinite(alpha) and alpha >= 0):
-            raise ConfigError(f"gradnorm alpha must be >= 0, got {alpha}")
-        self.alpha = float(alpha)
+        self.alpha = _setting("gradnorm", "alpha", alpha, 0)
         self.weight = nn.Parameter(torch.ones(self.num_tasks))
         # each task's first loss; 0 = not seen yet (a NaN marker, as DWA once had, makes the meta-step's
         # finiteness check on buffers skip every step whose meta-batch lacks a task)
@@ -302,11 +317,8 @@ class DWA(Strategy):
 
     def __init__(self, tasks: Sequence[str], temperature: float = 2.0, period: int = 20) -> None:
         super().__init__(tasks)
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ConfigError(f"dwa temperature must be > 0, got {temperature}")
-        if isinstance(period, bool) or int(period) != period or period < 1:
-            raise ConfigError(f"dwa period must be an integer >= 1, got {period}")
-        self.temperature, self.period = float(temperature), int(period)
+        self.temperature = _setting("dwa", "temperature", temperature, 0, above=True)
+        self.period = _setting("dwa", "period", period, 1, integer=True)
         k = self.num_tasks
         self.register_buffer("loss_sum", torch.zeros(k, dtype=torch.float64))
         self.register_buffer("loss_count", torch.zeros(k, dtype=torch.float64))
@@ -393,11 +405,12 @@ class CAGrad(Strategy):
 
     def __init__(self, tasks: Sequence[str], c: float = 0.4, rescale: int = 1, iterations: int = 100) -> None:
         super().__init__(tasks)
-        if not (math.isfinite(c) and c >= 0):
-            raise ConfigError(f"cagrad c must be >= 0, got {c}")
-        if rescale not in (0, 1, 2):
-            raise ConfigError(f"cagrad rescale must be 0, 1 or 2, got {rescale}")
-        self.c, self.rescale, self.iterations = float(c), int(rescale), int(iterations)
+        self.c = _setting("cagrad", "c", c, 0)
+        if isinstance(rescale, bool) or rescale not in (0, 1, 2):
+            raise ConfigError(f"cagrad rescale must be 0, 1 or 2, got {rescale!r}")
+        self.rescale = int(rescale)
+        # 0 solver steps would silently give uniform weights (plain averaging)
+        self.iterations = _setting("cagrad", "iterations", iterations, 1, integer=True)
 
     def settings(self) -> dict[str, Any]:
         return {"c": self.c, "rescale": self.rescale, "iterations": self.iterations}
@@ -478,5 +491,7 @@ def build_strategy(spec: str | dict[str, Any] | Strategy, tasks: Sequence[str]) 
         raise error
     try:
         return STRATEGIES[name](list(tasks), **settings)
-    except TypeError as exc:
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad settings for multi-task strategy {name!r}: {exc}") from None

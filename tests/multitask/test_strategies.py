@@ -228,3 +228,20 @@ def test_a_constant_task_loss_leaves_the_strategy_state_of_that_task_alone(name)
         assert float(strategy.initial_loss[1]) == pytest.approx(float(first_b))
     if name == "dwa":
         assert float(strategy.history[1, 1]) == pytest.approx(float(first_b))  # not a third of it
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"name": "uncertainty", "init": "abc"}, "uncertainty init must be a finite number, got 'abc'"),
+    ({"name": "uncertainty", "init": float("nan")}, "uncertainty init must be a finite number, got nan"),
+    ({"name": "dwa", "period": "x"}, "dwa period must be an integer >= 1, got 'x'"),
+    ({"name": "dwa", "temperature": 0}, "dwa temperature must be a finite number > 0, got 0"),
+    ({"name": "cagrad", "iterations": "many"}, "cagrad iterations must be an integer >= 1, got 'many'"),
+    ({"name": "cagrad", "iterations": 0}, "cagrad iterations must be an integer >= 1, got 0"),
+    ({"name": "gradnorm", "alpha": -1}, "gradnorm alpha must be a finite number >= 0, got -1"),
+])
+def test_bad_strategy_settings_are_config_errors_saying_what_they_must_be(spec, message):
+    """Strings gave bare ValueErrors; a NaN init poisoned the weights and 0 solver steps silently
+    turned CAGrad into plain averaging."""
+    with pytest.raises(ConfigError, match=message):
+        build_strategy(spec, ["a", "b"])
+    assert build_strategy({"name": "cagrad", "iterations": 1}, ["a", "b"]).iterations == 1
