@@ -164,8 +164,7 @@ class Strategy(nn.Module):
                                  "pass one per task or a dict by task name")
             names = list(self.tasks)
         params = [p for p in params if p.requires_grad]
-        if any(v.dim() != 0 for v in values):
-            raise InputError("each task loss must be a scalar tensor")
+        values = _scalar_losses(values, names)
         # a loss without a graph (a constant, e.g. a task with no labelled example in the batch) depends
         # on no parameter: like a parameter a task does not use, it contributes no gradient
         grads = [torch.autograd.grad(v, params, retain_graph=True, allow_unused=True) if v.requires_grad
@@ -173,6 +172,23 @@ class Strategy(nn.Module):
         loss_values = torch.stack([v.detach() for v in values])
         return apply_strategy(self, loss_values, [list(g) for g in grads], params, names,
                               present=[bool(v.requires_grad) for v in values])
+
+
+def _scalar_losses(values: list[Any], names: Sequence[str]) -> list[torch.Tensor]:
+    """Task losses as scalar tensors; a Python number is a constant (graph-less) loss."""
+    if not values:
+        raise InputError("no task losses to combine; pass at least one (a list in task order or a dict by name)")
+    like = next((v for v in values if isinstance(v, torch.Tensor)), None)
+    out = []
+    for name, v in zip(names, values):
+        if isinstance(v, numbers.Real) and not isinstance(v, bool):
+            v = torch.tensor(float(v), dtype=like.dtype if like is not None and like.is_floating_point() else None,
+                             device=None if like is None else like.device)
+        if not isinstance(v, torch.Tensor) or v.dim() != 0:
+            got = f"shape {list(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+            raise InputError(f"each task loss must be a scalar tensor (or a number), got {got} for task {name!r}")
+        out.append(v)
+    return out
 
 
 def apply_strategy(strategy: Strategy, losses: torch.Tensor, grads: list[list[torch.Tensor | None]],

@@ -245,3 +245,20 @@ def test_bad_strategy_settings_are_config_errors_saying_what_they_must_be(spec, 
     with pytest.raises(ConfigError, match=message):
         build_strategy(spec, ["a", "b"])
     assert build_strategy({"name": "cagrad", "iterations": 1}, ["a", "b"]).iterations == 1
+
+
+def test_backward_refuses_no_losses_and_takes_a_number_as_a_constant_loss():
+    """An empty dict gave torch's bare 'stack expects a non-empty TensorList', a float loss an
+    AttributeError; a number is now a graph-less loss like torch.zeros(())."""
+    p = nn.Parameter(torch.tensor([1.0, 2.0]))
+    s = build_strategy("equal", ["a", "b"])
+    with pytest.raises(InputError, match="no task losses"):
+        s.backward({}, [p])
+    with pytest.raises(InputError, match="scalar tensor .* got str for task 'b'"):
+        s.backward({"a": p.sum(), "b": "0"}, [p])
+    with pytest.raises(InputError, match=r"got shape \[2\] for task 'a'"):
+        s.backward([p * 1, 0.0], [p])
+    for losses in ({"a": (p ** 2).sum(), "b": 0.0}, [(p ** 2).sum(), 0]):
+        p.grad = None
+        s.backward(losses, [p])
+        torch.testing.assert_close(p.grad, p.detach())  # 2p / 2 tasks: b contributes nothing
