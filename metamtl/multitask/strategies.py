@@ -46,6 +46,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import warnings
 from typing import Any, ClassVar, Iterable, Sequence
 
 import torch
@@ -82,6 +83,9 @@ class Strategy(nn.Module):
     """
 
     name: ClassVar[str] = "equal"
+    #: whether the strategy acts on the gradients of parameters several tasks share (with none it
+    #: would train exactly like ``equal``: :func:`apply_strategy` warns once)
+    needs_shared: ClassVar[bool] = False
     #: which of the tasks of the current :meth:`combine` call have a loss with a graph (``None``:
     #: all; set by :func:`apply_strategy`); the others are absent from the strategy's own state
     present: list[bool] | None = None
@@ -191,6 +195,18 @@ def _scalar_losses(values: list[Any], names: Sequence[str]) -> list[torch.Tensor
     return out
 
 
+def _warn_nothing_shared(strategy: Strategy) -> None:
+    """Warn (once per strategy) that a strategy built on shared gradients has none to act on."""
+    if not strategy.needs_shared or getattr(strategy, "_warned_nothing_shared", False):
+        return
+    strategy._warned_nothing_shared = True
+    warnings.warn(
+        f"multi-task strategy {strategy.name!r} found no parameter shared by two or more tasks (e.g. "
+        "model.sharing: soft with per-dataset or per-task heads), so it has nothing to act on and trains "
+        "exactly like 'equal'; share parameters (model.sharing: hard) or use a loss-weighting strategy "
+        "(uncertainty, dwa)", RuntimeWarning, stacklevel=3)
+
+
 def apply_strategy(strategy: Strategy, losses: torch.Tensor, grads: list[list[torch.Tensor | None]],
                    params: Sequence[torch.Tensor], names: Sequence[str],
                    present: Sequence[bool] | None = None) -> dict[str, float]:
@@ -215,6 +231,8 @@ def apply_strategy(strategy: Strategy, losses: torch.Tensor, grads: list[list[to
         ])
     else:
         matrix = like.new_zeros(k, 0)
+        if sum(any(x is not None for x in g) for g in grads) >= 2:  # two tasks with gradients share none
+            _warn_nothing_shared(strategy)
     losses = losses.to(matrix)
     strategy.present = None if present is None else [bool(p) for p in present]
     try:
@@ -282,6 +300,7 @@ class GradNorm(Strategy):
     """
 
     name = "gradnorm"
+    needs_shared = True
 
     def __init__(self, tasks: Sequence[str], alpha: float = 1.5) -> None:
         super().__init__(tasks)
@@ -385,6 +404,7 @@ class PCGrad(Strategy):
     """
 
     name = "pcgrad"
+    needs_shared = True
 
     def combine(self, losses, grads, tasks):
         k = len(tasks)
@@ -418,6 +438,7 @@ class CAGrad(Strategy):
     """
 
     name = "cagrad"
+    needs_shared = True
 
     def __init__(self, tasks: Sequence[str], c: float = 0.4, rescale: int = 1, iterations: int = 100) -> None:
         super().__init__(tasks)

@@ -262,3 +262,23 @@ def test_backward_refuses_no_losses_and_takes_a_number_as_a_constant_loss():
         p.grad = None
         s.backward(losses, [p])
         torch.testing.assert_close(p.grad, p.detach())  # 2p / 2 tasks: b contributes nothing
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "cagrad", "gradnorm", "equal"])
+def test_a_gradient_strategy_with_no_shared_parameter_warns_once(name):
+    """Two heads and no shared trunk (as with sharing: soft and per-task heads): pcgrad, cagrad and
+    gradnorm have nothing to act on and silently trained like equal."""
+    import warnings
+
+    a, b = nn.Linear(3, 1), nn.Linear(3, 1)
+    x = torch.randn(4, 3)
+    s = build_strategy(name, ["a", "b"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            s.backward({"a": a(x).pow(2).mean(), "b": b(x).pow(2).mean()}, [*a.parameters(), *b.parameters()])
+        s.backward({"a": a(x).pow(2).mean(), "b": torch.zeros(())}, [*a.parameters(), *b.parameters()])
+    found = [w for w in caught if "no parameter shared" in str(w.message)]
+    assert len(found) == (name != "equal")
+    if found:
+        assert found[0].category is RuntimeWarning and "model.sharing: hard" in str(found[0].message)
