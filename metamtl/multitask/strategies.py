@@ -295,6 +295,9 @@ class Uncertainty(Strategy):
 class GradNorm(Strategy):
     """GradNorm (Chen et al. 2018): learnable weights balancing the tasks' gradient norms.
 
+    Task losses must be >= 0 (the training rates divide by each task's first loss): a negative one
+    is an :class:`InputError`.
+
     Args:
         alpha: strength of the pull towards equal training rates (the paper uses 0.12 - 3).
     """
@@ -319,13 +322,25 @@ class GradNorm(Strategy):
             state_dict[key] = torch.nan_to_num(state_dict[key], nan=0.0)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def _check_positive(self, losses: torch.Tensor, tasks: list[int]) -> None:
+        """Training rates ``L_i / L_i(0)`` need losses >= 0 (a negative first loss made the rates
+        about -1e12 and the targets NaN, freezing that task's weight)."""
+        negative = [(self.tasks[t], float(v)) for t, v in zip(tasks, losses) if float(v) < 0]
+        if negative:
+            name, value = negative[0]
+            raise InputError(
+                f"gradnorm needs task losses >= 0 (its training rates are L / L(0)), got {value:.4g} for task "
+                f"{name!r}; add a constant to that loss (e.g. a Gaussian NLL's) or use another strategy "
+                "(equal, pcgrad, cagrad)")
+
     def combine(self, losses, grads, tasks):
+        live = self._live(len(tasks))  # tasks whose loss has a graph: the others' weights stay
+        self._check_positive(losses[live], [tasks[i] for i in live])
         with torch.no_grad():  # the paper renormalises after every update: sum(w) = number of tasks
             self.weight.clamp_(min=1e-3).mul_(self.num_tasks / self.weight.sum())
         w = self.weight.detach()[tasks].to(grads)
         norms = grads.norm(dim=1)
         g = w * norms
-        live = self._live(len(tasks))  # tasks whose loss has a graph: the others' weights stay
         if live:
             on = [tasks[i] for i in live]
             with torch.no_grad():

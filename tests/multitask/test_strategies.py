@@ -282,3 +282,15 @@ def test_a_gradient_strategy_with_no_shared_parameter_warns_once(name):
     assert len(found) == (name != "equal")
     if found:
         assert found[0].category is RuntimeWarning and "model.sharing: hard" in str(found[0].message)
+
+
+def test_gradnorm_refuses_a_negative_task_loss_before_changing_its_state():
+    """A negative loss was re-recorded as 'first loss' every step (0 marks 'not seen'), giving rates
+    of about -1e12, NaN targets and a frozen weight."""
+    p = nn.Parameter(torch.tensor([1.0, 2.0]))
+    s = build_strategy("gradnorm", ["a", "b"])
+    with torch.no_grad():
+        s.weight.copy_(torch.tensor([0.5, 3.0]))
+    with pytest.raises(InputError, match="gradnorm needs task losses >= 0.*got -1 for task 'b'"):
+        s.backward({"a": (p ** 2).sum(), "b": p.sum() - 4.0}, [p])
+    assert s.weight.tolist() == [0.5, 3.0] and s.weight.grad is None and s.initial_loss.tolist() == [0, 0]
