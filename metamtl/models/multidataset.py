@@ -74,6 +74,12 @@ def _check_inputs(inputs: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, i
         raise ConfigError("a multi-dataset model needs 'inputs': {dataset: [channels, height, width]}")
     out = {}
     for name, shape in inputs.items():
+        name = str(name)
+        if not name or "." in name or hasattr(nn.ModuleDict(), name):
+            why, fix = (("is empty", "data") if not name else ("contains '.'", name.replace(".", "_")) if "." in name
+                        else ("is the name of a torch module attribute", name + "_data"))
+            raise ConfigError(f"dataset label {name!r} {why}: labels name the per-dataset stems, trunks and heads; "
+                              f"use a non-empty label without '.' that is no module attribute, e.g. {fix!r}")
         shape = tuple(int(s) for s in shape)
         if len(shape) != 3 or min(shape) < 1:
             raise ConfigError(f"inputs[{name!r}] must be [channels, height, width], got {list(shape)}")

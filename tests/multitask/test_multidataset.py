@@ -348,3 +348,18 @@ def test_multitask_forwards_trunk_loaded_and_the_meta_gradient_rule_to_its_base(
     assert copies and all(torch.all(v == 3.0) for v in copies)
     for it in (0, 10):
         assert alg.meta_gradient(it).name == alg.base.meta_gradient(it).name
+
+
+@pytest.mark.parametrize("label,message", [
+    ("omni.small1", "contains '.'.*e.g. 'omni_small1'"), ("", "is empty"),
+    ("training", "is the name of a torch module attribute.*e.g. 'training_data'"),
+])
+def test_a_dataset_label_that_cannot_name_a_module_is_a_config_error(label, message):
+    """Labels key the per-dataset ModuleDicts: '.' or '' gave torch's bare KeyError after loading data."""
+    from metamtl.config import config_from_dict
+
+    with pytest.raises(ConfigError, match=f"dataset label {label!r} {message}"):
+        small_model(inputs={label: [1, 12, 12], "rgb": [3, 24, 24]})
+    if "." in label:
+        with pytest.raises(ConfigError, match=r"datasets\[0\].label 'omni.small1' must not contain '.'"):
+            config_from_dict({"datasets": [{"name": "omniglot", "label": label}, {"name": "omniglot", "label": "b"}]})
