@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import numbers
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
@@ -113,6 +114,10 @@ def make_stem(kind: str, shape: tuple[int, int, int], width: int, size: int) -> 
     pooling to ``size`` when the side is not yet ``size``.
     """
     channels, h, w = shape
+    for name, value in (("width", width), ("size", size)):  # size 0 divided by zero below
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ConfigError(f"a multidataset stem's {name} must be an integer >= 1, got {value!r} "
+                              f"(model.{name}: the stems' output {'channels' if name == 'width' else 'side'})")
     if kind == "resize":
         return Resize(channels, width, size)
     if kind != "conv":

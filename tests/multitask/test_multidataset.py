@@ -363,3 +363,12 @@ def test_a_dataset_label_that_cannot_name_a_module_is_a_config_error(label, mess
     if "." in label:
         with pytest.raises(ConfigError, match=r"datasets\[0\].label 'omni.small1' must not contain '.'"):
             config_from_dict({"datasets": [{"name": "omniglot", "label": label}, {"name": "omniglot", "label": "b"}]})
+
+
+@pytest.mark.parametrize("kind", ["conv", "resize"])
+@pytest.mark.parametrize("setting", [{"size": 0}, {"width": 0}, {"size": "6"}])
+def test_stem_width_and_size_below_1_are_config_errors(kind, setting):
+    """size 0 gave a ZeroDivisionError traceback from the conv stem's stride."""
+    name, value = next(iter(setting.items()))
+    with pytest.raises(ConfigError, match=f"stem's {name} must be an integer >= 1, got {value!r}"):
+        small_model(stem=kind, **setting)
