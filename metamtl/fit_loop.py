@@ -233,7 +233,9 @@ class MetaStep:
         ln = self.learner
         ln.model.train()
         ln.meta_optimizer.zero_grad(set_to_none=True)
-        buffers = buffer_snapshot(ln, floating_only=True)  # forward passes update them (BatchNorm statistics)
+        # forward passes and strategies update them (BatchNorm statistics, counters such as DWA's steps):
+        # a skipped step restores all of them
+        buffers = buffer_snapshot(ln)
         with ln.placement.autocast():
             # under torchrun, an algorithm whose meta-gradient is no mean over tasks (multitask)
             # exchanges what it needs itself and leaves the whole meta-batch's gradient on every rank
@@ -247,7 +249,8 @@ class MetaStep:
         self.after_backward()
         params = [p for p in ln.meta_parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
-        if not (bool(torch.isfinite(norm)) and math.isfinite(metrics.get("loss", 0.0)) and _finite(b for b, _ in buffers)):
+        if not (bool(torch.isfinite(norm)) and math.isfinite(metrics.get("loss", 0.0))
+                and _finite(b for b, _ in buffers if b.is_floating_point())):
             return self._skip(metrics, buffers)
         ln.run.bad_steps = 0
         if ln.grad_clip is not None:

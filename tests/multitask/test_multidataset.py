@@ -372,3 +372,26 @@ def test_stem_width_and_size_below_1_are_config_errors(kind, setting):
     name, value = next(iter(setting.items()))
     with pytest.raises(ConfigError, match=f"stem's {name} must be an integer >= 1, got {value!r}"):
         small_model(stem=kind, **setting)
+
+
+def test_a_skipped_step_leaves_integer_buffers_such_as_dwa_steps_as_they_were():
+    """Only float buffers were restored: DWA's step counter advanced on a skipped step, so a period
+    of 3 closed after 2 real steps."""
+    import warnings
+
+    alg = build_algorithm("multitask", base=base_cfg(), strategy={"name": "dwa", "period": 3}, datasets=["grey", "rgb"])
+    learner = MetaLearner(small_model(out_features=3), alg, device="cpu", channels_last=False)
+    real = alg.meta_step
+
+    def poisoned(model, batch, iteration=0):
+        metrics = real(model, batch, iteration)
+        if iteration == 1:  # a non-finite meta-gradient: the learner skips this step
+            next(model.parameters()).grad.fill_(float("nan"))
+        return metrics
+
+    alg.meta_step = poisoned
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        history = learner.fit(mixed(), iterations=3, meta_batch_size=4, progress=False)
+    assert [h.get("train/skipped", 0.0) for h in history] == [0.0, 1.0, 0.0]
+    assert int(alg.strategy.steps) == 2 and alg.strategy.loss_count.tolist() == [2.0, 2.0]  # no period closed
