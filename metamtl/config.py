@@ -364,6 +364,10 @@ def _check_tasks(cfg: Config) -> None:
         labels = [d.label or d.name for d in cfg.datasets]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"datasets need distinct labels (set 'label' on repeated names), got {labels}")
+        for i, label in enumerate(labels):
+            if "." in str(label):  # labels name the multi-dataset model's per-dataset modules
+                raise ConfigError(f"datasets[{i}].label {label!r} must not contain '.' (it names the model's "
+                                  f"per-dataset stem, trunk and head); use e.g. {str(label).replace('.', '_')!r}")
         if isinstance(t.mixture, list) and len(t.mixture) != len(labels):
             raise ConfigError(f"tasks.mixture has {len(t.mixture)} weights for {len(labels)} datasets")
 

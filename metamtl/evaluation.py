@@ -20,6 +20,7 @@ from .distributed import ProcessStrategy
 from .errors import ConfigError
 from .heads import ALGORITHM, FeatureHead, episode_metrics
 from .inputs import check_int, check_task_source, with_support_copies
+from .models.multidataset import dataset_scope, routed_dataset
 from .numerics import check_finite_episodes
 from .placement import Placement
 from .progress_bars import progress_bar
@@ -198,7 +199,9 @@ def feature_means(model: nn.Module, source: Any, placement: Placement, max_image
             data = getattr(src, "dataset", src)
             if not hasattr(data, "images") or not hasattr(data, "preprocessing"):
                 raise ConfigError(f"compute_feature_mean needs training tasks or a ClassDataset, got {type(src).__name__}")
-            out[getattr(src, "name", data.name)] = mean_feature(model.trunk, data, placement, max_images, batch_size)
+            name = getattr(src, "name", data.name)
+            with dataset_scope(routed_dataset(model, name)):  # a multi-dataset model: that dataset's stem
+                out[name] = mean_feature(model.trunk, data, placement, max_images, batch_size)
     return out
 
 

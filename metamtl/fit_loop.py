@@ -119,9 +119,16 @@ def use_layout(learner: "MetaLearner", channels_last: bool) -> None:
 
 def layout_workload(learner: "MetaLearner", batch: TaskBatch) -> str:
     """What the layout of ``batch``'s meta-step depends on: the shapes of its episodes and the
-    meta-gradient rule of this iteration (MAML++ turns second order at ``msl_until``)."""
+    meta-gradient rule of this iteration (MAML++ turns second order at ``msl_until``).
+
+    Under torchrun the shapes are those of the whole meta-batch (every process's share, gathered),
+    so all processes get the same key and probe, or skip the probe, in the same iteration."""
     rule = learner.algorithm.meta_gradient(learner.iteration).name
-    return repr((rule, sorted(map(repr, batch.groups()))))
+    shapes = sorted(map(repr, batch.groups()))
+    if learner.strategy.world_size > 1:
+        shares = learner.strategy.all_gather(shapes, f"layout workload exchange (iteration {learner.iteration + 1})")
+        shapes = sorted({shape for share in shares for shape in share})
+    return repr((rule, shapes))
 
 
 def choose_layout(learner: "MetaLearner", batch: TaskBatch, iterations_left: int | None = None) -> TaskBatch:
@@ -226,7 +233,9 @@ class MetaStep:
         ln = self.learner
         ln.model.train()
         ln.meta_optimizer.zero_grad(set_to_none=True)
-        buffers = buffer_snapshot(ln, floating_only=True)  # forward passes update them (BatchNorm statistics)
+        # forward passes and strategies update them (BatchNorm statistics, counters such as DWA's steps):
+        # a skipped step restores all of them
+        buffers = buffer_snapshot(ln)
         with ln.placement.autocast():
             # under torchrun, an algorithm whose meta-gradient is no mean over tasks (multitask)
             # exchanges what it needs itself and leaves the whole meta-batch's gradient on every rank
@@ -240,7 +249,8 @@ class MetaStep:
         self.after_backward()
         params = [p for p in ln.meta_parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
-        if not (bool(torch.isfinite(norm)) and math.isfinite(metrics.get("loss", 0.0)) and _finite(b for b, _ in buffers)):
+        if not (bool(torch.isfinite(norm)) and math.isfinite(metrics.get("loss", 0.0))
+                and _finite(b for b, _ in buffers if b.is_floating_point())):
             return self._skip(metrics, buffers)
         ln.run.bad_steps = 0
         if ln.grad_clip is not None:

@@ -14,6 +14,7 @@ from .adaptation import Adapted
 from .errors import InputError
 from .evaluation import eval_mode
 from .heads import FeatureHead, query_features
+from .models.multidataset import dataset_scope, routed_dataset
 
 if TYPE_CHECKING:
     from .learner import MetaLearner
@@ -41,6 +42,7 @@ class AdaptedPredictor:
     def __init__(self, learner: "MetaLearner", adapted: Adapted, ways: int, dataset: str | None = None) -> None:
         self.learner, self.adapted, self.ways = learner, adapted, ways
         self.dataset = dataset  # whose preprocessing raw query images get (a learner trained on several)
+        self.route = routed_dataset(learner.model, dataset)  # whose branches of a multi-dataset model queries take
         self.transductive = batch_statistics(learner)
 
     @property
@@ -49,7 +51,7 @@ class AdaptedPredictor:
 
     def __call__(self, query_x: Any) -> torch.Tensor:
         x = self.learner.model_input(query_x, "query_x", self.dataset)
-        with torch.no_grad(), self.learner.autocast(), eval_mode(self.learner.model):
+        with torch.no_grad(), self.learner.autocast(), eval_mode(self.learner.model), dataset_scope(self.route):
             return self.adapted(x).detach().float()
 
     def predict(self, query_x: Any) -> torch.Tensor:
@@ -80,7 +82,7 @@ class HeadPredictor(AdaptedPredictor):
 
     def __call__(self, query_x: Any) -> torch.Tensor:
         x = self.learner.model_input(query_x, "query_x", self.dataset)
-        with torch.no_grad(), self.learner.autocast(), eval_mode(self.learner.model):
+        with torch.no_grad(), self.learner.autocast(), eval_mode(self.learner.model), dataset_scope(self.route):
             query = query_features(self.learner.model.trunk, x, self._support_x, self.learner.bn_stats)
         return self.head(self.features, self.support_y, query, self.ways, self.mean).detach()
 
@@ -89,7 +91,8 @@ def adapt(learner: "MetaLearner", support_x: Any, support_y: Any, steps: int | N
           support_augment: Any = None, head: Any = None, dataset: str | None = None) -> AdaptedPredictor:
     """``learner`` adapted to a support set (see :meth:`MetaLearner.adapt <metamtl.MetaLearner.adapt>`):
     inputs checked and coerced (raw images preprocessed as ``dataset``'s when the learner was trained on
-    several datasets), support copies added, then the algorithm's adaptation or ``head``."""
+    several datasets), support copies added, then the algorithm's adaptation or ``head``, run by a
+    multi-dataset model in ``dataset``'s branches (stem, trunk, head)."""
     inputs.check_steps(steps)
     learner.check_finite("adapt")
     preprocessing = inputs.preprocessing_for(learner.preprocessing, learner.metadata, dataset)
@@ -98,7 +101,9 @@ def adapt(learner: "MetaLearner", support_x: Any, support_y: Any, steps: int | N
     y, ways = inputs.support_labels(support_y, x.shape[0], learner.task, learner.device, learner.model)
     x, y = inputs.support_copies(x, y, learner.inference.augment(support_augment), preprocessing=preprocessing)
     head = learner.inference.classifier(head, learner.task)
-    with eval_mode(learner.model):  # the learner's own mode (e.g. training) is left as it was
+    # a multi-dataset model runs ``dataset``'s branches (else those the support images' shape fits)
+    route = routed_dataset(learner.model, dataset, x)
+    with eval_mode(learner.model), dataset_scope(route):  # the learner's own mode (e.g. training) is left as it was
         if head is not None:
             return HeadPredictor(learner, head, x, y, ways, dataset)
         with torch.no_grad(), learner.autocast():

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.backbones import TrunkHead
-from ..models.multidataset import dataset_scope
+from ..models.multidataset import dataset_scope, routed_dataset
 from ..multitask.strategies import Strategy, apply_strategy, build_strategy
 from ..tasks.episode import Episode, TaskBatch
 from .base import Algorithm
@@ -87,6 +87,12 @@ class MultiTask(Algorithm):
 
     def setup(self, model: TrunkHead) -> None:
         self.base.setup(model)
+
+    def trunk_loaded(self, model: TrunkHead) -> None:
+        self.base.trunk_loaded(model)  # e.g. MAML++'s per-step BatchNorm copies of the loaded trunk
+
+    def meta_gradient(self, iteration: int):
+        return self.base.meta_gradient(iteration)  # e.g. MAML++'s first-order, then second-order schedule
 
     # -- training -----------------------------------------------------------------------------
     def meta_step(self, model: TrunkHead, batch: TaskBatch, iteration: int = 0) -> dict[str, float]:
@@ -199,7 +205,12 @@ class MultiTask(Algorithm):
 
     # -- evaluation --------------------------------------------------------------------------
     def adapt(self, model, support_x, support_y, ways, steps=None):
-        return self.base.adapt(model, support_x, support_y, ways, steps)
+        """The base algorithm's adaptation in the support set's dataset scope (the open one, else
+        routed by the support images' shape); queries of the result run in the same scope."""
+        name = routed_dataset(model, None, support_x)
+        with dataset_scope(name):
+            adapted = self.base.adapt(model, support_x, support_y, ways, steps)
+        return adapted if name is None else _Scoped(adapted, name)
 
     def evaluate_episodes(self, model: TrunkHead, episodes: Sequence[Episode], steps: int | None = None) -> list[dict[str, float]]:
         """The base algorithm's evaluation, each dataset's episodes in that dataset's scope."""
@@ -223,3 +234,22 @@ class _Part:
                  metrics: dict[str, float], count: int | None = None) -> None:
         self.name, self.positions, self.grads, self.metrics = name, positions, grads, metrics
         self.count = len(positions) if count is None else count
+
+
+class _Scoped:
+    """An adaptation result (:class:`~metamtl.adaptation.Adapted`, prototypes...) whose calls run
+    in dataset ``name``'s :func:`~metamtl.models.dataset_scope`; everything else is the result's."""
+
+    def __init__(self, adapted: Any, name: str) -> None:
+        self.adapted, self.dataset = adapted, name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.__dict__["adapted"], attr)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with dataset_scope(self.dataset):
+            return self.adapted(*args, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with dataset_scope(self.dataset):
+            return self.adapted.forward(*args, **kwargs)

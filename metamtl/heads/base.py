@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import ConfigError, InputError, did_you_mean
 from ..tasks.episode import Episode
+from ..models.multidataset import dataset_scope, routed_dataset
 from ..models.norm import support_rows
 
 #: the name of "no feature head": the algorithm's own adaptation
@@ -115,10 +116,11 @@ class FeatureHead:
 
 def episode_metrics(head: FeatureHead, trunk: nn.Module, episodes: Sequence[Episode], bn_stats: str,
                     mean_for: Callable[[Episode], torch.Tensor | None]) -> list[dict[str, float]]:
-    """Query loss and accuracy of ``head`` on each episode (features under ``no_grad``)."""
+    """Query loss and accuracy of ``head`` on each episode (features under ``no_grad``; a
+    multi-dataset trunk runs ``ep.dataset``'s branches, else those its shape fits)."""
     out = []
     for ep in episodes:
-        with torch.no_grad():
+        with torch.no_grad(), dataset_scope(routed_dataset(trunk, ep.dataset, ep.support_x)):
             support = trunk(ep.support_x)
             query = query_features(trunk, ep.query_x, ep.support_x, bn_stats)
         logits = head(support, ep.support_y, query, ep.ways, mean_for(ep)).detach()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import numbers
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
@@ -56,11 +57,30 @@ def current_dataset() -> str | None:
     return _DATASET.get()
 
 
+def routed_dataset(model: nn.Module, dataset: str | None = None, x: torch.Tensor | None = None) -> str | None:
+    """The dataset whose branches inputs ``x`` of ``dataset`` (``None``: not known) take in ``model``
+    (a multi-dataset model or trunk), to open a :func:`dataset_scope` with: ``dataset`` if it is one
+    of the model's datasets, else the open scope's, else the one ``x``'s shape fits (an
+    :class:`InputError` if several do); ``None`` for other models."""
+    routed = model if isinstance(model, DatasetRouted) else getattr(model, "trunk", None)
+    if not isinstance(routed, DatasetRouted):
+        return None
+    if dataset is not None and dataset in routed.inputs:
+        return dataset
+    return routed.route(x) if x is not None else current_dataset()
+
+
 def _check_inputs(inputs: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, int, int]]:
     if not isinstance(inputs, Mapping) or not inputs:
         raise ConfigError("a multi-dataset model needs 'inputs': {dataset: [channels, height, width]}")
     out = {}
     for name, shape in inputs.items():
+        name = str(name)
+        if not name or "." in name or hasattr(nn.ModuleDict(), name):
+            why, fix = (("is empty", "data") if not name else ("contains '.'", name.replace(".", "_")) if "." in name
+                        else ("is the name of a torch module attribute", name + "_data"))
+            raise ConfigError(f"dataset label {name!r} {why}: labels name the per-dataset stems, trunks and heads; "
+                              f"use a non-empty label without '.' that is no module attribute, e.g. {fix!r}")
         shape = tuple(int(s) for s in shape)
         if len(shape) != 3 or min(shape) < 1:
             raise ConfigError(f"inputs[{name!r}] must be [channels, height, width], got {list(shape)}")
@@ -94,6 +114,10 @@ def make_stem(kind: str, shape: tuple[int, int, int], width: int, size: int) -> 
     pooling to ``size`` when the side is not yet ``size``.
     """
     channels, h, w = shape
+    for name, value in (("width", width), ("size", size)):  # size 0 divided by zero below
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ConfigError(f"a multidataset stem's {name} must be an integer >= 1, got {value!r} "
+                              f"(model.{name}: the stems' output {'channels' if name == 'width' else 'side'})")
     if kind == "resize":
         return Resize(channels, width, size)
     if kind != "conv":

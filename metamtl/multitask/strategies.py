@@ -45,12 +45,30 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
+import warnings
 from typing import Any, ClassVar, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, InputError, unknown_name, unknown_settings
+
+
+def _setting(strategy: str, name: str, value: Any, low: float | None = None, integer: bool = False,
+             above: bool = False) -> Any:
+    """``value`` of setting ``name`` checked: a finite number (an integer with ``integer``), ``>= low``
+    (``> low`` with ``above``; ``None``: any), else a :class:`ConfigError` saying what it must be."""
+    number = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
+    ok = math.isfinite(number) and (not integer or number == int(number))
+    if ok and low is not None:
+        ok = number > low if above else number >= low
+    if not ok:
+        what = ("an integer" if integer else "a finite number") + (
+            "" if low is None else f" {'>' if above else '>='} {low:g}")
+        raise ConfigError(f"{strategy} {name} must be {what}, got {value!r}; set algorithm.strategy.{name} "
+                          "(or the strategy's settings) to one")
+    return int(number) if integer else number
 
 
 def _add_grad(p: torch.Tensor, g: torch.Tensor) -> None:
@@ -65,6 +83,12 @@ class Strategy(nn.Module):
     """
 
     name: ClassVar[str] = "equal"
+    #: whether the strategy acts on the gradients of parameters several tasks share (with none it
+    #: would train exactly like ``equal``: :func:`apply_strategy` warns once)
+    needs_shared: ClassVar[bool] = False
+    #: which of the tasks of the current :meth:`combine` call have a loss with a graph (``None``:
+    #: all; set by :func:`apply_strategy`); the others are absent from the strategy's own state
+    present: list[bool] | None = None
 
     def __init__(self, tasks: Sequence[str]) -> None:
         super().__init__()
@@ -112,7 +136,15 @@ class Strategy(nn.Module):
         w = self.weights(losses, tasks).to(grads)
         return (w.unsqueeze(1) * grads).sum(0) / len(tasks), w
 
+    def _live(self, k: int) -> list[int]:
+        """Positions, among the ``k`` tasks of this :meth:`combine`, of the tasks whose loss has a
+        graph: a constant loss (a task with no labels in the batch) leaves the strategy's learnable
+        weights and loss statistics as they were, like a task missing from the step."""
+        return [i for i in range(k) if self.present is None or self.present[i]]
+
     def _accumulate(self, param: nn.Parameter, tasks: list[int], values: torch.Tensor) -> None:
+        if not tasks:
+            return
         g = torch.zeros_like(param)
         g[torch.as_tensor(tasks, device=g.device)] = values.to(g)
         _add_grad(param, g)
@@ -136,19 +168,52 @@ class Strategy(nn.Module):
                                  "pass one per task or a dict by task name")
             names = list(self.tasks)
         params = [p for p in params if p.requires_grad]
-        if any(v.dim() != 0 for v in values):
-            raise InputError("each task loss must be a scalar tensor")
+        values = _scalar_losses(values, names)
         # a loss without a graph (a constant, e.g. a task with no labelled example in the batch) depends
         # on no parameter: like a parameter a task does not use, it contributes no gradient
         grads = [torch.autograd.grad(v, params, retain_graph=True, allow_unused=True) if v.requires_grad
                  else (None,) * len(params) for v in values]
         loss_values = torch.stack([v.detach() for v in values])
-        return apply_strategy(self, loss_values, [list(g) for g in grads], params, names)
+        return apply_strategy(self, loss_values, [list(g) for g in grads], params, names,
+                              present=[bool(v.requires_grad) for v in values])
+
+
+def _scalar_losses(values: list[Any], names: Sequence[str]) -> list[torch.Tensor]:
+    """Task losses as scalar tensors; a Python number is a constant (graph-less) loss."""
+    if not values:
+        raise InputError("no task losses to combine; pass at least one (a list in task order or a dict by name)")
+    like = next((v for v in values if isinstance(v, torch.Tensor)), None)
+    out = []
+    for name, v in zip(names, values):
+        if isinstance(v, numbers.Real) and not isinstance(v, bool):
+            v = torch.tensor(float(v), dtype=like.dtype if like is not None and like.is_floating_point() else None,
+                             device=None if like is None else like.device)
+        if not isinstance(v, torch.Tensor) or v.dim() != 0:
+            got = f"shape {list(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+            raise InputError(f"each task loss must be a scalar tensor (or a number), got {got} for task {name!r}")
+        out.append(v)
+    return out
+
+
+def _warn_nothing_shared(strategy: Strategy) -> None:
+    """Warn (once per strategy) that a strategy built on shared gradients has none to act on."""
+    if not strategy.needs_shared or getattr(strategy, "_warned_nothing_shared", False):
+        return
+    strategy._warned_nothing_shared = True
+    warnings.warn(
+        f"multi-task strategy {strategy.name!r} found no parameter shared by two or more tasks (e.g. "
+        "model.sharing: soft with per-dataset or per-task heads), so it has nothing to act on and trains "
+        "exactly like 'equal'; share parameters (model.sharing: hard) or use a loss-weighting strategy "
+        "(uncertainty, dwa)", RuntimeWarning, stacklevel=3)
 
 
 def apply_strategy(strategy: Strategy, losses: torch.Tensor, grads: list[list[torch.Tensor | None]],
-                   params: Sequence[torch.Tensor], names: Sequence[str]) -> dict[str, float]:
+                   params: Sequence[torch.Tensor], names: Sequence[str],
+                   present: Sequence[bool] | None = None) -> dict[str, float]:
     """Combine per-task gradients ``grads[i][j]`` (task ``i``, parameter ``j``; ``None``: unused).
+
+    ``present[i]``: whether task ``i``'s loss has a graph (``None``: all do); an absent task
+    still counts in the ``k`` of the scaling, but the strategy's state ignores it.
 
     Parameters used by two or more tasks (all used parameters when there is one task) are
     *shared*: their flattened gradients go through :meth:`Strategy.combine`.  The others are
@@ -166,8 +231,14 @@ def apply_strategy(strategy: Strategy, losses: torch.Tensor, grads: list[list[to
         ])
     else:
         matrix = like.new_zeros(k, 0)
+        if sum(any(x is not None for x in g) for g in grads) >= 2:  # two tasks with gradients share none
+            _warn_nothing_shared(strategy)
     losses = losses.to(matrix)
-    direction, weights = strategy.combine(losses, matrix, tasks)
+    strategy.present = None if present is None else [bool(p) for p in present]
+    try:
+        direction, weights = strategy.combine(losses, matrix, tasks)
+    finally:
+        strategy.present = None
     offset = 0
     for j in shared:
         n = params[j].numel()
@@ -206,7 +277,7 @@ class Uncertainty(Strategy):
 
     def __init__(self, tasks: Sequence[str], init: float = 0.0) -> None:
         super().__init__(tasks)
-        self.init = float(init)
+        self.init = _setting("uncertainty", "init", init)
         self.log_var = nn.Parameter(torch.full((self.num_tasks,), self.init))
 
     def settings(self) -> dict[str, Any]:
@@ -215,7 +286,8 @@ class Uncertainty(Strategy):
     def weights(self, losses: torch.Tensor, tasks: list[int]) -> torch.Tensor:
         s = self.log_var.detach()[tasks].to(losses)
         w = torch.exp(-s)
-        self._accumulate(self.log_var, tasks, (1.0 - w * losses) / len(tasks))
+        live = self._live(len(tasks))
+        self._accumulate(self.log_var, [tasks[i] for i in live], ((1.0 - w * losses) / len(tasks))[live])
         self.last_metrics = {f"mtl/sigma2/{self.tasks[t]}": float(torch.exp(v)) for t, v in zip(tasks, s)}
         return w
 
@@ -223,17 +295,19 @@ class Uncertainty(Strategy):
 class GradNorm(Strategy):
     """GradNorm (Chen et al. 2018): learnable weights balancing the tasks' gradient norms.
 
+    Task losses must be >= 0 (the training rates divide by each task's first loss): a negative one
+    is an :class:`InputError`.
+
     Args:
         alpha: strength of the pull towards equal training rates (the paper uses 0.12 - 3).
     """
 
     name = "gradnorm"
+    needs_shared = True
 
     def __init__(self, tasks: Sequence[str], alpha: float = 1.5) -> None:
         super().__init__(tasks)
-        if not (math.isfinite(alpha) and alpha >= 0):
-            raise ConfigError(f"gradnorm alpha must be >= 0, got {alpha}")
-        self.alpha = float(alpha)
+        self.alpha = _setting("gradnorm", "alpha", alpha, 0)
         self.weight = nn.Parameter(torch.ones(self.num_tasks))
         # each task's first loss; 0 = not seen yet (a NaN marker, as DWA once had, makes the meta-step's
         # finiteness check on buffers skip every step whose meta-batch lacks a task)
@@ -248,19 +322,35 @@ class GradNorm(Strategy):
             state_dict[key] = torch.nan_to_num(state_dict[key], nan=0.0)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def _check_positive(self, losses: torch.Tensor, tasks: list[int]) -> None:
+        """Training rates ``L_i / L_i(0)`` need losses >= 0 (a negative first loss made the rates
+        about -1e12 and the targets NaN, freezing that task's weight)."""
+        negative = [(self.tasks[t], float(v)) for t, v in zip(tasks, losses) if float(v) < 0]
+        if negative:
+            name, value = negative[0]
+            raise InputError(
+                f"gradnorm needs task losses >= 0 (its training rates are L / L(0)), got {value:.4g} for task "
+                f"{name!r}; add a constant to that loss (e.g. a Gaussian NLL's) or use another strategy "
+                "(equal, pcgrad, cagrad)")
+
     def combine(self, losses, grads, tasks):
+        live = self._live(len(tasks))  # tasks whose loss has a graph: the others' weights stay
+        self._check_positive(losses[live], [tasks[i] for i in live])
         with torch.no_grad():  # the paper renormalises after every update: sum(w) = number of tasks
             self.weight.clamp_(min=1e-3).mul_(self.num_tasks / self.weight.sum())
-            idx = torch.as_tensor(tasks, device=self.initial_loss.device)
-            first = self.initial_loss[idx] <= 0
-            self.initial_loss[idx] = torch.where(first, losses.to(self.initial_loss), self.initial_loss[idx])
         w = self.weight.detach()[tasks].to(grads)
         norms = grads.norm(dim=1)
         g = w * norms
-        rate = losses / self.initial_loss[idx].to(losses).clamp_min(1e-12)
-        target = g.mean() * (rate / rate.mean().clamp_min(1e-12)) ** self.alpha
-        # d/dw_i of sum_i |w_i ||g_i|| - target_i| with the targets held constant
-        self._accumulate(self.weight, tasks, torch.sign(g - target) * norms)
+        if live:
+            on = [tasks[i] for i in live]
+            with torch.no_grad():
+                idx = torch.as_tensor(on, device=self.initial_loss.device)
+                first = self.initial_loss[idx] <= 0
+                self.initial_loss[idx] = torch.where(first, losses[live].to(self.initial_loss), self.initial_loss[idx])
+            rate = losses[live] / self.initial_loss[idx].to(losses).clamp_min(1e-12)
+            target = g[live].mean() * (rate / rate.mean().clamp_min(1e-12)) ** self.alpha
+            # d/dw_i of sum_i |w_i ||g_i|| - target_i| with the targets held constant
+            self._accumulate(self.weight, on, torch.sign(g[live] - target) * norms[live])
         self.last_metrics = {f"mtl/grad_norm/{self.tasks[t]}": float(v) for t, v in zip(tasks, g)}
         return (w.unsqueeze(1) * grads).sum(0) / len(tasks), w
 
@@ -277,11 +367,8 @@ class DWA(Strategy):
 
     def __init__(self, tasks: Sequence[str], temperature: float = 2.0, period: int = 20) -> None:
         super().__init__(tasks)
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ConfigError(f"dwa temperature must be > 0, got {temperature}")
-        if isinstance(period, bool) or int(period) != period or period < 1:
-            raise ConfigError(f"dwa period must be an integer >= 1, got {period}")
-        self.temperature, self.period = float(temperature), int(period)
+        self.temperature = _setting("dwa", "temperature", temperature, 0, above=True)
+        self.period = _setting("dwa", "period", period, 1, integer=True)
         k = self.num_tasks
         self.register_buffer("loss_sum", torch.zeros(k, dtype=torch.float64))
         self.register_buffer("loss_count", torch.zeros(k, dtype=torch.float64))
@@ -307,10 +394,12 @@ class DWA(Strategy):
 
     def weights(self, losses, tasks):
         w = self.current_weights()[tasks].to(losses)
+        live = self._live(len(tasks))  # a constant loss is no loss of that period
         with torch.no_grad():
-            idx = torch.as_tensor(tasks, device=self.loss_sum.device)
-            self.loss_sum[idx] += losses.to(self.loss_sum)
-            self.loss_count[idx] += 1
+            if live:
+                idx = torch.as_tensor([tasks[i] for i in live], device=self.loss_sum.device)
+                self.loss_sum[idx] += losses[live].to(self.loss_sum)
+                self.loss_count[idx] += 1
             self.steps += 1
             if int(self.steps) % self.period == 0:
                 seen = self.loss_count > 0
@@ -330,6 +419,7 @@ class PCGrad(Strategy):
     """
 
     name = "pcgrad"
+    needs_shared = True
 
     def combine(self, losses, grads, tasks):
         k = len(tasks)
@@ -363,14 +453,16 @@ class CAGrad(Strategy):
     """
 
     name = "cagrad"
+    needs_shared = True
 
     def __init__(self, tasks: Sequence[str], c: float = 0.4, rescale: int = 1, iterations: int = 100) -> None:
         super().__init__(tasks)
-        if not (math.isfinite(c) and c >= 0):
-            raise ConfigError(f"cagrad c must be >= 0, got {c}")
-        if rescale not in (0, 1, 2):
-            raise ConfigError(f"cagrad rescale must be 0, 1 or 2, got {rescale}")
-        self.c, self.rescale, self.iterations = float(c), int(rescale), int(iterations)
+        self.c = _setting("cagrad", "c", c, 0)
+        if isinstance(rescale, bool) or rescale not in (0, 1, 2):
+            raise ConfigError(f"cagrad rescale must be 0, 1 or 2, got {rescale!r}")
+        self.rescale = int(rescale)
+        # 0 solver steps would silently give uniform weights (plain averaging)
+        self.iterations = _setting("cagrad", "iterations", iterations, 1, integer=True)
 
     def settings(self) -> dict[str, Any]:
         return {"c": self.c, "rescale": self.rescale, "iterations": self.iterations}
@@ -451,5 +543,7 @@ def build_strategy(spec: str | dict[str, Any] | Strategy, tasks: Sequence[str]) 
         raise error
     try:
         return STRATEGIES[name](list(tasks), **settings)
-    except TypeError as exc:
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad settings for multi-task strategy {name!r}: {exc}") from None

@@ -288,3 +288,110 @@ def test_a_meta_batch_without_every_dataset_trains(strategy):
         state["initial_loss"] = torch.tensor([float("nan"), 1.0])  # a checkpoint written before the fix
         learner.algorithm.strategy.load_state_dict(state)
         assert learner.algorithm.strategy.initial_loss.tolist() == [0.0, 1.0]
+
+
+def test_a_head_only_base_with_per_dataset_heads_adapts_and_predicts_outside_a_scope():
+    """ANIL calls the per-dataset head on features, which carry no dataset: adapt and predict open
+    the scope the support images' shape routes to, as evaluate does, and queries run in it."""
+    torch.manual_seed(0)
+    alg = build_algorithm("multitask", base={"name": "anil", "steps": 1, "lr": 0.3}, datasets=["grey", "rgb"])
+    learner = MetaLearner(small_model(heads="per_dataset", out_features=3), alg, device="cpu")
+    src = mixed()
+    for name in ("grey", "rgb"):
+        ep = next(e for e in map(src.episode, range(20)) if e.dataset == name)
+        sx, qx = ep.support_x.float() / 255, ep.query_x.float() / 255
+        out = learner.predict(sx, ep.support_y, qx)
+        with dataset_scope(name):
+            expected = alg.base.adapt(learner.model, sx, ep.support_y, 3)(qx)
+        assert out.shape == (6, 3) and torch.allclose(out, expected)
+        assert torch.allclose(alg.adapt(learner.model, sx, ep.support_y, 3)(qx), expected)
+
+
+def test_datasets_of_one_shape_are_routed_by_name_in_predict_feature_heads_and_feature_means():
+    """Two 1x12x12 datasets with their own stems: shape cannot pick one, so ``predict(dataset=)``,
+    a feature head's episodes (``ep.dataset``) and each source's feature mean use the name."""
+    twins = {"a": [1, 12, 12], "b": [1, 12, 12]}
+    src = MixedTasks([EpisodeSampler(toy(n, 1, 12, seed=i), 3, 1, 2) for i, n in enumerate(twins)], "equal")
+    alg = build_algorithm("multitask", base=base_cfg(), datasets=list(twins))
+    learner = MetaLearner(small_model(inputs=twins, out_features=3), alg, device="cpu")
+    ep = next(e for e in map(src.episode, range(20)) if e.dataset == "b")
+    sx, qx = ep.support_x.float() / 255, ep.query_x.float() / 255
+    with dataset_scope("b"):
+        expected = alg.base.adapt(learner.model, sx, ep.support_y, 3)(qx)
+    assert torch.allclose(learner.predict(sx, ep.support_y, qx, dataset="b"), expected)
+    with pytest.raises(InputError, match="fit several datasets"):
+        learner.predict(sx, ep.support_y, qx)
+    eps = [src.episode(i) for i in range(4)]
+    assert {e.dataset for e in eps} == {"a", "b"}
+    assert learner.evaluate(eps, head={"name": "simpleshot", "center": False}, progress=False).episodes == 4
+    means = learner.compute_feature_mean(src)
+    for s in src.sources:
+        with dataset_scope(s.name):
+            images = s.dataset.preprocessing.normalize(s.dataset.images)
+            assert torch.allclose(means[s.name], learner.model.eval().trunk(images).mean(0), atol=1e-5)
+
+
+def test_multitask_forwards_trunk_loaded_and_the_meta_gradient_rule_to_its_base():
+    """init_from refreshes MAML++'s per-step BatchNorm copies from the loaded trunk under multitask
+    too, and the layout probe sees the base's meta-gradient schedule."""
+    base = {"name": "mamlpp", "steps": 2, "lr": 0.3, "head_init": "zero", "per_step_bn": True,
+            "first_order_iterations": 5}
+    source = MetaLearner(small_model(), build_algorithm(**base), device="cpu")
+    with torch.no_grad():
+        for m in source.model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+                m.weight.fill_(3.0)
+    alg = build_algorithm("multitask", base=base, datasets=["grey", "rgb"])
+    learner = MetaLearner(small_model(), alg, device="cpu")
+    learner.init_from(source)
+    copies = [v for k, v in alg.base.state_dict().items() if k.startswith("norms.weight")]
+    assert copies and all(torch.all(v == 3.0) for v in copies)
+    for it in (0, 10):
+        assert alg.meta_gradient(it).name == alg.base.meta_gradient(it).name
+
+
+@pytest.mark.parametrize("label,message", [
+    ("omni.small1", "contains '.'.*e.g. 'omni_small1'"), ("", "is empty"),
+    ("training", "is the name of a torch module attribute.*e.g. 'training_data'"),
+])
+def test_a_dataset_label_that_cannot_name_a_module_is_a_config_error(label, message):
+    """Labels key the per-dataset ModuleDicts: '.' or '' gave torch's bare KeyError after loading data."""
+    from metamtl.config import config_from_dict
+
+    with pytest.raises(ConfigError, match=f"dataset label {label!r} {message}"):
+        small_model(inputs={label: [1, 12, 12], "rgb": [3, 24, 24]})
+    if "." in label:
+        with pytest.raises(ConfigError, match=r"datasets\[0\].label 'omni.small1' must not contain '.'"):
+            config_from_dict({"datasets": [{"name": "omniglot", "label": label}, {"name": "omniglot", "label": "b"}]})
+
+
+@pytest.mark.parametrize("kind", ["conv", "resize"])
+@pytest.mark.parametrize("setting", [{"size": 0}, {"width": 0}, {"size": "6"}])
+def test_stem_width_and_size_below_1_are_config_errors(kind, setting):
+    """size 0 gave a ZeroDivisionError traceback from the conv stem's stride."""
+    name, value = next(iter(setting.items()))
+    with pytest.raises(ConfigError, match=f"stem's {name} must be an integer >= 1, got {value!r}"):
+        small_model(stem=kind, **setting)
+
+
+def test_a_skipped_step_leaves_integer_buffers_such_as_dwa_steps_as_they_were():
+    """Only float buffers were restored: DWA's step counter advanced on a skipped step, so a period
+    of 3 closed after 2 real steps."""
+    import warnings
+
+    alg = build_algorithm("multitask", base=base_cfg(), strategy={"name": "dwa", "period": 3}, datasets=["grey", "rgb"])
+    learner = MetaLearner(small_model(out_features=3), alg, device="cpu", channels_last=False)
+    real = alg.meta_step
+
+    def poisoned(model, batch, iteration=0):
+        metrics = real(model, batch, iteration)
+        if iteration == 1:  # a non-finite meta-gradient: the learner skips this step
+            next(model.parameters()).grad.fill_(float("nan"))
+        return metrics
+
+    alg.meta_step = poisoned
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        history = learner.fit(mixed(), iterations=3, meta_batch_size=4, progress=False)
+    assert [h.get("train/skipped", 0.0) for h in history] == [0.0, 1.0, 0.0]
+    assert int(alg.strategy.steps) == 2 and alg.strategy.loss_count.tolist() == [2.0, 2.0]  # no period closed

@@ -205,3 +205,92 @@ def test_a_constant_task_loss_contributes_no_gradient(name):
     for p, q in zip(model.parameters(), alone.parameters()):
         torch.testing.assert_close(p.grad, q.grad * scale)
         assert p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["uncertainty", "gradnorm", "dwa"])
+def test_a_constant_task_loss_leaves_the_strategy_state_of_that_task_alone(name):
+    """A graph-less loss is an absent task: uncertainty's log-variance gets no gradient (it grew
+    without bound on loss 0), GradNorm's weight stays, DWA's period mean is over real losses only."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    strategy = build_strategy({"name": name, "period": 3} if name == "dwa" else name, ["a", "b"])
+    first_b = model(x).sum().pow(2)
+    strategy.backward({"a": model(x).pow(2).mean(), "b": first_b}, model.parameters())
+    strategy.zero_grad()
+    for _ in range(2):
+        strategy.backward({"a": model(x).pow(2).mean(), "b": torch.zeros(())}, model.parameters())
+    for p in strategy.parameters():
+        assert p.grad is not None and p.grad[1] == 0
+    if name == "uncertainty":
+        assert strategy.log_var.grad[0] != 0
+    if name == "gradnorm":
+        assert float(strategy.initial_loss[1]) == pytest.approx(float(first_b))
+    if name == "dwa":
+        assert float(strategy.history[1, 1]) == pytest.approx(float(first_b))  # not a third of it
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"name": "uncertainty", "init": "abc"}, "uncertainty init must be a finite number, got 'abc'"),
+    ({"name": "uncertainty", "init": float("nan")}, "uncertainty init must be a finite number, got nan"),
+    ({"name": "dwa", "period": "x"}, "dwa period must be an integer >= 1, got 'x'"),
+    ({"name": "dwa", "temperature": 0}, "dwa temperature must be a finite number > 0, got 0"),
+    ({"name": "cagrad", "iterations": "many"}, "cagrad iterations must be an integer >= 1, got 'many'"),
+    ({"name": "cagrad", "iterations": 0}, "cagrad iterations must be an integer >= 1, got 0"),
+    ({"name": "gradnorm", "alpha": -1}, "gradnorm alpha must be a finite number >= 0, got -1"),
+])
+def test_bad_strategy_settings_are_config_errors_saying_what_they_must_be(spec, message):
+    """Strings gave bare ValueErrors; a NaN init poisoned the weights and 0 solver steps silently
+    turned CAGrad into plain averaging."""
+    with pytest.raises(ConfigError, match=message):
+        build_strategy(spec, ["a", "b"])
+    assert build_strategy({"name": "cagrad", "iterations": 1}, ["a", "b"]).iterations == 1
+
+
+def test_backward_refuses_no_losses_and_takes_a_number_as_a_constant_loss():
+    """An empty dict gave torch's bare 'stack expects a non-empty TensorList', a float loss an
+    AttributeError; a number is now a graph-less loss like torch.zeros(())."""
+    p = nn.Parameter(torch.tensor([1.0, 2.0]))
+    s = build_strategy("equal", ["a", "b"])
+    with pytest.raises(InputError, match="no task losses"):
+        s.backward({}, [p])
+    with pytest.raises(InputError, match="scalar tensor .* got str for task 'b'"):
+        s.backward({"a": p.sum(), "b": "0"}, [p])
+    with pytest.raises(InputError, match=r"got shape \[2\] for task 'a'"):
+        s.backward([p * 1, 0.0], [p])
+    for losses in ({"a": (p ** 2).sum(), "b": 0.0}, [(p ** 2).sum(), 0]):
+        p.grad = None
+        s.backward(losses, [p])
+        torch.testing.assert_close(p.grad, p.detach())  # 2p / 2 tasks: b contributes nothing
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "cagrad", "gradnorm", "equal"])
+def test_a_gradient_strategy_with_no_shared_parameter_warns_once(name):
+    """Two heads and no shared trunk (as with sharing: soft and per-task heads): pcgrad, cagrad and
+    gradnorm have nothing to act on and silently trained like equal."""
+    import warnings
+
+    a, b = nn.Linear(3, 1), nn.Linear(3, 1)
+    x = torch.randn(4, 3)
+    s = build_strategy(name, ["a", "b"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            s.backward({"a": a(x).pow(2).mean(), "b": b(x).pow(2).mean()}, [*a.parameters(), *b.parameters()])
+        s.backward({"a": a(x).pow(2).mean(), "b": torch.zeros(())}, [*a.parameters(), *b.parameters()])
+    found = [w for w in caught if "no parameter shared" in str(w.message)]
+    assert len(found) == (name != "equal")
+    if found:
+        assert found[0].category is RuntimeWarning and "model.sharing: hard" in str(found[0].message)
+
+
+def test_gradnorm_refuses_a_negative_task_loss_before_changing_its_state():
+    """A negative loss was re-recorded as 'first loss' every step (0 marks 'not seen'), giving rates
+    of about -1e12, NaN targets and a frozen weight."""
+    p = nn.Parameter(torch.tensor([1.0, 2.0]))
+    s = build_strategy("gradnorm", ["a", "b"])
+    with torch.no_grad():
+        s.weight.copy_(torch.tensor([0.5, 3.0]))
+    with pytest.raises(InputError, match="gradnorm needs task losses >= 0.*got -1 for task 'b'"):
+        s.backward({"a": (p ** 2).sum(), "b": p.sum() - 4.0}, [p])
+    assert s.weight.tolist() == [0.5, 3.0] and s.weight.grad is None and s.initial_loss.tolist() == [0, 0]

@@ -344,3 +344,46 @@ def test_the_probe_times_each_layout_after_its_warm_up_steps():
     hasty = LayoutProbe(timer=lambda: clock[0], warmup=0, repeats=1)  # no warm-up of the other layout
     steps.update({True: 0, False: 0})
     assert not hasty.choose(run, initial=True).channels_last
+
+
+class _TwoRanks:
+    """Process strategy of one of two ranks whose peer's share of each meta-batch has the shapes
+    ``peer`` (a list of repr'd group keys per call), collectives answered locally."""
+
+    world_size = 2
+
+    def __init__(self, rank, peer):
+        self.rank, self.peer, self.gathers = rank, list(peer), 0
+
+    def all_gather(self, obj, what):
+        self.gathers += 1
+        other = self.peer.pop(0)
+        return [obj, other] if self.rank == 0 else [other, obj]
+
+    def any_rank(self, *flags, what=""):
+        return tuple(bool(f) for f in flags)
+
+
+def test_ranks_with_different_shares_of_a_mixed_meta_batch_probe_in_the_same_iteration():
+    """Under torchrun a mixed meta-batch gives each rank different shapes; the workload key is the
+    whole meta-batch's, so every rank probes (a collective) in the same iteration, never one alone."""
+    from metamtl.fit_loop import layout_workload
+
+    small, big = batch(tasks=1), batch(tasks=1, shots=3)
+    key = lambda b: sorted(map(repr, b.groups()))  # noqa: E731
+    both = TaskBatch([small[0], big[0]])
+    # iteration 1: rank 0 holds a small episode, rank 1 a big one; iteration 2: both hold both
+    rank0, calls0 = timed_learner({True: 1.0, False: 2.0})
+    rank1, calls1 = timed_learner({True: 1.0, False: 2.0})
+    rank0.strategy = _TwoRanks(0, [key(big), key(both)])
+    rank1.strategy = _TwoRanks(1, [key(small), key(both)])
+    keys = [layout_workload(rank0, small), layout_workload(rank1, big)]
+    assert keys[0] == keys[1]
+    rank0.strategy.peer, rank1.strategy.peer = [key(big), key(both)], [key(small), key(both)]
+    choose_layout(rank0, rank0.placement.batch(small))
+    choose_layout(rank1, rank1.placement.batch(big))
+    assert calls0 and calls1 and list(rank0.run.layouts) == list(rank1.run.layouts) == keys[:1]
+    calls0.clear(), calls1.clear()
+    choose_layout(rank0, rank0.placement.batch(both))
+    choose_layout(rank1, rank1.placement.batch(both))
+    assert calls0 == calls1 == [] and rank0.run.layouts == rank1.run.layouts
