@@ -15,6 +15,7 @@ import yaml
 from test_stages import staged
 
 from metamtl import MetaLearner
+from metamtl.callbacks import EarlyStopping
 from metamtl.checkpoint import safe_load
 from metamtl.cli import main
 from metamtl.config import config_from_dict, load_config
@@ -141,6 +142,8 @@ def test_resume_and_callbacks_are_refused_with_the_way_to_do_it(tmp_path):
     with pytest.raises(ConfigError, match="resume each unfinished member"):
         run(cfg, resume=last, progress=False, quiet=True)
     with pytest.raises(ConfigError, match="callbacks cannot reach"):
+        run(cfg, progress=False, quiet=True, callbacks=[EarlyStopping()])
+    with pytest.raises(ConfigError, match="must hold Callback instances"):  # not a callback at all: said first
         run(cfg, progress=False, quiet=True, callbacks=[object()])
 
 
