@@ -224,8 +224,10 @@ def _yaml_option(flag: str, text: str | None):
         return None
     import yaml
 
+    from . import yaml_io
+
     try:
-        return yaml.safe_load(text)
+        return yaml_io.load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{flag} is not valid YAML: {exc}") from None
 

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from . import yaml_io
 from .errors import ConfigError, decode_text, did_you_mean
 
 
@@ -574,7 +575,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: bad key {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = yaml_io.load(raw) if raw != "" else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
     return key.split("."), value
@@ -638,7 +639,7 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in _seen:
         raise ConfigError(f"config files extend each other in a cycle: {' -> '.join(map(str, _seen + (path,)))}")
     try:
-        data = yaml.safe_load(decode_text(path.read_bytes(), f"config file {path}", ConfigError)) or {}
+        data = yaml_io.load(decode_text(path.read_bytes(), f"config file {path}", ConfigError)) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):

@@ -74,7 +74,7 @@ def train_members(cfg: Config, members: list[tuple[str, Config]], progress: bool
     process: SIGINT / SIGTERM is passed on to every member (as SIGTERM), and each saves a
     resumable ``last.pt`` as a single ``metamtl fit`` would, and :class:`~metamtl.errors.FitInterrupted` says how to
     resume them; a second signal stops them at once."""
-    import yaml
+    from . import yaml_io
 
     folder = cfg.run_dir / "members"
     folder.mkdir(parents=True, exist_ok=True)
@@ -90,7 +90,7 @@ def train_members(cfg: Config, members: list[tuple[str, Config]], progress: bool
         try:
             for name, mcfg in members:
                 path = folder / f"{name}.yaml"
-                path.write_text(yaml.safe_dump(json.loads(json.dumps(mcfg.to_dict())), sort_keys=False))
+                path.write_text(yaml_io.dump(json.loads(json.dumps(mcfg.to_dict())), sort_keys=False))
                 cmd = [sys.executable, "-m", "metamtl", "fit", str(path), "--no-progress"] + (["--overwrite"] if overwrite else [])
                 with open(folder / f"{name}.log", "wb") as log:
                     procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,

@@ -33,7 +33,8 @@ MODULE_LAYERS = {
     "metamtl.version": "foundation",
     "metamtl.environment": "foundation",
     "metamtl.memory": "foundation",
-    "metamtl.files": "foundation",  # atomic file writes (stdlib only)
+    "metamtl.files": "foundation",
+    "metamtl.yaml_io": "foundation",  # the one YAML reader (YAML 1.2 numbers)  # atomic file writes (stdlib only)
     "metamtl.progress_bars": "foundation",
     "metamtl.allocator": "foundation",  # glibc malloc settings and the budget guard (stdlib only)
     "metamtl.data": "data",

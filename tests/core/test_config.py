@@ -94,3 +94,18 @@ def test_cli_overrides_may_follow_options(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("name: x\n")
     assert main(["fit", str(tmp_path / "c.yaml"), "--no-progress", "tasks.ways=five"]) == 2
     assert "config.tasks.ways: expected an integer, got 'five'" in capsys.readouterr().err
+
+
+def test_numbers_are_read_by_yaml_1_2_rules(tmp_path):
+    """``1e-3`` is a float and ``010`` the decimal 10 (never octal 8), in overrides, config files
+    and YAML-valued CLI options alike."""
+    from metamtl.cli import _yaml_option
+
+    cfg = load_config(None, ["train.meta_lr=1e-3", "tasks.seed=010", "data.split_seed=0123"])
+    assert cfg.train.meta_lr == pytest.approx(1e-3) and cfg.tasks.seed == 10 and cfg.data.split_seed == 123
+    (tmp_path / "c.yaml").write_text("train:\n  meta_lr: 1e-3\n  iterations: 0500\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.train.meta_lr == pytest.approx(1e-3) and cfg.train.iterations == 500
+    assert _yaml_option("--support-augment", "{copies: 2, augment: {shear: 3e-1}}") == {
+        "copies": 2, "augment": {"shear": 0.3}}
+    assert apply_overrides({}, ["a=0o17", "b=1:30", "c=.5"]) == {"a": 15, "b": "1:30", "c": 0.5}
