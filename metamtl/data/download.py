@@ -236,6 +236,55 @@ def _merge_into(src: Path, dest: Path) -> None:
             os.replace(entry, to)
 
 
+@contextlib.contextmanager
+def _reading(archive: Path):
+    """Turn errors while reading ``archive``'s member list (a truncated or damaged file, e.g. a
+    partial download) into :class:`IntegrityError`; nothing has been extracted at that point."""
+    try:
+        yield
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+        raise IntegrityError(f"refusing to extract {archive}: it is corrupt or incomplete ({exc}); "
+                             "nothing was extracted - delete it and download it again") from exc
+
+
+def _extract_zip(archive: Path, target: Path) -> None:
+    with _reading(archive):
+        zf = zipfile.ZipFile(archive)
+    with zf:
+        with _reading(archive):
+            members = [(info, _zip_symlink_target(zf, info)) for info in zf.infolist()]
+        for info, link in members:
+            _check_member(archive, info.filename, link)
+        _check_links(archive, [(info.filename, link, False) for info, link in members])
+        with _staged(archive, target, (zipfile.BadZipFile, zlib.error)) as stage:
+            for info, link in members:
+                if link is None:
+                    zf.extract(info, stage)
+                else:
+                    dest = stage / info.filename
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    os.symlink(link, dest)
+
+
+def _extract_tar(archive: Path, target: Path) -> None:
+    with _reading(archive):
+        tf = tarfile.open(archive)
+    with tf:
+        with _reading(archive):
+            members = tf.getmembers()
+        for m in members:
+            if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
+                raise _member_error(archive, m.name, "is a device or FIFO, not a file or folder")
+            _check_member(archive, m.name, m.linkname if m.issym() or m.islnk() else None, m.islnk())
+        _check_links(archive, [(m.name, m.linkname if m.issym() or m.islnk() else None, m.islnk())
+                               for m in members])
+        # The checks above are the guarantee; the "data" filter (Python >= 3.11.4, 3.10.12)
+        # additionally drops unsafe permission bits.
+        safety = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        with _staged(archive, target, (tarfile.TarError, zlib.error, EOFError)) as stage:
+            tf.extractall(stage, members=members, **safety)
+
+
 def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
     """Extract a zip or tar (optionally compressed) archive into ``target`` and return it.
 
@@ -243,41 +292,17 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
     path component, a symlink or hard link pointing outside ``target``, or (tar) a device or FIFO
     raises :class:`IntegrityError` naming the member, and ``target`` is left untouched. The archive
     is extracted into a staging folder next to ``target`` and merged into it only once complete, so
-    a damaged member (bad CRC, truncated data) also raises :class:`IntegrityError` and leaves
-    ``target`` as it was.
+    a damaged member (bad CRC, truncated data) or a truncated archive (a partial download) also
+    raises :class:`IntegrityError` and leaves ``target`` as it was.
     """
     archive, target = Path(archive), Path(target)
     if not archive.is_file():
         raise DataError(f"archive {archive} does not exist")
     if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            members = [(info, _zip_symlink_target(zf, info)) for info in zf.infolist()]
-            for info, link in members:
-                _check_member(archive, info.filename, link)
-            _check_links(archive, [(info.filename, link, False) for info, link in members])
-            with _staged(archive, target, (zipfile.BadZipFile, zlib.error)) as stage:
-                for info, link in members:
-                    if link is None:
-                        zf.extract(info, stage)
-                    else:
-                        dest = stage / info.filename
-                        dest.parent.mkdir(parents=True, exist_ok=True)
-                        os.symlink(link, dest)
-        return target
-    if tarfile.is_tarfile(archive):
-        with tarfile.open(archive) as tf:
-            members = tf.getmembers()
-            for m in members:
-                if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
-                    raise _member_error(archive, m.name, "is a device or FIFO, not a file or folder")
-                _check_member(archive, m.name, m.linkname if m.issym() or m.islnk() else None, m.islnk())
-            _check_links(archive, [(m.name, m.linkname if m.issym() or m.islnk() else None, m.islnk())
-                                   for m in members])
-            # The checks above are the guarantee; the "data" filter (Python >= 3.11.4, 3.10.12)
-            # additionally drops unsafe permission bits.
-            safety = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            with _staged(archive, target, (tarfile.TarError, zlib.error, EOFError)) as stage:
-                tf.extractall(stage, members=members, **safety)
-        return target
-    raise DataError(f"{archive} is neither a zip nor a tar archive; cannot extract it")
-
+        _extract_zip(archive, target)
+    elif tarfile.is_tarfile(archive):
+        _extract_tar(archive, target)
+    else:
+        raise DataError(f"{archive} is neither a zip nor a tar archive (or it is incomplete: delete it and "
+                        "download it again); cannot extract it")
+    return target

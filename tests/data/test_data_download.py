@@ -137,3 +137,20 @@ def test_safe_extract_damaged_zip_member_is_an_integrity_error_and_writes_nothin
         safe_extract(archive, target)
     left = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     assert left == [Path("bad.zip")] + ([Path("out/a/kept.txt")] if existing else [])
+
+
+@pytest.mark.parametrize("mode, ext", [("w", "tar"), ("w:gz", "tar.gz")])
+def test_safe_extract_truncated_tar_is_an_integrity_error(mode, ext, tmp_path):
+    """A partial download of a tar / tar.gz: IntegrityError saying to download it again, nothing written."""
+    good = tmp_path / f"good.{ext}"
+    with tarfile.open(good, mode) as tf:
+        for i in range(5):
+            data = os.urandom(5000)
+            info = tarfile.TarInfo(f"d/{i}.bin")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    part = tmp_path / f"partial.{ext}"
+    part.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(IntegrityError, match="corrupt or incomplete.*download it again"):
+        safe_extract(part, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["good." + ext, part.name]
