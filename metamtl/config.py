@@ -581,10 +581,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+#: Sections whose ``name`` picks a registry entry: an override switching the name starts the
+#: section afresh (as ``extends`` does, see :func:`_merge`), since the old entry's settings
+#: rarely fit the new one.
+REGISTRY_SECTIONS = ("model", "algorithm", "distill", "strategy")
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b=value`` overrides to a nested dict (in place; also returned).  Inside a list
     (``stages``, ``datasets``) a part is an index or an entry's ``name`` / ``label``:
-    ``stages.1.train.iterations=5`` or ``stages.anil.train.iterations=5``."""
+    ``stages.1.train.iterations=5`` or ``stages.anil.train.iterations=5``.
+
+    ``model.name=X`` (likewise ``algorithm``, ``distill``, ``strategy``) naming another entry than
+    the section's resets the section to ``{name: X}``, keeping only keys that earlier overrides on
+    the same command line set, as ``extends`` replaces a section whose ``name`` changes."""
+    set_by_override: dict[int, set[str]] = {}  # id(section) -> keys earlier overrides set in it
     for text in overrides:
         path, value = parse_override(text)
         node: Any = data
@@ -592,6 +603,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if isinstance(node, list):
                 nxt = node[_list_index(node, part, text)]
             else:
+                set_by_override.setdefault(id(node), set()).add(part)
                 nxt = node.get(part)
                 if nxt is None:
                     nxt = node[part] = {}
@@ -600,8 +612,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = nxt
         if isinstance(node, list):
             node[_list_index(node, path[-1], text)] = value
-        else:
-            node[path[-1]] = value
+            continue
+        kept = set_by_override.setdefault(id(node), set())
+        if len(path) > 1 and path[-2] in REGISTRY_SECTIONS and path[-1] == "name" and node.get("name", value) != value:
+            for key in [k for k in node if k not in kept]:
+                del node[key]
+        kept.add(path[-1])
+        node[path[-1]] = value
     return data
 
 

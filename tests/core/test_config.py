@@ -109,3 +109,13 @@ def test_numbers_are_read_by_yaml_1_2_rules(tmp_path):
     assert _yaml_option("--support-augment", "{copies: 2, augment: {shear: 3e-1}}") == {
         "copies": 2, "augment": {"shear": 0.3}}
     assert apply_overrides({}, ["a=0o17", "b=1:30", "c=.5"]) == {"a": 15, "b": "1:30", "c": 0.5}
+
+
+def test_switching_a_registry_entry_by_override_starts_the_section_afresh():
+    """``algorithm.name=protonet`` over MAML drops MAML's settings, as ``extends`` does; settings
+    given by earlier overrides on the same command line are kept."""
+    cfg = load_config(CONFIG_DIR / "compare" / "maml.yaml", ["algorithm.name=protonet"])
+    assert cfg.algorithm == {"name": "protonet"}
+    data = apply_overrides({"model": {"name": "conv4", "hidden": 64}, "algorithm": {"name": "maml", "lr": 0.4}},
+                           ["algorithm.steps=3", "algorithm.name=anil", "model.name=conv4", "model.name=resnet12"])
+    assert data == {"model": {"name": "resnet12"}, "algorithm": {"name": "anil", "steps": 3}}
