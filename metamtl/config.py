@@ -34,7 +34,7 @@ class DataConfig:
     label: str | None = None
     root: str | None = None
     download: bool = False
-    cache_dir: str | None = None
+    cache_dir: str | bool | None = None  # decode-cache folder; null/true/'': the default, false: none
     sources: list[str] | None = None
     image_size: int | None = None
     split_fractions: list[float] | None = None

@@ -73,10 +73,13 @@ def default_cache_dir() -> Path:
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike | bool | None) -> Path | None:
-    """``None``/``True`` -> :func:`default_cache_dir`, ``False`` -> ``None`` (no disk cache)."""
+    """``None``/``True``/``""`` -> :func:`default_cache_dir`, ``False`` -> ``None`` (no disk cache).
+
+    An empty string means the default (as an empty ``data.cache_dir=`` override does), never the
+    current directory."""
     if cache_dir is False:
         return None
-    if cache_dir is None or cache_dir is True:
+    if cache_dir is None or cache_dir is True or (isinstance(cache_dir, str) and not cache_dir.strip()):
         return default_cache_dir()
     return Path(cache_dir).expanduser()
 

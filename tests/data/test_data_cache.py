@@ -94,6 +94,21 @@ def test_cache_dir_false_keeps_it_in_memory_only(image_tree, tmp_path, monkeypat
     assert list((tmp_path / "env-cache").glob("folder-again-*.npz"))
 
 
+def test_empty_cache_dir_means_the_default_and_a_config_can_turn_the_cache_off(image_tree, tmp_path, monkeypatch):
+    """``data.cache_dir: ''`` is the default cache (never the current directory); ``false`` in a
+    config means no disk cache, as ``cache_dir=False`` does in Python."""
+    from metamtl.config import load_config
+
+    monkeypatch.setenv("METAMTL_CACHE", str(tmp_path / "env-cache"))
+    monkeypatch.chdir(tmp_path)
+    assert resolve_cache_dir("") == resolve_cache_dir(None) == tmp_path / "env-cache"
+    ClassFolder(image_tree, name="empty", cache_dir="")
+    assert list((tmp_path / "env-cache").glob("folder-empty-*.npz")) and not list(tmp_path.glob("*.npz"))
+    assert load_config(None, ["data.cache_dir=false"]).data.cache_dir is False
+    (tmp_path / "c.yaml").write_text("data: {cache_dir: ''}\n")
+    assert load_config(tmp_path / "c.yaml").data.cache_dir == ""
+
+
 def test_memo_is_bounded(monkeypatch, tmp_path):
     monkeypatch.setattr(cache, "MEMO_MAX_BYTES", 10)
     clear_memo()
