@@ -11,7 +11,7 @@ import torch
 from ..errors import ConfigError, DataError, DataNotFoundError, unknown_name
 from .base import ClassDataset, Preprocessing, split_names
 from .cache import Decoded
-from .download import download_url
+from .download import check_integrity, download_url
 from .folder import DirectoryTree, Tree, ZipTree, decode_classes, resolve_root, scan_class_folders
 
 _URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
@@ -39,7 +39,8 @@ class Omniglot(ClassDataset):
             evaluation protocol: the names cut by ``split_fractions`` are alphabets, so test
             alphabets keep all their characters and within-alphabet 20-way episodes can be
             drawn from them).
-        download: fetch missing official zips from :attr:`URLS` into ``root`` (md5-checked).
+        download: fetch missing official zips from :attr:`URLS` into ``root`` (md5-checked), and
+            fetch again a known zip whose md5 is wrong (corrupt or incompletely downloaded).
         cache_dir: decode-cache folder (``None``: default, ``False``: memory only).
 
     Classes are characters ``Alphabet/characterNN``.  A character present in several sources
@@ -162,6 +163,11 @@ class Omniglot(ClassDataset):
             )
         for name in missing:
             found[name] = download_url(cls.URLS[name], root, f"{name}.zip", md5=cls.MD5[name])
+        if download:  # a corrupt or incomplete official zip (an interrupted download) is fetched again
+            for name in wanted:
+                path = found[name]
+                if path.is_file() and not check_integrity(path, cls.MD5[name]):
+                    found[name] = download_url(cls.URLS[name], path.parent, path.name, md5=cls.MD5[name])
         return {name: found[name] for name in wanted}
 
     @classmethod

@@ -145,6 +145,15 @@ def test_download_fetches_missing_archive_with_md5_check(omniglot_root, tmp_path
     assert (tmp_path / f"{SMALL1}.zip").read_bytes() == (omniglot_root / f"{SMALL1}.zip").read_bytes()
 
 
+def test_download_replaces_a_corrupt_official_zip(omniglot_root, tmp_path, monkeypatch, cache_dir):
+    """A partial download left under the official name is fetched again with ``download=True``."""
+    good = (omniglot_root / f"{SMALL1}.zip").read_bytes()
+    (tmp_path / f"{SMALL1}.zip").write_bytes(good[:100000])
+    monkeypatch.setattr(Omniglot, "URLS", {SMALL1: (omniglot_root / f"{SMALL1}.zip").as_uri()})
+    ds = Omniglot(tmp_path, split="all", sources=[SMALL1], download=True, cache_dir=cache_dir)
+    assert ds.num_classes == 136 and (tmp_path / f"{SMALL1}.zip").read_bytes() == good
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
