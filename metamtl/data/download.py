@@ -23,7 +23,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from ..errors import DataError, DataNotFoundError, IntegrityError
+from ..errors import DataError, DataNotFoundError, IntegrityError, MetamtlError
 from ..files import atomic_write
 from ..progress_bars import progress_bar
 
@@ -89,6 +89,7 @@ def download_url(
     if not filename:
         raise DataError(f"cannot tell a file name from the URL {url!r}; pass filename=")
     final = root / filename
+    _check_destination(root, final, "download to")
     if check_integrity(final, md5):
         return final
     def fill(out) -> None:  # streams the download; the md5 is checked before the file gets its name
@@ -113,8 +114,27 @@ def download_url(
                 f"nothing was saved to {final} (retry, or fetch it by hand)"
             )
 
-    atomic_write(final, fill)
+    try:
+        atomic_write(final, fill)
+    except MetamtlError:
+        raise
+    except OSError as exc:
+        raise DataError(f"could not save {url} as {final}: {exc}; check that {root} is a writable "
+                        "folder with free space") from exc
     return final
+
+
+def _check_destination(folder: Path, path: Path | None, what: str) -> None:
+    """Refuse, before any work, a ``folder`` that exists but is not a folder, or (``path``) a
+    destination file name that is a folder."""
+    for parent in (folder, *folder.parents):
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise DataError(f"cannot {what} {folder}: {parent} is not a folder; remove or rename it, "
+                                "or choose another folder")
+            break
+    if path is not None and path.is_dir():
+        raise DataError(f"cannot {what} {path}: a folder has that name; remove or rename it")
 
 
 # -- extraction ---------------------------------------------------------------------------------
@@ -298,6 +318,7 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
     archive, target = Path(archive), Path(target)
     if not archive.is_file():
         raise DataError(f"archive {archive} does not exist")
+    _check_destination(target, None, "extract into")
     if zipfile.is_zipfile(archive):
         _extract_zip(archive, target)
     elif tarfile.is_tarfile(archive):

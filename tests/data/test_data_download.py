@@ -154,3 +154,20 @@ def test_safe_extract_truncated_tar_is_an_integrity_error(mode, ext, tmp_path):
     with pytest.raises(IntegrityError, match="corrupt or incomplete.*download it again"):
         safe_extract(part, tmp_path / "out")
     assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["good." + ext, part.name]
+
+
+def test_bad_destinations_are_data_errors_before_any_work(tmp_path):
+    """A download root or extraction target that is a file, or a final name that is a folder:
+    DataError naming the path, and nothing extracted."""
+    archive = make_zip(tmp_path / "a.zip", [("x", b"y")])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="is not a folder"):
+        download_url(archive.as_uri(), tmp_path / "file")
+    with pytest.raises(DataError, match="is not a folder"):
+        download_url(archive.as_uri(), tmp_path / "file" / "sub")
+    (tmp_path / "root" / "a.zip").mkdir(parents=True)
+    with pytest.raises(DataError, match="a folder has that name"):
+        download_url(archive.as_uri(), tmp_path / "root")
+    with pytest.raises(DataError, match="is not a folder"):
+        safe_extract(archive, tmp_path / "file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zip", "file", "root"]
