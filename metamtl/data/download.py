@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import posixpath
@@ -229,8 +230,11 @@ def _zip_symlink_target(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> str | Non
 def _staged(archive: Path, target: Path, corrupt: tuple[type[BaseException], ...]):
     """Yield an empty staging folder next to ``target``; on success merge it into ``target``.
 
-    Whatever fails inside (``corrupt`` errors become :class:`IntegrityError`), the staging folder
-    is removed and ``target`` is left as it was: no partially extracted archive is ever visible.
+    Whatever fails inside (``corrupt`` errors, and members that clash such as a file ``a`` and a
+    member ``a/b``, become :class:`IntegrityError`), the staging folder is removed and ``target`` is
+    left as it was: no partially extracted archive is ever visible.  An entry of the archive whose
+    kind (file or folder) differs from what ``target`` already holds there is refused before
+    anything is moved (:class:`DataError` naming it).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.extract-", dir=target.parent))
@@ -240,10 +244,49 @@ def _staged(archive: Path, target: Path, corrupt: tuple[type[BaseException], ...
         except corrupt as exc:  # damaged member data, FilterError and friends
             raise IntegrityError(f"refusing to extract {archive}: {exc}; nothing was extracted - "
                                  "check or download the archive again") from exc
-        target.mkdir(exist_ok=True)
-        _merge_into(stage, target)
+        except OSError as exc:
+            raise _write_error(archive, target, exc) from exc
+        _check_merge(archive, stage, target)
+        try:
+            target.mkdir(exist_ok=True)
+            _merge_into(stage, target)
+        except OSError as exc:
+            raise DataError(f"extracting {archive} into {target} failed midway: {exc}; {target} may be "
+                            "partly updated - fix the cause and extract again") from exc
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _write_error(archive: Path, target: Path, exc: OSError) -> DataError:
+    """The error for an OSError met while writing members into the private staging folder."""
+    if exc.errno is None or exc.errno in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+        return IntegrityError(f"refusing to extract {archive}: its members clash or its data is damaged "
+                              f"({exc}), e.g. a path that is both a file and a folder; the archive is "
+                              "malformed or corrupt, nothing was extracted - download it again")
+    return DataError(f"could not extract {archive} next to {target}: {exc}; nothing was extracted - "
+                     "check free space and permissions")
+
+
+def _is_folder(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def _check_merge(archive: Path, src: Path, dest: Path) -> None:
+    """Refuse, before anything is moved, an entry of ``src`` whose kind (folder, or file/link)
+    differs from what ``dest`` already holds under that name."""
+    if not _is_folder(dest):
+        return
+    for entry in src.iterdir():
+        to = dest / entry.name
+        if not (to.exists() or to.is_symlink()):
+            continue
+        if _is_folder(entry) != _is_folder(to):
+            held, new = ("a folder", "a file") if _is_folder(to) else ("a file", "a folder")
+            raise DataError(f"cannot extract {archive}: {to} is {held} but the "
+                            f"archive holds {new} there; move or delete {to} and extract again (nothing "
+                            "was changed)")
+        if _is_folder(entry):
+            _check_merge(archive, entry, to)
 
 
 def _merge_into(src: Path, dest: Path) -> None:

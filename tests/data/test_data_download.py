@@ -171,3 +171,31 @@ def test_bad_destinations_are_data_errors_before_any_work(tmp_path):
     with pytest.raises(DataError, match="is not a folder"):
         safe_extract(archive, tmp_path / "file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zip", "file", "root"]
+
+
+def test_safe_extract_kind_conflict_with_the_target_changes_nothing(tmp_path):
+    """An archive file where the target holds a folder: DataError naming it, before any file of
+    the target is replaced (the merge is all-or-nothing)."""
+    archive = make_zip(tmp_path / "v2.zip", [(f"data/{n}.txt", b"version2") for n in "abcdefgh"])
+    target = tmp_path / "target"
+    (target / "data").mkdir(parents=True)
+    for n in "abcdfgh":
+        (target / "data" / f"{n}.txt").write_bytes(b"version1")
+    (target / "data" / "e.txt").mkdir()
+    with pytest.raises(DataError, match=r"e\.txt is a folder but the archive holds a file"):
+        safe_extract(archive, target)
+    assert {p.name: p.read_bytes() for p in (target / "data").iterdir() if p.is_file()} == {
+        f"{n}.txt": b"version1" for n in "abcdfgh"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["target", "v2.zip"]
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_safe_extract_clashing_members_are_an_integrity_error(kind, tmp_path):
+    """A malformed archive holding a file ``a`` and a member ``a/b``: IntegrityError, nothing written."""
+    if kind == "zip":
+        archive = make_zip(tmp_path / "c.zip", [("a", b"x"), ("a/b", b"y")])
+    else:
+        archive = make_tar(tmp_path / "c.tar.gz", ["a", "a/b"])
+    with pytest.raises(IntegrityError, match="clash"):
+        safe_extract(archive, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [archive.name]
