@@ -263,7 +263,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            hint = " (in a YAML file, quote text that reads as a number or boolean: '2024', 'no')" \
+                if isinstance(value, (bool, int, float)) else ""
+            raise ConfigError(f"{where}: expected a string, got {value!r}{hint}")
         return value
     return value
 
@@ -576,9 +578,46 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r}: bad key {key!r}")
     try:
         value = yaml_io.load(raw) if raw != "" else None
+        if _has_non_text_scalar(value) and _is_text(_setting_type(key.split("."))):
+            value = yaml_io.load_strings(raw)  # name=2024, logging.tags=[v, 2024]: text as typed
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
     return key.split("."), value
+
+
+def _has_non_text_scalar(value: Any) -> bool:
+    """Whether ``value`` is (or is a list holding) a number or boolean."""
+    items = value if isinstance(value, list) else [value]
+    return any(isinstance(v, (bool, int, float)) for v in items)
+
+
+def _optional_of(tp: Any) -> Any:
+    """``X`` for an annotation ``X | None``, else ``tp``."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) \
+            and len(args) == 2 and type(None) in args:
+        return args[0] if args[1] is type(None) else args[1]
+    return tp
+
+
+def _setting_type(path: list[str]) -> Any:
+    """The annotation of the setting at ``path`` in :class:`Config` (``None`` inside free-form sections)."""
+    tp: Any = Config
+    for part in path:
+        tp = _optional_of(tp)
+        if dataclasses.is_dataclass(tp):
+            tp = typing.get_type_hints(tp).get(part)
+        elif typing.get_origin(tp) is list and typing.get_args(tp):
+            tp = typing.get_args(tp)[0]  # a list entry, by index or name
+        else:
+            return None
+    return tp
+
+
+def _is_text(tp: Any) -> bool:
+    """Whether a setting annotated ``tp`` can only hold text (``str``, ``list[str]``, maybe ``None``)."""
+    tp = _optional_of(tp)
+    return tp is str or (typing.get_origin(tp) is list and typing.get_args(tp) == (str,))
 
 
 #: Sections whose ``name`` picks a registry entry: an override switching the name starts the

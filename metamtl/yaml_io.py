@@ -70,6 +70,12 @@ def load(text: str) -> Any:
     return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
 
 
+def load_strings(text: str) -> Any:
+    """``text`` parsed as YAML with every scalar a string (``2024``, ``010``, ``no`` as written):
+    for settings that can only be text.  Raises ``yaml.YAMLError`` when invalid."""
+    return yaml.load(text, Loader=yaml.BaseLoader)  # noqa: S506 - builds only str, list and dict
+
+
 def dump(data: Any, **kwargs: Any) -> str:
     """``data`` as YAML text that :func:`load` reads back unchanged."""
     return yaml.dump(data, Dumper=Dumper, **kwargs)

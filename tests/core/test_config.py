@@ -119,3 +119,13 @@ def test_switching_a_registry_entry_by_override_starts_the_section_afresh():
     data = apply_overrides({"model": {"name": "conv4", "hidden": 64}, "algorithm": {"name": "maml", "lr": 0.4}},
                            ["algorithm.steps=3", "algorithm.name=anil", "model.name=conv4", "model.name=resnet12"])
     assert data == {"model": {"name": "resnet12"}, "algorithm": {"name": "anil", "steps": 3}}
+
+
+def test_text_settings_take_number_and_boolean_looking_overrides_as_typed():
+    """``name=2024``, ``name=010``, ``name=no``, ``logging.tags=[v, 2024]``: a setting that can only
+    be text takes the override as written, never a YAML number or boolean."""
+    cfg = load_config(None, ["name=2024", "logging.tags=[baseline, 2024, 010]", "data.train_split=1"])
+    assert cfg.name == "2024" and cfg.logging.tags == ["baseline", "2024", "010"] and cfg.data.train_split == "1"
+    assert load_config(None, ["name=010"]).name == "010" and load_config(None, ["name=no"]).name == "no"
+    assert load_config(None, ["init_from=null"]).init_from is None
+    assert load_config(None, ["tasks.seed=010"]).tasks.seed == 10  # numbers stay numbers
