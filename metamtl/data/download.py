@@ -76,7 +76,8 @@ def download_url(
     Args:
         url: any URL urllib can open (``https://``, ``file://``, ...).
         root: folder to save into (created if missing).
-        filename: name of the saved file (default: the last component of the URL's path).
+        filename: name of the saved file (default: the last component of the URL's path,
+            percent-decoded: ``my%20file.zip`` is saved as ``my file.zip``).
         md5: expected md5 of the file; checked before the file is renamed to its final name.
 
     If ``root/filename`` already exists with the right md5 (or no md5 is given) nothing is
@@ -86,9 +87,9 @@ def download_url(
     cannot be fetched.
     """
     root = Path(root).expanduser()
-    filename = filename or posixpath.basename(urllib.parse.urlparse(url).path)
-    if not filename:
-        raise DataError(f"cannot tell a file name from the URL {url!r}; pass filename=")
+    filename = filename or urllib.parse.unquote(posixpath.basename(urllib.parse.urlparse(url).path))
+    if not filename or filename in (".", "..") or any(c in filename for c in "/\\\0"):
+        raise DataError(f"cannot tell a safe file name from the URL {url!r} (got {filename!r}); pass filename=")
     final = root / filename
     _check_destination(root, final, "download to")
     if check_integrity(final, md5):

@@ -199,3 +199,12 @@ def test_safe_extract_clashing_members_are_an_integrity_error(kind, tmp_path):
     with pytest.raises(IntegrityError, match="clash"):
         safe_extract(archive, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == [archive.name]
+
+
+def test_download_url_percent_decodes_the_file_name(tmp_path):
+    """``my%20file.zip`` is saved as ``my file.zip``; a name that decodes to a path is refused."""
+    archive = make_zip(tmp_path / "my file.zip", [("x", b"y")])
+    assert archive.as_uri().endswith("my%20file.zip")
+    assert download_url(archive.as_uri(), tmp_path / "dl") == tmp_path / "dl" / "my file.zip"
+    with pytest.raises(DataError, match="safe file name"):
+        download_url(archive.as_uri().replace("my%20file.zip", "a%2F..%2Fb"), tmp_path / "dl2")
