@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from pathlib import Path
 from typing import Any, Mapping
@@ -594,7 +595,7 @@ def _has_non_text_scalar(value: Any) -> bool:
 def _optional_of(tp: Any) -> Any:
     """``X`` for an annotation ``X | None``, else ``tp``."""
     args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) \
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) \
             and len(args) == 2 and type(None) in args:
         return args[0] if args[1] is type(None) else args[1]
     return tp
