@@ -27,7 +27,7 @@ from .errors import CheckpointError, ConfigError, MetamtlError
 from .inference import InferenceSettings
 from .models.backbones import TrunkHead
 from .models.registry import build_model
-from .placement import resolve_device
+from .placement import resolve_device, set_layout
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -237,6 +237,7 @@ def learner_state(learner: "MetaLearner", training_state: bool = False) -> dict[
         "task_defaults": dict(learner.task_defaults), "metadata": dict(learner.metadata),
         "iteration": learner.iteration, "history": list(learner.history),
         "evaluation": learner.inference.state(),
+        "channels_last": learner.placement.channels_last,  # the layout it computes in (an automatic one: as chosen)
     }
     if training_state:
         fit = learner.fit_state
@@ -283,4 +284,9 @@ def _rebuild(cls: type["MetaLearner"], obj: dict[str, Any], path: Any, cfg: dict
     learner.run.iteration = int(obj.get("iteration", 0))
     learner.run.history = list(obj.get("history", []))
     learner.inference = InferenceSettings.from_state(obj.get("evaluation"))
+    saved_layout = obj.get("channels_last")
+    if learner.placement.automatic and isinstance(saved_layout, bool) and saved_layout != learner.channels_last:
+        # an automatic layout as the saved learner had chosen it: the same sums, so the same predictions
+        set_layout([learner.model, learner.algorithm], learner.meta_optimizer, saved_layout)
+        learner.placement = learner.placement.with_layout(saved_layout)
     return learner

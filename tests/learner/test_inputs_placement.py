@@ -147,3 +147,24 @@ def test_torch_compiled_trunks_and_models_run_uncompiled_with_a_warning_and_save
     whole = model()
     with pytest.warns(UserWarning, match="the model was wrapped by torch.compile"):
         assert MetaLearner(torch.compile(whole), "protonet", device="cpu").model is whole
+
+
+def test_a_loaded_learner_computes_in_the_memory_layout_the_saved_one_had_chosen(tmp_path):
+    """An automatic layout (conv model on the CPU) that the layout probe had set to NCHW was not saved:
+    the loaded learner computed in channels_last again, and predicted ~1e-4 differently."""
+    from metamtl import MetaLearner
+    from metamtl.algorithms import build_algorithm
+    from metamtl.fit_loop import use_layout
+
+    torch.manual_seed(0)
+    learner = MetaLearner(build_model("conv4", hidden=8, out_features=None),
+                          build_algorithm("maml", steps=3, lr=0.5, head_init="proto"), device="cpu")
+    assert learner.placement.automatic and learner.channels_last
+    use_layout(learner, False)  # what fit's layout probe chooses where NCHW is faster
+    loaded = MetaLearner.load(learner.save(tmp_path / "l.pt"), device="cpu")
+    assert loaded.channels_last is False and loaded.placement.automatic  # still automatic for later fits
+    g = torch.Generator().manual_seed(1)
+    sx, sy, q = torch.randn(25, 1, 28, 28, generator=g), torch.arange(5).repeat(5), torch.randn(20, 1, 28, 28, generator=g)
+    assert torch.equal(loaded.predict(sx, sy, q), learner.predict(sx, sy, q))
+    forced = MetaLearner(build_model("conv4", hidden=8, out_features=None), "protonet", device="cpu", channels_last=True)
+    assert MetaLearner.load(forced.save(tmp_path / "f.pt"), device="cpu").channels_last is True
