@@ -227,7 +227,7 @@ def load_trunk(model: TrunkHead, source: Mapping[str, torch.Tensor] | str | Path
 def learner_state(learner: "MetaLearner", training_state: bool = False) -> dict[str, Any]:
     """What :meth:`MetaLearner.save <metamtl.MetaLearner.save>` writes: the checkpoint format."""
     config = learner.config()
-    check_saveable(learner.model, config)
+    check_saveable(learner.model, config, metadata=learner.metadata, task_defaults=learner.task_defaults)
     obj: dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "metamtl_version": __version__,
         "config": config,
