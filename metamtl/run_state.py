@@ -25,7 +25,7 @@ from .checkpoint import FORMAT, FORMAT_VERSION, check_saveable, config_diff, saf
 from .data.base import Preprocessing
 from .errors import CheckpointError, ConfigError, MetamtlError
 from .inference import InferenceSettings
-from .models.backbones import TrunkHead
+from .models.backbones import TrunkHead, uncompiled
 from .models.registry import build_model
 from .placement import resolve_device, set_layout
 from .version import __version__
@@ -253,6 +253,11 @@ def learner_from_state(cls: type["MetaLearner"], obj: dict[str, Any], path: Any,
     require(obj, path, "config", "model_state", "algorithm_state")
     cfg = obj["config"]
     resolve_device(device)  # a bad device is the caller's mistake, not the checkpoint's: say so first
+    if model is not None:  # so is a model that is none (a torch.compile wrapper: the module inside it)
+        model = uncompiled(model, "model")
+        if not isinstance(model, TrunkHead):
+            raise ConfigError(f"MetaLearner.load(model=...) takes the TrunkHead the checkpoint's weights go into, "
+                              f"got {type(model).__name__}; build it as the saved learner's (or leave model out)")
     try:
         with torch.random.fork_rng(devices=[]):  # every initial value drawn here is overwritten: loading must
             return _rebuild(cls, obj, path, cfg, device, model)  # not move the global RNG (a student built next)

@@ -168,3 +168,24 @@ def test_a_loaded_learner_computes_in_the_memory_layout_the_saved_one_had_chosen
     assert torch.equal(loaded.predict(sx, sy, q), learner.predict(sx, sy, q))
     forced = MetaLearner(build_model("conv4", hidden=8, out_features=None), "protonet", device="cpu", channels_last=True)
     assert MetaLearner.load(forced.save(tmp_path / "f.pt"), device="cpu").channels_last is True
+
+
+def test_load_into_a_torch_compiled_model_loads_into_the_module_inside_it(tmp_path):
+    """MetaLearner.load(path, model=torch.compile(model)) failed with "does not match this metamtl
+    version's models" (the wrapper's ``_orig_mod.`` keys), though a learner takes compiled models."""
+    from metamtl import MetaLearner
+
+    def model():
+        torch.manual_seed(0)
+        return build_model("conv4", in_channels=1, hidden=4, image_size=8, blocks=2, out_features=3)
+
+    learner = MetaLearner(model(), "maml", device="cpu", channels_last=False)
+    path = learner.save(tmp_path / "l.pt")
+    inner = model()
+    with pytest.warns(UserWarning, match="the model was wrapped by torch.compile"):
+        loaded = MetaLearner.load(path, device="cpu", model=torch.compile(inner))
+    assert loaded.model is inner
+    x, y = torch.randn(3, 1, 8, 8), torch.arange(3)
+    assert torch.equal(loaded.predict(x, y, x), learner.predict(x, y, x))
+    with pytest.raises(ConfigError, match=r"model=...\) takes the TrunkHead .* got Linear"):
+        MetaLearner.load(path, device="cpu", model=torch.nn.Linear(2, 2))
