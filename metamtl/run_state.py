@@ -235,7 +235,7 @@ def learner_state(learner: "MetaLearner", training_state: bool = False) -> dict[
         "algorithm_state": {k: v.detach().cpu() for k, v in learner.algorithm.state_dict().items()},
         "preprocessing": learner.preprocessing.to_dict() if learner.preprocessing else None,
         "task_defaults": dict(learner.task_defaults), "metadata": dict(learner.metadata),
-        "iteration": learner.iteration, "history": list(learner.history),
+        "iteration": learner.iteration, "history": list(learner.history), "elapsed": float(learner.elapsed),
         "evaluation": learner.inference.state(),
         "channels_last": learner.placement.channels_last,  # the layout it computes in (an automatic one: as chosen)
     }
@@ -288,6 +288,7 @@ def _rebuild(cls: type["MetaLearner"], obj: dict[str, Any], path: Any, cfg: dict
                   **dict(cfg["learner"]))
     learner.run.iteration = int(obj.get("iteration", 0))
     learner.run.history = list(obj.get("history", []))
+    learner.run.seconds = float(obj.get("elapsed", 0.0))  # so later fits' history times continue
     learner.inference = InferenceSettings.from_state(obj.get("evaluation"))
     saved_layout = obj.get("channels_last")
     if learner.placement.automatic and isinstance(saved_layout, bool) and saved_layout != learner.channels_last:

@@ -154,3 +154,15 @@ def test_metadata_a_checkpoint_could_not_read_back_is_refused_before_anything_is
     plain = {"root": "/data", "sizes": (1, 2), "n": 3, "none": None, "x": [0.5, True]}
     learner = sine_learner(metadata=plain, task_defaults={"shots": 5})
     assert MetaLearner.load(learner.save(tmp_path / "ok.pt"), device="cpu").metadata == plain
+
+
+def test_a_loaded_learner_keeps_its_meta_training_time(sine, tmp_path):
+    """MetaLearner.load started elapsed at 0 s: a loaded learner at iteration 2 had trained for no time,
+    and the history rows of a later fit went back in time."""
+    learner = sine_learner()
+    learner.fit(sine, iterations=2, meta_batch_size=2, progress=False)
+    loaded = MetaLearner.load(learner.save(tmp_path / "l.pt"), device="cpu")
+    assert loaded.elapsed == pytest.approx(learner.elapsed) and loaded.elapsed > 0
+    loaded.fit(sine, iterations=1, meta_batch_size=2, progress=False)
+    times = [row["time"] for row in loaded.history if "time" in row]
+    assert times == sorted(times) and times[-1] > learner.elapsed
