@@ -237,7 +237,8 @@ def learner_state(learner: "MetaLearner", training_state: bool = False) -> dict[
         "task_defaults": dict(learner.task_defaults), "metadata": dict(learner.metadata),
         "iteration": learner.iteration, "history": list(learner.history), "elapsed": float(learner.elapsed),
         "evaluation": learner.inference.state(),
-        "channels_last": learner.placement.channels_last,  # the layout it computes in (an automatic one: as chosen)
+        # an automatic layout as chosen (on a GPU, or forced in the config: None; a GPU's NCHW is no CPU choice)
+        "channels_last": learner.placement.channels_last if learner.placement.automatic else None,
     }
     if training_state:
         fit = learner.fit_state

@@ -168,6 +168,9 @@ def test_a_loaded_learner_computes_in_the_memory_layout_the_saved_one_had_chosen
     assert torch.equal(loaded.predict(sx, sy, q), learner.predict(sx, sy, q))
     forced = MetaLearner(build_model("conv4", hidden=8, out_features=None), "protonet", device="cpu", channels_last=True)
     assert MetaLearner.load(forced.save(tmp_path / "f.pt"), device="cpu").channels_last is True
+    from metamtl.checkpoint import safe_load
+
+    assert safe_load(tmp_path / "l.pt")["channels_last"] is False and safe_load(tmp_path / "f.pt")["channels_last"] is None
 
 
 def test_load_into_a_torch_compiled_model_loads_into_the_module_inside_it(tmp_path):
