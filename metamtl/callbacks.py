@@ -353,7 +353,8 @@ class ModelCheckpoint(Callback):
         state.resume_checkpoint = self.last_path
         if not state.is_main_process:
             return
-        check_saveable(state.learner.model, state.learner.config())  # refuse before training, not at the first checkpoint
+        learner = state.learner  # refuse before training, not at the first checkpoint
+        check_saveable(learner.model, learner.config(), metadata=learner.metadata, task_defaults=learner.task_defaults)
         ensure_writable_dir(self.dirpath)
         self._lock.acquire()
         if self.last_path.is_file():

@@ -130,11 +130,13 @@ def _check_crcs(path: Path) -> None:
         ) from exc
 
 
-def check_saveable(model: Any, config: Any = None) -> None:
+def check_saveable(model: Any, config: Any = None, **entries: Any) -> None:
     """:class:`CheckpointError` unless ``model`` (a ``TrunkHead``) can be written to a checkpoint:
-    it has a config name, which says what to rebuild on load, and the learner ``config`` holds no
-    class or function (the weights-only loader could never read it back)."""
-    _check_plain(config, "config")
+    it has a config name, which says what to rebuild on load, and the learner ``config`` and the
+    other ``entries`` (``metadata``, ``task_defaults``) hold plain values only, which the
+    weights-only loader can read back (no class or function, no ``Path`` or numpy number)."""
+    for name, value in {"config": config, **entries}.items():
+        _check_plain(value, name)
     if not model.config.get("name"):
         raise CheckpointError(
             "the model has no config name, so a checkpoint could not say what to rebuild: build it with "
@@ -143,14 +145,29 @@ def check_saveable(model: Any, config: Any = None) -> None:
         )
 
 
+#: the values ``torch.load(weights_only=True)`` reads back (exact types: a numpy float is a float subclass
+#: that pickles as a numpy scalar, which the loader refuses)
+PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+
+
 def _check_plain(value: Any, where: str) -> None:
     if isinstance(value, Mapping):
         for k, v in value.items():
+            _check_plain(k, f"{where} key {k!r}")
             _check_plain(v, f"{where}[{k!r}]")
-    elif isinstance(value, (list, tuple)):
+    elif isinstance(value, (list, tuple, set)):
         for i, v in enumerate(value):
             _check_plain(v, f"{where}[{i}]")
-    elif isinstance(value, type) or callable(value):
+    elif isinstance(value, torch.Tensor) or type(value) in PLAIN_TYPES:
+        return
+    elif not (isinstance(value, type) or callable(value)):
+        kind = f"{type(value).__module__}.{type(value).__qualname__}"
+        raise CheckpointError(
+            f"{where} is {value!r:.80} (a {kind}), which a checkpoint cannot hold: its weights-only loader reads "
+            "back plain values only (None, bool, int, float, str, lists, tuples and dicts of them, tensors), so "
+            "the file could never be loaded; convert it first (str(path), int(n) or float(x) for numpy numbers)"
+        )
+    else:
         name = f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', value)}"
         raise CheckpointError(
             f"{where} is {name}, which a checkpoint cannot name (its weights-only loader reads back plain "

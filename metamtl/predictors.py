@@ -11,7 +11,7 @@ from torch import nn
 
 from . import inputs
 from .adaptation import Adapted
-from .errors import InputError
+from .errors import InputError, TrainingError
 from .evaluation import eval_mode
 from .heads import FeatureHead, query_features
 from .models.multidataset import dataset_scope, routed_dataset
@@ -29,6 +29,18 @@ def batch_statistics(learner: "MetaLearner") -> bool:
         return False
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
                for m in learner.model.modules())
+
+
+def finite_outputs(out: torch.Tensor, steps: int | None) -> torch.Tensor:
+    """``out`` (query logits or values) unless it holds NaN or inf: the learner's weights were
+    checked finite before adapting, so the adaptation (or the forward pass) diverged, and NaN
+    logits would predict class 0 for every query: :class:`TrainingError`, as ``evaluate`` raises."""
+    if not bool(torch.isfinite(out).all()):
+        after = f" after adapting with {steps} inner step(s)" if steps is not None else ""
+        raise TrainingError(
+            f"predict: the query outputs are not finite{after} from finite weights: the adaptation diverged "
+            "(lower the inner learning rate algorithm.lr, or the number of steps), so no prediction is returned")
+    return out
 
 
 class AdaptedPredictor:
@@ -52,7 +64,8 @@ class AdaptedPredictor:
     def __call__(self, query_x: Any) -> torch.Tensor:
         x = self.learner.model_input(query_x, "query_x", self.dataset)
         with torch.no_grad(), self.learner.autocast(), eval_mode(self.learner.model), dataset_scope(self.route):
-            return self.adapted(x).detach().float()
+            out = self.adapted(x).detach().float()
+        return finite_outputs(out, getattr(self.adapted, "steps", None))
 
     def predict(self, query_x: Any) -> torch.Tensor:
         """Predicted labels ``0..ways-1`` (classification) or values (regression)."""
@@ -84,7 +97,7 @@ class HeadPredictor(AdaptedPredictor):
         x = self.learner.model_input(query_x, "query_x", self.dataset)
         with torch.no_grad(), self.learner.autocast(), eval_mode(self.learner.model), dataset_scope(self.route):
             query = query_features(self.learner.model.trunk, x, self._support_x, self.learner.bn_stats)
-        return self.head(self.features, self.support_y, query, self.ways, self.mean).detach()
+        return finite_outputs(self.head(self.features, self.support_y, query, self.ways, self.mean).detach(), None)
 
 
 def adapt(learner: "MetaLearner", support_x: Any, support_y: Any, steps: int | None = None,

@@ -25,9 +25,9 @@ from .checkpoint import FORMAT, FORMAT_VERSION, check_saveable, config_diff, saf
 from .data.base import Preprocessing
 from .errors import CheckpointError, ConfigError, MetamtlError
 from .inference import InferenceSettings
-from .models.backbones import TrunkHead
+from .models.backbones import TrunkHead, uncompiled
 from .models.registry import build_model
-from .placement import resolve_device
+from .placement import resolve_device, set_layout
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -227,7 +227,7 @@ def load_trunk(model: TrunkHead, source: Mapping[str, torch.Tensor] | str | Path
 def learner_state(learner: "MetaLearner", training_state: bool = False) -> dict[str, Any]:
     """What :meth:`MetaLearner.save <metamtl.MetaLearner.save>` writes: the checkpoint format."""
     config = learner.config()
-    check_saveable(learner.model, config)
+    check_saveable(learner.model, config, metadata=learner.metadata, task_defaults=learner.task_defaults)
     obj: dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "metamtl_version": __version__,
         "config": config,
@@ -235,8 +235,10 @@ def learner_state(learner: "MetaLearner", training_state: bool = False) -> dict[
         "algorithm_state": {k: v.detach().cpu() for k, v in learner.algorithm.state_dict().items()},
         "preprocessing": learner.preprocessing.to_dict() if learner.preprocessing else None,
         "task_defaults": dict(learner.task_defaults), "metadata": dict(learner.metadata),
-        "iteration": learner.iteration, "history": list(learner.history),
+        "iteration": learner.iteration, "history": list(learner.history), "elapsed": float(learner.elapsed),
         "evaluation": learner.inference.state(),
+        # an automatic layout as chosen (on a GPU, or forced in the config: None; a GPU's NCHW is no CPU choice)
+        "channels_last": learner.placement.channels_last if learner.placement.automatic else None,
     }
     if training_state:
         fit = learner.fit_state
@@ -252,6 +254,11 @@ def learner_from_state(cls: type["MetaLearner"], obj: dict[str, Any], path: Any,
     require(obj, path, "config", "model_state", "algorithm_state")
     cfg = obj["config"]
     resolve_device(device)  # a bad device is the caller's mistake, not the checkpoint's: say so first
+    if model is not None:  # so is a model that is none (a torch.compile wrapper: the module inside it)
+        model = uncompiled(model, "model")
+        if not isinstance(model, TrunkHead):
+            raise ConfigError(f"MetaLearner.load(model=...) takes the TrunkHead the checkpoint's weights go into, "
+                              f"got {type(model).__name__}; build it as the saved learner's (or leave model out)")
     try:
         with torch.random.fork_rng(devices=[]):  # every initial value drawn here is overwritten: loading must
             return _rebuild(cls, obj, path, cfg, device, model)  # not move the global RNG (a student built next)
@@ -282,5 +289,11 @@ def _rebuild(cls: type["MetaLearner"], obj: dict[str, Any], path: Any, cfg: dict
                   **dict(cfg["learner"]))
     learner.run.iteration = int(obj.get("iteration", 0))
     learner.run.history = list(obj.get("history", []))
+    learner.run.seconds = float(obj.get("elapsed", 0.0))  # so later fits' history times continue
     learner.inference = InferenceSettings.from_state(obj.get("evaluation"))
+    saved_layout = obj.get("channels_last")
+    if learner.placement.automatic and isinstance(saved_layout, bool) and saved_layout != learner.channels_last:
+        # an automatic layout as the saved learner had chosen it: the same sums, so the same predictions
+        set_layout([learner.model, learner.algorithm], learner.meta_optimizer, saved_layout)
+        learner.placement = learner.placement.with_layout(saved_layout)
     return learner

@@ -36,17 +36,21 @@ def cache_key(learner_path: Path, episodes: int, steps: Sequence[int]) -> dict[s
 
 
 def curve_settings(test_rows: Sequence[Mapping[str, Any]], ways: int, shots: int) -> list[dict[str, Any]]:
-    """The settings to draw curves for: the run's evaluated ones (each dataset, ways and shots
-    once; skipped ones and feature-head rows left out), else the training setting."""
+    """The settings to draw curves for: the run's evaluated ones (each dataset, ways, shots and
+    superclass ``hierarchy`` once; skipped ones, feature-head rows and rows of a hierarchy mapping,
+    which a row records only by its size, left out), else the training setting."""
     seen: dict[tuple, dict[str, Any]] = {}
     for r in test_rows:
-        if "skipped" not in r and r.get("head", "algorithm") == "algorithm":
-            seen.setdefault((r.get("dataset"), r.get("ways"), r.get("shots")), dict(r))
+        hierarchy = r.get("hierarchy")
+        if "skipped" not in r and r.get("head", "algorithm") == "algorithm" and not isinstance(hierarchy, str):
+            seen.setdefault((r.get("dataset"), r.get("ways"), r.get("shots"), hierarchy), dict(r))
     return list(seen.values()) or [{"ways": ways, "shots": shots}]
 
 
 def _setting(row: Mapping[str, Any], label: str | None, regression: bool) -> str:
     setting = f"{row.get('shots')}-shot regression" if regression else f"{row['ways']}-way {row['shots']}-shot"
+    if not regression and row.get("hierarchy") is not None:
+        setting += " within one superclass"
     return f"{label}: {setting}" if label else setting
 
 
@@ -56,7 +60,8 @@ def accuracy_vs_steps(learner: Any, sources: Mapping[str | None, Any], settings:
     """One curve per setting: ``{"setting", "metric", "mean", "ci95"}`` over ``steps``.
 
     ``sources``: held-out task sources by dataset label (``None`` for a single dataset);
-    ``settings``: rows with ``ways``/``shots`` (and ``dataset``), e.g. the run's test results.
+    ``settings``: rows with ``ways``/``shots`` (and ``dataset``; ``hierarchy``: episodes drawn within
+    one superclass, as the test evaluation of that row drew them), e.g. the run's test results.
     Classification curves are accuracies, regression curves mean squared errors; the queries are
     always classified by the algorithm's own adaptation (feature heads have no inner steps).
     """
@@ -70,6 +75,8 @@ def accuracy_vs_steps(learner: Any, sources: Mapping[str | None, Any], settings:
             source = sources[label] if label in sources else next(iter(sources.values()))
             kwargs = {} if regression else {"ways": row["ways"], "shots": row["shots"], "queries": queries,
                                             "head": "algorithm"}
+            if not regression and row.get("hierarchy") is not None:  # drawn as the row's test episodes were
+                source = source.with_settings(hierarchy=row["hierarchy"])
             if regression and row.get("shots") and hasattr(source, "with_settings"):  # the row's shots
                 source = source.with_settings(shots=row["shots"], **({"queries": queries} if queries else {}))
             results = []

@@ -147,3 +147,48 @@ def test_torch_compiled_trunks_and_models_run_uncompiled_with_a_warning_and_save
     whole = model()
     with pytest.warns(UserWarning, match="the model was wrapped by torch.compile"):
         assert MetaLearner(torch.compile(whole), "protonet", device="cpu").model is whole
+
+
+def test_a_loaded_learner_computes_in_the_memory_layout_the_saved_one_had_chosen(tmp_path):
+    """An automatic layout (conv model on the CPU) that the layout probe had set to NCHW was not saved:
+    the loaded learner computed in channels_last again, and predicted ~1e-4 differently."""
+    from metamtl import MetaLearner
+    from metamtl.algorithms import build_algorithm
+    from metamtl.fit_loop import use_layout
+
+    torch.manual_seed(0)
+    learner = MetaLearner(build_model("conv4", hidden=8, out_features=None),
+                          build_algorithm("maml", steps=3, lr=0.5, head_init="proto"), device="cpu")
+    assert learner.placement.automatic and learner.channels_last
+    use_layout(learner, False)  # what fit's layout probe chooses where NCHW is faster
+    loaded = MetaLearner.load(learner.save(tmp_path / "l.pt"), device="cpu")
+    assert loaded.channels_last is False and loaded.placement.automatic  # still automatic for later fits
+    g = torch.Generator().manual_seed(1)
+    sx, sy, q = torch.randn(25, 1, 28, 28, generator=g), torch.arange(5).repeat(5), torch.randn(20, 1, 28, 28, generator=g)
+    assert torch.equal(loaded.predict(sx, sy, q), learner.predict(sx, sy, q))
+    forced = MetaLearner(build_model("conv4", hidden=8, out_features=None), "protonet", device="cpu", channels_last=True)
+    assert MetaLearner.load(forced.save(tmp_path / "f.pt"), device="cpu").channels_last is True
+    from metamtl.checkpoint import safe_load
+
+    assert safe_load(tmp_path / "l.pt")["channels_last"] is False and safe_load(tmp_path / "f.pt")["channels_last"] is None
+
+
+def test_load_into_a_torch_compiled_model_loads_into_the_module_inside_it(tmp_path):
+    """MetaLearner.load(path, model=torch.compile(model)) failed with "does not match this metamtl
+    version's models" (the wrapper's ``_orig_mod.`` keys), though a learner takes compiled models."""
+    from metamtl import MetaLearner
+
+    def model():
+        torch.manual_seed(0)
+        return build_model("conv4", in_channels=1, hidden=4, image_size=8, blocks=2, out_features=3)
+
+    learner = MetaLearner(model(), "maml", device="cpu", channels_last=False)
+    path = learner.save(tmp_path / "l.pt")
+    inner = model()
+    with pytest.warns(UserWarning, match="the model was wrapped by torch.compile"):
+        loaded = MetaLearner.load(path, device="cpu", model=torch.compile(inner))
+    assert loaded.model is inner
+    x, y = torch.randn(3, 1, 8, 8), torch.arange(3)
+    assert torch.equal(loaded.predict(x, y, x), learner.predict(x, y, x))
+    with pytest.raises(ConfigError, match=r"model=...\) takes the TrunkHead .* got Linear"):
+        MetaLearner.load(path, device="cpu", model=torch.nn.Linear(2, 2))

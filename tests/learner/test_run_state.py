@@ -136,3 +136,33 @@ def test_an_inner_optimizer_class_a_checkpoint_cannot_name_is_refused_before_tra
     with pytest.raises(CheckpointError, match="use a torch.optim class"):
         learner.save(tmp_path / "l.pt")
     assert not (tmp_path / "l.pt").exists()
+
+
+def test_metadata_a_checkpoint_could_not_read_back_is_refused_before_anything_is_written(sine, tmp_path):
+    """A Path or a numpy number in metadata or task_defaults used to be saved, and the file then refused
+    by MetaLearner.load ("unpickling it would run code"): a trained learner that could not be loaded."""
+    from pathlib import Path
+
+    learner = sine_learner(metadata={"data": {"root": Path("/data")}})
+    with pytest.raises(CheckpointError, match=r"metadata\['data'\]\['root'\] is .*PosixPath.*str\(path\)"):
+        learner.save(tmp_path / "l.pt")
+    assert not (tmp_path / "l.pt").exists()
+    learner = sine_learner(task_defaults={"shots": np.int64(5)})
+    with pytest.raises(CheckpointError, match=r"task_defaults\['shots'\] is .*numpy.int64"):
+        learner.fit(sine, iterations=1, meta_batch_size=2, progress=False, checkpoint_dir=tmp_path / "run")
+    assert learner.iteration == 0 and not (tmp_path / "run" / "last.pt").exists()
+    plain = {"root": "/data", "sizes": (1, 2), "n": 3, "none": None, "x": [0.5, True]}
+    learner = sine_learner(metadata=plain, task_defaults={"shots": 5})
+    assert MetaLearner.load(learner.save(tmp_path / "ok.pt"), device="cpu").metadata == plain
+
+
+def test_a_loaded_learner_keeps_its_meta_training_time(sine, tmp_path):
+    """MetaLearner.load started elapsed at 0 s: a loaded learner at iteration 2 had trained for no time,
+    and the history rows of a later fit went back in time."""
+    learner = sine_learner()
+    learner.fit(sine, iterations=2, meta_batch_size=2, progress=False)
+    loaded = MetaLearner.load(learner.save(tmp_path / "l.pt"), device="cpu")
+    assert loaded.elapsed == pytest.approx(learner.elapsed) and loaded.elapsed > 0
+    loaded.fit(sine, iterations=1, meta_batch_size=2, progress=False)
+    times = [row["time"] for row in loaded.history if "time" in row]
+    assert times == sorted(times) and times[-1] > learner.elapsed

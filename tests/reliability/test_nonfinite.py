@@ -92,6 +92,29 @@ def test_a_diverging_inner_loop_at_evaluation_names_the_episode_and_steps(tasks)
         learner.evaluate(tasks, 4, progress=False)
 
 
+def test_a_diverging_adaptation_in_predict_raises_instead_of_returning_nan_predictions(tasks):
+    """evaluate of an episode whose adaptation diverges raises; predict on the same support set returned
+    NaN logits (argmax: class 0 for every query) or NaN regression values."""
+    from metamtl.tasks import Sinusoid
+
+    torch.manual_seed(0)
+    model = build_model("conv4", in_channels=1, hidden=4, image_size=12, blocks=2, out_features=2)
+    learner = MetaLearner(model, build_algorithm("maml", steps=3, lr=1e30, first_order=True),
+                          preprocessing=toy_dataset().preprocessing, device="cpu")
+    ep = tasks.episode(0)
+    with pytest.raises(TrainingError, match=r"predict: the query outputs are not finite after adapting with 3 inner "
+                                            r"step\(s\) from finite weights: the adaptation diverged"):
+        learner.predict(ep.support_x, ep.support_y, ep.query_x)
+    with pytest.raises(TrainingError, match="the adaptation diverged"):
+        learner.adapt(ep.support_x, ep.support_y).predict(ep.query_x)
+    assert torch.isfinite(learner.predict(ep.support_x, ep.support_y, ep.query_x, steps=0)).all()
+    sine = MetaLearner(build_model("mlp", in_features=1, hidden=[8], out_features=1),
+                       build_algorithm("maml", steps=5, lr=1e8), task="regression", device="cpu")
+    e = Sinusoid(shots=5, queries=5, seed=0).episode(0)
+    with pytest.raises(TrainingError, match="after adapting with 5 inner step"):
+        sine.predict(e.support_x, e.support_y, e.query_x)
+
+
 def test_a_skipped_step_leaves_batchnorm_running_statistics_finite(tasks):
     """MAML++ per-step BatchNorm updates running statistics in the forward pass: a diverging
     inner loop wrote NaN into them although the step itself was skipped."""

@@ -189,6 +189,37 @@ def test_steps_curve_equals_scoring_each_episode_after_each_step_count(synthetic
     assert curve["setting"] == "5-way 1-shot" and curve["metric"] == "accuracy"
 
 
+def test_a_within_superclass_settings_curve_is_drawn_within_one_superclass():
+    """A test row drawn within one superclass (eval.settings hierarchy, e.g. Omniglot within-alphabet
+    20-way) used to get a curve of random-class episodes, labelled like one, that did not equal the
+    row at its step count; it is now drawn as the row was, and says so."""
+    import torch
+
+    from metamtl import MetaLearner
+    from metamtl.algorithms import build_algorithm
+    from metamtl.data import ClassDataset
+    from metamtl.models import build_model
+    from metamtl.steps_curve import curve_settings
+    from metamtl.tasks import EpisodeSampler
+
+    g = torch.Generator().manual_seed(0)
+    protos = torch.rand(12, 1, 16, 16, generator=g)
+    images = ((protos.repeat_interleave(4, 0) * 0.2 + 0.8 * torch.rand(48, 1, 16, 16, generator=g)) * 255).to(torch.uint8)
+    ds = ClassDataset(images, torch.arange(12).repeat_interleave(4), [f"a{i // 4}/c{i}" for i in range(12)], name="syn")
+    source = EpisodeSampler(ds, ways=3, shots=1, queries=2, seed=0)
+    torch.manual_seed(0)
+    learner = MetaLearner(build_model("conv4", in_channels=1, hidden=4, image_size=16, blocks=2, out_features=None),
+                          build_algorithm("maml", steps=1, lr=0.5, head_init="proto"), device="cpu")
+    rows = [learner.evaluate(source.with_settings(hierarchy=h), 6, progress=False).to_dict() for h in (1, None)]
+    settings = curve_settings(rows, 3, 1)
+    assert [s["hierarchy"] for s in settings] == [1, None]  # two settings, not one
+    within, anywhere = accuracy_vs_steps(learner, {None: source}, settings, 6, [1], progress=False)
+    assert within["setting"] == "3-way 1-shot within one superclass" and anywhere["setting"] == "3-way 1-shot"
+    assert within["mean"] == [rows[0]["accuracy"]] and anywhere["mean"] == [rows[1]["accuracy"]]
+    assert within["mean"] != anywhere["mean"]
+    assert curve_settings([{**rows[0], "hierarchy": "mapping of 12 classes"}], 3, 1) == [{"ways": 3, "shots": 1}]
+
+
 def test_report_and_wandb_handle_multi_dataset_and_skipped_rows(tiny_run, tmp_path):
     """Rows of multi-dataset runs carry a dataset label; settings a dataset cannot serve are skipped."""
     from metamtl.reporting import WandbLogger, read_offline_run
