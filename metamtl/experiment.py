@@ -545,7 +545,7 @@ def write_run_steps_curve(learner: MetaLearner, cfg: Config, results: dict[str, 
         settings = steps_curve.curve_settings(results.get("test", []), cfg.tasks.ways, cfg.tasks.shots)
         steps_curve.write_steps_curve(cfg.run_dir, learner, sources, split, settings, episodes=episodes,
                                       steps=steps or cfg.logging.report_steps, queries=cfg.eval.queries,
-                                      progress=progress, write=write)
+                                      progress=progress, write=write, eval_steps=cfg.eval.steps)
     except Exception as exc:  # the run and its report go on without the curve
         if write:
             steps_curve.write_failure(cfg.run_dir, exc)

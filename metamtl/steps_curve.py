@@ -91,14 +91,18 @@ def accuracy_vs_steps(learner: Any, sources: Mapping[str | None, Any], settings:
 
 def write_steps_curve(run_dir: str | os.PathLike, learner: Any, sources: Mapping[str | None, Any], split: str,
                       settings: Sequence[Mapping[str, Any]], *, episodes: int = 100, steps: Sequence[int] | None = None,
-                      queries: int | None = None, progress: bool = True, write: bool = True) -> dict[str, Any]:
+                      queries: int | None = None, progress: bool = True, write: bool = True,
+                      eval_steps: int | None = None) -> dict[str, Any]:
     """Compute the curves of the learner saved as ``run_dir/learner.pt`` and save ``steps_curve.json``.
+
+    ``eval_steps``: the inner steps the run's test evaluation used (``eval.steps``; default the
+    algorithm's ``eval_steps``): the default grid spans it, so the curve has the evaluated point.
 
     Returns ``{"key", "split", "episodes", "steps", "trained_steps", "eval_steps", "curves"}``.
     Under torchrun every rank calls it (the evaluations are shared); ``write`` on rank 0 only.
     """
     run_dir = Path(run_dir)
-    eval_steps = learner.algorithm.eval_steps
+    eval_steps = learner.algorithm.eval_steps if eval_steps is None else int(eval_steps)
     steps = sorted({int(s) for s in steps}) if steps else default_steps(eval_steps)
     curves = accuracy_vs_steps(learner, sources, settings, episodes, steps, queries, progress)
     out = {"key": cache_key(run_dir / "learner.pt", episodes, steps), "split": split, "episodes": episodes,

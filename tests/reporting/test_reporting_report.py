@@ -491,3 +491,22 @@ def test_one_episode_has_no_confidence_interval_rather_than_a_zero_one(synthetic
     assert "± n/a" in str(result) and "nan" not in str(result)
     assert _value(result.to_dict()).endswith("% ± n/a")
     assert "test/x/accuracy_ci95" not in _finite({"test/x/accuracy_ci95": result.ci95})
+
+
+def test_the_default_steps_grid_holds_the_evaluated_step_count(synthetic_tasks, tmp_path):
+    """eval.steps (the test rows' inner steps) other than the algorithm's eval_steps: the curve's
+    default grid used to span only the algorithm's count, so the evaluated point could be missing."""
+    from metamtl import MetaLearner
+    from metamtl.algorithms import build_algorithm
+    from metamtl.models import build_model
+    from metamtl.steps_curve import write_steps_curve
+
+    model = build_model("conv4", in_channels=1, hidden=4, image_size=16, blocks=1, out_features=None)
+    learner = MetaLearner(model, build_algorithm("maml", steps=1, head_init="zero"), device="cpu")
+    learner.save(tmp_path / "learner.pt")
+    out = write_steps_curve(tmp_path, learner, {None: synthetic_tasks}, "test", [{"ways": 5, "shots": 1}],
+                            episodes=1, progress=False, write=False, eval_steps=7)
+    assert 7 in out["steps"] and out["eval_steps"] == 7 and max(out["steps"]) == 14
+    default = write_steps_curve(tmp_path, learner, {None: synthetic_tasks}, "test", [{"ways": 5, "shots": 1}],
+                                episodes=1, progress=False, write=False)
+    assert default["eval_steps"] == learner.algorithm.eval_steps and 7 not in default["steps"]
