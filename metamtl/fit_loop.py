@@ -161,11 +161,10 @@ def choose_layout(learner: "MetaLearner", batch: TaskBatch, iterations_left: int
     return learner.placement.batch(batch)
 
 
-def buffer_snapshot(learner: "MetaLearner", floating_only: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def buffer_snapshot(learner: "MetaLearner") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(buffer, copy)`` of every buffer of the model and the algorithm (BatchNorm statistics,
     which forward passes update), for :func:`restore_buffers`."""
-    return [(b, b.detach().clone()) for m in (learner.model, learner.algorithm) for b in m.buffers()
-            if b.is_floating_point() or not floating_only]
+    return [(b, b.detach().clone()) for m in (learner.model, learner.algorithm) for b in m.buffers()]
 
 
 def restore_buffers(snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
