@@ -35,6 +35,14 @@ class Unchosen(dict):
         super().__init__(saved)
         self.asked = asked
 
+    def settled(self, dataset: str | None) -> "Preprocessing | Unchosen":
+        """``dataset``'s preprocessing (e.g. the dataset a multi-dataset model routed the inputs to),
+        the one all datasets share, else still unchosen."""
+        if dataset in self:
+            return self[dataset]
+        first = next(iter(self.values()))
+        return first if all(p == first for p in self.values()) else self
+
 
 def preprocessing_for(preprocessing: Preprocessing | None, metadata: dict[str, Any],
                       dataset: str | None = None) -> Preprocessing | Unchosen | None:
@@ -327,6 +335,11 @@ def support_copies(x: torch.Tensor, y: torch.Tensor, tta: SupportAugment | None,
     affine ``fill: zeros`` is black) and normalised again."""
     if tta is None:
         return x, y
+    if isinstance(preprocessing, Unchosen):  # copies are made from pixels: whose normalisation to undo?
+        raise InputError(
+            f"support augmentation makes its copies from pixels, and this learner was trained on several datasets "
+            f"{sorted(preprocessing)} with different normalisation: pass dataset=NAME (one of them) so the support "
+            "images are un-normalised as that dataset's, or support_augment=False")
     generator = episode_generator(tta.seed, max(index, 0), stream=3)
     if not isinstance(preprocessing, Preprocessing) or x.dim() != 4 or x.shape[1] != len(preprocessing.mean):
         return tta.expand(x, y, generator)

@@ -112,13 +112,15 @@ def adapt(learner: "MetaLearner", support_x: Any, support_y: Any, steps: int | N
     x = inputs.model_input(support_x, "support_x", model=learner.model, placement=learner.placement,
                            preprocessing=preprocessing, task=learner.task)
     y, ways = inputs.support_labels(support_y, x.shape[0], learner.task, learner.device, learner.model)
-    x, y = inputs.support_copies(x, y, learner.inference.augment(support_augment), preprocessing=preprocessing)
-    head = learner.inference.classifier(head, learner.task)
     # a multi-dataset model runs ``dataset``'s branches (else those the support images' shape fits)
     route = routed_dataset(learner.model, dataset, x)
+    if isinstance(preprocessing, inputs.Unchosen):  # float input, no dataset=: the routed dataset's, if any
+        preprocessing = preprocessing.settled(route)
+    x, y = inputs.support_copies(x, y, learner.inference.augment(support_augment), preprocessing=preprocessing)
+    head = learner.inference.classifier(head, learner.task)
     with eval_mode(learner.model), dataset_scope(route):  # the learner's own mode (e.g. training) is left as it was
         if head is not None:
-            return HeadPredictor(learner, head, x, y, ways, dataset)
+            return HeadPredictor(learner, head, x, y, ways, dataset if dataset is not None else route)
         with torch.no_grad(), learner.autocast():
             adapted = learner.algorithm.adapt(learner.model, x, y, ways, steps)
         return AdaptedPredictor(learner, adapted, ways, dataset)

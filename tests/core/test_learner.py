@@ -111,6 +111,33 @@ def test_a_multi_dataset_learner_predicts_raw_images_with_the_named_datasets_pre
     assert ready.shape == (15, 5)
 
 
+def test_support_augmentation_of_a_multi_dataset_learner_undoes_the_right_normalisation(tasks):
+    """Support copies are made from pixels: float input of a learner trained on several datasets is
+    un-normalised as dataset=NAME's, as the dataset a multi-dataset model routes it to, or as the one
+    normalisation all share; otherwise a clear error (it used to augment normalised input as pixels)."""
+    from metamtl.data.augment import SupportAugment
+    _, test = tasks
+    a = Preprocessing(size=(12, 12), channels=1, mean=(0.5,), std=(0.25,))
+    b = Preprocessing(size=(12, 12), channels=1, mean=(0.2,), std=(0.5,))
+    tta = SupportAugment(copies=3, seed=0, augment={"name": "affine", "rotation": 10, "p": 1.0})
+    learner = make_learner(head_init="proto")
+    learner.preprocessing, learner.metadata["preprocessing"] = None, {"a": a.to_dict(), "b": b.to_dict()}
+    ep = test.episode(1)
+    expected = learner.predict(ep.support_x, ep.support_y, ep.query_x, support_augment=tta, dataset="b")
+    assert not torch.allclose(expected, learner.predict(ep.support_x, ep.support_y, ep.query_x, dataset="b"))
+    with pytest.raises(InputError, match=r"support augmentation makes its copies from pixels.*\['a', 'b'\].*dataset="):
+        learner.predict(b(ep.support_x), ep.support_y, b(ep.query_x), support_augment=tta)
+    learner.metadata["preprocessing"] = {"a": b.to_dict(), "b": b.to_dict()}  # one normalisation: no need to name it
+    torch.testing.assert_close(learner.predict(b(ep.support_x), ep.support_y, b(ep.query_x), support_augment=tta), expected)
+    two = MetaLearner(build_model("multidataset", inputs={"a": [1, 12, 12], "b": [1, 10, 10]}, width=8, size=4, hidden=8, blocks=2, out_features=None),
+                      build_algorithm("protonet"), device="cpu", metadata={"preprocessing": {
+                          "a": a.to_dict(), "b": Preprocessing(size=(10, 10), channels=1, mean=(0.2,), std=(0.5,)).to_dict()}})
+    small = torch.nn.functional.interpolate(ep.support_x.float(), size=(10, 10)).round().to(torch.uint8)
+    prep_b = Preprocessing(size=(10, 10), channels=1, mean=(0.2,), std=(0.5,))
+    named = two.predict(small, ep.support_y, prep_b(small), support_augment=tta, dataset="b")
+    torch.testing.assert_close(two.predict(prep_b(small), ep.support_y, prep_b(small), support_augment=tta), named)
+
+
 def test_one_learner_serves_5_and_20_way_tasks():
     ds = toy_dataset()
     learner = make_learner(head_init="proto")
