@@ -261,10 +261,10 @@ class MetaLearner:
         """Adapt to a support set; returns a predictor for query inputs.
 
         ``support_x``: model input (float tensor), stored ``uint8`` images or raw images (PIL / arrays), which are
-        preprocessed (as ``dataset``'s, for a learner trained on several); ``support_y``: labels ``0..N-1``, N >= 2.
+        preprocessed (``dataset``'s way if trained on several, else its own way for any ``dataset``: cross-domain
+        use); ``support_y``: labels ``0..N-1``, N >= 2.
         ``support_augment``, ``head``: as in :meth:`evaluate` (copies from the augmentation's seed; a feature
-        head gives a :class:`~metamtl.predictors.HeadPredictor`, centred with ``dataset``'s :attr:`feature_means`).
-        """
+        head gives a :class:`~metamtl.predictors.HeadPredictor`, centred with ``dataset``'s :attr:`feature_means`)."""
         return predictors.adapt(self, support_x, support_y, steps, support_augment, head, dataset)
 
     def predict(self, support_x: Any, support_y: Any, query_x: Any, steps: int | None = None,
