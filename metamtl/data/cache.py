@@ -11,7 +11,7 @@ looks a decoded source up, in order, in
    decode entirely.
 
 The cache key is a hash of what determines the result: the source's content fingerprint (an
-archive's md5, or a folder listing's relative paths, sizes and mtimes), the exact list of files
+archive's md5, or a folder listing's relative paths, sizes, mtimes, inodes and change times), the exact list of files
 and labels, ``Preprocessing.key()`` and :data:`CACHE_FORMAT`.  Files are written atomically
 (:func:`metamtl.files.atomic_write`: temporary file, fsync, rename) and loaded with ``allow_pickle=False``; an unreadable or
 inconsistent cache file is ignored with a warning and rebuilt.

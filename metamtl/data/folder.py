@@ -231,14 +231,19 @@ class DirectoryTree:
             raise DataNotFoundError(f"image file {self.describe(rel)} is missing") from exc
 
     def fingerprint(self, paths: Sequence[str]) -> str:
-        """Hash of the relative paths, sizes and modification times of ``paths``."""
+        """Hash of the relative paths, sizes, modification times, inodes and change times of ``paths``.
+
+        Size and mtime alone miss a file moved between classes (``mv`` and tar extraction keep the
+        mtime, and fixed-size formats such as BMP or PGM keep the size): the inode says which file
+        a path names, and the change time (set by the system on every write or rename, never by
+        the user) moves whenever a file is rewritten or renamed in place."""
         h = hashlib.sha1()
         for rel in paths:
             try:
                 st = os.stat(self.root / rel)
             except FileNotFoundError as exc:
                 raise DataNotFoundError(f"image file {self.describe(rel)} is missing") from exc
-            h.update(fs_bytes(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n"))
+            h.update(fs_bytes(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_dev}:{st.st_ino}\0{st.st_ctime_ns}\n"))
         return h.hexdigest()
 
 

@@ -120,3 +120,36 @@ def test_memo_is_bounded(monkeypatch, tmp_path):
         cached_decode("m", [v], lambda: make(v), False)
     assert len(cache._MEMO) == 2  # 4 bytes each: the oldest was dropped
     clear_memo()
+
+
+def test_swapping_same_sized_files_between_classes_invalidates_the_cache(tmp_path, monkeypatch):
+    # BMP files of one size have one byte count, and ``mv`` (or a tar extraction) keeps the mtime:
+    # only the files' identity (inode) and change time show that the two images changed class.
+    from PIL import Image
+
+    root, cache_dir = tmp_path / "pets", tmp_path / "cache"
+    for cls, value in (("cat", 0), ("dog", 255)):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            path = root / cls / f"{i}.bmp"
+            Image.fromarray(np.full((8, 8), abs(value - 10 * i), np.uint8)).save(path)
+            os.utime(path, (1_700_000_000, 1_700_000_000))
+
+    def first_pixels(ds):
+        return {n: ds.images[ds.class_indices(c)].flatten(1)[:, 0].tolist() for c, n in enumerate(ds.class_names)}
+
+    clear_memo()
+    assert first_pixels(ClassFolder(root, cache_dir=cache_dir)) == {"cat": [0, 10, 20], "dog": [255, 245, 235]}
+    clear_memo()
+    calls = []
+    monkeypatch.setattr(cache, "_save", lambda *a: calls.append(a))
+    ClassFolder(root, cache_dir=cache_dir)  # nothing changed: a disk cache hit, nothing rebuilt
+    assert calls == []
+    os.rename(root / "cat" / "1.bmp", root / "tmp.bmp")
+    os.rename(root / "dog" / "1.bmp", root / "cat" / "1.bmp")
+    os.rename(root / "tmp.bmp", root / "dog" / "1.bmp")
+    swapped = {"cat": [0, 245, 20], "dog": [255, 10, 235]}
+    assert first_pixels(ClassFolder(root, cache_dir=cache_dir)) == swapped  # the in-process memo
+    clear_memo()
+    monkeypatch.undo()
+    assert first_pixels(ClassFolder(root, cache_dir=cache_dir)) == swapped  # the disk cache
