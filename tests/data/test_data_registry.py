@@ -124,3 +124,21 @@ def test_a_class_in_two_split_folders_is_refused_naming_it(tmp_path, write_image
     for split, other in (("train", "test"), ("test", "train")):
         with pytest.raises(DataError, match=rf"1 class\(es\) are in both {split}/ and {other}/ \(t0\)"):
             load_dataset("folder", split, root=tmp_path, cache_dir=cache_dir)
+
+
+def test_a_class_or_image_in_two_split_csv_files_is_refused_naming_it(tmp_path, write_image, cache_dir):
+    """train.csv and val.csv sharing a class (or an image file) are refused as shared split folders are."""
+    from metamtl.errors import DataError
+
+    for i in range(12):
+        write_image(tmp_path / "images" / f"{i}.png", (10 * i, 3, 7))
+    (tmp_path / "train.csv").write_text("filename,label\n" + "".join(f"{i}.png,{'ab'[i // 3]}\n" for i in range(6)))
+    (tmp_path / "val.csv").write_text("filename,label\n" + "".join(f"{i}.png,{'bc'[(i - 6) // 3]}\n" for i in range(6, 12)))
+    for split, other in (("train", "val"), ("val", "train")):
+        with pytest.raises(DataError, match=rf"1 class\(es\) are in both {split}.csv and {other}.csv \(b\)"):
+            load_dataset("csv", split, root=tmp_path, cache_dir=cache_dir)
+    (tmp_path / "val.csv").write_text("filename,label\n" + "".join(f"{i}.png,{'cd'[(i - 6) // 3]}\n" for i in range(6, 12)))
+    assert load_dataset("csv", "val", root=tmp_path, cache_dir=cache_dir).class_names == ["c", "d"]
+    (tmp_path / "test.csv").write_text("filename,label\n0.png,e\n1.png,e\n")
+    with pytest.raises(DataError, match=r"2 image file\(s\) are in both test.csv and train.csv \(0.png, 1.png\)"):
+        load_dataset("csv", "test", root=tmp_path, cache_dir=cache_dir)
