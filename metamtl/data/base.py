@@ -543,6 +543,12 @@ def split_names(
 
     The names are ordered by ``sha1(f"{seed}:{name}")`` and cut at the cumulative fractions, so
     the split depends only on the names and the seed (not on file order, numpy or torch).
+
+    The split is a function of the *whole* list, not of each name alone: the cuts fall at
+    cumulative counts, so adding, removing or renaming any name shifts the cut points and can move
+    unchanged names near them to a neighbouring group (a class trained on before may become a
+    validation or test class).  Keep the list of names fixed for comparable results, or store the
+    split explicitly (split folders or one CSV file per split).
     """
     if any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
         raise DataError(f"split fractions must be >= 0 and sum to 1, got {list(fractions)}")
