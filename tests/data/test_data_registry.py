@@ -142,3 +142,13 @@ def test_a_class_or_image_in_two_split_csv_files_is_refused_naming_it(tmp_path, 
     (tmp_path / "test.csv").write_text("filename,label\n0.png,e\n1.png,e\n")
     with pytest.raises(DataError, match=r"2 image file\(s\) are in both test.csv and train.csv \(0.png, 1.png\)"):
         load_dataset("csv", "test", root=tmp_path, cache_dir=cache_dir)
+
+
+@pytest.mark.parametrize("fractions", [(float("nan"), 0.5, 0.5), (0.5, float("inf"), 0.5), (0.6, 0.5, -0.1)])
+def test_split_fractions_that_are_not_finite_or_negative_are_refused(fractions):
+    """NaN fractions passed both checks and put every class in the last split; now a DataError."""
+    from metamtl.data import split_names
+    from metamtl.errors import DataError
+
+    with pytest.raises(DataError, match="split fractions must be finite"):
+        split_names([f"c{i}" for i in range(10)], fractions)
