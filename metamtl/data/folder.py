@@ -568,8 +568,9 @@ def _csv_rows(text: str, where: str, filename_column: str, label_column: str):
     """``(line, filename, label)`` of each record after the header row, ``line`` the file line the record
     starts on (blank lines and quoted fields spanning lines counted); a column missing, or named twice in
     the header, is refused (:class:`DataError`)."""
-    reader = csv.reader(io.StringIO(text))
-    header = [h.strip() for h in next(reader, [])]
+    records = _csv_records(text, where)
+    header_row, header_end = next(records, ([], 0))
+    header = [h.strip() for h in header_row]
     for column in (filename_column, label_column):
         if column not in header:
             raise DataError(
@@ -580,15 +581,27 @@ def _csv_rows(text: str, where: str, filename_column: str, label_column: str):
             raise DataError(f"{where} names column {column!r} {header.count(column)} times in its header "
                             f"({','.join(header)}); rename or remove the extra ones so it is clear which one is read")
     at = (header.index(filename_column), header.index(label_column))
-    start = reader.line_num + 1
-    for row in reader:
-        line, start = start, reader.line_num + 1
+    start = header_end + 1
+    for row, end in records:
+        line, start = start, end + 1
         if not row:  # a blank line
             continue
         filename, label = ((row[i] if i < len(row) else "").strip() for i in at)
         if not filename or not label:
             raise DataError(f"{where}, line {line}: empty {filename_column!r} or {label_column!r}")
         yield line, filename, label
+
+
+def _csv_records(text: str, where: str):
+    """``(row, line)`` of each CSV record of ``text``, ``line`` the file line it ends on; lines may end
+    in ``\n``, ``\r\n`` or a lone ``\r`` (classic Mac, Excel's "CSV (Macintosh)").  What the csv
+    module refuses (e.g. a field over its size limit) is a :class:`DataError` naming file and line."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        for row in reader:
+            yield row, reader.line_num
+    except csv.Error as exc:
+        raise DataError(f"{where}, line {reader.line_num}: {exc}; fix that line of the CSV file") from exc
 
 
 def _posix_separators(tree: Tree, path: str) -> str:

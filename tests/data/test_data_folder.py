@@ -128,3 +128,18 @@ def test_file_and_folder_names_that_are_not_utf8_are_read(tmp_path, write_image,
         assert ds.class_names == ["caf\\xe9", "ok"] and ds.class_counts.tolist() == [2, 2]
         print(ds.class_names, repr(ds))  # printable: no surrogates left
         "".join(ds.class_names).encode("utf-8")
+
+
+def test_csv_with_classic_mac_line_endings_is_read_and_csv_errors_name_the_file(csv_tree):
+    """CR-only line endings (Excel's "CSV (Macintosh)") raised a bare _csv.Error; now read as lines.
+    What the csv module still refuses (a field over its size limit) is a DataError naming file and line."""
+    csv, images = csv_tree
+    csv.write_bytes(b"filename,label\ra0.png,a\ra1.png,a\rb0.png,b\r")
+    ds = CSVClassDataset(csv, images, cache_dir=False)
+    assert ds.class_names == ["a", "b"] and len(ds) == 3
+    csv.write_bytes(b"filename,label\ra0.png,a\rb0.png,\r")
+    with pytest.raises(DataError, match="line 3: empty"):
+        CSVClassDataset(csv, images, cache_dir=False)
+    csv.write_text("filename,label\na0.png,a\nb0.png," + "x" * 200_000 + "\n")
+    with pytest.raises(DataError, match=rf"{csv.name}, line 3: .*field larger than field limit"):
+        CSVClassDataset(csv, images, cache_dir=False)
