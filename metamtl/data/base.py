@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from ..errors import DataError, InputError
+from ..errors import DataError, InputError, did_you_mean
 
 _RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
@@ -444,7 +444,8 @@ class ClassDataset:
 
     def subset(self, classes: Sequence[int] | Sequence[str], name: str | None = None) -> "ClassDataset":
         """A new dataset with only ``classes`` (indices or names), relabelled ``0..len-1``."""
-        idx = [self.class_names.index(c) if isinstance(c, str) else int(c) for c in classes]
+        index_of = {n: i for i, n in enumerate(self.class_names)}
+        idx = [self._class_index(c, index_of) for c in classes]
         if len(set(idx)) != len(idx):
             raise DataError(f"{self.name}: subset classes must be unique")
         rows = [self.class_indices(c) for c in idx]
@@ -461,6 +462,20 @@ class ClassDataset:
             sources=[self.sources[i] for i in rows_t.tolist()] if self.sources else None,
             deduplicate=False,  # rows of a checked dataset
         )
+
+    def _class_index(self, c, index_of: dict[str, int]) -> int:
+        """The index of class ``c`` (a name, or an index ``0 <= c < num_classes``), else :class:`DataError`."""
+        if isinstance(c, str):
+            if c not in index_of:
+                raise DataError(f"{self.name}: no class named {c!r}.{did_you_mean(c, self.class_names)} "
+                                f"Pass names among its {self.num_classes} classes or indices 0..{self.num_classes - 1}")
+            return index_of[c]
+        if isinstance(c, torch.Tensor) and c.ndim == 0 and not c.is_floating_point() and c.dtype != torch.bool:
+            c = int(c)
+        if not isinstance(c, numbers.Integral) or isinstance(c, bool) or not 0 <= c < self.num_classes:
+            raise DataError(f"{self.name}: {c!r} is not a class: pass class names or integer indices "
+                            f"0..{self.num_classes - 1} (negative indices are not counted from the end)")
+        return int(c)
 
     def model_input(self, x: torch.Tensor) -> torch.Tensor:
         """Stored tensor -> float model input, using this dataset's preprocessing."""

@@ -152,3 +152,22 @@ def test_split_fractions_that_are_not_finite_or_negative_are_refused(fractions):
 
     with pytest.raises(DataError, match="split fractions must be finite"):
         split_names([f"c{i}" for i in range(10)], fractions)
+
+
+def test_subset_refuses_unknown_classes_and_indices_out_of_range():
+    """Unknown names / indices raised bare ValueError/IndexError, and -1 or 1.7 silently picked other classes."""
+    import numpy as np
+    import torch
+
+    from metamtl.data import ClassDataset
+    from metamtl.errors import DataError
+
+    ds = ClassDataset(torch.arange(24, dtype=torch.uint8).view(6, 1, 2, 2), torch.tensor([0, 0, 1, 1, 2, 2]),
+                      ["cat", "dog", "owl"], name="pets")
+    with pytest.raises(DataError, match="no class named 'dgo'. Did you mean 'dog'"):
+        ds.subset(["dgo"])
+    for bad in ([5], [-1], ["cat", 1.7], [True]):
+        with pytest.raises(DataError, match=r"is not a class: pass class names or integer indices 0\.\.2"):
+            ds.subset(bad)
+    assert ds.subset(["owl", np.int64(0), torch.tensor(1)]).class_names == ["owl", "cat", "dog"]
+    assert ds.subset(range(2)).class_names == ["cat", "dog"]
