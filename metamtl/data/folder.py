@@ -15,6 +15,7 @@ import collections
 import csv
 import hashlib
 import io
+import numbers
 import os
 import posixpath
 import stat
@@ -27,7 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..errors import DataError, DataNotFoundError, InputError, IntegrityError, decode_text
+from ..errors import ConfigError, DataError, DataNotFoundError, InputError, IntegrityError, decode_text
 from ..progress_bars import progress_bar
 from .base import ClassDataset, Preprocessing, draft_jpeg, is_grey
 from .cache import Decoded, cached_decode
@@ -369,7 +370,8 @@ def infer_preprocessing(tree: Tree, paths: Sequence[str], name: str = "",
     channels = 1 if all(grey for grey, _ in heads) else 3
     sizes = collections.Counter(size for _, size in heads)
     if image_size is not None:
-        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        image_size = checked_image_size(image_size)
+        size = (image_size, image_size) if isinstance(image_size, int) else image_size
     else:
         size = max(sizes, key=lambda hw: (sizes[hw], hw[0] * hw[1]))
         if len(sizes) > 1:
@@ -417,6 +419,7 @@ def decode_classes(
     """
     if not paths:
         raise DataError(f"{name}: no images to decode in {tree.describe('')}")
+    image_size = checked_image_size(image_size)
     _refuse_files_in_two_classes(tree, paths, labels, name)
     class_names = sorted(set(labels))
 
@@ -434,6 +437,23 @@ def decode_classes(
     listing = hashlib.sha1(fs_bytes("\n".join(f"{p}\t{c}" for p, c in zip(paths, labels)))).hexdigest()
     how = preprocessing.key() if preprocessing is not None else ["inferred", image_size]
     return cached_decode(name, [tree.fingerprint(paths), listing, how], build, cache_dir)
+
+
+def checked_image_size(image_size) -> int | tuple[int, int] | None:
+    """``image_size`` as a Python ``int`` (square side) or ``(height, width)`` pair of ints >= 1 (numpy
+    integers accepted), ``None`` left as is; anything else (a string, a bool, a float) is a :class:`ConfigError`."""
+    def side(v) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+
+    if image_size is None:
+        return None
+    if side(image_size):
+        return int(image_size)
+    if not isinstance(image_size, (str, bytes)) and isinstance(image_size, Sequence) \
+            and len(image_size) == 2 and all(map(side, image_size)):
+        return tuple(int(v) for v in image_size)
+    raise ConfigError(f"image_size must be an integer side >= 1 (square images) or a (height, width) pair of "
+                      f"them, got {image_size!r} (config: data.image_size, e.g. 28 or [32, 48])")
 
 
 def _refuse_files_in_two_classes(tree: Tree, paths: Sequence[str], labels: Sequence[str], name: str) -> None:

@@ -143,3 +143,16 @@ def test_csv_with_classic_mac_line_endings_is_read_and_csv_errors_name_the_file(
     csv.write_text("filename,label\na0.png,a\nb0.png," + "x" * 200_000 + "\n")
     with pytest.raises(DataError, match=rf"{csv.name}, line 3: .*field larger than field limit"):
         CSVClassDataset(csv, images, cache_dir=False)
+
+
+def test_image_size_must_be_a_positive_int_or_a_pair_of_them(image_tree):
+    """'28' stored images at 2x8, True at 1x1, and np.int64/28.0 crashed with bare TypeErrors."""
+    import numpy as np
+
+    from metamtl.errors import ConfigError
+
+    for bad in ("28", True, 28.0, 0, (28,), (28, "28"), (3, 4, 5)):
+        with pytest.raises(ConfigError, match="image_size must be an integer side >= 1"):
+            ClassFolder(image_tree, cache_dir=False, image_size=bad)
+    assert ClassFolder(image_tree, cache_dir=False, image_size=np.int64(4)).images.shape[-2:] == (4, 4)
+    assert ClassFolder(image_tree, cache_dir=False, image_size=[np.int32(3), 5]).images.shape[-2:] == (3, 5)
