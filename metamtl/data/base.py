@@ -26,12 +26,37 @@ from ..errors import DataError, InputError, did_you_mean
 _RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
 
+def image_size_or_none(value) -> int | tuple[int, int] | None:
+    """``value`` as a Python ``int`` >= 1 or a ``(height, width)`` pair of them (numpy integers
+    accepted); ``None`` when it is neither (a string, a bool, a float, a pair with either)."""
+    def side(v) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) and v >= 1
+
+    if side(value):
+        return int(value)
+    if isinstance(value, (Sequence, np.ndarray, torch.Size)) and not isinstance(value, (str, bytes)) \
+            and len(value) == 2 and all(map(side, value)):
+        return tuple(int(v) for v in value)
+    return None
+
+
+def _finite_floats(what: str, values: Iterable) -> tuple[float, ...]:
+    """``values`` as finite floats, else :class:`DataError` (a NaN mean or std makes every model input NaN)."""
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"Preprocessing.{what} must be numbers, one per channel, got {values!r}") from exc
+    if not all(map(math.isfinite, out)):
+        raise DataError(f"Preprocessing.{what} must be finite numbers, got {out}")
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
     """How raw images become stored uint8 tensors, and stored tensors become model input.
 
     Args:
-        size: ``(height, width)`` images are resized to when decoded.
+        size: ``(height, width)`` images are resized to when decoded (one int: square).
         channels: 1 (grayscale, PIL mode ``L``) or 3 (RGB).
         mean, std: per-channel normalisation applied to ``x / 255`` when making model input.
         invert: store ``255 - pixel`` (Omniglot: strokes bright on a dark background).
@@ -48,11 +73,16 @@ class Preprocessing:
     background: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "size", tuple(int(s) for s in self.size))
-        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
-        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
-        if len(self.size) != 2 or min(self.size) < 1:
-            raise DataError(f"Preprocessing.size must be (height, width) > 0, got {self.size}")
+        size = image_size_or_none(self.size)
+        if size is None:
+            raise DataError(f"Preprocessing.size must be (height, width), integers >= 1 (or one int for square "
+                            f"images), got {self.size!r}")
+        object.__setattr__(self, "size", (size, size) if isinstance(size, int) else size)
+        object.__setattr__(self, "mean", _finite_floats("mean", self.mean))
+        object.__setattr__(self, "std", _finite_floats("std", self.std))
+        if not isinstance(self.invert, (bool, np.bool_)):
+            raise DataError(f"Preprocessing.invert must be True or False, got {self.invert!r}")
+        object.__setattr__(self, "invert", bool(self.invert))
         if self.channels not in (1, 3):
             raise DataError(f"Preprocessing.channels must be 1 or 3, got {self.channels}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:

@@ -15,7 +15,6 @@ import collections
 import csv
 import hashlib
 import io
-import numbers
 import os
 import posixpath
 import stat
@@ -30,7 +29,7 @@ import torch
 
 from ..errors import ConfigError, DataError, DataNotFoundError, InputError, IntegrityError, decode_text
 from ..progress_bars import progress_bar
-from .base import ClassDataset, Preprocessing, draft_jpeg, is_grey
+from .base import ClassDataset, Preprocessing, draft_jpeg, image_size_or_none, is_grey
 from .cache import Decoded, cached_decode
 from .download import md5sum, verify_md5
 
@@ -442,18 +441,13 @@ def decode_classes(
 def checked_image_size(image_size) -> int | tuple[int, int] | None:
     """``image_size`` as a Python ``int`` (square side) or ``(height, width)`` pair of ints >= 1 (numpy
     integers accepted), ``None`` left as is; anything else (a string, a bool, a float) is a :class:`ConfigError`."""
-    def side(v) -> bool:
-        return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
-
     if image_size is None:
         return None
-    if side(image_size):
-        return int(image_size)
-    if not isinstance(image_size, (str, bytes)) and isinstance(image_size, Sequence) \
-            and len(image_size) == 2 and all(map(side, image_size)):
-        return tuple(int(v) for v in image_size)
-    raise ConfigError(f"image_size must be an integer side >= 1 (square images) or a (height, width) pair of "
-                      f"them, got {image_size!r} (config: data.image_size, e.g. 28 or [32, 48])")
+    size = image_size_or_none(image_size)
+    if size is None:
+        raise ConfigError(f"image_size must be an integer side >= 1 (square images) or a (height, width) pair of "
+                          f"them, got {image_size!r} (config: data.image_size, e.g. 28 or [32, 48])")
+    return size
 
 
 def _refuse_files_in_two_classes(tree: Tree, paths: Sequence[str], labels: Sequence[str], name: str) -> None:

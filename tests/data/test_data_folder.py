@@ -156,3 +156,17 @@ def test_image_size_must_be_a_positive_int_or_a_pair_of_them(image_tree):
             ClassFolder(image_tree, cache_dir=False, image_size=bad)
     assert ClassFolder(image_tree, cache_dir=False, image_size=np.int64(4)).images.shape[-2:] == (4, 4)
     assert ClassFolder(image_tree, cache_dir=False, image_size=[np.int32(3), 5]).images.shape[-2:] == (3, 5)
+
+
+def test_preprocessing_refuses_non_finite_normalisation_and_a_non_bool_invert():
+    """std=nan/inf and mean=nan were accepted (every model input NaN or 0), invert='no' inverted the
+    images, and size=28 raised a bare TypeError; now size=28 means 28x28 and the rest is a DataError."""
+    nan, inf = float("nan"), float("inf")
+    for kwargs, match in [({"std": (nan,)}, "std must be finite"), ({"std": (inf,)}, "std must be finite"),
+                          ({"mean": (nan,)}, "mean must be finite"), ({"mean": ("x",)}, "mean must be numbers"),
+                          ({"invert": "no"}, "invert must be True or False"), ({"size": "28"}, "size must be"),
+                          ({"size": (28, 2.5)}, "size must be"), ({"size": True}, "size must be")]:
+        with pytest.raises(DataError, match=match):
+            Preprocessing(**kwargs)
+    assert Preprocessing(size=28).size == (28, 28) and Preprocessing(size=[3, 4]).size == (3, 4)
+    assert Preprocessing(size=(3, 4)) == Preprocessing.from_dict(Preprocessing(size=(3, 4)).to_dict())
