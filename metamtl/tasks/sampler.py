@@ -334,11 +334,12 @@ def mixture_weights(
     uniform, T < 1 sharpens), as in multilingual-model sampling.
     """
     n = len(sizes)
-    if weights is None or weights == "equal":
+    name = weights if isinstance(weights, str) else None  # an array compared with "equal" has no truth value
+    if weights is None or name == "equal":
         w = [1.0] * n
-    elif weights == "size":
+    elif name == "size":
         w = [float(s) for s in sizes]
-    elif isinstance(weights, str):
+    elif name is not None:
         raise TaskError(f"unknown mixture weights {weights!r}; use 'equal', 'size' or a list of numbers")
     else:
         try:

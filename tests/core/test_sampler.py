@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -108,6 +109,10 @@ def test_mixed_tasks_follow_weights_and_are_deterministic():
     assert flat == pytest.approx([0.5, 0.5], abs=1e-4)
     with pytest.raises(TaskError):
         mixture_weights([1, 2], [1, -1])
+    # numpy weights raised a bare "truth value of an array is ambiguous" ValueError
+    assert mixture_weights([3, 4], np.array([1.0, 2.0])) == pytest.approx([1 / 3, 2 / 3])
+    with pytest.raises(TaskError, match="got 1 weights for 2"):
+        mixture_weights([3, 4], np.array([1.0]))
 
 
 def test_fixed_episodes_are_the_first_indices():
