@@ -463,6 +463,19 @@ def _refuse_files_in_two_classes(tree: Tree, paths: Sequence[str], labels: Seque
             )
 
 
+def image_suffixes(extensions: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``extensions`` (one ``".png"``, a list of them, or ``None`` for :func:`image_extensions`) as
+    lower-case suffixes; a suffix without its leading dot (``"png"``) is a :class:`ConfigError`."""
+    if extensions is None:
+        return image_extensions()
+    extensions = [extensions] if isinstance(extensions, str) else list(extensions)
+    bad = [e for e in extensions if not isinstance(e, str) or not e.startswith(".") or len(e) < 2]
+    if bad or not extensions:
+        raise ConfigError(f"extensions must be file name endings with their dot, e.g. ['.png', '.jpg'], "
+                          f"got {extensions!r}")
+    return tuple(e.lower() for e in extensions)
+
+
 def scan_class_folders(tree: Tree, extensions: Sequence[str] | None = None, name: str = "") -> tuple[list[str], list[str]]:
     """``(paths, classes)`` of the images in ``tree``: each image's class is its folder's path.
 
@@ -470,7 +483,7 @@ def scan_class_folders(tree: Tree, extensions: Sequence[str] | None = None, name
     :func:`image_extensions`).  Other files, and what the walk skipped (links leaving the folder,
     cycles), are reported in one warning line.
     """
-    exts = tuple(e.lower() for e in (extensions if extensions is not None else image_extensions()))
+    exts = image_suffixes(extensions)
     files = tree.files()
     paths = [p for p in files if p.lower().endswith(exts)]
     skipped = list(tree.skipped) + [(p, "not image file(s)") for p in files if not p.lower().endswith(exts)]

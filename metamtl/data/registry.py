@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 from ..errors import ConfigError, DataError, DataNotFoundError, unknown_name, unknown_settings
 from .base import ClassDataset, join_classes, split_names
-from .folder import ClassFolder, CSVClassDataset, DirectoryTree, image_extensions, printable, resolve_root
+from .folder import ClassFolder, CSVClassDataset, DirectoryTree, image_suffixes, printable, resolve_root
 from .miniimagenet import MiniImageNet
 from .omniglot import Omniglot
 
@@ -56,7 +56,7 @@ def _load_folder(split: str, root: Path, split_fractions: Sequence[float] = (0.6
 def _refuse_shared_classes(root: Path, split: str, classes: Sequence[str], kwargs: dict) -> None:
     """:class:`DataError` naming the classes of ``root/<split>/`` that another split folder also holds
     (held-out classes must be new to the model); only file names are read, no image is decoded."""
-    exts = tuple(e.lower() for e in (kwargs.get("extensions") or image_extensions()))
+    exts = image_suffixes(kwargs.get("extensions"))
     for other in SPLIT_FOLDERS:
         if other == split or not (root / other).is_dir():
             continue

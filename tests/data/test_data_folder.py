@@ -170,3 +170,15 @@ def test_preprocessing_refuses_non_finite_normalisation_and_a_non_bool_invert():
             Preprocessing(**kwargs)
     assert Preprocessing(size=28).size == (28, 28) and Preprocessing(size=[3, 4]).size == (3, 4)
     assert Preprocessing(size=(3, 4)) == Preprocessing.from_dict(Preprocessing(size=(3, 4)).to_dict())
+
+
+def test_extensions_given_as_one_string_reads_only_that_format(image_tree):
+    """extensions='.png' was split into '.', 'p', 'n', 'g': every file ending in g (.jpg too) was read."""
+    from metamtl.errors import ConfigError
+
+    ds = ClassFolder(image_tree, cache_dir=False, extensions=".png")
+    assert sorted(ds.class_names) == ["birds/owl", "cat"]
+    assert all(s.lower().endswith(".png") for s in ds.sources)
+    for bad in ("png", ["png"], [], [".png", 3]):
+        with pytest.raises(ConfigError, match="extensions must be file name endings with their dot"):
+            ClassFolder(image_tree, cache_dir=False, extensions=bad)
