@@ -136,6 +136,15 @@ class _Configured:
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and self.config() == other.config()
 
+    #: uniform numbers drawn per image, whatever the settings
+    DRAWS = 0
+
+    def _unchanged(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """A copy of ``images`` (identity settings), after drawing the :attr:`DRAWS` numbers per image a
+        transform would have drawn: later augmentations on the stream see the same numbers whatever ``p``."""
+        torch.rand(images.shape[0], self.DRAWS, generator=generator, dtype=torch.float64)
+        return images.clone()
+
 
 class RandomAffine(_Configured):
     """Random affine transform of each image (rotation, shear, scale, shift), one ``grid_sample``.
@@ -161,6 +170,7 @@ class RandomAffine(_Configured):
     """
 
     FILLS = ("zeros", "border", "reflection")
+    DRAWS = 9
 
     def __init__(self, rotation: float = 10.0, shear: float = 0.3, scale: Sequence[float] = (0.8, 1.2),
                  shift: float = 2.0, p: float = 0.5, fill: str = "zeros") -> None:
@@ -189,7 +199,7 @@ class RandomAffine(_Configured):
 
     def matrices(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``[n, 2, 3]`` forward transforms in pixel units about the image centre: ``x' = A x + t``."""
-        u = torch.rand(n, 9, generator=generator, dtype=torch.float64)
+        u = torch.rand(n, self.DRAWS, generator=generator, dtype=torch.float64)
         on = u[:, :4] < self.p
         angle = torch.where(on[:, 0], (2 * u[:, 4] - 1) * math.radians(self.rotation), 0.0)
         shear = torch.where(on[:, 1], (2 * u[:, 5] - 1) * self.shear, 0.0)
@@ -206,7 +216,7 @@ class RandomAffine(_Configured):
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         n, c, h, w = _check_batch(images)
         if n == 0 or self.is_identity:
-            return images.clone()
+            return self._unchanged(images, generator)
         m = self.matrices(n, generator)
         a, t = m[:, :, :2], m[:, :, 2:]
         moved = (a != torch.eye(2, dtype=a.dtype)).flatten(1).any(1) | (t != 0).flatten(1).any(1)
@@ -253,6 +263,8 @@ class ColorJitter(_Configured):
     uniform numbers from the generator whatever the settings.
     """
 
+    DRAWS = 4
+
     def __init__(self, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4,
                  p: float = 1.0) -> None:
         self.brightness = _factor("brightness", brightness)
@@ -270,7 +282,7 @@ class ColorJitter(_Configured):
 
     def factors(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``[n, 3]`` brightness, contrast and saturation factors (all 1 for an image left alone)."""
-        u = torch.rand(n, 4, generator=generator, dtype=torch.float64)
+        u = torch.rand(n, self.DRAWS, generator=generator, dtype=torch.float64)
         width = torch.tensor([self.brightness, self.contrast, self.saturation], dtype=torch.float64)
         f = 1 + (2 * u[:, 1:] - 1) * width
         return torch.where((u[:, :1] < self.p), f, torch.ones_like(f))
@@ -280,7 +292,7 @@ class ColorJitter(_Configured):
         if c not in (1, 3):
             raise ConfigError(f"color_jitter needs grey (1-channel) or RGB (3-channel) images, got {c} channels")
         if n == 0 or self.is_identity:
-            return images.clone()
+            return self._unchanged(images, generator)
         factors = self.factors(n, generator)
         keep = (factors == 1).all(1).to(images.device).view(n, 1, 1, 1)
         f = factors.to(device=images.device, dtype=torch.float32).view(n, 3, 1, 1, 1).unbind(1)

@@ -322,3 +322,27 @@ def test_bad_color_jitter_settings_are_refused(kwargs, match):
         ColorJitter(**kwargs)
     with pytest.raises(ConfigError, match="grey .* or RGB"):
         ColorJitter()(images(n=2, c=2))
+
+
+@pytest.mark.parametrize("idle, busy", [
+    (RandomAffine(p=0.0), RandomAffine(p=0.5)),
+    (RandomAffine(rotation=0, shear=0, scale=(1, 1), shift=0), RandomAffine()),
+    (ColorJitter(p=0.0), ColorJitter(p=0.5)),
+    (ColorJitter(brightness=0, contrast=0, saturation=0), ColorJitter()),
+])
+def test_identity_settings_draw_the_documented_numbers_too(idle, busy):
+    """p=0 or an identity range drew nothing, so a sweep over p changed every later augmentation
+    on the same stream; the documented 9*N / 4*N numbers are now drawn whatever the settings."""
+    x = images(n=6, c=3, h=16, w=16)
+
+    def after(aug):
+        g = torch.Generator().manual_seed(0)
+        out = aug(x, g)
+        return out, torch.rand(5, generator=g)
+
+    (out, next_idle), (_, next_busy) = after(idle), after(busy)
+    assert torch.equal(out, x) and torch.equal(next_idle, next_busy)
+    # what Compose([idle, ColorJitter()]) jitters with is what follows the busy one on the stream
+    g = torch.Generator().manual_seed(0)
+    busy(x, g)
+    assert torch.equal(after(Compose([idle, ColorJitter()]))[0], ColorJitter()(x, g))
