@@ -39,6 +39,9 @@ CACHE_FORMAT = 2
 #: Upper bound on the bytes of decoded images kept by the in-process memo.
 MEMO_MAX_BYTES = 2 << 30
 
+#: characters of a source's name kept at the start of its cache file name
+_NAME_CHARS = 120
+
 _MEMO: "collections.OrderedDict[str, Decoded]" = collections.OrderedDict()
 
 
@@ -154,7 +157,8 @@ def cached_decode(
         _MEMO.move_to_end(key)
         return _MEMO[key]
     directory = resolve_cache_dir(cache_dir)
-    path = directory / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{key[:20]}.npz" if directory else None
+    # the readable prefix is cut to keep the file name within 255 bytes: the key covers the whole name
+    path = directory / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)[:_NAME_CHARS]}-{key[:20]}.npz" if directory else None
     decoded = None
     if path is not None and path.exists():
         try:

@@ -153,3 +153,17 @@ def test_swapping_same_sized_files_between_classes_invalidates_the_cache(tmp_pat
     clear_memo()
     monkeypatch.undo()
     assert first_pixels(ClassFolder(root, cache_dir=cache_dir)) == swapped  # the disk cache
+
+
+def test_a_long_dataset_name_still_gets_a_cache_file(tmp_path, recwarn):
+    """A ~250-character name made a file name over 255 bytes: the cache was never written, and the warning
+    blamed the folder's permissions; the readable prefix of the file name is now shortened."""
+    decoded = Decoded(torch.zeros(1, 1, 2, 2, dtype=torch.uint8), torch.zeros(1, dtype=torch.long), ["a"], ["x"])
+    clear_memo()
+    cached_decode("folder-" + "x" * 250, ["one"], lambda: decoded, tmp_path)
+    assert not [w for w in recwarn if "decode cache" in str(w.message)]
+    (path,) = tmp_path.glob("folder-x*.npz")
+    assert len(path.name) <= 255
+    clear_memo()
+    other = cached_decode("folder-" + "x" * 251, ["one"], lambda: decoded, tmp_path)  # another name, another key
+    assert other is decoded and len(list(tmp_path.glob("*.npz"))) == 2
