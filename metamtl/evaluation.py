@@ -25,7 +25,7 @@ from .numerics import check_finite_episodes
 from .placement import Placement
 from .progress_bars import progress_bar
 from .tasks.episode import Episode
-from .tasks.sampler import TaskSource
+from .tasks.sampler import MixedTasks, TaskSource
 
 #: episodes handed to ``Algorithm.evaluate_episodes`` at once
 EVAL_CHUNK = 50
@@ -195,7 +195,7 @@ def feature_means(model: nn.Module, source: Any, placement: Placement, max_image
     check_int("batch_size", batch_size, 1)
     out = {}
     with eval_mode(model):
-        for src in getattr(source, "sources", [source]):
+        for src in source.sources if isinstance(source, MixedTasks) else [source]:  # a ClassDataset's: file names
             data = getattr(src, "dataset", src)
             if not hasattr(data, "images") or not hasattr(data, "preprocessing"):
                 raise ConfigError(f"compute_feature_mean needs training tasks or a ClassDataset, got {type(src).__name__}")

@@ -302,3 +302,16 @@ def test_balanced_assignments_work_for_unnormalised_features():
         torch.testing.assert_close(out.exp().sum(0), torch.full((5,), 3.0))  # balanced: 3 queries per class
     plan = sinkhorn(torch.tensor([[-5000.0, -9000.0], [-7000.0, -6000.0]]), 50)
     torch.testing.assert_close(plan, torch.eye(2), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("sources", [None, "file names"])
+def test_feature_mean_of_a_class_dataset_with_or_without_file_names(sources, splits):
+    """A ClassDataset's ``sources`` (its images' file names, or None) was taken for the task
+    sources of a MixedTasks: a bare TypeError, or "got str"."""
+    train, _ = splits
+    data = train.dataset
+    names = [f"img{i}.png" for i in range(len(data))] if sources else None
+    data = ClassDataset(data.images, data.labels, data.class_names, name="toy", preprocessing=data.preprocessing,
+                        sources=names)
+    expected = learner().compute_feature_mean(train)
+    torch.testing.assert_close(learner().compute_feature_mean(data), expected)
