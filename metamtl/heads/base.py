@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
@@ -35,13 +36,16 @@ def query_features(trunk: nn.Module, query_x: torch.Tensor, support_x: torch.Ten
 
 
 def _check(name: str, value: Any, kind: type, minimum: float | None = None) -> None:
+    """:class:`ConfigError` unless ``value`` is of ``kind``, finite and ``>= minimum``."""
     ok = isinstance(value, kind) and not isinstance(value, bool) if kind is not bool else isinstance(value, bool)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         ok = True
+    if ok and kind is float:  # YAML .inf would pass a minimum, then overflow in the head's maths
+        ok = math.isfinite(value)
     if not ok or (minimum is not None and not value >= minimum):
         bound = f" >= {minimum}" if minimum is not None else ""
-        raise ConfigError(f"head setting {name} must be {'true or false' if kind is bool else kind.__name__ + bound}, "
-                          f"got {value!r}")
+        what = "true or false" if kind is bool else ("a finite float" if kind is float else kind.__name__) + bound
+        raise ConfigError(f"head setting {name} must be {what}, got {value!r}")
 
 
 @dataclasses.dataclass

@@ -315,3 +315,17 @@ def test_feature_mean_of_a_class_dataset_with_or_without_file_names(sources, spl
                         sources=names)
     expected = learner().compute_feature_mean(train)
     torch.testing.assert_close(learner().compute_feature_mean(data), expected)
+
+
+@pytest.mark.parametrize("spec", [{"name": "logreg", "C": float("inf")}, {"name": "bdcspn", "epsilon": float("inf")},
+                                  {"name": "softkmeans", "scale": float("inf")},
+                                  {"name": "laplacianshot", "lam": float("inf")}])
+def test_infinite_head_settings_are_refused_when_the_head_is_built(spec):
+    """YAML ``.inf`` passed the minimum check, then crashed with a bare RuntimeError or an
+    "adaptation diverged" TrainingError about an inner loop that never ran."""
+    field = next(k for k in spec if k != "name")
+    with pytest.raises(ConfigError, match=f"head setting {field} must be a finite float.*got inf"):
+        build_head(spec)
+    with pytest.raises(ConfigError, match=f"head setting {field} must be a finite float"):
+        config_from_dict({"algorithm": {"name": "protonet"}, "eval": {"heads": [spec]}})
+
