@@ -35,8 +35,9 @@ def query_features(trunk: nn.Module, query_x: torch.Tensor, support_x: torch.Ten
     return trunk(query_x)
 
 
-def _check(name: str, value: Any, kind: type, minimum: float | None = None) -> None:
-    """:class:`ConfigError` unless ``value`` is of ``kind``, finite and ``>= minimum``."""
+def _check(name: str, value: Any, kind: type, minimum: float | None = None) -> Any:
+    """``value`` checked (:class:`ConfigError` unless of ``kind``, finite and ``>= minimum``), a float
+    setting as a ``float`` (so ``C: 10`` and ``C: 10.0`` are one setting, with one label)."""
     ok = isinstance(value, kind) and not isinstance(value, bool) if kind is not bool else isinstance(value, bool)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         ok = True
@@ -46,6 +47,7 @@ def _check(name: str, value: Any, kind: type, minimum: float | None = None) -> N
         bound = f" >= {minimum}" if minimum is not None else ""
         what = "true or false" if kind is bool else ("a finite float" if kind is float else kind.__name__) + bound
         raise ConfigError(f"head setting {name} must be {what}, got {value!r}")
+    return float(value) if kind is float else value
 
 
 @dataclasses.dataclass
@@ -69,7 +71,7 @@ class FeatureHead:
 
     def __post_init__(self) -> None:
         for field, (kind, minimum) in {"center": (bool, None), "normalize": (bool, None), **self.checks}.items():
-            _check(field, getattr(self, field), kind, minimum)
+            setattr(self, field, _check(field, getattr(self, field), kind, minimum))
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> "FeatureHead":

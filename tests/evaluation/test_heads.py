@@ -329,3 +329,12 @@ def test_infinite_head_settings_are_refused_when_the_head_is_built(spec):
     with pytest.raises(ConfigError, match=f"head setting {field} must be a finite float"):
         config_from_dict({"algorithm": {"name": "protonet"}, "eval": {"heads": [spec]}})
 
+
+def test_equal_settings_spelled_as_int_or_float_get_one_label():
+    """``C: 10`` and ``C: 10.0`` are one setting: one row, one report group, one W&B key."""
+    from metamtl.heads import head_name
+
+    for name, field in (("logreg", "C"), ("bdcspn", "epsilon")):
+        a, b = build_head({"name": name, field: 3}), build_head({"name": name, field: 3.0})
+        assert a == b and head_name(a) == head_name(b) == f"{name}({field}=3.0)"
+        assert a.config() == b.config() and isinstance(a.config()[field], float)
