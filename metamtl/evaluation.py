@@ -147,11 +147,22 @@ def evaluate_episodes(score: Callable[[list[Episode]], list[dict[str, float]]], 
             eps = [episode_at(i) for i in part]
             for ep in eps:
                 check(ep)
-            with placement.autocast():
-                metrics = score([with_support_copies(placement.batch(e), support_augment) for e in eps])
+            with torch.inference_mode(False), placement.autocast():  # an inner loop needs autograd, also there
+                metrics = score([with_support_copies(placement.batch(outside_inference_mode(e)), support_augment)
+                                 for e in eps])
             rows += [(i, (m, (e.ways, e.shots, e.queries))) for i, e, m in zip(part, eps, metrics)]
             bar.update(len(part))
     return summarize(strategy.gather_ordered(rows), steps, **fields)
+
+
+def outside_inference_mode(value: Any) -> Any:
+    """``value`` (a tensor or an :class:`Episode`) with copies of the tensors made under
+    ``torch.inference_mode()``, which cannot enter autograd (call outside inference mode)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value.is_inference() else value
+    copies = {f.name: outside_inference_mode(getattr(value, f.name)) for f in dataclasses.fields(value)
+              if isinstance(getattr(value, f.name), torch.Tensor) and getattr(value, f.name).is_inference()}
+    return dataclasses.replace(value, **copies) if copies else value
 
 
 def hierarchy_of(tasks: Any) -> Any:

@@ -338,3 +338,21 @@ def test_equal_settings_spelled_as_int_or_float_get_one_label():
         a, b = build_head({"name": name, field: 3}), build_head({"name": name, field: 3.0})
         assert a == b and head_name(a) == head_name(b) == f"{name}({field}=3.0)"
         assert a.config() == b.config() and isinstance(a.config()[field], float)
+
+
+def test_logreg_and_the_algorithm_work_under_inference_mode_as_under_no_grad(splits):
+    """torch.enable_grad() does not leave inference mode: logreg's fit (and MAML's adaptation)
+    raised a bare "element 0 of tensors does not require grad"."""
+    _, test = splits
+    ep = test.episode(0).to("cpu")
+    torch.manual_seed(0)
+    maml = MetaLearner(build_model("conv4", in_channels=1, hidden=8, image_size=12, blocks=2, out_features=5),
+                       build_algorithm("maml", steps=2), device="cpu")
+    for lr, head in ((learner(), "logreg"), (maml, None)):
+        with torch.no_grad():
+            expected = lr.predict(ep.support_x, ep.support_y, ep.query_x, head=head)
+        with torch.inference_mode():
+            got = lr.predict(ep.support_x, ep.support_y, ep.query_x, head=head)
+            result = lr.evaluate(test, 2, progress=False, head=head)
+        torch.testing.assert_close(got, expected)
+        assert result.per_episode_loss == lr.evaluate(test, 2, progress=False, head=head).per_episode_loss
