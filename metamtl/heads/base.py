@@ -50,6 +50,19 @@ def _check(name: str, value: Any, kind: type, minimum: float | None = None) -> A
     return float(value) if kind is float else value
 
 
+def _fitting_mean(head: str, mean: torch.Tensor, dim: int) -> torch.Tensor:
+    """``mean`` unless it is not ``dim`` finite numbers (a mean of another trunk, an edited
+    checkpoint): :class:`InputError` saying how to recompute it."""
+    shape = tuple(mean.shape)
+    if shape != (dim,) or not bool(torch.isfinite(mean).all()):
+        what = f"has shape {list(shape)}" if shape != (dim,) else "is not finite"
+        raise InputError(
+            f"head {head!r} centres features with the learner's feature mean, which {what} (the trunk's features "
+            f"have {dim} numbers): it belongs to other weights or was edited; call "
+            "learner.compute_feature_mean(train_tasks) to recompute it")
+    return mean
+
+
 @dataclasses.dataclass
 class FeatureHead:
     """Base class: settings are dataclass fields; subclasses implement :meth:`classify`.
@@ -111,7 +124,7 @@ class FeatureHead:
                 raise InputError(
                     f"transductive head {self.name!r} {why}: it needs at least {needed} queries, got "
                     f"{query.shape[0]}; pass the queries together, or use an inductive head (e.g. simpleshot)")
-        used = mean if self.center else None
+        used = _fitting_mean(self.name, mean, support.shape[-1]) if self.center else None
         with torch.autocast(support.device.type, enabled=False):  # small float32 problems
             return self.classify(transform(support, used, self.normalize), support_y,
                                  transform(query, used, self.normalize), ways)

@@ -356,3 +356,20 @@ def test_logreg_and_the_algorithm_work_under_inference_mode_as_under_no_grad(spl
             result = lr.evaluate(test, 2, progress=False, head=head)
         torch.testing.assert_close(got, expected)
         assert result.per_episode_loss == lr.evaluate(test, 2, progress=False, head=head).per_episode_loss
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(7), torch.full((72,), float("nan"))])
+def test_a_feature_mean_that_does_not_fit_the_trunk_is_refused_with_the_fix(bad, tmp_path, splits):
+    """A saved (or assigned) mean of another size gave a bare "size of tensor a (72) must match",
+    a NaN one NaN logits blamed on the adaptation."""
+    train, test = splits
+    lr = learner(head="simpleshot")
+    assert lr.compute_feature_mean(train)["toy"].shape == (72,)
+    lr.feature_means["toy"] = bad
+    loaded = MetaLearner.load(lr.save(tmp_path / "l.pt"), device="cpu")
+    ep = test.episode(0).to("cpu")
+    for use in (lambda: loaded.predict(ep.support_x, ep.support_y, ep.query_x),
+                lambda: loaded.evaluate(test, 2, progress=False)):
+        with pytest.raises(InputError, match=r"feature mean, which (has shape \[7\]|is not finite) "
+                                             r"\(the trunk's features have 72.*compute_feature_mean"):
+            use()
