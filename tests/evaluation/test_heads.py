@@ -1,6 +1,9 @@
 """Feature-space heads: each one against a reference computed another way, flags, means, configs."""
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +13,7 @@ from metamtl.algorithms import build_algorithm
 from metamtl.config import config_from_dict
 from metamtl.data import ClassDataset, Preprocessing
 from metamtl.errors import ConfigError, InputError
-from metamtl.heads import HEADS, LaplacianShot, LogisticRegression, NearestCentroid, SoftKMeans, build_head
+from metamtl.heads import HEADS, FeatureHead, LaplacianShot, LogisticRegression, NearestCentroid, SoftKMeans, build_head
 from metamtl.heads.transductive import rectified_prototypes, sinkhorn
 from metamtl.models import build_model
 from metamtl.tasks import EpisodeSampler
@@ -373,3 +376,37 @@ def test_a_feature_mean_that_does_not_fit_the_trunk_is_refused_with_the_fix(bad,
         with pytest.raises(InputError, match=r"feature mean, which (has shape \[7\]|is not finite) "
                                              r"\(the trunk's features have 72.*compute_feature_mean"):
             use()
+
+
+@dataclasses.dataclass
+class Cosine(FeatureHead):
+    """A user's head (not in HEADS unless a test registers it)."""
+
+    name: ClassVar[str] = "cosine"
+    checks: ClassVar[dict] = {"scale": (float, 0.0)}
+    scale: float = 1.0
+
+    def classify(self, support, support_y, query, ways):
+        protos = torch.stack([support[support_y == k].mean(0) for k in range(ways)])
+        return self.scale * query @ F.normalize(protos, dim=-1).T
+
+
+def test_a_custom_head_is_registered_to_be_saved_and_round_trips(tmp_path, splits, monkeypatch):
+    """A learner with an unregistered head of the user's saved fine, and then could not be loaded at
+    all ("unknown head 'cosine'"): it is refused up front (construction, save), and a head
+    registered in HEADS round-trips; per-call heads need no registration."""
+    ep = splits[1].episode(0).to("cpu")
+    args = (ep.support_x, ep.support_y, ep.query_x)
+    fix = r"register it first: metamtl.heads.HEADS\['cosine'\] = Cosine"
+    with pytest.raises(ConfigError, match=r"head Cosine \('cosine'\) is not registered.*" + fix):
+        learner(head=Cosine())
+    lr = learner()
+    expected = lr.predict(*args, head=Cosine(scale=2))  # per call: no registration needed
+    lr.inference.head = Cosine()
+    with pytest.raises(ConfigError, match=fix):
+        lr.save(tmp_path / "l.pt")
+    monkeypatch.setitem(HEADS, "cosine", Cosine)
+    lr = learner(head={"name": "cosine", "scale": 2})
+    loaded = MetaLearner.load(lr.save(tmp_path / "l.pt"), device="cpu")
+    assert loaded.head == Cosine(scale=2.0)
+    torch.testing.assert_close(loaded.predict(*args), expected)
