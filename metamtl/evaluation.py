@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from contextlib import closing, contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from contextlib import closing, contextmanager, suppress
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from .placement import Placement
 from .progress_bars import progress_bar
 from .tasks.episode import Episode
 from .tasks.sampler import MixedTasks, TaskSource
+
+if TYPE_CHECKING:
+    from .learner import MetaLearner
 
 #: episodes handed to ``Algorithm.evaluate_episodes`` at once
 EVAL_CHUNK = 50
@@ -214,6 +217,41 @@ def feature_means(model: nn.Module, source: Any, placement: Placement, max_image
             with dataset_scope(routed_dataset(model, name)):  # a multi-dataset model: that dataset's stem
                 out[name] = mean_feature(model.trunk, data, placement, max_images, batch_size)
     return out
+
+
+@contextmanager
+def means_follow_trunk(learner: "MetaLearner", source: Any) -> Iterator[None]:
+    """Around a ``fit`` on ``source``: the learner's :attr:`~metamtl.MetaLearner.feature_means`
+    (if any) are set aside, so that checkpoints written while training hold none of the old trunk,
+    and put back unless training changed the trunk (an iteration or a resume), in which case they
+    are recomputed from ``source`` (:func:`refresh_means`)."""
+    means = learner.inference.feature_means
+    before, start, finished = dict(means), learner.iteration, False
+    means.clear()
+    try:
+        yield
+        finished = True
+    finally:
+        means.update(before)
+        if before and learner.iteration != start:
+            refresh_means(learner, source if finished else None)
+
+
+def refresh_means(learner: "MetaLearner", source: Any) -> None:
+    """The learner's feature means recomputed for its new trunk from ``source`` (default
+    ``max_images`` and ``batch_size``); those it cannot recompute (``source`` ``None``: a fit that
+    failed; a source without those datasets' images) are dropped with a warning saying to call
+    ``compute_feature_mean``."""
+    new: dict[str, torch.Tensor] = {}
+    if source is not None:
+        with suppress(ConfigError):  # training tasks without stored images (e.g. a task source of the user's)
+            new = feature_means(learner.model, source, learner.placement)
+    inference = learner.inference
+    old = {k: v for k, v in inference.feature_means.items() if k not in new}
+    inference.feature_means.clear()
+    inference.feature_means.update(old)
+    inference.drop_means("fit changed the trunk" + (" and stopped" if source is None else ""))  # warns about old
+    inference.feature_means.update(new)
 
 
 @contextmanager

@@ -10,6 +10,7 @@ checkpoint it is the ``evaluation`` entry.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import torch
@@ -75,6 +76,17 @@ class InferenceSettings:
                 f"{sorted(self.feature_means)}: pass dataset=NAME, one of them, to adapt/predict (evaluate uses "
                 "each episode's dataset)")
         return mean
+
+    def drop_means(self, why: str) -> dict[str, torch.Tensor]:
+        """Forget :attr:`feature_means` (they belong to a trunk that ``why`` replaced), with a warning
+        when there were any; returns them."""
+        dropped = dict(self.feature_means)
+        self.feature_means.clear()
+        if dropped:
+            warnings.warn(f"{why}: the feature means {sorted(dropped)} of the old trunk are dropped; call "
+                          "learner.compute_feature_mean(train_tasks) before using a centring head (simpleshot, "
+                          "laplacianshot)", RuntimeWarning, stacklevel=3)
+        return dropped
 
     def state(self) -> dict[str, Any]:
         """The checkpoint's ``evaluation`` entry (plain containers and tensors)."""

@@ -410,3 +410,30 @@ def test_a_custom_head_is_registered_to_be_saved_and_round_trips(tmp_path, split
     loaded = MetaLearner.load(lr.save(tmp_path / "l.pt"), device="cpu")
     assert loaded.head == Cosine(scale=2.0)
     torch.testing.assert_close(loaded.predict(*args), expected)
+
+
+def test_feature_means_follow_the_trunk_through_fit_and_init_from(splits):
+    """fit and init_from changed the trunk and kept the old trunk's feature mean, which centring
+    heads (and ``metamtl evaluate``, which trusts a saved one) went on using silently."""
+    import warnings
+
+    from metamtl.evaluation import feature_means
+
+    train, test = splits
+    lr = learner(head="simpleshot")
+    old = lr.compute_feature_mean(train)["toy"].clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lr.fit(train, iterations=0, meta_batch_size=2, progress=False)  # no new weights: the same mean
+        assert torch.equal(lr.feature_means["toy"], old)
+        lr.fit(train, iterations=3, meta_batch_size=2, progress=False)
+    assert not torch.allclose(lr.feature_means["toy"], old)
+    assert torch.equal(lr.feature_means["toy"], feature_means(lr.model, train, lr.placement)["toy"])
+    with pytest.warns(RuntimeWarning, match=r"init_from replaced the trunk: the feature means \['toy'\] of the old "
+                                            r"trunk are dropped; call learner.compute_feature_mean"):
+        lr.init_from(learner())
+    assert lr.feature_means == {}
+    ep = test.episode(0).to("cpu")
+    with pytest.raises(InputError, match="compute_feature_mean"):
+        lr.predict(ep.support_x, ep.support_y, ep.query_x)
+    lr.init_from(learner())  # no means: nothing to say
