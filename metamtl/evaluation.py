@@ -189,7 +189,8 @@ def summarize(results: list[tuple[dict[str, float], tuple[int, int, int]]], step
 
 def mean_feature(trunk: nn.Module, data: Any, placement: Placement, max_images: int = 10_000,
                  batch_size: int = 256) -> torch.Tensor:
-    """Mean trunk feature over at most ``max_images`` (a seeded random subset) of a dataset's images."""
+    """Mean trunk feature over at most ``max_images`` (a seeded random subset) of a dataset's images,
+    in chunks of ``batch_size`` (with batch-statistics BatchNorm, the mean depends on it: :func:`feature_means`)."""
     rows = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:max_images]
     total = None
     for lo in range(0, len(rows), batch_size):
@@ -204,7 +205,14 @@ def mean_feature(trunk: nn.Module, data: Any, placement: Placement, max_images: 
 def feature_means(model: nn.Module, source: Any, placement: Placement, max_images: int = 10_000,
                   batch_size: int = 256) -> dict[str, torch.Tensor]:
     """Mean trunk feature of each training dataset (by name) of ``source``: an ``EpisodeSampler``,
-    a ``MixedTasks`` of them (one mean per dataset) or a ``ClassDataset``; the model in eval mode."""
+    a ``MixedTasks`` of them (one mean per dataset) or a ``ClassDataset``; the model in eval mode.
+
+    The images go through the trunk ``batch_size`` at a time.  A trunk whose BatchNorm normalises
+    with batch statistics also in eval mode (conv4's episodic BatchNorm, which keeps no running
+    statistics) normalises every chunk with its own statistics, so the mean depends on
+    ``batch_size`` (and on ``max_images``, which sets the last chunk's size): it is then not only a
+    memory setting.  Keep the default (256, what ``metamtl fit`` and ``metamtl evaluate`` use) for
+    means, and SimpleShot/LaplacianShot results, that compare across runs."""
     check_int("max_images", max_images, 1)
     check_int("batch_size", batch_size, 1)
     out = {}

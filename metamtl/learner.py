@@ -231,8 +231,8 @@ class MetaLearner:
         return self.inference.feature_mean(dataset, self.device)
 
     def compute_feature_mean(self, source: Any, max_images: int = 10_000, batch_size: int = 256) -> dict[str, torch.Tensor]:
-        """Mean trunk feature of the training images (:attr:`feature_means`, saved), for heads that
-        centre features (SimpleShot): see :func:`metamtl.evaluation.feature_means`."""
+        """Mean trunk feature of the training images (:attr:`feature_means`, saved) for centring heads (SimpleShot):
+        :func:`~metamtl.evaluation.feature_means`; with batch-statistics BatchNorm it depends on ``batch_size``."""
         self.feature_means.update(feature_means(self.model, source, self.placement, max_images, batch_size))
         return dict(self.feature_means)
 
