@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from contextlib import closing, contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from contextlib import closing, contextmanager, suppress
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,10 @@ from .numerics import check_finite_episodes
 from .placement import Placement
 from .progress_bars import progress_bar
 from .tasks.episode import Episode
-from .tasks.sampler import TaskSource
+from .tasks.sampler import MixedTasks, TaskSource
+
+if TYPE_CHECKING:
+    from .learner import MetaLearner
 
 #: episodes handed to ``Algorithm.evaluate_episodes`` at once
 EVAL_CHUNK = 50
@@ -147,11 +150,22 @@ def evaluate_episodes(score: Callable[[list[Episode]], list[dict[str, float]]], 
             eps = [episode_at(i) for i in part]
             for ep in eps:
                 check(ep)
-            with placement.autocast():
-                metrics = score([with_support_copies(placement.batch(e), support_augment) for e in eps])
+            with torch.inference_mode(False), placement.autocast():  # an inner loop needs autograd, also there
+                metrics = score([with_support_copies(placement.batch(outside_inference_mode(e)), support_augment)
+                                 for e in eps])
             rows += [(i, (m, (e.ways, e.shots, e.queries))) for i, e, m in zip(part, eps, metrics)]
             bar.update(len(part))
     return summarize(strategy.gather_ordered(rows), steps, **fields)
+
+
+def outside_inference_mode(value: Any) -> Any:
+    """``value`` (a tensor or an :class:`Episode`) with copies of the tensors made under
+    ``torch.inference_mode()``, which cannot enter autograd (call outside inference mode)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value.is_inference() else value
+    copies = {f.name: outside_inference_mode(getattr(value, f.name)) for f in dataclasses.fields(value)
+              if isinstance(getattr(value, f.name), torch.Tensor) and getattr(value, f.name).is_inference()}
+    return dataclasses.replace(value, **copies) if copies else value
 
 
 def hierarchy_of(tasks: Any) -> Any:
@@ -175,7 +189,8 @@ def summarize(results: list[tuple[dict[str, float], tuple[int, int, int]]], step
 
 def mean_feature(trunk: nn.Module, data: Any, placement: Placement, max_images: int = 10_000,
                  batch_size: int = 256) -> torch.Tensor:
-    """Mean trunk feature over at most ``max_images`` (a seeded random subset) of a dataset's images."""
+    """Mean trunk feature over at most ``max_images`` (a seeded random subset) of a dataset's images,
+    in chunks of ``batch_size`` (with batch-statistics BatchNorm, the mean depends on it: :func:`feature_means`)."""
     rows = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:max_images]
     total = None
     for lo in range(0, len(rows), batch_size):
@@ -190,12 +205,19 @@ def mean_feature(trunk: nn.Module, data: Any, placement: Placement, max_images: 
 def feature_means(model: nn.Module, source: Any, placement: Placement, max_images: int = 10_000,
                   batch_size: int = 256) -> dict[str, torch.Tensor]:
     """Mean trunk feature of each training dataset (by name) of ``source``: an ``EpisodeSampler``,
-    a ``MixedTasks`` of them (one mean per dataset) or a ``ClassDataset``; the model in eval mode."""
+    a ``MixedTasks`` of them (one mean per dataset) or a ``ClassDataset``; the model in eval mode.
+
+    The images go through the trunk ``batch_size`` at a time.  A trunk whose BatchNorm normalises
+    with batch statistics also in eval mode (conv4's episodic BatchNorm, which keeps no running
+    statistics) normalises every chunk with its own statistics, so the mean depends on
+    ``batch_size`` (and on ``max_images``, which sets the last chunk's size): it is then not only a
+    memory setting.  Keep the default (256, what ``metamtl fit`` and ``metamtl evaluate`` use) for
+    means, and SimpleShot/LaplacianShot results, that compare across runs."""
     check_int("max_images", max_images, 1)
     check_int("batch_size", batch_size, 1)
     out = {}
     with eval_mode(model):
-        for src in getattr(source, "sources", [source]):
+        for src in source.sources if isinstance(source, MixedTasks) else [source]:  # a ClassDataset's: file names
             data = getattr(src, "dataset", src)
             if not hasattr(data, "images") or not hasattr(data, "preprocessing"):
                 raise ConfigError(f"compute_feature_mean needs training tasks or a ClassDataset, got {type(src).__name__}")
@@ -203,6 +225,41 @@ def feature_means(model: nn.Module, source: Any, placement: Placement, max_image
             with dataset_scope(routed_dataset(model, name)):  # a multi-dataset model: that dataset's stem
                 out[name] = mean_feature(model.trunk, data, placement, max_images, batch_size)
     return out
+
+
+@contextmanager
+def means_follow_trunk(learner: "MetaLearner", source: Any) -> Iterator[None]:
+    """Around a ``fit`` on ``source``: the learner's :attr:`~metamtl.MetaLearner.feature_means`
+    (if any) are set aside, so that checkpoints written while training hold none of the old trunk,
+    and put back unless training changed the trunk (an iteration or a resume), in which case they
+    are recomputed from ``source`` (:func:`refresh_means`)."""
+    means = learner.inference.feature_means
+    before, start, finished = dict(means), learner.iteration, False
+    means.clear()
+    try:
+        yield
+        finished = True
+    finally:
+        means.update(before)
+        if before and learner.iteration != start:
+            refresh_means(learner, source if finished else None)
+
+
+def refresh_means(learner: "MetaLearner", source: Any) -> None:
+    """The learner's feature means recomputed for its new trunk from ``source`` (default
+    ``max_images`` and ``batch_size``); those it cannot recompute (``source`` ``None``: a fit that
+    failed; a source without those datasets' images) are dropped with a warning saying to call
+    ``compute_feature_mean``."""
+    new: dict[str, torch.Tensor] = {}
+    if source is not None:
+        with suppress(ConfigError):  # training tasks without stored images (e.g. a task source of the user's)
+            new = feature_means(learner.model, source, learner.placement)
+    inference = learner.inference
+    old = {k: v for k, v in inference.feature_means.items() if k not in new}
+    inference.feature_means.clear()
+    inference.feature_means.update(old)
+    inference.drop_means("fit changed the trunk" + (" and stopped" if source is None else ""))  # warns about old
+    inference.feature_means.update(new)
 
 
 @contextmanager

@@ -10,13 +10,14 @@ checkpoint it is the ``evaluation`` entry.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import torch
 
 from .data.augment import SupportAugment
 from .errors import ConfigError, InputError
-from .heads import FeatureHead, build_head
+from .heads import FeatureHead, build_head, registered
 from .inputs import as_support_augment
 
 
@@ -41,7 +42,8 @@ class InferenceSettings:
     def create(cls, support_augment: Any = None, head: Any = None,
                feature_means: dict[str, torch.Tensor] | None = None, task: str = "classification") -> "InferenceSettings":
         """From specs: a :class:`SupportAugment` or its settings, a head or its name/settings."""
-        return cls(as_support_augment(support_augment), classifying_head(build_head(head), task), dict(feature_means or {}))
+        head = registered(classifying_head(build_head(head), task))  # saved with the learner: rebuilt by name
+        return cls(as_support_augment(support_augment), head, dict(feature_means or {}))
 
     def augment(self, spec: Any = None) -> SupportAugment | None:
         """The support augmentation of a call: ``spec`` (``False``: none), or the default when ``None``."""
@@ -75,10 +77,21 @@ class InferenceSettings:
                 "each episode's dataset)")
         return mean
 
+    def drop_means(self, why: str) -> dict[str, torch.Tensor]:
+        """Forget :attr:`feature_means` (they belong to a trunk that ``why`` replaced), with a warning
+        when there were any; returns them."""
+        dropped = dict(self.feature_means)
+        self.feature_means.clear()
+        if dropped:
+            warnings.warn(f"{why}: the feature means {sorted(dropped)} of the old trunk are dropped; call "
+                          "learner.compute_feature_mean(train_tasks) before using a centring head (simpleshot, "
+                          "laplacianshot)", RuntimeWarning, stacklevel=3)
+        return dropped
+
     def state(self) -> dict[str, Any]:
         """The checkpoint's ``evaluation`` entry (plain containers and tensors)."""
         return {"support_augment": self.support_augment.config() if self.support_augment else None,
-                "head": self.head.config() if self.head is not None else None,
+                "head": registered(self.head).config() if self.head is not None else None,
                 "feature_means": {k: v.detach().cpu() for k, v in self.feature_means.items()}}
 
     @classmethod

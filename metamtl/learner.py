@@ -26,7 +26,7 @@ from .callbacks import Callback, CallbackList, FitState, check_callbacks, standa
 from .checkpoint import atomic_save, safe_load
 from .data.base import Preprocessing
 from .evaluation import (EvalResult, episode_reader, evaluate_episodes, feature_means, hierarchy_of, mean_ci95,
-                         scorer)
+                         means_follow_trunk, scorer)
 from .fit_loop import (INTERRUPT_CHECKPOINT, META_OPTIMIZERS, FitLoop, build_meta_optimizer, check_fit_arguments,
                        fit_settings, start_run)
 from .heads import head_name
@@ -177,21 +177,20 @@ class MetaLearner:
         :class:`~metamtl.errors.TrainingError`, keeping the last good parameters.  Under
         ``torchrun`` every rank calls ``fit`` with the same arguments (:mod:`metamtl.distributed`).
 
-        Returns:
-            ``self.history``: one row per iteration/validation.
+        Returns ``self.history``. :attr:`feature_means`, if any, are recomputed from ``train_tasks`` for the new trunk.
         """
         check_fit_arguments(train_tasks, val_tasks, budget_minutes, iterations=(iterations, 0),
                             meta_batch_size=(meta_batch_size, 1), val_episodes=(val_episodes, 1),
                             checkpoint_every=(checkpoint_every, 0), num_workers=(num_workers, 0),
                             val_every=(1 if val_every is None else val_every, 1))
         cbs = CallbackList(standard_callbacks(progress, checkpoint_dir, checkpoint_every, self.task) + self.callbacks + check_callbacks(callbacks))
-        start_run(self, fit_settings(train_tasks, meta_batch_size, val_every, val_episodes, cbs), resume, iterations)
-        self.fit_state = FitState(
-            self, iterations if resume is not None else self.iteration + iterations, meta_batch_size,
-            val_every=(val_every or max(1, iterations // 10)) if val_tasks else None, budget_minutes=budget_minutes,
-            start_seconds=0.0 if resume is not None else self.run.seconds, rank=self.rank, world_size=self.world_size,
-            callbacks=cbs)
-        FitLoop(self, self.fit_state, train_tasks, val_tasks, val_episodes, num_workers).run()
+        with means_follow_trunk(self, train_tasks):  # feature means of the trained trunk, recomputed
+            start_run(self, fit_settings(train_tasks, meta_batch_size, val_every, val_episodes, cbs), resume, iterations)
+            self.fit_state = FitState(
+                self, iterations if resume is not None else self.iteration + iterations, meta_batch_size, rank=self.rank,
+                val_every=(val_every or max(1, iterations // 10)) if val_tasks else None, budget_minutes=budget_minutes,
+                start_seconds=0.0 if resume is not None else self.run.seconds, world_size=self.world_size, callbacks=cbs)
+            FitLoop(self, self.fit_state, train_tasks, val_tasks, val_episodes, num_workers).run()
         return self.history
 
     # -- evaluation ---------------------------------------------------------------------------
@@ -232,8 +231,8 @@ class MetaLearner:
         return self.inference.feature_mean(dataset, self.device)
 
     def compute_feature_mean(self, source: Any, max_images: int = 10_000, batch_size: int = 256) -> dict[str, torch.Tensor]:
-        """Mean trunk feature of the training images (:attr:`feature_means`, saved), for heads that
-        centre features (SimpleShot): see :func:`metamtl.evaluation.feature_means`."""
+        """Mean trunk feature of the training images (:attr:`feature_means`, saved) for centring heads (SimpleShot):
+        :func:`~metamtl.evaluation.feature_means`; with batch-statistics BatchNorm it depends on ``batch_size``."""
         self.feature_means.update(feature_means(self.model, source, self.placement, max_images, batch_size))
         return dict(self.feature_means)
 
@@ -277,10 +276,11 @@ class MetaLearner:
         """Copy the trunk weights of another learner (a :class:`MetaLearner` or the path of a saved
         one) into this model: e.g. meta-train from a classifier-pre-trained trunk (Meta-Baseline).
 
-        Only ``trunk.*`` weights are taken (heads, algorithm state and optimizer start fresh); the
-        trunks must have the same architecture (:class:`~metamtl.errors.CheckpointError` otherwise).
-        """
+        Only ``trunk.*`` weights are taken (heads, algorithm state and optimizer start fresh; the old
+        trunk's :attr:`feature_means` are dropped, with a warning); the trunks must have the same
+        architecture (:class:`~metamtl.errors.CheckpointError` otherwise)."""
         run_state.load_trunk(self.model, source.model.state_dict() if isinstance(source, MetaLearner) else source, self.algorithm)
+        self.inference.drop_means("init_from replaced the trunk")
 
     # -- persistence --------------------------------------------------------------------------
     def state(self, training_state: bool = False) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from torch import nn
 from . import inputs
 from .adaptation import Adapted
 from .errors import InputError, TrainingError
-from .evaluation import eval_mode
+from .evaluation import eval_mode, outside_inference_mode
 from .heads import FeatureHead, query_features
 from .models.multidataset import dataset_scope, routed_dataset
 
@@ -121,8 +121,9 @@ def adapt(learner: "MetaLearner", support_x: Any, support_y: Any, steps: int | N
     with eval_mode(learner.model), dataset_scope(route):  # the learner's own mode (e.g. training) is left as it was
         if head is not None:
             return HeadPredictor(learner, head, x, y, ways, dataset if dataset is not None else route)
-        with torch.no_grad(), learner.autocast():
-            adapted = learner.algorithm.adapt(learner.model, x, y, ways, steps)
+        with torch.inference_mode(False), torch.no_grad(), learner.autocast():  # an inner loop needs autograd
+            adapted = learner.algorithm.adapt(learner.model, outside_inference_mode(x), outside_inference_mode(y),
+                                              ways, steps)
         return AdaptedPredictor(learner, adapted, ways, dataset)
 
 

@@ -29,6 +29,12 @@ results say so: never compare them with inductive rows):
 
 ``build_head(spec)`` takes a name, a mapping ``{name: ..., **settings}`` or a head; ``"algorithm"``
 (or ``None``) means the algorithm's own adaptation.
+
+Heads of your own subclass :class:`FeatureHead` (a ``name``, settings as dataclass fields,
+``classify``).  Any head can be passed to one ``evaluate``/``adapt``/``predict`` call; to be a
+learner's saved default (``MetaLearner(head=...)``) or to be named in configs, register it in
+:data:`HEADS` (``HEADS["cosine"] = Cosine``, also in the program that loads the learner): a saved
+learner names its head, and ``load`` rebuilds it from the registry.
 """
 from __future__ import annotations
 
@@ -67,6 +73,19 @@ def build_head(spec: Any) -> FeatureHead | None:
     return HEADS[name].from_settings(settings)
 
 
+def registered(head: FeatureHead | None) -> FeatureHead | None:
+    """``head``, refused with a :class:`ConfigError` unless :data:`HEADS` rebuilds it from its name (a
+    saved learner names its head: ``load`` could not rebuild it)."""
+    if head is None or HEADS.get(head.name) is type(head):
+        return head
+    kind = type(head).__name__
+    taken = f"; the name {head.name!r} is {HEADS[head.name].__name__}'s: give yours its own" if head.name in HEADS else ""
+    raise ConfigError(
+        f"head {kind} ({head.name!r}) is not registered, so a saved learner could not be loaded with it{taken}: "
+        f"register it first: metamtl.heads.HEADS[{head.name!r}] = {kind} (also before loading), or pass it to "
+        "each evaluate/adapt/predict call (head=...) instead of making it the learner's default")
+
+
 def head_name(head: FeatureHead | None) -> str:
     """What a result row calls ``head``: ``"algorithm"``, a head's name, or its name with the settings
     that differ from the defaults (:attr:`FeatureHead.label`)."""
@@ -74,4 +93,5 @@ def head_name(head: FeatureHead | None) -> str:
 
 
 __all__ = ["ALGORITHM", "BDCSPN", "FeatureHead", "HEADS", "LaplacianShot", "LogisticRegression", "NearestCentroid",
-           "Sinkhorn", "SoftKMeans", "build_head", "episode_metrics", "head_name", "query_features", "transform"]
+           "Sinkhorn", "SoftKMeans", "build_head", "episode_metrics", "head_name", "query_features", "registered",
+           "transform"]

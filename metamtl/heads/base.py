@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
@@ -34,14 +35,32 @@ def query_features(trunk: nn.Module, query_x: torch.Tensor, support_x: torch.Ten
     return trunk(query_x)
 
 
-def _check(name: str, value: Any, kind: type, minimum: float | None = None) -> None:
+def _check(name: str, value: Any, kind: type, minimum: float | None = None) -> Any:
+    """``value`` checked (:class:`ConfigError` unless of ``kind``, finite and ``>= minimum``), a float
+    setting as a ``float`` (so ``C: 10`` and ``C: 10.0`` are one setting, with one label)."""
     ok = isinstance(value, kind) and not isinstance(value, bool) if kind is not bool else isinstance(value, bool)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         ok = True
+    if ok and kind is float:  # YAML .inf would pass a minimum, then overflow in the head's maths
+        ok = math.isfinite(value)
     if not ok or (minimum is not None and not value >= minimum):
         bound = f" >= {minimum}" if minimum is not None else ""
-        raise ConfigError(f"head setting {name} must be {'true or false' if kind is bool else kind.__name__ + bound}, "
-                          f"got {value!r}")
+        what = "true or false" if kind is bool else ("a finite float" if kind is float else kind.__name__) + bound
+        raise ConfigError(f"head setting {name} must be {what}, got {value!r}")
+    return float(value) if kind is float else value
+
+
+def _fitting_mean(head: str, mean: torch.Tensor, dim: int) -> torch.Tensor:
+    """``mean`` unless it is not ``dim`` finite numbers (a mean of another trunk, an edited
+    checkpoint): :class:`InputError` saying how to recompute it."""
+    shape = tuple(mean.shape)
+    if shape != (dim,) or not bool(torch.isfinite(mean).all()):
+        what = f"has shape {list(shape)}" if shape != (dim,) else "is not finite"
+        raise InputError(
+            f"head {head!r} centres features with the learner's feature mean, which {what} (the trunk's features "
+            f"have {dim} numbers): it belongs to other weights or was edited; call "
+            "learner.compute_feature_mean(train_tasks) to recompute it")
+    return mean
 
 
 @dataclasses.dataclass
@@ -65,7 +84,7 @@ class FeatureHead:
 
     def __post_init__(self) -> None:
         for field, (kind, minimum) in {"center": (bool, None), "normalize": (bool, None), **self.checks}.items():
-            _check(field, getattr(self, field), kind, minimum)
+            setattr(self, field, _check(field, getattr(self, field), kind, minimum))
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> "FeatureHead":
@@ -105,7 +124,7 @@ class FeatureHead:
                 raise InputError(
                     f"transductive head {self.name!r} {why}: it needs at least {needed} queries, got "
                     f"{query.shape[0]}; pass the queries together, or use an inductive head (e.g. simpleshot)")
-        used = mean if self.center else None
+        used = _fitting_mean(self.name, mean, support.shape[-1]) if self.center else None
         with torch.autocast(support.device.type, enabled=False):  # small float32 problems
             return self.classify(transform(support, used, self.normalize), support_y,
                                  transform(query, used, self.normalize), ways)

@@ -50,7 +50,12 @@ class LogisticRegression(FeatureHead):
         return query @ weight.T + bias
 
     def fit(self, support: torch.Tensor, support_y: torch.Tensor, ways: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fitted ``(weight [ways, D], bias [ways])`` on (transformed) support features."""
+        """The fitted ``(weight [ways, D], bias [ways])`` on (transformed) support features (also under
+        ``torch.inference_mode()``, which ``enable_grad`` alone does not leave)."""
+        with torch.inference_mode(False), torch.enable_grad():  # inference tensors cannot enter autograd: copies
+            return self._fit(support.clone(), support_y.clone(), ways)
+
+    def _fit(self, support: torch.Tensor, support_y: torch.Tensor, ways: int) -> tuple[torch.Tensor, torch.Tensor]:
         weight = support.new_zeros(ways, support.shape[1], requires_grad=True)
         bias = support.new_zeros(ways, requires_grad=True)
         optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=self.steps, history_size=10,
@@ -62,6 +67,5 @@ class LogisticRegression(FeatureHead):
             loss.backward()
             return loss
 
-        with torch.enable_grad():
-            optimizer.step(objective)
+        optimizer.step(objective)
         return weight.detach(), bias.detach()

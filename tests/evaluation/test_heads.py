@@ -1,6 +1,9 @@
 """Feature-space heads: each one against a reference computed another way, flags, means, configs."""
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +13,7 @@ from metamtl.algorithms import build_algorithm
 from metamtl.config import config_from_dict
 from metamtl.data import ClassDataset, Preprocessing
 from metamtl.errors import ConfigError, InputError
-from metamtl.heads import HEADS, LaplacianShot, LogisticRegression, NearestCentroid, SoftKMeans, build_head
+from metamtl.heads import HEADS, FeatureHead, LaplacianShot, LogisticRegression, NearestCentroid, SoftKMeans, build_head
 from metamtl.heads.transductive import rectified_prototypes, sinkhorn
 from metamtl.models import build_model
 from metamtl.tasks import EpisodeSampler
@@ -302,3 +305,135 @@ def test_balanced_assignments_work_for_unnormalised_features():
         torch.testing.assert_close(out.exp().sum(0), torch.full((5,), 3.0))  # balanced: 3 queries per class
     plan = sinkhorn(torch.tensor([[-5000.0, -9000.0], [-7000.0, -6000.0]]), 50)
     torch.testing.assert_close(plan, torch.eye(2), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("sources", [None, "file names"])
+def test_feature_mean_of_a_class_dataset_with_or_without_file_names(sources, splits):
+    """A ClassDataset's ``sources`` (its images' file names, or None) was taken for the task
+    sources of a MixedTasks: a bare TypeError, or "got str"."""
+    train, _ = splits
+    data = train.dataset
+    names = [f"img{i}.png" for i in range(len(data))] if sources else None
+    data = ClassDataset(data.images, data.labels, data.class_names, name="toy", preprocessing=data.preprocessing,
+                        sources=names)
+    expected = learner().compute_feature_mean(train)
+    torch.testing.assert_close(learner().compute_feature_mean(data), expected)
+
+
+@pytest.mark.parametrize("spec", [{"name": "logreg", "C": float("inf")}, {"name": "bdcspn", "epsilon": float("inf")},
+                                  {"name": "softkmeans", "scale": float("inf")},
+                                  {"name": "laplacianshot", "lam": float("inf")}])
+def test_infinite_head_settings_are_refused_when_the_head_is_built(spec):
+    """YAML ``.inf`` passed the minimum check, then crashed with a bare RuntimeError or an
+    "adaptation diverged" TrainingError about an inner loop that never ran."""
+    field = next(k for k in spec if k != "name")
+    with pytest.raises(ConfigError, match=f"head setting {field} must be a finite float.*got inf"):
+        build_head(spec)
+    with pytest.raises(ConfigError, match=f"head setting {field} must be a finite float"):
+        config_from_dict({"algorithm": {"name": "protonet"}, "eval": {"heads": [spec]}})
+
+
+def test_equal_settings_spelled_as_int_or_float_get_one_label():
+    """``C: 10`` and ``C: 10.0`` are one setting: one row, one report group, one W&B key."""
+    from metamtl.heads import head_name
+
+    for name, field in (("logreg", "C"), ("bdcspn", "epsilon")):
+        a, b = build_head({"name": name, field: 3}), build_head({"name": name, field: 3.0})
+        assert a == b and head_name(a) == head_name(b) == f"{name}({field}=3.0)"
+        assert a.config() == b.config() and isinstance(a.config()[field], float)
+
+
+def test_logreg_and_the_algorithm_work_under_inference_mode_as_under_no_grad(splits):
+    """torch.enable_grad() does not leave inference mode: logreg's fit (and MAML's adaptation)
+    raised a bare "element 0 of tensors does not require grad"."""
+    _, test = splits
+    ep = test.episode(0).to("cpu")
+    torch.manual_seed(0)
+    maml = MetaLearner(build_model("conv4", in_channels=1, hidden=8, image_size=12, blocks=2, out_features=5),
+                       build_algorithm("maml", steps=2), device="cpu")
+    for lr, head in ((learner(), "logreg"), (maml, None)):
+        with torch.no_grad():
+            expected = lr.predict(ep.support_x, ep.support_y, ep.query_x, head=head)
+        with torch.inference_mode():
+            got = lr.predict(ep.support_x, ep.support_y, ep.query_x, head=head)
+            result = lr.evaluate(test, 2, progress=False, head=head)
+        torch.testing.assert_close(got, expected)
+        assert result.per_episode_loss == lr.evaluate(test, 2, progress=False, head=head).per_episode_loss
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(7), torch.full((72,), float("nan"))])
+def test_a_feature_mean_that_does_not_fit_the_trunk_is_refused_with_the_fix(bad, tmp_path, splits):
+    """A saved (or assigned) mean of another size gave a bare "size of tensor a (72) must match",
+    a NaN one NaN logits blamed on the adaptation."""
+    train, test = splits
+    lr = learner(head="simpleshot")
+    assert lr.compute_feature_mean(train)["toy"].shape == (72,)
+    lr.feature_means["toy"] = bad
+    loaded = MetaLearner.load(lr.save(tmp_path / "l.pt"), device="cpu")
+    ep = test.episode(0).to("cpu")
+    for use in (lambda: loaded.predict(ep.support_x, ep.support_y, ep.query_x),
+                lambda: loaded.evaluate(test, 2, progress=False)):
+        with pytest.raises(InputError, match=r"feature mean, which (has shape \[7\]|is not finite) "
+                                             r"\(the trunk's features have 72.*compute_feature_mean"):
+            use()
+
+
+@dataclasses.dataclass
+class Cosine(FeatureHead):
+    """A user's head (not in HEADS unless a test registers it)."""
+
+    name: ClassVar[str] = "cosine"
+    checks: ClassVar[dict] = {"scale": (float, 0.0)}
+    scale: float = 1.0
+
+    def classify(self, support, support_y, query, ways):
+        protos = torch.stack([support[support_y == k].mean(0) for k in range(ways)])
+        return self.scale * query @ F.normalize(protos, dim=-1).T
+
+
+def test_a_custom_head_is_registered_to_be_saved_and_round_trips(tmp_path, splits, monkeypatch):
+    """A learner with an unregistered head of the user's saved fine, and then could not be loaded at
+    all ("unknown head 'cosine'"): it is refused up front (construction, save), and a head
+    registered in HEADS round-trips; per-call heads need no registration."""
+    ep = splits[1].episode(0).to("cpu")
+    args = (ep.support_x, ep.support_y, ep.query_x)
+    fix = r"register it first: metamtl.heads.HEADS\['cosine'\] = Cosine"
+    with pytest.raises(ConfigError, match=r"head Cosine \('cosine'\) is not registered.*" + fix):
+        learner(head=Cosine())
+    lr = learner()
+    expected = lr.predict(*args, head=Cosine(scale=2))  # per call: no registration needed
+    lr.inference.head = Cosine()
+    with pytest.raises(ConfigError, match=fix):
+        lr.save(tmp_path / "l.pt")
+    monkeypatch.setitem(HEADS, "cosine", Cosine)
+    lr = learner(head={"name": "cosine", "scale": 2})
+    loaded = MetaLearner.load(lr.save(tmp_path / "l.pt"), device="cpu")
+    assert loaded.head == Cosine(scale=2.0)
+    torch.testing.assert_close(loaded.predict(*args), expected)
+
+
+def test_feature_means_follow_the_trunk_through_fit_and_init_from(splits):
+    """fit and init_from changed the trunk and kept the old trunk's feature mean, which centring
+    heads (and ``metamtl evaluate``, which trusts a saved one) went on using silently."""
+    import warnings
+
+    from metamtl.evaluation import feature_means
+
+    train, test = splits
+    lr = learner(head="simpleshot")
+    old = lr.compute_feature_mean(train)["toy"].clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lr.fit(train, iterations=0, meta_batch_size=2, progress=False)  # no new weights: the same mean
+        assert torch.equal(lr.feature_means["toy"], old)
+        lr.fit(train, iterations=3, meta_batch_size=2, progress=False)
+    assert not torch.allclose(lr.feature_means["toy"], old)
+    assert torch.equal(lr.feature_means["toy"], feature_means(lr.model, train, lr.placement)["toy"])
+    with pytest.warns(RuntimeWarning, match=r"init_from replaced the trunk: the feature means \['toy'\] of the old "
+                                            r"trunk are dropped; call learner.compute_feature_mean"):
+        lr.init_from(learner())
+    assert lr.feature_means == {}
+    ep = test.episode(0).to("cpu")
+    with pytest.raises(InputError, match="compute_feature_mean"):
+        lr.predict(ep.support_x, ep.support_y, ep.query_x)
+    lr.init_from(learner())  # no means: nothing to say
