@@ -96,6 +96,7 @@ def start_run(learner: "MetaLearner", settings: dict[str, Any], resume: str | Pa
     fit (config, ``settings``, iteration) with process 0's weights."""
     if not learner.meta_parameters():  # frozen after the learner was built
         raise ConfigError(NOTHING_TO_META_LEARN)
+    learner.run.stop = None  # a continued fit trains on: only a checkpoint's stop counts
     if resume is not None:
         run_state.resume(resume, config=learner.config(), settings=settings, optimizer=learner.meta_optimizer,
                          iterations=iterations,
@@ -331,9 +332,7 @@ class FitLoop:
         try:
             cbs.on_fit_start(state)
             ln.run.start_clock()  # after the callbacks' set-up (W&B start-up, reading last.pt): not meta-training
-            spent = self._budget_spent_at_start()  # e.g. a run stopped by its budget, resumed with the same one
-            if spent:
-                state.stopped_by = "budget"
+            spent = self._stopped_at_start()  # e.g. a run stopped by its budget, resumed with the same one
             first = ln.iteration
             while not spent and ln.iteration < state.iterations and not self._stop_after_iteration(next(batches), signals):
                 pass
@@ -393,6 +392,20 @@ class FitLoop:
         end = self.state.budget_end
         return end is not None and self.learner.elapsed >= end
 
+    def _stopped_at_start(self) -> bool:
+        """Whether the run is over before its first iteration: the checkpoint it resumes says a
+        callback (early stopping) stopped it, unless this fit asks for more iterations than that run
+        had (an extended run), or its time budget is spent; ``state`` then says why."""
+        ln, state = self.learner, self.state
+        saved, ln.run.stop = ln.run.stop, None  # read once: the learner's next fit (continued) trains on
+        if saved is not None and state.iterations <= saved["iterations"]:
+            state.should_stop, state.stopped_by = True, saved["by"]
+            return True
+        if self._budget_spent_at_start():
+            state.stopped_by = "budget"
+            return True
+        return False
+
     def _budget_spent_at_start(self) -> bool:
         """Whether the time budget is spent before the first iteration (every process agreeing)."""
         if self.state.budget_minutes is None:
@@ -419,15 +432,15 @@ class FitLoop:
         """
         ln, state = self.learner, self.state
         name = signal_name(signum)
-        state.stopped_by = name
         path, note = None, ""
-        if ln.is_main_process:
+        if ln.is_main_process:  # saved before stopped_by names the signal: a callback's stop is kept for the resume
             try:
                 path = ln.save(state.resume_checkpoint or INTERRUPT_CHECKPOINT, training_state=True)
                 note = (f"; resumable checkpoint: {path} (continue with fit(..., resume='{path}') or "
                         f"`metamtl fit CONFIG --resume {path}`)")
             except CheckpointError as exc:
                 note = f"; the checkpoint could not be written: {exc}"
+        state.stopped_by = name
         return FitInterrupted(f"{name} received: meta-training stopped after iteration {ln.iteration}{note}",
                               signum, ln.iteration, path)
 
