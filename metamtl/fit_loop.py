@@ -96,7 +96,7 @@ def start_run(learner: "MetaLearner", settings: dict[str, Any], resume: str | Pa
     fit (config, ``settings``, iteration) with process 0's weights."""
     if not learner.meta_parameters():  # frozen after the learner was built
         raise ConfigError(NOTHING_TO_META_LEARN)
-    learner.run.stop = None  # a continued fit trains on: only a checkpoint's stop counts
+    learner.run.stop, learner.run.resumed = None, False  # a continued fit trains on: only a checkpoint's stop counts
     if resume is not None:
         run_state.resume(resume, config=learner.config(), settings=settings, optimizer=learner.meta_optimizer,
                          iterations=iterations,
@@ -338,7 +338,7 @@ class FitLoop:
                 pass
             if signals.requested:
                 raise self.interrupted(signals.signum)
-            if self.val_tasks is not None and state.val_every is not None and first < ln.iteration != self.validated_at:
+            if self._final_validation_due(first, spent):
                 self._validate()  # after the last iteration, whatever stopped the run (the budget, a callback)
             state.stopped_by = state.stopped_by or "iterations"
             cbs.on_fit_end(state)
@@ -405,6 +405,20 @@ class FitLoop:
             state.stopped_by = "budget"
             return True
         return False
+
+    def _final_validation_due(self, first: int, stopped_at_start: bool) -> bool:
+        """Whether to validate after the loop: it trained past its last validation, or it stopped at
+        once on resume and the run it continues had not validated its last iteration (a signal came
+        in the iteration that spent the budget)."""
+        ln = self.learner
+        if self.val_tasks is None or self.state.val_every is None or ln.iteration == self.validated_at:
+            return False
+        if first < ln.iteration:
+            return True
+        if not (stopped_at_start and ln.run.resumed and ln.iteration > 0):
+            return False
+        validated = [r.get("iteration") for r in ln.history if any(k.startswith("val/") for k in r)]
+        return (validated or [None])[-1] != ln.iteration
 
     def _budget_spent_at_start(self) -> bool:
         """Whether the time budget is spent before the first iteration (every process agreeing)."""

@@ -51,6 +51,7 @@ class RunState:
         stop: why the run a resumed checkpoint belongs to was stopped by a callback (early
             stopping), ``{"by": stopped_by, "iterations": its fit's iterations}``, else ``None``:
             the resumed fit then trains no iteration unless it asks for more iterations.
+        resumed: whether the fit in progress (or the latest) continues a checkpoint.
         peak_memory_mb: the highest per-iteration peak memory of the latest fit in this process
             (resident set on CPU, CUDA max allocated on a GPU; not saved: it belongs to the process).
     """
@@ -63,6 +64,7 @@ class RunState:
     callbacks: dict[str, Any] = dataclasses.field(default_factory=dict)
     layouts: dict[str, bool] = dataclasses.field(default_factory=dict)
     stop: dict[str, Any] | None = None
+    resumed: bool = False
     peak_memory_mb: float = 0.0
     _clock: float | None = dataclasses.field(default=None, repr=False)
 
@@ -187,6 +189,7 @@ def resume(path: str | Path, *, config: dict[str, Any], settings: dict[str, Any]
     backup = _snapshot(modules, optimizer, run)
     try:
         _restore(obj, modules, optimizer, run)
+        run.resumed = True
     except Exception as exc:  # whatever a damaged file makes torch/numpy raise: roll back
         _restore(backup, modules, optimizer, run)
         raise CheckpointError(

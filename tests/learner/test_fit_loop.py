@@ -336,3 +336,28 @@ def test_a_resumed_early_stopped_run_trains_no_more_unless_it_asks_for_more_iter
     c.fit(Sinusoid(shots=5, queries=5, seed=0), iterations=2, meta_batch_size=2, progress=False)
     assert c.fit_state.stopped_by == "iterations"  # a continued fit trains its iterations more
 
+
+def _budget_fit(learner, tmp_path, monkeypatch, callbacks=(), resume=None):
+    monkeypatch.setattr(type(learner), "elapsed", property(lambda self: 30.0 * self.iteration))
+    learner.fit(Sinusoid(shots=5, queries=5, seed=0), Sinusoid(shots=5, queries=5, seed=1), iterations=100,
+                meta_batch_size=2, val_every=50, val_episodes=2, budget_minutes=1.5, checkpoint_dir=tmp_path,
+                progress=False, callbacks=list(callbacks), resume=resume)
+    return [r["iteration"] for r in learner.history if "val/loss" in r]
+
+
+def test_a_signal_in_the_iteration_that_spends_the_budget_keeps_the_final_validation(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    class Kill(Callback):
+        def on_iteration_end(self, state, metrics):
+            if state.iteration == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    assert _budget_fit(sine_learner(), tmp_path / "ref", monkeypatch) == [3]
+    with pytest.raises(FitInterrupted):
+        _budget_fit(sine_learner(), tmp_path / "run", monkeypatch, [Kill()])
+    b = sine_learner()
+    assert _budget_fit(b, tmp_path / "run", monkeypatch, resume=tmp_path / "run" / "last.pt") == [3]
+    assert b.fit_state.stopped_by == "budget" and (tmp_path / "run" / "best.pt").is_file()
+
