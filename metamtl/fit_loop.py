@@ -339,7 +339,7 @@ class FitLoop:
             if signals.requested:
                 raise self.interrupted(signals.signum)
             if self._final_validation_due(first, spent):
-                self._validate()  # after the last iteration, whatever stopped the run (the budget, a callback)
+                self._final_validation()
             state.stopped_by = state.stopped_by or "iterations"
             cbs.on_fit_end(state)
             late = signals.signum  # during the final validation or on_fit_end: fit still ends interrupted
@@ -420,6 +420,14 @@ class FitLoop:
         validated = [r.get("iteration") for r in ln.history if any(k.startswith("val/") for k in r)]
         return (validated or [None])[-1] != ln.iteration
 
+    def _final_validation(self) -> None:
+        """Validate after the last iteration, whatever stopped the run (the budget, a callback);
+        the first reason to stop is kept (early stopping reacting to this validation changes nothing)."""
+        state = self.state
+        stop, reason = state.should_stop, state.stopped_by
+        self._validate()
+        state.should_stop, state.stopped_by = stop, reason or state.stopped_by
+
     def _budget_spent_at_start(self) -> bool:
         """Whether the time budget is spent before the first iteration (every process agreeing)."""
         if self.state.budget_minutes is None:
@@ -434,7 +442,7 @@ class FitLoop:
         state.should_stop = stop
         if interrupted:
             raise self.interrupted(signals.signum or signal.SIGTERM)
-        if out_of_time:
+        if out_of_time and not stop:  # a callback's stop in the same iteration came first
             state.stopped_by = "budget"
         return stop or out_of_time
 

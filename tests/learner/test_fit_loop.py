@@ -361,3 +361,13 @@ def test_a_signal_in_the_iteration_that_spends_the_budget_keeps_the_final_valida
     assert _budget_fit(b, tmp_path / "run", monkeypatch, resume=tmp_path / "run" / "last.pt") == [3]
     assert b.fit_state.stopped_by == "budget" and (tmp_path / "run" / "best.pt").is_file()
 
+
+def test_the_budget_stays_the_reason_when_early_stopping_reacts_to_the_final_validation(tmp_path, monkeypatch):
+    from metamtl.callbacks import EarlyStopping
+
+    learner = sine_learner()
+    monkeypatch.setattr(type(learner), "elapsed", property(lambda self: 30.0 * self.iteration))
+    learner.fit(Sinusoid(shots=5, queries=5, seed=0), Sinusoid(shots=5, queries=5, seed=1), iterations=100,
+                meta_batch_size=2, val_every=2, val_episodes=2, budget_minutes=1.5, progress=False,
+                callbacks=[EarlyStopping(patience=1, min_delta=10.0)])
+    assert learner.iteration == 3 and learner.fit_state.stopped_by == "budget"
