@@ -616,8 +616,10 @@ def run_stages(cfg: Config, resume: str | Path | None = None, progress: bool = T
     from .config import stage_configs
 
     stages = stage_configs(cfg)
-    for name, scfg in stages[:-1]:
+    for name, scfg in stages[:-1]:  # no test classes before the last stage, of any dataset
         scfg.output_dir, scfg.name, scfg.data.test_split = str(cfg.run_dir / "stages"), name, None
+        for d in scfg.datasets:
+            d.test_split = None
     plan = stage_plan(cfg, stages, resume)
     check_stages(stages, overwrite or resume is not None)
     init, done, history = cfg.init_from, [], []

@@ -260,3 +260,15 @@ def test_init_from_an_ensemble_file_says_it_holds_an_ensemble(tmp_path):
     path = Ensemble([one(0), one(1)], device="cpu").save(tmp_path / "ensemble.pt")
     with pytest.raises(CheckpointError, match=r"ensemble.pt holds an ensemble of 2 learners: .*one learner's"):
         one(2).init_from(path)
+
+
+def test_earlier_stages_of_a_several_dataset_run_do_not_touch_the_test_classes(tmp_path):
+    cfg_dict = staged(tmp_path)
+    cfg_dict["datasets"] = [dict(cfg_dict["data"], label="a"), {
+        "name": "folder", "root": str(folder_data(tmp_path / "b")), "cache_dir": str(tmp_path / "cb"), "label": "b"}]
+    cfg_dict["stages"][0].update(tasks={"ways": 5, "queries": 1}, algorithm={"name": "protonet"})
+    cfg = config_from_dict(cfg_dict)
+    results = run(cfg, progress=False, quiet=True)
+    assert not json.loads((cfg.run_dir / "stages" / "pretrain" / "results.json").read_text())["test"]
+    assert {r.get("dataset") for r in results["test"]} == {"a", "b"}
+
