@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
@@ -303,6 +304,12 @@ def check_phases_apply(terms: Sequence[Any], algorithm: Any) -> None:
             f"distillation phases {list(phases)} never apply to algorithm {getattr(algorithm, 'name', algorithm)!r}"
             f"{why}: its training applies loss terms in phase(s) {list(applied)}; set distill.phases to one of them"
         )
+
+
+def check_config_applies(cfg: dict[str, Any], algorithm: Any) -> None:
+    """:func:`check_phases_apply` for a ``distill`` config section, without loading its teacher (a
+    staged run checks every stage's section before the first stage trains)."""
+    check_phases_apply([SimpleNamespace(phases=check_config(cfg)["phases"])], algorithm)
 
 
 def _check_compatible(teacher: Teacher, learner: "MetaLearner") -> None:

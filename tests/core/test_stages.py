@@ -272,3 +272,11 @@ def test_earlier_stages_of_a_several_dataset_run_do_not_touch_the_test_classes(t
     assert not json.loads((cfg.run_dir / "stages" / "pretrain" / "results.json").read_text())["test"]
     assert {r.get("dataset") for r in results["test"]} == {"a", "b"}
 
+
+def test_distillation_phases_a_later_stage_never_applies_are_refused_before_any_stage_trains(tmp_path):
+    cfg_dict = staged(tmp_path)
+    (tmp_path / "teacher.pt").write_bytes(b"")  # read only when the stage trains: never here
+    cfg_dict["stages"][1]["distill"] = {"teacher": str(tmp_path / "teacher.pt"), "phases": ["classes"]}
+    with pytest.raises(ConfigError, match="stage 'meta': distillation phases \\['classes'\\] never apply to algorithm 'protonet'"):
+        run(config_from_dict(cfg_dict), progress=False, quiet=True)
+    assert not (tmp_path / "runs" / "staged" / "stages" / "pretrain" / "learner.pt").exists()
