@@ -331,7 +331,8 @@ def _check_config(cfg: Config) -> Config:
                           f"key, offline without), got {cfg.logging.mode!r}")
     if cfg.logging.metrics not in (None, "csv", "jsonl"):
         raise ConfigError(f"logging.metrics must be 'csv', 'jsonl' or null, got {cfg.logging.metrics!r}")
-    _check_train_callbacks(cfg)
+    if not cfg.stages:  # a staged config's sections are defaults: each stage's merged config is checked above
+        _check_train_callbacks(cfg)
     from .algorithms import build_algorithm
 
     head_init = build_algorithm(**_algorithm_settings(cfg)).inner.head_init  # protonet / transfer: per-task heads

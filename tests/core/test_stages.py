@@ -280,3 +280,19 @@ def test_distillation_phases_a_later_stage_never_applies_are_refused_before_any_
     with pytest.raises(ConfigError, match="stage 'meta': distillation phases \\['classes'\\] never apply to algorithm 'protonet'"):
         run(config_from_dict(cfg_dict), progress=False, quiet=True)
     assert not (tmp_path / "runs" / "staged" / "stages" / "pretrain" / "learner.pt").exists()
+
+
+def test_shared_train_callbacks_are_checked_on_the_stage_configs_that_give_what_they_need(tmp_path):
+    """``over: budget`` at the top with budgets in the stages (as the README's stages set them), and
+    early stopping with the validation split set per stage, are valid; a stage lacking them is not."""
+    cfg_dict = staged(tmp_path)
+    cfg_dict["train"].update(scheduler={"name": "cosine", "over": "budget"}, early_stopping={"patience": 2})
+    cfg_dict["data"]["val_split"] = None
+    cfg_dict["stages"][0]["train"] = {"budget_minutes": 6, "meta_batch_size": 1}
+    cfg_dict["stages"][0]["data"] = {"val_split": "val"}
+    cfg_dict["stages"][1].update(train={"budget_minutes": 4}, data={"val_split": "val"})
+    stages = stage_configs(config_from_dict(cfg_dict))
+    assert [c.train.budget_minutes for _, c in stages] == [6, 4]
+    cfg_dict["stages"][1]["train"] = {}
+    with pytest.raises(ConfigError, match=r"stages\[1\] \(meta\): train.scheduler.over: 'budget' needs train.budget_minutes"):
+        config_from_dict(cfg_dict)
