@@ -226,6 +226,13 @@ class Distillation(Callback):
         self._pending_opt: dict[str, Any] | None = None
         self._attached: list[Any] = []
 
+    def run_settings(self) -> dict[str, Any]:
+        """The distillation a resume must repeat: each term's kind, teacher (kind, weights' digest),
+        weight, phases and settings, ``ce_weight`` and ``lr`` (resuming with another distillation,
+        or without one, is refused listing the keys that differ)."""
+        terms = {str(i): _term_settings(t) for i, t in enumerate(self.terms)}
+        return {"distillation": {"ce_weight": self.ce_weight, "lr": self.lr, "terms": terms}}
+
     def _parameters(self) -> list[nn.Parameter]:
         """Learned parameters of the terms (adapters; the teacher is not a sub-module)."""
         return [p for t in self.terms if isinstance(t, nn.Module) for p in t.parameters() if p.requires_grad]
@@ -289,6 +296,19 @@ class Distillation(Callback):
         for i, s in state.get("adapters", {}).items():
             self.terms[int(i)].load_adapter_state(s)
         self._pending_opt = state.get("optimizer")
+
+
+def _term_settings(term: Any) -> dict[str, Any]:
+    """What of a loss term shapes training: see :meth:`Distillation.run_settings`."""
+    out: dict[str, Any] = {"term": type(term).__name__}
+    for key in ("weight", "phases", "temperature", "student_layer", "teacher_layer", "seed"):
+        if hasattr(term, key):
+            value = getattr(term, key)
+            out[key] = list(value) if isinstance(value, (list, tuple)) else value
+    identity = getattr(getattr(term, "teacher", None), "identity", None)
+    if callable(identity):
+        out.update(identity())
+    return out
 
 
 def check_phases_apply(terms: Sequence[Any], algorithm: Any) -> None:
