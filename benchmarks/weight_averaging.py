@@ -47,9 +47,11 @@ class WeightAverages(Callback):
         return {k: v.detach().float() for k, v in state.learner.model.state_dict().items() if v.is_floating_point()}
 
     def on_fit_start(self, state):
+        """Every average starts afresh with each fit (a staged run's stages: the last one's weights alone)."""
         self.learner = state.learner
         current = self.weights(state)
         self.ema = {d: {k: v.clone() for k, v in current.items()} for d in self.decays}
+        self.uniform, self.counts = {}, {}
 
     def on_iteration_complete(self, state):
         current = self.weights(state)

@@ -331,7 +331,8 @@ def _check_config(cfg: Config) -> Config:
                           f"key, offline without), got {cfg.logging.mode!r}")
     if cfg.logging.metrics not in (None, "csv", "jsonl"):
         raise ConfigError(f"logging.metrics must be 'csv', 'jsonl' or null, got {cfg.logging.metrics!r}")
-    _check_train_callbacks(cfg)
+    if not cfg.stages:  # a staged config's sections are defaults: each stage's merged config is checked above
+        _check_train_callbacks(cfg)
     from .algorithms import build_algorithm
 
     head_init = build_algorithm(**_algorithm_settings(cfg)).inner.head_init  # protonet / transfer: per-task heads
@@ -568,7 +569,17 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     cfg = from_dict(Config, data, "config")
     if is_regression(cfg) and "settings" not in (data.get("eval") or {}):  # not 5-way 1-shot: the training shots
         cfg.eval.settings = [EvalSetting(ways=1, shots=cfg.tasks.shots)]
-    return _check_config(cfg)
+    return _single_member_seed(_check_config(cfg))
+
+
+def _single_member_seed(cfg: Config) -> Config:
+    """``ensemble: {members: 1, seeds: [s]}``: the one learner trains with seed ``s`` (and its
+    ``tasks.seed`` moved by as much), as each member of a larger ensemble gets its entry of ``seeds``."""
+    ens = cfg.ensemble
+    if ens.members == 1 and ens.seeds:
+        cfg.tasks.seed += ens.seeds[0] - cfg.seed
+        cfg.seed, ens.seeds = ens.seeds[0], None
+    return cfg
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -616,8 +616,10 @@ def run_stages(cfg: Config, resume: str | Path | None = None, progress: bool = T
     from .config import stage_configs
 
     stages = stage_configs(cfg)
-    for name, scfg in stages[:-1]:
+    for name, scfg in stages[:-1]:  # no test classes before the last stage, of any dataset
         scfg.output_dir, scfg.name, scfg.data.test_split = str(cfg.run_dir / "stages"), name, None
+        for d in scfg.datasets:
+            d.test_split = None
     plan = stage_plan(cfg, stages, resume)
     check_stages(stages, overwrite or resume is not None)
     init, done, history = cfg.init_from, [], []
@@ -681,8 +683,9 @@ def stage_plan(cfg: Config, stages: list[tuple[str, Config]], resume: str | Path
 
 def check_stages(stages: list[tuple[str, Config]], overwrite: bool) -> None:
     """What would stop a staged run after its first stages trained, found before any stage trains:
-    a run folder holding another run, a model that cannot take the previous stage's trunk, eval
-    settings the last stage's test split cannot serve."""
+    a run folder holding another run, a model that cannot take the previous stage's trunk,
+    distillation phases a stage's algorithm never applies, eval settings the last stage's test
+    split cannot serve."""
     for name, scfg in stages:
         held = held_run_files(scfg.run_dir)
         if held and not overwrite:
@@ -695,7 +698,10 @@ def check_stages(stages: list[tuple[str, Config]], overwrite: bool) -> None:
 
     previous = None
     for name, scfg in stages:  # every run reseeds before it builds its learner: nothing here changes it
-        model = build_learner(scfg, build_tasks(scfg)["train"]).model
+        learner = build_learner(scfg, build_tasks(scfg)["train"])
+        model = learner.model
+        if scfg.distill:
+            _check_stage_distill(name, scfg.distill, learner.algorithm)
         if previous is not None:
             try:
                 load_trunk(model, previous.state_dict())
@@ -703,6 +709,16 @@ def check_stages(stages: list[tuple[str, Config]], overwrite: bool) -> None:
                 raise ConfigError(f"stage {name!r} cannot start from the previous stage's trunk: {exc}") from None
         previous = model
     check_eval_settings(stages[-1][1], build_test_tasks(stages[-1][1]))
+
+
+def _check_stage_distill(name: str, distill: dict[str, Any], algorithm: Any) -> None:
+    """A stage's ``distill`` phases that its algorithm never applies: a :class:`ConfigError` naming the stage."""
+    from .distill.hooks import check_config_applies
+
+    try:
+        check_config_applies(distill, algorithm)
+    except ConfigError as exc:
+        raise ConfigError(f"stage {name!r}: {exc}") from None
 
 
 def check_output_dir(cfg: Config) -> None:

@@ -96,6 +96,7 @@ def start_run(learner: "MetaLearner", settings: dict[str, Any], resume: str | Pa
     fit (config, ``settings``, iteration) with process 0's weights."""
     if not learner.meta_parameters():  # frozen after the learner was built
         raise ConfigError(NOTHING_TO_META_LEARN)
+    learner.run.stop, learner.run.resumed = None, False  # a continued fit trains on: only a checkpoint's stop counts
     if resume is not None:
         run_state.resume(resume, config=learner.config(), settings=settings, optimizer=learner.meta_optimizer,
                          iterations=iterations,
@@ -331,16 +332,14 @@ class FitLoop:
         try:
             cbs.on_fit_start(state)
             ln.run.start_clock()  # after the callbacks' set-up (W&B start-up, reading last.pt): not meta-training
-            spent = self._budget_spent_at_start()  # e.g. a run stopped by its budget, resumed with the same one
-            if spent:
-                state.stopped_by = "budget"
+            spent = self._stopped_at_start()  # e.g. a run stopped by its budget, resumed with the same one
             first = ln.iteration
             while not spent and ln.iteration < state.iterations and not self._stop_after_iteration(next(batches), signals):
                 pass
             if signals.requested:
                 raise self.interrupted(signals.signum)
-            if self.val_tasks is not None and state.val_every is not None and first < ln.iteration != self.validated_at:
-                self._validate()  # after the last iteration, whatever stopped the run (the budget, a callback)
+            if self._final_validation_due(first, spent):
+                self._final_validation()
             state.stopped_by = state.stopped_by or "iterations"
             cbs.on_fit_end(state)
             late = signals.signum  # during the final validation or on_fit_end: fit still ends interrupted
@@ -393,6 +392,42 @@ class FitLoop:
         end = self.state.budget_end
         return end is not None and self.learner.elapsed >= end
 
+    def _stopped_at_start(self) -> bool:
+        """Whether the run is over before its first iteration: the checkpoint it resumes says a
+        callback (early stopping) stopped it, unless this fit asks for more iterations than that run
+        had (an extended run), or its time budget is spent; ``state`` then says why."""
+        ln, state = self.learner, self.state
+        saved, ln.run.stop = ln.run.stop, None  # read once: the learner's next fit (continued) trains on
+        if saved is not None and state.iterations <= saved["iterations"]:
+            state.should_stop, state.stopped_by = True, saved["by"]
+            return True
+        if self._budget_spent_at_start():
+            state.stopped_by = "budget"
+            return True
+        return False
+
+    def _final_validation_due(self, first: int, stopped_at_start: bool) -> bool:
+        """Whether to validate after the loop: it trained past its last validation, or it stopped at
+        once on resume and the run it continues had not validated its last iteration (a signal came
+        in the iteration that spent the budget)."""
+        ln = self.learner
+        if self.val_tasks is None or self.state.val_every is None or ln.iteration == self.validated_at:
+            return False
+        if first < ln.iteration:
+            return True
+        if not (stopped_at_start and ln.run.resumed and ln.iteration > 0):
+            return False
+        validated = [r.get("iteration") for r in ln.history if any(k.startswith("val/") for k in r)]
+        return (validated or [None])[-1] != ln.iteration
+
+    def _final_validation(self) -> None:
+        """Validate after the last iteration, whatever stopped the run (the budget, a callback);
+        the first reason to stop is kept (early stopping reacting to this validation changes nothing)."""
+        state = self.state
+        stop, reason = state.should_stop, state.stopped_by
+        self._validate()
+        state.should_stop, state.stopped_by = stop, reason or state.stopped_by
+
     def _budget_spent_at_start(self) -> bool:
         """Whether the time budget is spent before the first iteration (every process agreeing)."""
         if self.state.budget_minutes is None:
@@ -407,7 +442,7 @@ class FitLoop:
         state.should_stop = stop
         if interrupted:
             raise self.interrupted(signals.signum or signal.SIGTERM)
-        if out_of_time:
+        if out_of_time and not stop:  # a callback's stop in the same iteration came first
             state.stopped_by = "budget"
         return stop or out_of_time
 
@@ -419,15 +454,15 @@ class FitLoop:
         """
         ln, state = self.learner, self.state
         name = signal_name(signum)
-        state.stopped_by = name
         path, note = None, ""
-        if ln.is_main_process:
+        if ln.is_main_process:  # saved before stopped_by names the signal: a callback's stop is kept for the resume
             try:
                 path = ln.save(state.resume_checkpoint or INTERRUPT_CHECKPOINT, training_state=True)
                 note = (f"; resumable checkpoint: {path} (continue with fit(..., resume='{path}') or "
                         f"`metamtl fit CONFIG --resume {path}`)")
             except CheckpointError as exc:
                 note = f"; the checkpoint could not be written: {exc}"
+        state.stopped_by = name
         return FitInterrupted(f"{name} received: meta-training stopped after iteration {ln.iteration}{note}",
                               signum, ln.iteration, path)
 

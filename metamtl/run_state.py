@@ -48,6 +48,10 @@ class RunState:
         layouts: the memory layout chosen for each workload under an automatic layout
             (``{workload: channels_last}``, see :class:`~metamtl.placement.LayoutProbe`): kept
             so a resumed run computes in the layouts the interrupted one used.
+        stop: why the run a resumed checkpoint belongs to was stopped by a callback (early
+            stopping), ``{"by": stopped_by, "iterations": its fit's iterations}``, else ``None``:
+            the resumed fit then trains no iteration unless it asks for more iterations.
+        resumed: whether the fit in progress (or the latest) continues a checkpoint.
         peak_memory_mb: the highest per-iteration peak memory of the latest fit in this process
             (resident set on CPU, CUDA max allocated on a GPU; not saved: it belongs to the process).
     """
@@ -59,6 +63,8 @@ class RunState:
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
     callbacks: dict[str, Any] = dataclasses.field(default_factory=dict)
     layouts: dict[str, bool] = dataclasses.field(default_factory=dict)
+    stop: dict[str, Any] | None = None
+    resumed: bool = False
     peak_memory_mb: float = 0.0
     _clock: float | None = dataclasses.field(default=None, repr=False)
 
@@ -98,11 +104,13 @@ def set_rng_state(rng: dict[str, Any]) -> None:
     random.setstate((p[0], tuple(p[1]), p[2]))
 
 
-def training_state_of(run: RunState, optimizer: torch.optim.Optimizer, callbacks: dict[str, Any]) -> dict[str, Any]:
-    """The ``training`` entry of a resumable checkpoint (its layout is the checkpoint format)."""
+def training_state_of(run: RunState, optimizer: torch.optim.Optimizer, callbacks: dict[str, Any],
+                      stop: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``training`` entry of a resumable checkpoint (its layout is the checkpoint format);
+    ``stop``: see :attr:`RunState.stop`."""
     return {
         "meta_optimizer": optimizer.state_dict(),
-        "fit_state": {"settings": dict(run.settings)},
+        "fit_state": {"settings": dict(run.settings), **({"stop": stop} if stop is not None else {})},
         "callbacks": callbacks,
         "elapsed": run.elapsed,
         "bad_steps": run.bad_steps,
@@ -123,6 +131,9 @@ def _restore(obj: dict[str, Any], modules: tuple[nn.Module, nn.Module], optimize
     run.history = list(obj.get("history", []))
     run.bad_steps = int(tr.get("bad_steps", 0))
     run.settings = dict(tr["fit_state"].get("settings", {}))
+    stop = tr["fit_state"].get("stop")
+    run.stop = None if stop is None else {"by": None if stop.get("by") is None else str(stop["by"]),
+                                          "iterations": int(stop["iterations"])}
     run.seconds = float(tr.get("elapsed", 0.0))
     run.callbacks = dict(tr.get("callbacks", {}))
     run.layouts = {str(k): bool(v) for k, v in dict(tr.get("layouts", {})).items()}
@@ -134,7 +145,7 @@ def _snapshot(modules: tuple[nn.Module, nn.Module], optimizer: torch.optim.Optim
     model, algorithm = modules
     obj = {"model_state": model.state_dict(), "algorithm_state": algorithm.state_dict(), "iteration": run.iteration,
            "history": run.history,
-           "training": {**training_state_of(run, optimizer, run.callbacks), "elapsed": run.seconds}}
+           "training": {**training_state_of(run, optimizer, run.callbacks, run.stop), "elapsed": run.seconds}}
     return copy.deepcopy(obj)
 
 
@@ -178,6 +189,7 @@ def resume(path: str | Path, *, config: dict[str, Any], settings: dict[str, Any]
     backup = _snapshot(modules, optimizer, run)
     try:
         _restore(obj, modules, optimizer, run)
+        run.resumed = True
     except Exception as exc:  # whatever a damaged file makes torch/numpy raise: roll back
         _restore(backup, modules, optimizer, run)
         raise CheckpointError(
@@ -243,7 +255,8 @@ def learner_state(learner: "MetaLearner", training_state: bool = False) -> dict[
     if training_state:
         fit = learner.fit_state
         callbacks = fit.callbacks.state_dict() if fit is not None else {}
-        obj["training"] = training_state_of(learner.run, learner.meta_optimizer, callbacks)
+        stop = {"by": fit.stopped_by, "iterations": fit.iterations} if fit is not None and fit.should_stop else None
+        obj["training"] = training_state_of(learner.run, learner.meta_optimizer, callbacks, stop)
     return obj
 
 

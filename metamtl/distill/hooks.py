@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
@@ -225,6 +226,13 @@ class Distillation(Callback):
         self._pending_opt: dict[str, Any] | None = None
         self._attached: list[Any] = []
 
+    def run_settings(self) -> dict[str, Any]:
+        """The distillation a resume must repeat: each term's kind, teacher (kind, weights' digest),
+        weight, phases and settings, ``ce_weight`` and ``lr`` (resuming with another distillation,
+        or without one, is refused listing the keys that differ)."""
+        terms = {str(i): _term_settings(t) for i, t in enumerate(self.terms)}
+        return {"distillation": {"ce_weight": self.ce_weight, "lr": self.lr, "terms": terms}}
+
     def _parameters(self) -> list[nn.Parameter]:
         """Learned parameters of the terms (adapters; the teacher is not a sub-module)."""
         return [p for t in self.terms if isinstance(t, nn.Module) for p in t.parameters() if p.requires_grad]
@@ -290,6 +298,19 @@ class Distillation(Callback):
         self._pending_opt = state.get("optimizer")
 
 
+def _term_settings(term: Any) -> dict[str, Any]:
+    """What of a loss term shapes training: see :meth:`Distillation.run_settings`."""
+    out: dict[str, Any] = {"term": type(term).__name__}
+    for key in ("weight", "phases", "temperature", "student_layer", "teacher_layer", "seed"):
+        if hasattr(term, key):
+            value = getattr(term, key)
+            out[key] = list(value) if isinstance(value, (list, tuple)) else value
+    identity = getattr(getattr(term, "teacher", None), "identity", None)
+    if callable(identity):
+        out.update(identity())
+    return out
+
+
 def check_phases_apply(terms: Sequence[Any], algorithm: Any) -> None:
     """Refuse a term whose phases the algorithm's training never calls (it would be silently ignored)."""
     applied = tuple(getattr(algorithm, "loss_term_phases", PHASES))
@@ -303,6 +324,12 @@ def check_phases_apply(terms: Sequence[Any], algorithm: Any) -> None:
             f"distillation phases {list(phases)} never apply to algorithm {getattr(algorithm, 'name', algorithm)!r}"
             f"{why}: its training applies loss terms in phase(s) {list(applied)}; set distill.phases to one of them"
         )
+
+
+def check_config_applies(cfg: dict[str, Any], algorithm: Any) -> None:
+    """:func:`check_phases_apply` for a ``distill`` config section, without loading its teacher (a
+    staged run checks every stage's section before the first stage trains)."""
+    check_phases_apply([SimpleNamespace(phases=check_config(cfg)["phases"])], algorithm)
 
 
 def _check_compatible(teacher: Teacher, learner: "MetaLearner") -> None:

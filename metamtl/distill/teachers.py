@@ -14,7 +14,7 @@ is an error.
 from __future__ import annotations
 
 import dataclasses
-
+import hashlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,6 +42,11 @@ class Teacher:
     def _forward(self, ctx: LossContext, layers: list[str]) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """``(logits or None, {layer: output})`` of the teacher on ``ctx.inputs``."""
         raise NotImplementedError
+
+    def identity(self) -> dict[str, Any]:
+        """What tells this teacher from another in a fit's settings (a resume must use the same):
+        its kind and a digest of its weights."""
+        return {"teacher": type(self).__name__, "weights": weights_digest(self.module)}
 
     # -- shared -------------------------------------------------------------------------------
     def to(self, device: torch.device | str) -> "Teacher":
@@ -100,6 +105,16 @@ class Teacher:
         return logits
 
 
+def weights_digest(*modules: nn.Module) -> str:
+    """A short digest of the modules' state (names and values, whatever their device or layout)."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 class ModuleTeacher(Teacher):
     """Any ``nn.Module`` mapping inputs to logits over the task's labels (used in eval mode).
 
@@ -152,6 +167,10 @@ class LearnerTeacher(Teacher):
     @property
     def preprocessing(self):
         return self.learner.preprocessing
+
+    def identity(self) -> dict[str, Any]:
+        return {"teacher": type(self).__name__, "weights": weights_digest(self.learner.model, self.learner.algorithm),
+                "steps": self.steps}
 
     def to(self, device: torch.device | str) -> "LearnerTeacher":
         self.learner.model.to(device)

@@ -123,6 +123,13 @@ def test_member_seeds_and_task_seeds(tmp_path):
     assert [(n, c.seed, c.tasks.seed) for n, c in member_configs(cfg)] == [("member0", 5, 12), ("member1", 9, 16)]
 
 
+def test_one_member_with_a_seed_trains_with_that_seed(tmp_path):
+    """``{members: 1, seeds: [7]}`` is the config with seed 7 (its task seed moved by as much), not seed 3."""
+    cfg = config_from_dict(plain(tmp_path, seed=3, tasks={"ways": 3, "seed": 10}, ensemble={"members": 1, "seeds": [7]}))
+    assert (cfg.seed, cfg.tasks.seed, cfg.ensemble.seeds) == (7, 14, None)
+    assert config_from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+
+
 @pytest.mark.parametrize("ensemble, message", [
     ({"members": 0}, "ensemble.members must be >= 1"),
     ({"members": 2, "threads": 0}, "ensemble.threads must be >= 1"),

@@ -260,3 +260,39 @@ def test_init_from_an_ensemble_file_says_it_holds_an_ensemble(tmp_path):
     path = Ensemble([one(0), one(1)], device="cpu").save(tmp_path / "ensemble.pt")
     with pytest.raises(CheckpointError, match=r"ensemble.pt holds an ensemble of 2 learners: .*one learner's"):
         one(2).init_from(path)
+
+
+def test_earlier_stages_of_a_several_dataset_run_do_not_touch_the_test_classes(tmp_path):
+    cfg_dict = staged(tmp_path)
+    cfg_dict["datasets"] = [dict(cfg_dict["data"], label="a"), {
+        "name": "folder", "root": str(folder_data(tmp_path / "b")), "cache_dir": str(tmp_path / "cb"), "label": "b"}]
+    cfg_dict["stages"][0].update(tasks={"ways": 5, "queries": 1}, algorithm={"name": "protonet"})
+    cfg = config_from_dict(cfg_dict)
+    results = run(cfg, progress=False, quiet=True)
+    assert not json.loads((cfg.run_dir / "stages" / "pretrain" / "results.json").read_text())["test"]
+    assert {r.get("dataset") for r in results["test"]} == {"a", "b"}
+
+
+def test_distillation_phases_a_later_stage_never_applies_are_refused_before_any_stage_trains(tmp_path):
+    cfg_dict = staged(tmp_path)
+    (tmp_path / "teacher.pt").write_bytes(b"")  # read only when the stage trains: never here
+    cfg_dict["stages"][1]["distill"] = {"teacher": str(tmp_path / "teacher.pt"), "phases": ["classes"]}
+    with pytest.raises(ConfigError, match="stage 'meta': distillation phases \\['classes'\\] never apply to algorithm 'protonet'"):
+        run(config_from_dict(cfg_dict), progress=False, quiet=True)
+    assert not (tmp_path / "runs" / "staged" / "stages" / "pretrain" / "learner.pt").exists()
+
+
+def test_shared_train_callbacks_are_checked_on_the_stage_configs_that_give_what_they_need(tmp_path):
+    """``over: budget`` at the top with budgets in the stages (as the README's stages set them), and
+    early stopping with the validation split set per stage, are valid; a stage lacking them is not."""
+    cfg_dict = staged(tmp_path)
+    cfg_dict["train"].update(scheduler={"name": "cosine", "over": "budget"}, early_stopping={"patience": 2})
+    cfg_dict["data"]["val_split"] = None
+    cfg_dict["stages"][0]["train"] = {"budget_minutes": 6, "meta_batch_size": 1}
+    cfg_dict["stages"][0]["data"] = {"val_split": "val"}
+    cfg_dict["stages"][1].update(train={"budget_minutes": 4}, data={"val_split": "val"})
+    stages = stage_configs(config_from_dict(cfg_dict))
+    assert [c.train.budget_minutes for _, c in stages] == [6, 4]
+    cfg_dict["stages"][1]["train"] = {}
+    with pytest.raises(ConfigError, match=r"stages\[1\] \(meta\): train.scheduler.over: 'budget' needs train.budget_minutes"):
+        config_from_dict(cfg_dict)

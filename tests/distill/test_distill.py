@@ -273,3 +273,28 @@ def test_config_values_are_checked_naming_the_key(tmp_path, tasks):
     kd = Distillation(SoftTargets(fixed))
     with pytest.raises(InputError, match=r"TEACHER \(not the student\).*the teacher's meta-learned head has 5 outputs"):
         learner().fit(tasks, iterations=1, meta_batch_size=1, progress=False, callbacks=[kd])
+
+
+def test_resuming_with_another_distillation_or_none_is_refused_listing_what_differs(tasks, tmp_path):
+    from metamtl.errors import CheckpointError
+
+    teacher, other = learner(hidden=8, seed=3), learner(hidden=8, seed=4)
+    part = learner()
+    part.fit(tasks, iterations=2, meta_batch_size=2, progress=False, checkpoint_dir=tmp_path,
+             callbacks=[distillation(teacher, 4.0, 0.5, ce_weight=0.5)])
+    for callbacks, differs in (([], "distillation.ce_weight: 0.5 != '<missing>'"),
+                               ([distillation(teacher, 4.0, 0.7, ce_weight=0.5)], "distillation.terms.0.weight: 0.5 != 0.7"),
+                               ([distillation(other, 4.0, 0.5, ce_weight=0.5)], "distillation.terms.0.weights: ")):
+        with pytest.raises(CheckpointError, match="fit settings differ") as info:
+            learner().fit(tasks, iterations=4, meta_batch_size=2, progress=False, callbacks=callbacks,
+                          resume=tmp_path / "last.pt")
+        assert differs in str(info.value)
+    resumed = learner()
+    resumed.fit(tasks, iterations=4, meta_batch_size=2, progress=False, resume=tmp_path / "last.pt",
+                callbacks=[distillation(teacher, 4.0, 0.5, ce_weight=0.5)])
+    assert resumed.iteration == 4
+    plain = learner()
+    plain.fit(tasks, iterations=2, meta_batch_size=2, progress=False, checkpoint_dir=tmp_path / "plain")
+    with pytest.raises(CheckpointError, match="distillation.ce_weight: '<missing>' != 0.5"):
+        learner().fit(tasks, iterations=4, meta_batch_size=2, progress=False, resume=tmp_path / "plain" / "last.pt",
+                      callbacks=[distillation(teacher, 4.0, 0.5, ce_weight=0.5)])

@@ -8,7 +8,7 @@ from metamtl.callbacks import Callback, CallbackList, FitState
 from metamtl.distributed import ProcessStrategy
 from metamtl.errors import FitInterrupted, TrainingError
 from metamtl.fit_loop import FitLoop, MetaStep
-from metamtl.tasks import TaskBatch
+from metamtl.tasks import Sinusoid, TaskBatch
 
 from .conftest import sine_learner
 
@@ -311,3 +311,63 @@ def test_a_moved_run_folder_resumes_its_metrics_file_instead_of_starting_it_afre
     after = (tmp_path / "b" / "m.csv").read_text().splitlines()
     assert after[:len(rows)] == rows and after.count("iteration,time,metric,value") == 1
     assert {int(line.split(",")[0]) for line in after[1:]} == set(range(1, 7))
+
+
+def _early_stopped(tmp_path, iterations=40):
+    from metamtl.callbacks import EarlyStopping
+    learner = sine_learner()
+    learner.fit(Sinusoid(shots=5, queries=5, seed=0), Sinusoid(shots=5, queries=5, seed=1), iterations=iterations,
+                meta_batch_size=2, val_every=2, val_episodes=2, checkpoint_dir=tmp_path, progress=False,
+                callbacks=[EarlyStopping(patience=1, min_delta=10.0)],
+                resume=tmp_path / "last.pt" if (tmp_path / "last.pt").exists() else None)
+    return learner
+
+
+def test_a_resumed_early_stopped_run_trains_no_more_unless_it_asks_for_more_iterations(tmp_path):
+    """The checkpoint says early stopping ended the run: resuming it (the final last.pt, or one an
+    interruption in the held-out evaluation left) stops at once with that reason, like a spent
+    budget; a resume asking for more iterations than the run had extends it."""
+    a = _early_stopped(tmp_path)
+    assert (a.iteration, a.fit_state.stopped_by) == (4, "early_stopping")
+    b = _early_stopped(tmp_path)
+    assert (b.iteration, b.fit_state.stopped_by) == (4, "early_stopping") and b.history == a.history
+    c = _early_stopped(tmp_path, iterations=50)
+    assert c.iteration > 4
+    c.fit(Sinusoid(shots=5, queries=5, seed=0), iterations=2, meta_batch_size=2, progress=False)
+    assert c.fit_state.stopped_by == "iterations"  # a continued fit trains its iterations more
+
+
+def _budget_fit(learner, tmp_path, monkeypatch, callbacks=(), resume=None):
+    monkeypatch.setattr(type(learner), "elapsed", property(lambda self: 30.0 * self.iteration))
+    learner.fit(Sinusoid(shots=5, queries=5, seed=0), Sinusoid(shots=5, queries=5, seed=1), iterations=100,
+                meta_batch_size=2, val_every=50, val_episodes=2, budget_minutes=1.5, checkpoint_dir=tmp_path,
+                progress=False, callbacks=list(callbacks), resume=resume)
+    return [r["iteration"] for r in learner.history if "val/loss" in r]
+
+
+def test_a_signal_in_the_iteration_that_spends_the_budget_keeps_the_final_validation(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    class Kill(Callback):
+        def on_iteration_end(self, state, metrics):
+            if state.iteration == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    assert _budget_fit(sine_learner(), tmp_path / "ref", monkeypatch) == [3]
+    with pytest.raises(FitInterrupted):
+        _budget_fit(sine_learner(), tmp_path / "run", monkeypatch, [Kill()])
+    b = sine_learner()
+    assert _budget_fit(b, tmp_path / "run", monkeypatch, resume=tmp_path / "run" / "last.pt") == [3]
+    assert b.fit_state.stopped_by == "budget" and (tmp_path / "run" / "best.pt").is_file()
+
+
+def test_the_budget_stays_the_reason_when_early_stopping_reacts_to_the_final_validation(tmp_path, monkeypatch):
+    from metamtl.callbacks import EarlyStopping
+
+    learner = sine_learner()
+    monkeypatch.setattr(type(learner), "elapsed", property(lambda self: 30.0 * self.iteration))
+    learner.fit(Sinusoid(shots=5, queries=5, seed=0), Sinusoid(shots=5, queries=5, seed=1), iterations=100,
+                meta_batch_size=2, val_every=2, val_episodes=2, budget_minutes=1.5, progress=False,
+                callbacks=[EarlyStopping(patience=1, min_delta=10.0)])
+    assert learner.iteration == 3 and learner.fit_state.stopped_by == "budget"

@@ -52,3 +52,19 @@ def test_tail_averages_follow_the_iteration_count_when_it_ends_the_fit_before_th
         learner.run.iteration = t
         cb.on_iteration_complete(state)
     assert cb.counts.get(0.3) == 4 and "uniform, last 30%" in cb.candidates()
+
+
+def test_every_fit_of_a_staged_run_starts_the_averages_afresh(averaging):
+    """run_stages reuses the callback for each stage: only the last stage's iterates are averaged."""
+    cb = averaging.WeightAverages([0.9], [0.5])
+    for stage, iterations in (("pretrain", 4), ("meta", 2)):
+        model = build_model("conv4", hidden=4, out_features=None)
+        learner = MetaLearner(model, build_algorithm("protonet"), device="cpu", channels_last=False)
+        state = FitState(learner, iterations=iterations, meta_batch_size=1)
+        cb.on_fit_start(state)
+        for t in range(1, iterations + 1):
+            learner.run.iteration = t
+            cb.on_iteration_complete(state)
+    assert cb.counts[0.5] == 2  # iterations 1 and 2 of the meta stage
+    for k, v in cb.weights(state).items():
+        torch.testing.assert_close(cb.uniform[0.5][k], v)
