@@ -317,8 +317,10 @@ class FitLoop:
     def __init__(self, learner: "MetaLearner", state: FitState, train_tasks: TaskSource,
                  val_tasks: TaskSource | None = None, val_episodes: int = 100, num_workers: int = 0) -> None:
         self.learner, self.state, self.callbacks = learner, state, state.callbacks
-        state.callbacks.load_state_dict(learner.run.callbacks)  # what a resumed checkpoint (or the previous fit) saved
-        learner.run.callbacks = {}
+        carried = learner.run.callbacks  # what a resumed checkpoint (or the previous fit) saved
+        state.callbacks.load_state_dict(carried)
+        taken = {cb.saved_key(carried) for cb in state.callbacks.callbacks}
+        learner.run.callbacks = {k: v for k, v in carried.items() if k not in taken}  # for a later fit with them
         self.train_tasks, self.val_tasks, self.val_episodes = train_tasks, val_tasks, val_episodes
         self.num_workers = num_workers
         self.validated_at: int | None = None  # the iteration of the latest validation
@@ -347,7 +349,8 @@ class FitLoop:
             cbs.on_exception(state, exc)
             raise
         finally:
-            ln.run.callbacks = cbs.continued_state()  # what the learner's next fit call continues from
+            # what the learner's next fit call continues from (callbacks absent from this fit keep theirs)
+            ln.run.callbacks = {**ln.run.callbacks, **cbs.continued_state()}
             signals.restore()
             ln.run.stop_clock()
             close = getattr(batches, "close", None)

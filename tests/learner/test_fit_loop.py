@@ -295,6 +295,34 @@ def test_a_continued_fit_appends_to_the_metrics_file_and_a_new_learner_starts_it
     assert iterations() == [1, 2]
 
 
+def test_a_fit_without_a_callback_in_between_keeps_what_the_next_fit_with_it_continues(sine, tmp_path):
+    """The state a metrics file or a checkpoint folder carries to the learner's next fit survives a
+    fit without them in between (it used to be replaced by that fit's callbacks' state only:
+    the metrics file then restarted, and best.pt was overwritten by a worse model)."""
+    from metamtl import MetaLearner
+    from metamtl.callbacks import MetricsLogger
+
+    path = tmp_path / "m.csv"
+    iterations = lambda: sorted({int(line.split(",")[0]) for line in path.read_text().splitlines()[1:]})  # noqa: E731
+    learner = sine_learner()
+    learner.fit(sine, iterations=2, meta_batch_size=2, callbacks=[MetricsLogger(path)], progress=False)
+    learner.fit(sine, iterations=2, meta_batch_size=2, progress=False)
+    learner.fit(sine, iterations=2, meta_batch_size=2, callbacks=[MetricsLogger(path)], progress=False)
+    assert iterations() == [1, 2, 5, 6]
+    val = Sinusoid(shots=5, queries=5, seed=1)
+    fit = dict(meta_batch_size=2, val_episodes=10, progress=False)
+    learner = sine_learner()
+    learner.fit(sine, val, iterations=4, val_every=4, checkpoint_dir=tmp_path / "run", **fit)
+    best = [r["val/loss"] for r in learner.history if "val/loss" in r][-1]
+    learner.fit(sine, iterations=1, **fit)
+    with torch.no_grad():
+        for p in learner.model.parameters():
+            p.add_(torch.randn_like(p) * 3.0)  # much worse weights
+    learner.fit(sine, val, iterations=1, val_every=1, checkpoint_dir=tmp_path / "run", **fit)
+    assert [r["val/loss"] for r in learner.history if "val/loss" in r][-1] > best
+    assert MetaLearner.load(tmp_path / "run" / "best.pt").iteration == 4
+
+
 def test_a_moved_run_folder_resumes_its_metrics_file_instead_of_starting_it_afresh(sine, tmp_path):
     """Metrics files are keyed by their whole path; a run folder moved (or copied) elsewhere and
     resumed there still finds its file's state by name, so the rows before the checkpoint stay."""
