@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import random
 import time
 from pathlib import Path
@@ -219,6 +220,9 @@ def load_trunk(model: TrunkHead, source: Mapping[str, torch.Tensor] | str | Path
     (:meth:`~metamtl.algorithms.Algorithm.trunk_loaded`)."""
     if isinstance(source, Mapping):
         state, where = source, "the given learner"
+    elif not isinstance(source, (str, os.PathLike)):
+        raise ConfigError(f"init_from takes a MetaLearner, the path of a saved one or a model state dict, got "
+                          f"{type(source).__name__} (an ensemble: pass one member, e.g. ensemble.members[0])")
     else:
         obj = safe_load(source)
         refuse_ensemble(obj, source, "a trunk is taken from one learner's checkpoint (e.g. one member's learner.pt, "

@@ -260,6 +260,9 @@ def test_init_from_an_ensemble_file_says_it_holds_an_ensemble(tmp_path):
     path = Ensemble([one(0), one(1)], device="cpu").save(tmp_path / "ensemble.pt")
     with pytest.raises(CheckpointError, match=r"ensemble.pt holds an ensemble of 2 learners: .*one learner's"):
         one(2).init_from(path)
+    for bad in (123, Ensemble([one(0)], device="cpu"), None):  # were bare TypeErrors
+        with pytest.raises(ConfigError, match=r"init_from takes a MetaLearner, the path of a saved one or a model state "):
+            one(2).init_from(bad)
 
 
 def test_earlier_stages_of_a_several_dataset_run_do_not_touch_the_test_classes(tmp_path):
