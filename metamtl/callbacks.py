@@ -318,21 +318,24 @@ class ModelCheckpoint(Callback):
     Args:
         dirpath: folder for the checkpoints.
         every: iterations between ``last.pt`` writes (0: only at the end).
-        monitor: validation metric deciding ``best.pt`` (``None`` disables it); ``fit`` watches
-            :func:`default_monitor` of the learner's task (regression: ``val/loss``, ``"min"``).
-        mode: ``"max"`` or ``"min"``.
+        monitor: validation metric deciding ``best.pt`` (default: :func:`default_monitor` of the
+            learner's task, ``val/loss`` for regression); one validation never reports is a
+            :class:`ConfigError` when ``fit`` starts, as for :class:`EarlyStopping`.
+        mode: ``"max"`` (higher is better) or ``"min"`` (default: ``"min"`` for a loss).
+        save_best: ``False`` writes no ``best.pt``.
     """
 
     order = 100  # after every other callback: its checkpoints hold their states for the iteration
     continues_run = True  # a second fit into the same folder keeps best.pt the best of the whole run
 
-    def __init__(self, dirpath: str | Path, every: int = 100, monitor: str | None = "val/accuracy",
-                 mode: str = "max") -> None:
+    def __init__(self, dirpath: str | Path, every: int = 100, monitor: str | None = None,
+                 mode: str | None = None, save_best: bool = True) -> None:
         self.dirpath = Path(dirpath)
         self.every = int(every)
-        self.monitor = monitor
-        self.mode = mode
+        self.monitor, self.mode, self.save_best = monitor, mode and _check_mode(mode), bool(save_best)
+        self.watched = _fallback_monitor(monitor, mode)  # (monitor, mode), resolved for the learner at fit start
         self.best: float | None = None
+        self._loaded: Mapping[str, Any] | None = None  # the state load_state_dict got, applied at fit start
         self._lock = RunFolderLock(self.dirpath)
 
     @property
@@ -350,6 +353,8 @@ class ModelCheckpoint(Callback):
         learner fitting again, or resumed from it); any other is refused with a
         :class:`CheckpointError` (resume it, delete it, or pick another folder).
         """
+        self.watched = resolve_monitor(self.monitor, self.mode, state.learner.task, "ModelCheckpoint")
+        self._continue_best()
         state.resume_checkpoint = self.last_path
         if not state.is_main_process:
             return
@@ -375,11 +380,11 @@ class ModelCheckpoint(Callback):
             state.learner.save(self.last_path, training_state=True)
 
     def on_validation_end(self, state, metrics):
-        value = metrics.get(self.monitor) if self.monitor else None
-        if value is None or not math.isfinite(value):
+        if not self.save_best:
             return
-        better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
-        if better:
+        monitor, mode = self.watched
+        value = _monitored(metrics, monitor, "ModelCheckpoint")
+        if math.isfinite(value) and _improved(value, self.best, mode):
             self.best = float(value)
             if state.is_main_process:
                 state.learner.save(self.best_path, training_state=False)
@@ -413,14 +418,24 @@ class ModelCheckpoint(Callback):
         return {"best": self.best}
 
     def continued_state(self):
-        return {"best": self.best, "dirpath": str(self.dirpath.resolve()), "monitor": self.monitor, "mode": self.mode}
+        if self._loaded is not None:  # the fit stopped before on_fit_start: what it was given carries on
+            return dict(self._loaded)
+        monitor, mode = self.watched
+        return {"best": self.best, "dirpath": str(self.dirpath.resolve()), "monitor": monitor, "mode": mode}
 
     def load_state_dict(self, state):
-        """The best value so far; from the learner's previous fit call only when it was watched in
-        this folder with this monitor and mode (another folder's ``best.pt`` is not this one's)."""
-        same = all(state.get(k, mine) == mine for k, mine in (
-            ("dirpath", str(self.dirpath.resolve())), ("monitor", self.monitor), ("mode", self.mode)))
-        self.best = state.get("best") if same else None
+        """Keep the best value so far, used from :meth:`on_fit_start` (once the monitor is
+        resolved for the learner)."""
+        self._loaded, self.best = dict(state), None
+
+    def _continue_best(self) -> None:
+        """The loaded best value, when it was watched in this folder with this monitor and mode (another
+        folder's ``best.pt`` is not this one's, nor is the best of another metric)."""
+        loaded, self._loaded = self._loaded or {}, None
+        monitor, mode = self.watched
+        same = all(loaded.get(k, mine) == mine for k, mine in (
+            ("dirpath", str(self.dirpath.resolve())), ("monitor", monitor), ("mode", mode)))
+        self.best = loaded.get("best") if same else None
 
 
 def _improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:

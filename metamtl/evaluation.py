@@ -110,22 +110,42 @@ def episode_reader(tasks: TaskSource | Sequence[Episode], episodes: int = 600, *
                    start: int = 0) -> tuple[Callable[[int], Episode], int]:
     """``(episode_at, n)``: the ``n`` episodes to evaluate, ``episode_at(i)`` for ``i < n``.
 
-    ``tasks`` is a list of episodes, or a task source whose episodes ``start .. start+episodes-1``
-    are used (in another ways/shots/queries setting when given).
+    ``tasks`` is a task source whose episodes ``start .. start+episodes-1`` are used (in another
+    ways/shots/queries setting when given), or a list of episodes of one setting, of which
+    ``tasks[start:start+episodes]`` are used (ways/shots/queries are a :class:`ConfigError`: a
+    list has no source to draw another setting from).
     """
+    episodes, start = check_int("episodes", episodes, 1), check_int("start", start, 0)
     if isinstance(tasks, (list, tuple)):
-        if not all(isinstance(e, Episode) for e in tasks):
-            raise ConfigError("evaluate needs a task source or a list of Episode objects")
-        return tasks.__getitem__, len(tasks)
+        return _listed_episodes(tasks, episodes, start, dict(ways=ways, shots=shots, queries=queries))
     check_task_source("tasks", tasks)
     if any(v is not None for v in (ways, shots, queries)):
         if not hasattr(tasks, "with_settings"):
             raise ConfigError(f"{type(tasks).__name__} cannot change ways/shots/queries")
         kw = {k: v for k, v in dict(ways=ways, shots=shots, queries=queries).items() if v is not None}
         tasks = tasks.with_settings(**kw)
-    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
-        raise ConfigError(f"episodes must be an integer >= 1, got {episodes!r}")
     return (lambda i: tasks.episode(start + i)), episodes
+
+
+def _listed_episodes(tasks: Sequence[Episode], episodes: int, start: int,
+                     settings: dict[str, int | None]) -> tuple[Callable[[int], Episode], int]:
+    """:func:`episode_reader` of a list of episodes."""
+    if not all(isinstance(e, Episode) for e in tasks):
+        raise ConfigError("evaluate needs a task source or a list of Episode objects")
+    given = [f"{k}={v!r}" for k, v in settings.items() if v is not None]
+    if given:
+        raise ConfigError(f"evaluate got a list of episodes and {', '.join(given)}: a list has no source to draw "
+                          "another setting from; pass a task source (EpisodeSampler) to change the setting, or "
+                          "leave ways/shots/queries out")
+    chosen = list(tasks[start:start + episodes])
+    if not chosen:
+        raise ConfigError(f"start={start} is past the end of the list of {len(tasks)} episodes")
+    kinds = sorted({(e.ways, e.shots, e.queries) for e in chosen})
+    if len(kinds) > 1:
+        raise ConfigError("evaluate got a list mixing episodes of different settings (ways, shots, queries: "
+                          f"{', '.join(map(str, kinds))}), which one result would average under one label; "
+                          "evaluate each setting's episodes separately")
+    return chosen.__getitem__, len(chosen)
 
 
 def evaluate_episodes(score: Callable[[list[Episode]], list[dict[str, float]]], model: nn.Module,

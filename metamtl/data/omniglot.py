@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import numbers
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -30,7 +31,7 @@ class Omniglot(ClassDataset):
         split: ``"train"``, ``"val"``, ``"test"`` or ``"all"``.
         sources: names of the official archives to use (see :attr:`MD5`), default: all found.
         image_size: side of the stored square images (Lanczos resampling; strokes bright on black).
-        rotations: angles in {0, 90, 180, 270}; each makes one copy of every character as its own
+        rotations: an angle or angles in {0, 90, 180, 270}; each makes one copy of every character as its own
             class, ``Alphabet/characterNN@90`` (counter-clockwise; angle 0 keeps the plain name).
         split_fractions: ``(train, val, test)`` fractions of characters, see below.
         split_seed: seed of the character split.
@@ -60,7 +61,9 @@ class Omniglot(ClassDataset):
         DataNotFoundError: no root, or the requested sources are not found (and ``download`` is
             off).
         IntegrityError: a known zip's md5 differs from the published one.
-        ConfigError: unknown split, source or rotation, or bad split fractions.
+        ConfigError: unknown split, source or rotation, or ``split_fractions`` not three numbers.
+        DataError: split_fractions that are not finite, >= 0 and summing to 1 (from
+            ``split_names``, once the characters are read).
     """
 
     #: md5 of the official archives (https://github.com/brendenlake/omniglot, folder ``python``).
@@ -82,7 +85,7 @@ class Omniglot(ClassDataset):
         split: str = "train",
         sources: Sequence[str] | None = None,
         image_size: int = 28,
-        rotations: Sequence[int] = (0,),
+        rotations: int | Sequence[int] = (0,),
         split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
         split_seed: int = 0,
         split_by: str = "character",
@@ -212,9 +215,15 @@ class Omniglot(ClassDataset):
         return {"train": train, "val": val, "test": test}[split]
 
 
-def _angles(rotations: Sequence, allowed: Sequence[int]) -> tuple[int, ...]:
-    """``rotations`` as ints, a value that is not a whole number of degrees (``90.5``, ``True``, ``"90"``)
-    refused (:class:`ConfigError`) rather than truncated to a neighbouring angle."""
+def _angles(rotations: Any, allowed: Sequence[int]) -> tuple[int, ...]:
+    """``rotations`` (one angle or a sequence of them) as a tuple of ints, a value that is not a whole
+    number of degrees (``90.5``, ``True``, ``"90"``) refused (:class:`ConfigError`) rather than
+    truncated to a neighbouring angle."""
+    if isinstance(rotations, numbers.Real):  # one angle (a bool is refused below)
+        rotations = (rotations,)
+    if isinstance(rotations, (str, bytes)) or not isinstance(rotations, Iterable):
+        raise ConfigError(f"rotations must be an angle or a sequence of angles among {tuple(allowed)} "
+                          f"(e.g. 90 or (0, 90, 180, 270)), got {rotations!r}")
     out = []
     for r in rotations:
         if isinstance(r, bool) or not isinstance(r, numbers.Real) or not float(r).is_integer():

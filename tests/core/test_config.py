@@ -129,3 +129,18 @@ def test_text_settings_take_number_and_boolean_looking_overrides_as_typed():
     assert load_config(None, ["name=010"]).name == "010" and load_config(None, ["name=no"]).name == "no"
     assert load_config(None, ["init_from=null"]).init_from is None
     assert load_config(None, ["tasks.seed=010"]).tasks.seed == 10  # numbers stay numbers
+
+
+def test_the_readme_names_as_registry_switches_only_sections_that_have_a_name():
+    """Each ``section.name=...`` override the README lists as switching a registry entry is one:
+    an unknown entry is refused as an unknown name, never as an unknown key ``name``."""
+    import re
+
+    text = " ".join((CONFIG_DIR.parent / "README.md").read_text().split())
+    listed = re.search(r"An override that switches a registry entry \((.*?)\) starts", text).group(1)
+    paths = re.findall(r"`([\w.]+)\.name=", listed)
+    assert paths
+    for path in paths:
+        with pytest.raises(ConfigError) as err:
+            load_config(CONFIG_DIR / "multi" / "omniglot_miniimagenet.yaml", [f"{path}.name=no_such_entry"])
+        assert "'no_such_entry'" in str(err.value) and "unknown key" not in str(err.value), path

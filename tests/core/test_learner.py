@@ -146,6 +146,30 @@ def test_one_learner_serves_5_and_20_way_tasks():
         assert res.ways == ways and 0 <= res.accuracy <= 1
 
 
+def test_a_list_of_episodes_honours_start_and_episodes_and_refuses_settings_it_cannot_give():
+    """evaluate(list) uses list[start:start+episodes]; ways/shots/queries (no source to draw them
+    from) and a list mixing settings (averaged under the first one's label) are ConfigErrors."""
+    ds = toy_dataset()
+    learner = make_learner(head_init="proto")
+    eps = [EpisodeSampler(ds, 5, 1, 2, seed=3).episode(i) for i in range(4)]
+    full = learner.evaluate(eps, progress=False)
+    assert full.episodes == 4
+    part = learner.evaluate(eps, episodes=2, start=1, progress=False)
+    assert part.episodes == 2 and part.per_episode_loss == full.per_episode_loss[1:3]
+    for kw in (dict(ways=20), dict(shots=5), dict(queries=3)):
+        with pytest.raises(ConfigError, match=rf"list of episodes and {next(iter(kw))}=.*pass a task source"):
+            learner.evaluate(eps, progress=False, **kw)
+    mixed = [eps[0], EpisodeSampler(ds, 20, 2, 2, seed=3).episode(0)]
+    for listed in (mixed, mixed[::-1]):
+        with pytest.raises(ConfigError, match=r"mixing episodes of different settings .*\(5, 1, 2\), \(20, 2, 2\)"):
+            learner.evaluate(listed, progress=False)
+    assert learner.evaluate(mixed, episodes=1, progress=False).ways == 5  # the chosen ones share a setting
+    with pytest.raises(ConfigError, match="start=4 is past the end of the list of 4 episodes"):
+        learner.evaluate(eps, start=4, progress=False)
+    with pytest.raises(ConfigError, match="episodes must be an integer >= 1, got 0"):
+        learner.evaluate(eps, episodes=0, progress=False)
+
+
 def test_adapt_predictor_predicts_labels(tasks):
     _, test = tasks
     learner = make_learner(head_init="proto")

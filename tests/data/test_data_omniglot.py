@@ -91,6 +91,7 @@ def test_rotations_make_new_classes_in_the_same_split(omniglot, omniglot_root):
         assert torch.equal(got, torch.rot90(original, k, dims=(-2, -1)))
     only_turned = Omniglot(omniglot_root, split="val", rotations=(90,))
     assert only_turned.class_names == [f"{c}@90" for c in base.class_names]
+    assert Omniglot(omniglot_root, split="val", rotations=90).class_names == only_turned.class_names  # one angle
 
 
 def test_md5_mismatch_raises_integrity_error(omniglot_root, tmp_path):
@@ -164,12 +165,21 @@ def test_download_replaces_a_corrupt_official_zip(omniglot_root, tmp_path, monke
         ({"rotations": ()}, "rotations"),
         ({"rotations": (90.5,)}, r"whole multiples of 90 .*got 90\.5"),
         ({"rotations": (0, True)}, "whole multiples of 90"),
+        ({"rotations": "90"}, r"an angle or a sequence of angles .*got '90'"),
+        ({"rotations": None}, r"an angle or a sequence of angles .*got None"),
+        ({"rotations": True}, "whole multiples of 90"),
         ({"split_fractions": (0.5, 0.5)}, "split_fractions"),
     ],
 )
 def test_bad_arguments_raise_config_errors(kwargs, match, omniglot_root):
     with pytest.raises(ConfigError, match=match):
         Omniglot(omniglot_root, **kwargs)
+
+
+def test_split_fractions_that_do_not_sum_to_one_are_the_documented_data_error(omniglot_root):
+    with pytest.raises(DataError, match=r"split fractions must be finite, >= 0 and sum to 1"):
+        Omniglot(omniglot_root, split="test", split_fractions=(0.5, 0.5, 0.5))
+    assert "DataError: split_fractions" in " ".join(Omniglot.__doc__.split())
 
 
 def test_unexpected_layout_is_reported(tmp_path, write_image):

@@ -48,6 +48,20 @@ def test_one_member_is_the_learner_itself(tasks):
         assert (ens.ways, ens.shots, ens.queries, ens.steps) == (alone.ways, alone.shots, alone.queries, alone.steps)
 
 
+def test_a_list_of_episodes_is_read_as_by_a_learner(tasks):
+    """Ensemble.evaluate(list) takes list[start:start+episodes] and refuses ways/shots/queries and
+    mixed settings, as MetaLearner.evaluate does."""
+    ens = Ensemble([member(0), member(1)])
+    eps = [tasks.episode(i) for i in range(4)]
+    full = ens.evaluate(eps, progress=False)
+    part = ens.evaluate(eps, episodes=2, start=2, progress=False)
+    assert part.episodes == 2 and part.per_episode_loss == pytest.approx(full.per_episode_loss[2:])
+    with pytest.raises(ConfigError, match=r"list of episodes and ways=10"):
+        ens.evaluate(eps, ways=10, progress=False)
+    with pytest.raises(ConfigError, match=r"mixing episodes of different settings"):
+        ens.evaluate([eps[0], EpisodeSampler(images(), 3, 1, 3, seed=4).episode(0)], progress=False)
+
+
 def test_output_is_the_log_of_the_mean_probability(tasks):
     members = [member(0), member(1), member(2, "maml", steps=1, lr=0.2)]
     ens = Ensemble(members)

@@ -158,6 +158,41 @@ def test_regression_runs_watch_the_validation_loss_and_an_unreported_metric_fail
         assert other.iteration == 0
 
 
+def test_model_checkpoint_resolves_its_monitor_and_mode_like_early_stopping(sine, tmp_path):
+    """ModelCheckpoint's monitor defaults to the learner's (val/loss for regression), a loss is
+    watched lower-is-better, and a monitor validation never reports (a typo, val/accuracy on a
+    regression learner) or an unknown mode is a ConfigError, not a best.pt that is never written."""
+    from metamtl.callbacks import ModelCheckpoint
+    from metamtl.checkpoint import safe_load
+    from metamtl.errors import ConfigError
+
+    class Scored:  # validation losses 2.0, 1.0, 3.0 at iterations 2, 4, 6
+        def __init__(self, losses):
+            self.loss = next(losses)
+
+        def metrics(self, prefix):
+            return {f"{prefix}loss": self.loss, f"{prefix}loss_ci95": 0.0}
+
+    fit = dict(meta_batch_size=2, val_every=2, val_episodes=2, progress=False)
+    for i, make in enumerate((lambda d: ModelCheckpoint(d, monitor="val/loss"), lambda d: ModelCheckpoint(d))):
+        learner, losses = sine_learner(), iter([2.0, 1.0, 3.0])
+        learner.evaluate = lambda *args, **kwargs: Scored(losses)
+        checkpoint = make(tmp_path / str(i))
+        learner.fit(sine, sine, iterations=6, callbacks=[checkpoint], **fit)
+        assert checkpoint.watched == ("val/loss", "min") and checkpoint.best == 1.0
+        assert safe_load(tmp_path / str(i) / "best.pt")["iteration"] == 4
+    for bad in (ModelCheckpoint(tmp_path / "a", monitor="val/acc"), ModelCheckpoint(tmp_path / "b", monitor="val/accuracy")):
+        other = sine_learner()
+        with pytest.raises(ConfigError, match=r"ModelCheckpoint monitors 'val/acc.*never reports; it reports val/loss"):
+            other.fit(sine, sine, iterations=4, callbacks=[bad], **fit)
+        assert other.iteration == 0
+    with pytest.raises(ConfigError, match="mode"):
+        ModelCheckpoint(tmp_path, monitor="val/loss", mode="lowest")
+    quiet = ModelCheckpoint(tmp_path / "c", save_best=False)
+    sine_learner().fit(sine, sine, iterations=2, callbacks=[quiet], **fit)
+    assert (tmp_path / "c" / "last.pt").is_file() and not (tmp_path / "c" / "best.pt").exists()
+
+
 def test_a_second_fit_continues_the_run_clock_and_its_budget_adds_to_it(sine, tmp_path):
     """fit called again continues the run: elapsed (history time, checkpoints) counts the earlier
     calls, its budget is that much more time, and a budget-annealed cosine continues instead of
