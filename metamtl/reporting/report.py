@@ -19,6 +19,7 @@ import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
+from urllib.parse import quote
 
 from ..callbacks import Callback, FitState
 from ..files import atomic_write_text
@@ -114,11 +115,16 @@ def _value(r: Mapping[str, Any]) -> str:
     return f"{100 * r['accuracy']:.2f}%{plus_minus(r['ci95'], 100, unit='%')}"
 
 
+def _href(path: Path, base: Path) -> str:
+    """``path`` relative to ``base`` as a URL (``#``, ``%``, spaces quoted): a link to that very file."""
+    return quote(Path(os.path.relpath(path, base)).as_posix())
+
+
 def _img(path: Path, alt: str, embed: bool, base: Path) -> str:
     if embed:
         src = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
     else:
-        src = os.path.relpath(path, base)
+        src = _href(path, base)
     return f'<img src="{_e(src)}" alt="{_e(alt)}">'
 
 
@@ -340,7 +346,7 @@ Commit <code>{_e(results.get('commit'))}</code>, {_e(results.get('date'))},
 <table><tr><th>setting</th><th>{_metric_columns(results)}</th><th>inner steps</th>
 <th>published (official test classes)</th></tr>{_test_rows(results)}</table>
 {''.join(f'<h2>{_e(title)}</h2>{fig}' for title, fig in figures if fig)}
-<h2>Files</h2><p>{' · '.join(f'<a href="{_e(f)}">{_e(f)}</a>' for f in files)}</p>{_wandb_note(run_dir)}
+<h2>Files</h2><p>{' · '.join(f'<a href="{_e(quote(f))}">{_e(f)}</a>' for f in files)}</p>{_wandb_note(run_dir)}
 <details><summary>Configuration</summary><pre>{_e(json.dumps(cfg, indent=2))}</pre></details>
 <details><summary>Machine</summary><pre>{_e(json.dumps(machine, indent=2))}</pre></details>
 </body></html>"""
@@ -480,7 +486,7 @@ def _comparison_page(out: Path, runs: list[tuple], figs: list[tuple], embed: boo
     rows = []
     for d, results, *_ in runs:
         cfg = results.get("config", {})
-        link = os.path.relpath(d / "report.html", out.parent)
+        link = _href(d / "report.html", out.parent)
         tests = "<br>".join(f"{_e(_setting(r))}: <b class=nowrap>{_e(_value(r))}</b>" for r in results.get("test", []))
         rows.append(f"<tr><td><a href='{_e(link)}'>{_e(results.get('name'))}</a></td>"
                     f"<td>{_e(cfg.get('algorithm', {}).get('name'))}</td><td>{_e(protocol(cfg)[0])}</td>"

@@ -510,3 +510,21 @@ def test_the_default_steps_grid_holds_the_evaluated_step_count(synthetic_tasks, 
     default = write_steps_curve(tmp_path, learner, {None: synthetic_tasks}, "test", [{"ways": 5, "shots": 1}],
                                 episodes=1, progress=False, write=False)
     assert default["eval_steps"] == learner.algorithm.eval_steps and 7 not in default["steps"]
+
+
+def test_links_and_images_open_their_own_files_whatever_the_folder_names(tmp_path):
+    """A '#' or '%' in a run folder or the comparison file's name: every link and image of the pages
+    is URL-quoted, so a browser opens that very file (not another run's, not a cut-off path)."""
+    from urllib.parse import unquote
+
+    runs = [_small_run(tmp_path / "sp ace" / name, [_row(0.6, 0.1)]) for name in ("run#1", "run%231")]
+    out = tmp_path / "sp ace" / "cmp #2.html"
+    text = write_comparison(runs, out).read_text()
+    links = re.findall(r"<a href='([^']*)'>", text)
+    assert [out.parent / unquote(link) for link in links] == [run / "report.html" for run in runs]
+    srcs = _images(text)
+    assert srcs and all("#" not in s and " " not in s and (out.parent / unquote(s)).is_file() for s in srcs)
+    page = write_report(runs[1])
+    hrefs = re.findall(r'<a href="([^"]*)">', page.read_text())
+    assert hrefs and all((runs[1] / unquote(h)).is_file() for h in hrefs)
+    assert all((runs[1] / unquote(s)).is_file() for s in _images(page.read_text()))
