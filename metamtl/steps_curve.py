@@ -47,10 +47,20 @@ def curve_settings(test_rows: Sequence[Mapping[str, Any]], ways: int, shots: int
     return list(seen.values()) or [{"ways": ways, "shots": shots}]
 
 
+def within_superclass(hierarchy: Any) -> str:
+    """A setting label's suffix for episodes drawn within one superclass, naming the depth (or the
+    mapping's size) so that settings that differ only in ``hierarchy`` never share a label
+    (`` within one superclass (depth 1)``); empty for ``None``."""
+    if hierarchy is None:
+        return ""
+    what = f"depth {hierarchy}" if isinstance(hierarchy, int) else str(hierarchy)  # 'mapping of N classes'
+    return f" within one superclass ({what})"
+
+
 def _setting(row: Mapping[str, Any], label: str | None, regression: bool) -> str:
     setting = f"{row.get('shots')}-shot regression" if regression else f"{row['ways']}-way {row['shots']}-shot"
-    if not regression and row.get("hierarchy") is not None:
-        setting += " within one superclass"
+    if not regression:
+        setting += within_superclass(row.get("hierarchy"))
     return f"{label}: {setting}" if label else setting
 
 

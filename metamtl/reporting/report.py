@@ -25,7 +25,7 @@ from ..callbacks import Callback, FitState
 from ..files import atomic_write_text
 from ..errors import ConfigError
 from ..evaluation import plus_minus
-from ..steps_curve import read_steps_curve
+from ..steps_curve import read_steps_curve, within_superclass
 from . import plots
 from .published import published
 
@@ -71,8 +71,7 @@ def _setting(r: Mapping[str, Any]) -> str:
         setting = f"{r['shots']}-shot regression"
     else:
         setting = f"{r['ways']}-way {r['shots']}-shot"
-        if r.get("hierarchy") is not None:
-            setting += " within one superclass"
+        setting += within_superclass(r.get("hierarchy"))
         if r.get("head", "algorithm") != "algorithm":
             setting += f", head {r['head']}" + (" (TRANSDUCTIVE)" if r.get("transductive") else "")
     return f"{r['dataset']}: {setting}" if r.get("dataset") else setting

@@ -106,11 +106,13 @@ def _finite(row: Mapping[str, Any]) -> dict[str, float]:
 
 def _setting(r: Mapping[str, Any]) -> str:
     """``5w1s`` (``<dataset>/5w1s`` in multi-dataset runs; ``5shot`` for regression), with
-    ``-within`` for episodes drawn within one superclass and ``/<head>`` for a head other than the
-    algorithm's own (``5w1s/simpleshot``), so the rows of one run never share a key."""
+    ``-within`` for episodes drawn within one superclass (depth 1; ``-within2`` at depth 2,
+    ``-withinmap`` for a hierarchy mapping) and ``/<head>`` for a head other than the algorithm's own
+    (``5w1s/simpleshot``), so the rows of one run never share a key."""
     setting = f"{r['ways']}w{r['shots']}s" if r.get("accuracy") is not None else f"{r['shots']}shot"
-    if r.get("hierarchy") is not None:
-        setting += "-within"
+    hierarchy = r.get("hierarchy")
+    if hierarchy is not None:
+        setting += "-within" + ("map" if not isinstance(hierarchy, int) else "" if hierarchy == 1 else str(hierarchy))
     if r.get("head") not in (None, "algorithm"):
         setting += f"/{r['head']}"
     return f"{r['dataset']}/{setting}" if r.get("dataset") else setting

@@ -214,7 +214,7 @@ def test_a_within_superclass_settings_curve_is_drawn_within_one_superclass():
     settings = curve_settings(rows, 3, 1)
     assert [s["hierarchy"] for s in settings] == [1, None]  # two settings, not one
     within, anywhere = accuracy_vs_steps(learner, {None: source}, settings, 6, [1], progress=False)
-    assert within["setting"] == "3-way 1-shot within one superclass" and anywhere["setting"] == "3-way 1-shot"
+    assert within["setting"] == "3-way 1-shot within one superclass (depth 1)" and anywhere["setting"] == "3-way 1-shot"
     assert within["mean"] == [rows[0]["accuracy"]] and anywhere["mean"] == [rows[1]["accuracy"]]
     assert within["mean"] != anywhere["mean"]
     assert curve_settings([{**rows[0], "hierarchy": "mapping of 12 classes"}], 3, 1) == [{"ways": 3, "shots": 1}]
@@ -292,7 +292,7 @@ def test_published_references_go_only_with_inductive_random_class_rows(tmp_path,
     table = write_report(run).read_text().split("<h2>Held-out test results</h2>")[1].split("</table>")[0]
     cells = {re.sub(r"<[^>]+>", "", tr.split("</td>")[0]): tr for tr in re.findall(r"<tr><td>(.*?)</tr>", table)}
     assert "(published)" not in table and "MAML" in cells["5-way 1-shot"] and "MAML" in cells["5-way 1-shot, head simpleshot"]
-    assert "MAML" not in cells["5-way 1-shot, head bdcspn (TRANSDUCTIVE)"] and "MAML" not in cells["5-way 1-shot within one superclass"]
+    assert "MAML" not in cells["5-way 1-shot, head bdcspn (TRANSDUCTIVE)"] and "MAML" not in cells["5-way 1-shot within one superclass (depth 1)"]
 
     captured = []
     monkeypatch.setattr(report.plots, "plot_comparison", lambda bars, path: captured.append(bars))

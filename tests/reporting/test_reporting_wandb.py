@@ -225,3 +225,30 @@ def test_learned_inner_rates_of_real_algorithms_reach_wandb(tmp_path, synthetic_
     assert keys, f"no learned learning rates logged for {name}"
     first, last = run.history[0], run.history[-1]
     assert any(first[k] != last[k] for k in keys if k in first and k in last)  # they are learned
+
+
+def test_settings_that_differ_only_in_hierarchy_keep_their_own_keys_and_labels(tmp_path):
+    """eval.settings may hold one setting at several superclass depths (or a depth and a mapping):
+    each row keeps its own W&B key (one used to overwrite the other) and its own report and curve
+    label; depth 1, the shipped configs' form, keeps the key ``-within`` the README names."""
+    from metamtl.reporting.report import _setting
+    from metamtl.steps_curve import _setting as curve_setting
+
+    def row(acc, hierarchy):
+        return {"accuracy": acc, "ci95": 0.01, "loss": 1.0, "loss_ci95": 0.1, "episodes": 10, "ways": 5, "shots": 1,
+                "queries": 15, "steps": 1, "hierarchy": hierarchy, "head": "algorithm", "transductive": False,
+                "per_episode_accuracy": [acc] * 10, "per_episode_loss": [1.0] * 10}
+
+    rows = [row(0.9, None), row(0.6, 1), row(0.4, 2), row(0.3, "mapping of 12 classes")]
+    labels = [_setting(r) for r in rows]
+    assert labels == ["5-way 1-shot", "5-way 1-shot within one superclass (depth 1)",
+                      "5-way 1-shot within one superclass (depth 2)",
+                      "5-way 1-shot within one superclass (mapping of 12 classes)"]
+    assert [curve_setting(r, None, False) for r in rows[:3]] == labels[:3]
+    logger = WandbLogger(mode="offline", run_dir=tmp_path, name="h", log_model=False, settings={"console": "off"})
+    logger.log_evaluation({"test": rows})
+    logger.finish()
+    summary = read_offline_run(tmp_path).summary
+    assert {k: v for k, v in summary.items() if k.endswith("/accuracy")} == {
+        "test/5w1s/accuracy": 0.9, "test/5w1s-within/accuracy": 0.6, "test/5w1s-within2/accuracy": 0.4,
+        "test/5w1s-withinmap/accuracy": 0.3}
