@@ -143,8 +143,13 @@ def protocol(cfg: Mapping[str, Any]) -> tuple[str, bool]:
     if name == "omniglot":
         sources = data.get("sources") or []
         full = "images_evaluation" in sources and "images_background" in sources
-        if full:
+        test = data.get("test_split", "test")
+        if full and test == "test":
             return "Omniglot, official protocol: background alphabets for training, evaluation alphabets for testing", True
+        if full:  # held-out evaluation on background characters (the val split), not the evaluation alphabets
+            return (f"Omniglot, background alphabets for training, held-out evaluation on the "
+                    f"{test or data.get('val_split')!r} split (background characters; not the official evaluation "
+                    "alphabets)", False)
         return (f"Omniglot from {', '.join(sources) or 'the archives found'}: characters split "
                 f"{data.get('split_fractions') or [0.6, 0.2, 0.2]} into train/val/test (held-out characters; "
                 "not the official evaluation alphabets)", False)

@@ -528,3 +528,22 @@ def test_links_and_images_open_their_own_files_whatever_the_folder_names(tmp_pat
     hrefs = re.findall(r'<a href="([^"]*)">', page.read_text())
     assert hrefs and all((runs[1] / unquote(h)).is_file() for h in hrefs)
     assert all((runs[1] / unquote(s)).is_file() for s in _images(page.read_text()))
+
+
+@pytest.mark.parametrize("test_split", [None, "val"])
+def test_full_omniglot_evaluated_on_another_split_is_not_the_official_protocol(test_split, tmp_path):
+    """Both Omniglot archives, but held-out evaluation on the val split (test_split null or 'val'):
+    the held-out classes are background characters, so the report neither calls it the official
+    protocol nor reads the published numbers without the 'indicative only' warning."""
+    from metamtl.reporting.report import protocol
+
+    data = {"name": "omniglot", "sources": ["images_background", "images_evaluation"], "val_split": "val"}
+    assert protocol({"data": {**data, "test_split": "test"}}) == (
+        "Omniglot, official protocol: background alphabets for training, evaluation alphabets for testing", True)
+    text, comparable = protocol({"data": {**data, "test_split": test_split}})
+    assert not comparable and "official protocol" not in text and "'val'" in text
+    run = _small_run(tmp_path / "r", [_row(0.9, 0.01)])
+    results = json.loads((run / "results.json").read_text())
+    results["config"]["data"] = {**data, "test_split": test_split}
+    (run / "results.json").write_text(json.dumps(results))
+    assert "indicative only" in write_report(run).read_text()
