@@ -22,7 +22,7 @@ if str(REPO) not in sys.path:  # run as `python benchmarks/x.py` from a checkout
     sys.path.insert(0, str(REPO))
 
 from metamtl.config import Config, load_config  # noqa: E402
-from metamtl.reporting.published import published  # noqa: E402
+from metamtl.reporting.report import references  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 HEADER = ("| date | commit | machine | data | setting | method, training | held-out accuracy (95% CI) "
@@ -165,8 +165,11 @@ def command() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
 
 
-def published_cell(dataset: str, ways: int, shots: int) -> str:
-    refs = {p.method: f"{p.accuracy:.2f}" for p in published(dataset, ways, shots)}
+def published_cell(dataset: str, r: dict[str, Any]) -> str:
+    """``MAML / MAML++`` published figures a result row can be read against, as the report's
+    :func:`~metamtl.reporting.report.references` decides (none for within-superclass or
+    transductive rows: published few-shot numbers are neither)."""
+    refs = {p.method: f"{p.accuracy:.2f}" for p in references(r, dataset)}
     return f"{refs.get('MAML', '–')} / {refs.get('MAML++', '–')}"
 
 
@@ -216,7 +219,7 @@ def result_rows(results: dict[str, Any], data_desc: str, dataset: str, transduct
             continue
         acc = f"**{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f}** ({r['episodes']} ep.)"
         rows.append(f"| {date} | {commit()} | {machine(results)} | {data_desc} | {setting_cell(r)} "
-                    f"| {training_cell(results)} | {acc} | {published_cell(dataset, r['ways'], r['shots'])} "
+                    f"| {training_cell(results)} | {acc} | {published_cell(dataset, r)} "
                     f"| `{command()}` |")
     return rows
 

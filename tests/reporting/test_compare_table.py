@@ -37,3 +37,22 @@ def test_training_cell_names_inner_steps_only_for_algorithms_with_an_inner_loop(
     assert "inner steps" not in cell({"name": "protonet"})
     assert cell({"name": "protonet"}).startswith("protonet, conv4-32; trained 5w1s")
     assert ", 5 inner steps;" in cell({"name": "anil", "steps": 5}) and ", 1 inner steps;" in cell({"name": "maml"})
+
+
+def test_benchmark_rows_get_published_numbers_only_where_the_report_reads_them(benchmark_script):
+    """benchmarks/common.py put the published random-class MAML/MAML++ figures beside within-superclass
+    rows (omniglot_20w1s_alphabet) and transductive heads' rows; its published column now follows the
+    report's references(): none ('– / –') for those rows."""
+    common = benchmark_script("common")
+    row = {"accuracy": 0.70, "ci95": 0.01, "loss": 1.0, "loss_ci95": 0.1, "episodes": 600, "ways": 20, "shots": 1,
+           "queries": 15, "steps": 0, "hierarchy": None, "head": "algorithm", "transductive": False}
+    results = {"iterations": 10, "train_seconds": 60, "stopped_by": "budget", "machine": {},
+               "config": {"algorithm": {"name": "protonet"}, "tasks": {"ways": 60, "shots": 1},
+                          "train": {"meta_batch_size": 1}, "model": {"name": "conv4", "hidden": 64}}}
+
+    def published(r, transductive=False):
+        return common.result_rows({**results, "test": [r]}, "Omniglot", "omniglot", transductive)[0].split(" | ")[7]
+
+    assert published(row) == "95.80 / 97.65"
+    assert published({**row, "hierarchy": 1}) == "– / –"
+    assert published({**row, "head": "bdcspn", "transductive": True}, transductive=True) == "– / –"
