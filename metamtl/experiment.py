@@ -573,7 +573,7 @@ def refresh_steps_curve(run_dir: str | Path, episodes: int | None = None, steps:
 
     if device is not None:
         resolve_device(device)
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()  # '.' has no name: the config's name is the folder's
     results, _ = load_run(run_dir)
     if "ensemble" in results:  # an ensemble run has no learner.pt; each member's report has its curve
         return

@@ -547,3 +547,13 @@ def test_full_omniglot_evaluated_on_another_split_is_not_the_official_protocol(t
     results["config"]["data"] = {**data, "test_split": test_split}
     (run / "results.json").write_text(json.dumps(results))
     assert "indicative only" in write_report(run).read_text()
+
+
+@pytest.mark.parametrize("where", [".", "./"])
+def test_report_of_the_current_folder_is_written(where, tmp_path, monkeypatch):
+    """`cd runs/x && metamtl report .` failed with "name '' must be a plain folder name" (exit 2,
+    no page): the run folder is now resolved before its config is rebuilt."""
+    run = _small_run(tmp_path / "r", [_row(0.6, 0.1)])
+    monkeypatch.chdir(run)
+    assert main(["report", where, "--no-progress"]) == 0
+    assert "60.00% ± 10.00%" in (run / "report.html").read_text()
