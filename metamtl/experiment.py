@@ -565,8 +565,10 @@ def refresh_steps_curve(run_dir: str | Path, episodes: int | None = None, steps:
     """Compute a finished run's curve from its saved ``learner.pt`` and ``results.json``, unless
     ``steps_curve.json`` already holds it for these episodes and steps (``metamtl report``).
 
-    A failure of the run's own (its learner, its data) is recorded in ``steps_curve.json`` for the
-    report, never in place of a valid curve there (kept, the failure beside it); an unusable ``device`` is the caller's: :class:`ConfigError` before anything is written.
+    A failure of the run's own (its learner, its data, a saved config this version no longer
+    accepts) is recorded in ``steps_curve.json`` for the report, never in place of a valid curve
+    there (kept, the failure beside it); an unusable ``device`` is the caller's: :class:`ConfigError`
+    before anything is written.
     """
     from .config import config_from_dict
     from .reporting.report import load_run
@@ -577,7 +579,15 @@ def refresh_steps_curve(run_dir: str | Path, episodes: int | None = None, steps:
     results, _ = load_run(run_dir)
     if "ensemble" in results:  # an ensemble run has no learner.pt; each member's report has its curve
         return
-    cfg = config_from_dict({**results["config"], "output_dir": str(run_dir.parent), "name": run_dir.name})
+    try:
+        cfg = config_from_dict({**results["config"], "output_dir": str(run_dir.parent), "name": run_dir.name})
+    except Exception as exc:  # noqa: BLE001 - an older run's config this version refuses: the report says why
+        wanted = (results["config"].get("logging") or {}).get("report_steps_episodes", 100) if episodes is None else episodes
+        if wanted and not _curve_is_current(run_dir, wanted, steps):
+            steps_curve.write_failure(run_dir, ConfigError(
+                f"the run's saved config (results.json) does not load in this metamtl version, so its learner "
+                f"cannot be evaluated again ({exc})"))
+        return
     episodes = cfg.logging.report_steps_episodes if episodes is None else episodes
     if not episodes or _curve_is_current(run_dir, episodes, steps):
         return

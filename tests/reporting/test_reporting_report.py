@@ -557,3 +557,18 @@ def test_report_of_the_current_folder_is_written(where, tmp_path, monkeypatch):
     monkeypatch.chdir(run)
     assert main(["report", where, "--no-progress"]) == 0
     assert "60.00% ± 10.00%" in (run / "report.html").read_text()
+
+
+def test_a_run_whose_saved_config_no_longer_loads_still_gets_its_report(tmp_path):
+    """An older run's config this version refuses (a key since removed): `metamtl report` stopped with
+    exit 2 and wrote no page; the page is now written from what the run wrote, its steps curve
+    marked as not computed with the reason."""
+    run = _small_run(tmp_path / "old", [_row(0.6, 0.1)])
+    results = json.loads((run / "results.json").read_text())
+    results["config"]["train"] = {"legacy_option": 1}
+    (run / "results.json").write_text(json.dumps(results))
+    assert main(["report", str(run), "--no-progress"]) == 0
+    text = (run / "report.html").read_text()
+    assert "60.00% ± 10.00%" in text
+    note = text.split("inner steps at test time</h2>")[1]
+    assert "Not computed: ConfigError" in note and "legacy_option" in note
