@@ -579,17 +579,22 @@ def refresh_steps_curve(run_dir: str | Path, episodes: int | None = None, steps:
     results, _ = load_run(run_dir)
     if "ensemble" in results:  # an ensemble run has no learner.pt; each member's report has its curve
         return
+    cfg, failure = None, None
     try:
         cfg = config_from_dict({**results["config"], "output_dir": str(run_dir.parent), "name": run_dir.name})
     except Exception as exc:  # noqa: BLE001 - an older run's config this version refuses: the report says why
-        wanted = (results["config"].get("logging") or {}).get("report_steps_episodes", 100) if episodes is None else episodes
-        if wanted and not _curve_is_current(run_dir, wanted, steps):
-            steps_curve.write_failure(run_dir, ConfigError(
-                f"the run's saved config (results.json) does not load in this metamtl version, so its learner "
-                f"cannot be evaluated again ({exc})"))
+        failure = ConfigError(f"the run's saved config (results.json) does not load in this metamtl version, so "
+                              f"its learner cannot be evaluated again ({exc})")
+    if episodes is None:
+        episodes = (results["config"].get("logging") or {}).get("report_steps_episodes", 100) if cfg is None \
+            else cfg.logging.report_steps_episodes
+    if not episodes:
         return
-    episodes = cfg.logging.report_steps_episodes if episodes is None else episodes
-    if not episodes or _curve_is_current(run_dir, episodes, steps):
+    if _curve_is_current(run_dir, episodes, steps):  # nothing to compute: an older failure to do so is past
+        steps_curve.clear_refresh_error(run_dir)
+        return
+    if failure is not None:
+        steps_curve.write_failure(run_dir, failure)
         return
     try:
         learner = MetaLearner.load(run_dir / "learner.pt", device=device or cfg.train.device)

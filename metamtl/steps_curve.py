@@ -139,6 +139,15 @@ def write_failure(run_dir: str | os.PathLike, exc: BaseException) -> None:
     atomic_write_json(path, {**saved, "refresh_error": error}, indent=1)
 
 
+def clear_refresh_error(run_dir: str | os.PathLike) -> None:
+    """Drop the ``refresh_error`` of a saved curve (:func:`write_failure`) once that curve is the
+    one asked for: nothing needs computing again, so the report no longer says it failed."""
+    path = Path(run_dir) / STEPS_FILE
+    saved, _ = _load(path) if path.is_file() else (None, None)
+    if saved is not None and "refresh_error" in saved:
+        atomic_write_json(path, {k: v for k, v in saved.items() if k != "refresh_error"}, indent=1)
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

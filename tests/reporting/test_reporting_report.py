@@ -572,3 +572,22 @@ def test_a_run_whose_saved_config_no_longer_loads_still_gets_its_report(tmp_path
     assert "60.00% ± 10.00%" in text
     note = text.split("inner steps at test time</h2>")[1]
     assert "Not computed: ConfigError" in note and "legacy_option" in note
+
+
+def test_a_stale_recomputation_failure_leaves_the_page_once_the_saved_curve_is_the_one_asked_for(tmp_path):
+    """`metamtl report --steps ...` without the data keeps the saved curve with the failure beside it;
+    a later plain `metamtl report`, for which that saved curve is current, used to keep showing
+    "computing it again ... failed" although nothing failed: the old failure is now dropped."""
+    from metamtl.experiment import refresh_steps_curve
+    from metamtl.steps_curve import cache_key
+
+    run = _small_run(tmp_path / "r", [_row(0.6, 0.1)])
+    (run / "learner.pt").write_bytes(b"a learner")
+    curve = {"key": cache_key(run / "learner.pt", 3, [0, 1]), "split": "test", "episodes": 3, "steps": [0, 1],
+             "trained_steps": 1, "curves": [{"setting": "5-way 1-shot", "metric": "accuracy", "mean": [0.2, 0.5],
+                                             "ci95": [0.1, 0.1]}]}
+    (run / "steps_curve.json").write_text(json.dumps({**curve, "refresh_error": "DataNotFoundError: gone"}))
+    refresh_steps_curve(run, episodes=3, progress=False)
+    assert json.loads((run / "steps_curve.json").read_text()) == curve
+    text = write_report(run).read_text()
+    assert "steps_curve.png" in text and "computing it again" not in text
