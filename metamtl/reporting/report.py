@@ -262,10 +262,11 @@ def _accuracy_figure(run_dir: Path, results: Mapping[str, Any], embed: bool) -> 
     comparable = protocol(cfg)[1]
     bars = [{"group": _setting(r), "label": _run_label(results), "value": 100 * r["accuracy"],
              "ci95": 100 * r["ci95"], "reference": False} for r in test if r.get("accuracy") is not None]
-    bars += reference_bars(cfg.get("data", {}).get("name", ""), test)
+    refs = reference_bars(cfg.get("data", {}).get("name", ""), test)
+    bars += refs
     caption = ("Held-out accuracy of this run (mean over test episodes, whiskers: 95% CI)"
-               + (" next to published numbers (grey, hatched)" if len(bars) > len(test) else "") + ".")
-    if bars and not comparable and len(bars) > len(test):
+               + (" next to published numbers (grey, hatched)" if refs else "") + ".")
+    if refs and not comparable:
         caption += (" <b>The published numbers are on the official test classes; this run's held-out "
                     "classes differ, so the comparison is indicative only.</b>")
     return _figure(plots.plot_comparison(bars, run_dir / "accuracy.png"), "accuracy bars", caption, embed, run_dir)

@@ -591,3 +591,12 @@ def test_a_stale_recomputation_failure_leaves_the_page_once_the_saved_curve_is_t
     assert json.loads((run / "steps_curve.json").read_text()) == curve
     text = write_report(run).read_text()
     assert "steps_curve.png" in text and "computing it again" not in text
+
+
+def test_the_accuracy_caption_names_the_published_bars_whenever_they_are_drawn(tmp_path):
+    """Skipped rows (multi-dataset runs) add no bar but were counted as if they did, so the caption
+    left out the published-numbers legend and the 'indicative only' warning beside drawn references."""
+    skipped = [{"dataset": "birds", "ways": w, "shots": 1, "skipped": "only 4 held-out classes"} for w in (5, 20)]
+    text = write_report(_small_run(tmp_path / "r", [{**_row(0.9, 0.01), "dataset": "omniglot"}, *skipped])).read_text()
+    caption = re.search(r"<figcaption>Held-out accuracy.*?</figcaption>", text).group(0)
+    assert "next to published numbers (grey, hatched)" in caption and "indicative only" in caption
