@@ -16,6 +16,7 @@ import base64
 import html
 import json
 import os
+import shlex
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -322,12 +323,15 @@ def _test_rows(results: Mapping[str, Any]) -> str:
 
 
 def _wandb_note(run_dir: Path) -> str:
-    wandb_dir = run_dir / "wandb"
+    """Where the run's offline W&B runs are and one command, to paste into a shell from any folder,
+    that uploads all of them (a resumed run has one per part)."""
+    wandb_dir = run_dir.resolve() / "wandb"
     offline = sorted(p.name for p in wandb_dir.glob("offline-run-*")) if wandb_dir.is_dir() else []
     if not offline:
         return ""
+    command = "wandb sync " + " ".join(shlex.quote(str(wandb_dir / name)) for name in offline)
     return (f"<p>W&amp;B offline run(s): <code>{_e(', '.join(offline))}</code> in "
-            f"<code>{_e(wandb_dir)}</code>; upload with <code>wandb sync {_e(wandb_dir)}/{_e(offline[-1])}</code>.</p>")
+            f"<code>{_e(wandb_dir)}</code>; upload with <code>{_e(command)}</code>.</p>")
 
 
 def _report_page(run_dir: Path, results: Mapping[str, Any], figures: list[tuple[str, str]]) -> str:

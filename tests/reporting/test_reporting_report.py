@@ -600,3 +600,19 @@ def test_the_accuracy_caption_names_the_published_bars_whenever_they_are_drawn(t
     text = write_report(_small_run(tmp_path / "r", [{**_row(0.9, 0.01), "dataset": "omniglot"}, *skipped])).read_text()
     caption = re.search(r"<figcaption>Held-out accuracy.*?</figcaption>", text).group(0)
     assert "next to published numbers (grey, hatched)" in caption and "indicative only" in caption
+
+
+def test_the_wandb_sync_command_can_be_pasted_and_uploads_every_offline_run(tmp_path, monkeypatch):
+    """The suggested `wandb sync ...` was not shell-quoted (a space split the path), relative to the
+    folder the report was built from, and named only the last offline run (a resumed run has two)."""
+    import html
+    import shlex
+
+    run = _small_run(tmp_path / "my runs" / "x", [_row(0.6, 0.1)])
+    offline = [run / "wandb" / f"offline-run-2026010{i}_000000-abc" for i in (1, 2)]
+    for d in offline:
+        d.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    text = write_report(Path("my runs") / "x").read_text()
+    command = html.unescape(re.search(r"upload with <code>(.*?)</code>", text).group(1))
+    assert shlex.split(command) == ["wandb", "sync", *(str(d.resolve()) for d in offline)]
