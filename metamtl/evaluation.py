@@ -24,6 +24,7 @@ from .models.multidataset import dataset_scope, routed_dataset
 from .numerics import check_finite_episodes
 from .placement import Placement
 from .progress_bars import progress_bar
+from .steps_curve import within_superclass
 from .tasks.episode import Episode
 from .tasks.sampler import MixedTasks, TaskSource
 
@@ -64,8 +65,7 @@ class EvalResult:
 
     def __str__(self) -> str:
         setting = f"{self.ways}-way {self.shots}-shot" if self.accuracy is not None else f"{self.shots}-shot regression"
-        if self.hierarchy is not None:
-            setting += " within one superclass"
+        setting += within_superclass(self.hierarchy)  # naming the depth, as the report's labels do
         if self.head != ALGORITHM:
             setting += f", head {self.head}" + (" (TRANSDUCTIVE)" if self.transductive else "")
         if self.accuracy is None:

@@ -107,5 +107,5 @@ def test_evaluation_results_say_the_episodes_were_within_superclasses():
     learner = MetaLearner(model, "protonet", device="cpu")
     sampler = EpisodeSampler(grouped_dataset(), 5, 1, 2, seed=0, hierarchy=1)
     res = learner.evaluate(sampler, 4, progress=False)
-    assert res.hierarchy == 1 and "within one superclass" in str(res)
+    assert res.hierarchy == 1 and "5-way 1-shot within one superclass (depth 1)" in str(res)
     assert learner.evaluate(sampler.with_settings(hierarchy=None), 4, progress=False).hierarchy is None
