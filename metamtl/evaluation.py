@@ -24,7 +24,6 @@ from .models.multidataset import dataset_scope, routed_dataset
 from .numerics import check_finite_episodes
 from .placement import Placement
 from .progress_bars import progress_bar
-from .steps_curve import within_superclass
 from .tasks.episode import Episode
 from .tasks.sampler import MixedTasks, TaskSource
 
@@ -33,6 +32,16 @@ if TYPE_CHECKING:
 
 #: episodes handed to ``Algorithm.evaluate_episodes`` at once
 EVAL_CHUNK = 50
+
+
+def within_superclass(hierarchy: Any) -> str:
+    """A setting label's suffix for episodes drawn within one superclass, naming the depth (or the
+    mapping's size) so that settings that differ only in ``hierarchy`` never share a label
+    (`` within one superclass (depth 1)``); empty for ``None``."""
+    if hierarchy is None:
+        return ""
+    what = f"depth {hierarchy}" if isinstance(hierarchy, int) else str(hierarchy)  # 'mapping of N classes'
+    return f" within one superclass ({what})"
 
 
 @dataclasses.dataclass

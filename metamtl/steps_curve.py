@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .evaluation import within_superclass
 from .files import atomic_write_json
 from .progress_bars import progress_bar
 
@@ -45,16 +46,6 @@ def curve_settings(test_rows: Sequence[Mapping[str, Any]], ways: int, shots: int
         if "skipped" not in r and r.get("head", "algorithm") == "algorithm" and not isinstance(hierarchy, str):
             seen.setdefault((r.get("dataset"), r.get("ways"), r.get("shots"), hierarchy), dict(r))
     return list(seen.values()) or [{"ways": ways, "shots": shots}]
-
-
-def within_superclass(hierarchy: Any) -> str:
-    """A setting label's suffix for episodes drawn within one superclass, naming the depth (or the
-    mapping's size) so that settings that differ only in ``hierarchy`` never share a label
-    (`` within one superclass (depth 1)``); empty for ``None``."""
-    if hierarchy is None:
-        return ""
-    what = f"depth {hierarchy}" if isinstance(hierarchy, int) else str(hierarchy)  # 'mapping of N classes'
-    return f" within one superclass ({what})"
 
 
 def _setting(row: Mapping[str, Any], label: str | None, regression: bool) -> str:

@@ -26,7 +26,8 @@ from ..callbacks import Callback, FitState
 from ..files import atomic_write_text
 from ..errors import ConfigError
 from ..evaluation import plus_minus
-from ..steps_curve import read_steps_curve, within_superclass
+from ..evaluation import within_superclass
+from ..steps_curve import read_steps_curve
 from . import plots
 from .published import published
 
