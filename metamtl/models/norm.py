@@ -39,7 +39,13 @@ def _normalise(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, rows: int | None,
     running: tuple[torch.Tensor, torch.Tensor] | None = None, momentum: float = 0.0,
 ) -> torch.Tensor:
-    """Batch-statistics normalisation (over the first ``rows`` rows, if given); updates ``running``."""
+    """Batch-statistics normalisation (over the first ``rows`` rows, if given); updates ``running``.
+
+    ``running`` is used through ``.data``: ``F.batch_norm`` saves its running statistics for the
+    (double) backward although training mode never reads them, and a later pass updating them
+    in place (MAML++'s per-step sets are views of one buffer) would otherwise fail that backward.
+    """
+    running = None if running is None else (running[0].data, running[1].data)
     if rows is None or rows >= x.shape[0]:
         mean, var = running if running is not None else (None, None)
         return F.batch_norm(x, mean, var, weight, bias, True, momentum, eps)

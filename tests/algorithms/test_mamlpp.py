@@ -155,3 +155,26 @@ def test_bad_settings():
         build_algorithm("mamlpp", lr=float("nan"))
     with pytest.raises(ConfigError, match=r"algorithm .mamlpp. does not take \[.multistep.\]. Did you mean .multi_step_iterations."):
         build_algorithm("mamlpp", multistep=3)
+
+
+@pytest.mark.parametrize("head_init", ["learned", "zero"])
+def test_second_order_with_support_statistics_trains_and_equals_the_checkpointed_meta_gradient(float64, head_init):
+    """The support-only pass's batch norm must not save running statistics that the query pass updates."""
+    grads = []
+    for memory in ("full", "checkpoint"):
+        model = tiny(None if head_init == "zero" else 3)
+        alg = build_algorithm("mamlpp", steps=2, lr=0.1, bn_stats="support", head_init=head_init, memory=memory,
+                              first_order_iterations=1, multi_step_iterations=10)
+        alg.setup(model)
+        model.train()
+        for iteration in (0, 1):  # first order, then second order
+            model.zero_grad()
+            alg.zero_grad()
+            metrics = alg.meta_step(model, TaskBatch([episode(seed=1), episode(seed=2)]), iteration)
+            assert torch.isfinite(torch.tensor(metrics["loss"]))
+        assert alg.meta_gradient(1).name != "first_order"
+        params = list(model.named_parameters()) + list(alg.named_parameters())
+        grads.append({n: p.grad.clone() for n, p in params if p.grad is not None})
+    assert sorted(grads[0]) == sorted(grads[1]) and any("norms" in n for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-7, atol=1e-10, msg=name)
