@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import Any, Callable, Sequence
 
@@ -198,6 +199,13 @@ class InnerLoop:
     lam: float = 1.0
     cg_steps: int = 5
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> "InnerLoop":
+        self = super().__new__(cls)
+        #: names of the settings given to the constructor (the others are defaults): an algorithm
+        #: that fixes a setting refuses an InnerLoop that sets it otherwise, and applies it if not
+        self.explicit = frozenset([f.name for f in dataclasses.fields(cls)][:len(args)]) | frozenset(kwargs)
+        return self
+
     def __post_init__(self) -> None:
         for name in ("steps", "eval_steps"):
             v = getattr(self, name)
@@ -270,3 +278,8 @@ class InnerLoop:
             if extra is not None:
                 loss = loss + extra
         return loss
+
+
+# the constructor's signature is the dataclass's fields, not ``__new__``'s ``(*args, **kwargs)``:
+# help() and the settings an algorithm accepts (:func:`metamtl.algorithms.registry.accepted_settings`)
+InnerLoop.__signature__ = inspect.Signature(list(inspect.signature(InnerLoop.__init__).parameters.values())[1:])
