@@ -83,12 +83,15 @@ class MAMLPlusPlus(MAML):
                 raise ConfigError(f"mamlpp {key} must be an integer >= 0, got {value!r}")
         if bn_eval not in BN_EVAL_STATS:
             raise unknown_name("bn_eval statistics", bn_eval, BN_EVAL_STATS)
+        for key, value in (("learn_lr", learn_lr), ("per_step_bn", per_step_bn)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"mamlpp {key} must be true or false, got {value!r}")
         check_positive("mamlpp bn_momentum", bn_momentum)
         if per_step_bn and self.inner.adapt != "all":
             raise ConfigError("mamlpp per_step_bn needs adapt='all' (the trunk must run inside the inner loop)")
         if self.inner.steps < 1:
             raise ConfigError("mamlpp needs steps >= 1")
-        self.learn_lr, self.per_step_bn, self.bn_eval = bool(learn_lr), bool(per_step_bn), bn_eval
+        self.learn_lr, self.per_step_bn, self.bn_eval = learn_lr, per_step_bn, bn_eval
         self.bn_momentum = float(bn_momentum)
         self.multi_step_iterations, self.first_order_iterations = multi_step_iterations, first_order_iterations
         self.lrs = nn.ParameterDict()

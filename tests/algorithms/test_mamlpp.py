@@ -153,6 +153,9 @@ def test_bad_settings():
         build_algorithm("mamlpp", multi_step_iterations=-1)
     with pytest.raises(ConfigError, match="inner lr"):
         build_algorithm("mamlpp", lr=float("nan"))
+    for key in ("learn_lr", "per_step_bn"):  # a string "false" (an override left a string) is not false
+        with pytest.raises(ConfigError, match=f"mamlpp {key} must be true or false, got 'false'"):
+            build_algorithm("mamlpp", **{key: "false"})
     with pytest.raises(ConfigError, match=r"algorithm .mamlpp. does not take \[.multistep.\]. Did you mean .multi_step_iterations."):
         build_algorithm("mamlpp", multistep=3)
 
