@@ -86,7 +86,9 @@ class MAMLPlusPlus(MAML):
         for key, value in (("learn_lr", learn_lr), ("per_step_bn", per_step_bn)):
             if not isinstance(value, bool):
                 raise ConfigError(f"mamlpp {key} must be true or false, got {value!r}")
-        check_positive("mamlpp bn_momentum", bn_momentum)
+        if not check_positive("mamlpp bn_momentum", bn_momentum) <= 1:
+            raise ConfigError(f"mamlpp bn_momentum must be a number in (0, 1] (the weight of a new batch in the "
+                              f"running statistics), got {bn_momentum!r}")
         if per_step_bn and self.inner.adapt != "all":
             raise ConfigError("mamlpp per_step_bn needs adapt='all' (the trunk must run inside the inner loop)")
         if self.inner.steps < 1:

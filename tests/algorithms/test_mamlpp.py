@@ -153,6 +153,10 @@ def test_bad_settings():
         build_algorithm("mamlpp", multi_step_iterations=-1)
     with pytest.raises(ConfigError, match="inner lr"):
         build_algorithm("mamlpp", lr=float("nan"))
+    for momentum, message in ((5, r"in \(0, 1\]"), (1.5, r"in \(0, 1\]"), (0, "> 0"), (-0.1, "> 0")):
+        with pytest.raises(ConfigError, match="mamlpp bn_momentum must be a .*" + message):  # above 1 they diverge
+            build_algorithm("mamlpp", bn_momentum=momentum)
+    assert build_algorithm("mamlpp", bn_momentum=1).bn_momentum == 1.0
     for key in ("learn_lr", "per_step_bn"):  # a string "false" (an override left a string) is not false
         with pytest.raises(ConfigError, match=f"mamlpp {key} must be true or false, got 'false'"):
             build_algorithm("mamlpp", **{key: "false"})
