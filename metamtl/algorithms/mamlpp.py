@@ -11,7 +11,7 @@ from ..errors import ConfigError, unknown_name
 from ..models.backbones import TrunkHead
 from ..models.norm import BN_EVAL_STATS, StepNorms
 from .maml import MAML
-from .metasgd import lr_key
+from .metasgd import learned_rates, lr_key
 
 
 def multi_step_weights(steps: int, iteration: int, anneal_iterations: int) -> list[float]:
@@ -113,16 +113,13 @@ class MAMLPlusPlus(MAML):
                 self.norms = StepNorms(model, self.inner.steps + 1, self.bn_momentum, self.bn_eval)
             else:
                 self.norms.bind(model)
-        if self.learn_lr and not len(self.lrs):
-            like = next(model.parameters())
+        if self.learn_lr:
             # (a frozen weight, requires_grad=False, does not adapt: no learned rate)
             names = ([f"trunk.{n}" for n, p in model.trunk.named_parameters() if p.requires_grad]
                      if self.inner.adapt == "all" else [])
             names += ([f"head.{n}" for n, p in model.head.named_parameters() if p.requires_grad]
                       if self.inner.head_init == "learned" and model.head is not None else ["head.weight", "head.bias"])
-            for n in names:
-                self.lrs[lr_key(n)] = nn.Parameter(torch.full((self.inner.steps,), self.inner.lr, dtype=like.dtype,
-                                                              device=like.device))
+            learned_rates(self, model, {n: (self.inner.steps,) for n in names})
 
     def trunk_loaded(self, model: TrunkHead) -> None:
         if self.norms is not None:  # the per-step sets started as copies of the layers' (random) affine weights

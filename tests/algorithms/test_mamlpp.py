@@ -11,6 +11,7 @@ from torch.func import functional_call
 from metamtl import MetaLearner
 from metamtl.algorithms import build_algorithm, multi_step_weights
 from metamtl.errors import ConfigError
+from metamtl.models import build_model
 from metamtl.tasks import TaskBatch
 
 from algo_utils import episode, tiny
@@ -185,3 +186,18 @@ def test_second_order_with_support_statistics_trains_and_equals_the_checkpointed
     assert sorted(grads[0]) == sorted(grads[1]) and any("norms" in n for n in grads[0])
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-7, atol=1e-10, msg=name)
+
+
+def test_learned_rates_made_for_another_model_are_a_config_error_as_in_metasgd():
+    alg = build_algorithm("mamlpp", steps=1, per_step_bn=False)
+    model = tiny()
+    model.trunk.blocks[0].requires_grad_(False)
+    alg.setup(model)
+    alg.setup(model)  # idempotent
+    model.trunk.blocks[0].requires_grad_(True)  # unfrozen later: a weight with no learned rate
+    with pytest.raises(ConfigError, match="mamlpp: this algorithm's learned learning rates were made for another"):
+        alg.setup(model)
+    other = build_algorithm("mamlpp", steps=1, per_step_bn=False, head_init="zero")
+    other.setup(tiny(None))
+    with pytest.raises(ConfigError, match="another model"):  # other weights (used to fail later, or not at all)
+        other.setup(build_model("mlp", in_features=64, hidden=[6], out_features=None))
