@@ -101,7 +101,8 @@ class StepNorms(nn.Module):
             ``k`` updates).
         momentum: running-statistics momentum.
         eval_stats: ``"running"`` or ``"batch"``: statistics used in eval mode.
-        affine: learn per-step weights and biases (otherwise the layers' own are used).
+        affine: learn per-step weights and biases (otherwise the layers' own are used); those
+            of a frozen layer are not learned (see :meth:`bind`).
     """
 
     def __init__(self, model: nn.Module, sets: int, momentum: float = 0.1, eval_stats: str = "running",
@@ -111,7 +112,6 @@ class StepNorms(nn.Module):
         self.sets, self.momentum, self.eval_stats, self.affine = int(sets), float(momentum), eval_stats, affine
         self.features = [layer.num_features for layer in layers]
         self.names: list[str] = []
-        self.bind(model)
         self.weight = nn.ParameterList()
         self.bias = nn.ParameterList()
         for i, layer in enumerate(layers):
@@ -120,6 +120,7 @@ class StepNorms(nn.Module):
                 self.bias.append(nn.Parameter(layer.bias.detach().repeat(self.sets, 1)))
             self.register_buffer(f"running_mean_{i}", layer.weight.new_zeros(self.sets, layer.num_features))
             self.register_buffer(f"running_var_{i}", layer.weight.new_ones(self.sets, layer.num_features))
+        self.bind(model)
 
     @torch.no_grad()
     def copy_affine(self, model: nn.Module) -> None:
@@ -132,7 +133,9 @@ class StepNorms(nn.Module):
     def bind(self, model: nn.Module) -> None:
         """Serve ``model``'s layers (e.g. the same architecture rebuilt on load), in module order.
 
-        Sets each layer's ``momentum`` (used when running statistics are handed to it).
+        Sets each layer's ``momentum`` (used when running statistics are handed to it), and
+        gives each layer's per-step affine parameters its own ``requires_grad``: those of a
+        frozen layer (``requires_grad=False``) are not meta-learned either.
         """
         layers = norm_layers(model)
         if [layer.num_features for layer in layers.values()] != self.features:
@@ -141,8 +144,11 @@ class StepNorms(nn.Module):
                 f"{[layer.num_features for layer in layers.values()]}; build a new algorithm for it"
             )
         self.names = list(layers)
-        for layer in layers.values():
+        for i, layer in enumerate(layers.values()):
             layer.momentum = self.momentum
+            if self.affine:
+                self.weight[i].requires_grad_(layer.weight.requires_grad)
+                self.bias[i].requires_grad_(layer.bias.requires_grad)
 
     def tensors(self, k: int, training: bool, prefix: str = "") -> dict[str, torch.Tensor]:
         """What layer ``name`` is handed for a forward pass with weights after ``k`` updates.
