@@ -66,6 +66,17 @@ def check_inner_optimizer(optimizer: Any, backend: str, lr: float, kwargs: dict)
     return optimizer
 
 
+def check_higher_rmsprop(optimizer: Any, kwargs: dict, backend: str, first_order: bool) -> None:
+    """Refuse second-order centered RMSprop on backend ``higher``: higher's differentiable version
+    takes ``sqrt(square_avg - grad_avg^2)`` unmasked, so its meta-gradient is NaN wherever that is
+    0 (e.g. exactly zero gradients); the core's RMSprop keeps it finite."""
+    is_rmsprop = optimizer == "rmsprop" or optimizer is torch.optim.RMSprop
+    if backend == "higher" and not first_order and is_rmsprop and kwargs.get("centered"):
+        raise ConfigError("centered RMSprop gives NaN second-order meta-gradients on backend 'higher' (higher's "
+                          "differentiable RMSprop has no safe square root): use backend 'core' (the same updates, "
+                          "finite meta-gradients), first_order=True, or centered=False")
+
+
 def task_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy for integer labels, mean squared error for float targets."""
     if targets.dtype in (torch.long, torch.int32, torch.int64):
@@ -221,6 +232,7 @@ class InnerLoop:
         if self.backend in ("auto", "func"):
             self.backend = "core"
         self.optimizer = check_inner_optimizer(self.optimizer, self.backend, self.lr, self.optimizer_kwargs)
+        check_higher_rmsprop(self.optimizer, self.optimizer_kwargs, self.backend, self.first_order)
         if self.adapt not in ADAPT_MODES:
             raise unknown_name("adapt mode", self.adapt, ADAPT_MODES)
         if self.head_init not in HEAD_INITS:
