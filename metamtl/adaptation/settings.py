@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import Any, Callable, Sequence
 
@@ -63,6 +64,17 @@ def check_inner_optimizer(optimizer: Any, backend: str, lr: float, kwargs: dict)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad inner optimizer_kwargs {kwargs} for {optimizer.__name__}: {exc}") from None
     return optimizer
+
+
+def check_higher_rmsprop(optimizer: Any, kwargs: dict, backend: str, first_order: bool) -> None:
+    """Refuse second-order centered RMSprop on backend ``higher``: higher's differentiable version
+    takes ``sqrt(square_avg - grad_avg^2)`` unmasked, so its meta-gradient is NaN wherever that is
+    0 (e.g. exactly zero gradients); the core's RMSprop keeps it finite."""
+    is_rmsprop = optimizer == "rmsprop" or optimizer is torch.optim.RMSprop
+    if backend == "higher" and not first_order and is_rmsprop and kwargs.get("centered"):
+        raise ConfigError("centered RMSprop gives NaN second-order meta-gradients on backend 'higher' (higher's "
+                          "differentiable RMSprop has no safe square root): use backend 'core' (the same updates, "
+                          "finite meta-gradients), first_order=True, or centered=False")
 
 
 def task_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -198,6 +210,13 @@ class InnerLoop:
     lam: float = 1.0
     cg_steps: int = 5
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> "InnerLoop":
+        self = super().__new__(cls)
+        #: names of the settings given to the constructor (the others are defaults): an algorithm
+        #: that fixes a setting refuses an InnerLoop that sets it otherwise, and applies it if not
+        self.explicit = frozenset([f.name for f in dataclasses.fields(cls)][:len(args)]) | frozenset(kwargs)
+        return self
+
     def __post_init__(self) -> None:
         for name in ("steps", "eval_steps"):
             v = getattr(self, name)
@@ -213,6 +232,7 @@ class InnerLoop:
         if self.backend in ("auto", "func"):
             self.backend = "core"
         self.optimizer = check_inner_optimizer(self.optimizer, self.backend, self.lr, self.optimizer_kwargs)
+        check_higher_rmsprop(self.optimizer, self.optimizer_kwargs, self.backend, self.first_order)
         if self.adapt not in ADAPT_MODES:
             raise unknown_name("adapt mode", self.adapt, ADAPT_MODES)
         if self.head_init not in HEAD_INITS:
@@ -270,3 +290,8 @@ class InnerLoop:
             if extra is not None:
                 loss = loss + extra
         return loss
+
+
+# the constructor's signature is the dataclass's fields, not ``__new__``'s ``(*args, **kwargs)``:
+# help() and the settings an algorithm accepts (:func:`metamtl.algorithms.registry.accepted_settings`)
+InnerLoop.__signature__ = inspect.Signature(list(inspect.signature(InnerLoop.__init__).parameters.values())[1:])

@@ -80,8 +80,7 @@ class Algorithm(nn.Module):
         super().__init__()
         if inner is not None and inner_kwargs:
             raise TypeError("pass either an InnerLoop or its settings, not both")
-        if inner is None:
-            inner = InnerLoop(**{**inner_kwargs, **self.fixed})
+        inner = InnerLoop(**{**inner_kwargs, **self.fixed}) if inner is None else self.with_fixed(inner)
         self.inner = inner
         if inner.memory == "implicit" and not inner.first_order and not self.supports_implicit:
             raise ConfigError(
@@ -98,6 +97,21 @@ class Algorithm(nn.Module):
         self._thread_warnings: set[str] = set()
 
     # -- configuration ---------------------------------------------------------------------
+    def with_fixed(self, inner: InnerLoop) -> InnerLoop:
+        """``inner`` with this algorithm's :attr:`fixed` settings (a copy where one differs, loss
+        terms kept): a :class:`ConfigError` where ``inner`` was given a contradicting value (a
+        default that differs, such as ``first_order=False`` for FOMAML, is replaced)."""
+        clash = {k: getattr(inner, k) for k, v in self.fixed.items() if getattr(inner, k) != v}
+        if not clash:
+            return inner
+        explicit = {k: v for k, v in clash.items() if k in inner.explicit}
+        if explicit:
+            raise ConfigError(f"algorithm {self.name!r} fixes {self.fixed}; the InnerLoop passed sets {explicit}: "
+                              "drop the contradictory setting(s) or use an algorithm that takes them")
+        out = dataclasses.replace(inner, **self.fixed)
+        out.explicit, out.loss_terms, out.task_weight = inner.explicit, inner.loss_terms, inner.task_weight
+        return out
+
     def config(self) -> dict[str, Any]:
         """Everything needed to rebuild this algorithm with :func:`build_algorithm`."""
         return {"name": self.name, **self.inner.config()}

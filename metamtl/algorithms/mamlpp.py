@@ -11,7 +11,7 @@ from ..errors import ConfigError, unknown_name
 from ..models.backbones import TrunkHead
 from ..models.norm import BN_EVAL_STATS, StepNorms
 from .maml import MAML
-from .metasgd import lr_key
+from .metasgd import learned_rates, lr_key
 
 
 def multi_step_weights(steps: int, iteration: int, anneal_iterations: int) -> list[float]:
@@ -83,12 +83,17 @@ class MAMLPlusPlus(MAML):
                 raise ConfigError(f"mamlpp {key} must be an integer >= 0, got {value!r}")
         if bn_eval not in BN_EVAL_STATS:
             raise unknown_name("bn_eval statistics", bn_eval, BN_EVAL_STATS)
-        check_positive("mamlpp bn_momentum", bn_momentum)
+        for key, value in (("learn_lr", learn_lr), ("per_step_bn", per_step_bn)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"mamlpp {key} must be true or false, got {value!r}")
+        if not check_positive("mamlpp bn_momentum", bn_momentum) <= 1:
+            raise ConfigError(f"mamlpp bn_momentum must be a number in (0, 1] (the weight of a new batch in the "
+                              f"running statistics), got {bn_momentum!r}")
         if per_step_bn and self.inner.adapt != "all":
             raise ConfigError("mamlpp per_step_bn needs adapt='all' (the trunk must run inside the inner loop)")
         if self.inner.steps < 1:
             raise ConfigError("mamlpp needs steps >= 1")
-        self.learn_lr, self.per_step_bn, self.bn_eval = bool(learn_lr), bool(per_step_bn), bn_eval
+        self.learn_lr, self.per_step_bn, self.bn_eval = learn_lr, per_step_bn, bn_eval
         self.bn_momentum = float(bn_momentum)
         self.multi_step_iterations, self.first_order_iterations = multi_step_iterations, first_order_iterations
         self.lrs = nn.ParameterDict()
@@ -108,16 +113,13 @@ class MAMLPlusPlus(MAML):
                 self.norms = StepNorms(model, self.inner.steps + 1, self.bn_momentum, self.bn_eval)
             else:
                 self.norms.bind(model)
-        if self.learn_lr and not len(self.lrs):
-            like = next(model.parameters())
+        if self.learn_lr:
             # (a frozen weight, requires_grad=False, does not adapt: no learned rate)
             names = ([f"trunk.{n}" for n, p in model.trunk.named_parameters() if p.requires_grad]
                      if self.inner.adapt == "all" else [])
             names += ([f"head.{n}" for n, p in model.head.named_parameters() if p.requires_grad]
                       if self.inner.head_init == "learned" and model.head is not None else ["head.weight", "head.bias"])
-            for n in names:
-                self.lrs[lr_key(n)] = nn.Parameter(torch.full((self.inner.steps,), self.inner.lr, dtype=like.dtype,
-                                                              device=like.device))
+            learned_rates(self, model, {n: (self.inner.steps,) for n in names})
 
     def trunk_loaded(self, model: TrunkHead) -> None:
         if self.norms is not None:  # the per-step sets started as copies of the layers' (random) affine weights

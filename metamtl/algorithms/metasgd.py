@@ -25,6 +25,24 @@ def per_task_head_shapes(model: TrunkHead) -> dict[str, tuple[int, ...]]:
     return {"head.weight": (1, model.num_features), "head.bias": (1,)}
 
 
+def learned_rates(alg: MAML, model: TrunkHead, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Fill ``alg.lrs`` with a learned rate of each shape (by weight name), starting at the inner
+    ``lr``; where it holds rates already, a :class:`ConfigError` unless they are these (rates made
+    for another model, or before a weight was frozen or unfrozen)."""
+    if len(alg.lrs):
+        have = {k: tuple(v.shape) for k, v in alg.lrs.items()}
+        want = {lr_key(n): s for n, s in shapes.items()}
+        if have != want:
+            raise ConfigError(
+                f"{alg.name}: this algorithm's learned learning rates were made for another model "
+                f"(differences: {sorted(set(have.items()) ^ set(want.items()))[:4]}); build a new algorithm"
+            )
+        return
+    like = next(model.parameters())
+    for n, shape in shapes.items():
+        alg.lrs[lr_key(n)] = nn.Parameter(torch.full(shape, alg.inner.lr, dtype=like.dtype, device=like.device))
+
+
 class MetaSGD(MAML):
     """Learnable per-element inner learning rates, meta-trained with the initialisation.
 
@@ -62,19 +80,7 @@ class MetaSGD(MAML):
         return shapes
 
     def setup(self, model: TrunkHead) -> None:
-        shapes = self.lr_shapes(model)
-        if len(self.lrs):
-            have = {k: tuple(v.shape) for k, v in self.lrs.items()}
-            want = {lr_key(n): s for n, s in shapes.items()}
-            if have != want:
-                raise ConfigError(
-                    f"{self.name}: this algorithm's learned learning rates were made for another model "
-                    f"(differences: {sorted(set(have.items()) ^ set(want.items()))[:4]}); build a new algorithm"
-                )
-            return
-        like = next(model.parameters())
-        for n, shape in shapes.items():
-            self.lrs[lr_key(n)] = nn.Parameter(torch.full(shape, self.inner.lr, dtype=like.dtype, device=like.device))
+        learned_rates(self, model, self.lr_shapes(model))
 
     def inner_lrs(self, names: Sequence[str], step: int) -> list:
         return [self.lrs[lr_key(n)] for n in names]

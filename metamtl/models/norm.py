@@ -39,7 +39,13 @@ def _normalise(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, rows: int | None,
     running: tuple[torch.Tensor, torch.Tensor] | None = None, momentum: float = 0.0,
 ) -> torch.Tensor:
-    """Batch-statistics normalisation (over the first ``rows`` rows, if given); updates ``running``."""
+    """Batch-statistics normalisation (over the first ``rows`` rows, if given); updates ``running``.
+
+    ``running`` is used through ``.data``: ``F.batch_norm`` saves its running statistics for the
+    (double) backward although training mode never reads them, and a later pass updating them
+    in place (MAML++'s per-step sets are views of one buffer) would otherwise fail that backward.
+    """
+    running = None if running is None else (running[0].data, running[1].data)
     if rows is None or rows >= x.shape[0]:
         mean, var = running if running is not None else (None, None)
         return F.batch_norm(x, mean, var, weight, bias, True, momentum, eps)
@@ -95,7 +101,8 @@ class StepNorms(nn.Module):
             ``k`` updates).
         momentum: running-statistics momentum.
         eval_stats: ``"running"`` or ``"batch"``: statistics used in eval mode.
-        affine: learn per-step weights and biases (otherwise the layers' own are used).
+        affine: learn per-step weights and biases (otherwise the layers' own are used); those
+            of a frozen layer are not learned (see :meth:`bind`).
     """
 
     def __init__(self, model: nn.Module, sets: int, momentum: float = 0.1, eval_stats: str = "running",
@@ -105,7 +112,6 @@ class StepNorms(nn.Module):
         self.sets, self.momentum, self.eval_stats, self.affine = int(sets), float(momentum), eval_stats, affine
         self.features = [layer.num_features for layer in layers]
         self.names: list[str] = []
-        self.bind(model)
         self.weight = nn.ParameterList()
         self.bias = nn.ParameterList()
         for i, layer in enumerate(layers):
@@ -114,6 +120,7 @@ class StepNorms(nn.Module):
                 self.bias.append(nn.Parameter(layer.bias.detach().repeat(self.sets, 1)))
             self.register_buffer(f"running_mean_{i}", layer.weight.new_zeros(self.sets, layer.num_features))
             self.register_buffer(f"running_var_{i}", layer.weight.new_ones(self.sets, layer.num_features))
+        self.bind(model)
 
     @torch.no_grad()
     def copy_affine(self, model: nn.Module) -> None:
@@ -126,7 +133,9 @@ class StepNorms(nn.Module):
     def bind(self, model: nn.Module) -> None:
         """Serve ``model``'s layers (e.g. the same architecture rebuilt on load), in module order.
 
-        Sets each layer's ``momentum`` (used when running statistics are handed to it).
+        Sets each layer's ``momentum`` (used when running statistics are handed to it), and
+        gives each layer's per-step affine parameters its own ``requires_grad``: those of a
+        frozen layer (``requires_grad=False``) are not meta-learned either.
         """
         layers = norm_layers(model)
         if [layer.num_features for layer in layers.values()] != self.features:
@@ -135,8 +144,11 @@ class StepNorms(nn.Module):
                 f"{[layer.num_features for layer in layers.values()]}; build a new algorithm for it"
             )
         self.names = list(layers)
-        for layer in layers.values():
+        for i, layer in enumerate(layers.values()):
             layer.momentum = self.momentum
+            if self.affine:
+                self.weight[i].requires_grad_(layer.weight.requires_grad)
+                self.bias[i].requires_grad_(layer.bias.requires_grad)
 
     def tensors(self, k: int, training: bool, prefix: str = "") -> dict[str, torch.Tensor]:
         """What layer ``name`` is handed for a forward pass with weights after ``k`` updates.

@@ -120,3 +120,25 @@ def test_step_norms_hand_over_set_k_and_track_running_statistics():
     # without anything handed over, the layer is untouched
     layer.train()
     torch.testing.assert_close(layer(x), plain)
+
+
+def test_an_inner_loop_object_gets_the_algorithms_fixed_settings_or_a_config_error():
+    from metamtl.algorithms import ANIL, FOMAML, IMAML, Reptile, Transfer, build_algorithm
+    fomaml = FOMAML(InnerLoop(steps=1))
+    assert fomaml.inner.first_order and fomaml.meta_gradient(0).name == "first_order"
+    imaml = IMAML(InnerLoop(steps=1, lr=0.2))
+    assert imaml.inner.memory == "implicit" and imaml.meta_gradient(0).name == "implicit" and imaml.inner.lr == 0.2
+    assert Reptile(InnerLoop(steps=2)).inner.first_order
+    transfer = Transfer(InnerLoop(steps=3, head_init="zero"), num_classes=5)
+    assert transfer.inner.adapt == "head" and transfer.inner.first_order and transfer.inner.steps == 3
+    inner = InnerLoop(steps=2, head_init="zero")
+    inner.loss_terms.append(lambda ctx: None)
+    anil = ANIL(inner)
+    assert anil.inner.adapt == "head" and anil.inner.head_init == "zero" and anil.inner.loss_terms == inner.loss_terms
+    assert build_algorithm(**anil.config()).config() == anil.config()  # the config round trip holds
+    assert ANIL(InnerLoop(adapt="head")).inner.adapt == "head"
+    for alg, inner, clash in [(FOMAML, InnerLoop(first_order=False), "first_order"),
+                              (ANIL, InnerLoop(steps=1, adapt="all"), "adapt"),
+                              (IMAML, InnerLoop(memory="checkpoint"), "memory")]:
+        with pytest.raises(ConfigError, match=rf"fixes .*the InnerLoop passed sets \{{'{clash}'"):
+            alg(inner)

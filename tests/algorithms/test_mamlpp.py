@@ -11,6 +11,7 @@ from torch.func import functional_call
 from metamtl import MetaLearner
 from metamtl.algorithms import build_algorithm, multi_step_weights
 from metamtl.errors import ConfigError
+from metamtl.models import build_model
 from metamtl.tasks import TaskBatch
 
 from algo_utils import episode, tiny
@@ -153,5 +154,50 @@ def test_bad_settings():
         build_algorithm("mamlpp", multi_step_iterations=-1)
     with pytest.raises(ConfigError, match="inner lr"):
         build_algorithm("mamlpp", lr=float("nan"))
+    for momentum, message in ((5, r"in \(0, 1\]"), (1.5, r"in \(0, 1\]"), (0, "> 0"), (-0.1, "> 0")):
+        with pytest.raises(ConfigError, match="mamlpp bn_momentum must be a .*" + message):  # above 1 they diverge
+            build_algorithm("mamlpp", bn_momentum=momentum)
+    assert build_algorithm("mamlpp", bn_momentum=1).bn_momentum == 1.0
+    for key in ("learn_lr", "per_step_bn"):  # a string "false" (an override left a string) is not false
+        with pytest.raises(ConfigError, match=f"mamlpp {key} must be true or false, got 'false'"):
+            build_algorithm("mamlpp", **{key: "false"})
     with pytest.raises(ConfigError, match=r"algorithm .mamlpp. does not take \[.multistep.\]. Did you mean .multi_step_iterations."):
         build_algorithm("mamlpp", multistep=3)
+
+
+@pytest.mark.parametrize("head_init", ["learned", "zero"])
+def test_second_order_with_support_statistics_trains_and_equals_the_checkpointed_meta_gradient(float64, head_init):
+    """The support-only pass's batch norm must not save running statistics that the query pass updates."""
+    grads = []
+    for memory in ("full", "checkpoint"):
+        model = tiny(None if head_init == "zero" else 3)
+        alg = build_algorithm("mamlpp", steps=2, lr=0.1, bn_stats="support", head_init=head_init, memory=memory,
+                              first_order_iterations=1, multi_step_iterations=10)
+        alg.setup(model)
+        model.train()
+        for iteration in (0, 1):  # first order, then second order
+            model.zero_grad()
+            alg.zero_grad()
+            metrics = alg.meta_step(model, TaskBatch([episode(seed=1), episode(seed=2)]), iteration)
+            assert torch.isfinite(torch.tensor(metrics["loss"]))
+        assert alg.meta_gradient(1).name != "first_order"
+        params = list(model.named_parameters()) + list(alg.named_parameters())
+        grads.append({n: p.grad.clone() for n, p in params if p.grad is not None})
+    assert sorted(grads[0]) == sorted(grads[1]) and any("norms" in n for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-7, atol=1e-10, msg=name)
+
+
+def test_learned_rates_made_for_another_model_are_a_config_error_as_in_metasgd():
+    alg = build_algorithm("mamlpp", steps=1, per_step_bn=False)
+    model = tiny()
+    model.trunk.blocks[0].requires_grad_(False)
+    alg.setup(model)
+    alg.setup(model)  # idempotent
+    model.trunk.blocks[0].requires_grad_(True)  # unfrozen later: a weight with no learned rate
+    with pytest.raises(ConfigError, match="mamlpp: this algorithm's learned learning rates were made for another"):
+        alg.setup(model)
+    other = build_algorithm("mamlpp", steps=1, per_step_bn=False, head_init="zero")
+    other.setup(tiny(None))
+    with pytest.raises(ConfigError, match="another model"):  # other weights (used to fail later, or not at all)
+        other.setup(build_model("mlp", in_features=64, hidden=[6], out_features=None))

@@ -119,6 +119,7 @@ CASES = [
     ("mamlpp", dict(steps=2, lr=0.1, first_order_iterations=1, multi_step_iterations=10)),  # first order
     ("mamlpp", dict(steps=3, lr=0.1, first_order_iterations=1, multi_step_iterations=10, iteration=4)),
     ("mamlpp", dict(steps=2, lr=0.1, head_init="zero", bn_eval="batch", iteration=2, first_order_iterations=0)),
+    ("mamlpp", dict(steps=2, lr=0.1, bn_stats="support", iteration=1, first_order_iterations=0)),  # second order
 ] + [("maml", dict(steps=2, lr=0.05, optimizer=o))
      for o in ("momentum", "nesterov", "adam", "adamw", "adagrad", "adadelta", "adamax")]
 

@@ -145,3 +145,31 @@ def test_no_weights_to_adapt_or_meta_learn_is_said_not_a_raw_torch_error():
     with pytest.raises(ConfigError, match="nothing to meta-learn"):
         learner.fit(tasks(), iterations=1, meta_batch_size=1, progress=False)
     assert learner.iteration == 0
+
+
+def test_per_step_batchnorm_of_frozen_layers_is_not_meta_learned_and_still_round_trips(tmp_path):
+    from metamtl.models import build_model
+    torch.manual_seed(0)
+    model = build_model("conv4", in_channels=1, hidden=4, image_size=8, blocks=2, out_features=3)
+    model.trunk.blocks[0].requires_grad_(False)  # the first block (conv + its BatchNorm) is frozen
+    learner = MetaLearner(model, build_algorithm("mamlpp", steps=1, lr=0.1), device="cpu", meta_lr=0.1)
+    norms = learner.algorithm.norms
+    assert [p.requires_grad for p in norms.weight] == [False, True]
+    assert [p.requires_grad for p in norms.bias] == [False, True]
+    assert not any(p is norms.weight[0] or p is norms.bias[0] for p in learner.meta_parameters())
+    before = [p.detach().clone() for p in (*norms.weight, *norms.bias)]
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 1, 8, 8, generator=g), torch.arange(3).repeat(2)
+    for i in range(2):
+        learner.meta_optimizer.zero_grad()
+        learner.algorithm.meta_step(learner.model, TaskBatch([Episode(x, y, x, y, 3, 2, 2)]), i)
+        learner.meta_optimizer.step()
+    after = [p.detach() for p in (*norms.weight, *norms.bias)]
+    assert torch.equal(after[0], before[0]) and torch.equal(after[2], before[2])  # frozen layer: unchanged
+    assert not torch.equal(after[1], before[1])  # the trainable layer's are meta-learned
+    torch.manual_seed(0)
+    again = build_model("conv4", in_channels=1, hidden=4, image_size=8, blocks=2, out_features=3)
+    again.trunk.blocks[0].requires_grad_(False)  # a frozen model is loaded into a model frozen alike
+    loaded = MetaLearner.load(learner.save(tmp_path / "m.pt"), device="cpu", model=again)
+    assert [p.requires_grad for p in loaded.algorithm.norms.weight] == [False, True]
+    torch.testing.assert_close(loaded.predict(x, y, x), learner.predict(x, y, x), rtol=0, atol=0)

@@ -105,3 +105,16 @@ def test_the_fused_update_of_all_weights_equals_the_per_weight_rule_to_second_or
     for a, b in zip(run(True), run(False)):
         for x, y in zip(a, b):
             torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
+def test_second_order_centered_rmsprop_on_the_higher_engine_is_refused_not_nan():
+    """higher's centered RMSprop takes sqrt(square_avg - grad_avg^2) unmasked: its second-order
+    meta-gradient is NaN wherever that is 0 (the core's safe_sqrt is finite there)."""
+    from metamtl.algorithms import build_algorithm
+    for optimizer in ("rmsprop", torch.optim.RMSprop):
+        with pytest.raises(ConfigError, match="centered RMSprop.*backend 'higher'.*use backend 'core'"):
+            build_algorithm("maml", backend="higher", optimizer=optimizer, optimizer_kwargs={"centered": True})
+    # what stays finite is still allowed: first order, plain RMSprop, and the core
+    build_algorithm("fomaml", backend="higher", optimizer="rmsprop", optimizer_kwargs={"centered": True})
+    build_algorithm("maml", backend="higher", optimizer="rmsprop", optimizer_kwargs={"momentum": 0.5})
+    build_algorithm("maml", optimizer="rmsprop", optimizer_kwargs={"centered": True})
