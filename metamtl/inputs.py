@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from .algorithms import Algorithm, build_algorithm
 from .data.augment import SupportAugment
@@ -196,14 +197,7 @@ def check_trunk_features(model: TrunkHead, x: torch.Tensor) -> None:
     if model not in _UNCHECKED:
         return
     trunk = model.trunk
-    modes = [(m, m.training) for m in trunk.modules()]
-    trunk.eval()  # one example: no batch statistics, no running-statistics update
-    try:
-        with torch.no_grad():
-            out = trunk(x[:1])
-    finally:
-        for m, training in modes:
-            m.training = training
+    out = _first_output(trunk, x[:1])
     name = type(trunk).__name__
     shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
@@ -226,6 +220,31 @@ def check_trunk_features(model: TrunkHead, x: torch.Tensor) -> None:
             + ("" if said.startswith("trunk") else f" and build the head with in_features={out.shape[1]}")
         )
     del _UNCHECKED[model]
+
+
+def _eval_run(trunk: nn.Module, x: torch.Tensor) -> Any:
+    """``trunk(x)`` in evaluation mode (no batch statistics, no running-statistics update) without
+    gradients, the modes of its modules restored afterwards."""
+    modes = [(m, m.training) for m in trunk.modules()]
+    trunk.eval()
+    try:
+        with torch.no_grad():
+            return trunk(x)
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _first_output(trunk: nn.Module, x: torch.Tensor) -> Any:
+    """A user trunk's output for one example ``x``; a trunk that cannot run on it is an
+    :class:`InputError` naming the input's shape (torch's message attached)."""
+    try:
+        return _eval_run(trunk, x)
+    except (RuntimeError, ValueError) as exc:
+        raise InputError(
+            f"the trunk {type(trunk).__name__} could not run on inputs of shape {list(x.shape)}: {exc}. Give it "
+            "inputs of the kind it was built for (channels, image size, features), or build the trunk for this data"
+        ) from exc
 
 
 def check_episode(episode: Any, what: str, *, task: str, model: TrunkHead) -> None:

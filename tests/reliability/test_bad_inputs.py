@@ -505,3 +505,19 @@ def test_best_checkpoint_asked_for_but_absent_from_a_resumed_run_folder_is_said(
     assert main(["fit", str(second), "--no-progress", "--resume", str(tmp_path / "runs" / "sine" / "last.pt")]) == 0
     out = capsys.readouterr().out
     assert "warning: eval.checkpoint is 'best' but" in out and "evaluating the last weights (iteration 6)" in out
+
+
+def test_a_user_trunk_that_cannot_run_on_the_data_is_an_input_error_naming_the_shape(env):
+    """A user trunk built for RGB given grey images failed inside the library's one-example check
+    with torch's bare RuntimeError (a built-in trunk gives an InputError)."""
+    from metamtl.models import TrunkHead
+
+    trunk = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Flatten())
+    trunk.out_features = 576
+    learner = MetaLearner(TrunkHead(trunk, None), "protonet", device="cpu", channels_last=False)
+    ep = env.episode
+    with pytest.raises(InputError, match=r"the trunk Sequential could not run on inputs of shape \[1, 1, 12, 12\]") as info:
+        learner.predict(ep.support_x, ep.support_y, ep.query_x)
+    assert "weight of size" in str(info.value) and isinstance(info.value.__cause__, RuntimeError)
+    with pytest.raises(InputError, match=r"could not run on inputs of shape \[1, 1, 12, 12\]"):
+        fit(learner, env.sampler)
