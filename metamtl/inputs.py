@@ -5,6 +5,7 @@ it, before any parameter changes, so a learner stays usable after bad input.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import weakref
 from typing import Any
@@ -241,10 +242,36 @@ def _first_output(trunk: nn.Module, x: torch.Tensor) -> Any:
     try:
         return _eval_run(trunk, x)
     except (RuntimeError, ValueError) as exc:
+        if _laid_out_nhwc(trunk) and _runs_in_nchw(trunk, x):
+            raise ConfigError(
+                f"the trunk {type(trunk).__name__} fails in the channels_last (NHWC) memory layout but runs in NCHW "
+                f"(inputs of shape {list(x.shape)}): {exc}. channels_last=True (config: train.channels_last) "
+                "forces that layout: set it to false, or null (automatic: NCHW for a trunk of your own), or "
+                "flatten with .flatten()/.reshape() instead of .view() in the trunk"
+            ) from exc
         raise InputError(
             f"the trunk {type(trunk).__name__} could not run on inputs of shape {list(x.shape)}: {exc}. Give it "
             "inputs of the kind it was built for (channels, image size, features), or build the trunk for this data"
         ) from exc
+
+
+def _laid_out_nhwc(module: nn.Module) -> bool:
+    """Whether a 4-D weight of ``module`` has channels_last strides (not NCHW's)."""
+    return any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
+               and p.stride() != torch.empty(p.shape, device="meta").stride() for p in module.parameters())
+
+
+def _runs_in_nchw(trunk: nn.Module, x: torch.Tensor) -> bool:
+    """Whether a copy of ``trunk`` with NCHW weights runs on NCHW ``x`` (after it failed in NHWC)."""
+    try:
+        twin = copy.deepcopy(trunk)
+        for p in twin.parameters():
+            if p.dim() == 4:
+                p.data = p.data.clone(memory_format=torch.contiguous_format)
+        _eval_run(twin, x.clone(memory_format=torch.contiguous_format))
+    except Exception:  # noqa: BLE001 - any failure: the layout is not (only) what is wrong
+        return False
+    return True
 
 
 def check_episode(episode: Any, what: str, *, task: str, model: TrunkHead) -> None:

@@ -73,8 +73,19 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 def auto_channels_last(model: nn.Module | None, device: torch.device) -> bool:
     """Whether ``channels_last=None`` leaves the layout to :class:`LayoutProbe`: for models with
     2-D convolutions on the CPU (starting in channels_last, the faster layout for forward passes
-    and first-order training); NCHW otherwise (MLPs; GPUs, where cuDNN picks its own layouts)."""
-    return device.type == "cpu" and model is not None and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    and first-order training); NCHW otherwise (MLPs; GPUs, where cuDNN picks its own layouts).
+
+    Only models built of metamtl's and torch's own modules are laid out automatically: a user's
+    module may flatten with ``.view``, which fails on NHWC tensors, so a model with one computes
+    in NCHW, as it was written for (logged; ``channels_last=True`` forces NHWC)."""
+    if device.type != "cpu" or model is None or not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return False
+    foreign = next((type(m) for m in model.modules() if not type(m).__module__.startswith(("metamtl.", "torch."))), None)
+    if foreign is not None:
+        log.info("layout NCHW (channels_last=None): %s is not one of metamtl's or torch's modules and may need NCHW "
+                 "tensors (e.g. .view); set channels_last=True to compute in NHWC", foreign.__name__)
+        return False
+    return True
 
 
 def memory_format_of(channels_last: bool) -> torch.memory_format:
