@@ -326,6 +326,7 @@ def check_learner_parts(model: Any, algorithm: Any, task: str) -> tuple[TrunkHea
             "needs class labels; for regression use a gradient-based algorithm with head_init 'learned' "
             "(e.g. 'maml') or 'zero'"
         )
+    model.out_features  # the model's own head: its number of outputs must be known (ways, regression targets)
     per_task_heads = model.head is None or algorithm.inner.head_init != "learned"
     if per_task_heads:
         model.num_features  # a per-task head is built on the trunk's features: their number must be known

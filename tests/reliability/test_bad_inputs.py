@@ -521,3 +521,28 @@ def test_a_user_trunk_that_cannot_run_on_the_data_is_an_input_error_naming_the_s
     assert "weight of size" in str(info.value) and isinstance(info.value.__cause__, RuntimeError)
     with pytest.raises(InputError, match=r"could not run on inputs of shape \[1, 1, 12, 12\]"):
         fit(learner, env.sampler)
+
+
+def test_a_user_head_without_out_features_takes_them_from_its_last_linear_layer_or_is_refused(env):
+    """TrunkHead.out_features read head.out_features: an nn.Sequential head failed in fit/predict with
+    the misleading AttributeError "'TrunkHead' object has no attribute 'out_features'"."""
+    from metamtl.models import TrunkHead
+
+    head = torch.nn.Sequential(torch.nn.Linear(576, 8), torch.nn.ReLU(), torch.nn.Linear(8, 5))
+    learner = trunk_learner("maml", 576, head=head, steps=1, lr=0.1)
+    assert learner.model.out_features == 5
+    fit(learner, env.sampler)
+    assert learner.predict(env.episode.support_x, env.episode.support_y, env.episode.query_x).shape == (10, 5)
+
+    class Scale(torch.nn.Module):  # no out_features and no linear layer: its outputs cannot be known
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            return self.w * x
+
+    trunk = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 5))
+    trunk.out_features = 5
+    with pytest.raises(ConfigError, match=r"the head Scale does not say how many outputs it gives.*set head.out_features"):
+        MetaLearner(TrunkHead(trunk, Scale()), build_algorithm("maml", steps=1, lr=0.1), device="cpu")
