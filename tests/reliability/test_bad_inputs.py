@@ -60,6 +60,13 @@ class _Unsized(torch.nn.Module):
         return self.conv(x).mean((2, 3))
 
 
+def part_cast(part, dtype):
+    """A conv4 model whose trunk or head (only) is cast to ``dtype``."""
+    model = build_model("conv4", hidden=4, image_size=12, blocks=2)
+    getattr(model, part).to(dtype)
+    return model
+
+
 def custom_learner(head, **inner):
     from metamtl.models import TrunkHead
     return MetaLearner(TrunkHead(_Unsized(), head), build_algorithm("maml", **({"steps": 1, "lr": 0.1} | inner)), device="cpu")
@@ -185,8 +192,11 @@ LEARNER = [
     ("custom-trunk-wrong-out-features-predict", lambda e: trunk_learner("protonet", 10).predict(e.episode.support_x, e.episode.support_y, e.episode.query_x), ConfigError, r"trunk.out_features is 10 but .* gives 576 features"),
     ("custom-trunk-unflattened-features", lambda e: trunk_learner("protonet", 576, flatten=False).evaluate(e.sampler, 1, progress=False), ConfigError, r"the trunk Sequential gives features of shape \[1, 4, 12, 12\] for one example; .* need one flat feature vector per example, \[batch, features\]: flatten them in the trunk"),
     ("custom-model-checkpoints-without-name", lambda e: fit(custom_learner(torch.nn.Linear(4, 5)), e.sampler, checkpoint_dir=e.tmp), CheckpointError, r"the model has no config name, .* TrunkHead\(trunk, head, config=\{'name': 'mynet'\}\)"),
-    ("model-weights-bf16", lambda e: MetaLearner(build_model("conv4", hidden=4, image_size=12, blocks=2).bfloat16(), device="cpu"), ConfigError, r"the model's weights are bfloat16: .* call model.float\(\) .* set precision 'bf16'"),
+    ("model-weights-bf16", lambda e: MetaLearner(build_model("conv4", hidden=4, image_size=12, blocks=2).bfloat16(), device="cpu"), ConfigError, r"the model's weights are bfloat16 \(trunk.blocks.0.0.weight\): .* call model.float\(\) .* set precision 'bf16'"),
     ("model-weights-half", lambda e: MetaLearner(build_model("conv4", hidden=4, image_size=12, blocks=2).half(), device="cpu"), ConfigError, r"the model's weights are float16"),
+    ("model-head-half", lambda e: MetaLearner(part_cast("head", torch.float16), device="cpu"), ConfigError, r"the model's weights are float16 \(head.weight\): .* call model.float\(\)"),
+    ("model-head-bf16", lambda e: MetaLearner(part_cast("head", torch.bfloat16), device="cpu"), ConfigError, r"the model's weights are bfloat16 \(head.weight\)"),
+    ("model-weights-float32-and-float64", lambda e: MetaLearner(part_cast("trunk", torch.float64), device="cpu"), ConfigError, r"the model's weights mix float64 \(trunk.blocks.0.0.weight\) and float32 \(head.weight\): .* call model.float\(\) or model.double\(\)"),
     ("learner-needs-trunk-head", lambda e: MetaLearner(torch.nn.Linear(2, 2)), ConfigError, r"needs a metamtl.models.TrunkHead"),
 ]
 
