@@ -5,12 +5,14 @@ it, before any parameter changes, so a learner stays usable after bad input.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import weakref
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from .algorithms import Algorithm, build_algorithm
 from .data.augment import SupportAugment
@@ -196,14 +198,7 @@ def check_trunk_features(model: TrunkHead, x: torch.Tensor) -> None:
     if model not in _UNCHECKED:
         return
     trunk = model.trunk
-    modes = [(m, m.training) for m in trunk.modules()]
-    trunk.eval()  # one example: no batch statistics, no running-statistics update
-    try:
-        with torch.no_grad():
-            out = trunk(x[:1])
-    finally:
-        for m, training in modes:
-            m.training = training
+    out = _first_output(trunk, x[:1])
     name = type(trunk).__name__
     shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
@@ -226,6 +221,57 @@ def check_trunk_features(model: TrunkHead, x: torch.Tensor) -> None:
             + ("" if said.startswith("trunk") else f" and build the head with in_features={out.shape[1]}")
         )
     del _UNCHECKED[model]
+
+
+def _eval_run(trunk: nn.Module, x: torch.Tensor) -> Any:
+    """``trunk(x)`` in evaluation mode (no batch statistics, no running-statistics update) without
+    gradients, the modes of its modules restored afterwards."""
+    modes = [(m, m.training) for m in trunk.modules()]
+    trunk.eval()
+    try:
+        with torch.no_grad():
+            return trunk(x)
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _first_output(trunk: nn.Module, x: torch.Tensor) -> Any:
+    """A user trunk's output for one example ``x``; a trunk that cannot run on it is an
+    :class:`InputError` naming the input's shape (torch's message attached)."""
+    try:
+        return _eval_run(trunk, x)
+    except (RuntimeError, ValueError) as exc:
+        if _laid_out_nhwc(trunk) and _runs_in_nchw(trunk, x):
+            raise ConfigError(
+                f"the trunk {type(trunk).__name__} fails in the channels_last (NHWC) memory layout but runs in NCHW "
+                f"(inputs of shape {list(x.shape)}): {exc}. channels_last=True (config: train.channels_last) "
+                "forces that layout: set it to false, or null (automatic: NCHW for a trunk of your own), or "
+                "flatten with .flatten()/.reshape() instead of .view() in the trunk"
+            ) from exc
+        raise InputError(
+            f"the trunk {type(trunk).__name__} could not run on inputs of shape {list(x.shape)}: {exc}. Give it "
+            "inputs of the kind it was built for (channels, image size, features), or build the trunk for this data"
+        ) from exc
+
+
+def _laid_out_nhwc(module: nn.Module) -> bool:
+    """Whether a 4-D weight of ``module`` has channels_last strides (not NCHW's)."""
+    return any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
+               and p.stride() != torch.empty(p.shape, device="meta").stride() for p in module.parameters())
+
+
+def _runs_in_nchw(trunk: nn.Module, x: torch.Tensor) -> bool:
+    """Whether a copy of ``trunk`` with NCHW weights runs on NCHW ``x`` (after it failed in NHWC)."""
+    try:
+        twin = copy.deepcopy(trunk)
+        for p in twin.parameters():
+            if p.dim() == 4:
+                p.data = p.data.clone(memory_format=torch.contiguous_format)
+        _eval_run(twin, x.clone(memory_format=torch.contiguous_format))
+    except Exception:  # noqa: BLE001 - any failure: the layout is not (only) what is wrong
+        return False
+    return True
 
 
 def check_episode(episode: Any, what: str, *, task: str, model: TrunkHead) -> None:
@@ -280,6 +326,7 @@ def check_learner_parts(model: Any, algorithm: Any, task: str) -> tuple[TrunkHea
             "needs class labels; for regression use a gradient-based algorithm with head_init 'learned' "
             "(e.g. 'maml') or 'zero'"
         )
+    model.out_features  # the model's own head: its number of outputs must be known (ways, regression targets)
     per_task_heads = model.head is None or algorithm.inner.head_init != "learned"
     if per_task_heads:
         model.num_features  # a per-task head is built on the trunk's features: their number must be known

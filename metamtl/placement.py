@@ -73,8 +73,19 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 def auto_channels_last(model: nn.Module | None, device: torch.device) -> bool:
     """Whether ``channels_last=None`` leaves the layout to :class:`LayoutProbe`: for models with
     2-D convolutions on the CPU (starting in channels_last, the faster layout for forward passes
-    and first-order training); NCHW otherwise (MLPs; GPUs, where cuDNN picks its own layouts)."""
-    return device.type == "cpu" and model is not None and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    and first-order training); NCHW otherwise (MLPs; GPUs, where cuDNN picks its own layouts).
+
+    Only models built of metamtl's and torch's own modules are laid out automatically: a user's
+    module may flatten with ``.view``, which fails on NHWC tensors, so a model with one computes
+    in NCHW, as it was written for (logged; ``channels_last=True`` forces NHWC)."""
+    if device.type != "cpu" or model is None or not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return False
+    foreign = next((type(m) for m in model.modules() if not type(m).__module__.startswith(("metamtl.", "torch."))), None)
+    if foreign is not None:
+        log.info("layout NCHW (channels_last=None): %s is not one of metamtl's or torch's modules and may need NCHW "
+                 "tensors (e.g. .view); set channels_last=True to compute in NHWC", foreign.__name__)
+        return False
+    return True
 
 
 def memory_format_of(channels_last: bool) -> torch.memory_format:
@@ -167,6 +178,36 @@ class LayoutProbe:
         return self.last
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def model_dtype(model: nn.Module | None) -> torch.dtype:
+    """The floating dtype of ``model``'s weights (float32 without any), which inputs are cast to;
+    :class:`ConfigError` for a floating parameter or buffer that is neither float32 nor float64
+    (half or bfloat16 weights, even in one part of the model) and for parameters mixing the two."""
+    named = list(model.named_parameters()) if model is not None else []
+    floats = [(n, t.dtype) for n, t in named if t.is_floating_point()]
+    tensors = floats + [(n, t.dtype) for n, t in (model.named_buffers() if model is not None else ())
+                        if t.is_floating_point()]
+    other = next(((n, d) for n, d in tensors if d not in (torch.float32, torch.float64)), None)
+    if other is not None:
+        raise ConfigError(
+            f"the model's weights are {_dtype_name(other[1])} ({other[0]}): metamtl trains float32 (or float64) "
+            "weights; call model.float() before building the learner, and set precision 'bf16' "
+            "(MetaLearner(precision='bf16'), config: train.precision) to compute in bfloat16 with float32 weights"
+        )
+    first = floats[0] if floats else ("", torch.float32)
+    mixed = next(((n, d) for n, d in floats if d != first[1]), None)
+    if mixed is not None:
+        raise ConfigError(
+            f"the model's weights mix {_dtype_name(first[1])} ({first[0]}) and {_dtype_name(mixed[1])} ({mixed[0]}): "
+            "inputs are cast to one dtype, so every weight must have it; call model.float() or model.double() "
+            "before building the learner"
+        )
+    return first[1]
+
+
 @dataclasses.dataclass(frozen=True)
 class Placement:
     """A resolved device, a precision (``"fp32"`` or ``"bf16"``) and the image memory layout."""
@@ -205,14 +246,7 @@ class Placement:
             log.info("precision auto: %s (%s)", precision, "the device computes bfloat16 natively" if precision == "bf16"
                      else "no native bfloat16 on this device: bf16 would be emulated")
         automatic = channels_last is None and auto_channels_last(model, dev)
-        floats = [p.dtype for p in model.parameters() if p.is_floating_point()] if model is not None else []
-        dtype = floats[0] if floats else torch.float32
-        if dtype not in (torch.float32, torch.float64):
-            raise ConfigError(
-                f"the model's weights are {str(dtype).replace('torch.', '')}: metamtl trains float32 (or float64) "
-                "weights; call model.float() before building the learner, and set precision 'bf16' "
-                "(MetaLearner(precision='bf16'), config: train.precision) to compute in bfloat16 with float32 weights"
-            )
+        dtype = model_dtype(model)
         return cls(dev, precision, automatic if channels_last is None else channels_last, automatic, auto_precision, dtype)
 
     @property

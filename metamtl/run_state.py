@@ -27,7 +27,7 @@ from .data.base import Preprocessing
 from .errors import CheckpointError, ConfigError, MetamtlError
 from .inference import InferenceSettings
 from .models.backbones import TrunkHead, uncompiled
-from .models.registry import build_model
+from .models.registry import build_model, normalized_config
 from .placement import resolve_device, set_layout
 from .version import __version__
 
@@ -293,9 +293,10 @@ def _rebuild(cls: type["MetaLearner"], obj: dict[str, Any], path: Any, cfg: dict
     """The learner of a checkpoint (errors are translated by :func:`learner_from_state`)."""
     if model is None:
         model = build_model(**cfg["model"])
-    elif model.config.get("name") and config_diff(cfg["model"], model.config):
-        raise CheckpointError(f"{path} holds a different model than the one given:\n  "
-                              + "\n  ".join(config_diff(cfg["model"], model.config)))
+    elif model.config.get("name"):  # the same architecture however spelled (defaults, per-block lists)
+        diff = config_diff(normalized_config(cfg["model"]), normalized_config(model.config))
+        if diff:
+            raise CheckpointError(f"{path} holds a different model than the one given:\n  " + "\n  ".join(diff))
     model.load_state_dict(obj["model_state"])
     algorithm = build_algorithm(**cfg["algorithm"])
     algorithm.setup(model)

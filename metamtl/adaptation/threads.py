@@ -27,12 +27,15 @@ promise one chunk's graph at a time.  Peak memory is then that of ``workers`` ch
 
 Random numbers drawn from the global generator by code no module type reveals (``F.dropout``
 in a ``forward``, ``torch.randn`` noise, stochastic depth) would be drawn in thread-dependent
-order.  :func:`map_chunks` therefore compares the generator's state before and after the
-threaded run: when it moved, the run is discarded (no gradient reaches ``.grad``, the generator
-is put back), the model is remembered as drawing (:func:`threadable` then says so, for its
-training or evaluation mode) and :class:`DrewRandomNumbers` tells the caller to run the chunks
-serially, as the serial loop would have from the same generator state.  Models that draw
-nothing pay one state comparison per call.
+order, and buffers a user's module writes in its forward pass (an EMA or running normaliser, a
+counter) would be updated by the tasks in thread-dependent order (or, assigned a new tensor, in
+a worker's clone only).  :func:`map_chunks` therefore compares the generator's state and every
+buffer's version counter (and, in the clones, identity) before and after the threaded run: when
+one moved, the run is discarded (no gradient reaches ``.grad``, the generator and the buffers
+are put back), the model is remembered (:func:`threadable` then says so, for its training or
+evaluation mode) and :class:`DrewRandomNumbers` tells the caller to run the chunks serially, as
+the serial loop would have from the same state.  Models that draw and write nothing pay one
+state comparison and a copy of their buffers per call.
 """
 from __future__ import annotations
 
@@ -56,13 +59,14 @@ _pool_lock = threading.Lock()
 #: per model: one shared clone per worker thread (built once, reused every meta-step)
 _clones: "weakref.WeakKeyDictionary[nn.Module, dict[int, nn.Module]]" = weakref.WeakKeyDictionary()
 #: per model: the modes (``model.training``) whose forward pass was seen drawing global random numbers
-_draws: "weakref.WeakKeyDictionary[nn.Module, set[bool]]" = weakref.WeakKeyDictionary()
+#: or writing the model's buffers in a threaded run, and why
+_serial: "weakref.WeakKeyDictionary[nn.Module, dict[bool, str]]" = weakref.WeakKeyDictionary()
 log = logging.getLogger(__name__)
 
 
 class DrewRandomNumbers(RuntimeError):
-    """A threaded :func:`map_chunks` drew from the global generator; its work was discarded and
-    the generator restored: run the chunks serially."""
+    """A threaded :func:`map_chunks` drew from the global generator or wrote the model's buffers;
+    its work was discarded, the generator and the buffers restored: run the chunks serially."""
 
 
 def in_worker() -> bool:
@@ -102,8 +106,9 @@ def _sync(original: nn.Module, copied: nn.Module, memo: dict[int, nn.Module]) ->
 
 def threadable(model: nn.Module) -> str | None:
     """``None`` when ``model``'s training forward pass may run in several threads at once, else why not."""
-    if model.training in _draws.get(model, ()):
-        return "its forward pass draws from the global random-number generator (seen in a threaded run)"
+    seen = _serial.get(model, {}).get(model.training)
+    if seen is not None:
+        return f"{seen} (seen in a threaded run)"
     for name, m in model.named_modules():
         where = f"layer {name!r}" if name else "the model"
         if getattr(m, "parametrizations", None):
@@ -186,6 +191,7 @@ def map_chunks(fn: Callable[[nn.Module, T], R], chunks: Sequence[T], model: nn.M
     context = contextvars.copy_context()  # the caller's context variables (e.g. dataset_scope)
 
     rng = torch.get_rng_state()
+    buffers = [(name, b, b._version, b.clone()) for name, b in model.named_buffers()]
     no_grad = [p for p in params if p.grad is None]
     threads = torch.get_num_threads()
     handles = [p.register_hook(_hook(i)) for i, p in enumerate(params)]
@@ -203,25 +209,52 @@ def map_chunks(fn: Callable[[nn.Module, T], R], chunks: Sequence[T], model: nn.M
         torch.set_num_threads(threads)
         for h in handles:
             h.remove()
-    _check_draws(model, rng, no_grad)
+    _check_shared_state(model, rng, buffers, no_grad, list(clones.values()))
     _accumulate(params, captures)
     return results
 
 
-def _check_draws(model: nn.Module, rng: torch.Tensor, no_grad: Sequence[torch.Tensor]) -> None:
-    """Raise :class:`DrewRandomNumbers` (the generator put back to ``rng``, the hooks' zero
-    gradients of ``no_grad`` removed, ``model`` remembered) when the generator moved since ``rng``."""
-    if torch.equal(torch.get_rng_state(), rng):
+def _written_buffer(model: nn.Module, buffers: Sequence[tuple[str, torch.Tensor, int, torch.Tensor]],
+                    clones: Sequence[nn.Module]) -> str | None:
+    """The name of a buffer of ``model`` the threaded run wrote: updated in place (its version
+    moved) or replaced by a new tensor in a worker's clone (where the model never sees it)."""
+    for name, tensor, version, _ in buffers:
+        if tensor._version != version:
+            return name
+    before = {name: tensor for name, tensor, _, _ in buffers}
+    for clone in clones:
+        now = dict(clone.named_buffers())
+        changed = sorted(n for n in before.keys() | now.keys() if now.get(n) is not before.get(n))
+        if changed:
+            return changed[0]
+    return None
+
+
+def _check_shared_state(model: nn.Module, rng: torch.Tensor, buffers: Sequence[tuple[str, torch.Tensor, int, torch.Tensor]],
+                        no_grad: Sequence[torch.Tensor], clones: Sequence[nn.Module]) -> None:
+    """Raise :class:`DrewRandomNumbers` when the threaded run moved the global generator since
+    ``rng`` or wrote one of ``model``'s ``buffers`` (``(name, tensor, version, copy)`` before it):
+    the generator and the buffers put back, the hooks' zero gradients of ``no_grad`` removed and
+    ``model`` remembered (for its mode), so the serial loop gives what it would have given alone."""
+    drew = not torch.equal(torch.get_rng_state(), rng)
+    written = _written_buffer(model, buffers, clones)
+    if not drew and written is None:
         return
     torch.set_rng_state(rng)
+    with torch.no_grad():
+        for _, tensor, version, copy in buffers:
+            if tensor._version != version:
+                tensor.copy_(copy)
     for p in no_grad:
         p.grad = None
-    modes = _draws.setdefault(model, set())
-    if not modes:
-        log.info("%s draws from the global random-number generator in its forward pass: its tasks "
-                 "are adapted one chunk at a time, not on threads (seeded runs repeat)", type(model).__name__)
-    modes.add(model.training)
-    raise DrewRandomNumbers("the chunks drew from the global random-number generator")
+    reason = ("its forward pass draws from the global random-number generator" if drew
+              else f"its forward pass writes its buffer {written!r}, which all tasks share")
+    reasons = _serial.setdefault(model, {})
+    if reason not in reasons.values():
+        log.info("%s: %s: its tasks are adapted one chunk at a time, not on threads (seeded runs repeat)",
+                 type(model).__name__, reason)
+    reasons[model.training] = reason
+    raise DrewRandomNumbers(reason)
 
 
 def _accumulate(params: Sequence[torch.Tensor], captures: Sequence[dict[int, torch.Tensor]]) -> None:

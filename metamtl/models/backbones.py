@@ -211,7 +211,21 @@ class TrunkHead(nn.Module):
 
     @property
     def out_features(self) -> int | None:
-        return None if self.head is None else int(self.head.out_features)
+        """Outputs of the model's own head (``None``: no head, per-task heads): its ``out_features``
+        or, failing that, its last ``nn.Linear``'s; :class:`ConfigError` when neither says."""
+        if self.head is None:
+            return None
+        n = getattr(self.head, "out_features", None)
+        if n is None:
+            linear = [m for m in self.head.modules() if isinstance(m, nn.Linear)]
+            if not linear:
+                raise ConfigError(
+                    f"the head {type(self.head).__name__} does not say how many outputs it gives (the number of "
+                    "ways, or regression outputs), and has no nn.Linear layer to tell: set head.out_features = "
+                    "<outputs per example> (e.g. in its __init__)"
+                )
+            n = linear[-1].out_features
+        return int(n)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.trunk(x)

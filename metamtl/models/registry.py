@@ -5,7 +5,7 @@ Every built-in model is registered here, so the registry is the same whatever wa
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from ..errors import ConfigError, unknown_name, unknown_settings
 from .backbones import TrunkHead, conv4_model, mlp_model
@@ -20,6 +20,47 @@ MODELS: dict[str, Callable[..., TrunkHead]] = {
 #: ``inputs`` (``{dataset: [channels, height, width]}`` of the training datasets).  Declared, not
 #: guessed from the signature (as algorithms declare theirs in ``Algorithm.from_data``).
 MODEL_FROM_DATA: dict[str, tuple[str, ...]] = {"multidataset": ("inputs",)}
+
+
+#: Settings given once or per block, by model: what counts the blocks (a setting's name, or their
+#: fixed number) and the settings that take one value or a list of one per block.
+MODEL_PER_BLOCK: dict[str, tuple[str | int, tuple[str, ...]]] = {
+    "conv4": ("blocks", ("hidden", "pool")), "resnet12": (4, ("widths",)),
+}
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tuples as lists, in lists and mappings too (as YAML and checkpoints hold them)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def normalized_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A model config (``{"name": ..., **settings}``) in one spelling per architecture, to compare
+    two: every default filled in, tuples as lists, and a per-block setting that is the same for
+    every block as that one value (conv4 ``hidden: [64, 64, 64, 64]`` with 4 blocks is
+    ``hidden: 64``).  A config that is not one of a registered model's is returned as it is."""
+    settings = dict(config)
+    name = settings.pop("name", None)
+    if not isinstance(name, str) or name not in MODELS:
+        return dict(config)
+    try:
+        bound = inspect.signature(MODELS[name]).bind(**settings)
+    except TypeError:
+        return dict(config)
+    bound.apply_defaults()
+    out = {key: _plain(value) for key, value in bound.arguments.items()}
+    count, keys = MODEL_PER_BLOCK.get(name, (0, ()))
+    blocks = out.get(count) if isinstance(count, str) else count
+    for key in keys:
+        value = out.get(key)
+        if isinstance(value, list) and value and len(value) == blocks and all(
+                v == value[0] and type(v) is type(value[0]) for v in value):
+            out[key] = value[0]
+    return {"name": name, **out}
 
 
 def check_model_config(name: Any, kwargs: dict[str, Any]) -> None:

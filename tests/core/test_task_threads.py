@@ -270,3 +270,61 @@ def test_models_that_draw_nothing_keep_their_threads(two_threads, monkeypatch):
         meta_gradient(model, alg, b)
     assert calls == [6, 6]  # both meta-steps ran threaded, none fell back
     assert alg.task_workers(model, b, 6) == 2 and threadable(model) is None
+
+
+class RunningMeanTrunk(nn.Module):
+    """A hand-written running normaliser: an EMA buffer updated in place in the training forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(144, 6)
+        self.register_buffer("mu", torch.zeros(6))
+        self.out_features = 6
+
+    def forward(self, x):
+        h = self.l1(x.flatten(1))
+        if self.training:
+            with torch.no_grad():
+                self.mu.mul_(0.5).add_(0.5 * h.mean(0))
+        return torch.tanh(h - self.mu)
+
+
+class ReassignedBufferTrunk(RunningMeanTrunk):
+    """The same normaliser, assigning a new tensor to its buffer instead of updating it in place."""
+
+    def forward(self, x):
+        h = self.l1(x.flatten(1))
+        if self.training:
+            self.mu = (0.5 * self.mu + 0.5 * h.mean(0)).detach()
+        return torch.tanh(h - self.mu)
+
+
+@pytest.mark.parametrize("trunk", [RunningMeanTrunk, ReassignedBufferTrunk])
+def test_buffers_written_in_the_forward_pass_are_detected_and_train_serially_repeating_bitwise(two_threads, caplog, trunk):
+    """Threads ran the tasks over the model's shared buffers: a user module updating one in its
+    forward pass (an EMA, a counter) interleaved nondeterministically, so seeded runs differed from the
+    serial run and from each other (or, assigning a new tensor, the update was lost in a worker's clone)."""
+    from metamtl.models import TrunkHead
+
+    b = batch(tasks=8)
+
+    def run(task_threads, steps=2):
+        torch.manual_seed(0)
+        model = TrunkHead(trunk(), nn.Linear(6, 3)).to(torch.float64)
+        alg = build_algorithm("maml", steps=1, lr=0.1, task_threads=task_threads)
+        alg.setup(model)
+        model.train()
+        assert threadable(model) is None  # no module type reveals the writes
+        out = [meta_gradient(model, alg, b) for _ in range(steps)]
+        return out, model.trunk.mu.clone(), alg.task_workers(model, b, 8)
+
+    serial, serial_mu, _ = run(1)
+    with caplog.at_level(logging.INFO, logger="metamtl.adaptation.threads"):
+        runs = [run(0) for _ in range(3)]
+    for threaded, mu, workers in runs:
+        for (m1, g1), (m2, g2) in zip(serial, threaded):
+            assert all(torch.equal(x, y) for x, y in zip(g1, g2))
+            assert m1 == m2
+        assert torch.equal(mu, serial_mu)
+        assert workers == 1  # remembered: later meta-steps go straight to the serial loop
+    assert "writes its buffer 'trunk.mu'" in caplog.text

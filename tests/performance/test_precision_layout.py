@@ -387,3 +387,49 @@ def test_ranks_with_different_shares_of_a_mixed_meta_batch_probe_in_the_same_ite
     choose_layout(rank0, rank0.placement.batch(both))
     choose_layout(rank1, rank1.placement.batch(both))
     assert calls0 == calls1 == [] and rank0.run.layouts == rank1.run.layouts
+
+
+class _Tasks:
+    """A task source that serves the episodes of a batch in turn."""
+
+    def __init__(self, b):
+        self.b, self.ways, self.shots, self.queries, self.name = b, b[0].ways, b[0].shots, b[0].queries, "toy"
+
+    def episode(self, i):
+        return self.b[i % len(self.b)]
+
+
+class _ViewTrunk(torch.nn.Module):
+    """A hand-written CNN that flattens with ``.view``, which only works on NCHW tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.out_features = 4 * 16 * 16
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return y.view(y.size(0), -1)
+
+
+def test_the_automatic_layout_never_breaks_a_user_trunk_that_works_in_nchw(caplog):
+    """channels_last=None started every conv model NHWC on the CPU: a user trunk flattening with
+    .view failed in fit/predict with torch's 'view size is not compatible' RuntimeError."""
+    import logging
+
+    from metamtl.algorithms import build_algorithm
+    from metamtl.models import TrunkHead
+
+    b = batch(tasks=2)
+    with caplog.at_level(logging.INFO, logger="metamtl.placement"):
+        learner = MetaLearner(TrunkHead(_ViewTrunk(), torch.nn.Linear(4 * 16 * 16, 4)),
+                              build_algorithm("maml", steps=1, lr=0.1), device="cpu")
+    assert not learner.channels_last and not learner.placement.automatic
+    assert any("_ViewTrunk" in r.getMessage() and "NCHW" in r.getMessage() for r in caplog.records)
+    learner.fit(_Tasks(b), iterations=1, meta_batch_size=2, progress=False)
+    ep = b[0]
+    assert learner.predict(ep.support_x, ep.support_y, ep.query_x).shape == (12, 4)
+    forced = MetaLearner(TrunkHead(_ViewTrunk(), torch.nn.Linear(4 * 16 * 16, 4)),
+                         build_algorithm("maml", steps=1, lr=0.1), device="cpu", channels_last=True)
+    with pytest.raises(ConfigError, match="channels_last"):  # forced: a clear error naming the setting
+        forced.predict(ep.support_x, ep.support_y, ep.query_x)

@@ -60,6 +60,13 @@ class _Unsized(torch.nn.Module):
         return self.conv(x).mean((2, 3))
 
 
+def part_cast(part, dtype):
+    """A conv4 model whose trunk or head (only) is cast to ``dtype``."""
+    model = build_model("conv4", hidden=4, image_size=12, blocks=2)
+    getattr(model, part).to(dtype)
+    return model
+
+
 def custom_learner(head, **inner):
     from metamtl.models import TrunkHead
     return MetaLearner(TrunkHead(_Unsized(), head), build_algorithm("maml", **({"steps": 1, "lr": 0.1} | inner)), device="cpu")
@@ -185,8 +192,11 @@ LEARNER = [
     ("custom-trunk-wrong-out-features-predict", lambda e: trunk_learner("protonet", 10).predict(e.episode.support_x, e.episode.support_y, e.episode.query_x), ConfigError, r"trunk.out_features is 10 but .* gives 576 features"),
     ("custom-trunk-unflattened-features", lambda e: trunk_learner("protonet", 576, flatten=False).evaluate(e.sampler, 1, progress=False), ConfigError, r"the trunk Sequential gives features of shape \[1, 4, 12, 12\] for one example; .* need one flat feature vector per example, \[batch, features\]: flatten them in the trunk"),
     ("custom-model-checkpoints-without-name", lambda e: fit(custom_learner(torch.nn.Linear(4, 5)), e.sampler, checkpoint_dir=e.tmp), CheckpointError, r"the model has no config name, .* TrunkHead\(trunk, head, config=\{'name': 'mynet'\}\)"),
-    ("model-weights-bf16", lambda e: MetaLearner(build_model("conv4", hidden=4, image_size=12, blocks=2).bfloat16(), device="cpu"), ConfigError, r"the model's weights are bfloat16: .* call model.float\(\) .* set precision 'bf16'"),
+    ("model-weights-bf16", lambda e: MetaLearner(build_model("conv4", hidden=4, image_size=12, blocks=2).bfloat16(), device="cpu"), ConfigError, r"the model's weights are bfloat16 \(trunk.blocks.0.0.weight\): .* call model.float\(\) .* set precision 'bf16'"),
     ("model-weights-half", lambda e: MetaLearner(build_model("conv4", hidden=4, image_size=12, blocks=2).half(), device="cpu"), ConfigError, r"the model's weights are float16"),
+    ("model-head-half", lambda e: MetaLearner(part_cast("head", torch.float16), device="cpu"), ConfigError, r"the model's weights are float16 \(head.weight\): .* call model.float\(\)"),
+    ("model-head-bf16", lambda e: MetaLearner(part_cast("head", torch.bfloat16), device="cpu"), ConfigError, r"the model's weights are bfloat16 \(head.weight\)"),
+    ("model-weights-float32-and-float64", lambda e: MetaLearner(part_cast("trunk", torch.float64), device="cpu"), ConfigError, r"the model's weights mix float64 \(trunk.blocks.0.0.weight\) and float32 \(head.weight\): .* call model.float\(\) or model.double\(\)"),
     ("learner-needs-trunk-head", lambda e: MetaLearner(torch.nn.Linear(2, 2)), ConfigError, r"needs a metamtl.models.TrunkHead"),
 ]
 
@@ -505,3 +515,44 @@ def test_best_checkpoint_asked_for_but_absent_from_a_resumed_run_folder_is_said(
     assert main(["fit", str(second), "--no-progress", "--resume", str(tmp_path / "runs" / "sine" / "last.pt")]) == 0
     out = capsys.readouterr().out
     assert "warning: eval.checkpoint is 'best' but" in out and "evaluating the last weights (iteration 6)" in out
+
+
+def test_a_user_trunk_that_cannot_run_on_the_data_is_an_input_error_naming_the_shape(env):
+    """A user trunk built for RGB given grey images failed inside the library's one-example check
+    with torch's bare RuntimeError (a built-in trunk gives an InputError)."""
+    from metamtl.models import TrunkHead
+
+    trunk = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Flatten())
+    trunk.out_features = 576
+    learner = MetaLearner(TrunkHead(trunk, None), "protonet", device="cpu", channels_last=False)
+    ep = env.episode
+    with pytest.raises(InputError, match=r"the trunk Sequential could not run on inputs of shape \[1, 1, 12, 12\]") as info:
+        learner.predict(ep.support_x, ep.support_y, ep.query_x)
+    assert "weight of size" in str(info.value) and isinstance(info.value.__cause__, RuntimeError)
+    with pytest.raises(InputError, match=r"could not run on inputs of shape \[1, 1, 12, 12\]"):
+        fit(learner, env.sampler)
+
+
+def test_a_user_head_without_out_features_takes_them_from_its_last_linear_layer_or_is_refused(env):
+    """TrunkHead.out_features read head.out_features: an nn.Sequential head failed in fit/predict with
+    the misleading AttributeError "'TrunkHead' object has no attribute 'out_features'"."""
+    from metamtl.models import TrunkHead
+
+    head = torch.nn.Sequential(torch.nn.Linear(576, 8), torch.nn.ReLU(), torch.nn.Linear(8, 5))
+    learner = trunk_learner("maml", 576, head=head, steps=1, lr=0.1)
+    assert learner.model.out_features == 5
+    fit(learner, env.sampler)
+    assert learner.predict(env.episode.support_x, env.episode.support_y, env.episode.query_x).shape == (10, 5)
+
+    class Scale(torch.nn.Module):  # no out_features and no linear layer: its outputs cannot be known
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            return self.w * x
+
+    trunk = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 5))
+    trunk.out_features = 5
+    with pytest.raises(ConfigError, match=r"the head Scale does not say how many outputs it gives.*set head.out_features"):
+        MetaLearner(TrunkHead(trunk, Scale()), build_algorithm("maml", steps=1, lr=0.1), device="cpu")

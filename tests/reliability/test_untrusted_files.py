@@ -149,6 +149,27 @@ def test_loading_into_another_model_lists_the_differences(good):
         MetaLearner.load(path, model=other)
 
 
+def test_loading_into_the_same_architecture_spelled_differently_works(tmp_path):
+    """model.config kept the settings as given and load compared them literally: a default spelled
+    out (in_channels=1, feature_norm=None, pool=True) or per-block widths (hidden=[4, 4]) was refused
+    as 'a different model' although the architecture is the very same."""
+    from metamtl.models import build_model
+
+    torch.manual_seed(0)
+    kw = dict(hidden=4, image_size=8, blocks=2, out_features=None)
+    path = MetaLearner(build_model("conv4", **kw), "protonet", device="cpu").save(tmp_path / "a.pt")
+    x = torch.randn(4, 1, 8, 8)
+    for spelled in ({"in_channels": 1}, {"feature_norm": None}, {"pool": True}, {"pool": [True, True]},
+                    {"hidden": [4, 4]}):
+        same = build_model("conv4", **(kw | spelled))
+        assert torch.equal(MetaLearner.load(path, device="cpu", model=same).model.trunk(x),
+                           MetaLearner.load(path, device="cpu").model.trunk(x))
+    with pytest.raises(CheckpointError, match=r"different model than the one given:\n  hidden: 4 != \[4, 8\]"):
+        MetaLearner.load(path, device="cpu", model=build_model("conv4", **(kw | {"hidden": [4, 8]})))
+    mlp = MetaLearner(build_model("mlp", hidden=[8, 8]), "maml", task="regression", device="cpu").save(tmp_path / "m.pt")
+    MetaLearner.load(mlp, device="cpu", model=build_model("mlp", in_features=1, hidden=(8, 8), out_features=1))
+
+
 def test_resume_from_another_config_lists_every_differing_key(good):
     path, _ = good
     other = tiny_learner(meta_lr=5e-3)
