@@ -150,6 +150,13 @@ def _snapshot(modules: tuple[nn.Module, nn.Module], optimizer: torch.optim.Optim
     return copy.deepcopy(obj)
 
 
+def comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A learner config with its model config in one spelling per architecture (defaults filled in,
+    per-block lists of one value as that value: :func:`~metamtl.models.registry.normalized_config`)."""
+    model = config.get("model")
+    return {**config, "model": normalized_config(model)} if isinstance(model, dict) else config
+
+
 def check_resumable(obj: dict[str, Any], path: str | Path, config: dict[str, Any], settings: dict[str, Any]) -> None:
     """:class:`CheckpointError` unless ``obj`` holds a training state of this learner config and fit."""
     if "training" not in obj:
@@ -159,7 +166,7 @@ def check_resumable(obj: dict[str, Any], path: str | Path, config: dict[str, Any
         obj["training"].get("fit_state"), dict
     ):
         raise CheckpointError(f"{path}: damaged checkpoint (training state or config is not a mapping)")
-    diff = config_diff(obj["config"], config)
+    diff = config_diff(comparable(obj["config"]), comparable(config))
     if diff:
         raise CheckpointError(f"cannot resume from {path}: its config differs from this learner's:\n  " + "\n  ".join(diff))
     saved = obj["training"]["fit_state"].get("settings", {})

@@ -170,6 +170,25 @@ def test_loading_into_the_same_architecture_spelled_differently_works(tmp_path):
     MetaLearner.load(mlp, device="cpu", model=build_model("mlp", in_features=1, hidden=(8, 8), out_features=1))
 
 
+def test_resuming_with_the_same_architecture_spelled_differently_works(good):
+    """Resume compared the model configs literally: hidden=[4, 4] or a spelled-out default was
+    refused as 'its config differs' although the architecture is the very same."""
+    from metamtl.algorithms import build_algorithm
+    from metamtl.models import build_model
+
+    path, _ = good
+    torch.manual_seed(0)
+    model = build_model("conv4", in_channels=1, hidden=[4, 4], image_size=12, blocks=2, out_features=5, pool=True)
+    learner = MetaLearner(model, build_algorithm("maml", steps=1, lr=0.3, head_init="learned"),
+                          preprocessing=toy_dataset().preprocessing, device="cpu")
+    learner.fit(toy_sampler(), iterations=3, meta_batch_size=1, progress=False, resume=path)
+    assert learner.iteration == 3
+    with pytest.raises(CheckpointError, match=r"its config differs from this learner's:\n  model.hidden: 4 != \[4, 8\]"):
+        tiny = MetaLearner(build_model("conv4", hidden=[4, 8], image_size=12, blocks=2, out_features=5),
+                           build_algorithm("maml", steps=1, lr=0.3), preprocessing=toy_dataset().preprocessing, device="cpu")
+        tiny.fit(toy_sampler(), iterations=3, meta_batch_size=1, progress=False, resume=path)
+
+
 def test_resume_from_another_config_lists_every_differing_key(good):
     path, _ = good
     other = tiny_learner(meta_lr=5e-3)
