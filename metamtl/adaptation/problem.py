@@ -426,7 +426,9 @@ class HigherEngine(Engine):
     def forward(self, problem, params, fixed, x, taps):
         fmodel = problem._higher[0]
         full = self._full(problem, params, fixed)
-        buffers = {k: v for k, v in fixed.items() if k not in problem._param_index}
+        # the module's own buffers, not the copies higher's patched module made: running statistics
+        # updated in the forward pass reach the model, as on the core
+        buffers = {**problem._buffers, **{k: v for k, v in fixed.items() if k not in problem._param_index}}
         with tap_outputs(fmodel, taps) as feats:
             logits = functional_call(fmodel, buffers, (x[0],), {"params": full})
         return logits.unsqueeze(0), feats
@@ -455,6 +457,7 @@ class HigherEngine(Engine):
     def init_state(self, problem, params):
         module = problem.module
         problem._param_index = dict(module.named_parameters())
+        problem._buffers = dict(module.named_buffers())
         problem._views = {}
         refs = [problem._param_index[n] for n in problem.names]
         cls, kwargs = self.torch_optimizer(problem.settings)

@@ -172,7 +172,8 @@ class InnerLoop:
         eval_steps: inner steps at evaluation (default: ``steps``).
         bn_stats: ``"transductive"`` or ``"support"`` (see :mod:`metamtl.models.norm`).
         backend: ``"core"`` (default; ``"auto"``/``"func"`` are old names for it) or ``"higher"``.
-        task_chunk: tasks adapted per ``vmap`` call by the core (``0``: one on CPU, all elsewhere).
+        task_chunk: tasks adapted per ``vmap`` call by the core (``0``: one on CPU, all elsewhere;
+            one where the model's training forward pass updates buffers or draws dropout masks).
         task_threads: CPU threads that meta-train chunks of tasks side by side, each with one
             intra-op thread (:mod:`metamtl.adaptation.threads`; the same meta-gradient, added in
             chunk order, so seeded runs repeat).  ``0`` (default): torch's thread count where it is

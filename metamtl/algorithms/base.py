@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import weakref
 from typing import Any, ClassVar, Iterable, Sequence
 
 import torch
@@ -41,6 +42,38 @@ from ..models.backbones import TrunkHead
 from ..tasks.episode import Episode, TaskBatch
 
 log = logging.getLogger(__name__)
+
+#: :func:`vmap_blocker`'s forward-pass verdicts, per model: by training mode and module tree
+_WRITES_BUFFERS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, str | None]]" = weakref.WeakKeyDictionary()
+
+
+def vmap_blocker(model: nn.Module, x: torch.Tensor) -> str | None:
+    """Why ``model``'s forward pass (in its current mode) cannot adapt several tasks in one
+    ``vmap`` call (``None``: it can): a layer that updates BatchNorm running statistics or draws
+    dropout masks in training mode, or a buffer the forward pass changes (a running normaliser, a
+    counter: one forward pass of ``x``, one task's inputs, watches the buffers' versions, once per
+    model, mode and module tree; the buffers are restored).  Such a model adapts one task per
+    call, which is what ``task_chunk: 1`` computes."""
+    for name, m in model.named_modules():
+        where = f"layer {name!r} ({type(m).__name__})" if name else f"the model ({type(m).__name__})"
+        if m.training and isinstance(m, nn.modules.batchnorm._NormBase) and m.running_mean is not None:
+            return f"{where} updates BatchNorm running statistics in training mode"
+        if m.training and isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return f"{where} draws dropout masks in training mode"
+    buffers = dict(model.named_buffers())
+    if not buffers:
+        return None
+    verdicts = _WRITES_BUFFERS.setdefault(model, {})
+    key = (model.training, tuple(id(m) for m in model.modules()))
+    if key not in verdicts:
+        versions = {n: b._version for n, b in buffers.items()}
+        with torch.no_grad(), kept_buffers(model):
+            features = model.trunk(x)
+            if model.head is not None:
+                model.head(features)
+            changed = [n for n, b in buffers.items() if b._version != versions[n]]
+        verdicts[key] = f"its forward pass changes the buffer {changed[0]!r}" if changed else None
+    return verdicts[key]
 
 
 #: What an algorithm can take from the training data (:attr:`Algorithm.from_data`), and what it is.
@@ -94,7 +127,7 @@ class Algorithm(nn.Module):
             self.register_buffer("memory_planned", torch.tensor([-1, 0, 0]))
         self._plans: dict[tuple, MemoryPlan] = {}  # by episode shape and task count, in the mode last planned
         self._footprints: dict[tuple, Footprint] = {}  # by episode shape (see _shape)
-        self._thread_warnings: set[str] = set()
+        self._warned: set[str] = set()  # the reasons for running serially already logged
 
     # -- configuration ---------------------------------------------------------------------
     def with_fixed(self, inner: InnerLoop) -> InnerLoop:
@@ -190,9 +223,12 @@ class Algorithm(nn.Module):
         return build_problem(self.inner, model, support_x, support_y, ways, steps=steps, lrs=self.inner_lrs,
                              tensors=self.step_tensors, objective=self.inner_objective)
 
-    def chunks(self, batch: TaskBatch, training: bool, rule: MetaGradient | None = None) -> list[list[int]]:
+    def chunks(self, batch: TaskBatch, training: bool, rule: MetaGradient | None = None,
+               model: TrunkHead | None = None) -> list[list[int]]:
         """Positions of ``batch``'s episodes grouped by shape, in chunks adapted together (at most
-        the memory plan's chunk while meta-training with a second-order ``rule`` under ``memory: auto``)."""
+        the memory plan's chunk while meta-training with a second-order ``rule`` under ``memory: auto``;
+        one task where :meth:`sequential_tasks` says so or ``model``'s forward pass cannot be vmapped
+        over tasks, see :func:`vmap_blocker`)."""
         from ..adaptation import ENGINES
 
         engine = ENGINES[self.inner.backend]
@@ -201,12 +237,27 @@ class Algorithm(nn.Module):
         out = []
         for positions in batch.groups().values():
             size = engine.chunk_size(self.inner, batch[positions[0]].support_x.device, len(positions))
+            if size > 1 and not limit and model is not None:
+                limit = self._one_task_per_call(model, batch[positions[0]].support_x)
             size = min(size, limit) if limit else size
             if training and plan is not None:  # the chunk planned for this shape
                 own = self._plans.get((self._shape(batch, positions), len(positions)))
                 size = min(size, own.chunk if own is not None and own.mode == plan.mode else plan.chunk)
             out += [positions[i:i + size] for i in range(0, len(positions), size)]
         return out
+
+    def _one_task_per_call(self, model: TrunkHead, x: torch.Tensor) -> int | None:
+        """``1`` (logged once) where ``model``'s forward pass of inputs like ``x`` cannot run in one
+        ``vmap`` call for several tasks (:func:`vmap_blocker`), else ``None``."""
+        reason = vmap_blocker(model, x)
+        if reason is None:
+            return None
+        if "vmap: " + reason not in self._warned:
+            self._warned.add("vmap: " + reason)
+            (log.warning if self.inner.task_chunk > 1 else log.info)(
+                "task_chunk=%d: adapting one task per vmap call (as task_chunk 1) because %s",
+                self.inner.task_chunk, reason)
+        return 1
 
     def meta_step(self, model: TrunkHead, batch: TaskBatch, iteration: int = 0) -> dict[str, float]:
         """Accumulate the meta-gradient of ``batch`` (mean over tasks) into ``.grad``.
@@ -244,7 +295,7 @@ class Algorithm(nn.Module):
     def _meta_step(self, model: TrunkHead, batch: TaskBatch, iteration: int) -> dict[str, float]:
         rule = self.meta_gradient(iteration)
         n = len(batch)
-        chunks = self.chunks(batch, training=True, rule=rule)
+        chunks = self.chunks(batch, training=True, rule=rule, model=model)
 
         def one(m: TrunkHead, positions: list[int]) -> dict[str, torch.Tensor]:
             sx, sy, qx, qy = batch.stack(positions)
@@ -282,8 +333,8 @@ class Algorithm(nn.Module):
             return 1
         reason = self._serial_reason(model, batch, training)
         if reason is not None:
-            if setting > 1 and reason not in self._thread_warnings:
-                self._thread_warnings.add(reason)
+            if setting > 1 and reason not in self._warned:
+                self._warned.add(reason)
                 log.warning("task_threads=%d: adapting one chunk of tasks at a time because %s", setting, reason)
             return 1
         return min(chunks, setting or torch.get_num_threads())
@@ -461,7 +512,7 @@ class Algorithm(nn.Module):
             accs = (logits.argmax(-1) == qy).float().mean(1).tolist() if first.is_classification else None
             return positions, losses, accs
 
-        chunks = self.chunks(batch, training=model.training)
+        chunks = self.chunks(batch, training=model.training, model=model)
         workers = self.task_workers(model, batch, len(chunks), training=model.training)
         with torch.no_grad():
             results = []

@@ -3,9 +3,9 @@
 Each case builds the same model and algorithm twice, runs one meta-step with ``backend="higher"``
 and with the core (one task per call and, where the algorithm allows it, three tasks per
 ``vmap`` call), and compares every meta-gradient (model weights, learned rates, per-step
-BatchNorm sets, multi-task strategy weights, distillation adapters) within 1e-5 in float64, on
-conv4 with BatchNorm and on a small user-defined module (plain ``nn.BatchNorm2d`` with running
-statistics, ``nn.Linear`` head).
+BatchNorm sets, multi-task strategy weights, distillation adapters) and every buffer the
+meta-step leaves (running statistics) within 1e-5 in float64, on conv4 with BatchNorm and on a
+small user-defined module (plain ``nn.BatchNorm2d`` with running statistics, ``nn.Linear`` head).
 """
 from __future__ import annotations
 
@@ -91,13 +91,15 @@ def run(model_name, alg_name, backend, batch, iteration=0, chunk=0, terms=None, 
     params = list(model.named_parameters()) + list(alg.named_parameters())
     params += [(f"term.{n}", p) for t in extra for n, p in t.named_parameters()]
     grads = {n: p.grad.detach().clone() for n, p in params if p.grad is not None}
+    # the running statistics the inner loops left (a user's nn.BatchNorm2d, MAML++'s per-step sets)
+    grads.update({f"buffer.{n}": b.detach().clone() for n, b in [*model.named_buffers(), *alg.named_buffers()]})
     return grads, metrics
 
 
 def assert_same(ref, ours):
     (rg, rm), (og, om) = ref, ours
     assert sorted(rg) == sorted(og)
-    assert rg, "no meta-gradient at all"
+    assert any(not n.startswith("buffer.") for n in rg), "no meta-gradient at all"
     for name in rg:
         torch.testing.assert_close(og[name], rg[name], rtol=1e-5, atol=1e-8, msg=name)
     assert sorted(rm) == sorted(om)
@@ -134,8 +136,7 @@ def test_core_meta_gradients_equal_the_higher_engine(model_name, name, settings)
         pytest.skip("bn_stats='support' is a feature of metamtl's EpisodicBatchNorm layers")
     batch = TaskBatch([episode(s) for s in range(3)])
     ref = run(model_name, name, "higher", batch, iteration, **settings)
-    chunks = [1] if model_name == "user" else [1, 3]  # a BatchNorm with running statistics cannot vmap
-    for chunk in chunks:
+    for chunk in (1, 3):  # the user's BatchNorm with running statistics: task_chunk 3 adapts one task per call
         assert_same(ref, run(model_name, name, "core", batch, iteration, chunk, **settings))
 
 
@@ -205,3 +206,38 @@ def test_normalised_features_equal_the_higher_engine(name, settings, monkeypatch
     ref = run("conv4", name, "higher", batch, **settings)
     for chunk in (1, 3):
         assert_same(ref, run("conv4", name, "core", batch, 0, chunk, **settings))
+
+
+class RunningNormaliser(nn.Module):
+    """A user's trunk that updates a buffer in its forward pass (an EMA of its features) and
+    draws dropout masks: neither can run several tasks in one ``vmap`` call."""
+
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 6)
+        self.drop = nn.Dropout(dropout)
+        self.register_buffer("mu", torch.zeros(6))
+        self.out_features = 6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(self.drop(x.flatten(1)))
+        if self.training:
+            with torch.no_grad():
+                self.mu.mul_(0.5).add_(0.5 * h.mean(0))
+        return torch.tanh(h - self.mu)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("name,settings", [("maml", dict(steps=2, lr=0.3)), ("anil", dict(steps=2, lr=0.5))])
+def test_task_chunks_of_a_model_that_writes_buffers_equal_one_task_per_call(name, settings, dropout, monkeypatch):
+    """Several tasks per vmap call (``task_chunk`` > 1, the GPU default) on a model that updates a
+    buffer or draws dropout masks in its forward pass adapts one task per call: task_chunk 1's result."""
+    def model(out_features):
+        torch.manual_seed(0)
+        return TrunkHead(RunningNormaliser(dropout), nn.Linear(6, out_features))
+
+    monkeypatch.setitem(MODELS, "user", model)
+    batch = TaskBatch([episode(s) for s in range(3)])
+    ref = run("user", name, "core", batch, 0, 1, **settings)
+    assert ref[0]["buffer.trunk.mu"].abs().sum() > 0
+    assert_same(ref, run("user", name, "core", batch, 0, 3, **settings))
