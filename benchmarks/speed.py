@@ -34,7 +34,6 @@ import importlib
 import importlib.util
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,8 @@ from common import provenance, write_section  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
+
+from metamtl.memory import PeakMemory  # noqa: E402
 
 WAYS, SHOTS, QUERIES, SIZE, FILTERS, LR = 5, 1, 15, 28, 64, 0.4
 #: how to get learn2learn (also the hint of benchmarks/learn2learn_side_by_side.py, which needs it)
@@ -458,6 +459,23 @@ RATIOS = [
 
 
 # -- running -------------------------------------------------------------------------------------
+def step_meter(device: str) -> PeakMemory:
+    """A :class:`PeakMemory` started once a row is set up, the same way for every row: the setup
+    (data, model and, with the automatic layout, the layout probe's own meta-steps) already raised
+    the high-water mark and may have left freed memory in the allocator (a MetaLearner keeps it:
+    :func:`~metamtl.allocator.tune_cpu_allocator`), so that memory is handed back and the mark
+    reset first; the meter then sees the warm-up and timed steps only."""
+    import gc
+
+    from metamtl.allocator import _libc
+
+    gc.collect()
+    libc = _libc() if not device.startswith("cuda") else None
+    if libc is not None:
+        libc.malloc_trim(0)
+    return PeakMemory(device).start()
+
+
 def child(name: str, iters: int, device: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     factory = ROWS[name][1]
@@ -465,11 +483,8 @@ def child(name: str, iters: int, device: str, threads: int) -> dict:
     if step is None:
         return {"name": name, **extra}
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        base_cuda = torch.cuda.memory_allocated()
-    step()  # warm-up (excluded)
+    meter = step_meter(device)
+    step()  # warm-up (excluded from the times)
     sync()
     times = []
     for _ in range(iters):
@@ -477,10 +492,8 @@ def child(name: str, iters: int, device: str, threads: int) -> dict:
         step()
         sync()
         times.append(time.perf_counter() - t0)
-    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
-    if device.startswith("cuda"):
-        peak = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
-    return {"name": name, "seconds": statistics.median(times), "all": times, "peak_mb": peak, **extra}
+    return {"name": name, "seconds": statistics.median(times), "all": times, "peak_mb": meter.added_mb,
+            "resettable": meter.resettable, **extra}
 
 
 def run_child(name: str, args) -> dict:
@@ -583,7 +596,8 @@ def main() -> None:
         f"Command: `{' '.join(['python', 'benchmarks/speed.py', *sys.argv[1:]])}` (under `flock -x`), "
         f"{provenance()}, {args.threads} torch threads, device {args.device}.",
         f"Images: {data}. {args.iters} timed iterations per row after one warm-up, median; "
-        "peak MB = max RSS of the row's own process above its RSS after loading data and model."
+        "peak MB = max RSS of the row's own process over its warm-up and timed steps, above its RSS once data, "
+        "model and (automatic layout) the layout probe were set up."
         + (f" Rows run in {args.rounds} rounds, round-robin, a fresh process per row and round: s/iter is the "
            "median of the rounds' medians (each round's in the notes), a ratio is the median of its "
            "per-round ratios (range in brackets), so both rows of a ratio are timed minutes apart in each "

@@ -34,3 +34,23 @@ def test_paths_that_differ_between_rounds_are_all_listed(speed):
     out = speed.combine([{"name": "x", "seconds": 1.0, "peak_mb": 1, "path": p}
                          for p in ("core, channels_last", "core, NCHW")])
     assert out["path"] == "core, channels_last / core, NCHW"
+
+
+def test_peak_mb_counts_the_measured_steps_even_after_a_memory_hungry_setup(speed, monkeypatch):
+    """speed.py read the RSS high-water mark after the row's setup: a setup that peaked higher than
+    the step (the automatic layout's probe runs real meta-steps) left "peak MB" near 0."""
+    import torch
+
+    def factory(device):
+        big = torch.ones(80 * 2**20 // 4)  # 80 MB touched and freed during setup (a layout probe)
+        del big
+
+        def step():
+            t = torch.ones(40 * 2**20 // 4)  # 40 MB per measured step
+            t.add_(1)
+        return step, {}
+
+    monkeypatch.setitem(speed.ROWS, "hungry_setup", ("test", factory))
+    res = speed.child("hungry_setup", 1, "cpu", 1)
+    if res.get("resettable", True):
+        assert res["peak_mb"] >= 30
