@@ -39,8 +39,21 @@ OUT = REPO / "runs" / "time_to_accuracy"
 LABELS = {"core": "core (default)", "higher": "backend higher"}
 
 
+def copy_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def restore(learner, snap: dict) -> None:
+    """Load a snapshot into ``learner``: the model's weights and the algorithm's own meta-learned
+    state (Meta-SGD's per-weight rates, MAML++'s per-step rates and BN parameters)."""
+    learner.model.load_state_dict(snap["state"])
+    if "algorithm_state" in snap:  # snapshots written before it was saved hold the model only
+        learner.algorithm.load_state_dict(snap["algorithm_state"])
+
+
 class Snapshots(Callback):
-    """Copy the weights every ``every`` seconds of training; the copying time is not counted."""
+    """Copy the learner's state (model and algorithm) every ``every`` seconds of training; the
+    copying time is not counted."""
 
     def __init__(self, every: float) -> None:
         self.every = every
@@ -51,8 +64,9 @@ class Snapshots(Callback):
         trained = state.elapsed - self.overhead
         if trained >= self.every * (len(self.rows) + 1):
             t0 = time.perf_counter()
-            weights = {k: v.detach().clone() for k, v in state.learner.model.state_dict().items()}
-            self.rows.append({"seconds": trained, "iteration": state.iteration, "state": weights})
+            self.rows.append({"seconds": trained, "iteration": state.iteration,
+                              "state": copy_state(state.learner.model),
+                              "algorithm_state": copy_state(state.learner.algorithm)})
             self.overhead += time.perf_counter() - t0
 
 
@@ -95,7 +109,7 @@ def evaluate(args) -> None:
         learner = build_learner(cfg, tasks["train"])
         points = []
         for snap in run["snapshots"]:
-            learner.model.load_state_dict(snap["state"])
+            restore(learner, snap)
             res = learner.evaluate(tasks["test"], cfg.eval.episodes, progress=False)
             points.append({"minutes": snap["seconds"] / 60, "iteration": snap["iteration"],
                            "accuracy": res.accuracy, "ci95": res.ci95})
