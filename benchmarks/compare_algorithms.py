@@ -133,11 +133,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def _without(args: list[str], *options: str) -> list[str]:
-    """``args`` minus the given options and their values."""
+    """``args`` minus the given options and their values (``--opt value ...`` and ``--opt=value``)."""
     out, skip = [], False
     for a in args:
         if a.startswith("--"):
-            skip = a in options
+            skip = a.split("=", 1)[0] in options
         if not skip:
             out.append(a)
     return out

@@ -56,3 +56,9 @@ def test_benchmark_rows_get_published_numbers_only_where_the_report_reads_them(b
     assert published(row) == "95.80 / 97.65"
     assert published({**row, "hierarchy": 1}) == "– / –"
     assert published({**row, "head": "bdcspn", "transductive": True}, transductive=True) == "– / –"
+
+
+def test_the_child_command_drops_lock_and_methods_in_both_spellings(compare):
+    """``--lock=FILE`` reached the child, which then waited forever for its parent's lock."""
+    argv = ["--lock=/tmp/l", "--methods=maml", "--set", "eval.episodes=2", "--lock", "/tmp/l", "--methods", "a", "b"]
+    assert compare._without(argv, "--lock", "--methods") == ["--set", "eval.episodes=2"]
