@@ -154,11 +154,32 @@ def provenance() -> str:
             f"{os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}")
 
 
+#: (vendor, CPU family, model) -> the name RESULTS.md's machine definitions give that CPU
+CPU_GENERATIONS = {("AuthenticAMD", "25", "1"): "zen3", ("AuthenticAMD", "25", "17"): "zen4"}
+
+
+def cpu_label(cpu_count: int | None = None, cpu: str | None = None, cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU machine label of RESULTS.md: ``CPU-<cores>c`` plus the CPU generation read from
+    ``cpuinfo`` (``CPU-2c-zen4``), or the model name, family and model when RESULTS.md names no
+    machine with that CPU.  ``cpu`` (a run's recorded model name): no generation is added when it
+    is not this machine's, as the run was measured elsewhere."""
+    from metamtl.environment import cpuinfo_field
+
+    base = f"CPU-{cpu_count if cpu_count is not None else os.cpu_count()}c"
+    name = cpuinfo_field("model name", cpuinfo=cpuinfo)
+    if name is None or (cpu is not None and cpu != name):
+        return base
+    key = tuple(cpuinfo_field(k, cpuinfo=cpuinfo) for k in ("vendor_id", "cpu family", "model"))
+    if key in CPU_GENERATIONS:
+        return f"{base}-{CPU_GENERATIONS[key]}"
+    return f"{base} ({name}, family {key[1]} model {key[2]})"
+
+
 def machine(results: dict[str, Any]) -> str:
     m = results.get("machine", {})
     if m.get("cuda") and results.get("config", {}).get("train", {}).get("device") != "cpu":
         return f"GPU {m['cuda']}"
-    return f"CPU-{m.get('cpu_count', '?')}c"
+    return cpu_label(m.get("cpu_count", "?"), m.get("cpu"))
 
 
 def command() -> str:

@@ -3,8 +3,8 @@
 Runs ``tests/reliability`` (and the bad-input tests of the core suite it points to) under pytest,
 counts every executed case by the category of its ``pytest.mark.reliability(...)`` mark (a
 parametrised case counts once per parameter set; cases of the core suite count as ``bad_input``),
-and reads the fuzzing tally (how many generated inputs worked and how many were refused with a
-``MetamtlError``; anything else fails the test).  A case counts as *handled* when its test passed:
+and reads the fuzzing tally (how many generated inputs worked, how many were refused with a
+``MetamtlError`` and how many raised anything else, which also fails the test).  A case counts as *handled* when its test passed:
 the error was the library's own with the expected message, or the fault left the run intact.
 
     python benchmarks/reliability_counts.py                # the default (derandomized) fuzz profile
@@ -26,8 +26,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import pytest  # noqa: E402
+
+from common import cpu_label  # noqa: E402
 
 #: core-suite tests that check bad inputs (see tests/reliability/test_bad_inputs.py)
 CORE_BAD_INPUT = [
@@ -85,12 +88,12 @@ def table(outcomes: dict, fuzz: dict) -> list[str]:
         lines.append(f"| {label} | {sum(c.values())} | {c['handled']} | {c['failed'] + c['skipped']} |")
     lines += ["", "| fuzz target | generated inputs | worked | refused with a MetamtlError | anything else |",
               "|---|---|---|---|---|"]
+    kinds = ("worked", "library_error", "other")
     for name, c in sorted(fuzz.items()):
-        worked, refused = c.get("worked", 0), c.get("library_error", 0)
-        lines.append(f"| {name} | {worked + refused} | {worked} | {refused} | 0 |")
-    total = sum(c.get("worked", 0) + c.get("library_error", 0) for c in fuzz.values())
-    lines.append(f"| **all** | **{total}** | {sum(c.get('worked', 0) for c in fuzz.values())} | "
-                 f"{sum(c.get('library_error', 0) for c in fuzz.values())} | 0 |")
+        counts = [c.get(k, 0) for k in kinds]
+        lines.append(f"| {name} | {sum(counts)} | " + " | ".join(map(str, counts)) + " |")
+    totals = [sum(c.get(k, 0) for c in fuzz.values()) for k in kinds]
+    lines.append(f"| **all** | **{sum(totals)}** | " + " | ".join(map(str, totals)) + " |")
     return lines
 
 
@@ -120,7 +123,7 @@ def main() -> None:
         SECTION, "",
         f"Command: `{'HYPOTHESIS_PROFILE=deep ' if profile == 'deep' else ''}python benchmarks/reliability_counts.py"
         f"{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`, date {time.strftime('%Y-%m-%d')}, "
-        f"commit {commit}, machine CPU-2c, fuzz profile {profile}, pytest exit {code}, {seconds:.0f} s. "
+        f"commit {commit}, machine {cpu_label()}, fuzz profile {profile}, pytest exit {code}, {seconds:.0f} s. "
         "Every case is a test that passed only if the library raised its own error type with a message "
         "saying what to fix, or the injected fault left the previous checkpoint loadable, the state in "
         "memory intact and the run resumable (see README, \"What each failure does\").", "",

@@ -85,7 +85,7 @@ def cli_env() -> dict[str, str]:
 PYTHON = sys.executable
 
 
-#: fuzz outcomes: target -> Counter(worked=..., library_error=...)
+#: fuzz outcomes: target -> Counter(worked=..., library_error=..., other=...)
 TALLY: defaultdict[str, Counter] = defaultdict(Counter)
 
 

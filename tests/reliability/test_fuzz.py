@@ -34,12 +34,16 @@ def fuzz(examples: int):
 
 
 def outcome(tally: dict, name: str, call):
-    """Run ``call``; a MetamtlError counts as handled, anything else fails the test."""
+    """Run ``call``; a MetamtlError counts as handled, anything else is counted (``other``) and
+    fails the test."""
     try:
         result = call()
     except MetamtlError:
         tally[name]["library_error"] += 1
         return None
+    except Exception:
+        tally[name]["other"] += 1
+        raise
     tally[name]["worked"] += 1
     return result
 
@@ -171,3 +175,14 @@ def test_damaged_checkpoint_bytes(tally, tmp_path, checkpoint_bytes, data):
     learner = outcome(tally, "checkpoint", lambda: MetaLearner.load(path, device="cpu"))
     if learner is not None:  # whatever loads is a usable learner
         assert learner.model.config["name"] == "conv4"
+
+
+def test_an_input_that_raises_anything_else_is_counted_before_it_fails_the_test():
+    """The tally counted only ``worked`` and ``library_error``: reliability_counts.py printed 0
+    under "anything else" even when a fuzz test had failed."""
+    from collections import Counter, defaultdict
+
+    counts: defaultdict[str, Counter] = defaultdict(Counter)
+    with pytest.raises(ZeroDivisionError):
+        outcome(counts, "target", lambda: 1 / 0)
+    assert counts["target"] == Counter(other=1)

@@ -1,0 +1,36 @@
+"""benchmarks/common.py and reliability_counts.py: what the records of RESULTS.md say."""
+from __future__ import annotations
+
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def common(benchmark_script):
+    return benchmark_script("common")
+
+
+def _cpuinfo(tmp_path, family: str, model: str, name: str = "AMD EPYC") -> str:
+    path = tmp_path / f"cpuinfo-{family}-{model}"
+    path.write_text(f"processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: {model}\n"
+                    f"model name\t: {name}\n")
+    return str(path)
+
+
+def test_the_machine_label_names_the_cpu_generation_as_results_md_does(common, tmp_path):
+    """Every 2-core CPU was stamped "CPU-2c", which RESULTS.md defines as another machine than
+    CPU-2c-zen4 / CPU-2c-zen3."""
+    assert common.cpu_label(2, cpuinfo=_cpuinfo(tmp_path, "25", "17")) == "CPU-2c-zen4"
+    assert common.cpu_label(2, cpuinfo=_cpuinfo(tmp_path, "25", "1")) == "CPU-2c-zen3"
+    unknown = common.cpu_label(2, cpuinfo=_cpuinfo(tmp_path, "23", "49"))
+    assert unknown == "CPU-2c (AMD EPYC, family 23 model 49)"
+    # a run recorded on another CPU model: no generation read from this machine
+    assert common.cpu_label(2, "Intel Xeon", cpuinfo=_cpuinfo(tmp_path, "25", "17")) == "CPU-2c"
+
+
+def test_fuzz_table_counts_anything_else(benchmark_script):
+    rc = benchmark_script("reliability_counts")
+    lines = rc.table({}, {"config": {"worked": 8, "library_error": 139, "other": 2}, "cli": {"worked": 1}})
+    assert "| config | 149 | 8 | 139 | 2 |" in lines
+    assert "| cli | 1 | 1 | 0 | 0 |" in lines
+    assert "| **all** | **150** | 9 | 139 | 2 |" in lines
