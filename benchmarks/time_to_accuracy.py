@@ -9,8 +9,8 @@ backend (``--backends``) or per named variant (``--variant LABEL="key=value key=
 as in a shell: ``--variant proto="'algorithm={name: protonet}'"``) for ``--minutes`` of
 training time, snapshotting the weights every ``--every`` seconds of
 training (the snapshot copies are not counted); it must own the CPU, the clock is the result.
-``evaluate`` then measures every snapshot on the held-out test characters (600 episodes, 15
-queries, as the demo reports; evaluation time is not training time), plots accuracy against
+``evaluate`` then measures every snapshot on the held-out test split with each run's own config
+(its ``eval.episodes`` and ``eval.queries``; evaluation time is not training time), plots accuracy against
 training minutes (benchmarks/figures/time_to_accuracy.png) and prints when each curve first reaches the
 target (95%); ``--write`` records it in benchmarks/RESULTS.md.
 """
@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 
-from common import data_root, provenance  # noqa: E402
+from common import commit, data_root, provenance  # noqa: E402
 from metamtl.callbacks import Callback  # noqa: E402
 from metamtl.config import load_config  # noqa: E402
 from metamtl.experiment import build_learner, build_tasks, seed_everything  # noqa: E402
@@ -85,6 +85,7 @@ def variants(args) -> dict[str, list[str]]:
 
 def train(args) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
+    commit()  # the checkout as training starts (cached)
     for backend, overrides in variants(args).items():
         cfg = load_config(args.config, [*overrides, "train.val_every=1000000"])
         seed_everything(cfg.seed)
@@ -94,17 +95,36 @@ def train(args) -> None:
         learner.fit(tasks["train"], None, iterations=10**7, meta_batch_size=cfg.train.meta_batch_size,
                     budget_minutes=args.minutes, progress=True)
         torch.save({"backend": backend, "overrides": overrides, "config": str(args.config),
-                    "threads": torch.get_num_threads(), "snapshots": snaps.rows},
+                    "threads": torch.get_num_threads(), "snapshots": snaps.rows, "commit": commit(),
+                    "date": time.strftime("%Y-%m-%d"), "command": command()},
                    OUT / f"{backend}.pt")
         print(f"{backend}: {learner.iteration} iterations, {len(snaps.rows)} snapshots", flush=True)
 
 
+def command() -> str:
+    """The command as run (``python benchmarks/time_to_accuracy.py train ...``)."""
+    return shlex.join(["python", "benchmarks/time_to_accuracy.py", *sys.argv[1:]])
+
+
+def run_info(run: dict, cfg) -> dict:
+    """What a RESULTS.md record says about one evaluated run: the config it was trained with
+    (relative to the repository where it lies inside), its evaluation and its training's
+    provenance (``unknown`` for snapshot files written before it was saved)."""
+    config = Path(run["config"])
+    if config.is_absolute() and config.is_relative_to(REPO):
+        config = config.relative_to(REPO)
+    return {"config": str(config), "episodes": cfg.eval.episodes, "queries": cfg.eval.queries,
+            "commit": run.get("commit", "unknown"), "date": run.get("date", "unknown"),
+            "command": run.get("command", "unknown")}
+
+
 def evaluate(args) -> None:
-    curves, runs = {}, {}
+    curves, runs, infos = {}, {}, {}
     for path in sorted(OUT.glob("*.pt")):
         run = torch.load(path, weights_only=False)
         overrides = runs[run["backend"]] = run.get("overrides", [f"algorithm.backend={run['backend']}"])
         cfg = load_config(run["config"], overrides)
+        infos[run["backend"]] = run_info(run, cfg)
         tasks = build_tasks(cfg)
         learner = build_learner(cfg, tasks["train"])
         points = []
@@ -129,7 +149,7 @@ def evaluate(args) -> None:
                      f"{last['minutes']:.2f} min ({last['iteration']} iterations) |")
     print("\n".join(lines))
     if args.write:
-        write_results(lines, args)
+        write_results(lines, args, infos)
 
 
 def plot(curves: dict, target: float, path: Path) -> None:
@@ -154,13 +174,21 @@ def plot(curves: dict, target: float, path: Path) -> None:
     print(f"plot: {path}")
 
 
-def write_results(lines: list[str], args) -> None:
+def runs_cell(infos: dict[str, dict]) -> str:
+    """The runs' training and evaluation, once when they all share it, else per run."""
+    def text(i: dict) -> str:
+        return (f"trained with `{i['command']}` (commit {i['commit']}, date {i['date']}), config {i['config']}, "
+                f"evaluated on the test split: {i['episodes']} episodes, {i['queries']} queries per class")
+
+    if len({text(i) for i in infos.values()}) == 1:
+        return "All runs " + text(next(iter(infos.values())))
+    return "; ".join(f"{label}: {text(i)}" for label, i in infos.items())
+
+
+def write_results(lines: list[str], args, infos: dict[str, dict]) -> None:
     path = REPO / "benchmarks" / "RESULTS.md"
     header = [
-        f"Commands: `flock -x /tmp/metamtl-cpu.lock python benchmarks/time_to_accuracy.py train` then "
-        f"`python benchmarks/time_to_accuracy.py evaluate --write`; {provenance()}. Config "
-        f"{Path(args.config).relative_to(REPO) if Path(args.config).is_absolute() else args.config}; "
-        "held-out test characters, 600 episodes, 15 queries; evaluation time excluded. "
+        f"{runs_cell(infos)}. Evaluation: `{command()}`; {provenance()}; evaluation time excluded. "
         "Curve: [benchmarks/figures/time_to_accuracy.png](figures/time_to_accuracy.png).",
         "",
         f"| run | settings | first snapshot >= {100 * args.target:.0f}% | last snapshot |",
@@ -188,8 +216,6 @@ def main() -> None:
                    help="a curve with these config overrides (repeatable; replaces --backends)")
     e = sub.add_parser("evaluate")
     e.add_argument("--target", type=float, default=0.95)
-    e.add_argument("--config", default=str(REPO / "configs" / "omniglot_5w1s.yaml"),
-                   help="the config the snapshots were trained with (named in the RESULTS.md record)")
     e.add_argument("--write", action="store_true")
     args = parser.parse_args()
     os.environ["METAMTL_DATA"] = str(data_root(None))  # $METAMTL_DATA, else ../shared/data

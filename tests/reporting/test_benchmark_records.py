@@ -1,7 +1,6 @@
 """benchmarks/common.py and reliability_counts.py: what the records of RESULTS.md say."""
 from __future__ import annotations
 
-
 import pytest
 
 

@@ -1,6 +1,8 @@
 """benchmarks/time_to_accuracy.py: what a snapshot holds, and the record it writes."""
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 
@@ -40,3 +42,26 @@ def test_a_snapshot_restores_the_algorithms_learned_rates_too(tta):
         assert torch.equal(a, b), name
     for a, b in zip(trained.model.state_dict().values(), fresh.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def _results_copy(tmp_path, monkeypatch, tta):
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "RESULTS.md").write_text("# r\n\n<!-- tta:start -->\nold\n<!-- tta:end -->\n\nkeep\n")
+    monkeypatch.setattr(tta, "REPO", tmp_path)
+    return tmp_path / "benchmarks" / "RESULTS.md"
+
+
+def test_the_record_names_the_evaluated_runs_config_episodes_and_training_commit(tta, tmp_path, monkeypatch):
+    """The record named evaluate's --config default, "600 episodes, 15 queries" and the evaluation's
+    commit whatever the snapshots had been trained and scored with."""
+    path = _results_copy(tmp_path, monkeypatch, tta)
+    info = {"config": "configs/benchmarks/omniglot_5w5s.yaml", "episodes": 100, "queries": 5,
+            "commit": "abc1234", "date": "2026-12-01", "command": "python benchmarks/time_to_accuracy.py train"}
+    tta.write_results(["| core | x | 1.00 min | 96% |"], argparse.Namespace(target=0.95), {"core": info})
+    text = path.read_text()
+    assert "configs/benchmarks/omniglot_5w5s.yaml" in text and "omniglot_5w1s" not in text
+    assert "100 episodes, 5 queries" in text and "600 episodes" not in text
+    assert "commit abc1234, date 2026-12-01" in text and "flock" not in text
+    assert text.endswith("<!-- tta:end -->\n\nkeep\n")
+    other = {**info, "config": "configs/omniglot_5w1s.yaml", "episodes": 600}
+    assert tta.runs_cell({"a": info, "b": other}).count("config ") == 2  # differing runs: one entry each
