@@ -252,19 +252,43 @@ def record(key: str, title: str, rows: Sequence[str], path: Path = RESULTS) -> N
     if marker not in text:
         text = text.rstrip("\n") + f"\n\n### {title}\n\n{HEADER}{marker}\n"
     head, tail = text.split(marker, 1)
-    path.write_text(head + "".join(r + "\n" for r in rows) + marker + tail)
+    from metamtl.files import atomic_write_text
+
+    atomic_write_text(path, head + "".join(r + "\n" for r in rows) + marker + tail)
     print(f"[benchmark] recorded {len(rows)} row(s) in {path}")
 
 
-def write_section(key: str, title: str, lines: Sequence[str], path: Path = RESULTS) -> None:
-    """Replace the block between ``<!-- key:start -->`` and ``<!-- key:end -->`` in RESULTS.md with
-    ``lines`` (the block, under a ``## title`` heading, is appended when missing)."""
-    text = path.read_text()
+def check_section(key: str, path: Path = RESULTS) -> str:
+    """The text of ``path`` (a new results file's heading when there is none), after checking that
+    its ``<!-- key:start -->`` / ``<!-- key:end -->`` markers can be replaced: both or neither, once
+    each, start first.  Call it before a long run, so that a hand-edited file is found then and not
+    after the measurements.  Raises :class:`~metamtl.errors.InputError` saying what to fix."""
+    from metamtl.errors import InputError
+
+    text = path.read_text() if path.is_file() else "# metamtl results\n"
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    counts = (text.count(start), text.count(end))
+    if counts == (0, 0) or (counts == (1, 1) and text.index(start) < text.index(end)):
+        return text
+    raise InputError(
+        f"{path} has {counts[0]} `{start}` and {counts[1]} `{end}` marker(s)" + (", the end first" if counts == (1, 1) else "")
+        + f": the block to replace must be marked by one `{start}` followed by one `{end}`. Fix the markers "
+        "by hand (or remove both to have the section appended at the end of the file), then run again.")
+
+
+def write_section(key: str, title: str, lines: Sequence[str], path: Path = RESULTS, heading: str = "##") -> None:
+    """Replace the block between ``<!-- key:start -->`` and ``<!-- key:end -->`` in ``path`` with
+    ``lines`` (the block, under a ``<heading> title`` heading, is appended when missing; the file is
+    created when there is none).  The markers are checked first (:func:`check_section`) and the
+    file is replaced atomically, so an interrupted write leaves the previous file."""
+    from metamtl.files import atomic_write_text
+
+    text = check_section(key, path)
     start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
     block = "\n".join([start, *lines, end])
     if start in text:
         before, rest = text.split(start, 1)
         text = before + block + rest.split(end, 1)[1]
     else:
-        text = text.rstrip() + f"\n\n## {title}\n\n" + block + "\n"
-    path.write_text(text)
+        text = text.rstrip() + f"\n\n{heading} {title}\n\n" + block + "\n"
+    atomic_write_text(path, text)

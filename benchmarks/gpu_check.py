@@ -31,9 +31,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import torch  # noqa: E402
 
 import speed  # noqa: E402
-from common import data_root, provenance  # noqa: E402
-
-START, END = "<!-- gpu:start -->", "<!-- gpu:end -->"
+from common import check_section, data_root, provenance, write_section  # noqa: E402
 
 
 def speed_rows(smoke: bool) -> dict[str, tuple[str, object]]:
@@ -100,14 +98,7 @@ def train_row(device: str, smoke: bool, root: Path, output_dir: str) -> dict[str
 
 
 def write(path: Path, lines: list[str]) -> None:
-    text = path.read_text() if path.is_file() else "# metamtl results\n"
-    block = "\n".join([START, *lines, END])
-    if START in text:
-        before, rest = text.split(START, 1)
-        text = before + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n## GPU check (`benchmarks/gpu_check.py`)\n\n" + block + "\n"
-    path.write_text(text)
+    write_section("gpu", "GPU check (`benchmarks/gpu_check.py`)", lines, path=path)
 
 
 def main() -> None:
@@ -126,6 +117,9 @@ def main() -> None:
         speed.FILTERS = 8  # tiny conv4 for the code-path check
     torch.set_num_threads(min(2, torch.get_num_threads()))
     root = data_root(args.data_root)
+    target = args.results if args.results is not None else (None if args.smoke else REPO / "benchmarks" / "RESULTS.md")
+    if target is not None:
+        check_section("gpu", target)  # a hand-edited file fails now, not after the run
     t_start = time.perf_counter()
     gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else "none (CPU smoke run)"
     header = [f"Command: `python benchmarks/gpu_check.py {' '.join(sys.argv[1:])}`, {provenance()}, "
@@ -152,7 +146,6 @@ def main() -> None:
     total = (time.perf_counter() - t_start) / 60
     lines += ["", f"Whole check: {total:.1f} minutes."]
     print("\n".join(lines[-5:]), flush=True)
-    target = args.results if args.results is not None else (None if args.smoke else REPO / "benchmarks" / "RESULTS.md")
     if target is not None:
         write(target, header + [""] + lines)
         print(f"gpu_check: rows written to {target}")

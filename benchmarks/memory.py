@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import provenance, write_section  # noqa: E402
+from common import check_section, provenance, write_section  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -252,6 +252,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {METHODS}")
     steps = tuple(int(s) for s in args.steps_list.split(","))
+    if args.write:
+        check_section("memory")  # a hand-edited RESULTS.md fails now, not after the run
     kind = "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "peak RSS"
     header = [
         f"Command: `{' '.join(['python', 'benchmarks/memory.py', *sys.argv[1:]])}` (under the bench lock; "

@@ -107,7 +107,9 @@ def write(lines: list[str]) -> None:
         text = head + block + (rest[nxt + 1:] if nxt >= 0 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
+    from metamtl.files import atomic_write_text
+
+    atomic_write_text(path, text)  # an interrupted write leaves the previous file
 
 
 def main() -> None:

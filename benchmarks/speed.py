@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import provenance, write_section  # noqa: E402
+from common import check_section, provenance, write_section  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -559,11 +559,15 @@ def table(results: dict[str, dict]) -> list[str]:
     return lines
 
 
+def section(selected: bool) -> tuple[str, str]:
+    """RESULTS.md section (key, title): "Speed", or for an ``--only`` subset its own section."""
+    return (("speed-selected", "Speed: selected rows (`benchmarks/speed.py --only`)") if selected else
+            ("speed", "Speed (`benchmarks/speed.py`)"))
+
+
 def write_results(lines: list[str], header: list[str], selected: bool = False) -> None:
-    """The table into RESULTS.md: section "Speed", or for an ``--only`` subset its own section."""
-    key, title = ("speed-selected", "Speed: selected rows (`benchmarks/speed.py --only`)") if selected else \
-        ("speed", "Speed (`benchmarks/speed.py`)")
-    write_section(key, title, [*header, "", *lines])
+    """The table into its RESULTS.md section (:func:`section`)."""
+    write_section(*section(selected), [*header, "", *lines])
 
 
 def main() -> None:
@@ -589,6 +593,8 @@ def main() -> None:
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    if args.write:
+        check_section(section(bool(args.only))[0])  # a hand-edited RESULTS.md fails now, not after the run
     if import_learn2learn() is None:
         print(L2L_INSTALL, file=sys.stderr)
     _, data = load_images()

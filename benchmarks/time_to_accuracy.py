@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 
-from common import commit, data_root, provenance  # noqa: E402
+from common import check_section, commit, data_root, provenance, write_section  # noqa: E402
 from metamtl.callbacks import Callback  # noqa: E402
 from metamtl.config import load_config  # noqa: E402
 from metamtl.experiment import build_learner, build_tasks, seed_everything  # noqa: E402
@@ -119,6 +119,8 @@ def run_info(run: dict, cfg) -> dict:
 
 
 def evaluate(args) -> None:
+    if args.write:
+        check_section("tta", results_path())  # a hand-edited file fails now, not after the evaluation
     curves, runs, infos = {}, {}, {}
     for path in sorted(OUT.glob("*.pt")):
         run = torch.load(path, weights_only=False)
@@ -185,8 +187,12 @@ def runs_cell(infos: dict[str, dict]) -> str:
     return "; ".join(f"{label}: {text(i)}" for label, i in infos.items())
 
 
+def results_path() -> Path:
+    return REPO / "benchmarks" / "RESULTS.md"
+
+
 def write_results(lines: list[str], args, infos: dict[str, dict]) -> None:
-    path = REPO / "benchmarks" / "RESULTS.md"
+    path = results_path()
     header = [
         f"{runs_cell(infos)}. Evaluation: `{command()}`; {provenance()}; evaluation time excluded. "
         "Curve: [benchmarks/figures/time_to_accuracy.png](figures/time_to_accuracy.png).",
@@ -194,14 +200,7 @@ def write_results(lines: list[str], args, infos: dict[str, dict]) -> None:
         f"| run | settings | first snapshot >= {100 * args.target:.0f}% | last snapshot |",
         "|---|---|---|---|",
     ]
-    block = "\n".join(["<!-- tta:start -->", *header, *lines, "<!-- tta:end -->"])
-    text = path.read_text()
-    if "<!-- tta:start -->" in text:
-        before, rest = text.split("<!-- tta:start -->", 1)
-        text = before + block + rest.split("<!-- tta:end -->", 1)[1]
-    else:
-        text = text.rstrip() + "\n\n### Time to accuracy (`benchmarks/time_to_accuracy.py`)\n\n" + block + "\n"
-    path.write_text(text)
+    write_section("tta", "Time to accuracy (`benchmarks/time_to_accuracy.py`)", [*header, *lines], path, heading="###")
 
 
 def main() -> None:

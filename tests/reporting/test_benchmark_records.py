@@ -33,3 +33,34 @@ def test_fuzz_table_counts_anything_else(benchmark_script):
     assert "| config | 149 | 8 | 139 | 2 |" in lines
     assert "| cli | 1 | 1 | 0 | 0 |" in lines
     assert "| **all** | **150** | 9 | 139 | 2 |" in lines
+
+
+def test_a_section_without_its_end_marker_is_refused_up_front_and_the_file_kept(common, tmp_path):
+    """A start marker without its end marker crashed the section writer with a bare IndexError
+    after the whole run (the measured table lost)."""
+    from metamtl.errors import InputError
+
+    path = tmp_path / "RESULTS.md"
+    text = "# r\n\n## Speed\n\n<!-- speed:start -->\nold table\n\n## Memory\n\nkeep me\n"
+    path.write_text(text)
+    with pytest.raises(InputError, match="<!-- speed:end -->"):
+        common.check_section("speed", path)
+    with pytest.raises(InputError, match="<!-- speed:end -->"):
+        common.write_section("speed", "Speed", ["new table"], path=path)
+    path.write_text(text + "<!-- speed:end -->\n<!-- speed:end -->\n")
+    with pytest.raises(InputError, match="2 `<!-- speed:end -->`"):
+        common.write_section("speed", "Speed", ["new table"], path=path)
+    assert path.read_text() == text + "<!-- speed:end -->\n<!-- speed:end -->\n"
+
+
+def test_write_section_replaces_only_its_block_leaving_no_temporary_file(common, tmp_path):
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# r\n\n<!-- speed:start -->\nold\n<!-- speed:end -->\n\nkeep me\n")
+    common.write_section("speed", "Speed", ["new"], path=path)
+    assert path.read_text() == "# r\n\n<!-- speed:start -->\nnew\n<!-- speed:end -->\n\nkeep me\n"
+    common.write_section("tta", "Time", ["t"], path=path, heading="###")
+    assert path.read_text().endswith("keep me\n\n### Time\n\n<!-- tta:start -->\nt\n<!-- tta:end -->\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["RESULTS.md"]
+    fresh = tmp_path / "new" / "R.md"  # gpu_check --results to a file not there yet
+    common.write_section("gpu", "GPU check", ["row"], path=fresh)
+    assert fresh.read_text().startswith("# metamtl results\n\n## GPU check\n\n<!-- gpu:start -->\nrow\n")
