@@ -154,6 +154,40 @@ def provenance() -> str:
             f"{os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}")
 
 
+def _ancestors() -> set[int]:
+    """This process and its parents (from ``/proc``; just this process where that cannot be read)."""
+    pids, pid = {os.getpid()}, os.getppid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return pids
+
+
+def exclusive_lock_held(locks: str = "/proc/locks") -> bool:
+    """Whether this process or a parent (``flock -x FILE python ...``) holds an exclusive flock."""
+    try:
+        lines = Path(locks).read_text().splitlines()
+    except OSError:
+        return False
+    owners = _ancestors()
+    for line in lines:
+        parts = line.split()
+        if "->" not in parts and len(parts) > 4 and parts[1:4] == ["FLOCK", "ADVISORY", "WRITE"]:
+            if parts[4].isdigit() and int(parts[4]) in owners:
+                return True
+    return False
+
+
+def run_conditions() -> str:
+    """What a timed run can tell about how it shared the machine, at start-up: whether it runs
+    under an exclusive flock (the bench lock) and the 1-minute load average."""
+    lock = "under an exclusive flock" if exclusive_lock_held() else "no exclusive flock held"
+    return f"{lock}, load average {os.getloadavg()[0]:.2f} at start"
+
+
 #: (vendor, CPU family, model) -> the name RESULTS.md's machine definitions give that CPU
 CPU_GENERATIONS = {("AuthenticAMD", "25", "1"): "zen3", ("AuthenticAMD", "25", "17"): "zen4"}
 

@@ -82,7 +82,24 @@ def row(method: str, res: dict) -> dict:
                     for (w, s), t in sorted(tests.items())},
         "commit": res.get("commit"),
         "date": res.get("date"),
+        "budget_minutes": res["config"].get("train", {}).get("budget_minutes"),
     }
+
+
+def plot_title(rows: list[dict]) -> str:
+    """What the plotted runs had in common, from their own configs and results."""
+    def minutes(b) -> str:
+        return "no budget" if b is None else f"{b:g} min"
+
+    budgets = {r.get("budget_minutes") for r in rows}
+    if len(budgets) > 1:
+        budget = "Training budgets: " + ", ".join(f"{r['label']} {minutes(r.get('budget_minutes'))}" for r in rows)
+    else:
+        (only,) = budgets
+        budget = "No training time budget" if only is None else f"Same {only:g}-minute training budget per method"
+    episodes = sorted({v[2] for r in rows for v in r["results"].values()})
+    counts = f"{episodes[0]}" if len(episodes) == 1 else f"{episodes[0]}-{episodes[-1]}"
+    return f"{budget} ({counts} test episodes{' each' if len(episodes) == 1 else ''})"
 
 
 def table(rows: list[dict]) -> str:
@@ -126,7 +143,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(f"Omniglot {s}, held-out characters")
         for i, (a, c) in enumerate(zip(accs, cis)):
             ax.text(a + c + 0.3, i, f"{a:.1f}", va="center", fontsize=8)
-    fig.suptitle("Same 10-minute CPU training budget per method (600 test episodes each)")
+    fig.suptitle(plot_title(rows))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import check_section, provenance, write_section  # noqa: E402
+from common import check_section, provenance, run_conditions, write_section  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -256,8 +256,8 @@ def main() -> None:
         check_section("memory")  # a hand-edited RESULTS.md fails now, not after the run
     kind = "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "peak RSS"
     header = [
-        f"Command: `{' '.join(['python', 'benchmarks/memory.py', *sys.argv[1:]])}` (under the bench lock; "
-        f"other developers' niced processes shared the 2 cores), {provenance()}, {args.threads} torch threads, "
+        f"Command: `{' '.join(['python', 'benchmarks/memory.py', *sys.argv[1:]])}` ({run_conditions()}), "
+        f"{provenance()}, {args.threads} torch threads, "
         f"device {args.device}.",
         f"Setting: MAML mini-ImageNet shape, {WAYS}-way {SHOTS}-shot, {QUERIES} queries per class, conv4-{FILTERS} on "
         f"{SIZE}x{SIZE} RGB (synthetic images), {TASKS} tasks per meta-batch, inner SGD lr {LR}, Adam meta-step. "

@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import check_section, provenance, write_section  # noqa: E402
+from common import check_section, provenance, run_conditions, write_section  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -599,7 +599,7 @@ def main() -> None:
         print(L2L_INSTALL, file=sys.stderr)
     _, data = load_images()
     header = [
-        f"Command: `{' '.join(['python', 'benchmarks/speed.py', *sys.argv[1:]])}` (under `flock -x`), "
+        f"Command: `{' '.join(['python', 'benchmarks/speed.py', *sys.argv[1:]])}` ({run_conditions()}), "
         f"{provenance()}, {args.threads} torch threads, device {args.device}.",
         f"Images: {data}. {args.iters} timed iterations per row after one warm-up, median; "
         "peak MB = max RSS of the row's own process over its warm-up and timed steps, above its RSS once data, "

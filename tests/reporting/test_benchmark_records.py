@@ -64,3 +64,34 @@ def test_write_section_replaces_only_its_block_leaving_no_temporary_file(common,
     fresh = tmp_path / "new" / "R.md"  # gpu_check --results to a file not there yet
     common.write_section("gpu", "GPU check", ["row"], path=fresh)
     assert fresh.read_text().startswith("# metamtl results\n\n## GPU check\n\n<!-- gpu:start -->\nrow\n")
+
+
+def test_run_conditions_say_whether_an_exclusive_flock_is_actually_held(common, tmp_path):
+    """speed.py wrote "(under `flock -x`)" and memory.py "(under the bench lock; ...)" whatever ran."""
+    import shutil
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import common; "
+            "print(common.exclusive_lock_held(), common.run_conditions())")
+    bench = str(common.REPO / "benchmarks")
+    plain = subprocess.run([sys.executable, "-c", code, bench], capture_output=True, text=True, check=True).stdout
+    assert plain.startswith("False no exclusive flock held, load average ")
+    if shutil.which("flock") is None or not (common.Path("/proc/locks")).is_file():
+        pytest.skip("needs flock(1) and /proc/locks")
+    locked = subprocess.run(["flock", "-x", str(tmp_path / "lock"), sys.executable, "-c", code, bench],
+                            capture_output=True, text=True, check=True).stdout
+    assert locked.startswith("True under an exclusive flock, load average ")
+
+
+def test_compare_plot_title_comes_from_the_runs_budget_and_episodes(benchmark_script):
+    """The title was always "Same 10-minute CPU training budget per method (600 test episodes each)"."""
+    compare = benchmark_script("compare_algorithms")
+
+    def row(label, budget, episodes):
+        return {"label": label, "budget_minutes": budget, "results": {"5-way 1-shot": (0.9, 0.01, episodes, 1)}}
+
+    assert compare.plot_title([row("A", 1, 100), row("B", 1.0, 100)]) == \
+        "Same 1-minute training budget per method (100 test episodes each)"
+    assert compare.plot_title([row("A", 10, 600), row("B", None, 200)]) == \
+        "Training budgets: A 10 min, B no budget (200-600 test episodes)"
