@@ -467,12 +467,11 @@ def step_meter(device: str) -> PeakMemory:
     reset first; the meter then sees the warm-up and timed steps only."""
     import gc
 
-    from metamtl.allocator import _libc
+    from metamtl.allocator import release_free_memory
 
     gc.collect()
-    libc = _libc() if not device.startswith("cuda") else None
-    if libc is not None:
-        libc.malloc_trim(0)
+    if not device.startswith("cuda"):
+        release_free_memory()
     return PeakMemory(device).start()
 
 

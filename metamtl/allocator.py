@@ -69,6 +69,16 @@ def _libc():
         return None
 
 
+def release_free_memory() -> bool:
+    """Hand the memory freed inside the process's heap back to the OS (glibc ``malloc_trim``), e.g.
+    before measuring a peak from a fresh baseline; ``False`` where there is no glibc."""
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
 def tune_cpu_allocator(force: bool = False) -> bool:
     """Raise glibc's mmap and trim thresholds and stop ``malloc`` from using ``mmap`` for this
     process (once); True if they are set.
