@@ -141,7 +141,7 @@ class FeatureDistillation(DistillationTerm):
         return (self.student_layer,)
 
     def bind(self, student: nn.Module) -> None:
-        self.release()
+        # no release here: the teacher (and its taps) may be shared with terms bound before this one
         named_layer(student, self.student_layer, "student")
         self.teacher.tap(self.teacher_layer)
         self._bound = True

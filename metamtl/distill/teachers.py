@@ -58,6 +58,7 @@ class Teacher:
         named_layer(self.module, layer, "teacher")
         if layer not in self._taps:
             self._taps.append(layer)
+            self._cache = None  # cached outputs lack the new layer
 
     def release(self) -> None:
         self._taps.clear()

@@ -298,3 +298,13 @@ def test_resuming_with_another_distillation_or_none_is_refused_listing_what_diff
     with pytest.raises(CheckpointError, match="distillation.ce_weight: '<missing>' != 0.5"):
         learner().fit(tasks, iterations=4, meta_batch_size=2, progress=False, resume=tmp_path / "plain" / "last.pt",
                       callbacks=[distillation(teacher, 4.0, 0.5, ce_weight=0.5)])
+
+
+def test_several_feature_pairs_are_each_distilled(tasks):
+    """Two feature pairs on one teacher (was: binding the second released the shared teacher's taps,
+    a bare KeyError for the first layer)."""
+    kd = distillation(learner(hidden=8, seed=3), 2.0, phases=("query",),
+                      features=[("trunk.blocks.0", "trunk.blocks.0"), ("trunk.blocks.1", "trunk.blocks.1")])
+    learner().fit(tasks, iterations=1, meta_batch_size=1, progress=False, callbacks=[kd])
+    assert all(t.last_value is not None and math.isfinite(t.last_value) for t in kd.terms)
+    assert [t.adapter.weight.shape[0] for t in kd.terms[1:]] == [8, 8]
