@@ -54,11 +54,23 @@ def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * (t * t)
 
 
-def _check_phases(phases: Sequence[str] | str) -> tuple[str, ...]:
+def check_number(name: str, value: Any, minimum: float, strict: bool = False) -> float:
+    """``value`` as a float: a finite number (not a bool) ``>= minimum`` (``> minimum`` if ``strict``),
+    else a :class:`ConfigError` naming ``name``."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and (
+        value > minimum if strict else value >= minimum)
+    if not ok:
+        raise ConfigError(f"{name} must be a number {'>' if strict else '>='} {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def _check_phases(phases: Sequence[str] | str, name: str = "distillation phases") -> tuple[str, ...]:
+    if not isinstance(phases, (str, list, tuple)):
+        raise ConfigError(f"{name} must be a phase name or a list of them from {PHASES}, got {phases!r}")
     phases = (phases,) if isinstance(phases, str) else tuple(phases)
-    bad = [p for p in phases if p not in PHASES]
+    bad = [p for p in phases if not isinstance(p, str) or p not in PHASES]
     if bad or not phases:
-        raise ConfigError(f"distillation phases must be a non-empty subset of {PHASES}, got {phases}")
+        raise ConfigError(f"{name} must be a non-empty subset of {PHASES}, got {phases}")
     return phases
 
 
@@ -67,10 +79,8 @@ class DistillationTerm(nn.Module):
 
     def __init__(self, teacher: Any, weight: float, phases: Sequence[str] | str) -> None:
         super().__init__()
-        if not (math.isfinite(weight) and weight >= 0):
-            raise ConfigError(f"distillation weight must be >= 0, got {weight}")
+        self.weight = check_number("distillation weight", weight, 0)
         self.teacher: Teacher = as_teacher(teacher)
-        self.weight = float(weight)
         self.phases = _check_phases(phases)
         self.last_value: float | None = None
 
@@ -105,9 +115,7 @@ class SoftTargets(DistillationTerm):
     def __init__(self, teacher: Any, temperature: float = 4.0, weight: float = 1.0,
                  phases: Sequence[str] | str = ("query",)) -> None:
         super().__init__(teacher, weight, phases)
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ConfigError(f"distillation temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
+        self.temperature = check_number("distillation temperature", temperature, 0, strict=True)
 
     def loss(self, ctx: LossContext) -> torch.Tensor:
         return soft_target_loss(ctx.logits, self.teacher.logits(ctx), self.temperature)
@@ -129,6 +137,9 @@ class FeatureDistillation(DistillationTerm):
                  phases: Sequence[str] | str = ("query",), adapter: nn.Module | None = None,
                  seed: int = 0) -> None:
         super().__init__(teacher, weight, phases)
+        for what, name in (("student_layer", student_layer), ("teacher_layer", teacher_layer)):
+            if not isinstance(name, str):
+                raise ConfigError(f"FeatureDistillation {what} must be a layer name (e.g. 'trunk.blocks.3'), got {name!r}")
         self.seed = int(seed)
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
         self.adapter = adapter
@@ -215,12 +226,9 @@ class Distillation(Callback):
     def __init__(self, *terms: Any, lr: float | None = None, ce_weight: float = 1.0) -> None:
         if not terms:
             raise ConfigError("Distillation needs at least one loss term (e.g. SoftTargets(teacher))")
-        if isinstance(ce_weight, bool) or not isinstance(ce_weight, (int, float)) or not (
-                math.isfinite(ce_weight) and ce_weight >= 0):
-            raise ConfigError(f"distillation ce_weight must be a number >= 0, got {ce_weight!r}")
         self.terms = list(terms)
-        self.lr = lr
-        self.ce_weight = float(ce_weight)
+        self.lr = None if lr is None else check_number("distillation lr", lr, 0, strict=True)
+        self.ce_weight = check_number("distillation ce_weight", ce_weight, 0)
         self._task_weight: float | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._pending_opt: dict[str, Any] | None = None
@@ -359,11 +367,7 @@ def _number(cfg: dict[str, Any], key: str, default: float | None, minimum: float
     value = cfg.get(key, default)
     if value is None and default is None:
         return None
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and (
-        value > minimum if strict else value >= minimum)
-    if not ok:
-        raise ConfigError(f"distill.{key} must be a number {'>' if strict else '>='} {minimum:g}, got {value!r}")
-    return float(value)
+    return check_number(f"distill.{key}", value, minimum, strict)
 
 
 def check_config(cfg: dict[str, Any]) -> dict[str, Any]:

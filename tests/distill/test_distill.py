@@ -308,3 +308,19 @@ def test_several_feature_pairs_are_each_distilled(tasks):
     learner().fit(tasks, iterations=1, meta_batch_size=1, progress=False, callbacks=[kd])
     assert all(t.last_value is not None and math.isfinite(t.last_value) for t in kd.terms)
     assert [t.adapter.weight.shape[0] for t in kd.terms[1:]] == [8, 8]
+
+
+def test_python_api_numbers_are_checked_in_the_constructors(tasks):
+    """Was: bools accepted as 1.0, bare TypeErrors for str/None, ``Distillation(lr=-1)`` a torch
+    ValueError mid-training."""
+    teacher = learner(hidden=8, seed=3)
+    for kw, match in (({"weight": True}, "weight"), ({"temperature": True}, "temperature"),
+                      ({"weight": "1"}, "weight"), ({"weight": None}, "weight"), ({"temperature": None}, "temperature"),
+                      ({"temperature": 0}, "temperature must be a number > 0"), ({"phases": None}, "phases")):
+        with pytest.raises(ConfigError, match=match):
+            SoftTargets(teacher, **kw)
+    with pytest.raises(ConfigError, match="layer name"):
+        FeatureDistillation(teacher, None, "trunk")
+    for lr in (-1.0, 0, "0.01", True, float("inf")):
+        with pytest.raises(ConfigError, match="distillation lr must be a number > 0"):
+            Distillation(FeatureDistillation(teacher, "trunk", "trunk"), lr=lr)
