@@ -370,6 +370,18 @@ def _number(cfg: dict[str, Any], key: str, default: float | None, minimum: float
     return check_number(f"distill.{key}", value, minimum, strict)
 
 
+def _check_features(features: Any) -> list[tuple[str, str]]:
+    """``distill.features``: a list of ``[student_layer, teacher_layer]`` name pairs."""
+    if features is None:
+        return []
+    if not isinstance(features, (list, tuple)):
+        raise ConfigError(f"distill.features must be a list of [student_layer, teacher_layer] pairs, got {features!r}")
+    for pair in features:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(n, str) and n for n in pair)):
+            raise ConfigError(f"distill.features entries are [student_layer, teacher_layer] (layer names), got {pair!r}")
+    return [(s, t) for s, t in features]
+
+
 def check_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """The ``distill`` section's keys and values checked (a :class:`ConfigError` naming the key),
     without loading the teacher: config files are checked when read, before any data loads.
@@ -381,16 +393,12 @@ def check_config(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"distill: unknown key(s) {unknown}; valid keys: {sorted(known)}")
     if not cfg.get("teacher") or not isinstance(cfg["teacher"], str):
         raise ConfigError("distill.teacher must be the path of a saved learner (e.g. runs/teacher/learner.pt)")
-    features = []
-    for pair in cfg.get("features") or []:
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise ConfigError(f"distill.features entries are [student_layer, teacher_layer], got {pair!r}")
-        features.append((str(pair[0]), str(pair[1])))
+    features = _check_features(cfg.get("features"))
     steps = cfg.get("teacher_steps")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
         raise ConfigError(f"distill.teacher_steps must be an integer >= 0 (null: the teacher's eval steps), got {steps!r}")
     return {"teacher": cfg["teacher"], "temperature": _number(cfg, "temperature", 4.0, 0, strict=True),
-            "weight": _number(cfg, "weight", 1.0, 0), "phases": _check_phases(cfg.get("phases", ("query",))),
+            "weight": _number(cfg, "weight", 1.0, 0), "phases": _check_phases(cfg.get("phases", ("query",)), "distill.phases"),
             "features": features, "feature_weight": _number(cfg, "feature_weight", 1.0, 0),
             "lr": _number(cfg, "lr", None, 0, strict=True), "teacher_steps": steps,
             "ce_weight": _number(cfg, "ce_weight", 1.0, 0)}

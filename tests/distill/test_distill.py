@@ -310,6 +310,20 @@ def test_several_feature_pairs_are_each_distilled(tasks):
     assert [t.adapter.weight.shape[0] for t in kd.terms[1:]] == [8, 8]
 
 
+def test_config_phases_and_features_of_the_wrong_type_name_the_key(tmp_path):
+    """Was: bare TypeErrors for ``phases: null`` / ``5`` and ``features: 5``; a ``{query: 1}`` mapping
+    and a null layer name (layer "None") were accepted."""
+    from metamtl.config import config_from_dict
+
+    path = str(learner(hidden=8).save(tmp_path / "teacher.pt"))
+    for extra, key in (({"phases": None}, "distill.phases"), ({"phases": 5}, "distill.phases"),
+                       ({"phases": {"query": 1}}, "distill.phases"), ({"phases": [None]}, "distill.phases"),
+                       ({"features": 5}, "distill.features"), ({"features": [[None, "trunk"]]}, "distill.features"),
+                       ({"features": [["trunk"]]}, "distill.features")):
+        with pytest.raises(ConfigError, match=key):
+            config_from_dict({"distill": {"teacher": path, **extra}})
+
+
 def test_python_api_numbers_are_checked_in_the_constructors(tasks):
     """Was: bools accepted as 1.0, bare TypeErrors for str/None, ``Distillation(lr=-1)`` a torch
     ValueError mid-training."""
