@@ -357,8 +357,10 @@ def distillation(teacher: Any, temperature: float = 4.0, weight: float = 1.0,
     Born-again distillation (RFS, Tian et al. 2020) of a ``transfer`` student over all training
     classes: ``distillation(teacher, 4.0, 0.5, phases=["classes"], ce_weight=0.5)``.
     """
+    weight = check_number("distillation weight", weight, 0)
     teacher = as_teacher(teacher)
-    terms: list[Any] = [SoftTargets(teacher, temperature, weight, phases)] if weight > 0 else []
+    # weight 0 without features: a term that never acts (the run equals one without distillation)
+    terms: list[Any] = [SoftTargets(teacher, temperature, weight, phases)] if weight > 0 or not features else []
     terms += [FeatureDistillation(teacher, s, t, feature_weight, phases) for s, t in features]
     return Distillation(*terms, lr=lr, ce_weight=ce_weight)
 

@@ -310,6 +310,27 @@ def test_several_feature_pairs_are_each_distilled(tasks):
     assert [t.adapter.weight.shape[0] for t in kd.terms[1:]] == [8, 8]
 
 
+def test_weight_zero_is_the_no_distillation_baseline_and_bad_weights_are_refused(tasks, tmp_path):
+    """``weight: 0`` (no features) trains exactly as without distillation, from the API and from a
+    config (was: "needs at least one loss term" after the data loaded); negative and NaN weights
+    say what a weight must be."""
+    from metamtl.distill import from_config
+
+    def run(callbacks):
+        st = learner()
+        st.fit(tasks, iterations=2, meta_batch_size=2, progress=False, callbacks=callbacks)
+        return [p.detach().clone() for p in st.meta_parameters()]
+
+    teacher = learner(hidden=8, seed=3)
+    path = str(teacher.save(tmp_path / "teacher.pt"))
+    plain = run([])
+    for kd in (distillation(teacher, weight=0), from_config({"teacher": path, "weight": 0})):
+        assert all(torch.equal(a, b) for a, b in zip(plain, run([kd])))
+    for bad in (-1, float("nan"), True, "1", None):
+        with pytest.raises(ConfigError, match="distillation weight must be a number >= 0"):
+            distillation(teacher, weight=bad)
+
+
 def test_config_phases_and_features_of_the_wrong_type_name_the_key(tmp_path):
     """Was: bare TypeErrors for ``phases: null`` / ``5`` and ``features: 5``; a ``{query: 1}`` mapping
     and a null layer name (layer "None") were accepted."""
