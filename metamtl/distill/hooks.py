@@ -178,7 +178,8 @@ class FeatureDistillation(DistillationTerm):
                 "feature maps with the same height and width (1x1 conv) or flat features (linear); choose "
                 "layers of matching resolution or pass an adapter module"
             )
-        return adapter.to(s.device)
+        # the student's weight dtype (a float64 student); float32 for features computed in bf16 (autocast)
+        return adapter.to(device=s.device, dtype=torch.float64 if s.dtype == torch.float64 else torch.float32)
 
     def loss(self, ctx: LossContext) -> torch.Tensor:
         if not self._bound:

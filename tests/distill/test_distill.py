@@ -359,3 +359,21 @@ def test_python_api_numbers_are_checked_in_the_constructors(tasks):
     for lr in (-1.0, 0, "0.01", True, float("inf")):
         with pytest.raises(ConfigError, match="distillation lr must be a number > 0"):
             Distillation(FeatureDistillation(teacher, "trunk", "trunk"), lr=lr)
+
+
+def test_a_float32_teacher_teaches_a_float64_student_and_a_teacher_that_cannot_take_the_inputs_is_named(tasks):
+    """Was: 'Input type (double) and bias type (float) should be the same' (the teacher was moved to
+    the device, not fed the student's dtype), and any teacher forward failure a bare RuntimeError."""
+    teacher = learner(hidden=8, seed=3)
+    model = conv(4)
+    model.double()
+    student = MetaLearner(model, build_algorithm("anil", head_init="proto", steps=2, lr=0.3), preprocessing=PREP,
+                          device="cpu")
+    kd = distillation(teacher, phases=("support", "query"), features=[("trunk.blocks.1", "trunk.blocks.1")])
+    student.fit(tasks, iterations=2, meta_batch_size=1, progress=False, callbacks=[kd])
+    assert all(math.isfinite(t.last_value) for t in kd.terms)
+    assert next(teacher.model.parameters()).dtype == torch.float32  # the teacher is left as it was
+    torch.manual_seed(0)
+    rgb = build_model("conv4", in_channels=3, hidden=4, image_size=12, blocks=2, out_features=3)
+    with pytest.raises(InputError, match=r"distillation TEACHER \(TrunkHead\) failed on the student's inputs"):
+        learner().fit(tasks, iterations=1, meta_batch_size=1, progress=False, callbacks=[Distillation(SoftTargets(rgb))])
