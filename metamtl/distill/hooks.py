@@ -321,24 +321,56 @@ def _term_settings(term: Any) -> dict[str, Any]:
 
 
 def check_phases_apply(terms: Sequence[Any], algorithm: Any) -> None:
-    """Refuse a term whose phases the algorithm's training never calls (it would be silently ignored)."""
+    """Refuse a term that can never act in the algorithm's training (it would be silently ignored):
+    its phases are never called, or it acts only in the ``support`` phase where it cannot matter
+    (see :func:`_support_only_refusal`)."""
     applied = tuple(getattr(algorithm, "loss_term_phases", PHASES))
     for term in terms:
         phases = getattr(term, "phases", None)
-        if phases is None or set(phases) & set(applied):
+        if phases is None:
             continue
-        why = (" (the 'classes' phase, the supervised loss over all training classes, exists only for the "
-               "'transfer' algorithm)" if "classes" in phases else "")
-        raise ConfigError(
-            f"distillation phases {list(phases)} never apply to algorithm {getattr(algorithm, 'name', algorithm)!r}"
-            f"{why}: its training applies loss terms in phase(s) {list(applied)}; set distill.phases to one of them"
-        )
+        acting = set(phases) & set(applied)
+        if not acting:
+            why = (" (the 'classes' phase, the supervised loss over all training classes, exists only for the "
+                   "'transfer' algorithm)" if "classes" in phases else "")
+            raise ConfigError(
+                f"distillation phases {list(phases)} never apply to algorithm {getattr(algorithm, 'name', algorithm)!r}"
+                f"{why}: its training applies loss terms in phase(s) {list(applied)}; set distill.phases to one of them"
+            )
+        why = _support_only_refusal(term, algorithm) if acting == {"support"} else None
+        if why is not None:
+            raise ConfigError(why)
+
+
+def _support_only_refusal(term: Any, algorithm: Any) -> str | None:
+    """Why a feature term acting only in the inner (support) loss never acts, or ``None``: the
+    student layers are trunk layers and the algorithm adapts only the head (their features do not
+    depend on the adapted weights), or its learned adapter gets no gradient under a first-order rule."""
+    taps = tuple(getattr(term, "taps", ()))
+    if not taps:
+        return None
+    inner, name = getattr(algorithm, "inner", None), getattr(algorithm, "name", algorithm)
+    what = f"feature distillation of student layer(s) {list(taps)} in phase 'support' only"
+    if getattr(inner, "adapt", "all") == "head" and all(t == "trunk" or t.startswith("trunk.") for t in taps):
+        return (f"{what} has no effect under algorithm {name!r}: it adapts only the head (adapt: head), so the "
+                "inner loss's trunk features do not depend on the adapted weights; put the term in phase 'query' "
+                "(the meta loss, which trains the trunk)")
+    adapter = getattr(term, "adapter", False)
+    learned = adapter is None or (isinstance(adapter, nn.Module) and any(p.requires_grad for p in adapter.parameters()))
+    if hasattr(term, "adapter") and learned and getattr(inner, "first_order", False):
+        return (f"{what}: its learned adapter gets no gradient under the first-order rule of algorithm {name!r} (the "
+                "inner steps are not differentiated), so it would stay a random projection; add phase 'query' if "
+                "the algorithm applies it, use a second-order rule, or pass a fixed adapter (requires_grad False)")
+    return None
 
 
 def check_config_applies(cfg: dict[str, Any], algorithm: Any) -> None:
     """:func:`check_phases_apply` for a ``distill`` config section, without loading its teacher (a
     staged run checks every stage's section before the first stage trains)."""
-    check_phases_apply([SimpleNamespace(phases=check_config(cfg)["phases"])], algorithm)
+    c = check_config(cfg)
+    terms = [SimpleNamespace(phases=c["phases"])]
+    terms += [SimpleNamespace(phases=c["phases"], taps=(s,), adapter=None) for s, _ in c["features"]]
+    check_phases_apply(terms, algorithm)
 
 
 def _check_compatible(teacher: Teacher, learner: "MetaLearner") -> None:

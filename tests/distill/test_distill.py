@@ -377,3 +377,30 @@ def test_a_float32_teacher_teaches_a_float64_student_and_a_teacher_that_cannot_t
     rgb = build_model("conv4", in_channels=3, hidden=4, image_size=12, blocks=2, out_features=3)
     with pytest.raises(InputError, match=r"distillation TEACHER \(TrunkHead\) failed on the student's inputs"):
         learner().fit(tasks, iterations=1, meta_batch_size=1, progress=False, callbacks=[Distillation(SoftTargets(rgb))])
+
+
+@pytest.mark.parametrize("alg,match", [("anil", "adapts only the head"), ("fomaml", "gets no gradient"),
+                                       ("reptile", "gets no gradient")])
+def test_support_only_feature_terms_that_can_never_act_are_refused(tasks, alg, match):
+    """Was: under ANIL a support-phase trunk-feature term changed nothing; under FOMAML/Reptile its
+    adapter was never trained (a frozen random projection). Both are refused, from the API and from
+    a config section; where a phase acts the term is kept."""
+    from metamtl.distill.hooks import check_config_applies
+
+    teacher = learner(hidden=8, seed=3)
+    student = learner(alg=alg)
+    term = FeatureDistillation(teacher, "trunk.blocks.1", "trunk.blocks.1", phases=("support",), weight=5.0)
+    with pytest.raises(ConfigError, match=match):
+        student.fit(tasks, iterations=1, meta_batch_size=1, progress=False, callbacks=[Distillation(term)])
+    assert student.algorithm.inner.loss_terms == [] and student.iteration == 0
+    section = {"teacher": "t.pt", "phases": ["support"], "features": [["trunk.blocks.1", "trunk.blocks.1"]]}
+    with pytest.raises(ConfigError, match=match):
+        check_config_applies(section, student.algorithm)
+    check_config_applies({**section, "features": []}, student.algorithm)  # soft targets act in the support loss
+    if alg != "reptile":  # reptile applies no query phase
+        check_config_applies({**section, "phases": ["support", "query"]}, student.algorithm)
+    fixed = torch.nn.Conv2d(4, 8, 1).requires_grad_(False)
+    kept = FeatureDistillation(teacher, "trunk.blocks.1", "trunk.blocks.1", phases=("support",), adapter=fixed)
+    if alg != "anil":  # a fixed adapter needs no gradient
+        student.fit(tasks, iterations=1, meta_batch_size=1, progress=False, callbacks=[Distillation(kept)])
+        assert kept.last_value is not None
