@@ -219,9 +219,10 @@ class Distillation(Callback):
     Args:
         terms: :class:`SoftTargets` / :class:`FeatureDistillation` (or any loss term).
         lr: learning rate of the adapters' Adam optimizer (default: the learner's ``meta_lr``).
-        ce_weight: weight of the task's own loss while the terms are attached (born-again
+        ce_weight: weight of the task's own loss in the phases where a term acts (born-again
             distillation, RFS: ``0.5 * CE + 0.5 * KL`` is ``ce_weight=0.5`` with a
-            ``SoftTargets(weight=0.5)``); restored after ``fit``.
+            ``SoftTargets(weight=0.5)``; query-only terms leave the inner support loss at weight 1,
+            and evaluation always adapts on the plain loss); restored after ``fit``.
     """
 
     def __init__(self, *terms: Any, lr: float | None = None, ce_weight: float = 1.0) -> None:

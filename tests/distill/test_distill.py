@@ -404,3 +404,21 @@ def test_support_only_feature_terms_that_can_never_act_are_refused(tasks, alg, m
     if alg != "anil":  # a fixed adapter needs no gradient
         student.fit(tasks, iterations=1, meta_batch_size=1, progress=False, callbacks=[Distillation(kept)])
         assert kept.last_value is not None
+
+
+def test_ce_weight_scales_the_task_loss_only_in_the_phases_where_a_term_acts(tasks):
+    """Query-only terms with ``ce_weight=0.5``: the query loss is 0.5 CE (+ the terms) and the inner
+    adaptation is unchanged (was: the support loss was halved too, a halved inner lr in training but
+    not at evaluation). With plain SGD that is exactly a halved meta lr."""
+    teacher = learner(hidden=8, seed=3)
+
+    def run(meta_lr, callbacks):
+        st = MetaLearner(conv(4, out=3), build_algorithm("maml", steps=1, lr=0.4), preprocessing=PREP, device="cpu",
+                         meta_lr=meta_lr, meta_optimizer="sgd")
+        st.fit(tasks, iterations=1, meta_batch_size=1, progress=False, callbacks=callbacks)
+        return torch.cat([p.detach().flatten() for p in st.meta_parameters()])
+
+    query = run(0.1, [Distillation(SoftTargets(teacher, weight=0.0, phases=("query",)), ce_weight=0.5)])
+    torch.testing.assert_close(query, run(0.05, []), atol=1e-7, rtol=1e-6)
+    both = run(0.1, [Distillation(SoftTargets(teacher, weight=0.0, phases=("support", "query")), ce_weight=0.5)])
+    assert not torch.allclose(both, query)  # a support-phase term: the inner loss is 0.5 CE as well
