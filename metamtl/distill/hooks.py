@@ -268,10 +268,11 @@ class Distillation(Callback):
         for p in self._parameters():
             p.grad = None
 
-    def on_after_backward(self, state: FitState) -> None:
-        # Step here, not at iteration end: checkpoints written at iteration end must see it.
+    def on_iteration_end(self, state: FitState, metrics: dict[str, float]) -> None:
+        # After the meta-step, so a skipped (non-finite) step leaves the adapters as they were too;
+        # before on_iteration_complete, where checkpoints are written.
         params = [p for p in self._parameters() if p.grad is not None]
-        if not params:
+        if not params or metrics.get("skipped") or not all(bool(torch.isfinite(p.grad).all()) for p in params):
             return
         if self.optimizer is None:
             self.optimizer = torch.optim.Adam(self._parameters(), lr=self._lr)

@@ -422,3 +422,46 @@ def test_ce_weight_scales_the_task_loss_only_in_the_phases_where_a_term_acts(tas
     torch.testing.assert_close(query, run(0.05, []), atol=1e-7, rtol=1e-6)
     both = run(0.1, [Distillation(SoftTargets(teacher, weight=0.0, phases=("support", "query")), ce_weight=0.5)])
     assert not torch.allclose(both, query)  # a support-phase term: the inner loss is 0.5 CE as well
+
+
+def test_a_skipped_non_finite_step_leaves_the_adapters_as_they_were(tasks):
+    """One non-finite teacher output: that step is skipped for the adapters too (was: the adapter
+    optimizer stepped before the non-finite check, the adapters became NaN and every later step was
+    skipped until TrainingError)."""
+    import warnings
+
+    from metamtl.callbacks import Callback
+
+    class Feat(torch.nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            Feat.calls += 1
+            out = x.flatten(1)[:, :10] * 1.0
+            return out * float("nan") if Feat.calls == 2 else out
+
+    class Teacher(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.feat = Feat()
+
+        def forward(self, x):
+            return self.feat(x)[:, :3]
+
+    student = MetaLearner(conv(4), build_algorithm("protonet"), preprocessing=PREP, device="cpu", meta_lr=0.01)
+    kd = Distillation(FeatureDistillation(Teacher(), "trunk", "feat"))
+    snapshots = []
+
+    class Snap(Callback):  # runs after the distillation's hooks
+        order = 50
+
+        def on_iteration_end(self, state, metrics):
+            snapshots.append([p.detach().clone() for p in kd.terms[0].adapter.parameters()])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        student.fit(tasks, iterations=4, meta_batch_size=1, progress=False, callbacks=[kd, Snap()])
+    assert [r.get("train/skipped") for r in student.history] == [None, 1.0, None, None]
+    assert all(torch.equal(a, b) for a, b in zip(snapshots[0], snapshots[1]))  # the skipped step
+    assert all(torch.isfinite(p).all() for p in kd.terms[0].adapter.parameters())
+    assert not all(torch.equal(a, b) for a, b in zip(snapshots[1], snapshots[3]))  # trained on afterwards
