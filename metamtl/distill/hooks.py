@@ -268,6 +268,15 @@ class Distillation(Callback):
         for p in self._parameters():
             p.grad = None
 
+    def on_after_backward(self, state: FitState) -> None:
+        # under torchrun, the adapters' gradients are averaged over processes like the meta-gradient
+        # (weighted by each one's tasks), so every process takes the same adapter step
+        strategy = state.learner.strategy
+        params = self._parameters()
+        if params and strategy.world_size > 1:
+            strategy.reduce_gradients(params, {}, len(strategy.shard(state.meta_batch_size)),
+                                      iteration=state.learner.iteration)
+
     def on_iteration_end(self, state: FitState, metrics: dict[str, float]) -> None:
         # After the meta-step, so a skipped (non-finite) step leaves the adapters as they were too;
         # before on_iteration_complete, where checkpoints are written.
