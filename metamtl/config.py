@@ -483,7 +483,8 @@ def stage_configs(cfg: Config) -> list[tuple[str, Config]]:
     merged over them (an ``algorithm`` naming another algorithm replaces the section), validated.
 
     The stages' name, seed and output folder are the config's; :func:`metamtl.experiment.run`
-    trains them in order, each from the previous stage's trunk.
+    trains them in order, each from the previous stage's trunk.  A stage's ``distill: {}`` (or
+    ``null``) turns the config's distillation off for that stage.
     """
     base = cfg.to_dict()
     base["stages"] = []
@@ -500,8 +501,11 @@ def stage_configs(cfg: Config) -> list[tuple[str, Config]]:
         if unknown:
             raise ConfigError(f"stages[{i}] ({name}): unknown key {unknown[0]!r}.{did_you_mean(unknown[0], STAGE_KEYS)} "
                               f"A stage may set: name, {', '.join(STAGE_KEYS)}.")
+        stage_base = base
+        if "distill" in stage and stage["distill"] in (None, {}):  # explicitly off for this stage
+            stage_base, stage = {**base, "distill": {}}, {k: v for k, v in stage.items() if k != "distill"}
         try:
-            out.append((name, config_from_dict(_merge(base, stage))))
+            out.append((name, config_from_dict(_merge(stage_base, stage))))
         except ConfigError as exc:
             raise ConfigError(f"stages[{i}] ({name}): {exc}") from None
     return out

@@ -262,8 +262,8 @@ class InnerLoop:
             )
         #: extra loss terms (not part of the config): see :class:`LossContext`
         self.loss_terms: list[LossTerm] = []
-        #: weight of the task's own loss while loss terms are attached (e.g. 0.5 CE + 0.5 KL in
-        #: born-again distillation; set by the Distillation callback, not part of the config)
+        #: weight of the task's own loss in the phases where an attached loss term acts (e.g. 0.5 CE
+        #: + 0.5 KL in born-again distillation; set by the Distillation callback, not part of the config)
         self.task_weight = 1.0
 
     def config(self) -> dict[str, Any]:
@@ -281,10 +281,13 @@ class InnerLoop:
 
     def add_loss_terms(self, loss: torch.Tensor, ctx: LossContext) -> torch.Tensor:
         """``task_weight * loss`` plus every :attr:`loss_terms` entry (just ``loss`` while the model
-        is in eval mode or no term is attached)."""
+        is in eval mode or no term is attached).  ``task_weight`` applies only in the phases where
+        some term acts (a term's ``phases``; one without that attribute acts in every phase): terms
+        on the query loss alone leave the inner (support) loss, hence the inner loop, as it is."""
         if not self.loss_terms or not ctx.model.training:
             return loss
-        if self.task_weight != 1.0:
+        acts = any(ctx.phase in getattr(term, "phases", (ctx.phase,)) for term in self.loss_terms)
+        if self.task_weight != 1.0 and acts:
             loss = loss * self.task_weight
         for term in self.loss_terms:
             extra = term(ctx)

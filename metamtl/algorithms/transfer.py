@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adaptation import LossContext, check_positive
+from ..adaptation import LossContext, check_positive, tap_outputs, term_taps
 from ..errors import ConfigError, InputError, unknown_name
 from ..models.backbones import TrunkHead, scaled_unit
 from ..tasks.episode import TaskBatch
@@ -114,10 +114,14 @@ class Transfer(Algorithm):
                 )
             x = torch.cat([episode.support_x, episode.query_x])
             y = classes[torch.cat([episode.support_y, episode.query_y])]
-            logits = self.global_logits(model.trunk(x))
+            # the layers loss terms read (feature distillation: ``ctx.features``), tapped by their names in the model
+            taps = term_taps(self.inner.loss_terms) if self.inner.loss_terms and model.training else ()
+            with tap_outputs(model, taps) as features:
+                logits = self.global_logits(model.trunk(x))
             loss = F.cross_entropy(logits, y)
             objective = self.inner.add_loss_terms(loss, LossContext(
-                "classes", logits, y, x, episode.support_x, episode.support_y, self.num_classes, model))
+                "classes", logits, y, x, episode.support_x, episode.support_y, self.num_classes, model,
+                features=dict(features)))
             (objective / len(batch)).backward()
             for k, v in (("loss", float(loss.detach())), ("accuracy", accuracy(logits.detach(), y))):
                 totals[k] = totals.get(k, 0.0) + v / len(batch)

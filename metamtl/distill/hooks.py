@@ -54,11 +54,23 @@ def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * (t * t)
 
 
-def _check_phases(phases: Sequence[str] | str) -> tuple[str, ...]:
+def check_number(name: str, value: Any, minimum: float, strict: bool = False) -> float:
+    """``value`` as a float: a finite number (not a bool) ``>= minimum`` (``> minimum`` if ``strict``),
+    else a :class:`ConfigError` naming ``name``."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and (
+        value > minimum if strict else value >= minimum)
+    if not ok:
+        raise ConfigError(f"{name} must be a number {'>' if strict else '>='} {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def _check_phases(phases: Sequence[str] | str, name: str = "distillation phases") -> tuple[str, ...]:
+    if not isinstance(phases, (str, list, tuple)):
+        raise ConfigError(f"{name} must be a phase name or a list of them from {PHASES}, got {phases!r}")
     phases = (phases,) if isinstance(phases, str) else tuple(phases)
-    bad = [p for p in phases if p not in PHASES]
+    bad = [p for p in phases if not isinstance(p, str) or p not in PHASES]
     if bad or not phases:
-        raise ConfigError(f"distillation phases must be a non-empty subset of {PHASES}, got {phases}")
+        raise ConfigError(f"{name} must be a non-empty subset of {PHASES}, got {phases}")
     return phases
 
 
@@ -67,10 +79,8 @@ class DistillationTerm(nn.Module):
 
     def __init__(self, teacher: Any, weight: float, phases: Sequence[str] | str) -> None:
         super().__init__()
-        if not (math.isfinite(weight) and weight >= 0):
-            raise ConfigError(f"distillation weight must be >= 0, got {weight}")
+        self.weight = check_number("distillation weight", weight, 0)
         self.teacher: Teacher = as_teacher(teacher)
-        self.weight = float(weight)
         self.phases = _check_phases(phases)
         self.last_value: float | None = None
 
@@ -105,9 +115,7 @@ class SoftTargets(DistillationTerm):
     def __init__(self, teacher: Any, temperature: float = 4.0, weight: float = 1.0,
                  phases: Sequence[str] | str = ("query",)) -> None:
         super().__init__(teacher, weight, phases)
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ConfigError(f"distillation temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
+        self.temperature = check_number("distillation temperature", temperature, 0, strict=True)
 
     def loss(self, ctx: LossContext) -> torch.Tensor:
         return soft_target_loss(ctx.logits, self.teacher.logits(ctx), self.temperature)
@@ -129,6 +137,9 @@ class FeatureDistillation(DistillationTerm):
                  phases: Sequence[str] | str = ("query",), adapter: nn.Module | None = None,
                  seed: int = 0) -> None:
         super().__init__(teacher, weight, phases)
+        for what, name in (("student_layer", student_layer), ("teacher_layer", teacher_layer)):
+            if not isinstance(name, str):
+                raise ConfigError(f"FeatureDistillation {what} must be a layer name (e.g. 'trunk.blocks.3'), got {name!r}")
         self.seed = int(seed)
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
         self.adapter = adapter
@@ -141,7 +152,7 @@ class FeatureDistillation(DistillationTerm):
         return (self.student_layer,)
 
     def bind(self, student: nn.Module) -> None:
-        self.release()
+        # no release here: the teacher (and its taps) may be shared with terms bound before this one
         named_layer(student, self.student_layer, "student")
         self.teacher.tap(self.teacher_layer)
         self._bound = True
@@ -167,7 +178,8 @@ class FeatureDistillation(DistillationTerm):
                 "feature maps with the same height and width (1x1 conv) or flat features (linear); choose "
                 "layers of matching resolution or pass an adapter module"
             )
-        return adapter.to(s.device)
+        # the student's weight dtype (a float64 student); float32 for features computed in bf16 (autocast)
+        return adapter.to(device=s.device, dtype=torch.float64 if s.dtype == torch.float64 else torch.float32)
 
     def loss(self, ctx: LossContext) -> torch.Tensor:
         if not self._bound:
@@ -207,20 +219,18 @@ class Distillation(Callback):
     Args:
         terms: :class:`SoftTargets` / :class:`FeatureDistillation` (or any loss term).
         lr: learning rate of the adapters' Adam optimizer (default: the learner's ``meta_lr``).
-        ce_weight: weight of the task's own loss while the terms are attached (born-again
+        ce_weight: weight of the task's own loss in the phases where a term acts (born-again
             distillation, RFS: ``0.5 * CE + 0.5 * KL`` is ``ce_weight=0.5`` with a
-            ``SoftTargets(weight=0.5)``); restored after ``fit``.
+            ``SoftTargets(weight=0.5)``; query-only terms leave the inner support loss at weight 1,
+            and evaluation always adapts on the plain loss); restored after ``fit``.
     """
 
     def __init__(self, *terms: Any, lr: float | None = None, ce_weight: float = 1.0) -> None:
         if not terms:
             raise ConfigError("Distillation needs at least one loss term (e.g. SoftTargets(teacher))")
-        if isinstance(ce_weight, bool) or not isinstance(ce_weight, (int, float)) or not (
-                math.isfinite(ce_weight) and ce_weight >= 0):
-            raise ConfigError(f"distillation ce_weight must be a number >= 0, got {ce_weight!r}")
         self.terms = list(terms)
-        self.lr = lr
-        self.ce_weight = float(ce_weight)
+        self.lr = None if lr is None else check_number("distillation lr", lr, 0, strict=True)
+        self.ce_weight = check_number("distillation ce_weight", ce_weight, 0)
         self._task_weight: float | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._pending_opt: dict[str, Any] | None = None
@@ -259,9 +269,19 @@ class Distillation(Callback):
             p.grad = None
 
     def on_after_backward(self, state: FitState) -> None:
-        # Step here, not at iteration end: checkpoints written at iteration end must see it.
+        # under torchrun, the adapters' gradients are averaged over processes like the meta-gradient
+        # (weighted by each one's tasks), so every process takes the same adapter step
+        strategy = state.learner.strategy
+        params = self._parameters()
+        if params and strategy.world_size > 1:
+            strategy.reduce_gradients(params, {}, len(strategy.shard(state.meta_batch_size)),
+                                      iteration=state.learner.iteration)
+
+    def on_iteration_end(self, state: FitState, metrics: dict[str, float]) -> None:
+        # After the meta-step, so a skipped (non-finite) step leaves the adapters as they were too;
+        # before on_iteration_complete, where checkpoints are written.
         params = [p for p in self._parameters() if p.grad is not None]
-        if not params:
+        if not params or metrics.get("skipped") or not all(bool(torch.isfinite(p.grad).all()) for p in params):
             return
         if self.optimizer is None:
             self.optimizer = torch.optim.Adam(self._parameters(), lr=self._lr)
@@ -312,24 +332,56 @@ def _term_settings(term: Any) -> dict[str, Any]:
 
 
 def check_phases_apply(terms: Sequence[Any], algorithm: Any) -> None:
-    """Refuse a term whose phases the algorithm's training never calls (it would be silently ignored)."""
+    """Refuse a term that can never act in the algorithm's training (it would be silently ignored):
+    its phases are never called, or it acts only in the ``support`` phase where it cannot matter
+    (see :func:`_support_only_refusal`)."""
     applied = tuple(getattr(algorithm, "loss_term_phases", PHASES))
     for term in terms:
         phases = getattr(term, "phases", None)
-        if phases is None or set(phases) & set(applied):
+        if phases is None:
             continue
-        why = (" (the 'classes' phase, the supervised loss over all training classes, exists only for the "
-               "'transfer' algorithm)" if "classes" in phases else "")
-        raise ConfigError(
-            f"distillation phases {list(phases)} never apply to algorithm {getattr(algorithm, 'name', algorithm)!r}"
-            f"{why}: its training applies loss terms in phase(s) {list(applied)}; set distill.phases to one of them"
-        )
+        acting = set(phases) & set(applied)
+        if not acting:
+            why = (" (the 'classes' phase, the supervised loss over all training classes, exists only for the "
+                   "'transfer' algorithm)" if "classes" in phases else "")
+            raise ConfigError(
+                f"distillation phases {list(phases)} never apply to algorithm {getattr(algorithm, 'name', algorithm)!r}"
+                f"{why}: its training applies loss terms in phase(s) {list(applied)}; set distill.phases to one of them"
+            )
+        why = _support_only_refusal(term, algorithm) if acting == {"support"} else None
+        if why is not None:
+            raise ConfigError(why)
+
+
+def _support_only_refusal(term: Any, algorithm: Any) -> str | None:
+    """Why a feature term acting only in the inner (support) loss never acts, or ``None``: the
+    student layers are trunk layers and the algorithm adapts only the head (their features do not
+    depend on the adapted weights), or its learned adapter gets no gradient under a first-order rule."""
+    taps = tuple(getattr(term, "taps", ()))
+    if not taps:
+        return None
+    inner, name = getattr(algorithm, "inner", None), getattr(algorithm, "name", algorithm)
+    what = f"feature distillation of student layer(s) {list(taps)} in phase 'support' only"
+    if getattr(inner, "adapt", "all") == "head" and all(t == "trunk" or t.startswith("trunk.") for t in taps):
+        return (f"{what} has no effect under algorithm {name!r}: it adapts only the head (adapt: head), so the "
+                "inner loss's trunk features do not depend on the adapted weights; put the term in phase 'query' "
+                "(the meta loss, which trains the trunk)")
+    adapter = getattr(term, "adapter", False)
+    learned = adapter is None or (isinstance(adapter, nn.Module) and any(p.requires_grad for p in adapter.parameters()))
+    if hasattr(term, "adapter") and learned and getattr(inner, "first_order", False):
+        return (f"{what}: its learned adapter gets no gradient under the first-order rule of algorithm {name!r} (the "
+                "inner steps are not differentiated), so it would stay a random projection; add phase 'query' if "
+                "the algorithm applies it, use a second-order rule, or pass a fixed adapter (requires_grad False)")
+    return None
 
 
 def check_config_applies(cfg: dict[str, Any], algorithm: Any) -> None:
     """:func:`check_phases_apply` for a ``distill`` config section, without loading its teacher (a
     staged run checks every stage's section before the first stage trains)."""
-    check_phases_apply([SimpleNamespace(phases=check_config(cfg)["phases"])], algorithm)
+    c = check_config(cfg)
+    terms = [SimpleNamespace(phases=c["phases"])]
+    terms += [SimpleNamespace(phases=c["phases"], taps=(s,), adapter=None) for s, _ in c["features"]]
+    check_phases_apply(terms, algorithm)
 
 
 def _check_compatible(teacher: Teacher, learner: "MetaLearner") -> None:
@@ -349,8 +401,10 @@ def distillation(teacher: Any, temperature: float = 4.0, weight: float = 1.0,
     Born-again distillation (RFS, Tian et al. 2020) of a ``transfer`` student over all training
     classes: ``distillation(teacher, 4.0, 0.5, phases=["classes"], ce_weight=0.5)``.
     """
+    weight = check_number("distillation weight", weight, 0)
     teacher = as_teacher(teacher)
-    terms: list[Any] = [SoftTargets(teacher, temperature, weight, phases)] if weight > 0 else []
+    # weight 0 without features: a term that never acts (the run equals one without distillation)
+    terms: list[Any] = [SoftTargets(teacher, temperature, weight, phases)] if weight > 0 or not features else []
     terms += [FeatureDistillation(teacher, s, t, feature_weight, phases) for s, t in features]
     return Distillation(*terms, lr=lr, ce_weight=ce_weight)
 
@@ -359,11 +413,19 @@ def _number(cfg: dict[str, Any], key: str, default: float | None, minimum: float
     value = cfg.get(key, default)
     if value is None and default is None:
         return None
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and (
-        value > minimum if strict else value >= minimum)
-    if not ok:
-        raise ConfigError(f"distill.{key} must be a number {'>' if strict else '>='} {minimum:g}, got {value!r}")
-    return float(value)
+    return check_number(f"distill.{key}", value, minimum, strict)
+
+
+def _check_features(features: Any) -> list[tuple[str, str]]:
+    """``distill.features``: a list of ``[student_layer, teacher_layer]`` name pairs."""
+    if features is None:
+        return []
+    if not isinstance(features, (list, tuple)):
+        raise ConfigError(f"distill.features must be a list of [student_layer, teacher_layer] pairs, got {features!r}")
+    for pair in features:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(n, str) and n for n in pair)):
+            raise ConfigError(f"distill.features entries are [student_layer, teacher_layer] (layer names), got {pair!r}")
+    return [(s, t) for s, t in features]
 
 
 def check_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -377,16 +439,12 @@ def check_config(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"distill: unknown key(s) {unknown}; valid keys: {sorted(known)}")
     if not cfg.get("teacher") or not isinstance(cfg["teacher"], str):
         raise ConfigError("distill.teacher must be the path of a saved learner (e.g. runs/teacher/learner.pt)")
-    features = []
-    for pair in cfg.get("features") or []:
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise ConfigError(f"distill.features entries are [student_layer, teacher_layer], got {pair!r}")
-        features.append((str(pair[0]), str(pair[1])))
+    features = _check_features(cfg.get("features"))
     steps = cfg.get("teacher_steps")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
         raise ConfigError(f"distill.teacher_steps must be an integer >= 0 (null: the teacher's eval steps), got {steps!r}")
     return {"teacher": cfg["teacher"], "temperature": _number(cfg, "temperature", 4.0, 0, strict=True),
-            "weight": _number(cfg, "weight", 1.0, 0), "phases": _check_phases(cfg.get("phases", ("query",))),
+            "weight": _number(cfg, "weight", 1.0, 0), "phases": _check_phases(cfg.get("phases", ("query",)), "distill.phases"),
             "features": features, "feature_weight": _number(cfg, "feature_weight", 1.0, 0),
             "lr": _number(cfg, "lr", None, 0, strict=True), "teacher_steps": steps,
             "ce_weight": _number(cfg, "ce_weight", 1.0, 0)}

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..adaptation import LossContext, tap_outputs
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, MetamtlError
 from ..models.backbones import TrunkHead
 from .taps import named_layer, take_rows
 
@@ -33,6 +33,8 @@ class Teacher:
     def __init__(self) -> None:
         self._taps: list[str] = []
         self._cache: tuple[Any, dict[str, Any]] | None = None
+        #: (student support set, it in the teacher's dtype): the same tensor for the same support set
+        self._support: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- subclasses ---------------------------------------------------------------------------
     @property
@@ -58,10 +60,36 @@ class Teacher:
         named_layer(self.module, layer, "teacher")
         if layer not in self._taps:
             self._taps.append(layer)
+            self._cache = None  # cached outputs lack the new layer
 
     def release(self) -> None:
         self._taps.clear()
         self._cache = None
+        self._support = None
+
+    def _in_teacher_dtype(self, ctx: LossContext) -> LossContext:
+        """``ctx`` with inputs and support set in the dtype of the teacher's weights (a float32
+        teacher of a float64 student); ``ctx`` itself when they already are."""
+        dtype = next((p.dtype for p in self.module.parameters() if p.is_floating_point()), None)
+        if dtype is None or not ctx.inputs.is_floating_point() or ctx.inputs.dtype == dtype:
+            return ctx
+        if self._support is None or self._support[0] is not ctx.support_x:
+            self._support = (ctx.support_x, ctx.support_x.to(dtype))
+        return dataclasses.replace(ctx, inputs=ctx.inputs.to(dtype), support_x=self._support[1])
+
+    def _run(self, ctx: LossContext) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """:meth:`_forward` on ``ctx`` in the teacher's dtype; a teacher that cannot take the
+        student's inputs is an :class:`InputError` naming it."""
+        try:
+            return self._forward(self._in_teacher_dtype(ctx), self._taps)
+        except (MetamtlError, torch.OutOfMemoryError):
+            raise
+        except RuntimeError as exc:
+            raise InputError(
+                f"the distillation TEACHER ({type(self.module).__name__}) failed on the student's inputs "
+                f"{list(ctx.inputs.shape)} ({str(ctx.inputs.dtype).replace('torch.', '')}): {exc}. A teacher must "
+                "take the student's inputs: the same preprocessing, channels and image size"
+            ) from exc
 
     def outputs(self, ctx: LossContext) -> dict[str, Any]:
         """``{"logits": [N, C], layer: features...}`` for ``ctx.inputs`` (cached per input tensor)."""
@@ -72,10 +100,11 @@ class Teacher:
         self.module.eval()
         try:
             with torch.no_grad():
-                logits, feats = self._forward(ctx, self._taps)
-                out = {"logits": None if logits is None else logits.detach()}
+                logits, feats = self._run(ctx)
+                back = ctx.inputs.dtype if ctx.inputs.is_floating_point() else None  # the student's dtype
+                out = {"logits": None if logits is None else _as(logits.detach(), back)}
                 for layer in self._taps:
-                    out[layer] = take_rows(feats.get(layer), layer, ctx.inputs.shape[0]).detach()
+                    out[layer] = _as(take_rows(feats.get(layer), layer, ctx.inputs.shape[0]).detach(), back)
         finally:
             self.module.train(was_training)
         self._cache = (key, out)
@@ -103,6 +132,11 @@ class Teacher:
                 "episode's support set, or a module with that many outputs"
             )
         return logits
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``t`` in ``dtype`` where it is a floating tensor of another floating dtype (else ``t``)."""
+    return t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != dtype else t
 
 
 def weights_digest(*modules: nn.Module) -> str:

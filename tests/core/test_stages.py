@@ -299,3 +299,15 @@ def test_shared_train_callbacks_are_checked_on_the_stage_configs_that_give_what_
     cfg_dict["stages"][1]["train"] = {}
     with pytest.raises(ConfigError, match=r"stages\[1\] \(meta\): train.scheduler.over: 'budget' needs train.budget_minutes"):
         config_from_dict(cfg_dict)
+
+
+@pytest.mark.parametrize("off", [{}, None])
+def test_a_stage_with_an_empty_or_null_distill_section_trains_without_distillation(off):
+    """``distill: {}`` / ``null`` in a stage turns the config's distillation off there (was: ``{}``
+    merged into the section, which carried on; ``null`` refused as 'expected a mapping')."""
+    base = {"model": {"name": "conv4", "hidden": 4}, "algorithm": {"name": "protonet"},
+            "distill": {"teacher": "runs/t/learner.pt", "phases": ["classes"], "weight": 0.5, "ce_weight": 0.5}}
+    cfg = config_from_dict({**base, "stages": [{"name": "pre", "algorithm": {"name": "transfer", "num_classes": 10}},
+                                               {"name": "meta", "distill": off}]})
+    stages = dict(stage_configs(cfg))
+    assert stages["pre"].distill == base["distill"] and stages["meta"].distill == {}

@@ -193,3 +193,37 @@ def test_phases_the_algorithm_never_applies_are_refused():
                   callbacks=[distillation(anil, phases=["support"])])
     with pytest.raises(ConfigError, match=r"never apply to algorithm 'transfer'.*\['classes'\]"):
         transfer().fit(tasks, iterations=1, meta_batch_size=1, progress=False, callbacks=[distillation(anil)])
+
+
+@pytest.mark.parametrize("layer", ["trunk", "trunk.blocks.1"])
+def test_feature_distillation_in_the_classes_phase_matches_the_hand_computed_step(layer):
+    """Feature pairs act in the transfer ``classes`` phase (was: 'layer produced no tensor output':
+    the supervised step handed no tapped features to the terms)."""
+    from metamtl.distill import FeatureDistillation
+
+    tasks = EpisodeSampler(toy(), 6, 1, 1, seed=0)
+    teacher = transfer(hidden=6, seed=1)
+    teacher.fit(tasks, iterations=2, meta_batch_size=1, progress=False)
+    student = transfer(seed=2, meta_optimizer="sgd", meta_lr=0.5)
+    before = [p.detach().clone() for p in student.meta_parameters()]
+    kd = distillation(teacher, 4.0, 0.0, phases=["classes"], features=[(layer, layer)], feature_weight=2.0, ce_weight=0.5)
+    student.fit(tasks, iterations=1, meta_batch_size=1, progress=False, callbacks=[kd])
+    term = kd.terms[0]
+    assert isinstance(term, FeatureDistillation) and term.last_value is not None
+    ep = tasks.episode(0).to("cpu")
+    x = torch.cat([ep.support_x, ep.query_x])
+    y = torch.tensor(ep.classes)[torch.cat([ep.support_y, ep.query_y])]
+    params = dict(zip([n for n, p in student.model.named_parameters()], before))
+    ref = transfer(seed=2)
+    ref.algorithm.setup(ref.model)
+    ref.model.load_state_dict({**student.model.state_dict(), **params})
+    ref.algorithm.head.weight.data.copy_(before[-1])
+    with torch.no_grad():
+        t = teacher.model.trunk(x) if layer == "trunk" else teacher.model.trunk.blocks[:2](x)
+    s = ref.model.trunk(x) if layer == "trunk" else ref.model.trunk.blocks[:2](x)
+    adapter = term._build_adapter(s, t)  # the adapter's initial weights (seeded)
+    logits = ref.algorithm.global_logits(ref.model.trunk(x))
+    loss = 0.5 * F.cross_entropy(logits, y) + 2.0 * F.mse_loss(adapter(s), t)
+    grads = torch.autograd.grad(loss, [*ref.model.parameters(), ref.algorithm.head.weight], allow_unused=True)
+    for p, p0, g in zip(student.meta_parameters(), before, grads):
+        torch.testing.assert_close(p.detach(), p0 - 0.5 * (g if g is not None else 0), atol=1e-5, rtol=1e-4)

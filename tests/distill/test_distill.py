@@ -298,3 +298,170 @@ def test_resuming_with_another_distillation_or_none_is_refused_listing_what_diff
     with pytest.raises(CheckpointError, match="distillation.ce_weight: '<missing>' != 0.5"):
         learner().fit(tasks, iterations=4, meta_batch_size=2, progress=False, resume=tmp_path / "plain" / "last.pt",
                       callbacks=[distillation(teacher, 4.0, 0.5, ce_weight=0.5)])
+
+
+def test_several_feature_pairs_are_each_distilled(tasks):
+    """Two feature pairs on one teacher (was: binding the second released the shared teacher's taps,
+    a bare KeyError for the first layer)."""
+    kd = distillation(learner(hidden=8, seed=3), 2.0, phases=("query",),
+                      features=[("trunk.blocks.0", "trunk.blocks.0"), ("trunk.blocks.1", "trunk.blocks.1")])
+    learner().fit(tasks, iterations=1, meta_batch_size=1, progress=False, callbacks=[kd])
+    assert all(t.last_value is not None and math.isfinite(t.last_value) for t in kd.terms)
+    assert [t.adapter.weight.shape[0] for t in kd.terms[1:]] == [8, 8]
+
+
+def test_weight_zero_is_the_no_distillation_baseline_and_bad_weights_are_refused(tasks, tmp_path):
+    """``weight: 0`` (no features) trains exactly as without distillation, from the API and from a
+    config (was: "needs at least one loss term" after the data loaded); negative and NaN weights
+    say what a weight must be."""
+    from metamtl.distill import from_config
+
+    def run(callbacks):
+        st = learner()
+        st.fit(tasks, iterations=2, meta_batch_size=2, progress=False, callbacks=callbacks)
+        return [p.detach().clone() for p in st.meta_parameters()]
+
+    teacher = learner(hidden=8, seed=3)
+    path = str(teacher.save(tmp_path / "teacher.pt"))
+    plain = run([])
+    for kd in (distillation(teacher, weight=0), from_config({"teacher": path, "weight": 0})):
+        assert all(torch.equal(a, b) for a, b in zip(plain, run([kd])))
+    for bad in (-1, float("nan"), True, "1", None):
+        with pytest.raises(ConfigError, match="distillation weight must be a number >= 0"):
+            distillation(teacher, weight=bad)
+
+
+def test_config_phases_and_features_of_the_wrong_type_name_the_key(tmp_path):
+    """Was: bare TypeErrors for ``phases: null`` / ``5`` and ``features: 5``; a ``{query: 1}`` mapping
+    and a null layer name (layer "None") were accepted."""
+    from metamtl.config import config_from_dict
+
+    path = str(learner(hidden=8).save(tmp_path / "teacher.pt"))
+    for extra, key in (({"phases": None}, "distill.phases"), ({"phases": 5}, "distill.phases"),
+                       ({"phases": {"query": 1}}, "distill.phases"), ({"phases": [None]}, "distill.phases"),
+                       ({"features": 5}, "distill.features"), ({"features": [[None, "trunk"]]}, "distill.features"),
+                       ({"features": [["trunk"]]}, "distill.features")):
+        with pytest.raises(ConfigError, match=key):
+            config_from_dict({"distill": {"teacher": path, **extra}})
+
+
+def test_python_api_numbers_are_checked_in_the_constructors(tasks):
+    """Was: bools accepted as 1.0, bare TypeErrors for str/None, ``Distillation(lr=-1)`` a torch
+    ValueError mid-training."""
+    teacher = learner(hidden=8, seed=3)
+    for kw, match in (({"weight": True}, "weight"), ({"temperature": True}, "temperature"),
+                      ({"weight": "1"}, "weight"), ({"weight": None}, "weight"), ({"temperature": None}, "temperature"),
+                      ({"temperature": 0}, "temperature must be a number > 0"), ({"phases": None}, "phases")):
+        with pytest.raises(ConfigError, match=match):
+            SoftTargets(teacher, **kw)
+    with pytest.raises(ConfigError, match="layer name"):
+        FeatureDistillation(teacher, None, "trunk")
+    for lr in (-1.0, 0, "0.01", True, float("inf")):
+        with pytest.raises(ConfigError, match="distillation lr must be a number > 0"):
+            Distillation(FeatureDistillation(teacher, "trunk", "trunk"), lr=lr)
+
+
+def test_a_float32_teacher_teaches_a_float64_student_and_a_teacher_that_cannot_take_the_inputs_is_named(tasks):
+    """Was: 'Input type (double) and bias type (float) should be the same' (the teacher was moved to
+    the device, not fed the student's dtype), and any teacher forward failure a bare RuntimeError."""
+    teacher = learner(hidden=8, seed=3)
+    model = conv(4)
+    model.double()
+    student = MetaLearner(model, build_algorithm("anil", head_init="proto", steps=2, lr=0.3), preprocessing=PREP,
+                          device="cpu")
+    kd = distillation(teacher, phases=("support", "query"), features=[("trunk.blocks.1", "trunk.blocks.1")])
+    student.fit(tasks, iterations=2, meta_batch_size=1, progress=False, callbacks=[kd])
+    assert all(math.isfinite(t.last_value) for t in kd.terms)
+    assert next(teacher.model.parameters()).dtype == torch.float32  # the teacher is left as it was
+    torch.manual_seed(0)
+    rgb = build_model("conv4", in_channels=3, hidden=4, image_size=12, blocks=2, out_features=3)
+    with pytest.raises(InputError, match=r"distillation TEACHER \(TrunkHead\) failed on the student's inputs"):
+        learner().fit(tasks, iterations=1, meta_batch_size=1, progress=False, callbacks=[Distillation(SoftTargets(rgb))])
+
+
+@pytest.mark.parametrize("alg,match", [("anil", "adapts only the head"), ("fomaml", "gets no gradient"),
+                                       ("reptile", "gets no gradient")])
+def test_support_only_feature_terms_that_can_never_act_are_refused(tasks, alg, match):
+    """Was: under ANIL a support-phase trunk-feature term changed nothing; under FOMAML/Reptile its
+    adapter was never trained (a frozen random projection). Both are refused, from the API and from
+    a config section; where a phase acts the term is kept."""
+    from metamtl.distill.hooks import check_config_applies
+
+    teacher = learner(hidden=8, seed=3)
+    student = learner(alg=alg)
+    term = FeatureDistillation(teacher, "trunk.blocks.1", "trunk.blocks.1", phases=("support",), weight=5.0)
+    with pytest.raises(ConfigError, match=match):
+        student.fit(tasks, iterations=1, meta_batch_size=1, progress=False, callbacks=[Distillation(term)])
+    assert student.algorithm.inner.loss_terms == [] and student.iteration == 0
+    section = {"teacher": "t.pt", "phases": ["support"], "features": [["trunk.blocks.1", "trunk.blocks.1"]]}
+    with pytest.raises(ConfigError, match=match):
+        check_config_applies(section, student.algorithm)
+    check_config_applies({**section, "features": []}, student.algorithm)  # soft targets act in the support loss
+    if alg != "reptile":  # reptile applies no query phase
+        check_config_applies({**section, "phases": ["support", "query"]}, student.algorithm)
+    fixed = torch.nn.Conv2d(4, 8, 1).requires_grad_(False)
+    kept = FeatureDistillation(teacher, "trunk.blocks.1", "trunk.blocks.1", phases=("support",), adapter=fixed)
+    if alg != "anil":  # a fixed adapter needs no gradient
+        student.fit(tasks, iterations=1, meta_batch_size=1, progress=False, callbacks=[Distillation(kept)])
+        assert kept.last_value is not None
+
+
+def test_ce_weight_scales_the_task_loss_only_in_the_phases_where_a_term_acts(tasks):
+    """Query-only terms with ``ce_weight=0.5``: the query loss is 0.5 CE (+ the terms) and the inner
+    adaptation is unchanged (was: the support loss was halved too, a halved inner lr in training but
+    not at evaluation). With plain SGD that is exactly a halved meta lr."""
+    teacher = learner(hidden=8, seed=3)
+
+    def run(meta_lr, callbacks):
+        st = MetaLearner(conv(4, out=3), build_algorithm("maml", steps=1, lr=0.4), preprocessing=PREP, device="cpu",
+                         meta_lr=meta_lr, meta_optimizer="sgd")
+        st.fit(tasks, iterations=1, meta_batch_size=1, progress=False, callbacks=callbacks)
+        return torch.cat([p.detach().flatten() for p in st.meta_parameters()])
+
+    query = run(0.1, [Distillation(SoftTargets(teacher, weight=0.0, phases=("query",)), ce_weight=0.5)])
+    torch.testing.assert_close(query, run(0.05, []), atol=1e-7, rtol=1e-6)
+    both = run(0.1, [Distillation(SoftTargets(teacher, weight=0.0, phases=("support", "query")), ce_weight=0.5)])
+    assert not torch.allclose(both, query)  # a support-phase term: the inner loss is 0.5 CE as well
+
+
+def test_a_skipped_non_finite_step_leaves_the_adapters_as_they_were(tasks):
+    """One non-finite teacher output: that step is skipped for the adapters too (was: the adapter
+    optimizer stepped before the non-finite check, the adapters became NaN and every later step was
+    skipped until TrainingError)."""
+    import warnings
+
+    from metamtl.callbacks import Callback
+
+    class Feat(torch.nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            Feat.calls += 1
+            out = x.flatten(1)[:, :10] * 1.0
+            return out * float("nan") if Feat.calls == 2 else out
+
+    class Teacher(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.feat = Feat()
+
+        def forward(self, x):
+            return self.feat(x)[:, :3]
+
+    student = MetaLearner(conv(4), build_algorithm("protonet"), preprocessing=PREP, device="cpu", meta_lr=0.01)
+    kd = Distillation(FeatureDistillation(Teacher(), "trunk", "feat"))
+    snapshots = []
+
+    class Snap(Callback):  # runs after the distillation's hooks
+        order = 50
+
+        def on_iteration_end(self, state, metrics):
+            snapshots.append([p.detach().clone() for p in kd.terms[0].adapter.parameters()])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        student.fit(tasks, iterations=4, meta_batch_size=1, progress=False, callbacks=[kd, Snap()])
+    assert [r.get("train/skipped") for r in student.history] == [None, 1.0, None, None]
+    assert all(torch.equal(a, b) for a, b in zip(snapshots[0], snapshots[1]))  # the skipped step
+    assert all(torch.isfinite(p).all() for p in kd.terms[0].adapter.parameters())
+    assert not all(torch.equal(a, b) for a, b in zip(snapshots[1], snapshots[3]))  # trained on afterwards
