@@ -20,7 +20,7 @@ from .data.base import Preprocessing
 from .errors import ConfigError, InputError, TaskError, unknown_name
 from .models.backbones import TrunkHead, uncompiled
 from .placement import Placement
-from .tasks.episode import Episode
+from .tasks.episode import Episode, regression_targets
 from .tasks.sampler import TaskSource, episode_generator
 
 TASK_TYPES = ("classification", "regression")
@@ -170,7 +170,7 @@ def support_labels(y: Any, n: int, task: str, device: torch.device,
     if task == "regression":
         y = y.float()
         check_regression_targets(y, "support_y", model)
-        return y.view(n, -1), 1
+        return regression_targets(y), 1
     if y.is_floating_point() and not bool((y == y.round()).all()):
         raise InputError("support_y must hold integer class labels 0..N-1")
     y = y.long()

@@ -10,6 +10,12 @@ from ..data.base import Preprocessing
 from ..errors import InputError
 
 
+def regression_targets(y: torch.Tensor) -> torch.Tensor:
+    """Regression targets ``[n]`` or ``[n, d]`` as ``[n, d]`` (``[n]`` is one output, ``[n, 1]``), the
+    shape of the model's predictions: the loss never broadcasts ``[n, 1]`` predictions against ``[n]``."""
+    return y.view(y.shape[0], -1) if y.dim() == 1 else y
+
+
 @dataclasses.dataclass
 class Episode:
     """One N-way K-shot task.
@@ -53,13 +59,12 @@ class Episode:
                 x = x.contiguous(memory_format=memory_format)
             return x
 
-        return dataclasses.replace(
-            self,
-            support_x=conv(self.support_x),
-            query_x=conv(self.query_x),
-            support_y=cast(self.support_y.to(device, non_blocking=non_blocking) if device is not None else self.support_y),
-            query_y=cast(self.query_y.to(device, non_blocking=non_blocking) if device is not None else self.query_y),
-        )
+        def labels(y: torch.Tensor) -> torch.Tensor:
+            y = cast(y.to(device, non_blocking=non_blocking) if device is not None else y)
+            return y if self.is_classification else regression_targets(y)
+
+        return dataclasses.replace(self, support_x=conv(self.support_x), query_x=conv(self.query_x),
+                                   support_y=labels(self.support_y), query_y=labels(self.query_y))
 
     @property
     def is_classification(self) -> bool:

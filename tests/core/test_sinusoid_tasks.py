@@ -130,3 +130,43 @@ def test_input_errors_of_a_regression_learner_do_not_mention_images():
             learner.predict(support_x, ep.support_y, query_x)
         assert "image" not in str(info.value)
     assert learner.predict(ep.support_x.numpy(), ep.support_y, ep.query_x.numpy().astype("float64")).shape == (3, 1)
+
+
+class Listed:
+    """A task source serving the given episodes in turn."""
+
+    ways, task, name = 1, "regression", "listed"
+
+    def __init__(self, episodes):
+        self.episodes, self.shots, self.queries = episodes, episodes[0].shots, episodes[0].queries
+
+    def episode(self, index):
+        return self.episodes[index % len(self.episodes)]
+
+
+def regressor(algorithm="maml", out_features=1, in_features=1, **inner):
+    from metamtl import MetaLearner
+    from metamtl.algorithms import build_algorithm
+    from metamtl.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mlp", hidden=[8], in_features=in_features, out_features=out_features)
+    return MetaLearner(model, build_algorithm(algorithm, **({"steps": 1, "lr": 0.01} | inner)), task="regression",
+                       device="cpu")
+
+
+def test_targets_of_shape_n_give_the_losses_of_shape_n_by_1():
+    """[n] targets are [n, 1] targets: the same evaluation losses and the same training (no broadcasting)."""
+    import dataclasses
+
+    eps = [Sinusoid(shots=5, queries=5).episode(i) for i in range(3)]
+    flat = [dataclasses.replace(e, support_y=e.support_y.view(-1), query_y=e.query_y.view(-1)) for e in eps]
+    learner = regressor()
+    column = learner.evaluate(eps, episodes=3, progress=False).per_episode_loss
+    assert learner.evaluate(flat, episodes=3, progress=False).per_episode_loss == column
+    trained = []
+    for episodes in (eps, flat):
+        learner = regressor()
+        learner.fit(Listed(episodes), iterations=2, meta_batch_size=3, progress=False)
+        trained.append(learner.model.state_dict())
+    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
