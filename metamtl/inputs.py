@@ -168,9 +168,8 @@ def support_labels(y: Any, n: int, task: str, device: torch.device,
         raise InputError("the support set is empty: adapt/predict need at least one labelled example"
                          + (" of each of >= 2 classes" if task == "classification" else ""))
     if task == "regression":
-        y = y.float()
-        check_regression_targets(y, "support_y", model)
-        return regression_targets(y), 1
+        check_regression_targets(y, "support_y", model)  # the dtype given: int, bool or complex is no target
+        return regression_targets(y.float()), 1
     if y.is_floating_point() and not bool((y == y.round()).all()):
         raise InputError("support_y must hold integer class labels 0..N-1")
     y = y.long()
