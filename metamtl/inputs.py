@@ -273,6 +273,16 @@ def _runs_in_nchw(trunk: nn.Module, x: torch.Tensor) -> bool:
     return True
 
 
+def _check_regression_inputs(x: torch.Tensor, what: str) -> None:
+    """:class:`InputError` unless an episode's regression inputs ``x`` are finite floats (integer
+    tensors are not read as image pixels: a regression model takes its inputs as they are)."""
+    if not x.is_floating_point():
+        raise InputError(f"{what} must be float regression inputs (a float tensor of shape [n, in_features]), "
+                         f"got {x.dtype}: convert them with x.float() (regression inputs are never scaled as pixels)")
+    if not bool(torch.isfinite(x).all()):
+        raise InputError(f"{what} contains NaN or infinite inputs; drop or fill those examples first")
+
+
 def check_episode(episode: Any, what: str, *, task: str, model: TrunkHead) -> None:
     """Refuse, with a clear message, an episode a learner for ``task`` on ``model`` cannot use."""
     if not isinstance(episode, Episode):
@@ -286,6 +296,8 @@ def check_episode(episode: Any, what: str, *, task: str, model: TrunkHead) -> No
             f"{where} is {episode.ways}-way: with a single class every query is trivially right (loss 0, "
             f"accuracy 100%), so {what} would learn or measure nothing; give the task source 2 or more classes per task")
     if task == "regression":
+        for kind in ("support_x", "query_x"):
+            _check_regression_inputs(getattr(episode, kind), f"{where}: {kind}")
         for kind in ("support_y", "query_y"):
             check_regression_targets(getattr(episode, kind), f"{where}: {kind}", model)
     if episode.query_x.shape[0] == 0:

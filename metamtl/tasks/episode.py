@@ -52,7 +52,7 @@ class Episode:
 
         def conv(x: torch.Tensor) -> torch.Tensor:
             x = x.to(device, non_blocking=non_blocking) if device is not None else x
-            if x.dtype == torch.uint8:
+            if x.dtype == torch.uint8 and self.is_classification:  # stored images; regression inputs stay as given
                 x = self.preprocessing.normalize(x) if self.preprocessing else x.float().div_(255)
             x = cast(x)
             if memory_format is not None and x.dim() == 4:

@@ -45,6 +45,13 @@ def regressor(algorithm="maml", out_features=1, **inner):
     return MetaLearner(model, build_algorithm(algorithm, **inner), task="regression", device="cpu")
 
 
+def listed(episode):
+    """A task source serving ``episode`` at every index."""
+    source = Sinusoid(shots=episode.shots, queries=episode.queries)
+    source.episode = lambda index: episode
+    return source
+
+
 def sine_episode():
     return Sinusoid(shots=5, queries=5).episode(0)
 
@@ -185,6 +192,10 @@ LEARNER = [
     ("regression-targets-wider-than-model", lambda e: regressor().predict(sine_episode().support_x, sine_episode().support_y.expand(-1, 3), sine_episode().query_x), InputError, r"support_y has shape \[5, 3\] but the model predicts 1 value\(s\) per example: give targets of shape \[n\] or \[n, 1\], or build the model with out_features=3"),
     ("regression-episode-nan-query", lambda e: regressor().evaluate([episode_with(sine_episode(), query_y=sine_episode().query_y * math.inf)], progress=False), InputError, r"episode 0 of 'sinusoid': query_y contains NaN or infinite targets"),
     ("regression-fit-targets-narrower-than-model", lambda e: fit(regressor(out_features=2), Sinusoid()), InputError, r"fit: episode 0 of 'sinusoid': support_y has shape \[\d+, 1\] but the model predicts 2 value\(s\)"),
+    ("regression-episode-int-inputs", lambda e: fit(regressor(), listed(episode_with(sine_episode(), support_x=sine_episode().support_x.long()))), InputError, r"episode 0 of 'sinusoid': support_x must be float regression inputs .*got torch.int64"),
+    ("regression-episode-bool-inputs", lambda e: regressor().evaluate([episode_with(sine_episode(), query_x=sine_episode().query_x > 0)], progress=False), InputError, r"query_x must be float regression inputs .*got torch.bool"),
+    ("regression-episode-uint8-inputs", lambda e: regressor().evaluate([episode_with(sine_episode(), support_x=sine_episode().support_x.abs().to(torch.uint8))], progress=False), InputError, r"support_x must be float regression inputs .*got torch.uint8.*x.float\(\)"),
+    ("regression-episode-nan-inputs", lambda e: fit(regressor(), listed(episode_with(sine_episode(), support_x=sine_episode().support_x * math.nan))), InputError, r"episode 0 of 'sinusoid': support_x contains NaN or infinite inputs"),
     ("regression-predict-int-targets", lambda e: regressor().predict(sine_episode().support_x, torch.tensor([1, 2, 3, 4, 5]), sine_episode().query_x), InputError, r"support_y must be float regression targets, got torch.int64"),
     ("regression-predict-bool-targets", lambda e: regressor().predict(sine_episode().support_x, sine_episode().support_y > 0, sine_episode().query_x), InputError, r"support_y must be float regression targets, got torch.bool"),
     ("regression-predict-complex-targets", lambda e: regressor().predict(sine_episode().support_x, sine_episode().support_y.to(torch.complex64), sine_episode().query_x), InputError, r"support_y must be float regression targets, got torch.complex64"),
