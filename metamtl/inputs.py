@@ -134,7 +134,7 @@ def model_input(x: Any, what: str, *, model: TrunkHead, placement: Placement,
 
 def check_regression_targets(y: torch.Tensor, what: str, model: TrunkHead | None) -> None:
     """:class:`InputError` unless ``y`` are finite regression targets the model's outputs match:
-    ``[n]`` or ``[n, d]`` with ``d`` the model's outputs (1 with a per-task head)."""
+    ``[n]`` or ``[n, d]`` with ``d`` the model's outputs (a per-task head, ``head_init='zero'``, gets ``d`` too)."""
     if not y.is_floating_point():
         raise InputError(f"{what} must be float regression targets, got {y.dtype}")
     if not bool(torch.isfinite(y).all()):

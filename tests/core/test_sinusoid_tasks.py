@@ -170,3 +170,34 @@ def test_targets_of_shape_n_give_the_losses_of_shape_n_by_1():
         learner.fit(Listed(episodes), iterations=2, meta_batch_size=3, progress=False)
         trained.append(learner.model.state_dict())
     assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
+
+
+def multi_output_episodes(count=2, d=3):
+    """Linear tasks with 2 inputs and ``d``-dimensional targets."""
+    from metamtl.tasks import Episode
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(count):
+        x, w = torch.randn(10, 2, generator=g), torch.randn(2, d, generator=g)
+        y = x @ w
+        out.append(Episode(x[:4], y[:4], x[4:], y[4:], ways=1, shots=4, queries=6, index=i, task="regression"))
+    return out
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "metasgd", "mamlpp", "anil", "imaml"])
+@pytest.mark.parametrize("head_init", ["learned", "zero"])
+def test_multi_output_regression_fits_evaluates_and_predicts(algorithm, head_init):
+    if algorithm == "anil" and head_init == "learned":
+        inner = {}
+    else:
+        inner = {"head_init": head_init}
+    learner = regressor(algorithm, out_features=3, in_features=2, **inner)
+    eps = multi_output_episodes()
+    learner.fit(Listed(eps), iterations=1, meta_batch_size=2, progress=False)
+    assert math.isfinite(learner.evaluate(eps, episodes=2, progress=False).loss)
+    ep = eps[0]
+    out = learner.predict(ep.support_x, ep.support_y, ep.query_x)
+    assert out.shape == (6, 3)
+    loss = float(((out - ep.query_y) ** 2).mean())
+    assert learner.evaluate([ep], episodes=1, progress=False).per_episode_loss[0] == pytest.approx(loss, rel=1e-4)
