@@ -201,3 +201,12 @@ def test_multi_output_regression_fits_evaluates_and_predicts(algorithm, head_ini
     assert out.shape == (6, 3)
     loss = float(((out - ep.query_y) ** 2).mean())
     assert learner.evaluate([ep], episodes=1, progress=False).per_episode_loss[0] == pytest.approx(loss, rel=1e-4)
+
+
+def test_a_regression_run_without_val_split_has_no_validation_tasks():
+    from metamtl.experiment import build_tasks
+
+    assert build_tasks(sine_config())["val"] is None
+    cfg = sine_config()
+    cfg.data.val_split = "val"
+    assert build_tasks(cfg)["val"].seed == cfg.tasks.val_seed

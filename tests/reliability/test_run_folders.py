@@ -38,7 +38,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 @pytest.fixture
 def finished(tmp_path, capsys):
     """A finished `metamtl fit` run (checkpoints, metrics, results) and its config."""
-    cfg = write_config(tmp_path, **{"logging.metrics": "csv"})
+    cfg = write_config(tmp_path, **{"logging.metrics": "csv", "data.val_split": "val"})
     assert main(["fit", str(cfg), "--no-progress"]) == 0
     capsys.readouterr()
     run_dir = tmp_path / "runs" / "sine"
