@@ -210,3 +210,16 @@ def test_a_regression_run_without_val_split_has_no_validation_tasks():
     cfg = sine_config()
     cfg.data.val_split = "val"
     assert build_tasks(cfg)["val"].seed == cfg.tasks.val_seed
+
+
+def test_a_regression_learner_is_evaluated_on_the_split_asked_for():
+    from metamtl.errors import ConfigError
+    from metamtl.experiment import build_test_tasks
+
+    cfg = sine_config()
+    assert build_test_tasks(cfg).seed == cfg.tasks.test_seed
+    cfg.data.test_split = "val"
+    assert build_test_tasks(cfg).seed == cfg.tasks.val_seed
+    cfg.data.test_split = "bogus"
+    with pytest.raises(ConfigError, match=r"'bogus'.*sinusoid.*'test' or 'val'"):
+        build_test_tasks(cfg)
