@@ -45,7 +45,10 @@ def _evaluation_config(saved: dict[str, Any], data_root: str | None) -> dict[str
         if data_root:
             data["root"] = data_root
         data["val_split"] = None
-    return {**saved, "train": {**(saved.get("train") or {}), "early_stopping": None, "scheduler": None}}
+    tasks = dict(saved.get("tasks") or {})
+    if saved["data"].get("name") == "sinusoid":  # older regression runs saved the unused default, 5 ways
+        tasks.pop("ways", None)
+    return {**saved, "tasks": tasks, "train": {**(saved.get("train") or {}), "early_stopping": None, "scheduler": None}}
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -246,6 +246,8 @@ CONFIG = [
     ("contradiction-train-split-all", cfg_with(**{"data.train_split": "all"}), ConfigError, r"data.test_split \('test'\) shares classes with data.train_split \('all'\)"),
     ("contradiction-val-split-all", cfg_with(**{"data.val_split": "all"}), ConfigError, r"data.val_split \('all'\) shares classes with data.train_split \('train'\)"),
     ("regression-eval-feature-head", cfg_with(**{"eval.heads": ["algorithm", "softkmeans"]}), ConfigError, r"eval.heads\[1\]: feature head 'softkmeans' classifies; a regression run"),
+    ("regression-ways", cfg_with(**{"tasks.ways": 5}), ConfigError, r"tasks.ways: regression tasks \(data.name: sinusoid\) have ways 1, got 5"),
+    ("regression-hierarchy", cfg_with(**{"tasks.hierarchy": 1}), ConfigError, r"tasks.hierarchy: regression tasks .* no classes for a hierarchy"),
     ("contradiction-multidataset-test-split-is-train", lambda e: config_from_dict({"datasets": [{"name": "omniglot"}, {"name": "omniglot", "label": "b", "test_split": "train"}]}), ConfigError, r"datasets\[1\].test_split \('train'\) shares classes with datasets\[1\].train_split \('train'\)"),
     ("contradiction-multidataset-val-split-in-train-val", lambda e: config_from_dict({"datasets": [{"name": "omniglot", "train_split": "train+val", "val_split": "val", "test_split": "test"}, {"name": "omniglot", "label": "b"}]}), ConfigError, r"datasets\[0\].val_split \('val'\) shares classes"),
     ("multidataset-image-size-zero", lambda e: config_from_dict({"datasets": [{"name": "omniglot"}, {"name": "omniglot", "label": "b", "image_size": 0}]}), ConfigError, r"datasets\[1\].image_size must be >= 1, got 0"),
