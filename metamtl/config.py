@@ -342,13 +342,21 @@ def _check_config(cfg: Config) -> Config:
 
 
 def _check_regression(cfg: Config) -> None:
-    """What a regression run (data.name: sinusoid) cannot use: other ways than 1, a hierarchy."""
+    """What a regression run (data.name: sinusoid) cannot use: other ways than 1, a hierarchy, a
+    class-based algorithm."""
     where = "regression tasks (data.name: sinusoid) have ways 1 and no classes for a hierarchy"
     if cfg.tasks.ways != 1:
         raise ConfigError(f"tasks.ways: regression tasks (data.name: sinusoid) have ways 1, got {cfg.tasks.ways}; "
                           "set tasks.ways: 1 or leave it out")
     if cfg.tasks.hierarchy is not None:
         raise ConfigError(f"tasks.hierarchy: {where}, got {cfg.tasks.hierarchy!r}; set tasks.hierarchy: null")
+    from .algorithms import ALGORITHMS
+
+    algorithm = ALGORITHMS.get(cfg.algorithm.get("name"))  # (an unknown name is refused with the components)
+    if algorithm is not None and "num_classes" in algorithm.from_data:
+        raise ConfigError(f"algorithm {cfg.algorithm['name']!r} trains over the training classes (it takes "
+                          "num_classes from the data); regression tasks (data.name: sinusoid) have no classes: "
+                          "use a gradient-based algorithm such as 'maml'")
     for i, s in enumerate(cfg.eval.settings):
         if s.ways != 1 or s.hierarchy is not None:
             got = f"{s.ways} ways" + (f", hierarchy {s.hierarchy!r}" if s.hierarchy is not None else "")

@@ -246,6 +246,7 @@ CONFIG = [
     ("contradiction-train-split-all", cfg_with(**{"data.train_split": "all"}), ConfigError, r"data.test_split \('test'\) shares classes with data.train_split \('all'\)"),
     ("contradiction-val-split-all", cfg_with(**{"data.val_split": "all"}), ConfigError, r"data.val_split \('all'\) shares classes with data.train_split \('train'\)"),
     ("regression-eval-feature-head", cfg_with(**{"eval.heads": ["algorithm", "softkmeans"]}), ConfigError, r"eval.heads\[1\]: feature head 'softkmeans' classifies; a regression run"),
+    ("regression-transfer", cfg_with(**{"algorithm": {"name": "transfer"}}), ConfigError, r"algorithm 'transfer' .*classes.*regression"),
     ("regression-ways", cfg_with(**{"tasks.ways": 5}), ConfigError, r"tasks.ways: regression tasks \(data.name: sinusoid\) have ways 1, got 5"),
     ("regression-hierarchy", cfg_with(**{"tasks.hierarchy": 1}), ConfigError, r"tasks.hierarchy: regression tasks .* no classes for a hierarchy"),
     ("contradiction-multidataset-test-split-is-train", lambda e: config_from_dict({"datasets": [{"name": "omniglot"}, {"name": "omniglot", "label": "b", "test_split": "train"}]}), ConfigError, r"datasets\[1\].test_split \('train'\) shares classes with datasets\[1\].train_split \('train'\)"),
