@@ -343,13 +343,20 @@ def _check_config(cfg: Config) -> Config:
 
 def _check_regression(cfg: Config) -> None:
     """What a regression run (data.name: sinusoid) cannot use: other ways than 1, a hierarchy, support
-    augmentation, a class-based algorithm."""
+    augmentation, soft-target distillation, a class-based algorithm."""
     where = "regression tasks (data.name: sinusoid) have ways 1 and no classes for a hierarchy"
     if cfg.tasks.ways != 1:
         raise ConfigError(f"tasks.ways: regression tasks (data.name: sinusoid) have ways 1, got {cfg.tasks.ways}; "
                           "set tasks.ways: 1 or leave it out")
     if cfg.tasks.hierarchy is not None:
         raise ConfigError(f"tasks.hierarchy: {where}, got {cfg.tasks.hierarchy!r}; set tasks.hierarchy: null")
+    if cfg.distill:
+        from .distill.hooks import check_config as check_distill
+
+        if check_distill(cfg.distill)["weight"] > 0:
+            raise ConfigError("distill.weight: soft targets distil class probabilities; a regression run (data.name: "
+                              "sinusoid) has no classes, so the term would always be 0: set distill.weight: 0 and "
+                              "distil features (distill.features)")
     if cfg.eval.support_augment is not None:
         raise ConfigError("eval.support_augment makes augmented copies of support images; a regression run "
                           "(data.name: sinusoid) has none: set it to null")

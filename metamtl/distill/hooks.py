@@ -240,6 +240,7 @@ class Distillation(Callback):
     def on_fit_start(self, state: FitState) -> None:
         learner = state.learner
         check_phases_apply(self.terms, learner.algorithm)
+        check_soft_targets_apply(self.terms, learner.task)
         for term in self.terms:
             teacher = getattr(term, "teacher", None)
             if teacher is not None:
@@ -324,6 +325,15 @@ def check_phases_apply(terms: Sequence[Any], algorithm: Any) -> None:
             f"distillation phases {list(phases)} never apply to algorithm {getattr(algorithm, 'name', algorithm)!r}"
             f"{why}: its training applies loss terms in phase(s) {list(applied)}; set distill.phases to one of them"
         )
+
+
+def check_soft_targets_apply(terms: Sequence[Any], task: str) -> None:
+    """:class:`ConfigError` for :class:`SoftTargets` on a learner that does not classify: a softmax
+    over regression outputs has no classes (one output: always 1), so the term would be 0."""
+    if task != "classification" and any(isinstance(t, SoftTargets) for t in terms):
+        raise ConfigError(f"SoftTargets distil class probabilities (a softmax over class logits); this learner does "
+                          f"{task}, whose outputs are no class logits, so the term would always be 0: leave it out "
+                          "(distillation(..., weight=0); config: distill.weight: 0) and distil features instead")
 
 
 def check_config_applies(cfg: dict[str, Any], algorithm: Any) -> None:
