@@ -59,7 +59,8 @@ def test_custom_ranges_and_zero_queries():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"shots": 0}, {"queries": -1}, {"shots": 2.5}, {"amplitude": (5.0, 0.1)}, {"x_range": (0, math.inf)}],
+    [{"shots": 0}, {"queries": -1}, {"shots": 2.5}, {"amplitude": (5.0, 0.1)}, {"x_range": (0, math.inf)},
+     {"amplitude": "12"}, {"phase": b"01"}],
 )
 def test_invalid_arguments_raise_task_errors(kwargs):
     with pytest.raises(TaskError):
