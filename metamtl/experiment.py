@@ -425,7 +425,8 @@ def _run(cfg: Config, resume: str | Path | None, progress: bool, callbacks: list
     record["train_seconds"] = _train(learner, cfg, tasks, resume, progress, cbs)
     selected = restore_best(learner, run_dir) if cfg.eval.checkpoint == "best" else None
     if selected is not None:
-        say(f"[metamtl] evaluating best.pt (best validation accuracy, iteration {selected})")
+        best = "loss" if is_regression(cfg) else "accuracy"
+        say(f"[metamtl] evaluating best.pt (best validation {best}, iteration {selected})")
     elif cfg.eval.checkpoint == "best" and any("val/loss" in r for r in learner.history):
         say(f"[metamtl] warning: eval.checkpoint is 'best' but {run_dir} holds no best.pt of this run (resumed from "
             f"another folder's checkpoint?): evaluating the last weights (iteration {learner.iteration})")
