@@ -362,7 +362,8 @@ def _check_regression(cfg: Config) -> None:
                           "(data.name: sinusoid) has none: set it to null")
     from .algorithms import ALGORITHMS
 
-    algorithm = ALGORITHMS.get(cfg.algorithm.get("name"))  # (an unknown name is refused with the components)
+    name = cfg.algorithm.get("name")  # (an unknown or malformed name is refused with the components)
+    algorithm = ALGORITHMS.get(name) if isinstance(name, str) else None
     if algorithm is not None and "num_classes" in algorithm.from_data:
         raise ConfigError(f"algorithm {cfg.algorithm['name']!r} trains over the training classes (it takes "
                           "num_classes from the data); regression tasks (data.name: sinusoid) have no classes: "
