@@ -45,7 +45,10 @@ def _evaluation_config(saved: dict[str, Any], data_root: str | None) -> dict[str
         if data_root:
             data["root"] = data_root
         data["val_split"] = None
-    return {**saved, "train": {**(saved.get("train") or {}), "early_stopping": None, "scheduler": None}}
+    tasks = dict(saved.get("tasks") or {})
+    if saved["data"].get("name") == "sinusoid":  # older regression runs saved the unused default, 5 ways
+        tasks.pop("ways", None)
+    return {**saved, "tasks": tasks, "train": {**(saved.get("train") or {}), "early_stopping": None, "scheduler": None}}
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -84,7 +87,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         from .ensemble import Ensemble
 
         learner = Ensemble(members, labels=labels)
-        print(f"[metamtl] {learner}: class probabilities averaged")
+        print(f"[metamtl] {learner}: " + ("class probabilities" if learner.task == "classification" else "predictions")
+              + " averaged")
     first = cfg.eval.settings[0]  # without --ways/--shots: the setting the run evaluated first
     setting = {"ways": _given(args.ways, first.ways), "shots": _given(args.shots, first.shots),
                "queries": _given(args.queries, cfg.eval.queries)}

@@ -303,14 +303,11 @@ def _check_config(cfg: Config) -> Config:
     if cfg.eval.checkpoint not in ("last", "best"):
         raise ConfigError(f"eval.checkpoint must be 'last' or 'best' (best validation accuracy), got {cfg.eval.checkpoint!r}")
     _check_eval(cfg.eval, is_regression(cfg))
-    for i, s in enumerate(cfg.eval.settings):
+    for s in cfg.eval.settings:
         if s.ways < 1 or s.shots < 1:
             raise ConfigError(f"eval.settings entries need ways >= 1 and shots >= 1, got {s}")
-        if is_regression(cfg) and (s.ways != 1 or s.hierarchy is not None):
-            got = f"{s.ways} ways" + (f", hierarchy {s.hierarchy!r}" if s.hierarchy is not None else "")
-            raise ConfigError(f"eval.settings[{i}]: regression tasks (data.name: sinusoid) have ways 1 and no "
-                              f"classes for a hierarchy, got {got}; give {{ways: 1, shots: N}} (without "
-                              "eval.settings a regression run is evaluated with tasks.shots)")
+    if is_regression(cfg):
+        _check_regression(cfg)
     lg = cfg.logging
     if lg.report_steps_episodes < 0 or any(s < 0 for s in lg.report_steps or ()):
         raise ConfigError("logging.report_steps_episodes and logging.report_steps entries must be >= 0")
@@ -342,6 +339,40 @@ def _check_config(cfg: Config) -> Config:
             "'learned' (a fixed-size head); set algorithm.head_init to 'zero' or 'proto' to evaluate other ways"
         )
     return cfg
+
+
+def _check_regression(cfg: Config) -> None:
+    """What a regression run (data.name: sinusoid) cannot use: other ways than 1, a hierarchy, support
+    augmentation, soft-target distillation, a class-based algorithm."""
+    where = "regression tasks (data.name: sinusoid) have ways 1 and no classes for a hierarchy"
+    if cfg.tasks.ways != 1:
+        raise ConfigError(f"tasks.ways: regression tasks (data.name: sinusoid) have ways 1, got {cfg.tasks.ways}; "
+                          "set tasks.ways: 1 or leave it out")
+    if cfg.tasks.hierarchy is not None:
+        raise ConfigError(f"tasks.hierarchy: {where}, got {cfg.tasks.hierarchy!r}; set tasks.hierarchy: null")
+    if cfg.distill:
+        from .distill.hooks import check_config as check_distill
+
+        if check_distill(cfg.distill)["weight"] > 0:
+            raise ConfigError("distill.weight: soft targets distil class probabilities; a regression run (data.name: "
+                              "sinusoid) has no classes, so the term would always be 0: set distill.weight: 0 and "
+                              "distil features (distill.features)")
+    if cfg.eval.support_augment is not None:
+        raise ConfigError("eval.support_augment makes augmented copies of support images; a regression run "
+                          "(data.name: sinusoid) has none: set it to null")
+    from .algorithms import ALGORITHMS
+
+    name = cfg.algorithm.get("name")  # (an unknown or malformed name is refused with the components)
+    algorithm = ALGORITHMS.get(name) if isinstance(name, str) else None
+    if algorithm is not None and "num_classes" in algorithm.from_data:
+        raise ConfigError(f"algorithm {cfg.algorithm['name']!r} trains over the training classes (it takes "
+                          "num_classes from the data); regression tasks (data.name: sinusoid) have no classes: "
+                          "use a gradient-based algorithm such as 'maml'")
+    for i, s in enumerate(cfg.eval.settings):
+        if s.ways != 1 or s.hierarchy is not None:
+            got = f"{s.ways} ways" + (f", hierarchy {s.hierarchy!r}" if s.hierarchy is not None else "")
+            raise ConfigError(f"eval.settings[{i}]: {where}, got {got}; give {{ways: 1, shots: N}} (without "
+                              "eval.settings a regression run is evaluated with tasks.shots)")
 
 
 def _check_ensemble(ens: EnsembleConfig) -> None:
@@ -571,6 +602,8 @@ def _check_components(cfg: Config) -> None:
 def config_from_dict(data: Mapping[str, Any]) -> Config:
     """Validate a nested mapping into a :class:`Config`."""
     cfg = from_dict(Config, data, "config")
+    if is_regression(cfg) and "ways" not in (data.get("tasks") or {}):  # not 5-way: regression tasks have 1
+        cfg.tasks.ways = 1
     if is_regression(cfg) and "settings" not in (data.get("eval") or {}):  # not 5-way 1-shot: the training shots
         cfg.eval.settings = [EvalSetting(ways=1, shots=cfg.tasks.shots)]
     return _single_member_seed(_check_config(cfg))

@@ -152,7 +152,7 @@ class Ensemble:
                 for m, h, label in zip(self.members, heads, self.labels):
                     with naming_member(label):
                         m.check_episode(episode, "evaluate")
-                        ep = with_support_copies(m.placement.batch(episode), m.inference.augment(support_augment))
+                        ep = with_support_copies(m.placement.batch(episode), m.inference.augment(support_augment, m.task))
                         outputs.append(m.predict(ep.support_x, ep.support_y, ep.query_x, steps, support_augment=False,
                                                  head=h if h is not None else "algorithm", dataset=episode.dataset))
                 rows.append((self.metrics(self.combine(outputs), episode.query_y),

@@ -98,8 +98,8 @@ def build_tasks(cfg: Config) -> dict[str, Any]:
 
         return {
             "train": Sinusoid(shots=t.shots, queries=t.queries, seed=t.seed),
-            "val": Sinusoid(shots=t.shots, queries=t.queries, seed=t.val_seed),
-            "test": Sinusoid(shots=t.shots, queries=cfg.eval.queries, seed=t.test_seed),
+            "val": _sinusoid_split(cfg, cfg.data.val_split, t.queries, "data.val_split"),
+            "test": build_test_tasks(cfg),
         }
     d = cfg.data
     out: dict[str, TaskSource | None] = {
@@ -122,9 +122,7 @@ def build_test_tasks(cfg: Config, preprocessing: dict[str | None, Any] | None = 
     does not block evaluating an intact test split."""
     preps = preprocessing or {}
     if is_regression(cfg):
-        from .tasks.sinusoid import Sinusoid
-
-        return Sinusoid(shots=cfg.tasks.shots, queries=cfg.eval.queries, seed=cfg.tasks.test_seed)
+        return _sinusoid_split(cfg, cfg.data.test_split or "test", cfg.eval.queries, "data.test_split (evaluate: --split)")
     t = cfg.tasks
     if cfg.datasets:
         return {label: _held_out(load_split(cfg, d.test_split, data=d, preprocessing=preps.get(label)), cfg,
@@ -135,6 +133,20 @@ def build_test_tasks(cfg: Config, preprocessing: dict[str | None, Any] | None = 
         return None
     return _held_out(load_split(cfg, d.test_split, preprocessing=preps.get(None)), cfg, t.test_seed, cfg.eval.queries,
                      key="test_split")
+
+
+def _sinusoid_split(cfg: Config, split: str | None, queries: int, key: str) -> Any:
+    """The sinusoid tasks of ``split`` (``None``: no tasks, e.g. ``data.val_split: null``): ``test``
+    and ``val`` are drawn from ``tasks.test_seed`` / ``tasks.val_seed``; another name is a :class:`ConfigError`."""
+    from .tasks.sinusoid import Sinusoid
+
+    if split is None:
+        return None
+    seeds = {"test": cfg.tasks.test_seed, "val": cfg.tasks.val_seed}
+    if split not in seeds:
+        raise ConfigError(f"{key} {split!r}: the sinusoid tasks have the splits 'test' or 'val' (drawn with "
+                          "tasks.test_seed / tasks.val_seed) and no others: use one of them")
+    return Sinusoid(shots=cfg.tasks.shots, queries=queries, seed=seeds[split])
 
 
 def _held_out(dataset: ClassDataset, cfg: Config, seed: int, queries: int, hierarchy: Any = None,
@@ -413,7 +425,8 @@ def _run(cfg: Config, resume: str | Path | None, progress: bool, callbacks: list
     record["train_seconds"] = _train(learner, cfg, tasks, resume, progress, cbs)
     selected = restore_best(learner, run_dir) if cfg.eval.checkpoint == "best" else None
     if selected is not None:
-        say(f"[metamtl] evaluating best.pt (best validation accuracy, iteration {selected})")
+        best = "loss" if is_regression(cfg) else "accuracy"
+        say(f"[metamtl] evaluating best.pt (best validation {best}, iteration {selected})")
     elif cfg.eval.checkpoint == "best" and any("val/loss" in r for r in learner.history):
         say(f"[metamtl] warning: eval.checkpoint is 'best' but {run_dir} holds no best.pt of this run (resumed from "
             f"another folder's checkpoint?): evaluating the last weights (iteration {learner.iteration})")

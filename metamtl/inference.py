@@ -29,6 +29,15 @@ def classifying_head(head: FeatureHead | None, task: str) -> FeatureHead | None:
     return head
 
 
+def augmenting(tta: SupportAugment | None, task: str) -> SupportAugment | None:
+    """``tta``, refused with a :class:`ConfigError` when the learner does not classify: its copies
+    are augmented images, and a regression learner's inputs are no images."""
+    if tta is not None and task != "classification":
+        raise ConfigError(f"support_augment makes augmented copies of support images; this learner does {task}, "
+                          "whose inputs are no images: leave support_augment out (or False)")
+    return tta
+
+
 @dataclasses.dataclass
 class InferenceSettings:
     """The defaults of ``evaluate``/``adapt``/``predict`` (see the module docstring)."""
@@ -43,11 +52,12 @@ class InferenceSettings:
                feature_means: dict[str, torch.Tensor] | None = None, task: str = "classification") -> "InferenceSettings":
         """From specs: a :class:`SupportAugment` or its settings, a head or its name/settings."""
         head = registered(classifying_head(build_head(head), task))  # saved with the learner: rebuilt by name
-        return cls(as_support_augment(support_augment), head, dict(feature_means or {}))
+        return cls(augmenting(as_support_augment(support_augment), task), head, dict(feature_means or {}))
 
-    def augment(self, spec: Any = None) -> SupportAugment | None:
-        """The support augmentation of a call: ``spec`` (``False``: none), or the default when ``None``."""
-        return self.support_augment if spec is None else as_support_augment(spec)
+    def augment(self, spec: Any = None, task: str = "classification") -> SupportAugment | None:
+        """The support augmentation of a call: ``spec`` (``False``: none), or the default when ``None``;
+        refused for a learner that does not classify (as in :meth:`create`)."""
+        return augmenting(self.support_augment if spec is None else as_support_augment(spec), task)
 
     def classifier(self, spec: Any = None, task: str = "classification") -> FeatureHead | None:
         """The head of a call: ``spec`` (``"algorithm"``: the algorithm's adaptation), or the default;

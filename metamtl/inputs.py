@@ -20,7 +20,7 @@ from .data.base import Preprocessing
 from .errors import ConfigError, InputError, TaskError, unknown_name
 from .models.backbones import TrunkHead, uncompiled
 from .placement import Placement
-from .tasks.episode import Episode
+from .tasks.episode import Episode, regression_targets
 from .tasks.sampler import TaskSource, episode_generator
 
 TASK_TYPES = ("classification", "regression")
@@ -134,7 +134,7 @@ def model_input(x: Any, what: str, *, model: TrunkHead, placement: Placement,
 
 def check_regression_targets(y: torch.Tensor, what: str, model: TrunkHead | None) -> None:
     """:class:`InputError` unless ``y`` are finite regression targets the model's outputs match:
-    ``[n]`` or ``[n, d]`` with ``d`` the model's outputs (1 with a per-task head)."""
+    ``[n]`` or ``[n, d]`` with ``d`` the model's outputs (a per-task head, ``head_init='zero'``, gets ``d`` too)."""
     if not y.is_floating_point():
         raise InputError(f"{what} must be float regression targets, got {y.dtype}")
     if not bool(torch.isfinite(y).all()):
@@ -168,9 +168,8 @@ def support_labels(y: Any, n: int, task: str, device: torch.device,
         raise InputError("the support set is empty: adapt/predict need at least one labelled example"
                          + (" of each of >= 2 classes" if task == "classification" else ""))
     if task == "regression":
-        y = y.float()
-        check_regression_targets(y, "support_y", model)
-        return y.view(n, -1), 1
+        check_regression_targets(y, "support_y", model)  # the dtype given: int, bool or complex is no target
+        return regression_targets(y.float()), 1
     if y.is_floating_point() and not bool((y == y.round()).all()):
         raise InputError("support_y must hold integer class labels 0..N-1")
     y = y.long()
@@ -274,6 +273,16 @@ def _runs_in_nchw(trunk: nn.Module, x: torch.Tensor) -> bool:
     return True
 
 
+def _check_regression_inputs(x: torch.Tensor, what: str) -> None:
+    """:class:`InputError` unless an episode's regression inputs ``x`` are finite floats (integer
+    tensors are not read as image pixels: a regression model takes its inputs as they are)."""
+    if not x.is_floating_point():
+        raise InputError(f"{what} must be float regression inputs (a float tensor of shape [n, in_features]), "
+                         f"got {x.dtype}: convert them with x.float() (regression inputs are never scaled as pixels)")
+    if not bool(torch.isfinite(x).all()):
+        raise InputError(f"{what} contains NaN or infinite inputs; drop or fill those examples first")
+
+
 def check_episode(episode: Any, what: str, *, task: str, model: TrunkHead) -> None:
     """Refuse, with a clear message, an episode a learner for ``task`` on ``model`` cannot use."""
     if not isinstance(episode, Episode):
@@ -287,6 +296,8 @@ def check_episode(episode: Any, what: str, *, task: str, model: TrunkHead) -> No
             f"{where} is {episode.ways}-way: with a single class every query is trivially right (loss 0, "
             f"accuracy 100%), so {what} would learn or measure nothing; give the task source 2 or more classes per task")
     if task == "regression":
+        for kind in ("support_x", "query_x"):
+            _check_regression_inputs(getattr(episode, kind), f"{where}: {kind}")
         for kind in ("support_y", "query_y"):
             check_regression_targets(getattr(episode, kind), f"{where}: {kind}", model)
     if episode.query_x.shape[0] == 0:

@@ -223,7 +223,7 @@ class MetaLearner:
         return evaluate_episodes(  # a feature head takes no inner steps: its rows say 0
             score, self.model, episode_at, n, steps if head is None else 0, placement=self.placement, strategy=self.strategy,
             progress=progress, check=lambda ep: self.check_episode(ep, "evaluate"),
-            support_augment=self.inference.augment(support_augment), hierarchy=hierarchy_of(tasks),
+            support_augment=self.inference.augment(support_augment, self.task), hierarchy=hierarchy_of(tasks),
             head=head_name(head), transductive=bool(head is not None and head.transductive))
 
     def feature_mean(self, dataset: str | None = None) -> torch.Tensor | None:

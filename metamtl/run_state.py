@@ -28,7 +28,7 @@ from .errors import CheckpointError, ConfigError, MetamtlError
 from .inference import InferenceSettings
 from .models.backbones import TrunkHead, uncompiled
 from .models.registry import build_model, normalized_config
-from .placement import resolve_device, set_layout
+from .placement import model_dtype, resolve_device, set_layout
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -255,6 +255,7 @@ def learner_state(learner: "MetaLearner", training_state: bool = False) -> dict[
         "format": FORMAT, "format_version": FORMAT_VERSION, "metamtl_version": __version__,
         "config": config,
         "model_state": {k: v.detach().cpu() for k, v in learner.model.state_dict().items()},
+        "model_dtype": str(model_dtype(learner.model)).removeprefix("torch."),  # float64 learners load as float64
         "algorithm_state": {k: v.detach().cpu() for k, v in learner.algorithm.state_dict().items()},
         "preprocessing": learner.preprocessing.to_dict() if learner.preprocessing else None,
         "task_defaults": dict(learner.task_defaults), "metadata": dict(learner.metadata),
@@ -295,11 +296,20 @@ def learner_from_state(cls: type["MetaLearner"], obj: dict[str, Any], path: Any,
         ) from exc
 
 
+def _saved_dtype(obj: dict[str, Any], path: Any) -> torch.dtype:
+    """The floating dtype a checkpoint's weights were saved in (float32 for checkpoints older than
+    the ``model_dtype`` entry)."""
+    name = obj.get("model_dtype", "float32")
+    if name not in ("float32", "float64"):
+        raise CheckpointError(f"{path}: model_dtype must be 'float32' or 'float64', got {name!r}")
+    return getattr(torch, name)
+
+
 def _rebuild(cls: type["MetaLearner"], obj: dict[str, Any], path: Any, cfg: dict[str, Any], device: Any,
              model: TrunkHead | None) -> "MetaLearner":
     """The learner of a checkpoint (errors are translated by :func:`learner_from_state`)."""
     if model is None:
-        model = build_model(**cfg["model"])
+        model = build_model(**cfg["model"]).to(_saved_dtype(obj, path))
     elif model.config.get("name"):  # the same architecture however spelled (defaults, per-block lists)
         diff = config_diff(normalized_config(cfg["model"]), normalized_config(model.config))
         if diff:

@@ -495,6 +495,8 @@ def build_problem(
     ``lrs(model_names, k)``, ``tensors(k, training)`` and ``objective`` filled in)."""
     engine = ENGINES[settings.backend]
     head_only = settings.adapt == "head"
+    if support_y.is_floating_point():  # regression targets [T, S, d]: d outputs (a per-task head's too)
+        ways = support_y.shape[-1] if support_y.dim() == 3 else 1
     module = task_module(model, ways, settings.adapt, settings.head_init)
     tasks = support_x.shape[0]
     training = model.trunk.training  # (a wrapper model, e.g. Transfer's cosine features, keeps its own flag)

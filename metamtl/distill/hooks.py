@@ -250,6 +250,7 @@ class Distillation(Callback):
     def on_fit_start(self, state: FitState) -> None:
         learner = state.learner
         check_phases_apply(self.terms, learner.algorithm)
+        check_soft_targets_apply(self.terms, learner.task)
         for term in self.terms:
             teacher = getattr(term, "teacher", None)
             if teacher is not None:
@@ -373,6 +374,15 @@ def _support_only_refusal(term: Any, algorithm: Any) -> str | None:
                 "inner steps are not differentiated), so it would stay a random projection; add phase 'query' if "
                 "the algorithm applies it, use a second-order rule, or pass a fixed adapter (requires_grad False)")
     return None
+
+
+def check_soft_targets_apply(terms: Sequence[Any], task: str) -> None:
+    """:class:`ConfigError` for :class:`SoftTargets` on a learner that does not classify: a softmax
+    over regression outputs has no classes (one output: always 1), so the term would be 0."""
+    if task != "classification" and any(isinstance(t, SoftTargets) for t in terms):
+        raise ConfigError(f"SoftTargets distil class probabilities (a softmax over class logits); this learner does "
+                          f"{task}, whose outputs are no class logits, so the term would always be 0: leave it out "
+                          "(distillation(..., weight=0); config: distill.weight: 0) and distil features instead")
 
 
 def check_config_applies(cfg: dict[str, Any], algorithm: Any) -> None:

@@ -10,6 +10,12 @@ from ..data.base import Preprocessing
 from ..errors import InputError
 
 
+def regression_targets(y: torch.Tensor) -> torch.Tensor:
+    """Regression targets ``[n]`` or ``[n, d]`` as ``[n, d]`` (``[n]`` is one output, ``[n, 1]``), the
+    shape of the model's predictions: the loss never broadcasts ``[n, 1]`` predictions against ``[n]``."""
+    return y.view(y.shape[0], -1) if y.dim() == 1 else y
+
+
 @dataclasses.dataclass
 class Episode:
     """One N-way K-shot task.
@@ -46,20 +52,19 @@ class Episode:
 
         def conv(x: torch.Tensor) -> torch.Tensor:
             x = x.to(device, non_blocking=non_blocking) if device is not None else x
-            if x.dtype == torch.uint8:
+            if x.dtype == torch.uint8 and self.is_classification:  # stored images; regression inputs stay as given
                 x = self.preprocessing.normalize(x) if self.preprocessing else x.float().div_(255)
             x = cast(x)
             if memory_format is not None and x.dim() == 4:
                 x = x.contiguous(memory_format=memory_format)
             return x
 
-        return dataclasses.replace(
-            self,
-            support_x=conv(self.support_x),
-            query_x=conv(self.query_x),
-            support_y=cast(self.support_y.to(device, non_blocking=non_blocking) if device is not None else self.support_y),
-            query_y=cast(self.query_y.to(device, non_blocking=non_blocking) if device is not None else self.query_y),
-        )
+        def labels(y: torch.Tensor) -> torch.Tensor:
+            y = cast(y.to(device, non_blocking=non_blocking) if device is not None else y)
+            return y if self.is_classification else regression_targets(y)
+
+        return dataclasses.replace(self, support_x=conv(self.support_x), query_x=conv(self.query_x),
+                                   support_y=labels(self.support_y), query_y=labels(self.query_y))
 
     @property
     def is_classification(self) -> bool:

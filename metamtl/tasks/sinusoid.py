@@ -14,6 +14,8 @@ from .sampler import check_index, check_positive_int, check_seed, episode_genera
 
 def _interval(name: str, value: Sequence[float]) -> tuple[float, float]:
     try:
+        if isinstance(value, (str, bytes)):  # "12" would be read character by character: (1.0, 2.0)
+            raise TypeError(name)
         lo, hi = (float(v) for v in value)
     except (TypeError, ValueError):
         raise TaskError(f"{name} must be a (low, high) pair of numbers, got {value!r}") from None

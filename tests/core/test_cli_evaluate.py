@@ -159,3 +159,13 @@ def test_a_multi_dataset_learner_is_checked_on_every_dataset_before_any_is_evalu
     assert code == 2 and "accuracy" not in out.out, out.out
     code, out = evaluate(capsys, path, "--ways", "7")
     assert code == 2 and "no dataset has that many held-out classes" in out.err, out.err
+
+
+def test_a_regression_ensemble_and_its_splits_are_described_as_regression(learners, capsys):
+    """An ensemble of regression learners averages predictions (was: 'class probabilities averaged');
+    --split val evaluates the validation tasks, and an unknown split name is refused."""
+    paths, _ = learners
+    code, out = evaluate(capsys, paths["sine"], paths["sine"])
+    assert code == 0 and "predictions averaged" in out.out and "class probabilities" not in out.out, out
+    code, out = evaluate(capsys, paths["sine"], "--split", "bogus")
+    assert code == 2 and "'bogus': the sinusoid tasks have the splits 'test' or 'val'" in out.err, out

@@ -59,7 +59,8 @@ def test_custom_ranges_and_zero_queries():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"shots": 0}, {"queries": -1}, {"shots": 2.5}, {"amplitude": (5.0, 0.1)}, {"x_range": (0, math.inf)}],
+    [{"shots": 0}, {"queries": -1}, {"shots": 2.5}, {"amplitude": (5.0, 0.1)}, {"x_range": (0, math.inf)},
+     {"amplitude": "12"}, {"phase": b"01"}],
 )
 def test_invalid_arguments_raise_task_errors(kwargs):
     with pytest.raises(TaskError):
@@ -130,3 +131,96 @@ def test_input_errors_of_a_regression_learner_do_not_mention_images():
             learner.predict(support_x, ep.support_y, query_x)
         assert "image" not in str(info.value)
     assert learner.predict(ep.support_x.numpy(), ep.support_y, ep.query_x.numpy().astype("float64")).shape == (3, 1)
+
+
+class Listed:
+    """A task source serving the given episodes in turn."""
+
+    ways, task, name = 1, "regression", "listed"
+
+    def __init__(self, episodes):
+        self.episodes, self.shots, self.queries = episodes, episodes[0].shots, episodes[0].queries
+
+    def episode(self, index):
+        return self.episodes[index % len(self.episodes)]
+
+
+def regressor(algorithm="maml", out_features=1, in_features=1, **inner):
+    from metamtl import MetaLearner
+    from metamtl.algorithms import build_algorithm
+    from metamtl.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mlp", hidden=[8], in_features=in_features, out_features=out_features)
+    return MetaLearner(model, build_algorithm(algorithm, **({"steps": 1, "lr": 0.01} | inner)), task="regression",
+                       device="cpu")
+
+
+def test_targets_of_shape_n_give_the_losses_of_shape_n_by_1():
+    """[n] targets are [n, 1] targets: the same evaluation losses and the same training (no broadcasting)."""
+    import dataclasses
+
+    eps = [Sinusoid(shots=5, queries=5).episode(i) for i in range(3)]
+    flat = [dataclasses.replace(e, support_y=e.support_y.view(-1), query_y=e.query_y.view(-1)) for e in eps]
+    learner = regressor()
+    column = learner.evaluate(eps, episodes=3, progress=False).per_episode_loss
+    assert learner.evaluate(flat, episodes=3, progress=False).per_episode_loss == column
+    trained = []
+    for episodes in (eps, flat):
+        learner = regressor()
+        learner.fit(Listed(episodes), iterations=2, meta_batch_size=3, progress=False)
+        trained.append(learner.model.state_dict())
+    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
+
+
+def multi_output_episodes(count=2, d=3):
+    """Linear tasks with 2 inputs and ``d``-dimensional targets."""
+    from metamtl.tasks import Episode
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(count):
+        x, w = torch.randn(10, 2, generator=g), torch.randn(2, d, generator=g)
+        y = x @ w
+        out.append(Episode(x[:4], y[:4], x[4:], y[4:], ways=1, shots=4, queries=6, index=i, task="regression"))
+    return out
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "metasgd", "mamlpp", "anil", "imaml"])
+@pytest.mark.parametrize("head_init", ["learned", "zero"])
+def test_multi_output_regression_fits_evaluates_and_predicts(algorithm, head_init):
+    if algorithm == "anil" and head_init == "learned":
+        inner = {}
+    else:
+        inner = {"head_init": head_init}
+    learner = regressor(algorithm, out_features=3, in_features=2, **inner)
+    eps = multi_output_episodes()
+    learner.fit(Listed(eps), iterations=1, meta_batch_size=2, progress=False)
+    assert math.isfinite(learner.evaluate(eps, episodes=2, progress=False).loss)
+    ep = eps[0]
+    out = learner.predict(ep.support_x, ep.support_y, ep.query_x)
+    assert out.shape == (6, 3)
+    loss = float(((out - ep.query_y) ** 2).mean())
+    assert learner.evaluate([ep], episodes=1, progress=False).per_episode_loss[0] == pytest.approx(loss, rel=1e-4)
+
+
+def test_a_regression_run_without_val_split_has_no_validation_tasks():
+    from metamtl.experiment import build_tasks
+
+    assert build_tasks(sine_config())["val"] is None
+    cfg = sine_config()
+    cfg.data.val_split = "val"
+    assert build_tasks(cfg)["val"].seed == cfg.tasks.val_seed
+
+
+def test_a_regression_learner_is_evaluated_on_the_split_asked_for():
+    from metamtl.errors import ConfigError
+    from metamtl.experiment import build_test_tasks
+
+    cfg = sine_config()
+    assert build_test_tasks(cfg).seed == cfg.tasks.test_seed
+    cfg.data.test_split = "val"
+    assert build_test_tasks(cfg).seed == cfg.tasks.val_seed
+    cfg.data.test_split = "bogus"
+    with pytest.raises(ConfigError, match=r"'bogus'.*sinusoid.*'test' or 'val'"):
+        build_test_tasks(cfg)

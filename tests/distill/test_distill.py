@@ -465,3 +465,27 @@ def test_a_skipped_non_finite_step_leaves_the_adapters_as_they_were(tasks):
     assert all(torch.equal(a, b) for a, b in zip(snapshots[0], snapshots[1]))  # the skipped step
     assert all(torch.isfinite(p).all() for p in kd.terms[0].adapter.parameters())
     assert not all(torch.equal(a, b) for a, b in zip(snapshots[1], snapshots[3]))  # trained on afterwards
+
+
+def test_soft_targets_for_a_regression_learner_are_refused(tmp_path):
+    """A softmax over one regression output is always 1: the KL term would be 0, the setting silently
+    ignored (was: training identical to training without distillation). Refused for Python and configs."""
+    from metamtl.config import config_from_dict
+    from metamtl.tasks import Sinusoid
+
+    def regressor():
+        model = build_model("mlp", hidden=[8], in_features=1, out_features=1)
+        return MetaLearner(model, build_algorithm("maml", steps=1, lr=0.01), task="regression", device="cpu")
+
+    student = regressor()
+    before = {k: v.clone() for k, v in student.model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"SoftTargets .*class.* this learner does regression"):
+        student.fit(Sinusoid(), iterations=1, meta_batch_size=1, progress=False,
+                    callbacks=[distillation(regressor(), weight=100, phases=("support", "query"))])
+    assert all(torch.equal(before[k], v) for k, v in student.model.state_dict().items())
+    section = {"teacher": str(tmp_path / "t.pt")}
+    sine = {"data": {"name": "sinusoid", "val_split": None}, "tasks": {"ways": 1},
+            "model": {"name": "mlp", "hidden": [8]}}
+    with pytest.raises(ConfigError, match=r"distill.weight.*regression"):
+        config_from_dict({**sine, "distill": section})
+    assert config_from_dict({**sine, "distill": {**section, "weight": 0}}).distill["weight"] == 0

@@ -166,3 +166,23 @@ def test_a_loaded_learner_keeps_its_meta_training_time(sine, tmp_path):
     loaded.fit(sine, iterations=1, meta_batch_size=2, progress=False)
     times = [row["time"] for row in loaded.history if "time" in row]
     assert times == sorted(times) and times[-1] > learner.elapsed
+
+
+def test_a_float64_learner_loads_as_float64_with_identical_predictions(sine, tmp_path):
+    """The model's floating dtype is saved and restored (was: loaded as float32, predictions differed)."""
+    from metamtl.algorithms import build_algorithm
+    from metamtl.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mlp", in_features=1, hidden=[8], out_features=1).double()
+    learner = MetaLearner(model, build_algorithm("maml", steps=1, lr=0.01), task="regression", device="cpu")
+    learner.fit(sine, iterations=2, meta_batch_size=2, progress=False)
+    back = MetaLearner.load(learner.save(tmp_path / "l.pt"), device="cpu")
+    assert {p.dtype for p in back.model.parameters()} == {torch.float64}
+    ep = sine.episode(3)
+    assert torch.equal(back.predict(ep.support_x, ep.support_y, ep.query_x),
+                       learner.predict(ep.support_x, ep.support_y, ep.query_x))
+    obj = torch.load(tmp_path / "l.pt", weights_only=True)
+    del obj["model_dtype"]  # a checkpoint written before the dtype was saved: float32, as before
+    torch.save(obj, tmp_path / "old.pt")
+    assert {p.dtype for p in MetaLearner.load(tmp_path / "old.pt", device="cpu").model.parameters()} == {torch.float32}

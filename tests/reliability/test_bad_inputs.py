@@ -45,6 +45,13 @@ def regressor(algorithm="maml", out_features=1, **inner):
     return MetaLearner(model, build_algorithm(algorithm, **inner), task="regression", device="cpu")
 
 
+def listed(episode):
+    """A task source serving ``episode`` at every index."""
+    source = Sinusoid(shots=episode.shots, queries=episode.queries)
+    source.episode = lambda index: episode
+    return source
+
+
 def sine_episode():
     return Sinusoid(shots=5, queries=5).episode(0)
 
@@ -185,6 +192,15 @@ LEARNER = [
     ("regression-targets-wider-than-model", lambda e: regressor().predict(sine_episode().support_x, sine_episode().support_y.expand(-1, 3), sine_episode().query_x), InputError, r"support_y has shape \[5, 3\] but the model predicts 1 value\(s\) per example: give targets of shape \[n\] or \[n, 1\], or build the model with out_features=3"),
     ("regression-episode-nan-query", lambda e: regressor().evaluate([episode_with(sine_episode(), query_y=sine_episode().query_y * math.inf)], progress=False), InputError, r"episode 0 of 'sinusoid': query_y contains NaN or infinite targets"),
     ("regression-fit-targets-narrower-than-model", lambda e: fit(regressor(out_features=2), Sinusoid()), InputError, r"fit: episode 0 of 'sinusoid': support_y has shape \[\d+, 1\] but the model predicts 2 value\(s\)"),
+    ("regression-episode-int-inputs", lambda e: fit(regressor(), listed(episode_with(sine_episode(), support_x=sine_episode().support_x.long()))), InputError, r"episode 0 of 'sinusoid': support_x must be float regression inputs .*got torch.int64"),
+    ("regression-episode-bool-inputs", lambda e: regressor().evaluate([episode_with(sine_episode(), query_x=sine_episode().query_x > 0)], progress=False), InputError, r"query_x must be float regression inputs .*got torch.bool"),
+    ("regression-episode-uint8-inputs", lambda e: regressor().evaluate([episode_with(sine_episode(), support_x=sine_episode().support_x.abs().to(torch.uint8))], progress=False), InputError, r"support_x must be float regression inputs .*got torch.uint8.*x.float\(\)"),
+    ("regression-episode-nan-inputs", lambda e: fit(regressor(), listed(episode_with(sine_episode(), support_x=sine_episode().support_x * math.nan))), InputError, r"episode 0 of 'sinusoid': support_x contains NaN or infinite inputs"),
+    ("regression-predict-int-targets", lambda e: regressor().predict(sine_episode().support_x, torch.tensor([1, 2, 3, 4, 5]), sine_episode().query_x), InputError, r"support_y must be float regression targets, got torch.int64"),
+    ("regression-predict-bool-targets", lambda e: regressor().predict(sine_episode().support_x, sine_episode().support_y > 0, sine_episode().query_x), InputError, r"support_y must be float regression targets, got torch.bool"),
+    ("regression-predict-complex-targets", lambda e: regressor().predict(sine_episode().support_x, sine_episode().support_y.to(torch.complex64), sine_episode().query_x), InputError, r"support_y must be float regression targets, got torch.complex64"),
+    ("regression-support-augment", lambda e: MetaLearner(build_model("mlp", hidden=[8], out_features=1), "maml", task="regression", support_augment={"copies": 2}), ConfigError, r"support_augment makes augmented copies of support images; this learner does regression"),
+    ("regression-evaluate-support-augment", lambda e: regressor().evaluate([sine_episode()], progress=False, support_augment={"copies": 2}), ConfigError, r"support_augment makes augmented copies of support images; this learner does regression"),
     ("custom-trunk-without-out-features", lambda e: custom_learner(None, head_init="zero"), ConfigError, r"the trunk _Unsized does not say how many features it gives, and per-task heads are built on them: set trunk.out_features"),
     ("custom-trunk-wrong-out-features-anil", lambda e: fit(trunk_learner("anil", 10, head_init="zero"), e.sampler), ConfigError, r"trunk.out_features is 10 but the trunk Sequential gives 576 features per example \(shape \[1, 576\] for one example\): set trunk.out_features = 576"),
     ("custom-trunk-wrong-out-features-metasgd", lambda e: fit(trunk_learner("metasgd", 10, head_init="zero"), e.sampler), ConfigError, r"trunk.out_features is 10 but .* gives 576 features"),
@@ -232,6 +248,10 @@ CONFIG = [
     ("contradiction-train-split-all", cfg_with(**{"data.train_split": "all"}), ConfigError, r"data.test_split \('test'\) shares classes with data.train_split \('all'\)"),
     ("contradiction-val-split-all", cfg_with(**{"data.val_split": "all"}), ConfigError, r"data.val_split \('all'\) shares classes with data.train_split \('train'\)"),
     ("regression-eval-feature-head", cfg_with(**{"eval.heads": ["algorithm", "softkmeans"]}), ConfigError, r"eval.heads\[1\]: feature head 'softkmeans' classifies; a regression run"),
+    ("regression-eval-support-augment", cfg_with(**{"eval.support_augment": {"copies": 2}}), ConfigError, r"eval.support_augment makes augmented copies of support images; a regression run"),
+    ("regression-transfer", cfg_with(**{"algorithm": {"name": "transfer"}}), ConfigError, r"algorithm 'transfer' .*classes.*regression"),
+    ("regression-ways", cfg_with(**{"tasks.ways": 5}), ConfigError, r"tasks.ways: regression tasks \(data.name: sinusoid\) have ways 1, got 5"),
+    ("regression-hierarchy", cfg_with(**{"tasks.hierarchy": 1}), ConfigError, r"tasks.hierarchy: regression tasks .* no classes for a hierarchy"),
     ("contradiction-multidataset-test-split-is-train", lambda e: config_from_dict({"datasets": [{"name": "omniglot"}, {"name": "omniglot", "label": "b", "test_split": "train"}]}), ConfigError, r"datasets\[1\].test_split \('train'\) shares classes with datasets\[1\].train_split \('train'\)"),
     ("contradiction-multidataset-val-split-in-train-val", lambda e: config_from_dict({"datasets": [{"name": "omniglot", "train_split": "train+val", "val_split": "val", "test_split": "test"}, {"name": "omniglot", "label": "b"}]}), ConfigError, r"datasets\[0\].val_split \('val'\) shares classes"),
     ("multidataset-image-size-zero", lambda e: config_from_dict({"datasets": [{"name": "omniglot"}, {"name": "omniglot", "label": "b", "image_size": 0}]}), ConfigError, r"datasets\[1\].image_size must be >= 1, got 0"),

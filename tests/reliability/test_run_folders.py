@@ -38,7 +38,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 @pytest.fixture
 def finished(tmp_path, capsys):
     """A finished `metamtl fit` run (checkpoints, metrics, results) and its config."""
-    cfg = write_config(tmp_path, **{"logging.metrics": "csv"})
+    cfg = write_config(tmp_path, **{"logging.metrics": "csv", "data.val_split": "val"})
     assert main(["fit", str(cfg), "--no-progress"]) == 0
     capsys.readouterr()
     run_dir = tmp_path / "runs" / "sine"
@@ -237,3 +237,12 @@ def test_a_history_holding_nan_still_recognises_the_runs_own_checkpoints(tmp_pat
     resumed = tiny_learner()
     resumed.fit(tasks, tasks, iterations=4, resume=tmp_path / "last.pt", **fit)
     assert resumed.iteration == 4 and safe_load(tmp_path / "last.pt")["iteration"] == 4
+
+
+def test_a_regression_run_evaluating_best_pt_names_its_validation_loss(tmp_path, capsys):
+    """best.pt of a regression run is the best validation loss (was: 'best validation accuracy')."""
+    cfg = write_config(tmp_path, **{"data.val_split": "val", "eval.checkpoint": "best", "train.iterations": 4,
+                                    "train.val_every": 2, "train.val_episodes": 2})
+    assert main(["fit", str(cfg), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "evaluating best.pt (best validation loss, iteration" in out and "validation accuracy" not in out, out
