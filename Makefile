@@ -24,8 +24,10 @@ $(VENV)/.installed: setup.py $(BIN)/python
 
 install: $(VENV)/.installed
 
+# a repeated `make demo` replaces its earlier run (runs/omniglot_5w1s); DEMO_ARGS= keeps it (and then refuses)
+DEMO_ARGS ?= --overwrite
 demo: install
-	$(BIN)/metamtl fit configs/omniglot_5w1s.yaml
+	$(BIN)/metamtl fit configs/omniglot_5w1s.yaml $(DEMO_ARGS)
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -73,6 +73,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise MetamtlError(f"{labels[0]} has no data config; evaluate it from Python with MetaLearner.evaluate")
     check_same_data(members, labels)
     _check_task_options(args, learner, labels[0])
+    if args.steps is not None and not any(m.algorithm.has_inner_loop for m in members):
+        raise ConfigError(f"--steps: {labels[0]} uses algorithm {learner.algorithm.name!r}, which has no inner loop "
+                          "(its results take 0 steps): evaluate without --steps")
     _check_held_out_split(args.split, {lb: m.metadata["config"] for m, lb in zip(members, labels)}, args.data_root)
     cfg = config_from_dict(_evaluation_config(saved, args.data_root))
     for d in [cfg.data, *cfg.datasets]:  # set after validation: --split was checked against every member

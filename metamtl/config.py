@@ -627,8 +627,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r}: bad key {key!r}")
     try:
         value = yaml_io.load(raw) if raw != "" else None
-        if _has_non_text_scalar(value) and _is_text(_setting_type(key.split("."))):
-            value = yaml_io.load_strings(raw)  # name=2024, logging.tags=[v, 2024]: text as typed
+        tp = _setting_type(key.split("."))
+        if (_has_non_text_scalar(value) or (value is None and raw != "" and tp is str)) and _is_text(tp):
+            value = yaml_io.load_strings(raw)  # name=2024, name=null, logging.tags=[v, 2024]: text as typed
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
     return key.split("."), value
@@ -739,6 +740,8 @@ def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
 def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A config file as a dict, with ``extends: other.yaml`` (relative to the file) merged in."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give a YAML file in it (e.g. {path / 'omniglot_5w1s.yaml'})")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     if path.resolve() in _seen:

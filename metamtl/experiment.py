@@ -377,6 +377,9 @@ def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
     before training (:func:`check_eval_settings`).
     """
     callbacks = check_callbacks(callbacks, "run(callbacks=...)")  # one Callback or a list of them
+    if resume is not None and overwrite:
+        raise ConfigError("resume (--resume) continues the run and overwrite (--overwrite) deletes it and starts "
+                          "afresh: pass one of them")
     # before the run folder is judged or data loaded (a staged run's resume: run_stages judges it)
     if resume is not None and not Path(resume).is_file() and not (cfg.stages and cfg.ensemble.members <= 1):
         raise CheckpointError(f"cannot resume: checkpoint {resume} does not exist (a run folder's resumable "

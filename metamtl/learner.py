@@ -217,7 +217,7 @@ class MetaLearner:
         check_steps(steps)
         episode_at, n = episode_reader(tasks, episodes, ways=ways, shots=shots, queries=queries, start=start)
         self.check_finite("evaluate")
-        steps = self.algorithm.eval_steps if steps is None else steps
+        steps = self.algorithm.eval_steps if steps is None or not self.algorithm.has_inner_loop else steps
         head = self.inference.classifier(head, self.task)
         score = scorer(self.algorithm, self.model, steps, head, self.bn_stats, lambda e: self.inference.centring_mean(head, e.dataset))
         return evaluate_episodes(  # a feature head takes no inner steps: its rows say 0

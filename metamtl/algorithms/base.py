@@ -108,6 +108,8 @@ class Algorithm(nn.Module):
     #: the phases (``LossContext.phase``) in which this algorithm's training applies loss terms:
     #: a distillation term acting in none of them would be ignored, so the Distillation refuses it
     loss_term_phases: ClassVar[tuple[str, ...]] = ("support", "query")
+    #: whether evaluation adapts with inner steps (``False``: ``steps`` do not apply, rows say 0)
+    has_inner_loop: ClassVar[bool] = True
 
     def __init__(self, inner: InnerLoop | None = None, **inner_kwargs: Any) -> None:
         super().__init__()

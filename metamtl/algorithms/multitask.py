@@ -83,6 +83,7 @@ class MultiTask(Algorithm):
 
     memory_mode = property(lambda self: self.base.memory_mode, doc="The base algorithm's memory mode.")
     loss_term_phases = property(lambda self: self.base.loss_term_phases, doc="The base algorithm's loss-term phases.")
+    has_inner_loop = property(lambda self: self.base.has_inner_loop, doc="Whether the base algorithm has an inner loop.")
     memory_plan = property(lambda self: self.base.memory_plan, doc="The base algorithm's memory plan (``auto``).")
 
     def setup(self, model: TrunkHead) -> None:

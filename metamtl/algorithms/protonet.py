@@ -75,6 +75,7 @@ class ProtoNet(Algorithm):
 
     name = "protonet"
     loss_term_phases = ("query",)  # no inner loop: no support phase
+    has_inner_loop = False
 
     def __init__(self, temperature: float = 1.0, bn_stats: str = "transductive", distance: str = "euclidean",
                  scale: float = 10.0, learn_scale: bool = False) -> None:

@@ -112,6 +112,20 @@ def test_a_regression_learner_refuses_classification_options(learners, capsys, o
         assert f"{paths['sine']} does regression" in out.err
 
 
+def test_steps_for_an_algorithm_without_an_inner_loop_are_refused_and_never_recorded(learners, capsys):
+    """--steps on a ProtoNet learner was silently ignored while its result said steps: N."""
+    from metamtl import MetaLearner
+    from metamtl.data import load_dataset
+    from metamtl.tasks import EpisodeSampler
+
+    paths, tmp = learners
+    code, out = evaluate(capsys, paths["train"], "--steps", "5")
+    assert code == 2 and "--steps: " in out.err and "'protonet', which has no inner loop" in out.err, out.err
+    learner = MetaLearner.load(paths["train"], device="cpu")
+    sampler = EpisodeSampler(load_dataset("folder", "test", tmp / "data", cache_dir=tmp / "cache"), 3, 1, 2, seed=0)
+    assert learner.evaluate(sampler, 2, steps=5, progress=False).steps == 0
+
+
 def test_hierarchy_option_reaches_the_episodes(learners, capsys):
     paths, _ = learners
     code, out = evaluate(capsys, paths["train"], "--hierarchy", "1")  # flat class names: no superclass

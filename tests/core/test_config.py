@@ -128,6 +128,12 @@ def test_text_settings_take_number_and_boolean_looking_overrides_as_typed():
     assert cfg.name == "2024" and cfg.logging.tags == ["baseline", "2024", "010"] and cfg.data.train_split == "1"
     assert load_config(None, ["name=010"]).name == "010" and load_config(None, ["name=no"]).name == "no"
     assert load_config(None, ["init_from=null"]).init_from is None
+    assert load_config(None, ["name=null"]).name == "null"  # was refused as None (name can only be text)
+
+
+def test_a_folder_given_as_the_config_file_is_named_as_a_folder(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file .* is a folder; give a YAML file in it"):
+        load_config(tmp_path, [])
     assert load_config(None, ["tasks.seed=010"]).tasks.seed == 10  # numbers stay numbers
 
 

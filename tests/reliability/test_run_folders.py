@@ -96,6 +96,9 @@ def test_experiment_run_refuses_a_used_folder_too(tmp_path):
     with pytest.raises(ConfigError, match=r"already holds a run .* overwrite=True"):
         run(cfg, progress=False, quiet=True)
     assert run(cfg, progress=False, quiet=True, overwrite=True)["iterations"] == 5
+    with pytest.raises(ConfigError, match=r"resume \(--resume\) continues the run and overwrite \(--overwrite\) deletes"):
+        run(cfg, resume=cfg.run_dir / "last.pt", progress=False, quiet=True, overwrite=True)  # overwrite was ignored
+    assert run(cfg, resume=cfg.run_dir / "last.pt", progress=False, quiet=True)["iterations"] == 5
 
 
 def test_resuming_from_another_folder_into_a_used_one_is_refused(finished, tmp_path, capsys):
