@@ -60,6 +60,22 @@ CASES = [
 ]
 
 
+def threaded_runs_equal_serial(run, caplog) -> str:
+    """``run(task_threads)`` -> (meta-gradients, a state tensor, workers): three runs with automatic
+    task threads equal the serial run exactly, and each fell back to one worker (remembered: later
+    meta-steps go straight to the serial loop); returns the threads module's log."""
+    serial, serial_state, _ = run(1)
+    with caplog.at_level(logging.INFO, logger="metamtl.adaptation.threads"):
+        runs = [run(0) for _ in range(3)]
+    for threaded, state, workers in runs:
+        for (m1, g1), (m2, g2) in zip(serial, threaded):
+            assert all(torch.equal(x, y) for x, y in zip(g1, g2))
+            assert m1 == m2
+        assert torch.equal(state, serial_state)
+        assert workers == 1
+    return caplog.text
+
+
 @pytest.mark.parametrize("name,settings", CASES, ids=[f"{n}-{'-'.join(map(str, s.values()))}" for n, s in CASES])
 def test_threads_give_the_serial_meta_gradient(two_threads, name, settings):
     b = batch()
@@ -240,16 +256,7 @@ def test_functional_randomness_is_detected_and_trains_serially_repeating_bitwise
         out = [meta_gradient(model, alg, b) for _ in range(steps)]
         return out, torch.get_rng_state(), alg.task_workers(model, b, 8)
 
-    serial, serial_rng, _ = run(1)
-    with caplog.at_level(logging.INFO, logger="metamtl.adaptation.threads"):
-        runs = [run(0) for _ in range(3)]
-    for threaded, rng, workers in runs:
-        for (m1, g1), (m2, g2) in zip(serial, threaded):
-            assert all(torch.equal(x, y) for x, y in zip(g1, g2))
-            assert m1 == m2
-        assert torch.equal(rng, serial_rng)
-        assert workers == 1  # remembered: later meta-steps go straight to the serial loop
-    assert "global random-number generator" in caplog.text
+    assert "global random-number generator" in threaded_runs_equal_serial(run, caplog)
 
 
 def test_models_that_draw_nothing_keep_their_threads(two_threads, monkeypatch):
@@ -318,13 +325,4 @@ def test_buffers_written_in_the_forward_pass_are_detected_and_train_serially_rep
         out = [meta_gradient(model, alg, b) for _ in range(steps)]
         return out, model.trunk.mu.clone(), alg.task_workers(model, b, 8)
 
-    serial, serial_mu, _ = run(1)
-    with caplog.at_level(logging.INFO, logger="metamtl.adaptation.threads"):
-        runs = [run(0) for _ in range(3)]
-    for threaded, mu, workers in runs:
-        for (m1, g1), (m2, g2) in zip(serial, threaded):
-            assert all(torch.equal(x, y) for x, y in zip(g1, g2))
-            assert m1 == m2
-        assert torch.equal(mu, serial_mu)
-        assert workers == 1  # remembered: later meta-steps go straight to the serial loop
-    assert "writes its buffer 'trunk.mu'" in caplog.text
+    assert "writes its buffer 'trunk.mu'" in threaded_runs_equal_serial(run, caplog)
