@@ -61,7 +61,9 @@ class Episode:
 
         def labels(y: torch.Tensor) -> torch.Tensor:
             y = cast(y.to(device, non_blocking=non_blocking) if device is not None else y)
-            return y if self.is_classification else regression_targets(y)
+            if self.is_classification:  # any integer dtype (int32, uint8 from numpy, ...) as the losses' int64
+                return y if y.dtype == torch.long else y.long()
+            return regression_targets(y)
 
         return dataclasses.replace(self, support_x=conv(self.support_x), query_x=conv(self.query_x),
                                    support_y=labels(self.support_y), query_y=labels(self.query_y))

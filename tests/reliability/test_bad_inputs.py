@@ -576,3 +576,28 @@ def test_a_user_head_without_out_features_takes_them_from_its_last_linear_layer_
     trunk.out_features = 5
     with pytest.raises(ConfigError, match=r"the head Scale does not say how many outputs it gives.*set head.out_features"):
         MetaLearner(TrunkHead(trunk, Scale()), build_algorithm("maml", steps=1, lr=0.1), device="cpu")
+
+
+class ListedSource:
+    """A user's task source: the TaskSource protocol (``episode(i)``, ways/shots/queries/name), nothing more."""
+
+    def __init__(self, episodes):
+        self.episodes = episodes
+        self.ways, self.shots, self.queries, self.name = episodes[0].ways, episodes[0].shots, episodes[0].queries, "listed"
+
+    def episode(self, i):
+        return self.episodes[i % len(self.episodes)]
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_classification_labels_of_any_integer_dtype_train_and_evaluate_as_int64(env, dtype):
+    """int32/int16/uint8 labels (from numpy, ``arange(dtype=...)``) are class labels: the same
+    cross-entropy as int64, never a raw torch error nor the regression loss."""
+    eps = [env.sampler.episode(i) for i in range(2)]
+    as_dtype = [episode_with(e, support_y=e.support_y.to(dtype), query_y=e.query_y.to(dtype)) for e in eps]
+    for make in (tiny_learner, lambda: tiny_learner("proto")):
+        want, got = make().evaluate(eps, progress=False), make().evaluate(as_dtype, progress=False)
+        assert got.accuracy == want.accuracy and got.loss == pytest.approx(want.loss)
+        a, b = make(), make()
+        fit(a, ListedSource(eps)), fit(b, ListedSource(as_dtype))
+        assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
