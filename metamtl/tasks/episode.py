@@ -151,13 +151,18 @@ class TaskBatch(Sequence[Episode]):
         return [e.index for e in self.episodes]
 
     def groups(self) -> dict[tuple, list[int]]:
-        """Positions of episodes grouped by (dataset, ways, shots, queries, input shape).
+        """Positions of episodes grouped by (dataset, ways, shots, queries, input shape) and their
+        real support/query sizes, which a user's episode may hold apart from ``ways * shots`` /
+        ``ways * queries`` (e.g. 2, 2 and 3 shots for its 3 classes).
 
         Episodes in one group can be stacked into ``[T, ...]`` tensors (see :meth:`stack`).
         """
         out: dict[tuple, list[int]] = {}
         for i, e in enumerate(self.episodes):
-            key = (e.dataset, e.ways, e.shots, e.queries, tuple(e.support_x.shape[1:]))
+            key: tuple = (e.dataset, e.ways, e.shots, e.queries, tuple(e.support_x.shape[1:]))
+            sizes = (e.support_x.shape[0], e.query_x.shape[0])
+            if sizes != (e.ways * e.shots, e.ways * e.queries):  # the declared sizes' keys stay as they were
+                key += (("support, query", *sizes),)
             out.setdefault(key, []).append(i)
         return out
 

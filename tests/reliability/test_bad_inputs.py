@@ -601,3 +601,23 @@ def test_classification_labels_of_any_integer_dtype_train_and_evaluate_as_int64(
         a, b = make(), make()
         fit(a, ListedSource(eps)), fit(b, ListedSource(as_dtype))
         assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+
+
+def test_episodes_with_unequal_shots_per_class_are_grouped_by_their_real_sizes(env):
+    """An episode with 2 and 3 shots for its classes is valid; adapted with regular episodes in one
+    call (``task_chunk=2``, ``fit`` meta-batches) it is stacked only with episodes of its own sizes."""
+    eps = [env.sampler.episode(i) for i in range(4)]
+    extra = eps[1].support_x[:1], eps[1].support_y[:1]
+    eps[1] = episode_with(eps[1], support_x=torch.cat([eps[1].support_x, extra[0]]),
+                          support_y=torch.cat([eps[1].support_y, extra[1]]))
+    assert eps[1].validate() is eps[1]
+
+    def make(chunk):
+        torch.manual_seed(0)
+        model = build_model("conv4", hidden=4, image_size=12, blocks=2, out_features=5)
+        return MetaLearner(model, build_algorithm("maml", steps=1, lr=0.3, task_chunk=chunk),
+                           preprocessing=env.ds.preprocessing, device="cpu")
+
+    one, two = make(1).evaluate(eps, progress=False), make(2).evaluate(eps, progress=False)
+    assert two.per_episode_loss == pytest.approx(one.per_episode_loss, abs=1e-5)
+    make(2).fit(ListedSource(eps), iterations=1, meta_batch_size=4, progress=False)
