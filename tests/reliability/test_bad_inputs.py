@@ -621,3 +621,15 @@ def test_episodes_with_unequal_shots_per_class_are_grouped_by_their_real_sizes(e
     one, two = make(1).evaluate(eps, progress=False), make(2).evaluate(eps, progress=False)
     assert two.per_episode_loss == pytest.approx(one.per_episode_loss, abs=1e-5)
     make(2).fit(ListedSource(eps), iterations=1, meta_batch_size=4, progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_integer_image_inputs_other_than_uint8_get_an_input_error(env, dtype):
+    """int64 pixels (numpy's default) are neither stored uint8 images nor float model input: an
+    InputError naming the tensor and its dtype, in evaluate and fit, never a raw conv2d error."""
+    ep = env.sampler.episode(0)
+    bad = episode_with(ep, support_x=ep.support_x.to(dtype), query_x=ep.query_x.to(dtype))
+    with pytest.raises(InputError, match=rf"support_x is a {dtype}.*uint8 pixels.*float"):
+        env.learner.evaluate([bad], progress=False)
+    with pytest.raises(InputError, match=rf"support_x is a {dtype}"):
+        fit(tiny_learner(), ListedSource([bad]))
