@@ -16,6 +16,7 @@ Sources:
 from __future__ import annotations
 
 import math
+import re
 import threading
 from typing import Iterator, Protocol, Sequence, runtime_checkable
 
@@ -111,6 +112,20 @@ def _check_fits(dataset: ClassDataset, ways: int, shots: int, queries: int) -> N
             f"{ways}-way tasks need {ways} classes but {dataset.name!r} has only "
             f"{dataset.num_classes}; lower ways or use a larger split"
         )
+
+
+FINGERPRINT_ATTRS = ("ways", "shots", "queries", "name", "seed")
+
+
+def source_fingerprint(source: object) -> str:
+    """What identifies a task source across processes (a resume, the ranks of a torchrun): its
+    ``repr`` when its class defines one (metamtl's sources do), else its class's qualified name and
+    its ``ways/shots/queries/name/seed`` attributes, never ``object.__repr__``'s memory address,
+    which differs in every process; an address inside a repr of a class's own is left out too."""
+    if type(source).__repr__ is not object.__repr__:
+        return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(source))
+    attrs = ", ".join(f"{k}={getattr(source, k)!r}" for k in FINGERPRINT_ATTRS if hasattr(source, k))
+    return f"{type(source).__qualname__}({attrs})"
 
 
 class EpisodeSampler(Dataset):
