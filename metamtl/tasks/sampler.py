@@ -496,7 +496,7 @@ def task_batches(
             b += 1
         return
     loader = DataLoader(
-        source,  # type: ignore[arg-type]
+        SourceEpisodes(source),  # any TaskSource, also one with no __getitem__ (only .episode)
         batch_size=per_rank,
         sampler=sampler,
         num_workers=num_workers,
@@ -507,6 +507,17 @@ def task_batches(
         worker_init_fn=_ignore_stop_signals,
     )
     yield from loader
+
+
+class SourceEpisodes(Dataset):
+    """A task source as the map-style Dataset a ``DataLoader`` indexes: item ``i`` is
+    ``source.episode(i)`` (the TaskSource protocol asks for ``episode``, not ``__getitem__``)."""
+
+    def __init__(self, source: TaskSource) -> None:
+        self.source = source
+
+    def __getitem__(self, index: int) -> Episode:
+        return self.source.episode(index)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
