@@ -149,12 +149,17 @@ def _listed_episodes(tasks: Sequence[Episode], episodes: int, start: int,
     chosen = list(tasks[start:start + episodes])
     if not chosen:
         raise ConfigError(f"start={start} is past the end of the list of {len(tasks)} episodes")
-    kinds = sorted({(e.ways, e.shots, e.queries) for e in chosen})
-    if len(kinds) > 1:
-        raise ConfigError("evaluate got a list mixing episodes of different settings (ways, shots, queries: "
-                          f"{', '.join(map(str, kinds))}), which one result would average under one label; "
-                          "evaluate each setting's episodes separately")
+    check_one_setting([(e.ways, e.shots, e.queries) for e in chosen], "a list")
     return chosen.__getitem__, len(chosen)
+
+
+def check_one_setting(settings: Sequence[tuple[int, int, int]], what: str) -> None:
+    """A :class:`ConfigError` unless every episode evaluated has one ``(ways, shots, queries)``."""
+    kinds = sorted(set(settings))
+    if len(kinds) > 1:
+        raise ConfigError(f"evaluate got {what} mixing episodes of different settings (ways, shots, queries: "
+                          f"{', '.join(map(str, kinds))}), which one result would average under one label; "
+                          "evaluate each setting's episodes separately (e.g. each source of a MixedTasks)")
 
 
 def evaluate_episodes(score: Callable[[list[Episode]], list[dict[str, float]]], model: nn.Module,
@@ -208,6 +213,7 @@ def summarize(results: list[tuple[dict[str, float], tuple[int, int, int]]], step
     """One :class:`EvalResult` from per-episode ``(metrics, (ways, shots, queries))`` rows."""
     if not results:
         raise ConfigError("no episodes to evaluate")
+    check_one_setting([setting for _, setting in results], "a task source")
     losses = [m["loss"] for m, _ in results]
     check_finite_episodes(losses, steps)  # never an accuracy computed from NaN logits
     accs = [m["accuracy"] for m, _ in results if "accuracy" in m]

@@ -31,7 +31,7 @@ from .memory import PeakMemory
 from .numerics import check_finite_weights
 from .placement import set_layout
 from .tasks.episode import TaskBatch
-from .tasks.sampler import TaskSource, task_batches
+from .tasks.sampler import TaskSource, source_fingerprint, task_batches
 
 if TYPE_CHECKING:
     from .learner import MetaLearner
@@ -82,7 +82,7 @@ def fit_settings(train_tasks: Any, meta_batch_size: int, val_every: int | None, 
     meta-batch size, the validation cadence and episodes as given, and what the callbacks change
     of the trajectory (:meth:`~metamtl.callbacks.Callback.run_settings`: the learning-rate schedule,
     early stopping).  Iterations and the time budget may differ (to extend a run)."""
-    settings = {"meta_batch_size": meta_batch_size, "train_tasks": repr(train_tasks), "val_every": val_every,
+    settings = {"meta_batch_size": meta_batch_size, "train_tasks": source_fingerprint(train_tasks), "val_every": val_every,
                 "val_episodes": val_episodes}
     for cb in callbacks:
         settings.update(cb.run_settings())

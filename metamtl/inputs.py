@@ -283,6 +283,15 @@ def _check_regression_inputs(x: torch.Tensor, what: str) -> None:
         raise InputError(f"{what} contains NaN or infinite inputs; drop or fill those examples first")
 
 
+def _check_image_dtype(x: torch.Tensor, what: str) -> None:
+    """A classification episode's inputs: stored ``uint8`` pixels (normalised by ``Episode.to``) or
+    float model input; other integer (int64 from numpy, ...) or bool tensors are no model input."""
+    if x.dtype != torch.uint8 and not x.is_floating_point():
+        raise InputError(f"{what} is a {x.dtype} tensor: give uint8 pixels (0..255, normalised with the "
+                         "preprocessing) or float model input, e.g. x.to(torch.uint8) for integer pixels "
+                         "or x.float() for values already scaled")
+
+
 def check_episode(episode: Any, what: str, *, task: str, model: TrunkHead) -> None:
     """Refuse, with a clear message, an episode a learner for ``task`` on ``model`` cannot use."""
     if not isinstance(episode, Episode):
@@ -295,6 +304,9 @@ def check_episode(episode: Any, what: str, *, task: str, model: TrunkHead) -> No
         raise TaskError(
             f"{where} is {episode.ways}-way: with a single class every query is trivially right (loss 0, "
             f"accuracy 100%), so {what} would learn or measure nothing; give the task source 2 or more classes per task")
+    if task == "classification":
+        for kind in ("support_x", "query_x"):
+            _check_image_dtype(getattr(episode, kind), f"{where}: {kind}")
     if task == "regression":
         for kind in ("support_x", "query_x"):
             _check_regression_inputs(getattr(episode, kind), f"{where}: {kind}")

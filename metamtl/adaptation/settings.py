@@ -77,18 +77,24 @@ def check_higher_rmsprop(optimizer: Any, kwargs: dict, backend: str, first_order
                           "finite meta-gradients), first_order=True, or centered=False")
 
 
+def is_class_labels(targets: torch.Tensor) -> bool:
+    """Whether ``targets`` are class labels: a regression task's targets are always floats (checked
+    by ``inputs.check_episode``), a classification task's any integer dtype (made int64 here)."""
+    return not targets.dtype.is_floating_point
+
+
 def task_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy for integer labels, mean squared error for float targets."""
-    if targets.dtype in (torch.long, torch.int32, torch.int64):
-        return F.cross_entropy(logits, targets)
+    """Cross-entropy for class labels (any integer dtype), mean squared error for float targets."""
+    if is_class_labels(targets):
+        return F.cross_entropy(logits, targets.long())
     return F.mse_loss(logits, targets)
 
 
 def batched_task_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-task :func:`task_loss` of ``[T, B, ...]`` logits: shape ``[T]``."""
-    if targets.dtype in (torch.long, torch.int32, torch.int64):
+    if is_class_labels(targets):
         t, b = targets.shape[:2]
-        return F.cross_entropy(logits.reshape(t * b, -1), targets.reshape(-1), reduction="none").view(t, b).mean(1)
+        return F.cross_entropy(logits.reshape(t * b, -1), targets.reshape(-1).long(), reduction="none").view(t, b).mean(1)
     return F.mse_loss(logits, targets, reduction="none").flatten(1).mean(1)
 
 

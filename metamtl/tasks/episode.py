@@ -61,7 +61,9 @@ class Episode:
 
         def labels(y: torch.Tensor) -> torch.Tensor:
             y = cast(y.to(device, non_blocking=non_blocking) if device is not None else y)
-            return y if self.is_classification else regression_targets(y)
+            if self.is_classification:  # any integer dtype (int32, uint8 from numpy, ...) as the losses' int64
+                return y if y.dtype == torch.long else y.long()
+            return regression_targets(y)
 
         return dataclasses.replace(self, support_x=conv(self.support_x), query_x=conv(self.query_x),
                                    support_y=labels(self.support_y), query_y=labels(self.query_y))
@@ -149,13 +151,18 @@ class TaskBatch(Sequence[Episode]):
         return [e.index for e in self.episodes]
 
     def groups(self) -> dict[tuple, list[int]]:
-        """Positions of episodes grouped by (dataset, ways, shots, queries, input shape).
+        """Positions of episodes grouped by (dataset, ways, shots, queries, input shape) and their
+        real support/query sizes, which a user's episode may hold apart from ``ways * shots`` /
+        ``ways * queries`` (e.g. 2, 2 and 3 shots for its 3 classes).
 
         Episodes in one group can be stacked into ``[T, ...]`` tensors (see :meth:`stack`).
         """
         out: dict[tuple, list[int]] = {}
         for i, e in enumerate(self.episodes):
-            key = (e.dataset, e.ways, e.shots, e.queries, tuple(e.support_x.shape[1:]))
+            key: tuple = (e.dataset, e.ways, e.shots, e.queries, tuple(e.support_x.shape[1:]))
+            sizes = (e.support_x.shape[0], e.query_x.shape[0])
+            if sizes != (e.ways * e.shots, e.ways * e.queries):  # the declared sizes' keys stay as they were
+                key += (("support, query", *sizes),)
             out.setdefault(key, []).append(i)
         return out
 

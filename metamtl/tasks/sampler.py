@@ -16,6 +16,7 @@ Sources:
 from __future__ import annotations
 
 import math
+import re
 import threading
 from typing import Iterator, Protocol, Sequence, runtime_checkable
 
@@ -111,6 +112,20 @@ def _check_fits(dataset: ClassDataset, ways: int, shots: int, queries: int) -> N
             f"{ways}-way tasks need {ways} classes but {dataset.name!r} has only "
             f"{dataset.num_classes}; lower ways or use a larger split"
         )
+
+
+FINGERPRINT_ATTRS = ("ways", "shots", "queries", "name", "seed")
+
+
+def source_fingerprint(source: object) -> str:
+    """What identifies a task source across processes (a resume, the ranks of a torchrun): its
+    ``repr`` when its class defines one (metamtl's sources do), else its class's qualified name and
+    its ``ways/shots/queries/name/seed`` attributes, never ``object.__repr__``'s memory address,
+    which differs in every process; an address inside a repr of a class's own is left out too."""
+    if type(source).__repr__ is not object.__repr__:
+        return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(source))
+    attrs = ", ".join(f"{k}={getattr(source, k)!r}" for k in FINGERPRINT_ATTRS if hasattr(source, k))
+    return f"{type(source).__qualname__}({attrs})"
 
 
 class EpisodeSampler(Dataset):
@@ -481,7 +496,7 @@ def task_batches(
             b += 1
         return
     loader = DataLoader(
-        source,  # type: ignore[arg-type]
+        SourceEpisodes(source),  # any TaskSource, also one with no __getitem__ (only .episode)
         batch_size=per_rank,
         sampler=sampler,
         num_workers=num_workers,
@@ -492,6 +507,17 @@ def task_batches(
         worker_init_fn=_ignore_stop_signals,
     )
     yield from loader
+
+
+class SourceEpisodes(Dataset):
+    """A task source as the map-style Dataset a ``DataLoader`` indexes: item ``i`` is
+    ``source.episode(i)`` (the TaskSource protocol asks for ``episode``, not ``__getitem__``)."""
+
+    def __init__(self, source: TaskSource) -> None:
+        self.source = source
+
+    def __getitem__(self, index: int) -> Episode:
+        return self.source.episode(index)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

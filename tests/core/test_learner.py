@@ -11,7 +11,7 @@ from metamtl.algorithms import build_algorithm
 from metamtl.data import ClassDataset, Preprocessing
 from metamtl.errors import CheckpointError, ConfigError, InputError
 from metamtl.models import build_model
-from metamtl.tasks import EpisodeSampler
+from metamtl.tasks import EpisodeSampler, MixedTasks
 
 
 def toy_dataset(classes=40, per_class=10, size=12):
@@ -164,6 +164,9 @@ def test_a_list_of_episodes_honours_start_and_episodes_and_refuses_settings_it_c
         with pytest.raises(ConfigError, match=r"mixing episodes of different settings .*\(5, 1, 2\), \(20, 2, 2\)"):
             learner.evaluate(listed, progress=False)
     assert learner.evaluate(mixed, episodes=1, progress=False).ways == 5  # the chosen ones share a setting
+    mixed_source = MixedTasks([EpisodeSampler(ds, 5, 1, 2, seed=3), EpisodeSampler(ds, 10, 1, 2, name="other")])
+    with pytest.raises(ConfigError, match=r"task source mixing episodes of different settings .*\(5, 1, 2\), \(10, 1, 2\)"):
+        learner.evaluate(mixed_source, episodes=8, progress=False)  # a source as its episodes listed: not one label
     with pytest.raises(ConfigError, match="start=4 is past the end of the list of 4 episodes"):
         learner.evaluate(eps, start=4, progress=False)
     with pytest.raises(ConfigError, match="episodes must be an integer >= 1, got 0"):

@@ -67,8 +67,20 @@ def test_episodes_identical_in_another_process():
     assert out == f"{list(e.classes)} {int(e.query_x.long().sum())}"
 
 
-def test_dataloader_workers_give_the_same_batches():
+class EpisodesOnly:
+    """A user's task source: ``episode(i)`` and ways/shots/queries/name (the TaskSource protocol), no ``__getitem__``."""
+
+    def __init__(self, sampler):
+        self.sampler, self.ways, self.shots, self.queries, self.name = sampler, 5, 1, 2, "user"
+
+    def episode(self, i):
+        return self.sampler.episode(i)
+
+
+@pytest.mark.parametrize("user_source", [False, True])
+def test_dataloader_workers_give_the_same_batches(user_source):
     s = EpisodeSampler(make_dataset(), 5, 1, 2, seed=1)
+    s = EpisodesOnly(s) if user_source else s
     plain = list(task_batches(s, 4, num_batches=3))
     workers = list(task_batches(s, 4, num_batches=3, num_workers=2))
     assert [b.indices for b in plain] == [b.indices for b in workers] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]

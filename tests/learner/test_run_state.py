@@ -10,6 +10,7 @@ import torch
 from metamtl import MetaLearner
 from metamtl.errors import CheckpointError
 from metamtl.run_state import RunState, learner_state, resume, rng_state, set_rng_state
+from metamtl.tasks import Sinusoid
 
 from .conftest import sine_learner
 
@@ -186,3 +187,34 @@ def test_a_float64_learner_loads_as_float64_with_identical_predictions(sine, tmp
     del obj["model_dtype"]  # a checkpoint written before the dtype was saved: float32, as before
     torch.save(obj, tmp_path / "old.pt")
     assert {p.dtype for p in MetaLearner.load(tmp_path / "old.pt", device="cpu").model.parameters()} == {torch.float32}
+
+
+class UserSine:
+    """A user's task source: the TaskSource protocol (``episode(i)``, ways/shots/queries/name), no ``__repr__``."""
+
+    def __init__(self, seed=0):
+        self.inner, self.seed = Sinusoid(shots=5, queries=5, seed=seed), seed
+        self.ways, self.shots, self.queries, self.name = 1, 5, 5, "user-sine"
+
+    def episode(self, i):
+        return self.inner.episode(i)
+
+
+def test_a_user_source_without_repr_resumes_in_a_new_object_and_its_fingerprint_names_no_address(tmp_path):
+    """The train-tasks fingerprint (resume, torchrun's start check) never holds a memory address:
+    a new object of the same user source resumes (a new process has new objects), another seed is
+    refused; metamtl's own sources keep their repr as fingerprint (older checkpoints resume)."""
+    fit = dict(meta_batch_size=2, progress=False)
+    sine_learner().fit(UserSine(), iterations=2, checkpoint_dir=tmp_path, checkpoint_every=1, **fit)
+    resumed = sine_learner()
+    resumed.fit(UserSine(), iterations=4, resume=tmp_path / "last.pt", **fit)
+    whole = sine_learner()
+    whole.fit(UserSine(), iterations=4, **fit)
+    assert resumed.iteration == 4
+    assert all(torch.equal(p, q) for p, q in zip(resumed.model.parameters(), whole.model.parameters()))
+    with pytest.raises(CheckpointError, match=r"fit settings differ:\n  train_tasks: .*seed=0.*seed=1"):
+        sine_learner().fit(UserSine(1), iterations=4, resume=tmp_path / "last.pt", **fit)
+    from metamtl.tasks.sampler import source_fingerprint
+    assert source_fingerprint(UserSine(3)) == "UserSine(ways=1, shots=5, queries=5, name='user-sine', seed=3)"
+    sine = Sinusoid(shots=5, queries=5, seed=0)
+    assert source_fingerprint(sine) == repr(sine)

@@ -576,3 +576,60 @@ def test_a_user_head_without_out_features_takes_them_from_its_last_linear_layer_
     trunk.out_features = 5
     with pytest.raises(ConfigError, match=r"the head Scale does not say how many outputs it gives.*set head.out_features"):
         MetaLearner(TrunkHead(trunk, Scale()), build_algorithm("maml", steps=1, lr=0.1), device="cpu")
+
+
+class ListedSource:
+    """A user's task source: the TaskSource protocol (``episode(i)``, ways/shots/queries/name), nothing more."""
+
+    def __init__(self, episodes):
+        self.episodes = episodes
+        self.ways, self.shots, self.queries, self.name = episodes[0].ways, episodes[0].shots, episodes[0].queries, "listed"
+
+    def episode(self, i):
+        return self.episodes[i % len(self.episodes)]
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_classification_labels_of_any_integer_dtype_train_and_evaluate_as_int64(env, dtype):
+    """int32/int16/uint8 labels (from numpy, ``arange(dtype=...)``) are class labels: the same
+    cross-entropy as int64, never a raw torch error nor the regression loss."""
+    eps = [env.sampler.episode(i) for i in range(2)]
+    as_dtype = [episode_with(e, support_y=e.support_y.to(dtype), query_y=e.query_y.to(dtype)) for e in eps]
+    for make in (tiny_learner, lambda: tiny_learner("proto")):
+        want, got = make().evaluate(eps, progress=False), make().evaluate(as_dtype, progress=False)
+        assert got.accuracy == want.accuracy and got.loss == pytest.approx(want.loss)
+        a, b = make(), make()
+        fit(a, ListedSource(eps)), fit(b, ListedSource(as_dtype))
+        assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+
+
+def test_episodes_with_unequal_shots_per_class_are_grouped_by_their_real_sizes(env):
+    """An episode with 2 and 3 shots for its classes is valid; adapted with regular episodes in one
+    call (``task_chunk=2``, ``fit`` meta-batches) it is stacked only with episodes of its own sizes."""
+    eps = [env.sampler.episode(i) for i in range(4)]
+    extra = eps[1].support_x[:1], eps[1].support_y[:1]
+    eps[1] = episode_with(eps[1], support_x=torch.cat([eps[1].support_x, extra[0]]),
+                          support_y=torch.cat([eps[1].support_y, extra[1]]))
+    assert eps[1].validate() is eps[1]
+
+    def make(chunk):
+        torch.manual_seed(0)
+        model = build_model("conv4", hidden=4, image_size=12, blocks=2, out_features=5)
+        return MetaLearner(model, build_algorithm("maml", steps=1, lr=0.3, task_chunk=chunk),
+                           preprocessing=env.ds.preprocessing, device="cpu")
+
+    one, two = make(1).evaluate(eps, progress=False), make(2).evaluate(eps, progress=False)
+    assert two.per_episode_loss == pytest.approx(one.per_episode_loss, abs=1e-5)
+    make(2).fit(ListedSource(eps), iterations=1, meta_batch_size=4, progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_integer_image_inputs_other_than_uint8_get_an_input_error(env, dtype):
+    """int64 pixels (numpy's default) are neither stored uint8 images nor float model input: an
+    InputError naming the tensor and its dtype, in evaluate and fit, never a raw conv2d error."""
+    ep = env.sampler.episode(0)
+    bad = episode_with(ep, support_x=ep.support_x.to(dtype), query_x=ep.query_x.to(dtype))
+    with pytest.raises(InputError, match=rf"support_x is a {dtype}.*uint8 pixels.*float"):
+        env.learner.evaluate([bad], progress=False)
+    with pytest.raises(InputError, match=rf"support_x is a {dtype}"):
+        fit(tiny_learner(), ListedSource([bad]))
