@@ -60,18 +60,36 @@ CASES = [
 ]
 
 
-def threaded_runs_equal_serial(run, caplog) -> str:
-    """``run(task_threads)`` -> (meta-gradients, a state tensor, workers): three runs with automatic
-    task threads equal the serial run exactly, and each fell back to one worker (remembered: later
-    meta-steps go straight to the serial loop); returns the threads module's log."""
+def threaded_runs_equal_serial(trunk, caplog, state, seed=None, iterations=2, **settings) -> str:
+    """A float64 MAML learner (``settings``) on a ``trunk()`` whose draws or writes no module type
+    reveals, trained ``iterations`` meta-steps (the global generator reseeded with ``seed`` first):
+    three runs with automatic task threads equal the serial run exactly (meta-gradients and
+    ``state(model)``), and each fell back to one worker (remembered: later meta-steps go straight to
+    the serial loop); returns the threads module's log."""
+    from metamtl.models import TrunkHead
+
+    b = batch(tasks=8)
+
+    def run(task_threads):
+        torch.manual_seed(0)
+        model = TrunkHead(trunk(), nn.Linear(6, 3)).to(torch.float64)
+        alg = build_algorithm("maml", task_threads=task_threads, **settings)
+        alg.setup(model)
+        model.train()
+        assert threadable(model) is None  # no module type reveals the draws or writes
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = [meta_gradient(model, alg, b) for _ in range(iterations)]
+        return out, state(model), alg.task_workers(model, b, 8)
+
     serial, serial_state, _ = run(1)
     with caplog.at_level(logging.INFO, logger="metamtl.adaptation.threads"):
         runs = [run(0) for _ in range(3)]
-    for threaded, state, workers in runs:
+    for threaded, state_after, workers in runs:
         for (m1, g1), (m2, g2) in zip(serial, threaded):
             assert all(torch.equal(x, y) for x, y in zip(g1, g2))
             assert m1 == m2
-        assert torch.equal(state, serial_state)
+        assert torch.equal(state_after, serial_state)
         assert workers == 1
     return caplog.text
 
@@ -241,22 +259,9 @@ class FunctionalNoiseTrunk(nn.Module):
 
 
 def test_functional_randomness_is_detected_and_trains_serially_repeating_bitwise(two_threads, caplog):
-    from metamtl.models import TrunkHead
-
-    b = batch(tasks=8)
-
-    def run(task_threads, steps=2):
-        torch.manual_seed(0)
-        model = TrunkHead(FunctionalNoiseTrunk(), nn.Linear(6, 3)).to(torch.float64)
-        alg = build_algorithm("maml", steps=3, lr=0.2, task_threads=task_threads)
-        alg.setup(model)
-        model.train()
-        assert threadable(model) is None  # no module type reveals the draws
-        torch.manual_seed(3)
-        out = [meta_gradient(model, alg, b) for _ in range(steps)]
-        return out, torch.get_rng_state(), alg.task_workers(model, b, 8)
-
-    assert "global random-number generator" in threaded_runs_equal_serial(run, caplog)
+    log = threaded_runs_equal_serial(FunctionalNoiseTrunk, caplog, lambda model: torch.get_rng_state(), seed=3,
+                                     steps=3, lr=0.2)
+    assert "global random-number generator" in log
 
 
 def test_models_that_draw_nothing_keep_their_threads(two_threads, monkeypatch):
@@ -311,18 +316,5 @@ def test_buffers_written_in_the_forward_pass_are_detected_and_train_serially_rep
     """Threads ran the tasks over the model's shared buffers: a user module updating one in its
     forward pass (an EMA, a counter) interleaved nondeterministically, so seeded runs differed from the
     serial run and from each other (or, assigning a new tensor, the update was lost in a worker's clone)."""
-    from metamtl.models import TrunkHead
-
-    b = batch(tasks=8)
-
-    def run(task_threads, steps=2):
-        torch.manual_seed(0)
-        model = TrunkHead(trunk(), nn.Linear(6, 3)).to(torch.float64)
-        alg = build_algorithm("maml", steps=1, lr=0.1, task_threads=task_threads)
-        alg.setup(model)
-        model.train()
-        assert threadable(model) is None  # no module type reveals the writes
-        out = [meta_gradient(model, alg, b) for _ in range(steps)]
-        return out, model.trunk.mu.clone(), alg.task_workers(model, b, 8)
-
-    assert "writes its buffer 'trunk.mu'" in threaded_runs_equal_serial(run, caplog)
+    log = threaded_runs_equal_serial(trunk, caplog, lambda model: model.trunk.mu.clone(), steps=1, lr=0.1)
+    assert "writes its buffer 'trunk.mu'" in log
