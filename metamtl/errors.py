@@ -93,11 +93,13 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
 def unknown_settings(kind: str, given: Iterable[str], accepted: Iterable[str]) -> ConfigError | None:
     """The error for settings of ``kind`` (e.g. ``"model 'conv4'"``) not in ``accepted``, with the
     closest accepted name and the list; ``None`` when every one is accepted."""
-    accepted = sorted(set(map(str, accepted)))
-    unknown = sorted(set(map(str, given)) - set(accepted))
+    accepted = sorted(set(map(str, accepted)) - {"name"})
+    unknown = sorted(set(map(str, given)) - set(accepted) - {"name"})
     if not unknown:
         return None
-    return ConfigError(f"{kind} does not take {unknown}.{did_you_mean(unknown[0], accepted)} It accepts {accepted}.")
+    # ``name`` picks the component itself, so it is always a valid key of its section
+    return ConfigError(f"{kind} does not take {unknown}.{did_you_mean(unknown[0], accepted + ['name'])} "
+                       f"It accepts {accepted} (besides name).")
 
 
 def unexpected_keyword(exc: TypeError) -> str | None:

@@ -223,6 +223,8 @@ def cfg_with(**overrides):
 
 CONFIG = [
     ("unknown-section", lambda e: config_from_dict({"trian": {}}), ConfigError, r"unknown key 'trian'. Did you mean 'train'"),
+    ("algorithm-name-typo", lambda e: config_from_dict({"algorithm": {"name": "maml", "nmae": "anil"}}), ConfigError, r"algorithm 'maml' does not take \['nmae'\]. Did you mean 'name'\?"),
+    ("model-name-typo", lambda e: config_from_dict({"model": {"name": "conv4", "nmae": "mlp"}}), ConfigError, r"model 'conv4' does not take \['nmae'\]. Did you mean 'name'\?"),
     ("unknown-key", cfg_with(**{"train.chekpoint_every": 5}), ConfigError, r"unknown key 'chekpoint_every'. Did you mean 'checkpoint_every'"),
     ("unknown-algorithm-key", cfg_with(**{"algorithm.stepz": 2}), ConfigError, r"algorithm 'maml' does not take \['stepz'\]. Did you mean 'steps'"),
     ("unknown-model-key", cfg_with(**{"model.hiden": [3]}), ConfigError, r"Did you mean 'hidden'"),
