@@ -293,6 +293,16 @@ def setting_tasks(test_tasks: TaskSource, setting: Any, cfg: Config) -> TaskSour
                                     hierarchy=setting.hierarchy)
 
 
+def _shown_tasks(cfg: Config, split: str, tasks: TaskSource | None) -> list[TaskSource]:
+    """What a run prints for ``split``: its tasks, or for ``test`` the tasks of each ``eval.settings``
+    entry (what is evaluated: the test split's sampler itself carries the training ways)."""
+    if tasks is None:
+        return []
+    if split != "test" or not hasattr(tasks, "with_settings"):
+        return [tasks]
+    return [setting_tasks(tasks, s, cfg) for s in cfg.eval.settings]
+
+
 def evaluate_settings(learner: MetaLearner, cfg: Config, test_tasks: TaskSource, progress: bool = True) -> list[EvalResult]:
     """Evaluate every ``eval.settings`` entry with every ``eval.heads`` entry on the test tasks."""
     return [learner.evaluate(setting_tasks(test_tasks, s, cfg), cfg.eval.episodes, steps=cfg.eval.steps,
@@ -416,8 +426,8 @@ def _run(cfg: Config, resume: str | Path | None, progress: bool, callbacks: list
     record["data_seconds"] = time.perf_counter() - t0
     check_eval_settings(cfg, tasks["test"])
     for split in ("train", "val", "test"):
-        if tasks[split] is not None:
-            say(f"[metamtl] {split} tasks:{' ' * (6 - len(split))}{tasks[split]}")
+        for shown in _shown_tasks(cfg, split, tasks[split]):
+            say(f"[metamtl] {split} tasks:{' ' * (6 - len(split))}{shown}")
     learner = build_learner(cfg, tasks["train"])  # first: its initial weights depend on the seed alone,
     cbs = run_callbacks(cfg, callbacks)  # not on what building the callbacks (e.g. loading a teacher) draws
     chosen = f" | precision auto: {learner.precision}" if learner.placement.auto_precision else ""

@@ -109,3 +109,18 @@ def test_evaluation_results_say_the_episodes_were_within_superclasses():
     res = learner.evaluate(sampler, 4, progress=False)
     assert res.hierarchy == 1 and "5-way 1-shot within one superclass (depth 1)" in str(res)
     assert learner.evaluate(sampler.with_settings(hierarchy=None), 4, progress=False).hierarchy is None
+
+
+def test_a_run_prints_the_test_tasks_it_evaluates_not_the_training_ways():
+    """``metamtl fit`` printed the test split's base sampler (the training ways, no hierarchy) while
+    it evaluated each ``eval.settings`` entry: it now prints one line per evaluated setting."""
+    from metamtl.experiment import _shown_tasks
+
+    cfg = config_from_dict({"algorithm": {"name": "protonet"}, "tasks": {"ways": 60}, "eval": {"queries": 2, "settings": [
+        {"ways": 5, "shots": 1}, {"ways": 4, "shots": 2, "hierarchy": 1}]}})
+    test = EpisodeSampler(grouped_dataset(), ways=8, shots=1, queries=2, seed=0)
+    shown = [repr(t) for t in _shown_tasks(cfg, "test", test)]
+    assert len(shown) == 2
+    assert "ways=5, shots=1" in shown[0] and "hierarchy" not in shown[0]
+    assert "ways=4, shots=2" in shown[1] and "hierarchy=1" in shown[1]
+    assert _shown_tasks(cfg, "train", test) == [test] and _shown_tasks(cfg, "val", None) == []
