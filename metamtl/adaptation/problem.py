@@ -22,7 +22,7 @@ from ..errors import ConfigError, InputError
 from ..models.backbones import TrunkHead
 from ..models.heads import LinearHead, initial_head_params
 from ..models.norm import support_rows
-from .optim import INNER_OPTIMIZERS, InnerOptimizer, build_optimizer, torch_settings
+from .optim import INNER_OPTIMIZERS, InnerOptimizer, build_optimizer, higher_class, torch_settings
 from .settings import InnerLoop, LossContext, batched_task_loss, term_taps
 
 Tensors = list[torch.Tensor]
@@ -419,9 +419,9 @@ class HigherEngine(Engine):
 
     def torch_optimizer(self, settings: InnerLoop) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
         if isinstance(settings.optimizer, type):
-            return settings.optimizer, dict(settings.optimizer_kwargs)
+            return higher_class(settings.optimizer, dict(settings.optimizer_kwargs))
         cls, _ = torch_settings(settings.optimizer, settings.lr, settings.optimizer_kwargs)
-        return cls, {**INNER_OPTIMIZERS[settings.optimizer][1], **settings.optimizer_kwargs}
+        return higher_class(cls, {**INNER_OPTIMIZERS[settings.optimizer][1], **settings.optimizer_kwargs})
 
     def forward(self, problem, params, fixed, x, taps):
         fmodel = problem._higher[0]
