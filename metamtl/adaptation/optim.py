@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Sequence
 import higher
 import torch
 
-from ..errors import ConfigError, unknown_name
+from ..errors import BAD_SETTING_ERRORS, ConfigError, setting_error_text, unknown_name
 
 Tensors = Sequence[torch.Tensor]
 
@@ -297,13 +297,13 @@ INNER_OPTIMIZERS: dict[str, tuple[type[InnerOptimizer], dict[str, Any]]] = {
 
 def torch_settings(name: str, lr: float, kwargs: dict[str, Any]) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
     """The ``torch.optim`` class of inner optimizer ``name`` and its full settings (validated)."""
-    if name not in INNER_OPTIMIZERS:
+    if not isinstance(name, str) or name not in INNER_OPTIMIZERS:
         raise unknown_name("inner optimizer", name, INNER_OPTIMIZERS)
     cls, defaults = INNER_OPTIMIZERS[name]
     try:
         probe = cls.torch_class([torch.zeros(1, requires_grad=True)], lr=lr, **{**defaults, **kwargs})
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"bad inner optimizer_kwargs {kwargs} for {name!r}: {exc}") from None
+    except BAD_SETTING_ERRORS as exc:
+        raise ConfigError(f"bad inner optimizer_kwargs {kwargs} for {name!r}: {setting_error_text(exc)}") from None
     return cls.torch_class, dict(probe.defaults)
 
 
