@@ -108,6 +108,19 @@ def unexpected_keyword(exc: TypeError) -> str | None:
     return match.group(1) if match else None
 
 
+#: what a ``torch.optim`` constructor raises for a malformed setting (``betas: [0.9]`` gives an
+#: IndexError, a mapping of betas a KeyError): callers turn them into a :class:`ConfigError`
+BAD_SETTING_ERRORS = (TypeError, ValueError, IndexError, KeyError)
+
+
+def setting_error_text(exc: Exception) -> str:
+    """What a :data:`BAD_SETTING_ERRORS` error from an optimizer's constructor says, readably."""
+    if isinstance(exc, (IndexError, KeyError)):
+        return (f"{type(exc).__name__} {exc} reading a setting: a setting made of several numbers has the wrong "
+                "length or is a mapping (betas is a list of two numbers, e.g. [0.9, 0.999])")
+    return str(exc)
+
+
 def unknown_name(kind: str, name: str, choices: Iterable[str]) -> ConfigError:
     """Build the error for an unknown registry name, listing the valid ones."""
     choices = sorted(str(c) for c in choices)

@@ -24,7 +24,8 @@ from . import distributed, run_state
 from .adaptation import check_positive
 from .callbacks import FitState
 from .heads import ALGORITHM
-from .errors import CheckpointError, ConfigError, FitInterrupted, TrainingError, unknown_name
+from .errors import (BAD_SETTING_ERRORS, CheckpointError, ConfigError, FitInterrupted, TrainingError, setting_error_text,
+                     unknown_name)
 from .inputs import check_int, check_task_source
 from .interrupt import StopOnSignal, signal_name
 from .memory import PeakMemory
@@ -54,14 +55,14 @@ NOTHING_TO_META_LEARN = (
 def build_meta_optimizer(name: str, params: list[torch.nn.Parameter], lr: float,
                          kwargs: dict[str, Any] | None = None) -> torch.optim.Optimizer:
     """The meta-optimizer ``name`` (a key of :data:`META_OPTIMIZERS`) over ``params``."""
-    if name not in META_OPTIMIZERS:
+    if not isinstance(name, str) or name not in META_OPTIMIZERS:
         raise unknown_name("meta optimizer", name, META_OPTIMIZERS)
     if not params:
         raise ConfigError(NOTHING_TO_META_LEARN)
     try:
         return META_OPTIMIZERS[name](params, lr=lr, **dict(kwargs or {}))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"bad meta_optimizer_kwargs for {name!r}: {exc}") from None
+    except BAD_SETTING_ERRORS as exc:
+        raise ConfigError(f"bad meta_optimizer_kwargs for {name!r}: {setting_error_text(exc)}") from None
 
 
 def check_fit_arguments(train_tasks: Any, val_tasks: Any, budget_minutes: float | None,

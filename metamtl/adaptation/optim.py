@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Sequence
 import higher
 import torch
 
-from ..errors import ConfigError, unknown_name
+from ..errors import BAD_SETTING_ERRORS, ConfigError, setting_error_text, unknown_name
 
 Tensors = Sequence[torch.Tensor]
 
@@ -297,13 +297,13 @@ INNER_OPTIMIZERS: dict[str, tuple[type[InnerOptimizer], dict[str, Any]]] = {
 
 def torch_settings(name: str, lr: float, kwargs: dict[str, Any]) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
     """The ``torch.optim`` class of inner optimizer ``name`` and its full settings (validated)."""
-    if name not in INNER_OPTIMIZERS:
+    if not isinstance(name, str) or name not in INNER_OPTIMIZERS:
         raise unknown_name("inner optimizer", name, INNER_OPTIMIZERS)
     cls, defaults = INNER_OPTIMIZERS[name]
     try:
         probe = cls.torch_class([torch.zeros(1, requires_grad=True)], lr=lr, **{**defaults, **kwargs})
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"bad inner optimizer_kwargs {kwargs} for {name!r}: {exc}") from None
+    except BAD_SETTING_ERRORS as exc:
+        raise ConfigError(f"bad inner optimizer_kwargs {kwargs} for {name!r}: {setting_error_text(exc)}") from None
     return cls.torch_class, dict(probe.defaults)
 
 
@@ -316,7 +316,7 @@ def build_optimizer(name: str, lr: float, kwargs: dict[str, Any]) -> InnerOptimi
 
 
 __all__ = ["INNER_OPTIMIZERS", "InnerOptimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Adamax",
-           "build_optimizer", "higher_optimizers", "safe_sqrt", "torch_settings"]
+           "build_optimizer", "higher_class", "higher_optimizers", "safe_sqrt", "torch_settings"]
 
 
 class _AdamW(higher.optim.DifferentiableAdam):
@@ -334,6 +334,16 @@ class _AdamW(higher.optim.DifferentiableAdam):
 
 if torch.optim.AdamW not in higher.optim._opt_mapping:
     higher.register_optim(torch.optim.AdamW, _AdamW)
+
+
+def higher_class(cls: type[torch.optim.Optimizer], kwargs: dict[str, Any]) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """The ``torch.optim`` class and settings to hand ``higher`` for ``cls(**kwargs)``: higher's
+    differentiable Adam never reads ``decoupled_weight_decay`` (it would run L2 weight decay), so
+    Adam with it becomes AdamW, which it is (Adam's weight decay default 0 kept)."""
+    if cls is torch.optim.Adam and kwargs.get("decoupled_weight_decay"):
+        kwargs = {k: v for k, v in kwargs.items() if k != "decoupled_weight_decay"}
+        return torch.optim.AdamW, {"weight_decay": 0.0, **kwargs}
+    return cls, kwargs
 
 
 def higher_optimizers() -> tuple[type, ...]:

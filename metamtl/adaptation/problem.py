@@ -22,7 +22,7 @@ from ..errors import ConfigError, InputError
 from ..models.backbones import TrunkHead
 from ..models.heads import LinearHead, initial_head_params
 from ..models.norm import support_rows
-from .optim import INNER_OPTIMIZERS, InnerOptimizer, build_optimizer, torch_settings
+from .optim import INNER_OPTIMIZERS, InnerOptimizer, build_optimizer, higher_class, torch_settings
 from .settings import InnerLoop, LossContext, batched_task_loss, term_taps
 
 Tensors = list[torch.Tensor]
@@ -321,6 +321,9 @@ class Adapted:
 
     def _forward(self, x: torch.Tensor, updates: int | None, taps: Sequence[str]) -> tuple[torch.Tensor, dict]:
         k = self.steps if updates is None else updates
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.steps:
+            raise InputError(f"updates must be an integer in 0..{self.steps} (the inner steps made), got {updates!r}; "
+                             "leave it out for the adapted weights after every step")
         p = self.problem
         feats: dict = {}
         if p.head_only:  # the trunk does not adapt: its features of x are computed once
@@ -419,9 +422,9 @@ class HigherEngine(Engine):
 
     def torch_optimizer(self, settings: InnerLoop) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
         if isinstance(settings.optimizer, type):
-            return settings.optimizer, dict(settings.optimizer_kwargs)
+            return higher_class(settings.optimizer, dict(settings.optimizer_kwargs))
         cls, _ = torch_settings(settings.optimizer, settings.lr, settings.optimizer_kwargs)
-        return cls, {**INNER_OPTIMIZERS[settings.optimizer][1], **settings.optimizer_kwargs}
+        return higher_class(cls, {**INNER_OPTIMIZERS[settings.optimizer][1], **settings.optimizer_kwargs})
 
     def forward(self, problem, params, fixed, x, taps):
         fmodel = problem._higher[0]
@@ -541,4 +544,11 @@ def build_problem(
 
 def _rates(settings: InnerLoop, lrs: Callable | None, names: list[str], k: int) -> list:
     out = lrs(names, k) if lrs is not None else None
-    return [settings.lr] * len(names) if out is None else list(out)
+    if out is None:
+        return [settings.lr] * len(names)
+    out = list(out)
+    if len(out) != len(names):
+        raise InputError(f"inner_lrs returned {len(out)} rate(s) at step {k} for {len(names)} adapted weights: "
+                         "return one rate (a float or a tensor) per name it is given, in that order, or None for "
+                         "the inner lr")
+    return out

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, unknown_name
+from ..errors import BAD_SETTING_ERRORS, ConfigError, setting_error_text, unknown_name
 from ..models.heads import HEAD_INITS
 from ..models.norm import BN_MODES
 from .optim import INNER_OPTIMIZERS, higher_optimizers, torch_settings
@@ -61,8 +61,8 @@ def check_inner_optimizer(optimizer: Any, backend: str, lr: float, kwargs: dict)
         )
     try:
         optimizer([torch.zeros(1, requires_grad=True)], lr=lr, **kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"bad inner optimizer_kwargs {kwargs} for {optimizer.__name__}: {exc}") from None
+    except BAD_SETTING_ERRORS as exc:
+        raise ConfigError(f"bad inner optimizer_kwargs {kwargs} for {optimizer.__name__}: {setting_error_text(exc)}") from None
     return optimizer
 
 

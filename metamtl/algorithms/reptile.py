@@ -1,7 +1,10 @@
 """Reptile (Nichol et al. 2018)."""
 from __future__ import annotations
 
-from ..adaptation import Difference, MetaGradient
+from typing import Any
+
+from ..adaptation import Difference, InnerLoop, MetaGradient
+from ..errors import ConfigError
 from .base import Algorithm
 
 
@@ -17,6 +20,22 @@ class Reptile(Algorithm):
     name = "reptile"
     fixed = {"first_order": True}
     loss_term_phases = ("support",)  # the query loss is for the metrics only (no gradient flows from it)
+
+    def __init__(self, inner: InnerLoop | None = None, **inner_kwargs: Any) -> None:
+        super().__init__(inner, **inner_kwargs)
+        # only adapted weights (and, through a proto head, the trunk behind it) get a meta-gradient:
+        # refuse the settings under which a meta-parameter could never move
+        if self.inner.steps < 1:
+            raise ConfigError("reptile needs steps >= 1: its meta-gradient is the weight change of the inner loop, "
+                              "which is zero without inner steps (eval_steps may still be 0)")
+        head_init = self.inner.head_init
+        if self.inner.adapt == "head" and head_init != "proto":
+            trains = "nothing (the per-task head starts at zero)" if head_init == "zero" else "only the head"
+            raise ConfigError(
+                f"reptile with adapt 'head' and head_init {head_init!r} never trains the trunk, it trains {trains}: "
+                "its meta-gradient reaches only adapted weights. Use head_init 'proto' (the head's change reaches "
+                "the trunk through the prototypes) or adapt 'all'; to meta-learn the head alone on a fixed trunk, "
+                "use adapt 'all' with the trunk frozen (model.trunk.requires_grad_(False))")
 
     def meta_gradient(self, iteration: int) -> MetaGradient:
         return Difference()

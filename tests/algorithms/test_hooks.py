@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from metamtl.adaptation import FirstOrder, InnerLoop, build_problem, task_loss
-from metamtl.errors import ConfigError
+from metamtl.errors import ConfigError, InputError
 from metamtl.models import EpisodicBatchNorm, StepNorms, build_model
 
 from algo_utils import episode, tiny
@@ -29,6 +29,25 @@ def test_trajectory_holds_every_step_and_call_uses_it():
         part = p.unroll(p.leaves(), k, tape=False, create_graph=False)
         torch.testing.assert_close(full(ep.query_x[None], updates=k), part(ep.query_x[None]))
     torch.testing.assert_close(full(ep.query_x[None]), full(ep.query_x[None], updates=3))
+
+
+@pytest.mark.parametrize("updates", [4, -1, 1.5, True])
+def test_weights_after_more_updates_than_were_made_are_an_input_error(updates):
+    model, ep = tiny(), episode()
+    p = problem(model, ep, InnerLoop(steps=3, lr=0.2))
+    adapted = p.unroll(p.leaves(), tape=False, create_graph=False)
+    with pytest.raises(InputError, match=rf"updates must be an integer in 0..3 \(the inner steps made\), got {updates!r}"):
+        adapted(ep.query_x[None], updates=updates)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "momentum", "rmsprop"])
+@pytest.mark.parametrize("rates", [[0.1], [0.1] * 20])
+def test_inner_lrs_with_a_rate_count_other_than_the_adapted_weights_is_an_input_error(optimizer, rates):
+    """One rate per adapted weight: a shorter list is not broadcast (nor truncates the update)."""
+    model, ep = tiny(), episode()
+    p = problem(model, ep, InnerLoop(steps=2, lr=0.1, optimizer=optimizer), lrs=lambda names, k: rates)
+    with pytest.raises(InputError, match=rf"inner_lrs returned {len(rates)} rate\(s\) at step 0 for 10 adapted weights"):
+        p.unroll(p.leaves(), tape=False, create_graph=False)
 
 
 @pytest.mark.parametrize("head_init,adapt", [("learned", "all"), ("proto", "all"), ("proto", "head")])

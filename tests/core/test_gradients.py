@@ -107,6 +107,16 @@ def test_reptile_update_is_meta_lr_times_weight_change():
         torch.testing.assert_close(v.detach(), expected, rtol=1e-5, atol=1e-7)
 
 
+def test_head_only_reptile_with_a_proto_head_trains_the_trunk_through_the_prototypes():
+    """The settings Reptile refuses are those that cannot train (see test_bad_inputs); a proto head
+    adapted alone still sends its weight change into the trunk that computed the prototypes."""
+    model = tiny_conv(out_features=None)
+    model.zero_grad()
+    build_algorithm("reptile", steps=2, lr=0.1, adapt="head", head_init="proto").meta_step(model, TaskBatch([episode(seed=2)]))
+    assert all(p.grad is not None for p in model.trunk.parameters())
+    assert sum(float(p.grad.abs().sum()) for p in model.trunk.parameters()) > 0
+
+
 class _OneTask:
     """A task source that always returns the same episode."""
 

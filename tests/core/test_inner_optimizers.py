@@ -118,3 +118,31 @@ def test_second_order_centered_rmsprop_on_the_higher_engine_is_refused_not_nan()
     build_algorithm("fomaml", backend="higher", optimizer="rmsprop", optimizer_kwargs={"centered": True})
     build_algorithm("maml", backend="higher", optimizer="rmsprop", optimizer_kwargs={"momentum": 0.5})
     build_algorithm("maml", optimizer="rmsprop", optimizer_kwargs={"centered": True})
+
+
+def test_adam_with_decoupled_weight_decay_on_the_higher_engine_is_adamw_as_on_the_core():
+    """higher's differentiable Adam never reads ``decoupled_weight_decay``: the higher engine runs
+    it as AdamW (what torch.optim.Adam does with it), not as silent L2 weight decay."""
+    from metamtl.algorithms import build_algorithm
+    from metamtl.models import build_model
+    from metamtl.tasks import Episode
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 1, 8, 8, generator=g), torch.arange(3).repeat_interleave(2)
+    episode = Episode(x[:6], y, x[6:], y, 3, 2, 2)
+
+    def loss(backend, optimizer, kwargs):
+        torch.manual_seed(0)
+        model = build_model("conv4", in_channels=1, hidden=4, image_size=8, blocks=2, out_features=3).eval()
+        algorithm = build_algorithm("fomaml", steps=3, lr=0.05, optimizer=optimizer, optimizer_kwargs=kwargs, backend=backend)
+        return algorithm.evaluate_episode(model, episode)["loss"]
+
+    decoupled = {"decoupled_weight_decay": True, "weight_decay": 5.0}
+    adamw = loss("core", "adamw", {"weight_decay": 5.0})
+    assert loss("core", "adam", decoupled) == pytest.approx(adamw, rel=1e-12)
+    assert loss("higher", "adamw", {"weight_decay": 5.0}) == pytest.approx(adamw, rel=1e-12)
+    assert abs(loss("higher", "adam", {"weight_decay": 5.0}) - adamw) > 1e-4  # L2 decay differs visibly
+    for optimizer in ("adam", torch.optim.Adam, "torch.optim.Adam"):
+        assert loss("higher", optimizer, decoupled) == pytest.approx(adamw, rel=1e-12)
+    # without weight decay it is plain Adam (AdamW's own default weight decay does not sneak in)
+    plain = loss("core", "adam", {})
+    assert loss("higher", "adam", {"decoupled_weight_decay": True}) == pytest.approx(plain, rel=1e-12)

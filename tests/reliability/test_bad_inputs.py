@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from metamtl import MetaLearner
+from metamtl.adaptation import InnerLoop
 from metamtl.algorithms import build_algorithm
 from metamtl.cli import main
 from metamtl.config import apply_overrides, config_from_dict, load_config
@@ -172,6 +173,12 @@ LEARNER = [
     ("inner-lr-nan", lambda e: build_algorithm("maml", lr=math.nan), ConfigError, r"inner lr must be a finite number > 0"),
     ("inner-optimizer-kwargs-typo", lambda e: build_algorithm("maml", optimizer="momentum", optimizer_kwargs={"momentun": 0.5}), ConfigError, r"bad inner optimizer_kwargs .* unexpected keyword argument 'momentun'"),
     ("inner-optimizer-kwargs-value", lambda e: build_algorithm("maml", optimizer_kwargs={"momentum": "high"}), ConfigError, r"bad inner optimizer_kwargs"),
+    ("inner-optimizer-betas-one", lambda e: build_algorithm("maml", optimizer="adam", optimizer_kwargs={"betas": [0.9]}), ConfigError, r"bad inner optimizer_kwargs \{'betas': \[0.9\]\} for 'adam'"),
+    ("inner-optimizer-betas-mapping", lambda e: build_algorithm("maml", optimizer="adamax", optimizer_kwargs={"betas": {"b1": .9, "b2": .99}}), ConfigError, r"bad inner optimizer_kwargs .* for 'adamax': KeyError 0 reading a setting: .* \(betas is a list of two numbers"),
+    ("inner-optimizer-betas-one-higher", lambda e: build_algorithm("maml", backend="higher", optimizer="torch.optim.Adam", optimizer_kwargs={"betas": [0.9]}), ConfigError, r"bad inner optimizer_kwargs .* for Adam"),
+    ("inner-optimizer-list", lambda e: InnerLoop(optimizer=["adam"]), ConfigError, r"unknown inner optimizer \['adam'\]. Did you mean 'adam'"),
+    ("meta-optimizer-betas-one", lambda e: tiny_learner(meta_optimizer_kwargs={"betas": [0.9]}), ConfigError, r"bad meta_optimizer_kwargs for 'adam'"),
+    ("meta-optimizer-list", lambda e: tiny_learner(meta_optimizer=["adam"]), ConfigError, r"unknown meta optimizer \['adam'\]. Did you mean 'adam'"),
     ("inner-optimizer-class-higher-lacks", lambda e: build_algorithm("maml", backend="higher", optimizer=torch.optim.NAdam), ConfigError, r"higher has no differentiable version of NAdam: backend 'higher' takes one of \[.*'Rprop', 'SGD'\]"),
     ("inner-optimizer-maximize-higher", lambda e: build_algorithm("maml", backend="higher", optimizer_kwargs={"maximize": True}), ConfigError, r"maximize: higher's differentiable optimizers ignore it"),
     ("inner-optimizer-class-lbfgs", lambda e: build_algorithm("maml", backend="higher", optimizer=torch.optim.LBFGS), ConfigError, r"higher has no differentiable version of LBFGS"),
@@ -182,6 +189,9 @@ LEARNER = [
     ("algorithm-setting-typo-own-argument", lambda e: build_algorithm("mamlpp", learn_lrr=False), ConfigError, r"algorithm 'mamlpp' does not take \['learn_lrr'\]. Did you mean 'learn_lr'"),
     ("algorithm-setting-of-another", lambda e: build_algorithm("protonet", steps=3), ConfigError, r"algorithm 'protonet' does not take \['steps'\]. It accepts \['bn_stats', 'distance', 'learn_scale', 'scale', 'temperature'\]"),
     ("strategy-setting-typo", lambda e: build_algorithm("multitask", datasets=["a", "b"], strategy={"name": "dwa", "temprature": 2}), ConfigError, r"multi-task strategy 'dwa' does not take \['temprature'\]. Did you mean 'temperature'"),
+    ("reptile-no-steps", lambda e: build_algorithm("reptile", steps=0), ConfigError, r"reptile needs steps >= 1: its meta-gradient is the weight change of the inner loop"),
+    ("reptile-head-only-learned-head", lambda e: build_algorithm("reptile", adapt="head"), ConfigError, r"reptile with adapt 'head' and head_init 'learned' never trains the trunk.*head_init 'proto'.*adapt 'all'.*requires_grad_\(False\)"),
+    ("reptile-head-only-zero-head", lambda e: build_algorithm("reptile", adapt="head", head_init="zero"), ConfigError, r"reptile with adapt 'head' and head_init 'zero' never trains the trunk, it trains nothing"),
     ("algorithm-contradiction", lambda e: build_algorithm("reptile", first_order=False), ConfigError, r"algorithm 'reptile' fixes \{'first_order': True\}; drop the contradictory setting"),
     # regression and user-built models
     ("regression-proto-head", lambda e: regressor(head_init="proto", out_features=None), ConfigError, r"builds its head from class prototypes \(head_init='proto'\), which needs class labels; for regression"),
