@@ -25,7 +25,9 @@ holds the original labels.
 transforms from torch/NumPy). Episode ``i`` is drawn with those three global generators seeded
 from ``(seed, i)`` and restored afterwards, so it is the same in every run and after a resume,
 and drawing episodes leaves the caller's random state untouched. A taskset with
-``num_tasks=N`` is a fixed set of ``N`` tasks: episode ``i`` is its task ``i mod N``.
+``num_tasks=N`` is a fixed set of ``N`` tasks: episode ``i`` is its task ``i mod N``, and
+``evaluate`` scores each of the ``N`` tasks at most once (``episodes`` is capped at ``N``, as for
+a list of episodes).
 
 learn2learn stays optional: this module imports it only when :func:`from_learn2learn` is called.
 """
@@ -113,7 +115,13 @@ class Learn2LearnTasks:
         self.ways, self.shots, self.queries = first.ways, first.shots, first.queries
 
     def __len__(self) -> int:
-        return 2**62  # any non-negative index is an episode (as EpisodeSampler)
+        # any non-negative index is an episode (as EpisodeSampler); num_tasks=N: N distinct ones
+        return self.distinct_episodes or 2**62
+
+    @property
+    def distinct_episodes(self) -> int | None:
+        """``N`` for a taskset of ``num_tasks=N`` fixed tasks (``evaluate`` scores each once), else ``None``."""
+        return self._num_tasks if self._num_tasks > 0 else None
 
     def __getitem__(self, index: int) -> Episode:
         return self.episode(index)
