@@ -107,6 +107,26 @@ def test_fixed_taskset_evaluates_each_task_once(fake_l2l):
     assert learner.evaluate(test, episodes=100, start=7, progress=False).episodes == 10  # tasks 7..9, 0..6
 
 
+def test_fixed_taskset_episodes_ignore_the_taskset_history(fake_l2l):
+    """learn2learn caches task i's description the first time it is drawn: a second seed on the same
+    taskset (or a taskset.sample() before wrapping it) gave the first seed's (or a random) episodes."""
+    def supports(src):
+        return [src.episode(i).support_x for i in range(5)]
+
+    shared = fake_learn2learn.toy_taskset(num_tasks=5)
+    a, b = supports(from_learn2learn(shared, shots=2, seed=0)), supports(from_learn2learn(shared, shots=2, seed=1))
+    fresh = supports(from_learn2learn(fake_learn2learn.toy_taskset(num_tasks=5), shots=2, seed=1))
+    used = fake_learn2learn.toy_taskset(num_tasks=5)
+    random.seed(123)
+    for _ in range(20):
+        used.sample()
+    assert not all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(b, fresh))
+    assert all(torch.equal(x, y) for x, y in zip(fresh, supports(from_learn2learn(used, shots=2, seed=1))))
+    src = from_learn2learn(shared, shots=2, seed=1)
+    assert torch.equal(src.episode(7).support_x, b[2])  # still task i mod N
+
+
 # -- with learn2learn --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def l2l():
