@@ -81,9 +81,9 @@ def download_url(
         md5: expected md5 of the file; checked before the file is renamed to its final name.
 
     If ``root/filename`` already exists with the right md5 (or no md5 is given) nothing is
-    downloaded.  The data is written to a temporary file in ``root``, fsynced, verified, then
-    atomically renamed, so an interrupted or corrupt download never leaves a file under the final
-    name.  Raises :class:`IntegrityError` on an md5 mismatch and :class:`DataError` when the URL
+    downloaded.  The data is written to a temporary file in ``root``, fsynced, verified (its size
+    against the server's ``Content-Length`` when it sends one, and its md5), then atomically
+    renamed, so an interrupted or corrupt download never leaves a file under the final name.  Raises :class:`IntegrityError` on an md5 mismatch and :class:`DataError` when the URL
     cannot be fetched.
     """
     root = Path(root).expanduser()
@@ -94,22 +94,25 @@ def download_url(
     _check_destination(root, final, "download to")
     if check_integrity(final, md5):
         return final
-    def fill(out) -> None:  # streams the download; the md5 is checked before the file gets its name
-        h = hashlib.md5()
+    def fill(out) -> None:  # streams the download; size and md5 are checked before the file gets its name
+        h, got, size = hashlib.md5(), 0, None
         try:
             with urllib.request.urlopen(url, timeout=60) as response:
-                size = response.headers.get("Content-Length")
-                with progress_bar(None, total=int(size) if size else None, unit="B", unit_scale=True,
-                                  desc=filename, leave=False) as bar:
+                size = _content_length(response)
+                with progress_bar(None, total=size, unit="B", unit_scale=True, desc=filename, leave=False) as bar:
                     for chunk in iter(lambda: response.read(_CHUNK), b""):
                         out.write(chunk)
                         h.update(chunk)
+                        got += len(chunk)
                         bar.update(len(chunk))
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise DataError(
                 f"could not download {url}: {exc}. Check the connection, or download the "
                 f"file by hand and save it as {final}"
             ) from exc
+        if size is not None and got != size:  # http.client ends a dropped connection's body quietly
+            raise DataError(f"could not download {url}: the download is incomplete: got {got} of {size} bytes "
+                            f"(the connection dropped); nothing was saved to {final} - retry, or fetch it by hand")
         if md5 is not None and h.hexdigest() != md5.lower():
             raise IntegrityError(
                 f"downloaded {url} but its md5 is {h.hexdigest()}, expected {md5.lower()}; "
@@ -124,6 +127,12 @@ def download_url(
         raise DataError(f"could not save {url} as {final}: {exc}; check that {root} is a writable "
                         "folder with free space") from exc
     return final
+
+
+def _content_length(response) -> int | None:
+    """The response's ``Content-Length`` in bytes, or ``None`` when it gives none (or a malformed one)."""
+    size = (response.headers.get("Content-Length") or "").strip()
+    return int(size) if size.isdigit() else None
 
 
 def _check_destination(folder: Path, path: Path | None, what: str) -> None:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import tarfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -51,6 +53,33 @@ def test_download_url_failure_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="could not download"):
         download_url((tmp_path / "absent.zip").as_uri(), tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def serve_once(reply: bytes) -> str:
+    """A loopback (127.0.0.1) server that answers one request with ``reply`` and closes: an
+    ``http://`` URL for it (a dropped connection, a non-HTTP port)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def answer():
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(reply)
+        server.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    return f"http://127.0.0.1:{server.getsockname()[1]}/f.bin"
+
+
+def test_download_url_truncated_without_md5_is_a_data_error_and_saves_nothing(tmp_path):
+    """The connection dropped after 500 of the 1000 bytes of Content-Length: the half file was saved
+    under the final name (and never downloaded again) when no md5 was given."""
+    url = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 500)
+    with pytest.raises(DataError, match=r"incomplete: got 500 of 1000 bytes"):
+        download_url(url, tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- safe_extract --------------------------------------------------------------------------------
