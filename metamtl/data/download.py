@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import http.client
 import os
 import posixpath
 import shutil
@@ -105,7 +106,7 @@ def download_url(
                         h.update(chunk)
                         got += len(chunk)
                         bar.update(len(chunk))
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             raise DataError(
                 f"could not download {url}: {exc}. Check the connection, or download the "
                 f"file by hand and save it as {final}"

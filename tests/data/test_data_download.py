@@ -1,6 +1,7 @@
 """md5 checks, offline downloads (file:// URLs) and archive extraction safety."""
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import socket
@@ -79,6 +80,17 @@ def test_download_url_truncated_without_md5_is_a_data_error_and_saves_nothing(tm
     url = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 500)
     with pytest.raises(DataError, match=r"incomplete: got 500 of 1000 bytes"):
         download_url(url, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("reply", [
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3e8\r\n" + b"x" * 300,  # IncompleteRead
+    b"SSH-2.0-OpenSSH_9.6\r\n",  # BadStatusLine: not an HTTP server
+], ids=["truncated-chunked", "not-http"])
+def test_download_url_http_protocol_errors_are_data_errors(reply, tmp_path):
+    """http.client's IncompleteRead and BadStatusLine escaped download_url as they were."""
+    with pytest.raises(DataError, match="could not download"):
+        download_url(serve_once(reply), tmp_path, md5=hashlib.md5(b"x" * 1000).hexdigest())
     assert list(tmp_path.iterdir()) == []
 
 
