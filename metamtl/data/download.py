@@ -239,7 +239,10 @@ def _zip_symlink_target(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> str | Non
 
 @contextlib.contextmanager
 def _staged(archive: Path, target: Path, corrupt: tuple[type[BaseException], ...]):
-    """Yield an empty staging folder next to ``target``; on success merge it into ``target``.
+    """Yield an empty staging folder on ``target``'s file system; on success merge it into ``target``.
+
+    The staging folder is a hidden folder inside ``target`` when it exists (so a mount point, or a
+    folder on another file system, works: entries are moved with ``os.replace``), else beside it.
 
     Whatever fails inside (``corrupt`` errors, and members that clash such as a file ``a`` and a
     member ``a/b``, become :class:`IntegrityError`), the staging folder is removed and ``target`` is
@@ -248,7 +251,8 @@ def _staged(archive: Path, target: Path, corrupt: tuple[type[BaseException], ...
     anything is moved (:class:`DataError` naming it).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.extract-", dir=target.parent))
+    where = target if target.is_dir() else target.parent
+    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.extract-", dir=where))
     try:
         try:
             yield stage
@@ -365,14 +369,17 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
     Every member is checked before anything is written: a member with an absolute path, a ``..``
     path component, a symlink or hard link pointing outside ``target``, or (tar) a device or FIFO
     raises :class:`IntegrityError` naming the member, and ``target`` is left untouched. The archive
-    is extracted into a staging folder next to ``target`` and merged into it only once complete, so
+    is extracted into a staging folder (inside ``target``, or beside it when it does not exist yet)
+    and merged into it only once complete, so
     a damaged member (bad CRC, truncated data) or a truncated archive (a partial download) also
-    raises :class:`IntegrityError` and leaves ``target`` as it was.
+    raises :class:`IntegrityError` and leaves ``target`` as it was. A ``target`` that is a symlink
+    to a folder is that folder (checked and merged into like it).
     """
-    archive, target = Path(archive), Path(target)
+    archive, given = Path(archive), Path(target)
     if not archive.is_file():
         raise DataError(f"archive {archive} does not exist")
-    _check_destination(target, None, "extract into")
+    _check_destination(given, None, "extract into")
+    target = given.resolve() if given.is_symlink() else given  # a link to a folder: that folder
     if zipfile.is_zipfile(archive):
         _extract_zip(archive, target)
     elif tarfile.is_tarfile(archive):
@@ -380,4 +387,4 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
     else:
         raise DataError(f"{archive} is neither a zip nor a tar archive (or it is incomplete: delete it and "
                         "download it again); cannot extract it")
-    return target
+    return given

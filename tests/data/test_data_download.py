@@ -4,8 +4,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import socket
 import tarfile
+import tempfile
 import threading
 import zipfile
 from pathlib import Path
@@ -228,6 +230,39 @@ def test_safe_extract_kind_conflict_with_the_target_changes_nothing(tmp_path):
     assert {p.name: p.read_bytes() for p in (target / "data").iterdir() if p.is_file()} == {
         f"{n}.txt": b"version1" for n in "abcdfgh"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["target", "v2.zip"]
+
+
+def test_safe_extract_into_a_symlinked_folder_is_checked_like_the_folder(tmp_path):
+    """A target given as a link to a folder skipped the up-front kind check (the clash was met while
+    moving files: the folder was left partly updated); now it is refused before anything moves."""
+    real = tmp_path / "real"
+    (real / "b").mkdir(parents=True)
+    (real / "b" / "keep.txt").write_text("x")
+    os.symlink(real, tmp_path / "link")
+    archive = make_zip(tmp_path / "a.zip", [*((f"f{i}.txt", b"new") for i in range(20)), ("b", b"a file")])
+    with pytest.raises(DataError, match=r"b is a folder but the archive holds a file.*nothing was changed"):
+        safe_extract(archive, tmp_path / "link")
+    assert sorted(p.name for p in real.iterdir()) == ["b"]
+    good = make_zip(tmp_path / "g.zip", [("x/1.txt", b"1")])
+    assert safe_extract(good, tmp_path / "link") == tmp_path / "link"
+    assert (real / "x" / "1.txt").read_bytes() == b"1" and (tmp_path / "link").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zip", "g.zip", "link", "real"]
+    assert sorted(p.name for p in real.iterdir()) == ["b", "x"]
+
+
+def test_safe_extract_into_a_folder_on_another_file_system(tmp_path):
+    """A link to (or a mount point at) a folder on another file system: the staging folder was made
+    beside the link, so every extraction failed with EXDEV (invalid cross-device link)."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK) or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs a writable /dev/shm on another file system than the temporary folder")
+    other = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        os.symlink(other, tmp_path / "data")
+        safe_extract(make_zip(tmp_path / "b.zip", [("x/1.txt", b"1")]), tmp_path / "data")
+        assert (other / "x" / "1.txt").read_bytes() == b"1" and sorted(p.name for p in other.iterdir()) == ["x"]
+    finally:
+        shutil.rmtree(other)
 
 
 @pytest.mark.parametrize("kind", ["zip", "tar"])
