@@ -26,8 +26,8 @@ class Omniglot(ClassDataset):
         root: folder holding the data (default: ``$METAMTL_DATA``).  Sources are looked for in
             ``root``, ``root/omniglot`` and ``root/omniglot-py`` (torchvision's layout), each as
             the official zip (``images_background.zip``, read in place) or its extracted folder
-            (``images_background/<Alphabet>/<characterNN>/<NNNN_NN>.png``); a zip is preferred
-            when both exist.  Zips of known sources are md5-checked.
+            (``images_background/<Alphabet>/<characterNN>/<NNNN_NN>.png``); a zip in any of these
+            folders is preferred to an extracted folder in any of them.  Zips of known sources are md5-checked.
         split: ``"train"``, ``"val"``, ``"test"`` or ``"all"``.
         sources: names of the official archives to use (see :attr:`MD5`), default: all found.
         image_size: side of the stored square images (Lanczos resampling; strokes bright on black).
@@ -136,15 +136,19 @@ class Omniglot(ClassDataset):
     def available_sources(cls, root: str | os.PathLike | None = None) -> dict[str, Path]:
         """The official archives present under ``root`` (zip or extracted folder), by name.
 
+        A zip (md5-checked when read) in any of the folders looked in is preferred to an extracted
+        folder in any of them, which may be partial (an interrupted extraction).
         ``{"images_background", "images_evaluation"} <= available_sources(root).keys()`` means the
         full official protocol (background for training, evaluation for testing) can run.
         """
         root = resolve_root(root, "Omniglot")
         found: dict[str, Path] = {}
+        folders = cls._folders(root)
         for name in cls.MD5:
-            candidates = [c for f in cls._folders(root) for c in (f / f"{name}.zip", f / name) if c.exists()]
-            if candidates:
-                found[name] = candidates[0]
+            candidates = [f / f"{name}.zip" for f in folders] + [f / name for f in folders]
+            present = [c for c in candidates if c.exists()]
+            if present:
+                found[name] = present[0]
         return found
 
     @classmethod

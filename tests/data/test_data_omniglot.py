@@ -120,6 +120,18 @@ def test_folder_layouts_match_the_zip(layout, omniglot_root, tmp_path, cache_dir
         assert sorted(generic.class_names) == sorted(from_zip.class_names)
 
 
+def test_a_complete_zip_beats_a_partial_extracted_folder(omniglot_root, tmp_path, cache_dir):
+    """An interrupted extraction in root (Greek only) was used instead of the md5-checked zip in
+    root/omniglot, silently: 24 characters instead of 136. The docstring prefers a zip."""
+    (tmp_path / "omniglot").mkdir()
+    (tmp_path / "omniglot" / f"{SMALL1}.zip").symlink_to(omniglot_root / f"{SMALL1}.zip")
+    with zipfile.ZipFile(omniglot_root / f"{SMALL1}.zip") as zf:
+        zf.extractall(tmp_path, members=[n for n in zf.namelist() if "/Greek/" in n])
+    assert Omniglot.available_sources(tmp_path) == {SMALL1: tmp_path / "omniglot" / f"{SMALL1}.zip"}
+    ds = Omniglot(tmp_path, "all", sources=[SMALL1], cache_dir=cache_dir)
+    assert ds.num_classes == len(zip_characters(omniglot_root / f"{SMALL1}.zip")) == 136
+
+
 def test_root_comes_from_metamtl_data(monkeypatch, data_root, omniglot):
     monkeypatch.setenv("METAMTL_DATA", str(data_root))
     assert Omniglot(split="test").class_names == omniglot["test"].class_names
