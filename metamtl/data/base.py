@@ -597,9 +597,10 @@ def split_names(
     validation or test class).  Keep the list of names fixed for comparable results, or store the
     split explicitly (split folders or one CSV file per split).
     """
-    if not all(isinstance(f, numbers.Real) and not isinstance(f, bool) and math.isfinite(f) and f >= 0
-               for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-        raise DataError(f"split fractions must be finite, >= 0 and sum to 1, got {list(fractions)} "
+    if isinstance(fractions, (str, bytes)) or not hasattr(fractions, "__iter__") or not all(
+            isinstance(f, numbers.Real) and not isinstance(f, bool) and math.isfinite(f) and f >= 0
+            for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise DataError(f"split fractions must be finite, >= 0 and sum to 1, got {fractions!r} "
                         "(config: data.split_fractions, e.g. [0.6, 0.2, 0.2] for train, val, test)")
     ordered = stable_order(sorted(set(names)), seed)
     n = len(ordered)

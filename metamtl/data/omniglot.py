@@ -104,8 +104,10 @@ class Omniglot(ClassDataset):
             raise ConfigError(f"rotations must be distinct angles among {self.ROTATIONS}, got {rotations}")
         if split_by not in self.SPLIT_BY:
             raise unknown_name("Omniglot split_by", split_by, self.SPLIT_BY)
-        if len(split_fractions) != 3:
-            raise ConfigError(f"split_fractions must be (train, val, test), got {list(split_fractions)}")
+        if isinstance(split_fractions, (str, bytes)) or not hasattr(split_fractions, "__len__") \
+                or len(split_fractions) != 3:
+            raise ConfigError(f"split_fractions must be (train, val, test) fractions of the characters, e.g. "
+                              f"(0.6, 0.2, 0.2), got {split_fractions!r}")
         root = resolve_root(root, "Omniglot")
         self.split = split
         self.rotations = rotations

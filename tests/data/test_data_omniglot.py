@@ -181,6 +181,9 @@ def test_download_replaces_a_corrupt_official_zip(omniglot_root, tmp_path, monke
         ({"rotations": None}, r"an angle or a sequence of angles .*got None"),
         ({"rotations": True}, "whole multiples of 90"),
         ({"split_fractions": (0.5, 0.5)}, "split_fractions"),
+        ({"split_fractions": 0.6}, r"split_fractions must be \(train, val, test\) .*got 0\.6"),
+        ({"split_fractions": None}, r"split_fractions must be \(train, val, test\) .*got None"),
+        ({"split_fractions": "622"}, r"split_fractions must be \(train, val, test\) .*got '622'"),
     ],
 )
 def test_bad_arguments_raise_config_errors(kwargs, match, omniglot_root):
