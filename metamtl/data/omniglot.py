@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import ConfigError, DataError, DataNotFoundError, unknown_name
-from .base import ClassDataset, Preprocessing, split_names
+from .base import ClassDataset, Preprocessing, check_split_seed, split_names
 from .cache import Decoded
 from .download import check_integrity, download_url
 from .folder import DirectoryTree, Tree, ZipTree, decode_classes, resolve_root, scan_class_folders
@@ -34,7 +34,8 @@ class Omniglot(ClassDataset):
         rotations: an angle or angles in {0, 90, 180, 270}; each makes one copy of every character as its own
             class, ``Alphabet/characterNN@90`` (counter-clockwise; angle 0 keeps the plain name).
         split_fractions: ``(train, val, test)`` fractions of characters, see below.
-        split_seed: seed of the character split.
+        split_seed: seed of the character split (an integer; an integral float such as ``1.0`` is
+            that integer).
         split_by: ``"character"`` (default: every split has characters of every alphabet) or
             ``"alphabet"`` (whole alphabets are held out, as in the official background /
             evaluation protocol: the names cut by ``split_fractions`` are alphabets, so test
@@ -61,7 +62,8 @@ class Omniglot(ClassDataset):
         DataNotFoundError: no root, or the requested sources are not found (and ``download`` is
             off).
         IntegrityError: a known zip's md5 differs from the published one.
-        ConfigError: unknown split, source or rotation, or ``split_fractions`` not three numbers.
+        ConfigError: unknown split, source or rotation, ``split_fractions`` not three numbers, or a
+            ``split_seed`` that is not an integer.
         DataError: split_fractions that are not finite, >= 0 and summing to 1 (from
             ``split_names``, once the characters are read).
     """
@@ -108,6 +110,7 @@ class Omniglot(ClassDataset):
                 or len(split_fractions) != 3:
             raise ConfigError(f"split_fractions must be (train, val, test) fractions of the characters, e.g. "
                               f"(0.6, 0.2, 0.2), got {split_fractions!r}")
+        split_seed = check_split_seed(split_seed)
         root = resolve_root(root, "Omniglot")
         self.split = split
         self.rotations = rotations

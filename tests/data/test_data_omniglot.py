@@ -77,6 +77,18 @@ def test_split_is_identical_across_constructions_and_follows_the_seed(omniglot, 
     assert set(other.class_names) != set(omniglot["val"].class_names)
 
 
+def test_an_integral_float_split_seed_is_that_integer(omniglot_root):
+    """split_seed=1.0 (a YAML ``1.0``) hashed as "1.0" and moved characters between splits."""
+    from metamtl.data import split_names, stable_order
+
+    names = [f"c{i}" for i in range(50)]
+    assert split_names(names, seed=1.0) == split_names(names, seed=1) and stable_order(names, 2.0) == stable_order(names, 2)
+    assert (Omniglot(omniglot_root, split="test", split_seed=1.0, sources=[SMALL1]).class_names
+            == Omniglot(omniglot_root, split="test", split_seed=1, sources=[SMALL1]).class_names)
+    with pytest.raises(ConfigError, match="split_seed must be an integer"):
+        split_names(names, seed="abc")
+
+
 def test_rotations_make_new_classes_in_the_same_split(omniglot, omniglot_root):
     base = omniglot["val"]
     rotated = Omniglot(omniglot_root, split="val", rotations=(0, 90, 180, 270))
@@ -184,6 +196,10 @@ def test_download_replaces_a_corrupt_official_zip(omniglot_root, tmp_path, monke
         ({"split_fractions": 0.6}, r"split_fractions must be \(train, val, test\) .*got 0\.6"),
         ({"split_fractions": None}, r"split_fractions must be \(train, val, test\) .*got None"),
         ({"split_fractions": "622"}, r"split_fractions must be \(train, val, test\) .*got '622'"),
+        ({"split_seed": None}, r"split_seed must be an integer, got None"),
+        ({"split_seed": "abc"}, r"split_seed must be an integer, got 'abc'"),
+        ({"split_seed": True}, r"split_seed must be an integer, got True"),
+        ({"split_seed": 1.5}, r"split_seed must be an integer, got 1\.5"),
     ],
 )
 def test_bad_arguments_raise_config_errors(kwargs, match, omniglot_root):
