@@ -120,7 +120,8 @@ def episode_reader(tasks: TaskSource | Sequence[Episode], episodes: int = 600, *
     """``(episode_at, n)``: the ``n`` episodes to evaluate, ``episode_at(i)`` for ``i < n``.
 
     ``tasks`` is a task source whose episodes ``start .. start+episodes-1`` are used (in another
-    ways/shots/queries setting when given), or a list of episodes of one setting, of which
+    ways/shots/queries setting when given; at most ``tasks.distinct_episodes`` of a source that
+    has only that many distinct tasks), or a list of episodes of one setting, of which
     ``tasks[start:start+episodes]`` are used (ways/shots/queries are a :class:`ConfigError`: a
     list has no source to draw another setting from).
     """
@@ -133,7 +134,8 @@ def episode_reader(tasks: TaskSource | Sequence[Episode], episodes: int = 600, *
             raise ConfigError(f"{type(tasks).__name__} cannot change ways/shots/queries")
         kw = {k: v for k, v in dict(ways=ways, shots=shots, queries=queries).items() if v is not None}
         tasks = tasks.with_settings(**kw)
-    return (lambda i: tasks.episode(start + i)), episodes
+    distinct = getattr(tasks, "distinct_episodes", None)  # a fixed set of tasks: score each once
+    return (lambda i: tasks.episode(start + i)), min(episodes, distinct or episodes)
 
 
 def _listed_episodes(tasks: Sequence[Episode], episodes: int, start: int,

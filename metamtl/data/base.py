@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from ..errors import DataError, InputError, did_you_mean
+from ..errors import ConfigError, DataError, InputError, did_you_mean
 
 _RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
@@ -578,8 +578,20 @@ def join_classes(parts: Sequence[ClassDataset], name: str | None = None) -> Clas
     )
 
 
+def check_split_seed(seed: Any) -> int:
+    """``seed`` as an int: an integer or an integral float (a YAML ``1.0`` is ``1``, not another
+    split), else :class:`ConfigError` (``None``, ``True``, ``"abc"``, ``1.5``)."""
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+        return int(seed)
+    if isinstance(seed, float) and seed.is_integer():
+        return int(seed)
+    raise ConfigError(f"split_seed must be an integer, got {seed!r} (config: data.split_seed)")
+
+
 def stable_order(names: Iterable[str], seed: int = 0) -> list[str]:
-    """Order names by a hash of ``(seed, name)``: the same on every machine and library version."""
+    """Order names by a hash of ``(seed, name)``: the same on every machine and library version
+    (``seed`` is checked by :func:`check_split_seed`: ``1.0`` orders as ``1``)."""
+    seed = check_split_seed(seed)
     return sorted(names, key=lambda n: hashlib.sha1(f"{seed}:{n}".encode("utf-8", "surrogateescape")).hexdigest())
 
 
@@ -597,9 +609,10 @@ def split_names(
     validation or test class).  Keep the list of names fixed for comparable results, or store the
     split explicitly (split folders or one CSV file per split).
     """
-    if not all(isinstance(f, numbers.Real) and not isinstance(f, bool) and math.isfinite(f) and f >= 0
-               for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-        raise DataError(f"split fractions must be finite, >= 0 and sum to 1, got {list(fractions)} "
+    if isinstance(fractions, (str, bytes)) or not hasattr(fractions, "__iter__") or not all(
+            isinstance(f, numbers.Real) and not isinstance(f, bool) and math.isfinite(f) and f >= 0
+            for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise DataError(f"split fractions must be finite, >= 0 and sum to 1, got {fractions!r} "
                         "(config: data.split_fractions, e.g. [0.6, 0.2, 0.2] for train, val, test)")
     ordered = stable_order(sorted(set(names)), seed)
     n = len(ordered)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import http.client
 import os
 import posixpath
 import shutil
@@ -81,9 +82,9 @@ def download_url(
         md5: expected md5 of the file; checked before the file is renamed to its final name.
 
     If ``root/filename`` already exists with the right md5 (or no md5 is given) nothing is
-    downloaded.  The data is written to a temporary file in ``root``, fsynced, verified, then
-    atomically renamed, so an interrupted or corrupt download never leaves a file under the final
-    name.  Raises :class:`IntegrityError` on an md5 mismatch and :class:`DataError` when the URL
+    downloaded.  The data is written to a temporary file in ``root``, fsynced, verified (its size
+    against the server's ``Content-Length`` when it sends one, and its md5), then atomically
+    renamed, so an interrupted or corrupt download never leaves a file under the final name.  Raises :class:`IntegrityError` on an md5 mismatch and :class:`DataError` when the URL
     cannot be fetched.
     """
     root = Path(root).expanduser()
@@ -94,22 +95,25 @@ def download_url(
     _check_destination(root, final, "download to")
     if check_integrity(final, md5):
         return final
-    def fill(out) -> None:  # streams the download; the md5 is checked before the file gets its name
-        h = hashlib.md5()
+    def fill(out) -> None:  # streams the download; size and md5 are checked before the file gets its name
+        h, got, size = hashlib.md5(), 0, None
         try:
             with urllib.request.urlopen(url, timeout=60) as response:
-                size = response.headers.get("Content-Length")
-                with progress_bar(None, total=int(size) if size else None, unit="B", unit_scale=True,
-                                  desc=filename, leave=False) as bar:
+                size = _content_length(response)
+                with progress_bar(None, total=size, unit="B", unit_scale=True, desc=filename, leave=False) as bar:
                     for chunk in iter(lambda: response.read(_CHUNK), b""):
                         out.write(chunk)
                         h.update(chunk)
+                        got += len(chunk)
                         bar.update(len(chunk))
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             raise DataError(
                 f"could not download {url}: {exc}. Check the connection, or download the "
                 f"file by hand and save it as {final}"
             ) from exc
+        if size is not None and got != size:  # http.client ends a dropped connection's body quietly
+            raise DataError(f"could not download {url}: the download is incomplete: got {got} of {size} bytes "
+                            f"(the connection dropped); nothing was saved to {final} - retry, or fetch it by hand")
         if md5 is not None and h.hexdigest() != md5.lower():
             raise IntegrityError(
                 f"downloaded {url} but its md5 is {h.hexdigest()}, expected {md5.lower()}; "
@@ -124,6 +128,12 @@ def download_url(
         raise DataError(f"could not save {url} as {final}: {exc}; check that {root} is a writable "
                         "folder with free space") from exc
     return final
+
+
+def _content_length(response) -> int | None:
+    """The response's ``Content-Length`` in bytes, or ``None`` when it gives none (or a malformed one)."""
+    size = (response.headers.get("Content-Length") or "").strip()
+    return int(size) if size.isdigit() else None
 
 
 def _check_destination(folder: Path, path: Path | None, what: str) -> None:
@@ -229,7 +239,10 @@ def _zip_symlink_target(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> str | Non
 
 @contextlib.contextmanager
 def _staged(archive: Path, target: Path, corrupt: tuple[type[BaseException], ...]):
-    """Yield an empty staging folder next to ``target``; on success merge it into ``target``.
+    """Yield an empty staging folder on ``target``'s file system; on success merge it into ``target``.
+
+    The staging folder is a hidden folder inside ``target`` when it exists (so a mount point, or a
+    folder on another file system, works: entries are moved with ``os.replace``), else beside it.
 
     Whatever fails inside (``corrupt`` errors, and members that clash such as a file ``a`` and a
     member ``a/b``, become :class:`IntegrityError`), the staging folder is removed and ``target`` is
@@ -238,7 +251,8 @@ def _staged(archive: Path, target: Path, corrupt: tuple[type[BaseException], ...
     anything is moved (:class:`DataError` naming it).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.extract-", dir=target.parent))
+    where = target if target.is_dir() else target.parent
+    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.extract-", dir=where))
     try:
         try:
             yield stage
@@ -355,14 +369,17 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
     Every member is checked before anything is written: a member with an absolute path, a ``..``
     path component, a symlink or hard link pointing outside ``target``, or (tar) a device or FIFO
     raises :class:`IntegrityError` naming the member, and ``target`` is left untouched. The archive
-    is extracted into a staging folder next to ``target`` and merged into it only once complete, so
+    is extracted into a staging folder (inside ``target``, or beside it when it does not exist yet)
+    and merged into it only once complete, so
     a damaged member (bad CRC, truncated data) or a truncated archive (a partial download) also
-    raises :class:`IntegrityError` and leaves ``target`` as it was.
+    raises :class:`IntegrityError` and leaves ``target`` as it was. A ``target`` that is a symlink
+    to a folder is that folder (checked and merged into like it).
     """
-    archive, target = Path(archive), Path(target)
+    archive, given = Path(archive), Path(target)
     if not archive.is_file():
         raise DataError(f"archive {archive} does not exist")
-    _check_destination(target, None, "extract into")
+    _check_destination(given, None, "extract into")
+    target = given.resolve() if given.is_symlink() else given  # a link to a folder: that folder
     if zipfile.is_zipfile(archive):
         _extract_zip(archive, target)
     elif tarfile.is_tarfile(archive):
@@ -370,4 +387,4 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
     else:
         raise DataError(f"{archive} is neither a zip nor a tar archive (or it is incomplete: delete it and "
                         "download it again); cannot extract it")
-    return target
+    return given

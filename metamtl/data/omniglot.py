@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import ConfigError, DataError, DataNotFoundError, unknown_name
-from .base import ClassDataset, Preprocessing, split_names
+from .base import ClassDataset, Preprocessing, check_split_seed, split_names
 from .cache import Decoded
 from .download import check_integrity, download_url
 from .folder import DirectoryTree, Tree, ZipTree, decode_classes, resolve_root, scan_class_folders
@@ -26,15 +26,16 @@ class Omniglot(ClassDataset):
         root: folder holding the data (default: ``$METAMTL_DATA``).  Sources are looked for in
             ``root``, ``root/omniglot`` and ``root/omniglot-py`` (torchvision's layout), each as
             the official zip (``images_background.zip``, read in place) or its extracted folder
-            (``images_background/<Alphabet>/<characterNN>/<NNNN_NN>.png``); a zip is preferred
-            when both exist.  Zips of known sources are md5-checked.
+            (``images_background/<Alphabet>/<characterNN>/<NNNN_NN>.png``); a zip in any of these
+            folders is preferred to an extracted folder in any of them.  Zips of known sources are md5-checked.
         split: ``"train"``, ``"val"``, ``"test"`` or ``"all"``.
         sources: names of the official archives to use (see :attr:`MD5`), default: all found.
         image_size: side of the stored square images (Lanczos resampling; strokes bright on black).
         rotations: an angle or angles in {0, 90, 180, 270}; each makes one copy of every character as its own
             class, ``Alphabet/characterNN@90`` (counter-clockwise; angle 0 keeps the plain name).
         split_fractions: ``(train, val, test)`` fractions of characters, see below.
-        split_seed: seed of the character split.
+        split_seed: seed of the character split (an integer; an integral float such as ``1.0`` is
+            that integer).
         split_by: ``"character"`` (default: every split has characters of every alphabet) or
             ``"alphabet"`` (whole alphabets are held out, as in the official background /
             evaluation protocol: the names cut by ``split_fractions`` are alphabets, so test
@@ -61,7 +62,8 @@ class Omniglot(ClassDataset):
         DataNotFoundError: no root, or the requested sources are not found (and ``download`` is
             off).
         IntegrityError: a known zip's md5 differs from the published one.
-        ConfigError: unknown split, source or rotation, or ``split_fractions`` not three numbers.
+        ConfigError: unknown split, source or rotation, ``split_fractions`` not three numbers, or a
+            ``split_seed`` that is not an integer.
         DataError: split_fractions that are not finite, >= 0 and summing to 1 (from
             ``split_names``, once the characters are read).
     """
@@ -104,8 +106,11 @@ class Omniglot(ClassDataset):
             raise ConfigError(f"rotations must be distinct angles among {self.ROTATIONS}, got {rotations}")
         if split_by not in self.SPLIT_BY:
             raise unknown_name("Omniglot split_by", split_by, self.SPLIT_BY)
-        if len(split_fractions) != 3:
-            raise ConfigError(f"split_fractions must be (train, val, test), got {list(split_fractions)}")
+        if isinstance(split_fractions, (str, bytes)) or not hasattr(split_fractions, "__len__") \
+                or len(split_fractions) != 3:
+            raise ConfigError(f"split_fractions must be (train, val, test) fractions of the characters, e.g. "
+                              f"(0.6, 0.2, 0.2), got {split_fractions!r}")
+        split_seed = check_split_seed(split_seed)
         root = resolve_root(root, "Omniglot")
         self.split = split
         self.rotations = rotations
@@ -136,15 +141,19 @@ class Omniglot(ClassDataset):
     def available_sources(cls, root: str | os.PathLike | None = None) -> dict[str, Path]:
         """The official archives present under ``root`` (zip or extracted folder), by name.
 
+        A zip (md5-checked when read) in any of the folders looked in is preferred to an extracted
+        folder in any of them, which may be partial (an interrupted extraction).
         ``{"images_background", "images_evaluation"} <= available_sources(root).keys()`` means the
         full official protocol (background for training, evaluation for testing) can run.
         """
         root = resolve_root(root, "Omniglot")
         found: dict[str, Path] = {}
+        folders = cls._folders(root)
         for name in cls.MD5:
-            candidates = [c for f in cls._folders(root) for c in (f / f"{name}.zip", f / name) if c.exists()]
-            if candidates:
-                found[name] = candidates[0]
+            candidates = [f / f"{name}.zip" for f in folders] + [f / name for f in folders]
+            present = [c for c in candidates if c.exists()]
+            if present:
+                found[name] = present[0]
         return found
 
     @classmethod

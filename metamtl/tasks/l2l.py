@@ -25,7 +25,10 @@ holds the original labels.
 transforms from torch/NumPy). Episode ``i`` is drawn with those three global generators seeded
 from ``(seed, i)`` and restored afterwards, so it is the same in every run and after a resume,
 and drawing episodes leaves the caller's random state untouched. A taskset with
-``num_tasks=N`` is a fixed set of ``N`` tasks: episode ``i`` is its task ``i mod N``.
+``num_tasks=N`` is a fixed set of ``N`` tasks: episode ``i`` is its task ``i mod N``, drawn from
+``(seed, i mod N)`` alone (learn2learn's own per-index cache, filled by earlier ``taskset[i]`` or
+``taskset.sample()`` calls, is bypassed), and ``evaluate`` scores each of the ``N`` tasks at most
+once (``episodes`` is capped at ``N``, as for a list of episodes).
 
 learn2learn stays optional: this module imports it only when :func:`from_learn2learn` is called.
 """
@@ -113,7 +116,13 @@ class Learn2LearnTasks:
         self.ways, self.shots, self.queries = first.ways, first.shots, first.queries
 
     def __len__(self) -> int:
-        return 2**62  # any non-negative index is an episode (as EpisodeSampler)
+        # any non-negative index is an episode (as EpisodeSampler); num_tasks=N: N distinct ones
+        return self.distinct_episodes or 2**62
+
+    @property
+    def distinct_episodes(self) -> int | None:
+        """``N`` for a taskset of ``num_tasks=N`` fixed tasks (``evaluate`` scores each once), else ``None``."""
+        return self._num_tasks if self._num_tasks > 0 else None
 
     def __getitem__(self, index: int) -> Episode:
         return self.episode(index)
@@ -132,8 +141,11 @@ class Learn2LearnTasks:
     def episode(self, index: int) -> Episode:
         index = check_index(index)
         key = index % self._num_tasks if self._num_tasks > 0 else index
+        draw, load = (getattr(self.taskset, m, None) for m in ("sample_task_description", "get_task"))
         with _seeded_global_rngs(episode_seed(self.seed, key, stream=3)):
-            task = self.taskset[key]
+            # not taskset[key]: with num_tasks=N learn2learn caches task key's description the first
+            # time it is drawn, so it would depend on the taskset's history and not on the seed
+            task = load(draw()) if callable(draw) and callable(load) else self.taskset[key]
         return self._episode(task, index)
 
     # -- one learn2learn task -> Episode ----------------------------------------------------------

@@ -1,9 +1,14 @@
 """md5 checks, offline downloads (file:// URLs) and archive extraction safety."""
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import shutil
+import socket
 import tarfile
+import tempfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -51,6 +56,44 @@ def test_download_url_failure_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="could not download"):
         download_url((tmp_path / "absent.zip").as_uri(), tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def serve_once(reply: bytes) -> str:
+    """A loopback (127.0.0.1) server that answers one request with ``reply`` and closes: an
+    ``http://`` URL for it (a dropped connection, a non-HTTP port)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def answer():
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(reply)
+        server.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    return f"http://127.0.0.1:{server.getsockname()[1]}/f.bin"
+
+
+def test_download_url_truncated_without_md5_is_a_data_error_and_saves_nothing(tmp_path):
+    """The connection dropped after 500 of the 1000 bytes of Content-Length: the half file was saved
+    under the final name (and never downloaded again) when no md5 was given."""
+    url = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 500)
+    with pytest.raises(DataError, match=r"incomplete: got 500 of 1000 bytes"):
+        download_url(url, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("reply", [
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3e8\r\n" + b"x" * 300,  # IncompleteRead
+    b"SSH-2.0-OpenSSH_9.6\r\n",  # BadStatusLine: not an HTTP server
+], ids=["truncated-chunked", "not-http"])
+def test_download_url_http_protocol_errors_are_data_errors(reply, tmp_path):
+    """http.client's IncompleteRead and BadStatusLine escaped download_url as they were."""
+    with pytest.raises(DataError, match="could not download"):
+        download_url(serve_once(reply), tmp_path, md5=hashlib.md5(b"x" * 1000).hexdigest())
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- safe_extract --------------------------------------------------------------------------------
@@ -187,6 +230,39 @@ def test_safe_extract_kind_conflict_with_the_target_changes_nothing(tmp_path):
     assert {p.name: p.read_bytes() for p in (target / "data").iterdir() if p.is_file()} == {
         f"{n}.txt": b"version1" for n in "abcdfgh"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["target", "v2.zip"]
+
+
+def test_safe_extract_into_a_symlinked_folder_is_checked_like_the_folder(tmp_path):
+    """A target given as a link to a folder skipped the up-front kind check (the clash was met while
+    moving files: the folder was left partly updated); now it is refused before anything moves."""
+    real = tmp_path / "real"
+    (real / "b").mkdir(parents=True)
+    (real / "b" / "keep.txt").write_text("x")
+    os.symlink(real, tmp_path / "link")
+    archive = make_zip(tmp_path / "a.zip", [*((f"f{i}.txt", b"new") for i in range(20)), ("b", b"a file")])
+    with pytest.raises(DataError, match=r"b is a folder but the archive holds a file.*nothing was changed"):
+        safe_extract(archive, tmp_path / "link")
+    assert sorted(p.name for p in real.iterdir()) == ["b"]
+    good = make_zip(tmp_path / "g.zip", [("x/1.txt", b"1")])
+    assert safe_extract(good, tmp_path / "link") == tmp_path / "link"
+    assert (real / "x" / "1.txt").read_bytes() == b"1" and (tmp_path / "link").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zip", "g.zip", "link", "real"]
+    assert sorted(p.name for p in real.iterdir()) == ["b", "x"]
+
+
+def test_safe_extract_into_a_folder_on_another_file_system(tmp_path):
+    """A link to (or a mount point at) a folder on another file system: the staging folder was made
+    beside the link, so every extraction failed with EXDEV (invalid cross-device link)."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK) or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs a writable /dev/shm on another file system than the temporary folder")
+    other = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        os.symlink(other, tmp_path / "data")
+        safe_extract(make_zip(tmp_path / "b.zip", [("x/1.txt", b"1")]), tmp_path / "data")
+        assert (other / "x" / "1.txt").read_bytes() == b"1" and sorted(p.name for p in other.iterdir()) == ["x"]
+    finally:
+        shutil.rmtree(other)
 
 
 @pytest.mark.parametrize("kind", ["zip", "tar"])

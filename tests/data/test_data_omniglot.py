@@ -77,6 +77,18 @@ def test_split_is_identical_across_constructions_and_follows_the_seed(omniglot, 
     assert set(other.class_names) != set(omniglot["val"].class_names)
 
 
+def test_an_integral_float_split_seed_is_that_integer(omniglot_root):
+    """split_seed=1.0 (a YAML ``1.0``) hashed as "1.0" and moved characters between splits."""
+    from metamtl.data import split_names, stable_order
+
+    names = [f"c{i}" for i in range(50)]
+    assert split_names(names, seed=1.0) == split_names(names, seed=1) and stable_order(names, 2.0) == stable_order(names, 2)
+    assert (Omniglot(omniglot_root, split="test", split_seed=1.0, sources=[SMALL1]).class_names
+            == Omniglot(omniglot_root, split="test", split_seed=1, sources=[SMALL1]).class_names)
+    with pytest.raises(ConfigError, match="split_seed must be an integer"):
+        split_names(names, seed="abc")
+
+
 def test_rotations_make_new_classes_in_the_same_split(omniglot, omniglot_root):
     base = omniglot["val"]
     rotated = Omniglot(omniglot_root, split="val", rotations=(0, 90, 180, 270))
@@ -118,6 +130,18 @@ def test_folder_layouts_match_the_zip(layout, omniglot_root, tmp_path, cache_dir
     if layout == "extracted":  # the generic loader reads the same tree into the same classes
         generic = ClassFolder(root / SMALL1, cache_dir=cache_dir)
         assert sorted(generic.class_names) == sorted(from_zip.class_names)
+
+
+def test_a_complete_zip_beats_a_partial_extracted_folder(omniglot_root, tmp_path, cache_dir):
+    """An interrupted extraction in root (Greek only) was used instead of the md5-checked zip in
+    root/omniglot, silently: 24 characters instead of 136. The docstring prefers a zip."""
+    (tmp_path / "omniglot").mkdir()
+    (tmp_path / "omniglot" / f"{SMALL1}.zip").symlink_to(omniglot_root / f"{SMALL1}.zip")
+    with zipfile.ZipFile(omniglot_root / f"{SMALL1}.zip") as zf:
+        zf.extractall(tmp_path, members=[n for n in zf.namelist() if "/Greek/" in n])
+    assert Omniglot.available_sources(tmp_path) == {SMALL1: tmp_path / "omniglot" / f"{SMALL1}.zip"}
+    ds = Omniglot(tmp_path, "all", sources=[SMALL1], cache_dir=cache_dir)
+    assert ds.num_classes == len(zip_characters(omniglot_root / f"{SMALL1}.zip")) == 136
 
 
 def test_root_comes_from_metamtl_data(monkeypatch, data_root, omniglot):
@@ -169,6 +193,13 @@ def test_download_replaces_a_corrupt_official_zip(omniglot_root, tmp_path, monke
         ({"rotations": None}, r"an angle or a sequence of angles .*got None"),
         ({"rotations": True}, "whole multiples of 90"),
         ({"split_fractions": (0.5, 0.5)}, "split_fractions"),
+        ({"split_fractions": 0.6}, r"split_fractions must be \(train, val, test\) .*got 0\.6"),
+        ({"split_fractions": None}, r"split_fractions must be \(train, val, test\) .*got None"),
+        ({"split_fractions": "622"}, r"split_fractions must be \(train, val, test\) .*got '622'"),
+        ({"split_seed": None}, r"split_seed must be an integer, got None"),
+        ({"split_seed": "abc"}, r"split_seed must be an integer, got 'abc'"),
+        ({"split_seed": True}, r"split_seed must be an integer, got True"),
+        ({"split_seed": 1.5}, r"split_seed must be an integer, got 1\.5"),
     ],
 )
 def test_bad_arguments_raise_config_errors(kwargs, match, omniglot_root):

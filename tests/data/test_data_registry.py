@@ -144,7 +144,8 @@ def test_a_class_or_image_in_two_split_csv_files_is_refused_naming_it(tmp_path, 
         load_dataset("csv", "test", root=tmp_path, cache_dir=cache_dir)
 
 
-@pytest.mark.parametrize("fractions", [(float("nan"), 0.5, 0.5), (0.5, float("inf"), 0.5), (0.6, 0.5, -0.1)])
+@pytest.mark.parametrize("fractions", [(float("nan"), 0.5, 0.5), (0.5, float("inf"), 0.5), (0.6, 0.5, -0.1),
+                                       0.6, None, "1"])  # not a sequence: a bare TypeError before
 def test_split_fractions_that_are_not_finite_or_negative_are_refused(fractions):
     """NaN fractions passed both checks and put every class in the last split; now a DataError."""
     from metamtl.data import split_names

@@ -22,6 +22,8 @@ from metamtl.errors import MissingDependencyError, TaskError
 from metamtl.models import build_model
 from metamtl.tasks import Learn2LearnTasks, Learn2LearnTasksets, from_learn2learn
 
+from . import fake_learn2learn
+
 SOURCES = ("images_background_small1", "images_background_small2")
 
 
@@ -83,6 +85,46 @@ def test_one_way_tasks_are_refused_from_learn2learn_and_any_task_source():
         with pytest.raises(TaskError, match="episode 0 is 1-way: .*accuracy 100%.*2 or more classes per task"):
             run()
     assert learner.iteration == 0
+
+
+@pytest.fixture
+def fake_l2l(monkeypatch):
+    """learn2learn's TaskDataset behaviour (fake_learn2learn.py), without learn2learn installed."""
+    return fake_learn2learn.install(monkeypatch)
+
+
+def test_fixed_taskset_evaluates_each_task_once(fake_l2l):
+    """evaluate(episodes=100) on a taskset of num_tasks=10 scored the 10 tasks 10 times each and
+    counted 100 episodes (a CI too narrow by ~sqrt(10)); like a list of episodes, it is capped."""
+    test = from_learn2learn(fake_learn2learn.toy_taskset(num_tasks=10), shots=2)
+    assert len(test) == 10 and len(from_learn2learn(fake_learn2learn.toy_taskset(), shots=2)) > 10**9
+    torch.manual_seed(0)
+    learner = MetaLearner(build_model("conv4", in_channels=1, hidden=4, image_size=8, blocks=2, out_features=3),
+                          build_algorithm("maml", lr=0.1, steps=1), device="cpu")
+    ten, many = (learner.evaluate(test, episodes=n, progress=False) for n in (10, 100))
+    assert ten.episodes == many.episodes == 10
+    assert ten.accuracy == many.accuracy and ten.ci95 == many.ci95
+    assert learner.evaluate(test, episodes=100, start=7, progress=False).episodes == 10  # tasks 7..9, 0..6
+
+
+def test_fixed_taskset_episodes_ignore_the_taskset_history(fake_l2l):
+    """learn2learn caches task i's description the first time it is drawn: a second seed on the same
+    taskset (or a taskset.sample() before wrapping it) gave the first seed's (or a random) episodes."""
+    def supports(src):
+        return [src.episode(i).support_x for i in range(5)]
+
+    shared = fake_learn2learn.toy_taskset(num_tasks=5)
+    a, b = supports(from_learn2learn(shared, shots=2, seed=0)), supports(from_learn2learn(shared, shots=2, seed=1))
+    fresh = supports(from_learn2learn(fake_learn2learn.toy_taskset(num_tasks=5), shots=2, seed=1))
+    used = fake_learn2learn.toy_taskset(num_tasks=5)
+    random.seed(123)
+    for _ in range(20):
+        used.sample()
+    assert not all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(b, fresh))
+    assert all(torch.equal(x, y) for x, y in zip(fresh, supports(from_learn2learn(used, shots=2, seed=1))))
+    src = from_learn2learn(shared, shots=2, seed=1)
+    assert torch.equal(src.episode(7).support_x, b[2])  # still task i mod N
 
 
 # -- with learn2learn --------------------------------------------------------------------------------
