@@ -73,7 +73,7 @@ def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return a if b is None else a + b
 
 
-def _cuda_devices(tensors: Sequence[torch.Tensor]) -> list[int]:
+def cuda_devices(tensors: Sequence[torch.Tensor]) -> list[int]:
     """The CUDA devices ``tensors`` live on (whose generators a step may draw from)."""
     return sorted({t.device.index for t in tensors if t.is_cuda})
 
@@ -102,7 +102,7 @@ class _Checkpointed(torch.autograd.Function):
         store = [torch.empty((steps, *t.shape), dtype=t.dtype, device=t.device) for t in state]
         # the random-number state each step starts from (dropout masks, noise): the backward's
         # recomputation replays it, as torch.utils.checkpoint's preserve_rng_state does
-        devices = _cuda_devices(tensors)
+        devices = cuda_devices(tensors)
         rng_states = []
         with torch.enable_grad():
             for k in range(steps):

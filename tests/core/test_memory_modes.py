@@ -562,3 +562,29 @@ def test_checkpoint_replays_each_steps_random_numbers(name, settings, functional
     for n in full:
         torch.testing.assert_close(ours[n], full[n], rtol=1e-6, atol=1e-9, msg=n)
     assert torch.equal(rng, full_rng)
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["nn-dropout", "functional-dropout"])
+def test_the_auto_probe_leaves_the_random_number_generator_alone(functional):
+    """The planner's probe runs the model (dropout, noise) on a fork of the generators: an ``auto``
+    run that plans ``full`` is ``full``, bitwise, and a resumed ``auto`` run, which probes again,
+    draws the numbers the uninterrupted one drew."""
+    batch = TaskBatch([episode(s) for s in range(2)])
+
+    def run(memory):
+        torch.manual_seed(0)
+        model = TrunkHead(DropoutTrunk(functional), torch.nn.Linear(6, 3))
+        alg = build_algorithm("maml", steps=2, lr=0.2, memory=memory,
+                              max_memory_mb=10_000 if memory == "auto" else None)
+        alg.setup(model)
+        model.train()
+        torch.manual_seed(3)
+        alg.meta_step(model, batch, 0)
+        assert alg.memory_mode == "full"
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, torch.get_rng_state()
+
+    full, full_rng = run("full")
+    auto, auto_rng = run("auto")
+    assert torch.equal(auto_rng, full_rng)
+    for n in full:
+        assert torch.equal(auto[n], full[n]), n
