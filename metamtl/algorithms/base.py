@@ -393,6 +393,14 @@ class Algorithm(nn.Module):
         self.memory_plan = plan
         return plan
 
+    def keep_batch_plan(self, model: TrunkHead, batch: TaskBatch, iteration: int = 0) -> None:
+        """Under ``auto`` (second-order iterations), make ``batch``'s plan the learner's once its
+        sub-batches have been stepped (multi-task: one :meth:`meta_step` per dataset, each planning
+        its own shapes): the mode, the smallest chunk and the largest estimate of them all, not the
+        last sub-batch's.  Every shape was probed by those steps: nothing runs the model again."""
+        if self.inner.memory == "auto" and self.meta_gradient(iteration).second_order:
+            self.plan_memory(model, batch, iteration)
+
     def _shape(self, batch: TaskBatch, positions: Sequence[int]) -> tuple:
         """What a memory footprint depends on: the dataset, support and query shapes, steps, device."""
         first = batch[positions[0]]

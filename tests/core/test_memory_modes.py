@@ -588,3 +588,26 @@ def test_the_auto_probe_leaves_the_random_number_generator_alone(functional):
     assert torch.equal(auto_rng, full_rng)
     for n in full:
         assert torch.equal(auto[n], full[n]), n
+
+
+@pytest.mark.parametrize("order", ["big-first", "small-first"])
+def test_multitask_auto_reports_the_whole_batchs_plan(order, tmp_path):
+    """The per-dataset meta-steps plan their own sub-batches; the multitask learner's plan (its
+    ``memory_plan``, results.json, the saved learner) is the batch's: the largest estimate and the
+    smallest chunk of its datasets, as its base algorithm planning the same batch, not the last
+    dataset's."""
+    big = [episode(s, ways=3, shots=8, queries=8, dataset="big") for s in range(2)]
+    small = [episode(10 + s, ways=3, shots=1, queries=1, dataset="small") for s in range(3)]
+    batch = TaskBatch(big + small if order == "big-first" else small + big)
+    base = dict(name="maml", steps=3, lr=0.3, memory="auto", max_memory_mb=10_000, task_chunk=3)
+    model = conv4(3)
+    model.train()
+    expected = build_algorithm(**base).plan_memory(model, batch)
+    assert expected.chunk == 2  # the big dataset's 2 tasks; the small one's 3 go in one chunk
+    alg = build_algorithm("multitask", base=base, datasets=["big", "small"])
+    alg.meta_step(model, batch)
+    assert alg.memory_plan == expected
+    loaded = build_algorithm(**alg.config())
+    loaded.load_state_dict(alg.state_dict())
+    assert (loaded.memory_plan.mode, loaded.memory_plan.chunk) == (expected.mode, expected.chunk)
+    assert loaded.memory_plan.estimate_mb == pytest.approx(expected.estimate_mb, abs=1e-3)
