@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -295,6 +297,11 @@ def test_auto_measures_plans_logs_and_trains(caplog):
         alg.meta_step(model, batch)
     assert alg.memory_plan.mode == "checkpoint" and alg.memory_mode == "checkpoint"
     assert "memory plan: checkpoint" in caplog.text and "full needs" in caplog.text
+    logged = next(r.getMessage() for r in caplog.records if "memory plan:" in r.getMessage())
+    readme = " ".join((Path(__file__).parents[2] / "README.md").read_text().split())
+    example = re.search(r"`\[metamtl\] (maml: [^`(]*memory plan: [^`(]*)", readme).group(1)
+    numbers = lambda text: re.sub(r"\d[\d.x]*", "N", text)  # noqa: E731 (shapes, sizes, budgets)
+    assert numbers(logged).startswith(numbers(example)), "the README's example log line is not what is logged"
     grads_auto = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     build_algorithm("maml", steps=4, lr=0.3).meta_step(model, batch)
