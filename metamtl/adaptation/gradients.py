@@ -19,7 +19,9 @@ trunk features...).
     graphs; time: one extra support forward + first-order backward per step.  Each step's
     random-number state (CPU, and CUDA for CUDA tensors) is saved in the forward and replayed,
     on a fork of the generators, in the recomputation: a dropout layer draws the same masks, and
-    the caller's generators end where they would without the recomputation.
+    the caller's generators end where they would without the recomputation.  The recomputation
+    also runs under the forward's autocast settings (a backward outside ``torch.autocast``
+    recomputes in bfloat16 / float16 as the forward did, not in float32).
     (``torch.utils.checkpoint`` is not used: its reentrant variant does not support
     ``torch.autograd.grad`` inside the checkpointed function and the non-reentrant one does not
     free the recomputed double-backward graphs step by step; the recomputation is written out
@@ -44,7 +46,8 @@ into ``.grad``, as ``loss.backward()`` would; a closed-over *non-leaf* tensor is
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -73,7 +76,7 @@ def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return a if b is None else a + b
 
 
-def _cuda_devices(tensors: Sequence[torch.Tensor]) -> list[int]:
+def cuda_devices(tensors: Sequence[torch.Tensor]) -> list[int]:
     """The CUDA devices ``tensors`` live on (whose generators a step may draw from)."""
     return sorted({t.device.index for t in tensors if t.is_cuda})
 
@@ -89,6 +92,22 @@ def _set_rng_state(devices: Sequence[int], state: tuple[torch.Tensor, list[torch
         torch.cuda.set_rng_state(s, d)
 
 
+def _autocast_state() -> list[tuple[str, bool, torch.dtype, bool]]:
+    """The autocast settings in force (CPU, and CUDA where there is one)."""
+    kinds = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    cache = torch.is_autocast_cache_enabled()
+    return [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind), cache) for kind in kinds]
+
+
+@contextlib.contextmanager
+def _autocast(state: Sequence[tuple[str, bool, torch.dtype, bool]]) -> Iterator[None]:
+    """Run under the autocast settings ``state`` (from :func:`_autocast_state`), whatever is in force."""
+    with contextlib.ExitStack() as stack:
+        for kind, enabled, dtype, cache in state:
+            stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled, cache_enabled=cache))
+        yield
+
+
 class _Checkpointed(torch.autograd.Function):
     """See :func:`checkpointed_unroll`.  Inputs: ``*state0, *context``; outputs: states 1..K."""
 
@@ -102,7 +121,7 @@ class _Checkpointed(torch.autograd.Function):
         store = [torch.empty((steps, *t.shape), dtype=t.dtype, device=t.device) for t in state]
         # the random-number state each step starts from (dropout masks, noise): the backward's
         # recomputation replays it, as torch.utils.checkpoint's preserve_rng_state does
-        devices = _cuda_devices(tensors)
+        devices = cuda_devices(tensors)
         rng_states = []
         with torch.enable_grad():
             for k in range(steps):
@@ -115,6 +134,9 @@ class _Checkpointed(torch.autograd.Function):
                 saved.append(state)
         ctx.step, ctx.steps, ctx.n_state = step, steps, n_state
         ctx.devices, ctx.rng_states = devices, rng_states
+        # the backward may run outside the forward's torch.autocast (and on CUDA, on autograd's own
+        # thread): the recomputation re-enters its autocast settings, as torch.utils.checkpoint does
+        ctx.autocast = _autocast_state()
         # inputs of every step (state 0 .. K-1) and the context: all the backward needs
         ctx.save_for_backward(*[t for s in saved[:-1] for t in s], *context)
         ctx.set_materialize_grads(False)
@@ -140,7 +162,8 @@ class _Checkpointed(torch.autograd.Function):
             # it was (as if nothing were recomputed)
             with torch.random.fork_rng(devices=ctx.devices), torch.enable_grad():
                 _set_rng_state(ctx.devices, ctx.rng_states[k])
-                out = ctx.step(state, k, context, True)
+                with _autocast(ctx.autocast):  # the forward's precision, as the full unroll's graph has
+                    out = ctx.step(state, k, context, True)
                 pairs = [(o, c) for o, c in zip(out, cotangent) if c is not None and o.requires_grad]
                 for t in state + context:
                     t.grad = None

@@ -34,6 +34,7 @@ from ..adaptation import (
     Adapted, FirstOrder, InnerLoop, InnerProblem, InnerView, MetaGradient, add_loss_terms, batched_task_loss,
     build_problem, default_objective, kept_buffers, proximal_term, second_order_rule,
 )
+from ..adaptation.gradients import cuda_devices
 from ..adaptation.threads import DrewRandomNumbers, in_worker, map_chunks, threadable
 from ..errors import ConfigError
 from ..allocator import trim_above
@@ -392,6 +393,14 @@ class Algorithm(nn.Module):
         self.memory_plan = plan
         return plan
 
+    def keep_batch_plan(self, model: TrunkHead, batch: TaskBatch, iteration: int = 0) -> None:
+        """Under ``auto`` (second-order iterations), make ``batch``'s plan the learner's once its
+        sub-batches have been stepped (multi-task: one :meth:`meta_step` per dataset, each planning
+        its own shapes): the mode, the smallest chunk and the largest estimate of them all, not the
+        last sub-batch's.  Every shape was probed by those steps: nothing runs the model again."""
+        if self.inner.memory == "auto" and self.meta_gradient(iteration).second_order:
+            self.plan_memory(model, batch, iteration)
+
     def _shape(self, batch: TaskBatch, positions: Sequence[int]) -> tuple:
         """What a memory footprint depends on: the dataset, support and query shapes, steps, device."""
         first = batch[positions[0]]
@@ -450,7 +459,8 @@ class Algorithm(nn.Module):
         full-size probe would leave the allocator holding as much again as the step it measures),
         and every class keeps a support image (prototype heads need them all).  The outer objective
         sees the one-step weights after every step (MAML++'s multi-step loss reads them all).  The
-        probe leaves running statistics (every buffer of the model and the algorithm) as they were.
+        probe leaves running statistics (every buffer of the model and the algorithm) and the random
+        number generators (CPU, and the batch's CUDA devices) as they were.
         """
         sx, sy, qx, qy = batch.stack([position])
         ways, classification = batch[position].ways, batch[position].is_classification
@@ -480,7 +490,8 @@ class Algorithm(nn.Module):
         def extrapolate(mb1: float, mb2: float, n1: int, n2: int, n: int) -> float:
             return mb2 if n2 == n1 else mb1 + (mb2 - mb1) * (n - n1) / (n2 - n1)
 
-        with kept_buffers(model, self):
+        # on a fork of the generators: the probe's dropout masks and noise draw nothing the run draws
+        with kept_buffers(model, self), torch.random.fork_rng(devices=cuda_devices([sx, qx])):
             (s1, q1, w, c1, ns1, nq1), (s2, q2, _, c2, ns2, nq2) = probe(1), probe(2)
         n_s, n_q = sx.shape[1], qx.shape[1]
         return Footprint(extrapolate(s1, s2, ns1, ns2, n_s), extrapolate(q1, q2, nq1, nq2, n_q), w,

@@ -125,6 +125,7 @@ class MultiTask(Algorithm):
             with dataset_scope(name):
                 metrics = self.base.meta_step(model, TaskBatch([batch[i] for i in positions]), iteration)
             parts.append(_Part(name, positions, [p.grad for p in params], metrics))
+        self.base.keep_batch_plan(model, batch, iteration)  # the batch's memory plan, not its last dataset's
         for p, g in zip(params, before):
             p.grad = g
         if processes is not None:

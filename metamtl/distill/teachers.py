@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,7 +33,8 @@ class Teacher:
 
     def __init__(self) -> None:
         self._taps: list[str] = []
-        self._cache: tuple[Any, dict[str, Any]] | None = None
+        #: (weak references to the inputs and support set, their address and shape, the outputs)
+        self._cache: tuple[weakref.ref, weakref.ref, tuple, dict[str, Any]] | None = None
         #: (student support set, it in the teacher's dtype): the same tensor for the same support set
         self._support: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -92,10 +94,14 @@ class Teacher:
             ) from exc
 
     def outputs(self, ctx: LossContext) -> dict[str, Any]:
-        """``{"logits": [N, C], layer: features...}`` for ``ctx.inputs`` (cached per input tensor)."""
-        key = (id(ctx.inputs), ctx.inputs.data_ptr(), tuple(ctx.inputs.shape), id(ctx.support_x))
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
+        """``{"logits": [N, C], layer: features...}`` for ``ctx.inputs`` (cached per input tensor).
+
+        The cache answers for the very tensors it was computed on (weak references: a freed
+        tensor's ``id`` and address, which the next task's tensors may reuse, never match)."""
+        key = (ctx.inputs.data_ptr(), tuple(ctx.inputs.shape))
+        cache = self._cache
+        if cache is not None and cache[0]() is ctx.inputs and cache[1]() is ctx.support_x and cache[2] == key:
+            return cache[3]
         was_training = self.module.training
         self.module.eval()
         try:
@@ -107,7 +113,7 @@ class Teacher:
                     out[layer] = _as(take_rows(feats.get(layer), layer, ctx.inputs.shape[0]).detach(), back)
         finally:
             self.module.train(was_training)
-        self._cache = (key, out)
+        self._cache = (weakref.ref(ctx.inputs), _ref(ctx.support_x), key, out)
         return out
 
     def logits(self, ctx: LossContext) -> torch.Tensor:
@@ -132,6 +138,11 @@ class Teacher:
                 "episode's support set, or a module with that many outputs"
             )
         return logits
+
+
+def _ref(t: torch.Tensor | None) -> Any:
+    """A weak reference to ``t`` (to no tensor: one that gives ``None``)."""
+    return (lambda: None) if t is None else weakref.ref(t)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -82,6 +82,37 @@ def test_checkpointed_equals_full_unroll_conv_batchnorm(steps):
     assert_close(ours, reference, 1e-6)
 
 
+@pytest.mark.parametrize("inside", [True, False], ids=["backward-inside-autocast", "backward-outside-autocast"])
+def test_checkpointed_recomputes_under_the_forwards_autocast(inside):
+    """A forward under ``torch.autocast`` (bfloat16 on the CPU) and a backward called inside or
+    outside it: the recomputation runs in the forward's precision, so the meta-gradient is the
+    full unroll's (bitwise), not that of a float32 recomputation."""
+    model = tiny_conv().float()
+    names = [n for n, _ in model.named_parameters()]
+    (sx, sy), (qx, qy) = data(6, 0), data(9, 1)
+    step = sgd_step(model, names, sx.float(), sy, lr=0.3)
+
+    def grads(unroll):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            final = unroll(list(model.parameters()))
+            loss = F.cross_entropy(functional_call(model, dict(zip(names, final)), (qx.float(),)), qy)
+            if inside:
+                loss.backward()
+        if not inside:
+            loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    def full(state):
+        for k in range(2):
+            state = step(state, k, [], True)
+        return state
+
+    reference = grads(full)
+    assert_close(grads(lambda state: checkpointed_unroll(step, state, 2)[-1]), reference, 0.0)
+    assert not torch.is_autocast_enabled("cpu")
+
+
 def test_checkpointed_context_learned_rate_momentum_and_every_step_loss():
     """Head-only adaptation on trunk features passed as context, a learned (closed-over) inner
     rate per tensor, heavy-ball momentum in the state, and a loss on every intermediate step."""

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -295,6 +297,11 @@ def test_auto_measures_plans_logs_and_trains(caplog):
         alg.meta_step(model, batch)
     assert alg.memory_plan.mode == "checkpoint" and alg.memory_mode == "checkpoint"
     assert "memory plan: checkpoint" in caplog.text and "full needs" in caplog.text
+    logged = next(r.getMessage() for r in caplog.records if "memory plan:" in r.getMessage())
+    readme = " ".join((Path(__file__).parents[2] / "README.md").read_text().split())
+    example = re.search(r"`\[metamtl\] (maml: [^`(]*memory plan: [^`(]*)", readme).group(1)
+    numbers = lambda text: re.sub(r"\d[\d.x]*", "N", text)  # noqa: E731 (shapes, sizes, budgets)
+    assert numbers(logged).startswith(numbers(example)), "the README's example log line is not what is logged"
     grads_auto = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     build_algorithm("maml", steps=4, lr=0.3).meta_step(model, batch)
@@ -562,3 +569,52 @@ def test_checkpoint_replays_each_steps_random_numbers(name, settings, functional
     for n in full:
         torch.testing.assert_close(ours[n], full[n], rtol=1e-6, atol=1e-9, msg=n)
     assert torch.equal(rng, full_rng)
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["nn-dropout", "functional-dropout"])
+def test_the_auto_probe_leaves_the_random_number_generator_alone(functional):
+    """The planner's probe runs the model (dropout, noise) on a fork of the generators: an ``auto``
+    run that plans ``full`` is ``full``, bitwise, and a resumed ``auto`` run, which probes again,
+    draws the numbers the uninterrupted one drew."""
+    batch = TaskBatch([episode(s) for s in range(2)])
+
+    def run(memory):
+        torch.manual_seed(0)
+        model = TrunkHead(DropoutTrunk(functional), torch.nn.Linear(6, 3))
+        alg = build_algorithm("maml", steps=2, lr=0.2, memory=memory,
+                              max_memory_mb=10_000 if memory == "auto" else None)
+        alg.setup(model)
+        model.train()
+        torch.manual_seed(3)
+        alg.meta_step(model, batch, 0)
+        assert alg.memory_mode == "full"
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, torch.get_rng_state()
+
+    full, full_rng = run("full")
+    auto, auto_rng = run("auto")
+    assert torch.equal(auto_rng, full_rng)
+    for n in full:
+        assert torch.equal(auto[n], full[n]), n
+
+
+@pytest.mark.parametrize("order", ["big-first", "small-first"])
+def test_multitask_auto_reports_the_whole_batchs_plan(order, tmp_path):
+    """The per-dataset meta-steps plan their own sub-batches; the multitask learner's plan (its
+    ``memory_plan``, results.json, the saved learner) is the batch's: the largest estimate and the
+    smallest chunk of its datasets, as its base algorithm planning the same batch, not the last
+    dataset's."""
+    big = [episode(s, ways=3, shots=8, queries=8, dataset="big") for s in range(2)]
+    small = [episode(10 + s, ways=3, shots=1, queries=1, dataset="small") for s in range(3)]
+    batch = TaskBatch(big + small if order == "big-first" else small + big)
+    base = dict(name="maml", steps=3, lr=0.3, memory="auto", max_memory_mb=10_000, task_chunk=3)
+    model = conv4(3)
+    model.train()
+    expected = build_algorithm(**base).plan_memory(model, batch)
+    assert expected.chunk == 2  # the big dataset's 2 tasks; the small one's 3 go in one chunk
+    alg = build_algorithm("multitask", base=base, datasets=["big", "small"])
+    alg.meta_step(model, batch)
+    assert alg.memory_plan == expected
+    loaded = build_algorithm(**alg.config())
+    loaded.load_state_dict(alg.state_dict())
+    assert (loaded.memory_plan.mode, loaded.memory_plan.chunk) == (expected.mode, expected.chunk)
+    assert loaded.memory_plan.estimate_mb == pytest.approx(expected.estimate_mb, abs=1e-3)

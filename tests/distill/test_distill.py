@@ -489,3 +489,30 @@ def test_soft_targets_for_a_regression_learner_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"distill.weight.*regression"):
         config_from_dict({**sine, "distill": section})
     assert config_from_dict({**sine, "distill": {**section, "weight": 0}}).distill["weight"] == 0
+
+
+def test_the_teacher_cache_never_answers_for_another_tensor_at_a_reused_id_and_address():
+    """The teacher's outputs are cached for the tensor they were computed on.  Per-task views of one
+    stacked batch are new tensor objects each time: a freed one's ``id`` and address come back for
+    the next (another task's data at the same place), which must be computed, not served stale."""
+    from metamtl.adaptation import LossContext
+    from metamtl.distill import as_teacher
+
+    torch.manual_seed(0)
+    module = torch.nn.Linear(4, 3)
+    teacher = as_teacher(module)
+    buf, support = torch.zeros(2, 5, 4), torch.zeros(3, 4)
+    g = torch.Generator().manual_seed(1)
+
+    def outputs():
+        view = buf[0]  # a new tensor object at buf's address, often with the freed one's id
+        ctx = LossContext("query", torch.zeros(5, 3), torch.zeros(5), view, support, torch.arange(3), 3, module)
+        return teacher.outputs(ctx)["logits"], id(view)
+
+    ids = set()
+    for _ in range(20):
+        buf.copy_(torch.randn(buf.shape, generator=g))  # the next task's images, at the same address
+        logits, ident = outputs()
+        ids.add(ident)
+        torch.testing.assert_close(logits, module(buf[0]).detach(), rtol=0, atol=0)
+    assert len(ids) < 20  # ids were reused: the case the cache must tell apart
