@@ -42,7 +42,10 @@ def _check(name: str, value: Any, kind: type, minimum: float | None = None) -> A
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         ok = True
     if ok and kind is float:  # YAML .inf would pass a minimum, then overflow in the head's maths
-        ok = math.isfinite(value)
+        try:
+            ok = math.isfinite(value)
+        except OverflowError:  # an int too large for a float (10**400)
+            ok = False
     if not ok or (minimum is not None and not value >= minimum):
         bound = f" >= {minimum}" if minimum is not None else ""
         what = "true or false" if kind is bool else ("a finite float" if kind is float else kind.__name__) + bound

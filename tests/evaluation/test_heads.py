@@ -333,6 +333,16 @@ def test_infinite_head_settings_are_refused_when_the_head_is_built(spec):
         config_from_dict({"algorithm": {"name": "protonet"}, "eval": {"heads": [spec]}})
 
 
+@pytest.mark.parametrize("spec", [{"name": "logreg", "C": 10**400}, {"name": "bdcspn", "epsilon": 10**309}])
+def test_huge_integer_head_settings_are_refused_when_the_head_is_built(spec):
+    """An int too large for a float (YAML ``C: 1000...000``) raised a bare OverflowError."""
+    field = next(k for k in spec if k != "name")
+    with pytest.raises(ConfigError, match=f"head setting {field} must be a finite float"):
+        build_head(spec)
+    with pytest.raises(ConfigError, match=f"head setting {field} must be a finite float"):
+        config_from_dict({"algorithm": {"name": "protonet"}, "eval": {"heads": [spec]}})
+
+
 def test_equal_settings_spelled_as_int_or_float_get_one_label():
     """``C: 10`` and ``C: 10.0`` are one setting: one row, one report group, one W&B key."""
     from metamtl.heads import head_name
