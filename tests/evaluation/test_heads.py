@@ -81,6 +81,22 @@ def test_logreg_reaches_the_regularised_optimum():
     assert (head(clustered, y, clustered, 4).argmax(1) == y).all()
 
 
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_every_head_called_directly_checks_support_labels_the_same_way(name):
+    """logreg fitted a missing class silently (never predicting it), and logreg/softkmeans raised bare
+    IndexError/RuntimeError for labels >= ways or int32 labels; every head now converts integer labels
+    and raises one InputError."""
+    s, q = features(6, 8), features(6, 8, seed=1)
+    head = build_head({"name": name, "center": False})
+    y = torch.arange(3).repeat_interleave(2)
+    torch.testing.assert_close(head(s, y.int(), q, 3), head(s, y, q, 3))
+    for bad in ([0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 3, 3], [0, -1, 1, 1, 2, 2]):
+        with pytest.raises(InputError, match="support labels must cover every class 0..2"):
+            head(s, torch.tensor(bad), q, 3)
+    with pytest.raises(InputError, match="integer class ids"):
+        head(s, y.float(), q, 3)
+
+
 def test_bdcspn_prototypes_follow_the_paper():
     s, q = features(6, 4), features(9, 4, seed=3)
     y = torch.tensor([0, 0, 1, 1, 2, 2])
