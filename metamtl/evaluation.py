@@ -215,7 +215,7 @@ def summarize(results: list[tuple[dict[str, float], tuple[int, int, int]]], step
         raise ConfigError("no episodes to evaluate")
     check_one_setting([setting for _, setting in results], "a task source")
     losses = [m["loss"] for m, _ in results]
-    check_finite_episodes(losses, steps)  # never an accuracy computed from NaN logits
+    check_finite_episodes(losses, steps, fields.get("head"))  # never an accuracy computed from NaN logits
     accs = [m["accuracy"] for m, _ in results if "accuracy" in m]
     acc, ci = mean_ci95(accs) if accs else (None, None)
     loss, loss_ci = mean_ci95(losses)

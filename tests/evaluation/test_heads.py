@@ -97,6 +97,32 @@ def test_every_head_called_directly_checks_support_labels_the_same_way(name):
         head(s, y.float(), q, 3)
 
 
+@pytest.mark.parametrize("C", [1e-5, 1.0, 1e30])
+def test_logreg_fits_small_and_huge_c_instead_of_stopping_at_zero(C):
+    """C=1e-5 on 640-d 1-shot features stopped L-BFGS at its zero start (the gradient of
+    C * sum(CE) was below its tolerance): all-zero logits, every query class 0, chance accuracy;
+    C=1e30 gave NaN blamed on the inner learning rate.  The objective divided by C * n fits both."""
+    torch.manual_seed(0)
+    centers = torch.randn(5, 640)
+    support, y = centers + 0.5 * torch.randn(5, 640), torch.arange(5)
+    qy = torch.arange(5).repeat(4)
+    logits = build_head({"name": "logreg", "C": C})(support, y, centers[qy] + 0.5 * torch.randn(20, 640), 5)
+    assert torch.isfinite(logits).all() and logits.abs().max() > 0
+    assert (logits.argmax(1) == qy).float().mean() > 0.9
+    with pytest.raises(ConfigError, match="head setting C must be a finite float >= 1e-05"):
+        build_head({"name": "logreg", "C": 1e-6})  # too small to separate the logits in float32
+
+
+def test_a_diverged_feature_head_is_not_blamed_on_inner_steps():
+    from metamtl.numerics import check_finite_episodes
+    from metamtl.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="episode 1: the query loss is nan from finite weights with feature head "
+                                            r"logreg\(C=10.0\).*takes no inner steps") as err:
+        check_finite_episodes([1.0, float("nan")], 0, "logreg(C=10.0)")
+    assert "algorithm.lr" not in str(err.value)
+
+
 def test_bdcspn_prototypes_follow_the_paper():
     s, q = features(6, 4), features(9, 4, seed=3)
     y = torch.tensor([0, 0, 1, 1, 2, 2])
