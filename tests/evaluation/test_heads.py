@@ -192,6 +192,16 @@ def test_two_settings_of_one_head_are_told_apart_in_rows_and_wandb_keys(splits, 
     assert [_setting(r.to_dict()) for r in rows] == [f"{w}w{k}s/logreg(C=0.01)", f"{w}w{k}s/logreg(C=100.0)"]  # W&B
 
 
+def test_steps_with_a_feature_head_are_refused_not_ignored(splits, trained):
+    """evaluate(head="logreg", steps=50) gave the result of a run without steps (a head takes none)."""
+    from metamtl.ensemble import Ensemble
+
+    for who in (trained, Ensemble([trained, trained])):
+        with pytest.raises(ConfigError, match="steps: feature head logreg takes no inner steps.*head='algorithm'"):
+            who.evaluate(splits[1], 2, progress=False, head="logreg", steps=50)
+        assert who.evaluate(splits[1], 2, progress=False, head="algorithm", steps=50).head == "algorithm"
+
+
 def test_inductive_heads_classify_each_query_alone(splits):
     _, test = splits
     lr = learner(bn_stats="support")  # query features independent of the other queries
@@ -307,8 +317,8 @@ def test_a_run_reports_one_row_per_setting_and_head_and_saves_the_mean(tmp_path)
         "tasks": {"ways": 3, "shots": 1, "queries": 2},
         "model": {"name": "conv4", "hidden": 4, "blocks": 2}, "algorithm": {"name": "protonet"},
         "train": {"iterations": 2, "meta_batch_size": 2, "device": "cpu"},
-        "eval": {"episodes": 3, "queries": 2, "heads": ["simpleshot", "algorithm", "laplacianshot"],
-                 "settings": [{"ways": 3, "shots": 1}, {"ways": 5, "shots": 1}]},
+        "eval": {"episodes": 3, "queries": 2, "heads": ["simpleshot", "algorithm", "laplacianshot"], "steps": 2,
+                 "settings": [{"ways": 3, "shots": 1}, {"ways": 5, "shots": 1}]},  # steps: the algorithm's rows
         "logging": {"report": False, "metrics": None},
     })
     results = run(cfg, progress=False, quiet=True)
