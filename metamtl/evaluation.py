@@ -91,7 +91,13 @@ class EvalResult:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields, an undefined CI (one episode) as ``None``: JSON ``null`` (``NaN`` is no JSON)."""
+        return {**dataclasses.asdict(self), "ci95": defined(self.ci95), "loss_ci95": defined(self.loss_ci95)}
+
+
+def defined(ci: float | None) -> float | None:
+    """A CI half-width, ``None`` when it is undefined (``nan``: fewer than two episodes)."""
+    return ci if ci is not None and math.isfinite(ci) else None
 
 
 def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
