@@ -51,6 +51,18 @@ def _evaluation_config(saved: dict[str, Any], data_root: str | None) -> dict[str
     return {**saved, "tasks": tasks, "train": {**(saved.get("train") or {}), "early_stopping": None, "scheduler": None}}
 
 
+def _check_steps(steps: int | None, members: list[Any], labels: list[str], head: Any) -> None:
+    """``--steps`` refused where it would be silently ignored: no member has an inner loop, or every
+    member classifies with a feature head (given as ``head``, else its own default)."""
+    from .heads import check_no_steps
+
+    if steps is not None and not any(m.algorithm.has_inner_loop for m in members):
+        raise ConfigError(f"--steps: {labels[0]} uses algorithm {members[0].algorithm.name!r}, which has no inner "
+                          "loop (its results take 0 steps): evaluate without --steps")
+    check_no_steps(steps, [m.inference.classifier(head if m.task == "classification" else None) for m in members],
+                   "--steps")
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import ensure_writable_file
     from .config import config_from_dict
@@ -73,9 +85,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise MetamtlError(f"{labels[0]} has no data config; evaluate it from Python with MetaLearner.evaluate")
     check_same_data(members, labels)
     _check_task_options(args, learner, labels[0])
-    if args.steps is not None and not any(m.algorithm.has_inner_loop for m in members):
-        raise ConfigError(f"--steps: {labels[0]} uses algorithm {learner.algorithm.name!r}, which has no inner loop "
-                          "(its results take 0 steps): evaluate without --steps")
+    _check_steps(args.steps, members, labels, head)
     _check_held_out_split(args.split, {lb: m.metadata["config"] for m, lb in zip(members, labels)}, args.data_root)
     cfg = config_from_dict(_evaluation_config(saved, args.data_root))
     for d in [cfg.data, *cfg.datasets]:  # set after validation: --split was checked against every member

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .checkpoint import FORMAT, FORMAT_VERSION, atomic_save, safe_load
 from .errors import CheckpointError, ConfigError, InputError, TaskError
 from .evaluation import EvalResult, episode_reader, hierarchy_of, summarize
-from .heads import head_name
+from .heads import check_no_steps, head_name
 from .inputs import check_steps, with_support_copies
 from .learner import MetaLearner
 from .progress_bars import progress_bar
@@ -141,6 +141,7 @@ class Ensemble:
         check_steps(steps)
         episode_at, n = episode_reader(tasks, episodes, ways=ways, shots=shots, queries=queries, start=start)
         heads = self.heads(head)
+        check_no_steps(steps, heads)  # every member classifies with a feature head: it takes none
         for m in self.members:
             m.check_finite("evaluate")
         rows = []

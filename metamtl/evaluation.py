@@ -91,7 +91,13 @@ class EvalResult:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields, an undefined CI (one episode) as ``None``: JSON ``null`` (``NaN`` is no JSON)."""
+        return {**dataclasses.asdict(self), "ci95": defined(self.ci95), "loss_ci95": defined(self.loss_ci95)}
+
+
+def defined(ci: float | None) -> float | None:
+    """A CI half-width, ``None`` when it is undefined (``nan``: fewer than two episodes)."""
+    return ci if ci is not None and math.isfinite(ci) else None
 
 
 def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
@@ -217,7 +223,7 @@ def summarize(results: list[tuple[dict[str, float], tuple[int, int, int]]], step
         raise ConfigError("no episodes to evaluate")
     check_one_setting([setting for _, setting in results], "a task source")
     losses = [m["loss"] for m, _ in results]
-    check_finite_episodes(losses, steps)  # never an accuracy computed from NaN logits
+    check_finite_episodes(losses, steps, fields.get("head"))  # never an accuracy computed from NaN logits
     accs = [m["accuracy"] for m, _ in results if "accuracy" in m]
     acc, ci = mean_ci95(accs) if accs else (None, None)
     loss, loss_ci = mean_ci95(losses)

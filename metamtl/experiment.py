@@ -305,8 +305,15 @@ def _shown_tasks(cfg: Config, split: str, tasks: TaskSource | None) -> list[Task
 
 def evaluate_settings(learner: MetaLearner, cfg: Config, test_tasks: TaskSource, progress: bool = True) -> list[EvalResult]:
     """Evaluate every ``eval.settings`` entry with every ``eval.heads`` entry on the test tasks."""
-    return [learner.evaluate(setting_tasks(test_tasks, s, cfg), cfg.eval.episodes, steps=cfg.eval.steps,
+    return [learner.evaluate(setting_tasks(test_tasks, s, cfg), cfg.eval.episodes, steps=head_steps(cfg, h),
                              progress=progress, head=h) for s in cfg.eval.settings for h in cfg.eval.heads]
+
+
+def head_steps(cfg: Config, head: Any) -> int | None:
+    """``eval.steps`` for the algorithm's rows; ``None`` for a feature head's (which takes no inner steps)."""
+    from .heads import build_head
+
+    return cfg.eval.steps if build_head(head) is None else None
 
 
 def prepare_heads(learner: MetaLearner, cfg: Config, train_tasks: TaskSource, say: Any = print) -> None:
@@ -333,7 +340,7 @@ def evaluate_per_dataset(learner: MetaLearner, cfg: Config, test_tasks: dict[str
                 rows.append(skipped)
                 continue
             for h in cfg.eval.heads:
-                res = learner.evaluate(setting_tasks(source, s, cfg), cfg.eval.episodes, steps=cfg.eval.steps,
+                res = learner.evaluate(setting_tasks(source, s, cfg), cfg.eval.episodes, steps=head_steps(cfg, h),
                                        progress=progress, head=h)
                 say(f"[metamtl] held-out test ({label}): {res}")
                 rows.append({"dataset": label, **res.to_dict()})

@@ -17,7 +17,7 @@ import torch
 
 from .data.augment import SupportAugment
 from .errors import ConfigError, InputError
-from .heads import FeatureHead, build_head, registered
+from .heads import FeatureHead, build_head, check_no_steps, registered
 from .inputs import as_support_augment
 
 
@@ -59,10 +59,13 @@ class InferenceSettings:
         refused for a learner that does not classify (as in :meth:`create`)."""
         return augmenting(self.support_augment if spec is None else as_support_augment(spec), task)
 
-    def classifier(self, spec: Any = None, task: str = "classification") -> FeatureHead | None:
+    def classifier(self, spec: Any = None, task: str = "classification", steps: int | None = None) -> FeatureHead | None:
         """The head of a call: ``spec`` (``"algorithm"``: the algorithm's adaptation), or the default;
-        a feature head only for a learner that does ``classification``."""
-        return self.head if spec is None else classifying_head(build_head(spec), task)
+        a feature head only for a learner that does ``classification``, and :class:`ConfigError` for
+        inner ``steps`` given with a feature head (which takes none)."""
+        head = self.head if spec is None else classifying_head(build_head(spec), task)
+        check_no_steps(steps, [head])
+        return head
 
     def feature_mean(self, dataset: str | None = None, device: Any = "cpu") -> torch.Tensor | None:
         """The training split's mean trunk feature for ``dataset`` (the only one if there is one)."""

@@ -204,7 +204,7 @@ class MetaLearner:
                 evaluations see the same tasks) or a list of episodes.
             ways, shots, queries: evaluate another setting of the same source
                 (e.g. 20-way with a learner trained 5-way; needs per-task heads).
-            steps: inner steps (default: the algorithm's ``eval_steps``, else its ``steps``).
+            steps: inner steps (default: the algorithm's ``eval_steps``, else its ``steps``; none with a feature head).
             support_augment: test-time support augmentation for this call (default: the
                 learner's :attr:`support_augment`; ``False``: none).  Episode ``i``'s copies are
                 drawn from a generator seeded by the augmentation's seed and ``i``.
@@ -217,8 +217,8 @@ class MetaLearner:
         check_steps(steps)
         episode_at, n = episode_reader(tasks, episodes, ways=ways, shots=shots, queries=queries, start=start)
         self.check_finite("evaluate")
+        head = self.inference.classifier(head, self.task, steps)  # refuses steps for a feature head (it takes none)
         steps = self.algorithm.eval_steps if steps is None or not self.algorithm.has_inner_loop else steps
-        head = self.inference.classifier(head, self.task)
         score = scorer(self.algorithm, self.model, steps, head, self.bn_stats, lambda e: self.inference.centring_mean(head, e.dataset))
         return evaluate_episodes(  # a feature head takes no inner steps: its rows say 0
             score, self.model, episode_at, n, steps if head is None else 0, placement=self.placement, strategy=self.strategy,

@@ -51,13 +51,22 @@ def check_weights_before(modules: Iterable[tuple[str, nn.Module]], what: str, it
         "or load an earlier checkpoint")
 
 
-def check_finite_episodes(losses: list[float], steps: int) -> None:
+def divergence(steps: int | None, head: str | None = None) -> str:
+    """Why outputs computed from finite weights are not finite, and what to do: the algorithm's
+    adaptation with ``steps`` inner steps, or the feature ``head`` (a name) that classified them."""
+    if head is not None and head != "algorithm":
+        return (f"from finite weights with feature head {head}: the trunk's features or the head's fit on them "
+                "overflowed (the head takes no inner steps: change the head's settings, e.g. a smaller logreg C, "
+                "or use another head)")
+    after = f"after adapting with {steps} inner step(s) " if steps is not None else ""
+    return (f"{after}from finite weights: the adaptation diverged (lower the inner learning rate algorithm.lr, "
+            "or the number of steps)")
+
+
+def check_finite_episodes(losses: list[float], steps: int, head: str | None = None) -> None:
     """Raise :class:`TrainingError` at the first evaluation episode whose query loss is not finite
-    (the weights were checked finite before: the adaptation or the forward pass diverged)."""
+    (the weights were checked finite before: the adaptation, the head or the forward pass diverged)."""
     for i, loss in enumerate(losses):
         if not torch.isfinite(torch.tensor(loss)):
             raise TrainingError(
-                f"evaluate: episode {i}: the query loss is {loss} after adapting with {steps} inner step(s) "
-                "from finite weights: the adaptation diverged (lower the inner learning rate algorithm.lr, "
-                "or the number of steps), so no accuracy is reported"
-            )
+                f"evaluate: episode {i}: the query loss is {loss} {divergence(steps, head)}, so no accuracy is reported")

@@ -13,8 +13,9 @@ from . import inputs
 from .adaptation import Adapted
 from .errors import InputError, TrainingError
 from .evaluation import eval_mode, outside_inference_mode
-from .heads import FeatureHead, query_features
+from .heads import FeatureHead, head_name, query_features
 from .models.multidataset import dataset_scope, routed_dataset
+from .numerics import divergence
 
 if TYPE_CHECKING:
     from .learner import MetaLearner
@@ -31,15 +32,13 @@ def batch_statistics(learner: "MetaLearner") -> bool:
                for m in learner.model.modules())
 
 
-def finite_outputs(out: torch.Tensor, steps: int | None) -> torch.Tensor:
+def finite_outputs(out: torch.Tensor, steps: int | None, head: str | None = None) -> torch.Tensor:
     """``out`` (query logits or values) unless it holds NaN or inf: the learner's weights were
     checked finite before adapting, so the adaptation (or the forward pass) diverged, and NaN
     logits would predict class 0 for every query: :class:`TrainingError`, as ``evaluate`` raises."""
     if not bool(torch.isfinite(out).all()):
-        after = f" after adapting with {steps} inner step(s)" if steps is not None else ""
-        raise TrainingError(
-            f"predict: the query outputs are not finite{after} from finite weights: the adaptation diverged "
-            "(lower the inner learning rate algorithm.lr, or the number of steps), so no prediction is returned")
+        raise TrainingError(f"predict: the query outputs are not finite {divergence(steps, head)}, so no prediction "
+                            "is returned")
     return out
 
 
@@ -97,7 +96,8 @@ class HeadPredictor(AdaptedPredictor):
         x = self.learner.model_input(query_x, "query_x", self.dataset)
         with torch.no_grad(), self.learner.autocast(), eval_mode(self.learner.model), dataset_scope(self.route):
             query = query_features(self.learner.model.trunk, x, self._support_x, self.learner.bn_stats)
-        return finite_outputs(self.head(self.features, self.support_y, query, self.ways, self.mean).detach(), None)
+        logits = self.head(self.features, self.support_y, query, self.ways, self.mean).detach()
+        return finite_outputs(logits, None, head_name(self.head))
 
 
 def adapt(learner: "MetaLearner", support_x: Any, support_y: Any, steps: int | None = None,

@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .evaluation import within_superclass
+from .evaluation import defined, within_superclass
 from .files import atomic_write_json
 from .progress_bars import progress_bar
 
@@ -86,7 +86,7 @@ def accuracy_vs_steps(learner: Any, sources: Mapping[str | None, Any], settings:
                 bar.update(1)
             curves.append({"setting": _setting(row, label, regression), "metric": "loss" if regression else "accuracy",
                            "mean": [r.loss if regression else r.accuracy for r in results],
-                           "ci95": [r.loss_ci95 if regression else r.ci95 for r in results]})
+                           "ci95": [defined(r.loss_ci95 if regression else r.ci95) for r in results]})
     return curves
 
 
@@ -159,8 +159,9 @@ def shape_problem(data: Any) -> str | None:
     for i, c in enumerate(data["curves"]):
         if not isinstance(c, dict) or not isinstance(c.get("setting"), str) or c.get("metric") not in ("accuracy", "loss"):
             return f"curve {i} is not an object with a 'setting' text and a 'metric' (accuracy or loss)"
-        for key in ("mean", "ci95"):
-            if not isinstance(c.get(key), list) or len(c[key]) != len(steps) or not all(map(_is_number, c[key])):
+        for key in ("mean", "ci95"):  # a CI of one episode is null
+            ok = [_is_number(v) or (key == "ci95" and v is None) for v in c.get(key) or []]
+            if not isinstance(c.get(key), list) or len(c[key]) != len(steps) or not all(ok):
                 return f"curve {i}'s {key!r} is not a list of {len(steps)} numbers (one per step count)"
     return None
 

@@ -86,6 +86,16 @@ def registered(head: FeatureHead | None) -> FeatureHead | None:
         "each evaluate/adapt/predict call (head=...) instead of making it the learner's default")
 
 
+def check_no_steps(steps: int | None, heads: list[FeatureHead | None], option: str = "steps") -> None:
+    """:class:`ConfigError` when inner ``steps`` are given and every one of ``heads`` (a call's, or an
+    ensemble's members') is a feature head, which takes none: they would be silently ignored."""
+    if steps is not None and heads and all(h is not None for h in heads):
+        flag = "--head algorithm" if option.startswith("--") else "head='algorithm'"
+        raise ConfigError(
+            f"{option}: feature head {head_name(heads[0])} takes no inner steps (it classifies the trunk's features; "
+            f"its results take 0 steps): evaluate without {option}, or with {flag} to adapt with {steps} inner steps")
+
+
 def head_name(head: FeatureHead | None) -> str:
     """What a result row calls ``head``: ``"algorithm"``, a head's name, or its name with the settings
     that differ from the defaults (:attr:`FeatureHead.label`)."""
@@ -93,5 +103,5 @@ def head_name(head: FeatureHead | None) -> str:
 
 
 __all__ = ["ALGORITHM", "BDCSPN", "FeatureHead", "HEADS", "LaplacianShot", "LogisticRegression", "NearestCentroid",
-           "Sinkhorn", "SoftKMeans", "build_head", "episode_metrics", "head_name", "query_features", "registered",
+           "Sinkhorn", "SoftKMeans", "build_head", "check_no_steps", "episode_metrics", "head_name", "query_features", "registered",
            "transform"]

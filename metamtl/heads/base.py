@@ -12,6 +12,7 @@ from torch import nn
 from ..errors import ConfigError, InputError, did_you_mean
 from ..tasks.episode import Episode
 from ..models.multidataset import dataset_scope, routed_dataset
+from ..models.heads import label_counts
 from ..models.norm import support_rows
 
 #: the name of "no feature head": the algorithm's own adaptation
@@ -42,7 +43,10 @@ def _check(name: str, value: Any, kind: type, minimum: float | None = None) -> A
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         ok = True
     if ok and kind is float:  # YAML .inf would pass a minimum, then overflow in the head's maths
-        ok = math.isfinite(value)
+        try:
+            ok = math.isfinite(value)
+        except OverflowError:  # an int too large for a float (10**400)
+            ok = False
     if not ok or (minimum is not None and not value >= minimum):
         bound = f" >= {minimum}" if minimum is not None else ""
         what = "true or false" if kind is bool else ("a finite float" if kind is float else kind.__name__) + bound
@@ -124,6 +128,9 @@ class FeatureHead:
                 raise InputError(
                     f"transductive head {self.name!r} {why}: it needs at least {needed} queries, got "
                     f"{query.shape[0]}; pass the queries together, or use an inductive head (e.g. simpleshot)")
+        support_y = torch.as_tensor(support_y, device=support.device)
+        label_counts(support_y, ways)  # every head (custom ones too): the same InputError for bad labels
+        support_y = support_y.long()
         used = _fitting_mean(self.name, mean, support.shape[-1]) if self.center else None
         with torch.autocast(support.device.type, enabled=False):  # small float32 problems
             return self.classify(transform(support, used, self.normalize), support_y,

@@ -32,16 +32,20 @@ class LogisticRegression(FeatureHead):
 
     Minimises ``C * sum(cross-entropy) + ||W||^2 / 2`` (scikit-learn's ``LogisticRegression``
     objective; the bias is not penalised) with L-BFGS for ``steps`` iterations, from zero weights,
-    on L2-normalised features.  RFS fits it on several augmented copies of every support image:
-    combine it with test-time support augmentation (``support_augment``).
+    on L2-normalised features.  It is minimised as ``mean(cross-entropy) + ||W||^2 / (2 C n)``
+    (divided by ``C n``, ``n`` support rows: the same minimiser), so that a small ``C`` does not
+    shrink the gradient below L-BFGS's tolerance at the zero start (all-zero logits: every query
+    class 0).  RFS fits it on several augmented copies of every support image: combine it with
+    test-time support augmentation (``support_augment``).
 
     Args:
-        C: inverse regularisation strength.
+        C: inverse regularisation strength, at least ``1e-5`` (below it the optimum's logits are
+            too small to separate in float32).
         steps: L-BFGS iterations.
     """
 
     name: ClassVar[str] = "logreg"
-    checks: ClassVar[dict] = {"C": (float, 1e-12), "steps": (int, 1)}
+    checks: ClassVar[dict] = {"C": (float, 1e-5), "steps": (int, 1)}
     C: float = 1.0
     steps: int = 100
 
@@ -61,9 +65,11 @@ class LogisticRegression(FeatureHead):
         optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=self.steps, history_size=10,
                                       tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
 
+        decay = 0.5 / (self.C * support.shape[0])  # C * sum(CE) + ||W||^2 / 2 divided by C * n: the same minimiser
+
         def objective() -> torch.Tensor:
             optimizer.zero_grad()
-            loss = self.C * F.cross_entropy(support @ weight.T + bias, support_y, reduction="sum") + 0.5 * weight.pow(2).sum()
+            loss = F.cross_entropy(support @ weight.T + bias, support_y) + weight.pow(2).sum() * decay
             loss.backward()
             return loss
 

@@ -19,15 +19,27 @@ from ..errors import InputError, unknown_name
 HEAD_INITS = ("learned", "zero", "proto")
 
 
+def label_counts(labels: torch.Tensor, ways: int) -> torch.Tensor:
+    """How many of ``labels`` (integer) are each class ``0..ways-1``: ``[ways]``; :class:`InputError`
+    unless they cover every class and stay in ``0..ways-1``."""
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise InputError(f"support labels must be integer class ids 0..{ways - 1}, got dtype {labels.dtype}")
+    labels = labels.long()
+    outside = (labels < 0) | (labels >= ways)
+    counts = torch.bincount(labels.clamp(0, ways), minlength=ways + 1)[:ways]  # ways: the bin of labels >= ways
+    if bool(outside.any() | (counts == 0).any()):
+        missing = torch.nonzero(counts == 0).flatten().tolist()
+        outside = sorted(set(labels[outside].tolist()))
+        raise InputError(
+            f"support labels must cover every class 0..{ways - 1} at least once, and be no other value; "
+            f"missing {missing}, outside 0..{ways - 1} {outside}, labels seen {sorted(set(labels.tolist()))}"
+        )
+    return counts
+
+
 def class_means(features: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
     """Mean feature vector of each class ``0..ways-1``: ``[ways, D]``."""
-    counts = torch.bincount(labels, minlength=ways)
-    if counts.numel() > ways or bool((counts[:ways] == 0).any()):
-        missing = torch.nonzero(counts[:ways] == 0).flatten().tolist()
-        raise InputError(
-            f"support labels must cover every class 0..{ways - 1} at least once; "
-            f"missing {missing}, labels seen {sorted(set(labels.tolist()))}"
-        )
+    counts = label_counts(labels, ways)
     sums = torch.zeros(ways, features.shape[1], dtype=features.dtype, device=features.device)
     sums = sums.index_add(0, labels, features)
     return sums / counts.to(features.dtype).unsqueeze(1)

@@ -67,6 +67,11 @@ def _e(value: Any) -> str:
     return html.escape(str(value))
 
 
+def scaled(ci: float | None, scale: float) -> float | None:
+    """``scale * ci``; ``None`` stays ``None`` (a CI of one episode, ``null`` in results files)."""
+    return None if ci is None else scale * ci
+
+
 def _setting(r: Mapping[str, Any]) -> str:
     """``5-way 1-shot`` (prefixed ``dataset:`` in multi-dataset runs)."""
     if r.get("accuracy") is None and "skipped" not in r:
@@ -263,7 +268,7 @@ def _accuracy_figure(run_dir: Path, results: Mapping[str, Any], embed: bool) -> 
     test, cfg = results.get("test", []), results.get("config", {})
     comparable = protocol(cfg)[1]
     bars = [{"group": _setting(r), "label": _run_label(results), "value": 100 * r["accuracy"],
-             "ci95": 100 * r["ci95"], "reference": False} for r in test if r.get("accuracy") is not None]
+             "ci95": scaled(r["ci95"], 100), "reference": False} for r in test if r.get("accuracy") is not None]
     refs = reference_bars(cfg.get("data", {}).get("name", ""), test)
     bars += refs
     caption = ("Held-out accuracy of this run (mean over test episodes, whiskers: 95% CI)"
@@ -289,7 +294,7 @@ def _steps_section(run_dir: Path, cfg: Mapping[str, Any], embed: bool) -> str:
         return f'<p class="note">{_e(note)}</p>'
     scale = 1.0 if data["curves"] and data["curves"][0]["metric"] == "loss" else 100.0
     curves = [{"label": c["setting"], "x": data["steps"], "y": [scale * m for m in c["mean"]],
-               "ci95": [scale * e for e in c["ci95"]]} for c in data["curves"]]
+               "ci95": [scaled(e, scale) for e in c["ci95"]]} for c in data["curves"]]
     metric = "MSE" if scale == 1.0 else "accuracy (%)"
     png = plots.plot_curves(curves, run_dir / "steps_curve.png", "inner steps at test time",
                             f"{data['split'].split(' (')[0]} {metric}",  # 'held-out (a: test, b: val)' -> 'held-out'
@@ -446,7 +451,7 @@ def _comparison_bars(runs: list[tuple], path: Path) -> tuple[str, Path | None, s
     bars = []
     for _, results, _, _, label in runs:
         bars += [{"group": _setting(r), "label": label, "value": 100 * r["accuracy"],
-                  "ci95": 100 * r["ci95"], "reference": False}
+                  "ci95": scaled(r["ci95"], 100), "reference": False}
                  for r in results.get("test", []) if r.get("accuracy") is not None]
     caption = "Mean accuracy over test episodes per setting; whiskers are 95% confidence intervals."
     datasets = {r[1].get("config", {}).get("data", {}).get("name") for r in runs}
@@ -470,7 +475,7 @@ def _validation_curves(runs: list[tuple], path: Path) -> Path | None:
         if val:
             curves.append({"label": label, "x": [r["iteration"] for r in val],
                            "y": [100 * r["val/accuracy"] for r in val],
-                           "ci95": [100 * r.get("val/accuracy_ci95", 0.0) for r in val]})
+                           "ci95": [scaled(r.get("val/accuracy_ci95"), 100) for r in val]})
     return plots.plot_curves(curves, path, "meta-iteration", "validation accuracy (%)")
 
 
@@ -480,7 +485,7 @@ def _step_curves(runs: list[tuple], path: Path) -> Path | None:
         for c in (steps or {}).get("curves", []):
             if c["metric"] == "accuracy":
                 curves.append({"label": f"{label}, {c['setting']}", "x": steps["steps"],
-                               "y": [100 * m for m in c["mean"]], "ci95": [100 * e for e in c["ci95"]]})
+                               "y": [100 * m for m in c["mean"]], "ci95": [scaled(e, 100) for e in c["ci95"]]})
     return plots.plot_curves(curves, path, "inner steps at test time", "accuracy (%)", integer_x=True)
 
 

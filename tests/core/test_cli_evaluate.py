@@ -41,6 +41,7 @@ def learners(tmp_path_factory):
         "stopped": {**tiny(tmp, "stopped", data), "train": {  # training-only callbacks that need validation
             **tiny(tmp, "stopped", data)["train"], "early_stopping": {"patience": 3},
             "scheduler": {"name": "plateau", "patience": 1}}},
+        "maml": {**tiny(tmp, "maml", data), "algorithm": {"name": "maml", "steps": 1, "lr": 0.01}},
         "sine": {**tiny(tmp, "sine", data), "data": {"name": "sinusoid", "val_split": None},
                  "tasks": {"ways": 1, "shots": 5, "queries": 5}, "model": {"name": "mlp", "hidden": [8]},
                  "algorithm": {"name": "maml", "steps": 1, "lr": 0.01}, "eval": {"episodes": 2, "queries": 5,
@@ -124,6 +125,16 @@ def test_steps_for_an_algorithm_without_an_inner_loop_are_refused_and_never_reco
     learner = MetaLearner.load(paths["train"], device="cpu")
     sampler = EpisodeSampler(load_dataset("folder", "test", tmp / "data", cache_dir=tmp / "cache"), 3, 1, 2, seed=0)
     assert learner.evaluate(sampler, 2, steps=5, progress=False).steps == 0
+
+
+def test_steps_with_a_feature_head_are_refused_and_never_ignored(learners, capsys):
+    """--steps 25 --head logreg on a MAML learner exited 0 with the result of a run without --steps."""
+    paths, _ = learners
+    code, out = evaluate(capsys, paths["maml"], "--steps", "5", "--head", "logreg")
+    assert code == 2 and "--steps: feature head logreg takes no inner steps" in out.err, out.err
+    assert "--head algorithm" in out.err
+    code, out = evaluate(capsys, paths["maml"], "--steps", "1")
+    assert code == 0 and "test split: accuracy" in out.out, out.err
 
 
 def test_hierarchy_option_reaches_the_episodes(learners, capsys):

@@ -81,6 +81,48 @@ def test_logreg_reaches_the_regularised_optimum():
     assert (head(clustered, y, clustered, 4).argmax(1) == y).all()
 
 
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_every_head_called_directly_checks_support_labels_the_same_way(name):
+    """logreg fitted a missing class silently (never predicting it), and logreg/softkmeans raised bare
+    IndexError/RuntimeError for labels >= ways or int32 labels; every head now converts integer labels
+    and raises one InputError."""
+    s, q = features(6, 8), features(6, 8, seed=1)
+    head = build_head({"name": name, "center": False})
+    y = torch.arange(3).repeat_interleave(2)
+    torch.testing.assert_close(head(s, y.int(), q, 3), head(s, y, q, 3))
+    for bad in ([0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 3, 3], [0, -1, 1, 1, 2, 2]):
+        with pytest.raises(InputError, match="support labels must cover every class 0..2"):
+            head(s, torch.tensor(bad), q, 3)
+    with pytest.raises(InputError, match="integer class ids"):
+        head(s, y.float(), q, 3)
+
+
+@pytest.mark.parametrize("C", [1e-5, 1.0, 1e30])
+def test_logreg_fits_small_and_huge_c_instead_of_stopping_at_zero(C):
+    """C=1e-5 on 640-d 1-shot features stopped L-BFGS at its zero start (the gradient of
+    C * sum(CE) was below its tolerance): all-zero logits, every query class 0, chance accuracy;
+    C=1e30 gave NaN blamed on the inner learning rate.  The objective divided by C * n fits both."""
+    torch.manual_seed(0)
+    centers = torch.randn(5, 640)
+    support, y = centers + 0.5 * torch.randn(5, 640), torch.arange(5)
+    qy = torch.arange(5).repeat(4)
+    logits = build_head({"name": "logreg", "C": C})(support, y, centers[qy] + 0.5 * torch.randn(20, 640), 5)
+    assert torch.isfinite(logits).all() and logits.abs().max() > 0
+    assert (logits.argmax(1) == qy).float().mean() > 0.9
+    with pytest.raises(ConfigError, match="head setting C must be a finite float >= 1e-05"):
+        build_head({"name": "logreg", "C": 1e-6})  # too small to separate the logits in float32
+
+
+def test_a_diverged_feature_head_is_not_blamed_on_inner_steps():
+    from metamtl.numerics import check_finite_episodes
+    from metamtl.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="episode 1: the query loss is nan from finite weights with feature head "
+                                            r"logreg\(C=10.0\).*takes no inner steps") as err:
+        check_finite_episodes([1.0, float("nan")], 0, "logreg(C=10.0)")
+    assert "algorithm.lr" not in str(err.value)
+
+
 def test_bdcspn_prototypes_follow_the_paper():
     s, q = features(6, 4), features(9, 4, seed=3)
     y = torch.tensor([0, 0, 1, 1, 2, 2])
@@ -148,6 +190,16 @@ def test_two_settings_of_one_head_are_told_apart_in_rows_and_wandb_keys(splits, 
     assert [r.head for r in rows] == ["logreg(C=0.01)", "logreg(C=100.0)"]
     w, k = rows[0].ways, rows[0].shots
     assert [_setting(r.to_dict()) for r in rows] == [f"{w}w{k}s/logreg(C=0.01)", f"{w}w{k}s/logreg(C=100.0)"]  # W&B
+
+
+def test_steps_with_a_feature_head_are_refused_not_ignored(splits, trained):
+    """evaluate(head="logreg", steps=50) gave the result of a run without steps (a head takes none)."""
+    from metamtl.ensemble import Ensemble
+
+    for who in (trained, Ensemble([trained, trained])):
+        with pytest.raises(ConfigError, match="steps: feature head logreg takes no inner steps.*head='algorithm'"):
+            who.evaluate(splits[1], 2, progress=False, head="logreg", steps=50)
+        assert who.evaluate(splits[1], 2, progress=False, head="algorithm", steps=50).head == "algorithm"
 
 
 def test_inductive_heads_classify_each_query_alone(splits):
@@ -265,8 +317,8 @@ def test_a_run_reports_one_row_per_setting_and_head_and_saves_the_mean(tmp_path)
         "tasks": {"ways": 3, "shots": 1, "queries": 2},
         "model": {"name": "conv4", "hidden": 4, "blocks": 2}, "algorithm": {"name": "protonet"},
         "train": {"iterations": 2, "meta_batch_size": 2, "device": "cpu"},
-        "eval": {"episodes": 3, "queries": 2, "heads": ["simpleshot", "algorithm", "laplacianshot"],
-                 "settings": [{"ways": 3, "shots": 1}, {"ways": 5, "shots": 1}]},
+        "eval": {"episodes": 3, "queries": 2, "heads": ["simpleshot", "algorithm", "laplacianshot"], "steps": 2,
+                 "settings": [{"ways": 3, "shots": 1}, {"ways": 5, "shots": 1}]},  # steps: the algorithm's rows
         "logging": {"report": False, "metrics": None},
     })
     results = run(cfg, progress=False, quiet=True)
@@ -328,6 +380,16 @@ def test_infinite_head_settings_are_refused_when_the_head_is_built(spec):
     "adaptation diverged" TrainingError about an inner loop that never ran."""
     field = next(k for k in spec if k != "name")
     with pytest.raises(ConfigError, match=f"head setting {field} must be a finite float.*got inf"):
+        build_head(spec)
+    with pytest.raises(ConfigError, match=f"head setting {field} must be a finite float"):
+        config_from_dict({"algorithm": {"name": "protonet"}, "eval": {"heads": [spec]}})
+
+
+@pytest.mark.parametrize("spec", [{"name": "logreg", "C": 10**400}, {"name": "bdcspn", "epsilon": 10**309}])
+def test_huge_integer_head_settings_are_refused_when_the_head_is_built(spec):
+    """An int too large for a float (YAML ``C: 1000...000``) raised a bare OverflowError."""
+    field = next(k for k in spec if k != "name")
+    with pytest.raises(ConfigError, match=f"head setting {field} must be a finite float"):
         build_head(spec)
     with pytest.raises(ConfigError, match=f"head setting {field} must be a finite float"):
         config_from_dict({"algorithm": {"name": "protonet"}, "eval": {"heads": [spec]}})

@@ -491,6 +491,21 @@ def test_one_episode_has_no_confidence_interval_rather_than_a_zero_one(synthetic
     assert "± n/a" in str(result) and "nan" not in str(result)
     assert _value(result.to_dict()).endswith("% ± n/a")
     assert "test/x/accuracy_ci95" not in _finite({"test/x/accuracy_ci95": result.ci95})
+    row = json.loads(json.dumps(result.to_dict(), allow_nan=False))  # the bare NaN token is no JSON
+    assert row["ci95"] is None and row["loss_ci95"] is None and _value(row).endswith("% ± n/a")
+
+
+def test_results_with_a_null_ci_are_reported(tmp_path, recwarn):
+    """A one-episode CI is null in results.json and steps_curve.json (it was a bare NaN, which strict
+    JSON parsers refuse); the report and the comparison draw it without a whisker, "± n/a"."""
+    run = _small_run(tmp_path / "r", [_row(0.6, None)])
+    (run / "steps_curve.json").write_text(json.dumps(
+        {"steps": [0, 1], "split": "test", "episodes": 1, "trained_steps": 1,
+         "curves": [{"setting": "5-way 1-shot", "metric": "accuracy", "mean": [0.5, 0.6], "ci95": [None, None]}]}))
+    text = write_report(run).read_text()
+    assert "60.00% ± n/a" in text and "50.00 ± n/a" in text
+    assert "60.00%" in write_comparison([run, run], tmp_path / "cmp.html").read_text()
+    assert not [w for w in recwarn if "steps_curve" in str(w.message)]
 
 
 def test_the_default_steps_grid_holds_the_evaluated_step_count(synthetic_tasks, tmp_path):
