@@ -122,7 +122,8 @@ def _check_crcs(path: Path) -> None:
                 with zf.open(info) as member:
                     while member.read(1 << 24):
                         pass
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, ValueError) as exc:
+        # ValueError: a damaged member name zipfile cannot decode (UnicodeDecodeError), and the like
         raise CheckpointError(
             f"{path} is corrupt{f' (member {name})' if name else ''}: {exc}; its bytes changed after it was "
             "written (a damaged disk or an incomplete copy), so its weights cannot be trusted: copy it again "

@@ -103,9 +103,18 @@ def flip_a_weight_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def flip_a_member_name_byte(path: Path) -> None:
+    """Flip one byte of the first member's name in its local header (bit rot): zipfile decodes the
+    UTF-8 flagged name and raises UnicodeDecodeError, a ValueError."""
+    data = bytearray(path.read_bytes())
+    data[30 + 9] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize("damage, message", [
     pytest.param(lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "not a readable checkpoint \\(truncated or corrupt\\?\\)", id="truncated"),
     pytest.param(flip_a_weight_byte, "good.pt is corrupt \\(member .*/data/\\d+\\): Bad CRC-32 .*; its bytes changed after it was written .* copy it again or use another checkpoint", id="bit-flip-in-a-weight"),
+    pytest.param(flip_a_member_name_byte, "good.pt is corrupt \\(member .*\\): .*its bytes changed after it was written", id="bit-flip-in-a-member-name"),
     pytest.param(lambda p: p.write_bytes(b""), "not a readable checkpoint", id="empty"),
     pytest.param(lambda p: p.write_bytes(bytes(range(256)) * 40), r"good.pt is not a readable checkpoint: it starts with b'\\x00\\x01\\x02\\x03', not a torch checkpoint's bytes", id="random-bytes"),
     pytest.param(lambda p: p.write_bytes(b"\x80" + bytes(range(256)) * 40), "refusing to load .*: it is not a plain-tensor checkpoint, so it is corrupt or unpickling it would run code", id="pickle-header-then-random-bytes"),
