@@ -128,7 +128,7 @@ def _restore(obj: dict[str, Any], modules: tuple[nn.Module, nn.Module], optimize
     model.load_state_dict(obj["model_state"])
     algorithm.load_state_dict(obj["algorithm_state"])
     optimizer.load_state_dict(tr["meta_optimizer"])
-    run.iteration = int(obj["iteration"])
+    run.iteration = saved_iteration(obj["iteration"])
     run.history = list(obj.get("history", []))
     run.bad_steps = int(tr.get("bad_steps", 0))
     run.settings = dict(tr["fit_state"].get("settings", {}))
@@ -139,6 +139,14 @@ def _restore(obj: dict[str, Any], modules: tuple[nn.Module, nn.Module], optimize
     run.callbacks = dict(tr.get("callbacks", {}))
     run.layouts = {str(k): bool(v) for k, v in dict(tr.get("layouts", {})).items()}
     set_rng_state(tr["rng"])
+
+
+def saved_iteration(value: Any) -> int:
+    """A checkpoint's ``iteration``: an integer >= 0 (ValueError for anything else, which :func:`resume`
+    and :func:`learner_from_state` turn into :class:`CheckpointError`)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"its iteration must be an integer >= 0, got {value!r}")
+    return value
 
 
 def _snapshot(modules: tuple[nn.Module, nn.Module], optimizer: torch.optim.Optimizer, run: RunState) -> dict[str, Any]:
@@ -162,15 +170,17 @@ def check_resumable(obj: dict[str, Any], path: str | Path, config: dict[str, Any
     if "training" not in obj:
         raise CheckpointError(f"{path} holds no training state (saved without training_state=True); cannot resume")
     require(obj, path, "config", "model_state", "algorithm_state", "iteration")
-    if not isinstance(obj["training"], dict) or not isinstance(obj["config"], dict) or not isinstance(
-        obj["training"].get("fit_state"), dict
+    fit_state = obj["training"].get("fit_state") if isinstance(obj["training"], dict) else None
+    if not isinstance(obj["config"], dict) or not isinstance(fit_state, dict) or not isinstance(
+        fit_state.get("settings", {}), dict
     ):
-        raise CheckpointError(f"{path}: damaged checkpoint (training state or config is not a mapping)")
+        raise CheckpointError(f"{path}: damaged checkpoint (training state, its fit settings or config is not a "
+                              "mapping); nothing was changed")
     diff = config_diff(comparable(obj["config"]), comparable(config))
     if diff:
         raise CheckpointError(f"cannot resume from {path}: its config differs from this learner's:\n  " + "\n  ".join(diff))
-    saved = obj["training"]["fit_state"].get("settings", {})
-    if isinstance(saved, dict) and "val_every" not in saved:  # written before validation, schedule and early
+    saved = fit_state.get("settings", {})
+    if "val_every" not in saved:  # written before validation, schedule and early
         settings = {k: v for k, v in settings.items() if k in saved}  # stopping were saved: what it has
     sdiff = config_diff(saved, settings)
     if sdiff:
@@ -322,7 +332,7 @@ def _rebuild(cls: type["MetaLearner"], obj: dict[str, Any], path: Any, cfg: dict
     learner = cls(model, algorithm, preprocessing=Preprocessing.from_dict(prep) if prep else None,
                   device=device, task_defaults=obj.get("task_defaults"), metadata=obj.get("metadata"),
                   **dict(cfg["learner"]))
-    learner.run.iteration = int(obj.get("iteration", 0))
+    learner.run.iteration = saved_iteration(obj.get("iteration", 0))
     learner.run.history = list(obj.get("history", []))
     learner.run.seconds = float(obj.get("elapsed", 0.0))  # so later fits' history times continue
     learner.inference = InferenceSettings.from_state(obj.get("evaluation"))

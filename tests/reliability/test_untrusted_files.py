@@ -121,6 +121,8 @@ def flip_a_member_name_byte(path: Path) -> None:
     pytest.param(lambda p: p.write_text("model: conv4\n"), "(not a readable checkpoint|refusing to load)", id="yaml-text"),
     pytest.param(lambda p: torch.save({"weights": torch.zeros(3)}, p), "is not a metamtl checkpoint \\(no 'metamtl-checkpoint' header\\)", id="foreign-torch-file"),
     pytest.param(lambda p: torch.save([1, 2], p), "is not a metamtl checkpoint", id="not-a-mapping"),
+    pytest.param(lambda p: torch.save({**safe_load(p), "format_version": None}, p), "good.pt: damaged checkpoint: its format_version must be an integer, got None", id="format-version-none"),
+    pytest.param(lambda p: torch.save({**safe_load(p), "format_version": "x"}, p), "good.pt: damaged checkpoint: its format_version must be an integer, got 'x'", id="format-version-text"),
     pytest.param(lambda p: atomic_save({**safe_load(p), "format_version": 99}, p), "written by a newer metamtl \\(checkpoint format 99, this version reads <= 1\\); upgrade metamtl", id="newer-format"),
     pytest.param(lambda p: atomic_save({k: v for k, v in safe_load(p).items() if k != "config"}, p), "is damaged or not a learner checkpoint: it lacks config", id="missing-config"),
     pytest.param(lambda p: atomic_save({**safe_load(p), "config": {**safe_load(p)["config"], "model": {"name": "conv9"}}}, p), "does not match this metamtl version's models and settings .*unknown model 'conv9'", id="unknown-model"),
@@ -218,6 +220,9 @@ def test_resume_from_another_config_lists_every_differing_key(good):
     pytest.param(lambda o: o["training"].pop("meta_optimizer"), id="no-optimizer-state"),
     pytest.param(lambda o: o["training"]["meta_optimizer"]["param_groups"].append({"params": [999]}), id="optimizer-state-mismatch"),
     pytest.param(lambda o: o.update(iteration="many"), id="iteration-not-a-number"),
+    pytest.param(lambda o: o.update(iteration=-3), id="negative-iteration"),
+    pytest.param(lambda o: o.update(iteration="7"), id="iteration-as-text"),
+    pytest.param(lambda o: o["training"]["fit_state"].update(settings=None), id="fit-settings-not-a-mapping"),
 ])
 def test_a_damaged_training_state_is_refused_and_rolled_back(good, corrupt):
     path, _ = good
@@ -227,7 +232,7 @@ def test_a_damaged_training_state_is_refused_and_rolled_back(good, corrupt):
     params = [p.detach().clone() for p in learner.model.parameters()]
     opt = repr(learner.meta_optimizer.state_dict())
     rng = torch.get_rng_state()
-    with pytest.raises(CheckpointError, match="damaged checkpoint or one from an incompatible metamtl version .* nothing was changed"):
+    with pytest.raises(CheckpointError, match="damaged checkpoint.* nothing was changed"):
         learner.fit(toy_sampler(), iterations=3, meta_batch_size=1, progress=False, resume=bad)
     assert learner.iteration == 1 and repr(learner.meta_optimizer.state_dict()) == opt
     assert all(torch.equal(a, b) for a, b in zip(params, learner.model.parameters()))
