@@ -204,6 +204,8 @@ def resume(path: str | Path, *, config: dict[str, Any], settings: dict[str, Any]
             f"{path} is at iteration {done}, past iterations={iterations}: on resume, iterations is the total of "
             f"the run the checkpoint belongs to, so give {done} or more (train.iterations in a config); nothing was changed"
         )
+    check_dtype(obj, path, modules[0], "this learner's are {}: build the learner's model in the checkpoint's dtype "
+                "(model.double() for float64, model.float() for float32) to resume the run exactly")
     backup = _snapshot(modules, optimizer, run)
     try:
         _restore(obj, modules, optimizer, run)
@@ -315,15 +317,31 @@ def _saved_dtype(obj: dict[str, Any], path: Any) -> torch.dtype:
     return getattr(torch, name)
 
 
+def check_dtype(obj: dict[str, Any], path: Any, model: nn.Module, mismatch: str) -> None:
+    """:class:`CheckpointError` when ``model``'s weights are not in the dtype the checkpoint's were
+    saved in (loading would cast them silently); ``mismatch`` says what to do, ``{}``: the model's dtype.
+    Checkpoints older than the ``model_dtype`` entry are not checked."""
+    if "model_dtype" not in obj:
+        return
+    saved, have = _saved_dtype(obj, path), model_dtype(model)
+    if saved != have:
+        name = str(saved).removeprefix("torch.")
+        raise CheckpointError(f"{path}: its weights are {name}, " + mismatch.format(str(have).removeprefix("torch.")))
+
+
 def _rebuild(cls: type["MetaLearner"], obj: dict[str, Any], path: Any, cfg: dict[str, Any], device: Any,
              model: TrunkHead | None) -> "MetaLearner":
     """The learner of a checkpoint (errors are translated by :func:`learner_from_state`)."""
+    given = model is not None
     if model is None:
         model = build_model(**cfg["model"]).to(_saved_dtype(obj, path))
     elif model.config.get("name"):  # the same architecture however spelled (defaults, per-block lists)
         diff = config_diff(normalized_config(cfg["model"]), normalized_config(model.config))
         if diff:
             raise CheckpointError(f"{path} holds a different model than the one given:\n  " + "\n  ".join(diff))
+    if given:
+        check_dtype(obj, path, model, "the given model's are {}: convert it (model.double() or model.float()), "
+                    "or leave model out to build it in the saved dtype")
     model.load_state_dict(obj["model_state"])
     algorithm = build_algorithm(**cfg["algorithm"])
     algorithm.setup(model)

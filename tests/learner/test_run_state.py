@@ -189,6 +189,27 @@ def test_a_float64_learner_loads_as_float64_with_identical_predictions(sine, tmp
     assert {p.dtype for p in MetaLearner.load(tmp_path / "old.pt", device="cpu").model.parameters()} == {torch.float32}
 
 
+def test_a_float64_run_is_not_resumed_or_loaded_into_a_float32_model(sine, tmp_path):
+    """Resuming a float64 run in a float32 learner (or the reverse), or loading it into a given
+    float32 model, would cast the weights and optimizer state silently (was: accepted, the resume no
+    longer exact): refused naming both dtypes, the learner unchanged."""
+    from metamtl.algorithms import build_algorithm
+    from metamtl.models import build_model
+
+    model = build_model("mlp", in_features=1, hidden=[8], out_features=1).double()
+    double = MetaLearner(model, build_algorithm("maml", steps=1, lr=0.01, first_order=True), task="regression",
+                         device="cpu", meta_lr=1e-2)
+    double.fit(sine, iterations=2, meta_batch_size=2, checkpoint_dir=tmp_path, checkpoint_every=1, progress=False)
+    single = sine_learner()
+    with pytest.raises(CheckpointError, match="weights are float64, this learner's are float32"):
+        single.fit(sine, iterations=4, meta_batch_size=2, resume=tmp_path / "last.pt", progress=False)
+    assert single.iteration == 0 and {p.dtype for p in single.model.parameters()} == {torch.float32}
+    with pytest.raises(CheckpointError, match="weights are float64, the given model's are float32"):
+        MetaLearner.load(tmp_path / "last.pt", model=build_model("mlp", in_features=1, hidden=[8], out_features=1))
+    back = MetaLearner.load(tmp_path / "last.pt", model=build_model("mlp", in_features=1, hidden=[8], out_features=1).double())
+    assert {p.dtype for p in back.model.parameters()} == {torch.float64}
+
+
 class UserSine:
     """A user's task source: the TaskSource protocol (``episode(i)``, ways/shots/queries/name), no ``__repr__``."""
 
