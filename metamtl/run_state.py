@@ -165,6 +165,10 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "model": normalized_config(model)} if isinstance(model, dict) else config
 
 
+#: fit settings added to checkpoints later: compared only when the checkpoint has them (older ones resume)
+LATER_SETTINGS = ("train_tasks_content",)
+
+
 def check_resumable(obj: dict[str, Any], path: str | Path, config: dict[str, Any], settings: dict[str, Any]) -> None:
     """:class:`CheckpointError` unless ``obj`` holds a training state of this learner config and fit."""
     if "training" not in obj:
@@ -182,6 +186,7 @@ def check_resumable(obj: dict[str, Any], path: str | Path, config: dict[str, Any
     saved = fit_state.get("settings", {})
     if "val_every" not in saved:  # written before validation, schedule and early
         settings = {k: v for k, v in settings.items() if k in saved}  # stopping were saved: what it has
+    settings = {k: v for k, v in settings.items() if k in saved or k not in LATER_SETTINGS}
     sdiff = config_diff(saved, settings)
     if sdiff:
         raise CheckpointError(f"cannot resume from {path}: fit settings differ:\n  " + "\n  ".join(sdiff))
