@@ -166,7 +166,7 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
 
 
 #: fit settings added to checkpoints later: compared only when the checkpoint has them (older ones resume)
-LATER_SETTINGS = ("train_tasks_content",)
+LATER_SETTINGS = ("train_tasks_content", "val_tasks")
 
 
 def check_resumable(obj: dict[str, Any], path: str | Path, config: dict[str, Any], settings: dict[str, Any]) -> None:

@@ -47,7 +47,8 @@ def test_saved_state_holds_weights_progress_optimizer_and_rngs(sine, tmp_path):
     assert set(tr) == {"meta_optimizer", "fit_state", "callbacks", "elapsed", "bad_steps", "layouts", "rng"}
     assert set(tr["rng"]) == {"torch", "cuda", "numpy", "python"}
     assert tr["fit_state"] == {"settings": {"meta_batch_size": 2, "train_tasks": repr(sine), "val_every": None,
-                                            "val_episodes": 100, "train_tasks_content": repr(sine)}}
+                                            "val_episodes": 100, "train_tasks_content": repr(sine),
+                                            "val_tasks": None}}
     assert "training" not in learner_state(learner)
     back = MetaLearner.load(learner.save(tmp_path / "l.pt"), device="cpu")
     assert back.iteration == 3 and back.history == learner.history
@@ -299,3 +300,24 @@ def test_resume_refuses_training_tasks_whose_repr_hides_the_change(tmp_path, fir
     del obj["training"]["fit_state"]["settings"]["train_tasks_content"]  # an older checkpoint: not compared
     torch.save(obj, tmp_path / "old.pt")
     class_learner().fit(toy_tasks(**other), iterations=4, resume=tmp_path / "old.pt", **fit)
+
+
+def test_resume_refuses_other_validation_tasks_or_none(sine, tmp_path):
+    """Validation steers a run (a plateau schedule, early stopping, best.pt): resuming with other
+    val tasks, or none (was: accepted, the schedule or the validation rows changed silently), is
+    refused naming val_tasks; the same val tasks rebuilt resume, and so does a checkpoint written
+    before the val tasks were saved."""
+    fit = dict(meta_batch_size=2, val_every=1, val_episodes=2, progress=False)
+    sine_learner().fit(sine, Sinusoid(shots=5, queries=5, seed=1), iterations=2, checkpoint_dir=tmp_path,
+                       checkpoint_every=1, **fit)
+    for other, name in ((Sinusoid(shots=5, queries=5, seed=7), r"val_tasks: 'Sinusoid\(.*seed=1\)' != 'Sinusoid\(.*seed=7\)'"),
+                        (None, r"val_tasks: 'Sinusoid\(.*seed=1\)' != None")):
+        learner = sine_learner()
+        with pytest.raises(CheckpointError, match="fit settings differ:(.|\n)*" + name):
+            learner.fit(sine, other, iterations=4, resume=tmp_path / "last.pt", **fit)
+        assert learner.iteration == 0
+    sine_learner().fit(sine, Sinusoid(shots=5, queries=5, seed=1), iterations=4, resume=tmp_path / "last.pt", **fit)
+    obj = torch.load(tmp_path / "last.pt", weights_only=True)
+    del obj["training"]["fit_state"]["settings"]["val_tasks"]  # an older checkpoint: not compared
+    torch.save(obj, tmp_path / "old.pt")
+    sine_learner().fit(sine, Sinusoid(shots=5, queries=5, seed=7), iterations=4, resume=tmp_path / "old.pt", **fit)
