@@ -122,7 +122,8 @@ def _check_crcs(path: Path) -> None:
                 with zf.open(info) as member:
                     while member.read(1 << 24):
                         pass
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, ValueError) as exc:
+        # ValueError: a damaged member name zipfile cannot decode (UnicodeDecodeError), and the like
         raise CheckpointError(
             f"{path} is corrupt{f' (member {name})' if name else ''}: {exc}; its bytes changed after it was "
             "written (a damaged disk or an incomplete copy), so its weights cannot be trusted: copy it again "
@@ -208,7 +209,11 @@ def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         ) from exc
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a metamtl checkpoint (no '{FORMAT}' header)")
-    if int(obj.get("format_version", -1)) > FORMAT_VERSION:
+    version = obj.get("format_version", -1)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(f"{path}: damaged checkpoint: its format_version must be an integer, got {version!r}; "
+                              "use another checkpoint (or the run's best.pt / learner.pt)")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} was written by a newer metamtl (checkpoint format {obj.get('format_version')}, "
             f"this version reads <= {FORMAT_VERSION}); upgrade metamtl"

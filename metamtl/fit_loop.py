@@ -32,6 +32,7 @@ from .memory import PeakMemory
 from .numerics import check_finite_weights
 from .placement import set_layout
 from .tasks.episode import TaskBatch
+from .tasks.fingerprint import tasks_fingerprint
 from .tasks.sampler import TaskSource, source_fingerprint, task_batches
 
 if TYPE_CHECKING:
@@ -77,14 +78,17 @@ def check_fit_arguments(train_tasks: Any, val_tasks: Any, budget_minutes: float 
         check_positive("budget_minutes", budget_minutes)
 
 
-def fit_settings(train_tasks: Any, meta_batch_size: int, val_every: int | None, val_episodes: int,
+def fit_settings(train_tasks: Any, val_tasks: Any, meta_batch_size: int, val_every: int | None, val_episodes: int,
                  callbacks: list[Any]) -> dict[str, Any]:
-    """What a resume of this fit must repeat to continue it exactly: the training tasks, the
-    meta-batch size, the validation cadence and episodes as given, and what the callbacks change
-    of the trajectory (:meth:`~metamtl.callbacks.Callback.run_settings`: the learning-rate schedule,
-    early stopping).  Iterations and the time budget may differ (to extend a run)."""
+    """What a resume of this fit must repeat to continue it exactly: the training tasks (their
+    ``repr``, and what their episodes are drawn from: :func:`~metamtl.tasks.fingerprint.tasks_fingerprint`),
+    the meta-batch size, the validation tasks (the same fingerprint; ``None`` without validation),
+    cadence and episodes as given, and what the callbacks change of the trajectory
+    (:meth:`~metamtl.callbacks.Callback.run_settings`: the learning-rate schedule, early stopping).
+    Iterations and the time budget may differ (to extend a run)."""
     settings = {"meta_batch_size": meta_batch_size, "train_tasks": source_fingerprint(train_tasks), "val_every": val_every,
-                "val_episodes": val_episodes}
+                "val_episodes": val_episodes, "train_tasks_content": tasks_fingerprint(train_tasks),
+                "val_tasks": tasks_fingerprint(val_tasks) if val_tasks is not None else None}
     for cb in callbacks:
         settings.update(cb.run_settings())
     return settings

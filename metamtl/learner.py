@@ -185,7 +185,7 @@ class MetaLearner:
                             val_every=(1 if val_every is None else val_every, 1))
         cbs = CallbackList(standard_callbacks(progress, checkpoint_dir, checkpoint_every, self.task) + self.callbacks + check_callbacks(callbacks))
         with means_follow_trunk(self, train_tasks):  # feature means of the trained trunk, recomputed
-            start_run(self, fit_settings(train_tasks, meta_batch_size, val_every, val_episodes, cbs), resume, iterations)
+            start_run(self, fit_settings(train_tasks, val_tasks, meta_batch_size, val_every, val_episodes, cbs), resume, iterations)
             self.fit_state = FitState(
                 self, iterations if resume is not None else self.iteration + iterations, meta_batch_size, rank=self.rank,
                 val_every=(val_every or max(1, iterations // 10)) if val_tasks else None, budget_minutes=budget_minutes,

@@ -128,7 +128,7 @@ def _restore(obj: dict[str, Any], modules: tuple[nn.Module, nn.Module], optimize
     model.load_state_dict(obj["model_state"])
     algorithm.load_state_dict(obj["algorithm_state"])
     optimizer.load_state_dict(tr["meta_optimizer"])
-    run.iteration = int(obj["iteration"])
+    run.iteration = saved_iteration(obj["iteration"])
     run.history = list(obj.get("history", []))
     run.bad_steps = int(tr.get("bad_steps", 0))
     run.settings = dict(tr["fit_state"].get("settings", {}))
@@ -139,6 +139,14 @@ def _restore(obj: dict[str, Any], modules: tuple[nn.Module, nn.Module], optimize
     run.callbacks = dict(tr.get("callbacks", {}))
     run.layouts = {str(k): bool(v) for k, v in dict(tr.get("layouts", {})).items()}
     set_rng_state(tr["rng"])
+
+
+def saved_iteration(value: Any) -> int:
+    """A checkpoint's ``iteration``: an integer >= 0 (ValueError for anything else, which :func:`resume`
+    and :func:`learner_from_state` turn into :class:`CheckpointError`)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"its iteration must be an integer >= 0, got {value!r}")
+    return value
 
 
 def _snapshot(modules: tuple[nn.Module, nn.Module], optimizer: torch.optim.Optimizer, run: RunState) -> dict[str, Any]:
@@ -157,21 +165,28 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "model": normalized_config(model)} if isinstance(model, dict) else config
 
 
+#: fit settings added to checkpoints later: compared only when the checkpoint has them (older ones resume)
+LATER_SETTINGS = ("train_tasks_content", "val_tasks")
+
+
 def check_resumable(obj: dict[str, Any], path: str | Path, config: dict[str, Any], settings: dict[str, Any]) -> None:
     """:class:`CheckpointError` unless ``obj`` holds a training state of this learner config and fit."""
     if "training" not in obj:
         raise CheckpointError(f"{path} holds no training state (saved without training_state=True); cannot resume")
     require(obj, path, "config", "model_state", "algorithm_state", "iteration")
-    if not isinstance(obj["training"], dict) or not isinstance(obj["config"], dict) or not isinstance(
-        obj["training"].get("fit_state"), dict
+    fit_state = obj["training"].get("fit_state") if isinstance(obj["training"], dict) else None
+    if not isinstance(obj["config"], dict) or not isinstance(fit_state, dict) or not isinstance(
+        fit_state.get("settings", {}), dict
     ):
-        raise CheckpointError(f"{path}: damaged checkpoint (training state or config is not a mapping)")
+        raise CheckpointError(f"{path}: damaged checkpoint (training state, its fit settings or config is not a "
+                              "mapping); nothing was changed")
     diff = config_diff(comparable(obj["config"]), comparable(config))
     if diff:
         raise CheckpointError(f"cannot resume from {path}: its config differs from this learner's:\n  " + "\n  ".join(diff))
-    saved = obj["training"]["fit_state"].get("settings", {})
-    if isinstance(saved, dict) and "val_every" not in saved:  # written before validation, schedule and early
+    saved = fit_state.get("settings", {})
+    if "val_every" not in saved:  # written before validation, schedule and early
         settings = {k: v for k, v in settings.items() if k in saved}  # stopping were saved: what it has
+    settings = {k: v for k, v in settings.items() if k in saved or k not in LATER_SETTINGS}
     sdiff = config_diff(saved, settings)
     if sdiff:
         raise CheckpointError(f"cannot resume from {path}: fit settings differ:\n  " + "\n  ".join(sdiff))
@@ -194,6 +209,8 @@ def resume(path: str | Path, *, config: dict[str, Any], settings: dict[str, Any]
             f"{path} is at iteration {done}, past iterations={iterations}: on resume, iterations is the total of "
             f"the run the checkpoint belongs to, so give {done} or more (train.iterations in a config); nothing was changed"
         )
+    check_dtype(obj, path, modules[0], "this learner's are {}: build the learner's model in the checkpoint's dtype "
+                "(model.double() for float64, model.float() for float32) to resume the run exactly")
     backup = _snapshot(modules, optimizer, run)
     try:
         _restore(obj, modules, optimizer, run)
@@ -305,15 +322,31 @@ def _saved_dtype(obj: dict[str, Any], path: Any) -> torch.dtype:
     return getattr(torch, name)
 
 
+def check_dtype(obj: dict[str, Any], path: Any, model: nn.Module, mismatch: str) -> None:
+    """:class:`CheckpointError` when ``model``'s weights are not in the dtype the checkpoint's were
+    saved in (loading would cast them silently); ``mismatch`` says what to do, ``{}``: the model's dtype.
+    Checkpoints older than the ``model_dtype`` entry are not checked."""
+    if "model_dtype" not in obj:
+        return
+    saved, have = _saved_dtype(obj, path), model_dtype(model)
+    if saved != have:
+        name = str(saved).removeprefix("torch.")
+        raise CheckpointError(f"{path}: its weights are {name}, " + mismatch.format(str(have).removeprefix("torch.")))
+
+
 def _rebuild(cls: type["MetaLearner"], obj: dict[str, Any], path: Any, cfg: dict[str, Any], device: Any,
              model: TrunkHead | None) -> "MetaLearner":
     """The learner of a checkpoint (errors are translated by :func:`learner_from_state`)."""
+    given = model is not None
     if model is None:
         model = build_model(**cfg["model"]).to(_saved_dtype(obj, path))
     elif model.config.get("name"):  # the same architecture however spelled (defaults, per-block lists)
         diff = config_diff(normalized_config(cfg["model"]), normalized_config(model.config))
         if diff:
             raise CheckpointError(f"{path} holds a different model than the one given:\n  " + "\n  ".join(diff))
+    if given:
+        check_dtype(obj, path, model, "the given model's are {}: convert it (model.double() or model.float()), "
+                    "or leave model out to build it in the saved dtype")
     model.load_state_dict(obj["model_state"])
     algorithm = build_algorithm(**cfg["algorithm"])
     algorithm.setup(model)
@@ -322,7 +355,7 @@ def _rebuild(cls: type["MetaLearner"], obj: dict[str, Any], path: Any, cfg: dict
     learner = cls(model, algorithm, preprocessing=Preprocessing.from_dict(prep) if prep else None,
                   device=device, task_defaults=obj.get("task_defaults"), metadata=obj.get("metadata"),
                   **dict(cfg["learner"]))
-    learner.run.iteration = int(obj.get("iteration", 0))
+    learner.run.iteration = saved_iteration(obj.get("iteration", 0))
     learner.run.history = list(obj.get("history", []))
     learner.run.seconds = float(obj.get("elapsed", 0.0))  # so later fits' history times continue
     learner.inference = InferenceSettings.from_state(obj.get("evaluation"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -46,7 +47,8 @@ def test_saved_state_holds_weights_progress_optimizer_and_rngs(sine, tmp_path):
     assert set(tr) == {"meta_optimizer", "fit_state", "callbacks", "elapsed", "bad_steps", "layouts", "rng"}
     assert set(tr["rng"]) == {"torch", "cuda", "numpy", "python"}
     assert tr["fit_state"] == {"settings": {"meta_batch_size": 2, "train_tasks": repr(sine), "val_every": None,
-                                            "val_episodes": 100}}
+                                            "val_episodes": 100, "train_tasks_content": repr(sine),
+                                            "val_tasks": None}}
     assert "training" not in learner_state(learner)
     back = MetaLearner.load(learner.save(tmp_path / "l.pt"), device="cpu")
     assert back.iteration == 3 and back.history == learner.history
@@ -189,6 +191,27 @@ def test_a_float64_learner_loads_as_float64_with_identical_predictions(sine, tmp
     assert {p.dtype for p in MetaLearner.load(tmp_path / "old.pt", device="cpu").model.parameters()} == {torch.float32}
 
 
+def test_a_float64_run_is_not_resumed_or_loaded_into_a_float32_model(sine, tmp_path):
+    """Resuming a float64 run in a float32 learner (or the reverse), or loading it into a given
+    float32 model, would cast the weights and optimizer state silently (was: accepted, the resume no
+    longer exact): refused naming both dtypes, the learner unchanged."""
+    from metamtl.algorithms import build_algorithm
+    from metamtl.models import build_model
+
+    model = build_model("mlp", in_features=1, hidden=[8], out_features=1).double()
+    double = MetaLearner(model, build_algorithm("maml", steps=1, lr=0.01, first_order=True), task="regression",
+                         device="cpu", meta_lr=1e-2)
+    double.fit(sine, iterations=2, meta_batch_size=2, checkpoint_dir=tmp_path, checkpoint_every=1, progress=False)
+    single = sine_learner()
+    with pytest.raises(CheckpointError, match="weights are float64, this learner's are float32"):
+        single.fit(sine, iterations=4, meta_batch_size=2, resume=tmp_path / "last.pt", progress=False)
+    assert single.iteration == 0 and {p.dtype for p in single.model.parameters()} == {torch.float32}
+    with pytest.raises(CheckpointError, match="weights are float64, the given model's are float32"):
+        MetaLearner.load(tmp_path / "last.pt", model=build_model("mlp", in_features=1, hidden=[8], out_features=1))
+    back = MetaLearner.load(tmp_path / "last.pt", model=build_model("mlp", in_features=1, hidden=[8], out_features=1).double())
+    assert {p.dtype for p in back.model.parameters()} == {torch.float64}
+
+
 class UserSine:
     """A user's task source: the TaskSource protocol (``episode(i)``, ways/shots/queries/name), no ``__repr__``."""
 
@@ -218,3 +241,83 @@ def test_a_user_source_without_repr_resumes_in_a_new_object_and_its_fingerprint_
     assert source_fingerprint(UserSine(3)) == "UserSine(ways=1, shots=5, queries=5, name='user-sine', seed=3)"
     sine = Sinusoid(shots=5, queries=5, seed=0)
     assert source_fingerprint(sine) == repr(sine)
+
+
+def toy_classes(seed: int):
+    """12 classes of 4 feature vectors; another seed: the same name and class count, other classes."""
+    from metamtl.data.base import ClassDataset
+
+    g = torch.Generator().manual_seed(seed)
+    return ClassDataset(torch.randn(48, 4, generator=g), torch.arange(12).repeat_interleave(4),
+                        [f"s{seed}c{i}" for i in range(12)], name="toy")
+
+
+def class_learner() -> MetaLearner:
+    from metamtl.algorithms import build_algorithm
+    from metamtl.models import build_model
+
+    torch.manual_seed(0)
+    return MetaLearner(build_model("mlp", in_features=4, hidden=[8], out_features=3),
+                       build_algorithm("maml", steps=1, lr=0.1, first_order=True), device="cpu")
+
+
+def toy_tasks(data_seed=1, seed=0, source_seed=0, hierarchy=None, weights=None):
+    from metamtl.tasks.sampler import EpisodeSampler, MixedTasks
+
+    if hierarchy is not None:
+        names = toy_classes(data_seed).class_names
+        hierarchy = {c: str(hierarchy(i)) for i, c in enumerate(names)}
+    sources = [EpisodeSampler(toy_classes(data_seed), 3, 1, 2, seed=source_seed, name=n, hierarchy=hierarchy)
+               for n in ("a", "b")]
+    return sources[0] if seed is None else MixedTasks(sources, weights=weights, seed=seed)
+
+
+@pytest.mark.parametrize("first, other, names", [
+    pytest.param(dict(seed=None), dict(seed=None, data_seed=2), [r"train_tasks_content: .*data=12 classes.*sha256"],
+                 id="another-split-same-name-and-class-count"),
+    pytest.param(dict(seed=None, hierarchy=lambda i: i % 2), dict(seed=None, hierarchy=lambda i: i < 6),
+                 ["train_tasks_content: "], id="another-hierarchy-mapping"),
+    pytest.param(dict(seed=0), dict(seed=5), ["train_tasks_content.seed: 0 != 5"], id="another-mixture-seed"),
+    pytest.param(dict(seed=0), dict(seed=0, source_seed=9), [r"train_tasks_content.sources.a: .*seed=0.* != .*seed=9",
+                                                             "train_tasks_content.sources.b: "], id="other-source-seeds"),
+    pytest.param(dict(seed=0), dict(seed=0, weights=[0.501, 0.499]), ["train_tasks_content.weights.a: 0.5 != 0.501"],
+                 id="other-mixture-weights"),
+])
+def test_resume_refuses_training_tasks_whose_repr_hides_the_change(tmp_path, first, other, names):
+    """The ``train_tasks`` repr shows a sampler's dataset name and class count, a mixture's source names
+    and rounded weights only (was: another split, hierarchy or mixture seed resumed silently); the
+    content fingerprint names what differs, the same tasks rebuilt resume, and a checkpoint written
+    before the fingerprint was saved resumes as before."""
+    fit = dict(meta_batch_size=2, progress=False)
+    class_learner().fit(toy_tasks(**first), iterations=2, checkpoint_dir=tmp_path, checkpoint_every=1, **fit)
+    learner = class_learner()
+    with pytest.raises(CheckpointError, match="fit settings differ") as info:
+        learner.fit(toy_tasks(**other), iterations=4, resume=tmp_path / "last.pt", **fit)
+    assert all(re.search(name, str(info.value)) for name in names), str(info.value)
+    assert learner.iteration == 0
+    class_learner().fit(toy_tasks(**first), iterations=4, resume=tmp_path / "last.pt", **fit)
+    obj = torch.load(tmp_path / "last.pt", weights_only=True)
+    del obj["training"]["fit_state"]["settings"]["train_tasks_content"]  # an older checkpoint: not compared
+    torch.save(obj, tmp_path / "old.pt")
+    class_learner().fit(toy_tasks(**other), iterations=4, resume=tmp_path / "old.pt", **fit)
+
+
+def test_resume_refuses_other_validation_tasks_or_none(sine, tmp_path):
+    """Validation steers a run (a plateau schedule, early stopping, best.pt): resuming with other
+    val tasks, or none (was: accepted, the schedule or the validation rows changed silently), is
+    refused naming val_tasks; the same val tasks rebuilt resume, and so does a checkpoint written
+    before the val tasks were saved."""
+    fit = dict(meta_batch_size=2, val_every=1, val_episodes=2, progress=False)
+    sine_learner().fit(sine, Sinusoid(shots=5, queries=5, seed=1), iterations=2, checkpoint_dir=tmp_path,
+                       checkpoint_every=1, **fit)
+    for other, name in ((Sinusoid(shots=5, queries=5, seed=7), r"val_tasks: 'Sinusoid\(.*seed=1\)' != 'Sinusoid\(.*seed=7\)'"),
+                        (None, r"val_tasks: 'Sinusoid\(.*seed=1\)' != None")):
+        learner = sine_learner()
+        with pytest.raises(CheckpointError, match="fit settings differ:(.|\n)*" + name):
+            learner.fit(sine, other, iterations=4, resume=tmp_path / "last.pt", **fit)
+        assert learner.iteration == 0
+    sine_learner().fit(sine, Sinusoid(shots=5, queries=5, seed=1), iterations=4, resume=tmp_path / "last.pt", **fit)
+    obj = torch.load(tmp_path / "last.pt", weights_only=True)
+    del obj["training"]["fit_state"]["settings"]["val_tasks"]  # an older checkpoint: not compared
+    torch.save(obj, tmp_path / "old.pt")
+    sine_learner().fit(sine, Sinusoid(shots=5, queries=5, seed=7), iterations=4, resume=tmp_path / "old.pt", **fit)
