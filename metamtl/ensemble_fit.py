@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import Config, config_from_dict
+from .config import Config, config_from_dict, with_member_seed
 from .errors import FitInterrupted, MetamtlError
 from .interrupt import StopOnSignal, signal_name
 from .progress_bars import progress_bar
@@ -58,11 +58,9 @@ def member_configs(cfg: Config) -> list[tuple[str, Config]]:
     out = []
     for i, seed in enumerate(seeds):
         data = cfg.to_dict()
-        data.update(name=f"member{i}", output_dir=str(cfg.run_dir / "members"), seed=seed,
-                    ensemble={"members": 1})
+        data.update(name=f"member{i}", output_dir=str(cfg.run_dir / "members"), ensemble={"members": 1})
         data["logging"]["tags"] = [*cfg.logging.tags, f"ensemble:{cfg.name}"]  # W&B: the members of one run
-        data["tasks"]["seed"] = cfg.tasks.seed + seed - cfg.seed
-        out.append((f"member{i}", config_from_dict(data)))
+        out.append((f"member{i}", config_from_dict(with_member_seed(data, seed))))
     return out
 
 

@@ -130,7 +130,18 @@ def test_one_member_with_a_seed_trains_with_that_seed(tmp_path):
     assert config_from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
 
 
+def test_member_seeds_below_the_seed_keep_a_valid_task_seed(tmp_path):
+    """``seed: 5, ensemble.seeds: [0]``: tasks.seed 0 moved by -5 wraps modulo 2**63 (it was -5, which a
+    run trained with and saved, and which its saved config, ``metamtl evaluate`` and the members refused)."""
+    one = config_from_dict(plain(tmp_path / "one", seed=5, tasks={"ways": 3}, ensemble={"members": 1, "seeds": [0]}))
+    assert (one.seed, one.tasks.seed) == (0, 2**63 - 5)
+    assert config_from_dict(one.to_dict()).to_dict() == one.to_dict()  # what a saved learner reloads
+    two = config_from_dict(plain(tmp_path / "two", seed=5, tasks={"ways": 3}, ensemble={"members": 2, "seeds": [0, 6]}))
+    assert [(c.seed, c.tasks.seed) for _, c in member_configs(two)] == [(0, 2**63 - 5), (6, 1)]
+
+
 @pytest.mark.parametrize("ensemble, message", [
+    ({"members": 2, "seeds": [-1, 1]}, r"ensemble.seeds entries must be integers in 0..2\*\*63-1, got -1"),
     ({"members": 0}, "ensemble.members must be >= 1"),
     ({"members": 2, "threads": 0}, "ensemble.threads must be >= 1"),
     ({"members": 2, "seeds": [1]}, "ensemble.seeds has 1 entries for 2 members"),
