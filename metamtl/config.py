@@ -172,7 +172,7 @@ class EnsembleConfig:
     members: int = 1  # 1: one learner, no ensemble
     #: torch threads of each member's process (null: this process's CPU cores split evenly)
     threads: int | None = None
-    #: member i's ``seed`` (null: the config's seed + i); its ``tasks.seed`` moves by as much (modulo 2**63)
+    #: member i's ``seed`` (null: the config's seed + i); its ``tasks.seed`` (and a stage's own) moves by as much (modulo 2**63)
     seeds: list[int] | None = None
 
 
@@ -625,11 +625,14 @@ def _single_member_seed(cfg: Config) -> Config:
 
 def with_member_seed(data: dict[str, Any], seed: int) -> dict[str, Any]:
     """A config's dict (``Config.to_dict()``, changed in place) trained with ``seed`` instead of its
-    own: its ``tasks.seed`` moves by as much, modulo 2**63 (so a seed below the config's still gives a
-    valid task seed), as an ensemble member's does."""
+    own: its ``tasks.seed``, and each stage's own ``tasks.seed``, move by as much, modulo 2**63 (so a
+    seed below the config's still gives a valid task seed), as an ensemble member's do."""
     shift = seed - data["seed"]
     data["seed"] = seed
-    data["tasks"]["seed"] = (data["tasks"]["seed"] + shift) % 2**63
+    for section in [data, *(data.get("stages") or [])]:
+        tasks = section.get("tasks")
+        if isinstance(tasks, dict) and isinstance(tasks.get("seed"), int):
+            tasks["seed"] = (tasks["seed"] + shift) % 2**63
     return data
 
 

@@ -52,7 +52,7 @@ def member_threads(cfg: Config) -> int:
 
 
 def member_configs(cfg: Config) -> list[tuple[str, Config]]:
-    """``(name, config)`` of every member: the config with its own seed (and ``tasks.seed`` moved
+    """``(name, config)`` of every member: the config with its own seed (and ``tasks.seed``, a stage's own too, moved
     by as much), written to ``<run_dir>/members/<name>/``, without an ensemble of its own."""
     seeds = cfg.ensemble.seeds or [cfg.seed + i for i in range(cfg.ensemble.members)]
     out = []

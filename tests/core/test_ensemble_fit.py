@@ -140,6 +140,18 @@ def test_member_seeds_below_the_seed_keep_a_valid_task_seed(tmp_path):
     assert [(c.seed, c.tasks.seed) for _, c in member_configs(two)] == [(0, 2**63 - 5), (6, 1)]
 
 
+def test_a_stages_own_task_seed_moves_with_the_member_seed(tmp_path):
+    """Stage ``pre`` sets tasks.seed 7: each member draws its own episodes there too (both drew seed 7)."""
+    from metamtl.config import stage_configs
+
+    data = staged(tmp_path, seed=3, ensemble={"members": 2})
+    data["stages"][0]["tasks"]["seed"] = 7
+    seeds = [[(c.seed, c.tasks.seed) for _, c in stage_configs(m)] for _, m in member_configs(config_from_dict(data))]
+    assert seeds == [[(3, 7), (3, 0)], [(4, 8), (4, 1)]]
+    one = config_from_dict({**data, "ensemble": {"members": 1, "seeds": [5]}})
+    assert [(c.seed, c.tasks.seed) for _, c in stage_configs(one)] == [(5, 9), (5, 2)]
+
+
 @pytest.mark.parametrize("ensemble, message", [
     ({"members": 2, "seeds": [-1, 1]}, r"ensemble.seeds entries must be integers in 0..2\*\*63-1, got -1"),
     ({"members": 0}, "ensemble.members must be >= 1"),
