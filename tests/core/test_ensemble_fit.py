@@ -177,6 +177,23 @@ def test_resume_and_callbacks_are_refused_with_the_way_to_do_it(tmp_path):
         run(cfg, progress=False, quiet=True, callbacks=[object()])
 
 
+def test_members_holding_a_run_are_refused_before_their_config_and_log_are_written(tmp_path):
+    """Rerunning a stopped ensemble: it was refused only by each member, after every member's yaml and
+    log had been rewritten (the stopped run's logs lost, its resume command pointing at a new config)."""
+    cfg = config_from_dict(plain(tmp_path, ensemble={"members": 2}))
+    members = cfg.run_dir / "members"
+    (members / "member1").mkdir(parents=True)
+    (members / "member1" / "last.pt").write_bytes(b"x")
+    for i in (0, 1):
+        (members / f"member{i}.yaml").write_text("the stopped run's config")
+        (members / f"member{i}.log").write_text("the stopped run's log")
+    with pytest.raises(ConfigError, match=r"ensemble member member1: .*member1 already holds a run \(last.pt\)"
+                                          r"(.|\n)*--resume .*member1/last.pt(.|\n)*--overwrite"):
+        run(cfg, progress=False, quiet=True)
+    assert [(members / f"member{i}.{ext}").read_text() for i in (0, 1) for ext in ("yaml", "log")] == [
+        "the stopped run's config", "the stopped run's log"] * 2
+
+
 def test_a_failing_member_stops_the_run_and_shows_its_log(tmp_path):
     data = plain(tmp_path, ensemble={"members": 2})
     data["data"]["train_split"] = "no_such_split"  # the members fail loading it; the test split is fine
