@@ -914,7 +914,7 @@ def _evaluate_ensemble(cfg: Config, last: Config, members: list[tuple[str, Confi
     from .ensemble_fit import member_threads
 
     rows = [json.loads((m.run_dir / "results.json").read_text()) for _, m in members]
-    ensemble = Ensemble([r["checkpoint"] for r in rows])
+    ensemble = Ensemble([r["checkpoint"] for r in rows], device=cfg.train.device)  # where a single run evaluates
     path = ensemble.save(cfg.run_dir / "ensemble.pt")
     say(f"[metamtl] {ensemble}: class probabilities averaged; saved to {path}")
     results = {

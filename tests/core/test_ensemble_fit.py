@@ -111,6 +111,24 @@ def test_metamtl_evaluate_reads_an_ensemble_file(ensemble_run, tmp_path, capsys)
     assert "Ensemble(3 members" in capsys.readouterr().out
 
 
+def test_the_ensemble_is_evaluated_on_train_device(ensemble_run, tmp_path, monkeypatch):
+    """The members were loaded on device "auto" (a GPU when there is one) whatever train.device said."""
+    import metamtl.run_state as run_state
+    from metamtl.experiment import _evaluate_ensemble
+
+    cfg, _ = ensemble_run
+    seen, load = [], run_state.learner_from_state
+    monkeypatch.setattr(run_state, "learner_from_state",
+                        lambda *a, device="auto", **k: (seen.append(device), load(*a, device=device, **k))[1])
+    data = cfg.to_dict()
+    data.update(output_dir=str(tmp_path), logging={"report": False, "wandb": False})
+    data["train"]["device"] = "cpu"
+    other = config_from_dict(data)  # its members: the fixture's
+    _evaluate_ensemble(other, other, member_configs(cfg), None, {"commit": None, "date": "", "train_seconds": 0.0},
+                       False, lambda *a: None)
+    assert seen == ["cpu", "cpu"]
+
+
 def test_a_staged_config_trains_every_stage_in_every_member(tmp_path):
     cfg = config_from_dict(staged(tmp_path, ensemble={"members": 2, "threads": 1}))
     results = run(cfg, progress=False, quiet=True)
