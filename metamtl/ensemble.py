@@ -144,8 +144,9 @@ class Ensemble:
         the same episodes, arguments and result as :meth:`MetaLearner.evaluate
         <metamtl.MetaLearner.evaluate>` (the loss is the ensemble's negative log-likelihood, or
         its mean squared error for regression).  Episode ``i``'s test-time support copies are the
-        ones a member alone would draw for it.  ``result.steps``: ``steps`` or the first member's
-        default.  One process (not split across torchrun ranks)."""
+        ones a member alone would draw for it.  ``result.steps``: ``steps`` (when a member adapting
+        with its algorithm has an inner loop) or the first member's default.  One process (not split
+        across torchrun ranks)."""
         check_steps(steps)
         episode_at, n = episode_reader(tasks, episodes, ways=ways, shots=shots, queries=queries, start=start)
         heads = self.heads(head)
@@ -168,7 +169,8 @@ class Ensemble:
         finally:
             bar.close()
         first = self.members[0]
-        used = 0 if all(h is not None for h in heads) else steps if steps is not None else first.algorithm.eval_steps
+        inner = any(m.algorithm.has_inner_loop for m, h in zip(self.members, heads) if h is None)  # steps apply
+        used = 0 if all(h is not None for h in heads) else steps if steps is not None and inner else first.algorithm.eval_steps
         names = {head_name(h) for h in heads}
         return summarize(rows, used, hierarchy=hierarchy_of(tasks),
                          head=names.pop() if len(names) == 1 else "+".join(sorted(names)),

@@ -186,3 +186,11 @@ def test_every_error_of_a_member_names_it(tasks):
         fixed.predict(eight.support_x, eight.support_y, eight.query_x)
     with pytest.raises(InputError, match=r"^ensemble member B.pt: "):
         fixed.adapt(eight.support_x, eight.support_y)
+
+
+def test_reported_steps_are_the_steps_the_members_took(tasks):
+    """``steps=5`` with ProtoNet members took no inner step: the result said 5 (a member alone says 0)."""
+    a, b = member(0), member(1)
+    assert a.evaluate(tasks, 2, steps=5, progress=False).steps == 0
+    assert Ensemble([a, b]).evaluate(tasks, 2, steps=5, progress=False).steps == 0
+    assert Ensemble([a, member(2, "maml", steps=1, lr=0.1)]).evaluate(tasks, 2, steps=3, progress=False).steps == 3
