@@ -80,6 +80,11 @@ class Ensemble:
         """``"classification"`` or ``"regression"``, as every member."""
         return self.members[0].task
 
+    @property
+    def averages(self) -> str:
+        """What the ensemble averages, for messages: ``"class probabilities"`` or ``"predictions"``."""
+        return "class probabilities" if self.task == "classification" else "predictions"
+
     def __len__(self) -> int:
         return len(self.members)
 

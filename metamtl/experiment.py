@@ -916,7 +916,7 @@ def _evaluate_ensemble(cfg: Config, last: Config, members: list[tuple[str, Confi
     rows = [json.loads((m.run_dir / "results.json").read_text()) for _, m in members]
     ensemble = Ensemble([r["checkpoint"] for r in rows], device=cfg.train.device)  # where a single run evaluates
     path = ensemble.save(cfg.run_dir / "ensemble.pt")
-    say(f"[metamtl] {ensemble}: class probabilities averaged; saved to {path}")
+    say(f"[metamtl] {ensemble}: {ensemble.averages} averaged; saved to {path}")
     results = {
         "name": cfg.name, "config": cfg.to_dict(), "checkpoint": str(path),
         "iterations": sum(r["iterations"] for r in rows), "train_seconds": record["train_seconds"],

@@ -91,6 +91,7 @@ def test_regression_members_are_averaged():
                                                  for m in members]).mean(0))
     result = Ensemble(members).evaluate(source, 3, progress=False)
     assert result.accuracy is None and math.isfinite(result.loss)
+    assert Ensemble(members).averages == "predictions"  # what the messages say (not "class probabilities")
 
 
 def test_save_and_load_round_trip(tmp_path, tasks):
