@@ -100,8 +100,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         from .ensemble import Ensemble
 
         learner = Ensemble(members, labels=labels)
-        print(f"[metamtl] {learner}: " + ("class probabilities" if learner.task == "classification" else "predictions")
-              + " averaged")
+        print(f"[metamtl] {learner}: {learner.averages} averaged")
     first = cfg.eval.settings[0]  # without --ways/--shots: the setting the run evaluated first
     setting = {"ways": _given(args.ways, first.ways), "shots": _given(args.shots, first.shots),
                "queries": _given(args.queries, cfg.eval.queries)}

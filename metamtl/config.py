@@ -172,7 +172,7 @@ class EnsembleConfig:
     members: int = 1  # 1: one learner, no ensemble
     #: torch threads of each member's process (null: this process's CPU cores split evenly)
     threads: int | None = None
-    #: member i's ``seed`` (null: the config's seed + i); its ``tasks.seed`` moves by as much
+    #: member i's ``seed`` (null: the config's seed + i); its ``tasks.seed`` (and a stage's own) moves by as much (modulo 2**63)
     seeds: list[int] | None = None
 
 
@@ -384,6 +384,9 @@ def _check_ensemble(ens: EnsembleConfig) -> None:
                               "(one seed per member, or null for seed, seed + 1, ...)")
         if len(set(ens.seeds)) != len(ens.seeds):
             raise ConfigError(f"ensemble.seeds must differ (equal seeds train the same member twice), got {ens.seeds}")
+        for seed in ens.seeds:
+            if not 0 <= seed < 2**63:
+                raise ConfigError(f"ensemble.seeds entries must be integers in 0..2**63-1, got {seed}")
 
 
 def _check_tasks(cfg: Config) -> None:
@@ -614,9 +617,23 @@ def _single_member_seed(cfg: Config) -> Config:
     ``tasks.seed`` moved by as much), as each member of a larger ensemble gets its entry of ``seeds``."""
     ens = cfg.ensemble
     if ens.members == 1 and ens.seeds:
-        cfg.tasks.seed += ens.seeds[0] - cfg.seed
-        cfg.seed, ens.seeds = ens.seeds[0], None
+        data = cfg.to_dict()
+        data["ensemble"]["seeds"] = None
+        return config_from_dict(with_member_seed(data, ens.seeds[0]))
     return cfg
+
+
+def with_member_seed(data: dict[str, Any], seed: int) -> dict[str, Any]:
+    """A config's dict (``Config.to_dict()``, changed in place) trained with ``seed`` instead of its
+    own: its ``tasks.seed``, and each stage's own ``tasks.seed``, move by as much, modulo 2**63 (so a
+    seed below the config's still gives a valid task seed), as an ensemble member's do."""
+    shift = seed - data["seed"]
+    data["seed"] = seed
+    for section in [data, *(data.get("stages") or [])]:
+        tasks = section.get("tasks")
+        if isinstance(tasks, dict) and isinstance(tasks.get("seed"), int):
+            tasks["seed"] = (tasks["seed"] + shift) % 2**63
+    return data
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import FORMAT, FORMAT_VERSION, atomic_save, safe_load
-from .errors import CheckpointError, ConfigError, InputError, TaskError
+from .errors import CheckpointError, ConfigError, InputError, TaskError, TrainingError
 from .evaluation import EvalResult, episode_reader, hierarchy_of, summarize
 from .heads import check_no_steps, head_name
 from .inputs import check_steps, with_support_copies
@@ -80,6 +80,11 @@ class Ensemble:
         """``"classification"`` or ``"regression"``, as every member."""
         return self.members[0].task
 
+    @property
+    def averages(self) -> str:
+        """What the ensemble averages, for messages: ``"class probabilities"`` or ``"predictions"``."""
+        return "class probabilities" if self.task == "classification" else "predictions"
+
     def __len__(self) -> int:
         return len(self.members)
 
@@ -109,16 +114,24 @@ class Ensemble:
         :meth:`MetaLearner.predict <metamtl.MetaLearner.predict>` (``steps``, ``support_augment``,
         ``head`` and ``dataset`` apply to every member; ``None``: each member's own default). On the CPU."""
         self.heads(head)  # one kind of head for all members
-        return self.combine([m.predict(support_x, support_y, query_x, steps, support_augment, head, dataset)
-                             for m in self.members])
+        return self.combine(self.each(lambda m: m.predict(support_x, support_y, query_x, steps, support_augment,
+                                                          head, dataset)))
 
     def adapt(self, support_x: Any, support_y: Any, steps: int | None = None, support_augment: Any = None,
               head: Any = None, dataset: str | None = None) -> "AdaptedEnsemble":
         """Every member adapted to a support set; the result maps query inputs to the ensemble's
         output (see :meth:`predict`), so one support set serves many query batches."""
         self.heads(head)  # one kind of head for all members
-        return AdaptedEnsemble(self, [m.adapt(support_x, support_y, steps, support_augment, head, dataset)
-                                      for m in self.members])
+        return AdaptedEnsemble(self, self.each(lambda m: m.adapt(support_x, support_y, steps, support_augment,
+                                                                 head, dataset)))
+
+    def each(self, call: Any) -> list[Any]:
+        """``call(member)`` for every member, in order; an error it raises names the member."""
+        out = []
+        for m, label in zip(self.members, self.labels):
+            with naming_member(label):
+                out.append(call(m))
+        return out
 
     def heads(self, head: Any = None) -> list[Any]:
         """Each member's classifier for ``head`` (``None``: its algorithm's adaptation);
@@ -136,14 +149,14 @@ class Ensemble:
         the same episodes, arguments and result as :meth:`MetaLearner.evaluate
         <metamtl.MetaLearner.evaluate>` (the loss is the ensemble's negative log-likelihood, or
         its mean squared error for regression).  Episode ``i``'s test-time support copies are the
-        ones a member alone would draw for it.  ``result.steps``: ``steps`` or the first member's
-        default.  One process (not split across torchrun ranks)."""
+        ones a member alone would draw for it.  ``result.steps``: ``steps`` (when a member adapting
+        with its algorithm has an inner loop) or the first member's default.  One process (not split
+        across torchrun ranks)."""
         check_steps(steps)
         episode_at, n = episode_reader(tasks, episodes, ways=ways, shots=shots, queries=queries, start=start)
         heads = self.heads(head)
         check_no_steps(steps, heads)  # every member classifies with a feature head: it takes none
-        for m in self.members:
-            m.check_finite("evaluate")
+        self.each(lambda m: m.check_finite("evaluate"))
         rows = []
         bar = progress_bar(progress, total=n, desc="evaluate ensemble", leave=False, dynamic_ncols=True)
         try:
@@ -162,7 +175,8 @@ class Ensemble:
         finally:
             bar.close()
         first = self.members[0]
-        used = 0 if all(h is not None for h in heads) else steps if steps is not None else first.algorithm.eval_steps
+        inner = any(m.algorithm.has_inner_loop for m, h in zip(self.members, heads) if h is None)  # steps apply
+        used = 0 if all(h is not None for h in heads) else steps if steps is not None and inner else first.algorithm.eval_steps
         names = {head_name(h) for h in heads}
         return summarize(rows, used, hierarchy=hierarchy_of(tasks),
                          head=names.pop() if len(names) == 1 else "+".join(sorted(names)),
@@ -195,11 +209,12 @@ class Ensemble:
 
 @contextlib.contextmanager
 def naming_member(label: str) -> Iterator[None]:
-    """An input, task or config error raised in the block names the ensemble member ``label``
-    (e.g. which member's fixed-size head cannot serve the episode's ways)."""
+    """An input, task, config or training error raised in the block names the ensemble member
+    ``label`` (e.g. which member's fixed-size head cannot serve the episode's ways, or whose weights
+    are not finite)."""
     try:
         yield
-    except (InputError, TaskError, ConfigError) as exc:
+    except (InputError, TaskError, ConfigError, TrainingError) as exc:
         raise type(exc)(f"ensemble member {label}: {exc}") from exc
 
 

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import Config, config_from_dict
+from .config import Config, config_from_dict, with_member_seed
 from .errors import FitInterrupted, MetamtlError
 from .interrupt import StopOnSignal, signal_name
 from .progress_bars import progress_bar
@@ -52,17 +52,15 @@ def member_threads(cfg: Config) -> int:
 
 
 def member_configs(cfg: Config) -> list[tuple[str, Config]]:
-    """``(name, config)`` of every member: the config with its own seed (and ``tasks.seed`` moved
+    """``(name, config)`` of every member: the config with its own seed (and ``tasks.seed``, a stage's own too, moved
     by as much), written to ``<run_dir>/members/<name>/``, without an ensemble of its own."""
     seeds = cfg.ensemble.seeds or [cfg.seed + i for i in range(cfg.ensemble.members)]
     out = []
     for i, seed in enumerate(seeds):
         data = cfg.to_dict()
-        data.update(name=f"member{i}", output_dir=str(cfg.run_dir / "members"), seed=seed,
-                    ensemble={"members": 1})
+        data.update(name=f"member{i}", output_dir=str(cfg.run_dir / "members"), ensemble={"members": 1})
         data["logging"]["tags"] = [*cfg.logging.tags, f"ensemble:{cfg.name}"]  # W&B: the members of one run
-        data["tasks"]["seed"] = cfg.tasks.seed + seed - cfg.seed
-        out.append((f"member{i}", config_from_dict(data)))
+        out.append((f"member{i}", config_from_dict(with_member_seed(data, seed))))
     return out
 
 

@@ -896,6 +896,8 @@ def run_ensemble(cfg: Config, resume: str | Path | None = None, progress: bool =
         test_tasks = build_test_tasks(last)
         check_eval_settings(last, test_tasks)  # before any member trains
         members = member_configs(cfg)
+        if not overwrite:
+            check_members_free(cfg, members)
         record = {"commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
         t0 = time.perf_counter()
         train_members(cfg, members, progress, overwrite, say)
@@ -905,6 +907,23 @@ def run_ensemble(cfg: Config, resume: str | Path | None = None, progress: bool =
         lock.release()
 
 
+def check_members_free(cfg: Config, members: list[tuple[str, Config]]) -> None:
+    """Refuse an ensemble whose members' run folders (a staged member's stage folders too) hold a run,
+    before any member's ``memberI.yaml`` or ``memberI.log`` is rewritten: those of a stopped run stay
+    the ones its resume command needs."""
+    for name, m in members:
+        stages = [m.run_dir / "stages" / s["name"] for s in m.stages[:-1]]
+        for folder in stages + [m.run_dir]:
+            held = held_run_files(folder)
+            if held:
+                yaml = cfg.run_dir / "members" / f"{name}.yaml"
+                raise ConfigError(
+                    f"ensemble member {name}: {folder} already holds a run ({', '.join(held)}); nothing was written: "
+                    f"continue an interrupted member with metamtl fit {yaml} --resume {m.run_dir / 'last.pt'} (then "
+                    "metamtl evaluate the members' learner.pt files together), replace the whole ensemble with "
+                    "--overwrite (Python: overwrite=True), or start a new run with name=... or output_dir=...")
+
+
 def _evaluate_ensemble(cfg: Config, last: Config, members: list[tuple[str, Config]], test_tasks: Any,
                        record: dict[str, Any], progress: bool, say: Any) -> dict[str, Any]:
     """Build the ensemble from the members' learners, save it, evaluate it, write results and report."""
@@ -912,9 +931,9 @@ def _evaluate_ensemble(cfg: Config, last: Config, members: list[tuple[str, Confi
     from .ensemble_fit import member_threads
 
     rows = [json.loads((m.run_dir / "results.json").read_text()) for _, m in members]
-    ensemble = Ensemble([r["checkpoint"] for r in rows])
+    ensemble = Ensemble([r["checkpoint"] for r in rows], device=cfg.train.device)  # where a single run evaluates
     path = ensemble.save(cfg.run_dir / "ensemble.pt")
-    say(f"[metamtl] {ensemble}: class probabilities averaged; saved to {path}")
+    say(f"[metamtl] {ensemble}: {ensemble.averages} averaged; saved to {path}")
     results = {
         "name": cfg.name, "config": cfg.to_dict(), "checkpoint": str(path),
         "iterations": sum(r["iterations"] for r in rows), "train_seconds": record["train_seconds"],

@@ -104,8 +104,9 @@ def _members(results: Mapping[str, Any]) -> str:
     ens = results.get("ensemble") or {}
     if not ens.get("members"):
         return ""
+    averaged = "predictions" if _regression(results) else "class probabilities"
     lines = [f"<br>Ensemble of <b>{len(ens['members'])}</b> members trained side by side, {ens.get('threads')} "
-             "torch thread(s) each; the held-out rows average their class probabilities."]
+             f"torch thread(s) each; the held-out rows average their {averaged}."]
     for m in ens["members"]:
         alone = ", ".join(f"{_setting(r)} {_value(r)}" for r in m.get("test") or [])
         lines.append(f"<br>Member <b>{_e(m.get('name'))}</b> (seed {m.get('seed')}): {m.get('iterations')} "

@@ -255,14 +255,16 @@ class WandbLogger(Callback):
     def log_evaluation(self, results: Mapping[str, Any]) -> None:
         """Log a run that evaluated without training in this process (an ensemble of members
         trained in their own processes, ``ensemble:`` configs): a W&B run of job type
-        ``evaluate`` with the held-out rows, each member's own accuracy in the summary
-        (``members/<name>/test/<setting>/accuracy``) and the checkpoint; then finish it."""
+        ``evaluate`` with the held-out rows, each member's own loss (a regression member's mean
+        squared error) and accuracy in the summary (``members/<name>/test/<setting>/loss``,
+        ``.../accuracy``) and the checkpoint; then finish it."""
         if self.run is None and not self.failed:
             self._safe("init", self._init, None, "evaluate")
         self.log_results(results.get("test", []), checkpoint=results.get("checkpoint"))
-        summary = {f"members/{m.get('name')}/test/{_setting(r)}/accuracy": r["accuracy"]
+        summary = {f"members/{m.get('name')}/test/{_setting(r)}/{key}": r[key]
                    for m in (results.get("ensemble") or {}).get("members", [])
-                   for r in m.get("test") or [] if r.get("accuracy") is not None}
+                   for r in m.get("test") or [] if "skipped" not in r
+                   for key in ("accuracy", "loss") if r.get(key) is not None}
         summary = _finite(summary)  # a one-episode setting has no CI (nan): left out, not logged as 0
         if summary and self.active:
             self._safe("summary", self.run.summary.update, summary)

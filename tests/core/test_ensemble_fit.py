@@ -111,6 +111,24 @@ def test_metamtl_evaluate_reads_an_ensemble_file(ensemble_run, tmp_path, capsys)
     assert "Ensemble(3 members" in capsys.readouterr().out
 
 
+def test_the_ensemble_is_evaluated_on_train_device(ensemble_run, tmp_path, monkeypatch):
+    """The members were loaded on device "auto" (a GPU when there is one) whatever train.device said."""
+    import metamtl.run_state as run_state
+    from metamtl.experiment import _evaluate_ensemble
+
+    cfg, _ = ensemble_run
+    seen, load = [], run_state.learner_from_state
+    monkeypatch.setattr(run_state, "learner_from_state",
+                        lambda *a, device="auto", **k: (seen.append(device), load(*a, device=device, **k))[1])
+    data = cfg.to_dict()
+    data.update(output_dir=str(tmp_path), logging={"report": False, "wandb": False})
+    data["train"]["device"] = "cpu"
+    other = config_from_dict(data)  # its members: the fixture's
+    _evaluate_ensemble(other, other, member_configs(cfg), None, {"commit": None, "date": "", "train_seconds": 0.0},
+                       False, lambda *a: None)
+    assert seen == ["cpu", "cpu"]
+
+
 def test_a_staged_config_trains_every_stage_in_every_member(tmp_path):
     cfg = config_from_dict(staged(tmp_path, ensemble={"members": 2, "threads": 1}))
     results = run(cfg, progress=False, quiet=True)
@@ -130,7 +148,30 @@ def test_one_member_with_a_seed_trains_with_that_seed(tmp_path):
     assert config_from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
 
 
+def test_member_seeds_below_the_seed_keep_a_valid_task_seed(tmp_path):
+    """``seed: 5, ensemble.seeds: [0]``: tasks.seed 0 moved by -5 wraps modulo 2**63 (it was -5, which a
+    run trained with and saved, and which its saved config, ``metamtl evaluate`` and the members refused)."""
+    one = config_from_dict(plain(tmp_path / "one", seed=5, tasks={"ways": 3}, ensemble={"members": 1, "seeds": [0]}))
+    assert (one.seed, one.tasks.seed) == (0, 2**63 - 5)
+    assert config_from_dict(one.to_dict()).to_dict() == one.to_dict()  # what a saved learner reloads
+    two = config_from_dict(plain(tmp_path / "two", seed=5, tasks={"ways": 3}, ensemble={"members": 2, "seeds": [0, 6]}))
+    assert [(c.seed, c.tasks.seed) for _, c in member_configs(two)] == [(0, 2**63 - 5), (6, 1)]
+
+
+def test_a_stages_own_task_seed_moves_with_the_member_seed(tmp_path):
+    """Stage ``pre`` sets tasks.seed 7: each member draws its own episodes there too (both drew seed 7)."""
+    from metamtl.config import stage_configs
+
+    data = staged(tmp_path, seed=3, ensemble={"members": 2})
+    data["stages"][0]["tasks"]["seed"] = 7
+    seeds = [[(c.seed, c.tasks.seed) for _, c in stage_configs(m)] for _, m in member_configs(config_from_dict(data))]
+    assert seeds == [[(3, 7), (3, 0)], [(4, 8), (4, 1)]]
+    one = config_from_dict({**data, "ensemble": {"members": 1, "seeds": [5]}})
+    assert [(c.seed, c.tasks.seed) for _, c in stage_configs(one)] == [(5, 9), (5, 2)]
+
+
 @pytest.mark.parametrize("ensemble, message", [
+    ({"members": 2, "seeds": [-1, 1]}, r"ensemble.seeds entries must be integers in 0..2\*\*63-1, got -1"),
     ({"members": 0}, "ensemble.members must be >= 1"),
     ({"members": 2, "threads": 0}, "ensemble.threads must be >= 1"),
     ({"members": 2, "seeds": [1]}, "ensemble.seeds has 1 entries for 2 members"),
@@ -152,6 +193,23 @@ def test_resume_and_callbacks_are_refused_with_the_way_to_do_it(tmp_path):
         run(cfg, progress=False, quiet=True, callbacks=[EarlyStopping()])
     with pytest.raises(ConfigError, match="must hold Callback instances"):  # not a callback at all: said first
         run(cfg, progress=False, quiet=True, callbacks=[object()])
+
+
+def test_members_holding_a_run_are_refused_before_their_config_and_log_are_written(tmp_path):
+    """Rerunning a stopped ensemble: it was refused only by each member, after every member's yaml and
+    log had been rewritten (the stopped run's logs lost, its resume command pointing at a new config)."""
+    cfg = config_from_dict(plain(tmp_path, ensemble={"members": 2}))
+    members = cfg.run_dir / "members"
+    (members / "member1").mkdir(parents=True)
+    (members / "member1" / "last.pt").write_bytes(b"x")
+    for i in (0, 1):
+        (members / f"member{i}.yaml").write_text("the stopped run's config")
+        (members / f"member{i}.log").write_text("the stopped run's log")
+    with pytest.raises(ConfigError, match=r"ensemble member member1: .*member1 already holds a run \(last.pt\)"
+                                          r"(.|\n)*--resume .*member1/last.pt(.|\n)*--overwrite"):
+        run(cfg, progress=False, quiet=True)
+    assert [(members / f"member{i}.{ext}").read_text() for i in (0, 1) for ext in ("yaml", "log")] == [
+        "the stopped run's config", "the stopped run's log"] * 2
 
 
 def test_a_failing_member_stops_the_run_and_shows_its_log(tmp_path):

@@ -91,6 +91,7 @@ def test_regression_members_are_averaged():
                                                  for m in members]).mean(0))
     result = Ensemble(members).evaluate(source, 3, progress=False)
     assert result.accuracy is None and math.isfinite(result.loss)
+    assert Ensemble(members).averages == "predictions"  # what the messages say (not "class probabilities")
 
 
 def test_save_and_load_round_trip(tmp_path, tasks):
@@ -164,3 +165,33 @@ def test_a_member_that_cannot_serve_the_episode_is_named(tasks, tmp_path):
         Ensemble([member(0), path], device="cpu").evaluate(tasks, 1, ways=8, progress=False)
     with pytest.raises(InputError, match=r"ensemble member B.pt: "):
         Ensemble([member(0), fixed], labels=["A.pt", "B.pt"]).evaluate(tasks, 1, ways=8, progress=False)
+
+
+def test_every_error_of_a_member_names_it(tasks):
+    """Non-finite weights (``metamtl evaluate good.pt diverged.pt``) and every error of predict / adapt
+    did not say which member raised it."""
+    from metamtl.errors import InputError, TrainingError
+
+    diverged = member(1)
+    with torch.no_grad():
+        next(diverged.model.parameters()).fill_(float("nan"))
+    ens = Ensemble([member(0), diverged], labels=["good.pt", "diverged.pt"])
+    episode = tasks.episode(0)
+    with pytest.raises(TrainingError, match=r"^ensemble member diverged.pt: evaluate: .*not finite"):
+        ens.evaluate(tasks, 1, progress=False)
+    with pytest.raises(TrainingError, match=r"^ensemble member diverged.pt: "):
+        ens.predict(episode.support_x, episode.support_y, episode.query_x)
+    fixed = Ensemble([member(0), member(1, "maml", steps=1, lr=0.1)], labels=["A.pt", "B.pt"])  # a 5-way head
+    eight = EpisodeSampler(images(), 8, 2, 3, seed=4).episode(0)
+    with pytest.raises(InputError, match=r"^ensemble member B.pt: "):
+        fixed.predict(eight.support_x, eight.support_y, eight.query_x)
+    with pytest.raises(InputError, match=r"^ensemble member B.pt: "):
+        fixed.adapt(eight.support_x, eight.support_y)
+
+
+def test_reported_steps_are_the_steps_the_members_took(tasks):
+    """``steps=5`` with ProtoNet members took no inner step: the result said 5 (a member alone says 0)."""
+    a, b = member(0), member(1)
+    assert a.evaluate(tasks, 2, steps=5, progress=False).steps == 0
+    assert Ensemble([a, b]).evaluate(tasks, 2, steps=5, progress=False).steps == 0
+    assert Ensemble([a, member(2, "maml", steps=1, lr=0.1)]).evaluate(tasks, 2, steps=3, progress=False).steps == 3

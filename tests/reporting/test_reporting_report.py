@@ -631,3 +631,15 @@ def test_the_wandb_sync_command_can_be_pasted_and_uploads_every_offline_run(tmp_
     text = write_report(Path("my runs") / "x").read_text()
     command = html.unescape(re.search(r"upload with <code>(.*?)</code>", text).group(1))
     assert shlex.split(command) == ["wandb", "sync", *(str(d.resolve()) for d in offline)]
+
+
+def test_a_regression_ensembles_page_says_its_predictions_are_averaged():
+    """A regression ensemble's page said its held-out rows "average their class probabilities"."""
+    from metamtl.reporting.report import _members
+
+    row = {"accuracy": None, "loss": 0.5, "loss_ci95": 0.1, "ways": 1, "shots": 5}
+    ensemble = {"threads": 1, "members": [{"name": "member0", "seed": 0, "iterations": 3, "test": [row]}]}
+    regression = _members({"config": {"data": {"name": "sinusoid"}}, "test": [row], "ensemble": ensemble})
+    assert "average their predictions" in regression and "class probabilities" not in regression
+    assert "average their class probabilities" in _members({"test": [{**row, "accuracy": 0.9, "ci95": 0.01}],
+                                                            "ensemble": ensemble})

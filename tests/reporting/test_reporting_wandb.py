@@ -227,6 +227,22 @@ def test_learned_inner_rates_of_real_algorithms_reach_wandb(tmp_path, synthetic_
     assert any(first[k] != last[k] for k in keys if k in first and k in last)  # they are learned
 
 
+def test_a_regression_ensemble_logs_each_members_error(tmp_path):
+    """The members' rows of a regression ensemble (no accuracy) were left out of the W&B summary."""
+    def row(loss):
+        return {"accuracy": None, "ci95": None, "loss": loss, "loss_ci95": 0.1, "episodes": 10, "ways": 1, "shots": 5,
+                "queries": 5, "steps": 1, "hierarchy": None, "head": "algorithm", "transductive": False,
+                "per_episode_loss": [loss] * 10}
+
+    logger = WandbLogger(mode="offline", run_dir=tmp_path, name="r", log_model=False, settings={"console": "off"})
+    logger.log_evaluation({"test": [row(0.5)], "ensemble": {"members": [{"name": "member0", "test": [row(0.7)]},
+                                                                        {"name": "member1", "test": [row(0.9)]}]}})
+    summary = read_offline_run(tmp_path).summary
+    assert summary["test/5shot/loss"] == 0.5
+    assert {k: v for k, v in summary.items() if k.startswith("members/")} == {
+        "members/member0/test/5shot/loss": 0.7, "members/member1/test/5shot/loss": 0.9}
+
+
 def test_settings_that_differ_only_in_hierarchy_keep_their_own_keys_and_labels(tmp_path):
     """eval.settings may hold one setting at several superclass depths (or a depth and a mapping):
     each row keeps its own W&B key (one used to overwrite the other) and its own report and curve
