@@ -168,6 +168,9 @@ class Strategy(nn.Module):
                                  "pass one per task or a dict by task name")
             names = list(self.tasks)
         params = [p for p in params if p.requires_grad]
+        if not params:
+            raise InputError(f"{self.name} strategy backward got no parameter that requires grad; pass the "
+                             "model's trainable parameters (e.g. model.parameters() of a model that is not frozen)")
         values = _scalar_losses(values, names)
         # a loss without a graph (a constant, e.g. a task with no labelled example in the batch) depends
         # on no parameter: like a parameter a task does not use, it contributes no gradient

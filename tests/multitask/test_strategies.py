@@ -294,3 +294,13 @@ def test_gradnorm_refuses_a_negative_task_loss_before_changing_its_state():
     with pytest.raises(InputError, match="gradnorm needs task losses >= 0.*got -1 for task 'b'"):
         s.backward({"a": (p ** 2).sum(), "b": p.sum() - 4.0}, [p])
     assert s.weight.tolist() == [0.5, 3.0] and s.weight.grad is None and s.initial_loss.tolist() == [0, 0]
+
+
+def test_backward_with_no_trainable_parameter_is_an_input_error():
+    """A frozen model (or an empty list) gave torch's bare 'inputs argument to grad() cannot be empty'."""
+    frozen = nn.Parameter(torch.ones(3), requires_grad=False)
+    live = torch.ones((), requires_grad=True)
+    s = build_strategy("equal", ["a", "b"])
+    for params in ([frozen], []):
+        with pytest.raises(InputError, match="no parameter that requires grad"):
+            s.backward([(frozen * 2).sum() * live, (frozen * 3).sum() * live], params)
