@@ -395,3 +395,11 @@ def test_a_skipped_step_leaves_integer_buffers_such_as_dwa_steps_as_they_were():
         history = learner.fit(mixed(), iterations=3, meta_batch_size=4, progress=False)
     assert [h.get("train/skipped", 0.0) for h in history] == [0.0, 1.0, 0.0]
     assert int(alg.strategy.steps) == 2 and alg.strategy.loss_count.tolist() == [2.0, 2.0]  # no period closed
+
+
+def test_per_dataset_heads_without_out_features_are_a_config_error():
+    """heads='per_dataset' with out_features None (per-task heads, e.g. anil with head_init proto)
+    was silently dropped: the model had no head at all."""
+    with pytest.raises(ConfigError, match="per_dataset.*out_features.*head_init: learned"):
+        small_model(heads="per_dataset", out_features=None)
+    assert small_model(heads="shared", out_features=None).head is None  # per-task heads, as documented
