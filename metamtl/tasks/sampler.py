@@ -383,7 +383,10 @@ class MixedTasks(Dataset):
 
     Args:
         sources: task sources (e.g. one :class:`EpisodeSampler` per dataset).
-        weights: list of numbers, ``"equal"`` or ``"size"`` (number of classes of each source).
+        weights: list of numbers, ``"equal"`` or ``"size"`` (number of classes of each source; a
+            source without ``num_classes`` is a :class:`TaskError`).
+
+    ``num_classes`` (when every source has one) is the sum of the sources' classes.
         temperature: see :func:`mixture_weights`.
         seed: which source serves episode ``i`` is a pure function of ``(seed, i)``; the
             episode itself is ``source.episode(i)``.
@@ -402,8 +405,14 @@ class MixedTasks(Dataset):
         if len(set(names)) != len(names):
             raise TaskError(f"task sources need distinct names, got {names}")
         self.sources = list(sources)
-        sizes = [getattr(s, "num_classes", 1) for s in sources]
-        self.probs = mixture_weights(sizes, weights, temperature)
+        sizes = [getattr(s, "num_classes", None) for s in sources]
+        if isinstance(weights, str) and weights == "size" and None in sizes:
+            raise TaskError(f"mixture weights 'size' need each source's number of classes, but source "
+                            f"{names[sizes.index(None)]!r} has no num_classes; give the weights as a list of "
+                            "numbers or 'equal'")
+        if None not in sizes:  # the mixture's classes: every source's, one after the other
+            self.num_classes = sum(sizes)
+        self.probs = mixture_weights([1 if s is None else s for s in sizes], weights, temperature)
         self._cum = torch.tensor(self.probs, dtype=torch.float64).cumsum(0)
         self.seed = check_seed(seed)
         self.name = "+".join(names)

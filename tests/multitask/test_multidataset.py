@@ -403,3 +403,23 @@ def test_per_dataset_heads_without_out_features_are_a_config_error():
     with pytest.raises(ConfigError, match="per_dataset.*out_features.*head_init: learned"):
         small_model(heads="per_dataset", out_features=None)
     assert small_model(heads="shared", out_features=None).head is None  # per-task heads, as documented
+
+
+def test_size_weights_count_a_nested_mixture_by_its_classes_and_refuse_an_unknown_size():
+    """A source without num_classes (a nested MixedTasks) counted as 1 class: probabilities
+    [0.024, 0.976] for a 60-class mixture against a 40-class source."""
+    big = EpisodeSampler(toy("big", 1, 12, classes=40), 3, 1, 2)
+    inner = MixedTasks([EpisodeSampler(toy("x", 1, 12, classes=30), 3, 1, 2),
+                        EpisodeSampler(toy("y", 1, 12, classes=30, seed=1), 3, 1, 2)])
+    assert inner.num_classes == 60
+    assert MixedTasks([inner, big], "size").probs == pytest.approx([0.6, 0.4])
+
+    class Sizeless:
+        name, ways, shots, queries = "sizeless", 3, 1, 2
+
+        def episode(self, index):
+            return big.episode(index)
+
+    with pytest.raises(TaskError, match="'size'.*'sizeless' has no num_classes"):
+        MixedTasks([Sizeless(), big], "size")
+    assert MixedTasks([Sizeless(), big]).probs == [0.5, 0.5]
