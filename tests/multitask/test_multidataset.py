@@ -423,3 +423,28 @@ def test_size_weights_count_a_nested_mixture_by_its_classes_and_refuse_an_unknow
     with pytest.raises(TaskError, match="'size'.*'sizeless' has no num_classes"):
         MixedTasks([Sizeless(), big], "size")
     assert MixedTasks([Sizeless(), big]).probs == [0.5, 0.5]
+
+
+def test_transfer_pretrains_on_a_mixture_with_each_sources_classes_on_their_own_logits(tmp_path):
+    """A `datasets:` list with transfer crashed with AttributeError: 'MixedTasks' object has no
+    attribute 'num_classes'; with num_classes set, class 8 of dataset a and class 8 of dataset b
+    trained the same logit."""
+    from metamtl.config import config_from_dict
+    from metamtl.experiment import build_learner
+
+    src = MixedTasks([EpisodeSampler(toy("a", 1, 16, classes=12), 3, 1, 2),
+                      EpisodeSampler(toy("b", 1, 16, classes=30, seed=1), 3, 1, 2)])
+    assert src.num_classes == 42
+    for i in range(40):
+        ep, which = src.episode(i), src.source_of(i)
+        own = src.sources[which].episode(i).classes
+        assert ep.classes == tuple(c + (12 if which else 0) for c in own)
+        assert ep.dataset == ("b" if which else "a")
+    cfg = config_from_dict({
+        "datasets": [{"name": "omniglot", "label": "a"}, {"name": "omniglot", "label": "b"}],
+        "tasks": {"ways": 3, "shots": 1, "queries": 2}, "output_dir": str(tmp_path),
+        "model": {"name": "conv4", "hidden": 4}, "algorithm": {"name": "transfer"},
+        "train": {"device": "cpu"}})
+    learner = build_learner(cfg, src)
+    assert learner.algorithm.num_classes == 42
+    learner.algorithm.meta_step(learner.model, TaskBatch([src.episode(i).to("cpu") for i in range(4)]))
