@@ -86,8 +86,8 @@ class Strategy(nn.Module):
     #: whether the strategy acts on the gradients of parameters several tasks share (with none it
     #: would train exactly like ``equal``: :func:`apply_strategy` warns once)
     needs_shared: ClassVar[bool] = False
-    #: which of the tasks of the current :meth:`combine` call have a loss with a graph (``None``:
-    #: all; set by :func:`apply_strategy`); the others are absent from the strategy's own state
+    #: which of the tasks of the current :meth:`combine` call have a finite loss with a graph
+    #: (``None``: all; set by :func:`apply_strategy`); the others are absent from the strategy's own state
     present: list[bool] | None = None
 
     def __init__(self, tasks: Sequence[str]) -> None:
@@ -216,7 +216,8 @@ def apply_strategy(strategy: Strategy, losses: torch.Tensor, grads: list[list[to
     """Combine per-task gradients ``grads[i][j]`` (task ``i``, parameter ``j``; ``None``: unused).
 
     ``present[i]``: whether task ``i``'s loss has a graph (``None``: all do); an absent task
-    still counts in the ``k`` of the scaling, but the strategy's state ignores it.
+    still counts in the ``k`` of the scaling, but the strategy's state ignores it.  A task whose
+    loss is not finite is absent as well.
 
     Parameters used by two or more tasks (all used parameters when there is one task) are
     *shared*: their flattened gradients go through :meth:`Strategy.combine`.  The others are
@@ -237,7 +238,10 @@ def apply_strategy(strategy: Strategy, losses: torch.Tensor, grads: list[list[to
         if sum(any(x is not None for x in g) for g in grads) >= 2:  # two tasks with gradients share none
             _warn_nothing_shared(strategy)
     losses = losses.to(matrix)
-    strategy.present = None if present is None else [bool(p) for p in present]
+    # a non-finite loss (an fp16 overflow whose step is skipped) must not become the strategy's
+    # reference statistics (GradNorm's first losses, DWA's period means): that task is absent too
+    live = torch.isfinite(losses).tolist()
+    strategy.present = [bool(f) and (present is None or bool(p)) for f, p in zip(live, present or live)]
     try:
         direction, weights = strategy.combine(losses, matrix, tasks)
     finally:

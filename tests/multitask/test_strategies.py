@@ -304,3 +304,36 @@ def test_backward_with_no_trainable_parameter_is_an_input_error():
     for params in ([frozen], []):
         with pytest.raises(InputError, match="no parameter that requires grad"):
             s.backward([(frozen * 2).sum() * live, (frozen * 3).sum() * live], params)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize("name", ["uncertainty", "gradnorm", "dwa"])
+def test_a_non_finite_task_loss_is_absent_from_the_strategy_state(name, bad):
+    """One inf loss (an fp16 overflow whose step is skipped) became GradNorm's initial loss for good
+    (task a's weight pushed to the clamp, or frozen for NaN), and gave DWA NaN weights a period later."""
+    x = nn.Parameter(torch.tensor([1.0, 2.0]))
+    s = build_strategy({"name": name, "period": 1} if name == "dwa" else name, ["a", "b"])
+
+    def step(scale_a):
+        x.grad = None
+        s.zero_grad()
+        return s.backward({"a": scale_a * x[0] ** 2, "b": x.sum() ** 2}, [x])
+
+    step(1.0)
+    step(bad)
+    for p in s.parameters():
+        assert p.grad[0] == 0 and torch.isfinite(p.grad).all()
+    if name == "gradnorm":
+        assert s.initial_loss.tolist() == [1.0, 9.0]
+    metrics = step(1.0)
+    assert torch.isfinite(x.grad).all() and all(math.isfinite(v) for v in metrics.values())
+    for p in s.parameters():
+        assert torch.isfinite(p.grad).all()
+    if name == "gradnorm":  # as if the bad step had not happened
+        reference = build_strategy(name, ["a", "b"])
+        for _ in range(2):
+            reference.zero_grad()
+            reference.backward({"a": x[0] ** 2, "b": x.sum() ** 2}, [x])
+        torch.testing.assert_close(s.weight.grad, reference.weight.grad)
+    if name == "dwa":
+        assert torch.isfinite(s.history).all() and torch.isfinite(s.current_weights()).all()
