@@ -451,7 +451,10 @@ class CAGrad(Strategy):
     Finds ``w`` on the simplex minimising ``g_w . g0 + c ||g0|| ||g_w||`` (``g_w = sum_i w_i g_i``,
     ``g0`` the mean gradient) and returns ``d = g0 + c ||g0|| g_w / ||g_w||`` (divided by
     ``1 + c^2`` with ``rescale=1`` as in the paper's code, ``1 + c`` with 2, unscaled with 0).  ``d``
-    maximises ``min_i g_i . d`` over the ball ``||d - g0|| <= c ||g0||``.
+    maximises ``min_i g_i . d`` over the ball ``||d - g0|| <= c ||g0||``.  Only the tasks whose loss
+    has a graph and is finite take part (``g0`` is their mean, and ``d`` is scaled by their share of
+    the ``k`` tasks, like a mean over all of them); ``g_w = 0`` (up to the solver's residual) gives
+    ``d = g0``, as in the paper's code.
 
     Args:
         c: radius of the ball, relative to ``||g0||`` (0: plain average).
@@ -461,6 +464,8 @@ class CAGrad(Strategy):
 
     name = "cagrad"
     needs_shared = True
+    #: ``||g_w||`` below this fraction of ``||g0||`` counts as 0 (the solver's residual)
+    gw_tolerance: ClassVar[float] = 1e-4
 
     def __init__(self, tasks: Sequence[str], c: float = 0.4, rescale: int = 1, iterations: int = 100) -> None:
         super().__init__(tasks)
@@ -512,17 +517,23 @@ class CAGrad(Strategy):
     def combine(self, losses, grads, tasks):
         k = len(tasks)
         ones = torch.ones(k, dtype=grads.dtype, device=grads.device)
-        g0 = grads.mean(0)
-        if k == 1 or self.c == 0 or grads.shape[1] == 0:
-            return g0, ones
-        gram = grads.double() @ grads.double().T
-        w = self.simplex_weights(gram).to(grads)
-        gw = w @ grads
-        radius = self.c * g0.norm()
-        d = g0 + radius * gw / gw.norm().clamp_min(1e-12)
-        self.last_metrics = {f"mtl/cagrad_w/{self.tasks[t]}": float(v) for t, v in zip(tasks, w)}
+        live = self._live(k)  # absent tasks (constant or non-finite losses) take no part in the solve
+        if len(live) <= 1 or self.c == 0 or grads.shape[1] == 0:
+            return grads[live].sum(0) / k, ones
+        rows = grads[live]
+        g0 = rows.mean(0)
+        w = self.simplex_weights(rows.double() @ rows.double().T).to(grads)
+        gw = w @ rows
+        d = g0
+        # ||g_w|| ~ 0: the exact minimiser is g_w = 0 (0 in the tasks' hull), whose term is 0 in the
+        # paper's code (lmbda * g_w); normalising the solver's residual would point anywhere
+        if gw.norm() > self.gw_tolerance * g0.norm():
+            d = g0 + self.c * g0.norm() * gw / gw.norm()
+        weights = torch.zeros(k, dtype=grads.dtype, device=grads.device)
+        weights[live] = w
+        self.last_metrics = {f"mtl/cagrad_w/{self.tasks[t]}": float(v) for t, v in zip(tasks, weights)}
         scale = {0: 1.0, 1: 1.0 + self.c ** 2, 2: 1.0 + self.c}[self.rescale]
-        return d / scale, ones
+        return d * (len(live) / k) / scale, ones  # scaled like a mean over all k tasks
 
 
 STRATEGIES: dict[str, type[Strategy]] = {

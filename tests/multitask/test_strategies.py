@@ -337,3 +337,24 @@ def test_a_non_finite_task_loss_is_absent_from_the_strategy_state(name, bad):
         torch.testing.assert_close(s.weight.grad, reference.weight.grad)
     if name == "dwa":
         assert torch.isfinite(s.history).all() and torch.isfinite(s.current_weights()).all()
+
+
+def test_cagrad_leaves_absent_tasks_out_of_its_solve_and_drops_a_vanishing_gw():
+    """A constant task loss kept its zero row in the Gram matrix and took all the weight; the
+    vanishing g_w was then normalised, pointing the extra term along the solver's residual."""
+    gb, gc = torch.tensor([1.0, 0.2, 0.0]), torch.tensor([-0.5, 1.0, 0.3])
+
+    def run(names, extra=None):
+        s = build_strategy({"name": "cagrad", "c": 0.4}, names)
+        y = nn.Parameter(torch.zeros(3))
+        losses = {"b": (gb * y).sum() + 1, "c": (gc * y).sum() + 1}
+        metrics = s.backward({**({"a": extra(y)} if extra else {}), **losses}, [y])
+        return y.grad, metrics
+
+    live, _ = run(["b", "c"])
+    absent, metrics = run(["a", "b", "c"], lambda y: 0.0)  # README: a task with no labels in the batch
+    torch.testing.assert_close(absent, live * 2 / 3)  # the live tasks' CAGrad, as a mean over 3 tasks
+    assert metrics["mtl/cagrad_w/a"] == 0
+    # a task with a graph but a zero gradient: the exact minimiser is g_w = 0, so d = g0 / (1 + c^2)
+    zero, _ = run(["a", "b", "c"], lambda y: (0 * y).sum())
+    torch.testing.assert_close(zero, (gb + gc) / 3 / 1.16)
