@@ -448,3 +448,34 @@ def test_transfer_pretrains_on_a_mixture_with_each_sources_classes_on_their_own_
     learner = build_learner(cfg, src)
     assert learner.algorithm.num_classes == 42
     learner.algorithm.meta_step(learner.model, TaskBatch([src.episode(i).to("cpu") for i in range(4)]))
+
+
+@pytest.mark.parametrize("base", ["maml", "reptile"])
+def test_every_base_splits_shared_and_dataset_specific_parameters_alike(base):
+    """Reptile's meta-gradient (initial - adapted) is zero, not None, for the parameters of the
+    other datasets: every parameter counted as shared, PCGrad/CAGrad mixed the datasets' own heads
+    and stems, and the 'nothing shared' warning never fired."""
+    import warnings
+
+    batch = balanced_batch(mixed())
+    cfg = {"name": base, "steps": 1, "lr": 0.3}
+    for strategy in ("pcgrad", "cagrad"):
+        m = small_model(heads="per_dataset", out_features=3)
+        alg = MultiTask(cfg, strategy, ["grey", "rgb"])
+        own = {}
+        for name in ("grey", "rgb"):
+            m.zero_grad(set_to_none=True)
+            with dataset_scope(name):
+                alg.base.meta_step(m, TaskBatch([e for e in batch if e.dataset == name]))
+            own[name] = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None and p.grad.any()}
+        m.zero_grad(set_to_none=True)
+        alg.meta_step(m, batch)
+        for n, p in m.named_parameters():  # each dataset's stem and head: weights[i] * g_i / k
+            for name in ("grey", "rgb"):
+                if f"stems.{name}" in n or f"heads.{name}" in n:
+                    torch.testing.assert_close(p.grad, own[name][n] / 2)
+    m = small_model(sharing="soft", heads="per_dataset", out_features=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        MultiTask(cfg, "pcgrad", ["grey", "rgb"]).meta_step(m, batch)
+    assert any("found no parameter shared" in str(w.message) for w in caught)
