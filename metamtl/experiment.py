@@ -228,7 +228,7 @@ def build_learner(cfg: Config, train_tasks: TaskSource, callbacks: list[Callback
     model_cfg = dict(cfg.model)
     mixed = isinstance(train_tasks, MixedTasks)
     alg_cfg = with_data_settings(cfg.algorithm, {  # what the algorithm declares it takes (Algorithm.from_data)
-        "num_classes": lambda: train_tasks.num_classes,
+        "num_classes": lambda: getattr(train_tasks, "num_classes", None),  # a mixture's: the sum
         "datasets": lambda: [s.name for s in train_tasks.sources] if mixed else None})  # type: ignore[attr-defined]
     algorithm = build_algorithm(**alg_cfg)
     regression = is_regression(cfg)

@@ -4,7 +4,8 @@
 meta-batch by ``episode.dataset``, runs the wrapped algorithm's ``meta_step`` on each dataset's
 episodes (mean over that dataset's tasks), keeps each dataset's meta-gradient and mean query
 loss, and lets a :mod:`strategy <metamtl.multitask.strategies>` (equal, uncertainty, GradNorm,
-DWA, PCGrad, CAGrad) combine them into ``.grad``.  The strategy is a sub-module, so learnable
+DWA, PCGrad, CAGrad) combine them into ``.grad``.  A parameter with no (or an all-zero)
+meta-gradient from a dataset is one that dataset does not reach, whatever the base algorithm.  The strategy is a sub-module, so learnable
 weights (uncertainty log-variances, GradNorm weights) are meta-parameters: the learner's
 meta-optimizer steps them and checkpoints save and resume them.
 
@@ -124,7 +125,7 @@ class MultiTask(Algorithm):
                 p.grad = None
             with dataset_scope(name):
                 metrics = self.base.meta_step(model, TaskBatch([batch[i] for i in positions]), iteration)
-            parts.append(_Part(name, positions, [p.grad for p in params], metrics))
+            parts.append(_Part(name, positions, _reached([p.grad for p in params]), metrics))
         self.base.keep_batch_plan(model, batch, iteration)  # the batch's memory plan, not its last dataset's
         for p, g in zip(params, before):
             p.grad = g
@@ -226,6 +227,22 @@ class MultiTask(Algorithm):
             for i, r in zip(positions, results):
                 out[i] = r
         return out
+
+
+def _reached(grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """One dataset's meta-gradients with an all-zero one as ``None``: a parameter the dataset never
+    reaches (another dataset's stem, trunk or head).  Reptile's ``initial - adapted`` gives such a
+    parameter zeros where backpropagation gives ``None``; without this every parameter would count
+    as shared by every dataset (one device sync for all of them)."""
+    present = [i for i, g in enumerate(grads) if g is not None]
+    if not present:
+        return grads
+    nonzero = torch.stack([grads[i].ne(0).any() for i in present]).tolist()
+    out = list(grads)
+    for i, keep in zip(present, nonzero):
+        if not keep:
+            out[i] = None
+    return out
 
 
 class _Part:

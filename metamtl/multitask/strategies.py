@@ -86,8 +86,8 @@ class Strategy(nn.Module):
     #: whether the strategy acts on the gradients of parameters several tasks share (with none it
     #: would train exactly like ``equal``: :func:`apply_strategy` warns once)
     needs_shared: ClassVar[bool] = False
-    #: which of the tasks of the current :meth:`combine` call have a loss with a graph (``None``:
-    #: all; set by :func:`apply_strategy`); the others are absent from the strategy's own state
+    #: which of the tasks of the current :meth:`combine` call have a finite loss with a graph
+    #: (``None``: all; set by :func:`apply_strategy`); the others are absent from the strategy's own state
     present: list[bool] | None = None
 
     def __init__(self, tasks: Sequence[str]) -> None:
@@ -168,6 +168,9 @@ class Strategy(nn.Module):
                                  "pass one per task or a dict by task name")
             names = list(self.tasks)
         params = [p for p in params if p.requires_grad]
+        if not params:
+            raise InputError(f"{self.name} strategy backward got no parameter that requires grad; pass the "
+                             "model's trainable parameters (e.g. model.parameters() of a model that is not frozen)")
         values = _scalar_losses(values, names)
         # a loss without a graph (a constant, e.g. a task with no labelled example in the batch) depends
         # on no parameter: like a parameter a task does not use, it contributes no gradient
@@ -213,7 +216,8 @@ def apply_strategy(strategy: Strategy, losses: torch.Tensor, grads: list[list[to
     """Combine per-task gradients ``grads[i][j]`` (task ``i``, parameter ``j``; ``None``: unused).
 
     ``present[i]``: whether task ``i``'s loss has a graph (``None``: all do); an absent task
-    still counts in the ``k`` of the scaling, but the strategy's state ignores it.
+    still counts in the ``k`` of the scaling, but the strategy's state ignores it.  A task whose
+    loss is not finite is absent as well.
 
     Parameters used by two or more tasks (all used parameters when there is one task) are
     *shared*: their flattened gradients go through :meth:`Strategy.combine`.  The others are
@@ -234,7 +238,10 @@ def apply_strategy(strategy: Strategy, losses: torch.Tensor, grads: list[list[to
         if sum(any(x is not None for x in g) for g in grads) >= 2:  # two tasks with gradients share none
             _warn_nothing_shared(strategy)
     losses = losses.to(matrix)
-    strategy.present = None if present is None else [bool(p) for p in present]
+    # a non-finite loss (an fp16 overflow whose step is skipped) must not become the strategy's
+    # reference statistics (GradNorm's first losses, DWA's period means): that task is absent too
+    live = torch.isfinite(losses).tolist()
+    strategy.present = [bool(f) and (present is None or bool(p)) for f, p in zip(live, present or live)]
     try:
         direction, weights = strategy.combine(losses, matrix, tasks)
     finally:
@@ -444,7 +451,10 @@ class CAGrad(Strategy):
     Finds ``w`` on the simplex minimising ``g_w . g0 + c ||g0|| ||g_w||`` (``g_w = sum_i w_i g_i``,
     ``g0`` the mean gradient) and returns ``d = g0 + c ||g0|| g_w / ||g_w||`` (divided by
     ``1 + c^2`` with ``rescale=1`` as in the paper's code, ``1 + c`` with 2, unscaled with 0).  ``d``
-    maximises ``min_i g_i . d`` over the ball ``||d - g0|| <= c ||g0||``.
+    maximises ``min_i g_i . d`` over the ball ``||d - g0|| <= c ||g0||``.  Only the tasks whose loss
+    has a graph and is finite take part (``g0`` is their mean, and ``d`` is scaled by their share of
+    the ``k`` tasks, like a mean over all of them); ``g_w = 0`` (up to the solver's residual) gives
+    ``d = g0``, as in the paper's code.
 
     Args:
         c: radius of the ball, relative to ``||g0||`` (0: plain average).
@@ -454,6 +464,8 @@ class CAGrad(Strategy):
 
     name = "cagrad"
     needs_shared = True
+    #: ``||g_w||`` below this fraction of ``||g0||`` counts as 0 (the solver's residual)
+    gw_tolerance: ClassVar[float] = 1e-4
 
     def __init__(self, tasks: Sequence[str], c: float = 0.4, rescale: int = 1, iterations: int = 100) -> None:
         super().__init__(tasks)
@@ -505,17 +517,23 @@ class CAGrad(Strategy):
     def combine(self, losses, grads, tasks):
         k = len(tasks)
         ones = torch.ones(k, dtype=grads.dtype, device=grads.device)
-        g0 = grads.mean(0)
-        if k == 1 or self.c == 0 or grads.shape[1] == 0:
-            return g0, ones
-        gram = grads.double() @ grads.double().T
-        w = self.simplex_weights(gram).to(grads)
-        gw = w @ grads
-        radius = self.c * g0.norm()
-        d = g0 + radius * gw / gw.norm().clamp_min(1e-12)
-        self.last_metrics = {f"mtl/cagrad_w/{self.tasks[t]}": float(v) for t, v in zip(tasks, w)}
+        live = self._live(k)  # absent tasks (constant or non-finite losses) take no part in the solve
+        if len(live) <= 1 or self.c == 0 or grads.shape[1] == 0:
+            return grads[live].sum(0) / k, ones
+        rows = grads[live]
+        g0 = rows.mean(0)
+        w = self.simplex_weights(rows.double() @ rows.double().T).to(grads)
+        gw = w @ rows
+        d = g0
+        # ||g_w|| ~ 0: the exact minimiser is g_w = 0 (0 in the tasks' hull), whose term is 0 in the
+        # paper's code (lmbda * g_w); normalising the solver's residual would point anywhere
+        if gw.norm() > self.gw_tolerance * g0.norm():
+            d = g0 + self.c * g0.norm() * gw / gw.norm()
+        weights = torch.zeros(k, dtype=grads.dtype, device=grads.device)
+        weights[live] = w
+        self.last_metrics = {f"mtl/cagrad_w/{self.tasks[t]}": float(v) for t, v in zip(tasks, weights)}
         scale = {0: 1.0, 1: 1.0 + self.c ** 2, 2: 1.0 + self.c}[self.rescale]
-        return d / scale, ones
+        return d * (len(live) / k) / scale, ones  # scaled like a mean over all k tasks
 
 
 STRATEGIES: dict[str, type[Strategy]] = {

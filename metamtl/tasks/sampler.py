@@ -15,6 +15,7 @@ Sources:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import threading
@@ -383,7 +384,12 @@ class MixedTasks(Dataset):
 
     Args:
         sources: task sources (e.g. one :class:`EpisodeSampler` per dataset).
-        weights: list of numbers, ``"equal"`` or ``"size"`` (number of classes of each source).
+        weights: list of numbers, ``"equal"`` or ``"size"`` (number of classes of each source; a
+            source without ``num_classes`` is a :class:`TaskError`).
+
+    ``num_classes`` (when every source has one) is the sum of the sources' classes, and each
+    episode's ``classes`` (dataset class ids) are offset by the classes of the sources before its
+    own, so they are ids among the mixture's classes (transfer pre-training's global labels).
         temperature: see :func:`mixture_weights`.
         seed: which source serves episode ``i`` is a pure function of ``(seed, i)``; the
             episode itself is ``source.episode(i)``.
@@ -402,8 +408,18 @@ class MixedTasks(Dataset):
         if len(set(names)) != len(names):
             raise TaskError(f"task sources need distinct names, got {names}")
         self.sources = list(sources)
-        sizes = [getattr(s, "num_classes", 1) for s in sources]
-        self.probs = mixture_weights(sizes, weights, temperature)
+        sizes = [getattr(s, "num_classes", None) for s in sources]
+        if isinstance(weights, str) and weights == "size" and None in sizes:
+            raise TaskError(f"mixture weights 'size' need each source's number of classes, but source "
+                            f"{names[sizes.index(None)]!r} has no num_classes; give the weights as a list of "
+                            "numbers or 'equal'")
+        # the mixture's classes: every source's, one after the other (``episode.classes`` are offset
+        # by the classes of the sources before, so two sources' class 0 stay different classes)
+        self._offsets: list[int] | None = None
+        if None not in sizes:
+            self.num_classes = sum(sizes)
+            self._offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.probs = mixture_weights([1 if s is None else s for s in sizes], weights, temperature)
         self._cum = torch.tensor(self.probs, dtype=torch.float64).cumsum(0)
         self.seed = check_seed(seed)
         self.name = "+".join(names)
@@ -423,7 +439,12 @@ class MixedTasks(Dataset):
         return min(int(torch.searchsorted(self._cum, u).item()), len(self.sources) - 1)
 
     def episode(self, index: int) -> Episode:
-        return self.sources[self.source_of(index)].episode(index)
+        which = self.source_of(index)
+        episode = self.sources[which].episode(index)
+        offset = self._offsets[which] if self._offsets else 0
+        if offset and episode.classes:
+            episode = dataclasses.replace(episode, classes=tuple(int(c) + offset for c in episode.classes))
+        return episode
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{s.name}:{p:.2f}" for s, p in zip(self.sources, self.probs))

@@ -395,3 +395,87 @@ def test_a_skipped_step_leaves_integer_buffers_such_as_dwa_steps_as_they_were():
         history = learner.fit(mixed(), iterations=3, meta_batch_size=4, progress=False)
     assert [h.get("train/skipped", 0.0) for h in history] == [0.0, 1.0, 0.0]
     assert int(alg.strategy.steps) == 2 and alg.strategy.loss_count.tolist() == [2.0, 2.0]  # no period closed
+
+
+def test_per_dataset_heads_without_out_features_are_a_config_error():
+    """heads='per_dataset' with out_features None (per-task heads, e.g. anil with head_init proto)
+    was silently dropped: the model had no head at all."""
+    with pytest.raises(ConfigError, match="per_dataset.*out_features.*head_init: learned"):
+        small_model(heads="per_dataset", out_features=None)
+    assert small_model(heads="shared", out_features=None).head is None  # per-task heads, as documented
+
+
+def test_size_weights_count_a_nested_mixture_by_its_classes_and_refuse_an_unknown_size():
+    """A source without num_classes (a nested MixedTasks) counted as 1 class: probabilities
+    [0.024, 0.976] for a 60-class mixture against a 40-class source."""
+    big = EpisodeSampler(toy("big", 1, 12, classes=40), 3, 1, 2)
+    inner = MixedTasks([EpisodeSampler(toy("x", 1, 12, classes=30), 3, 1, 2),
+                        EpisodeSampler(toy("y", 1, 12, classes=30, seed=1), 3, 1, 2)])
+    assert inner.num_classes == 60
+    assert MixedTasks([inner, big], "size").probs == pytest.approx([0.6, 0.4])
+
+    class Sizeless:
+        name, ways, shots, queries = "sizeless", 3, 1, 2
+
+        def episode(self, index):
+            return big.episode(index)
+
+    with pytest.raises(TaskError, match="'size'.*'sizeless' has no num_classes"):
+        MixedTasks([Sizeless(), big], "size")
+    assert MixedTasks([Sizeless(), big]).probs == [0.5, 0.5]
+
+
+def test_transfer_pretrains_on_a_mixture_with_each_sources_classes_on_their_own_logits(tmp_path):
+    """A `datasets:` list with transfer crashed with AttributeError: 'MixedTasks' object has no
+    attribute 'num_classes'; with num_classes set, class 8 of dataset a and class 8 of dataset b
+    trained the same logit."""
+    from metamtl.config import config_from_dict
+    from metamtl.experiment import build_learner
+
+    src = MixedTasks([EpisodeSampler(toy("a", 1, 16, classes=12), 3, 1, 2),
+                      EpisodeSampler(toy("b", 1, 16, classes=30, seed=1), 3, 1, 2)])
+    assert src.num_classes == 42
+    for i in range(40):
+        ep, which = src.episode(i), src.source_of(i)
+        own = src.sources[which].episode(i).classes
+        assert ep.classes == tuple(c + (12 if which else 0) for c in own)
+        assert ep.dataset == ("b" if which else "a")
+    cfg = config_from_dict({
+        "datasets": [{"name": "omniglot", "label": "a"}, {"name": "omniglot", "label": "b"}],
+        "tasks": {"ways": 3, "shots": 1, "queries": 2}, "output_dir": str(tmp_path),
+        "model": {"name": "conv4", "hidden": 4}, "algorithm": {"name": "transfer"},
+        "train": {"device": "cpu"}})
+    learner = build_learner(cfg, src)
+    assert learner.algorithm.num_classes == 42
+    learner.algorithm.meta_step(learner.model, TaskBatch([src.episode(i).to("cpu") for i in range(4)]))
+
+
+@pytest.mark.parametrize("base", ["maml", "reptile"])
+def test_every_base_splits_shared_and_dataset_specific_parameters_alike(base):
+    """Reptile's meta-gradient (initial - adapted) is zero, not None, for the parameters of the
+    other datasets: every parameter counted as shared, PCGrad/CAGrad mixed the datasets' own heads
+    and stems, and the 'nothing shared' warning never fired."""
+    import warnings
+
+    batch = balanced_batch(mixed())
+    cfg = {"name": base, "steps": 1, "lr": 0.3}
+    for strategy in ("pcgrad", "cagrad"):
+        m = small_model(heads="per_dataset", out_features=3)
+        alg = MultiTask(cfg, strategy, ["grey", "rgb"])
+        own = {}
+        for name in ("grey", "rgb"):
+            m.zero_grad(set_to_none=True)
+            with dataset_scope(name):
+                alg.base.meta_step(m, TaskBatch([e for e in batch if e.dataset == name]))
+            own[name] = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None and p.grad.any()}
+        m.zero_grad(set_to_none=True)
+        alg.meta_step(m, batch)
+        for n, p in m.named_parameters():  # each dataset's stem and head: weights[i] * g_i / k
+            for name in ("grey", "rgb"):
+                if f"stems.{name}" in n or f"heads.{name}" in n:
+                    torch.testing.assert_close(p.grad, own[name][n] / 2)
+    m = small_model(sharing="soft", heads="per_dataset", out_features=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        MultiTask(cfg, "pcgrad", ["grey", "rgb"]).meta_step(m, batch)
+    assert any("found no parameter shared" in str(w.message) for w in caught)

@@ -294,3 +294,67 @@ def test_gradnorm_refuses_a_negative_task_loss_before_changing_its_state():
     with pytest.raises(InputError, match="gradnorm needs task losses >= 0.*got -1 for task 'b'"):
         s.backward({"a": (p ** 2).sum(), "b": p.sum() - 4.0}, [p])
     assert s.weight.tolist() == [0.5, 3.0] and s.weight.grad is None and s.initial_loss.tolist() == [0, 0]
+
+
+def test_backward_with_no_trainable_parameter_is_an_input_error():
+    """A frozen model (or an empty list) gave torch's bare 'inputs argument to grad() cannot be empty'."""
+    frozen = nn.Parameter(torch.ones(3), requires_grad=False)
+    live = torch.ones((), requires_grad=True)
+    s = build_strategy("equal", ["a", "b"])
+    for params in ([frozen], []):
+        with pytest.raises(InputError, match="no parameter that requires grad"):
+            s.backward([(frozen * 2).sum() * live, (frozen * 3).sum() * live], params)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize("name", ["uncertainty", "gradnorm", "dwa"])
+def test_a_non_finite_task_loss_is_absent_from_the_strategy_state(name, bad):
+    """One inf loss (an fp16 overflow whose step is skipped) became GradNorm's initial loss for good
+    (task a's weight pushed to the clamp, or frozen for NaN), and gave DWA NaN weights a period later."""
+    x = nn.Parameter(torch.tensor([1.0, 2.0]))
+    s = build_strategy({"name": name, "period": 1} if name == "dwa" else name, ["a", "b"])
+
+    def step(scale_a):
+        x.grad = None
+        s.zero_grad()
+        return s.backward({"a": scale_a * x[0] ** 2, "b": x.sum() ** 2}, [x])
+
+    step(1.0)
+    step(bad)
+    for p in s.parameters():
+        assert p.grad[0] == 0 and torch.isfinite(p.grad).all()
+    if name == "gradnorm":
+        assert s.initial_loss.tolist() == [1.0, 9.0]
+    metrics = step(1.0)
+    assert torch.isfinite(x.grad).all() and all(math.isfinite(v) for v in metrics.values())
+    for p in s.parameters():
+        assert torch.isfinite(p.grad).all()
+    if name == "gradnorm":  # as if the bad step had not happened
+        reference = build_strategy(name, ["a", "b"])
+        for _ in range(2):
+            reference.zero_grad()
+            reference.backward({"a": x[0] ** 2, "b": x.sum() ** 2}, [x])
+        torch.testing.assert_close(s.weight.grad, reference.weight.grad)
+    if name == "dwa":
+        assert torch.isfinite(s.history).all() and torch.isfinite(s.current_weights()).all()
+
+
+def test_cagrad_leaves_absent_tasks_out_of_its_solve_and_drops_a_vanishing_gw():
+    """A constant task loss kept its zero row in the Gram matrix and took all the weight; the
+    vanishing g_w was then normalised, pointing the extra term along the solver's residual."""
+    gb, gc = torch.tensor([1.0, 0.2, 0.0]), torch.tensor([-0.5, 1.0, 0.3])
+
+    def run(names, extra=None):
+        s = build_strategy({"name": "cagrad", "c": 0.4}, names)
+        y = nn.Parameter(torch.zeros(3))
+        losses = {"b": (gb * y).sum() + 1, "c": (gc * y).sum() + 1}
+        metrics = s.backward({**({"a": extra(y)} if extra else {}), **losses}, [y])
+        return y.grad, metrics
+
+    live, _ = run(["b", "c"])
+    absent, metrics = run(["a", "b", "c"], lambda y: 0.0)  # README: a task with no labels in the batch
+    torch.testing.assert_close(absent, live * 2 / 3)  # the live tasks' CAGrad, as a mean over 3 tasks
+    assert metrics["mtl/cagrad_w/a"] == 0
+    # a task with a graph but a zero gradient: the exact minimiser is g_w = 0, so d = g0 / (1 + c^2)
+    zero, _ = run(["a", "b", "c"], lambda y: (0 * y).sum())
+    torch.testing.assert_close(zero, (gb + gc) / 3 / 1.16)
