@@ -149,6 +149,18 @@ class Callback:
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    #: whether ``load_state_dict({})`` is the state of a new run, which :meth:`reset` then loads
+    #: (the provided callbacks with state)
+    resets_by_loading = False
+
+    def reset(self) -> None:
+        """Forget the state of an earlier run: called before a learner's first ``fit`` (nothing
+        resumed or carried for this callback), so one callback object reused by several learners
+        (a sweep) starts each afresh.  Default: ``load_state_dict({})`` with :attr:`resets_by_loading`,
+        else nothing (override it for a callback of your own whose state must not outlive a run)."""
+        if self.resets_by_loading:
+            self.load_state_dict({})
+
     def continued_state(self) -> dict[str, Any]:
         """What the learner's next ``fit`` call hands to :meth:`load_state_dict` (only with
         :attr:`continues_run`; default: :meth:`state_dict`)."""
@@ -187,11 +199,15 @@ class CallbackList(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {cb.key: cb.state_dict() for cb in self.callbacks if cb.state_dict()}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], fresh: bool = False) -> None:
+        """Hand each callback its entry of ``state``; with ``fresh`` (a learner's first fit) one
+        without an entry is :meth:`~Callback.reset`."""
         for cb in self.callbacks:
             key = cb.saved_key(state)
             if key is not None:
                 cb.load_state_dict(state[key])
+            elif fresh:
+                cb.reset()
 
     def continued_state(self) -> dict[str, Any]:
         """The states the learner's next ``fit`` call starts from (:attr:`Callback.continues_run`)."""
@@ -327,6 +343,7 @@ class ModelCheckpoint(Callback):
 
     order = 100  # after every other callback: its checkpoints hold their states for the iteration
     continues_run = True  # a second fit into the same folder keeps best.pt the best of the whole run
+    resets_by_loading = True
 
     def __init__(self, dirpath: str | Path, every: int = 100, monitor: str | None = None,
                  mode: str | None = None, save_best: bool = True) -> None:
@@ -514,6 +531,7 @@ class EarlyStopping(Callback):
         self.wait = 0
 
     former_keys = ("EarlyStopping",)
+    resets_by_loading = True
 
     def default_key(self) -> str:
         return f"EarlyStopping:{self.monitor or 'default'}:{self.mode or 'default'}"
@@ -597,6 +615,8 @@ class LRScheduler(Callback):
         self.base: list[float] | None = None
         self.reductions, self.best, self.wait = 0, None, 0
 
+    resets_by_loading = True
+
     def default_key(self) -> str:
         return f"LRScheduler:{self.name}"
 
@@ -678,6 +698,7 @@ class MetricsLogger(Callback):
 
     FORMATS = ("csv", "jsonl")
     continues_run = True  # the learner's next fit call appends to the file instead of truncating it
+    resets_by_loading = True
 
     def __init__(self, path: str | Path, every: int = 1) -> None:
         self.path = Path(path)

@@ -434,3 +434,28 @@ def test_the_budget_stays_the_reason_when_early_stopping_reacts_to_the_final_val
                 meta_batch_size=2, val_every=2, val_episodes=2, budget_minutes=1.5, progress=False,
                 callbacks=[EarlyStopping(patience=1, min_delta=10.0)])
     assert learner.iteration == 3 and learner.fit_state.stopped_by == "budget"
+
+
+def test_callbacks_reused_by_a_new_learner_start_afresh_and_a_continued_fit_keeps_their_state(sine):
+    """The same callback objects passed to a second learner (a sweep) used to keep the first
+    learner's state: its scheduler's base rate (10x the new meta_lr) and its early-stopping best
+    (stopping the new run after 2 iterations)."""
+    from metamtl.callbacks import EarlyStopping, LRScheduler
+
+    stopper = EarlyStopping(patience=2)
+    cbs = [LRScheduler("cosine"), stopper]
+    fit = dict(iterations=6, meta_batch_size=2, val_every=1, val_episodes=2, callbacks=cbs, progress=False)
+    first = sine_learner()
+    first.fit(sine, sine, **fit)
+    second = sine_learner()
+    for g in second.meta_optimizer.param_groups:
+        g["lr"] = 1e-3
+    second.fit(sine, sine, **fit)
+    rates = [r["train/lr"] for r in second.history if "train/lr" in r]
+    assert rates[0] == pytest.approx(1e-3) and second.iteration == 6 and second.fit_state.stopped_by == "iterations"
+    kept = stopper.best
+    second.fit(sine, sine, **{**fit, "iterations": 1})  # continued: the same run, early stopping goes on
+    assert stopper.best <= kept
+    stopper.best, stopper.wait = -1e9, 1  # nothing beats it: a continued fit stops at once
+    second.fit(sine, sine, **{**fit, "iterations": 3})
+    assert second.fit_state.stopped_by == "early_stopping" and second.iteration == 8
