@@ -581,7 +581,8 @@ class LRScheduler(Callback):
     * ``"plateau"``: ``base * gamma ** r`` where ``r`` counts the times ``monitor`` went
       ``patience`` validations without improving.
 
-    Rates never go below ``min_lr``.
+    Rates never go below ``min_lr``.  When the fit ends, each group gets ``base`` back, so a later
+    fit without a scheduler trains at ``meta_lr``.
 
     Args:
         total: iterations of the cosine schedule (default: the ``iterations`` of the fit).
@@ -659,6 +660,15 @@ class LRScheduler(Callback):
 
     def on_iteration_end(self, state, metrics):
         self._apply(state)
+
+    def on_fit_end(self, state):
+        """Put back each group's initial rate (``meta_lr``): a later fit without this scheduler
+        trains at it, not at the rate the schedule reached (0.0 at the end of a cosine)."""
+        for group, base in zip(state.learner.meta_optimizer.param_groups, self.base or ()):
+            group["lr"] = base
+
+    def on_exception(self, state, exc):
+        self.on_fit_end(state)
 
     def on_validation_end(self, state, metrics):
         if self.name != "plateau":
