@@ -587,8 +587,10 @@ class LRScheduler(Callback):
     Args:
         total: iterations of the cosine schedule (default: the ``iterations`` of the fit).
         over: ``"iterations"``, or ``"budget"`` to anneal the cosine over the fit's
-            ``budget_minutes`` of wall-clock time (``p = elapsed / budget``, a continued fit's
-            budget added to the time of the earlier calls, as ``total`` adds iterations; for time-budgeted
+            ``budget_minutes`` of wall-clock time (``p = (elapsed - e) / (budget_end - e)`` with ``e``
+            the time warm-up ended, 0 without warm-up, so the cosine starts at ``base`` after warm-up as
+            over iterations; a continued fit's budget is added to the time of the earlier calls, as
+            ``total`` adds iterations; for time-budgeted
             comparisons, where the number of iterations is not known in advance; not
             reproducible bit for bit, since it depends on the clock).
     """
@@ -615,6 +617,7 @@ class LRScheduler(Callback):
         self.watched = _fallback_monitor(monitor, mode)  # (monitor, mode), resolved for the learner at fit start
         self.base: list[float] | None = None
         self.reductions, self.best, self.wait = 0, None, 0
+        self.warmed_at: float | None = None  # over="budget": the elapsed seconds when warm-up ended
 
     resets_by_loading = True
 
@@ -640,9 +643,18 @@ class LRScheduler(Callback):
             lr = base * self.gamma ** self.reductions
         return max(lr, self.min_lr)
 
+    def _budget_progress(self, state: FitState) -> float:
+        """The cosine's progress over the time budget: from the end of warm-up (:attr:`warmed_at`,
+        the time iteration ``warmup`` starts; 0 without warm-up) to the budget's end."""
+        if self.warmup and state.iteration == self.warmup and self.warmed_at is None:
+            self.warmed_at = state.elapsed
+        start = self.warmed_at or 0.0
+        span = state.budget_end - start
+        return 1.0 if span <= 0 else (state.elapsed - start) / span
+
     def _apply(self, state: FitState) -> None:
         total = self.total or state.iterations or 1
-        progress = state.elapsed / state.budget_end if self.over == "budget" else None
+        progress = self._budget_progress(state) if self.over == "budget" else None
         for group, base in zip(state.learner.meta_optimizer.param_groups, self.base):
             group["lr"] = self.factor_lr(base, state.iteration, total, progress)
 
@@ -688,10 +700,11 @@ class LRScheduler(Callback):
         return {"scheduler": {k: getattr(self, k) for k in keys}}
 
     def state_dict(self):
-        return {"base": self.base, "reductions": self.reductions, "best": self.best, "wait": self.wait}
+        return {"base": self.base, "reductions": self.reductions, "best": self.best, "wait": self.wait,
+                "warmed_at": self.warmed_at}
 
     def load_state_dict(self, state):
-        self.base = state.get("base")
+        self.base, self.warmed_at = state.get("base"), state.get("warmed_at")
         self.reductions, self.best, self.wait = int(state.get("reductions", 0)), state.get("best"), int(state.get("wait", 0))
 
 

@@ -286,6 +286,16 @@ def test_cosine_over_the_time_budget(toy_tasks, monkeypatch):
                                        callbacks=[LRScheduler(over="budget")])
 
 
+def test_cosine_over_the_time_budget_starts_at_the_base_rate_when_warm_up_ends(toy_tasks, monkeypatch):
+    """The time-based cosine counted the warm-up's time: the rate fell from base to 0.85 base at the
+    first iteration after warm-up, instead of annealing from base as over iterations."""
+    learner = make_learner(alg="fomaml", callbacks=[LRScheduler("cosine", warmup=2, over="budget")])
+    monkeypatch.setattr(MetaLearner, "elapsed", property(lambda self: 15.0 * self.iteration))  # 15 s per iteration
+    learner.fit(toy_tasks[0], iterations=100, meta_batch_size=1, progress=False, budget_minutes=2.0)
+    cosine = [0.5 * (1 + math.cos(math.pi * (15.0 * t - 30.0) / 90.0)) for t in range(2, 8)]
+    assert [r["train/lr"] for r in learner.history] == pytest.approx([1e-2 * f for f in [0.5, 1.0, *cosine]])
+
+
 @pytest.mark.parametrize("name,settings", [
     ("metasgd", {"head_init": "proto"}), ("mamlpp", {"steps": 2, "head_init": "proto"}),
     ("protonet", {}), ("transfer", {"num_classes": 30, "classifier": "cosine", "steps": 5}),
