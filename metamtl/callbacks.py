@@ -581,7 +581,8 @@ class LRScheduler(Callback):
     * ``"plateau"``: ``base * gamma ** r`` where ``r`` counts the times ``monitor`` went
       ``patience`` validations without improving.
 
-    Rates never go below ``min_lr``.  When the fit ends, each group gets ``base`` back, so a later
+    ``warmup``, ``total`` and ``over`` belong to the cosine: given for another schedule, they are a
+    :class:`ConfigError`.  Rates never go below ``min_lr``.  When the fit ends, each group gets ``base`` back, so a later
     fit without a scheduler trains at ``meta_lr``.
 
     Args:
@@ -611,6 +612,11 @@ class LRScheduler(Callback):
             raise ConfigError(f"scheduler gamma must be in (0, 1], got {gamma!r}")
         if not (isinstance(min_lr, (int, float)) and math.isfinite(min_lr) and min_lr >= 0):
             raise ConfigError(f"scheduler min_lr must be a finite number >= 0, got {min_lr!r}")
+        cosine_only = [k for k, given in (("warmup", warmup != 0), ("total", total is not None),
+                                          ("over", over != "iterations")) if given]
+        if name != "cosine" and cosine_only:
+            raise ConfigError(f"scheduler {', '.join(cosine_only)} appl{'ies' if len(cosine_only) == 1 else 'y'} to the "
+                              f"cosine schedule only, not {name!r}: drop {' and '.join(cosine_only)} or use name='cosine'")
         self.name, self.warmup, self.min_lr, self.total = name, warmup, float(min_lr), total
         self.step_size, self.gamma, self.patience = step_size, float(gamma), patience
         self.monitor, self.mode, self.over = monitor, mode and _check_mode(mode), over

@@ -65,6 +65,17 @@ def test_step_and_exponential_schedules(toy_tasks, name, kw, factors):
     assert [r["train/lr"] for r in learner.history] == pytest.approx([1e-2 * f for f in factors])
 
 
+def test_cosine_only_settings_on_another_schedule_are_refused():
+    """warmup, total and over='budget' were silently ignored by the step, exponential and plateau
+    schedules (a step schedule with warmup=4 had no warm-up)."""
+    for name, kw in (("step", {"warmup": 4}), ("exponential", {"over": "budget"}), ("plateau", {"total": 5})):
+        with pytest.raises(ConfigError, match=f"{next(iter(kw))} .*cosine schedule only.*not {name!r}"):
+            LRScheduler(name, **kw)
+    with pytest.raises(ConfigError, match="train.scheduler: scheduler warmup .*cosine schedule only"):
+        config_from_dict({"train": {"scheduler": {"name": "step", "warmup": 100}}})
+    assert LRScheduler("step", min_lr=1e-4).min_lr == 1e-4  # min_lr applies to every schedule
+
+
 def test_a_continued_fit_with_a_new_schedule_anneals_from_meta_lr(toy_tasks):
     """fit(3) then fit(2), each with a fresh cosine over 5 iterations, follows fit(5)'s rates: the
     second scheduler starts from the optimizer's initial rate, not from the annealed one."""
