@@ -432,13 +432,15 @@ class ModelCheckpoint(Callback):
         self._lock.release()
 
     def state_dict(self):
-        return {"best": self.best}
+        """The best value so far, with the folder, monitor and mode it was watched in (a resume into
+        another folder, or with another metric, starts its own best)."""
+        monitor, mode = self.watched
+        return {"best": self.best, "dirpath": str(self.dirpath.resolve()), "monitor": monitor, "mode": mode}
 
     def continued_state(self):
         if self._loaded is not None:  # the fit stopped before on_fit_start: what it was given carries on
             return dict(self._loaded)
-        monitor, mode = self.watched
-        return {"best": self.best, "dirpath": str(self.dirpath.resolve()), "monitor": monitor, "mode": mode}
+        return self.state_dict()
 
     def load_state_dict(self, state):
         """Keep the best value so far, used from :meth:`on_fit_start` (once the monitor is

@@ -459,3 +459,19 @@ def test_callbacks_reused_by_a_new_learner_start_afresh_and_a_continued_fit_keep
     stopper.best, stopper.wait = -1e9, 1  # nothing beats it: a continued fit stops at once
     second.fit(sine, sine, **{**fit, "iterations": 3})
     assert second.fit_state.stopped_by == "early_stopping" and second.iteration == 8
+
+
+def test_a_run_resumed_into_another_folder_writes_its_own_best_checkpoint(sine, tmp_path):
+    """The checkpoint's best value was taken for the new folder's: a run resumed elsewhere that never
+    beat the old folder's best wrote no best.pt there (evaluation then fell back to the last weights)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    fit = dict(meta_batch_size=2, val_every=1, val_episodes=2, progress=False, checkpoint_every=1)
+    first = sine_learner()
+    for g in first.meta_optimizer.param_groups:
+        g["lr"] = 0.3  # too high: after its best at iteration 3 the run gets worse
+    first.fit(sine, sine, iterations=3, checkpoint_dir=a, **fit)
+    resumed = sine_learner()
+    resumed.fit(sine, sine, iterations=7, checkpoint_dir=b, resume=a / "last.pt", **fit)
+    losses = [r["val/loss"] for r in resumed.history if "val/loss" in r]
+    assert min(losses[3:]) > min(losses[:3])  # what made the bug show
+    assert (b / "best.pt").is_file() and (a / "best.pt").is_file()
