@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .checkpoint import RunFolderLock, check_saveable, ensure_writable_dir, history_continues, safe_load
 from .errors import CheckpointError, ConfigError, TrainingError, unknown_name
+from .inputs import check_int
 from .progress_bars import progress_bar
 
 log = logging.getLogger(__name__)
@@ -276,7 +277,9 @@ class ProgressBar(Callback):
     """A tqdm bar over meta-iterations showing smoothed train loss/accuracy and validation accuracy."""
 
     def __init__(self, smoothing: float = 0.9) -> None:
-        self.smoothing = smoothing
+        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1:
+            raise ConfigError(f"ProgressBar smoothing must be a number in [0, 1), got {smoothing!r}")
+        self.smoothing = float(smoothing)
         self.bar = None
         self.avg: dict[str, float] = {}
         self.val: dict[str, float] = {}
@@ -317,7 +320,7 @@ class History(Callback):
     """Keeps every train/validation row in ``learner.history`` (saved in checkpoints)."""
 
     def __init__(self, every: int = 1) -> None:
-        self.every = max(1, int(every))
+        self.every = check_int("History every", every, 1)
 
     def on_iteration_end(self, state, metrics):
         if state.iteration % self.every == 0 or state.iteration == state.iterations:
@@ -348,7 +351,7 @@ class ModelCheckpoint(Callback):
     def __init__(self, dirpath: str | Path, every: int = 100, monitor: str | None = None,
                  mode: str | None = None, save_best: bool = True) -> None:
         self.dirpath = Path(dirpath)
-        self.every = int(every)
+        self.every = check_int("ModelCheckpoint every", every, 0)
         self.monitor, self.mode, self.save_best = monitor, mode and _check_mode(mode), bool(save_best)
         self.watched = _fallback_monitor(monitor, mode)  # (monitor, mode), resolved for the learner at fit start
         self.best: float | None = None
@@ -736,9 +739,7 @@ class MetricsLogger(Callback):
         fmt = self.path.suffix.lstrip(".")
         if fmt not in self.FORMATS:
             raise ConfigError(f"metrics file {self.path} must end in .csv or .jsonl")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ConfigError(f"MetricsLogger every must be an integer >= 1, got {every!r}")
-        self.format, self.every = fmt, every
+        self.format, self.every = fmt, check_int("MetricsLogger every", every, 1)
         self.size: int | None = None  # bytes written so far (restored on resume)
         self._fh = None
 

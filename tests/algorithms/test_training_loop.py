@@ -259,6 +259,25 @@ def test_config_sections_for_callbacks_are_validated():
         config_from_dict({"algorithm": {"name": "mamlpp", "optimizer": "adamm"}})
 
 
+def test_callback_counts_and_rates_are_validated(tmp_path):
+    """ModelCheckpoint(every=...) took -2 (a checkpoint whenever iteration % -2 == 0), truncated 2.7
+    to 2 and raised a bare ValueError/TypeError for "x"/None; History and ProgressBar took anything."""
+    from metamtl.callbacks import History, ModelCheckpoint, ProgressBar
+
+    for every in (-2, 2.7, "x", None, True):
+        with pytest.raises(ConfigError, match=r"ModelCheckpoint every must be an integer >= 0, got"):
+            ModelCheckpoint(tmp_path, every=every)
+    assert ModelCheckpoint(tmp_path, every=0).every == 0
+    for every in (0, 1.5, "2"):
+        with pytest.raises(ConfigError, match=r"History every must be an integer >= 1, got"):
+            History(every)
+    for smoothing in (-0.1, 1.0, float("nan"), "0.9", None):
+        with pytest.raises(ConfigError, match=r"ProgressBar smoothing must be a number in \[0, 1\), got"):
+            ProgressBar(smoothing)
+    with pytest.raises(ConfigError, match=r"MetricsLogger every must be an integer >= 1, got 0"):
+        MetricsLogger(tmp_path / "m.csv", every=0)
+
+
 def test_config_files_extend_a_base_and_the_comparison_configs_are_valid(tmp_path):
     from pathlib import Path
 
