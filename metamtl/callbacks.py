@@ -62,7 +62,7 @@ class FitState:
 
     Write:
         should_stop: set to ``True`` to stop after the current iteration (every rank stops at the
-            same one).
+            same one); set in ``on_fit_start``, no iteration is trained.
         stopped_by: why ``fit`` stopped (``"iterations"``, ``"early_stopping"``, ``"budget"``,
             ``"SIGINT"``, ...); set it with ``should_stop``.
         resume_checkpoint: where a resumable checkpoint of this fit goes (set by

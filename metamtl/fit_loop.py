@@ -404,7 +404,8 @@ class FitLoop:
     def _stopped_at_start(self) -> bool:
         """Whether the run is over before its first iteration: the checkpoint it resumes says a
         callback (early stopping) stopped it, unless this fit asks for more iterations than that run
-        had (an extended run), or its time budget is spent; ``state`` then says why."""
+        had (an extended run), its time budget is spent, or a callback set ``should_stop`` in
+        ``on_fit_start``; ``state`` then says why."""
         ln, state = self.learner, self.state
         saved, ln.run.stop = ln.run.stop, None  # read once: the learner's next fit (continued) trains on
         if saved is not None and state.iterations <= saved["iterations"]:
@@ -413,7 +414,9 @@ class FitLoop:
         if self._budget_spent_at_start():
             state.stopped_by = "budget"
             return True
-        return False
+        # a callback's stop request in on_fit_start (on any process): stop before the first iteration
+        state.should_stop = ln.strategy.any_rank(state.should_stop, what="stop check (fit start)")[0]
+        return state.should_stop
 
     def _final_validation_due(self, first: int, stopped_at_start: bool) -> bool:
         """Whether to validate after the loop: it trained past its last validation, or it stopped at

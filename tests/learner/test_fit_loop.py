@@ -475,3 +475,17 @@ def test_a_run_resumed_into_another_folder_writes_its_own_best_checkpoint(sine, 
     losses = [r["val/loss"] for r in resumed.history if "val/loss" in r]
     assert min(losses[3:]) > min(losses[:3])  # what made the bug show
     assert (b / "best.pt").is_file() and (a / "best.pt").is_file()
+
+
+def test_a_stop_requested_in_on_fit_start_trains_no_iteration(sine):
+    """should_stop set in on_fit_start was only read after an iteration: one iteration was trained
+    (and validated) anyway."""
+    class NoTrain(Log):
+        def on_fit_start(self, state):
+            super().on_fit_start(state)
+            state.should_stop, state.stopped_by = True, "mine"
+
+    learner, log = sine_learner(), NoTrain()
+    state = run_loop(learner, sine, 3, val_every=2, val=sine, callbacks=[log])
+    assert learner.iteration == 0 and state.stopped_by == "mine" and state.should_stop
+    assert [c[0] for c in log.calls] == ["start", "fit_end"]
