@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .checkpoint import RunFolderLock, check_saveable, ensure_writable_dir, history_continues, safe_load
 from .errors import CheckpointError, ConfigError, TrainingError, unknown_name
+from .evaluation import defined_cis
 from .inputs import check_int
 from .progress_bars import progress_bar
 
@@ -327,8 +328,8 @@ class History(Callback):
             state.learner.history.append({"iteration": state.iteration, "time": state.elapsed,
                                           **{f"train/{k}": v for k, v in metrics.items()}})
 
-    def on_validation_end(self, state, metrics):
-        state.learner.history.append({"iteration": state.iteration, "time": state.elapsed, **metrics})
+    def on_validation_end(self, state, metrics):  # an undefined CI (one episode) as None: null in history.json
+        state.learner.history.append({"iteration": state.iteration, "time": state.elapsed, **defined_cis(metrics)})
 
 
 class ModelCheckpoint(Callback):
@@ -787,7 +788,7 @@ class MetricsLogger(Callback):
         if self.format == "csv":
             text = "".join(f"{it},{t},{k},{v!r}\n" for k, v in metrics.items())
         else:
-            text = json.dumps({"iteration": it, "time": t, **metrics}) + "\n"
+            text = json.dumps({"iteration": it, "time": t, **defined_cis(metrics)}) + "\n"  # undefined CIs: null
         self._fh.write(text.encode())
         self._flush()
 

@@ -189,6 +189,24 @@ def test_metrics_logger_writes_long_csv(tmp_path, toy_tasks):
         MetricsLogger(tmp_path / "m.txt")
 
 
+def test_undefined_validation_cis_are_json_null_in_metrics_files_and_history(tmp_path, toy_tasks):
+    """With val_episodes=1 the validation CIs (undefined) were written as bare NaN tokens into
+    metrics.jsonl and history.json, which strict JSON parsers refuse; results.json writes null."""
+    def strict(text):
+        return json.loads(text, parse_constant=lambda token: pytest.fail(f"non-JSON token {token}"))
+
+    train, val = toy_tasks
+    learner = make_learner(alg="fomaml")
+    learner.fit(train, val, iterations=2, meta_batch_size=1, val_every=2, val_episodes=1, progress=False,
+                callbacks=[MetricsLogger(tmp_path / "m.jsonl")])
+    rows = [strict(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    validation = [r for r in rows if "val/accuracy" in r]
+    assert validation and validation[0]["val/accuracy_ci95"] is None and validation[0]["val/loss_ci95"] is None
+    history = strict(json.dumps(learner.history))  # what experiment.run writes to history.json
+    assert [r["val/loss_ci95"] for r in history if "val/loss" in r] == [None]
+    assert math.isfinite([r for r in history if "val/loss" in r][0]["val/loss"])
+
+
 def test_resuming_into_another_folder_starts_a_clean_metrics_file(tmp_path, toy_tasks):
     """A checkpoint copied to (or resumed into) another folder: that folder's metrics file starts
     afresh with its header, not padded with zero bytes up to where the first run's file had got."""
