@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .checkpoint import RunFolderLock, check_saveable, ensure_writable_dir, history_continues, safe_load
 from .errors import CheckpointError, ConfigError, TrainingError, unknown_name
+from .evaluation import defined_cis
+from .inputs import check_int
 from .progress_bars import progress_bar
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,7 @@ class FitState:
 
     Write:
         should_stop: set to ``True`` to stop after the current iteration (every rank stops at the
-            same one).
+            same one); set in ``on_fit_start``, no iteration is trained.
         stopped_by: why ``fit`` stopped (``"iterations"``, ``"early_stopping"``, ``"budget"``,
             ``"SIGINT"``, ...); set it with ``should_stop``.
         resume_checkpoint: where a resumable checkpoint of this fit goes (set by
@@ -149,6 +151,18 @@ class Callback:
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    #: whether ``load_state_dict({})`` is the state of a new run, which :meth:`reset` then loads
+    #: (the provided callbacks with state)
+    resets_by_loading = False
+
+    def reset(self) -> None:
+        """Forget the state of an earlier run: called before a learner's first ``fit`` (nothing
+        resumed or carried for this callback), so one callback object reused by several learners
+        (a sweep) starts each afresh.  Default: ``load_state_dict({})`` with :attr:`resets_by_loading`,
+        else nothing (override it for a callback of your own whose state must not outlive a run)."""
+        if self.resets_by_loading:
+            self.load_state_dict({})
+
     def continued_state(self) -> dict[str, Any]:
         """What the learner's next ``fit`` call hands to :meth:`load_state_dict` (only with
         :attr:`continues_run`; default: :meth:`state_dict`)."""
@@ -187,11 +201,15 @@ class CallbackList(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {cb.key: cb.state_dict() for cb in self.callbacks if cb.state_dict()}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], fresh: bool = False) -> None:
+        """Hand each callback its entry of ``state``; with ``fresh`` (a learner's first fit) one
+        without an entry is :meth:`~Callback.reset`."""
         for cb in self.callbacks:
             key = cb.saved_key(state)
             if key is not None:
                 cb.load_state_dict(state[key])
+            elif fresh:
+                cb.reset()
 
     def continued_state(self) -> dict[str, Any]:
         """The states the learner's next ``fit`` call starts from (:attr:`Callback.continues_run`)."""
@@ -260,7 +278,9 @@ class ProgressBar(Callback):
     """A tqdm bar over meta-iterations showing smoothed train loss/accuracy and validation accuracy."""
 
     def __init__(self, smoothing: float = 0.9) -> None:
-        self.smoothing = smoothing
+        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1:
+            raise ConfigError(f"ProgressBar smoothing must be a number in [0, 1), got {smoothing!r}")
+        self.smoothing = float(smoothing)
         self.bar = None
         self.avg: dict[str, float] = {}
         self.val: dict[str, float] = {}
@@ -301,15 +321,15 @@ class History(Callback):
     """Keeps every train/validation row in ``learner.history`` (saved in checkpoints)."""
 
     def __init__(self, every: int = 1) -> None:
-        self.every = max(1, int(every))
+        self.every = check_int("History every", every, 1)
 
     def on_iteration_end(self, state, metrics):
         if state.iteration % self.every == 0 or state.iteration == state.iterations:
             state.learner.history.append({"iteration": state.iteration, "time": state.elapsed,
                                           **{f"train/{k}": v for k, v in metrics.items()}})
 
-    def on_validation_end(self, state, metrics):
-        state.learner.history.append({"iteration": state.iteration, "time": state.elapsed, **metrics})
+    def on_validation_end(self, state, metrics):  # an undefined CI (one episode) as None: null in history.json
+        state.learner.history.append({"iteration": state.iteration, "time": state.elapsed, **defined_cis(metrics)})
 
 
 class ModelCheckpoint(Callback):
@@ -327,11 +347,12 @@ class ModelCheckpoint(Callback):
 
     order = 100  # after every other callback: its checkpoints hold their states for the iteration
     continues_run = True  # a second fit into the same folder keeps best.pt the best of the whole run
+    resets_by_loading = True
 
     def __init__(self, dirpath: str | Path, every: int = 100, monitor: str | None = None,
                  mode: str | None = None, save_best: bool = True) -> None:
         self.dirpath = Path(dirpath)
-        self.every = int(every)
+        self.every = check_int("ModelCheckpoint every", every, 0)
         self.monitor, self.mode, self.save_best = monitor, mode and _check_mode(mode), bool(save_best)
         self.watched = _fallback_monitor(monitor, mode)  # (monitor, mode), resolved for the learner at fit start
         self.best: float | None = None
@@ -415,13 +436,15 @@ class ModelCheckpoint(Callback):
         self._lock.release()
 
     def state_dict(self):
-        return {"best": self.best}
+        """The best value so far, with the folder, monitor and mode it was watched in (a resume into
+        another folder, or with another metric, starts its own best)."""
+        monitor, mode = self.watched
+        return {"best": self.best, "dirpath": str(self.dirpath.resolve()), "monitor": monitor, "mode": mode}
 
     def continued_state(self):
         if self._loaded is not None:  # the fit stopped before on_fit_start: what it was given carries on
             return dict(self._loaded)
-        monitor, mode = self.watched
-        return {"best": self.best, "dirpath": str(self.dirpath.resolve()), "monitor": monitor, "mode": mode}
+        return self.state_dict()
 
     def load_state_dict(self, state):
         """Keep the best value so far, used from :meth:`on_fit_start` (once the monitor is
@@ -514,6 +537,7 @@ class EarlyStopping(Callback):
         self.wait = 0
 
     former_keys = ("EarlyStopping",)
+    resets_by_loading = True
 
     def default_key(self) -> str:
         return f"EarlyStopping:{self.monitor or 'default'}:{self.mode or 'default'}"
@@ -563,13 +587,17 @@ class LRScheduler(Callback):
     * ``"plateau"``: ``base * gamma ** r`` where ``r`` counts the times ``monitor`` went
       ``patience`` validations without improving.
 
-    Rates never go below ``min_lr``.
+    ``warmup``, ``total`` and ``over`` belong to the cosine: given for another schedule, they are a
+    :class:`ConfigError`.  Rates never go below ``min_lr``.  When the fit ends, each group gets ``base`` back, so a later
+    fit without a scheduler trains at ``meta_lr``.
 
     Args:
         total: iterations of the cosine schedule (default: the ``iterations`` of the fit).
         over: ``"iterations"``, or ``"budget"`` to anneal the cosine over the fit's
-            ``budget_minutes`` of wall-clock time (``p = elapsed / budget``, a continued fit's
-            budget added to the time of the earlier calls, as ``total`` adds iterations; for time-budgeted
+            ``budget_minutes`` of wall-clock time (``p = (elapsed - e) / (budget_end - e)`` with ``e``
+            the time warm-up ended, 0 without warm-up, so the cosine starts at ``base`` after warm-up as
+            over iterations; a continued fit's budget is added to the time of the earlier calls, as
+            ``total`` adds iterations; for time-budgeted
             comparisons, where the number of iterations is not known in advance; not
             reproducible bit for bit, since it depends on the clock).
     """
@@ -590,12 +618,20 @@ class LRScheduler(Callback):
             raise ConfigError(f"scheduler gamma must be in (0, 1], got {gamma!r}")
         if not (isinstance(min_lr, (int, float)) and math.isfinite(min_lr) and min_lr >= 0):
             raise ConfigError(f"scheduler min_lr must be a finite number >= 0, got {min_lr!r}")
+        cosine_only = [k for k, given in (("warmup", warmup != 0), ("total", total is not None),
+                                          ("over", over != "iterations")) if given]
+        if name != "cosine" and cosine_only:
+            raise ConfigError(f"scheduler {', '.join(cosine_only)} appl{'ies' if len(cosine_only) == 1 else 'y'} to the "
+                              f"cosine schedule only, not {name!r}: drop {' and '.join(cosine_only)} or use name='cosine'")
         self.name, self.warmup, self.min_lr, self.total = name, warmup, float(min_lr), total
         self.step_size, self.gamma, self.patience = step_size, float(gamma), patience
         self.monitor, self.mode, self.over = monitor, mode and _check_mode(mode), over
         self.watched = _fallback_monitor(monitor, mode)  # (monitor, mode), resolved for the learner at fit start
         self.base: list[float] | None = None
         self.reductions, self.best, self.wait = 0, None, 0
+        self.warmed_at: float | None = None  # over="budget": the elapsed seconds when warm-up ended
+
+    resets_by_loading = True
 
     def default_key(self) -> str:
         return f"LRScheduler:{self.name}"
@@ -619,9 +655,18 @@ class LRScheduler(Callback):
             lr = base * self.gamma ** self.reductions
         return max(lr, self.min_lr)
 
+    def _budget_progress(self, state: FitState) -> float:
+        """The cosine's progress over the time budget: from the end of warm-up (:attr:`warmed_at`,
+        the time iteration ``warmup`` starts; 0 without warm-up) to the budget's end."""
+        if self.warmup and state.iteration == self.warmup and self.warmed_at is None:
+            self.warmed_at = state.elapsed
+        start = self.warmed_at or 0.0
+        span = state.budget_end - start
+        return 1.0 if span <= 0 else (state.elapsed - start) / span
+
     def _apply(self, state: FitState) -> None:
         total = self.total or state.iterations or 1
-        progress = state.elapsed / state.budget_end if self.over == "budget" else None
+        progress = self._budget_progress(state) if self.over == "budget" else None
         for group, base in zip(state.learner.meta_optimizer.param_groups, self.base):
             group["lr"] = self.factor_lr(base, state.iteration, total, progress)
 
@@ -639,6 +684,15 @@ class LRScheduler(Callback):
 
     def on_iteration_end(self, state, metrics):
         self._apply(state)
+
+    def on_fit_end(self, state):
+        """Put back each group's initial rate (``meta_lr``): a later fit without this scheduler
+        trains at it, not at the rate the schedule reached (0.0 at the end of a cosine)."""
+        for group, base in zip(state.learner.meta_optimizer.param_groups, self.base or ()):
+            group["lr"] = base
+
+    def on_exception(self, state, exc):
+        self.on_fit_end(state)
 
     def on_validation_end(self, state, metrics):
         if self.name != "plateau":
@@ -658,10 +712,11 @@ class LRScheduler(Callback):
         return {"scheduler": {k: getattr(self, k) for k in keys}}
 
     def state_dict(self):
-        return {"base": self.base, "reductions": self.reductions, "best": self.best, "wait": self.wait}
+        return {"base": self.base, "reductions": self.reductions, "best": self.best, "wait": self.wait,
+                "warmed_at": self.warmed_at}
 
     def load_state_dict(self, state):
-        self.base = state.get("base")
+        self.base, self.warmed_at = state.get("base"), state.get("warmed_at")
         self.reductions, self.best, self.wait = int(state.get("reductions", 0)), state.get("best"), int(state.get("wait", 0))
 
 
@@ -678,15 +733,14 @@ class MetricsLogger(Callback):
 
     FORMATS = ("csv", "jsonl")
     continues_run = True  # the learner's next fit call appends to the file instead of truncating it
+    resets_by_loading = True
 
     def __init__(self, path: str | Path, every: int = 1) -> None:
         self.path = Path(path)
         fmt = self.path.suffix.lstrip(".")
         if fmt not in self.FORMATS:
             raise ConfigError(f"metrics file {self.path} must end in .csv or .jsonl")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ConfigError(f"MetricsLogger every must be an integer >= 1, got {every!r}")
-        self.format, self.every = fmt, every
+        self.format, self.every = fmt, check_int("MetricsLogger every", every, 1)
         self.size: int | None = None  # bytes written so far (restored on resume)
         self._fh = None
 
@@ -734,7 +788,7 @@ class MetricsLogger(Callback):
         if self.format == "csv":
             text = "".join(f"{it},{t},{k},{v!r}\n" for k, v in metrics.items())
         else:
-            text = json.dumps({"iteration": it, "time": t, **metrics}) + "\n"
+            text = json.dumps({"iteration": it, "time": t, **defined_cis(metrics)}) + "\n"  # undefined CIs: null
         self._fh.write(text.encode())
         self._flush()
 

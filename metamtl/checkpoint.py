@@ -137,7 +137,7 @@ def check_saveable(model: Any, config: Any = None, **entries: Any) -> None:
     other ``entries`` (``metadata``, ``task_defaults``) hold plain values only, which the
     weights-only loader can read back (no class or function, no ``Path`` or numpy number)."""
     for name, value in {"config": config, **entries}.items():
-        _check_plain(value, name)
+        check_plain(value, name)
     if not model.config.get("name"):
         raise CheckpointError(
             "the model has no config name, so a checkpoint could not say what to rebuild: build it with "
@@ -151,14 +151,16 @@ def check_saveable(model: Any, config: Any = None, **entries: Any) -> None:
 PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 
 
-def _check_plain(value: Any, where: str) -> None:
+def check_plain(value: Any, where: str) -> None:
+    """:class:`CheckpointError` naming the entry of ``value`` (``where``: what it is) that the
+    weights-only loader could not read back from a checkpoint."""
     if isinstance(value, Mapping):
         for k, v in value.items():
-            _check_plain(k, f"{where} key {k!r}")
-            _check_plain(v, f"{where}[{k!r}]")
+            check_plain(k, f"{where} key {k!r}")
+            check_plain(v, f"{where}[{k!r}]")
     elif isinstance(value, (list, tuple, set)):
         for i, v in enumerate(value):
-            _check_plain(v, f"{where}[{i}]")
+            check_plain(v, f"{where}[{i}]")
     elif isinstance(value, torch.Tensor) or type(value) in PLAIN_TYPES:
         return
     elif not (isinstance(value, type) or callable(value)):

@@ -100,6 +100,12 @@ def defined(ci: float | None) -> float | None:
     return ci if ci is not None and math.isfinite(ci) else None
 
 
+def defined_cis(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` with every CI (a ``*_ci95`` key) :func:`defined`: an undefined one (a single
+    validation episode) is ``None``, JSON ``null``, as in ``results.json`` (``NaN`` is no JSON)."""
+    return {k: defined(v) if k.endswith("_ci95") else v for k, v in metrics.items()}
+
+
 def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
     """Mean and 95% confidence half-width ``1.96 * std / sqrt(n)``.
 

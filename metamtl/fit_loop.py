@@ -323,7 +323,8 @@ class FitLoop:
                  val_tasks: TaskSource | None = None, val_episodes: int = 100, num_workers: int = 0) -> None:
         self.learner, self.state, self.callbacks = learner, state, state.callbacks
         carried = learner.run.callbacks  # what a resumed checkpoint (or the previous fit) saved
-        state.callbacks.load_state_dict(carried)
+        # a learner's first fit starts the callbacks it carries nothing for afresh (objects reused across learners)
+        state.callbacks.load_state_dict(carried, fresh=learner.iteration == 0 and not learner.run.resumed)
         taken = {cb.saved_key(carried) for cb in state.callbacks.callbacks}
         learner.run.callbacks = {k: v for k, v in carried.items() if k not in taken}  # for a later fit with them
         self.train_tasks, self.val_tasks, self.val_episodes = train_tasks, val_tasks, val_episodes
@@ -403,7 +404,8 @@ class FitLoop:
     def _stopped_at_start(self) -> bool:
         """Whether the run is over before its first iteration: the checkpoint it resumes says a
         callback (early stopping) stopped it, unless this fit asks for more iterations than that run
-        had (an extended run), or its time budget is spent; ``state`` then says why."""
+        had (an extended run), its time budget is spent, or a callback set ``should_stop`` in
+        ``on_fit_start``; ``state`` then says why."""
         ln, state = self.learner, self.state
         saved, ln.run.stop = ln.run.stop, None  # read once: the learner's next fit (continued) trains on
         if saved is not None and state.iterations <= saved["iterations"]:
@@ -412,7 +414,9 @@ class FitLoop:
         if self._budget_spent_at_start():
             state.stopped_by = "budget"
             return True
-        return False
+        # a callback's stop request in on_fit_start (on any process): stop before the first iteration
+        state.should_stop = ln.strategy.any_rank(state.should_stop, what="stop check (fit start)")[0]
+        return state.should_stop
 
     def _final_validation_due(self, first: int, stopped_at_start: bool) -> bool:
         """Whether to validate after the loop: it trained past its last validation, or it stopped at

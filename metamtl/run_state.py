@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .algorithms import build_algorithm
-from .checkpoint import FORMAT, FORMAT_VERSION, check_saveable, config_diff, safe_load
+from .checkpoint import FORMAT, FORMAT_VERSION, check_plain, check_saveable, config_diff, safe_load
 from .data.base import Preprocessing
 from .errors import CheckpointError, ConfigError, MetamtlError
 from .inference import InferenceSettings
@@ -284,6 +284,7 @@ def learner_state(learner: "MetaLearner", training_state: bool = False) -> dict[
     if training_state:
         fit = learner.fit_state
         callbacks = fit.callbacks.state_dict() if fit is not None else {}
+        check_plain(callbacks, "callback state")  # refused now, not when the checkpoint is loaded
         stop = {"by": fit.stopped_by, "iterations": fit.iterations} if fit is not None and fit.should_stop else None
         obj["training"] = training_state_of(learner.run, learner.meta_optimizer, callbacks, stop)
     return obj

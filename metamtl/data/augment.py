@@ -413,7 +413,7 @@ def build_augment(spec: Any) -> Any:
     if isinstance(spec, dict):
         spec = dict(spec)
         name = spec.pop("name", "crop_flip")
-        if name not in AUGMENTS:
+        if not isinstance(name, str) or name not in AUGMENTS:  # a list (YAML name: [affine]) is unhashable
             raise ConfigError(f"unknown augmentation {name!r}.{did_you_mean(name, AUGMENTS)} "
                               f"Valid augmentations: {', '.join(AUGMENTS)}.")
         import inspect

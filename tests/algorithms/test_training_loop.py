@@ -52,7 +52,7 @@ def test_hook_order_and_cosine_schedule_with_warmup(toy_tasks):
     expected = [1e-2 * 1 / 2, 1e-2 * 2 / 2] + [
         1e-3 + (1e-2 - 1e-3) * 0.5 * (1 + math.cos(math.pi * (t - 2) / 4)) for t in range(2, 6)]
     assert lrs == pytest.approx(expected, rel=1e-12)
-    assert learner.meta_optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # after the last step
+    assert learner.meta_optimizer.param_groups[0]["lr"] == pytest.approx(1e-2)  # meta_lr again after the fit
 
 
 @pytest.mark.parametrize("name,kw,factors", [
@@ -63,6 +63,17 @@ def test_step_and_exponential_schedules(toy_tasks, name, kw, factors):
     learner = make_learner(alg="fomaml", callbacks=[LRScheduler(name, **kw)])
     learner.fit(toy_tasks[0], iterations=5, meta_batch_size=1, progress=False)
     assert [r["train/lr"] for r in learner.history] == pytest.approx([1e-2 * f for f in factors])
+
+
+def test_cosine_only_settings_on_another_schedule_are_refused():
+    """warmup, total and over='budget' were silently ignored by the step, exponential and plateau
+    schedules (a step schedule with warmup=4 had no warm-up)."""
+    for name, kw in (("step", {"warmup": 4}), ("exponential", {"over": "budget"}), ("plateau", {"total": 5})):
+        with pytest.raises(ConfigError, match=f"{next(iter(kw))} .*cosine schedule only.*not {name!r}"):
+            LRScheduler(name, **kw)
+    with pytest.raises(ConfigError, match="train.scheduler: scheduler warmup .*cosine schedule only"):
+        config_from_dict({"train": {"scheduler": {"name": "step", "warmup": 100}}})
+    assert LRScheduler("step", min_lr=1e-4).min_lr == 1e-4  # min_lr applies to every schedule
 
 
 def test_a_continued_fit_with_a_new_schedule_anneals_from_meta_lr(toy_tasks):
@@ -77,6 +88,15 @@ def test_a_continued_fit_with_a_new_schedule_anneals_from_meta_lr(toy_tasks):
         lrs[parts] = [r["train/lr"] for r in learner.history]
     assert lrs[(3, 2)] == pytest.approx(lrs[(5,)], rel=1e-12)
     assert lrs[(5,)][3] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 3 / 5)))
+
+
+def test_a_continued_fit_without_the_schedule_trains_at_meta_lr(toy_tasks):
+    """After a cosine fit the optimizer kept the annealed rate (0.0 at the end), so a continued
+    fit without a scheduler trained at that rate, changing nothing, without a word."""
+    learner = make_learner(alg="fomaml")
+    learner.fit(toy_tasks[0], iterations=3, meta_batch_size=1, progress=False, callbacks=[LRScheduler("cosine")])
+    learner.fit(toy_tasks[0], iterations=2, meta_batch_size=1, progress=False)
+    assert [r["train/lr"] for r in learner.history][3:] == pytest.approx([1e-2, 1e-2])
 
 
 class FakeValidation(Callback):
@@ -99,7 +119,7 @@ def test_early_stopping_and_plateau_schedule_follow_validation(toy_tasks):
     assert learner.iteration == 5 and learner.fit_state.stopped_by == "early_stopping"
     assert stop.state_dict() == {"best": 0.6, "wait": 3}
     # the plateau scheduler (no min_delta) saw 0.605 as its best, then 2 worse -> one halving
-    assert plateau.reductions == 1 and learner.meta_optimizer.param_groups[0]["lr"] == pytest.approx(5e-3)
+    assert plateau.reductions == 1 and plateau.factor_lr(1e-2, learner.iteration, 20) == pytest.approx(5e-3)
     with pytest.raises(ConfigError, match="needs validation"):
         make_learner(alg="fomaml").fit(train, iterations=1, meta_batch_size=1, progress=False,
                                        callbacks=[EarlyStopping()])
@@ -167,6 +187,24 @@ def test_metrics_logger_writes_long_csv(tmp_path, toy_tasks):
     assert {(1, "train/loss"), (2, "train/accuracy"), (2, "val/accuracy"), (2, "train/lr")} <= metrics
     with pytest.raises(ConfigError, match=".csv or .jsonl"):
         MetricsLogger(tmp_path / "m.txt")
+
+
+def test_undefined_validation_cis_are_json_null_in_metrics_files_and_history(tmp_path, toy_tasks):
+    """With val_episodes=1 the validation CIs (undefined) were written as bare NaN tokens into
+    metrics.jsonl and history.json, which strict JSON parsers refuse; results.json writes null."""
+    def strict(text):
+        return json.loads(text, parse_constant=lambda token: pytest.fail(f"non-JSON token {token}"))
+
+    train, val = toy_tasks
+    learner = make_learner(alg="fomaml")
+    learner.fit(train, val, iterations=2, meta_batch_size=1, val_every=2, val_episodes=1, progress=False,
+                callbacks=[MetricsLogger(tmp_path / "m.jsonl")])
+    rows = [strict(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    validation = [r for r in rows if "val/accuracy" in r]
+    assert validation and validation[0]["val/accuracy_ci95"] is None and validation[0]["val/loss_ci95"] is None
+    history = strict(json.dumps(learner.history))  # what experiment.run writes to history.json
+    assert [r["val/loss_ci95"] for r in history if "val/loss" in r] == [None]
+    assert math.isfinite([r for r in history if "val/loss" in r][0]["val/loss"])
 
 
 def test_resuming_into_another_folder_starts_a_clean_metrics_file(tmp_path, toy_tasks):
@@ -239,6 +277,25 @@ def test_config_sections_for_callbacks_are_validated():
         config_from_dict({"algorithm": {"name": "mamlpp", "optimizer": "adamm"}})
 
 
+def test_callback_counts_and_rates_are_validated(tmp_path):
+    """ModelCheckpoint(every=...) took -2 (a checkpoint whenever iteration % -2 == 0), truncated 2.7
+    to 2 and raised a bare ValueError/TypeError for "x"/None; History and ProgressBar took anything."""
+    from metamtl.callbacks import History, ModelCheckpoint, ProgressBar
+
+    for every in (-2, 2.7, "x", None, True):
+        with pytest.raises(ConfigError, match=r"ModelCheckpoint every must be an integer >= 0, got"):
+            ModelCheckpoint(tmp_path, every=every)
+    assert ModelCheckpoint(tmp_path, every=0).every == 0
+    for every in (0, 1.5, "2"):
+        with pytest.raises(ConfigError, match=r"History every must be an integer >= 1, got"):
+            History(every)
+    for smoothing in (-0.1, 1.0, float("nan"), "0.9", None):
+        with pytest.raises(ConfigError, match=r"ProgressBar smoothing must be a number in \[0, 1\), got"):
+            ProgressBar(smoothing)
+    with pytest.raises(ConfigError, match=r"MetricsLogger every must be an integer >= 1, got 0"):
+        MetricsLogger(tmp_path / "m.csv", every=0)
+
+
 def test_config_files_extend_a_base_and_the_comparison_configs_are_valid(tmp_path):
     from pathlib import Path
 
@@ -275,6 +332,16 @@ def test_cosine_over_the_time_budget(toy_tasks, monkeypatch):
     with pytest.raises(ConfigError, match="needs a time budget"):
         make_learner(alg="fomaml").fit(toy_tasks[0], iterations=1, meta_batch_size=1, progress=False,
                                        callbacks=[LRScheduler(over="budget")])
+
+
+def test_cosine_over_the_time_budget_starts_at_the_base_rate_when_warm_up_ends(toy_tasks, monkeypatch):
+    """The time-based cosine counted the warm-up's time: the rate fell from base to 0.85 base at the
+    first iteration after warm-up, instead of annealing from base as over iterations."""
+    learner = make_learner(alg="fomaml", callbacks=[LRScheduler("cosine", warmup=2, over="budget")])
+    monkeypatch.setattr(MetaLearner, "elapsed", property(lambda self: 15.0 * self.iteration))  # 15 s per iteration
+    learner.fit(toy_tasks[0], iterations=100, meta_batch_size=1, progress=False, budget_minutes=2.0)
+    cosine = [0.5 * (1 + math.cos(math.pi * (15.0 * t - 30.0) / 90.0)) for t in range(2, 8)]
+    assert [r["train/lr"] for r in learner.history] == pytest.approx([1e-2 * f for f in [0.5, 1.0, *cosine]])
 
 
 @pytest.mark.parametrize("name,settings", [

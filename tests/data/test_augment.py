@@ -64,6 +64,8 @@ def test_bad_augment_settings_are_refused():
         RandomCropFlip(1)(torch.zeros(4, 5, dtype=torch.uint8))
     with pytest.raises(ConfigError, match="unknown key 'rotate' for augmentation 'crop_flip'"):
         build_augment({"padding": 2, "rotate": 90})
+    with pytest.raises(ConfigError, match=r"unknown augmentation \['affine'\]\. .*Valid augmentations: .*affine"):
+        build_augment({"name": ["affine"]})  # was a bare TypeError (unhashable list)
     assert build_augment(True) == RandomCropFlip(8, True) and build_augment(None) is None
 
 

@@ -434,3 +434,58 @@ def test_the_budget_stays_the_reason_when_early_stopping_reacts_to_the_final_val
                 meta_batch_size=2, val_every=2, val_episodes=2, budget_minutes=1.5, progress=False,
                 callbacks=[EarlyStopping(patience=1, min_delta=10.0)])
     assert learner.iteration == 3 and learner.fit_state.stopped_by == "budget"
+
+
+def test_callbacks_reused_by_a_new_learner_start_afresh_and_a_continued_fit_keeps_their_state(sine):
+    """The same callback objects passed to a second learner (a sweep) used to keep the first
+    learner's state: its scheduler's base rate (10x the new meta_lr) and its early-stopping best
+    (stopping the new run after 2 iterations)."""
+    from metamtl.callbacks import EarlyStopping, LRScheduler
+
+    stopper = EarlyStopping(patience=2)
+    cbs = [LRScheduler("cosine"), stopper]
+    fit = dict(iterations=6, meta_batch_size=2, val_every=1, val_episodes=2, callbacks=cbs, progress=False)
+    first = sine_learner()
+    first.fit(sine, sine, **fit)
+    second = sine_learner()
+    for g in second.meta_optimizer.param_groups:
+        g["lr"] = 1e-3
+    second.fit(sine, sine, **fit)
+    rates = [r["train/lr"] for r in second.history if "train/lr" in r]
+    assert rates[0] == pytest.approx(1e-3) and second.iteration == 6 and second.fit_state.stopped_by == "iterations"
+    kept = stopper.best
+    second.fit(sine, sine, **{**fit, "iterations": 1})  # continued: the same run, early stopping goes on
+    assert stopper.best <= kept
+    stopper.best, stopper.wait = -1e9, 1  # nothing beats it: a continued fit stops at once
+    second.fit(sine, sine, **{**fit, "iterations": 3})
+    assert second.fit_state.stopped_by == "early_stopping" and second.iteration == 8
+
+
+def test_a_run_resumed_into_another_folder_writes_its_own_best_checkpoint(sine, tmp_path):
+    """The checkpoint's best value was taken for the new folder's: a run resumed elsewhere that never
+    beat the old folder's best wrote no best.pt there (evaluation then fell back to the last weights)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    fit = dict(meta_batch_size=2, val_every=1, val_episodes=2, progress=False, checkpoint_every=1)
+    first = sine_learner()
+    for g in first.meta_optimizer.param_groups:
+        g["lr"] = 0.3  # too high: after its best at iteration 3 the run gets worse
+    first.fit(sine, sine, iterations=3, checkpoint_dir=a, **fit)
+    resumed = sine_learner()
+    resumed.fit(sine, sine, iterations=7, checkpoint_dir=b, resume=a / "last.pt", **fit)
+    losses = [r["val/loss"] for r in resumed.history if "val/loss" in r]
+    assert min(losses[3:]) > min(losses[:3])  # what made the bug show
+    assert (b / "best.pt").is_file() and (a / "best.pt").is_file()
+
+
+def test_a_stop_requested_in_on_fit_start_trains_no_iteration(sine):
+    """should_stop set in on_fit_start was only read after an iteration: one iteration was trained
+    (and validated) anyway."""
+    class NoTrain(Log):
+        def on_fit_start(self, state):
+            super().on_fit_start(state)
+            state.should_stop, state.stopped_by = True, "mine"
+
+    learner, log = sine_learner(), NoTrain()
+    state = run_loop(learner, sine, 3, val_every=2, val=sine, callbacks=[log])
+    assert learner.iteration == 0 and state.stopped_by == "mine" and state.should_stop
+    assert [c[0] for c in log.calls] == ["start", "fit_end"]

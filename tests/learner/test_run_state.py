@@ -159,6 +159,30 @@ def test_metadata_a_checkpoint_could_not_read_back_is_refused_before_anything_is
     assert MetaLearner.load(learner.save(tmp_path / "ok.pt"), device="cpu").metadata == plain
 
 
+def test_a_callback_state_a_checkpoint_could_not_read_back_is_refused_when_written(sine, tmp_path):
+    """A callback whose state held a numpy number was written into last.pt without error, and the
+    checkpoint (the run's weights) then could not be loaded nor resumed ("corrupt or unsafe")."""
+    from metamtl.callbacks import Callback
+
+    class Keep(Callback):
+        best = None
+
+        def on_iteration_end(self, state, metrics):
+            self.best = np.float64(metrics["loss"])
+
+        def state_dict(self):
+            return {"best": self.best}
+
+        def load_state_dict(self, state):
+            self.best = state["best"]
+
+    learner = sine_learner()
+    with pytest.raises(CheckpointError, match=r"callback state\['Keep'\]\['best'\] is .*numpy.float64.*float\(x\)"):
+        learner.fit(sine, iterations=4, meta_batch_size=2, callbacks=[Keep()], checkpoint_dir=tmp_path,
+                    checkpoint_every=2, progress=False)
+    assert not (tmp_path / "last.pt").exists()
+
+
 def test_a_loaded_learner_keeps_its_meta_training_time(sine, tmp_path):
     """MetaLearner.load started elapsed at 0 s: a loaded learner at iteration 2 had trained for no time,
     and the history rows of a later fit went back in time."""

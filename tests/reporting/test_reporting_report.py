@@ -324,7 +324,9 @@ def test_non_finite_accuracies_are_drawn_as_missing(tmp_path, recwarn):
     nan = float("nan")
     run = _small_run(tmp_path / "r", [_row(nan, nan), _row(0.6, nan, shots=2), _row(0.7, float("inf"), shots=3)],
                      history=[{"iteration": 1, "train/loss": float("inf"), "val/loss": nan, "val/accuracy": nan,
-                               "val/accuracy_ci95": nan}, {"iteration": 2, "train/loss": 1.0}])
+                               "val/accuracy_ci95": nan}, {"iteration": 2, "train/loss": 1.0},
+                              {"iteration": 2, "val/loss": 0.5, "val/accuracy": 0.5, "val/accuracy_ci95": None,
+                               "val/loss_ci95": None}])  # one validation episode: CIs are JSON null
     _check_images(write_report(run))
     assert (run / "accuracy.png").is_file() and (run / "learning_curves.png").is_file()
     assert not [w for w in recwarn if "skipped" in str(w.message)]
