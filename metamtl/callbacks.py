@@ -452,12 +452,13 @@ class ModelCheckpoint(Callback):
         self._loaded, self.best = dict(state), None
 
     def _continue_best(self) -> None:
-        """The loaded best value, when it was watched in this folder with this monitor and mode (another
-        folder's ``best.pt`` is not this one's, nor is the best of another metric)."""
+        """The loaded best value, when it was watched with this monitor and mode in this folder, or in a
+        folder copied or moved here with its ``best.pt`` (another folder's ``best.pt`` is not this
+        empty one's, nor is the best of another metric)."""
         loaded, self._loaded = self._loaded or {}, None
         monitor, mode = self.watched
-        same = all(loaded.get(k, mine) == mine for k, mine in (
-            ("dirpath", str(self.dirpath.resolve())), ("monitor", monitor), ("mode", mode)))
+        here = loaded.get("dirpath", str(self.dirpath.resolve())) == str(self.dirpath.resolve()) or self.best_path.is_file()
+        same = here and all(loaded.get(k, mine) == mine for k, mine in (("monitor", monitor), ("mode", mode)))
         self.best = loaded.get("best") if same else None
 
 

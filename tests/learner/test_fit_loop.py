@@ -489,3 +489,23 @@ def test_a_stop_requested_in_on_fit_start_trains_no_iteration(sine):
     state = run_loop(learner, sine, 3, val_every=2, val=sine, callbacks=[log])
     assert learner.iteration == 0 and state.stopped_by == "mine" and state.should_stop
     assert [c[0] for c in log.calls] == ["start", "fit_end"]
+
+
+def test_a_run_folder_moved_with_its_best_checkpoint_keeps_its_best(sine, tmp_path):
+    """A run folder copied elsewhere with its best.pt, then resumed there: the copied best.pt is this
+    run's best, so later worse validations must not overwrite it."""
+    import shutil
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    fit = dict(meta_batch_size=2, val_every=1, val_episodes=2, progress=False, checkpoint_every=1)
+    first = sine_learner()
+    for g in first.meta_optimizer.param_groups:
+        g["lr"] = 0.3  # too high: after its best at iteration 3 the run gets worse
+    first.fit(sine, sine, iterations=3, checkpoint_dir=a, **fit)
+    shutil.copytree(a, b)
+    before = (b / "best.pt").read_bytes()
+    resumed = sine_learner()
+    resumed.fit(sine, sine, iterations=7, checkpoint_dir=b, resume=b / "last.pt", **fit)
+    losses = [r["val/loss"] for r in resumed.history if "val/loss" in r]
+    assert min(losses[3:]) > min(losses[:3])  # nothing after the move beat the copied best
+    assert (b / "best.pt").read_bytes() == before
