@@ -4,7 +4,9 @@
 every job of the spec on every rank and writes ``OUT/<job>.rank<r>.pt`` (weights, history,
 per-episode validation/test accuracies).  The tests call :func:`run_job` in-process for the
 single-process reference.  Faults (``kill``, ``hang``, ``stop``, ``nan``: ``[rank, iteration]``)
-are injected at the end of (or, for ``nan``, inside) the given 1-based iteration on that rank.
+are injected at the end of (or, for ``nan``, inside) the given 1-based iteration on that rank
+(``stop`` gives the reason ``"fault"``); ``slow: [rank, seconds]`` sleeps at the end of every
+iteration on that rank (rank-0-only work such as logging, before the other callbacks).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch
 
 from metamtl import MetaLearner
 from metamtl.algorithms import build_algorithm
-from metamtl.callbacks import Callback, FitState
+from metamtl.callbacks import Callback, FitState, LRScheduler
 from metamtl.data import ClassDataset, Preprocessing
 from metamtl.errors import DistributedError
 from metamtl.models import build_model
@@ -93,7 +95,10 @@ class Faults(Callback):
             print(f"rank {state.rank}: hanging at iteration {state.iteration}", file=sys.stderr, flush=True)
             time.sleep(600)
         if self._due(state, "stop"):
-            state.should_stop = True
+            state.should_stop, state.stopped_by = True, "fault"
+        slow = self.faults.get("slow")
+        if slow is not None and state.rank == slow[0]:
+            time.sleep(slow[1])
 
 
 def poison_gradients(learner: MetaLearner, rank: int, iteration: int) -> None:
@@ -120,12 +125,15 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     faults = job.get("faults", {})
     if "nan" in faults:
         poison_gradients(learner, *faults["nan"])
+    callbacks = [Faults(faults)]
+    if job.get("budget_minutes"):  # a cosine meta-lr annealed over the time budget
+        callbacks.append(LRScheduler("cosine", over="budget"))
     try:
         learner.fit(
             train, val, iterations=job["iterations"], meta_batch_size=job["meta_batch_size"],
             val_every=job.get("val_every"), val_episodes=job.get("val_episodes", 5),
             checkpoint_dir=job.get("checkpoint_dir"), checkpoint_every=job.get("checkpoint_every", 100),
-            resume=job.get("resume"), callbacks=[Faults(faults)], progress=False,
+            resume=job.get("resume"), callbacks=callbacks, progress=False, budget_minutes=job.get("budget_minutes"),
         )
     except DistributedError as exc:
         if not job.get("expect_error"):
@@ -137,6 +145,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         "algorithm_state": {k: v.detach().clone() for k, v in learner.algorithm.state_dict().items()},
         "iteration": learner.iteration,
         "world_size": learner.world_size,
+        "stopped_by": learner.fit_state.stopped_by,
         "history": learner.history,
         "test_accuracy": test.per_episode_accuracy,
         "test_loss": test.per_episode_loss,

@@ -174,6 +174,37 @@ def test_ranks_with_different_settings_are_refused_on_every_rank(two_rank_run):
         assert "seed=0" in res["error"] and "seed=1" in res["error"]
 
 
+# what every rank must agree on beyond the meta-gradient (one launch for these jobs)
+AGREEMENT_JOBS = [
+    # MAML++'s per-step BatchNorm running statistics: each rank folds in its own tasks
+    {"name": "mamlpp", "algorithm": "mamlpp", "iterations": 3, "meta_batch_size": 3, "val_every": 3},
+]
+
+
+@pytest.fixture(scope="module")
+def agreement_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("agreement")
+    proc, _, out_dir = run_worker(tmp, AGREEMENT_JOBS, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out_dir
+
+
+def test_mamlpp_running_statistics_agree_on_every_rank(agreement_run):
+    """Each rank folds its own tasks into MAML++'s per-step running statistics; after every step
+    the ranks hold the same (task-weighted mean) statistics, so evaluation and checkpoints use one set."""
+    job = next(j for j in AGREEMENT_JOBS if j["name"] == "mamlpp")
+    ref = single_process(job)
+    ranks = [load(agreement_run, "mamlpp", r) for r in (0, 1)]
+    stats = [k for k in ref["algorithm_state"] if k.startswith("norms.running_")]
+    assert stats
+    for key in stats:
+        assert torch.equal(ranks[0]["algorithm_state"][key], ranks[1]["algorithm_state"][key]), key
+        assert not torch.equal(ranks[0]["algorithm_state"][key], dist_worker.make_learner(job).algorithm.state_dict()[key])
+    for r in ranks:  # training normalises with batch statistics: the weights are one process's
+        assert max_param_diff(r["params"], ref["params"]) < 5e-6
+    assert ranks[0]["test_accuracy"] == ranks[1]["test_accuracy"]
+
+
 CRASH = {"name": "crash", "algorithm": "maml", "iterations": 8, "meta_batch_size": 3, "val_every": 4,
          "checkpoint_every": 2}
 
