@@ -442,7 +442,7 @@ class FitLoop:
             state.stopped_by = "budget"
             return True
         # a callback's stop request in on_fit_start (on any process): stop before the first iteration
-        state.should_stop = ln.strategy.any_rank(state.should_stop, what="stop check (fit start)")[0]
+        self._agree_stop(what="stop check (fit start)")
         return state.should_stop
 
     def _final_validation_due(self, first: int, stopped_at_start: bool) -> bool:
@@ -473,12 +473,22 @@ class FitLoop:
             return False
         return self.learner.strategy.any_rank(self._out_of_time(), what="budget check (fit start)")[0]
 
-    def _stop_vote(self, signals: StopOnSignal) -> bool:
-        """Stop requests of every process OR-ed, so all stop after the same iteration."""
+    def _agree_stop(self, *flags: bool, what: str) -> tuple[bool, ...]:
+        """``should_stop`` and each of ``flags`` OR-ed over every process; a callback's reason
+        (``stopped_by``) becomes that of the first process, in rank order, that asked to stop."""
         state = self.state
-        stop, out_of_time, interrupted = self.learner.strategy.any_rank(
-            state.should_stop, self._out_of_time(), signals.requested, what=f"stop check (iteration {self.learner.iteration})")
-        state.should_stop = stop
+        votes = self.learner.strategy.all_gather((state.should_stop, state.stopped_by if state.should_stop else None,
+                                                  *flags), what=what)
+        state.should_stop = any(v[0] for v in votes)
+        state.stopped_by = next((v[1] for v in votes if v[1] is not None), state.stopped_by)
+        return tuple(any(v[k] for v in votes) for k in range(2, 2 + len(flags)))
+
+    def _stop_vote(self, signals: StopOnSignal) -> bool:
+        """Stop requests of every process OR-ed, so all stop after the same iteration (:meth:`_agree_stop`)."""
+        state = self.state
+        out_of_time, interrupted = self._agree_stop(self._out_of_time(), signals.requested,
+                                                    what=f"stop check (iteration {self.learner.iteration})")
+        stop = state.should_stop
         if interrupted:
             raise self.interrupted(signals.signum or signal.SIGTERM)
         if out_of_time and not stop:  # a callback's stop in the same iteration came first

@@ -178,6 +178,8 @@ def test_ranks_with_different_settings_are_refused_on_every_rank(two_rank_run):
 AGREEMENT_JOBS = [
     # MAML++'s per-step BatchNorm running statistics: each rank folds in its own tasks
     {"name": "mamlpp", "algorithm": "mamlpp", "iterations": 3, "meta_batch_size": 3, "val_every": 3},
+    # rank 1 alone asks to stop, with its reason, after iteration 2
+    {"name": "stop_reason", "algorithm": "maml", "iterations": 5, "meta_batch_size": 2, "faults": {"stop": [1, 2]}},
 ]
 
 
@@ -203,6 +205,13 @@ def test_mamlpp_running_statistics_agree_on_every_rank(agreement_run):
     for r in ranks:  # training normalises with batch statistics: the weights are one process's
         assert max_param_diff(r["params"], ref["params"]) < 5e-6
     assert ranks[0]["test_accuracy"] == ranks[1]["test_accuracy"]
+
+
+def test_a_stop_reason_from_one_rank_is_recorded_on_every_rank(agreement_run):
+    """rank 0 writes results.json and the checkpoint's stop record: it must say why the run stopped."""
+    for r in (0, 1):
+        res = load(agreement_run, "stop_reason", r)
+        assert (res["iteration"], res["stopped_by"]) == (2, "fault")
 
 
 CRASH = {"name": "crash", "algorithm": "maml", "iterations": 8, "meta_batch_size": 3, "val_every": 4,

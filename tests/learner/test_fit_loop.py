@@ -55,15 +55,20 @@ def test_a_callback_stop_request_ends_fit_after_that_iteration(sine):
     assert learner.iteration == 2 and state.stopped_by == "log" and state.should_stop
 
 
-def test_another_process_voting_stop_stops_this_one(sine):
-    class Voter(ProcessStrategy):  # a second process asks to stop at iteration 3
-        def any_rank(self, *flags, what=""):
-            return (flags[0] or learner.iteration == 3, *flags[1:])
+@pytest.mark.parametrize("stop_at", [0, 3])  # 0: in on_fit_start, before the first iteration
+def test_another_process_voting_stop_stops_this_one(sine, stop_at):
+    class Voter(ProcessStrategy):  # a second process asks to stop at iteration stop_at, saying why
+        def all_gather(self, obj, what):
+            if not what.startswith("stop check"):
+                return [obj]
+            stop = learner.iteration == stop_at
+            return [obj, (stop, "other_rank" if stop else None, False, False)]
 
     learner = sine_learner()
     learner.strategy = Voter()
     state = run_loop(learner, sine, 10)
-    assert learner.iteration == 3 and state.should_stop
+    # this process records the other's reason (it writes results.json and the checkpoint's stop record)
+    assert learner.iteration == stop_at and state.should_stop and state.stopped_by == "other_rank"
 
 
 def test_the_time_budget_stops_fit(sine, monkeypatch):
