@@ -367,6 +367,7 @@ class FitLoop:
         try:
             cbs.on_fit_start(state)
             ln.run.start_clock()  # after the callbacks' set-up (W&B start-up, reading last.pt): not meta-training
+            self._agree_clock()
             spent = self._stopped_at_start()  # e.g. a run stopped by its budget, resumed with the same one
             first = ln.iteration
             while not spent and ln.iteration < state.iterations and not self._stop_after_iteration(next(batches), signals):
@@ -376,6 +377,7 @@ class FitLoop:
             if self._final_validation_due(first, spent):
                 self._final_validation()
             state.stopped_by = state.stopped_by or "iterations"
+            self._agree_clock()  # the final validation's time too: saved in last.pt, continued by a later fit
             cbs.on_fit_end(state)
             late = signals.signum  # during the final validation or on_fit_end: fit still ends interrupted
         except BaseException as exc:
@@ -408,11 +410,21 @@ class FitLoop:
         cbs.on_iteration_start(state)
         metrics = self.step(batch)
         ln.run.iteration += 1
+        self._agree_clock()
         cbs.on_iteration_end(state, metrics)
         if self._validation_due():
             self._validate()
         cbs.on_iteration_complete(state)
         return self._stop_vote(signals)
+
+    def _agree_clock(self) -> None:
+        """Under torchrun: ``elapsed`` becomes the slowest process's clock on every process
+        (:attr:`~metamtl.run_state.RunState.agreed`), so hooks reading it (``LRScheduler(over="budget")``,
+        the history's times) act alike on every process until the next agreement."""
+        ln = self.learner
+        if ln.strategy.world_size > 1:
+            clocks = ln.strategy.all_gather(ln.run.measured, what=f"clock exchange (iteration {ln.iteration})")
+            ln.run.agreed = max(clocks)
 
     def _validate(self) -> None:
         ln = self.learner

@@ -55,6 +55,10 @@ class RunState:
         resumed: whether the fit in progress (or the latest) continues a checkpoint.
         peak_memory_mb: the highest per-iteration peak memory of the latest fit in this process
             (resident set on CPU, CUDA max allocated on a GPU; not saved: it belongs to the process).
+        agreed: under torchrun, during a fit: the seconds of meta-training every process agreed
+            on (the slowest process's clock after the latest meta-step), which :attr:`elapsed`
+            returns so that callbacks (a schedule over the time budget, the history's times) and
+            the budget check act on one clock; ``None``: this process's own clock.
     """
 
     iteration: int = 0
@@ -67,18 +71,24 @@ class RunState:
     stop: dict[str, Any] | None = None
     resumed: bool = False
     peak_memory_mb: float = 0.0
+    agreed: float | None = dataclasses.field(default=None, repr=False)
     _clock: float | None = dataclasses.field(default=None, repr=False)
 
     @property
     def elapsed(self) -> float:
-        """Seconds of meta-training so far, across fit calls and resumed runs."""
+        """Seconds of meta-training so far, across fit calls and resumed runs (:attr:`agreed` when set)."""
+        return self.measured if self.agreed is None else self.agreed
+
+    @property
+    def measured(self) -> float:
+        """:attr:`elapsed` on this process's own clock."""
         return self.seconds + (time.perf_counter() - self._clock if self._clock is not None else 0.0)
 
     def start_clock(self) -> None:
-        self._clock = time.perf_counter()
+        self._clock, self.agreed = time.perf_counter(), None
 
-    def stop_clock(self) -> None:
-        self.seconds, self._clock = self.elapsed, None
+    def stop_clock(self) -> None:  # the agreed seconds when set: every process continues from the same
+        self.seconds, self._clock, self.agreed = self.elapsed, None, None
 
 
 def rng_state() -> dict[str, Any]:

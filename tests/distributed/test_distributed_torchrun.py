@@ -178,6 +178,9 @@ def test_ranks_with_different_settings_are_refused_on_every_rank(two_rank_run):
 AGREEMENT_JOBS = [
     # MAML++'s per-step BatchNorm running statistics: each rank folds in its own tasks
     {"name": "mamlpp", "algorithm": "mamlpp", "iterations": 3, "meta_batch_size": 3, "val_every": 3},
+    # a cosine meta-lr over the time budget while rank 0 spends longer per iteration (W&B, metrics)
+    {"name": "budget_lr", "algorithm": "maml", "iterations": 4, "meta_batch_size": 2, "budget_minutes": 0.2,
+     "faults": {"slow": [0, 0.3]}},
     # rank 1 alone asks to stop, with its reason, after iteration 2
     {"name": "stop_reason", "algorithm": "maml", "iterations": 5, "meta_batch_size": 2, "faults": {"stop": [1, 2]}},
 ]
@@ -205,6 +208,16 @@ def test_mamlpp_running_statistics_agree_on_every_rank(agreement_run):
     for r in ranks:  # training normalises with batch statistics: the weights are one process's
         assert max_param_diff(r["params"], ref["params"]) < 5e-6
     assert ranks[0]["test_accuracy"] == ranks[1]["test_accuracy"]
+
+
+def test_lr_over_the_time_budget_is_the_same_on_every_rank(agreement_run):
+    """The ranks' clocks differ (rank 0 does more per iteration); the schedule reads the one they agree on."""
+    ranks = [load(agreement_run, "budget_lr", r) for r in (0, 1)]
+    assert ranks[0]["iteration"] == ranks[1]["iteration"] == 4
+    lrs = [[h["train/lr"] for h in r["history"] if "train/lr" in h] for r in ranks]
+    assert len(lrs[0]) == 4 and lrs[0] == lrs[1] and lrs[0][-1] < 0.05  # annealed by the clock
+    assert max_param_diff(ranks[0]["params"], ranks[1]["params"]) == 0.0
+    assert [h["time"] for h in ranks[0]["history"]] == [h["time"] for h in ranks[1]["history"]]
 
 
 def test_a_stop_reason_from_one_rank_is_recorded_on_every_rank(agreement_run):
