@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import ConfigError, FitInterrupted, MetamtlError, TaskError
+from .errors import ConfigError, DistributedError, FitInterrupted, MetamtlError, TaskError
 from .progress_bars import silenced
 
 
@@ -329,12 +329,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _on_main_process(record: logging.LogRecord) -> bool:
+    """Whether a record is printed: on torchrun's rank 0 (or a plain process) only."""
+    from .distributed import launch_env
+
+    try:
+        return launch_env().is_main_process
+    except DistributedError:  # a broken launch environment: fit reports it
+        return True
+
+
 def _show_library_messages() -> None:
-    """Print the library's informational messages (e.g. the memory planner's choice) as ``[metamtl] ...``."""
+    """Print the library's informational messages (e.g. the memory planner's choice) as ``[metamtl] ...``,
+    under torchrun from rank 0 alone."""
     logger = logging.getLogger("metamtl")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("[metamtl] %(message)s"))
+        handler.addFilter(_on_main_process)
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
 

@@ -108,3 +108,19 @@ def test_more_ranks_than_tasks_is_refused():
     sampler = EpisodeSampler(dist_worker.toy_dataset(), 5, 1, 2)
     with pytest.raises(MetamtlError, match="meta batch size 2 is smaller than the number of ranks 3"):
         next(task_batches(sampler, 2, rank=0, world_size=3))
+
+
+@pytest.mark.parametrize("rank, printed", [(0, True), (1, False)])
+def test_library_messages_are_printed_by_rank_0_alone(env, monkeypatch, capsys, rank, printed):
+    """``metamtl`` CLI under torchrun: "[metamtl] resumed from ..." (and the planners' messages) once, not per rank."""
+    import logging
+
+    from metamtl import cli
+
+    logger = logging.getLogger("metamtl")
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "level", logger.level)
+    env(RANK=rank, WORLD_SIZE=2, LOCAL_RANK=rank)
+    cli._show_library_messages()
+    logging.getLogger("metamtl.fit").info("resumed from last.pt")
+    assert ("[metamtl] resumed from last.pt" in capsys.readouterr().out) == printed
