@@ -118,7 +118,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     ds = toy_dataset()
     rank = int(os.environ.get("RANK", "0"))
     train = EpisodeSampler(ds.subset(range(30)), 5, 1, 3, seed=rank if job.get("seed_per_rank") else 0)
-    val = EpisodeSampler(ds.subset(range(30, 40)), 5, 1, 3, seed=1)
+    val = EpisodeSampler(ds.subset(range(30, 40)), 5, 1, 3, seed=1 + rank if job.get("val_seed_per_rank") else 1)
+    if job.get("no_val_on_rank") == rank:
+        val = None
     if job["algorithm"] == "multitask":
         train, val = toy_source(0), toy_source(1)
     learner = make_learner(job)
@@ -139,7 +141,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         if not job.get("expect_error"):
             raise
         return {"error": str(exc), "iteration": learner.iteration}
-    test = learner.evaluate(val, job.get("test_episodes", 7), start=1000, progress=False)
+    test = learner.evaluate(val or train, job.get("test_episodes", 7), start=1000, progress=False)
     return {
         "params": {k: v.detach().clone() for k, v in learner.model.state_dict().items()},
         "algorithm_state": {k: v.detach().clone() for k, v in learner.algorithm.state_dict().items()},

@@ -183,6 +183,11 @@ AGREEMENT_JOBS = [
      "faults": {"slow": [0, 0.3]}},
     # rank 1 alone asks to stop, with its reason, after iteration 2
     {"name": "stop_reason", "algorithm": "maml", "iterations": 5, "meta_batch_size": 2, "faults": {"stop": [1, 2]}},
+    # ranks validating on other tasks, or one without validation: refused at the start (not mixed numbers or a hang)
+    {"name": "val_seed", "algorithm": "maml", "iterations": 2, "meta_batch_size": 2, "val_every": 2,
+     "val_seed_per_rank": True, "expect_error": True},
+    {"name": "val_missing", "algorithm": "maml", "iterations": 2, "meta_batch_size": 2, "val_every": 2,
+     "no_val_on_rank": 1, "expect_error": True},
 ]
 
 
@@ -225,6 +230,14 @@ def test_a_stop_reason_from_one_rank_is_recorded_on_every_rank(agreement_run):
     for r in (0, 1):
         res = load(agreement_run, "stop_reason", r)
         assert (res["iteration"], res["stopped_by"]) == (2, "fault")
+
+
+@pytest.mark.parametrize("name, differs", [("val_seed", "seed=1"), ("val_missing", "val_tasks")])
+def test_ranks_with_different_validation_tasks_are_refused_at_start(agreement_run, name, differs):
+    for r in (0, 1):
+        res = load(agreement_run, name, r)
+        assert res["iteration"] == 0 and "rank 1 does not run the same fit as rank 0" in res["error"]
+        assert differs in res["error"]
 
 
 CRASH = {"name": "crash", "algorithm": "maml", "iterations": 8, "meta_batch_size": 3, "val_every": 4,
