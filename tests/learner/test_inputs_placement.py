@@ -93,6 +93,26 @@ def test_an_adapted_predictor_answers_each_new_batch_not_a_cached_one(name, kw):
         torch.testing.assert_close(predictor(q * 1.0), learner.adapt(sx, sy)(q.clone()), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name, kw", [("anil", {"steps": 1, "lr": 0.1, "head_init": "proto"}),
+                                      ("maml", {"steps": 1, "lr": 0.1, "head_init": "proto", "adapt": "head"})])
+def test_head_only_predictors_take_queries_made_under_inference_mode(name, kw):
+    """Inference tensors have no version counter to key the trunk-feature cache on: head-only
+    algorithms used to raise a bare RuntimeError under ``torch.inference_mode()``."""
+    from metamtl import MetaLearner
+    from metamtl.algorithms import build_algorithm
+
+    torch.manual_seed(0)
+    learner = MetaLearner(build_model("conv4", hidden=4, out_features=None), build_algorithm(name, **kw), device="cpu")
+    sx, sy, q = torch.randn(5, 1, 28, 28), torch.arange(5), torch.randn(4, 1, 28, 28)
+    expected = learner.predict(sx, sy, q)
+    with torch.inference_mode():
+        torch.testing.assert_close(learner.predict(sx, sy, q), expected)
+        predictor, inference_q = learner.adapt(sx, sy), q.clone()
+        torch.testing.assert_close(predictor(inference_q), expected)
+    torch.testing.assert_close(predictor(inference_q), expected)  # an inference tensor, used outside the mode
+    torch.testing.assert_close(predictor(q), expected)
+
+
 @pytest.mark.parametrize("algorithm, kw", [("maml", {"steps": 1, "lr": 0.1}), ("protonet", {})])
 def test_a_float64_model_fits_evaluates_and_predicts_uint8_images_and_float32_inputs(algorithm, kw):
     """Inputs are cast to the model's dtype, wherever they enter (episodes, predict)."""
