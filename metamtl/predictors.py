@@ -21,12 +21,14 @@ if TYPE_CHECKING:
     from .learner import MetaLearner
 
 
-def batch_statistics(learner: "MetaLearner") -> bool:
+def batch_statistics(learner: "MetaLearner", algorithm: bool = True) -> bool:
     """Whether query features depend on the other queries of one call: ``bn_stats="transductive"``
-    with a BatchNorm layer that normalises with batch statistics at test time (MAML++'s per-step
-    sets with ``bn_eval="running"`` normalise every image on its own)."""
+    with a BatchNorm layer that normalises with batch statistics at test time. MAML++'s per-step
+    sets with ``bn_eval="running"`` normalise every image on its own, but only in the algorithm's
+    own adaptation (``algorithm``): a feature head runs ``model.trunk``, whose BatchNorm does not."""
     cfg = learner.algorithm.config()
-    if learner.bn_stats != "transductive" or (cfg.get("per_step_bn") and cfg.get("bn_eval") == "running"):
+    per_image = algorithm and cfg.get("per_step_bn") and cfg.get("bn_eval") == "running"
+    if learner.bn_stats != "transductive" or per_image:
         return False
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
                for m in learner.model.modules())
@@ -84,7 +86,7 @@ class HeadPredictor(AdaptedPredictor):
         super().__init__(learner, None, ways, dataset)  # type: ignore[arg-type]
         self.head, self._support_x, self.support_y = head, support_x, support_y
         self.mean = learner.inference.centring_mean(head, dataset, learner.device)  # the dataset's, to centre
-        self.transductive = head.transductive or self.transductive
+        self.transductive = head.transductive or batch_statistics(learner, algorithm=False)
         with torch.no_grad(), learner.autocast():
             self.features = learner.model.trunk(support_x)
 

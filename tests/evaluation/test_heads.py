@@ -242,6 +242,22 @@ def test_predictors_say_transductive_when_query_batchnorm_statistics_use_the_oth
             assert predictor.transductive == depends == (bn_stats == "transductive"), (bn_stats, head)
 
 
+
+def test_a_feature_head_on_mamlpp_says_transductive_as_its_trunk_uses_the_query_batch(splits):
+    """MAML++'s per-step running statistics (``bn_eval="running"``) serve its own adaptation only: a
+    feature head runs the trunk, whose BatchNorm uses the queries' batch statistics, and said
+    ``transductive=False`` while its logits depended on the other queries."""
+    _, test = splits
+    ep = test.episode(0).to("cpu")
+    torch.manual_seed(0)
+    model = build_model("conv4", in_channels=1, hidden=8, image_size=12, blocks=2, out_features=5)
+    lr = MetaLearner(model, build_algorithm("mamlpp"), preprocessing=toy().preprocessing, device="cpu")
+    for head in (None, {"name": "simpleshot", "center": False}):
+        predictor = lr.adapt(ep.support_x, ep.support_y, head=head)
+        together, alone = predictor(ep.query_x)[:1], predictor(ep.query_x[:1])
+        depends = not torch.allclose(together, alone, atol=1e-4, rtol=1e-4)
+        assert predictor.transductive == depends == (head is not None), head
+
 def test_a_learner_with_several_feature_means_centres_each_dataset_with_its_own(splits):
     """A multi-dataset learner holds one training mean per dataset: evaluate takes the episode's,
     adapt/predict take ``dataset=`` (without it: an error saying so), and so does an ensemble."""
