@@ -175,12 +175,13 @@ def support_labels(y: Any, n: int, task: str, device: torch.device,
     y = y.long()
     if int(y.min()) < 0:
         raise InputError(f"support labels must be integers in 0..N-1, got {sorted(set(y.tolist()))}")
-    ways = int(y.max()) + 1
-    missing = sorted(set(range(ways)) - set(y.tolist()))
-    if missing:
+    ways, classes = int(y.max()) + 1, torch.unique(y).tolist()
+    if len(classes) < ways:  # missing classes: the first few listed, searched for in a bounded range
+        present = set(classes)
+        missing = [c for c in range(min(ways, len(classes) + 11)) if c not in present][:10]
         raise InputError(
-            f"support labels must cover every class 0..{ways - 1}; class(es) {missing[:10]}"
-            f"{' ...' if len(missing) > 10 else ''} have no "
+            f"support labels must cover every class 0..{ways - 1}; class(es) {missing}"
+            f"{' ...' if ways - len(classes) > len(missing) else ''} have no "
             "support example (relabel classes to 0..N-1)"
         )
     if ways < 2:  # one class: every query would win (fit and evaluate refuse 1-way tasks too)

@@ -25,6 +25,18 @@ def test_support_labels_checks_classes_and_counts_ways():
     assert ways == 1 and y.shape == (2, 1) and y.dtype == torch.float32
 
 
+
+def test_support_labels_with_a_huge_class_id_are_refused_at_once():
+    """Missing classes were listed from a set of range(max label + 1): time and memory grew with
+    the largest id (a MemoryError, or a hang, for database keys or synset numbers)."""
+    import time
+
+    start = time.perf_counter()
+    for big in (10**7, 2**40):
+        with pytest.raises(InputError, match=rf"cover every class 0..{big}; .*\[2, 3, 4,.*relabel"):
+            support_labels([0, 1, big], 3, "classification", torch.device("cpu"))
+    assert time.perf_counter() - start < 1.0
+
 def test_model_input_takes_floats_uint8_images_and_arrays(tmp_path):
     from metamtl.data import Preprocessing
 
