@@ -202,6 +202,21 @@ def test_steps_with_a_feature_head_are_refused_not_ignored(splits, trained):
         assert who.evaluate(splits[1], 2, progress=False, head="algorithm", steps=50).head == "algorithm"
 
 
+
+def test_steps_with_a_feature_head_are_refused_by_adapt_and_predict_as_by_evaluate(splits, trained):
+    """adapt/predict(steps=50, head="logreg") ignored the steps silently where evaluate refused them."""
+    from metamtl.ensemble import Ensemble
+
+    ep = splits[1].episode(0).to("cpu")
+    by_default = learner(head="simpleshot")
+    calls = [(who, kw) for who in (trained, Ensemble([trained, trained])) for kw in ({"head": "logreg"},)]
+    for who, kw in calls + [(by_default, {}), (Ensemble([by_default]), {})]:
+        with pytest.raises(ConfigError, match="steps: feature head .* takes no inner steps"):
+            who.predict(ep.support_x, ep.support_y, ep.query_x, steps=50, **kw)
+        with pytest.raises(ConfigError, match="steps: feature head .* takes no inner steps"):
+            who.adapt(ep.support_x, ep.support_y, steps=50, **kw)
+    assert trained.predict(ep.support_x, ep.support_y, ep.query_x, steps=50, head="algorithm").shape == (20, 5)
+
 def test_inductive_heads_classify_each_query_alone(splits):
     _, test = splits
     lr = learner(bn_stats="support")  # query features independent of the other queries
