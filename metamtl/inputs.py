@@ -5,10 +5,11 @@ it, before any parameter changes, so a learner stays usable after bad input.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import weakref
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -223,17 +224,24 @@ def check_trunk_features(model: TrunkHead, x: torch.Tensor) -> None:
     del _UNCHECKED[model]
 
 
-def _eval_run(trunk: nn.Module, x: torch.Tensor) -> Any:
-    """``trunk(x)`` in evaluation mode (no batch statistics, no running-statistics update) without
-    gradients, the modes of its modules restored afterwards."""
-    modes = [(m, m.training) for m in trunk.modules()]
-    trunk.eval()
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside the block, the mode of each of its modules (train or eval: a
+    user's frozen BatchNorm in a training model) restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
     try:
-        with torch.no_grad():
-            return trunk(x)
+        yield
     finally:
         for m, training in modes:
             m.training = training
+
+
+def _eval_run(trunk: nn.Module, x: torch.Tensor) -> Any:
+    """``trunk(x)`` in evaluation mode (no batch statistics, no running-statistics update) without
+    gradients, the modes of its modules restored afterwards."""
+    with eval_mode(trunk), torch.no_grad():
+        return trunk(x)
 
 
 def _first_output(trunk: nn.Module, x: torch.Tensor) -> Any:

@@ -12,8 +12,9 @@ from torch import nn
 from . import inputs
 from .adaptation import Adapted
 from .errors import InputError, TrainingError, did_you_mean
-from .evaluation import eval_mode, outside_inference_mode
+from .evaluation import outside_inference_mode
 from .heads import FeatureHead, head_name, query_features
+from .inputs import eval_mode
 from .models.multidataset import dataset_inputs, dataset_scope, routed_dataset
 from .numerics import divergence
 

@@ -202,6 +202,24 @@ def test_adapt_and_predict_run_in_eval_mode_and_leave_the_learners_mode_as_it_wa
     assert torch.equal(predictor(ep.query_x), logits) and learner.model.training and not any(seen)
 
 
+def test_predict_adapt_and_evaluate_leave_every_modules_mode_as_the_user_set_it(tasks):
+    """A frozen (eval-mode) BatchNorm in a training model came back in training mode: only the
+    top-level flag was restored."""
+    _, test = tasks
+    learner, ep = make_learner(head_init="proto"), test.episode(0)
+    learner.compute_feature_mean(test)
+    learner.model.train()
+    for m in learner.model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    modes = [(name, m.training) for name, m in learner.model.named_modules()]
+    assert not all(training for _, training in modes)
+    for head in (None, "simpleshot"):
+        learner.predict(ep.support_x, ep.support_y, ep.query_x, head=head)
+        learner.adapt(ep.support_x, ep.support_y, head=head)(ep.query_x)
+        learner.evaluate(test, 1, head=head, progress=False)
+        assert [(name, m.training) for name, m in learner.model.named_modules()] == modes, head
+
 def test_bad_inputs_get_clear_errors(tasks):
     _, test = tasks
     learner = make_learner()
