@@ -85,6 +85,22 @@ def test_stored_uint8_tensors_with_the_channel_squeezed_are_read_as_stored_not_i
         prep(ep.support_x.permute(0, 2, 3, 1))  # [N,H,W,1]: not the stored layout
 
 
+def test_uint8_arrays_of_the_stored_shape_are_inverted_as_raw_images_with_a_warning(tasks):
+    """``episode.support_x.numpy()`` is decoded as raw files, so an inverting dataset's stored pixels
+    were inverted a second time without a word (the tensor itself is only normalised)."""
+    import warnings
+
+    prep = Preprocessing(size=(12, 12), channels=1, mean=(0.5,), std=(0.25,), invert=True)
+    stored = tasks[1].episode(1).support_x
+    with pytest.warns(UserWarning, match=r"uint8 array of shape \[5, 1, 12, 12\] is decoded as raw images and "
+                                         r"inverted.*torch.from_numpy"):
+        out = prep(stored.numpy())
+    torch.testing.assert_close(out, prep(255 - stored))  # arrays are raw images, as documented
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prep(stored.permute(0, 2, 3, 1).numpy())  # [N,H,W,1]: how image files load, no warning
+        Preprocessing(size=(12, 12), channels=1)(stored.numpy())  # nothing inverted
+
 def test_a_multi_dataset_learner_predicts_raw_images_with_the_named_datasets_preprocessing(tasks):
     """`metamtl fit` on several datasets saves each one's preprocessing in metadata (none of its
     own): dataset="name" picks it for uint8 tensors and raw images; without it, a clear error."""
