@@ -113,17 +113,17 @@ class Ensemble:
         ``query_x``, every member adapted to ``(support_x, support_y)`` as in
         :meth:`MetaLearner.predict <metamtl.MetaLearner.predict>` (``steps``, ``support_augment``,
         ``head`` and ``dataset`` apply to every member; ``None``: each member's own default). On the CPU."""
-        self.heads(head)  # one kind of head for all members
-        return self.combine(self.each(lambda m: m.predict(support_x, support_y, query_x, steps, support_augment,
-                                                          head, dataset)))
+        steps_of = self.member_steps(head, steps)
+        return self.combine(self.each(lambda m: m.predict(support_x, support_y, query_x, steps_of[id(m)],
+                                                          support_augment, head, dataset)))
 
     def adapt(self, support_x: Any, support_y: Any, steps: int | None = None, support_augment: Any = None,
               head: Any = None, dataset: str | None = None) -> "AdaptedEnsemble":
         """Every member adapted to a support set; the result maps query inputs to the ensemble's
         output (see :meth:`predict`), so one support set serves many query batches."""
-        self.heads(head)  # one kind of head for all members
-        return AdaptedEnsemble(self, self.each(lambda m: m.adapt(support_x, support_y, steps, support_augment,
-                                                                 head, dataset)))
+        steps_of = self.member_steps(head, steps)
+        return AdaptedEnsemble(self, self.each(lambda m: m.adapt(support_x, support_y, steps_of[id(m)],
+                                                                 support_augment, head, dataset)))
 
     def each(self, call: Any) -> list[Any]:
         """``call(member)`` for every member, in order; an error it raises names the member."""
@@ -141,6 +141,14 @@ class Ensemble:
             raise ConfigError("ensemble members mix inductive and transductive heads; use one kind for all of them "
                               "(e.g. head='algorithm', or one head name passed as head=)")
         return heads
+
+    def member_steps(self, head: Any, steps: int | None) -> dict[int, int | None]:
+        """Each member's inner steps for a call with ``head`` and ``steps`` (keyed by ``id``): ``steps``
+        where it adapts with its algorithm, none where it classifies with a feature head (which takes
+        none); :class:`ConfigError` when every member does, or they mix inductive and transductive heads."""
+        heads = self.heads(head)
+        check_no_steps(steps, heads)
+        return {id(m): steps if h is None else None for m, h in zip(self.members, heads)}
 
     def evaluate(self, tasks: TaskSource | Sequence[Episode], episodes: int = 600, *, ways: int | None = None,
                  shots: int | None = None, queries: int | None = None, steps: int | None = None, start: int = 0,
@@ -167,8 +175,8 @@ class Ensemble:
                     with naming_member(label):
                         m.check_episode(episode, "evaluate")
                         ep = with_support_copies(m.placement.batch(episode), m.inference.augment(support_augment, m.task))
-                        outputs.append(m.predict(ep.support_x, ep.support_y, ep.query_x, steps, support_augment=False,
-                                                 head=h if h is not None else "algorithm", dataset=episode.dataset))
+                        outputs.append(m.predict(ep.support_x, ep.support_y, ep.query_x, steps if h is None else None,
+                                                 False, h if h is not None else "algorithm", episode.dataset))
                 rows.append((self.metrics(self.combine(outputs), episode.query_y),
                              (episode.ways, episode.shots, episode.queries)))
                 bar.update(1)

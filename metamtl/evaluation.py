@@ -19,7 +19,7 @@ from torch import nn
 from .distributed import ProcessStrategy
 from .errors import ConfigError
 from .heads import ALGORITHM, FeatureHead, episode_metrics
-from .inputs import check_int, check_task_source, with_support_copies
+from .inputs import check_int, check_task_source, eval_mode, with_support_copies
 from .models.multidataset import dataset_scope, routed_dataset
 from .numerics import check_finite_episodes
 from .placement import Placement
@@ -309,17 +309,6 @@ def refresh_means(learner: "MetaLearner", source: Any) -> None:
     inference.feature_means.update(old)
     inference.drop_means("fit changed the trunk" + (" and stopped" if source is None else ""))  # warns about old
     inference.feature_means.update(new)
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode inside the block, its own mode (train or eval) restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def scorer(algorithm: Any, model: nn.Module, steps: int, head: FeatureHead | None, bn_stats: str,

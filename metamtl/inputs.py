@@ -5,10 +5,11 @@ it, before any parameter changes, so a learner stays usable after bad input.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import weakref
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -175,12 +176,13 @@ def support_labels(y: Any, n: int, task: str, device: torch.device,
     y = y.long()
     if int(y.min()) < 0:
         raise InputError(f"support labels must be integers in 0..N-1, got {sorted(set(y.tolist()))}")
-    ways = int(y.max()) + 1
-    missing = sorted(set(range(ways)) - set(y.tolist()))
-    if missing:
+    ways, classes = int(y.max()) + 1, torch.unique(y).tolist()
+    if len(classes) < ways:  # missing classes: the first few listed, searched for in a bounded range
+        present = set(classes)
+        missing = [c for c in range(min(ways, len(classes) + 11)) if c not in present][:10]
         raise InputError(
-            f"support labels must cover every class 0..{ways - 1}; class(es) {missing[:10]}"
-            f"{' ...' if len(missing) > 10 else ''} have no "
+            f"support labels must cover every class 0..{ways - 1}; class(es) {missing}"
+            f"{' ...' if ways - len(classes) > len(missing) else ''} have no "
             "support example (relabel classes to 0..N-1)"
         )
     if ways < 2:  # one class: every query would win (fit and evaluate refuse 1-way tasks too)
@@ -222,17 +224,24 @@ def check_trunk_features(model: TrunkHead, x: torch.Tensor) -> None:
     del _UNCHECKED[model]
 
 
-def _eval_run(trunk: nn.Module, x: torch.Tensor) -> Any:
-    """``trunk(x)`` in evaluation mode (no batch statistics, no running-statistics update) without
-    gradients, the modes of its modules restored afterwards."""
-    modes = [(m, m.training) for m in trunk.modules()]
-    trunk.eval()
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside the block, the mode of each of its modules (train or eval: a
+    user's frozen BatchNorm in a training model) restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
     try:
-        with torch.no_grad():
-            return trunk(x)
+        yield
     finally:
         for m, training in modes:
             m.training = training
+
+
+def _eval_run(trunk: nn.Module, x: torch.Tensor) -> Any:
+    """``trunk(x)`` in evaluation mode (no batch statistics, no running-statistics update) without
+    gradients, the modes of its modules restored afterwards."""
+    with eval_mode(trunk), torch.no_grad():
+        return trunk(x)
 
 
 def _first_output(trunk: nn.Module, x: torch.Tensor) -> Any:

@@ -11,25 +11,47 @@ from torch import nn
 
 from . import inputs
 from .adaptation import Adapted
-from .errors import InputError, TrainingError
-from .evaluation import eval_mode, outside_inference_mode
+from .errors import InputError, TrainingError, did_you_mean
+from .evaluation import outside_inference_mode
 from .heads import FeatureHead, head_name, query_features
-from .models.multidataset import dataset_scope, routed_dataset
+from .inputs import eval_mode
+from .models.multidataset import dataset_inputs, dataset_scope, routed_dataset
 from .numerics import divergence
 
 if TYPE_CHECKING:
     from .learner import MetaLearner
 
 
-def batch_statistics(learner: "MetaLearner") -> bool:
+def batch_statistics(learner: "MetaLearner", algorithm: bool = True) -> bool:
     """Whether query features depend on the other queries of one call: ``bn_stats="transductive"``
-    with a BatchNorm layer that normalises with batch statistics at test time (MAML++'s per-step
-    sets with ``bn_eval="running"`` normalise every image on its own)."""
+    with a BatchNorm layer that normalises with batch statistics at test time. MAML++'s per-step
+    sets with ``bn_eval="running"`` normalise every image on its own, but only in the algorithm's
+    own adaptation (``algorithm``): a feature head runs ``model.trunk``, whose BatchNorm does not."""
     cfg = learner.algorithm.config()
-    if learner.bn_stats != "transductive" or (cfg.get("per_step_bn") and cfg.get("bn_eval") == "running"):
+    per_image = algorithm and cfg.get("per_step_bn") and cfg.get("bn_eval") == "running"
+    if learner.bn_stats != "transductive" or per_image:
         return False
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
                for m in learner.model.modules())
+
+
+def check_dataset(learner: "MetaLearner", dataset: str | None, x: torch.Tensor) -> None:
+    """:class:`InputError` for a ``dataset=`` that is none of a multi-dataset model's datasets (its
+    branches, or the saved preprocessings), or whose branches take inputs of another shape than
+    support images ``x`` (model input). Other models take model input of any dataset."""
+    shapes = dataset_inputs(learner.model)
+    if dataset is None or not shapes:
+        return
+    saved = learner.metadata.get("preprocessing") if learner.preprocessing is None else None
+    known = set(shapes) | (set(saved) if isinstance(saved, dict) else set())
+    if dataset not in known:
+        raise InputError(f"dataset {dataset!r} is none of this learner's datasets {sorted(known)}."
+                         f"{did_you_mean(dataset, known)} Pass one of them as dataset=, or leave it out to "
+                         "route model-ready inputs by their shape")
+    if dataset in shapes and tuple(x.shape[1:]) != shapes[dataset]:
+        raise InputError(f"support_x holds inputs of shape {list(x.shape[1:])} but dataset {dataset!r} takes "
+                         f"{list(shapes[dataset])}: name the dataset the images belong to, or preprocess them as "
+                         f"{dataset!r}'s training data were")
 
 
 def finite_outputs(out: torch.Tensor, steps: int | None, head: str | None = None) -> torch.Tensor:
@@ -84,7 +106,7 @@ class HeadPredictor(AdaptedPredictor):
         super().__init__(learner, None, ways, dataset)  # type: ignore[arg-type]
         self.head, self._support_x, self.support_y = head, support_x, support_y
         self.mean = learner.inference.centring_mean(head, dataset, learner.device)  # the dataset's, to centre
-        self.transductive = head.transductive or self.transductive
+        self.transductive = head.transductive or batch_statistics(learner, algorithm=False)
         with torch.no_grad(), learner.autocast():
             self.features = learner.model.trunk(support_x)
 
@@ -112,12 +134,13 @@ def adapt(learner: "MetaLearner", support_x: Any, support_y: Any, steps: int | N
     x = inputs.model_input(support_x, "support_x", model=learner.model, placement=learner.placement,
                            preprocessing=preprocessing, task=learner.task)
     y, ways = inputs.support_labels(support_y, x.shape[0], learner.task, learner.device, learner.model)
+    check_dataset(learner, dataset, x)
     # a multi-dataset model runs ``dataset``'s branches (else those the support images' shape fits)
     route = routed_dataset(learner.model, dataset, x)
     if isinstance(preprocessing, inputs.Unchosen):  # float input, no dataset=: the routed dataset's, if any
         preprocessing = preprocessing.settled(route)
     x, y = inputs.support_copies(x, y, learner.inference.augment(support_augment, learner.task), preprocessing=preprocessing)
-    head = learner.inference.classifier(head, learner.task)
+    head = learner.inference.classifier(head, learner.task, steps)  # ConfigError: steps with a feature head
     with eval_mode(learner.model), dataset_scope(route):  # the learner's own mode (e.g. training) is left as it was
         if head is not None:
             return HeadPredictor(learner, head, x, y, ways, dataset if dataset is not None else route)

@@ -328,10 +328,11 @@ class Adapted:
         feats: dict = {}
         if p.head_only:  # the trunk does not adapt: its features of x are computed once
             # keyed on the tensor itself (kept alive here), not its address: a freed batch's memory
-            # may hold the next batch, which must not get the old features
-            key = (x._version, tuple(taps))
+            # may hold the next batch, which must not get the old features; an inference tensor has no
+            # version counter to key on, so its features are always computed afresh
+            key = None if x.is_inference() else (x._version, tuple(taps))
             cached = self._features
-            if cached is None or cached[0] is not x or cached[1] != key:
+            if key is None or cached is None or cached[0] is not x or cached[1] != key:
                 self._features = cached = (x, key, *p.features(x, taps))
             x_in, feats = cached[2], cached[3]
         else:

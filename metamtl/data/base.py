@@ -196,7 +196,9 @@ class Preprocessing:
         Episode's ``support_x``), is only normalised; so is a grey dataset's ``[N, H, W]`` at the stored
         size (the same pixels with the channel squeezed), so an inverting dataset's (Omniglot's) stored
         images are never inverted a second time.  Other tensors are decoded like raw images, with a
-        warning when that inverts a tensor of the stored size (e.g. ``[N, H, W, 1]``).
+        warning when that inverts a tensor of the stored size (e.g. ``[N, H, W, 1]``).  Arrays are
+        always raw images: a uint8 array of exactly the stored shape (``support_x.numpy()``) is
+        inverted with the same warning.
         """
         if isinstance(images, torch.Tensor):
             if images.dtype == torch.uint8 and images.ndim == 3 and self.channels == 1 \
@@ -206,12 +208,14 @@ class Preprocessing:
                 return self.normalize(images)
             if images.dtype == torch.uint8 and self.invert and images.ndim == 4 \
                     and self.size in (tuple(images.shape[2:]), tuple(images.shape[1:3])):
-                warnings.warn(
-                    f"a uint8 tensor of shape {list(images.shape)} is decoded as raw images and inverted "
-                    f"(invert=True), like image files on disk; stored images are taken as they are only as "
-                    f"[N, {self.channels}, {self.size[0]}, {self.size[1]}] (or [N, H, W] when grey): reshape "
-                    "them to that, or pass float model input", UserWarning, stacklevel=2)
+                self._warn_inverted("tensor", images.shape, f"stored images are taken as they are only as [N, "
+                                    f"{self.channels}, {self.size[0]}, {self.size[1]}] (or [N, H, W] when grey): "
+                                    "reshape them to that")
             images = images.detach().cpu().numpy()
+        elif isinstance(images, np.ndarray) and images.dtype == np.uint8 and self.invert and images.ndim == 4 \
+                and tuple(images.shape[1:]) == self.input_shape:
+            self._warn_inverted("array", images.shape, "stored images (e.g. an Episode's support_x) are taken as "
+                                "they are only as a tensor: pass torch.from_numpy(images) for those")
         if isinstance(images, np.ndarray):
             if images.ndim == 2:
                 images = [images]
@@ -221,6 +225,13 @@ class Preprocessing:
         elif not isinstance(images, (list, tuple)):
             images = [images]
         return self.normalize(self.decode_many(images))
+
+    @staticmethod
+    def _warn_inverted(kind: str, shape: Sequence[int], fix: str) -> None:
+        """Warn that a uint8 ``kind`` of the stored size is decoded and inverted like image files (a
+        dataset's stored pixels would be inverted a second time); ``fix``: how to pass stored ones."""
+        warnings.warn(f"a uint8 {kind} of shape {list(shape)} is decoded as raw images and inverted (invert=True), "
+                      f"like image files on disk; {fix}, or pass float model input", UserWarning, stacklevel=3)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

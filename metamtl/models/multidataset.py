@@ -57,13 +57,26 @@ def current_dataset() -> str | None:
     return _DATASET.get()
 
 
+def _routed(model: nn.Module) -> "DatasetRouted | None":
+    """The part of ``model`` that routes inputs by dataset: the model itself or its trunk, if either does."""
+    routed = model if isinstance(model, DatasetRouted) else getattr(model, "trunk", None)
+    return routed if isinstance(routed, DatasetRouted) else None
+
+
+def dataset_inputs(model: nn.Module) -> dict[str, tuple[int, int, int]]:
+    """Each dataset's input shape ``(channels, height, width)`` in a multi-dataset ``model`` (or
+    trunk); empty for other models."""
+    routed = _routed(model)
+    return dict(routed.inputs) if routed is not None else {}
+
+
 def routed_dataset(model: nn.Module, dataset: str | None = None, x: torch.Tensor | None = None) -> str | None:
     """The dataset whose branches inputs ``x`` of ``dataset`` (``None``: not known) take in ``model``
     (a multi-dataset model or trunk), to open a :func:`dataset_scope` with: ``dataset`` if it is one
     of the model's datasets, else the open scope's, else the one ``x``'s shape fits (an
     :class:`InputError` if several do); ``None`` for other models."""
-    routed = model if isinstance(model, DatasetRouted) else getattr(model, "trunk", None)
-    if not isinstance(routed, DatasetRouted):
+    routed = _routed(model)
+    if routed is None:
         return None
     if dataset is not None and dataset in routed.inputs:
         return dataset

@@ -85,6 +85,22 @@ def test_stored_uint8_tensors_with_the_channel_squeezed_are_read_as_stored_not_i
         prep(ep.support_x.permute(0, 2, 3, 1))  # [N,H,W,1]: not the stored layout
 
 
+def test_uint8_arrays_of_the_stored_shape_are_inverted_as_raw_images_with_a_warning(tasks):
+    """``episode.support_x.numpy()`` is decoded as raw files, so an inverting dataset's stored pixels
+    were inverted a second time without a word (the tensor itself is only normalised)."""
+    import warnings
+
+    prep = Preprocessing(size=(12, 12), channels=1, mean=(0.5,), std=(0.25,), invert=True)
+    stored = tasks[1].episode(1).support_x
+    with pytest.warns(UserWarning, match=r"uint8 array of shape \[5, 1, 12, 12\] is decoded as raw images and "
+                                         r"inverted.*torch.from_numpy"):
+        out = prep(stored.numpy())
+    torch.testing.assert_close(out, prep(255 - stored))  # arrays are raw images, as documented
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prep(stored.permute(0, 2, 3, 1).numpy())  # [N,H,W,1]: how image files load, no warning
+        Preprocessing(size=(12, 12), channels=1)(stored.numpy())  # nothing inverted
+
 def test_a_multi_dataset_learner_predicts_raw_images_with_the_named_datasets_preprocessing(tasks):
     """`metamtl fit` on several datasets saves each one's preprocessing in metadata (none of its
     own): dataset="name" picks it for uint8 tensors and raw images; without it, a clear error."""
@@ -201,6 +217,24 @@ def test_adapt_and_predict_run_in_eval_mode_and_leave_the_learners_mode_as_it_wa
     seen.clear()
     assert torch.equal(predictor(ep.query_x), logits) and learner.model.training and not any(seen)
 
+
+def test_predict_adapt_and_evaluate_leave_every_modules_mode_as_the_user_set_it(tasks):
+    """A frozen (eval-mode) BatchNorm in a training model came back in training mode: only the
+    top-level flag was restored."""
+    _, test = tasks
+    learner, ep = make_learner(head_init="proto"), test.episode(0)
+    learner.compute_feature_mean(test)
+    learner.model.train()
+    for m in learner.model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    modes = [(name, m.training) for name, m in learner.model.named_modules()]
+    assert not all(training for _, training in modes)
+    for head in (None, "simpleshot"):
+        learner.predict(ep.support_x, ep.support_y, ep.query_x, head=head)
+        learner.adapt(ep.support_x, ep.support_y, head=head)(ep.query_x)
+        learner.evaluate(test, 1, head=head, progress=False)
+        assert [(name, m.training) for name, m in learner.model.named_modules()] == modes, head
 
 def test_bad_inputs_get_clear_errors(tasks):
     _, test = tasks

@@ -136,6 +136,18 @@ def test_bad_ensembles_are_refused(tmp_path, tasks):
     assert Ensemble([member(0, head="bdcspn"), member(1, head="bdcspn")]).adapt(episode.support_x, episode.support_y).transductive
 
 
+
+def test_steps_reach_the_members_adapting_with_their_algorithm_not_those_with_a_feature_head(tasks):
+    """A member with a feature head refuses inner steps; in an ensemble mixing heads, they go to the others."""
+    adapting = member(0, "maml", steps=1, lr=0.1)
+    mixed, episode = Ensemble([adapting, member(1, head={"name": "simpleshot", "center": False})]), tasks.episode(0)
+    with pytest.raises(ConfigError, match="takes no inner steps"):
+        mixed.members[1].predict(episode.support_x, episode.support_y, episode.query_x, steps=3)
+    out = mixed.predict(episode.support_x, episode.support_y, episode.query_x, steps=3)
+    torch.testing.assert_close(out, mixed.adapt(episode.support_x, episode.support_y, steps=3)(episode.query_x))
+    assert not torch.allclose(out, mixed.predict(episode.support_x, episode.support_y, episode.query_x, steps=0))
+    assert mixed.evaluate(tasks, 2, steps=3, progress=False).steps == 3
+
 def test_members_trained_on_other_data_are_refused_naming_only_the_data_they_used():
     from types import SimpleNamespace
 

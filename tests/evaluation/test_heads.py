@@ -202,6 +202,21 @@ def test_steps_with_a_feature_head_are_refused_not_ignored(splits, trained):
         assert who.evaluate(splits[1], 2, progress=False, head="algorithm", steps=50).head == "algorithm"
 
 
+
+def test_steps_with_a_feature_head_are_refused_by_adapt_and_predict_as_by_evaluate(splits, trained):
+    """adapt/predict(steps=50, head="logreg") ignored the steps silently where evaluate refused them."""
+    from metamtl.ensemble import Ensemble
+
+    ep = splits[1].episode(0).to("cpu")
+    by_default = learner(head="simpleshot")
+    calls = [(who, kw) for who in (trained, Ensemble([trained, trained])) for kw in ({"head": "logreg"},)]
+    for who, kw in calls + [(by_default, {}), (Ensemble([by_default]), {})]:
+        with pytest.raises(ConfigError, match="steps: feature head .* takes no inner steps"):
+            who.predict(ep.support_x, ep.support_y, ep.query_x, steps=50, **kw)
+        with pytest.raises(ConfigError, match="steps: feature head .* takes no inner steps"):
+            who.adapt(ep.support_x, ep.support_y, steps=50, **kw)
+    assert trained.predict(ep.support_x, ep.support_y, ep.query_x, steps=50, head="algorithm").shape == (20, 5)
+
 def test_inductive_heads_classify_each_query_alone(splits):
     _, test = splits
     lr = learner(bn_stats="support")  # query features independent of the other queries
@@ -241,6 +256,22 @@ def test_predictors_say_transductive_when_query_batchnorm_statistics_use_the_oth
             depends = not torch.allclose(together, alone, atol=1e-4, rtol=1e-4)
             assert predictor.transductive == depends == (bn_stats == "transductive"), (bn_stats, head)
 
+
+
+def test_a_feature_head_on_mamlpp_says_transductive_as_its_trunk_uses_the_query_batch(splits):
+    """MAML++'s per-step running statistics (``bn_eval="running"``) serve its own adaptation only: a
+    feature head runs the trunk, whose BatchNorm uses the queries' batch statistics, and said
+    ``transductive=False`` while its logits depended on the other queries."""
+    _, test = splits
+    ep = test.episode(0).to("cpu")
+    torch.manual_seed(0)
+    model = build_model("conv4", in_channels=1, hidden=8, image_size=12, blocks=2, out_features=5)
+    lr = MetaLearner(model, build_algorithm("mamlpp"), preprocessing=toy().preprocessing, device="cpu")
+    for head in (None, {"name": "simpleshot", "center": False}):
+        predictor = lr.adapt(ep.support_x, ep.support_y, head=head)
+        together, alone = predictor(ep.query_x)[:1], predictor(ep.query_x[:1])
+        depends = not torch.allclose(together, alone, atol=1e-4, rtol=1e-4)
+        assert predictor.transductive == depends == (head is not None), head
 
 def test_a_learner_with_several_feature_means_centres_each_dataset_with_its_own(splits):
     """A multi-dataset learner holds one training mean per dataset: evaluate takes the episode's,

@@ -25,6 +25,18 @@ def test_support_labels_checks_classes_and_counts_ways():
     assert ways == 1 and y.shape == (2, 1) and y.dtype == torch.float32
 
 
+
+def test_support_labels_with_a_huge_class_id_are_refused_at_once():
+    """Missing classes were listed from a set of range(max label + 1): time and memory grew with
+    the largest id (a MemoryError, or a hang, for database keys or synset numbers)."""
+    import time
+
+    start = time.perf_counter()
+    for big in (10**7, 2**40):
+        with pytest.raises(InputError, match=rf"cover every class 0..{big}; .*\[2, 3, 4,.*relabel"):
+            support_labels([0, 1, big], 3, "classification", torch.device("cpu"))
+    assert time.perf_counter() - start < 1.0
+
 def test_model_input_takes_floats_uint8_images_and_arrays(tmp_path):
     from metamtl.data import Preprocessing
 
@@ -91,6 +103,26 @@ def test_an_adapted_predictor_answers_each_new_batch_not_a_cached_one(name, kw):
     predictor = learner.adapt(sx, sy)
     for q in [torch.randn(4, 1, 28, 28) for _ in range(6)]:
         torch.testing.assert_close(predictor(q * 1.0), learner.adapt(sx, sy)(q.clone()), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name, kw", [("anil", {"steps": 1, "lr": 0.1, "head_init": "proto"}),
+                                      ("maml", {"steps": 1, "lr": 0.1, "head_init": "proto", "adapt": "head"})])
+def test_head_only_predictors_take_queries_made_under_inference_mode(name, kw):
+    """Inference tensors have no version counter to key the trunk-feature cache on: head-only
+    algorithms used to raise a bare RuntimeError under ``torch.inference_mode()``."""
+    from metamtl import MetaLearner
+    from metamtl.algorithms import build_algorithm
+
+    torch.manual_seed(0)
+    learner = MetaLearner(build_model("conv4", hidden=4, out_features=None), build_algorithm(name, **kw), device="cpu")
+    sx, sy, q = torch.randn(5, 1, 28, 28), torch.arange(5), torch.randn(4, 1, 28, 28)
+    expected = learner.predict(sx, sy, q)
+    with torch.inference_mode():
+        torch.testing.assert_close(learner.predict(sx, sy, q), expected)
+        predictor, inference_q = learner.adapt(sx, sy), q.clone()
+        torch.testing.assert_close(predictor(inference_q), expected)
+    torch.testing.assert_close(predictor(inference_q), expected)  # an inference tensor, used outside the mode
+    torch.testing.assert_close(predictor(q), expected)
 
 
 @pytest.mark.parametrize("algorithm, kw", [("maml", {"steps": 1, "lr": 0.1}), ("protonet", {})])

@@ -331,6 +331,22 @@ def test_datasets_of_one_shape_are_routed_by_name_in_predict_feature_heads_and_f
             assert torch.allclose(means[s.name], learner.model.eval().trunk(images).mean(0), atol=1e-5)
 
 
+@pytest.mark.parametrize("head", [None, {"name": "simpleshot", "center": False}])
+def test_a_dataset_name_that_does_not_fit_the_inputs_or_the_model_is_an_input_error(head):
+    """``dataset="rgb"`` for grey inputs failed in a convolution with a bare RuntimeError, and a
+    misspelt ``dataset="gray"`` was silently ignored (routed by shape)."""
+    alg = build_algorithm("multitask", base=base_cfg(), datasets=list(SHAPES))
+    learner = MetaLearner(small_model(out_features=3), alg, device="cpu")
+    sx, sy, qx = torch.rand(6, 1, 12, 12), torch.tensor([0, 0, 1, 1, 2, 2]), torch.rand(4, 1, 12, 12)
+    expected = learner.predict(sx, sy, qx, head=head)
+    torch.testing.assert_close(learner.predict(sx, sy, qx, head=head, dataset="grey"), expected)
+    with pytest.raises(InputError, match=r"support_x .*\[1, 12, 12\].*dataset 'rgb' takes \[3, 24, 24\]"):
+        learner.predict(sx, sy, qx, head=head, dataset="rgb")
+    for call in (lambda: learner.predict(sx, sy, qx, head=head, dataset="gray"),
+                 lambda: learner.adapt(sx, sy, head=head, dataset="gray")):
+        with pytest.raises(InputError, match=r"dataset 'gray' is none of this learner's datasets.*'grey'"):
+            call()
+
 def test_multitask_forwards_trunk_loaded_and_the_meta_gradient_rule_to_its_base():
     """init_from refreshes MAML++'s per-step BatchNorm copies from the loaded trunk under multitask
     too, and the layout probe sees the base's meta-gradient schedule."""
