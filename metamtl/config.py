@@ -777,12 +777,23 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return _merge(read_yaml(path.parent / parent, _seen + (path.resolve(),)), data)
 
 
+def _unshared(data: Any) -> Any:
+    """``data`` with every mapping and list copied, each once per place it occurs (unlike
+    ``copy.deepcopy``, which keeps two YAML aliases of one anchor the same object)."""
+    if isinstance(data, Mapping):
+        return {k: _unshared(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_unshared(v) for v in data]
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or start from defaults with ``path=None``) and apply overrides.
 
     A file may start from another with ``extends: base.yaml`` (path relative to the file): its
-    sections are merged over the base's key by key.
+    sections are merged over the base's key by key.  The file's data is copied first, so a YAML
+    alias (``*anchor``) is a section of its own that an override changes alone.
     """
-    data: dict[str, Any] = read_yaml(path) if path is not None else {}
+    data: dict[str, Any] = _unshared(read_yaml(path)) if path is not None else {}
     apply_overrides(data, list(overrides or []))
     return config_from_dict(data)

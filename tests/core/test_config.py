@@ -150,3 +150,13 @@ def test_the_readme_names_as_registry_switches_only_sections_that_have_a_name():
         with pytest.raises(ConfigError) as err:
             load_config(CONFIG_DIR / "multi" / "omniglot_miniimagenet.yaml", [f"{path}.name=no_such_entry"])
         assert "'no_such_entry'" in str(err.value) and "unknown key" not in str(err.value), path
+
+
+def test_an_override_of_a_stage_sharing_a_yaml_anchor_changes_that_stage_only(tmp_path):
+    """``&tr`` / ``*tr`` make two stages share one mapping in the parsed file; an override of one
+    stage must not change the other (the file is copied before overrides apply)."""
+    (tmp_path / "c.yaml").write_text("name: demo\nalgorithm: {name: protonet}\nstages:\n"
+                                     "  - {name: pre, train: &tr {iterations: 50, meta_batch_size: 2}}\n"
+                                     "  - {name: meta, train: *tr}\n")
+    cfg = load_config(tmp_path / "c.yaml", ["stages.pre.train.iterations=7"])
+    assert [(n, s.train.iterations) for n, s in stage_configs(cfg)] == [("pre", 7), ("meta", 50)]
