@@ -426,8 +426,8 @@ def _check_numbers(cfg: Config) -> None:
     _at_least("eval.steps", cfg.eval.steps, 0)
     for where, data in _data_entries(cfg):
         _at_least(f"{where}.image_size", data.image_size, 1)
-    for where, seed in (("seed", cfg.seed), ("tasks.seed", t.seed), ("tasks.val_seed", t.val_seed),
-                        ("tasks.test_seed", t.test_seed), ("data.split_seed", cfg.data.split_seed)):
+    seeds = [("seed", cfg.seed), ("tasks.seed", t.seed), ("tasks.val_seed", t.val_seed), ("tasks.test_seed", t.test_seed)]
+    for where, seed in seeds + [(f"{where}.split_seed", d.split_seed) for where, d in _data_entries(cfg)]:
         if seed is not None and not 0 <= seed < 2**63:
             raise ConfigError(f"{where} must be an integer in 0..2**63-1, got {seed}")
 
@@ -465,8 +465,10 @@ def _check_train_callbacks(cfg: Config) -> None:
     tr = cfg.train
     if tr.scheduler and tr.scheduler.over == "budget" and not tr.budget_minutes:
         raise ConfigError("train.scheduler.over: 'budget' needs train.budget_minutes")
-    if (tr.early_stopping or (tr.scheduler and tr.scheduler.name == "plateau")) and not cfg.data.val_split:
-        raise ConfigError("train.early_stopping and the 'plateau' scheduler need validation; set data.val_split")
+    if (tr.early_stopping or (tr.scheduler and tr.scheduler.name == "plateau")) \
+            and not any(d.val_split for _, d in _data_entries(cfg)):
+        where = "datasets[i].val_split of at least one dataset" if cfg.datasets else "data.val_split"
+        raise ConfigError(f"train.early_stopping and the 'plateau' scheduler need validation; set {where}")
     from .callbacks import EarlyStopping, LRScheduler, resolve_monitor
 
     task = "regression" if is_regression(cfg) else "classification"
@@ -535,6 +537,8 @@ def stage_configs(cfg: Config) -> list[tuple[str, Config]]:
         if unknown:
             raise ConfigError(f"stages[{i}] ({name}): unknown key {unknown[0]!r}.{did_you_mean(unknown[0], STAGE_KEYS)} "
                               f"A stage may set: name, {', '.join(STAGE_KEYS)}.")
+        if _merge(base, stage).get("datasets"):
+            _check_no_data_section(stage.get("data"), f"stages[{i}] ({name}): ")
         stage_base = base
         if "distill" in stage and stage["distill"] in (None, {}):  # explicitly off for this stage
             stage_base, stage = {**base, "distill": {}}, {k: v for k, v in stage.items() if k != "distill"}
@@ -796,4 +800,19 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """
     data: dict[str, Any] = _unshared(read_yaml(path)) if path is not None else {}
     apply_overrides(data, list(overrides or []))
+    if data.get("datasets"):
+        _check_no_data_section(data.get("data"), "")
     return config_from_dict(data)
+
+
+def _check_no_data_section(data: Any, where: str) -> None:
+    """Refuse settings of a ``data`` section (``where``: the stage, or ``""`` for the config's)
+    that a config with a ``datasets`` list would never read."""
+    if not isinstance(data, Mapping):
+        return  # (null: none; another value is refused as a wrong type)
+    unused = {k: v for k, v in data.items() if getattr(DataConfig, k, v) != v}  # (unknown keys: refused later)
+    if unused:
+        key = next(iter(unused))
+        raise ConfigError(f"{where}the config lists its datasets under 'datasets', so its 'data' section is not used "
+                          f"(it sets {unused!r}); set these on each datasets entry instead "
+                          f"(e.g. datasets.0.{key}=...) and remove 'data'")

@@ -160,3 +160,28 @@ def test_an_override_of_a_stage_sharing_a_yaml_anchor_changes_that_stage_only(tm
                                      "  - {name: meta, train: *tr}\n")
     cfg = load_config(tmp_path / "c.yaml", ["stages.pre.train.iterations=7"])
     assert [(n, s.train.iterations) for n, s in stage_configs(cfg)] == [("pre", 7), ("meta", 50)]
+
+
+MULTI = CONFIG_DIR / "multi" / "omniglot_miniimagenet.yaml"
+
+
+def test_a_data_section_beside_datasets_is_refused_rather_than_ignored():
+    """With ``datasets:``, ``data:`` (top level or a stage's) would never be read: refused, naming
+    the datasets entries as the place for those settings."""
+    with pytest.raises(ConfigError, match=r"datasets.*data.*image_size.*datasets\.0\.image_size"):
+        load_config(MULTI, ["data.image_size=32"])
+    stages = "stages=[{name: pre, data: {image_size: 32}}, {name: meta}]"
+    with pytest.raises(ConfigError, match=r"stages\[0\] \(pre\): .*datasets.*data"):
+        load_config(MULTI, [stages])
+    assert [d.image_size for d in load_config(MULTI, ["datasets.0.image_size=32"]).datasets] == [32, 84]
+
+
+def test_validation_settings_of_a_several_dataset_config_are_checked_on_its_datasets():
+    """Early stopping needs a validation split of a dataset actually used, and each dataset's
+    split_seed is range-checked as data.split_seed is."""
+    with pytest.raises(ConfigError, match="need validation"):
+        load_config(MULTI, ["train.early_stopping={patience: 2}"])  # both datasets have val_split: null
+    cfg = load_config(MULTI, ["datasets.0.val_split=val", "train.early_stopping={patience: 2}"])
+    assert cfg.train.early_stopping.patience == 2
+    with pytest.raises(ConfigError, match=r"datasets\[0\]\.split_seed must be an integer in 0..2\*\*63-1"):
+        load_config(MULTI, ["datasets.0.split_seed=-5"])
