@@ -649,17 +649,29 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml_io.load(raw) if raw != "" else None
         tp = _setting_type(key.split("."))
-        if (_has_non_text_scalar(value) or (value is None and raw != "" and tp is str)) and _is_text(tp):
-            value = yaml_io.load_strings(raw)  # name=2024, name=null, logging.tags=[v, 2024]: text as typed
+        if _optional_of(tp) is str and raw.strip() and not (isinstance(value, str) and raw.strip()[0] in "'\""):
+            # name=2024, name=no, name=2024-06-01, name=run #2: the text as typed (quoted: YAML's string)
+            return key.split("."), None if value is None and tp is not str else raw.strip()
+        if _ends_before_a_comment(raw):
+            raise ConfigError(f"override {text!r}: ' #' starts a YAML comment, which would drop the rest of the "
+                              f"value; quote the value ({key}='...#...') or drop the comment")
+        if _is_text(tp) and not _all_text(value):
+            value = yaml_io.load_strings(raw)  # logging.tags=[v, 2024, 2024-06-01]: text as typed
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
     return key.split("."), value
 
 
-def _has_non_text_scalar(value: Any) -> bool:
-    """Whether ``value`` is (or is a list holding) a number or boolean."""
-    items = value if isinstance(value, list) else [value]
-    return any(isinstance(v, (bool, int, float)) for v in items)
+def _ends_before_a_comment(raw: str) -> bool:
+    """Whether YAML reads ``raw`` only up to a `` #`` comment (its last token ends before the text)."""
+    skip = (yaml.StreamEndToken, yaml.BlockEndToken)
+    end = max((t.end_mark.index for t in yaml.scan(raw, Loader=yaml_io.Loader) if not isinstance(t, skip)), default=0)
+    return end < len(raw.rstrip())
+
+
+def _all_text(value: Any) -> bool:
+    """Whether ``value`` is ``None``, a string, or a list of strings (not numbers, booleans, dates)."""
+    return all(v is None or isinstance(v, str) for v in (value if isinstance(value, list) else [value]))
 
 
 def _optional_of(tp: Any) -> Any:

@@ -185,3 +185,16 @@ def test_validation_settings_of_a_several_dataset_config_are_checked_on_its_data
     assert cfg.train.early_stopping.patience == 2
     with pytest.raises(ConfigError, match=r"datasets\[0\]\.split_seed must be an integer in 0..2\*\*63-1"):
         load_config(MULTI, ["datasets.0.split_seed=-5"])
+
+
+def test_text_overrides_keep_what_follows_a_hash_and_take_dates_as_typed():
+    """``name=run #2`` names the run 'run #2' (YAML would drop `` #2`` as a comment) and dates are
+    text where a setting can only be text; elsewhere a value cut by a comment is refused."""
+    assert load_config(None, ["name=run #2"]).name == "run #2"
+    assert load_config(None, ["data.root=/data/omniglot #2"]).data.root == "/data/omniglot #2"
+    assert load_config(None, ["name=2024-06-01"]).name == "2024-06-01"
+    assert load_config(None, ["logging.tags=[baseline, 2024-06-01]"]).logging.tags == ["baseline", "2024-06-01"]
+    assert load_config(None, ["name='quoted #1'"]).name == "quoted #1"
+    assert load_config(None, ["data.root=null"]).data.root is None
+    with pytest.raises(ConfigError, match="' #' starts a YAML comment"):
+        load_config(None, ["train.iterations=5 #was 50"])
