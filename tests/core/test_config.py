@@ -198,3 +198,14 @@ def test_text_overrides_keep_what_follows_a_hash_and_take_dates_as_typed():
     assert load_config(None, ["data.root=null"]).data.root is None
     with pytest.raises(ConfigError, match="' #' starts a YAML comment"):
         load_config(None, ["train.iterations=5 #was 50"])
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused_naming_it_and_its_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys silently; a config file's first ``train:`` section
+    must not vanish: the file is refused, naming the key and both lines."""
+    (tmp_path / "c.yaml").write_text("train:\n  iterations: 50\n  meta_lr: 0.01\ntasks: {ways: 5}\n"
+                                     "train:\n  budget_minutes: 2\n")
+    with pytest.raises(ConfigError, match=r"(?s)c.yaml is not valid YAML.*key 'train' twice \(first on line 1\).*line 5"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("train: &t {iterations: 50}\nstages:\n  - {name: a, train: {<<: *t, iterations: 5}}\n")
+    assert load_config(tmp_path / "d.yaml").stages[0]["train"] == {"iterations": 5}  # merge keys may be overridden
