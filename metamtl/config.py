@@ -721,14 +721,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     for text in overrides:
         path, value = parse_override(text)
         node: Any = data
-        for part in path[:-1]:
+        for depth, part in enumerate(path[:-1]):
             if isinstance(node, list):
                 nxt = node[_list_index(node, part, text)]
             else:
                 set_by_override.setdefault(id(node), set()).add(part)
                 nxt = node.get(part)
                 if nxt is None:
-                    nxt = node[part] = {}
+                    nxt = node[part] = _default_section(path[:depth + 1], text)
             if not isinstance(nxt, (dict, list)):
                 raise ConfigError(f"override {text!r}: {part!r} is not a section")
             node = nxt
@@ -744,10 +744,31 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _default_section(path: list[str], text: str) -> dict | list:
+    """What an override reaching into the setting at ``path``, absent from the config, edits: a copy
+    of the default list (``eval.settings``, ``logging.tags``) or registry section (``algorithm``:
+    ``{name: maml}``), else an empty section whose settings take their defaults."""
+    tp = _optional_of(_setting_type(path))
+    if tp is not dict and typing.get_origin(tp) is not list:
+        return {}
+    default: Any = Config().to_dict()
+    for part in path:
+        default = default.get(part) if isinstance(default, dict) else None
+    if isinstance(default, (dict, list)):
+        return _unshared(default)
+    if typing.get_origin(tp) is list:
+        raise ConfigError(f"override {text!r}: {'.'.join(path)} is not set, so it has no entries to change; "
+                          f"give the whole list ({'.'.join(path)}=[...])")
+    return {}
+
+
 def _list_index(items: list, part: str, text: str) -> int:
     """The position ``part`` names in a config list: an index, or an entry's ``name`` / ``label``."""
     if part.isdigit() and int(part) < len(items):
         return int(part)
+    if not items:
+        raise ConfigError(f"override {text!r}: the list is empty, so it has no entry {part!r}; give the whole list "
+                          f"({text.split('=', 1)[0].rsplit('.', 1)[0]}=[...])")
     named = [i for i, x in enumerate(items) if isinstance(x, dict) and part in (x.get("name"), x.get("label"))]
     if len(named) == 1:
         return named[0]

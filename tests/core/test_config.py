@@ -209,3 +209,18 @@ def test_a_key_given_twice_in_a_config_file_is_refused_naming_it_and_its_lines(t
         load_config(tmp_path / "c.yaml")
     (tmp_path / "d.yaml").write_text("train: &t {iterations: 50}\nstages:\n  - {name: a, train: {<<: *t, iterations: 5}}\n")
     assert load_config(tmp_path / "d.yaml").stages[0]["train"] == {"iterations": 5}  # merge keys may be overridden
+
+
+def test_overrides_reach_list_entries_and_registry_settings_left_at_their_defaults(tmp_path):
+    """``eval.settings.0.ways=20`` edits the default setting, ``algorithm.head_init=proto`` the default
+    algorithm (maml), when the file does not give those sections."""
+    (tmp_path / "c.yaml").write_text("name: demo\nalgorithm: {name: protonet}\n")
+    cfg = load_config(tmp_path / "c.yaml", ["eval.settings.0.ways=20", "eval.heads.0=simpleshot"])
+    assert [(s.ways, s.shots) for s in cfg.eval.settings] == [(20, 1)] and cfg.eval.heads == ["simpleshot"]
+    (tmp_path / "d.yaml").write_text("name: demo\n")
+    assert load_config(tmp_path / "d.yaml", ["algorithm.head_init=proto"]).algorithm == {"name": "maml", "head_init": "proto"}
+    assert load_config(None, ["model.hidden=32"]).model == {"name": "conv4", "hidden": 32}
+    with pytest.raises(ConfigError, match=r"data.train_rotations is not set.*give the whole list"):
+        load_config(None, ["data.train_rotations.0=90"])
+    with pytest.raises(ConfigError, match=r"the list is empty, so it has no entry '0'; give the whole list \(logging.tags=\[...\]\)"):
+        load_config(None, ["logging.tags.0=x"])
