@@ -294,7 +294,9 @@ def _at_least(where: str, value: int | None, minimum: int) -> None:
         raise ConfigError(f"{where} must be >= {minimum}, got {value}")
 
 
-def _check_config(cfg: Config) -> Config:
+def _check_config(cfg: Config, evaluated: bool = True) -> Config:
+    """Validate ``cfg``; ``evaluated=False`` for a stage before the last, which is never evaluated
+    (its ``eval`` section is the config's, for the last stage)."""
     if not cfg.name or cfg.name in (".", "..") or "/" in cfg.name or "\\" in cfg.name:
         raise ConfigError(f"name {cfg.name!r} must be a plain folder name (the run goes to output_dir/name)")
     _check_tasks(cfg)
@@ -330,15 +332,21 @@ def _check_config(cfg: Config) -> Config:
         raise ConfigError(f"logging.metrics must be 'csv', 'jsonl' or null, got {cfg.logging.metrics!r}")
     if not cfg.stages:  # a staged config's sections are defaults: each stage's merged config is checked above
         _check_train_callbacks(cfg)
+        _check_heads(cfg, evaluated)
+    return cfg
+
+
+def _check_heads(cfg: Config, evaluated: bool) -> None:
+    """A learned (fixed-size) head is evaluated with the ways it trains with."""
     from .algorithms import build_algorithm
 
     head_init = build_algorithm(**_algorithm_settings(cfg)).inner.head_init  # protonet / transfer: per-task heads
-    if head_init == "learned" and not is_regression(cfg) and any(s.ways != cfg.tasks.ways for s in cfg.eval.settings):
+    if evaluated and head_init == "learned" and not is_regression(cfg) \
+            and any(s.ways != cfg.tasks.ways for s in cfg.eval.settings):
         raise ConfigError(
             "eval.settings use a different number of ways than tasks.ways, but algorithm.head_init is "
             "'learned' (a fixed-size head); set algorithm.head_init to 'zero' or 'proto' to evaluate other ways"
         )
-    return cfg
 
 
 def _check_regression(cfg: Config) -> None:
@@ -543,7 +551,7 @@ def stage_configs(cfg: Config) -> list[tuple[str, Config]]:
         if "distill" in stage and stage["distill"] in (None, {}):  # explicitly off for this stage
             stage_base, stage = {**base, "distill": {}}, {k: v for k, v in stage.items() if k != "distill"}
         try:
-            out.append((name, config_from_dict(_merge(stage_base, stage))))
+            out.append((name, config_from_dict(_merge(stage_base, stage), evaluated=i == len(cfg.stages) - 1)))
         except ConfigError as exc:
             raise ConfigError(f"stages[{i}] ({name}): {exc}") from None
     return out
@@ -606,24 +614,25 @@ def _check_components(cfg: Config) -> None:
         )
 
 
-def config_from_dict(data: Mapping[str, Any]) -> Config:
-    """Validate a nested mapping into a :class:`Config`."""
+def config_from_dict(data: Mapping[str, Any], *, evaluated: bool = True) -> Config:
+    """Validate a nested mapping into a :class:`Config` (``evaluated=False``: a stage before the last,
+    whose learner is not evaluated with ``eval.settings``)."""
     cfg = from_dict(Config, data, "config")
     if is_regression(cfg) and "ways" not in (data.get("tasks") or {}):  # not 5-way: regression tasks have 1
         cfg.tasks.ways = 1
     if is_regression(cfg) and "settings" not in (data.get("eval") or {}):  # not 5-way 1-shot: the training shots
         cfg.eval.settings = [EvalSetting(ways=1, shots=cfg.tasks.shots)]
-    return _single_member_seed(_check_config(cfg))
+    return _single_member_seed(_check_config(cfg, evaluated), evaluated)
 
 
-def _single_member_seed(cfg: Config) -> Config:
+def _single_member_seed(cfg: Config, evaluated: bool = True) -> Config:
     """``ensemble: {members: 1, seeds: [s]}``: the one learner trains with seed ``s`` (and its
     ``tasks.seed`` moved by as much), as each member of a larger ensemble gets its entry of ``seeds``."""
     ens = cfg.ensemble
     if ens.members == 1 and ens.seeds:
         data = cfg.to_dict()
         data["ensemble"]["seeds"] = None
-        return config_from_dict(with_member_seed(data, ens.seeds[0]))
+        return config_from_dict(with_member_seed(data, ens.seeds[0]), evaluated=evaluated)
     return cfg
 
 

@@ -122,6 +122,20 @@ def test_bad_stages_are_refused(stages, match):
         config_from_dict({"algorithm": {"name": "protonet"}, "stages": stages})
 
 
+def test_the_head_and_eval_settings_check_applies_to_the_evaluated_last_stage_only():
+    """A learned-head pre-training stage with other ways than eval.settings is never evaluated, and
+    a staged config's own (unused) algorithm is not checked against eval.settings."""
+    cfg = config_from_dict({"algorithm": {"name": "protonet"}, "tasks": {"ways": 5}, "stages": [
+        {"name": "pre", "algorithm": {"name": "maml"}, "tasks": {"ways": 20}}, {"name": "meta"}]})
+    assert [s.algorithm["name"] for _, s in stage_configs(cfg)] == ["maml", "protonet"]
+    config_from_dict({"tasks": {"ways": 5}, "eval": {"settings": [{"ways": 20, "shots": 1}]}, "stages": [
+        {"name": "pre", "algorithm": {"name": "protonet"}, "tasks": {"ways": 30}},
+        {"name": "meta", "algorithm": {"name": "protonet"}}]})
+    with pytest.raises(ConfigError, match=r"stages\[1\] \(meta\): eval.settings use a different number of ways"):
+        config_from_dict({"algorithm": {"name": "protonet"}, "eval": {"settings": [{"ways": 20, "shots": 1}]},
+                          "stages": [{"name": "pre"}, {"name": "meta", "algorithm": {"name": "maml"}}]})
+
+
 def test_cosine_protonet_logits_and_learned_scale(tmp_path):
     from metamtl.algorithms import build_algorithm
     from metamtl.tasks import EpisodeSampler
