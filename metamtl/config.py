@@ -337,10 +337,16 @@ def _check_config(cfg: Config, evaluated: bool = True) -> Config:
 
 
 def _check_heads(cfg: Config, evaluated: bool) -> None:
-    """A learned (fixed-size) head is evaluated with the ways it trains with."""
+    """A learned (fixed-size) head has ``tasks.ways`` outputs and is evaluated with those ways."""
     from .algorithms import build_algorithm
 
     head_init = build_algorithm(**_algorithm_settings(cfg)).inner.head_init  # protonet / transfer: per-task heads
+    out = cfg.model.get("out_features")
+    if head_init == "learned" and isinstance(out, int) and out != cfg.tasks.ways:
+        raise ConfigError(
+            f"model.out_features is {out} but tasks.ways is {cfg.tasks.ways}, and algorithm.head_init is "
+            "'learned' (a fixed-size head); drop model.out_features or make them equal"
+        )
     if evaluated and head_init == "learned" and not is_regression(cfg) \
             and any(s.ways != cfg.tasks.ways for s in cfg.eval.settings):
         raise ConfigError(
@@ -606,12 +612,6 @@ def _check_components(cfg: Config) -> None:
             torch.device(cfg.train.device)
         except (RuntimeError, TypeError, ValueError):
             raise ConfigError(f"config.train.device: unknown device {cfg.train.device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    out = cfg.model.get("out_features")
-    if cfg.algorithm.get("head_init", "learned") == "learned" and isinstance(out, int) and out != cfg.tasks.ways:
-        raise ConfigError(
-            f"model.out_features is {out} but tasks.ways is {cfg.tasks.ways}, and algorithm.head_init is "
-            "'learned' (a fixed-size head); drop model.out_features or make them equal"
-        )
 
 
 def config_from_dict(data: Mapping[str, Any], *, evaluated: bool = True) -> Config:

@@ -224,3 +224,15 @@ def test_overrides_reach_list_entries_and_registry_settings_left_at_their_defaul
         load_config(None, ["data.train_rotations.0=90"])
     with pytest.raises(ConfigError, match=r"the list is empty, so it has no entry '0'; give the whole list \(logging.tags=\[...\]\)"):
         load_config(None, ["logging.tags.0=x"])
+
+
+def test_the_out_features_check_applies_to_learned_heads_only():
+    """ProtoNet (proto heads) and transfer (zero heads) take any model.out_features; a learned head
+    needs tasks.ways outputs, in a stage too."""
+    config_from_dict({"model": {"name": "conv4", "out_features": 64}, "algorithm": {"name": "protonet"}})
+    config_from_dict({"model": {"name": "conv4", "out_features": 64}, "algorithm": {"name": "maml"},
+                      "tasks": {"ways": 64}, "eval": {"settings": [{"ways": 64}]},
+                      "stages": [{"name": "proto", "algorithm": {"name": "protonet"}, "tasks": {"ways": 5}},
+                                 {"name": "maml"}]})
+    with pytest.raises(ConfigError, match="model.out_features is 64 but tasks.ways is 5"):
+        config_from_dict({"model": {"name": "conv4", "out_features": 64}, "algorithm": {"name": "maml"}})
