@@ -206,7 +206,7 @@ class Config:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.name
+        return Path(self.output_dir).expanduser() / self.name  # output_dir: ~/runs is under $HOME
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -236,3 +236,14 @@ def test_the_out_features_check_applies_to_learned_heads_only():
                                  {"name": "maml"}]})
     with pytest.raises(ConfigError, match="model.out_features is 64 but tasks.ways is 5"):
         config_from_dict({"model": {"name": "conv4", "out_features": 64}, "algorithm": {"name": "maml"}})
+
+
+def test_a_home_relative_output_dir_is_under_home_not_a_folder_named_tilde(tmp_path, monkeypatch):
+    from metamtl.experiment import check_output_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["output_dir=~/runs"])
+    check_output_dir(cfg)
+    assert cfg.run_dir == tmp_path / "home" / "runs" / "experiment" and cfg.run_dir.is_dir()
+    assert not (tmp_path / "~").exists()

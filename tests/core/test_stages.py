@@ -62,6 +62,21 @@ def test_init_from_copies_the_trunk_only(tmp_path):
         other.init_from(a)
 
 
+def test_a_home_relative_init_from_is_read_under_home(tmp_path, monkeypatch):
+    """``init_from: ~/a.pt`` (as ``data.root`` and ``output_dir``) is a path under $HOME."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = staged(tmp_path)
+    del cfg["stages"]
+    cfg["train"]["iterations"] = 0
+    first = run(config_from_dict(cfg), progress=False, quiet=True)
+    source = MetaLearner.load(first["checkpoint"], device="cpu")
+    source.save(tmp_path / "a.pt")
+    cfg.update(name="second", init_from="~/a.pt")
+    second = MetaLearner.load(run(config_from_dict(cfg), progress=False, quiet=True)["checkpoint"], device="cpu")
+    for pa, pb in zip(source.model.trunk.parameters(), second.model.trunk.parameters()):
+        assert torch.equal(pa, pb)
+
+
 def test_init_from_gives_mamlpp_per_step_batchnorm_the_loaded_affine_weights(tmp_path):
     torch.manual_seed(0)
     a = MetaLearner(build_model("conv4", in_channels=1, hidden=4, image_size=12, blocks=2, out_features=None),

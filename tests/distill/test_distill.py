@@ -216,6 +216,14 @@ def test_config_section_builds_the_callback(tmp_path):
     assert config_from_dict({"distill": {"teacher": str(path)}}).distill == {"teacher": str(path)}
 
 
+def test_a_home_relative_teacher_path_is_read_under_home(tmp_path, monkeypatch):
+    from metamtl.distill import from_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    learner(hidden=8).save(tmp_path / "teacher.pt")
+    assert isinstance(from_config({"teacher": "~/teacher.pt"}).terms[0].teacher, LearnerTeacher)
+
+
 def test_protonet_student_applies_query_distillation(tasks):
     """A ProtoNet student's query loss gets the loss terms (was: silently ignored, identical to no
     distillation): soft targets change its training, and a feature pair the adapter cannot map fails."""
