@@ -715,7 +715,7 @@ def _is_text(tp: Any) -> bool:
 #: Sections whose ``name`` picks a registry entry: an override switching the name starts the
 #: section afresh (as ``extends`` does, see :func:`_merge`), since the old entry's settings
 #: rarely fit the new one.
-REGISTRY_SECTIONS = ("model", "algorithm", "distill", "strategy")
+REGISTRY_SECTIONS = ("model", "algorithm", "distill", "strategy", "base")
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -723,7 +723,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     (``stages``, ``datasets``) a part is an index or an entry's ``name`` / ``label``:
     ``stages.1.train.iterations=5`` or ``stages.anil.train.iterations=5``.
 
-    ``model.name=X`` (likewise ``algorithm``, ``distill``, ``strategy``) naming another entry than
+    ``model.name=X`` (likewise ``algorithm``, ``distill``, ``strategy``, ``base``) naming another entry than
     the section's resets the section to ``{name: X}``, keeping only keys that earlier overrides on
     the same command line set, as ``extends`` replaces a section whose ``name`` changes."""
     set_by_override: dict[int, set[str]] = {}  # id(section) -> keys earlier overrides set in it

@@ -119,6 +119,8 @@ def test_switching_a_registry_entry_by_override_starts_the_section_afresh():
     data = apply_overrides({"model": {"name": "conv4", "hidden": 64}, "algorithm": {"name": "maml", "lr": 0.4}},
                            ["algorithm.steps=3", "algorithm.name=anil", "model.name=conv4", "model.name=resnet12"])
     assert data == {"model": {"name": "resnet12"}, "algorithm": {"name": "anil", "steps": 3}}
+    multi = load_config(CONFIG_DIR / "multi" / "omniglot_miniimagenet.yaml", ["algorithm.base.name=protonet"])
+    assert multi.algorithm["base"] == {"name": "protonet"}  # not ANIL's head_init, steps, lr, eval_steps
 
 
 def test_text_settings_take_number_and_boolean_looking_overrides_as_typed():
