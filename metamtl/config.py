@@ -694,6 +694,8 @@ def _optional_of(tp: Any) -> Any:
 
 def _setting_type(path: list[str]) -> Any:
     """The annotation of the setting at ``path`` in :class:`Config` (``None`` inside free-form sections)."""
+    if len(path) > 2 and path[0] == "stages":
+        return _setting_type(path[2:])  # stages.<index or name>.data.root: a stage's sections are the config's
     tp: Any = Config
     for part in path:
         tp = _optional_of(tp)
@@ -758,8 +760,8 @@ def _default_section(path: list[str], text: str) -> dict | list:
     of the default list (``eval.settings``, ``logging.tags``) or registry section (``algorithm``:
     ``{name: maml}``), else an empty section whose settings take their defaults."""
     tp = _optional_of(_setting_type(path))
-    if tp is not dict and typing.get_origin(tp) is not list:
-        return {}
+    if path[0] == "stages" or (tp is not dict and typing.get_origin(tp) is not list):
+        return {}  # (a stage's section is merged over the config's: it starts empty)
     default: Any = Config().to_dict()
     for part in path:
         default = default.get(part) if isinstance(default, dict) else None

@@ -131,6 +131,9 @@ def test_text_settings_take_number_and_boolean_looking_overrides_as_typed():
     assert load_config(None, ["name=010"]).name == "010" and load_config(None, ["name=no"]).name == "no"
     assert load_config(None, ["init_from=null"]).init_from is None
     assert load_config(None, ["name=null"]).name == "null"  # was refused as None (name can only be text)
+    anil = load_config(CONFIG_DIR / "benchmarks" / "omniglot_5w1s_anil.yaml",
+                       ["stages.anil.data.root=2024", "stages.1.data.train_split=010"])
+    assert [(s.data.root, s.data.train_split) for _, s in stage_configs(anil)][1] == ("2024", "010")  # as at the top level
 
 
 def test_a_folder_given_as_the_config_file_is_named_as_a_folder(tmp_path):
@@ -222,6 +225,8 @@ def test_overrides_reach_list_entries_and_registry_settings_left_at_their_defaul
     (tmp_path / "d.yaml").write_text("name: demo\n")
     assert load_config(tmp_path / "d.yaml", ["algorithm.head_init=proto"]).algorithm == {"name": "maml", "head_init": "proto"}
     assert load_config(None, ["model.hidden=32"]).model == {"name": "conv4", "hidden": 32}
+    staged = load_config(tmp_path / "c.yaml", ["stages=[{name: a}, {name: b}]", "stages.b.algorithm.scale=2.0"])
+    assert stage_configs(staged)[1][1].algorithm == {"name": "protonet", "scale": 2.0}  # merged over the config's
     with pytest.raises(ConfigError, match=r"data.train_rotations is not set.*give the whole list"):
         load_config(None, ["data.train_rotations.0=90"])
     with pytest.raises(ConfigError, match=r"the list is empty, so it has no entry '0'; give the whole list \(logging.tags=\[...\]\)"):
