@@ -617,6 +617,8 @@ def _check_components(cfg: Config) -> None:
 def config_from_dict(data: Mapping[str, Any], *, evaluated: bool = True) -> Config:
     """Validate a nested mapping into a :class:`Config` (``evaluated=False``: a stage before the last,
     whose learner is not evaluated with ``eval.settings``)."""
+    if isinstance(data, Mapping) and "distill" in data and data["distill"] is None:
+        data = {**data, "distill": {}}  # distill: null is no distillation, as in a stage
     cfg = from_dict(Config, data, "config")
     if is_regression(cfg) and "ways" not in (data.get("tasks") or {}):  # not 5-way: regression tasks have 1
         cfg.tasks.ways = 1

@@ -216,6 +216,18 @@ def test_config_section_builds_the_callback(tmp_path):
     assert config_from_dict({"distill": {"teacher": str(path)}}).distill == {"teacher": str(path)}
 
 
+def test_a_null_distill_section_is_no_distillation_as_in_a_stage():
+    """``distill=null`` (or an empty ``distill:`` key in a file) trains the student config's
+    no-distillation twin, as a stage's ``distill: null`` does."""
+    from pathlib import Path
+
+    from metamtl.config import load_config
+
+    student = Path(__file__).resolve().parents[2] / "configs" / "distill" / "omniglot_student.yaml"
+    assert load_config(student, ["distill=null"]).distill == {}
+    assert load_config(student, ["distill="]).distill == {}
+
+
 def test_a_home_relative_teacher_path_is_read_under_home(tmp_path, monkeypatch):
     from metamtl.distill import from_config
 
