@@ -206,7 +206,7 @@ class Config:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.name
+        return Path(self.output_dir).expanduser() / self.name  # output_dir: ~/runs is under $HOME
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -294,7 +294,9 @@ def _at_least(where: str, value: int | None, minimum: int) -> None:
         raise ConfigError(f"{where} must be >= {minimum}, got {value}")
 
 
-def _check_config(cfg: Config) -> Config:
+def _check_config(cfg: Config, evaluated: bool = True) -> Config:
+    """Validate ``cfg``; ``evaluated=False`` for a stage before the last, which is never evaluated
+    (its ``eval`` section is the config's, for the last stage)."""
     if not cfg.name or cfg.name in (".", "..") or "/" in cfg.name or "\\" in cfg.name:
         raise ConfigError(f"name {cfg.name!r} must be a plain folder name (the run goes to output_dir/name)")
     _check_tasks(cfg)
@@ -330,15 +332,27 @@ def _check_config(cfg: Config) -> Config:
         raise ConfigError(f"logging.metrics must be 'csv', 'jsonl' or null, got {cfg.logging.metrics!r}")
     if not cfg.stages:  # a staged config's sections are defaults: each stage's merged config is checked above
         _check_train_callbacks(cfg)
+        _check_heads(cfg, evaluated)
+    return cfg
+
+
+def _check_heads(cfg: Config, evaluated: bool) -> None:
+    """A learned (fixed-size) head has ``tasks.ways`` outputs and is evaluated with those ways."""
     from .algorithms import build_algorithm
 
     head_init = build_algorithm(**_algorithm_settings(cfg)).inner.head_init  # protonet / transfer: per-task heads
-    if head_init == "learned" and not is_regression(cfg) and any(s.ways != cfg.tasks.ways for s in cfg.eval.settings):
+    out = cfg.model.get("out_features")
+    if head_init == "learned" and isinstance(out, int) and out != cfg.tasks.ways:
+        raise ConfigError(
+            f"model.out_features is {out} but tasks.ways is {cfg.tasks.ways}, and algorithm.head_init is "
+            "'learned' (a fixed-size head); drop model.out_features or make them equal"
+        )
+    if evaluated and head_init == "learned" and not is_regression(cfg) \
+            and any(s.ways != cfg.tasks.ways for s in cfg.eval.settings):
         raise ConfigError(
             "eval.settings use a different number of ways than tasks.ways, but algorithm.head_init is "
             "'learned' (a fixed-size head); set algorithm.head_init to 'zero' or 'proto' to evaluate other ways"
         )
-    return cfg
 
 
 def _check_regression(cfg: Config) -> None:
@@ -426,8 +440,8 @@ def _check_numbers(cfg: Config) -> None:
     _at_least("eval.steps", cfg.eval.steps, 0)
     for where, data in _data_entries(cfg):
         _at_least(f"{where}.image_size", data.image_size, 1)
-    for where, seed in (("seed", cfg.seed), ("tasks.seed", t.seed), ("tasks.val_seed", t.val_seed),
-                        ("tasks.test_seed", t.test_seed), ("data.split_seed", cfg.data.split_seed)):
+    seeds = [("seed", cfg.seed), ("tasks.seed", t.seed), ("tasks.val_seed", t.val_seed), ("tasks.test_seed", t.test_seed)]
+    for where, seed in seeds + [(f"{where}.split_seed", d.split_seed) for where, d in _data_entries(cfg)]:
         if seed is not None and not 0 <= seed < 2**63:
             raise ConfigError(f"{where} must be an integer in 0..2**63-1, got {seed}")
 
@@ -465,8 +479,10 @@ def _check_train_callbacks(cfg: Config) -> None:
     tr = cfg.train
     if tr.scheduler and tr.scheduler.over == "budget" and not tr.budget_minutes:
         raise ConfigError("train.scheduler.over: 'budget' needs train.budget_minutes")
-    if (tr.early_stopping or (tr.scheduler and tr.scheduler.name == "plateau")) and not cfg.data.val_split:
-        raise ConfigError("train.early_stopping and the 'plateau' scheduler need validation; set data.val_split")
+    if (tr.early_stopping or (tr.scheduler and tr.scheduler.name == "plateau")) \
+            and not any(d.val_split for _, d in _data_entries(cfg)):
+        where = "datasets[i].val_split of at least one dataset" if cfg.datasets else "data.val_split"
+        raise ConfigError(f"train.early_stopping and the 'plateau' scheduler need validation; set {where}")
     from .callbacks import EarlyStopping, LRScheduler, resolve_monitor
 
     task = "regression" if is_regression(cfg) else "classification"
@@ -535,11 +551,13 @@ def stage_configs(cfg: Config) -> list[tuple[str, Config]]:
         if unknown:
             raise ConfigError(f"stages[{i}] ({name}): unknown key {unknown[0]!r}.{did_you_mean(unknown[0], STAGE_KEYS)} "
                               f"A stage may set: name, {', '.join(STAGE_KEYS)}.")
+        if _merge(base, stage).get("datasets"):
+            _check_no_data_section(stage.get("data"), f"stages[{i}] ({name}): ")
         stage_base = base
         if "distill" in stage and stage["distill"] in (None, {}):  # explicitly off for this stage
             stage_base, stage = {**base, "distill": {}}, {k: v for k, v in stage.items() if k != "distill"}
         try:
-            out.append((name, config_from_dict(_merge(stage_base, stage))))
+            out.append((name, config_from_dict(_merge(stage_base, stage), evaluated=i == len(cfg.stages) - 1)))
         except ConfigError as exc:
             raise ConfigError(f"stages[{i}] ({name}): {exc}") from None
     return out
@@ -594,32 +612,29 @@ def _check_components(cfg: Config) -> None:
             torch.device(cfg.train.device)
         except (RuntimeError, TypeError, ValueError):
             raise ConfigError(f"config.train.device: unknown device {cfg.train.device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    out = cfg.model.get("out_features")
-    if cfg.algorithm.get("head_init", "learned") == "learned" and isinstance(out, int) and out != cfg.tasks.ways:
-        raise ConfigError(
-            f"model.out_features is {out} but tasks.ways is {cfg.tasks.ways}, and algorithm.head_init is "
-            "'learned' (a fixed-size head); drop model.out_features or make them equal"
-        )
 
 
-def config_from_dict(data: Mapping[str, Any]) -> Config:
-    """Validate a nested mapping into a :class:`Config`."""
+def config_from_dict(data: Mapping[str, Any], *, evaluated: bool = True) -> Config:
+    """Validate a nested mapping into a :class:`Config` (``evaluated=False``: a stage before the last,
+    whose learner is not evaluated with ``eval.settings``)."""
+    if isinstance(data, Mapping) and "distill" in data and data["distill"] is None:
+        data = {**data, "distill": {}}  # distill: null is no distillation, as in a stage
     cfg = from_dict(Config, data, "config")
     if is_regression(cfg) and "ways" not in (data.get("tasks") or {}):  # not 5-way: regression tasks have 1
         cfg.tasks.ways = 1
     if is_regression(cfg) and "settings" not in (data.get("eval") or {}):  # not 5-way 1-shot: the training shots
         cfg.eval.settings = [EvalSetting(ways=1, shots=cfg.tasks.shots)]
-    return _single_member_seed(_check_config(cfg))
+    return _single_member_seed(_check_config(cfg, evaluated), evaluated)
 
 
-def _single_member_seed(cfg: Config) -> Config:
+def _single_member_seed(cfg: Config, evaluated: bool = True) -> Config:
     """``ensemble: {members: 1, seeds: [s]}``: the one learner trains with seed ``s`` (and its
     ``tasks.seed`` moved by as much), as each member of a larger ensemble gets its entry of ``seeds``."""
     ens = cfg.ensemble
     if ens.members == 1 and ens.seeds:
         data = cfg.to_dict()
         data["ensemble"]["seeds"] = None
-        return config_from_dict(with_member_seed(data, ens.seeds[0]))
+        return config_from_dict(with_member_seed(data, ens.seeds[0]), evaluated=evaluated)
     return cfg
 
 
@@ -645,17 +660,29 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml_io.load(raw) if raw != "" else None
         tp = _setting_type(key.split("."))
-        if (_has_non_text_scalar(value) or (value is None and raw != "" and tp is str)) and _is_text(tp):
-            value = yaml_io.load_strings(raw)  # name=2024, name=null, logging.tags=[v, 2024]: text as typed
+        if _optional_of(tp) is str and raw.strip() and not (isinstance(value, str) and raw.strip()[0] in "'\""):
+            # name=2024, name=no, name=2024-06-01, name=run #2: the text as typed (quoted: YAML's string)
+            return key.split("."), None if value is None and tp is not str else raw.strip()
+        if _ends_before_a_comment(raw):
+            raise ConfigError(f"override {text!r}: ' #' starts a YAML comment, which would drop the rest of the "
+                              f"value; quote the value ({key}='...#...') or drop the comment")
+        if _is_text(tp) and not _all_text(value):
+            value = yaml_io.load_strings(raw)  # logging.tags=[v, 2024, 2024-06-01]: text as typed
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
     return key.split("."), value
 
 
-def _has_non_text_scalar(value: Any) -> bool:
-    """Whether ``value`` is (or is a list holding) a number or boolean."""
-    items = value if isinstance(value, list) else [value]
-    return any(isinstance(v, (bool, int, float)) for v in items)
+def _ends_before_a_comment(raw: str) -> bool:
+    """Whether YAML reads ``raw`` only up to a `` #`` comment (its last token ends before the text)."""
+    skip = (yaml.StreamEndToken, yaml.BlockEndToken)
+    end = max((t.end_mark.index for t in yaml.scan(raw, Loader=yaml_io.Loader) if not isinstance(t, skip)), default=0)
+    return end < len(raw.rstrip())
+
+
+def _all_text(value: Any) -> bool:
+    """Whether ``value`` is ``None``, a string, or a list of strings (not numbers, booleans, dates)."""
+    return all(v is None or isinstance(v, str) for v in (value if isinstance(value, list) else [value]))
 
 
 def _optional_of(tp: Any) -> Any:
@@ -669,6 +696,8 @@ def _optional_of(tp: Any) -> Any:
 
 def _setting_type(path: list[str]) -> Any:
     """The annotation of the setting at ``path`` in :class:`Config` (``None`` inside free-form sections)."""
+    if len(path) > 2 and path[0] == "stages":
+        return _setting_type(path[2:])  # stages.<index or name>.data.root: a stage's sections are the config's
     tp: Any = Config
     for part in path:
         tp = _optional_of(tp)
@@ -690,7 +719,7 @@ def _is_text(tp: Any) -> bool:
 #: Sections whose ``name`` picks a registry entry: an override switching the name starts the
 #: section afresh (as ``extends`` does, see :func:`_merge`), since the old entry's settings
 #: rarely fit the new one.
-REGISTRY_SECTIONS = ("model", "algorithm", "distill", "strategy")
+REGISTRY_SECTIONS = ("model", "algorithm", "distill", "strategy", "base")
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -698,21 +727,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     (``stages``, ``datasets``) a part is an index or an entry's ``name`` / ``label``:
     ``stages.1.train.iterations=5`` or ``stages.anil.train.iterations=5``.
 
-    ``model.name=X`` (likewise ``algorithm``, ``distill``, ``strategy``) naming another entry than
+    ``model.name=X`` (likewise ``algorithm``, ``distill``, ``strategy``, ``base``) naming another entry than
     the section's resets the section to ``{name: X}``, keeping only keys that earlier overrides on
     the same command line set, as ``extends`` replaces a section whose ``name`` changes."""
     set_by_override: dict[int, set[str]] = {}  # id(section) -> keys earlier overrides set in it
     for text in overrides:
         path, value = parse_override(text)
         node: Any = data
-        for part in path[:-1]:
+        for depth, part in enumerate(path[:-1]):
             if isinstance(node, list):
                 nxt = node[_list_index(node, part, text)]
             else:
                 set_by_override.setdefault(id(node), set()).add(part)
                 nxt = node.get(part)
                 if nxt is None:
-                    nxt = node[part] = {}
+                    nxt = node[part] = _default_section(path[:depth + 1], text)
             if not isinstance(nxt, (dict, list)):
                 raise ConfigError(f"override {text!r}: {part!r} is not a section")
             node = nxt
@@ -728,10 +757,31 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _default_section(path: list[str], text: str) -> dict | list:
+    """What an override reaching into the setting at ``path``, absent from the config, edits: a copy
+    of the default list (``eval.settings``, ``logging.tags``) or registry section (``algorithm``:
+    ``{name: maml}``), else an empty section whose settings take their defaults."""
+    tp = _optional_of(_setting_type(path))
+    if path[0] == "stages" or (tp is not dict and typing.get_origin(tp) is not list):
+        return {}  # (a stage's section is merged over the config's: it starts empty)
+    default: Any = Config().to_dict()
+    for part in path:
+        default = default.get(part) if isinstance(default, dict) else None
+    if isinstance(default, (dict, list)):
+        return _unshared(default)
+    if typing.get_origin(tp) is list:
+        raise ConfigError(f"override {text!r}: {'.'.join(path)} is not set, so it has no entries to change; "
+                          f"give the whole list ({'.'.join(path)}=[...])")
+    return {}
+
+
 def _list_index(items: list, part: str, text: str) -> int:
     """The position ``part`` names in a config list: an index, or an entry's ``name`` / ``label``."""
     if part.isdigit() and int(part) < len(items):
         return int(part)
+    if not items:
+        raise ConfigError(f"override {text!r}: the list is empty, so it has no entry {part!r}; give the whole list "
+                          f"({text.split('=', 1)[0].rsplit('.', 1)[0]}=[...])")
     named = [i for i, x in enumerate(items) if isinstance(x, dict) and part in (x.get("name"), x.get("label"))]
     if len(named) == 1:
         return named[0]
@@ -777,12 +827,38 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return _merge(read_yaml(path.parent / parent, _seen + (path.resolve(),)), data)
 
 
+def _unshared(data: Any) -> Any:
+    """``data`` with every mapping and list copied, each once per place it occurs (unlike
+    ``copy.deepcopy``, which keeps two YAML aliases of one anchor the same object)."""
+    if isinstance(data, Mapping):
+        return {k: _unshared(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_unshared(v) for v in data]
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or start from defaults with ``path=None``) and apply overrides.
 
     A file may start from another with ``extends: base.yaml`` (path relative to the file): its
-    sections are merged over the base's key by key.
+    sections are merged over the base's key by key.  The file's data is copied first, so a YAML
+    alias (``*anchor``) is a section of its own that an override changes alone.
     """
-    data: dict[str, Any] = read_yaml(path) if path is not None else {}
+    data: dict[str, Any] = _unshared(read_yaml(path)) if path is not None else {}
     apply_overrides(data, list(overrides or []))
+    if data.get("datasets"):
+        _check_no_data_section(data.get("data"), "")
     return config_from_dict(data)
+
+
+def _check_no_data_section(data: Any, where: str) -> None:
+    """Refuse settings of a ``data`` section (``where``: the stage, or ``""`` for the config's)
+    that a config with a ``datasets`` list would never read."""
+    if not isinstance(data, Mapping):
+        return  # (null: none; another value is refused as a wrong type)
+    unused = {k: v for k, v in data.items() if getattr(DataConfig, k, v) != v}  # (unknown keys: refused later)
+    if unused:
+        key = next(iter(unused))
+        raise ConfigError(f"{where}the config lists its datasets under 'datasets', so its 'data' section is not used "
+                          f"(it sets {unused!r}); set these on each datasets entry instead "
+                          f"(e.g. datasets.0.{key}=...) and remove 'data'")

@@ -440,7 +440,7 @@ def _run(cfg: Config, resume: str | Path | None, progress: bool, callbacks: list
     chosen = f" | precision auto: {learner.precision}" if learner.placement.auto_precision else ""
     say(f"[metamtl] {learner} | {sum(p.numel() for p in learner.model.parameters()):,} parameters{chosen}")
     if cfg.init_from:
-        learner.init_from(cfg.init_from)
+        learner.init_from(os.path.expanduser(cfg.init_from))  # ~/runs/a/learner.pt: under $HOME
         say(f"[metamtl] trunk initialised from {cfg.init_from}")
     record["train_seconds"] = _train(learner, cfg, tasks, resume, progress, cbs)
     selected = restore_best(learner, run_dir) if cfg.eval.checkpoint == "best" else None

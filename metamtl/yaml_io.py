@@ -51,9 +51,27 @@ def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
 
 
 class Loader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` reading numbers by YAML 1.2 rules (see the module docstring)."""
+    """``yaml.SafeLoader`` reading numbers by YAML 1.2 rules (see the module docstring) and refusing
+    a key given twice in one mapping (PyYAML would keep the last silently)."""
 
     yaml_implicit_resolvers = _yaml12_resolvers()
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # keys merged in by `<<: *anchor` may be overridden
+            key = self.construct_object(key_node, deep=True)
+            try:
+                earlier = first.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: refused by SafeLoader below
+                continue
+            if earlier is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found the key {key!r} twice (first on line {earlier.start_mark.line + 1}); "
+                    "give each key once", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 Loader.add_constructor(_INT, _construct_int)

@@ -453,7 +453,7 @@ def check_config(cfg: dict[str, Any]) -> dict[str, Any]:
     steps = cfg.get("teacher_steps")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
         raise ConfigError(f"distill.teacher_steps must be an integer >= 0 (null: the teacher's eval steps), got {steps!r}")
-    return {"teacher": cfg["teacher"], "temperature": _number(cfg, "temperature", 4.0, 0, strict=True),
+    return {"teacher": str(Path(cfg["teacher"]).expanduser()), "temperature": _number(cfg, "temperature", 4.0, 0, strict=True),
             "weight": _number(cfg, "weight", 1.0, 0), "phases": _check_phases(cfg.get("phases", ("query",)), "distill.phases"),
             "features": features, "feature_weight": _number(cfg, "feature_weight", 1.0, 0),
             "lr": _number(cfg, "lr", None, 0, strict=True), "teacher_steps": steps,
@@ -462,7 +462,7 @@ def check_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def check_teacher_file(cfg: dict[str, Any]) -> None:
     """A ``distill.teacher`` path that is no file: a :class:`ConfigError` naming the key."""
-    path = Path(cfg["teacher"])
+    path = Path(cfg["teacher"]).expanduser()
     if not path.is_file():
         raise ConfigError(f"distill.teacher: {path} does not exist (it must be the path of a saved learner, e.g. "
                           "runs/teacher/learner.pt; train the teacher first)")

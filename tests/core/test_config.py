@@ -119,6 +119,8 @@ def test_switching_a_registry_entry_by_override_starts_the_section_afresh():
     data = apply_overrides({"model": {"name": "conv4", "hidden": 64}, "algorithm": {"name": "maml", "lr": 0.4}},
                            ["algorithm.steps=3", "algorithm.name=anil", "model.name=conv4", "model.name=resnet12"])
     assert data == {"model": {"name": "resnet12"}, "algorithm": {"name": "anil", "steps": 3}}
+    multi = load_config(CONFIG_DIR / "multi" / "omniglot_miniimagenet.yaml", ["algorithm.base.name=protonet"])
+    assert multi.algorithm["base"] == {"name": "protonet"}  # not ANIL's head_init, steps, lr, eval_steps
 
 
 def test_text_settings_take_number_and_boolean_looking_overrides_as_typed():
@@ -129,6 +131,9 @@ def test_text_settings_take_number_and_boolean_looking_overrides_as_typed():
     assert load_config(None, ["name=010"]).name == "010" and load_config(None, ["name=no"]).name == "no"
     assert load_config(None, ["init_from=null"]).init_from is None
     assert load_config(None, ["name=null"]).name == "null"  # was refused as None (name can only be text)
+    anil = load_config(CONFIG_DIR / "benchmarks" / "omniglot_5w1s_anil.yaml",
+                       ["stages.anil.data.root=2024", "stages.1.data.train_split=010"])
+    assert [(s.data.root, s.data.train_split) for _, s in stage_configs(anil)][1] == ("2024", "010")  # as at the top level
 
 
 def test_a_folder_given_as_the_config_file_is_named_as_a_folder(tmp_path):
@@ -150,3 +155,102 @@ def test_the_readme_names_as_registry_switches_only_sections_that_have_a_name():
         with pytest.raises(ConfigError) as err:
             load_config(CONFIG_DIR / "multi" / "omniglot_miniimagenet.yaml", [f"{path}.name=no_such_entry"])
         assert "'no_such_entry'" in str(err.value) and "unknown key" not in str(err.value), path
+
+
+def test_an_override_of_a_stage_sharing_a_yaml_anchor_changes_that_stage_only(tmp_path):
+    """``&tr`` / ``*tr`` make two stages share one mapping in the parsed file; an override of one
+    stage must not change the other (the file is copied before overrides apply)."""
+    (tmp_path / "c.yaml").write_text("name: demo\nalgorithm: {name: protonet}\nstages:\n"
+                                     "  - {name: pre, train: &tr {iterations: 50, meta_batch_size: 2}}\n"
+                                     "  - {name: meta, train: *tr}\n")
+    cfg = load_config(tmp_path / "c.yaml", ["stages.pre.train.iterations=7"])
+    assert [(n, s.train.iterations) for n, s in stage_configs(cfg)] == [("pre", 7), ("meta", 50)]
+
+
+MULTI = CONFIG_DIR / "multi" / "omniglot_miniimagenet.yaml"
+
+
+def test_a_data_section_beside_datasets_is_refused_rather_than_ignored():
+    """With ``datasets:``, ``data:`` (top level or a stage's) would never be read: refused, naming
+    the datasets entries as the place for those settings."""
+    with pytest.raises(ConfigError, match=r"datasets.*data.*image_size.*datasets\.0\.image_size"):
+        load_config(MULTI, ["data.image_size=32"])
+    stages = "stages=[{name: pre, data: {image_size: 32}}, {name: meta}]"
+    with pytest.raises(ConfigError, match=r"stages\[0\] \(pre\): .*datasets.*data"):
+        load_config(MULTI, [stages])
+    assert [d.image_size for d in load_config(MULTI, ["datasets.0.image_size=32"]).datasets] == [32, 84]
+
+
+def test_validation_settings_of_a_several_dataset_config_are_checked_on_its_datasets():
+    """Early stopping needs a validation split of a dataset actually used, and each dataset's
+    split_seed is range-checked as data.split_seed is."""
+    with pytest.raises(ConfigError, match="need validation"):
+        load_config(MULTI, ["train.early_stopping={patience: 2}"])  # both datasets have val_split: null
+    cfg = load_config(MULTI, ["datasets.0.val_split=val", "train.early_stopping={patience: 2}"])
+    assert cfg.train.early_stopping.patience == 2
+    with pytest.raises(ConfigError, match=r"datasets\[0\]\.split_seed must be an integer in 0..2\*\*63-1"):
+        load_config(MULTI, ["datasets.0.split_seed=-5"])
+
+
+def test_text_overrides_keep_what_follows_a_hash_and_take_dates_as_typed():
+    """``name=run #2`` names the run 'run #2' (YAML would drop `` #2`` as a comment) and dates are
+    text where a setting can only be text; elsewhere a value cut by a comment is refused."""
+    assert load_config(None, ["name=run #2"]).name == "run #2"
+    assert load_config(None, ["data.root=/data/omniglot #2"]).data.root == "/data/omniglot #2"
+    assert load_config(None, ["name=2024-06-01"]).name == "2024-06-01"
+    assert load_config(None, ["logging.tags=[baseline, 2024-06-01]"]).logging.tags == ["baseline", "2024-06-01"]
+    assert load_config(None, ["name='quoted #1'"]).name == "quoted #1"
+    assert load_config(None, ["data.root=null"]).data.root is None
+    with pytest.raises(ConfigError, match="' #' starts a YAML comment"):
+        load_config(None, ["train.iterations=5 #was 50"])
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused_naming_it_and_its_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys silently; a config file's first ``train:`` section
+    must not vanish: the file is refused, naming the key and both lines."""
+    (tmp_path / "c.yaml").write_text("train:\n  iterations: 50\n  meta_lr: 0.01\ntasks: {ways: 5}\n"
+                                     "train:\n  budget_minutes: 2\n")
+    with pytest.raises(ConfigError, match=r"(?s)c.yaml is not valid YAML.*key 'train' twice \(first on line 1\).*line 5"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("train: &t {iterations: 50}\nstages:\n  - {name: a, train: {<<: *t, iterations: 5}}\n")
+    assert load_config(tmp_path / "d.yaml").stages[0]["train"] == {"iterations": 5}  # merge keys may be overridden
+
+
+def test_overrides_reach_list_entries_and_registry_settings_left_at_their_defaults(tmp_path):
+    """``eval.settings.0.ways=20`` edits the default setting, ``algorithm.head_init=proto`` the default
+    algorithm (maml), when the file does not give those sections."""
+    (tmp_path / "c.yaml").write_text("name: demo\nalgorithm: {name: protonet}\n")
+    cfg = load_config(tmp_path / "c.yaml", ["eval.settings.0.ways=20", "eval.heads.0=simpleshot"])
+    assert [(s.ways, s.shots) for s in cfg.eval.settings] == [(20, 1)] and cfg.eval.heads == ["simpleshot"]
+    (tmp_path / "d.yaml").write_text("name: demo\n")
+    assert load_config(tmp_path / "d.yaml", ["algorithm.head_init=proto"]).algorithm == {"name": "maml", "head_init": "proto"}
+    assert load_config(None, ["model.hidden=32"]).model == {"name": "conv4", "hidden": 32}
+    staged = load_config(tmp_path / "c.yaml", ["stages=[{name: a}, {name: b}]", "stages.b.algorithm.scale=2.0"])
+    assert stage_configs(staged)[1][1].algorithm == {"name": "protonet", "scale": 2.0}  # merged over the config's
+    with pytest.raises(ConfigError, match=r"data.train_rotations is not set.*give the whole list"):
+        load_config(None, ["data.train_rotations.0=90"])
+    with pytest.raises(ConfigError, match=r"the list is empty, so it has no entry '0'; give the whole list \(logging.tags=\[...\]\)"):
+        load_config(None, ["logging.tags.0=x"])
+
+
+def test_the_out_features_check_applies_to_learned_heads_only():
+    """ProtoNet (proto heads) and transfer (zero heads) take any model.out_features; a learned head
+    needs tasks.ways outputs, in a stage too."""
+    config_from_dict({"model": {"name": "conv4", "out_features": 64}, "algorithm": {"name": "protonet"}})
+    config_from_dict({"model": {"name": "conv4", "out_features": 64}, "algorithm": {"name": "maml"},
+                      "tasks": {"ways": 64}, "eval": {"settings": [{"ways": 64}]},
+                      "stages": [{"name": "proto", "algorithm": {"name": "protonet"}, "tasks": {"ways": 5}},
+                                 {"name": "maml"}]})
+    with pytest.raises(ConfigError, match="model.out_features is 64 but tasks.ways is 5"):
+        config_from_dict({"model": {"name": "conv4", "out_features": 64}, "algorithm": {"name": "maml"}})
+
+
+def test_a_home_relative_output_dir_is_under_home_not_a_folder_named_tilde(tmp_path, monkeypatch):
+    from metamtl.experiment import check_output_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["output_dir=~/runs"])
+    check_output_dir(cfg)
+    assert cfg.run_dir == tmp_path / "home" / "runs" / "experiment" and cfg.run_dir.is_dir()
+    assert not (tmp_path / "~").exists()

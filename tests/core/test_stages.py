@@ -62,6 +62,21 @@ def test_init_from_copies_the_trunk_only(tmp_path):
         other.init_from(a)
 
 
+def test_a_home_relative_init_from_is_read_under_home(tmp_path, monkeypatch):
+    """``init_from: ~/a.pt`` (as ``data.root`` and ``output_dir``) is a path under $HOME."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = staged(tmp_path)
+    del cfg["stages"]
+    cfg["train"]["iterations"] = 0
+    first = run(config_from_dict(cfg), progress=False, quiet=True)
+    source = MetaLearner.load(first["checkpoint"], device="cpu")
+    source.save(tmp_path / "a.pt")
+    cfg.update(name="second", init_from="~/a.pt")
+    second = MetaLearner.load(run(config_from_dict(cfg), progress=False, quiet=True)["checkpoint"], device="cpu")
+    for pa, pb in zip(source.model.trunk.parameters(), second.model.trunk.parameters()):
+        assert torch.equal(pa, pb)
+
+
 def test_init_from_gives_mamlpp_per_step_batchnorm_the_loaded_affine_weights(tmp_path):
     torch.manual_seed(0)
     a = MetaLearner(build_model("conv4", in_channels=1, hidden=4, image_size=12, blocks=2, out_features=None),
@@ -120,6 +135,20 @@ def test_stages_run_in_order_from_the_previous_trunk_with_one_history(tmp_path):
 def test_bad_stages_are_refused(stages, match):
     with pytest.raises(ConfigError, match=match):
         config_from_dict({"algorithm": {"name": "protonet"}, "stages": stages})
+
+
+def test_the_head_and_eval_settings_check_applies_to_the_evaluated_last_stage_only():
+    """A learned-head pre-training stage with other ways than eval.settings is never evaluated, and
+    a staged config's own (unused) algorithm is not checked against eval.settings."""
+    cfg = config_from_dict({"algorithm": {"name": "protonet"}, "tasks": {"ways": 5}, "stages": [
+        {"name": "pre", "algorithm": {"name": "maml"}, "tasks": {"ways": 20}}, {"name": "meta"}]})
+    assert [s.algorithm["name"] for _, s in stage_configs(cfg)] == ["maml", "protonet"]
+    config_from_dict({"tasks": {"ways": 5}, "eval": {"settings": [{"ways": 20, "shots": 1}]}, "stages": [
+        {"name": "pre", "algorithm": {"name": "protonet"}, "tasks": {"ways": 30}},
+        {"name": "meta", "algorithm": {"name": "protonet"}}]})
+    with pytest.raises(ConfigError, match=r"stages\[1\] \(meta\): eval.settings use a different number of ways"):
+        config_from_dict({"algorithm": {"name": "protonet"}, "eval": {"settings": [{"ways": 20, "shots": 1}]},
+                          "stages": [{"name": "pre"}, {"name": "meta", "algorithm": {"name": "maml"}}]})
 
 
 def test_cosine_protonet_logits_and_learned_scale(tmp_path):

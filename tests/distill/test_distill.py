@@ -216,6 +216,26 @@ def test_config_section_builds_the_callback(tmp_path):
     assert config_from_dict({"distill": {"teacher": str(path)}}).distill == {"teacher": str(path)}
 
 
+def test_a_null_distill_section_is_no_distillation_as_in_a_stage():
+    """``distill=null`` (or an empty ``distill:`` key in a file) trains the student config's
+    no-distillation twin, as a stage's ``distill: null`` does."""
+    from pathlib import Path
+
+    from metamtl.config import load_config
+
+    student = Path(__file__).resolve().parents[2] / "configs" / "distill" / "omniglot_student.yaml"
+    assert load_config(student, ["distill=null"]).distill == {}
+    assert load_config(student, ["distill="]).distill == {}
+
+
+def test_a_home_relative_teacher_path_is_read_under_home(tmp_path, monkeypatch):
+    from metamtl.distill import from_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    learner(hidden=8).save(tmp_path / "teacher.pt")
+    assert isinstance(from_config({"teacher": "~/teacher.pt"}).terms[0].teacher, LearnerTeacher)
+
+
 def test_protonet_student_applies_query_distillation(tasks):
     """A ProtoNet student's query loss gets the loss terms (was: silently ignored, identical to no
     distillation): soft targets change its training, and a feature pair the adapter cannot map fails."""
