@@ -101,6 +101,7 @@ def start_run(learner: "MetaLearner", settings: dict[str, Any], resume: str | Pa
     fit (config, ``settings``, iteration) with process 0's weights."""
     if not learner.meta_parameters():  # frozen after the learner was built
         raise ConfigError(NOTHING_TO_META_LEARN)
+    learner.algorithm.check_trainable()
     learner.run.stop, learner.run.resumed = None, False  # a continued fit trains on: only a checkpoint's stop counts
     if resume is not None:
         run_state.resume(resume, config=learner.config(), settings=settings, optimizer=learner.meta_optimizer,

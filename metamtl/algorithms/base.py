@@ -161,6 +161,10 @@ class Algorithm(nn.Module):
         Must be idempotent: it is called again by ``meta_step``/``adapt`` and on load.
         """
 
+    def check_trainable(self) -> None:
+        """:class:`~metamtl.errors.ConfigError` when these settings could not train the model
+        (checked when a fit starts, not when the algorithm is built: a saved learner still loads)."""
+
     def trunk_loaded(self, model: TrunkHead) -> None:
         """``model``'s trunk weights were just replaced (:meth:`MetaLearner.init_from
         <metamtl.MetaLearner.init_from>`): refresh state that :meth:`setup` copied from them."""

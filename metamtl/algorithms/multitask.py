@@ -78,6 +78,9 @@ class MultiTask(Algorithm):
     def extra_repr(self) -> str:
         return f"datasets={self.strategy.tasks}"
 
+    def check_trainable(self) -> None:
+        self.base.check_trainable()
+
     @property
     def eval_steps(self) -> int:
         return self.base.eval_steps

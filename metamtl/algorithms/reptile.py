@@ -1,9 +1,7 @@
 """Reptile (Nichol et al. 2018)."""
 from __future__ import annotations
 
-from typing import Any
-
-from ..adaptation import Difference, InnerLoop, MetaGradient
+from ..adaptation import Difference, MetaGradient
 from ..errors import ConfigError
 from .base import Algorithm
 
@@ -21,10 +19,11 @@ class Reptile(Algorithm):
     fixed = {"first_order": True}
     loss_term_phases = ("support",)  # the query loss is for the metrics only (no gradient flows from it)
 
-    def __init__(self, inner: InnerLoop | None = None, **inner_kwargs: Any) -> None:
-        super().__init__(inner, **inner_kwargs)
-        # only adapted weights (and, through a proto head, the trunk behind it) get a meta-gradient:
-        # refuse the settings under which a meta-parameter could never move
+    def check_trainable(self) -> None:
+        """Refuse the settings under which a meta-parameter could never move: only adapted weights
+        (and, through a proto head, the trunk behind it) get Reptile's meta-gradient.  Checked when
+        training starts, not when the algorithm is built, so learners saved with such settings
+        still load, evaluate and predict."""
         if self.inner.steps < 1:
             raise ConfigError("reptile needs steps >= 1: its meta-gradient is the weight change of the inner loop, "
                               "which is zero without inner steps (eval_steps may still be 0)")

@@ -217,3 +217,18 @@ def test_proto_head_logits_are_negative_squared_distances_up_to_a_constant():
     neg_d2 = -torch.cdist(q, protos) ** 2
     diff = logits - neg_d2
     torch.testing.assert_close(diff, diff[:, :1].expand_as(diff))
+
+
+def test_a_learner_saved_with_reptile_settings_that_cannot_train_still_loads_and_predicts(tmp_path):
+    """Reptile's refusal of head-only settings with a learned head is a training-time check: such
+    learners saved before it existed must still load, evaluate and predict, and only fit refuses."""
+    from metamtl import MetaLearner
+    from metamtl.errors import ConfigError
+
+    ep = episode(seed=3)
+    learner = MetaLearner(tiny_conv(out_features=3), build_algorithm("reptile", steps=2, lr=0.1, adapt="head"), device="cpu")
+    path = learner.save(tmp_path / "reptile_head.pt")
+    loaded = MetaLearner.load(path, device="cpu")
+    assert loaded.predict(ep.support_x, ep.support_y, ep.query_x).shape == (len(ep.query_x), 3)
+    with pytest.raises(ConfigError, match="never trains the trunk"):
+        loaded.fit(_OneTask(ep), iterations=1, meta_batch_size=1, progress=False)

@@ -189,9 +189,9 @@ LEARNER = [
     ("algorithm-setting-typo-own-argument", lambda e: build_algorithm("mamlpp", learn_lrr=False), ConfigError, r"algorithm 'mamlpp' does not take \['learn_lrr'\]. Did you mean 'learn_lr'"),
     ("algorithm-setting-of-another", lambda e: build_algorithm("protonet", steps=3), ConfigError, r"algorithm 'protonet' does not take \['steps'\]. It accepts \['bn_stats', 'distance', 'learn_scale', 'scale', 'temperature'\]"),
     ("strategy-setting-typo", lambda e: build_algorithm("multitask", datasets=["a", "b"], strategy={"name": "dwa", "temprature": 2}), ConfigError, r"multi-task strategy 'dwa' does not take \['temprature'\]. Did you mean 'temperature'"),
-    ("reptile-no-steps", lambda e: build_algorithm("reptile", steps=0), ConfigError, r"reptile needs steps >= 1: its meta-gradient is the weight change of the inner loop"),
-    ("reptile-head-only-learned-head", lambda e: build_algorithm("reptile", adapt="head"), ConfigError, r"reptile with adapt 'head' and head_init 'learned' never trains the trunk.*head_init 'proto'.*adapt 'all'.*requires_grad_\(False\)"),
-    ("reptile-head-only-zero-head", lambda e: build_algorithm("reptile", adapt="head", head_init="zero"), ConfigError, r"reptile with adapt 'head' and head_init 'zero' never trains the trunk, it trains nothing"),
+    ("reptile-no-steps", lambda e: build_algorithm("reptile", steps=0).check_trainable(), ConfigError, r"reptile needs steps >= 1: its meta-gradient is the weight change of the inner loop"),
+    ("reptile-head-only-learned-head", lambda e: build_algorithm("reptile", adapt="head").check_trainable(), ConfigError, r"reptile with adapt 'head' and head_init 'learned' never trains the trunk.*head_init 'proto'.*adapt 'all'.*requires_grad_\(False\)"),
+    ("reptile-head-only-zero-head", lambda e: build_algorithm("reptile", adapt="head", head_init="zero").check_trainable(), ConfigError, r"reptile with adapt 'head' and head_init 'zero' never trains the trunk, it trains nothing"),
     ("algorithm-contradiction", lambda e: build_algorithm("reptile", first_order=False), ConfigError, r"algorithm 'reptile' fixes \{'first_order': True\}; drop the contradictory setting"),
     # regression and user-built models
     ("regression-proto-head", lambda e: regressor(head_init="proto", out_features=None), ConfigError, r"builds its head from class prototypes \(head_init='proto'\), which needs class labels; for regression"),
