@@ -26,6 +26,7 @@ import contextlib
 import contextvars
 import math
 import numbers
+import warnings
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
@@ -286,11 +287,11 @@ def multidataset_model(
         raise unknown_name("head sharing", heads, HEADS)
     if not (math.isfinite(soft_weight) and soft_weight >= 0):
         raise ConfigError(f"soft_weight must be >= 0, got {soft_weight}")
-    if heads == "per_dataset" and not out_features:
-        raise ConfigError(
-            "model.heads: per_dataset needs a learned head with out_features (the algorithm's head_init: "
-            "learned); with out_features None the heads are per-task (head_init zero or proto), so drop "
-            "heads: per_dataset or set head_init: learned")
+    if heads == "per_dataset" and not out_features:  # a warning: such models were built and saved before
+        warnings.warn(
+            "model.heads: per_dataset has no effect without out_features: the heads are per-task (the "
+            "algorithm's head_init zero or proto) and not per dataset; drop heads: per_dataset, or set "
+            "head_init: learned for learned per-dataset heads", UserWarning, stacklevel=2)
     stems = {n: make_stem(stem, s, width, size) for n, s in shapes.items()}
     make_trunk = lambda: Conv4(width, hidden, size, blocks)  # noqa: E731
     body = make_trunk() if sharing == "hard" else {n: make_trunk() for n in shapes}
