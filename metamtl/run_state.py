@@ -14,6 +14,7 @@ import dataclasses
 import os
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -274,6 +275,34 @@ def load_trunk(model: TrunkHead, source: Mapping[str, torch.Tensor] | str | Path
         algorithm.trunk_loaded(model)
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with numpy numbers and 0-d arrays (e.g. ``np.float64(loss)``) as Python numbers."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.ndim == 0):
+        return value.item()
+    return value
+
+
+def storable_callback_states(states: dict[str, Any]) -> dict[str, Any]:
+    """The callback states a checkpoint can hold and read back: numpy numbers become Python numbers;
+    a callback whose state holds anything else is left out with a warning (a resume starts it
+    afresh) rather than written into a checkpoint that could never load, or stopping the run."""
+    out = {}
+    for name, state in states.items():
+        state = _plain(state)
+        try:
+            check_plain(state, f"callback state[{name!r}]")
+        except CheckpointError as exc:
+            warnings.warn(f"{exc}; this checkpoint leaves that callback's state out (a resume starts it afresh)",
+                          UserWarning, stacklevel=3)
+            continue
+        out[name] = state
+    return out
+
+
 def learner_state(learner: "MetaLearner", training_state: bool = False) -> dict[str, Any]:
     """What :meth:`MetaLearner.save <metamtl.MetaLearner.save>` writes: the checkpoint format."""
     config = learner.config()
@@ -293,8 +322,7 @@ def learner_state(learner: "MetaLearner", training_state: bool = False) -> dict[
     }
     if training_state:
         fit = learner.fit_state
-        callbacks = fit.callbacks.state_dict() if fit is not None else {}
-        check_plain(callbacks, "callback state")  # refused now, not when the checkpoint is loaded
+        callbacks = storable_callback_states(fit.callbacks.state_dict() if fit is not None else {})
         stop = {"by": fit.stopped_by, "iterations": fit.iterations} if fit is not None and fit.should_stop else None
         obj["training"] = training_state_of(learner.run, learner.meta_optimizer, callbacks, stop)
     return obj

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from metamtl import MetaLearner
+from metamtl.checkpoint import safe_load
 from metamtl.errors import CheckpointError
 from metamtl.run_state import RunState, learner_state, resume, rng_state, set_rng_state
 from metamtl.tasks import Sinusoid
@@ -159,9 +160,13 @@ def test_metadata_a_checkpoint_could_not_read_back_is_refused_before_anything_is
     assert MetaLearner.load(learner.save(tmp_path / "ok.pt"), device="cpu").metadata == plain
 
 
-def test_a_callback_state_a_checkpoint_could_not_read_back_is_refused_when_written(sine, tmp_path):
+def test_callback_states_a_checkpoint_could_not_read_back_are_converted_or_left_out(sine, tmp_path):
     """A callback whose state held a numpy number was written into last.pt without error, and the
-    checkpoint (the run's weights) then could not be loaded nor resumed ("corrupt or unsafe")."""
+    checkpoint (the run's weights) then could not be loaded nor resumed ("corrupt or unsafe"). Numpy
+    numbers are now stored as Python numbers; a state holding anything else is left out with a
+    warning, and the run goes on (it is not stopped at its first checkpoint)."""
+    from pathlib import Path
+
     from metamtl.callbacks import Callback
 
     class Keep(Callback):
@@ -171,16 +176,23 @@ def test_a_callback_state_a_checkpoint_could_not_read_back_is_refused_when_writt
             self.best = np.float64(metrics["loss"])
 
         def state_dict(self):
-            return {"best": self.best}
+            return {"best": self.best, "steps": [np.int64(3)]}
 
         def load_state_dict(self, state):
             self.best = state["best"]
 
+    class Odd(Callback):
+        def state_dict(self):
+            return {"where": Path("runs")}
+
     learner = sine_learner()
-    with pytest.raises(CheckpointError, match=r"callback state\['Keep'\]\['best'\] is .*numpy.float64.*float\(x\)"):
-        learner.fit(sine, iterations=4, meta_batch_size=2, callbacks=[Keep()], checkpoint_dir=tmp_path,
+    with pytest.warns(UserWarning, match=r"callback state\['Odd'\]\['where'\] is .*Path.*leaves that callback's state out"):
+        learner.fit(sine, iterations=4, meta_batch_size=2, callbacks=[Keep(), Odd()], checkpoint_dir=tmp_path,
                     checkpoint_every=2, progress=False)
-    assert not (tmp_path / "last.pt").exists()
+    assert learner.iteration == 4
+    state = safe_load(tmp_path / "last.pt")["training"]["callbacks"]
+    assert type(state["Keep"]["best"]) is float and state["Keep"]["steps"] == [3] and "Odd" not in state
+    assert MetaLearner.load(tmp_path / "last.pt", device="cpu").iteration == 4
 
 
 def test_a_loaded_learner_keeps_its_meta_training_time(sine, tmp_path):
