@@ -719,7 +719,7 @@ def _is_text(tp: Any) -> bool:
 #: Sections whose ``name`` picks a registry entry: an override switching the name starts the
 #: section afresh (as ``extends`` does, see :func:`_merge`), since the old entry's settings
 #: rarely fit the new one.
-REGISTRY_SECTIONS = ("model", "algorithm", "distill", "strategy", "base")
+REGISTRY_SECTIONS = ("model", "algorithm", "distill", "strategy", "base", "scheduler")
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

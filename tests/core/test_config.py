@@ -121,6 +121,10 @@ def test_switching_a_registry_entry_by_override_starts_the_section_afresh():
     assert data == {"model": {"name": "resnet12"}, "algorithm": {"name": "anil", "steps": 3}}
     multi = load_config(CONFIG_DIR / "multi" / "omniglot_miniimagenet.yaml", ["algorithm.base.name=protonet"])
     assert multi.algorithm["base"] == {"name": "protonet"}  # not ANIL's head_init, steps, lr, eval_steps
+    # the demo's scheduler is cosine over the budget: switching it to step dropped nothing, and step
+    # schedules refuse cosine-only settings such as over
+    demo = load_config(CONFIG_DIR / "omniglot_5w1s.yaml", ["train.scheduler.name=step", "train.scheduler.step_size=100"])
+    assert (demo.train.scheduler.name, demo.train.scheduler.over, demo.train.scheduler.step_size) == ("step", "iterations", 100)
 
 
 def test_text_settings_take_number_and_boolean_looking_overrides_as_typed():
