@@ -88,8 +88,9 @@ def registered(head: FeatureHead | None) -> FeatureHead | None:
 
 def check_no_steps(steps: int | None, heads: list[FeatureHead | None], option: str = "steps") -> None:
     """:class:`ConfigError` when inner ``steps`` are given and every one of ``heads`` (a call's, or an
-    ensemble's members') is a feature head, which takes none: they would be silently ignored."""
-    if steps is not None and heads and all(h is not None for h in heads):
+    ensemble's members') is a feature head, which takes none: they would be silently ignored
+    (``steps=0`` is what such a head takes, so it is accepted)."""
+    if steps is not None and steps != 0 and heads and all(h is not None for h in heads):
         flag = "--head algorithm" if option.startswith("--") else "head='algorithm'"
         raise ConfigError(
             f"{option}: feature head {head_name(heads[0])} takes no inner steps (it classifies the trunk's features; "

@@ -200,6 +200,7 @@ def test_steps_with_a_feature_head_are_refused_not_ignored(splits, trained):
         with pytest.raises(ConfigError, match="steps: feature head logreg takes no inner steps.*head='algorithm'"):
             who.evaluate(splits[1], 2, progress=False, head="logreg", steps=50)
         assert who.evaluate(splits[1], 2, progress=False, head="algorithm", steps=50).head == "algorithm"
+        assert who.evaluate(splits[1], 2, progress=False, head="logreg", steps=0).steps == 0  # what it takes
 
 
 
