@@ -110,4 +110,12 @@ class InferenceSettings:
     @classmethod
     def from_state(cls, state: dict[str, Any] | None) -> "InferenceSettings":
         state = state or {}
-        return cls.create(state.get("support_augment"), state.get("head"), state.get("feature_means"))
+        head = state.get("head")
+        try:
+            build_head(head)
+        except ConfigError as exc:  # e.g. a setting a newer version bounds: the weights still load
+            warnings.warn(f"the saved default head {head!r} is refused by this version ({exc}); the learner "
+                          "loads with the algorithm's own adaptation as its default (pass head= to choose one)",
+                          UserWarning, stacklevel=2)
+            head = None
+        return cls.create(state.get("support_augment"), head, state.get("feature_means"))

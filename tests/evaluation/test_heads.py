@@ -531,3 +531,14 @@ def test_feature_means_follow_the_trunk_through_fit_and_init_from(splits):
     with pytest.raises(InputError, match="compute_feature_mean"):
         lr.predict(ep.support_x, ep.support_y, ep.query_x)
     lr.init_from(learner())  # no means: nothing to say
+
+
+def test_a_saved_default_head_this_version_refuses_does_not_stop_the_learner_loading():
+    """C's minimum rose to 1e-5: a learner saved with head logreg C=1e-6 as its default failed to load
+    at all (weights included). It loads with the algorithm's adaptation as default, with a warning."""
+    from metamtl.inference import InferenceSettings
+
+    with pytest.warns(UserWarning, match=r"saved default head .*logreg.* refused by this version"):
+        settings = InferenceSettings.from_state({"head": {"name": "logreg", "C": 1e-6}})
+    assert settings.head is None
+    assert InferenceSettings.from_state({"head": {"name": "logreg", "C": 0.1}}).head.label == "logreg(C=0.1)"
