@@ -448,8 +448,8 @@ def _run(cfg: Config, resume: str | Path | None, progress: bool, callbacks: list
         best = "loss" if is_regression(cfg) else "accuracy"
         say(f"[metamtl] evaluating best.pt (best validation {best}, iteration {selected})")
     elif cfg.eval.checkpoint == "best" and any("val/loss" in r for r in learner.history):
-        say(f"[metamtl] warning: eval.checkpoint is 'best' but {run_dir} holds no best.pt of this run (resumed from "
-            f"another folder's checkpoint?): evaluating the last weights (iteration {learner.iteration})")
+        say(f"[metamtl] warning: eval.checkpoint is 'best' but {run_dir} holds no best.pt of this run (deleted, or "
+            f"no validation since the run came to this folder?): evaluating the last weights (iteration {learner.iteration})")
     if tasks["test"] is not None:
         prepare_heads(learner, cfg, tasks["train"], say)
     if main_process:

@@ -528,9 +528,10 @@ def test_a_run_folder_given_as_a_checkpoint_names_the_checkpoint_inside():
             safe_load(tmp)
 
 
-def test_best_checkpoint_asked_for_but_absent_from_a_resumed_run_folder_is_said(folder_config, capsys):
-    """A run resumed from another folder's checkpoint has no best.pt of its own: with
-    eval.checkpoint: best it says it evaluates the last weights instead of doing so silently."""
+def test_a_run_resumed_from_another_folders_checkpoint_evaluates_its_own_best(folder_config, capsys):
+    """A run resumed from another folder's checkpoint had no best.pt of its own (it compared with the
+    other folder's best) and said it evaluated the last weights; it now keeps its own best.pt and
+    evaluates it."""
     import yaml
 
     tmp_path, cfg = folder_config
@@ -546,7 +547,8 @@ def test_best_checkpoint_asked_for_but_absent_from_a_resumed_run_folder_is_said(
     second.write_text(yaml.safe_dump(cfg))
     assert main(["fit", str(second), "--no-progress", "--resume", str(tmp_path / "runs" / "sine" / "last.pt")]) == 0
     out = capsys.readouterr().out
-    assert "warning: eval.checkpoint is 'best' but" in out and "evaluating the last weights (iteration 6)" in out
+    assert "warning: eval.checkpoint is 'best' but" not in out
+    assert (tmp_path / "runs" / "elsewhere" / "best.pt").is_file()
 
 
 def test_a_user_trunk_that_cannot_run_on_the_data_is_an_input_error_naming_the_shape(env):
