@@ -466,19 +466,31 @@ def test_callbacks_reused_by_a_new_learner_start_afresh_and_a_continued_fit_keep
     assert second.fit_state.stopped_by == "early_stopping" and second.iteration == 8
 
 
-def test_a_run_resumed_into_another_folder_writes_its_own_best_checkpoint(sine, tmp_path):
-    """The checkpoint's best value was taken for the new folder's: a run resumed elsewhere that never
-    beat the old folder's best wrote no best.pt there (evaluation then fell back to the last weights)."""
-    a, b = tmp_path / "a", tmp_path / "b"
+def _resumed_past_its_best(sine, first_dir, resume_dir, copy=False):
+    """A run trained into ``first_dir`` until its best validation (iteration 3), resumed into
+    ``resume_dir`` (a copy of ``first_dir`` when ``copy``) for 4 worse iterations."""
+    import shutil
+
     fit = dict(meta_batch_size=2, val_every=1, val_episodes=2, progress=False, checkpoint_every=1)
     first = sine_learner()
     for g in first.meta_optimizer.param_groups:
         g["lr"] = 0.3  # too high: after its best at iteration 3 the run gets worse
-    first.fit(sine, sine, iterations=3, checkpoint_dir=a, **fit)
+    first.fit(sine, sine, iterations=3, checkpoint_dir=first_dir, **fit)
+    if copy:
+        shutil.copytree(first_dir, resume_dir)
+    before = (resume_dir / "best.pt").read_bytes() if copy else None
     resumed = sine_learner()
-    resumed.fit(sine, sine, iterations=7, checkpoint_dir=b, resume=a / "last.pt", **fit)
+    resumed.fit(sine, sine, iterations=7, checkpoint_dir=resume_dir, resume=first_dir / "last.pt", **fit)
     losses = [r["val/loss"] for r in resumed.history if "val/loss" in r]
-    assert min(losses[3:]) > min(losses[:3])  # what made the bug show
+    assert min(losses[3:]) > min(losses[:3])  # nothing after the resume beat the first best
+    return before
+
+
+def test_a_run_resumed_into_another_folder_writes_its_own_best_checkpoint(sine, tmp_path):
+    """The checkpoint's best value was taken for the new folder's: a run resumed elsewhere that never
+    beat the old folder's best wrote no best.pt there (evaluation then fell back to the last weights)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    _resumed_past_its_best(sine, a, b)
     assert (b / "best.pt").is_file() and (a / "best.pt").is_file()
 
 
@@ -499,18 +511,6 @@ def test_a_stop_requested_in_on_fit_start_trains_no_iteration(sine):
 def test_a_run_folder_moved_with_its_best_checkpoint_keeps_its_best(sine, tmp_path):
     """A run folder copied elsewhere with its best.pt, then resumed there: the copied best.pt is this
     run's best, so later worse validations must not overwrite it."""
-    import shutil
-
     a, b = tmp_path / "a", tmp_path / "b"
-    fit = dict(meta_batch_size=2, val_every=1, val_episodes=2, progress=False, checkpoint_every=1)
-    first = sine_learner()
-    for g in first.meta_optimizer.param_groups:
-        g["lr"] = 0.3  # too high: after its best at iteration 3 the run gets worse
-    first.fit(sine, sine, iterations=3, checkpoint_dir=a, **fit)
-    shutil.copytree(a, b)
-    before = (b / "best.pt").read_bytes()
-    resumed = sine_learner()
-    resumed.fit(sine, sine, iterations=7, checkpoint_dir=b, resume=b / "last.pt", **fit)
-    losses = [r["val/loss"] for r in resumed.history if "val/loss" in r]
-    assert min(losses[3:]) > min(losses[:3])  # nothing after the move beat the copied best
+    before = _resumed_past_its_best(sine, a, b, copy=True)
     assert (b / "best.pt").read_bytes() == before
