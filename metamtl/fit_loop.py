@@ -94,6 +94,21 @@ def fit_settings(train_tasks: Any, val_tasks: Any, meta_batch_size: int, val_eve
     return settings
 
 
+def check_optimizer_covers(learner: "MetaLearner") -> None:
+    """:class:`ConfigError` when a trainable weight is missing from the meta-optimizer: unfrozen
+    (``requires_grad_(True)``) or put in (a replaced module) after the learner was built, it would get
+    meta-gradients but never be updated."""
+    known = {id(p) for group in learner.meta_optimizer.param_groups for p in group["params"]}
+    missing = [f"{prefix}{name}" for prefix, module in (("model.", learner.model), ("algorithm.", learner.algorithm))
+               for name, p in module.named_parameters() if p.requires_grad and id(p) not in known]
+    if missing:
+        raise ConfigError(
+            f"trainable weights the meta-optimizer does not know: {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
+            "they were unfrozen or replaced after the MetaLearner was built, so fit would never update them. "
+            "Freeze or unfreeze weights and replace modules before building the MetaLearner (build a new one "
+            "to train them: MetaLearner(learner.model, ...))")
+
+
 def start_run(learner: "MetaLearner", settings: dict[str, Any], resume: str | Path | None = None,
               iterations: int | None = None) -> None:
     """Before the first iteration of a fit: continue from the checkpoint ``resume`` (or continue
@@ -102,6 +117,7 @@ def start_run(learner: "MetaLearner", settings: dict[str, Any], resume: str | Pa
     if not learner.meta_parameters():  # frozen after the learner was built
         raise ConfigError(NOTHING_TO_META_LEARN)
     learner.algorithm.check_trainable()
+    check_optimizer_covers(learner)
     learner.run.stop, learner.run.resumed = None, False  # a continued fit trains on: only a checkpoint's stop counts
     if resume is not None:
         run_state.resume(resume, config=learner.config(), settings=settings, optimizer=learner.meta_optimizer,

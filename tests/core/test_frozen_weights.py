@@ -173,3 +173,22 @@ def test_per_step_batchnorm_of_frozen_layers_is_not_meta_learned_and_still_round
     loaded = MetaLearner.load(learner.save(tmp_path / "m.pt"), device="cpu", model=again)
     assert [p.requires_grad for p in loaded.algorithm.norms.weight] == [False, True]
     torch.testing.assert_close(loaded.predict(x, y, x), learner.predict(x, y, x), rtol=0, atol=0)
+
+
+def test_weights_unfrozen_or_replaced_after_the_learner_is_built_are_refused_not_silently_kept():
+    """The meta-optimizer is built with the learner: a weight unfrozen or a module replaced later
+    would get meta-gradients and never be updated; fit says so instead."""
+    from metamtl.errors import ConfigError
+
+    learner = MetaLearner(frozen_model(), build_algorithm("maml", steps=1, lr=0.1), device="cpu")
+    learner.model.trunk.l1.requires_grad_(True)
+    with pytest.raises(ConfigError, match=r"meta-optimizer does not know: \['model.trunk.l1.weight'"):
+        learner.fit(tasks(), iterations=1, meta_batch_size=1, progress=False)
+    learner.model.trunk.l1.requires_grad_(False)
+    learner.model.head = nn.Linear(6, 3).double()
+    with pytest.raises(ConfigError, match=r"'model.head.weight'.*replaced after the MetaLearner was built"):
+        learner.fit(tasks(), iterations=1, meta_batch_size=1, progress=False)
+    assert learner.iteration == 0
+    fresh = MetaLearner(learner.model, build_algorithm("maml", steps=1, lr=0.1), device="cpu")
+    fresh.fit(tasks(), iterations=1, meta_batch_size=1, progress=False)
+    assert fresh.iteration == 1
