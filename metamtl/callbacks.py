@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import math
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
@@ -156,9 +157,9 @@ class Callback:
     resets_by_loading = False
 
     def reset(self) -> None:
-        """Forget the state of an earlier run: called before a learner's first ``fit`` (nothing
-        resumed or carried for this callback), so one callback object reused by several learners
-        (a sweep) starts each afresh.  Default: ``load_state_dict({})`` with :attr:`resets_by_loading`,
+        """Forget the state of an earlier run: called before a learner's first ``fit``, or a ``fit``
+        of another learner than the one this callback last ran with (nothing resumed or carried for
+        this callback), so one callback object reused by several learners (a sweep) starts each afresh.  Default: ``load_state_dict({})`` with :attr:`resets_by_loading`,
         else nothing (override it for a callback of your own whose state must not outlive a run)."""
         if self.resets_by_loading:
             self.load_state_dict({})
@@ -201,15 +202,19 @@ class CallbackList(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {cb.key: cb.state_dict() for cb in self.callbacks if cb.state_dict()}
 
-    def load_state_dict(self, state: Mapping[str, Any], fresh: bool = False) -> None:
-        """Hand each callback its entry of ``state``; with ``fresh`` (a learner's first fit) one
-        without an entry is :meth:`~Callback.reset`."""
+    def load_state_dict(self, state: Mapping[str, Any], fresh: bool = False, learner: Any = None) -> None:
+        """Hand each callback its entry of ``state``; one without an entry is :meth:`~Callback.reset`
+        with ``fresh`` (a learner's first fit) or when it last ran with another ``learner`` than this
+        one (a callback object reused for a loaded or already trained learner)."""
         for cb in self.callbacks:
             key = cb.saved_key(state)
+            last = cb.__dict__.get("_last_learner")
             if key is not None:
                 cb.load_state_dict(state[key])
-            elif fresh:
+            elif fresh or (learner is not None and last is not None and last() is not learner):
                 cb.reset()
+            if learner is not None:
+                cb.__dict__["_last_learner"] = weakref.ref(learner)
 
     def continued_state(self) -> dict[str, Any]:
         """The states the learner's next ``fit`` call starts from (:attr:`Callback.continues_run`)."""

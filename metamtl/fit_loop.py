@@ -367,8 +367,10 @@ class FitLoop:
                  val_tasks: TaskSource | None = None, val_episodes: int = 100, num_workers: int = 0) -> None:
         self.learner, self.state, self.callbacks = learner, state, state.callbacks
         carried = learner.run.callbacks  # what a resumed checkpoint (or the previous fit) saved
-        # a learner's first fit starts the callbacks it carries nothing for afresh (objects reused across learners)
-        state.callbacks.load_state_dict(carried, fresh=learner.iteration == 0 and not learner.run.resumed)
+        # a learner's first fit, or one with callbacks last used by another learner, starts the callbacks it carries
+        # nothing for afresh (objects reused across learners)
+        state.callbacks.load_state_dict(carried, fresh=learner.iteration == 0 and not learner.run.resumed,
+                                        learner=learner)
         taken = {cb.saved_key(carried) for cb in state.callbacks.callbacks}
         learner.run.callbacks = {k: v for k, v in carried.items() if k not in taken}  # for a later fit with them
         self.train_tasks, self.val_tasks, self.val_episodes = train_tasks, val_tasks, val_episodes

@@ -466,6 +466,27 @@ def test_callbacks_reused_by_a_new_learner_start_afresh_and_a_continued_fit_keep
     assert second.fit_state.stopped_by == "early_stopping" and second.iteration == 8
 
 
+def test_callbacks_reused_by_a_learner_past_its_first_fit_start_afresh_too(sine):
+    """Reused for a learner already trained (or loaded), a callback used to keep the state of the
+    learner it ran with before: the scheduler's base rate (the other learner's meta_lr) and the
+    early-stopping best (stopping the new run at its second validation)."""
+    from metamtl.callbacks import EarlyStopping, LRScheduler
+
+    scheduler, stopper = LRScheduler("step", step_size=1000), EarlyStopping(patience=2)
+    fit = dict(meta_batch_size=2, val_every=1, val_episodes=2, callbacks=[scheduler, stopper], progress=False)
+    first = sine_learner()
+    for g in first.meta_optimizer.param_groups:
+        g["lr"] = g["initial_lr"] = 1e-3
+    first.fit(sine, sine, iterations=3, **fit)
+    stopper.best, stopper.wait = -1e9, 1  # as if the first run had a validation nothing beats
+    second = sine_learner()
+    second.fit(sine, iterations=1, meta_batch_size=2, progress=False)
+    second.fit(sine, sine, iterations=3, **fit)
+    rates = [r["train/lr"] for r in second.history if "train/lr" in r]
+    assert rates[-1] == pytest.approx(1e-2)  # its own meta_lr
+    assert second.iteration == 4 and second.fit_state.stopped_by == "iterations"
+
+
 def _resumed_past_its_best(sine, first_dir, resume_dir, copy=False):
     """A run trained into ``first_dir`` until its best validation (iteration 3), resumed into
     ``resume_dir`` (a copy of ``first_dir`` when ``copy``) for 4 worse iterations."""
