@@ -25,7 +25,7 @@ from .tasks.episode import Episode, regression_targets
 from .tasks.sampler import TaskSource, episode_generator
 
 TASK_TYPES = ("classification", "regression")
-#: models with a user's trunk whose output is not checked yet (:func:`check_trunk_features`), and
+#: models with a user's trunk or head whose output is not checked yet (:func:`check_trunk_features`), and
 #: whether per-task heads or prototypes are built on it (then features must be ``[batch, features]``)
 _UNCHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -202,6 +202,8 @@ def check_trunk_features(model: TrunkHead, x: torch.Tensor) -> None:
     out = _first_output(trunk, x[:1])
     name = type(trunk).__name__
     shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if not _UNCHECKED[model]:
+        check_model_output(model, x)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         if not _UNCHECKED[model]:
             del _UNCHECKED[model]  # the model's own head takes the trunk's output, whatever its shape
@@ -222,6 +224,22 @@ def check_trunk_features(model: TrunkHead, x: torch.Tensor) -> None:
             + ("" if said.startswith("trunk") else f" and build the head with in_features={out.shape[1]}")
         )
     del _UNCHECKED[model]
+
+
+def check_model_output(model: TrunkHead, x: torch.Tensor) -> None:
+    """:class:`InputError` unless the model (its own head on a user's trunk, or a user's head) gives
+    ``[batch, out_features]`` for one example of ``x``: the loss would broadcast other shapes against the
+    targets (every prediction against every target) and train on a wrong value silently."""
+    try:
+        out = _eval_run(model, x[:1])
+    except (RuntimeError, ValueError) as exc:
+        raise InputError(f"the model could not run on inputs of shape {list(x[:1].shape)}: {exc}") from exc
+    shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if shape != [1, model.out_features]:
+        raise InputError(
+            f"the model gives outputs of shape {shape} for one example; it must give [batch, out_features] = "
+            f"[1, {model.out_features}] (one row of {model.out_features} outputs per example): make the trunk "
+            "give [batch, features] (e.g. end it with nn.Flatten()) and the head [batch, out_features]")
 
 
 @contextlib.contextmanager
@@ -362,8 +380,8 @@ def check_learner_parts(model: Any, algorithm: Any, task: str) -> tuple[TrunkHea
     per_task_heads = model.head is None or algorithm.inner.head_init != "learned"
     if per_task_heads:
         model.num_features  # a per-task head is built on the trunk's features: their number must be known
-    if not type(model.trunk).__module__.startswith("metamtl."):
-        _UNCHECKED[model] = per_task_heads  # a user's trunk: check its features on the first input
+    if not all(type(m).__module__.startswith("metamtl.") for m in (model.trunk, model.head) if m is not None):
+        _UNCHECKED[model] = per_task_heads  # a user's trunk or head: check its output on the first input
     return model, algorithm
 
 
