@@ -66,6 +66,16 @@ def build_meta_optimizer(name: str, params: list[torch.nn.Parameter], lr: float,
         raise ConfigError(f"bad meta_optimizer_kwargs for {name!r}: {setting_error_text(exc)}") from None
 
 
+def set_meta_lr(learner: "MetaLearner", value: Any) -> None:
+    """``learner.meta_lr = value``: checked (:class:`ConfigError` unless a number > 0) and applied to every
+    group of the meta-optimizer (its rate and ``initial_lr``, what schedules start from), so the learner trains
+    at the rate its config and checkpoints say."""
+    learner._meta_lr = lr = check_positive("meta_lr", value)
+    optimizer = getattr(learner, "meta_optimizer", None)  # None while the learner is built
+    for group in optimizer.param_groups if optimizer is not None else ():
+        group["lr"] = group["initial_lr"] = lr
+
+
 def check_fit_arguments(train_tasks: Any, val_tasks: Any, budget_minutes: float | None,
                         **counts: tuple[Any, int]) -> None:
     """:class:`ConfigError` for a bad argument of ``fit``: ``counts`` maps names to ``(value, minimum)``."""

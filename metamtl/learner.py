@@ -28,7 +28,7 @@ from .data.base import Preprocessing
 from .evaluation import (EvalResult, episode_reader, evaluate_episodes, feature_means, hierarchy_of, mean_ci95,
                          means_follow_trunk, scorer)
 from .fit_loop import (INTERRUPT_CHECKPOINT, META_OPTIMIZERS, FitLoop, build_meta_optimizer, check_fit_arguments,
-                       fit_settings, start_run)
+                       fit_settings, set_meta_lr, start_run)
 from .heads import head_name
 from .inference import InferenceSettings
 from .inputs import check_int, check_steps
@@ -91,15 +91,14 @@ class MetaLearner:
         self.model = self.placement.module(model)
         self.algorithm = algorithm.to(self.device)
         self.preprocessing, self.task = preprocessing, task
-        self.meta_optimizer_name, self.meta_lr = meta_optimizer, check_positive("meta_lr", meta_lr)
-        self.meta_optimizer_kwargs = dict(meta_optimizer_kwargs or {})
+        self.meta_optimizer_name, self.meta_optimizer_kwargs = meta_optimizer, dict(meta_optimizer_kwargs or {})
+        self.meta_lr = meta_lr  # checked by the setter
         self.grad_clip = None if grad_clip is None else check_positive("grad_clip", grad_clip)
         self.callbacks = check_callbacks(callbacks, "MetaLearner(callbacks=...)")
         self.max_bad_steps = check_int("max_bad_steps", max_bad_steps, 1)
         self.task_defaults, self.metadata = dict(task_defaults or {}), dict(metadata or {})
         self.inference = InferenceSettings.create(support_augment, head, task=task)
-        self.meta_optimizer = build_meta_optimizer(meta_optimizer, self.meta_parameters(), self.meta_lr,
-                                                   self.meta_optimizer_kwargs)
+        self.meta_optimizer = build_meta_optimizer(meta_optimizer, self.meta_parameters(), self.meta_lr, self.meta_optimizer_kwargs)
         self.run = run_state.RunState()
         self.strategy = distributed.ProcessStrategy()  # fit switches to the process group under torchrun
         self.fit_state: FitState | None = None  # the last (or running) fit's state
@@ -116,6 +115,7 @@ class MetaLearner:
     world_size = property(lambda self: self.strategy.world_size, doc="Processes training together.")
     is_main_process = property(lambda self: self.strategy.is_main_process, doc="Rank 0: prints and saves.")
 
+    meta_lr = property(lambda self: self._meta_lr, set_meta_lr, doc="The meta-optimizer's rate (set: every group's, checked).")
     iteration = property(lambda self: self.run.iteration, doc="Completed meta-iterations.")
     history = property(lambda self: self.run.history, doc="One row per logged iteration / validation (saved).")
     support_augment = property(lambda self: self.inference.support_augment, doc="Default support augmentation.")

@@ -535,3 +535,22 @@ def test_a_run_folder_moved_with_its_best_checkpoint_keeps_its_best(sine, tmp_pa
     a, b = tmp_path / "a", tmp_path / "b"
     before = _resumed_past_its_best(sine, a, b, copy=True)
     assert (b / "best.pt").read_bytes() == before
+
+
+def test_setting_meta_lr_between_fits_changes_the_rate_trained_at_and_is_checked(sine):
+    """learner.meta_lr was a plain attribute: set between fits it changed config() and checkpoints
+    but the meta-optimizer kept training at the old rate."""
+    from metamtl.callbacks import LRScheduler
+    from metamtl.errors import ConfigError
+
+    learner = sine_learner()
+    learner.fit(sine, iterations=1, meta_batch_size=2, progress=False)
+    learner.meta_lr = 0.5
+    learner.fit(sine, iterations=1, meta_batch_size=2, progress=False)
+    assert learner.history[-1]["train/lr"] == 0.5 == learner.config()["learner"]["meta_lr"]
+    learner.fit(sine, iterations=1, meta_batch_size=2, progress=False, callbacks=[LRScheduler("step", step_size=100)])
+    assert learner.history[-1]["train/lr"] == 0.5  # a new schedule starts from it
+    for bad in (0, -1.0, "fast", float("nan")):
+        with pytest.raises(ConfigError, match="meta_lr"):
+            learner.meta_lr = bad
+    assert learner.meta_lr == 0.5 and learner.meta_optimizer.param_groups[0]["lr"] == 0.5
