@@ -77,15 +77,15 @@ def set_meta_lr(learner: "MetaLearner", value: Any) -> None:
 
 
 def check_fit_arguments(train_tasks: Any, val_tasks: Any, budget_minutes: float | None,
-                        **counts: tuple[Any, int]) -> None:
-    """:class:`ConfigError` for a bad argument of ``fit``: ``counts`` maps names to ``(value, minimum)``."""
+                        **counts: tuple[Any, int]) -> float | None:
+    """:class:`ConfigError` for a bad argument of ``fit``: ``counts`` maps names to ``(value, minimum)``;
+    returns ``budget_minutes`` as a float (``None``: no budget)."""
     for name, (value, low) in counts.items():
         check_int(name, value, low)
     check_task_source("train_tasks", train_tasks)
     if val_tasks is not None:
         check_task_source("val_tasks", val_tasks)
-    if budget_minutes is not None:
-        check_positive("budget_minutes", budget_minutes)
+    return None if budget_minutes is None else check_positive("budget_minutes", budget_minutes)
 
 
 def fit_settings(train_tasks: Any, val_tasks: Any, meta_batch_size: int, val_every: int | None, val_episodes: int,

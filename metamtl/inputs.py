@@ -9,7 +9,7 @@ import contextlib
 import copy
 import dataclasses
 import weakref
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -383,6 +383,15 @@ def check_learner_parts(model: Any, algorithm: Any, task: str) -> tuple[TrunkHea
     if not all(type(m).__module__.startswith("metamtl.") for m in (model.trunk, model.head) if m is not None):
         _UNCHECKED[model] = per_task_heads  # a user's trunk or head: check its output on the first input
     return model, algorithm
+
+
+def check_mapping(name: str, value: Any) -> dict[str, Any]:
+    """``value`` (``None``: empty) as a new dict; :class:`ConfigError` unless it is a mapping."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{name} must be a dict (names to values), got {type(value).__name__} {value!r:.60}")
+    return dict(value)
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:

@@ -31,7 +31,7 @@ from .fit_loop import (INTERRUPT_CHECKPOINT, META_OPTIMIZERS, FitLoop, build_met
                        fit_settings, set_meta_lr, start_run)
 from .heads import head_name
 from .inference import InferenceSettings
-from .inputs import check_int, check_steps
+from .inputs import check_int, check_mapping, check_steps
 from .models.backbones import TrunkHead
 from .numerics import check_weights_before
 from .placement import PRECISIONS, LayoutProbe, Placement, resolve_device
@@ -96,7 +96,7 @@ class MetaLearner:
         self.grad_clip = None if grad_clip is None else check_positive("grad_clip", grad_clip)
         self.callbacks = check_callbacks(callbacks, "MetaLearner(callbacks=...)")
         self.max_bad_steps = check_int("max_bad_steps", max_bad_steps, 1)
-        self.task_defaults, self.metadata = dict(task_defaults or {}), dict(metadata or {})
+        self.task_defaults, self.metadata = check_mapping("task_defaults", task_defaults), check_mapping("metadata", metadata)
         self.inference = InferenceSettings.create(support_augment, head, task=task)
         self.meta_optimizer = build_meta_optimizer(meta_optimizer, self.meta_parameters(), self.meta_lr, self.meta_optimizer_kwargs)
         self.run = run_state.RunState()
@@ -179,7 +179,7 @@ class MetaLearner:
 
         Returns ``self.history``. :attr:`feature_means`, if any, are recomputed from ``train_tasks`` for the new trunk.
         """
-        check_fit_arguments(train_tasks, val_tasks, budget_minutes, iterations=(iterations, 0),
+        budget_minutes = check_fit_arguments(train_tasks, val_tasks, budget_minutes, iterations=(iterations, 0),
                             meta_batch_size=(meta_batch_size, 1), val_episodes=(val_episodes, 1),
                             checkpoint_every=(checkpoint_every, 0), num_workers=(num_workers, 0),
                             val_every=(1 if val_every is None else val_every, 1))

@@ -554,3 +554,10 @@ def test_setting_meta_lr_between_fits_changes_the_rate_trained_at_and_is_checked
         with pytest.raises(ConfigError, match="meta_lr"):
             learner.meta_lr = bad
     assert learner.meta_lr == 0.5 and learner.meta_optimizer.param_groups[0]["lr"] == 0.5
+
+
+def test_a_budget_given_as_a_numeric_string_is_taken_as_its_number(sine):
+    """budget_minutes="0.002" passed fit's check and then failed with a bare TypeError."""
+    learner = sine_learner()
+    learner.fit(sine, iterations=10**6, meta_batch_size=2, budget_minutes="0.002", progress=False)
+    assert learner.fit_state.budget_minutes == 0.002 and learner.fit_state.stopped_by == "budget"

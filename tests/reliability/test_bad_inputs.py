@@ -225,6 +225,10 @@ LEARNER = [
     ("model-head-half", lambda e: MetaLearner(part_cast("head", torch.float16), device="cpu"), ConfigError, r"the model's weights are float16 \(head.weight\): .* call model.float\(\)"),
     ("model-head-bf16", lambda e: MetaLearner(part_cast("head", torch.bfloat16), device="cpu"), ConfigError, r"the model's weights are bfloat16 \(head.weight\)"),
     ("model-weights-float32-and-float64", lambda e: MetaLearner(part_cast("trunk", torch.float64), device="cpu"), ConfigError, r"the model's weights mix float64 \(trunk.blocks.0.0.weight\) and float32 \(head.weight\): .* call model.float\(\) or model.double\(\)"),
+    ("learner-device-meta", lambda e: MetaLearner(build_model("mlp", hidden=[8], out_features=1), task="regression", device="meta"), ConfigError, r"device 'meta' is not supported: metamtl trains on 'cpu' or 'cuda'"),
+    ("learner-device-mps", lambda e: MetaLearner(build_model("mlp", hidden=[8], out_features=1), task="regression", device="mps"), ConfigError, r"device 'mps' is not supported"),
+    ("learner-task-defaults-list", lambda e: MetaLearner(build_model("mlp", hidden=[8], out_features=1), task="regression", device="cpu", task_defaults=[5]), ConfigError, r"task_defaults must be a dict \(names to values\), got list \[5\]"),
+    ("learner-metadata-str", lambda e: MetaLearner(build_model("mlp", hidden=[8], out_features=1), task="regression", device="cpu", metadata="run1"), ConfigError, r"metadata must be a dict \(names to values\), got str 'run1'"),
     ("learner-needs-trunk-head", lambda e: MetaLearner(torch.nn.Linear(2, 2)), ConfigError, r"needs a metamtl.models.TrunkHead"),
 ]
 
