@@ -410,6 +410,8 @@ class FitLoop:
             cbs.on_fit_end(state)
             late = signals.signum  # during the final validation or on_fit_end: fit still ends interrupted
         except BaseException as exc:
+            if isinstance(exc, FitInterrupted):  # also a second signal's, raised at once by the handler
+                state.stopped_by = signal_name(exc.signum)
             cbs.on_exception(state, exc)
             raise
         finally:

@@ -119,6 +119,24 @@ def test_a_signal_saves_a_resumable_checkpoint_where_the_state_says(sine, tmp_pa
     assert learner.fit_state.stopped_by == "SIGTERM" and (tmp_path / "here.pt").is_file()
 
 
+def test_a_second_signal_aborts_at_once_and_the_state_names_it(sine):
+    """Two signals in a row aborted fit with FitInterrupted but left fit_state.stopped_by None."""
+    import os
+    import signal
+
+    class Twice(Callback):
+        def on_iteration_end(self, state, metrics):
+            if state.iteration == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+
+    learner = sine_learner()
+    with pytest.raises(FitInterrupted) as info:
+        run_loop(learner, sine, 5, callbacks=[Twice()])
+    assert info.value.checkpoint is None and info.value.iteration == 2
+    assert learner.fit_state.stopped_by == "SIGINT"
+
+
 def test_meta_step_applies_clipped_gradients_and_skips_non_finite_ones(sine):
     learner = sine_learner(grad_clip=1e-3, max_bad_steps=2)
     batch = learner.placement.batch(TaskBatch([sine.episode(i) for i in range(2)]))
