@@ -76,16 +76,38 @@ def set_meta_lr(learner: "MetaLearner", value: Any) -> None:
         group["lr"] = group["initial_lr"] = lr
 
 
-def check_fit_arguments(train_tasks: Any, val_tasks: Any, budget_minutes: float | None,
+#: ``fit``'s defaults of the settings that only act with validation tasks / a checkpoint folder
+VAL_EPISODES, CHECKPOINT_EVERY = 100, 100
+
+
+def check_fit_arguments(train_tasks: Any, val_tasks: Any, budget_minutes: float | None, checkpoint_dir: Any = None,
                         **counts: tuple[Any, int]) -> float | None:
-    """:class:`ConfigError` for a bad argument of ``fit``: ``counts`` maps names to ``(value, minimum)``;
-    returns ``budget_minutes`` as a float (``None``: no budget)."""
+    """:class:`ConfigError` for a bad argument of ``fit``: ``counts`` maps names to ``(value, minimum)``
+    (``None``: not given); returns ``budget_minutes`` as a float (``None``: no budget).  A ``UserWarning``
+    for validation settings without ``val_tasks`` and ``checkpoint_every`` without ``checkpoint_dir``,
+    which would do nothing (configs pass their defaults, so not an error)."""
     for name, (value, low) in counts.items():
-        check_int(name, value, low)
+        if value is not None:
+            check_int(name, value, low)
     check_task_source("train_tasks", train_tasks)
     if val_tasks is not None:
         check_task_source("val_tasks", val_tasks)
+    warn_unused_settings({name: value for name, (value, _) in counts.items()}, val_tasks, checkpoint_dir)
     return None if budget_minutes is None else check_positive("budget_minutes", budget_minutes)
+
+
+def warn_unused_settings(given: dict[str, Any], val_tasks: Any, checkpoint_dir: Any) -> None:
+    """``UserWarning`` for ``fit`` settings given away from their defaults that do nothing: validation
+    settings without ``val_tasks``, ``checkpoint_every`` without ``checkpoint_dir``."""
+    val = [f"{n}={given[n]}" for n, default in (("val_every", None), ("val_episodes", VAL_EPISODES))
+           if given.get(n, default) != default]
+    every = given.get("checkpoint_every", CHECKPOINT_EVERY)
+    unused = ([f"{', '.join(val)} without val_tasks (no validation runs)"] if val and val_tasks is None else []) + (
+        [f"checkpoint_every={every} without checkpoint_dir (no checkpoints are written)"]
+        if every != CHECKPOINT_EVERY and checkpoint_dir is None else [])
+    if unused:
+        warnings.warn(f"fit: {'; '.join(unused)}: pass val_tasks / checkpoint_dir, or drop the setting",
+                      UserWarning, stacklevel=4)
 
 
 def fit_settings(train_tasks: Any, val_tasks: Any, meta_batch_size: int, val_every: int | None, val_episodes: int,

@@ -27,8 +27,8 @@ from .checkpoint import atomic_save, safe_load
 from .data.base import Preprocessing
 from .evaluation import (EvalResult, episode_reader, evaluate_episodes, feature_means, hierarchy_of, mean_ci95,
                          means_follow_trunk, scorer)
-from .fit_loop import (INTERRUPT_CHECKPOINT, META_OPTIMIZERS, FitLoop, build_meta_optimizer, check_fit_arguments,
-                       fit_settings, set_meta_lr, start_run)
+from .fit_loop import (CHECKPOINT_EVERY, INTERRUPT_CHECKPOINT, META_OPTIMIZERS, VAL_EPISODES, FitLoop,
+                       build_meta_optimizer, check_fit_arguments, fit_settings, set_meta_lr, start_run)
 from .heads import head_name
 from .inference import InferenceSettings
 from .inputs import check_int, check_mapping, check_steps
@@ -147,9 +147,9 @@ class MetaLearner:
 
     # -- training -----------------------------------------------------------------------------
     def fit(self, train_tasks: TaskSource, val_tasks: TaskSource | None = None, iterations: int = 1000,
-            meta_batch_size: int = 32, *, val_every: int | None = None, val_episodes: int = 100,
+            meta_batch_size: int = 32, *, val_every: int | None = None, val_episodes: int = VAL_EPISODES,
             num_workers: int = 0, callbacks: Iterable[Callback] = (), checkpoint_dir: str | Path | None = None,
-            checkpoint_every: int = 100, resume: str | Path | None = None, budget_minutes: float | None = None,
+            checkpoint_every: int = CHECKPOINT_EVERY, resume: str | Path | None = None, budget_minutes: float | None = None,
             progress: bool = True) -> list[dict[str, float]]:
         """Meta-train for ``iterations`` more meta-batches of ``meta_batch_size`` tasks.
 
@@ -179,10 +179,9 @@ class MetaLearner:
 
         Returns ``self.history``. :attr:`feature_means`, if any, are recomputed from ``train_tasks`` for the new trunk.
         """
-        budget_minutes = check_fit_arguments(train_tasks, val_tasks, budget_minutes, iterations=(iterations, 0),
+        budget_minutes = check_fit_arguments(train_tasks, val_tasks, budget_minutes, checkpoint_dir, iterations=(iterations, 0),
                             meta_batch_size=(meta_batch_size, 1), val_episodes=(val_episodes, 1),
-                            checkpoint_every=(checkpoint_every, 0), num_workers=(num_workers, 0),
-                            val_every=(1 if val_every is None else val_every, 1))
+                            checkpoint_every=(checkpoint_every, 0), num_workers=(num_workers, 0), val_every=(val_every, 1))
         cbs = CallbackList(standard_callbacks(progress, checkpoint_dir, checkpoint_every, self.task) + self.callbacks + check_callbacks(callbacks))
         with means_follow_trunk(self, train_tasks):  # feature means of the trained trunk, recomputed
             start_run(self, fit_settings(train_tasks, val_tasks, meta_batch_size, val_every, val_episodes, cbs), resume, iterations)

@@ -579,3 +579,17 @@ def test_a_budget_given_as_a_numeric_string_is_taken_as_its_number(sine):
     learner = sine_learner()
     learner.fit(sine, iterations=10**6, meta_batch_size=2, budget_minutes="0.002", progress=False)
     assert learner.fit_state.budget_minutes == 0.002 and learner.fit_state.stopped_by == "budget"
+
+
+def test_validation_and_checkpoint_settings_that_would_do_nothing_are_warned_about(sine, recwarn):
+    """val_every / val_episodes without val_tasks and checkpoint_every without checkpoint_dir
+    were silently ignored; the defaults (what configs pass) stay quiet."""
+    learner = sine_learner()
+    with pytest.warns(UserWarning, match=r"val_every=1, val_episodes=5 without val_tasks \(no validation runs\); "
+                                         r"checkpoint_every=1 without checkpoint_dir"):
+        learner.fit(sine, iterations=1, meta_batch_size=2, val_every=1, val_episodes=5, checkpoint_every=1, progress=False)
+    recwarn.clear()
+    learner.fit(sine, iterations=1, meta_batch_size=2, progress=False)
+    learner.fit(sine, sine, iterations=1, meta_batch_size=2, val_every=1, val_episodes=2, progress=False)
+    assert not [w for w in recwarn if "does nothing" in str(w.message) or "without val_tasks" in str(w.message)]
+    assert learner.iteration == 3
