@@ -242,13 +242,17 @@ class Placement:
             tune_cpu_allocator()  # heap reuse instead of mmap/munmap per step (see metamtl.allocator)
         if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("precision 'bf16' needs a GPU with bfloat16 support; use precision 'fp32' or 'auto'")
+        dtype = model_dtype(model)
+        if precision == "bf16" and dtype == torch.float64:  # autocast leaves float64 ops alone: it would compute fp64
+            raise ConfigError("precision 'bf16' autocasts float32 weights; this model's are float64, which it would "
+                              "leave in float64: use precision 'fp32' (or 'auto'), or call model.float() for bf16")
         auto_precision = precision == "auto"
         if auto_precision:
-            precision = "bf16" if native_bf16(dev) else "fp32"
+            precision = "bf16" if native_bf16(dev) and dtype != torch.float64 else "fp32"
             log.info("precision auto: %s (%s)", precision, "the device computes bfloat16 natively" if precision == "bf16"
+                     else "float64 weights" if dtype == torch.float64
                      else "no native bfloat16 on this device: bf16 would be emulated")
         automatic = channels_last is None and auto_channels_last(model, dev)
-        dtype = model_dtype(model)
         return cls(dev, precision, automatic if channels_last is None else channels_last, automatic, auto_precision, dtype)
 
     @property

@@ -224,3 +224,17 @@ def test_load_into_a_torch_compiled_model_loads_into_the_module_inside_it(tmp_pa
     assert torch.equal(loaded.predict(x, y, x), learner.predict(x, y, x))
     with pytest.raises(ConfigError, match=r"model=...\) takes the TrunkHead .* got Linear"):
         MetaLearner.load(path, device="cpu", model=torch.nn.Linear(2, 2))
+
+
+def test_bf16_is_refused_for_a_float64_model_and_auto_resolves_to_fp32(monkeypatch):
+    """Autocast leaves float64 ops alone: precision 'bf16' (or 'auto' resolving to it) computed in
+    float64 while the learner reported bf16."""
+    import metamtl.placement as placement
+
+    model = build_model("mlp", in_features=1, hidden=[8], out_features=1).double()
+    with pytest.raises(ConfigError, match=r"precision 'bf16' .* are float64, .* use precision 'fp32'"):
+        Placement.create("cpu", "bf16", model=model)
+    monkeypatch.setattr(placement, "native_bf16", lambda device: True)
+    auto = Placement.create("cpu", "auto", model=model)
+    assert auto.precision == "fp32" and auto.precision_setting == "auto"
+    assert Placement.create("cpu", "auto", model=model.float()).precision == "bf16"
