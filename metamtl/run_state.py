@@ -203,6 +203,44 @@ def check_resumable(obj: dict[str, Any], path: str | Path, config: dict[str, Any
         raise CheckpointError(f"cannot resume from {path}: fit settings differ:\n  " + "\n  ".join(sdiff))
 
 
+def frozen_names(modules: tuple[nn.Module, nn.Module]) -> list[str]:
+    """The names (``model.``/``algorithm.`` prefixed) of the parameters with ``requires_grad=False``."""
+    return [f"{prefix}{n}" for prefix, module in zip(("model.", "algorithm."), modules)
+            for n, p in module.named_parameters() if not p.requires_grad]
+
+
+def apply_frozen(obj: dict[str, Any], prefix: str, module: nn.Module) -> None:
+    """Freeze the parameters of ``module`` (named with ``prefix``) a checkpoint saved frozen, and only
+    those (checkpoints older than the ``frozen`` entry leave every weight as it is)."""
+    frozen = obj.get("frozen")
+    if isinstance(frozen, list):
+        for n, p in module.named_parameters():
+            p.requires_grad_(f"{prefix}{n}" not in frozen)
+
+
+def check_trainable_set(obj: dict[str, Any], path: Any, modules: tuple[nn.Module, nn.Module],
+                        optimizer: torch.optim.Optimizer) -> None:
+    """:class:`CheckpointError` naming the difference when the checkpoint's meta-optimizer trained another set
+    of weights than this learner's (weights frozen or unfrozen with ``requires_grad_``)."""
+    frozen = obj.get("frozen")
+    if isinstance(frozen, list):
+        saved, have = set(frozen), set(frozen_names(modules))
+        if saved != have:
+            raise CheckpointError(
+                f"cannot resume from {path}: it trained other weights than this learner does; frozen there and "
+                f"trainable here: {sorted(saved - have)[:6]}, trainable there and frozen here: {sorted(have - saved)[:6]}. "
+                "Freeze the same weights (requires_grad_(False)) before building the MetaLearner; nothing was changed")
+        return
+    groups = obj["training"].get("meta_optimizer", {}).get("param_groups") if isinstance(obj["training"], dict) else None
+    if isinstance(groups, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        saved_n, have_n = sum(len(g["params"]) for g in groups), sum(len(g["params"]) for g in optimizer.param_groups)
+        if saved_n != have_n:
+            raise CheckpointError(
+                f"cannot resume from {path}: its meta-optimizer trained {saved_n} weight tensors, this learner's "
+                f"trains {have_n}: freeze the same weights (requires_grad_(False)) as the saved run before "
+                "building the MetaLearner; nothing was changed")
+
+
 def resume(path: str | Path, *, config: dict[str, Any], settings: dict[str, Any], modules: tuple[nn.Module, nn.Module],
            optimizer: torch.optim.Optimizer, run: RunState, iterations: int | None = None) -> None:
     """Continue from checkpoint ``path``: weights, optimizer, ``run`` and RNG states as saved.
@@ -220,6 +258,7 @@ def resume(path: str | Path, *, config: dict[str, Any], settings: dict[str, Any]
             f"{path} is at iteration {done}, past iterations={iterations}: on resume, iterations is the total of "
             f"the run the checkpoint belongs to, so give {done} or more (train.iterations in a config); nothing was changed"
         )
+    check_trainable_set(obj, path, modules, optimizer)
     check_dtype(obj, path, modules[0], "this learner's are {}: build the learner's model in the checkpoint's dtype "
                 "(model.double() for float64, model.float() for float32) to resume the run exactly")
     backup = _snapshot(modules, optimizer, run)
@@ -317,6 +356,7 @@ def learner_state(learner: "MetaLearner", training_state: bool = False) -> dict[
         "task_defaults": dict(learner.task_defaults), "metadata": dict(learner.metadata),
         "iteration": learner.iteration, "history": list(learner.history), "elapsed": float(learner.elapsed),
         "evaluation": learner.inference.state(),
+        "frozen": frozen_names((learner.model, learner.algorithm)),  # requires_grad=False: loaded as saved
         # an automatic layout as chosen (on a GPU, or forced in the config: None; a GPU's NCHW is no CPU choice)
         "channels_last": learner.placement.channels_last if learner.placement.automatic else None,
     }
@@ -387,9 +427,11 @@ def _rebuild(cls: type["MetaLearner"], obj: dict[str, Any], path: Any, cfg: dict
         check_dtype(obj, path, model, "the given model's are {}: convert it (model.double() or model.float()), "
                     "or leave model out to build it in the saved dtype")
     model.load_state_dict(obj["model_state"])
+    apply_frozen(obj, "model.", model)  # before setup: learned inner rates are made for trainable weights only
     algorithm = build_algorithm(**cfg["algorithm"])
     algorithm.setup(model)
     algorithm.load_state_dict(obj["algorithm_state"])
+    apply_frozen(obj, "algorithm.", algorithm)
     prep = obj.get("preprocessing")
     learner = cls(model, algorithm, preprocessing=Preprocessing.from_dict(prep) if prep else None,
                   device=device, task_defaults=obj.get("task_defaults"), metadata=obj.get("metadata"),

@@ -357,3 +357,30 @@ def test_resume_refuses_other_validation_tasks_or_none(sine, tmp_path):
     del obj["training"]["fit_state"]["settings"]["val_tasks"]  # an older checkpoint: not compared
     torch.save(obj, tmp_path / "old.pt")
     sine_learner().fit(sine, Sinusoid(shots=5, queries=5, seed=7), iterations=4, resume=tmp_path / "old.pt", **fit)
+
+
+def test_frozen_weights_stay_frozen_after_load_and_a_resume_names_a_different_trainable_set(sine, tmp_path):
+    """save/load lost which weights were frozen (the loaded learner meta-trained a frozen trunk), and
+    resuming into a learner that freezes other weights blamed a 'damaged checkpoint'."""
+    import torch
+
+    learner = sine_learner()
+    learner.model.trunk.requires_grad_(False)
+    learner = MetaLearner(learner.model, learner.algorithm, task="regression", device="cpu", meta_lr=1e-2)
+    learner.fit(sine, iterations=2, meta_batch_size=2, progress=False)
+    path = learner.save(tmp_path / "frozen.pt", training_state=True)
+    loaded = MetaLearner.load(path, device="cpu")
+    assert len(loaded.meta_parameters()) == len(learner.meta_parameters()) == 2
+    trunk = [p.detach().clone() for p in loaded.model.trunk.parameters()]
+    loaded.fit(sine, iterations=1, meta_batch_size=2, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(trunk, loaded.model.trunk.parameters()))
+    other = sine_learner()  # the same model, nothing frozen
+    with pytest.raises(CheckpointError, match=r"it trained other weights than this learner does; frozen there and "
+                                              r"trainable here: \['model.trunk.net.0.bias', 'model.trunk.net.0.weight'"):
+        other.fit(sine, iterations=4, meta_batch_size=2, progress=False, resume=path)
+    assert other.iteration == 0
+    obj = safe_load(path)
+    del obj["frozen"]  # a checkpoint written before the entry: the optimizer's count says it
+    torch.save(obj, tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match=r"its meta-optimizer trained 2 weight tensors, this learner's trains 4"):
+        other.fit(sine, iterations=4, meta_batch_size=2, progress=False, resume=tmp_path / "old.pt")
