@@ -155,7 +155,8 @@ class MetaLearner:
 
         Called again, ``fit`` trains ``iterations`` more (continuing the task stream, the
         meta-optimizer and the history where the last call stopped): ``fit(t, iterations=100)``
-        twice trains 200 iterations, like one ``fit(t, iterations=200)``.  With ``resume``,
+        twice trains 200 iterations, like one ``fit(t, iterations=200)`` (with the same ``meta_batch_size``:
+        another is a :class:`~metamtl.errors.ConfigError`, as it would repeat or skip episodes).  With ``resume``,
         ``iterations`` is the total of the run the checkpoint belongs to (what the interrupted
         call was asked for), so a resumed run ends where the uninterrupted one would.
 

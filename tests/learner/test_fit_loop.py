@@ -593,3 +593,28 @@ def test_validation_and_checkpoint_settings_that_would_do_nothing_are_warned_abo
     learner.fit(sine, sine, iterations=1, meta_batch_size=2, val_every=1, val_episodes=2, progress=False)
     assert not [w for w in recwarn if "does nothing" in str(w.message) or "without val_tasks" in str(w.message)]
     assert learner.iteration == 3
+
+
+def test_a_continued_fit_with_another_meta_batch_size_is_refused_instead_of_repeating_episodes():
+    """fit(mbs=4) then fit(mbs=2) trained on episodes 4-7 again (8-31 skipped with mbs=8)."""
+    from metamtl.errors import ConfigError
+
+    seen = []
+
+    class Spy:
+        def __init__(self, source):
+            self.source, self.ways, self.shots, self.queries, self.name = source, source.ways, source.shots, source.queries, "spy"
+
+        def episode(self, i):
+            seen.append(i)
+            return self.source.episode(i)
+
+    spy = Spy(Sinusoid(shots=5, queries=5, seed=0))
+    learner = sine_learner()
+    learner.fit(spy, iterations=2, meta_batch_size=4, progress=False)
+    for size in (2, 8):
+        with pytest.raises(ConfigError, match=rf"meta_batch_size={size} but this learner's previous fit used 4: .* "
+                                              r"Continue with meta_batch_size=4"):
+            learner.fit(spy, iterations=1, meta_batch_size=size, progress=False)
+    learner.fit(spy, iterations=1, meta_batch_size=4, progress=False)
+    assert seen == list(range(12)) and learner.iteration == 3
