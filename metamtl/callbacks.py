@@ -164,6 +164,10 @@ class Callback:
         if self.resets_by_loading:
             self.load_state_dict({})
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the (weak) reference to the learner it last ran with (:meth:`reset`)."""
+        return {k: v for k, v in self.__dict__.items() if k != "_last_learner"}
+
     def continued_state(self) -> dict[str, Any]:
         """What the learner's next ``fit`` call hands to :meth:`load_state_dict` (only with
         :attr:`continues_run`; default: :meth:`state_dict`)."""

@@ -503,6 +503,9 @@ def test_callbacks_reused_by_a_learner_past_its_first_fit_start_afresh_too(sine)
     rates = [r["train/lr"] for r in second.history if "train/lr" in r]
     assert rates[-1] == pytest.approx(1e-2)  # its own meta_lr
     assert second.iteration == 4 and second.fit_state.stopped_by == "iterations"
+    import pickle
+
+    assert pickle.loads(pickle.dumps(stopper)).patience == 2  # the learner it ran with is not pickled
 
 
 def _resumed_past_its_best(sine, first_dir, resume_dir, copy=False):
