@@ -141,12 +141,12 @@ def check_optimizer_covers(learner: "MetaLearner") -> None:
             "to train them: MetaLearner(learner.model, ...))")
 
 
-def check_continued_batches(learner: "MetaLearner", settings: dict[str, Any], resume: Any) -> None:
-    """:class:`ConfigError` for a continued fit (not a resume) with another meta-batch size than the fit before:
-    the task stream continues at meta-batch ``iteration`` (episodes ``iteration * meta_batch_size`` on),
-    so another size would repeat or skip episodes."""
-    before = learner.run.settings.get("meta_batch_size")
-    if resume is None and learner.iteration > 0 and before is not None and before != settings["meta_batch_size"]:
+def check_continued_batches(learner: "MetaLearner", settings: dict[str, Any], resume: Any, iterations: int | None) -> None:
+    """:class:`ConfigError` for a continued fit (not a resume) training ``iterations`` (``None``: unknown) with
+    another meta-batch size than the latest iteration trained: the task stream continues at meta-batch
+    ``iteration`` (episodes ``iteration * meta_batch_size`` on), so another size would repeat or skip episodes."""
+    before = learner.run.meta_batch_size
+    if resume is None and iterations != 0 and before is not None and before != settings["meta_batch_size"]:
         raise ConfigError(
             f"meta_batch_size={settings['meta_batch_size']} but this learner's previous fit used {before}: a continued "
             f"fit goes on with the next meta-batch of the task stream, and another size would repeat or skip episodes. "
@@ -162,7 +162,7 @@ def start_run(learner: "MetaLearner", settings: dict[str, Any], resume: str | Pa
         raise ConfigError(NOTHING_TO_META_LEARN)
     learner.algorithm.check_trainable()
     check_optimizer_covers(learner)
-    check_continued_batches(learner, settings, resume)
+    check_continued_batches(learner, settings, resume, iterations)
     learner.run.stop, learner.run.resumed = None, False  # a continued fit trains on: only a checkpoint's stop counts
     if resume is not None:
         run_state.resume(resume, config=learner.config(), settings=settings, optimizer=learner.meta_optimizer,
@@ -475,7 +475,7 @@ class FitLoop:
         batch = ln.placement.batch(batch, non_blocking=True)
         cbs.on_iteration_start(state)
         metrics = self.step(batch)
-        ln.run.iteration += 1
+        ln.run.iteration, ln.run.meta_batch_size = ln.run.iteration + 1, state.meta_batch_size
         self._agree_clock()
         cbs.on_iteration_end(state, metrics)
         if self._validation_due():

@@ -54,6 +54,8 @@ class RunState:
             stopping), ``{"by": stopped_by, "iterations": its fit's iterations}``, else ``None``:
             the resumed fit then trains no iteration unless it asks for more iterations.
         resumed: whether the fit in progress (or the latest) continues a checkpoint.
+        meta_batch_size: that of the latest iteration trained in this process (``None``: none yet), which a
+            continued fit must keep (not saved: a resumed fit's settings are checked against the checkpoint's).
         peak_memory_mb: the highest per-iteration peak memory of the latest fit in this process
             (resident set on CPU, CUDA max allocated on a GPU; not saved: it belongs to the process).
         agreed: under torchrun, during a fit: the seconds of meta-training every process agreed
@@ -71,6 +73,7 @@ class RunState:
     layouts: dict[str, bool] = dataclasses.field(default_factory=dict)
     stop: dict[str, Any] | None = None
     resumed: bool = False
+    meta_batch_size: int | None = None
     peak_memory_mb: float = 0.0
     agreed: float | None = dataclasses.field(default=None, repr=False)
     _clock: float | None = dataclasses.field(default=None, repr=False)

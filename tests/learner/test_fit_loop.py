@@ -619,5 +619,6 @@ def test_a_continued_fit_with_another_meta_batch_size_is_refused_instead_of_repe
         with pytest.raises(ConfigError, match=rf"meta_batch_size={size} but this learner's previous fit used 4: .* "
                                               r"Continue with meta_batch_size=4"):
             learner.fit(spy, iterations=1, meta_batch_size=size, progress=False)
+    learner.fit(spy, iterations=0, progress=False)  # trains nothing: any size (the default 32)
     learner.fit(spy, iterations=1, meta_batch_size=4, progress=False)
     assert seen == list(range(12)) and learner.iteration == 3
