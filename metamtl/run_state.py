@@ -54,8 +54,8 @@ class RunState:
             stopping), ``{"by": stopped_by, "iterations": its fit's iterations}``, else ``None``:
             the resumed fit then trains no iteration unless it asks for more iterations.
         resumed: whether the fit in progress (or the latest) continues a checkpoint.
-        meta_batch_size: that of the latest iteration trained in this process (``None``: none yet), which a
-            continued fit must keep (not saved: a resumed fit's settings are checked against the checkpoint's).
+        meta_batch_size: that of the latest iteration trained (``None``: none yet), which a continued fit
+            must keep; saved, so a loaded or resumed learner keeps it too.
         peak_memory_mb: the highest per-iteration peak memory of the latest fit in this process
             (resident set on CPU, CUDA max allocated on a GPU; not saved: it belongs to the process).
         agreed: under torchrun, during a fit: the seconds of meta-training every process agreed
@@ -146,6 +146,7 @@ def _restore(obj: dict[str, Any], modules: tuple[nn.Module, nn.Module], optimize
     run.history = list(obj.get("history", []))
     run.bad_steps = int(tr.get("bad_steps", 0))
     run.settings = dict(tr["fit_state"].get("settings", {}))
+    run.meta_batch_size = saved_meta_batch_size(obj.get("meta_batch_size", run.settings.get("meta_batch_size")))
     stop = tr["fit_state"].get("stop")
     run.stop = None if stop is None else {"by": None if stop.get("by") is None else str(stop["by"]),
                                           "iterations": int(stop["iterations"])}
@@ -160,6 +161,16 @@ def saved_iteration(value: Any) -> int:
     and :func:`learner_from_state` turn into :class:`CheckpointError`)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"its iteration must be an integer >= 0, got {value!r}")
+    return value
+
+
+def saved_meta_batch_size(value: Any) -> int | None:
+    """A saved learner's ``meta_batch_size`` (of its latest trained iteration): ``None`` (never trained, or
+    saved before this entry existed) or an integer >= 1 (ValueError for anything else)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"its meta_batch_size must be an integer >= 1 or None, got {value!r}")
     return value
 
 
@@ -358,6 +369,7 @@ def learner_state(learner: "MetaLearner", training_state: bool = False) -> dict[
         "preprocessing": learner.preprocessing.to_dict() if learner.preprocessing else None,
         "task_defaults": dict(learner.task_defaults), "metadata": dict(learner.metadata),
         "iteration": learner.iteration, "history": list(learner.history), "elapsed": float(learner.elapsed),
+        "meta_batch_size": learner.run.meta_batch_size,  # a continued fit after load keeps it (None: never trained)
         "evaluation": learner.inference.state(),
         "frozen": frozen_names((learner.model, learner.algorithm)),  # requires_grad=False: loaded as saved
         # an automatic layout as chosen (on a GPU, or forced in the config: None; a GPU's NCHW is no CPU choice)
@@ -442,6 +454,7 @@ def _rebuild(cls: type["MetaLearner"], obj: dict[str, Any], path: Any, cfg: dict
     learner.run.iteration = saved_iteration(obj.get("iteration", 0))
     learner.run.history = list(obj.get("history", []))
     learner.run.seconds = float(obj.get("elapsed", 0.0))  # so later fits' history times continue
+    learner.run.meta_batch_size = saved_meta_batch_size(obj.get("meta_batch_size"))
     learner.inference = InferenceSettings.from_state(obj.get("evaluation"))
     saved_layout = obj.get("channels_last")
     if learner.placement.automatic and isinstance(saved_layout, bool) and saved_layout != learner.channels_last:

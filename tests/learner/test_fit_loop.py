@@ -622,3 +622,27 @@ def test_a_continued_fit_with_another_meta_batch_size_is_refused_instead_of_repe
     learner.fit(spy, iterations=0, progress=False)  # trains nothing: any size (the default 32)
     learner.fit(spy, iterations=1, meta_batch_size=4, progress=False)
     assert seen == list(range(12)) and learner.iteration == 3
+
+
+def test_a_loaded_learner_keeps_the_meta_batch_size_a_continued_fit_must_use(tmp_path):
+    """MetaLearner.load forgot the meta_batch_size of the saved learner's latest fit, so a continued fit
+    after a load could repeat or skip episodes of the task stream unnoticed."""
+    from metamtl import MetaLearner
+    from metamtl.errors import CheckpointError, ConfigError
+
+    sine = Sinusoid(shots=5, queries=5, seed=0)
+    learner = sine_learner()
+    learner.fit(sine, iterations=2, meta_batch_size=4, progress=False)
+    path = learner.save(tmp_path / "l.pt")
+    loaded = MetaLearner.load(path)
+    with pytest.raises(ConfigError, match=r"meta_batch_size=2 but this learner's previous fit used 4"):
+        loaded.fit(sine, iterations=1, meta_batch_size=2, progress=False)
+    loaded.fit(sine, iterations=1, meta_batch_size=4, progress=False)
+    assert loaded.iteration == 3
+    fresh = sine_learner().save(tmp_path / "fresh.pt")  # never trained: any size
+    MetaLearner.load(fresh).fit(sine, iterations=1, meta_batch_size=2, progress=False)
+    obj = torch.load(path, weights_only=True)
+    obj["meta_batch_size"] = 0
+    torch.save(obj, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="meta_batch_size must be an integer >= 1"):
+        MetaLearner.load(tmp_path / "bad.pt")
