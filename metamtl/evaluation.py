@@ -141,10 +141,14 @@ def episode_reader(tasks: TaskSource | Sequence[Episode], episodes: int = 600, *
     if isinstance(tasks, (list, tuple)):
         return _listed_episodes(tasks, episodes, start, dict(ways=ways, shots=shots, queries=queries))
     check_task_source("tasks", tasks)
-    if any(v is not None for v in (ways, shots, queries)):
+    kw = {k: v for k, v in dict(ways=ways, shots=shots, queries=queries).items()
+          if v is not None and getattr(tasks, k, None) != v}  # the source's own values need no change
+    if kw:
         if not hasattr(tasks, "with_settings"):
-            raise ConfigError(f"{type(tasks).__name__} cannot change ways/shots/queries")
-        kw = {k: v for k, v in dict(ways=ways, shots=shots, queries=queries).items() if v is not None}
+            own = ", ".join(f"{k}={getattr(tasks, k, None)!r}" for k in kw)
+            raise ConfigError(f"{type(tasks).__name__} cannot change ways/shots/queries (asked for "
+                              f"{', '.join(f'{k}={v!r}' for k, v in kw.items())}; it draws {own}): leave them out, "
+                              "or pass a source with with_settings (e.g. an EpisodeSampler)")
         tasks = tasks.with_settings(**kw)
     distinct = getattr(tasks, "distinct_episodes", None)  # a fixed set of tasks: score each once
     return (lambda i: tasks.episode(start + i)), min(episodes, distinct or episodes)

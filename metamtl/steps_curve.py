@@ -76,8 +76,10 @@ def accuracy_vs_steps(learner: Any, sources: Mapping[str | None, Any], settings:
             source = sources[label] if label in sources else next(iter(sources.values()))
             kwargs = {} if regression else {"ways": row["ways"], "shots": row["shots"], "queries": queries,
                                             "head": "algorithm"}
-            if not regression and row.get("hierarchy") is not None:  # drawn as the row's test episodes were
-                source = source.with_settings(hierarchy=row["hierarchy"])
+            if not regression and row.get("hierarchy") is not None:  # drawn as the row's test episodes were:
+                change = {k: v for k, v in kwargs.items() if k != "head" and v is not None}
+                source = source.with_settings(**change, hierarchy=row["hierarchy"])  # in one change: fewer
+                kwargs = {"head": "algorithm"}  # ways may fit a superclass the source's ways do not
             if regression and row.get("shots") and hasattr(source, "with_settings"):  # the row's shots
                 source = source.with_settings(shots=row["shots"], **({"queries": queries} if queries else {}))
             results = []

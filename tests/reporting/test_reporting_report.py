@@ -220,6 +220,53 @@ def test_a_within_superclass_settings_curve_is_drawn_within_one_superclass():
     assert curve_settings([{**rows[0], "hierarchy": "mapping of 12 classes"}], 3, 1) == [{"ways": 3, "shots": 1}]
 
 
+def _superclass_learner_and_source(ways: int):
+    """A tiny conv4 MAML learner and a ``ways``-way sampler over 12 classes in 3 superclasses of 4."""
+    import torch
+
+    from metamtl import MetaLearner
+    from metamtl.algorithms import build_algorithm
+    from metamtl.data import ClassDataset
+    from metamtl.models import build_model
+    from metamtl.tasks import EpisodeSampler
+
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(48, 1, 16, 16, generator=g) * 255).to(torch.uint8)
+    ds = ClassDataset(images, torch.arange(12).repeat_interleave(4), [f"a{i // 4}/c{i}" for i in range(12)], name="syn")
+    torch.manual_seed(0)
+    learner = MetaLearner(build_model("conv4", in_channels=1, hidden=4, image_size=16, blocks=2, out_features=None),
+                          build_algorithm("maml", steps=1, lr=0.5, head_init="proto"), device="cpu")
+    return learner, EpisodeSampler(ds, ways=ways, shots=1, queries=2, seed=0)
+
+
+def test_a_within_superclass_curve_with_fewer_ways_than_training_is_drawn():
+    """Training ways (5) larger than every superclass (4 classes) made the curve of a 2-way
+    within-superclass row a TaskError (hierarchy was applied before the row's ways), while the
+    row's own test evaluation worked."""
+    learner, source = _superclass_learner_and_source(ways=5)
+    row = learner.evaluate(source.with_settings(ways=2, hierarchy=1), 4, progress=False).to_dict()
+    (curve,) = accuracy_vs_steps(learner, {None: source}, [row], 4, [1], progress=False)
+    assert curve["setting"] == "2-way 1-shot within one superclass (depth 1)" and curve["mean"] == [row["accuracy"]]
+
+
+def test_a_curve_of_a_source_without_with_settings_needs_no_change_of_its_own_setting():
+    """A TaskSource without with_settings (e.g. a learn2learn taskset) got a ConfigError 'cannot change
+    ways/shots/queries' from the curve and from evaluate(ways=<its own ways>), though nothing changes."""
+    learner, source = _superclass_learner_and_source(ways=3)
+
+    class Fixed:  # a user task source of one setting
+        task, ways, shots, queries, name = "classification", 3, 1, 2, "fixed"
+
+        def episode(self, i):
+            return source.episode(i)
+
+    (curve,) = accuracy_vs_steps(learner, {None: Fixed()}, [{"ways": 3, "shots": 1}], 2, [0, 1], progress=False)
+    assert curve["mean"][1] == learner.evaluate(source, 2, progress=False).accuracy
+    assert learner.evaluate(Fixed(), 2, ways=3, shots=1, progress=False).accuracy == curve["mean"][1]
+    with pytest.raises(ConfigError, match=r"Fixed cannot change ways/shots/queries \(asked for ways=2; it draws ways=3\)"):
+        learner.evaluate(Fixed(), 2, ways=2, progress=False)
+
+
 def test_report_and_wandb_handle_multi_dataset_and_skipped_rows(tiny_run, tmp_path):
     """Rows of multi-dataset runs carry a dataset label; settings a dataset cannot serve are skipped."""
     from metamtl.reporting import WandbLogger, read_offline_run
