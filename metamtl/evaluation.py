@@ -54,7 +54,13 @@ class EvalResult:
     within one superclass, see :class:`~metamtl.tasks.EpisodeSampler`), ``None`` for random classes.
     ``head`` names what classified the queries (``"algorithm"``: the algorithm's own adaptation,
     else a :mod:`metamtl.heads` feature head); ``transductive`` is true when the head used the
-    whole query set of each task: such results must not be compared with inductive ones.
+    whole query set of each task: such results must not be compared with inductive ones.  Every row,
+    the algorithm's and a feature head's alike, normalises the queries as the learner's ``bn_stats``
+    says (default ``"transductive"``: with the query set's own BatchNorm statistics, the protocol of
+    the published MAML / ProtoNet numbers), so rows of one learner compare with each other and with
+    those numbers; ``transductive`` does not repeat it (:attr:`AdaptedPredictor.transductive
+    <metamtl.predictors.AdaptedPredictor.transductive>`, which answers whether one ``predict`` call's
+    queries affect each other, does).
     """
 
     accuracy: float | None
