@@ -148,7 +148,11 @@ class Ensemble:
         none); :class:`ConfigError` when every member does, or they mix inductive and transductive heads."""
         heads = self.heads(head)
         check_no_steps(steps, heads)
-        return {id(m): steps if h is None else None for m, h in zip(self.members, heads)}
+        inner = [h is None and m.algorithm.has_inner_loop for m, h in zip(self.members, heads)]
+        if steps and not any(inner):
+            raise ConfigError(f"steps={steps}: no member adapts with an inner loop (their algorithms "
+                              f"{sorted({m.algorithm.name for m in self.members})} take 0 steps): leave steps out")
+        return {id(m): steps if adapts else None for m, adapts in zip(self.members, inner)}
 
     def evaluate(self, tasks: TaskSource | Sequence[Episode], episodes: int = 600, *, ways: int | None = None,
                  shots: int | None = None, queries: int | None = None, steps: int | None = None, start: int = 0,
@@ -162,8 +166,7 @@ class Ensemble:
         across torchrun ranks)."""
         check_steps(steps)
         episode_at, n = episode_reader(tasks, episodes, ways=ways, shots=shots, queries=queries, start=start)
-        heads = self.heads(head)
-        check_no_steps(steps, heads)  # every member classifies with a feature head: it takes none
+        heads, steps_of = self.heads(head), self.member_steps(head, steps)  # steps for members with an inner loop
         self.each(lambda m: m.check_finite("evaluate"))
         rows = []
         bar = progress_bar(progress, total=n, desc="evaluate ensemble", leave=False, dynamic_ncols=True)
@@ -175,7 +178,7 @@ class Ensemble:
                     with naming_member(label):
                         m.check_episode(episode, "evaluate")
                         ep = with_support_copies(m.placement.batch(episode), m.inference.augment(support_augment, m.task))
-                        outputs.append(m.predict(ep.support_x, ep.support_y, ep.query_x, steps if h is None else None,
+                        outputs.append(m.predict(ep.support_x, ep.support_y, ep.query_x, steps_of[id(m)],
                                                  False, h if h is not None else "algorithm", episode.dataset))
                 rows.append((self.metrics(self.combine(outputs), episode.query_y),
                              (episode.ways, episode.shots, episode.queries)))

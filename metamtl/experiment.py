@@ -305,15 +305,17 @@ def _shown_tasks(cfg: Config, split: str, tasks: TaskSource | None) -> list[Task
 
 def evaluate_settings(learner: MetaLearner, cfg: Config, test_tasks: TaskSource, progress: bool = True) -> list[EvalResult]:
     """Evaluate every ``eval.settings`` entry with every ``eval.heads`` entry on the test tasks."""
-    return [learner.evaluate(setting_tasks(test_tasks, s, cfg), cfg.eval.episodes, steps=head_steps(cfg, h),
+    return [learner.evaluate(setting_tasks(test_tasks, s, cfg), cfg.eval.episodes, steps=head_steps(cfg, h, learner),
                              progress=progress, head=h) for s in cfg.eval.settings for h in cfg.eval.heads]
 
 
-def head_steps(cfg: Config, head: Any) -> int | None:
-    """``eval.steps`` for the algorithm's rows; ``None`` for a feature head's (which takes no inner steps)."""
+def head_steps(cfg: Config, head: Any, learner: MetaLearner) -> int | None:
+    """``eval.steps`` for the algorithm's rows; ``None`` for a feature head's, or where the algorithm has no
+    inner loop (neither takes inner steps: a staged run's ``eval.steps`` may be meant for a later stage)."""
     from .heads import build_head
 
-    return cfg.eval.steps if build_head(head) is None else None
+    inner = any(m.algorithm.has_inner_loop for m in getattr(learner, "members", [learner]))  # an Ensemble's
+    return cfg.eval.steps if build_head(head) is None and inner else None
 
 
 def prepare_heads(learner: MetaLearner, cfg: Config, train_tasks: TaskSource, say: Any = print) -> None:
@@ -340,7 +342,7 @@ def evaluate_per_dataset(learner: MetaLearner, cfg: Config, test_tasks: dict[str
                 rows.append(skipped)
                 continue
             for h in cfg.eval.heads:
-                res = learner.evaluate(setting_tasks(source, s, cfg), cfg.eval.episodes, steps=head_steps(cfg, h),
+                res = learner.evaluate(setting_tasks(source, s, cfg), cfg.eval.episodes, steps=head_steps(cfg, h, learner),
                                        progress=progress, head=h)
                 say(f"[metamtl] held-out test ({label}): {res}")
                 rows.append({"dataset": label, **res.to_dict()})

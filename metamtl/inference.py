@@ -59,12 +59,17 @@ class InferenceSettings:
         refused for a learner that does not classify (as in :meth:`create`)."""
         return augmenting(self.support_augment if spec is None else as_support_augment(spec), task)
 
-    def classifier(self, spec: Any = None, task: str = "classification", steps: int | None = None) -> FeatureHead | None:
+    def classifier(self, spec: Any = None, task: str = "classification", steps: int | None = None,
+                   algorithm: Any = None) -> FeatureHead | None:
         """The head of a call: ``spec`` (``"algorithm"``: the algorithm's adaptation), or the default;
         a feature head only for a learner that does ``classification``, and :class:`ConfigError` for
-        inner ``steps`` given with a feature head (which takes none)."""
+        inner ``steps`` (other than 0) given with a feature head, or for an ``algorithm`` without an
+        inner loop (neither takes any)."""
         head = self.head if spec is None else classifying_head(build_head(spec), task)
         check_no_steps(steps, [head])
+        if head is None and steps and algorithm is not None and not algorithm.has_inner_loop:
+            raise ConfigError(f"steps={steps}: algorithm {algorithm.name!r} has no inner loop (its results take 0 "
+                              "steps), so the steps would be ignored: leave steps out (or pass 0)")
         return head
 
     def feature_mean(self, dataset: str | None = None, device: Any = "cpu") -> torch.Tensor | None:

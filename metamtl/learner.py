@@ -217,7 +217,7 @@ class MetaLearner:
         check_steps(steps)
         episode_at, n = episode_reader(tasks, episodes, ways=ways, shots=shots, queries=queries, start=start)
         self.check_finite("evaluate")
-        head = self.inference.classifier(head, self.task, steps)  # refuses steps for a feature head (it takes none)
+        head = self.inference.classifier(head, self.task, steps, self.algorithm)  # refuses steps nothing takes
         steps = self.algorithm.eval_steps if steps is None or not self.algorithm.has_inner_loop else steps
         score = scorer(self.algorithm, self.model, steps, head, self.bn_stats, lambda e: self.inference.centring_mean(head, e.dataset))
         return evaluate_episodes(  # a feature head takes no inner steps: its rows say 0

@@ -140,7 +140,7 @@ def adapt(learner: "MetaLearner", support_x: Any, support_y: Any, steps: int | N
     if isinstance(preprocessing, inputs.Unchosen):  # float input, no dataset=: the routed dataset's, if any
         preprocessing = preprocessing.settled(route)
     x, y = inputs.support_copies(x, y, learner.inference.augment(support_augment, learner.task), preprocessing=preprocessing)
-    head = learner.inference.classifier(head, learner.task, steps)  # ConfigError: steps with a feature head
+    head = learner.inference.classifier(head, learner.task, steps, learner.algorithm)  # ConfigError: steps nothing takes
     with eval_mode(learner.model), dataset_scope(route):  # the learner's own mode (e.g. training) is left as it was
         if head is not None:
             return HeadPredictor(learner, head, x, y, ways, dataset if dataset is not None else route)

@@ -107,6 +107,8 @@ def write_steps_curve(run_dir: str | os.PathLike, learner: Any, sources: Mapping
     run_dir = Path(run_dir)
     eval_steps = learner.algorithm.eval_steps if eval_steps is None else int(eval_steps)
     steps = sorted({int(s) for s in steps}) if steps else default_steps(eval_steps)
+    if not learner.algorithm.has_inner_loop:  # e.g. ProtoNet: every result takes 0 steps
+        steps = [0]
     curves = accuracy_vs_steps(learner, sources, settings, episodes, steps, queries, progress)
     out = {"key": cache_key(run_dir / "learner.pt", episodes, steps), "split": split, "episodes": episodes,
            "steps": steps, "trained_steps": learner.algorithm.inner.steps, "eval_steps": eval_steps, "curves": curves}

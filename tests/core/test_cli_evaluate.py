@@ -116,6 +116,7 @@ def test_a_regression_learner_refuses_classification_options(learners, capsys, o
 def test_steps_for_an_algorithm_without_an_inner_loop_are_refused_and_never_recorded(learners, capsys):
     """--steps on a ProtoNet learner was silently ignored while its result said steps: N."""
     from metamtl import MetaLearner
+    from metamtl.errors import ConfigError
     from metamtl.data import load_dataset
     from metamtl.tasks import EpisodeSampler
 
@@ -124,7 +125,9 @@ def test_steps_for_an_algorithm_without_an_inner_loop_are_refused_and_never_reco
     assert code == 2 and "--steps: " in out.err and "'protonet', which has no inner loop" in out.err, out.err
     learner = MetaLearner.load(paths["train"], device="cpu")
     sampler = EpisodeSampler(load_dataset("folder", "test", tmp / "data", cache_dir=tmp / "cache"), 3, 1, 2, seed=0)
-    assert learner.evaluate(sampler, 2, steps=5, progress=False).steps == 0
+    with pytest.raises(ConfigError, match="steps=5: algorithm 'protonet' has no inner loop"):  # as the CLI
+        learner.evaluate(sampler, 2, steps=5, progress=False)
+    assert learner.evaluate(sampler, 2, steps=0, progress=False).steps == 0
 
 
 def test_steps_with_a_feature_head_are_refused_and_never_ignored(learners, capsys):

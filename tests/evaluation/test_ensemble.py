@@ -203,7 +203,11 @@ def test_every_error_of_a_member_names_it(tasks):
 
 def test_reported_steps_are_the_steps_the_members_took(tasks):
     """``steps=5`` with ProtoNet members took no inner step: the result said 5 (a member alone says 0)."""
+    from metamtl.errors import ConfigError
+
     a, b = member(0), member(1)
-    assert a.evaluate(tasks, 2, steps=5, progress=False).steps == 0
-    assert Ensemble([a, b]).evaluate(tasks, 2, steps=5, progress=False).steps == 0
+    assert a.evaluate(tasks, 2, progress=False).steps == 0 == Ensemble([a, b]).evaluate(tasks, 2, progress=False).steps
+    for who in (a, Ensemble([a, b])):  # steps nothing takes are refused, not reported as 0
+        with pytest.raises(ConfigError, match="steps=5: .*no member adapts with an inner loop|steps=5: algorithm"):
+            who.evaluate(tasks, 2, steps=5, progress=False)
     assert Ensemble([a, member(2, "maml", steps=1, lr=0.1)]).evaluate(tasks, 2, steps=3, progress=False).steps == 3

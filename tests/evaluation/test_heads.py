@@ -199,7 +199,8 @@ def test_steps_with_a_feature_head_are_refused_not_ignored(splits, trained):
     for who in (trained, Ensemble([trained, trained])):
         with pytest.raises(ConfigError, match="steps: feature head logreg takes no inner steps.*head='algorithm'"):
             who.evaluate(splits[1], 2, progress=False, head="logreg", steps=50)
-        assert who.evaluate(splits[1], 2, progress=False, head="algorithm", steps=50).head == "algorithm"
+        with pytest.raises(ConfigError, match="inner loop"):  # nor by ProtoNet's own adaptation (no inner loop)
+            who.evaluate(splits[1], 2, progress=False, head="algorithm", steps=50)
         assert who.evaluate(splits[1], 2, progress=False, head="logreg", steps=0).steps == 0  # what it takes
 
 
@@ -216,7 +217,7 @@ def test_steps_with_a_feature_head_are_refused_by_adapt_and_predict_as_by_evalua
             who.predict(ep.support_x, ep.support_y, ep.query_x, steps=50, **kw)
         with pytest.raises(ConfigError, match="steps: feature head .* takes no inner steps"):
             who.adapt(ep.support_x, ep.support_y, steps=50, **kw)
-    assert trained.predict(ep.support_x, ep.support_y, ep.query_x, steps=50, head="algorithm").shape == (20, 5)
+    assert trained.predict(ep.support_x, ep.support_y, ep.query_x, steps=0, head="algorithm").shape == (20, 5)
 
 def test_inductive_heads_classify_each_query_alone(splits):
     _, test = splits
@@ -542,3 +543,26 @@ def test_a_saved_default_head_this_version_refuses_does_not_stop_the_learner_loa
         settings = InferenceSettings.from_state({"head": {"name": "logreg", "C": 1e-6}})
     assert settings.head is None
     assert InferenceSettings.from_state({"head": {"name": "logreg", "C": 0.1}}).head.label == "logreg(C=0.1)"
+
+
+def test_steps_for_an_algorithm_without_an_inner_loop_are_refused_not_ignored(splits, tmp_path):
+    """ProtoNet's evaluate/adapt/predict(steps=3) ran 0 steps silently (the CLI's --steps refused it),
+    and its run drew an 'accuracy vs inner steps' curve at 0, 1, 2 steps that were never taken."""
+    from metamtl.ensemble import Ensemble
+    from metamtl.steps_curve import write_steps_curve
+
+    _, test = splits
+    pn = learner()
+    ep = test.episode(0).to("cpu")
+    calls = (lambda who: who.evaluate(test, 2, steps=3, progress=False),
+             lambda who: who.adapt(ep.support_x, ep.support_y, steps=3),
+             lambda who: who.predict(ep.support_x, ep.support_y, ep.query_x, steps=3))
+    for call in calls:
+        with pytest.raises(ConfigError, match="steps=3: algorithm 'protonet' has no inner loop"):
+            call(pn)
+        with pytest.raises(ConfigError, match="steps=3: no member adapts with an inner loop"):
+            call(Ensemble([pn, pn]))
+    assert pn.evaluate(test, 2, steps=0, progress=False).steps == 0
+    pn.save(tmp_path / "learner.pt")
+    curve = write_steps_curve(tmp_path, pn, {None: test}, "test", [{"ways": 5, "shots": 2}], episodes=2, progress=False)
+    assert curve["steps"] == [0] and len(curve["curves"][0]["mean"]) == 1
