@@ -40,6 +40,8 @@ def within_superclass(hierarchy: Any) -> str:
     (`` within one superclass (depth 1)``); empty for ``None``."""
     if hierarchy is None:
         return ""
+    if isinstance(hierarchy, str) and hierarchy.startswith("mixed: "):  # a mixture's sources differ (hierarchy_of)
+        return f" (superclass settings {hierarchy})"
     what = f"depth {hierarchy}" if isinstance(hierarchy, int) else str(hierarchy)  # 'mapping of N classes'
     return f" within one superclass ({what})"
 
@@ -227,7 +229,15 @@ def outside_inference_mode(value: Any) -> Any:
 
 
 def hierarchy_of(tasks: Any) -> Any:
-    """A source's superclass setting for results (a mapping is summarised by its size)."""
+    """A source's superclass setting for results (a mapping is summarised by its size); a mixture of
+    sources (:class:`~metamtl.tasks.MixedTasks`) has its sources' one setting, else a text naming each."""
+    parts = getattr(tasks, "sources", None)
+    if isinstance(parts, (list, tuple)) and parts and not hasattr(tasks, "hierarchy"):
+        each = [hierarchy_of(p) for p in parts]
+        if all(h == each[0] for h in each):
+            return each[0]
+        return "mixed: " + ", ".join("random classes" if h is None else f"depth {h}" if isinstance(h, int) else str(h)
+                                     for h in each)
     h = getattr(tasks, "hierarchy", None)
     return f"mapping of {len(h)} classes" if isinstance(h, dict) else h
 

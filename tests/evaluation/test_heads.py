@@ -566,3 +566,24 @@ def test_steps_for_an_algorithm_without_an_inner_loop_are_refused_not_ignored(sp
     pn.save(tmp_path / "learner.pt")
     curve = write_steps_curve(tmp_path, pn, {None: test}, "test", [{"ways": 5, "shots": 2}], episodes=2, progress=False)
     assert curve["steps"] == [0] and len(curve["curves"][0]["mean"]) == 1
+
+
+def test_a_mixture_of_within_superclass_sources_says_so_in_its_result():
+    """evaluate(MixedTasks([a, b])) with both samplers drawing within one superclass said hierarchy=None
+    (random classes), so the row was compared with published random-class numbers."""
+    from metamtl.evaluation import hierarchy_of
+    from metamtl.tasks import MixedTasks
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(80, 1, 12, 12, generator=g) * 255).to(torch.uint8)
+    ds = ClassDataset(x, torch.arange(20).repeat_interleave(4), [f"a{i % 4}/c{i}" for i in range(20)], name="sup",
+                      preprocessing=Preprocessing(size=(12, 12), channels=1))
+    a, b = (EpisodeSampler(ds.subset(r), 2, 1, 2, seed=s, hierarchy=1, name=n)
+            for r, s, n in ((range(10), 0, "a"), (range(10, 20), 1, "b")))
+    result = learner().evaluate(MixedTasks([a, b]), 3, progress=False)
+    assert result.hierarchy == 1 and "within one superclass (depth 1)" in str(result)
+    mixed = hierarchy_of(MixedTasks([a, b.with_settings(hierarchy=None)]))
+    assert mixed == "mixed: depth 1, random classes"
+    from metamtl.reporting.report import references
+
+    assert references({"accuracy": 0.5, "ways": 5, "shots": 1, "hierarchy": mixed}, "omniglot") == []
