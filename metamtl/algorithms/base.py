@@ -116,6 +116,9 @@ class Algorithm(nn.Module):
         super().__init__()
         if inner is not None and inner_kwargs:
             raise TypeError("pass either an InnerLoop or its settings, not both")
+        clash = {k: v for k, v in inner_kwargs.items() if k in self.fixed and self.fixed[k] != v}
+        if clash:  # as build_algorithm and with_fixed refuse them: never a setting replaced silently
+            raise ConfigError(f"algorithm {self.name!r} fixes {self.fixed}; drop the contradictory setting(s) {clash}")
         inner = InnerLoop(**{**inner_kwargs, **self.fixed}) if inner is None else self.with_fixed(inner)
         self.inner = inner
         if inner.memory == "implicit" and not inner.first_order and not self.supports_implicit:

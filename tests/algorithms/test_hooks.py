@@ -161,3 +161,17 @@ def test_an_inner_loop_object_gets_the_algorithms_fixed_settings_or_a_config_err
                               (IMAML, InnerLoop(memory="checkpoint"), "memory")]:
         with pytest.raises(ConfigError, match=rf"fixes .*the InnerLoop passed sets \{{'{clash}'"):
             alg(inner)
+
+
+def test_keyword_settings_that_contradict_an_algorithms_fixed_ones_are_refused_not_replaced():
+    """ANIL(adapt="all") adapted only the head, FOMAML(first_order=False) ran first order, IMAML(memory=
+    "full") ran implicit, Transfer(adapt="all") head-only: the class silently replaced the keyword that
+    build_algorithm and an explicit InnerLoop refuse."""
+    from metamtl.algorithms import ANIL, FOMAML, IMAML, Reptile, Transfer
+
+    for make, clash in [(lambda: ANIL(adapt="all"), "adapt"), (lambda: FOMAML(first_order=False), "first_order"),
+                        (lambda: Reptile(first_order=False), "first_order"), (lambda: IMAML(memory="full"), "memory"),
+                        (lambda: Transfer(num_classes=5, adapt="all"), "adapt")]:
+        with pytest.raises(ConfigError, match=rf"fixes .*drop the contradictory setting\(s\) \{{'{clash}'"):
+            make()
+    assert ANIL(adapt="head").inner.adapt == "head" and FOMAML(first_order=True, steps=2).inner.steps == 2
