@@ -1,6 +1,7 @@
 """The transfer-learning baseline (Chen et al. 2019, "A closer look at few-shot classification")."""
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -96,6 +97,22 @@ class Transfer(Algorithm):
             return self.head(feats)
         return self.scale * F.normalize(feats, dim=-1) @ F.normalize(self.head.weight, dim=-1).T
 
+    def class_ids(self, episode: Any) -> torch.Tensor:
+        """An episode's dataset class ids (``episode.classes``: one integer in ``0 .. num_classes - 1``
+        per class of the task); :class:`InputError` for anything else."""
+        if not episode.is_classification or episode.classes is None or not len(episode.classes):
+            raise InputError("transfer pre-training needs classification episodes with dataset class ids")
+        ids = episode.classes.tolist() if isinstance(episode.classes, torch.Tensor) else list(episode.classes)
+        if len(ids) != episode.ways or not all(isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in ids):
+            raise InputError(f"episode.classes must hold one integer dataset class id per class of the task "
+                             f"({episode.ways}), got {ids!r}")
+        if min(ids) < 0 or max(ids) >= self.num_classes:
+            raise InputError(
+                f"episode has dataset class id {min(ids) if min(ids) < 0 else max(ids)} but transfer num_classes is "
+                f"{self.num_classes} (ids are 0 .. num_classes - 1); set it to the number of training classes"
+            )
+        return torch.tensor([int(c) for c in ids])
+
     def meta_step(self, model: TrunkHead, batch: TaskBatch, iteration: int = 0) -> dict[str, float]:
         """Supervised pre-training: every episode's images classified over all training classes.
 
@@ -104,14 +121,7 @@ class Transfer(Algorithm):
         self.setup(model)
         totals: dict[str, float] = {}
         for episode in batch:
-            if not episode.is_classification or not episode.classes:
-                raise InputError("transfer pre-training needs classification episodes with dataset class ids")
-            classes = torch.as_tensor(episode.classes, device=episode.support_y.device)
-            if int(classes.max()) >= self.num_classes:
-                raise InputError(
-                    f"episode has dataset class id {int(classes.max())} but transfer num_classes is "
-                    f"{self.num_classes}; set it to the number of training classes"
-                )
+            classes = self.class_ids(episode).to(episode.support_y.device)
             x = torch.cat([episode.support_x, episode.query_x])
             y = classes[torch.cat([episode.support_y, episode.query_y])]
             # the layers loss terms read (feature distillation: ``ctx.features``), tapped by their names in the model

@@ -110,3 +110,23 @@ def test_transfer_bad_settings(toy_tasks):
     learner = toy_learner(build_algorithm("transfer", num_classes=10))
     with pytest.raises(InputError, match="set it to the number of training classes"):
         learner.fit(train, iterations=3, meta_batch_size=4, progress=False)
+
+
+@pytest.mark.parametrize("classes", [(0, 1), (0, -1, 2), (0.0, 1.0, 2.0), ("a", "b", "c"), (0, 1, 7)])
+def test_transfer_refuses_malformed_episode_class_ids_with_a_clear_error(classes):
+    """A user source whose episodes carried too few, negative, float or text class ids crashed transfer
+    pre-training with a bare IndexError / RuntimeError / ValueError."""
+    from metamtl.tasks.episode import Episode
+
+    class Source:
+        ways, shots, queries, name = 3, 2, 3, "mine"
+
+        def episode(self, i):
+            g = torch.Generator().manual_seed(i)
+            return Episode(torch.randn(6, 3, generator=g), torch.arange(3).repeat_interleave(2),
+                           torch.randn(9, 3, generator=g), torch.arange(3).repeat_interleave(3), 3, 2, 3, classes=classes)
+
+    learner = MetaLearner(build_model("mlp", in_features=3, hidden=[8], out_features=None),
+                          build_algorithm("transfer", num_classes=5), device="cpu")
+    with pytest.raises(InputError, match="episode.classes must hold one integer|transfer num_classes is 5"):
+        learner.fit(Source(), iterations=1, meta_batch_size=1, progress=False)
