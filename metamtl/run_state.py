@@ -178,7 +178,7 @@ def _snapshot(modules: tuple[nn.Module, nn.Module], optimizer: torch.optim.Optim
     """A deep copy of everything :func:`_restore` changes, in the checkpoint layout."""
     model, algorithm = modules
     obj = {"model_state": model.state_dict(), "algorithm_state": algorithm.state_dict(), "iteration": run.iteration,
-           "history": run.history,
+           "history": run.history, "meta_batch_size": run.meta_batch_size,
            "training": {**training_state_of(run, optimizer, run.callbacks, run.stop), "elapsed": run.seconds}}
     return copy.deepcopy(obj)
 
