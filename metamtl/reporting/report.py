@@ -305,9 +305,11 @@ def _steps_section(run_dir: Path, cfg: Mapping[str, Any], embed: bool) -> str:
                     f"The saved learner adapted with 0..{max(data['steps'])} inner steps on "
                     f"{data['episodes']} fixed {_e(data['split'])} episodes per point "
                     "(95% CI). Step 0 is the meta-learned initialisation without any adaptation.", embed, run_dir)
+    digits = 4 if scale == 1.0 else 2  # MSE as the held-out table writes it (_value); accuracy in %
     rows = "".join(
         f"<tr><td>{_e(c['setting'])}</td>" + "".join(
-            f"<td class=num>{scale * m:.2f}{plus_minus(e, scale)}</td>" for m, e in zip(c["mean"], c["ci95"]))
+            f"<td class=num>{scale * m:.{digits}f}{plus_minus(e, scale, digits)}</td>"
+            for m, e in zip(c["mean"], c["ci95"]))
         + "</tr>" for c in data["curves"])
     if data.get("refresh_error"):
         note = f"This is the curve saved before; computing it again (other steps or episodes) failed: {data['refresh_error']}"

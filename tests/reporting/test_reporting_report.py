@@ -692,3 +692,21 @@ def test_a_regression_ensembles_page_says_its_predictions_are_averaged():
     assert "average their predictions" in regression and "class probabilities" not in regression
     assert "average their class probabilities" in _members({"test": [{**row, "accuracy": 0.9, "ci95": 0.01}],
                                                             "ensemble": ensemble})
+
+
+def test_the_mse_steps_table_has_the_held_out_rows_precision(tmp_path):
+    """The MSE-vs-inner-steps table rounded to 2 decimals, so a well-trained sinusoid learner's small
+    errors read "0.00 ± 0.00" beside "MSE 0.0042 ± 0.0011" in the held-out table: both have 4 digits."""
+    row = {"accuracy": None, "ci95": None, "loss": 0.0042, "loss_ci95": 0.0011, "episodes": 10, "ways": 1,
+           "shots": 5, "queries": 5, "steps": 1, "hierarchy": None, "head": "algorithm", "transductive": False}
+    run = _small_run(tmp_path / "r", [row])
+    results = json.loads((run / "results.json").read_text())
+    results["config"]["data"] = {"name": "sinusoid"}
+    (run / "results.json").write_text(json.dumps(results))
+    (run / "steps_curve.json").write_text(json.dumps(
+        {"steps": [0, 1], "split": "test", "episodes": 10, "trained_steps": 1,
+         "curves": [{"setting": "5-shot regression", "metric": "loss", "mean": [0.9, 0.0042], "ci95": [0.2, 0.0011]}]}))
+    text = write_report(run).read_text()
+    assert "MSE 0.0042 ± 0.0011" in text
+    steps_table = text.split("setting \\ steps")[1].split("</table>")[0]
+    assert "0.9000 ± 0.2000" in steps_table and "0.0042 ± 0.0011" in steps_table and "0.00 ± 0.00" not in steps_table
