@@ -27,7 +27,7 @@ from ..files import atomic_write_text
 from ..errors import ConfigError
 from ..evaluation import plus_minus
 from ..evaluation import within_superclass
-from ..steps_curve import read_steps_curve
+from ..steps_curve import cache_key, read_steps_curve
 from . import plots
 from .published import published
 
@@ -280,9 +280,28 @@ def _accuracy_figure(run_dir: Path, results: Mapping[str, Any], embed: bool) -> 
     return _figure(plots.plot_comparison(bars, run_dir / "accuracy.png"), "accuracy bars", caption, embed, run_dir)
 
 
+def current_steps_curve(run_dir: Path) -> dict[str, Any] | None:
+    """:func:`read_steps_curve`, or ``{"error": ...}`` for a curve computed from another ``learner.pt``
+    than the run's (its ``key`` records the file's size and time): e.g. a resumed run that did not
+    compute its curve again keeps the one of the learner it continued, which is not this learner's."""
+    data = read_steps_curve(run_dir)
+    key = (data or {}).get("key")
+    if not isinstance(key, dict) or "error" in data:  # an older curve without a key: nothing to check
+        return data
+    learner = run_dir / str(key.get("learner", "learner.pt"))
+    fields = ("learner", "size", "mtime")
+    now = cache_key(learner, data["episodes"], data["steps"]) if learner.is_file() else {}
+    if all(now.get(f) == key.get(f) for f in fields):
+        return data
+    return {"error": f"the saved {learner.name} is not the one the curve in steps_curve.json was computed from "
+                     f"(that was an earlier {learner.name}, e.g. before the run was resumed); `metamtl report "
+                     f"RUN_DIR` computes it for the current one (--steps-episodes N where the run's config sets "
+                     "logging.report_steps_episodes: 0)"}
+
+
 def _steps_section(run_dir: Path, cfg: Mapping[str, Any], embed: bool) -> str:
     """The accuracy-vs-inner-steps plot and table from ``steps_curve.json`` (or why there is none)."""
-    data = read_steps_curve(run_dir)
+    data = current_steps_curve(run_dir)
     members = int((cfg.get("ensemble") or {}).get("members", 1))
     if data is None and members > 1:
         links = ", ".join(f'<a href="members/member{i}/report.html">member{i}</a>' for i in range(members))
@@ -422,7 +441,7 @@ def write_comparison(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLi
     runs = []
     for d in run_dirs:
         results, history = load_run(d)
-        steps = read_steps_curve(d)
+        steps = current_steps_curve(Path(d))
         runs.append((Path(d), results, history, steps if steps is not None and "error" not in steps else None))
     runs = [(*run, label) for run, label in zip(runs, _unique_labels(runs))]
     stem = out.with_suffix("")

@@ -710,3 +710,29 @@ def test_the_mse_steps_table_has_the_held_out_rows_precision(tmp_path):
     assert "MSE 0.0042 ± 0.0011" in text
     steps_table = text.split("setting \\ steps")[1].split("</table>")[0]
     assert "0.9000 ± 0.2000" in steps_table and "0.0042 ± 0.0011" in steps_table and "0.00 ± 0.00" not in steps_table
+
+
+def test_a_curve_of_an_earlier_learner_is_not_shown_as_the_runs(tmp_path, monkeypatch):
+    """A resumed run that did not compute its curve again (logging.report_steps_episodes: 0) kept the
+    steps_curve.json of the learner it continued, and its report drew that curve as the saved
+    learner's: a curve whose key is not the current learner.pt's is now reported as not computed."""
+    from metamtl.steps_curve import cache_key
+
+    run = _small_run(tmp_path / "r", [_row(0.6, 0.1)])
+    (run / "learner.pt").write_bytes(b"the learner after 6 iterations")
+    curve = {"key": cache_key(run / "learner.pt", 3, [0, 1]), "split": "test", "episodes": 3, "steps": [0, 1],
+             "trained_steps": 1, "curves": [{"setting": "5-way 1-shot", "metric": "accuracy", "mean": [0.2, 0.5],
+                                             "ci95": [0.1, 0.1]}]}
+    (run / "steps_curve.json").write_text(json.dumps(curve))
+    assert "steps_curve.png" in write_report(run).read_text()
+    (run / "learner.pt").write_bytes(b"the learner after 12 iterations, resumed")
+    (run / "steps_curve.png").unlink()
+    text = write_report(run).read_text()
+    assert "steps_curve.png" not in text and "The saved learner adapted" not in text
+    assert "Not computed" in text and "earlier learner.pt" in text and "metamtl report" in text
+    from metamtl.reporting import report
+
+    captured = []
+    monkeypatch.setattr(report.plots, "plot_curves", lambda curves, *a, **k: captured.append(curves))
+    write_comparison([run], tmp_path / "cmp.html")
+    assert captured[-1] == []  # the comparison overlays no stale curve either
