@@ -171,16 +171,28 @@ def protocol(cfg: Mapping[str, Any]) -> tuple[str, bool]:
 
 
 def references(r: Mapping[str, Any], dataset: str) -> list[Any]:
-    """The published results a held-out row can be read against: only inductive rows of random
-    classes (published few-shot numbers are neither transductive nor drawn within superclasses)."""
+    """The published results a held-out row of ``dataset`` (a dataset's name, e.g. from
+    :func:`row_dataset`) can be read against: only inductive rows of random classes (published
+    few-shot numbers are neither transductive nor drawn within superclasses)."""
     if r.get("accuracy") is None or r.get("transductive") or r.get("hierarchy") is not None:
         return []
-    return published(r.get("dataset") or dataset, r.get("ways"), r.get("shots"))
+    return published(dataset, r.get("ways"), r.get("shots"))
 
 
-def reference_bars(dataset: str, settings: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def row_dataset(r: Mapping[str, Any], cfg: Mapping[str, Any]) -> str:
+    """The name of the dataset (``omniglot``, ...) a held-out row of a run with config ``cfg`` is of:
+    a multi-dataset run's row carries its dataset's label (free text, ``label`` or ``name``)."""
+    label = r.get("dataset")
+    for d in cfg.get("datasets") or []:
+        if (d.get("label") or d.get("name")) == label:
+            return str(d.get("name"))
+    return label or cfg.get("data", {}).get("name", "")
+
+
+def reference_bars(rows: Iterable[tuple[Mapping[str, Any], str]]) -> list[dict[str, Any]]:
+    """The published bars of held-out rows, given as ``(row, its dataset's name)``."""
     bars = []
-    for r in settings:
+    for r, dataset in rows:
         for p in references(r, dataset):
             bars.append({"group": _setting(r), "label": f"{p.method} (published)", "value": p.accuracy,
                          "ci95": p.ci95, "reference": True})
@@ -270,7 +282,7 @@ def _accuracy_figure(run_dir: Path, results: Mapping[str, Any], embed: bool) -> 
     comparable = protocol(cfg)[1]
     bars = [{"group": _setting(r), "label": _run_label(results), "value": 100 * r["accuracy"],
              "ci95": scaled(r["ci95"], 100), "reference": False} for r in test if r.get("accuracy") is not None]
-    refs = reference_bars(cfg.get("data", {}).get("name", ""), test)
+    refs = reference_bars((r, row_dataset(r, cfg)) for r in test)
     bars += refs
     caption = ("Held-out accuracy of this run (mean over test episodes, whiskers: 95% CI)"
                + (" next to published numbers (grey, hatched)" if refs else "") + ".")
@@ -339,11 +351,11 @@ def _steps_section(run_dir: Path, cfg: Mapping[str, Any], embed: bool) -> str:
 
 def _test_rows(results: Mapping[str, Any]) -> str:
     """One table row per held-out result, with the published references of its setting."""
-    dataset = results.get("config", {}).get("data", {}).get("name", "")
+    cfg = results.get("config", {})
     rows = []
     for r in results.get("test", []):
         refs = "; ".join(f"{p.method} {p.accuracy:.2f}%" + (f" ± {p.ci95:.2f}%" if p.ci95 else "")
-                         for p in references(r, dataset))
+                         for p in references(r, row_dataset(r, cfg)))
         rows.append(f"<tr><td>{_e(_setting(r))}</td><td class='num big'>{_e(_value(r))}</td>"
                     + "".join(f"<td class=num>{r.get(k, '–')}</td>" for k in ("episodes", "queries", "steps"))
                     + f"<td>{_e(refs) or '&ndash;'}</td></tr>")
@@ -476,17 +488,21 @@ def _comparison_bars(runs: list[tuple], path: Path) -> tuple[str, Path | None, s
                   "ci95": scaled(r["ci95"], 100), "reference": False}
                  for r in results.get("test", []) if r.get("accuracy") is not None]
     caption = "Mean accuracy over test episodes per setting; whiskers are 95% confidence intervals."
-    datasets = {r[1].get("config", {}).get("data", {}).get("name") for r in runs}
-    if len(datasets) == 1:
-        # one set of references per bar group (setting, dataset, head, superclass draw), not per (ways, shots)
-        seen = {_setting(r): r for _, res, *_ in runs for r in res.get("test", []) if r.get("accuracy") is not None}
-        refs = reference_bars(next(iter(datasets)), seen.values())
-        if refs:
-            bars += refs
-            caption += " Grey hatched bars: published numbers on the official test classes."
-            if not all(protocol(res.get("config", {}))[1] for _, res, *_ in runs):
-                caption += (" <b>Some runs here are evaluated on other held-out classes, so comparing them "
-                            "with the published numbers is indicative only.</b>")
+    named = [(r, row_dataset(r, res.get("config", {}))) for _, res, *_ in runs for r in res.get("test", [])
+             if r.get("accuracy") is not None]
+    datasets: dict[str, set[str]] = {}
+    for r, name in named:
+        datasets.setdefault(_setting(r), set()).add(name)
+    # one set of references per bar group (setting, dataset, head, superclass draw), not per (ways, shots),
+    # and none for a group of rows of several datasets (runs on different data)
+    seen = {_setting(r): (r, name) for r, name in named if len(datasets[_setting(r)]) == 1}
+    refs = reference_bars(seen.values())
+    if refs:
+        bars += refs
+        caption += " Grey hatched bars: published numbers on the official test classes."
+        if not all(protocol(res.get("config", {}))[1] for _, res, *_ in runs):
+            caption += (" <b>Some runs here are evaluated on other held-out classes, so comparing them "
+                        "with the published numbers is indicative only.</b>")
     return "Held-out accuracy (95% CI)", plots.plot_comparison(bars, path), caption
 
 

@@ -736,3 +736,26 @@ def test_a_curve_of_an_earlier_learner_is_not_shown_as_the_runs(tmp_path, monkey
     monkeypatch.setattr(report.plots, "plot_curves", lambda curves, *a, **k: captured.append(curves))
     write_comparison([run], tmp_path / "cmp.html")
     assert captured[-1] == []  # the comparison overlays no stale curve either
+
+
+def test_published_references_follow_each_datasets_name_not_its_label(tmp_path, monkeypatch):
+    """A multi-dataset run's rows carry their dataset's label: references were looked up by it, so an
+    Omniglot dataset labelled 'miniimagenet' got the mini-ImageNet numbers and one labelled 'omni' none.
+    They now follow the dataset's name, in the report's table and bars and in comparisons."""
+    from metamtl.reporting import report
+
+    run = _small_run(tmp_path / "r", [{**_row(0.9, 0.01), "dataset": label} for label in ("omniglot", "omni", "miniimagenet")])
+    results = json.loads((run / "results.json").read_text())
+    results["config"]["datasets"] = [{"name": "omniglot"}, {"name": "omniglot", "label": "omni"},
+                                     {"name": "omniglot", "label": "miniimagenet"}]
+    (run / "results.json").write_text(json.dumps(results))
+    captured = []
+    monkeypatch.setattr(report.plots, "plot_comparison", lambda bars, path: captured.append(bars))
+    table = write_report(run).read_text().split("<h2>Held-out test results</h2>")[1].split("</table>")[0]
+    cells = {re.sub(r"<[^>]+>", "", tr.split("</td>")[0]): tr for tr in re.findall(r"<tr><td>(.*?)</tr>", table)}
+    for label in ("omniglot", "omni", "miniimagenet"):
+        assert "MAML 98.70%" in cells[f"{label}: 5-way 1-shot"] and "48.70" not in cells[f"{label}: 5-way 1-shot"]
+    write_comparison([run], tmp_path / "cmp.html")
+    for bars in captured:
+        refs = {(b["group"], b["value"]) for b in bars if b["reference"] and b["label"] == "MAML (published)"}
+        assert refs == {(f"{label}: 5-way 1-shot", 98.7) for label in ("omniglot", "omni", "miniimagenet")}
