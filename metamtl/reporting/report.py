@@ -362,16 +362,22 @@ def _test_rows(results: Mapping[str, Any]) -> str:
     return "".join(rows) or "<tr><td colspan=6>no test evaluation in this run</td></tr>"
 
 
+#: where a run's W&B runs are written: its own, its earlier stages' and its ensemble members' (staged too)
+WANDB_FOLDERS = ("wandb", "stages/*/wandb", "members/*/wandb", "members/*/stages/*/wandb")
+
+
 def _wandb_note(run_dir: Path) -> str:
     """Where the run's offline W&B runs are and one command, to paste into a shell from any folder,
-    that uploads all of them (a resumed run has one per part)."""
-    wandb_dir = run_dir.resolve() / "wandb"
-    offline = sorted(p.name for p in wandb_dir.glob("offline-run-*")) if wandb_dir.is_dir() else []
+    that uploads all of them (a resumed run has one per part; a staged run one per stage, an ensemble
+    one per member and one for the ensemble; see :data:`WANDB_FOLDERS`)."""
+    root = run_dir.resolve()
+    offline = sorted(p for pattern in WANDB_FOLDERS for p in root.glob(f"{pattern}/offline-run-*") if p.is_dir())
     if not offline:
         return ""
-    command = "wandb sync " + " ".join(shlex.quote(str(wandb_dir / name)) for name in offline)
-    return (f"<p>W&amp;B offline run(s): <code>{_e(', '.join(offline))}</code> in "
-            f"<code>{_e(wandb_dir)}</code>; upload with <code>{_e(command)}</code>.</p>")
+    command = "wandb sync " + " ".join(shlex.quote(str(p)) for p in offline)
+    names = ", ".join(p.relative_to(root).as_posix() for p in offline)
+    return (f"<p>W&amp;B offline run(s): <code>{_e(names)}</code> in "
+            f"<code>{_e(root)}</code>; upload with <code>{_e(command)}</code>.</p>")
 
 
 def _report_page(run_dir: Path, results: Mapping[str, Any], figures: list[tuple[str, str]]) -> str:

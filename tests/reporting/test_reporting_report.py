@@ -759,3 +759,20 @@ def test_published_references_follow_each_datasets_name_not_its_label(tmp_path, 
     for bars in captured:
         refs = {(b["group"], b["value"]) for b in bars if b["reference"] and b["label"] == "MAML (published)"}
         assert refs == {(f"{label}: 5-way 1-shot", 98.7) for label in ("omniglot", "omni", "miniimagenet")}
+
+
+def test_the_wandb_sync_command_uploads_the_stages_and_members_runs_too(tmp_path):
+    """A staged run's earlier stages and an ensemble's members log their own W&B runs in their own
+    folders (stages/<name>/wandb, members/<member>/wandb): the "upload all" command left them out."""
+    import html
+    import shlex
+
+    run = _small_run(tmp_path / "x", [_row(0.6, 0.1)])
+    offline = [run / where / "wandb" / f"offline-run-2026010{i}_000000-abc"
+               for i, where in enumerate(("members/member0", "members/member1/stages/s1", "stages/s1", "."))]
+    for d in offline:
+        d.mkdir(parents=True)
+    text = write_report(run).read_text()
+    command = html.unescape(re.search(r"upload with <code>(.*?)</code>", text).group(1))
+    assert sorted(shlex.split(command)[2:]) == sorted(str(d.resolve()) for d in offline)
+    assert "stages/s1/wandb/offline-run-20260102_000000-abc" in text
