@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -797,6 +798,23 @@ def held_run_files(run_dir: Path) -> list[str]:
     return [f for f in RUN_FILES if (run_dir / f).exists() and not _empty_metrics(run_dir / f)]
 
 
+def discard_run(run_dir: Path, files: list[str]) -> None:
+    """Delete a run that ``--overwrite`` replaces: its ``files``, those derived from them and its W&B
+    runs (``<run_dir>/wandb``: the new run's report would list them, and its `wandb sync` command
+    upload them, as its own)."""
+    for name in files + [f for f in DERIVED_FILES if (run_dir / f).exists()]:
+        (run_dir / name).unlink()
+    wandb_dir = run_dir / "wandb"
+    if wandb_dir.is_symlink():
+        wandb_dir.unlink()
+    elif wandb_dir.is_dir():
+        try:
+            shutil.rmtree(wandb_dir)
+        except OSError as exc:
+            raise ConfigError(f"cannot delete the W&B runs of the run that --overwrite replaces ({wandb_dir}: "
+                              f"{exc.strerror or exc}); delete or move that folder yourself and run again") from None
+
+
 def claim_run_dir(cfg: Config, resume: str | Path | None = None, overwrite: bool = False) -> RunFolderLock:
     """Take the run folder for this process and make sure no earlier run in it is lost.
 
@@ -829,8 +847,7 @@ def claim_run_dir(cfg: Config, resume: str | Path | None = None, overwrite: bool
                     "name=... or output_dir=..."
                 )
             if main_process:
-                for name in existing + [f for f in DERIVED_FILES if (run_dir / f).exists()]:
-                    (run_dir / name).unlink()
+                discard_run(run_dir, existing)
     except BaseException:
         lock.release()
         raise
