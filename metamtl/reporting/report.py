@@ -141,15 +141,18 @@ def _figure(path: Path | None, alt: str, caption: str, embed: bool, base: Path) 
     return f"<figure>{_img(path, alt, embed, base)}<figcaption>{caption}</figcaption></figure>"
 
 
-def protocol(cfg: Mapping[str, Any]) -> tuple[str, bool]:
-    """(Human description of the data protocol, whether published numbers apply to it)."""
+def protocol(cfg: Mapping[str, Any], resolved: Mapping[str, Sequence[str]] | None = None) -> tuple[str, bool]:
+    """(Human description of the data protocol, whether published numbers apply to it).
+
+    ``resolved``: the archives each Omniglot dataset read, by label (a run's ``results["data_sources"]``,
+    see :func:`run_protocol`); without it (older runs) the configured ``sources`` are judged."""
     if cfg.get("datasets"):
-        parts = [f"{d.get('label') or d.get('name')}: {protocol({'data': d})[0]}" for d in cfg["datasets"]]
+        parts = [f"{d.get('label') or d.get('name')}: {protocol({'data': d}, resolved)[0]}" for d in cfg["datasets"]]
         return "several datasets (" + "; ".join(parts) + ")", False
     data = cfg.get("data", {})
     name = data.get("name")
     if name == "omniglot":
-        sources = data.get("sources") or []
+        sources = (resolved or {}).get(data.get("label") or name, data.get("sources")) or []
         full = "images_evaluation" in sources and "images_background" in sources
         test = data.get("test_split", "test")
         if full and test == "test":
@@ -168,6 +171,11 @@ def protocol(cfg: Mapping[str, Any]) -> tuple[str, bool]:
         return (f"mini-ImageNet, Ravi & Larochelle split, held-out evaluation on the {test or data.get('val_split')!r} "
                 "classes (test images not available)", False)
     return str(name), False
+
+
+def run_protocol(results: Mapping[str, Any]) -> tuple[str, bool]:
+    """:func:`protocol` of a run, judged on the archives it recorded reading (``data_sources``)."""
+    return protocol(results.get("config", {}), results.get("data_sources"))
 
 
 def references(r: Mapping[str, Any], dataset: str) -> list[Any]:
@@ -279,7 +287,7 @@ def _not_drawn(reason: str) -> str:
 def _accuracy_figure(run_dir: Path, results: Mapping[str, Any], embed: bool) -> str:
     """Held-out accuracy bars with 95% CI, next to published numbers where they apply."""
     test, cfg = results.get("test", []), results.get("config", {})
-    comparable = protocol(cfg)[1]
+    comparable = run_protocol(results)[1]
     bars = [{"group": _setting(r), "label": _run_label(results), "value": 100 * r["accuracy"],
              "ci95": scaled(r["ci95"], 100), "reference": False} for r in test if r.get("accuracy") is not None]
     refs = reference_bars((r, row_dataset(r, cfg)) for r in test)
@@ -394,7 +402,7 @@ def _report_page(run_dir: Path, results: Mapping[str, Any], figures: list[tuple[
 meta-trained on {t.get('ways')}-way {t.get('shots')}-shot tasks ({t.get('queries')} queries per class,
 {tr.get('meta_batch_size')} tasks per meta-batch) for <b>{results.get('iterations')}</b> meta-iterations{_in_total(results)} in
 {results.get('train_seconds') or 0:.0f} s (stopped by {_e(results.get('stopped_by'))}){_memory_line(results)}.{_stages(results)}{_members(results)}<br>
-Data: {_e(protocol(cfg)[0])}.<br>
+Data: {_e(run_protocol(results)[0])}.<br>
 Commit <code>{_e(results.get('commit'))}</code>, {_e(results.get('date'))},
 {_e(machine.get('cpu') or machine.get('platform', ''))}.</p>
 <h2>Held-out test results</h2>
@@ -506,7 +514,7 @@ def _comparison_bars(runs: list[tuple], path: Path) -> tuple[str, Path | None, s
     if refs:
         bars += refs
         caption += " Grey hatched bars: published numbers on the official test classes."
-        if not all(protocol(res.get("config", {}))[1] for _, res, *_ in runs):
+        if not all(run_protocol(res)[1] for _, res, *_ in runs):
             caption += (" <b>Some runs here are evaluated on other held-out classes, so comparing them "
                         "with the published numbers is indicative only.</b>")
     return "Held-out accuracy (95% CI)", plots.plot_comparison(bars, path), caption
@@ -548,7 +556,7 @@ def _comparison_page(out: Path, runs: list[tuple], figs: list[tuple], embed: boo
         link = _href(d / "report.html", out.parent)
         tests = "<br>".join(f"{_e(_setting(r))}: <b class=nowrap>{_e(_value(r))}</b>" for r in results.get("test", []))
         rows.append(f"<tr><td><a href='{_e(link)}'>{_e(results.get('name'))}</a></td>"
-                    f"<td>{_e(cfg.get('algorithm', {}).get('name'))}</td><td>{_e(protocol(cfg)[0])}</td>"
+                    f"<td>{_e(cfg.get('algorithm', {}).get('name'))}</td><td>{_e(run_protocol(results)[0])}</td>"
                     f"<td class=num>{results.get('iterations')}</td><td class=num>{results.get('train_seconds') or 0:.0f}</td>"
                     f"<td>{tests or '&ndash;'}</td><td><code>{_e(results.get('commit'))}</code></td></tr>")
     body = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">

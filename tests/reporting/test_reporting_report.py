@@ -776,3 +776,39 @@ def test_the_wandb_sync_command_uploads_the_stages_and_members_runs_too(tmp_path
     command = html.unescape(re.search(r"upload with <code>(.*?)</code>", text).group(1))
     assert sorted(shlex.split(command)[2:]) == sorted(str(d.resolve()) for d in offline)
     assert "stages/s1/wandb/offline-run-20260102_000000-abc" in text
+
+
+def test_official_omniglot_read_with_sources_null_is_reported_as_the_official_protocol(tiny_run, tmp_path):
+    """`data.sources: null` reads every archive found: with both official ones, the official protocol.
+    The report judged the configured `null` as "the archives found: characters split ..., not the official
+    evaluation alphabets" and marked published numbers "indicative only".  A run now records the
+    archives it read (results["data_sources"]) and the report describes those; an older run without
+    the record keeps the configured wording."""
+    from PIL import Image
+
+    from metamtl.config import config_from_dict
+    from metamtl.experiment import data_sources
+    from metamtl.reporting.report import protocol
+
+    run_dir, results = tiny_run
+    assert results["data_sources"] == {"omniglot": ["images_background_small1"]}
+    assert json.loads((run_dir / "results.json").read_text())["data_sources"] == results["data_sources"]
+    root = tmp_path / "data"
+    for source in ("images_background", "images_evaluation"):
+        (root / source / "A" / "character01").mkdir(parents=True)
+        Image.new("1", (105, 105), 1).save(root / source / "A" / "character01" / "0001_01.png")
+    cfg = config_from_dict({**{k: v for k, v in json.loads((run_dir / "results.json").read_text())["config"].items()
+                               if k not in ("name", "output_dir")},
+                            "data": {"name": "omniglot", "root": str(root), "sources": None}})
+    resolved = data_sources(cfg)
+    assert resolved == {"omniglot": ["images_background", "images_evaluation"]}
+    data = {"name": "omniglot", "sources": None, "test_split": "test"}
+    assert protocol({"data": data}, resolved)[1] and "official protocol" in protocol({"data": data}, resolved)[0]
+    assert "the archives found" in protocol({"data": data})[0] and not protocol({"data": data})[1]
+    run = _small_run(tmp_path / "r", [_row(0.99, 0.01)])
+    saved = json.loads((run / "results.json").read_text())
+    saved["config"]["data"], saved["data_sources"] = data, resolved
+    (run / "results.json").write_text(json.dumps(saved))
+    text = write_report(run).read_text()
+    assert "Omniglot, official protocol" in text and "indicative only" not in text
+    assert "Omniglot, official protocol" in write_comparison([run], tmp_path / "cmp.html").read_text()
