@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -433,6 +434,7 @@ def _run(cfg: Config, resume: str | Path | None, progress: bool, callbacks: list
     t0 = time.perf_counter()
     tasks = build_tasks(cfg)
     record["data_seconds"] = time.perf_counter() - t0
+    record["data_sources"] = data_sources(cfg)
     check_eval_settings(cfg, tasks["test"])
     for split in ("train", "val", "test"):
         for shown in _shown_tasks(cfg, split, tasks[split]):
@@ -519,13 +521,32 @@ def _results(cfg: Config, learner: MetaLearner, selected: int | None, record: di
         "stopped_by": learner.fit_state.stopped_by or "iterations",
         "selected_iteration": selected if selected is not None else learner.iteration,
         "world_size": learner.world_size, "train_seconds": record["train_seconds"],
-        "data_seconds": record["data_seconds"], "checkpoint": str(cfg.run_dir / "learner.pt"),
+        "data_seconds": record["data_seconds"], "data_sources": record["data_sources"],
+        "checkpoint": str(cfg.run_dir / "learner.pt"),
         "peak_memory_mb": learner.run.peak_memory_mb,  # highest per-iteration peak (RSS / CUDA max allocated)
         "memory": memory_summary(learner),
         "machine": machine_info(), "commit": record["commit"], "date": record["date"], "test": [],
         "layout": "channels_last" if learner.channels_last else "nchw",  # as chosen (train.channels_last: null)
         "precision": learner.precision,  # as chosen (train.precision: auto)
     }
+
+
+def data_sources(cfg: Config) -> dict[str, list[str]]:
+    """The archives each Omniglot dataset of a run reads, by its label (``label`` or ``name``):
+    ``sources`` as set, or with ``sources: null`` every official archive found under its root (what
+    the loader reads).  The report's data protocol is judged on them (``results["data_sources"]``)."""
+    from .data.omniglot import Omniglot
+    from .errors import DataNotFoundError
+
+    out = {}
+    for d in cfg.datasets or [cfg.data]:
+        if d.name != "omniglot":
+            continue
+        try:
+            out[d.label or d.name] = list(d.sources) if d.sources else list(Omniglot.available_sources(data_root(cfg, d)))
+        except DataNotFoundError:  # no root to look in (its data was never loaded here): not recorded
+            continue
+    return out
 
 
 def evaluate_held_out(learner: MetaLearner, cfg: Config, test_tasks: Any, progress: bool = True,
@@ -797,6 +818,23 @@ def held_run_files(run_dir: Path) -> list[str]:
     return [f for f in RUN_FILES if (run_dir / f).exists() and not _empty_metrics(run_dir / f)]
 
 
+def discard_run(run_dir: Path, files: list[str]) -> None:
+    """Delete a run that ``--overwrite`` replaces: its ``files``, those derived from them and its W&B
+    runs (``<run_dir>/wandb``: the new run's report would list them, and its `wandb sync` command
+    upload them, as its own)."""
+    for name in files + [f for f in DERIVED_FILES if (run_dir / f).exists()]:
+        (run_dir / name).unlink()
+    wandb_dir = run_dir / "wandb"
+    if wandb_dir.is_symlink():
+        wandb_dir.unlink()
+    elif wandb_dir.is_dir():
+        try:
+            shutil.rmtree(wandb_dir)
+        except OSError as exc:
+            raise ConfigError(f"cannot delete the W&B runs of the run that --overwrite replaces ({wandb_dir}: "
+                              f"{exc.strerror or exc}); delete or move that folder yourself and run again") from None
+
+
 def claim_run_dir(cfg: Config, resume: str | Path | None = None, overwrite: bool = False) -> RunFolderLock:
     """Take the run folder for this process and make sure no earlier run in it is lost.
 
@@ -829,8 +867,7 @@ def claim_run_dir(cfg: Config, resume: str | Path | None = None, overwrite: bool
                     "name=... or output_dir=..."
                 )
             if main_process:
-                for name in existing + [f for f in DERIVED_FILES if (run_dir / f).exists()]:
-                    (run_dir / name).unlink()
+                discard_run(run_dir, existing)
     except BaseException:
         lock.release()
         raise
@@ -941,7 +978,7 @@ def _evaluate_ensemble(cfg: Config, last: Config, members: list[tuple[str, Confi
         "iterations": sum(r["iterations"] for r in rows), "train_seconds": record["train_seconds"],
         "stopped_by": "+".join(sorted({str(r.get("stopped_by")) for r in rows})),
         "machine": machine_info(), "commit": record["commit"], "date": record["date"], "test": [],
-        "ensemble": {"threads": member_threads(cfg), "members": [
+        "data_sources": data_sources(last), "ensemble": {"threads": member_threads(cfg), "members": [
             {"name": name, "seed": m.seed, "tasks_seed": m.tasks.seed, "run_dir": str(m.run_dir),
              **{k: r.get(k) for k in ("iterations", "train_seconds", "stopped_by", "selected_iteration",
                                        "stages", "test")}}

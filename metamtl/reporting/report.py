@@ -27,7 +27,7 @@ from ..files import atomic_write_text
 from ..errors import ConfigError
 from ..evaluation import plus_minus
 from ..evaluation import within_superclass
-from ..steps_curve import read_steps_curve
+from ..steps_curve import cache_key, read_steps_curve
 from . import plots
 from .published import published
 
@@ -141,15 +141,18 @@ def _figure(path: Path | None, alt: str, caption: str, embed: bool, base: Path) 
     return f"<figure>{_img(path, alt, embed, base)}<figcaption>{caption}</figcaption></figure>"
 
 
-def protocol(cfg: Mapping[str, Any]) -> tuple[str, bool]:
-    """(Human description of the data protocol, whether published numbers apply to it)."""
+def protocol(cfg: Mapping[str, Any], resolved: Mapping[str, Sequence[str]] | None = None) -> tuple[str, bool]:
+    """(Human description of the data protocol, whether published numbers apply to it).
+
+    ``resolved``: the archives each Omniglot dataset read, by label (a run's ``results["data_sources"]``,
+    see :func:`run_protocol`); without it (older runs) the configured ``sources`` are judged."""
     if cfg.get("datasets"):
-        parts = [f"{d.get('label') or d.get('name')}: {protocol({'data': d})[0]}" for d in cfg["datasets"]]
+        parts = [f"{d.get('label') or d.get('name')}: {protocol({'data': d}, resolved)[0]}" for d in cfg["datasets"]]
         return "several datasets (" + "; ".join(parts) + ")", False
     data = cfg.get("data", {})
     name = data.get("name")
     if name == "omniglot":
-        sources = data.get("sources") or []
+        sources = (resolved or {}).get(data.get("label") or name, data.get("sources")) or []
         full = "images_evaluation" in sources and "images_background" in sources
         test = data.get("test_split", "test")
         if full and test == "test":
@@ -170,17 +173,34 @@ def protocol(cfg: Mapping[str, Any]) -> tuple[str, bool]:
     return str(name), False
 
 
+def run_protocol(results: Mapping[str, Any]) -> tuple[str, bool]:
+    """:func:`protocol` of a run, judged on the archives it recorded reading (``data_sources``)."""
+    return protocol(results.get("config", {}), results.get("data_sources"))
+
+
 def references(r: Mapping[str, Any], dataset: str) -> list[Any]:
-    """The published results a held-out row can be read against: only inductive rows of random
-    classes (published few-shot numbers are neither transductive nor drawn within superclasses)."""
+    """The published results a held-out row of ``dataset`` (a dataset's name, e.g. from
+    :func:`row_dataset`) can be read against: only inductive rows of random classes (published
+    few-shot numbers are neither transductive nor drawn within superclasses)."""
     if r.get("accuracy") is None or r.get("transductive") or r.get("hierarchy") is not None:
         return []
-    return published(r.get("dataset") or dataset, r.get("ways"), r.get("shots"))
+    return published(dataset, r.get("ways"), r.get("shots"))
 
 
-def reference_bars(dataset: str, settings: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def row_dataset(r: Mapping[str, Any], cfg: Mapping[str, Any]) -> str:
+    """The name of the dataset (``omniglot``, ...) a held-out row of a run with config ``cfg`` is of:
+    a multi-dataset run's row carries its dataset's label (free text, ``label`` or ``name``)."""
+    label = r.get("dataset")
+    for d in cfg.get("datasets") or []:
+        if (d.get("label") or d.get("name")) == label:
+            return str(d.get("name"))
+    return label or cfg.get("data", {}).get("name", "")
+
+
+def reference_bars(rows: Iterable[tuple[Mapping[str, Any], str]]) -> list[dict[str, Any]]:
+    """The published bars of held-out rows, given as ``(row, its dataset's name)``."""
     bars = []
-    for r in settings:
+    for r, dataset in rows:
         for p in references(r, dataset):
             bars.append({"group": _setting(r), "label": f"{p.method} (published)", "value": p.accuracy,
                          "ci95": p.ci95, "reference": True})
@@ -267,10 +287,10 @@ def _not_drawn(reason: str) -> str:
 def _accuracy_figure(run_dir: Path, results: Mapping[str, Any], embed: bool) -> str:
     """Held-out accuracy bars with 95% CI, next to published numbers where they apply."""
     test, cfg = results.get("test", []), results.get("config", {})
-    comparable = protocol(cfg)[1]
+    comparable = run_protocol(results)[1]
     bars = [{"group": _setting(r), "label": _run_label(results), "value": 100 * r["accuracy"],
              "ci95": scaled(r["ci95"], 100), "reference": False} for r in test if r.get("accuracy") is not None]
-    refs = reference_bars(cfg.get("data", {}).get("name", ""), test)
+    refs = reference_bars((r, row_dataset(r, cfg)) for r in test)
     bars += refs
     caption = ("Held-out accuracy of this run (mean over test episodes, whiskers: 95% CI)"
                + (" next to published numbers (grey, hatched)" if refs else "") + ".")
@@ -280,9 +300,28 @@ def _accuracy_figure(run_dir: Path, results: Mapping[str, Any], embed: bool) -> 
     return _figure(plots.plot_comparison(bars, run_dir / "accuracy.png"), "accuracy bars", caption, embed, run_dir)
 
 
+def current_steps_curve(run_dir: Path) -> dict[str, Any] | None:
+    """:func:`read_steps_curve`, or ``{"error": ...}`` for a curve computed from another ``learner.pt``
+    than the run's (its ``key`` records the file's size and time): e.g. a resumed run that did not
+    compute its curve again keeps the one of the learner it continued, which is not this learner's."""
+    data = read_steps_curve(run_dir)
+    key = (data or {}).get("key")
+    if not isinstance(key, dict) or "error" in data:  # an older curve without a key: nothing to check
+        return data
+    learner = run_dir / str(key.get("learner", "learner.pt"))
+    fields = ("learner", "size", "mtime")
+    now = cache_key(learner, data["episodes"], data["steps"]) if learner.is_file() else {}
+    if all(now.get(f) == key.get(f) for f in fields):
+        return data
+    return {"error": f"the saved {learner.name} is not the one the curve in steps_curve.json was computed from "
+                     f"(that was an earlier {learner.name}, e.g. before the run was resumed); `metamtl report "
+                     f"RUN_DIR` computes it for the current one (--steps-episodes N where the run's config sets "
+                     "logging.report_steps_episodes: 0)"}
+
+
 def _steps_section(run_dir: Path, cfg: Mapping[str, Any], embed: bool) -> str:
     """The accuracy-vs-inner-steps plot and table from ``steps_curve.json`` (or why there is none)."""
-    data = read_steps_curve(run_dir)
+    data = current_steps_curve(run_dir)
     members = int((cfg.get("ensemble") or {}).get("members", 1))
     if data is None and members > 1:
         links = ", ".join(f'<a href="members/member{i}/report.html">member{i}</a>' for i in range(members))
@@ -305,9 +344,11 @@ def _steps_section(run_dir: Path, cfg: Mapping[str, Any], embed: bool) -> str:
                     f"The saved learner adapted with 0..{max(data['steps'])} inner steps on "
                     f"{data['episodes']} fixed {_e(data['split'])} episodes per point "
                     "(95% CI). Step 0 is the meta-learned initialisation without any adaptation.", embed, run_dir)
+    digits = 4 if scale == 1.0 else 2  # MSE as the held-out table writes it (_value); accuracy in %
     rows = "".join(
         f"<tr><td>{_e(c['setting'])}</td>" + "".join(
-            f"<td class=num>{scale * m:.2f}{plus_minus(e, scale)}</td>" for m, e in zip(c["mean"], c["ci95"]))
+            f"<td class=num>{scale * m:.{digits}f}{plus_minus(e, scale, digits)}</td>"
+            for m, e in zip(c["mean"], c["ci95"]))
         + "</tr>" for c in data["curves"])
     if data.get("refresh_error"):
         note = f"This is the curve saved before; computing it again (other steps or episodes) failed: {data['refresh_error']}"
@@ -318,27 +359,33 @@ def _steps_section(run_dir: Path, cfg: Mapping[str, Any], embed: bool) -> str:
 
 def _test_rows(results: Mapping[str, Any]) -> str:
     """One table row per held-out result, with the published references of its setting."""
-    dataset = results.get("config", {}).get("data", {}).get("name", "")
+    cfg = results.get("config", {})
     rows = []
     for r in results.get("test", []):
         refs = "; ".join(f"{p.method} {p.accuracy:.2f}%" + (f" ± {p.ci95:.2f}%" if p.ci95 else "")
-                         for p in references(r, dataset))
+                         for p in references(r, row_dataset(r, cfg)))
         rows.append(f"<tr><td>{_e(_setting(r))}</td><td class='num big'>{_e(_value(r))}</td>"
                     + "".join(f"<td class=num>{r.get(k, '–')}</td>" for k in ("episodes", "queries", "steps"))
                     + f"<td>{_e(refs) or '&ndash;'}</td></tr>")
     return "".join(rows) or "<tr><td colspan=6>no test evaluation in this run</td></tr>"
 
 
+#: where a run's W&B runs are written: its own, its earlier stages' and its ensemble members' (staged too)
+WANDB_FOLDERS = ("wandb", "stages/*/wandb", "members/*/wandb", "members/*/stages/*/wandb")
+
+
 def _wandb_note(run_dir: Path) -> str:
     """Where the run's offline W&B runs are and one command, to paste into a shell from any folder,
-    that uploads all of them (a resumed run has one per part)."""
-    wandb_dir = run_dir.resolve() / "wandb"
-    offline = sorted(p.name for p in wandb_dir.glob("offline-run-*")) if wandb_dir.is_dir() else []
+    that uploads all of them (a resumed run has one per part; a staged run one per stage, an ensemble
+    one per member and one for the ensemble; see :data:`WANDB_FOLDERS`)."""
+    root = run_dir.resolve()
+    offline = sorted(p for pattern in WANDB_FOLDERS for p in root.glob(f"{pattern}/offline-run-*") if p.is_dir())
     if not offline:
         return ""
-    command = "wandb sync " + " ".join(shlex.quote(str(wandb_dir / name)) for name in offline)
-    return (f"<p>W&amp;B offline run(s): <code>{_e(', '.join(offline))}</code> in "
-            f"<code>{_e(wandb_dir)}</code>; upload with <code>{_e(command)}</code>.</p>")
+    command = "wandb sync " + " ".join(shlex.quote(str(p)) for p in offline)
+    names = ", ".join(p.relative_to(root).as_posix() for p in offline)
+    return (f"<p>W&amp;B offline run(s): <code>{_e(names)}</code> in "
+            f"<code>{_e(root)}</code>; upload with <code>{_e(command)}</code>.</p>")
 
 
 def _report_page(run_dir: Path, results: Mapping[str, Any], figures: list[tuple[str, str]]) -> str:
@@ -355,7 +402,7 @@ def _report_page(run_dir: Path, results: Mapping[str, Any], figures: list[tuple[
 meta-trained on {t.get('ways')}-way {t.get('shots')}-shot tasks ({t.get('queries')} queries per class,
 {tr.get('meta_batch_size')} tasks per meta-batch) for <b>{results.get('iterations')}</b> meta-iterations{_in_total(results)} in
 {results.get('train_seconds') or 0:.0f} s (stopped by {_e(results.get('stopped_by'))}){_memory_line(results)}.{_stages(results)}{_members(results)}<br>
-Data: {_e(protocol(cfg)[0])}.<br>
+Data: {_e(run_protocol(results)[0])}.<br>
 Commit <code>{_e(results.get('commit'))}</code>, {_e(results.get('date'))},
 {_e(machine.get('cpu') or machine.get('platform', ''))}.</p>
 <h2>Held-out test results</h2>
@@ -420,7 +467,7 @@ def write_comparison(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLi
     runs = []
     for d in run_dirs:
         results, history = load_run(d)
-        steps = read_steps_curve(d)
+        steps = current_steps_curve(Path(d))
         runs.append((Path(d), results, history, steps if steps is not None and "error" not in steps else None))
     runs = [(*run, label) for run, label in zip(runs, _unique_labels(runs))]
     stem = out.with_suffix("")
@@ -455,17 +502,21 @@ def _comparison_bars(runs: list[tuple], path: Path) -> tuple[str, Path | None, s
                   "ci95": scaled(r["ci95"], 100), "reference": False}
                  for r in results.get("test", []) if r.get("accuracy") is not None]
     caption = "Mean accuracy over test episodes per setting; whiskers are 95% confidence intervals."
-    datasets = {r[1].get("config", {}).get("data", {}).get("name") for r in runs}
-    if len(datasets) == 1:
-        # one set of references per bar group (setting, dataset, head, superclass draw), not per (ways, shots)
-        seen = {_setting(r): r for _, res, *_ in runs for r in res.get("test", []) if r.get("accuracy") is not None}
-        refs = reference_bars(next(iter(datasets)), seen.values())
-        if refs:
-            bars += refs
-            caption += " Grey hatched bars: published numbers on the official test classes."
-            if not all(protocol(res.get("config", {}))[1] for _, res, *_ in runs):
-                caption += (" <b>Some runs here are evaluated on other held-out classes, so comparing them "
-                            "with the published numbers is indicative only.</b>")
+    named = [(r, row_dataset(r, res.get("config", {}))) for _, res, *_ in runs for r in res.get("test", [])
+             if r.get("accuracy") is not None]
+    datasets: dict[str, set[str]] = {}
+    for r, name in named:
+        datasets.setdefault(_setting(r), set()).add(name)
+    # one set of references per bar group (setting, dataset, head, superclass draw), not per (ways, shots),
+    # and none for a group of rows of several datasets (runs on different data)
+    seen = {_setting(r): (r, name) for r, name in named if len(datasets[_setting(r)]) == 1}
+    refs = reference_bars(seen.values())
+    if refs:
+        bars += refs
+        caption += " Grey hatched bars: published numbers on the official test classes."
+        if not all(run_protocol(res)[1] for _, res, *_ in runs):
+            caption += (" <b>Some runs here are evaluated on other held-out classes, so comparing them "
+                        "with the published numbers is indicative only.</b>")
     return "Held-out accuracy (95% CI)", plots.plot_comparison(bars, path), caption
 
 
@@ -505,7 +556,7 @@ def _comparison_page(out: Path, runs: list[tuple], figs: list[tuple], embed: boo
         link = _href(d / "report.html", out.parent)
         tests = "<br>".join(f"{_e(_setting(r))}: <b class=nowrap>{_e(_value(r))}</b>" for r in results.get("test", []))
         rows.append(f"<tr><td><a href='{_e(link)}'>{_e(results.get('name'))}</a></td>"
-                    f"<td>{_e(cfg.get('algorithm', {}).get('name'))}</td><td>{_e(protocol(cfg)[0])}</td>"
+                    f"<td>{_e(cfg.get('algorithm', {}).get('name'))}</td><td>{_e(run_protocol(results)[0])}</td>"
                     f"<td class=num>{results.get('iterations')}</td><td class=num>{results.get('train_seconds') or 0:.0f}</td>"
                     f"<td>{tests or '&ndash;'}</td><td><code>{_e(results.get('commit'))}</code></td></tr>")
     body = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">

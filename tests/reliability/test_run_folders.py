@@ -249,3 +249,20 @@ def test_a_regression_run_evaluating_best_pt_names_its_validation_loss(tmp_path,
     assert main(["fit", str(cfg), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "evaluating best.pt (best validation loss, iteration" in out and "validation accuracy" not in out, out
+
+
+def test_overwrite_discards_the_replaced_runs_wandb_runs_and_resume_keeps_them(tmp_path):
+    """--overwrite deleted the replaced run's files but not its W&B runs (<run_dir>/wandb), so the new
+    run's report listed them and its `wandb sync` command uploaded the deleted run as this one's."""
+    from metamtl.experiment import claim_run_dir
+
+    cfg = config_from_dict(sinusoid_config(tmp_path, **{"train.iterations": 3}))
+    run_dir = cfg.run_dir
+    old = run_dir / "wandb" / "offline-run-20260101_000000-old"
+    old.mkdir(parents=True)
+    (run_dir / "results.json").write_text("{}")
+    (run_dir / "last.pt").write_bytes(b"a checkpoint")
+    claim_run_dir(cfg, resume=run_dir / "last.pt").release()  # a resumed run's parts: all this run's
+    assert old.is_dir()
+    claim_run_dir(cfg, overwrite=True).release()
+    assert not (run_dir / "wandb").exists() and not (run_dir / "results.json").exists()

@@ -692,3 +692,123 @@ def test_a_regression_ensembles_page_says_its_predictions_are_averaged():
     assert "average their predictions" in regression and "class probabilities" not in regression
     assert "average their class probabilities" in _members({"test": [{**row, "accuracy": 0.9, "ci95": 0.01}],
                                                             "ensemble": ensemble})
+
+
+def test_the_mse_steps_table_has_the_held_out_rows_precision(tmp_path):
+    """The MSE-vs-inner-steps table rounded to 2 decimals, so a well-trained sinusoid learner's small
+    errors read "0.00 ± 0.00" beside "MSE 0.0042 ± 0.0011" in the held-out table: both have 4 digits."""
+    row = {"accuracy": None, "ci95": None, "loss": 0.0042, "loss_ci95": 0.0011, "episodes": 10, "ways": 1,
+           "shots": 5, "queries": 5, "steps": 1, "hierarchy": None, "head": "algorithm", "transductive": False}
+    run = _small_run(tmp_path / "r", [row])
+    results = json.loads((run / "results.json").read_text())
+    results["config"]["data"] = {"name": "sinusoid"}
+    (run / "results.json").write_text(json.dumps(results))
+    (run / "steps_curve.json").write_text(json.dumps(
+        {"steps": [0, 1], "split": "test", "episodes": 10, "trained_steps": 1,
+         "curves": [{"setting": "5-shot regression", "metric": "loss", "mean": [0.9, 0.0042], "ci95": [0.2, 0.0011]}]}))
+    text = write_report(run).read_text()
+    assert "MSE 0.0042 ± 0.0011" in text
+    steps_table = text.split("setting \\ steps")[1].split("</table>")[0]
+    assert "0.9000 ± 0.2000" in steps_table and "0.0042 ± 0.0011" in steps_table and "0.00 ± 0.00" not in steps_table
+
+
+def test_a_curve_of_an_earlier_learner_is_not_shown_as_the_runs(tmp_path, monkeypatch):
+    """A resumed run that did not compute its curve again (logging.report_steps_episodes: 0) kept the
+    steps_curve.json of the learner it continued, and its report drew that curve as the saved
+    learner's: a curve whose key is not the current learner.pt's is now reported as not computed."""
+    from metamtl.steps_curve import cache_key
+
+    run = _small_run(tmp_path / "r", [_row(0.6, 0.1)])
+    (run / "learner.pt").write_bytes(b"the learner after 6 iterations")
+    curve = {"key": cache_key(run / "learner.pt", 3, [0, 1]), "split": "test", "episodes": 3, "steps": [0, 1],
+             "trained_steps": 1, "curves": [{"setting": "5-way 1-shot", "metric": "accuracy", "mean": [0.2, 0.5],
+                                             "ci95": [0.1, 0.1]}]}
+    (run / "steps_curve.json").write_text(json.dumps(curve))
+    assert "steps_curve.png" in write_report(run).read_text()
+    (run / "learner.pt").write_bytes(b"the learner after 12 iterations, resumed")
+    (run / "steps_curve.png").unlink()
+    text = write_report(run).read_text()
+    assert "steps_curve.png" not in text and "The saved learner adapted" not in text
+    assert "Not computed" in text and "earlier learner.pt" in text and "metamtl report" in text
+    from metamtl.reporting import report
+
+    captured = []
+    monkeypatch.setattr(report.plots, "plot_curves", lambda curves, *a, **k: captured.append(curves))
+    write_comparison([run], tmp_path / "cmp.html")
+    assert captured[-1] == []  # the comparison overlays no stale curve either
+
+
+def test_published_references_follow_each_datasets_name_not_its_label(tmp_path, monkeypatch):
+    """A multi-dataset run's rows carry their dataset's label: references were looked up by it, so an
+    Omniglot dataset labelled 'miniimagenet' got the mini-ImageNet numbers and one labelled 'omni' none.
+    They now follow the dataset's name, in the report's table and bars and in comparisons."""
+    from metamtl.reporting import report
+
+    run = _small_run(tmp_path / "r", [{**_row(0.9, 0.01), "dataset": label} for label in ("omniglot", "omni", "miniimagenet")])
+    results = json.loads((run / "results.json").read_text())
+    results["config"]["datasets"] = [{"name": "omniglot"}, {"name": "omniglot", "label": "omni"},
+                                     {"name": "omniglot", "label": "miniimagenet"}]
+    (run / "results.json").write_text(json.dumps(results))
+    captured = []
+    monkeypatch.setattr(report.plots, "plot_comparison", lambda bars, path: captured.append(bars))
+    table = write_report(run).read_text().split("<h2>Held-out test results</h2>")[1].split("</table>")[0]
+    cells = {re.sub(r"<[^>]+>", "", tr.split("</td>")[0]): tr for tr in re.findall(r"<tr><td>(.*?)</tr>", table)}
+    for label in ("omniglot", "omni", "miniimagenet"):
+        assert "MAML 98.70%" in cells[f"{label}: 5-way 1-shot"] and "48.70" not in cells[f"{label}: 5-way 1-shot"]
+    write_comparison([run], tmp_path / "cmp.html")
+    for bars in captured:
+        refs = {(b["group"], b["value"]) for b in bars if b["reference"] and b["label"] == "MAML (published)"}
+        assert refs == {(f"{label}: 5-way 1-shot", 98.7) for label in ("omniglot", "omni", "miniimagenet")}
+
+
+def test_the_wandb_sync_command_uploads_the_stages_and_members_runs_too(tmp_path):
+    """A staged run's earlier stages and an ensemble's members log their own W&B runs in their own
+    folders (stages/<name>/wandb, members/<member>/wandb): the "upload all" command left them out."""
+    import html
+    import shlex
+
+    run = _small_run(tmp_path / "x", [_row(0.6, 0.1)])
+    offline = [run / where / "wandb" / f"offline-run-2026010{i}_000000-abc"
+               for i, where in enumerate(("members/member0", "members/member1/stages/s1", "stages/s1", "."))]
+    for d in offline:
+        d.mkdir(parents=True)
+    text = write_report(run).read_text()
+    command = html.unescape(re.search(r"upload with <code>(.*?)</code>", text).group(1))
+    assert sorted(shlex.split(command)[2:]) == sorted(str(d.resolve()) for d in offline)
+    assert "stages/s1/wandb/offline-run-20260102_000000-abc" in text
+
+
+def test_official_omniglot_read_with_sources_null_is_reported_as_the_official_protocol(tiny_run, tmp_path):
+    """`data.sources: null` reads every archive found: with both official ones, the official protocol.
+    The report judged the configured `null` as "the archives found: characters split ..., not the official
+    evaluation alphabets" and marked published numbers "indicative only".  A run now records the
+    archives it read (results["data_sources"]) and the report describes those; an older run without
+    the record keeps the configured wording."""
+    from PIL import Image
+
+    from metamtl.config import config_from_dict
+    from metamtl.experiment import data_sources
+    from metamtl.reporting.report import protocol
+
+    run_dir, results = tiny_run
+    assert results["data_sources"] == {"omniglot": ["images_background_small1"]}
+    assert json.loads((run_dir / "results.json").read_text())["data_sources"] == results["data_sources"]
+    root = tmp_path / "data"
+    for source in ("images_background", "images_evaluation"):
+        (root / source / "A" / "character01").mkdir(parents=True)
+        Image.new("1", (105, 105), 1).save(root / source / "A" / "character01" / "0001_01.png")
+    cfg = config_from_dict({**{k: v for k, v in json.loads((run_dir / "results.json").read_text())["config"].items()
+                               if k not in ("name", "output_dir")},
+                            "data": {"name": "omniglot", "root": str(root), "sources": None}})
+    resolved = data_sources(cfg)
+    assert resolved == {"omniglot": ["images_background", "images_evaluation"]}
+    data = {"name": "omniglot", "sources": None, "test_split": "test"}
+    assert protocol({"data": data}, resolved)[1] and "official protocol" in protocol({"data": data}, resolved)[0]
+    assert "the archives found" in protocol({"data": data})[0] and not protocol({"data": data})[1]
+    run = _small_run(tmp_path / "r", [_row(0.99, 0.01)])
+    saved = json.loads((run / "results.json").read_text())
+    saved["config"]["data"], saved["data_sources"] = data, resolved
+    (run / "results.json").write_text(json.dumps(saved))
+    text = write_report(run).read_text()
+    assert "Omniglot, official protocol" in text and "indicative only" not in text
+    assert "Omniglot, official protocol" in write_comparison([run], tmp_path / "cmp.html").read_text()
