@@ -147,7 +147,7 @@ def _sinusoid_split(cfg: Config, split: str | None, queries: int, key: str) -> A
     if split not in seeds:
         raise ConfigError(f"{key} {split!r}: the sinusoid tasks have the splits 'test' or 'val' (drawn with "
                           "tasks.test_seed / tasks.val_seed) and no others: use one of them")
-    return Sinusoid(shots=cfg.tasks.shots, queries=queries, seed=seeds[split])
+    return Sinusoid(shots=cfg.tasks.shots, queries=queries, seed=seeds[split], split=split)  # its own stream
 
 
 def _held_out(dataset: ClassDataset, cfg: Config, seed: int, queries: int, hierarchy: Any = None,

@@ -24,6 +24,10 @@ def _interval(name: str, value: Sequence[float]) -> tuple[float, float]:
     return lo, hi
 
 
+#: the random stream of each split's tasks (training: the stream of a Sinusoid built without a split)
+SPLIT_STREAMS = {None: 0, "train": 0, "val": 5, "test": 6}
+
+
 class Sinusoid(Dataset):
     """Regression tasks ``y = A sin(x - phase)`` with ``A``, ``phase`` and ``x`` drawn uniformly.
 
@@ -33,8 +37,11 @@ class Sinusoid(Dataset):
         amplitude: range of ``A`` (MAML: 0.1 to 5).
         phase: range of the phase (MAML: 0 to pi).
         x_range: range of the inputs ``x`` (MAML: -5 to 5).
-        seed: episode ``i`` is a pure function of ``(seed, i)``.
+        seed: episode ``i`` is a pure function of ``(seed, i)`` (and ``split``).
         name: task-source name used in logs and mixtures.
+        split: ``"val"`` or ``"test"`` draws from a random stream of its own, so held-out tasks never
+            equal training tasks (``None`` or ``"train"``) whatever the seeds: runs pass it, as an
+            ensemble member's training seed may equal another split's.
 
     A task source (see :mod:`metamtl.tasks.sampler`): ``source.episode(i)`` (or ``source[i]``)
     returns an :class:`~metamtl.tasks.Episode` with ``task="regression"``, float32 ``x``/``y`` of
@@ -53,7 +60,11 @@ class Sinusoid(Dataset):
         x_range: Sequence[float] = (-5.0, 5.0),
         seed: int = 0,
         name: str = "sinusoid",
+        split: str | None = None,
     ) -> None:
+        if split is not None and (not isinstance(split, str) or split not in SPLIT_STREAMS):
+            raise TaskError(f"split must be one of {sorted(k for k in SPLIT_STREAMS if k)} or None, got {split!r}")
+        self.split = split
         self.shots = check_positive_int("shots", shots)
         self.queries = check_positive_int("queries", queries, minimum=0)
         self.amplitude = _interval("amplitude", amplitude)
@@ -70,7 +81,8 @@ class Sinusoid(Dataset):
 
     def __repr__(self) -> str:
         return (f"Sinusoid(shots={self.shots}, queries={self.queries}, amplitude={self.amplitude}, "
-                f"phase={self.phase}, x_range={self.x_range}, seed={self.seed})")
+                f"phase={self.phase}, x_range={self.x_range}, seed={self.seed}"
+                + (f", split={self.split!r})" if self.split not in (None, "train") else ")"))
 
     def with_settings(self, **kwargs) -> "Sinusoid":
         """The same task family with other ``shots``/``queries``/``seed``/``name`` (``ways`` is 1:
@@ -80,7 +92,7 @@ class Sinusoid(Dataset):
         if kwargs.pop("hierarchy", None) is not None:
             raise TaskError("sinusoid regression tasks have no classes to draw within a hierarchy")
         args = dict(shots=self.shots, queries=self.queries, amplitude=self.amplitude, phase=self.phase,
-                    x_range=self.x_range, seed=self.seed, name=self.name)
+                    x_range=self.x_range, seed=self.seed, name=self.name, split=self.split)
         unknown = sorted(set(kwargs) - {"shots", "queries", "seed", "name"})
         if unknown:
             raise TaskError(f"with_settings accepts ways, shots, queries, seed, name, hierarchy; got {', '.join(unknown)}")
@@ -89,7 +101,7 @@ class Sinusoid(Dataset):
 
     def episode(self, index: int) -> Episode:
         index = check_index(index)
-        g = episode_generator(self.seed, index)
+        g = episode_generator(self.seed, index, SPLIT_STREAMS[self.split])
         u = torch.rand(2, generator=g, dtype=torch.float64).tolist()
         amplitude = self.amplitude[0] + (self.amplitude[1] - self.amplitude[0]) * u[0]
         phase = self.phase[0] + (self.phase[1] - self.phase[0]) * u[1]

@@ -224,3 +224,26 @@ def test_a_regression_learner_is_evaluated_on_the_split_asked_for():
     cfg.data.test_split = "bogus"
     with pytest.raises(ConfigError, match=r"'bogus'.*sinusoid.*'test' or 'val'"):
         build_test_tasks(cfg)
+
+
+def test_regression_training_tasks_never_equal_validation_or_test_tasks_whatever_the_seeds():
+    """A sinusoid 'split' was only its seed: ensemble member 1 (tasks.seed 0 + 1 = val_seed) trained on
+    exactly the validation tasks and member 2 on the test tasks, episode for episode."""
+    from metamtl.config import config_from_dict
+    from metamtl.ensemble_fit import member_configs
+    from metamtl.experiment import build_tasks
+
+    cfg = config_from_dict({"name": "sine", "seed": 0, "data": {"name": "sinusoid"}, "tasks": {"ways": 1, "shots": 5, "queries": 5},
+                            "model": {"name": "mlp", "hidden": [8]}, "algorithm": {"name": "maml", "steps": 1, "lr": 0.01},
+                            "train": {"iterations": 1, "meta_batch_size": 1, "device": "cpu"}, "eval": {"episodes": 2},
+                            "ensemble": {"members": 3}})
+    for _, member in member_configs(cfg):
+        tasks = build_tasks(member)
+        train = [tasks["train"].episode(i).support_x for i in range(3)]
+        for split in ("val", "test"):
+            assert not any(torch.equal(t, tasks[split].episode(i).support_x) for t in train for i in range(3)), split
+    assert Sinusoid(seed=3).episode(0).support_x.equal(Sinusoid(seed=3, split="train").episode(0).support_x)
+    assert repr(Sinusoid(seed=1, split="val")).endswith("seed=1, split='val')")
+    assert Sinusoid(seed=1, split="val").with_settings(shots=2).split == "val"
+    with pytest.raises(TaskError, match="split must be one of"):
+        Sinusoid(split="validation")
