@@ -23,7 +23,7 @@ import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -556,6 +556,38 @@ class ClassFolder(ClassDataset):
             paths, labels = scan_class_folders(tree, extensions, f"folder-{name}")
             decoded = decode_classes(tree, paths, labels, preprocessing, f"folder-{name}", cache_dir, image_size)
             _init_decoded(self, decoded, tree, name, preprocessing)
+
+
+def refuse_shared(root: Any, what: str, mine: str, other: str, shared: set, fix: str) -> None:
+    """:class:`DataError` when ``shared`` (classes or images of split ``mine`` also in split ``other``) is not empty."""
+    if shared:
+        shared = sorted(shared)
+        raise DataError(
+            f"{root}: {len(shared)} {what} are in both {mine} and {other} ({', '.join(shared[:5])}"
+            f"{', ...' if len(shared) > 5 else ''}); the splits' classes must be disjoint, or held-out "
+            f"episodes test classes the model was trained on: {fix}"
+        )
+
+
+def refuse_shared_csv_splits(root: Any, split: str, splits: Sequence[str], columns: tuple[str, str],
+                             read: Callable[[str], bytes | None], describe: Callable[[str], str]) -> None:
+    """:class:`DataError` when a class, or an image file, of ``<split>.csv`` is also listed in another of
+    ``splits``' CSV files (``read(name)``: its bytes, ``None`` when there is none; only CSVs are read)."""
+    mine = read(f"{split}.csv")
+    if mine is None:
+        return
+    with warnings.catch_warnings():  # each file's own repeated rows are reported when it is loaded
+        warnings.simplefilter("ignore")
+        files, labels = read_class_csv(mine, describe(f"{split}.csv"), *columns)
+        for other in splits:
+            data = None if other == split else read(f"{other}.csv")
+            if data is None:
+                continue
+            their_files, their_labels = read_class_csv(data, describe(f"{other}.csv"), *columns)
+            fix = f"edit {split}.csv or {other}.csv so that each class and image is listed in one split only"
+            refuse_shared(root, "class(es)", f"{split}.csv", f"{other}.csv", set(labels) & set(their_labels), fix)
+            refuse_shared(root, "image file(s)", f"{split}.csv", f"{other}.csv",
+                          {posixpath.normpath(f) for f in files} & {posixpath.normpath(f) for f in their_files}, fix)
 
 
 def read_class_csv(data: bytes, where: str, filename_column: str, label_column: str) -> tuple[list[str], list[str]]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import DataNotFoundError, unknown_name
 from .base import Preprocessing
-from .folder import CSVClassDataset, DirectoryTree, Tree, ZipTree, resolve_root
+from .folder import CSVClassDataset, DirectoryTree, Tree, ZipTree, refuse_shared_csv_splits, resolve_root
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,6 +59,8 @@ class MiniImageNet(CSVClassDataset):
             csv_name = f"{split}.csv"
             self._load(tree, tree.read(csv_name), tree.describe(csv_name), "images", preprocessing,
                        "filename", "label", "miniimagenet", cache_dir)
+            refuse_shared_csv_splits(tree.describe(""), split, self.SPLITS, ("filename", "label"),
+                                     lambda name: tree.read(name) if tree.exists(name) else None, tree.describe)
 
     @classmethod
     def has_split(cls, root: str | os.PathLike | None, split: str) -> bool:

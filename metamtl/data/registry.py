@@ -14,7 +14,8 @@ from typing import Callable, Sequence
 
 from ..errors import ConfigError, DataError, DataNotFoundError, unknown_name, unknown_settings
 from .base import ClassDataset, join_classes, split_names
-from .folder import ClassFolder, CSVClassDataset, DirectoryTree, image_suffixes, printable, resolve_root
+from .folder import (ClassFolder, CSVClassDataset, DirectoryTree, image_suffixes, printable, refuse_shared,
+                     refuse_shared_csv_splits, resolve_root)
 from .miniimagenet import MiniImageNet
 from .omniglot import Omniglot
 
@@ -62,39 +63,17 @@ def _refuse_shared_classes(root: Path, split: str, classes: Sequence[str], kwarg
             continue
         tree = DirectoryTree(root / other, follow_outside_links=bool(kwargs.get("follow_outside_links")))
         theirs = {printable(posixpath.dirname(p)) for p in tree.files() if p.lower().endswith(exts)}
-        _refuse_shared(root, "class(es)", f"{split}/", f"{other}/", set(classes) & theirs,
+        refuse_shared(root, "class(es)", f"{split}/", f"{other}/", set(classes) & theirs,
                        "move or rename those class folders")
-
-
-def _refuse_shared(root: Path, what: str, mine: str, other: str, shared: set, fix: str) -> None:
-    """:class:`DataError` when ``shared`` (classes or images of split ``mine`` also in split ``other``) is not empty."""
-    if shared:
-        shared = sorted(shared)
-        raise DataError(
-            f"{root}: {len(shared)} {what} are in both {mine} and {other} ({', '.join(shared[:5])}"
-            f"{', ...' if len(shared) > 5 else ''}); the splits' classes must be disjoint, or held-out "
-            f"episodes test classes the model was trained on: {fix}"
-        )
 
 
 def _refuse_shared_csv_classes(root: Path, split: str, ds: ClassDataset, kwargs: dict) -> None:
     """As :func:`_refuse_shared_classes`, for ``root/<split>.csv`` and the other ``<split>.csv`` files: a
     class, or an image file, listed in two of them is refused; only the CSV files are read."""
-    from .folder import read_class_csv
-
     columns = (kwargs.get("filename_column", "filename"), kwargs.get("label_column", "label"))
-    mine = read_class_csv((root / f"{split}.csv").read_bytes(), str(root / f"{split}.csv"), *columns)
-    for other in SPLIT_FOLDERS:
-        path = root / f"{other}.csv"
-        if other == split or not path.is_file():
-            continue
-        with warnings.catch_warnings():  # that file's own repeated rows are reported when it is loaded
-            warnings.simplefilter("ignore")
-            files, labels = read_class_csv(path.read_bytes(), str(path), *columns)
-        fix = f"edit {split}.csv or {other}.csv so that each class and image is listed in one split only"
-        _refuse_shared(root, "class(es)", f"{split}.csv", f"{other}.csv", set(ds.class_names) & set(labels), fix)
-        _refuse_shared(root, "image file(s)", f"{split}.csv", f"{other}.csv",
-                       {posixpath.normpath(f) for f in mine[0]} & {posixpath.normpath(f) for f in files}, fix)
+    refuse_shared_csv_splits(root, split, SPLIT_FOLDERS, columns,
+                             lambda name: (root / name).read_bytes() if (root / name).is_file() else None,
+                             lambda name: str(root / name))
 
 
 def _load_csv(split: str, root: Path, csv_path: str | os.PathLike | None = None,

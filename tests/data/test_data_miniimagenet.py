@@ -98,3 +98,26 @@ def test_corrupt_archive_is_rejected_by_md5(tmp_path):
     (tmp_path / ZIP).write_bytes(b"PK not really")
     with pytest.raises(IntegrityError, match=MiniImageNet.MD5[ZIP]):
         MiniImageNet(tmp_path)
+
+
+def test_split_csvs_that_share_classes_or_images_are_refused_as_by_the_csv_loader(tmp_path):
+    """MiniImageNet loaded train/val/test CSVs listing one class (or image) in two splits, so held-out
+    classes were trained on; the generic csv loader refused the same files."""
+    from PIL import Image
+
+    root = tmp_path / "mini-imagenet"
+    (root / "images").mkdir(parents=True)
+    for split, classes in {"train": ["n01", "n02"], "val": ["n01", "n03"], "test": ["n04"]}.items():
+        rows = ["filename,label"]
+        for c in classes:
+            name = f"{split}_{c}.jpg"
+            Image.new("RGB", (8, 8), (len(c), 0, 0)).save(root / "images" / name)
+            rows.append(f"{name},{c}")
+        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    for split, other in (("train", "val"), ("val", "train")):
+        with pytest.raises(DataError, match=rf"1 class\(es\) are in both {split}.csv and {other}.csv \(n01\)"):
+            MiniImageNet(tmp_path, split=split, image_size=8, cache_dir=False)
+    assert MiniImageNet(tmp_path, split="test", image_size=8, cache_dir=False).class_names == ["n04"]
+    (root / "test.csv").write_text("filename,label\ntrain_n02.jpg,n09\n")  # an image of the training split
+    with pytest.raises(DataError, match=r"1 image file\(s\) are in both test.csv and train.csv \(train_n02.jpg\)"):
+        MiniImageNet(tmp_path, split="test", image_size=8, cache_dir=False)
