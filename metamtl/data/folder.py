@@ -450,6 +450,15 @@ def checked_image_size(image_size) -> int | tuple[int, int] | None:
     return size
 
 
+def stored_size(image_size) -> tuple[int, int]:
+    """The ``(height, width)`` images are stored at: :func:`checked_image_size` of a given size (a side
+    or a pair; :class:`ConfigError` for anything else)."""
+    size = checked_image_size(image_size)
+    if size is None:
+        raise ConfigError("image_size must be given (an integer side or a (height, width) pair), got None")
+    return size if isinstance(size, tuple) else (size, size)
+
+
 def _refuse_files_in_two_classes(tree: Tree, paths: Sequence[str], labels: Sequence[str], name: str) -> None:
     owner: dict[str, tuple[str, str]] = {}
     for path, label in zip(paths, labels):

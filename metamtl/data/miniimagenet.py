@@ -6,7 +6,8 @@ from pathlib import Path
 
 from ..errors import DataNotFoundError, unknown_name
 from .base import Preprocessing
-from .folder import CSVClassDataset, DirectoryTree, Tree, ZipTree, refuse_shared_csv_splits, resolve_root
+from .folder import (CSVClassDataset, DirectoryTree, Tree, ZipTree, refuse_shared_csv_splits, resolve_root,
+                     stored_size)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -23,7 +24,8 @@ class MiniImageNet(CSVClassDataset):
             place and md5-checked).  The CSV lists what exists, so the full 600-images-per-class
             release and smaller subsets load with the same code.
         split: ``"train"`` (64 classes), ``"val"`` (16) or ``"test"`` (20).
-        image_size: side of the stored square RGB images (84 keeps the originals).
+        image_size: side of the stored square RGB images (84 keeps the originals), or a
+            ``(height, width)`` pair.
         download: mini-ImageNet has no official download URL; ``True`` only changes the error
             raised when the files are missing.
         cache_dir: decode-cache folder (``None``: default, ``False``: memory only).
@@ -46,14 +48,14 @@ class MiniImageNet(CSVClassDataset):
         self,
         root: str | os.PathLike | None = None,
         split: str = "train",
-        image_size: int = 84,
+        image_size: int | tuple[int, int] = 84,
         download: bool = False,
         cache_dir: str | os.PathLike | bool | None = None,
     ) -> None:
         if split not in self.SPLITS:
             raise unknown_name("mini-ImageNet split", split, self.SPLITS)
         self.split = split
-        preprocessing = Preprocessing(size=(image_size, image_size), channels=3,
+        preprocessing = Preprocessing(size=stored_size(image_size), channels=3,
                                       mean=IMAGENET_MEAN, std=IMAGENET_STD)
         with self._find(resolve_root(root, "mini-ImageNet"), split, download) as tree:
             csv_name = f"{split}.csv"

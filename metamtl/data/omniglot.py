@@ -13,7 +13,7 @@ from ..errors import ConfigError, DataError, DataNotFoundError, unknown_name
 from .base import ClassDataset, Preprocessing, check_split_seed, split_names
 from .cache import Decoded
 from .download import check_integrity, download_url
-from .folder import DirectoryTree, Tree, ZipTree, decode_classes, resolve_root, scan_class_folders
+from .folder import DirectoryTree, Tree, ZipTree, decode_classes, resolve_root, scan_class_folders, stored_size
 
 _URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
 BACKGROUND, EVALUATION = "images_background", "images_evaluation"
@@ -30,7 +30,8 @@ class Omniglot(ClassDataset):
             folders is preferred to an extracted folder in any of them.  Zips of known sources are md5-checked.
         split: ``"train"``, ``"val"``, ``"test"`` or ``"all"``.
         sources: names of the official archives to use (see :attr:`MD5`), default: all found.
-        image_size: side of the stored square images (Lanczos resampling; strokes bright on black).
+        image_size: side of the stored square images (Lanczos resampling; strokes bright on black), or
+            a ``(height, width)`` pair.
         rotations: an angle or angles in {0, 90, 180, 270}; each makes one copy of every character as its own
             class, ``Alphabet/characterNN@90`` (counter-clockwise; angle 0 keeps the plain name).
         split_fractions: ``(train, val, test)`` fractions of characters, see below.
@@ -86,7 +87,7 @@ class Omniglot(ClassDataset):
         root: str | os.PathLike | None = None,
         split: str = "train",
         sources: Sequence[str] | None = None,
-        image_size: int = 28,
+        image_size: int | tuple[int, int] = 28,
         rotations: int | Sequence[int] = (0,),
         split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
         split_seed: int = 0,
@@ -114,7 +115,7 @@ class Omniglot(ClassDataset):
         root = resolve_root(root, "Omniglot")
         self.split = split
         self.rotations = rotations
-        preprocessing = Preprocessing(size=(image_size, image_size), channels=1, invert=True, resample="lanczos")
+        preprocessing = Preprocessing(size=stored_size(image_size), channels=1, invert=True, resample="lanczos")
         found = self._find_sources(root, sources, download)
         decoded = {name: self._decode(name, path, preprocessing, cache_dir) for name, path in found.items()}
         images, labels, class_names, files = _merge(list(decoded.values()))

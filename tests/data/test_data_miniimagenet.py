@@ -121,3 +121,24 @@ def test_split_csvs_that_share_classes_or_images_are_refused_as_by_the_csv_loade
     (root / "test.csv").write_text("filename,label\ntrain_n02.jpg,n09\n")  # an image of the training split
     with pytest.raises(DataError, match=r"1 image file\(s\) are in both test.csv and train.csv \(train_n02.jpg\)"):
         MiniImageNet(tmp_path, split="test", image_size=8, cache_dir=False)
+
+
+@pytest.mark.parametrize("size, stored", [([32, 48], (32, 48)), ((16, 16), (16, 16)), (20, (20, 20))])
+def test_image_size_takes_a_height_width_pair_as_other_loaders_do(tmp_path, size, stored):
+    """MiniImageNet(image_size=[32, 48]) (data.image_size: [32, 48], as in the README) was a DataError
+    'got ([32, 48], [32, 48])'; 0 or '32' gave one naming (0, 0) / ('32', '32')."""
+    from PIL import Image
+
+    from metamtl.data import Omniglot
+    from metamtl.errors import ConfigError
+
+    root = tmp_path / "mini-imagenet"
+    (root / "images").mkdir(parents=True)
+    Image.new("RGB", (84, 84)).save(root / "images" / "a.jpg")
+    (root / "train.csv").write_text("filename,label\na.jpg,n1\n")
+    assert tuple(MiniImageNet(tmp_path, image_size=size, cache_dir=False).images.shape[-2:]) == stored
+    for bad in (0, "32", [32, 0]):
+        for make in (lambda: MiniImageNet(tmp_path, image_size=bad, cache_dir=False),
+                     lambda: Omniglot(tmp_path, image_size=bad, cache_dir=False)):
+            with pytest.raises(ConfigError, match=rf"image_size must be an integer side >= 1 .* got {bad!r}".replace("[", r"\[")):
+                make()
