@@ -160,7 +160,13 @@ def cached_decode(
     # the readable prefix is cut to keep the file name within 255 bytes: the key covers the whole name
     path = directory / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)[:_NAME_CHARS]}-{key[:20]}.npz" if directory else None
     decoded = None
-    if path is not None and path.exists():
+    try:  # a folder this user cannot read (another user's cache) is a miss too: exists() raises there
+        present = path is not None and path.exists()
+    except OSError as exc:
+        present, path = False, None  # nor written: one warning says it all
+        warnings.warn(f"cannot read the decode cache folder {directory} ({exc}); decoding in memory (set "
+                      "cache_dir= or $METAMTL_CACHE to a folder of yours, or cache_dir=False)", RuntimeWarning, stacklevel=2)
+    if present:
         try:
             decoded = _load(path, key)
         except Exception as exc:  # any unreadable file is rebuilt, whatever numpy raises

@@ -167,3 +167,26 @@ def test_a_long_dataset_name_still_gets_a_cache_file(tmp_path, recwarn):
     clear_memo()
     other = cached_decode("folder-" + "x" * 251, ["one"], lambda: decoded, tmp_path)  # another name, another key
     assert other is decoded and len(list(tmp_path.glob("*.npz"))) == 2
+
+
+def test_a_cache_folder_this_user_cannot_read_decodes_in_memory_with_a_warning(image_tree, tmp_path, monkeypatch):
+    """A cache folder of another user (mode 700) made loading a bare PermissionError from Path.exists();
+    unreadable files and unwritable folders already gave a warning and a rebuild."""
+    from pathlib import Path
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_exists = Path.exists
+
+    def exists(self, *args, **kwargs):  # as for a non-root user: the folder's entries cannot be looked up
+        if locked in self.parents:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_exists(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "exists", exists)
+    monkeypatch.setattr(cache, "_save", lambda *a: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    clear_memo()
+    with pytest.warns(RuntimeWarning, match="cannot read the decode cache folder"):
+        ds = ClassFolder(image_tree, cache_dir=locked)
+    clear_memo()
+    assert torch.equal(ds.images, ClassFolder(image_tree, cache_dir=False).images)
