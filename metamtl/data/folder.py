@@ -657,6 +657,9 @@ def _csv_rows(text: str, where: str, filename_column: str, label_column: str):
         filename, label = ((row[i] if i < len(row) else "").strip() for i in at)
         if not filename or not label:
             raise DataError(f"{where}, line {line}: empty {filename_column!r} or {label_column!r}")
+        if "\x00" in filename or "\x00" in label:  # no file name or class holds one (the OS refuses it)
+            raise DataError(f"{where}, line {line}: a NUL character in {filename_column!r} or {label_column!r} "
+                            f"({(filename + ',' + label)!r}); the file is damaged or not a text CSV: fix that line")
         yield line, filename, label
 
 

@@ -113,6 +113,9 @@ def test_csv_errors_cite_file_lines_and_refuse_a_repeated_column(csv_tree):
     csv.write_text("filename,label,label\na0.png,a,z\n")
     with pytest.raises(DataError, match="names column 'label' 2 times"):
         CSVClassDataset(csv, images, cache_dir=False)
+    csv.write_bytes(b"filename,label\na0.png,a\nb\x000.png,b\n")  # was a bare ValueError: embedded null byte
+    with pytest.raises(DataError, match="line 3: a NUL character in 'filename' or 'label'"):
+        CSVClassDataset(csv, images, cache_dir=False)
 
 
 def test_file_and_folder_names_that_are_not_utf8_are_read(tmp_path, write_image, cache_dir):
