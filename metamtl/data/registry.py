@@ -140,13 +140,16 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
     (:func:`~metamtl.data.base.join_classes`): the usual last step after choosing settings on
     validation classes is to retrain on train and validation classes together.
     """
-    parts = split.split("+") if isinstance(split, str) else [split]
+    if not isinstance(name, str) or name not in DATASETS:
+        raise unknown_name("dataset", name, DATASETS)
+    if not isinstance(split, str):
+        raise ConfigError(f"split must be a split name such as 'train', 'val' or 'test' (or several joined with "
+                          f"'+', e.g. 'train+val'), got {split!r}")
+    parts = split.split("+")
     if len(parts) > 1:
         if any(not p.strip() for p in parts) or len(set(parts)) != len(parts):
             raise ConfigError(f"split {split!r}: join distinct split names with '+', e.g. 'train+val'")
         return join_classes([load_dataset(name, p.strip(), root, **kwargs) for p in parts], name=name)
-    if name not in DATASETS:
-        raise unknown_name("dataset", name, DATASETS)
     adapter = _ADAPTERS.get(name)
     accepted = accepted_options(adapter, DATASETS[name]) if adapter else accepted_options(DATASETS[name])
     check_options("dataset", name, kwargs, accepted)

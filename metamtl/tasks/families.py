@@ -17,7 +17,7 @@ TASK_FAMILIES = {"sinusoid": Sinusoid}
 
 def load_tasks(name: str, **kwargs: Any) -> Sinusoid:
     """Build task family ``name`` (a key of :data:`TASK_FAMILIES`) with constructor ``kwargs``."""
-    if name not in TASK_FAMILIES:
+    if not isinstance(name, str) or name not in TASK_FAMILIES:
         raise unknown_name("task family", name, TASK_FAMILIES)
     check_options("task family", name, kwargs, accepted_options(TASK_FAMILIES[name]))
     return TASK_FAMILIES[name](**kwargs)

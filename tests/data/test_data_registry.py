@@ -172,3 +172,17 @@ def test_subset_refuses_unknown_classes_and_indices_out_of_range():
             ds.subset(bad)
     assert ds.subset(["owl", np.int64(0), torch.tensor(1)]).class_names == ["owl", "cat", "dog"]
     assert ds.subset(range(2)).class_names == ["cat", "dog"]
+
+
+def test_names_and_splits_that_are_not_text_are_config_errors_not_type_errors(tmp_path):
+    """load_dataset('folder', None/1, root) and load_dataset(['folder']) / load_tasks(['sinusoid'])
+    gave bare TypeErrors (PosixPath / NoneType, unhashable list)."""
+    from metamtl.tasks.families import load_tasks
+
+    for split in (None, 1):
+        with pytest.raises(ConfigError, match=rf"split must be a split name .* got {split!r}"):
+            load_dataset("folder", split, tmp_path)
+    with pytest.raises(ConfigError, match=r"unknown dataset \['folder'\]. Did you mean 'folder'\?"):
+        load_dataset(["folder"], "train", tmp_path)
+    with pytest.raises(ConfigError, match=r"unknown task family \['sinusoid'\]"):
+        load_tasks(["sinusoid"])
