@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 import threading
 from typing import Iterator, Protocol, Sequence, runtime_checkable
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -56,11 +58,16 @@ class TaskSource(Protocol):
     def episode(self, index: int) -> Episode: ...
 
 
+def _integral(value) -> bool:
+    """An integer (numpy's too) or an integral float, not a bool."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    return isinstance(value, numbers.Integral) or isinstance(value, float) and value.is_integer()
+
+
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
     """``value`` as an int if it is an integer (or integral float) >= ``minimum``, else :class:`TaskError`."""
-    if isinstance(value, bool) or not isinstance(value, (int,)) and not (
-        isinstance(value, float) and value.is_integer()
-    ):
+    if not _integral(value):
         raise TaskError(f"{name} must be an integer >= {minimum}, got {value!r}")
     value = int(value)
     if value < minimum:
@@ -70,7 +77,7 @@ def check_positive_int(name: str, value, minimum: int = 1) -> int:
 
 def check_seed(seed) -> int:
     """Any integer (or integral float) is a seed."""
-    if isinstance(seed, bool) or not isinstance(seed, int) and not (isinstance(seed, float) and seed.is_integer()):
+    if not _integral(seed):
         raise TaskError(f"seed must be an integer, got {seed!r}")
     return int(seed)
 

@@ -247,3 +247,16 @@ def test_regression_training_tasks_never_equal_validation_or_test_tasks_whatever
     assert Sinusoid(seed=1, split="val").with_settings(shots=2).split == "val"
     with pytest.raises(TaskError, match="split must be one of"):
         Sinusoid(split="validation")
+
+
+def test_numpy_integers_are_integers_for_seed_shots_and_queries():
+    """Sinusoid(seed=np.int64(3)) / shots=np.int64(5) / queries=np.int32(3) were TaskErrors while
+    np.float64(3.0) was accepted."""
+    import numpy as np
+
+    s = Sinusoid(seed=np.int64(3), shots=np.int64(5), queries=np.int32(3))
+    assert (s.seed, s.shots, s.queries) == (3, 5, 3) and type(s.seed) is int
+    assert s.episode(0).support_x.equal(Sinusoid(seed=3, shots=5, queries=3).episode(0).support_x)
+    for bad in (np.bool_(True), True, 2.5):
+        with pytest.raises(TaskError, match="seed must be an integer"):
+            Sinusoid(seed=bad)
