@@ -223,6 +223,26 @@ def frozen_names(modules: tuple[nn.Module, nn.Module]) -> list[str]:
             for n, p in module.named_parameters() if not p.requires_grad]
 
 
+def optimized_names(modules: tuple[nn.Module, nn.Module], optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names (``model.``/``algorithm.`` prefixed) of the parameters ``optimizer`` holds: those trainable
+    when the learner was built (weights frozen later stay in it, without gradients)."""
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    return [f"{prefix}{n}" for prefix, module in zip(("model.", "algorithm."), modules)
+            for n, p in module.named_parameters() if id(p) in held]
+
+
+def apply_built(obj: dict[str, Any], prefix: str, module: nn.Module) -> None:
+    """Make trainable the parameters of ``module`` that were when the saved learner was built (its
+    meta-optimizer's, ``optimized``), and only those, so learned rates and the meta-optimizer are built
+    as they were; files older than that entry: as saved (:func:`apply_frozen`)."""
+    held = obj.get("optimized")
+    if not isinstance(held, list):
+        apply_frozen(obj, prefix, module)
+        return
+    for n, p in module.named_parameters():
+        p.requires_grad_(f"{prefix}{n}" in held)
+
+
 def apply_frozen(obj: dict[str, Any], prefix: str, module: nn.Module) -> None:
     """Freeze the parameters of ``module`` (named with ``prefix``) a checkpoint saved frozen, and only
     those (checkpoints older than the ``frozen`` entry leave every weight as it is)."""
@@ -244,6 +264,13 @@ def check_trainable_set(obj: dict[str, Any], path: Any, modules: tuple[nn.Module
                 f"cannot resume from {path}: it trained other weights than this learner does; frozen there and "
                 f"trainable here: {sorted(saved - have)[:6]}, trainable there and frozen here: {sorted(have - saved)[:6]}. "
                 "Freeze the same weights (requires_grad_(False)) before building the MetaLearner; nothing was changed")
+        held, mine = obj.get("optimized"), set(optimized_names(modules, optimizer))
+        if isinstance(held, list) and set(held) != mine:
+            raise CheckpointError(
+                f"cannot resume from {path}: its meta-optimizer held other weights than this learner's; held there only: "
+                f"{sorted(set(held) - mine)[:6]}, held here only: {sorted(mine - set(held))[:6]}. Build the MetaLearner "
+                "with the weights the saved run had trainable when it was built (freezing any later, as it did), or "
+                "MetaLearner.load the checkpoint and resume from it; nothing was changed")
         return
     groups = obj["training"].get("meta_optimizer", {}).get("param_groups") if isinstance(obj["training"], dict) else None
     if isinstance(groups, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
@@ -372,6 +399,7 @@ def learner_state(learner: "MetaLearner", training_state: bool = False) -> dict[
         "meta_batch_size": learner.run.meta_batch_size,  # a continued fit after load keeps it (None: never trained)
         "evaluation": learner.inference.state(),
         "frozen": frozen_names((learner.model, learner.algorithm)),  # requires_grad=False: loaded as saved
+        "optimized": optimized_names((learner.model, learner.algorithm), learner.meta_optimizer),  # rebuilt alike
         # an automatic layout as chosen (on a GPU, or forced in the config: None; a GPU's NCHW is no CPU choice)
         "channels_last": learner.placement.channels_last if learner.placement.automatic else None,
     }
@@ -442,15 +470,17 @@ def _rebuild(cls: type["MetaLearner"], obj: dict[str, Any], path: Any, cfg: dict
         check_dtype(obj, path, model, "the given model's are {}: convert it (model.double() or model.float()), "
                     "or leave model out to build it in the saved dtype")
     model.load_state_dict(obj["model_state"])
-    apply_frozen(obj, "model.", model)  # before setup: learned inner rates are made for trainable weights only
+    apply_built(obj, "model.", model)  # before setup: learned inner rates are made for trainable weights only
     algorithm = build_algorithm(**cfg["algorithm"])
     algorithm.setup(model)
     algorithm.load_state_dict(obj["algorithm_state"])
-    apply_frozen(obj, "algorithm.", algorithm)
+    apply_built(obj, "algorithm.", algorithm)
     prep = obj.get("preprocessing")
     learner = cls(model, algorithm, preprocessing=Preprocessing.from_dict(prep) if prep else None,
                   device=device, task_defaults=obj.get("task_defaults"), metadata=obj.get("metadata"),
                   **dict(cfg["learner"]))
+    apply_frozen(obj, "model.", model)  # then frozen as saved (weights frozen after the learner was built)
+    apply_frozen(obj, "algorithm.", algorithm)
     learner.run.iteration = saved_iteration(obj.get("iteration", 0))
     learner.run.history = list(obj.get("history", []))
     learner.run.seconds = float(obj.get("elapsed", 0.0))  # so later fits' history times continue

@@ -384,3 +384,32 @@ def test_frozen_weights_stay_frozen_after_load_and_a_resume_names_a_different_tr
     torch.save(obj, tmp_path / "old.pt")
     with pytest.raises(CheckpointError, match=r"its meta-optimizer trained 2 weight tensors, this learner's trains 4"):
         other.fit(sine, iterations=4, meta_batch_size=2, progress=False, resume=tmp_path / "old.pt")
+
+
+def test_weights_frozen_after_the_learner_was_built_load_and_resume(sine, tmp_path):
+    """bca7f89 froze the saved weights before rebuilding the learner: a learner frozen entirely after
+    training (for serving) no longer loaded ('nothing to meta-learn'), and a run whose trunk was frozen
+    after the learner was built could not be resumed (its meta-optimizer held more weights)."""
+    import torch
+
+    learner = sine_learner()
+    learner.fit(sine, iterations=2, meta_batch_size=2, progress=False)
+    learner.model.requires_grad_(False)
+    loaded = MetaLearner.load(learner.save(tmp_path / "served.pt"), device="cpu")
+    assert not any(p.requires_grad for p in loaded.model.parameters())
+    ep = sine.episode(0)
+    torch.testing.assert_close(loaded.predict(ep.support_x, ep.support_y, ep.query_x, steps=0),
+                               learner.predict(ep.support_x, ep.support_y, ep.query_x, steps=0))
+    phased = sine_learner()
+    phased.fit(sine, iterations=2, meta_batch_size=2, progress=False)
+    phased.model.trunk.requires_grad_(False)  # phase 2: the head only
+    phased.fit(sine, iterations=2, meta_batch_size=2, progress=False, checkpoint_dir=tmp_path / "run", checkpoint_every=1)
+    resumed = MetaLearner.load(tmp_path / "run" / "last.pt", device="cpu")
+    resumed.fit(sine, iterations=6, meta_batch_size=2, progress=False, resume=tmp_path / "run" / "last.pt")
+    assert resumed.iteration == 6
+    built_frozen = sine_learner()
+    built_frozen.model.trunk.requires_grad_(False)
+    built_frozen = MetaLearner(built_frozen.model, built_frozen.algorithm, task="regression", device="cpu", meta_lr=1e-2)
+    with pytest.raises(CheckpointError, match=r"its meta-optimizer held other weights than this learner's; held there "
+                                              r"only: \['model.trunk.net.0.bias', 'model.trunk.net.0.weight'\]"):
+        built_frozen.fit(sine, iterations=6, meta_batch_size=2, progress=False, resume=tmp_path / "run" / "last.pt")
