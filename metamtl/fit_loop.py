@@ -142,14 +142,17 @@ def check_optimizer_covers(learner: "MetaLearner") -> None:
 
 
 def check_continued_batches(learner: "MetaLearner", settings: dict[str, Any], resume: Any, iterations: int | None) -> None:
-    """:class:`ConfigError` for a continued fit (not a resume) training ``iterations`` (``None``: unknown) with
-    another meta-batch size than the latest iteration trained: the task stream continues at meta-batch
-    ``iteration`` (episodes ``iteration * meta_batch_size`` on), so another size would repeat or skip episodes."""
-    before = learner.run.meta_batch_size
-    if resume is None and iterations != 0 and before is not None and before != settings["meta_batch_size"]:
+    """:class:`ConfigError` for a continued fit (not a resume) training ``iterations`` (``None``: unknown) on the
+    same training tasks with another meta-batch size than the latest iteration trained: the task stream continues
+    at meta-batch ``iteration`` (episodes ``iteration * meta_batch_size`` on), so another size would repeat or skip
+    episodes (a fit on other tasks, e.g. fine-tuning a loaded learner, takes any size)."""
+    before = learner.run.meta_batch_size  # on other tasks (fine-tuning) nothing is repeated or skipped
+    same = learner.run.stream is not None and learner.run.stream == settings.get("train_tasks")
+    if resume is None and iterations != 0 and same and before is not None and before != settings["meta_batch_size"]:
         raise ConfigError(
             f"meta_batch_size={settings['meta_batch_size']} but this learner's previous fit used {before}: a continued "
-            f"fit goes on with the next meta-batch of the task stream, and another size would repeat or skip episodes. "
+            f"fit on the same training tasks goes on with the next meta-batch of their stream, and another size would "
+            f"repeat or skip episodes. "
             f"Continue with meta_batch_size={before}, or start a new learner (MetaLearner(...)) for another size")
 
 
@@ -476,6 +479,7 @@ class FitLoop:
         cbs.on_iteration_start(state)
         metrics = self.step(batch)
         ln.run.iteration, ln.run.meta_batch_size = ln.run.iteration + 1, state.meta_batch_size
+        ln.run.stream = ln.run.settings.get("train_tasks")
         self._agree_clock()
         cbs.on_iteration_end(state, metrics)
         if self._validation_due():

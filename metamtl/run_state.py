@@ -55,7 +55,8 @@ class RunState:
             the resumed fit then trains no iteration unless it asks for more iterations.
         resumed: whether the fit in progress (or the latest) continues a checkpoint.
         meta_batch_size: that of the latest iteration trained (``None``: none yet), which a continued fit
-            must keep; saved, so a loaded or resumed learner keeps it too.
+            on the same task stream (``stream``) must keep; saved, so a loaded or resumed learner keeps it too.
+        stream: the training tasks of that iteration (their ``train_tasks`` fit setting; saved too).
         peak_memory_mb: the highest per-iteration peak memory of the latest fit in this process
             (resident set on CPU, CUDA max allocated on a GPU; not saved: it belongs to the process).
         agreed: under torchrun, during a fit: the seconds of meta-training every process agreed
@@ -74,6 +75,7 @@ class RunState:
     stop: dict[str, Any] | None = None
     resumed: bool = False
     meta_batch_size: int | None = None
+    stream: Any = None
     peak_memory_mb: float = 0.0
     agreed: float | None = dataclasses.field(default=None, repr=False)
     _clock: float | None = dataclasses.field(default=None, repr=False)
@@ -147,6 +149,7 @@ def _restore(obj: dict[str, Any], modules: tuple[nn.Module, nn.Module], optimize
     run.bad_steps = int(tr.get("bad_steps", 0))
     run.settings = dict(tr["fit_state"].get("settings", {}))
     run.meta_batch_size = saved_meta_batch_size(obj.get("meta_batch_size", run.settings.get("meta_batch_size")))
+    run.stream = obj.get("stream", run.settings.get("train_tasks"))
     stop = tr["fit_state"].get("stop")
     run.stop = None if stop is None else {"by": None if stop.get("by") is None else str(stop["by"]),
                                           "iterations": int(stop["iterations"])}
@@ -178,7 +181,7 @@ def _snapshot(modules: tuple[nn.Module, nn.Module], optimizer: torch.optim.Optim
     """A deep copy of everything :func:`_restore` changes, in the checkpoint layout."""
     model, algorithm = modules
     obj = {"model_state": model.state_dict(), "algorithm_state": algorithm.state_dict(), "iteration": run.iteration,
-           "history": run.history, "meta_batch_size": run.meta_batch_size,
+           "history": run.history, "meta_batch_size": run.meta_batch_size, "stream": run.stream,
            "training": {**training_state_of(run, optimizer, run.callbacks, run.stop), "elapsed": run.seconds}}
     return copy.deepcopy(obj)
 
@@ -397,6 +400,7 @@ def learner_state(learner: "MetaLearner", training_state: bool = False) -> dict[
         "task_defaults": dict(learner.task_defaults), "metadata": dict(learner.metadata),
         "iteration": learner.iteration, "history": list(learner.history), "elapsed": float(learner.elapsed),
         "meta_batch_size": learner.run.meta_batch_size,  # a continued fit after load keeps it (None: never trained)
+        "stream": learner.run.stream,  # on the same tasks (their fingerprint)
         "evaluation": learner.inference.state(),
         "frozen": frozen_names((learner.model, learner.algorithm)),  # requires_grad=False: loaded as saved
         "optimized": optimized_names((learner.model, learner.algorithm), learner.meta_optimizer),  # rebuilt alike
@@ -485,6 +489,7 @@ def _rebuild(cls: type["MetaLearner"], obj: dict[str, Any], path: Any, cfg: dict
     learner.run.history = list(obj.get("history", []))
     learner.run.seconds = float(obj.get("elapsed", 0.0))  # so later fits' history times continue
     learner.run.meta_batch_size = saved_meta_batch_size(obj.get("meta_batch_size"))
+    learner.run.stream = obj.get("stream")
     learner.inference = InferenceSettings.from_state(obj.get("evaluation"))
     saved_layout = obj.get("channels_last")
     if learner.placement.automatic and isinstance(saved_layout, bool) and saved_layout != learner.channels_last:

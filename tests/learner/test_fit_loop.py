@@ -639,6 +639,10 @@ def test_a_loaded_learner_keeps_the_meta_batch_size_a_continued_fit_must_use(tmp
         loaded.fit(sine, iterations=1, meta_batch_size=2, progress=False)
     loaded.fit(sine, iterations=1, meta_batch_size=4, progress=False)
     assert loaded.iteration == 3
+    fine_tuned = MetaLearner.load(path)  # other training tasks (fine-tuning): nothing repeated or skipped
+    fine_tuned.fit(Sinusoid(shots=10, queries=10, seed=3), iterations=1, meta_batch_size=2, progress=False)
+    with pytest.raises(ConfigError, match=r"meta_batch_size=4 but this learner's previous fit used 2"):
+        fine_tuned.fit(Sinusoid(shots=10, queries=10, seed=3), iterations=1, meta_batch_size=4, progress=False)
     fresh = sine_learner().save(tmp_path / "fresh.pt")  # never trained: any size
     MetaLearner.load(fresh).fit(sine, iterations=1, meta_batch_size=2, progress=False)
     obj = torch.load(path, weights_only=True)
