@@ -681,9 +681,10 @@ class LRScheduler(Callback):
             group["lr"] = self.factor_lr(base, state.iteration, total, progress)
 
     def on_fit_start(self, state):
-        if self.base is None:  # each group's rate before any schedule touched it (torch's ``initial_lr``), so a
-            # new scheduler on a continued fit (fit(3) then fit(2)) anneals from meta_lr, not from the rate reached
-            self.base = [float(g.setdefault("initial_lr", g["lr"])) for g in state.learner.meta_optimizer.param_groups]
+        # each group's rate before any schedule touched it (torch's ``initial_lr``; a resumed optimizer's as saved):
+        # a continued fit (fit(3) then fit(2)) anneals from meta_lr, not from the rate reached, and from a rate
+        # set in between (learner.meta_lr = x sets initial_lr too)
+        self.base = [float(g.setdefault("initial_lr", g["lr"])) for g in state.learner.meta_optimizer.param_groups]
         if self.over == "budget" and not state.budget_minutes:
             raise ConfigError("a scheduler with over='budget' needs a time budget (fit budget_minutes)")
         if self.name == "plateau" and state.val_every is None:

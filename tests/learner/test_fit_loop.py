@@ -650,3 +650,16 @@ def test_a_loaded_learner_keeps_the_meta_batch_size_a_continued_fit_must_use(tmp
     torch.save(obj, tmp_path / "bad.pt")
     with pytest.raises(CheckpointError, match="meta_batch_size must be an integer >= 1"):
         MetaLearner.load(tmp_path / "bad.pt")
+
+
+def test_meta_lr_set_between_fits_is_the_base_of_the_learners_own_schedule(sine):
+    """A learner built with callbacks=[LRScheduler(...)] kept the base rate of its first fit: after
+    learner.meta_lr = 0.5 it trained at 0.01 while config() said 0.5."""
+    from metamtl.callbacks import LRScheduler
+
+    learner = sine_learner(callbacks=[LRScheduler("step", step_size=1000)])
+    learner.fit(sine, iterations=2, meta_batch_size=2, progress=False)
+    learner.meta_lr = 0.5
+    learner.fit(sine, iterations=2, meta_batch_size=2, progress=False)
+    assert [r["train/lr"] for r in learner.history] == [0.01, 0.01, 0.5, 0.5]
+    assert learner.meta_optimizer.param_groups[0]["lr"] == 0.5 == learner.config()["learner"]["meta_lr"]
