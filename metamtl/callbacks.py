@@ -216,6 +216,10 @@ class CallbackList(Callback):
             if key is not None:
                 cb.load_state_dict(state[key])
             elif fresh or (learner is not None and last is not None and last() is not learner):
+                before = last() if last is not None else None
+                kept = cb.continued_state() if before is not None and before is not learner else None
+                if kept:  # the learner it ran with finds its own state again at its next fit (A, B, then A)
+                    before.run.callbacks = {**before.run.callbacks, cb.key: kept}
                 cb.reset()
             if learner is not None:
                 cb.__dict__["_last_learner"] = weakref.ref(learner)

@@ -663,3 +663,24 @@ def test_meta_lr_set_between_fits_is_the_base_of_the_learners_own_schedule(sine)
     learner.fit(sine, iterations=2, meta_batch_size=2, progress=False)
     assert [r["train/lr"] for r in learner.history] == [0.01, 0.01, 0.5, 0.5]
     assert learner.meta_optimizer.param_groups[0]["lr"] == 0.5 == learner.config()["learner"]["meta_lr"]
+
+
+def test_a_callback_shared_by_two_learners_gives_each_its_own_state_back(sine):
+    """EarlyStopping passed to learner A, then B, then A again started A's third fit afresh (best None):
+    the reset for B dropped A's best and patience count."""
+    from metamtl.callbacks import Callback, EarlyStopping
+
+    es, seen = EarlyStopping(patience=3), []
+    kw = dict(iterations=2, meta_batch_size=2, val_every=1, val_episodes=2, progress=False)
+    val = Sinusoid(shots=5, queries=5, seed=1)
+    a, b = sine_learner(), sine_learner()
+    a.fit(sine, val, callbacks=[es], **kw)
+    a_best = es.state_dict()["best"]
+
+    class Spy(Callback):
+        def on_fit_start(self, state):
+            seen.append(es.best)
+
+    b.fit(sine, val, callbacks=[es, Spy()], **kw)
+    a.fit(sine, val, callbacks=[es, Spy()], **kw)
+    assert a_best is not None and seen[0] is None and seen[1] == a_best
