@@ -225,6 +225,19 @@ def test_sigterm_in_python_saves_last_pt_and_resume_is_exact(tmp_path, tasks):
     assert resumed.fit_state.stopped_by == "iterations"  # not the interrupted fit's SIGTERM
 
 
+def test_fit_interrupted_copies_and_pickles_with_its_signal_iteration_and_checkpoint(tmp_path):
+    """Regression: FitInterrupted could not be copied or unpickled (its __init__ needs signum and iteration),
+    so a fit interrupted in a worker process broke the whole process pool."""
+    import copy
+    import pickle
+
+    exc = FitInterrupted("SIGTERM received: stopped", signal.SIGTERM, 3, tmp_path / "last.pt")
+    for back in (copy.copy(exc), copy.deepcopy(exc), pickle.loads(pickle.dumps(exc))):
+        assert type(back) is FitInterrupted and str(back) == "SIGTERM received: stopped"
+        assert (back.signum, back.iteration, back.checkpoint, back.exit_code) == (signal.SIGTERM, 3, tmp_path / "last.pt", 143)
+    assert str(exc) == "SIGTERM received: stopped" and exc.args == ("SIGTERM received: stopped",)
+
+
 def test_without_checkpoint_dir_the_interrupt_checkpoint_goes_to_the_working_folder(tmp_path, tasks, monkeypatch):
     monkeypatch.chdir(tmp_path)
     learner = tiny_learner()
