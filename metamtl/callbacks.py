@@ -200,7 +200,20 @@ class CallbackList(Callback):
     def on_validation_end(self, state, metrics): self._call("on_validation_end", state, metrics)
     def on_iteration_complete(self, state): self._call("on_iteration_complete", state)
     def on_fit_end(self, state): self._call("on_fit_end", state)
-    def on_exception(self, state, exc): self._call("on_exception", state, exc)
+    def on_exception(self, state, exc): self._call_all("on_exception", state, exc)
+
+    def _call_all(self, hook: str, *args: Any) -> None:
+        """Call ``hook`` on every callback even when one raises (a user error, or a further Ctrl-C during
+        a slow clean-up such as ``wandb.finish()``), so that every clean-up runs, the run folder's
+        lock release last; then raise the first error."""
+        error: BaseException | None = None
+        for cb in self.callbacks:
+            try:
+                getattr(cb, hook)(*args)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others' clean-up
+                error = error or exc
+        if error is not None:
+            raise error
     def on_results(self, state, results): self._call("on_results", state, results)
 
     def state_dict(self) -> dict[str, Any]:

@@ -447,7 +447,7 @@ class FitLoop:
         except BaseException as exc:
             if isinstance(exc, FitInterrupted):  # also a second signal's, raised at once by the handler
                 state.stopped_by = signal_name(exc.signum)
-            cbs.on_exception(state, exc)
+            self._clean_up(exc)
             raise
         finally:
             # what the learner's next fit call continues from (callbacks absent from this fit keep theirs)
@@ -459,6 +459,20 @@ class FitLoop:
                 close()
         if late is not None:  # on_fit_end closed the callbacks (and wrote last.pt): save, then stop
             raise self.interrupted(late)
+
+    def _clean_up(self, exc: BaseException) -> None:
+        """Every callback's ``on_exception`` for ``exc``.  A stop request (``exc`` a
+        :class:`FitInterrupted`, whose checkpoint is already written) stays the error fit raises when a
+        further signal interrupts a callback's clean-up: that signal's error would claim nothing was
+        saved."""
+        try:
+            self.callbacks.on_exception(self.state, exc)
+        except KeyboardInterrupt:
+            if not isinstance(exc, FitInterrupted):
+                raise
+            if hasattr(exc, "add_note"):  # Python >= 3.11
+                exc.add_note("a further stop request interrupted a callback's clean-up (on_exception); the "
+                             "other callbacks' clean-up still ran")
 
     def _batches(self) -> Iterator[TaskBatch]:
         ln = self.learner

@@ -259,6 +259,35 @@ def test_a_second_signal_aborts_at_once_without_a_new_checkpoint(tmp_path, tasks
     assert safe_load(tmp_path / "last.pt")["iteration"] == 1
 
 
+class SignalInCleanUp(Callback):
+    """A clean-up slow enough (wandb.finish()) for the user to press Ctrl-C again during it."""
+
+    def on_exception(self, state, exc):
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+class RecordCleanUp(Callback):
+    def __init__(self) -> None:
+        self.seen: list[BaseException] = []
+
+    def on_exception(self, state, exc):
+        self.seen.append(exc)
+
+
+def test_a_second_signal_during_the_clean_up_keeps_the_saved_checkpoint_and_every_clean_up(tmp_path, tasks):
+    """Regression: a second Ctrl-C in a callback's on_exception (after the first one's checkpoint was written)
+    raised 'aborted ... without saving it' with checkpoint None, skipped the later callbacks' clean-up and left
+    the run folder locked."""
+    record = RecordCleanUp()
+    with pytest.raises(FitInterrupted, match="SIGINT received: meta-training stopped after iteration 2; resumable checkpoint") as info:
+        tiny_learner().fit(tasks, iterations=5, meta_batch_size=1, progress=False, checkpoint_dir=tmp_path,
+                           callbacks=[SendSignal(2, signal.SIGINT), SignalInCleanUp(), record])
+    assert info.value.checkpoint == tmp_path / "last.pt" and info.value.iteration == 2
+    assert safe_load(tmp_path / "last.pt")["iteration"] == 2
+    assert record.seen == [info.value]  # the clean-up after the interrupted one ran
+    assert not (tmp_path / ".metamtl.lock").exists()  # ModelCheckpoint's clean-up released the folder
+
+
 def test_ignored_signals_stay_ignored_and_threads_leave_handlers_alone(tasks):
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # e.g. nohup'ed / background jobs
     try:
