@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import torch
 
 from .errors import CheckpointError
-from .files import atomic_write
+from .files import atomic_write, remove_temporaries
 
 try:
     import fcntl
@@ -283,7 +283,9 @@ class RunFolderLock:
     start time for the message a second process gets.  The kernel drops the lock when the
     holding process ends, however it ends, so a crashed or killed run never leaves the folder
     locked (its file stays, unlocked, until the next run takes it).  A clean release deletes the
-    file; a process that locked a file just deleted notices (other inode) and tries again.
+    file; a process that locked a file just deleted notices (other inode) and tries again.  Taking
+    the lock removes the temporary files a killed writer left in the folder
+    (:func:`~metamtl.files.remove_temporaries`).
     Re-entrant within a process (``metamtl fit`` holds it for the whole run, the checkpoint
     callback again inside ``fit``).  Without ``fcntl`` (Windows) it does nothing.
 
@@ -310,6 +312,7 @@ class RunFolderLock:
                 os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
                               f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
                 _held[self._key] = [fd, 1]
+                remove_temporaries(self.folder)  # only this process writes here now: left by a killed one
         self.held = True
         return self
 

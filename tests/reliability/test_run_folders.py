@@ -144,6 +144,20 @@ def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_stale_lock(tmp_pa
     assert not (run_dir / ".metamtl.lock").exists()  # a clean run removes its lock file
 
 
+def test_temporary_files_a_killed_writer_left_are_removed_when_a_run_takes_the_folder(tmp_path):
+    """Regression: a SIGKILLed atomic write leaves `.<name>.<hex>.tmp` (as large as a checkpoint) that nothing
+    ever removed, although atomic_write's docstring promised no temporary file behind."""
+    stale = [tmp_path / ".last.pt.69c5f7a342e4.tmp", tmp_path / ".metrics.jsonl.0123456789ab.tmp"]
+    kept = [tmp_path / ".notes.tmp", tmp_path / "last.pt.tmp", tmp_path / "data.txt"]  # not atomic_write's names
+    for f in stale + kept:
+        f.write_bytes(b"partial")
+    with RunFolderLock(tmp_path):
+        assert [f.exists() for f in stale + kept] == [False, False, True, True, True]
+        (tmp_path / ".best.pt.aaaaaaaaaaaa.tmp").write_bytes(b"")  # a re-entrant acquire removes nothing
+        with RunFolderLock(tmp_path):
+            assert (tmp_path / ".best.pt.aaaaaaaaaaaa.tmp").exists()
+
+
 def test_two_real_fits_into_one_folder_the_second_refuses(tmp_path):
     """Two `metamtl fit` processes started together: exactly one trains, the other exits 2."""
     cfg = write_config(tmp_path, **{"train.iterations": 400})
