@@ -241,10 +241,30 @@ def test_fit_interrupted_copies_and_pickles_with_its_signal_iteration_and_checkp
 def test_without_checkpoint_dir_the_interrupt_checkpoint_goes_to_the_working_folder(tmp_path, tasks, monkeypatch):
     monkeypatch.chdir(tmp_path)
     learner = tiny_learner()
-    with pytest.raises(FitInterrupted, match=r"SIGINT received: meta-training stopped after iteration 2; resumable checkpoint: metamtl-interrupted.pt") as info:
+    with pytest.raises(FitInterrupted, match=rf"SIGINT received: meta-training stopped after iteration 2; resumable checkpoint: {re.escape(str(tmp_path))}/metamtl-interrupted.pt") as info:
         learner.fit(tasks, iterations=5, meta_batch_size=1, progress=False, callbacks=[SendSignal(2, signal.SIGINT)])
     assert info.value.exit_code == 130
+    assert info.value.checkpoint == tmp_path / "metamtl-interrupted.pt"  # absolute: right after a chdir too
     assert MetaLearner.load(tmp_path / "metamtl-interrupted.pt").iteration == 2
+
+
+def test_an_interrupt_without_checkpoint_dir_never_overwrites_another_runs_checkpoint(tmp_path, tasks, monkeypatch):
+    """Regression: a second, different run interrupted in the same folder silently replaced the first one's
+    metamtl-interrupted.pt, losing its iterations."""
+    monkeypatch.chdir(tmp_path)
+    first, other = tiny_learner(), tiny_learner(meta_lr=0.01)
+    with pytest.raises(FitInterrupted):
+        first.fit(tasks, iterations=9, meta_batch_size=1, progress=False, callbacks=[SendSignal(3, signal.SIGINT)])
+    with pytest.raises(FitInterrupted) as info:
+        other.fit(tasks, iterations=9, meta_batch_size=1, progress=False, callbacks=[SendSignal(1, signal.SIGINT)])
+    path = info.value.checkpoint
+    assert path.parent == tmp_path and path.name.startswith("metamtl-interrupted-") and path.suffix == ".pt"
+    assert str(path) in str(info.value) and safe_load(path)["iteration"] == 1
+    assert safe_load(tmp_path / "metamtl-interrupted.pt")["iteration"] == 3  # the first run's, kept
+    with pytest.raises(FitInterrupted) as again:  # the first run interrupted again: its own file is updated
+        first.fit(tasks, iterations=9, meta_batch_size=1, progress=False, callbacks=[SendSignal(5, signal.SIGINT)])
+    assert again.value.checkpoint == tmp_path / "metamtl-interrupted.pt"
+    assert safe_load(tmp_path / "metamtl-interrupted.pt")["iteration"] == 5
 
 
 def test_a_second_signal_aborts_at_once_without_a_new_checkpoint(tmp_path, tasks):
