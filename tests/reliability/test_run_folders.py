@@ -182,6 +182,33 @@ def test_the_lock_is_reentrant_in_one_process_and_released_after_fit(tmp_path):
     assert other.stdout.strip() == "locked", other.stderr  # nothing held once fit and the block ended
 
 
+def test_two_threads_of_one_process_cannot_write_one_folder_together(tmp_path):
+    """Regression: the lock was re-entrant for the whole process, so two fits in two threads wrote one folder
+    together, overwriting each other's last.pt at every iteration without any error."""
+    import threading
+
+    held, done = threading.Event(), threading.Event()
+
+    def holder():
+        with RunFolderLock(tmp_path):
+            held.set()
+            done.wait(60)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert held.wait(60)
+        with pytest.raises(CheckpointError, match=r"is being written by another run of this process \(thread "):
+            tiny_learner().fit(EpisodeSampler(toy_dataset(), 5, 1, 2), iterations=1, meta_batch_size=1,
+                               checkpoint_dir=tmp_path, progress=False)
+        assert not (tmp_path / "last.pt").exists()
+    finally:
+        done.set()
+        thread.join(60)
+    with RunFolderLock(tmp_path):  # free again once the other thread released it
+        pass
+
+
 def test_fit_refuses_to_overwrite_another_learners_checkpoint(tmp_path):
     tasks = EpisodeSampler(toy_dataset(), 5, 1, 2)
     first = tiny_learner()
