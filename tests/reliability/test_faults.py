@@ -308,6 +308,34 @@ def test_a_second_signal_during_the_clean_up_keeps_the_saved_checkpoint_and_ever
     assert not (tmp_path / ".metamtl.lock").exists()  # ModelCheckpoint's clean-up released the folder
 
 
+class TrainHelper(Callback):
+    """Trains a small helper learner at iteration 2 of the outer fit; Ctrl-C arrives during it."""
+
+    def __init__(self, tasks) -> None:
+        self.tasks, self.helper = tasks, None
+
+    def on_iteration_end(self, state, metrics):
+        if state.iteration == 2:
+            self.helper = tiny_learner()
+            self.helper.fit(self.tasks, iterations=3, meta_batch_size=1, progress=False,
+                            callbacks=[SendSignal(1, signal.SIGINT)])
+
+
+def test_a_signal_during_a_fit_nested_in_a_callback_stops_and_saves_the_outer_run(tmp_path, tasks, monkeypatch):
+    """Regression: the nested fit took over the outer one's handler: it raised its own FitInterrupted (naming
+    its metamtl-interrupted.pt) through the outer fit, which saved nothing of its own run."""
+    monkeypatch.chdir(tmp_path)
+    helper = TrainHelper(tasks)
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(FitInterrupted, match="SIGINT received: meta-training stopped after iteration 2") as info:
+        tiny_learner().fit(tasks, iterations=5, meta_batch_size=1, progress=False, checkpoint_dir=tmp_path / "run",
+                           callbacks=[helper])
+    assert info.value.checkpoint == tmp_path / "run" / "last.pt" and safe_load(info.value.checkpoint)["iteration"] == 2
+    assert helper.helper.iteration == 3  # the nested fit is part of the outer iteration: it completes
+    assert not (tmp_path / "metamtl-interrupted.pt").exists()
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
 def test_ignored_signals_stay_ignored_and_threads_leave_handlers_alone(tasks):
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # e.g. nohup'ed / background jobs
     try:
