@@ -200,7 +200,20 @@ class CallbackList(Callback):
     def on_validation_end(self, state, metrics): self._call("on_validation_end", state, metrics)
     def on_iteration_complete(self, state): self._call("on_iteration_complete", state)
     def on_fit_end(self, state): self._call("on_fit_end", state)
-    def on_exception(self, state, exc): self._call("on_exception", state, exc)
+    def on_exception(self, state, exc): self._call_all("on_exception", state, exc)
+
+    def _call_all(self, hook: str, *args: Any) -> None:
+        """Call ``hook`` on every callback even when one raises (a user error, or a further Ctrl-C during
+        a slow clean-up such as ``wandb.finish()``), so that every clean-up runs, the run folder's
+        lock release last; then raise the first error."""
+        error: BaseException | None = None
+        for cb in self.callbacks:
+            try:
+                getattr(cb, hook)(*args)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others' clean-up
+                error = error or exc
+        if error is not None:
+            raise error
     def on_results(self, state, results): self._call("on_results", state, results)
 
     def state_dict(self) -> dict[str, Any]:
@@ -432,21 +445,25 @@ class ModelCheckpoint(Callback):
 
     def on_exception(self, state, exc):
         """After too many non-finite steps, keep the last good parameters in ``last.pt``."""
-        if isinstance(exc, TrainingError) and state.is_main_process and self._lock.held:
-            from .numerics import nonfinite_tensors
+        try:
+            if isinstance(exc, TrainingError) and state.is_main_process and self._lock.held:
+                note = self._keep_last_good(state)
+                if hasattr(exc, "add_note"):  # Python >= 3.11
+                    exc.add_note(note)
+        finally:
+            self._lock.release()
 
-            if nonfinite_tensors([("", state.learner.model), ("", state.learner.algorithm)]):
-                exc.add_note(f"{self.last_path} keeps the last finite weights it was written with")
-                self._lock.release()
-                return
-            try:
-                state.learner.save(self.last_path, training_state=True)
-                note = f"the last good parameters are saved in {self.last_path}"
-            except CheckpointError as err:
-                note = f"the last good parameters could not be saved: {err}"
-            if hasattr(exc, "add_note"):  # Python >= 3.11
-                exc.add_note(note)
-        self._lock.release()
+    def _keep_last_good(self, state) -> str:
+        """Save the learner in ``last.pt`` unless its weights are not finite; what was kept, for the error."""
+        from .numerics import nonfinite_tensors
+
+        if nonfinite_tensors([("", state.learner.model), ("", state.learner.algorithm)]):
+            return f"{self.last_path} keeps the last finite weights it was written with"
+        try:
+            state.learner.save(self.last_path, training_state=True)
+            return f"the last good parameters are saved in {self.last_path}"
+        except CheckpointError as err:
+            return f"the last good parameters could not be saved: {err}"
 
     def state_dict(self):
         """The best value so far, with the folder, monitor and mode it was watched in (a resume into

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import torch
 
 from .errors import CheckpointError
-from .files import atomic_write
+from .files import atomic_write, remove_temporaries
 
 try:
     import fcntl
@@ -272,7 +272,7 @@ DERIVED_FILES = ("report.html", "steps_curve.json")
 #: the lock file inside a run folder
 LOCK_FILE = ".metamtl.lock"
 
-_held: dict[str, list[int]] = {}  # real folder path -> [fd, depth]
+_held: dict[str, list[Any]] = {}  # real folder path -> [fd, depth, holding thread's ident, its name]
 _held_guard = threading.Lock()
 
 
@@ -283,12 +283,16 @@ class RunFolderLock:
     start time for the message a second process gets.  The kernel drops the lock when the
     holding process ends, however it ends, so a crashed or killed run never leaves the folder
     locked (its file stays, unlocked, until the next run takes it).  A clean release deletes the
-    file; a process that locked a file just deleted notices (other inode) and tries again.
-    Re-entrant within a process (``metamtl fit`` holds it for the whole run, the checkpoint
-    callback again inside ``fit``).  Without ``fcntl`` (Windows) it does nothing.
+    file; a process that locked a file just deleted notices (other inode) and tries again.  Taking
+    the lock removes the temporary files a killed writer left in the folder
+    (:func:`~metamtl.files.remove_temporaries`).
+    Re-entrant within the thread that holds it (``metamtl fit`` holds it for the whole run, the
+    checkpoint callback again inside ``fit``); another thread of the process is refused like another
+    process (two fits in two threads would overwrite each other's ``last.pt``).  Without ``fcntl``
+    (Windows) it does nothing.
 
     Raises:
-        CheckpointError: another process holds the folder.
+        CheckpointError: another process, or another thread of this one, holds the folder.
     """
 
     def __init__(self, folder: str | os.PathLike) -> None:
@@ -301,6 +305,11 @@ class RunFolderLock:
             return self
         with _held_guard:
             entry = _held.get(self._key)
+            if entry is not None and entry[2] != threading.get_ident():
+                raise CheckpointError(
+                    f"run folder {self.folder} is being written by another run of this process (thread "
+                    f"{entry[3]!r}); two runs writing one folder would overwrite each other's checkpoints. Wait "
+                    "for it to finish, or write elsewhere (another checkpoint_dir, name=... or output_dir=...)")
             if entry is not None:
                 entry[1] += 1
             elif fcntl is not None:
@@ -309,7 +318,8 @@ class RunFolderLock:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
                               f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
-                _held[self._key] = [fd, 1]
+                _held[self._key] = [fd, 1, threading.get_ident(), threading.current_thread().name]
+                remove_temporaries(self.folder)  # only this process writes here now: left by a killed one
         self.held = True
         return self
 

@@ -83,6 +83,11 @@ class FitInterrupted(KeyboardInterrupt):
     def exit_code(self) -> int:
         return 128 + int(self.signum)
 
+    def __reduce__(self):
+        # ``args`` holds the message only: rebuild with every argument, so copies and pickles (a fit
+        # interrupted in a worker process, sent back to the parent) keep signum, iteration and checkpoint
+        return type(self), (str(self), self.signum, self.iteration, self.checkpoint), self.__dict__
+
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return ``" Did you mean 'x'?"`` for the closest choice, or an empty string."""

@@ -1,27 +1,55 @@
 """Atomic file writes: the one temp-file-then-rename writer of every file metamtl saves (checkpoints,
 decode caches, downloads, results, histories, curves, reports), so a crash, a full disk or a killed
-process never leaves a truncated file under the final name."""
+process never leaves a truncated file under the final name.  The temporary file a killed process
+leaves in a run folder is removed by the next run that takes the folder (:func:`remove_temporaries`)."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import IO, Any, Callable
+
+
+_TOKEN_BYTES = 6
+#: the name of :func:`atomic_write`'s temporary files: ``.<final name>.<12 hex digits>.tmp``
+TEMPORARY_NAME = re.compile(rf"\..+\.[0-9a-f]{{{2 * _TOKEN_BYTES}}}\.tmp")
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Delete the temporary files of :func:`atomic_write` in ``folder`` (not below it) and return their
+    names.  Only for a folder no one else writes meanwhile (a run folder just locked): each is then
+    left over from a killed process."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if TEMPORARY_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+                removed.append(entry.name)
+            except OSError:
+                pass
+    return removed
 
 
 def atomic_write(path: str | os.PathLike, fill: Callable[[IO], Any], *, text: bool = False) -> Path:
     """Write file ``path`` atomically: ``fill(fh)`` writes a new temporary file in the same folder
     (``text``: opened as UTF-8 text, else binary), which is fsynced and renamed over ``path``.
 
-    Whatever fails midway (``fill`` raising after partial output, a full disk,
-    a killed process) leaves the previous file intact and no temporary file behind; the error is
-    raised as it came.
+    Whatever fails midway (``fill`` raising after partial output, a full disk, a killed process)
+    leaves the previous file intact; the error is raised as it came.  No temporary file stays behind,
+    except after a SIGKILL or power loss, which no code can clean up at that moment: such a
+    ``.<name>.<hex>.tmp`` in a run folder is removed when a run next takes the folder
+    (:func:`remove_temporaries`, called by :class:`~metamtl.checkpoint.RunFolderLock`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # O_EXCL: never reuse a file; mode 0o666 so the umask applies as for any other file
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(_TOKEN_BYTES)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with (os.fdopen(fd, "w", encoding="utf-8") if text else os.fdopen(fd, "wb")) as fh:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -23,6 +25,7 @@ import torch
 from . import distributed, run_state
 from .adaptation import check_positive
 from .callbacks import FitState
+from .checkpoint import history_continues, safe_load
 from .heads import ALGORITHM
 from .errors import (BAD_SETTING_ERRORS, CheckpointError, ConfigError, FitInterrupted, TrainingError, setting_error_text,
                      unknown_name)
@@ -450,7 +453,7 @@ class FitLoop:
         except BaseException as exc:
             if isinstance(exc, FitInterrupted):  # also a second signal's, raised at once by the handler
                 state.stopped_by = signal_name(exc.signum)
-            cbs.on_exception(state, exc)
+            self._clean_up(exc)
             raise
         finally:
             # what the learner's next fit call continues from (callbacks absent from this fit keep theirs)
@@ -462,6 +465,20 @@ class FitLoop:
                 close()
         if late is not None:  # on_fit_end closed the callbacks (and wrote last.pt): save, then stop
             raise self.interrupted(late)
+
+    def _clean_up(self, exc: BaseException) -> None:
+        """Every callback's ``on_exception`` for ``exc``.  A stop request (``exc`` a
+        :class:`FitInterrupted`, whose checkpoint is already written) stays the error fit raises when a
+        further signal interrupts a callback's clean-up: that signal's error would claim nothing was
+        saved."""
+        try:
+            self.callbacks.on_exception(self.state, exc)
+        except KeyboardInterrupt:
+            if not isinstance(exc, FitInterrupted):
+                raise
+            if hasattr(exc, "add_note"):  # Python >= 3.11
+                exc.add_note("a further stop request interrupted a callback's clean-up (on_exception); the "
+                             "other callbacks' clean-up still ran")
 
     def _batches(self) -> Iterator[TaskBatch]:
         ln = self.learner
@@ -581,14 +598,14 @@ class FitLoop:
         """After a stop signal: save a resumable checkpoint, return the exception fit raises.
 
         The checkpoint goes to ``state.resume_checkpoint`` (set by a checkpoint callback such as
-        :class:`~metamtl.callbacks.ModelCheckpoint`) or, without one, :data:`INTERRUPT_CHECKPOINT`.
+        :class:`~metamtl.callbacks.ModelCheckpoint`) or, without one, :func:`interrupt_checkpoint`.
         """
         ln, state = self.learner, self.state
         name = signal_name(signum)
         path, note = None, ""
         if ln.is_main_process:  # saved before stopped_by names the signal: a callback's stop is kept for the resume
             try:
-                path = ln.save(state.resume_checkpoint or INTERRUPT_CHECKPOINT, training_state=True)
+                path = ln.save(state.resume_checkpoint or interrupt_checkpoint(ln.history), training_state=True)
                 note = (f"; resumable checkpoint: {path} (continue with fit(..., resume='{path}') or "
                         f"`metamtl fit CONFIG --resume {path}`)")
             except CheckpointError as exc:
@@ -597,3 +614,23 @@ class FitLoop:
         return FitInterrupted(f"{name} received: meta-training stopped after iteration {ln.iteration}{note}",
                               signum, ln.iteration, path)
 
+
+def interrupt_checkpoint(history: list[dict[str, float]]) -> Path:
+    """Where a fit without a checkpoint folder saves on a stop signal (absolute, so right after a
+    ``chdir`` too): :data:`INTERRUPT_CHECKPOINT` in the current folder, unless that file holds another
+    run (its history is not a prefix of ``history``, the learner's), which is never overwritten: then
+    ``metamtl-interrupted-<pid>-<time>.pt`` beside it."""
+    path = INTERRUPT_CHECKPOINT.resolve()
+    if not path.is_file():
+        return path
+    try:
+        theirs = safe_load(path)
+    except CheckpointError:
+        return path  # unreadable: nothing a new checkpoint could lose
+    if history_continues(history, theirs.get("history", []) if isinstance(theirs, dict) else None):
+        return path
+    stem, n = f"{path.stem}-{os.getpid()}-{time.strftime('%Y%m%d-%H%M%S')}", 1
+    unique = path.with_name(stem + path.suffix)
+    while unique.exists():  # another run of this process stopped in the same second
+        unique, n = path.with_name(f"{stem}-{n}{path.suffix}"), n + 1
+    return unique

@@ -6,7 +6,9 @@ progress (and its validation, if one is due), writes a resumable checkpoint and 
 :class:`~metamtl.errors.FitInterrupted`.  A second signal raises it at once, without a new
 checkpoint (the last periodic one, written atomically, is intact).  The previous handlers come
 back when ``fit`` returns or raises; a signal that was ignored (``SIG_IGN``, e.g. SIGINT of a
-background job started by a non-interactive shell) stays ignored.
+background job started by a non-interactive shell) stays ignored.  A fit run inside another fit (in
+a callback) leaves the handlers to the outer one: the nested fit is part of the outer iteration,
+which completes, and the outer run stops and saves its own checkpoint.
 """
 from __future__ import annotations
 
@@ -49,8 +51,9 @@ class StopOnSignal:
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 previous = signal.getsignal(sig)
-                if previous is signal.SIG_IGN or previous is None:
-                    continue
+                nested = isinstance(getattr(previous, "__self__", None), StopOnSignal)  # a fit in a fit's callback
+                if previous is signal.SIG_IGN or previous is None or nested:
+                    continue  # ignored stays ignored; the outer fit keeps the stop
                 self._previous[sig] = previous
                 signal.signal(sig, self._handle)
         return self

@@ -292,7 +292,8 @@ def resume(path: str | Path, *, config: dict[str, Any], settings: dict[str, Any]
     ``config`` (the learner's) and ``settings`` (the fit's) must equal the saved ones, and the run's
     total ``iterations`` (when given) must not be below the checkpoint's iteration.  If
     restoring fails half-way (a damaged file), everything is rolled back and
-    :class:`CheckpointError` says nothing was changed.
+    :class:`CheckpointError` says nothing was changed; a Ctrl-C (``KeyboardInterrupt``) part-way
+    through is rolled back as well and re-raised as it is.
     """
     obj = safe_load(path)
     check_resumable(obj, path, config, settings)
@@ -309,8 +310,10 @@ def resume(path: str | Path, *, config: dict[str, Any], settings: dict[str, Any]
     try:
         _restore(obj, modules, optimizer, run)
         run.resumed = True
-    except Exception as exc:  # whatever a damaged file makes torch/numpy raise: roll back
+    except BaseException as exc:  # a damaged file (whatever torch/numpy raise) or Ctrl-C: roll back
         _restore(backup, modules, optimizer, run)
+        if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: re-raised as they are
+            raise
         raise CheckpointError(
             f"{path}: damaged checkpoint or one from an incompatible metamtl version "
             f"({type(exc).__name__}: {exc}); nothing was changed"

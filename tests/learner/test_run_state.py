@@ -413,3 +413,30 @@ def test_weights_frozen_after_the_learner_was_built_load_and_resume(sine, tmp_pa
     with pytest.raises(CheckpointError, match=r"its meta-optimizer held other weights than this learner's; held there "
                                               r"only: \['model.trunk.net.0.bias', 'model.trunk.net.0.weight'\]"):
         built_frozen.fit(sine, iterations=6, meta_batch_size=2, progress=False, resume=tmp_path / "run" / "last.pt")
+
+
+def test_ctrl_c_while_a_resume_restores_rolls_everything_back_and_stays_a_keyboard_interrupt(sine, tmp_path, monkeypatch):
+    """Regression: a KeyboardInterrupt (Ctrl-C) raised part-way through the restore escaped the roll-back
+    (``except Exception``), leaving the checkpoint's weights with iteration 0 and an empty optimizer."""
+    learner = sine_learner()
+    learner.fit(sine, iterations=2, meta_batch_size=2, progress=False)
+    path = learner.save(tmp_path / "last.pt", training_state=True)
+    other = sine_learner()
+    fresh = [p.detach().clone() for p in other.model.parameters()]
+
+    calls = []
+    load = other.meta_optimizer.load_state_dict
+
+    def ctrl_c(state):  # the signal lands during the first restore only (the roll-back then loads as usual)
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        load(state)
+
+    monkeypatch.setattr(other.meta_optimizer, "load_state_dict", ctrl_c)
+    with pytest.raises(KeyboardInterrupt) as info:
+        resume(path, config=other.config(), settings=learner.run.settings, modules=(other.model, other.algorithm),
+               optimizer=other.meta_optimizer, run=other.run)
+    assert type(info.value) is KeyboardInterrupt  # re-raised as it is, not wrapped
+    assert other.iteration == 0 and other.history == [] and not other.run.resumed
+    assert all(torch.equal(a, b) for a, b in zip(fresh, other.model.parameters()))

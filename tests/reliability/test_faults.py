@@ -225,13 +225,46 @@ def test_sigterm_in_python_saves_last_pt_and_resume_is_exact(tmp_path, tasks):
     assert resumed.fit_state.stopped_by == "iterations"  # not the interrupted fit's SIGTERM
 
 
+def test_fit_interrupted_copies_and_pickles_with_its_signal_iteration_and_checkpoint(tmp_path):
+    """Regression: FitInterrupted could not be copied or unpickled (its __init__ needs signum and iteration),
+    so a fit interrupted in a worker process broke the whole process pool."""
+    import copy
+    import pickle
+
+    exc = FitInterrupted("SIGTERM received: stopped", signal.SIGTERM, 3, tmp_path / "last.pt")
+    for back in (copy.copy(exc), copy.deepcopy(exc), pickle.loads(pickle.dumps(exc))):
+        assert type(back) is FitInterrupted and str(back) == "SIGTERM received: stopped"
+        assert (back.signum, back.iteration, back.checkpoint, back.exit_code) == (signal.SIGTERM, 3, tmp_path / "last.pt", 143)
+    assert str(exc) == "SIGTERM received: stopped" and exc.args == ("SIGTERM received: stopped",)
+
+
 def test_without_checkpoint_dir_the_interrupt_checkpoint_goes_to_the_working_folder(tmp_path, tasks, monkeypatch):
     monkeypatch.chdir(tmp_path)
     learner = tiny_learner()
-    with pytest.raises(FitInterrupted, match=r"SIGINT received: meta-training stopped after iteration 2; resumable checkpoint: metamtl-interrupted.pt") as info:
+    with pytest.raises(FitInterrupted, match=rf"SIGINT received: meta-training stopped after iteration 2; resumable checkpoint: {re.escape(str(tmp_path))}/metamtl-interrupted.pt") as info:
         learner.fit(tasks, iterations=5, meta_batch_size=1, progress=False, callbacks=[SendSignal(2, signal.SIGINT)])
     assert info.value.exit_code == 130
+    assert info.value.checkpoint == tmp_path / "metamtl-interrupted.pt"  # absolute: right after a chdir too
     assert MetaLearner.load(tmp_path / "metamtl-interrupted.pt").iteration == 2
+
+
+def test_an_interrupt_without_checkpoint_dir_never_overwrites_another_runs_checkpoint(tmp_path, tasks, monkeypatch):
+    """Regression: a second, different run interrupted in the same folder silently replaced the first one's
+    metamtl-interrupted.pt, losing its iterations."""
+    monkeypatch.chdir(tmp_path)
+    first, other = tiny_learner(), tiny_learner(meta_lr=0.01)
+    with pytest.raises(FitInterrupted):
+        first.fit(tasks, iterations=9, meta_batch_size=1, progress=False, callbacks=[SendSignal(3, signal.SIGINT)])
+    with pytest.raises(FitInterrupted) as info:
+        other.fit(tasks, iterations=9, meta_batch_size=1, progress=False, callbacks=[SendSignal(1, signal.SIGINT)])
+    path = info.value.checkpoint
+    assert path.parent == tmp_path and path.name.startswith("metamtl-interrupted-") and path.suffix == ".pt"
+    assert str(path) in str(info.value) and safe_load(path)["iteration"] == 1
+    assert safe_load(tmp_path / "metamtl-interrupted.pt")["iteration"] == 3  # the first run's, kept
+    with pytest.raises(FitInterrupted) as again:  # the first run interrupted again: its own file is updated
+        first.fit(tasks, iterations=9, meta_batch_size=1, progress=False, callbacks=[SendSignal(5, signal.SIGINT)])
+    assert again.value.checkpoint == tmp_path / "metamtl-interrupted.pt"
+    assert safe_load(tmp_path / "metamtl-interrupted.pt")["iteration"] == 5
 
 
 def test_a_second_signal_aborts_at_once_without_a_new_checkpoint(tmp_path, tasks):
@@ -244,6 +277,63 @@ def test_a_second_signal_aborts_at_once_without_a_new_checkpoint(tmp_path, tasks
     assert signal.getsignal(signal.SIGINT) is previous
     # the abort came before iteration 2's periodic checkpoint: the one of iteration 1 is intact
     assert safe_load(tmp_path / "last.pt")["iteration"] == 1
+
+
+class SignalInCleanUp(Callback):
+    """A clean-up slow enough (wandb.finish()) for the user to press Ctrl-C again during it."""
+
+    def on_exception(self, state, exc):
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+class RecordCleanUp(Callback):
+    def __init__(self) -> None:
+        self.seen: list[BaseException] = []
+
+    def on_exception(self, state, exc):
+        self.seen.append(exc)
+
+
+def test_a_second_signal_during_the_clean_up_keeps_the_saved_checkpoint_and_every_clean_up(tmp_path, tasks):
+    """Regression: a second Ctrl-C in a callback's on_exception (after the first one's checkpoint was written)
+    raised 'aborted ... without saving it' with checkpoint None, skipped the later callbacks' clean-up and left
+    the run folder locked."""
+    record = RecordCleanUp()
+    with pytest.raises(FitInterrupted, match="SIGINT received: meta-training stopped after iteration 2; resumable checkpoint") as info:
+        tiny_learner().fit(tasks, iterations=5, meta_batch_size=1, progress=False, checkpoint_dir=tmp_path,
+                           callbacks=[SendSignal(2, signal.SIGINT), SignalInCleanUp(), record])
+    assert info.value.checkpoint == tmp_path / "last.pt" and info.value.iteration == 2
+    assert safe_load(tmp_path / "last.pt")["iteration"] == 2
+    assert record.seen == [info.value]  # the clean-up after the interrupted one ran
+    assert not (tmp_path / ".metamtl.lock").exists()  # ModelCheckpoint's clean-up released the folder
+
+
+class TrainHelper(Callback):
+    """Trains a small helper learner at iteration 2 of the outer fit; Ctrl-C arrives during it."""
+
+    def __init__(self, tasks) -> None:
+        self.tasks, self.helper = tasks, None
+
+    def on_iteration_end(self, state, metrics):
+        if state.iteration == 2:
+            self.helper = tiny_learner()
+            self.helper.fit(self.tasks, iterations=3, meta_batch_size=1, progress=False,
+                            callbacks=[SendSignal(1, signal.SIGINT)])
+
+
+def test_a_signal_during_a_fit_nested_in_a_callback_stops_and_saves_the_outer_run(tmp_path, tasks, monkeypatch):
+    """Regression: the nested fit took over the outer one's handler: it raised its own FitInterrupted (naming
+    its metamtl-interrupted.pt) through the outer fit, which saved nothing of its own run."""
+    monkeypatch.chdir(tmp_path)
+    helper = TrainHelper(tasks)
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(FitInterrupted, match="SIGINT received: meta-training stopped after iteration 2") as info:
+        tiny_learner().fit(tasks, iterations=5, meta_batch_size=1, progress=False, checkpoint_dir=tmp_path / "run",
+                           callbacks=[helper])
+    assert info.value.checkpoint == tmp_path / "run" / "last.pt" and safe_load(info.value.checkpoint)["iteration"] == 2
+    assert helper.helper.iteration == 3  # the nested fit is part of the outer iteration: it completes
+    assert not (tmp_path / "metamtl-interrupted.pt").exists()
+    assert signal.getsignal(signal.SIGINT) is previous
 
 
 def test_ignored_signals_stay_ignored_and_threads_leave_handlers_alone(tasks):

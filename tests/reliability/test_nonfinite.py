@@ -82,6 +82,29 @@ def test_an_overflowing_meta_step_stops_training_naming_the_iteration_and_keeps_
         learner.evaluate(tasks, 2, progress=False)
 
 
+class NoNotesError(TrainingError):
+    """A TrainingError as Python 3.10 has it: no ``add_note`` (PEP 678 came with 3.11)."""
+
+    @property
+    def add_note(self):
+        raise AttributeError("add_note")
+
+
+def test_non_finite_weights_at_a_failed_fit_release_the_run_folder_without_add_note(tasks, tmp_path):
+    """Regression: ModelCheckpoint.on_exception called exc.add_note unguarded in the non-finite-weights branch:
+    on Python 3.10 the TrainingError became an AttributeError and the run folder stayed locked."""
+    from types import SimpleNamespace
+
+    from metamtl.callbacks import ModelCheckpoint
+
+    learner = tiny_learner("proto")
+    poison(learner)
+    checkpoint = ModelCheckpoint(tmp_path)
+    checkpoint._lock.acquire()
+    checkpoint.on_exception(SimpleNamespace(is_main_process=True, learner=learner), NoNotesError("overflow"))
+    assert not checkpoint._lock.held and not (tmp_path / ".metamtl.lock").exists()
+
+
 def test_a_diverging_inner_loop_at_evaluation_names_the_episode_and_steps(tasks):
     torch.manual_seed(0)
     model = build_model("conv4", in_channels=1, hidden=4, image_size=12, blocks=2, out_features=2)

@@ -144,6 +144,20 @@ def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_stale_lock(tmp_pa
     assert not (run_dir / ".metamtl.lock").exists()  # a clean run removes its lock file
 
 
+def test_temporary_files_a_killed_writer_left_are_removed_when_a_run_takes_the_folder(tmp_path):
+    """Regression: a SIGKILLed atomic write leaves `.<name>.<hex>.tmp` (as large as a checkpoint) that nothing
+    ever removed, although atomic_write's docstring promised no temporary file behind."""
+    stale = [tmp_path / ".last.pt.69c5f7a342e4.tmp", tmp_path / ".metrics.jsonl.0123456789ab.tmp"]
+    kept = [tmp_path / ".notes.tmp", tmp_path / "last.pt.tmp", tmp_path / "data.txt"]  # not atomic_write's names
+    for f in stale + kept:
+        f.write_bytes(b"partial")
+    with RunFolderLock(tmp_path):
+        assert [f.exists() for f in stale + kept] == [False, False, True, True, True]
+        (tmp_path / ".best.pt.aaaaaaaaaaaa.tmp").write_bytes(b"")  # a re-entrant acquire removes nothing
+        with RunFolderLock(tmp_path):
+            assert (tmp_path / ".best.pt.aaaaaaaaaaaa.tmp").exists()
+
+
 def test_two_real_fits_into_one_folder_the_second_refuses(tmp_path):
     """Two `metamtl fit` processes started together: exactly one trains, the other exits 2."""
     cfg = write_config(tmp_path, **{"train.iterations": 400})
@@ -166,6 +180,33 @@ def test_the_lock_is_reentrant_in_one_process_and_released_after_fit(tmp_path):
     other = subprocess.run([PYTHON, "-c", HOLDER.replace("time.sleep(600)", ""), str(tmp_path)],
                            capture_output=True, text=True, env=cli_env(), timeout=120)
     assert other.stdout.strip() == "locked", other.stderr  # nothing held once fit and the block ended
+
+
+def test_two_threads_of_one_process_cannot_write_one_folder_together(tmp_path):
+    """Regression: the lock was re-entrant for the whole process, so two fits in two threads wrote one folder
+    together, overwriting each other's last.pt at every iteration without any error."""
+    import threading
+
+    held, done = threading.Event(), threading.Event()
+
+    def holder():
+        with RunFolderLock(tmp_path):
+            held.set()
+            done.wait(60)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert held.wait(60)
+        with pytest.raises(CheckpointError, match=r"is being written by another run of this process \(thread "):
+            tiny_learner().fit(EpisodeSampler(toy_dataset(), 5, 1, 2), iterations=1, meta_batch_size=1,
+                               checkpoint_dir=tmp_path, progress=False)
+        assert not (tmp_path / "last.pt").exists()
+    finally:
+        done.set()
+        thread.join(60)
+    with RunFolderLock(tmp_path):  # free again once the other thread released it
+        pass
 
 
 def test_fit_refuses_to_overwrite_another_learners_checkpoint(tmp_path):
