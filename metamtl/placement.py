@@ -28,6 +28,7 @@ from torch import nn
 
 from . import distributed
 from .allocator import tune_cpu_allocator
+from .devices import parse_device
 from .environment import cpuinfo_field
 from .errors import ConfigError, unknown_name
 
@@ -58,18 +59,9 @@ def native_bf16(device: torch.device, flags: set[str] | None = None) -> bool:
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU (under torchrun: this rank's GPU)."""
-    if device is None or device == "auto":
-        return distributed.process_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device {device!r} is not supported: metamtl trains on 'cpu' or 'cuda' ('cuda:N', 'auto')")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
-    return distributed.process_device(dev)
+    """:func:`~metamtl.devices.parse_device` (``"auto"`` -> CUDA when available, else CPU;
+    :class:`ConfigError` for others), under torchrun an unindexed ``cuda`` being this rank's GPU."""
+    return distributed.process_device(parse_device(device))
 
 
 def auto_channels_last(model: nn.Module | None, device: torch.device) -> bool:

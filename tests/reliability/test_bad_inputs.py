@@ -653,3 +653,17 @@ def test_integer_image_inputs_other_than_uint8_get_an_input_error(env, dtype):
         env.learner.evaluate([bad], progress=False)
     with pytest.raises(InputError, match=rf"support_x is a {dtype}"):
         fit(tiny_learner(), ListedSource([bad]))
+
+
+def test_peak_memory_resolves_its_device_like_the_learner():
+    """PeakMemory('cuda') without a GPU and PeakMemory('auto') were bare RuntimeErrors from torch,
+    and PeakMemory('meta') silently measured the process's RSS."""
+    from metamtl.memory import PeakMemory
+
+    assert PeakMemory("auto").cuda == torch.cuda.is_available()
+    for device, message in [("meta", r"device 'meta' is not supported: metamtl trains on 'cpu' or 'cuda'"),
+                            ("gpu", r"unknown device 'gpu'; use 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+                            *([] if torch.cuda.is_available() else
+                              [("cuda", r"device 'cuda' requested but CUDA is not available")])]:
+        with pytest.raises(ConfigError, match=message):
+            PeakMemory(device)
