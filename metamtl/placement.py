@@ -179,8 +179,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def model_dtype(model: nn.Module | None) -> torch.dtype:
     """The floating dtype of ``model``'s weights (float32 without any), which inputs are cast to;
     :class:`ConfigError` for a floating parameter or buffer that is neither float32 nor float64
-    (half or bfloat16 weights, even in one part of the model) and for parameters mixing the two."""
+    (half or bfloat16 weights, even in one part of the model), for parameters mixing the two and
+    for weights on torch's ``meta`` device (shapes without values)."""
     named = list(model.named_parameters()) if model is not None else []
+    meta = next((n for n, t in [*named, *(model.named_buffers() if model is not None else ())] if t.is_meta), None)
+    if meta is not None:
+        raise ConfigError(
+            f"the model's weights are on torch's 'meta' device ({meta}): they have shapes but no values; "
+            "materialise them before building the learner, e.g. model.to_empty(device='cpu') and then initialise "
+            "them or load_state_dict(...) from a checkpoint")
     floats = [(n, t.dtype) for n, t in named if t.is_floating_point()]
     tensors = floats + [(n, t.dtype) for n, t in (model.named_buffers() if model is not None else ())
                         if t.is_floating_point()]
