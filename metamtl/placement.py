@@ -270,11 +270,10 @@ class Placement:
         return dataclasses.replace(self, channels_last=channels_last)
 
     @property
-    def memory_format(self) -> torch.memory_format | None:
-        """The layout of image batches given to the model (``None``: leave as they are)."""
-        if self.channels_last:
-            return torch.channels_last
-        return torch.contiguous_format if self.automatic else None  # (undo an earlier channels_last)
+    def memory_format(self) -> torch.memory_format:
+        """The layout image batches are given to the model in: NHWC inputs of an NCHW learner are
+        converted too, so the layout (and the bits of a result) never depends on the input's strides."""
+        return memory_format_of(self.channels_last)
 
     def autocast(self) -> torch.autocast:
         """The autocast context of :attr:`precision` (a no-op for ``"fp32"``)."""
@@ -294,6 +293,6 @@ class Placement:
     def model_input(self, x: torch.Tensor) -> torch.Tensor:
         """A float input tensor on this device, in the memory layout when it is an image batch."""
         x = x.to(self.device, self.dtype)
-        if self.memory_format is not None and x.dim() == 4:
+        if x.dim() == 4:
             x = x.contiguous(memory_format=self.memory_format)
         return x
