@@ -11,13 +11,24 @@ import torch
 
 
 def git_commit() -> str:
-    """The short commit hash of the metamtl checkout, or ``"unknown"`` outside a git checkout."""
+    """The short commit hash of the metamtl checkout, or ``"unknown"`` outside a git checkout.
+
+    Only a repository whose top level holds the ``metamtl`` package counts: an installed copy
+    inside another repository (a virtual environment in the user's project) is not metamtl's checkout."""
+    source = Path(__file__).resolve().parents[1]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=5)
-        return out.stdout.strip() or "unknown"
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=source / "metamtl", timeout=5)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    lines = out.stdout.split("\n")
+    if out.returncode != 0 or len(lines) < 2 or not lines[1].strip():
+        return "unknown"
+    try:
+        same = Path(lines[0]).resolve() == source
+    except OSError:
+        return "unknown"
+    return lines[1].strip() if same else "unknown"
 
 
 def machine_info() -> dict[str, Any]:

@@ -273,10 +273,10 @@ def build_learner(cfg: Config, train_tasks: TaskSource, callbacks: list[Callback
 
 def memory_summary(learner: MetaLearner) -> dict[str, Any]:
     """How the run's peak memory was measured, the memory mode of the second-order meta-gradient
-    (``None`` for first-order algorithms, Reptile and FOMAML: they ignore ``memory``) and the
-    memory planner's choice (``memory: auto``)."""
+    (``None`` for first-order algorithms, Reptile and FOMAML, and for those without an inner loop,
+    ProtoNet: they ignore ``memory``) and the memory planner's choice (``memory: auto``)."""
     alg = learner.algorithm
-    second_order = not alg.inner.first_order
+    second_order = alg.has_inner_loop and not alg.inner.first_order
     plan = getattr(alg, "memory_plan", None) if second_order else None
     return {"measure": "cuda_max_allocated" if learner.device.type == "cuda" else "rss",
             "mode": getattr(alg, "memory_mode", None) if second_order else None,

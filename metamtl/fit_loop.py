@@ -416,6 +416,7 @@ class FitLoop:
 
     def __init__(self, learner: "MetaLearner", state: FitState, train_tasks: TaskSource,
                  val_tasks: TaskSource | None = None, val_episodes: int = 100, num_workers: int = 0) -> None:
+        learner.check_finite("fit")  # NaN weights (a diverged checkpoint): no step can repair them
         self.learner, self.state, self.callbacks = learner, state, state.callbacks
         carried = learner.run.callbacks  # what a resumed checkpoint (or the previous fit) saved
         # a learner's first fit, or one with callbacks last used by another learner, starts the callbacks it carries

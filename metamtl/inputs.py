@@ -87,10 +87,17 @@ def refuse_meta(x: Any, what: str) -> None:
                          "give a tensor with data (e.g. created on 'cpu' or the learner's device)")
 
 
+def _array_input(x: np.ndarray) -> torch.Tensor:
+    """A numeric array as a float tensor without rounding: float arrays keep their dtype, integers
+    become float64; :meth:`Placement.model_input` then casts to the model's dtype (float64 stays exact)."""
+    t = torch.as_tensor(x)
+    return t if t.is_floating_point() else t.double()
+
+
 def _regression_input(x: Any, what: str) -> torch.Tensor:
-    """A regression learner's input: a float tensor, or an array taken as float32 (no images)."""
+    """A regression learner's input: a float tensor, or a numeric array (no images)."""
     if isinstance(x, np.ndarray) and x.dtype.kind in "biuf":
-        return torch.as_tensor(x, dtype=torch.float32)
+        return _array_input(x)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         got = x.dtype if isinstance(x, (torch.Tensor, np.ndarray)) else type(x).__name__
         raise InputError(f"{what} must be float regression inputs (a float tensor or numeric array of shape "
@@ -111,7 +118,7 @@ def model_input(x: Any, what: str, *, model: TrunkHead, placement: Placement,
         x = _regression_input(x, what)
     elif not isinstance(x, torch.Tensor) or x.dtype == torch.uint8:
         if preprocessing is None and isinstance(x, np.ndarray) and x.dtype != np.uint8:
-            x = torch.as_tensor(x, dtype=torch.float32)
+            x = _array_input(x)
         else:
             x = preprocess(x, preprocessing)
     elif not x.is_floating_point():
@@ -150,11 +157,12 @@ def check_regression_targets(y: torch.Tensor, what: str, model: TrunkHead | None
 
 
 def support_labels(y: Any, n: int, task: str, device: torch.device,
-                   model: TrunkHead | None = None) -> tuple[torch.Tensor, int]:
+                   model: TrunkHead | None = None, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, int]:
     """Support labels as a tensor on ``device`` and the number of ways (1 for regression).
 
     Classification labels must be the integers ``0..N-1``, N >= 2, every class with a support example;
-    regression targets are finite ``[n]`` or ``[n, d]`` floats, ``d`` the outputs of ``model``.
+    regression targets are finite ``[n]`` or ``[n, d]`` floats, ``d`` the outputs of ``model``, cast
+    to ``dtype`` (the model's, as fit and evaluate cast episodes).
     """
     refuse_meta(y, "support_y")
     try:
@@ -170,7 +178,7 @@ def support_labels(y: Any, n: int, task: str, device: torch.device,
                          + (" of each of >= 2 classes" if task == "classification" else ""))
     if task == "regression":
         check_regression_targets(y, "support_y", model)  # the dtype given: int, bool or complex is no target
-        return regression_targets(y.float()), 1
+        return regression_targets(y.to(dtype)), 1
     if y.is_floating_point() and not bool((y == y.round()).all()):
         raise InputError("support_y must hold integer class labels 0..N-1")
     y = y.long()

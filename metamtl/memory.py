@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .devices import parse_device
 from .errors import ConfigError
 
 _STATUS = Path("/proc/self/status")
@@ -64,7 +65,8 @@ def reset_peak_rss() -> bool:
 
 
 class PeakMemory:
-    """Peak memory of a stretch of code on ``device``.
+    """Peak memory of a stretch of code on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``,
+    resolved as :class:`~metamtl.MetaLearner` resolves its device: others are a :class:`ConfigError`).
 
     ``start()`` marks the beginning (resets the peak where possible and remembers what was in
     use); ``peak_mb`` is the highest total since then and ``added_mb`` how far that peak rose
@@ -75,7 +77,7 @@ class PeakMemory:
     """
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
-        self.device = torch.device(device)
+        self.device = parse_device(device)  # the learner's rules: 'auto', ConfigError for 'meta' or a missing GPU
         self.cuda = self.device.type == "cuda"
         self.resettable = True
         self.start_mb = 0.0

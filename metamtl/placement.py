@@ -28,6 +28,7 @@ from torch import nn
 
 from . import distributed
 from .allocator import tune_cpu_allocator
+from .devices import parse_device
 from .environment import cpuinfo_field
 from .errors import ConfigError, unknown_name
 
@@ -58,18 +59,9 @@ def native_bf16(device: torch.device, flags: set[str] | None = None) -> bool:
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU (under torchrun: this rank's GPU)."""
-    if device is None or device == "auto":
-        return distributed.process_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device {device!r} is not supported: metamtl trains on 'cpu' or 'cuda' ('cuda:N', 'auto')")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
-    return distributed.process_device(dev)
+    """:func:`~metamtl.devices.parse_device` (``"auto"`` -> CUDA when available, else CPU;
+    :class:`ConfigError` for others), under torchrun an unindexed ``cuda`` being this rank's GPU."""
+    return distributed.process_device(parse_device(device))
 
 
 def auto_channels_last(model: nn.Module | None, device: torch.device) -> bool:
@@ -187,8 +179,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def model_dtype(model: nn.Module | None) -> torch.dtype:
     """The floating dtype of ``model``'s weights (float32 without any), which inputs are cast to;
     :class:`ConfigError` for a floating parameter or buffer that is neither float32 nor float64
-    (half or bfloat16 weights, even in one part of the model) and for parameters mixing the two."""
+    (half or bfloat16 weights, even in one part of the model), for parameters mixing the two and
+    for weights on torch's ``meta`` device (shapes without values)."""
     named = list(model.named_parameters()) if model is not None else []
+    meta = next((n for n, t in [*named, *(model.named_buffers() if model is not None else ())] if t.is_meta), None)
+    if meta is not None:
+        raise ConfigError(
+            f"the model's weights are on torch's 'meta' device ({meta}): they have shapes but no values; "
+            "materialise them before building the learner, e.g. model.to_empty(device='cpu') and then initialise "
+            "them or load_state_dict(...) from a checkpoint")
     floats = [(n, t.dtype) for n, t in named if t.is_floating_point()]
     tensors = floats + [(n, t.dtype) for n, t in (model.named_buffers() if model is not None else ())
                         if t.is_floating_point()]
@@ -271,11 +270,10 @@ class Placement:
         return dataclasses.replace(self, channels_last=channels_last)
 
     @property
-    def memory_format(self) -> torch.memory_format | None:
-        """The layout of image batches given to the model (``None``: leave as they are)."""
-        if self.channels_last:
-            return torch.channels_last
-        return torch.contiguous_format if self.automatic else None  # (undo an earlier channels_last)
+    def memory_format(self) -> torch.memory_format:
+        """The layout image batches are given to the model in: NHWC inputs of an NCHW learner are
+        converted too, so the layout (and the bits of a result) never depends on the input's strides."""
+        return memory_format_of(self.channels_last)
 
     def autocast(self) -> torch.autocast:
         """The autocast context of :attr:`precision` (a no-op for ``"fp32"``)."""
@@ -295,6 +293,6 @@ class Placement:
     def model_input(self, x: torch.Tensor) -> torch.Tensor:
         """A float input tensor on this device, in the memory layout when it is an image batch."""
         x = x.to(self.device, self.dtype)
-        if self.memory_format is not None and x.dim() == 4:
+        if x.dim() == 4:
             x = x.contiguous(memory_format=self.memory_format)
         return x

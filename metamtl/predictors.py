@@ -85,7 +85,7 @@ class AdaptedPredictor:
     def __call__(self, query_x: Any) -> torch.Tensor:
         x = self.learner.model_input(query_x, "query_x", self.dataset)
         with torch.no_grad(), self.learner.autocast(), eval_mode(self.learner.model), dataset_scope(self.route):
-            out = self.adapted(x).detach().float()
+            out = self.adapted(x).detach().to(self.learner.placement.dtype)  # bf16 autocast: the weights' dtype
         return finite_outputs(out, getattr(self.adapted, "steps", None))
 
     def predict(self, query_x: Any) -> torch.Tensor:
@@ -133,7 +133,8 @@ def adapt(learner: "MetaLearner", support_x: Any, support_y: Any, steps: int | N
     preprocessing = inputs.preprocessing_for(learner.preprocessing, learner.metadata, dataset)
     x = inputs.model_input(support_x, "support_x", model=learner.model, placement=learner.placement,
                            preprocessing=preprocessing, task=learner.task)
-    y, ways = inputs.support_labels(support_y, x.shape[0], learner.task, learner.device, learner.model)
+    y, ways = inputs.support_labels(support_y, x.shape[0], learner.task, learner.device, learner.model,
+                                    learner.placement.dtype)
     check_dataset(learner, dataset, x)
     # a multi-dataset model runs ``dataset``'s branches (else those the support images' shape fits)
     route = routed_dataset(learner.model, dataset, x)

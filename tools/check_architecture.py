@@ -33,6 +33,7 @@ MODULE_LAYERS = {
     "metamtl.version": "foundation",
     "metamtl.environment": "foundation",
     "metamtl.memory": "foundation",
+    "metamtl.devices": "foundation",  # what a device setting names (torch only)
     "metamtl.files": "foundation",
     "metamtl.yaml_io": "foundation",  # the one YAML reader (YAML 1.2 numbers)  # atomic file writes (stdlib only)
     "metamtl.progress_bars": "foundation",

@@ -74,6 +74,20 @@ def tap_outputs(module: nn.Module, names: Sequence[str]) -> Iterator[dict[str, t
 _TASK_MODULES: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, nn.Module]]" = weakref.WeakKeyDictionary()
 
 
+def _template_head(model: nn.Module, ways: int) -> LinearHead:
+    """A zero ``ways``-way head on the model's device and dtype, built without drawing random
+    numbers: a shape template (its weights always come from the inner loop), so building it in a
+    fit, a predict or a worker thread leaves the global generator (dropout masks, resume) alone."""
+    like = next(model.parameters())
+    with torch.device("meta"):
+        head = LinearHead(model.num_features, ways)
+    head = head.to_empty(device=like.device).to(like.dtype)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.zero_()
+    return head.requires_grad_(False)
+
+
 def task_module(model: TrunkHead, ways: int, adapt: str, head_init: str) -> nn.Module:
     """The module whose weights adapt for a ``ways``-way task (it shares the model's trunk).
 
@@ -94,8 +108,7 @@ def task_module(model: TrunkHead, ways: int, adapt: str, head_init: str) -> nn.M
     cache = _TASK_MODULES.setdefault(model, {})
     key = (ways, adapt)
     if key not in cache:
-        head = LinearHead(model.num_features, ways).to(next(model.parameters()).device)
-        head.requires_grad_(False)  # a shape template: its weights always come from the inner loop
+        head = _template_head(model, ways)
         cache[key] = head if adapt == "head" else TrunkHead(model.trunk, head)
     return cache[key]
 

@@ -505,6 +505,10 @@ def test_results_report_the_memory_mode_actually_used():
         learner = MetaLearner(conv4(3), build_algorithm(name, steps=2, lr=0.3, memory="implicit"), device="cpu",
                               channels_last=False)
         assert memory_summary(learner)["mode"] is None
+    # no inner loop at all (ProtoNet refuses a memory setting): results.json said mode 'full'
+    protonet = MetaLearner(build_model("conv4", hidden=4, image_size=12, blocks=2, out_features=None),
+                           build_algorithm("protonet"), device="cpu", channels_last=False)
+    assert memory_summary(protonet) == {"measure": "rss", "mode": None, "plan": None}
 
 
 def test_implicit_gradient_support_pass_leaves_running_statistics_alone():

@@ -264,7 +264,11 @@ def test_functional_randomness_is_detected_and_trains_serially_repeating_bitwise
     assert "global random-number generator" in log
 
 
-def test_models_that_draw_nothing_keep_their_threads(two_threads, monkeypatch):
+@pytest.mark.parametrize("name,settings", [("maml", {}), ("maml", {"head_init": "proto"}), ("maml", {"head_init": "zero"}),
+                                           ("metasgd", {"head_init": "zero"}), ("anil", {"head_init": "proto"})])
+def test_models_that_draw_nothing_keep_their_threads(two_threads, monkeypatch, name, settings):
+    """Per-task heads too: each worker's clone built its head template with nn.Linear's random
+    init, so every per-task-head model fell back to serial for good, said to draw random numbers."""
     import metamtl.algorithms.base as base
 
     calls = []
@@ -275,7 +279,7 @@ def test_models_that_draw_nothing_keep_their_threads(two_threads, monkeypatch):
         return out
 
     monkeypatch.setattr(base, "map_chunks", counted)
-    model, alg = learner("maml", 0)
+    model, alg = learner(name, 0, **settings)
     model.train()
     b = batch()
     for _ in range(2):

@@ -148,6 +148,39 @@ def test_a_float64_model_fits_evaluates_and_predicts_uint8_images_and_float32_in
     assert all(p.dtype == torch.float64 for p in learner.model.parameters())
 
 
+def test_a_float64_regression_learner_adapts_and_predicts_in_float64(monkeypatch):
+    """adapt/predict rounded regression targets and numpy float64 inputs to float32 (three distinct
+    inputs became one) and returned float32 outputs; fit/evaluate kept float64."""
+    import torch.nn.functional as F
+
+    import metamtl.adaptation.settings as settings
+    from metamtl import MetaLearner
+    from metamtl.algorithms import build_algorithm
+
+    seen, mse_loss = [], F.mse_loss
+
+    def spy(a, b, *args, **kwargs):
+        seen.append((a.dtype, b.dtype))
+        return mse_loss(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(settings.F, "mse_loss", spy)
+    torch.manual_seed(0)
+    model = build_model("mlp", in_features=1, hidden=[8], out_features=1).double()
+    learner = MetaLearner(model, build_algorithm("maml", lr=0.01, steps=1), device="cpu", task="regression")
+    x = torch.linspace(0, 1, 5, dtype=torch.float64)[:, None]
+    y = torch.tensor([1e8, 1e8 + 1, 1e8 + 2, 1e8 + 3, 1e8 + 5], dtype=torch.float64)
+    out = learner.predict(x, y, x)
+    monkeypatch.undo()
+    assert seen == [(torch.float64, torch.float64)] and out.dtype == torch.float64
+    xn = np.array([[1e8], [1e8 + 1], [1e8 + 2]])
+    assert learner.model_input(xn, "x").squeeze().tolist() == [1e8, 1e8 + 1, 1e8 + 2]
+    assert learner.model_input(np.array([[2 ** 30 + 1]]), "x").item() == 2 ** 30 + 1  # integer arrays too
+    classifier = MetaLearner(build_model("mlp", in_features=1, hidden=[8], out_features=2).double(),
+                             build_algorithm("maml", lr=0.1, steps=1), device="cpu")
+    assert classifier.model_input(xn, "x").squeeze().tolist() == [1e8, 1e8 + 1, 1e8 + 2]
+    assert classifier.predict(x[:2], [0, 1], x).dtype == torch.float64
+
+
 def test_torch_compiled_trunks_and_models_run_uncompiled_with_a_warning_and_save_portable_checkpoints(tmp_path):
     """Before: a compiled trunk failed second-order MAML with torch's raw "donated buffers ...
     create_graph" error, and a learner saved from one (``_orig_mod.`` keys) did not load into the

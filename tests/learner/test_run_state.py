@@ -440,3 +440,44 @@ def test_ctrl_c_while_a_resume_restores_rolls_everything_back_and_stays_a_keyboa
     assert type(info.value) is KeyboardInterrupt  # re-raised as it is, not wrapped
     assert other.iteration == 0 and other.history == [] and not other.run.resumed
     assert all(torch.equal(a, b) for a, b in zip(fresh, other.model.parameters()))
+
+
+def test_a_per_task_head_run_with_dropout_resumes_exactly(tmp_path):
+    """The per-task head template was built with nn.Linear's random init on the global generator,
+    once per model and ways and not saved: a resumed run drew other dropout masks than the
+    uninterrupted one (and a predict before fit changed what a seeded fit trained)."""
+    from torch import nn
+
+    from metamtl.algorithms import build_algorithm
+    from metamtl.data import ClassDataset, Preprocessing
+    from metamtl.models import TrunkHead
+    from metamtl.tasks import EpisodeSampler
+
+    g = torch.Generator().manual_seed(0)
+    ds = ClassDataset(torch.randint(0, 256, (48, 1, 8, 8), dtype=torch.uint8, generator=g),
+                      torch.arange(8).repeat_interleave(6), [f"c{i}" for i in range(8)],
+                      preprocessing=Preprocessing(size=(8, 8), channels=1, mean=(0.5,), std=(0.25,)))
+
+    class Trunk(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.d, self.out_features = nn.Conv2d(1, 2, 3, padding=1), nn.Dropout(0.5), 32
+
+        def forward(self, x):
+            return self.d(nn.functional.max_pool2d(self.c(x), 2)).flatten(1)
+
+    def fit(iterations, **kwargs):
+        torch.manual_seed(0)
+        learner = MetaLearner(TrunkHead(Trunk(), None, config={"name": "mynet"}),
+                              build_algorithm("maml", head_init="proto", lr=0.1), device="cpu",
+                              preprocessing=ds.preprocessing)
+        learner.fit(EpisodeSampler(ds, 5, 1, 2, seed=0), iterations=iterations, meta_batch_size=2, progress=False,
+                    **kwargs)
+        return learner
+
+    full = fit(4)
+    fit(2, checkpoint_dir=tmp_path, checkpoint_every=2)
+    resumed = fit(4, checkpoint_dir=tmp_path, resume=tmp_path / "last.pt")
+    assert [h["train/loss"] for h in resumed.history if "train/loss" in h] == \
+        [h["train/loss"] for h in full.history if "train/loss" in h]
+    assert all(torch.equal(a, b) for a, b in zip(full.model.parameters(), resumed.model.parameters()))

@@ -186,6 +186,23 @@ def test_an_automatic_layout_starts_channels_last_for_conv_models_on_cpu_and_can
     assert not mlp.channels_last and not mlp.placement.automatic
 
 
+def test_a_forced_nchw_layout_converts_nhwc_inputs():
+    """channels_last=False left NHWC input tensors (and episodes) as they were, so the convolutions
+    ran in NHWC and the predictions depended on the input's strides (~1e-5 apart)."""
+    from metamtl.algorithms import build_algorithm
+
+    torch.manual_seed(0)
+    learner = MetaLearner(build_model("conv4", in_channels=3, hidden=8, image_size=12, blocks=2, out_features=5),
+                          build_algorithm("maml", lr=0.3, steps=2), device="cpu", channels_last=False)
+    assert learner.memory_format == torch.contiguous_format
+    sx, sy, qx = torch.randn(10, 3, 12, 12), torch.arange(5).repeat(2), torch.randn(15, 3, 12, 12)
+    nhwc = [x.contiguous(memory_format=torch.channels_last) for x in (sx, qx)]
+    assert learner.model_input(nhwc[0], "x").is_contiguous()
+    assert torch.equal(learner.predict(sx, sy, qx), learner.predict(nhwc[0], sy, nhwc[1]))
+    episode = Episode(nhwc[0], sy, nhwc[1], torch.arange(5).repeat(3), 5, 2, 3)
+    assert learner.placement.batch(TaskBatch([episode]))[0].query_x.is_contiguous()
+
+
 # -- the layout probe ------------------------------------------------------------------------------
 def timed_learner(costs, channels_last=None, **settings):
     """A learner whose meta-steps advance a fake clock by ``costs[channels_last]`` seconds (the

@@ -69,7 +69,7 @@ class _Unsized(torch.nn.Module):
 
 
 def part_cast(part, dtype):
-    """A conv4 model whose trunk or head (only) is cast to ``dtype``."""
+    """A conv4 model whose trunk or head (only) is cast to ``dtype`` (or moved to a device)."""
     model = build_model("conv4", hidden=4, image_size=12, blocks=2)
     getattr(model, part).to(dtype)
     return model
@@ -225,6 +225,8 @@ LEARNER = [
     ("model-head-half", lambda e: MetaLearner(part_cast("head", torch.float16), device="cpu"), ConfigError, r"the model's weights are float16 \(head.weight\): .* call model.float\(\)"),
     ("model-head-bf16", lambda e: MetaLearner(part_cast("head", torch.bfloat16), device="cpu"), ConfigError, r"the model's weights are bfloat16 \(head.weight\)"),
     ("model-weights-float32-and-float64", lambda e: MetaLearner(part_cast("trunk", torch.float64), device="cpu"), ConfigError, r"the model's weights mix float64 \(trunk.blocks.0.0.weight\) and float32 \(head.weight\): .* call model.float\(\) or model.double\(\)"),
+    ("model-on-meta-device", lambda e: MetaLearner(build_model("conv4", hidden=4, image_size=12, blocks=2).to("meta"), device="cpu"), ConfigError, r"the model's weights are on torch's 'meta' device \(trunk.blocks.0.0.weight\): .* no values; .*to_empty"),
+    ("model-head-on-meta-device", lambda e: MetaLearner(part_cast("head", "meta"), device="cpu"), ConfigError, r"the model's weights are on torch's 'meta' device \(head.weight\)"),
     ("learner-device-meta", lambda e: MetaLearner(build_model("mlp", hidden=[8], out_features=1), task="regression", device="meta"), ConfigError, r"device 'meta' is not supported: metamtl trains on 'cpu' or 'cuda'"),
     ("learner-device-mps", lambda e: MetaLearner(build_model("mlp", hidden=[8], out_features=1), task="regression", device="mps"), ConfigError, r"device 'mps' is not supported"),
     ("learner-task-defaults-list", lambda e: MetaLearner(build_model("mlp", hidden=[8], out_features=1), task="regression", device="cpu", task_defaults=[5]), ConfigError, r"task_defaults must be a dict \(names to values\), got list \[5\]"),
@@ -653,3 +655,17 @@ def test_integer_image_inputs_other_than_uint8_get_an_input_error(env, dtype):
         env.learner.evaluate([bad], progress=False)
     with pytest.raises(InputError, match=rf"support_x is a {dtype}"):
         fit(tiny_learner(), ListedSource([bad]))
+
+
+def test_peak_memory_resolves_its_device_like_the_learner():
+    """PeakMemory('cuda') without a GPU and PeakMemory('auto') were bare RuntimeErrors from torch,
+    and PeakMemory('meta') silently measured the process's RSS."""
+    from metamtl.memory import PeakMemory
+
+    assert PeakMemory("auto").cuda == torch.cuda.is_available()
+    for device, message in [("meta", r"device 'meta' is not supported: metamtl trains on 'cpu' or 'cuda'"),
+                            ("gpu", r"unknown device 'gpu'; use 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+                            *([] if torch.cuda.is_available() else
+                              [("cuda", r"device 'cuda' requested but CUDA is not available")])]:
+        with pytest.raises(ConfigError, match=message):
+            PeakMemory(device)

@@ -51,6 +51,17 @@ def test_nan_weights_raise_on_evaluate_adapt_and_predict_instead_of_reporting_ch
         learner.predict(ep.support_x, ep.support_y, ep.query_x)
 
 
+def test_fit_on_nan_weights_is_refused_before_training(tasks, tmp_path):
+    """fit trained on NaN weights: a short fit returned normally with NaN weights, a longer one
+    blamed the meta-gradients and claimed to keep 'the last good parameters'."""
+    learner = tiny_learner("proto")
+    poison(learner)
+    with pytest.raises(TrainingError, match=r"fit: the model's weights are not finite \(model.trunk.blocks.0.0.weight "
+                                            r"\(1 of \d+ values\).*before fit started"):
+        learner.fit(tasks, iterations=2, meta_batch_size=1, progress=False, checkpoint_dir=tmp_path)
+    assert learner.iteration == 0 and not (tmp_path / "last.pt").exists()
+
+
 def test_metamtl_evaluate_of_a_checkpoint_with_nan_weights_exits_2(tmp_path, capsys):
     from .conftest import sinusoid_config
     from metamtl.config import config_from_dict

@@ -5,6 +5,7 @@ never leaves a folder locked.  Through ``metamtl fit`` (real processes where it 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -307,3 +308,31 @@ def test_overwrite_discards_the_replaced_runs_wandb_runs_and_resume_keeps_them(t
     assert old.is_dir()
     claim_run_dir(cfg, overwrite=True).release()
     assert not (run_dir / "wandb").exists() and not (run_dir / "results.json").exists()
+
+
+def test_the_recorded_commit_is_metamtls_not_that_of_a_repository_holding_an_installed_copy(tmp_path):
+    """git_commit ran `git rev-parse HEAD` in the package folder: a non-editable install in a
+    virtual environment inside the user's project wrote the project's HEAD into results.json and
+    W&B as metamtl's commit."""
+    import shutil
+    import sys
+
+    import metamtl
+    from metamtl.environment import git_commit
+
+    package = Path(metamtl.__file__).resolve().parent
+    source = package.parent
+    if (source / ".git").exists():  # this checkout: its own commit
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=source, capture_output=True, text=True)
+        assert git_commit() == head.stdout.strip()
+    project = tmp_path / "project"
+    site = project / ".venv" / "lib" / "site-packages"
+    site.mkdir(parents=True)
+    git = ["git", "-c", "user.email=a@b", "-c", "user.name=u"]
+    subprocess.run([*git, "init", "-q"], cwd=project, check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "user project"], cwd=project, check=True)
+    shutil.copytree(package, site / "metamtl", ignore=shutil.ignore_patterns("__pycache__"))
+    out = subprocess.run([sys.executable, "-c", "import metamtl.environment as e; print(e.git_commit())"],
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "unknown"
