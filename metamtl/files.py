@@ -8,6 +8,7 @@ import json
 import os
 import re
 import secrets
+import time
 from pathlib import Path
 from typing import IO, Any, Callable
 
@@ -17,17 +18,29 @@ _TOKEN_BYTES = 6
 TEMPORARY_NAME = re.compile(rf"\..+\.[0-9a-f]{{{2 * _TOKEN_BYTES}}}\.tmp")
 
 
+#: seconds since its last change after which a temporary file counts as a killed writer's: writers that
+#: take no lock (``learner.save``, ``metamtl report``) may be writing one into a run folder right now
+STALE_SECONDS = 3600
+
+
+def _stale(entry: os.DirEntry) -> bool:
+    try:
+        return time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_SECONDS
+    except OSError:
+        return False
+
+
 def remove_temporaries(folder: str | os.PathLike) -> list[str]:
-    """Delete the temporary files of :func:`atomic_write` in ``folder`` (not below it) and return their
-    names.  Only for a folder no one else writes meanwhile (a run folder just locked): each is then
-    left over from a killed process."""
+    """Delete the temporary files of :func:`atomic_write` in ``folder`` (not below it) unchanged for
+    :data:`STALE_SECONDS` and return their names: left over from a killed process (a live writer's,
+    e.g. a ``learner.save`` into a run folder just locked, is kept)."""
     removed = []
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return removed
     for entry in entries:
-        if TEMPORARY_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+        if TEMPORARY_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False) and _stale(entry):
             try:
                 os.unlink(entry.path)
                 removed.append(entry.name)

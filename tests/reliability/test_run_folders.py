@@ -148,12 +148,21 @@ def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_stale_lock(tmp_pa
 def test_temporary_files_a_killed_writer_left_are_removed_when_a_run_takes_the_folder(tmp_path):
     """Regression: a SIGKILLed atomic write leaves `.<name>.<hex>.tmp` (as large as a checkpoint) that nothing
     ever removed, although atomic_write's docstring promised no temporary file behind."""
+    import os
+    import time
+
+    from metamtl.files import STALE_SECONDS
+
     stale = [tmp_path / ".last.pt.69c5f7a342e4.tmp", tmp_path / ".metrics.jsonl.0123456789ab.tmp"]
     kept = [tmp_path / ".notes.tmp", tmp_path / "last.pt.tmp", tmp_path / "data.txt"]  # not atomic_write's names
-    for f in stale + kept:
+    live = tmp_path / ".report.html.fedcba987654.tmp"  # a writer without the lock (metamtl report) at work
+    for f in stale + kept + [live]:
         f.write_bytes(b"partial")
+    old = time.time() - STALE_SECONDS - 60
+    for f in stale + kept:
+        os.utime(f, (old, old))
     with RunFolderLock(tmp_path):
-        assert [f.exists() for f in stale + kept] == [False, False, True, True, True]
+        assert [f.exists() for f in stale + kept + [live]] == [False, False, True, True, True, True]
         (tmp_path / ".best.pt.aaaaaaaaaaaa.tmp").write_bytes(b"")  # a re-entrant acquire removes nothing
         with RunFolderLock(tmp_path):
             assert (tmp_path / ".best.pt.aaaaaaaaaaaa.tmp").exists()
