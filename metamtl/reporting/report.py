@@ -302,14 +302,15 @@ def _accuracy_figure(run_dir: Path, results: Mapping[str, Any], embed: bool) -> 
 
 def current_steps_curve(run_dir: Path) -> dict[str, Any] | None:
     """:func:`read_steps_curve`, or ``{"error": ...}`` for a curve computed from another ``learner.pt``
-    than the run's (its ``key`` records the file's size and time): e.g. a resumed run that did not
-    compute its curve again keeps the one of the learner it continued, which is not this learner's."""
+    than the run's, told by the file's size (its ``key``; a learner holds its history, so one trained on has
+    another size): e.g. a resumed run that did not compute its curve again keeps the one of the learner it
+    continued, which is not this learner's.  Not by the file's time, which a copied run folder changes."""
     data = read_steps_curve(run_dir)
     key = (data or {}).get("key")
     if not isinstance(key, dict) or "error" in data:  # an older curve without a key: nothing to check
         return data
     learner = run_dir / str(key.get("learner", "learner.pt"))
-    fields = ("learner", "size", "mtime")
+    fields = ("learner", "size")
     now = cache_key(learner, data["episodes"], data["steps"]) if learner.is_file() else {}
     if all(now.get(f) == key.get(f) for f in fields):
         return data

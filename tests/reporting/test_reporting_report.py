@@ -716,6 +716,8 @@ def test_a_curve_of_an_earlier_learner_is_not_shown_as_the_runs(tmp_path, monkey
     """A resumed run that did not compute its curve again (logging.report_steps_episodes: 0) kept the
     steps_curve.json of the learner it continued, and its report drew that curve as the saved
     learner's: a curve whose key is not the current learner.pt's is now reported as not computed."""
+    import os
+
     from metamtl.steps_curve import cache_key
 
     run = _small_run(tmp_path / "r", [_row(0.6, 0.1)])
@@ -724,6 +726,8 @@ def test_a_curve_of_an_earlier_learner_is_not_shown_as_the_runs(tmp_path, monkey
              "trained_steps": 1, "curves": [{"setting": "5-way 1-shot", "metric": "accuracy", "mean": [0.2, 0.5],
                                              "ci95": [0.1, 0.1]}]}
     (run / "steps_curve.json").write_text(json.dumps(curve))
+    assert "steps_curve.png" in write_report(run).read_text()
+    os.utime(run / "learner.pt", (1, 1))  # a copied run folder (cp -r, scp): the same learner, another time
     assert "steps_curve.png" in write_report(run).read_text()
     (run / "learner.pt").write_bytes(b"the learner after 12 iterations, resumed")
     (run / "steps_curve.png").unlink()
