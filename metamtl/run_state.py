@@ -197,6 +197,19 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
 LATER_SETTINGS = ("train_tasks_content", "val_tasks")
 
 
+def _legacy_sinusoid_validation(saved: dict[str, Any], settings: dict[str, Any], path: Any) -> dict[str, Any]:
+    """``settings``, taking a checkpoint's sinusoid validation tasks written before held-out sinusoid tasks
+    had a random stream of their own (``split='val'``) as this run's, with a warning: such runs resume."""
+    old, new = saved.get("val_tasks"), settings.get("val_tasks")
+    if isinstance(old, str) and isinstance(new, str) and old.startswith("Sinusoid(") and old.endswith(")") \
+            and new == old[:-1] + ", split='val')":
+        warnings.warn(f"{path} was validated on sinusoid tasks of the training stream's kind (before this version "
+                      "drew held-out sinusoid tasks from their own stream); the resumed run validates on the new "
+                      "validation tasks, so its validation metrics change where it resumes", RuntimeWarning, stacklevel=3)
+        return {**settings, "val_tasks": old}
+    return settings
+
+
 def check_resumable(obj: dict[str, Any], path: str | Path, config: dict[str, Any], settings: dict[str, Any]) -> None:
     """:class:`CheckpointError` unless ``obj`` holds a training state of this learner config and fit."""
     if "training" not in obj:
@@ -215,6 +228,7 @@ def check_resumable(obj: dict[str, Any], path: str | Path, config: dict[str, Any
     if "val_every" not in saved:  # written before validation, schedule and early
         settings = {k: v for k, v in settings.items() if k in saved}  # stopping were saved: what it has
     settings = {k: v for k, v in settings.items() if k in saved or k not in LATER_SETTINGS}
+    settings = _legacy_sinusoid_validation(saved, settings, path)
     sdiff = config_diff(saved, settings)
     if sdiff:
         raise CheckpointError(f"cannot resume from {path}: fit settings differ:\n  " + "\n  ".join(sdiff))

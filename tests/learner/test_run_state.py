@@ -481,3 +481,28 @@ def test_a_per_task_head_run_with_dropout_resumes_exactly(tmp_path):
     assert [h["train/loss"] for h in resumed.history if "train/loss" in h] == \
         [h["train/loss"] for h in full.history if "train/loss" in h]
     assert all(torch.equal(a, b) for a, b in zip(full.model.parameters(), resumed.model.parameters()))
+
+
+def test_a_sinusoid_run_validated_on_the_old_held_out_stream_resumes_with_a_warning(sine, tmp_path):
+    """Held-out sinusoid tasks got a random stream of their own (split='val'); checkpoints written before
+    recorded val_tasks without it, and `metamtl fit --resume` refused them: 'fit settings differ'."""
+    import torch
+
+    from metamtl.tasks import Sinusoid
+
+    val = Sinusoid(shots=5, queries=5, seed=1, split="val")
+    kw = dict(meta_batch_size=2, val_every=1, val_episodes=2, progress=False)
+    learner = sine_learner()
+    learner.fit(sine, val, iterations=2, checkpoint_dir=tmp_path / "run", checkpoint_every=1, **kw)
+    obj = safe_load(tmp_path / "run" / "last.pt")
+    settings = obj["training"]["fit_state"]["settings"]
+    assert settings["val_tasks"].endswith(", split='val')")
+    settings["val_tasks"] = settings["val_tasks"].replace(", split='val')", ")")  # as written before
+    torch.save(obj, tmp_path / "old.pt")
+    resumed = sine_learner()
+    with pytest.warns(RuntimeWarning, match="validated on sinusoid tasks of the training stream's kind"):
+        resumed.fit(sine, val, iterations=3, resume=tmp_path / "old.pt", **kw)
+    assert resumed.iteration == 3
+    with pytest.raises(CheckpointError, match="fit settings differ"):  # other validation tasks: still refused
+        sine_learner().fit(sine, Sinusoid(shots=5, queries=5, seed=2, split="val"), iterations=3,
+                           resume=tmp_path / "old.pt", **kw)
