@@ -21,7 +21,7 @@ from .errors import ConfigError
 from .heads import ALGORITHM, FeatureHead, episode_metrics
 from .inputs import check_int, check_task_source, eval_mode, with_support_copies
 from .models.multidataset import dataset_scope, routed_dataset
-from .numerics import check_finite_episodes
+from .numerics import check_finite_episodes, full_precision
 from .placement import Placement
 from .progress_bars import progress_bar
 from .tasks.episode import Episode
@@ -266,7 +266,7 @@ def mean_feature(trunk: nn.Module, data: Any, placement: Placement, max_images: 
         x = data.images.index_select(0, rows[lo:lo + batch_size])
         x = data.preprocessing.normalize(x) if data.preprocessing is not None else x.float()
         with torch.no_grad(), placement.autocast():
-            part = trunk(placement.model_input(x)).float().sum(0)
+            part = full_precision(trunk(placement.model_input(x))).sum(0)
         total = part if total is None else total + part
     return (total / len(rows)).cpu()
 

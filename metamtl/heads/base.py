@@ -14,6 +14,7 @@ from ..tasks.episode import Episode
 from ..models.multidataset import dataset_scope, routed_dataset
 from ..models.heads import label_counts
 from ..models.norm import support_rows
+from ..numerics import full_precision
 
 #: the name of "no feature head": the algorithm's own adaptation
 ALGORITHM = "algorithm"
@@ -21,7 +22,7 @@ ALGORITHM = "algorithm"
 
 def transform(features: torch.Tensor, mean: torch.Tensor | None, normalize: bool) -> torch.Tensor:
     """``features - mean`` (when a mean is given), then L2-normalised rows (when ``normalize``)."""
-    out = features.float()
+    out = full_precision(features)
     if mean is not None:
         out = out - mean.to(out)
     return F.normalize(out, dim=-1) if normalize else out

@@ -587,3 +587,25 @@ def test_a_mixture_of_within_superclass_sources_says_so_in_its_result():
     from metamtl.reporting.report import references
 
     assert references({"accuracy": 0.5, "ways": 5, "shots": 1, "hierarchy": mixed}, "omniglot") == []
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_a_float64_learner_computes_heads_and_its_feature_mean_in_float64(name, splits):
+    """Before: every feature head and the training feature mean cast features to float32, so a float64
+    learner's head logits were float32 (rounded at ~1e-7) while its own adaptation kept float64."""
+    train, test = splits
+    torch.manual_seed(0)
+    net = build_model("conv4", in_channels=1, hidden=8, image_size=12, blocks=2, out_features=None).double()
+    model = MetaLearner(net, build_algorithm("protonet"), preprocessing=toy().preprocessing, device="cpu")
+    model.compute_feature_mean(train)
+    trunk = model.model.trunk
+    with torch.no_grad():
+        images = train.dataset.preprocessing.normalize(train.dataset.images).double()
+        expected_mean = torch.cat([trunk(images[lo:lo + 256]) for lo in range(0, len(images), 256)]).mean(0)
+    (stored,) = model.feature_means.values()
+    assert stored.dtype == torch.float64
+    torch.testing.assert_close(stored, expected_mean, rtol=1e-12, atol=1e-12)
+    ep = test.episode(0)
+    logits = model.predict(ep.support_x, ep.support_y, ep.query_x, head=name)
+    assert logits.dtype == torch.float64
+    assert torch.isfinite(logits).all() and logits.shape[0] == len(ep.query_y)
