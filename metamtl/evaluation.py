@@ -19,9 +19,10 @@ from torch import nn
 from .distributed import ProcessStrategy
 from .errors import ConfigError
 from .heads import ALGORITHM, FeatureHead, episode_metrics
+from .heads.base import full_precision
 from .inputs import check_int, check_task_source, eval_mode, with_support_copies
 from .models.multidataset import dataset_scope, routed_dataset
-from .numerics import check_finite_episodes, full_precision
+from .numerics import check_finite_episodes
 from .placement import Placement
 from .progress_bars import progress_bar
 from .tasks.episode import Episode

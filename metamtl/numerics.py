@@ -18,12 +18,6 @@ from torch import nn
 from .errors import TrainingError
 
 
-def full_precision(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as float32, or as it is when it is float64: results of bf16/fp16 (autocast) computations
-    are summed and compared in float32, those of a float64 model keep their precision."""
-    return t if t.dtype == torch.float64 else t.float()
-
-
 def nonfinite_tensors(modules: Iterable[tuple[str, nn.Module]]) -> list[str]:
     """``"prefix.name (k of n values)"`` for every parameter or buffer holding NaN or infinity."""
     bad = []

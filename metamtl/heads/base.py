@@ -14,10 +14,15 @@ from ..tasks.episode import Episode
 from ..models.multidataset import dataset_scope, routed_dataset
 from ..models.heads import label_counts
 from ..models.norm import support_rows
-from ..numerics import full_precision
 
 #: the name of "no feature head": the algorithm's own adaptation
 ALGORITHM = "algorithm"
+
+
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as float32, or as it is when it is float64: features computed in bf16/fp16 (autocast) are
+    compared and averaged in float32, those of a float64 model keep their precision."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def transform(features: torch.Tensor, mean: torch.Tensor | None, normalize: bool) -> torch.Tensor:
