@@ -25,21 +25,25 @@ SPLIT_FOLDERS = ("train", "val", "test")
 DATASETS = {"omniglot": Omniglot, "miniimagenet": MiniImageNet, "folder": ClassFolder, "csv": CSVClassDataset}
 
 
-def _split_classes(ds: ClassDataset, split: str, fractions: Sequence[float], seed: int) -> ClassDataset:
-    """``split`` of ``ds``'s classes by :func:`~metamtl.data.split_names` (``"all"``: every class)."""
+def _split_classes(ds: ClassDataset, split: str, fractions: Sequence[float] | None, seed: int | None) -> ClassDataset:
+    """``split`` of ``ds``'s classes by :func:`~metamtl.data.split_names` (``"all"``: every class;
+    ``None``: the default fractions 0.6/0.2/0.2 and seed 0)."""
     if split == "all":
         return ds
-    parts = dict(zip(("train", "val", "test"), split_names(ds.class_names, fractions, seed)))
+    fractions = (0.6, 0.2, 0.2) if fractions is None else fractions
+    parts = dict(zip(("train", "val", "test"), split_names(ds.class_names, fractions, 0 if seed is None else seed)))
     if split not in parts:
         raise unknown_name("split", split, [*parts, "all"])
     return ds.subset(parts[split], name=ds.name)
 
 
-def _load_folder(split: str, root: Path, split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
-                 split_seed: int = 0, **kwargs) -> ClassDataset:
+def _load_folder(split: str, root: Path, split_fractions: Sequence[float] | None = None,
+                 split_seed: int | None = None, **kwargs) -> ClassDataset:
     """``root/<split>/`` if that folder exists, else ``split`` of ``root``'s classes (a root with other
     split folders but not this one is refused: its classes would be drawn from those splits)."""
     if (root / split).is_dir():
+        _refuse_split_options(f"{root} is split on disk ({split}/ holds the {split!r} classes)",
+                              split_fractions, split_seed)
         kwargs = _stored_like_train(split, kwargs, (root / "train").is_dir(), lambda kw: ClassFolder(root / "train", **kw))
         ds = ClassFolder(root / split, **kwargs)
         _refuse_shared_classes(root, split, ds.class_names, kwargs)
@@ -52,6 +56,17 @@ def _load_folder(split: str, root: Path, split_fractions: Sequence[float] = (0.6
             f"splits): add {root / split}, or leave this split out (config: data.val_split / data.test_split: null)"
         )
     return _split_classes(ClassFolder(root, **kwargs), split, split_fractions, split_seed)
+
+
+def _refuse_split_options(why: str, split_fractions: Sequence[float] | None, split_seed: int | None) -> None:
+    """:class:`ConfigError` when split options are given for data whose split is fixed (split folders,
+    ``<split>.csv`` files): they would change nothing, and the user believes they chose the split."""
+    given = [n for n, v in (("split_fractions", split_fractions), ("split_seed", split_seed)) if v is not None]
+    if given:
+        raise ConfigError(
+            f"{' and '.join(given)} only split data whose classes are not split yet, but {why}: they would be "
+            f"ignored; remove {' and '.join(f'data.{n}' for n in given)}, or give one folder (or csv_path) of "
+            "all classes to split")
 
 
 def _refuse_shared_classes(root: Path, split: str, classes: Sequence[str], kwargs: dict) -> None:
@@ -77,8 +92,8 @@ def _refuse_shared_csv_classes(root: Path, split: str, ds: ClassDataset, kwargs:
 
 
 def _load_csv(split: str, root: Path, csv_path: str | os.PathLike | None = None,
-              image_root: str | os.PathLike | None = None, split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
-              split_seed: int = 0, **kwargs) -> ClassDataset:
+              image_root: str | os.PathLike | None = None, split_fractions: Sequence[float] | None = None,
+              split_seed: int | None = None, **kwargs) -> ClassDataset:
     """``root/<split>.csv`` with images under ``image_root`` (default ``root/images`` if it exists, else
     ``root``); or, given one ``csv_path`` for every split, ``split`` of its classes (as a folder without
     split folders is split: ``split_fractions``/``split_seed``; ``"all"``: every class)."""
@@ -86,6 +101,8 @@ def _load_csv(split: str, root: Path, csv_path: str | os.PathLike | None = None,
         image_root = root / "images" if (root / "images").is_dir() else root
     if csv_path is not None:
         return _split_classes(CSVClassDataset(csv_path, image_root, **kwargs), split, split_fractions, split_seed)
+    _refuse_split_options(f"{root} is split on disk ({split}.csv lists the {split!r} classes)", split_fractions,
+                          split_seed)
     kwargs = _stored_like_train(split, kwargs, (root / "train.csv").is_file(),
                                 lambda kw: CSVClassDataset(root / "train.csv", image_root, **kw))
     ds = CSVClassDataset(root / f"{split}.csv", image_root, **kwargs)
@@ -163,7 +180,7 @@ def _refuse_empty(ds: ClassDataset, name: str, split: str, kwargs: dict) -> Clas
     3 classes cut 0.6/0.2/0.2 give train 2, val 0, test 1): no episode could be drawn from it."""
     if ds.num_classes > 0:
         return ds
-    fractions = list(kwargs.get("split_fractions", (0.6, 0.2, 0.2)))
+    fractions = list(kwargs.get("split_fractions") or (0.6, 0.2, 0.2))
     raise DataError(
         f"split {split!r} of dataset {name!r} holds no classes: split_fractions {fractions} (train, val, test) "
         f"of its classes give it none; give the split classes (more class folders or characters, or a larger "

@@ -186,3 +186,20 @@ def test_names_and_splits_that_are_not_text_are_config_errors_not_type_errors(tm
         load_dataset(["folder"], "train", tmp_path)
     with pytest.raises(ConfigError, match=r"unknown task family \['sinusoid'\]"):
         load_tasks(["sinusoid"])
+
+
+def test_split_options_for_data_already_split_on_disk_are_refused_not_ignored(tmp_path, write_image, cache_dir):
+    """Before: data.split_fractions / data.split_seed on a folder with train/ val/ folders (or <split>.csv
+    files) were silently ignored: the user believed they had chosen the split."""
+    write_image(tmp_path / "f" / "train" / "a" / "0.png", (5, 5, 5))
+    write_image(tmp_path / "c" / "images" / "0.png", (5, 5, 5))
+    (tmp_path / "c" / "train.csv").write_text("filename,label\n0.png,k\n")
+    for name, root, where in (("folder", tmp_path / "f", r"train/ holds"), ("csv", tmp_path / "c", r"train.csv lists")):
+        assert load_dataset(name, "train", root=root, cache_dir=cache_dir).num_classes == 1
+        with pytest.raises(ConfigError, match=rf"split_fractions only split data .*{where}.*remove data.split_fractions"):
+            load_dataset(name, "train", root=root, cache_dir=cache_dir, split_fractions=(0.5, 0.25, 0.25))
+        with pytest.raises(ConfigError, match=r"split_fractions and split_seed .*remove data.split_fractions and "
+                                              r"data.split_seed"):
+            load_dataset(name, "train", root=root, cache_dir=cache_dir, split_fractions=(0.5, 0.25, 0.25), split_seed=1)
+        with pytest.raises(ConfigError, match="split_seed only split"):
+            load_dataset(name, "train", root=root, cache_dir=cache_dir, split_seed=3)
