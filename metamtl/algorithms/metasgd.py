@@ -27,15 +27,18 @@ def per_task_head_shapes(model: TrunkHead) -> dict[str, tuple[int, ...]]:
 
 def learned_rates(alg: MAML, model: TrunkHead, shapes: dict[str, tuple[int, ...]]) -> None:
     """Fill ``alg.lrs`` with a learned rate of each shape (by weight name), starting at the inner
-    ``lr``; where it holds rates already, a :class:`ConfigError` unless they are these (rates made
-    for another model, or before a weight was frozen or unfrozen)."""
+    ``lr``; where it holds rates already, a :class:`ConfigError` unless they include these (rates made
+    for another model, or before a frozen weight was unfrozen).  Rates of weights frozen since they
+    were made stay, unused while the weight is frozen (a trained learner frozen to be served)."""
     if len(alg.lrs):
         have = {k: tuple(v.shape) for k, v in alg.lrs.items()}
         want = {lr_key(n): s for n, s in shapes.items()}
-        if have != want:
+        missing = sorted(k for k, s in want.items() if have.get(k) != s)
+        if missing:
             raise ConfigError(
-                f"{alg.name}: this algorithm's learned learning rates were made for another model "
-                f"(differences: {sorted(set(have.items()) ^ set(want.items()))[:4]}); build a new algorithm"
+                f"{alg.name}: this algorithm's learned learning rates were made for another model (no rate of "
+                f"that shape for {missing[:4]}: weights of another shape, or frozen when the rates were made "
+                "and unfrozen since); build a new algorithm"
             )
         return
     like = next(model.parameters())

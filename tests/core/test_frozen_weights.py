@@ -32,9 +32,9 @@ class Trunk(nn.Module):
         return F.relu(self.l2(torch.tanh(self.l1(x.flatten(1)))))
 
 
-def frozen_model() -> TrunkHead:
+def frozen_model(**kw) -> TrunkHead:
     torch.manual_seed(0)
-    model = TrunkHead(Trunk(), nn.Linear(6, 3))
+    model = TrunkHead(Trunk(), nn.Linear(6, 3), **kw)
     model.trunk.l1.requires_grad_(False)
     return model
 
@@ -192,3 +192,43 @@ def test_weights_unfrozen_or_replaced_after_the_learner_is_built_are_refused_not
     fresh = MetaLearner(learner.model, build_algorithm("maml", steps=1, lr=0.1), device="cpu")
     fresh.fit(tasks(), iterations=1, meta_batch_size=1, progress=False)
     assert fresh.iteration == 1
+
+
+@pytest.mark.parametrize("name", ["metasgd", "mamlpp"])
+def test_learned_rates_serve_a_learner_frozen_after_it_was_built(name, tmp_path):
+    """Before: freezing a trained Meta-SGD / MAML++ learner (e.g. to serve it, or to fine-tune only
+    its head) made evaluate/predict/fit refuse it: "learned learning rates were made for another
+    model". The frozen weights' rates stay (unused) and the learner adapts like a learner built
+    frozen; a weight unfrozen later, which has no rate, is still refused."""
+    from metamtl.errors import ConfigError
+
+    learner = MetaLearner(frozen_model(config={"name": "frozen"}), build_algorithm(name, steps=1, lr=0.1),
+                          device="cpu")
+    learner.fit(tasks(), iterations=1, meta_batch_size=1, progress=False)
+    learner.model.trunk.l2.requires_grad_(False)
+    ep = episode(5)
+    before = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
+    out = learner.predict(ep.support_x, ep.support_y, ep.query_x)
+    assert out.shape == (6, 3) and torch.isfinite(out).all()
+    # the reference: the inner step adapts the head only, with its learned rate(s)
+    alg, model = learner.algorithm, learner.model
+    params = {n: p for n, p in model.named_parameters() if n.startswith("head.")}
+    loss = F.cross_entropy(functional_call(model, params, (ep.support_x,)), ep.support_y)
+    grads = torch.autograd.grad(loss, list(params.values()))
+    rates = alg.inner_lrs(list(params), 0)
+    adapted = {n: p - r * g for (n, p), r, g in zip(params.items(), rates, grads)}
+    with torch.no_grad():
+        expected = functional_call(model, adapted, (ep.query_x,))
+    torch.testing.assert_close(out, expected)
+    assert learner.evaluate(tasks(), episodes=2, progress=False).episodes == 2
+    learner.fit(tasks(), iterations=2, meta_batch_size=1, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n.startswith("trunk."))
+    learner.save(tmp_path / "l.pt")
+    again = frozen_model(config={"name": "frozen"})
+    again.trunk.l2.requires_grad_(False)
+    loaded = MetaLearner.load(tmp_path / "l.pt", model=again, device="cpu")
+    torch.testing.assert_close(loaded.predict(ep.support_x, ep.support_y, ep.query_x),
+                               learner.predict(ep.support_x, ep.support_y, ep.query_x))
+    learner.model.trunk.l1.requires_grad_(True)  # never had a rate
+    with pytest.raises(ConfigError, match="trunk-l1-weight"):
+        learner.predict(ep.support_x, ep.support_y, ep.query_x)
