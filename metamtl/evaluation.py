@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from contextlib import closing, contextmanager, suppress
+from contextlib import closing, contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -273,7 +273,7 @@ def mean_feature(trunk: nn.Module, data: Any, placement: Placement, max_images: 
 
 
 def feature_means(model: nn.Module, source: Any, placement: Placement, max_images: int = 10_000,
-                  batch_size: int = 256) -> dict[str, torch.Tensor]:
+                  batch_size: int = 256, strict: bool = True) -> dict[str, torch.Tensor]:
     """Mean trunk feature of each training dataset (by name) of ``source``: an ``EpisodeSampler``,
     a ``MixedTasks`` of them (one mean per dataset) or a ``ClassDataset``; the model in eval mode.
 
@@ -282,7 +282,8 @@ def feature_means(model: nn.Module, source: Any, placement: Placement, max_image
     statistics) normalises every chunk with its own statistics, so the mean depends on
     ``batch_size`` (and on ``max_images``, which sets the last chunk's size): it is then not only a
     memory setting.  Keep the default (256, what ``metamtl fit`` and ``metamtl evaluate`` use) for
-    means, and SimpleShot/LaplacianShot results, that compare across runs."""
+    means, and SimpleShot/LaplacianShot results, that compare across runs.  A source without stored
+    images (a task source of the user's) is a :class:`ConfigError`, or skipped when not ``strict``."""
     check_int("max_images", max_images, 1)
     check_int("batch_size", batch_size, 1)
     out = {}
@@ -290,6 +291,8 @@ def feature_means(model: nn.Module, source: Any, placement: Placement, max_image
         for src in source.sources if isinstance(source, MixedTasks) else [source]:  # a ClassDataset's: file names
             data = getattr(src, "dataset", src)
             if not hasattr(data, "images") or not hasattr(data, "preprocessing"):
+                if not strict:
+                    continue
                 raise ConfigError(f"compute_feature_mean needs training tasks or a ClassDataset, got {type(src).__name__}")
             name = getattr(src, "name", data.name)
             with dataset_scope(routed_dataset(model, name)):  # a multi-dataset model: that dataset's stem
@@ -321,9 +324,8 @@ def refresh_means(learner: "MetaLearner", source: Any) -> None:
     failed; a source without those datasets' images) are dropped with a warning saying to call
     ``compute_feature_mean``."""
     new: dict[str, torch.Tensor] = {}
-    if source is not None:
-        with suppress(ConfigError):  # training tasks without stored images (e.g. a task source of the user's)
-            new = feature_means(learner.model, source, learner.placement)
+    if source is not None:  # (training tasks without stored images, e.g. a task source of the user's: skipped)
+        new = feature_means(learner.model, source, learner.placement, strict=False)
     inference = learner.inference
     old = {k: v for k, v in inference.feature_means.items() if k not in new}
     inference.feature_means.clear()

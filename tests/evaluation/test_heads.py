@@ -609,3 +609,24 @@ def test_a_float64_learner_computes_heads_and_its_feature_mean_in_float64(name, 
     logits = model.predict(ep.support_x, ep.support_y, ep.query_x, head=name)
     assert logits.dtype == torch.float64
     assert torch.isfinite(logits).all() and logits.shape[0] == len(ep.query_y)
+
+
+def test_feature_means_are_recomputed_for_the_datasets_a_mixture_with_a_user_source_stores(splits):
+    """Before: after fit on MixedTasks([sampler, a task source of the user's]), every feature mean was
+    dropped (the user source has no stored images, and that error discarded the sampler's mean too)."""
+    from metamtl.evaluation import feature_means
+    from metamtl.tasks import MixedTasks
+
+    train, _ = splits
+
+    class Custom:
+        name, ways, shots, queries = "custom", 5, 1, 3
+
+        def episode(self, index):
+            return train.episode(index + 1000)
+
+    lr = learner(head="simpleshot")
+    lr.compute_feature_mean(train)
+    lr.fit(MixedTasks([train, Custom()]), iterations=2, meta_batch_size=2, progress=False)
+    assert set(lr.feature_means) == {"toy"}
+    assert torch.equal(lr.feature_means["toy"], feature_means(lr.model, train, lr.placement)["toy"])
