@@ -142,11 +142,12 @@ class Ensemble:
                               "(e.g. head='algorithm', or one head name passed as head=)")
         return heads
 
-    def member_steps(self, head: Any, steps: int | None) -> dict[int, int | None]:
+    def member_steps(self, head: Any, steps: int | None, heads: list[Any] | None = None) -> dict[int, int | None]:
         """Each member's inner steps for a call with ``head`` and ``steps`` (keyed by ``id``): ``steps``
         where it adapts with its algorithm, none where it classifies with a feature head (which takes
-        none); :class:`ConfigError` when every member does, or they mix inductive and transductive heads."""
-        heads = self.heads(head)
+        none); :class:`ConfigError` when every member does, or they mix inductive and transductive heads.
+        ``heads``: :meth:`heads` of ``head`` when the caller has them."""
+        heads = self.heads(head) if heads is None else heads
         check_no_steps(steps, heads)
         inner = [h is None and m.algorithm.has_inner_loop for m, h in zip(self.members, heads)]
         if steps and not any(inner):
@@ -166,7 +167,8 @@ class Ensemble:
         across torchrun ranks)."""
         check_steps(steps)
         episode_at, n = episode_reader(tasks, episodes, ways=ways, shots=shots, queries=queries, start=start)
-        heads, steps_of = self.heads(head), self.member_steps(head, steps)  # steps for members with an inner loop
+        heads = self.heads(head)
+        steps_of = self.member_steps(head, steps, heads)  # steps for members with an inner loop
         self.each(lambda m: m.check_finite("evaluate"))
         rows = []
         bar = progress_bar(progress, total=n, desc="evaluate ensemble", leave=False, dynamic_ncols=True)
@@ -185,9 +187,8 @@ class Ensemble:
                 bar.update(1)
         finally:
             bar.close()
-        first = self.members[0]
-        inner = any(m.algorithm.has_inner_loop for m, h in zip(self.members, heads) if h is None)  # steps apply
-        used = 0 if all(h is not None for h in heads) else steps if steps is not None and inner else first.algorithm.eval_steps
+        stepped = any(v is not None for v in steps_of.values())  # steps given, and a member adapts with them
+        used = 0 if all(h is not None for h in heads) else steps if stepped else self.members[0].algorithm.eval_steps
         names = {head_name(h) for h in heads}
         return summarize(rows, used, hierarchy=hierarchy_of(tasks),
                          head=names.pop() if len(names) == 1 else "+".join(sorted(names)),
