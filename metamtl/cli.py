@@ -200,9 +200,28 @@ def _check_held_out_split(split: str | None, configs: dict[str, dict], data_root
 
 def other_data(saved: dict, data_root: str | None) -> bool:
     """Whether ``data_root`` holds other data than every dataset of the saved config (only a
-    folder or csv dataset's root is its data: a built-in dataset elsewhere is the same data)."""
+    folder or csv dataset's root is its data: a built-in dataset elsewhere is the same data; a
+    folder that holds the saved root, or lies inside it other than in a held-out split folder such
+    as ``val/``, holds some of its training classes)."""
     return bool(data_root) and all(data_identity({**d, "root": data_root}) != data_identity(d)
+                                   and not _inside_training_data(data_root, d)
                                    for d in saved.get("datasets") or [saved["data"]])
+
+
+def _inside_training_data(data_root: str, saved: dict) -> bool:
+    """Whether folder ``data_root`` holds, or lies among, the training images of a saved folder/csv
+    dataset: the saved root itself, a folder above it, or a folder inside it that is not one of the
+    held-out split folders (``val``/``test``, in any case)."""
+    mine, theirs = data_identity({**saved, "root": data_root}).get("root"), data_identity(saved).get("root")
+    if mine is None or theirs is None:
+        return False
+    mine, theirs = Path(mine), Path(theirs)
+    if mine == theirs or theirs.is_relative_to(mine):
+        return True
+    if not mine.is_relative_to(theirs):
+        return False
+    trained = {s.lower() for s in str(saved.get("train_split") or "train").split("+")}
+    return mine.relative_to(theirs).parts[0].lower() not in {"val", "test"} - trained
 
 
 def check_same_data(members: Sequence[Any], paths: Sequence[str]) -> None:

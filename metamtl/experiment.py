@@ -48,6 +48,22 @@ def data_root(cfg: Config, data: DataConfig | None = None) -> str | None:
     return (data or cfg.data).root or os.environ.get("METAMTL_DATA")
 
 
+def absolute_roots(cfg: Config) -> None:
+    """Make every ``root`` of the config (``data``, ``datasets``, ``stages``' data) an absolute path,
+    as the run reads it: a saved config then names the same folder wherever ``metamtl evaluate``
+    runs from (a relative root was read against the evaluating shell's folder)."""
+    def absolute(root: Any) -> Any:
+        return os.path.abspath(os.path.expanduser(root)) if isinstance(root, str) and root else root
+
+    for d in [cfg.data, *cfg.datasets]:
+        d.root = absolute(d.root)
+    for stage in cfg.stages or []:  # a stage's own data sections (plain mappings until merged)
+        stage = stage if isinstance(stage, dict) else {}
+        for d in [stage.get("data"), *(stage.get("datasets") or [])]:
+            if isinstance(d, dict) and "root" in d:
+                d["root"] = absolute(d["root"])
+
+
 def load_split(cfg: Config, split: str, rotations: list[int] | None = None,
                data: DataConfig | None = None, preprocessing: Any = None) -> ClassDataset:
     """One split of the configured dataset (``data``: one of ``cfg.datasets``; default ``cfg.data``).
@@ -397,6 +413,7 @@ def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
     before training (:func:`check_eval_settings`).
     """
     callbacks = check_callbacks(callbacks, "run(callbacks=...)")  # one Callback or a list of them
+    absolute_roots(cfg)
     if resume is not None and overwrite:
         raise ConfigError("resume (--resume) continues the run and overwrite (--overwrite) deletes it and starts "
                           "afresh: pass one of them")

@@ -197,3 +197,33 @@ def test_a_regression_ensemble_and_its_splits_are_described_as_regression(learne
     assert code == 0 and "predictions averaged" in out.out and "class probabilities" not in out.out, out
     code, out = evaluate(capsys, paths["sine"], "--split", "bogus")
     assert code == 2 and "'bogus': the sinusoid tasks have the splits 'test' or 'val'" in out.err, out
+
+
+def test_split_all_refuses_folders_holding_or_inside_the_training_data(learners, capsys):
+    """Before: --data-root DATA/train (the training split's own folder) or a folder above DATA passed as
+    "other data", so evaluate scored training classes as held-out; DATA/test is held out."""
+    paths, tmp = learners
+    for root in (tmp / "data" / "train", tmp / "data" / "train" / "train0", tmp):
+        code, out = evaluate(capsys, paths["train"], "--split", "all", "--data-root", root)
+        assert code == 2 and "--split 'all' holds classes" in out.err, root
+    code, out = evaluate(capsys, paths["train"], "--split", "all", "--data-root", tmp / "data" / "test")
+    assert code == 0 and "all split: accuracy" in out.out, out.err
+    code, out = evaluate(capsys, paths["trainval"], "--split", "all", "--data-root", tmp / "data" / "val")
+    assert code == 2 and "--split 'all' holds classes" in out.err  # val/ was its training data
+
+
+def test_a_relative_data_root_is_saved_absolute_so_evaluate_works_from_any_folder(tmp_path, capsys, monkeypatch):
+    """Before: data.root 'mydata' was saved as written and read against the evaluating shell's folder:
+    from another folder evaluate failed ("folder mydata does not exist"), and the held-out check took
+    the training folder for other data."""
+    folder_data(tmp_path / "work" / "mydata")
+    monkeypatch.chdir(tmp_path / "work")
+    cfg = tiny(tmp_path, "rel", "mydata")
+    path = run(config_from_dict(cfg), progress=False, quiet=True)["checkpoint"]
+    saved = json.loads((tmp_path / "runs" / "rel" / "results.json").read_text())["config"]["data"]["root"]
+    assert saved == str(tmp_path / "work" / "mydata")
+    monkeypatch.chdir(tmp_path)
+    code, out = evaluate(capsys, path)
+    assert code == 0 and "test split: accuracy" in out.out, out.err
+    code, out = evaluate(capsys, path, "--split", "all", "--data-root", tmp_path / "work" / "mydata")
+    assert code == 2 and "--split 'all' holds classes" in out.err
