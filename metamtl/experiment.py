@@ -139,7 +139,7 @@ def build_test_tasks(cfg: Config, preprocessing: dict[str | None, Any] | None = 
     does not block evaluating an intact test split."""
     preps = preprocessing or {}
     if is_regression(cfg):
-        return _sinusoid_split(cfg, cfg.data.test_split or "test", cfg.eval.queries, "data.test_split (evaluate: --split)")
+        return _sinusoid_split(cfg, cfg.data.test_split, cfg.eval.queries, "data.test_split (evaluate: --split)")
     t = cfg.tasks
     if cfg.datasets:
         return {label: _held_out(load_split(cfg, d.test_split, data=d, preprocessing=preps.get(label)), cfg,

@@ -260,3 +260,28 @@ def test_numpy_integers_are_integers_for_seed_shots_and_queries():
     for bad in (np.bool_(True), True, 2.5):
         with pytest.raises(TaskError, match="seed must be an integer"):
             Sinusoid(seed=bad)
+
+
+def test_a_regression_run_without_test_split_and_earlier_stages_are_not_scored_on_test_tasks(tmp_path):
+    """Before: test_split null (which run_stages sets for every stage but the last) became 'test' for
+    sinusoid, so earlier stages, and runs asking for no test evaluation, were scored on the test tasks."""
+    import json
+
+    from metamtl.config import config_from_dict
+    from metamtl.experiment import build_test_tasks, run
+
+    cfg = sine_config()
+    cfg.data.test_split = None
+    assert build_test_tasks(cfg) is None
+    base = {"output_dir": str(tmp_path), "data": {"name": "sinusoid", "val_split": None},
+            "tasks": {"ways": 1, "shots": 5, "queries": 5}, "model": {"name": "mlp", "hidden": [8]},
+            "algorithm": {"name": "maml", "steps": 1, "lr": 0.01},
+            "train": {"device": "cpu", "iterations": 2, "meta_batch_size": 1},
+            "eval": {"episodes": 2, "queries": 4}, "logging": {"report": False, "metrics": None}}
+    staged = run(config_from_dict({**base, "name": "st", "stages": [{"name": "a"}, {"name": "b"}]}),
+                 progress=False, quiet=True)
+    first = json.loads((tmp_path / "st" / "stages" / "a" / "results.json").read_text())
+    assert not first["test"] and len(staged["test"]) == 1
+    untested = run(config_from_dict({**base, "name": "nt", "data": {**base["data"], "test_split": None}}),
+                   progress=False, quiet=True)
+    assert not untested["test"]
