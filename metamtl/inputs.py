@@ -384,6 +384,9 @@ def check_learner_parts(model: Any, algorithm: Any, task: str) -> tuple[TrunkHea
             "needs class labels; for regression use a gradient-based algorithm with head_init 'learned' "
             "(e.g. 'maml') or 'zero'"
         )
+    if task == "regression" and "num_classes" in type(algorithm).from_data:
+        raise ConfigError(f"algorithm {algorithm.name!r} trains over the training classes (num_classes); regression "
+                          "tasks have no classes: use a gradient-based algorithm such as 'maml'")
     model.out_features  # the model's own head: its number of outputs must be known (ways, regression targets)
     per_task_heads = model.head is None or algorithm.inner.head_init != "learned"
     if per_task_heads:

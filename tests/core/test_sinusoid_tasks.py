@@ -285,3 +285,16 @@ def test_a_regression_run_without_test_split_and_earlier_stages_are_not_scored_o
     untested = run(config_from_dict({**base, "name": "nt", "data": {**base["data"], "test_split": None}}),
                    progress=False, quiet=True)
     assert not untested["test"]
+
+
+def test_a_class_based_algorithm_is_refused_for_a_regression_learner_as_for_a_regression_config():
+    """Before: MetaLearner(task='regression') with 'transfer' was built, evaluated and saved, and only
+    fit failed ("needs classification episodes"); the README promises a ConfigError when it is built."""
+    from metamtl import MetaLearner
+    from metamtl.algorithms import build_algorithm
+    from metamtl.errors import ConfigError
+    from metamtl.models import build_model
+
+    with pytest.raises(ConfigError, match=r"'transfer' trains over the training classes .* regression"):
+        MetaLearner(build_model("mlp", in_features=1, hidden=[8], out_features=1),
+                    build_algorithm("transfer", num_classes=5), task="regression", device="cpu")
