@@ -79,7 +79,7 @@ class RandomCropFlip:
         rows = _reflect(shift[0] + torch.arange(h, device=images.device), h)  # [n, h]
         cols = _reflect(shift[1] + torch.arange(w, device=images.device), w)  # [n, w]
         if self.flip:
-            mirrored = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+            mirrored = (torch.rand(n, generator=generator, dtype=torch.float32) < 0.5).to(images.device)
             cols = torch.where(mirrored.unsqueeze(1), cols.flip(1), cols)
         # one gather over the flattened pixels (~7x faster than 4-D advanced indexing)
         flat = (rows.unsqueeze(2) * w + cols.unsqueeze(1)).view(n, 1, h * w).expand(n, c, h * w)

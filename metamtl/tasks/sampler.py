@@ -260,11 +260,11 @@ class EpisodeSampler(Dataset):
         # Sample k distinct rows per class without replacement, all classes at once: random keys,
         # positions past a class's count pushed to the end, keep the k smallest.
         if self._equal_counts:
-            keys = torch.rand(self.ways, self._max_count, generator=g)
+            keys = torch.rand(self.ways, self._max_count, generator=g, dtype=torch.float32)
         else:
             counts = ds.class_counts[classes]
             width = int(counts.max())
-            keys = torch.rand(self.ways, width, generator=g)
+            keys = torch.rand(self.ways, width, generator=g, dtype=torch.float32)
             keys.masked_fill_(self._positions[:, :width] >= counts.unsqueeze(1), 2.0)
         rows = keys.topk(k, dim=1, largest=False, sorted=True).indices  # [ways, k] positions
         rows.add_(ds.class_offsets[classes].unsqueeze(1))  # -> dataset rows

@@ -106,7 +106,7 @@ class Sinusoid(Dataset):
         amplitude = self.amplitude[0] + (self.amplitude[1] - self.amplitude[0]) * u[0]
         phase = self.phase[0] + (self.phase[1] - self.phase[0]) * u[1]
         lo, hi = self.x_range
-        x = lo + (hi - lo) * torch.rand(self.shots + self.queries, 1, generator=g)
+        x = lo + (hi - lo) * torch.rand(self.shots + self.queries, 1, generator=g, dtype=torch.float32)
         y = amplitude * torch.sin(x - phase)
         return Episode(
             support_x=x[: self.shots],

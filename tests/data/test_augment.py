@@ -348,3 +348,25 @@ def test_identity_settings_draw_the_documented_numbers_too(idle, busy):
     g = torch.Generator().manual_seed(0)
     busy(x, g)
     assert torch.equal(after(Compose([idle, ColorJitter()]))[0], ColorJitter()(x, g))
+
+
+@pytest.mark.parametrize("augment", [None, {"padding": 2, "flip": True}, {"name": "affine"}])
+def test_episodes_do_not_depend_on_the_default_dtype(augment):
+    """Before: torch.rand without dtype drew other numbers under torch.set_default_dtype(torch.float64),
+    so episode i (and evaluate's results) changed with the global default dtype."""
+    from metamtl.tasks import Sinusoid
+
+    ds = class_dataset()
+    sources = [EpisodeSampler(ds, 5, 1, 2, seed=3, augment=augment),
+               EpisodeSampler(ds, 3, 2, 2, seed=1, augment=augment), Sinusoid(shots=5, queries=5, seed=2)]
+    before = [[s.episode(i) for i in range(3)] for s in sources]
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        after = [[s.episode(i) for i in range(3)] for s in sources]
+    finally:
+        torch.set_default_dtype(old)
+    for eps_a, eps_b in zip(before, after):
+        for a, b in zip(eps_a, eps_b):
+            for x, y in ((a.support_x, b.support_x), (a.query_x, b.query_x), (a.support_y, b.support_y)):
+                assert x.dtype == y.dtype and torch.equal(x, y)
