@@ -27,6 +27,7 @@ from .checkpoint import FORMAT, FORMAT_VERSION, atomic_save, safe_load
 from .errors import CheckpointError, ConfigError, InputError, TaskError, TrainingError
 from .evaluation import EvalResult, episode_reader, hierarchy_of, summarize
 from .heads import check_no_steps, head_name
+from .heads.base import full_precision
 from .inputs import check_steps, with_support_copies
 from .learner import MetaLearner
 from .progress_bars import progress_bar
@@ -97,7 +98,9 @@ class Ensemble:
         """The ensemble's output from its members' outputs for the same queries: for classification
         the log of the mean of the members' softmax probabilities (so ``argmax`` is the predicted
         class and ``exp`` gives probabilities), for regression the mean prediction."""
-        outs = [o.detach().float().cpu() for o in outputs]
+        outs = [full_precision(o.detach()).cpu() for o in outputs]  # float64 members: float64
+        if len({o.dtype for o in outs}) > 1:
+            outs = [o.double() for o in outs]
         shapes = {tuple(o.shape) for o in outs}
         if len(shapes) > 1:
             raise InputError(f"ensemble members gave outputs of different shapes {sorted(shapes)} for the same "
@@ -198,7 +201,7 @@ class Ensemble:
         """Query loss (and accuracy) of the ensemble's combined output."""
         target = target.cpu()
         if self.task != "classification":
-            return {"loss": float(F.mse_loss(output, target.float().view_as(output)))}
+            return {"loss": float(F.mse_loss(output, target.to(output.dtype).view_as(output)))}
         target = target.long()
         return {"loss": float(F.nll_loss(output, target)),
                 "accuracy": float((output.argmax(-1) == target).float().mean())}

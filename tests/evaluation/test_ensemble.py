@@ -211,3 +211,17 @@ def test_reported_steps_are_the_steps_the_members_took(tasks):
         with pytest.raises(ConfigError, match="steps=5: .*no member adapts with an inner loop|steps=5: algorithm"):
             who.evaluate(tasks, 2, steps=5, progress=False)
     assert Ensemble([a, member(2, "maml", steps=1, lr=0.1)]).evaluate(tasks, 2, steps=3, progress=False).steps == 3
+
+
+def test_float64_members_give_float64_predictions_and_their_exact_mse():
+    """Before: the ensemble cast its members' outputs and targets to float32: a float64 member's
+    predictions were rounded, and a one-member ensemble's MSE differed from its member's."""
+    source = Sinusoid(shots=5, queries=5, seed=0, split="test")
+    torch.manual_seed(0)
+    member = MetaLearner(build_model("mlp", in_features=1, out_features=1, hidden=(8,)).double(),
+                         build_algorithm("maml", steps=1, lr=0.01), device="cpu", task="regression")
+    ep = source.episode(0)
+    out = Ensemble([member]).predict(ep.support_x, ep.support_y, ep.query_x)
+    assert out.dtype == torch.float64
+    assert torch.equal(out, member.predict(ep.support_x, ep.support_y, ep.query_x))
+    assert Ensemble([member]).evaluate(source, 3, progress=False).loss == member.evaluate(source, 3, progress=False).loss
