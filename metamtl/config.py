@@ -624,6 +624,11 @@ def config_from_dict(data: Mapping[str, Any], *, evaluated: bool = True) -> Conf
         cfg.tasks.ways = 1
     if is_regression(cfg) and "settings" not in (data.get("eval") or {}):  # not 5-way 1-shot: the training shots
         cfg.eval.settings = [EvalSetting(ways=1, shots=cfg.tasks.shots)]
+    elif is_regression(cfg):  # an entry without ways: 1 (regression tasks have 1), as tasks.ways
+        given = (data.get("eval") or {}).get("settings")
+        for setting, entry in zip(cfg.eval.settings, given if isinstance(given, list) else []):
+            if isinstance(entry, Mapping) and "ways" not in entry:
+                setting.ways = 1
     return _single_member_seed(_check_config(cfg, evaluated), evaluated)
 
 

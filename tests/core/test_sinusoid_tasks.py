@@ -298,3 +298,10 @@ def test_a_class_based_algorithm_is_refused_for_a_regression_learner_as_for_a_re
     with pytest.raises(ConfigError, match=r"'transfer' trains over the training classes .* regression"):
         MetaLearner(build_model("mlp", in_features=1, hidden=[8], out_features=1),
                     build_algorithm("transfer", num_classes=5), task="regression", device="cpu")
+
+
+def test_a_regression_eval_setting_without_ways_has_one_way():
+    """Before: {shots: 10} in a sinusoid config's eval.settings took the default 5 ways and was refused
+    ("got 5 ways") although the user wrote no ways; tasks.ways already defaulted to 1."""
+    cfg = sine_config(settings=[{"shots": 10}, {"ways": 1, "shots": 5}])
+    assert [(s.ways, s.shots) for s in cfg.eval.settings] == [(1, 10), (1, 5)]
