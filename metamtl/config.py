@@ -359,6 +359,14 @@ def _check_regression(cfg: Config) -> None:
     """What a regression run (data.name: sinusoid) cannot use: other ways than 1, a hierarchy, support
     augmentation, soft-target distillation, a class-based algorithm."""
     where = "regression tasks (data.name: sinusoid) have ways 1 and no classes for a hierarchy"
+    read = {f.name: getattr(cfg.data, f.name) for f in dataclasses.fields(DataConfig)
+            if f.name not in ("name", "label", "val_split", "test_split", "train_augment")}
+    unused = {k: v for k, v in read.items() if getattr(DataConfig, k) != v}
+    if unused:
+        key = next(iter(unused))
+        raise ConfigError(f"data.{key} is {unused[key]!r}, but the sinusoid tasks are generated, not read from files "
+                          "or images, so it would be ignored: remove it"
+                          + (" (metamtl evaluate: leave out --data-root)" if key == "root" else ""))
     if cfg.tasks.ways != 1:
         raise ConfigError(f"tasks.ways: regression tasks (data.name: sinusoid) have ways 1, got {cfg.tasks.ways}; "
                           "set tasks.ways: 1 or leave it out")

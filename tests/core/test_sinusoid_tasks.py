@@ -305,3 +305,17 @@ def test_a_regression_eval_setting_without_ways_has_one_way():
     ("got 5 ways") although the user wrote no ways; tasks.ways already defaulted to 1."""
     cfg = sine_config(settings=[{"shots": 10}, {"ways": 1, "shots": 5}])
     assert [(s.ways, s.shots) for s in cfg.eval.settings] == [(1, 10), (1, 5)]
+
+
+@pytest.mark.parametrize("key, value", [("train_rotations", [0, 90]), ("image_size", 28), ("sources", ["x"]),
+                                        ("root", "/tmp/data"), ("split_fractions", [0.5, 0.25, 0.25])])
+def test_image_data_settings_of_a_regression_config_are_refused_not_ignored(key, value):
+    """Before: data.train_rotations, image_size, sources, root... on a sinusoid config were accepted and
+    did nothing (train_augment alone was refused)."""
+    from metamtl.config import config_from_dict
+    from metamtl.errors import ConfigError
+
+    base = {"data": {"name": "sinusoid", key: value}, "tasks": {"shots": 5, "queries": 5},
+            "model": {"name": "mlp", "hidden": [8]}, "algorithm": {"name": "maml", "steps": 1, "lr": 0.01}}
+    with pytest.raises(ConfigError, match=rf"data.{key} is .*sinusoid tasks are generated.*remove it"):
+        config_from_dict(base)
