@@ -69,7 +69,7 @@ def accuracy_vs_steps(learner: Any, sources: Mapping[str | None, Any], settings:
     regression = learner.task == "regression"
     curves = []
     bar = progress_bar(progress and learner.is_main_process, total=len(settings) * len(steps),
-                       desc="accuracy vs inner steps", leave=False, dynamic_ncols=True)
+                       desc=f"{'MSE' if regression else 'accuracy'} vs inner steps", leave=False, dynamic_ncols=True)
     with bar:
         for row in settings:
             label = row.get("dataset")

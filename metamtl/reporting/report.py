@@ -251,7 +251,8 @@ def write_report(run_dir: str | os.PathLike, *, embed: bool = False) -> Path:
     builders = [("Accuracy with 95% CI", lambda: _accuracy_figure(run_dir, results, embed)),
                 ("Learning curves", lambda: _figure(
                     plots.plot_learning_curves(history, run_dir / "learning_curves.png"), "learning curves",
-                    "Query loss and accuracy after adaptation on meta-training tasks (faint: per iteration; solid: "
+                    ("Query loss (mean squared error)" if _regression(results) else "Query loss and accuracy")
+                    + " after adaptation on meta-training tasks (faint: per iteration; solid: "
                     "moving average) and on fixed validation episodes (95% CI).", embed, run_dir)),
                 ("Inner loop during meta-training", lambda: _figure(
                     plots.plot_inner_losses(history, run_dir / "inner_loss.png"), "inner losses",

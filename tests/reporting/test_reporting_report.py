@@ -500,6 +500,7 @@ def test_a_regression_runs_report_names_its_metric_mse(tmp_path):
     assert "<th>MSE (95% CI)</th>" in table and "accuracy" not in table.lower()
     assert "<h2>MSE vs number of inner steps at test time</h2>" in text
     assert "Accuracy vs number of inner steps" not in text and 'alt="MSE vs inner steps"' in text
+    assert "Query loss (mean squared error) after adaptation" in text and "loss and accuracy" not in text
 
 
 def test_a_comparison_of_regression_runs_heads_its_column_mse(tmp_path):
@@ -816,3 +817,25 @@ def test_official_omniglot_read_with_sources_null_is_reported_as_the_official_pr
     text = write_report(run).read_text()
     assert "Omniglot, official protocol" in text and "indicative only" not in text
     assert "Omniglot, official protocol" in write_comparison([run], tmp_path / "cmp.html").read_text()
+
+
+def test_a_regression_curves_progress_bar_says_mse(monkeypatch):
+    """Before: the bar of a sinusoid run's curve read "accuracy vs inner steps"."""
+    import metamtl.steps_curve as steps_curve
+    from metamtl import MetaLearner
+    from metamtl.algorithms import build_algorithm
+    from metamtl.models import build_model
+    from metamtl.tasks import Sinusoid
+
+    seen = []
+
+    def spy(enabled, **kw):
+        seen.append(kw["desc"])
+        return real(False, **kw)
+
+    real = steps_curve.progress_bar
+    monkeypatch.setattr(steps_curve, "progress_bar", spy)
+    learner = MetaLearner(build_model("mlp", in_features=1, hidden=[8], out_features=1),
+                          build_algorithm("maml", steps=1, lr=0.01), device="cpu", task="regression")
+    accuracy_vs_steps(learner, {None: Sinusoid(shots=5, queries=5, split="test")}, [{"ways": 1, "shots": 5}], 2, [0, 1])
+    assert seen == ["MSE vs inner steps"]
