@@ -21,6 +21,8 @@ from .omniglot import Omniglot
 
 #: split folder names of a folder dataset already split on disk (``root/train/<class>/...``)
 SPLIT_FOLDERS = ("train", "val", "test")
+#: other spellings of split folders, refused at the top of a folder dataset (to be renamed to SPLIT_FOLDERS)
+SPLIT_ALIASES = ("training", "validation", "valid", "dev", "testing")
 
 DATASETS = {"omniglot": Omniglot, "miniimagenet": MiniImageNet, "folder": ClassFolder, "csv": CSVClassDataset}
 
@@ -39,23 +41,48 @@ def _split_classes(ds: ClassDataset, split: str, fractions: Sequence[float] | No
 
 def _load_folder(split: str, root: Path, split_fractions: Sequence[float] | None = None,
                  split_seed: int | None = None, **kwargs) -> ClassDataset:
-    """``root/<split>/`` if that folder exists, else ``split`` of ``root``'s classes (a root with other
-    split folders but not this one is refused: its classes would be drawn from those splits)."""
-    if (root / split).is_dir():
-        _refuse_split_options(f"{root} is split on disk ({split}/ holds the {split!r} classes)",
+    """``root/<split>/`` (any case: ``Train/``) if that folder exists, else ``split`` of ``root``'s classes (a
+    root with other split folders but not this one is refused: its classes would be drawn from those splits)."""
+    folders = split_folders(root)
+    if split in folders:
+        _refuse_split_options(f"{root} is split on disk ({folders[split].name}/ holds the {split!r} classes)",
                               split_fractions, split_seed)
-        kwargs = _stored_like_train(split, kwargs, (root / "train").is_dir(), lambda kw: ClassFolder(root / "train", **kw))
-        ds = ClassFolder(root / split, **kwargs)
-        _refuse_shared_classes(root, split, ds.class_names, kwargs)
+        train = folders.get("train")
+        kwargs = _stored_like_train(split, kwargs, train is not None, lambda kw: ClassFolder(train, **kw))
+        ds = ClassFolder(folders[split], **kwargs)
+        _refuse_shared_classes(folders, split, ds.class_names, kwargs)
         return ds
-    present = [s for s in SPLIT_FOLDERS if (root / s).is_dir()]
-    if present and split != "all":
+    if folders and split != "all":
         raise DataNotFoundError(
-            f"{root} has split folders ({', '.join(present)}) but no {split!r} folder; splitting its classes "
-            f"instead would draw {split!r} classes from {', '.join(f'{s}/' for s in present)} (the same images in two "
-            f"splits): add {root / split}, or leave this split out (config: data.val_split / data.test_split: null)"
+            f"{root} has split folders ({', '.join(p.name for p in folders.values())}) but no {split!r} folder; "
+            f"splitting its classes instead would draw {split!r} classes from "
+            f"{', '.join(f'{p.name}/' for p in folders.values())} (the same images in two splits): add "
+            f"{root / split}, or leave this split out (config: data.val_split / data.test_split: null)"
         )
     return _split_classes(ClassFolder(root, **kwargs), split, split_fractions, split_seed)
+
+
+def split_folders(root: Path) -> dict[str, Path]:
+    """``root``'s split folders by split name (:data:`SPLIT_FOLDERS`), names matched in any case (``Train/``,
+    Windows and Kaggle exports).  Top-level folders spelled like other split names (:data:`SPLIT_ALIASES`)
+    are refused (:class:`DataError`): read as classes and split anew, they would put held-out classes
+    into training."""
+    folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    found: dict[str, list[Path]] = {}
+    for p in folders:
+        if p.name.lower() in SPLIT_FOLDERS:
+            found.setdefault(p.name.lower(), []).append(p)
+    twice = [f"{', '.join(f'{p.name}/' for p in ps)}" for ps in found.values() if len(ps) > 1]
+    if twice:
+        raise DataError(f"{root} has two folders for one split ({'; '.join(twice)}): merge them into one")
+    aliases = [p.name for p in folders if p.name.lower() in SPLIT_ALIASES]
+    if aliases:
+        raise DataError(
+            f"{root} has folder(s) {', '.join(f'{a}/' for a in aliases)} named like split folders: rename them to "
+            "train/, val/, test/ so the split on disk is used (read as classes and split anew, they would put "
+            "held-out classes into training)"
+        )
+    return {s: found[s][0] for s in SPLIT_FOLDERS if s in found}
 
 
 def _refuse_split_options(why: str, split_fractions: Sequence[float] | None, split_seed: int | None) -> None:
@@ -69,17 +96,17 @@ def _refuse_split_options(why: str, split_fractions: Sequence[float] | None, spl
             "all classes to split")
 
 
-def _refuse_shared_classes(root: Path, split: str, classes: Sequence[str], kwargs: dict) -> None:
-    """:class:`DataError` naming the classes of ``root/<split>/`` that another split folder also holds
-    (held-out classes must be new to the model); only file names are read, no image is decoded."""
+def _refuse_shared_classes(folders: dict[str, Path], split: str, classes: Sequence[str], kwargs: dict) -> None:
+    """:class:`DataError` naming the classes of split folder ``folders[split]`` that another split folder also
+    holds (held-out classes must be new to the model); only file names are read, no image is decoded."""
     exts = image_suffixes(kwargs.get("extensions"))
-    for other in SPLIT_FOLDERS:
-        if other == split or not (root / other).is_dir():
+    for other, folder in folders.items():
+        if other == split:
             continue
-        tree = DirectoryTree(root / other, follow_outside_links=bool(kwargs.get("follow_outside_links")))
+        tree = DirectoryTree(folder, follow_outside_links=bool(kwargs.get("follow_outside_links")))
         theirs = {printable(posixpath.dirname(p)) for p in tree.files() if p.lower().endswith(exts)}
-        refuse_shared(root, "class(es)", f"{split}/", f"{other}/", set(classes) & theirs,
-                       "move or rename those class folders")
+        refuse_shared(folder.parent, "class(es)", f"{folders[split].name}/", f"{folder.name}/",
+                      set(classes) & theirs, "move or rename those class folders")
 
 
 def _refuse_shared_csv_classes(root: Path, split: str, ds: ClassDataset, kwargs: dict) -> None:

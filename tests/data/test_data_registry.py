@@ -203,3 +203,21 @@ def test_split_options_for_data_already_split_on_disk_are_refused_not_ignored(tm
             load_dataset(name, "train", root=root, cache_dir=cache_dir, split_fractions=(0.5, 0.25, 0.25), split_seed=1)
         with pytest.raises(ConfigError, match="split_seed only split"):
             load_dataset(name, "train", root=root, cache_dir=cache_dir, split_seed=3)
+
+
+def test_split_folders_are_matched_case_insensitively_and_other_spellings_refused(tmp_path, write_image, cache_dir):
+    """Train/Val/Test (Windows, Kaggle exports) are the split on disk, not classes to merge and re-split;
+    training/validation/... are refused naming the rename, since re-splitting would train on held-out classes."""
+    from metamtl.errors import DataError
+
+    for split, n in (("Train", 3), ("Val", 1), ("Test", 1)):
+        for c in range(n):
+            for i in range(2):
+                write_image(tmp_path / "a" / split / f"{split.lower()}{c}" / f"{i}.png", (10 * i, c, len(split)))
+    assert load_dataset("folder", "train", root=tmp_path / "a", cache_dir=cache_dir).class_names == [
+        "train0", "train1", "train2"]
+    assert load_dataset("folder", "test", root=tmp_path / "a", cache_dir=cache_dir).class_names == ["test0"]
+    for split in ("training", "Validation"):
+        write_image(tmp_path / "b" / split / "c0" / "0.png", (1, 2, 3))
+    with pytest.raises(DataError, match=r"Validation/, training/.*rename them to train/, val/, test/"):
+        load_dataset("folder", "train", root=tmp_path / "b", cache_dir=cache_dir)
