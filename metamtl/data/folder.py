@@ -579,15 +579,19 @@ def refuse_shared(root: Any, what: str, mine: str, other: str, shared: set, fix:
 
 
 def refuse_shared_csv_splits(root: Any, split: str, splits: Sequence[str], columns: tuple[str, str],
-                             read: Callable[[str], bytes | None], describe: Callable[[str], str]) -> None:
+                             read: Callable[[str], bytes | None], describe: Callable[[str], str],
+                             identity: Callable[[str], str] = posixpath.normpath) -> None:
     """:class:`DataError` when a class, or an image file, of ``<split>.csv`` is also listed in another of
-    ``splits``' CSV files (``read(name)``: its bytes, ``None`` when there is none; only CSVs are read)."""
+    ``splits``' CSV files (``read(name)``: its bytes, ``None`` when there is none; only CSVs are read).
+    ``identity(filename)`` says which file a listed name is (default: the normalised name; for a folder,
+    :func:`csv_file_identity`, so an absolute path or a link to a file listed elsewhere is caught too)."""
     mine = read(f"{split}.csv")
     if mine is None:
         return
     with warnings.catch_warnings():  # each file's own repeated rows are reported when it is loaded
         warnings.simplefilter("ignore")
         files, labels = read_class_csv(mine, describe(f"{split}.csv"), *columns)
+        names = {identity(f): f for f in files}
         for other in splits:
             data = None if other == split else read(f"{other}.csv")
             if data is None:
@@ -596,7 +600,13 @@ def refuse_shared_csv_splits(root: Any, split: str, splits: Sequence[str], colum
             fix = f"edit {split}.csv or {other}.csv so that each class and image is listed in one split only"
             refuse_shared(root, "class(es)", f"{split}.csv", f"{other}.csv", set(labels) & set(their_labels), fix)
             refuse_shared(root, "image file(s)", f"{split}.csv", f"{other}.csv",
-                          {posixpath.normpath(f) for f in files} & {posixpath.normpath(f) for f in their_files}, fix)
+                          {names[i] for i in names.keys() & set(map(identity, their_files))}, fix)
+
+
+def csv_file_identity(tree: Tree) -> Callable[[str], str]:
+    """Which file of ``tree`` a CSV file name is (:meth:`DirectoryTree.identity`, Windows separators read
+    as the CSV is), for :func:`refuse_shared_csv_splits`."""
+    return lambda filename: tree.identity(_posix_separators(tree, filename))
 
 
 def read_class_csv(data: bytes, where: str, filename_column: str, label_column: str) -> tuple[list[str], list[str]]:

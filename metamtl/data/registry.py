@@ -14,8 +14,8 @@ from typing import Callable, Sequence
 
 from ..errors import ConfigError, DataError, DataNotFoundError, unknown_name, unknown_settings
 from .base import ClassDataset, join_classes, split_names
-from .folder import (ClassFolder, CSVClassDataset, DirectoryTree, image_suffixes, printable, refuse_shared,
-                     refuse_shared_csv_splits, resolve_root)
+from .folder import (ClassFolder, CSVClassDataset, DirectoryTree, csv_file_identity, image_suffixes, printable,
+                     refuse_shared, refuse_shared_csv_splits, resolve_root)
 from .miniimagenet import MiniImageNet
 from .omniglot import Omniglot
 
@@ -109,13 +109,15 @@ def _refuse_shared_classes(folders: dict[str, Path], split: str, classes: Sequen
                       set(classes) & theirs, "move or rename those class folders")
 
 
-def _refuse_shared_csv_classes(root: Path, split: str, ds: ClassDataset, kwargs: dict) -> None:
+def _refuse_shared_csv_classes(root: Path, image_root: Path, split: str, kwargs: dict) -> None:
     """As :func:`_refuse_shared_classes`, for ``root/<split>.csv`` and the other ``<split>.csv`` files: a
-    class, or an image file, listed in two of them is refused; only the CSV files are read."""
+    class, or an image file (the same file however its name is spelled), listed in two of them is refused;
+    only the CSV files are read (the files they list are only stat'ed)."""
     columns = (kwargs.get("filename_column", "filename"), kwargs.get("label_column", "label"))
-    refuse_shared_csv_splits(root, split, SPLIT_FOLDERS, columns,
-                             lambda name: (root / name).read_bytes() if (root / name).is_file() else None,
-                             lambda name: str(root / name))
+    with DirectoryTree(image_root, follow_outside_links=bool(kwargs.get("follow_outside_links"))) as tree:
+        refuse_shared_csv_splits(root, split, SPLIT_FOLDERS, columns,
+                                 lambda name: (root / name).read_bytes() if (root / name).is_file() else None,
+                                 lambda name: str(root / name), csv_file_identity(tree))
 
 
 def _load_csv(split: str, root: Path, csv_path: str | os.PathLike | None = None,
@@ -133,7 +135,7 @@ def _load_csv(split: str, root: Path, csv_path: str | os.PathLike | None = None,
     kwargs = _stored_like_train(split, kwargs, (root / "train.csv").is_file(),
                                 lambda kw: CSVClassDataset(root / "train.csv", image_root, **kw))
     ds = CSVClassDataset(root / f"{split}.csv", image_root, **kwargs)
-    _refuse_shared_csv_classes(root, split, ds, kwargs)
+    _refuse_shared_csv_classes(root, Path(image_root), split, kwargs)
     return ds
 
 

@@ -221,3 +221,17 @@ def test_split_folders_are_matched_case_insensitively_and_other_spellings_refuse
         write_image(tmp_path / "b" / split / "c0" / "0.png", (1, 2, 3))
     with pytest.raises(DataError, match=r"Validation/, training/.*rename them to train/, val/, test/"):
         load_dataset("folder", "train", root=tmp_path / "b", cache_dir=cache_dir)
+
+
+def test_an_image_in_two_split_csv_files_is_refused_however_its_name_is_spelled(tmp_path, write_image, cache_dir):
+    """train.csv's 0.png written as an absolute path in val.csv, or reached through a link: the same file."""
+    from metamtl.errors import DataError
+
+    for i in range(8):
+        write_image(tmp_path / "images" / f"{i}.png", (10 * i, 3, 7))
+    (tmp_path / "images" / "all").symlink_to(".")
+    (tmp_path / "train.csv").write_text("filename,label\n0.png,a\n1.png,a\n2.png,b\n3.png,b\n")
+    for first in (tmp_path / "images" / "0.png", "all/0.png"):
+        (tmp_path / "val.csv").write_text(f"filename,label\n{first},c\n4.png,c\n5.png,d\n6.png,d\n")
+        with pytest.raises(DataError, match=r"1 image file\(s\) are in both val.csv and train.csv"):
+            load_dataset("csv", "val", root=tmp_path, cache_dir=cache_dir)
