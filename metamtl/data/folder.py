@@ -104,6 +104,23 @@ def printable(name: str) -> str:
     return fs_bytes(name).decode("utf-8", "backslashreplace")
 
 
+def cannot_read(path: Any, exc: OSError) -> DataError:
+    """:class:`DataError` naming the file or folder ``path`` the system refused to read: no permission (on it
+    or a folder above it), a name longer than the system allows, ..."""
+    fix = ("give the user running metamtl read access to it and the folders above it (chmod)" if isinstance(exc, PermissionError)
+           else "rename, move or remove it")
+    return DataError(f"cannot read {path} ({exc.strerror or exc}); {fix}")
+
+
+def os_probe(path: Path, probe: Callable[[Path], Any]) -> Any:
+    """``probe(path)`` (``Path.is_file``, ``Path.read_bytes``, ...), an :class:`OSError` it raises (a
+    permission refused, a name too long) re-raised as :func:`cannot_read`'s :class:`DataError`."""
+    try:
+        return probe(path)
+    except OSError as exc:
+        raise cannot_read(path, exc) from exc
+
+
 def _hidden(rel: str) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in rel.split("/"))
 
@@ -120,10 +137,10 @@ class DirectoryTree:
 
     def __init__(self, root: str | os.PathLike, follow_outside_links: bool = False) -> None:
         self.root = Path(root)
-        if self.root.exists() and not self.root.is_dir():
+        if os_probe(self.root, Path.exists) and not os_probe(self.root, Path.is_dir):
             raise DataNotFoundError(f"{self.root} is a file, not a folder: give the folder that holds the images "
                                     "(one sub-folder per class for a folder dataset)")
-        if not self.root.is_dir():
+        if not os_probe(self.root, Path.is_dir):
             raise DataNotFoundError(f"folder {self.root} does not exist")
         self.real_root = self.root.resolve()
         self.follow_outside_links = follow_outside_links
@@ -210,7 +227,7 @@ class DirectoryTree:
         return path
 
     def exists(self, rel: str) -> bool:
-        return self.path(rel).is_file()
+        return os_probe(self.path(rel), Path.is_file)
 
     def identity(self, rel: str) -> str:
         """The file ``rel`` names, by device and inode: two paths naming one file share it, whether
@@ -227,8 +244,14 @@ class DirectoryTree:
     def read(self, rel: str) -> bytes:
         try:
             return self.path(rel).read_bytes()
-        except FileNotFoundError as exc:
-            raise DataNotFoundError(f"image file {self.describe(rel)} is missing") from exc
+        except OSError as exc:
+            raise self._unreadable(rel, exc) from exc
+
+    def _unreadable(self, rel: str, exc: OSError) -> DataError:
+        """The error for file ``rel`` that could not be read: missing, or refused (:func:`cannot_read`)."""
+        if isinstance(exc, FileNotFoundError):
+            return DataNotFoundError(f"image file {self.describe(rel)} is missing")
+        return cannot_read(self.describe(rel), exc)
 
     def fingerprint(self, paths: Sequence[str]) -> str:
         """Hash of the relative paths, sizes, modification times, inodes and change times of ``paths``.
@@ -241,8 +264,8 @@ class DirectoryTree:
         for rel in paths:
             try:
                 st = os.stat(self.root / rel)
-            except FileNotFoundError as exc:
-                raise DataNotFoundError(f"image file {self.describe(rel)} is missing") from exc
+            except OSError as exc:
+                raise self._unreadable(rel, exc) from exc
             h.update(fs_bytes(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_dev}:{st.st_ino}\0{st.st_ctime_ns}\n"))
         return h.hexdigest()
 
@@ -732,10 +755,10 @@ class CSVClassDataset(ClassDataset):
         follow_outside_links: bool = False,
     ) -> None:
         csv_path = Path(csv_path)
-        if not csv_path.is_file():
+        if not os_probe(csv_path, Path.is_file):
             raise DataNotFoundError(f"CSV file {csv_path} does not exist")
         with DirectoryTree(image_root, follow_outside_links=follow_outside_links) as tree:
-            self._load(tree, csv_path.read_bytes(), str(csv_path), "", preprocessing,
+            self._load(tree, os_probe(csv_path, Path.read_bytes), str(csv_path), "", preprocessing,
                        filename_column, label_column, name or csv_path.stem, cache_dir, image_size)
 
     def _load(

@@ -14,8 +14,8 @@ from typing import Callable, Sequence
 
 from ..errors import ConfigError, DataError, DataNotFoundError, unknown_name, unknown_settings
 from .base import ClassDataset, join_classes, split_names
-from .folder import (ClassFolder, CSVClassDataset, DirectoryTree, csv_file_identity, image_suffixes, printable,
-                     refuse_shared, refuse_shared_csv_splits, resolve_root)
+from .folder import (ClassFolder, CSVClassDataset, DirectoryTree, csv_file_identity, image_suffixes, os_probe,
+                     printable, refuse_shared, refuse_shared_csv_splits, resolve_root)
 from .miniimagenet import MiniImageNet
 from .omniglot import Omniglot
 
@@ -67,7 +67,7 @@ def split_folders(root: Path) -> dict[str, Path]:
     Windows and Kaggle exports).  Top-level folders spelled like other split names (:data:`SPLIT_ALIASES`)
     are refused (:class:`DataError`): read as classes and split anew, they would put held-out classes
     into training."""
-    folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    folders = os_probe(root, lambda r: sorted(p for p in r.iterdir() if p.is_dir()) if r.is_dir() else [])
     found: dict[str, list[Path]] = {}
     for p in folders:
         if p.name.lower() in SPLIT_FOLDERS:
@@ -116,7 +116,7 @@ def _refuse_shared_csv_classes(root: Path, image_root: Path, split: str, kwargs:
     columns = (kwargs.get("filename_column", "filename"), kwargs.get("label_column", "label"))
     with DirectoryTree(image_root, follow_outside_links=bool(kwargs.get("follow_outside_links"))) as tree:
         refuse_shared_csv_splits(root, split, SPLIT_FOLDERS, columns,
-                                 lambda name: (root / name).read_bytes() if (root / name).is_file() else None,
+                                 lambda name: os_probe(root / name, lambda p: p.read_bytes() if p.is_file() else None),
                                  lambda name: str(root / name), csv_file_identity(tree))
 
 
@@ -127,12 +127,12 @@ def _load_csv(split: str, root: Path, csv_path: str | os.PathLike | None = None,
     ``root``); or, given one ``csv_path`` for every split, ``split`` of its classes (as a folder without
     split folders is split: ``split_fractions``/``split_seed``; ``"all"``: every class)."""
     if image_root is None:
-        image_root = root / "images" if (root / "images").is_dir() else root
+        image_root = root / "images" if os_probe(root / "images", Path.is_dir) else root
     if csv_path is not None:
         return _split_classes(CSVClassDataset(csv_path, image_root, **kwargs), split, split_fractions, split_seed)
     _refuse_split_options(f"{root} is split on disk ({split}.csv lists the {split!r} classes)", split_fractions,
                           split_seed)
-    kwargs = _stored_like_train(split, kwargs, (root / "train.csv").is_file(),
+    kwargs = _stored_like_train(split, kwargs, os_probe(root / "train.csv", Path.is_file),
                                 lambda kw: CSVClassDataset(root / "train.csv", image_root, **kw))
     ds = CSVClassDataset(root / f"{split}.csv", image_root, **kwargs)
     _refuse_shared_csv_classes(root, Path(image_root), split, kwargs)

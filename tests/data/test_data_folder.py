@@ -185,3 +185,35 @@ def test_extensions_given_as_one_string_reads_only_that_format(image_tree):
     for bad in ("png", ["png"], [], [".png", 3]):
         with pytest.raises(ConfigError, match="extensions must be file name endings with their dot"):
             ClassFolder(image_tree, cache_dir=False, extensions=bad)
+
+
+def test_unreadable_files_and_overlong_names_are_data_errors_naming_the_file(tmp_path, write_image, monkeypatch):
+    """A file the system refuses to read (permissions) or a CSV name longer than it allows: a DataError naming
+    the path, not a bare OSError from a worker thread (tests run as root, so permissions are simulated)."""
+    import errno
+    from pathlib import Path
+
+    from metamtl.data import load_dataset
+
+    for c in "ab":
+        for k in range(2):
+            write_image(tmp_path / "data" / c / f"{k}.png", (10 * k, 3, 5))
+    (tmp_path / "l.csv").write_text("filename,label\na/0.png,a\na/1.png,a\nb/0.png,b\n" + "x" * 300 + ".png,b\n")
+    with pytest.raises(DataError, match=r"cannot read .*xxx\.png \(File name too long\)"):
+        CSVClassDataset(tmp_path / "l.csv", tmp_path / "data", cache_dir=False)
+    read_bytes, is_dir = Path.read_bytes, Path.is_dir
+
+    def refused(real, name):
+        def probe(self):
+            if self.name == name:
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return real(self)
+        return probe
+
+    monkeypatch.setattr(Path, "read_bytes", refused(read_bytes, "1.png"))
+    with pytest.raises(DataError, match=r"cannot read .*a/1\.png \(Permission denied\); give the user running"):
+        ClassFolder(tmp_path / "data", cache_dir=False)
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(Path, "is_dir", refused(is_dir, "data"))
+    with pytest.raises(DataError, match=r"cannot read .*data \(Permission denied\)"):
+        load_dataset("folder", "train", tmp_path / "data", cache_dir=False)
