@@ -124,12 +124,17 @@ def _load_csv(split: str, root: Path, csv_path: str | os.PathLike | None = None,
               image_root: str | os.PathLike | None = None, split_fractions: Sequence[float] | None = None,
               split_seed: int | None = None, **kwargs) -> ClassDataset:
     """``root/<split>.csv`` with images under ``image_root`` (default ``root/images`` if it exists, else
-    ``root``); or, given one ``csv_path`` for every split, ``split`` of its classes (as a folder without
+    ``root``; ``"all"`` without an ``all.csv``: every ``<split>.csv``'s classes); or, given one ``csv_path`` for every split, ``split`` of its classes (as a folder without
     split folders is split: ``split_fractions``/``split_seed``; ``"all"``: every class)."""
     if image_root is None:
         image_root = root / "images" if os_probe(root / "images", Path.is_dir) else root
     if csv_path is not None:
         return _split_classes(CSVClassDataset(csv_path, image_root, **kwargs), split, split_fractions, split_seed)
+    if split == "all" and not os_probe(root / "all.csv", Path.is_file):
+        present = [s for s in SPLIT_FOLDERS if os_probe(root / f"{s}.csv", Path.is_file)]
+        if present:  # every split's classes (disjoint, each stored like train), as a folder split on disk
+            return join_classes([_load_csv(s, root, None, image_root, split_fractions, split_seed, **kwargs)
+                                 for s in present], name="csv")
     _refuse_split_options(f"{root} is split on disk ({split}.csv lists the {split!r} classes)", split_fractions,
                           split_seed)
     kwargs = _stored_like_train(split, kwargs, os_probe(root / "train.csv", Path.is_file),

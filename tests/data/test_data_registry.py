@@ -235,3 +235,14 @@ def test_an_image_in_two_split_csv_files_is_refused_however_its_name_is_spelled(
         (tmp_path / "val.csv").write_text(f"filename,label\n{first},c\n4.png,c\n5.png,d\n6.png,d\n")
         with pytest.raises(DataError, match=r"1 image file\(s\) are in both val.csv and train.csv"):
             load_dataset("csv", "val", root=tmp_path, cache_dir=cache_dir)
+
+
+def test_all_of_a_csv_root_split_on_disk_is_every_split_csv_joined(tmp_path, write_image, cache_dir):
+    """split "all" (evaluate --split all --data-root <csv root>) takes every class of train/val/test.csv, as for
+    a folder split on disk, instead of looking for an all.csv that is not there."""
+    for i in range(8):
+        write_image(tmp_path / "images" / f"{i}.png", (10 * i, 3, 7))
+    (tmp_path / "train.csv").write_text("filename,label\n0.png,a\n1.png,a\n2.png,b\n3.png,b\n")
+    (tmp_path / "test.csv").write_text("filename,label\n4.png,c\n5.png,c\n6.png,d\n7.png,d\n")
+    full = load_dataset("csv", "all", root=tmp_path, cache_dir=cache_dir)
+    assert full.class_names == ["a", "b", "c", "d"] and len(full) == 8
