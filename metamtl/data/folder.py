@@ -29,7 +29,7 @@ import torch
 
 from ..errors import ConfigError, DataError, DataNotFoundError, InputError, IntegrityError, decode_text
 from ..progress_bars import progress_bar
-from .base import ClassDataset, Preprocessing, draft_jpeg, image_size_or_none, is_grey
+from .base import ClassDataset, Preprocessing, draft_jpeg, image_size_or_none, is_grey, shown_size
 from .cache import Decoded, cached_decode
 from .download import md5sum, verify_md5
 
@@ -376,7 +376,7 @@ def infer_preprocessing(tree: Tree, paths: Sequence[str], name: str = "",
 
     Channels: 1 when every image is grey (grey modes, 16-bit grey, grey palettes), else 3 (grey
     images are then stored as grey RGB).  Size: ``image_size`` when given, else the most common
-    ``height x width`` (ties: the larger), so one odd-sized image never sets the size of the
+    ``height x width`` as shown (EXIF orientation applied; ties: the larger), so one odd-sized image never sets the size of the
     others; images of other sizes are resized to it (one warning line says how many).  No
     normalisation.  Only headers are read (no pixels are decoded).
     """
@@ -385,7 +385,7 @@ def infer_preprocessing(tree: Tree, paths: Sequence[str], name: str = "",
     def work(rows: range) -> int:
         for i in rows:
             im = _open_image(tree, paths[i], load=False)
-            heads[i] = (is_grey(im), (im.height, im.width))
+            heads[i] = (is_grey(im), shown_size(im))
         return len(rows)
 
     _pool_map(work, len(paths), f"reading headers {name}")

@@ -217,3 +217,25 @@ def test_unreadable_files_and_overlong_names_are_data_errors_naming_the_file(tmp
     monkeypatch.setattr(Path, "is_dir", refused(is_dir, "data"))
     with pytest.raises(DataError, match=r"cannot read .*data \(Permission denied\)"):
         load_dataset("folder", "train", tmp_path / "data", cache_dir=False)
+
+
+def test_exif_rotated_photos_are_stored_as_shown_and_sized_by_their_shown_size(tmp_path):
+    """A camera JPEG stored landscape with EXIF orientation 6 is shown portrait: stored (and its size inferred)
+    portrait, as predict decodes the same file."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    arr = np.zeros((8, 16, 3), np.uint8)
+    arr[:, :8] = 255
+    for c in "ab":
+        (tmp_path / c).mkdir()
+        for k in range(2):
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            Image.fromarray(arr).save(tmp_path / c / f"{k}.jpg", exif=exif, quality=95)
+    ds = ClassFolder(tmp_path, cache_dir=False)
+    assert tuple(ds.images.shape[1:]) == (3, 16, 8)
+    with Image.open(tmp_path / "a" / "0.jpg") as im:
+        shown = torch.from_numpy(np.asarray(ImageOps.exif_transpose(im).convert("RGB")).copy()).permute(2, 0, 1)
+        assert torch.equal(ds.preprocessing.decode(im), ds.images[0])
+    assert (ds.images[0].int() - shown.int()).abs().max() <= 8  # JPEG noise only: the same orientation
