@@ -355,9 +355,20 @@ def pil_pixels(image: Any) -> np.ndarray:
                 f"32-bit integer image (PIL mode I) holds values {int(arr.min())}..{int(arr.max())}, outside "
                 "the 16-bit range 0..65535 it is read as; convert it to 8 or 16 bits"
             )
-        return pixels_to_uint8(arr.astype(np.uint16))
+        arr = arr.astype(np.uint16)
+        return _colour_keyed(pixels_to_uint8(arr), arr, image.info)
     arr = np.asarray(image)
-    return pixels_to_uint8(arr, f"{mode} image")
+    grey = pixels_to_uint8(arr, f"{mode} image")
+    return _colour_keyed(grey, arr, image.info) if mode.startswith("I;16") else grey
+
+
+def _colour_keyed(grey: np.ndarray, raw: np.ndarray, info: dict) -> np.ndarray:
+    """``grey`` (``H x W``), with an alpha channel (``H x W x 2``) clearing the pixels whose 16-bit value
+    ``raw`` is the colour key ``info["transparency"]`` (a 16-bit grey PNG's tRNS chunk), if there is one."""
+    key = info.get("transparency")
+    if not isinstance(key, int) or isinstance(key, bool):
+        return grey
+    return np.stack([grey, np.where(raw == key, 0, 255).astype(np.uint8)], axis=-1)
 
 
 def _composite(arr: np.ndarray, background: int) -> np.ndarray:

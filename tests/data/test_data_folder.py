@@ -239,3 +239,23 @@ def test_exif_rotated_photos_are_stored_as_shown_and_sized_by_their_shown_size(t
         shown = torch.from_numpy(np.asarray(ImageOps.exif_transpose(im).convert("RGB")).copy()).permute(2, 0, 1)
         assert torch.equal(ds.preprocessing.decode(im), ds.images[0])
     assert (ds.images[0].int() - shown.int()).abs().max() <= 8  # JPEG noise only: the same orientation
+
+
+def test_the_colour_key_of_16_bit_grey_pngs_is_composited_like_8_bit_ones(tmp_path):
+    """A 16-bit grey PNG's tRNS colour key makes those pixels transparent (composited over the black
+    background), as for an 8-bit grey PNG, not kept at their grey level."""
+    import numpy as np
+    from PIL import Image
+
+    g16 = np.full((4, 4), 60000, np.uint16)
+    g16[0, 0] = 1000
+    g8 = (g16 // 257).astype(np.uint8)
+    for c in "ab":
+        (tmp_path / c).mkdir()
+        Image.fromarray(g16).save(tmp_path / c / "sixteen.png", transparency=60000)
+        Image.fromarray(g8).save(tmp_path / c / "eight.png", transparency=int(g8[1, 1]))
+    ds = ClassFolder(tmp_path, cache_dir=False)
+    rows = {s.rsplit("/", 1)[-1]: ds.images[i, 0, 0].tolist() for i, s in enumerate(ds.sources[:2])}
+    assert rows == {"eight.png": [3, 0, 0, 0], "sixteen.png": [4, 0, 0, 0]}
+    with Image.open(tmp_path / "a" / "sixteen.png") as im:
+        assert ds.preprocessing.decode(im)[0, 0].tolist() == [4, 0, 0, 0]
