@@ -469,7 +469,7 @@ def checked_image_size(image_size) -> int | tuple[int, int] | None:
     size = image_size_or_none(image_size)
     if size is None:
         raise ConfigError(f"image_size must be an integer side >= 1 (square images) or a (height, width) pair of "
-                          f"them, got {image_size!r} (config: data.image_size, e.g. 28 or [32, 48])")
+                          f"them, got {image_size!r} (config: data.image_size: one integer side, e.g. 28)")
     return size
 
 

@@ -259,3 +259,15 @@ def test_the_colour_key_of_16_bit_grey_pngs_is_composited_like_8_bit_ones(tmp_pa
     assert rows == {"eight.png": [3, 0, 0, 0], "sixteen.png": [4, 0, 0, 0]}
     with Image.open(tmp_path / "a" / "sixteen.png") as im:
         assert ds.preprocessing.decode(im)[0, 0].tolist() == [4, 0, 0, 0]
+
+
+def test_the_image_size_error_suggests_a_config_value_the_config_accepts(tmp_path, write_image):
+    """It suggested data.image_size: [32, 48], which the config refuses (data.image_size is one side)."""
+    from metamtl.config import load_config
+    from metamtl.errors import ConfigError
+
+    write_image(tmp_path / "a" / "0.png", (1, 2, 3))
+    with pytest.raises(ConfigError, match=r"config: data.image_size: one integer side, e.g. 28\)") as err:
+        ClassFolder(tmp_path, image_size="32x48", cache_dir=False)
+    assert "[32, 48]" not in str(err.value)
+    assert load_config(None, ["data.image_size=28"]).data.image_size == 28
