@@ -306,13 +306,34 @@ def draft_jpeg(image: Any, size: Sequence[int]) -> Any:
     ``preprocess``/``predict`` alike (memory and time bounded by the target, not the file).  No effect
     on other formats or on an image already loaded (PIL drafts only before decoding)."""
     if getattr(image, "format", None) == "JPEG" and getattr(image, "tile", None):
-        image.draft(None, (int(size[1]), int(size[0])))
+        height, width = size[::-1] if exif_orientation(image) >= 5 else size  # stored turned by 90 degrees
+        image.draft(None, (int(width), int(height)))
     return image
+
+
+def exif_orientation(image: Any) -> int:
+    """A PIL image's EXIF orientation (1: stored as shown; 2-8: stored flipped or turned, 5-8 by 90 degrees),
+    1 when it has none or its EXIF block cannot be read."""
+    try:
+        value = image.getexif().get(0x0112, 1)
+    except Exception:  # a damaged EXIF block (PIL raises many kinds): the pixels are shown as stored
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def shown_size(image: Any) -> tuple[int, int]:
+    """``(height, width)`` of a PIL image as it is shown, its EXIF orientation applied (read from the header)."""
+    return (image.width, image.height) if exif_orientation(image) >= 5 else (image.height, image.width)
 
 
 def pil_pixels(image: Any) -> np.ndarray:
     """A PIL image's pixels as ``uint8`` ``H x W`` (grey), ``H x W x 2`` (grey + alpha),
-    ``H x W x 3`` (RGB) or ``H x W x 4`` (RGBA), whatever its mode or bit depth."""
+    ``H x W x 3`` (RGB) or ``H x W x 4`` (RGBA), whatever its mode or bit depth, turned as its EXIF
+    orientation says it is shown (a camera photo stored landscape but shown portrait is portrait)."""
+    if exif_orientation(image) != 1:
+        from PIL import ImageOps
+
+        image = ImageOps.exif_transpose(image)
     mode = image.mode
     transparent = "transparency" in image.info
     if mode in ("P", "PA"):
@@ -334,9 +355,20 @@ def pil_pixels(image: Any) -> np.ndarray:
                 f"32-bit integer image (PIL mode I) holds values {int(arr.min())}..{int(arr.max())}, outside "
                 "the 16-bit range 0..65535 it is read as; convert it to 8 or 16 bits"
             )
-        return pixels_to_uint8(arr.astype(np.uint16))
+        arr = arr.astype(np.uint16)
+        return _colour_keyed(pixels_to_uint8(arr), arr, image.info)
     arr = np.asarray(image)
-    return pixels_to_uint8(arr, f"{mode} image")
+    grey = pixels_to_uint8(arr, f"{mode} image")
+    return _colour_keyed(grey, arr, image.info) if mode.startswith("I;16") else grey
+
+
+def _colour_keyed(grey: np.ndarray, raw: np.ndarray, info: dict) -> np.ndarray:
+    """``grey`` (``H x W``), with an alpha channel (``H x W x 2``) clearing the pixels whose 16-bit value
+    ``raw`` is the colour key ``info["transparency"]`` (a 16-bit grey PNG's tRNS chunk), if there is one."""
+    key = info.get("transparency")
+    if not isinstance(key, int) or isinstance(key, bool):
+        return grey
+    return np.stack([grey, np.where(raw == key, 0, 255).astype(np.uint8)], axis=-1)
 
 
 def _composite(arr: np.ndarray, background: int) -> np.ndarray:

@@ -35,7 +35,9 @@ from ..files import atomic_write
 
 #: Bump when decoding changes in a way that invalidates existing cache files.
 #: 2: alpha composited, 16-bit images scaled, inferred preprocessing stored with the images.
-CACHE_FORMAT = 2
+#: 3: images turned as their EXIF orientation says they are shown.
+#: 4: the colour key of 16-bit grey images composited.
+CACHE_FORMAT = 4
 #: Upper bound on the bytes of decoded images kept by the in-process memo.
 MEMO_MAX_BYTES = 2 << 30
 

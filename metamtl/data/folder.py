@@ -29,7 +29,7 @@ import torch
 
 from ..errors import ConfigError, DataError, DataNotFoundError, InputError, IntegrityError, decode_text
 from ..progress_bars import progress_bar
-from .base import ClassDataset, Preprocessing, draft_jpeg, image_size_or_none, is_grey
+from .base import ClassDataset, Preprocessing, draft_jpeg, image_size_or_none, is_grey, shown_size
 from .cache import Decoded, cached_decode
 from .download import md5sum, verify_md5
 
@@ -104,6 +104,23 @@ def printable(name: str) -> str:
     return fs_bytes(name).decode("utf-8", "backslashreplace")
 
 
+def cannot_read(path: Any, exc: OSError) -> DataError:
+    """:class:`DataError` naming the file or folder ``path`` the system refused to read: no permission (on it
+    or a folder above it), a name longer than the system allows, ..."""
+    fix = ("give the user running metamtl read access to it and the folders above it (chmod)" if isinstance(exc, PermissionError)
+           else "rename, move or remove it")
+    return DataError(f"cannot read {path} ({exc.strerror or exc}); {fix}")
+
+
+def os_probe(path: Path, probe: Callable[[Path], Any]) -> Any:
+    """``probe(path)`` (``Path.is_file``, ``Path.read_bytes``, ...), an :class:`OSError` it raises (a
+    permission refused, a name too long) re-raised as :func:`cannot_read`'s :class:`DataError`."""
+    try:
+        return probe(path)
+    except OSError as exc:
+        raise cannot_read(path, exc) from exc
+
+
 def _hidden(rel: str) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in rel.split("/"))
 
@@ -120,10 +137,10 @@ class DirectoryTree:
 
     def __init__(self, root: str | os.PathLike, follow_outside_links: bool = False) -> None:
         self.root = Path(root)
-        if self.root.exists() and not self.root.is_dir():
+        if os_probe(self.root, Path.exists) and not os_probe(self.root, Path.is_dir):
             raise DataNotFoundError(f"{self.root} is a file, not a folder: give the folder that holds the images "
                                     "(one sub-folder per class for a folder dataset)")
-        if not self.root.is_dir():
+        if not os_probe(self.root, Path.is_dir):
             raise DataNotFoundError(f"folder {self.root} does not exist")
         self.real_root = self.root.resolve()
         self.follow_outside_links = follow_outside_links
@@ -210,7 +227,7 @@ class DirectoryTree:
         return path
 
     def exists(self, rel: str) -> bool:
-        return self.path(rel).is_file()
+        return os_probe(self.path(rel), Path.is_file)
 
     def identity(self, rel: str) -> str:
         """The file ``rel`` names, by device and inode: two paths naming one file share it, whether
@@ -227,8 +244,14 @@ class DirectoryTree:
     def read(self, rel: str) -> bytes:
         try:
             return self.path(rel).read_bytes()
-        except FileNotFoundError as exc:
-            raise DataNotFoundError(f"image file {self.describe(rel)} is missing") from exc
+        except OSError as exc:
+            raise self._unreadable(rel, exc) from exc
+
+    def _unreadable(self, rel: str, exc: OSError) -> DataError:
+        """The error for file ``rel`` that could not be read: missing, or refused (:func:`cannot_read`)."""
+        if isinstance(exc, FileNotFoundError):
+            return DataNotFoundError(f"image file {self.describe(rel)} is missing")
+        return cannot_read(self.describe(rel), exc)
 
     def fingerprint(self, paths: Sequence[str]) -> str:
         """Hash of the relative paths, sizes, modification times, inodes and change times of ``paths``.
@@ -241,8 +264,8 @@ class DirectoryTree:
         for rel in paths:
             try:
                 st = os.stat(self.root / rel)
-            except FileNotFoundError as exc:
-                raise DataNotFoundError(f"image file {self.describe(rel)} is missing") from exc
+            except OSError as exc:
+                raise self._unreadable(rel, exc) from exc
             h.update(fs_bytes(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_dev}:{st.st_ino}\0{st.st_ctime_ns}\n"))
         return h.hexdigest()
 
@@ -353,7 +376,7 @@ def infer_preprocessing(tree: Tree, paths: Sequence[str], name: str = "",
 
     Channels: 1 when every image is grey (grey modes, 16-bit grey, grey palettes), else 3 (grey
     images are then stored as grey RGB).  Size: ``image_size`` when given, else the most common
-    ``height x width`` (ties: the larger), so one odd-sized image never sets the size of the
+    ``height x width`` as shown (EXIF orientation applied; ties: the larger), so one odd-sized image never sets the size of the
     others; images of other sizes are resized to it (one warning line says how many).  No
     normalisation.  Only headers are read (no pixels are decoded).
     """
@@ -362,7 +385,7 @@ def infer_preprocessing(tree: Tree, paths: Sequence[str], name: str = "",
     def work(rows: range) -> int:
         for i in rows:
             im = _open_image(tree, paths[i], load=False)
-            heads[i] = (is_grey(im), (im.height, im.width))
+            heads[i] = (is_grey(im), shown_size(im))
         return len(rows)
 
     _pool_map(work, len(paths), f"reading headers {name}")
@@ -446,7 +469,7 @@ def checked_image_size(image_size) -> int | tuple[int, int] | None:
     size = image_size_or_none(image_size)
     if size is None:
         raise ConfigError(f"image_size must be an integer side >= 1 (square images) or a (height, width) pair of "
-                          f"them, got {image_size!r} (config: data.image_size, e.g. 28 or [32, 48])")
+                          f"them, got {image_size!r} (config: data.image_size: one integer side, e.g. 28)")
     return size
 
 
@@ -579,15 +602,19 @@ def refuse_shared(root: Any, what: str, mine: str, other: str, shared: set, fix:
 
 
 def refuse_shared_csv_splits(root: Any, split: str, splits: Sequence[str], columns: tuple[str, str],
-                             read: Callable[[str], bytes | None], describe: Callable[[str], str]) -> None:
+                             read: Callable[[str], bytes | None], describe: Callable[[str], str],
+                             identity: Callable[[str], str] = posixpath.normpath) -> None:
     """:class:`DataError` when a class, or an image file, of ``<split>.csv`` is also listed in another of
-    ``splits``' CSV files (``read(name)``: its bytes, ``None`` when there is none; only CSVs are read)."""
+    ``splits``' CSV files (``read(name)``: its bytes, ``None`` when there is none; only CSVs are read).
+    ``identity(filename)`` says which file a listed name is (default: the normalised name; for a folder,
+    :func:`csv_file_identity`, so an absolute path or a link to a file listed elsewhere is caught too)."""
     mine = read(f"{split}.csv")
     if mine is None:
         return
     with warnings.catch_warnings():  # each file's own repeated rows are reported when it is loaded
         warnings.simplefilter("ignore")
         files, labels = read_class_csv(mine, describe(f"{split}.csv"), *columns)
+        names = {identity(f): f for f in files}
         for other in splits:
             data = None if other == split else read(f"{other}.csv")
             if data is None:
@@ -596,7 +623,13 @@ def refuse_shared_csv_splits(root: Any, split: str, splits: Sequence[str], colum
             fix = f"edit {split}.csv or {other}.csv so that each class and image is listed in one split only"
             refuse_shared(root, "class(es)", f"{split}.csv", f"{other}.csv", set(labels) & set(their_labels), fix)
             refuse_shared(root, "image file(s)", f"{split}.csv", f"{other}.csv",
-                          {posixpath.normpath(f) for f in files} & {posixpath.normpath(f) for f in their_files}, fix)
+                          {names[i] for i in names.keys() & set(map(identity, their_files))}, fix)
+
+
+def csv_file_identity(tree: Tree) -> Callable[[str], str]:
+    """Which file of ``tree`` a CSV file name is (:meth:`DirectoryTree.identity`, Windows separators read
+    as the CSV is), for :func:`refuse_shared_csv_splits`."""
+    return lambda filename: tree.identity(_posix_separators(tree, filename))
 
 
 def read_class_csv(data: bytes, where: str, filename_column: str, label_column: str) -> tuple[list[str], list[str]]:
@@ -722,10 +755,10 @@ class CSVClassDataset(ClassDataset):
         follow_outside_links: bool = False,
     ) -> None:
         csv_path = Path(csv_path)
-        if not csv_path.is_file():
+        if not os_probe(csv_path, Path.is_file):
             raise DataNotFoundError(f"CSV file {csv_path} does not exist")
         with DirectoryTree(image_root, follow_outside_links=follow_outside_links) as tree:
-            self._load(tree, csv_path.read_bytes(), str(csv_path), "", preprocessing,
+            self._load(tree, os_probe(csv_path, Path.read_bytes), str(csv_path), "", preprocessing,
                        filename_column, label_column, name or csv_path.stem, cache_dir, image_size)
 
     def _load(

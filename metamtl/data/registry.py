@@ -14,13 +14,15 @@ from typing import Callable, Sequence
 
 from ..errors import ConfigError, DataError, DataNotFoundError, unknown_name, unknown_settings
 from .base import ClassDataset, join_classes, split_names
-from .folder import (ClassFolder, CSVClassDataset, DirectoryTree, image_suffixes, printable, refuse_shared,
-                     refuse_shared_csv_splits, resolve_root)
+from .folder import (ClassFolder, CSVClassDataset, DirectoryTree, csv_file_identity, image_suffixes, os_probe,
+                     printable, refuse_shared, refuse_shared_csv_splits, resolve_root)
 from .miniimagenet import MiniImageNet
 from .omniglot import Omniglot
 
 #: split folder names of a folder dataset already split on disk (``root/train/<class>/...``)
 SPLIT_FOLDERS = ("train", "val", "test")
+#: other spellings of split folders, refused at the top of a folder dataset (to be renamed to SPLIT_FOLDERS)
+SPLIT_ALIASES = ("training", "validation", "valid", "dev", "testing")
 
 DATASETS = {"omniglot": Omniglot, "miniimagenet": MiniImageNet, "folder": ClassFolder, "csv": CSVClassDataset}
 
@@ -39,23 +41,48 @@ def _split_classes(ds: ClassDataset, split: str, fractions: Sequence[float] | No
 
 def _load_folder(split: str, root: Path, split_fractions: Sequence[float] | None = None,
                  split_seed: int | None = None, **kwargs) -> ClassDataset:
-    """``root/<split>/`` if that folder exists, else ``split`` of ``root``'s classes (a root with other
-    split folders but not this one is refused: its classes would be drawn from those splits)."""
-    if (root / split).is_dir():
-        _refuse_split_options(f"{root} is split on disk ({split}/ holds the {split!r} classes)",
+    """``root/<split>/`` (any case: ``Train/``) if that folder exists, else ``split`` of ``root``'s classes (a
+    root with other split folders but not this one is refused: its classes would be drawn from those splits)."""
+    folders = split_folders(root)
+    if split in folders:
+        _refuse_split_options(f"{root} is split on disk ({folders[split].name}/ holds the {split!r} classes)",
                               split_fractions, split_seed)
-        kwargs = _stored_like_train(split, kwargs, (root / "train").is_dir(), lambda kw: ClassFolder(root / "train", **kw))
-        ds = ClassFolder(root / split, **kwargs)
-        _refuse_shared_classes(root, split, ds.class_names, kwargs)
+        train = folders.get("train")
+        kwargs = _stored_like_train(split, kwargs, train is not None, lambda kw: ClassFolder(train, **kw))
+        ds = ClassFolder(folders[split], **kwargs)
+        _refuse_shared_classes(folders, split, ds.class_names, kwargs)
         return ds
-    present = [s for s in SPLIT_FOLDERS if (root / s).is_dir()]
-    if present and split != "all":
+    if folders and split != "all":
         raise DataNotFoundError(
-            f"{root} has split folders ({', '.join(present)}) but no {split!r} folder; splitting its classes "
-            f"instead would draw {split!r} classes from {', '.join(f'{s}/' for s in present)} (the same images in two "
-            f"splits): add {root / split}, or leave this split out (config: data.val_split / data.test_split: null)"
+            f"{root} has split folders ({', '.join(p.name for p in folders.values())}) but no {split!r} folder; "
+            f"splitting its classes instead would draw {split!r} classes from "
+            f"{', '.join(f'{p.name}/' for p in folders.values())} (the same images in two splits): add "
+            f"{root / split}, or leave this split out (config: data.val_split / data.test_split: null)"
         )
     return _split_classes(ClassFolder(root, **kwargs), split, split_fractions, split_seed)
+
+
+def split_folders(root: Path) -> dict[str, Path]:
+    """``root``'s split folders by split name (:data:`SPLIT_FOLDERS`), names matched in any case (``Train/``,
+    Windows and Kaggle exports).  Top-level folders spelled like other split names (:data:`SPLIT_ALIASES`)
+    are refused (:class:`DataError`): read as classes and split anew, they would put held-out classes
+    into training."""
+    folders = os_probe(root, lambda r: sorted(p for p in r.iterdir() if p.is_dir()) if r.is_dir() else [])
+    found: dict[str, list[Path]] = {}
+    for p in folders:
+        if p.name.lower() in SPLIT_FOLDERS:
+            found.setdefault(p.name.lower(), []).append(p)
+    twice = [f"{', '.join(f'{p.name}/' for p in ps)}" for ps in found.values() if len(ps) > 1]
+    if twice:
+        raise DataError(f"{root} has two folders for one split ({'; '.join(twice)}): merge them into one")
+    aliases = [p.name for p in folders if p.name.lower() in SPLIT_ALIASES]
+    if aliases:
+        raise DataError(
+            f"{root} has folder(s) {', '.join(f'{a}/' for a in aliases)} named like split folders: rename them to "
+            "train/, val/, test/ so the split on disk is used (read as classes and split anew, they would put "
+            "held-out classes into training)"
+        )
+    return {s: found[s][0] for s in SPLIT_FOLDERS if s in found}
 
 
 def _refuse_split_options(why: str, split_fractions: Sequence[float] | None, split_seed: int | None) -> None:
@@ -69,44 +96,51 @@ def _refuse_split_options(why: str, split_fractions: Sequence[float] | None, spl
             "all classes to split")
 
 
-def _refuse_shared_classes(root: Path, split: str, classes: Sequence[str], kwargs: dict) -> None:
-    """:class:`DataError` naming the classes of ``root/<split>/`` that another split folder also holds
-    (held-out classes must be new to the model); only file names are read, no image is decoded."""
+def _refuse_shared_classes(folders: dict[str, Path], split: str, classes: Sequence[str], kwargs: dict) -> None:
+    """:class:`DataError` naming the classes of split folder ``folders[split]`` that another split folder also
+    holds (held-out classes must be new to the model); only file names are read, no image is decoded."""
     exts = image_suffixes(kwargs.get("extensions"))
-    for other in SPLIT_FOLDERS:
-        if other == split or not (root / other).is_dir():
+    for other, folder in folders.items():
+        if other == split:
             continue
-        tree = DirectoryTree(root / other, follow_outside_links=bool(kwargs.get("follow_outside_links")))
+        tree = DirectoryTree(folder, follow_outside_links=bool(kwargs.get("follow_outside_links")))
         theirs = {printable(posixpath.dirname(p)) for p in tree.files() if p.lower().endswith(exts)}
-        refuse_shared(root, "class(es)", f"{split}/", f"{other}/", set(classes) & theirs,
-                       "move or rename those class folders")
+        refuse_shared(folder.parent, "class(es)", f"{folders[split].name}/", f"{folder.name}/",
+                      set(classes) & theirs, "move or rename those class folders")
 
 
-def _refuse_shared_csv_classes(root: Path, split: str, ds: ClassDataset, kwargs: dict) -> None:
+def _refuse_shared_csv_classes(root: Path, image_root: Path, split: str, kwargs: dict) -> None:
     """As :func:`_refuse_shared_classes`, for ``root/<split>.csv`` and the other ``<split>.csv`` files: a
-    class, or an image file, listed in two of them is refused; only the CSV files are read."""
+    class, or an image file (the same file however its name is spelled), listed in two of them is refused;
+    only the CSV files are read (the files they list are only stat'ed)."""
     columns = (kwargs.get("filename_column", "filename"), kwargs.get("label_column", "label"))
-    refuse_shared_csv_splits(root, split, SPLIT_FOLDERS, columns,
-                             lambda name: (root / name).read_bytes() if (root / name).is_file() else None,
-                             lambda name: str(root / name))
+    with DirectoryTree(image_root, follow_outside_links=bool(kwargs.get("follow_outside_links"))) as tree:
+        refuse_shared_csv_splits(root, split, SPLIT_FOLDERS, columns,
+                                 lambda name: os_probe(root / name, lambda p: p.read_bytes() if p.is_file() else None),
+                                 lambda name: str(root / name), csv_file_identity(tree))
 
 
 def _load_csv(split: str, root: Path, csv_path: str | os.PathLike | None = None,
               image_root: str | os.PathLike | None = None, split_fractions: Sequence[float] | None = None,
               split_seed: int | None = None, **kwargs) -> ClassDataset:
     """``root/<split>.csv`` with images under ``image_root`` (default ``root/images`` if it exists, else
-    ``root``); or, given one ``csv_path`` for every split, ``split`` of its classes (as a folder without
+    ``root``; ``"all"`` without an ``all.csv``: every ``<split>.csv``'s classes); or, given one ``csv_path`` for every split, ``split`` of its classes (as a folder without
     split folders is split: ``split_fractions``/``split_seed``; ``"all"``: every class)."""
     if image_root is None:
-        image_root = root / "images" if (root / "images").is_dir() else root
+        image_root = root / "images" if os_probe(root / "images", Path.is_dir) else root
     if csv_path is not None:
         return _split_classes(CSVClassDataset(csv_path, image_root, **kwargs), split, split_fractions, split_seed)
+    if split == "all" and not os_probe(root / "all.csv", Path.is_file):
+        present = [s for s in SPLIT_FOLDERS if os_probe(root / f"{s}.csv", Path.is_file)]
+        if present:  # every split's classes (disjoint, each stored like train), as a folder split on disk
+            return join_classes([_load_csv(s, root, None, image_root, split_fractions, split_seed, **kwargs)
+                                 for s in present], name="csv")
     _refuse_split_options(f"{root} is split on disk ({split}.csv lists the {split!r} classes)", split_fractions,
                           split_seed)
-    kwargs = _stored_like_train(split, kwargs, (root / "train.csv").is_file(),
+    kwargs = _stored_like_train(split, kwargs, os_probe(root / "train.csv", Path.is_file),
                                 lambda kw: CSVClassDataset(root / "train.csv", image_root, **kw))
     ds = CSVClassDataset(root / f"{split}.csv", image_root, **kwargs)
-    _refuse_shared_csv_classes(root, split, ds, kwargs)
+    _refuse_shared_csv_classes(root, Path(image_root), split, kwargs)
     return ds
 
 

@@ -185,3 +185,89 @@ def test_extensions_given_as_one_string_reads_only_that_format(image_tree):
     for bad in ("png", ["png"], [], [".png", 3]):
         with pytest.raises(ConfigError, match="extensions must be file name endings with their dot"):
             ClassFolder(image_tree, cache_dir=False, extensions=bad)
+
+
+def test_unreadable_files_and_overlong_names_are_data_errors_naming_the_file(tmp_path, write_image, monkeypatch):
+    """A file the system refuses to read (permissions) or a CSV name longer than it allows: a DataError naming
+    the path, not a bare OSError from a worker thread (tests run as root, so permissions are simulated)."""
+    import errno
+    from pathlib import Path
+
+    from metamtl.data import load_dataset
+
+    for c in "ab":
+        for k in range(2):
+            write_image(tmp_path / "data" / c / f"{k}.png", (10 * k, 3, 5))
+    (tmp_path / "l.csv").write_text("filename,label\na/0.png,a\na/1.png,a\nb/0.png,b\n" + "x" * 300 + ".png,b\n")
+    with pytest.raises(DataError, match=r"cannot read .*xxx\.png \(File name too long\)"):
+        CSVClassDataset(tmp_path / "l.csv", tmp_path / "data", cache_dir=False)
+    read_bytes, is_dir = Path.read_bytes, Path.is_dir
+
+    def refused(real, name):
+        def probe(self):
+            if self.name == name:
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return real(self)
+        return probe
+
+    monkeypatch.setattr(Path, "read_bytes", refused(read_bytes, "1.png"))
+    with pytest.raises(DataError, match=r"cannot read .*a/1\.png \(Permission denied\); give the user running"):
+        ClassFolder(tmp_path / "data", cache_dir=False)
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(Path, "is_dir", refused(is_dir, "data"))
+    with pytest.raises(DataError, match=r"cannot read .*data \(Permission denied\)"):
+        load_dataset("folder", "train", tmp_path / "data", cache_dir=False)
+
+
+def test_exif_rotated_photos_are_stored_as_shown_and_sized_by_their_shown_size(tmp_path):
+    """A camera JPEG stored landscape with EXIF orientation 6 is shown portrait: stored (and its size inferred)
+    portrait, as predict decodes the same file."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    arr = np.zeros((8, 16, 3), np.uint8)
+    arr[:, :8] = 255
+    for c in "ab":
+        (tmp_path / c).mkdir()
+        for k in range(2):
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            Image.fromarray(arr).save(tmp_path / c / f"{k}.jpg", exif=exif, quality=95)
+    ds = ClassFolder(tmp_path, cache_dir=False)
+    assert tuple(ds.images.shape[1:]) == (3, 16, 8)
+    with Image.open(tmp_path / "a" / "0.jpg") as im:
+        shown = torch.from_numpy(np.asarray(ImageOps.exif_transpose(im).convert("RGB")).copy()).permute(2, 0, 1)
+        assert torch.equal(ds.preprocessing.decode(im), ds.images[0])
+    assert (ds.images[0].int() - shown.int()).abs().max() <= 8  # JPEG noise only: the same orientation
+
+
+def test_the_colour_key_of_16_bit_grey_pngs_is_composited_like_8_bit_ones(tmp_path):
+    """A 16-bit grey PNG's tRNS colour key makes those pixels transparent (composited over the black
+    background), as for an 8-bit grey PNG, not kept at their grey level."""
+    import numpy as np
+    from PIL import Image
+
+    g16 = np.full((4, 4), 60000, np.uint16)
+    g16[0, 0] = 1000
+    g8 = (g16 // 257).astype(np.uint8)
+    for c in "ab":
+        (tmp_path / c).mkdir()
+        Image.fromarray(g16).save(tmp_path / c / "sixteen.png", transparency=60000)
+        Image.fromarray(g8).save(tmp_path / c / "eight.png", transparency=int(g8[1, 1]))
+    ds = ClassFolder(tmp_path, cache_dir=False)
+    rows = {s.rsplit("/", 1)[-1]: ds.images[i, 0, 0].tolist() for i, s in enumerate(ds.sources[:2])}
+    assert rows == {"eight.png": [3, 0, 0, 0], "sixteen.png": [4, 0, 0, 0]}
+    with Image.open(tmp_path / "a" / "sixteen.png") as im:
+        assert ds.preprocessing.decode(im)[0, 0].tolist() == [4, 0, 0, 0]
+
+
+def test_the_image_size_error_suggests_a_config_value_the_config_accepts(tmp_path, write_image):
+    """It suggested data.image_size: [32, 48], which the config refuses (data.image_size is one side)."""
+    from metamtl.config import load_config
+    from metamtl.errors import ConfigError
+
+    write_image(tmp_path / "a" / "0.png", (1, 2, 3))
+    with pytest.raises(ConfigError, match=r"config: data.image_size: one integer side, e.g. 28\)") as err:
+        ClassFolder(tmp_path, image_size="32x48", cache_dir=False)
+    assert "[32, 48]" not in str(err.value)
+    assert load_config(None, ["data.image_size=28"]).data.image_size == 28

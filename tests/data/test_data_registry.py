@@ -203,3 +203,46 @@ def test_split_options_for_data_already_split_on_disk_are_refused_not_ignored(tm
             load_dataset(name, "train", root=root, cache_dir=cache_dir, split_fractions=(0.5, 0.25, 0.25), split_seed=1)
         with pytest.raises(ConfigError, match="split_seed only split"):
             load_dataset(name, "train", root=root, cache_dir=cache_dir, split_seed=3)
+
+
+def test_split_folders_are_matched_case_insensitively_and_other_spellings_refused(tmp_path, write_image, cache_dir):
+    """Train/Val/Test (Windows, Kaggle exports) are the split on disk, not classes to merge and re-split;
+    training/validation/... are refused naming the rename, since re-splitting would train on held-out classes."""
+    from metamtl.errors import DataError
+
+    for split, n in (("Train", 3), ("Val", 1), ("Test", 1)):
+        for c in range(n):
+            for i in range(2):
+                write_image(tmp_path / "a" / split / f"{split.lower()}{c}" / f"{i}.png", (10 * i, c, len(split)))
+    assert load_dataset("folder", "train", root=tmp_path / "a", cache_dir=cache_dir).class_names == [
+        "train0", "train1", "train2"]
+    assert load_dataset("folder", "test", root=tmp_path / "a", cache_dir=cache_dir).class_names == ["test0"]
+    for split in ("training", "Validation"):
+        write_image(tmp_path / "b" / split / "c0" / "0.png", (1, 2, 3))
+    with pytest.raises(DataError, match=r"Validation/, training/.*rename them to train/, val/, test/"):
+        load_dataset("folder", "train", root=tmp_path / "b", cache_dir=cache_dir)
+
+
+def test_an_image_in_two_split_csv_files_is_refused_however_its_name_is_spelled(tmp_path, write_image, cache_dir):
+    """train.csv's 0.png written as an absolute path in val.csv, or reached through a link: the same file."""
+    from metamtl.errors import DataError
+
+    for i in range(8):
+        write_image(tmp_path / "images" / f"{i}.png", (10 * i, 3, 7))
+    (tmp_path / "images" / "all").symlink_to(".")
+    (tmp_path / "train.csv").write_text("filename,label\n0.png,a\n1.png,a\n2.png,b\n3.png,b\n")
+    for first in (tmp_path / "images" / "0.png", "all/0.png"):
+        (tmp_path / "val.csv").write_text(f"filename,label\n{first},c\n4.png,c\n5.png,d\n6.png,d\n")
+        with pytest.raises(DataError, match=r"1 image file\(s\) are in both val.csv and train.csv"):
+            load_dataset("csv", "val", root=tmp_path, cache_dir=cache_dir)
+
+
+def test_all_of_a_csv_root_split_on_disk_is_every_split_csv_joined(tmp_path, write_image, cache_dir):
+    """split "all" (evaluate --split all --data-root <csv root>) takes every class of train/val/test.csv, as for
+    a folder split on disk, instead of looking for an all.csv that is not there."""
+    for i in range(8):
+        write_image(tmp_path / "images" / f"{i}.png", (10 * i, 3, 7))
+    (tmp_path / "train.csv").write_text("filename,label\n0.png,a\n1.png,a\n2.png,b\n3.png,b\n")
+    (tmp_path / "test.csv").write_text("filename,label\n4.png,c\n5.png,c\n6.png,d\n7.png,d\n")
+    full = load_dataset("csv", "all", root=tmp_path, cache_dir=cache_dir)
+    assert full.class_names == ["a", "b", "c", "d"] and len(full) == 8
