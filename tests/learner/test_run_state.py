@@ -506,3 +506,23 @@ def test_a_sinusoid_run_validated_on_the_old_held_out_stream_resumes_with_a_warn
     with pytest.raises(CheckpointError, match="fit settings differ"):  # other validation tasks: still refused
         sine_learner().fit(sine, Sinusoid(shots=5, queries=5, seed=2, split="val"), iterations=3,
                            resume=tmp_path / "old.pt", **kw)
+
+
+def test_numpy_integer_fit_counts_are_stored_as_python_ints(tmp_path):
+    """fit(meta_batch_size=np.int64(2), ...) was accepted but kept the numpy numbers in the fit settings,
+    the run's meta-batch size and the stop record: last.pt and a saved learner could then not be loaded
+    nor resumed ("not a plain-tensor checkpoint"). The counts are now stored as Python ints."""
+    from metamtl.callbacks import EarlyStopping
+
+    train, val = Sinusoid(shots=5, queries=5, seed=0), Sinusoid(shots=5, queries=5, seed=1, split="val")
+    learner = sine_learner()
+    learner.fit(train, val, iterations=np.int64(6), meta_batch_size=np.int64(2), val_every=np.int64(2),
+                val_episodes=np.int64(2), checkpoint_every=np.int64(2), progress=False, checkpoint_dir=tmp_path,
+                callbacks=[EarlyStopping(patience=1, min_delta=1e9)])
+    assert learner.iteration == 4 and safe_load(tmp_path / "last.pt")["training"]["fit_state"]["stop"]["iterations"] == 6
+    for path in (tmp_path / "last.pt", learner.save(tmp_path / "learner.pt")):
+        assert MetaLearner.load(path, device="cpu").iteration == learner.iteration
+    settings = learner.run.settings
+    assert all(type(settings[k]) is int for k in ("meta_batch_size", "val_every", "val_episodes"))
+    sine_learner().fit(train, val, iterations=6, meta_batch_size=2, val_every=2, val_episodes=2, progress=False,
+                       resume=tmp_path / "last.pt", callbacks=[EarlyStopping(patience=1, min_delta=1e9)])
