@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 from .checkpoint import RunFolderLock, check_saveable, ensure_writable_dir, history_continues, safe_load
 from .errors import CheckpointError, ConfigError, TrainingError, unknown_name
 from .evaluation import defined_cis
+from .files import json_nulls
 from .inputs import check_int
 from .progress_bars import progress_bar
 
@@ -820,7 +821,7 @@ class MetricsLogger(Callback):
         if self.format == "csv":
             text = "".join(f"{it},{t},{k},{v!r}\n" for k, v in metrics.items())
         else:
-            text = json.dumps({"iteration": it, "time": t, **defined_cis(metrics)}) + "\n"  # undefined CIs: null
+            text = json.dumps(json_nulls({"iteration": it, "time": t, **metrics})) + "\n"  # nan, inf: null
         self._fh.write(text.encode())
         self._flush()
 

@@ -207,6 +207,32 @@ def test_undefined_validation_cis_are_json_null_in_metrics_files_and_history(tmp
     assert math.isfinite([r for r in history if "val/loss" in r][0]["val/loss"])
 
 
+def test_a_skipped_steps_non_finite_loss_is_json_null_in_metrics_jsonl_and_history_json(tmp_path, toy_tasks):
+    """A skipped (non-finite) step's train/loss was written as a bare NaN token into metrics.jsonl and
+    history.json, which strict JSON parsers refuse; it is now null there (the history in memory keeps nan)."""
+    from metamtl.experiment import write_history
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda token: pytest.fail(f"non-JSON token {token}"))
+
+    train, _ = toy_tasks
+    learner = make_learner(alg="fomaml")
+    step = learner.algorithm.meta_step
+
+    def nan_at_2(model, batch, it):
+        return {**step(model, batch, it), **({"loss": float("nan")} if it == 1 else {})}
+
+    learner.algorithm.meta_step = nan_at_2
+    with pytest.warns(RuntimeWarning):
+        learner.fit(train, iterations=3, meta_batch_size=1, progress=False, callbacks=[MetricsLogger(tmp_path / "m.jsonl")])
+    rows = [strict(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["train/loss"] is None for r in rows] == [False, True, False]
+    write_history(tmp_path / "history.json", learner.history)
+    history = strict((tmp_path / "history.json").read_text())
+    assert [r["train/loss"] is None for r in history] == [False, True, False]
+    assert math.isnan(learner.history[1]["train/loss"])
+
+
 def test_resuming_into_another_folder_starts_a_clean_metrics_file(tmp_path, toy_tasks):
     """A checkpoint copied to (or resumed into) another folder: that folder's metrics file starts
     afresh with its header, not padded with zero bytes up to where the first run's file had got."""
