@@ -169,14 +169,17 @@ def start_run(learner: "MetaLearner", settings: dict[str, Any], resume: str | Pa
     learner.algorithm.check_trainable()
     check_optimizer_covers(learner)
     check_continued_batches(learner, settings, resume, iterations)
-    learner.run.stop, learner.run.resumed = None, False  # a continued fit trains on: only a checkpoint's stop counts
+    run = learner.run
+    run.stop, run.resumed, run.val_every = None, False, None  # a continued fit trains on: only a checkpoint's stop counts
     if resume is not None:
         run_state.resume(resume, config=learner.config(), settings=settings, optimizer=learner.meta_optimizer,
-                         iterations=iterations,
-                         modules=(learner.model, learner.algorithm), run=learner.run)
+                         iterations=iterations, modules=(learner.model, learner.algorithm), run=run)
         logging.getLogger("metamtl.fit").info("resumed from %s: iteration %d, %.0f s trained before", resume,
-                                              learner.iteration, learner.run.seconds)
-    learner.run.settings = settings
+                                              learner.iteration, run.seconds)
+    # the default cadence, a tenth of the fit's iterations, as the interrupted fit computed it on resume
+    run.val_every = None if settings["val_tasks"] is None else (
+        settings["val_every"] or run.val_every or max(1, (iterations or 0) // 10))
+    run.settings = settings
     learner.strategy = distributed.process_strategy(learner.device)
     fingerprint = {"config": learner.config(), "fit": settings, "iteration": learner.iteration,
                    "meta_parameters": [list(p.shape) for p in learner.meta_parameters()]}

@@ -188,7 +188,7 @@ class MetaLearner:
             start_run(self, fit_settings(train_tasks, val_tasks, meta_batch_size, val_every, val_episodes, cbs), resume, iterations)
             self.fit_state = FitState(
                 self, iterations if resume is not None else self.iteration + iterations, meta_batch_size, rank=self.rank,
-                val_every=(val_every or max(1, iterations // 10)) if val_tasks else None, budget_minutes=budget_minutes,
+                val_every=self.run.val_every, budget_minutes=budget_minutes,
                 start_seconds=0.0 if resume is not None else self.run.seconds, world_size=self.world_size, callbacks=cbs)
             FitLoop(self, self.fit_state, train_tasks, val_tasks, val_episodes, num_workers).run()
         return self.history
