@@ -720,9 +720,11 @@ class LRScheduler(Callback):
 
     def on_fit_end(self, state):
         """Put back each group's initial rate (``meta_lr``): a later fit without this scheduler
-        trains at it, not at the rate the schedule reached (0.0 at the end of a cosine)."""
-        for group, base in zip(state.learner.meta_optimizer.param_groups, self.base or ()):
-            group["lr"] = base
+        trains at it, not at the rate the schedule reached (0.0 at the end of a cosine).  Read from the
+        group (``initial_lr``), not :attr:`base`: a fit failing before this scheduler's ``on_fit_start``
+        would otherwise put back the rate of an earlier fit, not a ``meta_lr`` set since."""
+        for group in state.learner.meta_optimizer.param_groups:
+            group["lr"] = group.get("initial_lr", group["lr"])
 
     def on_exception(self, state, exc):
         self.on_fit_end(state)

@@ -99,6 +99,24 @@ def test_a_continued_fit_without_the_schedule_trains_at_meta_lr(toy_tasks):
     assert [r["train/lr"] for r in learner.history][3:] == pytest.approx([1e-2, 1e-2])
 
 
+def test_a_fit_failing_before_the_schedule_started_leaves_the_rate_at_meta_lr(toy_tasks):
+    """A scheduler kept from an earlier fit put that fit's rate back when a later fit failed before the
+    scheduler's on_fit_start (another callback refusing to start): meta_lr said 0.5, the optimizer and
+    the next fit trained at the old 0.01."""
+    class FailsAtStart(Callback):
+        def on_fit_start(self, state):
+            raise ConfigError("cannot start")
+
+    learner, schedule = make_learner(alg="fomaml"), LRScheduler("cosine")
+    learner.fit(toy_tasks[0], iterations=2, meta_batch_size=1, progress=False, callbacks=[schedule])
+    learner.meta_lr = 0.5
+    with pytest.raises(ConfigError, match="cannot start"):
+        learner.fit(toy_tasks[0], iterations=2, meta_batch_size=1, progress=False, callbacks=[FailsAtStart(), schedule])
+    assert [g["lr"] for g in learner.meta_optimizer.param_groups] == [0.5]
+    learner.fit(toy_tasks[0], iterations=1, meta_batch_size=1, progress=False)
+    assert learner.history[-1]["train/lr"] == 0.5
+
+
 class FakeValidation(Callback):
     """Replaces the validation metrics by a fixed sequence (runs before the tested callbacks)."""
 
