@@ -288,17 +288,26 @@ def check_distinct_keys(callbacks: Iterable[Callback]) -> None:
 
 
 def standard_callbacks(progress: bool = True, checkpoint_dir: str | Path | None = None,
-                       checkpoint_every: int = 100, task: str = "classification") -> list[Callback]:
+                       checkpoint_every: int = 100, task: str = "classification",
+                       given: Iterable[Callback] = ()) -> list[Callback]:
     """What every ``fit`` call uses: :class:`History`, a :class:`ProgressBar` (``progress``) and,
     with a ``checkpoint_dir``, a :class:`ModelCheckpoint` writing there every ``checkpoint_every``
-    (``best.pt`` by the :func:`default_monitor` of the learner's ``task``)."""
-    cbs: list[Callback] = [History()]
-    if progress:
+    (``best.pt`` by the :func:`default_monitor` of the learner's ``task``), followed by the ``given``
+    callbacks (the learner's and the fit's).  A :class:`History` or :class:`ProgressBar` among them
+    replaces the standard one (``History(every=10)``); two :class:`History` are a :class:`ConfigError`
+    (each would add every row)."""
+    given = list(given)
+    histories = [cb for cb in given if isinstance(cb, History)]
+    if len(histories) > 1:
+        raise ConfigError(f"{len(histories)} History callbacks were given (the learner's and the fit's callbacks), so "
+                          "every history row would be kept more than once: pass one (fit always keeps a History)")
+    cbs: list[Callback] = [] if histories else [History()]
+    if progress and not any(isinstance(cb, ProgressBar) for cb in given):
         cbs.append(ProgressBar())
     if checkpoint_dir is not None:
         monitor, mode = default_monitor(task)
         cbs.append(ModelCheckpoint(checkpoint_dir, every=checkpoint_every, monitor=monitor, mode=mode))
-    return cbs
+    return cbs + given
 
 
 class ProgressBar(Callback):

@@ -183,7 +183,7 @@ class MetaLearner:
         budget_minutes, iterations, meta_batch_size, val_episodes, checkpoint_every, num_workers, val_every = check_fit_arguments(
             train_tasks, val_tasks, budget_minutes, checkpoint_dir, iterations=(iterations, 0), meta_batch_size=(meta_batch_size, 1),
             val_episodes=(val_episodes, 1), checkpoint_every=(checkpoint_every, 0), num_workers=(num_workers, 0), val_every=(val_every, 1))
-        cbs = CallbackList(standard_callbacks(progress, checkpoint_dir, checkpoint_every, self.task) + self.callbacks + check_callbacks(callbacks))
+        cbs = CallbackList(standard_callbacks(progress, checkpoint_dir, checkpoint_every, self.task, self.callbacks + check_callbacks(callbacks)))
         with means_follow_trunk(self, train_tasks):  # feature means of the trained trunk, recomputed
             start_run(self, fit_settings(train_tasks, val_tasks, meta_batch_size, val_every, val_episodes, cbs), resume, iterations)
             self.fit_state = FitState(

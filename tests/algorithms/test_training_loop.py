@@ -340,6 +340,25 @@ def test_callback_counts_and_rates_are_validated(tmp_path):
         MetricsLogger(tmp_path / "m.csv", every=0)
 
 
+def test_a_history_callback_given_replaces_the_standard_one(toy_tasks):
+    """fit(callbacks=[History(every=2)]) ran next to the built-in History: its every did nothing and
+    the rows it kept were there twice (validation rows too). It now replaces the built-in one; two
+    History callbacks are refused."""
+    from metamtl.callbacks import History, ProgressBar
+
+    train, val = toy_tasks
+    learner = make_learner(alg="fomaml")
+    learner.fit(train, val, iterations=4, meta_batch_size=1, val_every=2, val_episodes=2, progress=False,
+                callbacks=[History(every=2)])
+    assert [(r["iteration"], "val/loss" in r) for r in learner.history] == [(2, False), (2, True), (4, False), (4, True)]
+    bar = ProgressBar()
+    learner.fit(train, iterations=1, meta_batch_size=1, callbacks=[bar, Recorder()])
+    kinds = [type(cb).__name__ for cb in learner.fit_state.callbacks]
+    assert kinds.count("ProgressBar") == kinds.count("History") == 1 and bar in learner.fit_state.callbacks
+    with pytest.raises(ConfigError, match=r"2 History callbacks.*pass one"):
+        make_learner(alg="fomaml", callbacks=[History(every=2)]).fit(train, iterations=1, callbacks=[History(every=3)])
+
+
 def test_config_files_extend_a_base_and_the_comparison_configs_are_valid(tmp_path):
     from pathlib import Path
 
