@@ -629,7 +629,7 @@ class LRScheduler(Callback):
       ``patience`` validations without improving.
 
     ``warmup``, ``total`` and ``over`` belong to the cosine: given for another schedule, they are a
-    :class:`ConfigError`.  Rates never go below ``min_lr``.  When the fit ends, each group gets ``base`` back, so a later
+    :class:`ConfigError`, as is ``total`` with ``over="budget"``.  Rates never go below ``min_lr``.  When the fit ends, each group gets ``base`` back, so a later
     fit without a scheduler trains at ``meta_lr``.
 
     Args:
@@ -664,6 +664,9 @@ class LRScheduler(Callback):
         if name != "cosine" and cosine_only:
             raise ConfigError(f"scheduler {', '.join(cosine_only)} appl{'ies' if len(cosine_only) == 1 else 'y'} to the "
                               f"cosine schedule only, not {name!r}: drop {' and '.join(cosine_only)} or use name='cosine'")
+        if total is not None and over == "budget":
+            raise ConfigError(f"scheduler total={total} applies to over='iterations' (the cosine's length in iterations), "
+                              "not over='budget', which anneals over the fit's time budget: drop total or over='budget'")
         self.name, self.warmup, self.min_lr, self.total = name, warmup, float(min_lr), total
         self.step_size, self.gamma, self.patience = step_size, float(gamma), patience
         self.monitor, self.mode, self.over = monitor, mode and _check_mode(mode), over

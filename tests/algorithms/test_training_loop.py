@@ -76,6 +76,15 @@ def test_cosine_only_settings_on_another_schedule_are_refused():
     assert LRScheduler("step", min_lr=1e-4).min_lr == 1e-4  # min_lr applies to every schedule
 
 
+def test_a_cosine_total_over_the_time_budget_is_refused():
+    """LRScheduler("cosine", over="budget", total=4) annealed over the budget and ignored total without a word."""
+    with pytest.raises(ConfigError, match=r"total=4 applies to over='iterations'.*drop total or over='budget'"):
+        LRScheduler("cosine", over="budget", total=4)
+    with pytest.raises(ConfigError, match=r"train.scheduler: scheduler total=100 applies"):
+        config_from_dict({"train": {"budget_minutes": 5, "scheduler": {"name": "cosine", "over": "budget", "total": 100}}})
+    assert LRScheduler("cosine", over="budget", warmup=2).warmup == 2  # warm-up counts iterations either way
+
+
 def test_a_continued_fit_with_a_new_schedule_anneals_from_meta_lr(toy_tasks):
     """fit(3) then fit(2), each with a fresh cosine over 5 iterations, follows fit(5)'s rates: the
     second scheduler starts from the optimizer's initial rate, not from the annealed one."""
