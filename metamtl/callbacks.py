@@ -508,6 +508,16 @@ def _improved(value: float, best: float | None, mode: str, min_delta: float = 0.
     return value > best + min_delta if mode == "max" else value < best - min_delta
 
 
+def _finite_number(value: Any) -> bool:
+    """Whether ``value`` is a finite int or float; a boolean is none (a YAML ``yes`` is no number)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _got(value: Any) -> str:
+    """``value`` as an error message shows what was given, with the fix for a boolean."""
+    return f"{value!r} (a boolean: write the number itself)" if isinstance(value, bool) else repr(value)
+
+
 def _check_mode(mode: str) -> str:
     if mode not in ("max", "min"):
         raise unknown_name("mode", mode, ("max", "min"))
@@ -570,8 +580,8 @@ class EarlyStopping(Callback):
                  min_delta: float = 0.0) -> None:
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ConfigError(f"early stopping patience must be an integer >= 1, got {patience!r}")
-        if not (isinstance(min_delta, (int, float)) and math.isfinite(min_delta) and min_delta >= 0):
-            raise ConfigError(f"early stopping min_delta must be a finite number >= 0, got {min_delta!r}")
+        if not (_finite_number(min_delta) and min_delta >= 0):
+            raise ConfigError(f"early stopping min_delta must be a finite number >= 0, got {_got(min_delta)}")
         self.monitor, self.mode, self.patience, self.min_delta = monitor, mode and _check_mode(mode), patience, float(min_delta)
         self.watched = _fallback_monitor(monitor, mode)  # (monitor, mode), resolved for the learner at fit start
         self.best: float | None = None
@@ -655,10 +665,10 @@ class LRScheduler(Callback):
                 raise ConfigError(f"scheduler {key} must be an integer >= {low}, got {value!r}")
         if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 1):
             raise ConfigError(f"scheduler total must be an integer >= 1, got {total!r}")
-        if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and 0 < gamma <= 1):
-            raise ConfigError(f"scheduler gamma must be in (0, 1], got {gamma!r}")
-        if not (isinstance(min_lr, (int, float)) and math.isfinite(min_lr) and min_lr >= 0):
-            raise ConfigError(f"scheduler min_lr must be a finite number >= 0, got {min_lr!r}")
+        if not (_finite_number(gamma) and 0 < gamma <= 1):
+            raise ConfigError(f"scheduler gamma must be in (0, 1], got {_got(gamma)}")
+        if not (_finite_number(min_lr) and min_lr >= 0):
+            raise ConfigError(f"scheduler min_lr must be a finite number >= 0, got {_got(min_lr)}")
         cosine_only = [k for k, given in (("warmup", warmup != 0), ("total", total is not None),
                                           ("over", over != "iterations")) if given]
         if name != "cosine" and cosine_only:

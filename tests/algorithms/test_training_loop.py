@@ -76,6 +76,17 @@ def test_cosine_only_settings_on_another_schedule_are_refused():
     assert LRScheduler("step", min_lr=1e-4).min_lr == 1e-4  # min_lr applies to every schedule
 
 
+def test_booleans_are_refused_as_early_stopping_and_scheduler_numbers():
+    """EarlyStopping(min_delta=True), LRScheduler(min_lr=True) and LRScheduler("step", gamma=True) took the
+    boolean as 1.0 (every rate clamped up to 1.0, a schedule doing nothing), unlike grad_clip or patience."""
+    for make, name in ((lambda: EarlyStopping(min_delta=True), "early stopping min_delta"),
+                       (lambda: LRScheduler("cosine", min_lr=True), "scheduler min_lr"),
+                       (lambda: LRScheduler("step", gamma=True), "scheduler gamma")):
+        with pytest.raises(ConfigError, match=rf"{name} must be .*got True \(a boolean: write the number itself\)"):
+            make()
+    assert EarlyStopping(min_delta=1).min_delta == 1.0 and LRScheduler("step", gamma=1).gamma == 1.0
+
+
 def test_a_cosine_total_over_the_time_budget_is_refused():
     """LRScheduler("cosine", over="budget", total=4) annealed over the budget and ignored total without a word."""
     with pytest.raises(ConfigError, match=r"total=4 applies to over='iterations'.*drop total or over='budget'"):
