@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 from .checkpoint import RunFolderLock, check_saveable, ensure_writable_dir, history_continues, safe_load
 from .errors import CheckpointError, ConfigError, TrainingError, unknown_name
 from .evaluation import defined_cis
+from .files import json_nulls
 from .inputs import check_int
 from .progress_bars import progress_bar
 
@@ -287,17 +288,26 @@ def check_distinct_keys(callbacks: Iterable[Callback]) -> None:
 
 
 def standard_callbacks(progress: bool = True, checkpoint_dir: str | Path | None = None,
-                       checkpoint_every: int = 100, task: str = "classification") -> list[Callback]:
+                       checkpoint_every: int = 100, task: str = "classification",
+                       given: Iterable[Callback] = ()) -> list[Callback]:
     """What every ``fit`` call uses: :class:`History`, a :class:`ProgressBar` (``progress``) and,
     with a ``checkpoint_dir``, a :class:`ModelCheckpoint` writing there every ``checkpoint_every``
-    (``best.pt`` by the :func:`default_monitor` of the learner's ``task``)."""
-    cbs: list[Callback] = [History()]
-    if progress:
+    (``best.pt`` by the :func:`default_monitor` of the learner's ``task``), followed by the ``given``
+    callbacks (the learner's and the fit's).  A :class:`History` or :class:`ProgressBar` among them
+    replaces the standard one (``History(every=10)``); two :class:`History` are a :class:`ConfigError`
+    (each would add every row)."""
+    given = list(given)
+    histories = [cb for cb in given if isinstance(cb, History)]
+    if len(histories) > 1:
+        raise ConfigError(f"{len(histories)} History callbacks were given (the learner's and the fit's callbacks), so "
+                          "every history row would be kept more than once: pass one (fit always keeps a History)")
+    cbs: list[Callback] = [] if histories else [History()]
+    if progress and not any(isinstance(cb, ProgressBar) for cb in given):
         cbs.append(ProgressBar())
     if checkpoint_dir is not None:
         monitor, mode = default_monitor(task)
         cbs.append(ModelCheckpoint(checkpoint_dir, every=checkpoint_every, monitor=monitor, mode=mode))
-    return cbs
+    return cbs + given
 
 
 class ProgressBar(Callback):
@@ -498,6 +508,16 @@ def _improved(value: float, best: float | None, mode: str, min_delta: float = 0.
     return value > best + min_delta if mode == "max" else value < best - min_delta
 
 
+def _finite_number(value: Any) -> bool:
+    """Whether ``value`` is a finite int or float; a boolean is none (a YAML ``yes`` is no number)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _got(value: Any) -> str:
+    """``value`` as an error message shows what was given, with the fix for a boolean."""
+    return f"{value!r} (a boolean: write the number itself)" if isinstance(value, bool) else repr(value)
+
+
 def _check_mode(mode: str) -> str:
     if mode not in ("max", "min"):
         raise unknown_name("mode", mode, ("max", "min"))
@@ -560,8 +580,8 @@ class EarlyStopping(Callback):
                  min_delta: float = 0.0) -> None:
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ConfigError(f"early stopping patience must be an integer >= 1, got {patience!r}")
-        if not (isinstance(min_delta, (int, float)) and math.isfinite(min_delta) and min_delta >= 0):
-            raise ConfigError(f"early stopping min_delta must be a finite number >= 0, got {min_delta!r}")
+        if not (_finite_number(min_delta) and min_delta >= 0):
+            raise ConfigError(f"early stopping min_delta must be a finite number >= 0, got {_got(min_delta)}")
         self.monitor, self.mode, self.patience, self.min_delta = monitor, mode and _check_mode(mode), patience, float(min_delta)
         self.watched = _fallback_monitor(monitor, mode)  # (monitor, mode), resolved for the learner at fit start
         self.best: float | None = None
@@ -619,7 +639,7 @@ class LRScheduler(Callback):
       ``patience`` validations without improving.
 
     ``warmup``, ``total`` and ``over`` belong to the cosine: given for another schedule, they are a
-    :class:`ConfigError`.  Rates never go below ``min_lr``.  When the fit ends, each group gets ``base`` back, so a later
+    :class:`ConfigError`, as is ``total`` with ``over="budget"``.  Rates never go below ``min_lr``.  When the fit ends, each group gets ``base`` back, so a later
     fit without a scheduler trains at ``meta_lr``.
 
     Args:
@@ -645,15 +665,18 @@ class LRScheduler(Callback):
                 raise ConfigError(f"scheduler {key} must be an integer >= {low}, got {value!r}")
         if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 1):
             raise ConfigError(f"scheduler total must be an integer >= 1, got {total!r}")
-        if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and 0 < gamma <= 1):
-            raise ConfigError(f"scheduler gamma must be in (0, 1], got {gamma!r}")
-        if not (isinstance(min_lr, (int, float)) and math.isfinite(min_lr) and min_lr >= 0):
-            raise ConfigError(f"scheduler min_lr must be a finite number >= 0, got {min_lr!r}")
+        if not (_finite_number(gamma) and 0 < gamma <= 1):
+            raise ConfigError(f"scheduler gamma must be in (0, 1], got {_got(gamma)}")
+        if not (_finite_number(min_lr) and min_lr >= 0):
+            raise ConfigError(f"scheduler min_lr must be a finite number >= 0, got {_got(min_lr)}")
         cosine_only = [k for k, given in (("warmup", warmup != 0), ("total", total is not None),
                                           ("over", over != "iterations")) if given]
         if name != "cosine" and cosine_only:
             raise ConfigError(f"scheduler {', '.join(cosine_only)} appl{'ies' if len(cosine_only) == 1 else 'y'} to the "
                               f"cosine schedule only, not {name!r}: drop {' and '.join(cosine_only)} or use name='cosine'")
+        if total is not None and over == "budget":
+            raise ConfigError(f"scheduler total={total} applies to over='iterations' (the cosine's length in iterations), "
+                              "not over='budget', which anneals over the fit's time budget: drop total or over='budget'")
         self.name, self.warmup, self.min_lr, self.total = name, warmup, float(min_lr), total
         self.step_size, self.gamma, self.patience = step_size, float(gamma), patience
         self.monitor, self.mode, self.over = monitor, mode and _check_mode(mode), over
@@ -719,9 +742,11 @@ class LRScheduler(Callback):
 
     def on_fit_end(self, state):
         """Put back each group's initial rate (``meta_lr``): a later fit without this scheduler
-        trains at it, not at the rate the schedule reached (0.0 at the end of a cosine)."""
-        for group, base in zip(state.learner.meta_optimizer.param_groups, self.base or ()):
-            group["lr"] = base
+        trains at it, not at the rate the schedule reached (0.0 at the end of a cosine).  Read from the
+        group (``initial_lr``), not :attr:`base`: a fit failing before this scheduler's ``on_fit_start``
+        would otherwise put back the rate of an earlier fit, not a ``meta_lr`` set since."""
+        for group in state.learner.meta_optimizer.param_groups:
+            group["lr"] = group.get("initial_lr", group["lr"])
 
     def on_exception(self, state, exc):
         self.on_fit_end(state)
@@ -820,7 +845,7 @@ class MetricsLogger(Callback):
         if self.format == "csv":
             text = "".join(f"{it},{t},{k},{v!r}\n" for k, v in metrics.items())
         else:
-            text = json.dumps({"iteration": it, "time": t, **defined_cis(metrics)}) + "\n"  # undefined CIs: null
+            text = json.dumps(json_nulls({"iteration": it, "time": t, **metrics})) + "\n"  # nan, inf: null
         self._fh.write(text.encode())
         self._flush()
 

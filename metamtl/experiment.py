@@ -28,7 +28,7 @@ from .data.augment import check_fits
 from .data.base import ClassDataset
 from .environment import git_commit, machine_info
 from .checkpoint import DERIVED_FILES, RUN_FILES, RunFolderLock, ensure_writable_dir
-from .files import atomic_write_json
+from .files import atomic_write_json, json_nulls
 from .errors import CheckpointError, ConfigError, TaskError
 from .inputs import as_support_augment
 from .learner import EvalResult, MetaLearner
@@ -438,6 +438,12 @@ def run(cfg: Config, resume: str | Path | None = None, progress: bool = True,
         lock.release()
 
 
+def write_history(path: str | Path, history: list[dict[str, Any]]) -> None:
+    """Write ``history.json``: the rows of ``learner.history`` as strict JSON (a skipped step's
+    non-finite loss, an undefined CI: ``null``)."""
+    atomic_write_json(path, json_nulls(history))
+
+
 def _run(cfg: Config, resume: str | Path | None, progress: bool, callbacks: list[Callback], quiet: bool,
          main_process: bool) -> dict[str, Any]:
     say = (lambda *a: None) if quiet or not main_process else print
@@ -481,7 +487,7 @@ def _run(cfg: Config, resume: str | Path | None, progress: bool, callbacks: list
         results["test"] = evaluate_held_out(learner, cfg, tasks["test"], progress, say)
         results["eval_seconds"] = time.perf_counter() - t2
     if main_process:
-        atomic_write_json(run_dir / "history.json", learner.history)
+        write_history(run_dir / "history.json", learner.history)
         atomic_write_json(run_dir / "results.json", results, indent=2)
     if cfg.logging.report:
         write_run_steps_curve(learner, cfg, results, progress, main_process)
@@ -735,7 +741,7 @@ def run_stages(cfg: Config, resume: str | Path | None = None, progress: bool = T
     results.update(stages=done, iterations=sum(d["iterations"] for d in done),
                    train_seconds=sum(d["train_seconds"] for d in done), config=cfg.to_dict())
     if distributed.launch_env().is_main_process:
-        atomic_write_json(cfg.run_dir / "history.json", history)
+        write_history(cfg.run_dir / "history.json", history)
         atomic_write_json(cfg.run_dir / "results.json", results, indent=2)
         if cfg.logging.report:  # over the last stage's page: every stage's history, the same path
             _write_report(cfg.run_dir, results, lambda *a: None)

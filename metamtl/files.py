@@ -5,6 +5,7 @@ leaves in a run folder is removed by the next run that takes the folder (:func:`
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import secrets
@@ -95,3 +96,15 @@ def atomic_write_text(path: str | os.PathLike, content: str) -> Path:
 def atomic_write_json(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> Path:
     """``json.dump(obj, file, **dump_kwargs)`` to ``path`` atomically (:func:`atomic_write`)."""
     return atomic_write(path, lambda fh: json.dump(obj, fh, **dump_kwargs), text=True)
+
+
+def json_nulls(obj: Any) -> Any:
+    """``obj`` with every non-finite float (``nan``, ``inf``) ``None``, through mappings, lists and tuples:
+    JSON ``null``, as strict JSON has no ``NaN`` or ``Infinity`` tokens (``json.dump`` writes them bare)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_nulls(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_nulls(v) for v in obj]
+    return obj

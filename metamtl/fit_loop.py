@@ -84,19 +84,19 @@ VAL_EPISODES, CHECKPOINT_EVERY = 100, 100
 
 
 def check_fit_arguments(train_tasks: Any, val_tasks: Any, budget_minutes: float | None, checkpoint_dir: Any = None,
-                        **counts: tuple[Any, int]) -> float | None:
+                        **counts: tuple[Any, int]) -> tuple[Any, ...]:
     """:class:`ConfigError` for a bad argument of ``fit``: ``counts`` maps names to ``(value, minimum)``
-    (``None``: not given); returns ``budget_minutes`` as a float (``None``: no budget).  A ``UserWarning``
+    (``None``: not given); returns ``budget_minutes`` as a float (``None``: no budget) followed by the
+    counts as Python ints, in the order given (a numpy integer kept in the fit settings or the stop
+    record would make every checkpoint of the run unloadable).  A ``UserWarning``
     for validation settings without ``val_tasks`` and ``checkpoint_every`` without ``checkpoint_dir``,
     which would do nothing (configs pass their defaults, so not an error)."""
-    for name, (value, low) in counts.items():
-        if value is not None:
-            check_int(name, value, low)
+    given = {name: None if value is None else check_int(name, value, low) for name, (value, low) in counts.items()}
     check_task_source("train_tasks", train_tasks)
     if val_tasks is not None:
         check_task_source("val_tasks", val_tasks)
-    warn_unused_settings({name: value for name, (value, _) in counts.items()}, val_tasks, checkpoint_dir)
-    return None if budget_minutes is None else check_positive("budget_minutes", budget_minutes)
+    warn_unused_settings(given, val_tasks, checkpoint_dir)
+    return (None if budget_minutes is None else check_positive("budget_minutes", budget_minutes), *given.values())
 
 
 def warn_unused_settings(given: dict[str, Any], val_tasks: Any, checkpoint_dir: Any) -> None:
@@ -169,14 +169,17 @@ def start_run(learner: "MetaLearner", settings: dict[str, Any], resume: str | Pa
     learner.algorithm.check_trainable()
     check_optimizer_covers(learner)
     check_continued_batches(learner, settings, resume, iterations)
-    learner.run.stop, learner.run.resumed = None, False  # a continued fit trains on: only a checkpoint's stop counts
+    run = learner.run
+    run.stop, run.resumed, run.val_every = None, False, None  # a continued fit trains on: only a checkpoint's stop counts
     if resume is not None:
         run_state.resume(resume, config=learner.config(), settings=settings, optimizer=learner.meta_optimizer,
-                         iterations=iterations,
-                         modules=(learner.model, learner.algorithm), run=learner.run)
+                         iterations=iterations, modules=(learner.model, learner.algorithm), run=run)
         logging.getLogger("metamtl.fit").info("resumed from %s: iteration %d, %.0f s trained before", resume,
-                                              learner.iteration, learner.run.seconds)
-    learner.run.settings = settings
+                                              learner.iteration, run.seconds)
+    # the default cadence, a tenth of the fit's iterations, as the interrupted fit computed it on resume
+    run.val_every = None if settings["val_tasks"] is None else (
+        settings["val_every"] or run.val_every or max(1, (iterations or 0) // 10))
+    run.settings = settings
     learner.strategy = distributed.process_strategy(learner.device)
     fingerprint = {"config": learner.config(), "fit": settings, "iteration": learner.iteration,
                    "meta_parameters": [list(p.shape) for p in learner.meta_parameters()]}

@@ -180,15 +180,15 @@ class MetaLearner:
 
         Returns ``self.history``. :attr:`feature_means`, if any, are recomputed from ``train_tasks`` for the new trunk.
         """
-        budget_minutes = check_fit_arguments(train_tasks, val_tasks, budget_minutes, checkpoint_dir, iterations=(iterations, 0),
-                            meta_batch_size=(meta_batch_size, 1), val_episodes=(val_episodes, 1),
-                            checkpoint_every=(checkpoint_every, 0), num_workers=(num_workers, 0), val_every=(val_every, 1))
-        cbs = CallbackList(standard_callbacks(progress, checkpoint_dir, checkpoint_every, self.task) + self.callbacks + check_callbacks(callbacks))
+        budget_minutes, iterations, meta_batch_size, val_episodes, checkpoint_every, num_workers, val_every = check_fit_arguments(
+            train_tasks, val_tasks, budget_minutes, checkpoint_dir, iterations=(iterations, 0), meta_batch_size=(meta_batch_size, 1),
+            val_episodes=(val_episodes, 1), checkpoint_every=(checkpoint_every, 0), num_workers=(num_workers, 0), val_every=(val_every, 1))
+        cbs = CallbackList(standard_callbacks(progress, checkpoint_dir, checkpoint_every, self.task, self.callbacks + check_callbacks(callbacks)))
         with means_follow_trunk(self, train_tasks):  # feature means of the trained trunk, recomputed
             start_run(self, fit_settings(train_tasks, val_tasks, meta_batch_size, val_every, val_episodes, cbs), resume, iterations)
             self.fit_state = FitState(
                 self, iterations if resume is not None else self.iteration + iterations, meta_batch_size, rank=self.rank,
-                val_every=(val_every or max(1, iterations // 10)) if val_tasks else None, budget_minutes=budget_minutes,
+                val_every=self.run.val_every, budget_minutes=budget_minutes,
                 start_seconds=0.0 if resume is not None else self.run.seconds, world_size=self.world_size, callbacks=cbs)
             FitLoop(self, self.fit_state, train_tasks, val_tasks, val_episodes, num_workers).run()
         return self.history

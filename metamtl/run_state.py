@@ -54,6 +54,9 @@ class RunState:
             stopping), ``{"by": stopped_by, "iterations": its fit's iterations}``, else ``None``:
             the resumed fit then trains no iteration unless it asks for more iterations.
         resumed: whether the fit in progress (or the latest) continues a checkpoint.
+        val_every: the validation cadence of the fit in progress (or the latest; ``None``: no validation),
+            its default computed from that fit's iterations; saved, so a resume validates as the
+            interrupted fit did (its ``iterations`` is the run's total, not the fit's).
         meta_batch_size: that of the latest iteration trained (``None``: none yet), which a continued fit
             on the same task stream (``stream``) must keep; saved, so a loaded or resumed learner keeps it too.
         stream: the training tasks of that iteration (their ``train_tasks`` fit setting; saved too).
@@ -74,6 +77,7 @@ class RunState:
     layouts: dict[str, bool] = dataclasses.field(default_factory=dict)
     stop: dict[str, Any] | None = None
     resumed: bool = False
+    val_every: int | None = None
     meta_batch_size: int | None = None
     stream: Any = None
     peak_memory_mb: float = 0.0
@@ -127,7 +131,8 @@ def training_state_of(run: RunState, optimizer: torch.optim.Optimizer, callbacks
     ``stop``: see :attr:`RunState.stop`."""
     return {
         "meta_optimizer": optimizer.state_dict(),
-        "fit_state": {"settings": dict(run.settings), **({"stop": stop} if stop is not None else {})},
+        "fit_state": {"settings": dict(run.settings), "val_every": run.val_every,
+                      **({"stop": stop} if stop is not None else {})},
         "callbacks": callbacks,
         "elapsed": run.elapsed,
         "bad_steps": run.bad_steps,
@@ -153,6 +158,8 @@ def _restore(obj: dict[str, Any], modules: tuple[nn.Module, nn.Module], optimize
     stop = tr["fit_state"].get("stop")
     run.stop = None if stop is None else {"by": None if stop.get("by") is None else str(stop["by"]),
                                           "iterations": int(stop["iterations"])}
+    val_every = tr["fit_state"].get("val_every")  # absent: written before it was saved
+    run.val_every = None if val_every is None else int(val_every)
     run.seconds = float(tr.get("elapsed", 0.0))
     run.callbacks = dict(tr.get("callbacks", {}))
     run.layouts = {str(k): bool(v) for k, v in dict(tr.get("layouts", {})).items()}

@@ -76,6 +76,26 @@ def test_cosine_only_settings_on_another_schedule_are_refused():
     assert LRScheduler("step", min_lr=1e-4).min_lr == 1e-4  # min_lr applies to every schedule
 
 
+def test_booleans_are_refused_as_early_stopping_and_scheduler_numbers():
+    """EarlyStopping(min_delta=True), LRScheduler(min_lr=True) and LRScheduler("step", gamma=True) took the
+    boolean as 1.0 (every rate clamped up to 1.0, a schedule doing nothing), unlike grad_clip or patience."""
+    for make, name in ((lambda: EarlyStopping(min_delta=True), "early stopping min_delta"),
+                       (lambda: LRScheduler("cosine", min_lr=True), "scheduler min_lr"),
+                       (lambda: LRScheduler("step", gamma=True), "scheduler gamma")):
+        with pytest.raises(ConfigError, match=rf"{name} must be .*got True \(a boolean: write the number itself\)"):
+            make()
+    assert EarlyStopping(min_delta=1).min_delta == 1.0 and LRScheduler("step", gamma=1).gamma == 1.0
+
+
+def test_a_cosine_total_over_the_time_budget_is_refused():
+    """LRScheduler("cosine", over="budget", total=4) annealed over the budget and ignored total without a word."""
+    with pytest.raises(ConfigError, match=r"total=4 applies to over='iterations'.*drop total or over='budget'"):
+        LRScheduler("cosine", over="budget", total=4)
+    with pytest.raises(ConfigError, match=r"train.scheduler: scheduler total=100 applies"):
+        config_from_dict({"train": {"budget_minutes": 5, "scheduler": {"name": "cosine", "over": "budget", "total": 100}}})
+    assert LRScheduler("cosine", over="budget", warmup=2).warmup == 2  # warm-up counts iterations either way
+
+
 def test_a_continued_fit_with_a_new_schedule_anneals_from_meta_lr(toy_tasks):
     """fit(3) then fit(2), each with a fresh cosine over 5 iterations, follows fit(5)'s rates: the
     second scheduler starts from the optimizer's initial rate, not from the annealed one."""
@@ -97,6 +117,24 @@ def test_a_continued_fit_without_the_schedule_trains_at_meta_lr(toy_tasks):
     learner.fit(toy_tasks[0], iterations=3, meta_batch_size=1, progress=False, callbacks=[LRScheduler("cosine")])
     learner.fit(toy_tasks[0], iterations=2, meta_batch_size=1, progress=False)
     assert [r["train/lr"] for r in learner.history][3:] == pytest.approx([1e-2, 1e-2])
+
+
+def test_a_fit_failing_before_the_schedule_started_leaves_the_rate_at_meta_lr(toy_tasks):
+    """A scheduler kept from an earlier fit put that fit's rate back when a later fit failed before the
+    scheduler's on_fit_start (another callback refusing to start): meta_lr said 0.5, the optimizer and
+    the next fit trained at the old 0.01."""
+    class FailsAtStart(Callback):
+        def on_fit_start(self, state):
+            raise ConfigError("cannot start")
+
+    learner, schedule = make_learner(alg="fomaml"), LRScheduler("cosine")
+    learner.fit(toy_tasks[0], iterations=2, meta_batch_size=1, progress=False, callbacks=[schedule])
+    learner.meta_lr = 0.5
+    with pytest.raises(ConfigError, match="cannot start"):
+        learner.fit(toy_tasks[0], iterations=2, meta_batch_size=1, progress=False, callbacks=[FailsAtStart(), schedule])
+    assert [g["lr"] for g in learner.meta_optimizer.param_groups] == [0.5]
+    learner.fit(toy_tasks[0], iterations=1, meta_batch_size=1, progress=False)
+    assert learner.history[-1]["train/lr"] == 0.5
 
 
 class FakeValidation(Callback):
@@ -207,6 +245,32 @@ def test_undefined_validation_cis_are_json_null_in_metrics_files_and_history(tmp
     assert math.isfinite([r for r in history if "val/loss" in r][0]["val/loss"])
 
 
+def test_a_skipped_steps_non_finite_loss_is_json_null_in_metrics_jsonl_and_history_json(tmp_path, toy_tasks):
+    """A skipped (non-finite) step's train/loss was written as a bare NaN token into metrics.jsonl and
+    history.json, which strict JSON parsers refuse; it is now null there (the history in memory keeps nan)."""
+    from metamtl.experiment import write_history
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda token: pytest.fail(f"non-JSON token {token}"))
+
+    train, _ = toy_tasks
+    learner = make_learner(alg="fomaml")
+    step = learner.algorithm.meta_step
+
+    def nan_at_2(model, batch, it):
+        return {**step(model, batch, it), **({"loss": float("nan")} if it == 1 else {})}
+
+    learner.algorithm.meta_step = nan_at_2
+    with pytest.warns(RuntimeWarning):
+        learner.fit(train, iterations=3, meta_batch_size=1, progress=False, callbacks=[MetricsLogger(tmp_path / "m.jsonl")])
+    rows = [strict(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["train/loss"] is None for r in rows] == [False, True, False]
+    write_history(tmp_path / "history.json", learner.history)
+    history = strict((tmp_path / "history.json").read_text())
+    assert [r["train/loss"] is None for r in history] == [False, True, False]
+    assert math.isnan(learner.history[1]["train/loss"])
+
+
 def test_resuming_into_another_folder_starts_a_clean_metrics_file(tmp_path, toy_tasks):
     """A checkpoint copied to (or resumed into) another folder: that folder's metrics file starts
     afresh with its header, not padded with zero bytes up to where the first run's file had got."""
@@ -294,6 +358,25 @@ def test_callback_counts_and_rates_are_validated(tmp_path):
             ProgressBar(smoothing)
     with pytest.raises(ConfigError, match=r"MetricsLogger every must be an integer >= 1, got 0"):
         MetricsLogger(tmp_path / "m.csv", every=0)
+
+
+def test_a_history_callback_given_replaces_the_standard_one(toy_tasks):
+    """fit(callbacks=[History(every=2)]) ran next to the built-in History: its every did nothing and
+    the rows it kept were there twice (validation rows too). It now replaces the built-in one; two
+    History callbacks are refused."""
+    from metamtl.callbacks import History, ProgressBar
+
+    train, val = toy_tasks
+    learner = make_learner(alg="fomaml")
+    learner.fit(train, val, iterations=4, meta_batch_size=1, val_every=2, val_episodes=2, progress=False,
+                callbacks=[History(every=2)])
+    assert [(r["iteration"], "val/loss" in r) for r in learner.history] == [(2, False), (2, True), (4, False), (4, True)]
+    bar = ProgressBar()
+    learner.fit(train, iterations=1, meta_batch_size=1, callbacks=[bar, Recorder()])
+    kinds = [type(cb).__name__ for cb in learner.fit_state.callbacks]
+    assert kinds.count("ProgressBar") == kinds.count("History") == 1 and bar in learner.fit_state.callbacks
+    with pytest.raises(ConfigError, match=r"2 History callbacks.*pass one"):
+        make_learner(alg="fomaml", callbacks=[History(every=2)]).fit(train, iterations=1, callbacks=[History(every=3)])
 
 
 def test_config_files_extend_a_base_and_the_comparison_configs_are_valid(tmp_path):

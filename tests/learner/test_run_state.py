@@ -49,7 +49,7 @@ def test_saved_state_holds_weights_progress_optimizer_and_rngs(sine, tmp_path):
     assert set(tr["rng"]) == {"torch", "cuda", "numpy", "python"}
     assert tr["fit_state"] == {"settings": {"meta_batch_size": 2, "train_tasks": repr(sine), "val_every": None,
                                             "val_episodes": 100, "train_tasks_content": repr(sine),
-                                            "val_tasks": None}}
+                                            "val_tasks": None}, "val_every": None}  # the cadence used: none
     assert "training" not in learner_state(learner)
     back = MetaLearner.load(learner.save(tmp_path / "l.pt"), device="cpu")
     assert back.iteration == 3 and back.history == learner.history
@@ -506,3 +506,54 @@ def test_a_sinusoid_run_validated_on_the_old_held_out_stream_resumes_with_a_warn
     with pytest.raises(CheckpointError, match="fit settings differ"):  # other validation tasks: still refused
         sine_learner().fit(sine, Sinusoid(shots=5, queries=5, seed=2, split="val"), iterations=3,
                            resume=tmp_path / "old.pt", **kw)
+
+
+def test_numpy_integer_fit_counts_are_stored_as_python_ints(tmp_path):
+    """fit(meta_batch_size=np.int64(2), ...) was accepted but kept the numpy numbers in the fit settings,
+    the run's meta-batch size and the stop record: last.pt and a saved learner could then not be loaded
+    nor resumed ("not a plain-tensor checkpoint"). The counts are now stored as Python ints."""
+    from metamtl.callbacks import EarlyStopping
+
+    train, val = Sinusoid(shots=5, queries=5, seed=0), Sinusoid(shots=5, queries=5, seed=1, split="val")
+    learner = sine_learner()
+    learner.fit(train, val, iterations=np.int64(6), meta_batch_size=np.int64(2), val_every=np.int64(2),
+                val_episodes=np.int64(2), checkpoint_every=np.int64(2), progress=False, checkpoint_dir=tmp_path,
+                callbacks=[EarlyStopping(patience=1, min_delta=1e9)])
+    assert learner.iteration == 4 and safe_load(tmp_path / "last.pt")["training"]["fit_state"]["stop"]["iterations"] == 6
+    for path in (tmp_path / "last.pt", learner.save(tmp_path / "learner.pt")):
+        assert MetaLearner.load(path, device="cpu").iteration == learner.iteration
+    settings = learner.run.settings
+    assert all(type(settings[k]) is int for k in ("meta_batch_size", "val_every", "val_episodes"))
+    sine_learner().fit(train, val, iterations=6, meta_batch_size=2, val_every=2, val_episodes=2, progress=False,
+                       resume=tmp_path / "last.pt", callbacks=[EarlyStopping(patience=1, min_delta=1e9)])
+
+
+def test_a_resumed_continued_fit_keeps_the_default_validation_cadence(tmp_path):
+    """The default val_every is a tenth of the fit's iterations: iterations more in a continued fit, the
+    run's total on resume. A continued fit interrupted and resumed validated every 4 iterations instead of
+    every 2 (early stopping, the plateau schedule and best.pt then differed); the cadence is now saved."""
+    import os
+    import signal
+
+    from metamtl.callbacks import Callback
+    from metamtl.errors import FitInterrupted
+
+    class SigintAt25(Callback):
+        def on_iteration_end(self, state, metrics):
+            if state.iteration == 25:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    train, val = Sinusoid(shots=5, queries=5, seed=0), Sinusoid(shots=5, queries=5, seed=1, split="val")
+    fit = dict(meta_batch_size=1, val_episodes=1, progress=False)
+
+    def validated(interrupt):
+        folder, learner = tmp_path / str(interrupt), sine_learner()
+        learner.fit(train, val, iterations=20, checkpoint_dir=folder, **fit)
+        try:  # continued: 20 more, validating every 20 // 10 = 2
+            learner.fit(train, val, iterations=20, checkpoint_dir=folder, callbacks=[SigintAt25()] if interrupt else [], **fit)
+        except FitInterrupted as exc:  # resumed: iterations is the run's total
+            learner = sine_learner()
+            learner.fit(train, val, iterations=40, checkpoint_dir=folder, resume=exc.checkpoint, **fit)
+        return [r["iteration"] for r in learner.history if "val/loss" in r and r["iteration"] > 20]
+
+    assert validated(True) == validated(False) == list(range(22, 41, 2))
