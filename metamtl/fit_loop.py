@@ -434,7 +434,12 @@ class FitLoop:
         self.step = MetaStep(learner, after_backward=lambda: state.callbacks.on_after_backward(state))
 
     def run(self) -> None:
-        """Train from ``learner.iteration`` to ``state.iterations`` (or an earlier stop)."""
+        """Train from ``learner.iteration`` to ``state.iterations`` (or an earlier stop), with gradients
+        on also when ``fit`` is called under ``torch.no_grad()`` or ``torch.inference_mode()``."""
+        with torch.inference_mode(False), torch.enable_grad():
+            self._run()
+
+    def _run(self) -> None:
         ln, state, cbs = self.learner, self.state, self.callbacks
         batches = self._batches()
         signals = StopOnSignal(lambda: ln.iteration).install()  # Ctrl-C / SIGTERM: stop cleanly

@@ -684,3 +684,16 @@ def test_a_callback_shared_by_two_learners_gives_each_its_own_state_back(sine):
     b.fit(sine, val, callbacks=[es, Spy()], **kw)
     a.fit(sine, val, callbacks=[es, Spy()], **kw)
     assert a_best is not None and seen[0] is None and seen[1] == a_best
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_fit_called_under_no_grad_or_inference_mode_trains_as_outside(sine, mode):
+    """Before: fit under torch.no_grad() / inference_mode() failed with torch's bare "element 0 of
+    tensors does not require grad" (evaluate and predict already worked under both)."""
+    outside, inside = sine_learner(), sine_learner()
+    outside.fit(sine, iterations=2, meta_batch_size=2, progress=False)
+    with mode():
+        inside.fit(sine, iterations=2, meta_batch_size=2, progress=False)
+    for a, b in zip(outside.model.parameters(), inside.model.parameters()):
+        assert torch.equal(a, b) and not b.is_inference()
+    inside.fit(sine, iterations=3, meta_batch_size=2, progress=False)  # and it trains on afterwards
