@@ -206,7 +206,8 @@ class InnerProblem:
         fixed: dict[str, torch.Tensor] = {}
         if self.settings.bn_stats == "support" and x is not sx:
             fixed = support_rows(trunk, sx.shape[1])
-            x = torch.cat([sx, x], 1)
+            if fixed:  # no metamtl norm layer: nothing reads the support rows, the query runs alone
+                x = torch.cat([sx, x], 1)
 
         def one(_: Tensors, xi: torch.Tensor) -> torch.Tensor:
             return functional_call(trunk, fixed, (xi,)) if fixed else trunk(xi)
@@ -222,9 +223,11 @@ class InnerProblem:
         """Logits ``[T, N, ...]`` of module inputs ``x`` with ``params`` (weights after ``k`` updates)."""
         fixed = self.tensors(k)
         rows = 0
-        if not self.head_only and self.settings.bn_stats == "support" and x is not self.inputs:
+        support = {} if self.head_only or self.settings.bn_stats != "support" or x is self.inputs else \
+            support_rows(self.module, self.support_x.shape[1])
+        if support:  # (no metamtl norm layer: nothing reads the support rows, the query runs alone)
             rows = self.support_x.shape[1]
-            fixed = {**fixed, **support_rows(self.module, rows)}
+            fixed = {**fixed, **support}
             x = torch.cat([self.support_x, x], 1)
         logits, feats = self.engine.forward(self, params, fixed, x, taps)
         return (logits[:, rows:] if rows else logits), feats

@@ -241,3 +241,29 @@ def test_task_chunks_of_a_model_that_writes_buffers_equal_one_task_per_call(name
     ref = run("user", name, "core", batch, 0, 1, **settings)
     assert ref[0]["buffer.trunk.mu"].abs().sum() > 0
     assert_same(ref, run("user", name, "core", batch, 0, 3, **settings))
+
+
+def mlp_model(out_features):
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Flatten(), nn.Linear(64, 6), nn.Tanh())
+    trunk.out_features = 6
+    return TrunkHead(trunk, nn.Linear(6, out_features) if out_features else None)
+
+
+@pytest.mark.parametrize("name,settings", [("anil", dict(steps=2, lr=0.5)),
+                                           ("anil", dict(steps=2, lr=0.3, head_init="proto")),
+                                           ("maml", dict(steps=2, lr=0.3))])
+def test_support_statistics_on_a_model_without_norm_layers_change_nothing(name, settings, monkeypatch):
+    """``bn_stats="support"`` on a model with no metamtl norm layer: nothing reads the support
+    rows, so predictions have one row per query and meta-gradients equal ``"transductive"``'s."""
+    monkeypatch.setitem(MODELS, "user", mlp_model)
+    batch = TaskBatch([episode(s) for s in range(2)])
+    for backend in ("core", "higher"):
+        ref = run("user", name, backend, batch, **settings)
+        assert_same(ref, run("user", name, backend, batch, bn_stats="support", **settings))
+    ep = episode(0)
+    per_task_head = settings.get("head_init", "learned") != "learned"
+    learner = MetaLearner(mlp_model(None if per_task_head else 3),
+                          build_algorithm(name, bn_stats="support", **settings), device="cpu")
+    out = learner.predict(ep.support_x, ep.support_y, ep.query_x[:4])
+    assert tuple(out.shape) == (4, 3)
