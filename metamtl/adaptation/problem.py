@@ -504,6 +504,19 @@ ENGINES: dict[str, Engine] = {"core": CoreEngine(), "higher": HigherEngine()}
 
 
 # -- building a problem ----------------------------------------------------------------------------
+def check_registered_once(module: nn.Module) -> None:
+    """:class:`ConfigError` when a sub-module holding weights is registered under several names
+    (``nn.Sequential(block, block)``): ``functional_call`` would leave adapted tensors in it."""
+    seen: dict[int, str] = {}
+    for name, m in module.named_modules(remove_duplicate=False):
+        first = seen.setdefault(id(m), name)
+        if first != name and (next(m.parameters(recurse=False), None) is not None
+                              or next(m.buffers(recurse=False), None) is not None):
+            raise ConfigError(
+                f"the model registers one {type(m).__name__} with weights under two names, {first!r} and {name!r} "
+                "(e.g. nn.Sequential(block, block)); the core engine adapts each weight under one name only. "
+                "Share the weights by registering the module once and calling it twice in forward(), "
+                "or use backend: higher")
 def build_problem(
     settings: InnerLoop, model: TrunkHead, support_x: torch.Tensor, support_y: torch.Tensor, ways: int, *,
     steps: int | None = None,
@@ -518,6 +531,8 @@ def build_problem(
     if support_y.is_floating_point():  # regression targets [T, S, d]: d outputs (a per-task head's too)
         ways = support_y.shape[-1] if support_y.dim() == 3 else 1
     module = task_module(model, ways, settings.adapt, settings.head_init)
+    if engine is ENGINES["core"]:
+        check_registered_once(module)
     tasks = support_x.shape[0]
     training = model.trunk.training  # (a wrapper model, e.g. Transfer's cosine features, keeps its own flag)
     fixed_of = (lambda k: tensors(k, training)) if tensors is not None else (lambda k: {})
