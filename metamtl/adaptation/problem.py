@@ -21,7 +21,7 @@ from torch.func import functional_call, vmap
 from ..errors import ConfigError, InputError
 from ..models.backbones import TrunkHead
 from ..models.heads import LinearHead, initial_head_params
-from ..models.norm import support_rows
+from ..models.norm import support_rows, torch_batch_norms
 from .optim import INNER_OPTIMIZERS, InnerOptimizer, build_optimizer, higher_class, torch_settings
 from .settings import InnerLoop, LossContext, batched_task_loss, term_taps
 
@@ -504,6 +504,18 @@ ENGINES: dict[str, Engine] = {"core": CoreEngine(), "higher": HigherEngine()}
 
 
 # -- building a problem ----------------------------------------------------------------------------
+def check_support_statistics(model: nn.Module) -> None:
+    """:class:`ConfigError` when ``bn_stats="support"`` cannot reach a BatchNorm layer that
+    normalises with batch statistics: a torch one would normalise the query with its own."""
+    layers = torch_batch_norms(model, batch_statistics=True)
+    if layers:
+        raise ConfigError(
+            f"bn_stats: support normalises query images with the support set's statistics only in metamtl's "
+            f"EpisodicBatchNorm layers; the torch BatchNorm layer(s) {', '.join(layers)} of this model normalise "
+            "with the statistics of their batch (training mode, or track_running_stats=False), the query's "
+            "own. Use bn_stats: transductive, or build those layers as metamtl.models.EpisodicBatchNorm")
+
+
 def check_registered_once(module: nn.Module) -> None:
     """:class:`ConfigError` when a sub-module holding weights is registered under several names
     (``nn.Sequential(block, block)``): ``functional_call`` would leave adapted tensors in it."""
@@ -533,6 +545,8 @@ def build_problem(
     module = task_module(model, ways, settings.adapt, settings.head_init)
     if engine is ENGINES["core"]:
         check_registered_once(module)
+    if settings.bn_stats == "support":
+        check_support_statistics(model)
     tasks = support_x.shape[0]
     training = model.trunk.training  # (a wrapper model, e.g. Transfer's cosine features, keeps its own flag)
     fixed_of = (lambda k: tensors(k, training)) if tensors is not None else (lambda k: {})

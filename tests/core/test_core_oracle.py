@@ -303,3 +303,25 @@ def test_a_module_registered_twice_is_refused_by_the_core_and_never_changes_the_
     trunk.out_features = 6
     assert MetaLearner(TrunkHead(trunk, nn.Linear(6, 3)), build_algorithm(name, steps=1, lr=0.5),
                        device="cpu").predict(ep.support_x, ep.support_y, ep.query_x).shape == (6, 3)
+
+
+@pytest.mark.parametrize("backend", ["core", "higher"])
+def test_support_statistics_refuse_a_torch_batchnorm_normalising_with_batch_statistics(backend):
+    """``bn_stats="support"`` reaches only EpisodicBatchNorm: a torch BatchNorm using batch
+    statistics (training mode, or no running statistics) would normalise the query with its own."""
+    batch = TaskBatch([episode(s) for s in range(2)])
+    with pytest.raises(ConfigError, match=r"BatchNorm layer\(s\) trunk.norm .*bn_stats: transductive"):
+        run("user", "maml", backend, batch, steps=1, lr=0.1, bn_stats="support")
+    ep = episode(0)
+    # eval mode: the running statistics normalise every image on its own, as documented
+    learner = MetaLearner(user_model(3), build_algorithm("maml", steps=1, lr=0.1, bn_stats="support", backend=backend),
+                          device="cpu")
+    full, one = learner.predict(ep.support_x, ep.support_y, ep.query_x), learner.predict(ep.support_x, ep.support_y,
+                                                                                       ep.query_x[:1])
+    torch.testing.assert_close(full[:1], one)
+    model = user_model(3)
+    model.trunk.norm = nn.BatchNorm2d(3, track_running_stats=False)
+    learner = MetaLearner(model, build_algorithm("maml", steps=1, lr=0.1, bn_stats="support", backend=backend),
+                          device="cpu")
+    with pytest.raises(ConfigError, match="trunk.norm"):
+        learner.predict(ep.support_x, ep.support_y, ep.query_x)
