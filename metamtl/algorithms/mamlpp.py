@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..adaptation import FirstOrder, MetaGradient, add_loss_terms, batched_task_loss, check_positive
+from ..adaptation.optim import check_learnable_rates
 from ..errors import ConfigError, unknown_name
 from ..models.backbones import TrunkHead
 from ..models.norm import BN_EVAL_STATS, StepNorms, torch_batch_norms
@@ -94,6 +95,8 @@ class MAMLPlusPlus(MAML):
             raise ConfigError("mamlpp per_step_bn needs adapt='all' (the trunk must run inside the inner loop)")
         if self.inner.steps < 1:
             raise ConfigError("mamlpp needs steps >= 1")
+        if learn_lr:
+            check_learnable_rates(self.name, self.inner.optimizer)
         self.learn_lr, self.per_step_bn, self.bn_eval = learn_lr, per_step_bn, bn_eval
         self.bn_momentum = float(bn_momentum)
         self.multi_step_iterations, self.first_order_iterations = multi_step_iterations, first_order_iterations
