@@ -275,7 +275,12 @@ class InnerProblem:
         logits, feats = self.engine.forward(self, params, self.tensors(k), context[0], self.module_taps)
         feats = {**self.input_features, **feats}
         loss = batched_task_loss(logits, self.support_y)
-        return self.objective(InnerView(self, k, params, logits, loss, feats, list(context[1:]))), loss
+        objective = self.objective(InnerView(self, k, params, logits, loss, feats, list(context[1:])))
+        if not isinstance(objective, torch.Tensor) or objective.shape != loss.shape:
+            got = list(objective.shape) if isinstance(objective, torch.Tensor) else type(objective).__name__
+            raise InputError(f"inner_objective must return a tensor of shape {list(loss.shape)}, one objective per "
+                             f"task of the chunk (e.g. default_objective(view) + a term per task), got {got}")
+        return objective, loss
 
     def _step(self, state: Tensors, k: int, context: Sequence[torch.Tensor], create_graph: bool,
               tape: bool) -> tuple[Tensors, torch.Tensor]:
@@ -549,7 +554,7 @@ def build_problem(
         check_support_statistics(model)
     tasks = support_x.shape[0]
     training = model.trunk.training  # (a wrapper model, e.g. Transfer's cosine features, keeps its own flag)
-    fixed_of = (lambda k: tensors(k, training)) if tensors is not None else (lambda k: {})
+    fixed_of = (lambda k: _step_tensors(tensors, k, training)) if tensors is not None else (lambda k: {})
     fixed_names = set(fixed_of(0))
     # a frozen weight (``requires_grad=False``) takes part in the forward pass as it is: neither
     # adapted nor meta-learned (the per-task head template is frozen but always supplied: ``head``)
@@ -588,11 +593,23 @@ def build_problem(
     return problem
 
 
+def _step_tensors(tensors: Callable[[int, bool], dict], k: int, training: bool) -> dict[str, torch.Tensor]:
+    out = tensors(k, training)
+    if not isinstance(out, dict) or not all(isinstance(v, torch.Tensor) for v in out.values()):
+        raise InputError(f"step_tensors must return a dict {{name: tensor}} (empty for none); it returned "
+                         f"{type(out).__name__} at step {k}")
+    return out
+
+
 def _rates(settings: InnerLoop, lrs: Callable | None, names: list[str], k: int) -> list:
     out = lrs(names, k) if lrs is not None else None
     if out is None:
         return [settings.lr] * len(names)
-    out = list(out)
+    try:
+        out = list(out)
+    except TypeError:
+        raise InputError(f"inner_lrs must return a list of rates, one per name it is given, or None for the inner "
+                         f"lr; it returned {type(out).__name__} at step {k}") from None
     if len(out) != len(names):
         raise InputError(f"inner_lrs returned {len(out)} rate(s) at step {k} for {len(names)} adapted weights: "
                          "return one rate (a float or a tensor) per name it is given, in that order, or None for "
