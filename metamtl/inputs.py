@@ -210,17 +210,23 @@ def check_trunk_features(model: TrunkHead, x: torch.Tensor) -> None:
     out = _first_output(trunk, x[:1])
     name = type(trunk).__name__
     shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    flat = ConfigError(
+        f"the trunk {name} gives features of shape {shape} for one example; per-task heads and prototypes "
+        "need one flat feature vector per example, [batch, features]: flatten them in the trunk (e.g. end "
+        "it with nn.Flatten()) and set trunk.out_features to the number of features"
+    )
     if not _UNCHECKED[model]:
-        check_model_output(model, x)
+        try:
+            check_model_output(model, x)
+        except InputError as exc:
+            if isinstance(out, torch.Tensor):
+                raise
+            raise flat from exc  # (features, aux): the head cannot take them either
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         if not _UNCHECKED[model]:
             del _UNCHECKED[model]  # the model's own head takes the trunk's output, whatever its shape
             return
-        raise ConfigError(
-            f"the trunk {name} gives features of shape {shape} for one example; per-task heads and prototypes "
-            "need one flat feature vector per example, [batch, features]: flatten them in the trunk (e.g. end "
-            "it with nn.Flatten()) and set trunk.out_features to the number of features"
-        )
+        raise flat
     declared = getattr(trunk, "out_features", None)
     said = "trunk.out_features" if declared is not None else "the head's in_features"
     if declared is None and model.head is not None:
@@ -240,7 +246,7 @@ def check_model_output(model: TrunkHead, x: torch.Tensor) -> None:
     targets (every prediction against every target) and train on a wrong value silently."""
     try:
         out = _eval_run(model, x[:1])
-    except (RuntimeError, ValueError) as exc:
+    except (RuntimeError, ValueError, TypeError) as exc:
         raise InputError(f"the model could not run on inputs of shape {list(x[:1].shape)}: {exc}") from exc
     shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
     if shape != [1, model.out_features]:
@@ -275,7 +281,7 @@ def _first_output(trunk: nn.Module, x: torch.Tensor) -> Any:
     :class:`InputError` naming the input's shape (torch's message attached)."""
     try:
         return _eval_run(trunk, x)
-    except (RuntimeError, ValueError) as exc:
+    except (RuntimeError, ValueError, TypeError) as exc:
         if _laid_out_nhwc(trunk) and _runs_in_nchw(trunk, x):
             raise ConfigError(
                 f"the trunk {type(trunk).__name__} fails in the channels_last (NHWC) memory layout but runs in NCHW "

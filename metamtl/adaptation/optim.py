@@ -350,3 +350,19 @@ def higher_optimizers() -> tuple[type, ...]:
     """The ``torch.optim`` classes ``higher`` has a differentiable version of (``higher.register_optim``
     adds more)."""
     return tuple(higher.optim._opt_mapping)
+
+
+#: ``torch.optim`` classes whose differentiable ``higher`` version reads ``lr`` as one Python number
+#: (``Rprop`` fills its step sizes with it, ``ASGD`` turns it into a float): no learned inner rates
+SCALAR_LR_OPTIMIZERS: tuple[type, ...] = (torch.optim.Rprop, torch.optim.ASGD)
+
+
+def check_learnable_rates(algorithm: str, optimizer: Any) -> None:
+    """:class:`ConfigError` when the inner ``optimizer`` (a ``torch.optim`` class on backend
+    higher) cannot take the learned rates ``algorithm`` hands it."""
+    if isinstance(optimizer, type) and issubclass(optimizer, SCALAR_LR_OPTIMIZERS):
+        raise ConfigError(
+            f"{algorithm} learns its inner learning rates (tensors), but higher's {optimizer.__name__} takes its lr "
+            "as one Python number only, so the rates would fail or not learn; use another inner optimizer (e.g. sgd, "
+            "adam, or torch.optim.SGD/Adam on backend higher)"
+            + ("" if algorithm != "mamlpp" else ", or learn_lr: false"))

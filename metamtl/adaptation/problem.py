@@ -21,7 +21,7 @@ from torch.func import functional_call, vmap
 from ..errors import ConfigError, InputError
 from ..models.backbones import TrunkHead
 from ..models.heads import LinearHead, initial_head_params
-from ..models.norm import support_rows
+from ..models.norm import support_rows, torch_batch_norms
 from .optim import INNER_OPTIMIZERS, InnerOptimizer, build_optimizer, higher_class, torch_settings
 from .settings import InnerLoop, LossContext, batched_task_loss, term_taps
 
@@ -206,7 +206,8 @@ class InnerProblem:
         fixed: dict[str, torch.Tensor] = {}
         if self.settings.bn_stats == "support" and x is not sx:
             fixed = support_rows(trunk, sx.shape[1])
-            x = torch.cat([sx, x], 1)
+            if fixed:  # no metamtl norm layer: nothing reads the support rows, the query runs alone
+                x = torch.cat([sx, x], 1)
 
         def one(_: Tensors, xi: torch.Tensor) -> torch.Tensor:
             return functional_call(trunk, fixed, (xi,)) if fixed else trunk(xi)
@@ -222,9 +223,11 @@ class InnerProblem:
         """Logits ``[T, N, ...]`` of module inputs ``x`` with ``params`` (weights after ``k`` updates)."""
         fixed = self.tensors(k)
         rows = 0
-        if not self.head_only and self.settings.bn_stats == "support" and x is not self.inputs:
+        support = {} if self.head_only or self.settings.bn_stats != "support" or x is self.inputs else \
+            support_rows(self.module, self.support_x.shape[1])
+        if support:  # (no metamtl norm layer: nothing reads the support rows, the query runs alone)
             rows = self.support_x.shape[1]
-            fixed = {**fixed, **support_rows(self.module, rows)}
+            fixed = {**fixed, **support}
             x = torch.cat([self.support_x, x], 1)
         logits, feats = self.engine.forward(self, params, fixed, x, taps)
         return (logits[:, rows:] if rows else logits), feats
@@ -272,7 +275,12 @@ class InnerProblem:
         logits, feats = self.engine.forward(self, params, self.tensors(k), context[0], self.module_taps)
         feats = {**self.input_features, **feats}
         loss = batched_task_loss(logits, self.support_y)
-        return self.objective(InnerView(self, k, params, logits, loss, feats, list(context[1:]))), loss
+        objective = self.objective(InnerView(self, k, params, logits, loss, feats, list(context[1:])))
+        if not isinstance(objective, torch.Tensor) or objective.shape != loss.shape:
+            got = list(objective.shape) if isinstance(objective, torch.Tensor) else type(objective).__name__
+            raise InputError(f"inner_objective must return a tensor of shape {list(loss.shape)}, one objective per "
+                             f"task of the chunk (e.g. default_objective(view) + a term per task), got {got}")
+        return objective, loss
 
     def _step(self, state: Tensors, k: int, context: Sequence[torch.Tensor], create_graph: bool,
               tape: bool) -> tuple[Tensors, torch.Tensor]:
@@ -501,6 +509,31 @@ ENGINES: dict[str, Engine] = {"core": CoreEngine(), "higher": HigherEngine()}
 
 
 # -- building a problem ----------------------------------------------------------------------------
+def check_support_statistics(model: nn.Module) -> None:
+    """:class:`ConfigError` when ``bn_stats="support"`` cannot reach a BatchNorm layer that
+    normalises with batch statistics: a torch one would normalise the query with its own."""
+    layers = torch_batch_norms(model, batch_statistics=True)
+    if layers:
+        raise ConfigError(
+            f"bn_stats: support normalises query images with the support set's statistics only in metamtl's "
+            f"EpisodicBatchNorm layers; the torch BatchNorm layer(s) {', '.join(layers)} of this model normalise "
+            "with the statistics of their batch (training mode, or track_running_stats=False), the query's "
+            "own. Use bn_stats: transductive, or build those layers as metamtl.models.EpisodicBatchNorm")
+
+
+def check_registered_once(module: nn.Module) -> None:
+    """:class:`ConfigError` when a sub-module holding weights is registered under several names
+    (``nn.Sequential(block, block)``): ``functional_call`` would leave adapted tensors in it."""
+    seen: dict[int, str] = {}
+    for name, m in module.named_modules(remove_duplicate=False):
+        first = seen.setdefault(id(m), name)
+        if first != name and (next(m.parameters(recurse=False), None) is not None
+                              or next(m.buffers(recurse=False), None) is not None):
+            raise ConfigError(
+                f"the model registers one {type(m).__name__} with weights under two names, {first!r} and {name!r} "
+                "(e.g. nn.Sequential(block, block)); the core engine adapts each weight under one name only. "
+                "Share the weights by registering the module once and calling it twice in forward(), "
+                "or use backend: higher")
 def build_problem(
     settings: InnerLoop, model: TrunkHead, support_x: torch.Tensor, support_y: torch.Tensor, ways: int, *,
     steps: int | None = None,
@@ -515,9 +548,13 @@ def build_problem(
     if support_y.is_floating_point():  # regression targets [T, S, d]: d outputs (a per-task head's too)
         ways = support_y.shape[-1] if support_y.dim() == 3 else 1
     module = task_module(model, ways, settings.adapt, settings.head_init)
+    if engine is ENGINES["core"]:
+        check_registered_once(module)
+    if settings.bn_stats == "support":
+        check_support_statistics(model)
     tasks = support_x.shape[0]
     training = model.trunk.training  # (a wrapper model, e.g. Transfer's cosine features, keeps its own flag)
-    fixed_of = (lambda k: tensors(k, training)) if tensors is not None else (lambda k: {})
+    fixed_of = (lambda k: _step_tensors(tensors, k, training)) if tensors is not None else (lambda k: {})
     fixed_names = set(fixed_of(0))
     # a frozen weight (``requires_grad=False``) takes part in the forward pass as it is: neither
     # adapted nor meta-learned (the per-task head template is frozen but always supplied: ``head``)
@@ -556,11 +593,23 @@ def build_problem(
     return problem
 
 
+def _step_tensors(tensors: Callable[[int, bool], dict], k: int, training: bool) -> dict[str, torch.Tensor]:
+    out = tensors(k, training)
+    if not isinstance(out, dict) or not all(isinstance(v, torch.Tensor) for v in out.values()):
+        raise InputError(f"step_tensors must return a dict {{name: tensor}} (empty for none); it returned "
+                         f"{type(out).__name__} at step {k}")
+    return out
+
+
 def _rates(settings: InnerLoop, lrs: Callable | None, names: list[str], k: int) -> list:
     out = lrs(names, k) if lrs is not None else None
     if out is None:
         return [settings.lr] * len(names)
-    out = list(out)
+    try:
+        out = list(out)
+    except TypeError:
+        raise InputError(f"inner_lrs must return a list of rates, one per name it is given, or None for the inner "
+                         f"lr; it returned {type(out).__name__} at step {k}") from None
     if len(out) != len(names):
         raise InputError(f"inner_lrs returned {len(out)} rate(s) at step {k} for {len(names)} adapted weights: "
                          "return one rate (a float or a tensor) per name it is given, in that order, or None for "

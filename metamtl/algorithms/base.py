@@ -36,7 +36,7 @@ from ..adaptation import (
 )
 from ..adaptation.gradients import cuda_devices
 from ..adaptation.threads import DrewRandomNumbers, in_worker, map_chunks, threadable
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from ..allocator import trim_above
 from ..memory import FASTEST, PLAN_MODES, Footprint, MemoryPlan, graph_mb, plan_memory, rss_mb
 from ..models.backbones import TrunkHead
@@ -189,6 +189,29 @@ class Algorithm(nn.Module):
         """The second-order rule of :attr:`memory_mode` (full unroll, checkpointed or implicit)."""
         return second_order_rule(self.memory_mode, self.inner.cg_steps)
 
+    def checked_rule(self, iteration: int) -> MetaGradient:
+        """:meth:`meta_gradient`, checked: an :class:`~metamtl.errors.InputError` unless it is a rule object."""
+        rule = self.meta_gradient(iteration)
+        if isinstance(rule, type) or not callable(getattr(rule, "backward", None)):
+            raise InputError(f"{type(self).__name__}.meta_gradient must return a rule object with "
+                             f"backward(problem, outer, weight), e.g. FirstOrder() (an instance), got {rule!r}")
+        return rule
+
+    def checked_outer(self, adapted: Adapted, query_x: torch.Tensor, query_y: torch.Tensor,
+              iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`outer_objective`, checked: an :class:`~metamtl.errors.InputError` unless it gives
+        ``(objective [T], logits)``."""
+        out = self.outer_objective(adapted, query_x, query_y, iteration)
+        tasks = adapted.problem.tasks
+        if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)
+                and out[0].shape == (tasks,)):
+            got = (f"a tensor of shape {list(out.shape)}" if isinstance(out, torch.Tensor) else
+                   f"({', '.join(str(list(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__ for t in out)})"
+                   if isinstance(out, tuple) else type(out).__name__)
+            raise InputError(f"{type(self).__name__}.outer_objective must return (objective [T], logits): one "
+                             f"objective per task of the chunk ([{tasks}]) and the query logits, got {got}")
+        return out
+
     # -- declarations ------------------------------------------------------------------------
     def meta_gradient(self, iteration: int) -> MetaGradient:
         """The meta-gradient rule at meta-iteration ``iteration``."""
@@ -278,7 +301,7 @@ class Algorithm(nn.Module):
         before each inner step (``inner_loss/step_k``).
         """
         self.setup(model)
-        if self.inner.memory != "auto" or not self.meta_gradient(iteration).second_order:  # memory: not used
+        if self.inner.memory != "auto" or not self.checked_rule(iteration).second_order:  # memory: not used
             return self._meta_step(model, batch, iteration)
         cpu = batch[0].support_x.device.type == "cpu"  # free heap memory must not break the budget
         with trim_above(rss_mb() + self.inner.max_memory_mb) if cpu else contextlib.nullcontext():
@@ -303,7 +326,7 @@ class Algorithm(nn.Module):
         return None
 
     def _meta_step(self, model: TrunkHead, batch: TaskBatch, iteration: int) -> dict[str, float]:
-        rule = self.meta_gradient(iteration)
+        rule = self.checked_rule(iteration)
         n = len(batch)
         chunks = self.chunks(batch, training=True, rule=rule, model=model)
 
@@ -312,7 +335,7 @@ class Algorithm(nn.Module):
             first = batch[positions[0]]
             problem = self.problem(m, sx, sy, first.ways)
             adapted, _, logits = rule.backward(
-                problem, lambda a: self.outer_objective(a, qx, qy, iteration), 1.0 / n)
+                problem, lambda a: self.checked_outer(a, qx, qy, iteration), 1.0 / n)
             out = {"loss": batched_task_loss(logits, qy)}
             if first.is_classification:
                 out["accuracy"] = (logits.argmax(-1) == qy).float().mean(1)
@@ -405,7 +428,7 @@ class Algorithm(nn.Module):
         sub-batches have been stepped (multi-task: one :meth:`meta_step` per dataset, each planning
         its own shapes): the mode, the smallest chunk and the largest estimate of them all, not the
         last sub-batch's.  Every shape was probed by those steps: nothing runs the model again."""
-        if self.inner.memory == "auto" and self.meta_gradient(iteration).second_order:
+        if self.inner.memory == "auto" and self.checked_rule(iteration).second_order:
             self.plan_memory(model, batch, iteration)
 
     def _shape(self, batch: TaskBatch, positions: Sequence[int]) -> tuple:
@@ -490,7 +513,7 @@ class Algorithm(nn.Module):
             keep += [*state, problem.inputs]
             step_mb, new = graph_mb(lambda: problem.step(state, 0, problem.context(start), create_graph=True), keep)
             adapted = Adapted(problem, [start] + [new[:len(start)]] * problem.steps, [])
-            query_mb, _ = graph_mb(lambda: self.outer_objective(adapted, q_x, q_y, iteration), keep + new)
+            query_mb, _ = graph_mb(lambda: self.checked_outer(adapted, q_x, q_y, iteration), keep + new)
             state_mb = sum(t.numel() * t.element_size() for t in state) / 2**20
             return step_mb, query_mb, state_mb, context_mb, len(s), len(q)
 

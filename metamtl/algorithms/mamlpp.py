@@ -1,15 +1,17 @@
 """MAML++ (Antoniou, Edwards & Storkey 2019, "How to train your MAML")."""
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from ..adaptation import FirstOrder, MetaGradient, add_loss_terms, batched_task_loss, check_positive
+from ..adaptation.optim import check_learnable_rates
 from ..errors import ConfigError, unknown_name
 from ..models.backbones import TrunkHead
-from ..models.norm import BN_EVAL_STATS, StepNorms
+from ..models.norm import BN_EVAL_STATS, StepNorms, torch_batch_norms
 from .maml import MAML
 from .metasgd import learned_rates, lr_key
 
@@ -40,7 +42,7 @@ class MAMLPlusPlus(MAML):
       annealed towards the last step (:func:`multi_step_weights`); then the last step only.
     * **LSLR** (``learn_lr``): a learned inner learning rate per weight tensor (layer) and per
       step, starting at ``lr``; evaluation with more steps than training reuses the last step's.
-    * **BNWB + BNRS** (``per_step_bn``): every BatchNorm layer gets per-step weights, biases and
+    * **BNWB + BNRS** (``per_step_bn``): every EpisodicBatchNorm layer gets per-step weights, biases and
       running statistics (:class:`~metamtl.models.StepNorms`), set ``k`` used by forward passes
       whose weights have had ``k`` updates (``steps + 1`` sets; more eval steps reuse the last).
       These weights are meta-learned, not adapted in the inner loop (the layers' own affine
@@ -93,6 +95,8 @@ class MAMLPlusPlus(MAML):
             raise ConfigError("mamlpp per_step_bn needs adapt='all' (the trunk must run inside the inner loop)")
         if self.inner.steps < 1:
             raise ConfigError("mamlpp needs steps >= 1")
+        if learn_lr:
+            check_learnable_rates(self.name, self.inner.optimizer)
         self.learn_lr, self.per_step_bn, self.bn_eval = learn_lr, per_step_bn, bn_eval
         self.bn_momentum = float(bn_momentum)
         self.multi_step_iterations, self.first_order_iterations = multi_step_iterations, first_order_iterations
@@ -111,6 +115,13 @@ class MAMLPlusPlus(MAML):
         if self.per_step_bn:
             if self.norms is None:
                 self.norms = StepNorms(model, self.inner.steps + 1, self.bn_momentum, self.bn_eval)
+                unreached = torch_batch_norms(model)
+                if unreached:
+                    warnings.warn(
+                        f"mamlpp per_step_bn applies to metamtl's EpisodicBatchNorm layers only: the torch BatchNorm "
+                        f"layer(s) {', '.join(unreached)} get no per-step weights or running statistics (bn_eval and "
+                        "bn_momentum do not reach them) and adapt like any weight. Set per_step_bn: false to say "
+                        "so, or build them as metamtl.models.EpisodicBatchNorm", UserWarning, stacklevel=2)
             else:
                 self.norms.bind(model)
         if self.learn_lr:

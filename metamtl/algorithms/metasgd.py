@@ -6,6 +6,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..adaptation.optim import check_learnable_rates
 from ..errors import ConfigError
 from ..models.backbones import TrunkHead
 from .maml import MAML
@@ -66,6 +67,7 @@ class MetaSGD(MAML):
 
     def __init__(self, inner=None, **inner_kwargs) -> None:
         super().__init__(inner, **inner_kwargs)
+        check_learnable_rates(self.name, self.inner.optimizer)
         self.lrs = nn.ParameterDict()
 
     def lr_shapes(self, model: TrunkHead) -> dict[str, tuple[int, ...]]:

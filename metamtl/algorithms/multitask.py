@@ -116,7 +116,7 @@ class MultiTask(Algorithm):
             groups.setdefault(ep.dataset, []).append(i)
         self.strategy.index(list(groups))  # clear error for an unknown dataset
         self.setup(model)
-        if self.inner.memory == "auto" and self.base.meta_gradient(iteration).second_order:
+        if self.inner.memory == "auto" and self.base.checked_rule(iteration).second_order:
             for name, positions in groups.items():  # every dataset's shapes first: one mode for all of them
                 with dataset_scope(name):
                     self.base.plan_memory(model, TaskBatch([batch[i] for i in positions]), iteration)

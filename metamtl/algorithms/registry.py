@@ -12,13 +12,30 @@ from .base import DATA_SETTINGS, Algorithm
 ALGORITHMS: dict[str, type[Algorithm]] = {}
 
 
-def register_algorithm(cls: type[Algorithm]) -> type[Algorithm]:
-    """Class decorator adding an algorithm to :data:`ALGORITHMS` under ``cls.name``."""
+def register_algorithm(cls: type[Algorithm] | None = None, *, replace: bool = False) -> Any:
+    """Class decorator adding an algorithm to :data:`ALGORITHMS` under ``cls.name``.
+
+    The class must set its own ``name``; a name another class holds is a
+    :class:`~metamtl.errors.ConfigError` unless ``replace=True`` (``@register_algorithm(replace=True)``)
+    or the class is a new definition of the same one (a module reloaded, a notebook cell re-run).
+    """
+    if cls is None:
+        return lambda klass: register_algorithm(klass, replace=replace)
+    name = vars(cls).get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"algorithm class {cls.__qualname__} sets no name of its own (it would take "
+                          f"{getattr(cls, 'name', None)!r} from its base class); give it one: name = \"my_algorithm\"")
     unknown = [key for key in cls.from_data if key not in DATA_SETTINGS]
     if unknown:
-        raise ConfigError(f"algorithm {cls.name!r} declares from_data {unknown} that the data cannot give; "
+        raise ConfigError(f"algorithm {name!r} declares from_data {unknown} that the data cannot give; "
                           f"an algorithm can take {', '.join(DATA_SETTINGS)} from the data")
-    ALGORITHMS[cls.name] = cls
+    held = ALGORITHMS.get(name)
+    same = held is not None and (held.__module__, held.__qualname__) == (cls.__module__, cls.__qualname__)
+    if held is not None and held is not cls and not same and not replace:
+        raise ConfigError(f"algorithm name {name!r} is already registered by {held.__module__}.{held.__qualname__}; "
+                          f"give {cls.__qualname__} another name, or replace it deliberately with "
+                          "@register_algorithm(replace=True)")
+    ALGORITHMS[name] = cls
     return cls
 
 

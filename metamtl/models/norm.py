@@ -85,6 +85,15 @@ def norm_layers(model: nn.Module) -> dict[str, EpisodicBatchNorm]:
     return {n: m for n, m in model.named_modules() if isinstance(m, EpisodicBatchNorm)}
 
 
+def torch_batch_norms(model: nn.Module, batch_statistics: bool = False) -> list[str]:
+    """Names of ``model``'s torch BatchNorm layers that are not :class:`EpisodicBatchNorm` (which
+    per-step sets and ``support_rows`` cannot reach); with ``batch_statistics`` only those that
+    normalise with the statistics of their batch now (training mode, or no running statistics)."""
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, EpisodicBatchNorm)
+            and (not batch_statistics or m.training or m.running_mean is None)]
+
+
 def support_rows(model: nn.Module, rows: int, prefix: str = "") -> dict[str, torch.Tensor]:
     """The tensors that make ``model``'s norm layers use the statistics of the first ``rows`` rows."""
     value = torch.tensor(int(rows))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metamtl.algorithms import ALGORITHMS, DATA_SETTINGS, MAML, register_algorithm, with_data_settings
+from metamtl.algorithms import ALGORITHMS, DATA_SETTINGS, MAML, Algorithm, register_algorithm, with_data_settings
 from metamtl.config import config_from_dict
 from metamtl.data import ClassDataset, Preprocessing
 from metamtl.errors import ConfigError
@@ -100,3 +100,36 @@ def test_declaring_what_the_data_cannot_give_is_a_clear_error():
     with pytest.raises(ConfigError, match=r"\['image_size'\].*can take num_classes, datasets"):
         register_algorithm(Greedy)
     assert "test_greedy" not in ALGORITHMS and set(DATA_SETTINGS) == {"num_classes", "datasets"}
+
+
+def test_registering_a_taken_name_or_no_name_of_its_own_is_a_config_error():
+    class MyMAML(MAML):  # forgot its own name: would take over "maml"
+        pass
+
+    class MyProto(MAML):
+        name = "protonet"
+
+    class NoName(Algorithm):
+        pass
+
+    with pytest.raises(ConfigError, match="MyMAML sets no name of its own.*'maml'"):
+        register_algorithm(MyMAML)
+    with pytest.raises(ConfigError, match="'protonet' is already registered by metamtl.*replace=True"):
+        register_algorithm(MyProto)
+    with pytest.raises(ConfigError, match="NoName sets no name"):
+        register_algorithm(NoName)
+    assert ALGORITHMS["maml"] is MAML and ALGORITHMS["protonet"].__name__ == "ProtoNet" and "base" not in ALGORITHMS
+    assert register_algorithm(MAML) is MAML  # the same class again: fine
+
+    def define():
+        class Mine(MAML):
+            name = "test_mine"
+        return Mine
+
+    try:
+        first, again = register_algorithm(define()), define()
+        assert register_algorithm(again) is again and ALGORITHMS["test_mine"] is again  # a re-run definition
+        replaced = register_algorithm(replace=True)(type("Other", (MAML,), {"name": "test_mine"}))
+        assert ALGORITHMS["test_mine"] is replaced is not first
+    finally:
+        ALGORITHMS.pop("test_mine", None)

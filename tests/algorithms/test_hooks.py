@@ -175,3 +175,28 @@ def test_keyword_settings_that_contradict_an_algorithms_fixed_ones_are_refused_n
         with pytest.raises(ConfigError, match=rf"fixes .*drop the contradictory setting\(s\) \{{'{clash}'"):
             make()
     assert ANIL(adapt="head").inner.adapt == "head" and FOMAML(first_order=True, steps=2).inner.steps == 2
+
+
+BAD_DECLARATIONS = {
+    "outer_objective": (lambda s, a, qx, qy, it: F.cross_entropy(a(qx)[0], qy[0]),
+                        r"outer_objective must return \(objective \[T\], logits\).*got a tensor of shape \[\]"),
+    "meta_gradient": (lambda s, it: FirstOrder, r"meta_gradient must return a rule object with backward"),
+    "inner_lrs": (lambda s, names, k: 0.1, "inner_lrs must return a list of rates.*returned float"),
+    "step_tensors": (lambda s, k, training: None, r"step_tensors must return a dict \{name: tensor\}.*NoneType"),
+    "inner_objective": (lambda s, view: 1.0, r"inner_objective must return a tensor of shape \[1\].*got float"),
+}
+
+
+@pytest.mark.parametrize("method", list(BAD_DECLARATIONS))
+def test_a_declaration_returning_the_wrong_type_is_an_input_error_naming_it(method):
+    from metamtl.algorithms import MAML
+    from metamtl.tasks import TaskBatch
+
+    fn, match = BAD_DECLARATIONS[method]
+    alg = type("Bad", (MAML,), {"name": "test_bad", method: fn})(steps=1, lr=0.1)
+    with pytest.raises(InputError, match=match):
+        alg.meta_step(tiny(), TaskBatch([episode()]), 0)
+    if method == "meta_gradient":
+        alg = type("Bad", (MAML,), {"name": "test_bad", method: lambda s, it: "first_order"})(steps=1, lr=0.1)
+        with pytest.raises(InputError, match="got 'first_order'"):
+            alg.meta_step(tiny(), TaskBatch([episode()]), 0)

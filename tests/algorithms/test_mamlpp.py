@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call
 
 from metamtl import MetaLearner
 from metamtl.algorithms import build_algorithm, multi_step_weights
 from metamtl.errors import ConfigError
-from metamtl.models import build_model
+from metamtl.models import TrunkHead, build_model
 from metamtl.tasks import TaskBatch
 
 from algo_utils import episode, tiny
@@ -201,3 +203,19 @@ def test_learned_rates_made_for_another_model_are_a_config_error_as_in_metasgd()
     other.setup(tiny(None))
     with pytest.raises(ConfigError, match="another model"):  # other weights (used to fail later, or not at all)
         other.setup(build_model("mlp", in_features=64, hidden=[6], out_features=None))
+
+
+def test_per_step_batchnorm_warns_about_torch_batchnorm_layers_it_cannot_reach():
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(256, 6))
+    trunk.out_features = 6
+    alg = build_algorithm("mamlpp", steps=2, lr=0.1, per_step_bn=True)
+    with pytest.warns(UserWarning, match=r"per_step_bn applies to metamtl's EpisodicBatchNorm.*layer\(s\) trunk.1 .*"
+                                         r"per_step_bn: false"):
+        alg.setup(TrunkHead(trunk, nn.Linear(6, 3)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_algorithm("mamlpp", steps=2, lr=0.1, per_step_bn=False).setup(TrunkHead(trunk, nn.Linear(6, 3)))
+        conv4 = build_algorithm("mamlpp", steps=2, lr=0.1)
+        conv4.setup(tiny())
+        assert len(conv4.norms.features) == 2

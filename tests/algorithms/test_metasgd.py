@@ -97,3 +97,14 @@ def test_bad_learning_rates_are_refused():
     alg.setup(tiny())
     with pytest.raises(ConfigError, match="another model"):
         alg.setup(tiny(hidden=5))
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.Rprop, torch.optim.ASGD])
+def test_learned_rates_with_a_torch_optimizer_taking_a_scalar_lr_on_higher_are_refused_when_built(optimizer):
+    """higher's Rprop and ASGD read ``lr`` as one Python number: learned rates failed deep inside
+    (Rprop) or silently stopped learning (ASGD turned them into floats)."""
+    for name, kw in (("metasgd", {}), ("mamlpp", {})):
+        with pytest.raises(ConfigError, match=f"{name} learns its inner learning rates.*{optimizer.__name__}"):
+            build_algorithm(name, steps=1, lr=0.1, backend="higher", optimizer=optimizer, **kw)
+    build_algorithm("mamlpp", steps=1, lr=0.1, backend="higher", optimizer=optimizer, learn_lr=False)
+    build_algorithm("maml", steps=1, lr=0.1, backend="higher", optimizer=optimizer)

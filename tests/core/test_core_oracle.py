@@ -17,6 +17,7 @@ from torch import nn
 from metamtl import MetaLearner
 from metamtl.algorithms import build_algorithm
 from metamtl.distill import FeatureDistillation, SoftTargets
+from metamtl.errors import ConfigError
 from metamtl.models import TrunkHead, build_model
 from metamtl.tasks import Episode, TaskBatch
 
@@ -186,7 +187,6 @@ def test_higher_engine_takes_any_torch_optimizer_class_higher_knows():
     batch = TaskBatch([episode(0)])
     grads, _ = run("user", "maml", "higher", batch, steps=2, lr=0.05, optimizer=torch.optim.Rprop)
     assert all(torch.isfinite(g).all() for g in grads.values())
-    from metamtl.errors import ConfigError
     with pytest.raises(ConfigError, match="backend 'higher'"):
         build_algorithm("maml", optimizer=torch.optim.Rprop)
 
@@ -241,3 +241,87 @@ def test_task_chunks_of_a_model_that_writes_buffers_equal_one_task_per_call(name
     ref = run("user", name, "core", batch, 0, 1, **settings)
     assert ref[0]["buffer.trunk.mu"].abs().sum() > 0
     assert_same(ref, run("user", name, "core", batch, 0, 3, **settings))
+
+
+def mlp_model(out_features):
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Flatten(), nn.Linear(64, 6), nn.Tanh())
+    trunk.out_features = 6
+    return TrunkHead(trunk, nn.Linear(6, out_features) if out_features else None)
+
+
+@pytest.mark.parametrize("name,settings", [("anil", dict(steps=2, lr=0.5)),
+                                           ("anil", dict(steps=2, lr=0.3, head_init="proto")),
+                                           ("maml", dict(steps=2, lr=0.3))])
+def test_support_statistics_on_a_model_without_norm_layers_change_nothing(name, settings, monkeypatch):
+    """``bn_stats="support"`` on a model with no metamtl norm layer: nothing reads the support
+    rows, so predictions have one row per query and meta-gradients equal ``"transductive"``'s."""
+    monkeypatch.setitem(MODELS, "user", mlp_model)
+    batch = TaskBatch([episode(s) for s in range(2)])
+    for backend in ("core", "higher"):
+        ref = run("user", name, backend, batch, **settings)
+        assert_same(ref, run("user", name, backend, batch, bn_stats="support", **settings))
+    ep = episode(0)
+    per_task_head = settings.get("head_init", "learned") != "learned"
+    learner = MetaLearner(mlp_model(None if per_task_head else 3),
+                          build_algorithm(name, bn_stats="support", **settings), device="cpu")
+    out = learner.predict(ep.support_x, ep.support_y, ep.query_x[:4])
+    assert tuple(out.shape) == (4, 3)
+
+
+def twice_registered_model(out_features):
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+    trunk = nn.Sequential(nn.Flatten(), nn.Linear(64, 6), block, block)  # one block, two names
+    trunk.out_features = 6
+    return TrunkHead(trunk, nn.Linear(6, out_features))
+
+
+@pytest.mark.parametrize("name", ["maml", "fomaml", "reptile", "metasgd", "mamlpp"])
+def test_a_module_registered_twice_is_refused_by_the_core_and_never_changes_the_model(name, monkeypatch):
+    """``nn.Sequential(block, block)``: the core's ``functional_call`` cannot adapt the block's
+    weights under both names; it refuses up front (the model untouched), the higher engine runs it."""
+    monkeypatch.setitem(MODELS, "user", twice_registered_model)
+    batch = TaskBatch([episode(s) for s in range(2)])
+    model = twice_registered_model(3)
+    before = {n: p for n, p in model.named_parameters()}
+    values = {n: p.detach().clone() for n, p in before.items()}
+    learner = MetaLearner(model, build_algorithm(name, steps=2, lr=0.5), device="cpu")
+    ep = episode(0)
+    with pytest.raises(ConfigError, match=r"'trunk.2.0'.*backend: higher"):
+        learner.predict(ep.support_x, ep.support_y, ep.query_x)
+    with pytest.raises(ConfigError, match="registers one Linear"):
+        run("user", name, "core", batch, steps=2, lr=0.5)
+    for n, p in model.named_parameters():
+        assert p is before[n] and isinstance(p, nn.Parameter) and torch.equal(p, values[n])
+    grads, _ = run("user", name, "higher", batch, steps=2, lr=0.5)
+    assert grads["trunk.2.0.weight"].abs().sum() > 0
+    # head-only adaptation never swaps the trunk's weights; a shared module without weights is fine
+    run("user", "anil", "core", batch, steps=2, lr=0.5)
+    act = nn.Tanh()
+    trunk = nn.Sequential(nn.Flatten(), nn.Linear(64, 6), act, nn.Linear(6, 6), act)
+    trunk.out_features = 6
+    assert MetaLearner(TrunkHead(trunk, nn.Linear(6, 3)), build_algorithm(name, steps=1, lr=0.5),
+                       device="cpu").predict(ep.support_x, ep.support_y, ep.query_x).shape == (6, 3)
+
+
+@pytest.mark.parametrize("backend", ["core", "higher"])
+def test_support_statistics_refuse_a_torch_batchnorm_normalising_with_batch_statistics(backend):
+    """``bn_stats="support"`` reaches only EpisodicBatchNorm: a torch BatchNorm using batch
+    statistics (training mode, or no running statistics) would normalise the query with its own."""
+    batch = TaskBatch([episode(s) for s in range(2)])
+    with pytest.raises(ConfigError, match=r"BatchNorm layer\(s\) trunk.norm .*bn_stats: transductive"):
+        run("user", "maml", backend, batch, steps=1, lr=0.1, bn_stats="support")
+    ep = episode(0)
+    # eval mode: the running statistics normalise every image on its own, as documented
+    learner = MetaLearner(user_model(3), build_algorithm("maml", steps=1, lr=0.1, bn_stats="support", backend=backend),
+                          device="cpu")
+    full, one = learner.predict(ep.support_x, ep.support_y, ep.query_x), learner.predict(ep.support_x, ep.support_y,
+                                                                                       ep.query_x[:1])
+    torch.testing.assert_close(full[:1], one)
+    model = user_model(3)
+    model.trunk.norm = nn.BatchNorm2d(3, track_running_stats=False)
+    learner = MetaLearner(model, build_algorithm("maml", steps=1, lr=0.1, bn_stats="support", backend=backend),
+                          device="cpu")
+    with pytest.raises(ConfigError, match="trunk.norm"):
+        learner.predict(ep.support_x, ep.support_y, ep.query_x)

@@ -271,3 +271,28 @@ def test_bf16_is_refused_for_a_float64_model_and_auto_resolves_to_fp32(monkeypat
     auto = Placement.create("cpu", "auto", model=model)
     assert auto.precision == "fp32" and auto.precision_setting == "auto"
     assert Placement.create("cpu", "auto", model=model.float()).precision == "bf16"
+
+
+def test_a_trunk_returning_a_tuple_is_the_documented_config_error_with_a_learned_head_too():
+    from torch import nn
+
+    from metamtl import MetaLearner
+    from metamtl.algorithms import build_algorithm
+    from metamtl.models import TrunkHead
+
+    class Trunk(nn.Module):
+        out_features = 8
+
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 8)
+
+        def forward(self, x):
+            h = torch.tanh(self.fc(x))
+            return h, h.pow(2).mean()
+
+    for head, head_init in ((nn.Linear(8, 3), "learned"), (None, "zero")):
+        learner = MetaLearner(TrunkHead(Trunk(), head), build_algorithm("maml", steps=1, lr=0.1, head_init=head_init),
+                              device="cpu")
+        with pytest.raises(ConfigError, match="the trunk Trunk gives features of shape tuple"):
+            learner.predict(torch.randn(6, 2), torch.arange(3).repeat(2), torch.randn(4, 2))
