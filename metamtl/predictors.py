@@ -12,7 +12,7 @@ from torch import nn
 from . import inputs
 from .adaptation import Adapted
 from .errors import InputError, TrainingError, did_you_mean
-from .evaluation import outside_inference_mode
+from .evaluation import model_lock, outside_inference_mode
 from .heads import FeatureHead, head_name, query_features
 from .inputs import eval_mode
 from .models.multidataset import dataset_inputs, dataset_scope, routed_dataset
@@ -83,7 +83,10 @@ class AdaptedPredictor:
         return self.adapted.support_x
 
     def __call__(self, query_x: Any) -> torch.Tensor:
-        x = self.learner.model_input(query_x, "query_x", self.dataset)
+        with model_lock(self.learner.model):  # calls from several threads take turns (they swap weights, modes)
+            return self._outputs(self.learner.model_input(query_x, "query_x", self.dataset))
+
+    def _outputs(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), self.learner.autocast(), eval_mode(self.learner.model), dataset_scope(self.route):
             out = self.adapted(x).detach().to(self.learner.placement.dtype)  # bf16 autocast: the weights' dtype
         return finite_outputs(out, getattr(self.adapted, "steps", None))
@@ -114,8 +117,7 @@ class HeadPredictor(AdaptedPredictor):
     def support_x(self) -> torch.Tensor:
         return self._support_x
 
-    def __call__(self, query_x: Any) -> torch.Tensor:
-        x = self.learner.model_input(query_x, "query_x", self.dataset)
+    def _outputs(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), self.learner.autocast(), eval_mode(self.learner.model), dataset_scope(self.route):
             query = query_features(self.learner.model.trunk, x, self._support_x, self.learner.bn_stats)
         logits = self.head(self.features, self.support_y, query, self.ways, self.mean).detach()
@@ -127,7 +129,14 @@ def adapt(learner: "MetaLearner", support_x: Any, support_y: Any, steps: int | N
     """``learner`` adapted to a support set (see :meth:`MetaLearner.adapt <metamtl.MetaLearner.adapt>`):
     inputs checked and coerced (raw images preprocessed as ``dataset``'s when the learner was trained on
     several datasets), support copies added, then the algorithm's adaptation or ``head``, run by a
-    multi-dataset model in ``dataset``'s branches (stem, trunk, head)."""
+    multi-dataset model in ``dataset``'s branches (stem, trunk, head); calls from several threads take turns
+    (:func:`~metamtl.evaluation.model_lock`)."""
+    with model_lock(learner.model):
+        return _adapted(learner, support_x, support_y, steps, support_augment, head, dataset)
+
+
+def _adapted(learner: "MetaLearner", support_x: Any, support_y: Any, steps: int | None, support_augment: Any,
+             head: Any, dataset: str | None) -> AdaptedPredictor:
     inputs.check_steps(steps)
     learner.check_finite("adapt")
     preprocessing = inputs.preprocessing_for(learner.preprocessing, learner.metadata, dataset)
@@ -155,9 +164,10 @@ def predict(learner: "MetaLearner", support_x: Any, support_y: Any, query_x: Any
             support_augment: Any = None, head: Any = None, dataset: str | None = None) -> torch.Tensor:
     """Logits for ``query_x`` of ``learner`` adapted to ``(support_x, support_y)`` (see
     :meth:`MetaLearner.predict <metamtl.MetaLearner.predict>`)."""
-    predictor = learner.adapt(support_x, support_y, steps, support_augment=support_augment, head=head, dataset=dataset)
-    q = learner.model_input(query_x, "query_x", dataset)
-    if q.shape[1:] != predictor.support_x.shape[1:]:
-        raise InputError(f"query images have shape {list(q.shape[1:])} but support images "
-                         f"{list(predictor.support_x.shape[1:])}")
-    return predictor(q)
+    with model_lock(learner.model):  # adapted and called in one turn
+        predictor = learner.adapt(support_x, support_y, steps, support_augment=support_augment, head=head, dataset=dataset)
+        q = learner.model_input(query_x, "query_x", dataset)
+        if q.shape[1:] != predictor.support_x.shape[1:]:
+            raise InputError(f"query images have shape {list(q.shape[1:])} but support images "
+                             f"{list(predictor.support_x.shape[1:])}")
+        return predictor(q)

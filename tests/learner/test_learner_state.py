@@ -1,0 +1,85 @@
+"""A MetaLearner as an object: calls from several threads, loading, dtype and module changes, predictors
+kept while the learner changes, a shared algorithm."""
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from metamtl import MetaLearner
+from metamtl.algorithms import build_algorithm
+from metamtl.data import ClassDataset, Preprocessing
+from metamtl.models import build_model
+from metamtl.tasks import EpisodeSampler
+
+
+def toy_dataset() -> ClassDataset:
+    g = torch.Generator().manual_seed(0)
+    return ClassDataset(torch.randint(0, 256, (120, 1, 12, 12), dtype=torch.uint8, generator=g),
+                        torch.arange(20).repeat_interleave(6), [f"c{i}" for i in range(20)], name="toy",
+                        preprocessing=Preprocessing(size=(12, 12), channels=1, mean=(0.5,), std=(0.25,)))
+
+
+DS = toy_dataset()
+TRAIN = EpisodeSampler(DS.subset(range(15)), 5, 1, 2, seed=0)
+TEST = EpisodeSampler(DS.subset(range(15, 20)), 5, 1, 3, seed=1)
+EP = TEST.episode(0)
+
+
+def conv4(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model("conv4", in_channels=1, hidden=4, image_size=12, blocks=2, out_features=None)
+
+
+def make(alg: str = "maml", algorithm=None, seed: int = 0, **kw) -> MetaLearner:
+    model = conv4(seed)
+    akw = {} if alg == "protonet" else dict(steps=1, lr=0.3, head_init="zero")
+    return MetaLearner(model, algorithm or build_algorithm(alg, **akw), preprocessing=DS.preprocessing, device="cpu",
+                       channels_last=False, **kw)
+
+
+def one_at_a_time(fn, overlaps: list[bool], inside: list[int], guard: threading.Lock):
+    """``fn`` recording in ``overlaps`` whether another instrumented call was running when it started."""
+    def run(*args, **kwargs):
+        with guard:
+            inside[0] += 1
+            overlaps.append(inside[0] > 1)
+        time.sleep(0.02)  # leaves other threads time to come in
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            with guard:
+                inside[0] -= 1
+    return run
+
+
+def test_adapt_predict_evaluate_and_a_predictor_from_several_threads_take_turns_and_leave_the_learner_intact():
+    L = make("maml")
+    L.model.train()
+    sx, qx = L.model_input(EP.support_x), L.model_input(EP.query_x)
+    ref, P = L.predict(sx, EP.support_y, qx), L.adapt(sx, EP.support_y)
+    ref_eval = L.evaluate(TEST, 2, progress=False).per_episode_loss
+    weights = {k: v.clone() for k, v in L.model.state_dict().items()}
+    overlaps, inside, guard = [], [0], threading.Lock()
+    L.algorithm.adapt = one_at_a_time(L.algorithm.adapt, overlaps, inside, guard)
+    L.algorithm.evaluate_episodes = one_at_a_time(L.algorithm.evaluate_episodes, overlaps, inside, guard)
+    P.adapted = one_at_a_time(P.adapted, overlaps, inside, guard)
+    results, errors = [], []
+
+    def work(kind):
+        try:
+            for _ in range(3):
+                results.append(torch.equal(L.predict(sx, EP.support_y, qx), ref) if kind == 0 else
+                               torch.equal(P(qx), ref) if kind == 1 else
+                               L.evaluate(TEST, 2, progress=False).per_episode_loss == ref_eval)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i % 3,)) for i in range(6)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors and len(results) == 18 and all(results)
+    assert len(overlaps) == 18 and not any(overlaps), "calls on one learner must take turns"
+    assert all(torch.equal(v, weights[k]) for k, v in L.model.state_dict().items())
+    assert L.model.training and all(m.training for m in L.model.modules())
