@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import torch
 
 from metamtl import MetaLearner
@@ -83,3 +84,16 @@ def test_adapt_predict_evaluate_and_a_predictor_from_several_threads_take_turns_
     assert len(overlaps) == 18 and not any(overlaps), "calls on one learner must take turns"
     assert all(torch.equal(v, weights[k]) for k, v in L.model.state_dict().items())
     assert L.model.training and all(m.training for m in L.model.modules())
+
+
+@pytest.mark.parametrize("alg", ["maml", "anil"])
+def test_a_learner_loaded_under_inference_mode_adapts_inside_and_outside_it_and_trains(alg, tmp_path):
+    L = make(alg)
+    L.save(tmp_path / "l.pt")
+    ref = L.predict(EP.support_x, EP.support_y, EP.query_x)
+    with torch.inference_mode():
+        M = MetaLearner.load(tmp_path / "l.pt", device="cpu")
+        assert torch.equal(M.predict(EP.support_x, EP.support_y, EP.query_x), ref)
+    assert not any(p.is_inference() for p in [*M.model.parameters(), *M.model.buffers()])
+    assert torch.equal(M.predict(EP.support_x, EP.support_y, EP.query_x), ref)
+    M.fit(TRAIN, iterations=1, meta_batch_size=2, progress=False)
