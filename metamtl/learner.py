@@ -33,7 +33,7 @@ from .heads import head_name
 from .inference import InferenceSettings
 from .inputs import check_int, check_mapping, check_steps
 from .models.backbones import TrunkHead
-from .numerics import check_weights_before
+from .numerics import check_learner_weights
 from .placement import PRECISIONS, LayoutProbe, Placement, resolve_device
 from .predictors import AdaptedPredictor, HeadPredictor
 from .tasks.episode import Episode
@@ -249,7 +249,7 @@ class MetaLearner:
 
     def check_finite(self, what: str) -> None:
         """:class:`~metamtl.errors.TrainingError` if a weight (parameter or buffer) is NaN or inf."""
-        check_weights_before([("model.", self.model), ("algorithm.", self.algorithm)], what, self.iteration)
+        check_learner_weights(self, what)  # and in the dtype the learner was built for (ConfigError)
 
     def check_episode(self, episode: Episode, what: str) -> None:
         """Refuse, with a clear message, an episode this learner cannot train or evaluate on."""

@@ -97,3 +97,19 @@ def test_a_learner_loaded_under_inference_mode_adapts_inside_and_outside_it_and_
     assert not any(p.is_inference() for p in [*M.model.parameters(), *M.model.buffers()])
     assert torch.equal(M.predict(EP.support_x, EP.support_y, EP.query_x), ref)
     M.fit(TRAIN, iterations=1, meta_batch_size=2, progress=False)
+
+
+@pytest.mark.parametrize("convert", ["double", "half", "bfloat16"])
+def test_a_model_converted_after_the_learner_was_built_is_a_config_error_naming_the_fix(convert, tmp_path):
+    from metamtl.errors import ConfigError
+    L = make("maml")
+    getattr(L.model, convert)()
+    for call in (lambda: L.predict(EP.support_x, EP.support_y, EP.query_x), lambda: L.adapt(EP.support_x, EP.support_y),
+                 lambda: L.evaluate(TEST, 2, progress=False),
+                 lambda: L.fit(TRAIN, iterations=1, meta_batch_size=2, progress=False)):
+        with pytest.raises(ConfigError, match="float64 after the learner|metamtl trains float32") as info:
+            call()
+        if convert == "double":
+            assert "learner.model.float()" in str(info.value) and "MetaLearner.load" in str(info.value)
+    L.model.float()
+    L.predict(EP.support_x, EP.support_y, EP.query_x)
