@@ -113,3 +113,18 @@ def test_a_model_converted_after_the_learner_was_built_is_a_config_error_naming_
             assert "learner.model.float()" in str(info.value) and "MetaLearner.load" in str(info.value)
     L.model.float()
     L.predict(EP.support_x, EP.support_y, EP.query_x)
+
+
+def test_predict_and_evaluate_use_a_trunk_that_replaced_the_models_one_after_earlier_predictions():
+    import copy
+    L = make("maml")
+    old = L.predict(EP.support_x, EP.support_y, EP.query_x)
+    L.evaluate(TEST, 2, progress=False)
+    other = conv4(5).trunk
+    L.model.trunk = copy.deepcopy(other)
+    R = make("maml")  # the same swap on a learner that never predicted
+    R.model.trunk = copy.deepcopy(other)
+    new = L.predict(EP.support_x, EP.support_y, EP.query_x)
+    assert not torch.equal(new, old)
+    assert torch.equal(new, R.predict(EP.support_x, EP.support_y, EP.query_x))
+    assert L.evaluate(TEST, 2, progress=False).per_episode_loss == R.evaluate(TEST, 2, progress=False).per_episode_loss
