@@ -257,7 +257,7 @@ class MetaLearner:
 
     def adapt(self, support_x: Any, support_y: Any, steps: int | None = None,
               support_augment: Any = None, head: Any = None, dataset: str | None = None) -> AdaptedPredictor:
-        """Adapt to a support set; returns a predictor for query inputs.
+        """Adapt to a support set; returns a predictor for query inputs (while the weights stay: after fit, InputError).
 
         ``support_x``: model input (float tensor), stored ``uint8`` images or raw images (PIL / arrays), which are
         preprocessed (``dataset``'s way if trained on several, else its own way for any ``dataset``: cross-domain

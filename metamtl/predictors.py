@@ -64,8 +64,21 @@ def finite_outputs(out: torch.Tensor, steps: int | None, head: str | None = None
     return out
 
 
+def weights_stamp(learner: "MetaLearner") -> tuple[tuple[int, int], ...]:
+    """The weights ``learner`` holds now: each parameter and buffer of its model and algorithm, with the
+    version counter that every in-place change bumps (a meta-optimizer step of ``fit``, ``init_from``,
+    ``load_state_dict``, a user's edit); a replaced module holds other tensors."""
+    tensors = [*learner.model.parameters(), *learner.model.buffers(), *learner.algorithm.parameters(),
+               *learner.algorithm.buffers()]
+    return tuple((id(t), -1 if t.is_inference() else t._version) for t in tensors)
+
+
 class AdaptedPredictor:
     """A learner adapted to one support set. Call it on query inputs to get logits.
+
+    It answers with the weights the learner had at ``adapt``: once they change (``fit`` trains on,
+    ``init_from``, a module replaced or edited in place) calling it is an :class:`InputError` saying to
+    adapt again, as no snapshot of the whole learner is kept (some algorithms read its live trunk).
 
     :attr:`transductive`: whether a prediction depends on the other queries passed in the same
     call: a transductive head, or query BatchNorm statistics of the queries themselves
@@ -77,6 +90,16 @@ class AdaptedPredictor:
         self.dataset = dataset  # whose preprocessing raw query images get (a learner trained on several)
         self.route = routed_dataset(learner.model, dataset)  # whose branches of a multi-dataset model queries take
         self.transductive = batch_statistics(learner)
+        self.stamp = weights_stamp(learner)  # the weights it was adapted with
+
+    def check_current(self) -> None:
+        """:class:`InputError` when the learner's weights changed since this predictor was made."""
+        if self.stamp is None or weights_stamp(self.learner) != self.stamp:
+            raise InputError(
+                "this predictor was adapted with weights the learner no longer holds: since learner.adapt it trained "
+                "on (fit), took other weights (init_from, load_state_dict) or a module was replaced or edited, and "
+                "its support-set adaptation belongs to the old weights. Call learner.adapt(support_x, support_y) "
+                "again for a predictor of the learner as it is now (or keep a copy.deepcopy(learner) to adapt later)")
 
     @property
     def support_x(self) -> torch.Tensor:
@@ -84,6 +107,7 @@ class AdaptedPredictor:
 
     def __call__(self, query_x: Any) -> torch.Tensor:
         with model_lock(self.learner.model):  # calls from several threads take turns (they swap weights, modes)
+            self.check_current()
             return self._outputs(self.learner.model_input(query_x, "query_x", self.dataset))
 
     def _outputs(self, x: torch.Tensor) -> torch.Tensor:

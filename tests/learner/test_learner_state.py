@@ -128,3 +128,25 @@ def test_predict_and_evaluate_use_a_trunk_that_replaced_the_models_one_after_ear
     assert not torch.equal(new, old)
     assert torch.equal(new, R.predict(EP.support_x, EP.support_y, EP.query_x))
     assert L.evaluate(TEST, 2, progress=False).per_episode_loss == R.evaluate(TEST, 2, progress=False).per_episode_loss
+
+
+@pytest.mark.parametrize("alg,kw", [("maml", {}), ("anil", {}), ("mamlpp", {}), ("protonet", {}),
+                                    ("maml", {"head": "logreg"})])
+def test_a_predictor_is_refused_once_the_learner_trained_on_or_took_other_weights(alg, kw):
+    from metamtl.errors import InputError
+    L = make(alg)
+    L.fit(TRAIN, iterations=1, meta_batch_size=2, progress=False)
+    P = L.adapt(EP.support_x, EP.support_y, **kw)
+    before = P(EP.query_x)
+    assert torch.equal(P(EP.query_x), before)  # calling it changes nothing
+    L.evaluate(TEST, 2, progress=False, **kw)
+    L.predict(EP.support_x, EP.support_y, EP.query_x, **kw)
+    assert torch.equal(P(EP.query_x), before)  # nor do other calls that leave the weights alone
+    L.fit(TRAIN, iterations=1, meta_batch_size=2, progress=False)
+    with pytest.raises(InputError, match="adapt.*again"):
+        P(EP.query_x)
+    P = L.adapt(EP.support_x, EP.support_y, **kw)
+    P(EP.query_x)
+    L.init_from(make(alg, seed=3))
+    with pytest.raises(InputError, match="no longer holds"):
+        P.predict(EP.query_x)
