@@ -4,6 +4,7 @@ inputs to get logits (:class:`AdaptedPredictor`), or a feature head on that supp
 features (:class:`HeadPredictor`)."""
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -100,6 +101,24 @@ class AdaptedPredictor:
                 "on (fit), took other weights (init_from, load_state_dict) or a module was replaced or edited, and "
                 "its support-set adaptation belongs to the old weights. Call learner.adapt(support_x, support_y) "
                 "again for a predictor of the learner as it is now (or keep a copy.deepcopy(learner) to adapt later)")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise InputError(f"a {type(self).__name__} (what learner.adapt returns) cannot be pickled or torch.save'd: "
+                         "it holds the adapted state of a live learner. Save the learner (learner.save(path)) and, "
+                         "where it is needed, MetaLearner.load(path).adapt(support_x, support_y) again")
+
+    def __copy__(self) -> "AdaptedPredictor":
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "AdaptedPredictor":
+        """A copy with its own copy of the learner, valid as long as this one is."""
+        new = memo[id(self)] = object.__new__(type(self))
+        current = self.stamp is not None and weights_stamp(self.learner) == self.stamp
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        new.stamp = weights_stamp(new.learner) if current else None
+        return new
 
     @property
     def support_x(self) -> torch.Tensor:

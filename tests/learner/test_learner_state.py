@@ -150,3 +150,23 @@ def test_a_predictor_is_refused_once_the_learner_trained_on_or_took_other_weight
     L.init_from(make(alg, seed=3))
     with pytest.raises(InputError, match="no longer holds"):
         P.predict(EP.query_x)
+
+
+@pytest.mark.parametrize("alg,kw", [("maml", {}), ("protonet", {}), ("maml", {"head": "logreg"})])
+def test_pickling_a_predictor_is_an_input_error_saying_to_save_the_learner_and_a_deepcopy_keeps_working(alg, kw):
+    import copy
+    import io
+    import pickle
+
+    from metamtl.errors import InputError
+    L = make(alg)
+    P = L.adapt(EP.support_x, EP.support_y, **kw)
+    for save in (pickle.dumps, lambda p: torch.save(p, io.BytesIO())):
+        with pytest.raises(InputError, match=r"learner\.save"):
+            save(P)
+    Q, S = copy.deepcopy(P), copy.copy(P)
+    assert torch.equal(Q(EP.query_x), P(EP.query_x)) and torch.equal(S(EP.query_x), P(EP.query_x))
+    L.fit(TRAIN, iterations=1, meta_batch_size=2, progress=False)
+    Q(EP.query_x)  # its own learner did not change
+    with pytest.raises(InputError):
+        S(EP.query_x)  # a shallow copy shares the learner that trained on
