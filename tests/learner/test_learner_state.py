@@ -170,3 +170,27 @@ def test_pickling_a_predictor_is_an_input_error_saying_to_save_the_learner_and_a
     Q(EP.query_x)  # its own learner did not change
     with pytest.raises(InputError):
         S(EP.query_x)  # a shallow copy shares the learner that trained on
+
+
+@pytest.mark.parametrize("alg", ["metasgd", "mamlpp"])
+def test_an_algorithm_with_learned_state_given_to_a_second_learner_is_a_config_error(alg):
+    import copy
+
+    from metamtl.errors import ConfigError
+    algorithm = build_algorithm(alg, steps=1, lr=0.3, head_init="zero")
+    L1 = make(alg, algorithm=algorithm)
+    MetaLearner(L1.model, algorithm, device="cpu", channels_last=False)  # the same model's learner: allowed
+    with pytest.raises(ConfigError, match="belongs to another learner.*build_algorithm"):
+        make(alg, algorithm=algorithm, seed=1)
+    p1 = L1.predict(EP.support_x, EP.support_y, EP.query_x)
+    L2 = make(alg, algorithm=copy.deepcopy(algorithm), seed=1)  # a copy: independent
+    L2.fit(TRAIN, iterations=2, meta_batch_size=2, progress=False)
+    assert torch.equal(L1.predict(EP.support_x, EP.support_y, EP.query_x), p1)
+
+
+def test_an_algorithm_without_learned_state_may_serve_several_learners():
+    algorithm = build_algorithm("maml", steps=1, lr=0.3, head_init="zero")
+    L1, L2 = make(algorithm=algorithm), make(algorithm=algorithm, seed=1)
+    p1 = L1.predict(EP.support_x, EP.support_y, EP.query_x)
+    L2.fit(TRAIN, iterations=2, meta_batch_size=2, progress=False)
+    assert torch.equal(L1.predict(EP.support_x, EP.support_y, EP.query_x), p1)
