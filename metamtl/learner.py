@@ -261,7 +261,7 @@ class MetaLearner:
 
         ``support_x``: model input (float tensor), stored ``uint8`` images or raw images (PIL / arrays), which are
         preprocessed (``dataset``'s way if trained on several, else its own way for any ``dataset``: cross-domain
-        use); ``support_y``: labels ``0..N-1``, N >= 2.
+        use; :meth:`evaluate` normalises an episode's stored images with its dataset's); ``support_y``: labels ``0..N-1``, N >= 2.
         ``support_augment``, ``head``: as in :meth:`evaluate` (copies from the augmentation's seed; a feature
         head gives a :class:`~metamtl.predictors.HeadPredictor`, centred with ``dataset``'s :attr:`feature_means`)."""
         return predictors.adapt(self, support_x, support_y, steps, support_augment, head, dataset)
