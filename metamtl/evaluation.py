@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
+import weakref
 from contextlib import closing, contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -33,6 +35,18 @@ if TYPE_CHECKING:
 
 #: episodes handed to ``Algorithm.evaluate_episodes`` at once
 EVAL_CHUNK = 50
+
+_MODEL_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The lock that ``evaluate``, ``adapt``, ``predict``, a predictor's call and the feature means hold
+    while they run ``model``: they swap its weights (``functional_call``) and its train/eval modes
+    (:func:`~metamtl.inputs.eval_mode`) in place, so calls from several threads take turns instead of
+    restoring each other's temporary weights as the learner's own (re-entrant: ``predict`` adapts)."""
+    with _MODEL_LOCKS_GUARD:
+        return _MODEL_LOCKS.setdefault(model, threading.RLock())
 
 
 def within_superclass(hierarchy: Any) -> str:
@@ -205,7 +219,7 @@ def evaluate_episodes(score: Callable[[list[Episode]], list[dict[str, float]]], 
     mine = strategy.shard(n)
     bar = progress_bar(progress and strategy.is_main_process, total=len(mine), desc="evaluate", leave=False,
                        dynamic_ncols=True)
-    with eval_mode(model), closing(bar):  # a chunk of episodes at a time: the algorithm may adapt them together
+    with model_lock(model), eval_mode(model), closing(bar):  # a chunk of episodes at a time: the algorithm may adapt them together
         for lo in range(0, len(mine), EVAL_CHUNK):
             part = mine[lo:lo + EVAL_CHUNK]
             eps = [episode_at(i) for i in part]
@@ -287,7 +301,7 @@ def feature_means(model: nn.Module, source: Any, placement: Placement, max_image
     check_int("max_images", max_images, 1)
     check_int("batch_size", batch_size, 1)
     out = {}
-    with eval_mode(model):
+    with model_lock(model), eval_mode(model):
         for src in source.sources if isinstance(source, MixedTasks) else [source]:  # a ClassDataset's: file names
             data = getattr(src, "dataset", src)
             if not hasattr(data, "images") or not hasattr(data, "preprocessing"):

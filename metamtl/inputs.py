@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .algorithms import Algorithm, build_algorithm
+from .algorithms.base import claim_algorithm
 from .data.augment import SupportAugment
 from .data.base import Preprocessing
 from .errors import ConfigError, InputError, TaskError, unknown_name
@@ -399,6 +400,7 @@ def check_learner_parts(model: Any, algorithm: Any, task: str) -> tuple[TrunkHea
         model.num_features  # a per-task head is built on the trunk's features: their number must be known
     if not all(type(m).__module__.startswith("metamtl.") for m in (model.trunk, model.head) if m is not None):
         _UNCHECKED[model] = per_task_heads  # a user's trunk or head: check its output on the first input
+    claim_algorithm(algorithm, model)  # learned state of another learner's: ConfigError
     return model, algorithm
 
 

@@ -33,7 +33,7 @@ from .heads import head_name
 from .inference import InferenceSettings
 from .inputs import check_int, check_mapping, check_steps
 from .models.backbones import TrunkHead
-from .numerics import check_weights_before
+from .numerics import check_learner_weights
 from .placement import PRECISIONS, LayoutProbe, Placement, resolve_device
 from .predictors import AdaptedPredictor, HeadPredictor
 from .tasks.episode import Episode
@@ -249,7 +249,7 @@ class MetaLearner:
 
     def check_finite(self, what: str) -> None:
         """:class:`~metamtl.errors.TrainingError` if a weight (parameter or buffer) is NaN or inf."""
-        check_weights_before([("model.", self.model), ("algorithm.", self.algorithm)], what, self.iteration)
+        check_learner_weights(self, what)  # and in the dtype the learner was built for (ConfigError)
 
     def check_episode(self, episode: Episode, what: str) -> None:
         """Refuse, with a clear message, an episode this learner cannot train or evaluate on."""
@@ -257,11 +257,11 @@ class MetaLearner:
 
     def adapt(self, support_x: Any, support_y: Any, steps: int | None = None,
               support_augment: Any = None, head: Any = None, dataset: str | None = None) -> AdaptedPredictor:
-        """Adapt to a support set; returns a predictor for query inputs.
+        """Adapt to a support set; returns a predictor for query inputs (while the weights stay: after fit, InputError).
 
         ``support_x``: model input (float tensor), stored ``uint8`` images or raw images (PIL / arrays), which are
         preprocessed (``dataset``'s way if trained on several, else its own way for any ``dataset``: cross-domain
-        use); ``support_y``: labels ``0..N-1``, N >= 2.
+        use; :meth:`evaluate` normalises an episode's stored images with its dataset's); ``support_y``: labels ``0..N-1``, N >= 2.
         ``support_augment``, ``head``: as in :meth:`evaluate` (copies from the augmentation's seed; a feature
         head gives a :class:`~metamtl.predictors.HeadPredictor`, centred with ``dataset``'s :attr:`feature_means`)."""
         return predictors.adapt(self, support_x, support_y, steps, support_augment, head, dataset)

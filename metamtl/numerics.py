@@ -10,12 +10,16 @@ evaluation episode (finite weights whose adaptation diverged).
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 from torch import nn
 
-from .errors import TrainingError
+from .errors import ConfigError, TrainingError
+from .placement import model_dtype
+
+if TYPE_CHECKING:
+    from .learner import MetaLearner
 
 
 def nonfinite_tensors(modules: Iterable[tuple[str, nn.Module]]) -> list[str]:
@@ -49,6 +53,20 @@ def check_weights_before(modules: Iterable[tuple[str, nn.Module]], what: str, it
         f"they were already so before {what} started: training (this learner is at iteration {iteration}) "
         "or the checkpoint it was loaded from produced them. Retrain with a lower meta_lr or with grad_clip, "
         "or load an earlier checkpoint")
+
+
+def check_learner_weights(learner: "MetaLearner", what: str) -> None:
+    """Before ``what`` (fit, evaluate, adapt) runs ``learner``: its weights are finite
+    (:func:`check_weights_before`) and still in the floating dtype the learner was built for, which inputs
+    are cast to (:class:`ConfigError` naming the fix when e.g. ``learner.model.double()`` came after)."""
+    check_weights_before([("model.", learner.model), ("algorithm.", learner.algorithm)], what, learner.iteration)
+    built, now = learner.placement.dtype, model_dtype(learner.model)  # half/bf16/mixed weights: ConfigError there
+    if now != built:
+        name, was = str(now).removeprefix("torch."), str(built).removeprefix("torch.")
+        raise ConfigError(
+            f"{what}: the model's weights became {name} after the learner was built for {was} weights, the dtype "
+            f"its inputs are cast to. Convert them back (learner.model.{'double' if was == 'float64' else 'float'}()), "
+            f"or build a new MetaLearner around the {name} model (or save this learner and MetaLearner.load it)")
 
 
 def divergence(steps: int | None, head: str | None = None) -> str:

@@ -4,6 +4,7 @@ inputs to get logits (:class:`AdaptedPredictor`), or a feature head on that supp
 features (:class:`HeadPredictor`)."""
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 from . import inputs
 from .adaptation import Adapted
 from .errors import InputError, TrainingError, did_you_mean
-from .evaluation import outside_inference_mode
+from .evaluation import model_lock, outside_inference_mode
 from .heads import FeatureHead, head_name, query_features
 from .inputs import eval_mode
 from .models.multidataset import dataset_inputs, dataset_scope, routed_dataset
@@ -64,8 +65,21 @@ def finite_outputs(out: torch.Tensor, steps: int | None, head: str | None = None
     return out
 
 
+def weights_stamp(learner: "MetaLearner") -> tuple[tuple[int, int], ...]:
+    """The weights ``learner`` holds now: each parameter and buffer of its model and algorithm, with the
+    version counter that every in-place change bumps (a meta-optimizer step of ``fit``, ``init_from``,
+    ``load_state_dict``, a user's edit); a replaced module holds other tensors."""
+    tensors = [*learner.model.parameters(), *learner.model.buffers(), *learner.algorithm.parameters(),
+               *learner.algorithm.buffers()]
+    return tuple((id(t), -1 if t.is_inference() else t._version) for t in tensors)
+
+
 class AdaptedPredictor:
     """A learner adapted to one support set. Call it on query inputs to get logits.
+
+    It answers with the weights the learner had at ``adapt``: once they change (``fit`` trains on,
+    ``init_from``, a module replaced or edited in place) calling it is an :class:`InputError` saying to
+    adapt again, as no snapshot of the whole learner is kept (some algorithms read its live trunk).
 
     :attr:`transductive`: whether a prediction depends on the other queries passed in the same
     call: a transductive head, or query BatchNorm statistics of the queries themselves
@@ -77,13 +91,45 @@ class AdaptedPredictor:
         self.dataset = dataset  # whose preprocessing raw query images get (a learner trained on several)
         self.route = routed_dataset(learner.model, dataset)  # whose branches of a multi-dataset model queries take
         self.transductive = batch_statistics(learner)
+        self.stamp = weights_stamp(learner)  # the weights it was adapted with
+
+    def check_current(self) -> None:
+        """:class:`InputError` when the learner's weights changed since this predictor was made."""
+        if self.stamp is None or weights_stamp(self.learner) != self.stamp:
+            raise InputError(
+                "this predictor was adapted with weights the learner no longer holds: since learner.adapt it trained "
+                "on (fit), took other weights (init_from, load_state_dict) or a module was replaced or edited, and "
+                "its support-set adaptation belongs to the old weights. Call learner.adapt(support_x, support_y) "
+                "again for a predictor of the learner as it is now (or keep a copy.deepcopy(learner) to adapt later)")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise InputError(f"a {type(self).__name__} (what learner.adapt returns) cannot be pickled or torch.save'd: "
+                         "it holds the adapted state of a live learner. Save the learner (learner.save(path)) and, "
+                         "where it is needed, MetaLearner.load(path).adapt(support_x, support_y) again")
+
+    def __copy__(self) -> "AdaptedPredictor":
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "AdaptedPredictor":
+        """A copy with its own copy of the learner, valid as long as this one is."""
+        new = memo[id(self)] = object.__new__(type(self))
+        current = self.stamp is not None and weights_stamp(self.learner) == self.stamp
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        new.stamp = weights_stamp(new.learner) if current else None
+        return new
 
     @property
     def support_x(self) -> torch.Tensor:
         return self.adapted.support_x
 
     def __call__(self, query_x: Any) -> torch.Tensor:
-        x = self.learner.model_input(query_x, "query_x", self.dataset)
+        with model_lock(self.learner.model):  # calls from several threads take turns (they swap weights, modes)
+            self.check_current()
+            return self._outputs(self.learner.model_input(query_x, "query_x", self.dataset))
+
+    def _outputs(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), self.learner.autocast(), eval_mode(self.learner.model), dataset_scope(self.route):
             out = self.adapted(x).detach().to(self.learner.placement.dtype)  # bf16 autocast: the weights' dtype
         return finite_outputs(out, getattr(self.adapted, "steps", None))
@@ -114,8 +160,7 @@ class HeadPredictor(AdaptedPredictor):
     def support_x(self) -> torch.Tensor:
         return self._support_x
 
-    def __call__(self, query_x: Any) -> torch.Tensor:
-        x = self.learner.model_input(query_x, "query_x", self.dataset)
+    def _outputs(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), self.learner.autocast(), eval_mode(self.learner.model), dataset_scope(self.route):
             query = query_features(self.learner.model.trunk, x, self._support_x, self.learner.bn_stats)
         logits = self.head(self.features, self.support_y, query, self.ways, self.mean).detach()
@@ -127,7 +172,14 @@ def adapt(learner: "MetaLearner", support_x: Any, support_y: Any, steps: int | N
     """``learner`` adapted to a support set (see :meth:`MetaLearner.adapt <metamtl.MetaLearner.adapt>`):
     inputs checked and coerced (raw images preprocessed as ``dataset``'s when the learner was trained on
     several datasets), support copies added, then the algorithm's adaptation or ``head``, run by a
-    multi-dataset model in ``dataset``'s branches (stem, trunk, head)."""
+    multi-dataset model in ``dataset``'s branches (stem, trunk, head); calls from several threads take turns
+    (:func:`~metamtl.evaluation.model_lock`)."""
+    with model_lock(learner.model):
+        return _adapted(learner, support_x, support_y, steps, support_augment, head, dataset)
+
+
+def _adapted(learner: "MetaLearner", support_x: Any, support_y: Any, steps: int | None, support_augment: Any,
+             head: Any, dataset: str | None) -> AdaptedPredictor:
     inputs.check_steps(steps)
     learner.check_finite("adapt")
     preprocessing = inputs.preprocessing_for(learner.preprocessing, learner.metadata, dataset)
@@ -155,9 +207,10 @@ def predict(learner: "MetaLearner", support_x: Any, support_y: Any, query_x: Any
             support_augment: Any = None, head: Any = None, dataset: str | None = None) -> torch.Tensor:
     """Logits for ``query_x`` of ``learner`` adapted to ``(support_x, support_y)`` (see
     :meth:`MetaLearner.predict <metamtl.MetaLearner.predict>`)."""
-    predictor = learner.adapt(support_x, support_y, steps, support_augment=support_augment, head=head, dataset=dataset)
-    q = learner.model_input(query_x, "query_x", dataset)
-    if q.shape[1:] != predictor.support_x.shape[1:]:
-        raise InputError(f"query images have shape {list(q.shape[1:])} but support images "
-                         f"{list(predictor.support_x.shape[1:])}")
-    return predictor(q)
+    with model_lock(learner.model):  # adapted and called in one turn
+        predictor = learner.adapt(support_x, support_y, steps, support_augment=support_augment, head=head, dataset=dataset)
+        q = learner.model_input(query_x, "query_x", dataset)
+        if q.shape[1:] != predictor.support_x.shape[1:]:
+            raise InputError(f"query images have shape {list(q.shape[1:])} but support images "
+                             f"{list(predictor.support_x.shape[1:])}")
+        return predictor(q)

@@ -452,8 +452,9 @@ def learner_from_state(cls: type["MetaLearner"], obj: dict[str, Any], path: Any,
             raise ConfigError(f"MetaLearner.load(model=...) takes the TrunkHead the checkpoint's weights go into, "
                               f"got {type(model).__name__}; build it as the saved learner's (or leave model out)")
     try:
-        with torch.random.fork_rng(devices=[]):  # every initial value drawn here is overwritten: loading must
-            return _rebuild(cls, obj, path, cfg, device, model)  # not move the global RNG (a student built next)
+        with torch.random.fork_rng(devices=[]), torch.inference_mode(False):  # weights that can adapt; every initial
+            # value drawn here is overwritten: loading must not move the global RNG (a student built next)
+            return _rebuild(cls, obj, path, cfg, device, model)
     except CheckpointError:
         raise
     except (MetamtlError, RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -107,7 +107,7 @@ def task_module(model: TrunkHead, ways: int, adapt: str, head_init: str) -> nn.M
         return model.head if adapt == "head" else model
     cache = _TASK_MODULES.setdefault(model, {})
     key = (ways, adapt)
-    if key not in cache:
+    if key not in cache or (adapt != "head" and cache[key].trunk is not model.trunk):  # a replaced trunk: rebuilt
         head = _template_head(model, ways)
         cache[key] = head if adapt == "head" else TrunkHead(model.trunk, head)
     return cache[key]

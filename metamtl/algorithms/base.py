@@ -88,6 +88,27 @@ def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return float((logits.argmax(-1) == targets).float().mean())
 
 
+#: the model of the learner each algorithm was last given to (:func:`claim_algorithm`)
+_OWNERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def claim_algorithm(algorithm: "Algorithm", model: nn.Module) -> None:
+    """``algorithm`` given to a new learner of ``model``: a :class:`ConfigError` when it holds learned state
+    (Meta-SGD's rates, MAML++'s per-step rates and norms, a classifier) that the learner of another, live
+    model trains, since both meta-optimizers would update (and both ``save`` write) the same tensors. An
+    algorithm without such state (MAML, ProtoNet) may serve several learners."""
+    ref = _OWNERS.get(algorithm)
+    other = ref() if ref is not None else None
+    state = [n for n, _ in [*algorithm.named_parameters(), *algorithm.named_buffers()]]
+    if state and other is not None and other is not model:
+        raise ConfigError(
+            f"this {algorithm.name} algorithm already belongs to another learner: its learned state ({', '.join(state[:3])}"
+            f"{', ...' if len(state) > 3 else ''}) is trained by that learner, and sharing it would couple the two "
+            "learners. Build a new algorithm for each learner (build_algorithm(...) again; copy.deepcopy(learner.algorithm) "
+            "to start from the other learner's state)")
+    _OWNERS[algorithm] = weakref.ref(model)
+
+
 class Algorithm(nn.Module):
     """Base class: MAML (second order, or first order with ``first_order=True``) on the core.
 
