@@ -161,7 +161,7 @@ class LoggingConfig:
     report: bool = True
     metrics: str | None = "csv"  # metrics.csv / metrics.jsonl in the run folder (null: none)
     report_steps_episodes: int = 100     # test episodes per point of the accuracy-vs-inner-steps plot (0: off)
-    report_steps: list[int] | None = None  # inner-step counts of that plot (default 0 .. 2 x eval steps)
+    report_steps: list[int] | None = None  # inner-step counts of that plot (default 0 .. max(2x, +2) eval steps)
 
 
 @dataclasses.dataclass

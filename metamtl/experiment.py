@@ -610,7 +610,7 @@ def write_run_steps_curve(learner: MetaLearner, cfg: Config, results: dict[str, 
                           write: bool = True, episodes: int | None = None, steps: list[int] | None = None) -> None:
     """Accuracy against inner steps of the trained learner (``<run_dir>/steps_curve.json``, read
     by the report): ``episodes`` test episodes per point (default ``logging.report_steps_episodes``;
-    0: none), ``steps`` (default ``logging.report_steps``, else 0..2x the evaluation steps).
+    0: none), ``steps`` (default ``logging.report_steps``, else 0 .. max(2x, +2) the evaluation steps).
 
     Under torchrun every rank calls it (the evaluations are shared); rank 0 ``write``s.  A failure
     (e.g. data moved away) is recorded in the file, for the report to show, and not raised; a valid
