@@ -491,6 +491,10 @@ def _check_train_callbacks(cfg: Config) -> None:
             and not any(d.val_split for _, d in _data_entries(cfg)):
         where = "datasets[i].val_split of at least one dataset" if cfg.datasets else "data.val_split"
         raise ConfigError(f"train.early_stopping and the 'plateau' scheduler need validation; set {where}")
+    if cfg.eval.checkpoint == "best" and not any(d.val_split for _, d in _data_entries(cfg)):
+        where = "datasets[i].val_split of at least one dataset" if cfg.datasets else "data.val_split"
+        raise ConfigError(f"eval.checkpoint: 'best' evaluates the best-validation weights, and this run has no "
+                          f"validation; set {where}, or eval.checkpoint: last")
     from .callbacks import EarlyStopping, LRScheduler, resolve_monitor
 
     task = "regression" if is_regression(cfg) else "classification"

@@ -258,3 +258,13 @@ def test_a_home_relative_output_dir_is_under_home_not_a_folder_named_tilde(tmp_p
     check_output_dir(cfg)
     assert cfg.run_dir == tmp_path / "home" / "runs" / "experiment" and cfg.run_dir.is_dir()
     assert not (tmp_path / "~").exists()
+
+
+def test_eval_checkpoint_best_without_validation_is_refused_not_silently_the_last_weights():
+    """Before: eval.checkpoint: best with data.val_split: null trained, wrote no best.pt, evaluated the
+    last weights without a word and recorded 'best' in results.json."""
+    with pytest.raises(ConfigError, match=r"eval.checkpoint: 'best' .* no validation; set data.val_split"):
+        load_config(None, ["data.val_split=null", "eval.checkpoint=best"])
+    with pytest.raises(ConfigError, match=r"eval.checkpoint: 'best' .*datasets\[i\].val_split"):
+        load_config(MULTI, ["eval.checkpoint=best"])  # both datasets have val_split: null
+    assert load_config(None, ["eval.checkpoint=best"]).eval.checkpoint == "best"
