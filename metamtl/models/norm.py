@@ -49,6 +49,8 @@ def _normalise(
     if rows is None or rows >= x.shape[0]:
         mean, var = running if running is not None else (None, None)
         return F.batch_norm(x, mean, var, weight, bias, True, momentum, eps)
+    if x.dtype in (torch.bfloat16, torch.float16):  # statistics in float32, as F.batch_norm computes them under autocast
+        x = x.float()
     ref = x[:rows]
     dims = [0] + list(range(2, x.dim()))
     mean = ref.mean(dims, keepdim=True)

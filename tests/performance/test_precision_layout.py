@@ -450,3 +450,23 @@ def test_the_automatic_layout_never_breaks_a_user_trunk_that_works_in_nchw(caplo
                          build_algorithm("maml", steps=1, lr=0.1), device="cpu", channels_last=True)
     with pytest.raises(ConfigError, match="channels_last"):  # forced: a clear error naming the setting
         forced.predict(ep.support_x, ep.support_y, ep.query_x)
+
+
+@pytest.mark.parametrize("name", ["mamlpp", "maml"])
+def test_bf16_with_support_batchnorm_statistics_trains_close_to_fp32(name):
+    """Before: MAML++ with precision bf16 and bn_stats='support' crashed in its first step (bare
+    "expected dtype float for 'end' but got BFloat16": bf16 support statistics lerped into float32
+    running statistics); support statistics are now computed in float32, as F.batch_norm's are."""
+    from metamtl.algorithms import build_algorithm
+
+    grads = {}
+    for precision in ("fp32", "bf16"):
+        learner = MetaLearner(model(), build_algorithm(name, steps=1, lr=0.1, bn_stats="support"), device="cpu",
+                              precision=precision, channels_last=False)
+        learner.meta_optimizer.zero_grad(set_to_none=True)
+        with learner.autocast():
+            learner.algorithm.meta_step(learner.model, learner.placement.batch(batch()))
+        grads[precision] = [p.grad if p.grad is not None else torch.zeros_like(p) for p in learner.meta_parameters()]
+        assert all(torch.isfinite(g).all() for g in grads[precision])
+    flat = [torch.cat([g.flatten().float() for g in grads[p]]) for p in ("fp32", "bf16")]
+    assert torch.nn.functional.cosine_similarity(flat[0], flat[1], dim=0) > 0.98
