@@ -47,6 +47,7 @@ into ``.grad``, as ``loss.backward()`` would; a closed-over *non-leaf* tensor is
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -203,6 +204,12 @@ def conjugate_gradient(
     dimension indexes independent systems (tasks): dot products and step sizes are per task, so
     a chunk of tasks is solved exactly as each task alone.  Starts from ``x = 0`` (as iMAML);
     stops early when every system's squared residual is ``<= tol``.
+
+    An ``A`` that is not positive definite (iMAML's ``I + H/lam`` with Hessian eigenvalues below
+    ``-lam``) shows as a direction of non-positive curvature ``p.Ap <= 0``: that system stops there
+    (truncated CG), keeping its last iterate, or ``b`` itself if it meets one at the first step (as
+    if ``A`` were the identity), with a :class:`RuntimeWarning`; stepping on would blow the solution
+    up as ``steps`` grows.
     """
     b = [t.detach() for t in b]
 
@@ -218,12 +225,19 @@ def conjugate_gradient(
     r = list(b)
     p = list(b)
     rr = dot(r, r)
-    for _ in range(steps):
-        if bool((rr <= tol).all()):
+    active = torch.ones_like(rr, dtype=torch.bool)
+    for k in range(steps):
+        if bool((rr <= tol).all()) or not bool(active.any()):
             break
         ap = [t.detach() for t in matvec(p)]
         pap = dot(p, ap)
-        alpha = torch.where(pap != 0, rr / torch.where(pap != 0, pap, torch.ones_like(pap)), torch.zeros_like(rr))
+        curved = pap > 0
+        if not bool(curved[active].all()):
+            _warn_indefinite()
+            if k == 0:  # no positive-curvature step yet: the identity's solution, b
+                x = [xi + scale((~curved).to(xi.dtype), bi) for xi, bi in zip(x, b)]
+        active = active & curved
+        alpha = torch.where(active, rr / torch.where(active, pap, torch.ones_like(pap)), torch.zeros_like(rr))
         x = [xi + scale(alpha, pi) for xi, pi in zip(x, p)]
         r = [ri - scale(alpha, ai) for ri, ai in zip(r, ap)]
         rr_new = dot(r, r)
@@ -231,6 +245,13 @@ def conjugate_gradient(
         p = [ri + scale(beta, pi) for ri, pi in zip(r, p)]
         rr = rr_new
     return x
+
+
+def _warn_indefinite() -> None:
+    warnings.warn("conjugate gradient met non-positive curvature: the implicit system I + H/lam is not positive "
+                  "definite for some task (support-loss Hessian eigenvalues below -lam), so its solve stopped at the "
+                  "last positive-curvature step; a larger lam (algorithm.lam) makes it definite", RuntimeWarning,
+                  stacklevel=3)
 
 
 class _Implicit(torch.autograd.Function):

@@ -173,6 +173,31 @@ def test_conjugate_gradient_matches_direct_solve_per_task():
     assert torch.allclose(torch.cat(y), torch.linalg.solve(a0, b0), atol=1e-8)
 
 
+def test_conjugate_gradient_stops_each_indefinite_system_at_non_positive_curvature():
+    """Before: CG stepped on through negative curvature (p.Ap < 0, iMAML's I + H/lam with Hessian
+    eigenvalues below -lam): the solution blew up as steps grew and depended on which tasks were solved
+    together. Now such a system keeps its last positive-curvature iterate (b at the first step), with a
+    warning, and a definite system in the same chunk is solved as alone."""
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(6, 6, generator=g)
+    definite = m @ m.T + torch.eye(6)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g))
+    indefinite = q @ torch.diag(torch.tensor([5.0, 3.0, 2.0, 1.0, -0.5, -4.0])) @ q.T
+    a, b = torch.stack([definite, indefinite]), torch.randn(2, 6, generator=g)
+    solve = lambda steps: conjugate_gradient(  # noqa: E731
+        lambda v: [torch.einsum("tij,tj->ti", a, v[0])], [b], steps=steps, batched=True)[0]
+    with pytest.warns(RuntimeWarning, match="not positive definite .* a larger lam"):
+        few, many = solve(6), solve(60)
+    assert torch.allclose(few[0], torch.linalg.solve(definite, b[0]), atol=1e-8)  # the definite task: exact
+    assert torch.equal(few[1], many[1])  # the indefinite one stops: more steps change nothing
+    alone = conjugate_gradient(lambda v: [indefinite @ v[0]], [b[1]], steps=60)[0]
+    assert torch.equal(alone, many[1]) or torch.allclose(alone, many[1], atol=1e-12)
+    negative = -torch.eye(6)  # non-positive curvature at the first step: b itself
+    with pytest.warns(RuntimeWarning):
+        first = conjugate_gradient(lambda v: [negative @ v[0]], [b[0]], steps=5)[0]
+    assert torch.equal(first, b[0])
+
+
 def ridge_problem(seed=0, n=20, d=4):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(n, d, generator=g), torch.randn(n, generator=g), torch.randn(n, d, generator=g),
