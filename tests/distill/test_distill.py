@@ -536,3 +536,29 @@ def test_the_teacher_cache_never_answers_for_another_tensor_at_a_reused_id_and_a
         ids.add(ident)
         torch.testing.assert_close(logits, module(buf[0]).detach(), rtol=0, atol=0)
     assert len(ids) < 20  # ids were reused: the case the cache must tell apart
+
+
+def test_the_layout_probe_leaves_no_gradient_in_the_adapters(tasks):
+    """The automatic layout's probe meta-steps (before the first real step) add nothing to the
+    adapters' gradient (was: their gradients were summed into the first adapter step)."""
+    from metamtl.callbacks import Callback
+    from metamtl.placement import LayoutProbe
+
+    teacher = learner(hidden=6, seed=3)
+    grads = {}
+
+    class Grab(Callback):  # after the backward pass, before the adapter step
+        def on_after_backward(self, state):
+            grads.setdefault(state.learner.placement.layout_setting, [p.grad.clone() for p in kd.terms[0].parameters()])
+
+    for channels_last in (None, False):
+        kd = distillation(teacher, weight=0, features=[("trunk.blocks.1", "trunk.blocks.1")])
+        s = MetaLearner(conv(4), build_algorithm("anil", head_init="proto", steps=2, lr=0.3), preprocessing=PREP,
+                        device="cpu", meta_lr=0.01, channels_last=channels_last)
+        clock = iter(range(1000))  # every probe step takes 1 s: both layouts are probed, the initial one kept
+        s.layout_probe = LayoutProbe(timer=lambda: next(clock), min_seconds=0.5, min_iterations=0, repeats=1, warmup=0)
+        s.fit(tasks, iterations=1, meta_batch_size=2, progress=False, callbacks=[kd, Grab()])
+    assert len(grads) == 2 and s.run.layouts == {}
+    auto, fixed = grads.values()
+    for a, b in zip(auto, fixed):
+        torch.testing.assert_close(a, b)
