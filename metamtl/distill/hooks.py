@@ -143,8 +143,19 @@ class FeatureDistillation(DistillationTerm):
         self.seed = int(seed)
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
         self.adapter = adapter
+        # a given adapter's initial weights, which reset() restores (a built one is dropped, rebuilt from seed)
+        self._initial = None if adapter is None else {k: v.detach().clone() for k, v in adapter.state_dict().items()}
         self._pending: dict[str, torch.Tensor] | None = None
         self._bound = False
+
+    def reset(self) -> None:
+        """Back to the adapter of a new run: a given adapter's initial weights, else none (built again,
+        from ``seed``, at first use)."""
+        self._pending = None
+        if self._initial is None:
+            self.adapter = None
+        else:
+            self.adapter.load_state_dict(self._initial)
 
     @property
     def taps(self) -> tuple[str, ...]:
@@ -235,6 +246,14 @@ class Distillation(Callback):
         self.optimizer: torch.optim.Optimizer | None = None
         self._pending_opt: dict[str, Any] | None = None
         self._attached: list[Any] = []
+
+    def reset(self) -> None:
+        """Forget an earlier learner's training (a callback reused for another learner, e.g. students of
+        several seeds): the adapters start afresh and their optimizer is built anew."""
+        self.optimizer, self._pending_opt = None, None
+        for term in self.terms:
+            if isinstance(term, FeatureDistillation):
+                term.reset()
 
     def run_settings(self) -> dict[str, Any]:
         """The distillation a resume must repeat: each term's kind, teacher (kind, weights' digest),

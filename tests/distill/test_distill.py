@@ -562,3 +562,30 @@ def test_the_layout_probe_leaves_no_gradient_in_the_adapters(tasks):
     auto, fixed = grads.values()
     for a, b in zip(auto, fixed):
         torch.testing.assert_close(a, b)
+
+
+def test_a_callback_reused_for_another_learner_starts_afresh(tasks):
+    """A Distillation object reused for a second student trains it exactly as a new one would (was:
+    the second student started from the first one's trained adapter and Adam state)."""
+    teacher = learner(hidden=6, seed=3)
+
+    def kd(adapter=None):
+        return Distillation(FeatureDistillation(teacher, "trunk.blocks.1", "trunk.blocks.1", phases=("support", "query"),
+                                                adapter=adapter))
+
+    shared = kd()
+    learner(seed=1).fit(tasks, iterations=2, meta_batch_size=2, progress=False, callbacks=[shared])
+    reused, fresh = learner(seed=2), learner(seed=2)
+    reused.fit(tasks, iterations=2, meta_batch_size=2, progress=False, callbacks=[shared])
+    fresh.fit(tasks, iterations=2, meta_batch_size=2, progress=False, callbacks=[new := kd()])
+    for a, b in zip([*reused.model.parameters(), *shared.terms[0].parameters()],
+                    [*fresh.model.parameters(), *new.terms[0].parameters()]):
+        torch.testing.assert_close(a, b)
+    assert shared.optimizer.state[shared.optimizer.param_groups[0]["params"][0]]["step"] == 2
+    given = torch.nn.Conv2d(4, 6, 1)
+    initial = given.weight.detach().clone()
+    term = kd(given)
+    learner(seed=1).fit(tasks, iterations=1, meta_batch_size=2, progress=False, callbacks=[term])
+    assert not torch.equal(given.weight, initial)
+    term.reset()  # a given adapter is put back to its initial weights
+    torch.testing.assert_close(given.weight.detach(), initial)
