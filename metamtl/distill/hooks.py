@@ -333,6 +333,7 @@ class Distillation(Callback):
         return {"adapters": adapters, "optimizer": opt}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reset()  # the checkpoint's adapters and optimizer state, not those of an earlier use of this callback
         for i, s in state.get("adapters", {}).items():
             self.terms[int(i)].load_adapter_state(s)
         self._pending_opt = state.get("optimizer")

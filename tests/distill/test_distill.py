@@ -589,3 +589,23 @@ def test_a_callback_reused_for_another_learner_starts_afresh(tasks):
     assert not torch.equal(given.weight, initial)
     term.reset()  # a given adapter is put back to its initial weights
     torch.testing.assert_close(given.weight.detach(), initial)
+
+
+def test_resuming_with_an_already_used_callback_restores_the_checkpoint_optimizer(tasks, tmp_path):
+    """A resume with a Distillation object that already trained another learner equals the
+    uninterrupted run (was: it kept its own Adam moments instead of the checkpoint's)."""
+    teacher = learner(hidden=6, seed=3)
+
+    def kd():
+        return distillation(teacher, phases=("support", "query"), features=[("trunk.blocks.1", "trunk.blocks.1")])
+
+    learner().fit(tasks, iterations=2, meta_batch_size=2, progress=False, callbacks=[kd()],
+                  checkpoint_dir=tmp_path, checkpoint_every=2)
+    full = learner()
+    full.fit(tasks, iterations=4, meta_batch_size=2, progress=False, callbacks=[kd()])
+    used = kd()
+    learner(seed=7).fit(tasks, iterations=3, meta_batch_size=2, progress=False, callbacks=[used])
+    resumed = learner()
+    resumed.fit(tasks, iterations=4, meta_batch_size=2, progress=False, callbacks=[used], resume=tmp_path / "last.pt")
+    for a, b in zip(resumed.model.parameters(), full.model.parameters()):
+        torch.testing.assert_close(a, b)
