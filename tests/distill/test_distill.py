@@ -609,3 +609,29 @@ def test_resuming_with_an_already_used_callback_restores_the_checkpoint_optimize
     resumed.fit(tasks, iterations=4, meta_batch_size=2, progress=False, callbacks=[used], resume=tmp_path / "last.pt")
     for a, b in zip(resumed.model.parameters(), full.model.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_a_cosine_transfer_teacher_taps_its_own_trunk_layers(tasks):
+    """A transfer teacher with the cosine classifier adapts on normalised features; its taps still
+    read the model's own layers (was: 'trunk.blocks.1' was 'not found' in a list naming it, and
+    'trunk' gave the normalised features of norm `scale`)."""
+    from metamtl.adaptation import LossContext, tap_outputs
+
+    teacher = MetaLearner(conv(6, seed=3), build_algorithm("transfer", num_classes=30, head_init="zero",
+                                                           classifier="cosine", steps=1, lr=0.3),
+                          preprocessing=PREP, device="cpu")
+    teacher.fit(tasks, iterations=1, meta_batch_size=2, progress=False)
+    ep = tasks.episode(0).to("cpu")
+    t = LearnerTeacher(teacher)
+    t.tap("trunk")
+    t.tap("trunk.blocks.1")
+    ctx = LossContext("query", torch.zeros(len(ep.query_y), 3), ep.query_y, ep.query_x, ep.support_x, ep.support_y, 3,
+                      teacher.model)
+    out = t.outputs(ctx)
+    teacher.model.eval()
+    with torch.no_grad(), tap_outputs(teacher.model, ["trunk.blocks.1"]) as feats:
+        trunk = teacher.model.trunk(ep.query_x)
+    torch.testing.assert_close(out["trunk"], trunk)
+    torch.testing.assert_close(out["trunk.blocks.1"], feats["trunk.blocks.1"])
+    learner().fit(tasks, iterations=1, meta_batch_size=2, progress=False,
+                  callbacks=[distillation(teacher, features=[("trunk.blocks.1", "trunk.blocks.1")])])
