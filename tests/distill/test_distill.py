@@ -635,3 +635,19 @@ def test_a_cosine_transfer_teacher_taps_its_own_trunk_layers(tasks):
     torch.testing.assert_close(out["trunk.blocks.1"], feats["trunk.blocks.1"])
     learner().fit(tasks, iterations=1, meta_batch_size=2, progress=False,
                   callbacks=[distillation(teacher, features=[("trunk.blocks.1", "trunk.blocks.1")])])
+
+
+@pytest.mark.parametrize("alg", ["maml", "anil"])
+def test_a_student_taps_its_learned_head_also_when_only_the_head_adapts(tasks, alg):
+    """'head' is the adapted head's output under head-only adaptation (ANIL) too (was: an InputError
+    'layer head produced no tensor output' on the first step)."""
+    teacher = MetaLearner(conv(6, out=3, seed=3), build_algorithm("maml", head_init="learned", steps=1, lr=0.3),
+                          preprocessing=PREP, device="cpu")
+    student = MetaLearner(conv(4, out=3), build_algorithm(alg, head_init="learned", steps=1, lr=0.3),
+                          preprocessing=PREP, device="cpu")
+    ep = tasks.episode(0).to("cpu")
+    adapted = student.algorithm.adapt(student.model, ep.support_x, ep.support_y, 3)
+    logits, feats = adapted.forward(ep.query_x, taps=["head"])
+    torch.testing.assert_close(feats["head"], logits)
+    student.fit(tasks, iterations=1, meta_batch_size=2, progress=False,
+                callbacks=[distillation(teacher, weight=0, phases=["support", "query"], features=[("head", "head")])])
