@@ -651,3 +651,30 @@ def test_a_student_taps_its_learned_head_also_when_only_the_head_adapts(tasks, a
     torch.testing.assert_close(feats["head"], logits)
     student.fit(tasks, iterations=1, meta_batch_size=2, progress=False,
                 callbacks=[distillation(teacher, weight=0, phases=["support", "query"], features=[("head", "head")])])
+
+
+def test_multitask_combines_the_adapter_gradient_like_the_model_gradient(tasks):
+    """Under the 'equal' strategy the adapter gets the mean of the datasets' gradients, as the model
+    does (was: their sum, and under the other strategies no task weighting at all)."""
+    import dataclasses
+
+    from metamtl.algorithms.multitask import MultiTask
+
+    ea = [dataclasses.replace(tasks.episode(i).to("cpu"), dataset="a") for i in range(2)]
+    eb = [dataclasses.replace(tasks.episode(10 + i).to("cpu"), dataset="b") for i in range(2)]
+    teacher = conv(6, seed=5)
+
+    def run(alg, batch):
+        m = conv(4)
+        term = FeatureDistillation(teacher, "trunk.blocks.1", "trunk.blocks.1")
+        term.bind(m)
+        alg.inner.loss_terms.append(term)
+        alg.meta_step(m, TaskBatch(batch))
+        return [next(m.parameters()).grad, term.adapter.weight.grad]
+
+    def anil():
+        return build_algorithm("anil", head_init="proto", steps=1, lr=0.3)
+
+    both = run(MultiTask(anil(), "equal", ["a", "b"]), ea + eb)
+    for g, ga, gb in zip(both, run(anil(), ea), run(anil(), eb)):
+        torch.testing.assert_close(g, (ga + gb) / 2)
