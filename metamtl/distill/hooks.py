@@ -32,7 +32,8 @@ from torch import nn
 
 from ..adaptation import LossContext
 from ..callbacks import Callback, FitState
-from ..errors import ConfigError, InputError
+from ..checkpoint import safe_load
+from ..errors import CheckpointError, ConfigError, InputError
 from .taps import named_layer, take_rows
 from .teachers import Teacher, as_teacher
 
@@ -483,6 +484,11 @@ def check_config(cfg: dict[str, Any]) -> dict[str, Any]:
 def check_teacher_file(cfg: dict[str, Any]) -> None:
     """A ``distill.teacher`` path that is no file: a :class:`ConfigError` naming the key."""
     path = Path(cfg["teacher"]).expanduser()
+    if path.is_dir():  # the loader's message, naming a checkpoint in the folder
+        try:
+            safe_load(path)
+        except CheckpointError as exc:
+            raise ConfigError(f"distill.teacher: {exc}") from None
     if not path.is_file():
         raise ConfigError(f"distill.teacher: {path} does not exist (it must be the path of a saved learner, e.g. "
                           "runs/teacher/learner.pt; train the teacher first)")

@@ -678,3 +678,16 @@ def test_multitask_combines_the_adapter_gradient_like_the_model_gradient(tasks):
     both = run(MultiTask(anil(), "equal", ["a", "b"]), ea + eb)
     for g, ga, gb in zip(both, run(anil(), ea), run(anil(), eb)):
         torch.testing.assert_close(g, (ga + gb) / 2)
+
+
+def test_a_teacher_path_that_is_a_folder_names_a_checkpoint_in_it(tmp_path):
+    """(was: 'does not exist' for a folder that exists)"""
+    from metamtl.distill import from_config
+
+    learner().save(tmp_path / "learner.pt")
+    with pytest.raises(ConfigError, match=r"distill.teacher: .* is a folder, not a checkpoint file: give one of its "
+                                          r"checkpoints, e.g. .*learner.pt"):
+        from_config({"teacher": str(tmp_path)})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="is a folder, not a checkpoint file with no checkpoint in it"):
+        from_config({"teacher": str(tmp_path / "empty")})
