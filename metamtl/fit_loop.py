@@ -216,7 +216,8 @@ def choose_layout(learner: "MetaLearner", batch: TaskBatch, iterations_left: int
     CPU) the first meta-batch of each workload (:func:`layout_workload`) runs a few meta-steps on
     ``probe.tasks`` of its tasks in both layouts (:class:`~metamtl.placement.LayoutProbe`); the
     faster layout is kept for that workload (``learner.run.layouts``, saved in checkpoints) and
-    logged (logger ``metamtl.placement``).  The probe steps leave no trace: gradients, buffers
+    logged (logger ``metamtl.placement``).  The probe steps leave no trace: gradients (of the
+    meta-parameters and of the loss terms' parameters, e.g. distillation adapters), buffers
     (BatchNorm statistics) and random number generators are restored afterwards.  Under torchrun
     every process takes channels_last if any process measured it faster.  With fewer than
     ``probe.min_iterations`` ``iterations_left`` (``None``: unknown) an unseen workload is not
@@ -251,14 +252,22 @@ def restore_buffers(snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
             buffer.copy_(saved)
 
 
+def trained_parameters(learner: "MetaLearner") -> list[torch.nn.Parameter]:
+    """The meta-parameters and the parameters of the inner loop's loss terms (distillation
+    adapters, trained by their callback from the same backward pass)."""
+    terms = getattr(getattr(learner.algorithm, "inner", None), "loss_terms", ())
+    extra = [p for t in terms if isinstance(t, torch.nn.Module) for p in t.parameters() if p.requires_grad]
+    return list({id(p): p for p in [*learner.meta_parameters(), *extra]}.values())
+
+
 def _probe_step(learner: "MetaLearner", sample: TaskBatch) -> Callable[[bool], None]:
     """``run(channels_last)``: a meta-step on ``sample`` in that layout that leaves no trace."""
 
     def run(channels_last: bool) -> None:
         if channels_last != learner.placement.channels_last:
             use_layout(learner, channels_last)
-        params = learner.meta_parameters()
-        grads = [p.grad for p in params]
+        params = trained_parameters(learner)
+        grads = {id(p): p.grad for p in params}
         buffers = buffer_snapshot(learner)
         rng = run_state.rng_state()
         try:
@@ -267,8 +276,8 @@ def _probe_step(learner: "MetaLearner", sample: TaskBatch) -> Callable[[bool], N
             with learner.placement.autocast():
                 learner.algorithm.meta_step(learner.model, learner.placement.batch(sample), learner.iteration)
         finally:
-            for p, g in zip(params, grads):
-                p.grad = g
+            for p in trained_parameters(learner):  # parameters built during the probe (adapters) get none
+                p.grad = grads.get(id(p))
             restore_buffers(buffers)
             run_state.set_rng_state(rng)
 

@@ -183,7 +183,7 @@ class InnerProblem:
         self.training = model.trunk.training
         self.taps = term_taps(settings.loss_terms) if settings.loss_terms and self.training else ()
         #: the taps of the adapted module's forward pass (head-only: the trunk's are in ``features``)
-        self.module_taps = () if head_only else self.taps
+        self.module_taps = self.module_names(self.taps)
         self._tasks: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         #: tapped trunk outputs of the support set (head-only adaptation runs the trunk once)
         self.input_features: dict[str, torch.Tensor] = {}
@@ -200,6 +200,20 @@ class InnerProblem:
         return self._tasks[t]
 
     # -- forward passes ---------------------------------------------------------------------
+    def module_names(self, taps: Sequence[str]) -> dict[str, str]:
+        """``{name in the adapted module: name in the model}`` of the ``taps`` in the adapted module
+        (head-only adaptation: the head's layers, ``"head"`` its output)."""
+        if not self.head_only:
+            return {n: n for n in taps}
+        return {n[len("head."):]: n for n in taps if n.startswith("head.")} | ({"": "head"} if "head" in taps else {})
+
+    def module_forward(self, params: Tensors, fixed: dict, x: torch.Tensor,
+                       taps: dict[str, str]) -> tuple[torch.Tensor, dict]:
+        """The engine's forward pass of the adapted module, its ``taps`` (:meth:`module_names`) named as
+        in the model."""
+        logits, feats = self.engine.forward(self, params, fixed, x, list(taps))
+        return logits, {taps[n]: f for n, f in feats.items()}
+
     def features(self, x: torch.Tensor, taps: Sequence[str] = ()) -> tuple[torch.Tensor, dict]:
         """Trunk features ``[T, N, D]`` of inputs ``[T, N, ...]`` (query: normalised per ``bn_stats``)."""
         trunk, sx = self.model.trunk, self.support_x
@@ -229,7 +243,7 @@ class InnerProblem:
             rows = self.support_x.shape[1]
             fixed = {**fixed, **support}
             x = torch.cat([self.support_x, x], 1)
-        logits, feats = self.engine.forward(self, params, fixed, x, taps)
+        logits, feats = self.module_forward(params, fixed, x, self.module_names(taps))
         return (logits[:, rows:] if rows else logits), feats
 
     # -- the inner loop -----------------------------------------------------------------------
@@ -272,7 +286,7 @@ class InnerProblem:
         return self._objective(self.engine.bind(self, list(params)), k, context)
 
     def _objective(self, params: Tensors, k: int, context: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, feats = self.engine.forward(self, params, self.tensors(k), context[0], self.module_taps)
+        logits, feats = self.module_forward(params, self.tensors(k), context[0], self.module_taps)
         feats = {**self.input_features, **feats}
         loss = batched_task_loss(logits, self.support_y)
         objective = self.objective(InnerView(self, k, params, logits, loss, feats, list(context[1:])))
@@ -358,7 +372,7 @@ class Adapted:
             x_in, feats = cached[2], cached[3]
         else:
             x_in = x
-        logits, more = p.forward(self.trajectory[k], k, x_in, () if p.head_only else taps)
+        logits, more = p.forward(self.trajectory[k], k, x_in, taps)
         return logits, {**feats, **more}
 
     def __call__(self, x: torch.Tensor, updates: int | None = None) -> torch.Tensor:

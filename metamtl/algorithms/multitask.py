@@ -120,7 +120,13 @@ class MultiTask(Algorithm):
             for name, positions in groups.items():  # every dataset's shapes first: one mode for all of them
                 with dataset_scope(name):
                     self.base.plan_memory(model, TaskBatch([batch[i] for i in positions]), iteration)
-        params = self._shared_params(model)
+        def with_terms(params: list[nn.Parameter]) -> list[nn.Parameter]:
+            # the loss terms' parameters (distillation adapters, built at first use) are combined like the model's
+            known = {id(p) for p in params}
+            return params + [p for t in self.inner.loss_terms if isinstance(t, nn.Module) for p in t.parameters()
+                             if p.requires_grad and id(p) not in known]
+
+        params = with_terms(self._shared_params(model))
         before = [p.grad for p in params]
         parts: list[_Part] = []
         for name, positions in groups.items():
@@ -128,9 +134,12 @@ class MultiTask(Algorithm):
                 p.grad = None
             with dataset_scope(name):
                 metrics = self.base.meta_step(model, TaskBatch([batch[i] for i in positions]), iteration)
+            params = with_terms(params)
             parts.append(_Part(name, positions, _reached([p.grad for p in params]), metrics))
+        for part in parts:  # an adapter built in a later dataset's step: unused by the earlier ones
+            part.grads += [None] * (len(params) - len(part.grads))
         self.base.keep_batch_plan(model, batch, iteration)  # the batch's memory plan, not its last dataset's
-        for p, g in zip(params, before):
+        for p, g in zip(params, before + [None] * (len(params) - len(before))):
             p.grad = g
         if processes is not None:
             parts = self._exchange(parts, params, processes, iteration)

@@ -32,7 +32,8 @@ from torch import nn
 
 from ..adaptation import LossContext
 from ..callbacks import Callback, FitState
-from ..errors import ConfigError, InputError
+from ..checkpoint import safe_load
+from ..errors import CheckpointError, ConfigError, InputError
 from .taps import named_layer, take_rows
 from .teachers import Teacher, as_teacher
 
@@ -143,8 +144,19 @@ class FeatureDistillation(DistillationTerm):
         self.seed = int(seed)
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
         self.adapter = adapter
+        # a given adapter's initial weights, which reset() restores (a built one is dropped, rebuilt from seed)
+        self._initial = None if adapter is None else {k: v.detach().clone() for k, v in adapter.state_dict().items()}
         self._pending: dict[str, torch.Tensor] | None = None
         self._bound = False
+
+    def reset(self) -> None:
+        """Back to the adapter of a new run: a given adapter's initial weights, else none (built again,
+        from ``seed``, at first use)."""
+        self._pending = None
+        if self._initial is None:
+            self.adapter = None
+        else:
+            self.adapter.load_state_dict(self._initial)
 
     @property
     def taps(self) -> tuple[str, ...]:
@@ -236,6 +248,14 @@ class Distillation(Callback):
         self._pending_opt: dict[str, Any] | None = None
         self._attached: list[Any] = []
 
+    def reset(self) -> None:
+        """Forget an earlier learner's training (a callback reused for another learner, e.g. students of
+        several seeds): the adapters start afresh and their optimizer is built anew."""
+        self.optimizer, self._pending_opt = None, None
+        for term in self.terms:
+            if isinstance(term, FeatureDistillation):
+                term.reset()
+
     def run_settings(self) -> dict[str, Any]:
         """The distillation a resume must repeat: each term's kind, teacher (kind, weights' digest),
         weight, phases and settings, ``ce_weight`` and ``lr`` (resuming with another distillation,
@@ -314,6 +334,7 @@ class Distillation(Callback):
         return {"adapters": adapters, "optimizer": opt}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reset()  # the checkpoint's adapters and optimizer state, not those of an earlier use of this callback
         for i, s in state.get("adapters", {}).items():
             self.terms[int(i)].load_adapter_state(s)
         self._pending_opt = state.get("optimizer")
@@ -463,6 +484,11 @@ def check_config(cfg: dict[str, Any]) -> dict[str, Any]:
 def check_teacher_file(cfg: dict[str, Any]) -> None:
     """A ``distill.teacher`` path that is no file: a :class:`ConfigError` naming the key."""
     path = Path(cfg["teacher"]).expanduser()
+    if path.is_dir():  # the loader's message, naming a checkpoint in the folder
+        try:
+            safe_load(path)
+        except CheckpointError as exc:
+            raise ConfigError(f"distill.teacher: {exc}") from None
     if not path.is_file():
         raise ConfigError(f"distill.teacher: {path} does not exist (it must be the path of a saved learner, e.g. "
                           "runs/teacher/learner.pt; train the teacher first)")

@@ -235,7 +235,18 @@ class LearnerTeacher(Teacher):
                 raise InputError(f"the distillation TEACHER (not the student) cannot adapt to this {ctx.ways}-way "
                                  f"task: {str(exc).replace('this model', 'the teacher')}") from None
             self._adapted = (key, adapted)
-        return self._adapted[1].forward(ctx.inputs, taps=layers)
+        names = self._adapted_names(layers)
+        logits, feats = self._adapted[1].forward(ctx.inputs, taps=list(names))
+        return logits, {names[n]: f for n, f in feats.items() if n in names}
+
+    def _adapted_names(self, layers: Sequence[str]) -> dict[str, str]:
+        """``{name in the adapted model: layer name in the teacher's model}``: an algorithm that adapts
+        on a feature model wrapping the trunk (transfer's cosine classifier: ``scale * trunk(x) /
+        ||trunk(x)||``) holds the model's trunk under another name there."""
+        algorithm, model = self.learner.algorithm, self.learner.model
+        adapted = algorithm.feature_model(model) if hasattr(algorithm, "feature_model") else model
+        prefix = next((n for n, m in adapted.named_modules() if m is model.trunk), "trunk")
+        return {(prefix + n[len("trunk"):] if n == "trunk" or n.startswith("trunk.") else n): n for n in layers}
 
     def class_logits(self, x: torch.Tensor, layers: list[str] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits over all the teacher's training classes (its ``transfer`` classifier), and the

@@ -536,3 +536,158 @@ def test_the_teacher_cache_never_answers_for_another_tensor_at_a_reused_id_and_a
         ids.add(ident)
         torch.testing.assert_close(logits, module(buf[0]).detach(), rtol=0, atol=0)
     assert len(ids) < 20  # ids were reused: the case the cache must tell apart
+
+
+def test_the_layout_probe_leaves_no_gradient_in_the_adapters(tasks):
+    """The automatic layout's probe meta-steps (before the first real step) add nothing to the
+    adapters' gradient (was: their gradients were summed into the first adapter step)."""
+    from metamtl.callbacks import Callback
+    from metamtl.placement import LayoutProbe
+
+    teacher = learner(hidden=6, seed=3)
+    grads = {}
+
+    class Grab(Callback):  # after the backward pass, before the adapter step
+        def on_after_backward(self, state):
+            grads.setdefault(state.learner.placement.layout_setting, [p.grad.clone() for p in kd.terms[0].parameters()])
+
+    for channels_last in (None, False):
+        kd = distillation(teacher, weight=0, features=[("trunk.blocks.1", "trunk.blocks.1")])
+        s = MetaLearner(conv(4), build_algorithm("anil", head_init="proto", steps=2, lr=0.3), preprocessing=PREP,
+                        device="cpu", meta_lr=0.01, channels_last=channels_last)
+        clock = iter(range(1000))  # every probe step takes 1 s: both layouts are probed, the initial one kept
+        s.layout_probe = LayoutProbe(timer=lambda: next(clock), min_seconds=0.5, min_iterations=0, repeats=1, warmup=0)
+        s.fit(tasks, iterations=1, meta_batch_size=2, progress=False, callbacks=[kd, Grab()])
+    assert len(grads) == 2 and s.run.layouts == {}
+    auto, fixed = grads.values()
+    for a, b in zip(auto, fixed):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_callback_reused_for_another_learner_starts_afresh(tasks):
+    """A Distillation object reused for a second student trains it exactly as a new one would (was:
+    the second student started from the first one's trained adapter and Adam state)."""
+    teacher = learner(hidden=6, seed=3)
+
+    def kd(adapter=None):
+        return Distillation(FeatureDistillation(teacher, "trunk.blocks.1", "trunk.blocks.1", phases=("support", "query"),
+                                                adapter=adapter))
+
+    shared = kd()
+    learner(seed=1).fit(tasks, iterations=2, meta_batch_size=2, progress=False, callbacks=[shared])
+    reused, fresh = learner(seed=2), learner(seed=2)
+    reused.fit(tasks, iterations=2, meta_batch_size=2, progress=False, callbacks=[shared])
+    fresh.fit(tasks, iterations=2, meta_batch_size=2, progress=False, callbacks=[new := kd()])
+    for a, b in zip([*reused.model.parameters(), *shared.terms[0].parameters()],
+                    [*fresh.model.parameters(), *new.terms[0].parameters()]):
+        torch.testing.assert_close(a, b)
+    assert shared.optimizer.state[shared.optimizer.param_groups[0]["params"][0]]["step"] == 2
+    given = torch.nn.Conv2d(4, 6, 1)
+    initial = given.weight.detach().clone()
+    term = kd(given)
+    learner(seed=1).fit(tasks, iterations=1, meta_batch_size=2, progress=False, callbacks=[term])
+    assert not torch.equal(given.weight, initial)
+    term.reset()  # a given adapter is put back to its initial weights
+    torch.testing.assert_close(given.weight.detach(), initial)
+
+
+def test_resuming_with_an_already_used_callback_restores_the_checkpoint_optimizer(tasks, tmp_path):
+    """A resume with a Distillation object that already trained another learner equals the
+    uninterrupted run (was: it kept its own Adam moments instead of the checkpoint's)."""
+    teacher = learner(hidden=6, seed=3)
+
+    def kd():
+        return distillation(teacher, phases=("support", "query"), features=[("trunk.blocks.1", "trunk.blocks.1")])
+
+    learner().fit(tasks, iterations=2, meta_batch_size=2, progress=False, callbacks=[kd()],
+                  checkpoint_dir=tmp_path, checkpoint_every=2)
+    full = learner()
+    full.fit(tasks, iterations=4, meta_batch_size=2, progress=False, callbacks=[kd()])
+    used = kd()
+    learner(seed=7).fit(tasks, iterations=3, meta_batch_size=2, progress=False, callbacks=[used])
+    resumed = learner()
+    resumed.fit(tasks, iterations=4, meta_batch_size=2, progress=False, callbacks=[used], resume=tmp_path / "last.pt")
+    for a, b in zip(resumed.model.parameters(), full.model.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_cosine_transfer_teacher_taps_its_own_trunk_layers(tasks):
+    """A transfer teacher with the cosine classifier adapts on normalised features; its taps still
+    read the model's own layers (was: 'trunk.blocks.1' was 'not found' in a list naming it, and
+    'trunk' gave the normalised features of norm `scale`)."""
+    from metamtl.adaptation import LossContext, tap_outputs
+
+    teacher = MetaLearner(conv(6, seed=3), build_algorithm("transfer", num_classes=30, head_init="zero",
+                                                           classifier="cosine", steps=1, lr=0.3),
+                          preprocessing=PREP, device="cpu")
+    teacher.fit(tasks, iterations=1, meta_batch_size=2, progress=False)
+    ep = tasks.episode(0).to("cpu")
+    t = LearnerTeacher(teacher)
+    t.tap("trunk")
+    t.tap("trunk.blocks.1")
+    ctx = LossContext("query", torch.zeros(len(ep.query_y), 3), ep.query_y, ep.query_x, ep.support_x, ep.support_y, 3,
+                      teacher.model)
+    out = t.outputs(ctx)
+    teacher.model.eval()
+    with torch.no_grad(), tap_outputs(teacher.model, ["trunk.blocks.1"]) as feats:
+        trunk = teacher.model.trunk(ep.query_x)
+    torch.testing.assert_close(out["trunk"], trunk)
+    torch.testing.assert_close(out["trunk.blocks.1"], feats["trunk.blocks.1"])
+    learner().fit(tasks, iterations=1, meta_batch_size=2, progress=False,
+                  callbacks=[distillation(teacher, features=[("trunk.blocks.1", "trunk.blocks.1")])])
+
+
+@pytest.mark.parametrize("alg", ["maml", "anil"])
+def test_a_student_taps_its_learned_head_also_when_only_the_head_adapts(tasks, alg):
+    """'head' is the adapted head's output under head-only adaptation (ANIL) too (was: an InputError
+    'layer head produced no tensor output' on the first step)."""
+    teacher = MetaLearner(conv(6, out=3, seed=3), build_algorithm("maml", head_init="learned", steps=1, lr=0.3),
+                          preprocessing=PREP, device="cpu")
+    student = MetaLearner(conv(4, out=3), build_algorithm(alg, head_init="learned", steps=1, lr=0.3),
+                          preprocessing=PREP, device="cpu")
+    ep = tasks.episode(0).to("cpu")
+    adapted = student.algorithm.adapt(student.model, ep.support_x, ep.support_y, 3)
+    logits, feats = adapted.forward(ep.query_x, taps=["head"])
+    torch.testing.assert_close(feats["head"], logits)
+    student.fit(tasks, iterations=1, meta_batch_size=2, progress=False,
+                callbacks=[distillation(teacher, weight=0, phases=["support", "query"], features=[("head", "head")])])
+
+
+def test_multitask_combines_the_adapter_gradient_like_the_model_gradient(tasks):
+    """Under the 'equal' strategy the adapter gets the mean of the datasets' gradients, as the model
+    does (was: their sum, and under the other strategies no task weighting at all)."""
+    import dataclasses
+
+    from metamtl.algorithms.multitask import MultiTask
+
+    ea = [dataclasses.replace(tasks.episode(i).to("cpu"), dataset="a") for i in range(2)]
+    eb = [dataclasses.replace(tasks.episode(10 + i).to("cpu"), dataset="b") for i in range(2)]
+    teacher = conv(6, seed=5)
+
+    def run(alg, batch):
+        m = conv(4)
+        term = FeatureDistillation(teacher, "trunk.blocks.1", "trunk.blocks.1")
+        term.bind(m)
+        alg.inner.loss_terms.append(term)
+        alg.meta_step(m, TaskBatch(batch))
+        return [next(m.parameters()).grad, term.adapter.weight.grad]
+
+    def anil():
+        return build_algorithm("anil", head_init="proto", steps=1, lr=0.3)
+
+    both = run(MultiTask(anil(), "equal", ["a", "b"]), ea + eb)
+    for g, ga, gb in zip(both, run(anil(), ea), run(anil(), eb)):
+        torch.testing.assert_close(g, (ga + gb) / 2)
+
+
+def test_a_teacher_path_that_is_a_folder_names_a_checkpoint_in_it(tmp_path):
+    """(was: 'does not exist' for a folder that exists)"""
+    from metamtl.distill import from_config
+
+    learner().save(tmp_path / "learner.pt")
+    with pytest.raises(ConfigError, match=r"distill.teacher: .* is a folder, not a checkpoint file: give one of its "
+                                          r"checkpoints, e.g. .*learner.pt"):
+        from_config({"teacher": str(tmp_path)})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="is a folder, not a checkpoint file with no checkpoint in it"):
+        from_config({"teacher": str(tmp_path / "empty")})
