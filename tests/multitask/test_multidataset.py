@@ -496,3 +496,19 @@ def test_every_base_splits_shared_and_dataset_specific_parameters_alike(base):
         warnings.simplefilter("always")
         MultiTask(cfg, "pcgrad", ["grey", "rgb"]).meta_step(m, batch)
     assert any("found no parameter shared" in str(w.message) for w in caught)
+
+
+def test_validation_on_a_mixture_of_different_ways_scores_each_setting_and_averages_all_episodes():
+    """``tasks.ways`` above one dataset's validation classes gives its val sampler fewer ways: the
+    first validation refused the mixed settings and the run lost its training."""
+    learner = make_learner("equal")
+    val = MixedTasks([EpisodeSampler(toy("grey", 1, 12), 3, 1, 2, seed=5),
+                      EpisodeSampler(toy("rgb", 3, 24, classes=30, seed=1), 4, 1, 2, seed=5)], seed=5)
+    history = learner.fit(mixed(), iterations=2, meta_batch_size=2, val_tasks=val, val_every=2, val_episodes=6,
+                          progress=False)
+    row = next(r for r in history if "val/accuracy" in r)
+    eps = [val.episode(i) for i in range(6)]
+    assert {e.ways for e in eps} == {3, 4}
+    per = [learner.evaluate([e], progress=False) for e in eps]
+    assert row["val/accuracy"] == pytest.approx(sum(r.accuracy for r in per) / 6)
+    assert row["val/loss"] == pytest.approx(sum(r.loss for r in per) / 6)
