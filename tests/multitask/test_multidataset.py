@@ -512,3 +512,21 @@ def test_validation_on_a_mixture_of_different_ways_scores_each_setting_and_avera
     per = [learner.evaluate([e], progress=False) for e in eps]
     assert row["val/accuracy"] == pytest.approx(sum(r.accuracy for r in per) / 6)
     assert row["val/loss"] == pytest.approx(sum(r.loss for r in per) / 6)
+
+
+def test_a_centring_head_never_borrows_another_datasets_mean():
+    """With only grey's mean (rgb's never computed, or dropped by a fit on grey alone), rgb episodes
+    were silently centred with grey's mean, a feature of another stem."""
+    alg = build_algorithm("multitask", base=base_cfg(), datasets=list(SHAPES))
+    learner = MetaLearner(small_model(out_features=3), alg, device="cpu")
+    grey, rgb = EpisodeSampler(toy("grey", 1, 12), 3, 1, 2), EpisodeSampler(toy("rgb", 3, 24, seed=1), 3, 1, 2)
+    learner.compute_feature_mean(grey)
+    assert learner.feature_mean("rgb") is None and learner.feature_mean() is not None
+    assert torch.equal(learner.feature_mean("grey"), learner.feature_means["grey"])
+    ep = rgb.episode(0)
+    sx, qx = ep.support_x.float() / 255, ep.query_x.float() / 255
+    for call in (lambda: learner.evaluate(rgb, 2, head="simpleshot", progress=False),
+                 lambda: learner.predict(sx, ep.support_y, qx, head="simpleshot", dataset="rgb")):
+        with pytest.raises(InputError, match=r"\['grey'\] and none for 'rgb': call learner.compute_feature_mean"):
+            call()
+    assert learner.evaluate(grey, 2, head="simpleshot", progress=False).episodes == 2
