@@ -44,8 +44,11 @@ def learner_datasets(learner: "MetaLearner") -> set[str]:
 
 
 def episode_mean(learner: "MetaLearner", head: Any, episode: Any) -> torch.Tensor | None:
-    """The mean ``head`` centres an evaluated ``episode``'s features with: its dataset's."""
-    return learner.inference.centring_mean(head, episode.dataset, learner.device, learner_datasets(learner))
+    """The mean ``head`` centres an evaluated ``episode``'s features with: its dataset's (an episode
+    whose name is none of a multi-dataset model's datasets: the one its support images route to, as
+    in :func:`adapt`)."""
+    dataset = routed_dataset(learner.model, episode.dataset, episode.support_x) or episode.dataset
+    return learner.inference.centring_mean(head, dataset, learner.device, learner_datasets(learner))
 
 
 def check_dataset(learner: "MetaLearner", dataset: str | None, x: torch.Tensor) -> None:

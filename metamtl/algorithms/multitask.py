@@ -205,9 +205,11 @@ class MultiTask(Algorithm):
                 out.append(p)
         return out
 
-    def _scope(self, episode: Episode):
-        """The episode's dataset scope (none for datasets not trained on: routed by shape)."""
-        return dataset_scope(episode.dataset if episode.dataset in self.strategy.tasks else None)
+    def _scope(self, model: TrunkHead, episode: Episode):
+        """The episode's dataset scope (for a dataset not trained on, the one its support images'
+        shape routes to, as in :meth:`adapt`: per-dataset heads get features, which carry no shape)."""
+        known = episode.dataset in self.strategy.tasks
+        return dataset_scope(episode.dataset if known else routed_dataset(model, None, episode.support_x))
 
     # -- evaluation --------------------------------------------------------------------------
     def adapt(self, model, support_x, support_y, ways, steps=None):
@@ -225,7 +227,7 @@ class MultiTask(Algorithm):
         for i, ep in enumerate(episodes):
             groups.setdefault(ep.dataset, []).append(i)
         for name, positions in groups.items():
-            with self._scope(episodes[positions[0]]):
+            with self._scope(model, episodes[positions[0]]):
                 results = self.base.evaluate_episodes(model, [episodes[i] for i in positions], steps)
             for i, r in zip(positions, results):
                 out[i] = r

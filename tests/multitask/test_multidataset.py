@@ -530,3 +530,20 @@ def test_a_centring_head_never_borrows_another_datasets_mean():
         with pytest.raises(InputError, match=r"\['grey'\] and none for 'rgb': call learner.compute_feature_mean"):
             call()
     assert learner.evaluate(grey, 2, head="simpleshot", progress=False).episodes == 2
+
+
+def test_a_test_set_named_other_than_a_training_dataset_is_routed_by_shape_in_evaluate_as_in_predict():
+    """``rgb_test`` episodes: predict routed them by shape, while evaluate (per-dataset heads, a
+    centring head) and Ensemble.evaluate refused them with an InputError."""
+    from metamtl.ensemble import Ensemble
+
+    rgb = toy("rgb", 3, 24, classes=30, seed=1)
+    named, other = EpisodeSampler(rgb, 3, 1, 2, name="rgb"), EpisodeSampler(rgb, 3, 1, 2, name="rgb_test")
+    alg = build_algorithm("multitask", base={"name": "anil", "steps": 1, "lr": 0.3}, datasets=list(SHAPES))
+    learner = MetaLearner(small_model(heads="per_dataset", out_features=3), alg, device="cpu")
+    expected = learner.evaluate(named, 3, progress=False)
+    assert learner.evaluate(other, 3, progress=False).per_episode_loss == expected.per_episode_loss
+    assert Ensemble([learner]).evaluate(other, 3, progress=False).accuracy == pytest.approx(expected.accuracy)
+    learner.compute_feature_mean(MixedTasks([EpisodeSampler(toy("grey", 1, 12), 3, 1, 2), named]))
+    simpleshot = learner.evaluate(named, 3, progress=False, head="simpleshot")
+    assert learner.evaluate(other, 3, progress=False, head="simpleshot").per_episode_loss == simpleshot.per_episode_loss
