@@ -547,3 +547,20 @@ def test_a_test_set_named_other_than_a_training_dataset_is_routed_by_shape_in_ev
     learner.compute_feature_mean(MixedTasks([EpisodeSampler(toy("grey", 1, 12), 3, 1, 2), named]))
     simpleshot = learner.evaluate(named, 3, progress=False, head="simpleshot")
     assert learner.evaluate(other, 3, progress=False, head="simpleshot").per_episode_loss == simpleshot.per_episode_loss
+
+
+@pytest.mark.parametrize("head", [None, {"name": "simpleshot", "center": False}])
+def test_images_of_another_shape_than_their_dataset_label_are_an_input_error_in_evaluate_and_fit(head):
+    """RGB images under the label ``grey`` reached grey's 1-channel stem: a bare torch RuntimeError
+    from the convolution in evaluate and fit, where predict(dataset="grey") gave an InputError."""
+    learner = make_learner("equal")
+    grey, rgb = toy("grey", 1, 12), toy("rgb", 3, 24, classes=30, seed=1)
+    message = r"shape \[3, 24, 24\] run as dataset 'grey', which takes \[1, 12, 12\]"
+    with pytest.raises(InputError, match=message):
+        learner.evaluate(EpisodeSampler(rgb, 3, 1, 2, name="grey"), 2, head=head, progress=False)
+    if head is None:
+        swapped = MixedTasks([EpisodeSampler(grey, 3, 1, 2, name="rgb"), EpisodeSampler(rgb, 3, 1, 2, name="grey")])
+        before = [p.detach().clone() for p in learner.model.parameters()]
+        with pytest.raises(InputError, match=r"run as dataset '(grey|rgb)', which takes"):
+            learner.fit(swapped, iterations=1, meta_batch_size=2, progress=False)
+        assert all(torch.equal(a, b) for a, b in zip(before, learner.model.parameters()))
