@@ -270,6 +270,14 @@ def test_held_out_episodes_of_each_dataset_take_at_most_its_classes(data_root):
     sources, split = held_out_sources(cfg)
     assert split == "held-out (a: test, b: val)"
     assert sources["b"].dataset.num_classes == tasks["val"].sources[1].dataset.num_classes
+    # a training-only dataset (neither split) is left out of the held-out sources (the steps curve's),
+    # as evaluation leaves it out; with none held out, the error names the labels
+    cfg.datasets[1].val_split = None
+    sources, split = held_out_sources(cfg)
+    assert list(sources) == ["a"] and split == "test"
+    cfg.datasets[0].test_split = cfg.datasets[0].val_split = None
+    with pytest.raises(ConfigError, match=r"no dataset of this run \(a, b\) has a test or a validation split"):
+        held_out_sources(cfg)
 
 
 @pytest.mark.parametrize("strategy", ["gradnorm", "dwa", "uncertainty"])
