@@ -133,7 +133,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json:
         from .files import atomic_write_json
 
-        atomic_write_json(args.json, out if len(out) > 1 else out[next(iter(out))], indent=2)
+        atomic_write_json(args.json, out[None] if None in out else out, indent=2)  # several datasets: by label
     return 0
 
 
