@@ -329,10 +329,18 @@ def mean_feature(trunk: nn.Module, data: Any, placement: Placement, max_images: 
     return (total / len(rows)).cpu()
 
 
+def mixture_leaves(source: Any) -> list[Any]:
+    """The task sources of a :class:`MixedTasks` (those of a nested one too), else ``[source]``."""
+    if not isinstance(source, MixedTasks):
+        return [source]
+    return [leaf for part in source.sources for leaf in mixture_leaves(part)]
+
+
 def feature_means(model: nn.Module, source: Any, placement: Placement, max_images: int = 10_000,
                   batch_size: int = 256, strict: bool = True) -> dict[str, torch.Tensor]:
     """Mean trunk feature of each training dataset (by name) of ``source``: an ``EpisodeSampler``,
-    a ``MixedTasks`` of them (one mean per dataset) or a ``ClassDataset``; the model in eval mode.
+    a ``MixedTasks`` of them (one mean per dataset, nested mixtures too) or a ``ClassDataset``; the
+    model in eval mode.
 
     The images go through the trunk ``batch_size`` at a time.  A trunk whose BatchNorm normalises
     with batch statistics also in eval mode (conv4's episodic BatchNorm, which keeps no running
@@ -345,7 +353,7 @@ def feature_means(model: nn.Module, source: Any, placement: Placement, max_image
     check_int("batch_size", batch_size, 1)
     out = {}
     with model_lock(model), eval_mode(model):
-        for src in source.sources if isinstance(source, MixedTasks) else [source]:  # a ClassDataset's: file names
+        for src in mixture_leaves(source):  # a ClassDataset's: file names
             data = getattr(src, "dataset", src)
             if not hasattr(data, "images") or not hasattr(data, "preprocessing"):
                 if not strict:

@@ -572,3 +572,17 @@ def test_images_of_another_shape_than_their_dataset_label_are_an_input_error_in_
         with pytest.raises(InputError, match=r"run as dataset '(grey|rgb)', which takes"):
             learner.fit(swapped, iterations=1, meta_batch_size=2, progress=False)
         assert all(torch.equal(a, b) for a, b in zip(before, learner.model.parameters()))
+
+
+def test_feature_means_of_a_nested_mixture_are_one_per_dataset():
+    """A nested MixedTasks trains; compute_feature_mean refused it ('needs training tasks or a
+    ClassDataset, got MixedTasks') and a refresh after fit dropped the inner datasets' means."""
+    learner = make_learner("equal")
+    grey, rgb = EpisodeSampler(toy("grey", 1, 12), 3, 1, 2), EpisodeSampler(toy("rgb", 3, 24, seed=1), 3, 1, 2)
+    nested = MixedTasks([grey, MixedTasks([rgb])])
+    flat = learner.compute_feature_mean(MixedTasks([grey, rgb]))
+    means = learner.compute_feature_mean(nested)
+    assert sorted(means) == ["grey", "rgb"] and all(torch.equal(means[k], flat[k]) for k in flat)
+    learner.fit(nested, iterations=1, meta_batch_size=2, progress=False)
+    assert sorted(learner.feature_means) == ["grey", "rgb"]
+    assert not torch.equal(learner.feature_means["rgb"], flat["rgb"])
