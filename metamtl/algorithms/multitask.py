@@ -35,7 +35,7 @@ from ..models.multidataset import dataset_scope, routed_dataset
 from ..multitask.strategies import Strategy, apply_strategy, build_strategy
 from ..tasks.episode import Episode, TaskBatch
 from .base import Algorithm
-from .registry import build_algorithm
+from .registry import build_algorithm, with_data_settings
 
 
 class MultiTask(Algorithm):
@@ -48,19 +48,21 @@ class MultiTask(Algorithm):
             (``{"name": "gradnorm", "alpha": 1.5}``).
         datasets: the dataset labels (``episode.dataset``) of the task distribution (declared in
             :attr:`from_data`: runs fill them in from the config's datasets).
+        num_classes: the mixture's training classes, passed on to a base config that takes them
+            from the data and leaves them out (``transfer``); declared in :attr:`from_data` too.
     """
 
     name = "multitask"
-    from_data = ("datasets",)
+    from_data = ("datasets", "num_classes")
 
     def __init__(self, base: Algorithm | str | dict[str, Any] = "maml",
                  strategy: Strategy | str | dict[str, Any] = "equal",
-                 datasets: Sequence[str] = ()) -> None:
+                 datasets: Sequence[str] = (), num_classes: int | None = None) -> None:
         nn.Module.__init__(self)
         if isinstance(base, str):
             base = {"name": base}
-        if isinstance(base, dict):
-            base = build_algorithm(**base)
+        if isinstance(base, dict):  # what the base takes from the data: the mixture's
+            base = build_algorithm(**with_data_settings(base, {"num_classes": lambda: num_classes}))
         if not isinstance(base, Algorithm) or isinstance(base, MultiTask):
             raise ConfigError(f"multitask needs a (non-multitask) base algorithm, got {base!r}")
         if not datasets and isinstance(strategy, Strategy):

@@ -586,3 +586,19 @@ def test_feature_means_of_a_nested_mixture_are_one_per_dataset():
     learner.fit(nested, iterations=1, meta_batch_size=2, progress=False)
     assert sorted(learner.feature_means) == ["grey", "rgb"]
     assert not torch.equal(learner.feature_means["rgb"], flat["rgb"])
+
+
+def test_a_multitask_run_gives_a_base_the_settings_it_takes_from_the_data():
+    """``base: {name: transfer}`` failed ('transfer needs num_classes'): a run filled in only the
+    top-level algorithm's declared settings, and multitask declared the datasets alone."""
+    from metamtl.algorithms import with_data_settings
+
+    data = {"num_classes": lambda: 42, "datasets": lambda: list(SHAPES)}
+
+    def built(base):
+        return build_algorithm(**with_data_settings({"name": "multitask", "base": base}, data))
+
+    assert built({"name": "transfer", "steps": 1, "head_init": "proto"}).base.num_classes == 42
+    assert built("transfer").base.num_classes == 42
+    assert built({"name": "transfer", "num_classes": 7}).base.num_classes == 7  # the config's own value stays
+    assert "num_classes" not in built("anil").base.config()  # a base that takes none is given none
