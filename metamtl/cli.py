@@ -41,6 +41,7 @@ def _evaluation_config(saved: dict[str, Any], data_root: str | None) -> dict[str
     (``--data-root``) without a validation split, and without the training-only callbacks
     (``train.early_stopping``, ``train.scheduler``: a plateau schedule or early stopping needs the
     validation split), which never block evaluation."""
+    _check_one_data_root(saved.get("datasets") or [], data_root)
     for data in [saved["data"], *saved.get("datasets", [])]:  # several for multi-dataset learners
         if data_root:
             data["root"] = data_root
@@ -49,6 +50,20 @@ def _evaluation_config(saved: dict[str, Any], data_root: str | None) -> dict[str
     if saved["data"].get("name") == "sinusoid":  # older regression runs saved the unused default, 5 ways
         tasks.pop("ways", None)
     return {**saved, "tasks": tasks, "train": {**(saved.get("train") or {}), "early_stopping": None, "scheduler": None}}
+
+
+def _check_one_data_root(datasets: list[dict[str, Any]], data_root: str | None) -> None:
+    """:class:`ConfigError` for a ``--data-root`` that would point several datasets read from
+    different folders (a folder or csv dataset's root is its own folder) at one folder: each would
+    be scored on the other's images, under its own label."""
+    from .data.registry import USER_DATASETS
+
+    roots = {d.get("label") or d.get("name"): d.get("root") for d in datasets}
+    if data_root and len(set(roots.values())) > 1 and any(d.get("name") in USER_DATASETS for d in datasets):
+        raise ConfigError(f"--data-root {data_root} would be the folder of every dataset of this learner, but they "
+                          f"were read from different folders ({', '.join(f'{k}: {v}' for k, v in roots.items())}) "
+                          "and a folder or csv dataset's root is its own folder: leave --data-root out to read "
+                          "each from its saved root")
 
 
 def _check_steps(steps: int | None, members: list[Any], labels: list[str], head: Any) -> None:
@@ -118,7 +133,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json:
         from .files import atomic_write_json
 
-        atomic_write_json(args.json, out if len(out) > 1 else out[next(iter(out))], indent=2)
+        atomic_write_json(args.json, out[None] if None in out else out, indent=2)  # several datasets: by label
     return 0
 
 

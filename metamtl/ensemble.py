@@ -30,6 +30,7 @@ from .heads import check_no_steps, head_name
 from .heads.base import full_precision
 from .inputs import check_steps, with_support_copies
 from .learner import MetaLearner
+from .predictors import learner_datasets
 from .progress_bars import progress_bar
 from .tasks.episode import Episode
 from .tasks.sampler import TaskSource
@@ -184,7 +185,7 @@ class Ensemble:
                         m.check_episode(episode, "evaluate")
                         ep = with_support_copies(m.placement.batch(episode), m.inference.augment(support_augment, m.task))
                         outputs.append(m.predict(ep.support_x, ep.support_y, ep.query_x, steps_of[id(m)],
-                                                 False, h if h is not None else "algorithm", episode.dataset))
+                                                 False, h if h is not None else "algorithm", member_dataset(m, episode)))
                 rows.append((self.metrics(self.combine(outputs), episode.query_y),
                              (episode.ways, episode.shots, episode.queries)))
                 bar.update(1)
@@ -231,6 +232,14 @@ def naming_member(label: str) -> Iterator[None]:
         yield
     except (InputError, TaskError, ConfigError, TrainingError) as exc:
         raise type(exc)(f"ensemble member {label}: {exc}") from exc
+
+
+def member_dataset(member: MetaLearner, episode: Episode) -> str | None:
+    """The ``dataset=`` of ``member``'s prediction for an evaluated ``episode``: its dataset, unless the
+    member was trained on several others (``None``: inputs routed by their shape, as
+    :meth:`MetaLearner.evaluate <metamtl.MetaLearner.evaluate>` does for a test set of another name)."""
+    known = learner_datasets(member)
+    return None if known and episode.dataset not in known else episode.dataset
 
 
 def load_members(paths: Sequence[str | Path], device: Any = "auto") -> tuple[list[MetaLearner], list[str]]:

@@ -271,6 +271,49 @@ def summarize(results: list[tuple[dict[str, float], tuple[int, int, int]]], step
     return EvalResult(acc, ci, loss, loss_ci, len(losses), *results[0][1], int(steps), accs, losses, **fields)
 
 
+class PickedEpisodes:
+    """The task source of episodes ``indices`` of ``tasks`` (all of one setting): episode ``k`` is
+    ``tasks.episode(indices[k])``."""
+
+    def __init__(self, tasks: TaskSource, indices: Sequence[int], setting: tuple[int, int, int]) -> None:
+        self.tasks, self.indices, self.name = tasks, list(indices), tasks.name
+        self.ways, self.shots, self.queries = setting
+        self.task = getattr(tasks, "task", "classification")
+
+    def episode(self, index: int) -> Episode:
+        return self.tasks.episode(self.indices[index])
+
+
+def setting_groups(tasks: Any, episodes: int) -> list[PickedEpisodes] | None:
+    """Episodes ``0..episodes-1`` of a :class:`MixedTasks` whose sources draw different settings,
+    one source of them per setting; ``None`` for any other source (one setting)."""
+    if not isinstance(tasks, MixedTasks):
+        return None
+    settings = [(s.ways, s.shots, s.queries) for s in tasks.sources]
+    if len(set(settings)) == 1:
+        return None
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for i in range(episodes):
+        groups.setdefault(settings[tasks.source_of(i)], []).append(i)
+    return [PickedEpisodes(tasks, idx, setting) for setting, idx in groups.items()]
+
+
+def validation_metrics(learner: "MetaLearner", tasks: Any, episodes: int) -> dict[str, float]:
+    """``fit``'s ``val/`` metrics: the algorithm's adaptation on episodes ``0..episodes-1`` of
+    ``tasks``.  A mixture whose datasets draw different settings (a dataset with fewer validation
+    classes than the training ways takes them all) is evaluated one setting at a time, and the
+    metrics are the mean (and CI) over all its episodes, as for a mixture of one setting."""
+    groups = setting_groups(tasks, episodes)
+    if groups is None:
+        return learner.evaluate(tasks, episodes, progress=False, head=ALGORITHM).metrics("val/")
+    parts = [learner.evaluate(g, len(g.indices), progress=False, head=ALGORITHM) for g in groups]
+    losses = [v for r in parts for v in r.per_episode_loss]
+    accs = [v for r in parts for v in r.per_episode_accuracy]
+    acc, ci = mean_ci95(accs) if accs else (None, None)
+    loss, loss_ci = mean_ci95(losses)
+    return dataclasses.replace(parts[0], accuracy=acc, ci95=ci, loss=loss, loss_ci95=loss_ci).metrics("val/")
+
+
 def mean_feature(trunk: nn.Module, data: Any, placement: Placement, max_images: int = 10_000,
                  batch_size: int = 256) -> torch.Tensor:
     """Mean trunk feature over at most ``max_images`` (a seeded random subset) of a dataset's images,
@@ -286,10 +329,18 @@ def mean_feature(trunk: nn.Module, data: Any, placement: Placement, max_images: 
     return (total / len(rows)).cpu()
 
 
+def mixture_leaves(source: Any) -> list[Any]:
+    """The task sources of a :class:`MixedTasks` (those of a nested one too), else ``[source]``."""
+    if not isinstance(source, MixedTasks):
+        return [source]
+    return [leaf for part in source.sources for leaf in mixture_leaves(part)]
+
+
 def feature_means(model: nn.Module, source: Any, placement: Placement, max_images: int = 10_000,
                   batch_size: int = 256, strict: bool = True) -> dict[str, torch.Tensor]:
     """Mean trunk feature of each training dataset (by name) of ``source``: an ``EpisodeSampler``,
-    a ``MixedTasks`` of them (one mean per dataset) or a ``ClassDataset``; the model in eval mode.
+    a ``MixedTasks`` of them (one mean per dataset, nested mixtures too) or a ``ClassDataset``; the
+    model in eval mode.
 
     The images go through the trunk ``batch_size`` at a time.  A trunk whose BatchNorm normalises
     with batch statistics also in eval mode (conv4's episodic BatchNorm, which keeps no running
@@ -302,7 +353,7 @@ def feature_means(model: nn.Module, source: Any, placement: Placement, max_image
     check_int("batch_size", batch_size, 1)
     out = {}
     with model_lock(model), eval_mode(model):
-        for src in source.sources if isinstance(source, MixedTasks) else [source]:  # a ClassDataset's: file names
+        for src in mixture_leaves(source):  # a ClassDataset's: file names
             data = getattr(src, "dataset", src)
             if not hasattr(data, "images") or not hasattr(data, "preprocessing"):
                 if not strict:

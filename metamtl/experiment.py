@@ -586,17 +586,21 @@ def evaluate_held_out(learner: MetaLearner, cfg: Config, test_tasks: Any, progre
 
 def held_out_sources(cfg: Config) -> tuple[dict[str | None, Any], str]:
     """Task sources of a run's held-out classes by dataset label (``None`` for one dataset) and
-    the split's name: the test split, else the validation split (the training split is not loaded).
-    Datasets held out on different splits give ``held-out (label: split, ...)``."""
+    the split's name: the test split, else the validation split (the training split is not loaded;
+    a dataset with neither is left out: training-only). Datasets held out on different splits give
+    ``held-out (label: split, ...)``."""
     if is_regression(cfg):
         return {None: build_tasks(cfg)["test"]}, "test"
     t = cfg.tasks
     sources: dict[str | None, Any] = {}
     splits: dict[str | None, str] = {}
-    for d in cfg.datasets or [cfg.data]:
+    held = [d for d in cfg.datasets or [cfg.data] if d.test_split or d.val_split]  # none: training-only datasets
+    if not held:
+        names = [d.label or d.name for d in cfg.datasets or [cfg.data]]
+        raise ConfigError(f"no dataset of this run ({', '.join(names)}) has a test or a validation split: set "
+                          "test_split (or val_split) of one of them")
+    for d in held:
         split, seed = (d.test_split, t.test_seed) if d.test_split else (d.val_split, t.val_seed)
-        if split is None:
-            raise ConfigError(f"dataset {d.name!r} has neither a test nor a validation split")
         label = (d.label or d.name) if cfg.datasets else None
         sources[label] = _held_out(load_split(cfg, split, data=d), cfg, seed, cfg.eval.queries,
                                    key="test_split" if d.test_split else "val_split", data=d, name=label)

@@ -26,7 +26,7 @@ from . import distributed, run_state
 from .adaptation import check_positive
 from .callbacks import FitState
 from .checkpoint import history_continues, safe_load
-from .heads import ALGORITHM
+from .evaluation import validation_metrics
 from .errors import (BAD_SETTING_ERRORS, CheckpointError, ConfigError, FitInterrupted, TrainingError, setting_error_text,
                      unknown_name)
 from .inputs import check_int, check_task_source
@@ -533,9 +533,9 @@ class FitLoop:
 
     def _validate(self) -> None:
         ln = self.learner
-        result = ln.evaluate(self.val_tasks, self.val_episodes, progress=False, head=ALGORITHM)
+        metrics = validation_metrics(ln, self.val_tasks, self.val_episodes)
         self.validated_at = ln.iteration
-        self.callbacks.on_validation_end(self.state, result.metrics("val/"))
+        self.callbacks.on_validation_end(self.state, metrics)
 
     def _validation_due(self) -> bool:
         it, every = self.learner.iteration, self.state.val_every

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any
+from typing import Any, Collection
 
 import torch
 
@@ -72,27 +72,31 @@ class InferenceSettings:
                               "steps), so the steps would be ignored: leave steps out (or pass 0)")
         return head
 
-    def feature_mean(self, dataset: str | None = None, device: Any = "cpu") -> torch.Tensor | None:
-        """The training split's mean trunk feature for ``dataset`` (the only one if there is one)."""
+    def feature_mean(self, dataset: str | None = None, device: Any = "cpu",
+                     datasets: Collection[str] = ()) -> torch.Tensor | None:
+        """The training split's mean trunk feature for ``dataset``: its own, else the only one if there
+        is one, unless the learner was trained on several ``datasets`` (then another dataset's mean,
+        of another stem's features, is no stand-in: ``None``)."""
         if dataset in self.feature_means:
             return self.feature_means[dataset].to(device)
-        if len(self.feature_means) == 1:
+        if len(self.feature_means) == 1 and (dataset is None or len(datasets) < 2):
             return next(iter(self.feature_means.values())).to(device)
         return None
 
     def centring_mean(self, head: FeatureHead | None, dataset: str | None = None,
-                      device: Any = "cpu") -> torch.Tensor | None:
+                      device: Any = "cpu", datasets: Collection[str] = ()) -> torch.Tensor | None:
         """The mean ``head`` centres features with (``None`` for a head that does not centre):
-        :meth:`feature_mean`; :class:`InputError` when there are several and none is ``dataset``'s."""
+        :meth:`feature_mean`; :class:`InputError` when there are some and none is ``dataset``'s."""
         if head is None or not head.center:
             return None
-        mean = self.feature_mean(dataset, device)
+        mean = self.feature_mean(dataset, device, datasets)
         if mean is None and self.feature_means:
-            raise InputError(
-                f"head {head.name!r} centres features with the training split's mean feature; this learner has "
-                f"{f'none for {dataset!r}, only ' if dataset is not None else ''}one per dataset "
-                f"{sorted(self.feature_means)}: pass dataset=NAME, one of them, to adapt/predict (evaluate uses "
-                "each episode's dataset)")
+            none_for, fix = ("", "pass dataset=NAME, one of them, to adapt/predict (evaluate uses each episode's "
+                             "dataset)") if dataset is None else (
+                f" and none for {dataset!r}", f"call learner.compute_feature_mean(tasks) with {dataset!r}'s training "
+                "tasks (a fit on other datasets recomputes only theirs), or name one of those datasets")
+            raise InputError(f"head {head.name!r} centres features with the training split's mean feature; this learner "
+                             f"has one per dataset {sorted(self.feature_means)}{none_for}: {fix}")
         return mean
 
     def drop_means(self, why: str) -> dict[str, torch.Tensor]:

@@ -219,7 +219,7 @@ class MetaLearner:
         self.check_finite("evaluate")
         head = self.inference.classifier(head, self.task, steps, self.algorithm)  # refuses steps nothing takes
         steps = self.algorithm.eval_steps if steps is None or not self.algorithm.has_inner_loop else steps
-        score = scorer(self.algorithm, self.model, steps, head, self.bn_stats, lambda e: self.inference.centring_mean(head, e.dataset))
+        score = scorer(self.algorithm, self.model, steps, head, self.bn_stats, lambda e: predictors.episode_mean(self, head, e))
         return evaluate_episodes(  # a feature head takes no inner steps: its rows say 0
             score, self.model, episode_at, n, steps if head is None else 0, placement=self.placement, strategy=self.strategy,
             progress=progress, check=lambda ep: self.check_episode(ep, "evaluate"),
@@ -227,8 +227,8 @@ class MetaLearner:
             head=head_name(head), transductive=bool(head is not None and head.transductive))
 
     def feature_mean(self, dataset: str | None = None) -> torch.Tensor | None:
-        """The training split's mean trunk feature for ``dataset`` (the only one if there is one)."""
-        return self.inference.feature_mean(dataset, self.device)
+        """The training split's mean trunk feature for ``dataset`` (the only one of a learner of one dataset)."""
+        return self.inference.feature_mean(dataset, self.device, predictors.learner_datasets(self))
 
     def compute_feature_mean(self, source: Any, max_images: int = 10_000, batch_size: int = 256) -> dict[str, torch.Tensor]:
         """Mean trunk feature of the training images (:attr:`feature_means`, saved) for centring heads (SimpleShot):

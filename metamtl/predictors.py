@@ -36,6 +36,21 @@ def batch_statistics(learner: "MetaLearner", algorithm: bool = True) -> bool:
                for m in learner.model.modules())
 
 
+def learner_datasets(learner: "MetaLearner") -> set[str]:
+    """The datasets ``learner`` was trained on, when several: a multi-dataset model's branches and the
+    labels of its saved preprocessings (empty for a learner of one dataset)."""
+    saved = learner.metadata.get("preprocessing") if learner.preprocessing is None else None
+    return set(dataset_inputs(learner.model)) | (set(saved) if isinstance(saved, dict) else set())
+
+
+def episode_mean(learner: "MetaLearner", head: Any, episode: Any) -> torch.Tensor | None:
+    """The mean ``head`` centres an evaluated ``episode``'s features with: its dataset's (an episode
+    whose name is none of a multi-dataset model's datasets: the one its support images route to, as
+    in :func:`adapt`)."""
+    dataset = routed_dataset(learner.model, episode.dataset, episode.support_x) or episode.dataset
+    return learner.inference.centring_mean(head, dataset, learner.device, learner_datasets(learner))
+
+
 def check_dataset(learner: "MetaLearner", dataset: str | None, x: torch.Tensor) -> None:
     """:class:`InputError` for a ``dataset=`` that is none of a multi-dataset model's datasets (its
     branches, or the saved preprocessings), or whose branches take inputs of another shape than
@@ -43,8 +58,7 @@ def check_dataset(learner: "MetaLearner", dataset: str | None, x: torch.Tensor) 
     shapes = dataset_inputs(learner.model)
     if dataset is None or not shapes:
         return
-    saved = learner.metadata.get("preprocessing") if learner.preprocessing is None else None
-    known = set(shapes) | (set(saved) if isinstance(saved, dict) else set())
+    known = learner_datasets(learner)
     if dataset not in known:
         raise InputError(f"dataset {dataset!r} is none of this learner's datasets {sorted(known)}."
                          f"{did_you_mean(dataset, known)} Pass one of them as dataset=, or leave it out to "
@@ -151,7 +165,7 @@ class HeadPredictor(AdaptedPredictor):
                  support_y: torch.Tensor, ways: int, dataset: str | None = None) -> None:
         super().__init__(learner, None, ways, dataset)  # type: ignore[arg-type]
         self.head, self._support_x, self.support_y = head, support_x, support_y
-        self.mean = learner.inference.centring_mean(head, dataset, learner.device)  # the dataset's, to centre
+        self.mean = learner.inference.centring_mean(head, dataset, learner.device, learner_datasets(learner))  # to centre
         self.transductive = head.transductive or batch_statistics(learner, algorithm=False)
         with torch.no_grad(), learner.autocast():
             self.features = learner.model.trunk(support_x)

@@ -35,7 +35,7 @@ from ..models.multidataset import dataset_scope, routed_dataset
 from ..multitask.strategies import Strategy, apply_strategy, build_strategy
 from ..tasks.episode import Episode, TaskBatch
 from .base import Algorithm
-from .registry import build_algorithm
+from .registry import build_algorithm, with_data_settings
 
 
 class MultiTask(Algorithm):
@@ -48,19 +48,21 @@ class MultiTask(Algorithm):
             (``{"name": "gradnorm", "alpha": 1.5}``).
         datasets: the dataset labels (``episode.dataset``) of the task distribution (declared in
             :attr:`from_data`: runs fill them in from the config's datasets).
+        num_classes: the mixture's training classes, passed on to a base config that takes them
+            from the data and leaves them out (``transfer``); declared in :attr:`from_data` too.
     """
 
     name = "multitask"
-    from_data = ("datasets",)
+    from_data = ("datasets", "num_classes")
 
     def __init__(self, base: Algorithm | str | dict[str, Any] = "maml",
                  strategy: Strategy | str | dict[str, Any] = "equal",
-                 datasets: Sequence[str] = ()) -> None:
+                 datasets: Sequence[str] = (), num_classes: int | None = None) -> None:
         nn.Module.__init__(self)
         if isinstance(base, str):
             base = {"name": base}
-        if isinstance(base, dict):
-            base = build_algorithm(**base)
+        if isinstance(base, dict):  # what the base takes from the data: the mixture's
+            base = build_algorithm(**with_data_settings(base, {"num_classes": lambda: num_classes}))
         if not isinstance(base, Algorithm) or isinstance(base, MultiTask):
             raise ConfigError(f"multitask needs a (non-multitask) base algorithm, got {base!r}")
         if not datasets and isinstance(strategy, Strategy):
@@ -214,9 +216,11 @@ class MultiTask(Algorithm):
                 out.append(p)
         return out
 
-    def _scope(self, episode: Episode):
-        """The episode's dataset scope (none for datasets not trained on: routed by shape)."""
-        return dataset_scope(episode.dataset if episode.dataset in self.strategy.tasks else None)
+    def _scope(self, model: TrunkHead, episode: Episode):
+        """The episode's dataset scope (for a dataset not trained on, the one its support images'
+        shape routes to, as in :meth:`adapt`: per-dataset heads get features, which carry no shape)."""
+        known = episode.dataset in self.strategy.tasks
+        return dataset_scope(episode.dataset if known else routed_dataset(model, None, episode.support_x))
 
     # -- evaluation --------------------------------------------------------------------------
     def adapt(self, model, support_x, support_y, ways, steps=None):
@@ -234,7 +238,7 @@ class MultiTask(Algorithm):
         for i, ep in enumerate(episodes):
             groups.setdefault(ep.dataset, []).append(i)
         for name, positions in groups.items():
-            with self._scope(episodes[positions[0]]):
+            with self._scope(model, episodes[positions[0]]):
                 results = self.base.evaluate_episodes(model, [episodes[i] for i in positions], steps)
             for i, r in zip(positions, results):
                 out[i] = r

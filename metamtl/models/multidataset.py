@@ -162,6 +162,11 @@ class DatasetRouted(nn.Module):
         if name is not None:
             if name not in self.inputs:
                 raise InputError(f"dataset {name!r} is not one of this model's datasets {list(self.inputs)}")
+            if x is not None and tuple(x.shape[1:]) != self.inputs[name]:
+                raise InputError(
+                    f"inputs of shape {list(x.shape[1:])} run as dataset {name!r}, which takes "
+                    f"{list(self.inputs[name])}: name each task source (episode.dataset) and dataset= after the "
+                    "dataset its images belong to, or preprocess them as that dataset's training data")
             return name
         if x is None:
             raise InputError(

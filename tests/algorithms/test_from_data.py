@@ -61,7 +61,7 @@ def learner_for(algorithm: dict) -> object:
 
 def test_the_built_in_declarations():
     declared = {name: cls.from_data for name, cls in ALGORITHMS.items() if cls.from_data}
-    assert declared == {"transfer": ("num_classes",), "multitask": ("datasets",)}
+    assert declared == {"transfer": ("num_classes",), "multitask": ("datasets", "num_classes")}
     assert MODEL_FROM_DATA == {"multidataset": ("inputs",)} and set(MODEL_FROM_DATA) <= set(MODELS)
 
 

@@ -187,6 +187,13 @@ def test_a_multi_dataset_learner_is_checked_on_every_dataset_before_any_is_evalu
     assert code == 2 and "accuracy" not in out.out, out.out
     code, out = evaluate(capsys, path, "--ways", "7")
     assert code == 2 and "no dataset has that many held-out classes" in out.err, out.err
+    code, out = evaluate(capsys, path, "--data-root", small)  # big's test split scored on small's images
+    assert code == 2 and "accuracy" not in out.out and "read from different folders (big: " in out.err, out.err
+    # one dataset evaluated (the other training-only): the JSON still says whose result it is
+    cfg["name"], cfg["datasets"][1]["test_split"] = "multi_aux", None
+    path = run(config_from_dict(cfg), progress=False, quiet=True)["checkpoint"]
+    code, out = evaluate(capsys, path, "--json", tmp_path / "aux.json")
+    assert code == 0 and list(json.loads((tmp_path / "aux.json").read_text())) == ["big"], out.err
 
 
 def test_a_regression_ensemble_and_its_splits_are_described_as_regression(learners, capsys):

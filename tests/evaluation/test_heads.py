@@ -289,7 +289,7 @@ def test_a_learner_with_several_feature_means_centres_each_dataset_with_its_own(
     args = (ep.support_x, ep.support_y, ep.query_x)
     with pytest.raises(InputError, match=r"one per dataset \['other', 'toy'\].*dataset="):
         lr.predict(*args, head="simpleshot")
-    with pytest.raises(InputError, match=r"none for 'nowhere'.*\['other', 'toy'\]"):
+    with pytest.raises(InputError, match=r"\['other', 'toy'\] and none for 'nowhere'"):
         lr.adapt(ep.support_x, ep.support_y, head="simpleshot", dataset="nowhere")
     logits = lr.predict(*args, head="simpleshot", dataset="toy")
     torch.testing.assert_close(logits, alone.predict(*args, head="simpleshot"))

@@ -270,6 +270,14 @@ def test_held_out_episodes_of_each_dataset_take_at_most_its_classes(data_root):
     sources, split = held_out_sources(cfg)
     assert split == "held-out (a: test, b: val)"
     assert sources["b"].dataset.num_classes == tasks["val"].sources[1].dataset.num_classes
+    # a training-only dataset (neither split) is left out of the held-out sources (the steps curve's),
+    # as evaluation leaves it out; with none held out, the error names the labels
+    cfg.datasets[1].val_split = None
+    sources, split = held_out_sources(cfg)
+    assert list(sources) == ["a"] and split == "test"
+    cfg.datasets[0].test_split = cfg.datasets[0].val_split = None
+    with pytest.raises(ConfigError, match=r"no dataset of this run \(a, b\) has a test or a validation split"):
+        held_out_sources(cfg)
 
 
 @pytest.mark.parametrize("strategy", ["gradnorm", "dwa", "uncertainty"])
@@ -496,3 +504,101 @@ def test_every_base_splits_shared_and_dataset_specific_parameters_alike(base):
         warnings.simplefilter("always")
         MultiTask(cfg, "pcgrad", ["grey", "rgb"]).meta_step(m, batch)
     assert any("found no parameter shared" in str(w.message) for w in caught)
+
+
+def test_validation_on_a_mixture_of_different_ways_scores_each_setting_and_averages_all_episodes():
+    """``tasks.ways`` above one dataset's validation classes gives its val sampler fewer ways: the
+    first validation refused the mixed settings and the run lost its training."""
+    learner = make_learner("equal")
+    val = MixedTasks([EpisodeSampler(toy("grey", 1, 12), 3, 1, 2, seed=5),
+                      EpisodeSampler(toy("rgb", 3, 24, classes=30, seed=1), 4, 1, 2, seed=5)], seed=5)
+    history = learner.fit(mixed(), iterations=2, meta_batch_size=2, val_tasks=val, val_every=2, val_episodes=6,
+                          progress=False)
+    row = next(r for r in history if "val/accuracy" in r)
+    eps = [val.episode(i) for i in range(6)]
+    assert {e.ways for e in eps} == {3, 4}
+    per = [learner.evaluate([e], progress=False) for e in eps]
+    assert row["val/accuracy"] == pytest.approx(sum(r.accuracy for r in per) / 6)
+    assert row["val/loss"] == pytest.approx(sum(r.loss for r in per) / 6)
+
+
+def test_a_centring_head_never_borrows_another_datasets_mean():
+    """With only grey's mean (rgb's never computed, or dropped by a fit on grey alone), rgb episodes
+    were silently centred with grey's mean, a feature of another stem."""
+    alg = build_algorithm("multitask", base=base_cfg(), datasets=list(SHAPES))
+    learner = MetaLearner(small_model(out_features=3), alg, device="cpu")
+    grey, rgb = EpisodeSampler(toy("grey", 1, 12), 3, 1, 2), EpisodeSampler(toy("rgb", 3, 24, seed=1), 3, 1, 2)
+    learner.compute_feature_mean(grey)
+    assert learner.feature_mean("rgb") is None and learner.feature_mean() is not None
+    assert torch.equal(learner.feature_mean("grey"), learner.feature_means["grey"])
+    ep = rgb.episode(0)
+    sx, qx = ep.support_x.float() / 255, ep.query_x.float() / 255
+    for call in (lambda: learner.evaluate(rgb, 2, head="simpleshot", progress=False),
+                 lambda: learner.predict(sx, ep.support_y, qx, head="simpleshot", dataset="rgb")):
+        with pytest.raises(InputError, match=r"\['grey'\] and none for 'rgb': call learner.compute_feature_mean"):
+            call()
+    assert learner.evaluate(grey, 2, head="simpleshot", progress=False).episodes == 2
+
+
+def test_a_test_set_named_other_than_a_training_dataset_is_routed_by_shape_in_evaluate_as_in_predict():
+    """``rgb_test`` episodes: predict routed them by shape, while evaluate (per-dataset heads, a
+    centring head) and Ensemble.evaluate refused them with an InputError."""
+    from metamtl.ensemble import Ensemble
+
+    rgb = toy("rgb", 3, 24, classes=30, seed=1)
+    named, other = EpisodeSampler(rgb, 3, 1, 2, name="rgb"), EpisodeSampler(rgb, 3, 1, 2, name="rgb_test")
+    alg = build_algorithm("multitask", base={"name": "anil", "steps": 1, "lr": 0.3}, datasets=list(SHAPES))
+    learner = MetaLearner(small_model(heads="per_dataset", out_features=3), alg, device="cpu")
+    expected = learner.evaluate(named, 3, progress=False)
+    assert learner.evaluate(other, 3, progress=False).per_episode_loss == expected.per_episode_loss
+    assert Ensemble([learner]).evaluate(other, 3, progress=False).accuracy == pytest.approx(expected.accuracy)
+    learner.compute_feature_mean(MixedTasks([EpisodeSampler(toy("grey", 1, 12), 3, 1, 2), named]))
+    simpleshot = learner.evaluate(named, 3, progress=False, head="simpleshot")
+    assert learner.evaluate(other, 3, progress=False, head="simpleshot").per_episode_loss == simpleshot.per_episode_loss
+
+
+@pytest.mark.parametrize("head", [None, {"name": "simpleshot", "center": False}])
+def test_images_of_another_shape_than_their_dataset_label_are_an_input_error_in_evaluate_and_fit(head):
+    """RGB images under the label ``grey`` reached grey's 1-channel stem: a bare torch RuntimeError
+    from the convolution in evaluate and fit, where predict(dataset="grey") gave an InputError."""
+    learner = make_learner("equal")
+    grey, rgb = toy("grey", 1, 12), toy("rgb", 3, 24, classes=30, seed=1)
+    message = r"shape \[3, 24, 24\] run as dataset 'grey', which takes \[1, 12, 12\]"
+    with pytest.raises(InputError, match=message):
+        learner.evaluate(EpisodeSampler(rgb, 3, 1, 2, name="grey"), 2, head=head, progress=False)
+    if head is None:
+        swapped = MixedTasks([EpisodeSampler(grey, 3, 1, 2, name="rgb"), EpisodeSampler(rgb, 3, 1, 2, name="grey")])
+        before = [p.detach().clone() for p in learner.model.parameters()]
+        with pytest.raises(InputError, match=r"run as dataset '(grey|rgb)', which takes"):
+            learner.fit(swapped, iterations=1, meta_batch_size=2, progress=False)
+        assert all(torch.equal(a, b) for a, b in zip(before, learner.model.parameters()))
+
+
+def test_feature_means_of_a_nested_mixture_are_one_per_dataset():
+    """A nested MixedTasks trains; compute_feature_mean refused it ('needs training tasks or a
+    ClassDataset, got MixedTasks') and a refresh after fit dropped the inner datasets' means."""
+    learner = make_learner("equal")
+    grey, rgb = EpisodeSampler(toy("grey", 1, 12), 3, 1, 2), EpisodeSampler(toy("rgb", 3, 24, seed=1), 3, 1, 2)
+    nested = MixedTasks([grey, MixedTasks([rgb])])
+    flat = learner.compute_feature_mean(MixedTasks([grey, rgb]))
+    means = learner.compute_feature_mean(nested)
+    assert sorted(means) == ["grey", "rgb"] and all(torch.equal(means[k], flat[k]) for k in flat)
+    learner.fit(nested, iterations=1, meta_batch_size=2, progress=False)
+    assert sorted(learner.feature_means) == ["grey", "rgb"]
+    assert not torch.equal(learner.feature_means["rgb"], flat["rgb"])
+
+
+def test_a_multitask_run_gives_a_base_the_settings_it_takes_from_the_data():
+    """``base: {name: transfer}`` failed ('transfer needs num_classes'): a run filled in only the
+    top-level algorithm's declared settings, and multitask declared the datasets alone."""
+    from metamtl.algorithms import with_data_settings
+
+    data = {"num_classes": lambda: 42, "datasets": lambda: list(SHAPES)}
+
+    def built(base):
+        return build_algorithm(**with_data_settings({"name": "multitask", "base": base}, data))
+
+    assert built({"name": "transfer", "steps": 1, "head_init": "proto"}).base.num_classes == 42
+    assert built("transfer").base.num_classes == 42
+    assert built({"name": "transfer", "num_classes": 7}).base.num_classes == 7  # the config's own value stays
+    assert "num_classes" not in built("anil").base.config()  # a base that takes none is given none
