@@ -23,7 +23,7 @@ SINE = {
     "eval": {"episodes": 3, "queries": 5, "settings": [{"ways": 1, "shots": 5}]},
     "logging": {"wandb": False, "report": True, "report_steps_episodes": 3, "report_steps": [0, 1, 2]},
 }
-BARS = ("meta-train", "evaluate", "accuracy vs inner steps")
+BARS = ("meta-train", "evaluate", "MSE vs inner steps")  # a regression run: its curve is MSE
 
 
 def test_no_progress_silences_every_bar_and_the_run_still_writes_its_curve(tmp_path, capfd):
