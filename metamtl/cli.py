@@ -78,6 +78,15 @@ def _check_steps(steps: int | None, members: list[Any], labels: list[str], head:
                    "--steps")
 
 
+def _saved_steps(cfg: Any, members: list[Any], head: Any) -> int | None:
+    """The inner steps the run's own test evaluation took (``eval.steps``; ``None``: each algorithm's),
+    where a member adapts with an inner loop (not with a feature head): ``metamtl evaluate`` without
+    ``--steps`` measures what ``metamtl fit`` measured."""
+    adapts = any(m.algorithm.has_inner_loop and m.inference.classifier(head if m.task == "classification" else None)
+                 is None for m in members)
+    return cfg.eval.steps if adapts else None
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import ensure_writable_file
     from .config import config_from_dict
@@ -124,9 +133,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     else:
         hierarchy = first.hierarchy if args.ways is None and args.shots is None else None
     sources, out = _episode_sources(tasks, setting, hierarchy, learner.task)
+    steps = args.steps if args.steps is not None else _saved_steps(cfg, members, head)
     for label, source in sources:
         options = dict(support_augment=support_augment, head=head) if learner.task == "classification" else {}
-        result = learner.evaluate(source, args.episodes, steps=args.steps, progress=not args.no_progress, **options)
+        result = learner.evaluate(source, args.episodes, steps=steps, progress=not args.no_progress, **options)
         where = f"{label} " if label else ""
         print(f"[metamtl] {where}{splits.get(label, args.split or 'test')} split: {result}")
         out[label] = result.to_dict()
@@ -329,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "eval.settings; with neither --ways nor --shots, that setting's hierarchy too)")
     e.add_argument("--shots", type=int, help="support images per class (default: as --ways)")
     e.add_argument("--queries", type=int, help="query images per class (default: the run config's eval.queries)")
-    e.add_argument("--steps", type=int, help="inner steps at evaluation")
+    e.add_argument("--steps", type=int, help="inner steps at evaluation (default: the run's eval.steps, else the "
+                                             "algorithm's)")
     e.add_argument("--split", help="split to evaluate (default: 'test'; each dataset's configured test split "
                    "for multi-dataset learners; 'all': every class of another folder/csv dataset, --data-root)")
     e.add_argument("--data-root", help="dataset root (default: as saved, or $METAMTL_DATA)")

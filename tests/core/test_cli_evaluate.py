@@ -42,6 +42,8 @@ def learners(tmp_path_factory):
             **tiny(tmp, "stopped", data)["train"], "early_stopping": {"patience": 3},
             "scheduler": {"name": "plateau", "patience": 1}}},
         "maml": {**tiny(tmp, "maml", data), "algorithm": {"name": "maml", "steps": 1, "lr": 0.01}},
+        "maml3": {**tiny(tmp, "maml3", data), "algorithm": {"name": "maml", "steps": 1, "lr": 0.01, "head_init": "proto"},
+                  "eval": {**tiny(tmp, "maml3", data)["eval"], "steps": 3}},
         "sine": {**tiny(tmp, "sine", data), "data": {"name": "sinusoid", "val_split": None},
                  "tasks": {"ways": 1, "shots": 5, "queries": 5}, "model": {"name": "mlp", "hidden": [8]},
                  "algorithm": {"name": "maml", "steps": 1, "lr": 0.01}, "eval": {"episodes": 2, "queries": 5,
@@ -234,3 +236,18 @@ def test_a_relative_data_root_is_saved_absolute_so_evaluate_works_from_any_folde
     assert code == 0 and "test split: accuracy" in out.out, out.err
     code, out = evaluate(capsys, path, "--split", "all", "--data-root", tmp_path / "work" / "mydata")
     assert code == 2 and "--split 'all' holds classes" in out.err
+
+
+def test_evaluate_without_steps_takes_the_runs_eval_steps_as_fit_did(learners, capsys):
+    """Before: metamtl evaluate ignored the saved eval.steps (3) and adapted with the algorithm's 1 step,
+    so re-evaluating a run measured another protocol than its own test row."""
+    paths, tmp = learners
+    row = json.loads((tmp / "runs" / "maml3" / "results.json").read_text())["test"][0]
+    code, out = evaluate(capsys, paths["maml3"], "--json", tmp / "maml3.json")
+    result = json.loads((tmp / "maml3.json").read_text())
+    assert code == 0 and row["steps"] == result["steps"] == 3, out.err
+    assert result["accuracy"] == row["accuracy"] and result["loss"] == row["loss"]
+    code, out = evaluate(capsys, paths["maml3"], "--steps", "1", "--json", tmp / "maml1.json")
+    assert code == 0 and json.loads((tmp / "maml1.json").read_text())["steps"] == 1
+    code, out = evaluate(capsys, paths["maml3"], "--head", "simpleshot", "--json", tmp / "head.json")
+    assert code == 0 and json.loads((tmp / "head.json").read_text())["steps"] == 0, out.err
