@@ -64,10 +64,12 @@ def _load_folder(split: str, root: Path, split_fractions: Sequence[float] | None
 
 def split_folders(root: Path) -> dict[str, Path]:
     """``root``'s split folders by split name (:data:`SPLIT_FOLDERS`), names matched in any case (``Train/``,
-    Windows and Kaggle exports).  Top-level folders spelled like other split names (:data:`SPLIT_ALIASES`)
-    are refused (:class:`DataError`): read as classes and split anew, they would put held-out classes
-    into training."""
+    Windows and Kaggle exports) for folders of class folders.  Top-level folders of class folders spelled
+    like other split names (:data:`SPLIT_ALIASES`) are refused (:class:`DataError`): read as classes and
+    split anew, they would put held-out classes into training.  A folder holding images itself is a
+    class, whatever its name (a class ``Train`` or ``dev`` of a flat dataset)."""
     folders = os_probe(root, lambda r: sorted(p for p in r.iterdir() if p.is_dir()) if r.is_dir() else [])
+    folders = [p for p in folders if p.name in SPLIT_FOLDERS or _holds_classes(p)]  # `Train/` of images: a class
     found: dict[str, list[Path]] = {}
     for p in folders:
         if p.name.lower() in SPLIT_FOLDERS:
@@ -83,6 +85,15 @@ def split_folders(root: Path) -> dict[str, Path]:
             "held-out classes into training)"
         )
     return {s: found[s][0] for s in SPLIT_FOLDERS if s in found}
+
+
+def _holds_classes(folder: Path) -> bool:
+    """Whether ``folder`` looks like a split folder: sub-folders (its classes) and no file of its own
+    (a class folder, e.g. a class named ``Train`` or ``dev``, holds its images directly)."""
+    def look(f: Path) -> bool:
+        entries = [e for e in f.iterdir() if not e.name.startswith(".")]
+        return any(e.is_dir() for e in entries) and not any(e.is_file() for e in entries)
+    return os_probe(folder, look)
 
 
 def _refuse_split_options(why: str, split_fractions: Sequence[float] | None, split_seed: int | None) -> None:

@@ -246,3 +246,15 @@ def test_all_of_a_csv_root_split_on_disk_is_every_split_csv_joined(tmp_path, wri
     (tmp_path / "test.csv").write_text("filename,label\n4.png,c\n5.png,c\n6.png,d\n7.png,d\n")
     full = load_dataset("csv", "all", root=tmp_path, cache_dir=cache_dir)
     assert full.class_names == ["a", "b", "c", "d"] and len(full) == 8
+
+
+def test_classes_named_like_split_folders_in_a_flat_dataset_are_classes(tmp_path, write_image, cache_dir):
+    """Regression of the case-insensitive split folders: a flat dataset whose classes include Train,
+    Test, dev or Validation (folders of images) failed to load ("lie directly in the dataset folder",
+    "rename them to train/"); a folder holding images itself is a class, whatever its name."""
+    classes = ["a", "b", "c", "Train", "Test", "dev", "Validation", "d", "e", "f"]
+    for i, c in enumerate(classes):
+        for k in range(2):
+            write_image(tmp_path / "flat" / c / f"{k}.png", (10 * i, k, 3))
+    parts = [load_dataset("folder", s, root=tmp_path / "flat", cache_dir=cache_dir) for s in ("train", "val", "test")]
+    assert sorted(c for p in parts for c in p.class_names) == sorted(classes)
