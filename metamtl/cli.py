@@ -38,13 +38,18 @@ def check_counts(args: argparse.Namespace, minimums: dict[str, int]) -> None:
 
 def _evaluation_config(saved: dict[str, Any], data_root: str | None) -> dict[str, Any]:
     """A checkpoint's training config as evaluation reads it: its data under ``data_root``
-    (``--data-root``) without a validation split, and without the training-only callbacks
+    (``--data-root``; one split on disk keeps its split, without the saved ``split_fractions`` /
+    ``split_seed`` of the training data) without a validation split, and without the training-only callbacks
     (``train.early_stopping``, ``train.scheduler``: a plateau schedule or early stopping needs the
     validation split), which never block evaluation."""
+    from .data.registry import USER_DATASETS, split_on_disk
+
     _check_one_data_root(saved.get("datasets") or [], data_root)
     for data in [saved["data"], *saved.get("datasets", [])]:  # several for multi-dataset learners
         if data_root:
             data["root"] = data_root
+            if data.get("name") in USER_DATASETS and split_on_disk(data["name"], data_root):
+                data["split_fractions"] = data["split_seed"] = None  # the training data's split options: not its
         data["val_split"] = None
     tasks = dict(saved.get("tasks") or {})
     if saved["data"].get("name") == "sinusoid":  # older regression runs saved the unused default, 5 ways

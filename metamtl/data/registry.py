@@ -87,6 +87,15 @@ def split_folders(root: Path) -> dict[str, Path]:
     return {s: found[s][0] for s in SPLIT_FOLDERS if s in found}
 
 
+def split_on_disk(name: str, root: str | os.PathLike) -> bool:
+    """Whether dataset ``name`` (``folder`` or ``csv``) at ``root`` keeps its split on disk (split
+    folders, ``<split>.csv`` files), which ``split_fractions``/``split_seed`` cannot change."""
+    root = Path(root)
+    if name == "folder":
+        return bool(split_folders(root))
+    return name == "csv" and any(os_probe(root / f"{s}.csv", Path.is_file) for s in SPLIT_FOLDERS)
+
+
 def _holds_classes(folder: Path) -> bool:
     """Whether ``folder`` looks like a split folder: sub-folders (its classes) and no file of its own
     (a class folder, e.g. a class named ``Train`` or ``dev``, holds its images directly)."""

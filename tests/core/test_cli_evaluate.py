@@ -251,3 +251,17 @@ def test_evaluate_without_steps_takes_the_runs_eval_steps_as_fit_did(learners, c
     assert code == 0 and json.loads((tmp / "maml1.json").read_text())["steps"] == 1
     code, out = evaluate(capsys, paths["maml3"], "--head", "simpleshot", "--json", tmp / "head.json")
     assert code == 0 and json.loads((tmp / "head.json").read_text())["steps"] == 0, out.err
+
+
+def test_a_learner_trained_with_split_fractions_evaluates_on_another_dataset_split_on_disk(learners, capsys, tmp_path):
+    """Regression of the split-option refusal: evaluate --data-root B (split on disk) of a learner trained on
+    a flat folder with data.split_fractions / split_seed was refused ("remove data.split_fractions"), an
+    option the user never gave for B and cannot remove from a saved learner."""
+    paths, tmp = learners
+    flat = tmp_path / "flat"
+    for split in ("train", "val", "test"):  # the folder_data classes, moved into one flat folder
+        shutil.copytree(tmp / "data" / split, flat, dirs_exist_ok=True)
+    cfg = tiny(tmp_path, "fractions", flat, split_fractions=[0.5, 0.2, 0.3], split_seed=3)
+    path = run(config_from_dict(cfg), progress=False, quiet=True)["checkpoint"]
+    code, out = evaluate(capsys, path, "--data-root", tmp / "other")
+    assert code == 0 and "test split: accuracy" in out.out, out.err
