@@ -331,7 +331,7 @@ def _check_config(cfg: Config, evaluated: bool = True) -> Config:
     if cfg.logging.metrics not in (None, "csv", "jsonl"):
         raise ConfigError(f"logging.metrics must be 'csv', 'jsonl' or null, got {cfg.logging.metrics!r}")
     if not cfg.stages:  # a staged config's sections are defaults: each stage's merged config is checked above
-        _check_train_callbacks(cfg)
+        _check_train_callbacks(cfg, evaluated)
         _check_heads(cfg, evaluated)
     return cfg
 
@@ -482,8 +482,10 @@ def _data_entries(cfg: Config) -> list[tuple[str, DataConfig]]:
     return [("data", cfg.data)]
 
 
-def _check_train_callbacks(cfg: Config) -> None:
-    """The scheduler and early-stopping sections, validated now rather than mid-run."""
+def _check_train_callbacks(cfg: Config, evaluated: bool = True) -> None:
+    """The scheduler and early-stopping sections, validated now rather than mid-run; ``eval.checkpoint:
+    best`` needs validation where the config is evaluated (not in a stage before the last, which hands
+    its last weights on)."""
     tr = cfg.train
     if tr.scheduler and tr.scheduler.over == "budget" and not tr.budget_minutes:
         raise ConfigError("train.scheduler.over: 'budget' needs train.budget_minutes")
@@ -491,7 +493,7 @@ def _check_train_callbacks(cfg: Config) -> None:
             and not any(d.val_split for _, d in _data_entries(cfg)):
         where = "datasets[i].val_split of at least one dataset" if cfg.datasets else "data.val_split"
         raise ConfigError(f"train.early_stopping and the 'plateau' scheduler need validation; set {where}")
-    if cfg.eval.checkpoint == "best" and not any(d.val_split for _, d in _data_entries(cfg)):
+    if evaluated and cfg.eval.checkpoint == "best" and not any(d.val_split for _, d in _data_entries(cfg)):
         where = "datasets[i].val_split of at least one dataset" if cfg.datasets else "data.val_split"
         raise ConfigError(f"eval.checkpoint: 'best' evaluates the best-validation weights, and this run has no "
                           f"validation; set {where}, or eval.checkpoint: last")

@@ -268,3 +268,13 @@ def test_eval_checkpoint_best_without_validation_is_refused_not_silently_the_las
     with pytest.raises(ConfigError, match=r"eval.checkpoint: 'best' .*datasets\[i\].val_split"):
         load_config(MULTI, ["eval.checkpoint=best"])  # both datasets have val_split: null
     assert load_config(None, ["eval.checkpoint=best"]).eval.checkpoint == "best"
+
+
+def test_eval_checkpoint_best_is_checked_on_the_evaluated_stage_only():
+    """Regression: a staged config pre-training without validation, then a validated last stage with
+    eval.checkpoint: best, was refused at its first stage (which is never evaluated)."""
+    stages = "stages=[{name: pre, data: {val_split: null}}, {name: meta}]"
+    cfg = load_config(None, ["eval.checkpoint=best", stages])
+    assert len(cfg.stages) == 2
+    with pytest.raises(ConfigError, match=r"stages\[1\] \(meta\): eval.checkpoint: 'best'"):
+        load_config(None, ["eval.checkpoint=best", "stages=[{name: pre}, {name: meta, data: {val_split: null}}]"])
