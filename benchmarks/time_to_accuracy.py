@@ -33,7 +33,9 @@ import torch  # noqa: E402
 from common import check_section, commit, data_root, provenance, write_section  # noqa: E402
 from metamtl.callbacks import Callback  # noqa: E402
 from metamtl.config import load_config  # noqa: E402
-from metamtl.experiment import build_learner, build_tasks, seed_everything  # noqa: E402
+from metamtl.callbacks import LRScheduler  # noqa: E402
+from metamtl.experiment import (build_callbacks, build_learner, build_tasks, head_steps, seed_everything,  # noqa: E402
+                                setting_tasks)
 
 OUT = REPO / "runs" / "time_to_accuracy"
 LABELS = {"core": "core (default)", "higher": "backend higher"}
@@ -71,8 +73,16 @@ class Snapshots(Callback):
 
 
 def variants(args) -> dict[str, list[str]]:
-    """Label -> config overrides of every curve to train."""
+    """Label -> config overrides of every curve to train (backends: only for an algorithm with an inner
+    loop, which is what a backend runs)."""
     if not args.variant:
+        from metamtl.algorithms import build_algorithm
+
+        cfg = load_config(args.config, [])
+        if not build_algorithm(**cfg.algorithm).has_inner_loop:
+            raise SystemExit(f"{args.config}: algorithm {cfg.algorithm.get('name')!r} has no inner loop, so no "
+                             "backends to compare: pass --variant LABEL=\"key=value ...\" curves (e.g. --variant "
+                             "wide=\"model.hidden=96\"), or --config of an inner-loop algorithm")
         return {b: [f"algorithm.backend={b}"] for b in args.backends.split(",")}
     out = {}
     for spec in args.variant:
@@ -91,7 +101,8 @@ def train(args) -> None:
         seed_everything(cfg.seed)
         tasks = build_tasks(cfg)
         snaps = Snapshots(args.every)
-        learner = build_learner(cfg, tasks["train"], callbacks=[snaps])
+        schedule = [c for c in build_callbacks(cfg) if isinstance(c, LRScheduler)]  # the config's recipe (no validation)
+        learner = build_learner(cfg, tasks["train"], callbacks=[*schedule, snaps])
         learner.fit(tasks["train"], None, iterations=10**7, meta_batch_size=cfg.train.meta_batch_size,
                     budget_minutes=args.minutes, progress=True)
         torch.save({"backend": backend, "overrides": overrides, "config": str(args.config),
@@ -129,10 +140,13 @@ def evaluate(args) -> None:
         infos[run["backend"]] = run_info(run, cfg)
         tasks = build_tasks(cfg)
         learner = build_learner(cfg, tasks["train"])
+        setting = cfg.eval.settings[0]  # the run's first test setting (the demo: 5-way 1-shot), not its training ways
+        infos[run["backend"]]["setting"] = f"{setting.ways}-way {setting.shots}-shot"
         points = []
         for snap in run["snapshots"]:
             restore(learner, snap)
-            res = learner.evaluate(tasks["test"], cfg.eval.episodes, progress=False)
+            res = learner.evaluate(setting_tasks(tasks["test"], setting, cfg), cfg.eval.episodes, progress=False,
+                                   steps=head_steps(cfg, None, learner))
             points.append({"minutes": snap["seconds"] / 60, "iteration": snap["iteration"],
                            "accuracy": res.accuracy, "ci95": res.ci95})
             print(f"{run['backend']:7s} {snap['seconds'] / 60:5.2f} min  it {snap['iteration']:5d}  "
@@ -140,7 +154,8 @@ def evaluate(args) -> None:
         curves[run["backend"]] = points
     (OUT / "curves.json").write_text(json.dumps(curves, indent=1))
     reached = {b: next((p for p in pts if p["accuracy"] >= args.target), None) for b, pts in curves.items()}
-    plot(curves, args.target, REPO / "benchmarks" / "figures" / "time_to_accuracy.png")
+    plot(curves, args.target, REPO / "benchmarks" / "figures" / "time_to_accuracy.png",
+         "/".join(sorted({i["setting"] for i in infos.values()})))
     lines = []
     for backend, point in reached.items():
         last = curves[backend][-1]
@@ -154,7 +169,7 @@ def evaluate(args) -> None:
         write_results(lines, args, infos)
 
 
-def plot(curves: dict, target: float, path: Path) -> None:
+def plot(curves: dict, target: float, path: Path, setting: str = "5-way 1-shot") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,8 +182,8 @@ def plot(curves: dict, target: float, path: Path) -> None:
                     label=LABELS.get(backend, backend))
     ax.axhline(100 * target, color="grey", ls="--", lw=1, label=f"{100 * target:.0f}% target")
     ax.set_xlabel("meta-training wall-clock (minutes, 2 CPU cores)")
-    ax.set_ylabel("held-out 5-way 1-shot accuracy (%)")
-    ax.set_title("Omniglot small1+small2, 5-way 1-shot (demo config and variants)")
+    ax.set_ylabel(f"held-out {setting} accuracy (%)")
+    ax.set_title(f"held-out {setting}, one curve per run")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -180,7 +195,7 @@ def runs_cell(infos: dict[str, dict]) -> str:
     """The runs' training and evaluation, once when they all share it, else per run."""
     def text(i: dict) -> str:
         return (f"trained with `{i['command']}` (commit {i['commit']}, date {i['date']}), config {i['config']}, "
-                f"evaluated on the test split: {i['episodes']} episodes, {i['queries']} queries per class")
+                f"evaluated on the test split ({i.get('setting', '5-way 1-shot')}): {i['episodes']} episodes, {i['queries']} queries per class")
 
     if len({text(i) for i in infos.values()}) == 1:
         return "All runs " + text(next(iter(infos.values())))

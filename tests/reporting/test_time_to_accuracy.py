@@ -65,3 +65,15 @@ def test_the_record_names_the_evaluated_runs_config_episodes_and_training_commit
     assert text.endswith("<!-- tta:end -->\n\nkeep\n")
     other = {**info, "config": "configs/omniglot_5w1s.yaml", "episodes": 600}
     assert tta.runs_cell({"a": info, "b": other}).count("config ") == 2  # differing runs: one entry each
+
+
+def test_backend_curves_of_an_algorithm_without_an_inner_loop_are_refused_with_the_fix(tta):
+    """The default command compared backends on the demo config, whose algorithm (protonet) takes no
+    backend: it failed with a ConfigError before training; it now says to pass --variant curves."""
+    args = argparse.Namespace(config=str(tta.REPO / "configs" / "omniglot_5w1s.yaml"), variant=None, backends="core,higher")
+    with pytest.raises(SystemExit, match="no inner loop, so no backends to compare: pass --variant"):
+        tta.variants(args)
+    args.config = str(tta.REPO / "configs" / "compare" / "maml.yaml")
+    assert tta.variants(args) == {"core": ["algorithm.backend=core"], "higher": ["algorithm.backend=higher"]}
+    args.variant = ['wide="model.hidden=96"']
+    assert tta.variants(args) == {"wide": ["model.hidden=96"]}
