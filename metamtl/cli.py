@@ -41,7 +41,8 @@ def _evaluation_config(saved: dict[str, Any], data_root: str | None) -> dict[str
     (``--data-root``; one split on disk keeps its split, without the saved ``split_fractions`` /
     ``split_seed`` of the training data) without a validation split, and without the training-only callbacks
     (``train.early_stopping``, ``train.scheduler``: a plateau schedule or early stopping needs the
-    validation split), which never block evaluation."""
+    validation split) and ``eval.checkpoint`` (the weights were selected when the learner was saved),
+    which never block evaluation."""
     from .data.registry import USER_DATASETS, split_on_disk
 
     _check_one_data_root(saved.get("datasets") or [], data_root)
@@ -54,7 +55,9 @@ def _evaluation_config(saved: dict[str, Any], data_root: str | None) -> dict[str
     tasks = dict(saved.get("tasks") or {})
     if saved["data"].get("name") == "sinusoid":  # older regression runs saved the unused default, 5 ways
         tasks.pop("ways", None)
-    return {**saved, "tasks": tasks, "train": {**(saved.get("train") or {}), "early_stopping": None, "scheduler": None}}
+    evaluation = {**(saved.get("eval") or {}), "checkpoint": "last"}  # which weights training selected: done already
+    return {**saved, "tasks": tasks, "eval": evaluation,
+            "train": {**(saved.get("train") or {}), "early_stopping": None, "scheduler": None}}
 
 
 def _check_one_data_root(datasets: list[dict[str, Any]], data_root: str | None) -> None:
