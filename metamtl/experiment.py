@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -528,12 +529,15 @@ def _train(learner: MetaLearner, cfg: Config, tasks: dict[str, Any], resume: str
     """``learner.fit`` with the config's training settings; returns the seconds of meta-training of
     the whole run (a resumed run's include those before the interruption)."""
     tr = cfg.train
-    learner.fit(
-        tasks["train"], tasks["val"], iterations=tr.iterations, meta_batch_size=tr.meta_batch_size,
-        val_every=tr.val_every, val_episodes=tr.val_episodes, num_workers=cfg.tasks.num_workers,
-        checkpoint_dir=cfg.run_dir, checkpoint_every=tr.checkpoint_every, resume=resume,
-        budget_minutes=tr.budget_minutes, progress=progress, callbacks=callbacks,
-    )
+    with warnings.catch_warnings():
+        if tasks["val"] is None:  # train.val_every / val_episodes of a run without validation (train+val): unused
+            warnings.filterwarnings("ignore", message="fit: val_every=", category=UserWarning)
+        learner.fit(
+            tasks["train"], tasks["val"], iterations=tr.iterations, meta_batch_size=tr.meta_batch_size,
+            val_every=tr.val_every, val_episodes=tr.val_episodes, num_workers=cfg.tasks.num_workers,
+            checkpoint_dir=cfg.run_dir, checkpoint_every=tr.checkpoint_every, resume=resume,
+            budget_minutes=tr.budget_minutes, progress=progress, callbacks=callbacks,
+        )
     return learner.elapsed
 
 

@@ -265,3 +265,16 @@ def test_a_learner_trained_with_split_fractions_evaluates_on_another_dataset_spl
     path = run(config_from_dict(cfg), progress=False, quiet=True)["checkpoint"]
     code, out = evaluate(capsys, path, "--data-root", tmp / "other")
     assert code == 0 and "test split: accuracy" in out.out, out.err
+
+
+def test_a_run_without_validation_does_not_warn_about_its_validation_settings(tmp_path):
+    """The documented train+val recipe (val_split: null; the configs' train.val_every left as it is) warned
+    "fit: val_every=2 without val_tasks ... pass val_tasks", advice in Python terms for a config run."""
+    import warnings
+
+    folder_data(tmp_path / "data")
+    cfg = tiny(tmp_path, "tv", tmp_path / "data", train_split="train+val", val_split=None)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        run(config_from_dict(cfg), progress=False, quiet=True)
+    assert not [w for w in seen if "val_every" in str(w.message)], [str(w.message) for w in seen]
