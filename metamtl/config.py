@@ -488,7 +488,8 @@ def _check_train_callbacks(cfg: Config, evaluated: bool = True) -> None:
     its last weights on)."""
     tr = cfg.train
     if tr.scheduler and tr.scheduler.over == "budget" and not tr.budget_minutes:
-        raise ConfigError("train.scheduler.over: 'budget' needs train.budget_minutes")
+        raise ConfigError("train.scheduler.over: 'budget' needs train.budget_minutes (or train.scheduler.over: iterations "
+                          "to anneal over train.iterations)")
     if (tr.early_stopping or (tr.scheduler and tr.scheduler.name == "plateau")) \
             and not any(d.val_split for _, d in _data_entries(cfg)):
         where = "datasets[i].val_split of at least one dataset" if cfg.datasets else "data.val_split"
