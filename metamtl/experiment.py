@@ -629,7 +629,8 @@ def write_run_steps_curve(learner: MetaLearner, cfg: Config, results: dict[str, 
         return
     try:
         sources, split = held_out_sources(cfg)
-        settings = steps_curve.curve_settings(results.get("test", []), cfg.tasks.ways, cfg.tasks.shots)
+        first = cfg.eval.settings[0]  # no test rows (a stage before the last): the first test setting, not training's
+        settings = steps_curve.curve_settings(results.get("test", []), first.ways, first.shots)
         steps_curve.write_steps_curve(cfg.run_dir, learner, sources, split, settings, episodes=episodes,
                                       steps=steps or cfg.logging.report_steps, queries=cfg.eval.queries,
                                       progress=progress, write=write, eval_steps=cfg.eval.steps)

@@ -39,7 +39,8 @@ def cache_key(learner_path: Path, episodes: int, steps: Sequence[int]) -> dict[s
 def curve_settings(test_rows: Sequence[Mapping[str, Any]], ways: int, shots: int) -> list[dict[str, Any]]:
     """The settings to draw curves for: the run's evaluated ones (each dataset, ways, shots and
     superclass ``hierarchy`` once; skipped ones, feature-head rows and rows of a hierarchy mapping,
-    which a row records only by its size, left out), else the training setting."""
+    which a row records only by its size, left out), else ``ways``-way ``shots``-shot (the caller's
+    fallback: a run's first test setting)."""
     seen: dict[tuple, dict[str, Any]] = {}
     for r in test_rows:
         hierarchy = r.get("hierarchy")

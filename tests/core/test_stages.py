@@ -340,3 +340,18 @@ def test_a_stage_with_an_empty_or_null_distill_section_trains_without_distillati
                                                {"name": "meta", "distill": off}]})
     stages = dict(stage_configs(cfg))
     assert stages["pre"].distill == base["distill"] and stages["meta"].distill == {}
+
+
+def test_an_earlier_stages_report_draws_its_steps_curve_in_the_first_test_setting(tmp_path):
+    """`metamtl report RUN/stages/<stage>` recorded "TaskError: 8-way tasks need 8 classes": a stage has no
+    test rows, and the curve fell back to the training setting (8-way pre-training batches) instead of
+    the run's first test setting (3-way)."""
+    from metamtl.cli import main
+
+    cfg = staged(tmp_path)
+    cfg["stages"][0]["algorithm"] = {"name": "maml", "steps": 1, "lr": 0.1, "head_init": "proto"}
+    run(config_from_dict(cfg), progress=False, quiet=True)
+    stage = tmp_path / "runs" / "staged" / "stages" / "pretrain"
+    assert main(["report", str(stage), "--steps-episodes", "2"]) == 0
+    curve = json.loads((stage / "steps_curve.json").read_text())
+    assert "error" not in curve and curve["curves"][0]["setting"].startswith("3-way 1-shot"), curve
