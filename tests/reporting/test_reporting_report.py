@@ -483,19 +483,25 @@ def test_a_staged_runs_header_says_its_iterations_are_over_every_stage(tmp_path)
     assert "Stage 1, <b>pre</b>: protonet, 9 meta-iterations" in header
 
 
-def test_a_regression_runs_report_names_its_metric_mse(tmp_path):
-    """A sinusoid run reports mean squared errors: its table column and steps-curve section say
-    MSE, never accuracy."""
-    row = {"accuracy": None, "ci95": None, "loss": 3.67, "loss_ci95": 2.73, "episodes": 10, "ways": 1, "shots": 5,
-           "queries": 5, "steps": 1, "hierarchy": None, "head": "algorithm", "transductive": False}
+def _regression_report(tmp_path, test, episodes, curve):
+    """The report page of a small sinusoid run: one held-out row with MSE ``test`` (mean, CI) and a
+    0/1-step MSE curve ``(means, cis)`` over ``episodes`` episodes."""
+    row = {"accuracy": None, "ci95": None, "loss": test[0], "loss_ci95": test[1], "episodes": 10, "ways": 1,
+           "shots": 5, "queries": 5, "steps": 1, "hierarchy": None, "head": "algorithm", "transductive": False}
     run = _small_run(tmp_path / "r", [row])
     results = json.loads((run / "results.json").read_text())
     results["config"]["data"] = {"name": "sinusoid"}
     (run / "results.json").write_text(json.dumps(results))
     (run / "steps_curve.json").write_text(json.dumps(
-        {"steps": [0, 1], "split": "test", "episodes": 2, "trained_steps": 1,
-         "curves": [{"setting": "5-shot regression", "metric": "loss", "mean": [4.0, 3.0], "ci95": [0.5, 0.5]}]}))
-    text = write_report(run).read_text()
+        {"steps": [0, 1], "split": "test", "episodes": episodes, "trained_steps": 1,
+         "curves": [{"setting": "5-shot regression", "metric": "loss", "mean": curve[0], "ci95": curve[1]}]}))
+    return write_report(run).read_text()
+
+
+def test_a_regression_runs_report_names_its_metric_mse(tmp_path):
+    """A sinusoid run reports mean squared errors: its table column and steps-curve section say
+    MSE, never accuracy."""
+    text = _regression_report(tmp_path, (3.67, 2.73), episodes=2, curve=([4.0, 3.0], [0.5, 0.5]))
     table = text.split("<h2>Held-out test results</h2>")[1].split("</table>")[0]
     assert "<th>MSE (95% CI)</th>" in table and "accuracy" not in table.lower()
     assert "<h2>MSE vs number of inner steps at test time</h2>" in text
@@ -698,16 +704,7 @@ def test_a_regression_ensembles_page_says_its_predictions_are_averaged():
 def test_the_mse_steps_table_has_the_held_out_rows_precision(tmp_path):
     """The MSE-vs-inner-steps table rounded to 2 decimals, so a well-trained sinusoid learner's small
     errors read "0.00 ± 0.00" beside "MSE 0.0042 ± 0.0011" in the held-out table: both have 4 digits."""
-    row = {"accuracy": None, "ci95": None, "loss": 0.0042, "loss_ci95": 0.0011, "episodes": 10, "ways": 1,
-           "shots": 5, "queries": 5, "steps": 1, "hierarchy": None, "head": "algorithm", "transductive": False}
-    run = _small_run(tmp_path / "r", [row])
-    results = json.loads((run / "results.json").read_text())
-    results["config"]["data"] = {"name": "sinusoid"}
-    (run / "results.json").write_text(json.dumps(results))
-    (run / "steps_curve.json").write_text(json.dumps(
-        {"steps": [0, 1], "split": "test", "episodes": 10, "trained_steps": 1,
-         "curves": [{"setting": "5-shot regression", "metric": "loss", "mean": [0.9, 0.0042], "ci95": [0.2, 0.0011]}]}))
-    text = write_report(run).read_text()
+    text = _regression_report(tmp_path, (0.0042, 0.0011), episodes=10, curve=([0.9, 0.0042], [0.2, 0.0011]))
     assert "MSE 0.0042 ± 0.0011" in text
     steps_table = text.split("setting \\ steps")[1].split("</table>")[0]
     assert "0.9000 ± 0.2000" in steps_table and "0.0042 ± 0.0011" in steps_table and "0.00 ± 0.00" not in steps_table
