@@ -86,19 +86,10 @@ def _check_steps(steps: int | None, members: list[Any], labels: list[str], head:
                    "--steps")
 
 
-def _saved_steps(cfg: Any, members: list[Any], head: Any) -> int | None:
-    """The inner steps the run's own test evaluation took (``eval.steps``; ``None``: each algorithm's),
-    where a member adapts with an inner loop (not with a feature head): ``metamtl evaluate`` without
-    ``--steps`` measures what ``metamtl fit`` measured."""
-    adapts = any(m.algorithm.has_inner_loop and m.inference.classifier(head if m.task == "classification" else None)
-                 is None for m in members)
-    return cfg.eval.steps if adapts else None
-
-
 def _evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import ensure_writable_file
     from .config import config_from_dict
-    from .experiment import build_test_tasks
+    from .experiment import build_test_tasks, head_steps
     from .ensemble import load_members
     from .heads import build_head
 
@@ -141,7 +132,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     else:
         hierarchy = first.hierarchy if args.ways is None and args.shots is None else None
     sources, out = _episode_sources(tasks, setting, hierarchy, learner.task)
-    steps = args.steps if args.steps is not None else _saved_steps(cfg, members, head)
+    steps = args.steps if args.steps is not None else head_steps(cfg, head, learner)  # as fit's test rows
     for label, source in sources:
         options = dict(support_augment=support_augment, head=head) if learner.task == "classification" else {}
         result = learner.evaluate(source, args.episodes, steps=steps, progress=not args.no_progress, **options)

@@ -328,12 +328,14 @@ def evaluate_settings(learner: MetaLearner, cfg: Config, test_tasks: TaskSource,
 
 
 def head_steps(cfg: Config, head: Any, learner: MetaLearner) -> int | None:
-    """``eval.steps`` for the algorithm's rows; ``None`` for a feature head's, or where the algorithm has no
-    inner loop (neither takes inner steps: a staged run's ``eval.steps`` may be meant for a later stage)."""
-    from .heads import build_head
-
-    inner = any(m.algorithm.has_inner_loop for m in getattr(learner, "members", [learner]))  # an Ensemble's
-    return cfg.eval.steps if build_head(head) is None and inner else None
+    """``eval.steps`` where a learner (an Ensemble's member) adapts with its algorithm's inner loop for
+    ``head`` (``None``: its own default head); ``None`` where each classifies with a feature head or
+    has no inner loop (neither takes inner steps: a staged run's ``eval.steps`` may be meant for a
+    later stage).  What ``metamtl fit`` tests with, and ``metamtl evaluate`` without ``--steps``."""
+    members = getattr(learner, "members", [learner])  # an Ensemble's
+    adapts = any(m.algorithm.has_inner_loop and m.inference.classifier(head if m.task == "classification" else None)
+                 is None for m in members)
+    return cfg.eval.steps if adapts else None
 
 
 def prepare_heads(learner: MetaLearner, cfg: Config, train_tasks: TaskSource, say: Any = print) -> None:
