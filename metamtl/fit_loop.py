@@ -200,7 +200,7 @@ def layout_workload(learner: "MetaLearner", batch: TaskBatch) -> str:
 
     Under torchrun the shapes are those of the whole meta-batch (every process's share, gathered),
     so all processes get the same key and probe, or skip the probe, in the same iteration."""
-    rule = learner.algorithm.meta_gradient(learner.iteration).name
+    rule = learner.algorithm.checked_rule(learner.iteration).name
     shapes = sorted(map(repr, batch.groups()))
     if learner.strategy.world_size > 1:
         shares = learner.strategy.all_gather(shapes, f"layout workload exchange (iteration {learner.iteration + 1})")

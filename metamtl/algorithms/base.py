@@ -216,6 +216,11 @@ class Algorithm(nn.Module):
         if isinstance(rule, type) or not callable(getattr(rule, "backward", None)):
             raise InputError(f"{type(self).__name__}.meta_gradient must return a rule object with "
                              f"backward(problem, outer, weight), e.g. FirstOrder() (an instance), got {rule!r}")
+        missing = [a for a in ("name", "second_order") if not hasattr(rule, a)]
+        if missing:  # the fit loop's layout key and the memory planner read them
+            raise InputError(f"{type(self).__name__}.meta_gradient returned a rule without {' and '.join(missing)}: "
+                             "subclass metamtl.adaptation.MetaGradient (or FirstOrder) to inherit them, or set "
+                             "name (a str) and second_order (a bool) on the rule")
         return rule
 
     def checked_outer(self, adapted: Adapted, query_x: torch.Tensor, query_y: torch.Tensor,

@@ -200,3 +200,28 @@ def test_a_declaration_returning_the_wrong_type_is_an_input_error_naming_it(meth
         alg = type("Bad", (MAML,), {"name": "test_bad", method: lambda s, it: "first_order"})(steps=1, lr=0.1)
         with pytest.raises(InputError, match="got 'first_order'"):
             alg.meta_step(tiny(), TaskBatch([episode()]), 0)
+
+
+def test_a_rule_without_name_or_second_order_is_an_input_error_in_fit_not_an_attribute_error():
+    """A duck-typed rule with only backward() passed the check, then fit's layout key read its
+    .name (AttributeError) and the memory planner its .second_order."""
+    from metamtl import MetaLearner
+    from metamtl.algorithms import MAML
+
+    class Duck:
+        def backward(self, problem, outer, weight):
+            return FirstOrder().backward(problem, outer, weight)
+
+    alg = type("DuckRule", (MAML,), {"name": "test_duck", "meta_gradient": lambda s, it: Duck()})(steps=1, lr=0.1)
+    class Source:
+        ways, shots, queries, name = 3, 2, 2, "mine"
+
+        def episode(self, i):
+            return episode(seed=i)
+
+    learner = MetaLearner(tiny(), alg, device="cpu")
+    with pytest.raises(InputError, match=r"returned a rule without name and second_order.*subclass"):
+        learner.fit(Source(), iterations=1, meta_batch_size=1, progress=False)
+    ok = type("NamedDuck", (Duck,), {"name": "duck", "second_order": False})
+    alg = type("DuckRule2", (MAML,), {"name": "test_duck2", "meta_gradient": lambda s, it: ok()})(steps=1, lr=0.1)
+    MetaLearner(tiny(), alg, device="cpu").fit(Source(), iterations=1, meta_batch_size=1, progress=False)
