@@ -97,11 +97,15 @@ def split_on_disk(name: str, root: str | os.PathLike) -> bool:
 
 
 def _holds_classes(folder: Path) -> bool:
-    """Whether ``folder`` looks like a split folder: sub-folders (its classes) and no file of its own
-    (a class folder, e.g. a class named ``Train`` or ``dev``, holds its images directly)."""
+    """Whether ``folder`` looks like a split folder: sub-folders (its classes) and no image file of its own
+    (a class folder, e.g. a class named ``Train`` or ``dev``, holds its images directly); other files
+    (``desktop.ini``, ``Thumbs.db``, a README) are not images and do not make it a class."""
+    exts = image_suffixes(None)
+
     def look(f: Path) -> bool:
         entries = [e for e in f.iterdir() if not e.name.startswith(".")]
-        return any(e.is_dir() for e in entries) and not any(e.is_file() for e in entries)
+        images = any(e.name.lower().endswith(exts) and e.is_file() for e in entries)
+        return any(e.is_dir() for e in entries) and not images
     return os_probe(folder, look)
 
 

@@ -258,3 +258,21 @@ def test_classes_named_like_split_folders_in_a_flat_dataset_are_classes(tmp_path
             write_image(tmp_path / "flat" / c / f"{k}.png", (10 * i, k, 3))
     parts = [load_dataset("folder", s, root=tmp_path / "flat", cache_dir=cache_dir) for s in ("train", "val", "test")]
     assert sorted(c for p in parts for c in p.class_names) == sorted(classes)
+
+
+def test_split_folders_holding_a_stray_non_image_file_are_still_split_folders(tmp_path, write_image, cache_dir):
+    """Train/ and Test/ each holding a desktop.ini (or a README) were read as classes and split anew, so held-out
+    classes were trained on; a stray file in only one of them gave a misleading "no 'train' folder" error.
+    Whether a folder holds classes is judged by its image files only."""
+    for split, n in (("Train", 3), ("Test", 2)):
+        for c in range(n):
+            for i in range(2):
+                write_image(tmp_path / "a" / split / f"{split.lower()}{c}" / f"{i}.png", (10 * i, c, len(split)))
+    (tmp_path / "a" / "Train" / "desktop.ini").write_text("[.ShellClassInfo]\n")
+    assert load_dataset("folder", "train", root=tmp_path / "a", cache_dir=cache_dir).class_names == [
+        "train0", "train1", "train2"]
+    (tmp_path / "a" / "Test" / "README.txt").write_text("held-out classes\n")
+    assert load_dataset("folder", "train", root=tmp_path / "a", cache_dir=cache_dir).class_names == [
+        "train0", "train1", "train2"]
+    assert load_dataset("folder", "test", root=tmp_path / "a", cache_dir=cache_dir).class_names == ["test0", "test1"]
+
