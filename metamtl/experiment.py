@@ -595,16 +595,18 @@ def held_out_sources(cfg: Config) -> tuple[dict[str | None, Any], str]:
     the split's name: the test split, else the validation split (the training split is not loaded;
     a dataset with neither is left out: training-only). Datasets held out on different splits give
     ``held-out (label: split, ...)``."""
-    if is_regression(cfg):
-        return {None: build_tasks(cfg)["test"]}, "test"
-    t = cfg.tasks
-    sources: dict[str | None, Any] = {}
-    splits: dict[str | None, str] = {}
     held = [d for d in cfg.datasets or [cfg.data] if d.test_split or d.val_split]  # none: training-only datasets
     if not held:
         names = [d.label or d.name for d in cfg.datasets or [cfg.data]]
         raise ConfigError(f"no dataset of this run ({', '.join(names)}) has a test or a validation split: set "
                           "test_split (or val_split) of one of them")
+    if is_regression(cfg):  # the test split, else the validation split (as for image data)
+        key, split = ("data.test_split (evaluate: --split)", cfg.data.test_split) if cfg.data.test_split else (
+            "data.val_split", cfg.data.val_split)
+        return {None: _sinusoid_split(cfg, split, cfg.eval.queries, key)}, str(split)
+    t = cfg.tasks
+    sources: dict[str | None, Any] = {}
+    splits: dict[str | None, str] = {}
     for d in held:
         split, seed = (d.test_split, t.test_seed) if d.test_split else (d.val_split, t.val_seed)
         label = (d.label or d.name) if cfg.datasets else None

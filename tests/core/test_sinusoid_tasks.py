@@ -319,3 +319,22 @@ def test_image_data_settings_of_a_regression_config_are_refused_not_ignored(key,
             "model": {"name": "mlp", "hidden": [8]}, "algorithm": {"name": "maml", "steps": 1, "lr": 0.01}}
     with pytest.raises(ConfigError, match=rf"data.{key} is .*sinusoid tasks are generated.*remove it"):
         config_from_dict(base)
+
+
+def test_a_regression_run_without_test_split_draws_its_held_out_tasks_from_val_else_says_why_not():
+    """data.test_split: null handed None to the steps curve (its file recorded an internal ConfigError about
+    NoneType); as for image data, the validation split is used, and with neither split a clear ConfigError."""
+    from metamtl.errors import ConfigError
+    from metamtl.experiment import held_out_sources
+
+    cfg = sine_config()
+    cfg.data.test_split, cfg.data.val_split = None, "val"
+    sources, split = held_out_sources(cfg)
+    assert split == "val" and sources[None].seed == cfg.tasks.val_seed
+    assert sources[None].queries == cfg.eval.queries
+    cfg.data.test_split = "test"
+    sources, split = held_out_sources(cfg)
+    assert split == "test" and sources[None].seed == cfg.tasks.test_seed
+    cfg.data.test_split = cfg.data.val_split = None
+    with pytest.raises(ConfigError, match=r"no dataset of this run \(sinusoid\) has a test or a validation split"):
+        held_out_sources(cfg)
