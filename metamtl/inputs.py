@@ -371,6 +371,17 @@ def check_episode(episode: Any, what: str, *, task: str, model: TrunkHead) -> No
         check_trunk_features(model, ready.support_x)
 
 
+def _refuse_inference_tensors(model: nn.Module) -> None:
+    """:class:`ConfigError` for a model whose weights were made under ``torch.inference_mode()``: inference
+    tensors can never be adapted or trained (torch refuses it, also outside the mode)."""
+    names = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_inference()]
+    if names:
+        raise ConfigError(
+            f"the model holds inference tensors ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): it was "
+            "built or converted under torch.inference_mode(), and such weights can never adapt or train; build "
+            "the model outside it (MetaLearner itself may be created inside torch.inference_mode())")
+
+
 def check_learner_parts(model: Any, algorithm: Any, task: str) -> tuple[TrunkHead, Algorithm]:
     """The model (a :class:`TrunkHead`, without a ``torch.compile`` wrapper) and the algorithm
     (built if given by name) of a new learner, after checking ``task`` is one of :data:`TASK_TYPES`."""
@@ -380,6 +391,7 @@ def check_learner_parts(model: Any, algorithm: Any, task: str) -> tuple[TrunkHea
             f"MetaLearner needs a metamtl.models.TrunkHead (trunk + head), got {type(model).__name__}; "
             "wrap your network as TrunkHead(trunk, head) or use metamtl.models.build_model"
         )
+    _refuse_inference_tensors(model)
     algorithm = build_algorithm(algorithm) if isinstance(algorithm, str) else algorithm
     if not isinstance(algorithm, Algorithm):
         raise ConfigError(f"algorithm must be an Algorithm or a name, got {type(algorithm).__name__}")

@@ -78,6 +78,7 @@ class MetaLearner:
             (:meth:`compute_feature_mean`).  Saved with the learner, as are the means.
     """
 
+    @torch.inference_mode(False)  # built in a serving context: weights that can still adapt and train
     def __init__(self, model: TrunkHead, algorithm: Algorithm | str = "maml", *,
                  preprocessing: Preprocessing | None = None, meta_optimizer: str = "adam", meta_lr: float = 1e-3,
                  meta_optimizer_kwargs: dict[str, Any] | None = None, grad_clip: float | None = None,
@@ -90,7 +91,7 @@ class MetaLearner:
         algorithm.setup(model)  # model-dependent learnable state, before the meta-optimizer exists
         self.model = self.placement.module(model)
         self.algorithm = algorithm.to(self.device)
-        self.preprocessing, self.task = preprocessing, task
+        self.preprocessing, self.task, self.run = preprocessing, task, run_state.RunState()
         self.meta_optimizer_name, self.meta_optimizer_kwargs = meta_optimizer, dict(meta_optimizer_kwargs or {})
         self.meta_lr = meta_lr  # checked by the setter
         self.grad_clip = None if grad_clip is None else check_positive("grad_clip", grad_clip)
@@ -99,7 +100,6 @@ class MetaLearner:
         self.task_defaults, self.metadata = check_mapping("task_defaults", task_defaults), check_mapping("metadata", metadata)
         self.inference = InferenceSettings.create(support_augment, head, task=task)
         self.meta_optimizer = build_meta_optimizer(meta_optimizer, self.meta_parameters(), self.meta_lr, self.meta_optimizer_kwargs)
-        self.run = run_state.RunState()
         self.strategy = distributed.ProcessStrategy()  # fit switches to the process group under torchrun
         self.fit_state: FitState | None = None  # the last (or running) fit's state
         #: how an automatic layout is timed (:func:`~metamtl.fit_loop.choose_layout`)

@@ -99,6 +99,31 @@ def test_a_learner_loaded_under_inference_mode_adapts_inside_and_outside_it_and_
     M.fit(TRAIN, iterations=1, meta_batch_size=2, progress=False)
 
 
+@pytest.mark.parametrize("alg", ["maml", "metasgd", "protonet"])
+def test_a_learner_built_under_inference_mode_predicts_and_trains_outside_it(alg):
+    """Built under torch.inference_mode() (a serving context), the channels_last conversion (and Meta-SGD's
+    rates) became inference tensors: every later predict or fit raised a bare RuntimeError, as load did."""
+    def build(model):
+        akw = {} if alg == "protonet" else dict(steps=1, lr=0.3, head_init="zero")
+        return MetaLearner(model, build_algorithm(alg, **akw), preprocessing=DS.preprocessing, device="cpu",
+                           channels_last=True)
+    ref, model = build(conv4()), conv4()  # the model built normally
+    with torch.inference_mode():
+        L = build(model)
+    assert not any(t.is_inference() for t in [*L.model.parameters(), *L.model.buffers(), *L.meta_parameters()])
+    assert torch.equal(L.predict(EP.support_x, EP.support_y, EP.query_x), ref.predict(EP.support_x, EP.support_y,
+                                                                                       EP.query_x))
+    L.fit(TRAIN, iterations=1, meta_batch_size=2, progress=False)
+
+
+def test_a_model_holding_inference_tensors_is_refused_naming_the_fix():
+    from metamtl.errors import ConfigError
+    with torch.inference_mode():
+        model = conv4()
+    with pytest.raises(ConfigError, match=r"inference tensors.*torch.inference_mode\(\).*outside it"):
+        MetaLearner(model, "protonet", device="cpu")
+
+
 @pytest.mark.parametrize("convert", ["double", "half", "bfloat16"])
 def test_a_model_converted_after_the_learner_was_built_is_a_config_error_naming_the_fix(convert, tmp_path):
     from metamtl.errors import ConfigError
