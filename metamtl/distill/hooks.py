@@ -143,17 +143,24 @@ class FeatureDistillation(DistillationTerm):
                 raise ConfigError(f"FeatureDistillation {what} must be a layer name (e.g. 'trunk.blocks.3'), got {name!r}")
         self.seed = int(seed)
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
-        self.adapter = adapter
-        # a given adapter's initial weights, which reset() restores (a built one is dropped, rebuilt from seed)
-        self._initial = None if adapter is None else {k: v.detach().clone() for k, v in adapter.state_dict().items()}
+        self.adapter, self._given = adapter, adapter is not None
+        # a given adapter's weights at the term's first use (as the user left them after building the term),
+        # which reset() restores (a built one is dropped, rebuilt from seed)
+        self._initial: dict[str, torch.Tensor] | None = None
         self._pending: dict[str, torch.Tensor] | None = None
         self._bound = False
 
+    def _first_use(self) -> None:
+        """Keep a given adapter's weights the first time the term is used (reset or bound for a fit)."""
+        if self._given and self._initial is None:
+            self._initial = {k: v.detach().clone() for k, v in self.adapter.state_dict().items()}
+
     def reset(self) -> None:
-        """Back to the adapter of a new run: a given adapter's initial weights, else none (built again,
-        from ``seed``, at first use)."""
+        """Back to the adapter of a new run: a given adapter's weights at the term's first use, else none
+        (built again, from ``seed``, at first use)."""
+        self._first_use()
         self._pending = None
-        if self._initial is None:
+        if not self._given:
             self.adapter = None
         else:
             self.adapter.load_state_dict(self._initial)
@@ -167,6 +174,7 @@ class FeatureDistillation(DistillationTerm):
         # no release here: the teacher (and its taps) may be shared with terms bound before this one
         named_layer(student, self.student_layer, "student")
         self.teacher.tap(self.teacher_layer)
+        self._first_use()
         self._bound = True
 
     def release(self) -> None:

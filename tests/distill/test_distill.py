@@ -591,6 +591,25 @@ def test_a_callback_reused_for_another_learner_starts_afresh(tasks):
     torch.testing.assert_close(given.weight.detach(), initial)
 
 
+def test_adapter_weights_set_after_building_the_term_are_trained_from_at_the_first_fit(tasks):
+    """An adapter the user initialised after creating the term (identity, pre-trained) was reset to its
+    construction-time weights at the first fit; the weights to restore are those of the callback's first use."""
+    teacher = learner(hidden=4, seed=3)
+    given = torch.nn.Conv2d(4, 4, 1)
+    term = Distillation(FeatureDistillation(teacher, "trunk.blocks.1", "trunk.blocks.1", adapter=given), lr=1e-12)
+    with torch.no_grad():
+        given.weight.copy_(torch.eye(4)[:, :, None, None])
+        given.bias.zero_()
+    learner(seed=1).fit(tasks, iterations=1, meta_batch_size=2, progress=False, callbacks=[term])
+    identity = given.weight.detach().clone()
+    torch.testing.assert_close(identity, torch.eye(4)[:, :, None, None], atol=1e-6, rtol=0)
+    learner(seed=2).fit(tasks, iterations=1, meta_batch_size=2, progress=False, callbacks=[term])  # reused: afresh
+    with torch.no_grad():
+        given.weight.add_(1.0)
+    term.reset()  # back to the weights of the callback's first use
+    torch.testing.assert_close(given.weight.detach(), identity, atol=1e-6, rtol=0)
+
+
 def test_resuming_with_an_already_used_callback_restores_the_checkpoint_optimizer(tasks, tmp_path):
     """A resume with a Distillation object that already trained another learner equals the
     uninterrupted run (was: it kept its own Adam moments instead of the checkpoint's)."""
