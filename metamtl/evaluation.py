@@ -286,16 +286,21 @@ class PickedEpisodes:
 
 def setting_groups(tasks: Any, episodes: int) -> list[PickedEpisodes] | None:
     """Episodes ``0..episodes-1`` of a :class:`MixedTasks` whose sources draw different settings,
-    one source of them per setting; ``None`` for any other source (one setting)."""
-    if not isinstance(tasks, MixedTasks):
-        return None
-    settings = [(s.ways, s.shots, s.queries) for s in tasks.sources]
-    if len(set(settings)) == 1:
+    one source of them per setting, judged by the source each episode is drawn from (in a nested
+    mixture, the innermost one); ``None`` for any other source (one setting)."""
+    if not isinstance(tasks, MixedTasks) or len({_setting(s) for s in mixture_leaves(tasks)}) == 1:
         return None
     groups: dict[tuple[int, int, int], list[int]] = {}
     for i in range(episodes):
-        groups.setdefault(settings[tasks.source_of(i)], []).append(i)
+        leaf = tasks
+        while isinstance(leaf, MixedTasks):  # a mixture hands the episode's index on to the source it picks
+            leaf = leaf.sources[leaf.source_of(i)]
+        groups.setdefault(_setting(leaf), []).append(i)
     return [PickedEpisodes(tasks, idx, setting) for setting, idx in groups.items()]
+
+
+def _setting(source: Any) -> tuple[int, int, int]:
+    return source.ways, source.shots, source.queries
 
 
 def validation_metrics(learner: "MetaLearner", tasks: Any, episodes: int) -> dict[str, float]:

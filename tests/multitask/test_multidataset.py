@@ -506,12 +506,15 @@ def test_every_base_splits_shared_and_dataset_specific_parameters_alike(base):
     assert any("found no parameter shared" in str(w.message) for w in caught)
 
 
-def test_validation_on_a_mixture_of_different_ways_scores_each_setting_and_averages_all_episodes():
+@pytest.mark.parametrize("nested", [False, True])
+def test_validation_on_a_mixture_of_different_ways_scores_each_setting_and_averages_all_episodes(nested):
     """``tasks.ways`` above one dataset's validation classes gives its val sampler fewer ways: the
-    first validation refused the mixed settings and the run lost its training."""
+    first validation refused the mixed settings and the run lost its training.  A nested mixture
+    (whose outer source reads its first dataset's setting) was still refused."""
     learner = make_learner("equal")
     val = MixedTasks([EpisodeSampler(toy("grey", 1, 12), 3, 1, 2, seed=5),
                       EpisodeSampler(toy("rgb", 3, 24, classes=30, seed=1), 4, 1, 2, seed=5)], seed=5)
+    val = MixedTasks([val], seed=7) if nested else val
     history = learner.fit(mixed(), iterations=2, meta_batch_size=2, val_tasks=val, val_every=2, val_episodes=6,
                           progress=False)
     row = next(r for r in history if "val/accuracy" in r)
