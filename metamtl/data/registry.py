@@ -69,7 +69,7 @@ def split_folders(root: Path) -> dict[str, Path]:
     split anew, they would put held-out classes into training.  A folder holding images itself is a
     class, whatever its name (a class ``Train`` or ``dev`` of a flat dataset)."""
     folders = os_probe(root, lambda r: sorted(p for p in r.iterdir() if p.is_dir()) if r.is_dir() else [])
-    folders = [p for p in folders if p.name in SPLIT_FOLDERS or _holds_classes(p)]  # `Train/` of images: a class
+    folders = [p for p in folders if _holds_classes(p, p.name in SPLIT_FOLDERS)]  # `Train/`, `test/` of images: a class
     found: dict[str, list[Path]] = {}
     for p in folders:
         if p.name.lower() in SPLIT_FOLDERS:
@@ -96,16 +96,17 @@ def split_on_disk(name: str, root: str | os.PathLike) -> bool:
     return name == "csv" and any(os_probe(root / f"{s}.csv", Path.is_file) for s in SPLIT_FOLDERS)
 
 
-def _holds_classes(folder: Path) -> bool:
-    """Whether ``folder`` looks like a split folder: sub-folders (its classes) and no image file of its own
-    (a class folder, e.g. a class named ``Train`` or ``dev``, holds its images directly); other files
-    (``desktop.ini``, ``Thumbs.db``, a README) are not images and do not make it a class."""
+def _holds_classes(folder: Path, split_name: bool = False) -> bool:
+    """Whether ``folder`` looks like a split folder: sub-folders (its classes; not needed for a ``split_name``,
+    ``train``/``val``/``test`` spelled exactly) and no image file of its own (a class folder, e.g. a class named
+    ``Train``, ``test`` or ``dev``, holds its images directly); other files (``desktop.ini``, ``Thumbs.db``, a
+    README) are not images and do not make it a class."""
     exts = image_suffixes(None)
 
     def look(f: Path) -> bool:
         entries = [e for e in f.iterdir() if not e.name.startswith(".")]
         images = any(e.name.lower().endswith(exts) and e.is_file() for e in entries)
-        return any(e.is_dir() for e in entries) and not images
+        return (split_name or any(e.is_dir() for e in entries)) and not images
     return os_probe(folder, look)
 
 

@@ -276,3 +276,21 @@ def test_split_folders_holding_a_stray_non_image_file_are_still_split_folders(tm
         "train0", "train1", "train2"]
     assert load_dataset("folder", "test", root=tmp_path / "a", cache_dir=cache_dir).class_names == ["test0", "test1"]
 
+
+
+def test_a_lowercase_class_named_like_a_split_folder_is_a_class(tmp_path, write_image, cache_dir):
+    """A top folder holding images is a class whatever its name (README): `test/` of images was refused ("split
+    folders (test) but no 'train' folder") while `Test/` was a class.  A real split folder test/ of class folders
+    (with a stray non-image file) is still the split on disk."""
+    classes = ["cat", "dog", "bird", "fish", "cow", "test"]
+    for i, c in enumerate(classes):
+        for k in range(2):
+            write_image(tmp_path / "flat" / c / f"{k}.png", (10 * i, k, 3))
+    parts = [load_dataset("folder", s, root=tmp_path / "flat", cache_dir=cache_dir) for s in ("train", "val", "test")]
+    assert sorted(c for p in parts for c in p.class_names) == sorted(classes)
+    for split, n in (("train", 3), ("test", 2)):
+        for c in range(n):
+            write_image(tmp_path / "split" / split / f"{split}{c}" / "0.png", (c, 5, len(split)))
+    (tmp_path / "split" / "test" / "notes.txt").write_text("x\n")
+    assert load_dataset("folder", "test", root=tmp_path / "split", cache_dir=cache_dir).class_names == [
+        "test0", "test1"]
