@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import math
 import numbers
 import warnings
@@ -330,6 +331,7 @@ def pil_pixels(image: Any) -> np.ndarray:
     """A PIL image's pixels as ``uint8`` ``H x W`` (grey), ``H x W x 2`` (grey + alpha),
     ``H x W x 3`` (RGB) or ``H x W x 4`` (RGBA), whatever its mode or bit depth, turned as its EXIF
     orientation says it is shown (a camera photo stored landscape but shown portrait is portrait)."""
+    image = rgb16_keyed(image)
     if exif_orientation(image) != 1:
         from PIL import ImageOps
 
@@ -360,6 +362,48 @@ def pil_pixels(image: Any) -> np.ndarray:
     arr = np.asarray(image)
     grey = pixels_to_uint8(arr, f"{mode} image")
     return _colour_keyed(grey, arr, image.info) if mode.startswith("I;16") else grey
+
+
+def rgb16_keyed(image: Any) -> Any:
+    """A 16-bit RGB PNG with a colour key (tRNS) as an RGBA image whose alpha clears exactly the pixels of that
+    16-bit colour (PIL reads the samples' high bytes and compared them with the 16-bit key: none ever matched),
+    its other info (EXIF) kept; any other image as it is.  The file is decoded again (left as it is)."""
+    key = image.info.get("transparency")
+    if image.format != "PNG" or image.mode != "RGB" or not isinstance(key, tuple) or len(key) != 3:
+        return image
+    data = _file_bytes(image)
+    if data is None or data[24:26] != b"\x10\x02":  # IHDR bit depth 16, colour type 2 (RGB)
+        return image
+    from PIL import Image
+
+    samples = []
+    for rawmode in ("RGB;16B", "RGB;16L"):  # high bytes, then (read as little-endian) low bytes: same filtering
+        with Image.open(io.BytesIO(data)) as part:
+            part.tile = [t._replace(args=rawmode) for t in part.tile]
+            samples.append(np.asarray(part))
+    value = (samples[0].astype(np.uint16) << 8) | samples[1]
+    alpha = np.where((value == np.asarray(key, np.uint16)).all(-1), 0, 255).astype(np.uint8)
+    out = Image.fromarray(np.dstack([samples[0], alpha]))
+    out.info = {k: v for k, v in image.info.items() if k != "transparency"}
+    return out
+
+
+def _file_bytes(image: Any) -> bytes | None:
+    """The bytes of the file a PIL image was opened from (a path or a stream), ``None`` if they cannot be read."""
+    try:
+        if getattr(image, "filename", ""):
+            with open(image.filename, "rb") as f:
+                return f.read()
+        fp = getattr(image, "fp", None)
+        if fp is None:
+            return None
+        where = fp.tell()
+        fp.seek(0)
+        data = fp.read()
+        fp.seek(where)
+        return data
+    except (OSError, ValueError):  # moved away, a closed stream
+        return None
 
 
 def _colour_keyed(grey: np.ndarray, raw: np.ndarray, info: dict) -> np.ndarray:

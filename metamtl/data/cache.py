@@ -37,7 +37,8 @@ from ..files import atomic_write
 #: 2: alpha composited, 16-bit images scaled, inferred preprocessing stored with the images.
 #: 3: images turned as their EXIF orientation says they are shown.
 #: 4: the colour key of 16-bit grey images composited.
-CACHE_FORMAT = 4
+#: 5: the colour key of 16-bit RGB PNGs composited.
+CACHE_FORMAT = 5
 #: Upper bound on the bytes of decoded images kept by the in-process memo.
 MEMO_MAX_BYTES = 2 << 30
 

@@ -29,7 +29,7 @@ import torch
 
 from ..errors import ConfigError, DataError, DataNotFoundError, InputError, IntegrityError, decode_text
 from ..progress_bars import progress_bar
-from .base import ClassDataset, Preprocessing, draft_jpeg, image_size_or_none, is_grey, shown_size
+from .base import ClassDataset, Preprocessing, draft_jpeg, image_size_or_none, is_grey, rgb16_keyed, shown_size
 from .cache import Decoded, cached_decode
 from .download import md5sum, verify_md5
 
@@ -343,6 +343,7 @@ def _open_image(tree: Tree, rel: str, size: tuple[int, int] | None = None, load:
         if size is not None:
             draft_jpeg(im, size)
         if load:
+            im = rgb16_keyed(im)  # read while its stream is open: a 16-bit RGB PNG's exact colour key
             im.load()
         return im
     except Image.DecompressionBombError as exc:

@@ -261,6 +261,48 @@ def test_the_colour_key_of_16_bit_grey_pngs_is_composited_like_8_bit_ones(tmp_pa
         assert ds.preprocessing.decode(im)[0, 0].tolist() == [4, 0, 0, 0]
 
 
+def _png_rgb16(path, pixels, key):
+    """A 16-bit RGB PNG of ``pixels`` (``H x W x 3`` uint16) with the tRNS colour key ``key`` (PIL cannot write one)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    h, w = pixels.shape[:2]
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + chunk(b"tRNS", struct.pack(">HHH", *key)) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("key", [(1000, 2000, 3000), (100, 200, 50)])
+def test_the_colour_key_of_16_bit_rgb_pngs_clears_exactly_the_keyed_pixels(tmp_path, key):
+    """PIL reads a 16-bit RGB PNG's high bytes but compares them with the 16-bit key: the keyed pixels kept
+    their colour (alpha 255) instead of being composited over the background, as in an 8-bit RGB PNG."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from metamtl.data.base import pil_pixels
+
+    pixels = np.full((4, 6, 3), 40000, np.uint16)
+    pixels[0, 0] = key
+    pixels[1, 1] = (key[0] + 1, key[1], key[2])  # the same high bytes: not the key
+    for c in "ab":
+        _png_rgb16(tmp_path / c / "0.png", pixels, key)
+    expected = np.full((4, 6), 255, np.uint8)
+    expected[0, 0] = 0
+    with Image.open(tmp_path / "a" / "0.png") as im:
+        assert (pil_pixels(im)[..., 3] == expected).all()
+    with Image.open(io.BytesIO((tmp_path / "a" / "0.png").read_bytes())) as im:
+        rgba = pil_pixels(im)
+    assert (rgba[..., 3] == expected).all() and rgba[0, 1].tolist() == [156, 156, 156, 255]
+    ds = ClassFolder(tmp_path, cache_dir=False)
+    assert ds.images[0, :, 0, 0].tolist() == [0, 0, 0] and ds.images[0, :, 1, 1].tolist() == list(pixels[1, 1] // 257)
+
+
 def test_the_image_size_error_suggests_a_config_value_the_config_accepts(tmp_path, write_image):
     """It suggested data.image_size: [32, 48], which the config refuses (data.image_size is one side)."""
     from metamtl.config import load_config
