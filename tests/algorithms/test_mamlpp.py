@@ -147,6 +147,31 @@ def test_eval_with_more_steps_than_training_reuses_the_last_rates_and_norms():
     assert learner.algorithm.inner_lrs(["head.weight"], 4)[0] is not None
 
 
+@pytest.mark.parametrize("bn_eval", ["running", "batch"])
+def test_proto_head_is_built_from_the_features_of_the_per_step_set_its_logits_use(bn_eval):
+    model = tiny(None)
+    alg = build_algorithm("mamlpp", steps=1, lr=0.1, head_init="proto", bn_eval=bn_eval)
+    learner = MetaLearner(model, alg, device="cpu", channels_last=False)
+    ep = episode(ways=3, seed=3)
+    model.train()
+    alg.meta_step(model, TaskBatch([ep]), 0)  # running statistics of set 0: the support pass of step 0 only
+    zero = MetaLearner(tiny(None), build_algorithm("mamlpp", steps=1, lr=0.1, head_init="zero"), device="cpu",
+                       channels_last=False)
+    zero.model.train()
+    zero.algorithm.meta_step(zero.model, TaskBatch([ep]), 0)
+    torch.testing.assert_close(alg.norms.running_mean_0[0], zero.algorithm.norms.running_mean_0[0])
+    with torch.no_grad():  # per-step affine weights that differ from the layers' own (unused) ones
+        for w in alg.norms.weight:
+            w.mul_(2.0)
+    got = learner.predict(ep.support_x, ep.support_y, ep.query_x, steps=0)
+    model.eval()
+    set0 = {n[len("trunk."):]: t for n, t in alg.norms.tensors(0, False).items()}
+    with torch.no_grad():
+        fs, fq = (functional_call(model.trunk, set0, (x,)) for x in (ep.support_x, ep.query_x))
+        c = torch.stack([fs[ep.support_y == k].mean(0) for k in range(3)])
+    torch.testing.assert_close(got, fq @ (2 * c).T - (c * c).sum(1))
+
+
 def test_bad_settings():
     with pytest.raises(ConfigError, match="adapt='all'"):
         build_algorithm("mamlpp", adapt="head")
