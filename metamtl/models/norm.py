@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 
 BN_MODES = ("transductive", "support")
 BN_EVAL_STATS = ("running", "batch")
@@ -79,6 +79,13 @@ class EpisodicBatchNorm(nn.BatchNorm2d):
         if running is not None and not self.training:
             return F.batch_norm(x, running[0], running[1], self.weight, self.bias, False, 0.0, self.eps)
         rows = None if self.support_rows is None else int(self.support_rows)
+        if (rows is None or rows >= x.shape[0]) and x.numel() == x.shape[1]:
+            raise InputError(
+                f"EpisodicBatchNorm({self.num_features}) normalises with the statistics of its batch, which need more "
+                f"than one value per channel; it got one ({list(x.shape)}: one image, a 1x1 map), e.g. a single "
+                "query or a last chunk of one image with bn_stats: transductive. Use bn_stats: support (queries "
+                "normalised with the support set's statistics), give more than one image at a time, or build the "
+                "model with larger last maps (a larger image_size, or pooling less)")
         return _normalise(x, self.weight, self.bias, self.eps, rows, running, self.momentum or 0.0)
 
 
