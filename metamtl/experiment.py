@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import json
 import os
 import random
@@ -33,7 +34,7 @@ from .files import atomic_write_json, json_nulls
 from .errors import CheckpointError, ConfigError, TaskError
 from .inputs import as_support_augment
 from .learner import EvalResult, MetaLearner
-from .models.registry import MODEL_FROM_DATA, build_model
+from .models.registry import MODEL_FROM_DATA, MODELS, build_model
 from .placement import resolve_device
 from .progress_bars import silenced
 from .tasks.sampler import EpisodeSampler, MixedTasks, TaskSource
@@ -241,6 +242,30 @@ def square_side(preprocessing: Any, dataset: str, model_cfg: dict[str, Any]) -> 
     return h
 
 
+def shape_model(model_cfg: dict[str, Any], preps: dict[str, Any]) -> None:
+    """Fill in the model settings the training images decide, where the config leaves them out:
+    ``inputs`` (``{dataset: [C, H, W]}``) for models declaring it (MODEL_FROM_DATA), else, for one
+    input shape, ``in_channels`` / ``image_size`` for models that take them; :class:`ConfigError` for
+    a model that takes no images."""
+    name = model_cfg.get("name", "conv4")
+    if name not in MODELS:
+        return  # build_model names the unknown model
+    if "inputs" in MODEL_FROM_DATA.get(name, ()):
+        model_cfg.setdefault("inputs", {k: [p.channels, *p.size] for k, p in preps.items()})
+        return
+    takes = set(inspect.signature(MODELS[name]).parameters) & {"in_channels", "image_size"}
+    if not takes:
+        raise ConfigError(
+            f"model {name!r} takes vectors [batch, in_features], not images, but the training data "
+            f"{sorted(preps)} are images; use an image model (conv4, resnet12, or multidataset)")
+    if len({(p.channels, *p.size) for p in preps.values()}) == 1:  # one input shape
+        dataset, first = next(iter(preps.items()))
+        if "in_channels" in takes:
+            model_cfg.setdefault("in_channels", first.channels)
+        if "image_size" in takes:
+            model_cfg.setdefault("image_size", square_side(first, dataset, model_cfg))
+
+
 def build_learner(cfg: Config, train_tasks: TaskSource, callbacks: list[Callback] = ()) -> MetaLearner:
     """Model + algorithm + learner for the config, shaped after the training data."""
     model_cfg = dict(cfg.model)
@@ -260,20 +285,13 @@ def build_learner(cfg: Config, train_tasks: TaskSource, callbacks: list[Callback
         # shape (algorithms declaring ``datasets`` got the labels above); preprocessing is per dataset.
         preps = {s.name: s.dataset.preprocessing for s in train_tasks.sources}  # type: ignore[attr-defined]
         metadata["preprocessing"] = {k: p.to_dict() for k, p in preps.items()}
-        shapes = {k: [p.channels, *p.size] for k, p in preps.items()}
-        if "inputs" in MODEL_FROM_DATA.get(model_cfg.get("name"), ()):
-            model_cfg.setdefault("inputs", shapes)
-        elif len({tuple(v) for v in shapes.values()}) == 1:  # one input shape: any model
-            first = next(iter(preps.values()))
-            model_cfg.setdefault("in_channels", first.channels)
-            model_cfg.setdefault("image_size", square_side(first, next(iter(preps)), model_cfg))
+        shape_model(model_cfg, preps)
         learned_head = algorithm.inner.head_init == "learned"
         model_cfg.setdefault("out_features", cfg.tasks.ways if learned_head else None)
         preprocessing = None
     else:
         preprocessing = train_tasks.dataset.preprocessing  # type: ignore[attr-defined]
-        model_cfg.setdefault("in_channels", preprocessing.channels)
-        model_cfg.setdefault("image_size", square_side(preprocessing, train_tasks.dataset.name, model_cfg))  # type: ignore[attr-defined]
+        shape_model(model_cfg, {train_tasks.dataset.name: preprocessing})  # type: ignore[attr-defined]
         learned_head = algorithm.inner.head_init == "learned"
         model_cfg.setdefault("out_features", cfg.tasks.ways if learned_head else None)
     model = build_model(**model_cfg)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import warnings
 import weakref
 from typing import Any, Iterator, Mapping
 
@@ -410,6 +411,13 @@ def check_learner_parts(model: Any, algorithm: Any, task: str) -> tuple[TrunkHea
     per_task_heads = model.head is None or algorithm.inner.head_init != "learned"
     if per_task_heads:
         model.num_features  # a per-task head is built on the trunk's features: their number must be known
+    if model.head is not None and per_task_heads:  # a warning: a user's network may come with its classifier
+        warnings.warn(
+            f"the model has its own head ({model.out_features} outputs), but algorithm {algorithm.name!r} builds a "
+            f"fresh head for every task (head_init {algorithm.inner.head_init!r}): the model's head is never used, "
+            "though it is listed in meta_parameters() and saved. Build the model with out_features=None "
+            "(config: model.out_features: null), or use head_init: learned for a meta-learned head",
+            UserWarning, stacklevel=3)
     if not all(type(m).__module__.startswith("metamtl.") for m in (model.trunk, model.head) if m is not None):
         _UNCHECKED[model] = per_task_heads  # a user's trunk or head: check its output on the first input
     claim_algorithm(algorithm, model)  # learned state of another learner's: ConfigError

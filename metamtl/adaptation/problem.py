@@ -217,11 +217,11 @@ class InnerProblem:
     def features(self, x: torch.Tensor, taps: Sequence[str] = ()) -> tuple[torch.Tensor, dict]:
         """Trunk features ``[T, N, D]`` of inputs ``[T, N, ...]`` (query: normalised per ``bn_stats``)."""
         trunk, sx = self.model.trunk, self.support_x
-        fixed: dict[str, torch.Tensor] = {}
+        fixed, rows = self.trunk_tensors(), 0
         if self.settings.bn_stats == "support" and x is not sx:
-            fixed = support_rows(trunk, sx.shape[1])
-            if fixed:  # no metamtl norm layer: nothing reads the support rows, the query runs alone
-                x = torch.cat([sx, x], 1)
+            support = support_rows(trunk, sx.shape[1])
+            if support:  # no metamtl norm layer: nothing reads the support rows, the query runs alone
+                fixed, rows, x = {**fixed, **support}, sx.shape[1], torch.cat([sx, x], 1)
 
         def one(_: Tensors, xi: torch.Tensor) -> torch.Tensor:
             return functional_call(trunk, fixed, (xi,)) if fixed else trunk(xi)
@@ -231,7 +231,19 @@ class InnerProblem:
         with tap_outputs(trunk, list(trunk_taps.values())) as out_feats:
             out = map_tasks(one, [], x)
         feats = {n: out_feats[k] for n, k in trunk_taps.items() if k in out_feats}
-        return (out[:, sx.shape[1]:] if fixed else out), feats
+        return (out[:, rows:] if rows else out), feats
+
+    def trunk_tensors(self) -> dict[str, torch.Tensor]:
+        """What the trunk is handed in :meth:`features`: the step-0 tensors (:attr:`tensors`) of the trunk's
+        layers, so that prototypes and a head-only loop see the features the weights before any update
+        see (MAML++: per-step BatchNorm set 0).  Not in training mode: running statistics, which the
+        support pass of step 0 already folds in (batch statistics normalise either way)."""
+        if self.head_only:  # the tensors are named in the head: none reaches the trunk
+            return {}
+        out = {n[len("trunk."):]: t for n, t in self.tensors(0).items() if n.startswith("trunk.")}
+        if self.training:
+            out = {n: t for n, t in out.items() if not n.endswith((".running_mean", ".running_var"))}
+        return out
 
     def forward(self, params: Tensors, k: int, x: torch.Tensor, taps: Sequence[str] = ()) -> tuple[torch.Tensor, dict]:
         """Logits ``[T, N, ...]`` of module inputs ``x`` with ``params`` (weights after ``k`` updates)."""

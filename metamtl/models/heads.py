@@ -41,7 +41,7 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, ways: int) -> torc
     """Mean feature vector of each class ``0..ways-1``: ``[ways, D]``."""
     counts = label_counts(labels, ways)
     sums = torch.zeros(ways, features.shape[1], dtype=features.dtype, device=features.device)
-    sums = sums.index_add(0, labels, features)
+    sums = sums.index_add(0, labels.long(), features)
     return sums / counts.to(features.dtype).unsqueeze(1)
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 
 BN_MODES = ("transductive", "support")
 BN_EVAL_STATS = ("running", "batch")
@@ -79,6 +79,13 @@ class EpisodicBatchNorm(nn.BatchNorm2d):
         if running is not None and not self.training:
             return F.batch_norm(x, running[0], running[1], self.weight, self.bias, False, 0.0, self.eps)
         rows = None if self.support_rows is None else int(self.support_rows)
+        if (rows is None or rows >= x.shape[0]) and x.numel() == x.shape[1]:
+            raise InputError(
+                f"EpisodicBatchNorm({self.num_features}) normalises with the statistics of its batch, which need more "
+                f"than one value per channel; it got one ({list(x.shape)}: one image, a 1x1 map), e.g. a single "
+                "query or a last chunk of one image with bn_stats: transductive. Use bn_stats: support (queries "
+                "normalised with the support set's statistics), give more than one image at a time, or build the "
+                "model with larger last maps (a larger image_size, or pooling less)")
         return _normalise(x, self.weight, self.bias, self.eps, rows, running, self.momentum or 0.0)
 
 
@@ -122,24 +129,33 @@ class StepNorms(nn.Module):
         layers = list(norm_layers(model).values())
         self.sets, self.momentum, self.eval_stats, self.affine = int(sets), float(momentum), eval_stats, affine
         self.features = [layer.num_features for layer in layers]
+        #: whether each layer has affine weights (``EpisodicBatchNorm(affine=False)``: none, so no per-step set)
+        self.affine_layers = [layer.weight is not None for layer in layers]
         self.names: list[str] = []
-        self.weight = nn.ParameterList()
+        self.weight = nn.ParameterList()  # one per affine layer, in module order
         self.bias = nn.ParameterList()
+        like = next(model.parameters(), None)
+        kw = {"dtype": torch.get_default_dtype()} if like is None else {"dtype": like.dtype, "device": like.device}
         for i, layer in enumerate(layers):
-            if affine:
+            if affine and layer.weight is not None:
                 self.weight.append(nn.Parameter(layer.weight.detach().repeat(self.sets, 1)))
                 self.bias.append(nn.Parameter(layer.bias.detach().repeat(self.sets, 1)))
-            self.register_buffer(f"running_mean_{i}", layer.weight.new_zeros(self.sets, layer.num_features))
-            self.register_buffer(f"running_var_{i}", layer.weight.new_ones(self.sets, layer.num_features))
+            self.register_buffer(f"running_mean_{i}", torch.zeros(self.sets, layer.num_features, **kw))
+            self.register_buffer(f"running_var_{i}", torch.ones(self.sets, layer.num_features, **kw))
         self.bind(model)
+
+    def _affine(self, layers) -> list[tuple[int, nn.Module]]:
+        """``(index into weight/bias, layer)`` of the ``layers`` with per-step affine sets."""
+        if not self.affine:
+            return []
+        return list(enumerate(layer for layer, has in zip(layers, self.affine_layers) if has))
 
     @torch.no_grad()
     def copy_affine(self, model: nn.Module) -> None:
         """Every set's affine parameters set to ``model``'s layers' own (e.g. after loading a trunk)."""
-        if self.affine:
-            for i, layer in enumerate(norm_layers(model).values()):
-                self.weight[i].copy_(layer.weight.detach().expand_as(self.weight[i]))
-                self.bias[i].copy_(layer.bias.detach().expand_as(self.bias[i]))
+        for i, layer in self._affine(norm_layers(model).values()):
+            self.weight[i].copy_(layer.weight.detach().expand_as(self.weight[i]))
+            self.bias[i].copy_(layer.bias.detach().expand_as(self.bias[i]))
 
     def bind(self, model: nn.Module) -> None:
         """Serve ``model``'s layers (e.g. the same architecture rebuilt on load), in module order.
@@ -154,12 +170,17 @@ class StepNorms(nn.Module):
                 f"per-step BatchNorm sets were made for layers of {self.features} channels, this model has "
                 f"{[layer.num_features for layer in layers.values()]}; build a new algorithm for it"
             )
+        if [layer.weight is not None for layer in layers.values()] != self.affine_layers:
+            raise ConfigError(
+                f"per-step BatchNorm sets were made for layers with affine weights {self.affine_layers}, this model's "
+                f"layers have {[layer.weight is not None for layer in layers.values()]}; build a new algorithm for it"
+            )
         self.names = list(layers)
-        for i, layer in enumerate(layers.values()):
+        for layer in layers.values():
             layer.momentum = self.momentum
-            if self.affine:
-                self.weight[i].requires_grad_(layer.weight.requires_grad)
-                self.bias[i].requires_grad_(layer.bias.requires_grad)
+        for i, layer in self._affine(layers.values()):
+            self.weight[i].requires_grad_(layer.weight.requires_grad)
+            self.bias[i].requires_grad_(layer.bias.requires_grad)
 
     def tensors(self, k: int, training: bool, prefix: str = "") -> dict[str, torch.Tensor]:
         """What layer ``name`` is handed for a forward pass with weights after ``k`` updates.
@@ -170,10 +191,10 @@ class StepNorms(nn.Module):
         """
         k = min(int(k), self.sets - 1)
         out: dict[str, torch.Tensor] = {}
+        for j, name in self._affine(self.names):
+            out[f"{prefix}{name}.weight"], out[f"{prefix}{name}.bias"] = self.weight[j][k], self.bias[j][k]
         for i, name in enumerate(self.names):
             key = f"{prefix}{name}."
-            if self.affine:
-                out[key + "weight"], out[key + "bias"] = self.weight[i][k], self.bias[i][k]
             if training or self.eval_stats == "running":
                 out[key + "running_mean"] = getattr(self, f"running_mean_{i}")[k]
                 out[key + "running_var"] = getattr(self, f"running_var_{i}")[k]

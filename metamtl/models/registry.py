@@ -26,6 +26,7 @@ MODEL_FROM_DATA: dict[str, tuple[str, ...]] = {"multidataset": ("inputs",)}
 #: fixed number) and the settings that take one value or a list of one per block.
 MODEL_PER_BLOCK: dict[str, tuple[str | int, tuple[str, ...]]] = {
     "conv4": ("blocks", ("hidden", "pool")), "resnet12": (4, ("widths",)),
+    "multidataset": ("blocks", ("hidden",)),  # its hidden: the widths of a Conv4 of ``blocks`` blocks
 }
 
 

@@ -9,7 +9,7 @@ from metamtl import MetaLearner
 from metamtl.algorithms import build_algorithm
 from metamtl.data import Omniglot
 from metamtl.errors import ConfigError, InputError
-from metamtl.models import build_model
+from metamtl.models import build_model, class_means
 from metamtl.tasks import EpisodeSampler, TaskBatch
 
 from algo_utils import episode, tiny, toy_dataset
@@ -77,6 +77,13 @@ def test_proto_head_initialiser_for_maml_starts_at_the_protonet_classifier(float
     diff = maml0 - proto  # equal up to a per-query constant: same softmax, same predictions
     torch.testing.assert_close(diff, diff[:, :1].expand_as(diff))
     torch.testing.assert_close(maml0.softmax(-1), proto.softmax(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+def test_class_means_takes_labels_of_any_integer_dtype(dtype):
+    features = torch.arange(12.0).view(4, 3)
+    means = class_means(features, torch.tensor([0, 1, 0, 1], dtype=dtype), 2)
+    torch.testing.assert_close(means, torch.stack([features[[0, 2]].mean(0), features[[1, 3]].mean(0)]))
 
 
 @pytest.mark.parametrize("classifier", ["linear", "cosine"])

@@ -133,3 +133,22 @@ def test_registering_a_taken_name_or_no_name_of_its_own_is_a_config_error():
         assert ALGORITHMS["test_mine"] is replaced is not first
     finally:
         ALGORITHMS.pop("test_mine", None)
+
+
+def test_a_single_dataset_run_fills_in_the_inputs_of_a_multidataset_model_and_refuses_a_vector_model():
+    images = torch.randint(0, 256, (18, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ds = ClassDataset(images, torch.arange(6).repeat_interleave(3), [f"c{i}" for i in range(6)], name="omniglot",
+                      preprocessing=Preprocessing(size=(28, 28), channels=1))
+
+    def build(model):
+        cfg = config_from_dict({"data": {"name": "omniglot"}, "tasks": {"ways": 3, "shots": 1, "queries": 1},
+                                "model": model, "algorithm": {"name": "protonet"}, "train": {"device": "cpu"},
+                                "eval": {"settings": [{"ways": 3, "shots": 1}]}})
+        return build_learner(cfg, EpisodeSampler(ds, 3, 1, 1, seed=0))
+
+    learner = build({"name": "multidataset", "width": 4, "hidden": 4, "blocks": 1})
+    assert learner.model.config["inputs"] == {"omniglot": [1, 28, 28]}
+    assert "in_channels" not in learner.model.config and "image_size" not in learner.model.config
+    assert build({"name": "conv4", "hidden": 4}).model.config["image_size"] == 28
+    with pytest.raises(ConfigError, match=r"model 'mlp' takes vectors \[batch, in_features\], not images.*conv4"):
+        build({"name": "mlp"})

@@ -147,6 +147,31 @@ def test_eval_with_more_steps_than_training_reuses_the_last_rates_and_norms():
     assert learner.algorithm.inner_lrs(["head.weight"], 4)[0] is not None
 
 
+@pytest.mark.parametrize("bn_eval", ["running", "batch"])
+def test_proto_head_is_built_from_the_features_of_the_per_step_set_its_logits_use(bn_eval):
+    model = tiny(None)
+    alg = build_algorithm("mamlpp", steps=1, lr=0.1, head_init="proto", bn_eval=bn_eval)
+    learner = MetaLearner(model, alg, device="cpu", channels_last=False)
+    ep = episode(ways=3, seed=3)
+    model.train()
+    alg.meta_step(model, TaskBatch([ep]), 0)  # running statistics of set 0: the support pass of step 0 only
+    zero = MetaLearner(tiny(None), build_algorithm("mamlpp", steps=1, lr=0.1, head_init="zero"), device="cpu",
+                       channels_last=False)
+    zero.model.train()
+    zero.algorithm.meta_step(zero.model, TaskBatch([ep]), 0)
+    torch.testing.assert_close(alg.norms.running_mean_0[0], zero.algorithm.norms.running_mean_0[0])
+    with torch.no_grad():  # per-step affine weights that differ from the layers' own (unused) ones
+        for w in alg.norms.weight:
+            w.mul_(2.0)
+    got = learner.predict(ep.support_x, ep.support_y, ep.query_x, steps=0)
+    model.eval()
+    set0 = {n[len("trunk."):]: t for n, t in alg.norms.tensors(0, False).items()}
+    with torch.no_grad():
+        fs, fq = (functional_call(model.trunk, set0, (x,)) for x in (ep.support_x, ep.query_x))
+        c = torch.stack([fs[ep.support_y == k].mean(0) for k in range(3)])
+    torch.testing.assert_close(got, fq @ (2 * c).T - (c * c).sum(1))
+
+
 def test_bad_settings():
     with pytest.raises(ConfigError, match="adapt='all'"):
         build_algorithm("mamlpp", adapt="head")
@@ -219,3 +244,33 @@ def test_per_step_batchnorm_warns_about_torch_batchnorm_layers_it_cannot_reach()
         conv4 = build_algorithm("mamlpp", steps=2, lr=0.1)
         conv4.setup(tiny())
         assert len(conv4.norms.features) == 2
+
+
+def test_per_step_batchnorm_keeps_running_statistics_of_non_affine_layers_and_affine_sets_of_the_others(tmp_path):
+    from metamtl.models import EpisodicBatchNorm
+
+    def model():
+        trunk = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), EpisodicBatchNorm(4, affine=False), nn.ReLU(),
+                              nn.Conv2d(4, 4, 3, padding=1), EpisodicBatchNorm(4), nn.ReLU(),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        trunk.out_features = 4
+        return TrunkHead(trunk, None, config={"name": "mynet"})
+
+    torch.manual_seed(0)
+    learner = MetaLearner(model(),
+                          build_algorithm("mamlpp", steps=1, lr=0.1, head_init="zero"), device="cpu")
+    norms = learner.algorithm.norms
+    assert norms.affine_layers == [False, True] and len(norms.weight) == 1 and norms.weight[0].shape == (2, 4)
+    assert set(norms.tensors(0, True)) == {"trunk.1.running_mean", "trunk.1.running_var", "trunk.4.weight",
+                                           "trunk.4.bias", "trunk.4.running_mean", "trunk.4.running_var"}
+    ep = episode(ways=3, seed=4)
+    learner.model.train()
+    learner.algorithm.meta_step(learner.model, TaskBatch([ep]), 0)
+    assert norms.running_mean_0[0].abs().sum() > 0 and norms.running_mean_1[0].abs().sum() > 0
+    assert norms.weight[0].grad is not None and norms.weight[0].grad.abs().sum() > 0
+    full = learner.predict(ep.support_x, ep.support_y, ep.query_x)
+    torch.testing.assert_close(full[:1], learner.predict(ep.support_x, ep.support_y, ep.query_x[:1]))
+    back = MetaLearner.load(learner.save(tmp_path / "l.pt"), device="cpu", model=model())
+    assert torch.equal(back.predict(ep.support_x, ep.support_y, ep.query_x), full)
+    with pytest.raises(ConfigError, match=r"affine weights \[False, True\], this model's layers have \[True, True\]"):
+        learner.algorithm.norms.bind(TrunkHead(nn.Sequential(EpisodicBatchNorm(4), EpisodicBatchNorm(4)), None))

@@ -108,6 +108,17 @@ def test_conv4_without_the_last_pooling_keeps_the_last_map():
     assert build_model("conv4", hidden=8, out_features=None, pool=False, image_size=10).num_features == 8 * 10 * 10
 
 
+def test_one_image_with_a_1x1_last_map_under_batch_statistics_is_an_input_error_naming_bn_stats_support():
+    torch.manual_seed(0)
+    model = build_model("conv4", image_size=8, hidden=4, pool=[True, True, True, False], out_features=None)
+    xs, ys, xq = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 0, 1]), torch.randn(1, 1, 8, 8)
+    with pytest.raises(InputError, match=r"more than one value per channel.*\[1, 4, 1, 1\].*bn_stats: support"):
+        MetaLearner(model, "protonet", device="cpu").predict(xs, ys, xq)
+    support = MetaLearner(model, build_algorithm("protonet", bn_stats="support"), device="cpu")
+    assert support.predict(xs, ys, xq).shape == (1, 2)  # the support set's statistics: no error
+    assert MetaLearner(model, "protonet", device="cpu").predict(xs, ys, xq.repeat(2, 1, 1, 1)).shape == (2, 2)
+
+
 @pytest.mark.parametrize("value", [None, "no", [True, True], [1, 1, 1, 1], 0])
 def test_conv4_pool_bad_values(value):
     with pytest.raises(ConfigError, match="pool must be true / false or a list of 4"):

@@ -1,6 +1,8 @@
 """MetaLearner: save/load, adapt/predict, preprocess, input errors, exact resume."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -53,6 +55,17 @@ def test_save_load_round_trip_gives_identical_predictions(tmp_path, tasks):
     r1 = learner.evaluate(test, 5, progress=False)
     r2 = loaded.evaluate(test, 5, progress=False)
     assert r1.per_episode_accuracy == r2.per_episode_accuracy
+
+
+@pytest.mark.parametrize("algorithm", [build_algorithm("protonet"), build_algorithm("transfer", num_classes=5),
+                                       build_algorithm("maml", head_init="zero"), build_algorithm("anil", head_init="proto")])
+def test_a_model_head_that_per_task_heads_never_use_is_warned_about(algorithm):
+    with pytest.warns(UserWarning, match=r"own head \(7 outputs\).*never used.*model.out_features: null"):
+        MetaLearner(build_model("conv4", hidden=4, image_size=16, out_features=7), algorithm, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MetaLearner(build_model("conv4", hidden=4, image_size=16, out_features=None), algorithm, device="cpu")
+        MetaLearner(build_model("conv4", hidden=4, image_size=16, out_features=7), "maml", device="cpu")
 
 
 def test_predict_accepts_raw_images_and_matches_preprocessed(tasks):

@@ -181,6 +181,21 @@ def test_loading_into_the_same_architecture_spelled_differently_works(tmp_path):
     MetaLearner.load(mlp, device="cpu", model=build_model("mlp", in_features=1, hidden=(8, 8), out_features=1))
 
 
+def test_loading_into_a_multidataset_model_with_per_block_hidden_widths_works(tmp_path):
+    """multidataset's hidden goes to a Conv4 of ``blocks`` blocks: hidden=[4, 4] with 2 blocks is hidden=4
+    (it was refused as 'a different model': multidataset had no per-block entry)."""
+    from metamtl.models import build_model
+
+    torch.manual_seed(0)
+    kw = dict(inputs={"a": [1, 16, 16]}, width=4, size=8, blocks=2, out_features=None)
+    path = MetaLearner(build_model("multidataset", hidden=4, **kw), "protonet", device="cpu").save(tmp_path / "l.pt")
+    x = torch.randn(3, 1, 16, 16)
+    same = MetaLearner.load(path, device="cpu", model=build_model("multidataset", hidden=[4, 4], **kw))
+    assert torch.equal(same.model.features(x), MetaLearner.load(path, device="cpu").model.features(x))
+    with pytest.raises(CheckpointError, match=r"different model than the one given:\n  hidden: 4 != \[4, 8\]"):
+        MetaLearner.load(path, device="cpu", model=build_model("multidataset", hidden=[4, 8], **kw))
+
+
 def test_resuming_with_the_same_architecture_spelled_differently_works(good):
     """Resume compared the model configs literally: hidden=[4, 4] or a spelled-out default was
     refused as 'its config differs' although the architecture is the very same."""
