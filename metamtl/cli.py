@@ -299,10 +299,11 @@ def _given(value: int | None, default: int | None) -> int | None:
 def _report(args: argparse.Namespace) -> int:
     from .checkpoint import ensure_writable_file
     from .experiment import refresh_steps_curve
-    from .reporting.report import write_comparison, write_report
+    from .reporting.report import check_comparison_out, write_comparison, write_report
 
     check_counts(args, {"steps_episodes": 0, "steps": 0})
     if args.out:
+        check_comparison_out(args.out, args.run_dirs)
         ensure_writable_file(args.out, "--out file")
     for run_dir in args.run_dirs:  # the curve a run did not write (or with other steps) first
         refresh_steps_curve(run_dir, args.steps_episodes, args.steps, args.device, progress=not args.no_progress)

@@ -457,6 +457,18 @@ def write_report_safely(run_dir: str | os.PathLike, *, embed: bool = False) -> P
 
 
 # -- several runs ---------------------------------------------------------------------------------
+def check_comparison_out(out: str | os.PathLike, run_dirs: Sequence[str | os.PathLike]) -> None:
+    """:class:`ConfigError` when the comparison page ``out`` would be written inside one of the
+    compared run folders, where it could replace the run's own files (results.json, learner.pt,
+    report.html ...)."""
+    target = Path(out).resolve()
+    for d in run_dirs:
+        if Path(d).resolve() in target.parents:
+            raise ConfigError(f"--out {out} is inside the run folder {d}, where it could replace the run's own "
+                              "files (results.json, learner.pt, report.html ...); write the comparison "
+                              "outside it, e.g. --out comparison.html")
+
+
 def write_comparison(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, embed: bool = False) -> Path:
     """Compare runs (e.g. one per method) on one page: ``out`` is the HTML file to write.
 
@@ -464,6 +476,7 @@ def write_comparison(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLi
     """
     if not run_dirs:
         raise ConfigError("write_comparison needs at least one run directory")
+    check_comparison_out(out, run_dirs)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     runs = []

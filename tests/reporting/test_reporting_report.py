@@ -836,3 +836,20 @@ def test_a_regression_curves_progress_bar_says_mse(monkeypatch):
                           build_algorithm("maml", steps=1, lr=0.01), device="cpu", task="regression")
     accuracy_vs_steps(learner, {None: Sinusoid(shots=5, queries=5, split="test")}, [{"ways": 1, "shots": 5}], 2, [0, 1])
     assert seen == ["MSE vs inner steps"]
+
+
+def test_a_comparison_is_never_written_inside_a_compared_run_folder(tmp_path, capsys):
+    """`--out a/results.json` (or a/learner.pt, b/report.html) replaced the run's own file with the
+    comparison page, leaving the run unusable: --out inside a compared run folder is refused, exit 2,
+    before anything is written."""
+    runs = [_small_run(tmp_path / name, [_row(0.6, 0.1)]) for name in ("a", "b")]
+    (runs[0] / "learner.pt").write_bytes(b"a learner")
+    before = {p: p.read_bytes() for run in runs for p in run.iterdir()}
+    for out in (runs[0] / "results.json", runs[0] / "learner.pt", runs[1] / "report.html", runs[0] / "sub" / "c.html"):
+        assert main(["report", *map(str, runs), "--out", str(out), "--no-progress"]) == 2
+        assert "inside the run folder" in capsys.readouterr().err
+        with pytest.raises(ConfigError, match="inside the run folder"):
+            write_comparison(runs, out)
+    assert {p: p.read_bytes() for run in runs for p in run.iterdir()} == before
+    assert not (runs[0] / "sub").exists()
+    assert main(["report", *map(str, runs), "--out", str(tmp_path / "cmp.html"), "--no-progress"]) == 0
