@@ -299,9 +299,11 @@ def _given(value: int | None, default: int | None) -> int | None:
 def _report(args: argparse.Namespace) -> int:
     from .checkpoint import ensure_writable_file
     from .experiment import refresh_steps_curve
-    from .reporting.report import check_comparison_out, write_comparison, write_report
+    from .reporting.report import check_comparison_out, load_run, write_comparison, write_report
 
     check_counts(args, {"steps_episodes": 0, "steps": 0})
+    for run_dir in args.run_dirs:  # every folder a run's, before any page is rewritten or curve computed
+        load_run(run_dir)
     if args.out:
         check_comparison_out(args.out, args.run_dirs)
         ensure_writable_file(args.out, "--out file")

@@ -853,3 +853,13 @@ def test_a_comparison_is_never_written_inside_a_compared_run_folder(tmp_path, ca
     assert {p: p.read_bytes() for run in runs for p in run.iterdir()} == before
     assert not (runs[0] / "sub").exists()
     assert main(["report", *map(str, runs), "--out", str(tmp_path / "cmp.html"), "--no-progress"]) == 0
+
+
+def test_every_run_folder_is_checked_before_any_report_is_rewritten(tmp_path, capsys):
+    """`metamtl report a b typo` rewrote a's and b's pages (and could recompute their curves) before
+    failing on the typo: every RUN_DIR is now read first, exit 2 with nothing written."""
+    runs = [_small_run(tmp_path / name, [_row(0.6, 0.1)]) for name in ("a", "b")]
+    assert main(["report", *map(str, runs), str(tmp_path / "nope"), "--out", str(tmp_path / "c.html"),
+                 "--no-progress"]) == 2
+    assert "nope is not a run directory" in capsys.readouterr().err
+    assert not any((run / "report.html").exists() for run in runs) and not (tmp_path / "c.html").exists()
