@@ -660,7 +660,7 @@ def refresh_steps_curve(run_dir: str | Path, episodes: int | None = None, steps:
     there (kept, the failure beside it); an unusable ``device`` is the caller's: :class:`ConfigError`
     before anything is written.
     """
-    from .config import config_from_dict
+    from .config import config_from_dict, stage_configs
     from .reporting.report import load_run
 
     if device is not None:
@@ -672,6 +672,7 @@ def refresh_steps_curve(run_dir: str | Path, episodes: int | None = None, steps:
     cfg, failure = None, None
     try:
         cfg = config_from_dict({**results["config"], "output_dir": str(run_dir.parent), "name": run_dir.name})
+        cfg = stage_configs(cfg)[-1][1] if cfg.stages else cfg  # a staged run's learner: its last stage's
     except Exception as exc:  # noqa: BLE001 - an older run's config this version refuses: the report says why
         failure = ConfigError(f"the run's saved config (results.json) does not load in this metamtl version, so "
                               f"its learner cannot be evaluated again ({exc})")

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from urllib.parse import quote
 
 from ..callbacks import Callback, FitState
+from ..config_merge import evaluated_config
 from ..files import atomic_write_text
 from ..errors import ConfigError
 from ..evaluation import plus_minus
@@ -87,7 +88,7 @@ def _setting(r: Mapping[str, Any]) -> str:
 def _regression(results: Mapping[str, Any]) -> bool:
     """Whether a run reports mean squared errors (sinusoid regression) rather than accuracies."""
     rows = [r for r in results.get("test", []) if "skipped" not in r]
-    name = (results.get("config") or {}).get("data", {}).get("name")
+    name = evaluated_config(results.get("config") or {}).get("data", {}).get("name")
     return name == "sinusoid" or (bool(rows) and all(r.get("accuracy") is None for r in rows))
 
 
@@ -174,8 +175,9 @@ def protocol(cfg: Mapping[str, Any], resolved: Mapping[str, Sequence[str]] | Non
 
 
 def run_protocol(results: Mapping[str, Any]) -> tuple[str, bool]:
-    """:func:`protocol` of a run, judged on the archives it recorded reading (``data_sources``)."""
-    return protocol(results.get("config", {}), results.get("data_sources"))
+    """:func:`protocol` of a run, judged on the archives it recorded reading (``data_sources``) and on
+    the data its evaluated learner was tested on (a staged run's last stage's)."""
+    return protocol(evaluated_config(results.get("config", {})), results.get("data_sources"))
 
 
 def references(r: Mapping[str, Any], dataset: str) -> list[Any]:
@@ -208,7 +210,7 @@ def reference_bars(rows: Iterable[tuple[Mapping[str, Any], str]]) -> list[dict[s
 
 
 def _run_label(results: Mapping[str, Any]) -> str:
-    alg = results.get("config", {}).get("algorithm", {})
+    alg = evaluated_config(results.get("config", {})).get("algorithm", {})
     return f"{results.get('name', '?')} ({alg.get('name', '?')})"
 
 
@@ -287,7 +289,7 @@ def _not_drawn(reason: str) -> str:
 
 def _accuracy_figure(run_dir: Path, results: Mapping[str, Any], embed: bool) -> str:
     """Held-out accuracy bars with 95% CI, next to published numbers where they apply."""
-    test, cfg = results.get("test", []), results.get("config", {})
+    test, cfg = results.get("test", []), evaluated_config(results.get("config", {}))
     comparable = run_protocol(results)[1]
     bars = [{"group": _setting(r), "label": _run_label(results), "value": 100 * r["accuracy"],
              "ci95": scaled(r["ci95"], 100), "reference": False} for r in test if r.get("accuracy") is not None]
@@ -361,7 +363,7 @@ def _steps_section(run_dir: Path, cfg: Mapping[str, Any], embed: bool) -> str:
 
 def _test_rows(results: Mapping[str, Any]) -> str:
     """One table row per held-out result, with the published references of its setting."""
-    cfg = results.get("config", {})
+    cfg = evaluated_config(results.get("config", {}))
     rows = []
     for r in results.get("test", []):
         refs = "; ".join(f"{p.method} {p.accuracy:.2f}%" + (f" ± {p.ci95:.2f}%" if p.ci95 else "")
@@ -392,7 +394,7 @@ def _wandb_note(run_dir: Path) -> str:
 
 def _report_page(run_dir: Path, results: Mapping[str, Any], figures: list[tuple[str, str]]) -> str:
     cfg = results.get("config", {})
-    t, tr, alg, model = cfg.get("tasks", {}), cfg.get("train", {}), cfg.get("algorithm", {}), cfg.get("model", {})
+    t, tr, alg, model = (evaluated_config(cfg).get(k, {}) for k in ("tasks", "train", "algorithm", "model"))
     files = [f for f in ("results.json", "history.json", "learner.pt", "ensemble.pt", "best.pt", "last.pt") if (run_dir / f).is_file()]
     machine = results.get("machine", {})
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
@@ -517,7 +519,7 @@ def _comparison_bars(runs: list[tuple], path: Path) -> tuple[str, Path | None, s
                   "ci95": scaled(r["ci95"], 100), "reference": False}
                  for r in results.get("test", []) if r.get("accuracy") is not None]
     caption = "Mean accuracy over test episodes per setting; whiskers are 95% confidence intervals."
-    named = [(r, row_dataset(r, res.get("config", {}))) for _, res, *_ in runs for r in res.get("test", [])
+    named = [(r, row_dataset(r, evaluated_config(res.get("config", {})))) for _, res, *_ in runs for r in res.get("test", [])
              if r.get("accuracy") is not None]
     datasets: dict[str, set[str]] = {}
     for r, name in named:
@@ -567,7 +569,7 @@ def _held_out_header(runs: list[tuple]) -> str:
 def _comparison_page(out: Path, runs: list[tuple], figs: list[tuple], embed: bool) -> Path:
     rows = []
     for d, results, *_ in runs:
-        cfg = results.get("config", {})
+        cfg = evaluated_config(results.get("config", {}))
         link = _href(d / "report.html", out.parent)
         tests = "<br>".join(f"{_e(_setting(r))}: <b class=nowrap>{_e(_value(r))}</b>" for r in results.get("test", []))
         rows.append(f"<tr><td><a href='{_e(link)}'>{_e(results.get('name'))}</a></td>"

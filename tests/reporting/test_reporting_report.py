@@ -863,3 +863,54 @@ def test_every_run_folder_is_checked_before_any_report_is_rewritten(tmp_path, ca
                  "--no-progress"]) == 2
     assert "nope is not a run directory" in capsys.readouterr().err
     assert not any((run / "report.html").exists() for run in runs) and not (tmp_path / "c.html").exists()
+
+
+def _staged_run(tmp_path: Path, last_stage: dict, data: dict | None = None) -> Path:
+    """A two-stage run folder (no training): top level ProtoNet 5-way 1-shot, ``last_stage`` merged over it."""
+    from metamtl.config import config_from_dict
+
+    run = _small_run(tmp_path / "staged", [_row(0.9, 0.01)])
+    config = {"name": "staged", "output_dir": str(tmp_path), "data": data or {"name": "omniglot"},
+              "tasks": {"ways": 5, "shots": 1, "queries": 2}, "model": {"name": "conv4", "hidden": 8},
+              "algorithm": {"name": "protonet"}, "train": {"iterations": 2, "meta_batch_size": 1, "device": "cpu"},
+              "stages": [{"name": "pre"}, {"name": "meta", **last_stage}]}
+    results = json.loads((run / "results.json").read_text())
+    results["config"] = config_from_dict(config).to_dict()
+    results["stages"] = [{"stage": s["name"], "algorithm": s.get("algorithm", {"name": "protonet"})["name"],
+                          "iterations": 1, "train_seconds": 1.0, "stopped_by": "iterations"} for s in config["stages"]]
+    (run / "results.json").write_text(json.dumps(results))
+    return run
+
+
+def test_a_staged_runs_page_describes_the_last_stages_learner(tmp_path):
+    """A staged run's header, bar legend and comparison named the top level's algorithm and tasks
+    (while saying they were the last stage's), and its protocol was judged on the top-level data:
+    a last stage testing on the val split was called the official protocol, next to published numbers."""
+    from metamtl.reporting import report
+
+    data = {"name": "omniglot", "sources": ["images_background", "images_evaluation"]}
+    run = _staged_run(tmp_path, {"algorithm": {"name": "maml", "steps": 1, "head_init": "zero"},
+                                 "tasks": {"ways": 3, "shots": 2}, "train": {"meta_batch_size": 2},
+                                 "data": {"test_split": "val"}}, data)
+    text = write_report(run).read_text()
+    header = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", text.split('<p class="meta">')[1].split("Stage 1")[0]))
+    assert header.startswith("maml on conv4") and "3-way 2-shot tasks" in header and "2 tasks per meta-batch" in header
+    assert "official protocol" not in text and "indicative only" in text
+    assert report._run_label(json.loads((run / "results.json").read_text())) == "staged (maml)"
+    assert "<td>maml</td>" in write_comparison([run], tmp_path / "cmp.html").read_text()
+
+
+def test_a_staged_runs_curve_is_computed_again_on_its_last_stages_config(tmp_path, monkeypatch):
+    """`metamtl report RUN --steps ...` of a staged run evaluated its learner on the top-level data and
+    tasks, not the last stage's, which trained and tested it."""
+    from metamtl import experiment
+
+    run = _staged_run(tmp_path, {"data": {"sources": ["images_background_small2"]}, "tasks": {"ways": 3}},
+                      {"name": "omniglot", "sources": ["images_background_small1"]})
+    (run / "learner.pt").write_bytes(b"a learner")
+    seen = []
+    monkeypatch.setattr(experiment.MetaLearner, "load", staticmethod(lambda *a, **k: "learner"))
+    monkeypatch.setattr(experiment, "write_run_steps_curve", lambda learner, cfg, *a, **k: seen.append(cfg))
+    experiment.refresh_steps_curve(run, episodes=3, steps=[0, 1], progress=False)
+    assert seen[0].data.sources == ["images_background_small2"] and seen[0].tasks.ways == 3
+    assert seen[0].run_dir.resolve() == run.resolve()
