@@ -647,7 +647,9 @@ def _curve_is_current(run_dir: Path, episodes: int, steps: list[int] | None) -> 
     if saved is None or "error" in saved or not (run_dir / "learner.pt").is_file():
         return False
     wanted = sorted({int(s) for s in steps}) if steps else saved.get("steps")
-    return saved.get("key") == steps_curve.cache_key(run_dir / "learner.pt", episodes, wanted or [])
+    now, key = steps_curve.cache_key(run_dir / "learner.pt", episodes, wanted or []), saved.get("key")
+    # not by the file's time, which a copied run folder (cp -r, scp, unzip) changes
+    return isinstance(key, dict) and all(key.get(f) == v for f, v in now.items() if f != "mtime")
 
 
 def refresh_steps_curve(run_dir: str | Path, episodes: int | None = None, steps: list[int] | None = None,

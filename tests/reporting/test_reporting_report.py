@@ -914,3 +914,25 @@ def test_a_staged_runs_curve_is_computed_again_on_its_last_stages_config(tmp_pat
     experiment.refresh_steps_curve(run, episodes=3, steps=[0, 1], progress=False)
     assert seen[0].data.sources == ["images_background_small2"] and seen[0].tasks.ways == 3
     assert seen[0].run_dir.resolve() == run.resolve()
+
+
+def test_a_copied_run_folders_curve_is_current_and_not_computed_again(tmp_path, monkeypatch):
+    """A copied run folder (cp -r, scp: new file times) made `metamtl report` evaluate its learner
+    again (minutes) or, without the data, mark the page with a failure: the curve's learner is now
+    told by its name and size, not its time."""
+    import os
+
+    from metamtl import experiment
+    from metamtl.steps_curve import cache_key
+
+    run = _small_run(tmp_path / "r", [_row(0.6, 0.1)])
+    (run / "learner.pt").write_bytes(b"a learner")
+    curve = {"key": cache_key(run / "learner.pt", 3, [0, 1]), "split": "test", "episodes": 3, "steps": [0, 1],
+             "trained_steps": 1, "curves": [{"setting": "5-way 1-shot", "metric": "accuracy", "mean": [0.2, 0.5],
+                                             "ci95": [0.1, 0.1]}]}
+    (run / "steps_curve.json").write_text(json.dumps(curve))
+    os.utime(run / "learner.pt", (1, 1))
+    monkeypatch.setattr(experiment.MetaLearner, "load", staticmethod(lambda *a, **k: pytest.fail("evaluated again")))
+    experiment.refresh_steps_curve(run, episodes=3, progress=False)
+    assert json.loads((run / "steps_curve.json").read_text()) == curve
+    assert "computing it again" not in write_report(run).read_text()
