@@ -60,7 +60,45 @@ def load_run(run_dir: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str,
     if not isinstance(history, list):
         raise ConfigError(f"{hist_path} is not a metamtl run's history (expected a list of rows); delete it or "
                           "pass the folder of a run written by `metamtl fit`")
+    _check_shape(results, results_path)
     return results, history
+
+
+#: the numbers a report formats, in results.json, its rows and its stages' and members' entries
+_NUMBERS = ("iterations", "train_seconds", "selected_iteration", "peak_memory_mb", "accuracy", "ci95", "loss",
+            "loss_ci95")
+
+
+def _check_shape(results: Mapping[str, Any], path: Path) -> None:
+    """:class:`ConfigError` naming ``path`` and the field when ``results`` has a part the report reads
+    in another shape than a run writes (a list that is not one, a number that is text ...)."""
+    def wrong(field: str, expected: str) -> ConfigError:
+        return ConfigError(f"{path}: {field} is not {expected} as a metamtl run writes it; restore the file "
+                           "or pass the folder of a run written by `metamtl fit`")
+
+    def entries(field: str, value: Any) -> list:
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise wrong(field, "a list of objects")
+        return value
+
+    def numbers(field: str, obj: Mapping[str, Any]) -> None:
+        for k in _NUMBERS:
+            if not isinstance(obj.get(k), (int, float, type(None))) or isinstance(obj.get(k), bool):
+                raise wrong(f"{field}[{k!r}]" if field else repr(k), "a number (or null)")
+
+    for k in ("tasks", "train", "model", "algorithm", "data", "logging", "ensemble"):
+        if not isinstance(results["config"].get(k, {}), dict):
+            raise wrong(f"config[{k!r}]", "an object")
+    if not isinstance(results.get("ensemble", {}), dict):
+        raise wrong("'ensemble'", "an object")
+    checked = [("", results)] + [(f"'test'[{i}]", r) for i, r in enumerate(entries("'test'", results.get("test", [])))]
+    checked += [(f"'stages'[{i}]", s) for i, s in enumerate(entries("'stages'", results.get("stages") or []))]
+    for i, m in enumerate(entries("'ensemble'['members']", results.get("ensemble", {}).get("members", []))):
+        checked += [(f"'ensemble'['members'][{i}]", m)]
+        checked += [(f"'ensemble'['members'][{i}]['test'][{j}]", r) for j, r in
+                    enumerate(entries(f"'ensemble'['members'][{i}]['test']", m.get("test") or []))]
+    for field, obj in checked:
+        numbers(field, obj)
 
 
 # -- small pieces ---------------------------------------------------------------------------------

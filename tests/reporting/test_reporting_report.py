@@ -936,3 +936,24 @@ def test_a_copied_run_folders_curve_is_current_and_not_computed_again(tmp_path, 
     experiment.refresh_steps_curve(run, episodes=3, progress=False)
     assert json.loads((run / "steps_curve.json").read_text()) == curve
     assert "computing it again" not in write_report(run).read_text()
+
+
+@pytest.mark.parametrize("edit,field", [
+    (lambda r: r.update(test=None), "'test'"), (lambda r: r.update(test=["oops"]), "'test'"),
+    (lambda r: r.update(ensemble=None), "'ensemble'"), (lambda r: r["config"].update(tasks=None), "config['tasks']"),
+    (lambda r: r.update(train_seconds="12"), "'train_seconds'"),
+    (lambda r: r["test"][0].update(accuracy="0.6"), "'test'[0]['accuracy']"),
+    (lambda r: r.update(stages=[{"stage": "a", "train_seconds": "1"}]), "'stages'[0]['train_seconds']"),
+    (lambda r: r.update(ensemble={"members": [{"test": 3}]}), "'ensemble'['members'][0]['test']")])
+def test_a_results_json_of_the_wrong_shape_is_a_clear_error(edit, field, tmp_path, capsys):
+    """Valid JSON of another shape than a run writes (a null list, a number written as text) crashed
+    `metamtl report` with a bare TypeError/AttributeError/ValueError (exit 1): a ConfigError naming
+    results.json and the field, exit 2."""
+    run = _small_run(tmp_path / "r", [_row(0.6, 0.1)])
+    results = json.loads((run / "results.json").read_text())
+    edit(results)
+    (run / "results.json").write_text(json.dumps(results))
+    with pytest.raises(ConfigError, match=re.escape(f"results.json: {field} is not")):
+        write_comparison([run], tmp_path / "cmp.html")
+    assert main(["report", str(run), "--no-progress"]) == 2
+    assert f"results.json: {field} is not" in capsys.readouterr().err
