@@ -351,8 +351,11 @@ def current_steps_curve(run_dir: Path) -> dict[str, Any] | None:
     if not isinstance(key, dict) or "error" in data:  # an older curve without a key: nothing to check
         return data
     learner = run_dir / str(key.get("learner", "learner.pt"))
+    if not learner.is_file():  # deleted (to save space, say): the run's own curve, which nothing can check
+        return {**data, "note": f"{learner.name} is missing: this is the curve the run saved, which can be neither "
+                                "checked against its learner nor computed again"}
     fields = ("learner", "size")
-    now = cache_key(learner, data["episodes"], data["steps"]) if learner.is_file() else {}
+    now = cache_key(learner, data["episodes"], data["steps"])
     if all(now.get(f) == key.get(f) for f in fields):
         return data
     return {"error": f"the saved {learner.name} is not the one the curve in steps_curve.json was computed from "
@@ -392,8 +395,9 @@ def _steps_section(run_dir: Path, cfg: Mapping[str, Any], embed: bool) -> str:
             f"<td class=num>{scale * m:.{digits}f}{plus_minus(e, scale, digits)}</td>"
             for m, e in zip(c["mean"], c["ci95"]))
         + "</tr>" for c in data["curves"])
-    if data.get("refresh_error"):
-        note = f"This is the curve saved before; computing it again (other steps or episodes) failed: {data['refresh_error']}"
+    note = data.get("note") or (data.get("refresh_error") and "This is the curve saved before; computing it again "
+                                f"(other steps or episodes) failed: {data['refresh_error']}")
+    if note:
         html_ = f'<p class="note">{_e(note)}</p>' + html_
     return html_ + ("<table><tr><th>setting \\ steps</th>" + "".join(f"<th>{s}</th>" for s in data["steps"])
                     + f"</tr>{rows}</table>")

@@ -957,3 +957,23 @@ def test_a_results_json_of_the_wrong_shape_is_a_clear_error(edit, field, tmp_pat
         write_comparison([run], tmp_path / "cmp.html")
     assert main(["report", str(run), "--no-progress"]) == 2
     assert f"results.json: {field} is not" in capsys.readouterr().err
+
+
+def test_a_run_without_its_learner_shows_the_curve_it_saved_and_says_the_learner_is_missing(tmp_path):
+    """With learner.pt deleted, the run's own curve was dropped and the page claimed it was an earlier
+    learner's, advising a command that then failed: the saved curve is shown, noted as unverifiable."""
+    run = _small_run(tmp_path / "r", [_row(0.6, 0.1)])
+    (run / "learner.pt").write_bytes(b"a learner")
+    from metamtl.steps_curve import cache_key
+
+    curve = {"key": cache_key(run / "learner.pt", 3, [0, 1]), "split": "test", "episodes": 3, "steps": [0, 1],
+             "trained_steps": 1, "curves": [{"setting": "5-way 1-shot", "metric": "accuracy", "mean": [0.2, 0.5],
+                                             "ci95": [0.1, 0.1]}]}
+    (run / "steps_curve.json").write_text(json.dumps(curve))
+    (run / "learner.pt").unlink()
+    text = write_report(run).read_text()
+    assert "steps_curve.png" in text and "learner.pt is missing: this is the curve the run saved" in text
+    assert "earlier learner.pt" not in text
+    assert main(["report", str(run), "--no-progress"]) == 0
+    text = (run / "report.html").read_text()
+    assert "steps_curve.png" in text and "learner.pt is missing" in text and "earlier learner.pt" not in text
