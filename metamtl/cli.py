@@ -368,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "<parent of the first run>/comparison.html)")
     r.add_argument("--steps-episodes", type=int, help="test episodes per point of the accuracy-vs-inner-steps "
                                                       "plot (default: the run config's, 100; 0 disables it)")
-    r.add_argument("--steps", type=int, nargs="+", help="inner-step counts of that plot (default 0..max(2x, +2) eval steps)")
+    r.add_argument("--steps", type=int, nargs="+", help="inner-step counts of that plot (default 0..max(2x, +2) eval steps; a run "
+                   "whose config sets logging.report_steps_episodes: 0 needs --steps-episodes too)")
     r.add_argument("--device", help="device for that evaluation (default: the run's)")
     r.add_argument("--embed", action="store_true", help="inline the PNGs into the HTML")
     r.add_argument("--no-progress", action="store_true")

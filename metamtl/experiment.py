@@ -678,9 +678,13 @@ def refresh_steps_curve(run_dir: str | Path, episodes: int | None = None, steps:
     except Exception as exc:  # noqa: BLE001 - an older run's config this version refuses: the report says why
         failure = ConfigError(f"the run's saved config (results.json) does not load in this metamtl version, so "
                               f"its learner cannot be evaluated again ({exc})")
-    if episodes is None:
+    given = episodes is not None
+    if not given:
         episodes = (results["config"].get("logging") or {}).get("report_steps_episodes", 100) if cfg is None \
             else cfg.logging.report_steps_episodes
+    if not episodes and steps and not given:  # --steps asks for the curve the config's 0 turned off
+        raise ConfigError(f"--steps: {run_dir.name}'s config turns the accuracy-vs-inner-steps curve off "
+                          "(logging.report_steps_episodes: 0); add --steps-episodes N (e.g. 100) to compute it")
     if not episodes:
         return
     if _curve_is_current(run_dir, episodes, steps):  # nothing to compute: an older failure to do so is past

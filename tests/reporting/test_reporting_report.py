@@ -977,3 +977,16 @@ def test_a_run_without_its_learner_shows_the_curve_it_saved_and_says_the_learner
     assert main(["report", str(run), "--no-progress"]) == 0
     text = (run / "report.html").read_text()
     assert "steps_curve.png" in text and "learner.pt is missing" in text and "earlier learner.pt" not in text
+
+
+def test_steps_for_a_run_whose_config_turned_the_curve_off_asks_for_steps_episodes(tmp_path, capsys):
+    """`metamtl report RUN --steps 0 1 2` of a run with logging.report_steps_episodes: 0 did nothing,
+    exit 0, the page saying "Not computed (disabled)": a ConfigError now says to add --steps-episodes."""
+    run = _small_run(tmp_path / "r", [_row(0.6, 0.1)])
+    results = json.loads((run / "results.json").read_text())
+    results["config"]["logging"] = {"report_steps_episodes": 0}
+    (run / "results.json").write_text(json.dumps(results))
+    assert main(["report", str(run), "--steps", "0", "1", "2", "--no-progress"]) == 2
+    assert "--steps-episodes N" in capsys.readouterr().err and not (run / "report.html").exists()
+    assert main(["report", str(run), "--no-progress"]) == 0  # without --steps: off, as configured
+    assert "Not computed (disabled)." in (run / "report.html").read_text()
