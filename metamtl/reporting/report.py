@@ -266,6 +266,15 @@ def _in_total(results: dict[str, Any]) -> str:
     return ""
 
 
+def _selected_line(results: Mapping[str, Any]) -> str:
+    """Which iteration's weights the held-out results are of, when not the last (``eval.checkpoint: best``)."""
+    selected = results.get("selected_iteration")
+    if selected is None or selected == results.get("iterations"):
+        return ""
+    return (f"; held-out results use the weights of iteration <b>{selected}</b> (best validation, "
+            "<code>eval.checkpoint: best</code>)")
+
+
 def _memory_line(results: dict) -> str:
     """``; peak memory N MB (how), mode`` for the report's header (empty for runs without it)."""
     peak = results.get("peak_memory_mb")
@@ -447,7 +456,7 @@ def _report_page(run_dir: Path, results: Mapping[str, Any], figures: list[tuple[
 ({_e(', '.join(f'{k}={v}' for k, v in model.items() if k != 'name'))}),
 meta-trained on {t.get('ways')}-way {t.get('shots')}-shot tasks ({t.get('queries')} queries per class,
 {tr.get('meta_batch_size')} tasks per meta-batch) for <b>{results.get('iterations')}</b> meta-iterations{_in_total(results)} in
-{results.get('train_seconds') or 0:.0f} s (stopped by {_e(results.get('stopped_by'))}){_memory_line(results)}.{_stages(results)}{_members(results)}<br>
+{results.get('train_seconds') or 0:.0f} s (stopped by {_e(results.get('stopped_by'))}){_selected_line(results)}{_memory_line(results)}.{_stages(results)}{_members(results)}<br>
 Data: {_e(run_protocol(results)[0])}.<br>
 Commit <code>{_e(results.get('commit'))}</code>, {_e(results.get('date'))},
 {_e(machine.get('cpu') or machine.get('platform', ''))}.</p>

@@ -990,3 +990,15 @@ def test_steps_for_a_run_whose_config_turned_the_curve_off_asks_for_steps_episod
     assert "--steps-episodes N" in capsys.readouterr().err and not (run / "report.html").exists()
     assert main(["report", str(run), "--no-progress"]) == 0  # without --steps: off, as configured
     assert "Not computed (disabled)." in (run / "report.html").read_text()
+
+
+def test_a_run_evaluated_on_its_best_validation_weights_says_which_iteration(tmp_path):
+    """With eval.checkpoint: best, results.json records the selected iteration but the page read as if
+    the last weights were evaluated; the header now names the iteration (and says nothing otherwise)."""
+    run = _small_run(tmp_path / "r", [_row(0.6, 0.1)])
+    results = json.loads((run / "results.json").read_text())
+    (run / "results.json").write_text(json.dumps({**results, "iterations": 6, "selected_iteration": 4}))
+    header = write_report(run).read_text().split('<p class="meta">')[1].split("</p>")[0]
+    assert "held-out results use the weights of iteration <b>4</b> (best validation" in header
+    (run / "results.json").write_text(json.dumps({**results, "iterations": 6, "selected_iteration": 6}))
+    assert "weights of iteration" not in write_report(run).read_text()
