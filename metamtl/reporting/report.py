@@ -247,6 +247,13 @@ def reference_bars(rows: Iterable[tuple[Mapping[str, Any], str]]) -> list[dict[s
     return bars
 
 
+def published_sources(rows: Iterable[tuple[Mapping[str, Any], str]]) -> str:
+    """``Published: MAML: Finn et al. 2017, ...; MAML++: ...`` for the references of held-out rows
+    (given as ``(row, its dataset's name)``), empty when none applies."""
+    sources = dict.fromkeys(f"{p.method}: {p.source}" for r, dataset in rows for p in references(r, dataset))
+    return f"Published numbers: {'; '.join(sources)}." if sources else ""
+
+
 def _run_label(results: Mapping[str, Any]) -> str:
     alg = evaluated_config(results.get("config", {})).get("algorithm", {})
     return f"{results.get('name', '?')} ({alg.get('name', '?')})"
@@ -301,8 +308,9 @@ def write_report(run_dir: str | os.PathLike, *, embed: bool = False) -> Path:
                 ("Learning curves", lambda: _figure(
                     plots.plot_learning_curves(history, run_dir / "learning_curves.png"), "learning curves",
                     ("Query loss (mean squared error)" if _regression(results) else "Query loss and accuracy")
-                    + " after adaptation on meta-training tasks (faint: per iteration; solid: "
-                    "moving average) and on fixed validation episodes (95% CI).", embed, run_dir)),
+                    + " after adaptation on meta-training tasks (faint: per iteration; solid: moving average)"
+                    + (" and on fixed validation episodes (95% CI)" if _validated(history) else "") + ".",
+                    embed, run_dir)),
                 ("Inner loop during meta-training", lambda: _figure(
                     plots.plot_inner_losses(history, run_dir / "inner_loss.png"), "inner losses",
                     "Support-set loss before each inner step (lighter = later step) and the query loss after "
@@ -313,6 +321,11 @@ def write_report(run_dir: str | os.PathLike, *, embed: bool = False) -> Path:
     out = run_dir / "report.html"
     atomic_write_text(out, _report_page(run_dir, results, figures))
     return out
+
+
+def _validated(history: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether a run's history holds validation rows (``val/...``; none for a run without ``data.val_split``)."""
+    return any(isinstance(r, dict) and any(str(k).startswith("val/") for k in r) for r in history)
 
 
 def _drawn(title: str, where: Path, build: Callable[[], Any], failed: Any = None) -> Any:
@@ -462,12 +475,19 @@ Commit <code>{_e(results.get('commit'))}</code>, {_e(results.get('date'))},
 {_e(machine.get('cpu') or machine.get('platform', ''))}.</p>
 <h2>Held-out test results</h2>
 <table><tr><th>setting</th><th>{_metric_columns(results)}</th><th>inner steps</th>
-<th>published (official test classes)</th></tr>{_test_rows(results)}</table>
+<th>published (official test classes)</th></tr>{_test_rows(results)}</table>{_sources_note(results)}
 {''.join(f'<h2>{_e(title)}</h2>{fig}' for title, fig in figures if fig)}
 <h2>Files</h2><p>{' · '.join(f'<a href="{_e(quote(f))}">{_e(f)}</a>' for f in files)}</p>{_wandb_note(run_dir)}
 <details><summary>Configuration</summary><pre>{_e(json.dumps(cfg, indent=2))}</pre></details>
 <details><summary>Machine</summary><pre>{_e(json.dumps(machine, indent=2))}</pre></details>
 </body></html>"""
+
+
+def _sources_note(results: Mapping[str, Any]) -> str:
+    """Where the held-out table's published numbers are from (a paragraph; empty without any)."""
+    cfg = evaluated_config(results.get("config", {}))
+    sources = published_sources((r, row_dataset(r, cfg)) for r in results.get("test", []))
+    return f'<p class="meta">{_e(sources)}</p>' if sources else ""
 
 
 def _metric_columns(results: Mapping[str, Any]) -> str:
@@ -581,7 +601,8 @@ def _comparison_bars(runs: list[tuple], path: Path) -> tuple[str, Path | None, s
     refs = reference_bars(seen.values())
     if refs:
         bars += refs
-        caption += " Grey hatched bars: published numbers on the official test classes."
+        caption += (" Grey hatched bars: published numbers on the official test classes. "
+                    + _e(published_sources(seen.values())))
         if not all(run_protocol(res)[1] for _, res, *_ in runs):
             caption += (" <b>Some runs here are evaluated on other held-out classes, so comparing them "
                         "with the published numbers is indicative only.</b>")

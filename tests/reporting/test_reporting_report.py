@@ -1002,3 +1002,17 @@ def test_a_run_evaluated_on_its_best_validation_weights_says_which_iteration(tmp
     assert "held-out results use the weights of iteration <b>4</b> (best validation" in header
     (run / "results.json").write_text(json.dumps({**results, "iterations": 6, "selected_iteration": 6}))
     assert "weights of iteration" not in write_report(run).read_text()
+
+
+def test_published_numbers_name_their_source_and_captions_only_the_episodes_a_run_has(tmp_path):
+    """The published numbers were shown without their paper and table, and a run without validation
+    rows was captioned as evaluated "on fixed validation episodes (95% CI)"."""
+    run = _small_run(tmp_path / "r", [_row(0.9, 0.01)])
+    text = write_report(run).read_text()
+    assert "Published numbers: MAML: Finn et al. 2017, MAML (Table 1 and 2); MAML++: Antoniou et al. 2019" in text
+    assert "validation episodes" not in text  # history without val/ rows
+    assert "Finn et al. 2017" in write_comparison([run], tmp_path / "cmp.html").read_text()
+    history = json.loads((run / "history.json").read_text())
+    history.append({"iteration": 2, "val/loss": 1.0, "val/accuracy": 0.5, "val/accuracy_ci95": 0.1})
+    (run / "history.json").write_text(json.dumps(history))
+    assert "and on fixed validation episodes (95% CI)." in write_report(run).read_text()
