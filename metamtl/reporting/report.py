@@ -559,15 +559,28 @@ def write_comparison(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLi
         runs.append((Path(d), results, history, steps if steps is not None and "error" not in steps else None))
     runs = [(*run, label) for run, label in zip(runs, _unique_labels(runs))]
     stem = out.with_suffix("")
-    title = "Held-out accuracy (95% CI)"
-    figs = [_drawn(title, out, lambda: _comparison_bars(runs, Path(f"{stem}_accuracy.png")), (title, None, "")),
-            ("Validation accuracy during meta-training",
-             _drawn("Validation accuracy", out, lambda: _validation_curves(runs, Path(f"{stem}_val.png"))),
-             "Accuracy on the fixed validation episodes (95% CI) against meta-iterations."),
-            ("Accuracy vs number of inner steps at test time",
-             _drawn("Accuracy vs inner steps", out, lambda: _step_curves(runs, Path(f"{stem}_steps.png"))),
-             "Each run's saved learner adapted with k inner steps (from its run's steps_curve.json).")]
+    figs = []
+    for metric, (what, suffix) in COMPARED.items():  # classification runs' accuracies, regression runs' MSEs
+        picked = [run for run in runs if _regression(run[1]) == (metric == "loss")]
+        if picked:
+            figs += _comparison_figures(picked, out, Path(f"{stem}{suffix}"), metric, what)
     return _comparison_page(out, runs, figs, embed)
+
+
+#: a comparison's figures: per metric of the held-out rows, its name and the suffix of its PNG files
+COMPARED = {"accuracy": ("accuracy", ""), "loss": ("MSE", "_mse")}
+
+
+def _comparison_figures(runs: list[tuple], out: Path, stem: Path, metric: str, what: str) -> list[tuple]:
+    """``(title, png or None, caption)`` of a comparison's bars, validation and inner-step curves of ``metric``."""
+    title, name = f"Held-out {what} (95% CI)", f"{stem}_{'accuracy' if metric == 'accuracy' else 'bars'}.png"
+    return [_drawn(title, out, lambda: _comparison_bars(runs, Path(name), metric), (title, None, "")),
+            (f"Validation {what} during meta-training",
+             _drawn(f"Validation {what}", out, lambda: _validation_curves(runs, Path(f"{stem}_val.png"), metric)),
+             f"{what[0].upper()}{what[1:]} on the fixed validation episodes (95% CI) against meta-iterations."),
+            (f"{what[0].upper()}{what[1:]} vs number of inner steps at test time",
+             _drawn(f"{what} vs inner steps", out, lambda: _step_curves(runs, Path(f"{stem}_steps.png"), metric)),
+             "Each run's saved learner adapted with k inner steps (from its run's steps_curve.json).")]
 
 
 def _unique_labels(runs: list[tuple]) -> list[str]:
@@ -583,7 +596,13 @@ def _unique_labels(runs: list[tuple]) -> list[str]:
     return unique
 
 
-def _comparison_bars(runs: list[tuple], path: Path) -> tuple[str, Path | None, str]:
+def _comparison_bars(runs: list[tuple], path: Path, metric: str = "accuracy") -> tuple[str, Path | None, str]:
+    if metric == "loss":  # regression runs: MSE bars on their own axis, no published numbers
+        bars = [{"group": _setting(r), "label": label, "value": r["loss"], "ci95": r.get("loss_ci95"),
+                 "reference": False} for _, results, _, _, label in runs for r in results.get("test", [])
+                if r.get("accuracy") is None and r.get("loss") is not None]
+        return ("Held-out MSE (95% CI)", plots.plot_comparison(bars, path, ylabel="MSE, 95% CI"),
+                "Mean squared error over test episodes per setting; whiskers are 95% confidence intervals.")
     bars = []
     for _, results, _, _, label in runs:
         bars += [{"group": _setting(r), "label": label, "value": 100 * r["accuracy"],
@@ -609,25 +628,30 @@ def _comparison_bars(runs: list[tuple], path: Path) -> tuple[str, Path | None, s
     return "Held-out accuracy (95% CI)", plots.plot_comparison(bars, path), caption
 
 
-def _validation_curves(runs: list[tuple], path: Path) -> Path | None:
-    curves = []
+def _axis(metric: str) -> tuple[float, str]:
+    """(scale, axis label) of a comparison's curves of ``metric`` (``accuracy`` in %, ``loss``: the MSE)."""
+    return (100.0, "accuracy (%)") if metric == "accuracy" else (1.0, "MSE")
+
+
+def _validation_curves(runs: list[tuple], path: Path, metric: str = "accuracy") -> Path | None:
+    curves, (scale, axis) = [], _axis(metric)
     for _, _, history, _, label in runs:
-        val = [r for r in history if "val/accuracy" in r]
+        val = [r for r in history if f"val/{metric}" in r]
         if val:
             curves.append({"label": label, "x": [r["iteration"] for r in val],
-                           "y": [100 * r["val/accuracy"] for r in val],
-                           "ci95": [scaled(r.get("val/accuracy_ci95"), 100) for r in val]})
-    return plots.plot_curves(curves, path, "meta-iteration", "validation accuracy (%)")
+                           "y": [scale * r[f"val/{metric}"] for r in val],
+                           "ci95": [scaled(r.get(f"val/{metric}_ci95"), scale) for r in val]})
+    return plots.plot_curves(curves, path, "meta-iteration", f"validation {axis}")
 
 
-def _step_curves(runs: list[tuple], path: Path) -> Path | None:
-    curves = []
+def _step_curves(runs: list[tuple], path: Path, metric: str = "accuracy") -> Path | None:
+    curves, (scale, axis) = [], _axis(metric)
     for _, _, _, steps, label in runs:
         for c in (steps or {}).get("curves", []):
-            if c["metric"] == "accuracy":
+            if c["metric"] == metric:
                 curves.append({"label": f"{label}, {c['setting']}", "x": steps["steps"],
-                               "y": [100 * m for m in c["mean"]], "ci95": [scaled(e, 100) for e in c["ci95"]]})
-    return plots.plot_curves(curves, path, "inner steps at test time", "accuracy (%)", integer_x=True)
+                               "y": [scale * m for m in c["mean"]], "ci95": [scaled(e, scale) for e in c["ci95"]]})
+    return plots.plot_curves(curves, path, "inner steps at test time", axis, integer_x=True)
 
 
 def _held_out_header(runs: list[tuple]) -> str:

@@ -1016,3 +1016,27 @@ def test_published_numbers_name_their_source_and_captions_only_the_episodes_a_ru
     history.append({"iteration": 2, "val/loss": 1.0, "val/accuracy": 0.5, "val/accuracy_ci95": 0.1})
     (run / "history.json").write_text(json.dumps(history))
     assert "and on fixed validation episodes (95% CI)." in write_report(run).read_text()
+
+
+def test_a_comparison_of_regression_runs_draws_their_mse(tmp_path):
+    """A comparison of sinusoid runs drew no figure at all (only accuracies were plotted): their MSE
+    bars, validation MSE and MSE-vs-steps curves are now drawn, beside any classification run's accuracies."""
+    row = {"accuracy": None, "ci95": None, "loss": 3.67, "loss_ci95": 2.73, "episodes": 10, "ways": 1, "shots": 5,
+           "queries": 5, "steps": 1, "hierarchy": None, "head": "algorithm", "transductive": False}
+    history = [{"iteration": i, "train/loss": 1.0 / i, "val/loss": 2.0 / i, "val/loss_ci95": 0.1} for i in (1, 2)]
+    runs = []
+    for name in ("a", "b"):
+        run = _small_run(tmp_path / name, [row], history)
+        results = json.loads((run / "results.json").read_text())
+        results["config"]["data"] = {"name": "sinusoid"}
+        (run / "results.json").write_text(json.dumps(results))
+        (run / "steps_curve.json").write_text(json.dumps(
+            {"steps": [0, 1], "split": "test", "episodes": 3, "trained_steps": 1,
+             "curves": [{"setting": "5-shot regression", "metric": "loss", "mean": [4.0, 3.0], "ci95": [0.5, 0.5]}]}))
+        runs.append(run)
+    page = write_comparison(runs, tmp_path / "cmp.html")
+    assert sorted(_check_images(page)) == ["cmp_mse_bars.png", "cmp_mse_steps.png", "cmp_mse_val.png"]
+    text = page.read_text()
+    assert "<h2>Held-out MSE (95% CI)</h2>" in text and "<h2>Validation MSE during meta-training</h2>" in text
+    mixed = write_comparison([runs[0], _small_run(tmp_path / "c", [_row(0.9, 0.01)])], tmp_path / "mix.html")
+    assert {"mix_accuracy.png", "mix_mse_bars.png"} <= set(_check_images(mixed))
