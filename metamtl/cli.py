@@ -299,10 +299,13 @@ def _given(value: int | None, default: int | None) -> int | None:
 def _report(args: argparse.Namespace) -> int:
     from .checkpoint import ensure_writable_file
     from .experiment import refresh_steps_curve
-    from .reporting.report import write_comparison, write_report
+    from .reporting.report import check_comparison_out, load_run, write_comparison, write_report
 
     check_counts(args, {"steps_episodes": 0, "steps": 0})
+    for run_dir in args.run_dirs:  # every folder a run's, before any page is rewritten or curve computed
+        load_run(run_dir)
     if args.out:
+        check_comparison_out(args.out, args.run_dirs)
         ensure_writable_file(args.out, "--out file")
     for run_dir in args.run_dirs:  # the curve a run did not write (or with other steps) first
         refresh_steps_curve(run_dir, args.steps_episodes, args.steps, args.device, progress=not args.no_progress)
@@ -365,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "<parent of the first run>/comparison.html)")
     r.add_argument("--steps-episodes", type=int, help="test episodes per point of the accuracy-vs-inner-steps "
                                                       "plot (default: the run config's, 100; 0 disables it)")
-    r.add_argument("--steps", type=int, nargs="+", help="inner-step counts of that plot (default 0..max(2x, +2) eval steps)")
+    r.add_argument("--steps", type=int, nargs="+", help="inner-step counts of that plot (default 0..max(2x, +2) eval steps; a run "
+                   "whose config sets logging.report_steps_episodes: 0 needs --steps-episodes too)")
     r.add_argument("--device", help="device for that evaluation (default: the run's)")
     r.add_argument("--embed", action="store_true", help="inline the PNGs into the HTML")
     r.add_argument("--no-progress", action="store_true")

@@ -21,6 +21,8 @@ from typing import Any, Mapping
 import yaml
 
 from . import yaml_io
+from .config_merge import STAGE_KEYS, stage_dict
+from .config_merge import merge as _merge
 from .errors import ConfigError, decode_text, did_you_mean
 
 
@@ -539,8 +541,6 @@ def _check_eval(ev: EvalConfig, regression: bool = False) -> None:
                               "(data.name: sinusoid) is evaluated by its algorithm: eval.heads: [algorithm]")
 
 
-#: what a stage may change (merged over the config's sections, key by key)
-STAGE_KEYS = ("algorithm", "tasks", "train", "data", "model", "distill")
 
 
 def stage_configs(cfg: Config) -> list[tuple[str, Config]]:
@@ -568,11 +568,8 @@ def stage_configs(cfg: Config) -> list[tuple[str, Config]]:
                               f"A stage may set: name, {', '.join(STAGE_KEYS)}.")
         if _merge(base, stage).get("datasets"):
             _check_no_data_section(stage.get("data"), f"stages[{i}] ({name}): ")
-        stage_base = base
-        if "distill" in stage and stage["distill"] in (None, {}):  # explicitly off for this stage
-            stage_base, stage = {**base, "distill": {}}, {k: v for k, v in stage.items() if k != "distill"}
         try:
-            out.append((name, config_from_dict(_merge(stage_base, stage), evaluated=i == len(cfg.stages) - 1)))
+            out.append((name, config_from_dict(stage_dict(base, stage), evaluated=i == len(cfg.stages) - 1)))
         except ConfigError as exc:
             raise ConfigError(f"stages[{i}] ({name}): {exc}") from None
     return out
@@ -808,20 +805,6 @@ def _list_index(items: list, part: str, text: str) -> int:
     names = [str(x.get("label") or x.get("name")) for x in items if isinstance(x, dict) and (x.get("name") or x.get("label"))]
     raise ConfigError(f"override {text!r}: {part!r} is neither an index (0..{len(items) - 1}) nor the name of one "
                       f"entry of the list" + (f" ({', '.join(names)})" if names else ""))
-
-
-def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    """``top`` over ``base``: sections merge key by key, other values (lists too) are replaced.
-
-    A section naming another registry entry (``algorithm: {name: protonet}`` over
-    ``{name: maml, ...}``) replaces the base's section instead of merging into it.
-    """
-    out = dict(base)
-    for k, v in top.items():
-        old = out.get(k)
-        same = isinstance(v, Mapping) and isinstance(old, dict) and v.get("name", old.get("name")) == old.get("name")
-        out[k] = _merge(old, v) if same else v
-    return out
 
 
 def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:

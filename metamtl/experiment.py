@@ -667,7 +667,9 @@ def _curve_is_current(run_dir: Path, episodes: int, steps: list[int] | None) -> 
     if saved is None or "error" in saved or not (run_dir / "learner.pt").is_file():
         return False
     wanted = sorted({int(s) for s in steps}) if steps else saved.get("steps")
-    return saved.get("key") == steps_curve.cache_key(run_dir / "learner.pt", episodes, wanted or [])
+    now, key = steps_curve.cache_key(run_dir / "learner.pt", episodes, wanted or []), saved.get("key")
+    # not by the file's time, which a copied run folder (cp -r, scp, unzip) changes
+    return isinstance(key, dict) and all(key.get(f) == v for f, v in now.items() if f != "mtime")
 
 
 def refresh_steps_curve(run_dir: str | Path, episodes: int | None = None, steps: list[int] | None = None,
@@ -680,7 +682,7 @@ def refresh_steps_curve(run_dir: str | Path, episodes: int | None = None, steps:
     there (kept, the failure beside it); an unusable ``device`` is the caller's: :class:`ConfigError`
     before anything is written.
     """
-    from .config import config_from_dict
+    from .config import config_from_dict, stage_configs
     from .reporting.report import load_run
 
     if device is not None:
@@ -692,12 +694,17 @@ def refresh_steps_curve(run_dir: str | Path, episodes: int | None = None, steps:
     cfg, failure = None, None
     try:
         cfg = config_from_dict({**results["config"], "output_dir": str(run_dir.parent), "name": run_dir.name})
+        cfg = stage_configs(cfg)[-1][1] if cfg.stages else cfg  # a staged run's learner: its last stage's
     except Exception as exc:  # noqa: BLE001 - an older run's config this version refuses: the report says why
         failure = ConfigError(f"the run's saved config (results.json) does not load in this metamtl version, so "
                               f"its learner cannot be evaluated again ({exc})")
-    if episodes is None:
+    given = episodes is not None
+    if not given:
         episodes = (results["config"].get("logging") or {}).get("report_steps_episodes", 100) if cfg is None \
             else cfg.logging.report_steps_episodes
+    if not episodes and steps and not given:  # --steps asks for the curve the config's 0 turned off
+        raise ConfigError(f"--steps: {run_dir.name}'s config turns the accuracy-vs-inner-steps curve off "
+                          "(logging.report_steps_episodes: 0); add --steps-episodes N (e.g. 100) to compute it")
     if not episodes:
         return
     if _curve_is_current(run_dir, episodes, steps):  # nothing to compute: an older failure to do so is past

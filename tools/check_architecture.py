@@ -36,6 +36,7 @@ MODULE_LAYERS = {
     "metamtl.devices": "foundation",  # what a device setting names (torch only)
     "metamtl.files": "foundation",
     "metamtl.yaml_io": "foundation",  # the one YAML reader (YAML 1.2 numbers)  # atomic file writes (stdlib only)
+    "metamtl.config_merge": "foundation",  # merging config sections (stages, extends, overrides) as plain dicts
     "metamtl.progress_bars": "foundation",
     "metamtl.allocator": "foundation",  # glibc malloc settings and the budget guard (stdlib only)
     "metamtl.data": "data",

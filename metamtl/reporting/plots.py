@@ -150,11 +150,13 @@ def plot_curves(curves: Sequence[Mapping[str, Any]], path: Path, xlabel: str, yl
     return _save(fig, path)
 
 
-def plot_comparison(bars: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> Path | None:
+def plot_comparison(bars: Sequence[Mapping[str, Any]], path: Path, title: str = "",
+                    ylabel: str = "accuracy (%), 95% CI") -> Path | None:
     """Grouped bars with 95% CI whiskers.
 
     Each bar: ``{"group"`` (x-axis group, e.g. ``"5-way 1-shot"``), ``"label"`` (legend entry),
     ``"value"`` (%), ``"ci95"`` (% or ``None``), ``"reference"`` (bool: published number)``}``.
+    ``ylabel`` other than the accuracy's (e.g. ``"MSE, 95% CI"``): values of any size, the axis from 0.
     A value that is not a finite number is drawn as a missing bar ("n/a"), a CI that is not as no whisker.
     """
     if not bars:
@@ -171,7 +173,7 @@ def plot_comparison(bars: Sequence[Mapping[str, Any]], path: Path, title: str = 
             colors[label] = "0.75"
         else:
             colors[label], runs = f"C{runs}", runs + 1
-    lows, drawn = [], set()
+    lows, highs, drawn, percent = [], [], set(), ylabel.startswith("accuracy (%)")
     for g, group in enumerate(groups):
         present = per_group[group]
         for j, b in enumerate(present):
@@ -185,15 +187,19 @@ def plot_comparison(bars: Sequence[Mapping[str, Any]], path: Path, title: str = 
                    hatch="//" if ref else None, edgecolor="0.4" if ref else None,
                    label=None if b["label"] in drawn else b["label"])
             drawn.add(b["label"])
-            ax.annotate(f"{value:.1f}", (x, value + e), ha="center", va="bottom", fontsize=7,
-                        xytext=(0, 1), textcoords="offset points")
+            ax.annotate(f"{value:.1f}" if percent else f"{value:.3g}", (x, value + e), ha="center", va="bottom",
+                        fontsize=7, xytext=(0, 1), textcoords="offset points")
             lows.append(value - e)
+            highs.append(value + e)
     ax.set_xticks(range(len(groups)))
     wrapped = [textwrap.fill(g, 22) for g in groups]  # long settings wrap, never overlap
     ax.set_xticklabels(wrapped, fontsize=8)
-    ax.set_ylabel("accuracy (%), 95% CI")
-    lo = max(0.0, math.floor((min(lows) - 5) / 5) * 5) if lows else 0.0
-    ax.set_ylim(lo, 101 if lo > 0 else 100)
+    ax.set_ylabel(ylabel)
+    if percent:
+        lo = max(0.0, math.floor((min(lows) - 5) / 5) * 5) if lows else 0.0
+        ax.set_ylim(lo, 101 if lo > 0 else 100)
+    else:
+        ax.set_ylim(0.0, 1.15 * max(highs) if highs and max(highs) > 0 else 1.0)
     ax.grid(axis="y", alpha=0.3)
     if title:
         ax.set_title(title)

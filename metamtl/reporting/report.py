@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from urllib.parse import quote
 
 from ..callbacks import Callback, FitState
+from ..config_merge import evaluated_config
 from ..files import atomic_write_text
 from ..errors import ConfigError
 from ..evaluation import plus_minus
@@ -59,7 +60,45 @@ def load_run(run_dir: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str,
     if not isinstance(history, list):
         raise ConfigError(f"{hist_path} is not a metamtl run's history (expected a list of rows); delete it or "
                           "pass the folder of a run written by `metamtl fit`")
+    _check_shape(results, results_path)
     return results, history
+
+
+#: the numbers a report formats, in results.json, its rows and its stages' and members' entries
+_NUMBERS = ("iterations", "train_seconds", "selected_iteration", "peak_memory_mb", "accuracy", "ci95", "loss",
+            "loss_ci95")
+
+
+def _check_shape(results: Mapping[str, Any], path: Path) -> None:
+    """:class:`ConfigError` naming ``path`` and the field when ``results`` has a part the report reads
+    in another shape than a run writes (a list that is not one, a number that is text ...)."""
+    def wrong(field: str, expected: str) -> ConfigError:
+        return ConfigError(f"{path}: {field} is not {expected} as a metamtl run writes it; restore the file "
+                           "or pass the folder of a run written by `metamtl fit`")
+
+    def entries(field: str, value: Any) -> list:
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise wrong(field, "a list of objects")
+        return value
+
+    def numbers(field: str, obj: Mapping[str, Any]) -> None:
+        for k in _NUMBERS:
+            if not isinstance(obj.get(k), (int, float, type(None))) or isinstance(obj.get(k), bool):
+                raise wrong(f"{field}[{k!r}]" if field else repr(k), "a number (or null)")
+
+    for k in ("tasks", "train", "model", "algorithm", "data", "logging", "ensemble"):
+        if not isinstance(results["config"].get(k, {}), dict):
+            raise wrong(f"config[{k!r}]", "an object")
+    if not isinstance(results.get("ensemble", {}), dict):
+        raise wrong("'ensemble'", "an object")
+    checked = [("", results)] + [(f"'test'[{i}]", r) for i, r in enumerate(entries("'test'", results.get("test", [])))]
+    checked += [(f"'stages'[{i}]", s) for i, s in enumerate(entries("'stages'", results.get("stages") or []))]
+    for i, m in enumerate(entries("'ensemble'['members']", results.get("ensemble", {}).get("members", []))):
+        checked += [(f"'ensemble'['members'][{i}]", m)]
+        checked += [(f"'ensemble'['members'][{i}]['test'][{j}]", r) for j, r in
+                    enumerate(entries(f"'ensemble'['members'][{i}]['test']", m.get("test") or []))]
+    for field, obj in checked:
+        numbers(field, obj)
 
 
 # -- small pieces ---------------------------------------------------------------------------------
@@ -87,7 +126,7 @@ def _setting(r: Mapping[str, Any]) -> str:
 def _regression(results: Mapping[str, Any]) -> bool:
     """Whether a run reports mean squared errors (sinusoid regression) rather than accuracies."""
     rows = [r for r in results.get("test", []) if "skipped" not in r]
-    name = (results.get("config") or {}).get("data", {}).get("name")
+    name = evaluated_config(results.get("config") or {}).get("data", {}).get("name")
     return name == "sinusoid" or (bool(rows) and all(r.get("accuracy") is None for r in rows))
 
 
@@ -174,8 +213,9 @@ def protocol(cfg: Mapping[str, Any], resolved: Mapping[str, Sequence[str]] | Non
 
 
 def run_protocol(results: Mapping[str, Any]) -> tuple[str, bool]:
-    """:func:`protocol` of a run, judged on the archives it recorded reading (``data_sources``)."""
-    return protocol(results.get("config", {}), results.get("data_sources"))
+    """:func:`protocol` of a run, judged on the archives it recorded reading (``data_sources``) and on
+    the data its evaluated learner was tested on (a staged run's last stage's)."""
+    return protocol(evaluated_config(results.get("config", {})), results.get("data_sources"))
 
 
 def references(r: Mapping[str, Any], dataset: str) -> list[Any]:
@@ -207,8 +247,15 @@ def reference_bars(rows: Iterable[tuple[Mapping[str, Any], str]]) -> list[dict[s
     return bars
 
 
+def published_sources(rows: Iterable[tuple[Mapping[str, Any], str]]) -> str:
+    """``Published: MAML: Finn et al. 2017, ...; MAML++: ...`` for the references of held-out rows
+    (given as ``(row, its dataset's name)``), empty when none applies."""
+    sources = dict.fromkeys(f"{p.method}: {p.source}" for r, dataset in rows for p in references(r, dataset))
+    return f"Published numbers: {'; '.join(sources)}." if sources else ""
+
+
 def _run_label(results: Mapping[str, Any]) -> str:
-    alg = results.get("config", {}).get("algorithm", {})
+    alg = evaluated_config(results.get("config", {})).get("algorithm", {})
     return f"{results.get('name', '?')} ({alg.get('name', '?')})"
 
 
@@ -224,6 +271,15 @@ def _in_total(results: dict[str, Any]) -> str:
         return (f" in total over its {len(stages)} stages (algorithm and tasks above: the last stage's;"
                 " each stage below)")
     return ""
+
+
+def _selected_line(results: Mapping[str, Any]) -> str:
+    """Which iteration's weights the held-out results are of, when not the last (``eval.checkpoint: best``)."""
+    selected = results.get("selected_iteration")
+    if selected is None or selected == results.get("iterations"):
+        return ""
+    return (f"; held-out results use the weights of iteration <b>{selected}</b> (best validation, "
+            "<code>eval.checkpoint: best</code>)")
 
 
 def _memory_line(results: dict) -> str:
@@ -252,8 +308,9 @@ def write_report(run_dir: str | os.PathLike, *, embed: bool = False) -> Path:
                 ("Learning curves", lambda: _figure(
                     plots.plot_learning_curves(history, run_dir / "learning_curves.png"), "learning curves",
                     ("Query loss (mean squared error)" if _regression(results) else "Query loss and accuracy")
-                    + " after adaptation on meta-training tasks (faint: per iteration; solid: "
-                    "moving average) and on fixed validation episodes (95% CI).", embed, run_dir)),
+                    + " after adaptation on meta-training tasks (faint: per iteration; solid: moving average)"
+                    + (" and on fixed validation episodes (95% CI)" if _validated(history) else "") + ".",
+                    embed, run_dir)),
                 ("Inner loop during meta-training", lambda: _figure(
                     plots.plot_inner_losses(history, run_dir / "inner_loss.png"), "inner losses",
                     "Support-set loss before each inner step (lighter = later step) and the query loss after "
@@ -264,6 +321,11 @@ def write_report(run_dir: str | os.PathLike, *, embed: bool = False) -> Path:
     out = run_dir / "report.html"
     atomic_write_text(out, _report_page(run_dir, results, figures))
     return out
+
+
+def _validated(history: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether a run's history holds validation rows (``val/...``; none for a run without ``data.val_split``)."""
+    return any(isinstance(r, dict) and any(str(k).startswith("val/") for k in r) for r in history)
 
 
 def _drawn(title: str, where: Path, build: Callable[[], Any], failed: Any = None) -> Any:
@@ -287,7 +349,7 @@ def _not_drawn(reason: str) -> str:
 
 def _accuracy_figure(run_dir: Path, results: Mapping[str, Any], embed: bool) -> str:
     """Held-out accuracy bars with 95% CI, next to published numbers where they apply."""
-    test, cfg = results.get("test", []), results.get("config", {})
+    test, cfg = results.get("test", []), evaluated_config(results.get("config", {}))
     comparable = run_protocol(results)[1]
     bars = [{"group": _setting(r), "label": _run_label(results), "value": 100 * r["accuracy"],
              "ci95": scaled(r["ci95"], 100), "reference": False} for r in test if r.get("accuracy") is not None]
@@ -311,8 +373,11 @@ def current_steps_curve(run_dir: Path) -> dict[str, Any] | None:
     if not isinstance(key, dict) or "error" in data:  # an older curve without a key: nothing to check
         return data
     learner = run_dir / str(key.get("learner", "learner.pt"))
+    if not learner.is_file():  # deleted (to save space, say): the run's own curve, which nothing can check
+        return {**data, "note": f"{learner.name} is missing: this is the curve the run saved, which can be neither "
+                                "checked against its learner nor computed again"}
     fields = ("learner", "size")
-    now = cache_key(learner, data["episodes"], data["steps"]) if learner.is_file() else {}
+    now = cache_key(learner, data["episodes"], data["steps"])
     if all(now.get(f) == key.get(f) for f in fields):
         return data
     return {"error": f"the saved {learner.name} is not the one the curve in steps_curve.json was computed from "
@@ -352,8 +417,9 @@ def _steps_section(run_dir: Path, cfg: Mapping[str, Any], embed: bool) -> str:
             f"<td class=num>{scale * m:.{digits}f}{plus_minus(e, scale, digits)}</td>"
             for m, e in zip(c["mean"], c["ci95"]))
         + "</tr>" for c in data["curves"])
-    if data.get("refresh_error"):
-        note = f"This is the curve saved before; computing it again (other steps or episodes) failed: {data['refresh_error']}"
+    note = data.get("note") or (data.get("refresh_error") and "This is the curve saved before; computing it again "
+                                f"(other steps or episodes) failed: {data['refresh_error']}")
+    if note:
         html_ = f'<p class="note">{_e(note)}</p>' + html_
     return html_ + ("<table><tr><th>setting \\ steps</th>" + "".join(f"<th>{s}</th>" for s in data["steps"])
                     + f"</tr>{rows}</table>")
@@ -361,7 +427,7 @@ def _steps_section(run_dir: Path, cfg: Mapping[str, Any], embed: bool) -> str:
 
 def _test_rows(results: Mapping[str, Any]) -> str:
     """One table row per held-out result, with the published references of its setting."""
-    cfg = results.get("config", {})
+    cfg = evaluated_config(results.get("config", {}))
     rows = []
     for r in results.get("test", []):
         refs = "; ".join(f"{p.method} {p.accuracy:.2f}%" + (f" ± {p.ci95:.2f}%" if p.ci95 else "")
@@ -392,7 +458,7 @@ def _wandb_note(run_dir: Path) -> str:
 
 def _report_page(run_dir: Path, results: Mapping[str, Any], figures: list[tuple[str, str]]) -> str:
     cfg = results.get("config", {})
-    t, tr, alg, model = cfg.get("tasks", {}), cfg.get("train", {}), cfg.get("algorithm", {}), cfg.get("model", {})
+    t, tr, alg, model = (evaluated_config(cfg).get(k, {}) for k in ("tasks", "train", "algorithm", "model"))
     files = [f for f in ("results.json", "history.json", "learner.pt", "ensemble.pt", "best.pt", "last.pt") if (run_dir / f).is_file()]
     machine = results.get("machine", {})
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
@@ -403,18 +469,25 @@ def _report_page(run_dir: Path, results: Mapping[str, Any], figures: list[tuple[
 ({_e(', '.join(f'{k}={v}' for k, v in model.items() if k != 'name'))}),
 meta-trained on {t.get('ways')}-way {t.get('shots')}-shot tasks ({t.get('queries')} queries per class,
 {tr.get('meta_batch_size')} tasks per meta-batch) for <b>{results.get('iterations')}</b> meta-iterations{_in_total(results)} in
-{results.get('train_seconds') or 0:.0f} s (stopped by {_e(results.get('stopped_by'))}){_memory_line(results)}.{_stages(results)}{_members(results)}<br>
+{results.get('train_seconds') or 0:.0f} s (stopped by {_e(results.get('stopped_by'))}){_selected_line(results)}{_memory_line(results)}.{_stages(results)}{_members(results)}<br>
 Data: {_e(run_protocol(results)[0])}.<br>
 Commit <code>{_e(results.get('commit'))}</code>, {_e(results.get('date'))},
 {_e(machine.get('cpu') or machine.get('platform', ''))}.</p>
 <h2>Held-out test results</h2>
 <table><tr><th>setting</th><th>{_metric_columns(results)}</th><th>inner steps</th>
-<th>published (official test classes)</th></tr>{_test_rows(results)}</table>
+<th>published (official test classes)</th></tr>{_test_rows(results)}</table>{_sources_note(results)}
 {''.join(f'<h2>{_e(title)}</h2>{fig}' for title, fig in figures if fig)}
 <h2>Files</h2><p>{' · '.join(f'<a href="{_e(quote(f))}">{_e(f)}</a>' for f in files)}</p>{_wandb_note(run_dir)}
 <details><summary>Configuration</summary><pre>{_e(json.dumps(cfg, indent=2))}</pre></details>
 <details><summary>Machine</summary><pre>{_e(json.dumps(machine, indent=2))}</pre></details>
 </body></html>"""
+
+
+def _sources_note(results: Mapping[str, Any]) -> str:
+    """Where the held-out table's published numbers are from (a paragraph; empty without any)."""
+    cfg = evaluated_config(results.get("config", {}))
+    sources = published_sources((r, row_dataset(r, cfg)) for r in results.get("test", []))
+    return f'<p class="meta">{_e(sources)}</p>' if sources else ""
 
 
 def _metric_columns(results: Mapping[str, Any]) -> str:
@@ -457,6 +530,18 @@ def write_report_safely(run_dir: str | os.PathLike, *, embed: bool = False) -> P
 
 
 # -- several runs ---------------------------------------------------------------------------------
+def check_comparison_out(out: str | os.PathLike, run_dirs: Sequence[str | os.PathLike]) -> None:
+    """:class:`ConfigError` when the comparison page ``out`` would be written inside one of the
+    compared run folders, where it could replace the run's own files (results.json, learner.pt,
+    report.html ...)."""
+    target = Path(out).resolve()
+    for d in run_dirs:
+        if Path(d).resolve() in target.parents:
+            raise ConfigError(f"--out {out} is inside the run folder {d}, where it could replace the run's own "
+                              "files (results.json, learner.pt, report.html ...); write the comparison "
+                              "outside it, e.g. --out comparison.html")
+
+
 def write_comparison(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, embed: bool = False) -> Path:
     """Compare runs (e.g. one per method) on one page: ``out`` is the HTML file to write.
 
@@ -464,6 +549,7 @@ def write_comparison(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLi
     """
     if not run_dirs:
         raise ConfigError("write_comparison needs at least one run directory")
+    check_comparison_out(out, run_dirs)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     runs = []
@@ -473,15 +559,28 @@ def write_comparison(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLi
         runs.append((Path(d), results, history, steps if steps is not None and "error" not in steps else None))
     runs = [(*run, label) for run, label in zip(runs, _unique_labels(runs))]
     stem = out.with_suffix("")
-    title = "Held-out accuracy (95% CI)"
-    figs = [_drawn(title, out, lambda: _comparison_bars(runs, Path(f"{stem}_accuracy.png")), (title, None, "")),
-            ("Validation accuracy during meta-training",
-             _drawn("Validation accuracy", out, lambda: _validation_curves(runs, Path(f"{stem}_val.png"))),
-             "Accuracy on the fixed validation episodes (95% CI) against meta-iterations."),
-            ("Accuracy vs number of inner steps at test time",
-             _drawn("Accuracy vs inner steps", out, lambda: _step_curves(runs, Path(f"{stem}_steps.png"))),
-             "Each run's saved learner adapted with k inner steps (from its run's steps_curve.json).")]
+    figs = []
+    for metric, (what, suffix) in COMPARED.items():  # classification runs' accuracies, regression runs' MSEs
+        picked = [run for run in runs if _regression(run[1]) == (metric == "loss")]
+        if picked:
+            figs += _comparison_figures(picked, out, Path(f"{stem}{suffix}"), metric, what)
     return _comparison_page(out, runs, figs, embed)
+
+
+#: a comparison's figures: per metric of the held-out rows, its name and the suffix of its PNG files
+COMPARED = {"accuracy": ("accuracy", ""), "loss": ("MSE", "_mse")}
+
+
+def _comparison_figures(runs: list[tuple], out: Path, stem: Path, metric: str, what: str) -> list[tuple]:
+    """``(title, png or None, caption)`` of a comparison's bars, validation and inner-step curves of ``metric``."""
+    title, name = f"Held-out {what} (95% CI)", f"{stem}_{'accuracy' if metric == 'accuracy' else 'bars'}.png"
+    return [_drawn(title, out, lambda: _comparison_bars(runs, Path(name), metric), (title, None, "")),
+            (f"Validation {what} during meta-training",
+             _drawn(f"Validation {what}", out, lambda: _validation_curves(runs, Path(f"{stem}_val.png"), metric)),
+             f"{what[0].upper()}{what[1:]} on the fixed validation episodes (95% CI) against meta-iterations."),
+            (f"{what[0].upper()}{what[1:]} vs number of inner steps at test time",
+             _drawn(f"{what} vs inner steps", out, lambda: _step_curves(runs, Path(f"{stem}_steps.png"), metric)),
+             "Each run's saved learner adapted with k inner steps (from its run's steps_curve.json).")]
 
 
 def _unique_labels(runs: list[tuple]) -> list[str]:
@@ -497,14 +596,20 @@ def _unique_labels(runs: list[tuple]) -> list[str]:
     return unique
 
 
-def _comparison_bars(runs: list[tuple], path: Path) -> tuple[str, Path | None, str]:
+def _comparison_bars(runs: list[tuple], path: Path, metric: str = "accuracy") -> tuple[str, Path | None, str]:
+    if metric == "loss":  # regression runs: MSE bars on their own axis, no published numbers
+        bars = [{"group": _setting(r), "label": label, "value": r["loss"], "ci95": r.get("loss_ci95"),
+                 "reference": False} for _, results, _, _, label in runs for r in results.get("test", [])
+                if r.get("accuracy") is None and r.get("loss") is not None]
+        return ("Held-out MSE (95% CI)", plots.plot_comparison(bars, path, ylabel="MSE, 95% CI"),
+                "Mean squared error over test episodes per setting; whiskers are 95% confidence intervals.")
     bars = []
     for _, results, _, _, label in runs:
         bars += [{"group": _setting(r), "label": label, "value": 100 * r["accuracy"],
                   "ci95": scaled(r["ci95"], 100), "reference": False}
                  for r in results.get("test", []) if r.get("accuracy") is not None]
     caption = "Mean accuracy over test episodes per setting; whiskers are 95% confidence intervals."
-    named = [(r, row_dataset(r, res.get("config", {}))) for _, res, *_ in runs for r in res.get("test", [])
+    named = [(r, row_dataset(r, evaluated_config(res.get("config", {})))) for _, res, *_ in runs for r in res.get("test", [])
              if r.get("accuracy") is not None]
     datasets: dict[str, set[str]] = {}
     for r, name in named:
@@ -515,32 +620,38 @@ def _comparison_bars(runs: list[tuple], path: Path) -> tuple[str, Path | None, s
     refs = reference_bars(seen.values())
     if refs:
         bars += refs
-        caption += " Grey hatched bars: published numbers on the official test classes."
+        caption += (" Grey hatched bars: published numbers on the official test classes. "
+                    + _e(published_sources(seen.values())))
         if not all(run_protocol(res)[1] for _, res, *_ in runs):
             caption += (" <b>Some runs here are evaluated on other held-out classes, so comparing them "
                         "with the published numbers is indicative only.</b>")
     return "Held-out accuracy (95% CI)", plots.plot_comparison(bars, path), caption
 
 
-def _validation_curves(runs: list[tuple], path: Path) -> Path | None:
-    curves = []
+def _axis(metric: str) -> tuple[float, str]:
+    """(scale, axis label) of a comparison's curves of ``metric`` (``accuracy`` in %, ``loss``: the MSE)."""
+    return (100.0, "accuracy (%)") if metric == "accuracy" else (1.0, "MSE")
+
+
+def _validation_curves(runs: list[tuple], path: Path, metric: str = "accuracy") -> Path | None:
+    curves, (scale, axis) = [], _axis(metric)
     for _, _, history, _, label in runs:
-        val = [r for r in history if "val/accuracy" in r]
+        val = [r for r in history if f"val/{metric}" in r]
         if val:
             curves.append({"label": label, "x": [r["iteration"] for r in val],
-                           "y": [100 * r["val/accuracy"] for r in val],
-                           "ci95": [scaled(r.get("val/accuracy_ci95"), 100) for r in val]})
-    return plots.plot_curves(curves, path, "meta-iteration", "validation accuracy (%)")
+                           "y": [scale * r[f"val/{metric}"] for r in val],
+                           "ci95": [scaled(r.get(f"val/{metric}_ci95"), scale) for r in val]})
+    return plots.plot_curves(curves, path, "meta-iteration", f"validation {axis}")
 
 
-def _step_curves(runs: list[tuple], path: Path) -> Path | None:
-    curves = []
+def _step_curves(runs: list[tuple], path: Path, metric: str = "accuracy") -> Path | None:
+    curves, (scale, axis) = [], _axis(metric)
     for _, _, _, steps, label in runs:
         for c in (steps or {}).get("curves", []):
-            if c["metric"] == "accuracy":
+            if c["metric"] == metric:
                 curves.append({"label": f"{label}, {c['setting']}", "x": steps["steps"],
-                               "y": [100 * m for m in c["mean"]], "ci95": [scaled(e, 100) for e in c["ci95"]]})
-    return plots.plot_curves(curves, path, "inner steps at test time", "accuracy (%)", integer_x=True)
+                               "y": [scale * m for m in c["mean"]], "ci95": [scaled(e, scale) for e in c["ci95"]]})
+    return plots.plot_curves(curves, path, "inner steps at test time", axis, integer_x=True)
 
 
 def _held_out_header(runs: list[tuple]) -> str:
@@ -554,7 +665,7 @@ def _held_out_header(runs: list[tuple]) -> str:
 def _comparison_page(out: Path, runs: list[tuple], figs: list[tuple], embed: bool) -> Path:
     rows = []
     for d, results, *_ in runs:
-        cfg = results.get("config", {})
+        cfg = evaluated_config(results.get("config", {}))
         link = _href(d / "report.html", out.parent)
         tests = "<br>".join(f"{_e(_setting(r))}: <b class=nowrap>{_e(_value(r))}</b>" for r in results.get("test", []))
         rows.append(f"<tr><td><a href='{_e(link)}'>{_e(results.get('name'))}</a></td>"

@@ -836,3 +836,207 @@ def test_a_regression_curves_progress_bar_says_mse(monkeypatch):
                           build_algorithm("maml", steps=1, lr=0.01), device="cpu", task="regression")
     accuracy_vs_steps(learner, {None: Sinusoid(shots=5, queries=5, split="test")}, [{"ways": 1, "shots": 5}], 2, [0, 1])
     assert seen == ["MSE vs inner steps"]
+
+
+def test_a_comparison_is_never_written_inside_a_compared_run_folder(tmp_path, capsys):
+    """`--out a/results.json` (or a/learner.pt, b/report.html) replaced the run's own file with the
+    comparison page, leaving the run unusable: --out inside a compared run folder is refused, exit 2,
+    before anything is written."""
+    runs = [_small_run(tmp_path / name, [_row(0.6, 0.1)]) for name in ("a", "b")]
+    (runs[0] / "learner.pt").write_bytes(b"a learner")
+    before = {p: p.read_bytes() for run in runs for p in run.iterdir()}
+    for out in (runs[0] / "results.json", runs[0] / "learner.pt", runs[1] / "report.html", runs[0] / "sub" / "c.html"):
+        assert main(["report", *map(str, runs), "--out", str(out), "--no-progress"]) == 2
+        assert "inside the run folder" in capsys.readouterr().err
+        with pytest.raises(ConfigError, match="inside the run folder"):
+            write_comparison(runs, out)
+    assert {p: p.read_bytes() for run in runs for p in run.iterdir()} == before
+    assert not (runs[0] / "sub").exists()
+    assert main(["report", *map(str, runs), "--out", str(tmp_path / "cmp.html"), "--no-progress"]) == 0
+
+
+def test_every_run_folder_is_checked_before_any_report_is_rewritten(tmp_path, capsys):
+    """`metamtl report a b typo` rewrote a's and b's pages (and could recompute their curves) before
+    failing on the typo: every RUN_DIR is now read first, exit 2 with nothing written."""
+    runs = [_small_run(tmp_path / name, [_row(0.6, 0.1)]) for name in ("a", "b")]
+    assert main(["report", *map(str, runs), str(tmp_path / "nope"), "--out", str(tmp_path / "c.html"),
+                 "--no-progress"]) == 2
+    assert "nope is not a run directory" in capsys.readouterr().err
+    assert not any((run / "report.html").exists() for run in runs) and not (tmp_path / "c.html").exists()
+
+
+def _staged_run(tmp_path: Path, last_stage: dict, data: dict | None = None) -> Path:
+    """A two-stage run folder (no training): top level ProtoNet 5-way 1-shot, ``last_stage`` merged over it."""
+    from metamtl.config import config_from_dict
+
+    run = _small_run(tmp_path / "staged", [_row(0.9, 0.01)])
+    config = {"name": "staged", "output_dir": str(tmp_path), "data": data or {"name": "omniglot"},
+              "tasks": {"ways": 5, "shots": 1, "queries": 2}, "model": {"name": "conv4", "hidden": 8},
+              "algorithm": {"name": "protonet"}, "train": {"iterations": 2, "meta_batch_size": 1, "device": "cpu"},
+              "stages": [{"name": "pre"}, {"name": "meta", **last_stage}]}
+    results = json.loads((run / "results.json").read_text())
+    results["config"] = config_from_dict(config).to_dict()
+    results["stages"] = [{"stage": s["name"], "algorithm": s.get("algorithm", {"name": "protonet"})["name"],
+                          "iterations": 1, "train_seconds": 1.0, "stopped_by": "iterations"} for s in config["stages"]]
+    (run / "results.json").write_text(json.dumps(results))
+    return run
+
+
+def test_a_staged_runs_page_describes_the_last_stages_learner(tmp_path):
+    """A staged run's header, bar legend and comparison named the top level's algorithm and tasks
+    (while saying they were the last stage's), and its protocol was judged on the top-level data:
+    a last stage testing on the val split was called the official protocol, next to published numbers."""
+    from metamtl.reporting import report
+
+    data = {"name": "omniglot", "sources": ["images_background", "images_evaluation"]}
+    run = _staged_run(tmp_path, {"algorithm": {"name": "maml", "steps": 1, "head_init": "zero"},
+                                 "tasks": {"ways": 3, "shots": 2}, "train": {"meta_batch_size": 2},
+                                 "data": {"test_split": "val"}}, data)
+    text = write_report(run).read_text()
+    header = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", text.split('<p class="meta">')[1].split("Stage 1")[0]))
+    assert header.startswith("maml on conv4") and "3-way 2-shot tasks" in header and "2 tasks per meta-batch" in header
+    assert "official protocol" not in text and "indicative only" in text
+    assert report._run_label(json.loads((run / "results.json").read_text())) == "staged (maml)"
+    assert "<td>maml</td>" in write_comparison([run], tmp_path / "cmp.html").read_text()
+
+
+def test_a_staged_runs_curve_is_computed_again_on_its_last_stages_config(tmp_path, monkeypatch):
+    """`metamtl report RUN --steps ...` of a staged run evaluated its learner on the top-level data and
+    tasks, not the last stage's, which trained and tested it."""
+    from metamtl import experiment
+
+    run = _staged_run(tmp_path, {"data": {"sources": ["images_background_small2"]}, "tasks": {"ways": 3}},
+                      {"name": "omniglot", "sources": ["images_background_small1"]})
+    (run / "learner.pt").write_bytes(b"a learner")
+    seen = []
+    monkeypatch.setattr(experiment.MetaLearner, "load", staticmethod(lambda *a, **k: "learner"))
+    monkeypatch.setattr(experiment, "write_run_steps_curve", lambda learner, cfg, *a, **k: seen.append(cfg))
+    experiment.refresh_steps_curve(run, episodes=3, steps=[0, 1], progress=False)
+    assert seen[0].data.sources == ["images_background_small2"] and seen[0].tasks.ways == 3
+    assert seen[0].run_dir.resolve() == run.resolve()
+
+
+def test_a_copied_run_folders_curve_is_current_and_not_computed_again(tmp_path, monkeypatch):
+    """A copied run folder (cp -r, scp: new file times) made `metamtl report` evaluate its learner
+    again (minutes) or, without the data, mark the page with a failure: the curve's learner is now
+    told by its name and size, not its time."""
+    import os
+
+    from metamtl import experiment
+    from metamtl.steps_curve import cache_key
+
+    run = _small_run(tmp_path / "r", [_row(0.6, 0.1)])
+    (run / "learner.pt").write_bytes(b"a learner")
+    curve = {"key": cache_key(run / "learner.pt", 3, [0, 1]), "split": "test", "episodes": 3, "steps": [0, 1],
+             "trained_steps": 1, "curves": [{"setting": "5-way 1-shot", "metric": "accuracy", "mean": [0.2, 0.5],
+                                             "ci95": [0.1, 0.1]}]}
+    (run / "steps_curve.json").write_text(json.dumps(curve))
+    os.utime(run / "learner.pt", (1, 1))
+    monkeypatch.setattr(experiment.MetaLearner, "load", staticmethod(lambda *a, **k: pytest.fail("evaluated again")))
+    experiment.refresh_steps_curve(run, episodes=3, progress=False)
+    assert json.loads((run / "steps_curve.json").read_text()) == curve
+    assert "computing it again" not in write_report(run).read_text()
+
+
+@pytest.mark.parametrize("edit,field", [
+    (lambda r: r.update(test=None), "'test'"), (lambda r: r.update(test=["oops"]), "'test'"),
+    (lambda r: r.update(ensemble=None), "'ensemble'"), (lambda r: r["config"].update(tasks=None), "config['tasks']"),
+    (lambda r: r.update(train_seconds="12"), "'train_seconds'"),
+    (lambda r: r["test"][0].update(accuracy="0.6"), "'test'[0]['accuracy']"),
+    (lambda r: r.update(stages=[{"stage": "a", "train_seconds": "1"}]), "'stages'[0]['train_seconds']"),
+    (lambda r: r.update(ensemble={"members": [{"test": 3}]}), "'ensemble'['members'][0]['test']")])
+def test_a_results_json_of_the_wrong_shape_is_a_clear_error(edit, field, tmp_path, capsys):
+    """Valid JSON of another shape than a run writes (a null list, a number written as text) crashed
+    `metamtl report` with a bare TypeError/AttributeError/ValueError (exit 1): a ConfigError naming
+    results.json and the field, exit 2."""
+    run = _small_run(tmp_path / "r", [_row(0.6, 0.1)])
+    results = json.loads((run / "results.json").read_text())
+    edit(results)
+    (run / "results.json").write_text(json.dumps(results))
+    with pytest.raises(ConfigError, match=re.escape(f"results.json: {field} is not")):
+        write_comparison([run], tmp_path / "cmp.html")
+    assert main(["report", str(run), "--no-progress"]) == 2
+    assert f"results.json: {field} is not" in capsys.readouterr().err
+
+
+def test_a_run_without_its_learner_shows_the_curve_it_saved_and_says_the_learner_is_missing(tmp_path):
+    """With learner.pt deleted, the run's own curve was dropped and the page claimed it was an earlier
+    learner's, advising a command that then failed: the saved curve is shown, noted as unverifiable."""
+    run = _small_run(tmp_path / "r", [_row(0.6, 0.1)])
+    (run / "learner.pt").write_bytes(b"a learner")
+    from metamtl.steps_curve import cache_key
+
+    curve = {"key": cache_key(run / "learner.pt", 3, [0, 1]), "split": "test", "episodes": 3, "steps": [0, 1],
+             "trained_steps": 1, "curves": [{"setting": "5-way 1-shot", "metric": "accuracy", "mean": [0.2, 0.5],
+                                             "ci95": [0.1, 0.1]}]}
+    (run / "steps_curve.json").write_text(json.dumps(curve))
+    (run / "learner.pt").unlink()
+    text = write_report(run).read_text()
+    assert "steps_curve.png" in text and "learner.pt is missing: this is the curve the run saved" in text
+    assert "earlier learner.pt" not in text
+    assert main(["report", str(run), "--no-progress"]) == 0
+    text = (run / "report.html").read_text()
+    assert "steps_curve.png" in text and "learner.pt is missing" in text and "earlier learner.pt" not in text
+
+
+def test_steps_for_a_run_whose_config_turned_the_curve_off_asks_for_steps_episodes(tmp_path, capsys):
+    """`metamtl report RUN --steps 0 1 2` of a run with logging.report_steps_episodes: 0 did nothing,
+    exit 0, the page saying "Not computed (disabled)": a ConfigError now says to add --steps-episodes."""
+    run = _small_run(tmp_path / "r", [_row(0.6, 0.1)])
+    results = json.loads((run / "results.json").read_text())
+    results["config"]["logging"] = {"report_steps_episodes": 0}
+    (run / "results.json").write_text(json.dumps(results))
+    assert main(["report", str(run), "--steps", "0", "1", "2", "--no-progress"]) == 2
+    assert "--steps-episodes N" in capsys.readouterr().err and not (run / "report.html").exists()
+    assert main(["report", str(run), "--no-progress"]) == 0  # without --steps: off, as configured
+    assert "Not computed (disabled)." in (run / "report.html").read_text()
+
+
+def test_a_run_evaluated_on_its_best_validation_weights_says_which_iteration(tmp_path):
+    """With eval.checkpoint: best, results.json records the selected iteration but the page read as if
+    the last weights were evaluated; the header now names the iteration (and says nothing otherwise)."""
+    run = _small_run(tmp_path / "r", [_row(0.6, 0.1)])
+    results = json.loads((run / "results.json").read_text())
+    (run / "results.json").write_text(json.dumps({**results, "iterations": 6, "selected_iteration": 4}))
+    header = write_report(run).read_text().split('<p class="meta">')[1].split("</p>")[0]
+    assert "held-out results use the weights of iteration <b>4</b> (best validation" in header
+    (run / "results.json").write_text(json.dumps({**results, "iterations": 6, "selected_iteration": 6}))
+    assert "weights of iteration" not in write_report(run).read_text()
+
+
+def test_published_numbers_name_their_source_and_captions_only_the_episodes_a_run_has(tmp_path):
+    """The published numbers were shown without their paper and table, and a run without validation
+    rows was captioned as evaluated "on fixed validation episodes (95% CI)"."""
+    run = _small_run(tmp_path / "r", [_row(0.9, 0.01)])
+    text = write_report(run).read_text()
+    assert "Published numbers: MAML: Finn et al. 2017, MAML (Table 1 and 2); MAML++: Antoniou et al. 2019" in text
+    assert "validation episodes" not in text  # history without val/ rows
+    assert "Finn et al. 2017" in write_comparison([run], tmp_path / "cmp.html").read_text()
+    history = json.loads((run / "history.json").read_text())
+    history.append({"iteration": 2, "val/loss": 1.0, "val/accuracy": 0.5, "val/accuracy_ci95": 0.1})
+    (run / "history.json").write_text(json.dumps(history))
+    assert "and on fixed validation episodes (95% CI)." in write_report(run).read_text()
+
+
+def test_a_comparison_of_regression_runs_draws_their_mse(tmp_path):
+    """A comparison of sinusoid runs drew no figure at all (only accuracies were plotted): their MSE
+    bars, validation MSE and MSE-vs-steps curves are now drawn, beside any classification run's accuracies."""
+    row = {"accuracy": None, "ci95": None, "loss": 3.67, "loss_ci95": 2.73, "episodes": 10, "ways": 1, "shots": 5,
+           "queries": 5, "steps": 1, "hierarchy": None, "head": "algorithm", "transductive": False}
+    history = [{"iteration": i, "train/loss": 1.0 / i, "val/loss": 2.0 / i, "val/loss_ci95": 0.1} for i in (1, 2)]
+    runs = []
+    for name in ("a", "b"):
+        run = _small_run(tmp_path / name, [row], history)
+        results = json.loads((run / "results.json").read_text())
+        results["config"]["data"] = {"name": "sinusoid"}
+        (run / "results.json").write_text(json.dumps(results))
+        (run / "steps_curve.json").write_text(json.dumps(
+            {"steps": [0, 1], "split": "test", "episodes": 3, "trained_steps": 1,
+             "curves": [{"setting": "5-shot regression", "metric": "loss", "mean": [4.0, 3.0], "ci95": [0.5, 0.5]}]}))
+        runs.append(run)
+    page = write_comparison(runs, tmp_path / "cmp.html")
+    assert sorted(_check_images(page)) == ["cmp_mse_bars.png", "cmp_mse_steps.png", "cmp_mse_val.png"]
+    text = page.read_text()
+    assert "<h2>Held-out MSE (95% CI)</h2>" in text and "<h2>Validation MSE during meta-training</h2>" in text
+    mixed = write_comparison([runs[0], _small_run(tmp_path / "c", [_row(0.9, 0.01)])], tmp_path / "mix.html")
+    assert {"mix_accuracy.png", "mix_mse_bars.png"} <= set(_check_images(mixed))
