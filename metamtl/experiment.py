@@ -473,27 +473,31 @@ def _run(cfg: Config, resume: str | Path | None, progress: bool, callbacks: list
         learner.init_from(os.path.expanduser(cfg.init_from))  # ~/runs/a/learner.pt: under $HOME
         say(f"[metamtl] trunk initialised from {cfg.init_from}")
     record["train_seconds"] = _train(learner, cfg, tasks, resume, progress, cbs)
-    selected = restore_best(learner, run_dir) if cfg.eval.checkpoint == "best" else None
-    if selected is not None:
-        best = "loss" if is_regression(cfg) else "accuracy"
-        say(f"[metamtl] evaluating best.pt (best validation {best}, iteration {selected})")
-    elif cfg.eval.checkpoint == "best" and any("val/loss" in r for r in learner.history):
-        say(f"[metamtl] warning: eval.checkpoint is 'best' but {run_dir} holds no best.pt of this run (deleted, or "
-            f"no validation since the run came to this folder?): evaluating the last weights (iteration {learner.iteration})")
-    if tasks["test"] is not None:
-        prepare_heads(learner, cfg, tasks["train"], say)
-    if main_process:
-        learner.save(run_dir / "learner.pt")
-    results = _results(cfg, learner, selected, record)
-    if tasks["test"] is not None:
-        t2 = time.perf_counter()
-        results["test"] = evaluate_held_out(learner, cfg, tasks["test"], progress, say)
-        results["eval_seconds"] = time.perf_counter() - t2
-    if main_process:
-        write_history(run_dir / "history.json", learner.history)
-        atomic_write_json(run_dir / "results.json", results, indent=2)
-    if cfg.logging.report:
-        write_run_steps_curve(learner, cfg, results, progress, main_process)
+    try:  # a failure or Ctrl-C after fit (the test evaluation) fails the run in the callbacks too (W&B: exit code 1)
+        selected = restore_best(learner, run_dir) if cfg.eval.checkpoint == "best" else None
+        if selected is not None:
+            best = "loss" if is_regression(cfg) else "accuracy"
+            say(f"[metamtl] evaluating best.pt (best validation {best}, iteration {selected})")
+        elif cfg.eval.checkpoint == "best" and any("val/loss" in r for r in learner.history):
+            say(f"[metamtl] warning: eval.checkpoint is 'best' but {run_dir} holds no best.pt of this run (deleted, or "
+                f"no validation since the run came to this folder?): evaluating the last weights (iteration {learner.iteration})")
+        if tasks["test"] is not None:
+            prepare_heads(learner, cfg, tasks["train"], say)
+        if main_process:
+            learner.save(run_dir / "learner.pt")
+        results = _results(cfg, learner, selected, record)
+        if tasks["test"] is not None:
+            t2 = time.perf_counter()
+            results["test"] = evaluate_held_out(learner, cfg, tasks["test"], progress, say)
+            results["eval_seconds"] = time.perf_counter() - t2
+        if main_process:
+            write_history(run_dir / "history.json", learner.history)
+            atomic_write_json(run_dir / "results.json", results, indent=2)
+        if cfg.logging.report:
+            write_run_steps_curve(learner, cfg, results, progress, main_process)
+    except BaseException as exc:
+        CallbackList(cbs).on_exception(learner.fit_state, exc)
+        raise
     CallbackList(cbs).on_results(learner.fit_state, results)
     if "report" in results:
         say(f"[metamtl] report: {results['report']}")

@@ -268,3 +268,18 @@ def test_settings_that_differ_only_in_hierarchy_keep_their_own_keys_and_labels(t
     assert {k: v for k, v in summary.items() if k.endswith("/accuracy")} == {
         "test/5w1s/accuracy": 0.9, "test/5w1s-within/accuracy": 0.6, "test/5w1s-within2/accuracy": 0.4,
         "test/5w1s-withinmap/accuracy": 0.3}
+
+
+def test_a_failure_during_the_test_evaluation_marks_the_wandb_run_failed(tiny_config, monkeypatch):
+    """A Ctrl-C (or CUDA OOM, ...) after fit, in the held-out evaluation, left the W&B run to the
+    atexit hook, which finished it as a success (exit code 0) with no test results."""
+    import metamtl.experiment as experiment
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment, "evaluate_held_out", interrupted)
+    cfg = tiny_config()
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run(cfg, progress=False, quiet=True)
+    assert read_offline_run(cfg.run_dir, wait=5).exit_code == 1
