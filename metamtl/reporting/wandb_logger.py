@@ -104,18 +104,31 @@ def _finite(row: Mapping[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
 
 
-def _setting(r: Mapping[str, Any]) -> str:
+def _setting(r: Mapping[str, Any], n: int = 1) -> str:
     """``5w1s`` (``<dataset>/5w1s`` in multi-dataset runs; ``5shot`` for regression), with
     ``-within`` for episodes drawn within one superclass (depth 1; ``-within2`` at depth 2,
-    ``-withinmap`` for a hierarchy mapping) and ``/<head>`` for a head other than the algorithm's own
-    (``5w1s/simpleshot``), so the rows of one run never share a key."""
+    ``-withinmap`` for a hierarchy mapping, ``-withinmap<n>`` for the ``n``-th mapping of one setting)
+    and ``/<head>`` for a head other than the algorithm's own (``5w1s/simpleshot``)."""
     setting = f"{r['ways']}w{r['shots']}s" if r.get("accuracy") is not None else f"{r['shots']}shot"
     hierarchy = r.get("hierarchy")
     if hierarchy is not None:
         setting += "-within" + ("map" if not isinstance(hierarchy, int) else "" if hierarchy == 1 else str(hierarchy))
+    if n > 1:  # rows carry a mapping's size only ("mapping of 964 classes"): two mappings look alike
+        setting += str(n) if hierarchy is not None and not isinstance(hierarchy, int) else f"-{n}"
     if r.get("head") not in (None, "algorithm"):
         setting += f"/{r['head']}"
     return f"{r['dataset']}/{setting}" if r.get("dataset") else setting
+
+
+def _settings(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    """:func:`_setting` of each row, a label already taken numbered by its order (two hierarchy mappings
+    of one setting: ``-withinmap``, ``-withinmap2``), so the rows of one run never share a key."""
+    labels, seen = [], {}
+    for r in rows:
+        label = _setting(r)
+        seen[label] = n = seen.get(label, 0) + 1
+        labels.append(label if n == 1 else _setting(r, n))
+    return labels
 
 
 class WandbLogger(Callback):
@@ -261,9 +274,10 @@ class WandbLogger(Callback):
         if self.run is None and not self.failed:
             self._safe("init", self._init, None, "evaluate")
         self.log_results(results.get("test", []), checkpoint=results.get("checkpoint"))
-        summary = {f"members/{m.get('name')}/test/{_setting(r)}/{key}": r[key]
+        summary = {f"members/{m.get('name')}/test/{label}/{key}": r[key]
                    for m in (results.get("ensemble") or {}).get("members", [])
-                   for r in m.get("test") or [] if "skipped" not in r
+                   for rows in [[r for r in m.get("test") or [] if "skipped" not in r]]
+                   for r, label in zip(rows, _settings(rows))
                    for key in ("accuracy", "loss") if r.get(key) is not None}
         summary = _finite(summary)  # a one-episode setting has no CI (nan): left out, not logged as 0
         if summary and self.active:
@@ -284,8 +298,8 @@ class WandbLogger(Callback):
         rows = [r for r in rows if "skipped" not in r]  # settings a dataset could not serve
         self._safe("table", self._log_table, rows)
         summary: dict[str, Any] = {}
-        for r in rows:
-            key = f"test/{_setting(r)}"
+        for r, label in zip(rows, _settings(rows)):
+            key = f"test/{label}"
             if r.get("accuracy") is not None:
                 summary.update({f"{key}/accuracy": r["accuracy"], f"{key}/accuracy_ci95": r["ci95"]})
             summary.update({f"{key}/loss": r["loss"], f"{key}/loss_ci95": r["loss_ci95"],
@@ -302,10 +316,10 @@ class WandbLogger(Callback):
         import wandb
 
         table = wandb.Table(columns=["setting", "episode", "accuracy", "loss"])
-        for r in rows:
+        for r, label in zip(rows, _settings(rows)):
             accs = r.get("per_episode_accuracy") or [None] * len(r.get("per_episode_loss", []))
             for i, (acc, loss) in enumerate(zip(accs, r.get("per_episode_loss", []))):
-                table.add_data(_setting(r), i, acc, loss)
+                table.add_data(label, i, acc, loss)
         self.run.log({"test/episodes": table})
 
     def _log_artifact(self, path: Path, metadata: dict[str, Any]) -> None:

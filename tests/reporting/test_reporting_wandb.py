@@ -283,3 +283,22 @@ def test_a_failure_during_the_test_evaluation_marks_the_wandb_run_failed(tiny_co
     with pytest.raises(KeyboardInterrupt):
         experiment.run(cfg, progress=False, quiet=True)
     assert read_offline_run(cfg.run_dir, wait=5).exit_code == 1
+
+
+def test_two_hierarchy_mappings_of_one_setting_keep_their_own_keys(tmp_path):
+    """Rows carry only a mapping's size ("mapping of 12 classes"): two mappings of one setting shared
+    the key -withinmap, the second overwriting the first's accuracy and CI and table label."""
+    def row(acc, hierarchy, head="algorithm"):
+        return {"accuracy": acc, "ci95": 0.01, "loss": 1.0, "loss_ci95": 0.1, "episodes": 2, "ways": 5, "shots": 1,
+                "queries": 15, "steps": 1, "hierarchy": hierarchy, "head": head, "transductive": False,
+                "per_episode_accuracy": [acc] * 2, "per_episode_loss": [1.0] * 2}
+
+    rows = [row(0.2, "mapping of 12 classes"), row(0.25, "mapping of 12 classes", "simpleshot"),
+            row(0.3, "mapping of 12 classes"), row(0.35, "mapping of 12 classes", "simpleshot")]
+    logger = WandbLogger(mode="offline", run_dir=tmp_path, name="m", log_model=False, settings={"console": "off"})
+    logger.log_evaluation({"test": rows, "ensemble": {"members": [{"name": "member0", "test": rows[:3:2]}]}})
+    summary = read_offline_run(tmp_path).summary
+    assert {k: v for k, v in summary.items() if k.endswith("/accuracy")} == {
+        "test/5w1s-withinmap/accuracy": 0.2, "test/5w1s-withinmap/simpleshot/accuracy": 0.25,
+        "test/5w1s-withinmap2/accuracy": 0.3, "test/5w1s-withinmap2/simpleshot/accuracy": 0.35,
+        "members/member0/test/5w1s-withinmap/accuracy": 0.2, "members/member0/test/5w1s-withinmap2/accuracy": 0.3}
