@@ -176,8 +176,11 @@ class WandbLogger(Callback):
         self.settings = {"init_timeout": 30.0, **dict(settings or {})}
         self.run: Any = None
         self.failed = False
-        self._resume_id: str | None = None
+        self._resume_id: str | None = None  # the W&B run a resumed fit continues (online)
         self._atexit = False
+
+    #: a reused logger's next learner (a sweep) starts a new W&B run, not the last learner's
+    resets_by_loading = True
 
     # -- failure handling -------------------------------------------------------------------
     def _safe(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -231,6 +234,7 @@ class WandbLogger(Callback):
             config=config, dir=str(self.run_dir) if self.run_dir is not None else None,
             job_type=job_type, settings=wandb.Settings(reinit="create_new", **self.settings), **kwargs,
         )
+        self._resume_id = None  # used: a later init of this logger is another run
         if not self._atexit:
             atexit.register(self.finish)
             self._atexit = True

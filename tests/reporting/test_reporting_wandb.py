@@ -302,3 +302,32 @@ def test_two_hierarchy_mappings_of_one_setting_keep_their_own_keys(tmp_path):
         "test/5w1s-withinmap/accuracy": 0.2, "test/5w1s-withinmap/simpleshot/accuracy": 0.25,
         "test/5w1s-withinmap2/accuracy": 0.3, "test/5w1s-withinmap2/simpleshot/accuracy": 0.35,
         "members/member0/test/5w1s-withinmap/accuracy": 0.2, "members/member0/test/5w1s-withinmap2/accuracy": 0.3}
+
+
+def _tiny_learner(logger, *callbacks, **kwargs):
+    model = build_model("conv4", in_channels=1, hidden=4, image_size=16, blocks=2, out_features=None)
+    return MetaLearner(model, MAML(steps=1, head_init="zero"), device="cpu", callbacks=[logger, *callbacks], **kwargs)
+
+
+def test_a_logger_reused_for_a_new_learner_starts_a_new_wandb_run(tmp_path, synthetic_tasks, monkeypatch):
+    """A WandbLogger that had resumed a run kept that run's id: the next, unrelated learner of a sweep
+    was sent to the old W&B run (online: id=<old>, resume="allow")."""
+    real_init, sent = wandb.init, []
+
+    def spy(**kwargs):  # what an online init would send; the run itself is written offline
+        sent.append(kwargs.pop("id", None))
+        kwargs.pop("resume", None)
+        return real_init(**{**kwargs, "mode": "offline"})
+
+    monkeypatch.setattr(wandb, "init", spy)
+    first = WandbLogger(mode="online", run_dir=tmp_path)
+    _tiny_learner(first).fit(synthetic_tasks, iterations=2, meta_batch_size=2, checkpoint_dir=tmp_path / "a", progress=False)
+    first.finish()
+    sweep = WandbLogger(mode="online", run_dir=tmp_path)
+    _tiny_learner(sweep).fit(synthetic_tasks, iterations=3, meta_batch_size=2, checkpoint_dir=tmp_path / "a",
+                             resume=tmp_path / "a" / "last.pt", progress=False)
+    sweep.finish()
+    _tiny_learner(sweep).fit(synthetic_tasks, iterations=2, meta_batch_size=2, progress=False)
+    sweep.finish()
+    assert sent[0] is None and sent[1] is not None and sent[2] is None
+
