@@ -177,6 +177,7 @@ class WandbLogger(Callback):
         self.run: Any = None
         self.failed = False
         self._resume_id: str | None = None  # the W&B run a resumed fit continues (online)
+        self._run_id: str | None = None  # this run's W&B id, kept for checkpoints after finish()
         self._atexit = False
 
     #: a reused logger's next learner (a sweep) starts a new W&B run, not the last learner's
@@ -234,7 +235,7 @@ class WandbLogger(Callback):
             config=config, dir=str(self.run_dir) if self.run_dir is not None else None,
             job_type=job_type, settings=wandb.Settings(reinit="create_new", **self.settings), **kwargs,
         )
-        self._resume_id = None  # used: a later init of this logger is another run
+        self._run_id, self._resume_id = getattr(self.run, "id", None) or None, None
         if not self._atexit:
             atexit.register(self.finish)
             self._atexit = True
@@ -343,7 +344,9 @@ class WandbLogger(Callback):
 
     # -- resume -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run.id} if self.active and getattr(self.run, "id", None) else {}
+        """The W&B run id (also once the run is finished: a ``TrainingError`` finishes it before
+        ``last.pt`` is rewritten); none after a W&B failure."""
+        return {"run_id": self._run_id} if self._run_id and not self.failed else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume_id = state.get("run_id")
+        self._resume_id = self._run_id = state.get("run_id")

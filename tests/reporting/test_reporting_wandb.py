@@ -331,3 +331,22 @@ def test_a_logger_reused_for_a_new_learner_starts_a_new_wandb_run(tmp_path, synt
     sweep.finish()
     assert sent[0] is None and sent[1] is not None and sent[2] is None
 
+
+def test_a_training_error_keeps_the_wandb_run_id_in_last_pt(tmp_path, synthetic_tasks):
+    """After too many non-finite steps the logger finished its run before ModelCheckpoint rewrote
+    last.pt, which then had no W&B run id: resuming it started another W&B run."""
+    from metamtl.callbacks import Callback
+    from metamtl.errors import TrainingError
+
+    class NaNGrads(Callback):
+        def on_after_backward(self, state):
+            if state.learner.iteration >= 2:
+                for p in state.learner.model.parameters():
+                    p.grad.fill_(float("nan"))
+
+    learner = _tiny_learner(WandbLogger(mode="offline", run_dir=tmp_path), NaNGrads(), max_bad_steps=2)
+    with pytest.raises(TrainingError):
+        learner.fit(synthetic_tasks, iterations=10, meta_batch_size=2, checkpoint_dir=tmp_path / "ck",
+                    checkpoint_every=1, progress=False)
+    saved = torch.load(tmp_path / "ck" / "last.pt", weights_only=False)["training"]["callbacks"]
+    assert saved.get("WandbLogger") == {"run_id": read_offline_run(tmp_path).run_id}
