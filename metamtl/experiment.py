@@ -862,6 +862,13 @@ def discard_run(run_dir: Path, files: list[str]) -> None:
     upload them, as its own)."""
     for name in files + [f for f in DERIVED_FILES if (run_dir / f).exists()]:
         (run_dir / name).unlink()
+    discard_wandb(run_dir, "the run that --overwrite replaces")
+
+
+def discard_wandb(run_dir: Path, whose: str) -> None:
+    """Delete ``<run_dir>/wandb``, the W&B runs of ``whose`` run (a replaced one, one that failed before
+    its first iteration): the new run's report would list them, and its `wandb sync` command upload
+    them, as its own."""
     wandb_dir = run_dir / "wandb"
     if wandb_dir.is_symlink():
         wandb_dir.unlink()
@@ -869,7 +876,7 @@ def discard_run(run_dir: Path, files: list[str]) -> None:
         try:
             shutil.rmtree(wandb_dir)
         except OSError as exc:
-            raise ConfigError(f"cannot delete the W&B runs of the run that --overwrite replaces ({wandb_dir}: "
+            raise ConfigError(f"cannot delete the W&B runs of {whose} ({wandb_dir}: "
                               f"{exc.strerror or exc}); delete or move that folder yourself and run again") from None
 
 
@@ -892,6 +899,7 @@ def claim_run_dir(cfg: Config, resume: str | Path | None = None, overwrite: bool
         if main_process and not existing:  # a run that failed before its first iteration holds nothing to keep
             for f in RUN_FILES:
                 (run_dir / f).unlink(missing_ok=True)
+            discard_wandb(run_dir, "the run that failed in this folder before its first iteration")
         continuing = resume is not None and Path(resume).resolve().parent == run_dir.resolve()
         if existing and not continuing:
             if not overwrite:

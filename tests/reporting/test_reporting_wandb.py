@@ -350,3 +350,22 @@ def test_a_training_error_keeps_the_wandb_run_id_in_last_pt(tmp_path, synthetic_
                     checkpoint_every=1, progress=False)
     saved = torch.load(tmp_path / "ck" / "last.pt", weights_only=False)["training"]["callbacks"]
     assert saved.get("WandbLogger") == {"run_id": read_offline_run(tmp_path).run_id}
+
+
+def test_a_run_that_failed_before_training_leaves_no_wandb_run_to_the_next(tiny_config):
+    """The folder of a run that failed before its first iteration is taken without --overwrite; its
+    W&B run stayed in wandb/, and the next run's report listed it for upload as that run's own."""
+    from metamtl.callbacks import Callback
+    from metamtl.experiment import run
+
+    class Crash(Callback):
+        def on_iteration_start(self, state):
+            raise RuntimeError("failure before the first iteration")
+
+    cfg = tiny_config()
+    with pytest.raises(RuntimeError, match="before the first iteration"):
+        run(cfg, progress=False, quiet=True, callbacks=[Crash()])
+    assert len(list((cfg.run_dir / "wandb").glob("offline-run-*"))) == 1
+    run(tiny_config(), progress=False, quiet=True)
+    runs = list((cfg.run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and read_offline_run(runs[0]).exit_code == 0
