@@ -23,11 +23,14 @@ What is logged (at ``step = state.iteration``):
 
 Mode: ``mode=None`` uses ``$WANDB_MODE`` if set, else ``"online"`` when an API key is configured
 (``$WANDB_API_KEY`` or a ``.netrc`` entry for the W&B host) and ``"offline"`` otherwise; offline
-runs are written under ``<run_dir>/wandb/`` and can be uploaded later with ``wandb sync``.
+runs are written under ``<run_dir>/wandb/`` and can be uploaded later with ``wandb sync``.  A fit
+resumed from a checkpoint continues the checkpoint's W&B run (``id``, ``resume="allow"``), offline
+too: one folder per part under one run id (a ``wandb`` that cannot resume offline: a new run, with a warning).
 """
 from __future__ import annotations
 
 import atexit
+import functools
 import math
 import netrc
 import os
@@ -225,16 +228,24 @@ class WandbLogger(Callback):
         if learner is not None:
             config["learner"] = learner.config()
         config["system"] = {**machine_info(), "commit": git_commit()}
-        kwargs: dict[str, Any] = {}
-        if self._resume_id and self.mode == "online":
-            kwargs.update(id=self._resume_id, resume="allow")
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(
-            project=self.project, entity=self.entity, mode=self.mode, tags=self.tags, name=self.name,
+        init = functools.partial(
+            wandb.init, project=self.project, entity=self.entity, mode=self.mode, tags=self.tags, name=self.name,
             config=config, dir=str(self.run_dir) if self.run_dir is not None else None,
-            job_type=job_type, settings=wandb.Settings(reinit="create_new", **self.settings), **kwargs,
-        )
+            job_type=job_type, settings=wandb.Settings(reinit="create_new", **self.settings))
+        if not self._resume_id or self.mode == "disabled":
+            self.run = init()
+        elif self.mode == "online":
+            self.run = init(id=self._resume_id, resume="allow")
+        else:  # offline: a folder per part under one run id; `wandb sync` of them all uploads one run
+            try:
+                self.run = init(id=self._resume_id, resume="allow")
+            except Exception as exc:  # noqa: BLE001 - a wandb that cannot resume offline: a new run, said
+                warnings.warn(f"W&B offline: this wandb ({getattr(wandb, '__version__', '?')}) cannot continue run "
+                              f"{self._resume_id} offline ({type(exc).__name__}: {exc}); the resumed part logs to a new "
+                              f"W&B run, the part before it stays in run {self._resume_id}", RuntimeWarning, stacklevel=4)
+                self.run = init()
         self._run_id, self._resume_id = getattr(self.run, "id", None) or None, None
         if not self._atexit:
             atexit.register(self.finish)

@@ -369,3 +369,39 @@ def test_a_run_that_failed_before_training_leaves_no_wandb_run_to_the_next(tiny_
     run(tiny_config(), progress=False, quiet=True)
     runs = list((cfg.run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and read_offline_run(runs[0]).exit_code == 0
+
+
+def test_an_offline_resume_continues_the_same_wandb_run(tiny_config):
+    """A resumed offline run started a new W&B run (another id), silently: after `wandb sync` the two
+    parts were unrelated runs.  Now each part has its own folder under the first part's id and the
+    resumed part's steps continue the first's."""
+    from metamtl.experiment import run
+
+    cfg = tiny_config()
+    run(cfg, progress=False, quiet=True)
+    run(tiny_config(train={"iterations": 5}), resume=cfg.run_dir / "last.pt", progress=False, quiet=True)
+    parts = [read_offline_run(f) for f in sorted((cfg.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))]
+    assert len(parts) == 2 and parts[0].run_id == parts[1].run_id
+    assert [[s for s, _ in p.metric("train/loss")] for p in parts] == [[1, 2, 3], [4, 5]]
+
+
+def test_a_wandb_that_cannot_resume_offline_starts_a_new_run_and_says_so(tmp_path, synthetic_tasks, monkeypatch):
+    real_init, sent = wandb.init, []
+
+    def no_offline_resume(**kwargs):
+        sent.append(kwargs.get("id"))
+        if "id" in kwargs:
+            raise wandb.errors.UsageError("resume is not supported offline")
+        return real_init(**kwargs)
+
+    first = WandbLogger(mode="offline", run_dir=tmp_path)
+    _tiny_learner(first).fit(synthetic_tasks, iterations=2, meta_batch_size=2, checkpoint_dir=tmp_path / "a", progress=False)
+    first.finish()
+    first_id = read_offline_run(tmp_path).run_id
+    monkeypatch.setattr(wandb, "init", no_offline_resume)
+    logger = WandbLogger(mode="offline", run_dir=tmp_path)
+    with pytest.warns(RuntimeWarning, match=f"cannot continue run {first_id} offline .*logs to a new W&B run"):
+        _tiny_learner(logger).fit(synthetic_tasks, iterations=3, meta_batch_size=2, checkpoint_dir=tmp_path / "a",
+                                  resume=tmp_path / "a" / "last.pt", progress=False)
+    logger.finish()
+    assert sent == [first_id, None] and logger.state_dict()["run_id"] != first_id
