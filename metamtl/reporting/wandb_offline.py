@@ -47,15 +47,17 @@ class OfflineRun:
 
 def find_run_file(path: str | Path) -> Path:
     """The ``.wandb`` file of ``path``: the file itself, an ``offline-run-*`` folder, or a folder
-    with ``wandb/`` inside (the most recent run there)."""
+    with ``wandb/`` inside (the most recent run there: W&B's ``latest-run`` link, else the run file
+    written last; folder names tell only the second a run started)."""
     path = Path(path)
     if path.is_file():
         return path
-    candidates = sorted(path.glob("run-*.wandb")) or sorted(path.glob("wandb/*run-*/run-*.wandb")) \
+    latest = [f.resolve() for folder in (path / "wandb", path) for f in sorted((folder / "latest-run").glob("run-*.wandb"))]
+    candidates = sorted(path.glob("run-*.wandb")) or latest[:1] or sorted(path.glob("wandb/*run-*/run-*.wandb")) \
         or sorted(path.glob("*run-*/run-*.wandb"))
     if not candidates:
         raise DataNotFoundError(f"no W&B run file (run-*.wandb) in {path} or {path / 'wandb'}")
-    return max(candidates, key=lambda p: p.parent.name)
+    return max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.parent.name))
 
 
 def iter_records(path: str | Path) -> Iterator[Any]:

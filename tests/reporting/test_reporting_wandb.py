@@ -405,3 +405,22 @@ def test_a_wandb_that_cannot_resume_offline_starts_a_new_run_and_says_so(tmp_pat
                                   resume=tmp_path / "a" / "last.pt", progress=False)
     logger.finish()
     assert sent == [first_id, None] and logger.state_dict()["run_id"] != first_id
+
+
+def test_find_run_file_takes_the_latest_run_not_the_last_folder_name(tmp_path):
+    """Two runs started in the same second: their folder names differ only by the random run id, and
+    find_run_file took the larger id, the older run."""
+    import os
+
+    files = []
+    for i, rid in enumerate(("zzzz1111", "aaaa2222")):  # the older one first
+        folder = tmp_path / "wandb" / f"offline-run-20260101_000000-{rid}"
+        folder.mkdir(parents=True)
+        files.append(folder / f"run-{rid}.wandb")
+        files[-1].write_bytes(b":W&B")
+        os.utime(files[-1], ns=(10**18 + i * 10**9,) * 2)
+    (tmp_path / "wandb" / "latest-run").symlink_to(files[1].parent.name)
+    assert find_run_file(tmp_path).parent.name == files[1].parent.name
+    assert find_run_file(tmp_path / "wandb").parent.name == files[1].parent.name
+    (tmp_path / "wandb" / "latest-run").unlink()  # no link (a copied folder): the file written last
+    assert find_run_file(tmp_path) == files[1] and find_run_file(tmp_path / "wandb") == files[1]
