@@ -424,3 +424,19 @@ def test_find_run_file_takes_the_latest_run_not_the_last_folder_name(tmp_path):
     assert find_run_file(tmp_path / "wandb").parent.name == files[1].parent.name
     (tmp_path / "wandb" / "latest-run").unlink()  # no link (a copied folder): the file written last
     assert find_run_file(tmp_path) == files[1] and find_run_file(tmp_path / "wandb") == files[1]
+
+
+@pytest.mark.parametrize("where", [20, 0.5])
+def test_a_corrupt_wandb_file_is_a_data_error_naming_the_file(tmp_path, where):
+    """A damaged .wandb file raised protobuf's bare DecodeError, or (flipped bytes elsewhere) was read
+    with no error at all: each chunk's checksum is now checked."""
+    from metamtl.errors import DataError
+
+    logger = WandbLogger(mode="offline", run_dir=tmp_path / "run", log_model=False, settings={"console": "off"})
+    logger.log_evaluation({"test": []})
+    read_offline_run(tmp_path / "run")
+    data = bytearray(find_run_file(tmp_path / "run").read_bytes())
+    data[where if isinstance(where, int) else int(len(data) * where)] ^= 0xFF
+    (tmp_path / "bad.wandb").write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"bad\.wandb: corrupt W&B record at byte \d+"):
+        read_offline_run(tmp_path / "bad.wandb", wait=0)
