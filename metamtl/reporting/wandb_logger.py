@@ -134,6 +134,22 @@ def _settings(rows: Iterable[Mapping[str, Any]]) -> list[str]:
     return labels
 
 
+def _tags(tags: Iterable[str] | None) -> list[str]:
+    """``tags`` as a list of strings; one string (which ``list`` would split into letters) or a value
+    that is not text is a :class:`ConfigError`, as in a config's ``logging.tags``."""
+    if isinstance(tags, (str, bytes)):
+        raise ConfigError(f"WandbLogger tags must be a list of strings, got the string {tags!r}: write "
+                          f"tags=[{tags!r}] for one tag")
+    try:
+        out = list(tags or [])
+    except TypeError:
+        raise ConfigError(f"WandbLogger tags must be a list of strings, got {tags!r}") from None
+    bad = [t for t in out if not isinstance(t, str)]
+    if bad:
+        raise ConfigError(f"WandbLogger tags must be strings, got {bad[0]!r} in {out!r}: write {str(bad[0])!r}")
+    return out
+
+
 class WandbLogger(Callback):
     """Log a :meth:`~metamtl.MetaLearner.fit` run to Weights & Biases.
 
@@ -170,7 +186,7 @@ class WandbLogger(Callback):
             raise ConfigError(f"log_every must be an integer >= 1, got {log_every!r}")
         self.project = project
         self.entity = entity
-        self.tags = list(tags or [])
+        self.tags = _tags(tags)
         self.config = dict(config or {})
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.name = name or self.config.get("name")

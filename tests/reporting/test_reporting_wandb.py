@@ -440,3 +440,13 @@ def test_a_corrupt_wandb_file_is_a_data_error_naming_the_file(tmp_path, where):
     (tmp_path / "bad.wandb").write_bytes(bytes(data))
     with pytest.raises(DataError, match=r"bad\.wandb: corrupt W&B record at byte \d+"):
         read_offline_run(tmp_path / "bad.wandb", wait=0)
+
+
+def test_tags_given_as_one_string_are_refused_not_split_into_letters():
+    """WandbLogger(tags="baseline") sent eight one-letter tags to W&B (list("baseline"))."""
+    assert WandbLogger(mode="offline", tags=["baseline", "v2"]).tags == ["baseline", "v2"]
+    assert WandbLogger(mode="offline", tags=None).tags == []
+    with pytest.raises(ConfigError, match=r"tags must be a list of strings, got the string 'baseline': write tags=\['baseline'\]"):
+        WandbLogger(mode="offline", tags="baseline")
+    with pytest.raises(ConfigError, match="tags must be strings, got 2024"):
+        WandbLogger(mode="offline", tags=["baseline", 2024])
