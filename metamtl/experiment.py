@@ -491,27 +491,31 @@ def _run(cfg: Config, resume: str | Path | None, progress: bool, callbacks: list
         learner.init_from(os.path.expanduser(cfg.init_from))  # ~/runs/a/learner.pt: under $HOME
         say(f"[metamtl] trunk initialised from {cfg.init_from}")
     record["train_seconds"] = _train(learner, cfg, tasks, resume, progress, cbs)
-    selected = restore_best(learner, run_dir) if cfg.eval.checkpoint == "best" else None
-    if selected is not None:
-        best = "loss" if is_regression(cfg) else "accuracy"
-        say(f"[metamtl] evaluating best.pt (best validation {best}, iteration {selected})")
-    elif cfg.eval.checkpoint == "best" and any("val/loss" in r for r in learner.history):
-        say(f"[metamtl] warning: eval.checkpoint is 'best' but {run_dir} holds no best.pt of this run (deleted, or "
-            f"no validation since the run came to this folder?): evaluating the last weights (iteration {learner.iteration})")
-    if tasks["test"] is not None:
-        prepare_heads(learner, cfg, tasks["train"], say)
-    if main_process:
-        learner.save(run_dir / "learner.pt")
-    results = _results(cfg, learner, selected, record)
-    if tasks["test"] is not None:
-        t2 = time.perf_counter()
-        results["test"] = evaluate_held_out(learner, cfg, tasks["test"], progress, say)
-        results["eval_seconds"] = time.perf_counter() - t2
-    if main_process:
-        write_history(run_dir / "history.json", learner.history)
-        atomic_write_json(run_dir / "results.json", results, indent=2)
-    if cfg.logging.report:
-        write_run_steps_curve(learner, cfg, results, progress, main_process)
+    try:  # a failure or Ctrl-C after fit (the test evaluation) fails the run in the callbacks too (W&B: exit code 1)
+        selected = restore_best(learner, run_dir) if cfg.eval.checkpoint == "best" else None
+        if selected is not None:
+            best = "loss" if is_regression(cfg) else "accuracy"
+            say(f"[metamtl] evaluating best.pt (best validation {best}, iteration {selected})")
+        elif cfg.eval.checkpoint == "best" and any("val/loss" in r for r in learner.history):
+            say(f"[metamtl] warning: eval.checkpoint is 'best' but {run_dir} holds no best.pt of this run (deleted, or "
+                f"no validation since the run came to this folder?): evaluating the last weights (iteration {learner.iteration})")
+        if tasks["test"] is not None:
+            prepare_heads(learner, cfg, tasks["train"], say)
+        if main_process:
+            learner.save(run_dir / "learner.pt")
+        results = _results(cfg, learner, selected, record)
+        if tasks["test"] is not None:
+            t2 = time.perf_counter()
+            results["test"] = evaluate_held_out(learner, cfg, tasks["test"], progress, say)
+            results["eval_seconds"] = time.perf_counter() - t2
+        if main_process:
+            write_history(run_dir / "history.json", learner.history)
+            atomic_write_json(run_dir / "results.json", results, indent=2)
+        if cfg.logging.report:
+            write_run_steps_curve(learner, cfg, results, progress, main_process)
+    except BaseException as exc:
+        CallbackList(cbs).on_exception(learner.fit_state, exc)
+        raise
     CallbackList(cbs).on_results(learner.fit_state, results)
     if "report" in results:
         say(f"[metamtl] report: {results['report']}")
@@ -885,6 +889,13 @@ def discard_run(run_dir: Path, files: list[str]) -> None:
     upload them, as its own)."""
     for name in files + [f for f in DERIVED_FILES if (run_dir / f).exists()]:
         (run_dir / name).unlink()
+    discard_wandb(run_dir, "the run that --overwrite replaces")
+
+
+def discard_wandb(run_dir: Path, whose: str) -> None:
+    """Delete ``<run_dir>/wandb``, the W&B runs of ``whose`` run (a replaced one, one that failed before
+    its first iteration): the new run's report would list them, and its `wandb sync` command upload
+    them, as its own."""
     wandb_dir = run_dir / "wandb"
     if wandb_dir.is_symlink():
         wandb_dir.unlink()
@@ -892,7 +903,7 @@ def discard_run(run_dir: Path, files: list[str]) -> None:
         try:
             shutil.rmtree(wandb_dir)
         except OSError as exc:
-            raise ConfigError(f"cannot delete the W&B runs of the run that --overwrite replaces ({wandb_dir}: "
+            raise ConfigError(f"cannot delete the W&B runs of {whose} ({wandb_dir}: "
                               f"{exc.strerror or exc}); delete or move that folder yourself and run again") from None
 
 
@@ -915,6 +926,7 @@ def claim_run_dir(cfg: Config, resume: str | Path | None = None, overwrite: bool
         if main_process and not existing:  # a run that failed before its first iteration holds nothing to keep
             for f in RUN_FILES:
                 (run_dir / f).unlink(missing_ok=True)
+            discard_wandb(run_dir, "the run that failed in this folder before its first iteration")
         continuing = resume is not None and Path(resume).resolve().parent == run_dir.resolve()
         if existing and not continuing:
             if not overwrite:

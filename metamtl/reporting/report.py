@@ -438,16 +438,25 @@ def _test_rows(results: Mapping[str, Any]) -> str:
     return "".join(rows) or "<tr><td colspan=6>no test evaluation in this run</td></tr>"
 
 
-#: where a run's W&B runs are written: its own, its earlier stages' and its ensemble members' (staged too)
-WANDB_FOLDERS = ("wandb", "stages/*/wandb", "members/*/wandb", "members/*/stages/*/wandb")
+def wandb_folders(results: Mapping[str, Any]) -> list[str]:
+    """Where a run's W&B runs are written, relative to its folder: its own, its earlier stages' and its
+    ensemble members' (staged too), as ``results`` names them: the stage or member folders of a run
+    that ``--overwrite`` replaced (stages renamed, fewer members) are not this run's."""
+    def stages(r: Mapping[str, Any]) -> list[str]:  # the last stage trains in the run folder itself
+        return [f"stages/{s.get('stage')}/wandb" for s in (r.get("stages") or [])[:-1]]
+
+    folders = ["wandb", *stages(results)]
+    for m in (results.get("ensemble") or {}).get("members") or []:
+        folders += [f"members/{m.get('name')}/{f}" for f in ["wandb", *stages(m)]]
+    return folders
 
 
-def _wandb_note(run_dir: Path) -> str:
+def _wandb_note(run_dir: Path, results: Mapping[str, Any]) -> str:
     """Where the run's offline W&B runs are and one command, to paste into a shell from any folder,
     that uploads all of them (a resumed run has one per part; a staged run one per stage, an ensemble
-    one per member and one for the ensemble; see :data:`WANDB_FOLDERS`)."""
+    one per member and one for the ensemble; see :func:`wandb_folders`)."""
     root = run_dir.resolve()
-    offline = sorted(p for pattern in WANDB_FOLDERS for p in root.glob(f"{pattern}/offline-run-*") if p.is_dir())
+    offline = sorted(p for folder in wandb_folders(results) for p in (root / folder).glob("offline-run-*") if p.is_dir())
     if not offline:
         return ""
     command = "wandb sync " + " ".join(shlex.quote(str(p)) for p in offline)
@@ -477,7 +486,7 @@ Commit <code>{_e(results.get('commit'))}</code>, {_e(results.get('date'))},
 <table><tr><th>setting</th><th>{_metric_columns(results)}</th><th>inner steps</th>
 <th>published (official test classes)</th></tr>{_test_rows(results)}</table>{_sources_note(results)}
 {''.join(f'<h2>{_e(title)}</h2>{fig}' for title, fig in figures if fig)}
-<h2>Files</h2><p>{' · '.join(f'<a href="{_e(quote(f))}">{_e(f)}</a>' for f in files)}</p>{_wandb_note(run_dir)}
+<h2>Files</h2><p>{' · '.join(f'<a href="{_e(quote(f))}">{_e(f)}</a>' for f in files)}</p>{_wandb_note(run_dir, results)}
 <details><summary>Configuration</summary><pre>{_e(json.dumps(cfg, indent=2))}</pre></details>
 <details><summary>Machine</summary><pre>{_e(json.dumps(machine, indent=2))}</pre></details>
 </body></html>"""

@@ -23,11 +23,14 @@ What is logged (at ``step = state.iteration``):
 
 Mode: ``mode=None`` uses ``$WANDB_MODE`` if set, else ``"online"`` when an API key is configured
 (``$WANDB_API_KEY`` or a ``.netrc`` entry for the W&B host) and ``"offline"`` otherwise; offline
-runs are written under ``<run_dir>/wandb/`` and can be uploaded later with ``wandb sync``.
+runs are written under ``<run_dir>/wandb/`` and can be uploaded later with ``wandb sync``.  A fit
+resumed from a checkpoint continues the checkpoint's W&B run (``id``, ``resume="allow"``), offline
+too: one folder per part under one run id (a ``wandb`` that cannot resume offline: a new run, with a warning).
 """
 from __future__ import annotations
 
 import atexit
+import functools
 import math
 import netrc
 import os
@@ -104,18 +107,47 @@ def _finite(row: Mapping[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
 
 
-def _setting(r: Mapping[str, Any]) -> str:
+def _setting(r: Mapping[str, Any], n: int = 1) -> str:
     """``5w1s`` (``<dataset>/5w1s`` in multi-dataset runs; ``5shot`` for regression), with
     ``-within`` for episodes drawn within one superclass (depth 1; ``-within2`` at depth 2,
-    ``-withinmap`` for a hierarchy mapping) and ``/<head>`` for a head other than the algorithm's own
-    (``5w1s/simpleshot``), so the rows of one run never share a key."""
+    ``-withinmap`` for a hierarchy mapping, ``-withinmap<n>`` for the ``n``-th mapping of one setting)
+    and ``/<head>`` for a head other than the algorithm's own (``5w1s/simpleshot``)."""
     setting = f"{r['ways']}w{r['shots']}s" if r.get("accuracy") is not None else f"{r['shots']}shot"
     hierarchy = r.get("hierarchy")
     if hierarchy is not None:
         setting += "-within" + ("map" if not isinstance(hierarchy, int) else "" if hierarchy == 1 else str(hierarchy))
+    if n > 1:  # rows carry a mapping's size only ("mapping of 964 classes"): two mappings look alike
+        setting += str(n) if hierarchy is not None and not isinstance(hierarchy, int) else f"-{n}"
     if r.get("head") not in (None, "algorithm"):
         setting += f"/{r['head']}"
     return f"{r['dataset']}/{setting}" if r.get("dataset") else setting
+
+
+def _settings(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    """:func:`_setting` of each row, a label already taken numbered by its order (two hierarchy mappings
+    of one setting: ``-withinmap``, ``-withinmap2``), so the rows of one run never share a key."""
+    labels, seen = [], {}
+    for r in rows:
+        label = _setting(r)
+        seen[label] = n = seen.get(label, 0) + 1
+        labels.append(label if n == 1 else _setting(r, n))
+    return labels
+
+
+def _tags(tags: Iterable[str] | None) -> list[str]:
+    """``tags`` as a list of strings; one string (which ``list`` would split into letters) or a value
+    that is not text is a :class:`ConfigError`, as in a config's ``logging.tags``."""
+    if isinstance(tags, (str, bytes)):
+        raise ConfigError(f"WandbLogger tags must be a list of strings, got the string {tags!r}: write "
+                          f"tags=[{tags!r}] for one tag")
+    try:
+        out = list(tags or [])
+    except TypeError:
+        raise ConfigError(f"WandbLogger tags must be a list of strings, got {tags!r}") from None
+    bad = [t for t in out if not isinstance(t, str)]
+    if bad:
+        raise ConfigError(f"WandbLogger tags must be strings, got {bad[0]!r} in {out!r}: write {str(bad[0])!r}")
+    return out
 
 
 class WandbLogger(Callback):
@@ -154,7 +186,7 @@ class WandbLogger(Callback):
             raise ConfigError(f"log_every must be an integer >= 1, got {log_every!r}")
         self.project = project
         self.entity = entity
-        self.tags = list(tags or [])
+        self.tags = _tags(tags)
         self.config = dict(config or {})
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.name = name or self.config.get("name")
@@ -163,8 +195,12 @@ class WandbLogger(Callback):
         self.settings = {"init_timeout": 30.0, **dict(settings or {})}
         self.run: Any = None
         self.failed = False
-        self._resume_id: str | None = None
+        self._resume_id: str | None = None  # the W&B run a resumed fit continues (online)
+        self._run_id: str | None = None  # this run's W&B id, kept for checkpoints after finish()
         self._atexit = False
+
+    #: a reused logger's next learner (a sweep) starts a new W&B run, not the last learner's
+    resets_by_loading = True
 
     # -- failure handling -------------------------------------------------------------------
     def _safe(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -208,16 +244,25 @@ class WandbLogger(Callback):
         if learner is not None:
             config["learner"] = learner.config()
         config["system"] = {**machine_info(), "commit": git_commit()}
-        kwargs: dict[str, Any] = {}
-        if self._resume_id and self.mode == "online":
-            kwargs.update(id=self._resume_id, resume="allow")
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(
-            project=self.project, entity=self.entity, mode=self.mode, tags=self.tags, name=self.name,
+        init = functools.partial(
+            wandb.init, project=self.project, entity=self.entity, mode=self.mode, tags=self.tags, name=self.name,
             config=config, dir=str(self.run_dir) if self.run_dir is not None else None,
-            job_type=job_type, settings=wandb.Settings(reinit="create_new", **self.settings), **kwargs,
-        )
+            job_type=job_type, settings=wandb.Settings(reinit="create_new", **self.settings))
+        if not self._resume_id or self.mode == "disabled":
+            self.run = init()
+        elif self.mode == "online":
+            self.run = init(id=self._resume_id, resume="allow")
+        else:  # offline: a folder per part under one run id; `wandb sync` of them all uploads one run
+            try:
+                self.run = init(id=self._resume_id, resume="allow")
+            except Exception as exc:  # noqa: BLE001 - a wandb that cannot resume offline: a new run, said
+                warnings.warn(f"W&B offline: this wandb ({getattr(wandb, '__version__', '?')}) cannot continue run "
+                              f"{self._resume_id} offline ({type(exc).__name__}: {exc}); the resumed part logs to a new "
+                              f"W&B run, the part before it stays in run {self._resume_id}", RuntimeWarning, stacklevel=4)
+                self.run = init()
+        self._run_id, self._resume_id = getattr(self.run, "id", None) or None, None
         if not self._atexit:
             atexit.register(self.finish)
             self._atexit = True
@@ -261,9 +306,10 @@ class WandbLogger(Callback):
         if self.run is None and not self.failed:
             self._safe("init", self._init, None, "evaluate")
         self.log_results(results.get("test", []), checkpoint=results.get("checkpoint"))
-        summary = {f"members/{m.get('name')}/test/{_setting(r)}/{key}": r[key]
+        summary = {f"members/{m.get('name')}/test/{label}/{key}": r[key]
                    for m in (results.get("ensemble") or {}).get("members", [])
-                   for r in m.get("test") or [] if "skipped" not in r
+                   for rows in [[r for r in m.get("test") or [] if "skipped" not in r]]
+                   for r, label in zip(rows, _settings(rows))
                    for key in ("accuracy", "loss") if r.get(key) is not None}
         summary = _finite(summary)  # a one-episode setting has no CI (nan): left out, not logged as 0
         if summary and self.active:
@@ -284,8 +330,8 @@ class WandbLogger(Callback):
         rows = [r for r in rows if "skipped" not in r]  # settings a dataset could not serve
         self._safe("table", self._log_table, rows)
         summary: dict[str, Any] = {}
-        for r in rows:
-            key = f"test/{_setting(r)}"
+        for r, label in zip(rows, _settings(rows)):
+            key = f"test/{label}"
             if r.get("accuracy") is not None:
                 summary.update({f"{key}/accuracy": r["accuracy"], f"{key}/accuracy_ci95": r["ci95"]})
             summary.update({f"{key}/loss": r["loss"], f"{key}/loss_ci95": r["loss_ci95"],
@@ -302,10 +348,10 @@ class WandbLogger(Callback):
         import wandb
 
         table = wandb.Table(columns=["setting", "episode", "accuracy", "loss"])
-        for r in rows:
+        for r, label in zip(rows, _settings(rows)):
             accs = r.get("per_episode_accuracy") or [None] * len(r.get("per_episode_loss", []))
             for i, (acc, loss) in enumerate(zip(accs, r.get("per_episode_loss", []))):
-                table.add_data(_setting(r), i, acc, loss)
+                table.add_data(label, i, acc, loss)
         self.run.log({"test/episodes": table})
 
     def _log_artifact(self, path: Path, metadata: dict[str, Any]) -> None:
@@ -325,7 +371,9 @@ class WandbLogger(Callback):
 
     # -- resume -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run.id} if self.active and getattr(self.run, "id", None) else {}
+        """The W&B run id (also once the run is finished: a ``TrainingError`` finishes it before
+        ``last.pt`` is rewritten); none after a W&B failure."""
+        return {"run_id": self._run_id} if self._run_id and not self.failed else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume_id = state.get("run_id")
+        self._resume_id = self._run_id = state.get("run_id")

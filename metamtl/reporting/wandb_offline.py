@@ -12,6 +12,7 @@ import dataclasses
 import json
 import struct
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -47,19 +48,22 @@ class OfflineRun:
 
 def find_run_file(path: str | Path) -> Path:
     """The ``.wandb`` file of ``path``: the file itself, an ``offline-run-*`` folder, or a folder
-    with ``wandb/`` inside (the most recent run there)."""
+    with ``wandb/`` inside (the most recent run there: W&B's ``latest-run`` link, else the run file
+    written last; folder names tell only the second a run started)."""
     path = Path(path)
     if path.is_file():
         return path
-    candidates = sorted(path.glob("run-*.wandb")) or sorted(path.glob("wandb/*run-*/run-*.wandb")) \
+    latest = [f.resolve() for folder in (path / "wandb", path) for f in sorted((folder / "latest-run").glob("run-*.wandb"))]
+    candidates = sorted(path.glob("run-*.wandb")) or latest[:1] or sorted(path.glob("wandb/*run-*/run-*.wandb")) \
         or sorted(path.glob("*run-*/run-*.wandb"))
     if not candidates:
         raise DataNotFoundError(f"no W&B run file (run-*.wandb) in {path} or {path / 'wandb'}")
-    return max(candidates, key=lambda p: p.parent.name)
+    return max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.parent.name))
 
 
 def iter_records(path: str | Path) -> Iterator[Any]:
     """Every ``Record`` protobuf in a ``.wandb`` file, in order."""
+    from google.protobuf.message import DecodeError
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = Path(path).read_bytes()
@@ -71,8 +75,8 @@ def iter_records(path: str | Path) -> Iterator[Any]:
         if left < _HEADER:  # block trailer padding
             pos += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
-        pos += _HEADER
+        crc, length, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
+        start, pos = pos, pos + _HEADER
         if pos + length > len(data):  # a record still being written
             break
         if kind == 0 and length == 0:  # zero padding to the end of the block
@@ -80,6 +84,8 @@ def iter_records(path: str | Path) -> Iterator[Any]:
             continue
         chunk = data[pos:pos + length]
         pos += length
+        if zlib.crc32(bytes([kind]) + chunk) != crc or kind not in (_FULL, _FIRST, _MIDDLE, _LAST):
+            raise _corrupt(path, start, "checksum mismatch")
         if kind == _FIRST:
             pending = chunk
             continue
@@ -89,8 +95,16 @@ def iter_records(path: str | Path) -> Iterator[Any]:
         payload = pending + chunk if kind == _LAST else chunk
         pending = b""
         record = pb.Record()
-        record.ParseFromString(payload)
+        try:
+            record.ParseFromString(payload)
+        except DecodeError as exc:
+            raise _corrupt(path, start, str(exc)) from None
         yield record
+
+
+def _corrupt(path: str | Path, pos: int, why: str) -> DataError:
+    return DataError(f"{path}: corrupt W&B record at byte {pos} ({why}); the file is damaged (a disk or copy "
+                     "error) and is not read past that record: read an intact copy of the run")
 
 
 def _key(item: Any) -> str:
@@ -116,25 +130,33 @@ def read_offline_run(path: str | Path, wait: float = 10.0) -> OfflineRun:
 def _decode(file: Path) -> OfflineRun:
     run = OfflineRun(path=file)
     for rec in iter_records(file):
-        kind = rec.WhichOneof("record_type")
-        if kind == "run":
-            run.run_id, run.project = rec.run.run_id, rec.run.project
-            run.config.update({_key(u): json.loads(u.value_json) for u in rec.run.config.update})
-        elif kind == "config":
-            run.config.update({_key(u): json.loads(u.value_json) for u in rec.config.update})
-        elif kind == "history":
-            run.history.append({_key(i): json.loads(i.value_json) for i in rec.history.item})
-        elif kind == "summary":
-            run.summary.update({_key(u): json.loads(u.value_json) for u in rec.summary.update})
-        elif kind == "artifact":
-            a = rec.artifact
-            run.artifacts.append({"name": a.name, "type": a.type, "aliases": list(a.aliases),
-                                  "files": [e.path for e in a.manifest.contents],
-                                  "metadata": json.loads(a.metadata) if a.metadata else {}})
-        elif kind == "environment":
-            from google.protobuf.json_format import MessageToDict
-
-            run.environment.update(MessageToDict(rec.environment))
-        elif kind == "exit":
-            run.exit_code = rec.exit.exit_code
+        try:
+            _add_record(run, rec)
+        except ValueError as exc:  # a value that is not JSON (or not UTF-8) in a record with a valid checksum
+            raise DataError(f"{file}: corrupt W&B {rec.WhichOneof('record_type')} record ({exc})") from None
     return run
+
+
+def _add_record(run: OfflineRun, rec: Any) -> None:
+    """Add what one record holds to ``run``."""
+    kind = rec.WhichOneof("record_type")
+    if kind == "run":
+        run.run_id, run.project = rec.run.run_id, rec.run.project
+        run.config.update({_key(u): json.loads(u.value_json) for u in rec.run.config.update})
+    elif kind == "config":
+        run.config.update({_key(u): json.loads(u.value_json) for u in rec.config.update})
+    elif kind == "history":
+        run.history.append({_key(i): json.loads(i.value_json) for i in rec.history.item})
+    elif kind == "summary":
+        run.summary.update({_key(u): json.loads(u.value_json) for u in rec.summary.update})
+    elif kind == "artifact":
+        a = rec.artifact
+        run.artifacts.append({"name": a.name, "type": a.type, "aliases": list(a.aliases),
+                              "files": [e.path for e in a.manifest.contents],
+                              "metadata": json.loads(a.metadata) if a.metadata else {}})
+    elif kind == "environment":
+        from google.protobuf.json_format import MessageToDict
+
+        run.environment.update(MessageToDict(rec.environment))
+    elif kind == "exit":
+        run.exit_code = rec.exit.exit_code

@@ -52,3 +52,19 @@ def synthetic_tasks():
     labels = torch.arange(10).repeat_interleave(4)
     ds = ClassDataset(images, labels, [f"c{i}" for i in range(10)], name="synthetic")
     return EpisodeSampler(ds, ways=5, shots=1, queries=2, seed=0)
+
+
+@pytest.fixture()
+def tiny_config(tmp_path, data_root, monkeypatch):
+    """``make(**sections)``: a config of a shorter :data:`TINY` run in ``tmp_path`` (W&B offline, no
+    report unless a section asks), each given section merged over TINY's."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+    def make(**sections):
+        base = {**TINY, "output_dir": str(tmp_path), "data": {**TINY["data"], "root": str(data_root)},
+                "train": {**TINY["train"], "iterations": 3}, "eval": {**TINY["eval"], "episodes": 4},
+                "logging": {**TINY["logging"], "report": False, "report_steps_episodes": 0}}
+        for key, value in sections.items():
+            base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        return config_from_dict(base)
+    return make

@@ -770,6 +770,10 @@ def test_the_wandb_sync_command_uploads_the_stages_and_members_runs_too(tmp_path
     import shlex
 
     run = _small_run(tmp_path / "x", [_row(0.6, 0.1)])
+    results = json.loads((run / "results.json").read_text())
+    stages = [{"stage": "s1"}, {"stage": "s2"}]  # s2, the last, trains in the run folder itself
+    results.update(stages=stages, ensemble={"members": [{"name": "member0"}, {"name": "member1", "stages": stages}]})
+    (run / "results.json").write_text(json.dumps(results))
     offline = [run / where / "wandb" / f"offline-run-2026010{i}_000000-abc"
                for i, where in enumerate(("members/member0", "members/member1/stages/s1", "stages/s1", "."))]
     for d in offline:
@@ -778,6 +782,23 @@ def test_the_wandb_sync_command_uploads_the_stages_and_members_runs_too(tmp_path
     command = html.unescape(re.search(r"upload with <code>(.*?)</code>", text).group(1))
     assert sorted(shlex.split(command)[2:]) == sorted(str(d.resolve()) for d in offline)
     assert "stages/s1/wandb/offline-run-20260102_000000-abc" in text
+
+
+def test_the_wandb_sync_command_leaves_out_the_stages_and_members_of_a_replaced_run(tmp_path):
+    """--overwrite of a staged run (or an ensemble) by a run without those stages (fewer members)
+    left the replaced run's stages/<name>/ and members/<member>/ folders, and the new run's report
+    listed their W&B runs for upload as its own."""
+    import html
+    import shlex
+
+    run = _small_run(tmp_path / "x", [_row(0.6, 0.1)])
+    own = run / "wandb" / "offline-run-20260102_000000-new"
+    for d in (own, run / "stages" / "pre" / "wandb" / "offline-run-20260101_000000-old",
+              run / "members" / "member2" / "wandb" / "offline-run-20260101_000000-old"):
+        d.mkdir(parents=True)
+    text = write_report(run).read_text()
+    command = html.unescape(re.search(r"upload with <code>(.*?)</code>", text).group(1))
+    assert shlex.split(command) == ["wandb", "sync", str(own.resolve())]
 
 
 def test_official_omniglot_read_with_sources_null_is_reported_as_the_official_protocol(tiny_run, tmp_path):

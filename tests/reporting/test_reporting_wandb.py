@@ -268,3 +268,185 @@ def test_settings_that_differ_only_in_hierarchy_keep_their_own_keys_and_labels(t
     assert {k: v for k, v in summary.items() if k.endswith("/accuracy")} == {
         "test/5w1s/accuracy": 0.9, "test/5w1s-within/accuracy": 0.6, "test/5w1s-within2/accuracy": 0.4,
         "test/5w1s-withinmap/accuracy": 0.3}
+
+
+def test_a_failure_during_the_test_evaluation_marks_the_wandb_run_failed(tiny_config, monkeypatch):
+    """A Ctrl-C (or CUDA OOM, ...) after fit, in the held-out evaluation, left the W&B run to the
+    atexit hook, which finished it as a success (exit code 0) with no test results."""
+    import metamtl.experiment as experiment
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment, "evaluate_held_out", interrupted)
+    cfg = tiny_config()
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run(cfg, progress=False, quiet=True)
+    assert read_offline_run(cfg.run_dir, wait=5).exit_code == 1
+
+
+def test_two_hierarchy_mappings_of_one_setting_keep_their_own_keys(tmp_path):
+    """Rows carry only a mapping's size ("mapping of 12 classes"): two mappings of one setting shared
+    the key -withinmap, the second overwriting the first's accuracy and CI and table label."""
+    def row(acc, hierarchy, head="algorithm"):
+        return {"accuracy": acc, "ci95": 0.01, "loss": 1.0, "loss_ci95": 0.1, "episodes": 2, "ways": 5, "shots": 1,
+                "queries": 15, "steps": 1, "hierarchy": hierarchy, "head": head, "transductive": False,
+                "per_episode_accuracy": [acc] * 2, "per_episode_loss": [1.0] * 2}
+
+    rows = [row(0.2, "mapping of 12 classes"), row(0.25, "mapping of 12 classes", "simpleshot"),
+            row(0.3, "mapping of 12 classes"), row(0.35, "mapping of 12 classes", "simpleshot")]
+    logger = WandbLogger(mode="offline", run_dir=tmp_path, name="m", log_model=False, settings={"console": "off"})
+    logger.log_evaluation({"test": rows, "ensemble": {"members": [{"name": "member0", "test": rows[:3:2]}]}})
+    summary = read_offline_run(tmp_path).summary
+    assert {k: v for k, v in summary.items() if k.endswith("/accuracy")} == {
+        "test/5w1s-withinmap/accuracy": 0.2, "test/5w1s-withinmap/simpleshot/accuracy": 0.25,
+        "test/5w1s-withinmap2/accuracy": 0.3, "test/5w1s-withinmap2/simpleshot/accuracy": 0.35,
+        "members/member0/test/5w1s-withinmap/accuracy": 0.2, "members/member0/test/5w1s-withinmap2/accuracy": 0.3}
+
+
+def _tiny_learner(logger, *callbacks, **kwargs):
+    model = build_model("conv4", in_channels=1, hidden=4, image_size=16, blocks=2, out_features=None)
+    return MetaLearner(model, MAML(steps=1, head_init="zero"), device="cpu", callbacks=[logger, *callbacks], **kwargs)
+
+
+def test_a_logger_reused_for_a_new_learner_starts_a_new_wandb_run(tmp_path, synthetic_tasks, monkeypatch):
+    """A WandbLogger that had resumed a run kept that run's id: the next, unrelated learner of a sweep
+    was sent to the old W&B run (online: id=<old>, resume="allow")."""
+    real_init, sent = wandb.init, []
+
+    def spy(**kwargs):  # what an online init would send; the run itself is written offline
+        sent.append(kwargs.pop("id", None))
+        kwargs.pop("resume", None)
+        return real_init(**{**kwargs, "mode": "offline"})
+
+    monkeypatch.setattr(wandb, "init", spy)
+    first = WandbLogger(mode="online", run_dir=tmp_path)
+    _tiny_learner(first).fit(synthetic_tasks, iterations=2, meta_batch_size=2, checkpoint_dir=tmp_path / "a", progress=False)
+    first.finish()
+    sweep = WandbLogger(mode="online", run_dir=tmp_path)
+    _tiny_learner(sweep).fit(synthetic_tasks, iterations=3, meta_batch_size=2, checkpoint_dir=tmp_path / "a",
+                             resume=tmp_path / "a" / "last.pt", progress=False)
+    sweep.finish()
+    _tiny_learner(sweep).fit(synthetic_tasks, iterations=2, meta_batch_size=2, progress=False)
+    sweep.finish()
+    assert sent[0] is None and sent[1] is not None and sent[2] is None
+
+
+def test_a_training_error_keeps_the_wandb_run_id_in_last_pt(tmp_path, synthetic_tasks):
+    """After too many non-finite steps the logger finished its run before ModelCheckpoint rewrote
+    last.pt, which then had no W&B run id: resuming it started another W&B run."""
+    from metamtl.callbacks import Callback
+    from metamtl.errors import TrainingError
+
+    class NaNGrads(Callback):
+        def on_after_backward(self, state):
+            if state.learner.iteration >= 2:
+                for p in state.learner.model.parameters():
+                    p.grad.fill_(float("nan"))
+
+    learner = _tiny_learner(WandbLogger(mode="offline", run_dir=tmp_path), NaNGrads(), max_bad_steps=2)
+    with pytest.raises(TrainingError):
+        learner.fit(synthetic_tasks, iterations=10, meta_batch_size=2, checkpoint_dir=tmp_path / "ck",
+                    checkpoint_every=1, progress=False)
+    saved = torch.load(tmp_path / "ck" / "last.pt", weights_only=False)["training"]["callbacks"]
+    assert saved.get("WandbLogger") == {"run_id": read_offline_run(tmp_path).run_id}
+
+
+def test_a_run_that_failed_before_training_leaves_no_wandb_run_to_the_next(tiny_config):
+    """The folder of a run that failed before its first iteration is taken without --overwrite; its
+    W&B run stayed in wandb/, and the next run's report listed it for upload as that run's own."""
+    from metamtl.callbacks import Callback
+    from metamtl.experiment import run
+
+    class Crash(Callback):
+        def on_iteration_start(self, state):
+            raise RuntimeError("failure before the first iteration")
+
+    cfg = tiny_config()
+    with pytest.raises(RuntimeError, match="before the first iteration"):
+        run(cfg, progress=False, quiet=True, callbacks=[Crash()])
+    assert len(list((cfg.run_dir / "wandb").glob("offline-run-*"))) == 1
+    run(tiny_config(), progress=False, quiet=True)
+    runs = list((cfg.run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and read_offline_run(runs[0]).exit_code == 0
+
+
+def test_an_offline_resume_continues_the_same_wandb_run(tiny_config):
+    """A resumed offline run started a new W&B run (another id), silently: after `wandb sync` the two
+    parts were unrelated runs.  Now each part has its own folder under the first part's id and the
+    resumed part's steps continue the first's."""
+    from metamtl.experiment import run
+
+    cfg = tiny_config()
+    run(cfg, progress=False, quiet=True)
+    run(tiny_config(train={"iterations": 5}), resume=cfg.run_dir / "last.pt", progress=False, quiet=True)
+    parts = [read_offline_run(f) for f in sorted((cfg.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))]
+    assert len(parts) == 2 and parts[0].run_id == parts[1].run_id
+    assert [[s for s, _ in p.metric("train/loss")] for p in parts] == [[1, 2, 3], [4, 5]]
+
+
+def test_a_wandb_that_cannot_resume_offline_starts_a_new_run_and_says_so(tmp_path, synthetic_tasks, monkeypatch):
+    real_init, sent = wandb.init, []
+
+    def no_offline_resume(**kwargs):
+        sent.append(kwargs.get("id"))
+        if "id" in kwargs:
+            raise wandb.errors.UsageError("resume is not supported offline")
+        return real_init(**kwargs)
+
+    first = WandbLogger(mode="offline", run_dir=tmp_path)
+    _tiny_learner(first).fit(synthetic_tasks, iterations=2, meta_batch_size=2, checkpoint_dir=tmp_path / "a", progress=False)
+    first.finish()
+    first_id = read_offline_run(tmp_path).run_id
+    monkeypatch.setattr(wandb, "init", no_offline_resume)
+    logger = WandbLogger(mode="offline", run_dir=tmp_path)
+    with pytest.warns(RuntimeWarning, match=f"cannot continue run {first_id} offline .*logs to a new W&B run"):
+        _tiny_learner(logger).fit(synthetic_tasks, iterations=3, meta_batch_size=2, checkpoint_dir=tmp_path / "a",
+                                  resume=tmp_path / "a" / "last.pt", progress=False)
+    logger.finish()
+    assert sent == [first_id, None] and logger.state_dict()["run_id"] != first_id
+
+
+def test_find_run_file_takes_the_latest_run_not_the_last_folder_name(tmp_path):
+    """Two runs started in the same second: their folder names differ only by the random run id, and
+    find_run_file took the larger id, the older run."""
+    import os
+
+    files = []
+    for i, rid in enumerate(("zzzz1111", "aaaa2222")):  # the older one first
+        folder = tmp_path / "wandb" / f"offline-run-20260101_000000-{rid}"
+        folder.mkdir(parents=True)
+        files.append(folder / f"run-{rid}.wandb")
+        files[-1].write_bytes(b":W&B")
+        os.utime(files[-1], ns=(10**18 + i * 10**9,) * 2)
+    (tmp_path / "wandb" / "latest-run").symlink_to(files[1].parent.name)
+    assert find_run_file(tmp_path).parent.name == files[1].parent.name
+    assert find_run_file(tmp_path / "wandb").parent.name == files[1].parent.name
+    (tmp_path / "wandb" / "latest-run").unlink()  # no link (a copied folder): the file written last
+    assert find_run_file(tmp_path) == files[1] and find_run_file(tmp_path / "wandb") == files[1]
+
+
+@pytest.mark.parametrize("where", [20, 0.5])
+def test_a_corrupt_wandb_file_is_a_data_error_naming_the_file(tmp_path, where):
+    """A damaged .wandb file raised protobuf's bare DecodeError, or (flipped bytes elsewhere) was read
+    with no error at all: each chunk's checksum is now checked."""
+    from metamtl.errors import DataError
+
+    logger = WandbLogger(mode="offline", run_dir=tmp_path / "run", log_model=False, settings={"console": "off"})
+    logger.log_evaluation({"test": []})
+    read_offline_run(tmp_path / "run")
+    data = bytearray(find_run_file(tmp_path / "run").read_bytes())
+    data[where if isinstance(where, int) else int(len(data) * where)] ^= 0xFF
+    (tmp_path / "bad.wandb").write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"bad\.wandb: corrupt W&B record at byte \d+"):
+        read_offline_run(tmp_path / "bad.wandb", wait=0)
+
+
+def test_tags_given_as_one_string_are_refused_not_split_into_letters():
+    """WandbLogger(tags="baseline") sent eight one-letter tags to W&B (list("baseline"))."""
+    assert WandbLogger(mode="offline", tags=["baseline", "v2"]).tags == ["baseline", "v2"]
+    assert WandbLogger(mode="offline", tags=None).tags == []
+    with pytest.raises(ConfigError, match=r"tags must be a list of strings, got the string 'baseline': write tags=\['baseline'\]"):
+        WandbLogger(mode="offline", tags="baseline")
+    with pytest.raises(ConfigError, match="tags must be strings, got 2024"):
+        WandbLogger(mode="offline", tags=["baseline", 2024])
