@@ -85,9 +85,13 @@ def check_seed(seed) -> int:
 def check_index(index) -> int:
     """An episode index: any integer >= 0 (anything with ``__index__``), else :class:`TaskError`."""
     if hasattr(index, "__index__") and not isinstance(index, bool):
-        index = index.__index__()
-        if index >= 0:
-            return index
+        try:
+            index = index.__index__()
+        except TypeError:  # a float or multi-element tensor has the method but no integer
+            pass
+        else:
+            if index >= 0:
+                return index
     raise TaskError(f"episode index must be an integer >= 0, got {index!r}")
 
 

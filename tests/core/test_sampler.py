@@ -127,6 +127,19 @@ def test_mixed_tasks_follow_weights_and_are_deterministic():
         mixture_weights([3, 4], np.array([1.0]))
 
 
+def test_an_episode_index_that_is_no_integer_is_a_task_error():
+    """A float or multi-element tensor has __index__ but raises a bare TypeError from it."""
+    from metamtl.tasks import check_index
+
+    s = EpisodeSampler(make_dataset(), 5, 1, 1, seed=2)
+    assert check_index(torch.tensor(3)) == 3 and s.episode(np.int64(2)).index == 2
+    for bad in (torch.tensor(2.0), torch.tensor([1, 2]), 2.0, -1, True):
+        with pytest.raises(TaskError, match="episode index must be an integer >= 0"):
+            check_index(bad)
+    with pytest.raises(TaskError, match=r"episode index must be an integer >= 0, got tensor\(2\.\)"):
+        s.episode(torch.tensor(2.0))
+
+
 def test_fixed_episodes_are_the_first_indices():
     s = EpisodeSampler(make_dataset(), 5, 1, 1, seed=2)
     eps = fixed_episodes(s, 3, start=5)
