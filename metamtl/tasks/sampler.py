@@ -377,10 +377,10 @@ def mixture_weights(
             raise TaskError(f"got {len(w)} weights for {n} task sources")
     if any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
         raise TaskError(f"mixture weights must be finite, >= 0 and not all zero, got {w}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-        math.isfinite(temperature) and temperature > 0
+    if isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, numbers.Real) or not (
+        math.isfinite(temperature) and temperature > 0  # numpy floats too (np.float32 is no float)
     ):
-        raise TaskError(f"temperature must be > 0, got {temperature}")
+        raise TaskError(f"temperature must be > 0 (a finite number), got {temperature!r}")
     total = sum(w)
     # p_i ** (1/T), normalised, computed in log space: no underflow to all-zero for tiny T
     logs = [math.log(x / total) / temperature if x > 0 else -math.inf for x in w]

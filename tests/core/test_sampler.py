@@ -125,6 +125,11 @@ def test_mixed_tasks_follow_weights_and_are_deterministic():
     assert mixture_weights([3, 4], np.array([1.0, 2.0])) == pytest.approx([1 / 3, 2 / 3])
     with pytest.raises(TaskError, match="got 1 weights for 2"):
         mixture_weights([3, 4], np.array([1.0]))
+    # np.float32 is no float: "temperature must be > 0, got 0.5"
+    assert mixture_weights([1, 2], None, np.float32(0.5)) == pytest.approx(mixture_weights([1, 2], None, 0.5))
+    for bad in (0, -1.0, float("inf"), True, "2"):
+        with pytest.raises(TaskError, match=r"temperature must be > 0 \(a finite number\)"):
+            mixture_weights([1, 2], None, bad)
 
 
 def test_an_episode_index_that_is_no_integer_is_a_task_error():
