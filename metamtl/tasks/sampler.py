@@ -561,5 +561,7 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 
 def fixed_episodes(source: TaskSource, count: int, start: int = 0) -> list[Episode]:
-    """``count`` episodes ``start .. start+count-1`` (e.g. a fixed evaluation set)."""
+    """``count`` episodes ``start .. start+count-1`` (e.g. a fixed evaluation set); :class:`TaskError` unless
+    both are integers >= 0."""
+    count, start = check_positive_int("fixed_episodes count", count, 0), check_positive_int("start", start, 0)
     return [source.episode(start + i) for i in range(count)]

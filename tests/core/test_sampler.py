@@ -149,6 +149,10 @@ def test_fixed_episodes_are_the_first_indices():
     s = EpisodeSampler(make_dataset(), 5, 1, 1, seed=2)
     eps = fixed_episodes(s, 3, start=5)
     assert [e.index for e in eps] == [5, 6, 7]
+    assert fixed_episodes(s, 0) == []
+    for count, start, what in ((-1, 0, "count"), (2.5, 0, "count"), (2, -1, "start"), (2, "1", "start")):
+        with pytest.raises(TaskError, match=f"{what} must be an integer >= 0"):  # [] or a bare TypeError
+            fixed_episodes(s, count, start)
 
 
 def test_threads_sharing_a_sampler_get_the_sequential_episodes():
