@@ -518,6 +518,7 @@ class CAGrad(Strategy):
         k = len(tasks)
         ones = torch.ones(k, dtype=grads.dtype, device=grads.device)
         live = self._live(k)  # absent tasks (constant or non-finite losses) take no part in the solve
+        self.last_metrics = {}  # no solve, no weights: not the previous step's
         if len(live) <= 1 or self.c == 0 or grads.shape[1] == 0:
             return grads[live].sum(0) / k, ones
         rows = grads[live]
