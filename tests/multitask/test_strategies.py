@@ -339,6 +339,16 @@ def test_a_non_finite_task_loss_is_absent_from_the_strategy_state(name, bad):
         assert torch.isfinite(s.history).all() and torch.isfinite(s.current_weights()).all()
 
 
+def test_build_strategy_takes_settings_as_keywords_as_its_module_docstring_shows():
+    """build_strategy("dwa", tasks, period=5) was a bare TypeError."""
+    assert build_strategy("dwa", ["a", "b"], period=5).config() == build_strategy({"name": "dwa", "period": 5},
+                                                                                 ["a", "b"]).config()
+    with pytest.raises(ConfigError, match=r"multi-task strategy 'dwa' does not take \['perod'\]"):
+        build_strategy("dwa", ["a", "b"], perod=5)
+    with pytest.raises(ConfigError, match=r"keyword settings \['period'\] only with a strategy name, got a dict"):
+        build_strategy({"name": "dwa"}, ["a", "b"], period=5)
+
+
 def test_cagrad_reports_no_stale_weights_when_fewer_than_two_tasks_take_part():
     """A step of one live task returned the mtl/cagrad_w/* weights of the previous two-task step."""
     torch.manual_seed(0)
