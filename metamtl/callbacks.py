@@ -784,8 +784,8 @@ class MetricsLogger(Callback):
     new metrics never change the columns); ``.jsonl`` files hold one JSON object per train or
     validation row.  Training rows are written every ``every`` iterations, validation rows
     always.  On resume the file is cut back to what the checkpoint had seen, then appended to; the
-    learner's next ``fit`` call (which continues its run) appends to the same file, even through a
-    new ``MetricsLogger`` of that path.  A learner's first ``fit`` starts the file afresh.
+    learner's next ``fit`` call (which continues its run; also that of a learner loaded from its
+    ``save(path, training_state=True)``) appends to the same file, even through a new ``MetricsLogger`` of that path.  A learner's first ``fit`` starts the file afresh.
     """
 
     FORMATS = ("csv", "jsonl")

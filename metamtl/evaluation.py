@@ -156,13 +156,13 @@ def episode_reader(tasks: TaskSource | Sequence[Episode], episodes: int = 600, *
 
     ``tasks`` is a task source whose episodes ``start .. start+episodes-1`` are used (in another
     ways/shots/queries setting when given; at most ``tasks.distinct_episodes`` of a source that
-    has only that many distinct tasks), or a list of episodes of one setting, of which
-    ``tasks[start:start+episodes]`` are used (ways/shots/queries are a :class:`ConfigError`: a
+    has only that many distinct tasks), or a list (any sequence, e.g. a TaskBatch) of episodes of one
+    setting, of which ``tasks[start:start+episodes]`` are used (ways/shots/queries are a :class:`ConfigError`: a
     list has no source to draw another setting from).
     """
     episodes, start = check_int("episodes", episodes, 1), check_int("start", start, 0)
-    if isinstance(tasks, (list, tuple)):
-        return _listed_episodes(tasks, episodes, start, dict(ways=ways, shots=shots, queries=queries))
+    if isinstance(tasks, Sequence) and not isinstance(tasks, (str, bytes)) and not hasattr(tasks, "episode"):
+        return _listed_episodes(list(tasks), episodes, start, dict(ways=ways, shots=shots, queries=queries))
     check_task_source("tasks", tasks)
     kw = {k: v for k, v in dict(ways=ways, shots=shots, queries=queries).items()
           if v is not None and getattr(tasks, k, None) != v}  # the source's own values need no change

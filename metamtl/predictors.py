@@ -79,20 +79,33 @@ def finite_outputs(out: torch.Tensor, steps: int | None, head: str | None = None
     return out
 
 
-def weights_stamp(learner: "MetaLearner") -> tuple[tuple[int, int], ...]:
+def weights_stamp(learner: "MetaLearner") -> tuple[Any, ...]:
     """The weights ``learner`` holds now: each parameter and buffer of its model and algorithm, with the
     version counter that every in-place change bumps (a meta-optimizer step of ``fit``, ``init_from``,
-    ``load_state_dict``, a user's edit); a replaced module holds other tensors."""
+    ``load_state_dict``, a user's edit) and its storage (``p.data = ...`` keeps the tensor but not its
+    storage); a replaced module holds other tensors. An edit through ``p.data`` bumps no version counter
+    that ``p`` sees, so the sum of each tensor's values is stamped too (one pass over the weights)."""
     tensors = [*learner.model.parameters(), *learner.model.buffers(), *learner.algorithm.parameters(),
                *learner.algorithm.buffers()]
-    return tuple((id(t), -1 if t.is_inference() else t._version) for t in tensors)
+    return (*((id(t), -1 if t.is_inference() else t._version, t.data_ptr()) for t in tensors),
+            weights_checksum(tensors))
+
+
+def weights_checksum(tensors: list[torch.Tensor]) -> bytes:
+    """The sum of each of ``tensors``' values, gathered once per device (one sync each)."""
+    sums: dict[torch.device, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for t in tensors:
+            if not t.is_complex() and t.device.type != "meta":
+                sums.setdefault(t.device, []).append(t.detach().sum(dtype=torch.float32))
+        return b"".join(torch.stack(s).cpu().numpy().tobytes() for s in sums.values())
 
 
 class AdaptedPredictor:
     """A learner adapted to one support set. Call it on query inputs to get logits.
 
     It answers with the weights the learner had at ``adapt``: once they change (``fit`` trains on,
-    ``init_from``, a module replaced or edited in place) calling it is an :class:`InputError` saying to
+    ``init_from``, a module replaced or edited in place, also through ``p.data``) calling it is an :class:`InputError` saying to
     adapt again, as no snapshot of the whole learner is kept (some algorithms read its live trunk).
 
     :attr:`transductive`: whether a prediction depends on the other queries passed in the same

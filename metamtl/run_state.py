@@ -515,6 +515,8 @@ def _rebuild(cls: type["MetaLearner"], obj: dict[str, Any], path: Any, cfg: dict
     learner.run.seconds = float(obj.get("elapsed", 0.0))  # so later fits' history times continue
     learner.run.meta_batch_size = saved_meta_batch_size(obj.get("meta_batch_size"))
     learner.run.stream = obj.get("stream")
+    # a training_state save: the callback states its next fit continues (the metrics file it appends to)
+    learner.run.callbacks = dict(obj.get("training", {}).get("callbacks", {}))
     learner.inference = InferenceSettings.from_state(obj.get("evaluation"))
     saved_layout = obj.get("channels_last")
     if learner.placement.automatic and isinstance(saved_layout, bool) and saved_layout != learner.channels_last:

@@ -49,7 +49,7 @@ def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     The ``T^2`` factor keeps the gradient's scale independent of ``T``: it is
     ``T * (softmax(s/T) - softmax(t/T)) / N`` with respect to the student logits.
     """
-    t = temperature
+    t = check_number("soft_target_loss temperature", temperature, 0, strict=True)  # 0: NaN, as SoftTargets refuses
     log_p_student = F.log_softmax(student_logits / t, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits.detach() / t, dim=-1)
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * (t * t)

@@ -73,6 +73,17 @@ def _fitting_mean(head: str, mean: torch.Tensor, dim: int) -> torch.Tensor:
     return mean
 
 
+def _check_shapes(head: str, support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor) -> None:
+    """:class:`InputError` naming the shapes unless support and query features are ``[S, D]`` and ``[Q, D]``
+    (one width) and ``support_y`` holds one label per support row."""
+    if support.dim() != 2 or query.dim() != 2 or support.shape[1] != query.shape[1]:
+        raise InputError(f"head {head!r} takes support features [S, D] and query features [Q, D] of one width D, "
+                         f"got {list(support.shape)} and {list(query.shape)}: pass the trunk's flat features")
+    if support_y.dim() != 1 or support_y.shape[0] != support.shape[0]:
+        raise InputError(f"head {head!r} takes one support label per support row: labels of shape [{support.shape[0]}] "
+                         f"for support features {list(support.shape)}, got labels of shape {list(support_y.shape)}")
+
+
 @dataclasses.dataclass
 class FeatureHead:
     """Base class: settings are dataclass fields; subclasses implement :meth:`classify`.
@@ -135,6 +146,7 @@ class FeatureHead:
                     f"transductive head {self.name!r} {why}: it needs at least {needed} queries, got "
                     f"{query.shape[0]}; pass the queries together, or use an inductive head (e.g. simpleshot)")
         support_y = torch.as_tensor(support_y, device=support.device)
+        _check_shapes(self.name, support, support_y, query)
         label_counts(support_y, ways)  # every head (custom ones too): the same InputError for bad labels
         support_y = support_y.long()
         used = _fitting_mean(self.name, mean, support.shape[-1]) if self.center else None

@@ -54,10 +54,11 @@ class LogisticRegression(FeatureHead):
         return query @ weight.T + bias
 
     def fit(self, support: torch.Tensor, support_y: torch.Tensor, ways: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fitted ``(weight [ways, D], bias [ways])`` on (transformed) support features (also under
-        ``torch.inference_mode()``, which ``enable_grad`` alone does not leave)."""
+        """The fitted ``(weight [ways, D], bias [ways])`` on (transformed) support features, taken as frozen
+        (features that require grad are fitted on without reaching back into the caller's graph), also under
+        ``torch.inference_mode()``, which ``enable_grad`` alone does not leave."""
         with torch.inference_mode(False), torch.enable_grad():  # inference tensors cannot enter autograd: copies
-            return self._fit(support.clone(), support_y.clone(), ways)
+            return self._fit(support.detach().clone(), support_y.detach().clone(), ways)
 
     def _fit(self, support: torch.Tensor, support_y: torch.Tensor, ways: int) -> tuple[torch.Tensor, torch.Tensor]:
         weight = support.new_zeros(ways, support.shape[1], requires_grad=True)

@@ -518,6 +518,7 @@ class CAGrad(Strategy):
         k = len(tasks)
         ones = torch.ones(k, dtype=grads.dtype, device=grads.device)
         live = self._live(k)  # absent tasks (constant or non-finite losses) take no part in the solve
+        self.last_metrics = {}  # no solve, no weights: not the previous step's
         if len(live) <= 1 or self.c == 0 or grads.shape[1] == 0:
             return grads[live].sum(0) / k, ones
         rows = grads[live]
@@ -541,14 +542,18 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 
-def build_strategy(spec: str | dict[str, Any] | Strategy, tasks: Sequence[str]) -> Strategy:
-    """A strategy from its name or config dict (``{"name": "dwa", "temperature": 2}``)."""
+def build_strategy(spec: str | dict[str, Any] | Strategy, tasks: Sequence[str], **settings: Any) -> Strategy:
+    """A strategy from its name and settings (``build_strategy("dwa", tasks, temperature=2)``) or its config dict
+    (``{"name": "dwa", "temperature": 2}``)."""
+    if settings and not isinstance(spec, str):
+        raise ConfigError(f"build_strategy takes keyword settings {sorted(settings)} only with a strategy name, got "
+                          f"a {type(spec).__name__}: put them in its config dict, or pass the name")
     if isinstance(spec, Strategy):
         if list(spec.tasks) != [str(t) for t in tasks]:
             raise ConfigError(f"strategy was built for tasks {spec.tasks}, expected {list(tasks)}")
         return spec
     if isinstance(spec, str):
-        spec = {"name": spec}
+        spec = {"name": spec, **settings}
     if not isinstance(spec, dict) or "name" not in spec:
         raise ConfigError(f"a multi-task strategy is a name or a mapping with a 'name', got {spec!r}")
     settings = dict(spec)

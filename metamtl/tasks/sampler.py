@@ -85,9 +85,13 @@ def check_seed(seed) -> int:
 def check_index(index) -> int:
     """An episode index: any integer >= 0 (anything with ``__index__``), else :class:`TaskError`."""
     if hasattr(index, "__index__") and not isinstance(index, bool):
-        index = index.__index__()
-        if index >= 0:
-            return index
+        try:
+            index = index.__index__()
+        except TypeError:  # a float or multi-element tensor has the method but no integer
+            pass
+        else:
+            if index >= 0:
+                return index
     raise TaskError(f"episode index must be an integer >= 0, got {index!r}")
 
 
@@ -373,10 +377,10 @@ def mixture_weights(
             raise TaskError(f"got {len(w)} weights for {n} task sources")
     if any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
         raise TaskError(f"mixture weights must be finite, >= 0 and not all zero, got {w}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-        math.isfinite(temperature) and temperature > 0
+    if isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, numbers.Real) or not (
+        math.isfinite(temperature) and temperature > 0  # numpy floats too (np.float32 is no float)
     ):
-        raise TaskError(f"temperature must be > 0, got {temperature}")
+        raise TaskError(f"temperature must be > 0 (a finite number), got {temperature!r}")
     total = sum(w)
     # p_i ** (1/T), normalised, computed in log space: no underflow to all-zero for tiny T
     logs = [math.log(x / total) / temperature if x > 0 else -math.inf for x in w]
@@ -557,5 +561,7 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 
 def fixed_episodes(source: TaskSource, count: int, start: int = 0) -> list[Episode]:
-    """``count`` episodes ``start .. start+count-1`` (e.g. a fixed evaluation set)."""
+    """``count`` episodes ``start .. start+count-1`` (e.g. a fixed evaluation set); :class:`TaskError` unless
+    both are integers >= 0."""
+    count, start = check_positive_int("fixed_episodes count", count, 0), check_positive_int("start", start, 0)
     return [source.episode(start + i) for i in range(count)]

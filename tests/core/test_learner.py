@@ -198,6 +198,8 @@ def test_a_list_of_episodes_honours_start_and_episodes_and_refuses_settings_it_c
         learner.evaluate(mixed_source, episodes=8, progress=False)  # a source as its episodes listed: not one label
     with pytest.raises(ConfigError, match="start=4 is past the end of the list of 4 episodes"):
         learner.evaluate(eps, start=4, progress=False)
+    from metamtl.tasks import TaskBatch
+    assert learner.evaluate(TaskBatch(eps), episodes=2, start=1, progress=False).per_episode_loss == part.per_episode_loss
     with pytest.raises(ConfigError, match="episodes must be an integer >= 1, got 0"):
         learner.evaluate(eps, episodes=0, progress=False)
 

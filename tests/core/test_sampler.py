@@ -125,12 +125,34 @@ def test_mixed_tasks_follow_weights_and_are_deterministic():
     assert mixture_weights([3, 4], np.array([1.0, 2.0])) == pytest.approx([1 / 3, 2 / 3])
     with pytest.raises(TaskError, match="got 1 weights for 2"):
         mixture_weights([3, 4], np.array([1.0]))
+    # np.float32 is no float: "temperature must be > 0, got 0.5"
+    assert mixture_weights([1, 2], None, np.float32(0.5)) == pytest.approx(mixture_weights([1, 2], None, 0.5))
+    for bad in (0, -1.0, float("inf"), True, "2"):
+        with pytest.raises(TaskError, match=r"temperature must be > 0 \(a finite number\)"):
+            mixture_weights([1, 2], None, bad)
+
+
+def test_an_episode_index_that_is_no_integer_is_a_task_error():
+    """A float or multi-element tensor has __index__ but raises a bare TypeError from it."""
+    from metamtl.tasks import check_index
+
+    s = EpisodeSampler(make_dataset(), 5, 1, 1, seed=2)
+    assert check_index(torch.tensor(3)) == 3 and s.episode(np.int64(2)).index == 2
+    for bad in (torch.tensor(2.0), torch.tensor([1, 2]), 2.0, -1, True):
+        with pytest.raises(TaskError, match="episode index must be an integer >= 0"):
+            check_index(bad)
+    with pytest.raises(TaskError, match=r"episode index must be an integer >= 0, got tensor\(2\.\)"):
+        s.episode(torch.tensor(2.0))
 
 
 def test_fixed_episodes_are_the_first_indices():
     s = EpisodeSampler(make_dataset(), 5, 1, 1, seed=2)
     eps = fixed_episodes(s, 3, start=5)
     assert [e.index for e in eps] == [5, 6, 7]
+    assert fixed_episodes(s, 0) == []
+    for count, start, what in ((-1, 0, "count"), (2.5, 0, "count"), (2, -1, "start"), (2, "1", "start")):
+        with pytest.raises(TaskError, match=f"{what} must be an integer >= 0"):  # [] or a bare TypeError
+            fixed_episodes(s, count, start)
 
 
 def test_threads_sharing_a_sampler_get_the_sequential_episodes():

@@ -56,6 +56,9 @@ def test_soft_target_loss_and_gradient_match_the_closed_form():
     torch.testing.assert_close(loss, manual)
     loss.backward()
     torch.testing.assert_close(s.grad, T * (p_s - p_t).detach() / 6)
+    for bad in (0.0, -1.0, float("nan"), "3"):  # 0 gave NaN; SoftTargets and distillation() refuse them
+        with pytest.raises(ConfigError, match="soft_target_loss temperature must be a number > 0"):
+            soft_target_loss(s, t, bad)
 
 
 def test_query_soft_targets_add_exactly_their_gradient_to_the_meta_gradient(tasks):

@@ -97,6 +97,32 @@ def test_every_head_called_directly_checks_support_labels_the_same_way(name):
         head(s, y.float(), q, 3)
 
 
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_every_head_called_directly_names_the_shapes_of_malformed_features_or_labels(name):
+    """Labels [6, 1], fewer labels than support rows, or queries of another width were bare torch errors."""
+    s, q, y = features(6, 8), features(6, 8, seed=1), torch.arange(3).repeat_interleave(2)
+    head = build_head({"name": name, "center": False})
+    for args, shapes in [((s, y.view(6, 1), q), r"\[6\].*got labels of shape \[6, 1\]"),
+                         ((s, y[:5], q), r"\[6\].*\[6, 8\], got labels of shape \[5\]"),
+                         ((s, y, features(6, 7)), r"\[6, 8\] and \[6, 7\]"),
+                         ((s[None], y, q), r"\[1, 6, 8\] and \[6, 8\]")]:
+        with pytest.raises(InputError, match=shapes):
+            head(*args, 3)
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_every_head_takes_features_that_require_grad_and_leaves_them_without_grad(name):
+    """logreg fitted through the caller's autograd graph: features a trunk computed with grad on were a bare
+    RuntimeError (backward through the graph a second time), and leaf features got a .grad written into them."""
+    trunk = torch.nn.Linear(8, 8)
+    s, q, y = features(6, 8), features(6, 8, seed=1), torch.arange(3).repeat_interleave(2)
+    head = build_head({"name": name, "center": False})
+    torch.testing.assert_close(head(trunk(s), y, trunk(q), 3), head(trunk(s).detach(), y, trunk(q).detach(), 3))
+    leaf = s.clone().requires_grad_()
+    head(leaf, y, q, 3)
+    assert leaf.grad is None and trunk.weight.grad is None
+
+
 @pytest.mark.parametrize("C", [1e-5, 1.0, 1e30])
 def test_logreg_fits_small_and_huge_c_instead_of_stopping_at_zero(C):
     """C=1e-5 on 640-d 1-shot features stopped L-BFGS at its zero start (the gradient of

@@ -353,6 +353,24 @@ def test_a_continued_fit_appends_to_the_metrics_file_and_a_new_learner_starts_it
     assert iterations() == [1, 2]
 
 
+def test_a_learner_loaded_from_a_training_state_save_appends_to_the_metrics_file(sine, tmp_path):
+    """MetaLearner.load of a training_state=True save continues the run (its iteration, its history), yet its
+    next fit truncated the metrics file to that fit's rows: the saved callback states are now loaded too."""
+    from metamtl import MetaLearner
+    from metamtl.callbacks import MetricsLogger
+
+    path = tmp_path / "m.csv"
+    iterations = lambda: sorted({int(line.split(",")[0]) for line in path.read_text().splitlines()[1:]})  # noqa: E731
+    learner = sine_learner()
+    learner.fit(sine, iterations=3, meta_batch_size=2, callbacks=[MetricsLogger(path)], progress=False)
+    learner.save(tmp_path / "l.pt", training_state=True)
+    learner.fit(sine, iterations=1, meta_batch_size=2, callbacks=[MetricsLogger(path)], progress=False)  # not saved
+    again = MetaLearner.load(tmp_path / "l.pt", device="cpu")
+    again.fit(sine, iterations=2, meta_batch_size=2, callbacks=[MetricsLogger(path)], progress=False)
+    assert iterations() == [1, 2, 3, 4, 5] and path.read_text().count("iteration,time") == 1
+    assert len(again.history) == 5
+
+
 def test_a_fit_without_a_callback_in_between_keeps_what_the_next_fit_with_it_continues(sine, tmp_path):
     """The state a metrics file or a checkpoint folder carries to the learner's next fit survives a
     fit without them in between (it used to be replaced by that fit's callbacks' state only:

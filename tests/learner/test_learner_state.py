@@ -178,6 +178,21 @@ def test_a_predictor_is_refused_once_the_learner_trained_on_or_took_other_weight
 
 
 @pytest.mark.parametrize("alg,kw", [("maml", {}), ("protonet", {}), ("maml", {"head": "logreg"})])
+@pytest.mark.parametrize("edit", ["in_place", "replaced"])
+def test_a_predictor_is_refused_once_a_weight_is_edited_through_data(alg, kw, edit):
+    from metamtl.errors import InputError
+    L = make(alg)
+    P = L.adapt(EP.support_x, EP.support_y, **kw)
+    p = next(L.model.trunk.parameters())
+    if edit == "in_place":
+        p.data.add_(0.5)  # bumps no version counter that p sees
+    else:
+        p.data = p.data + 0.5  # keeps p, gives it other storage
+    with pytest.raises(InputError, match="adapt.*again"):
+        P(EP.query_x)
+
+
+@pytest.mark.parametrize("alg,kw", [("maml", {}), ("protonet", {}), ("maml", {"head": "logreg"})])
 def test_pickling_a_predictor_is_an_input_error_saying_to_save_the_learner_and_a_deepcopy_keeps_working(alg, kw):
     import copy
     import io

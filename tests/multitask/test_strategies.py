@@ -339,6 +339,28 @@ def test_a_non_finite_task_loss_is_absent_from_the_strategy_state(name, bad):
         assert torch.isfinite(s.history).all() and torch.isfinite(s.current_weights()).all()
 
 
+def test_build_strategy_takes_settings_as_keywords_as_its_module_docstring_shows():
+    """build_strategy("dwa", tasks, period=5) was a bare TypeError."""
+    assert build_strategy("dwa", ["a", "b"], period=5).config() == build_strategy({"name": "dwa", "period": 5},
+                                                                                 ["a", "b"]).config()
+    with pytest.raises(ConfigError, match=r"multi-task strategy 'dwa' does not take \['perod'\]"):
+        build_strategy("dwa", ["a", "b"], perod=5)
+    with pytest.raises(ConfigError, match=r"keyword settings \['period'\] only with a strategy name, got a dict"):
+        build_strategy({"name": "dwa"}, ["a", "b"], period=5)
+
+
+def test_cagrad_reports_no_stale_weights_when_fewer_than_two_tasks_take_part():
+    """A step of one live task returned the mtl/cagrad_w/* weights of the previous two-task step."""
+    torch.manual_seed(0)
+    trunk, ha, hb = nn.Linear(3, 4), nn.Linear(4, 1), nn.Linear(4, 1)
+    x, params = torch.randn(5, 3), [*trunk.parameters(), *ha.parameters(), *hb.parameters()]
+    st = build_strategy("cagrad", ["a", "b"])
+    h = trunk(x)
+    assert "mtl/cagrad_w/b" in st.backward([ha(h).pow(2).mean(), hb(h).abs().mean()], params)
+    h = trunk(x)
+    assert not any(k.startswith("mtl/cagrad_w/") for k in st.backward({"a": ha(h).pow(2).mean()}, params))
+
+
 def test_cagrad_leaves_absent_tasks_out_of_its_solve_and_drops_a_vanishing_gw():
     """A constant task loss kept its zero row in the Gram matrix and took all the weight; the
     vanishing g_w was then normalised, pointing the extra term along the solver's residual."""
