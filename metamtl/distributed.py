@@ -243,6 +243,13 @@ def any_rank(*flags: bool, what: str = "stop-flag all-reduce") -> tuple[bool, ..
     return tuple(bool(v) for v in t.tolist())
 
 
+def barrier(what: str) -> None:
+    """Wait until every rank of the running process group gets here (no-op without one), e.g. until
+    rank 0 has written the files the others read next."""
+    if world()[1] > 1:
+        any_rank(False, what=what)
+
+
 def gather_ordered(rows: Sequence[tuple[int, Any]], what: str = "evaluation gather") -> list[Any]:
     """Gather ``(index, value)`` pairs from all ranks; values sorted by index."""
     merged = [row for part in all_gather_objects(list(rows), what) for row in part]

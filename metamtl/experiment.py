@@ -741,6 +741,8 @@ def run_stages(cfg: Config, resume: str | Path | None = None, progress: bool = T
         else:
             results = run(scfg, resume=plan[i], progress=progress, callbacks=callbacks, quiet=quiet,
                           overwrite=overwrite)
+            # rank 0 alone writes the stage's learner.pt, history.json and results.json, read next by all
+            distributed.barrier(f"stage {name!r} hand-off")
         rows = json.loads((scfg.run_dir / "history.json").read_text()) if (scfg.run_dir / "history.json").is_file() else []
         offset = sum(d["iterations"] for d in done)
         history += [{**r, "stage": name, "iteration": r.get("iteration", 0) + offset} for r in rows]

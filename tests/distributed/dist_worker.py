@@ -2,7 +2,8 @@
 
 ``python -m torch.distributed.run --standalone --nproc_per_node=2 dist_worker.py SPEC.json`` runs
 every job of the spec on every rank and writes ``OUT/<job>.rank<r>.pt`` (weights, history,
-per-episode validation/test accuracies).  The tests call :func:`run_job` in-process for the
+per-episode validation/test accuracies; a job with a ``config`` runs ``experiment.run`` on it and
+writes its results).  The tests call :func:`run_job` in-process for the
 single-process reference.  Faults (``kill``, ``hang``, ``stop``, ``nan``: ``[rank, iteration]``)
 are injected at the end of (or, for ``nan``, inside) the given 1-based iteration on that rank
 (``stop`` gives the reason ``"fault"``); ``slow: [rank, seconds]`` sleeps at the end of every
@@ -114,7 +115,30 @@ def poison_gradients(learner: MetaLearner, rank: int, iteration: int) -> None:
     learner.algorithm.meta_step = poisoned
 
 
+def run_experiment(job: dict[str, Any]) -> dict[str, Any]:
+    """``experiment.run`` on the config ``job["config"]`` (what ``metamtl fit`` runs: stages,
+    ``eval.checkpoint`` ...); ``slow_save: [rank, seconds]`` delays that rank's learner saves (a
+    slow shared file system)."""
+    from metamtl import experiment
+    from metamtl.config import config_from_dict
+
+    save, slow = MetaLearner.save, job.get("slow_save")
+    if slow is not None and int(os.environ.get("RANK", "0")) == slow[0]:
+        def slow_save(self, *args, **kwargs):
+            time.sleep(slow[1])
+            return save(self, *args, **kwargs)
+
+        MetaLearner.save = slow_save
+    try:
+        results = experiment.run(config_from_dict(job["config"]), progress=False, quiet=True, overwrite=True)
+    finally:
+        MetaLearner.save = save
+    return {"results": json.loads(json.dumps(results, default=str))}  # plain data (no TorchVersion)
+
+
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    if "config" in job:
+        return run_experiment(job)
     ds = toy_dataset()
     rank = int(os.environ.get("RANK", "0"))
     train = EpisodeSampler(ds.subset(range(30)), 5, 1, 3, seed=rank if job.get("seed_per_rank") else 0)

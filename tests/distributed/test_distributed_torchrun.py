@@ -240,6 +240,44 @@ def test_ranks_with_different_validation_tasks_are_refused_at_start(agreement_ru
         assert differs in res["error"]
 
 
+def sinusoid_run(name, output_dir, train, **sections):
+    """An ``experiment.run`` job (the ``metamtl fit`` path) on seconds-long sinusoid regression."""
+    config = {"name": name, "seed": 0, "output_dir": str(output_dir), "data": {"name": "sinusoid"},
+              "model": {"name": "mlp", "hidden": [8]}, "algorithm": {"name": "maml", "steps": 1, "lr": 0.01},
+              "train": {"device": "cpu", **train}, "logging": {"wandb": False, "report": False}, **sections}
+    return {"name": name, "config": config}
+
+
+def best_run(output_dir):
+    # the best validation loss is at iteration 2 of 6 (meta_lr 0.2 overshoots afterwards)
+    return sinusoid_run("best", output_dir, {"iterations": 6, "meta_batch_size": 4, "val_every": 2,
+                                             "val_episodes": 4, "meta_lr": 0.2},
+                        eval={"episodes": 6, "checkpoint": "best"})
+
+
+@pytest.fixture(scope="module")
+def experiment_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("experiment")
+    staged = sinusoid_run("staged", tmp / "runs", {"iterations": 2, "meta_batch_size": 2, "val_every": 2,
+                                                   "val_episodes": 2},
+                          eval={"episodes": 4}, stages=[{"name": "first"}, {"name": "second"}])
+    # rank 0's saves are slow (a shared file system): rank 1 must not read a stage's files before them
+    jobs = [best_run(tmp / "runs"), {**staged, "slow_save": [0, 0.5]}]
+    proc, _, out_dir = run_worker(tmp, jobs, env={"METAMTL_DIST_TIMEOUT": "60"}, timeout=180)
+    return proc, out_dir
+
+
+def test_staged_run_hands_each_stage_to_the_next_on_every_rank(experiment_run):
+    """Before: rank 1 loaded the first stage's learner.pt (init_from) before rank 0 had written it:
+    CheckpointError "... learner.pt does not exist" on rank 1 (2 runs in 3; always with slow saves)."""
+    proc, out_dir = experiment_run
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [load(out_dir, "staged", r)["results"] for r in (0, 1)]
+    for res in ranks:
+        assert [s["stage"] for s in res["stages"]] == ["first", "second"] and res["iterations"] == 4
+    assert ranks[0]["test"][0]["per_episode_loss"] == ranks[1]["test"][0]["per_episode_loss"]
+
+
 CRASH = {"name": "crash", "algorithm": "maml", "iterations": 8, "meta_batch_size": 3, "val_every": 4,
          "checkpoint_every": 2}
 
