@@ -278,6 +278,20 @@ def test_staged_run_hands_each_stage_to_the_next_on_every_rank(experiment_run):
     assert ranks[0]["test"][0]["per_episode_loss"] == ranks[1]["test"][0]["per_episode_loss"]
 
 
+def test_eval_checkpoint_best_tests_the_best_weights_on_every_rank(experiment_run, tmp_path):
+    """Before: ``memory_mb`` (each rank's own peak) made rank 1's history differ from the one in
+    best.pt, so rank 1 alone evaluated the last weights: the odd test episodes (its shard) came from
+    another model than the even ones while results.json named the best iteration."""
+    proc, out_dir = experiment_run
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ref = dist_worker.run_job(best_run(tmp_path))["results"]
+    assert ref["selected_iteration"] == 2
+    for r in (0, 1):
+        res = load(out_dir, "best", r)["results"]
+        assert res["selected_iteration"] == 2 and res["world_size"] == 2
+        assert res["test"][0]["per_episode_loss"] == pytest.approx(ref["test"][0]["per_episode_loss"], rel=1e-4)
+
+
 CRASH = {"name": "crash", "algorithm": "maml", "iterations": 8, "meta_batch_size": 3, "val_every": 4,
          "checkpoint_every": 2}
 
