@@ -57,12 +57,13 @@ def toy_source(seed: int = 0) -> MixedTasks:
 
 
 def make_multitask_learner(job: dict[str, Any]) -> MetaLearner:
-    """The multitask algorithm (MAML per dataset, ``job["strategy"]``) on dataset stems and a conv trunk."""
+    """The multitask algorithm (``job["base"]``, default MAML, per dataset, ``job["strategy"]``) on
+    dataset stems and a conv trunk."""
     torch.manual_seed(job.get("seed", 0))
     model = build_model("multidataset", inputs={"grey": [1, 12, 12], "rgb": [3, 12, 12]}, width=4, size=6,
                         hidden=4, blocks=2, out_features=None)
-    algorithm = build_algorithm("multitask", base={"name": "maml", "head_init": "zero", "steps": 1, "lr": 0.3},
-                                strategy=job["strategy"], datasets=["grey", "rgb"])
+    base = job.get("base", {"name": "maml", "head_init": "zero", "steps": 1, "lr": 0.3})
+    algorithm = build_algorithm("multitask", base=base, strategy=job["strategy"], datasets=["grey", "rgb"])
     return MetaLearner(model, algorithm, device="cpu", meta_optimizer="sgd", meta_lr=0.05)
 
 
