@@ -4,7 +4,7 @@
 every job of the spec on every rank and writes ``OUT/<job>.rank<r>.pt`` (weights, history,
 per-episode validation/test accuracies; a job with a ``config`` runs ``experiment.run`` on it and
 writes its results).  The tests call :func:`run_job` in-process for the
-single-process reference.  Faults (``kill``, ``hang``, ``stop``, ``nan``: ``[rank, iteration]``)
+single-process reference.  Faults (``kill``, ``hang``, ``stop``, ``nan``, ``signals``: ``[rank, iteration]``)
 are injected at the end of (or, for ``nan``, inside) the given 1-based iteration on that rank
 (``stop`` gives the reason ``"fault"``); ``slow: [rank, seconds]`` sleeps at the end of every
 iteration on that rank (rank-0-only work such as logging, before the other callbacks).
@@ -25,7 +25,7 @@ from metamtl import MetaLearner
 from metamtl.algorithms import build_algorithm
 from metamtl.callbacks import Callback, FitState, LRScheduler
 from metamtl.data import ClassDataset, Preprocessing
-from metamtl.errors import DistributedError
+from metamtl.errors import DistributedError, FitInterrupted
 from metamtl.models import build_model
 from metamtl.tasks import EpisodeSampler, MixedTasks
 
@@ -98,6 +98,9 @@ class Faults(Callback):
             time.sleep(600)
         if self._due(state, "stop"):
             state.should_stop, state.stopped_by = True, "fault"
+        if self._due(state, "signals"):  # a wrapped launcher's stop: SIGINT, then its own SIGTERM
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
         slow = self.faults.get("slow")
         if slow is not None and state.rank == slow[0]:
             time.sleep(slow[1])
@@ -166,6 +169,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         if not job.get("expect_error"):
             raise
         return {"error": str(exc), "iteration": learner.iteration}
+    except FitInterrupted as exc:
+        if not job.get("expect_interrupt"):
+            raise
+        return {"error": str(exc), "iteration": learner.iteration, "checkpoint": str(exc.checkpoint)}
     test = learner.evaluate(val or train, job.get("test_episodes", 7), start=1000, progress=False)
     return {
         "params": {k: v.detach().clone() for k, v in learner.model.state_dict().items()},

@@ -343,6 +343,22 @@ def test_killed_rank_stops_the_run_keeps_last_checkpoint_and_resume_completes(tm
     assert MetaLearner.load(ckpt / "last.pt", device="cpu").iteration == 8
 
 
+def test_a_launchers_follow_up_signal_stops_and_saves_instead_of_aborting(tmp_path):
+    """A wrapped torchrun (``timeout ... torchrun``, a scheduler) passes Ctrl-C on to the workers
+    and then sends them SIGTERM itself.  Before: that SIGTERM counted as a second Ctrl-C, every rank
+    aborted "without saving" and the training since the last periodic checkpoint was lost."""
+    ckpt = tmp_path / "ckpt"
+    job = {"name": "signals", "algorithm": "reptile", "iterations": 8, "meta_batch_size": 2,
+           "checkpoint_dir": str(ckpt), "faults": {"signals": [1, 3]}, "expect_interrupt": True}
+    proc, _, out_dir = run_worker(tmp_path, [job], env={"METAMTL_DIST_TIMEOUT": "30"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "SIGTERM after SIGINT" in proc.stderr and "aborted" not in proc.stderr, proc.stderr[-3000:]
+    for r in (0, 1):
+        res = load(out_dir, "signals", r)
+        assert res["iteration"] == 3 and "received: meta-training stopped after iteration 3" in res["error"]
+    assert MetaLearner.load(ckpt / "last.pt", device="cpu").iteration == 3
+
+
 def test_hung_rank_makes_the_others_fail_within_the_timeout(tmp_path):
     job = {"name": "hang", "algorithm": "reptile", "iterations": 8, "meta_batch_size": 3, "val_every": 4,
            "faults": {"hang": [1, 3]}}
