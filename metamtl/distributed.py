@@ -243,6 +243,13 @@ def any_rank(*flags: bool, what: str = "stop-flag all-reduce") -> tuple[bool, ..
     return tuple(bool(v) for v in t.tolist())
 
 
+def barrier(what: str) -> None:
+    """Wait until every rank of the running process group gets here (no-op without one), e.g. until
+    rank 0 has written the files the others read next."""
+    if world()[1] > 1:
+        any_rank(False, what=what)
+
+
 def gather_ordered(rows: Sequence[tuple[int, Any]], what: str = "evaluation gather") -> list[Any]:
     """Gather ``(index, value)`` pairs from all ranks; values sorted by index."""
     merged = [row for part in all_gather_objects(list(rows), what) for row in part]
@@ -345,6 +352,13 @@ class ProcessStrategy:
         """``(index, value)`` rows of every process; the values sorted by index."""
         return [value for _, value in sorted(rows, key=lambda r: r[0])]
 
+    def broadcast_object(self, obj: Any, what: str) -> Any:
+        """Process 0's ``obj`` (plain data), on every process: a decision all of them take alike."""
+        return obj
+
+    def broadcast_tensors(self, tensors: Sequence[torch.Tensor], what: str) -> None:
+        """Give every process process 0's values of ``tensors``, in place."""
+
 
 class TorchDistributed(ProcessStrategy):
     """One of ``world_size`` processes of a ``torch.distributed`` process group (see the module docstring)."""
@@ -361,9 +375,7 @@ class TorchDistributed(ProcessStrategy):
                     f"rank {r} does not run the same fit as rank 0 (every rank needs the same config, "
                     "data, seeds and --resume checkpoint):\n  " + "\n  ".join(diff)
                 )
-        with collective("start-of-fit weight broadcast"):
-            for tensor in tensors:
-                dist.broadcast(tensor, src=0)
+        self.broadcast_tensors(tensors, "start-of-fit weight broadcast")
 
     def reduce_gradients(self, params, metrics, weight, iteration=0):
         return reduce_meta_gradients(params, metrics, weight, iteration=iteration)
@@ -379,6 +391,17 @@ class TorchDistributed(ProcessStrategy):
 
     def gather_ordered(self, rows, what="evaluation gather"):
         return gather_ordered(rows, what)
+
+    def broadcast_object(self, obj, what):
+        box = [obj]
+        with collective(what):
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def broadcast_tensors(self, tensors, what):
+        with collective(what):
+            for tensor in tensors:
+                dist.broadcast(tensor, src=0)
 
 
 def process_strategy(device: str | torch.device = "cpu") -> ProcessStrategy:

@@ -402,8 +402,20 @@ def restore_best(learner: MetaLearner, run_dir: Path) -> int | None:
 
     Returns the iteration they come from, or ``None`` when there is no ``best.pt`` from this
     training run (no validation happened; a ``best.pt`` whose history is not a prefix of the
-    learner's comes from an older run and is ignored).
+    learner's comes from an older run and is ignored).  Under torchrun rank 0 decides and gives
+    every rank its weights: the ranks' histories differ in per-process rows such as ``memory_mb``,
+    and every rank must test the same model.
     """
+    strategy = learner.strategy
+    selected = _load_best(learner, run_dir) if strategy.is_main_process else None
+    selected = strategy.broadcast_object(selected, "eval.checkpoint 'best' choice")
+    if selected is not None:
+        strategy.broadcast_tensors([*learner.model.state_dict().values(), *learner.algorithm.state_dict().values()],
+                                   "best.pt weight broadcast")
+    return selected
+
+
+def _load_best(learner: MetaLearner, run_dir: Path) -> int | None:
     from .checkpoint import history_continues, safe_load
 
     best = run_dir / "best.pt"
@@ -772,6 +784,8 @@ def run_stages(cfg: Config, resume: str | Path | None = None, progress: bool = T
         else:
             results = run(scfg, resume=plan[i], progress=progress, callbacks=callbacks, quiet=quiet,
                           overwrite=overwrite)
+            # rank 0 alone writes the stage's learner.pt, history.json and results.json, read next by all
+            distributed.barrier(f"stage {name!r} hand-off")
         rows = json.loads((scfg.run_dir / "history.json").read_text()) if (scfg.run_dir / "history.json").is_file() else []
         offset = sum(d["iterations"] for d in done)
         history += [{**r, "stage": name, "iteration": r.get("iteration", 0) + offset} for r in rows]

@@ -18,7 +18,7 @@ import signal
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -334,7 +334,7 @@ class MetaStep:
         self.after_backward()
         params = [p for p in ln.meta_parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
-        buffers_finite = agree_buffers(ln, buffers, len(batch), average=averaged)
+        buffers_finite = agree_buffers(ln, buffers, len(batch), () if averaged else ln.algorithm.exchanged_buffers())
         if not (bool(torch.isfinite(norm)) and math.isfinite(metrics.get("loss", 0.0)) and buffers_finite):
             return self._skip(metrics, buffers)
         ln.run.bad_steps = 0
@@ -374,21 +374,23 @@ class MetaStep:
 
 
 def agree_buffers(learner: "MetaLearner", snapshot: list[tuple[torch.Tensor, torch.Tensor]], tasks: int,
-                  average: bool = True) -> bool:
+                  exchanged: Sequence[torch.Tensor] = ()) -> bool:
     """After a meta-step's forward passes: whether every floating buffer is finite on every process.
 
-    Under torchrun, with ``average`` (the meta-gradient is a mean over tasks, each process folded
-    its own share of ``tasks`` into the buffers: MAML++'s per-step BatchNorm running statistics),
-    every buffer that changed on some process is replaced on all of them by the task-weighted mean
-    ``sum_r (n_r / B) * buffer_r``, so every process evaluates and saves the same statistics.  One
-    process folds all ``B`` tasks in turn, so this is close to, not bitwise, its statistics.
-    Without ``average`` (multitask's exchanged meta-step) buffers are left as the algorithm set them."""
+    Under torchrun each process folded its own share of ``tasks`` into the buffers (MAML++'s
+    per-step BatchNorm running statistics, also as multitask's base): every buffer that changed on
+    some process is replaced on all of them by the task-weighted mean ``sum_r (n_r / B) * buffer_r``,
+    so every process evaluates and saves the same statistics.  One process folds all ``B`` tasks
+    in turn, so this is close to, not bitwise, its statistics.  ``exchanged`` (the algorithm's
+    :meth:`~metamtl.algorithms.base.Algorithm.exchanged_buffers`, e.g. a multitask strategy's
+    state, already alike everywhere) are left as the algorithm set them."""
     buffers = [(b, saved) for b, saved in snapshot if b.is_floating_point()]
     finite = _finite(b for b, _ in buffers)
     if learner.strategy.world_size == 1 or not buffers:  # every process has the same buffers (sync_start)
         return finite
     what = f"running statistics exchange (iteration {learner.iteration + 1})"
-    changed = [average and not torch.equal(b, saved) for b, saved in buffers]
+    kept = {id(b) for b in exchanged}
+    changed = [id(b) not in kept and not torch.equal(b, saved) for b, saved in buffers]
     infos = learner.strategy.all_gather({"tasks": tasks, "changed": changed, "finite": finite}, what)
     total = sum(i["tasks"] for i in infos)
     synced = [b for k, (b, _) in enumerate(buffers) if any(i["changed"][k] for i in infos)]

@@ -351,6 +351,12 @@ class Algorithm(nn.Module):
         """
         return None
 
+    def exchanged_buffers(self) -> list[torch.Tensor]:
+        """Buffers :meth:`global_meta_step` itself leaves bitwise alike on every process (e.g. a
+        multitask strategy's state); the learner averages every other buffer a step changed
+        (running statistics of the forward passes) over the processes' tasks, but not these."""
+        return []
+
     def _meta_step(self, model: TrunkHead, batch: TaskBatch, iteration: int) -> dict[str, float]:
         rule = self.checked_rule(iteration)
         n = len(batch)

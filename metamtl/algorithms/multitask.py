@@ -111,6 +111,9 @@ class MultiTask(Algorithm):
         (:meth:`_exchange`) before the strategy combines them, so all run it on the same inputs."""
         return self._combined_step(model, batch, iteration, processes)
 
+    def exchanged_buffers(self) -> list[torch.Tensor]:
+        return list(self.strategy.buffers())  # set from the exchanged losses, alike on every process
+
     def _combined_step(self, model: TrunkHead, batch: TaskBatch, iteration: int,
                        processes: Any) -> dict[str, float]:
         groups: dict[str, list[int]] = {}

@@ -2,8 +2,9 @@
 
 ``python -m torch.distributed.run --standalone --nproc_per_node=2 dist_worker.py SPEC.json`` runs
 every job of the spec on every rank and writes ``OUT/<job>.rank<r>.pt`` (weights, history,
-per-episode validation/test accuracies).  The tests call :func:`run_job` in-process for the
-single-process reference.  Faults (``kill``, ``hang``, ``stop``, ``nan``: ``[rank, iteration]``)
+per-episode validation/test accuracies; a job with a ``config`` runs ``experiment.run`` on it and
+writes its results).  The tests call :func:`run_job` in-process for the
+single-process reference.  Faults (``kill``, ``hang``, ``stop``, ``nan``, ``signals``: ``[rank, iteration]``)
 are injected at the end of (or, for ``nan``, inside) the given 1-based iteration on that rank
 (``stop`` gives the reason ``"fault"``); ``slow: [rank, seconds]`` sleeps at the end of every
 iteration on that rank (rank-0-only work such as logging, before the other callbacks).
@@ -24,7 +25,7 @@ from metamtl import MetaLearner
 from metamtl.algorithms import build_algorithm
 from metamtl.callbacks import Callback, FitState, LRScheduler
 from metamtl.data import ClassDataset, Preprocessing
-from metamtl.errors import DistributedError
+from metamtl.errors import DistributedError, FitInterrupted
 from metamtl.models import build_model
 from metamtl.tasks import EpisodeSampler, MixedTasks
 
@@ -56,12 +57,13 @@ def toy_source(seed: int = 0) -> MixedTasks:
 
 
 def make_multitask_learner(job: dict[str, Any]) -> MetaLearner:
-    """The multitask algorithm (MAML per dataset, ``job["strategy"]``) on dataset stems and a conv trunk."""
+    """The multitask algorithm (``job["base"]``, default MAML, per dataset, ``job["strategy"]``) on
+    dataset stems and a conv trunk."""
     torch.manual_seed(job.get("seed", 0))
     model = build_model("multidataset", inputs={"grey": [1, 12, 12], "rgb": [3, 12, 12]}, width=4, size=6,
                         hidden=4, blocks=2, out_features=None)
-    algorithm = build_algorithm("multitask", base={"name": "maml", "head_init": "zero", "steps": 1, "lr": 0.3},
-                                strategy=job["strategy"], datasets=["grey", "rgb"])
+    base = job.get("base", {"name": "maml", "head_init": "zero", "steps": 1, "lr": 0.3})
+    algorithm = build_algorithm("multitask", base=base, strategy=job["strategy"], datasets=["grey", "rgb"])
     return MetaLearner(model, algorithm, device="cpu", meta_optimizer="sgd", meta_lr=0.05)
 
 
@@ -96,6 +98,9 @@ class Faults(Callback):
             time.sleep(600)
         if self._due(state, "stop"):
             state.should_stop, state.stopped_by = True, "fault"
+        if self._due(state, "signals"):  # a wrapped launcher's stop: SIGINT, then its own SIGTERM
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
         slow = self.faults.get("slow")
         if slow is not None and state.rank == slow[0]:
             time.sleep(slow[1])
@@ -114,7 +119,30 @@ def poison_gradients(learner: MetaLearner, rank: int, iteration: int) -> None:
     learner.algorithm.meta_step = poisoned
 
 
+def run_experiment(job: dict[str, Any]) -> dict[str, Any]:
+    """``experiment.run`` on the config ``job["config"]`` (what ``metamtl fit`` runs: stages,
+    ``eval.checkpoint`` ...); ``slow_save: [rank, seconds]`` delays that rank's learner saves (a
+    slow shared file system)."""
+    from metamtl import experiment
+    from metamtl.config import config_from_dict
+
+    save, slow = MetaLearner.save, job.get("slow_save")
+    if slow is not None and int(os.environ.get("RANK", "0")) == slow[0]:
+        def slow_save(self, *args, **kwargs):
+            time.sleep(slow[1])
+            return save(self, *args, **kwargs)
+
+        MetaLearner.save = slow_save
+    try:
+        results = experiment.run(config_from_dict(job["config"]), progress=False, quiet=True, overwrite=True)
+    finally:
+        MetaLearner.save = save
+    return {"results": json.loads(json.dumps(results, default=str))}  # plain data (no TorchVersion)
+
+
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    if "config" in job:
+        return run_experiment(job)
     ds = toy_dataset()
     rank = int(os.environ.get("RANK", "0"))
     train = EpisodeSampler(ds.subset(range(30)), 5, 1, 3, seed=rank if job.get("seed_per_rank") else 0)
@@ -141,6 +169,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         if not job.get("expect_error"):
             raise
         return {"error": str(exc), "iteration": learner.iteration}
+    except FitInterrupted as exc:
+        if not job.get("expect_interrupt"):
+            raise
+        return {"error": str(exc), "iteration": learner.iteration, "checkpoint": str(exc.checkpoint)}
     test = learner.evaluate(val or train, job.get("test_episodes", 7), start=1000, progress=False)
     return {
         "params": {k: v.detach().clone() for k, v in learner.model.state_dict().items()},

@@ -178,6 +178,9 @@ def test_ranks_with_different_settings_are_refused_on_every_rank(two_rank_run):
 AGREEMENT_JOBS = [
     # MAML++'s per-step BatchNorm running statistics: each rank folds in its own tasks
     {"name": "mamlpp", "algorithm": "mamlpp", "iterations": 3, "meta_batch_size": 3, "val_every": 3},
+    # the same under multitask with a MAML++ base, whose exchanged meta-step averages no gradient itself
+    {"name": "mt_mamlpp", "algorithm": "multitask", "strategy": "dwa", "iterations": 3, "meta_batch_size": 4,
+     "val_every": 3, "base": {"name": "mamlpp", "head_init": "zero", "steps": 2, "lr": 0.3}},
     # a cosine meta-lr over the time budget while rank 0 spends longer per iteration (W&B, metrics)
     {"name": "budget_lr", "algorithm": "maml", "iterations": 4, "meta_batch_size": 2, "budget_minutes": 0.2,
      "faults": {"slow": [0, 0.3]}},
@@ -215,6 +218,26 @@ def test_mamlpp_running_statistics_agree_on_every_rank(agreement_run):
     assert ranks[0]["test_accuracy"] == ranks[1]["test_accuracy"]
 
 
+def test_multitask_mamlpp_running_statistics_agree_on_every_rank(agreement_run):
+    """Before: on multitask's exchanged meta-step the base's per-step running statistics stayed each
+    rank's own (0.08 apart after 3 steps): the ranks tested their shards with other statistics
+    and rank 0 saved its own.  Now they hold the task-weighted mean (an approximation of one
+    process's sequential fold, as for MAML++ alone)."""
+    job = next(j for j in AGREEMENT_JOBS if j["name"] == "mt_mamlpp")
+    ref = single_process(job)
+    ranks = [load(agreement_run, "mt_mamlpp", r) for r in (0, 1)]
+    stats = [k for k in ref["algorithm_state"] if ".norms.running_" in k]
+    assert stats
+    for key in stats:
+        assert torch.equal(ranks[0]["algorithm_state"][key], ranks[1]["algorithm_state"][key]), key
+    for key, value in ref["algorithm_state"].items():  # the strategy's own state (DWA) stays bitwise global
+        if key.startswith("strategy."):
+            assert torch.equal(ranks[0]["algorithm_state"][key], ranks[1]["algorithm_state"][key]), key
+            assert torch.allclose(ranks[0]["algorithm_state"][key], value, rtol=1e-5), key
+    for r in ranks:  # training normalises with batch statistics: the weights are one process's
+        assert max_param_diff(r["params"], ref["params"]) < 5e-6
+
+
 def test_lr_over_the_time_budget_is_the_same_on_every_rank(agreement_run):
     """The ranks' clocks differ (rank 0 does more per iteration); the schedule reads the one they agree on."""
     ranks = [load(agreement_run, "budget_lr", r) for r in (0, 1)]
@@ -238,6 +261,58 @@ def test_ranks_with_different_validation_tasks_are_refused_at_start(agreement_ru
         res = load(agreement_run, name, r)
         assert res["iteration"] == 0 and "rank 1 does not run the same fit as rank 0" in res["error"]
         assert differs in res["error"]
+
+
+def sinusoid_run(name, output_dir, train, **sections):
+    """An ``experiment.run`` job (the ``metamtl fit`` path) on seconds-long sinusoid regression."""
+    config = {"name": name, "seed": 0, "output_dir": str(output_dir), "data": {"name": "sinusoid"},
+              "model": {"name": "mlp", "hidden": [8]}, "algorithm": {"name": "maml", "steps": 1, "lr": 0.01},
+              "train": {"device": "cpu", **train}, "logging": {"wandb": False, "report": False}, **sections}
+    return {"name": name, "config": config}
+
+
+def best_run(output_dir):
+    # the best validation loss is at iteration 2 of 6 (meta_lr 0.2 overshoots afterwards)
+    return sinusoid_run("best", output_dir, {"iterations": 6, "meta_batch_size": 4, "val_every": 2,
+                                             "val_episodes": 4, "meta_lr": 0.2},
+                        eval={"episodes": 6, "checkpoint": "best"})
+
+
+@pytest.fixture(scope="module")
+def experiment_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("experiment")
+    staged = sinusoid_run("staged", tmp / "runs", {"iterations": 2, "meta_batch_size": 2, "val_every": 2,
+                                                   "val_episodes": 2},
+                          eval={"episodes": 4}, stages=[{"name": "first"}, {"name": "second"}])
+    # rank 0's saves are slow (a shared file system): rank 1 must not read a stage's files before them
+    jobs = [best_run(tmp / "runs"), {**staged, "slow_save": [0, 0.5]}]
+    proc, _, out_dir = run_worker(tmp, jobs, env={"METAMTL_DIST_TIMEOUT": "60"}, timeout=180)
+    return proc, out_dir
+
+
+def test_staged_run_hands_each_stage_to_the_next_on_every_rank(experiment_run):
+    """Before: rank 1 loaded the first stage's learner.pt (init_from) before rank 0 had written it:
+    CheckpointError "... learner.pt does not exist" on rank 1 (2 runs in 3; always with slow saves)."""
+    proc, out_dir = experiment_run
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [load(out_dir, "staged", r)["results"] for r in (0, 1)]
+    for res in ranks:
+        assert [s["stage"] for s in res["stages"]] == ["first", "second"] and res["iterations"] == 4
+    assert ranks[0]["test"][0]["per_episode_loss"] == ranks[1]["test"][0]["per_episode_loss"]
+
+
+def test_eval_checkpoint_best_tests_the_best_weights_on_every_rank(experiment_run, tmp_path):
+    """Before: ``memory_mb`` (each rank's own peak) made rank 1's history differ from the one in
+    best.pt, so rank 1 alone evaluated the last weights: the odd test episodes (its shard) came from
+    another model than the even ones while results.json named the best iteration."""
+    proc, out_dir = experiment_run
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ref = dist_worker.run_job(best_run(tmp_path))["results"]
+    assert ref["selected_iteration"] == 2
+    for r in (0, 1):
+        res = load(out_dir, "best", r)["results"]
+        assert res["selected_iteration"] == 2 and res["world_size"] == 2
+        assert res["test"][0]["per_episode_loss"] == pytest.approx(ref["test"][0]["per_episode_loss"], rel=1e-4)
 
 
 CRASH = {"name": "crash", "algorithm": "maml", "iterations": 8, "meta_batch_size": 3, "val_every": 4,
@@ -266,6 +341,22 @@ def test_killed_rank_stops_the_run_keeps_last_checkpoint_and_resume_completes(tm
         assert res["iteration"] == 8
         assert max_param_diff(res["params"], ref["params"]) < 5e-6  # float32 all-reduce rounding (measured 1.19e-6)
     assert MetaLearner.load(ckpt / "last.pt", device="cpu").iteration == 8
+
+
+def test_a_launchers_follow_up_signal_stops_and_saves_instead_of_aborting(tmp_path):
+    """A wrapped torchrun (``timeout ... torchrun``, a scheduler) passes Ctrl-C on to the workers
+    and then sends them SIGTERM itself.  Before: that SIGTERM counted as a second Ctrl-C, every rank
+    aborted "without saving" and the training since the last periodic checkpoint was lost."""
+    ckpt = tmp_path / "ckpt"
+    job = {"name": "signals", "algorithm": "reptile", "iterations": 8, "meta_batch_size": 2,
+           "checkpoint_dir": str(ckpt), "faults": {"signals": [1, 3]}, "expect_interrupt": True}
+    proc, _, out_dir = run_worker(tmp_path, [job], env={"METAMTL_DIST_TIMEOUT": "30"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "SIGTERM after SIGINT" in proc.stderr and "aborted" not in proc.stderr, proc.stderr[-3000:]
+    for r in (0, 1):
+        res = load(out_dir, "signals", r)
+        assert res["iteration"] == 3 and "received: meta-training stopped after iteration 3" in res["error"]
+    assert MetaLearner.load(ckpt / "last.pt", device="cpu").iteration == 3
 
 
 def test_hung_rank_makes_the_others_fail_within_the_timeout(tmp_path):

@@ -1,6 +1,9 @@
 """In-process pieces of distributed training: launch environment, task shares, single-process no-op."""
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -9,7 +12,8 @@ from hypothesis import strategies as st
 
 import dist_worker
 from metamtl import distributed
-from metamtl.errors import DistributedError, MetamtlError
+from metamtl.errors import DistributedError, FitInterrupted, MetamtlError
+from metamtl.interrupt import StopOnSignal
 from metamtl.learner import resolve_device
 from metamtl.tasks import EpisodeSampler, task_batches
 from metamtl.tasks.sampler import MetaBatchIndexSampler
@@ -124,3 +128,30 @@ def test_library_messages_are_printed_by_rank_0_alone(env, monkeypatch, capsys, 
     cli._show_library_messages()
     logging.getLogger("metamtl.fit").info("resumed from last.pt")
     assert ("[metamtl] resumed from last.pt" in capsys.readouterr().out) == printed
+
+
+@pytest.mark.parametrize("world, grace, second, aborts", [
+    (2, None, signal.SIGTERM, False),  # torchrun's agent passing the stop on: still saves
+    (2, None, signal.SIGINT, True),  # the same signal again: abort at once
+    (2, 0.0, signal.SIGTERM, True),  # another signal after the grace period: abort
+    (1, None, signal.SIGTERM, True),  # one process: any second signal aborts, as before
+])
+def test_a_second_signal_of_another_kind_under_torchrun_is_the_launchers(env, world, grace, second, aborts):
+    """Before: under torchrun the launcher's SIGTERM right after the workers' SIGINT (a wrapped
+    ``torchrun``) aborted every rank without saving, like a second Ctrl-C."""
+    env(RANK=0, WORLD_SIZE=world, LOCAL_RANK=0)
+    stop = StopOnSignal(lambda: 4) if grace is None else StopOnSignal(lambda: 4, grace=grace)
+    with stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT
+        if aborts:
+            with pytest.raises(FitInterrupted, match=f"second {signal.Signals(second).name}: aborted during iteration 5"):
+                os.kill(os.getpid(), second)
+        else:
+            try:
+                os.kill(os.getpid(), second)
+            except FitInterrupted as exc:  # a KeyboardInterrupt: would end the test session
+                pytest.fail(f"the launcher's {second.name} aborted the fit: {exc}")
+            assert stop.signum == signal.SIGINT  # the stop request stands: finish the iteration and save
+            with pytest.raises(FitInterrupted, match="second SIGINT"):
+                os.kill(os.getpid(), signal.SIGINT)
