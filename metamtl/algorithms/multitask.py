@@ -10,7 +10,8 @@ weights (uncertainty log-variances, GradNorm weights) are meta-parameters: the l
 meta-optimizer steps them and checkpoints save and resume them.
 
 With a :class:`~metamtl.models.MultiDatasetModel`, each dataset's episodes run inside
-:func:`~metamtl.models.dataset_scope`, and its soft-sharing penalty is added to the gradient.
+:func:`~metamtl.models.dataset_scope`; its soft-sharing penalty is added by the learner's meta-step,
+as for every algorithm (:func:`metamtl.fit_loop.add_model_penalty`).
 
 Under distributed training (torchrun) each process runs the base algorithm on its own share of
 the meta-batch, then the processes all-reduce every dataset's summed meta-gradient, summed
@@ -155,12 +156,6 @@ class MultiTask(Algorithm):
         loss_values = torch.tensor([part.metrics["loss"] for part in parts], dtype=torch.float32)
         totals.update(apply_strategy(self.strategy, loss_values, [part.grads for part in parts], params,
                                      [part.name for part in parts]))
-        penalty = getattr(model, "penalty", None)
-        if callable(penalty):
-            value = penalty()
-            if value is not None:
-                value.backward()
-                totals["penalty"] = float(value.detach())
         return totals
 
     def _exchange(self, parts: list["_Part"], params: Sequence[torch.Tensor], processes: Any,

@@ -217,25 +217,32 @@ def test_every_strategy_trains_through_the_learner(strategy):
     assert any(not torch.equal(a, b) for a, b in zip(before, learner.model.parameters()))
 
 
-def test_soft_sharing_penalty_reaches_the_meta_gradient():
+@pytest.mark.parametrize("algorithm", ["maml", "anil", "protonet", "multitask"])
+def test_soft_sharing_penalty_reaches_the_meta_gradient_once_whatever_the_algorithm(algorithm):
+    """The learner's meta-step adds the soft-sharing tie for every algorithm (it was only multitask's,
+    so under maml the "tied" trunks trained independently), once, and logs it as ``penalty``."""
+    from metamtl.fit_loop import MetaStep
+
     batch = balanced_batch(mixed())
-    m = small_model(sharing="soft", soft_weight=1.0)
-    with torch.no_grad():
-        for p in m.trunk.trunks["rgb"].parameters():
-            p.add_(0.1)
-    alg = MultiTask(base_cfg(), "equal", ["grey", "rgb"])
-    metrics = alg.meta_step(m, batch)
-    assert metrics["penalty"] > 0
-    with_penalty = grads_of(m)
-    m.zero_grad(set_to_none=True)
-    m.soft_weight = 0.0
-    alg.meta_step(m, batch)
-    without = grads_of(m)
-    names = [n for n, _ in m.named_parameters()]
-    for n, a, b, (_, p) in zip(names, with_penalty, without, m.named_parameters()):
+    spec = ({"name": "multitask", "base": base_cfg(), "strategy": "equal", "datasets": ["grey", "rgb"]}
+            if algorithm == "multitask" else {**base_cfg(), "name": algorithm} if algorithm != "protonet"
+            else {"name": "protonet"})
+    grads, metrics = {}, {}
+    for weight in (1.0, 0.0):
+        m = small_model(sharing="soft", soft_weight=weight)
+        with torch.no_grad():
+            for p in m.trunk.trunks["rgb"].parameters():
+                p.add_(0.1)
+        start = {n: p.detach().clone() for n, p in m.named_parameters()}
+        learner = MetaLearner(m, build_algorithm(**spec), device="cpu", meta_lr=0.05)
+        metrics[weight] = MetaStep(learner)(learner.placement.batch(batch))
+        grads[weight] = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                         for n, p in m.named_parameters()}
+    assert metrics[1.0]["penalty"] > 0 and "penalty" not in metrics[0.0]
+    for n, p in start.items():
         if n.startswith("trunk.trunks.rgb"):
-            mean = (p + dict(m.named_parameters())[n.replace("rgb", "grey")]) / 2
-            torch.testing.assert_close(a - b, 2 * (p - mean).detach())
+            mean = (p + start[n.replace("rgb", "grey")]) / 2
+            torch.testing.assert_close(grads[1.0][n] - grads[0.0][n], 2 * (p - mean))
 
 
 def test_mixture_with_unknown_source_gives_task_error():
