@@ -25,7 +25,7 @@ import contextlib
 import dataclasses
 import logging
 import weakref
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -127,6 +127,14 @@ class Algorithm(nn.Module):
     #: them out or ``None`` (names of :data:`DATA_SETTINGS`): e.g. ``("num_classes",)`` for the
     #: transfer baseline's global head.  Declared here, never guessed from the signature.
     from_data: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def trains_over_classes(cls, settings: Mapping[str, Any]) -> bool:
+        """Whether this algorithm, configured with ``settings`` (its :meth:`config`), trains over the
+        training classes (takes ``num_classes`` from the data), which regression tasks do not have;
+        a wrapper (``multitask``) answers for the algorithm it wraps."""
+        return "num_classes" in cls.from_data
+
     #: the phases (``LossContext.phase``) in which this algorithm's training applies loss terms:
     #: a distillation term acting in none of them would be ignored, so the Distillation refuses it
     loss_term_phases: ClassVar[tuple[str, ...]] = ("support", "query")

@@ -25,7 +25,7 @@ draws nothing from it per task.)
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -36,7 +36,7 @@ from ..models.multidataset import dataset_scope, routed_dataset
 from ..multitask.strategies import Strategy, apply_strategy, build_strategy
 from ..tasks.episode import Episode, TaskBatch
 from .base import Algorithm
-from .registry import build_algorithm, with_data_settings
+from .registry import ALGORITHMS, build_algorithm, with_data_settings
 
 
 class MultiTask(Algorithm):
@@ -73,6 +73,19 @@ class MultiTask(Algorithm):
         self.base = base
         self.strategy = build_strategy(strategy, list(datasets))
         self.inner = base.inner
+
+    @classmethod
+    def trains_over_classes(cls, settings: Mapping[str, Any]) -> bool:
+        """Whether the wrapped algorithm (``settings["base"]``: an algorithm, its name or config) does;
+        ``num_classes`` is declared only to hand it on to a base such as ``transfer``."""
+        base = settings.get("base", "maml")
+        if isinstance(base, Algorithm):
+            base = base.config()
+        if isinstance(base, str):
+            base = {"name": base}
+        name = base.get("name") if isinstance(base, Mapping) else None
+        base_cls = ALGORITHMS.get(name) if isinstance(name, str) else None
+        return base_cls is not None and base_cls is not cls and base_cls.trains_over_classes(base)
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "base": self.base.config(), "strategy": self.strategy.config(),
