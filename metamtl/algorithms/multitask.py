@@ -32,7 +32,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.backbones import TrunkHead
-from ..models.multidataset import dataset_scope, routed_dataset
+from ..models.multidataset import dataset_scope, routed_dataset, routed_scope
 from ..multitask.strategies import Strategy, apply_strategy, build_strategy
 from ..tasks.episode import Episode, TaskBatch
 from .base import Algorithm
@@ -228,7 +228,7 @@ class MultiTask(Algorithm):
         """The episode's dataset scope (for a dataset not trained on, the one its support images'
         shape routes to, as in :meth:`adapt`: per-dataset heads get features, which carry no shape)."""
         known = episode.dataset in self.strategy.tasks
-        return dataset_scope(episode.dataset if known else routed_dataset(model, None, episode.support_x))
+        return routed_scope(model, episode.dataset if known else None, episode.support_x)
 
     # -- evaluation --------------------------------------------------------------------------
     def adapt(self, model, support_x, support_y, ways, steps=None):

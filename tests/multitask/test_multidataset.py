@@ -322,6 +322,24 @@ def test_a_head_only_base_with_per_dataset_heads_adapts_and_predicts_outside_a_s
         assert torch.allclose(alg.adapt(learner.model, sx, ep.support_y, 3)(qx), expected)
 
 
+@pytest.mark.parametrize("name", ["anil", "maml"])
+def test_a_plain_base_with_per_dataset_heads_trains_and_evaluates_each_dataset_with_its_head(name):
+    """Before: plain ANIL (head-only adaptation calls the head on features, which carry no dataset)
+    failed its first meta-step with "run it under dataset_scope" while MAML trained; each episode
+    now runs in its dataset's scope, as under multitask."""
+    batch = balanced_batch(mixed())
+    m = small_model(heads="per_dataset", out_features=3)
+    alg = build_algorithm(name, steps=1, lr=0.3)
+    metrics = alg.meta_step(m, batch)
+    scoped = MultiTask({"name": name, "steps": 1, "lr": 0.3}, "equal", ["grey", "rgb"])
+    expected = scoped.meta_step(small_model(heads="per_dataset", out_features=3), batch)
+    assert metrics["loss"] == pytest.approx(expected["loss"])
+    for head in ("grey", "rgb"):
+        assert m.head.heads[head].weight.grad.abs().sum() > 0
+    assert [r["loss"] for r in alg.evaluate_episodes(m, list(batch))] == pytest.approx(
+        [r["loss"] for r in scoped.evaluate_episodes(m, list(batch))])
+
+
 def test_datasets_of_one_shape_are_routed_by_name_in_predict_feature_heads_and_feature_means():
     """Two 1x12x12 datasets with their own stems: shape cannot pick one, so ``predict(dataset=)``,
     a feature head's episodes (``ep.dataset``) and each source's feature mean use the name."""
