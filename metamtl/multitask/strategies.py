@@ -394,10 +394,15 @@ class DWA(Strategy):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def current_weights(self) -> torch.Tensor:
-        """Weights of every task for the next step (1 until two periods have been seen)."""
-        if not bool((self.history > 0).all()):  # a period not seen yet (or a zero mean loss)
-            return torch.ones(self.num_tasks, dtype=torch.float64, device=self.history.device)
-        return self.num_tasks * torch.softmax(self.history[1] / self.history[0] / self.temperature, 0)
+        """Weights of every task for the next step: ``K softmax(r / T)`` over the tasks whose loss ratio
+        is known (two periods seen, mean losses > 0), scaled by their number; 1 for the others (a task
+        not seen yet, or never, leaves the weighting of the others on)."""
+        known = (self.history > 0).all(0)
+        w = torch.ones(self.num_tasks, dtype=torch.float64, device=self.history.device)
+        if bool(known.any()):
+            ratio = self.history[1][known] / self.history[0][known]
+            w[known] = int(known.sum()) * torch.softmax(ratio / self.temperature, 0)
+        return w
 
     def weights(self, losses, tasks):
         w = self.current_weights()[tasks].to(losses)

@@ -500,6 +500,28 @@ def test_transfer_pretrains_on_a_mixture_with_each_sources_classes_on_their_own_
     learner.algorithm.meta_step(learner.model, TaskBatch([src.episode(i).to("cpu") for i in range(4)]))
 
 
+@pytest.mark.parametrize("datasets", [["a", "b", "c"], ["a"], ["b", "c"]])
+def test_algorithm_datasets_other_than_the_runs_labels_are_a_config_error(tmp_path, datasets):
+    """Before: an unknown label was accepted (DWA then kept equal weights for good) and a missing one
+    failed only at the first step."""
+    from metamtl.config import config_from_dict
+    from metamtl.experiment import build_learner
+
+    src = MixedTasks([EpisodeSampler(toy("a", 1, 16), 3, 1, 2), EpisodeSampler(toy("b", 1, 16, seed=1), 3, 1, 2)])
+
+    def cfg(names):
+        return config_from_dict({
+            "datasets": [{"name": "omniglot", "label": "a"}, {"name": "omniglot", "label": "b"}],
+            "tasks": {"ways": 3, "shots": 1, "queries": 2}, "output_dir": str(tmp_path),
+            "model": {"name": "conv4", "hidden": 4},
+            "algorithm": {"name": "multitask", "base": base_cfg(), "strategy": "dwa", "datasets": names},
+            "train": {"device": "cpu"}})
+
+    assert build_learner(cfg(["b", "a"]), src).algorithm.strategy.tasks == ["b", "a"]
+    with pytest.raises(ConfigError, match=r"algorithm.datasets must list the run's dataset labels \['a', 'b'\]"):
+        build_learner(cfg(datasets), src)
+
+
 @pytest.mark.parametrize("base", ["maml", "reptile"])
 def test_every_base_splits_shared_and_dataset_specific_parameters_alike(base):
     """Reptile's meta-gradient (initial - adapted) is zero, not None, for the parameters of the

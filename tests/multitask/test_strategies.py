@@ -92,6 +92,21 @@ def test_dwa_weights_follow_loss_ratios_per_period():
     torch.testing.assert_close(w, 2 * torch.softmax(r / 2.0, 0))
 
 
+def test_dwa_weights_the_tasks_with_known_ratios_while_another_is_unseen():
+    """Before: one task without two seen periods (never in the batch, or a constant loss) kept every
+    task at weight 1, permanently if it never appeared."""
+    p = torch.nn.Parameter(torch.ones(()))
+    weights = {}
+    for tasks in (["a", "b", "c"], ["a", "b"]):
+        s = build_strategy({"name": "dwa", "period": 1}, tasks)
+        for step in range(6):
+            m = s.backward({"a": p * 1.0 / (step + 1), "b": p * 2.0}, [p])  # c never has a loss
+        weights[len(tasks)] = (m["mtl/weight/a"], m["mtl/weight/b"])
+        if len(tasks) == 3:
+            assert s.current_weights()[2] == 1.0 and float(s.current_weights().sum()) == pytest.approx(3.0)
+    assert weights[3] == pytest.approx(weights[2]) and weights[3][0] < 1.0 < weights[3][1]
+
+
 def test_cagrad_maximises_the_worst_improvement_within_its_ball():
     torch.manual_seed(1)
     g = torch.randn(3, 8)
