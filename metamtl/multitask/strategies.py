@@ -167,6 +167,9 @@ class Strategy(nn.Module):
                 raise InputError(f"got {len(values)} losses for {self.num_tasks} tasks {self.tasks}; "
                                  "pass one per task or a dict by task name")
             names = list(self.tasks)
+        if isinstance(params, torch.Tensor):  # iterating one would give its rows, non-leaf slices: no gradient
+            raise InputError(f"{self.name} strategy backward got one tensor as params; pass an iterable of "
+                             "parameters, e.g. model.parameters() or [w]")
         params = [p for p in params if p.requires_grad]
         if not params:
             raise InputError(f"{self.name} strategy backward got no parameter that requires grad; pass the "

@@ -107,6 +107,17 @@ def test_dwa_weights_the_tasks_with_known_ratios_while_another_is_unseen():
     assert weights[3] == pytest.approx(weights[2]) and weights[3][0] < 1.0 < weights[3][1]
 
 
+@pytest.mark.parametrize("name", ["equal", "pcgrad", "uncertainty"])
+def test_backward_given_one_tensor_as_params_is_an_input_error(name):
+    """Before: it iterated over the tensor's rows (non-leaf slices), so no gradient was computed and
+    only the strategy's own state moved."""
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    x = torch.randn(3)
+    s = build_strategy(name, ["a", "b"])
+    with pytest.raises(InputError, match=r"iterable of parameters, e.g. model.parameters\(\) or \[w\]"):
+        s.backward([(w @ x).sum(), (w @ x).pow(2).sum()], w)
+
+
 def test_cagrad_maximises_the_worst_improvement_within_its_ball():
     torch.manual_seed(1)
     g = torch.randn(3, 8)
