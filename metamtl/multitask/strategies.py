@@ -170,7 +170,7 @@ class Strategy(nn.Module):
         if isinstance(params, torch.Tensor):  # iterating one would give its rows, non-leaf slices: no gradient
             raise InputError(f"{self.name} strategy backward got one tensor as params; pass an iterable of "
                              "parameters, e.g. model.parameters() or [w]")
-        params = [p for p in params if p.requires_grad]
+        params = list({id(p): p for p in params if p.requires_grad}.values())  # each once, as loss.backward()
         if not params:
             raise InputError(f"{self.name} strategy backward got no parameter that requires grad; pass the "
                              "model's trainable parameters (e.g. model.parameters() of a model that is not frozen)")

@@ -118,6 +118,27 @@ def test_backward_given_one_tensor_as_params_is_an_input_error(name):
         s.backward([(w @ x).sum(), (w @ x).pow(2).sum()], w)
 
 
+@pytest.mark.parametrize("name", ["equal", "pcgrad"])
+def test_backward_counts_a_parameter_listed_twice_once(name):
+    """Before: each listing got its own gradient, doubling the parameter's."""
+    torch.manual_seed(0)
+    shared, ha, hb = nn.Linear(3, 1), nn.Linear(3, 1), nn.Linear(3, 1)
+    x = torch.randn(5, 3)
+
+    def losses():
+        h = shared(x).mean()
+        return {"a": (ha.weight * h).sum(), "b": (hb.weight * h).sum() ** 2}
+
+    params = [*shared.parameters(), *ha.parameters(), *hb.parameters()]
+    build_strategy(name, ["a", "b"]).backward(losses(), params)
+    once = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    build_strategy(name, ["a", "b"]).backward(losses(), params + list(shared.parameters()))
+    for a, p in zip(once, params):
+        assert (a is None and p.grad is None) or torch.allclose(p.grad, a)
+
+
 def test_cagrad_maximises_the_worst_improvement_within_its_ball():
     torch.manual_seed(1)
     g = torch.randn(3, 8)
