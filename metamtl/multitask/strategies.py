@@ -244,7 +244,8 @@ def apply_strategy(strategy: Strategy, losses: torch.Tensor, grads: list[list[to
     # a non-finite loss (an fp16 overflow whose step is skipped) must not become the strategy's
     # reference statistics (GradNorm's first losses, DWA's period means): that task is absent too
     live = torch.isfinite(losses).tolist()
-    strategy.present = [bool(f) and (present is None or bool(p)) for f, p in zip(live, present or live)]
+    live_tasks = [bool(f) and (present is None or bool(p)) for f, p in zip(live, present or live)]
+    strategy.present = live_tasks
     try:
         direction, weights = strategy.combine(losses, matrix, tasks)
     finally:
@@ -262,10 +263,13 @@ def apply_strategy(strategy: Strategy, losses: torch.Tensor, grads: list[list[to
             if g[j] is not None:
                 _add_grad(p, g[j] * (weights[i] / k))
     metrics = {f"mtl/weight/{n}": float(w) for n, w in zip(names, weights)}
-    if k >= 2 and matrix.shape[1]:
-        unit = matrix / matrix.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    # over the tasks with a gradient (an absent task's zero row is no direction), as the strategy's state
+    rows = matrix[[i for i, on in enumerate(live_tasks) if on]] if matrix.shape[1] else matrix
+    rows = rows[rows.norm(dim=1) > 0]
+    if rows.shape[0] >= 2:
+        unit = rows / rows.norm(dim=1, keepdim=True)
         cos = unit @ unit.T
-        metrics["mtl/grad_cosine"] = float(cos[~torch.eye(k, dtype=torch.bool, device=cos.device)].mean())
+        metrics["mtl/grad_cosine"] = float(cos[~torch.eye(len(rows), dtype=torch.bool, device=cos.device)].mean())
     metrics.update(strategy.last_metrics)
     return metrics
 

@@ -195,6 +195,17 @@ def test_ordinary_multitask_training_with_two_heads_learns_both_tasks():
         assert "mtl/weight/a" in metrics
 
 
+def test_grad_cosine_is_over_the_tasks_with_a_gradient():
+    """Before: a task with no gradient (a constant loss) counted as cosine 0 with every other task
+    (0.333 here instead of 1)."""
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    s = build_strategy("equal", ["a", "b", "c"])
+    e = torch.tensor([1.0, 0.0])
+    m = s.backward({"a": (p * e).sum(), "b": (p * e).sum(), "c": 0.0}, [p])
+    assert m["mtl/grad_cosine"] == pytest.approx(1.0)
+    assert "mtl/grad_cosine" not in s.backward({"a": (p * e).sum(), "c": 0.0}, [p])
+
+
 def test_bad_inputs_give_clear_errors():
     with pytest.raises(ConfigError, match="unknown multi-task strategy 'pcgard'.*pcgrad"):
         build_strategy("pcgard", ["a"])
