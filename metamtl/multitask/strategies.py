@@ -565,6 +565,9 @@ def build_strategy(spec: str | dict[str, Any] | Strategy, tasks: Sequence[str]) 
         raise ConfigError(f"a multi-task strategy is a name or a mapping with a 'name', got {spec!r}")
     settings = dict(spec)
     name = settings.pop("name")
+    if not isinstance(name, str):
+        raise ConfigError(f"a multi-task strategy name is a string (one of {', '.join(sorted(STRATEGIES))}), "
+                          f"got {name!r}")
     if name not in STRATEGIES:
         raise unknown_name("multi-task strategy", name, STRATEGIES)
     error = unknown_settings(f"multi-task strategy {name!r}", settings,

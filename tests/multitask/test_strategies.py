@@ -206,6 +206,13 @@ def test_grad_cosine_is_over_the_tasks_with_a_gradient():
     assert "mtl/grad_cosine" not in s.backward({"a": (p * e).sum(), "c": 0.0}, [p])
 
 
+@pytest.mark.parametrize("name", [["pcgrad"], {"a": 1}, 3])
+def test_a_strategy_name_that_is_no_string_is_a_config_error(name):
+    """Before: a bare TypeError (unhashable type: 'list')."""
+    with pytest.raises(ConfigError, match=r"strategy name is a string \(one of cagrad, dwa, .*got"):
+        build_strategy({"name": name}, ["a", "b"])
+
+
 def test_bad_inputs_give_clear_errors():
     with pytest.raises(ConfigError, match="unknown multi-task strategy 'pcgard'.*pcgrad"):
         build_strategy("pcgard", ["a"])
