@@ -216,6 +216,17 @@ def _warn_nothing_shared(strategy: Strategy) -> None:
 def apply_strategy(strategy: Strategy, losses: torch.Tensor, grads: list[list[torch.Tensor | None]],
                    params: Sequence[torch.Tensor], names: Sequence[str],
                    present: Sequence[bool] | None = None) -> dict[str, float]:
+    """:func:`_apply_strategy` with autocast off on the parameters' device: the strategies work on the
+    gradients in their own precision (fp32), like the optimizer step, even inside a learner's bf16/fp16
+    meta-step (PCGrad's and CAGrad's products ran in bfloat16 there)."""
+    device = params[0].device.type if len(params) else "cpu"
+    with torch.autocast(device, enabled=False):
+        return _apply_strategy(strategy, losses, grads, params, names, present)
+
+
+def _apply_strategy(strategy: Strategy, losses: torch.Tensor, grads: list[list[torch.Tensor | None]],
+                    params: Sequence[torch.Tensor], names: Sequence[str],
+                    present: Sequence[bool] | None = None) -> dict[str, float]:
     """Combine per-task gradients ``grads[i][j]`` (task ``i``, parameter ``j``; ``None``: unused).
 
     ``present[i]``: whether task ``i``'s loss has a graph (``None``: all do); an absent task
