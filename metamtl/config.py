@@ -388,7 +388,7 @@ def _check_regression(cfg: Config) -> None:
 
     name = cfg.algorithm.get("name")  # (an unknown or malformed name is refused with the components)
     algorithm = ALGORITHMS.get(name) if isinstance(name, str) else None
-    if algorithm is not None and "num_classes" in algorithm.from_data:
+    if algorithm is not None and algorithm.trains_over_classes(cfg.algorithm):
         raise ConfigError(f"algorithm {cfg.algorithm['name']!r} trains over the training classes (it takes "
                           "num_classes from the data); regression tasks (data.name: sinusoid) have no classes: "
                           "use a gradient-based algorithm such as 'maml'")

@@ -266,6 +266,15 @@ def shape_model(model_cfg: dict[str, Any], preps: dict[str, Any]) -> None:
             model_cfg.setdefault("image_size", square_side(first, dataset, model_cfg))
 
 
+def _check_algorithm_datasets(given: Any, labels: list[str]) -> None:
+    """A :class:`ConfigError` for an ``algorithm.datasets`` that is not the run's dataset labels (an
+    unknown one would keep DWA at equal weights and never train; a missing one fails the first step)."""
+    names = [str(n) for n in given] if isinstance(given, (list, tuple)) else None
+    if names is None or sorted(names) != sorted(labels):
+        raise ConfigError(f"algorithm.datasets must list the run's dataset labels {labels} (each once), got "
+                          f"{given!r}; fix it or leave it out (it is filled in from the datasets)")
+
+
 def build_learner(cfg: Config, train_tasks: TaskSource, callbacks: list[Callback] = ()) -> MetaLearner:
     """Model + algorithm + learner for the config, shaped after the training data."""
     model_cfg = dict(cfg.model)
@@ -273,6 +282,8 @@ def build_learner(cfg: Config, train_tasks: TaskSource, callbacks: list[Callback
     alg_cfg = with_data_settings(cfg.algorithm, {  # what the algorithm declares it takes (Algorithm.from_data)
         "num_classes": lambda: getattr(train_tasks, "num_classes", None),  # a mixture's: the sum
         "datasets": lambda: [s.name for s in train_tasks.sources] if mixed else None})  # type: ignore[attr-defined]
+    if mixed and cfg.algorithm.get("datasets") is not None:
+        _check_algorithm_datasets(cfg.algorithm["datasets"], [s.name for s in train_tasks.sources])
     algorithm = build_algorithm(**alg_cfg)
     regression = is_regression(cfg)
     metadata: dict[str, Any] = {"config": cfg.to_dict()}

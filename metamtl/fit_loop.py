@@ -284,6 +284,18 @@ def _probe_step(learner: "MetaLearner", sample: TaskBatch) -> Callable[[bool], N
     return run
 
 
+def add_model_penalty(model: torch.nn.Module, metrics: dict[str, float]) -> None:
+    """Add the gradient of ``model.penalty()`` (a multi-dataset model's soft-sharing tie; ``None``:
+    none) to ``.grad`` and log it as ``penalty``: once per meta-step, whatever the algorithm, after
+    the meta-gradient (and its average over processes, which are alike in the weights it depends on)."""
+    penalty = getattr(model, "penalty", None)
+    value = penalty() if callable(penalty) else None
+    if value is not None:
+        if value.requires_grad:  # (frozen trunks: nothing to tie)
+            value.backward()
+        metrics["penalty"] = float(value.detach())
+
+
 class MetaStep:
     """One meta-optimizer step with non-finite skipping and global-norm clipping.
 
@@ -331,6 +343,7 @@ class MetaStep:
                 metrics = ln.algorithm.meta_step(ln.model, batch, ln.iteration)
         if averaged:
             metrics = ln.strategy.reduce_gradients(ln.meta_parameters(), metrics, len(batch), iteration=ln.iteration)
+        add_model_penalty(ln.model, metrics)
         self.after_backward()
         params = [p for p in ln.meta_parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())

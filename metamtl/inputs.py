@@ -404,7 +404,7 @@ def check_learner_parts(model: Any, algorithm: Any, task: str) -> tuple[TrunkHea
             "needs class labels; for regression use a gradient-based algorithm with head_init 'learned' "
             "(e.g. 'maml') or 'zero'"
         )
-    if task == "regression" and "num_classes" in type(algorithm).from_data:
+    if task == "regression" and type(algorithm).trains_over_classes(algorithm.config()):
         raise ConfigError(f"algorithm {algorithm.name!r} trains over the training classes (num_classes); regression "
                           "tasks have no classes: use a gradient-based algorithm such as 'maml'")
     model.out_features  # the model's own head: its number of outputs must be known (ways, regression targets)

@@ -25,7 +25,7 @@ import contextlib
 import dataclasses
 import logging
 import weakref
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -40,6 +40,7 @@ from ..errors import ConfigError, InputError
 from ..allocator import trim_above
 from ..memory import FASTEST, PLAN_MODES, Footprint, MemoryPlan, graph_mb, plan_memory, rss_mb
 from ..models.backbones import TrunkHead
+from ..models.multidataset import routed_scope
 from ..tasks.episode import Episode, TaskBatch
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,14 @@ class Algorithm(nn.Module):
     #: them out or ``None`` (names of :data:`DATA_SETTINGS`): e.g. ``("num_classes",)`` for the
     #: transfer baseline's global head.  Declared here, never guessed from the signature.
     from_data: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def trains_over_classes(cls, settings: Mapping[str, Any]) -> bool:
+        """Whether this algorithm, configured with ``settings`` (its :meth:`config`), trains over the
+        training classes (takes ``num_classes`` from the data), which regression tasks do not have;
+        a wrapper (``multitask``) answers for the algorithm it wraps."""
+        return "num_classes" in cls.from_data
+
     #: the phases (``LossContext.phase``) in which this algorithm's training applies loss terms:
     #: a distillation term acting in none of them would be ignored, so the Distillation refuses it
     loss_term_phases: ClassVar[tuple[str, ...]] = ("support", "query")
@@ -364,10 +373,11 @@ class Algorithm(nn.Module):
 
         def one(m: TrunkHead, positions: list[int]) -> dict[str, torch.Tensor]:
             sx, sy, qx, qy = batch.stack(positions)
-            first = batch[positions[0]]
-            problem = self.problem(m, sx, sy, first.ways)
-            adapted, _, logits = rule.backward(
-                problem, lambda a: self.checked_outer(a, qx, qy, iteration), 1.0 / n)
+            first = batch[positions[0]]  # (a chunk is of one dataset: its scope routes per-dataset parts)
+            with routed_scope(m, first.dataset, first.support_x):
+                problem = self.problem(m, sx, sy, first.ways)
+                adapted, _, logits = rule.backward(
+                    problem, lambda a: self.checked_outer(a, qx, qy, iteration), 1.0 / n)
             out = {"loss": batched_task_loss(logits, qy)}
             if first.is_classification:
                 out["accuracy"] = (logits.argmax(-1) == qy).float().mean(1)
@@ -553,7 +563,8 @@ class Algorithm(nn.Module):
             return mb2 if n2 == n1 else mb1 + (mb2 - mb1) * (n - n1) / (n2 - n1)
 
         # on a fork of the generators: the probe's dropout masks and noise draw nothing the run draws
-        with kept_buffers(model, self), torch.random.fork_rng(devices=cuda_devices([sx, qx])):
+        with kept_buffers(model, self), torch.random.fork_rng(devices=cuda_devices([sx, qx])), \
+                routed_scope(model, batch[position].dataset, batch[position].support_x):
             (s1, q1, w, c1, ns1, nq1), (s2, q2, _, c2, ns2, nq2) = probe(1), probe(2)
         n_s, n_q = sx.shape[1], qx.shape[1]
         return Footprint(extrapolate(s1, s2, ns1, ns2, n_s), extrapolate(q1, q2, nq1, nq2, n_q), w,
@@ -581,8 +592,9 @@ class Algorithm(nn.Module):
         def one(m: TrunkHead, positions: list[int]) -> tuple[list[int], list[float], list[float] | None]:
             sx, sy, qx, qy = batch.stack(positions)
             first = batch[positions[0]]
-            problem = self.problem(m, sx, sy, first.ways, steps)
-            logits = problem.unroll(problem.leaves(), tape=False, create_graph=False)(qx)
+            with routed_scope(m, first.dataset, first.support_x):
+                problem = self.problem(m, sx, sy, first.ways, steps)
+                logits = problem.unroll(problem.leaves(), tape=False, create_graph=False)(qx)
             losses = batched_task_loss(logits, qy).tolist()
             accs = (logits.argmax(-1) == qy).float().mean(1).tolist() if first.is_classification else None
             return positions, losses, accs

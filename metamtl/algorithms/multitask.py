@@ -10,7 +10,8 @@ weights (uncertainty log-variances, GradNorm weights) are meta-parameters: the l
 meta-optimizer steps them and checkpoints save and resume them.
 
 With a :class:`~metamtl.models.MultiDatasetModel`, each dataset's episodes run inside
-:func:`~metamtl.models.dataset_scope`, and its soft-sharing penalty is added to the gradient.
+:func:`~metamtl.models.dataset_scope`; its soft-sharing penalty is added by the learner's meta-step,
+as for every algorithm (:func:`metamtl.fit_loop.add_model_penalty`).
 
 Under distributed training (torchrun) each process runs the base algorithm on its own share of
 the meta-batch, then the processes all-reduce every dataset's summed meta-gradient, summed
@@ -24,18 +25,18 @@ draws nothing from it per task.)
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
 from ..models.backbones import TrunkHead
-from ..models.multidataset import dataset_scope, routed_dataset
+from ..models.multidataset import dataset_scope, routed_dataset, routed_scope
 from ..multitask.strategies import Strategy, apply_strategy, build_strategy
 from ..tasks.episode import Episode, TaskBatch
 from .base import Algorithm
-from .registry import build_algorithm, with_data_settings
+from .registry import ALGORITHMS, build_algorithm, with_data_settings
 
 
 class MultiTask(Algorithm):
@@ -72,6 +73,19 @@ class MultiTask(Algorithm):
         self.base = base
         self.strategy = build_strategy(strategy, list(datasets))
         self.inner = base.inner
+
+    @classmethod
+    def trains_over_classes(cls, settings: Mapping[str, Any]) -> bool:
+        """Whether the wrapped algorithm (``settings["base"]``: an algorithm, its name or config) does;
+        ``num_classes`` is declared only to hand it on to a base such as ``transfer``."""
+        base = settings.get("base", "maml")
+        if isinstance(base, Algorithm):
+            base = base.config()
+        if isinstance(base, str):
+            base = {"name": base}
+        name = base.get("name") if isinstance(base, Mapping) else None
+        base_cls = ALGORITHMS.get(name) if isinstance(name, str) else None
+        return base_cls is not None and base_cls is not cls and base_cls.trains_over_classes(base)
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "base": self.base.config(), "strategy": self.strategy.config(),
@@ -158,12 +172,6 @@ class MultiTask(Algorithm):
         loss_values = torch.tensor([part.metrics["loss"] for part in parts], dtype=torch.float32)
         totals.update(apply_strategy(self.strategy, loss_values, [part.grads for part in parts], params,
                                      [part.name for part in parts]))
-        penalty = getattr(model, "penalty", None)
-        if callable(penalty):
-            value = penalty()
-            if value is not None:
-                value.backward()
-                totals["penalty"] = float(value.detach())
         return totals
 
     def _exchange(self, parts: list["_Part"], params: Sequence[torch.Tensor], processes: Any,
@@ -223,7 +231,7 @@ class MultiTask(Algorithm):
         """The episode's dataset scope (for a dataset not trained on, the one its support images'
         shape routes to, as in :meth:`adapt`: per-dataset heads get features, which carry no shape)."""
         known = episode.dataset in self.strategy.tasks
-        return dataset_scope(episode.dataset if known else routed_dataset(model, None, episode.support_x))
+        return routed_scope(model, episode.dataset if known else None, episode.support_x)
 
     # -- evaluation --------------------------------------------------------------------------
     def adapt(self, model, support_x, support_y, ways, steps=None):

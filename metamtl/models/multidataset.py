@@ -84,6 +84,15 @@ def routed_dataset(model: nn.Module, dataset: str | None = None, x: torch.Tensor
     return routed.route(x) if x is not None else current_dataset()
 
 
+def routed_scope(model: nn.Module, dataset: str | None = None, x: torch.Tensor | None = None):
+    """The :func:`dataset_scope` an episode of ``dataset`` with support inputs ``x`` runs in on
+    ``model`` (see :func:`routed_dataset`): the algorithms' per-episode code opens it, so parts
+    called on features alone (per-dataset heads under head-only adaptation) know their dataset;
+    for other models no scope (the open one stays)."""
+    name = routed_dataset(model, dataset, x)
+    return contextlib.nullcontext() if name is None else dataset_scope(name)
+
+
 def _check_inputs(inputs: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, int, int]]:
     if not isinstance(inputs, Mapping) or not inputs:
         raise ConfigError("a multi-dataset model needs 'inputs': {dataset: [channels, height, width]}")

@@ -167,7 +167,10 @@ class Strategy(nn.Module):
                 raise InputError(f"got {len(values)} losses for {self.num_tasks} tasks {self.tasks}; "
                                  "pass one per task or a dict by task name")
             names = list(self.tasks)
-        params = [p for p in params if p.requires_grad]
+        if isinstance(params, torch.Tensor):  # iterating one would give its rows, non-leaf slices: no gradient
+            raise InputError(f"{self.name} strategy backward got one tensor as params; pass an iterable of "
+                             "parameters, e.g. model.parameters() or [w]")
+        params = list({id(p): p for p in params if p.requires_grad}.values())  # each once, as loss.backward()
         if not params:
             raise InputError(f"{self.name} strategy backward got no parameter that requires grad; pass the "
                              "model's trainable parameters (e.g. model.parameters() of a model that is not frozen)")
@@ -213,6 +216,17 @@ def _warn_nothing_shared(strategy: Strategy) -> None:
 def apply_strategy(strategy: Strategy, losses: torch.Tensor, grads: list[list[torch.Tensor | None]],
                    params: Sequence[torch.Tensor], names: Sequence[str],
                    present: Sequence[bool] | None = None) -> dict[str, float]:
+    """:func:`_apply_strategy` with autocast off on the parameters' device: the strategies work on the
+    gradients in their own precision (fp32), like the optimizer step, even inside a learner's bf16/fp16
+    meta-step (PCGrad's and CAGrad's products ran in bfloat16 there)."""
+    device = params[0].device.type if len(params) else "cpu"
+    with torch.autocast(device, enabled=False):
+        return _apply_strategy(strategy, losses, grads, params, names, present)
+
+
+def _apply_strategy(strategy: Strategy, losses: torch.Tensor, grads: list[list[torch.Tensor | None]],
+                    params: Sequence[torch.Tensor], names: Sequence[str],
+                    present: Sequence[bool] | None = None) -> dict[str, float]:
     """Combine per-task gradients ``grads[i][j]`` (task ``i``, parameter ``j``; ``None``: unused).
 
     ``present[i]``: whether task ``i``'s loss has a graph (``None``: all do); an absent task
@@ -241,7 +255,8 @@ def apply_strategy(strategy: Strategy, losses: torch.Tensor, grads: list[list[to
     # a non-finite loss (an fp16 overflow whose step is skipped) must not become the strategy's
     # reference statistics (GradNorm's first losses, DWA's period means): that task is absent too
     live = torch.isfinite(losses).tolist()
-    strategy.present = [bool(f) and (present is None or bool(p)) for f, p in zip(live, present or live)]
+    live_tasks = [bool(f) and (present is None or bool(p)) for f, p in zip(live, present or live)]
+    strategy.present = live_tasks
     try:
         direction, weights = strategy.combine(losses, matrix, tasks)
     finally:
@@ -259,10 +274,13 @@ def apply_strategy(strategy: Strategy, losses: torch.Tensor, grads: list[list[to
             if g[j] is not None:
                 _add_grad(p, g[j] * (weights[i] / k))
     metrics = {f"mtl/weight/{n}": float(w) for n, w in zip(names, weights)}
-    if k >= 2 and matrix.shape[1]:
-        unit = matrix / matrix.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    # over the tasks with a gradient (an absent task's zero row is no direction), as the strategy's state
+    rows = matrix[[i for i, on in enumerate(live_tasks) if on]] if matrix.shape[1] else matrix
+    rows = rows[rows.norm(dim=1) > 0]
+    if rows.shape[0] >= 2:
+        unit = rows / rows.norm(dim=1, keepdim=True)
         cos = unit @ unit.T
-        metrics["mtl/grad_cosine"] = float(cos[~torch.eye(k, dtype=torch.bool, device=cos.device)].mean())
+        metrics["mtl/grad_cosine"] = float(cos[~torch.eye(len(rows), dtype=torch.bool, device=cos.device)].mean())
     metrics.update(strategy.last_metrics)
     return metrics
 
@@ -394,10 +412,15 @@ class DWA(Strategy):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def current_weights(self) -> torch.Tensor:
-        """Weights of every task for the next step (1 until two periods have been seen)."""
-        if not bool((self.history > 0).all()):  # a period not seen yet (or a zero mean loss)
-            return torch.ones(self.num_tasks, dtype=torch.float64, device=self.history.device)
-        return self.num_tasks * torch.softmax(self.history[1] / self.history[0] / self.temperature, 0)
+        """Weights of every task for the next step: ``K softmax(r / T)`` over the tasks whose loss ratio
+        is known (two periods seen, mean losses > 0), scaled by their number; 1 for the others (a task
+        not seen yet, or never, leaves the weighting of the others on)."""
+        known = (self.history > 0).all(0)
+        w = torch.ones(self.num_tasks, dtype=torch.float64, device=self.history.device)
+        if bool(known.any()):
+            ratio = self.history[1][known] / self.history[0][known]
+            w[known] = int(known.sum()) * torch.softmax(ratio / self.temperature, 0)
+        return w
 
     def weights(self, losses, tasks):
         w = self.current_weights()[tasks].to(losses)
@@ -558,6 +581,9 @@ def build_strategy(spec: str | dict[str, Any] | Strategy, tasks: Sequence[str], 
         raise ConfigError(f"a multi-task strategy is a name or a mapping with a 'name', got {spec!r}")
     settings = dict(spec)
     name = settings.pop("name")
+    if not isinstance(name, str):
+        raise ConfigError(f"a multi-task strategy name is a string (one of {', '.join(sorted(STRATEGIES))}), "
+                          f"got {name!r}")
     if name not in STRATEGIES:
         raise unknown_name("multi-task strategy", name, STRATEGIES)
     error = unknown_settings(f"multi-task strategy {name!r}", settings,

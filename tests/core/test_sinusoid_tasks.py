@@ -338,3 +338,32 @@ def test_a_regression_run_without_test_split_draws_its_held_out_tasks_from_val_e
     cfg.data.test_split = cfg.data.val_split = None
     with pytest.raises(ConfigError, match=r"no dataset of this run \(sinusoid\) has a test or a validation split"):
         held_out_sources(cfg)
+
+
+def test_multitask_regression_is_judged_by_its_base_algorithm():
+    """Before: every multitask learner or config was refused for regression ("'multitask' trains over
+    the training classes"), whatever its base, since it declares num_classes to hand on to 'transfer'."""
+    from metamtl import MetaLearner
+    from metamtl.algorithms import build_algorithm
+    from metamtl.config import config_from_dict
+    from metamtl.errors import ConfigError
+    from metamtl.models import build_model
+
+    def learner(base):
+        mt = build_algorithm("multitask", base=base, strategy="uncertainty", datasets=["small", "big"])
+        return MetaLearner(build_model("mlp", in_features=1, hidden=[8], out_features=1), mt, task="regression",
+                           device="cpu")
+
+    assert learner({"name": "maml", "steps": 1, "lr": 0.01}).algorithm.base.name == "maml"
+    with pytest.raises(ConfigError, match="trains over the training classes .* regression"):
+        learner({"name": "transfer", "num_classes": 5})
+
+    def config(base):
+        return config_from_dict({"data": {"name": "sinusoid"}, "tasks": {"shots": 5, "queries": 5},
+                                 "model": {"name": "mlp", "hidden": [8]},
+                                 "algorithm": {"name": "multitask", "base": base, "datasets": ["sine"]}})
+
+    assert config({"name": "maml", "steps": 1}).algorithm["base"]["name"] == "maml"
+    assert config("reptile").algorithm["base"] == "reptile"
+    with pytest.raises(ConfigError, match="trains over the training classes .* regression"):
+        config({"name": "transfer"})

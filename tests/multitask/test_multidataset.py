@@ -217,25 +217,32 @@ def test_every_strategy_trains_through_the_learner(strategy):
     assert any(not torch.equal(a, b) for a, b in zip(before, learner.model.parameters()))
 
 
-def test_soft_sharing_penalty_reaches_the_meta_gradient():
+@pytest.mark.parametrize("algorithm", ["maml", "anil", "protonet", "multitask"])
+def test_soft_sharing_penalty_reaches_the_meta_gradient_once_whatever_the_algorithm(algorithm):
+    """The learner's meta-step adds the soft-sharing tie for every algorithm (it was only multitask's,
+    so under maml the "tied" trunks trained independently), once, and logs it as ``penalty``."""
+    from metamtl.fit_loop import MetaStep
+
     batch = balanced_batch(mixed())
-    m = small_model(sharing="soft", soft_weight=1.0)
-    with torch.no_grad():
-        for p in m.trunk.trunks["rgb"].parameters():
-            p.add_(0.1)
-    alg = MultiTask(base_cfg(), "equal", ["grey", "rgb"])
-    metrics = alg.meta_step(m, batch)
-    assert metrics["penalty"] > 0
-    with_penalty = grads_of(m)
-    m.zero_grad(set_to_none=True)
-    m.soft_weight = 0.0
-    alg.meta_step(m, batch)
-    without = grads_of(m)
-    names = [n for n, _ in m.named_parameters()]
-    for n, a, b, (_, p) in zip(names, with_penalty, without, m.named_parameters()):
+    spec = ({"name": "multitask", "base": base_cfg(), "strategy": "equal", "datasets": ["grey", "rgb"]}
+            if algorithm == "multitask" else {**base_cfg(), "name": algorithm} if algorithm != "protonet"
+            else {"name": "protonet"})
+    grads, metrics = {}, {}
+    for weight in (1.0, 0.0):
+        m = small_model(sharing="soft", soft_weight=weight)
+        with torch.no_grad():
+            for p in m.trunk.trunks["rgb"].parameters():
+                p.add_(0.1)
+        start = {n: p.detach().clone() for n, p in m.named_parameters()}
+        learner = MetaLearner(m, build_algorithm(**spec), device="cpu", meta_lr=0.05)
+        metrics[weight] = MetaStep(learner)(learner.placement.batch(batch))
+        grads[weight] = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                         for n, p in m.named_parameters()}
+    assert metrics[1.0]["penalty"] > 0 and "penalty" not in metrics[0.0]
+    for n, p in start.items():
         if n.startswith("trunk.trunks.rgb"):
-            mean = (p + dict(m.named_parameters())[n.replace("rgb", "grey")]) / 2
-            torch.testing.assert_close(a - b, 2 * (p - mean).detach())
+            mean = (p + start[n.replace("rgb", "grey")]) / 2
+            torch.testing.assert_close(grads[1.0][n] - grads[0.0][n], 2 * (p - mean))
 
 
 def test_mixture_with_unknown_source_gives_task_error():
@@ -313,6 +320,24 @@ def test_a_head_only_base_with_per_dataset_heads_adapts_and_predicts_outside_a_s
             expected = alg.base.adapt(learner.model, sx, ep.support_y, 3)(qx)
         assert out.shape == (6, 3) and torch.allclose(out, expected)
         assert torch.allclose(alg.adapt(learner.model, sx, ep.support_y, 3)(qx), expected)
+
+
+@pytest.mark.parametrize("name", ["anil", "maml"])
+def test_a_plain_base_with_per_dataset_heads_trains_and_evaluates_each_dataset_with_its_head(name):
+    """Before: plain ANIL (head-only adaptation calls the head on features, which carry no dataset)
+    failed its first meta-step with "run it under dataset_scope" while MAML trained; each episode
+    now runs in its dataset's scope, as under multitask."""
+    batch = balanced_batch(mixed())
+    m = small_model(heads="per_dataset", out_features=3)
+    alg = build_algorithm(name, steps=1, lr=0.3)
+    metrics = alg.meta_step(m, batch)
+    scoped = MultiTask({"name": name, "steps": 1, "lr": 0.3}, "equal", ["grey", "rgb"])
+    expected = scoped.meta_step(small_model(heads="per_dataset", out_features=3), batch)
+    assert metrics["loss"] == pytest.approx(expected["loss"])
+    for head in ("grey", "rgb"):
+        assert m.head.heads[head].weight.grad.abs().sum() > 0
+    assert [r["loss"] for r in alg.evaluate_episodes(m, list(batch))] == pytest.approx(
+        [r["loss"] for r in scoped.evaluate_episodes(m, list(batch))])
 
 
 def test_datasets_of_one_shape_are_routed_by_name_in_predict_feature_heads_and_feature_means():
@@ -473,6 +498,28 @@ def test_transfer_pretrains_on_a_mixture_with_each_sources_classes_on_their_own_
     learner = build_learner(cfg, src)
     assert learner.algorithm.num_classes == 42
     learner.algorithm.meta_step(learner.model, TaskBatch([src.episode(i).to("cpu") for i in range(4)]))
+
+
+@pytest.mark.parametrize("datasets", [["a", "b", "c"], ["a"], ["b", "c"]])
+def test_algorithm_datasets_other_than_the_runs_labels_are_a_config_error(tmp_path, datasets):
+    """Before: an unknown label was accepted (DWA then kept equal weights for good) and a missing one
+    failed only at the first step."""
+    from metamtl.config import config_from_dict
+    from metamtl.experiment import build_learner
+
+    src = MixedTasks([EpisodeSampler(toy("a", 1, 16), 3, 1, 2), EpisodeSampler(toy("b", 1, 16, seed=1), 3, 1, 2)])
+
+    def cfg(names):
+        return config_from_dict({
+            "datasets": [{"name": "omniglot", "label": "a"}, {"name": "omniglot", "label": "b"}],
+            "tasks": {"ways": 3, "shots": 1, "queries": 2}, "output_dir": str(tmp_path),
+            "model": {"name": "conv4", "hidden": 4},
+            "algorithm": {"name": "multitask", "base": base_cfg(), "strategy": "dwa", "datasets": names},
+            "train": {"device": "cpu"}})
+
+    assert build_learner(cfg(["b", "a"]), src).algorithm.strategy.tasks == ["b", "a"]
+    with pytest.raises(ConfigError, match=r"algorithm.datasets must list the run's dataset labels \['a', 'b'\]"):
+        build_learner(cfg(datasets), src)
 
 
 @pytest.mark.parametrize("base", ["maml", "reptile"])

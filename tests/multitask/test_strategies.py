@@ -92,6 +92,53 @@ def test_dwa_weights_follow_loss_ratios_per_period():
     torch.testing.assert_close(w, 2 * torch.softmax(r / 2.0, 0))
 
 
+def test_dwa_weights_the_tasks_with_known_ratios_while_another_is_unseen():
+    """Before: one task without two seen periods (never in the batch, or a constant loss) kept every
+    task at weight 1, permanently if it never appeared."""
+    p = torch.nn.Parameter(torch.ones(()))
+    weights = {}
+    for tasks in (["a", "b", "c"], ["a", "b"]):
+        s = build_strategy({"name": "dwa", "period": 1}, tasks)
+        for step in range(6):
+            m = s.backward({"a": p * 1.0 / (step + 1), "b": p * 2.0}, [p])  # c never has a loss
+        weights[len(tasks)] = (m["mtl/weight/a"], m["mtl/weight/b"])
+        if len(tasks) == 3:
+            assert s.current_weights()[2] == 1.0 and float(s.current_weights().sum()) == pytest.approx(3.0)
+    assert weights[3] == pytest.approx(weights[2]) and weights[3][0] < 1.0 < weights[3][1]
+
+
+@pytest.mark.parametrize("name", ["equal", "pcgrad", "uncertainty"])
+def test_backward_given_one_tensor_as_params_is_an_input_error(name):
+    """Before: it iterated over the tensor's rows (non-leaf slices), so no gradient was computed and
+    only the strategy's own state moved."""
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    x = torch.randn(3)
+    s = build_strategy(name, ["a", "b"])
+    with pytest.raises(InputError, match=r"iterable of parameters, e.g. model.parameters\(\) or \[w\]"):
+        s.backward([(w @ x).sum(), (w @ x).pow(2).sum()], w)
+
+
+@pytest.mark.parametrize("name", ["equal", "pcgrad"])
+def test_backward_counts_a_parameter_listed_twice_once(name):
+    """Before: each listing got its own gradient, doubling the parameter's."""
+    torch.manual_seed(0)
+    shared, ha, hb = nn.Linear(3, 1), nn.Linear(3, 1), nn.Linear(3, 1)
+    x = torch.randn(5, 3)
+
+    def losses():
+        h = shared(x).mean()
+        return {"a": (ha.weight * h).sum(), "b": (hb.weight * h).sum() ** 2}
+
+    params = [*shared.parameters(), *ha.parameters(), *hb.parameters()]
+    build_strategy(name, ["a", "b"]).backward(losses(), params)
+    once = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    build_strategy(name, ["a", "b"]).backward(losses(), params + list(shared.parameters()))
+    for a, p in zip(once, params):
+        assert (a is None and p.grad is None) or torch.allclose(p.grad, a)
+
+
 def test_cagrad_maximises_the_worst_improvement_within_its_ball():
     torch.manual_seed(1)
     g = torch.randn(3, 8)
@@ -146,6 +193,47 @@ def test_ordinary_multitask_training_with_two_heads_learns_both_tasks():
             opt.step()
         assert losses["a"] < 0.1 * ya.var() and losses["b"] < 0.1 * yb.var(), (name, losses)
         assert "mtl/weight/a" in metrics
+
+
+def test_grad_cosine_is_over_the_tasks_with_a_gradient():
+    """Before: a task with no gradient (a constant loss) counted as cosine 0 with every other task
+    (0.333 here instead of 1)."""
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    s = build_strategy("equal", ["a", "b", "c"])
+    e = torch.tensor([1.0, 0.0])
+    m = s.backward({"a": (p * e).sum(), "b": (p * e).sum(), "c": 0.0}, [p])
+    assert m["mtl/grad_cosine"] == pytest.approx(1.0)
+    assert "mtl/grad_cosine" not in s.backward({"a": (p * e).sum(), "c": 0.0}, [p])
+
+
+@pytest.mark.parametrize("name", [["pcgrad"], {"a": 1}, 3])
+def test_a_strategy_name_that_is_no_string_is_a_config_error(name):
+    """Before: a bare TypeError (unhashable type: 'list')."""
+    with pytest.raises(ConfigError, match=r"strategy name is a string \(one of cagrad, dwa, .*got"):
+        build_strategy({"name": name}, ["a", "b"])
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "cagrad"])
+def test_strategies_combine_in_full_precision_under_autocast(name):
+    """Before: inside the learner's bf16 autocast, PCGrad's and CAGrad's dot products ran in bfloat16
+    (relative error ~1e-3 on conflicting gradients)."""
+    torch.manual_seed(0)
+    g1 = torch.randn(20000)
+    g2 = -0.5 * g1 + torch.randn(20000)
+    p = torch.nn.Parameter(torch.zeros(20000))
+
+    def combined(autocast):
+        p.grad = None
+        losses = {"a": p @ g1, "b": p @ g2}  # fp32 gradients; only the combination runs under autocast
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            build_strategy(name, ["a", "b"]).backward(losses, [p])
+        return p.grad.clone()
+
+    torch.manual_seed(1)
+    reference = combined(False)
+    torch.manual_seed(1)
+    got = combined(True)
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_inputs_give_clear_errors():
