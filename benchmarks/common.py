@@ -35,7 +35,8 @@ def parser(description: str, settings: Sequence[str]) -> argparse.ArgumentParser
                    help="benchmark settings to run (N-way K-shot; default: all)")
     p.add_argument("--budget-minutes", type=float,
                    help="stop meta-training of each run after this many minutes (default: the config's; "
-                        "0: no budget, run all iterations)")
+                        "0: no budget, run all iterations, a learning rate annealed over the budget then "
+                        "annealed over the iterations)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'...")
     p.add_argument("--data-root", help="folder with the datasets (default: $METAMTL_DATA, else ../shared/data)")
     p.add_argument("--episodes", type=int, default=600, help="test episodes per setting (default 600)")
@@ -75,6 +76,8 @@ def run_settings(args: argparse.Namespace, prefix: str, overrides: Sequence[str]
     """One run per setting (config ``configs/benchmarks/<prefix>_<setting>.yaml``), or with
     ``args.one_learner`` one run per config family: settings whose configs train the same way
     (the same file, or files extending the first one) share the first setting's learner."""
+    from metamtl.errors import MetamtlError
+
     groups: list[list[str]] = []
     for s in args.settings:
         same = [g for g in groups if args.one_learner and shares_training(prefix, g[0], s)]
@@ -82,8 +85,12 @@ def run_settings(args: argparse.Namespace, prefix: str, overrides: Sequence[str]
     for group in groups:
         evals = "[" + ",".join(setting_eval(g) for g in group) + "]"
         name = f"{prefix}_{'_'.join(group)}" + ("_shared" if len(group) > 1 else "")
-        run_and_record(REPO / "configs" / "benchmarks" / f"{prefix}_{group[0]}.yaml", args,
-                       [*overrides, f"eval.settings={evals}", f"name={name}"], data_desc, dataset, title)
+        try:
+            run_and_record(REPO / "configs" / "benchmarks" / f"{prefix}_{group[0]}.yaml", args,
+                           [*overrides, f"eval.settings={evals}", f"name={name}"], data_desc, dataset, title)
+        except MetamtlError as exc:  # a user mistake (config, data): its message, not a traceback
+            print(f"{Path(sys.argv[0]).name}: error: {exc}", file=sys.stderr)
+            sys.exit(2)
 
 
 def shares_training(prefix: str, first: str, other: str) -> bool:
@@ -103,7 +110,20 @@ def build_config(path: Path, args: argparse.Namespace, overrides: Sequence[str])
         extra.append(f"train.budget_minutes={args.budget_minutes if args.budget_minutes > 0 else 'null'}")
     if args.wandb:
         extra.append("logging.wandb=true")
+    if args.budget_minutes is not None and args.budget_minutes <= 0 \
+            and anneals_over_budget(path, [*overrides, *extra, *args.overrides]):
+        extra.append("train.scheduler.over=iterations")  # no budget to anneal over: the iterations instead
     return load_config(path, [*overrides, *extra, *args.overrides])
+
+
+def anneals_over_budget(path: Path, overrides: Sequence[str]) -> bool:
+    """Whether the config at ``path`` with ``overrides`` anneals its learning rate over the budget
+    (``train.scheduler.over: budget``)."""
+    from metamtl.config import apply_overrides, read_yaml
+
+    train = apply_overrides(read_yaml(path), list(overrides)).get("train") or {}
+    scheduler = train.get("scheduler") if isinstance(train, dict) else None
+    return isinstance(scheduler, dict) and scheduler.get("over") == "budget"
 
 
 def run_and_record(config: Path, args: argparse.Namespace, overrides: Sequence[str], data_desc: str,

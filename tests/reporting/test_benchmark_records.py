@@ -98,3 +98,33 @@ def test_compare_plot_title_comes_from_the_runs_budget_and_episodes(benchmark_sc
         "Same 1-minute training budget per method (100 test episodes each)"
     assert compare.plot_title([row("A", 10, 600), row("B", None, 200)]) == \
         "Training budgets: A 10 min, B no budget (200-600 test episodes)"
+
+
+def _bench_args(**kw):
+    import argparse
+
+    base = dict(budget_minutes=None, device="cpu", episodes=10, output_dir="/tmp/bench-out", wandb=False,
+                overrides=[], settings=["20w1s"], one_learner=False)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_budget_minutes_0_anneals_a_budget_schedule_over_the_iterations(common):
+    """The documented `omniglot.py --budget-minutes 0 train.iterations=20000` failed with a
+    ConfigError traceback: the configs anneal `over: budget`, and no budget was left."""
+    path = common.REPO / "configs" / "benchmarks" / "omniglot_20w1s.yaml"
+    cfg = common.build_config(path, _bench_args(budget_minutes=0, overrides=["train.iterations=20000"]), [])
+    assert cfg.train.budget_minutes is None and cfg.train.iterations == 20000
+    assert cfg.train.scheduler.over == "iterations" and cfg.train.scheduler.name == "cosine"
+    kept = common.build_config(path, _bench_args(budget_minutes=3), [])
+    assert kept.train.scheduler.over == "budget" and kept.train.budget_minutes == 3
+    plain = common.build_config(path, _bench_args(budget_minutes=0, overrides=["train.scheduler=null"]), [])
+    assert plain.train.scheduler is None
+
+
+def test_run_settings_prints_a_config_mistake_without_a_traceback(common, capsys):
+    args = _bench_args(budget_minutes=0, overrides=["train.scheduler.over=budget"])
+    with pytest.raises(SystemExit) as exc:
+        common.run_settings(args, "omniglot", [], "d", "omniglot", "t")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: train.scheduler.over: 'budget' needs train.budget_minutes" in err and "Traceback" not in err
