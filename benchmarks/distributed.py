@@ -60,6 +60,16 @@ def fit(tag: str, procs: int, threads: int, args: argparse.Namespace, out: Path)
             "accuracy": results["test"][0]["accuracy"] if results["test"] else None}
 
 
+def measure(pairs: list[tuple[int, int]], args: argparse.Namespace, out: Path) -> dict[tuple[int, int], dict]:
+    """One fit per distinct ``(procs, threads)`` pair, in order: a pair listed twice (``--threads 1``
+    makes ``1p x T`` the ``1p x 1`` run) is measured once and its result reused."""
+    runs: dict[tuple[int, int], dict] = {}
+    for procs, threads in pairs:
+        if (procs, threads) not in runs:
+            runs[(procs, threads)] = fit(f"{procs}p x {threads}", procs, threads, args, out)
+    return runs
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/omniglot_5w1s.yaml")
@@ -75,10 +85,9 @@ def main() -> None:
         p.error("--iterations must be at least 2 (the speed is measured from the second iteration on)")
     with tempfile.TemporaryDirectory(prefix="metamtl-bench-dist-") as tmp:
         out = Path(tmp)
-        runs = [fit(f"1p x {args.threads}", 1, args.threads, args, out), fit("1p x 1", 1, 1, args, out),
-                fit(f"{args.procs}p x {max(1, args.threads // args.procs)}", args.procs,
-                    max(1, args.threads // args.procs), args, out)]
-    base, same_threads = runs[0], runs[1]
+        measured = measure([(1, args.threads), (1, 1), (args.procs, max(1, args.threads // args.procs))], args, out)
+    runs = list(measured.values())
+    base, same_threads = measured[(1, args.threads)], measured[(1, 1)]
     print(f"\n{args.algorithm}, {args.iterations} iterations x {args.meta_batch_size} tasks, "
           f"{args.eval_episodes} test episodes ({args.config} {' '.join(args.overrides)})\n")
     print("| run | meta-train it/s | speed-up | test eval s | speed-up | wall s | test acc | max weight diff vs 1p x 1 |")

@@ -155,3 +155,25 @@ def test_a_second_signal_of_another_kind_under_torchrun_is_the_launchers(env, wo
             assert stop.signum == signal.SIGINT  # the stop request stands: finish the iteration and save
             with pytest.raises(FitInterrupted, match="second SIGINT"):
                 os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.parametrize("flags", [["--threads", "1"], ["--procs", "1", "--threads", "2"]])
+def test_distributed_benchmark_measures_each_process_thread_pair_once(benchmark_script, monkeypatch, capsys, flags):
+    """With --threads 1 (the default on one core) or --procs 1, two runs had the same tag and
+    the second `metamtl fit` into the first one's run folder failed the script."""
+    import sys
+
+    bench = benchmark_script("distributed")
+    tags = []
+
+    def fake_fit(tag, procs, threads, args, out):
+        tags.append(tag)
+        return {"tag": tag, "its": 1.0, "train": 1.0, "eval": 1.0, "wall": 1.0, "weights": {"w": torch.zeros(1)},
+                "accuracy": 0.5}
+
+    monkeypatch.setattr(bench, "fit", fake_fit)
+    monkeypatch.setattr(sys, "argv", ["distributed.py", *flags])
+    bench.main()
+    assert len(tags) == len(set(tags)) == 2
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [line.split(" | ")[0][2:] for line in table] == tags
