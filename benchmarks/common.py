@@ -74,15 +74,16 @@ def setting_eval(setting: str) -> str:
 def run_settings(args: argparse.Namespace, prefix: str, overrides: Sequence[str], data_desc: str,
                  dataset: str, title: str) -> None:
     """One run per setting (config ``configs/benchmarks/<prefix>_<setting>.yaml``), or with
-    ``args.one_learner`` one run per config family: settings whose configs train the same way
-    (the same file, or files extending the first one) share the first setting's learner."""
+    ``args.one_learner`` one run per config family: settings whose configs train the same way (the
+    same file, or files that only ``extends`` it) share one learner, trained with the family's base
+    config when it is among them, whatever the order of ``args.settings``."""
     from metamtl.errors import MetamtlError
 
-    groups: list[list[str]] = []
+    groups: dict[str, list[str]] = {}
     for s in args.settings:
-        same = [g for g in groups if args.one_learner and shares_training(prefix, g[0], s)]
-        (same[0].append(s) if same else groups.append([s]))
-    for group in groups:
+        groups.setdefault(training_root(prefix, s) if args.one_learner else s, []).append(s)
+    for root, members in groups.items():
+        group = sorted(dict.fromkeys(members), key=lambda s: (s != root, *setting_order(s)))
         evals = "[" + ",".join(setting_eval(g) for g in group) + "]"
         name = f"{prefix}_{'_'.join(group)}" + ("_shared" if len(group) > 1 else "")
         try:
@@ -93,14 +94,27 @@ def run_settings(args: argparse.Namespace, prefix: str, overrides: Sequence[str]
             sys.exit(2)
 
 
-def shares_training(prefix: str, first: str, other: str) -> bool:
-    """Whether ``<prefix>_<other>.yaml`` trains like ``<prefix>_<first>.yaml`` (it only ``extends``
-    it, changing nothing but ``name`` and ``eval``)."""
+def setting_order(setting: str) -> tuple[int, int, str]:
+    """Sort key of a setting: ways, shots, then its suffix (``20w1s_alphabet`` after ``20w1s``)."""
+    base, _, kind = setting.partition("_")
+    ways, shots = base.split("w")
+    return int(ways), int(shots.rstrip("s")), kind
+
+
+def training_root(prefix: str, setting: str) -> str:
+    """The setting whose config ``<prefix>_<setting>.yaml`` trains like: the setting its file
+    ``extends`` (followed up the chain) when it changes nothing but ``name`` and ``eval``, else itself."""
     import yaml
 
-    path = REPO / "configs" / "benchmarks" / f"{prefix}_{other}.yaml"
-    data = yaml.safe_load(path.read_text()) or {}
-    return data.get("extends") == f"{prefix}_{first}.yaml" and set(data) <= {"extends", "name", "eval"}
+    data = yaml.safe_load((REPO / "configs" / "benchmarks" / f"{prefix}_{setting}.yaml").read_text()) or {}
+    parent = data.get("extends")
+    if not (isinstance(parent, str) and set(data) <= {"extends", "name", "eval"}
+            and parent.startswith(f"{prefix}_") and parent.endswith(".yaml")):
+        return setting
+    parent_setting = parent[len(prefix) + 1:-len(".yaml")]
+    if not (REPO / "configs" / "benchmarks" / parent).is_file() or parent_setting == setting:
+        return setting
+    return training_root(prefix, parent_setting)
 
 
 def build_config(path: Path, args: argparse.Namespace, overrides: Sequence[str]) -> Config:

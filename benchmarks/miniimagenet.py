@@ -11,9 +11,10 @@ script reports on the VAL classes instead, says so loudly, and evaluates the fin
 selection on val (so the val classes are used for nothing but this report and learning curves).
 
 Configs: configs/benchmarks/miniimagenet_5w<K>s.yaml (also usable with ``metamtl fit``).  By default
-each setting trains its own learner; ``--one-learner`` trains once (with the first setting's
-config; the method's per-task prototype heads serve any number of shots) and evaluates every
-setting with that learner, which halves the cost on CPU; RESULTS.md rows say which.
+each setting trains its own learner; ``--one-learner`` trains once (with the 5w1s config, which
+5w5s extends, whatever the order of ``--settings``; the method's per-task prototype heads serve
+any number of shots) and evaluates every setting with that learner, which halves the cost on
+CPU; RESULTS.md rows say which.
 
     python benchmarks/miniimagenet.py --one-learner --budget-minutes 60        # CPU
     python benchmarks/miniimagenet.py --device cuda --budget-minutes 0 train.iterations=30000
@@ -30,7 +31,7 @@ SETTINGS = ("5w1s", "5w5s")
 def main() -> None:
     p = parser(__doc__.split("\n\n")[0], SETTINGS)
     p.add_argument("--one-learner", action="store_true",
-                   help="train one learner (first setting's config) and evaluate it at every setting")
+                   help="train one learner (the 5w1s config, which 5w5s extends) and evaluate it at every setting")
     args = p.parse_args()
     root = data_root(args.data_root)
     commit()  # before RESULTS.md is touched

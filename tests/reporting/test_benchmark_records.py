@@ -128,3 +128,20 @@ def test_run_settings_prints_a_config_mistake_without_a_traceback(common, capsys
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "error: train.scheduler.over: 'budget' needs train.budget_minutes" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("prefix, orders", [("omniglot", (["5w1s", "20w1s"], ["20w1s", "5w1s"])),
+                                            ("miniimagenet", (["5w1s", "5w5s"], ["5w5s", "5w1s"]))])
+def test_one_learner_trains_one_shared_learner_whatever_the_settings_order(common, monkeypatch, prefix, orders):
+    """`--settings 20w1s 5w1s --one-learner` trained two learners (only a later setting extending
+    the first one was grouped), doubling the CPU time."""
+    calls = []
+    monkeypatch.setattr(common, "run_and_record", lambda cfg, args, ov, *rest: calls.append((cfg.name, ov)))
+    for order in orders:
+        common.run_settings(_bench_args(settings=order, one_learner=True), prefix, [], "d", prefix, "t")
+    assert len(calls) == 2 and calls[0] == calls[1]
+    assert calls[0][0] == f"{prefix}_5w1s.yaml" and calls[0][1][-1] == f"name={prefix}_{'_'.join(orders[0])}_shared"
+    calls.clear()
+    common.run_settings(_bench_args(settings=["20w1s", "20w1s_alphabet"], one_learner=True), "omniglot", [], "d",
+                        "omniglot", "t")
+    assert [c[0] for c in calls] == ["omniglot_20w1s.yaml", "omniglot_20w1s_alphabet.yaml"]  # other data split
