@@ -37,8 +37,8 @@ def main() -> None:
     p.add_argument("end", type=int, help="last iteration measured")
     p.add_argument("--config", default=str(REPO / "configs/benchmarks/miniimagenet_5w1s.yaml"))
     p.add_argument("--data-root", help="dataset root (default: $METAMTL_DATA, else ../shared/data)")
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_args()
+    p.add_argument("overrides", nargs="*", help="config overrides (key=value), before or after the options")
+    args = p.parse_intermixed_args()  # overrides after --config X too, as the usage line puts it
     if not 0 < args.start < args.end:
         raise SystemExit("need 0 < start < end")
     marks: dict[int, tuple[float, float, int, float]] = {}

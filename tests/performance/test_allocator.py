@@ -153,3 +153,27 @@ def test_only_memory_auto_guards_its_budget(monkeypatch, memory):
     alg.meta_step(net, TaskBatch([ep, ep]))
     assert limits == ([1500.0] if memory == "auto" else [])
     assert all(p.grad is not None for p in net.parameters())
+
+
+def test_cpu_per_iteration_takes_overrides_after_config(benchmark_script, monkeypatch, capsys, tmp_path):
+    """`cpu_per_iteration.py 1 3 --config X model.hidden=8`, as its usage line writes it, failed with
+    "unrecognized arguments: model.hidden=8"."""
+    import json
+    from types import SimpleNamespace
+
+    import metamtl.experiment
+
+    bench = benchmark_script("cpu_per_iteration")
+    seen = []
+
+    def fake_run(cfg, callbacks, **kwargs):
+        seen.append(cfg)
+        for i in range(1, cfg.train.iterations + 1):
+            callbacks[0].on_iteration_end(SimpleNamespace(iteration=i), {})
+
+    monkeypatch.setattr(metamtl.experiment, "run", fake_run)
+    monkeypatch.setattr(sys, "argv", ["cpu_per_iteration.py", "1", "3", "--config", "configs/omniglot_5w1s.yaml",
+                                      "model.hidden=8", "--data-root", str(tmp_path), "tasks.ways=4"])
+    bench.main()
+    assert seen[0].model["hidden"] == 8 and seen[0].tasks.ways == 4 and seen[0].train.iterations == 4
+    assert "user_ms" in json.loads(capsys.readouterr().out)
