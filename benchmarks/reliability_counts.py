@@ -8,6 +8,7 @@ and reads the fuzzing tally (how many generated inputs worked, how many were ref
 the error was the library's own with the expected message, or the fault left the run intact.
 
     python benchmarks/reliability_counts.py                # the default (derandomized) fuzz profile
+    python benchmarks/reliability_counts.py -k fuzz -x     # other arguments are passed on to pytest
     HYPOTHESIS_PROFILE=deep python benchmarks/reliability_counts.py --write
 
 ``--write`` records the table in benchmarks/RESULTS.md (section "Reliability").
@@ -113,11 +114,14 @@ def write(lines: list[str]) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                usage="%(prog)s [-h] [--write] [PYTEST_ARG ...]",
+                                epilog="Any other argument (-k EXPR, -x, a test id...) is passed on to pytest.")
     p.add_argument("--write", action="store_true", help="record the table in benchmarks/RESULTS.md")
-    p.add_argument("pytest_args", nargs="*", help="extra pytest arguments")
-    args = p.parse_args()
-    outcomes, fuzz, code, seconds = run(args.pytest_args)
+    args, pytest_args = p.parse_known_args()
+    if "--" in pytest_args:  # the separator that used to be needed: not an argument of pytest's
+        pytest_args.remove("--")
+    outcomes, fuzz, code, seconds = run(pytest_args)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=REPO).stdout.strip()
     profile = os.environ.get("HYPOTHESIS_PROFILE", "default")

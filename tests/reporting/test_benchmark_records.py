@@ -145,3 +145,21 @@ def test_one_learner_trains_one_shared_learner_whatever_the_settings_order(commo
     common.run_settings(_bench_args(settings=["20w1s", "20w1s_alphabet"], one_learner=True), "omniglot", [], "d",
                         "omniglot", "t")
     assert [c[0] for c in calls] == ["omniglot_20w1s.yaml", "omniglot_20w1s_alphabet.yaml"]  # other data split
+
+
+@pytest.mark.parametrize("argv, forwarded", [(["-k", "nomatch", "-x"], ["-k", "nomatch", "-x"]),
+                                             (["--", "-k", "a or b"], ["-k", "a or b"]),
+                                             (["tests/reliability/test_fuzz.py", "-q"], ["tests/reliability/test_fuzz.py", "-q"])])
+def test_reliability_counts_passes_pytest_options_on(benchmark_script, monkeypatch, capsys, argv, forwarded):
+    """`reliability_counts.py -k nomatch` failed with "unrecognized arguments: -k", though its help
+    offers extra pytest arguments."""
+    import sys
+
+    rc = benchmark_script("reliability_counts")
+    given = []
+    monkeypatch.setattr(rc, "run", lambda extra: given.append(extra) or ({}, {}, 0, 0.0))
+    monkeypatch.setattr(rc, "write", lambda lines: pytest.fail("no --write given: nothing to record"))
+    monkeypatch.setattr(sys, "argv", ["reliability_counts.py", *argv])
+    with pytest.raises(SystemExit) as exc:
+        rc.main()
+    assert exc.value.code == 0 and given == [forwarded]
