@@ -77,3 +77,23 @@ def test_backend_curves_of_an_algorithm_without_an_inner_loop_are_refused_with_t
     assert tta.variants(args) == {"core": ["algorithm.backend=core"], "higher": ["algorithm.backend=higher"]}
     args.variant = ['wide="model.hidden=96"']
     assert tta.variants(args) == {"wide": ["model.hidden=96"]}
+
+
+def test_the_documented_default_train_command_has_backends_to_compare(tta, monkeypatch, tmp_path):
+    """`time_to_accuracy.py train --minutes 5`, the docstring's first command, exited at once: its
+    default config, the demo, became ProtoNet, which has no inner loop and so no backends."""
+    import shlex
+    import sys
+
+    from metamtl.config import load_config
+
+    seen = []
+    monkeypatch.setattr(tta, "train", seen.append)
+    monkeypatch.setenv("METAMTL_DATA", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["time_to_accuracy.py", "train", "--minutes", "5"])
+    tta.main()
+    assert tta.variants(seen[0]) == {"core": ["algorithm.backend=core"], "higher": ["algorithm.backend=higher"]}
+    # the variants of the commands RESULTS.md records still apply to the default config
+    for spec in ("algorithm.backend=higher", "algorithm.backend=auto train.channels_last=true",
+                 "'algorithm={name: protonet}' train.channels_last=true"):
+        load_config(seen[0].config, shlex.split(spec))
