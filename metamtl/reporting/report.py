@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from urllib.parse import quote
 
 from ..callbacks import Callback, FitState
+from ..checkpoint import DERIVED_FILES, RUN_FILES
 from ..config_merge import evaluated_config
 from ..files import atomic_write_text
 from ..errors import ConfigError
@@ -539,16 +540,30 @@ def write_report_safely(run_dir: str | os.PathLike, *, embed: bool = False) -> P
 
 
 # -- several runs ---------------------------------------------------------------------------------
+#: the PNGs :func:`write_report` draws into a run folder
+REPORT_PNGS = ("accuracy.png", "learning_curves.png", "inner_loss.png", "steps_curve.png")
+
+
+def _run_file(path: Path) -> bool:
+    """Whether ``path`` is named like one of a run folder's own files (results, history, checkpoints,
+    metrics, its report and that report's PNGs, its steps curve)."""
+    name = path.name
+    return (name in RUN_FILES or name in DERIVED_FILES or name in REPORT_PNGS or path.suffix == ".pt"
+            or name.startswith("metrics."))
+
+
 def check_comparison_out(out: str | os.PathLike, run_dirs: Sequence[str | os.PathLike]) -> None:
-    """:class:`ConfigError` when the comparison page ``out`` would be written inside one of the
-    compared run folders, where it could replace the run's own files (results.json, learner.pt,
-    report.html ...)."""
+    """:class:`ConfigError` when the comparison page ``out`` would replace one of a compared run's own
+    files (results.json, learner.pt, report.html, its PNGs ...): in a compared run folder or in a stage's
+    or member's run folder below it.  Any other file, inside a run folder or not, is fine."""
     target = Path(out).resolve()
     for d in run_dirs:
-        if Path(d).resolve() in target.parents:
-            raise ConfigError(f"--out {out} is inside the run folder {d}, where it could replace the run's own "
-                              "files (results.json, learner.pt, report.html ...); write the comparison "
-                              "outside it, e.g. --out comparison.html")
+        run = Path(d).resolve()
+        own_folder = target.parent == run or (run in target.parents and (target.parent / "results.json").exists())
+        if own_folder and _run_file(target):
+            raise ConfigError(f"--out {out} would replace the run's own file {target.name} in {target.parent} "
+                              f"(a run compared: {d}); write the comparison to another file, e.g. --out "
+                              "comparison.html")
 
 
 def write_comparison(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, embed: bool = False) -> Path:

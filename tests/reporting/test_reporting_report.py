@@ -866,14 +866,28 @@ def test_a_comparison_is_never_written_inside_a_compared_run_folder(tmp_path, ca
     runs = [_small_run(tmp_path / name, [_row(0.6, 0.1)]) for name in ("a", "b")]
     (runs[0] / "learner.pt").write_bytes(b"a learner")
     before = {p: p.read_bytes() for run in runs for p in run.iterdir()}
-    for out in (runs[0] / "results.json", runs[0] / "learner.pt", runs[1] / "report.html", runs[0] / "sub" / "c.html"):
+    for out in (runs[0] / "results.json", runs[0] / "learner.pt", runs[1] / "report.html",
+                runs[0] / "accuracy.png", runs[1] / "metrics.csv", runs[0] / "steps_curve.json"):
         assert main(["report", *map(str, runs), "--out", str(out), "--no-progress"]) == 2
-        assert "inside the run folder" in capsys.readouterr().err
-        with pytest.raises(ConfigError, match="inside the run folder"):
+        assert "would replace the run's own file" in capsys.readouterr().err
+        with pytest.raises(ConfigError, match="would replace the run's own file"):
             write_comparison(runs, out)
     assert {p: p.read_bytes() for run in runs for p in run.iterdir()} == before
-    assert not (runs[0] / "sub").exists()
     assert main(["report", *map(str, runs), "--out", str(tmp_path / "cmp.html"), "--no-progress"]) == 0
+    assert main(["report", *map(str, runs), "--out", str(runs[0] / "sub" / "c.html"), "--no-progress"]) == 0
+
+
+def test_a_stage_compared_with_its_run_gets_the_default_comparison(tmp_path, capsys):
+    """`metamtl report RUN/stages/first RUN` (no --out) rewrote both pages, then exited 2 over the default
+    RUN/stages/comparison.html, a file of no run's: the comparison is written; a stage's own file is refused
+    before any page is written."""
+    run = _small_run(tmp_path / "st", [_row(0.6, 0.1)])
+    stages = [_small_run(run / "stages" / name, [_row(0.5, 0.1)]) for name in ("first", "second")]
+    assert main(["report", str(stages[0]), str(run), "--no-progress"]) == 0
+    assert (run / "stages" / "comparison.html").is_file()
+    assert main(["report", str(run), "--out", str(stages[1] / "report.html"), "--no-progress"]) == 2
+    assert "would replace the run's own file" in capsys.readouterr().err
+    assert not (stages[1] / "report.html").exists()
 
 
 def test_every_run_folder_is_checked_before_any_report_is_rewritten(tmp_path, capsys):
