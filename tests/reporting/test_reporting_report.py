@@ -1027,6 +1027,21 @@ def test_steps_for_a_run_whose_config_turned_the_curve_off_asks_for_steps_episod
     assert "Not computed (disabled)." in (run / "report.html").read_text()
 
 
+def test_a_steps_request_one_run_cannot_honour_is_refused_before_any_run_is_touched(tmp_path, capsys):
+    """`metamtl report A B --steps 0 5` with B's config turning the curve off recomputed A's curve and
+    rewrote A's page, then exited 2 because of B: B's refusal now comes before anything is computed or
+    written (exit 2, A untouched)."""
+    runs = [_small_run(tmp_path / name, [_row(0.6, 0.1)]) for name in ("a", "b")]
+    results = json.loads((runs[1] / "results.json").read_text())
+    results["config"]["logging"] = {"report_steps_episodes": 0}
+    (runs[1] / "results.json").write_text(json.dumps(results))
+    assert main(["report", *map(str, runs), "--steps", "0", "5", "--out", str(tmp_path / "c.html"),
+                 "--no-progress"]) == 2
+    assert "--steps-episodes N" in capsys.readouterr().err
+    assert sorted(p.name for p in runs[0].iterdir()) == ["history.json", "results.json"]
+    assert not (tmp_path / "c.html").exists()
+
+
 def test_a_run_evaluated_on_its_best_validation_weights_says_which_iteration(tmp_path):
     """With eval.checkpoint: best, results.json records the selected iteration but the page read as if
     the last weights were evaluated; the header now names the iteration (and says nothing otherwise)."""
