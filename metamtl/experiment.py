@@ -704,7 +704,8 @@ def check_steps_request(run_dir: str | Path, episodes: int | None = None,
     """What :func:`refresh_steps_curve` would compute for ``run_dir``: ``(results, config, failure, episodes)``
     (``failure``: why its saved config no longer loads; ``episodes`` 0: no curve), with nothing computed or
     written.  :class:`ConfigError` for a request it cannot honour: ``steps`` where the run's config turns the
-    curve off (``logging.report_steps_episodes: 0``) and no ``episodes`` are given.
+    curve off (``logging.report_steps_episodes: 0``) and no ``episodes`` are given, or ``steps``/``episodes``
+    for an ensemble run, which has no curve of its own (its members' run folders have theirs).
     ``metamtl report`` checks every RUN_DIR with it before anything is computed or written."""
     from .config import config_from_dict, stage_configs
     from .reporting.report import load_run
@@ -712,6 +713,10 @@ def check_steps_request(run_dir: str | Path, episodes: int | None = None,
     run_dir = Path(run_dir).resolve()  # '.' has no name: the config's name is the folder's
     results, _ = load_run(run_dir)
     if "ensemble" in results:  # an ensemble run has no learner.pt; each member's report has its curve
+        if steps or episodes:
+            raise ConfigError(f"--steps/--steps-episodes: {run_dir.name} is an ensemble run, which has no "
+                              "accuracy-vs-inner-steps curve of its own; report a member's run folder instead, "
+                              f"e.g. metamtl report {run_dir / 'members' / 'member0'} --steps ...")
         return results, None, None, 0
     cfg, failure = None, None
     try:

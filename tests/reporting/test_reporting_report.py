@@ -1042,6 +1042,21 @@ def test_a_steps_request_one_run_cannot_honour_is_refused_before_any_run_is_touc
     assert not (tmp_path / "c.html").exists()
 
 
+def test_steps_for_an_ensemble_run_point_to_its_members(tmp_path, capsys):
+    """`metamtl report ENSEMBLE_RUN --steps 0 7 --steps-episodes 3` did nothing, exit 0 (the members' curves
+    kept their steps and episodes): a ConfigError now says the ensemble has no curve of its own and to report
+    a member's run folder; without --steps/--steps-episodes its page is written as before."""
+    run = _small_run(tmp_path / "e", [_row(0.6, 0.1)])
+    results = json.loads((run / "results.json").read_text())
+    (run / "results.json").write_text(json.dumps({**results, "ensemble": {"members": []}}))
+    for extra in (["--steps", "0", "7", "--steps-episodes", "3"], ["--steps", "0", "7"], ["--steps-episodes", "3"]):
+        assert main(["report", str(run), *extra, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "is an ensemble run" in err and str(run / "members" / "member0") in err
+        assert not (run / "report.html").exists()
+    assert main(["report", str(run), "--no-progress"]) == 0
+
+
 def test_a_run_evaluated_on_its_best_validation_weights_says_which_iteration(tmp_path):
     """With eval.checkpoint: best, results.json records the selected iteration but the page read as if
     the last weights were evaluated; the header now names the iteration (and says nothing otherwise)."""
