@@ -92,6 +92,11 @@ def _check_shape(results: Mapping[str, Any], path: Path) -> None:
             raise wrong(f"config[{k!r}]", "an object")
     if not isinstance(results.get("ensemble", {}), dict):
         raise wrong("'ensemble'", "an object")
+    for k in ("machine", "memory", "data_sources"):  # read with .get: an object, or null for none
+        if not isinstance(results.get(k) or {}, dict):
+            raise wrong(repr(k), "an object (or null)")
+    if not all(isinstance(v, list) for v in (results.get("data_sources") or {}).values()):
+        raise wrong("'data_sources'", "an object of lists of archive names")
     checked = [("", results)] + [(f"'test'[{i}]", r) for i, r in enumerate(entries("'test'", results.get("test", [])))]
     checked += [(f"'stages'[{i}]", s) for i, s in enumerate(entries("'stages'", results.get("stages") or []))]
     for i, m in enumerate(entries("'ensemble'['members']", results.get("ensemble", {}).get("members", []))):
@@ -470,7 +475,7 @@ def _report_page(run_dir: Path, results: Mapping[str, Any], figures: list[tuple[
     cfg = results.get("config", {})
     t, tr, alg, model = (evaluated_config(cfg).get(k, {}) for k in ("tasks", "train", "algorithm", "model"))
     files = [f for f in ("results.json", "history.json", "learner.pt", "ensemble.pt", "best.pt", "last.pt") if (run_dir / f).is_file()]
-    machine = results.get("machine", {})
+    machine = results.get("machine") or {}
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width,initial-scale=1">
 <title>metamtl report: {_e(results.get('name', ''))}</title><style>{CSS}</style></head><body>

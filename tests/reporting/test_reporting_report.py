@@ -979,7 +979,11 @@ def test_a_copied_run_folders_curve_is_current_and_not_computed_again(tmp_path, 
     (lambda r: r.update(train_seconds="12"), "'train_seconds'"),
     (lambda r: r["test"][0].update(accuracy="0.6"), "'test'[0]['accuracy']"),
     (lambda r: r.update(stages=[{"stage": "a", "train_seconds": "1"}]), "'stages'[0]['train_seconds']"),
-    (lambda r: r.update(ensemble={"members": [{"test": 3}]}), "'ensemble'['members'][0]['test']")])
+    (lambda r: r.update(ensemble={"members": [{"test": 3}]}), "'ensemble'['members'][0]['test']"),
+    (lambda r: r.update(machine="x", peak_memory_mb=10), "'machine'"),
+    (lambda r: r.update(memory="x", peak_memory_mb=10), "'memory'"),
+    (lambda r: r.update(data_sources="x"), "'data_sources'"),
+    (lambda r: r.update(data_sources={"omniglot": 3}), "'data_sources'")])
 def test_a_results_json_of_the_wrong_shape_is_a_clear_error(edit, field, tmp_path, capsys):
     """Valid JSON of another shape than a run writes (a null list, a number written as text) crashed
     `metamtl report` with a bare TypeError/AttributeError/ValueError (exit 1): a ConfigError naming
@@ -1105,3 +1109,14 @@ def test_a_comparison_of_regression_runs_draws_their_mse(tmp_path):
     assert "<h2>Held-out MSE (95% CI)</h2>" in text and "<h2>Validation MSE during meta-training</h2>" in text
     mixed = write_comparison([runs[0], _small_run(tmp_path / "c", [_row(0.9, 0.01)])], tmp_path / "mix.html")
     assert {"mix_accuracy.png", "mix_mse_bars.png"} <= set(_check_images(mixed))
+
+
+def test_a_results_json_without_machine_memory_or_data_sources_is_reported(tmp_path):
+    """`"machine": null` (or memory, data_sources) crashed the report with a bare AttributeError (exit 1):
+    null is a run that recorded none, and the page is written."""
+    run = _small_run(tmp_path / "r", [_row(0.6, 0.1)])
+    results = json.loads((run / "results.json").read_text())
+    results.update(machine=None, memory=None, data_sources=None, peak_memory_mb=10)
+    (run / "results.json").write_text(json.dumps(results))
+    assert main(["report", str(run), "--no-progress"]) == 0
+    assert "peak memory <b>10 MB</b>" in (run / "report.html").read_text()
