@@ -266,6 +266,23 @@ def shape_model(model_cfg: dict[str, Any], preps: dict[str, Any]) -> None:
             model_cfg.setdefault("image_size", square_side(first, dataset, model_cfg))
 
 
+def shape_vector_model(model_cfg: dict[str, Any], data: str) -> None:
+    """Fill in ``in_features`` / ``out_features`` (1) for the ``[batch, 1]`` vectors of a regression dataset
+    (``sinusoid``) where the config leaves them out; :class:`ConfigError` for a model that takes images
+    (it has no ``in_features``), the mirror of :func:`shape_model`."""
+    name = model_cfg.get("name", "conv4")
+    if name not in MODELS:
+        return  # build_model names the unknown model
+    params = inspect.signature(MODELS[name]).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if "in_features" not in params and not takes_any:
+        raise ConfigError(
+            f"model {name!r} takes images, but {data} tasks are vectors [batch, 1]; use model mlp "
+            "(model: {name: mlp, hidden: [40, 40]})")
+    model_cfg.setdefault("in_features", 1)
+    model_cfg.setdefault("out_features", 1)
+
+
 def _check_algorithm_datasets(given: Any, labels: list[str]) -> None:
     """A :class:`ConfigError` for an ``algorithm.datasets`` that is not the run's dataset labels (an
     unknown one would keep DWA at equal weights and never train; a missing one fails the first step)."""
@@ -288,8 +305,7 @@ def build_learner(cfg: Config, train_tasks: TaskSource, callbacks: list[Callback
     regression = is_regression(cfg)
     metadata: dict[str, Any] = {"config": cfg.to_dict()}
     if regression:
-        model_cfg.setdefault("in_features", 1)
-        model_cfg.setdefault("out_features", 1)
+        shape_vector_model(model_cfg, cfg.data.name)
         preprocessing = None
     elif isinstance(train_tasks, MixedTasks):
         # Several datasets: models declaring ``inputs`` (MODEL_FROM_DATA) get each dataset's input
