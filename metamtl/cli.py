@@ -298,20 +298,21 @@ def _given(value: int | None, default: int | None) -> int | None:
 
 def _report(args: argparse.Namespace) -> int:
     from .checkpoint import ensure_writable_file
-    from .experiment import refresh_steps_curve
-    from .reporting.report import check_comparison_out, load_run, write_comparison, write_report
+    from .experiment import check_steps_request, refresh_steps_curve
+    from .reporting.report import check_comparison_out, write_comparison, write_report
 
     check_counts(args, {"steps_episodes": 0, "steps": 0})
     for run_dir in args.run_dirs:  # every folder a run's, before any page is rewritten or curve computed
-        load_run(run_dir)
+        check_steps_request(run_dir, args.steps_episodes, args.steps)  # a run's, and the curve asked possible
+    out = Path(args.out or Path(args.run_dirs[0]).resolve().parent / "comparison.html")
+    if len(args.run_dirs) > 1 or args.out:  # a comparison: refused before any page is rewritten
+        check_comparison_out(out, args.run_dirs)
     if args.out:
-        check_comparison_out(args.out, args.run_dirs)
         ensure_writable_file(args.out, "--out file")
     for run_dir in args.run_dirs:  # the curve a run did not write (or with other steps) first
         refresh_steps_curve(run_dir, args.steps_episodes, args.steps, args.device, progress=not args.no_progress)
         print(f"[metamtl] report: {write_report(run_dir, embed=args.embed)}")
     if len(args.run_dirs) > 1 or args.out:
-        out = Path(args.out or Path(args.run_dirs[0]).resolve().parent / "comparison.html")
         print(f"[metamtl] comparison: {write_comparison(args.run_dirs, out, embed=args.embed)}")
     return 0
 

@@ -266,6 +266,23 @@ def shape_model(model_cfg: dict[str, Any], preps: dict[str, Any]) -> None:
             model_cfg.setdefault("image_size", square_side(first, dataset, model_cfg))
 
 
+def shape_vector_model(model_cfg: dict[str, Any], data: str) -> None:
+    """Fill in ``in_features`` / ``out_features`` (1) for the ``[batch, 1]`` vectors of a regression dataset
+    (``sinusoid``) where the config leaves them out; :class:`ConfigError` for a model that takes images
+    (it has no ``in_features``), the mirror of :func:`shape_model`."""
+    name = model_cfg.get("name", "conv4")
+    if name not in MODELS:
+        return  # build_model names the unknown model
+    params = inspect.signature(MODELS[name]).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if "in_features" not in params and not takes_any:
+        raise ConfigError(
+            f"model {name!r} takes images, but {data} tasks are vectors [batch, 1]; use model mlp "
+            "(model: {name: mlp, hidden: [40, 40]})")
+    model_cfg.setdefault("in_features", 1)
+    model_cfg.setdefault("out_features", 1)
+
+
 def _check_algorithm_datasets(given: Any, labels: list[str]) -> None:
     """A :class:`ConfigError` for an ``algorithm.datasets`` that is not the run's dataset labels (an
     unknown one would keep DWA at equal weights and never train; a missing one fails the first step)."""
@@ -288,8 +305,7 @@ def build_learner(cfg: Config, train_tasks: TaskSource, callbacks: list[Callback
     regression = is_regression(cfg)
     metadata: dict[str, Any] = {"config": cfg.to_dict()}
     if regression:
-        model_cfg.setdefault("in_features", 1)
-        model_cfg.setdefault("out_features", 1)
+        shape_vector_model(model_cfg, cfg.data.name)
         preprocessing = None
     elif isinstance(train_tasks, MixedTasks):
         # Several datasets: models declaring ``inputs`` (MODEL_FROM_DATA) get each dataset's input
@@ -699,25 +715,25 @@ def _curve_is_current(run_dir: Path, episodes: int, steps: list[int] | None) -> 
     return isinstance(key, dict) and all(key.get(f) == v for f, v in now.items() if f != "mtime")
 
 
-def refresh_steps_curve(run_dir: str | Path, episodes: int | None = None, steps: list[int] | None = None,
-                        device: str | None = None, progress: bool = True) -> None:
-    """Compute a finished run's curve from its saved ``learner.pt`` and ``results.json``, unless
-    ``steps_curve.json`` already holds it for these episodes and steps (``metamtl report``).
-
-    A failure of the run's own (its learner, its data, a saved config this version no longer
-    accepts) is recorded in ``steps_curve.json`` for the report, never in place of a valid curve
-    there (kept, the failure beside it); an unusable ``device`` is the caller's: :class:`ConfigError`
-    before anything is written.
-    """
+def check_steps_request(run_dir: str | Path, episodes: int | None = None,
+                        steps: list[int] | None = None) -> tuple[dict[str, Any], Config | None, Exception | None, int]:
+    """What :func:`refresh_steps_curve` would compute for ``run_dir``: ``(results, config, failure, episodes)``
+    (``failure``: why its saved config no longer loads; ``episodes`` 0: no curve), with nothing computed or
+    written.  :class:`ConfigError` for a request it cannot honour: ``steps`` where the run's config turns the
+    curve off (``logging.report_steps_episodes: 0``) and no ``episodes`` are given, or ``steps``/``episodes``
+    for an ensemble run, which has no curve of its own (its members' run folders have theirs).
+    ``metamtl report`` checks every RUN_DIR with it before anything is computed or written."""
     from .config import config_from_dict, stage_configs
     from .reporting.report import load_run
 
-    if device is not None:
-        resolve_device(device)
     run_dir = Path(run_dir).resolve()  # '.' has no name: the config's name is the folder's
     results, _ = load_run(run_dir)
     if "ensemble" in results:  # an ensemble run has no learner.pt; each member's report has its curve
-        return
+        if steps or episodes:
+            raise ConfigError(f"--steps/--steps-episodes: {run_dir.name} is an ensemble run, which has no "
+                              "accuracy-vs-inner-steps curve of its own; report a member's run folder instead, "
+                              f"e.g. metamtl report {run_dir / 'members' / 'member0'} --steps ...")
+        return results, None, None, 0
     cfg, failure = None, None
     try:
         cfg = config_from_dict({**results["config"], "output_dir": str(run_dir.parent), "name": run_dir.name})
@@ -732,6 +748,23 @@ def refresh_steps_curve(run_dir: str | Path, episodes: int | None = None, steps:
     if not episodes and steps and not given:  # --steps asks for the curve the config's 0 turned off
         raise ConfigError(f"--steps: {run_dir.name}'s config turns the accuracy-vs-inner-steps curve off "
                           "(logging.report_steps_episodes: 0); add --steps-episodes N (e.g. 100) to compute it")
+    return results, cfg, failure, episodes
+
+
+def refresh_steps_curve(run_dir: str | Path, episodes: int | None = None, steps: list[int] | None = None,
+                        device: str | None = None, progress: bool = True) -> None:
+    """Compute a finished run's curve from its saved ``learner.pt`` and ``results.json``, unless
+    ``steps_curve.json`` already holds it for these episodes and steps (``metamtl report``).
+
+    A failure of the run's own (its learner, its data, a saved config this version no longer
+    accepts) is recorded in ``steps_curve.json`` for the report, never in place of a valid curve
+    there (kept, the failure beside it); an unusable ``device`` or request (:func:`check_steps_request`)
+    is the caller's: :class:`ConfigError` before anything is written.
+    """
+    if device is not None:
+        resolve_device(device)
+    run_dir = Path(run_dir).resolve()
+    results, cfg, failure, episodes = check_steps_request(run_dir, episodes, steps)
     if not episodes:
         return
     if _curve_is_current(run_dir, episodes, steps):  # nothing to compute: an older failure to do so is past

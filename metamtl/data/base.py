@@ -367,7 +367,9 @@ def pil_pixels(image: Any) -> np.ndarray:
 def rgb16_keyed(image: Any) -> Any:
     """A 16-bit RGB PNG with a colour key (tRNS) as an RGBA image whose alpha clears exactly the pixels of that
     16-bit colour (PIL reads the samples' high bytes and compared them with the 16-bit key: none ever matched),
-    its other info (EXIF) kept; any other image as it is.  The file is decoded again (left as it is)."""
+    its other info (EXIF) kept; any other image as it is.  The file is decoded again for the samples' low bytes,
+    whether or not the image was loaded, and used only where its high bytes are the image's pixels: an image
+    changed after it was opened (thumbnail, paste, drawn on) is taken as it is, its edits kept."""
     key = image.info.get("transparency")
     if image.format != "PNG" or image.mode != "RGB" or not isinstance(key, tuple) or len(key) != 3:
         return image
@@ -381,6 +383,8 @@ def rgb16_keyed(image: Any) -> Any:
         with Image.open(io.BytesIO(data)) as part:
             part.tile = [t._replace(args=rawmode) for t in part.tile]
             samples.append(np.asarray(part))
+    if not np.array_equal(samples[0], np.asarray(image)):  # changed in place since it was opened: as given
+        return image
     value = (samples[0].astype(np.uint16) << 8) | samples[1]
     alpha = np.where((value == np.asarray(key, np.uint16)).all(-1), 0, 255).astype(np.uint8)
     out = Image.fromarray(np.dstack([samples[0], alpha]))
@@ -389,13 +393,14 @@ def rgb16_keyed(image: Any) -> Any:
 
 
 def _file_bytes(image: Any) -> bytes | None:
-    """The bytes of the file a PIL image was opened from (a path or a stream), ``None`` if they cannot be read."""
+    """The bytes of the file a PIL image was opened from (a path or a stream), ``None`` if they cannot be read.
+    A stream is found once the image is loaded too (PIL then drops ``fp`` but keeps it as ``_fp``)."""
     try:
         if getattr(image, "filename", ""):
             with open(image.filename, "rb") as f:
                 return f.read()
-        fp = getattr(image, "fp", None)
-        if fp is None:
+        fp = getattr(image, "fp", None) or getattr(image, "_fp", None)
+        if not (hasattr(fp, "seek") and hasattr(fp, "read")):
             return None
         where = fp.tell()
         fp.seek(0)

@@ -43,7 +43,7 @@ def _load_folder(split: str, root: Path, split_fractions: Sequence[float] | None
                  split_seed: int | None = None, **kwargs) -> ClassDataset:
     """``root/<split>/`` (any case: ``Train/``) if that folder exists, else ``split`` of ``root``'s classes (a
     root with other split folders but not this one is refused: its classes would be drawn from those splits)."""
-    folders = split_folders(root)
+    folders = split_folders(root, image_suffixes(kwargs.get("extensions")))
     if split in folders:
         _refuse_split_options(f"{root} is split on disk ({folders[split].name}/ holds the {split!r} classes)",
                               split_fractions, split_seed)
@@ -62,14 +62,15 @@ def _load_folder(split: str, root: Path, split_fractions: Sequence[float] | None
     return _split_classes(ClassFolder(root, **kwargs), split, split_fractions, split_seed)
 
 
-def split_folders(root: Path) -> dict[str, Path]:
+def split_folders(root: Path, exts: tuple[str, ...] | None = None) -> dict[str, Path]:
     """``root``'s split folders by split name (:data:`SPLIT_FOLDERS`), names matched in any case (``Train/``,
     Windows and Kaggle exports) for folders of class folders.  Top-level folders of class folders spelled
     like other split names (:data:`SPLIT_ALIASES`) are refused (:class:`DataError`): read as classes and
     split anew, they would put held-out classes into training.  A folder holding images itself is a
-    class, whatever its name (a class ``Train`` or ``dev`` of a flat dataset)."""
+    class, whatever its name (a class ``Train`` or ``dev`` of a flat dataset).  ``exts``: the file name
+    endings of the dataset's images (default: :func:`image_extensions`); other files never make a folder a class."""
     folders = os_probe(root, lambda r: sorted(p for p in r.iterdir() if p.is_dir()) if r.is_dir() else [])
-    folders = [p for p in folders if _holds_classes(p, p.name in SPLIT_FOLDERS)]  # `Train/`, `test/` of images: a class
+    folders = [p for p in folders if _holds_classes(p, p.name in SPLIT_FOLDERS, exts)]  # `Train/`, `test/` of images: a class
     found: dict[str, list[Path]] = {}
     for p in folders:
         if p.name.lower() in SPLIT_FOLDERS:
@@ -96,12 +97,13 @@ def split_on_disk(name: str, root: str | os.PathLike) -> bool:
     return name == "csv" and any(os_probe(root / f"{s}.csv", Path.is_file) for s in SPLIT_FOLDERS)
 
 
-def _holds_classes(folder: Path, split_name: bool = False) -> bool:
+def _holds_classes(folder: Path, split_name: bool = False, exts: tuple[str, ...] | None = None) -> bool:
     """Whether ``folder`` looks like a split folder: sub-folders (its classes; not needed for a ``split_name``,
     ``train``/``val``/``test`` spelled exactly) and no image file of its own (a class folder, e.g. a class named
     ``Train``, ``test`` or ``dev``, holds its images directly); other files (``desktop.ini``, ``Thumbs.db``, a
-    README) are not images and do not make it a class."""
-    exts = image_suffixes(None)
+    README, an image file of a kind outside ``exts``, the dataset's image endings) are not its images and do not
+    make it a class."""
+    exts = exts or image_suffixes(None)
 
     def look(f: Path) -> bool:
         entries = [e for e in f.iterdir() if not e.name.startswith(".")]

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from urllib.parse import quote
 
 from ..callbacks import Callback, FitState
+from ..checkpoint import DERIVED_FILES, RUN_FILES
 from ..config_merge import evaluated_config
 from ..files import atomic_write_text
 from ..errors import ConfigError
@@ -91,6 +92,11 @@ def _check_shape(results: Mapping[str, Any], path: Path) -> None:
             raise wrong(f"config[{k!r}]", "an object")
     if not isinstance(results.get("ensemble", {}), dict):
         raise wrong("'ensemble'", "an object")
+    for k in ("machine", "memory", "data_sources"):  # read with .get: an object, or null for none
+        if not isinstance(results.get(k) or {}, dict):
+            raise wrong(repr(k), "an object (or null)")
+    if not all(isinstance(v, list) for v in (results.get("data_sources") or {}).values()):
+        raise wrong("'data_sources'", "an object of lists of archive names")
     checked = [("", results)] + [(f"'test'[{i}]", r) for i, r in enumerate(entries("'test'", results.get("test", [])))]
     checked += [(f"'stages'[{i}]", s) for i, s in enumerate(entries("'stages'", results.get("stages") or []))]
     for i, m in enumerate(entries("'ensemble'['members']", results.get("ensemble", {}).get("members", []))):
@@ -469,7 +475,7 @@ def _report_page(run_dir: Path, results: Mapping[str, Any], figures: list[tuple[
     cfg = results.get("config", {})
     t, tr, alg, model = (evaluated_config(cfg).get(k, {}) for k in ("tasks", "train", "algorithm", "model"))
     files = [f for f in ("results.json", "history.json", "learner.pt", "ensemble.pt", "best.pt", "last.pt") if (run_dir / f).is_file()]
-    machine = results.get("machine", {})
+    machine = results.get("machine") or {}
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width,initial-scale=1">
 <title>metamtl report: {_e(results.get('name', ''))}</title><style>{CSS}</style></head><body>
@@ -539,16 +545,30 @@ def write_report_safely(run_dir: str | os.PathLike, *, embed: bool = False) -> P
 
 
 # -- several runs ---------------------------------------------------------------------------------
+#: the PNGs :func:`write_report` draws into a run folder
+REPORT_PNGS = ("accuracy.png", "learning_curves.png", "inner_loss.png", "steps_curve.png")
+
+
+def _run_file(path: Path) -> bool:
+    """Whether ``path`` is named like one of a run folder's own files (results, history, checkpoints,
+    metrics, its report and that report's PNGs, its steps curve)."""
+    name = path.name
+    return (name in RUN_FILES or name in DERIVED_FILES or name in REPORT_PNGS or path.suffix == ".pt"
+            or name.startswith("metrics."))
+
+
 def check_comparison_out(out: str | os.PathLike, run_dirs: Sequence[str | os.PathLike]) -> None:
-    """:class:`ConfigError` when the comparison page ``out`` would be written inside one of the
-    compared run folders, where it could replace the run's own files (results.json, learner.pt,
-    report.html ...)."""
+    """:class:`ConfigError` when the comparison page ``out`` would replace one of a compared run's own
+    files (results.json, learner.pt, report.html, its PNGs ...): in a compared run folder or in a stage's
+    or member's run folder below it.  Any other file, inside a run folder or not, is fine."""
     target = Path(out).resolve()
     for d in run_dirs:
-        if Path(d).resolve() in target.parents:
-            raise ConfigError(f"--out {out} is inside the run folder {d}, where it could replace the run's own "
-                              "files (results.json, learner.pt, report.html ...); write the comparison "
-                              "outside it, e.g. --out comparison.html")
+        run = Path(d).resolve()
+        own_folder = target.parent == run or (run in target.parents and (target.parent / "results.json").exists())
+        if own_folder and _run_file(target):
+            raise ConfigError(f"--out {out} would replace the run's own file {target.name} in {target.parent} "
+                              f"(a run compared: {d}); write the comparison to another file, e.g. --out "
+                              "comparison.html")
 
 
 def write_comparison(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, embed: bool = False) -> Path:

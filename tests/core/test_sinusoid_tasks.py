@@ -82,6 +82,22 @@ def sine_config(**eval_section):
         "eval": {"episodes": 2, "queries": 4, **eval_section}})
 
 
+@pytest.mark.parametrize("model", [{"name": "conv4", "hidden": 8}, {"name": "resnet12"}, {"name": "multidataset"}])
+def test_an_image_model_on_sinusoid_tasks_is_a_clear_config_error(model):
+    """A sinusoid config with an image model failed with "model 'conv4' does not take ['in_features']", a
+    setting the user never wrote: a ConfigError now says sinusoid tasks are vectors and to use model mlp."""
+    from metamtl.errors import ConfigError
+    from metamtl.experiment import build_learner, build_tasks
+
+    cfg = sine_config()
+    cfg.model = model
+    with pytest.raises(ConfigError, match=rf"model '{model['name']}' takes images, but sinusoid tasks are vectors "
+                                          r"\[batch, 1\]; use model mlp") as err:
+        build_learner(cfg, build_tasks(cfg)["train"])
+    assert "in_features" not in str(err.value)
+    assert build_learner(sine_config(), build_tasks(sine_config())["train"]).model.config["in_features"] == 1
+
+
 def test_every_eval_setting_of_a_regression_run_is_evaluated_with_its_shots():
     from metamtl.experiment import build_learner, build_tasks, evaluate_held_out
 

@@ -303,6 +303,36 @@ def test_the_colour_key_of_16_bit_rgb_pngs_clears_exactly_the_keyed_pixels(tmp_p
     assert ds.images[0, :, 0, 0].tolist() == [0, 0, 0] and ds.images[0, :, 1, 1].tolist() == list(pixels[1, 1] // 257)
 
 
+def test_a_16_bit_rgb_png_is_keyed_as_given_loaded_or_not_and_keeps_its_edits(tmp_path):
+    """The colour key decoded the file again: an image edited after opening (thumbnail, drawn on) lost its
+    edits, and a stream's image was keyed before .load() but not after it.  The pixels are now the image's,
+    keyed the same way loaded or not."""
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from metamtl.data.base import pil_pixels
+
+    pixels = np.full((4, 4, 3), 0x1234, np.uint16)
+    pixels[0, 0] = (0xABCD, 0x0102, 0x0304)
+    path = tmp_path / "k16.png"
+    _png_rgb16(path, pixels, (0xABCD, 0x0102, 0x0304))
+    with Image.open(path) as im:
+        im.thumbnail((2, 2))
+        assert pil_pixels(im).shape[:2] == (2, 2)
+    with Image.open(path) as im:
+        ImageDraw.Draw(im).rectangle([0, 0, 3, 3], fill=(255, 0, 0))
+        assert pil_pixels(im)[1, 1].tolist()[:3] == [255, 0, 0] and pil_pixels(im)[0, 0, -1] == 255
+    for load in (False, True):
+        for source in (path, io.BytesIO(path.read_bytes())):
+            with Image.open(source) as im:
+                if load:
+                    im.load()
+                rgba = pil_pixels(im)
+            assert rgba[0, 0, 3] == 0 and rgba[1, 1].tolist() == [0x12, 0x12, 0x12, 255], (load, source)
+
+
 def test_the_image_size_error_suggests_a_config_value_the_config_accepts(tmp_path, write_image):
     """It suggested data.image_size: [32, 48], which the config refuses (data.image_size is one side)."""
     from metamtl.config import load_config

@@ -278,6 +278,20 @@ def test_split_folders_holding_a_stray_non_image_file_are_still_split_folders(tm
 
 
 
+def test_split_folders_are_judged_by_the_images_of_the_given_extensions(tmp_path, write_image, cache_dir):
+    """With extensions=['.png'], a stray preview.jpg in train/ (not one of the dataset's images, skipped with a
+    warning) made train/ a class: "split folders (test) but no 'train' folder" although train/ existed."""
+    for split, n in (("train", 4), ("test", 3)):
+        for c in range(n):
+            for k in range(2):
+                write_image(tmp_path / split / f"{split}{c}" / f"{k}.png", (10 * c, k, len(split)))
+    write_image(tmp_path / "train" / "preview.jpg", (1, 2, 3))
+    ds = load_dataset("folder", "train", root=tmp_path, extensions=[".png"], cache_dir=cache_dir)
+    assert ds.class_names == ["train0", "train1", "train2", "train3"]
+    assert load_dataset("folder", "test", root=tmp_path, extensions=[".png"], cache_dir=cache_dir).class_names == [
+        "test0", "test1", "test2"]
+
+
 def test_a_lowercase_class_named_like_a_split_folder_is_a_class(tmp_path, write_image, cache_dir):
     """A top folder holding images is a class whatever its name (README): `test/` of images was refused ("split
     folders (test) but no 'train' folder") while `Test/` was a class.  A real split folder test/ of class folders

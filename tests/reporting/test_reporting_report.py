@@ -866,14 +866,28 @@ def test_a_comparison_is_never_written_inside_a_compared_run_folder(tmp_path, ca
     runs = [_small_run(tmp_path / name, [_row(0.6, 0.1)]) for name in ("a", "b")]
     (runs[0] / "learner.pt").write_bytes(b"a learner")
     before = {p: p.read_bytes() for run in runs for p in run.iterdir()}
-    for out in (runs[0] / "results.json", runs[0] / "learner.pt", runs[1] / "report.html", runs[0] / "sub" / "c.html"):
+    for out in (runs[0] / "results.json", runs[0] / "learner.pt", runs[1] / "report.html",
+                runs[0] / "accuracy.png", runs[1] / "metrics.csv", runs[0] / "steps_curve.json"):
         assert main(["report", *map(str, runs), "--out", str(out), "--no-progress"]) == 2
-        assert "inside the run folder" in capsys.readouterr().err
-        with pytest.raises(ConfigError, match="inside the run folder"):
+        assert "would replace the run's own file" in capsys.readouterr().err
+        with pytest.raises(ConfigError, match="would replace the run's own file"):
             write_comparison(runs, out)
     assert {p: p.read_bytes() for run in runs for p in run.iterdir()} == before
-    assert not (runs[0] / "sub").exists()
     assert main(["report", *map(str, runs), "--out", str(tmp_path / "cmp.html"), "--no-progress"]) == 0
+    assert main(["report", *map(str, runs), "--out", str(runs[0] / "sub" / "c.html"), "--no-progress"]) == 0
+
+
+def test_a_stage_compared_with_its_run_gets_the_default_comparison(tmp_path, capsys):
+    """`metamtl report RUN/stages/first RUN` (no --out) rewrote both pages, then exited 2 over the default
+    RUN/stages/comparison.html, a file of no run's: the comparison is written; a stage's own file is refused
+    before any page is written."""
+    run = _small_run(tmp_path / "st", [_row(0.6, 0.1)])
+    stages = [_small_run(run / "stages" / name, [_row(0.5, 0.1)]) for name in ("first", "second")]
+    assert main(["report", str(stages[0]), str(run), "--no-progress"]) == 0
+    assert (run / "stages" / "comparison.html").is_file()
+    assert main(["report", str(run), "--out", str(stages[1] / "report.html"), "--no-progress"]) == 2
+    assert "would replace the run's own file" in capsys.readouterr().err
+    assert not (stages[1] / "report.html").exists()
 
 
 def test_every_run_folder_is_checked_before_any_report_is_rewritten(tmp_path, capsys):
@@ -965,7 +979,11 @@ def test_a_copied_run_folders_curve_is_current_and_not_computed_again(tmp_path, 
     (lambda r: r.update(train_seconds="12"), "'train_seconds'"),
     (lambda r: r["test"][0].update(accuracy="0.6"), "'test'[0]['accuracy']"),
     (lambda r: r.update(stages=[{"stage": "a", "train_seconds": "1"}]), "'stages'[0]['train_seconds']"),
-    (lambda r: r.update(ensemble={"members": [{"test": 3}]}), "'ensemble'['members'][0]['test']")])
+    (lambda r: r.update(ensemble={"members": [{"test": 3}]}), "'ensemble'['members'][0]['test']"),
+    (lambda r: r.update(machine="x", peak_memory_mb=10), "'machine'"),
+    (lambda r: r.update(memory="x", peak_memory_mb=10), "'memory'"),
+    (lambda r: r.update(data_sources="x"), "'data_sources'"),
+    (lambda r: r.update(data_sources={"omniglot": 3}), "'data_sources'")])
 def test_a_results_json_of_the_wrong_shape_is_a_clear_error(edit, field, tmp_path, capsys):
     """Valid JSON of another shape than a run writes (a null list, a number written as text) crashed
     `metamtl report` with a bare TypeError/AttributeError/ValueError (exit 1): a ConfigError naming
@@ -1011,6 +1029,36 @@ def test_steps_for_a_run_whose_config_turned_the_curve_off_asks_for_steps_episod
     assert "--steps-episodes N" in capsys.readouterr().err and not (run / "report.html").exists()
     assert main(["report", str(run), "--no-progress"]) == 0  # without --steps: off, as configured
     assert "Not computed (disabled)." in (run / "report.html").read_text()
+
+
+def test_a_steps_request_one_run_cannot_honour_is_refused_before_any_run_is_touched(tmp_path, capsys):
+    """`metamtl report A B --steps 0 5` with B's config turning the curve off recomputed A's curve and
+    rewrote A's page, then exited 2 because of B: B's refusal now comes before anything is computed or
+    written (exit 2, A untouched)."""
+    runs = [_small_run(tmp_path / name, [_row(0.6, 0.1)]) for name in ("a", "b")]
+    results = json.loads((runs[1] / "results.json").read_text())
+    results["config"]["logging"] = {"report_steps_episodes": 0}
+    (runs[1] / "results.json").write_text(json.dumps(results))
+    assert main(["report", *map(str, runs), "--steps", "0", "5", "--out", str(tmp_path / "c.html"),
+                 "--no-progress"]) == 2
+    assert "--steps-episodes N" in capsys.readouterr().err
+    assert sorted(p.name for p in runs[0].iterdir()) == ["history.json", "results.json"]
+    assert not (tmp_path / "c.html").exists()
+
+
+def test_steps_for_an_ensemble_run_point_to_its_members(tmp_path, capsys):
+    """`metamtl report ENSEMBLE_RUN --steps 0 7 --steps-episodes 3` did nothing, exit 0 (the members' curves
+    kept their steps and episodes): a ConfigError now says the ensemble has no curve of its own and to report
+    a member's run folder; without --steps/--steps-episodes its page is written as before."""
+    run = _small_run(tmp_path / "e", [_row(0.6, 0.1)])
+    results = json.loads((run / "results.json").read_text())
+    (run / "results.json").write_text(json.dumps({**results, "ensemble": {"members": []}}))
+    for extra in (["--steps", "0", "7", "--steps-episodes", "3"], ["--steps", "0", "7"], ["--steps-episodes", "3"]):
+        assert main(["report", str(run), *extra, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "is an ensemble run" in err and str(run / "members" / "member0") in err
+        assert not (run / "report.html").exists()
+    assert main(["report", str(run), "--no-progress"]) == 0
 
 
 def test_a_run_evaluated_on_its_best_validation_weights_says_which_iteration(tmp_path):
@@ -1061,3 +1109,14 @@ def test_a_comparison_of_regression_runs_draws_their_mse(tmp_path):
     assert "<h2>Held-out MSE (95% CI)</h2>" in text and "<h2>Validation MSE during meta-training</h2>" in text
     mixed = write_comparison([runs[0], _small_run(tmp_path / "c", [_row(0.9, 0.01)])], tmp_path / "mix.html")
     assert {"mix_accuracy.png", "mix_mse_bars.png"} <= set(_check_images(mixed))
+
+
+def test_a_results_json_without_machine_memory_or_data_sources_is_reported(tmp_path):
+    """`"machine": null` (or memory, data_sources) crashed the report with a bare AttributeError (exit 1):
+    null is a run that recorded none, and the page is written."""
+    run = _small_run(tmp_path / "r", [_row(0.6, 0.1)])
+    results = json.loads((run / "results.json").read_text())
+    results.update(machine=None, memory=None, data_sources=None, peak_memory_mb=10)
+    (run / "results.json").write_text(json.dumps(results))
+    assert main(["report", str(run), "--no-progress"]) == 0
+    assert "peak memory <b>10 MB</b>" in (run / "report.html").read_text()
