@@ -710,20 +710,26 @@ def test_the_mse_steps_table_has_the_held_out_rows_precision(tmp_path):
     assert "0.9000 ± 0.2000" in steps_table and "0.0042 ± 0.0011" in steps_table and "0.00 ± 0.00" not in steps_table
 
 
+def _run_with_saved_curve(tmp_path, learner_bytes):
+    """A small run whose learner.pt holds ``learner_bytes`` and whose steps_curve.json was computed from it."""
+    from metamtl.steps_curve import cache_key
+
+    run = _small_run(tmp_path / "r", [_row(0.6, 0.1)])
+    (run / "learner.pt").write_bytes(learner_bytes)
+    curve = {"key": cache_key(run / "learner.pt", 3, [0, 1]), "split": "test", "episodes": 3, "steps": [0, 1],
+             "trained_steps": 1, "curves": [{"setting": "5-way 1-shot", "metric": "accuracy", "mean": [0.2, 0.5],
+                                             "ci95": [0.1, 0.1]}]}
+    (run / "steps_curve.json").write_text(json.dumps(curve))
+    return run
+
+
 def test_a_curve_of_an_earlier_learner_is_not_shown_as_the_runs(tmp_path, monkeypatch):
     """A resumed run that did not compute its curve again (logging.report_steps_episodes: 0) kept the
     steps_curve.json of the learner it continued, and its report drew that curve as the saved
     learner's: a curve whose key is not the current learner.pt's is now reported as not computed."""
     import os
 
-    from metamtl.steps_curve import cache_key
-
-    run = _small_run(tmp_path / "r", [_row(0.6, 0.1)])
-    (run / "learner.pt").write_bytes(b"the learner after 6 iterations")
-    curve = {"key": cache_key(run / "learner.pt", 3, [0, 1]), "split": "test", "episodes": 3, "steps": [0, 1],
-             "trained_steps": 1, "curves": [{"setting": "5-way 1-shot", "metric": "accuracy", "mean": [0.2, 0.5],
-                                             "ci95": [0.1, 0.1]}]}
-    (run / "steps_curve.json").write_text(json.dumps(curve))
+    run = _run_with_saved_curve(tmp_path, b"the learner after 6 iterations")
     assert "steps_curve.png" in write_report(run).read_text()
     os.utime(run / "learner.pt", (1, 1))  # a copied run folder (cp -r, scp): the same learner, another time
     assert "steps_curve.png" in write_report(run).read_text()
@@ -1001,14 +1007,7 @@ def test_a_results_json_of_the_wrong_shape_is_a_clear_error(edit, field, tmp_pat
 def test_a_run_without_its_learner_shows_the_curve_it_saved_and_says_the_learner_is_missing(tmp_path):
     """With learner.pt deleted, the run's own curve was dropped and the page claimed it was an earlier
     learner's, advising a command that then failed: the saved curve is shown, noted as unverifiable."""
-    run = _small_run(tmp_path / "r", [_row(0.6, 0.1)])
-    (run / "learner.pt").write_bytes(b"a learner")
-    from metamtl.steps_curve import cache_key
-
-    curve = {"key": cache_key(run / "learner.pt", 3, [0, 1]), "split": "test", "episodes": 3, "steps": [0, 1],
-             "trained_steps": 1, "curves": [{"setting": "5-way 1-shot", "metric": "accuracy", "mean": [0.2, 0.5],
-                                             "ci95": [0.1, 0.1]}]}
-    (run / "steps_curve.json").write_text(json.dumps(curve))
+    run = _run_with_saved_curve(tmp_path, b"a learner")
     (run / "learner.pt").unlink()
     text = write_report(run).read_text()
     assert "steps_curve.png" in text and "learner.pt is missing: this is the curve the run saved" in text
