@@ -575,6 +575,9 @@ def build_strategy(spec: str | dict[str, Any] | Strategy, tasks: Sequence[str], 
         if list(spec.tasks) != [str(t) for t in tasks]:
             raise ConfigError(f"strategy was built for tasks {spec.tasks}, expected {list(tasks)}")
         return spec
+    if "name" in settings:
+        raise ConfigError(f"build_strategy got the strategy name twice ({spec!r} and name={settings['name']!r}); "
+                          "name is not a setting: pass it once, as the first argument")
     if isinstance(spec, str):
         spec = {"name": spec, **settings}
     if not isinstance(spec, dict) or "name" not in spec:

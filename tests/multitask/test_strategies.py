@@ -435,6 +435,8 @@ def test_build_strategy_takes_settings_as_keywords_as_its_module_docstring_shows
         build_strategy("dwa", ["a", "b"], perod=5)
     with pytest.raises(ConfigError, match=r"keyword settings \['period'\] only with a strategy name, got a dict"):
         build_strategy({"name": "dwa"}, ["a", "b"], period=5)
+    with pytest.raises(ConfigError, match=r"strategy name twice \('dwa' and name='pcgrad'\)"):
+        build_strategy("dwa", ["a", "b"], name="pcgrad")  # was silently PCGrad
 
 
 def test_cagrad_reports_no_stale_weights_when_fewer_than_two_tasks_take_part():
