@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import operator
 import re
 import threading
 from typing import Iterator, Protocol, Sequence, runtime_checkable
@@ -59,10 +60,17 @@ class TaskSource(Protocol):
 
 
 def _integral(value) -> bool:
-    """An integer (numpy's too) or an integral float, not a bool."""
-    if isinstance(value, (bool, np.bool_)):
+    """An integer (numpy's, a 0-d integer tensor's too: anything with ``__index__``) or an integral
+    float, not a bool."""
+    if isinstance(value, (bool, np.bool_)) or isinstance(value, torch.Tensor) and value.dtype == torch.bool:
         return False
-    return isinstance(value, numbers.Integral) or isinstance(value, float) and value.is_integer()
+    if isinstance(value, float):
+        return value.is_integer()
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:

@@ -153,6 +153,12 @@ def test_fixed_episodes_are_the_first_indices():
     for count, start, what in ((-1, 0, "count"), (2.5, 0, "count"), (2, -1, "start"), (2, "1", "start")):
         with pytest.raises(TaskError, match=f"{what} must be an integer >= 0"):  # [] or a bare TypeError
             fixed_episodes(s, count, start)
+    # integer tensors and numpy integers count as integers (as for s.episode), a bool tensor does not
+    assert [e.index for e in fixed_episodes(s, torch.tensor(2), torch.tensor(1))] == [1, 2]
+    assert [e.index for e in fixed_episodes(s, np.int64(1))] == [0]
+    for bad in (torch.tensor(2.0), torch.tensor(True), torch.tensor([1, 2])):
+        with pytest.raises(TaskError, match="count must be an integer >= 0"):
+            fixed_episodes(s, bad)
 
 
 def test_threads_sharing_a_sampler_get_the_sequential_episodes():
