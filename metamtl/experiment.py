@@ -299,8 +299,9 @@ def build_learner(cfg: Config, train_tasks: TaskSource, callbacks: list[Callback
     alg_cfg = with_data_settings(cfg.algorithm, {  # what the algorithm declares it takes (Algorithm.from_data)
         "num_classes": lambda: getattr(train_tasks, "num_classes", None),  # a mixture's: the sum
         "datasets": lambda: [s.name for s in train_tasks.sources] if mixed else None})  # type: ignore[attr-defined]
-    if mixed and cfg.algorithm.get("datasets") is not None:
-        _check_algorithm_datasets(cfg.algorithm["datasets"], [s.name for s in train_tasks.sources])
+    labels = [s.name for s in train_tasks.sources] if mixed else [getattr(train_tasks, "name", None)]  # type: ignore[attr-defined]
+    if cfg.algorithm.get("datasets") is not None and None not in labels:  # one dataset: its episodes' label
+        _check_algorithm_datasets(cfg.algorithm["datasets"], labels)
     algorithm = build_algorithm(**alg_cfg)
     regression = is_regression(cfg)
     metadata: dict[str, Any] = {"config": cfg.to_dict()}

@@ -383,3 +383,20 @@ def test_multitask_regression_is_judged_by_its_base_algorithm():
     assert config("reptile").algorithm["base"] == "reptile"
     with pytest.raises(ConfigError, match="trains over the training classes .* regression"):
         config({"name": "transfer"})
+
+
+def test_algorithm_datasets_of_a_one_dataset_run_must_name_its_episodes_label():
+    """algorithm.datasets: [sine] on a sinusoid run (episodes labelled 'sinusoid') was checked only for
+    runs of several datasets: it passed every check and failed at the first step with an InputError."""
+    from metamtl.errors import ConfigError
+    from metamtl.experiment import build_learner, build_tasks
+
+    def cfg(names):
+        c = sine_config()
+        c.algorithm = {"name": "multitask", "base": {"name": "maml", "steps": 1, "lr": 0.01}, "datasets": names}
+        return c
+
+    tasks = build_tasks(cfg(["sinusoid"]))["train"]
+    assert build_learner(cfg(["sinusoid"]), tasks).algorithm.strategy.tasks == ["sinusoid"]
+    with pytest.raises(ConfigError, match=r"algorithm.datasets must list the run's dataset labels \['sinusoid'\]"):
+        build_learner(cfg(["sine"]), tasks)
