@@ -109,11 +109,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     check_same_data(members, labels)
     _check_task_options(args, learner, labels[0])
     _check_steps(args.steps, members, labels, head)
-    _check_held_out_split(args.split, {lb: m.metadata["config"] for m, lb in zip(members, labels)}, args.data_root)
+    # without --split: the saved test split, as fit's held-out rows (several datasets: each one's own)
+    split = args.split or (None if saved.get("datasets") else saved["data"].get("test_split") or "test")
+    _check_held_out_split(split, {lb: m.metadata["config"] for m, lb in zip(members, labels)}, args.data_root,
+                          given=bool(args.split))
     cfg = config_from_dict(_evaluation_config(saved, args.data_root))
-    for d in [cfg.data, *cfg.datasets]:  # set after validation: --split was checked against every member
-        if args.split or d is cfg.data:  # above ('all' of another --data-root holds no training class)
-            d.test_split = args.split or "test"
+    for d in [cfg.data, *cfg.datasets] if split else ():  # set after validation: checked against every member
+        d.test_split = split  # above ('all' of another --data-root holds no training class)
     splits = {d.label or d.name: d.test_split for d in cfg.datasets}
     # the evaluated split alone, its images stored as the checkpoint's model reads them (the training
     # split only for a centring head's mean feature)
@@ -137,7 +139,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         options = dict(support_augment=support_augment, head=head) if learner.task == "classification" else {}
         result = learner.evaluate(source, args.episodes, steps=steps, progress=not args.no_progress, **options)
         where = f"{label} " if label else ""
-        print(f"[metamtl] {where}{splits.get(label, args.split or 'test')} split: {result}")
+        print(f"[metamtl] {where}{splits.get(label, split)} split: {result}")
         out[label] = result.to_dict()
     if args.json:
         from .files import atomic_write_json
@@ -201,10 +203,12 @@ def _center_features(members: Sequence[Any], head: Any, cfg: Any) -> None:
             print(f"[metamtl] head {used.name!r} centres features: mean feature of the training split computed")
 
 
-def _check_held_out_split(split: str | None, configs: dict[str, dict], data_root: str | None) -> None:
-    """``--split`` must name classes no member (``configs``: each one's saved config, by label) was
-    trained on: its training split (or ``all`` of the data it was trained on) would score training
-    classes as if they were held out."""
+def _check_held_out_split(split: str | None, configs: dict[str, dict], data_root: str | None,
+                          given: bool = True) -> None:
+    """``--split`` (``given=False``: the first member's saved test split, evaluated without it) must
+    name classes no member (``configs``: each one's saved config, by label) was trained on: its
+    training split (or ``all`` of the data it was trained on) would score training classes as if
+    they were held out."""
     if split is None:
         return
     trained = {label: {str(d.get("train_split") or "train") for d in [saved["data"], *saved.get("datasets", [])]}
@@ -217,8 +221,9 @@ def _check_held_out_split(split: str | None, configs: dict[str, dict], data_root
             hints = [f"--split {s}" for s in ("test", "val") if s not in used]  # held out by every member
             if not data_root or "all" in asked or not hints:
                 hints.append("--data-root with another dataset (then --split all scores all its classes)")
+            asked_for = f"--split {split!r}" if given else f"the saved data.test_split {split!r} (no --split given)"
             raise ConfigError(
-                f"--split {split!r} holds classes {label} was trained on (its training split: "
+                f"{asked_for} holds classes {label} was trained on (its training split: "
                 f"{' / '.join(sorted(splits))}); evaluate scores held-out classes: use {' or '.join(hints)}")
 
 
@@ -344,8 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--queries", type=int, help="query images per class (default: the run config's eval.queries)")
     e.add_argument("--steps", type=int, help="inner steps at evaluation (default: the run's eval.steps, else the "
                                              "algorithm's)")
-    e.add_argument("--split", help="split to evaluate (default: 'test'; each dataset's configured test split "
-                   "for multi-dataset learners; 'all': every class of another folder/csv dataset, --data-root)")
+    e.add_argument("--split", help="split to evaluate (default: the run's configured data.test_split, 'test' "
+                   "if it is null; each dataset's configured test split for multi-dataset learners; 'all': every "
+                   "class of another folder/csv dataset, --data-root)")
     e.add_argument("--data-root", help="dataset root (default: as saved, or $METAMTL_DATA)")
     e.add_argument("--support-augment", metavar="YAML",
                    help="test-time support augmentation, e.g. '{copies: 5, augment: {name: affine}}' "

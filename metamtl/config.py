@@ -500,6 +500,7 @@ def _check_train_callbacks(cfg: Config, evaluated: bool = True) -> None:
         where = "datasets[i].val_split of at least one dataset" if cfg.datasets else "data.val_split"
         raise ConfigError(f"eval.checkpoint: 'best' evaluates the best-validation weights, and this run has no "
                           f"validation; set {where}, or eval.checkpoint: last")
+    _check_test_not_selected_on(cfg, evaluated)
     from .callbacks import EarlyStopping, LRScheduler, resolve_monitor
 
     task = "regression" if is_regression(cfg) else "classification"
@@ -513,6 +514,27 @@ def _check_train_callbacks(cfg: Config, evaluated: bool = True) -> None:
                     resolve_monitor(section.monitor, section.mode, task, who)
         except ConfigError as exc:
             raise ConfigError(f"train.{key}: {exc}") from None
+
+
+def _check_test_not_selected_on(cfg: Config, evaluated: bool = True) -> None:
+    """A dataset's ``test_split`` sharing classes with its ``val_split`` (split names compared after
+    splitting on ``+``) while validation selects the weights (``eval.checkpoint: best`` where the
+    config is evaluated, early stopping, the plateau scheduler): its held-out test numbers would be of
+    the classes the weights were chosen on."""
+    tr = cfg.train
+    selectors = [name for name, on in (("eval.checkpoint: best", evaluated and cfg.eval.checkpoint == "best"),
+                                       ("train.early_stopping", tr.early_stopping is not None),
+                                       ("the 'plateau' train.scheduler", tr.scheduler and tr.scheduler.name == "plateau"))
+                 if on]
+    for where, data in _data_entries(cfg) if selectors else ():
+        if data.val_split and data.test_split \
+                and set(str(data.test_split).split("+")) & set(str(data.val_split).split("+")):
+            raise ConfigError(
+                f"{where}.test_split ({data.test_split!r}) shares classes with {where}.val_split ({data.val_split!r}), "
+                f"and {' and '.join(selectors)} select{'s' * (len(selectors) == 1)} on validation: the held-out "
+                f"test numbers would be of the classes the weights were chosen on; set eval.checkpoint: last "
+                f"(without train.early_stopping or a 'plateau' scheduler), or {where}.val_split: null (no "
+                f"validation), or another {where}.test_split")
 
 
 def is_regression(cfg: Config) -> bool:

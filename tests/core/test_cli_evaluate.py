@@ -30,13 +30,15 @@ def tiny(tmp, name, root, **data):
 
 @pytest.fixture(scope="module")
 def learners(tmp_path_factory):
-    """``train``: trained on the training classes; ``trainval``: on train+val; ``other``: on another
+    """``train``: trained on the training classes; ``trainval``: on train+val; ``testval``: tested on
+    val; ``other``: on another
     folder dataset; ``stopped``: with early stopping and a plateau scheduler; ``sine``: a regression learner."""
     tmp = tmp_path_factory.mktemp("clieval")
     data, other = folder_data(tmp / "data"), folder_data(tmp / "other")
     configs = {
         "train": tiny(tmp, "train", data),
         "trainval": tiny(tmp, "trainval", data, train_split="train+val", val_split=None),
+        "testval": tiny(tmp, "testval", data, val_split=None, test_split="val"),  # held-out: val
         "other": tiny(tmp, "other", other),
         "stopped": {**tiny(tmp, "stopped", data), "train": {  # training-only callbacks that need validation
             **tiny(tmp, "stopped", data)["train"], "early_stopping": {"patience": 3},
@@ -278,3 +280,22 @@ def test_a_run_without_validation_does_not_warn_about_its_validation_settings(tm
         warnings.simplefilter("always")
         run(config_from_dict(cfg), progress=False, quiet=True)
     assert not [w for w in seen if "val_every" in str(w.message)], [str(w.message) for w in seen]
+
+
+def test_a_single_dataset_learner_is_evaluated_on_its_saved_test_split_unless_split_is_given(learners, capsys, tmp_path):
+    """Before: without --split a one-dataset learner was scored on 'test' whatever its data.test_split
+    (another split than fit's held-out rows, or 'split not found' where only val is held out); a
+    multi-dataset learner already kept each dataset's. Now both default to the saved test split."""
+    paths, _ = learners
+    code, out = evaluate(capsys, paths["testval"], "--json", tmp_path / "default.json")
+    assert code == 0 and "val split: accuracy" in out.out and "test split" not in out.out, out
+    code, out = evaluate(capsys, paths["testval"], "--split", "val", "--json", tmp_path / "val.json")
+    assert code == 0 and "val split: accuracy" in out.out, out
+    assert json.loads((tmp_path / "default.json").read_text()) == json.loads((tmp_path / "val.json").read_text())
+    code, out = evaluate(capsys, paths["testval"], "--split", "test")  # --split still overrides
+    assert code == 0 and "test split: accuracy" in out.out, out
+    code, out = evaluate(capsys, paths["trainval"])  # train+val, test_split test: still scored on test
+    assert code == 0 and "test split: accuracy" in out.out, out
+    code, out = evaluate(capsys, paths["testval"], paths["trainval"])  # the first's 'val': trainval trained on it
+    assert code == 2 and "the saved data.test_split 'val' (no --split given) holds classes" in out.err, out.err
+    assert "use --split test" in out.err

@@ -278,3 +278,35 @@ def test_eval_checkpoint_best_is_checked_on_the_evaluated_stage_only():
     assert len(cfg.stages) == 2
     with pytest.raises(ConfigError, match=r"stages\[1\] \(meta\): eval.checkpoint: 'best'"):
         load_config(None, ["eval.checkpoint=best", "stages=[{name: pre}, {name: meta, data: {val_split: null}}]"])
+
+
+@pytest.mark.parametrize("selects", [["eval.checkpoint=best"], ["train.early_stopping={patience: 2}"],
+                                     ["train.scheduler={name: plateau}"]],
+                         ids=["checkpoint-best", "early-stopping", "plateau-scheduler"])
+def test_a_test_split_overlapping_the_validation_split_is_refused_while_validation_selects(selects):
+    """Before: data.test_split=val with eval.checkpoint: best (or early stopping / a plateau scheduler)
+    was accepted, and the 'held-out test' numbers were of the val classes the weights were chosen on."""
+    with pytest.raises(ConfigError, match=r"data.test_split \('val'\) shares classes with data.val_split \('val'\)"
+                                          r".*set eval.checkpoint: last .*or data.val_split: null"):
+        load_config(None, ["data.test_split=val", *selects])
+    with pytest.raises(ConfigError, match=r"data.test_split \('test\+val'\) shares classes"):
+        load_config(None, ["data.test_split=test+val", *selects])  # compared after splitting on '+'
+    with pytest.raises(ConfigError, match=r"datasets\[0\].test_split \('val'\) shares classes with "
+                                          r"datasets\[0\].val_split"):  # per dataset of a several-dataset config
+        load_config(MULTI, ["datasets.0.val_split=val", "datasets.0.test_split=val", *selects])
+    first = 1 if selects == ["eval.checkpoint=best"] else 0  # the evaluated stage; every stage that trains on val
+    with pytest.raises(ConfigError, match=rf"stages\[{first}\] \((pre|meta)\): data.test_split \('val'\) shares"):
+        load_config(None, ["data.test_split=val", *selects, "stages=[{name: pre}, {name: meta}]"])
+    # nothing selects on the overlapping split: accepted
+    assert load_config(MULTI, ["datasets.0.val_split=val", *selects]).datasets[1].test_split == "val"
+    assert load_config(None, ["data.test_split=val", "data.val_split=null"]).data.test_split == "val"
+
+
+def test_the_readme_recipe_without_test_images_still_loads():
+    """README: mini-ImageNet without test images runs with data.test_split=val eval.checkpoint=last."""
+    for name in ("miniimagenet_5w1s", "miniimagenet_5w1s_anil", "miniimagenet_5w1s_ensemble", "miniimagenet_5w5s"):
+        path = CONFIG_DIR / "benchmarks" / f"{name}.yaml"
+        cfg = load_config(path, ["data.test_split=val", "eval.checkpoint=last"])
+        assert cfg.data.test_split == "val"
+        with pytest.raises(ConfigError, match=r"data.test_split \('val'\) shares classes with data.val_split"):
+            load_config(path, ["data.test_split=val"])  # their eval.checkpoint: best
