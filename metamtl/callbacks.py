@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import weakref
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
@@ -783,7 +784,8 @@ class MetricsLogger(Callback):
     ``.csv`` files are in long format (``iteration,time,metric,value``: one row per number, so
     new metrics never change the columns); ``.jsonl`` files hold one JSON object per train or
     validation row.  Training rows are written every ``every`` iterations, validation rows
-    always.  On resume the file is cut back to what the checkpoint had seen, then appended to; the
+    always.  On resume the file is cut back to what the checkpoint had seen, then appended to (a file that does
+    not start with those bytes, e.g. another run's of the same name, is started afresh, with a warning); the
     learner's next ``fit`` call (which continues its run; also that of a learner loaded from its
     ``save(path, training_state=True)``) appends to the same file, even through a new ``MetricsLogger`` of that path.  A learner's first ``fit`` starts the file afresh.
     """
@@ -799,6 +801,7 @@ class MetricsLogger(Callback):
             raise ConfigError(f"metrics file {self.path} must end in .csv or .jsonl")
         self.format, self.every = fmt, check_int("MetricsLogger every", every, 1)
         self.size: int | None = None  # bytes written so far (restored on resume)
+        self.crc: int | None = None  # their CRC-32: a file of the same name but another run's is not cut and appended to
         self._fh = None
 
     def default_key(self) -> str:
@@ -815,13 +818,15 @@ class MetricsLogger(Callback):
     def on_fit_start(self, state):
         if not state.is_main_process:
             return
-        if self.size and not (self.path.is_file() and self.path.stat().st_size >= self.size):
-            # resumed from a checkpoint of another folder (or the file was lost): a fresh file, not one
-            # padded with zero bytes up to where the checkpoint's file had got
-            log.warning("metrics file %s does not hold the %d bytes the checkpoint had written: starting it "
+        if self.size and not self._holds_written_rows():
+            # resumed from a checkpoint of another folder (the file lost, or another run's of the same name):
+            # a fresh file, not one padded with zero bytes, nor another run's rows continued with this one's
+            log.warning("metrics file %s does not start with the %d bytes the checkpoint had written: starting it "
                         "afresh (the rows before iteration %d are in the checkpoint's own run folder)",
                         self.path, self.size, state.iteration)
             self.size = 0
+        if not self.size:
+            self.crc = 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fh = open(self.path, "r+b" if self.size is not None and self.path.exists() else "wb")
@@ -829,10 +834,29 @@ class MetricsLogger(Callback):
             raise ConfigError(f"cannot write metrics file {self.path}: {exc.strerror}") from exc
         fh.truncate(self.size or 0)
         fh.seek(self.size or 0)
-        if not self.size and self.format == "csv":
-            fh.write(b"iteration,time,metric,value\n")
         self._fh = fh
+        if not self.size and self.format == "csv":
+            self._emit(b"iteration,time,metric,value\n")
         self._flush()
+
+    def _holds_written_rows(self) -> bool:
+        """Whether the file starts with the bytes the checkpoint had written (by their CRC-32, when the
+        checkpoint has one)."""
+        if not (self.path.is_file() and self.path.stat().st_size >= self.size):
+            return False
+        if self.crc is None:  # a checkpoint of a metamtl that kept the byte count only
+            return True
+        crc, left = 0, self.size
+        with open(self.path, "rb") as fh:
+            while left:
+                chunk = fh.read(min(left, 1 << 20))
+                crc, left = zlib.crc32(chunk, crc), left - len(chunk)
+        return crc == self.crc
+
+    def _emit(self, data: bytes) -> None:
+        self._fh.write(data)
+        if self.crc is not None:
+            self.crc = zlib.crc32(data, self.crc)
 
     def _flush(self) -> None:
         self._fh.flush()
@@ -846,7 +870,7 @@ class MetricsLogger(Callback):
             text = "".join(f"{it},{t},{k},{v!r}\n" for k, v in metrics.items())
         else:
             text = json.dumps(json_nulls({"iteration": it, "time": t, **metrics})) + "\n"  # nan, inf: null
-        self._fh.write(text.encode())
+        self._emit(text.encode())
         self._flush()
 
     def on_iteration_end(self, state, metrics):
@@ -866,7 +890,7 @@ class MetricsLogger(Callback):
         self.on_fit_end(state)
 
     def state_dict(self):
-        return {"size": self.size}
+        return {"size": self.size, "crc": self.crc}
 
     def load_state_dict(self, state):
-        self.size = state.get("size")
+        self.size, self.crc = state.get("size"), state.get("crc")

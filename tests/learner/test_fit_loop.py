@@ -371,6 +371,27 @@ def test_a_learner_loaded_from_a_training_state_save_appends_to_the_metrics_file
     assert len(again.history) == 5
 
 
+def test_a_loaded_learner_does_not_cut_and_continue_another_runs_metrics_file_of_the_same_name(sine, tmp_path):
+    """A learner loaded from a training_state save, fitted with a MetricsLogger of another run's file of the same
+    name, cut that file to the saved byte count (mid-row at times) and appended: two runs mixed in one file.
+    The file now continues only when it starts with the bytes the save had written (their CRC-32)."""
+    from metamtl import MetaLearner
+    from metamtl.callbacks import MetricsLogger
+
+    a_path, b_path = tmp_path / "a" / "m.csv", tmp_path / "b" / "m.csv"
+    learner = sine_learner()
+    learner.fit(sine, iterations=2, meta_batch_size=2, callbacks=[MetricsLogger(a_path)], progress=False)
+    learner.save(tmp_path / "a.pt", training_state=True)
+    other = sine_learner()
+    other.fit(sine, iterations=6, meta_batch_size=2, callbacks=[MetricsLogger(b_path)], progress=False)
+    again = MetaLearner.load(tmp_path / "a.pt", device="cpu")
+    again.fit(sine, iterations=2, meta_batch_size=2, callbacks=[MetricsLogger(b_path)], progress=False)
+    lines = b_path.read_text().splitlines()
+    assert lines[0] == "iteration,time,metric,value" and lines.count(lines[0]) == 1
+    assert sorted({int(line.split(",")[0]) for line in lines[1:]}) == [3, 4]  # this fit's rows, no other run's
+    assert all(len(line.split(",")) == 4 for line in lines)
+
+
 def test_a_fit_without_a_callback_in_between_keeps_what_the_next_fit_with_it_continues(sine, tmp_path):
     """The state a metrics file or a checkpoint folder carries to the learner's next fit survives a
     fit without them in between (it used to be replaced by that fit's callbacks' state only:
