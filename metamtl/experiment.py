@@ -946,8 +946,8 @@ def discard_run(run_dir: Path, files: list[str]) -> None:
     """Delete a run that ``--overwrite`` replaces: its ``files``, those derived from them and its W&B
     runs (``<run_dir>/wandb``: the new run's report would list them, and its `wandb sync` command
     upload them, as its own)."""
-    for name in files + [f for f in DERIVED_FILES if (run_dir / f).exists()]:
-        (run_dir / name).unlink()
+    for name in [f for f in files if f in RUN_FILES] + [f for f in DERIVED_FILES if (run_dir / f).exists()]:
+        (run_dir / name).unlink()  # (files may name W&B runs: wandb/ goes below)
     discard_wandb(run_dir, "the run that --overwrite replaces")
 
 
@@ -981,7 +981,9 @@ def claim_run_dir(cfg: Config, resume: str | Path | None = None, overwrite: bool
     if main_process:
         lock.acquire()
     try:
-        existing = held_run_files(run_dir)
+        from .reporting.wandb_offline import runs_with_history  # stdlib only until a run file is read
+
+        existing = held_run_files(run_dir) or [f"wandb/{r.name}" for r in runs_with_history(run_dir)]
         if main_process and not existing:  # a run that failed before its first iteration holds nothing to keep
             for f in RUN_FILES:
                 (run_dir / f).unlink(missing_ok=True)

@@ -102,6 +102,21 @@ def iter_records(path: str | Path) -> Iterator[Any]:
         yield record
 
 
+def runs_with_history(run_dir: str | Path) -> list[Path]:
+    """The offline runs under ``<run_dir>/wandb`` that logged at least one history row (a run that
+    crashed during training, whose only record they may be); a file that cannot be read (wandb not
+    installed, damaged) counts as one, so nothing is deleted unseen."""
+    found = []
+    for file in sorted(Path(run_dir).glob("wandb/*run-*/run-*.wandb")):
+        try:
+            logged = any(rec.WhichOneof("record_type") == "history" for rec in iter_records(file))
+        except (ImportError, DataError, OSError):
+            logged = True
+        if logged:
+            found.append(file.parent)
+    return found
+
+
 def _corrupt(path: str | Path, pos: int, why: str) -> DataError:
     return DataError(f"{path}: corrupt W&B record at byte {pos} ({why}); the file is damaged (a disk or copy "
                      "error) and is not read past that record: read an intact copy of the run")

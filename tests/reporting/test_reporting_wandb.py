@@ -450,3 +450,29 @@ def test_tags_given_as_one_string_are_refused_not_split_into_letters():
         WandbLogger(mode="offline", tags="baseline")
     with pytest.raises(ConfigError, match="tags must be strings, got 2024"):
         WandbLogger(mode="offline", tags=["baseline", 2024])
+
+
+def test_a_run_that_crashed_during_training_keeps_its_wandb_runs_from_the_next(tiny_config):
+    """A run with logging.metrics: null that crashed during training (before its first checkpoint)
+    left only wandb/, its one record; the next run in the folder deleted it unasked. It now counts as a
+    run in the folder: refused without --overwrite, replaced with it."""
+    from metamtl.callbacks import Callback
+    from metamtl.errors import ConfigError
+    from metamtl.experiment import run
+
+    class Crash(Callback):
+        def on_iteration_start(self, state):
+            if state.iteration >= 2:
+                raise RuntimeError("failure during training")
+
+    cfg = tiny_config(logging={"metrics": None})
+    with pytest.raises(RuntimeError, match="during training"):
+        run(cfg, progress=False, quiet=True, callbacks=[Crash()])
+    crashed = list((cfg.run_dir / "wandb").glob("offline-run-*"))
+    assert len(crashed) == 1 and read_offline_run(crashed[0]).history
+    with pytest.raises(ConfigError, match=rf"already holds a run \(wandb/{crashed[0].name}\).*--overwrite"):
+        run(tiny_config(logging={"metrics": None}), progress=False, quiet=True)
+    assert crashed[0].is_dir()
+    run(tiny_config(logging={"metrics": None}), progress=False, quiet=True, overwrite=True)
+    runs = list((cfg.run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and runs != crashed and read_offline_run(runs[0]).exit_code == 0
