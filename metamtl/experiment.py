@@ -882,7 +882,7 @@ def check_stages(stages: list[tuple[str, Config]], overwrite: bool) -> None:
     distillation phases a stage's algorithm never applies, eval settings the last stage's test
     split cannot serve."""
     for name, scfg in stages:
-        held = held_run_files(scfg.run_dir)
+        held = held_run(scfg.run_dir)
         if held and not overwrite:
             raise ConfigError(
                 f"stage {name!r}: {scfg.run_dir} already holds a run ({', '.join(held)}); it is not overwritten "
@@ -942,6 +942,14 @@ def held_run_files(run_dir: Path) -> list[str]:
     return [f for f in RUN_FILES if (run_dir / f).exists() and not _empty_metrics(run_dir / f)]
 
 
+def held_run(run_dir: Path) -> list[str]:
+    """What a new run in ``run_dir`` would lose: its run files, else the W&B runs that logged iterations
+    (a crashed run's only record when it wrote no metrics file or checkpoint yet)."""
+    from .reporting.wandb_offline import runs_with_history  # stdlib only until a run file is read
+
+    return held_run_files(run_dir) or [f"wandb/{r.name}" for r in runs_with_history(run_dir)]
+
+
 def discard_run(run_dir: Path, files: list[str]) -> None:
     """Delete a run that ``--overwrite`` replaces: its ``files``, those derived from them and its W&B
     runs (``<run_dir>/wandb``: the new run's report would list them, and its `wandb sync` command
@@ -981,9 +989,7 @@ def claim_run_dir(cfg: Config, resume: str | Path | None = None, overwrite: bool
     if main_process:
         lock.acquire()
     try:
-        from .reporting.wandb_offline import runs_with_history  # stdlib only until a run file is read
-
-        existing = held_run_files(run_dir) or [f"wandb/{r.name}" for r in runs_with_history(run_dir)]
+        existing = held_run(run_dir)
         if main_process and not existing:  # a run that failed before its first iteration holds nothing to keep
             for f in RUN_FILES:
                 (run_dir / f).unlink(missing_ok=True)
@@ -1087,7 +1093,7 @@ def check_members_free(cfg: Config, members: list[tuple[str, Config]]) -> None:
     for name, m in members:
         stages = [m.run_dir / "stages" / s["name"] for s in m.stages[:-1]]
         for folder in stages + [m.run_dir]:
-            held = held_run_files(folder)
+            held = held_run(folder)
             if held:
                 yaml = cfg.run_dir / "members" / f"{name}.yaml"
                 raise ConfigError(

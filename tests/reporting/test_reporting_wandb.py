@@ -473,6 +473,10 @@ def test_a_run_that_crashed_during_training_keeps_its_wandb_runs_from_the_next(t
     with pytest.raises(ConfigError, match=rf"already holds a run \(wandb/{crashed[0].name}\).*--overwrite"):
         run(tiny_config(logging={"metrics": None}), progress=False, quiet=True)
     assert crashed[0].is_dir()
+    staged = tiny_config(logging={"metrics": None}, stages=[{"name": "pre"}, {"name": "fine"}])
+    with pytest.raises(ConfigError, match=r"stage 'fine': .* already holds a run \(wandb/"):
+        run(staged, progress=False, quiet=True)  # refused before any stage trains
+    assert not (cfg.run_dir / "stages").exists()
     run(tiny_config(logging={"metrics": None}), progress=False, quiet=True, overwrite=True)
     runs = list((cfg.run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and runs != crashed and read_offline_run(runs[0]).exit_code == 0
