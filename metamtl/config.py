@@ -533,8 +533,8 @@ def _check_test_not_selected_on(cfg: Config, evaluated: bool = True) -> None:
                 f"{where}.test_split ({data.test_split!r}) shares classes with {where}.val_split ({data.val_split!r}), "
                 f"and {' and '.join(selectors)} select{'s' * (len(selectors) == 1)} on validation: the held-out "
                 f"test numbers would be of the classes the weights were chosen on; set eval.checkpoint: last "
-                f"(without train.early_stopping or a 'plateau' scheduler), or {where}.val_split: null (no "
-                f"validation), or another {where}.test_split")
+                f"(without train.early_stopping or a 'plateau' scheduler), or {where}.val_split: null together "
+                f"with eval.checkpoint: last (no validation), or another {where}.test_split")
 
 
 def is_regression(cfg: Config) -> bool:

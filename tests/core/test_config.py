@@ -287,7 +287,8 @@ def test_a_test_split_overlapping_the_validation_split_is_refused_while_validati
     """Before: data.test_split=val with eval.checkpoint: best (or early stopping / a plateau scheduler)
     was accepted, and the 'held-out test' numbers were of the val classes the weights were chosen on."""
     with pytest.raises(ConfigError, match=r"data.test_split \('val'\) shares classes with data.val_split \('val'\)"
-                                          r".*set eval.checkpoint: last .*or data.val_split: null"):
+                                          r".*set eval.checkpoint: last .*or data.val_split: null together "
+                                          r"with eval.checkpoint: last"):
         load_config(None, ["data.test_split=val", *selects])
     with pytest.raises(ConfigError, match=r"data.test_split \('test\+val'\) shares classes"):
         load_config(None, ["data.test_split=test+val", *selects])  # compared after splitting on '+'
@@ -310,3 +311,5 @@ def test_the_readme_recipe_without_test_images_still_loads():
         assert cfg.data.test_split == "val"
         with pytest.raises(ConfigError, match=r"data.test_split \('val'\) shares classes with data.val_split"):
             load_config(path, ["data.test_split=val"])  # their eval.checkpoint: best
+        # every fix the message offers loads (data.val_split: null alone is refused with checkpoint best)
+        assert load_config(path, ["data.test_split=val", "data.val_split=null", "eval.checkpoint=last"]).data.val_split is None
