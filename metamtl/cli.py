@@ -307,13 +307,15 @@ def _report(args: argparse.Namespace) -> int:
     from .reporting.report import check_comparison_out, write_comparison, write_report
 
     check_counts(args, {"steps_episodes": 0, "steps": 0})
-    if args.out:  # the command line's own mistakes first
+    if args.out and Path(args.out).is_dir():  # the command line's own mistake first (nothing created)
         ensure_writable_file(args.out, "--out file")
     for run_dir in args.run_dirs:  # every folder a run's, before any page is rewritten or curve computed
         check_steps_request(run_dir, args.steps_episodes, args.steps)  # a run's, and the curve asked possible
     out = Path(args.out or Path(args.run_dirs[0]).resolve().parent / "comparison.html")
     if len(args.run_dirs) > 1 or args.out:  # a comparison: refused before any page is rewritten
         check_comparison_out(out, args.run_dirs)
+    if args.out:  # creates its folder: after every check
+        ensure_writable_file(args.out, "--out file")
     for run_dir in args.run_dirs:  # the curve a run did not write (or with other steps) first
         refresh_steps_curve(run_dir, args.steps_episodes, args.steps, args.device, progress=not args.no_progress)
         print(f"[metamtl] report: {write_report(run_dir, embed=args.embed)}")

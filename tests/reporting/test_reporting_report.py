@@ -904,6 +904,9 @@ def test_every_run_folder_is_checked_before_any_report_is_rewritten(tmp_path, ca
                  "--no-progress"]) == 2
     assert "nope is not a run directory" in capsys.readouterr().err
     assert not any((run / "report.html").exists() for run in runs) and not (tmp_path / "c.html").exists()
+    assert main(["report", str(runs[0]), str(tmp_path / "nope"), "--out", str(tmp_path / "new" / "sub" / "c.html"),
+                 "--no-progress"]) == 2
+    assert not (tmp_path / "new").exists()  # --out's folder was created before the run folders were checked
 
 
 def _staged_run(tmp_path: Path, last_stage: dict, data: dict | None = None) -> Path:
