@@ -288,7 +288,8 @@ def _check_algorithm_datasets(given: Any, labels: list[str]) -> None:
     unknown one would keep DWA at equal weights and never train; a missing one fails the first step)."""
     names = [str(n) for n in given] if isinstance(given, (list, tuple)) else None
     if names is None or sorted(names) != sorted(labels):
-        raise ConfigError(f"algorithm.datasets must list the run's dataset labels {labels} (each once), got "
+        one = " (a one-dataset run's episodes carry its data.name, whatever data.label says)" if len(labels) == 1 else ""
+        raise ConfigError(f"algorithm.datasets must list the run's dataset labels {labels} (each once){one}, got "
                           f"{given!r}; fix it or leave it out (it is filled in from the datasets)")
 
 

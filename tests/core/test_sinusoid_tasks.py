@@ -398,5 +398,6 @@ def test_algorithm_datasets_of_a_one_dataset_run_must_name_its_episodes_label():
 
     tasks = build_tasks(cfg(["sinusoid"]))["train"]
     assert build_learner(cfg(["sinusoid"]), tasks).algorithm.strategy.tasks == ["sinusoid"]
-    with pytest.raises(ConfigError, match=r"algorithm.datasets must list the run's dataset labels \['sinusoid'\]"):
+    with pytest.raises(ConfigError, match=r"algorithm.datasets must list the run's dataset labels \['sinusoid'\] "
+                                          r"\(each once\) \(a one-dataset run's episodes carry its data.name"):
         build_learner(cfg(["sine"]), tasks)
