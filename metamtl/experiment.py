@@ -717,6 +717,24 @@ def _curve_is_current(run_dir: Path, episodes: int, steps: list[int] | None) -> 
     return isinstance(key, dict) and all(key.get(f) == v for f, v in now.items() if f != "mtime")
 
 
+def selection_done(config: dict[str, Any]) -> dict[str, Any]:
+    """A finished run's saved config without what selected its weights (``eval.checkpoint``,
+    ``train.early_stopping``, ``train.scheduler``, in every stage): done when the learner was saved,
+    and a run saved before a check on them was added still loads to evaluate its learner again."""
+    def settled(section: dict[str, Any]) -> dict[str, Any]:
+        out = dict(section)
+        if isinstance(out.get("eval"), dict):
+            out["eval"] = {**out["eval"], "checkpoint": "last"}
+        if isinstance(out.get("train"), dict):
+            out["train"] = {**out["train"], "early_stopping": None, "scheduler": None}
+        return out
+
+    done = settled(config)
+    if isinstance(done.get("stages"), list):
+        done["stages"] = [settled(st) if isinstance(st, dict) else st for st in done["stages"]]
+    return done
+
+
 def check_steps_request(run_dir: str | Path, episodes: int | None = None,
                         steps: list[int] | None = None) -> tuple[dict[str, Any], Config | None, Exception | None, int]:
     """What :func:`refresh_steps_curve` would compute for ``run_dir``: ``(results, config, failure, episodes)``
@@ -738,7 +756,8 @@ def check_steps_request(run_dir: str | Path, episodes: int | None = None,
         return results, None, None, 0
     cfg, failure = None, None
     try:
-        cfg = config_from_dict({**results["config"], "output_dir": str(run_dir.parent), "name": run_dir.name})
+        cfg = config_from_dict({**selection_done(results["config"]), "output_dir": str(run_dir.parent),
+                                "name": run_dir.name})
         cfg = stage_configs(cfg)[-1][1] if cfg.stages else cfg  # a staged run's learner: its last stage's
     except Exception as exc:  # noqa: BLE001 - an older run's config this version refuses: the report says why
         failure = ConfigError(f"the run's saved config (results.json) does not load in this metamtl version, so "

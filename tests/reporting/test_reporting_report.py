@@ -1122,3 +1122,19 @@ def test_a_results_json_without_machine_memory_or_data_sources_is_reported(tmp_p
     (run / "results.json").write_text(json.dumps(results))
     assert main(["report", str(run), "--no-progress"]) == 0
     assert "peak memory <b>10 MB</b>" in (run / "report.html").read_text()
+
+
+def test_a_run_saved_before_the_test_validation_overlap_check_still_loads_to_evaluate_again(tmp_path):
+    """A run saved with data.test_split: val and eval.checkpoint: best (accepted before the overlap check)
+    recorded 'the saved config does not load' instead of its steps curve: the weights were selected when it
+    was saved, so the selection settings (checkpoint, early stopping, scheduler; every stage's) are set aside."""
+    from metamtl.experiment import check_steps_request
+
+    run = _small_run(tmp_path / "r", [_row(0.6, 0.1)])
+    results = json.loads((run / "results.json").read_text())
+    results["config"].update(data={"name": "omniglot", "val_split": "val", "test_split": "val"},
+                             eval={"checkpoint": "best"}, train={"early_stopping": {"patience": 2}},
+                             stages=[{"name": "pre", "train": {"scheduler": {"name": "plateau"}}}, {"name": "meta"}])
+    (run / "results.json").write_text(json.dumps(results))
+    _, cfg, failure, _ = check_steps_request(run)
+    assert failure is None and cfg.data.test_split == "val" and cfg.eval.checkpoint == "last"
