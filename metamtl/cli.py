@@ -110,9 +110,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     _check_task_options(args, learner, labels[0])
     _check_steps(args.steps, members, labels, head)
     # without --split: the saved test split, as fit's held-out rows (several datasets: each one's own)
-    split = args.split or (None if saved.get("datasets") else saved["data"].get("test_split") or "test")
-    _check_held_out_split(split, {lb: m.metadata["config"] for m, lb in zip(members, labels)}, args.data_root,
-                          given=bool(args.split))
+    configs = {lb: m.metadata["config"] for m, lb in zip(members, labels)}
+    split = args.split or _default_split(configs)
+    _check_held_out_split(split, configs, args.data_root, given=bool(args.split))
     cfg = config_from_dict(_evaluation_config(saved, args.data_root))
     for d in [cfg.data, *cfg.datasets] if split else ():  # set after validation: checked against every member
         d.test_split = split  # above ('all' of another --data-root holds no training class)
@@ -201,6 +201,28 @@ def _center_features(members: Sequence[Any], head: Any, cfg: Any) -> None:
             train = build_tasks(cfg)["train"] if train is None else train  # loaded only here
             member.compute_feature_mean(train)
             print(f"[metamtl] head {used.name!r} centres features: mean feature of the training split computed")
+
+
+def _default_split(configs: dict[str, dict]) -> str | None:
+    """The split evaluated without ``--split``: the members' (``configs``: saved configs by label) saved
+    test split (several datasets: ``None``, each one's own); :class:`ConfigError` when members were
+    tested on different splits, or when it holds the classes a member selected its weights on."""
+    if next(iter(configs.values())).get("datasets"):
+        return None
+    splits = {lb: c["data"].get("test_split") or "test" for lb, c in configs.items()}
+    if len(set(splits.values())) > 1:
+        raise ConfigError("the members were tested on different splits ("
+                          f"{', '.join(f'{lb}: {s}' for lb, s in splits.items())}); pass --split to choose one")
+    split = next(iter(splits.values()))
+    for lb, c in configs.items():
+        ev, tr, val = c.get("eval") or {}, c.get("train") or {}, c["data"].get("val_split")
+        plateau = isinstance(tr.get("scheduler"), dict) and tr["scheduler"].get("name") == "plateau"
+        if val and (ev.get("checkpoint") == "best" or tr.get("early_stopping") or plateau) \
+                and set(split.split("+")) & set(str(val).split("+")):
+            raise ConfigError(f"the saved data.test_split {split!r} (no --split given) holds the classes {lb} selected "
+                              f"its weights on (its data.val_split {val!r}, with eval.checkpoint: best, early stopping "
+                              "or a plateau scheduler); pass --split with a split no member validated on")
+    return split
 
 
 def _check_held_out_split(split: str | None, configs: dict[str, dict], data_root: str | None,

@@ -12,6 +12,7 @@ from test_stages import folder_data
 
 from metamtl.cli import main
 from metamtl.config import config_from_dict
+from metamtl.errors import ConfigError
 from metamtl.experiment import run
 
 
@@ -296,6 +297,25 @@ def test_a_single_dataset_learner_is_evaluated_on_its_saved_test_split_unless_sp
     assert code == 0 and "test split: accuracy" in out.out, out
     code, out = evaluate(capsys, paths["trainval"])  # train+val, test_split test: still scored on test
     assert code == 0 and "test split: accuracy" in out.out, out
-    code, out = evaluate(capsys, paths["testval"], paths["trainval"])  # the first's 'val': trainval trained on it
-    assert code == 2 and "the saved data.test_split 'val' (no --split given) holds classes" in out.err, out.err
-    assert "use --split test" in out.err
+    for order in ([paths["testval"], paths["trainval"]], [paths["trainval"], paths["testval"]]):
+        code, out = evaluate(capsys, *order)  # members tested on 'val' and 'test': not the first one's, whichever
+        assert code == 2 and "the members were tested on different splits" in out.err and "--split" in out.err, out.err
+    code, out = evaluate(capsys, paths["testval"], paths["trainval"], "--split", "val")  # trainval trained on val
+    assert code == 2 and "--split 'val' holds classes" in out.err and "use --split test" in out.err, out.err
+
+
+def test_the_default_split_is_never_one_a_member_selected_its_weights_on():
+    """An ensemble's default split was the first member's saved test split, even where another member had
+    chosen its weights on those classes (val_split with eval.checkpoint: best, early stopping, plateau)."""
+    from metamtl.cli import _default_split
+
+    def saved(test, val, **sections):
+        return {"data": {"test_split": test, "val_split": val}, **sections}
+
+    assert _default_split({"a": saved("val", None), "b": saved("val", None)}) == "val"
+    assert _default_split({"a": saved(None, "val")}) == "test"
+    for selects in ({"eval": {"checkpoint": "best"}}, {"train": {"early_stopping": {"patience": 2}}},
+                    {"train": {"scheduler": {"name": "plateau"}}}):
+        with pytest.raises(ConfigError, match="holds the classes b selected its weights on"):
+            _default_split({"a": saved("val", None), "b": saved("val", "val", **selects)})
+        assert _default_split({"a": saved("test", None), "b": saved("test", "val", **selects)}) == "test"
