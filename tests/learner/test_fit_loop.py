@@ -382,8 +382,8 @@ def test_a_loaded_learner_does_not_cut_and_continue_another_runs_metrics_file_of
     learner = sine_learner()
     learner.fit(sine, iterations=2, meta_batch_size=2, callbacks=[MetricsLogger(a_path)], progress=False)
     learner.save(tmp_path / "a.pt", training_state=True)
-    other = sine_learner()
-    other.fit(sine, iterations=6, meta_batch_size=2, callbacks=[MetricsLogger(b_path)], progress=False)
+    other = sine_learner()  # other tasks (3 a batch): rows that differ from A's, whatever the timings
+    other.fit(sine, iterations=6, meta_batch_size=3, callbacks=[MetricsLogger(b_path)], progress=False)
     again = MetaLearner.load(tmp_path / "a.pt", device="cpu")
     again.fit(sine, iterations=2, meta_batch_size=2, callbacks=[MetricsLogger(b_path)], progress=False)
     lines = b_path.read_text().splitlines()
