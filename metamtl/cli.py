@@ -227,7 +227,7 @@ def _default_split(configs: dict[str, dict]) -> str | None:
 
 def _check_held_out_split(split: str | None, configs: dict[str, dict], data_root: str | None,
                           given: bool = True) -> None:
-    """``--split`` (``given=False``: the first member's saved test split, evaluated without it) must
+    """``--split`` (``given=False``: the members' saved test split, evaluated without it) must
     name classes no member (``configs``: each one's saved config, by label) was trained on: its
     training split (or ``all`` of the data it was trained on) would score training classes as if
     they were held out."""
